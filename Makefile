@@ -1,0 +1,155 @@
+# iothub: a plain Makefile with pkg-config. See README.md.
+#   make            build iothubd and iothubctl (in build/)
+#   make check      unit tests (cmocka) and integration tests (real mosquitto, node)
+#   make asan       the same tests built with ASan and UBSan (in build-asan/)
+#   make fuzz       libFuzzer targets with clang for FUZZ_SECONDS each
+#   make lint       clang-tidy and cppcheck
+#   make install    DESTDIR, PREFIX honoured
+#   make deps       Debian packages (as root) and the Node test packages
+
+PREFIX  ?= /usr
+DESTDIR ?=
+BUILD   ?= build
+CC      ?= gcc
+PKG_CONFIG ?= pkg-config
+VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
+
+PKGS := libcurl openssl tss2-esys tss2-tctildr tss2-rc tss2-mu libmosquitto libsystemd jansson inih sqlite3
+
+WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wformat-security -Wmissing-prototypes -Wstrict-prototypes \
+	-Wno-unused-parameter -Wvla -Wpointer-arith -Wundef
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+HARDEN := -D_FORTIFY_SOURCE=3 -fstack-protector-strong -fstack-clash-protection -fcf-protection \
+	-ftrivial-auto-var-init=zero -fPIE
+OPT ?= -O2 -g
+
+ifeq ($(SAN),1)
+# ASan+UBSan: UBSan must abort, or the run exits 0 on a finding (TESTBED.md).
+SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+HARDEN := -fstack-protector-strong -fPIE
+OPT := -O1 -g
+endif
+
+CPPFLAGS += -Iinclude -D_GNU_SOURCE -DIOTHUB_VERSION='"$(VERSION)"' $(shell $(PKG_CONFIG) --cflags $(PKGS))
+CFLAGS   ?=
+CFLAGS   += -std=c11 $(OPT) $(WARN) $(HARDEN) $(SANFLAGS)
+LDFLAGS  += -pie -Wl,-z,relro,-z,now -Wl,--as-needed $(SANFLAGS)
+LIBS     := $(shell $(PKG_CONFIG) --libs $(PKGS)) -lm
+
+MAINS    := src/iothubd.c src/iothubctl.c
+LIB_SRCS := $(filter-out $(MAINS),$(wildcard src/*.c))
+LIB_OBJS := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
+HEADERS  := $(wildcard include/iothub/*.h)
+
+UNIT_SRCS  := $(wildcard tests/unit/test-*.c)
+UNIT_BINS  := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
+FUZZ_SRCS  := $(wildcard tests/fuzz/fuzz-*.c)
+FUZZ_BINS  := $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/fuzz/%)
+TOOL_SRCS  := $(wildcard tests/tools/*.c)
+TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
+MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
+
+.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools
+
+all: $(BUILD)/iothubd $(BUILD)/iothubctl man
+
+$(BUILD)/obj/%.o: src/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/libiothub.a: $(LIB_OBJS)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/iothubd: $(BUILD)/obj/iothubd.o $(BUILD)/libiothub.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) $(shell $(PKG_CONFIG) --libs libqrencode 2>/dev/null)
+
+# Unit tests: tests/unit/test-<module>.c, cmocka, linked against the library.
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libiothub.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS) $(shell $(PKG_CONFIG) --libs cmocka)
+
+# Test helpers in C (load generator, frame maker for benchmarks).
+$(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libiothub.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS)
+
+# Fuzz targets built with gcc and the plain driver (replays files): make check runs the corpus.
+$(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/driver.c $(BUILD)/libiothub.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< tests/fuzz/driver.c $(BUILD)/libiothub.a $(LIBS)
+
+tools: $(TOOL_BINS)
+
+$(BUILD)/man/%: man/%.scd
+	@mkdir -p $(dir $@)
+	scdoc < $< > $@
+
+man: $(MANS)
+
+unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CMOCKA_MESSAGE_OUTPUT=stdout $$t; done
+
+fuzz-corpus: $(FUZZ_BINS)
+	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz-}; echo "== $$f tests/fuzz/corpus/$$n"; $$f tests/fuzz/corpus/$$n; done
+
+integration: all tools
+	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node --test --test-concurrency=1 integration/
+
+check: all unit fuzz-corpus integration
+
+asan:
+	$(MAKE) BUILD=build-asan SAN=1 check
+
+# libFuzzer with clang: each target runs FUZZ_SECONDS over a copy of its seed corpus.
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+fuzz:
+	@set -e; mkdir -p build-fuzz; \
+	for src in $(FUZZ_SRCS); do n=$$(basename $$src .c); \
+	  $(FUZZ_CC) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	    $(CPPFLAGS) -o build-fuzz/$$n $$src $(LIB_SRCS) $(LIBS); \
+	  c=build-fuzz/corpus-$${n#fuzz-}; rm -rf $$c; mkdir -p $$c; cp tests/fuzz/corpus/$${n#fuzz-}/* $$c/; \
+	  d=""; [ -f tests/fuzz/$${n#fuzz-}.dict ] && d="-dict=tests/fuzz/$${n#fuzz-}.dict"; \
+	  echo "== $$n for $(FUZZ_SECONDS)s"; \
+	  build-fuzz/$$n $$d -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 $$c; \
+	done
+
+lint:
+	clang-tidy --quiet $(LIB_SRCS) $(MAINS) -- $(CPPFLAGS) -std=c11
+	cppcheck --error-exitcode=1 --enable=warning,portability --inline-suppr --quiet \
+	  -Iinclude --suppress=missingIncludeSystem src/
+
+bench: all tools
+	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node bench/bench.mjs
+
+demo: all tools
+	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node demo/demo.mjs
+
+install: all
+	install -Dm0755 $(BUILD)/iothubd $(DESTDIR)$(PREFIX)/sbin/iothubd
+	install -Dm0755 $(BUILD)/iothubctl $(DESTDIR)$(PREFIX)/bin/iothubctl
+	install -Dm0644 systemd/iothub.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub.service
+	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
+	install -Dm0640 etc/iothub.conf $(DESTDIR)/etc/iothub.conf
+	for m in $(MANS); do s=$${m##*.}; install -Dm0644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/$${m##*/}; done
+
+DEB_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev libtss2-dev libmosquitto-dev \
+	libsystemd-dev libjansson-dev libinih-dev libsqlite3-dev libcmocka-dev libqrencode-dev scdoc \
+	swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients clang clang-tidy cppcheck \
+	systemd openssl
+deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_PKGS); \
+	else \
+	  echo "Run as root: apt-get install -y --no-install-recommends $(DEB_PKGS)"; \
+	fi
+	cd tests && npm ci --no-audit --no-fund
+
+clean:
+	rm -rf build build-asan build-fuzz

@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: MIT */
+/* The configuration file /etc/iothub.conf (DESIGN.md "Configuration"), parsed with libinih. */
+#pragma once
+
+#include <stdint.h>
+
+#include "iothub/util.h"
+
+#define IOTHUB_DEFAULT_CONFIG "/etc/iothub.conf"
+
+enum key_backend { KEY_BACKEND_TPM, KEY_BACKEND_FILE };
+enum dpop_mode { DPOP_AUTO, DPOP_ON, DPOP_OFF };
+
+struct iothub_conf {
+        char *path; /* the file it was read from */
+        struct {
+                char *id;          /* from the file, else /etc/machine-id */
+                char *state_dir;   /* else $STATE_DIRECTORY, else /var/lib/iothub */
+                char *runtime_dir; /* else $RUNTIME_DIRECTORY, else /run/iothub */
+        } hub;
+        struct {
+                char *host;
+                uint16_t port;
+                char *topic_prefix;
+                char *client_id; /* default "iothubd-<hub id>" */
+                char *username;
+                char *password_file;
+                char *ca_file;
+                unsigned keepalive_s;
+        } mqtt;
+        struct {
+                enum key_backend backend;
+                char *tcti;
+                uint32_t handle;
+                char *file;
+        } key;
+        struct {
+                char *url;
+                char *ca_file;
+                unsigned batch_max_frames;
+                unsigned batch_max_delay_ms;
+                unsigned timeout_s;
+                char *bearer_token_file;
+        } cloud;
+        struct {
+                char *issuer;
+                char *client_id;
+                char *scope;
+                enum dpop_mode dpop;
+                char *ca_file;
+        } oauth;
+        struct {
+                unsigned max_bytes;
+                unsigned max_clock_skew_s;
+                double rate_per_device; /* frames per second, token bucket */
+        } frames;
+        struct {
+                char *ca_file;
+        } bulbs;
+        struct {
+                uint64_t max_bytes;
+        } spool;
+};
+
+/* Fill every key with its default (for the hub id and directories: the environment and
+ * /etc/machine-id). Returns 0 or a negative errno. */
+int conf_defaults(struct iothub_conf **ret);
+
+/* Read and validate 'path'. On failure returns a negative errno (-EINVAL for a bad file,
+ * -ENOENT etc. when it cannot be read) and, if ret_error is not NULL, a malloc'ed one-line
+ * message naming the file, the line and the reason ("/etc/iothub.conf:12: [mqtt] port: 70000 is
+ * out of range 1..65535"). Never prints. */
+int conf_load(const char *path, struct iothub_conf **ret, char **ret_error);
+
+void conf_free(struct iothub_conf *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct iothub_conf *, conf_free);
+#define _cleanup_conf_ _cleanup_(conf_freep)
+
+const char *key_backend_to_string(enum key_backend b);
+const char *dpop_mode_to_string(enum dpop_mode m);

@@ -1,0 +1,31 @@
+/* SPDX-License-Identifier: MIT */
+/* The state database: one SQLite file in WAL mode in the state directory. */
+#pragma once
+
+#include <stdint.h>
+
+#include "iothub/util.h"
+
+#define DB_FILE_NAME "iothub.db"
+
+struct db;
+
+/* Opens (creating when missing, mode 0600) <state_dir>/iothub.db, WAL, synchronous=FULL,
+ * foreign keys on, and brings the schema to the current version. Returns 0 or a negative
+ * errno (-EIO for SQLite errors, with the reason in ret_error when not NULL). */
+int db_open(const char *state_dir, struct db **ret, char **ret_error);
+void db_close(struct db *db);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct db *, db_close);
+
+/* Transactions: BEGIN IMMEDIATE / COMMIT / ROLLBACK. Return 0 or a negative errno. */
+int db_begin(struct db *db);
+int db_commit(struct db *db);
+int db_rollback(struct db *db);
+
+/* The text of the last SQLite error on this connection (for log messages). */
+const char *db_errmsg(struct db *db);
+
+/* For the modules built on it (registry, spool): the raw handle. */
+struct sqlite3 *db_handle(struct db *db);
+/* Translates an SQLite result code into a negative errno (one place for all of them). */
+int db_errno(int sqlite_rc);

@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: MIT */
+/* Small helpers shared by every module: cleanup attributes, hand-over, sizes. */
+#pragma once
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+#define _unused_ __attribute__((unused))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _warn_unused_ __attribute__((warn_unused_result))
+
+/* Hand a pointer over to a new owner: returns it and leaves NULL behind. */
+#define TAKE_PTR(p)                                                                                        \
+        ({                                                                                                 \
+                __typeof__(p) _p_ = (p);                                                                   \
+                (p) = NULL;                                                                                \
+                _p_;                                                                                       \
+        })
+#define TAKE_FD(fd)                                                                                        \
+        ({                                                                                                 \
+                int _fd_ = (fd);                                                                           \
+                (fd) = -1;                                                                                 \
+                _fd_;                                                                                      \
+        })
+
+/* Define cleanup function for a type whose destructor accepts NULL. */
+#define DEFINE_TRIVIAL_CLEANUP_FUNC(type, func)                                                            \
+        static inline void func##p(type *p) {                                                              \
+                if (*p)                                                                                    \
+                        func(*p);                                                                          \
+        }
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline void closep(int *fd) {
+        if (*fd >= 0) {
+                int saved = errno;
+                (void) close(*fd);
+                errno = saved;
+        }
+}
+#define _cleanup_close_ _cleanup_(closep)
+
+/* Wipe then free a secret string or buffer of known length. */
+void erase_and_free(void *p, size_t len);
+/* Wipe then free a NUL-terminated secret string. */
+void erase_and_freep_str(char **s);
+#define _cleanup_erase_str_ _cleanup_(erase_and_freep_str)
+
+static inline bool streq(const char *a, const char *b) {
+        return strcmp(a, b) == 0;
+}
+static inline bool streq_ptr(const char *a, const char *b) {
+        if (!a || !b)
+                return a == b;
+        return strcmp(a, b) == 0;
+}
+
+/* Free *p and replace it with a copy of s (NULL allowed). Returns 0 or -ENOMEM. */
+int free_and_strdup(char **p, const char *s);
+
+/* Monotonic and real-time clocks, in microseconds. */
+uint64_t now_monotonic_usec(void);
+uint64_t now_realtime_usec(void);
+
+/* Read a whole small file (at most max bytes) into a NUL-terminated buffer.
+ * Returns 0 or a negative errno (-EFBIG when larger than max). */
+int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len);
+
+/* Random bytes from getrandom(). Returns 0 or a negative errno. */
+int random_bytes(void *buf, size_t len);
+
+/* Device id of PROTOCOL.md 1: 1..64 of [A-Za-z0-9._-], not starting with '.'. */
+#define DEVICE_ID_MAX 64
+bool device_id_is_valid(const char *s, size_t len);
+
+/* Write data to path atomically (temp file, fsync, rename, fsync dir), with mode. */
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
