@@ -86,3 +86,6 @@ bool device_id_is_valid(const char *s, size_t len);
 
 /* Write data to path atomically (temp file, fsync, rename, fsync dir), with mode. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+
+/* asprintf() that returns the string, or NULL when out of memory. */
+char *strdup_printf(const char *fmt, ...) _printf_(1, 2);

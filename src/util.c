@@ -1,0 +1,172 @@
+/* SPDX-License-Identifier: MIT */
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
+
+#include "iothub/util.h"
+
+void erase_and_free(void *p, size_t len) {
+        if (!p)
+                return;
+        OPENSSL_cleanse(p, len);
+        free(p);
+}
+
+void erase_and_freep_str(char **s) {
+        if (*s)
+                erase_and_free(*s, strlen(*s));
+        *s = NULL;
+}
+
+int free_and_strdup(char **p, const char *s) {
+        char *t = NULL;
+
+        if (s) {
+                t = strdup(s);
+                if (!t)
+                        return -ENOMEM;
+        }
+        free(*p);
+        *p = t;
+        return 0;
+}
+
+static uint64_t now_usec(clockid_t clock) {
+        struct timespec ts;
+
+        (void) clock_gettime(clock, &ts);
+        return (uint64_t) ts.tv_sec * UINT64_C(1000000) + (uint64_t) ts.tv_nsec / 1000;
+}
+
+uint64_t now_monotonic_usec(void) {
+        return now_usec(CLOCK_MONOTONIC);
+}
+
+uint64_t now_realtime_usec(void) {
+        return now_usec(CLOCK_REALTIME);
+}
+
+int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len) {
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *buf = NULL;
+        size_t len = 0;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        buf = malloc(max + 1);
+        if (!buf)
+                return -ENOMEM;
+        for (;;) {
+                ssize_t n;
+
+                if (len > max)
+                        break;
+                n = read(fd, buf + len, max + 1 - len);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (n == 0)
+                        break;
+                len += (size_t) n;
+        }
+        if (len > max) {
+                OPENSSL_cleanse(buf, max + 1);
+                return -EFBIG;
+        }
+        buf[len] = '\0';
+        *ret = TAKE_PTR(buf);
+        if (ret_len)
+                *ret_len = len;
+        return 0;
+}
+
+int random_bytes(void *buf, size_t len) {
+        uint8_t *p = buf;
+
+        while (len > 0) {
+                ssize_t n = getrandom(p, len, 0);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                p += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+bool device_id_is_valid(const char *s, size_t len) {
+        if (!s || len < 1 || len > DEVICE_ID_MAX || s[0] == '.')
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                char c = s[i];
+                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+                      c == '_' || c == '-'))
+                        return false;
+        }
+        return true;
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
+        _cleanup_free_ char *tmp = NULL, *dircopy = NULL;
+        _cleanup_close_ int fd = -1, dfd = -1;
+        const uint8_t *p = data;
+        int r;
+
+        if (asprintf(&tmp, "%s.tmp.XXXXXX", path) < 0)
+                return -ENOMEM;
+        fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fchmod(fd, mode) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        while (len > 0) {
+                ssize_t n = write(fd, p, len);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        r = -errno;
+                        goto fail;
+                }
+                p += n;
+                len -= (size_t) n;
+        }
+        if (fsync(fd) < 0 || rename(tmp, path) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        dircopy = strdup(path);
+        if (!dircopy)
+                return -ENOMEM;
+        /* fsync the directory so that the rename itself survives a power cut. */
+        dfd = open(dirname(dircopy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+                (void) fsync(dfd);
+        return 0;
+fail:
+        (void) unlink(tmp);
+        return r;
+}
+
+char *strdup_printf(const char *fmt, ...) {
+        va_list ap;
+        char *s;
+        int r;
+
+        va_start(ap, fmt);
+        r = vasprintf(&s, fmt, ap);
+        va_end(ap);
+        return r < 0 ? NULL : s;
+}
