@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: MIT */
+/* The daemon's state: one struct owned by the event loop, passed to every module. */
+#pragma once
+
+#include <stdint.h>
+
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/db.h"
+#include "iothub/frame.h"
+#include "iothub/registry.h"
+
+struct mqtt;
+struct control;
+
+struct hub_counters {
+        uint64_t frames_received;
+        uint64_t frames_accepted;
+        uint64_t frames_rejected[_FRAME_REASON_MAX];
+        uint64_t frames_store_failed; /* passed every check, but the database refused them */
+};
+
+/* Frames that passed every check in the current read, waiting for their commit. */
+struct ingest_batch {
+        bool open;      /* a transaction is open */
+        unsigned count; /* frames appended in it */
+};
+
+struct hub {
+        struct iothub_conf *conf;
+        sd_event *event;
+        struct db *db;
+        struct registry *registry;
+        struct mqtt *mqtt;
+        struct control *control;
+        sd_event_source *sigterm, *sigint, *sighup, *watchdog;
+        uint64_t watchdog_usec;
+        uint64_t start_monotonic_usec;
+        struct hub_counters counters;
+        struct ingest_batch batch;
+        /* Unknown devices have no per-bulb log limit: one shared window for them. */
+        uint64_t unknown_log_window_usec;
+        unsigned unknown_log_count;
+        uint64_t unknown_log_suppressed;
+};
+
+/* Runs the daemon until SIGTERM/SIGINT. Returns the process exit status (DESIGN.md):
+ * 0 on a clean stop, 78 on a bad configuration, 1 otherwise. */
+int hub_run(const char *config_path, int log_level_override);
+
+/* One-line summary for STATUS= and the log. */
+void hub_notify_status(struct hub *h);
+/* Builds the status object of DESIGN.md "iothubctl status --json". */
+int hub_status_json(struct hub *h, struct json_t **ret);

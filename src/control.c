@@ -1,0 +1,431 @@
+/* SPDX-License-Identifier: MIT */
+/* The control socket. One request line of JSON in (at most CONTROL_REQUEST_MAX bytes), one
+ * response line of JSON out, then the daemon closes. Peers are checked with SO_PEERCRED and
+ * SO_PEERGROUPS before a byte is read. At most CONTROL_MAX_CLIENTS at once, each with a
+ * deadline, so that a stuck client cannot hold the daemon. */
+#include <fcntl.h>
+#include <grp.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "iothub/control.h"
+#include "iothub/log.h"
+#include "iothub/registry.h"
+#include "iothub/verify.h"
+
+#define CONTROL_MAX_GROUPS 256
+#define CONTROL_PEM_MAX 16384
+
+struct control {
+        struct hub *hub;
+        int fd;
+        char *path;
+        sd_event_source *listen;
+        unsigned n_clients;
+};
+
+struct conn {
+        struct control *ctl;
+        int fd;
+        sd_event_source *io, *timer;
+        char *in;
+        size_t in_len;
+        char *out;
+        size_t out_len, out_off;
+        bool denied; /* refused by the peer check: its request is read and answered, not run */
+};
+
+#define _cleanup_json_ _cleanup_(json_decrefp)
+
+bool control_peer_allowed(uid_t peer_uid, gid_t peer_gid, const gid_t *peer_groups, size_t n_groups,
+                          uid_t our_uid, gid_t our_gid) {
+        if (peer_uid == 0 || peer_uid == our_uid || peer_gid == our_gid)
+                return true;
+        for (size_t i = 0; i < n_groups; i++)
+                if (peer_groups[i] == our_gid)
+                        return true;
+        return false;
+}
+
+static void conn_free(struct conn *c) {
+        if (!c)
+                return;
+        c->io = sd_event_source_disable_unref(c->io);
+        c->timer = sd_event_source_disable_unref(c->timer);
+        if (c->fd >= 0)
+                (void) close(c->fd);
+        c->ctl->n_clients--;
+        free(c->in);
+        free(c->out);
+        free(c);
+}
+
+static json_t *error_reply(const char *fmt, ...) _printf_(1, 2);
+static json_t *error_reply(const char *fmt, ...) {
+        char msg[512];
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        return json_pack("{s:b,s:s}", "ok", 0, "error", msg);
+}
+
+static json_t *bulb_to_json(const struct bulb *b) {
+        json_t *o, *jwk = NULL;
+
+        if (verify_key_to_jwk(b->key, &jwk) < 0)
+                jwk = json_null();
+        o = json_pack("{s:s,s:s,s:b,s:I,s:I,s:o}", "id", b->id, "alg", frame_alg_to_string(b->alg), "revoked",
+                      b->revoked, "last_seq", (json_int_t) b->last_seq, "enrolled_at",
+                      (json_int_t) b->enrolled_at, "jwk", jwk);
+        return o;
+}
+
+static json_t *handle_status(struct control *ctl, json_t *req) {
+        json_t *st = NULL;
+        int r;
+
+        r = hub_status_json(ctl->hub, &st);
+        if (r < 0)
+                return error_reply("cannot build status: %s", strerror(-r));
+        (void) json_object_set_new(st, "ok", json_true());
+        return st;
+}
+
+static json_t *handle_bulb_list(struct control *ctl, json_t *req) {
+        json_t *arr = json_array();
+        size_t n = registry_count(ctl->hub->registry);
+
+        if (!arr)
+                return NULL;
+        for (size_t i = 0; i < n; i++)
+                (void) json_array_append_new(arr, bulb_to_json(registry_get(ctl->hub->registry, i)));
+        return json_pack("{s:b,s:o}", "ok", 1, "bulbs", arr);
+}
+
+static const char *req_string(json_t *req, const char *key, size_t max) {
+        json_t *v = json_object_get(req, key);
+
+        if (!json_is_string(v) || json_string_length(v) > max || json_string_length(v) == 0)
+                return NULL;
+        return json_string_value(v);
+}
+
+static json_t *handle_bulb_add(struct control *ctl, json_t *req) {
+        const struct iothub_conf *conf = ctl->hub->conf;
+        const char *id = req_string(req, "id", DEVICE_ID_MAX);
+        const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
+        const char *cert = req_string(req, "cert", CONTROL_PEM_MAX);
+        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
+        _cleanup_free_ char *spki = NULL, *err = NULL;
+        char cn[DEVICE_ID_MAX + 1];
+        enum frame_alg alg;
+        int r;
+
+        if (!!pem == !!cert)
+                return error_reply("give exactly one of a public key or a certificate");
+        if (cert) {
+                if (!conf->bulbs.ca_file)
+                        return error_reply("[bulbs] ca_file is not set in %s: cannot check certificates",
+                                           conf->path);
+                r = verify_key_from_cert(cert, strlen(cert), conf->bulbs.ca_file, &k, &alg, cn, &err);
+                if (r < 0)
+                        return error_reply("certificate refused: %s", err ? err : strerror(-r));
+                if (id && !streq(id, cn))
+                        return error_reply("device id '%s' does not match the certificate's '%s'", id, cn);
+                id = cn;
+                r = verify_key_to_pem(k, &spki);
+                if (r < 0)
+                        return error_reply("cannot export key: %s", strerror(-r));
+                pem = spki;
+        }
+        if (!id || !device_id_is_valid(id, strlen(id)))
+                return error_reply("invalid device id: 1 to 64 of [A-Za-z0-9._-], not starting with '.'");
+        r = registry_add(ctl->hub->registry, id, pem, strlen(pem));
+        if (r == -EEXIST)
+                return error_reply("bulb %s is already enrolled (remove it first to change its key)", id);
+        if (r == -EOPNOTSUPP)
+                return error_reply("unsupported key type: only P-256 (ES256) and Ed25519 (EdDSA) keys");
+        if (r == -EINVAL)
+                return error_reply("not a valid PEM public key");
+        if (r < 0)
+                return error_reply("cannot enrol %s: %s", id, strerror(-r));
+        struct bulb *b = registry_find(ctl->hub->registry, id);
+        log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
+                  b ? frame_alg_to_string(b->alg) : "?");
+        return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
+}
+
+static json_t *handle_bulb_remove(struct control *ctl, json_t *req) {
+        const char *id = req_string(req, "id", DEVICE_ID_MAX);
+        int r;
+
+        if (!id)
+                return error_reply("missing device id");
+        r = registry_revoke(ctl->hub->registry, id);
+        if (r == -ENOENT)
+                return error_reply("no bulb %s is enrolled", id);
+        if (r < 0)
+                return error_reply("cannot revoke %s: %s", id, strerror(-r));
+        log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
+        return json_pack("{s:b}", "ok", 1);
+}
+
+static const struct {
+        const char *cmd;
+        json_t *(*handler)(struct control *ctl, json_t *req);
+} handlers[] = {
+        { "status", handle_status },
+        { "bulb-list", handle_bulb_list },
+        { "bulb-add", handle_bulb_add },
+        { "bulb-remove", handle_bulb_remove },
+};
+
+static json_t *dispatch(struct control *ctl, const char *line, size_t len) {
+        _cleanup_json_ json_t *req = NULL;
+        json_error_t jerr;
+        const char *cmd;
+
+        req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!json_is_object(req))
+                return error_reply("request is not a JSON object");
+        cmd = req_string(req, "cmd", 64);
+        if (!cmd)
+                return error_reply("request has no \"cmd\"");
+        for (size_t i = 0; i < ELEMENTSOF(handlers); i++)
+                if (streq(cmd, handlers[i].cmd))
+                        return handlers[i].handler(ctl, req);
+        return error_reply("unknown command '%.64s'", cmd);
+}
+
+static int conn_set_reply(struct conn *c, json_t *reply) {
+        char *s;
+
+        if (!reply)
+                reply = error_reply("out of memory");
+        s = json_dumps(reply, JSON_COMPACT);
+        json_decref(reply);
+        if (!s)
+                return -ENOMEM;
+        /* json_dumps() allocated strlen+1 bytes: the NUL becomes the line's newline. */
+        c->out_len = strlen(s) + 1;
+        c->out = s;
+        c->out[c->out_len - 1] = '\n';
+        c->out_off = 0;
+        return sd_event_source_set_io_events(c->io, EPOLLOUT);
+}
+
+static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct conn *c = userdata;
+        ssize_t n;
+
+        if (c->out) {
+                n = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                if (n < 0 || (c->out_off += (size_t) n) >= c->out_len)
+                        conn_free(c);
+                return 0;
+        }
+        if (!c->in) {
+                c->in = malloc(CONTROL_REQUEST_MAX);
+                if (!c->in) {
+                        conn_free(c);
+                        return 0;
+                }
+        }
+        n = recv(fd, c->in + c->in_len, CONTROL_REQUEST_MAX - c->in_len, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return 0;
+        if (n <= 0) {
+                conn_free(c);
+                return 0;
+        }
+        c->in_len += (size_t) n;
+        char *nl = memchr(c->in, '\n', c->in_len);
+        if (!nl) {
+                if (c->in_len >= CONTROL_REQUEST_MAX &&
+                    conn_set_reply(c, error_reply("request longer than %d bytes", CONTROL_REQUEST_MAX)) < 0)
+                        conn_free(c);
+                return 0;
+        }
+        if (conn_set_reply(c, c->denied ? error_reply("permission denied")
+                                        : dispatch(c->ctl, c->in, (size_t) (nl - c->in))) < 0)
+                conn_free(c);
+        return 0;
+}
+
+static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        conn_free(userdata);
+        return 0;
+}
+
+static int peer_check(int fd, struct ucred *ret_cred) {
+        struct ucred cred;
+        socklen_t len = sizeof cred;
+        gid_t groups[CONTROL_MAX_GROUPS];
+        socklen_t glen = sizeof groups;
+        size_t n_groups = 0;
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+                return -errno;
+        *ret_cred = cred;
+        /* Supplementary groups of the peer (Linux >= 4.13); without them only the primary
+         * group counts, which is the safe direction. */
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) >= 0)
+                n_groups = glen / sizeof(gid_t);
+        return control_peer_allowed(cred.uid, cred.gid, groups, n_groups, geteuid(), getegid()) ? 0 : -EPERM;
+}
+
+static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct control *ctl = userdata;
+        struct ucred cred = { 0 };
+        _cleanup_close_ int cfd = -1;
+        struct conn *c;
+        int r;
+
+        cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (cfd < 0)
+                return 0;
+        r = peer_check(cfd, &cred);
+        if (r < 0)
+                log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
+                          "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,
+                          (unsigned) cred.uid, (unsigned) cred.gid);
+        if (ctl->n_clients >= CONTROL_MAX_CLIENTS) {
+                log_warning("Too many control connections, refusing one");
+                return 0;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return 0;
+        c->ctl = ctl;
+        /* A refused peer still has its request read before the answer, so that closing
+         * with unread data does not reset the connection and eat the answer. */
+        c->denied = r < 0;
+        c->fd = TAKE_FD(cfd);
+        ctl->n_clients++;
+        r = sd_event_add_io(ctl->hub->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
+        if (r >= 0)
+                r = sd_event_add_time_relative(ctl->hub->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
+                                               0, on_conn_timeout, c);
+        if (r < 0)
+                conn_free(c);
+        return 0;
+}
+
+int control_new(struct hub *h, struct control **ret) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        struct control *ctl;
+        int r;
+
+        if ((size_t) snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", h->conf->hub.runtime_dir,
+                              CONTROL_SOCKET_NAME) >= sizeof sa.sun_path)
+                return -ENAMETOOLONG;
+        if (mkdir(h->conf->hub.runtime_dir, 0750) < 0 && errno != EEXIST)
+                return -errno;
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        (void) unlink(sa.sun_path);
+        if (bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0)
+                return -errno;
+        /* The file mode is a first gate (owner and group); SO_PEERCRED is the real check. */
+        if (chmod(sa.sun_path, 0660) < 0 || listen(fd, 16) < 0)
+                return -errno;
+        ctl = calloc(1, sizeof *ctl);
+        if (!ctl)
+                return -ENOMEM;
+        ctl->hub = h;
+        ctl->path = strdup(sa.sun_path);
+        ctl->fd = TAKE_FD(fd);
+        r = ctl->path ? sd_event_add_io(h->event, &ctl->listen, ctl->fd, EPOLLIN, on_accept, ctl) : -ENOMEM;
+        if (r < 0) {
+                control_free(ctl);
+                return r;
+        }
+        *ret = ctl;
+        return 0;
+}
+
+void control_free(struct control *ctl) {
+        if (!ctl)
+                return;
+        ctl->listen = sd_event_source_disable_unref(ctl->listen);
+        if (ctl->fd >= 0)
+                (void) close(ctl->fd);
+        if (ctl->path)
+                (void) unlink(ctl->path);
+        free(ctl->path);
+        free(ctl);
+}
+
+int control_call(const char *path, json_t *request, json_t **ret) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *req = NULL, *buf = NULL;
+        size_t len = 0, cap = 0;
+        json_error_t jerr;
+        json_t *resp;
+
+        if (strlen(path) >= sizeof sa.sun_path)
+                return -ENAMETOOLONG;
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0)
+                return -errno;
+        req = json_dumps(request, JSON_COMPACT);
+        if (!req)
+                return -ENOMEM;
+        size_t rlen = strlen(req);
+        req[rlen] = '\n'; /* json_dumps leaves room for the NUL, which becomes the newline */
+        for (size_t off = 0; off < rlen + 1;) {
+                ssize_t n = send(fd, req + off, rlen + 1 - off, MSG_NOSIGNAL);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        /* The daemon may answer and close before reading (a refused peer):
+                         * its answer is still there to read. */
+                        if (errno == EPIPE || errno == ECONNRESET)
+                                break;
+                        return -errno;
+                }
+                off += (size_t) n;
+        }
+        for (;;) {
+                ssize_t n;
+                if (len == cap) {
+                        if (cap >= CONTROL_RESPONSE_MAX)
+                                return -EFBIG;
+                        cap = cap ? cap * 2 : 4096;
+                        char *t = realloc(buf, cap);
+                        if (!t)
+                                return -ENOMEM;
+                        buf = t;
+                }
+                n = recv(fd, buf + len, cap - len, 0);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (n == 0)
+                        break;
+                len += (size_t) n;
+        }
+        resp = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!json_is_object(resp)) {
+                json_decref(resp);
+                return -EBADMSG;
+        }
+        *ret = resp;
+        return 0;
+}

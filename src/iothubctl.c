@@ -1,0 +1,254 @@
+/* SPDX-License-Identifier: MIT */
+/* iothubctl: the operator's tool. Parses the command line, reads the configuration to find
+ * the daemon, and asks it over the control socket; it never writes the state itself. */
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "iothub/conf.h"
+#include "iothub/control.h"
+
+#define EXIT_USAGE 64
+#define EXIT_UNAVAILABLE 69
+#define PEM_FILE_MAX 16384
+
+struct ctl {
+        const char *config;
+        bool json;
+        struct iothub_conf *conf;
+};
+
+static int usage(void) {
+        fprintf(stderr, "Usage: iothubctl [--config FILE] [--json] COMMAND\n"
+                        "  status                            the daemon's state and counters\n"
+                        "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
+                        "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
+                        "  bulb list                         enrolled bulbs\n"
+                        "  bulb remove ID                    revoke a bulb at once\n");
+        return EXIT_USAGE;
+}
+
+static int fail(const char *fmt, ...) _printf_(1, 2);
+static int fail(const char *fmt, ...) {
+        va_list ap;
+
+        fputs("iothubctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputc('\n', stderr);
+        return 1;
+}
+
+/* Sends a request and hands back the response; prints the error and returns an exit status
+ * when it failed. */
+static int call(struct ctl *ctl, json_t *req, json_t **ret) {
+        _cleanup_free_ char *path = NULL;
+        json_t *resp = NULL;
+        int r;
+
+        if (!req)
+                return fail("out of memory");
+        if (asprintf(&path, "%s/%s", ctl->conf->hub.runtime_dir, CONTROL_SOCKET_NAME) < 0) {
+                json_decref(req);
+                return fail("out of memory");
+        }
+        r = control_call(path, req, &resp);
+        json_decref(req);
+        if (r == -ENOENT || r == -ECONNREFUSED) {
+                fprintf(stderr, "iothubctl: the daemon is not running (no socket at %s)\n", path);
+                return EXIT_UNAVAILABLE;
+        }
+        if (r == -EACCES || r == -EPERM)
+                return fail("%s: permission denied (root or group iothub only)", path), EXIT_UNAVAILABLE;
+        if (r < 0)
+                return fail("%s: %s", path, strerror(-r));
+        if (!json_is_true(json_object_get(resp, "ok"))) {
+                const char *e = json_string_value(json_object_get(resp, "error"));
+                fail("%s", e ? e : "the daemon refused the request");
+                json_decref(resp);
+                return 1;
+        }
+        *ret = resp;
+        return 0;
+}
+
+static void print_json(json_t *o) {
+        (void) json_object_del(o, "ok");
+        json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        fputc('\n', stdout);
+}
+
+static json_int_t geti(json_t *o, const char *path1, const char *path2) {
+        json_t *v = json_object_get(o, path1);
+        if (path2)
+                v = json_object_get(v, path2);
+        return json_integer_value(v);
+}
+
+static int cmd_status(struct ctl *ctl, int argc, char **argv) {
+        json_t *st = NULL, *rej;
+        const char *k;
+        json_t *v;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = call(ctl, json_pack("{s:s}", "cmd", "status"), &st);
+        if (r != 0)
+                return r;
+        if (ctl->json) {
+                print_json(st);
+                json_decref(st);
+                return 0;
+        }
+        printf("Hub:       %s\n", json_string_value(json_object_get(st, "hub_id")));
+        printf("Version:   %s\n", json_string_value(json_object_get(st, "version")));
+        printf("Uptime:    %lld s\n", (long long) geti(st, "uptime_s", NULL));
+        printf("Config:    %s\n", json_string_value(json_object_get(st, "config")));
+        printf("MQTT:      %s\n",
+               json_is_true(json_object_get(json_object_get(st, "mqtt"), "connected")) ? "connected"
+                                                                                       : "disconnected");
+        printf("Frames:    %lld received, %lld accepted\n", (long long) geti(st, "frames", "received"),
+               (long long) geti(st, "frames", "accepted"));
+        printf("Rejected: ");
+        rej = json_object_get(json_object_get(st, "frames"), "rejected");
+        json_object_foreach(rej, k, v) printf(" %s %lld", k, (long long) json_integer_value(v));
+        printf("\nSpool:     %lld frames, %lld bytes\n", (long long) geti(st, "spool", "pending"),
+               (long long) geti(st, "spool", "bytes"));
+        printf("Bulbs:     %lld enrolled, %lld revoked\n", (long long) geti(st, "bulbs", "enrolled"),
+               (long long) geti(st, "bulbs", "revoked"));
+        json_decref(st);
+        return 0;
+}
+
+static int read_pem(const char *path, char **ret) {
+        int r = read_file_limited(path, PEM_FILE_MAX, ret, NULL);
+        if (r == -EFBIG)
+                return fail("%s: larger than %d bytes, not a PEM file", path, PEM_FILE_MAX);
+        if (r < 0)
+                return fail("%s: %s", path, strerror(-r));
+        return 0;
+}
+
+static int cmd_bulb_add(struct ctl *ctl, int argc, char **argv) {
+        const char *id = NULL, *key = NULL, *cert = NULL;
+        _cleanup_free_ char *pem = NULL;
+        json_t *resp = NULL, *req;
+        int r;
+
+        for (int i = 0; i < argc; i++) {
+                if (streq(argv[i], "--key") && i + 1 < argc)
+                        key = argv[++i];
+                else if (streq(argv[i], "--cert") && i + 1 < argc)
+                        cert = argv[++i];
+                else if (argv[i][0] != '-' && !id)
+                        id = argv[i];
+                else
+                        return usage();
+        }
+        if (!!key == !!cert || (key && !id))
+                return usage();
+        if (id && !device_id_is_valid(id, strlen(id)))
+                return fail("invalid device id '%s': 1 to 64 of [A-Za-z0-9._-], not starting with '.'", id);
+        r = read_pem(key ? key : cert, &pem);
+        if (r != 0)
+                return r;
+        req = json_pack("{s:s,s:s}", "cmd", "bulb-add", key ? "key" : "cert", pem);
+        if (req && id)
+                (void) json_object_set_new(req, "id", json_string(id));
+        r = call(ctl, req, &resp);
+        if (r != 0)
+                return r;
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Enrolled %s\n", json_string_value(json_object_get(json_object_get(resp, "bulb"), "id")));
+        json_decref(resp);
+        return 0;
+}
+
+static int cmd_bulb_list(struct ctl *ctl, int argc, char **argv) {
+        json_t *resp = NULL, *b;
+        size_t i;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = call(ctl, json_pack("{s:s}", "cmd", "bulb-list"), &resp);
+        if (r != 0)
+                return r;
+        if (ctl->json) {
+                print_json(resp);
+                json_decref(resp);
+                return 0;
+        }
+        printf("%-32s %-6s %-8s %s\n", "ID", "ALG", "STATE", "LAST SEQ");
+        json_array_foreach(json_object_get(resp, "bulbs"), i, b)
+                printf("%-32s %-6s %-8s %lld\n", json_string_value(json_object_get(b, "id")),
+                       json_string_value(json_object_get(b, "alg")),
+                       json_is_true(json_object_get(b, "revoked")) ? "revoked" : "active",
+                       (long long) json_integer_value(json_object_get(b, "last_seq")));
+        json_decref(resp);
+        return 0;
+}
+
+static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
+        json_t *resp = NULL;
+        int r;
+
+        if (argc != 1)
+                return usage();
+        r = call(ctl, json_pack("{s:s,s:s}", "cmd", "bulb-remove", "id", argv[0]), &resp);
+        if (r != 0)
+                return r;
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Revoked %s\n", argv[0]);
+        json_decref(resp);
+        return 0;
+}
+
+int main(int argc, char *argv[]) {
+        struct ctl ctl = { .config = IOTHUB_DEFAULT_CONFIG };
+        _cleanup_free_ char *err = NULL;
+        char *args[64];
+        int n = 0, r;
+
+        for (int i = 1; i < argc; i++) {
+                if (streq(argv[i], "--config")) {
+                        if (++i >= argc)
+                                return usage();
+                        ctl.config = argv[i];
+                } else if (streq(argv[i], "--json"))
+                        ctl.json = true;
+                else if (streq(argv[i], "--help") || streq(argv[i], "-h")) {
+                        usage();
+                        return 0;
+                } else if (n < (int) ELEMENTSOF(args))
+                        args[n++] = argv[i];
+                else
+                        return usage();
+        }
+        if (n == 0)
+                return usage();
+        r = conf_load(ctl.config, &ctl.conf, &err);
+        if (r < 0) {
+                fprintf(stderr, "iothubctl: %s\n", err ? err : strerror(-r));
+                return 78;
+        }
+        if (streq(args[0], "status"))
+                r = cmd_status(&ctl, n - 1, args + 1);
+        else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "add"))
+                r = cmd_bulb_add(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "list"))
+                r = cmd_bulb_list(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "remove"))
+                r = cmd_bulb_remove(&ctl, n - 2, args + 2);
+        else
+                r = usage();
+        conf_free(ctl.conf);
+        return r;
+}

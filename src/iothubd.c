@@ -1,0 +1,78 @@
+/* SPDX-License-Identifier: MIT */
+/* iothubd: parse the command line, then hand over to hub_run(). */
+#include <getopt.h>
+#include <stdio.h>
+
+#include "iothub/conf.h"
+#include "iothub/hub.h"
+#include "iothub/log.h"
+
+#define EXIT_USAGE 64
+#define EXIT_CONFIG 78
+
+static void usage(FILE *f) {
+        fprintf(f, "Usage: iothubd [--config FILE] [--check-config] [--log-level LEVEL] [--version]\n"
+                   "  --config FILE      configuration file (default " IOTHUB_DEFAULT_CONFIG ")\n"
+                   "  --check-config     validate the configuration and exit\n"
+                   "  --log-level LEVEL  debug, info, notice, warning, err\n"
+                   "  --version          print the version and exit\n");
+}
+
+int main(int argc, char *argv[]) {
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "check-config", no_argument, NULL, 'C' },
+                { "log-level", required_argument, NULL, 'l' },
+                { "version", no_argument, NULL, 'V' },
+                { "help", no_argument, NULL, 'h' },
+                {},
+        };
+        const char *config = IOTHUB_DEFAULT_CONFIG;
+        bool check = false;
+        int level = -1, c;
+
+        log_open("iothubd");
+        while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
+                switch (c) {
+                case 'c':
+                        config = optarg;
+                        break;
+                case 'C':
+                        check = true;
+                        break;
+                case 'l':
+                        if (log_level_from_string(optarg, &level) < 0) {
+                                fprintf(stderr, "iothubd: unknown log level '%s'\n", optarg);
+                                return EXIT_USAGE;
+                        }
+                        break;
+                case 'V':
+                        printf("iothubd %s\n", IOTHUB_VERSION);
+                        return 0;
+                case 'h':
+                        usage(stdout);
+                        return 0;
+                default:
+                        usage(stderr);
+                        return EXIT_USAGE;
+                }
+        if (optind < argc) {
+                fprintf(stderr, "iothubd: unexpected argument '%s'\n", argv[optind]);
+                return EXIT_USAGE;
+        }
+        if (level >= 0)
+                log_set_max_level(level);
+
+        if (check) {
+                _cleanup_conf_ struct iothub_conf *conf = NULL;
+                _cleanup_free_ char *err = NULL;
+                int r = conf_load(config, &conf, &err);
+                if (r < 0) {
+                        fprintf(stderr, "iothubd: %s\n", err ? err : strerror(-r));
+                        return EXIT_CONFIG;
+                }
+                printf("%s: configuration is valid\n", config);
+                return 0;
+        }
+        return hub_run(config, level);
+}
