@@ -33,7 +33,9 @@ int registry_open(struct db *db, struct registry **ret);
 void registry_free(struct registry *r);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct registry *, registry_free);
 
-/* Lookup by id, O(log n); NULL when unknown. Revoked bulbs are found (and marked). */
+/* Lookup by id, O(log n); NULL when unknown. Revoked bulbs are found (and marked). The pointers
+ * of registry_find() and registry_get() stay valid until registry_free(): registry_add() never
+ * moves a bulb (re-enrolment updates it in place). */
 struct bulb *registry_find(struct registry *r, const char *id);
 size_t registry_count(const struct registry *r);
 /* The i-th bulb in id order, for listing. */

@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: MIT */
+/* libmosquitto driven from the sd-event loop (no mosquitto thread): connect, subscribe to
+ * <prefix>/+/status with QoS 1 on a persistent session, reconnect with backoff and jitter. */
+#pragma once
+
+#include <stdbool.h>
+
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+
+struct mqtt;
+
+struct mqtt_callbacks {
+        /* One message on a subscribed topic. */
+        void (*message)(void *userdata, const char *topic, const uint8_t *payload, size_t len);
+        /* After each read of the socket, once the messages of that read were handed over. */
+        void (*read_done)(void *userdata);
+        /* Connection state changed. */
+        void (*connected)(void *userdata, bool connected);
+};
+
+/* Creates the client and starts connecting. Returns 0 or a negative errno; on failure,
+ * if ret_error is not NULL, a malloc'ed one-line reason. */
+int mqtt_new(sd_event *e, const struct iothub_conf *conf, const struct mqtt_callbacks *cb, void *userdata,
+             struct mqtt **ret, char **ret_error);
+bool mqtt_is_connected(const struct mqtt *m);
+/* Sends DISCONNECT and frees; NULL accepted. */
+void mqtt_free(struct mqtt *m);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct mqtt *, mqtt_free);
+
+/* Translates a MOSQ_ERR_* code into a negative errno (the one place for libmosquitto codes). */
+int mqtt_errno(int mosq_rc);

@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: MIT */
+/* Private to the database modules (db.c, registry.c, spool.c): the statements of the frame
+ * path, prepared once when the database is opened and reused for every frame. */
+#pragma once
+
+#include <sqlite3.h>
+
+#include "iothub/db.h"
+
+enum db_stmt {
+        DB_STMT_BEGIN,
+        DB_STMT_COMMIT,
+        DB_STMT_ROLLBACK,
+        DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws */
+        DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
+        DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward */
+        _DB_STMT_MAX,
+};
+
+/* The cached statement, reset and with no bindings. Never NULL on an open database. Reset it
+ * after use, best with _cleanup_db_stmt_reset_, so that it holds no lock and no pointer into
+ * the caller's buffers. */
+sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
+
+static inline void db_stmt_resetp(sqlite3_stmt **s) {
+        if (*s) {
+                (void) sqlite3_reset(*s);
+                (void) sqlite3_clear_bindings(*s);
+        }
+}
+#define _cleanup_db_stmt_reset_ _cleanup_(db_stmt_resetp)
+
+DEFINE_TRIVIAL_CLEANUP_FUNC(sqlite3_stmt *, sqlite3_finalize);

@@ -1,0 +1,362 @@
+/* SPDX-License-Identifier: MIT */
+/* The state database: one SQLite file, <state_dir>/iothub.db, in WAL mode. Its schema is
+ * versioned with PRAGMA user_version and brought up to date by the migrations below, one
+ * transaction for all of them; a database newer than this code is refused, never touched.
+ * The statements of the frame path are prepared once here (db-internal.h). */
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#include "db-internal.h"
+
+#define DB_BUSY_TIMEOUT_MS 5000
+
+struct db {
+        sqlite3 *sqlite;
+        sqlite3_stmt *stmts[_DB_STMT_MAX];
+};
+
+/* Migrations: entry i brings the schema from version i to i+1. Append only; never edit one
+ * that has shipped. STRICT tables (SQLite 3.37) make a type mistake an error, not a silently
+ * converted value. */
+static const char *const migrations[] = {
+        /* 1: enrolled bulbs, the spool, and a place for small settings. */
+        "CREATE TABLE bulbs ("
+        "  id TEXT PRIMARY KEY,"
+        "  alg TEXT NOT NULL,"
+        "  pubkey_pem TEXT NOT NULL,"
+        "  revoked INTEGER NOT NULL DEFAULT 0,"
+        "  last_seq INTEGER NOT NULL DEFAULT 0,"
+        "  enrolled_at INTEGER NOT NULL,"
+        "  revoked_at INTEGER"
+        ") STRICT;"
+        "CREATE TABLE spool ("
+        "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        "  dev TEXT NOT NULL,"
+        "  seq INTEGER NOT NULL,"
+        "  received_at_usec INTEGER NOT NULL,"
+        "  jws BLOB NOT NULL,"
+        "  UNIQUE (dev, seq)"
+        ") STRICT;"
+        "CREATE TABLE meta ("
+        "  key TEXT PRIMARY KEY,"
+        "  value TEXT"
+        ") STRICT;",
+};
+#define DB_SCHEMA_VERSION ((int) ELEMENTSOF(migrations))
+
+static const char *const stmt_sql[_DB_STMT_MAX] = {
+        [DB_STMT_BEGIN] = "BEGIN IMMEDIATE",
+        [DB_STMT_COMMIT] = "COMMIT",
+        [DB_STMT_ROLLBACK] = "ROLLBACK",
+        [DB_STMT_SPOOL_INSERT] =
+                "INSERT INTO spool (dev, seq, received_at_usec, jws) VALUES (?1, ?2, ?3, ?4)",
+        [DB_STMT_SPOOL_STATS] = "SELECT COUNT(*), COALESCE(SUM(length(jws)), 0) FROM spool",
+        [DB_STMT_BULB_SET_SEQ] = "UPDATE bulbs SET last_seq = ?1 WHERE id = ?2 AND last_seq < ?1",
+};
+
+/* SQLite result codes as errnos, for every module on the database. Extended codes are on
+ * (SQLITE_OPEN_EXRESCODE), so the primary code is the low byte:
+ *   BUSY, LOCKED              -EBUSY   another connection holds the lock past busy_timeout
+ *   NOMEM, IOERR_NOMEM        -ENOMEM
+ *   FULL                      -ENOSPC  the disk (or the state directory's quota) is full
+ *   CONSTRAINT                -EEXIST  a UNIQUE or PRIMARY KEY clash (a duplicate);
+ *                                      NOT NULL, CHECK and the like: -EINVAL
+ *   READONLY, PERM, AUTH      -EACCES
+ *   CORRUPT, NOTADB           -EUCLEAN "structure needs cleaning": the file is damaged or
+ *                                      is not a database; only an operator can repair it
+ *   CANTOPEN                  -ENOENT  (db_open() reports the exact errno of the failure)
+ *   TOOBIG                    -EFBIG
+ *   anything else             -EIO
+ * SQLITE_OK, SQLITE_ROW and SQLITE_DONE are 0. */
+int db_errno(int sqlite_rc) {
+        switch (sqlite_rc) {
+        case SQLITE_OK:
+        case SQLITE_ROW:
+        case SQLITE_DONE:
+                return 0;
+        case SQLITE_IOERR_NOMEM:
+                return -ENOMEM;
+        case SQLITE_CONSTRAINT_NOTNULL:
+        case SQLITE_CONSTRAINT_CHECK:
+        case SQLITE_CONSTRAINT_DATATYPE:
+        case SQLITE_CONSTRAINT_FOREIGNKEY:
+        case SQLITE_CONSTRAINT_TRIGGER:
+        case SQLITE_CONSTRAINT_FUNCTION:
+                return -EINVAL;
+        }
+        switch (sqlite_rc & 0xff) {
+        case SQLITE_BUSY:
+        case SQLITE_LOCKED:
+                return -EBUSY;
+        case SQLITE_NOMEM:
+                return -ENOMEM;
+        case SQLITE_FULL:
+                return -ENOSPC;
+        case SQLITE_CONSTRAINT:
+                return -EEXIST;
+        case SQLITE_READONLY:
+        case SQLITE_PERM:
+        case SQLITE_AUTH:
+                return -EACCES;
+        case SQLITE_CORRUPT:
+        case SQLITE_NOTADB:
+                return -EUCLEAN;
+        case SQLITE_CANTOPEN:
+                return -ENOENT;
+        case SQLITE_TOOBIG:
+                return -EFBIG;
+        default:
+                return -EIO;
+        }
+}
+
+static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
+static int set_error(char **ret_error, int r, const char *format, ...) {
+        va_list ap;
+        char *s;
+
+        if (!ret_error)
+                return r;
+        va_start(ap, format);
+        if (vasprintf(&s, format, ap) >= 0)
+                *ret_error = s;
+        va_end(ap);
+        return r;
+}
+
+/* The errno of a failed call on this connection: for CANTOPEN and I/O errors, the system's
+ * own errno when SQLite kept it, which says more than db_errno() can from the code alone. */
+static int db_errno_of(sqlite3 *s, int rc) {
+        int e = s ? sqlite3_system_errno(s) : 0;
+
+        if (((rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_IOERR) && e > 0)
+                return -e;
+        return db_errno(rc);
+}
+
+void db_close(struct db *db) {
+        if (!db)
+                return;
+        for (size_t i = 0; i < _DB_STMT_MAX; i++)
+                (void) sqlite3_finalize(db->stmts[i]);
+        /* Rolls back an open transaction; with no statements left, it cannot fail with BUSY. */
+        (void) sqlite3_close(db->sqlite);
+        free(db);
+}
+
+static int db_exec(struct db *db, const char *sql) {
+        return db_errno(sqlite3_exec(db->sqlite, sql, NULL, NULL, NULL));
+}
+
+static int db_pragma_int(struct db *db, const char *sql, int *ret) {
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *s = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db->sqlite, sql, -1, &s, NULL);
+        if (rc != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? -EIO : db_errno(rc);
+        *ret = sqlite3_column_int(s, 0);
+        return 0;
+}
+
+static int db_journal_wal(struct db *db) {
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *s = NULL;
+        const char *mode;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db->sqlite, "PRAGMA journal_mode = WAL", -1, &s, NULL);
+        if (rc != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? -EIO : db_errno(rc);
+        mode = (const char *) sqlite3_column_text(s, 0);
+        return mode && strcasecmp(mode, "wal") == 0 ? 0 : -EIO;
+}
+
+static int db_check_version(struct db *db, const char *path, int *ret_version, char **ret_error) {
+        int r, version = 0;
+
+        r = db_pragma_int(db, "PRAGMA user_version", &version);
+        if (r < 0)
+                return set_error(ret_error, r, "%s: cannot read the schema version: %s", path,
+                                 sqlite3_errmsg(db->sqlite));
+        if (version < 0 || version > DB_SCHEMA_VERSION)
+                return set_error(ret_error, -EPROTO,
+                                 "%s: schema version %d is newer than this iothubd knows (%d); refusing to "
+                                 "touch it (was the package downgraded?)",
+                                 path, version, DB_SCHEMA_VERSION);
+        *ret_version = version;
+        return 0;
+}
+
+static int db_migrate(struct db *db, const char *path, char **ret_error) {
+        char sql[64];
+        int r, version = 0;
+
+        /* BEGIN IMMEDIATE first and the version read again inside: two processes opening a
+         * fresh database at once must not both run migration 1. */
+        r = db_exec(db, "BEGIN IMMEDIATE");
+        if (r < 0)
+                return set_error(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+        r = db_check_version(db, path, &version, ret_error);
+        if (r < 0)
+                goto fail;
+        for (int v = version; v < DB_SCHEMA_VERSION; v++) {
+                r = db_exec(db, migrations[v]);
+                if (r < 0) {
+                        (void) set_error(ret_error, r, "%s: migration to schema version %d failed: %s", path,
+                                         v + 1, sqlite3_errmsg(db->sqlite));
+                        goto fail;
+                }
+        }
+        /* PRAGMA takes no parameters; the value is our own constant. */
+        (void) snprintf(sql, sizeof sql, "PRAGMA user_version = %d", DB_SCHEMA_VERSION);
+        r = version < DB_SCHEMA_VERSION ? db_exec(db, sql) : 0;
+        if (r >= 0)
+                r = db_exec(db, "COMMIT");
+        if (r < 0) {
+                (void) set_error(ret_error, r, "%s: cannot record schema version %d: %s", path,
+                                 DB_SCHEMA_VERSION, sqlite3_errmsg(db->sqlite));
+                goto fail;
+        }
+        return 0;
+
+fail:
+        (void) db_exec(db, "ROLLBACK");
+        return r;
+}
+
+/* Creates the file if needed with mode 0600 before SQLite sees it (SQLite would create it
+ * 0644 & ~umask, and its -wal and -shm files copy the database's mode), refuses anything but
+ * a regular file, and tightens a file that is readable by others. The descriptor is closed
+ * before SQLite opens the file: closing any descriptor of a file drops the process's POSIX
+ * locks on it, SQLite's included. */
+static int db_create_file(const char *path, char **ret_error) {
+        _cleanup_close_ int fd = -1;
+        struct stat st;
+
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
+        if (fd < 0)
+                return set_error(ret_error, -errno, "cannot open %s: %s", path, strerror(errno));
+        if (fstat(fd, &st) < 0)
+                return set_error(ret_error, -errno, "cannot stat %s: %s", path, strerror(errno));
+        if (!S_ISREG(st.st_mode))
+                return set_error(ret_error, -EBADF, "%s is not a regular file", path);
+        if ((st.st_mode & 07077) != 0 && fchmod(fd, 0600) < 0)
+                return set_error(ret_error, -errno, "cannot make %s private (mode 0600): %s", path,
+                                 strerror(errno));
+        return 0;
+}
+
+int db_open(const char *state_dir, struct db **ret, char **ret_error) {
+        _cleanup_(db_closep) struct db *db = NULL;
+        _cleanup_free_ char *path = NULL;
+        int r, rc, version = 0;
+
+        if (!state_dir || !ret)
+                return -EINVAL;
+        if (asprintf(&path, "%s/%s", state_dir, DB_FILE_NAME) < 0)
+                return -ENOMEM;
+        r = db_create_file(path, ret_error);
+        if (r < 0)
+                return r;
+
+        db = calloc(1, sizeof *db);
+        if (!db)
+                return -ENOMEM;
+        rc = sqlite3_open_v2(path, &db->sqlite,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE, NULL);
+        if (rc != SQLITE_OK)
+                return set_error(ret_error, db_errno_of(db->sqlite, rc), "cannot open %s: %s", path,
+                                 db->sqlite ? sqlite3_errmsg(db->sqlite) : sqlite3_errstr(rc));
+
+        /* Defensive mode: no SQL can corrupt the file on purpose (writable_schema and the like),
+         * and no function in the schema runs with our privileges. */
+        if (sqlite3_db_config(db->sqlite, SQLITE_DBCONFIG_DEFENSIVE, 1, NULL) != SQLITE_OK ||
+            sqlite3_db_config(db->sqlite, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, NULL) != SQLITE_OK)
+                return set_error(ret_error, -EIO, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+        (void) sqlite3_busy_timeout(db->sqlite, DB_BUSY_TIMEOUT_MS);
+
+        /* Before anything is written: a database from a newer version is left alone. This is
+         * also the first read, where a file that is no database shows (-EUCLEAN). */
+        r = db_check_version(db, path, &version, ret_error);
+        if (r < 0)
+                return r;
+
+        /* WAL: readers never block the writer and a commit is one append (plus fsync). The
+         * pragma answers with the mode now in force. */
+        r = db_journal_wal(db);
+        if (r < 0)
+                return set_error(ret_error, r, "%s: cannot enable WAL: %s", path,
+                                 r == -EIO ? "journal mode unchanged" : sqlite3_errmsg(db->sqlite));
+        /* FULL: a commit is durable when it returns, which is what "accepted" means. */
+        r = db_exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
+        if (r < 0)
+                return set_error(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+
+        r = db_migrate(db, path, ret_error);
+        if (r < 0)
+                return r;
+
+        for (size_t i = 0; i < _DB_STMT_MAX; i++) {
+                rc = sqlite3_prepare_v3(db->sqlite, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+                                        &db->stmts[i], NULL);
+                if (rc != SQLITE_OK)
+                        return set_error(ret_error, db_errno(rc), "%s: cannot prepare \"%s\": %s", path,
+                                         stmt_sql[i], sqlite3_errmsg(db->sqlite));
+        }
+
+        *ret = TAKE_PTR(db);
+        return 0;
+}
+
+sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s) {
+        return db->stmts[s];
+}
+
+static int db_step_cached(struct db *db, enum db_stmt s) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *st = db_stmt(db, s);
+        int rc;
+
+        rc = sqlite3_step(st);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+int db_begin(struct db *db) {
+        if (!db)
+                return -EINVAL;
+        return db_step_cached(db, DB_STMT_BEGIN);
+}
+
+/* When COMMIT fails (-EBUSY, -ENOSPC, ...), the transaction may still be open: call
+ * db_rollback(), which is a no-op when there is none. */
+int db_commit(struct db *db) {
+        if (!db)
+                return -EINVAL;
+        return db_step_cached(db, DB_STMT_COMMIT);
+}
+
+int db_rollback(struct db *db) {
+        if (!db)
+                return -EINVAL;
+        if (sqlite3_get_autocommit(db->sqlite)) /* no transaction open (or SQLite ended it) */
+                return 0;
+        return db_step_cached(db, DB_STMT_ROLLBACK);
+}
+
+const char *db_errmsg(struct db *db) {
+        if (!db || !db->sqlite)
+                return "no database";
+        return sqlite3_errmsg(db->sqlite);
+}
+
+struct sqlite3 *db_handle(struct db *db) {
+        return db ? db->sqlite : NULL;
+}

@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: MIT */
+/* The frame path. Checks run cheapest first (PROTOCOL.md 1), and the order is part of the
+ * contract documented in iothub-protocol(7): size, structure and schema, topic agreement,
+ * enrolment, revocation, rate, clock window, replay, signature. Nothing from a frame is
+ * stored before its signature verified, and a bulb's seq only advances after all passed.
+ * Accepted frames are appended inside one transaction per MQTT read (group commit), so a
+ * burst costs one fsync, not one per frame. */
+#include <inttypes.h>
+
+#include "iothub/ingest.h"
+#include "iothub/log.h"
+#include "iothub/spool.h"
+
+/* Rejections logged per bulb (and for all unknown devices together) per window; the
+ * counters always count every one. */
+#define REJECT_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
+#define REJECT_LOG_BURST 5
+
+static bool log_allowed(uint64_t *window, unsigned *count, uint64_t *suppressed, uint64_t now, const char *dev) {
+        if (now - *window >= REJECT_LOG_WINDOW_USEC) {
+                if (*suppressed > 0)
+                        log_event(LOG_NOTICE, 0, IOTHUB_MID_FRAME_REJECTED, dev, NULL,
+                                  "Suppressed %" PRIu64 " more rejection messages for %s", *suppressed, dev);
+                *window = now;
+                *count = 0;
+                *suppressed = 0;
+        }
+        if (*count >= REJECT_LOG_BURST) {
+                (*suppressed)++;
+                return false;
+        }
+        (*count)++;
+        return true;
+}
+
+static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_reason reason) {
+        uint64_t now = now_monotonic_usec();
+        bool ok;
+
+        h->counters.frames_rejected[reason]++;
+        if (b)
+                ok = log_allowed(&b->log_window_usec, &b->log_count, &b->log_suppressed, now, b->id);
+        else
+                ok = log_allowed(&h->unknown_log_window_usec, &h->unknown_log_count, &h->unknown_log_suppressed,
+                                 now, "unknown devices");
+        /* Only the device id (already checked to be a short, safe token, or "?") and the
+         * reason: never the payload of a frame whose sender is unproven. */
+        if (ok)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_FRAME_REJECTED, dev, frame_reason_to_string(reason),
+                          "Rejected frame from %s: %s", dev, frame_reason_to_string(reason));
+}
+
+void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
+        const struct iothub_conf *c = h->conf;
+        char dev[DEVICE_ID_MAX + 1];
+        enum frame_reason reason;
+        struct frame f;
+        struct bulb *b;
+        int64_t now_s;
+        int r;
+
+        h->counters.frames_received++;
+
+        if (frame_topic_device(topic, c->mqtt.topic_prefix, "status", dev) < 0) {
+                reject(h, NULL, "?", FRAME_MALFORMED);
+                return;
+        }
+        reason = frame_parse(payload, len, dev, c->frames.max_bytes, &f);
+        if (reason != FRAME_OK) {
+                b = registry_find(h->registry, dev);
+                reject(h, b, dev, reason);
+                return;
+        }
+        b = registry_find(h->registry, dev);
+        if (!b) {
+                reject(h, NULL, dev, FRAME_UNKNOWN_DEVICE);
+                return;
+        }
+        if (b->revoked) {
+                reject(h, b, dev, FRAME_REVOKED);
+                return;
+        }
+        /* Before the signature: a flood must not buy CPU time (see iothub-protocol(7)). */
+        if (!bulb_rate_take(b, c->frames.rate_per_device, now_monotonic_usec())) {
+                reject(h, b, dev, FRAME_RATE_LIMITED);
+                return;
+        }
+        now_s = (int64_t) (now_realtime_usec() / UINT64_C(1000000));
+        if (f.iat < now_s - (int64_t) c->frames.max_clock_skew_s || f.iat > now_s + (int64_t) c->frames.max_clock_skew_s) {
+                reject(h, b, dev, FRAME_STALE);
+                return;
+        }
+        if (f.seq <= b->last_seq) {
+                reject(h, b, dev, FRAME_REPLAY);
+                return;
+        }
+        if (verify_signature(b->key, f.alg, f.signing_input, f.signing_input_len, f.sig, f.sig_len) < 0) {
+                reject(h, b, dev, FRAME_BAD_SIGNATURE);
+                return;
+        }
+
+        if (!h->batch.open) {
+                r = db_begin(h->db);
+                if (r < 0)
+                        goto store_failed;
+                h->batch.open = true;
+                h->batch.count = 0;
+        }
+        r = spool_append(h->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
+        if (r >= 0)
+                r = registry_store_seq(h->registry, b, f.seq);
+        if (r < 0)
+                goto store_failed;
+        /* Memory moves ahead of the commit so that a second frame of this read with the same
+         * seq is a replay; if the commit fails, these frames were never accepted, and a bulb
+         * resending them later is welcome. */
+        registry_seq_committed(b, f.seq);
+        h->batch.count++;
+        return;
+
+store_failed:
+        h->counters.frames_store_failed++;
+        log_error_errno(r, "Failed to store frame %" PRId64 " of %s: %m (%s)", f.seq, dev, db_errmsg(h->db));
+}
+
+int ingest_commit(struct hub *h) {
+        int r;
+
+        if (!h->batch.open)
+                return 0;
+        h->batch.open = false;
+        r = db_commit(h->db);
+        if (r < 0) {
+                h->counters.frames_store_failed += h->batch.count;
+                (void) db_rollback(h->db);
+                return log_error_errno(r, "Failed to commit %u frames: %m (%s)", h->batch.count, db_errmsg(h->db));
+        }
+        h->counters.frames_accepted += h->batch.count;
+        h->batch.count = 0;
+        return 0;
+}

@@ -1,0 +1,234 @@
+// Test harness: real mosquitto, the real iothubd and iothubctl binaries, on loopback ports
+// picked at run time, in temporary directories removed afterwards.
+import { spawn, execFile } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import mqtt from 'mqtt';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const BUILD = process.env.IOTHUB_BUILD ?? path.resolve(here, '../../../build');
+export const IOTHUBD = path.join(BUILD, 'iothubd');
+export const IOTHUBCTL = path.join(BUILD, 'iothubctl');
+export const NOTIFY_LISTEN = path.join(BUILD, 'tools', 'notify-listen');
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export async function tempDir(prefix = 'iothub-test-') {
+  const d = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
+  return d;
+}
+
+export async function freePort() {
+  const srv = net.createServer();
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  const { port } = srv.address();
+  srv.close();
+  await once(srv, 'close');
+  return port;
+}
+
+export async function waitPort(port, timeoutMs = 5000) {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    const ok = await new Promise((resolve) => {
+      const s = net.connect({ host: '127.0.0.1', port });
+      s.once('connect', () => { s.destroy(); resolve(true); });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    await sleep(50);
+  }
+  throw new Error(`nothing listens on 127.0.0.1:${port} after ${timeoutMs} ms`);
+}
+
+export async function waitFor(pred, timeoutMs = 5000, what = 'condition') {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await pred();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(25);
+  }
+}
+
+// A real mosquitto broker with persistence, so that a restart keeps queued QoS 1 messages.
+export class Broker {
+  constructor(dir, port) { this.dir = dir; this.port = port; this.proc = null; }
+
+  static async start(dir) {
+    const b = new Broker(dir, await freePort());
+    await b.#spawn();
+    return b;
+  }
+
+  async #spawn() {
+    const conf = path.join(this.dir, 'mosquitto.conf');
+    await fs.writeFile(conf, [
+      `listener ${this.port} 127.0.0.1`,
+      'allow_anonymous true',
+      'persistence true',
+      `persistence_location ${this.dir}/`,
+      'autosave_interval 1',
+      'max_queued_messages 100000',
+      'user root',
+      'log_dest none',
+      '',
+    ].join('\n'));
+    this.proc = spawn('mosquitto', ['-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.stderr = '';
+    this.proc.stderr.on('data', (d) => { this.stderr += d; });
+    await waitPort(this.port);
+  }
+
+  async stop() {
+    if (!this.proc) return;
+    const p = this.proc;
+    this.proc = null;
+    if (p.exitCode === null) {
+      p.kill('SIGTERM');
+      await once(p, 'exit');
+    }
+  }
+
+  async restart(downMs = 0) {
+    await this.stop();
+    if (downMs) await sleep(downMs);
+    await this.#spawn();
+  }
+}
+
+export function confText(o) {
+  let s = '';
+  for (const [section, keys] of Object.entries(o)) {
+    s += `[${section}]\n`;
+    for (const [k, v] of Object.entries(keys)) if (v !== undefined && v !== null) s += `${k} = ${v}\n`;
+    s += '\n';
+  }
+  return s;
+}
+
+let hubCounter = 0;
+
+// The daemon under test, with its own NOTIFY_SOCKET so that tests see every sd_notify line.
+export class Hub {
+  constructor(dir, broker, overrides = {}) {
+    this.dir = dir;
+    this.broker = broker;
+    this.overrides = overrides;
+    this.configPath = path.join(dir, 'iothub.conf');
+    this.stateDir = path.join(dir, 'state');
+    this.runtimeDir = path.join(dir, 'run');
+    this.notifications = [];
+    this.log = '';
+    this.clientId = `iothubd-test-${process.pid}-${++hubCounter}`;
+  }
+
+  conf() {
+    const base = {
+      hub: { id: 'test-hub', state_dir: this.stateDir, runtime_dir: this.runtimeDir },
+      mqtt: { host: '127.0.0.1', port: this.broker ? this.broker.port : 1, client_id: this.clientId, keepalive_s: 5 },
+      frames: { rate_per_device: 1000 },
+    };
+    for (const [sec, keys] of Object.entries(this.overrides)) base[sec] = { ...(base[sec] ?? {}), ...keys };
+    return base;
+  }
+
+  async writeConfig(text) {
+    await fs.writeFile(this.configPath, text ?? confText(this.conf()), { mode: 0o644 });
+  }
+
+  static async start(broker, overrides = {}, opts = {}) {
+    const dir = opts.dir ?? await tempDir();
+    await fs.chmod(dir, 0o755);
+    const h = new Hub(dir, broker, overrides);
+    await fs.mkdir(h.stateDir, { recursive: true, mode: 0o700 });
+    await h.writeConfig();
+    await h.start(opts);
+    return h;
+  }
+
+  async start(opts = {}) {
+    this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
+    this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const rl = readline.createInterface({ input: this.notify.stdout });
+    const listening = new Promise((resolve) => {
+      rl.on('line', (line) => {
+        if (line === 'LISTENING') { resolve(); return; }
+        this.notifications.push(line);
+      });
+    });
+    await listening;
+    const mark = this.notifications.length;
+    const env = { ...process.env, NOTIFY_SOCKET: this.notifySock, ...(opts.env ?? {}) };
+    delete env.JOURNAL_STREAM;
+    this.proc = spawn(IOTHUBD, ['--config', this.configPath, ...(opts.args ?? [])],
+      { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.proc.stderr.on('data', (d) => { this.log += d; });
+    this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
+    if (opts.waitReady !== false)
+      await this.waitNotify((l) => l.split('|').includes('READY=1'), 5000, 'READY=1', mark);
+  }
+
+  // Waits for a notification line matching pred that arrived after index 'from'.
+  async waitNotify(pred, timeoutMs = 5000, what = 'notification', from = 0) {
+    return waitFor(() => {
+      for (let i = from; i < this.notifications.length; i++) if (pred(this.notifications[i])) return { i, line: this.notifications[i] };
+      return null;
+    }, timeoutMs, `${what} (got: ${JSON.stringify(this.notifications)}; log: ${this.log})`);
+  }
+
+  async stop(signal = 'SIGTERM') {
+    let res = { code: null, signal: null };
+    if (this.proc && this.proc.exitCode === null && this.proc.signalCode === null) {
+      this.proc.kill(signal);
+      res = await this.exited;
+    } else if (this.proc) {
+      res = await this.exited;
+    }
+    if (this.notify) {
+      this.notify.kill('SIGTERM');
+      await once(this.notify, 'exit').catch(() => {});
+      this.notify = null;
+    }
+    return res;
+  }
+
+  async restart() {
+    await this.stop();
+    await this.start();
+  }
+
+  ctl(args, opts = {}) {
+    return new Promise((resolve) => {
+      execFile(IOTHUBCTL, ['--config', this.configPath, ...args], { ...opts, encoding: 'utf8' },
+        (err, stdout, stderr) => resolve({ code: err ? (err.code ?? 1) : 0, stdout, stderr }));
+    });
+  }
+
+  async status() {
+    const r = await this.ctl(['status', '--json']);
+    if (r.code !== 0) throw new Error(`iothubctl status failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout);
+  }
+
+  async cleanup() {
+    await this.stop();
+    await fs.rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+export async function mqttClient(port, opts = {}) {
+  const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 200, clean: true, ...opts });
+  await once(c, 'connect');
+  return c;
+}
+
+export function publish(client, topic, payload, qos = 1) {
+  return client.publishAsync(topic, payload, { qos });
+}

@@ -1,0 +1,606 @@
+/* SPDX-License-Identifier: MIT */
+/* db.c, registry.c and spool.c on a real SQLite file in a fresh temporary directory. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cmocka.h>
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <sqlite3.h>
+
+#include "iothub/db.h"
+#include "iothub/registry.h"
+#include "iothub/spool.h"
+
+static struct {
+        char dir[64];
+        char path[128];
+        char *pem_p256, *pem_p256_b, *pem_ed25519, *pem_rsa;
+} T;
+
+static char *pem_of_new_key(const char *type) {
+        EVP_PKEY *k = streq(type, "RSA")     ? EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t) 2048)
+                      : streq(type, "P-256") ? EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256")
+                                             : EVP_PKEY_Q_keygen(NULL, NULL, type);
+        BIO *b = BIO_new(BIO_s_mem());
+        char *data, *s;
+        long n;
+
+        assert_non_null(k);
+        assert_int_equal(PEM_write_bio_PUBKEY(b, k), 1);
+        n = BIO_get_mem_data(b, &data);
+        s = strndup(data, (size_t) n);
+        assert_non_null(s);
+        BIO_free(b);
+        EVP_PKEY_free(k);
+        return s;
+}
+
+static void clean_dir(void) {
+        DIR *d = opendir(T.dir);
+        struct dirent *de;
+
+        if (!d)
+                return;
+        while ((de = readdir(d)))
+                if (!streq(de->d_name, ".") && !streq(de->d_name, ".."))
+                        (void) unlinkat(dirfd(d), de->d_name, 0);
+        closedir(d);
+}
+
+static int group_setup(void **state) {
+        T.pem_p256 = pem_of_new_key("P-256");
+        T.pem_p256_b = pem_of_new_key("P-256");
+        T.pem_ed25519 = pem_of_new_key("ED25519");
+        T.pem_rsa = pem_of_new_key("RSA");
+        return 0;
+}
+
+static int group_teardown(void **state) {
+        free(T.pem_p256);
+        free(T.pem_p256_b);
+        free(T.pem_ed25519);
+        free(T.pem_rsa);
+        return 0;
+}
+
+/* Every test gets an empty state directory. */
+static int setup(void **state) {
+        strcpy(T.dir, "/tmp/test-registry-XXXXXX");
+        assert_non_null(mkdtemp(T.dir));
+        (void) snprintf(T.path, sizeof T.path, "%s/%s", T.dir, DB_FILE_NAME);
+        return 0;
+}
+
+static int teardown(void **state) {
+        clean_dir();
+        (void) rmdir(T.dir);
+        return 0;
+}
+
+static struct db *open_db(void) {
+        struct db *db = NULL;
+        char *err = NULL;
+        int r = db_open(T.dir, &db, &err);
+
+        if (r < 0)
+                fail_msg("db_open: %d %s", r, err ? err : "-");
+        assert_null(err);
+        return db;
+}
+
+static int64_t query_int(struct db *db, const char *sql) {
+        sqlite3_stmt *s = NULL;
+        int64_t v;
+
+        assert_int_equal(sqlite3_prepare_v2(db_handle(db), sql, -1, &s, NULL), SQLITE_OK);
+        assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+        v = sqlite3_column_int64(s, 0);
+        sqlite3_finalize(s);
+        return v;
+}
+
+static mode_t mode_of(const char *path) {
+        struct stat st;
+
+        assert_int_equal(stat(path, &st), 0);
+        return st.st_mode & 07777;
+}
+
+static void test_open_creates_private_wal_db(void **state) {
+        mode_t old = umask(0); /* even a permissive umask gives 0600 */
+        struct db *db = open_db();
+        char p[160];
+        sqlite3_stmt *s = NULL;
+
+        (void) umask(old);
+        assert_int_equal(mode_of(T.path), 0600);
+        assert_int_equal(sqlite3_prepare_v2(db_handle(db), "PRAGMA journal_mode", -1, &s, NULL), SQLITE_OK);
+        assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+        assert_string_equal((const char *) sqlite3_column_text(s, 0), "wal");
+        sqlite3_finalize(s);
+        assert_int_equal(query_int(db, "PRAGMA synchronous"), 2); /* FULL */
+        assert_int_equal(query_int(db, "PRAGMA foreign_keys"), 1);
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND "
+                                       "name IN ('bulbs', 'spool', 'meta')"),
+                         3);
+
+        /* The WAL and its index take the database's mode. */
+        assert_int_equal(spool_append(db, "bulb-1", 1, (const uint8_t *) "x.y.z", 5, 1), 0);
+        (void) snprintf(p, sizeof p, "%s-wal", T.path);
+        assert_int_equal(mode_of(p), 0600);
+        (void) snprintf(p, sizeof p, "%s-shm", T.path);
+        assert_int_equal(mode_of(p), 0600);
+        db_close(db);
+
+        /* Opening again migrates nothing and keeps the data. */
+        db = open_db();
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 1);
+        db_close(db);
+}
+
+static void test_open_tightens_mode(void **state) {
+        int fd = open(T.path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+
+        assert_true(fd >= 0);
+        assert_int_equal(fchmod(fd, 0644), 0);
+        close(fd);
+        db_close(open_db());
+        assert_int_equal(mode_of(T.path), 0600);
+}
+
+static void test_open_refuses(void **state) {
+        struct db *db = NULL;
+        char *err = NULL;
+        sqlite3 *raw = NULL;
+        int fd;
+
+        /* A schema newer than this code: refused, and left as it was. */
+        db_close(open_db());
+        assert_int_equal(sqlite3_open(T.path, &raw), SQLITE_OK);
+        assert_int_equal(sqlite3_exec(raw, "PRAGMA user_version = 99", NULL, NULL, NULL), SQLITE_OK);
+        sqlite3_close(raw);
+        assert_int_equal(db_open(T.dir, &db, &err), -EPROTO);
+        assert_null(db);
+        assert_non_null(err);
+        assert_non_null(strstr(err, "newer"));
+        free(err);
+        err = NULL;
+        assert_int_equal(sqlite3_open(T.path, &raw), SQLITE_OK);
+        sqlite3_stmt *s = NULL;
+        assert_int_equal(sqlite3_prepare_v2(raw, "PRAGMA user_version", -1, &s, NULL), SQLITE_OK);
+        assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+        assert_int_equal(sqlite3_column_int(s, 0), 99);
+        sqlite3_finalize(s);
+        sqlite3_close(raw);
+        clean_dir();
+
+        /* A file that is no database. */
+        fd = open(T.path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        for (int i = 0; i < 64; i++)
+                assert_int_equal(write(fd, "this is not an SQLite database, not at all.\n", 44), 44);
+        close(fd);
+        assert_int_equal(db_open(T.dir, &db, &err), -EUCLEAN);
+        assert_null(db);
+        assert_non_null(err);
+        free(err);
+        err = NULL;
+        clean_dir();
+
+        /* A symbolic link in its place: not followed, and its target left alone. */
+        char target[160];
+        (void) snprintf(target, sizeof target, "%s/target", T.dir);
+        fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+        assert_true(fd >= 0);
+        assert_int_equal(fchmod(fd, 0644), 0);
+        close(fd);
+        assert_int_equal(symlink(target, T.path), 0);
+        assert_int_equal(db_open(T.dir, &db, &err), -ELOOP);
+        assert_null(db);
+        assert_non_null(err);
+        assert_int_equal(mode_of(target), 0644);
+        free(err);
+        err = NULL;
+        clean_dir();
+
+        /* A directory that does not exist. */
+        char missing[128];
+        (void) snprintf(missing, sizeof missing, "%s/nope", T.dir);
+        assert_int_equal(db_open(missing, &db, NULL), -ENOENT);
+        assert_null(db);
+}
+
+static void test_db_errno(void **state) {
+        static const struct {
+                int rc, want;
+        } cases[] = {
+                { SQLITE_OK, 0 },
+                { SQLITE_DONE, 0 },
+                { SQLITE_BUSY, -EBUSY },
+                { SQLITE_BUSY_SNAPSHOT, -EBUSY },
+                { SQLITE_LOCKED, -EBUSY },
+                { SQLITE_NOMEM, -ENOMEM },
+                { SQLITE_IOERR_NOMEM, -ENOMEM },
+                { SQLITE_FULL, -ENOSPC },
+                { SQLITE_CONSTRAINT, -EEXIST },
+                { SQLITE_CONSTRAINT_UNIQUE, -EEXIST },
+                { SQLITE_CONSTRAINT_PRIMARYKEY, -EEXIST },
+                { SQLITE_CONSTRAINT_NOTNULL, -EINVAL },
+                { SQLITE_READONLY, -EACCES },
+                { SQLITE_READONLY_DBMOVED, -EACCES },
+                { SQLITE_PERM, -EACCES },
+                { SQLITE_AUTH, -EACCES },
+                { SQLITE_CORRUPT, -EUCLEAN },
+                { SQLITE_NOTADB, -EUCLEAN },
+                { SQLITE_CANTOPEN, -ENOENT },
+                { SQLITE_TOOBIG, -EFBIG },
+                { SQLITE_IOERR, -EIO },
+                { SQLITE_IOERR_FSYNC, -EIO },
+                { SQLITE_ERROR, -EIO },
+                { SQLITE_MISUSE, -EIO },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                if (db_errno(cases[i].rc) != cases[i].want)
+                        fail_msg("rc %d: got %d, want %d", cases[i].rc, db_errno(cases[i].rc),
+                                 cases[i].want);
+}
+
+static void test_registry(void **state) {
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        struct bulb *b7 = NULL, *b;
+        _cleanup_free_ char *spaced = NULL;
+
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_count(r), 0);
+        assert_null(registry_find(r, "bulb-7"));
+        assert_null(registry_get(r, 0));
+
+        static const struct {
+                const char *id;
+                int key; /* 0 P-256, 1 Ed25519, 2 RSA, 3 garbage, 4 the first P-256 key again */
+                int want;
+        } adds[] = {
+                { "bulb-7", 0, 0 },
+                { "a-first", 1, 0 },
+                { "zz.last", 4, 0 }, /* one key on two bulbs is allowed */
+                { "Mid_1", 1, 0 },
+                { "bulb-7", 1, -EEXIST },
+                { "bulb-8", 2, -EOPNOTSUPP },
+                { "bulb-9", 3, -EINVAL },
+                { ".hidden", 0, -EINVAL },
+                { "", 0, -EINVAL },
+                { "has space", 0, -EINVAL },
+                { "b1234567890123456789012345678901234567890123456789012345678901234", 0, -EINVAL },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(adds); i++) {
+                const char *pem = (const char *[]){ T.pem_p256, T.pem_ed25519, T.pem_rsa, "garbage",
+                                                    T.pem_p256 }[adds[i].key];
+                int k = registry_add(r, adds[i].id, pem, strlen(pem));
+
+                if (k != adds[i].want)
+                        fail_msg("add %s: got %d, want %d", adds[i].id, k, adds[i].want);
+                if (i == 0) {
+                        b7 = registry_find(r, "bulb-7");
+                        assert_non_null(b7);
+                }
+        }
+
+        /* Sorted by id (strcmp order: upper case first), and pointers survived the adds. */
+        static const char *const order[] = { "Mid_1", "a-first", "bulb-7", "zz.last" };
+        assert_int_equal(registry_count(r), ELEMENTSOF(order));
+        for (size_t i = 0; i < ELEMENTSOF(order); i++)
+                assert_string_equal(registry_get(r, i)->id, order[i]);
+        assert_ptr_equal(registry_find(r, "bulb-7"), b7);
+        assert_int_equal(b7->alg, FRAME_ALG_ES256);
+        assert_int_equal(registry_find(r, "a-first")->alg, FRAME_ALG_EDDSA);
+        assert_string_equal(b7->pem, T.pem_p256);
+        assert_false(b7->revoked);
+        assert_int_equal(b7->last_seq, 0);
+        assert_true(b7->enrolled_at > 1700000000);
+        assert_null(registry_find(r, "bulb-77"));
+        assert_null(registry_find(r, "bulb-"));
+
+        /* White space around the PEM is fine; what is stored is canonical. */
+        assert_true(asprintf(&spaced, "\n  %s\n\n", T.pem_ed25519) > 0);
+        assert_int_equal(registry_add(r, "spaced", spaced, strlen(spaced)), 0);
+        assert_string_equal(registry_find(r, "spaced")->pem, T.pem_ed25519);
+
+        /* Revocation: persisted, idempotent, unknown ids refused. */
+        assert_int_equal(registry_revoke(r, "bulb-7"), 0);
+        assert_true(b7->revoked);
+        assert_int_equal(registry_revoke(r, "bulb-7"), 0);
+        assert_int_equal(registry_revoke(r, "nobody"), -ENOENT);
+        assert_int_equal(query_int(db, "SELECT revoked FROM bulbs WHERE id = 'bulb-7'"), 1);
+        assert_true(query_int(db, "SELECT revoked_at FROM bulbs WHERE id = 'bulb-7'") > 0);
+
+        /* Re-enrolment of a revoked bulb: new key, same last_seq, same struct. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b7, 41), 0);
+        assert_int_equal(db_commit(db), 0);
+        registry_seq_committed(b7, 41);
+        assert_int_equal(registry_add(r, "bulb-7", T.pem_ed25519, strlen(T.pem_ed25519)), 0);
+        b = registry_find(r, "bulb-7");
+        assert_ptr_equal(b, b7);
+        assert_false(b->revoked);
+        assert_int_equal(b->alg, FRAME_ALG_EDDSA);
+        assert_int_equal(b->last_seq, 41);
+        assert_string_equal(b->pem, T.pem_ed25519);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs WHERE id = 'bulb-7'"), 41);
+        assert_int_equal(query_int(db, "SELECT revoked_at IS NULL FROM bulbs WHERE id = 'bulb-7'"), 1);
+        assert_int_equal(registry_add(r, "bulb-7", T.pem_p256_b, strlen(T.pem_p256_b)), -EEXIST);
+
+        /* Reopened from the file: the same bulbs, in the same order, with the same state. */
+        registry_free(r);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_count(r), 5);
+        b = registry_find(r, "bulb-7");
+        assert_non_null(b);
+        assert_int_equal(b->alg, FRAME_ALG_EDDSA);
+        assert_int_equal(b->last_seq, 41);
+        assert_false(b->revoked);
+        assert_string_equal(b->pem, T.pem_ed25519);
+        assert_non_null(b->key);
+        assert_string_equal(registry_get(r, 0)->id, "Mid_1");
+        assert_string_equal(registry_get(r, 4)->id, "zz.last");
+        assert_int_equal(registry_revoke(r, "zz.last"), 0);
+        registry_free(r);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_true(registry_find(r, "zz.last")->revoked);
+        registry_free(r);
+        db_close(db);
+}
+
+static void test_seq(void **state) {
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        struct bulb *b;
+
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_add(r, "bulb-7", T.pem_p256, strlen(T.pem_p256)), 0);
+        b = registry_find(r, "bulb-7");
+
+        /* Stored in a transaction that is rolled back: not persisted. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b, 5), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs"), 5); /* visible inside */
+        assert_int_equal(db_rollback(db), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs"), 0);
+        assert_int_equal(db_rollback(db), 0); /* no transaction: a no-op */
+
+        /* Several frames in one transaction (group commit), then committed. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b, 3), 0);
+        registry_seq_committed(b, 3);
+        assert_int_equal(registry_store_seq(r, b, 9), 0);
+        registry_seq_committed(b, 9);
+        assert_int_equal(registry_store_seq(r, b, 9), -ESTALE); /* never sideways */
+        assert_int_equal(registry_store_seq(r, b, 4), -ESTALE); /* nor back */
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(b->last_seq, 9);
+        registry_seq_committed(b, 2); /* memory does not go back either */
+        assert_int_equal(b->last_seq, 9);
+
+        assert_int_equal(registry_store_seq(r, b, 0), -ERANGE);
+        assert_int_equal(registry_store_seq(r, b, -1), -ERANGE);
+        assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX + 1), -ERANGE);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX), 0);
+        assert_int_equal(db_rollback(db), 0);
+
+        /* A bulb whose row is gone. */
+        struct bulb ghost = { .id = "ghost" };
+        assert_int_equal(registry_store_seq(r, &ghost, 1), -ENOENT);
+
+        /* A transaction inside a transaction is an error, and leaves the outer one alone. */
+        assert_int_equal(db_begin(db), 0);
+        assert_true(db_begin(db) < 0);
+        assert_int_equal(db_commit(db), 0);
+
+        registry_free(r);
+        db_close(db);
+
+        db = open_db();
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_find(r, "bulb-7")->last_seq, 9);
+        registry_free(r);
+        db_close(db);
+}
+
+static void test_registry_damaged_rows(void **state) {
+        static const char *const rows[] = {
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('b', 'ES256', 'junk', 1)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('bad id', 'ES256', ?1, 1)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('b', 'EdDSA', ?1, 1)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('b', 'none', ?1, 1)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at, revoked) VALUES ('b', 'ES256', ?1, 1, "
+                "7)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at, last_seq) VALUES ('b', 'ES256', ?1, "
+                "1, -3)",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(rows); i++) {
+                struct db *db = open_db();
+                struct registry *r = NULL;
+                sqlite3_stmt *s = NULL;
+
+                assert_int_equal(sqlite3_prepare_v2(db_handle(db), rows[i], -1, &s, NULL), SQLITE_OK);
+                if (sqlite3_bind_parameter_count(s) > 0)
+                        assert_int_equal(sqlite3_bind_text(s, 1, T.pem_p256, -1, SQLITE_STATIC), SQLITE_OK);
+                assert_int_equal(sqlite3_step(s), SQLITE_DONE);
+                sqlite3_finalize(s);
+                if (registry_open(db, &r) != -EUCLEAN)
+                        fail_msg("row %zu was not refused", i);
+                assert_null(r);
+                db_close(db);
+                clean_dir();
+        }
+}
+
+static void test_spool(void **state) {
+        struct db *db = open_db();
+        uint64_t pending = 7, bytes = 7;
+        uint8_t blob[300];
+        sqlite3_stmt *s = NULL;
+
+        assert_int_equal(spool_stats(db, &pending, &bytes), 0);
+        assert_int_equal(pending, 0);
+        assert_int_equal(bytes, 0);
+
+        for (size_t i = 0; i < sizeof blob; i++) /* NULs, high bytes: stored as they came */
+                blob[i] = (uint8_t) (i * 37);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "bulb-7", 1, blob, sizeof blob, 1000), 0);
+        assert_int_equal(spool_append(db, "bulb-7", 2, blob, 100, 2000), 0);
+        assert_int_equal(spool_append(db, "bulb-8", 1, blob, 10, 3000), 0);
+        assert_int_equal(spool_append(db, "bulb-7", 2, blob, 50, 4000), -EEXIST);
+        assert_int_equal(db_commit(db), 0);
+
+        assert_int_equal(spool_stats(db, &pending, &bytes), 0);
+        assert_int_equal(pending, 3);
+        assert_int_equal(bytes, sizeof blob + 100 + 10);
+
+        assert_int_equal(sqlite3_prepare_v2(
+                                 db_handle(db),
+                                 "SELECT typeof(jws), jws, received_at_usec FROM spool WHERE dev = 'bulb-7' "
+                                 "AND seq = 1",
+                                 -1, &s, NULL),
+                         SQLITE_OK);
+        assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+        assert_string_equal((const char *) sqlite3_column_text(s, 0), "blob");
+        assert_int_equal(sqlite3_column_bytes(s, 1), sizeof blob);
+        assert_memory_equal(sqlite3_column_blob(s, 1), blob, sizeof blob);
+        assert_int_equal(sqlite3_column_int64(s, 2), 1000);
+        sqlite3_finalize(s);
+
+        /* Rolled back: gone, as if never received. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "bulb-9", 1, blob, 5, 5000), 0);
+        assert_int_equal(db_rollback(db), 0);
+        assert_int_equal(spool_stats(db, &pending, &bytes), 0);
+        assert_int_equal(pending, 3);
+
+        static const struct {
+                const char *dev;
+                int64_t seq;
+                size_t len;
+                int want;
+        } bad[] = {
+                { "bulb-7", 3, 0, -EINVAL },
+                { "bad dev", 3, 5, -EINVAL },
+                { NULL, 3, 5, -EINVAL },
+                { "bulb-7", 0, 5, -ERANGE },
+                { "bulb-7", FRAME_SEQ_MAX + 1, 5, -ERANGE },
+                { "bulb-7", 3, FRAME_MAX_BYTES_LIMIT + 1, -EFBIG },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                if (spool_append(db, bad[i].dev, bad[i].seq, blob, bad[i].len, 1) != bad[i].want)
+                        fail_msg("bad append %zu accepted", i);
+
+        db_close(db);
+}
+
+struct step {
+        uint64_t now_usec;
+        unsigned takes;   /* how many to try */
+        unsigned granted; /* how many must succeed */
+};
+
+static void test_rate(void **state) {
+        static const struct {
+                const char *name;
+                double rate;
+                struct step steps[6];
+        } cases[] = {
+                { "burst of capacity 20, then refusals; refill after time",
+                  10.0,
+                  { { 5000000, 25, 20 },
+                    { 5050000, 3, 0 },
+                    { 5100000, 3, 1 },
+                    { 5600000, 10, 5 },
+                    { 0, 0, 0 } } },
+                { "rate 0.5: capacity 1, one frame per 2 s",
+                  0.5,
+                  { { 1000000, 3, 1 },
+                    { 2000000, 1, 0 },
+                    { 3000000, 2, 1 },
+                    { 4999999, 1, 0 },
+                    { 5000000, 1, 1 } } },
+                { "long idle fills to capacity only",
+                  2.0,
+                  { { 1000000, 10, 4 }, { 1000000000, 10, 4 }, { 0, 0, 0 } } },
+                { "clock going backwards refills nothing, and counts no interval twice",
+                  1.0,
+                  { { 10000000, 3, 2 }, { 5000000, 2, 0 }, { 10500000, 1, 0 }, { 11000000, 2, 1 } } },
+                { "starts full at time 0",
+                  3.0,
+                  { { 0, 7, 6 }, { 0, 1, 0 }, { 1, 1, 0 }, { 333335, 1, 1 } } }, /* time 0 counts as 1 us */
+                { "rate 0: one frame, then never", 0.0, { { 1000000, 2, 1 }, { 100000000000, 2, 0 } } },
+                { "rate NaN is rate 0", NAN, { { 1000000, 2, 1 }, { 100000000000, 2, 0 } } },
+                { "rate 10, refills of 0.1 s add up to whole tokens",
+                  10.0,
+                  { { 1000000, 20, 20 }, { 1100000, 1, 1 }, { 1200000, 1, 1 }, { 1300000, 1, 1 } } },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                struct bulb b = { .id = "b" };
+
+                for (size_t j = 0; j < ELEMENTSOF(cases[i].steps) && cases[i].steps[j].takes > 0; j++) {
+                        const struct step *st = &cases[i].steps[j];
+                        unsigned granted = 0;
+
+                        for (unsigned t = 0; t < st->takes; t++)
+                                granted += bulb_rate_take(&b, cases[i].rate, st->now_usec);
+                        if (granted != st->granted)
+                                fail_msg("%s: step %zu at %" PRIu64 " us: %u granted, want %u",
+                                         cases[i].name, j, st->now_usec, granted, st->granted);
+                }
+        }
+
+        /* Bulbs from the registry start full too. */
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        unsigned granted = 0;
+
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_add(r, "bulb-7", T.pem_p256, strlen(T.pem_p256)), 0);
+        for (int t = 0; t < 10; t++)
+                granted += bulb_rate_take(registry_find(r, "bulb-7"), 2.5, 42);
+        assert_int_equal(granted, 5);
+        registry_free(r);
+        db_close(db);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_open_creates_private_wal_db, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_open_tightens_mode, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_open_refuses, setup, teardown),
+                cmocka_unit_test(test_db_errno),
+                cmocka_unit_test_setup_teardown(test_registry, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_seq, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_registry_damaged_rows, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_rate, setup, teardown),
+        };
+
+        return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
