@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: MIT */
+/* The hub's own identity key: ECC P-256, behind one interface with two backends.
+ *   tpm:  created in the TPM under a storage primary key, persistent at [key] handle,
+ *         fixedTPM|fixedParent|sensitiveDataOrigin, sign only; reached with tpm2-tss ESYS
+ *         through the TCTI loader ([key] tcti). The private key never leaves the TPM.
+ *   file: a PEM private key read with OpenSSL ([key] file), a development aid only. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "iothub/conf.h"
+
+#define HUBKEY_ID_LEN 43 /* base64url of a SHA-256 thumbprint, no padding */
+#define HUBKEY_SIG_LEN 64 /* raw r||s */
+
+struct hubkey;
+
+/* Opens the existing key of the configured backend. -ENOENT when there is none yet (run
+ * 'iothubctl key init'), other negative errno on failure; ret_error, when not NULL, gets a
+ * malloc'ed one-line reason (TPM errors decoded with Tss2_RC_Decode). */
+int hubkey_open(const struct iothub_conf *c, struct hubkey **ret, char **ret_error);
+
+/* Creates the key if there is none (tpm: primary + child + EvictControl to [key] handle;
+ * file: generates a P-256 key into [key] file, mode 0600, when the file does not exist).
+ * Never replaces an existing key: if the handle holds a key that is not a P-256 signing key
+ * it fails with -EEXIST. *ret_created tells whether a key was made. */
+int hubkey_init(const struct iothub_conf *c, bool *ret_created, char **ret_error);
+
+/* Signs a SHA-256 digest; writes 64 bytes r||s (each zero-padded to 32). Returns 0 or a
+ * negative errno. Counts the signature. */
+int hubkey_sign_digest(struct hubkey *k, const uint8_t digest[32], uint8_t ret_sig[HUBKEY_SIG_LEN]);
+/* SHA-256 of msg, then hubkey_sign_digest(). */
+int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]);
+
+/* Public key as SubjectPublicKeyInfo PEM (malloc'ed) and as a JWK {"kty":"EC","crv":"P-256",
+ * "x":..,"y":..}; key id = RFC 7638 JWK SHA-256 thumbprint, base64url, NUL-terminated. */
+int hubkey_public_pem(const struct hubkey *k, char **ret);
+int hubkey_public_jwk(const struct hubkey *k, json_t **ret);
+const char *hubkey_id(const struct hubkey *k);
+
+uint64_t hubkey_signatures(const struct hubkey *k);
+enum key_backend hubkey_backend(const struct hubkey *k);
+
+void hubkey_free(struct hubkey *k);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct hubkey *, hubkey_free);

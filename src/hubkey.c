@@ -1,0 +1,966 @@
+/* SPDX-License-Identifier: MIT */
+/* The hub's own identity key (DESIGN.md "Programs", PROTOCOL.md 3), ECC P-256, two backends:
+ *   tpm:  tpm2-tss ESYS through the TCTI loader. 'key init' derives the storage primary key
+ *         (deterministic, so it is recreated and flushed whenever needed), creates a sign-only
+ *         P-256 child under it and makes the child persistent at [key] handle. The daemon then
+ *         only ever uses the persistent key: one ESYS context for the life of struct hubkey, and
+ *         no transient object left behind (without a resource manager the TPM has very few
+ *         object slots, TESTBED.md).
+ *   file: a PEM private key read with OpenSSL, a development aid: refused when group or others
+ *         may access it, and created with mode 0600, never over an existing file.
+ * The key id is the RFC 7638 JWK thumbprint (SHA-256) of the public key, base64url.
+ * A struct hubkey is not safe for concurrent use by several threads (the daemon has one). */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/ec.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/obj_mac.h>
+#include <openssl/objects.h>
+#include <openssl/params.h>
+#include <openssl/pem.h>
+
+#include <tss2/tss2_esys.h>
+#include <tss2/tss2_rc.h>
+#include <tss2/tss2_tctildr.h>
+
+#include "iothub/frame.h"
+#include "iothub/hubkey.h"
+#include "iothub/util.h"
+
+#define P256_COORD_LEN 32                       /* RFC 7518 6.2.1.2: x and y, 32 octets each */
+#define P256_POINT_LEN (1 + 2 * P256_COORD_LEN) /* SEC 1 2.3.3: 0x04 || x || y */
+#define SHA256_LEN 32
+#define B64URL_BUF(n) (4 * (((n) + 2) / 3) + 1) /* what b64url_encode() may need for n bytes */
+#define HUBKEY_FILE_MAX (16 * 1024)             /* a PEM P-256 private key is about 250 bytes */
+#define ECDSA_P256_DER_MAX 72                   /* SEQUENCE { INTEGER r, INTEGER s }, 33 bytes each */
+
+struct hubkey {
+        enum key_backend backend;
+        EVP_PKEY *pkey; /* tpm: the public key only; file: the private key */
+        char id[HUBKEY_ID_LEN + 1];
+        uint8_t x[P256_COORD_LEN], y[P256_COORD_LEN];
+        uint64_t signatures;
+
+        /* tpm */
+        TSS2_TCTI_CONTEXT *tcti;
+        ESYS_CONTEXT *esys;
+        ESYS_TR key; /* the persistent key, ESYS_TR_NONE when not set */
+
+        /* file: an EVP_PKEY_sign_init()'ed context, made once and reused for every signature */
+        EVP_PKEY_CTX *sign_ctx;
+};
+
+DEFINE_TRIVIAL_CLEANUP_FUNC(EVP_PKEY *, EVP_PKEY_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(EVP_PKEY_CTX *, EVP_PKEY_CTX_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(BIO *, BIO_free_all);
+DEFINE_TRIVIAL_CLEANUP_FUNC(BIGNUM *, BN_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(ECDSA_SIG *, ECDSA_SIG_free);
+
+static void esys_freep(void *p) {
+        Esys_Free(*(void **) p);
+}
+#define _cleanup_esys_ _cleanup_(esys_freep)
+
+/* Esys_Finalize() logs a warning when handed NULL, so check first. */
+static void esys_finalizep(ESYS_CONTEXT **p) {
+        if (*p)
+                Esys_Finalize(p);
+}
+static void tctildr_finalizep(TSS2_TCTI_CONTEXT **p) {
+        if (*p)
+                Tss2_TctiLdr_Finalize(p);
+}
+
+static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
+static int set_error(char **ret_error, int r, const char *format, ...) {
+        va_list ap;
+        char *s;
+
+        if (!ret_error)
+                return r;
+        va_start(ap, format);
+        if (vasprintf(&s, format, ap) >= 0)
+                *ret_error = s;
+        va_end(ap);
+        return r;
+}
+
+/* The one place where a TSS2_RC becomes an errno, and, when ret_error is not NULL, the message
+ * "TPM: <Tss2_RC_Decode()> (0x...) while <what>". Codes from the TPM itself (layer 0, or passed
+ * through a resource manager) are compared without their handle/parameter/session number
+ * (TPM 2.0 Part 2, 6.6 TPM_RC: format-one codes carry it in bits 6 and 8-11). */
+static int tss2_error(TSS2_RC rc, char **ret_error, const char *what, ...) _printf_(3, 4);
+static int tss2_error(TSS2_RC rc, char **ret_error, const char *what, ...) {
+        TSS2_RC layer = rc & TSS2_RC_LAYER_MASK;
+        int r = -EIO;
+
+        if (layer == TSS2_TPM_RC_LAYER || layer == TSS2_RESMGR_TPM_RC_LAYER) {
+                TSS2_RC code = rc & 0xFFFF;
+
+                if (code & TPM2_RC_FMT1)
+                        code &= TPM2_RC_FMT1 | 0x3F;
+                switch (code) {
+                case TPM2_RC_HANDLE: /* no object at the handle */
+                        r = -ENOENT;
+                        break;
+                case TPM2_RC_OBJECT_MEMORY: /* 0x902: out of object slots */
+                case TPM2_RC_SESSION_MEMORY:
+                case TPM2_RC_MEMORY:
+                        r = -ENOMEM;
+                        break;
+                case TPM2_RC_NV_DEFINED: /* the persistent handle is taken */
+                        r = -EEXIST;
+                        break;
+                case TPM2_RC_AUTH_FAIL:
+                case TPM2_RC_BAD_AUTH:
+                case TPM2_RC_AUTH_UNAVAILABLE:
+                case TPM2_RC_LOCKOUT:
+                        r = -EACCES;
+                        break;
+                case TPM2_RC_RETRY:
+                case TPM2_RC_YIELDED:
+                case TPM2_RC_TESTING:
+                case TPM2_RC_NV_RATE:
+                case TPM2_RC_NV_UNAVAILABLE:
+                        r = -EAGAIN;
+                        break;
+                case TPM2_RC_CURVE:
+                case TPM2_RC_SCHEME:
+                case TPM2_RC_ASYMMETRIC:
+                case TPM2_RC_COMMAND_CODE:
+                        r = -EOPNOTSUPP;
+                        break;
+                }
+        } else
+                switch (rc & ~TSS2_RC_LAYER_MASK) {
+                case TSS2_BASE_RC_IO_ERROR:
+                case TSS2_BASE_RC_NO_CONNECTION:
+                        r = -ECONNREFUSED;
+                        break;
+                case TSS2_BASE_RC_MEMORY:
+                        r = -ENOMEM;
+                        break;
+                case TSS2_BASE_RC_TRY_AGAIN:
+                        r = -EAGAIN;
+                        break;
+                case TSS2_BASE_RC_BAD_VALUE:
+                case TSS2_BASE_RC_BAD_REFERENCE:
+                        r = -EINVAL;
+                        break;
+                case TSS2_BASE_RC_NOT_IMPLEMENTED:
+                case TSS2_BASE_RC_NOT_SUPPORTED:
+                        r = -EOPNOTSUPP;
+                        break;
+                }
+
+        if (ret_error) {
+                _cleanup_free_ char *w = NULL;
+                va_list ap;
+                int n;
+
+                va_start(ap, what);
+                n = vasprintf(&w, what, ap);
+                va_end(ap);
+                if (n >= 0)
+                        (void) set_error(ret_error, r, "TPM: %s (0x%" PRIx32 ") while %s",
+                                         Tss2_RC_Decode(rc), (uint32_t) rc, w);
+        }
+        return r;
+}
+
+/* The one place where OpenSSL's error queue becomes an errno. It empties the queue, so that a
+ * stale entry never explains a later failure: allocation failures give -ENOMEM, system errors
+ * their errno, anything else 'fallback'. */
+static int openssl_errno(int fallback) {
+        unsigned long e;
+        int sys = 0;
+        bool nomem = false;
+
+        while ((e = ERR_get_error()) != 0) {
+                if (ERR_SYSTEM_ERROR(e)) {
+                        if (sys == 0 && ERR_GET_REASON(e) > 0)
+                                sys = ERR_GET_REASON(e);
+                } else if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
+                        nomem = true;
+        }
+        if (nomem)
+                return -ENOMEM;
+        if (sys > 0)
+                return -sys;
+        return fallback;
+}
+
+static struct hubkey *hubkey_new(enum key_backend backend) {
+        struct hubkey *k = calloc(1, sizeof *k);
+
+        if (!k)
+                return NULL;
+        k->backend = backend;
+        k->key = ESYS_TR_NONE;
+        return k;
+}
+
+void hubkey_free(struct hubkey *k) {
+        if (!k)
+                return;
+        if (k->esys && k->key != ESYS_TR_NONE)
+                (void) Esys_TR_Close(k->esys, &k->key); /* forgets the handle; the key stays in the TPM */
+        esys_finalizep(&k->esys);
+        tctildr_finalizep(&k->tcti);
+        EVP_PKEY_CTX_free(k->sign_ctx);
+        EVP_PKEY_free(k->pkey); /* OpenSSL wipes the private scalar (BN_clear_free) */
+        free(k);
+}
+
+/* ---- public key, JWK and key id ---- */
+
+/* RFC 7638 3.2/3.3: the required members of an EC key (RFC 7518 6.2.1) in lexicographic order,
+ * no white space; SHA-256 of that; base64url without padding (RFC 7515 2). */
+static int jwk_thumbprint(const uint8_t x[P256_COORD_LEN], const uint8_t y[P256_COORD_LEN],
+                          char ret[HUBKEY_ID_LEN + 1]) {
+        char bx[B64URL_BUF(P256_COORD_LEN)], by[B64URL_BUF(P256_COORD_LEN)], id[B64URL_BUF(SHA256_LEN)];
+        char json[sizeof bx + sizeof by + 64];
+        uint8_t md[SHA256_LEN];
+        int n;
+
+        (void) b64url_encode(x, P256_COORD_LEN, bx);
+        (void) b64url_encode(y, P256_COORD_LEN, by);
+        n = snprintf(json, sizeof json, "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"%s\",\"y\":\"%s\"}", bx,
+                     by);
+        if (n < 0 || (size_t) n >= sizeof json)
+                return -EINVAL;
+        if (EVP_Digest(json, (size_t) n, md, NULL, EVP_sha256(), NULL) != 1)
+                return openssl_errno(-EIO);
+        if (b64url_encode(md, sizeof md, id) != HUBKEY_ID_LEN)
+                return -EINVAL;
+        memcpy(ret, id, HUBKEY_ID_LEN + 1);
+        return 0;
+}
+
+/* Records the public coordinates and derives the key id. */
+static int hubkey_set_public(struct hubkey *k, const uint8_t x[P256_COORD_LEN],
+                             const uint8_t y[P256_COORD_LEN]) {
+        int r;
+
+        r = jwk_thumbprint(x, y, k->id);
+        if (r < 0)
+                return r;
+        memcpy(k->x, x, P256_COORD_LEN);
+        memcpy(k->y, y, P256_COORD_LEN);
+        return 0;
+}
+
+/* A P-256 public key from its affine coordinates (uncompressed point, SEC 1 2.3.3). OpenSSL
+ * checks that the point is on the curve, so a malformed TPM answer cannot give a bogus key. */
+static int pkey_from_point(const uint8_t x[P256_COORD_LEN], const uint8_t y[P256_COORD_LEN], EVP_PKEY **ret) {
+        _cleanup_(EVP_PKEY_CTX_freep) EVP_PKEY_CTX *c = NULL;
+        uint8_t point[P256_POINT_LEN] = { POINT_CONVERSION_UNCOMPRESSED };
+        char group[] = SN_X9_62_prime256v1;
+        OSSL_PARAM params[] = {
+                OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0),
+                OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, point, sizeof point),
+                OSSL_PARAM_END,
+        };
+        EVP_PKEY *pkey = NULL;
+
+        memcpy(point + 1, x, P256_COORD_LEN);
+        memcpy(point + 1 + P256_COORD_LEN, y, P256_COORD_LEN);
+        c = EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL);
+        if (!c || EVP_PKEY_fromdata_init(c) != 1)
+                return openssl_errno(-ENOMEM);
+        if (EVP_PKEY_fromdata(c, &pkey, EVP_PKEY_PUBLIC_KEY, params) != 1)
+                return openssl_errno(-EBADMSG);
+        *ret = pkey;
+        return 0;
+}
+
+/* True for P-256 as a named curve only (RFC 5480 2.1.1: specifiedCurve "MUST NOT be used");
+ * otherwise false, and what the key is instead ("ED25519", "RSA", "EC secp384r1") in what_buf. */
+static bool pkey_is_p256(EVP_PKEY *pkey, char *what_buf, size_t what_len) {
+        char group[64] = "", encoding[32] = "";
+        bool p256 = false;
+
+        if (EVP_PKEY_is_a(pkey, "EC") && EVP_PKEY_get_group_name(pkey, group, sizeof group, NULL) == 1)
+                p256 = OBJ_txt2nid(group) == NID_X9_62_prime256v1;
+        if (p256 &&
+            EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_EC_ENCODING, encoding, sizeof encoding,
+                                           NULL) == 1 &&
+            streq(encoding, OSSL_PKEY_EC_ENCODING_GROUP))
+                return true;
+        ERR_clear_error();
+        if (p256)
+                (void) snprintf(what_buf, what_len, "EC P-256 (explicit curve parameters)");
+        else if (EVP_PKEY_is_a(pkey, "EC"))
+                (void) snprintf(what_buf, what_len, "EC %s", group[0] ? group : "(explicit parameters)");
+        else
+                (void) snprintf(what_buf, what_len, "%s", EVP_PKEY_get0_type_name(pkey) ?: "unknown");
+        return false;
+}
+
+int hubkey_public_pem(const struct hubkey *k, char **ret) {
+        _cleanup_(BIO_free_allp) BIO *bio = NULL;
+        char *data, *s;
+        long n;
+
+        if (!k || !ret)
+                return -EINVAL;
+        bio = BIO_new(BIO_s_mem());
+        if (!bio)
+                return openssl_errno(-ENOMEM);
+        /* SubjectPublicKeyInfo (RFC 5280 4.1, RFC 5480 2) only, also for the file backend's
+         * private key. */
+        if (PEM_write_bio_PUBKEY(bio, k->pkey) != 1)
+                return openssl_errno(-EIO);
+        n = BIO_get_mem_data(bio, &data);
+        if (n <= 0)
+                return -EIO;
+        s = strndup(data, (size_t) n);
+        if (!s)
+                return -ENOMEM;
+        *ret = s;
+        return 0;
+}
+
+int hubkey_public_jwk(const struct hubkey *k, json_t **ret) {
+        char bx[B64URL_BUF(P256_COORD_LEN)], by[B64URL_BUF(P256_COORD_LEN)];
+        json_t *j;
+
+        if (!k || !ret)
+                return -EINVAL;
+        (void) b64url_encode(k->x, P256_COORD_LEN, bx);
+        (void) b64url_encode(k->y, P256_COORD_LEN, by);
+        /* RFC 7518 6.2.1: exactly the public members, nothing else (no "d", no "kid"). */
+        j = json_pack("{s:s, s:s, s:s, s:s}", "kty", "EC", "crv", "P-256", "x", bx, "y", by);
+        if (!j)
+                return -ENOMEM;
+        *ret = j;
+        return 0;
+}
+
+const char *hubkey_id(const struct hubkey *k) {
+        return k->id;
+}
+
+uint64_t hubkey_signatures(const struct hubkey *k) {
+        return k->signatures;
+}
+
+enum key_backend hubkey_backend(const struct hubkey *k) {
+        return k->backend;
+}
+
+/* ---- tpm backend ---- */
+
+/* The owner hierarchy's persistent range (TCG "Registry of Reserved TPM 2.0 Handles and
+ * Localities": 0x81000000 - 0x817FFFFF; the platform's starts at 0x81800000). Spelt out:
+ * tpm2-tss 3.2's TPM2_PERSISTENT_FIRST shifts a signed int into its sign bit, which UBSan
+ * rejects. */
+#define TPM_OWNER_PERSISTENT_FIRST UINT32_C(0x81000000)
+#define TPM_OWNER_PERSISTENT_LAST UINT32_C(0x817FFFFF)
+
+static bool tpm_handle_is_valid(uint32_t handle) {
+        return handle >= TPM_OWNER_PERSISTENT_FIRST && handle <= TPM_OWNER_PERSISTENT_LAST;
+}
+
+static int tpm_connect(const char *tcti_conf, TSS2_TCTI_CONTEXT **ret_tcti, ESYS_CONTEXT **ret_esys,
+                       char **ret_error) {
+        _cleanup_(tctildr_finalizep) TSS2_TCTI_CONTEXT *tcti = NULL;
+        _cleanup_(esys_finalizep) ESYS_CONTEXT *esys = NULL;
+        TSS2_RC rc;
+
+        rc = Tss2_TctiLdr_Initialize(tcti_conf, &tcti);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, ret_error, "connecting to the TPM with TCTI '%s'",
+                                  tcti_conf ?: "(default)");
+        rc = Esys_Initialize(&esys, tcti, NULL);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, ret_error, "initializing ESYS for TCTI '%s'", tcti_conf ?: "(default)");
+        /* No TPM2_Startup: the platform (firmware, kernel, or swtpm's startup-clear) did it. */
+        *ret_esys = TAKE_PTR(esys);
+        *ret_tcti = TAKE_PTR(tcti);
+        return 0;
+}
+
+/* Asks the TPM whether 'handle' holds a persistent object, with TPM2_GetCapability(TPM_CAP_HANDLES)
+ * rather than a failing TPM2_ReadPublic, which would have ESYS log an error for the normal case
+ * of "no key yet". Returns 1, 0, or a negative errno. */
+static int tpm_handle_exists(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
+        _cleanup_esys_ TPMS_CAPABILITY_DATA *cap = NULL;
+        TPMI_YES_NO more;
+        TSS2_RC rc;
+
+        rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES, handle, 1,
+                                &more, &cap);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, ret_error, "listing the persistent handles");
+        /* Part 3, 30.2: the list starts at the first handle >= 'handle' that is in use. */
+        return cap->data.handles.count > 0 && cap->data.handles.handle[0] == handle;
+}
+
+/* Whether a public area is one the hub key can be: an ECC P-256, sign-only, unrestricted key
+ * usable for ECDSA with SHA-256, generated inside this TPM (sensitiveDataOrigin) and bound to
+ * it (fixedTPM), and usable with its authValue (userWithAuth). Returns NULL when it is, else
+ * what it is instead, for the error message. */
+static const char *tpm_public_mismatch(const TPMT_PUBLIC *p) {
+        const TPMS_ECC_PARMS *ecc = &p->parameters.eccDetail;
+        TPMA_OBJECT a = p->objectAttributes;
+
+        switch (p->type) {
+        case TPM2_ALG_ECC:
+                break;
+        case TPM2_ALG_RSA:
+                return "an RSA key";
+        case TPM2_ALG_KEYEDHASH:
+                return "a keyed-hash object";
+        case TPM2_ALG_SYMCIPHER:
+                return "a symmetric key";
+        default:
+                return "an object of unknown type";
+        }
+        if (ecc->curveID != TPM2_ECC_NIST_P256)
+                return "an ECC key on another curve than P-256";
+        if (a & TPMA_OBJECT_RESTRICTED)
+                return "a restricted ECC key (a storage or attestation key)";
+        if (!(a & TPMA_OBJECT_SIGN_ENCRYPT) || (a & TPMA_OBJECT_DECRYPT))
+                return "an ECC P-256 key that is not sign-only";
+        if (!(ecc->scheme.scheme == TPM2_ALG_NULL ||
+              (ecc->scheme.scheme == TPM2_ALG_ECDSA && ecc->scheme.details.ecdsa.hashAlg == TPM2_ALG_SHA256)))
+                return "an ECC P-256 signing key bound to another scheme than ECDSA with SHA-256";
+        if (!(a & TPMA_OBJECT_FIXEDTPM) || !(a & TPMA_OBJECT_SENSITIVEDATAORIGIN))
+                return "an ECC P-256 signing key that was not generated in and bound to this TPM";
+        if (!(a & TPMA_OBJECT_USERWITHAUTH))
+                return "an ECC P-256 signing key that needs a policy session";
+        return NULL;
+}
+
+/* Reads the public area of the persistent object at 'handle' and checks that it is a hub key.
+ * Returns 0 and, when ret_tr is not NULL, the ESYS_TR of the key (caller closes it); -ENOENT when
+ * the handle is empty; -EEXIST when it holds something else. */
+static int tpm_read_key(ESYS_CONTEXT *esys, uint32_t handle, ESYS_TR *ret_tr, uint8_t ret_x[P256_COORD_LEN],
+                        uint8_t ret_y[P256_COORD_LEN], char **ret_error) {
+        _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
+        const TPMS_ECC_POINT *pt;
+        ESYS_TR tr = ESYS_TR_NONE;
+        const char *mismatch;
+        TSS2_RC rc;
+        int r;
+
+        r = tpm_handle_exists(esys, handle, ret_error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return set_error(ret_error, -ENOENT,
+                                 "no key at TPM handle 0x%08" PRIx32 " (run 'iothubctl key init' to create it)",
+                                 handle);
+
+        rc = Esys_TR_FromTPMPublic(esys, handle, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, ret_error, "opening TPM handle 0x%08" PRIx32, handle);
+        rc = Esys_ReadPublic(esys, tr, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub, NULL, NULL);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "reading the public key at TPM handle 0x%08" PRIx32, handle);
+                goto fail;
+        }
+        mismatch = tpm_public_mismatch(&pub->publicArea);
+        if (mismatch) {
+                r = set_error(ret_error, -EEXIST,
+                              "TPM handle 0x%08" PRIx32 " holds another kind of object (%s), not a hub key",
+                              handle, mismatch);
+                goto fail;
+        }
+        /* A TPM may send a coordinate without its leading zero octets (a TPM2B); pad it back. */
+        pt = &pub->publicArea.unique.ecc;
+        if (pt->x.size > P256_COORD_LEN || pt->y.size > P256_COORD_LEN) {
+                r = set_error(ret_error, -EBADMSG,
+                              "TPM handle 0x%08" PRIx32 " returned a malformed P-256 point", handle);
+                goto fail;
+        }
+        memset(ret_x, 0, P256_COORD_LEN);
+        memset(ret_y, 0, P256_COORD_LEN);
+        memcpy(ret_x + P256_COORD_LEN - pt->x.size, pt->x.buffer, pt->x.size);
+        memcpy(ret_y + P256_COORD_LEN - pt->y.size, pt->y.buffer, pt->y.size);
+
+        if (ret_tr)
+                *ret_tr = tr;
+        else
+                (void) Esys_TR_Close(esys, &tr);
+        return 0;
+fail:
+        (void) Esys_TR_Close(esys, &tr);
+        return r;
+}
+
+static int tpm_open(const struct iothub_conf *c, struct hubkey *k, char **ret_error) {
+        uint8_t x[P256_COORD_LEN], y[P256_COORD_LEN];
+        int r;
+
+        if (!tpm_handle_is_valid(c->key.handle))
+                return set_error(ret_error, -EINVAL,
+                                 "[key] handle 0x%08" PRIx32 " is not a persistent handle of the owner "
+                                 "hierarchy (0x81000000-0x817fffff)",
+                                 c->key.handle);
+        r = tpm_connect(c->key.tcti, &k->tcti, &k->esys, ret_error);
+        if (r < 0)
+                return r;
+        r = tpm_read_key(k->esys, c->key.handle, &k->key, x, y, ret_error);
+        if (r < 0)
+                return r;
+        r = pkey_from_point(x, y, &k->pkey);
+        if (r < 0)
+                return set_error(ret_error, r, "TPM handle 0x%08" PRIx32 " holds an invalid P-256 public key",
+                                 c->key.handle);
+        r = hubkey_set_public(k, x, y);
+        if (r < 0)
+                return set_error(ret_error, r, "cannot compute the key id: %s", strerror(-r));
+        return 0;
+}
+
+/* The ECC storage root key of the TCG "TPM v2.0 Provisioning Guidance" (SRK template): a restricted
+ * decryption key, ECC NIST P-256, AES-128-CFB, empty unique, no authValue, noDA. Checked to give
+ * the same key (same name) as `tpm2_createprimary -C o -G ecc256:aes128cfb -a
+ * 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda'`; tpm2-tools'
+ * plain default differs only in leaving out noDA. Deterministic: the same template gives the same
+ * key until the owner seed changes, so it is never stored, only recreated and flushed. */
+static const TPM2B_PUBLIC srk_template = {
+        .publicArea = {
+                .type = TPM2_ALG_ECC,
+                .nameAlg = TPM2_ALG_SHA256,
+                .objectAttributes = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_FIXEDTPM |
+                                    TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                                    TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA,
+                .parameters.eccDetail = {
+                        .symmetric = {
+                                .algorithm = TPM2_ALG_AES,
+                                .keyBits.aes = 128,
+                                .mode.aes = TPM2_ALG_CFB,
+                        },
+                        .scheme.scheme = TPM2_ALG_NULL,
+                        .curveID = TPM2_ECC_NIST_P256,
+                        .kdf.scheme = TPM2_ALG_NULL,
+                },
+        },
+};
+
+/* The hub key: sign-only ECC P-256 bound to ECDSA with SHA-256, generated in the TPM and never
+ * duplicable (fixedTPM|fixedParent|sensitiveDataOrigin), used with its empty authValue. noDA: an
+ * empty authValue guards nothing against a dictionary attack, while DA protection would let any
+ * local process that can reach the TPM lock the hub key out by failing authorizations on it
+ * (TPM 2.0 Part 1, "Dictionary Attack Protection": in lockout mode no DA-protected object can
+ * be authorized). */
+static const TPM2B_PUBLIC hubkey_template = {
+        .publicArea = {
+                .type = TPM2_ALG_ECC,
+                .nameAlg = TPM2_ALG_SHA256,
+                .objectAttributes = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                                    TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
+                                    TPMA_OBJECT_NODA,
+                .parameters.eccDetail = {
+                        .symmetric.algorithm = TPM2_ALG_NULL,
+                        .scheme = {
+                                .scheme = TPM2_ALG_ECDSA,
+                                .details.ecdsa.hashAlg = TPM2_ALG_SHA256,
+                        },
+                        .curveID = TPM2_ECC_NIST_P256,
+                        .kdf.scheme = TPM2_ALG_NULL,
+                },
+        },
+};
+
+static int tpm_create(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
+        _cleanup_esys_ TPM2B_PRIVATE *priv = NULL;
+        _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
+        const TPM2B_SENSITIVE_CREATE no_auth = {};
+        const TPM2B_DATA no_outside_info = {};
+        const TPML_PCR_SELECTION no_pcrs = {};
+        ESYS_TR primary = ESYS_TR_NONE, key = ESYS_TR_NONE, persistent = ESYS_TR_NONE;
+        TSS2_RC rc;
+        int r = 0;
+
+        /* Owner authorization: empty, as on a freshly provisioned hub. */
+        rc = Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &no_auth,
+                                &srk_template, &no_outside_info, &no_pcrs, &primary, NULL, NULL, NULL, NULL);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "creating the storage primary key in the owner hierarchy");
+                goto out;
+        }
+        rc = Esys_Create(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &no_auth,
+                         &hubkey_template, &no_outside_info, &no_pcrs, &priv, &pub, NULL, NULL, NULL);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "creating the P-256 signing key");
+                goto out;
+        }
+        rc = Esys_Load(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, priv, pub, &key);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "loading the P-256 signing key");
+                goto out;
+        }
+        /* Part 3, 28.5: the persistent copy lives on independently of its parent. */
+        rc = Esys_EvictControl(esys, ESYS_TR_RH_OWNER, key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                               handle, &persistent);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "making the key persistent at handle 0x%08" PRIx32, handle);
+                goto out;
+        }
+        (void) Esys_TR_Close(esys, &persistent);
+out:
+        /* Transient objects occupy one of the TPM's few slots until flushed (TESTBED.md). */
+        if (key != ESYS_TR_NONE)
+                (void) Esys_FlushContext(esys, key);
+        if (primary != ESYS_TR_NONE)
+                (void) Esys_FlushContext(esys, primary);
+        return r;
+}
+
+static int tpm_init(const struct iothub_conf *c, bool *ret_created, char **ret_error) {
+        _cleanup_(tctildr_finalizep) TSS2_TCTI_CONTEXT *tcti = NULL;
+        _cleanup_(esys_finalizep) ESYS_CONTEXT *esys = NULL;
+        uint8_t x[P256_COORD_LEN], y[P256_COORD_LEN];
+        char *error = NULL;
+        int r;
+
+        if (!tpm_handle_is_valid(c->key.handle))
+                return set_error(ret_error, -EINVAL,
+                                 "[key] handle 0x%08" PRIx32 " is not a persistent handle of the owner "
+                                 "hierarchy (0x81000000-0x817fffff)",
+                                 c->key.handle);
+        r = tpm_connect(c->key.tcti, &tcti, &esys, ret_error);
+        if (r < 0)
+                return r;
+
+        r = tpm_read_key(esys, c->key.handle, NULL, x, y, &error);
+        if (r == 0) {
+                *ret_created = false;
+                return 0;
+        }
+        if (r == -EEXIST) {
+                r = set_error(ret_error, r, "%s; refusing to replace it", error ?: "the handle is taken");
+                free(error);
+                return r;
+        }
+        if (r != -ENOENT) {
+                if (ret_error)
+                        *ret_error = error;
+                else
+                        free(error);
+                return r;
+        }
+        free(error);
+
+        r = tpm_create(esys, c->key.handle, ret_error);
+        if (r < 0)
+                return r;
+        *ret_created = true;
+        return 0;
+}
+
+static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        _cleanup_esys_ TPMT_SIGNATURE *sig = NULL;
+        TPM2B_DIGEST d = { .size = SHA256_LEN };
+        const TPMT_SIG_SCHEME in_scheme = {
+                .scheme = TPM2_ALG_ECDSA,
+                .details.ecdsa.hashAlg = TPM2_ALG_SHA256,
+        };
+        /* Part 3, 20.3 TPM2_Sign: an unrestricted key needs no proof that the TPM computed the digest; the
+         * "NULL ticket" is a HASHCHECK for TPM_RH_NULL with an empty digest. */
+        const TPMT_TK_HASHCHECK validation = {
+                .tag = TPM2_ST_HASHCHECK,
+                .hierarchy = TPM2_RH_NULL,
+        };
+        const TPMS_SIGNATURE_ECC *ecc;
+        TSS2_RC rc;
+
+        memcpy(d.buffer, digest, SHA256_LEN);
+        rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &in_scheme,
+                       &validation, &sig);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, NULL, "signing");
+        if (sig->sigAlg != TPM2_ALG_ECDSA)
+                return -EBADMSG;
+        ecc = &sig->signature.ecdsa;
+        if (ecc->signatureR.size > P256_COORD_LEN || ecc->signatureS.size > P256_COORD_LEN)
+                return -EBADMSG;
+        /* RFC 7518 3.4: R and S as 32-octet big-endian integers, left-padded with zeros. */
+        memset(ret_sig, 0, HUBKEY_SIG_LEN);
+        memcpy(ret_sig + P256_COORD_LEN - ecc->signatureR.size, ecc->signatureR.buffer, ecc->signatureR.size);
+        memcpy(ret_sig + HUBKEY_SIG_LEN - ecc->signatureS.size, ecc->signatureS.buffer, ecc->signatureS.size);
+        return 0;
+}
+
+/* ---- file backend ---- */
+
+/* Never ask for a passphrase on a terminal: an encrypted key file is simply refused. */
+static int no_passphrase(_unused_ char *buf, _unused_ int size, _unused_ int rwflag, _unused_ void *userdata) {
+        return -1;
+}
+
+/* Loads a P-256 private key from 'path'. Returns 0, -ENOENT when the file does not exist, -EPERM
+ * when group or others may access it, -EOPNOTSUPP when it holds another kind of key, -EINVAL
+ * when it holds no readable PEM private key. */
+static int file_load(const char *path, EVP_PKEY **ret, char **ret_error) {
+        _cleanup_(EVP_PKEY_freep) EVP_PKEY *pkey = NULL;
+        _cleanup_(BIO_free_allp) BIO *bio = NULL;
+        _cleanup_close_ int fd = -1;
+        char what[80];
+        struct stat st;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) {
+                if (errno == ENOENT)
+                        return set_error(ret_error, -ENOENT,
+                                         "key file %s does not exist (run 'iothubctl key init' to create it)",
+                                         path);
+                return set_error(ret_error, -errno, "cannot open key file %s: %m", path);
+        }
+        if (fstat(fd, &st) < 0)
+                return set_error(ret_error, -errno, "cannot stat key file %s: %m", path);
+        if (!S_ISREG(st.st_mode))
+                return set_error(ret_error, -EINVAL, "key file %s is not a regular file", path);
+        /* The file holds the hub's private key: like OpenSSH with "UNPROTECTED PRIVATE KEY FILE",
+         * refuse it rather than use a key that others may have read. Checked on the open file. */
+        if (st.st_mode & 077)
+                return set_error(ret_error, -EPERM,
+                                 "key file %s is accessible by group or others (mode %04o); it holds a private "
+                                 "key, make it mode 0600",
+                                 path, (unsigned) (st.st_mode & 07777));
+        if (st.st_size > HUBKEY_FILE_MAX)
+                return set_error(ret_error, -EFBIG, "key file %s is larger than %u bytes", path,
+                                 (unsigned) HUBKEY_FILE_MAX);
+
+        bio = BIO_new_fd(fd, BIO_NOCLOSE);
+        if (!bio)
+                return set_error(ret_error, openssl_errno(-ENOMEM), "cannot read key file %s", path);
+        pkey = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+        if (!pkey) {
+                int r = openssl_errno(-EINVAL);
+                return set_error(ret_error, r == -ENOMEM ? r : -EINVAL,
+                                 "key file %s holds no PEM private key (encrypted keys are not supported)",
+                                 path);
+        }
+        if (!pkey_is_p256(pkey, what, sizeof what))
+                return set_error(ret_error, -EOPNOTSUPP, "key file %s holds an %s key, not an EC P-256 key",
+                                 path, what);
+        /* The decoders tried on the way may leave entries behind: never let them explain a later
+         * failure elsewhere. */
+        ERR_clear_error();
+        *ret = TAKE_PTR(pkey);
+        return 0;
+}
+
+static int file_open(const struct iothub_conf *c, struct hubkey *k, char **ret_error) {
+        _cleanup_(BN_freep) BIGNUM *bx = NULL, *by = NULL;
+        uint8_t x[P256_COORD_LEN], y[P256_COORD_LEN];
+        int r;
+
+        if (!c->key.file)
+                return set_error(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
+        r = file_load(c->key.file, &k->pkey, ret_error);
+        if (r < 0)
+                return r;
+        if (EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_X, &bx) != 1 ||
+            EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_Y, &by) != 1 ||
+            BN_bn2binpad(bx, x, sizeof x) != P256_COORD_LEN || BN_bn2binpad(by, y, sizeof y) != P256_COORD_LEN)
+                return set_error(ret_error, openssl_errno(-EINVAL),
+                                 "key file %s: cannot read the public key", c->key.file);
+        r = hubkey_set_public(k, x, y);
+        if (r < 0)
+                return set_error(ret_error, r, "cannot compute the key id: %s", strerror(-r));
+
+        /* Set up signing once: a fetched context reused for every signature. The digest given
+         * to EVP_PKEY_sign() must then be exactly SHA-256 sized. */
+        k->sign_ctx = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
+        if (!k->sign_ctx || EVP_PKEY_sign_init(k->sign_ctx) != 1 ||
+            EVP_PKEY_CTX_set_signature_md(k->sign_ctx, EVP_sha256()) != 1)
+                return set_error(ret_error, openssl_errno(-EIO), "cannot set up signing with key file %s",
+                                 c->key.file);
+        return 0;
+}
+
+/* Writes a new key to 'path' atomically and without ever replacing a file that appeared there
+ * in the meantime: write_file_atomic() to a temporary name beside it, then a rename that fails
+ * when the target exists (renameat2 RENAME_NOREPLACE). */
+static int file_write_new(const char *path, const void *data, size_t len) {
+        _cleanup_free_ char *tmp = NULL, *dir = NULL;
+        _cleanup_close_ int dfd = -1;
+        uint8_t rnd[8];
+        int r;
+
+        r = random_bytes(rnd, sizeof rnd);
+        if (r < 0)
+                return r;
+        tmp = strdup_printf("%s.new-%02x%02x%02x%02x%02x%02x%02x%02x", path, rnd[0], rnd[1], rnd[2], rnd[3],
+                            rnd[4], rnd[5], rnd[6], rnd[7]);
+        if (!tmp)
+                return -ENOMEM;
+        r = write_file_atomic(tmp, data, len, 0600);
+        if (r < 0)
+                return r;
+        if (renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
+                r = -errno;
+                (void) unlink(tmp);
+                return r;
+        }
+        dir = strdup(path);
+        if (!dir)
+                return -ENOMEM;
+        /* fsync the directory, so that the rename itself survives a power cut. */
+        dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+                (void) fsync(dfd);
+        return 0;
+}
+
+static int file_init(const struct iothub_conf *c, bool *ret_created, char **ret_error) {
+        _cleanup_(EVP_PKEY_freep) EVP_PKEY *pkey = NULL;
+        _cleanup_(BIO_free_allp) BIO *bio = NULL;
+        _cleanup_free_ char *error = NULL;
+        char *pem;
+        long n;
+        int r;
+
+        if (!c->key.file)
+                return set_error(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
+
+        r = file_load(c->key.file, &pkey, &error);
+        if (r == 0) {
+                *ret_created = false;
+                return 0;
+        }
+        if (r == -EOPNOTSUPP || r == -EINVAL)
+                return set_error(ret_error, -EEXIST, "%s; refusing to replace it",
+                                 error ?: "the key file holds no usable key");
+        if (r != -ENOENT) {
+                if (ret_error)
+                        *ret_error = TAKE_PTR(error);
+                return r;
+        }
+
+        pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", SN_X9_62_prime256v1);
+        if (!pkey)
+                return set_error(ret_error, openssl_errno(-EIO), "cannot generate a P-256 key");
+        /* A memory BIO: OpenSSL wipes its buffer when it grows and when it is freed
+         * (BUF_MEM_grow_clean, BUF_MEM_free). PKCS#8 (RFC 5958), unencrypted. */
+        bio = BIO_new(BIO_s_secmem());
+        if (!bio || PEM_write_bio_PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1)
+                return set_error(ret_error, openssl_errno(-ENOMEM), "cannot encode the new key");
+        n = BIO_get_mem_data(bio, &pem);
+        if (n <= 0)
+                return set_error(ret_error, -EIO, "cannot encode the new key");
+        r = file_write_new(c->key.file, pem, (size_t) n);
+        if (r == -EEXIST)
+                return set_error(ret_error, r,
+                                 "key file %s appeared while the key was made; refusing to replace it",
+                                 c->key.file);
+        if (r < 0)
+                return set_error(ret_error, r, "cannot write key file %s: %s", c->key.file, strerror(-r));
+        *ret_created = true;
+        return 0;
+}
+
+static int file_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        _cleanup_(ECDSA_SIG_freep) ECDSA_SIG *sig = NULL;
+        uint8_t der[ECDSA_P256_DER_MAX];
+        const unsigned char *p = der;
+        const BIGNUM *r, *s;
+        size_t len = sizeof der;
+
+        if (EVP_PKEY_sign(k->sign_ctx, der, &len, digest, SHA256_LEN) != 1)
+                return openssl_errno(-EIO);
+        /* RFC 3279 2.2.3 Ecdsa-Sig-Value to RFC 7518 3.4 R || S. */
+        sig = d2i_ECDSA_SIG(NULL, &p, (long) len);
+        if (!sig || (size_t) (p - der) != len)
+                return openssl_errno(-EBADMSG);
+        ECDSA_SIG_get0(sig, &r, &s);
+        if (BN_bn2binpad(r, ret_sig, P256_COORD_LEN) != P256_COORD_LEN ||
+            BN_bn2binpad(s, ret_sig + P256_COORD_LEN, P256_COORD_LEN) != P256_COORD_LEN)
+                return openssl_errno(-EBADMSG);
+        return 0;
+}
+
+/* ---- the interface ---- */
+
+int hubkey_open(const struct iothub_conf *c, struct hubkey **ret, char **ret_error) {
+        _cleanup_(hubkey_freep) struct hubkey *k = NULL;
+        int r;
+
+        if (!c || !ret)
+                return -EINVAL;
+        k = hubkey_new(c->key.backend);
+        if (!k)
+                return -ENOMEM;
+        switch (c->key.backend) {
+        case KEY_BACKEND_TPM:
+                r = tpm_open(c, k, ret_error);
+                break;
+        case KEY_BACKEND_FILE:
+                r = file_open(c, k, ret_error);
+                break;
+        default:
+                r = set_error(ret_error, -EINVAL, "unknown [key] backend");
+        }
+        if (r < 0)
+                return r;
+        *ret = TAKE_PTR(k);
+        return 0;
+}
+
+int hubkey_init(const struct iothub_conf *c, bool *ret_created, char **ret_error) {
+        bool created = false;
+        int r;
+
+        if (!c)
+                return -EINVAL;
+        switch (c->key.backend) {
+        case KEY_BACKEND_TPM:
+                r = tpm_init(c, &created, ret_error);
+                break;
+        case KEY_BACKEND_FILE:
+                r = file_init(c, &created, ret_error);
+                break;
+        default:
+                r = set_error(ret_error, -EINVAL, "unknown [key] backend");
+        }
+        if (r < 0)
+                return r;
+        if (ret_created)
+                *ret_created = created;
+        return 0;
+}
+
+int hubkey_sign_digest(struct hubkey *k, const uint8_t digest[32], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        uint8_t sig[HUBKEY_SIG_LEN];
+        int r;
+
+        if (!k || !digest || !ret_sig)
+                return -EINVAL;
+        if (k->backend == KEY_BACKEND_TPM)
+                r = tpm_sign(k, digest, sig);
+        else
+                r = file_sign(k, digest, sig);
+        if (r < 0)
+                return r;
+        memcpy(ret_sig, sig, sizeof sig);
+        k->signatures++;
+        return 0;
+}
+
+int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        uint8_t md[SHA256_LEN];
+
+        if (!k || (!msg && len > 0) || !ret_sig)
+                return -EINVAL;
+        if (EVP_Digest(msg ?: "", len, md, NULL, EVP_sha256(), NULL) != 1)
+                return openssl_errno(-EIO);
+        return hubkey_sign_digest(k, md, ret_sig);
+}
