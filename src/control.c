@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include "iothub/cloud.h"
 #include "iothub/control.h"
 #include "iothub/log.h"
 #include "iothub/registry.h"
@@ -26,6 +27,7 @@ struct control {
         char *path;
         sd_event_source *listen;
         unsigned n_clients;
+        struct conn *conns; /* every open connection, so that control_free() ends them */
 };
 
 struct conn {
@@ -37,7 +39,13 @@ struct conn {
         char *out;
         size_t out_len, out_off;
         bool denied; /* refused by the peer check: its request is read and answered, not run */
+        bool pending; /* waiting for the cloud (register); the answer comes later */
+        struct conn *next, *prev;
 };
+
+/* A handler's answer when the reply comes later, through conn_reply_later(). */
+static json_t pending_reply;
+#define CONTROL_PENDING (&pending_reply)
 
 #define _cleanup_json_ _cleanup_(json_decrefp)
 
@@ -54,6 +62,12 @@ bool control_peer_allowed(uid_t peer_uid, gid_t peer_gid, const gid_t *peer_grou
 static void conn_free(struct conn *c) {
         if (!c)
                 return;
+        if (c->next)
+                c->next->prev = c->prev;
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                c->ctl->conns = c->next;
         c->io = sd_event_source_disable_unref(c->io);
         c->timer = sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0)
@@ -86,7 +100,7 @@ static json_t *bulb_to_json(const struct bulb *b) {
         return o;
 }
 
-static json_t *handle_status(struct control *ctl, json_t *req) {
+static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *st = NULL;
         int r;
 
@@ -97,7 +111,7 @@ static json_t *handle_status(struct control *ctl, json_t *req) {
         return st;
 }
 
-static json_t *handle_bulb_list(struct control *ctl, json_t *req) {
+static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *arr = json_array();
         size_t n = registry_count(ctl->hub->registry);
 
@@ -116,7 +130,7 @@ static const char *req_string(json_t *req, const char *key, size_t max) {
         return json_string_value(v);
 }
 
-static json_t *handle_bulb_add(struct control *ctl, json_t *req) {
+static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
         const struct iothub_conf *conf = ctl->hub->conf;
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
@@ -158,10 +172,11 @@ static json_t *handle_bulb_add(struct control *ctl, json_t *req) {
         struct bulb *b = registry_find(ctl->hub->registry, id);
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
                   b ? frame_alg_to_string(b->alg) : "?");
+        cloud_devices_changed(ctl->hub->cloud);
         return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
 }
 
-static json_t *handle_bulb_remove(struct control *ctl, json_t *req) {
+static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t *req) {
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         int r;
 
@@ -173,20 +188,53 @@ static json_t *handle_bulb_remove(struct control *ctl, json_t *req) {
         if (r < 0)
                 return error_reply("cannot revoke %s: %s", id, strerror(-r));
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
+        if (r > 0 || r == 0)
+                cloud_devices_changed(ctl->hub->cloud);
         return json_pack("{s:b}", "ok", 1);
+}
+
+static int conn_set_reply(struct conn *c, json_t *reply);
+
+/* The cloud's answer to a register request. The connection waits for it (its own deadline
+ * does not apply while it waits): the cloud's request timeout always ends in this call. */
+static void on_register_done(void *userdata, long status, const char *message) {
+        struct conn *c = userdata;
+        json_t *reply;
+
+        if (status == 200 || status == 201)
+                reply = json_pack("{s:b,s:s}", "ok", 1, "message", message);
+        else
+                reply = error_reply("register failed: %s", message);
+        c->pending = false;
+        if (conn_set_reply(c, reply) < 0)
+                conn_free(c);
+}
+
+static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *req) {
+        int r;
+
+        if (!ctl->hub->cloud)
+                return error_reply("[cloud] url is not set in %s", ctl->hub->conf->path);
+        r = cloud_register(ctl->hub->cloud, on_register_done, conn);
+        if (r == -ENOKEY)
+                return error_reply("no access token: sign in first (or set [cloud] bearer_token_file)");
+        if (r < 0)
+                return error_reply("cannot register: %s", strerror(-r));
+        return CONTROL_PENDING;
 }
 
 static const struct {
         const char *cmd;
-        json_t *(*handler)(struct control *ctl, json_t *req);
+        json_t *(*handler)(struct control *ctl, struct conn *conn, json_t *req);
 } handlers[] = {
         { "status", handle_status },
         { "bulb-list", handle_bulb_list },
         { "bulb-add", handle_bulb_add },
         { "bulb-remove", handle_bulb_remove },
+        { "register", handle_register },
 };
 
-static json_t *dispatch(struct control *ctl, const char *line, size_t len) {
+static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line, size_t len) {
         _cleanup_json_ json_t *req = NULL;
         json_error_t jerr;
         const char *cmd;
@@ -199,13 +247,18 @@ static json_t *dispatch(struct control *ctl, const char *line, size_t len) {
                 return error_reply("request has no \"cmd\"");
         for (size_t i = 0; i < ELEMENTSOF(handlers); i++)
                 if (streq(cmd, handlers[i].cmd))
-                        return handlers[i].handler(ctl, req);
+                        return handlers[i].handler(ctl, conn, req);
         return error_reply("unknown command '%.64s'", cmd);
 }
 
 static int conn_set_reply(struct conn *c, json_t *reply) {
         char *s;
 
+        if (reply == CONTROL_PENDING) {
+                c->pending = true;
+                /* Stop reading; the answer comes from conn_reply_later(). */
+                return sd_event_source_set_io_events(c->io, 0);
+        }
         if (!reply)
                 reply = error_reply("out of memory");
         s = json_dumps(reply, JSON_COMPACT);
@@ -255,13 +308,19 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 return 0;
         }
         if (conn_set_reply(c, c->denied ? error_reply("permission denied")
-                                        : dispatch(c->ctl, c->in, (size_t) (nl - c->in))) < 0)
+                                        : dispatch(c->ctl, c, c->in, (size_t) (nl - c->in))) < 0)
                 conn_free(c);
         return 0;
 }
 
 static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
-        conn_free(userdata);
+        struct conn *c = userdata;
+
+        /* A request waiting for the cloud ends with the cloud's own timeout, which always
+         * calls back: freeing here would leave the callback a dangling pointer. */
+        if (c->pending)
+                return 0;
+        conn_free(c);
         return 0;
 }
 
@@ -310,6 +369,10 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         c->denied = r < 0;
         c->fd = TAKE_FD(cfd);
         ctl->n_clients++;
+        c->next = ctl->conns;
+        if (c->next)
+                c->next->prev = c;
+        ctl->conns = c;
         r = sd_event_add_io(ctl->hub->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
         if (r >= 0)
                 r = sd_event_add_time_relative(ctl->hub->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
@@ -357,6 +420,8 @@ int control_new(struct hub *h, struct control **ret) {
 void control_free(struct control *ctl) {
         if (!ctl)
                 return;
+        while (ctl->conns)
+                conn_free(ctl->conns);
         ctl->listen = sd_event_source_disable_unref(ctl->listen);
         if (ctl->fd >= 0)
                 (void) close(ctl->fd);

@@ -14,6 +14,14 @@ enum db_stmt {
         DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws */
         DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
         DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward */
+        DB_STMT_SPOOL_BATCH,  /* ?1 limit -> id, length, jws; oldest first */
+        DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length of each deleted frame */
+        DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length of each */
+        DB_STMT_SPOOL_OLDEST,      /* -> id, received_at_usec */
+        DB_STMT_SPOOL_MOVE_ASIDE,  /* ?1 first, ?2 last, ?3 moved_at, ?4 status, ?5 reason */
+        DB_STMT_MOVED_ASIDE_COUNT,
+        DB_STMT_META_GET, /* ?1 key -> value */
+        DB_STMT_META_SET, /* ?1 key, ?2 value */
         _DB_STMT_MAX,
 };
 

@@ -44,6 +44,18 @@ static const char *const migrations[] = {
         "  key TEXT PRIMARY KEY,"
         "  value TEXT"
         ") STRICT;",
+        /* 2: batches the cloud refused for good (a 4xx other than 401, 408, 429), kept for the
+         * operator instead of being retried in a loop or thrown away (PROTOCOL.md 3). */
+        "CREATE TABLE moved_aside ("
+        "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        "  dev TEXT NOT NULL,"
+        "  seq INTEGER NOT NULL,"
+        "  received_at_usec INTEGER NOT NULL,"
+        "  jws BLOB NOT NULL,"
+        "  moved_at INTEGER NOT NULL,"
+        "  http_status INTEGER NOT NULL,"
+        "  reason TEXT NOT NULL"
+        ") STRICT;",
 };
 #define DB_SCHEMA_VERSION ((int) ELEMENTSOF(migrations))
 
@@ -55,6 +67,18 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
                 "INSERT INTO spool (dev, seq, received_at_usec, jws) VALUES (?1, ?2, ?3, ?4)",
         [DB_STMT_SPOOL_STATS] = "SELECT COUNT(*), COALESCE(SUM(length(jws)), 0) FROM spool",
         [DB_STMT_BULB_SET_SEQ] = "UPDATE bulbs SET last_seq = ?1 WHERE id = ?2 AND last_seq < ?1",
+        [DB_STMT_SPOOL_BATCH] = "SELECT id, length(jws), jws FROM spool ORDER BY id LIMIT ?1",
+        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws)",
+        [DB_STMT_SPOOL_DROP_OLDEST] =
+                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws)",
+        [DB_STMT_SPOOL_OLDEST] = "SELECT id, received_at_usec FROM spool ORDER BY id LIMIT 1",
+        [DB_STMT_SPOOL_MOVE_ASIDE] =
+                "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "
+                "SELECT dev, seq, received_at_usec, jws, ?3, ?4, ?5 FROM spool WHERE id BETWEEN ?1 AND ?2",
+        [DB_STMT_MOVED_ASIDE_COUNT] = "SELECT COUNT(*) FROM moved_aside",
+        [DB_STMT_META_GET] = "SELECT value FROM meta WHERE key = ?1",
+        [DB_STMT_META_SET] = "INSERT INTO meta (key, value) VALUES (?1, ?2) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
 };
 
 /* SQLite result codes as errnos, for every module on the database. Extended codes are on
@@ -359,4 +383,42 @@ const char *db_errmsg(struct db *db) {
 
 struct sqlite3 *db_handle(struct db *db) {
         return db ? db->sqlite : NULL;
+}
+
+int db_meta_get(struct db *db, const char *key, char **ret) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = NULL;
+        const unsigned char *v;
+        char *copy;
+        int rc;
+
+        if (!db || !key)
+                return -EINVAL;
+        s = db_stmt(db, DB_STMT_META_GET);
+        if ((rc = sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        if (rc == SQLITE_DONE)
+                return -ENOENT;
+        if (rc != SQLITE_ROW)
+                return db_errno(rc);
+        v = sqlite3_column_text(s, 0);
+        copy = strdup(v ? (const char *) v : "");
+        if (!copy)
+                return -ENOMEM;
+        *ret = copy;
+        return 0;
+}
+
+int db_meta_set(struct db *db, const char *key, const char *value) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = NULL;
+        int rc;
+
+        if (!db || !key || !value)
+                return -EINVAL;
+        s = db_stmt(db, DB_STMT_META_SET);
+        if ((rc = sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = sqlite3_bind_text(s, 2, value, -1, SQLITE_STATIC)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
 }

@@ -9,7 +9,9 @@
 #include <jansson.h>
 #include <systemd/sd-daemon.h>
 
+#include "iothub/cloud.h"
 #include "iothub/control.h"
+#include "iothub/hubkey.h"
 #include "iothub/hub.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
@@ -32,11 +34,11 @@ static void on_mqtt_connected(void *userdata, bool connected) {
 }
 
 int hub_status_json(struct hub *h, json_t **ret) {
-        uint64_t pending = 0, bytes = 0, enrolled = 0, revoked = 0;
+        uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
         json_t *rejected, *o;
         int r;
 
-        r = spool_stats(h->db, &pending, &bytes);
+        r = spool_moved_aside_count(h->db, &moved_aside);
         if (r < 0)
                 return r;
         for (size_t i = 0; i < registry_count(h->registry); i++) {
@@ -51,31 +53,39 @@ int hub_status_json(struct hub *h, json_t **ret) {
         for (int i = FRAME_OK + 1; i < _FRAME_REASON_MAX; i++)
                 (void) json_object_set_new(rejected, frame_reason_to_string(i),
                                            json_integer((json_int_t) h->counters.frames_rejected[i]));
-        o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I},s:{s:I,s:I}}", "hub_id",
+        o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I,s:I,s:I},s:{s:I,s:I}}", "hub_id",
                       h->conf->hub.id, "version", IOTHUB_VERSION, "uptime_s",
                       (json_int_t) ((now_monotonic_usec() - h->start_monotonic_usec) / UINT64_C(1000000)),
                       "config", h->conf->path, "mqtt", "connected", mqtt_is_connected(h->mqtt), "frames",
                       "received", (json_int_t) h->counters.frames_received, "accepted",
                       (json_int_t) h->counters.frames_accepted, "store_failed",
                       (json_int_t) h->counters.frames_store_failed, "rejected", rejected, "spool", "pending",
-                      (json_int_t) pending, "bytes", (json_int_t) bytes, "bulbs", "enrolled",
+                      (json_int_t) h->spool_pending, "bytes", (json_int_t) h->spool_bytes, "dropped",
+                      (json_int_t) h->spool_dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
                       (json_int_t) enrolled, "revoked", (json_int_t) revoked);
         if (!o)
                 return -ENOMEM;
+        r = cloud_status_json(h->cloud, o);
+        if (r < 0) {
+                json_decref(o);
+                return r;
+        }
         *ret = o;
         return 0;
 }
 
 void hub_notify_status(struct hub *h) {
-        uint64_t rejected = 0, pending = 0, bytes = 0;
+        uint64_t rejected = 0;
+        char cloud[320];
 
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
                 rejected += h->counters.frames_rejected[i];
-        (void) spool_stats(h->db, &pending, &bytes);
-        (void) sd_notifyf(false, "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
-                                 " frames",
+        cloud_status_line(h->cloud, cloud, sizeof cloud);
+        (void) sd_notifyf(false,
+                          "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
+                          " frames; %s",
                           mqtt_is_connected(h->mqtt) ? "connected" : "disconnected", h->counters.frames_accepted,
-                          rejected, pending);
+                          rejected, h->spool_pending, cloud);
 }
 
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -147,6 +157,8 @@ static int hub_reload(struct hub *h) {
         keep_string("key", "tcti", &n->key.tcti, &o->key.tcti);
         KEEP_NUMBER("key", "handle", n->key.handle, o->key.handle);
         keep_string("key", "file", &n->key.file, &o->key.file);
+        keep_string("cloud", "url", &n->cloud.url, &o->cloud.url);
+        keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
         h->conf = TAKE_PTR(n);
         n = o;
@@ -164,6 +176,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
         mqtt_free(h->mqtt);
+        cloud_free(h->cloud);
+        hubkey_free(h->hubkey);
         control_free(h->control);
         sd_event_source_disable_unref(h->sigterm);
         sd_event_source_disable_unref(h->sigint);
@@ -183,6 +197,9 @@ int hub_run(const char *config_path, int log_level_override) {
 
         /* No secret (tokens, keys in memory) may end up in a core dump. */
         (void) prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        /* tpm2-tss would print its own error lines on stderr; our messages carry the decoded
+         * TPM error already. An explicit TSS2_LOG from the environment still wins. */
+        (void) setenv("TSS2_LOG", "all+none", 0);
 
         r = conf_load(config_path, &h.conf, &err);
         if (r < 0) {
@@ -218,6 +235,16 @@ int hub_run(const char *config_path, int log_level_override) {
         r = registry_open(h.db, &h.registry);
         if (r < 0) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
+                goto out;
+        }
+        r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
+        if (r < 0) {
+                log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
+                goto out;
+        }
+        r = cloud_new(&h, &h.cloud);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
         r = control_new(&h, &h.control);
@@ -261,6 +288,8 @@ int hub_run(const char *config_path, int log_level_override) {
 
         (void) sd_notify(false, "READY=1");
         hub_notify_status(&h);
+        /* Frames left in the spool by the last run go as soon as they are due. */
+        cloud_kick(h.cloud);
         log_event(LOG_INFO, 0, IOTHUB_MID_STARTED, NULL, NULL, "iothubd %s started, hub %s, %zu bulbs enrolled",
                   IOTHUB_VERSION, h.conf->hub.id, registry_count(h.registry));
 

@@ -7,6 +7,7 @@
  * burst costs one fsync, not one per frame. */
 #include <inttypes.h>
 
+#include "iothub/cloud.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/spool.h"
@@ -48,6 +49,30 @@ static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_re
         if (ok)
                 log_event(LOG_WARNING, 0, IOTHUB_MID_FRAME_REJECTED, dev, frame_reason_to_string(reason),
                           "Rejected frame from %s: %s", dev, frame_reason_to_string(reason));
+}
+
+/* [spool] max_bytes: the spool never grows past the cap. To make room the oldest frames go
+ * (a light's newest state is worth more than its oldest), counted in spool.dropped and
+ * logged; a frame still in an upload batch may go too, which only means that the cloud's
+ * answer deletes fewer rows. */
+static int make_room(struct hub *h, size_t len) {
+        uint64_t max = h->conf->spool.max_bytes, count = 0, bytes = 0;
+        int r;
+
+        while (h->spool_bytes + h->batch.bytes + len > max && h->spool_pending > 0) {
+                r = spool_drop_oldest(h->db, 16, &count, &bytes);
+                if (r < 0)
+                        return r;
+                if (count == 0)
+                        break;
+                h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
+                h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+                h->spool_dropped += count;
+                log_event(LOG_WARNING, 0, IOTHUB_MID_SPOOL_FULL, NULL, NULL,
+                          "Spool full ([spool] max_bytes = %" PRIu64 "): dropped the %" PRIu64 " oldest frames",
+                          max, count);
+        }
+        return 0;
 }
 
 void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
@@ -106,6 +131,9 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
                 h->batch.open = true;
                 h->batch.count = 0;
         }
+        r = make_room(h, len);
+        if (r < 0)
+                goto store_failed;
         r = spool_append(h->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
         if (r >= 0)
                 r = registry_store_seq(h->registry, b, f.seq);
@@ -116,6 +144,7 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
          * resending them later is welcome. */
         registry_seq_committed(b, f.seq);
         h->batch.count++;
+        h->batch.bytes += len;
         return;
 
 store_failed:
@@ -133,9 +162,17 @@ int ingest_commit(struct hub *h) {
         if (r < 0) {
                 h->counters.frames_store_failed += h->batch.count;
                 (void) db_rollback(h->db);
+                h->batch.count = 0;
+                h->batch.bytes = 0;
+                /* Frames dropped for room were rolled back too: count again from the table. */
+                (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
                 return log_error_errno(r, "Failed to commit %u frames: %m (%s)", h->batch.count, db_errmsg(h->db));
         }
         h->counters.frames_accepted += h->batch.count;
+        h->spool_pending += h->batch.count;
+        h->spool_bytes += h->batch.bytes;
         h->batch.count = 0;
+        h->batch.bytes = 0;
+        cloud_kick(h->cloud);
         return 0;
 }

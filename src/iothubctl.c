@@ -8,6 +8,7 @@
 
 #include "iothub/conf.h"
 #include "iothub/control.h"
+#include "iothub/hubkey.h"
 
 #define EXIT_USAGE 64
 #define EXIT_UNAVAILABLE 69
@@ -25,7 +26,10 @@ static int usage(void) {
                         "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
                         "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
                         "  bulb list                         enrolled bulbs\n"
-                        "  bulb remove ID                    revoke a bulb at once\n");
+                        "  bulb remove ID                    revoke a bulb at once\n"
+                        "  key init                          create the hub key (never replaces one)\n"
+                        "  key show [--pem | --jwk]          the hub's public key and key id\n"
+                        "  register                          register the hub key with the cloud account\n");
         return EXIT_USAGE;
 }
 
@@ -211,6 +215,95 @@ static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
         return 0;
 }
 
+static int cmd_key_init(struct ctl *ctl, int argc, char **argv) {
+        _cleanup_free_ char *err = NULL;
+        _cleanup_(hubkey_freep) struct hubkey *k = NULL;
+        bool created = false;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = hubkey_init(ctl->conf, &created, &err);
+        if (r < 0)
+                return fail("key init: %s", err ? err : strerror(-r));
+        r = hubkey_open(ctl->conf, &k, &err);
+        if (r < 0)
+                return fail("key init: %s", err ? err : strerror(-r));
+        if (ctl->json) {
+                json_t *o = json_pack("{s:b,s:s,s:s}", "created", created, "id", hubkey_id(k), "backend",
+                                      key_backend_to_string(hubkey_backend(k)));
+                print_json(o);
+                json_decref(o);
+        } else
+                printf("%s hub key %s (%s)\n", created ? "Created" : "Kept the existing", hubkey_id(k),
+                       key_backend_to_string(hubkey_backend(k)));
+        return 0;
+}
+
+static int cmd_key_show(struct ctl *ctl, int argc, char **argv) {
+        _cleanup_free_ char *err = NULL, *pem = NULL;
+        _cleanup_(hubkey_freep) struct hubkey *k = NULL;
+        bool want_pem = false, want_jwk = false;
+        json_t *jwk = NULL;
+        int r;
+
+        for (int i = 0; i < argc; i++) {
+                if (streq(argv[i], "--pem"))
+                        want_pem = true;
+                else if (streq(argv[i], "--jwk"))
+                        want_jwk = true;
+                else
+                        return usage();
+        }
+        if (want_pem && want_jwk)
+                return usage();
+        r = hubkey_open(ctl->conf, &k, &err);
+        if (r < 0)
+                return fail("key show: %s", err ? err : strerror(-r));
+        if (want_pem || !want_jwk) {
+                r = hubkey_public_pem(k, &pem);
+                if (r < 0)
+                        return fail("key show: %s", strerror(-r));
+        }
+        if (want_jwk || ctl->json || !want_pem) {
+                r = hubkey_public_jwk(k, &jwk);
+                if (r < 0)
+                        return fail("key show: %s", strerror(-r));
+        }
+        if (want_pem)
+                fputs(pem, stdout);
+        else if (want_jwk) {
+                (void) json_object_set_new(jwk, "kid", json_string(hubkey_id(k)));
+                json_dumpf(jwk, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+        } else if (ctl->json) {
+                json_t *o = json_pack("{s:s,s:s,s:O,s:s}", "id", hubkey_id(k), "backend",
+                                      key_backend_to_string(hubkey_backend(k)), "jwk", jwk, "pem", pem);
+                print_json(o);
+                json_decref(o);
+        } else
+                printf("Key id:  %s\nBackend: %s\n%s", hubkey_id(k), key_backend_to_string(hubkey_backend(k)), pem);
+        json_decref(jwk);
+        return 0;
+}
+
+static int cmd_register(struct ctl *ctl, int argc, char **argv) {
+        json_t *resp = NULL;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = call(ctl, json_pack("{s:s}", "cmd", "register"), &resp);
+        if (r != 0)
+                return r;
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Registered hub %s with the cloud account\n", ctl->conf->hub.id);
+        json_decref(resp);
+        return 0;
+}
+
 int main(int argc, char *argv[]) {
         struct ctl ctl = { .config = IOTHUB_DEFAULT_CONFIG };
         _cleanup_free_ char *err = NULL;
@@ -234,6 +327,8 @@ int main(int argc, char *argv[]) {
         }
         if (n == 0)
                 return usage();
+        /* tpm2-tss would print its own lines; our one-line errors carry the decoded TPM error. */
+        (void) setenv("TSS2_LOG", "all+none", 0);
         r = conf_load(ctl.config, &ctl.conf, &err);
         if (r < 0) {
                 fprintf(stderr, "iothubctl: %s\n", err ? err : strerror(-r));
@@ -247,6 +342,12 @@ int main(int argc, char *argv[]) {
                 r = cmd_bulb_list(&ctl, n - 2, args + 2);
         else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "remove"))
                 r = cmd_bulb_remove(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "key") && n >= 2 && streq(args[1], "init"))
+                r = cmd_key_init(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "key") && n >= 2 && streq(args[1], "show"))
+                r = cmd_key_show(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "register"))
+                r = cmd_register(&ctl, n - 1, args + 1);
         else
                 r = usage();
         conf_free(ctl.conf);

@@ -78,7 +78,11 @@ static int log_dispatch(int level, int error, const char *message_id, const char
                 char *fields[8] = { 0 };
                 int k = 0;
 
-#define ADD(s) iov[n++] = (struct iovec){ .iov_base = (void *) (s), .iov_len = strlen(s) }
+#define ADD(s)                                                                                     \
+        do {                                                                                       \
+                const char *_s_ = (s);                                                             \
+                iov[n++] = (struct iovec){ .iov_base = (void *) _s_, .iov_len = strlen(_s_) };     \
+        } while (0)
                 if (asprintf(&fields[k], "MESSAGE=%s", msg) >= 0)
                         ADD(fields[k++]);
                 ADD(prio);

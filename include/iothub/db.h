@@ -29,3 +29,8 @@ const char *db_errmsg(struct db *db);
 struct sqlite3 *db_handle(struct db *db);
 /* Translates an SQLite result code into a negative errno (one place for all of them). */
 int db_errno(int sqlite_rc);
+
+/* Small persistent settings in the meta table. db_meta_get: -ENOENT when unset; the value is
+ * malloc'ed. */
+int db_meta_get(struct db *db, const char *key, char **ret);
+int db_meta_set(struct db *db, const char *key, const char *value);

@@ -13,6 +13,8 @@
 
 struct mqtt;
 struct control;
+struct cloud;
+struct hubkey;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -25,6 +27,7 @@ struct hub_counters {
 struct ingest_batch {
         bool open;      /* a transaction is open */
         unsigned count; /* frames appended in it */
+        uint64_t bytes; /* their size */
 };
 
 struct hub {
@@ -34,6 +37,11 @@ struct hub {
         struct registry *registry;
         struct mqtt *mqtt;
         struct control *control;
+        struct cloud *cloud;   /* NULL without [cloud] url */
+        struct hubkey *hubkey; /* NULL until the key exists and opened */
+        /* The spool, kept in memory so that the frame path never counts rows. */
+        uint64_t spool_pending, spool_bytes;
+        uint64_t spool_dropped; /* oldest frames dropped at [spool] max_bytes since start */
         sd_event_source *sigterm, *sigint, *sighup, *watchdog;
         uint64_t watchdog_usec;
         uint64_t start_monotonic_usec;

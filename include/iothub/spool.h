@@ -13,3 +13,34 @@ int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws
 
 /* Frames waiting and their total size in bytes. Returns 0 or a negative errno. */
 int spool_stats(struct db *db, uint64_t *ret_pending, uint64_t *ret_bytes);
+
+/* One frame of a batch read from the spool; jws points into SQLite's buffer and is valid
+ * only during the callback. */
+struct spool_entry {
+        int64_t id;
+        const uint8_t *jws;
+        size_t len;
+};
+
+/* Calls cb for each of the oldest 'max' frames, oldest first. Stops early and returns cb's
+ * negative return value if it fails. Returns the number of frames, or a negative errno. */
+int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_entry *e, void *userdata),
+                     void *userdata);
+
+/* Deletes frames first_id..last_id (the cloud has them). Frames already gone (dropped at the
+ * cap meanwhile) are skipped. Returns 0 and the count and bytes deleted, or a negative errno. */
+int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* Copies frames first_id..last_id into the moved_aside table with the HTTP status and a
+ * reason, then deletes them from the spool, in one transaction. */
+int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
+                     uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* Deletes the n oldest frames (the cap of [spool] max_bytes). */
+int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* The oldest frame's id and arrival time; -ENOENT when the spool is empty. */
+int spool_oldest(struct db *db, int64_t *ret_id, int64_t *ret_received_at_usec);
+
+/* Frames kept in moved_aside. */
+int spool_moved_aside_count(struct db *db, uint64_t *ret);

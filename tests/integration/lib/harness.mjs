@@ -232,3 +232,48 @@ export async function mqttClient(port, opts = {}) {
 export function publish(client, topic, payload, qos = 1) {
   return client.publishAsync(topic, payload, { qos });
 }
+
+// A real software TPM (swtpm) on two loopback ports, with its own state directory.
+export class Swtpm {
+  constructor(dir, port) { this.dir = dir; this.port = port; this.proc = null; }
+
+  get tcti() { return `swtpm:host=127.0.0.1,port=${this.port}`; }
+
+  static async start(dir) {
+    await fs.mkdir(dir, { recursive: true });
+    for (let attempt = 0; attempt < 10; attempt++) {
+      const port = await freePort();
+      const t = new Swtpm(dir, port);
+      try {
+        await t.#spawn();
+        return t;
+      } catch (e) {
+        await t.stop();
+        if (attempt === 9) throw e;
+      }
+    }
+  }
+
+  async #spawn() {
+    this.proc = spawn('swtpm', ['socket', '--tpm2',
+      '--server', `type=tcp,port=${this.port},bindaddr=127.0.0.1`,
+      '--ctrl', `type=tcp,port=${this.port + 1},bindaddr=127.0.0.1`,
+      '--tpmstate', `dir=${this.dir}`, '--flags', 'not-need-init,startup-clear'],
+    { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.stderr = '';
+    this.proc.stderr.on('data', (d) => { this.stderr += d; });
+    const exited = once(this.proc, 'exit').then(() => { throw new Error(`swtpm exited: ${this.stderr}`); });
+    await Promise.race([waitPort(this.port, 5000), exited]);
+    exited.catch(() => {});
+  }
+
+  async stop() {
+    if (!this.proc) return;
+    const p = this.proc;
+    this.proc = null;
+    if (p.exitCode === null && p.signalCode === null) {
+      p.kill('SIGTERM');
+      await once(p, 'exit');
+    }
+  }
+}

@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: MIT */
+/* The relay to the vendor's web service (PROTOCOL.md 3): libcurl's multi interface driven
+ * from the sd-event loop, every request signed with RFC 9421 by the hub key. Frames leave
+ * the spool in batches, one hub key signature per batch, and only after the cloud took them. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "iothub/hub.h"
+
+#define CLOUD_RESPONSE_MAX (1024 * 1024) /* bytes of a response body we read at most */
+#define CLOUD_BACKOFF_MIN_MS 1000u
+#define CLOUD_BACKOFF_MAX_MS 300000u
+#define CLOUD_RETRY_AFTER_MAX_S 3600
+#define CLOUD_TOKEN_MAX 8192
+
+struct cloud;
+
+struct cloud_counters {
+        uint64_t uploaded;      /* frames the cloud accepted */
+        uint64_t rejected;      /* frames the cloud rejected one by one (dropped, not retried) */
+        uint64_t batches;       /* batches answered 200 */
+        uint64_t moved_aside;   /* frames moved aside since start (the table keeps them all) */
+        int64_t last_success;   /* Unix seconds of the last 200, 0 for never */
+        char last_error[256];   /* one line, never a secret */
+        uint64_t backoff_until; /* CLOCK_MONOTONIC usec, 0 when not backing off */
+};
+
+/* Sets up the relay when [cloud] url is set (otherwise *ret = NULL and 0: frames only spool).
+ * Opens the hub key; if there is none yet the relay waits for it and says so in the log and
+ * status. Returns 0 or a negative errno. */
+int cloud_new(struct hub *h, struct cloud **ret);
+void cloud_free(struct cloud *c);
+
+/* New frames were committed to the spool: start a batch if one is due, or arm its timer. */
+void cloud_kick(struct cloud *c);
+/* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
+void cloud_devices_changed(struct cloud *c);
+
+/* POST /v1/hubs/<id> with the hub's JWK; done() is called with the HTTP status (or a
+ * negative errno) and a one-line message. */
+int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
+                   void *userdata);
+
+/* Adds the "cloud" and "key" objects of the status to o. */
+int cloud_status_json(struct cloud *c, json_t *o);
+/* One-line summary for STATUS=. */
+void cloud_status_line(struct cloud *c, char *buf, size_t len);
+
+/* Parses a Retry-After value (RFC 9110 10.2.3: delay-seconds or an HTTP-date) into seconds
+ * from now_s, clamped to 0..CLOUD_RETRY_AFTER_MAX_S. Returns -EINVAL if unparseable. Pure. */
+int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds);
+
+/* The next backoff delay in ms after 'failures' consecutive failures: exponential from
+ * CLOUD_BACKOFF_MIN_MS to CLOUD_BACKOFF_MAX_MS, with full jitter from rnd. Pure. */
+uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd);

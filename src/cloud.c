@@ -1,0 +1,1046 @@
+/* SPDX-License-Identifier: MIT */
+/* The relay to the vendor's web service (PROTOCOL.md 3).
+ *
+ * libcurl's multi socket interface runs on the daemon's sd-event loop: curl tells us which
+ * sockets to watch and when to call it back (CURLMOPT_SOCKETFUNCTION, _TIMERFUNCTION); we
+ * watch them as sd-event io sources and call curl_multi_socket_action() when they are ready
+ * (the shape of systemd's src/import/curl-util.c). The multi handle keeps the connection
+ * cache, so consecutive requests reuse one TLS connection.
+ *
+ * Uploads: at most one status batch in flight. A batch goes when [cloud] batch_max_frames
+ * are waiting or the oldest waiting frame is [cloud] batch_max_delay_ms old. It is the
+ * oldest frames of the spool, sent byte for byte, and they leave the spool only when the
+ * cloud answered 200. Each request costs exactly one hub key signature (RFC 9421). The
+ * list of enrolled bulbs is PUT before any batch that follows a change of it, so that the
+ * cloud can check every frame against the key the hub checked it with. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+
+#include <curl/curl.h>
+#include <openssl/crypto.h>
+
+#include "iothub/cloud.h"
+#include "iothub/httpsig.h"
+#include "iothub/hubkey.h"
+#include "iothub/log.h"
+#include "iothub/registry.h"
+#include "iothub/spool.h"
+
+#define CLOUD_KEY_RETRY_USEC (10 * UINT64_C(1000000))
+#define META_DEVICES_DIRTY "devices_dirty"
+
+enum req_kind { REQ_STATUS, REQ_DEVICES, REQ_REGISTER };
+
+struct cloud_req {
+        struct cloud *cloud;
+        enum req_kind kind;
+        CURL *easy;
+        struct curl_slist *headers;
+        char *url;
+        char *method;
+        char *body;
+        size_t body_len;
+        char *resp;
+        size_t resp_len;
+        char retry_after[64];
+        char errbuf[CURL_ERROR_SIZE];
+        bool retried_401;
+        /* REQ_STATUS: the spool rows in this batch. */
+        int64_t first_id, last_id;
+        unsigned n_frames;
+        /* REQ_REGISTER */
+        void (*register_done)(void *userdata, long status, const char *message);
+        void *register_userdata;
+        struct cloud_req *next; /* in cloud->others */
+};
+
+struct cloud {
+        struct hub *hub;
+        char *base_url; /* without a trailing '/' */
+        CURLM *multi;
+        sd_event_source *curl_timer, *batch_timer, *devices_timer, *key_timer;
+        struct cloud_req *status_req, *devices_req;
+        struct cloud_req *others; /* register requests */
+        bool devices_dirty;
+        unsigned failures, devices_failures;
+        uint64_t devices_backoff_until;
+        char *token;
+        struct cloud_counters counters;
+        json_t *rejected_reasons; /* reason -> count of per-frame rejections by the cloud */
+};
+
+/* libcurl's CURLcode as a negative errno: the one place for them. */
+static int curl_errno(CURLcode rc) {
+        switch (rc) {
+        case CURLE_OK:
+                return 0;
+        case CURLE_OUT_OF_MEMORY:
+                return -ENOMEM;
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+                return -EHOSTUNREACH;
+        case CURLE_COULDNT_CONNECT:
+                return -ECONNREFUSED;
+        case CURLE_OPERATION_TIMEDOUT:
+                return -ETIMEDOUT;
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_SSL_CACERT_BADFILE:
+                return -EPROTO;
+        case CURLE_GOT_NOTHING:
+        case CURLE_SEND_ERROR:
+        case CURLE_RECV_ERROR:
+                return -ECONNRESET;
+        case CURLE_UNSUPPORTED_PROTOCOL:
+                return -EPROTONOSUPPORT;
+        default:
+                return -EIO;
+        }
+}
+
+uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd) {
+        uint64_t cap = CLOUD_BACKOFF_MIN_MS;
+
+        for (unsigned i = 1; i < failures && cap < CLOUD_BACKOFF_MAX_MS; i++)
+                cap *= 2;
+        if (cap > CLOUD_BACKOFF_MAX_MS)
+                cap = CLOUD_BACKOFF_MAX_MS;
+        /* "Full jitter" in the upper half: never retry at once, and hubs that lost the cloud
+         * together do not come back in step. */
+        return cap / 2 + rnd % (cap / 2 + 1);
+}
+
+int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds) {
+        int64_t s = 0;
+        const char *p = value;
+
+        if (!value)
+                return -EINVAL;
+        while (*p == ' ' || *p == '\t')
+                p++;
+        if (*p >= '0' && *p <= '9') {
+                for (; *p >= '0' && *p <= '9'; p++) {
+                        s = s * 10 + (*p - '0');
+                        if (s > CLOUD_RETRY_AFTER_MAX_S)
+                                s = CLOUD_RETRY_AFTER_MAX_S + 1;
+                }
+                while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')
+                        p++;
+                if (*p)
+                        return -EINVAL;
+        } else {
+                time_t t = curl_getdate(p, NULL);
+                if (t == -1)
+                        return -EINVAL;
+                s = (int64_t) t - now_s;
+        }
+        if (s < 0)
+                s = 0;
+        if (s > CLOUD_RETRY_AFTER_MAX_S)
+                s = CLOUD_RETRY_AFTER_MAX_S;
+        *ret_seconds = s;
+        return 0;
+}
+
+static void set_last_error(struct cloud *c, const char *fmt, ...) _printf_(2, 3);
+static void set_last_error(struct cloud *c, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(c->counters.last_error, sizeof c->counters.last_error, fmt, ap);
+        va_end(ap);
+}
+
+/* ---- curl on sd-event ---- */
+
+static void cloud_check_done(struct cloud *c);
+
+static int on_curl_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct cloud *c = userdata;
+        int action = 0, running;
+
+        if (revents & EPOLLIN)
+                action |= CURL_CSELECT_IN;
+        if (revents & EPOLLOUT)
+                action |= CURL_CSELECT_OUT;
+        if (revents & (EPOLLERR | EPOLLHUP))
+                action |= CURL_CSELECT_ERR;
+        (void) curl_multi_socket_action(c->multi, fd, action, &running);
+        cloud_check_done(c);
+        return 0;
+}
+
+static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
+        struct cloud *c = userp;
+        sd_event_source *io = socketp;
+        uint32_t events = 0;
+        int r;
+
+        if (what == CURL_POLL_REMOVE) {
+                if (io) {
+                        (void) curl_multi_assign(c->multi, fd, NULL);
+                        sd_event_source_disable_unref(io);
+                }
+                return 0;
+        }
+        if (what & CURL_POLL_IN)
+                events |= EPOLLIN;
+        if (what & CURL_POLL_OUT)
+                events |= EPOLLOUT;
+        if (io) {
+                r = sd_event_source_set_io_events(io, events);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(io, SD_EVENT_ON);
+        } else {
+                r = sd_event_add_io(c->hub->event, &io, fd, events, on_curl_io, c);
+                if (r >= 0) {
+                        (void) sd_event_source_set_description(io, "curl-io");
+                        (void) curl_multi_assign(c->multi, fd, io);
+                }
+        }
+        return r < 0 ? -1 : 0;
+}
+
+static int on_curl_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct cloud *c = userdata;
+        int running;
+
+        (void) curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        cloud_check_done(c);
+        return 0;
+}
+
+static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+        struct cloud *c = userp;
+        uint64_t now;
+        int r;
+
+        if (timeout_ms < 0)
+                return sd_event_source_set_enabled(c->curl_timer, SD_EVENT_OFF) < 0 ? -1 : 0;
+        (void) sd_event_now(c->hub->event, CLOCK_MONOTONIC, &now);
+        r = sd_event_source_set_time(c->curl_timer, now + (uint64_t) timeout_ms * 1000);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->curl_timer, SD_EVENT_ONESHOT);
+        return r < 0 ? -1 : 0;
+}
+
+/* ---- requests ---- */
+
+static void req_free(struct cloud_req *q) {
+        if (!q)
+                return;
+        if (q->easy) {
+                (void) curl_multi_remove_handle(q->cloud->multi, q->easy);
+                curl_easy_cleanup(q->easy);
+        }
+        /* The header list carries the access token: wipe it. */
+        for (struct curl_slist *l = q->headers; l; l = l->next)
+                OPENSSL_cleanse(l->data, strlen(l->data));
+        curl_slist_free_all(q->headers);
+        free(q->url);
+        free(q->method);
+        free(q->body);
+        free(q->resp);
+        free(q);
+}
+
+static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
+        struct cloud_req *q = userdata;
+        size_t n = size * nmemb;
+
+        /* A bounded read of the answer: beyond the limit the rest is discarded. */
+        if (q->resp_len + n > CLOUD_RESPONSE_MAX)
+                return n;
+        char *t = realloc(q->resp, q->resp_len + n + 1);
+        if (!t)
+                return 0;
+        q->resp = t;
+        memcpy(q->resp + q->resp_len, ptr, n);
+        q->resp_len += n;
+        q->resp[q->resp_len] = '\0';
+        return n;
+}
+
+static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
+        struct cloud_req *q = userdata;
+        size_t n = size * nitems;
+        static const char name[] = "retry-after:";
+
+        if (n > sizeof name - 1 && strncasecmp(buf, name, sizeof name - 1) == 0) {
+                size_t vlen = n - (sizeof name - 1);
+                if (vlen >= sizeof q->retry_after)
+                        vlen = sizeof q->retry_after - 1;
+                memcpy(q->retry_after, buf + sizeof name - 1, vlen);
+                q->retry_after[vlen] = '\0';
+        }
+        return n;
+}
+
+static bool token_is_valid(const char *t) {
+        /* RFC 6750 2.1 b64token: it goes into a header line, so nothing else may pass. */
+        size_t n = strlen(t);
+
+        if (n == 0 || n > CLOUD_TOKEN_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++) {
+                char ch = t[i];
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                      strchr("-._~+/=", ch)))
+                        return false;
+        }
+        return true;
+}
+
+/* (Re)reads the access token. For now from [cloud] bearer_token_file; the OAuth module takes
+ * this place once a user signed in. */
+static int cloud_load_token(struct cloud *c) {
+        const char *path = c->hub->conf->cloud.bearer_token_file;
+        _cleanup_erase_str_ char *t = NULL;
+        size_t len = 0;
+        int r;
+
+        if (!path) {
+                set_last_error(c, "no access token: set [cloud] bearer_token_file");
+                return -ENOKEY;
+        }
+        r = read_file_limited(path, CLOUD_TOKEN_MAX + 2, &t, &len);
+        if (r < 0) {
+                set_last_error(c, "cannot read [cloud] bearer_token_file %s: %s", path, strerror(-r));
+                return r;
+        }
+        while (len > 0 && (t[len - 1] == '\n' || t[len - 1] == '\r' || t[len - 1] == ' '))
+                t[--len] = '\0';
+        if (!token_is_valid(t)) {
+                set_last_error(c, "[cloud] bearer_token_file %s does not hold a valid token", path);
+                return -EINVAL;
+        }
+        erase_and_freep_str(&c->token);
+        c->token = TAKE_PTR(t);
+        return 0;
+}
+
+static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
+                     size_t body_len, struct cloud_req **ret) {
+        struct hub *h = c->hub;
+        struct httpsig_headers sig = {};
+        _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL;
+        struct cloud_req *q;
+        CURLMcode mrc;
+        int r;
+
+        q = calloc(1, sizeof *q);
+        if (!q) {
+                free(body);
+                return -ENOMEM;
+        }
+        q->cloud = c;
+        q->kind = kind;
+        q->body = body;
+        q->body_len = body_len;
+        q->url = strdup_printf("%s%s", c->base_url, path);
+        q->method = strdup(method);
+        auth = strdup_printf("Bearer %s", c->token);
+        if (!q->url || !q->method || !auth) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        r = httpsig_sign(h->hubkey, method, q->url, auth, (const uint8_t *) body, body ? body_len : 0,
+                         (int64_t) (now_realtime_usec() / 1000000), &sig);
+        if (r < 0)
+                goto fail;
+        auth_header = strdup_printf("Authorization: %s", auth);
+        if (!auth_header) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        const char *lines[] = { auth_header, sig.content_digest, sig.signature_input, sig.signature,
+                                body ? "Content-Type: application/json" : NULL, "Accept: application/json",
+                                "Expect:" };
+        for (size_t i = 0; i < ELEMENTSOF(lines); i++) {
+                if (!lines[i])
+                        continue;
+                struct curl_slist *l = curl_slist_append(q->headers, lines[i]);
+                if (!l) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                q->headers = l;
+        }
+        httpsig_headers_done(&sig);
+
+        q->easy = curl_easy_init();
+        if (!q->easy) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        /* HTTPS only, certificate and host name verified (curl's defaults, set explicitly),
+         * no redirects: a signed request goes exactly where it was signed for. */
+        if (curl_easy_setopt(q->easy, CURLOPT_URL, q->url) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_PROTOCOLS_STR, "https") != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYPEER, 1L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_TIMEOUT, (long) h->conf->cloud.timeout_s) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_CONNECTTIMEOUT, 10L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_HTTPHEADER, q->headers) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_CUSTOMREQUEST, method) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_USERAGENT, "iothubd/" IOTHUB_VERSION) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_WRITEFUNCTION, on_write) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_WRITEDATA, q) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_HEADERFUNCTION, on_header) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_HEADERDATA, q) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_ERRORBUFFER, q->errbuf) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_PRIVATE, q) != CURLE_OK) {
+                r = -EINVAL;
+                goto fail;
+        }
+        if (h->conf->cloud.ca_file && curl_easy_setopt(q->easy, CURLOPT_CAINFO, h->conf->cloud.ca_file) != CURLE_OK) {
+                r = -EINVAL;
+                goto fail;
+        }
+        if (body && (curl_easy_setopt(q->easy, CURLOPT_POSTFIELDS, q->body) != CURLE_OK ||
+                     curl_easy_setopt(q->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) body_len) != CURLE_OK)) {
+                r = -EINVAL;
+                goto fail;
+        }
+        mrc = curl_multi_add_handle(c->multi, q->easy);
+        if (mrc != CURLM_OK) {
+                r = mrc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EIO;
+                goto fail;
+        }
+        *ret = q;
+        return 0;
+fail:
+        httpsig_headers_done(&sig);
+        req_free(q);
+        return r;
+}
+
+/* ---- status batches ---- */
+
+static void cloud_maybe_send(struct cloud *c);
+
+static void arm_batch_timer(struct cloud *c, uint64_t at_usec) {
+        int r;
+
+        if (!c->batch_timer)
+                return;
+        r = sd_event_source_set_time(c->batch_timer, at_usec);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->batch_timer, SD_EVENT_ONESHOT);
+        if (r < 0)
+                log_error_errno(r, "Failed to arm the batch timer: %m");
+}
+
+static void cloud_backoff(struct cloud *c, const char *retry_after) {
+        uint32_t rnd = 0;
+        uint64_t delay_ms;
+        int64_t ra;
+
+        c->failures++;
+        (void) random_bytes(&rnd, sizeof rnd);
+        delay_ms = cloud_backoff_ms(c->failures, rnd);
+        /* RFC 9110 10.2.3: the server says how long; we wait at least that. */
+        if (retry_after && retry_after[0] &&
+            cloud_parse_retry_after(retry_after, (int64_t) (now_realtime_usec() / 1000000), &ra) >= 0 &&
+            (uint64_t) ra * 1000 > delay_ms)
+                delay_ms = (uint64_t) ra * 1000;
+        c->counters.backoff_until = now_monotonic_usec() + delay_ms * 1000;
+        arm_batch_timer(c, c->counters.backoff_until);
+        log_debug("Cloud upload backing off for %" PRIu64 " ms", delay_ms);
+}
+
+struct batch_builder {
+        char *buf;
+        size_t len, cap;
+        int64_t first_id, last_id;
+        unsigned n;
+};
+
+static int batch_add(const struct spool_entry *e, void *userdata) {
+        struct batch_builder *b = userdata;
+        size_t need = b->len + e->len + 4;
+
+        /* The frames passed the parser: base64url and dots only. Checked again, since they go
+         * into JSON strings unescaped. */
+        for (size_t i = 0; i < e->len; i++) {
+                uint8_t ch = e->jws[i];
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+                      ch == '_' || ch == '.'))
+                        return -EUCLEAN;
+        }
+        if (need + 3 > b->cap) {
+                size_t cap = b->cap ? b->cap * 2 : 16384;
+                while (cap < need + 3)
+                        cap *= 2;
+                char *t = realloc(b->buf, cap);
+                if (!t)
+                        return -ENOMEM;
+                b->buf = t;
+                b->cap = cap;
+        }
+        if (b->n > 0)
+                b->buf[b->len++] = ',';
+        b->buf[b->len++] = '"';
+        memcpy(b->buf + b->len, e->jws, e->len);
+        b->len += e->len;
+        b->buf[b->len++] = '"';
+        if (b->n == 0)
+                b->first_id = e->id;
+        b->last_id = e->id;
+        b->n++;
+        return 0;
+}
+
+static int cloud_send_batch(struct cloud *c) {
+        struct hub *h = c->hub;
+        struct batch_builder b = {};
+        _cleanup_free_ char *path = NULL;
+        char *body;
+        int r;
+
+        b.cap = 16384;
+        b.buf = malloc(b.cap);
+        if (!b.buf)
+                return -ENOMEM;
+        memcpy(b.buf, "{\"frames\":[", 11);
+        b.len = 11;
+        r = spool_read_batch(h->db, h->conf->cloud.batch_max_frames, batch_add, &b);
+        if (r <= 0) {
+                free(b.buf);
+                return r;
+        }
+        memcpy(b.buf + b.len, "]}", 3);
+        b.len += 2;
+        body = b.buf;
+        path = strdup_printf("/v1/hubs/%s/status", h->conf->hub.id);
+        if (!path) {
+                free(body);
+                return -ENOMEM;
+        }
+        r = req_start(c, REQ_STATUS, "POST", path, body, b.len, &c->status_req);
+        if (r < 0)
+                return r;
+        c->status_req->first_id = b.first_id;
+        c->status_req->last_id = b.last_id;
+        c->status_req->n_frames = b.n;
+        log_debug("Uploading %u frames (%zu bytes)", b.n, b.len);
+        return 0;
+}
+
+static int cloud_open_key(struct cloud *c) {
+        struct hub *h = c->hub;
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (h->hubkey)
+                return 0;
+        r = hubkey_open(h->conf, &h->hubkey, &err);
+        if (r < 0) {
+                set_last_error(c, "no hub key: %s", err ? err : strerror(-r));
+                return r;
+        }
+        if (hubkey_backend(h->hubkey) == KEY_BACKEND_FILE)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
+                          "The hub key is a file (%s), a development aid: use [key] backend = tpm",
+                          h->conf->key.file);
+        log_info("Hub key %s (%s)", hubkey_id(h->hubkey), key_backend_to_string(hubkey_backend(h->hubkey)));
+        return 0;
+}
+
+static void cloud_maybe_send(struct cloud *c) {
+        struct hub *h = c->hub;
+        uint64_t now = now_monotonic_usec();
+        int64_t oldest_usec = 0;
+        int r;
+
+        if (!h->hubkey || !c->token)
+                return;
+        if (c->devices_dirty && !c->devices_req && now >= c->devices_backoff_until) {
+                /* The devices list goes first (see the top of this file). */
+                extern void cloud_send_devices(struct cloud *);
+                cloud_send_devices(c);
+        }
+        if (c->status_req || c->devices_dirty)
+                return;
+        if (c->counters.backoff_until > now)
+                return;
+        c->counters.backoff_until = 0;
+        if (h->spool_pending == 0)
+                return;
+        if (h->spool_pending < h->conf->cloud.batch_max_frames) {
+                r = spool_oldest(h->db, NULL, &oldest_usec);
+                if (r < 0)
+                        return;
+                int64_t age_usec = (int64_t) now_realtime_usec() - oldest_usec;
+                int64_t delay_usec = (int64_t) h->conf->cloud.batch_max_delay_ms * 1000;
+                if (age_usec < delay_usec) {
+                        arm_batch_timer(c, now + (uint64_t) (delay_usec - age_usec));
+                        return;
+                }
+        }
+        r = cloud_send_batch(c);
+        if (r < 0) {
+                set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
+                log_error_errno(r, "Failed to prepare an upload batch: %m");
+                cloud_backoff(c, NULL);
+        }
+}
+
+void cloud_kick(struct cloud *c) {
+        if (c)
+                cloud_maybe_send(c);
+}
+
+static int on_batch_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        cloud_maybe_send(userdata);
+        return 0;
+}
+
+static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frames) {
+        size_t i;
+        json_t *v;
+
+        json_array_foreach(rejected, i, v) {
+                const char *reason = json_string_value(json_object_get(v, "reason"));
+                char key[64];
+
+                if (!reason || strlen(reason) >= sizeof key)
+                        reason = "other";
+                /* Reasons come from the network: keep only a safe token as a counter name. */
+                (void) snprintf(key, sizeof key, "%s", reason);
+                for (char *p = key; *p; p++)
+                        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_'))
+                                *p = '_';
+                json_int_t old = json_integer_value(json_object_get(c->rejected_reasons, key));
+                if (json_object_size(c->rejected_reasons) < 32 || json_object_get(c->rejected_reasons, key))
+                        (void) json_object_set_new(c->rejected_reasons, key, json_integer(old + 1));
+        }
+}
+
+static void on_status_done(struct cloud *c, struct cloud_req *q, long status, int r) {
+        struct hub *h = c->hub;
+        uint64_t count = 0, bytes = 0;
+
+        if (r == 0 && status == 200) {
+                json_error_t jerr;
+                json_t *resp = json_loadb(q->resp ? q->resp : "", q->resp_len, JSON_REJECT_DUPLICATES, &jerr);
+                json_t *acc = json_object_get(resp, "accepted"), *rej = json_object_get(resp, "rejected");
+                if (!json_is_integer(acc) || (rej && !json_is_array(rej))) {
+                        json_decref(resp);
+                        set_last_error(c, "the cloud answered 200 with an unexpected body");
+                        log_warning("Cloud answered 200 with an unexpected body; the batch will be sent again");
+                        cloud_backoff(c, NULL);
+                        return;
+                }
+                size_t n_rej = rej ? json_array_size(rej) : 0;
+                if (n_rej > q->n_frames)
+                        n_rej = q->n_frames;
+                count_rejections(c, rej, q->n_frames);
+                json_decref(resp);
+                /* Accepted and rejected frames both leave: rejected ones are never retried. */
+                r = spool_delete(h->db, q->first_id, q->last_id, &count, &bytes);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to remove an uploaded batch from the spool: %m (%s)",
+                                        db_errmsg(h->db));
+                        cloud_backoff(c, NULL);
+                        return;
+                }
+                h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
+                h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+                c->counters.uploaded += q->n_frames - n_rej;
+                c->counters.rejected += n_rej;
+                c->counters.batches++;
+                c->counters.last_success = (int64_t) (now_realtime_usec() / 1000000);
+                c->counters.last_error[0] = '\0';
+                c->failures = 0;
+                if (n_rej > 0)
+                        log_notice("The cloud rejected %zu of %u frames (dropped, see cloud.rejected)", n_rej,
+                                   q->n_frames);
+                return;
+        }
+        if (r == 0 && status == 401 && !q->retried_401) {
+                /* Once: a fresh token, then the same batch again. */
+                (void) cloud_load_token(c);
+                return;
+        }
+        if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 || status == 401 ||
+            (status >= 300 && status < 400) || (status > 200 && status < 300)) {
+                if (r < 0)
+                        set_last_error(c, "upload failed: %s", q->errbuf[0] ? q->errbuf : strerror(-r));
+                else
+                        set_last_error(c, "upload answered HTTP %ld", status);
+                log_warning("Upload of %u frames failed (%s), retrying later", q->n_frames, c->counters.last_error);
+                cloud_backoff(c, q->retry_after);
+                return;
+        }
+        /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
+        char reason[128];
+        json_error_t jerr;
+        json_t *resp = json_loadb(q->resp ? q->resp : "", q->resp_len, 0, &jerr);
+        const char *e = json_string_value(json_object_get(resp, "error"));
+        (void) snprintf(reason, sizeof reason, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
+        json_decref(resp);
+        for (char *p = reason; *p; p++)
+                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                        *p = '?';
+        r = spool_move_aside(h->db, q->first_id, q->last_id, status, reason, &count, &bytes);
+        if (r < 0) {
+                log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(h->db));
+                cloud_backoff(c, NULL);
+                return;
+        }
+        h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
+        h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+        c->counters.moved_aside += count;
+        set_last_error(c, "a batch was refused (%s) and moved aside", reason);
+        log_event(LOG_ERR, 0, IOTHUB_MID_BATCH_MOVED_ASIDE, NULL, NULL,
+                  "The cloud refused a batch of %" PRIu64 " frames (%s); moved aside, not retried", count, reason);
+}
+
+/* ---- the device list ---- */
+
+static int build_devices_body(struct hub *h, char **ret, size_t *ret_len) {
+        json_t *arr = json_array(), *o;
+        char *s;
+
+        if (!arr)
+                return -ENOMEM;
+        for (size_t i = 0; i < registry_count(h->registry); i++) {
+                struct bulb *b = registry_get(h->registry, i);
+                json_t *jwk = NULL;
+                int r = verify_key_to_jwk(b->key, &jwk);
+                if (r < 0) {
+                        json_decref(arr);
+                        return r;
+                }
+                (void) json_array_append_new(arr, json_pack("{s:s,s:o,s:b}", "id", b->id, "jwk", jwk, "revoked",
+                                                            b->revoked));
+        }
+        o = json_pack("{s:o}", "devices", arr);
+        s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        if (!s)
+                return -ENOMEM;
+        *ret = s;
+        *ret_len = strlen(s);
+        return 0;
+}
+
+void cloud_send_devices(struct cloud *c);
+void cloud_send_devices(struct cloud *c) {
+        struct hub *h = c->hub;
+        _cleanup_free_ char *path = NULL;
+        char *body = NULL;
+        size_t len = 0;
+        int r;
+
+        r = build_devices_body(h, &body, &len);
+        if (r >= 0) {
+                path = strdup_printf("/v1/hubs/%s/devices", h->conf->hub.id);
+                if (!path) {
+                        free(body);
+                        r = -ENOMEM;
+                }
+        }
+        if (r >= 0)
+                r = req_start(c, REQ_DEVICES, "PUT", path, body, len, &c->devices_req);
+        if (r < 0)
+                log_error_errno(r, "Failed to send the list of bulbs: %m");
+}
+
+static void on_devices_done(struct cloud *c, struct cloud_req *q, long status, int r) {
+        struct hub *h = c->hub;
+        uint32_t rnd = 0;
+
+        if (r == 0 && status >= 200 && status < 300) {
+                c->devices_dirty = false;
+                c->devices_failures = 0;
+                c->devices_backoff_until = 0;
+                r = db_meta_set(h->db, META_DEVICES_DIRTY, "0");
+                if (r < 0)
+                        log_warning_errno(r, "Failed to record the bulb list as sent: %m");
+                log_info("Sent the list of %zu bulbs to the cloud", registry_count(h->registry));
+                return;
+        }
+        if (r == 0 && status == 401)
+                (void) cloud_load_token(c);
+        if (r < 0)
+                set_last_error(c, "sending the bulb list failed: %s", q->errbuf[0] ? q->errbuf : strerror(-r));
+        else
+                set_last_error(c, "sending the bulb list answered HTTP %ld", status);
+        log_warning("%s; retrying later", c->counters.last_error);
+        c->devices_failures++;
+        (void) random_bytes(&rnd, sizeof rnd);
+        c->devices_backoff_until = now_monotonic_usec() + cloud_backoff_ms(c->devices_failures, rnd) * 1000;
+        arm_batch_timer(c, c->devices_backoff_until);
+}
+
+void cloud_devices_changed(struct cloud *c) {
+        int r;
+
+        if (!c)
+                return;
+        c->devices_dirty = true;
+        /* Persisted: a restart before the PUT still sends it. */
+        r = db_meta_set(c->hub->db, META_DEVICES_DIRTY, "1");
+        if (r < 0)
+                log_warning_errno(r, "Failed to record a change of the bulb list: %m");
+        c->devices_backoff_until = 0;
+        cloud_maybe_send(c);
+}
+
+/* ---- register ---- */
+
+int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
+                   void *userdata) {
+        struct hub *h = c->hub;
+        _cleanup_free_ char *path = NULL;
+        struct cloud_req *q = NULL;
+        json_t *jwk = NULL, *o;
+        char *body;
+        int r;
+
+        r = cloud_open_key(c);
+        if (r < 0)
+                return r;
+        if (!c->token && cloud_load_token(c) < 0)
+                return -ENOKEY;
+        r = hubkey_public_jwk(h->hubkey, &jwk);
+        if (r < 0)
+                return r;
+        o = json_pack("{s:o}", "jwk", jwk);
+        body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        path = strdup_printf("/v1/hubs/%s", h->conf->hub.id);
+        if (!body || !path) {
+                free(body);
+                return -ENOMEM;
+        }
+        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), &q);
+        if (r < 0)
+                return r;
+        q->register_done = done;
+        q->register_userdata = userdata;
+        q->next = c->others;
+        c->others = q;
+        return 0;
+}
+
+/* ---- completion ---- */
+
+static void cloud_check_done(struct cloud *c) {
+        CURLMsg *msg;
+        int left;
+
+        while ((msg = curl_multi_info_read(c->multi, &left))) {
+                struct cloud_req *q = NULL;
+                long status = 0;
+                int r;
+
+                if (msg->msg != CURLMSG_DONE)
+                        continue;
+                (void) curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &q);
+                if (!q)
+                        continue;
+                r = curl_errno(msg->data.result);
+                if (r == 0)
+                        (void) curl_easy_getinfo(q->easy, CURLINFO_RESPONSE_CODE, &status);
+                switch (q->kind) {
+                case REQ_STATUS:
+                        c->status_req = NULL;
+                        if (r == 0 && status == 401 && !q->retried_401) {
+                                on_status_done(c, q, status, r);
+                                /* Retry the same frames once with the fresh token. */
+                                if (cloud_send_batch(c) >= 0 && c->status_req)
+                                        c->status_req->retried_401 = true;
+                                break;
+                        }
+                        on_status_done(c, q, status, r);
+                        break;
+                case REQ_DEVICES:
+                        c->devices_req = NULL;
+                        on_devices_done(c, q, status, r);
+                        break;
+                case REQ_REGISTER: {
+                        char message[256];
+                        for (struct cloud_req **p = &c->others; *p; p = &(*p)->next)
+                                if (*p == q) {
+                                        *p = q->next;
+                                        break;
+                                }
+                        if (r < 0)
+                                (void) snprintf(message, sizeof message, "%s",
+                                                q->errbuf[0] ? q->errbuf : strerror(-r));
+                        else if (status == 200 || status == 201)
+                                (void) snprintf(message, sizeof message, "registered");
+                        else if (status == 409)
+                                (void) snprintf(message, sizeof message,
+                                                "this hub is registered to another account");
+                        else
+                                (void) snprintf(message, sizeof message, "the cloud answered HTTP %ld", status);
+                        if (q->register_done)
+                                q->register_done(q->register_userdata, r < 0 ? r : status, message);
+                        break;
+                }
+                }
+                req_free(q);
+        }
+        cloud_maybe_send(c);
+}
+
+static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct cloud *c = userdata;
+
+        if (cloud_open_key(c) < 0) {
+                (void) sd_event_source_set_time(s, usec + CLOUD_KEY_RETRY_USEC);
+                return 0;
+        }
+        (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+        cloud_maybe_send(c);
+        return 0;
+}
+
+int cloud_new(struct hub *h, struct cloud **ret) {
+        _cleanup_free_ char *dirty = NULL;
+        struct cloud *c;
+        size_t n;
+        int r;
+
+        if (!h->conf->cloud.url) {
+                *ret = NULL;
+                return 0;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->hub = h;
+        c->rejected_reasons = json_object();
+        c->base_url = strdup(h->conf->cloud.url);
+        if (!c->rejected_reasons || !c->base_url) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        n = strlen(c->base_url);
+        while (n > 0 && c->base_url[n - 1] == '/')
+                c->base_url[--n] = '\0';
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+                r = -EIO;
+                goto fail;
+        }
+        c->multi = curl_multi_init();
+        if (!c->multi) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        (void) curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb);
+        (void) curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+        (void) curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb);
+        (void) curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+        r = sd_event_add_time(h->event, &c->curl_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_curl_timer, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->curl_timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time(h->event, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_batch_timer, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
+        if (r < 0)
+                goto fail;
+
+        /* The bulb list is dirty after a change not yet sent, and on the very first start. */
+        r = db_meta_get(h->db, META_DEVICES_DIRTY, &dirty);
+        c->devices_dirty = r == -ENOENT ? true : (r >= 0 && streq(dirty, "1"));
+
+        if (h->conf->cloud.bearer_token_file)
+                log_warning("Using the fixed access token of [cloud] bearer_token_file, for tests and development "
+                            "only");
+        r = cloud_load_token(c);
+        if (r < 0)
+                log_error("Cloud uploads wait: %s", c->counters.last_error);
+        r = cloud_open_key(c);
+        if (r < 0) {
+                log_error("Cloud uploads wait: %s", c->counters.last_error);
+                r = sd_event_add_time_relative(h->event, &c->key_timer, CLOCK_MONOTONIC, CLOUD_KEY_RETRY_USEC, 0,
+                                               on_key_timer, c);
+                if (r < 0)
+                        goto fail;
+        }
+        *ret = c;
+        return 0;
+fail:
+        cloud_free(c);
+        return r;
+}
+
+void cloud_free(struct cloud *c) {
+        if (!c)
+                return;
+        req_free(c->status_req);
+        req_free(c->devices_req);
+        while (c->others) {
+                struct cloud_req *q = c->others;
+                c->others = q->next;
+                if (q->register_done)
+                        q->register_done(q->register_userdata, -ECANCELED, "the daemon is stopping");
+                req_free(q);
+        }
+        if (c->multi)
+                (void) curl_multi_cleanup(c->multi);
+        sd_event_source_disable_unref(c->curl_timer);
+        sd_event_source_disable_unref(c->batch_timer);
+        sd_event_source_disable_unref(c->devices_timer);
+        sd_event_source_disable_unref(c->key_timer);
+        erase_and_freep_str(&c->token);
+        json_decref(c->rejected_reasons);
+        free(c->base_url);
+        free(c);
+}
+
+int cloud_status_json(struct cloud *c, json_t *o) {
+        struct hub *h = c ? c->hub : NULL;
+        uint64_t now = now_monotonic_usec();
+        json_t *cl, *key;
+
+        if (!c) {
+                (void) json_object_set_new(o, "cloud", json_pack("{s:b}", "configured", 0));
+                return 0;
+        }
+        cl = json_pack("{s:b,s:I,s:I,s:I,s:O,s:I,s:s*,s:I}", "configured", 1, "uploaded",
+                       (json_int_t) c->counters.uploaded, "batches", (json_int_t) c->counters.batches,
+                       "rejected", (json_int_t) c->counters.rejected, "rejected_reasons", c->rejected_reasons,
+                       "last_success", (json_int_t) c->counters.last_success, "last_error",
+                       c->counters.last_error[0] ? c->counters.last_error : NULL, "backoff_s",
+                       (json_int_t) (c->counters.backoff_until > now
+                                             ? (c->counters.backoff_until - now + 999999) / 1000000
+                                             : 0));
+        if (!cl)
+                return -ENOMEM;
+        (void) json_object_set_new(cl, "devices_synced", json_boolean(!c->devices_dirty));
+        (void) json_object_set_new(o, "cloud", cl);
+        if (h->hubkey)
+                key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
+                                hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
+        else
+                key = json_pack("{s:s,s:n,s:I}", "backend", key_backend_to_string(h->conf->key.backend), "id",
+                                "signatures", (json_int_t) 0);
+        (void) json_object_set_new(o, "key", key);
+        return 0;
+}
+
+void cloud_status_line(struct cloud *c, char *buf, size_t len) {
+        uint64_t now = now_monotonic_usec();
+
+        if (!c)
+                (void) snprintf(buf, len, "cloud not configured");
+        else if (c->counters.backoff_until > now)
+                (void) snprintf(buf, len, "cloud retry in %" PRIu64 " s (%s)",
+                                (c->counters.backoff_until - now) / 1000000, c->counters.last_error);
+        else if (c->counters.last_error[0])
+                (void) snprintf(buf, len, "cloud: %s", c->counters.last_error);
+        else if (c->counters.last_success)
+                (void) snprintf(buf, len, "last upload at %" PRId64, c->counters.last_success);
+        else
+                (void) snprintf(buf, len, "no upload yet");
+}

@@ -1,0 +1,251 @@
+// The relay to the cloud (issue 4): the hub key in a real software TPM, every request signed
+// (RFC 9421) and checked by the reference cloud with independent code, batches, and no frame
+// lost or duplicated through outages, error bursts, 429, 401, 4xx, a kill -9 and a broker
+// restart.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { calculateJwkThumbprint } from 'jose';
+import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Bulb } from './lib/bulb.mjs';
+import { startCloud } from '../cloud/server.mjs';
+
+const PREFIX = 'iothub/v1/bulbs';
+const TOKEN = 'tok-relay-test-0123456789';
+let dir, tpm, broker, cloud, hub, client, bulbs, keyJwk;
+
+function hubOverrides(extra = {}) {
+  return {
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
+      batch_max_frames: 20, batch_max_delay_ms: 300, timeout_s: 5, ...extra },
+  };
+}
+
+async function enrol(h, bulb) {
+  const f = path.join(h.dir, `${bulb.id}.pem`);
+  await fs.writeFile(f, bulb.pem);
+  const r = await h.ctl(['bulb', 'add', bulb.id, '--key', f]);
+  assert.equal(r.code, 0, r.stderr);
+}
+
+const hubState = () => cloud.state.hubs.get('test-hub');
+const cloudFrames = (dev) => cloud.state.frames.filter((f) => f.dev === dev);
+
+// Publishes n frames per bulb, round robin; returns them.
+async function publishFrames(n, list = bulbs) {
+  const sent = [];
+  for (let i = 0; i < n; i++) {
+    for (const b of list) {
+      const jws = await b.frame();
+      sent.push({ dev: b.id, seq: b.seq, jws });
+      await client.publishAsync(`${PREFIX}/${b.id}/status`, jws, { qos: 1 });
+    }
+  }
+  return sent;
+}
+
+// Every frame sent reached the cloud exactly once, byte for byte, in order per bulb.
+async function assertAllDelivered(sent, timeoutMs = 20000) {
+  await waitFor(() => sent.every((s) => cloud.state.frames.some((f) => f.dev === s.dev && f.seq === s.seq)),
+    timeoutMs, `all ${sent.length} frames at the cloud`);
+  for (const b of bulbs) {
+    const got = cloudFrames(b.id);
+    const seqs = got.map((f) => f.seq);
+    assert.deepEqual(seqs, [...new Set(seqs)], `no duplicate stored for ${b.id}`);
+    assert.deepEqual(seqs, [...seqs].sort((a, c) => a - c), `in order for ${b.id}`);
+  }
+  for (const s of sent) assert.equal(cloud.state.frames.find((f) => f.dev === s.dev && f.seq === s.seq).jws, s.jws);
+}
+
+before(async () => {
+  dir = await tempDir();
+  await fs.chmod(dir, 0o755);
+  tpm = await Swtpm.start(path.join(dir, 'tpm'));
+  broker = await Broker.start(dir);
+  cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  // The key is made before the daemon runs: swtpm serves one client at a time, and the
+  // daemon keeps its connection (a real /dev/tpmrm0 multiplexes).
+  const pre = new Hub(await tempDir(), broker, {});
+  pre.overrides = hubOverrides();
+  await pre.writeConfig();
+  let r = await pre.ctl(['key', 'init']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /Created hub key/);
+  r = await pre.ctl(['key', 'init']);
+  assert.match(r.stdout, /Kept the existing hub key/);
+  r = await pre.ctl(['key', 'show', '--jwk']);
+  assert.equal(r.code, 0, r.stderr);
+  keyJwk = JSON.parse(r.stdout);
+  await fs.rm(pre.dir, { recursive: true, force: true });
+
+  hub = await Hub.start(broker, hubOverrides());
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
+  r = await hub.ctl(['register']);
+  assert.equal(r.code, 0, r.stderr);
+  client = await mqttClient(broker.port);
+  bulbs = [await Bulb.create('relay-es', 'ES256'), await Bulb.create('relay-ed', 'EdDSA')];
+  for (const b of bulbs) await enrol(hub, b);
+  await waitFor(() => hubState()?.devices?.size === 2, 5000, 'device list at the cloud');
+});
+
+after(async () => {
+  await client?.endAsync();
+  await hub?.cleanup();
+  await cloud?.close();
+  await broker?.stop();
+  await tpm?.stop();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+test('the hub key lives in the TPM; its id is the RFC 7638 thumbprint the cloud registered', async () => {
+  const { kid, ...jwk } = keyJwk;
+  assert.deepEqual(Object.keys(jwk).sort(), ['crv', 'kty', 'x', 'y']);
+  assert.equal(kid, await calculateJwkThumbprint(jwk, 'sha256'));
+  const st = await hub.status();
+  assert.equal(st.key.backend, 'tpm');
+  assert.equal(st.key.id, kid);
+  assert.equal(hubState().kid, kid);
+  assert.equal(hubState().account, 'alice');
+});
+
+test('N frames in, exactly N distinct frames at the cloud, in order per bulb', async () => {
+  const sent = await publishFrames(30);
+  await assertAllDelivered(sent);
+  const st = await hub.status();
+  assert.equal(st.spool.pending, 0);
+  assert.ok(st.cloud.uploaded >= 60);
+  assert.ok(st.cloud.last_success > 0);
+});
+
+test('batches honour batch_max_frames and batch_max_delay_ms', async () => {
+  const before = cloud.state.batches.length;
+  const sent = await publishFrames(25); // 50 frames, published fast
+  await assertAllDelivered(sent);
+  const batches = cloud.state.batches.slice(before);
+  assert.ok(batches.every((b) => b.count <= 20), `sizes ${batches.map((b) => b.count)}`);
+  assert.ok(batches.some((b) => b.count === 20), 'a full batch went at once');
+  // One lone frame waits for the delay, then goes.
+  const t0 = Date.now();
+  const one = await publishFrames(1, [bulbs[0]]);
+  await assertAllDelivered(one);
+  const waited = Date.now() - t0;
+  assert.ok(waited >= 250, `a lone frame went after ${waited} ms, before the 300 ms delay`);
+  assert.ok(waited < 300 + 1500, `a lone frame took ${waited} ms`);
+});
+
+test('one TPM signature per request: the hub counts as many as the cloud verified', async () => {
+  const k0 = (await hub.status()).key.signatures, c0 = cloud.state.signatures, b0 = cloud.state.batches.length;
+  const sent = await publishFrames(20);
+  await assertAllDelivered(sent);
+  await sleep(100);
+  const k1 = (await hub.status()).key.signatures, c1 = cloud.state.signatures, b1 = cloud.state.batches.length;
+  assert.equal(k1 - k0, c1 - c0);
+  assert.equal(k1 - k0, b1 - b0, 'every signature in this window was a batch');
+});
+
+test('cloud down for a while: frames wait in the spool, then all arrive', async () => {
+  await cloud.control.down();
+  const sent = await publishFrames(15);
+  await waitFor(async () => (await hub.status()).cloud.last_error, 5000, 'an upload error');
+  const st = await hub.status();
+  assert.ok(st.spool.pending > 0);
+  assert.ok(st.cloud.backoff_s >= 0);
+  await sleep(1500);
+  await cloud.control.up();
+  await assertAllDelivered(sent, 30000);
+});
+
+test('5xx bursts are retried with backoff', async () => {
+  const r0 = cloud.state.requests.length;
+  await cloud.control.fail({ status: 503, count: 3 });
+  const sent = await publishFrames(10);
+  await assertAllDelivered(sent, 30000);
+  const reqs = cloud.state.requests.slice(r0).filter((q) => q.url.endsWith('/status'));
+  assert.equal(reqs.filter((q) => q.status === 503).length, 3, 'three 503 answers');
+  // Backoff: the retries are spaced out, not hammered.
+  const t = reqs.filter((q) => q.status === 503).map((q) => q.at);
+  assert.ok(t[2] - t[0] >= 1000, `three attempts within ${t[2] - t[0]} ms`);
+});
+
+test('429 with Retry-After is honoured', async () => {
+  const r0 = cloud.state.requests.length;
+  await cloud.control.fail({ status: 429, retryAfter: 2, count: 1 });
+  const sent = await publishFrames(5);
+  await assertAllDelivered(sent, 30000);
+  const reqs = cloud.state.requests.slice(r0).filter((q) => q.url.endsWith('/status'));
+  const i429 = reqs.findIndex((q) => q.status === 429);
+  assert.ok(i429 >= 0, 'a 429 was answered');
+  const next = reqs[i429 + 1];
+  assert.ok(next.at - reqs[i429].at >= 1900, `retried after ${next.at - reqs[i429].at} ms`);
+});
+
+test('401: the token is read again and the batch sent once more at once', async () => {
+  const r0 = cloud.state.requests.length;
+  await cloud.control.fail({ status: 401, count: 1 });
+  const sent = await publishFrames(5);
+  await assertAllDelivered(sent);
+  const reqs = cloud.state.requests.slice(r0).filter((q) => q.url.endsWith('/status'));
+  const i401 = reqs.findIndex((q) => q.status === 401);
+  assert.ok(i401 >= 0);
+  assert.ok(reqs[i401 + 1].at - reqs[i401].at < 1000, 'no backoff after the first 401');
+});
+
+test('a batch refused with another 4xx is moved aside, counted, and not retried', async () => {
+  const st0 = await hub.status();
+  await cloud.control.fail({ status: 400, count: 1 });
+  const lost = await publishFrames(3);
+  await waitFor(async () => (await hub.status()).spool.moved_aside > st0.spool.moved_aside, 10000, 'moved aside');
+  const st1 = await hub.status();
+  assert.equal(st1.spool.moved_aside - st0.spool.moved_aside, lost.length);
+  assert.match(st1.cloud.last_error, /moved aside/);
+  const sent = await publishFrames(3);
+  await assertAllDelivered(sent);
+  for (const l of lost) assert.ok(!cloud.state.frames.some((f) => f.dev === l.dev && f.seq === l.seq));
+});
+
+test('frames the cloud rejects one by one are dropped and counted', async () => {
+  const st0 = await hub.status();
+  await cloud.control.fail({ rejectFrames: [0], reason: 'test_reason', count: 1 });
+  await publishFrames(2);
+  await waitFor(async () => (await hub.status()).cloud.rejected > st0.cloud.rejected, 10000, 'a rejection');
+  const st1 = await hub.status();
+  assert.equal(st1.cloud.rejected - st0.cloud.rejected, 1);
+  assert.equal(st1.cloud.rejected_reasons.test_reason, 1);
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 5000, 'spool empty');
+});
+
+test('kill -9 of the daemon mid-batch loses nothing and stores nothing twice', async () => {
+  await cloud.control.fail({ drop: true, after: true, count: 1 }); // stored, but the answer never comes
+  const sent = await publishFrames(10);
+  await waitFor(() => sent.some((s) => cloud.state.frames.some((f) => f.dev === s.dev && f.seq === s.seq)), 10000,
+    'the batch reached the cloud');
+  hub.proc.kill('SIGKILL');
+  await hub.exited;
+  await hub.stop();
+  await hub.start();
+  await assertAllDelivered(sent, 30000);
+  assert.ok(cloud.state.duplicates > 0, 'the batch was sent again and de-duplicated by the cloud');
+});
+
+test('a broker restart mid-stream loses nothing on the way to the cloud', async () => {
+  const sent = [];
+  const pub = await mqttClient(broker.port, { clean: false, clientId: `relay-pub-${process.pid}` });
+  for (let i = 0; i < 40; i++) {
+    for (const b of bulbs) {
+      const jws = await b.frame();
+      sent.push({ dev: b.id, seq: b.seq, jws });
+      pub.publish(`${PREFIX}/${b.id}/status`, jws, { qos: 1 });
+    }
+    if (i === 15) await broker.restart(300);
+  }
+  await assertAllDelivered(sent, 40000);
+  await pub.endAsync();
+});
+
+test('the access token never reaches the log', async () => {
+  assert.ok(!hub.log.includes(TOKEN));
+  assert.match(hub.log, /bearer_token_file, for tests and development only/);
+});
