@@ -99,7 +99,7 @@ fuzz-corpus: $(FUZZ_BINS)
 	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz-}; echo "== $$f tests/fuzz/corpus/$$n"; $$f tests/fuzz/corpus/$$n; done
 
 integration: all tools
-	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node --test --test-concurrency=1 integration/
+	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node --test --test-concurrency=1 integration/ cloud/
 
 check: all unit fuzz-corpus integration
 
