@@ -131,10 +131,10 @@ static void test_open_creates_private_wal_db(void **state) {
         sqlite3_finalize(s);
         assert_int_equal(query_int(db, "PRAGMA synchronous"), 2); /* FULL */
         assert_int_equal(query_int(db, "PRAGMA foreign_keys"), 1);
-        assert_int_equal(query_int(db, "PRAGMA user_version"), 1);
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 2);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND "
-                                       "name IN ('bulbs', 'spool', 'meta')"),
-                         3);
+                                       "name IN ('bulbs', 'spool', 'meta', 'moved_aside')"),
+                         4);
 
         /* The WAL and its index take the database's mode. */
         assert_int_equal(spool_append(db, "bulb-1", 1, (const uint8_t *) "x.y.z", 5, 1), 0);
@@ -146,7 +146,7 @@ static void test_open_creates_private_wal_db(void **state) {
 
         /* Opening again migrates nothing and keeps the data. */
         db = open_db();
-        assert_int_equal(query_int(db, "PRAGMA user_version"), 1);
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 2);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 1);
         db_close(db);
 }
@@ -589,6 +589,94 @@ static void test_rate(void **state) {
         db_close(db);
 }
 
+static int collect(const struct spool_entry *e, void *userdata) {
+        int64_t *ids = userdata;
+
+        for (int i = 0; i < 8; i++)
+                if (ids[i] == 0) {
+                        ids[i] = e->id;
+                        return e->len == 5 && memcmp(e->jws, "a.b.c", 5) == 0 ? 0 : -EBADMSG;
+                }
+        return -ENOBUFS;
+}
+
+static void test_spool_relay(void **state) {
+        struct db *db = open_db();
+        uint64_t count = 0, bytes = 0, n = 0;
+        int64_t ids[8] = { 0 }, oldest = 0, at = 0;
+        char *v = NULL;
+
+        assert_int_equal(spool_oldest(db, &oldest, &at), -ENOENT);
+        assert_int_equal(db_begin(db), 0);
+        for (int i = 1; i <= 6; i++)
+                assert_int_equal(spool_append(db, "bulb-1", i, (const uint8_t *) "a.b.c", 5, 100 * i), 0);
+        assert_int_equal(db_commit(db), 0);
+
+        /* Oldest first, bounded by max. */
+        assert_int_equal(spool_read_batch(db, 4, collect, ids), 4);
+        assert_true(ids[0] < ids[1] && ids[1] < ids[2] && ids[2] < ids[3]);
+        assert_int_equal(ids[4], 0);
+        assert_int_equal(spool_oldest(db, &oldest, &at), 0);
+        assert_int_equal(oldest, ids[0]);
+        assert_int_equal(at, 100);
+
+        /* Acknowledged: the range goes; a second delete of it finds nothing. */
+        assert_int_equal(spool_delete(db, ids[0], ids[1], &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(bytes, 10);
+        assert_int_equal(spool_delete(db, ids[0], ids[1], &count, &bytes), 0);
+        assert_int_equal(count, 0);
+
+        /* Refused for good: kept aside, not in the spool. */
+        assert_int_equal(spool_move_aside(db, ids[2], ids[2], 400, "HTTP 400: bad", &count, &bytes), 0);
+        assert_int_equal(count, 1);
+        assert_int_equal(spool_moved_aside_count(db, &n), 0);
+        assert_int_equal(n, 1);
+        assert_int_equal(query_int(db, "SELECT http_status FROM moved_aside"), 400);
+
+        /* At the cap: the oldest go first. */
+        assert_int_equal(spool_drop_oldest(db, 2, &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(spool_stats(db, &n, &bytes), 0);
+        assert_int_equal(n, 1);
+        assert_int_equal(query_int(db, "SELECT seq FROM spool"), 6);
+
+        assert_int_equal(db_meta_get(db, "k", &v), -ENOENT);
+        assert_int_equal(db_meta_set(db, "k", "1"), 0);
+        assert_int_equal(db_meta_set(db, "k", "0"), 0);
+        assert_int_equal(db_meta_get(db, "k", &v), 0);
+        assert_string_equal(v, "0");
+        free(v);
+        db_close(db);
+}
+
+/* A database written by schema version 1 is brought to version 2 and keeps its frames. */
+static void test_migrate_v1(void **state) {
+        sqlite3 *raw = NULL;
+        struct db *db;
+
+        assert_int_equal(sqlite3_open(T.path, &raw), SQLITE_OK);
+        assert_int_equal(sqlite3_exec(raw,
+                                      "CREATE TABLE bulbs (id TEXT PRIMARY KEY, alg TEXT NOT NULL, pubkey_pem TEXT "
+                                      "NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, last_seq INTEGER NOT NULL "
+                                      "DEFAULT 0, enrolled_at INTEGER NOT NULL, revoked_at INTEGER) STRICT;"
+                                      "CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, dev TEXT NOT NULL, "
+                                      "seq INTEGER NOT NULL, received_at_usec INTEGER NOT NULL, jws BLOB NOT NULL, "
+                                      "UNIQUE (dev, seq)) STRICT;"
+                                      "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) STRICT;"
+                                      "INSERT INTO spool (dev, seq, received_at_usec, jws) VALUES ('b', 1, 1, x'41');"
+                                      "PRAGMA user_version = 1;",
+                                      NULL, NULL, NULL),
+                         SQLITE_OK);
+        sqlite3_close(raw);
+        assert_int_equal(chmod(T.path, 0600), 0);
+        db = open_db();
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 2);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM moved_aside"), 0);
+        db_close(db);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_open_creates_private_wal_db, setup, teardown),
@@ -599,6 +687,8 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_seq, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_registry_damaged_rows, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rate, setup, teardown),
         };
 
