@@ -1,25 +1,55 @@
-// make demo: the hub's main job end to end, all local. A private mosquitto, the daemon, and
-// three simulated bulbs signing with jose; one also sends a forgery, a replay and junk.
+// make demo: the hub's main job end to end, all local. A private mosquitto, a software TPM
+// holding the hub key, the reference cloud, the daemon, and three simulated bulbs signing
+// with jose; one of them also sends a forgery, a replay and junk. Frames flow bulb -> broker
+// -> iothubd (checked, spooled) -> cloud (signed batches, checked independently there).
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Broker, Hub, mqttClient, tempDir, waitFor, sleep } from '../integration/lib/harness.mjs';
+import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from '../integration/lib/harness.mjs';
 import { Bulb } from '../integration/lib/bulb.mjs';
+import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
+const TOKEN = 'demo-token-0123456789abcdef';
+const step = (s) => console.log(`\n== ${s}`);
 const dir = await tempDir('iothub-demo-');
+await fs.chmod(dir, 0o755);
+const tpm = await Swtpm.start(path.join(dir, 'tpm'));
 const broker = await Broker.start(dir);
-console.log(`mosquitto on 127.0.0.1:${broker.port}`);
-const hub = await Hub.start(broker, { frames: { rate_per_device: 20 } });
-console.log(`iothubd running, config ${hub.configPath}`);
+const cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'demo-user' } });
+await fs.writeFile(path.join(dir, 'token'), TOKEN, { mode: 0o600 });
+console.log(`swtpm ${tpm.tcti}; mosquitto 127.0.0.1:${broker.port}; reference cloud ${cloud.url}`);
+const overrides = {
+  frames: { rate_per_device: 20 },
+  key: { backend: 'tpm', tcti: tpm.tcti },
+  cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'), batch_max_delay_ms: 1000 },
+};
+let hub;
 try {
+  step('iothubctl key init (the hub key is made inside the TPM and never leaves it)');
+  const pre = new Hub(dir, broker, overrides);
+  await pre.writeConfig();
+  let r = await pre.ctl(['key', 'init']);
+  process.stdout.write(r.stdout || r.stderr);
+  r = await pre.ctl(['key', 'show', '--jwk']);
+  process.stdout.write(r.stdout || r.stderr);
+
+  step('iothubd starts');
+  hub = await Hub.start(broker, overrides, { dir });
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'MQTT connection');
+  step('iothubctl register');
+  r = await hub.ctl(['register']);
+  process.stdout.write(r.stdout || r.stderr);
+
+  step('iothubctl bulb add');
   const bulbs = [await Bulb.create('kitchen', 'ES256'), await Bulb.create('hall', 'EdDSA'), await Bulb.create('porch', 'ES256')];
   for (const b of bulbs) {
     const f = path.join(dir, `${b.id}.pem`);
     await fs.writeFile(f, b.pem);
-    const r = await hub.ctl(['bulb', 'add', b.id, '--key', f]);
+    r = await hub.ctl(['bulb', 'add', b.id, '--key', f]);
     process.stdout.write(r.stdout || r.stderr);
   }
+
+  step('bulbs publish signed status frames for 10 seconds');
   const client = await mqttClient(broker.port);
   const send = (dev, payload) => client.publishAsync(`${PREFIX}/${dev}/status`, payload, { qos: 1 });
   const impostor = await Bulb.create('kitchen', 'ES256');
@@ -35,14 +65,23 @@ try {
     await sleep(1000);
   }
   await client.endAsync();
-  await sleep(300);
-  console.log('\n$ iothubctl status');
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 10000, 'the spool drained');
+
+  step('iothubctl status');
   process.stdout.write((await hub.ctl(['status'])).stdout);
-  console.log('\n$ iothubctl bulb list');
+  step('iothubctl bulb list');
   process.stdout.write((await hub.ctl(['bulb', 'list'])).stdout);
-  console.log('\nDaemon log:');
+  step('what the reference cloud received and verified independently');
+  const byDev = {};
+  for (const f of cloud.state.frames) byDev[f.dev] = (byDev[f.dev] ?? 0) + 1;
+  console.log(`frames: ${JSON.stringify(byDev)}; batches: ${cloud.state.batches.length}; ` +
+    `request signatures verified: ${cloud.state.signatures}; refused requests: ${JSON.stringify(cloud.state.failures)}`);
+  step('the daemon log');
   process.stdout.write(hub.log);
 } finally {
-  await hub.cleanup();
+  await hub?.cleanup();
+  await cloud.close();
   await broker.stop();
+  await tpm.stop();
+  await fs.rm(dir, { recursive: true, force: true });
 }
