@@ -1,11 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* The relay to the vendor's web service (PROTOCOL.md 3).
  *
- * libcurl's multi socket interface runs on the daemon's sd-event loop: curl tells us which
- * sockets to watch and when to call it back (CURLMOPT_SOCKETFUNCTION, _TIMERFUNCTION); we
- * watch them as sd-event io sources and call curl_multi_socket_action() when they are ready
- * (the shape of systemd's src/import/curl-util.c). The multi handle keeps the connection
- * cache, so consecutive requests reuse one TLS connection.
+ * Requests go through http.c: libcurl's multi interface on the daemon's sd-event loop,
+ * whose connection cache lets consecutive requests reuse one TLS connection.
  *
  * Uploads: at most one status batch in flight. A batch goes when [cloud] batch_max_frames
  * are waiting or the oldest waiting frame is [cloud] batch_max_delay_ms old. It is the
@@ -21,6 +18,7 @@
 #include <openssl/crypto.h>
 
 #include "iothub/cloud.h"
+#include "iothub/http.h"
 #include "iothub/httpsig.h"
 #include "iothub/hubkey.h"
 #include "iothub/log.h"
@@ -35,16 +33,7 @@ enum req_kind { REQ_STATUS, REQ_DEVICES, REQ_REGISTER };
 struct cloud_req {
         struct cloud *cloud;
         enum req_kind kind;
-        CURL *easy;
-        struct curl_slist *headers;
-        char *url;
-        char *method;
-        char *body;
-        size_t body_len;
-        char *resp;
-        size_t resp_len;
-        char retry_after[64];
-        char errbuf[CURL_ERROR_SIZE];
+        struct http_req *http; /* NULL once answered */
         bool retried_401;
         /* REQ_STATUS: the spool rows in this batch. */
         int64_t first_id, last_id;
@@ -58,8 +47,7 @@ struct cloud_req {
 struct cloud {
         struct hub *hub;
         char *base_url; /* without a trailing '/' */
-        CURLM *multi;
-        sd_event_source *curl_timer, *batch_timer, *devices_timer, *key_timer;
+        sd_event_source *batch_timer, *key_timer;
         struct cloud_req *status_req, *devices_req;
         struct cloud_req *others; /* register requests */
         bool devices_dirty;
@@ -69,35 +57,6 @@ struct cloud {
         struct cloud_counters counters;
         json_t *rejected_reasons; /* reason -> count of per-frame rejections by the cloud */
 };
-
-/* libcurl's CURLcode as a negative errno: the one place for them. */
-static int curl_errno(CURLcode rc) {
-        switch (rc) {
-        case CURLE_OK:
-                return 0;
-        case CURLE_OUT_OF_MEMORY:
-                return -ENOMEM;
-        case CURLE_COULDNT_RESOLVE_HOST:
-        case CURLE_COULDNT_RESOLVE_PROXY:
-                return -EHOSTUNREACH;
-        case CURLE_COULDNT_CONNECT:
-                return -ECONNREFUSED;
-        case CURLE_OPERATION_TIMEDOUT:
-                return -ETIMEDOUT;
-        case CURLE_PEER_FAILED_VERIFICATION:
-        case CURLE_SSL_CONNECT_ERROR:
-        case CURLE_SSL_CACERT_BADFILE:
-                return -EPROTO;
-        case CURLE_GOT_NOTHING:
-        case CURLE_SEND_ERROR:
-        case CURLE_RECV_ERROR:
-                return -ECONNRESET;
-        case CURLE_UNSUPPORTED_PROTOCOL:
-                return -EPROTONOSUPPORT;
-        default:
-                return -EIO;
-        }
-}
 
 uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd) {
         uint64_t cap = CLOUD_BACKOFF_MIN_MS;
@@ -152,129 +111,15 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
         va_end(ap);
 }
 
-/* ---- curl on sd-event ---- */
-
-static void cloud_check_done(struct cloud *c);
-
-static int on_curl_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct cloud *c = userdata;
-        int action = 0, running;
-
-        if (revents & EPOLLIN)
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & (EPOLLERR | EPOLLHUP))
-                action |= CURL_CSELECT_ERR;
-        (void) curl_multi_socket_action(c->multi, fd, action, &running);
-        cloud_check_done(c);
-        return 0;
-}
-
-static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
-        struct cloud *c = userp;
-        sd_event_source *io = socketp;
-        uint32_t events = 0;
-        int r;
-
-        if (what == CURL_POLL_REMOVE) {
-                if (io) {
-                        (void) curl_multi_assign(c->multi, fd, NULL);
-                        sd_event_source_disable_unref(io);
-                }
-                return 0;
-        }
-        if (what & CURL_POLL_IN)
-                events |= EPOLLIN;
-        if (what & CURL_POLL_OUT)
-                events |= EPOLLOUT;
-        if (io) {
-                r = sd_event_source_set_io_events(io, events);
-                if (r >= 0)
-                        r = sd_event_source_set_enabled(io, SD_EVENT_ON);
-        } else {
-                r = sd_event_add_io(c->hub->event, &io, fd, events, on_curl_io, c);
-                if (r >= 0) {
-                        (void) sd_event_source_set_description(io, "curl-io");
-                        (void) curl_multi_assign(c->multi, fd, io);
-                }
-        }
-        return r < 0 ? -1 : 0;
-}
-
-static int on_curl_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        struct cloud *c = userdata;
-        int running;
-
-        (void) curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        cloud_check_done(c);
-        return 0;
-}
-
-static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp) {
-        struct cloud *c = userp;
-        uint64_t now;
-        int r;
-
-        if (timeout_ms < 0)
-                return sd_event_source_set_enabled(c->curl_timer, SD_EVENT_OFF) < 0 ? -1 : 0;
-        (void) sd_event_now(c->hub->event, CLOCK_MONOTONIC, &now);
-        r = sd_event_source_set_time(c->curl_timer, now + (uint64_t) timeout_ms * 1000);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(c->curl_timer, SD_EVENT_ONESHOT);
-        return r < 0 ? -1 : 0;
-}
-
 /* ---- requests ---- */
+
+static void on_http_done(void *userdata, const struct http_response *resp);
 
 static void req_free(struct cloud_req *q) {
         if (!q)
                 return;
-        if (q->easy) {
-                (void) curl_multi_remove_handle(q->cloud->multi, q->easy);
-                curl_easy_cleanup(q->easy);
-        }
-        /* The header list carries the access token: wipe it. */
-        for (struct curl_slist *l = q->headers; l; l = l->next)
-                OPENSSL_cleanse(l->data, strlen(l->data));
-        curl_slist_free_all(q->headers);
-        free(q->url);
-        free(q->method);
-        free(q->body);
-        free(q->resp);
+        http_cancel(q->http);
         free(q);
-}
-
-static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
-        struct cloud_req *q = userdata;
-        size_t n = size * nmemb;
-
-        /* A bounded read of the answer: beyond the limit the rest is discarded. */
-        if (q->resp_len + n > CLOUD_RESPONSE_MAX)
-                return n;
-        char *t = realloc(q->resp, q->resp_len + n + 1);
-        if (!t)
-                return 0;
-        q->resp = t;
-        memcpy(q->resp + q->resp_len, ptr, n);
-        q->resp_len += n;
-        q->resp[q->resp_len] = '\0';
-        return n;
-}
-
-static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
-        struct cloud_req *q = userdata;
-        size_t n = size * nitems;
-        static const char name[] = "retry-after:";
-
-        if (n > sizeof name - 1 && strncasecmp(buf, name, sizeof name - 1) == 0) {
-                size_t vlen = n - (sizeof name - 1);
-                if (vlen >= sizeof q->retry_after)
-                        vlen = sizeof q->retry_after - 1;
-                memcpy(q->retry_after, buf + sizeof name - 1, vlen);
-                q->retry_after[vlen] = '\0';
-        }
-        return n;
 }
 
 static bool token_is_valid(const char *t) {
@@ -325,8 +170,8 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         struct hub *h = c->hub;
         struct httpsig_headers sig = {};
         _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL;
+        _cleanup_free_ char *url = NULL;
         struct cloud_req *q;
-        CURLMcode mrc;
         int r;
 
         q = calloc(1, sizeof *q);
@@ -336,16 +181,13 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         }
         q->cloud = c;
         q->kind = kind;
-        q->body = body;
-        q->body_len = body_len;
-        q->url = strdup_printf("%s%s", c->base_url, path);
-        q->method = strdup(method);
+        url = strdup_printf("%s%s", c->base_url, path);
         auth = strdup_printf("Bearer %s", c->token);
-        if (!q->url || !q->method || !auth) {
+        if (!url || !auth) {
                 r = -ENOMEM;
                 goto fail;
         }
-        r = httpsig_sign(h->hubkey, method, q->url, auth, (const uint8_t *) body, body ? body_len : 0,
+        r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
                          (int64_t) (now_realtime_usec() / 1000000), &sig);
         if (r < 0)
                 goto fail;
@@ -354,67 +196,37 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 r = -ENOMEM;
                 goto fail;
         }
-        const char *lines[] = { auth_header, sig.content_digest, sig.signature_input, sig.signature,
-                                body ? "Content-Type: application/json" : NULL, "Accept: application/json",
-                                "Expect:" };
-        for (size_t i = 0; i < ELEMENTSOF(lines); i++) {
-                if (!lines[i])
-                        continue;
-                struct curl_slist *l = curl_slist_append(q->headers, lines[i]);
-                if (!l) {
-                        r = -ENOMEM;
-                        goto fail;
-                }
-                q->headers = l;
-        }
+        const char *lines[7];
+        size_t n = 0;
+        lines[n++] = auth_header;
+        if (sig.content_digest)
+                lines[n++] = sig.content_digest;
+        lines[n++] = sig.signature_input;
+        lines[n++] = sig.signature;
+        if (body)
+                lines[n++] = "Content-Type: application/json";
+        lines[n++] = "Accept: application/json";
+        lines[n++] = "Expect:"; /* no 100-continue round trip */
+        r = http_start(h->http,
+                       &(struct http_request){ .method = method,
+                                               .url = url,
+                                               .ca_file = h->conf->cloud.ca_file,
+                                               .timeout_s = (long) h->conf->cloud.timeout_s,
+                                               .headers = lines,
+                                               .n_headers = n,
+                                               .body = body,
+                                               .body_len = body_len },
+                       on_http_done, q, &q->http);
+        if (r < 0)
+                goto fail;
         httpsig_headers_done(&sig);
-
-        q->easy = curl_easy_init();
-        if (!q->easy) {
-                r = -ENOMEM;
-                goto fail;
-        }
-        /* HTTPS only, certificate and host name verified (curl's defaults, set explicitly),
-         * no redirects: a signed request goes exactly where it was signed for. */
-        if (curl_easy_setopt(q->easy, CURLOPT_URL, q->url) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_PROTOCOLS_STR, "https") != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYPEER, 1L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_TIMEOUT, (long) h->conf->cloud.timeout_s) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_CONNECTTIMEOUT, 10L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_HTTPHEADER, q->headers) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_CUSTOMREQUEST, method) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_USERAGENT, "iothubd/" IOTHUB_VERSION) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_WRITEFUNCTION, on_write) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_WRITEDATA, q) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_HEADERFUNCTION, on_header) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_HEADERDATA, q) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_ERRORBUFFER, q->errbuf) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_PRIVATE, q) != CURLE_OK) {
-                r = -EINVAL;
-                goto fail;
-        }
-        if (h->conf->cloud.ca_file && curl_easy_setopt(q->easy, CURLOPT_CAINFO, h->conf->cloud.ca_file) != CURLE_OK) {
-                r = -EINVAL;
-                goto fail;
-        }
-        if (body && (curl_easy_setopt(q->easy, CURLOPT_POSTFIELDS, q->body) != CURLE_OK ||
-                     curl_easy_setopt(q->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) body_len) != CURLE_OK)) {
-                r = -EINVAL;
-                goto fail;
-        }
-        mrc = curl_multi_add_handle(c->multi, q->easy);
-        if (mrc != CURLM_OK) {
-                r = mrc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EIO;
-                goto fail;
-        }
+        free(body);
         *ret = q;
         return 0;
 fail:
         httpsig_headers_done(&sig);
-        req_free(q);
+        free(body);
+        free(q);
         return r;
 }
 
@@ -620,13 +432,15 @@ static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frame
         }
 }
 
-static void on_status_done(struct cloud *c, struct cloud_req *q, long status, int r) {
+static void on_status_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp_) {
         struct hub *h = c->hub;
+        long status = resp_->status;
+        int r = resp_->error;
         uint64_t count = 0, bytes = 0;
 
         if (r == 0 && status == 200) {
                 json_error_t jerr;
-                json_t *resp = json_loadb(q->resp ? q->resp : "", q->resp_len, JSON_REJECT_DUPLICATES, &jerr);
+                json_t *resp = json_loadb(resp_->body, resp_->body_len, JSON_REJECT_DUPLICATES, &jerr);
                 json_t *acc = json_object_get(resp, "accepted"), *rej = json_object_get(resp, "rejected");
                 if (!json_is_integer(acc) || (rej && !json_is_array(rej))) {
                         json_decref(resp);
@@ -669,17 +483,17 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, long status, in
         if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 || status == 401 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
                 if (r < 0)
-                        set_last_error(c, "upload failed: %s", q->errbuf[0] ? q->errbuf : strerror(-r));
+                        set_last_error(c, "upload failed: %s", resp_->error_text);
                 else
                         set_last_error(c, "upload answered HTTP %ld", status);
                 log_warning("Upload of %u frames failed (%s), retrying later", q->n_frames, c->counters.last_error);
-                cloud_backoff(c, q->retry_after);
+                cloud_backoff(c, resp_->retry_after);
                 return;
         }
         /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
         char reason[128];
         json_error_t jerr;
-        json_t *resp = json_loadb(q->resp ? q->resp : "", q->resp_len, 0, &jerr);
+        json_t *resp = json_loadb(resp_->body, resp_->body_len, 0, &jerr);
         const char *e = json_string_value(json_object_get(resp, "error"));
         (void) snprintf(reason, sizeof reason, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
         json_decref(resp);
@@ -751,8 +565,10 @@ void cloud_send_devices(struct cloud *c) {
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
 }
 
-static void on_devices_done(struct cloud *c, struct cloud_req *q, long status, int r) {
+static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp) {
         struct hub *h = c->hub;
+        long status = resp->status;
+        int r = resp->error;
         uint32_t rnd = 0;
 
         if (r == 0 && status >= 200 && status < 300) {
@@ -768,7 +584,7 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, long status, i
         if (r == 0 && status == 401)
                 (void) cloud_load_token(c);
         if (r < 0)
-                set_last_error(c, "sending the bulb list failed: %s", q->errbuf[0] ? q->errbuf : strerror(-r));
+                set_last_error(c, "sending the bulb list failed: %s", resp->error_text);
         else
                 set_last_error(c, "sending the bulb list answered HTTP %ld", status);
         log_warning("%s; retrying later", c->counters.last_error);
@@ -831,63 +647,47 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
 
 /* ---- completion ---- */
 
-static void cloud_check_done(struct cloud *c) {
-        CURLMsg *msg;
-        int left;
+static void on_http_done(void *userdata, const struct http_response *resp) {
+        struct cloud_req *q = userdata;
+        struct cloud *c = q->cloud;
 
-        while ((msg = curl_multi_info_read(c->multi, &left))) {
-                struct cloud_req *q = NULL;
-                long status = 0;
-                int r;
-
-                if (msg->msg != CURLMSG_DONE)
-                        continue;
-                (void) curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &q);
-                if (!q)
-                        continue;
-                r = curl_errno(msg->data.result);
-                if (r == 0)
-                        (void) curl_easy_getinfo(q->easy, CURLINFO_RESPONSE_CODE, &status);
-                switch (q->kind) {
-                case REQ_STATUS:
-                        c->status_req = NULL;
-                        if (r == 0 && status == 401 && !q->retried_401) {
-                                on_status_done(c, q, status, r);
-                                /* Retry the same frames once with the fresh token. */
-                                if (cloud_send_batch(c) >= 0 && c->status_req)
-                                        c->status_req->retried_401 = true;
+        q->http = NULL; /* http frees it after this call */
+        switch (q->kind) {
+        case REQ_STATUS:
+                c->status_req = NULL;
+                on_status_done(c, q, resp);
+                if (resp->error == 0 && resp->status == 401 && !q->retried_401) {
+                        /* Once: the fresh token, the same frames, a new signature, at once. */
+                        if (cloud_send_batch(c) >= 0 && c->status_req)
+                                c->status_req->retried_401 = true;
+                }
+                break;
+        case REQ_DEVICES:
+                c->devices_req = NULL;
+                on_devices_done(c, q, resp);
+                break;
+        case REQ_REGISTER: {
+                char message[256];
+                for (struct cloud_req **p = &c->others; *p; p = &(*p)->next)
+                        if (*p == q) {
+                                *p = q->next;
                                 break;
                         }
-                        on_status_done(c, q, status, r);
-                        break;
-                case REQ_DEVICES:
-                        c->devices_req = NULL;
-                        on_devices_done(c, q, status, r);
-                        break;
-                case REQ_REGISTER: {
-                        char message[256];
-                        for (struct cloud_req **p = &c->others; *p; p = &(*p)->next)
-                                if (*p == q) {
-                                        *p = q->next;
-                                        break;
-                                }
-                        if (r < 0)
-                                (void) snprintf(message, sizeof message, "%s",
-                                                q->errbuf[0] ? q->errbuf : strerror(-r));
-                        else if (status == 200 || status == 201)
-                                (void) snprintf(message, sizeof message, "registered");
-                        else if (status == 409)
-                                (void) snprintf(message, sizeof message,
-                                                "this hub is registered to another account");
-                        else
-                                (void) snprintf(message, sizeof message, "the cloud answered HTTP %ld", status);
-                        if (q->register_done)
-                                q->register_done(q->register_userdata, r < 0 ? r : status, message);
-                        break;
-                }
-                }
-                req_free(q);
+                if (resp->error < 0)
+                        (void) snprintf(message, sizeof message, "%s", resp->error_text);
+                else if (resp->status == 200 || resp->status == 201)
+                        (void) snprintf(message, sizeof message, "registered");
+                else if (resp->status == 409)
+                        (void) snprintf(message, sizeof message, "this hub is registered to another account");
+                else
+                        (void) snprintf(message, sizeof message, "the cloud answered HTTP %ld", resp->status);
+                if (q->register_done)
+                        q->register_done(q->register_userdata, resp->error < 0 ? resp->error : resp->status,
+                                         message);
+                break;
         }
+        }
+        free(q);
         cloud_maybe_send(c);
 }
 
@@ -926,24 +726,7 @@ int cloud_new(struct hub *h, struct cloud **ret) {
         n = strlen(c->base_url);
         while (n > 0 && c->base_url[n - 1] == '/')
                 c->base_url[--n] = '\0';
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
-                r = -EIO;
-                goto fail;
-        }
-        c->multi = curl_multi_init();
-        if (!c->multi) {
-                r = -ENOMEM;
-                goto fail;
-        }
-        (void) curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb);
-        (void) curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
-        (void) curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb);
-        (void) curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
-        r = sd_event_add_time(h->event, &c->curl_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_curl_timer, c);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(c->curl_timer, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_time(h->event, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_batch_timer, c);
+        r = sd_event_add_time(h->event, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_batch_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         if (r < 0)
@@ -986,11 +769,7 @@ void cloud_free(struct cloud *c) {
                         q->register_done(q->register_userdata, -ECANCELED, "the daemon is stopping");
                 req_free(q);
         }
-        if (c->multi)
-                (void) curl_multi_cleanup(c->multi);
-        sd_event_source_disable_unref(c->curl_timer);
         sd_event_source_disable_unref(c->batch_timer);
-        sd_event_source_disable_unref(c->devices_timer);
         sd_event_source_disable_unref(c->key_timer);
         erase_and_freep_str(&c->token);
         json_decref(c->rejected_reasons);

@@ -11,6 +11,7 @@
 
 #include "iothub/cloud.h"
 #include "iothub/control.h"
+#include "iothub/http.h"
 #include "iothub/hubkey.h"
 #include "iothub/hub.h"
 #include "iothub/ingest.h"
@@ -177,6 +178,7 @@ static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
         mqtt_free(h->mqtt);
         cloud_free(h->cloud);
+        http_free(h->http);
         hubkey_free(h->hubkey);
         control_free(h->control);
         sd_event_source_disable_unref(h->sigterm);
@@ -240,6 +242,11 @@ int hub_run(const char *config_path, int log_level_override) {
         r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
         if (r < 0) {
                 log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
+                goto out;
+        }
+        r = http_new(h.event, &h.http);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up HTTPS: %m");
                 goto out;
         }
         r = cloud_new(&h, &h.cloud);

@@ -15,6 +15,7 @@ struct mqtt;
 struct control;
 struct cloud;
 struct hubkey;
+struct http;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -37,6 +38,7 @@ struct hub {
         struct registry *registry;
         struct mqtt *mqtt;
         struct control *control;
+        struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
         struct cloud *cloud;   /* NULL without [cloud] url */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         /* The spool, kept in memory so that the frame path never counts rows. */
