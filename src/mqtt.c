@@ -3,8 +3,10 @@
  * (mosquitto_socket), call mosquitto_loop_read/_write when it is ready, and loop_misc once a
  * second for keepalives. Reconnects back off exponentially with full jitter. */
 #include <mosquitto.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
@@ -13,6 +15,7 @@
 #define MQTT_BACKOFF_MAX_MS 30000u
 #define MQTT_MISC_INTERVAL_USEC (1000 * UINT64_C(1000))
 #define MQTT_PASSWORD_MAX 1024
+#define MQTT_READ_BURST_MAX 512 /* packets handled per wake-up, then the loop runs others */
 
 struct mqtt {
         sd_event *event;
@@ -93,15 +96,47 @@ static void mqtt_update_events(struct mqtt *m) {
                                                      EPOLLIN | (mosquitto_want_write(m->mosq) ? EPOLLOUT : 0));
 }
 
+static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
+
+static int on_pending(sd_event_source *s, void *userdata) {
+        struct mqtt *m = userdata;
+
+        if (m->io)
+                return on_io(m->io, mosquitto_socket(m->mosq), EPOLLIN, m);
+        return 0;
+}
+
 static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct mqtt *m = userdata;
         int rc = MOSQ_ERR_SUCCESS;
 
         if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                rc = mosquitto_loop_read(m->mosq, 1);
+                /* libmosquitto 2.0 handles one packet per loop_read: drain what the socket
+                 * holds (bounded), so that one commit covers the whole burst (group commit). */
+                for (unsigned i = 0; i < MQTT_READ_BURST_MAX; i++) {
+                        int avail = 0;
+
+                        SSL *ssl;
+
+                        rc = mosquitto_loop_read(m->mosq, 1);
+                        if (rc != MOSQ_ERR_SUCCESS)
+                                break;
+                        /* With TLS, records already read from the socket wait inside OpenSSL,
+                         * where epoll cannot see them: they must be drained here too. */
+                        ssl = mosquitto_ssl_get(m->mosq);
+                        if (ssl && SSL_pending(ssl) > 0)
+                                continue;
+                        if (ioctl(fd, FIONREAD, &avail) < 0 || avail <= 0)
+                                break;
+                }
                 /* Hand over the messages of this read before anything else happens. */
                 if (m->cb.read_done)
                         m->cb.read_done(m->userdata);
+                /* Cut off at the bound with TLS records still inside OpenSSL: epoll will not
+                 * report them, so come back on the next loop iteration. */
+                SSL *ssl = rc == MOSQ_ERR_SUCCESS ? mosquitto_ssl_get(m->mosq) : NULL;
+                if (ssl && SSL_pending(ssl) > 0)
+                        (void) sd_event_add_defer(m->event, NULL, on_pending, m);
         }
         if (rc == MOSQ_ERR_SUCCESS && (revents & EPOLLOUT))
                 rc = mosquitto_loop_write(m->mosq, 1);
