@@ -8,6 +8,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Broker, Hub, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
+import { makeCerts } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const run = promisify(execFile);
@@ -162,4 +163,39 @@ test('bulb add --cert: must chain to [bulbs] ca_file; the id comes from the cert
     await broker.stop();
     await fs.rm(d, { recursive: true, force: true });
   }
+});
+
+test('TLS to the broker with [mqtt] ca_file, and a username with a password file', async () => {
+  const d = await tempDir();
+  const pki = makeCerts(path.join(d, 'pki'));
+  const pw = path.join(d, 'passwd');
+  await run('mosquitto_passwd', ['-c', '-b', pw, 'hub', 'correct horse']);
+  const broker = await Broker.start(d, { tls: pki, passwordFile: pw });
+  await fs.writeFile(path.join(d, 'hub.pw'), 'correct horse\n', { mode: 0o600 });
+  await fs.writeFile(path.join(d, 'bad.pw'), 'wrong\n', { mode: 0o600 });
+  const hub = await Hub.start(broker, { mqtt: { ca_file: pki.caFile, username: 'hub', password_file: path.join(d, 'hub.pw') } });
+  try {
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'connected over TLS with a password');
+    const bulb = await Bulb.create('bulb-tls', 'ES256');
+    await enrol(hub, bulb);
+    const client = await mqttClient(broker.port, { protocol: 'mqtts', ca: await fs.readFile(pki.caFile),
+      username: 'hub', password: 'correct horse' });
+    for (let i = 0; i < 30; i++) await client.publishAsync(`${PREFIX}/${bulb.id}/status`, await bulb.frame(), { qos: 1 });
+    await waitFor(async () => (await hub.status()).frames.accepted === 30, 5000, '30 frames over TLS');
+    await client.endAsync();
+    assert.ok(!hub.log.includes('correct horse'), 'the password never reaches the log');
+  } finally { await hub.cleanup(); }
+  // A wrong password: refused by the broker, said in the log, never connected.
+  const bad = await Hub.start(broker, { mqtt: { ca_file: pki.caFile, username: 'hub', password_file: path.join(d, 'bad.pw') } });
+  try {
+    await waitFor(() => /refused the connection/.test(bad.log), 5000, 'refusal logged');
+    assert.equal((await bad.status()).mqtt.connected, false);
+    assert.ok(!bad.log.includes('wrong'));
+  } finally { await bad.cleanup(); }
+  // Without the CA the broker's certificate is not trusted.
+  const untrusted = await Hub.start(broker, { mqtt: { ca_file: '/etc/ssl/certs/ca-certificates.crt', username: 'hub', password_file: path.join(d, 'hub.pw') } });
+  try {
+    await sleep(1500);
+    assert.equal((await untrusted.status()).mqtt.connected, false);
+  } finally { await untrusted.cleanup(); await broker.stop(); await fs.rm(d, { recursive: true, force: true }); }
 });

@@ -58,20 +58,25 @@ export async function waitFor(pred, timeoutMs = 5000, what = 'condition') {
 }
 
 // A real mosquitto broker with persistence, so that a restart keeps queued QoS 1 messages.
+// opts.tls = { certFile, keyFile } for a TLS listener; opts.passwordFile to require a login.
 export class Broker {
-  constructor(dir, port) { this.dir = dir; this.port = port; this.proc = null; }
+  constructor(dir, port, opts = {}) { this.dir = dir; this.port = port; this.proc = null; this.opts = opts; }
 
-  static async start(dir) {
-    const b = new Broker(dir, await freePort());
+  static async start(dir, opts = {}) {
+    const b = new Broker(dir, await freePort(), opts);
     await b.#spawn();
     return b;
   }
 
   async #spawn() {
     const conf = path.join(this.dir, 'mosquitto.conf');
+    const tls = this.opts.tls ? [`certfile ${this.opts.tls.certFile}`, `keyfile ${this.opts.tls.keyFile}`] : [];
+    const auth = this.opts.passwordFile
+      ? ['allow_anonymous false', `password_file ${this.opts.passwordFile}`] : ['allow_anonymous true'];
     await fs.writeFile(conf, [
       `listener ${this.port} 127.0.0.1`,
-      'allow_anonymous true',
+      ...tls,
+      ...auth,
       'persistence true',
       `persistence_location ${this.dir}/`,
       'autosave_interval 1',
