@@ -1,0 +1,343 @@
+// make bench: the frame path against the DESIGN.md targets, in one run (tests/bench/README.md).
+// A real mosquitto and the real iothubd (harness), bulbs enrolled with iothubctl, frames
+// pre-signed and published by build/tools/loadgen (C, libmosquitto, its own OpenSSL signing),
+// and the bare OpenSSL verify of the same frames file by `loadgen verify` right after.
+// Informational: exits 0 unless something broke (a daemon that did not accept every frame,
+// a tool that failed); PASS/FAIL marks are against the targets.
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { BUILD, Broker, Hub, sleep, tempDir, waitFor } from '../integration/lib/harness.mjs';
+
+const env = (k, d) => (process.env[k] !== undefined ? Number(process.env[k]) : d);
+const FRAMES = env('BENCH_FRAMES', 50000);         // frames per run
+const BULBS = env('BENCH_BULBS', 200);             // bulbs in the throughput scenarios
+const BIG_BULBS = env('BENCH_BIG_BULBS', 5000);    // bulbs in the memory scenario (0 skips it)
+const RUNS = env('BENCH_RUNS', 2);                 // runs per scenario
+const CONCURRENCY = env('BENCH_CTL_CONCURRENCY', 16);
+const ALGS = (process.env.BENCH_ALGS ?? 'ES256,EdDSA').split(',');
+const DRAIN_TIMEOUT_MS = env('BENCH_DRAIN_TIMEOUT_MS', 120000);
+const POLL_MS = 100;
+const PERF = process.env.BENCH_PERF; // a path prefix: perf record the daemon during each run
+
+const TARGET = { cpuRatio: 1.25, rss200MiB: 12, rss5000MiB: 16, writeRatio: 4 };
+
+const LOADGEN = path.join(BUILD, 'tools', 'loadgen');
+const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+const PAGE = 4096;
+
+function run(cmd, args, timeoutMs = 300000) {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${path.basename(cmd)} ${args.join(' ')} failed: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+async function loadgen(...args) {
+  const out = await run(LOADGEN, args.map(String));
+  return JSON.parse(out.trim().split('\n').pop());
+}
+
+// /proc readings of the daemon. stat: utime and stime are fields 14 and 15 (proc(5)); the
+// command name in field 2 may hold spaces, so fields are counted after its closing ')'.
+async function cpuTicks(pid) {
+  const s = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+  const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+  return Number(f[11]) + Number(f[12]);
+}
+// Nanoseconds on the CPU (all threads), for a finer look than clock ticks.
+async function cpuNs(pid) {
+  let ns = 0;
+  for (const t of await fs.readdir(`/proc/${pid}/task`)) {
+    const s = await fs.readFile(`/proc/${pid}/task/${t}/schedstat`, 'utf8').catch(() => '0');
+    ns += Number(s.split(' ')[0]);
+  }
+  return ns;
+}
+async function procStatus(pid) {
+  const s = await fs.readFile(`/proc/${pid}/status`, 'utf8');
+  const kb = (k) => Number((s.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
+  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), anonKiB: kb('RssAnon'), fileKiB: kb('RssFile'), threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
+}
+async function ioStats(pid) {
+  const s = await fs.readFile(`/proc/${pid}/io`, 'utf8');
+  const g = (k) => Number((s.match(new RegExp(`^${k}: (\\d+)`, 'm')) ?? [0, 0])[1]);
+  return { write_bytes: g('write_bytes'), cancelled: g('cancelled_write_bytes'), wchar: g('wchar'), syscw: g('syscw'), syscr: g('syscr') };
+}
+async function snapshot(pid) {
+  const [ticks, ns, io] = await Promise.all([cpuTicks(pid), cpuNs(pid), ioStats(pid)]);
+  return { ticks, ns, io, t: performance.now() };
+}
+
+const MiB = (kib) => kib / 1024;
+const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x) ? '-' : Number(x).toFixed(d));
+const mark = (ok) => (ok ? 'PASS' : 'FAIL');
+
+// Enrols bulbs 0..n-1 from dir through iothubctl, 'concurrency' calls at a time.
+async function enrol(hub, dir, n) {
+  const t0 = performance.now();
+  let next = 0;
+  const worker = async () => {
+    while (next < n) {
+      const i = next++;
+      const r = await hub.ctl(['bulb', 'add', `bulb-${i}`, '--key', path.join(dir, `bulb-${i}.pub.pem`)]);
+      if (r.code !== 0) throw new Error(`iothubctl bulb add bulb-${i}: ${r.code} ${r.stderr}`);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(CONCURRENCY, n) }, worker));
+  return (performance.now() - t0) / 1000;
+}
+
+// What one `iothubctl status` costs the daemon (it counts the spool), to take our own polling
+// out of the per-frame CPU figure.
+async function statusCostNs(hub, pid, calls = 10) {
+  const a = await cpuNs(pid);
+  for (let i = 0; i < calls; i++) await hub.status();
+  return (await cpuNs(pid) - a) / calls;
+}
+
+async function startHub(dir) {
+  const broker = await Broker.start(dir);
+  await fs.mkdir(path.join(dir, 'hub'), { mode: 0o755 });
+  const hub = await Hub.start(broker, {
+    frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
+  }, { dir: path.join(dir, 'hub') });
+  await waitFor(async () => (await hub.status()).mqtt.connected, 10000, 'MQTT connection');
+  return { broker, hub, pid: hub.proc.pid };
+}
+
+// One measured run: publish the file, wait until the daemon accepted every frame, then the
+// bare verify of the same file.
+async function measure(ctx, keysDir, file, gen, label) {
+  const { hub, broker, pid } = ctx;
+  const st0 = await hub.status();
+  const base = st0.frames.accepted, baseRecv = st0.frames.received;
+  const pollCost = await statusCostNs(hub, pid, 5);
+  let perf = null;
+  if (PERF) {
+    const data = `${PERF}-${label.replace(/[^A-Za-z0-9]+/g, '-')}.data`;
+    perf = spawn('perf', ['record', '-q', '-e', 'cpu-clock', '-F', '2000', '-g', '-p', String(pid), '-o', data], { stdio: 'ignore' });
+    await sleep(300);
+  }
+  const before = await snapshot(pid);
+  const pub = await loadgen('publish', '--host', '127.0.0.1', '--port', broker.port, '--file', file, '--window', 1000);
+  // Polled every POLL_MS only: each status call makes the daemon count the spool.
+  let polls = 0, st;
+  const end = performance.now() + DRAIN_TIMEOUT_MS;
+  for (;;) {
+    polls++;
+    st = await hub.status();
+    if (st.frames.accepted >= base + gen.frames || st.frames.received >= baseRecv + gen.frames) break;
+    if (performance.now() > end)
+      throw new Error(`${label}: timed out after ${DRAIN_TIMEOUT_MS} ms waiting for ${gen.frames} frames; status ${JSON.stringify(st.frames)}`);
+    await sleep(POLL_MS);
+  }
+  const after = await snapshot(pid);
+  if (perf) {
+    perf.kill('SIGINT');
+    await once(perf, 'exit');
+  }
+  const accepted = st.frames.accepted - base;
+  const received = st.frames.received - baseRecv;
+  const wall = (after.t - before.t) / 1000;
+  const cpuTickS = (after.ticks - before.ticks) / CLK_TCK;
+  const cpuNsTotal = after.ns - before.ns;
+  const pollNs = polls * pollCost;
+  const bare = await loadgen('verify', '--dir', keysDir, '--file', file);
+  const reuse = await loadgen('verify', '--dir', keysDir, '--file', file, '--reuse');
+  if (bare.verified !== bare.frames) throw new Error(`${label}: loadgen verify: ${bare.verified}/${bare.frames} verified`);
+  const daemonUs = (cpuTickS * 1e6) / accepted;
+  const daemonUsNet = ((cpuNsTotal - pollNs) / 1e3) / accepted;
+  const wb = after.io.write_bytes - before.io.write_bytes - (after.io.cancelled - before.io.cancelled);
+  const r = {
+    label, frames: gen.frames, received, accepted, avg_frame_bytes: gen.avg_bytes,
+    publish: pub,
+    wall_seconds: wall,
+    accepted_per_second: accepted / wall,
+    daemon_cpu_seconds: cpuTickS,
+    daemon_cpu_us_per_frame: daemonUs,
+    daemon_cpu_us_per_frame_schedstat_net: daemonUsNet,
+    status_polls: polls, status_poll_cost_us: pollCost / 1e3,
+    bare_verify_us_per_frame: bare.per_frame_us,
+    bare_verify_reuse_us_per_frame: reuse.per_frame_us,
+    cpu_ratio: daemonUs / bare.per_frame_us,
+    cpu_ratio_net: daemonUsNet / bare.per_frame_us,
+    write_bytes_per_frame: wb / accepted,
+    write_ratio: wb / accepted / gen.avg_bytes,
+    wchar_per_frame: (after.io.wchar - before.io.wchar) / accepted,
+    read_syscalls_per_frame: (after.io.syscr - before.io.syscr) / accepted,
+    write_syscalls_per_frame: (after.io.syscw - before.io.syscw) / accepted,
+    rejected: Object.fromEntries(Object.entries(st.frames.rejected).filter(([, v]) => v > 0)),
+  };
+  if (accepted !== gen.frames) throw new Error(`${label}: ${accepted}/${gen.frames} accepted: ${JSON.stringify(r.rejected)}`);
+  return r;
+}
+
+async function throughputScenario(root, alg) {
+  const dir = path.join(root, alg);
+  await fs.mkdir(dir);
+  const keys = path.join(dir, 'keys');
+  await loadgen('keys', '--dir', keys, '--bulbs', BULBS, '--alg', alg);
+  const ctx = await startHub(dir);
+  const out = { scenario: alg, bulbs: BULBS, runs: [] };
+  try {
+    out.rss_start = await procStatus(ctx.pid);
+    out.enrol_seconds = await enrol(ctx.hub, keys, BULBS);
+    out.rss_after_enrol = await procStatus(ctx.pid);
+    const perBulb = Math.ceil(FRAMES / BULBS);
+    for (let i = 0; i < RUNS; i++) {
+      const file = path.join(dir, `frames-${i}.txt`);
+      const gen = await loadgen('frames', '--dir', keys, '--bulbs', BULBS, '--frames', FRAMES, '--seq-start', 1 + i * perBulb, '--out', file);
+      const r = await measure(ctx, keys, file, gen, `${alg} run ${i + 1}`);
+      report(r);
+      out.runs.push(r);
+      await fs.rm(file);
+    }
+    out.rss_after_load = await procStatus(ctx.pid);
+    out.spool = (await ctx.hub.status()).spool;
+  } finally {
+    await ctx.hub.stop();
+    await ctx.broker.stop();
+  }
+  return out;
+}
+
+async function memoryScenario(root) {
+  const dir = path.join(root, 'big');
+  await fs.mkdir(dir);
+  const keys = path.join(dir, 'keys');
+  const tk = performance.now();
+  await loadgen('keys', '--dir', keys, '--bulbs', BIG_BULBS, '--alg', 'mixed');
+  const ctx = await startHub(dir);
+  const out = { scenario: 'memory', bulbs: BIG_BULBS, keygen_seconds: (performance.now() - tk) / 1000 };
+  try {
+    out.rss_start = await procStatus(ctx.pid);
+    out.enrol_seconds = await enrol(ctx.hub, keys, BIG_BULBS);
+    out.enrol_per_second = BIG_BULBS / out.enrol_seconds;
+    out.rss_after_enrol = await procStatus(ctx.pid);
+    process.stdout.write(`  enrolled ${BIG_BULBS} bulbs in ${fmt(out.enrol_seconds)} s (${fmt(out.enrol_per_second)}/s, ${CONCURRENCY} concurrent iothubctl)\n`);
+    // Two frames per bulb: every bulb's verify context exists afterwards.
+    const file = path.join(dir, 'frames.txt');
+    const gen = await loadgen('frames', '--dir', keys, '--bulbs', BIG_BULBS, '--frames', 2 * BIG_BULBS, '--out', file);
+    out.load = await measure(ctx, keys, file, gen, `mixed ${BIG_BULBS} bulbs`);
+    report(out.load);
+    out.rss_after_load = await procStatus(ctx.pid);
+  } finally {
+    await ctx.hub.stop();
+    await ctx.broker.stop();
+  }
+  return out;
+}
+
+function report(r) {
+  process.stdout.write(`  ${r.label}: ${r.accepted} accepted in ${fmt(r.wall_seconds, 2)} s = ${fmt(r.accepted_per_second, 0)}/s ` +
+    `(publisher alone ${fmt(r.publish.per_second, 0)}/s); daemon ${fmt(r.daemon_cpu_us_per_frame)} us/frame, ` +
+    `bare verify ${fmt(r.bare_verify_us_per_frame)} us -> ${fmt(r.cpu_ratio, 2)}x\n`);
+}
+
+function table(results) {
+  const rows = [];
+  const head = ['scenario', 'run', 'frames/s', 'daemon us/f', '(net)', 'bare us/f', '(reuse)', 'ratio', `<=${TARGET.cpuRatio}x`,
+    'write B/f', 'frame B', 'w-ratio', `<=${TARGET.writeRatio}x`, 'rd+wr sysc/f'];
+  for (const s of results.throughput) {
+    s.runs.forEach((r, i) => rows.push([s.scenario, String(i + 1), fmt(r.accepted_per_second, 0), fmt(r.daemon_cpu_us_per_frame),
+      fmt(r.daemon_cpu_us_per_frame_schedstat_net), fmt(r.bare_verify_us_per_frame), fmt(r.bare_verify_reuse_us_per_frame),
+      fmt(r.cpu_ratio, 2), mark(r.cpu_ratio <= TARGET.cpuRatio), fmt(r.write_bytes_per_frame, 0), fmt(r.avg_frame_bytes, 0),
+      fmt(r.write_ratio, 1), mark(r.write_ratio <= TARGET.writeRatio),
+      `${fmt(r.read_syscalls_per_frame)}+${fmt(r.write_syscalls_per_frame)}`]));
+  }
+  if (results.memory?.load) {
+    const r = results.memory.load;
+    rows.push([`mixed/${results.memory.bulbs}`, '1', fmt(r.accepted_per_second, 0), fmt(r.daemon_cpu_us_per_frame),
+      fmt(r.daemon_cpu_us_per_frame_schedstat_net), fmt(r.bare_verify_us_per_frame), fmt(r.bare_verify_reuse_us_per_frame),
+      fmt(r.cpu_ratio, 2), mark(r.cpu_ratio <= TARGET.cpuRatio), fmt(r.write_bytes_per_frame, 0), fmt(r.avg_frame_bytes, 0),
+      fmt(r.write_ratio, 1), mark(r.write_ratio <= TARGET.writeRatio),
+      `${fmt(r.read_syscalls_per_frame)}+${fmt(r.write_syscalls_per_frame)}`]);
+  }
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (r) => r.map((c, i) => (i < 2 ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ');
+  let s = `${line(head)}\n${w.map((n) => '-'.repeat(n)).join('  ')}\n`;
+  for (const r of rows) s += `${line(r)}\n`;
+
+  s += '\nMemory (daemon VmRSS, MiB)\n';
+  const mem = [];
+  for (const sc of results.throughput)
+    mem.push([`${sc.scenario}/${sc.bulbs}`, sc.rss_start, sc.rss_after_enrol, sc.rss_after_load, TARGET.rss200MiB, sc.enrol_seconds]);
+  if (results.memory)
+    mem.push([`mixed/${results.memory.bulbs}`, results.memory.rss_start, results.memory.rss_after_enrol, results.memory.rss_after_load,
+      TARGET.rss5000MiB, results.memory.enrol_seconds]);
+  s += `${'scenario'.padEnd(14)}  ${'start'.padStart(6)}  ${'enrolled'.padStart(8)}  ${'loaded'.padStart(6)}  ${'peak'.padStart(6)}  target  verdict  enrol s  anon/file loaded\n`;
+  for (const [name, a, b, c, t, e] of mem) {
+    const worst = Math.max(b?.rssKiB ?? 0, c?.rssKiB ?? 0);
+    s += `${name.padEnd(14)}  ${fmt(MiB(a.rssKiB), 2).padStart(6)}  ${fmt(MiB(b.rssKiB), 2).padStart(8)}  ` +
+      `${fmt(c ? MiB(c.rssKiB) : null, 2).padStart(6)}  ${fmt(MiB((c ?? b).hwmKiB), 2).padStart(6)}  ${String(t).padStart(6)}  ` +
+      `${mark(MiB(worst) <= t).padStart(7)}  ${fmt(e, 1).padStart(7)}  ${fmt(MiB((c ?? b).anonKiB), 2)}/${fmt(MiB((c ?? b).fileKiB), 2)}\n`;
+  }
+  return s;
+}
+
+// ---- main ----
+const started = performance.now();
+const root = await tempDir('iothub-bench-');
+await fs.chmod(root, 0o755);
+const results = {
+  started_at: new Date().toISOString(),
+  host: { cpus: os.cpus().length, model: os.cpus()[0]?.model, loadavg_at_start: os.loadavg(), clk_tck: CLK_TCK },
+  params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY },
+  targets: TARGET,
+  throughput: [],
+};
+let failed = null;
+try {
+  for (const alg of ALGS) {
+    process.stdout.write(`== ${alg}: ${BULBS} bulbs, ${RUNS} x ${FRAMES} frames\n`);
+    results.throughput.push(await throughputScenario(root, alg));
+  }
+  if (BIG_BULBS > 0) {
+    process.stdout.write(`== memory: ${BIG_BULBS} bulbs (mixed ES256/EdDSA)\n`);
+    results.memory = await memoryScenario(root);
+  }
+} catch (e) {
+  failed = e;
+  results.error = String(e.stack ?? e);
+} finally {
+  await fs.rm(root, { recursive: true, force: true });
+}
+results.seconds = (performance.now() - started) / 1000;
+
+// Verdicts (informational).
+const verdicts = {};
+const allRuns = [...results.throughput.flatMap((s) => s.runs), ...(results.memory?.load ? [results.memory.load] : [])];
+if (allRuns.length) {
+  verdicts.cpu_ratio_max = Math.max(...allRuns.map((r) => r.cpu_ratio));
+  verdicts.cpu = mark(verdicts.cpu_ratio_max <= TARGET.cpuRatio);
+  verdicts.write_ratio_max = Math.max(...allRuns.map((r) => r.write_ratio));
+  verdicts.write = mark(verdicts.write_ratio_max <= TARGET.writeRatio);
+}
+if (results.throughput.length) {
+  verdicts.rss_200_mib = Math.max(...results.throughput.map((s) => MiB(Math.max(s.rss_after_enrol.rssKiB, s.rss_after_load?.rssKiB ?? 0))));
+  verdicts.rss_200 = mark(verdicts.rss_200_mib <= TARGET.rss200MiB);
+}
+if (results.memory?.rss_after_enrol) {
+  verdicts.rss_5000_mib = MiB(Math.max(results.memory.rss_after_enrol.rssKiB, results.memory.rss_after_load?.rssKiB ?? 0));
+  verdicts.rss_5000 = mark(verdicts.rss_5000_mib <= TARGET.rss5000MiB);
+}
+results.verdicts = verdicts;
+
+const out = path.join(BUILD, 'bench-results.json');
+await fs.writeFile(out, JSON.stringify(results, null, 2) + '\n');
+if (results.throughput.length && results.throughput.every((s) => s.rss_after_enrol)) {
+  process.stdout.write(`\n${table(results)}`);
+}
+process.stdout.write(`\nTargets (DESIGN.md): CPU/frame <= ${TARGET.cpuRatio}x bare verify: ${verdicts.cpu ?? '-'} (max ${fmt(verdicts.cpu_ratio_max, 2)}x); ` +
+  `RSS 200 bulbs <= ${TARGET.rss200MiB} MiB: ${verdicts.rss_200 ?? '-'} (${fmt(verdicts.rss_200_mib, 2)}); ` +
+  (BIG_BULBS > 0 ? `RSS ${BIG_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +
+  `write bytes <= ${TARGET.writeRatio}x frame: ${verdicts.write ?? '-'} (max ${fmt(verdicts.write_ratio_max, 1)}x)\n`);
+process.stdout.write(`Results in ${out}; the whole bench took ${fmt(results.seconds, 0)} s (load average at start ${results.host.loadavg_at_start.map((x) => x.toFixed(2)).join(' ')}).\n`);
+if (failed) {
+  process.stderr.write(`bench: ${failed.stack ?? failed}\n`);
+  process.exit(1);
+}
