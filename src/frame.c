@@ -118,7 +118,8 @@ static int b64url_decode_raw(const uint8_t *in, size_t len, uint8_t *out, size_t
         }
 
         if (rest > 0) {
-                uint32_t a = b64url_digit(in[0]), b = b64url_digit(in[1]), c = rest == 3 ? b64url_digit(in[2]) : 0;
+                uint32_t a = b64url_digit(in[0]), b = b64url_digit(in[1]),
+                         c = rest == 3 ? b64url_digit(in[2]) : 0;
 
                 if ((a | b | c) > 63)
                         return -EINVAL;
@@ -354,8 +355,8 @@ static bool json_ack_id(const json_t *s) {
         for (size_t i = 0; i < n; i++) {
                 char c = v[i];
 
-                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
-                      c == '_' || c == '-'))
+                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                      c == '.' || c == '_' || c == '-'))
                         return false;
         }
         return true;
