@@ -9,6 +9,12 @@
  *   file: a PEM private key read with OpenSSL, a development aid: refused when group or others
  *         may access it, and created with mode 0600, never over an existing file.
  * The key id is the RFC 7638 JWK thumbprint (SHA-256) of the public key, base64url.
+ * Sealing (hubkey_seal/hubkey_unseal, for the token store's data key): a keyedHash sealed-data object
+ * created under the recreated storage primary key, through the same ESYS context, and kept by the
+ * caller as a blob; the secret crosses the bus inside a salted session with parameter encryption, and
+ * every buffer of ours that held it is wiped. Known limit: tpm2-tss keeps copies in its contexts (ESYS
+ * stores the TPM2_Create input, SAPI the decrypted TPM2_Unseal response) until later commands
+ * overwrite them; they are out of reach.
  * A struct hubkey is not safe for concurrent use by several threads (the daemon has one). */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +38,7 @@
 #include <openssl/pem.h>
 
 #include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
 #include <tss2/tss2_tctildr.h>
 
@@ -135,6 +142,10 @@ static int tss2_error(TSS2_RC rc, char **ret_error, const char *what, ...) {
                 case TPM2_RC_NV_RATE:
                 case TPM2_RC_NV_UNAVAILABLE:
                         r = -EAGAIN;
+                        break;
+                case TPM2_RC_INTEGRITY: /* a private area this TPM's parent key did not protect */
+                case TPM2_RC_BINDING:
+                        r = -ENOKEY;
                         break;
                 case TPM2_RC_CURVE:
                 case TPM2_RC_SCHEME:
@@ -578,6 +589,18 @@ static const TPM2B_PUBLIC hubkey_template = {
         },
 };
 
+/* (Re)creates the storage primary key from srk_template; the caller flushes it. */
+static TSS2_RC tpm_create_primary(ESYS_CONTEXT *esys, ESYS_TR *ret_primary) {
+        const TPM2B_SENSITIVE_CREATE no_auth = {};
+        const TPM2B_DATA no_outside_info = {};
+        const TPML_PCR_SELECTION no_pcrs = {};
+
+        /* Owner authorization: empty, as on a freshly provisioned hub. */
+        return Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                                  &no_auth, &srk_template, &no_outside_info, &no_pcrs, ret_primary, NULL, NULL,
+                                  NULL, NULL);
+}
+
 static int tpm_create(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
         _cleanup_esys_ TPM2B_PRIVATE *priv = NULL;
         _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
@@ -588,9 +611,7 @@ static int tpm_create(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
         TSS2_RC rc;
         int r = 0;
 
-        /* Owner authorization: empty, as on a freshly provisioned hub. */
-        rc = Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &no_auth,
-                                &srk_template, &no_outside_info, &no_pcrs, &primary, NULL, NULL, NULL, NULL);
+        rc = tpm_create_primary(esys, &primary);
         if (rc != TSS2_RC_SUCCESS) {
                 r = tss2_error(rc, ret_error, "creating the storage primary key in the owner hierarchy");
                 goto out;
@@ -696,6 +717,253 @@ static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t 
         memcpy(ret_sig + P256_COORD_LEN - ecc->signatureR.size, ecc->signatureR.buffer, ecc->signatureR.size);
         memcpy(ret_sig + HUBKEY_SIG_LEN - ecc->signatureS.size, ecc->signatureS.buffer, ecc->signatureS.size);
         return 0;
+}
+
+/* ---- sealing to the TPM ---- */
+
+/* A sealed-data object (TPM 2.0 Part 1, "Sealed Data Object"; Part 2, TPMA_OBJECT): a keyedHash object with
+ * the NULL scheme whose sensitive data is the caller's secret. Neither sign nor decrypt (it is data, not a
+ * key), and not sensitiveDataOrigin since the data is given (Part 3, TPM2_Create refuses both). What
+ * protects the secret is fixedTPM|fixedParent: the object can only be loaded under this TPM's storage primary
+ * key and never duplicated. userWithAuth with an empty authValue and no policy; noDA as for the hub key. */
+static const TPM2B_PUBLIC sealed_template = {
+        .publicArea = {
+                .type = TPM2_ALG_KEYEDHASH,
+                .nameAlg = TPM2_ALG_SHA256,
+                .objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_USERWITHAUTH |
+                                    TPMA_OBJECT_NODA,
+                .parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL,
+        },
+};
+
+/* The blob: "IHS1" (iothub sealed, format 1) || TPM2B_PUBLIC || TPM2B_PRIVATE, both in the TPM's wire
+ * format (big-endian 16-bit sizes). With a 128-byte secret it is 308 bytes on swtpm; anything larger than
+ * SEAL_BLOB_MAX is refused unread. */
+#define SEAL_MAGIC "IHS1"
+#define SEAL_MAGIC_LEN 4
+#define SEAL_BLOB_MAX 1024
+
+static void sensitive_data_freep(TPM2B_SENSITIVE_DATA **p) {
+        if (!*p)
+                return;
+        OPENSSL_cleanse(*p, sizeof **p);
+        Esys_Free(*p);
+}
+
+/* Whether the TPM itself refused a command parameter (TPM 2.0 Part 2, TPM_RC: format one, bit 6 set). */
+static bool tpm_rc_is_parameter_error(TSS2_RC rc) {
+        TSS2_RC layer = rc & TSS2_RC_LAYER_MASK;
+
+        return (layer == TSS2_TPM_RC_LAYER || layer == TSS2_RESMGR_TPM_RC_LAYER) && (rc & TPM2_RC_FMT1) &&
+               (rc & TPM2_RC_P);
+}
+
+static void tpm_flush(ESYS_CONTEXT *esys, ESYS_TR *tr) {
+        if (*tr != ESYS_TR_NONE)
+                (void) Esys_FlushContext(esys, *tr);
+        *tr = ESYS_TR_NONE;
+}
+
+/* Whether a public area read from a blob is one that tpm_seal() makes. The TPM binds the public area to
+ * the private one anyway (the private area's integrity HMAC covers the object's Name: Part 1, "Integrity"
+ * under "Protected Storage"), so this refuses early what the TPM would load but the hub never makes: a
+ * duplicable object, one with a policy, a key. */
+static bool sealed_public_is_valid(const TPMT_PUBLIC *p) {
+        const TPMT_PUBLIC *t = &sealed_template.publicArea;
+
+        return p->type == t->type && p->nameAlg == t->nameAlg && p->objectAttributes == t->objectAttributes &&
+               p->authPolicy.size == 0 && p->parameters.keyedHashDetail.scheme.scheme == TPM2_ALG_NULL &&
+               p->unique.keyedHash.size == SHA256_LEN;
+}
+
+/* Reads a blob strictly: the magic, each sized structure unmarshalled within its own size and consuming
+ * all of it (tss2-mu's TPM2B_PUBLIC unmarshaller checks neither), nothing after the private area. The
+ * sizes are checked here first, so that tss2-mu never logs about a malformed blob. */
+static int seal_blob_parse(const uint8_t *blob, size_t len, TPM2B_PUBLIC *ret_pub, TPM2B_PRIVATE *ret_priv) {
+        TPM2B_PUBLIC pub = {};
+        TPM2B_PRIVATE priv = {};
+        size_t offset = SEAL_MAGIC_LEN, inner = 0, size;
+
+        if (len < SEAL_MAGIC_LEN + 2 || len > SEAL_BLOB_MAX || memcmp(blob, SEAL_MAGIC, SEAL_MAGIC_LEN) != 0)
+                return -EBADMSG;
+
+        size = (size_t) blob[offset] << 8 | blob[offset + 1];
+        offset += 2;
+        if (size == 0 || size > len - offset ||
+            Tss2_MU_TPMT_PUBLIC_Unmarshal(blob + offset, size, &inner, &pub.publicArea) != TSS2_RC_SUCCESS ||
+            inner != size)
+                return -EBADMSG;
+        pub.size = (uint16_t) size;
+        offset += size;
+
+        if (len - offset < 2)
+                return -EBADMSG;
+        size = (size_t) blob[offset] << 8 | blob[offset + 1];
+        if (size == 0 || size > sizeof priv.buffer || size != len - offset - 2 ||
+            Tss2_MU_TPM2B_PRIVATE_Unmarshal(blob, len, &offset, &priv) != TSS2_RC_SUCCESS || offset != len)
+                return -EBADMSG;
+
+        if (!sealed_public_is_valid(&pub.publicArea))
+                return -EBADMSG;
+        *ret_pub = pub;
+        *ret_priv = priv;
+        return 0;
+}
+
+/* A salted HMAC session with AES-128-CFB parameter encryption (Part 1, "Salted Session" and "Session-based
+ * Encryption"), salted with the storage primary key: the secret then crosses the bus to the
+ * TPM (TPM2_Create) and back (TPM2_Unseal) encrypted, since on a hub whose TPM is a separate chip the SPI
+ * or I2C lines can be probed. It defeats listening, not an active attacker on the bus who substitutes the
+ * primary key's public area (the hub keeps no record of it to compare with). */
+static int tpm_start_session(ESYS_CONTEXT *esys, ESYS_TR primary, ESYS_TR *ret_session) {
+        const TPMT_SYM_DEF aes_cfb = {
+                .algorithm = TPM2_ALG_AES,
+                .keyBits.aes = 128,
+                .mode.aes = TPM2_ALG_CFB,
+        };
+        TSS2_RC rc;
+
+        rc = Esys_StartAuthSession(esys, primary, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, NULL,
+                                   TPM2_SE_HMAC, &aes_cfb, TPM2_ALG_SHA256, ret_session);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, NULL, "starting an encrypted session");
+        return 0;
+}
+
+/* Which parameter the next command encrypts: TPMA_SESSION_DECRYPT for the command's first one (the TPM
+ * decrypts it), TPMA_SESSION_ENCRYPT for the response's first one; only commands whose first parameter is
+ * a sized buffer allow either (Part 1, "Session-based Encryption"). The session is kept (continueSession)
+ * and flushed at the end. */
+static int tpm_session_encrypt(ESYS_CONTEXT *esys, ESYS_TR session, TPMA_SESSION which) {
+        TSS2_RC rc;
+
+        rc = Esys_TRSess_SetAttributes(esys, session, which | TPMA_SESSION_CONTINUESESSION, 0xff);
+        if (rc != TSS2_RC_SUCCESS)
+                return tss2_error(rc, NULL, "setting the session attributes");
+        return 0;
+}
+
+static int tpm_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t **ret_blob, size_t *ret_len) {
+        _cleanup_esys_ TPM2B_PRIVATE *priv = NULL;
+        _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
+        TPM2B_SENSITIVE_CREATE sensitive = {};
+        const TPM2B_DATA no_outside_info = {};
+        const TPML_PCR_SELECTION no_pcrs = {};
+        ESYS_TR primary = ESYS_TR_NONE, session = ESYS_TR_NONE;
+        uint8_t buf[SEAL_BLOB_MAX], *blob;
+        size_t offset = SEAL_MAGIC_LEN;
+        TSS2_RC rc;
+        int r;
+
+        rc = tpm_create_primary(k->esys, &primary);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "creating the storage primary key");
+                goto out;
+        }
+        r = tpm_start_session(k->esys, primary, &session);
+        if (r < 0)
+                goto out;
+        r = tpm_session_encrypt(k->esys, session, TPMA_SESSION_DECRYPT);
+        if (r < 0)
+                goto out;
+
+        /* Part 3, TPM2_Create: the secret as the sensitive data; the session authorizes using the parent. */
+        sensitive.sensitive.data.size = (uint16_t) len;
+        memcpy(sensitive.sensitive.data.buffer, secret, len);
+        rc = Esys_Create(k->esys, primary, session, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive, &sealed_template,
+                         &no_outside_info, &no_pcrs, &priv, &pub, NULL, NULL, NULL);
+        OPENSSL_cleanse(&sensitive, sizeof sensitive);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "creating the sealed-data object");
+                goto out;
+        }
+
+        memcpy(buf, SEAL_MAGIC, SEAL_MAGIC_LEN);
+        rc = Tss2_MU_TPM2B_PUBLIC_Marshal(pub, buf, sizeof buf, &offset);
+        if (rc == TSS2_RC_SUCCESS)
+                rc = Tss2_MU_TPM2B_PRIVATE_Marshal(priv, buf, sizeof buf, &offset);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "marshalling the sealed-data object");
+                goto out;
+        }
+        blob = malloc(offset);
+        if (!blob) {
+                r = -ENOMEM;
+                goto out;
+        }
+        memcpy(blob, buf, offset);
+        *ret_blob = blob;
+        *ret_len = offset;
+        r = 0;
+out:
+        /* Both occupy one of the TPM's few slots until flushed (TESTBED.md). */
+        tpm_flush(k->esys, &session);
+        tpm_flush(k->esys, &primary);
+        return r;
+}
+
+static int tpm_unseal(struct hubkey *k, const uint8_t *blob, size_t len, uint8_t **ret_secret,
+                      size_t *ret_len) {
+        _cleanup_(sensitive_data_freep) TPM2B_SENSITIVE_DATA *data = NULL;
+        ESYS_TR primary = ESYS_TR_NONE, session = ESYS_TR_NONE, object = ESYS_TR_NONE;
+        TPM2B_PRIVATE priv;
+        TPM2B_PUBLIC pub;
+        uint8_t *secret;
+        TSS2_RC rc;
+        int r;
+
+        r = seal_blob_parse(blob, len, &pub, &priv);
+        if (r < 0)
+                return r;
+
+        rc = tpm_create_primary(k->esys, &primary);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "creating the storage primary key");
+                goto out;
+        }
+        r = tpm_start_session(k->esys, primary, &session);
+        if (r < 0)
+                goto out;
+        r = tpm_session_encrypt(k->esys, session, 0);
+        if (r < 0)
+                goto out;
+        /* Another TPM, or this one after TPM2_Clear (a new owner seed, hence another primary key), or an
+         * altered blob: TPM_RC_INTEGRITY, which tss2_error() makes -ENOKEY. Any other fault the TPM finds
+         * with the parameters (a format-one code with the parameter bit, Part 2, TPM_RC) is in the blob's
+         * private area, which only the TPM can parse: as malformed as what seal_blob_parse() refuses. */
+        rc = Esys_Load(k->esys, primary, session, ESYS_TR_NONE, ESYS_TR_NONE, &priv, &pub, &object);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "loading the sealed-data object");
+                if (r != -ENOKEY && tpm_rc_is_parameter_error(rc))
+                        r = -EBADMSG;
+                goto out;
+        }
+        r = tpm_session_encrypt(k->esys, session, TPMA_SESSION_ENCRYPT);
+        if (r < 0)
+                goto out;
+        rc = Esys_Unseal(k->esys, object, session, ESYS_TR_NONE, ESYS_TR_NONE, &data);
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, NULL, "unsealing");
+                goto out;
+        }
+        if (data->size == 0 || data->size > HUBKEY_SEAL_MAX) {
+                r = -EBADMSG;
+                goto out;
+        }
+        secret = malloc(data->size);
+        if (!secret) {
+                r = -ENOMEM;
+                goto out;
+        }
+        memcpy(secret, data->buffer, data->size);
+        *ret_secret = secret;
+        *ret_len = data->size;
+        r = 0;
+out:
+        tpm_flush(k->esys, &object);
+        tpm_flush(k->esys, &session);
+        tpm_flush(k->esys, &primary);
+        return r;
 }
 
 /* ---- file backend ---- */
@@ -963,4 +1231,46 @@ int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[H
         if (EVP_Digest(msg ?: "", len, md, NULL, EVP_sha256(), NULL) != 1)
                 return openssl_errno(-EIO);
         return hubkey_sign_digest(k, md, ret_sig);
+}
+
+/* ---- sealing: the interface ---- */
+
+int hubkey_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t **ret_blob, size_t *ret_blob_len) {
+        uint8_t *blob;
+
+        if (!k || !secret || len == 0 || !ret_blob || !ret_blob_len)
+                return -EINVAL;
+        if (len > HUBKEY_SEAL_MAX)
+                return -EMSGSIZE;
+        if (k->backend == KEY_BACKEND_TPM)
+                return tpm_seal(k, secret, len, ret_blob, ret_blob_len);
+
+        /* file: the "blob" is the secret itself, protected by nothing but the file mode. */
+        blob = malloc(len);
+        if (!blob)
+                return -ENOMEM;
+        memcpy(blob, secret, len);
+        *ret_blob = blob;
+        *ret_blob_len = len;
+        return 0;
+}
+
+int hubkey_unseal(struct hubkey *k, const uint8_t *blob, size_t blob_len, uint8_t **ret_secret,
+                  size_t *ret_len) {
+        uint8_t *secret;
+
+        if (!k || (!blob && blob_len > 0) || !ret_secret || !ret_len)
+                return -EINVAL;
+        if (k->backend == KEY_BACKEND_TPM)
+                return tpm_unseal(k, blob ?: (const uint8_t *) "", blob_len, ret_secret, ret_len);
+
+        if (blob_len == 0 || blob_len > HUBKEY_SEAL_MAX)
+                return -EBADMSG;
+        secret = malloc(blob_len);
+        if (!secret)
+                return -ENOMEM;
+        memcpy(secret, blob, blob_len);
+        *ret_secret = secret;
+        *ret_len = blob_len;
+        return 0;
 }

@@ -42,6 +42,19 @@ int hubkey_public_jwk(const struct hubkey *k, json_t **ret);
 const char *hubkey_id(const struct hubkey *k);
 
 uint64_t hubkey_signatures(const struct hubkey *k);
+
+/* Seals a small secret (at most 128 bytes) to this TPM: a keyedHash sealed-data object under
+ * the storage primary key (fixedTPM, fixedParent, userWithAuth, no sign/decrypt), returned
+ * as one opaque blob (TPM2B_PUBLIC and TPM2B_PRIVATE, marshalled). It can only be unsealed by
+ * the same TPM. With the file backend the "blob" is the secret itself (no protection beyond
+ * the file mode; the caller warns). Both malloc'ed; the caller wipes the secret.
+ * seal: -EINVAL for an empty secret, -EMSGSIZE for one longer than HUBKEY_SEAL_MAX.
+ * unseal: -EBADMSG when the blob is malformed (magic, sizes, trailing bytes, not a sealed-data
+ * object as hubkey_seal() makes them); -ENOKEY when the TPM refuses it (sealed by another TPM,
+ * or by this one before a TPM clear, or altered); other negative errno when the TPM fails. */
+#define HUBKEY_SEAL_MAX 128
+int hubkey_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t **ret_blob, size_t *ret_blob_len);
+int hubkey_unseal(struct hubkey *k, const uint8_t *blob, size_t blob_len, uint8_t **ret_secret, size_t *ret_len);
 enum key_backend hubkey_backend(const struct hubkey *k);
 
 void hubkey_free(struct hubkey *k);

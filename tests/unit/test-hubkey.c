@@ -35,6 +35,7 @@
 #include <openssl/rand.h>
 
 #include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
 #include <tss2/tss2_tctildr.h>
 
 #include "iothub/hubkey.h"
@@ -899,6 +900,431 @@ static void test_tpm_timing(_unused_ void **state) {
                       (double) sign_max / 1000.0, signs);
 }
 
+/* ---- sealing (tpm backend) ---- */
+
+/* Number of sessions loaded in the TPM: must stay 0 between calls too. */
+static unsigned loaded_sessions(const char *tcti_conf) {
+        TSS2_TCTI_CONTEXT *tcti = NULL;
+        ESYS_CONTEXT *esys = esys_connect(tcti_conf, &tcti);
+        TPMS_CAPABILITY_DATA *cap = NULL;
+        TPMI_YES_NO more;
+        unsigned n = 0;
+
+        for (unsigned i = 0; i < 2; i++) {
+                uint32_t first = i == 0 ? UINT32_C(0x02000000) /* loaded */ : UINT32_C(0x03000000) /* saved */;
+
+                assert_int_equal(Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                                    TPM2_CAP_HANDLES, first, TPM2_MAX_CAP_HANDLES, &more, &cap),
+                                 TSS2_RC_SUCCESS);
+                n += cap->data.handles.count;
+                Esys_Free(cap);
+                cap = NULL;
+        }
+        esys_disconnect(esys, tcti);
+        return n;
+}
+
+static void assert_tpm_clean(const char *tcti_conf) {
+        assert_int_equal(transient_objects(tcti_conf), 0);
+        assert_int_equal(loaded_sessions(tcti_conf), 0);
+}
+
+static struct hubkey *open_tpm_key(const char *tcti_conf) {
+        struct iothub_conf c = tpm_conf(tcti_conf, HANDLE);
+        struct hubkey *k = NULL;
+
+        assert_int_equal(hubkey_init(&c, NULL, NULL), 0);
+        assert_int_equal(hubkey_open(&c, &k, NULL), 0);
+        return k;
+}
+
+/* The storage primary key of the TCG provisioning guidance, written out here again, and a sealed-data
+ * object made under it by the test's own ESYS calls, as the blob format is documented: "IHS1" ||
+ * TPM2B_PUBLIC || TPM2B_PRIVATE. With the module's template the module must unseal it; with another
+ * one (that the TPM would load just as well) it must refuse it. Returns the blob's length. */
+static size_t independent_blob(const char *tcti_conf, const TPM2B_PUBLIC *tmpl, const uint8_t *data, size_t len,
+                               uint8_t *out, size_t cap) {
+        const TPM2B_PUBLIC srk = {
+                .publicArea = {
+                        .type = TPM2_ALG_ECC,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .objectAttributes = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_NODA |
+                                            ATTRS_FIXED,
+                        .parameters.eccDetail = {
+                                .symmetric = { .algorithm = TPM2_ALG_AES, .keyBits.aes = 128,
+                                               .mode.aes = TPM2_ALG_CFB },
+                                .scheme.scheme = TPM2_ALG_NULL,
+                                .curveID = TPM2_ECC_NIST_P256,
+                                .kdf.scheme = TPM2_ALG_NULL,
+                        },
+                },
+        };
+        TSS2_TCTI_CONTEXT *tcti = NULL;
+        ESYS_CONTEXT *esys = esys_connect(tcti_conf, &tcti);
+        TPM2B_SENSITIVE_CREATE sens = {};
+        const TPM2B_DATA outside = {};
+        const TPML_PCR_SELECTION pcrs = {};
+        TPM2B_PRIVATE *priv = NULL;
+        TPM2B_PUBLIC *pub = NULL;
+        ESYS_TR primary = ESYS_TR_NONE;
+        size_t offset = 4;
+
+        sens.sensitive.data.size = (uint16_t) len;
+        memcpy(sens.sensitive.data.buffer, data, len);
+        assert_int_equal(Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                            ESYS_TR_NONE, &(TPM2B_SENSITIVE_CREATE) {}, &srk, &outside, &pcrs,
+                                            &primary, NULL, NULL, NULL, NULL),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_Create(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens, tmpl,
+                                     &outside, &pcrs, &priv, &pub, NULL, NULL, NULL),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_FlushContext(esys, primary), TSS2_RC_SUCCESS);
+        memcpy(out, "IHS1", 4);
+        assert_int_equal(Tss2_MU_TPM2B_PUBLIC_Marshal(pub, out, cap, &offset), TSS2_RC_SUCCESS);
+        assert_int_equal(Tss2_MU_TPM2B_PRIVATE_Marshal(priv, out, cap, &offset), TSS2_RC_SUCCESS);
+        Esys_Free(priv);
+        Esys_Free(pub);
+        esys_disconnect(esys, tcti);
+        return offset;
+}
+
+static TPM2B_PUBLIC sealed_template(TPMA_OBJECT attrs) {
+        return (TPM2B_PUBLIC) {
+                .publicArea = {
+                        .type = TPM2_ALG_KEYEDHASH,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .objectAttributes = attrs,
+                        .parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL,
+                },
+        };
+}
+
+#define SEALED_ATTRS                                                                                        \
+        (TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA)
+
+/* Unseals and expects failure with one of two errnos, and the results untouched. */
+static int unseal_fails(struct hubkey *k, const uint8_t *blob, size_t len) {
+        uint8_t *secret = (uint8_t *) "untouched";
+        size_t secret_len = 4242;
+        int r;
+
+        r = hubkey_unseal(k, blob, len, &secret, &secret_len);
+        assert_true(r < 0);
+        assert_string_equal((char *) secret, "untouched");
+        assert_int_equal(secret_len, 4242);
+        return r;
+}
+
+static void test_tpm_seal_round_trip(_unused_ void **state) {
+        static const size_t sizes[] = { 1, 16, 32, 64, 127, HUBKEY_SEAL_MAX };
+        _cleanup_(hubkey_freep) struct hubkey *k = open_tpm_key(tpm.tcti);
+        uint8_t secret[HUBKEY_SEAL_MAX + 1];
+
+        for (unsigned i = 0; i < ELEMENTSOF(sizes); i++) {
+                uint8_t *blob = NULL, *blob2 = NULL, *out = NULL;
+                size_t blob_len = 0, blob2_len = 0, out_len = 0;
+
+                assert_int_equal(RAND_bytes(secret, (int) sizes[i]), 1);
+                assert_int_equal(hubkey_seal(k, secret, sizes[i], &blob, &blob_len), 0);
+                print_message("sealed %zu bytes: blob of %zu bytes\n", sizes[i], blob_len);
+                assert_memory_equal(blob, "IHS1", 4);
+                assert_true(blob_len <= 1024);
+                /* The secret is nowhere in the blob in clear. */
+                if (sizes[i] >= 16)
+                        assert_null(memmem(blob, blob_len, secret, sizes[i]));
+                assert_int_equal(hubkey_unseal(k, blob, blob_len, &out, &out_len), 0);
+                assert_int_equal(out_len, sizes[i]);
+                assert_memory_equal(out, secret, sizes[i]);
+
+                /* Sealing again gives another blob (a fresh seed and IV) of the same secret. */
+                assert_int_equal(hubkey_seal(k, secret, sizes[i], &blob2, &blob2_len), 0);
+                assert_true(blob_len != blob2_len || memcmp(blob, blob2, blob_len) != 0);
+                free(out);
+                out = NULL;
+                assert_int_equal(hubkey_unseal(k, blob2, blob2_len, &out, &out_len), 0);
+                assert_memory_equal(out, secret, sizes[i]);
+                free(out);
+                free(blob);
+                free(blob2);
+        }
+
+        /* Too long, empty, NULL: refused, results untouched. */
+        {
+                uint8_t *blob = (uint8_t *) "untouched";
+                size_t blob_len = 4242;
+
+                assert_int_equal(hubkey_seal(k, secret, HUBKEY_SEAL_MAX + 1, &blob, &blob_len), -EMSGSIZE);
+                assert_int_equal(hubkey_seal(k, secret, 0, &blob, &blob_len), -EINVAL);
+                assert_int_equal(hubkey_seal(k, NULL, 8, &blob, &blob_len), -EINVAL);
+                assert_int_equal(hubkey_seal(NULL, secret, 8, &blob, &blob_len), -EINVAL);
+                assert_string_equal((char *) blob, "untouched");
+                assert_int_equal(blob_len, 4242);
+        }
+        assert_tpm_clean(tpm.tcti);
+}
+
+/* The format as documented, made without the module: unsealed. The same with another template (that
+ * the TPM would load as well): refused before the TPM sees it. */
+static void test_tpm_unseal_independent_blob(_unused_ void **state) {
+        _cleanup_(hubkey_freep) struct hubkey *k = open_tpm_key(tpm.tcti);
+        static const uint8_t secret[] = "a secret made elsewhere, 32 b..";
+        uint8_t blob[2048], *out = NULL;
+        size_t len, out_len = 0;
+        TPM2B_PUBLIC tmpl = sealed_template(SEALED_ATTRS);
+        struct {
+                const char *name;
+                TPM2B_PUBLIC tmpl;
+        } others[] = {
+                { "duplicable (no fixedTPM, no fixedParent)",
+                  sealed_template(TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA) },
+                { "DA-protected", sealed_template(SEALED_ATTRS & ~TPMA_OBJECT_NODA) },
+                { "with a policy", sealed_template(SEALED_ATTRS) },
+                { "SHA-384 name", sealed_template(SEALED_ATTRS) },
+        };
+
+        others[2].tmpl.publicArea.authPolicy.size = 32;
+        others[3].tmpl.publicArea.nameAlg = TPM2_ALG_SHA384;
+
+        len = independent_blob(tpm.tcti, &tmpl, secret, sizeof secret, blob, sizeof blob);
+        assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+        assert_int_equal(out_len, sizeof secret);
+        assert_memory_equal(out, secret, sizeof secret);
+        free(out);
+
+        for (unsigned i = 0; i < ELEMENTSOF(others); i++) {
+                print_message("sealed-data object %s\n", others[i].name);
+                len = independent_blob(tpm.tcti, &others[i].tmpl, secret, sizeof secret, blob, sizeof blob);
+                assert_int_equal(unseal_fails(k, blob, len), -EBADMSG);
+        }
+        assert_tpm_clean(tpm.tcti);
+}
+
+/* Malformed blobs: every truncation, trailing bytes, another magic, oversize, and every single-bit
+ * change anywhere: -EBADMSG when the module sees it, -ENOKEY when the TPM's integrity check does;
+ * never a secret, and nothing left loaded. */
+static void test_tpm_unseal_malformed(_unused_ void **state) {
+        _cleanup_(hubkey_freep) struct hubkey *k = open_tpm_key(tpm.tcti);
+        uint8_t secret[32], *blob = NULL, bad[2048];
+        size_t len = 0;
+        unsigned badmsg = 0, nokey = 0;
+
+        assert_int_equal(RAND_bytes(secret, sizeof secret), 1);
+        assert_int_equal(hubkey_seal(k, secret, sizeof secret, &blob, &len), 0);
+
+        for (size_t n = 0; n < len; n++)
+                assert_int_equal(unseal_fails(k, n == 0 ? NULL : blob, n), -EBADMSG);
+
+        memcpy(bad, blob, len);
+        for (size_t extra = 1; extra <= 16; extra *= 2) {
+                memset(bad + len, extra == 1 ? 0 : 0xa5, extra);
+                assert_int_equal(unseal_fails(k, bad, len + extra), -EBADMSG);
+        }
+        memset(bad + len, 0, sizeof bad - len);
+        assert_int_equal(unseal_fails(k, bad, 1025), -EBADMSG); /* larger than any blob, refused unread */
+        assert_int_equal(unseal_fails(k, bad, sizeof bad), -EBADMSG);
+
+        for (unsigned i = 0; i < 3; i++) {
+                static const char *magics[] = { "IHS2", "ihs1", "\0\0\0\0" };
+
+                memcpy(bad, blob, len);
+                memcpy(bad, magics[i], 4);
+                assert_int_equal(unseal_fails(k, bad, len), -EBADMSG);
+        }
+
+        for (size_t pos = 0; pos < len; pos++) {
+                int r;
+
+                memcpy(bad, blob, len);
+                bad[pos] ^= (uint8_t) (1u << (pos % 8));
+                r = unseal_fails(k, bad, len);
+                if (r == -EBADMSG)
+                        badmsg++;
+                else if (r == -ENOKEY)
+                        nokey++;
+                else
+                        fail_msg("bit flipped at byte %zu: %d (%s)", pos, r, strerror(-r));
+        }
+        print_message("%zu bit flips: %u refused by the module (-EBADMSG), %u by the TPM (-ENOKEY)\n", len,
+                      badmsg, nokey);
+        assert_true(badmsg > 0 && nokey > 0);
+
+        /* The original still unseals. */
+        {
+                uint8_t *out = NULL;
+                size_t out_len = 0;
+
+                assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+                assert_memory_equal(out, secret, sizeof secret);
+                free(out);
+        }
+        free(blob);
+        assert_tpm_clean(tpm.tcti);
+}
+
+/* A blob can only be unsealed by the TPM that sealed it: another TPM (fresh state, its own key init)
+ * refuses it with -ENOKEY, both ways. */
+static void test_tpm_seal_bound_to_its_tpm(_unused_ void **state) {
+        _cleanup_(hubkey_freep) struct hubkey *k = open_tpm_key(tpm.tcti), *k2 = NULL;
+        uint8_t secret[32], *blob = NULL, *blob2 = NULL, *out = NULL;
+        size_t len = 0, len2 = 0, out_len = 0;
+
+        assert_int_equal(RAND_bytes(secret, sizeof secret), 1);
+        assert_int_equal(hubkey_seal(k, secret, sizeof secret, &blob, &len), 0);
+
+        swtpm_start(&other_tpm);
+        k2 = open_tpm_key(other_tpm.tcti);
+        assert_int_equal(unseal_fails(k2, blob, len), -ENOKEY);
+        assert_int_equal(hubkey_seal(k2, secret, sizeof secret, &blob2, &len2), 0);
+        assert_int_equal(hubkey_unseal(k2, blob2, len2, &out, &out_len), 0);
+        assert_memory_equal(out, secret, sizeof secret);
+        free(out);
+        assert_int_equal(unseal_fails(k, blob2, len2), -ENOKEY);
+        assert_tpm_clean(other_tpm.tcti);
+        hubkey_free(TAKE_PTR(k2));
+        swtpm_stop(&other_tpm);
+
+        /* Still fine on its own TPM. */
+        assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+        assert_memory_equal(out, secret, sizeof secret);
+        free(out);
+        free(blob);
+        free(blob2);
+        assert_tpm_clean(tpm.tcti);
+}
+
+static uint8_t *read_bytes(const char *path, size_t *ret_len) {
+        struct stat st;
+        uint8_t *buf;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+        assert_true(fd >= 0);
+        assert_int_equal(fstat(fd, &st), 0);
+        buf = malloc((size_t) st.st_size + 1);
+        assert_non_null(buf);
+        assert_int_equal(read(fd, buf, (size_t) st.st_size), st.st_size);
+        close(fd);
+        *ret_len = (size_t) st.st_size;
+        return buf;
+}
+
+/* Unseals a blob with the test's own ESYS calls and a plain password authorization: no parameter
+ * encryption, so the secret crosses the bus in clear (the control for the test below). */
+static void plain_unseal(const char *tcti_conf, const uint8_t *blob, size_t len) {
+        const TPM2B_PUBLIC srk = {
+                .publicArea = {
+                        .type = TPM2_ALG_ECC,
+                        .nameAlg = TPM2_ALG_SHA256,
+                        .objectAttributes = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT | TPMA_OBJECT_NODA |
+                                            ATTRS_FIXED,
+                        .parameters.eccDetail = {
+                                .symmetric = { .algorithm = TPM2_ALG_AES, .keyBits.aes = 128,
+                                               .mode.aes = TPM2_ALG_CFB },
+                                .scheme.scheme = TPM2_ALG_NULL,
+                                .curveID = TPM2_ECC_NIST_P256,
+                                .kdf.scheme = TPM2_ALG_NULL,
+                        },
+                },
+        };
+        TSS2_TCTI_CONTEXT *tcti = NULL;
+        ESYS_CONTEXT *esys = esys_connect(tcti_conf, &tcti);
+        const TPM2B_DATA outside = {};
+        const TPML_PCR_SELECTION pcrs = {};
+        TPM2B_SENSITIVE_DATA *data = NULL;
+        TPM2B_PUBLIC pub = {};
+        TPM2B_PRIVATE priv = {};
+        ESYS_TR primary = ESYS_TR_NONE, object = ESYS_TR_NONE;
+        size_t offset = 4;
+
+        assert_int_equal(Tss2_MU_TPM2B_PUBLIC_Unmarshal(blob, len, &offset, &pub), TSS2_RC_SUCCESS);
+        assert_int_equal(Tss2_MU_TPM2B_PRIVATE_Unmarshal(blob, len, &offset, &priv), TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                            ESYS_TR_NONE, &(TPM2B_SENSITIVE_CREATE) {}, &srk, &outside, &pcrs,
+                                            &primary, NULL, NULL, NULL, NULL),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_Load(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &priv, &pub,
+                                   &object),
+                         TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_Unseal(esys, object, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &data),
+                         TSS2_RC_SUCCESS);
+        Esys_Free(data);
+        assert_int_equal(Esys_FlushContext(esys, object), TSS2_RC_SUCCESS);
+        assert_int_equal(Esys_FlushContext(esys, primary), TSS2_RC_SUCCESS);
+        esys_disconnect(esys, tcti);
+}
+
+/* The secret never crosses the bus in clear: all TPM traffic of a seal and an unseal, recorded with
+ * tpm2-tss's pcap TCTI, does not contain it, while it does contain the blob's public area (the capture
+ * works), and the secret does show up when the same blob is unsealed without parameter encryption. */
+static void test_tpm_seal_bus_is_encrypted(_unused_ void **state) {
+        char pcap[] = "/tmp/test-hubkey-pcap-XXXXXX", pcap_tcti[96];
+        struct iothub_conf c;
+        struct hubkey *k = NULL;
+        uint8_t secret[32], *blob = NULL, *out = NULL, *capture;
+        size_t len = 0, out_len = 0, capture_len;
+        int fd;
+
+        {
+                _cleanup_(hubkey_freep) struct hubkey *init = open_tpm_key(tpm.tcti);
+        }
+        fd = mkstemp(pcap);
+        assert_true(fd >= 0);
+        close(fd);
+        assert_int_equal(setenv("TCTI_PCAP_FILE", pcap, 1), 0);
+        snprintf(pcap_tcti, sizeof pcap_tcti, "pcap:%s", tpm.tcti);
+        c = tpm_conf(pcap_tcti, HANDLE);
+
+        assert_int_equal(RAND_bytes(secret, sizeof secret), 1);
+        assert_int_equal(hubkey_open(&c, &k, NULL), 0);
+        assert_int_equal(hubkey_seal(k, secret, sizeof secret, &blob, &len), 0);
+        assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+        assert_memory_equal(out, secret, sizeof secret);
+        hubkey_free(k);
+
+        capture = read_bytes(pcap, &capture_len);
+        print_message("pcap of seal and unseal: %zu bytes\n", capture_len);
+        assert_non_null(memmem(capture, capture_len, blob + 6, 32)); /* the public area went over the bus */
+        assert_null(memmem(capture, capture_len, secret, sizeof secret));
+        free(capture);
+
+        /* Control: without parameter encryption the secret is in the capture. */
+        assert_int_equal(truncate(pcap, 0), 0);
+        plain_unseal(pcap_tcti, blob, len);
+        capture = read_bytes(pcap, &capture_len);
+        assert_non_null(memmem(capture, capture_len, secret, sizeof secret));
+        free(capture);
+
+        (void) unsetenv("TCTI_PCAP_FILE");
+        (void) unlink(pcap);
+        free(blob);
+        free(out);
+        assert_tpm_clean(tpm.tcti);
+}
+
+/* Not a pass/fail test: what sealing and unsealing cost on swtpm. */
+static void test_tpm_seal_timing(_unused_ void **state) {
+        _cleanup_(hubkey_freep) struct hubkey *k = open_tpm_key(tpm.tcti);
+        uint64_t t, seal_sum = 0, unseal_sum = 0;
+        const unsigned runs = 10;
+        uint8_t secret[32] = { 1 };
+
+        for (unsigned i = 0; i < runs; i++) {
+                uint8_t *blob = NULL, *out = NULL;
+                size_t len = 0, out_len = 0;
+
+                t = now_usec();
+                assert_int_equal(hubkey_seal(k, secret, sizeof secret, &blob, &len), 0);
+                seal_sum += now_usec() - t;
+                t = now_usec();
+                assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+                unseal_sum += now_usec() - t;
+                free(blob);
+                free(out);
+        }
+        print_message("timing: hubkey_seal: mean %.2f ms, hubkey_unseal: mean %.2f ms (%u runs)\n",
+                      (double) seal_sum / runs / 1000.0, (double) unseal_sum / runs / 1000.0, runs);
+        assert_tpm_clean(tpm.tcti);
+}
+
 /* ---- file backend ---- */
 
 static int file_setup(_unused_ void **state) {
@@ -1153,6 +1579,47 @@ static void test_file_known_thumbprint(_unused_ void **state) {
         (void) unlink(path);
 }
 
+/* File backend: the "blob" is a copy of the secret; the same limits. */
+static void test_file_seal(_unused_ void **state) {
+        _cleanup_free_ char *path = file_path("seal.key");
+        struct iothub_conf c = file_conf(path);
+        _cleanup_(hubkey_freep) struct hubkey *k = NULL;
+        uint8_t secret[HUBKEY_SEAL_MAX + 1], *blob = NULL, *out = NULL;
+        size_t len = 0, out_len = 0;
+
+        write_file_mode(path, rfc7517_key_pem, 0600);
+        assert_int_equal(hubkey_open(&c, &k, NULL), 0);
+        assert_int_equal(RAND_bytes(secret, sizeof secret), 1);
+
+        assert_int_equal(hubkey_seal(k, secret, 32, &blob, &len), 0);
+        assert_int_equal(len, 32);
+        assert_memory_equal(blob, secret, 32);
+        assert_int_equal(hubkey_unseal(k, blob, len, &out, &out_len), 0);
+        assert_int_equal(out_len, 32);
+        assert_memory_equal(out, secret, 32);
+        free(blob);
+        free(out);
+        blob = out = NULL;
+
+        assert_int_equal(hubkey_seal(k, secret, HUBKEY_SEAL_MAX, &blob, &len), 0);
+        assert_int_equal(len, HUBKEY_SEAL_MAX);
+        free(blob);
+        blob = (uint8_t *) "untouched";
+        len = 4242;
+        assert_int_equal(hubkey_seal(k, secret, HUBKEY_SEAL_MAX + 1, &blob, &len), -EMSGSIZE);
+        assert_int_equal(hubkey_seal(k, secret, 0, &blob, &len), -EINVAL);
+        assert_string_equal((char *) blob, "untouched");
+        assert_int_equal(len, 4242);
+
+        out = (uint8_t *) "untouched";
+        out_len = 4242;
+        assert_int_equal(hubkey_unseal(k, secret, 0, &out, &out_len), -EBADMSG);
+        assert_int_equal(hubkey_unseal(k, secret, HUBKEY_SEAL_MAX + 1, &out, &out_len), -EBADMSG);
+        assert_string_equal((char *) out, "untouched");
+        assert_int_equal(out_len, 4242);
+        (void) unlink(path);
+}
+
 int main(void) {
         const struct CMUnitTest tpm_tests[] = {
                 cmocka_unit_test(test_tpm_init_is_idempotent),
@@ -1164,6 +1631,12 @@ int main(void) {
                 cmocka_unit_test(test_tpm_bad_handle),
                 cmocka_unit_test(test_tpm_unreachable),
                 cmocka_unit_test(test_tpm_timing),
+                cmocka_unit_test(test_tpm_seal_round_trip),
+                cmocka_unit_test(test_tpm_unseal_independent_blob),
+                cmocka_unit_test(test_tpm_unseal_malformed),
+                cmocka_unit_test(test_tpm_seal_bound_to_its_tpm),
+                cmocka_unit_test(test_tpm_seal_bus_is_encrypted),
+                cmocka_unit_test(test_tpm_seal_timing),
         };
         const struct CMUnitTest file_tests[] = {
                 cmocka_unit_test(test_file_init_and_sign),
@@ -1171,6 +1644,7 @@ int main(void) {
                 cmocka_unit_test(test_file_refuses_open_mode),
                 cmocka_unit_test(test_file_refuses_other_keys),
                 cmocka_unit_test(test_file_known_thumbprint),
+                cmocka_unit_test(test_file_seal),
         };
         int failed = 0;
 
