@@ -22,13 +22,15 @@
 #include "iothub/httpsig.h"
 #include "iothub/hubkey.h"
 #include "iothub/log.h"
+#include "iothub/oauth.h"
 #include "iothub/registry.h"
 #include "iothub/spool.h"
 
 #define CLOUD_KEY_RETRY_USEC (10 * UINT64_C(1000000))
 #define META_DEVICES_DIRTY "devices_dirty"
+#define META_REGISTERED "registered"
 
-enum req_kind { REQ_STATUS, REQ_DEVICES, REQ_REGISTER };
+enum req_kind { REQ_STATUS, REQ_DEVICES, REQ_REGISTER, REQ_OTHER };
 
 struct cloud_req {
         struct cloud *cloud;
@@ -41,6 +43,9 @@ struct cloud_req {
         /* REQ_REGISTER */
         void (*register_done)(void *userdata, long status, const char *message);
         void *register_userdata;
+        /* REQ_OTHER (cloud_request) */
+        void (*call_done)(void *userdata, int r, long status, const char *body, size_t len);
+        void *call_userdata;
         struct cloud_req *next; /* in cloud->others */
 };
 
@@ -50,6 +55,8 @@ struct cloud {
         sd_event_source *batch_timer, *key_timer;
         struct cloud_req *status_req, *devices_req;
         struct cloud_req *others; /* register requests */
+        bool refreshing;          /* a status batch waits for oauth_refresh() */
+        bool registered;          /* iothubctl register succeeded (persisted) */
         bool devices_dirty;
         unsigned failures, devices_failures;
         uint64_t devices_backoff_until;
@@ -165,11 +172,36 @@ static int cloud_load_token(struct cloud *c) {
         return 0;
 }
 
+/* With [oauth], the signed-in user's token (and a DPoP proof when it is bound); else the
+ * fixed token of [cloud] bearer_token_file. */
+static bool cloud_have_token(struct cloud *c) {
+        struct oauth *o = c->hub->oauth;
+
+        if (o)
+                return oauth_get_state(o) == OAUTH_OK || oauth_get_state(o) == OAUTH_REFRESHING;
+        return c->token != NULL;
+}
+
+static bool cloud_uses_oauth(struct cloud *c) {
+        return c->hub->conf->oauth.issuer && c->hub->conf->oauth.client_id;
+}
+
+static int cloud_authorization(struct cloud *c, const char *method, const char *url, char **ret_auth,
+                               char **ret_dpop) {
+        if (c->hub->oauth)
+                return oauth_authorize(c->hub->oauth, method, url, ret_auth, ret_dpop);
+        if (!c->token)
+                return -ENOKEY;
+        *ret_dpop = NULL;
+        *ret_auth = strdup_printf("Bearer %s", c->token);
+        return *ret_auth ? 0 : -ENOMEM;
+}
+
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
-                     size_t body_len, struct cloud_req **ret) {
+                     size_t body_len, long timeout_s, struct cloud_req **ret) {
         struct hub *h = c->hub;
         struct httpsig_headers sig = {};
-        _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL;
+        _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL, *dpop = NULL, *dpop_header = NULL;
         _cleanup_free_ char *url = NULL;
         struct cloud_req *q;
         int r;
@@ -182,11 +214,13 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         q->cloud = c;
         q->kind = kind;
         url = strdup_printf("%s%s", c->base_url, path);
-        auth = strdup_printf("Bearer %s", c->token);
-        if (!url || !auth) {
+        if (!url) {
                 r = -ENOMEM;
                 goto fail;
         }
+        r = cloud_authorization(c, method, url, &auth, &dpop);
+        if (r < 0)
+                goto fail;
         r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
                          (int64_t) (now_realtime_usec() / 1000000), &sig);
         if (r < 0)
@@ -196,9 +230,17 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 r = -ENOMEM;
                 goto fail;
         }
-        const char *lines[7];
+        const char *lines[8];
         size_t n = 0;
         lines[n++] = auth_header;
+        if (dpop) {
+                dpop_header = strdup_printf("DPoP: %s", dpop);
+                if (!dpop_header) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                lines[n++] = dpop_header;
+        }
         if (sig.content_digest)
                 lines[n++] = sig.content_digest;
         lines[n++] = sig.signature_input;
@@ -211,7 +253,8 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                        &(struct http_request){ .method = method,
                                                .url = url,
                                                .ca_file = h->conf->cloud.ca_file,
-                                               .timeout_s = (long) h->conf->cloud.timeout_s,
+                                               .timeout_s = timeout_s > 0 ? timeout_s
+                                                                          : (long) h->conf->cloud.timeout_s,
                                                .headers = lines,
                                                .n_headers = n,
                                                .body = body,
@@ -332,7 +375,7 @@ static int cloud_send_batch(struct cloud *c) {
                 free(body);
                 return -ENOMEM;
         }
-        r = req_start(c, REQ_STATUS, "POST", path, body, b.len, &c->status_req);
+        r = req_start(c, REQ_STATUS, "POST", path, body, b.len, 0, &c->status_req);
         if (r < 0)
                 return r;
         c->status_req->first_id = b.first_id;
@@ -368,14 +411,19 @@ static void cloud_maybe_send(struct cloud *c) {
         int64_t oldest_usec = 0;
         int r;
 
-        if (!h->hubkey || !c->token)
+        if (!h->hubkey || !cloud_have_token(c))
                 return;
+        /* Nothing goes up before the hub is registered: the cloud could not check it. */
+        if (!c->registered) {
+                set_last_error(c, "not registered yet: run 'iothubctl register'");
+                return;
+        }
         if (c->devices_dirty && !c->devices_req && now >= c->devices_backoff_until) {
                 /* The devices list goes first (see the top of this file). */
                 extern void cloud_send_devices(struct cloud *);
                 cloud_send_devices(c);
         }
-        if (c->status_req || c->devices_dirty)
+        if (c->status_req || c->devices_dirty || c->refreshing)
                 return;
         if (c->counters.backoff_until > now)
                 return;
@@ -476,8 +524,9 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 return;
         }
         if (r == 0 && status == 401 && !q->retried_401) {
-                /* Once: a fresh token, then the same batch again. */
-                (void) cloud_load_token(c);
+                /* Once: a fresh token, then the same batch again (see on_http_done). */
+                if (!cloud_uses_oauth(c))
+                        (void) cloud_load_token(c);
                 return;
         }
         if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 || status == 401 ||
@@ -560,9 +609,14 @@ void cloud_send_devices(struct cloud *c) {
                 }
         }
         if (r >= 0)
-                r = req_start(c, REQ_DEVICES, "PUT", path, body, len, &c->devices_req);
+                r = req_start(c, REQ_DEVICES, "PUT", path, body, len, 0, &c->devices_req);
         if (r < 0)
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
+}
+
+static void on_refreshed_kick(void *userdata, int r) {
+        if (r >= 0)
+                cloud_maybe_send(userdata);
 }
 
 static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp) {
@@ -581,8 +635,10 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
                 log_info("Sent the list of %zu bulbs to the cloud", registry_count(h->registry));
                 return;
         }
-        if (r == 0 && status == 401)
+        if (r == 0 && status == 401 && !cloud_uses_oauth(c))
                 (void) cloud_load_token(c);
+        else if (r == 0 && status == 401 && h->oauth)
+                (void) oauth_refresh(h->oauth, resp->dpop_nonce, on_refreshed_kick, c);
         if (r < 0)
                 set_last_error(c, "sending the bulb list failed: %s", resp->error_text);
         else
@@ -622,7 +678,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         r = cloud_open_key(c);
         if (r < 0)
                 return r;
-        if (!c->token && cloud_load_token(c) < 0)
+        if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
                 return -ENOKEY;
         r = hubkey_public_jwk(h->hubkey, &jwk);
         if (r < 0)
@@ -635,7 +691,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
                 free(body);
                 return -ENOMEM;
         }
-        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), &q);
+        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
         if (r < 0)
                 return r;
         q->register_done = done;
@@ -645,7 +701,65 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         return 0;
 }
 
+/* ---- requests for other modules ---- */
+
+bool cloud_ready(struct cloud *c) {
+        return c && c->hub->hubkey && cloud_have_token(c);
+}
+
+int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
+                  void (*done)(void *userdata, int r, long status, const char *body, size_t len),
+                  void *userdata, struct cloud_call **ret) {
+        struct cloud_req *q = NULL;
+        char *copy = NULL;
+        int r;
+
+        if (!c || !done)
+                return -EINVAL;
+        if (!cloud_ready(c))
+                return -ENOKEY;
+        if (body && !(copy = strdup(body)))
+                return -ENOMEM;
+        r = req_start(c, REQ_OTHER, method, path, copy, body ? strlen(body) : 0, timeout_s, &q);
+        if (r < 0)
+                return r;
+        q->call_done = done;
+        q->call_userdata = userdata;
+        q->next = c->others;
+        c->others = q;
+        if (ret)
+                *ret = (struct cloud_call *) q;
+        return 0;
+}
+
+void cloud_request_cancel(struct cloud_call *call) {
+        struct cloud_req *q = (struct cloud_req *) call;
+
+        if (!q)
+                return;
+        for (struct cloud_req **p = &q->cloud->others; *p; p = &(*p)->next)
+                if (*p == q) {
+                        *p = q->next;
+                        break;
+                }
+        req_free(q);
+}
+
 /* ---- completion ---- */
+
+/* After a 401, the token was refreshed (r = 0) or could not be. */
+static void on_refreshed(void *userdata, int r) {
+        struct cloud *c = userdata;
+
+        c->refreshing = false;
+        if (r < 0) {
+                set_last_error(c, "upload answered HTTP 401 and the token could not be refreshed");
+                cloud_backoff(c, NULL);
+                return;
+        }
+        if (!c->status_req && cloud_send_batch(c) >= 0 && c->status_req)
+                c->status_req->retried_401 = true;
+}
 
 static void on_http_done(void *userdata, const struct http_response *resp) {
         struct cloud_req *q = userdata;
@@ -657,6 +771,15 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 c->status_req = NULL;
                 on_status_done(c, q, resp);
                 if (resp->error == 0 && resp->status == 401 && !q->retried_401) {
+                        if (c->hub->oauth) {
+                                /* The batch goes again once the token is fresh (on_refreshed). */
+                                c->refreshing = true;
+                                if (oauth_refresh(c->hub->oauth, resp->dpop_nonce, on_refreshed, c) < 0) {
+                                        c->refreshing = false;
+                                        cloud_backoff(c, NULL);
+                                }
+                                break;
+                        }
                         /* Once: the fresh token, the same frames, a new signature, at once. */
                         if (cloud_send_batch(c) >= 0 && c->status_req)
                                 c->status_req->retried_401 = true;
@@ -665,6 +788,14 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         case REQ_DEVICES:
                 c->devices_req = NULL;
                 on_devices_done(c, q, resp);
+                break;
+        case REQ_OTHER:
+                for (struct cloud_req **p = &c->others; *p; p = &(*p)->next)
+                        if (*p == q) {
+                                *p = q->next;
+                                break;
+                        }
+                q->call_done(q->call_userdata, 0, resp->error < 0 ? 0 : resp->status, resp->body, resp->body_len);
                 break;
         case REQ_REGISTER: {
                 char message[256];
@@ -675,8 +806,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                         }
                 if (resp->error < 0)
                         (void) snprintf(message, sizeof message, "%s", resp->error_text);
-                else if (resp->status == 200 || resp->status == 201)
+                else if (resp->status == 200 || resp->status == 201) {
                         (void) snprintf(message, sizeof message, "registered");
+                        c->registered = true;
+                        if (db_meta_set(c->hub->db, META_REGISTERED, "1") < 0)
+                                log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
+                        c->counters.last_error[0] = '\0';
+                }
                 else if (resp->status == 409)
                         (void) snprintf(message, sizeof message, "this hub is registered to another account");
                 else
@@ -732,16 +868,25 @@ int cloud_new(struct hub *h, struct cloud **ret) {
         if (r < 0)
                 goto fail;
 
+        {
+                _cleanup_free_ char *reg = NULL;
+                c->registered = db_meta_get(h->db, META_REGISTERED, &reg) >= 0 && streq(reg, "1");
+        }
         /* The bulb list is dirty after a change not yet sent, and on the very first start. */
         r = db_meta_get(h->db, META_DEVICES_DIRTY, &dirty);
         c->devices_dirty = r == -ENOENT ? true : (r >= 0 && streq(dirty, "1"));
 
-        if (h->conf->cloud.bearer_token_file)
-                log_warning("Using the fixed access token of [cloud] bearer_token_file, for tests and development "
-                            "only");
-        r = cloud_load_token(c);
-        if (r < 0)
-                log_error("Cloud uploads wait: %s", c->counters.last_error);
+        if (cloud_uses_oauth(c)) {
+                if (h->conf->cloud.bearer_token_file)
+                        log_warning("[cloud] bearer_token_file is ignored: [oauth] signs the hub in");
+        } else {
+                if (h->conf->cloud.bearer_token_file)
+                        log_warning("Using the fixed access token of [cloud] bearer_token_file, for tests and "
+                                    "development only");
+                r = cloud_load_token(c);
+                if (r < 0)
+                        log_error("Cloud uploads wait: %s", c->counters.last_error);
+        }
         r = cloud_open_key(c);
         if (r < 0) {
                 log_error("Cloud uploads wait: %s", c->counters.last_error);
@@ -765,7 +910,7 @@ void cloud_free(struct cloud *c) {
         while (c->others) {
                 struct cloud_req *q = c->others;
                 c->others = q->next;
-                if (q->register_done)
+                if (q->kind == REQ_REGISTER && q->register_done)
                         q->register_done(q->register_userdata, -ECANCELED, "the daemon is stopping");
                 req_free(q);
         }

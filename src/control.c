@@ -15,6 +15,7 @@
 #include "iothub/cloud.h"
 #include "iothub/control.h"
 #include "iothub/log.h"
+#include "iothub/oauth.h"
 #include "iothub/registry.h"
 #include "iothub/verify.h"
 
@@ -28,6 +29,12 @@ struct control {
         sd_event_source *listen;
         unsigned n_clients;
         struct conn *conns; /* every open connection, so that control_free() ends them */
+        /* Sign-in: the connection waiting for the code, the one waiting for the outcome, and
+         * the outcome if it came while nobody waited. */
+        struct conn *login_conn, *wait_conn;
+        bool login_finished;
+        int login_r;
+        char login_message[256];
 };
 
 struct conn {
@@ -43,9 +50,10 @@ struct conn {
         struct conn *next, *prev;
 };
 
-/* A handler's answer when the reply comes later, through conn_reply_later(). */
-static json_t pending_reply;
+/* A handler's answer when the reply comes later, or has already been set. */
+static json_t pending_reply, answered_reply;
 #define CONTROL_PENDING (&pending_reply)
+#define CONTROL_ANSWERED (&answered_reply)
 
 #define _cleanup_json_ _cleanup_(json_decrefp)
 
@@ -73,6 +81,10 @@ static void conn_free(struct conn *c) {
         if (c->fd >= 0)
                 (void) close(c->fd);
         c->ctl->n_clients--;
+        if (c->ctl->login_conn == c)
+                c->ctl->login_conn = NULL;
+        if (c->ctl->wait_conn == c)
+                c->ctl->wait_conn = NULL;
         free(c->in);
         free(c->out);
         free(c);
@@ -223,6 +235,110 @@ static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *r
         return CONTROL_PENDING;
 }
 
+static void on_login_started(void *userdata, int r, const char *message, json_t *info) {
+        struct control *ctl = userdata;
+        struct conn *c = ctl->login_conn;
+        json_t *reply;
+
+        ctl->login_conn = NULL;
+        if (!c)
+                return;
+        if (r < 0)
+                reply = error_reply("sign-in could not start: %s", message);
+        else {
+                reply = json_deep_copy(info);
+                if (reply)
+                        (void) json_object_set_new(reply, "ok", json_true());
+        }
+        c->pending = false;
+        if (conn_set_reply(c, reply) < 0)
+                conn_free(c);
+}
+
+static void on_login_finished(void *userdata, int r, const char *message) {
+        struct control *ctl = userdata;
+        struct conn *c = ctl->wait_conn;
+
+        ctl->wait_conn = NULL;
+        if (!c) {
+                ctl->login_finished = true;
+                ctl->login_r = r;
+                (void) snprintf(ctl->login_message, sizeof ctl->login_message, "%s", message);
+                return;
+        }
+        c->pending = false;
+        if (conn_set_reply(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message)) <
+            0)
+                conn_free(c);
+}
+
+static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req) {
+        int r;
+
+        if (!ctl->hub->oauth)
+                return error_reply("sign-in is not configured: set [oauth] issuer and client_id in %s",
+                                   ctl->hub->conf->path);
+        ctl->login_finished = false;
+        if (ctl->wait_conn) {
+                struct conn *w = ctl->wait_conn;
+                ctl->wait_conn = NULL;
+                w->pending = false;
+                if (conn_set_reply(w, error_reply("another sign-in started")) < 0)
+                        conn_free(w);
+        }
+        ctl->login_conn = conn;
+        r = oauth_login(ctl->hub->oauth, &(struct oauth_login_cb){ .started = on_login_started,
+                                                                     .finished = on_login_finished,
+                                                                     .userdata = ctl });
+        if (r < 0) {
+                ctl->login_conn = NULL;
+                if (r == -EAGAIN)
+                        return error_reply("the authorization server has not been reached yet; try again shortly");
+                if (r == -ENOKEY)
+                        return error_reply("no hub key: run 'iothubctl key init' first");
+                return error_reply("cannot start sign-in: %s", strerror(-r));
+        }
+        return CONTROL_PENDING;
+}
+
+static json_t *handle_login_wait(struct control *ctl, struct conn *conn, json_t *req) {
+        if (!ctl->hub->oauth)
+                return error_reply("sign-in is not configured");
+        if (ctl->login_finished) {
+                ctl->login_finished = false;
+                if (ctl->login_r < 0)
+                        return error_reply("%s", ctl->login_message);
+                return json_pack("{s:b,s:s}", "ok", 1, "message", ctl->login_message);
+        }
+        if (ctl->wait_conn)
+                return error_reply("someone else is already waiting for this sign-in");
+        ctl->wait_conn = conn;
+        return CONTROL_PENDING;
+}
+
+static void on_logout_done(void *userdata, int r, const char *message) {
+        struct conn *c = userdata;
+
+        c->pending = false;
+        if (conn_set_reply(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message)) <
+            0)
+                conn_free(c);
+}
+
+static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req) {
+        int r;
+
+        if (!ctl->hub->oauth)
+                return error_reply("sign-in is not configured");
+        conn->pending = true; /* the answer may come right away, from inside the call */
+        r = oauth_logout(ctl->hub->oauth, on_logout_done, conn);
+        if (r < 0) {
+                conn->pending = false;
+                return error_reply("cannot sign out: %s", strerror(-r));
+        }
+        return conn->pending ? CONTROL_PENDING : CONTROL_ANSWERED;
+}
+
 static const struct {
         const char *cmd;
         json_t *(*handler)(struct control *ctl, struct conn *conn, json_t *req);
@@ -232,6 +348,9 @@ static const struct {
         { "bulb-add", handle_bulb_add },
         { "bulb-remove", handle_bulb_remove },
         { "register", handle_register },
+        { "login", handle_login },
+        { "login-wait", handle_login_wait },
+        { "logout", handle_logout },
 };
 
 static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line, size_t len) {
@@ -254,6 +373,8 @@ static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line
 static int conn_set_reply(struct conn *c, json_t *reply) {
         char *s;
 
+        if (reply == CONTROL_ANSWERED)
+                return 0;
         if (reply == CONTROL_PENDING) {
                 c->pending = true;
                 /* Stop reading; the answer comes from conn_reply_later(). */

@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <sys/stat.h>
 
+#include <qrencode.h>
+
 #include <jansson.h>
 
 #include "iothub/conf.h"
@@ -29,7 +31,9 @@ static int usage(void) {
                         "  bulb remove ID                    revoke a bulb at once\n"
                         "  key init                          create the hub key (never replaces one)\n"
                         "  key show [--pem | --jwk]          the hub's public key and key id\n"
-                        "  register                          register the hub key with the cloud account\n");
+                        "  register                          register the hub key with the cloud account\n"
+                        "  login                             sign in with the OAuth device grant\n"
+                        "  logout                            revoke and erase the stored tokens\n");
         return EXIT_USAGE;
 }
 
@@ -304,6 +308,87 @@ static int cmd_register(struct ctl *ctl, int argc, char **argv) {
         return 0;
 }
 
+/* A QR code of the URL on a terminal that shows one: two modules per character with the
+ * half blocks, dark on light, with the quiet zone of four modules (ISO/IEC 18004). */
+static void print_qr(const char *text) {
+        QRcode *q = QRcode_encodeString(text, 0, QR_ECLEVEL_L, QR_MODE_8, 1);
+        const int quiet = 4;
+
+        if (!q)
+                return;
+        int w = q->width;
+        for (int y = -quiet; y < w + quiet; y += 2) {
+                for (int x = -quiet; x < w + quiet; x++) {
+                        bool top = y >= 0 && y < w && x >= 0 && x < w && (q->data[y * w + x] & 1);
+                        bool bottom = y + 1 >= 0 && y + 1 < w && x >= 0 && x < w && (q->data[(y + 1) * w + x] & 1);
+                        /* Light is the block, dark is the gap: readable on dark and light terminals. */
+                        fputs(top && bottom ? " " : top ? "\u2584" : bottom ? "\u2580" : "\u2588", stdout);
+                }
+                fputc('\n', stdout);
+        }
+        QRcode_free(q);
+}
+
+static int cmd_login(struct ctl *ctl, int argc, char **argv) {
+        json_t *resp = NULL, *done = NULL;
+        const char *uri, *complete, *code;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = call(ctl, json_pack("{s:s}", "cmd", "login"), &resp);
+        if (r != 0)
+                return r;
+        uri = json_string_value(json_object_get(resp, "verification_uri"));
+        complete = json_string_value(json_object_get(resp, "verification_uri_complete"));
+        code = json_string_value(json_object_get(resp, "user_code"));
+        if (!uri || !code) {
+                json_decref(resp);
+                return fail("the daemon's answer has no verification URI or user code");
+        }
+        if (ctl->json) {
+                (void) json_object_del(resp, "ok");
+                json_dumpf(resp, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+        } else {
+                printf("To sign this hub in, open\n\n    %s\n\nand enter the code\n\n    %s\n\n", uri, code);
+                if (complete && isatty(STDOUT_FILENO)) {
+                        printf("or scan this code with a phone (it opens %s):\n\n", complete);
+                        print_qr(complete);
+                }
+                printf("Waiting (the code is valid for %lld seconds)...\n",
+                       (long long) json_integer_value(json_object_get(resp, "expires_in")));
+        }
+        fflush(stdout);
+        json_decref(resp);
+        r = call(ctl, json_pack("{s:s}", "cmd", "login-wait"), &done);
+        if (r != 0)
+                return r;
+        if (ctl->json)
+                print_json(done);
+        else
+                printf("Signed in.\n");
+        json_decref(done);
+        return 0;
+}
+
+static int cmd_logout(struct ctl *ctl, int argc, char **argv) {
+        json_t *resp = NULL;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = call(ctl, json_pack("{s:s}", "cmd", "logout"), &resp);
+        if (r != 0)
+                return r;
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Signed out: %s\n", json_string_value(json_object_get(resp, "message")));
+        json_decref(resp);
+        return 0;
+}
+
 int main(int argc, char *argv[]) {
         struct ctl ctl = { .config = IOTHUB_DEFAULT_CONFIG };
         _cleanup_free_ char *err = NULL;
@@ -346,6 +431,10 @@ int main(int argc, char *argv[]) {
                 r = cmd_key_init(&ctl, n - 2, args + 2);
         else if (streq(args[0], "key") && n >= 2 && streq(args[1], "show"))
                 r = cmd_key_show(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "login"))
+                r = cmd_login(&ctl, n - 1, args + 1);
+        else if (streq(args[0], "logout"))
+                r = cmd_logout(&ctl, n - 1, args + 1);
         else if (streq(args[0], "register"))
                 r = cmd_register(&ctl, n - 1, args + 1);
         else

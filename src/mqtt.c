@@ -252,6 +252,29 @@ static void on_disconnect(struct mosquitto *mosq, void *userdata, int rc) {
         mqtt_set_connected(m, false);
 }
 
+static void on_publish(struct mosquitto *mosq, void *userdata, int mid) {
+        struct mqtt *m = userdata;
+
+        if (m->cb.published)
+                m->cb.published(m->userdata, mid);
+}
+
+int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos, int *ret_mid) {
+        int mid = 0, r;
+
+        if (!m->connected)
+                return -ENOTCONN;
+        if (len > INT32_MAX)
+                return -EFBIG;
+        r = mqtt_errno(mosquitto_publish(m->mosq, &mid, topic, (int) len, payload, qos, false));
+        if (r < 0)
+                return r;
+        mqtt_update_events(m); /* the packet waits for the socket to be writable */
+        if (ret_mid)
+                *ret_mid = mid;
+        return 0;
+}
+
 static void on_message(struct mosquitto *mosq, void *userdata, const struct mosquitto_message *msg) {
         struct mqtt *m = userdata;
 
@@ -314,6 +337,7 @@ int mqtt_new(sd_event *e, const struct iothub_conf *c, const struct mqtt_callbac
         mosquitto_connect_callback_set(m->mosq, on_connect);
         mosquitto_disconnect_callback_set(m->mosq, on_disconnect);
         mosquitto_message_callback_set(m->mosq, on_message);
+        mosquitto_publish_callback_set(m->mosq, on_publish);
         r = mqtt_set_password(m, c, ret_error);
         if (r < 0)
                 goto fail;

@@ -45,6 +45,18 @@ void cloud_devices_changed(struct cloud *c);
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata);
 
+/* A signed, authorized request to the cloud for other modules (commands): path below the
+ * base URL, body JSON or NULL. done() gets the HTTP status (0 on a transport failure), the
+ * body, or r < 0 when the request could not even be made (no key, no token). timeout_s 0
+ * means [cloud] timeout_s. The returned handle cancels it (cloud_request_cancel). */
+struct cloud_call;
+int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
+                  void (*done)(void *userdata, int r, long status, const char *body, size_t len),
+                  void *userdata, struct cloud_call **ret);
+void cloud_request_cancel(struct cloud_call *call);
+/* Whether requests can be made now (a key and a token). */
+bool cloud_ready(struct cloud *c);
+
 /* Adds the "cloud" and "key" objects of the status to o. */
 int cloud_status_json(struct cloud *c, json_t *o);
 /* One-line summary for STATUS=. */

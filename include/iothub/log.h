@@ -21,6 +21,8 @@
 #define IOTHUB_MID_DEV_KEY_WARNING "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c16"
 #define IOTHUB_MID_SPOOL_FULL "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c17"
 #define IOTHUB_MID_BATCH_MOVED_ASIDE "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c18"
+#define IOTHUB_MID_LOGIN_REQUIRED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c19"
+#define IOTHUB_MID_LOGIN_OK "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c1a"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);

@@ -18,6 +18,8 @@ struct mqtt_callbacks {
         void (*read_done)(void *userdata);
         /* Connection state changed. */
         void (*connected)(void *userdata, bool connected);
+        /* The broker acknowledged (PUBACK) the QoS 1 message with this mid. */
+        void (*published)(void *userdata, int mid);
 };
 
 /* Creates the client and starts connecting. Returns 0 or a negative errno; on failure,
@@ -25,6 +27,10 @@ struct mqtt_callbacks {
 int mqtt_new(sd_event *e, const struct iothub_conf *conf, const struct mqtt_callbacks *cb, void *userdata,
              struct mqtt **ret, char **ret_error);
 bool mqtt_is_connected(const struct mqtt *m);
+
+/* Publishes one message, not retained. Returns 0 and the message id in *ret_mid (for the
+ * published() callback), -ENOTCONN when not connected, other negative errno. */
+int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos, int *ret_mid);
 /* Sends DISCONNECT and frees; NULL accepted. */
 void mqtt_free(struct mqtt *m);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct mqtt *, mqtt_free);

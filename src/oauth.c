@@ -1,0 +1,974 @@
+/* SPDX-License-Identifier: MIT */
+/* The user's sign-in (PROTOCOL.md 4). All requests go through http.c on the daemon's loop.
+ *
+ * - Discovery: <issuer>/.well-known/openid-configuration, falling back to RFC 8414's
+ *   <issuer>/.well-known/oauth-authorization-server; the metadata's issuer must be ours
+ *   (RFC 8414 3.3), every endpoint https.
+ * - Sign-in: the Device Authorization Grant (RFC 8628) for a public client; the token
+ *   endpoint is polled at the server's interval, 5 s more on slow_down (3.5), stopping on
+ *   expired_token and access_denied.
+ * - Tokens live sealed by the TPM (tokenstore.c), are refreshed ahead of expiry, and a new
+ *   refresh token from a rotation replaces the old one at once (saved atomically).
+ *   invalid_grant means the user must sign in again: uploads wait, frames keep spooling.
+ * - DPoP (RFC 9449) with the hub key, on token requests and on every resource request,
+ *   with the servers' nonces (section 8 and 9). */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "iothub/cloud.h"
+#include "iothub/frame.h"
+#include "iothub/http.h"
+#include "iothub/hubkey.h"
+#include "iothub/log.h"
+#include "iothub/oauth.h"
+#include "iothub/tokenstore.h"
+
+#define OAUTH_TIMEOUT_S 30
+#define OAUTH_RETRY_MIN_S 2
+#define OAUTH_RETRY_MAX_S 300
+#define OAUTH_WAITERS_MAX 8
+#define OAUTH_INTERVAL_MAX_S 60
+
+enum req_kind { R_DISCOVERY, R_DISCOVERY_FALLBACK, R_DEVICE, R_POLL, R_REFRESH, R_REVOKE };
+
+struct oauth_call {
+        struct oauth *oauth;
+        enum req_kind kind;
+        char *form; /* kept for a resend with a new DPoP nonce; wiped */
+        bool nonce_retried;
+};
+
+struct waiter {
+        void (*done)(void *userdata, int r);
+        void *userdata;
+};
+
+struct oauth {
+        struct hub *hub;
+        enum oauth_state state;
+        char last_error[256];
+
+        /* Discovery. */
+        bool discovered;
+        char *token_endpoint, *device_endpoint, *revocation_endpoint;
+        bool use_dpop;
+        unsigned failures;
+        sd_event_source *timer; /* discovery retry, refresh, refresh retry */
+
+        /* Tokens. */
+        struct oauth_tokens tokens;
+        bool have_tokens;
+        char *as_nonce, *rs_nonce; /* DPoP-Nonce of the authorization and resource servers */
+        uint64_t dpop_proofs;
+
+        /* Refresh. */
+        struct http_req *refresh_req;
+        struct waiter waiters[OAUTH_WAITERS_MAX];
+        unsigned n_waiters;
+
+        /* Device flow. */
+        struct oauth_login_cb login;
+        bool login_active;
+        char *device_code;
+        unsigned interval_s;
+        int64_t login_expires_at;
+        struct http_req *login_req;
+        sd_event_source *poll_timer;
+
+        /* Logout. */
+        struct http_req *revoke_req;
+        void (*logout_done)(void *userdata, int r, const char *message);
+        void *logout_userdata;
+
+        struct http_req *disc_req;
+};
+
+const char *oauth_state_to_string(enum oauth_state s) {
+        static const char *const names[] = {
+                [OAUTH_NOT_CONFIGURED] = "not_configured",
+                [OAUTH_LOGIN_REQUIRED] = "login_required",
+                [OAUTH_OK] = "ok",
+                [OAUTH_REFRESHING] = "refreshing",
+        };
+        return (unsigned) s < ELEMENTSOF(names) ? names[s] : "?";
+}
+
+enum oauth_state oauth_get_state(const struct oauth *o) {
+        return o ? o->state : OAUTH_NOT_CONFIGURED;
+}
+
+static void set_error(struct oauth *o, const char *fmt, ...) _printf_(2, 3);
+static void set_error(struct oauth *o, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(o->last_error, sizeof o->last_error, fmt, ap);
+        va_end(ap);
+        /* Network text may carry anything: keep one printable line. */
+        for (char *p = o->last_error; *p; p++)
+                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                        *p = '?';
+}
+
+static int64_t now_s(void) {
+        return (int64_t) (now_realtime_usec() / 1000000);
+}
+
+/* RFC 3986 2.3 unreserved characters pass, everything else is %XX (for form bodies). */
+static int form_append(char **form, const char *name, const char *value) {
+        size_t old = *form ? strlen(*form) : 0, n = strlen(name), v = strlen(value);
+        char *t = malloc(old + 1 + n + 1 + 3 * v + 1), *p;
+
+        if (!t)
+                return -ENOMEM;
+        p = t;
+        if (old) {
+                memcpy(p, *form, old);
+                p += old;
+                *p++ = '&';
+        }
+        memcpy(p, name, n);
+        p += n;
+        *p++ = '=';
+        for (size_t i = 0; i < v; i++) {
+                unsigned char ch = (unsigned char) value[i];
+                if ((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                    strchr("-._~", ch))
+                        *p++ = (char) ch;
+                else {
+                        static const char hex[] = "0123456789ABCDEF";
+                        *p++ = '%';
+                        *p++ = hex[ch >> 4];
+                        *p++ = hex[ch & 15];
+                }
+        }
+        *p = '\0';
+        if (*form)
+                erase_and_free(*form, old);
+        *form = t;
+        return 0;
+}
+
+int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
+                     const char *nonce, int64_t now, char **ret) {
+        json_t *jwk = NULL, *header = NULL, *claims = NULL;
+        char *h = NULL, *c = NULL, *jws = NULL;
+        uint8_t jti[16], sig[HUBKEY_SIG_LEN], ath[32];
+        char jti_b64[32], ath_b64[48], sig_b64[96];
+        size_t hl, cl;
+        int r;
+
+        r = random_bytes(jti, sizeof jti);
+        if (r < 0)
+                return r;
+        (void) b64url_encode(jti, sizeof jti, jti_b64);
+        r = hubkey_public_jwk(k, &jwk);
+        if (r < 0)
+                return r;
+        /* RFC 9449 4.2: the public key in the header, no private members. */
+        header = json_pack("{s:s,s:s,s:o}", "typ", "dpop+jwt", "alg", "ES256", "jwk", jwk);
+        claims = json_pack("{s:s,s:s,s:s,s:I}", "jti", jti_b64, "htm", method, "htu", url, "iat", (json_int_t) now);
+        if (!header || !claims) {
+                r = -ENOMEM;
+                goto out;
+        }
+        if (access_token) {
+                /* ath: base64url(SHA-256(the ASCII access token)), RFC 9449 4.2. */
+                if (!EVP_Digest(access_token, strlen(access_token), ath, NULL, EVP_sha256(), NULL)) {
+                        r = -EIO;
+                        goto out;
+                }
+                (void) b64url_encode(ath, sizeof ath, ath_b64);
+                (void) json_object_set_new(claims, "ath", json_string(ath_b64));
+        }
+        if (nonce && nonce[0])
+                (void) json_object_set_new(claims, "nonce", json_string(nonce));
+        {
+                _cleanup_free_ char *hs = json_dumps(header, JSON_COMPACT), *cs = json_dumps(claims, JSON_COMPACT);
+                if (!hs || !cs) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                hl = strlen(hs);
+                cl = strlen(cs);
+                h = malloc(4 * (hl / 3 + 1) + 1);
+                c = malloc(4 * (cl / 3 + 1) + 1);
+                if (!h || !c) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                (void) b64url_encode((const uint8_t *) hs, hl, h);
+                (void) b64url_encode((const uint8_t *) cs, cl, c);
+        }
+        jws = strdup_printf("%s.%s", h, c);
+        if (!jws) {
+                r = -ENOMEM;
+                goto out;
+        }
+        /* JWS ES256 (RFC 7518 3.4) is exactly the hub key's raw r||s over the signing input. */
+        r = hubkey_sign(k, jws, strlen(jws), sig);
+        if (r < 0)
+                goto out;
+        (void) b64url_encode(sig, sizeof sig, sig_b64);
+        {
+                char *full = strdup_printf("%s.%s", jws, sig_b64);
+                if (!full) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                *ret = full;
+        }
+        r = 0;
+out:
+        json_decref(header);
+        json_decref(claims);
+        free(h);
+        free(c);
+        free(jws);
+        return r;
+}
+
+/* ---- requests ---- */
+
+static void on_done(void *userdata, const struct http_response *resp);
+
+static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, const char *url, char *form,
+                      bool nonce_retried, struct http_req **ret) {
+        struct hub *h = o->hub;
+        _cleanup_erase_str_ char *dpop = NULL, *dpop_header = NULL;
+        struct oauth_call *call;
+        const char *lines[4];
+        size_t n = 0;
+        int r;
+
+        call = calloc(1, sizeof *call);
+        if (!call) {
+                if (form)
+                        erase_and_free(form, strlen(form));
+                return -ENOMEM;
+        }
+        call->oauth = o;
+        call->kind = kind;
+        call->form = form;
+        call->nonce_retried = nonce_retried;
+        lines[n++] = "Accept: application/json";
+        if (form)
+                lines[n++] = "Content-Type: application/x-www-form-urlencoded";
+        /* DPoP on the token requests (RFC 9449 5), not on discovery or revocation. */
+        if (o->use_dpop && h->hubkey && (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH)) {
+                r = oauth_dpop_proof(h->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
+                if (r < 0)
+                        goto fail;
+                o->dpop_proofs++;
+                dpop_header = strdup_printf("DPoP: %s", dpop);
+                if (!dpop_header) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                lines[n++] = dpop_header;
+        }
+        r = http_start(h->http,
+                       &(struct http_request){ .method = method,
+                                               .url = url,
+                                               .ca_file = h->conf->oauth.ca_file,
+                                               .timeout_s = OAUTH_TIMEOUT_S,
+                                               .headers = lines,
+                                               .n_headers = n,
+                                               .body = form,
+                                               .body_len = form ? strlen(form) : 0 },
+                       on_done, call, ret);
+        if (r < 0)
+                goto fail;
+        return 0;
+fail:
+        if (call->form)
+                erase_and_free(call->form, strlen(call->form));
+        free(call);
+        return r;
+}
+
+static void call_free(struct oauth_call *call) {
+        if (call->form)
+                erase_and_free(call->form, strlen(call->form));
+        free(call);
+}
+
+/* ---- timers ---- */
+
+static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
+                int (*cb)(sd_event_source *, uint64_t, void *)) {
+        int r;
+
+        if (!*s) {
+                r = sd_event_add_time_relative(o->hub->event, s, CLOCK_MONOTONIC, delay_usec, 0, cb, o);
+        } else {
+                uint64_t now;
+                (void) sd_event_now(o->hub->event, CLOCK_MONOTONIC, &now);
+                r = sd_event_source_set_time(*s, now + delay_usec);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(*s, SD_EVENT_ONESHOT);
+        }
+        if (r < 0)
+                log_error_errno(r, "Failed to arm an OAuth timer: %m");
+}
+
+static uint64_t retry_delay_usec(struct oauth *o) {
+        uint32_t rnd = 0;
+        uint64_t s = OAUTH_RETRY_MIN_S;
+
+        for (unsigned i = 1; i < o->failures && s < OAUTH_RETRY_MAX_S; i++)
+                s *= 2;
+        if (s > OAUTH_RETRY_MAX_S)
+                s = OAUTH_RETRY_MAX_S;
+        (void) random_bytes(&rnd, sizeof rnd);
+        return s * 500000 + (uint64_t) rnd % (s * 500000 + 1);
+}
+
+static int start_discovery(struct oauth *o, bool fallback);
+static int start_refresh(struct oauth *o);
+
+static void schedule_refresh(struct oauth *o);
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct oauth *o = userdata;
+
+        if (!o->discovered)
+                (void) start_discovery(o, false);
+        else if (o->have_tokens && o->tokens.refresh_token && !o->refresh_req)
+                (void) start_refresh(o);
+        return 0;
+}
+
+static void schedule_refresh(struct oauth *o) {
+        int64_t lifetime, at, delay;
+
+        if (!o->have_tokens || !o->tokens.refresh_token || o->tokens.expires_at <= 0)
+                return;
+        /* Ahead of expiry: a tenth of the remaining lifetime, at least the margin, but never
+         * more than half of it (short-lived tokens would otherwise be refreshed at once). */
+        lifetime = o->tokens.expires_at - now_s();
+        int64_t margin = OAUTH_REFRESH_MARGIN_S < lifetime / 2 ? OAUTH_REFRESH_MARGIN_S : lifetime / 2;
+        if (lifetime / 10 > margin)
+                margin = lifetime / 10;
+        at = o->tokens.expires_at - margin;
+        delay = at - now_s();
+        if (delay < 1)
+                delay = 1;
+        arm(o, &o->timer, (uint64_t) delay * 1000000, on_timer);
+}
+
+/* ---- token responses ---- */
+
+static void notify_waiters(struct oauth *o, int r) {
+        struct waiter w[OAUTH_WAITERS_MAX];
+        unsigned n = o->n_waiters;
+
+        memcpy(w, o->waiters, sizeof w);
+        o->n_waiters = 0;
+        for (unsigned i = 0; i < n; i++)
+                w[i].done(w[i].userdata, r);
+}
+
+static void become_login_required(struct oauth *o, const char *why) {
+        bool was = o->state == OAUTH_LOGIN_REQUIRED;
+
+        o->state = OAUTH_LOGIN_REQUIRED;
+        if (o->have_tokens) {
+                oauth_tokens_done(&o->tokens);
+                o->have_tokens = false;
+        }
+        set_error(o, "sign-in required: %s", why);
+        if (!was)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL,
+                          "Sign-in required (%s): run 'iothubctl login'; frames keep spooling meanwhile", why);
+        hub_notify_status(o->hub);
+}
+
+/* Takes a 200 token response. */
+static int accept_tokens(struct oauth *o, json_t *resp) {
+        const char *at = json_string_value(json_object_get(resp, "access_token"));
+        const char *tt = json_string_value(json_object_get(resp, "token_type"));
+        const char *rt = json_string_value(json_object_get(resp, "refresh_token"));
+        const char *scope = json_string_value(json_object_get(resp, "scope"));
+        json_t *ei = json_object_get(resp, "expires_in");
+        struct oauth_tokens t = {};
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (!at || !tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0) ||
+            (ei && !json_is_integer(ei)))
+                return -EBADMSG;
+        t.access_token = strdup(at);
+        t.token_type = strdup(strcasecmp(tt, "DPoP") == 0 ? "DPoP" : "Bearer");
+        /* Rotation: a new refresh token replaces the old; without one the old stays valid. */
+        t.refresh_token = rt ? strdup(rt) : o->tokens.refresh_token ? strdup(o->tokens.refresh_token) : NULL;
+        t.scope = scope ? strdup(scope) : NULL;
+        t.expires_at = ei ? now_s() + json_integer_value(ei) : 0;
+        if (!t.access_token || !t.token_type || (rt && !t.refresh_token) || (scope && !t.scope)) {
+                oauth_tokens_done(&t);
+                return -ENOMEM;
+        }
+        r = tokenstore_save(o->hub->conf, o->hub->hubkey, &t, &err);
+        if (r < 0) {
+                log_error_errno(r, "Failed to store the new tokens: %s", err ? err : strerror(-r));
+                /* Keep using them in memory: losing a rotated refresh token is worse. */
+        }
+        if (o->have_tokens)
+                oauth_tokens_done(&o->tokens);
+        o->tokens = t;
+        o->have_tokens = true;
+        o->state = OAUTH_OK;
+        o->failures = 0;
+        o->last_error[0] = '\0';
+        schedule_refresh(o);
+        return 0;
+}
+
+/* The error member of a token endpoint error (RFC 6749 5.2), or "" */
+static const char *oauth_error(json_t *resp) {
+        const char *e = json_string_value(json_object_get(resp, "error"));
+        return e ? e : "";
+}
+
+/* ---- discovery ---- */
+
+static int start_discovery(struct oauth *o, bool fallback) {
+        _cleanup_free_ char *url = NULL;
+        const char *issuer = o->hub->conf->oauth.issuer;
+        size_t n = strlen(issuer);
+
+        if (o->disc_req)
+                return 0;
+        /* RFC 8414 3: the well-known path goes after the host, before an issuer path. For the
+         * common issuers without a path both forms are the same. */
+        while (n > 0 && issuer[n - 1] == '/')
+                n--;
+        url = strdup_printf("%.*s/.well-known/%s", (int) n, issuer,
+                            fallback ? "oauth-authorization-server" : "openid-configuration");
+        if (!url)
+                return -ENOMEM;
+        return oauth_send(o, fallback ? R_DISCOVERY_FALLBACK : R_DISCOVERY, "GET", url, NULL, false, &o->disc_req);
+}
+
+static bool is_https(const char *s) {
+        return s && strncmp(s, "https://", 8) == 0 && !strpbrk(s, " \t\r\n");
+}
+
+static void on_discovery(struct oauth *o, const struct http_response *resp, json_t *j, bool fallback) {
+        const char *issuer = o->hub->conf->oauth.issuer;
+        const char *te, *de, *re;
+        json_t *algs, *v;
+        size_t i;
+
+        if (resp->error == 0 && resp->status == 404 && !fallback) {
+                (void) start_discovery(o, true);
+                return;
+        }
+        te = json_string_value(json_object_get(j, "token_endpoint"));
+        de = json_string_value(json_object_get(j, "device_authorization_endpoint"));
+        re = json_string_value(json_object_get(j, "revocation_endpoint"));
+        if (resp->error < 0 || resp->status != 200 || !json_is_object(j) ||
+            !streq_ptr(json_string_value(json_object_get(j, "issuer")), issuer) || !is_https(te) || !is_https(de) ||
+            (re && !is_https(re))) {
+                if (resp->error < 0)
+                        set_error(o, "discovery at %s failed: %s", issuer, resp->error_text);
+                else
+                        set_error(o, "discovery at %s: unusable metadata (HTTP %ld)", issuer, resp->status);
+                log_warning("OAuth %s; retrying", o->last_error);
+                o->failures++;
+                arm(o, &o->timer, retry_delay_usec(o), on_timer);
+                return;
+        }
+        free(o->token_endpoint);
+        free(o->device_endpoint);
+        free(o->revocation_endpoint);
+        o->token_endpoint = strdup(te);
+        o->device_endpoint = strdup(de);
+        o->revocation_endpoint = re ? strdup(re) : NULL;
+        o->use_dpop = false;
+        algs = json_object_get(j, "dpop_signing_alg_values_supported");
+        json_array_foreach(algs, i, v) if (streq_ptr(json_string_value(v), "ES256")) o->use_dpop = true;
+        if (o->hub->conf->oauth.dpop == DPOP_ON)
+                o->use_dpop = true;
+        else if (o->hub->conf->oauth.dpop == DPOP_OFF)
+                o->use_dpop = false;
+        o->discovered = true;
+        o->failures = 0;
+        if (o->state != OAUTH_LOGIN_REQUIRED)
+                o->last_error[0] = '\0';
+        log_info("OAuth server %s: device grant%s%s", issuer, o->use_dpop ? ", DPoP" : "",
+                 o->revocation_endpoint ? ", revocation" : "");
+        /* Tokens that expired while we were away are refreshed now. */
+        if (o->have_tokens && o->tokens.refresh_token &&
+            (o->tokens.expires_at == 0 || o->tokens.expires_at - now_s() < OAUTH_REFRESH_MARGIN_S))
+                (void) start_refresh(o);
+        else
+                schedule_refresh(o);
+}
+
+/* ---- refresh ---- */
+
+static int start_refresh(struct oauth *o) {
+        char *form = NULL;
+        int r;
+
+        if (o->refresh_req)
+                return 0;
+        if (!o->discovered || !o->have_tokens || !o->tokens.refresh_token)
+                return -ENOKEY;
+        if ((r = form_append(&form, "grant_type", "refresh_token")) < 0 ||
+            (r = form_append(&form, "refresh_token", o->tokens.refresh_token)) < 0 ||
+            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0) {
+                if (form)
+                        erase_and_free(form, strlen(form));
+                return r;
+        }
+        o->state = OAUTH_REFRESHING;
+        return oauth_send(o, R_REFRESH, "POST", o->token_endpoint, form, false, &o->refresh_req);
+}
+
+int oauth_refresh(struct oauth *o, const char *resource_dpop_nonce, void (*done)(void *userdata, int r),
+                  void *userdata) {
+        int r;
+
+        if (resource_dpop_nonce && resource_dpop_nonce[0]) {
+                /* The resource server asked for a nonce (RFC 9449 9): no refresh needed. */
+                char *n = strdup(resource_dpop_nonce);
+                if (!n)
+                        return -ENOMEM;
+                free(o->rs_nonce);
+                o->rs_nonce = n;
+                done(userdata, 0);
+                return 0;
+        }
+        if (o->n_waiters >= OAUTH_WAITERS_MAX)
+                return -EBUSY;
+        r = start_refresh(o);
+        if (r < 0)
+                return r;
+        o->waiters[o->n_waiters++] = (struct waiter){ done, userdata };
+        return 0;
+}
+
+static void on_refresh(struct oauth *o, const struct http_response *resp, json_t *j) {
+        const char *e = oauth_error(j);
+        int r;
+
+        if (resp->error == 0 && resp->status == 200) {
+                r = accept_tokens(o, j);
+                if (r >= 0) {
+                        log_info("Access token refreshed, valid until %" PRId64, o->tokens.expires_at);
+                        notify_waiters(o, 0);
+                        cloud_kick(o->hub->cloud);
+                        return;
+                }
+                set_error(o, "the token endpoint answered 200 without usable tokens");
+        } else if (resp->error == 0 && resp->status >= 400 && resp->status < 500 &&
+                   (streq(e, "invalid_grant") || streq(e, "invalid_client") || streq(e, "unauthorized_client"))) {
+                /* The refresh token is dead (revoked, expired, reused): only the user can help. */
+                become_login_required(o, e);
+                notify_waiters(o, -EKEYREVOKED);
+                return;
+        } else if (resp->error < 0)
+                set_error(o, "refreshing the access token failed: %s", resp->error_text);
+        else
+                set_error(o, "refreshing the access token answered HTTP %ld %.40s", resp->status, e);
+        /* Network trouble or a server error: keep the tokens, try again later. */
+        o->state = o->have_tokens ? OAUTH_OK : OAUTH_LOGIN_REQUIRED;
+        o->failures++;
+        log_warning("%s; retrying", o->last_error);
+        arm(o, &o->timer, retry_delay_usec(o), on_timer);
+        notify_waiters(o, -EAGAIN);
+}
+
+/* ---- device flow ---- */
+
+static void login_finish(struct oauth *o, int r, const char *message) {
+        struct oauth_login_cb cb = o->login;
+
+        o->login_active = false;
+        o->login = (struct oauth_login_cb){};
+        if (o->device_code) {
+                erase_and_free(o->device_code, strlen(o->device_code));
+                o->device_code = NULL;
+        }
+        o->poll_timer = sd_event_source_disable_unref(o->poll_timer);
+        if (cb.finished)
+                cb.finished(cb.userdata, r, message);
+}
+
+static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct oauth *o = userdata;
+        char *form = NULL;
+        int r;
+
+        if (!o->login_active || o->login_req)
+                return 0;
+        if (now_s() > o->login_expires_at) {
+                login_finish(o, -ETIMEDOUT, "the code expired before it was approved; run 'iothubctl login' again");
+                return 0;
+        }
+        if ((r = form_append(&form, "grant_type", "urn:ietf:params:oauth:grant-type:device_code")) < 0 ||
+            (r = form_append(&form, "device_code", o->device_code)) < 0 ||
+            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0 ||
+            (r = oauth_send(o, R_POLL, "POST", o->token_endpoint, TAKE_PTR(form), false, &o->login_req)) < 0) {
+                if (form)
+                        erase_and_free(form, strlen(form));
+                login_finish(o, r, "cannot poll the token endpoint");
+        }
+        return 0;
+}
+
+static void on_poll(struct oauth *o, const struct http_response *resp, json_t *j) {
+        const char *e = oauth_error(j);
+
+        if (!o->login_active)
+                return;
+        if (resp->error == 0 && resp->status == 200) {
+                if (accept_tokens(o, j) < 0) {
+                        login_finish(o, -EBADMSG, "the token endpoint answered without usable tokens");
+                        return;
+                }
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_OK, NULL, NULL, "Signed in (%s token)", o->tokens.token_type);
+                hub_notify_status(o->hub);
+                login_finish(o, 0, "signed in");
+                cloud_kick(o->hub->cloud);
+                return;
+        }
+        /* RFC 8628 3.5. */
+        if (streq(e, "authorization_pending")) {
+        } else if (streq(e, "slow_down")) {
+                if (o->interval_s + 5 <= OAUTH_INTERVAL_MAX_S)
+                        o->interval_s += 5;
+        } else if (streq(e, "access_denied")) {
+                login_finish(o, -EACCES, "the sign-in was denied");
+                return;
+        } else if (streq(e, "expired_token")) {
+                login_finish(o, -ETIMEDOUT, "the code expired before it was approved; run 'iothubctl login' again");
+                return;
+        } else if (resp->error < 0 || resp->status >= 500) {
+                /* Transient: keep polling at the interval until the code expires. */
+        } else {
+                char m[160];
+                (void) snprintf(m, sizeof m, "the token endpoint refused: HTTP %ld %.60s", resp->status, e);
+                login_finish(o, -EPROTO, m);
+                return;
+        }
+        arm(o, &o->poll_timer, (uint64_t) o->interval_s * 1000000, on_poll_timer);
+}
+
+static void on_device(struct oauth *o, const struct http_response *resp, json_t *j) {
+        const char *dc = json_string_value(json_object_get(j, "device_code"));
+        const char *uc = json_string_value(json_object_get(j, "user_code"));
+        const char *vu = json_string_value(json_object_get(j, "verification_uri"));
+        const char *vc = json_string_value(json_object_get(j, "verification_uri_complete"));
+        json_t *ei = json_object_get(j, "expires_in"), *iv = json_object_get(j, "interval"), *info;
+        struct oauth_login_cb cb = o->login;
+
+        if (!o->login_active)
+                return;
+        if (resp->error < 0 || resp->status != 200 || !dc || !uc || !vu || !json_is_integer(ei) ||
+            json_integer_value(ei) <= 0 || (iv && !json_is_integer(iv))) {
+                char m[200];
+                if (resp->error < 0)
+                        (void) snprintf(m, sizeof m, "device authorization failed: %s", resp->error_text);
+                else
+                        (void) snprintf(m, sizeof m, "device authorization answered HTTP %ld %.60s", resp->status,
+                                        oauth_error(j));
+                o->login_active = false;
+                o->login = (struct oauth_login_cb){};
+                if (cb.started)
+                        cb.started(cb.userdata, -EPROTO, m, NULL);
+                return;
+        }
+        o->device_code = strdup(dc);
+        /* RFC 8628 3.2: 5 s when the server says nothing; bounded either way. */
+        o->interval_s = iv ? (unsigned) json_integer_value(iv) : 5;
+        if (o->interval_s < 1)
+                o->interval_s = 1;
+        if (o->interval_s > OAUTH_INTERVAL_MAX_S)
+                o->interval_s = OAUTH_INTERVAL_MAX_S;
+        o->login_expires_at = now_s() + json_integer_value(ei);
+        info = json_pack("{s:s,s:s,s:I,s:I}", "user_code", uc, "verification_uri", vu, "expires_in",
+                         json_integer_value(ei), "interval", (json_int_t) o->interval_s);
+        if (info && vc)
+                (void) json_object_set_new(info, "verification_uri_complete", json_string(vc));
+        if (!o->device_code || !info) {
+                json_decref(info);
+                login_finish(o, -ENOMEM, "out of memory");
+                return;
+        }
+        if (cb.started)
+                cb.started(cb.userdata, 0, "started", info);
+        json_decref(info);
+        arm(o, &o->poll_timer, (uint64_t) o->interval_s * 1000000, on_poll_timer);
+}
+
+int oauth_login(struct oauth *o, const struct oauth_login_cb *cb) {
+        char *form = NULL;
+        int r;
+
+        if (!o->discovered)
+                return -EAGAIN;
+        if (!o->hub->hubkey)
+                return -ENOKEY;
+        if (o->login_active)
+                login_finish(o, -ECANCELED, "another sign-in started");
+        http_cancel(o->login_req);
+        o->login_req = NULL;
+        if ((r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0 ||
+            (r = form_append(&form, "scope", o->hub->conf->oauth.scope)) < 0) {
+                if (form)
+                        erase_and_free(form, strlen(form));
+                return r;
+        }
+        o->login = *cb;
+        o->login_active = true;
+        r = oauth_send(o, R_DEVICE, "POST", o->device_endpoint, form, false, &o->login_req);
+        if (r < 0) {
+                o->login_active = false;
+                o->login = (struct oauth_login_cb){};
+        }
+        return r;
+}
+
+void oauth_login_detach(struct oauth *o, void *userdata) {
+        if (o && o->login.userdata == userdata)
+                o->login = (struct oauth_login_cb){};
+}
+
+/* ---- logout ---- */
+
+static void logout_finish(struct oauth *o, int r, const char *message) {
+        int k = tokenstore_erase(o->hub->conf);
+
+        if (k < 0 && k != -ENOENT)
+                log_error_errno(k, "Failed to erase the stored tokens: %m");
+        if (o->have_tokens) {
+                oauth_tokens_done(&o->tokens);
+                o->have_tokens = false;
+        }
+        o->state = OAUTH_LOGIN_REQUIRED;
+        set_error(o, "signed out");
+        log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL, "Signed out: %s", message);
+        hub_notify_status(o->hub);
+        if (o->logout_done)
+                o->logout_done(o->logout_userdata, r, message);
+        o->logout_done = NULL;
+}
+
+int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char *message), void *userdata) {
+        char *form = NULL;
+        int r;
+
+        o->logout_done = done;
+        o->logout_userdata = userdata;
+        if (!o->have_tokens || !o->tokens.refresh_token || !o->revocation_endpoint || !o->discovered) {
+                logout_finish(o, 0, o->revocation_endpoint ? "tokens erased" : "tokens erased (the server has no revocation endpoint)");
+                return 0;
+        }
+        /* RFC 7009 2.1: revoking the refresh token revokes its access tokens too, where the
+         * server links them. */
+        if ((r = form_append(&form, "token", o->tokens.refresh_token)) < 0 ||
+            (r = form_append(&form, "token_type_hint", "refresh_token")) < 0 ||
+            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0) {
+                if (form)
+                        erase_and_free(form, strlen(form));
+                o->logout_done = NULL;
+                return r;
+        }
+        r = oauth_send(o, R_REVOKE, "POST", o->revocation_endpoint, form, false, &o->revoke_req);
+        if (r < 0)
+                o->logout_done = NULL;
+        return r;
+}
+
+static void on_revoke(struct oauth *o, const struct http_response *resp) {
+        if (resp->error == 0 && resp->status == 200)
+                logout_finish(o, 0, "refresh token revoked, tokens erased");
+        else {
+                char m[160];
+                (void) snprintf(m, sizeof m, "tokens erased, but revocation failed (%s)",
+                                resp->error < 0 ? resp->error_text : "the server refused");
+                logout_finish(o, 0, m);
+        }
+}
+
+/* ---- dispatch ---- */
+
+static void on_done(void *userdata, const struct http_response *resp) {
+        struct oauth_call *call = userdata;
+        struct oauth *o = call->oauth;
+        json_error_t jerr;
+        json_t *j = json_loadb(resp->body, resp->body_len, JSON_REJECT_DUPLICATES, &jerr);
+
+        switch (call->kind) {
+        case R_DISCOVERY:
+        case R_DISCOVERY_FALLBACK:
+                o->disc_req = NULL;
+                break;
+        case R_DEVICE:
+        case R_POLL:
+                o->login_req = NULL;
+                break;
+        case R_REFRESH:
+                o->refresh_req = NULL;
+                break;
+        case R_REVOKE:
+                o->revoke_req = NULL;
+                break;
+        }
+        if (resp->dpop_nonce[0]) {
+                char *n = strdup(resp->dpop_nonce);
+                if (n) {
+                        free(o->as_nonce);
+                        o->as_nonce = n;
+                }
+        }
+        /* RFC 9449 8: the server wants its nonce in the proof: once more, with it. */
+        if (resp->error == 0 && resp->status == 400 && streq(oauth_error(j), "use_dpop_nonce") &&
+            !call->nonce_retried && call->form && resp->dpop_nonce[0]) {
+                const char *url = call->kind == R_DEVICE ? o->device_endpoint : o->token_endpoint;
+                struct http_req **slot = call->kind == R_REFRESH ? &o->refresh_req : &o->login_req;
+                if (oauth_send(o, call->kind, "POST", url, TAKE_PTR(call->form), true, slot) >= 0) {
+                        json_decref(j);
+                        call_free(call);
+                        return;
+                }
+        }
+        switch (call->kind) {
+        case R_DISCOVERY:
+        case R_DISCOVERY_FALLBACK:
+                on_discovery(o, resp, j, call->kind == R_DISCOVERY_FALLBACK);
+                break;
+        case R_DEVICE:
+                on_device(o, resp, j);
+                break;
+        case R_POLL:
+                on_poll(o, resp, j);
+                break;
+        case R_REFRESH:
+                on_refresh(o, resp, j);
+                break;
+        case R_REVOKE:
+                on_revoke(o, resp);
+                break;
+        }
+        /* The token response holds secrets: wipe jansson's copies as far as we can reach. */
+        json_decref(j);
+        call_free(call);
+}
+
+/* ---- the resource side ---- */
+
+int oauth_authorize(struct oauth *o, const char *method, const char *url, char **ret_authorization,
+                    char **ret_dpop) {
+        _cleanup_erase_str_ char *auth = NULL, *proof = NULL;
+        bool dpop;
+        int r;
+
+        if (!o->have_tokens || (o->state != OAUTH_OK && o->state != OAUTH_REFRESHING))
+                return -ENOKEY;
+        dpop = streq(o->tokens.token_type, "DPoP");
+        auth = strdup_printf("%s %s", dpop ? "DPoP" : "Bearer", o->tokens.access_token);
+        if (!auth)
+                return -ENOMEM;
+        if (dpop) {
+                r = oauth_dpop_proof(o->hub->hubkey, method, url, o->tokens.access_token, o->rs_nonce, now_s(),
+                                     &proof);
+                if (r < 0)
+                        return r;
+                o->dpop_proofs++;
+        }
+        *ret_authorization = TAKE_PTR(auth);
+        *ret_dpop = TAKE_PTR(proof);
+        return 0;
+}
+
+int oauth_status_json(struct oauth *o, json_t *st) {
+        json_t *j;
+
+        if (!o)
+                j = json_pack("{s:s}", "state", "not_configured");
+        else
+                j = json_pack("{s:s,s:I,s:b,s:I,s:s*}", "state", oauth_state_to_string(o->state), "expires_at",
+                              (json_int_t) (o->have_tokens ? o->tokens.expires_at : 0), "dpop",
+                              o->have_tokens && streq_ptr(o->tokens.token_type, "DPoP"), "dpop_proofs",
+                              (json_int_t) o->dpop_proofs, "last_error", o->last_error[0] ? o->last_error : NULL);
+        if (!j)
+                return -ENOMEM;
+        return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;
+}
+
+int oauth_new(struct hub *h, struct oauth **ret) {
+        _cleanup_free_ char *err = NULL;
+        struct oauth *o;
+        int r;
+
+        if (!h->conf->oauth.issuer) {
+                *ret = NULL;
+                return 0;
+        }
+        if (!h->conf->oauth.client_id) {
+                log_error("[oauth] issuer is set but [oauth] client_id is not: sign-in disabled");
+                *ret = NULL;
+                return 0;
+        }
+        o = calloc(1, sizeof *o);
+        if (!o)
+                return -ENOMEM;
+        o->hub = h;
+        o->state = OAUTH_LOGIN_REQUIRED;
+        if (h->hubkey) {
+                r = tokenstore_load(h->conf, h->hubkey, &o->tokens, &err);
+                if (r >= 0) {
+                        o->have_tokens = true;
+                        o->state = OAUTH_OK;
+                } else if (r == -ENOENT)
+                        set_error(o, "not signed in: run 'iothubctl login'");
+                else {
+                        set_error(o, "stored tokens unusable: %s", err ? err : strerror(-r));
+                        log_error("Sign-in: %s", o->last_error);
+                }
+        } else
+                set_error(o, "no hub key: run 'iothubctl key init'");
+        if (h->conf->key.backend == KEY_BACKEND_FILE)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
+                          "With [key] backend = file the token data key is a plain file in %s, not sealed by a TPM",
+                          h->conf->hub.state_dir);
+        r = start_discovery(o, false);
+        if (r < 0) {
+                oauth_free(o);
+                return r;
+        }
+        *ret = o;
+        return 0;
+}
+
+void oauth_free(struct oauth *o) {
+        if (!o)
+                return;
+        if (o->login_active)
+                login_finish(o, -ECANCELED, "the daemon is stopping");
+        if (o->logout_done)
+                o->logout_done(o->logout_userdata, -ECANCELED, "the daemon is stopping");
+        notify_waiters(o, -ECANCELED);
+        /* The requests' calls are freed by http_cancel's owner: cancel ours here. */
+        http_cancel(o->disc_req);
+        http_cancel(o->login_req);
+        http_cancel(o->refresh_req);
+        http_cancel(o->revoke_req);
+        sd_event_source_disable_unref(o->timer);
+        sd_event_source_disable_unref(o->poll_timer);
+        if (o->have_tokens)
+                oauth_tokens_done(&o->tokens);
+        free(o->token_endpoint);
+        free(o->device_endpoint);
+        free(o->revocation_endpoint);
+        free(o->as_nonce);
+        free(o->rs_nonce);
+        free(o);
+}
