@@ -10,6 +10,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "iothub/cloud.h"
+#include "iothub/commands.h"
 #include "iothub/control.h"
 #include "iothub/http.h"
 #include "iothub/hubkey.h"
@@ -17,6 +18,7 @@
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
+#include "iothub/oauth.h"
 #include "iothub/spool.h"
 
 #define EXIT_CONFIG 78
@@ -31,7 +33,17 @@ static void on_mqtt_read_done(void *userdata) {
 }
 
 static void on_mqtt_connected(void *userdata, bool connected) {
-        hub_notify_status(userdata);
+        struct hub *h = userdata;
+
+        hub_notify_status(h);
+        if (connected)
+                commands_kick(h->commands);
+}
+
+static void on_mqtt_published(void *userdata, int mid) {
+        struct hub *h = userdata;
+
+        commands_on_published(h->commands, mid);
 }
 
 int hub_status_json(struct hub *h, json_t **ret) {
@@ -67,6 +79,10 @@ int hub_status_json(struct hub *h, json_t **ret) {
         if (!o)
                 return -ENOMEM;
         r = cloud_status_json(h->cloud, o);
+        if (r >= 0)
+                r = oauth_status_json(h->oauth, o);
+        if (r >= 0)
+                r = commands_status_json(h->commands, o);
         if (r < 0) {
                 json_decref(o);
                 return r;
@@ -82,6 +98,8 @@ void hub_notify_status(struct hub *h) {
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
                 rejected += h->counters.frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
+        if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
+                (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
         (void) sd_notifyf(false,
                           "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
                           " frames; %s",
@@ -177,6 +195,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
         mqtt_free(h->mqtt);
+        commands_free(h->commands);
+        oauth_free(h->oauth);
         cloud_free(h->cloud);
         http_free(h->http);
         hubkey_free(h->hubkey);
@@ -186,6 +206,7 @@ static void hub_done(struct hub *h) {
         sd_event_source_disable_unref(h->sighup);
         sd_event_source_disable_unref(h->watchdog);
         registry_free(h->registry);
+        free(h->batch.acks);
         db_close(h->db);
         sd_event_unref(h->event);
         conf_free(h->conf);
@@ -254,6 +275,16 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
+        r = oauth_new(&h, &h.oauth);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up sign-in: %m");
+                goto out;
+        }
+        r = commands_new(&h, &h.commands);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up commands: %m");
+                goto out;
+        }
         r = control_new(&h, &h.control);
         if (r < 0) {
                 log_error_errno(r, "Failed to create control socket in %s: %m", h.conf->hub.runtime_dir);
@@ -264,7 +295,8 @@ int hub_run(const char *config_path, int log_level_override) {
         r = mqtt_new(h.event, h.conf,
                      &(struct mqtt_callbacks){ .message = on_mqtt_message,
                                                .read_done = on_mqtt_read_done,
-                                               .connected = on_mqtt_connected },
+                                               .connected = on_mqtt_connected,
+                                               .published = on_mqtt_published },
                      &h, &h.mqtt, &err);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));

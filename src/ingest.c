@@ -8,6 +8,7 @@
 #include <inttypes.h>
 
 #include "iothub/cloud.h"
+#include "iothub/commands.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/spool.h"
@@ -73,6 +74,29 @@ static int make_room(struct hub *h, size_t len) {
                           max, count);
         }
         return 0;
+}
+
+static void batch_add_ack(struct hub *h, const struct frame *f) {
+        struct ingest_batch *b = &h->batch;
+
+        if (b->n_acks == b->cap_acks) {
+                size_t cap = b->cap_acks ? b->cap_acks * 2 : 16;
+                struct ingest_ack *t = reallocarray(b->acks, cap, sizeof *t);
+                if (!t) {
+                        log_error("Out of memory: the ack of command %s from %s is not handled", f->ack.id, f->dev);
+                        return;
+                }
+                b->acks = t;
+                b->cap_acks = cap;
+        }
+        struct ingest_ack *a = &b->acks[b->n_acks++];
+        memcpy(a->dev, f->dev, sizeof a->dev);
+        memcpy(a->id, f->ack.id, sizeof a->id);
+        a->ok = f->ack.ok;
+        if (f->ack.has_err)
+                memcpy(a->err, f->ack.err, sizeof a->err);
+        else
+                a->err[0] = '\0';
 }
 
 void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
@@ -145,6 +169,8 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         registry_seq_committed(b, f.seq);
         h->batch.count++;
         h->batch.bytes += len;
+        if (f.has_ack && h->commands)
+                batch_add_ack(h, &f);
         return;
 
 store_failed:
@@ -164,6 +190,7 @@ int ingest_commit(struct hub *h) {
                 (void) db_rollback(h->db);
                 h->batch.count = 0;
                 h->batch.bytes = 0;
+                h->batch.n_acks = 0;
                 /* Frames dropped for room were rolled back too: count again from the table. */
                 (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
                 return log_error_errno(r, "Failed to commit %u frames: %m (%s)", h->batch.count, db_errmsg(h->db));
@@ -173,6 +200,12 @@ int ingest_commit(struct hub *h) {
         h->spool_bytes += h->batch.bytes;
         h->batch.count = 0;
         h->batch.bytes = 0;
+        /* Acks count only once their frames are accepted, that is now. */
+        for (size_t i = 0; i < h->batch.n_acks; i++) {
+                const struct ingest_ack *a = &h->batch.acks[i];
+                commands_on_ack(h->commands, a->dev, a->id, a->ok, a->err[0] ? a->err : NULL);
+        }
+        h->batch.n_acks = 0;
         cloud_kick(h->cloud);
         return 0;
 }

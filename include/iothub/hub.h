@@ -16,6 +16,8 @@ struct control;
 struct cloud;
 struct hubkey;
 struct http;
+struct oauth;
+struct commands;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -25,10 +27,20 @@ struct hub_counters {
 };
 
 /* Frames that passed every check in the current read, waiting for their commit. */
+struct ingest_ack {
+        char dev[DEVICE_ID_MAX + 1];
+        char id[DEVICE_ID_MAX + 1];
+        bool ok;
+        char err[FRAME_ACK_ERR_MAX + 1];
+};
+
 struct ingest_batch {
         bool open;      /* a transaction is open */
         unsigned count; /* frames appended in it */
         uint64_t bytes; /* their size */
+        /* Command acks of these frames, handed on after the commit. */
+        struct ingest_ack *acks;
+        size_t n_acks, cap_acks;
 };
 
 struct hub {
@@ -40,6 +52,8 @@ struct hub {
         struct control *control;
         struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
         struct cloud *cloud;   /* NULL without [cloud] url */
+        struct oauth *oauth;   /* NULL without [oauth] issuer */
+        struct commands *commands; /* NULL without [cloud] url */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         /* The spool, kept in memory so that the frame path never counts rows. */
         uint64_t spool_pending, spool_bytes;

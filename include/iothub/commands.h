@@ -1,0 +1,32 @@
+/* SPDX-License-Identifier: MIT */
+/* Commands from the cloud down to the bulbs (PROTOCOL.md 2 and 3): a long poll of
+ * GET /v1/hubs/<id>/commands, every command checked, de-duplicated by id (persisted),
+ * published to <prefix>/<dev>/cmd as a JWS signed by the hub key, and its outcome reported:
+ * delivered (the broker has it), acked/failed (the bulb's status frame says so), expired,
+ * rejected. Commands in flight survive a restart. */
+#pragma once
+
+#include <stdbool.h>
+
+#include <jansson.h>
+
+#include "iothub/hub.h"
+
+struct commands;
+
+/* Sets up commands when the cloud relay is configured (h->cloud), else *ret = NULL and 0. */
+int commands_new(struct hub *h, struct commands **ret);
+void commands_free(struct commands *c);
+
+/* Something changed that may let the long poll or pending work go on now (MQTT connected,
+ * the cloud got a token or a key). Cheap; NULL accepted. */
+void commands_kick(struct commands *c);
+
+/* The broker acknowledged the QoS 1 publish with this mid (mqtt published callback). */
+void commands_on_published(struct commands *c, int mid);
+
+/* An accepted status frame (its transaction committed) carried an ack member. */
+void commands_on_ack(struct commands *c, const char *dev, const char *id, bool ok, const char *err);
+
+/* Adds the "commands" object (delivered, acked, failed, expired, rejected, in_flight ...). */
+int commands_status_json(struct commands *c, json_t *st);
