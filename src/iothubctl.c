@@ -127,6 +127,32 @@ static int cmd_status(struct ctl *ctl, int argc, char **argv) {
                (long long) geti(st, "spool", "bytes"));
         printf("Bulbs:     %lld enrolled, %lld revoked\n", (long long) geti(st, "bulbs", "enrolled"),
                (long long) geti(st, "bulbs", "revoked"));
+        if (json_is_true(json_object_get(json_object_get(st, "cloud"), "configured"))) {
+                json_t *cl = json_object_get(st, "cloud"), *key = json_object_get(st, "key");
+                const char *e = json_string_value(json_object_get(cl, "last_error"));
+                printf("Cloud:     %lld frames uploaded in %lld batches, %lld rejected; last success %lld%s%s\n",
+                       (long long) geti(st, "cloud", "uploaded"), (long long) geti(st, "cloud", "batches"),
+                       (long long) geti(st, "cloud", "rejected"), (long long) geti(st, "cloud", "last_success"),
+                       e ? "; " : "", e ? e : "");
+                printf("Key:       %s (%s), %lld signatures\n",
+                       json_string_value(json_object_get(key, "id")) ?: "none yet",
+                       json_string_value(json_object_get(key, "backend")), (long long) geti(st, "key", "signatures"));
+        }
+        {
+                json_t *o = json_object_get(st, "oauth");
+                const char *state = json_string_value(json_object_get(o, "state"));
+                if (state && !streq(state, "not_configured"))
+                        printf("Sign-in:   %s%s, token valid until %lld\n", state,
+                               json_is_true(json_object_get(o, "dpop")) ? " (DPoP)" : "",
+                               (long long) geti(st, "oauth", "expires_at"));
+        }
+        {
+                json_t *cm = json_object_get(st, "commands");
+                if (cm)
+                        printf("Commands:  %lld delivered, %lld acked, %lld expired\n",
+                               (long long) geti(st, "commands", "delivered"), (long long) geti(st, "commands", "acked"),
+                               (long long) geti(st, "commands", "expired"));
+        }
         json_decref(st);
         return 0;
 }

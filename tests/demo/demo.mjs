@@ -1,27 +1,34 @@
 // make demo: the hub's main job end to end, all local. A private mosquitto, a software TPM
-// holding the hub key, the reference cloud, the daemon, and three simulated bulbs signing
-// with jose; one of them also sends a forgery, a replay and junk. Frames flow bulb -> broker
-// -> iothubd (checked, spooled) -> cloud (signed batches, checked independently there).
+// holding the hub key, an OAuth authorization server (oidc-provider), the reference cloud,
+// the daemon, and three simulated bulbs signing with jose; one of them also sends a forgery,
+// a replay and junk. The user signs in with the device grant (the demo plays the user at the
+// provider's own pages). Frames flow bulb -> broker -> iothubd (checked, spooled) -> cloud
+// (batches signed by the TPM key, DPoP-bound token, all checked independently there).
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from '../integration/lib/harness.mjs';
 import { Bulb } from '../integration/lib/bulb.mjs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import readline from 'node:readline';
 import { startCloud } from '../cloud/server.mjs';
+import { startAuthServer } from '../oauth/server.mjs';
+import { IOTHUBCTL } from '../integration/lib/harness.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
-const TOKEN = 'demo-token-0123456789abcdef';
 const step = (s) => console.log(`\n== ${s}`);
 const dir = await tempDir('iothub-demo-');
 await fs.chmod(dir, 0o755);
 const tpm = await Swtpm.start(path.join(dir, 'tpm'));
 const broker = await Broker.start(dir);
-const cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'demo-user' } });
-await fs.writeFile(path.join(dir, 'token'), TOKEN, { mode: 0o600 });
-console.log(`swtpm ${tpm.tcti}; mosquitto 127.0.0.1:${broker.port}; reference cloud ${cloud.url}`);
+const auth = await startAuthServer({ dir: path.join(dir, 'as'), interval: 1 });
+const cloud = await startCloud({ dir: path.join(dir, 'cloud'), ...auth.cloudHooks() });
+console.log(`swtpm ${tpm.tcti}; mosquitto 127.0.0.1:${broker.port}; OAuth server ${auth.issuer}; reference cloud ${cloud.url}`);
 const overrides = {
   frames: { rate_per_device: 20 },
   key: { backend: 'tpm', tcti: tpm.tcti },
-  cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'), batch_max_delay_ms: 1000 },
+  cloud: { url: cloud.url, ca_file: cloud.caFile, batch_max_delay_ms: 1000 },
+  oauth: { issuer: auth.issuer, client_id: auth.clientId, scope: 'openid offline_access iothub', ca_file: auth.caFile },
 };
 let hub;
 try {
@@ -36,6 +43,17 @@ try {
   step('iothubd starts');
   hub = await Hub.start(broker, overrides, { dir });
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'MQTT connection');
+  step('iothubctl login (the demo plays the user: it approves the code at the provider)');
+  const p = spawn(IOTHUBCTL, ['--config', hub.configPath, 'login'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const rl = readline.createInterface({ input: p.stdout });
+  let next = false;
+  rl.on('line', async (l) => {
+    console.log(l);
+    if (next && l.trim()) { next = false; await auth.approve(l.trim(), { account: 'demo-user' }); }
+    if (/enter the code/.test(l)) next = true;
+  });
+  const [loginCode] = await once(p, 'exit');
+  if (loginCode !== 0) throw new Error('login failed');
   step('iothubctl register');
   r = await hub.ctl(['register']);
   process.stdout.write(r.stdout || r.stderr);
@@ -81,6 +99,7 @@ try {
 } finally {
   await hub?.cleanup();
   await cloud.close();
+  await auth.close();
   await broker.stop();
   await tpm.stop();
   await fs.rm(dir, { recursive: true, force: true });
