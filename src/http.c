@@ -332,7 +332,9 @@ int http_new(sd_event *e, struct http **ret) {
         (void) curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h);
         (void) curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
         (void) curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h);
-        r = sd_event_add_time(e, &h->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, h);
+        /* Accuracy 1 us: curl's timeouts drive its state machine (connects, retries); the
+         * default slack of 250 ms would stall every request that waits on one. */
+        r = sd_event_add_time(e, &h->timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_timer, h);
         if (r >= 0)
                 r = sd_event_source_set_enabled(h->timer, SD_EVENT_OFF);
         if (r < 0) {
