@@ -10,6 +10,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { BUILD, Broker, Hub, sleep, tempDir, waitFor } from '../integration/lib/harness.mjs';
+import { relayScenario, relayTable, relayVerdicts, DEFAULT_BATCH_MAX_DELAY_MS } from './relay.mjs';
 
 const env = (k, d) => (process.env[k] !== undefined ? Number(process.env[k]) : d);
 const FRAMES = env('BENCH_FRAMES', 50000);         // frames per run
@@ -17,10 +18,21 @@ const BULBS = env('BENCH_BULBS', 200);             // bulbs in the throughput sc
 const BIG_BULBS = env('BENCH_BIG_BULBS', 5000);    // bulbs in the memory scenario (0 skips it)
 const RUNS = env('BENCH_RUNS', 2);                 // runs per scenario
 const CONCURRENCY = env('BENCH_CTL_CONCURRENCY', 16);
-const ALGS = (process.env.BENCH_ALGS ?? 'ES256,EdDSA').split(',');
+const ALGS = (process.env.BENCH_ALGS ?? 'ES256,EdDSA').split(',').filter(Boolean); // empty: no throughput scenario
 const DRAIN_TIMEOUT_MS = env('BENCH_DRAIN_TIMEOUT_MS', 120000);
 const POLL_MS = 100;
 const PERF = process.env.BENCH_PERF; // a path prefix: perf record the daemon during each run
+// The relay scenario (relay.mjs): through the TPM-signed uploads to the reference cloud.
+const RELAY = env('BENCH_RELAY', 1);                                   // 0 skips it
+const RELAY_BULBS = env('BENCH_RELAY_BULBS', 200);
+const RELAY_BIG_BULBS = env('BENCH_RELAY_BIG_BULBS', BIG_BULBS);       // RSS with this many enrolled (0 skips)
+const RELAY_RATES = (process.env.BENCH_RELAY_RATES ?? '100,2000,5000').split(',').filter(Boolean).map(Number);
+const RELAY_SECONDS = env('BENCH_RELAY_SECONDS', 10);                  // per paced run
+const RELAY_UNPACED = env('BENCH_RELAY_UNPACED_FRAMES', 20000);        // as fast as it goes (0 skips)
+const RELAY_BIG_BATCH = env('BENCH_RELAY_BIG_BATCH', 4096);            // the top rate again with this batch_max_frames (0 skips)
+const RELAY_BATCH_FRAMES = process.env.BENCH_RELAY_BATCH_MAX_FRAMES;   // unset: the daemon's default
+const RELAY_BATCH_DELAY = process.env.BENCH_RELAY_BATCH_MAX_DELAY_MS;  // unset: the daemon's default
+const RELAY_SAMPLE_BULBS = env('BENCH_RELAY_SAMPLE_BULBS', 10);
 
 const TARGET = { cpuRatio: 1.25, rss200MiB: 12, rss5000MiB: 16, writeRatio: 4 };
 
@@ -76,10 +88,10 @@ const MiB = (kib) => kib / 1024;
 const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x) ? '-' : Number(x).toFixed(d));
 const mark = (ok) => (ok ? 'PASS' : 'FAIL');
 
-// Enrols bulbs 0..n-1 from dir through iothubctl, 'concurrency' calls at a time.
-async function enrol(hub, dir, n) {
+// Enrols bulbs from..n-1 from dir through iothubctl, 'concurrency' calls at a time.
+async function enrol(hub, dir, n, from = 0) {
   const t0 = performance.now();
-  let next = 0;
+  let next = from;
   const worker = async () => {
     while (next < n) {
       const i = next++;
@@ -87,7 +99,7 @@ async function enrol(hub, dir, n) {
       if (r.code !== 0) throw new Error(`iothubctl bulb add bulb-${i}: ${r.code} ${r.stderr}`);
     }
   };
-  await Promise.all(Array.from({ length: Math.min(CONCURRENCY, n) }, worker));
+  await Promise.all(Array.from({ length: Math.min(CONCURRENCY, n - from) }, worker));
   return (performance.now() - t0) / 1000;
 }
 
@@ -286,7 +298,9 @@ await fs.chmod(root, 0o755);
 const results = {
   started_at: new Date().toISOString(),
   host: { cpus: os.cpus().length, model: os.cpus()[0]?.model, loadavg_at_start: os.loadavg(), clk_tck: CLK_TCK },
-  params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY },
+  params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY,
+    relay: RELAY ? { bulbs: RELAY_BULBS, big_bulbs: RELAY_BIG_BULBS, rates: RELAY_RATES, seconds: RELAY_SECONDS,
+      unpaced_frames: RELAY_UNPACED, big_batch: RELAY_BIG_BATCH, sample_bulbs: RELAY_SAMPLE_BULBS } : null },
   targets: TARGET,
   throughput: [],
 };
@@ -299,6 +313,17 @@ try {
   if (BIG_BULBS > 0) {
     process.stdout.write(`== memory: ${BIG_BULBS} bulbs (mixed ES256/EdDSA)\n`);
     results.memory = await memoryScenario(root);
+  }
+  if (RELAY) {
+    process.stdout.write(`== relay: ${RELAY_BULBS} bulbs through the cloud at ${RELAY_RATES.join(', ')} frames/s for ${RELAY_SECONDS} s` +
+      `${RELAY_UNPACED ? `, ${RELAY_UNPACED} unpaced` : ''}${RELAY_BIG_BULBS > RELAY_BULBS ? `, then ${RELAY_BIG_BULBS} bulbs` : ''}\n`);
+    results.relay = await relayScenario(root, { loadgen, enrol, procStatus, snapshot, cpuNs, CLK_TCK, fmt }, {
+      bulbs: RELAY_BULBS, bigBulbs: RELAY_BIG_BULBS, rates: RELAY_RATES, seconds: RELAY_SECONDS,
+      capacityFrames: RELAY_UNPACED, bigBatch: RELAY_BIG_BATCH, drainTimeoutMs: DRAIN_TIMEOUT_MS,
+      batchMaxFrames: RELAY_BATCH_FRAMES !== undefined ? Number(RELAY_BATCH_FRAMES) : undefined,
+      batchMaxDelayMs: RELAY_BATCH_DELAY !== undefined ? Number(RELAY_BATCH_DELAY) : undefined,
+      sampleBulbs: RELAY_SAMPLE_BULBS,
+    });
   }
 } catch (e) {
   failed = e;
@@ -325,6 +350,7 @@ if (results.memory?.rss_after_enrol) {
   verdicts.rss_5000_mib = MiB(Math.max(results.memory.rss_after_enrol.rssKiB, results.memory.rss_after_load?.rssKiB ?? 0));
   verdicts.rss_5000 = mark(verdicts.rss_5000_mib <= TARGET.rss5000MiB);
 }
+Object.assign(verdicts, relayVerdicts(results.relay));
 results.verdicts = verdicts;
 
 const out = path.join(BUILD, 'bench-results.json');
@@ -332,10 +358,19 @@ await fs.writeFile(out, JSON.stringify(results, null, 2) + '\n');
 if (results.throughput.length && results.throughput.every((s) => s.rss_after_enrol)) {
   process.stdout.write(`\n${table(results)}`);
 }
+if (results.relay?.runs?.length) process.stdout.write(relayTable(results.relay, fmt));
 process.stdout.write(`\nTargets (DESIGN.md): CPU/frame <= ${TARGET.cpuRatio}x bare verify: ${verdicts.cpu ?? '-'} (max ${fmt(verdicts.cpu_ratio_max, 2)}x); ` +
   `RSS 200 bulbs <= ${TARGET.rss200MiB} MiB: ${verdicts.rss_200 ?? '-'} (${fmt(verdicts.rss_200_mib, 2)}); ` +
   (BIG_BULBS > 0 ? `RSS ${BIG_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +
   `write bytes <= ${TARGET.writeRatio}x frame: ${verdicts.write ?? '-'} (max ${fmt(verdicts.write_ratio_max, 1)}x)\n`);
+if (results.relay?.runs?.length) {
+  process.stdout.write(`Relay (DESIGN.md): <= 1 TPM signature per batch: ${verdicts.relay_tpm_per_batch ?? '-'} (max ${fmt(verdicts.relay_status_signatures_per_batch_max, 2)}); ` +
+    `<= 2 signatures/s at 5,000 frames/s: ${verdicts.relay_tpm_rate ?? '-'} (${fmt(verdicts.relay_signatures_per_second_at_5000, 2)}/s` +
+    (verdicts.relay_big_batch_frames ? `; ${fmt(verdicts.relay_signatures_per_second_at_5000_big_batch, 2)}/s with batch_max_frames ${verdicts.relay_big_batch_frames}` : '') + '); ' +
+    `latency p99 <= ${verdicts.relay_latency_target_ms ?? DEFAULT_BATCH_MAX_DELAY_MS + 100} ms: ${verdicts.relay_latency ?? '-'} (max p99 ${fmt(verdicts.relay_latency_p99_max_ms, 0)}); ` +
+    `RSS ${RELAY_BULBS} bulbs <= 12 MiB: ${verdicts.relay_rss_200 ?? '-'} (${fmt(verdicts.relay_rss_200_mib, 2)})` +
+    (verdicts.relay_rss_5000 ? `; RSS ${RELAY_BIG_BULBS} bulbs <= 16 MiB: ${verdicts.relay_rss_5000} (${fmt(verdicts.relay_rss_5000_mib, 2)})` : '') + '\n');
+}
 process.stdout.write(`Results in ${out}; the whole bench took ${fmt(results.seconds, 0)} s (load average at start ${results.host.loadavg_at_start.map((x) => x.toFixed(2)).join(' ')}).\n`);
 if (failed) {
   process.stderr.write(`bench: ${failed.stack ?? failed}\n`);
