@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* Private to the database modules (db.c, registry.c, spool.c): the statements of the frame
+/* Private to the database modules (db.c, registry.c, spool.c, commands.c): the statements of the frame
  * path, prepared once when the database is opened and reused for every frame. */
 #pragma once
 
@@ -22,6 +22,12 @@ enum db_stmt {
         DB_STMT_MOVED_ASIDE_COUNT,
         DB_STMT_META_GET, /* ?1 key -> value */
         DB_STMT_META_SET, /* ?1 key, ?2 value */
+        DB_STMT_CMD_INSERT, /* ?1 id, ?2 dev, ?3 state, ?4 jws, ?5 exp, ?6 detail, ?7 received_at,
+                             * ?8 delivered_at, ?9 done_at, ?10 reported */
+        DB_STMT_CMD_UPDATE, /* ?1 id, ?2 state, ?3 delivered_at, ?4 done_at, ?5 detail, ?6 reported */
+        DB_STMT_CMD_EXISTS, /* ?1 id -> 1 */
+        DB_STMT_CMD_LOAD,   /* ?1 limit -> the columns of the INSERT, not yet fully reported, oldest first */
+        DB_STMT_CMD_PRUNE,  /* ?1 done before (Unix s), ?2 how many reported rows to keep at most */
         _DB_STMT_MAX,
 };
 

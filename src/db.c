@@ -56,6 +56,25 @@ static const char *const migrations[] = {
         "  http_status INTEGER NOT NULL,"
         "  reason TEXT NOT NULL"
         ") STRICT;",
+        /* 3: commands from the cloud (PROTOCOL.md 2 and 3). One row per command id the hub took
+         * (published or rejected), so that a command delivered again (delivery is at least once)
+         * is recognised after a restart too; the JWS exactly as signed and published; and how far
+         * its outcome was reported: reported 0 nothing yet, 1 "delivered", 2 the final result.
+         * dev is '' when the cloud sent no valid device id; jws is NULL for a command that was
+         * never signed (rejected, or expired before it could go out). Times are Unix seconds. */
+        "CREATE TABLE commands ("
+        "  id TEXT PRIMARY KEY,"
+        "  dev TEXT NOT NULL,"
+        "  state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'acked', 'failed', 'expired', "
+        "'rejected')),"
+        "  jws TEXT,"
+        "  exp INTEGER NOT NULL,"
+        "  detail TEXT,"
+        "  received_at INTEGER NOT NULL,"
+        "  delivered_at INTEGER,"
+        "  done_at INTEGER,"
+        "  reported INTEGER NOT NULL DEFAULT 0 CHECK (reported BETWEEN 0 AND 2)"
+        ") STRICT;",
 };
 #define DB_SCHEMA_VERSION ((int) ELEMENTSOF(migrations))
 
@@ -79,6 +98,15 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
         [DB_STMT_META_GET] = "SELECT value FROM meta WHERE key = ?1",
         [DB_STMT_META_SET] = "INSERT INTO meta (key, value) VALUES (?1, ?2) "
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [DB_STMT_CMD_INSERT] = "INSERT INTO commands (id, dev, state, jws, exp, detail, received_at, "
+                               "delivered_at, done_at, reported) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        [DB_STMT_CMD_UPDATE] = "UPDATE commands SET state = ?2, delivered_at = ?3, done_at = ?4, detail = ?5, "
+                               "reported = ?6 WHERE id = ?1",
+        [DB_STMT_CMD_EXISTS] = "SELECT 1 FROM commands WHERE id = ?1",
+        [DB_STMT_CMD_LOAD] = "SELECT id, dev, state, jws, exp, detail, received_at, delivered_at, done_at, reported "
+                             "FROM commands WHERE reported < 2 ORDER BY rowid LIMIT ?1",
+        [DB_STMT_CMD_PRUNE] = "DELETE FROM commands WHERE reported = 2 AND (done_at < ?1 OR id NOT IN (SELECT id "
+                              "FROM commands WHERE reported = 2 ORDER BY done_at DESC, rowid DESC LIMIT ?2))",
 };
 
 /* SQLite result codes as errnos, for every module on the database. Extended codes are on

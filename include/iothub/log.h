@@ -23,6 +23,11 @@
 #define IOTHUB_MID_BATCH_MOVED_ASIDE "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c18"
 #define IOTHUB_MID_LOGIN_REQUIRED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c19"
 #define IOTHUB_MID_LOGIN_OK "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c1a"
+#define IOTHUB_MID_COMMAND_REJECTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c20"
+#define IOTHUB_MID_COMMAND_EXPIRED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c21"
+#define IOTHUB_MID_COMMAND_FAILED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c22"
+#define IOTHUB_MID_COMMAND_RESULT_REFUSED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c23"
+#define IOTHUB_MID_COMMAND_POLL_FAILED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c24"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);

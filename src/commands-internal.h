@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: MIT */
+/* Private to commands.c and its unit test (tests/unit/test-commands.c): the pure parts of the
+ * command path, no I/O and no state, so that they can be tested table-driven. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "iothub/hubkey.h"
+#include "iothub/util.h"
+
+/* Named limits. The cloud is not trusted either: everything it sends is bounded here. */
+#define COMMAND_ID_MAX 64                  /* PROTOCOL.md 1 ack.id: 1..64 of [A-Za-z0-9._-] */
+#define COMMAND_DETAIL_MAX 128             /* a result's detail; a bulb's ack.err is at most 128 bytes */
+#define COMMAND_EXP_AHEAD_MAX_S 86400      /* an exp further ahead is refused (bad_exp) */
+#define COMMAND_PAYLOAD_MAX 1024           /* the JWS payload JSON, far above what a valid one needs */
+#define COMMAND_JWS_MAX 2048               /* the whole JWS Compact */
+#define COMMANDS_ANSWER_MAX (64 * 1024)    /* bytes of one long poll answer we parse at most */
+
+/* Why a command from the cloud is refused, in the order the checks run. The names are the
+ * "detail" of the "rejected" result (PROTOCOL.md 3) and the keys of commands.rejected_reasons. */
+enum command_reason {
+        COMMAND_OK = 0,
+        COMMAND_BAD_ID,         /* id missing, not 1..64 of [A-Za-z0-9._-], or "." / "..": not reported */
+        COMMAND_MALFORMED,      /* not an object, a member missing or unknown, a value of the wrong type */
+        COMMAND_BAD_SET,        /* set empty, an unknown member, or a value out of range */
+        COMMAND_EXPIRED,        /* exp already passed when it arrived */
+        COMMAND_BAD_EXP,        /* exp more than COMMAND_EXP_AHEAD_MAX_S ahead */
+        COMMAND_UNKNOWN_DEVICE, /* dev is no device id, or no bulb with that id is enrolled */
+        COMMAND_REVOKED,        /* the bulb was removed */
+        _COMMAND_REASON_MAX,
+};
+const char *command_reason_to_string(enum command_reason r);
+
+/* What a command sets: the members of a status "state" (PROTOCOL.md 1 and 2), each optional,
+ * at least one present. */
+struct command_set {
+        bool has_on, has_bri, has_ct, has_xy;
+        bool on;
+        int bri;      /* 0..254 */
+        int ct;       /* 153..500 */
+        double xy[2]; /* each in [0,1] */
+};
+
+struct command_fields {
+        char id[COMMAND_ID_MAX + 1];  /* set whenever the id is valid, even if a later check fails */
+        char dev[DEVICE_ID_MAX + 1];  /* set whenever dev is a valid device id, else "" */
+        int64_t exp;                  /* set whenever exp is an integer, else 0 */
+        struct command_set set;
+};
+
+/* A command id: 1..COMMAND_ID_MAX of [A-Za-z0-9._-], and not "." or ".." (a dot-segment cannot
+ * name a command in the result URL, RFC 3986 5.2.4). */
+bool command_id_is_valid(const char *s, size_t len);
+
+/* Checks one element of the long poll answer's "commands" array without state (no registry, no
+ * de-duplication): shape, set, exp against now_s, the form of dev. Returns COMMAND_OK, or the
+ * first reason in enum order that applies (COMMAND_REVOKED never: that needs the registry).
+ * ret is filled as far as the checks got; ret_why, when not NULL, gets a static one-line
+ * explanation for the log. */
+enum command_reason command_check(const json_t *cmd, int64_t now_s, struct command_fields *ret,
+                                  const char **ret_why);
+
+/* The JWS payload of PROTOCOL.md 2, compact JSON with the members in the contract's order:
+ * {"hub":..,"dev":..,"id":..,"iat":..,"exp":..,"set":{"on":..,"bri":..,"ct":..,"xy":[..]}}
+ * (set members in that order, only those present; numbers of xy in the shortest form that reads
+ * back as the same double). hub, dev and id must be valid ids (no JSON escaping is needed).
+ * Returns the length written to buf (NUL-terminated), -EINVAL for bad input, -ENOBUFS. */
+int command_payload(const char *hub, const char *dev, const char *id, int64_t iat, int64_t exp,
+                    const struct command_set *set, char *buf, size_t size);
+
+/* The JWS Compact of PROTOCOL.md 2 over payload: protected header
+ * {"alg":"ES256","kid":"<kid>","typ":"iothub-cmd"}, signed through sign() (ES256: the raw 64-byte
+ * r||s of RFC 7518 3.4). *ret is malloc'ed. Returns 0 or a negative errno. */
+typedef int (*command_sign_t)(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]);
+int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
+                char **ret);
+
+/* The result body of PROTOCOL.md 3: {"status":..,"at":..[,"detail":..]}, malloc'ed. */
+int command_result_body(const char *status, int64_t at, const char *detail, char **ret);
+
+/* Parses a long poll answer (200): exactly {"commands":[...]}, at most COMMANDS_ANSWER_MAX bytes,
+ * no duplicate member names. *ret_commands is the array (a new reference). Returns 0, -EFBIG,
+ * or -EBADMSG. */
+int commands_parse_answer(const char *body, size_t len, json_t **ret_commands);

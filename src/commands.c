@@ -1,0 +1,1471 @@
+/* SPDX-License-Identifier: MIT */
+/* Commands from the cloud down to the bulbs (PROTOCOL.md 2 and 3).
+ *
+ * A long poll, GET /v1/hubs/<id>/commands?wait=25, exactly one in flight, re-armed as soon as
+ * an answer came; errors back off exponentially with jitter (1 s .. 60 s); while the cloud
+ * cannot be asked (no key, no token) the poll idles and looks again on commands_kick() and
+ * every 5 s. Every command of an answer is checked before it goes anywhere (command_check(),
+ * then de-duplication by id and the registry), rejected ones are recorded and reported
+ * "rejected" with the reason as detail. A valid one is signed by the hub key as the JWS of
+ * PROTOCOL.md 2, stored, and published to <prefix>/<dev>/cmd with QoS 1. The broker's PUBACK
+ * makes it "delivered", the bulb's ack (in its next accepted status frame) "acked" or
+ * "failed", its exp passing first "expired"; each outcome is POSTed to
+ * /v1/hubs/<id>/commands/<cmd>/result, "delivered" before the final one, retried with backoff
+ * until the cloud answers 2xx (a 4xx other than 401, 408, 429 is final).
+ *
+ * State: one row per command id in the commands table (migration 3). A row is written before a
+ * command is published and after every change, in one transaction per pass of the work loop
+ * (commands_work()), so that after a restart a published command still waits for its ack, an
+ * unpublished one goes out, an unreported outcome is sent, and an id seen before is ignored.
+ * Delivery is at least once in both directions: a command may reach a bulb twice (published
+ * again after a crash before the PUBACK was recorded), and the cloud may send one twice (the
+ * hub ignores an id it knows, and counts it).
+ *
+ * Sharing the TPM and the connection with the status uploads:
+ * - Polls and results are requests of their own (cloud_request()) on the same curl multi handle
+ *   as the status batches, not entries of the batch queue: cloud.c has at most one status batch
+ *   in flight, and a poll or a result is a separate request that gets its own connection from
+ *   the shared pool (HTTP/1.1: one request per connection at a time, connections are reused).
+ *   So a command never waits behind a status backlog, and a 25 s long poll never holds up a
+ *   batch. At most one poll and COMMANDS_RESULT_CALLS_MAX results are in flight.
+ * - Every poll and every result costs one hub key signature (RFC 9421; one more for a DPoP
+ *   proof), every command one more for its JWS. All of them, and only the ones this module
+ *   causes, are paced by one token bucket (COMMANDS_SIGN_RATE a second, COMMANDS_SIGN_BURST at
+ *   once): a real TPM does 14 to 28 ECDSA signatures a second and the status uploads need at
+ *   most 2, so commands can never take the TPM away from them, whatever the cloud sends. A
+ *   pass of the work loop makes at most COMMANDS_SIGN_PER_PASS signatures and then yields to
+ *   the other event sources (MQTT, curl, timers), since a TPM signature blocks the loop.
+ * - Bounds: at most COMMANDS_PER_ANSWER commands are taken from one answer (the rest are left
+ *   without a result, and the cloud hands them out again), and no poll goes out while
+ *   COMMANDS_ACTIVE_MAX - COMMANDS_PER_ANSWER commands are in memory (in flight, or with an
+ *   outcome not yet reported), so a burst or a cloud outage cannot grow memory or the table
+ *   without bound. An answer is parsed only up to COMMANDS_ANSWER_MAX bytes. An answer that
+ *   brought nothing new does not re-arm the poll sooner than COMMANDS_POLL_MIN_INTERVAL_USEC
+ *   after the previous one started, so a cloud that ignores "wait" cannot spin the hub. */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "commands-internal.h"
+#include "db-internal.h"
+#include "iothub/cloud.h"
+#include "iothub/commands.h"
+#include "iothub/frame.h"
+#include "iothub/hubkey.h"
+#include "iothub/log.h"
+#include "iothub/mqtt.h"
+#include "iothub/registry.h"
+
+#define USEC_PER_SEC UINT64_C(1000000)
+
+#define COMMANDS_POLL_WAIT_S 25
+#define COMMANDS_POLL_SLACK_S 10                          /* the request's timeout is wait + this */
+#define COMMANDS_POLL_MIN_INTERVAL_USEC (1 * USEC_PER_SEC) /* after an answer that brought nothing new */
+#define COMMANDS_IDLE_RECHECK_USEC (5 * USEC_PER_SEC)     /* while !cloud_ready() */
+#define COMMANDS_BACKOFF_MIN_MS 1000u
+#define COMMANDS_BACKOFF_MAX_MS 60000u
+#define COMMANDS_PER_ANSWER 32          /* commands taken from one answer */
+#define COMMANDS_ACTIVE_MAX 256         /* commands in memory: in flight or outcome unreported */
+#define COMMANDS_RESULT_CALLS_MAX 4     /* result POSTs in flight */
+#define COMMANDS_SIGN_RATE 8.0          /* signatures a second caused by commands, sustained */
+#define COMMANDS_SIGN_BURST 64.0        /* ... and at once */
+#define COMMANDS_SIGN_PER_PASS 4        /* signatures per pass of the work loop */
+#define COMMANDS_ACK_GRACE_S 2          /* a published command waits exp + this for its ack */
+#define COMMANDS_RETRY_USEC (1 * USEC_PER_SEC) /* after a TPM, database or MQTT error */
+#define COMMANDS_KEEP_S (7 * 86400)     /* finished and reported rows kept this long for de-duplication */
+#define COMMANDS_KEEP_MAX 4096          /* ... and at most this many of them */
+#define COMMANDS_PRUNE_INTERVAL_USEC (3600 * USEC_PER_SEC)
+#define COMMANDS_LOG_WINDOW_USEC (10 * USEC_PER_SEC)
+#define COMMANDS_LOG_BURST 5            /* rejection lines per window; the counters count all */
+
+/* ---- pure helpers (commands-internal.h) ---- */
+
+static const char *const reason_names[_COMMAND_REASON_MAX] = {
+        [COMMAND_BAD_ID] = "bad_id",
+        [COMMAND_MALFORMED] = "malformed",
+        [COMMAND_BAD_SET] = "bad_set",
+        [COMMAND_EXPIRED] = "expired",
+        [COMMAND_BAD_EXP] = "bad_exp",
+        [COMMAND_UNKNOWN_DEVICE] = "unknown_device",
+        [COMMAND_REVOKED] = "revoked",
+};
+
+const char *command_reason_to_string(enum command_reason r) {
+        if (r <= COMMAND_OK || r >= _COMMAND_REASON_MAX)
+                return NULL;
+        return reason_names[r];
+}
+
+bool command_id_is_valid(const char *s, size_t len) {
+        if (!s || len < 1 || len > COMMAND_ID_MAX)
+                return false;
+        if ((len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.'))
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                char ch = s[i];
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+                      ch == '_' || ch == '-'))
+                        return false;
+        }
+        return true;
+}
+
+static bool json_is_unit_number(const json_t *v, double *ret) {
+        double d;
+
+        if (json_is_integer(v))
+                d = (double) json_integer_value(v);
+        else if (json_is_real(v))
+                d = json_real_value(v);
+        else
+                return false;
+        if (!(d >= 0.0 && d <= 1.0)) /* also refuses NaN */
+                return false;
+        *ret = d == 0.0 ? 0.0 : d; /* no -0 */
+        return true;
+}
+
+static enum command_reason check_set(const json_t *set, struct command_set *s, const char **why) {
+        const char *key;
+        json_t *v;
+
+        *s = (struct command_set){};
+        if (json_object_size(set) == 0) {
+                *why = "set is empty";
+                return COMMAND_BAD_SET;
+        }
+        /* At most 4 members can pass: the loop ends at the first unknown one. */
+        json_object_foreach((json_t *) set, key, v) {
+                if (streq(key, "on")) {
+                        if (!json_is_boolean(v)) {
+                                *why = "set.on is not a boolean";
+                                return COMMAND_BAD_SET;
+                        }
+                        s->has_on = true;
+                        s->on = json_is_true(v);
+                } else if (streq(key, "bri")) {
+                        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 254) {
+                                *why = "set.bri is not an integer in 0..254";
+                                return COMMAND_BAD_SET;
+                        }
+                        s->has_bri = true;
+                        s->bri = (int) json_integer_value(v);
+                } else if (streq(key, "ct")) {
+                        if (!json_is_integer(v) || json_integer_value(v) < 153 || json_integer_value(v) > 500) {
+                                *why = "set.ct is not an integer in 153..500";
+                                return COMMAND_BAD_SET;
+                        }
+                        s->has_ct = true;
+                        s->ct = (int) json_integer_value(v);
+                } else if (streq(key, "xy")) {
+                        if (!json_is_array(v) || json_array_size(v) != 2 ||
+                            !json_is_unit_number(json_array_get(v, 0), &s->xy[0]) ||
+                            !json_is_unit_number(json_array_get(v, 1), &s->xy[1])) {
+                                *why = "set.xy is not two numbers in [0,1]";
+                                return COMMAND_BAD_SET;
+                        }
+                        s->has_xy = true;
+                } else {
+                        *why = "set has a member other than on, bri, ct, xy";
+                        return COMMAND_BAD_SET;
+                }
+        }
+        return COMMAND_OK;
+}
+
+enum command_reason command_check(const json_t *cmd, int64_t now_s, struct command_fields *ret,
+                                  const char **ret_why) {
+        const char *why_dummy = NULL, **why = ret_why ? ret_why : &why_dummy;
+        const json_t *id, *dev, *set, *exp;
+        const char *key;
+        json_t *v;
+        enum command_reason r;
+
+        *ret = (struct command_fields){};
+        *why = NULL;
+        id = json_object_get(cmd, "id"); /* NULL when cmd is no object */
+        if (!json_is_string(id) || !command_id_is_valid(json_string_value(id), json_string_length(id))) {
+                *why = "id is not 1..64 of [A-Za-z0-9._-]";
+                return COMMAND_BAD_ID;
+        }
+        memcpy(ret->id, json_string_value(id), json_string_length(id) + 1);
+
+        dev = json_object_get(cmd, "dev");
+        set = json_object_get(cmd, "set");
+        exp = json_object_get(cmd, "exp");
+        if (json_is_string(dev) && device_id_is_valid(json_string_value(dev), json_string_length(dev)))
+                memcpy(ret->dev, json_string_value(dev), json_string_length(dev) + 1);
+        if (json_is_integer(exp))
+                ret->exp = json_integer_value(exp);
+        json_object_foreach((json_t *) cmd, key, v)
+                if (!streq(key, "id") && !streq(key, "dev") && !streq(key, "set") && !streq(key, "exp")) {
+                        *why = "a member other than id, dev, set, exp";
+                        return COMMAND_MALFORMED;
+                }
+        if (!json_is_string(dev) || !json_is_object(set) || !json_is_integer(exp)) {
+                *why = "dev, set or exp missing or of the wrong type";
+                return COMMAND_MALFORMED;
+        }
+        r = check_set(set, &ret->set, why);
+        if (r != COMMAND_OK)
+                return r;
+        /* RFC 7519 4.1.4: on or after exp the command must not be acted on. */
+        if (ret->exp <= now_s) {
+                *why = "exp has passed";
+                return COMMAND_EXPIRED;
+        }
+        if (ret->exp - now_s > COMMAND_EXP_AHEAD_MAX_S) {
+                *why = "exp is more than a day ahead";
+                return COMMAND_BAD_EXP;
+        }
+        if (!ret->dev[0]) {
+                *why = "dev is not a device id";
+                return COMMAND_UNKNOWN_DEVICE;
+        }
+        return COMMAND_OK;
+}
+
+/* The shortest "%.<p>g" of v that reads back as v: 0.3 stays "0.3", not "0.29999999999999999". */
+static int format_unit_number(double v, char *buf, size_t size) {
+        for (int p = 1; p <= 17; p++) {
+                int n = snprintf(buf, size, "%.*g", p, v);
+                if (n < 0 || (size_t) n >= size)
+                        return -ENOBUFS;
+                if (strtod(buf, NULL) == v)
+                        return n;
+        }
+        return -EINVAL;
+}
+
+int command_payload(const char *hub, const char *dev, const char *id, int64_t iat, int64_t exp,
+                    const struct command_set *set, char *buf, size_t size) {
+        char x[32], y[32];
+        size_t len;
+        int n;
+
+        if (!hub || !dev || !id || !set || !buf || !device_id_is_valid(hub, strlen(hub)) ||
+            !device_id_is_valid(dev, strlen(dev)) || !command_id_is_valid(id, strlen(id)))
+                return -EINVAL;
+        if (!set->has_on && !set->has_bri && !set->has_ct && !set->has_xy)
+                return -EINVAL;
+        n = snprintf(buf, size, "{\"hub\":\"%s\",\"dev\":\"%s\",\"id\":\"%s\",\"iat\":%" PRId64 ",\"exp\":%" PRId64
+                     ",\"set\":{", hub, dev, id, iat, exp);
+        if (n < 0 || (size_t) n >= size)
+                return -ENOBUFS;
+        len = (size_t) n;
+#define APPEND(...)                                                                                        \
+        do {                                                                                               \
+                n = snprintf(buf + len, size - len, __VA_ARGS__);                                          \
+                if (n < 0 || (size_t) n >= size - len)                                                     \
+                        return -ENOBUFS;                                                                   \
+                len += (size_t) n;                                                                         \
+        } while (0)
+        const char *sep = "";
+        if (set->has_on) {
+                APPEND("\"on\":%s", set->on ? "true" : "false");
+                sep = ",";
+        }
+        if (set->has_bri) {
+                if (set->bri < 0 || set->bri > 254)
+                        return -EINVAL;
+                APPEND("%s\"bri\":%d", sep, set->bri);
+                sep = ",";
+        }
+        if (set->has_ct) {
+                if (set->ct < 153 || set->ct > 500)
+                        return -EINVAL;
+                APPEND("%s\"ct\":%d", sep, set->ct);
+                sep = ",";
+        }
+        if (set->has_xy) {
+                for (int i = 0; i < 2; i++)
+                        if (!(set->xy[i] >= 0.0 && set->xy[i] <= 1.0))
+                                return -EINVAL;
+                if (format_unit_number(set->xy[0] == 0.0 ? 0.0 : set->xy[0], x, sizeof x) < 0 ||
+                    format_unit_number(set->xy[1] == 0.0 ? 0.0 : set->xy[1], y, sizeof y) < 0)
+                        return -EINVAL;
+                APPEND("%s\"xy\":[%s,%s]", sep, x, y);
+        }
+        APPEND("}}");
+#undef APPEND
+        return (int) len;
+}
+
+int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
+                char **ret) {
+        char header[128], sig_b64[4 * (HUBKEY_SIG_LEN / 3 + 1) + 1];
+        uint8_t sig[HUBKEY_SIG_LEN];
+        size_t hl, total, at;
+        char *jws;
+        int n, r;
+
+        if (!kid || !payload || !sign || !ret || len == 0 || len > COMMAND_PAYLOAD_MAX)
+                return -EINVAL;
+        /* The hub key id is base64url (RFC 7638 thumbprint): nothing to escape. */
+        for (const char *p = kid; *p; p++)
+                if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                      *p == '_'))
+                        return -EINVAL;
+        n = snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"iothub-cmd\"}", kid);
+        if (n < 0 || (size_t) n >= sizeof header)
+                return -EINVAL;
+        hl = (size_t) n;
+        total = 4 * (hl / 3 + 1) + 1 + 4 * (len / 3 + 1) + 1 + sizeof sig_b64;
+        jws = malloc(total);
+        if (!jws)
+                return -ENOMEM;
+        at = b64url_encode((const uint8_t *) header, hl, jws);
+        jws[at++] = '.';
+        at += b64url_encode((const uint8_t *) payload, len, jws + at);
+        /* JWS ES256 (RFC 7518 3.4): the signature is the raw r||s over "<header>.<payload>". */
+        r = sign(userdata, jws, at, sig);
+        if (r < 0) {
+                free(jws);
+                return r;
+        }
+        (void) b64url_encode(sig, sizeof sig, sig_b64);
+        jws[at++] = '.';
+        memcpy(jws + at, sig_b64, strlen(sig_b64) + 1);
+        if (strlen(jws) > COMMAND_JWS_MAX) {
+                free(jws);
+                return -EINVAL;
+        }
+        *ret = jws;
+        return 0;
+}
+
+int command_result_body(const char *status, int64_t at, const char *detail, char **ret) {
+        json_t *o;
+        char *s;
+
+        if (!status || !ret)
+                return -EINVAL;
+        o = json_pack("{s:s,s:I}", "status", status, "at", (json_int_t) at);
+        /* A detail that is not UTF-8 (it never is: ack.err passed the frame parser) is left out
+         * rather than holding the result back. */
+        if (o && detail && detail[0])
+                (void) json_object_set_new(o, "detail", json_string(detail));
+        s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        if (!s)
+                return -ENOMEM;
+        *ret = s;
+        return 0;
+}
+
+int commands_parse_answer(const char *body, size_t len, json_t **ret_commands) {
+        json_error_t jerr;
+        json_t *o, *cmds;
+
+        if (!body || !ret_commands)
+                return -EINVAL;
+        if (len > COMMANDS_ANSWER_MAX)
+                return -EFBIG;
+        o = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+        cmds = json_object_get(o, "commands");
+        if (!json_is_array(cmds) || json_object_size(o) != 1) {
+                json_decref(o);
+                return -EBADMSG;
+        }
+        *ret_commands = json_incref(cmds);
+        json_decref(o);
+        return 0;
+}
+
+/* ---- the module ---- */
+
+enum command_state {
+        CMD_NEW,       /* checked, not yet signed nor stored (memory only) */
+        CMD_PENDING,   /* signed and stored, waiting to be published or for the PUBACK */
+        CMD_DELIVERED, /* the broker has it (PUBACK) */
+        CMD_ACKED,
+        CMD_FAILED,
+        CMD_EXPIRED,
+        CMD_REJECTED,
+};
+
+static const char *const state_names[] = {
+        [CMD_NEW] = "new",         [CMD_PENDING] = "pending", [CMD_DELIVERED] = "delivered",
+        [CMD_ACKED] = "acked",     [CMD_FAILED] = "failed",   [CMD_EXPIRED] = "expired",
+        [CMD_REJECTED] = "rejected",
+};
+
+static bool state_is_final(enum command_state s) {
+        return s >= CMD_ACKED;
+}
+
+static int state_from_string(const char *s, enum command_state *ret) {
+        for (size_t i = CMD_PENDING; i < ELEMENTSOF(state_names); i++)
+                if (s && streq(s, state_names[i])) {
+                        *ret = (enum command_state) i;
+                        return 0;
+                }
+        return -EINVAL;
+}
+
+/* How far the outcome was reported (the reported column). */
+enum { REPORTED_NONE = 0, REPORTED_DELIVERED = 1, REPORTED_FINAL = 2 };
+
+struct commands;
+
+struct command {
+        struct commands *owner;
+        char id[COMMAND_ID_MAX + 1];
+        char dev[DEVICE_ID_MAX + 1]; /* "" when the cloud sent no valid device id */
+        enum command_state state;
+        struct command_set set; /* CMD_NEW: what to sign */
+        char *jws;              /* NULL until signed, and for rejected commands */
+        int64_t exp, received_at, delivered_at, done_at; /* Unix seconds, 0 for none */
+        char detail[COMMAND_DETAIL_MAX + 1];
+        unsigned reported;
+        bool stored;    /* a committed row exists */
+        bool dirty;     /* memory is ahead of the row */
+        bool published; /* handed to libmosquitto in this run, PUBACK not yet seen */
+        int mid;
+        struct cloud_call *result_call;
+        unsigned result_level; /* what the call in flight reports */
+};
+
+struct commands_counters {
+        uint64_t received; /* commands taken from answers, duplicates and bad ids included */
+        uint64_t published, delivered, acked, failed, expired, rejected;
+        uint64_t rejected_by[_COMMAND_REASON_MAX];
+        uint64_t duplicates;   /* ids seen before: ignored, not reported again */
+        uint64_t deferred;     /* beyond COMMANDS_PER_ANSWER in one answer: left for the cloud to resend */
+        uint64_t acks_ignored; /* acks for unknown ids, another bulb's command, or one already finished */
+        uint64_t signatures;   /* command JWS signed by the hub key */
+        uint64_t polls, poll_errors;
+        uint64_t results_sent, results_failed, results_refused;
+        uint64_t store_errors;
+};
+
+struct commands {
+        struct hub *hub;
+        sd_event_source *defer, *timer, *exp_timer;
+        struct command *cmds[COMMANDS_ACTIVE_MAX]; /* oldest first */
+        size_t n_cmds;
+
+        struct cloud_call *poll_call;
+        uint64_t poll_started, poll_at; /* monotonic usec: no poll before poll_at */
+        unsigned poll_failures;
+        unsigned result_calls, result_failures;
+        uint64_t results_at; /* monotonic usec: no result POST before this (backoff) */
+        uint64_t sign_at, store_at, publish_at, prune_at;
+        unsigned sign_failures, store_failures, publish_failures; /* errors in a row: logged once */
+
+        double tokens; /* the signature bucket */
+        uint64_t tokens_usec;
+
+        uint64_t log_window;
+        unsigned log_count;
+        uint64_t log_suppressed;
+        char last_error[256];
+
+        struct commands_counters counters;
+};
+
+static void commands_schedule(struct commands *c) {
+        int r = sd_event_source_set_enabled(c->defer, SD_EVENT_ONESHOT);
+        if (r < 0)
+                log_error_errno(r, "Failed to schedule command work: %m");
+}
+
+static int64_t now_s(void) {
+        return (int64_t) (now_realtime_usec() / USEC_PER_SEC);
+}
+
+static void set_last_error(struct commands *c, const char *fmt, ...) _printf_(2, 3);
+static void set_last_error(struct commands *c, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(c->last_error, sizeof c->last_error, fmt, ap);
+        va_end(ap);
+}
+
+/* The delay after 'failures' errors in a row: the step doubles from 2 s to 60 s, and the delay
+ * is drawn from its upper half (full jitter there, like the status uploads), so it is always
+ * within COMMANDS_BACKOFF_MIN_MS .. COMMANDS_BACKOFF_MAX_MS and hubs do not come back in step. */
+static uint64_t backoff_usec(unsigned failures) {
+        uint64_t cap = 2 * COMMANDS_BACKOFF_MIN_MS;
+        uint32_t rnd = 0;
+
+        for (unsigned i = 1; i < failures && cap < COMMANDS_BACKOFF_MAX_MS; i++)
+                cap *= 2;
+        if (cap > COMMANDS_BACKOFF_MAX_MS)
+                cap = COMMANDS_BACKOFF_MAX_MS;
+        (void) random_bytes(&rnd, sizeof rnd);
+        return (cap / 2 + rnd % (cap / 2 + 1)) * 1000;
+}
+
+/* The token bucket of signatures caused by commands (see the top of the file). */
+static bool sign_take(struct commands *c, uint64_t now) {
+        if (now > c->tokens_usec) {
+                c->tokens += (double) (now - c->tokens_usec) / (double) USEC_PER_SEC * COMMANDS_SIGN_RATE;
+                if (c->tokens > COMMANDS_SIGN_BURST)
+                        c->tokens = COMMANDS_SIGN_BURST;
+        }
+        c->tokens_usec = now;
+        if (c->tokens < 1.0)
+                return false;
+        c->tokens -= 1.0;
+        return true;
+}
+
+static uint64_t sign_ready_at(const struct commands *c, uint64_t now) {
+        double missing = 1.0 - c->tokens;
+
+        if (missing <= 0)
+                return now;
+        return now + (uint64_t) (missing / COMMANDS_SIGN_RATE * (double) USEC_PER_SEC) + 1000;
+}
+
+/* Rejections are logged at most COMMANDS_LOG_BURST times per window; the counters count all. */
+static bool log_allowed(struct commands *c) {
+        uint64_t now = now_monotonic_usec();
+
+        if (now - c->log_window >= COMMANDS_LOG_WINDOW_USEC) {
+                if (c->log_suppressed > 0)
+                        log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_REJECTED, NULL, NULL,
+                                  "Suppressed %" PRIu64 " more messages about rejected commands", c->log_suppressed);
+                c->log_window = now;
+                c->log_count = 0;
+                c->log_suppressed = 0;
+        }
+        if (c->log_count >= COMMANDS_LOG_BURST) {
+                c->log_suppressed++;
+                return false;
+        }
+        c->log_count++;
+        return true;
+}
+
+static struct command *find_by_id(struct commands *c, const char *id) {
+        for (size_t i = 0; i < c->n_cmds; i++)
+                if (streq(c->cmds[i]->id, id))
+                        return c->cmds[i];
+        return NULL;
+}
+
+static void command_free(struct command *cmd) {
+        if (!cmd)
+                return;
+        cloud_request_cancel(cmd->result_call);
+        free(cmd->jws);
+        free(cmd);
+}
+
+static struct command *command_add(struct commands *c, const char *id, const char *dev) {
+        struct command *cmd;
+
+        if (c->n_cmds >= COMMANDS_ACTIVE_MAX)
+                return NULL;
+        cmd = calloc(1, sizeof *cmd);
+        if (!cmd)
+                return NULL;
+        cmd->owner = c;
+        (void) snprintf(cmd->id, sizeof cmd->id, "%s", id);
+        (void) snprintf(cmd->dev, sizeof cmd->dev, "%s", dev ? dev : "");
+        c->cmds[c->n_cmds++] = cmd;
+        return cmd;
+}
+
+static void set_detail(struct command *cmd, const char *detail) {
+        size_t n = detail ? strlen(detail) : 0;
+
+        if (n > COMMAND_DETAIL_MAX)
+                n = COMMAND_DETAIL_MAX;
+        /* Cut at a UTF-8 character boundary: the detail goes into a JSON string. */
+        while (n > 0 && detail && n < strlen(detail) && ((unsigned char) detail[n] & 0xc0) == 0x80)
+                n--;
+        if (n > 0)
+                memcpy(cmd->detail, detail, n);
+        cmd->detail[n] = '\0';
+}
+
+/* Ends a command with its final state; the outcome is reported by the work loop. */
+static void command_finish(struct commands *c, struct command *cmd, enum command_state st, int64_t at,
+                           const char *detail) {
+        cmd->state = st;
+        cmd->done_at = at;
+        set_detail(cmd, detail);
+        cmd->dirty = true;
+        switch (st) {
+        case CMD_ACKED:
+                c->counters.acked++;
+                break;
+        case CMD_FAILED:
+                c->counters.failed++;
+                break;
+        case CMD_EXPIRED:
+                c->counters.expired++;
+                break;
+        case CMD_REJECTED:
+                c->counters.rejected++;
+                break;
+        default:
+                break;
+        }
+}
+
+static void command_reject(struct commands *c, struct command *cmd, enum command_reason reason, const char *why) {
+        c->counters.rejected_by[reason]++;
+        command_finish(c, cmd, CMD_REJECTED, now_s(), command_reason_to_string(reason));
+        if (log_allowed(c))
+                log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_REJECTED, cmd->dev[0] ? cmd->dev : NULL,
+                          command_reason_to_string(reason), "Rejected command %s for %s: %s (%s)", cmd->id,
+                          cmd->dev[0] ? cmd->dev : "?", command_reason_to_string(reason), why ? why : "");
+}
+
+/* ---- persistence ---- */
+
+static int bind_int_or_null(sqlite3_stmt *s, int i, int64_t v) {
+        return v ? sqlite3_bind_int64(s, i, v) : sqlite3_bind_null(s, i);
+}
+
+static int bind_text_or_null(sqlite3_stmt *s, int i, const char *v) {
+        return v && v[0] ? sqlite3_bind_text(s, i, v, -1, SQLITE_STATIC) : sqlite3_bind_null(s, i);
+}
+
+static int store_insert(struct db *db, const struct command *cmd) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(db, DB_STMT_CMD_INSERT);
+        int rc;
+
+        /* SQLITE_STATIC: stepped and reset (bindings cleared) before this returns. */
+        if ((rc = sqlite3_bind_text(s, 1, cmd->id, -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = sqlite3_bind_text(s, 2, cmd->dev, -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = sqlite3_bind_text(s, 3, state_names[cmd->state], -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = bind_text_or_null(s, 4, cmd->jws)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 5, cmd->exp)) != SQLITE_OK ||
+            (rc = bind_text_or_null(s, 6, cmd->detail)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 7, cmd->received_at)) != SQLITE_OK ||
+            (rc = bind_int_or_null(s, 8, cmd->delivered_at)) != SQLITE_OK ||
+            (rc = bind_int_or_null(s, 9, cmd->done_at)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int(s, 10, (int) cmd->reported)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+static int store_update(struct db *db, const struct command *cmd) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(db, DB_STMT_CMD_UPDATE);
+        int rc;
+
+        if ((rc = sqlite3_bind_text(s, 1, cmd->id, -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = sqlite3_bind_text(s, 2, state_names[cmd->state], -1, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = bind_int_or_null(s, 3, cmd->delivered_at)) != SQLITE_OK ||
+            (rc = bind_int_or_null(s, 4, cmd->done_at)) != SQLITE_OK ||
+            (rc = bind_text_or_null(s, 5, cmd->detail)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int(s, 6, (int) cmd->reported)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+/* Whether a row for this id exists: the ids the hub took before, also in an earlier run. */
+static int store_exists(struct db *db, const char *id) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(db, DB_STMT_CMD_EXISTS);
+        int rc;
+
+        if ((rc = sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW)
+                return 1;
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+/* Writes every change in memory in one transaction (one fsync for a whole pass). */
+static int store_flush(struct commands *c) {
+        struct db *db = c->hub->db;
+        bool any = false;
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds; i++)
+                any = any || (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW);
+        if (!any)
+                return 0;
+        /* The frame path groups the frames of one MQTT read in a transaction of its own; it is
+         * always committed before the loop runs anything else, but never write into it. */
+        if (c->hub->batch.open)
+                return -EBUSY;
+        r = db_begin(db);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                struct command *cmd = c->cmds[i];
+
+                if (!cmd->dirty || cmd->state == CMD_NEW)
+                        continue;
+                r = cmd->stored ? store_update(db, cmd) : store_insert(db, cmd);
+                if (r == -EEXIST && !cmd->stored) {
+                        /* A row with this id exists after all (one not loaded at start): it is a
+                         * duplicate. Only this statement failed; the transaction goes on. */
+                        log_warning("Command %s is known already; ignoring it", cmd->id);
+                        /* Nothing of ours to write or report, and never published: forgotten at
+                         * the end of this pass, whatever the commit does. */
+                        cmd->state = CMD_REJECTED;
+                        cmd->reported = REPORTED_FINAL;
+                        cmd->stored = true;
+                        cmd->dirty = false;
+                        c->counters.duplicates++;
+                        continue;
+                }
+                if (r < 0) {
+                        (void) db_rollback(db);
+                        return r;
+                }
+        }
+        r = db_commit(db);
+        if (r < 0) {
+                (void) db_rollback(db);
+                return r;
+        }
+        for (size_t i = 0; i < c->n_cmds; i++)
+                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW) {
+                        c->cmds[i]->dirty = false;
+                        c->cmds[i]->stored = true;
+                }
+        return 0;
+}
+
+static int store_prune(struct commands *c) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_PRUNE);
+        int rc;
+
+        if ((rc = sqlite3_bind_int64(s, 1, now_s() - COMMANDS_KEEP_S)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int(s, 2, COMMANDS_KEEP_MAX)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+static const char *column_text(sqlite3_stmt *s, int i) {
+        return (const char *) sqlite3_column_text(s, i);
+}
+
+/* Takes up the commands of the last run that are not finished or whose outcome the cloud has
+ * not taken yet. Damaged rows are skipped (and stay for the operator). */
+static int store_load(struct commands *c) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_LOAD);
+        unsigned skipped = 0;
+        int rc;
+
+        if ((rc = sqlite3_bind_int(s, 1, COMMANDS_ACTIVE_MAX)) != SQLITE_OK)
+                return db_errno(rc);
+        while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+                const char *id = column_text(s, 0), *dev = column_text(s, 1), *jws = column_text(s, 3),
+                           *detail = column_text(s, 5);
+                enum command_state st;
+                struct command *cmd;
+                int64_t reported = sqlite3_column_int64(s, 9);
+                bool waiting;
+
+                if (!id || !command_id_is_valid(id, strlen(id)) || !dev ||
+                    (dev[0] && !device_id_is_valid(dev, strlen(dev))) ||
+                    state_from_string(column_text(s, 2), &st) < 0 || reported < REPORTED_NONE ||
+                    reported >= REPORTED_FINAL) {
+                        skipped++;
+                        continue;
+                }
+                /* Waiting to go out or for an ack: it needs its JWS and its bulb. */
+                waiting = st == CMD_PENDING || st == CMD_DELIVERED;
+                if (waiting && (!jws || strlen(jws) > COMMAND_JWS_MAX || !dev[0])) {
+                        skipped++;
+                        continue;
+                }
+                cmd = command_add(c, id, dev);
+                if (!cmd)
+                        return -ENOMEM;
+                if (jws && !(cmd->jws = strdup(jws)))
+                        return -ENOMEM;
+                cmd->state = st;
+                cmd->exp = sqlite3_column_int64(s, 4);
+                set_detail(cmd, detail);
+                cmd->received_at = sqlite3_column_int64(s, 6);
+                cmd->delivered_at = sqlite3_column_int64(s, 7);
+                cmd->done_at = sqlite3_column_int64(s, 8);
+                cmd->reported = (unsigned) reported;
+                cmd->stored = true;
+        }
+        if (rc != SQLITE_DONE)
+                return db_errno(rc);
+        if (skipped > 0)
+                log_warning("Skipped %u damaged rows of the commands table", skipped);
+        return 0;
+}
+
+/* ---- taking commands from an answer ---- */
+
+static void take_command(struct commands *c, const json_t *o, int64_t now, unsigned *fresh) {
+        struct hub *h = c->hub;
+        struct command_fields f;
+        enum command_reason reason;
+        const char *why = NULL;
+        struct command *cmd;
+        struct bulb *b;
+        int r;
+
+        c->counters.received++;
+        reason = command_check(o, now, &f, &why);
+        if (reason == COMMAND_BAD_ID) {
+                /* Without a valid id it cannot be reported (the id is part of the result URL). */
+                c->counters.rejected++;
+                c->counters.rejected_by[COMMAND_BAD_ID]++;
+                if (log_allowed(c))
+                        log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_REJECTED, NULL, "bad_id",
+                                  "Ignored a command from the cloud: %s", why);
+                return;
+        }
+        /* At least once (PROTOCOL.md 3): an id seen before is ignored, not reported again. */
+        r = find_by_id(c, f.id) ? 1 : store_exists(h->db, f.id);
+        if (r != 0) {
+                if (r < 0)
+                        log_error_errno(r, "Failed to look up command %s, ignoring it for now: %m (%s)", f.id,
+                                        db_errmsg(h->db));
+                else {
+                        c->counters.duplicates++;
+                        log_debug("Command %s seen before, ignored", f.id);
+                }
+                return;
+        }
+        cmd = command_add(c, f.id, f.dev);
+        if (!cmd) {
+                log_error("Out of memory: command %s is left for the cloud to send again", f.id);
+                return;
+        }
+        cmd->received_at = now;
+        cmd->exp = f.exp;
+        cmd->dirty = true;
+        (*fresh)++;
+        if (reason == COMMAND_OK) {
+                b = registry_find(h->registry, f.dev);
+                if (!b) {
+                        reason = COMMAND_UNKNOWN_DEVICE;
+                        why = "no bulb with that id is enrolled";
+                } else if (b->revoked) {
+                        reason = COMMAND_REVOKED;
+                        why = "the bulb was removed";
+                }
+        }
+        if (reason != COMMAND_OK) {
+                command_reject(c, cmd, reason, why);
+                return;
+        }
+        cmd->state = CMD_NEW;
+        cmd->set = f.set;
+        log_debug("Command %s for %s taken", cmd->id, cmd->dev);
+}
+
+static int take_answer(struct commands *c, const char *body, size_t len, unsigned *fresh) {
+        json_t *cmds = NULL, *o;
+        int64_t now = now_s();
+        size_t i;
+        int r;
+
+        r = commands_parse_answer(body, len, &cmds);
+        if (r < 0)
+                return r;
+        json_array_foreach(cmds, i, o) {
+                if (i >= COMMANDS_PER_ANSWER || c->n_cmds >= COMMANDS_ACTIVE_MAX) {
+                        /* No result for these: the cloud hands them out again (at least once). */
+                        c->counters.deferred += json_array_size(cmds) - i;
+                        log_notice("Took %zu of %zu commands of one answer; the cloud will send the rest again", i,
+                                   json_array_size(cmds));
+                        break;
+                }
+                take_command(c, o, now, fresh);
+        }
+        json_decref(cmds);
+        return 0;
+}
+
+/* ---- the long poll ---- */
+
+static void poll_failed(struct commands *c, const char *what) {
+        uint64_t delay = backoff_usec(++c->poll_failures);
+
+        c->counters.poll_errors++;
+        c->poll_at = now_monotonic_usec() + delay;
+        set_last_error(c, "%s", what);
+        if (c->poll_failures == 1)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_POLL_FAILED, NULL, NULL,
+                          "Polling the cloud for commands failed (%s); retrying with backoff", what);
+        else
+                log_debug("Polling for commands failed again (%s), next in %" PRIu64 " ms", what, delay / 1000);
+}
+
+static void on_poll_done(void *userdata, int r, long status, const char *body, size_t len) {
+        struct commands *c = userdata;
+        unsigned fresh = 0;
+        char what[96];
+
+        c->poll_call = NULL;
+        if (r >= 0 && status == 200) {
+                r = take_answer(c, body, len, &fresh);
+                if (r < 0) {
+                        (void) snprintf(what, sizeof what, "the answer is %s",
+                                        r == -EFBIG ? "too large" : "not {\"commands\":[...]}");
+                        poll_failed(c, what);
+                        goto done;
+                }
+        } else if (r < 0 || status != 204) {
+                if (r < 0)
+                        (void) snprintf(what, sizeof what, "%s", strerror(-r));
+                else if (status == 0)
+                        (void) snprintf(what, sizeof what, "no answer");
+                else
+                        (void) snprintf(what, sizeof what, "HTTP %ld", status);
+                /* A 401 made cloud.c fetch a fresh token; the backoff starts small anyway. */
+                poll_failed(c, what);
+                goto done;
+        }
+        if (c->poll_failures > 0)
+                log_info("Polling the cloud for commands works again");
+        c->poll_failures = 0;
+        c->last_error[0] = '\0';
+        /* Re-armed at once; but an answer that brought nothing new (204 before the wait was
+         * over, or only duplicates) does not start the next poll within a second. */
+        c->poll_at = fresh > 0 ? 0 : c->poll_started + COMMANDS_POLL_MIN_INTERVAL_USEC;
+done:
+        commands_schedule(c);
+}
+
+static int poll_start(struct commands *c) {
+        _cleanup_free_ char *path = NULL;
+
+        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->hub->conf->hub.id, COMMANDS_POLL_WAIT_S);
+        if (!path)
+                return -ENOMEM;
+        c->poll_started = now_monotonic_usec();
+        c->counters.polls++;
+        return cloud_request(c->hub->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
+                             on_poll_done, c, &c->poll_call);
+}
+
+/* ---- results ---- */
+
+/* The result a command owes the cloud next: "delivered" before the final one. */
+static unsigned next_result(const struct command *cmd) {
+        if (cmd->state == CMD_NEW)
+                return REPORTED_NONE;
+        if (cmd->reported == REPORTED_NONE && cmd->delivered_at > 0)
+                return REPORTED_DELIVERED;
+        if (state_is_final(cmd->state) && cmd->reported < REPORTED_FINAL)
+                return REPORTED_FINAL;
+        return REPORTED_NONE;
+}
+
+static void on_result_done(void *userdata, int r, long status, const char *body, size_t len) {
+        struct command *cmd = userdata;
+        struct commands *c = cmd->owner;
+        const char *what = cmd->result_level == REPORTED_DELIVERED ? "delivered" : state_names[cmd->state];
+
+        cmd->result_call = NULL;
+        c->result_calls--;
+        if (r >= 0 && status >= 200 && status < 300) {
+                c->counters.results_sent++;
+                c->result_failures = 0;
+                cmd->reported = cmd->result_level;
+                cmd->dirty = true;
+                log_debug("Reported command %s %s", cmd->id, what);
+        } else if (r >= 0 && status >= 400 && status < 500 && status != 401 && status != 408 && status != 429) {
+                /* The cloud will never take it: do not loop (PROTOCOL.md 3). */
+                c->counters.results_refused++;
+                cmd->reported = cmd->result_level;
+                cmd->dirty = true;
+                log_event(LOG_ERR, 0, IOTHUB_MID_COMMAND_RESULT_REFUSED, cmd->dev[0] ? cmd->dev : NULL, NULL,
+                          "The cloud refused the result \"%s\" of command %s with HTTP %ld; not sent again", what,
+                          cmd->id, status);
+        } else {
+                c->counters.results_failed++;
+                c->results_at = now_monotonic_usec() + backoff_usec(++c->result_failures);
+                if (r < 0 || status == 0)
+                        set_last_error(c, "reporting a result failed: %s", r < 0 ? strerror(-r) : "no answer");
+                else
+                        set_last_error(c, "reporting a result answered HTTP %ld", status);
+                if (c->result_failures == 1)
+                        log_warning("%s; retrying with backoff", c->last_error);
+        }
+        commands_schedule(c);
+}
+
+static int result_start(struct commands *c, struct command *cmd, unsigned level) {
+        _cleanup_free_ char *path = NULL, *body = NULL;
+        const char *status = level == REPORTED_DELIVERED ? "delivered" : state_names[cmd->state];
+        int64_t at = level == REPORTED_DELIVERED ? cmd->delivered_at : cmd->done_at;
+        int r;
+
+        r = command_result_body(status, at, level == REPORTED_FINAL ? cmd->detail : NULL, &body);
+        if (r < 0)
+                return r;
+        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->hub->conf->hub.id, cmd->id);
+        if (!path)
+                return -ENOMEM;
+        r = cloud_request(c->hub->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
+        if (r < 0)
+                return r;
+        cmd->result_level = level;
+        c->result_calls++;
+        return 0;
+}
+
+/* ---- publishing and signing ---- */
+
+static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        return hubkey_sign(userdata, msg, len, ret_sig);
+}
+
+static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
+        struct hub *h = c->hub;
+        char payload[COMMAND_PAYLOAD_MAX];
+        int n, r;
+
+        n = command_payload(h->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
+        if (n < 0)
+                return n;
+        r = command_jws(hubkey_id(h->hubkey), payload, (size_t) n, sign_with_hubkey, h->hubkey, &cmd->jws);
+        if (r < 0)
+                return r;
+        c->counters.signatures++;
+        return 0;
+}
+
+static int command_publish(struct commands *c, struct command *cmd) {
+        struct hub *h = c->hub;
+        _cleanup_free_ char *topic = NULL;
+        int mid = 0, r;
+
+        topic = strdup_printf("%s/%s/cmd", h->conf->mqtt.topic_prefix, cmd->dev);
+        if (!topic)
+                return -ENOMEM;
+        r = mqtt_publish(h->mqtt, topic, cmd->jws, strlen(cmd->jws), 1, &mid);
+        if (r < 0)
+                return r;
+        cmd->published = true;
+        cmd->mid = mid;
+        c->counters.published++;
+        log_debug("Published command %s to %s (mid %d)", cmd->id, topic, mid);
+        return 0;
+}
+
+/* When a command stops waiting: one that never went out must not go out late; one that is out
+ * there gives the bulb's ack a moment, for a bulb that applied it just before exp. */
+static int64_t command_deadline(const struct command *cmd) {
+        return cmd->published || cmd->state == CMD_DELIVERED ? cmd->exp + COMMANDS_ACK_GRACE_S : cmd->exp;
+}
+
+static void expire_due(struct commands *c, int64_t now) {
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                struct command *cmd = c->cmds[i];
+
+                if (state_is_final(cmd->state) || command_deadline(cmd) > now)
+                        continue;
+                command_finish(c, cmd, CMD_EXPIRED, now, cmd->delivered_at ? "not_acked" : "not_delivered");
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_EXPIRED, cmd->dev, NULL, "Command %s for %s expired (%s)",
+                          cmd->id, cmd->dev, cmd->detail);
+        }
+}
+
+static void arm_exp_timer(struct commands *c) {
+        int64_t next = INT64_MAX;
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds; i++)
+                if (!state_is_final(c->cmds[i]->state) && command_deadline(c->cmds[i]) < next)
+                        next = command_deadline(c->cmds[i]);
+        if (next == INT64_MAX) {
+                (void) sd_event_source_set_enabled(c->exp_timer, SD_EVENT_OFF);
+                return;
+        }
+        if (next < 0)
+                next = 0;
+        r = sd_event_source_set_time(c->exp_timer, (uint64_t) next * USEC_PER_SEC);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->exp_timer, SD_EVENT_ONESHOT);
+        if (r < 0)
+                log_error_errno(r, "Failed to arm the command expiry timer: %m");
+}
+
+static void forget_done(struct commands *c) {
+        size_t j = 0;
+
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                struct command *cmd = c->cmds[i];
+
+                if (state_is_final(cmd->state) && cmd->reported == REPORTED_FINAL && !cmd->dirty && !cmd->result_call)
+                        command_free(cmd);
+                else
+                        c->cmds[j++] = cmd;
+        }
+        c->n_cmds = j;
+}
+
+/* ---- the work loop ---- */
+
+static void wake_at(uint64_t *wake, uint64_t t) {
+        if (t < *wake)
+                *wake = t;
+}
+
+/* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
+ * then arm the timers for what has to wait. */
+static void commands_work(struct commands *c) {
+        struct hub *h = c->hub;
+        uint64_t now = now_monotonic_usec(), wake = UINT64_MAX;
+        int64_t t = now_s();
+        unsigned budget = COMMANDS_SIGN_PER_PASS;
+        bool again = false, ready = cloud_ready(h->cloud);
+        int r;
+
+        expire_due(c, t);
+
+        /* Sign the new commands, a few per pass (each is a TPM signature). */
+        for (size_t i = 0; i < c->n_cmds && h->hubkey; i++) {
+                struct command *cmd = c->cmds[i];
+
+                if (cmd->state != CMD_NEW)
+                        continue;
+                if (now < c->sign_at) {
+                        wake_at(&wake, c->sign_at);
+                        break;
+                }
+                if (budget == 0) {
+                        again = true;
+                        break;
+                }
+                if (!sign_take(c, now)) {
+                        wake_at(&wake, sign_ready_at(c, now));
+                        break;
+                }
+                budget--;
+                r = command_sign(c, cmd, t);
+                if (r < 0) {
+                        log_full_errno(c->sign_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
+                                       "Failed to sign command %s, trying again: %m", cmd->id);
+                        set_last_error(c, "signing a command failed: %s", strerror(-r));
+                        c->sign_at = now + COMMANDS_RETRY_USEC;
+                        wake_at(&wake, c->sign_at);
+                        break;
+                }
+                c->sign_failures = 0;
+                cmd->state = CMD_PENDING;
+                cmd->dirty = true;
+        }
+
+        /* Store before anything goes out: a restart resumes from the table. */
+        if (now >= c->store_at) {
+                r = store_flush(c);
+                if (r < 0) {
+                        c->counters.store_errors++;
+                        log_full_errno(c->store_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
+                                       "Failed to store command states, trying again: %m (%s)", db_errmsg(h->db));
+                        c->store_at = now + COMMANDS_RETRY_USEC;
+                } else
+                        c->store_failures = 0;
+        }
+        if (c->store_at > now)
+                wake_at(&wake, c->store_at);
+
+        /* Publish what is stored and not out yet. */
+        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(h->mqtt) && now >= c->publish_at; i++) {
+                struct command *cmd = c->cmds[i];
+                struct bulb *b;
+
+                if (cmd->state != CMD_PENDING || !cmd->stored || cmd->published || !cmd->jws)
+                        continue;
+                /* Removed since it was taken: it does not go out. */
+                b = registry_find(h->registry, cmd->dev);
+                if (!b || b->revoked) {
+                        command_reject(c, cmd, b ? COMMAND_REVOKED : COMMAND_UNKNOWN_DEVICE,
+                                       "the bulb was removed before the command went out");
+                        again = true;
+                        continue;
+                }
+                r = command_publish(c, cmd);
+                if (r == -ENOTCONN)
+                        break;
+                if (r < 0) {
+                        log_full_errno(c->publish_failures++ == 0 ? LOG_WARNING : LOG_DEBUG, r,
+                                       "Failed to publish command %s, trying again: %m", cmd->id);
+                        c->publish_at = now + COMMANDS_RETRY_USEC;
+                        break;
+                }
+                c->publish_failures = 0;
+        }
+        if (c->publish_at > now)
+                wake_at(&wake, c->publish_at);
+
+        /* Report outcomes, "delivered" before the final one, a few calls at a time. */
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                struct command *cmd = c->cmds[i];
+                unsigned level = next_result(cmd);
+
+                if (level == REPORTED_NONE || cmd->result_call || cmd->dirty)
+                        continue;
+                if (!ready) {
+                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
+                        break;
+                }
+                if (now < c->results_at) {
+                        wake_at(&wake, c->results_at);
+                        break;
+                }
+                if (c->result_calls >= COMMANDS_RESULT_CALLS_MAX)
+                        break; /* a call's end schedules the next pass */
+                if (budget == 0) {
+                        again = true;
+                        break;
+                }
+                if (!sign_take(c, now)) {
+                        wake_at(&wake, sign_ready_at(c, now));
+                        break;
+                }
+                budget--;
+                r = result_start(c, cmd, level);
+                if (r < 0) {
+                        set_last_error(c, "cannot report a result: %s", strerror(-r));
+                        c->results_at = now + backoff_usec(++c->result_failures);
+                        wake_at(&wake, c->results_at);
+                        break;
+                }
+        }
+
+        forget_done(c);
+
+        /* The long poll: one in flight, only with room for a full answer. */
+        if (!c->poll_call) {
+                if (!ready)
+                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
+                else if (now < c->poll_at)
+                        wake_at(&wake, c->poll_at);
+                else if (c->n_cmds + COMMANDS_PER_ANSWER > COMMANDS_ACTIVE_MAX)
+                        ; /* forgetting a command schedules a pass */
+                else if (budget == 0)
+                        again = true;
+                else if (!sign_take(c, now))
+                        wake_at(&wake, sign_ready_at(c, now));
+                else {
+                        r = poll_start(c);
+                        if (r < 0) {
+                                char what[64];
+                                (void) snprintf(what, sizeof what, "cannot make the request: %s", strerror(-r));
+                                poll_failed(c, what);
+                                wake_at(&wake, c->poll_at);
+                        }
+                }
+        }
+
+        /* Outcomes of this pass (rejections at publish time, results answered) are stored by
+         * the next one. Pruning of old rows once an hour. */
+        for (size_t i = 0; i < c->n_cmds && !again; i++)
+                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW && now >= c->store_at)
+                        again = true;
+        if (now >= c->prune_at) {
+                r = store_prune(c);
+                if (r < 0)
+                        log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(h->db));
+                c->prune_at = now + COMMANDS_PRUNE_INTERVAL_USEC;
+        }
+        wake_at(&wake, c->prune_at);
+
+        arm_exp_timer(c);
+        if (again)
+                commands_schedule(c);
+        if (wake == UINT64_MAX)
+                r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
+        else {
+                r = sd_event_source_set_time(c->timer, wake);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0)
+                log_error_errno(r, "Failed to arm the command timer: %m");
+}
+
+static int on_defer(sd_event_source *s, void *userdata) {
+        commands_work(userdata);
+        return 0;
+}
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        commands_work(userdata);
+        return 0;
+}
+
+/* ---- API ---- */
+
+void commands_kick(struct commands *c) {
+        if (!c)
+                return;
+        /* Something changed (MQTT up, a token, a key, a registration): a poll waiting out a
+         * backoff goes now. The failure count stays, so a poll that fails again backs off
+         * further. */
+        if (c->poll_failures > 0)
+                c->poll_at = 0;
+        commands_schedule(c);
+}
+
+void commands_on_published(struct commands *c, int mid) {
+        if (!c)
+                return;
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                struct command *cmd = c->cmds[i];
+
+                if (!cmd->published || cmd->mid != mid)
+                        continue;
+                cmd->published = false;
+                cmd->mid = 0;
+                /* Only memory here: this may run inside the frame path's transaction. */
+                if (cmd->state == CMD_PENDING) {
+                        cmd->state = CMD_DELIVERED;
+                        cmd->delivered_at = now_s();
+                        cmd->dirty = true;
+                        c->counters.delivered++;
+                        log_debug("Command %s delivered to the broker", cmd->id);
+                }
+                commands_schedule(c);
+                return;
+        }
+}
+
+void commands_on_ack(struct commands *c, const char *dev, const char *id, bool ok, const char *err) {
+        struct command *cmd;
+        int64_t t;
+
+        if (!c || !dev || !id)
+                return;
+        cmd = find_by_id(c, id);
+        if (!cmd || !streq(cmd->dev, dev) || state_is_final(cmd->state)) {
+                /* Unknown, another bulb's, or finished already: a bulb cannot change that. */
+                c->counters.acks_ignored++;
+                log_debug("Ignored an ack from %s for command %s", dev, id);
+                return;
+        }
+        t = now_s();
+        if (!cmd->delivered_at) {
+                /* The ack came before the PUBACK (or the PUBACK was lost to a restart): the
+                 * bulb has it, and the cloud hears "delivered" first all the same. */
+                cmd->delivered_at = t;
+                c->counters.delivered++;
+        }
+        command_finish(c, cmd, ok ? CMD_ACKED : CMD_FAILED, t, ok ? NULL : err);
+        if (ok)
+                log_debug("Command %s acknowledged by %s", id, dev);
+        else {
+                char shown[COMMAND_DETAIL_MAX + 1];
+                /* From a verified frame, but still the bulb's words: printable ASCII only. */
+                (void) snprintf(shown, sizeof shown, "%s", cmd->detail);
+                for (char *p = shown; *p; p++)
+                        if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                                *p = '?';
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_FAILED, dev, NULL, "Bulb %s could not apply command %s: %s",
+                          dev, id, shown[0] ? shown : "(no reason given)");
+        }
+        commands_schedule(c);
+}
+
+int commands_new(struct hub *h, struct commands **ret) {
+        struct commands *c;
+        int r;
+
+        if (!h->cloud) {
+                *ret = NULL;
+                return 0;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->hub = h;
+        c->tokens = COMMANDS_SIGN_BURST;
+        c->tokens_usec = now_monotonic_usec();
+        r = sd_event_add_defer(h->event, &c->defer, on_defer, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->defer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time(h->event, &c->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time(h->event, &c->exp_timer, CLOCK_REALTIME, UINT64_MAX, 0, on_timer, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->exp_timer, SD_EVENT_OFF);
+        if (r < 0)
+                goto fail;
+        r = store_load(c);
+        if (r < 0) {
+                log_error_errno(r, "Failed to load the commands in flight: %m (%s)", db_errmsg(h->db));
+                goto fail;
+        }
+        if (c->n_cmds > 0)
+                log_info("Resuming %zu commands of the last run", c->n_cmds);
+        commands_schedule(c);
+        *ret = c;
+        return 0;
+fail:
+        commands_free(c);
+        return r;
+}
+
+void commands_free(struct commands *c) {
+        int r;
+
+        if (!c)
+                return;
+        cloud_request_cancel(c->poll_call);
+        /* What changed in the last moments (a PUBACK, a result taken) is not lost. */
+        r = store_flush(c);
+        if (r < 0)
+                log_warning_errno(r, "Failed to store command states at exit: %m");
+        for (size_t i = 0; i < c->n_cmds; i++)
+                command_free(c->cmds[i]);
+        sd_event_source_disable_unref(c->defer);
+        sd_event_source_disable_unref(c->timer);
+        sd_event_source_disable_unref(c->exp_timer);
+        free(c);
+}
+
+int commands_status_json(struct commands *c, json_t *st) {
+        uint64_t now = now_monotonic_usec();
+        size_t in_flight = 0, unreported = 0;
+        json_t *o, *reasons;
+
+        if (!c) {
+                o = json_pack("{s:b,s:I,s:I,s:I}", "configured", 0, "delivered", (json_int_t) 0, "acked",
+                              (json_int_t) 0, "expired", (json_int_t) 0);
+                if (!o)
+                        return -ENOMEM;
+                return json_object_set_new(st, "commands", o) < 0 ? -ENOMEM : 0;
+        }
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                if (!state_is_final(c->cmds[i]->state))
+                        in_flight++;
+                else if (c->cmds[i]->reported < REPORTED_FINAL)
+                        unreported++;
+        }
+        reasons = json_object();
+        if (!reasons)
+                return -ENOMEM;
+        for (int i = COMMAND_OK + 1; i < _COMMAND_REASON_MAX; i++)
+                (void) json_object_set_new(reasons, command_reason_to_string(i),
+                                           json_integer((json_int_t) c->counters.rejected_by[i]));
+        o = json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:o,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+                      "configured", 1, "received", (json_int_t) c->counters.received, "published",
+                      (json_int_t) c->counters.published, "delivered", (json_int_t) c->counters.delivered, "acked",
+                      (json_int_t) c->counters.acked, "failed", (json_int_t) c->counters.failed, "expired",
+                      (json_int_t) c->counters.expired, "rejected", (json_int_t) c->counters.rejected,
+                      "rejected_reasons", reasons, "duplicates", (json_int_t) c->counters.duplicates, "deferred",
+                      (json_int_t) c->counters.deferred, "acks_ignored", (json_int_t) c->counters.acks_ignored,
+                      "in_flight", (json_int_t) in_flight, "unreported", (json_int_t) unreported, "signatures",
+                      (json_int_t) c->counters.signatures, "polls", (json_int_t) c->counters.polls, "poll_errors",
+                      (json_int_t) c->counters.poll_errors, "results_sent", (json_int_t) c->counters.results_sent,
+                      "results_failed", (json_int_t) c->counters.results_failed, "results_refused",
+                      (json_int_t) c->counters.results_refused, "store_errors",
+                      (json_int_t) c->counters.store_errors, "backoff_s",
+                      (json_int_t) (c->poll_failures > 0 && c->poll_at > now
+                                            ? (c->poll_at - now + USEC_PER_SEC - 1) / USEC_PER_SEC
+                                            : 0));
+        if (!o)
+                return -ENOMEM;
+        (void) json_object_set_new(o, "last_error", c->last_error[0] ? json_string(c->last_error) : json_null());
+        return json_object_set_new(st, "commands", o) < 0 ? -ENOMEM : 0;
+}

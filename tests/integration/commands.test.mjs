@@ -1,0 +1,488 @@
+// Commands from the cloud to the bulbs (PROTOCOL.md 2 and 3): the long poll, the checks, the
+// hub-signed JWS verified by a bulb simulator with jose and the hub's public JWK (taken with
+// `iothubctl key show --jwk` before the daemon starts), delivery over MQTT, acks through status
+// frames, results reported in order, de-duplication, expiry, and a restart between delivery
+// and ack. Real swtpm, mosquitto and the reference cloud.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import * as jose from 'jose';
+import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Bulb } from './lib/bulb.mjs';
+import { startCloud } from '../cloud/server.mjs';
+
+const PREFIX = 'iothub/v1/bulbs';
+const HUB_ID = 'test-hub';
+const TOKEN = 'tok-commands-test-0123456789';
+let dir, tpm, broker, cloud, hub, pub, keyJwk, hubKey;
+let lamp, desk, spare; // bulb simulators
+let seq = 0;
+
+const nowS = () => Math.floor(Date.now() / 1000);
+const nextId = (what) => `${what}-${++seq}`;
+const hubState = () => cloud.state.hubs.get(HUB_ID);
+const resultsOf = (id) => cloud.state.results.filter((r) => r.id === id);
+const statusesOf = (id) => resultsOf(id).map((r) => r.status);
+
+function hubOverrides() {
+  return {
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
+      batch_max_frames: 20, batch_max_delay_ms: 200, timeout_s: 5 },
+  };
+}
+
+async function enrol(bulb) {
+  const f = path.join(hub.dir, `${bulb.id}.pem`);
+  await fs.writeFile(f, bulb.pem);
+  const r = await hub.ctl(['bulb', 'add', bulb.id, '--key', f]);
+  assert.equal(r.code, 0, r.stderr);
+}
+
+// A bulb: signs its status frames with jose (lib/bulb.mjs), subscribes to its command topic on
+// a persistent session, and checks every command it gets with the hub's public key, as a real
+// bulb paired with `iothubctl key show --jwk` would.
+class CmdBulb {
+  constructor(bulb, client) {
+    this.bulb = bulb; this.id = bulb.id; this.client = client; this.got = []; this.autoAck = false;
+    this.sending = Promise.resolve();
+  }
+
+  static async create(id) {
+    const bulb = await Bulb.create(id, 'ES256');
+    const client = await mqttClient(broker.port, { clean: false, clientId: `cmd-bulb-${id}-${process.pid}` });
+    const b = new CmdBulb(bulb, client);
+    client.on('message', (topic, payload, packet) => { b.#onMessage(topic, payload, packet); });
+    await client.subscribeAsync(`${PREFIX}/${id}/cmd`, { qos: 1 });
+    return b;
+  }
+
+  async #onMessage(topic, payload, packet) {
+    const e = { at: Date.now(), topic, jws: payload.toString(), retain: packet.retain, qos: packet.qos };
+    this.got.push(e);
+    try {
+      const v = await jose.compactVerify(e.jws, hubKey, { algorithms: ['ES256'] });
+      e.header = v.protectedHeader;
+      e.rawHeader = Buffer.from(e.jws.split('.')[0], 'base64url').toString();
+      e.rawPayload = Buffer.from(v.payload).toString();
+      e.payload = JSON.parse(e.rawPayload);
+      e.verified = true;
+    } catch (err) {
+      e.verified = false;
+      e.error = err.message;
+    }
+    if (this.autoAck && e.verified) await this.ack(e.payload.id);
+  }
+
+  received(id) { return this.got.filter((e) => e.payload?.id === id); }
+
+  // The ack rides on the bulb's next status frame (PROTOCOL.md 2). A bulb sends its frames one
+  // after the other: signed concurrently, a later seq could overtake an earlier one, and the
+  // hub would (rightly) refuse the earlier frame as a replay, its ack with it.
+  ack(id, ok = true, err = undefined) {
+    const ack = err === undefined ? { id, ok } : { id, ok, err };
+    const send = async () => {
+      const jws = await this.bulb.frame({ ack });
+      await pub.publishAsync(`${PREFIX}/${this.id}/status`, jws, { qos: 1 });
+    };
+    this.sending = this.sending.then(send, send);
+    return this.sending;
+  }
+
+  async end() { await this.client.endAsync(); }
+}
+
+// The hub's long poll is parked at the cloud: a command queued now goes out at once.
+async function pollParked(timeoutMs = 15000) {
+  await waitFor(() => hubState()?.waiters?.size === 1, timeoutMs, 'the hub long poll parked at the cloud');
+}
+
+function queue(cmd) {
+  return cloud.control.queueCommand({ hub: HUB_ID, exp: nowS() + 60, ...cmd });
+}
+
+async function commandsStatus() {
+  return (await hub.status()).commands;
+}
+
+before(async () => {
+  dir = await tempDir();
+  await fs.chmod(dir, 0o755);
+  tpm = await Swtpm.start(path.join(dir, 'tpm'));
+  broker = await Broker.start(dir);
+  cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  // The key, and the public JWK a bulb is paired with, before the daemon runs: swtpm serves
+  // one client at a time and the daemon keeps its connection.
+  const pre = new Hub(await tempDir(), broker, {});
+  pre.overrides = hubOverrides();
+  await pre.writeConfig();
+  let r = await pre.ctl(['key', 'init']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await pre.ctl(['key', 'show', '--jwk']);
+  assert.equal(r.code, 0, r.stderr);
+  keyJwk = JSON.parse(r.stdout);
+  await fs.rm(pre.dir, { recursive: true, force: true });
+  const { kid, ...pubJwk } = keyJwk;
+  assert.equal(kid, await jose.calculateJwkThumbprint(pubJwk, 'sha256'));
+  hubKey = await jose.importJWK(pubJwk, 'ES256');
+
+  hub = await Hub.start(broker, hubOverrides());
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
+  r = await hub.ctl(['register']);
+  assert.equal(r.code, 0, r.stderr);
+  pub = await mqttClient(broker.port);
+  lamp = await CmdBulb.create('cmd-lamp');
+  desk = await CmdBulb.create('cmd-desk');
+  spare = await CmdBulb.create('cmd-spare');
+  for (const b of [lamp, desk, spare]) await enrol(b.bulb);
+  await waitFor(() => hubState()?.devices?.size === 3, 5000, 'device list at the cloud');
+  await pollParked();
+});
+
+after(async () => {
+  for (const b of [lamp, desk, spare]) await b?.end();
+  await pub?.endAsync();
+  await hub?.cleanup();
+  await cloud?.close();
+  await broker?.stop();
+  await tpm?.stop();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+test('a command reaches its bulb as a JWS the bulb verifies with the paired key; delivered, then acked', async () => {
+  const st0 = await commandsStatus();
+  const k0 = (await hub.status()).key.signatures;
+  await pollParked();
+  const id = nextId('ok');
+  const exp = nowS() + 60;
+  const t0 = nowS();
+  queue({ id, dev: lamp.id, set: { bri: 200, on: true, xy: [0.3127, 0.329] }, exp });
+  await waitFor(() => lamp.received(id).length === 1, 10000, 'the command at the bulb');
+  const e = lamp.received(id)[0];
+  assert.ok(e.verified, e.error);
+  assert.equal(e.topic, `${PREFIX}/${lamp.id}/cmd`);
+  assert.equal(e.qos, 1);
+  assert.equal(e.retain, false);
+  // Header and payload exactly as PROTOCOL.md 2 says, members in the contract's order.
+  assert.equal(e.rawHeader, `{"alg":"ES256","kid":"${keyJwk.kid}","typ":"iothub-cmd"}`);
+  assert.deepEqual(Object.keys(e.payload), ['hub', 'dev', 'id', 'iat', 'exp', 'set']);
+  const { iat } = e.payload;
+  assert.ok(Number.isSafeInteger(iat) && iat >= t0 - 1 && iat <= nowS() + 1, `iat ${iat}`);
+  assert.equal(e.rawPayload,
+    `{"hub":"${HUB_ID}","dev":"${lamp.id}","id":"${id}","iat":${iat},"exp":${exp},"set":{"on":true,"bri":200,"xy":[0.3127,0.329]}}`);
+  // A bulb refuses anything it cannot verify: one changed byte of the payload.
+  const [h, p, s] = e.jws.split('.');
+  const forged = Buffer.from(p, 'base64url').toString().replace('"bri":200', '"bri":254');
+  await assert.rejects(jose.compactVerify(`${h}.${Buffer.from(forged).toString('base64url')}.${s}`, hubKey));
+
+  await waitFor(() => statusesOf(id).includes('delivered'), 10000, 'delivered at the cloud');
+  await lamp.ack(id);
+  await waitFor(() => statusesOf(id).length === 2, 10000, 'acked at the cloud');
+  assert.deepEqual(statusesOf(id), ['delivered', 'acked']);
+  for (const r of resultsOf(id)) assert.ok(Number.isSafeInteger(r.at) && Math.abs(r.at - nowS()) < 30);
+  assert.equal(resultsOf(id)[1].detail, undefined);
+  const st1 = await commandsStatus();
+  assert.equal(st1.signatures - st0.signatures, 1, 'one TPM signature for the command itself');
+  assert.equal(st1.delivered - st0.delivered, 1);
+  assert.equal(st1.acked - st0.acked, 1);
+  assert.ok((await hub.status()).key.signatures - k0 >= 4, 'poll, JWS and two results all signed');
+});
+
+test('invalid commands are rejected with a reason and never reach a bulb', async () => {
+  const st0 = await commandsStatus();
+  const revoked = await CmdBulb.create('cmd-revoked');
+  await enrol(revoked.bulb);
+  let r = await hub.ctl(['bulb', 'remove', revoked.id]);
+  assert.equal(r.code, 0, r.stderr);
+  await pollParked();
+  const cases = [
+    { id: nextId('color'), dev: lamp.id, set: { on: true, color: 'red' }, detail: 'bad_set' },
+    { id: nextId('bri999'), dev: lamp.id, set: { bri: 999 }, detail: 'bad_set' },
+    { id: nextId('empty'), dev: lamp.id, set: {}, detail: 'bad_set' },
+    { id: nextId('brireal'), dev: lamp.id, set: { bri: 12.5 }, detail: 'bad_set' },
+    { id: nextId('xy3'), dev: lamp.id, set: { xy: [0.1, 0.2, 0.3] }, detail: 'bad_set' },
+    { id: nextId('old'), dev: lamp.id, set: { on: true }, exp: nowS() - 10, detail: 'expired' },
+    { id: nextId('far'), dev: lamp.id, set: { on: true }, exp: nowS() + 10 * 86400, detail: 'bad_exp' },
+    { id: nextId('expstr'), dev: lamp.id, set: { on: true }, exp: 'soon', detail: 'malformed' },
+    { id: nextId('setarr'), dev: lamp.id, set: [1], detail: 'malformed' },
+    { id: nextId('nobulb'), dev: 'no-such-bulb', set: { on: true }, detail: 'unknown_device' },
+    { id: nextId('baddev'), dev: '../../etc', set: { on: true }, detail: 'unknown_device' },
+    { id: nextId('revoked'), dev: revoked.id, set: { on: true }, detail: 'revoked' },
+  ];
+  // A command without a usable id cannot be reported (the id is in the result URL): it is
+  // counted and ignored. The reference cloud refuses such ids, so it goes into its map directly.
+  hubState().commands.set('bad id', { id: 'bad id', dev: lamp.id, set: { on: true }, exp: nowS() + 60,
+    queuedAt: Date.now(), deliveries: 0, results: [] });
+  for (const c of cases) queue({ id: c.id, dev: c.dev, set: c.set, ...(c.exp !== undefined ? { exp: c.exp } : {}) });
+  await waitFor(() => cases.every((c) => resultsOf(c.id).length === 1), 15000, 'a result for every invalid command');
+  for (const c of cases) {
+    assert.deepEqual(resultsOf(c.id).map((x) => [x.status, x.detail]), [['rejected', c.detail]], c.id);
+  }
+  await sleep(300);
+  for (const b of [lamp, desk, spare, revoked]) {
+    for (const c of cases) assert.equal(b.received(c.id).length, 0, `${c.id} reached ${b.id}`);
+    assert.ok(!b.got.some((e) => !e.verified), 'every message on a command topic verified');
+  }
+  const st1 = await commandsStatus();
+  const d = (k) => st1.rejected_reasons[k] - st0.rejected_reasons[k];
+  assert.equal(d('bad_set'), 5);
+  assert.equal(d('expired'), 1);
+  assert.equal(d('bad_exp'), 1);
+  assert.equal(d('malformed'), 2);
+  assert.equal(d('unknown_device'), 2);
+  assert.equal(d('revoked'), 1);
+  assert.equal(d('bad_id'), 1);
+  assert.equal(st1.rejected - st0.rejected, cases.length + 1);
+  assert.equal(st1.signatures, st0.signatures, 'nothing was signed for them');
+  assert.equal(resultsOf('bad id').length, 0);
+  hubState().commands.delete('bad id');
+  await revoked.end();
+  // The reasons name the command and the device only in the log, never the payload.
+  assert.match(hub.log, /Rejected command bri999-\d+ for cmd-lamp: bad_set/);
+});
+
+test('a duplicate id (queued twice) is published once and not reported again', async () => {
+  await pollParked();
+  const id = nextId('dup');
+  lamp.autoAck = true;
+  try {
+    queue({ id, dev: lamp.id, set: { on: false } });
+    await waitFor(() => statusesOf(id).length === 2, 10000, 'delivered and acked');
+    const st0 = await commandsStatus();
+    // The cloud hands the same id out again (as after a lost result): the hub ignores it.
+    hubState().commands.delete(id);
+    await pollParked();
+    queue({ id, dev: lamp.id, set: { on: true } });
+    await waitFor(async () => (await commandsStatus()).duplicates > st0.duplicates, 10000, 'the duplicate counted');
+    await sleep(500);
+    assert.equal(lamp.received(id).length, 1, 'published once');
+    assert.equal(lamp.received(id)[0].payload.set.on, false, 'the first one');
+    assert.deepEqual(statusesOf(id), ['delivered', 'acked'], 'not reported again');
+    const st1 = await commandsStatus();
+    assert.equal(st1.signatures, st0.signatures);
+    assert.equal(st1.duplicates - st0.duplicates, 1);
+  } finally {
+    lamp.autoAck = false;
+  }
+});
+
+test('an ack from another bulb, or for an unknown id, changes nothing', async () => {
+  await pollParked();
+  const id = nextId('other');
+  queue({ id, dev: lamp.id, set: { ct: 300 } });
+  await waitFor(() => statusesOf(id).includes('delivered'), 10000, 'delivered');
+  const st0 = await commandsStatus();
+  await desk.ack(id); // desk did not get this command
+  await desk.ack('never-sent');
+  await waitFor(async () => (await commandsStatus()).acks_ignored >= st0.acks_ignored + 2, 5000, 'acks ignored');
+  await sleep(300);
+  assert.deepEqual(statusesOf(id), ['delivered']);
+  await lamp.ack(id, false, 'lamp too hot');
+  await waitFor(() => statusesOf(id).length === 2, 10000, 'failed at the cloud');
+  assert.deepEqual(resultsOf(id).map((r) => [r.status, r.detail]), [['delivered', undefined], ['failed', 'lamp too hot']]);
+});
+
+test('a command never acked expires; the cloud hears delivered, then expired', async () => {
+  await pollParked();
+  const st0 = await commandsStatus();
+  const id = nextId('noack');
+  queue({ id, dev: spare.id, set: { on: true }, exp: nowS() + 3 });
+  await waitFor(() => spare.received(id).length === 1, 10000, 'at the bulb');
+  await waitFor(() => statusesOf(id).length === 2, 15000, 'expired at the cloud');
+  assert.deepEqual(resultsOf(id).map((r) => [r.status, r.detail]), [['delivered', undefined], ['expired', 'not_acked']]);
+  const st1 = await commandsStatus();
+  assert.equal(st1.expired - st0.expired, 1);
+  // An ack after that is too late.
+  await spare.ack(id);
+  await waitFor(async () => (await commandsStatus()).acks_ignored > st1.acks_ignored, 5000, 'late ack ignored');
+  assert.equal(statusesOf(id).length, 2);
+});
+
+test('results are retried with backoff until the cloud takes them; a refused one is not sent again', async () => {
+  await pollParked();
+  const r0 = cloud.state.requests.length;
+  await cloud.control.fail({ status: 503, endpoint: 'result', count: 2 });
+  const id = nextId('retry');
+  lamp.autoAck = true;
+  try {
+    queue({ id, dev: lamp.id, set: { on: true } });
+    await waitFor(() => statusesOf(id).length === 2, 20000, 'both results after the 503s');
+    assert.deepEqual(statusesOf(id), ['delivered', 'acked']);
+    const injected = cloud.state.requests.slice(r0).filter((q) => q.endpoint === 'result' && q.status === 503);
+    assert.equal(injected.length, 2);
+    assert.ok(injected[1].at - injected[0].at >= 900, 'backed off (at least 1 s) between attempts');
+
+    const st0 = await commandsStatus();
+    await pollParked();
+    await cloud.control.fail({ status: 400, endpoint: 'result', count: 1 });
+    const id2 = nextId('refused');
+    queue({ id: id2, dev: lamp.id, set: { on: true } });
+    await waitFor(() => statusesOf(id2).length === 1, 10000, 'the final result');
+    await sleep(1500);
+    // "delivered" was refused with a 400: final, not retried; "acked" went on.
+    assert.deepEqual(statusesOf(id2), ['acked']);
+    assert.equal((await commandsStatus()).results_refused - st0.results_refused, 1);
+    assert.match(hub.log, /refused the result "delivered" of command refused-\d+ with HTTP 400/);
+  } finally {
+    lamp.autoAck = false;
+  }
+});
+
+test('poll errors back off, then commands flow again', async () => {
+  await pollParked();
+  const st0 = await commandsStatus();
+  const r0 = cloud.state.requests.length;
+  await cloud.control.fail({ status: 503, endpoint: 'commands', count: 2 });
+  lamp.autoAck = true;
+  try {
+    const a = nextId('poll-a');
+    queue({ id: a, dev: lamp.id, set: { on: true } }); // answers the parked poll; the next two fail
+    await waitFor(() => statusesOf(a).length === 2, 10000, 'first command done');
+    await waitFor(async () => (await commandsStatus()).poll_errors >= st0.poll_errors + 2, 10000, 'two poll errors');
+    const b = nextId('poll-b');
+    queue({ id: b, dev: lamp.id, set: { on: false } });
+    await waitFor(() => statusesOf(b).length === 2, 15000, 'second command done after the backoff');
+    const polls = cloud.state.requests.slice(r0).filter((q) => q.endpoint === 'commands');
+    const failed = polls.filter((q) => q.status === 503);
+    assert.equal(failed.length, 2);
+    assert.ok(failed[1].at - failed[0].at >= 900, 'backed off (at least 1 s) between polls');
+  } finally {
+    lamp.autoAck = false;
+  }
+});
+
+test('every signature is accounted for: requests the cloud verified plus one per command', async () => {
+  // hub signatures - signatures the cloud verified - command JWS: constant whenever nothing is
+  // in flight. Read it when it has been steady for a moment (an upload may be on its way).
+  const offset = async () => {
+    let last;
+    return waitFor(async () => {
+      await pollParked();
+      const k = (await hub.status()).key.signatures, s = (await commandsStatus()).signatures;
+      const v = { off: k - cloud.state.signatures - s, s };
+      const steady = last && last.off === v.off && last.s === v.s;
+      last = v;
+      if (!steady) await sleep(250);
+      return steady ? v : null;
+    }, 10000, 'a steady signature count');
+  };
+  const before = await offset();
+  const ids = [nextId('sig'), nextId('sig'), nextId('sig')];
+  desk.autoAck = true;
+  try {
+    for (const id of ids) queue({ id, dev: desk.id, set: { bri: 10 } });
+    await waitFor(() => ids.every((id) => statusesOf(id).length === 2), 15000, 'three commands done');
+  } finally {
+    desk.autoAck = false;
+  }
+  const afterwards = await offset();
+  assert.equal(afterwards.s - before.s, 3, 'one JWS signature per command');
+  assert.equal(afterwards.off, before.off, 'every other hub signature is a request the cloud verified');
+});
+
+test('a command queued while the broker is down goes out once it is back', async () => {
+  await pollParked();
+  const st0 = await commandsStatus();
+  await broker.stop();
+  await waitFor(async () => !(await hub.status()).mqtt.connected, 10000, 'hub sees the broker gone');
+  const id = nextId('offline');
+  queue({ id, dev: desk.id, set: { on: true } });
+  await waitFor(async () => (await commandsStatus()).signatures > st0.signatures, 10000, 'signed and stored');
+  assert.equal((await commandsStatus()).in_flight >= 1, true);
+  assert.equal(desk.received(id).length, 0);
+  await broker.restart();
+  await waitFor(() => desk.received(id).length === 1, 20000, 'published after the reconnect');
+  assert.ok(desk.received(id)[0].verified);
+  await desk.ack(id);
+  await waitFor(() => statusesOf(id).length === 2, 15000, 'delivered and acked');
+  assert.deepEqual(statusesOf(id), ['delivered', 'acked']);
+});
+
+test('after a restart, an unpublished command goes out and unreported results are sent', async () => {
+  await pollParked();
+  await cloud.control.fail({ status: 503, endpoint: 'result', count: -1 }); // no result gets through
+  const a = nextId('unrep');
+  queue({ id: a, dev: desk.id, set: { on: true } });
+  await waitFor(() => desk.received(a).length === 1, 10000, 'A at the bulb');
+  await desk.ack(a);
+  await waitFor(async () => (await commandsStatus()).acked >= 1 && (await commandsStatus()).unreported >= 1, 10000,
+    'A acked, its results not taken');
+  await broker.stop();
+  await waitFor(async () => !(await hub.status()).mqtt.connected, 10000, 'hub sees the broker gone');
+  const s0 = (await commandsStatus()).signatures;
+  const b = nextId('unpub');
+  queue({ id: b, dev: desk.id, set: { on: false } });
+  await waitFor(async () => (await commandsStatus()).signatures > s0, 10000, 'B signed and stored');
+  assert.equal(statusesOf(a).length, 0);
+  const res = await hub.stop();
+  assert.equal(res.code, 0);
+  cloud.control.clearFailures();
+  await broker.restart();
+  await hub.start();
+  await waitFor(() => desk.received(b).length === 1, 20000, 'B published after the restart');
+  await desk.ack(b);
+  await waitFor(() => statusesOf(a).length === 2 && statusesOf(b).length === 2, 20000, 'all results');
+  assert.deepEqual(statusesOf(a), ['delivered', 'acked']);
+  assert.deepEqual(statusesOf(b), ['delivered', 'acked']);
+  assert.equal(desk.received(a).length, 1, 'A not published again');
+  assert.equal(desk.received(b).length, 1);
+});
+
+test('a restart of the daemon between delivery and ack still ends in acked', async () => {
+  await pollParked();
+  const id = nextId('restart');
+  queue({ id, dev: spare.id, set: { bri: 77 }, exp: nowS() + 120 });
+  await waitFor(() => statusesOf(id).includes('delivered'), 10000, 'delivered');
+  const res = await hub.stop();
+  assert.equal(res.code, 0, hub.log.slice(-2000));
+  await hub.start();
+  await waitFor(async () => (await hub.status()).mqtt.connected, 10000, 'mqtt after the restart');
+  const st = await commandsStatus();
+  assert.equal(st.in_flight, 1, 'the command waits for its ack again');
+  await spare.ack(id);
+  await waitFor(() => statusesOf(id).length === 2, 15000, 'acked after the restart');
+  assert.deepEqual(statusesOf(id), ['delivered', 'acked']);
+  assert.equal(spare.received(id).length, 1, 'not published again');
+  assert.ok((await commandsStatus()).acked >= 1);
+  // Known ids stay known across the restart.
+  await pollParked();
+  hubState().commands.delete(id);
+  queue({ id, dev: spare.id, set: { bri: 1 } });
+  await waitFor(async () => (await commandsStatus()).duplicates >= 1, 10000, 'duplicate after restart');
+  assert.equal(spare.received(id).length, 1);
+});
+
+test('latency cloud -> bulb over 50 commands', async (t) => {
+  const N = 50, SPACING_MS = 500;
+  await pollParked();
+  lamp.autoAck = true;
+  const lat = [];
+  try {
+    for (let i = 0; i < N; i++) {
+      await pollParked();
+      const id = nextId('lat');
+      const t0 = Date.now();
+      queue({ id, dev: lamp.id, set: { bri: i % 255 } });
+      await waitFor(() => lamp.received(id).length === 1, 10000, `command ${i} at the bulb`);
+      lat.push(lamp.received(id)[0].at - t0);
+      assert.ok(lamp.received(id)[0].verified);
+      await sleep(Math.max(0, SPACING_MS - (Date.now() - t0)));
+    }
+  } finally {
+    lamp.autoAck = false;
+  }
+  const sorted = [...lat].sort((a, b) => a - b);
+  const q = (p) => sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)];
+  t.diagnostic(`cloud->bulb latency over ${N} commands (one every ${SPACING_MS} ms, each acked, swtpm): `
+    + `p50 ${q(0.5)} ms, p99 ${q(0.99)} ms, max ${sorted[sorted.length - 1]} ms`);
+  assert.ok(q(0.5) < 1000, `p50 ${q(0.5)} ms`);
+});
+
+test('a clean stop: exit status 0, no access token in the log, nothing from the sanitizers', async () => {
+  const res = await hub.stop();
+  assert.equal(res.code, 0);
+  assert.ok(!hub.log.includes(TOKEN));
+  assert.doesNotMatch(hub.log, /Sanitizer|runtime error/);
+});

@@ -1,0 +1,389 @@
+/* SPDX-License-Identifier: MIT */
+/* The pure parts of commands.c (src/commands-internal.h), table-driven: the command checks,
+ * the JWS payload bytes, the JWS itself (signed by a file-backed hub key and verified by
+ * OpenSSL through verify.c), the result body and the answer parser. */
+#include <inttypes.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "../../src/commands-internal.h"
+#include "iothub/conf.h"
+#include "iothub/frame.h"
+#include "iothub/hubkey.h"
+#include "iothub/verify.h"
+
+#define NOW 1700000000
+
+static void test_id(void **state) {
+        static const struct {
+                const char *id;
+                bool ok;
+        } t[] = {
+                { "a", true },
+                { "cmd-1", true },
+                { "A.b_c-9", true },
+                { ".hidden", true }, /* a leading dot is allowed for command ids */
+                { "...", true },
+                { "0123456789012345678901234567890123456789012345678901234567890123", true }, /* 64 */
+                { "01234567890123456789012345678901234567890123456789012345678901234", false }, /* 65 */
+                { "", false },
+                { ".", false },
+                { "..", false },
+                { "a/b", false },
+                { "a b", false },
+                { "a%2e", false },
+                { "caf\xc3\xa9", false },
+                { "a\n", false },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++)
+                if (command_id_is_valid(t[i].id, strlen(t[i].id)) != t[i].ok)
+                        fail_msg("id \"%s\": expected %s", t[i].id, t[i].ok ? "valid" : "invalid");
+        assert_false(command_id_is_valid(NULL, 0));
+        assert_false(command_id_is_valid("a\0b", 3));
+}
+
+static void test_check(void **state) {
+        /* NOW is 1700000000. */
+        static const struct {
+                const char *json;
+                enum command_reason want;
+                const char *id, *dev;
+        } t[] = {
+                { "{\"id\":\"c1\",\"dev\":\"bulb-1\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_OK, "c1", "bulb-1" },
+                { "{\"exp\":1700000009,\"set\":{\"bri\":0,\"ct\":153,\"xy\":[0,1],\"on\":false},\"dev\":\"b\",\"id\":\"c\"}",
+                  COMMAND_OK, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"bri\":254,\"ct\":500,\"xy\":[0.3127,0.329]},\"exp\":1700000009}",
+                  COMMAND_OK, "c", "b" },
+                /* bad ids: nothing else is looked at */
+                { "{\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_BAD_ID, "", "" },
+                { "{\"id\":7,\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_BAD_ID, "", "" },
+                { "{\"id\":\"a/b\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_BAD_ID, "", "" },
+                { "{\"id\":\"..\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_BAD_ID, "", "" },
+                { "[1,2]", COMMAND_BAD_ID, "", "" },
+                { "\"c1\"", COMMAND_BAD_ID, "", "" },
+                { "null", COMMAND_BAD_ID, "", "" },
+                /* malformed */
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009,\"x\":1}", COMMAND_MALFORMED, "c", "b" },
+                { "{\"id\":\"c\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_MALFORMED, "c", "" },
+                { "{\"id\":\"c\",\"dev\":5,\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_MALFORMED, "c", "" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":[],\"exp\":1700000009}", COMMAND_MALFORMED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true}}", COMMAND_MALFORMED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009.5}", COMMAND_MALFORMED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":\"1700000009\"}", COMMAND_MALFORMED, "c", "b" },
+                /* bad set */
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"bri\":999},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"bri\":-1},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"bri\":128.0},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"ct\":152},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"ct\":501},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":1},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true,\"color\":\"red\"},\"exp\":1700000009}", COMMAND_BAD_SET,
+                  "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[0.5]},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[0.5,0.5,0.5]},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[0.5,1.0001]},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[-0.1,0.5]},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[\"0.1\",0.5]},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":{\"x\":0.1}},\"exp\":1700000009}", COMMAND_BAD_SET, "c", "b" },
+                /* exp: NOW itself has passed (RFC 7519 4.1.4: "on or after") */
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000000}", COMMAND_EXPIRED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":0}", COMMAND_EXPIRED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":-5}", COMMAND_EXPIRED, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":9999999999999}", COMMAND_BAD_EXP, "c", "b" },
+                /* the set is checked before exp, exp before dev */
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{},\"exp\":0}", COMMAND_BAD_SET, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"no/such\",\"set\":{\"on\":true},\"exp\":0}", COMMAND_EXPIRED, "c", "" },
+                /* dev not a device id */
+                { "{\"id\":\"c\",\"dev\":\"no/such\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_UNKNOWN_DEVICE, "c", "" },
+                { "{\"id\":\"c\",\"dev\":\".b\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_UNKNOWN_DEVICE, "c", "" },
+                { "{\"id\":\"c\",\"dev\":\"\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_UNKNOWN_DEVICE, "c", "" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                const char *text = t[i].json;
+                struct command_fields f;
+                const char *why = NULL;
+                json_error_t jerr;
+                json_t *o;
+                enum command_reason got;
+
+                o = json_loads(text, JSON_DECODE_ANY, &jerr);
+                if (!o)
+                        fail_msg("case %zu: test JSON does not parse: %s", i, jerr.text);
+                got = command_check(o, NOW, &f, &why);
+                if (got != t[i].want)
+                        fail_msg("case %zu %s: got %s, want %s (%s)", i, text,
+                                 got ? command_reason_to_string(got) : "ok",
+                                 t[i].want ? command_reason_to_string(t[i].want) : "ok", why ? why : "");
+                assert_string_equal(f.id, t[i].id);
+                assert_string_equal(f.dev, t[i].dev);
+                if (got != COMMAND_OK)
+                        assert_non_null(why);
+                json_decref(o);
+        }
+}
+
+static void test_check_fields(void **state) {
+        struct command_fields f;
+        json_t *o = json_loads("{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"xy\":[-0.0,1],\"bri\":7,\"on\":false},"
+                               "\"exp\":1700000100}",
+                               0, NULL);
+
+        assert_non_null(o);
+        assert_int_equal(command_check(o, NOW, &f, NULL), COMMAND_OK);
+        assert_int_equal(f.exp, 1700000100);
+        assert_true(f.set.has_on && !f.set.on);
+        assert_true(f.set.has_bri && f.set.bri == 7);
+        assert_false(f.set.has_ct);
+        assert_true(f.set.has_xy);
+        assert_false(signbit(f.set.xy[0])); /* -0 becomes 0 */
+        assert_true(f.set.xy[1] == 1.0);
+        json_decref(o);
+        assert_null(command_reason_to_string(COMMAND_OK));
+        assert_string_equal(command_reason_to_string(COMMAND_BAD_SET), "bad_set");
+        assert_null(command_reason_to_string(_COMMAND_REASON_MAX));
+}
+
+static void test_payload(void **state) {
+        static const struct {
+                struct command_set set;
+                const char *want_set;
+        } t[] = {
+                { { .has_on = true, .on = true }, "{\"on\":true}" },
+                { { .has_on = true, .on = false }, "{\"on\":false}" },
+                { { .has_bri = true, .bri = 0 }, "{\"bri\":0}" },
+                { { .has_ct = true, .ct = 500, .has_bri = true, .bri = 254 }, "{\"bri\":254,\"ct\":500}" },
+                { { .has_xy = true, .xy = { 0.3, 0.4 } }, "{\"xy\":[0.3,0.4]}" },
+                { { .has_xy = true, .xy = { 0, 1 } }, "{\"xy\":[0,1]}" },
+                { { .has_xy = true, .xy = { 0.3127, 1e-7 } }, "{\"xy\":[0.3127,1e-07]}" },
+                { { .has_xy = true, .xy = { 0.1 + 0.2, 0.5 } }, "{\"xy\":[0.30000000000000004,0.5]}" },
+                { { .has_on = true, .on = true, .has_bri = true, .bri = 128, .has_ct = true, .ct = 153, .has_xy = true,
+                    .xy = { 0.5, 0.25 } },
+                  "{\"on\":true,\"bri\":128,\"ct\":153,\"xy\":[0.5,0.25]}" },
+        };
+        char buf[COMMAND_PAYLOAD_MAX], want[COMMAND_PAYLOAD_MAX];
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                int n = command_payload("hub-1", "bulb-1", "cmd.7", 1700000000, 1700000060, &t[i].set, buf, sizeof buf);
+                (void) snprintf(want, sizeof want,
+                                "{\"hub\":\"hub-1\",\"dev\":\"bulb-1\",\"id\":\"cmd.7\",\"iat\":1700000000,\"exp\":"
+                                "1700000060,\"set\":%s}",
+                                t[i].want_set);
+                assert_int_equal(n, (int) strlen(want));
+                assert_string_equal(buf, want);
+                /* What the bulb reads back is the same set. */
+                json_t *o = json_loads(buf, JSON_REJECT_DUPLICATES, NULL);
+                struct command_fields f;
+                json_t *cmd = json_pack("{s:s,s:s,s:O,s:I}", "id", "x", "dev", "y", "set", json_object_get(o, "set"),
+                                        "exp", (json_int_t) 1700000060);
+                assert_int_equal(command_check(cmd, NOW, &f, NULL), COMMAND_OK);
+                assert_true(f.set.has_on == t[i].set.has_on && f.set.on == t[i].set.on);
+                assert_true(f.set.has_bri == t[i].set.has_bri && f.set.bri == t[i].set.bri);
+                assert_true(f.set.has_ct == t[i].set.has_ct && f.set.ct == t[i].set.ct);
+                assert_true(f.set.has_xy == t[i].set.has_xy);
+                assert_true(f.set.xy[0] == t[i].set.xy[0] && f.set.xy[1] == t[i].set.xy[1]);
+                json_decref(cmd);
+                json_decref(o);
+        }
+
+        static const struct command_set ok = { .has_on = true, .on = true };
+        static const struct command_set empty = {};
+        static const struct command_set bad_bri = { .has_bri = true, .bri = 255 };
+        static const struct command_set bad_xy = { .has_xy = true, .xy = { 0.5, 2 } };
+        assert_int_equal(command_payload("hub-1", "bulb-1", "c", 1, 2, &empty, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub-1", "bulb-1", "c", 1, 2, &bad_bri, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub-1", "bulb-1", "c", 1, 2, &bad_xy, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub\"", "bulb-1", "c", 1, 2, &ok, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub-1", "bu\"lb", "c", 1, 2, &ok, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub-1", "bulb-1", "..", 1, 2, &ok, buf, sizeof buf), -EINVAL);
+        assert_int_equal(command_payload("hub-1", "bulb-1", "c", 1, 2, &ok, buf, 40), -ENOBUFS);
+}
+
+/* ---- the JWS, signed by a file-backed hub key ---- */
+
+static char keydir[64];
+static struct hubkey *key;
+
+static int key_setup(void **state) {
+        char path[128];
+        struct iothub_conf c = {};
+
+        strcpy(keydir, "/tmp/test-commands-XXXXXX");
+        assert_non_null(mkdtemp(keydir));
+        (void) snprintf(path, sizeof path, "%s/hub.key", keydir);
+        c.key.backend = KEY_BACKEND_FILE;
+        c.key.file = path;
+        assert_int_equal(hubkey_init(&c, NULL, NULL), 0);
+        assert_int_equal(hubkey_open(&c, &key, NULL), 0);
+        (void) unlink(path);
+        (void) rmdir(keydir);
+        return 0;
+}
+
+static int key_teardown(void **state) {
+        hubkey_free(key);
+        return 0;
+}
+
+static int sign_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        return hubkey_sign(userdata, msg, len, ret_sig);
+}
+
+static int sign_fails(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        return -EIO;
+}
+
+static char *b64_decode_part(const char *s, size_t len) {
+        char *out = malloc(len + 1);
+        ssize_t n;
+
+        assert_non_null(out);
+        n = b64url_decode(s, len, (uint8_t *) out, len);
+        assert_true(n >= 0);
+        out[n] = '\0';
+        return out;
+}
+
+static void test_jws(void **state) {
+        static const struct command_set set = { .has_on = true, .on = true, .has_bri = true, .bri = 42 };
+        char payload[COMMAND_PAYLOAD_MAX], want_header[128];
+        _cleanup_free_ char *jws = NULL, *pem = NULL, *h = NULL, *p = NULL;
+        _cleanup_(verify_key_freep) struct verify_key *vk = NULL;
+        enum frame_alg alg;
+        uint8_t sig[128];
+        const char *dot1, *dot2;
+        ssize_t sig_len;
+        int n;
+
+        n = command_payload("hub-1", "bulb-1", "c-1", 1700000000, 1700000030, &set, payload, sizeof payload);
+        assert_true(n > 0);
+        assert_int_equal(command_jws(hubkey_id(key), payload, (size_t) n, sign_hubkey, key, &jws), 0);
+        assert_int_equal(hubkey_signatures(key), 1); /* one signature per command */
+
+        /* Three parts, base64url without padding. */
+        dot1 = strchr(jws, '.');
+        assert_non_null(dot1);
+        dot2 = strchr(dot1 + 1, '.');
+        assert_non_null(dot2);
+        assert_null(strchr(dot2 + 1, '.'));
+        assert_null(strchr(jws, '='));
+        h = b64_decode_part(jws, (size_t) (dot1 - jws));
+        p = b64_decode_part(dot1 + 1, (size_t) (dot2 - dot1 - 1));
+        (void) snprintf(want_header, sizeof want_header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"iothub-cmd\"}",
+                        hubkey_id(key));
+        assert_string_equal(h, want_header);
+        assert_string_equal(p, payload);
+
+        /* ES256: 64 bytes r||s over "<header>.<payload>", verified by OpenSSL with the public key. */
+        sig_len = b64url_decode(dot2 + 1, strlen(dot2 + 1), sig, sizeof sig);
+        assert_int_equal(sig_len, 64);
+        assert_int_equal(hubkey_public_pem(key, &pem), 0);
+        assert_int_equal(verify_key_from_pem(pem, strlen(pem), &vk, &alg), 0);
+        assert_int_equal(alg, FRAME_ALG_ES256);
+        assert_int_equal(verify_signature(vk, FRAME_ALG_ES256, (const uint8_t *) jws, (size_t) (dot2 - jws), sig,
+                                          (size_t) sig_len),
+                         0);
+        /* One bit of the payload changed: no longer verifies. */
+        jws[dot1 - jws + 5] ^= 1;
+        assert_int_equal(verify_signature(vk, FRAME_ALG_ES256, (const uint8_t *) jws, (size_t) (dot2 - jws), sig,
+                                          (size_t) sig_len),
+                         -EBADMSG);
+
+        /* Failures leave *ret alone. */
+        char *untouched = (char *) "x";
+        assert_int_equal(command_jws(hubkey_id(key), payload, (size_t) n, sign_fails, NULL, &untouched), -EIO);
+        assert_string_equal(untouched, "x");
+        assert_int_equal(command_jws("kid\"", payload, (size_t) n, sign_hubkey, key, &untouched), -EINVAL);
+        assert_int_equal(command_jws(hubkey_id(key), payload, 0, sign_hubkey, key, &untouched), -EINVAL);
+        assert_int_equal(command_jws(hubkey_id(key), payload, COMMAND_PAYLOAD_MAX + 1, sign_hubkey, key, &untouched),
+                         -EINVAL);
+        assert_string_equal(untouched, "x");
+}
+
+static void test_result_body(void **state) {
+        static const struct {
+                const char *status;
+                int64_t at;
+                const char *detail, *want;
+        } t[] = {
+                { "delivered", 1700000000, NULL, "{\"status\":\"delivered\",\"at\":1700000000}" },
+                { "acked", 1, "", "{\"status\":\"acked\",\"at\":1}" },
+                { "rejected", 5, "bad_set", "{\"status\":\"rejected\",\"at\":5,\"detail\":\"bad_set\"}" },
+                { "failed", 5, "lamp \"overheated\"\n", "{\"status\":\"failed\",\"at\":5,\"detail\":\"lamp \\\"overheated\\\"\\n\"}" },
+                { "failed", 5, "caf\xc3\xa9", "{\"status\":\"failed\",\"at\":5,\"detail\":\"caf\xc3\xa9\"}" },
+                { "failed", 5, "bad \xff utf-8", "{\"status\":\"failed\",\"at\":5}" }, /* left out, not held back */
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_free_ char *s = NULL;
+                assert_int_equal(command_result_body(t[i].status, t[i].at, t[i].detail, &s), 0);
+                assert_string_equal(s, t[i].want);
+        }
+}
+
+static void test_parse_answer(void **state) {
+        static const struct {
+                const char *body;
+                int want;
+                size_t n;
+        } t[] = {
+                { "{\"commands\":[]}", 0, 0 },
+                { "{\"commands\":[{\"id\":\"a\"},1,\"x\"]}", 0, 3 },
+                { " {\"commands\" : [ ] } ", 0, 0 },
+                { "{\"commands\":[],\"more\":1}", -EBADMSG, 0 },
+                { "{\"commands\":[],\"commands\":[]}", -EBADMSG, 0 },
+                { "{\"commands\":{}}", -EBADMSG, 0 },
+                { "{\"commands\":[]} x", -EBADMSG, 0 },
+                { "[]", -EBADMSG, 0 },
+                { "", -EBADMSG, 0 },
+                { "{\"commands\":[", -EBADMSG, 0 },
+                { "{\"commands\":[1e400]}", -EBADMSG, 0 },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                json_t *a = NULL;
+                int r = commands_parse_answer(t[i].body, strlen(t[i].body), &a);
+                if (r != t[i].want)
+                        fail_msg("case %zu \"%s\": got %d, want %d", i, t[i].body, r, t[i].want);
+                if (r == 0) {
+                        assert_true(json_is_array(a));
+                        assert_int_equal(json_array_size(a), t[i].n);
+                        json_decref(a);
+                } else
+                        assert_null(a);
+        }
+
+        /* Larger than COMMANDS_ANSWER_MAX: not even parsed. */
+        size_t big = COMMANDS_ANSWER_MAX + 1;
+        char *s = malloc(big + 1);
+        json_t *a = NULL;
+        assert_non_null(s);
+        memset(s, ' ', big);
+        memcpy(s, "{\"commands\":[]}", 15);
+        s[big] = '\0';
+        assert_int_equal(commands_parse_answer(s, big, &a), -EFBIG);
+        assert_null(a);
+        assert_int_equal(commands_parse_answer(s, big - 1, &a), 0); /* trailing blanks are JSON whitespace */
+        json_decref(a);
+        free(s);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_id),          cmocka_unit_test(test_check),
+                cmocka_unit_test(test_check_fields), cmocka_unit_test(test_payload),
+                cmocka_unit_test(test_jws),         cmocka_unit_test(test_result_body),
+                cmocka_unit_test(test_parse_answer),
+        };
+
+        return cmocka_run_group_tests(tests, key_setup, key_teardown);
+}
