@@ -41,7 +41,7 @@ LIBS     := $(shell $(PKG_CONFIG) --libs $(PKGS)) -lm
 MAINS    := src/iothubd.c src/iothubctl.c
 LIB_SRCS := $(filter-out $(MAINS),$(wildcard src/*.c))
 LIB_OBJS := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
-HEADERS  := $(wildcard include/iothub/*.h)
+HEADERS  := $(wildcard include/iothub/*.h) $(wildcard src/*.h)
 
 UNIT_SRCS  := $(wildcard tests/unit/test-*.c)
 UNIT_BINS  := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)

@@ -18,6 +18,7 @@
 #include <openssl/crypto.h>
 
 #include "iothub/cloud.h"
+#include "iothub/commands.h"
 #include "iothub/http.h"
 #include "iothub/httpsig.h"
 #include "iothub/hubkey.h"
@@ -807,6 +808,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                                 *p = q->next;
                                 break;
                         }
+                /* A 401 is about the token, whoever asked: get a fresh one for the next try. */
+                if (resp->error == 0 && resp->status == 401) {
+                        if (!cloud_uses_oauth(c))
+                                (void) cloud_load_token(c);
+                        else if (c->hub->oauth)
+                                (void) oauth_refresh(c->hub->oauth, resp->dpop_nonce, on_refreshed_kick, c);
+                }
                 q->call_done(q->call_userdata, 0, resp->error < 0 ? 0 : resp->status, resp->body, resp->body_len);
                 break;
         case REQ_REGISTER: {
@@ -821,6 +829,7 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 else if (resp->status == 200 || resp->status == 201) {
                         (void) snprintf(message, sizeof message, "registered");
                         c->registered = true;
+                        commands_kick(c->hub->commands);
                         if (db_meta_set(c->hub->db, META_REGISTERED, "1") < 0)
                                 log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
                         c->counters.last_error[0] = '\0';

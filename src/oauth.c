@@ -19,6 +19,7 @@
 #include <openssl/evp.h>
 
 #include "iothub/cloud.h"
+#include "iothub/commands.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/hubkey.h"
@@ -563,6 +564,7 @@ static void on_refresh(struct oauth *o, const struct http_response *resp, json_t
                         log_info("Access token refreshed, valid until %" PRId64, o->tokens.expires_at);
                         notify_waiters(o, 0);
                         cloud_kick(o->hub->cloud);
+                        commands_kick(o->hub->commands);
                         return;
                 }
                 set_error(o, "the token endpoint answered 200 without usable tokens");
@@ -636,6 +638,7 @@ static void on_poll(struct oauth *o, const struct http_response *resp, json_t *j
                 hub_notify_status(o->hub);
                 login_finish(o, 0, "signed in");
                 cloud_kick(o->hub->cloud);
+                commands_kick(o->hub->commands);
                 return;
         }
         /* RFC 8628 3.5. */
