@@ -717,7 +717,9 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
 /* ---- requests for other modules ---- */
 
 bool cloud_ready(struct cloud *c) {
-        return c && c->hub->hubkey && cloud_have_token(c);
+        /* Registered too: before that the cloud cannot check a request (and would answer
+         * 401, which would send the sign-in refreshing for nothing). */
+        return c && c->hub->hubkey && cloud_have_token(c) && c->registered;
 }
 
 int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,

@@ -54,7 +54,7 @@ int cloud_request(struct cloud *c, const char *method, const char *path, const c
                   void (*done)(void *userdata, int r, long status, const char *body, size_t len),
                   void *userdata, struct cloud_call **ret);
 void cloud_request_cancel(struct cloud_call *call);
-/* Whether requests can be made now (a key and a token). */
+/* Whether requests can be made now (a key, a token, and the hub registered). */
 bool cloud_ready(struct cloud *c);
 
 /* Adds the "cloud" and "key" objects of the status to o. */
