@@ -165,20 +165,6 @@ int db_errno(int sqlite_rc) {
         }
 }
 
-static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
-static int set_error(char **ret_error, int r, const char *format, ...) {
-        va_list ap;
-        char *s;
-
-        if (!ret_error)
-                return r;
-        va_start(ap, format);
-        if (vasprintf(&s, format, ap) >= 0)
-                *ret_error = s;
-        va_end(ap);
-        return r;
-}
-
 /* The errno of a failed call on this connection: for CANTOPEN and I/O errors, the system's
  * own errno when SQLite kept it, which says more than db_errno() can from the code alone. */
 static int db_errno_of(sqlite3 *s, int rc) {
@@ -237,10 +223,10 @@ static int db_check_version(struct db *db, const char *path, int *ret_version, c
 
         r = db_pragma_int(db, "PRAGMA user_version", &version);
         if (r < 0)
-                return set_error(ret_error, r, "%s: cannot read the schema version: %s", path,
+                return set_error_message(ret_error, r, "%s: cannot read the schema version: %s", path,
                                  sqlite3_errmsg(db->sqlite));
         if (version < 0 || version > DB_SCHEMA_VERSION)
-                return set_error(ret_error, -EPROTO,
+                return set_error_message(ret_error, -EPROTO,
                                  "%s: schema version %d is newer than this iothubd knows (%d); refusing to "
                                  "touch it (was the package downgraded?)",
                                  path, version, DB_SCHEMA_VERSION);
@@ -256,14 +242,14 @@ static int db_migrate(struct db *db, const char *path, char **ret_error) {
          * fresh database at once must not both run migration 1. */
         r = db_exec(db, "BEGIN IMMEDIATE");
         if (r < 0)
-                return set_error(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+                return set_error_message(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
         r = db_check_version(db, path, &version, ret_error);
         if (r < 0)
                 goto fail;
         for (int v = version; v < DB_SCHEMA_VERSION; v++) {
                 r = db_exec(db, migrations[v]);
                 if (r < 0) {
-                        (void) set_error(ret_error, r, "%s: migration to schema version %d failed: %s", path,
+                        (void) set_error_message(ret_error, r, "%s: migration to schema version %d failed: %s", path,
                                          v + 1, sqlite3_errmsg(db->sqlite));
                         goto fail;
                 }
@@ -274,7 +260,7 @@ static int db_migrate(struct db *db, const char *path, char **ret_error) {
         if (r >= 0)
                 r = db_exec(db, "COMMIT");
         if (r < 0) {
-                (void) set_error(ret_error, r, "%s: cannot record schema version %d: %s", path,
+                (void) set_error_message(ret_error, r, "%s: cannot record schema version %d: %s", path,
                                  DB_SCHEMA_VERSION, sqlite3_errmsg(db->sqlite));
                 goto fail;
         }
@@ -296,13 +282,13 @@ static int db_create_file(const char *path, char **ret_error) {
 
         fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
         if (fd < 0)
-                return set_error(ret_error, -errno, "cannot open %s: %s", path, strerror(errno));
+                return set_error_message(ret_error, -errno, "cannot open %s: %s", path, strerror(errno));
         if (fstat(fd, &st) < 0)
-                return set_error(ret_error, -errno, "cannot stat %s: %s", path, strerror(errno));
+                return set_error_message(ret_error, -errno, "cannot stat %s: %s", path, strerror(errno));
         if (!S_ISREG(st.st_mode))
-                return set_error(ret_error, -EBADF, "%s is not a regular file", path);
+                return set_error_message(ret_error, -EBADF, "%s is not a regular file", path);
         if ((st.st_mode & 07077) != 0 && fchmod(fd, 0600) < 0)
-                return set_error(ret_error, -errno, "cannot make %s private (mode 0600): %s", path,
+                return set_error_message(ret_error, -errno, "cannot make %s private (mode 0600): %s", path,
                                  strerror(errno));
         return 0;
 }
@@ -326,14 +312,14 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
         rc = sqlite3_open_v2(path, &db->sqlite,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE, NULL);
         if (rc != SQLITE_OK)
-                return set_error(ret_error, db_errno_of(db->sqlite, rc), "cannot open %s: %s", path,
+                return set_error_message(ret_error, db_errno_of(db->sqlite, rc), "cannot open %s: %s", path,
                                  db->sqlite ? sqlite3_errmsg(db->sqlite) : sqlite3_errstr(rc));
 
         /* Defensive mode: no SQL can corrupt the file on purpose (writable_schema and the like),
          * and no function in the schema runs with our privileges. */
         if (sqlite3_db_config(db->sqlite, SQLITE_DBCONFIG_DEFENSIVE, 1, NULL) != SQLITE_OK ||
             sqlite3_db_config(db->sqlite, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, NULL) != SQLITE_OK)
-                return set_error(ret_error, -EIO, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+                return set_error_message(ret_error, -EIO, "%s: %s", path, sqlite3_errmsg(db->sqlite));
         (void) sqlite3_busy_timeout(db->sqlite, DB_BUSY_TIMEOUT_MS);
 
         /* Before anything is written: a database from a newer version is left alone. This is
@@ -346,12 +332,12 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
          * pragma answers with the mode now in force. */
         r = db_journal_wal(db);
         if (r < 0)
-                return set_error(ret_error, r, "%s: cannot enable WAL: %s", path,
+                return set_error_message(ret_error, r, "%s: cannot enable WAL: %s", path,
                                  r == -EIO ? "journal mode unchanged" : sqlite3_errmsg(db->sqlite));
         /* FULL: a commit is durable when it returns, which is what "accepted" means. */
         r = db_exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
         if (r < 0)
-                return set_error(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
+                return set_error_message(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
 
         r = db_migrate(db, path, ret_error);
         if (r < 0)
@@ -361,7 +347,7 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
                 rc = sqlite3_prepare_v3(db->sqlite, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
                                         &db->stmts[i], NULL);
                 if (rc != SQLITE_OK)
-                        return set_error(ret_error, db_errno(rc), "%s: cannot prepare \"%s\": %s", path,
+                        return set_error_message(ret_error, db_errno(rc), "%s: cannot prepare \"%s\": %s", path,
                                          stmt_sql[i], sqlite3_errmsg(db->sqlite));
         }
 

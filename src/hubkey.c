@@ -90,20 +90,6 @@ static void tctildr_finalizep(TSS2_TCTI_CONTEXT **p) {
                 Tss2_TctiLdr_Finalize(p);
 }
 
-static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
-static int set_error(char **ret_error, int r, const char *format, ...) {
-        va_list ap;
-        char *s;
-
-        if (!ret_error)
-                return r;
-        va_start(ap, format);
-        if (vasprintf(&s, format, ap) >= 0)
-                *ret_error = s;
-        va_end(ap);
-        return r;
-}
-
 /* The one place where a TSS2_RC becomes an errno, and, when ret_error is not NULL, the message
  * "TPM: <Tss2_RC_Decode()> (0x...) while <what>". Codes from the TPM itself (layer 0, or passed
  * through a resource manager) are compared without their handle/parameter/session number
@@ -185,32 +171,10 @@ static int tss2_error(TSS2_RC rc, char **ret_error, const char *what, ...) {
                 n = vasprintf(&w, what, ap);
                 va_end(ap);
                 if (n >= 0)
-                        (void) set_error(ret_error, r, "TPM: %s (0x%" PRIx32 ") while %s",
+                        (void) set_error_message(ret_error, r, "TPM: %s (0x%" PRIx32 ") while %s",
                                          Tss2_RC_Decode(rc), (uint32_t) rc, w);
         }
         return r;
-}
-
-/* The one place where OpenSSL's error queue becomes an errno. It empties the queue, so that a
- * stale entry never explains a later failure: allocation failures give -ENOMEM, system errors
- * their errno, anything else 'fallback'. */
-static int openssl_errno(int fallback) {
-        unsigned long e;
-        int sys = 0;
-        bool nomem = false;
-
-        while ((e = ERR_get_error()) != 0) {
-                if (ERR_SYSTEM_ERROR(e)) {
-                        if (sys == 0 && ERR_GET_REASON(e) > 0)
-                                sys = ERR_GET_REASON(e);
-                } else if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
-                        nomem = true;
-        }
-        if (nomem)
-                return -ENOMEM;
-        if (sys > 0)
-                return -sys;
-        return fallback;
 }
 
 static struct hubkey *hubkey_new(enum key_backend backend) {
@@ -472,7 +436,7 @@ static int tpm_read_key(ESYS_CONTEXT *esys, uint32_t handle, ESYS_TR *ret_tr, ui
         if (r < 0)
                 return r;
         if (r == 0)
-                return set_error(ret_error, -ENOENT,
+                return set_error_message(ret_error, -ENOENT,
                                  "no key at TPM handle 0x%08" PRIx32 " (run 'iothubctl key init' to create it)",
                                  handle);
 
@@ -486,7 +450,7 @@ static int tpm_read_key(ESYS_CONTEXT *esys, uint32_t handle, ESYS_TR *ret_tr, ui
         }
         mismatch = tpm_public_mismatch(&pub->publicArea);
         if (mismatch) {
-                r = set_error(ret_error, -EEXIST,
+                r = set_error_message(ret_error, -EEXIST,
                               "TPM handle 0x%08" PRIx32 " holds another kind of object (%s), not a hub key",
                               handle, mismatch);
                 goto fail;
@@ -494,7 +458,7 @@ static int tpm_read_key(ESYS_CONTEXT *esys, uint32_t handle, ESYS_TR *ret_tr, ui
         /* A TPM may send a coordinate without its leading zero octets (a TPM2B); pad it back. */
         pt = &pub->publicArea.unique.ecc;
         if (pt->x.size > P256_COORD_LEN || pt->y.size > P256_COORD_LEN) {
-                r = set_error(ret_error, -EBADMSG,
+                r = set_error_message(ret_error, -EBADMSG,
                               "TPM handle 0x%08" PRIx32 " returned a malformed P-256 point", handle);
                 goto fail;
         }
@@ -518,7 +482,7 @@ static int tpm_open(const struct iothub_conf *c, struct hubkey *k, char **ret_er
         int r;
 
         if (!tpm_handle_is_valid(c->key.handle))
-                return set_error(ret_error, -EINVAL,
+                return set_error_message(ret_error, -EINVAL,
                                  "[key] handle 0x%08" PRIx32 " is not a persistent handle of the owner "
                                  "hierarchy (0x81000000-0x817fffff)",
                                  c->key.handle);
@@ -530,11 +494,11 @@ static int tpm_open(const struct iothub_conf *c, struct hubkey *k, char **ret_er
                 return r;
         r = pkey_from_point(x, y, &k->pkey);
         if (r < 0)
-                return set_error(ret_error, r, "TPM handle 0x%08" PRIx32 " holds an invalid P-256 public key",
+                return set_error_message(ret_error, r, "TPM handle 0x%08" PRIx32 " holds an invalid P-256 public key",
                                  c->key.handle);
         r = hubkey_set_public(k, x, y);
         if (r < 0)
-                return set_error(ret_error, r, "cannot compute the key id: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot compute the key id: %s", strerror(-r));
         return 0;
 }
 
@@ -652,7 +616,7 @@ static int tpm_init(const struct iothub_conf *c, bool *ret_created, char **ret_e
         int r;
 
         if (!tpm_handle_is_valid(c->key.handle))
-                return set_error(ret_error, -EINVAL,
+                return set_error_message(ret_error, -EINVAL,
                                  "[key] handle 0x%08" PRIx32 " is not a persistent handle of the owner "
                                  "hierarchy (0x81000000-0x817fffff)",
                                  c->key.handle);
@@ -666,7 +630,7 @@ static int tpm_init(const struct iothub_conf *c, bool *ret_created, char **ret_e
                 return 0;
         }
         if (r == -EEXIST) {
-                r = set_error(ret_error, r, "%s; refusing to replace it", error ?: "the handle is taken");
+                r = set_error_message(ret_error, r, "%s; refusing to replace it", error ?: "the handle is taken");
                 free(error);
                 return r;
         }
@@ -986,38 +950,38 @@ static int file_load(const char *path, EVP_PKEY **ret, char **ret_error) {
         fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
         if (fd < 0) {
                 if (errno == ENOENT)
-                        return set_error(ret_error, -ENOENT,
+                        return set_error_message(ret_error, -ENOENT,
                                          "key file %s does not exist (run 'iothubctl key init' to create it)",
                                          path);
-                return set_error(ret_error, -errno, "cannot open key file %s: %m", path);
+                return set_error_message(ret_error, -errno, "cannot open key file %s: %m", path);
         }
         if (fstat(fd, &st) < 0)
-                return set_error(ret_error, -errno, "cannot stat key file %s: %m", path);
+                return set_error_message(ret_error, -errno, "cannot stat key file %s: %m", path);
         if (!S_ISREG(st.st_mode))
-                return set_error(ret_error, -EINVAL, "key file %s is not a regular file", path);
+                return set_error_message(ret_error, -EINVAL, "key file %s is not a regular file", path);
         /* The file holds the hub's private key: like OpenSSH with "UNPROTECTED PRIVATE KEY FILE",
          * refuse it rather than use a key that others may have read. Checked on the open file. */
         if (st.st_mode & 077)
-                return set_error(ret_error, -EPERM,
+                return set_error_message(ret_error, -EPERM,
                                  "key file %s is accessible by group or others (mode %04o); it holds a private "
                                  "key, make it mode 0600",
                                  path, (unsigned) (st.st_mode & 07777));
         if (st.st_size > HUBKEY_FILE_MAX)
-                return set_error(ret_error, -EFBIG, "key file %s is larger than %u bytes", path,
+                return set_error_message(ret_error, -EFBIG, "key file %s is larger than %u bytes", path,
                                  (unsigned) HUBKEY_FILE_MAX);
 
         bio = BIO_new_fd(fd, BIO_NOCLOSE);
         if (!bio)
-                return set_error(ret_error, openssl_errno(-ENOMEM), "cannot read key file %s", path);
+                return set_error_message(ret_error, openssl_errno(-ENOMEM), "cannot read key file %s", path);
         pkey = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
         if (!pkey) {
                 int r = openssl_errno(-EINVAL);
-                return set_error(ret_error, r == -ENOMEM ? r : -EINVAL,
+                return set_error_message(ret_error, r == -ENOMEM ? r : -EINVAL,
                                  "key file %s holds no PEM private key (encrypted keys are not supported)",
                                  path);
         }
         if (!pkey_is_p256(pkey, what, sizeof what))
-                return set_error(ret_error, -EOPNOTSUPP, "key file %s holds an %s key, not an EC P-256 key",
+                return set_error_message(ret_error, -EOPNOTSUPP, "key file %s holds an %s key, not an EC P-256 key",
                                  path, what);
         /* The decoders tried on the way may leave entries behind: never let them explain a later
          * failure elsewhere. */
@@ -1032,25 +996,25 @@ static int file_open(const struct iothub_conf *c, struct hubkey *k, char **ret_e
         int r;
 
         if (!c->key.file)
-                return set_error(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
+                return set_error_message(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
         r = file_load(c->key.file, &k->pkey, ret_error);
         if (r < 0)
                 return r;
         if (EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_X, &bx) != 1 ||
             EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_Y, &by) != 1 ||
             BN_bn2binpad(bx, x, sizeof x) != P256_COORD_LEN || BN_bn2binpad(by, y, sizeof y) != P256_COORD_LEN)
-                return set_error(ret_error, openssl_errno(-EINVAL),
+                return set_error_message(ret_error, openssl_errno(-EINVAL),
                                  "key file %s: cannot read the public key", c->key.file);
         r = hubkey_set_public(k, x, y);
         if (r < 0)
-                return set_error(ret_error, r, "cannot compute the key id: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot compute the key id: %s", strerror(-r));
 
         /* Set up signing once: a fetched context reused for every signature. The digest given
          * to EVP_PKEY_sign() must then be exactly SHA-256 sized. */
         k->sign_ctx = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
         if (!k->sign_ctx || EVP_PKEY_sign_init(k->sign_ctx) != 1 ||
             EVP_PKEY_CTX_set_signature_md(k->sign_ctx, EVP_sha256()) != 1)
-                return set_error(ret_error, openssl_errno(-EIO), "cannot set up signing with key file %s",
+                return set_error_message(ret_error, openssl_errno(-EIO), "cannot set up signing with key file %s",
                                  c->key.file);
         return 0;
 }
@@ -1098,7 +1062,7 @@ static int file_init(const struct iothub_conf *c, bool *ret_created, char **ret_
         int r;
 
         if (!c->key.file)
-                return set_error(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
+                return set_error_message(ret_error, -EINVAL, "[key] backend 'file' needs [key] file");
 
         r = file_load(c->key.file, &pkey, &error);
         if (r == 0) {
@@ -1106,7 +1070,7 @@ static int file_init(const struct iothub_conf *c, bool *ret_created, char **ret_
                 return 0;
         }
         if (r == -EOPNOTSUPP || r == -EINVAL)
-                return set_error(ret_error, -EEXIST, "%s; refusing to replace it",
+                return set_error_message(ret_error, -EEXIST, "%s; refusing to replace it",
                                  error ?: "the key file holds no usable key");
         if (r != -ENOENT) {
                 if (ret_error)
@@ -1116,22 +1080,22 @@ static int file_init(const struct iothub_conf *c, bool *ret_created, char **ret_
 
         pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", SN_X9_62_prime256v1);
         if (!pkey)
-                return set_error(ret_error, openssl_errno(-EIO), "cannot generate a P-256 key");
+                return set_error_message(ret_error, openssl_errno(-EIO), "cannot generate a P-256 key");
         /* A memory BIO: OpenSSL wipes its buffer when it grows and when it is freed
          * (BUF_MEM_grow_clean, BUF_MEM_free). PKCS#8 (RFC 5958), unencrypted. */
         bio = BIO_new(BIO_s_secmem());
         if (!bio || PEM_write_bio_PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1)
-                return set_error(ret_error, openssl_errno(-ENOMEM), "cannot encode the new key");
+                return set_error_message(ret_error, openssl_errno(-ENOMEM), "cannot encode the new key");
         n = BIO_get_mem_data(bio, &pem);
         if (n <= 0)
-                return set_error(ret_error, -EIO, "cannot encode the new key");
+                return set_error_message(ret_error, -EIO, "cannot encode the new key");
         r = file_write_new(c->key.file, pem, (size_t) n);
         if (r == -EEXIST)
-                return set_error(ret_error, r,
+                return set_error_message(ret_error, r,
                                  "key file %s appeared while the key was made; refusing to replace it",
                                  c->key.file);
         if (r < 0)
-                return set_error(ret_error, r, "cannot write key file %s: %s", c->key.file, strerror(-r));
+                return set_error_message(ret_error, r, "cannot write key file %s: %s", c->key.file, strerror(-r));
         *ret_created = true;
         return 0;
 }
@@ -1175,7 +1139,7 @@ int hubkey_open(const struct iothub_conf *c, struct hubkey **ret, char **ret_err
                 r = file_open(c, k, ret_error);
                 break;
         default:
-                r = set_error(ret_error, -EINVAL, "unknown [key] backend");
+                r = set_error_message(ret_error, -EINVAL, "unknown [key] backend");
         }
         if (r < 0)
                 return r;
@@ -1197,7 +1161,7 @@ int hubkey_init(const struct iothub_conf *c, bool *ret_created, char **ret_error
                 r = file_init(c, &created, ret_error);
                 break;
         default:
-                r = set_error(ret_error, -EINVAL, "unknown [key] backend");
+                r = set_error_message(ret_error, -EINVAL, "unknown [key] backend");
         }
         if (r < 0)
                 return r;

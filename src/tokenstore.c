@@ -66,32 +66,6 @@ static void data_key_wipe(uint8_t (*key)[DATA_KEY_LEN]) {
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(EVP_CIPHER_CTX *, EVP_CIPHER_CTX_free);
 
-static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
-static int set_error(char **ret_error, int r, const char *format, ...) {
-        va_list ap;
-        char *s;
-
-        if (!ret_error)
-                return r;
-        va_start(ap, format);
-        if (vasprintf(&s, format, ap) >= 0)
-                *ret_error = s;
-        va_end(ap);
-        return r;
-}
-
-/* The one place where OpenSSL's error queue becomes an errno: emptied, so that a stale entry never
- * explains a later failure; -ENOMEM for allocation failures, else 'fallback'. */
-static int openssl_errno(int fallback) {
-        unsigned long e;
-        bool nomem = false;
-
-        while ((e = ERR_get_error()) != 0)
-                if (!ERR_SYSTEM_ERROR(e) && ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
-                        nomem = true;
-        return nomem ? -ENOMEM : fallback;
-}
-
 static char *state_path(const struct iothub_conf *c, const char *name) {
         return strdup_printf("%s/%s", c->hub.state_dir, name);
 }
@@ -110,21 +84,21 @@ static int read_private_file(const char *path, size_t max, struct secret *ret, c
                 if (errno == ENOENT)
                         return -ENOENT;
                 if (errno == ELOOP)
-                        return set_error(ret_error, -ELOOP, "%s is a symbolic link; refusing it", path);
-                return set_error(ret_error, -errno, "cannot open %s: %m", path);
+                        return set_error_message(ret_error, -ELOOP, "%s is a symbolic link; refusing it", path);
+                return set_error_message(ret_error, -errno, "cannot open %s: %m", path);
         }
         if (fstat(fd, &st) < 0)
-                return set_error(ret_error, -errno, "cannot stat %s: %m", path);
+                return set_error_message(ret_error, -errno, "cannot stat %s: %m", path);
         if (!S_ISREG(st.st_mode))
-                return set_error(ret_error, -EINVAL, "%s is not a regular file", path);
+                return set_error_message(ret_error, -EINVAL, "%s is not a regular file", path);
         /* Checked on the open file. Like OpenSSH's "UNPROTECTED PRIVATE KEY FILE": the daemon writes these
          * with mode 0600, so anything else means someone changed it; refuse rather than trust it. */
         if (st.st_mode & 077)
-                return set_error(ret_error, -EPERM,
+                return set_error_message(ret_error, -EPERM,
                                  "%s is accessible by group or others (mode %04o); it must be mode 0600", path,
                                  (unsigned) (st.st_mode & 07777));
         if ((uintmax_t) st.st_size > max)
-                return set_error(ret_error, -EFBIG, "%s is larger than %zu bytes", path, max);
+                return set_error_message(ret_error, -EFBIG, "%s is larger than %zu bytes", path, max);
 
         buf.len = (size_t) st.st_size + 1; /* one more, to notice a file that grew */
         buf.data = malloc(buf.len);
@@ -136,7 +110,7 @@ static int read_private_file(const char *path, size_t max, struct secret *ret, c
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
-                        return set_error(ret_error, -errno, "cannot read %s: %m", path);
+                        return set_error_message(ret_error, -errno, "cannot read %s: %m", path);
                 }
                 if (n == 0)
                         break;
@@ -145,7 +119,7 @@ static int read_private_file(const char *path, size_t max, struct secret *ret, c
                         break;
         }
         if (len != (size_t) st.st_size)
-                return set_error(ret_error, -EIO, "%s changed while it was read", path);
+                return set_error_message(ret_error, -EIO, "%s changed while it was read", path);
         ret->data = TAKE_PTR(buf.data);
         ret->len = len;
         buf.len = 0;
@@ -161,14 +135,14 @@ static int data_key_create(const char *path, struct hubkey *k, uint8_t ret_key[D
 
         r = random_bytes(key, sizeof key);
         if (r < 0)
-                return set_error(ret_error, r, "cannot make a data key: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot make a data key: %s", strerror(-r));
         /* With the file backend the "blob" is the key itself: hence a struct secret. */
         r = hubkey_seal(k, key, sizeof key, &blob.data, &blob.len);
         if (r < 0)
-                return set_error(ret_error, r, "cannot seal the data key: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot seal the data key: %s", strerror(-r));
         r = write_file_atomic(path, blob.data, blob.len, 0600);
         if (r < 0)
-                return set_error(ret_error, r, "cannot write %s: %s", path, strerror(-r));
+                return set_error_message(ret_error, r, "cannot write %s: %s", path, strerror(-r));
         memcpy(ret_key, key, DATA_KEY_LEN);
         return 0;
 }
@@ -187,16 +161,16 @@ static int data_key_read(const char *path, struct hubkey *k, uint8_t ret_key[DAT
                 return r;
         r = hubkey_unseal(k, blob.data, blob.len, &key.data, &key.len);
         if (r == -ENOKEY)
-                return set_error(ret_error, -EBADMSG,
+                return set_error_message(ret_error, -EBADMSG,
                                  "%s was not sealed by this hub's TPM (copied from another hub, or the TPM was "
                                  "cleared since)",
                                  path);
         if (r == -EBADMSG)
-                return set_error(ret_error, r, "%s is malformed", path);
+                return set_error_message(ret_error, r, "%s is malformed", path);
         if (r < 0)
-                return set_error(ret_error, r, "cannot unseal %s: %s", path, strerror(-r));
+                return set_error_message(ret_error, r, "cannot unseal %s: %s", path, strerror(-r));
         if (key.len != DATA_KEY_LEN)
-                return set_error(ret_error, -EBADMSG, "%s holds a key of %zu bytes, not %d", path, key.len,
+                return set_error_message(ret_error, -EBADMSG, "%s holds a key of %zu bytes, not %d", path, key.len,
                                  DATA_KEY_LEN);
         memcpy(ret_key, key.data, DATA_KEY_LEN);
         return 0;
@@ -380,9 +354,9 @@ static int tokens_from_json(const struct secret *buf, struct oauth_tokens *ret) 
 
 static int check_conf(const struct iothub_conf *c, char **ret_error) {
         if (!c->hub.state_dir)
-                return set_error(ret_error, -EINVAL, "no [hub] state_dir");
+                return set_error_message(ret_error, -EINVAL, "no [hub] state_dir");
         if (!c->hub.id || !c->hub.id[0])
-                return set_error(ret_error, -EINVAL, "no [hub] id");
+                return set_error_message(ret_error, -EINVAL, "no [hub] id");
         return 0;
 }
 
@@ -402,7 +376,7 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
         if (r < 0)
                 return r;
         if (!t->access_token || !t->token_type || t->expires_at < 0)
-                return set_error(ret_error, -EINVAL,
+                return set_error_message(ret_error, -EINVAL,
                                  "incomplete tokens (access_token, token_type, expires_at)");
         enc_path = state_path(c, TOKENSTORE_FILE);
         key_path = state_path(c, TOKENSTORE_KEY_FILE);
@@ -411,11 +385,11 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
 
         r = tokens_to_json(t, &json);
         if (r == -EMSGSIZE)
-                return set_error(ret_error, r, "the tokens take more than %d bytes", TOKENSTORE_MAX);
+                return set_error_message(ret_error, r, "the tokens take more than %d bytes", TOKENSTORE_MAX);
         if (r == -EINVAL)
-                return set_error(ret_error, r, "a token is not UTF-8 text");
+                return set_error_message(ret_error, r, "a token is not UTF-8 text");
         if (r < 0)
-                return set_error(ret_error, r, "cannot encode the tokens: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot encode the tokens: %s", strerror(-r));
 
         /* The data key: the existing one, or a new one when there is none or when the one there can never
          * be unsealed again (what it protected is lost anyway, and is about to be replaced). */
@@ -435,10 +409,10 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
 
         r = gcm_seal(key, c->hub.id, &json, &out, &out_len);
         if (r < 0)
-                return set_error(ret_error, r, "cannot encrypt the tokens: %s", strerror(-r));
+                return set_error_message(ret_error, r, "cannot encrypt the tokens: %s", strerror(-r));
         r = write_file_atomic(enc_path, out, out_len, 0600);
         if (r < 0)
-                return set_error(ret_error, r, "cannot write %s: %s", enc_path, strerror(-r));
+                return set_error_message(ret_error, r, "cannot write %s: %s", enc_path, strerror(-r));
         return 0;
 }
 
@@ -462,17 +436,17 @@ int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_
 
         r = read_private_file(enc_path, ENC_MAX, &enc, ret_error);
         if (r == -ENOENT)
-                return set_error(ret_error, r, "no tokens stored (%s does not exist)", enc_path);
+                return set_error_message(ret_error, r, "no tokens stored (%s does not exist)", enc_path);
         if (r == -EFBIG)
                 return -EBADMSG; /* larger than any tokens file; the message is set */
         if (r < 0)
                 return r;
         if (enc.len < ENC_OVERHEAD + JSON_MIN || memcmp(enc.data, MAGIC, MAGIC_LEN) != 0)
-                return set_error(ret_error, -EBADMSG, "%s is not a tokens file", enc_path);
+                return set_error_message(ret_error, -EBADMSG, "%s is not a tokens file", enc_path);
 
         r = data_key_read(key_path, k, key, ret_error);
         if (r == -ENOENT)
-                return set_error(ret_error, -ENOKEY,
+                return set_error_message(ret_error, -ENOKEY,
                                  "%s is missing: the tokens in %s cannot be decrypted (sign in again)",
                                  key_path, enc_path);
         if (r < 0)
@@ -480,15 +454,15 @@ int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_
 
         r = gcm_open(key, c->hub.id, enc.data, enc.len, &plain);
         if (r == -EBADMSG)
-                return set_error(ret_error, r,
+                return set_error_message(ret_error, r,
                                  "%s does not authenticate (altered, or written for another hub id or "
                                  "data key)",
                                  enc_path);
         if (r < 0)
-                return set_error(ret_error, r, "cannot decrypt %s: %s", enc_path, strerror(-r));
+                return set_error_message(ret_error, r, "cannot decrypt %s: %s", enc_path, strerror(-r));
         r = tokens_from_json(&plain, &t);
         if (r == -EBADMSG)
-                return set_error(ret_error, r, "%s holds no valid tokens", enc_path);
+                return set_error_message(ret_error, r, "%s holds no valid tokens", enc_path);
         if (r < 0)
                 return r;
         *ret = t;

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 
 #include "iothub/util.h"
 
@@ -169,4 +170,36 @@ char *strdup_printf(const char *fmt, ...) {
         r = vasprintf(&s, fmt, ap);
         va_end(ap);
         return r < 0 ? NULL : s;
+}
+
+int set_error_message(char **ret_error, int r, const char *format, ...) {
+        va_list ap;
+        char *s;
+
+        if (!ret_error)
+                return r;
+        va_start(ap, format);
+        if (vasprintf(&s, format, ap) >= 0)
+                *ret_error = s;
+        va_end(ap);
+        return r;
+}
+
+int openssl_errno(int fallback) {
+        unsigned long e;
+        int sys = 0;
+        bool nomem = false;
+
+        while ((e = ERR_get_error()) != 0) {
+                if (ERR_SYSTEM_ERROR(e)) {
+                        if (sys == 0 && ERR_GET_REASON(e) > 0)
+                                sys = ERR_GET_REASON(e);
+                } else if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
+                        nomem = true;
+        }
+        if (nomem)
+                return -ENOMEM;
+        if (sys > 0)
+                return -sys;
+        return fallback;
 }

@@ -64,42 +64,6 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(X509 *, X509_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(X509_STORE *, X509_STORE_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(X509_STORE_CTX *, X509_STORE_CTX_free);
 
-/* The one place where OpenSSL's error queue becomes an errno. It empties the queue, so that a
- * stale entry never explains a later failure: allocation failures give -ENOMEM, system errors
- * (a CA file that cannot be opened) their errno, anything else 'fallback'. */
-static int openssl_errno(int fallback) {
-        unsigned long e;
-        int sys = 0;
-        bool nomem = false;
-
-        while ((e = ERR_get_error()) != 0) {
-                if (ERR_SYSTEM_ERROR(e)) {
-                        if (sys == 0 && ERR_GET_REASON(e) > 0)
-                                sys = ERR_GET_REASON(e);
-                } else if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
-                        nomem = true;
-        }
-        if (nomem)
-                return -ENOMEM;
-        if (sys > 0)
-                return -sys;
-        return fallback;
-}
-
-static int set_error(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
-static int set_error(char **ret_error, int r, const char *format, ...) {
-        va_list ap;
-        char *s;
-
-        if (!ret_error)
-                return r;
-        va_start(ap, format);
-        if (vasprintf(&s, format, ap) >= 0)
-                *ret_error = s;
-        va_end(ap);
-        return r;
-}
-
 void verify_key_free(struct verify_key *k) {
         if (!k)
                 return;
@@ -376,60 +340,60 @@ int verify_key_from_cert(const char *cert_pem, size_t len, const char *ca_file, 
         int r;
 
         if (!ca_file || !ret || !ret_id)
-                return set_error(ret_error, -EINVAL, "no CA file given");
+                return set_error_message(ret_error, -EINVAL, "no CA file given");
 
         r = certs_from_pem(cert_pem, len, &leaf, &chain);
         if (r == -E2BIG)
-                return set_error(ret_error, -EINVAL, "more than %d intermediate certificates",
+                return set_error_message(ret_error, -EINVAL, "more than %d intermediate certificates",
                                  VERIFY_CHAIN_MAX);
         if (r < 0)
-                return set_error(ret_error, r, "not a PEM certificate: %s", strerror(-r));
+                return set_error_message(ret_error, r, "not a PEM certificate: %s", strerror(-r));
 
         store = X509_STORE_new();
         if (!store)
-                return set_error(ret_error, openssl_errno(-ENOMEM), "out of memory");
+                return set_error_message(ret_error, openssl_errno(-ENOMEM), "out of memory");
         if (X509_STORE_load_file(store, ca_file) != 1) {
                 r = openssl_errno(-EINVAL);
-                return set_error(ret_error, r, "cannot load CA file %s: %s", ca_file,
+                return set_error_message(ret_error, r, "cannot load CA file %s: %s", ca_file,
                                  r == -EINVAL ? "no certificate in it" : strerror(-r));
         }
         /* Every certificate in ca_file is a trust anchor, a root or not (RFC 5280 6.1.1 (d)):
          * the operator decides what to trust, and manufacturers often hand out an issuing CA. */
         if (X509_VERIFY_PARAM_set_flags(X509_STORE_get0_param(store), X509_V_FLAG_PARTIAL_CHAIN) != 1)
-                return set_error(ret_error, openssl_errno(-ENOMEM), "out of memory");
+                return set_error_message(ret_error, openssl_errno(-ENOMEM), "out of memory");
 
         ctx = X509_STORE_CTX_new();
         if (!ctx || X509_STORE_CTX_init(ctx, store, leaf, chain) != 1)
-                return set_error(ret_error, openssl_errno(-ENOMEM), "out of memory");
+                return set_error_message(ret_error, openssl_errno(-ENOMEM), "out of memory");
         /* Path validation (RFC 5280 6.1) at the current time. */
         if (X509_verify_cert(ctx) != 1) {
                 int e = X509_STORE_CTX_get_error(ctx);
 
                 if (e == X509_V_OK) /* an internal failure, not a verdict on the certificate */
-                        return set_error(ret_error, openssl_errno(-EIO), "certificate check failed");
+                        return set_error_message(ret_error, openssl_errno(-EIO), "certificate check failed");
                 ERR_clear_error();
-                return set_error(ret_error, -EPERM, "certificate verify failed: %s (depth %d)",
+                return set_error_message(ret_error, -EPERM, "certificate verify failed: %s (depth %d)",
                                  X509_verify_cert_error_string(e), X509_STORE_CTX_get_error_depth(ctx));
         }
         /* RFC 5280 4.2.1.3: when keyUsage is present, frames need digitalSignature. */
         usage = X509_get_key_usage(leaf);
         if (usage != UINT32_MAX && !(usage & X509v3_KU_DIGITAL_SIGNATURE))
-                return set_error(ret_error, -EPERM, "certificate key usage does not allow signatures");
+                return set_error_message(ret_error, -EPERM, "certificate key usage does not allow signatures");
 
         r = cert_device_id(leaf, id);
         if (r < 0)
-                return set_error(ret_error, r,
+                return set_error_message(ret_error, r,
                                  "certificate subject needs exactly one CN that is a device id "
                                  "(1 to 64 of [A-Za-z0-9._-], not starting with '.')");
 
         pkey = X509_get0_pubkey(leaf);
         if (!pkey || EVP_PKEY_up_ref(pkey) != 1)
-                return set_error(ret_error, openssl_errno(-EINVAL), "certificate has no usable public key");
+                return set_error_message(ret_error, openssl_errno(-EINVAL), "certificate has no usable public key");
         r = verify_key_new(pkey, true, &k, &alg); /* takes over the reference */
         if (r == -EOPNOTSUPP)
-                return set_error(ret_error, r, "unsupported key type: only P-256 and Ed25519 keys");
+                return set_error_message(ret_error, r, "unsupported key type: only P-256 and Ed25519 keys");
         if (r < 0)
-                return set_error(ret_error, r, "bad public key in certificate: %s", strerror(-r));
+                return set_error_message(ret_error, r, "bad public key in certificate: %s", strerror(-r));
 
         memcpy(ret_id, id, strlen(id) + 1);
         *ret = TAKE_PTR(k);

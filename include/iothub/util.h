@@ -89,3 +89,13 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
 
 /* asprintf() that returns the string, or NULL when out of memory. */
 char *strdup_printf(const char *fmt, ...) _printf_(1, 2);
+
+/* For functions that return a negative errno and, when ret_error is not NULL, a malloc'ed
+ * one-line reason: sets *ret_error (if it can) and returns r. */
+int set_error_message(char **ret_error, int r, const char *format, ...) _printf_(3, 4);
+
+/* OpenSSL's error queue as a negative errno, the one place for OpenSSL codes. Empties the
+ * queue, so that a stale entry never explains a later failure: allocation failures give
+ * -ENOMEM, system errors (a file that cannot be opened) their errno, anything else
+ * 'fallback'. */
+int openssl_errno(int fallback);
