@@ -13,6 +13,7 @@ import { once } from 'node:events';
 import readline from 'node:readline';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
+import * as jose from 'jose';
 import { IOTHUBCTL } from '../integration/lib/harness.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -39,6 +40,9 @@ try {
   process.stdout.write(r.stdout || r.stderr);
   r = await pre.ctl(['key', 'show', '--jwk']);
   process.stdout.write(r.stdout || r.stderr);
+  // What a bulb is given when it is paired: the hub's public key, to check commands with.
+  const { kid: _kid, ...hubJwk } = JSON.parse(r.stdout);
+  const hubKey = await jose.importJWK(hubJwk, 'ES256');
 
   step('iothubd starts');
   hub = await Hub.start(broker, overrides, { dir });
@@ -82,6 +86,22 @@ try {
     if (round === 7) { await send('hall', '{"not":"a jws"}'); console.log('sent junk for hall'); }
     await sleep(1000);
   }
+  step('a user turns the kitchen light on: cloud -> hub -> bulb, and the outcome back');
+  const kitchen = bulbs[0];
+  await client.subscribeAsync(`${PREFIX}/kitchen/cmd`, { qos: 1 });
+  const got = new Promise((resolve) => client.on('message', async (topic, payload) => {
+    if (topic !== `${PREFIX}/kitchen/cmd`) return;
+    const { payload: p, protectedHeader } = await jose.compactVerify(payload.toString(), hubKey, { algorithms: ['ES256'] });
+    resolve({ header: protectedHeader, cmd: JSON.parse(new TextDecoder().decode(p)) });
+  }));
+  const t0 = Date.now();
+  cloud.control.queueCommand({ id: 'demo-cmd-1', dev: 'kitchen', set: { on: true, bri: 200 }, exp: Math.floor(Date.now() / 1000) + 60 });
+  const { header, cmd } = await got;
+  console.log(`the kitchen bulb got a command signed by the hub (verified with jose, kid ${header.kid}) after ${Date.now() - t0} ms:`);
+  console.log(JSON.stringify(cmd));
+  await send('kitchen', await kitchen.frame({ state: { on: true, bri: 200 }, ack: { id: cmd.id, ok: true } }));
+  await waitFor(() => cloud.state.results.some((x) => x.status === 'acked'), 10000, 'the ack at the cloud');
+  console.log(`results at the cloud: ${cloud.state.results.map((x) => x.status).join(', ')}`);
   await client.endAsync();
   await waitFor(async () => (await hub.status()).spool.pending === 0, 10000, 'the spool drained');
 
