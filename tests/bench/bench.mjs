@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { BUILD, Broker, Hub, sleep, tempDir, waitFor } from '../integration/lib/harness.mjs';
 import { relayScenario, relayTable, relayVerdicts, DEFAULT_BATCH_MAX_DELAY_MS } from './relay.mjs';
+import { commandsScenario, commandsTable } from './commands.mjs';
 
 const env = (k, d) => (process.env[k] !== undefined ? Number(process.env[k]) : d);
 const FRAMES = env('BENCH_FRAMES', 50000);         // frames per run
@@ -33,6 +34,13 @@ const RELAY_BIG_BATCH = env('BENCH_RELAY_BIG_BATCH', 4096);            // the to
 const RELAY_BATCH_FRAMES = process.env.BENCH_RELAY_BATCH_MAX_FRAMES;   // unset: the daemon's default
 const RELAY_BATCH_DELAY = process.env.BENCH_RELAY_BATCH_MAX_DELAY_MS;  // unset: the daemon's default
 const RELAY_SAMPLE_BULBS = env('BENCH_RELAY_SAMPLE_BULBS', 10);
+// The commands scenario (commands.mjs): latency cloud -> bulb, quiet and beside a status load.
+const COMMANDS = env('BENCH_COMMANDS', 1);                             // 0 skips it
+const COMMANDS_N = env('BENCH_COMMANDS_N', 100);                       // commands per phase
+const COMMANDS_SPACING_MS = env('BENCH_COMMANDS_SPACING_MS', 500);     // 4 hub signatures each: 8/s, the module's bucket rate
+const COMMANDS_BULBS = env('BENCH_COMMANDS_BULBS', 4);
+const COMMANDS_LOAD_RATE = env('BENCH_COMMANDS_LOAD_RATE', 2000);      // status frames/s of the second phase (0 skips it)
+const COMMANDS_LOAD_BULBS = env('BENCH_COMMANDS_LOAD_BULBS', 50);
 
 const TARGET = { cpuRatio: 1.25, rss200MiB: 12, rss5000MiB: 16, writeRatio: 4 };
 
@@ -300,7 +308,9 @@ const results = {
   host: { cpus: os.cpus().length, model: os.cpus()[0]?.model, loadavg_at_start: os.loadavg(), clk_tck: CLK_TCK },
   params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY,
     relay: RELAY ? { bulbs: RELAY_BULBS, big_bulbs: RELAY_BIG_BULBS, rates: RELAY_RATES, seconds: RELAY_SECONDS,
-      unpaced_frames: RELAY_UNPACED, big_batch: RELAY_BIG_BATCH, sample_bulbs: RELAY_SAMPLE_BULBS } : null },
+      unpaced_frames: RELAY_UNPACED, big_batch: RELAY_BIG_BATCH, sample_bulbs: RELAY_SAMPLE_BULBS } : null,
+    commands: COMMANDS ? { commands: COMMANDS_N, spacing_ms: COMMANDS_SPACING_MS, bulbs: COMMANDS_BULBS,
+      load_rate: COMMANDS_LOAD_RATE, load_bulbs: COMMANDS_LOAD_BULBS } : null },
   targets: TARGET,
   throughput: [],
 };
@@ -323,6 +333,14 @@ try {
       batchMaxFrames: RELAY_BATCH_FRAMES !== undefined ? Number(RELAY_BATCH_FRAMES) : undefined,
       batchMaxDelayMs: RELAY_BATCH_DELAY !== undefined ? Number(RELAY_BATCH_DELAY) : undefined,
       sampleBulbs: RELAY_SAMPLE_BULBS,
+    });
+  }
+  if (COMMANDS) {
+    process.stdout.write(`== commands: ${COMMANDS_N} commands to ${COMMANDS_BULBS} bulbs, one every ${COMMANDS_SPACING_MS} ms, quiet` +
+      `${COMMANDS_LOAD_RATE > 0 ? `, then beside ${COMMANDS_LOAD_RATE} status frames/s from ${COMMANDS_LOAD_BULBS} bulbs` : ''}\n`);
+    results.commands = await commandsScenario(root, { loadgen, enrol, procStatus, fmt }, {
+      bulbs: COMMANDS_BULBS, commands: COMMANDS_N, spacingMs: COMMANDS_SPACING_MS, loadRate: COMMANDS_LOAD_RATE,
+      loadBulbs: COMMANDS_LOAD_BULBS, leadInMs: 2000, drainTimeoutMs: DRAIN_TIMEOUT_MS,
     });
   }
 } catch (e) {
@@ -351,6 +369,12 @@ if (results.memory?.rss_after_enrol) {
   verdicts.rss_5000 = mark(verdicts.rss_5000_mib <= TARGET.rss5000MiB);
 }
 Object.assign(verdicts, relayVerdicts(results.relay));
+// Commands: no target in DESIGN.md; the p99s, quiet and loaded, for the record.
+for (const p of results.commands?.phases ?? []) {
+  const k = p.load ? 'loaded' : 'quiet';
+  verdicts[`commands_${k}_cloud_to_bulb_p99_ms`] = p.latency_ms.cloud_to_bulb.p99;
+  verdicts[`commands_${k}_cloud_to_acked_p99_ms`] = p.latency_ms.cloud_to_acked.p99;
+}
 results.verdicts = verdicts;
 
 const out = path.join(BUILD, 'bench-results.json');
@@ -359,6 +383,7 @@ if (results.throughput.length && results.throughput.every((s) => s.rss_after_enr
   process.stdout.write(`\n${table(results)}`);
 }
 if (results.relay?.runs?.length) process.stdout.write(relayTable(results.relay, fmt));
+if (results.commands?.phases?.length) process.stdout.write(commandsTable(results.commands, fmt));
 process.stdout.write(`\nTargets (DESIGN.md): CPU/frame <= ${TARGET.cpuRatio}x bare verify: ${verdicts.cpu ?? '-'} (max ${fmt(verdicts.cpu_ratio_max, 2)}x); ` +
   `RSS 200 bulbs <= ${TARGET.rss200MiB} MiB: ${verdicts.rss_200 ?? '-'} (${fmt(verdicts.rss_200_mib, 2)}); ` +
   (BIG_BULBS > 0 ? `RSS ${BIG_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +
@@ -370,6 +395,12 @@ if (results.relay?.runs?.length) {
     `latency p99 <= ${verdicts.relay_latency_target_ms ?? DEFAULT_BATCH_MAX_DELAY_MS + 100} ms: ${verdicts.relay_latency ?? '-'} (max p99 ${fmt(verdicts.relay_latency_p99_max_ms, 0)}); ` +
     `RSS ${RELAY_BULBS} bulbs <= 12 MiB: ${verdicts.relay_rss_200 ?? '-'} (${fmt(verdicts.relay_rss_200_mib, 2)})` +
     (verdicts.relay_rss_5000 ? `; RSS ${RELAY_BIG_BULBS} bulbs <= 16 MiB: ${verdicts.relay_rss_5000} (${fmt(verdicts.relay_rss_5000_mib, 2)})` : '') + '\n');
+}
+if (results.commands?.phases?.length) {
+  process.stdout.write(`Commands (no target): cloud -> bulb p99 ${fmt(verdicts.commands_quiet_cloud_to_bulb_p99_ms)} ms quiet` +
+    (verdicts.commands_loaded_cloud_to_bulb_p99_ms !== undefined ? `, ${fmt(verdicts.commands_loaded_cloud_to_bulb_p99_ms)} ms beside ${COMMANDS_LOAD_RATE} status frames/s` : '') +
+    `; cloud -> acked p99 ${fmt(verdicts.commands_quiet_cloud_to_acked_p99_ms)} ms quiet` +
+    (verdicts.commands_loaded_cloud_to_acked_p99_ms !== undefined ? `, ${fmt(verdicts.commands_loaded_cloud_to_acked_p99_ms)} ms loaded` : '') + '\n');
 }
 process.stdout.write(`Results in ${out}; the whole bench took ${fmt(results.seconds, 0)} s (load average at start ${results.host.loadavg_at_start.map((x) => x.toFixed(2)).join(' ')}).\n`);
 if (failed) {

@@ -29,7 +29,9 @@ export const RELAY_TARGET = { sigsPerBatch: 1, sigsPerSecondAt5000: 2, latencySl
 
 if (!isMainThread && workerData?.tag === WORKER_TAG) await cloudWorker(workerData);
 
-async function cloudWorker({ dir, tokens }) {
+// Also the cloud thread of other scenarios (commands.mjs): extraOps(cloud) returns more ops
+// ({ name: async (arg) => result }) that the worker answers beside its own.
+export async function cloudWorker({ dir, tokens }, extraOps = null) {
   const { startCloud } = await import('../cloud/server.mjs');
   // storeJws: false keeps state.frames small; its de-duplication map still keeps each frame.
   const cloud = await startCloud({ dir, tokens, storeJws: false });
@@ -56,6 +58,7 @@ async function cloudWorker({ dir, tokens }) {
     stored += n;
     batches.push({ rec, at: b.at, count: b.count, stored: n, duplicates: b.duplicates, rejected: b.rejected.length, bytes: b.bytes, devs, seqs });
   });
+  const extra = extraOps ? extraOps(cloud) : {};
   const stats = () => {
     const requests = {};
     for (const r of cloud.state.requests) {
@@ -79,6 +82,8 @@ async function cloudWorker({ dir, tokens }) {
           at: b.at, count: b.count, stored: b.stored, duplicates: b.duplicates, rejected: b.rejected, bytes: b.bytes,
           devs: b.devs, seqs: b.seqs,
         }));
+      } else if (Object.hasOwn(extra, op)) {
+        result = await extra[op](arg);
       } else if (op === 'close') {
         await cloud.close();
         result = true;
@@ -91,15 +96,16 @@ async function cloudWorker({ dir, tokens }) {
   parentPort.postMessage({ id: 0, result: { url: cloud.url, caFile: cloud.caFile } });
 }
 
-class CloudThread {
+export class CloudThread {
   constructor(worker) {
     this.worker = worker;
     this.pending = new Map();
     this.nextId = 1;
   }
 
-  static async start(dir, tokens) {
-    const w = new Worker(new URL(import.meta.url), { workerData: { tag: WORKER_TAG, dir, tokens } });
+  // script and tag: another module that runs cloudWorker() when its workerData.tag is tag.
+  static async start(dir, tokens, { script = new URL(import.meta.url), tag = WORKER_TAG } = {}) {
+    const w = new Worker(script, { workerData: { tag, dir, tokens } });
     const c = new CloudThread(w);
     const failAll = (e) => {
       for (const p of c.pending.values()) p.reject(e);
@@ -186,7 +192,7 @@ class Sampler {
 // ---------------------------------------------------------------------------------------
 // Small statistics
 
-function dist(values) {
+export function dist(values) {
   const a = Float64Array.from(values.filter((v) => Number.isFinite(v))).sort();
   if (!a.length) return { n: 0, min: null, p50: null, p90: null, p99: null, max: null, mean: null };
   const q = (p) => a[Math.min(a.length - 1, Math.max(0, Math.ceil((p / 100) * a.length) - 1))];

@@ -81,6 +81,8 @@ export class Broker {
       `persistence_location ${this.dir}/`,
       'autosave_interval 1',
       'max_queued_messages 100000',
+      // As recommended in iothub-protocol(7): no Nagle delay on an ack waiting behind a PUBACK.
+      'set_tcp_nodelay true',
       'user root',
       'log_dest none',
       '',
