@@ -285,27 +285,10 @@ static bool pkey_is_p256(EVP_PKEY *pkey, char *what_buf, size_t what_len) {
 }
 
 int hubkey_public_pem(const struct hubkey *k, char **ret) {
-        _cleanup_(BIO_free_allp) BIO *bio = NULL;
-        char *data, *s;
-        long n;
-
         if (!k || !ret)
                 return -EINVAL;
-        bio = BIO_new(BIO_s_mem());
-        if (!bio)
-                return openssl_errno(-ENOMEM);
-        /* SubjectPublicKeyInfo (RFC 5280 4.1, RFC 5480 2) only, also for the file backend's
-         * private key. */
-        if (PEM_write_bio_PUBKEY(bio, k->pkey) != 1)
-                return openssl_errno(-EIO);
-        n = BIO_get_mem_data(bio, &data);
-        if (n <= 0)
-                return -EIO;
-        s = strndup(data, (size_t) n);
-        if (!s)
-                return -ENOMEM;
-        *ret = s;
-        return 0;
+        /* SubjectPublicKeyInfo (RFC 5280 4.1, RFC 5480 2) only, whatever the key holds. */
+        return pkey_public_pem(k->pkey, ret);
 }
 
 int hubkey_public_jwk(const struct hubkey *k, json_t **ret) {

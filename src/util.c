@@ -9,6 +9,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 
 #include "iothub/util.h"
 
@@ -202,4 +203,26 @@ int openssl_errno(int fallback) {
         if (sys > 0)
                 return -sys;
         return fallback;
+}
+
+int pkey_public_pem(EVP_PKEY *pkey, char **ret) {
+        BIO *bio;
+        char *data, *s = NULL;
+        long n;
+        int r = 0;
+
+        bio = BIO_new(BIO_s_mem());
+        if (!bio)
+                return openssl_errno(-ENOMEM);
+        if (PEM_write_bio_PUBKEY(bio, pkey) != 1)
+                r = openssl_errno(-EIO);
+        else if ((n = BIO_get_mem_data(bio, &data)) <= 0)
+                r = openssl_errno(-EIO);
+        else if (!(s = strndup(data, (size_t) n)))
+                r = -ENOMEM;
+        BIO_free_all(bio);
+        if (r < 0)
+                return r;
+        *ret = s;
+        return 0;
 }

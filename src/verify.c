@@ -403,25 +403,10 @@ int verify_key_from_cert(const char *cert_pem, size_t len, const char *ca_file, 
 }
 
 int verify_key_to_pem(const struct verify_key *k, char **ret) {
-        _cleanup_(BIO_free_allp) BIO *bio = NULL;
-        char *data, *s;
-        long n;
-
         if (!k || !ret)
                 return -EINVAL;
-        bio = BIO_new(BIO_s_mem());
-        if (!bio)
-                return openssl_errno(-ENOMEM);
-        if (PEM_write_bio_PUBKEY(bio, k->pkey) != 1)
-                return openssl_errno(-EIO);
-        n = BIO_get_mem_data(bio, &data);
-        if (n <= 0)
-                return openssl_errno(-EIO);
-        s = strndup(data, (size_t) n);
-        if (!s)
-                return -ENOMEM;
-        *ret = s;
-        return 0;
+        /* SubjectPublicKeyInfo (RFC 5280 4.1, RFC 5480 2) only, whatever the key holds. */
+        return pkey_public_pem(k->pkey, ret);
 }
 
 static int b64url_json(const uint8_t *buf, size_t len, json_t **ret) {

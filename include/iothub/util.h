@@ -10,6 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/types.h>
+
 #define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
 #define _unused_ __attribute__((unused))
 #define _printf_(a, b) __attribute__((format(printf, a, b)))
@@ -99,3 +101,7 @@ int set_error_message(char **ret_error, int r, const char *format, ...) _printf_
  * -ENOMEM, system errors (a file that cannot be opened) their errno, anything else
  * 'fallback'. */
 int openssl_errno(int fallback);
+
+/* The public key of pkey as SubjectPublicKeyInfo PEM (malloc'ed, NUL-terminated). Returns 0
+ * or a negative errno. */
+int pkey_public_pem(EVP_PKEY *pkey, char **ret);
