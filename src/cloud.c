@@ -435,6 +435,10 @@ static void cloud_maybe_send(struct cloud *c) {
         if (h->spool_pending == 0)
                 return;
         if (h->spool_pending < h->conf->cloud.batch_max_frames) {
+                /* Runs after every commit: while the timer for the oldest frame is armed, a
+                 * newer frame cannot make the batch due sooner, so skip the query. */
+                if (sd_event_source_get_enabled(c->batch_timer, NULL) > 0)
+                        return;
                 r = spool_oldest(h->db, NULL, &oldest_usec);
                 if (r < 0)
                         return;
@@ -641,6 +645,9 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
                 c->devices_dirty = false;
                 c->devices_failures = 0;
                 c->devices_backoff_until = 0;
+                /* The timer may still be armed for the list's backoff: the batch schedule is
+                 * worked out afresh (cloud_maybe_send keeps an armed timer). */
+                (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
                 r = db_meta_set(h->db, META_DEVICES_DIRTY, "0");
                 if (r < 0)
                         log_warning_errno(r, "Failed to record the bulb list as sent: %m");
@@ -669,6 +676,8 @@ void cloud_devices_changed(struct cloud *c) {
                 return;
         c->devices_dirty = true;
         c->devices_gen++;
+        if (c->counters.backoff_until <= now_monotonic_usec())
+                (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         /* Persisted: a restart before the PUT still sends it. */
         r = db_meta_set(c->hub->db, META_DEVICES_DIRTY, "1");
         if (r < 0)
