@@ -23,8 +23,11 @@
 
 #define EXIT_CONFIG 78
 #define STATUS_INTERVAL_USEC (5 * UINT64_C(1000000))
-/* How often a key that could not be opened (no TPM yet, no key yet) is tried again. */
-#define KEY_RETRY_USEC (10 * UINT64_C(1000000))
+/* A key that could not be opened (no TPM yet, no key yet) is tried again after 1 s, doubling
+ * up to every 10 s: a TPM that comes up just after the daemon is picked up at once, a missing
+ * one costs a cheap open every 10 s. */
+#define KEY_RETRY_FIRST_USEC (1 * UINT64_C(1000000))
+#define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
         ingest_message(userdata, topic, payload, len);
@@ -178,15 +181,18 @@ int hub_open_key(struct hub *h) {
         r = hubkey_open(h->conf, &h->hubkey, &err);
         if (r < 0) {
                 if (r != h->key_errno)
-                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL, key_error_reason(r),
-                                  "No hub key, cloud uploads and sign-in wait: %s",
+                        log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  key_error_reason(r), "No hub key, %s: %s",
+                                  h->cloud || h->oauth ? "cloud uploads and sign-in wait"
+                                                       : "needed once [cloud] is configured",
                                   err ? err : strerror(-r));
                 h->key_errno = r;
                 free(h->key_error);
                 h->key_error = err ? TAKE_PTR(err) : strdup(strerror(-r));
                 if (!h->key_timer) {
+                        h->key_retry_usec = KEY_RETRY_FIRST_USEC;
                         int k = sd_event_add_time_relative(h->event, &h->key_timer, CLOCK_MONOTONIC,
-                                                           KEY_RETRY_USEC, 0, on_key_timer, h);
+                                                           h->key_retry_usec, 0, on_key_timer, h);
                         if (k < 0)
                                 return log_error_errno(k, "Failed to arm the hub key retry timer: %m");
                 }
@@ -209,8 +215,14 @@ int hub_open_key(struct hub *h) {
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct hub *h = userdata;
 
-        if (hub_open_key(h) < 0 && h->key_timer)
-                (void) sd_event_source_set_time(h->key_timer, usec + KEY_RETRY_USEC);
+        if (hub_open_key(h) < 0 && h->key_timer) {
+                h->key_retry_usec *= 2;
+                if (h->key_retry_usec > KEY_RETRY_MAX_USEC)
+                        h->key_retry_usec = KEY_RETRY_MAX_USEC;
+                /* A relative timer is a one-shot: re-arm it. */
+                (void) sd_event_source_set_time(h->key_timer, usec + h->key_retry_usec);
+                (void) sd_event_source_set_enabled(h->key_timer, SD_EVENT_ONESHOT);
+        }
         return 0;
 }
 

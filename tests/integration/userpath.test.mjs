@@ -1,0 +1,235 @@
+// The user's path (issue 9 items 3-4, issue 10 item 13), with the real daemon and iothubctl:
+// the status key object and the file-backend warning with or without a cloud, TPM errors with a
+// MESSAGE_ID and a hint in the journal (through the native journal protocol, as under systemd),
+// the sign-in hint, the file key given to the daemon's user, and sealed tokens loaded when the
+// TPM comes up after the daemon.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs/promises';
+import { openSync, closeSync, fstatSync } from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { Broker, Hub, Swtpm, IOTHUBD, IOTHUBCTL, NOTIFY_LISTEN, confText, freePort, tempDir, waitFor, sleep }
+  from './lib/harness.mjs';
+import { startCloud } from '../cloud/server.mjs';
+import { startAuthServer } from '../oauth/server.mjs';
+
+let dir, broker;
+
+before(async () => {
+  dir = await tempDir();
+  await fs.chmod(dir, 0o755);
+  broker = await Broker.start(dir);
+});
+
+after(async () => {
+  await broker?.stop();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+const MID = {};
+{
+  const h = await fs.readFile(new URL('../../include/iothub/log.h', import.meta.url), 'utf8');
+  for (const m of h.matchAll(/#define IOTHUB_MID_(\w+) "([0-9a-f]{32})"/g)) MID[m[1]] = m[2];
+}
+
+const count = (s, re) => (s.match(new RegExp(re, 'g')) ?? []).length;
+
+// The daemon as systemd runs it: stderr is the journal stream (JOURNAL_STREAM names it), so
+// it logs with sd_journal_sendv() to /run/systemd/journal/socket. In a mount namespace of its
+// own that path is a socket of this test (notify-listen prints each datagram as a line).
+class JournalHub {
+  static async start(conf) {
+    const j = new JournalHub();
+    j.dir = await tempDir('iothub-journal-');
+    await fs.chmod(j.dir, 0o755);
+    j.stateDir = path.join(j.dir, 'state');
+    j.runtimeDir = path.join(j.dir, 'run');
+    await fs.mkdir(j.stateDir, { mode: 0o700 });
+    j.configPath = path.join(j.dir, 'iothub.conf');
+    const c = { hub: { id: 'journal-hub', state_dir: j.stateDir, runtime_dir: j.runtimeDir },
+      mqtt: { host: '127.0.0.1', port: broker.port, client_id: `journal-${process.pid}-${Date.now()}` }, ...conf };
+    await fs.writeFile(j.configPath, confText(c));
+    const run = path.join(j.dir, 'fakerun');
+    await fs.mkdir(path.join(run, 'systemd/journal'), { recursive: true });
+    j.entries = [];
+    j.listener = spawn(NOTIFY_LISTEN, [path.join(run, 'systemd/journal/socket')], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const rl = readline.createInterface({ input: j.listener.stdout });
+    await new Promise((resolve) => rl.on('line', (l) => {
+      if (l === 'LISTENING') { resolve(); return; }
+      const e = {};
+      for (const kv of l.split('|')) { const i = kv.indexOf('='); if (i > 0) e[kv.slice(0, i)] = kv.slice(i + 1); }
+      j.entries.push(e);
+    }));
+    const errPath = path.join(j.dir, 'stderr');
+    const fd = openSync(errPath, 'w');
+    const st = fstatSync(fd, { bigint: true });
+    const env = { ...process.env, JOURNAL_STREAM: `${st.dev}:${st.ino}` };
+    delete env.NOTIFY_SOCKET;
+    j.proc = spawn('unshare', ['-m', '--propagation', 'private', '--', 'sh', '-c',
+      'mount --bind "$1" /run && shift && exec "$@"', 'sh', run, IOTHUBD, '--config', j.configPath],
+    { env, stdio: ['ignore', 'ignore', fd] });
+    closeSync(fd);
+    j.exited = once(j.proc, 'exit');
+    await waitFor(() => j.find(MID.STARTED), 5000, 'the start in the journal');
+    return j;
+  }
+
+  find(mid, pred = () => true) { return this.entries.find((e) => e.MESSAGE_ID === mid && pred(e)); }
+
+  ctl(args) {
+    return new Promise((resolve) => execFile(IOTHUBCTL, ['--config', this.configPath, ...args], { encoding: 'utf8' },
+      (err, stdout, stderr) => resolve({ code: err ? (err.code ?? 1) : 0, stdout, stderr })));
+  }
+
+  async cleanup() {
+    if (this.proc.exitCode === null) { this.proc.kill('SIGTERM'); await this.exited; }
+    this.listener.kill('SIGTERM');
+    await once(this.listener, 'exit').catch(() => {});
+    await fs.rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+async function keyInit(h) {
+  const r = await h.ctl(['key', 'init']);
+  assert.equal(r.code, 0, r.stderr);
+  return r;
+}
+
+test('status has the key object without [cloud] url, and the file-backend warning comes at every start', async () => {
+  const d = await tempDir();
+  const keyFile = path.join(d, 'hub-key.pem');
+  const hub = await Hub.start(broker, { key: { backend: 'file', file: keyFile } }, { dir: d });
+  try {
+    // No key yet: the object is there, with the reason.
+    let st = await hub.status();
+    assert.equal(st.cloud.configured, false);
+    assert.deepEqual(Object.keys(st.key).sort(), ['backend', 'error', 'id', 'signatures']);
+    assert.equal(st.key.backend, 'file');
+    assert.equal(st.key.id, null);
+    assert.match(st.key.error, /hub-key\.pem/);
+    assert.equal(count(hub.log, 'The hub key is a file'), 1, hub.log);
+    await keyInit(hub);
+    const show = JSON.parse((await hub.ctl(['--json', 'key', 'show'])).stdout);
+    // Picked up without a restart (the retry), and announced once.
+    await waitFor(async () => (await hub.status()).key.id === show.id, 8000, 'the new key in status');
+    st = await hub.status();
+    assert.equal(st.key.backend, 'file');
+    assert.equal(st.key.signatures, 0);
+    assert.equal(st.key.error, undefined);
+    assert.match(hub.log, new RegExp(`Hub key ${show.id} \\(file\\)`));
+    await hub.restart();
+    assert.equal(count(hub.log, 'The hub key is a file'), 2, 'the warning again at the second start');
+    assert.equal((await hub.status()).key.id, show.id, 'the key is open right after the start');
+  } finally {
+    await hub.cleanup();
+  }
+});
+
+test('TPM missing: the journal entry has the MESSAGE_ID, the reason, a hint and the caller\'s location', async () => {
+  const j = await JournalHub.start({ key: { backend: 'tpm', tcti: 'device:/nonexistent/tpmrm0' } });
+  try {
+    const e = await waitFor(() => j.find(MID.KEY_UNAVAILABLE), 5000, 'KEY_UNAVAILABLE');
+    assert.equal(e.IOTHUB_REASON, 'tpm_device_missing');
+    assert.match(e.MESSAGE, /TPM device \/nonexistent\/tpmrm0 does not exist: is the TPM enabled\?/);
+    assert.match(e.MESSAGE, /dtoverlay=tpm-slb9670/);
+    assert.equal(e.CODE_FILE, 'src/hub.c');
+    assert.equal(e.CODE_FUNC, 'hub_open_key');
+    assert.match(e.CODE_LINE, /^\d+$/);
+    assert.equal(e.ERRNO, '19', 'ENODEV');
+    // Every entry with a MESSAGE_ID names where it was logged (not log.c).
+    for (const x of j.entries.filter((y) => y.MESSAGE_ID)) {
+      assert.match(x.CODE_FILE ?? '', /^src\/(?!log\.c)/, JSON.stringify(x));
+      assert.ok(x.CODE_FUNC, JSON.stringify(x));
+    }
+    const st = JSON.parse((await j.ctl(['--json', 'status'])).stdout);
+    assert.equal(st.key.id, null);
+    assert.match(st.key.error, /does not exist/);
+    // Retries stay quiet: one entry for one kind of failure.
+    await sleep(3500);
+    assert.equal(j.entries.filter((x) => x.MESSAGE_ID === MID.KEY_UNAVAILABLE).length, 1);
+  } finally {
+    await j.cleanup();
+  }
+});
+
+test('TPM simulator not running, and a TCTI string the loader cannot use: reason and hint', async () => {
+  const port = await freePort();
+  for (const [tcti, reason, hint] of [
+    [`swtpm:host=127.0.0.1,port=${port}`, 'tpm_unreachable', /nothing answers there; is the TPM simulator running/],
+    ['nosuchtcti:foo', 'bad_configuration', /check \[key\] tcti, e\.g\. 'device:\/dev\/tpmrm0'/],
+  ]) {
+    const j = await JournalHub.start({ key: { backend: 'tpm', tcti } });
+    try {
+      const e = await waitFor(() => j.find(MID.KEY_UNAVAILABLE), 5000, `KEY_UNAVAILABLE for ${tcti}`);
+      assert.equal(e.IOTHUB_REASON, reason, e.MESSAGE);
+      assert.match(e.MESSAGE, hint);
+      assert.ok(e.MESSAGE.includes(tcti), 'the message names the TCTI');
+    } finally {
+      await j.cleanup();
+    }
+  }
+});
+
+test('TPM device without permission: iothubctl names group tss', async () => {
+  const d = await tempDir();
+  try {
+    await fs.chmod(d, 0o755);
+    const dev = path.join(d, 'tpmrm0');
+    // A character device only root may open (the null device's numbers), as /dev/tpmrm0 is
+    // root:tss 0660 on a Pi.
+    await new Promise((resolve, reject) => spawn('mknod', ['-m', '0600', dev, 'c', '1', '3'], { stdio: 'inherit' })
+      .on('exit', (c) => (c === 0 ? resolve() : reject(new Error(`mknod ${c}`)))));
+    const conf = path.join(d, 'c.conf');
+    await fs.writeFile(conf, confText({ hub: { id: 'x', state_dir: d, runtime_dir: d }, mqtt: { host: '127.0.0.1' },
+      key: { backend: 'tpm', tcti: `device:${dev}` } }), { mode: 0o644 });
+    const p = spawn('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', IOTHUBCTL, '--config', conf, 'key', 'show'],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    p.stderr.on('data', (x) => { err += x; });
+    const [code] = await once(p, 'exit');
+    assert.equal(code, 1);
+    assert.match(err, new RegExp(`permission denied on ${dev}: the process must be in group tss`));
+  } finally {
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
+
+test('before sign-in the hint is iothubctl login, and bearer_token_file only where it is the source', async () => {
+  const d = await tempDir();
+  const closed = await freePort();
+  const keyFile = path.join(d, 'k.pem');
+  const hub = await Hub.start(broker, {
+    key: { backend: 'file', file: keyFile },
+    cloud: { url: `https://127.0.0.1:${closed}` },
+    oauth: { issuer: `https://127.0.0.1:${closed}`, client_id: 'iothub-hub' },
+  }, { dir: d });
+  try {
+    await keyInit(hub);
+    const st = await waitFor(async () => {
+      const s = await hub.status();
+      return s.key.id && s.cloud.last_error?.startsWith('not signed in') ? s : null;
+    }, 8000, 'the sign-in hint');
+    assert.equal(st.cloud.last_error, "not signed in: run 'iothubctl login'");
+    assert.equal(st.oauth.state, 'login_required');
+    const reg = await hub.ctl(['register']);
+    assert.notEqual(reg.code, 0);
+    assert.match(reg.stderr, /not signed in: run 'iothubctl login' first/);
+    assert.doesNotMatch(hub.log + reg.stderr + JSON.stringify(st), /bearer_token_file/);
+  } finally {
+    await hub.cleanup();
+  }
+  // No [oauth] and no fixed token: the way to sign in, still not the development aid.
+  const d2 = await tempDir();
+  const h2 = await Hub.start(broker, { key: { backend: 'file', file: keyFile }, cloud: { url: `https://127.0.0.1:${closed}` } },
+    { dir: d2 });
+  try {
+    const st = await h2.status();
+    assert.match(st.cloud.last_error, /^not signed in: configure \[oauth\]/);
+    assert.doesNotMatch(h2.log, /bearer_token_file/);
+  } finally {
+    await h2.cleanup();
+  }
+});
