@@ -233,3 +233,75 @@ test('before sign-in the hint is iothubctl login, and bearer_token_file only whe
     await h2.cleanup();
   }
 });
+
+// Runs 'iothubctl login' as a user would, and plays the user at the provider.
+async function login(h, as) {
+  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '', err = '';
+  p.stderr.on('data', (d) => { err += d; });
+  const rl = readline.createInterface({ input: p.stdout });
+  const code = await new Promise((resolve, reject) => {
+    let next = false;
+    rl.on('line', (l) => {
+      out += `${l}\n`;
+      if (next && l.trim()) { resolve(l.trim()); next = false; }
+      if (/enter the code/.test(l)) next = true;
+    });
+    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
+  });
+  await as.approve(code, { account: 'alice' });
+  const [exitCode] = await once(p, 'exit');
+  assert.equal(exitCode, 0, `${out} ${err}`);
+}
+
+test('issue 10 item 13: the TPM comes up after the daemon, and the sealed tokens are loaded then', async () => {
+  const d = await tempDir();
+  await fs.chmod(d, 0o755);
+  const tpmDir = path.join(d, 'tpm');
+  let tpm = await Swtpm.start(tpmDir);
+  const auth = await startAuthServer({ dir: path.join(d, 'as'), accessTokenTtl: 600, interval: 1 });
+  const hooks = auth.cloudHooks();
+  await fs.mkdir(path.join(d, 'hub'));
+  const cloud = await startCloud({ dir: path.join(d, 'cloud'), verifyToken: hooks.verifyToken, verifyDpop: hooks.verifyDpop });
+  const hub = await Hub.start(broker, {
+    key: { backend: 'tpm', tcti: tpm.tcti },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, timeout_s: 5 },
+    oauth: { issuer: auth.issuer, client_id: auth.clientId, scope: 'openid offline_access iothub', ca_file: auth.caFile },
+  }, { dir: path.join(d, 'hub') });
+  try {
+    await keyInit(hub);
+    await waitFor(async () => (await hub.status()).key.id, 8000, 'the key');
+    const kid = (await hub.status()).key.id;
+    await login(hub, auth);
+    assert.equal((await hub.status()).oauth.state, 'ok');
+
+    // The hub restarts while the TPM is away (a module loaded late, a simulator started later).
+    await hub.stop();
+    await tpm.stop();
+    hub.log = '';
+    await hub.start();
+    let st = await hub.status();
+    assert.equal(st.key.id, null);
+    assert.match(st.key.error, /nothing answers there/);
+    assert.equal(st.oauth.state, 'login_required');
+    assert.match(st.oauth.last_error, /no hub key yet/);
+
+    tpm = await Swtpm.startAt(tpmDir, tpm.port);
+    st = await waitFor(async () => {
+      const s = await hub.status();
+      return s.key.id && s.oauth.state === 'ok' ? s : null;
+    }, 15000, 'the key and the stored tokens after the TPM came up');
+    assert.equal(st.key.id, kid);
+    assert.match(hub.log, /Loaded the stored sign-in tokens/);
+    // The tokens work: registering needs the signed-in account.
+    const reg = await hub.ctl(['register']);
+    assert.equal(reg.code, 0, reg.stderr);
+    assert.equal(cloud.state.hubs.get('test-hub').account, 'alice');
+  } finally {
+    await hub.cleanup();
+    await cloud.close();
+    await auth.close();
+    await tpm.stop();
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
