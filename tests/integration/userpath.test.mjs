@@ -305,3 +305,60 @@ test('issue 10 item 13: the TPM comes up after the daemon, and the sealed tokens
     await fs.rm(d, { recursive: true, force: true });
   }
 });
+
+// Runs iothubctl as another user (setpriv), as a person or the daemon's user would.
+async function ctlAs(user, group, configPath, args) {
+  const p = spawn('setpriv', [`--reuid=${user}`, `--regid=${group}`, '--clear-groups', IOTHUBCTL, '--config', configPath, ...args],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '', err = '';
+  p.stdout.on('data', (x) => { out += x; });
+  p.stderr.on('data', (x) => { err += x; });
+  const [code] = await once(p, 'exit');
+  return { code, stdout: out, stderr: err };
+}
+
+test('key init with backend = file, run as root, gives the key to the daemon\'s user; as another user it refuses', async () => {
+  const d = await tempDir();
+  try {
+    await fs.chmod(d, 0o755);
+    const state = path.join(d, 'state');
+    await fs.mkdir(state, { mode: 0o700 });
+    await fs.chown(state, 65534, 65534); // the daemon's user owns its state directory (StateDirectory=)
+    const keyFile = path.join(d, 'hub-key.pem');
+    const conf = path.join(d, 'c.conf');
+    await fs.writeFile(conf, confText({ hub: { id: 'x', state_dir: state, runtime_dir: d }, mqtt: { host: '127.0.0.1' },
+      key: { backend: 'file', file: keyFile } }), { mode: 0o644 });
+
+    // Another user that is not the daemon's: a clear refusal, and no key file.
+    await fs.chown(state, 0, 0);
+    let r = await ctlAs('nobody', 'nogroup', conf, ['key', 'init']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /must belong to the daemon's user root \(the owner of .*state\): run this as root$/m);
+    await assert.rejects(fs.stat(keyFile));
+
+    await fs.chown(state, 65534, 65534);
+    const hub = new Hub(d);
+    hub.configPath = conf;
+    r = await hub.ctl(['key', 'init']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /Key file .*hub-key\.pem now belongs to nobody, the daemon's user/);
+    const st = await fs.stat(keyFile);
+    assert.equal(st.uid, 65534);
+    assert.equal(st.gid, 65534);
+    assert.equal(st.mode & 0o777, 0o600);
+    // The daemon's user can read it (as the daemon would); the id is the one root made.
+    const asDaemon = await ctlAs('nobody', 'nogroup', conf, ['--json', 'key', 'show']);
+    assert.equal(asDaemon.code, 0, asDaemon.stderr);
+    assert.match(r.stdout, new RegExp(JSON.parse(asDaemon.stdout).id));
+    // Idempotent: a second run keeps the key and its owner.
+    r = await hub.ctl(['key', 'init']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /Kept the existing hub key/);
+    assert.equal((await fs.stat(keyFile)).uid, 65534);
+    // The daemon's user itself may run it too.
+    r = await ctlAs('nobody', 'nogroup', conf, ['key', 'init']);
+    assert.equal(r.code, 0, r.stderr);
+  } finally {
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
