@@ -955,6 +955,7 @@ int cloud_status_json(struct cloud *c, json_t *o) {
         if (!cl)
                 return -ENOMEM;
         (void) json_object_set_new(cl, "devices_synced", json_boolean(!c->devices_dirty));
+        (void) json_object_set_new(cl, "registered", json_boolean(c->registered));
         (void) json_object_set_new(o, "cloud", cl);
         return 0;
 }

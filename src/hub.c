@@ -51,6 +51,26 @@ static void on_mqtt_published(void *userdata, int mid) {
         commands_on_published(h->commands, mid);
 }
 
+/* IOTHUB_REASON= of a key that cannot be opened; the catalog entry explains each. */
+static const char *key_error_reason(int r) {
+        switch (r) {
+        case -ENOENT:
+                return "no_key";
+        case -ENODEV:
+                return "tpm_device_missing";
+        case -EACCES:
+        case -EPERM:
+                return "permission_denied";
+        case -ECONNREFUSED:
+                return "tpm_unreachable";
+        case -EINVAL:
+        case -EOPNOTSUPP:
+                return "bad_configuration";
+        default:
+                return "tpm_error";
+        }
+}
+
 int hub_status_json(struct hub *h, json_t **ret) {
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
         json_t *rejected, *o, *key;
@@ -88,8 +108,9 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
                                 hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
         else
-                key = json_pack("{s:s,s:n,s:I,s:s*}", "backend", key_backend_to_string(h->conf->key.backend), "id",
-                                "signatures", (json_int_t) 0, "error", h->key_error);
+                key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
+                                "id", "signatures", (json_int_t) 0, "error", h->key_error, "reason",
+                                h->key_errno ? key_error_reason(h->key_errno) : NULL);
         if (!key || json_object_set_new(o, "key", key) < 0) {
                 json_decref(o);
                 return -ENOMEM;
@@ -144,26 +165,6 @@ static int on_sigterm(sd_event_source *s, const struct signalfd_siginfo *si, voi
         log_event(LOG_INFO, 0, IOTHUB_MID_STOPPING, NULL, NULL, "Received %s, stopping",
                   si->ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
         return sd_event_exit(h->event, 0);
-}
-
-/* IOTHUB_REASON= of a key that cannot be opened; the catalog entry explains each. */
-static const char *key_error_reason(int r) {
-        switch (r) {
-        case -ENOENT:
-                return "no_key";
-        case -ENODEV:
-                return "tpm_device_missing";
-        case -EACCES:
-        case -EPERM:
-                return "permission_denied";
-        case -ECONNREFUSED:
-                return "tpm_unreachable";
-        case -EINVAL:
-        case -EOPNOTSUPP:
-                return "bad_configuration";
-        default:
-                return "tpm_error";
-        }
 }
 
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);

@@ -12,6 +12,7 @@
 
 #include "iothub/conf.h"
 #include "iothub/control.h"
+#include "iothub/doctor.h"
 #include "iothub/hubkey.h"
 
 #define EXIT_USAGE 64
@@ -27,6 +28,7 @@ struct ctl {
 static int usage(void) {
         fprintf(stderr, "Usage: iothubctl [--config FILE] [--json] COMMAND\n"
                         "  status                            the daemon's state and counters\n"
+                        "  doctor                            check the set-up, name the first thing to fix\n"
                         "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
                         "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
                         "  bulb list                         enrolled bulbs\n"
@@ -484,6 +486,38 @@ static int cmd_logout(struct ctl *ctl, int argc, char **argv) {
         return 0;
 }
 
+/* Runs before the configuration is loaded: a broken configuration is its first finding. */
+static int cmd_doctor(struct ctl *ctl, int argc, char **argv) {
+        json_t *rep = NULL, *chk;
+        const char *first;
+        size_t i;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = doctor_run(ctl->config, &rep);
+        if (r < 0)
+                return fail("doctor: %s", strerror(-r));
+        first = json_string_value(json_object_get(rep, "first_failure"));
+        if (ctl->json)
+                print_json(rep);
+        else {
+                json_array_foreach(json_object_get(rep, "checks"), i, chk) {
+                        const char *res = json_string_value(json_object_get(chk, "result"));
+                        printf("%-8s %-11s %s\n", streq_ptr(res, "fail") ? "FAIL" : res,
+                               json_string_value(json_object_get(chk, "check")),
+                               json_string_value(json_object_get(chk, "message")));
+                }
+                if (first)
+                        printf("\nFix first: %s: %s\n", first,
+                               json_string_value(json_object_get(rep, "first_failure_message")));
+                else
+                        printf("\nNo problem found.\n");
+        }
+        json_decref(rep);
+        return first ? 1 : 0;
+}
+
 int main(int argc, char *argv[]) {
         struct ctl ctl = { .config = IOTHUB_DEFAULT_CONFIG };
         _cleanup_free_ char *err = NULL;
@@ -509,6 +543,8 @@ int main(int argc, char *argv[]) {
                 return usage();
         /* tpm2-tss would print its own lines; our one-line errors carry the decoded TPM error. */
         (void) setenv("TSS2_LOG", "all+none", 0);
+        if (streq(args[0], "doctor"))
+                return cmd_doctor(&ctl, n - 1, args + 1);
         r = conf_load(ctl.config, &ctl.conf, &err);
         if (r < 0) {
                 fprintf(stderr, "iothubctl: %s\n", err ? err : strerror(-r));
