@@ -304,8 +304,10 @@ int doctor_run(const char *config_path, json_t **ret) {
                 add(&rep, "spool", DOCTOR_SKIPPED, "the daemon is not running");
 
 done:
-        o = json_pack("{s:o,s:s*,s:s*}", "checks", rep.checks, "first_failure", rep.first_failure,
-                      "first_failure_message", rep.first_failure ? rep.first_message : NULL);
+        /* "first_failure": null when all is well (s* would leave the key out). */
+        o = json_pack("{s:o,s:o,s:o}", "checks", rep.checks, "first_failure",
+                      rep.first_failure ? json_string(rep.first_failure) : json_null(), "first_failure_message",
+                      rep.first_failure ? json_string(rep.first_message) : json_null());
         json_decref(st);
         if (!o)
                 return -ENOMEM;
