@@ -362,3 +362,28 @@ test('key init with backend = file, run as root, gives the key to the daemon\'s 
     await fs.rm(d, { recursive: true, force: true });
   }
 });
+
+test('man pages: every iothubctl command is documented, none called unimplemented, status fields listed', async () => {
+  const man = async (f) => fs.readFile(new URL(`../../man/${f}`, import.meta.url), 'utf8');
+  const pages = { ctl: await man('iothubctl.1.scd'), conf: await man('iothub.conf.5.scd'), d: await man('iothubd.8.scd'),
+    proto: await man('iothub-protocol.7.scd') };
+  for (const [name, text] of Object.entries(pages))
+    assert.doesNotMatch(text, /not yet implemented|in this version/i, `${name}: a stale claim`);
+  const help = await new Promise((resolve) => execFile(IOTHUBCTL, ['--help'], { encoding: 'utf8' },
+    (err, stdout, stderr) => resolve(stdout + stderr)));
+  const cmds = [...help.matchAll(/^ {2}([a-z]+(?: (?:add|list|remove|init|show))?)\s/gm)].map((m) => m[1]);
+  assert.ok(cmds.length >= 10, help);
+  const synopsis = pages.ctl.slice(pages.ctl.indexOf('# SYNOPSIS'), pages.ctl.indexOf('# DESCRIPTION'));
+  const commands = pages.ctl.slice(pages.ctl.indexOf('# COMMANDS'), pages.ctl.indexOf('# ACCESS'));
+  for (const c of cmds) {
+    const words = c.split(' ');
+    assert.ok(words.every((w) => synopsis.includes(`*${w}`) || synopsis.includes(`${w}*`) || synopsis.includes(`|${w}`)),
+      `SYNOPSIS lacks '${c}'`);
+    assert.match(commands, new RegExp(`^\\*${c.replace(' ', ' ')}\\*`, 'm'), `COMMANDS lacks '${c}'`);
+  }
+  for (const f of ['key.backend', 'key.id', 'key.signatures', 'key.error', 'key.reason', 'cloud.registered'])
+    assert.ok(pages.ctl.includes(`*${f}*`), `iothubctl(1) lists ${f}`);
+  // The key object is there without a cloud (the first test shows the daemon's side).
+  assert.match(pages.ctl, /Present whether or\s+not a \[cloud\] \*url\* is set/);
+  assert.match(pages.d, /iothub\.catalog/);
+});
