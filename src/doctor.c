@@ -65,7 +65,9 @@ static json_t *daemon_status(const struct iothub_conf *c, char *why, size_t len)
                 (void) snprintf(why, len, "out of memory");
                 return NULL;
         }
-        r = control_call(path, json_pack("{s:s}", "cmd", "status"), &resp);
+        json_t *req = json_pack("{s:s}", "cmd", "status");
+        r = req ? control_call(path, req, &resp) : -ENOMEM;
+        json_decref(req);
         if (r == -ENOENT || r == -ECONNREFUSED)
                 (void) snprintf(why, len,
                                 "the daemon is not running (no socket at %s): start it with 'systemctl start iothub', "

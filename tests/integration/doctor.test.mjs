@@ -48,8 +48,12 @@ async function doctor() {
   const order = ['config', 'daemon', 'broker', 'key', 'signed-in', 'registered', 'cloud', 'clock', 'spool'];
   assert.deepEqual(rep.checks.map((c) => c.check), order, 'every check, in order');
   assert.equal(lines.length, order.length, text.stdout);
-  for (const [i, c] of rep.checks.entries())
-    assert.ok(lines[i].startsWith(c.result === 'fail' ? 'FAIL' : c.result) && lines[i].includes(c.message), lines[i]);
+  // The two runs are a moment apart (the uptime may differ): compare without numbers.
+  const nonum = (x) => x.replace(/\d+/g, 'N');
+  for (const [i, c] of rep.checks.entries()) {
+    assert.ok(lines[i].startsWith(c.result === 'fail' ? 'FAIL' : c.result), lines[i]);
+    assert.ok(nonum(lines[i]).includes(nonum(c.message)), `${lines[i]} / ${c.message}`);
+  }
   const first = rep.checks.find((c) => c.result === 'fail');
   assert.equal(rep.first_failure, first?.check ?? null);
   const byName = Object.fromEntries(rep.checks.map((c) => [c.check, c]));
@@ -151,5 +155,11 @@ test('the daemon stopped, then a broken configuration: each is the first thing t
   } finally {
     await fs.writeFile(hub.configPath, good);
   }
+  const mark = hub.log.length;
   await hub.start();
+  // Stopping during OAuth discovery leaks its call (issue 10 item 6, http_cancel): let it end.
+  await waitFor(() => /OAuth server /.test(hub.log.slice(mark)), 10000, 'discovery');
+  const r = await hub.stop();
+  assert.doesNotMatch(hub.log, /AddressSanitizer|LeakSanitizer|runtime error/, hub.log);
+  assert.equal(r.code, 0);
 });

@@ -92,6 +92,13 @@ class JournalHub {
   }
 }
 
+// A clean stop: exit status 0, nothing from the sanitizers (under make asan).
+async function stopClean(h) {
+  const r = await h.stop();
+  assert.doesNotMatch(h.log, /AddressSanitizer|LeakSanitizer|runtime error/, h.log);
+  assert.equal(r.code, 0, `exit ${r.code} ${r.signal}: ${h.log}`);
+}
+
 async function keyInit(h) {
   const r = await h.ctl(['key', 'init']);
   assert.equal(r.code, 0, r.stderr);
@@ -106,7 +113,8 @@ test('status has the key object without [cloud] url, and the file-backend warnin
     // No key yet: the object is there, with the reason.
     let st = await hub.status();
     assert.equal(st.cloud.configured, false);
-    assert.deepEqual(Object.keys(st.key).sort(), ['backend', 'error', 'id', 'signatures']);
+    assert.deepEqual(Object.keys(st.key).sort(), ['backend', 'error', 'id', 'reason', 'signatures']);
+    assert.equal(st.key.reason, 'no_key');
     assert.equal(st.key.backend, 'file');
     assert.equal(st.key.id, null);
     assert.match(st.key.error, /hub-key\.pem/);
@@ -119,10 +127,12 @@ test('status has the key object without [cloud] url, and the file-backend warnin
     assert.equal(st.key.backend, 'file');
     assert.equal(st.key.signatures, 0);
     assert.equal(st.key.error, undefined);
+    assert.equal(st.key.reason, undefined);
     assert.match(hub.log, new RegExp(`Hub key ${show.id} \\(file\\)`));
     await hub.restart();
     assert.equal(count(hub.log, 'The hub key is a file'), 2, 'the warning again at the second start');
     assert.equal((await hub.status()).key.id, show.id, 'the key is open right after the start');
+    await stopClean(hub);
   } finally {
     await hub.cleanup();
   }
@@ -218,6 +228,7 @@ test('before sign-in the hint is iothubctl login, and bearer_token_file only whe
     assert.notEqual(reg.code, 0);
     assert.match(reg.stderr, /not signed in: run 'iothubctl login' first/);
     assert.doesNotMatch(hub.log + reg.stderr + JSON.stringify(st), /bearer_token_file/);
+    await stopClean(hub);
   } finally {
     await hub.cleanup();
   }
@@ -297,6 +308,7 @@ test('issue 10 item 13: the TPM comes up after the daemon, and the sealed tokens
     const reg = await hub.ctl(['register']);
     assert.equal(reg.code, 0, reg.stderr);
     assert.equal(cloud.state.hubs.get('test-hub').account, 'alice');
+    await stopClean(hub);
   } finally {
     await hub.cleanup();
     await cloud.close();
