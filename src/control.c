@@ -233,8 +233,8 @@ static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *r
         if (r == -ENOKEY)
                 return error_reply(ctl->hub->conf->oauth.issuer
                                            ? "not signed in: run 'iothubctl login' first"
-                                           : "no access token: set [cloud] bearer_token_file (tests and development) "
-                                             "or configure [oauth] and run 'iothubctl login'");
+                                           : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
+                                             "'iothubctl login'");
         if (r < 0)
                 return error_reply("cannot register: %s", strerror(-r));
         return CONTROL_PENDING;
