@@ -936,7 +936,6 @@ void oauth_key_ready(struct oauth *o) {
 }
 
 int oauth_new(struct hub *h, struct oauth **ret) {
-        _cleanup_free_ char *err = NULL;
         struct oauth *o;
         int r;
 
