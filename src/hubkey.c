@@ -360,7 +360,7 @@ static int tpm_device_check(const char *tcti_conf, char **ret_error) {
         if (!S_ISCHR(st.st_mode))
                 return set_error_message(ret_error, -ENODEV, "TPM: %s is not a character device ([key] tcti = '%s')",
                                          dev, tcti_conf);
-        if (access(dev, R_OK | W_OK) < 0) {
+        if (faccessat(AT_FDCWD, dev, R_OK | W_OK, AT_EACCESS) < 0) {
                 if (errno == EACCES || errno == EPERM)
                         return set_error_message(
                                 ret_error, -EACCES,
