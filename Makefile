@@ -136,6 +136,7 @@ install: all
 	install -Dm0755 $(BUILD)/iothubctl $(DESTDIR)$(PREFIX)/bin/iothubctl
 	install -Dm0644 systemd/iothub.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub.service
 	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
+	install -Dm0644 systemd/iothub.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/iothub.catalog
 	install -Dm0640 etc/iothub.conf $(DESTDIR)/etc/iothub.conf
 	for m in $(MANS); do s=$${m##*.}; install -Dm0644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/$${m##*/}; done
 

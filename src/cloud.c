@@ -27,7 +27,6 @@
 #include "iothub/registry.h"
 #include "iothub/spool.h"
 
-#define CLOUD_KEY_RETRY_USEC (10 * UINT64_C(1000000))
 #define META_DEVICES_DIRTY "devices_dirty"
 #define META_REGISTERED "registered"
 
@@ -55,7 +54,7 @@ struct cloud_req {
 struct cloud {
         struct hub *hub;
         char *base_url; /* without a trailing '/' */
-        sd_event_source *batch_timer, *key_timer;
+        sd_event_source *batch_timer;
         struct cloud_req *status_req, *devices_req;
         struct cloud_req *others; /* register requests */
         bool refreshing;          /* a status batch waits for oauth_refresh() */
@@ -157,7 +156,12 @@ static int cloud_load_token(struct cloud *c) {
         int r;
 
         if (!path) {
-                set_last_error(c, "no access token: set [cloud] bearer_token_file");
+                /* Sign-in is the user's way; bearer_token_file is a development aid, not a hint. */
+                if (c->hub->conf->oauth.issuer)
+                        set_last_error(c, "not signed in: [oauth] client_id is not set");
+                else
+                        set_last_error(c, "not signed in: configure [oauth] (see iothub.conf(5)), then run "
+                                          "'iothubctl login'");
                 return -ENOKEY;
         }
         r = read_file_limited(path, CLOUD_TOKEN_MAX + 2, &t, &len);
@@ -389,34 +393,19 @@ static int cloud_send_batch(struct cloud *c) {
         return 0;
 }
 
-static int cloud_open_key(struct cloud *c) {
-        struct hub *h = c->hub;
-        _cleanup_free_ char *err = NULL;
-        int r;
-
-        if (h->hubkey)
-                return 0;
-        r = hubkey_open(h->conf, &h->hubkey, &err);
-        if (r < 0) {
-                set_last_error(c, "no hub key: %s", err ? err : strerror(-r));
-                return r;
-        }
-        if (hubkey_backend(h->hubkey) == KEY_BACKEND_FILE)
-                log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
-                          "The hub key is a file (%s), a development aid: use [key] backend = tpm",
-                          h->conf->key.file);
-        log_info("Hub key %s (%s)", hubkey_id(h->hubkey), key_backend_to_string(hubkey_backend(h->hubkey)));
-        return 0;
-}
-
 static void cloud_maybe_send(struct cloud *c) {
         struct hub *h = c->hub;
         uint64_t now = now_monotonic_usec();
         int64_t oldest_usec = 0;
         int r;
 
-        if (!h->hubkey || !cloud_have_token(c))
+        if (!h->hubkey)
                 return;
+        if (!cloud_have_token(c)) {
+                if (h->oauth && oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
+                        set_last_error(c, "not signed in: run 'iothubctl login'");
+                return;
+        }
         /* Nothing goes up before the hub is registered: the cloud could not check it. */
         if (!c->registered) {
                 set_last_error(c, "not registered yet: run 'iothubctl register'");
@@ -697,7 +686,8 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         char *body;
         int r;
 
-        r = cloud_open_key(c);
+        /* The user may just have run 'iothubctl key init': try now rather than at the next retry. */
+        r = hub_open_key(h);
         if (r < 0)
                 return r;
         if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
@@ -859,16 +849,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         cloud_maybe_send(c);
 }
 
-static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        struct cloud *c = userdata;
-
-        if (cloud_open_key(c) < 0) {
-                (void) sd_event_source_set_time(s, usec + CLOUD_KEY_RETRY_USEC);
-                return 0;
-        }
-        (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+/* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
+void cloud_key_ready(struct cloud *c) {
+        if (!c)
+                return;
+        if (strncmp(c->counters.last_error, "no hub key", strlen("no hub key")) == 0)
+                c->counters.last_error[0] = '\0';
         cloud_maybe_send(c);
-        return 0;
 }
 
 int cloud_new(struct hub *h, struct cloud **ret) {
@@ -921,14 +908,8 @@ int cloud_new(struct hub *h, struct cloud **ret) {
                 if (r < 0)
                         log_error("Cloud uploads wait: %s", c->counters.last_error);
         }
-        r = cloud_open_key(c);
-        if (r < 0) {
-                log_error("Cloud uploads wait: %s", c->counters.last_error);
-                r = sd_event_add_time_relative(h->event, &c->key_timer, CLOCK_MONOTONIC, CLOUD_KEY_RETRY_USEC, 0,
-                                               on_key_timer, c);
-                if (r < 0)
-                        goto fail;
-        }
+        if (!h->hubkey && !c->counters.last_error[0])
+                set_last_error(c, "no hub key yet");
         *ret = c;
         return 0;
 fail:
@@ -949,7 +930,6 @@ void cloud_free(struct cloud *c) {
                 req_free(q);
         }
         sd_event_source_disable_unref(c->batch_timer);
-        sd_event_source_disable_unref(c->key_timer);
         erase_and_freep_str(&c->token);
         json_decref(c->rejected_reasons);
         free(c->base_url);
@@ -957,9 +937,8 @@ void cloud_free(struct cloud *c) {
 }
 
 int cloud_status_json(struct cloud *c, json_t *o) {
-        struct hub *h = c ? c->hub : NULL;
         uint64_t now = now_monotonic_usec();
-        json_t *cl, *key;
+        json_t *cl;
 
         if (!c) {
                 (void) json_object_set_new(o, "cloud", json_pack("{s:b}", "configured", 0));
@@ -976,14 +955,8 @@ int cloud_status_json(struct cloud *c, json_t *o) {
         if (!cl)
                 return -ENOMEM;
         (void) json_object_set_new(cl, "devices_synced", json_boolean(!c->devices_dirty));
+        (void) json_object_set_new(cl, "registered", json_boolean(c->registered));
         (void) json_object_set_new(o, "cloud", cl);
-        if (h->hubkey)
-                key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
-                                hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
-        else
-                key = json_pack("{s:s,s:n,s:I}", "backend", key_backend_to_string(h->conf->key.backend), "id",
-                                "signatures", (json_int_t) 0);
-        (void) json_object_set_new(o, "key", key);
         return 0;
 }
 

@@ -228,8 +228,13 @@ static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *r
         if (!ctl->hub->cloud)
                 return error_reply("[cloud] url is not set in %s", ctl->hub->conf->path);
         r = cloud_register(ctl->hub->cloud, on_register_done, conn);
+        if (r < 0 && !ctl->hub->hubkey)
+                return error_reply("no hub key: %s", ctl->hub->key_error ? ctl->hub->key_error : strerror(-r));
         if (r == -ENOKEY)
-                return error_reply("no access token: sign in first (or set [cloud] bearer_token_file)");
+                return error_reply(ctl->hub->conf->oauth.issuer
+                                           ? "not signed in: run 'iothubctl login' first"
+                                           : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
+                                             "'iothubctl login'");
         if (r < 0)
                 return error_reply("cannot register: %s", strerror(-r));
         return CONTROL_PENDING;

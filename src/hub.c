@@ -23,6 +23,11 @@
 
 #define EXIT_CONFIG 78
 #define STATUS_INTERVAL_USEC (5 * UINT64_C(1000000))
+/* A key that could not be opened (no TPM yet, no key yet) is tried again after 1 s, doubling
+ * up to every 10 s: a TPM that comes up just after the daemon is picked up at once, a missing
+ * one costs a cheap open every 10 s. */
+#define KEY_RETRY_FIRST_USEC (1 * UINT64_C(1000000))
+#define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
         ingest_message(userdata, topic, payload, len);
@@ -46,9 +51,29 @@ static void on_mqtt_published(void *userdata, int mid) {
         commands_on_published(h->commands, mid);
 }
 
+/* IOTHUB_REASON= of a key that cannot be opened; the catalog entry explains each. */
+static const char *key_error_reason(int r) {
+        switch (r) {
+        case -ENOENT:
+                return "no_key";
+        case -ENODEV:
+                return "tpm_device_missing";
+        case -EACCES:
+        case -EPERM:
+                return "permission_denied";
+        case -ECONNREFUSED:
+                return "tpm_unreachable";
+        case -EINVAL:
+        case -EOPNOTSUPP:
+                return "bad_configuration";
+        default:
+                return "tpm_error";
+        }
+}
+
 int hub_status_json(struct hub *h, json_t **ret) {
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
-        json_t *rejected, *o;
+        json_t *rejected, *o, *key;
         int r;
 
         r = spool_moved_aside_count(h->db, &moved_aside);
@@ -78,6 +103,18 @@ int hub_status_json(struct hub *h, json_t **ret) {
                       (json_int_t) enrolled, "revoked", (json_int_t) revoked);
         if (!o)
                 return -ENOMEM;
+        /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
+        if (h->hubkey)
+                key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
+                                hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
+        else
+                key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
+                                "id", "signatures", (json_int_t) 0, "error", h->key_error, "reason",
+                                h->key_errno ? key_error_reason(h->key_errno) : NULL);
+        if (!key || json_object_set_new(o, "key", key) < 0) {
+                json_decref(o);
+                return -ENOMEM;
+        }
         r = cloud_status_json(h->cloud, o);
         if (r >= 0)
                 r = oauth_status_json(h->oauth, o);
@@ -128,6 +165,66 @@ static int on_sigterm(sd_event_source *s, const struct signalfd_siginfo *si, voi
         log_event(LOG_INFO, 0, IOTHUB_MID_STOPPING, NULL, NULL, "Received %s, stopping",
                   si->ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
         return sd_event_exit(h->event, 0);
+}
+
+static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
+
+/* The one place the hub key is opened. Once it is open, every module that needs it hears of
+ * it (cloud, sign-in, commands); until then a timer tries again, so that a TPM that comes up
+ * after the daemon (a module loaded late, swtpm started later) is picked up without a restart.
+ * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do. */
+int hub_open_key(struct hub *h) {
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (h->hubkey)
+                return 0;
+        r = hubkey_open(h->conf, &h->hubkey, &err);
+        if (r < 0) {
+                if (r != h->key_errno)
+                        log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  key_error_reason(r), "No hub key, %s: %s",
+                                  h->cloud || h->oauth ? "cloud uploads and sign-in wait"
+                                                       : "needed once [cloud] is configured",
+                                  err ? err : strerror(-r));
+                h->key_errno = r;
+                free(h->key_error);
+                h->key_error = err ? TAKE_PTR(err) : strdup(strerror(-r));
+                if (!h->key_timer) {
+                        h->key_retry_usec = KEY_RETRY_FIRST_USEC;
+                        int k = sd_event_add_time_relative(h->event, &h->key_timer, CLOCK_MONOTONIC,
+                                                           h->key_retry_usec, 0, on_key_timer, h);
+                        if (k < 0)
+                                return log_error_errno(k, "Failed to arm the hub key retry timer: %m");
+                }
+                return r;
+        }
+        h->key_errno = 0;
+        free(h->key_error);
+        h->key_error = NULL;
+        h->key_timer = sd_event_source_disable_unref(h->key_timer);
+        log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s)", hubkey_id(h->hubkey),
+                  key_backend_to_string(hubkey_backend(h->hubkey)));
+        /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
+        oauth_key_ready(h->oauth);
+        cloud_key_ready(h->cloud);
+        commands_kick(h->commands);
+        hub_notify_status(h);
+        return 0;
+}
+
+static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct hub *h = userdata;
+
+        if (hub_open_key(h) < 0 && h->key_timer) {
+                h->key_retry_usec *= 2;
+                if (h->key_retry_usec > KEY_RETRY_MAX_USEC)
+                        h->key_retry_usec = KEY_RETRY_MAX_USEC;
+                /* A relative timer is a one-shot: re-arm it. */
+                (void) sd_event_source_set_time(h->key_timer, usec + h->key_retry_usec);
+                (void) sd_event_source_set_enabled(h->key_timer, SD_EVENT_ONESHOT);
+        }
+        return 0;
 }
 
 /* Keys that the running daemon cannot change: report each, keep the value it runs with. */
@@ -200,6 +297,8 @@ static void hub_done(struct hub *h) {
         cloud_free(h->cloud);
         http_free(h->http);
         hubkey_free(h->hubkey);
+        sd_event_source_disable_unref(h->key_timer);
+        free(h->key_error);
         control_free(h->control);
         sd_event_source_disable_unref(h->sigterm);
         sd_event_source_disable_unref(h->sigint);
@@ -327,6 +426,12 @@ int hub_run(const char *config_path, int log_level_override) {
 
         (void) sd_notify(false, "READY=1");
         hub_notify_status(&h);
+        if (h.conf->key.backend == KEY_BACKEND_FILE)
+                log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
+                          "The hub key is a file (%s), a development aid: use [key] backend = tpm",
+                          h.conf->key.file);
+        /* After READY (DESIGN.md "Start-up"): the bulb side never waits for the TPM. */
+        (void) hub_open_key(&h);
         /* Frames left in the spool by the last run go as soon as they are due. */
         cloud_kick(h.cloud);
         log_event(LOG_INFO, 0, IOTHUB_MID_STARTED, NULL, NULL, "iothubd %s started, hub %s, %zu bulbs enrolled",

@@ -332,16 +332,87 @@ static bool tpm_handle_is_valid(uint32_t handle) {
         return handle >= TPM_OWNER_PERSISTENT_FIRST && handle <= TPM_OWNER_PERSISTENT_LAST;
 }
 
+/* The device path of a "device:PATH" TCTI, or NULL for another TCTI (or none: the loader's
+ * default tries several). */
+static const char *tcti_device_path(const char *tcti_conf) {
+        if (tcti_conf && strncmp(tcti_conf, "device:", 7) == 0 && tcti_conf[7])
+                return tcti_conf + 7;
+        return NULL;
+}
+
+static int tpm_device_check(const char *tcti_conf, char **ret_error) {
+        const char *dev = tcti_device_path(tcti_conf);
+        struct stat st;
+
+        if (!dev)
+                return 0;
+        if (stat(dev, &st) < 0) {
+                if (errno == ENOENT)
+                        return set_error_message(
+                                ret_error, -ENODEV,
+                                "TPM: the TPM device %s does not exist: is the TPM enabled? On a Raspberry Pi with "
+                                "a TPM module add 'dtparam=spi=on' and 'dtoverlay=tpm-slb9670' to config.txt and "
+                                "reboot; on a PC enable the TPM in the firmware setup ([key] tcti = '%s')",
+                                dev, tcti_conf);
+                return set_error_message(ret_error, -errno, "TPM: cannot use the TPM device %s: %s", dev,
+                                         strerror(errno));
+        }
+        if (!S_ISCHR(st.st_mode))
+                return set_error_message(ret_error, -ENODEV, "TPM: %s is not a character device ([key] tcti = '%s')",
+                                         dev, tcti_conf);
+        if (faccessat(AT_FDCWD, dev, R_OK | W_OK, AT_EACCESS) < 0) {
+                if (errno == EACCES || errno == EPERM)
+                        return set_error_message(
+                                ret_error, -EACCES,
+                                "TPM: permission denied on %s: the process must be in group tss (iothub.service "
+                                "gives the daemon SupplementaryGroups=tss; run iothubctl as root or add the user "
+                                "to tss)",
+                                dev);
+                return set_error_message(ret_error, -errno, "TPM: cannot use the TPM device %s: %s", dev,
+                                         strerror(errno));
+        }
+        return 0;
+}
+
+/* Adds what to do to a TCTI loader failure: the loader says "IO failure" or "bad value" for a
+ * TPM simulator that does not answer and for a TCTI string it cannot parse alike. */
+static int tcti_hint(int r, const char *tcti_conf, char **ret_error) {
+        _cleanup_free_ char *base = NULL;
+
+        if (!ret_error || !*ret_error)
+                return r;
+        base = TAKE_PTR(*ret_error);
+        if (r == -ECONNREFUSED && tcti_conf &&
+            (strncmp(tcti_conf, "swtpm", 5) == 0 || strncmp(tcti_conf, "mssim", 5) == 0))
+                return set_error_message(ret_error, r,
+                                         "%s: nothing answers there; is the TPM simulator running (swtpm with "
+                                         "--ctrl on port + 1)?",
+                                         base);
+        if (r == -EINVAL || r == -EOPNOTSUPP || r == -ENOENT)
+                return set_error_message(ret_error, -EINVAL,
+                                         "%s: check [key] tcti, e.g. 'device:/dev/tpmrm0' or "
+                                         "'swtpm:host=127.0.0.1,port=2321'",
+                                         base);
+        return set_error_message(ret_error, r, "%s", base);
+}
+
 static int tpm_connect(const char *tcti_conf, TSS2_TCTI_CONTEXT **ret_tcti, ESYS_CONTEXT **ret_esys,
                        char **ret_error) {
         _cleanup_(tctildr_finalizep) TSS2_TCTI_CONTEXT *tcti = NULL;
         _cleanup_(esys_finalizep) ESYS_CONTEXT *esys = NULL;
         TSS2_RC rc;
+        int r;
 
+        /* A TPM character device is checked first, so that the user reads what is wrong
+         * (no device, no permission) instead of the TCTI loader's "IO failure". */
+        r = tpm_device_check(tcti_conf, ret_error);
+        if (r < 0)
+                return r;
         rc = Tss2_TctiLdr_Initialize(tcti_conf, &tcti);
-        if (rc != TSS2_RC_SUCCESS)
-                return tss2_error(rc, ret_error, "connecting to the TPM with TCTI '%s'",
-                                  tcti_conf ?: "(default)");
+        if (rc != TSS2_RC_SUCCESS) {
+                r = tss2_error(rc, ret_error, "connecting to the TPM with TCTI '%s'", tcti_conf ?: "(default)");
+                return tcti_hint(r, tcti_conf, ret_error);
+        }
         rc = Esys_Initialize(&esys, tcti, NULL);
         if (rc != TSS2_RC_SUCCESS)
                 return tss2_error(rc, ret_error, "initializing ESYS for TCTI '%s'", tcti_conf ?: "(default)");

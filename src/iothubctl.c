@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* iothubctl: the operator's tool. Parses the command line, reads the configuration to find
  * the daemon, and asks it over the control socket; it never writes the state itself. */
+#include <fcntl.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <sys/stat.h>
 
@@ -10,6 +12,7 @@
 
 #include "iothub/conf.h"
 #include "iothub/control.h"
+#include "iothub/doctor.h"
 #include "iothub/hubkey.h"
 
 #define EXIT_USAGE 64
@@ -25,6 +28,7 @@ struct ctl {
 static int usage(void) {
         fprintf(stderr, "Usage: iothubctl [--config FILE] [--json] COMMAND\n"
                         "  status                            the daemon's state and counters\n"
+                        "  doctor                            check the set-up, name the first thing to fix\n"
                         "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
                         "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
                         "  bulb list                         enrolled bulbs\n"
@@ -245,17 +249,80 @@ static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
         return 0;
 }
 
+/* The user the daemon runs as: the owner of the state directory (systemd's StateDirectory=
+ * makes it the unit's User=), else the 'iothub' user of the package, else nobody in particular
+ * (-ENOENT: a development set-up where everything runs as one user). */
+static int daemon_user(const struct iothub_conf *c, uid_t *ret_uid, gid_t *ret_gid) {
+        struct passwd *pw;
+        struct stat st;
+
+        if (stat(c->hub.state_dir, &st) == 0) {
+                *ret_uid = st.st_uid;
+                *ret_gid = st.st_gid;
+                return 0;
+        }
+        pw = getpwnam("iothub");
+        if (!pw)
+                return -ENOENT;
+        *ret_uid = pw->pw_uid;
+        *ret_gid = pw->pw_gid;
+        return 0;
+}
+
+static const char *user_name(uid_t uid, char *buf, size_t len) {
+        struct passwd *pw = getpwuid(uid);
+
+        if (pw)
+                return pw->pw_name;
+        (void) snprintf(buf, len, "%u", (unsigned) uid);
+        return buf;
+}
+
+/* With [key] backend = file the daemon reads the key file itself, and it is 0600: made by root
+ * (as the documentation says to run key init) it would lock the daemon out. Gives it to the
+ * daemon's user, through a descriptor opened without following links. */
+static int key_file_give(const char *path, uid_t uid, gid_t gid) {
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+        struct stat st;
+
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (!S_ISREG(st.st_mode))
+                return -EBADF;
+        if (st.st_uid == uid && st.st_gid == gid)
+                return 0;
+        if (fchown(fd, uid, gid) < 0)
+                return -errno;
+        return 1;
+}
+
 static int cmd_key_init(struct ctl *ctl, int argc, char **argv) {
         _cleanup_free_ char *err = NULL;
         _cleanup_(hubkey_freep) struct hubkey *k = NULL;
-        bool created = false;
-        int r;
+        bool created = false, file = ctl->conf->key.backend == KEY_BACKEND_FILE && ctl->conf->key.file;
+        uid_t uid = 0;
+        gid_t gid = 0;
+        char ub[32];
+        int r, given = 0;
 
         if (argc != 0)
                 return usage();
+        if (file && daemon_user(ctl->conf, &uid, &gid) >= 0 && geteuid() != 0 && geteuid() != uid)
+                return fail("key init: the key file %s must belong to the daemon's user %s (the owner of %s): "
+                            "run this as root%s%s",
+                            ctl->conf->key.file, user_name(uid, ub, sizeof ub), ctl->conf->hub.state_dir,
+                            uid != 0 ? " or as " : "", uid != 0 ? user_name(uid, ub, sizeof ub) : "");
         r = hubkey_init(ctl->conf, &created, &err);
         if (r < 0)
                 return fail("key init: %s", err ? err : strerror(-r));
+        if (file && geteuid() == 0 && daemon_user(ctl->conf, &uid, &gid) >= 0) {
+                given = key_file_give(ctl->conf->key.file, uid, gid);
+                if (given < 0)
+                        return fail("key init: cannot give %s to the daemon's user %s: %s", ctl->conf->key.file,
+                                    user_name(uid, ub, sizeof ub), strerror(-given));
+        }
         r = hubkey_open(ctl->conf, &k, &err);
         if (r < 0)
                 return fail("key init: %s", err ? err : strerror(-r));
@@ -264,9 +331,13 @@ static int cmd_key_init(struct ctl *ctl, int argc, char **argv) {
                                       key_backend_to_string(hubkey_backend(k)));
                 print_json(o);
                 json_decref(o);
-        } else
+        } else {
                 printf("%s hub key %s (%s)\n", created ? "Created" : "Kept the existing", hubkey_id(k),
                        key_backend_to_string(hubkey_backend(k)));
+                if (given > 0)
+                        printf("Key file %s now belongs to %s, the daemon's user\n", ctl->conf->key.file,
+                               user_name(uid, ub, sizeof ub));
+        }
         return 0;
 }
 
@@ -415,6 +486,38 @@ static int cmd_logout(struct ctl *ctl, int argc, char **argv) {
         return 0;
 }
 
+/* Runs before the configuration is loaded: a broken configuration is its first finding. */
+static int cmd_doctor(struct ctl *ctl, int argc, char **argv) {
+        json_t *rep = NULL, *chk;
+        const char *first;
+        size_t i;
+        int r;
+
+        if (argc != 0)
+                return usage();
+        r = doctor_run(ctl->config, &rep);
+        if (r < 0)
+                return fail("doctor: %s", strerror(-r));
+        first = json_string_value(json_object_get(rep, "first_failure"));
+        if (ctl->json)
+                print_json(rep);
+        else {
+                json_array_foreach(json_object_get(rep, "checks"), i, chk) {
+                        const char *res = json_string_value(json_object_get(chk, "result"));
+                        printf("%-8s %-11s %s\n", streq_ptr(res, "fail") ? "FAIL" : res,
+                               json_string_value(json_object_get(chk, "check")),
+                               json_string_value(json_object_get(chk, "message")));
+                }
+                if (first)
+                        printf("\nFix first: %s: %s\n", first,
+                               json_string_value(json_object_get(rep, "first_failure_message")));
+                else
+                        printf("\nNo problem found.\n");
+        }
+        json_decref(rep);
+        return first ? 1 : 0;
+}
+
 int main(int argc, char *argv[]) {
         struct ctl ctl = { .config = IOTHUB_DEFAULT_CONFIG };
         _cleanup_free_ char *err = NULL;
@@ -440,6 +543,8 @@ int main(int argc, char *argv[]) {
                 return usage();
         /* tpm2-tss would print its own lines; our one-line errors carry the decoded TPM error. */
         (void) setenv("TSS2_LOG", "all+none", 0);
+        if (streq(args[0], "doctor"))
+                return cmd_doctor(&ctl, n - 1, args + 1);
         r = conf_load(ctl.config, &ctl.conf, &err);
         if (r < 0) {
                 fprintf(stderr, "iothubctl: %s\n", err ? err : strerror(-r));

@@ -73,9 +73,9 @@ static int log_dispatch(int level, int error, const char *message_id, const char
 
                 (void) snprintf(prio, sizeof prio, "PRIORITY=%d", level);
                 (void) snprintf(errbuf, sizeof errbuf, "ERRNO=%d", error < 0 ? -error : error);
-                struct iovec iov[9];
+                struct iovec iov[11];
                 size_t n = 0;
-                char *fields[8] = { 0 };
+                char *fields[10] = { 0 };
                 int k = 0;
 
 #define ADD(s)                                                                                     \
@@ -96,11 +96,15 @@ static int log_dispatch(int level, int error, const char *message_id, const char
                         ADD(fields[k++]);
                 if (reason && asprintf(&fields[k], "IOTHUB_REASON=%s", reason) >= 0)
                         ADD(fields[k++]);
+                /* Our own location, as sd_journal_send() would add it without
+                 * SD_JOURNAL_SUPPRESS_LOCATION: that one would name log.c for every line. */
                 if (file && asprintf(&fields[k], "CODE_FILE=%s", file) >= 0)
                         ADD(fields[k++]);
+                if (file && asprintf(&fields[k], "CODE_LINE=%d", line) >= 0)
+                        ADD(fields[k++]);
+                if (func && asprintf(&fields[k], "CODE_FUNC=%s", func) >= 0)
+                        ADD(fields[k++]);
 #undef ADD
-                (void) line;
-                (void) func;
                 if (sd_journal_sendv(iov, (int) n) < 0)
                         fprintf(stderr, "%s\n", msg);
                 for (int i = 0; i < k; i++)
@@ -125,15 +129,15 @@ int log_internal(int level, int error, const char *file, int line, const char *f
         return r;
 }
 
-int log_event(int level, int error, const char *message_id, const char *device, const char *reason,
-              const char *format, ...) {
+int log_event_internal(int level, int error, const char *file, int line, const char *func, const char *message_id,
+                       const char *device, const char *reason, const char *format, ...) {
         va_list ap;
         int saved = errno, r;
 
         if (level > max_level)
                 return error < 0 ? error : -error;
         va_start(ap, format);
-        r = log_dispatch(level, error, message_id, device, reason, NULL, 0, NULL, format, ap);
+        r = log_dispatch(level, error, message_id, device, reason, file, line, func, format, ap);
         va_end(ap);
         errno = saved;
         return r;

@@ -906,8 +906,36 @@ int oauth_status_json(struct oauth *o, json_t *st) {
         return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;
 }
 
-int oauth_new(struct hub *h, struct oauth **ret) {
+/* hub.c opened the hub key (now, or later when the TPM came up after the daemon): the sealed
+ * tokens can be read. Only while nothing else gave us tokens (a login in the meantime wins). */
+void oauth_key_ready(struct oauth *o) {
+        struct hub *h = o ? o->hub : NULL;
         _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (!o || !h->hubkey || o->have_tokens)
+                return;
+        r = tokenstore_load(h->conf, h->hubkey, &o->tokens, &err);
+        if (r >= 0) {
+                o->have_tokens = true;
+                o->state = OAUTH_OK;
+                o->last_error[0] = '\0';
+                log_info("Loaded the stored sign-in tokens");
+                /* Before discovery finished, on_discovered() does this. */
+                if (o->discovered && o->tokens.refresh_token &&
+                    (o->tokens.expires_at == 0 || o->tokens.expires_at - now_s() < OAUTH_REFRESH_MARGIN_S))
+                        (void) start_refresh(o);
+                else if (o->discovered)
+                        schedule_refresh(o);
+        } else if (r == -ENOENT)
+                set_error(o, "not signed in: run 'iothubctl login'");
+        else {
+                set_error(o, "stored tokens unusable: %s", err ? err : strerror(-r));
+                log_error("Sign-in: %s", o->last_error);
+        }
+}
+
+int oauth_new(struct hub *h, struct oauth **ret) {
         struct oauth *o;
         int r;
 
@@ -925,19 +953,8 @@ int oauth_new(struct hub *h, struct oauth **ret) {
                 return -ENOMEM;
         o->hub = h;
         o->state = OAUTH_LOGIN_REQUIRED;
-        if (h->hubkey) {
-                r = tokenstore_load(h->conf, h->hubkey, &o->tokens, &err);
-                if (r >= 0) {
-                        o->have_tokens = true;
-                        o->state = OAUTH_OK;
-                } else if (r == -ENOENT)
-                        set_error(o, "not signed in: run 'iothubctl login'");
-                else {
-                        set_error(o, "stored tokens unusable: %s", err ? err : strerror(-r));
-                        log_error("Sign-in: %s", o->last_error);
-                }
-        } else
-                set_error(o, "no hub key: run 'iothubctl key init'");
+        set_error(o, "no hub key yet: see 'iothubctl doctor'");
+        oauth_key_ready(o);
         if (h->conf->key.backend == KEY_BACKEND_FILE)
                 log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
                           "With [key] backend = file the token data key is a plain file in %s, not sealed by a TPM",

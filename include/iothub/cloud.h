@@ -30,13 +30,15 @@ struct cloud_counters {
 };
 
 /* Sets up the relay when [cloud] url is set (otherwise *ret = NULL and 0: frames only spool).
- * Opens the hub key; if there is none yet the relay waits for it and says so in the log and
- * status. Returns 0 or a negative errno. */
+ * Until hub.c announces the hub key (cloud_key_ready) the relay waits and says so in status.
+ * Returns 0 or a negative errno. */
 int cloud_new(struct hub *h, struct cloud **ret);
 void cloud_free(struct cloud *c);
 
 /* New frames were committed to the spool: start a batch if one is due, or arm its timer. */
 void cloud_kick(struct cloud *c);
+/* hub.c opened the hub key: uploads waiting for it may go. NULL is a no-op. */
+void cloud_key_ready(struct cloud *c);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 

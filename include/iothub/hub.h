@@ -55,6 +55,10 @@ struct hub {
         struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
+        sd_event_source *key_timer; /* retries opening the key while it cannot be */
+        uint64_t key_retry_usec;    /* the next retry's delay */
+        int key_errno;              /* the last failure to open it, logged once per kind */
+        char *key_error;            /* its one-line reason, for status */
         /* The spool, kept in memory so that the frame path never counts rows. */
         uint64_t spool_pending, spool_bytes;
         uint64_t spool_dropped; /* oldest frames dropped at [spool] max_bytes since start */
@@ -72,6 +76,12 @@ struct hub {
 /* Runs the daemon until SIGTERM/SIGINT. Returns the process exit status (DESIGN.md):
  * 0 on a clean stop, 78 on a bad configuration, 1 otherwise. */
 int hub_run(const char *config_path, int log_level_override);
+
+/* The one place the hub key is opened: on success it is announced to sign-in (which loads the
+ * sealed tokens), the cloud relay and commands; on failure it is logged once per kind (with
+ * MESSAGE_ID and a hint), kept in key_error, and tried again (1 s, doubling up to 10 s). Returns 0 (also when
+ * it was open already) or the negative errno of hubkey_open(). */
+int hub_open_key(struct hub *h);
 
 /* One-line summary for STATUS= and the log. */
 void hub_notify_status(struct hub *h);

@@ -7,27 +7,31 @@
 
 #include "iothub/util.h"
 
-/* MESSAGE_IDs, one per event kind (128-bit, as systemd-id128 new prints them). */
-#define IOTHUB_MID_STARTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c01"
-#define IOTHUB_MID_STOPPING "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c02"
-#define IOTHUB_MID_RELOADED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c03"
-#define IOTHUB_MID_CONFIG_ERROR "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c04"
-#define IOTHUB_MID_FRAME_REJECTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c10"
-#define IOTHUB_MID_MQTT_CONNECTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c11"
-#define IOTHUB_MID_MQTT_DISCONNECTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c12"
-#define IOTHUB_MID_BULB_ENROLLED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c13"
-#define IOTHUB_MID_BULB_REVOKED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c14"
-#define IOTHUB_MID_CONTROL_DENIED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c15"
-#define IOTHUB_MID_DEV_KEY_WARNING "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c16"
-#define IOTHUB_MID_SPOOL_FULL "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c17"
-#define IOTHUB_MID_BATCH_MOVED_ASIDE "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c18"
-#define IOTHUB_MID_LOGIN_REQUIRED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c19"
-#define IOTHUB_MID_LOGIN_OK "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c1a"
-#define IOTHUB_MID_COMMAND_REJECTED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c20"
-#define IOTHUB_MID_COMMAND_EXPIRED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c21"
-#define IOTHUB_MID_COMMAND_FAILED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c22"
-#define IOTHUB_MID_COMMAND_RESULT_REFUSED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c23"
-#define IOTHUB_MID_COMMAND_POLL_FAILED "a7f1c3e2b9d84f6a8e0c5b1d2f3a4c24"
+/* MESSAGE_IDs, one per event kind: random 128-bit ids (systemd-id128 new), never reused for
+ * another meaning. Each has an entry in systemd/iothub.catalog (subject, explanation, what to
+ * do), which journalctl -x shows; tests/unit/test-catalog checks that both lists agree. */
+#define IOTHUB_MID_STARTED "5826066582b147dc9318dd683799aa4f"
+#define IOTHUB_MID_STOPPING "6d880881051b46f8a351371c5058ebc6"
+#define IOTHUB_MID_RELOADED "86f758c5f0ca47658e9cbd5415f16dd7"
+#define IOTHUB_MID_CONFIG_ERROR "4f6abd8e8dfd4566b3a45c9bf6a66cdd"
+#define IOTHUB_MID_FRAME_REJECTED "91c6319df554407181ffbfd451cb6dcd"
+#define IOTHUB_MID_MQTT_CONNECTED "1eb44cb29eca40ce9e6745559be8db95"
+#define IOTHUB_MID_MQTT_DISCONNECTED "9666b70f0b4c41e7a8c0722d524e8e47"
+#define IOTHUB_MID_BULB_ENROLLED "ac68ff27e2204d4983d21c7d4017e556"
+#define IOTHUB_MID_BULB_REVOKED "b9cb8fcd132148819f9359bc94e778da"
+#define IOTHUB_MID_CONTROL_DENIED "d2e80184c7d840d2a5cd2a5c1c35909b"
+#define IOTHUB_MID_DEV_KEY_WARNING "af6900fb38fa4ddd942c566138c24dd0"
+#define IOTHUB_MID_SPOOL_FULL "115a8487ee72431f87f4cc583d797438"
+#define IOTHUB_MID_BATCH_MOVED_ASIDE "f3501379bfd84ded917d13404c9493b5"
+#define IOTHUB_MID_LOGIN_REQUIRED "2f875e64adf24be7a613561597fc5bdd"
+#define IOTHUB_MID_LOGIN_OK "f4305dd0f8704991b4f5e4e55704fda5"
+#define IOTHUB_MID_COMMAND_REJECTED "e6e0e0f409094ccab9189c3ac6e826c6"
+#define IOTHUB_MID_COMMAND_EXPIRED "78384bd9be9e420e89723b0c17c098b4"
+#define IOTHUB_MID_COMMAND_FAILED "035110f4e3fd436d975f56cbd06e27c9"
+#define IOTHUB_MID_COMMAND_RESULT_REFUSED "77215ee122ed4a0ba5bee24b653147c2"
+#define IOTHUB_MID_COMMAND_POLL_FAILED "1583385e6fc24720a8c63478116b6dd0"
+#define IOTHUB_MID_KEY_UNAVAILABLE "a26202862662450c90afd5450506b07a"
+#define IOTHUB_MID_KEY_OPENED "e71c9ca1105a4736890b780c773423be"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);
@@ -42,8 +46,11 @@ bool log_to_journal(void);
 int log_internal(int level, int error, const char *file, int line, const char *func, const char *format,
                  ...) _printf_(6, 7);
 /* Like log_internal, with a MESSAGE_ID and optional device and reason fields (NULL to omit). */
-int log_event(int level, int error, const char *message_id, const char *device, const char *reason,
-              const char *format, ...) _printf_(6, 7);
+int log_event_internal(int level, int error, const char *file, int line, const char *func, const char *message_id,
+                       const char *device, const char *reason, const char *format, ...) _printf_(9, 10);
+/* The caller's location goes to the journal as CODE_FILE=, CODE_LINE=, CODE_FUNC=. */
+#define log_event(level, error, message_id, device, reason, ...)                                            \
+        log_event_internal(level, error, __FILE__, __LINE__, __func__, message_id, device, reason, __VA_ARGS__)
 
 #define log_full_errno(level, error, ...) log_internal(level, error, __FILE__, __LINE__, __func__, __VA_ARGS__)
 #define log_debug(...) log_full_errno(LOG_DEBUG, 0, __VA_ARGS__)

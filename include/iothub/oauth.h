@@ -27,6 +27,9 @@ struct oauth;
 /* Sets up sign-in when [oauth] issuer is set (else *ret = NULL, 0). Loads stored tokens. */
 int oauth_new(struct hub *h, struct oauth **ret);
 void oauth_free(struct oauth *o);
+/* hub.c opened the hub key: loads the sealed tokens if none are in memory yet (also when the
+ * key comes up long after the start). NULL is a no-op. */
+void oauth_key_ready(struct oauth *o);
 
 enum oauth_state oauth_get_state(const struct oauth *o);
 

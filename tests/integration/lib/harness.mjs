@@ -261,6 +261,14 @@ export class Swtpm {
     }
   }
 
+  // On a port chosen beforehand (a TCTI written into a config before the TPM runs).
+  static async startAt(dir, port) {
+    await fs.mkdir(dir, { recursive: true });
+    const t = new Swtpm(dir, port);
+    await t.#spawn();
+    return t;
+  }
+
   async #spawn() {
     this.proc = spawn('swtpm', ['socket', '--tpm2',
       '--server', `type=tcp,port=${this.port},bindaddr=127.0.0.1`,
