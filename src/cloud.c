@@ -863,6 +863,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                                 *p = q->next;
                                 break;
                         }
+                /* A 401 that a new DPoP nonce or a newer token answers: once more, at once, for
+                 * the same caller (the new request is at the head of c->others). */
+                if (resp->error == 0 && resp->status == 401 && !q->retried_401 && cloud_on_401(c, q, resp) > 0 &&
+                    cloud_register(c, q->register_done, q->register_userdata) >= 0) {
+                        c->others->retried_401 = true;
+                        break;
+                }
                 if (resp->error < 0)
                         (void) snprintf(message, sizeof message, "%s", resp->error_text);
                 else if (resp->status == 200 || resp->status == 201) {

@@ -43,6 +43,7 @@ struct oauth_call {
         char *url;  /* the endpoint: a resend goes to the same one */
         char *form; /* kept for a resend with a new DPoP nonce; wiped */
         bool nonce_retried;
+        bool sent_nonce; /* the proof carried the authorization server's nonce */
 };
 
 struct waiter {
@@ -78,6 +79,7 @@ struct oauth {
         /* The resource server's 401s (oauth_unauthorized). */
         uint64_t resource_401s;
         bool unauthorized_reported; /* logged once until a request succeeds */
+        char unauthorized_error[256]; /* shown in the status meanwhile */
         struct waiter waiters[OAUTH_WAITERS_MAX];
         unsigned n_waiters;
 
@@ -618,6 +620,7 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 r = oauth_dpop_proof(h->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
                 if (r < 0)
                         goto fail;
+                call->sent_nonce = o->as_nonce != NULL;
                 o->dpop_proofs++;
                 dpop_header = strdup_printf("DPoP: %s", dpop);
                 if (!dpop_header) {
@@ -882,6 +885,7 @@ void oauth_resource_ok(struct oauth *o) {
 /* Reported once (until a resource request succeeds): a status line, STATUS= and a log line. */
 static void report_unauthorized(struct oauth *o, const char *what) {
         set_error(o, "the cloud refuses %s; backing off", what);
+        (void) snprintf(o->unauthorized_error, sizeof o->unauthorized_error, "%s", o->last_error);
         if (o->unauthorized_reported)
                 return;
         o->unauthorized_reported = true;
@@ -1231,6 +1235,17 @@ static void on_done(void *userdata, const struct http_response *resp) {
                         return;
                 }
         }
+        /* A proof refused for a nonce this server did not give, or no longer takes, with no new
+         * one offered (RFC 9449 8 would have said use_dpop_nonce): once more without it. */
+        if (resp->error == 0 && resp->status == 400 && streq(e, "invalid_dpop_proof") && call->sent_nonce &&
+            !call->nonce_retried && call->form && !resp->dpop_nonce[0]) {
+                free(o->as_nonce);
+                o->as_nonce = NULL;
+                if (oauth_send(o, call->kind, "POST", call->url, TAKE_PTR(call->form), true, slot) >= 0) {
+                        call_free(call);
+                        return;
+                }
+        }
         switch (call->kind) {
         case R_DISCOVERY:
         case R_DISCOVERY_FALLBACK:
@@ -1287,7 +1302,10 @@ int oauth_status_json(struct oauth *o, json_t *st) {
                 j = json_pack("{s:s,s:I,s:b,s:I,s:I,s:s*}", "state", oauth_state_to_string(o->state), "expires_at",
                               (json_int_t) (o->have_tokens ? o->tokens.expires_at : 0), "dpop",
                               o->have_tokens && streq_ptr(o->tokens.token_type, "DPoP"), "dpop_proofs",
-                              (json_int_t) o->dpop_proofs, "resource_401", (json_int_t) o->resource_401s, "last_error", o->last_error[0] ? o->last_error : NULL);
+                              (json_int_t) o->dpop_proofs, "resource_401", (json_int_t) o->resource_401s, "last_error",
+                              o->last_error[0]             ? o->last_error
+                              : o->unauthorized_reported ? o->unauthorized_error
+                                                         : NULL);
         if (!j)
                 return -ENOMEM;
         return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;
