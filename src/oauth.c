@@ -30,8 +30,6 @@
 #include "oauth-internal.h"
 
 #define OAUTH_TIMEOUT_S 30
-#define OAUTH_RETRY_MIN_S 2
-#define OAUTH_RETRY_MAX_S 300
 #define OAUTH_WAITERS_MAX 8
 #define OAUTH_REFRESH_REFUSALS_MAX 3 /* 4xx answers to refreshes before login_required */
 
@@ -666,16 +664,13 @@ static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
                 log_error_errno(r, "Failed to arm an OAuth timer: %m");
 }
 
+/* The project's one exponential backoff with jitter (cloud_backoff_ms), from 2 s (the first
+ * failure counts as the second step) to CLOUD_BACKOFF_MAX_MS. */
 static uint64_t retry_delay_usec(struct oauth *o) {
         uint32_t rnd = 0;
-        uint64_t s = OAUTH_RETRY_MIN_S;
 
-        for (unsigned i = 1; i < o->failures && s < OAUTH_RETRY_MAX_S; i++)
-                s *= 2;
-        if (s > OAUTH_RETRY_MAX_S)
-                s = OAUTH_RETRY_MAX_S;
         (void) random_bytes(&rnd, sizeof rnd);
-        return s * 500000 + (uint64_t) rnd % (s * 500000 + 1);
+        return cloud_backoff_ms(o->failures + 1, rnd) * 1000;
 }
 
 static int start_discovery(struct oauth *o, bool fallback);
