@@ -860,7 +860,10 @@ static int start_refresh(struct oauth *o) {
                 return r;
         }
         o->state = OAUTH_REFRESHING;
-        return oauth_send(o, R_REFRESH, "POST", o->token_endpoint, form, false, &o->refresh_req);
+        r = oauth_send(o, R_REFRESH, "POST", o->token_endpoint, form, false, &o->refresh_req);
+        if (r < 0)
+                o->state = OAUTH_OK;
+        return r;
 }
 
 uint64_t oauth_token_gen(const struct oauth *o) {
@@ -938,6 +941,8 @@ int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authentica
                 report_unauthorized(o, "a freshly refreshed access token");
                 return -EKEYREJECTED;
         }
+        if (o->n_waiters >= OAUTH_WAITERS_MAX)
+                return -EBUSY;
         r = start_refresh(o);
         if (r < 0)
                 return r;
