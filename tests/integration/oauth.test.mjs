@@ -285,7 +285,7 @@ test('item 3: refreshes answered with a bare 400 end in login_required, logged o
   assert.equal(r.code, 0, r.err);
 });
 
-test('item 7: expires_in 0 does not refresh every second, a huge one does not overflow, the device code is bounded', async (t) => {
+test('item 7: expires_in 0 does not refresh every second, a huge one does not overflow, the device code is bounded (RFC 6749 5.1, RFC 8628 3.2)', async (t) => {
   // expires_in 0 on every token answer: clamped to OAUTH_EXPIRES_IN_MIN_S (10 s).
   auth.misbehave({ route: 'token', count: -1, rewrite: (j) => (j.access_token ? { ...j, expires_in: 0 } : j) });
   try {
