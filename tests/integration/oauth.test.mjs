@@ -2,6 +2,14 @@
 // device grant run by the daemon for iothubctl, tokens sealed by the TPM, refresh with
 // rotation, revocation leading to login_required without losing a frame, DPoP with the hub
 // key, and no secret in the log or in clear on disk.
+//
+// Issue 10 (interop with strict and hostile servers): the tests named "item N" and the two
+// RFC 9449 ones. Run against the daemon built from 51ed46f (before the fixes, with the cloud's
+// own nonce off so that registering works there) each of them failed with the issue's symptom:
+// item 1 no long-poll proof accepted in 35 s (htu carried ?wait=25); item 2 73 refreshes in
+// 10 s against a cloud answering 401; item 3 still "ok" after 40 s of bare 400s; item 7 153
+// refreshes in 12 s with expires_in 0; item 10 a CR LF token accepted; item 5 the nonce retry
+// never reached the revocation endpoint and the next login failed.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
