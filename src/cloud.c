@@ -37,6 +37,7 @@ struct cloud_req {
         enum req_kind kind;
         struct http_req *http; /* NULL once answered */
         bool retried_401;
+        uint64_t token_gen; /* oauth_token_gen() when it was authorized */
         /* REQ_STATUS: the spool rows in this batch. */
         int64_t first_id, last_id;
         unsigned n_frames;
@@ -57,9 +58,10 @@ struct cloud {
         sd_event_source *batch_timer;
         struct cloud_req *status_req, *devices_req;
         struct cloud_req *others; /* register requests */
-        bool refreshing;          /* a status batch waits for oauth_refresh() */
+        bool refreshing;          /* a status batch waits for a refresh (cloud_on_401) */
         bool registered;          /* iothubctl register succeeded (persisted) */
         bool devices_dirty;
+        bool devices_401_retried; /* the list went again at once after a 401 */
         uint64_t devices_gen; /* bumped at every change of the bulb list */
         unsigned failures, devices_failures;
         uint64_t devices_backoff_until;
@@ -229,6 +231,7 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         r = cloud_authorization(c, method, url, &auth, &dpop);
         if (r < 0)
                 goto fail;
+        q->token_gen = oauth_token_gen(h->oauth);
         r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
                          (int64_t) (now_realtime_usec() / 1000000), &sig);
         if (r < 0)
@@ -520,13 +523,9 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                                    q->n_frames);
                 return;
         }
-        if (r == 0 && status == 401 && !q->retried_401) {
-                /* Once: a fresh token, then the same batch again (see on_http_done). */
-                if (!cloud_uses_oauth(c))
-                        (void) cloud_load_token(c);
-                return;
-        }
-        if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 || status == 401 ||
+        if (r == 0 && status == 401)
+                return; /* cloud_on_401(), from on_http_done */
+        if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
                 if (r < 0)
                         set_last_error(c, "upload failed: %s", resp_->error_text);
@@ -613,6 +612,8 @@ void cloud_send_devices(struct cloud *c) {
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
 }
 
+static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp);
+
 static void on_refreshed_kick(void *userdata, int r) {
         if (r >= 0)
                 cloud_maybe_send(userdata);
@@ -625,6 +626,7 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
         uint32_t rnd = 0;
 
         if (r == 0 && status >= 200 && status < 300) {
+                c->devices_401_retried = false;
                 if (q->devices_gen != c->devices_gen) {
                         /* The list changed while this one was on its way: send the new one. */
                         c->devices_failures = 0;
@@ -643,10 +645,11 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
                 log_info("Sent the list of bulbs to the cloud (%zu now)", registry_count(h->registry));
                 return;
         }
-        if (r == 0 && status == 401 && !cloud_uses_oauth(c))
-                (void) cloud_load_token(c);
-        else if (r == 0 && status == 401 && h->oauth)
-                (void) oauth_refresh(h->oauth, resp->dpop_nonce, on_refreshed_kick, c);
+        /* Again at once (the list is still dirty), but only once in a row. */
+        if (r == 0 && status == 401 && cloud_on_401(c, q, resp) > 0 && !c->devices_401_retried) {
+                c->devices_401_retried = true;
+                return;
+        }
         if (r < 0)
                 set_last_error(c, "sending the bulb list failed: %s", resp->error_text);
         else
@@ -761,7 +764,7 @@ void cloud_request_cancel(struct cloud_call *call) {
 
 /* ---- completion ---- */
 
-/* After a 401, the token was refreshed (r = 0) or could not be. */
+/* After a 401 to a status batch, the token was refreshed (r = 0) or could not be. */
 static void on_refreshed(void *userdata, int r) {
         struct cloud *c = userdata;
 
@@ -775,28 +778,56 @@ static void on_refreshed(void *userdata, int r) {
                 c->status_req->retried_401 = true;
 }
 
+/* The one place for a 401, whatever the request (PROTOCOL.md 3: refresh once, retry). With
+ * OAuth, oauth_unauthorized() decides (a resource-server DPoP nonce, one refresh per token,
+ * else back off); with the fixed token of [cloud] bearer_token_file, the file is read again.
+ * Returns > 0 when the request may go again at once, 0 when it goes again after a refresh
+ * (status batches: on_refreshed; the list of bulbs and other requests: at their next turn), a
+ * negative errno when it must back off. */
+static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp) {
+        int r;
+
+        if (!cloud_uses_oauth(c)) {
+                r = cloud_load_token(c);
+                return r < 0 ? r : 1;
+        }
+        if (!c->hub->oauth)
+                return -ENOKEY;
+        if (q->kind == REQ_STATUS) {
+                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                                       on_refreshed, c);
+                if (r == 0)
+                        c->refreshing = true;
+        } else
+                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                                       on_refreshed_kick, c);
+        if (r < 0)
+                set_last_error(c, "the cloud answers HTTP 401: %s", oauth_last_error(c->hub->oauth));
+        return r;
+}
+
 static void on_http_done(void *userdata, const struct http_response *resp) {
         struct cloud_req *q = userdata;
         struct cloud *c = q->cloud;
 
         q->http = NULL; /* http frees it after this call */
+        if (resp->error == 0 && resp->status >= 200 && resp->status < 300)
+                oauth_resource_ok(c->hub->oauth);
         switch (q->kind) {
         case REQ_STATUS:
                 c->status_req = NULL;
                 on_status_done(c, q, resp);
-                if (resp->error == 0 && resp->status == 401 && !q->retried_401) {
-                        if (c->hub->oauth) {
-                                /* The batch goes again once the token is fresh (on_refreshed). */
-                                c->refreshing = true;
-                                if (oauth_refresh(c->hub->oauth, resp->dpop_nonce, on_refreshed, c) < 0) {
-                                        c->refreshing = false;
-                                        cloud_backoff(c, NULL);
-                                }
-                                break;
-                        }
-                        /* Once: the fresh token, the same frames, a new signature, at once. */
-                        if (cloud_send_batch(c) >= 0 && c->status_req)
+                if (resp->error == 0 && resp->status == 401) {
+                        int k = q->retried_401 ? -EKEYREJECTED : cloud_on_401(c, q, resp);
+                        /* Once at once (a new nonce, a newer token): the same frames, a new
+                         * signature; a second 401 in a row backs off. */
+                        if (k > 0 && cloud_send_batch(c) >= 0 && c->status_req)
                                 c->status_req->retried_401 = true;
+                        else if (k < 0 || (k > 0 && !c->status_req)) {
+                                if (k < 0 && q->retried_401)
+                                        set_last_error(c, "upload answered HTTP 401 twice in a row");
+                                cloud_backoff(c, resp->retry_after);
+                        }
                 }
                 break;
         case REQ_DEVICES:
@@ -809,13 +840,10 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                                 *p = q->next;
                                 break;
                         }
-                /* A 401 is about the token, whoever asked: get a fresh one for the next try. */
-                if (resp->error == 0 && resp->status == 401) {
-                        if (!cloud_uses_oauth(c))
-                                (void) cloud_load_token(c);
-                        else if (c->hub->oauth)
-                                (void) oauth_refresh(c->hub->oauth, resp->dpop_nonce, on_refreshed_kick, c);
-                }
+                /* A 401 is about the token, whoever asked: the next try gets what it needs (the
+                 * caller backs off by its own schedule meanwhile). */
+                if (resp->error == 0 && resp->status == 401)
+                        (void) cloud_on_401(c, q, resp);
                 q->call_done(q->call_userdata, 0, resp->error < 0 ? 0 : resp->status, resp->body, resp->body_len);
                 break;
         case REQ_REGISTER: {
@@ -825,6 +853,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                                 *p = q->next;
                                 break;
                         }
+                /* A 401 that a new DPoP nonce or a newer token answers: once more, at once, for
+                 * the same caller (the new request is at the head of c->others). */
+                if (resp->error == 0 && resp->status == 401 && !q->retried_401 && cloud_on_401(c, q, resp) > 0 &&
+                    cloud_register(c, q->register_done, q->register_userdata) >= 0) {
+                        c->others->retried_401 = true;
+                        break;
+                }
                 if (resp->error < 0)
                         (void) snprintf(message, sizeof message, "%s", resp->error_text);
                 else if (resp->status == 200 || resp->status == 201) {

@@ -20,6 +20,7 @@ struct http_req {
         size_t resp_len;
         char retry_after[64];
         char dpop_nonce[256];
+        char www_authenticate[512];
         char errbuf[CURL_ERROR_SIZE];
         http_done_t done;
         void *userdata;
@@ -95,7 +96,7 @@ static void http_check_done(struct http *h) {
 
         while ((msg = curl_multi_info_read(h->multi, &left))) {
                 struct http_req *q = NULL;
-                struct http_response resp = { .body = "", .retry_after = "", .dpop_nonce = "" };
+                struct http_response resp = { .body = "", .retry_after = "", .dpop_nonce = "", .www_authenticate = "" };
 
                 if (msg->msg != CURLMSG_DONE)
                         continue;
@@ -112,6 +113,7 @@ static void http_check_done(struct http *h) {
                 }
                 resp.retry_after = q->retry_after;
                 resp.dpop_nonce = q->dpop_nonce;
+                resp.www_authenticate = q->www_authenticate;
                 /* Take the request out of the loop first: the callback may start new ones. */
                 (void) curl_multi_remove_handle(h->multi, q->easy);
                 curl_easy_cleanup(q->easy);
@@ -225,12 +227,14 @@ static void copy_header_value(const char *buf, size_t n, size_t name_len, char *
 static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
         struct http_req *q = userdata;
         size_t n = size * nitems;
-        static const char ra[] = "retry-after:", dn[] = "dpop-nonce:";
+        static const char ra[] = "retry-after:", dn[] = "dpop-nonce:", wa[] = "www-authenticate:";
 
         if (n > sizeof ra - 1 && strncasecmp(buf, ra, sizeof ra - 1) == 0)
                 copy_header_value(buf, n, sizeof ra - 1, q->retry_after, sizeof q->retry_after);
         else if (n > sizeof dn - 1 && strncasecmp(buf, dn, sizeof dn - 1) == 0)
                 copy_header_value(buf, n, sizeof dn - 1, q->dpop_nonce, sizeof q->dpop_nonce);
+        else if (n > sizeof wa - 1 && strncasecmp(buf, wa, sizeof wa - 1) == 0)
+                copy_header_value(buf, n, sizeof wa - 1, q->www_authenticate, sizeof q->www_authenticate);
         return n;
 }
 

@@ -27,19 +27,21 @@
 #include "iothub/oauth.h"
 #include "iothub/tokenstore.h"
 
+#include "oauth-internal.h"
+
 #define OAUTH_TIMEOUT_S 30
-#define OAUTH_RETRY_MIN_S 2
-#define OAUTH_RETRY_MAX_S 300
 #define OAUTH_WAITERS_MAX 8
-#define OAUTH_INTERVAL_MAX_S 60
+#define OAUTH_REFRESH_REFUSALS_MAX 3 /* 4xx answers to refreshes before login_required */
 
 enum req_kind { R_DISCOVERY, R_DISCOVERY_FALLBACK, R_DEVICE, R_POLL, R_REFRESH, R_REVOKE };
 
 struct oauth_call {
         struct oauth *oauth;
         enum req_kind kind;
+        char *url;  /* the endpoint: a resend goes to the same one */
         char *form; /* kept for a resend with a new DPoP nonce; wiped */
         bool nonce_retried;
+        bool sent_nonce; /* the proof carried the authorization server's nonce */
 };
 
 struct waiter {
@@ -67,6 +69,15 @@ struct oauth {
 
         /* Refresh. */
         struct http_req *refresh_req;
+        bool refresh_for_401;     /* the refresh in flight was asked for by a 401 */
+        bool token_from_401;      /* the current access token came from such a refresh */
+        unsigned refresh_refusals; /* 4xx answers to refreshes in a row */
+        uint64_t token_gen;        /* bumped by every new access token */
+
+        /* The resource server's 401s (oauth_unauthorized). */
+        uint64_t resource_401s;
+        bool unauthorized_reported; /* logged once until a request succeeds */
+        char unauthorized_error[256]; /* shown in the status meanwhile */
         struct waiter waiters[OAUTH_WAITERS_MAX];
         unsigned n_waiters;
 
@@ -95,6 +106,10 @@ const char *oauth_state_to_string(enum oauth_state s) {
                 [OAUTH_REFRESHING] = "refreshing",
         };
         return (unsigned) s < ELEMENTSOF(names) ? names[s] : "?";
+}
+
+const char *oauth_last_error(const struct oauth *o) {
+        return o && o->last_error[0] ? o->last_error : "no reason given";
 }
 
 enum oauth_state oauth_get_state(const struct oauth *o) {
@@ -157,11 +172,17 @@ int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, cons
                      const char *nonce, int64_t now, char **ret) {
         json_t *jwk = NULL, *header = NULL, *claims = NULL;
         char *h = NULL, *c = NULL, *jws = NULL;
+        _cleanup_free_ char *htu = NULL;
         uint8_t jti[16], sig[HUBKEY_SIG_LEN], ath[32];
         char jti_b64[32], ath_b64[48], sig_b64[96];
         size_t hl, cl;
         int r;
 
+        /* RFC 9449 4.2: htu is the target URI "without query and fragment parts"; a strict
+         * resource server compares it to the request's URI with them cut off (4.3, check 9). */
+        htu = oauth_dpop_htu(url);
+        if (!htu)
+                return -ENOMEM;
         r = random_bytes(jti, sizeof jti);
         if (r < 0)
                 return r;
@@ -171,7 +192,7 @@ int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, cons
                 return r;
         /* RFC 9449 4.2: the public key in the header, no private members. */
         header = json_pack("{s:s,s:s,s:o}", "typ", "dpop+jwt", "alg", "ES256", "jwk", jwk);
-        claims = json_pack("{s:s,s:s,s:s,s:I}", "jti", jti_b64, "htm", method, "htu", url, "iat", (json_int_t) now);
+        claims = json_pack("{s:s,s:s,s:s,s:I}", "jti", jti_b64, "htm", method, "htu", htu, "iat", (json_int_t) now);
         if (!header || !claims) {
                 r = -ENOMEM;
                 goto out;
@@ -232,9 +253,336 @@ out:
         return r;
 }
 
+/* ---- parsers of the authorization server's answers (pure; oauth-internal.h) ---- */
+
+static json_t *load_object(const uint8_t *buf, size_t len) {
+        json_error_t jerr;
+        json_t *j;
+
+        if (!buf || len == 0 || len > OAUTH_RESPONSE_MAX)
+                return NULL;
+        j = json_loadb((const char *) buf, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (j && !json_is_object(j)) {
+                json_decref(j);
+                return NULL;
+        }
+        return j;
+}
+
+/* A string member made of printable ASCII (VSCHAR, RFC 6749 A), 1..max bytes; NULL otherwise. */
+static const char *get_vschar(json_t *o, const char *name, size_t max) {
+        json_t *v = json_object_get(o, name);
+        const char *s = json_string_value(v);
+        size_t n = json_string_length(v);
+
+        if (!s || n == 0 || n > max || strlen(s) != n)
+                return NULL;
+        for (size_t i = 0; i < n; i++)
+                if ((unsigned char) s[i] < 0x20 || (unsigned char) s[i] > 0x7e)
+                        return NULL;
+        return s;
+}
+
+static bool is_https(const char *s) {
+        return s && strncmp(s, "https://", 8) == 0 && !strpbrk(s, " \t\r\n");
+}
+
+bool oauth_is_b64token(const char *s, size_t len) {
+        size_t i = 0;
+
+        for (; i < len; i++) {
+                char ch = s[i];
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                      ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '/'))
+                        break;
+        }
+        if (i == 0)
+                return false;
+        for (; i < len; i++)
+                if (s[i] != '=')
+                        return false;
+        return true;
+}
+
+char *oauth_dpop_htu(const char *url) {
+        return strndup(url, strcspn(url, "?#"));
+}
+
+void oauth_metadata_done(struct oauth_metadata *m) {
+        free(m->token_endpoint);
+        free(m->device_endpoint);
+        free(m->revocation_endpoint);
+        *m = (struct oauth_metadata){};
+}
+
+int oauth_parse_metadata(const uint8_t *buf, size_t len, const char *issuer, struct oauth_metadata *ret) {
+        _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
+        struct oauth_metadata m = {};
+        const char *te, *de, *re;
+        json_t *algs, *v;
+        size_t i;
+
+        if (!j)
+                return -EBADMSG;
+        te = get_vschar(j, "token_endpoint", OAUTH_URI_MAX);
+        de = get_vschar(j, "device_authorization_endpoint", OAUTH_URI_MAX);
+        re = get_vschar(j, "revocation_endpoint", OAUTH_URI_MAX);
+        /* RFC 8414 3.3: the issuer in the metadata is exactly the one we asked. */
+        if (!streq_ptr(json_string_value(json_object_get(j, "issuer")), issuer) || !is_https(te) ||
+            !is_https(de))
+                return -EBADMSG;
+        /* A revocation endpoint we cannot use is no revocation endpoint, not an error. */
+        if (json_object_get(j, "revocation_endpoint") && !is_https(re))
+                return -EBADMSG;
+        algs = json_object_get(j, "dpop_signing_alg_values_supported");
+        if (algs && !json_is_array(algs))
+                return -EBADMSG;
+        json_array_foreach(algs, i, v) if (streq_ptr(json_string_value(v), "ES256")) m.dpop_es256 = true;
+        m.token_endpoint = strdup(te);
+        m.device_endpoint = strdup(de);
+        m.revocation_endpoint = re ? strdup(re) : NULL;
+        if (!m.token_endpoint || !m.device_endpoint || (re && !m.revocation_endpoint)) {
+                oauth_metadata_done(&m);
+                return -ENOMEM;
+        }
+        *ret = m;
+        return 0;
+}
+
+void oauth_device_answer_done(struct oauth_device_answer *d) {
+        if (d->device_code)
+                erase_and_free(d->device_code, strlen(d->device_code));
+        free(d->user_code);
+        free(d->verification_uri);
+        free(d->verification_uri_complete);
+        *d = (struct oauth_device_answer){};
+}
+
+int oauth_parse_device_answer(const uint8_t *buf, size_t len, struct oauth_device_answer *ret) {
+        _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
+        struct oauth_device_answer d = {};
+        const char *dc, *uc, *vu, *vc;
+        json_t *ei, *iv;
+        json_int_t e, n;
+
+        if (!j)
+                return -EBADMSG;
+        dc = get_vschar(j, "device_code", OAUTH_TOKEN_MAX);
+        uc = get_vschar(j, "user_code", OAUTH_USER_CODE_MAX);
+        vu = get_vschar(j, "verification_uri", OAUTH_URI_MAX);
+        vc = get_vschar(j, "verification_uri_complete", OAUTH_URI_MAX);
+        ei = json_object_get(j, "expires_in");
+        iv = json_object_get(j, "interval");
+        if (!dc || !uc || !vu || (json_object_get(j, "verification_uri_complete") && !vc) || !json_is_integer(ei) ||
+            (iv && !json_is_integer(iv)))
+                return -EBADMSG;
+        /* RFC 8628 3.2: expires_in is the lifetime of the codes; a code that is already dead is
+         * an error, one that lives longer than we wait for a user is cut short. */
+        e = json_integer_value(ei);
+        if (e <= 0)
+                return -EBADMSG;
+        d.expires_in = e > OAUTH_DEVICE_EXPIRES_MAX_S ? OAUTH_DEVICE_EXPIRES_MAX_S : e;
+        n = iv ? json_integer_value(iv) : OAUTH_INTERVAL_DEFAULT_S;
+        d.interval_s = n < 1 ? 1 : n > OAUTH_INTERVAL_MAX_S ? OAUTH_INTERVAL_MAX_S : (unsigned) n;
+        d.device_code = strdup(dc);
+        d.user_code = strdup(uc);
+        d.verification_uri = strdup(vu);
+        d.verification_uri_complete = vc ? strdup(vc) : NULL;
+        if (!d.device_code || !d.user_code || !d.verification_uri || (vc && !d.verification_uri_complete)) {
+                oauth_device_answer_done(&d);
+                return -ENOMEM;
+        }
+        *ret = d;
+        return 0;
+}
+
+void oauth_token_answer_done(struct oauth_token_answer *t) {
+        if (t->access_token)
+                erase_and_free(t->access_token, strlen(t->access_token));
+        if (t->refresh_token)
+                erase_and_free(t->refresh_token, strlen(t->refresh_token));
+        free(t->token_type);
+        free(t->scope);
+        *t = (struct oauth_token_answer){};
+}
+
+int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret) {
+        _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
+        struct oauth_token_answer t = {};
+        const char *at, *tt, *rt, *scope;
+        json_t *ei;
+
+        if (!j)
+                return -EBADMSG;
+        at = get_vschar(j, "access_token", OAUTH_TOKEN_MAX);
+        tt = json_string_value(json_object_get(j, "token_type"));
+        rt = get_vschar(j, "refresh_token", OAUTH_TOKEN_MAX);
+        scope = get_vschar(j, "scope", OAUTH_SCOPE_MAX);
+        ei = json_object_get(j, "expires_in");
+        /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and DPoP's
+         * header alike, RFC 9449 7.1): anything else, CR and LF above all, is refused here
+         * rather than failing every request after it was stored. */
+        if (!at || !oauth_is_b64token(at, strlen(at)))
+                return -EBADMSG;
+        /* RFC 6749 5.1: token_type is case insensitive. */
+        if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))
+                return -EBADMSG;
+        if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
+                return -EBADMSG;
+        if (ei && !json_is_integer(ei))
+                return -EBADMSG;
+        if (ei) {
+                json_int_t e = json_integer_value(ei);
+                t.expires_in = e < OAUTH_EXPIRES_IN_MIN_S   ? OAUTH_EXPIRES_IN_MIN_S
+                               : e > OAUTH_EXPIRES_IN_MAX_S ? OAUTH_EXPIRES_IN_MAX_S
+                                                            : (int64_t) e;
+        }
+        t.access_token = strdup(at);
+        t.token_type = strdup(strcasecmp(tt, "DPoP") == 0 ? "DPoP" : "Bearer");
+        t.refresh_token = rt ? strdup(rt) : NULL;
+        t.scope = scope ? strdup(scope) : NULL;
+        if (!t.access_token || !t.token_type || (rt && !t.refresh_token) || (scope && !t.scope)) {
+                oauth_token_answer_done(&t);
+                return -ENOMEM;
+        }
+        *ret = t;
+        return 0;
+}
+
+/* RFC 6749 5.2: error = 1*( %x20-21 / %x23-5B / %x5D-7E ) */
+static bool is_error_code(const char *s, size_t n) {
+        if (n == 0)
+                return false;
+        for (size_t i = 0; i < n; i++) {
+                unsigned char ch = (unsigned char) s[i];
+                if (ch < 0x20 || ch > 0x7e || ch == '"' || ch == '\\')
+                        return false;
+        }
+        return true;
+}
+
+int oauth_parse_error(const uint8_t *buf, size_t len, char *ret, size_t cap) {
+        _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
+        json_t *v = json_object_get(j, "error");
+        const char *e = json_string_value(v);
+        size_t n = json_string_length(v);
+
+        if (!e)
+                return -ENOENT;
+        if (n > OAUTH_ERROR_CODE_MAX || n + 1 > cap || strlen(e) != n || !is_error_code(e, n))
+                return -EBADMSG;
+        memcpy(ret, e, n + 1);
+        return 0;
+}
+
+/* RFC 9110 11.6.1 challenges: auth-scheme [ 1*SP ( token68 / #auth-param ) ], comma-separated;
+ * auth-param = token BWS "=" BWS ( token / quoted-string ). Good enough to find the error
+ * parameter of a DPoP or Bearer challenge among others, and bounded by len. */
+static bool is_tchar(char ch) {
+        return (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+               (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+int oauth_parse_www_authenticate(const char *value, size_t len, char *ret, size_t cap) {
+        size_t i = 0;
+        bool in_ours = false;
+
+        if (!value || cap < 2)
+                return -ENOENT;
+        while (i < len) {
+                size_t ts, te;
+
+                while (i < len && (value[i] == ' ' || value[i] == '\t' || value[i] == ','))
+                        i++;
+                ts = i;
+                while (i < len && is_tchar(value[i]))
+                        i++;
+                te = i;
+                if (te == ts)
+                        return -ENOENT; /* not a token where one must be: give up, bounded */
+                while (i < len && (value[i] == ' ' || value[i] == '\t'))
+                        i++;
+                if (i < len && value[i] == '=') {
+                        /* auth-param (or token68 padding, skipped the same way) */
+                        size_t vs, vn = 0;
+                        char v[OAUTH_ERROR_CODE_MAX + 1];
+                        bool quoted, too_long = false;
+
+                        i++;
+                        while (i < len && value[i] == '=')
+                                i++;
+                        while (i < len && (value[i] == ' ' || value[i] == '\t'))
+                                i++;
+                        quoted = i < len && value[i] == '"';
+                        if (quoted) {
+                                i++;
+                                for (;; i++) {
+                                        if (i >= len)
+                                                return -ENOENT;
+                                        if (value[i] == '"')
+                                                break;
+                                        if (value[i] == '\\' && ++i >= len)
+                                                return -ENOENT;
+                                        if (vn < OAUTH_ERROR_CODE_MAX)
+                                                v[vn++] = value[i];
+                                        else
+                                                too_long = true;
+                                }
+                                i++;
+                        } else {
+                                vs = i;
+                                while (i < len && is_tchar(value[i]))
+                                        i++;
+                                vn = i - vs;
+                                if (vn > OAUTH_ERROR_CODE_MAX) {
+                                        too_long = true;
+                                        vn = 0;
+                                } else
+                                        memcpy(v, value + vs, vn);
+                        }
+                        v[vn] = '\0';
+                        if (in_ours && te - ts == 5 && strncasecmp(value + ts, "error", 5) == 0) {
+                                if (too_long || vn == 0 || vn + 1 > cap || !is_error_code(v, vn))
+                                        return -EBADMSG;
+                                memcpy(ret, v, vn + 1);
+                                return 0;
+                        }
+                } else {
+                        /* A new challenge: its scheme. */
+                        in_ours = (te - ts == 4 && strncasecmp(value + ts, "DPoP", 4) == 0) ||
+                                  (te - ts == 6 && strncasecmp(value + ts, "Bearer", 6) == 0);
+                }
+        }
+        return -ENOENT;
+}
+
 /* ---- requests ---- */
 
 static void on_done(void *userdata, const struct http_response *resp);
+
+static void call_free(struct oauth_call *call) {
+        if (call->form)
+                erase_and_free(call->form, strlen(call->form));
+        free(call->url);
+        free(call);
+}
+
+/* Each kind of request has its own slot: a resend stays in it (and goes to the same endpoint). */
+static struct http_req **call_slot(struct oauth *o, enum req_kind kind) {
+        switch (kind) {
+        case R_DISCOVERY:
+        case R_DISCOVERY_FALLBACK:
+                return &o->disc_req;
+        case R_DEVICE:
+        case R_POLL:
+                return &o->login_req;
+        case R_REFRESH:
+                return &o->refresh_req;
+        case R_REVOKE:
+        default:
+                return &o->revoke_req;
+        }
+}
 
 static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, const char *url, char *form,
                       bool nonce_retried, struct http_req **ret) {
@@ -255,14 +603,22 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
         call->kind = kind;
         call->form = form;
         call->nonce_retried = nonce_retried;
+        call->url = strdup(url);
+        if (!call->url) {
+                r = -ENOMEM;
+                goto fail;
+        }
         lines[n++] = "Accept: application/json";
         if (form)
                 lines[n++] = "Content-Type: application/x-www-form-urlencoded";
-        /* DPoP on the token requests (RFC 9449 5), not on discovery or revocation. */
-        if (o->use_dpop && h->hubkey && (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH)) {
+        /* DPoP on the token requests (RFC 9449 5), not on discovery; on revocation only when the
+         * server asked for a proof with its nonce (RFC 9449 8). */
+        if (o->use_dpop && h->hubkey &&
+            (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH || (kind == R_REVOKE && nonce_retried))) {
                 r = oauth_dpop_proof(h->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
                 if (r < 0)
                         goto fail;
+                call->sent_nonce = o->as_nonce != NULL;
                 o->dpop_proofs++;
                 dpop_header = strdup_printf("DPoP: %s", dpop);
                 if (!dpop_header) {
@@ -285,16 +641,8 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 goto fail;
         return 0;
 fail:
-        if (call->form)
-                erase_and_free(call->form, strlen(call->form));
-        free(call);
+        call_free(call);
         return r;
-}
-
-static void call_free(struct oauth_call *call) {
-        if (call->form)
-                erase_and_free(call->form, strlen(call->form));
-        free(call);
 }
 
 /* ---- timers ---- */
@@ -316,16 +664,13 @@ static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
                 log_error_errno(r, "Failed to arm an OAuth timer: %m");
 }
 
+/* The project's one exponential backoff with jitter (cloud_backoff_ms), from 2 s (the first
+ * failure counts as the second step) to CLOUD_BACKOFF_MAX_MS. */
 static uint64_t retry_delay_usec(struct oauth *o) {
         uint32_t rnd = 0;
-        uint64_t s = OAUTH_RETRY_MIN_S;
 
-        for (unsigned i = 1; i < o->failures && s < OAUTH_RETRY_MAX_S; i++)
-                s *= 2;
-        if (s > OAUTH_RETRY_MAX_S)
-                s = OAUTH_RETRY_MAX_S;
         (void) random_bytes(&rnd, sizeof rnd);
-        return s * 500000 + (uint64_t) rnd % (s * 500000 + 1);
+        return cloud_backoff_ms(o->failures + 1, rnd) * 1000;
 }
 
 static int start_discovery(struct oauth *o, bool fallback);
@@ -388,27 +733,27 @@ static void become_login_required(struct oauth *o, const char *why) {
         hub_notify_status(o->hub);
 }
 
-/* Takes a 200 token response. */
-static int accept_tokens(struct oauth *o, json_t *resp) {
-        const char *at = json_string_value(json_object_get(resp, "access_token"));
-        const char *tt = json_string_value(json_object_get(resp, "token_type"));
-        const char *rt = json_string_value(json_object_get(resp, "refresh_token"));
-        const char *scope = json_string_value(json_object_get(resp, "scope"));
-        json_t *ei = json_object_get(resp, "expires_in");
+/* Takes a 200 token response (RFC 6749 5.1), checked by oauth_parse_token_answer(). */
+static int accept_tokens(struct oauth *o, const struct http_response *resp) {
+        struct oauth_token_answer a = {};
         struct oauth_tokens t = {};
         _cleanup_free_ char *err = NULL;
         int r;
 
-        if (!at || !tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0) ||
-            (ei && !json_is_integer(ei)))
-                return -EBADMSG;
-        t.access_token = strdup(at);
-        t.token_type = strdup(strcasecmp(tt, "DPoP") == 0 ? "DPoP" : "Bearer");
+        r = oauth_parse_token_answer((const uint8_t *) resp->body, resp->body_len, &a);
+        if (r < 0)
+                return r;
+        t.access_token = TAKE_PTR(a.access_token);
+        t.token_type = TAKE_PTR(a.token_type);
+        t.scope = TAKE_PTR(a.scope);
         /* Rotation: a new refresh token replaces the old; without one the old stays valid. */
-        t.refresh_token = rt ? strdup(rt) : o->tokens.refresh_token ? strdup(o->tokens.refresh_token) : NULL;
-        t.scope = scope ? strdup(scope) : NULL;
-        t.expires_at = ei ? now_s() + json_integer_value(ei) : 0;
-        if (!t.access_token || !t.token_type || (rt && !t.refresh_token) || (scope && !t.scope)) {
+        t.refresh_token = a.refresh_token                ? TAKE_PTR(a.refresh_token)
+                          : o->tokens.refresh_token ? strdup(o->tokens.refresh_token)
+                                                    : NULL;
+        /* expires_in is clamped by the parser: no overflow, no refresh every second. */
+        t.expires_at = a.expires_in > 0 ? now_s() + a.expires_in : 0;
+        oauth_token_answer_done(&a);
+        if (o->tokens.refresh_token && !t.refresh_token) {
                 oauth_tokens_done(&t);
                 return -ENOMEM;
         }
@@ -423,16 +768,13 @@ static int accept_tokens(struct oauth *o, json_t *resp) {
         o->have_tokens = true;
         o->state = OAUTH_OK;
         o->failures = 0;
+        o->refresh_refusals = 0;
+        o->token_gen++;
         o->last_error[0] = '\0';
         schedule_refresh(o);
         return 0;
 }
 
-/* The error member of a token endpoint error (RFC 6749 5.2), or "" */
-static const char *oauth_error(json_t *resp) {
-        const char *e = json_string_value(json_object_get(resp, "error"));
-        return e ? e : "";
-}
 
 /* ---- discovery ---- */
 
@@ -454,26 +796,18 @@ static int start_discovery(struct oauth *o, bool fallback) {
         return oauth_send(o, fallback ? R_DISCOVERY_FALLBACK : R_DISCOVERY, "GET", url, NULL, false, &o->disc_req);
 }
 
-static bool is_https(const char *s) {
-        return s && strncmp(s, "https://", 8) == 0 && !strpbrk(s, " \t\r\n");
-}
-
-static void on_discovery(struct oauth *o, const struct http_response *resp, json_t *j, bool fallback) {
+static void on_discovery(struct oauth *o, const struct http_response *resp, bool fallback) {
         const char *issuer = o->hub->conf->oauth.issuer;
-        const char *te, *de, *re;
-        json_t *algs, *v;
-        size_t i;
+        struct oauth_metadata m = {};
+        int r = -EBADMSG;
 
         if (resp->error == 0 && resp->status == 404 && !fallback) {
                 (void) start_discovery(o, true);
                 return;
         }
-        te = json_string_value(json_object_get(j, "token_endpoint"));
-        de = json_string_value(json_object_get(j, "device_authorization_endpoint"));
-        re = json_string_value(json_object_get(j, "revocation_endpoint"));
-        if (resp->error < 0 || resp->status != 200 || !json_is_object(j) ||
-            !streq_ptr(json_string_value(json_object_get(j, "issuer")), issuer) || !is_https(te) || !is_https(de) ||
-            (re && !is_https(re))) {
+        if (resp->error == 0 && resp->status == 200)
+                r = oauth_parse_metadata((const uint8_t *) resp->body, resp->body_len, issuer, &m);
+        if (r < 0) {
                 if (resp->error < 0)
                         set_error(o, "discovery at %s failed: %s", issuer, resp->error_text);
                 else
@@ -486,12 +820,10 @@ static void on_discovery(struct oauth *o, const struct http_response *resp, json
         free(o->token_endpoint);
         free(o->device_endpoint);
         free(o->revocation_endpoint);
-        o->token_endpoint = strdup(te);
-        o->device_endpoint = strdup(de);
-        o->revocation_endpoint = re ? strdup(re) : NULL;
-        o->use_dpop = false;
-        algs = json_object_get(j, "dpop_signing_alg_values_supported");
-        json_array_foreach(algs, i, v) if (streq_ptr(json_string_value(v), "ES256")) o->use_dpop = true;
+        o->token_endpoint = TAKE_PTR(m.token_endpoint);
+        o->device_endpoint = TAKE_PTR(m.device_endpoint);
+        o->revocation_endpoint = TAKE_PTR(m.revocation_endpoint);
+        o->use_dpop = m.dpop_es256;
         if (o->hub->conf->oauth.dpop == DPOP_ON)
                 o->use_dpop = true;
         else if (o->hub->conf->oauth.dpop == DPOP_OFF)
@@ -528,39 +860,106 @@ static int start_refresh(struct oauth *o) {
                 return r;
         }
         o->state = OAUTH_REFRESHING;
-        return oauth_send(o, R_REFRESH, "POST", o->token_endpoint, form, false, &o->refresh_req);
+        r = oauth_send(o, R_REFRESH, "POST", o->token_endpoint, form, false, &o->refresh_req);
+        if (r < 0)
+                o->state = OAUTH_OK;
+        return r;
 }
 
-int oauth_refresh(struct oauth *o, const char *resource_dpop_nonce, void (*done)(void *userdata, int r),
-                  void *userdata) {
+uint64_t oauth_token_gen(const struct oauth *o) {
+        return o ? o->token_gen : 0;
+}
+
+void oauth_resource_ok(struct oauth *o) {
+        if (!o || !o->unauthorized_reported)
+                return;
+        o->unauthorized_reported = false;
+        if (o->state == OAUTH_OK)
+                o->last_error[0] = '\0';
+        log_info("The cloud accepts the access token again");
+        hub_notify_status(o->hub);
+}
+
+/* Reported once (until a resource request succeeds): a status line, STATUS= and a log line. */
+static void report_unauthorized(struct oauth *o, const char *what) {
+        set_error(o, "the cloud refuses %s; backing off", what);
+        (void) snprintf(o->unauthorized_error, sizeof o->unauthorized_error, "%s", o->last_error);
+        if (o->unauthorized_reported)
+                return;
+        o->unauthorized_reported = true;
+        log_event(LOG_WARNING, 0, IOTHUB_MID_CLOUD_UNAUTHORIZED, NULL, NULL,
+                  "The cloud answers HTTP 401: it refuses %s; backing off, no further refresh for this token",
+                  what);
+        hub_notify_status(o->hub);
+}
+
+int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
+                       void (*done)(void *userdata, int r), void *userdata) {
+        char e[OAUTH_ERROR_CODE_MAX + 1] = "";
+        bool dpop, new_nonce;
         int r;
 
-        if (resource_dpop_nonce && resource_dpop_nonce[0]) {
-                /* The resource server asked for a nonce (RFC 9449 9): no refresh needed. */
-                char *n = strdup(resource_dpop_nonce);
-                if (!n)
-                        return -ENOMEM;
-                free(o->rs_nonce);
-                o->rs_nonce = n;
-                done(userdata, 0);
+        o->resource_401s++;
+        if (!o->have_tokens)
+                return -ENOKEY;
+        dpop = streq_ptr(o->tokens.token_type, "DPoP");
+        if (oauth_parse_www_authenticate(www_authenticate, www_authenticate ? strlen(www_authenticate) : 0, e,
+                                         sizeof e) < 0)
+                e[0] = '\0';
+        new_nonce = dpop && dpop_nonce && dpop_nonce[0] && !streq_ptr(dpop_nonce, o->rs_nonce) &&
+                    strlen(dpop_nonce) <= OAUTH_URI_MAX;
+        /* RFC 9449 9: the resource server wants a proof with its own nonce, kept apart from the
+         * authorization server's. Again at once, only with a nonce we have not used: a server
+         * that keeps sending the same one is refusing, not asking. */
+        if (new_nonce && (streq(e, "use_dpop_nonce") || streq(e, "invalid_dpop_proof") || !e[0])) {
+                r = free_and_strdup(&o->rs_nonce, dpop_nonce);
+                return r < 0 ? r : 1;
+        }
+        if (streq(e, "use_dpop_nonce")) {
+                report_unauthorized(o, "our DPoP proofs (use_dpop_nonce without a new nonce)");
+                return -EPROTO;
+        }
+        /* RFC 9449 7.1: the proof, not the token, is at fault: a new token would not help. */
+        if (streq(e, "invalid_dpop_proof")) {
+                report_unauthorized(o, "our DPoP proofs (invalid_dpop_proof)");
+                return -EPROTO;
+        }
+        /* A token newer than the one the request carried is there already: use it. */
+        if (gen != o->token_gen)
+                return 1;
+        if (o->refresh_req) {
+                if (o->n_waiters >= OAUTH_WAITERS_MAX)
+                        return -EBUSY;
+                o->waiters[o->n_waiters++] = (struct waiter){ done, userdata };
                 return 0;
+        }
+        /* RFC 6750 3.1 invalid_token, or no reason: one refresh per access token at most. A token
+         * that came from such a refresh and is refused too is not the token's fault (a dropped
+         * registration, a clock far off, a proof the server dislikes): refreshing again would
+         * only turn the hub into a refresh storm against the authorization server. */
+        if (o->token_from_401) {
+                report_unauthorized(o, "a freshly refreshed access token");
+                return -EKEYREJECTED;
         }
         if (o->n_waiters >= OAUTH_WAITERS_MAX)
                 return -EBUSY;
         r = start_refresh(o);
         if (r < 0)
                 return r;
+        o->refresh_for_401 = true;
         o->waiters[o->n_waiters++] = (struct waiter){ done, userdata };
         return 0;
 }
 
-static void on_refresh(struct oauth *o, const struct http_response *resp, json_t *j) {
-        const char *e = oauth_error(j);
+static void on_refresh(struct oauth *o, const struct http_response *resp, const char *e) {
+        bool for_401 = o->refresh_for_401;
         int r;
 
+        o->refresh_for_401 = false;
         if (resp->error == 0 && resp->status == 200) {
-                r = accept_tokens(o, j);
+                r = accept_tokens(o, resp);
                 if (r >= 0) {
+                        o->token_from_401 = for_401;
                         log_info("Access token refreshed, valid until %" PRId64, o->tokens.expires_at);
                         notify_waiters(o, 0);
                         cloud_kick(o->hub->cloud);
@@ -577,8 +976,21 @@ static void on_refresh(struct oauth *o, const struct http_response *resp, json_t
         } else if (resp->error < 0)
                 set_error(o, "refreshing the access token failed: %s", resp->error_text);
         else
-                set_error(o, "refreshing the access token answered HTTP %ld %.40s", resp->status, e);
-        /* Network trouble or a server error: keep the tokens, try again later. */
+                set_error(o, "refreshing the access token answered HTTP %ld%s%s", resp->status, e[0] ? " " : "", e);
+        /* A refusal (4xx) that names no error we know, or one that cannot get better by itself
+         * (a bare 400 is how some servers answer a revoked refresh token): counted, and after
+         * OAUTH_REFRESH_REFUSALS_MAX in a row the user must sign in again. Timeouts, 408, 429
+         * and 5xx are the network's or the server's trouble: retried without end, with backoff. */
+        if (resp->error == 0 && resp->status >= 400 && resp->status < 500 && resp->status != 408 &&
+            resp->status != 429 && ++o->refresh_refusals >= OAUTH_REFRESH_REFUSALS_MAX) {
+                char why[160];
+                (void) snprintf(why, sizeof why, "the token endpoint refused the refresh %u times, last HTTP %ld%s%.*s",
+                                o->refresh_refusals, resp->status, e[0] ? " " : "", OAUTH_ERROR_CODE_MAX, e);
+                become_login_required(o, why);
+                notify_waiters(o, -EKEYREVOKED);
+                return;
+        }
+        /* Keep the tokens, try again later. */
         o->state = o->have_tokens ? OAUTH_OK : OAUTH_LOGIN_REQUIRED;
         o->failures++;
         log_warning("%s; retrying", o->last_error);
@@ -624,16 +1036,18 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-static void on_poll(struct oauth *o, const struct http_response *resp, json_t *j) {
-        const char *e = oauth_error(j);
+static void on_poll(struct oauth *o, const struct http_response *resp, const char *e) {
+        int r;
 
         if (!o->login_active)
                 return;
         if (resp->error == 0 && resp->status == 200) {
-                if (accept_tokens(o, j) < 0) {
-                        login_finish(o, -EBADMSG, "the token endpoint answered without usable tokens");
+                r = accept_tokens(o, resp);
+                if (r < 0) {
+                        login_finish(o, r, "the token endpoint answered without usable tokens");
                         return;
                 }
+                o->token_from_401 = false;
                 log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_OK, NULL, NULL, "Signed in (%s token)", o->tokens.token_type);
                 hub_notify_status(o->hub);
                 login_finish(o, 0, "signed in");
@@ -663,44 +1077,41 @@ static void on_poll(struct oauth *o, const struct http_response *resp, json_t *j
         arm(o, &o->poll_timer, (uint64_t) o->interval_s * 1000000, on_poll_timer);
 }
 
-static void on_device(struct oauth *o, const struct http_response *resp, json_t *j) {
-        const char *dc = json_string_value(json_object_get(j, "device_code"));
-        const char *uc = json_string_value(json_object_get(j, "user_code"));
-        const char *vu = json_string_value(json_object_get(j, "verification_uri"));
-        const char *vc = json_string_value(json_object_get(j, "verification_uri_complete"));
-        json_t *ei = json_object_get(j, "expires_in"), *iv = json_object_get(j, "interval"), *info;
+static void on_device(struct oauth *o, const struct http_response *resp, const char *e) {
+        struct oauth_device_answer d = {};
         struct oauth_login_cb cb = o->login;
+        json_t *info;
+        int r = -EPROTO;
 
         if (!o->login_active)
                 return;
-        if (resp->error < 0 || resp->status != 200 || !dc || !uc || !vu || !json_is_integer(ei) ||
-            json_integer_value(ei) <= 0 || (iv && !json_is_integer(iv))) {
+        if (resp->error == 0 && resp->status == 200)
+                r = oauth_parse_device_answer((const uint8_t *) resp->body, resp->body_len, &d);
+        if (r < 0) {
                 char m[200];
                 if (resp->error < 0)
                         (void) snprintf(m, sizeof m, "device authorization failed: %s", resp->error_text);
+                else if (resp->status == 200)
+                        (void) snprintf(m, sizeof m, "device authorization answered without a usable code");
                 else
-                        (void) snprintf(m, sizeof m, "device authorization answered HTTP %ld %.60s", resp->status,
-                                        oauth_error(j));
+                        (void) snprintf(m, sizeof m, "device authorization answered HTTP %ld %s", resp->status, e);
                 o->login_active = false;
                 o->login = (struct oauth_login_cb){};
                 if (cb.started)
                         cb.started(cb.userdata, -EPROTO, m, NULL);
                 return;
         }
-        o->device_code = strdup(dc);
-        /* RFC 8628 3.2: 5 s when the server says nothing; bounded either way. */
-        o->interval_s = iv ? (unsigned) json_integer_value(iv) : 5;
-        if (o->interval_s < 1)
-                o->interval_s = 1;
-        if (o->interval_s > OAUTH_INTERVAL_MAX_S)
-                o->interval_s = OAUTH_INTERVAL_MAX_S;
-        o->login_expires_at = now_s() + json_integer_value(ei);
-        info = json_pack("{s:s,s:s,s:I,s:I}", "user_code", uc, "verification_uri", vu, "expires_in",
-                         json_integer_value(ei), "interval", (json_int_t) o->interval_s);
-        if (info && vc)
-                (void) json_object_set_new(info, "verification_uri_complete", json_string(vc));
-        if (!o->device_code || !info) {
-                json_decref(info);
+        /* Clamped by the parser (RFC 8628 3.2 and 3.5): interval 1..OAUTH_INTERVAL_MAX_S, the code's
+         * lifetime at most OAUTH_DEVICE_EXPIRES_MAX_S. */
+        o->device_code = TAKE_PTR(d.device_code);
+        o->interval_s = d.interval_s;
+        o->login_expires_at = now_s() + d.expires_in;
+        info = json_pack("{s:s,s:s,s:I,s:I}", "user_code", d.user_code, "verification_uri", d.verification_uri,
+                         "expires_in", (json_int_t) d.expires_in, "interval", (json_int_t) o->interval_s);
+        if (info && d.verification_uri_complete)
+                (void) json_object_set_new(info, "verification_uri_complete", json_string(d.verification_uri_complete));
+        oauth_device_answer_done(&d);
+        if (!info) {
                 login_finish(o, -ENOMEM, "out of memory");
                 return;
         }
@@ -805,39 +1216,32 @@ static void on_revoke(struct oauth *o, const struct http_response *resp) {
 static void on_done(void *userdata, const struct http_response *resp) {
         struct oauth_call *call = userdata;
         struct oauth *o = call->oauth;
-        json_error_t jerr;
-        json_t *j = json_loadb(resp->body, resp->body_len, JSON_REJECT_DUPLICATES, &jerr);
+        struct http_req **slot = call_slot(o, call->kind);
+        char e[OAUTH_ERROR_CODE_MAX + 1] = "";
 
-        switch (call->kind) {
-        case R_DISCOVERY:
-        case R_DISCOVERY_FALLBACK:
-                o->disc_req = NULL;
-                break;
-        case R_DEVICE:
-        case R_POLL:
-                o->login_req = NULL;
-                break;
-        case R_REFRESH:
-                o->refresh_req = NULL;
-                break;
-        case R_REVOKE:
-                o->revoke_req = NULL;
-                break;
-        }
-        if (resp->dpop_nonce[0]) {
-                char *n = strdup(resp->dpop_nonce);
-                if (n) {
-                        free(o->as_nonce);
-                        o->as_nonce = n;
+        *slot = NULL;
+        if (resp->error == 0 && resp->status >= 400 &&
+            oauth_parse_error((const uint8_t *) resp->body, resp->body_len, e, sizeof e) < 0)
+                e[0] = '\0';
+        /* The authorization server's nonce, kept apart from the resource server's (RFC 9449 8, 9). */
+        if (resp->dpop_nonce[0] && call->kind != R_DISCOVERY && call->kind != R_DISCOVERY_FALLBACK)
+                (void) free_and_strdup(&o->as_nonce, resp->dpop_nonce);
+        /* RFC 9449 8: the server wants its nonce in the proof: once more, with it, to the same
+         * endpoint, in the same slot (a revocation stays a revocation). */
+        if (resp->error == 0 && resp->status == 400 && streq(e, "use_dpop_nonce") && !call->nonce_retried &&
+            call->form && resp->dpop_nonce[0] && o->use_dpop) {
+                if (oauth_send(o, call->kind, "POST", call->url, TAKE_PTR(call->form), true, slot) >= 0) {
+                        call_free(call);
+                        return;
                 }
         }
-        /* RFC 9449 8: the server wants its nonce in the proof: once more, with it. */
-        if (resp->error == 0 && resp->status == 400 && streq(oauth_error(j), "use_dpop_nonce") &&
-            !call->nonce_retried && call->form && resp->dpop_nonce[0]) {
-                const char *url = call->kind == R_DEVICE ? o->device_endpoint : o->token_endpoint;
-                struct http_req **slot = call->kind == R_REFRESH ? &o->refresh_req : &o->login_req;
-                if (oauth_send(o, call->kind, "POST", url, TAKE_PTR(call->form), true, slot) >= 0) {
-                        json_decref(j);
+        /* A proof refused for a nonce this server did not give, or no longer takes, with no new
+         * one offered (RFC 9449 8 would have said use_dpop_nonce): once more without it. */
+        if (resp->error == 0 && resp->status == 400 && streq(e, "invalid_dpop_proof") && call->sent_nonce &&
+            !call->nonce_retried && call->form && !resp->dpop_nonce[0]) {
+                free(o->as_nonce);
+                o->as_nonce = NULL;
+                if (oauth_send(o, call->kind, "POST", call->url, TAKE_PTR(call->form), true, slot) >= 0) {
                         call_free(call);
                         return;
                 }
@@ -845,23 +1249,21 @@ static void on_done(void *userdata, const struct http_response *resp) {
         switch (call->kind) {
         case R_DISCOVERY:
         case R_DISCOVERY_FALLBACK:
-                on_discovery(o, resp, j, call->kind == R_DISCOVERY_FALLBACK);
+                on_discovery(o, resp, call->kind == R_DISCOVERY_FALLBACK);
                 break;
         case R_DEVICE:
-                on_device(o, resp, j);
+                on_device(o, resp, e);
                 break;
         case R_POLL:
-                on_poll(o, resp, j);
+                on_poll(o, resp, e);
                 break;
         case R_REFRESH:
-                on_refresh(o, resp, j);
+                on_refresh(o, resp, e);
                 break;
         case R_REVOKE:
                 on_revoke(o, resp);
                 break;
         }
-        /* The token response holds secrets: wipe jansson's copies as far as we can reach. */
-        json_decref(j);
         call_free(call);
 }
 
@@ -897,10 +1299,13 @@ int oauth_status_json(struct oauth *o, json_t *st) {
         if (!o)
                 j = json_pack("{s:s}", "state", "not_configured");
         else
-                j = json_pack("{s:s,s:I,s:b,s:I,s:s*}", "state", oauth_state_to_string(o->state), "expires_at",
+                j = json_pack("{s:s,s:I,s:b,s:I,s:I,s:s*}", "state", oauth_state_to_string(o->state), "expires_at",
                               (json_int_t) (o->have_tokens ? o->tokens.expires_at : 0), "dpop",
                               o->have_tokens && streq_ptr(o->tokens.token_type, "DPoP"), "dpop_proofs",
-                              (json_int_t) o->dpop_proofs, "last_error", o->last_error[0] ? o->last_error : NULL);
+                              (json_int_t) o->dpop_proofs, "resource_401", (json_int_t) o->resource_401s, "last_error",
+                              o->last_error[0]             ? o->last_error
+                              : o->unauthorized_reported ? o->unauthorized_error
+                                                         : NULL);
         if (!j)
                 return -ENOMEM;
         return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;

@@ -23,6 +23,7 @@ struct http_response {
         size_t body_len;
         const char *retry_after; /* the Retry-After header's value, "" when absent */
         const char *dpop_nonce;  /* the DPoP-Nonce header's value (RFC 9449 8), "" when absent */
+        const char *www_authenticate; /* the WWW-Authenticate header's value (RFC 9110 11.6.1), "" when absent */
 };
 
 typedef void (*http_done_t)(void *userdata, const struct http_response *resp);

@@ -32,6 +32,7 @@
 #define IOTHUB_MID_COMMAND_POLL_FAILED "1583385e6fc24720a8c63478116b6dd0"
 #define IOTHUB_MID_KEY_UNAVAILABLE "a26202862662450c90afd5450506b07a"
 #define IOTHUB_MID_KEY_OPENED "e71c9ca1105a4736890b780c773423be"
+#define IOTHUB_MID_CLOUD_UNAUTHORIZED "22a07ecc170f4e5284d6fdc1ca09bda2"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -32,6 +33,8 @@ void oauth_free(struct oauth *o);
 void oauth_key_ready(struct oauth *o);
 
 enum oauth_state oauth_get_state(const struct oauth *o);
+/* The last error as one printable line, never a secret. */
+const char *oauth_last_error(const struct oauth *o);
 
 /* Authorization for one resource request: ret_authorization gets the header value
  * ("Bearer <t>" or "DPoP <t>"), ret_dpop the value of a DPoP proof header for method and url
@@ -39,11 +42,22 @@ enum oauth_state oauth_get_state(const struct oauth *o);
 int oauth_authorize(struct oauth *o, const char *method, const char *url, char **ret_authorization,
                     char **ret_dpop);
 
-/* A resource server answered 401: refresh the access token (at most one refresh at a time;
- * callers waiting together are all called back). dpop_nonce: the server's DPoP-Nonce, or
- * NULL. done(userdata, r): r = 0 with a fresh token, negative errno otherwise. */
-int oauth_refresh(struct oauth *o, const char *resource_dpop_nonce, void (*done)(void *userdata, int r),
-                  void *userdata);
+/* The generation of the current access token (bumped by every new one): a request records it
+ * when it is authorized, so that a 401 to an older token is told apart. */
+uint64_t oauth_token_gen(const struct oauth *o);
+
+/* A resource server answered 401 to a request authorized with token generation gen; all 401
+ * handling is here. www_authenticate and dpop_nonce: the answer's headers (NULL or "" when
+ * absent). Returns 1 when the request may go again at once (a new resource-server DPoP-Nonce,
+ * RFC 9449 9, or a newer token); 0 when a refresh started (or was running) and done(userdata,
+ * r) follows, r = 0 with a fresh token; a negative errno when the request must back off: the
+ * proof was refused (RFC 9449 7.1 invalid_dpop_proof), or this token already came from a
+ * refresh for a 401 (at most one refresh per token for 401s), reported once (status, STATUS=,
+ * a log line with IOTHUB_MID_CLOUD_UNAUTHORIZED). */
+int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
+                       void (*done)(void *userdata, int r), void *userdata);
+/* A resource request succeeded: ends a reported refusal. */
+void oauth_resource_ok(struct oauth *o);
 
 /* Starts the device flow. started() gets the verification URI(s) and user code to show (or an
  * error); finished() the outcome once the user approved, denied, or the code expired. Only

@@ -604,3 +604,114 @@ describe('CLI and control API', () => {
     }
   });
 });
+
+// ---------------------------------------------------------------------------------------
+// DPoP (RFC 9449) at the resource server: every check of the strict reference cloud can fail.
+// Proofs are made here with jose (../oauth/dpop.mjs createDpopProof), tokens bound to a key by
+// the verifyDpop hook (as the cloudHooks of the OAuth test server do with introspection).
+
+describe('DPoP-bound tokens (RFC 9449 4.3, 7.1, 9)', () => {
+  let cloud, hub, dir, key, other;
+  const HUBD = 'hub-dpop';
+  const TOKEN = 'tok-dpop-alice';
+  const pollPath = `/v1/hubs/${HUBD}/commands?wait=0`;
+  let dpopLib;
+
+  before(async () => {
+    dpopLib = await import('../oauth/dpop.mjs');
+    key = await dpopLib.generateDpopKey();
+    other = await dpopLib.generateDpopKey();
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloud-selftest-dpop-'));
+    cloud = await startCloud({
+      dir, tokens: { 'tok-alice': 'alice' },
+      verifyDpop: ({ token, jkt }) => (token === TOKEN && jkt === key.jkt ? 'alice' : null),
+    });
+    hub = makeHubKey();
+    const reg = await call(cloud, hub, 'POST', `/v1/hubs/${HUBD}`, { json: { jwk: hub.jwk } });
+    assert.equal(reg.status, 201, reg.text);
+  });
+  after(async () => { await cloud.close(); fs.rmSync(dir, { recursive: true, force: true }); });
+
+  // A long poll with a DPoP-bound token; `proof` overrides the claims of a correct proof.
+  async function poll({ proof = {}, withKey = key, headers } = {}) {
+    const htu = `${cloud.url}/v1/hubs/${HUBD}/commands`;
+    const p = await dpopLib.createDpopProof(withKey, { method: 'GET', htu, accessToken: TOKEN, ...proof });
+    return call(cloud, hub, 'GET', pollPath, { token: TOKEN, scheme: 'DPoP', headers: headers ?? { DPoP: p } });
+  }
+  const challenge = (r) => r.headers['www-authenticate'] ?? '';
+
+  test('a correct proof (htu without the query, RFC 9449 4.2) is accepted', async () => {
+    const r = await poll();
+    assert.equal(r.status, 204, r.text);
+    assert.equal(cloud.state.dpop.htus.at(-1), `${cloud.url}/v1/hubs/${HUBD}/commands`);
+  });
+
+  test('htu carrying the query or a fragment -> 401 invalid_dpop_proof (RFC 9449 4.2, 4.3 check 9)', async () => {
+    for (const htu of [`${cloud.url}${pollPath}`, `${cloud.url}/v1/hubs/${HUBD}/commands#f`, `${cloud.url}/v1/hubs/other/commands`]) {
+      const b = failures(cloud);
+      const r = await poll({ proof: { htu } });
+      assertRejected(r, 'dpop_htu', b, cloud);
+      assert.match(challenge(r), /^DPoP .*error="invalid_dpop_proof"/);
+    }
+  });
+
+  test('htm of another method -> 401 (RFC 9449 4.3 check 8)', async () => {
+    const b = failures(cloud);
+    assertRejected(await poll({ proof: { method: 'POST' } }), 'dpop_htm', b, cloud);
+  });
+
+  test('ath missing or of another token -> 401 (RFC 9449 4.3 check 11)', async () => {
+    let b = failures(cloud);
+    assertRejected(await poll({ proof: { accessToken: 'another-token' } }), 'dpop_ath', b, cloud);
+    b = failures(cloud);
+    assertRejected(await poll({ proof: { accessToken: undefined } }), 'dpop_ath', b, cloud);
+  });
+
+  test('a proof used twice (same jti) -> 401 the second time (RFC 9449 11.1)', async () => {
+    const p = await dpopLib.createDpopProof(key, { method: 'GET', htu: `${cloud.url}/v1/hubs/${HUBD}/commands`, accessToken: TOKEN });
+    assert.equal((await poll({ headers: { DPoP: p } })).status, 204);
+    const b = failures(cloud);
+    assertRejected(await poll({ headers: { DPoP: p } }), 'dpop_replay', b, cloud);
+  });
+
+  test('iat outside the window, past or future -> 401 (RFC 9449 4.3 check 10)', async () => {
+    for (const iat of [now() - 120, now() + 120]) {
+      const b = failures(cloud);
+      assertRejected(await poll({ proof: { iat } }), 'dpop_iat', b, cloud);
+    }
+  });
+
+  test('bad signature, no proof, or a key the token is not bound to -> 401', async () => {
+    let b = failures(cloud);
+    const p = await dpopLib.createDpopProof(key, { method: 'GET', htu: `${cloud.url}/v1/hubs/${HUBD}/commands`, accessToken: TOKEN });
+    const [h, c, s] = p.split('.');
+    const bad = `${h}.${c}.${s.slice(0, -4)}${s.slice(-4) === 'AAAA' ? 'BBBB' : 'AAAA'}`;
+    assertRejected(await poll({ headers: { DPoP: bad } }), 'dpop_signature', b, cloud);
+    b = failures(cloud);
+    assertRejected(await poll({ headers: {} }), 'dpop', b, cloud);
+    b = failures(cloud);
+    const r = await poll({ withKey: other });
+    assertRejected(r, 'dpop_token', b, cloud);
+    assert.match(challenge(r), /error="invalid_token"/);
+  });
+
+  test('the server\'s own nonce: use_dpop_nonce with DPoP-Nonce, then accepted with it (RFC 9449 9)', async () => {
+    const n1 = cloud.control.rotateDpopNonce();
+    try {
+      let b = failures(cloud);
+      let r = await poll();
+      assertRejected(r, 'dpop_use_nonce', b, cloud);
+      assert.match(challenge(r), /^DPoP .*error="use_dpop_nonce"/);
+      assert.equal(r.headers['dpop-nonce'], n1);
+      assert.equal((await poll({ proof: { nonce: n1 } })).status, 204);
+      const n2 = cloud.control.rotateDpopNonce();
+      b = failures(cloud);
+      r = await poll({ proof: { nonce: n1 } });
+      assertRejected(r, 'dpop_use_nonce', b, cloud);
+      assert.equal(r.headers['dpop-nonce'], n2);
+      assert.equal((await poll({ proof: { nonce: n2 } })).status, 204);
+    } finally {
+      cloud.control.rotateDpopNonce(null);
+    }
+  });
+});

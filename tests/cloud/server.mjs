@@ -21,6 +21,7 @@ import { fileURLToPath } from 'node:url';
 import * as jose from 'jose';
 import * as sf from 'structured-headers';
 import { httpbis, createVerifier } from 'http-message-signatures';
+import { verifyDpopProof, createReplayCache } from '../oauth/dpop.mjs';
 
 // ---------------------------------------------------------------------------------------
 // Constants of the contract (PROTOCOL.md 1 and 3)
@@ -117,6 +118,9 @@ class HttpError extends Error {
 }
 const authFail = (kind, message) => new HttpError(401, kind, message,
   { 'WWW-Authenticate': `Bearer realm="iothub-cloud", error="invalid_token"` });
+// RFC 9449 7.1: a refused proof is answered with the DPoP scheme's invalid_dpop_proof.
+const dpopFail = (kind, message) => new HttpError(401, kind, message,
+  { 'WWW-Authenticate': 'DPoP algs="ES256", error="invalid_dpop_proof"' });
 const badRequest = (kind, message) => new HttpError(400, kind, message);
 
 // Validates JSON text strictly (RFC 8259 grammar, and no duplicate member names, which the
@@ -270,6 +274,8 @@ export async function startCloud(opts = {}) {
     maxFrameBytes: 4096,
     maxBodyBytes: 16 << 20,
     maxWaitS: 60,
+    dpopMaxAgeS: 60, // RFC 9449 4.3 check 10: |now - iat| of a proof at most this
+    dpopNonce: false, // RFC 9449 9: require this server's own DPoP-Nonce in proofs
     redeliverMs: 30_000,
     storeJws: true,
     log: false,
@@ -289,6 +295,7 @@ export async function startCloud(opts = {}) {
   else if (isObj(o.tokens)) for (const [t, a] of Object.entries(o.tokens)) tokens.set(t, a);
   const anyToken = o.tokens === undefined && !o.verifyToken;
 
+  const dpopReplay = createReplayCache(); // jti of the proofs this server saw (RFC 9449 11.1)
   const events = new EventEmitter();
   const state = {
     anyToken,
@@ -306,6 +313,9 @@ export async function startCloud(opts = {}) {
     signatures: 0, // request signatures verified
     duplicates: 0, // frames received again (same dev, seq, bytes)
     nonces: new Map(), // nonce -> expiry (Unix s)
+    // RFC 9449 resource-server side: proofs that passed the proof checks, their htu claims,
+    // this server's current DPoP-Nonce (null: none asked for) and use_dpop_nonce answers.
+    dpop: { proofs: 0, htus: [], nonce: o.dpopNonce ? crypto.randomBytes(16).toString('base64url') : null, nonceChallenges: 0 },
     rules: [], // failure injection rules
     up: false,
   };
@@ -339,20 +349,45 @@ export async function startCloud(opts = {}) {
       throw authFail('unknown_token', 'unknown access token');
     }
     if (scheme.toLowerCase() === 'dpop') {
-      // Extension point for RFC 9449: opts.verifyDpop({ token, proof, method, htu, req })
-      // returns the account, or null/throws to refuse. htu is the target URI without query.
+      // RFC 9449 7.1: a DPoP-bound token. This cloud checks the proof as a strict resource
+      // server does (4.3: one proof, typ, alg, signature by the embedded jwk with jose, htm,
+      // htu = the target URI without query and fragment (4.2), iat within dpopMaxAgeS, jti not
+      // seen before, ath = hash of this token (4.3 check 11)), and its own nonce (9) when
+      // dpopNonce is on; then opts.verifyDpop({ token, proof, method, htu, jkt, req }) says whose
+      // token it is (its binding to jkt), returning the account or null.
       if (!o.verifyDpop) throw authFail('dpop_unsupported', 'DPoP-bound tokens are not supported by this cloud yet');
       const proofs = rawHeaderValues(req, 'dpop');
-      if (proofs.length !== 1) throw authFail('dpop', 'exactly one DPoP header is required');
+      if (proofs.length !== 1) throw dpopFail('dpop', 'exactly one DPoP header is required');
       const target = new URL(`https://${req.headers.host}${req.url}`);
       const htu = `${target.origin}${target.pathname}`;
+      let checked;
+      try {
+        checked = await verifyDpopProof({ proof: proofs[0], method: req.method, htu, accessToken: token,
+          maxAgeS: o.dpopMaxAgeS, replay: dpopReplay, strictHtu: true });
+      } catch (e) {
+        throw dpopFail(`dpop_${e.check ?? 'proof'}`, `DPoP proof rejected: ${e.message}`);
+      }
+      state.dpop.proofs += 1;
+      state.dpop.htus.push(checked.payload.htu);
+      if (state.dpop.htus.length > 1000) state.dpop.htus.shift();
+      // RFC 9449 9: the resource server's own nonce, answered with use_dpop_nonce.
+      if (state.dpop.nonce !== null && checked.payload.nonce !== state.dpop.nonce) {
+        state.dpop.nonceChallenges += 1;
+        throw new HttpError(401, 'dpop_use_nonce', 'the proof lacks this server\'s DPoP nonce', {
+          'WWW-Authenticate': 'DPoP algs="ES256", error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"',
+          'DPoP-Nonce': state.dpop.nonce,
+        });
+      }
       let account;
       try {
-        account = await o.verifyDpop({ token, proof: proofs[0], method: req.method, htu, req });
+        account = await o.verifyDpop({ token, proof: proofs[0], method: req.method, htu, jkt: checked.jkt, req });
       } catch (e) {
-        throw authFail('dpop', `DPoP proof rejected: ${e.message}`);
+        throw dpopFail('dpop', `DPoP proof rejected: ${e.message}`);
       }
-      if (!account) throw authFail('dpop', 'DPoP proof or token rejected');
+      if (!account) {
+        throw new HttpError(401, 'dpop_token', 'DPoP-bound token rejected',
+          { 'WWW-Authenticate': 'DPoP algs="ES256", error="invalid_token"' });
+      }
       return { scheme: 'DPoP', token, account };
     }
     throw authFail('authorization_malformed', `unknown authorization scheme "${scheme}"`);
@@ -824,6 +859,9 @@ export async function startCloud(opts = {}) {
       return rule;
     },
     clearFailures() { state.rules = []; },
+    // RFC 9449 9: a new resource-server nonce (proofs with the old one get use_dpop_nonce);
+    // null switches nonces off. Returns the nonce.
+    rotateDpopNonce(nonce = crypto.randomBytes(16).toString('base64url')) { state.dpop.nonce = nonce; return nonce; },
     down,
     up,
     addToken(token, account = 'default') { tokens.set(token, account); state.anyToken = false; },

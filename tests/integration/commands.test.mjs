@@ -3,6 +3,13 @@
 // `iothubctl key show --jwk` before the daemon starts), delivery over MQTT, acks through status
 // frames, results reported in order, de-duplication, expiry, and a restart between delivery
 // and ack. Real swtpm, mosquitto and the reference cloud.
+//
+// Run twice (PROTOCOL.md 3 and 4): with the fixed Bearer token of [cloud] bearer_token_file
+// (this file), and with DPoP-bound tokens from the real authorization server (oidc-provider,
+// tests/oauth/) signed in with the device grant, at a cloud that checks DPoP as a strict
+// resource server does (RFC 9449 4.3: htu without query, htm, ath, jti, iat) and wants its own
+// DPoP-Nonce (RFC 9449 9): commands-dpop.test.mjs sets IOTHUB_COMMANDS_AUTH=dpop and imports
+// this file.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -10,12 +17,19 @@ import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import readline from 'node:readline';
 import { startCloud } from '../cloud/server.mjs';
+import { startAuthServer } from '../oauth/server.mjs';
+import { IOTHUBCTL } from './lib/harness.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const HUB_ID = 'test-hub';
 const TOKEN = 'tok-commands-test-0123456789';
-let dir, tpm, broker, cloud, hub, pub, keyJwk, hubKey;
+const DPOP = process.env.IOTHUB_COMMANDS_AUTH === 'dpop';
+let dir, tpm, broker, cloud, hub, pub, keyJwk, hubKey, auth;
+const seenTokens = new Set([TOKEN]);
 let lamp, desk, spare; // bulb simulators
 let seq = 0;
 
@@ -26,12 +40,41 @@ const resultsOf = (id) => cloud.state.results.filter((r) => r.id === id);
 const statusesOf = (id) => resultsOf(id).map((r) => r.status);
 
 function hubOverrides() {
+  const cloudConf = { url: cloud.url, ca_file: cloud.caFile, batch_max_frames: 20, batch_max_delay_ms: 200, timeout_s: 5 };
+  if (!DPOP) {
+    return { key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+      cloud: { ...cloudConf, bearer_token_file: path.join(dir, 'token') } };
+  }
   return {
     key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
-    cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
-      batch_max_frames: 20, batch_max_delay_ms: 200, timeout_s: 5 },
+    cloud: cloudConf,
+    oauth: { issuer: auth.issuer, client_id: auth.clientId, scope: 'openid offline_access iothub', ca_file: auth.caFile, dpop: 'on' },
   };
 }
+
+// 'iothubctl login' as a user runs it, the user approving at the authorization server.
+async function login(h) {
+  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '', err = '';
+  p.stderr.on('data', (d) => { err += d; });
+  const rl = readline.createInterface({ input: p.stdout });
+  const code = await new Promise((resolve, reject) => {
+    let next = false;
+    rl.on('line', (l) => {
+      out += `${l}\n`;
+      if (next && l.trim()) { resolve(l.trim()); next = false; }
+      if (/enter the code/.test(l)) next = true;
+    });
+    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
+  });
+  await auth.approve(code, { account: 'alice' });
+  const [exitCode] = await once(p, 'exit');
+  assert.equal(exitCode, 0, `${out} ${err}`);
+}
+
+// Hub signatures the cloud (and, with DPoP, the authorization server) checked: request
+// signatures (RFC 9421), plus DPoP proofs (RFC 9449) at both servers.
+const verifiedSignatures = () => cloud.state.signatures + (DPOP ? cloud.state.dpop.proofs + auth.state.dpopProofs : 0);
 
 async function enrol(bulb) {
   const f = path.join(hub.dir, `${bulb.id}.pem`);
@@ -111,7 +154,18 @@ before(async () => {
   await fs.chmod(dir, 0o755);
   tpm = await Swtpm.start(path.join(dir, 'tpm'));
   broker = await Broker.start(dir);
-  cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
+  if (DPOP) {
+    auth = await startAuthServer({ dir: path.join(dir, 'as'), interval: 1 });
+    const hooks = auth.cloudHooks();
+    cloud = await startCloud({
+      dir: path.join(dir, 'cloud'),
+      dpopNonce: true,
+      verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
+      verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
+    });
+  } else {
+    cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
+  }
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
   // The key, and the public JWK a bulb is paired with, before the daemon runs: swtpm serves
   // one client at a time and the daemon keeps its connection.
@@ -130,6 +184,12 @@ before(async () => {
 
   hub = await Hub.start(broker, hubOverrides());
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
+  if (DPOP) {
+    await login(hub);
+    const st = await hub.status();
+    assert.equal(st.oauth.state, 'ok');
+    assert.equal(st.oauth.dpop, true, 'a DPoP-bound token');
+  }
   r = await hub.ctl(['register']);
   assert.equal(r.code, 0, r.stderr);
   pub = await mqttClient(broker.port);
@@ -146,6 +206,7 @@ after(async () => {
   await pub?.endAsync();
   await hub?.cleanup();
   await cloud?.close();
+  await auth?.close();
   await broker?.stop();
   await tpm?.stop();
   await fs.rm(dir, { recursive: true, force: true });
@@ -361,7 +422,7 @@ test('every signature is accounted for: requests the cloud verified plus one per
     return waitFor(async () => {
       await pollParked();
       const k = (await hub.status()).key.signatures, s = (await commandsStatus()).signatures;
-      const v = { off: k - cloud.state.signatures - s, s };
+      const v = { off: k - verifiedSignatures() - s, s };
       const steady = last && last.off === v.off && last.s === v.s;
       last = v;
       if (!steady) await sleep(250);
@@ -483,6 +544,6 @@ test('latency cloud -> bulb over 50 commands', async (t) => {
 test('a clean stop: exit status 0, no access token in the log, nothing from the sanitizers', async () => {
   const res = await hub.stop();
   assert.equal(res.code, 0);
-  assert.ok(!hub.log.includes(TOKEN));
+  for (const t of seenTokens) assert.ok(!hub.log.includes(t), 'no access token in the log');
   assert.doesNotMatch(hub.log, /Sanitizer|runtime error/);
 });

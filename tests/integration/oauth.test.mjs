@@ -2,6 +2,14 @@
 // device grant run by the daemon for iothubctl, tokens sealed by the TPM, refresh with
 // rotation, revocation leading to login_required without losing a frame, DPoP with the hub
 // key, and no secret in the log or in clear on disk.
+//
+// Issue 10 (interop with strict and hostile servers): the tests named "item N" and the two
+// RFC 9449 ones. Run against the daemon built from 51ed46f (before the fixes, with the cloud's
+// own nonce off so that registering works there) each of them failed with the issue's symptom:
+// item 1 no long-poll proof accepted in 35 s (htu carried ?wait=25); item 2 73 refreshes in
+// 10 s against a cloud answering 401; item 3 still "ok" after 40 s of bare 400s; item 7 153
+// refreshes in 12 s with expires_in 0; item 10 a CR LF token accepted; item 5 the nonce retry
+// never reached the revocation endpoint and the next login failed.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -61,8 +69,10 @@ before(async () => {
   broker = await Broker.start(dir);
   auth = await startAuthServer({ dir: path.join(dir, 'as'), accessTokenTtl: 8, interval: 1 });
   const hooks = auth.cloudHooks();
+  // A strict resource server (RFC 9449 4.3) with its own DPoP nonce (RFC 9449 9).
   cloud = await startCloud({
     dir: path.join(dir, 'cloud'),
+    dpopNonce: true,
     verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
     verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
   });
@@ -215,6 +225,152 @@ test('login: an expired code, and slow_down, with a stricter server', async () =
     await as2.close();
     await t2.stop();
   }
+});
+
+// ---- interop with strict and hostile servers (issue 10) ----------------------------------
+
+const refreshesIn = async (ms) => { const r0 = auth.state.refreshes; await sleep(ms); return auth.state.refreshes - r0; };
+const countMatches = (text, re) => (text.match(re) ?? []).length;
+
+test('RFC 9449 4.2: every proof carries htu without query, the long poll too, and a strict cloud accepts them', async () => {
+  const pollHtu = `${cloud.url}/v1/hubs/test-hub/commands`;
+  await waitFor(() => cloud.state.dpop.htus.includes(pollHtu), 35000, 'a long poll whose proof the cloud accepted');
+  assert.equal(cloud.state.failures.dpop_htu ?? 0, 0, `htu refusals: ${JSON.stringify(cloud.state.failureLog.filter((f) => f.kind === 'dpop_htu').slice(-2))}`);
+  for (const h of cloud.state.dpop.htus) assert.ok(!/[?#]/.test(h), `htu ${h} without query or fragment`);
+});
+
+test('RFC 9449 9: a new resource-server nonce is answered with a proof carrying it, without a refresh', async () => {
+  const ch0 = cloud.state.dpop.nonceChallenges;
+  const tokenRequests0 = auth.state.log.filter((e) => e.route === 'token').length;
+  const nonce = cloud.control.rotateDpopNonce();
+  const refreshes0 = auth.state.refreshes;
+  const seqs = await publish(2);
+  await waitFor(() => atCloud(seqs), 15000, 'uploads go on with the new nonce');
+  assert.ok(cloud.state.dpop.nonceChallenges > ch0, 'the cloud asked for its nonce');
+  // The authorization server never sees the resource server's nonce (PROTOCOL.md 4: apart).
+  await waitFor(() => auth.state.refreshes > refreshes0, 15000, 'a refresh after the new nonce');
+  const proofsAtAs = auth.state.log.filter((e) => e.route === 'token').slice(tokenRequests0);
+  assert.ok(proofsAtAs.length > 0 && proofsAtAs.every((e) => e.dpop && e.dpopNonce !== nonce), JSON.stringify(proofsAtAs));
+});
+
+test('item 2: a cloud that keeps answering 401 gets at most one refresh per token, then backoff, reported once (RFC 6750 3.1)', async (t) => {
+  const logLines0 = countMatches(hub.log, /The cloud answers HTTP 401/g);
+  const n0 = hub.notifications.length;
+  await cloud.control.fail({ status: 401, endpoint: 'any', count: -1 });
+  try {
+    await publish(2);
+    // 8 s tokens: about two refreshes ahead of expiry in 10 s, and at most one for 401s per token.
+    const n = await refreshesIn(10000);
+    t.diagnostic(`${n} refreshes in 10 s while the cloud answered every request with 401`);
+    assert.ok(n <= 6, `${n} refreshes in 10 s against a cloud that refuses everything (a storm before the fix)`);
+    const st = await hub.status();
+    assert.match(st.oauth.last_error, /refuses/);
+    assert.ok(st.oauth.resource_401 > 0);
+    assert.ok(st.cloud.backoff_s > 0 || /401/.test(st.cloud.last_error ?? ''), JSON.stringify(st.cloud));
+    assert.equal(countMatches(hub.log, /The cloud answers HTTP 401/g) - logLines0, 1, 'logged once');
+    assert.ok(hub.notifications.slice(n0).some((l) => /STATUS=.*401/.test(l)), 'STATUS= says so');
+  } finally {
+    cloud.control.clearFailures();
+  }
+  const seqs = await publish(1);
+  await waitFor(() => atCloud(seqs), 60000, 'uploads resume once the cloud accepts again');
+});
+
+test('item 3: refreshes answered with a bare 400 end in login_required, logged once, in STATUS= (RFC 6749 5.2)', async () => {
+  const logLines0 = countMatches(hub.log, /Sign-in required/g);
+  const n0 = hub.notifications.length;
+  auth.misbehave({ route: 'token', count: -1, respond: async () => ({ status: 400 }) });
+  try {
+    await waitFor(async () => (await hub.status()).oauth.state === 'login_required', 40000, 'login_required after refusals');
+  } finally {
+    auth.clearMisbehaviour();
+  }
+  const refusals = auth.state.misbehaved.filter((e) => e.route === 'token').length;
+  assert.ok(refusals >= 2 && refusals <= 4, `${refusals} refused refreshes before giving up`);
+  assert.equal(countMatches(hub.log, /Sign-in required/g) - logLines0, 1, 'logged once');
+  assert.ok(hub.notifications.slice(n0).some((l) => /STATUS=.*sign-in required/.test(l)));
+  const r = await login(hub, auth);
+  assert.equal(r.code, 0, r.err);
+});
+
+test('item 7: expires_in 0 does not refresh every second, a huge one does not overflow, the device code is bounded (RFC 6749 5.1, RFC 8628 3.2)', async (t) => {
+  // expires_in 0 on every token answer: clamped to OAUTH_EXPIRES_IN_MIN_S (10 s).
+  auth.misbehave({ route: 'token', count: -1, rewrite: (j) => (j.access_token ? { ...j, expires_in: 0 } : j) });
+  try {
+    const r = await login(hub, auth);
+    assert.equal(r.code, 0, r.err);
+    const n = await refreshesIn(12000);
+    t.diagnostic(`${n} refreshes in 12 s with expires_in 0`);
+    assert.ok(n >= 1 && n <= 4, `${n} refreshes in 12 s with expires_in 0 (one a second before the fix)`);
+  } finally {
+    auth.clearMisbehaviour();
+  }
+  // A lifetime that overflows now + expires_in: clamped to OAUTH_EXPIRES_IN_MAX_S (366 days).
+  auth.misbehave({ route: 'token', count: 1, rewrite: (j) => JSON.stringify({ ...j, expires_in: 0 }).replace('"expires_in":0', '"expires_in":9223372036854775000') });
+  auth.misbehave({ route: 'device', count: 1, rewrite: (j) => ({ ...j, expires_in: 99999999999 }) });
+  try {
+    const r = await login(hub, auth);
+    assert.equal(r.code, 0, r.err);
+    const m = /valid for (\d+) seconds/.exec(r.out);
+    assert.ok(m && Number(m[1]) <= 1800, `device code lifetime bounded (OAUTH_DEVICE_EXPIRES_MAX_S): ${r.out}`);
+    const st = await hub.status();
+    const left = st.oauth.expires_at - Date.now() / 1000;
+    assert.ok(left > 300 * 86400 && left <= 366 * 86400 + 5, `expires_at ${st.oauth.expires_at}`);
+  } finally {
+    auth.clearMisbehaviour();
+  }
+});
+
+test('item 10: an access token with CR LF (not an RFC 6750 2.1 b64token) is refused at the door', async () => {
+  const before = await hub.status();
+  auth.misbehave({ route: 'token', count: 1, rewrite: (j) => (j.access_token ? { ...j, access_token: `${j.access_token}\r\nX-Injected: 1` } : j) });
+  try {
+    const r = await login(hub, auth);
+    assert.notEqual(r.code, 0, 'the sign-in fails');
+    assert.match(r.err, /usable tokens/);
+  } finally {
+    auth.clearMisbehaviour();
+  }
+  const st = await hub.status();
+  assert.equal(st.oauth.state, 'ok', 'the previous tokens stay');
+  assert.equal(st.oauth.expires_at, before.oauth.expires_at, 'nothing stored');
+  const r = await login(hub, auth);
+  assert.equal(r.code, 0, r.err);
+});
+
+test('item 5: revocation answered use_dpop_nonce is retried at the revocation endpoint with the nonce (RFC 7009 2.1, RFC 9449 8)', async () => {
+  const nonce = 'revocation-nonce-0123456789';
+  const tokenLog0 = auth.state.log.filter((e) => e.route === 'token').length;
+  const seen0 = auth.state.misbehaved.length;
+  auth.misbehave({
+    route: 'revocation', count: 2,
+    respond: async ({ form, dpop }) => {
+      if (dpop?.nonce !== nonce) {
+        return { status: 400, headers: { 'content-type': 'application/json', 'DPoP-Nonce': nonce },
+          body: JSON.stringify({ error: 'use_dpop_nonce', error_description: 'Authorization server requires nonce in DPoP proof' }) };
+      }
+      await auth.revokeToken(form.token);
+      return { status: 200 };
+    },
+  });
+  let r;
+  try {
+    r = await hub.ctl(['logout']);
+  } finally {
+    auth.clearMisbehaviour();
+  }
+  assert.equal(r.code, 0, r.stderr);
+  const seen = auth.state.misbehaved.slice(seen0);
+  assert.equal(seen.length, 2, `both requests went to the revocation endpoint: ${JSON.stringify(seen)}`);
+  assert.equal(seen[1].dpop?.nonce, nonce, 'the retry carries the nonce');
+  assert.equal(seen[1].dpop?.htu, auth.endpoints.revocation);
+  assert.ok(seen[1].formKeys.includes('token'));
+  assert.equal(auth.state.log.filter((e) => e.route === 'token').length, tokenLog0, 'nothing went to the token endpoint');
+  assert.equal((await hub.status()).oauth.state, 'login_required');
+  // The next sign-in works (it crashed the daemon before the fix).
+  const l = await login(hub, auth);
+  assert.equal(l.code, 0, l.err);
+  assert.equal((await hub.status()).oauth.state, 'ok');
 });
 
 test('logout revokes the refresh token and erases the stored tokens', async () => {

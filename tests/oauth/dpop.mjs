@@ -7,10 +7,12 @@ import * as jose from 'jose';
 export const DPOP_ALGS = ['ES256'];
 
 export class DpopError extends Error {
-  constructor(message) {
+  // check: which check failed (counted by the reference cloud as `dpop_<check>`).
+  constructor(message, check = 'proof') {
     super(message);
     this.name = 'DpopError';
     this.error = 'invalid_dpop_proof';
+    this.check = check;
   }
 }
 
@@ -53,38 +55,42 @@ function normUri(u) {
 //   nonce        when given, the proof's `nonce` must equal it
 //   maxAgeS      |now - iat| bound (default 60 s)
 //   replay       a createReplayCache() (default: one per process); `jti`s are not reusable
+//   strictHtu    (default true) RFC 9449 4.2: the claim itself is the target URI "without query
+//                and fragment parts"; a claim that carries them is refused, as a strict
+//                resource server does (false: only compare with both sides cut, 4.3 check 9)
 export async function verifyDpopProof({
   proof, method, htu, accessToken, jkt, nonce, maxAgeS = 60, replay = defaultReplay, algorithms = DPOP_ALGS,
-  now = Math.floor(Date.now() / 1000),
+  now = Math.floor(Date.now() / 1000), strictHtu = true,
 } = {}) {
   if (typeof proof !== 'string' || !/^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/.test(proof)) {
-    throw new DpopError('DPoP proof is not a compact JWS');
+    throw new DpopError('DPoP proof is not a compact JWS', 'format');
   }
   let protectedHeader;
   let payload;
   try {
     ({ protectedHeader, payload } = await jose.jwtVerify(proof, jose.EmbeddedJWK, { typ: 'dpop+jwt', algorithms }));
   } catch (e) {
-    throw new DpopError(`DPoP proof signature or header invalid: ${e.code ?? ''} ${e.message}`.trim());
+    throw new DpopError(`DPoP proof signature or header invalid: ${e.code ?? ''} ${e.message}`.trim(), 'signature');
   }
   const { jwk } = protectedHeader;
-  if (protectedHeader.typ !== 'dpop+jwt') throw new DpopError('typ is not dpop+jwt');
-  if (!jwk || typeof jwk !== 'object' || 'd' in jwk) throw new DpopError('jwk header missing or private');
-  if (typeof payload.jti !== 'string' || !payload.jti || payload.jti.length > 256) throw new DpopError('jti missing');
-  if (payload.htm !== method) throw new DpopError(`htm mismatch (${payload.htm} != ${method})`);
+  if (protectedHeader.typ !== 'dpop+jwt') throw new DpopError('typ is not dpop+jwt', 'header');
+  if (!jwk || typeof jwk !== 'object' || 'd' in jwk) throw new DpopError('jwk header missing or private', 'header');
+  if (typeof payload.jti !== 'string' || !payload.jti || payload.jti.length > 256) throw new DpopError('jti missing', 'jti');
+  if (payload.htm !== method) throw new DpopError(`htm mismatch (${payload.htm} != ${method})`, 'htm');
   let htuOk = false;
   try { htuOk = typeof payload.htu === 'string' && normUri(payload.htu) === normUri(htu); } catch { htuOk = false; }
-  if (!htuOk) throw new DpopError(`htu mismatch (${payload.htu} != ${htu})`);
-  if (typeof payload.iat !== 'number' || !Number.isFinite(payload.iat)) throw new DpopError('iat missing or not a number');
-  if (Math.abs(now - payload.iat) > maxAgeS) throw new DpopError(`iat outside ${maxAgeS} s of now`);
-  if (nonce !== undefined && payload.nonce !== nonce) throw new DpopError('nonce mismatch');
+  if (htuOk && strictHtu && /[?#]/.test(payload.htu)) htuOk = false;
+  if (!htuOk) throw new DpopError(`htu mismatch (${payload.htu} != ${htu})`, 'htu');
+  if (typeof payload.iat !== 'number' || !Number.isFinite(payload.iat)) throw new DpopError('iat missing or not a number', 'iat');
+  if (Math.abs(now - payload.iat) > maxAgeS) throw new DpopError(`iat outside ${maxAgeS} s of now`, 'iat');
+  if (nonce !== undefined && payload.nonce !== nonce) throw new DpopError('nonce mismatch', 'nonce');
   if (accessToken !== undefined) {
-    if (typeof payload.ath !== 'string' || payload.ath !== accessTokenHash(accessToken)) throw new DpopError('ath mismatch');
+    if (typeof payload.ath !== 'string' || payload.ath !== accessTokenHash(accessToken)) throw new DpopError('ath mismatch', 'ath');
   }
   const thumbprint = await jose.calculateJwkThumbprint(jwk, 'sha256');
-  if (jkt !== undefined && thumbprint !== jkt) throw new DpopError('proof key does not match the token binding (jkt)');
+  if (jkt !== undefined && thumbprint !== jkt) throw new DpopError('proof key does not match the token binding (jkt)', 'jkt');
   if (replay && !replay.add(`${thumbprint}:${payload.jti}`, (now + maxAgeS + 1) * 1000)) {
-    throw new DpopError('jti replayed');
+    throw new DpopError('jti replayed', 'replay');
   }
   return { jkt: thumbprint, jti: payload.jti, iat: payload.iat, jwk, payload };
 }

@@ -406,9 +406,17 @@ describe('verifyDpopProof (resource server side)', () => {
     assert.equal(ok.jkt, key.jkt);
     assert.equal(ok.payload.ath, accessTokenHash(token));
     await assert.rejects(verifyDpopProof({ proof, method: 'POST', htu, accessToken: token, jkt: key.jkt, replay }), /replayed/);
-    // htu may carry a query (ignored) and differ in host case / default port
+    // htu may differ in host case / default port (RFC 9449 4.3 check 9, RFC 3986 6.2)
+    const p1 = await createDpopProof(key, { method: 'GET', htu: 'https://127.0.0.1:443/x' });
+    await verifyDpopProof({ proof: p1, method: 'GET', htu: 'HTTPS://127.0.0.1/x', replay });
+    // but is the target URI without query and fragment (RFC 9449 4.2): a strict resource
+    // server refuses a claim that carries one; strictHtu: false only compares with both cut
     const p2 = await createDpopProof(key, { method: 'GET', htu: 'https://127.0.0.1:443/x?y=1' });
-    await verifyDpopProof({ proof: p2, method: 'GET', htu: 'HTTPS://127.0.0.1/x', replay });
+    await assert.rejects(verifyDpopProof({ proof: p2, method: 'GET', htu: 'HTTPS://127.0.0.1/x', replay }), /htu/);
+    const p3 = await createDpopProof(key, { method: 'GET', htu: 'https://127.0.0.1:443/x#f' });
+    await assert.rejects(verifyDpopProof({ proof: p3, method: 'GET', htu: 'HTTPS://127.0.0.1/x', replay }), /htu/);
+    const p4 = await createDpopProof(key, { method: 'GET', htu: 'https://127.0.0.1:443/x?y=1' });
+    await verifyDpopProof({ proof: p4, method: 'GET', htu: 'HTTPS://127.0.0.1/x', replay, strictHtu: false });
   });
 
   test('refuses a wrong ath, htu, htm, key, old iat, typ, alg, nonce, or a private jwk', async () => {

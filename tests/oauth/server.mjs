@@ -426,6 +426,7 @@ ${form}
     if (!['device_authorization', 'token', 'revocation', 'introspection'].includes(route)) return;
     const body = ctx.body && typeof ctx.body === 'object' ? ctx.body : {};
     const entry = { at: Date.now(), route, status: ctx.status, dpop: !!ctx.get('dpop') };
+    if (entry.dpop) { try { entry.dpopNonce = jose.decodeJwt(ctx.get('dpop')).nonce; } catch { /* not a JWT */ } }
     if (route === 'device_authorization') {
       if (ctx.status === 200 && body.device_code) {
         body.interval = o.interval;
@@ -546,6 +547,65 @@ ${form}
     }
   }
 
+  // --- misbehaviour on demand (hostile-server tests) ------------------------------------
+  // misbehave({ route: 'token'|'revocation'|'device', count = 1, respond, rewrite }) makes the
+  // next `count` requests to that endpoint (-1: until clearMisbehaviour()) go wrong:
+  //   respond: async ({ form, dpop, req }) => ({ status, headers, body }) answers instead of
+  //            oidc-provider (form: the parsed form body, dpop: the DPoP header's decoded claims
+  //            or null); the rule may do the real work itself (e.g. revokeToken(form.token)).
+  //   rewrite: (json) => json | text changes oidc-provider's own JSON answer before it is sent
+  //            (text for what JSON.stringify cannot write, e.g. integers beyond 2^53).
+  // Every request a rule saw is in state.misbehaved: { route, path, form keys, dpop claims }.
+  const rules = [];
+  state.misbehaved = [];
+  function misbehave(rule) { rules.push({ count: 1, ...rule }); }
+  function clearMisbehaviour() { rules.length = 0; }
+  const routeOf = (p) => (p === new URL(ep.token).pathname ? 'token'
+    : p === new URL(ep.revocation).pathname ? 'revocation'
+      : p === new URL(ep.deviceAuthorization).pathname ? 'device' : null);
+  function takeRule(route) {
+    const i = rules.findIndex((r) => r.route === route);
+    if (i < 0) return null;
+    const r = rules[i];
+    if (r.count > 0 && --r.count === 0) rules.splice(i, 1);
+    return r;
+  }
+  async function misbehaving(req, res, route, rule) {
+    const dpopHeader = req.headers.dpop;
+    let dpop = null;
+    if (typeof dpopHeader === 'string') {
+      try { dpop = jose.decodeJwt(dpopHeader); } catch { dpop = { undecodable: true }; }
+    }
+    if (rule.respond) {
+      let form = {};
+      try { form = await readForm(req); } catch { /* too large: empty */ }
+      state.misbehaved.push({ at: Date.now(), route, path: req.url, formKeys: Object.keys(form), dpop });
+      const out = await rule.respond({ form, dpop, req });
+      res.statusCode = out.status;
+      for (const [k, v] of Object.entries(out.headers ?? {})) res.setHeader(k, v);
+      res.end(out.body ?? '');
+      return;
+    }
+    state.misbehaved.push({ at: Date.now(), route, path: req.url, formKeys: null, dpop });
+    // rewrite: buffer oidc-provider's answer, change its JSON, send it with a new length.
+    const chunks = [];
+    const write = res.write.bind(res), end = res.end.bind(res);
+    res.write = (c, ...a) => { if (c) chunks.push(Buffer.from(c)); const cb = a.find((x) => typeof x === 'function'); if (cb) cb(); return true; };
+    res.end = (c, ...a) => {
+      if (c && typeof c !== 'function') chunks.push(Buffer.from(c));
+      let body = Buffer.concat(chunks);
+      try {
+        const j = JSON.parse(body.toString());
+        const out = typeof rule.rewrite === 'function' ? rule.rewrite(j) : j;
+        body = Buffer.from(typeof out === 'string' ? out : JSON.stringify(out)); // a string: sent as it is
+      } catch { /* not JSON: as it was */ }
+      if (!res.headersSent) res.setHeader('content-length', body.length);
+      write(body);
+      return end();
+    };
+    callback(req, res);
+  }
+
   const callback = provider.callback();
   handler = (req, res) => {
     // Metadata at both well-known paths (OIDC Discovery and RFC 8414), or only one of them
@@ -558,6 +618,9 @@ ${form}
     } else if (p === '/.well-known/openid-configuration' && o.metadata === 'oauth') return notFound();
     const m = /^\/interaction\/([A-Za-z0-9_-]+)(?:\/(login|confirm|abort))?(?:\?.*)?$/.exec(req.url);
     if (m) { interactionRoute(req, res, m[1], m[2]); return; }
+    const route = req.method === 'POST' ? routeOf(p) : null;
+    const rule = route ? takeRule(route) : null;
+    if (rule) { misbehaving(req, res, route, rule).catch((e) => { log('misbehave', e); res.destroy(); }); return; }
     callback(req, res);
   };
 
@@ -778,6 +841,8 @@ ${form}
     revokeGrant,
     revokeToken,
     expireAccessTokens,
+    misbehave,
+    clearMisbehaviour,
     waitFor,
     close,
   };
