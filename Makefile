@@ -47,7 +47,11 @@ PKG_CPPFLAGS = $(eval PKG_CPPFLAGS := $(call pkg_config,--cflags $(PKGS)))$(PKG_
 PKG_LIBS = $(eval PKG_LIBS := $(call pkg_config,--libs $(PKGS)))$(PKG_LIBS)
 CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(call pkg_config,--libs cmocka))$(CMOCKA_LIBS)
 
-CPPFLAGS += -Iinclude -D_GNU_SOURCE -DIOTHUB_VERSION='"$(VERSION)"'
+# _FILE_OFFSET_BITS=64: 64-bit off_t and ino_t on 32-bit targets (armhf), where stat() and
+# readdir() otherwise fail with EOVERFLOW on a large file or inode number (seen under qemu-arm on
+# an amd64 host's file system). A no-op on 64-bit targets. (Not _TIME_BITS=64: bookworm's armhf
+# libraries are built with a 32-bit time_t, and the two must agree.)
+CPPFLAGS += -Iinclude -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -DIOTHUB_VERSION='"$(VERSION)"'
 CFLAGS   ?=
 CFLAGS   += -std=c11 $(OPT) $(WARN) $(SANFLAGS)
 LDFLAGS  += -pie -Wl,-z,relro,-z,now -Wl,--as-needed $(SANFLAGS)
