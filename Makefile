@@ -6,6 +6,7 @@
 #   make lint       clang-tidy and cppcheck
 #   make install    DESTDIR, PREFIX honoured
 #   make deps       Debian packages (as root) and the Node test packages
+#   make cross ARCH=arm64|armhf   Raspberry Pi .deb, lintian, unit tests under qemu-user
 
 PREFIX  ?= /usr
 DESTDIR ?=
@@ -79,7 +80,7 @@ TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
 MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
 
-.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools
+.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools cross
 
 all: $(BUILD)/iothubd $(BUILD)/iothubctl man
 
@@ -178,6 +179,11 @@ deps:
 	  echo "Run as root: apt-get install -y --no-install-recommends $(DEB_PKGS)"; \
 	fi
 	cd tests && npm ci --no-audit --no-fund
+
+# Raspberry Pi: the .deb cross-built, lintian, the unit tests and fuzz replay of the cross build
+# under qemu-user (packaging/cross.sh; as root it installs what it needs).
+cross:
+	packaging/cross.sh $(ARCH)
 
 clean:
 	rm -rf build build-asan build-fuzz
