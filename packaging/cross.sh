@@ -39,8 +39,8 @@ version=$(cat VERSION)
 # The -dev packages of packaging/debian/control's Build-Depends (cmocka for the unit tests).
 dev_pkgs="libcurl4-openssl-dev libssl-dev libtss2-dev libmosquitto-dev libsystemd-dev
 	libjansson-dev libinih-dev libsqlite3-dev libqrencode-dev libcmocka-dev pkg-config"
-host_pkgs="crossbuild-essential-$arch qemu-user-static debhelper dh-sequence-installsysusers
-	scdoc lintian swtpm"
+# debhelper (13.11 in bookworm) provides dh-sequence-installsysusers.
+host_pkgs="crossbuild-essential-$arch qemu-user-static debhelper scdoc lintian swtpm"
 want=()
 for p in $dev_pkgs; do want+=("$p:$arch"); done
 for p in $host_pkgs; do want+=("$p"); done
@@ -55,8 +55,6 @@ step_done() { echo "== cross $arch: done in $((SECONDS - step_start)) s"; }
 step "packages"
 missing=()
 for p in "${want[@]}"; do
-	# dh-sequence-installsysusers is a virtual package (debhelper provides it): skip the query.
-	[ "$p" = dh-sequence-installsysusers ] && continue
 	st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
 	[ "$st" = installed ] || missing+=("$p")
 done
