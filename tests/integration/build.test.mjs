@@ -22,8 +22,16 @@ const TOP = fileURLToPath(new URL('../..', import.meta.url));
 const HARDEN_WANT = ['-D_FORTIFY_SOURCE=3', '-fstack-protector-strong', '-fstack-clash-protection', '-fcf-protection',
   '-ftrivial-auto-var-init=zero', '-fPIE'];
 
+// The environment of a make started from a shell: this test runs inside `make check` or
+// `make asan`, whose MAKEFLAGS (SAN=1, BUILD=build-asan, WERROR=1) the inner make would inherit.
+const MAKE_VARS = ['MAKEFLAGS', 'MFLAGS', 'MAKELEVEL', 'MAKEOVERRIDES', 'SAN', 'BUILD', 'WERROR', 'CC', 'PKG_CONFIG',
+  'CFLAGS', 'CPPFLAGS', 'LDFLAGS', 'OPT', 'HARDEN_WANT', 'TEST_RUNNER'];
+const CLEAN_ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => !MAKE_VARS.includes(k)));
+
 function run(cmd, args, opts = {}) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000, ...opts });
+  const r = spawnSync(cmd, args, {
+    encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000, env: CLEAN_ENV, ...opts,
+  });
   if (r.error) throw new Error(`${cmd} ${args.join(' ')}: ${r.error.message}`);
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
@@ -50,7 +58,7 @@ test('make deps on a machine without the -dev packages asks neither pkg-config n
   // CFLAGS and friends in the environment, as dpkg-buildflags exports them: make expands an
   // exported variable for every recipe, so nothing probed may hide in them.
   const env = {
-    ...process.env, PATH: `${rec.dir}:${process.env.PATH}`, CFLAGS: '-O2', CPPFLAGS: '-DX=1', LDFLAGS: '-Wl,-z,now',
+    ...CLEAN_ENV, PATH: `${rec.dir}:${process.env.PATH}`, CFLAGS: '-O2', CPPFLAGS: '-DX=1', LDFLAGS: '-Wl,-z,now',
   };
   const r = run('make', ['--no-print-directory', '-C', TOP, 'deps'], { env });
   assert.equal(r.status, 0, r.stderr);
@@ -67,7 +75,7 @@ test('the same recorders do see a compiling target ask pkg-config and probe the 
   // The counter-check of the test above: were the recorders not on make's path, that test
   // would pass for nothing.
   const rec = recorders(t, { 'pkg-config': NOT_FOUND, cc: 'exit 0' });
-  const env = { ...process.env, PATH: `${rec.dir}:${process.env.PATH}` };
+  const env = { ...CLEAN_ENV, PATH: `${rec.dir}:${process.env.PATH}` };
   const r = run('make', ['--no-print-directory', '-C', TOP, '-n', '-B', 'BUILD=/nonexistent/build', 'all'], { env });
   assert.notEqual(r.status, 0);
   assert.match(r.stderr, /Package libcurl was not found/);
