@@ -6,6 +6,7 @@
 #   make lint       clang-tidy and cppcheck
 #   make install    DESTDIR, PREFIX honoured
 #   make deps       Debian packages (as root) and the Node test packages
+#   make cross ARCH=arm64|armhf   Raspberry Pi .deb, lintian, unit tests under qemu-user
 
 PREFIX  ?= /usr
 DESTDIR ?=
@@ -21,22 +22,50 @@ WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wformat-security -Wmissing-prototypes
 ifeq ($(WERROR),1)
 WARN += -Werror
 endif
-HARDEN := -D_FORTIFY_SOURCE=3 -fstack-protector-strong -fstack-clash-protection -fcf-protection \
+# Hardening: each flag is kept only if the target compiler takes it. -fcf-protection is x86 only
+# (gcc for arm64 and armhf stops with "not supported for this target"), and a cross build must
+# not lose the others for it. -Werror: a flag the compiler takes with a warning is dropped too.
+HARDEN_WANT := -D_FORTIFY_SOURCE=3 -fstack-protector-strong -fstack-clash-protection -fcf-protection \
 	-ftrivial-auto-var-init=zero -fPIE
 OPT ?= -O2 -g
 
 ifeq ($(SAN),1)
 # ASan+UBSan: UBSan must abort, or the run exits 0 on a finding (TESTBED.md).
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-HARDEN := -fstack-protector-strong -fPIE
+HARDEN_WANT := -fstack-protector-strong -fPIE
 OPT := -O1 -g
 endif
 
-CPPFLAGS += -Iinclude -D_GNU_SOURCE -DIOTHUB_VERSION='"$(VERSION)"' $(shell $(PKG_CONFIG) --cflags $(PKGS))
+# Computed on first use and then kept (the $(eval) turns each into a simple variable), so that
+# the probes and pkg-config run once per make, and not at all for targets that compile nothing:
+# `make deps` on a fresh machine must not ask pkg-config about packages it is about to install.
+cc_accepts = $(shell $(CC) -Werror $(1) -x c -c /dev/null -o /dev/null >/dev/null 2>&1 && echo '$(1)')
+HARDEN   = $(eval HARDEN := $(foreach f,$(HARDEN_WANT),$(call cc_accepts,$(f))))$(HARDEN)
+# pkg-config has said on stderr which package it lacks; stop there rather than compile without.
+pkg_config = $(shell $(PKG_CONFIG) $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(PKG_CONFIG) \
+	$(1) failed: install the -dev packages (make deps; for a cross build, packaging/README)))
+PKG_CPPFLAGS = $(eval PKG_CPPFLAGS := $(call pkg_config,--cflags $(PKGS)))$(PKG_CPPFLAGS)
+PKG_LIBS = $(eval PKG_LIBS := $(call pkg_config,--libs $(PKGS)))$(PKG_LIBS)
+CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(call pkg_config,--libs cmocka))$(CMOCKA_LIBS)
+
+# _FILE_OFFSET_BITS=64: 64-bit off_t and ino_t on 32-bit targets (armhf), where stat() and
+# readdir() otherwise fail with EOVERFLOW on a large file or inode number (seen under qemu-arm on
+# an amd64 host's file system). A no-op on 64-bit targets. (Not _TIME_BITS=64: bookworm's armhf
+# libraries are built with a 32-bit time_t, and the two must agree.)
+CPPFLAGS += -Iinclude -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -DIOTHUB_VERSION='"$(VERSION)"'
 CFLAGS   ?=
-CFLAGS   += -std=c11 $(OPT) $(WARN) $(HARDEN) $(SANFLAGS)
+CFLAGS   += -std=c11 $(OPT) $(WARN) $(SANFLAGS)
 LDFLAGS  += -pie -Wl,-z,relro,-z,now -Wl,--as-needed $(SANFLAGS)
-LIBS     := $(shell $(PKG_CONFIG) --libs $(PKGS)) -lm
+LIBS      = $(PKG_LIBS) -lm
+# The probed parts stay out of CPPFLAGS and CFLAGS: those can come from the environment
+# (dpkg-buildflags exports them), and make expands an exported variable for every recipe it
+# runs, `make deps` included.
+ALL_CPPFLAGS = $(CPPFLAGS) $(PKG_CPPFLAGS)
+ALL_CFLAGS   = $(CFLAGS) $(HARDEN)
+
+# Runs the unit test and fuzz replay binaries: empty natively, "qemu-aarch64-static -L /" for an
+# arm64 build on amd64 (packaging/cross.sh).
+TEST_RUNNER ?=
 
 MAINS    := src/iothubd.c src/iothubctl.c
 LIB_SRCS := $(filter-out $(MAINS),$(wildcard src/*.c))
@@ -51,13 +80,13 @@ TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
 MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
 
-.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools
+.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools cross
 
 all: $(BUILD)/iothubd $(BUILD)/iothubctl man
 
 $(BUILD)/obj/%.o: src/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
 $(BUILD)/libiothub.a: $(LIB_OBJS)
 	rm -f $@
@@ -72,17 +101,17 @@ $(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
 # Unit tests: tests/unit/test-<module>.c, cmocka, linked against the library.
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libiothub.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS) $(shell $(PKG_CONFIG) --libs cmocka)
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS) $(CMOCKA_LIBS)
 
 # Test helpers in C (load generator, frame maker for benchmarks).
 $(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libiothub.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS)
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS)
 
 # Fuzz targets built with gcc and the plain driver (replays files): make check runs the corpus.
 $(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/driver.c $(BUILD)/libiothub.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< tests/fuzz/driver.c $(BUILD)/libiothub.a $(LIBS)
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< tests/fuzz/driver.c $(BUILD)/libiothub.a $(LIBS)
 
 tools: $(TOOL_BINS)
 
@@ -93,10 +122,10 @@ $(BUILD)/man/%: man/%.scd
 man: $(MANS)
 
 unit: $(UNIT_BINS)
-	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CMOCKA_MESSAGE_OUTPUT=stdout $$t; done
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CMOCKA_MESSAGE_OUTPUT=stdout $(TEST_RUNNER) $$t; done
 
 fuzz-corpus: $(FUZZ_BINS)
-	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz-}; echo "== $$f tests/fuzz/corpus/$$n"; $$f tests/fuzz/corpus/$$n; done
+	@set -e; for f in $(FUZZ_BINS); do n=$${f##*/fuzz-}; echo "== $$f tests/fuzz/corpus/$$n"; $(TEST_RUNNER) $$f tests/fuzz/corpus/$$n; done
 
 integration: all tools
 	cd tests && IOTHUB_BUILD=$(abspath $(BUILD)) node --test --test-concurrency=1 integration/ cloud/ oauth/
@@ -113,7 +142,7 @@ fuzz:
 	@set -e; mkdir -p build-fuzz; \
 	for src in $(FUZZ_SRCS); do n=$$(basename $$src .c); \
 	  $(FUZZ_CC) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	    $(CPPFLAGS) -o build-fuzz/$$n $$src $(LIB_SRCS) $(LIBS); \
+	    $(ALL_CPPFLAGS) -o build-fuzz/$$n $$src $(LIB_SRCS) $(LIBS); \
 	  c=build-fuzz/corpus-$${n#fuzz-}; rm -rf $$c; mkdir -p $$c; cp tests/fuzz/corpus/$${n#fuzz-}/* $$c/; \
 	  d=""; [ -f tests/fuzz/$${n#fuzz-}.dict ] && d="-dict=tests/fuzz/$${n#fuzz-}.dict"; \
 	  echo "== $$n for $(FUZZ_SECONDS)s"; \
@@ -121,7 +150,7 @@ fuzz:
 	done
 
 lint:
-	clang-tidy --quiet $(LIB_SRCS) $(MAINS) -- $(CPPFLAGS) -std=c11
+	clang-tidy --quiet $(LIB_SRCS) $(MAINS) -- $(ALL_CPPFLAGS) -std=c11
 	cppcheck --error-exitcode=1 --enable=warning,portability --inline-suppr --quiet \
 	  -Iinclude --suppress=missingIncludeSystem src/
 
@@ -151,6 +180,11 @@ deps:
 	  echo "Run as root: apt-get install -y --no-install-recommends $(DEB_PKGS)"; \
 	fi
 	cd tests && npm ci --no-audit --no-fund
+
+# Raspberry Pi: the .deb cross-built, lintian, the unit tests and fuzz replay of the cross build
+# under qemu-user (packaging/cross.sh; as root it installs what it needs).
+cross:
+	packaging/cross.sh $(ARCH)
 
 clean:
 	rm -rf build build-asan build-fuzz

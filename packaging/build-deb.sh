@@ -7,6 +7,8 @@
 #   packaging/build-deb.sh                              native build, tests included
 #   DEB_BUILD_OPTIONS=nocheck packaging/build-deb.sh    without the unit tests
 #   packaging/build-deb.sh -aarm64 -Pcross,nocheck      Raspberry Pi 64-bit (cross)
+#   packaging/build-deb.sh -aarmhf -Pcross,nocheck      Raspberry Pi 32-bit (cross)
+#   (packaging/cross.sh ARCH also installs the cross packages, lints and tests under qemu-user)
 #
 # Arguments are passed to dpkg-buildpackage, after the defaults -b -us -uc.
 set -euo pipefail
