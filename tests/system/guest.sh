@@ -69,7 +69,7 @@ rejection_logged() {
 key_is_shown_key() { is "$(st .key.backend) $(st .key.id)" "tpm $(jq -r .kid "$OUT/key.jwk")"; }
 # mono PROPERTY: a timestamp property of the unit in microseconds (monotonic).
 mono() { prop "$1"; }
-publish() { mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 -t "$PREFIX/$DEV/status" -f "$1"; }
+publish() { timeout 15 mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 -t "$PREFIX/$DEV/status" -f "$1"; }
 
 write_conf() { # write_conf [EXTRA_FRAMES_LINES]: the configuration a user makes for this hub.
 	local key
@@ -135,10 +135,17 @@ if [ "$MODE" = qemu ]; then
 	# loopback, socket-proxyd gives the daemon the addresses its configuration names.
 	check "a real /dev/tpmrm0 (swtpm behind QEMU's tpm-tis), group tss" \
 		is "$(stat -c %G /dev/tpmrm0)" tss
+	check "network: systemd-networkd configured the NIC" /lib/systemd/systemd-networkd-wait-online --any --timeout=60
+	networkctl --no-pager status 2>&1 | sed 's/^/# /' | tee -a "$TAP"
 	systemd-run -q --unit=proxy-mqtt --socket-property=ListenStream=127.0.0.1:$MQTT_PORT \
 		/lib/systemd/systemd-socket-proxyd 10.0.2.100:1883
 	systemd-run -q --unit=proxy-cloud --socket-property=ListenStream=127.0.0.1:${CLOUD_URL##*:} \
 		/lib/systemd/systemd-socket-proxyd 10.0.2.100:8443
+fi
+if [ "$MODE" = qemu ]; then
+	# A TCP connection through socket-proxyd and guestfwd that the host's broker answers (CONNACK).
+	check "network: the host's broker answers through the forward" timeout 20 \
+		mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t systest/probe -C 1 -W 10 -E
 fi
 install -m 0644 /systest/cloud-ca.pem /etc/iothub-cloud-ca.pem
 # The fixed bearer token (a development aid, [cloud] bearer_token_file): the OAuth sign-in needs

@@ -309,6 +309,8 @@ async function phaseQemu(a) {
       vars: { MODE: 'qemu', MQTT_PORT: 1883, CLOUD_URL: 'https://127.0.0.1:8443', TCTI: '' },
     });
     const log = path.join(work, 'console.log');
+    // Each guest connection to 10.0.2.100 runs bridge.mjs, which connects to the host's loopback.
+    const bridge = `${process.execPath} ${path.join(here, 'bridge.mjs')}`;
     const r = await runGuest('qemu-system-x86_64', [
       '-accel', 'tcg,thread=multi', '-cpu', 'max', '-m', '1024', '-smp', '2', '-nographic', '-no-reboot',
       '-kernel', path.join(vm, 'vmlinuz'), '-initrd', path.join(vm, 'initrd.img'),
@@ -317,7 +319,7 @@ async function phaseQemu(a) {
       '-virtfs', `local,path=${share},mount_tag=systest,security_model=none,id=systest`,
       // restrict=on: no route out of the guest; only the two guestfwd channels to the host's
       // loopback broker and cloud. QEMU listens on no host port.
-      '-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:1883-tcp:127.0.0.1:${broker.port},guestfwd=tcp:10.0.2.100:8443-tcp:127.0.0.1:${cloud.port}`,
+      '-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:1883-cmd:${bridge} ${broker.port},guestfwd=tcp:10.0.2.100:8443-cmd:${bridge} ${cloud.port}`,
       '-device', 'virtio-net-pci,netdev=n0',
       '-chardev', `socket,id=chrtpm,path=${sock}`, '-tpmdev', 'emulator,id=tpm0,chardev=chrtpm', '-device', 'tpm-tis,tpmdev=tpm0',
     ], log, QEMU_TIMEOUT_S);
