@@ -5,7 +5,7 @@
 #                  the guest needs no network), booted with systemd-nspawn;
 #   $1/vm/         the same plus linux-image-amd64, a small initrd (MODULES=list), vmlinuz,
 #                  initrd.img and an ext4 image root.img for QEMU.
-# A directory is reused when its stamp file exists, so only the first run pays for debootstrap.
+# A directory is reused while its stamp file is current, so only the first run pays for debootstrap.
 # The Debian mirror is the one in /etc/apt/sources.list(.d) (the only archive CI can reach).
 set -euo pipefail
 
@@ -31,8 +31,9 @@ libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-rc0,libtss2-mu0,libtss2-tcti-devic
 libtss2-tcti-swtpm0,libmosquitto1,libjansson4,libinih1,libsqlite3-0,libqrencode4
 
 root=$cache/rootfs
-if [ ! -e "$cache/rootfs.stamp" ]; then
-	rm -rf "$root"
+# The stamp holds the package list: a changed list rebuilds the root file system (and the VM's).
+if [ "$(cat "$cache/rootfs.stamp" 2>/dev/null)" != "$PKGS" ]; then
+	rm -rf "$root" "$cache/vm.stamp"
 	m=$(mirror)
 	echo "# debootstrap bookworm from $m into $root"
 	t0=$(date +%s)
@@ -43,7 +44,7 @@ if [ ! -e "$cache/rootfs.stamp" ]; then
 	# Each booted copy gets a fresh machine id (nspawn --ephemeral keeps the file otherwise).
 	: >"$root/etc/machine-id"
 	echo "# debootstrap took $(($(date +%s) - t0)) s"
-	touch "$cache/rootfs.stamp"
+	echo "$PKGS" >"$cache/rootfs.stamp"
 fi
 
 [ "$want_vm" = vm ] || exit 0

@@ -238,6 +238,15 @@ function cloudChecks(phase, cloud, share, frames, expectSeqs) {
     () => (typeof cloud.state.signatures === 'number' ? cloud.state.signatures > 0 : !!hub) || 'no verified signature');
 }
 
+function startTimes(phase, share) {
+  const f = path.join(share, 'out/start-ms');
+  if (!fs.existsSync(f)) return;
+  for (const l of fs.readFileSync(f, 'utf8').trim().split('\n')) {
+    const m = /^(.*) (\d+) (\d+)$/.exec(l);
+    if (m) note(`[${phase}] systemctl start -> active (${m[1]}): ${m[2]} ms (exec -> READY=1: ${m[3]} ms)`);
+  }
+}
+
 function keepLogs(cache, phase, share, extra = []) {
   const d = path.join(cache, 'logs', phase);
   fs.rmSync(d, { recursive: true, force: true });
@@ -272,8 +281,7 @@ async function phaseNspawn(a) {
     guestTap(share, 'nspawn');
     const half = N_FRAMES - 2;
     cloudChecks('nspawn', cloud, share, frames, [...Array(half + 2).keys()].map((i) => i + 1));
-    const sm = fs.existsSync(path.join(share, 'out/start-ms')) ? fs.readFileSync(path.join(share, 'out/start-ms'), 'utf8').trim().split(' ') : null;
-    if (sm) note(`[nspawn] systemctl start -> active: ${sm[0]} ms (exec -> READY=1: ${sm[1]} ms)`);
+    startTimes('nspawn', share);
     if (failed) {
       try { fs.writeFileSync(path.join(share, 'out/journal-host-copy.txt'), sh('journalctl', ['-D', journal, '--no-pager', '-o', 'short-monotonic'], { maxBuffer: 64 << 20 })); } catch { /* best effort */ }
       keepLogs(a.cache, 'nspawn', share, [log]);
@@ -327,8 +335,7 @@ async function phaseQemu(a) {
       () => (!r.timedOut && r.code === 0) || `exit ${r.code} ${r.signal ?? ''}${r.timedOut ? `, killed after ${QEMU_TIMEOUT_S} s` : ''}`);
     guestTap(share, 'qemu');
     cloudChecks('qemu', cloud, share, frames, [...Array(N_FRAMES - 2).keys()].map((i) => i + 1));
-    const sm = fs.existsSync(path.join(share, 'out/start-ms')) ? fs.readFileSync(path.join(share, 'out/start-ms'), 'utf8').trim().split(' ') : null;
-    if (sm) note(`[qemu] systemctl start -> active: ${sm[0]} ms (exec -> READY=1: ${sm[1]} ms)`);
+    startTimes('qemu', share);
     if (failed) keepLogs(a.cache, 'qemu', share, [log]);
   } finally {
     swtpm.kill('SIGTERM');
