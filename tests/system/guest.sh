@@ -5,7 +5,7 @@
 # the host driver (run.mjs) then checks, at the reference cloud, what reached it.
 #
 # /systest (shared with the host) holds: env (MODE=nspawn|qemu, MQTT_PORT, CLOUD_URL, TCTI,
-# N_FRAMES, DEV), iothub.deb, cloud-ca.pem, token, bulb.pem, frames/1..N (signed by the host with
+# N_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb, cloud-ca.pem, token, bulb.pem, frames/1..N (signed by the host with
 # jose), forged; results go to /systest/out/. Every wait is bounded.
 set -u
 . /systest/env
@@ -15,12 +15,8 @@ TAP=$OUT/tap
 CONF=/etc/iothub.conf
 UNIT=iothub.service
 PREFIX=iothub/v1/bulbs
-MID_STARTED=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c01
-MID_STOPPING=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c02
-MID_RELOADED=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c03
-MID_CONFIG_ERROR=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c04
-MID_FRAME_REJECTED=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c10
-MID_BULB_ENROLLED=a7f1c3e2b9d84f6a8e0c5b1d2f3a4c13
+# MID_<NAME> (every IOTHUB_MID_<NAME> of include/iothub/log.h in the tree the package was built
+# from) come with /systest/env.
 CATALOG=/usr/lib/systemd/catalog/iothub.catalog
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
 
@@ -216,16 +212,28 @@ check "journal: the rejection has MESSAGE_ID, IOTHUB_DEVICE=, IOTHUB_REASON=" wa
 
 # --- catalog ------------------------------------------------------------------------------------------
 if dpkg -L iothub | grep -qx "$CATALOG"; then
-	# The first line of the catalog's text for the rejection (after its header), as journalctl -x
-	# shows it (prefixed '░░ ').
-	want=$(awk -v id="-- $MID_FRAME_REJECTED" '$0 == id {f = 1; next} f && /^-- / {exit} f && NF && !/^[A-Za-z-]+: / {print; exit}' $CATALOG)
-	check "catalog entry for the rejection MESSAGE_ID exists" test -n "$want"
-	check "journalctl -x shows the catalog text" sh -c \
-		"journalctl -x -q --no-pager -u $UNIT MESSAGE_ID=$MID_FRAME_REJECTED | grep -F -- \"$want\""
+	# journalctl -x prints the entry below the message, each line prefixed '░░ ', with @FIELD@
+	# replaced by the entry's fields: look for its Subject and its first line of text.
+	entry() { awk -v id="-- $1" '$0 == id {f = 1; next} f && /^-- / {exit} f {print}' $CATALOG; }
+	subject=$(entry "$MID_FRAME_REJECTED" | sed -n 's/^Subject: //p' | head -n1)
+	body=$(entry "$MID_FRAME_REJECTED" | awk 'h && NF {print; exit} !NF {h = 1}' |
+		sed -e "s/@IOTHUB_DEVICE@/$DEV/g" -e 's/@IOTHUB_REASON@/bad_signature/g')
+	check "catalog: an entry with a Subject for the rejection's MESSAGE_ID" test -n "$subject"
+	x=$(journalctl -x -q --no-pager -u $UNIT MESSAGE_ID=$MID_FRAME_REJECTED 2>&1)
+	check "journalctl -x shows the catalog's Subject below the rejection" \
+		sh -c 'printf "%s\n" "$1" | grep -F -- "░░ Subject: $2"' - "$x" "$subject"
+	case $body in
+	*@*) skip "journalctl -x shows the catalog text with the fields filled in" "first text line has a field other than IOTHUB_DEVICE/REASON: $body" ;;
+	*) check "journalctl -x shows the catalog text with the fields filled in" \
+		sh -c 'printf "%s\n" "$1" | grep -F -- "░░ $2"' - "$x" "$body" ;;
+	esac
 	if [ "$MODE" = nspawn ]; then
-		for id in $MID_STARTED $MID_STOPPING $MID_RELOADED $MID_CONFIG_ERROR $MID_FRAME_REJECTED $MID_BULB_ENROLLED; do
-			check "catalog has $id" grep -qx -- "-- $id" $CATALOG
+		missing=
+		for name in $MIDS; do
+			eval "id=\$MID_$name"
+			grep -qx -- "-- $id" $CATALOG || missing="$missing $name"
 		done
+		check "catalog: an entry for every MESSAGE_ID of log.h" is "$missing" ""
 	fi
 else
 	skip "journalctl -x shows the catalog text" "the package ships no $CATALOG"

@@ -172,6 +172,18 @@ async function hostParts(dir, withTcpTpm) {
   return { broker, cloud, tpm };
 }
 
+// The MESSAGE_IDs of the tree the package was built from (make system-test builds it from this
+// checkout), so that the guest looks for the ids the daemon logs: MIDS="A B ..", MID_A=<id>, ...
+function messageIds() {
+  const h = fs.readFileSync(path.join(here, '../../include/iothub/log.h'), 'utf8');
+  const ids = {};
+  for (const m of h.matchAll(/^#define IOTHUB_MID_([A-Z0-9_]+) "([0-9a-f]{32})"$/gm)) ids[`MID_${m[1]}`] = m[2];
+  for (const k of ['STARTED', 'STOPPING', 'RELOADED', 'FRAME_REJECTED', 'BULB_ENROLLED']) {
+    if (!ids[`MID_${k}`]) throw new Error(`include/iothub/log.h has no IOTHUB_MID_${k}`);
+  }
+  return { MIDS: `"${Object.keys(ids).map((k) => k.slice(4)).join(' ')}"`, ...ids };
+}
+
 // The share: the package, the guest script, the bulb's public key and frames (signed with jose),
 // and a forgery (signed by another key).
 async function makeShare(share, deb, env) {
@@ -196,7 +208,7 @@ async function makeShare(share, deb, env) {
   const forger = await Bulb.create(DEV, 'ES256');
   forger.seq = 1000;
   fs.writeFileSync(path.join(share, 'forged'), await forger.frame({ iat }));
-  const lines = Object.entries({ ...env.vars, N_FRAMES, DEV }).map(([k, v]) => `${k}=${v}`);
+  const lines = Object.entries({ ...env.vars, N_FRAMES, DEV, ...messageIds() }).map(([k, v]) => `${k}=${v}`);
   fs.writeFileSync(path.join(share, 'env'), `${lines.join('\n')}\n`);
   return frames;
 }
