@@ -5,8 +5,9 @@
 # the host driver (run.mjs) then checks, at the reference cloud, what reached it.
 #
 # /systest (shared with the host) holds: env (MODE=nspawn|qemu, MQTT_PORT, CLOUD_URL, TCTI,
-# N_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb, cloud-ca.pem, token, bulb.pem, frames/1..N (signed by the host with
-# jose), forged; results go to /systest/out/. Every wait is bounded.
+# N_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb, cloud-ca.pem, token,
+# bulb.pem, frames/1..N (signed by the host with jose), forged; results go to /systest/out/.
+# Every wait is bounded.
 set -u
 . /systest/env
 
@@ -141,8 +142,6 @@ if [ "$MODE" = qemu ]; then
 		/lib/systemd/systemd-socket-proxyd 10.0.2.100:1883
 	systemd-run -q --unit=proxy-cloud --socket-property=ListenStream=127.0.0.1:${CLOUD_URL##*:} \
 		/lib/systemd/systemd-socket-proxyd 10.0.2.100:8443
-fi
-if [ "$MODE" = qemu ]; then
 	# A TCP connection through socket-proxyd and guestfwd that the host's broker answers (CONNACK).
 	check "network: the host's broker answers through the forward" timeout 20 \
 		mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t systest/probe -C 1 -W 10 -E

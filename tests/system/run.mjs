@@ -75,7 +75,16 @@ function killAll() {
   for (const p of children) try { p.kill('SIGKILL'); } catch { /* gone */ }
 }
 process.on('exit', killAll);
-for (const s of ['SIGINT', 'SIGTERM']) process.on(s, () => { killAll(); process.exit(130); });
+// Interrupted: SIGTERM first (systemd-nspawn then powers its container off, QEMU and swtpm exit),
+// SIGKILL whatever is left after 10 s.
+async function interrupted() {
+  for (const p of children) try { p.kill('SIGTERM'); } catch { /* gone */ }
+  const end = Date.now() + 10_000;
+  while (children.size && Date.now() < end) await sleep(100);
+  killAll();
+  process.exit(130);
+}
+for (const s of ['SIGINT', 'SIGTERM']) process.once(s, interrupted);
 
 // Runs a guest (nspawn or qemu) to its end, or kills it after timeoutS: SIGTERM first (nspawn
 // powers the container off), SIGKILL 20 s later.
