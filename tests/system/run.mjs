@@ -277,10 +277,19 @@ function keepLogs(cache, phase, share, extra = []) {
   note(`[${phase}] logs and the guest's journal kept in ${d}`);
 }
 
+// systemd-nspawn --ephemeral boots a copy of the root beside it (.#machine.rootfs<random>) and
+// removes it on exit, but not when it was killed: drop what an interrupted run left.
+function removeEphemeralCopies(cache) {
+  for (const f of fs.readdirSync(cache)) {
+    if (/^\.#(\.#)?machine\.rootfs[0-9a-f]+(\.lck)?$/.test(f)) fs.rmSync(path.join(cache, f), { recursive: true, force: true });
+  }
+}
+
 async function phaseNspawn(a) {
   const t0 = Date.now();
   const root = path.join(a.cache, 'rootfs');
   prepareRoot(root);
+  removeEphemeralCopies(a.cache);
   const work = path.join(a.cache, 'run-nspawn');
   fs.rmSync(work, { recursive: true, force: true });
   const { broker, cloud, tpm } = await hostParts(path.join(work, 'host'), true);
@@ -297,6 +306,7 @@ async function phaseNspawn(a) {
     const r = await runGuest('systemd-nspawn', ['-q', '-D', root, '--ephemeral', '--boot', '--console=pipe',
       '--register=no', '--keep-unit', `--bind=${share}:/systest`, `--bind=${journal}:/var/log/journal`,
       '--hostname=iothub-nspawn'], log, NSPAWN_TIMEOUT_S);
+    removeEphemeralCopies(a.cache);
     check('[nspawn] the container booted, ran the test and powered off in time',
       () => (!r.timedOut && r.code === 0) || `exit ${r.code} ${r.signal ?? ''}${r.timedOut ? `, killed after ${NSPAWN_TIMEOUT_S} s` : ''}`);
     guestTap(share, 'nspawn');
