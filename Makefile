@@ -188,3 +188,14 @@ cross:
 
 clean:
 	rm -rf build build-asan build-fuzz
+
+# The installed-system test (tests/system/): the freshly built .deb installed with apt in a booted
+# bookworm under systemd-nspawn, then under QEMU with a real /dev/tpmrm0 (swtpm). As root; needs
+# debootstrap, systemd-container, qemu-system-x86 and swtpm. The guest root file systems are cached
+# in $(BUILD)/system-test. SYSTEM_TEST_ONLY=nspawn or qemu runs one of the two.
+SYSTEM_TEST_ONLY ?=
+.PHONY: system-test
+system-test:
+	DEB_BUILD_OPTIONS=nocheck OUT_DIR=$(abspath $(BUILD))/deb packaging/build-deb.sh
+	cd tests && node system/run.mjs --deb $(abspath $(BUILD))/deb/iothub_$(VERSION)_$(shell dpkg --print-architecture).deb \
+	  --cache $(abspath $(BUILD))/system-test $(if $(SYSTEM_TEST_ONLY),--only $(SYSTEM_TEST_ONLY))

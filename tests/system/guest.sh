@@ -1,0 +1,328 @@
+#!/bin/bash
+# The installed-system test, run INSIDE a booted bookworm (systemd-nspawn or QEMU) as the oneshot
+# unit systest.service (After=multi-user.target), which powers the guest off when this script ends.
+# It walks the user's path with the freshly built .deb and writes TAP lines to /systest/out/tap;
+# the host driver (run.mjs) then checks, at the reference cloud, what reached it.
+#
+# /systest (shared with the host) holds: env (MODE=nspawn|qemu, MQTT_PORT, CLOUD_URL, TCTI,
+# N_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb, cloud-ca.pem, token,
+# bulb.pem, frames/1..N (signed by the host with jose), forged; results go to /systest/out/.
+# Every wait is bounded.
+set -u
+. /systest/env
+
+OUT=/systest/out
+TAP=$OUT/tap
+CONF=/etc/iothub.conf
+UNIT=iothub.service
+PREFIX=iothub/v1/bulbs
+# MID_<NAME> (every IOTHUB_MID_<NAME> of include/iothub/log.h in the tree the package was built
+# from) come with /systest/env.
+CATALOG=/usr/lib/systemd/catalog/iothub.catalog
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
+
+mkdir -p "$OUT"
+: >"$TAP"
+n=0
+failed=0
+log() { echo "# $*" | tee -a "$TAP"; }
+result() { # result OK|FAIL DESCRIPTION [DETAIL]
+	n=$((n + 1))
+	if [ "$1" = OK ]; then
+		echo "ok $n - $2" | tee -a "$TAP"
+	else
+		failed=$((failed + 1))
+		echo "not ok $n - $2" | tee -a "$TAP"
+		[ -n "${3:-}" ] && printf '%s\n' "$3" | sed 's/^/#   /' | tee -a "$TAP"
+	fi
+}
+# check DESCRIPTION COMMAND...: one TAP line; the command's output is shown on failure.
+check() {
+	local d=$1 o
+	shift
+	if o=$("$@" 2>&1); then result OK "$d"; else result FAIL "$d" "$(printf '%s\n' "$o" | tail -n 15)"; fi
+}
+skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2" | tee -a "$TAP"; }
+# wait_for SECONDS COMMAND...: until the command succeeds, or fail after SECONDS.
+wait_for() {
+	local end=$(($(date +%s) + $1))
+	shift
+	until "$@" >/dev/null 2>&1; do
+		[ "$(date +%s)" -ge "$end" ] && { "$@"; return 1; }
+		sleep 0.2
+	done
+}
+prop() { systemctl show -P "$1" "$UNIT"; }
+st() { iothubctl status --json | jq -r "$1"; }
+is() { [ "$1" = "$2" ] || { echo "expected '$2', got '$1'"; return 1; }; }
+ge() { [ "$1" -ge "$2" ] 2>/dev/null || { echo "expected >= $2, got '$1'"; return 1; }; }
+st_is() { is "$(st "$1")" "$2"; }
+st_ge() { ge "$(st "$1")" "$2"; }
+# The rejection of a forged frame in the journal, with its structured fields.
+rejection_logged() {
+	journalctl -q -o json --no-pager -u $UNIT MESSAGE_ID=$MID_FRAME_REJECTED |
+		jq -e "select(.IOTHUB_DEVICE == \"$DEV\" and .IOTHUB_REASON == \"bad_signature\")" | grep -q .
+}
+key_is_shown_key() { is "$(st .key.backend) $(st .key.id)" "tpm $(jq -r .kid "$OUT/key.jwk")"; }
+# mono PROPERTY: a timestamp property of the unit in microseconds (monotonic).
+mono() { prop "$1"; }
+publish() { timeout 15 mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 -t "$PREFIX/$DEV/status" -f "$1"; }
+
+write_conf() { # write_conf [EXTRA_FRAMES_LINES]: the configuration a user makes for this hub.
+	local key
+	if [ -n "${TCTI:-}" ]; then key="backend = tpm
+tcti = $TCTI"; else key="backend = tpm"; fi
+	cat >"$CONF" <<EOF
+# /etc/iothub.conf, written by the system test (see iothub.conf(5))
+[hub]
+id = systest-hub
+
+[mqtt]
+host = 127.0.0.1
+port = $MQTT_PORT
+
+[key]
+$key
+
+[cloud]
+url = $CLOUD_URL
+ca_file = /etc/iothub-cloud-ca.pem
+bearer_token_file = /etc/iothub-token
+batch_max_delay_ms = 200
+timeout_s = 5
+
+[frames]
+${1:-}
+EOF
+	chown root:iothub "$CONF"
+	chmod 0640 "$CONF"
+}
+
+finish() {
+	log "$((n - failed)) passed, $failed failed"
+	echo "$n $failed" >"$OUT/done"
+	if [ "$failed" -gt 0 ]; then
+		journalctl -b --no-pager -o short-monotonic >"$OUT/journal.txt" 2>&1
+		journalctl -b --no-pager -o verbose -u "$UNIT" >"$OUT/journal-iothub-verbose.txt" 2>&1
+	fi
+	sync
+}
+trap finish EXIT
+
+log "mode $MODE, $(uname -r), systemd $(systemctl --version | head -n1 | cut -d' ' -f2)"
+
+# --- install --------------------------------------------------------------------------------------
+cp /systest/iothub.deb /tmp/iothub.deb
+# Without the Recommends (mosquitto): the broker is the host's (nspawn shares its network, and a
+# second broker on 127.0.0.1:1883 there would be the host's too); the guest has no package lists.
+check "apt installs the package (offline, dependencies from the base system)" \
+	apt-get install -y --no-install-recommends /tmp/iothub.deb
+check "iothub.service is enabled" is "$(systemctl is-enabled $UNIT)" enabled
+check "postinst started it with the shipped configuration" wait_for 10 systemctl is-active -q $UNIT
+check "user and group iothub exist (sysusers)" id iothub
+check "/etc/iothub.conf is root:iothub 0640" is "$(stat -c %U:%G:%a $CONF)" root:iothub:640
+check "the unit as shipped has WatchdogSec=30s" is "$(prop WatchdogUSec)" 30s
+check "the unit as shipped has PrivateDevices=yes, DevicePolicy=closed" is "$(prop PrivateDevices) $(prop DevicePolicy)" "yes closed"
+check "the unit as shipped has DeviceAllow=/dev/tpmrm0 rw" sh -c "systemctl show -P DeviceAllow $UNIT | grep -x '/dev/tpmrm0 rw'"
+
+# --- the user's configuration ----------------------------------------------------------------------
+if [ "$MODE" = qemu ]; then
+	# QEMU user networking with restrict=on: the guest reaches the host only through guestfwd
+	# (10.0.2.100:1883 and :8443 -> the host's loopback broker and cloud). On the guest's own
+	# loopback, socket-proxyd gives the daemon the addresses its configuration names.
+	check "a real /dev/tpmrm0 (swtpm behind QEMU's tpm-tis), group tss" \
+		is "$(stat -c %G /dev/tpmrm0)" tss
+	if ! /lib/systemd/systemd-networkd-wait-online --any --timeout=60; then
+		networkctl --no-pager status 2>&1 | sed 's/^/# /' | tee -a "$TAP"
+		result FAIL "network: systemd-networkd configured the NIC"
+	else
+		result OK "network: systemd-networkd configured the NIC"
+	fi
+	systemd-run -q --unit=proxy-mqtt --socket-property=ListenStream=127.0.0.1:$MQTT_PORT \
+		/lib/systemd/systemd-socket-proxyd 10.0.2.100:1883
+	systemd-run -q --unit=proxy-cloud --socket-property=ListenStream=127.0.0.1:${CLOUD_URL##*:} \
+		/lib/systemd/systemd-socket-proxyd 10.0.2.100:8443
+	# A TCP connection through socket-proxyd and guestfwd that the host's broker answers (CONNACK).
+	check "network: the host's broker answers through the forward" timeout 20 \
+		mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t systest/probe -C 1 -W 10 -E
+fi
+install -m 0644 /systest/cloud-ca.pem /etc/iothub-cloud-ca.pem
+# The fixed bearer token (a development aid, [cloud] bearer_token_file): the OAuth sign-in needs
+# the authorization server, which the integration tests cover.
+install -m 0640 -o root -g iothub /systest/token /etc/iothub-token
+check "systemctl stop" systemctl stop $UNIT
+write_conf
+check "iothubd --check-config accepts the new configuration (as user iothub)" \
+	runuser -u iothub -- iothubd --check-config --config $CONF
+# swtpm (nspawn, over TCP) serves one client at a time: the key is made while the daemon is stopped.
+check "iothubctl key init creates the hub key in the TPM" sh -c 'iothubctl key init | grep "Created hub key"'
+check "iothubctl key init keeps it the second time" sh -c 'iothubctl key init | grep "Kept the existing hub key"'
+iothubctl key show --jwk >"$OUT/key.jwk" 2>&1
+check "iothubctl key show --jwk" jq -e .kid "$OUT/key.jwk"
+
+# --- start ---------------------------------------------------------------------------------------
+check "systemctl start" systemctl start $UNIT
+check "systemctl is-active" systemctl is-active -q $UNIT
+# Type=notify: the unit is active (running) only after READY=1.
+check "READY=1 received (ActiveState=active, SubState=running)" is "$(prop ActiveState)/$(prop SubState)" active/running
+pid=$(prop MainPID)
+# From the start job leaving 'inactive' to READY=1, and from exec to READY=1, from systemd's own
+# monotonic timestamps of the unit (the same as the journal's "Starting"/"Started" lines).
+start_ms() {
+	local t_exit t_exec t_active
+	t_exit=$(mono InactiveExitTimestampMonotonic)
+	t_exec=$(mono ExecMainStartTimestampMonotonic)
+	t_active=$(mono ActiveEnterTimestampMonotonic)
+	log "start to active ($1): $(((t_active - t_exit) / 1000)) ms (exec to READY $(((t_active - t_exec) / 1000)) ms)"
+	echo "$1 $(((t_active - t_exit) / 1000)) $(((t_active - t_exec) / 1000))" >>"$OUT/start-ms"
+}
+start_ms "first start"
+if [ "$MODE" = qemu ]; then
+	# The unit as shipped, in a VM that enforces it: in the daemon's mount namespace /dev is
+	# private and holds the resource manager, not the raw TPM, which the VM does have.
+	check "the VM has the raw /dev/tpm0 too" test -c /dev/tpm0
+	check "the daemon's private /dev has /dev/tpmrm0" nsenter -t "$pid" -m test -c /dev/tpmrm0
+	check "the daemon's private /dev has no /dev/tpm0" sh -c "! nsenter -t $pid -m test -e /dev/tpm0"
+	check "no drop-in changes the shipped unit" is "$(prop DropInPaths)" ""
+fi
+check "STATUS= set by the daemon" sh -c '[ -n "$(systemctl show -P StatusText iothub.service)" ]'
+log "STATUS=$(prop StatusText)"
+check "journal: started message with MESSAGE_ID" sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_STARTED | grep 'started, hub systest-hub'"
+check "MQTT connected" wait_for 10 st_is .mqtt.connected true
+check "key.backend tpm, key.id is the key shown by key show" wait_for 10 key_is_shown_key
+
+# --- enrol and relay -------------------------------------------------------------------------------
+check "iothubctl register" iothubctl register
+check "iothubctl bulb add $DEV --key" iothubctl bulb add "$DEV" --key /systest/bulb.pem
+check "iothubctl bulb list shows it" sh -c "iothubctl bulb list | grep -w $DEV"
+check "journal: enrolment with MESSAGE_ID and IOTHUB_DEVICE=" \
+	sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_BULB_ENROLLED IOTHUB_DEVICE=$DEV | grep ."
+half=$((N_FRAMES - 2))
+ok=1
+for i in $(seq 1 "$half"); do publish /systest/frames/$i || ok=0; done
+check "mosquitto_pub: $half signed frames published" test $ok = 1
+check "frames.accepted = $half" wait_for 15 st_is .frames.accepted "$half"
+check "cloud.uploaded = $half (the cloud answered 200 to signed batches)" wait_for 20 st_is .cloud.uploaded "$half"
+check "spool.pending = 0" st_is .spool.pending 0
+check "key.signatures > 0" st_ge .key.signatures 1
+publish /systest/forged
+check "a forged frame is rejected (bad_signature)" wait_for 10 st_is .frames.rejected.bad_signature 1
+check "journal: the rejection has MESSAGE_ID, IOTHUB_DEVICE=, IOTHUB_REASON=" wait_for 5 rejection_logged
+
+# --- catalog ------------------------------------------------------------------------------------------
+if dpkg -L iothub | grep -qx "$CATALOG"; then
+	# journalctl -x prints the entry below the message, each line prefixed '░░ ', with @FIELD@
+	# replaced by the entry's fields: look for its Subject and its first line of text.
+	entry() { awk -v id="-- $1" '$0 == id {f = 1; next} f && /^-- / {exit} f {print}' $CATALOG; }
+	subject=$(entry "$MID_FRAME_REJECTED" | sed -n 's/^Subject: //p' | head -n1)
+	body=$(entry "$MID_FRAME_REJECTED" | awk 'h && NF {print; exit} !NF {h = 1}' |
+		sed -e "s/@IOTHUB_DEVICE@/$DEV/g" -e 's/@IOTHUB_REASON@/bad_signature/g')
+	check "catalog: an entry with a Subject for the rejection's MESSAGE_ID" test -n "$subject"
+	x=$(journalctl -x -q --no-pager -u $UNIT MESSAGE_ID=$MID_FRAME_REJECTED 2>&1)
+	check "journalctl -x shows the catalog's Subject below the rejection" \
+		sh -c 'printf "%s\n" "$1" | grep -F -- "░░ Subject: $2"' - "$x" "$subject"
+	case $body in
+	*@*) skip "journalctl -x shows the catalog text with the fields filled in" "first text line has a field other than IOTHUB_DEVICE/REASON: $body" ;;
+	*) check "journalctl -x shows the catalog text with the fields filled in" \
+		sh -c 'printf "%s\n" "$1" | grep -F -- "░░ $2"' - "$x" "$body" ;;
+	esac
+	if [ "$MODE" = nspawn ]; then
+		missing=
+		for name in $MIDS; do
+			eval "id=\$MID_$name"
+			grep -qx -- "-- $id" $CATALOG || missing="$missing $name"
+		done
+		check "catalog: an entry for every MESSAGE_ID of log.h" is "$missing" ""
+	fi
+else
+	skip "journalctl -x shows the catalog text" "the package ships no $CATALOG"
+fi
+
+if [ "$MODE" = nspawn ]; then
+	# --- reload: same PID, a changed setting applied ----------------------------------------------------
+	f=$((half + 1))
+	size=$(stat -c %s /systest/frames/$f)
+	write_conf "max_bytes = 256"
+	reloads=$(journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_RELOADED | wc -l)
+	check "systemctl reload" systemctl reload $UNIT
+	check "journal: reloaded, with MESSAGE_ID" wait_for 10 \
+		sh -c "[ \$(journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_RELOADED | wc -l) -gt $reloads ]"
+	check "reload kept the PID" is "$(prop MainPID)" "$pid"
+	check "active after reload" wait_for 5 systemctl is-active -q $UNIT
+	publish /systest/frames/$f
+	check "[frames] max_bytes = 256 applied: a $size-byte frame is too_large" wait_for 10 st_is .frames.rejected.too_large 1
+	write_conf
+	systemctl reload $UNIT
+	check "journal: reloaded again" wait_for 10 \
+		sh -c "[ \$(journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_RELOADED | wc -l) -gt $((reloads + 1)) ]"
+	publish /systest/frames/$f
+	check "max_bytes back to the default: the same frame is accepted" wait_for 10 st_is .frames.accepted "$f"
+	check "and uploaded" wait_for 20 st_is .cloud.uploaded "$f"
+
+	# --- a bad configuration: exit 78, its line in the journal, no restart loop ------------------------------
+	write_conf "colour = blue"
+	line=$(grep -n '^colour = blue' $CONF | cut -d: -f1)
+	restarts=$(prop NRestarts)
+	systemctl restart $UNIT >/dev/null 2>&1
+	check "bad config: the unit fails" wait_for 10 sh -c "[ \"\$(systemctl show -P ActiveState $UNIT)\" = failed ]"
+	check "bad config: exit status 78" is "$(prop ExecMainStatus)" 78
+	check "bad config: journal names $CONF:$line" sh -c "journalctl -q -o cat -u $UNIT -n 20 | grep -F '$CONF:$line'"
+	sleep 5 # more than twice RestartSec=2s
+	check "bad config: no restart loop (NRestarts unchanged, still failed after 5 s)" \
+		is "$(prop NRestarts) $(prop ActiveState)" "$restarts failed"
+	write_conf
+	systemctl reset-failed $UNIT
+	check "fixed config: starts again" systemctl start $UNIT
+	start_ms "second start"
+
+	# --- the watchdog restarts a hung daemon -------------------------------------------------------------
+	# A drop-in shortens WatchdogSec= from the shipped 30 s (checked above) so that the test waits
+	# seconds, not a minute; the daemon derives its ping interval from it (sd_watchdog_enabled).
+	mkdir -p /run/systemd/system/$UNIT.d
+	printf '[Service]\nWatchdogSec=3s\n' >/run/systemd/system/$UNIT.d/watchdog.conf
+	systemctl daemon-reload
+	systemctl restart $UNIT
+	pid=$(prop MainPID)
+	restarts=$(prop NRestarts)
+	sleep 7
+	check "watchdog: a healthy daemon keeps running (pings, same PID after 7 s, WatchdogSec=3s)" \
+		is "$(prop MainPID) $(prop NRestarts)" "$pid $restarts"
+	# (Never 'kill -STOP 0', the test's own process group, should the daemon not run.)
+	[ "$pid" -gt 1 ] && kill -STOP "$pid"
+	check "watchdog: a hung (SIGSTOPped) daemon is killed and restarted" wait_for 30 \
+		sh -c "p=\$(systemctl show -P MainPID $UNIT); [ \"\$p\" != 0 ] && [ \"\$p\" != $pid ] && systemctl is-active -q $UNIT"
+	check "watchdog: NRestarts went up by one" is "$(prop NRestarts)" $((restarts + 1))
+	check "journal: systemd logged the watchdog timeout" sh -c "journalctl -q -o cat -u $UNIT | grep -i 'watchdog timeout'"
+	rm -rf /run/systemd/system/$UNIT.d
+	systemctl daemon-reload
+	systemctl restart $UNIT
+	check "after the restarts: MQTT connected" wait_for 10 st_is .mqtt.connected true
+	f=$((half + 2))
+	publish /systest/frames/$f
+	check "after the restarts: the next frame is uploaded (replay state kept)" wait_for 20 st_is .cloud.uploaded 1
+
+	# --- clean stop ---------------------------------------------------------------------------------
+	check "systemctl stop" systemctl stop $UNIT
+	check "clean stop: Result=success, exit status 0" is "$(prop Result) $(prop ExecMainCode) $(prop ExecMainStatus)" "success 1 0"
+	check "journal: stopping, with MESSAGE_ID" sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_STOPPING | grep ."
+	systemctl start $UNIT
+
+	# --- remove keeps the state, purge removes it, reinstall ---------------------------------------------------
+	check "apt-get remove" apt-get remove -y iothub
+	check "remove: the daemon is stopped" sh -c "! systemctl is-active -q $UNIT"
+	check "remove: package in state config-files (rc)" is "$(dpkg-query -W -f '${db:Status-Abbrev}' iothub)" "rc "
+	check "remove: /var/lib/iothub kept" sh -c 'ls /var/lib/iothub | grep .'
+	check "remove: $CONF kept" grep -q '^id = systest-hub' $CONF
+	check "reinstall after remove" apt-get install -y --no-install-recommends /tmp/iothub.deb
+	check "reinstall: started again with the kept configuration" wait_for 10 systemctl is-active -q $UNIT
+	check "reinstall: the kept state is used (bulb still enrolled)" sh -c "iothubctl bulb list | grep -w $DEV"
+	check "apt-get purge" apt-get purge -y iothub
+	check "purge: /var/lib/iothub removed" test ! -e /var/lib/iothub
+	check "purge: $CONF removed" test ! -e $CONF
+	check "purge: nothing left running" sh -c "! pgrep -x iothubd"
+	check "reinstall after purge" apt-get install -y --no-install-recommends /tmp/iothub.deb
+	check "reinstall: active with the shipped configuration" wait_for 10 systemctl is-active -q $UNIT
+	start_ms "after reinstall, shipped configuration"
+	check "reinstall: a fresh $CONF" grep -q '^#backend = tpm' $CONF
+	check "reinstall: fresh state (no bulb enrolled)" sh -c "! iothubctl bulb list | grep -w $DEV"
+fi
