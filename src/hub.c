@@ -295,8 +295,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
+        mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
-        mqtt_free(h->mqtt);
         commands_free(h->commands);
         oauth_free(h->oauth);
         cloud_free(h->cloud);

@@ -188,7 +188,7 @@ test('10 SIGKILLs while bulbs publish: resending bulbs lose nothing, exactly onc
   const KILLS = 10;
   const bulbs = [];
   for (let i = 0; i < 3; i++) bulbs.push(await resendingBulb(`ack-kill-${i}`, { resendMs: 300, window: 1 }));
-  // The control: the same frames with PUBACK as the only acknowledgement, never resent.
+  // The control: frames with PUBACK as the only acknowledgement, never resent (measured only).
   const control = await Bulb.create('ack-kill-noresend', 'EdDSA');
   await enrol(control);
   const cc = await mqttClient(broker.port);
@@ -273,7 +273,16 @@ test('10 SIGKILLs while bulbs publish: resending bulbs lose nothing, exactly onc
   const report = lines.join('\n# ');
   console.log(`# ${report}`);
   assert.equal(lost, 0, report);
-  // Without the end-to-end ack, every kill inside the window lost the frame in it.
-  assert.ok(clost.length >= controlFirst, report);
+  // The control's losses are reported, not asserted: whether the daemon read its frame before
+  // blocking on the lock (the cloud relay may take the database first) is not deterministic.
   for (const b of bulbs) b.detach();
+});
+
+test('the daemon stops cleanly with acks waiting (no leak under ASan)', async () => {
+  const b = await resendingBulb('ack-stop', { resendMs: 60000 });
+  for (let i = 0; i < 20; i++) await b.send(); // leaves a coalesced ack waiting for its slot
+  const res = await hub.stop();
+  assert.equal(res.code, 0, hub.log);
+  assert.doesNotMatch(hub.log, /AddressSanitizer|LeakSanitizer|runtime error/, hub.log);
+  b.detach();
 });
