@@ -9,6 +9,7 @@
 #include <jansson.h>
 #include <systemd/sd-daemon.h>
 
+#include "iothub/ack.h"
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
 #include "iothub/control.h"
@@ -41,6 +42,7 @@ static void on_mqtt_connected(void *userdata, bool connected) {
         struct hub *h = userdata;
 
         hub_notify_status(h);
+        ack_connected(h->ack, connected);
         if (connected)
                 commands_kick(h->commands);
 }
@@ -115,7 +117,9 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 json_decref(o);
                 return -ENOMEM;
         }
-        r = cloud_status_json(h->cloud, o);
+        r = ack_status_json(h->ack, o);
+        if (r >= 0)
+                r = cloud_status_json(h->cloud, o);
         if (r >= 0)
                 r = oauth_status_json(h->oauth, o);
         if (r >= 0)
@@ -291,7 +295,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
-        mqtt_free(h->mqtt);
+        mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
+        ack_free(h->ack);
         commands_free(h->commands);
         oauth_free(h->oauth);
         cloud_free(h->cloud);
@@ -382,6 +387,11 @@ int hub_run(const char *config_path, int log_level_override) {
         r = commands_new(&h, &h.commands);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up commands: %m");
+                goto out;
+        }
+        r = ack_new(&h, &h.ack);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up acks to the bulbs: %m");
                 goto out;
         }
         r = control_new(&h, &h.control);

@@ -7,6 +7,7 @@
  * burst costs one fsync, not one per frame. */
 #include <inttypes.h>
 
+#include "iothub/ack.h"
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
 #include "iothub/ingest.h"
@@ -40,6 +41,10 @@ static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_re
         bool ok;
 
         h->counters.frames_rejected[reason]++;
+        /* A resent frame the hub has (replay, or stale by now): tell the bulb again what is
+         * committed, or a bulb that lost the ack resends forever (iothub-protocol(7)). */
+        if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))
+                ack_stage(h->ack, b, b->last_seq, !h->batch.open);
         if (b)
                 ok = log_allowed(&b->log_window_usec, &b->log_count, &b->log_suppressed, now, b->id);
         else
@@ -167,6 +172,7 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
          * seq is a replay; if the commit fails, these frames were never accepted, and a bulb
          * resending them later is welcome. */
         registry_seq_committed(b, f.seq);
+        ack_stage(h->ack, b, f.seq, false);
         h->batch.count++;
         h->batch.bytes += len;
         if (f.has_ack && h->commands)
@@ -185,6 +191,7 @@ int ingest_commit(struct hub *h) {
                 return 0;
         h->batch.open = false;
         r = db_commit(h->db);
+        ack_commit_done(h->ack, r >= 0);
         if (r < 0) {
                 h->counters.frames_store_failed += h->batch.count;
                 (void) db_rollback(h->db);

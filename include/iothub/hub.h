@@ -18,6 +18,7 @@ struct hubkey;
 struct http;
 struct oauth;
 struct commands;
+struct ack;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -54,6 +55,7 @@ struct hub {
         struct cloud *cloud;   /* NULL without [cloud] url */
         struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
+        struct ack *ack;           /* end-to-end acks to the bulbs */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         sd_event_source *key_timer; /* retries opening the key while it cannot be */
         uint64_t key_retry_usec;    /* the next retry's delay */

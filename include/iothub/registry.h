@@ -24,9 +24,11 @@ struct bulb {
         uint64_t log_window_usec;
         unsigned log_count;
         uint64_t log_suppressed;
+        struct ack_entry *ack; /* end-to-end ack state, owned by ack.c (not persisted) */
 };
 
 struct registry;
+struct ack_entry;
 
 /* Loads every bulb from the database. Returns 0 or a negative errno. */
 int registry_open(struct db *db, struct registry **ret);

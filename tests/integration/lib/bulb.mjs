@@ -27,6 +27,83 @@ export class Bulb {
       .sign(this.privateKey);
   }
 
+  // End-to-end acknowledgement (PROTOCOL.md 1): from here on the bulb keeps every frame it
+  // sends with send() until the hub acks a seq at or above it on <prefix>/<id>/ack, and resends
+  // those above the acked seq after resendMs without an ack, and on every reconnect of client.
+  // window caps the unacknowledged frames in flight (further frames wait, in order): with 1,
+  // no frame can overtake a lost one (see iothub-protocol(7), "a bulb's window"). Existing
+  // callers that never attach keep the old fire-and-forget behaviour.
+  async attach(client, { prefix = 'iothub/v1/bulbs', resendMs = 1000, window = Infinity } = {}) {
+    this.client = client; this.prefix = prefix; this.resendMs = resendMs; this.window = window;
+    this.unacked = new Map(); // seq -> { jws, sentAt }, in seq order
+    this.waiting = []; // { seq, jws } not yet published (window full)
+    this.sent = []; // every frame handed to send(): { seq, jws }
+    this.ackedSeq = 0; this.acks = []; this.resent = 0;
+    this.ackTopic = `${prefix}/${this.id}/ack`;
+    this.statusTopic = `${prefix}/${this.id}/status`;
+    this.onMessage = (topic, payload) => { if (topic === this.ackTopic) this.#onAck(payload); };
+    this.onConnect = () => this.resendUnacked();
+    client.on('message', this.onMessage);
+    client.on('connect', this.onConnect);
+    await client.subscribeAsync(this.ackTopic, { qos: 1 });
+    this.timer = setInterval(() => this.#resendDue(), Math.max(20, Math.floor(resendMs / 4)));
+  }
+
+  detach() {
+    clearInterval(this.timer);
+    this.client?.off('message', this.onMessage);
+    this.client?.off('connect', this.onConnect);
+  }
+
+  // Signs one new frame and sends it now, or when the window has room.
+  async send(over = {}) {
+    const jws = await this.frame(over);
+    const f = { seq: this.seq, jws };
+    this.sent.push(f);
+    this.waiting.push(f);
+    this.#pump();
+    return f;
+  }
+
+  get inFlight() { return this.unacked.size + this.waiting.length; }
+
+  #publish(seq, jws) {
+    this.unacked.set(seq, { jws, sentAt: Date.now() });
+    this.client.publish(this.statusTopic, jws, { qos: 1 }, () => {});
+  }
+
+  #pump() {
+    while (this.waiting.length > 0 && this.unacked.size < this.window) {
+      const f = this.waiting.shift();
+      if (f.seq <= this.ackedSeq) continue;
+      this.#publish(f.seq, f.jws);
+    }
+  }
+
+  #onAck(payload) {
+    let seq;
+    try { seq = JSON.parse(payload.toString()).seq; } catch { return; }
+    if (!Number.isSafeInteger(seq) || seq < 1) return;
+    this.acks.push({ seq, at: performance.now() });
+    if (seq > this.ackedSeq) this.ackedSeq = seq;
+    for (const s of [...this.unacked.keys()]) if (s <= this.ackedSeq) this.unacked.delete(s);
+    this.#pump();
+  }
+
+  // Resends every unacknowledged frame above the acked seq, oldest first.
+  resendUnacked(olderThanMs = 0) {
+    const now = Date.now();
+    for (const [seq, u] of [...this.unacked.entries()].sort((a, b) => a[0] - b[0])) {
+      if (seq <= this.ackedSeq || now - u.sentAt < olderThanMs) continue;
+      this.resent++;
+      this.#publish(seq, u.jws);
+    }
+  }
+
+  #resendDue() {
+    if (this.client.connected) this.resendUnacked(this.resendMs);
+  }
+
   // Signs raw header and payload strings (for malformed JSON the library would not produce).
   async signRaw(headerJson, payloadJson, key = this.privateKey) {
     const h = b64u(headerJson), p = b64u(payloadJson);

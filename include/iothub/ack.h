@@ -1,0 +1,32 @@
+/* SPDX-License-Identifier: MIT */
+/* End-to-end acknowledgement (PROTOCOL.md 1): after a commit, {"seq":<highest committed seq>} on
+ * <prefix>/<device-id>/ack, QoS 1, not retained, at most one per bulb per 100 ms (coalesced by one
+ * timer for all bulbs), kept while the broker is away and sent on reconnect. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "iothub/hub.h"
+
+struct ack;
+
+/* Creates the ack publisher of the hub (its MQTT client is looked up at publish time, so it may
+ * come later). Returns 0 or a negative errno. */
+int ack_new(struct hub *h, struct ack **ret);
+/* Drops what is pending (not re-announced after a restart, see iothub-protocol(7)); NULL accepted. */
+void ack_free(struct ack *a);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct ack *, ack_free);
+
+/* Notes that seq is the highest seq of bulb b that is committed (committed = true) or that the
+ * open transaction will commit (false: held until ack_commit_done()). NULL a: nothing. Never
+ * fails: without memory the ack is skipped, and the bulb's resend of the frame gets one. */
+void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed);
+/* The open transaction ended: committed (ok) makes its staged acks due, a failure drops them. */
+void ack_commit_done(struct ack *a, bool ok);
+/* The broker connection came (pending acks go now) or went (they wait). */
+void ack_connected(struct ack *a, bool connected);
+/* Adds frames.acks_published and frames.acks_pending to the status object. Returns 0 or -ENOMEM. */
+int ack_status_json(struct ack *a, json_t *status);
