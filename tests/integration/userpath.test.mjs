@@ -118,6 +118,9 @@ test('status has the key object without [cloud] url, and the file-backend warnin
     assert.equal(st.key.backend, 'file');
     assert.equal(st.key.id, null);
     assert.match(st.key.error, /hub-key\.pem/);
+    // The warning is logged when the key is opened, after READY, and stderr is read
+    // asynchronously: wait for it rather than read the log at once.
+    await waitFor(() => count(hub.log, 'The hub key is a file') >= 1, 5000, 'the file-backend warning');
     assert.equal(count(hub.log, 'The hub key is a file'), 1, hub.log);
     await keyInit(hub);
     const show = JSON.parse((await hub.ctl(['--json', 'key', 'show'])).stdout);
@@ -130,7 +133,8 @@ test('status has the key object without [cloud] url, and the file-backend warnin
     assert.equal(st.key.reason, undefined);
     assert.match(hub.log, new RegExp(`Hub key ${show.id} \\(file\\)`));
     await hub.restart();
-    assert.equal(count(hub.log, 'The hub key is a file'), 2, 'the warning again at the second start');
+    await waitFor(() => count(hub.log, 'The hub key is a file') >= 2, 5000, 'the warning again at the second start');
+    assert.equal(count(hub.log, 'The hub key is a file'), 2, 'the warning again at the second start, once');
     assert.equal((await hub.status()).key.id, show.id, 'the key is open right after the start');
     await stopClean(hub);
   } finally {
