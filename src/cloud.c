@@ -263,7 +263,7 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                                                .n_headers = n,
                                                .body = body,
                                                .body_len = body_len },
-                       on_http_done, q, &q->http);
+                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
         if (r < 0)
                 goto fail;
         httpsig_headers_done(&sig);
@@ -689,7 +689,7 @@ void cloud_devices_changed(struct cloud *c) {
 /* ---- register ---- */
 
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                   void *userdata) {
+                   void *userdata, struct cloud_call **ret) {
         struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         struct cloud_req *q = NULL;
@@ -720,6 +720,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         q->register_userdata = userdata;
         q->next = c->others;
         c->others = q;
+        *ret = (struct cloud_call *) q;
         return 0;
 }
 

@@ -41,9 +41,12 @@ void cloud_kick(struct cloud *c);
 void cloud_devices_changed(struct cloud *c);
 
 /* POST /v1/hubs/<id> with the hub's JWK; done() is called with the HTTP status (or a
- * negative errno) and a one-line message. */
+ * negative errno) and a one-line message, exactly once unless the returned handle is
+ * cancelled first (cloud_request_cancel(): the waiter went away; done() never runs after).
+ * The handle is the caller's until done() runs. */
+struct cloud_call;
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                   void *userdata);
+                   void *userdata, struct cloud_call **ret);
 
 /* A signed, authorized request to the cloud for other modules (commands): path below the
  * base URL, body JSON or NULL. done() gets the HTTP status (0 on a transport failure), the
