@@ -1,0 +1,259 @@
+// The daemon against a hostile peer (issue 10): the cloud and the authorization server answer
+// badly, one way per case. Each case ends with the daemon alive (its control socket answers),
+// its counters right, and nothing lost: the frames spooled while the peer misbehaved reach it
+// exactly once when it behaves again.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { Broker, Hub, IOTHUBCTL, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Bulb } from './lib/bulb.mjs';
+import { startHostile } from '../hostile/server.mjs';
+
+const PREFIX = 'iothub/v1/bulbs';
+const TOKEN = 'tok-hostile-0123456789';
+let dir, broker, peer, hub, client, bulb;
+
+function overrides(extra = {}) {
+  return {
+    key: { backend: 'file', file: path.join(dir, 'hub.key') },
+    cloud: { url: peer.url, ca_file: peer.caFile, bearer_token_file: path.join(dir, 'token'),
+      batch_max_frames: 50, batch_max_delay_ms: 100, timeout_s: 5, ...extra },
+  };
+}
+
+async function alive(h = hub) {
+  assert.equal(h.proc.exitCode, null, `daemon exited: ${h.log}`);
+  assert.equal(h.proc.signalCode, null, `daemon killed: ${h.log}`);
+  return h.status();
+}
+
+async function publish(n) {
+  const sent = [];
+  for (let i = 0; i < n; i++) {
+    const jws = await bulb.frame();
+    sent.push(jws);
+    await client.publishAsync(`${PREFIX}/${bulb.id}/status`, jws, { qos: 1 });
+  }
+  return sent;
+}
+
+// Every frame in 'sent' reached the peer exactly once.
+async function assertDelivered(sent, timeoutMs = 20000) {
+  await waitFor(() => sent.every((j) => peer.state.frames.includes(j)), timeoutMs,
+    `${sent.length} frames at the peer (log: ${hub.log.slice(-2000)})`);
+  for (const j of sent) assert.equal(peer.state.frames.filter((f) => f === j).length, 1, 'delivered once');
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 5000, 'spool empty');
+}
+
+// One misbehaviour of the status route: frames spool while it lasts, the daemon stays up and
+// counts nothing as uploaded, and once the peer behaves every frame arrives exactly once.
+async function statusCase(behaviour, { hits = 1, check } = {}) {
+  const st0 = await alive();
+  const h0 = peer.state.hits.status ?? 0;
+  peer.set('status', behaviour);
+  const sent = await publish(3);
+  await waitFor(() => (peer.state.hits.status ?? 0) >= h0 + hits, 15000, `${hits} hostile answer(s)`);
+  await sleep(200);
+  const st = await alive();
+  assert.equal(st.cloud.uploaded, st0.cloud.uploaded, 'nothing counted as uploaded');
+  assert.ok(st.spool.pending + st.spool.moved_aside - st0.spool.moved_aside >= 3, 'the frames are kept');
+  if (check) await check(st);
+  peer.set('status', { kind: 'ok' });
+  return sent;
+}
+
+// The hub retries at its backoff; a restart (frames are on disk) makes the next try immediate.
+async function deliverNow(sent) {
+  await hub.restart();
+  await assertDelivered(sent);
+  const st = await alive();
+  assert.equal(st.spool.pending, 0);
+}
+
+before(async () => {
+  dir = await tempDir();
+  await fs.chmod(dir, 0o755);
+  broker = await Broker.start(dir);
+  peer = await startHostile({ dir: path.join(dir, 'peer') });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  const hdir = await tempDir();
+  await fs.chmod(hdir, 0o755);
+  const pre = new Hub(hdir, broker, overrides());
+  await fs.mkdir(pre.stateDir, { recursive: true, mode: 0o700 });
+  await pre.writeConfig();
+  const r = await pre.ctl(['key', 'init']);
+  assert.equal(r.code, 0, r.stderr);
+  hub = await Hub.start(broker, overrides(), { dir: hdir });
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
+  const reg = await hub.ctl(['register']);
+  assert.equal(reg.code, 0, reg.stderr);
+  bulb = await Bulb.create('hostile-1', 'ES256');
+  const f = path.join(hub.dir, 'bulb.pem');
+  await fs.writeFile(f, bulb.pem);
+  const add = await hub.ctl(['bulb', 'add', bulb.id, '--key', f]);
+  assert.equal(add.code, 0, add.stderr);
+  client = await mqttClient(broker.port);
+  await waitFor(() => (peer.state.hits.devices ?? 0) >= 1, 5000, 'device list sent');
+  await assertDelivered(await publish(2));
+});
+
+after(async () => {
+  await client?.endAsync();
+  await hub?.cleanup();
+  await peer?.close();
+  await broker?.stop();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+test('item 4: a client hanging up while register is in flight does not crash the daemon', async () => {
+  peer.set('register', { kind: 'ok', delayMs: 1500 });
+  const before = peer.state.hits.register ?? 0;
+  const p = spawn(IOTHUBCTL, ['--config', hub.configPath, 'register'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  p.stderr.on('data', (d) => { err += d; });
+  const exited = once(p, 'exit');
+  await waitFor(() => (peer.state.hits.register ?? 0) > before, 5000, 'register at the peer');
+  assert.equal(p.exitCode, null, `iothubctl still waits (${err})`);
+  p.kill('SIGINT'); // as Ctrl-C does
+  await exited;
+  await sleep(2500); // the answer arrives for a connection that is gone
+  await alive();
+  peer.set('register', { kind: 'ok' });
+  const r = await hub.ctl(['register']);
+  assert.equal(r.code, 0, r.stderr);
+  await alive();
+});
+
+test('item 15: a control request over 64 KiB gets the documented error, not a reset', async () => {
+  const big = JSON.stringify({ cmd: 'status', pad: 'x'.repeat(200 * 1024) });
+  const net = await import('node:net');
+  for (let i = 0; i < 3; i++) {
+    const s = net.createConnection(path.join(hub.runtimeDir, 'control'));
+    let got = '', err = null;
+    s.on('data', (d) => { got += d; });
+    s.on('error', (e) => { err = e; });
+    await once(s, 'connect');
+    s.end(big + '\n');
+    await once(s, 'close');
+    assert.equal(err, null, `no reset (${err?.code})`);
+    const resp = JSON.parse(got);
+    assert.equal(resp.ok, false);
+    assert.match(resp.error, /request longer than 65536 bytes/);
+  }
+  await alive();
+});
+
+test('item 8: an endless chunked answer is cut at the size cap, at once', async () => {
+  const n0 = peer.state.endless.length;
+  const sent = await statusCase({ kind: 'endless' }, {
+    check: async (st) => {
+      await waitFor(() => peer.state.endless.length > n0, 10000, 'the hub hung up');
+      const e = peer.state.endless[n0];
+      // The cap is 1 MiB: the hub stops reading shortly after (socket buffers aside), and
+      // long before its 5 s timeout.
+      assert.ok(e.bytes < 4 * 1024 * 1024, `read ${e.bytes} bytes`);
+      assert.ok(e.ms < 3000, `took ${e.ms} ms`);
+      assert.match(st.cloud.last_error ?? '', /size limit/);
+    },
+  });
+  await deliverNow(sent);
+});
+
+test('a complete body over the cap is refused and the batch kept', async () => {
+  const sent = await statusCase({ kind: 'huge', bytes: 3 * 1024 * 1024 });
+  await deliverNow(sent);
+});
+
+test('malformed, deep and wrongly typed JSON answers keep the batch', async () => {
+  for (const b of [{ kind: 'malformed' }, { kind: 'deep' }, { kind: 'wrongtype' }]) {
+    const sent = await statusCase(b, { check: async (st) => assert.match(st.cloud.last_error ?? '', /unexpected body/) });
+    await deliverNow(sent);
+  }
+});
+
+test('a slow answer (byte by byte) is read to its end without holding the loop', async () => {
+  peer.set('status', { kind: 'slow', intervalMs: 100 });
+  const sent = await publish(3);
+  // Meanwhile the control socket answers promptly.
+  await waitFor(() => peer.state.slow.length > 0, 10000, 'slow answer started');
+  const t0 = Date.now();
+  await alive();
+  assert.ok(Date.now() - t0 < 1000, 'status answered while a slow response trickles in');
+  await waitFor(() => peer.state.slow.some((s) => s.complete), 10000, 'slow answer complete');
+  peer.set('status', { kind: 'ok' });
+  await assertDelivered(sent);
+});
+
+test('item 9: Retry-After in an interim 1xx answer is ignored; the final answer rules', async () => {
+  const sent = await statusCase({ kind: 'interim', status: 503, interimHeaders: { 'retry-after': '3000' } }, {
+    check: async (st) => assert.ok(st.cloud.backoff_s < 60, `backoff ${st.cloud.backoff_s} s`),
+  });
+  await assertDelivered(sent); // no restart: the hub retries on its own within seconds
+});
+
+test('Retry-After games: huge is clamped, negative and past dates do not stall', async () => {
+  let sent = await statusCase({ kind: 'answer', status: 503, headers: { 'retry-after': '99999999999999999999999' } }, {
+    check: async (st) => assert.ok(st.cloud.backoff_s > 60 && st.cloud.backoff_s <= 3600, `backoff ${st.cloud.backoff_s}`),
+  });
+  await deliverNow(sent);
+  sent = await statusCase({ kind: 'answer', status: 429, headers: { 'retry-after': '-5' } }, {
+    check: async (st) => assert.ok(st.cloud.backoff_s <= 5, `backoff ${st.cloud.backoff_s}`),
+  });
+  await assertDelivered(sent);
+  sent = await statusCase({ kind: 'answer', status: 503, headers: { 'retry-after': 'Wed, 21 Oct 2015 07:28:00 GMT' } }, {
+    check: async (st) => assert.ok(st.cloud.backoff_s <= 5, `backoff ${st.cloud.backoff_s}`),
+  });
+  await assertDelivered(sent);
+});
+
+test('redirects are not followed', async () => {
+  const e0 = peer.state.hits.elsewhere ?? 0;
+  for (const status of [301, 302, 307, 308]) {
+    const sent = await statusCase({ kind: 'redirect', status });
+    await deliverNow(sent);
+  }
+  assert.equal(peer.state.hits.elsewhere ?? 0, e0, 'no request followed a Location');
+});
+
+test('odd status codes: 599 is retried, 418 moves the batch aside (kept, counted)', async () => {
+  let sent = await statusCase({ kind: 'answer', status: 599 });
+  await deliverNow(sent);
+  const st0 = await alive();
+  sent = await statusCase({ kind: 'answer', status: 418, body: { error: 'teapot' } }, {
+    check: async (st) => {
+      await waitFor(async () => (await hub.status()).spool.moved_aside >= st0.spool.moved_aside + 3, 5000, 'moved aside');
+    },
+  });
+  const st = await alive();
+  assert.equal(st.spool.moved_aside - st0.spool.moved_aside, 3);
+  assert.equal(st.spool.pending, 0);
+  assert.ok(sent.every((j) => !peer.state.frames.includes(j)));
+  // And the next frames go up normally.
+  await assertDelivered(await publish(2));
+});
+
+test('a wrong certificate (other CA, wrong host name) is refused and nothing is sent', async () => {
+  for (const san of ['IP:127.0.0.1', 'DNS:wrong.example']) {
+    const other = await startHostile({ dir: path.join(dir, `other-${san.length}`), san });
+    // Same port trick is not possible: point the hub at the other server, with our CA.
+    const caFile = san.startsWith('IP') ? peer.caFile /* other CA */ : other.caFile /* right CA, wrong name */;
+    await hub.stop();
+    hub.overrides = overrides({ url: other.url, ca_file: caFile });
+    await hub.writeConfig();
+    await hub.start();
+    const sent = await publish(2);
+    await waitFor(async () => /upload failed/.test((await hub.status()).cloud.last_error ?? ''), 10000, 'TLS refused');
+    const st = await alive();
+    assert.equal(other.state.hits.status ?? 0, 0, 'no request reached the impostor');
+    assert.ok(st.spool.pending >= 2);
+    await other.close();
+    await hub.stop();
+    hub.overrides = overrides();
+    await hub.writeConfig();
+    await hub.start();
+    await assertDelivered(sent);
+  }
+});
