@@ -207,6 +207,7 @@ static void hub_done(struct hub *h) {
         sd_event_source_disable_unref(h->watchdog);
         registry_free(h->registry);
         free(h->batch.acks);
+        free(h->batch.undo);
         db_close(h->db);
         sd_event_unref(h->event);
         conf_free(h->conf);

@@ -257,3 +257,60 @@ test('a wrong certificate (other CA, wrong host name) is refused and nothing is 
     await assertDelivered(sent);
   }
 });
+
+// Item 12: a commit that fails (a full file system: a small tmpfs, mounted here since the tests
+// run as root) must not leave the bulb's seq advanced in memory, or its honest resends of the
+// frames the hub never stored are refused as replays until a restart.
+test('item 12: after a failed commit, resending the same frames is accepted, not a replay', async (t) => {
+  if (process.getuid() !== 0) { t.skip('needs root to mount a tmpfs'); return; }
+  const { execFileSync } = await import('node:child_process');
+  const hdir = await tempDir();
+  await fs.chmod(hdir, 0o755);
+  const mnt = path.join(hdir, 'state');
+  await fs.mkdir(mnt, { mode: 0o700 });
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', mnt]);
+  let h;
+  try {
+    h = await Hub.start(broker, {}, { dir: hdir });
+    const b = await Bulb.create('full-1', 'ES256');
+    const f = path.join(hdir, 'bulb.pem');
+    await fs.writeFile(f, b.pem);
+    assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', f])).code, 0);
+    const pub = (jws) => client.publishAsync(`${PREFIX}/${b.id}/status`, jws, { qos: 1 });
+    const first = await b.frame();
+    await pub(first);
+    await waitFor(async () => (await h.status()).frames.accepted === 1, 5000, 'first frame accepted');
+    // Fill the file system, then send frames until the database cannot commit.
+    const filler = path.join(mnt, 'filler');
+    const fh = await fs.open(filler, 'w');
+    try { for (;;) await fh.write(Buffer.alloc(64 * 1024)); } catch (e) { assert.equal(e.code, 'ENOSPC'); }
+    try { for (;;) await fh.write(Buffer.alloc(512)); } catch (e) { assert.equal(e.code, 'ENOSPC'); }
+    await fh.close();
+    const lost = [];
+    for (let i = 0; i < 40 && (await h.status()).frames.store_failed === 0; i++) {
+      const jws = await b.frame({ state: { on: true, bri: 7, xy: [0.123456789, 0.987654321] } });
+      lost.push({ jws, seq: b.seq });
+      await pub(jws);
+      await sleep(50);
+    }
+    let st = await h.status();
+    assert.ok(st.frames.store_failed > 0, `a commit failed (${h.log.slice(-500)})`);
+    assert.equal(h.proc.exitCode, null);
+    const acceptedBefore = st.frames.accepted, replaysBefore = st.frames.rejected.replay ?? 0;
+    // Room again: the bulb resends the frames the hub never acknowledged (all of them here).
+    await fs.rm(filler);
+    const failed = lost.slice(lost.length - st.frames.store_failed);
+    for (const l of failed) await pub(l.jws);
+    await waitFor(async () => (await h.status()).frames.accepted === acceptedBefore + failed.length, 5000,
+      `resends accepted (${JSON.stringify((await h.status()).frames)})`);
+    st = await h.status();
+    assert.equal(st.frames.rejected.replay ?? 0, replaysBefore, 'no resend counted as a replay');
+    // And a true replay is still one.
+    await pub(first);
+    await waitFor(async () => ((await h.status()).frames.rejected.replay ?? 0) === replaysBefore + 1, 5000, 'replay');
+  } finally {
+    await h?.stop();
+    try { execFileSync('umount', [mnt]); } catch { /* best effort */ }
+    await fs.rm(hdir, { recursive: true, force: true });
+  }
+});
