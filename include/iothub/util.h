@@ -89,6 +89,17 @@ bool device_id_is_valid(const char *s, size_t len);
 /* Write data to path atomically (temp file, fsync, rename, fsync dir), with mode. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
 
+/* The owner hierarchy's persistent handle range (TCG "Registry of Reserved TPM 2.0 Handles
+ * and Localities" 2.3.1: 0x81000000 - 0x817FFFFF; 0x81800000 - 0x81FFFFFF is the platform's,
+ * which the owner cannot use). Spelt out: tpm2-tss 3.2's TPM2_PERSISTENT_FIRST shifts a
+ * signed int into its sign bit, which UBSan rejects. The one check, for the config parser
+ * and the TPM backend alike. */
+#define TPM_OWNER_PERSISTENT_FIRST UINT32_C(0x81000000)
+#define TPM_OWNER_PERSISTENT_LAST UINT32_C(0x817FFFFF)
+static inline bool tpm_owner_persistent_handle_is_valid(uint64_t handle) {
+        return handle >= TPM_OWNER_PERSISTENT_FIRST && handle <= TPM_OWNER_PERSISTENT_LAST;
+}
+
 /* asprintf() that returns the string, or NULL when out of memory. */
 char *strdup_printf(const char *fmt, ...) _printf_(1, 2);
 
