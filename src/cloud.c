@@ -160,10 +160,15 @@ static int cloud_load_token(struct cloud *c) {
                 set_last_error(c, "no access token: set [cloud] bearer_token_file");
                 return -ENOKEY;
         }
-        r = read_file_limited(path, CLOUD_TOKEN_MAX + 2, &t, &len);
-        if (r < 0) {
-                set_last_error(c, "cannot read [cloud] bearer_token_file %s: %s", path, strerror(-r));
-                return r;
+        {
+                /* Re-read on every 401: a FIFO here would stall the loop, a symlink or a
+                 * file others can write would hand them the hub's uploads (util.h). */
+                _cleanup_free_ char *why = NULL;
+                r = read_trusted_file(path, TRUSTED_SECRET, CLOUD_TOKEN_MAX + 2, &t, &len, &why);
+                if (r < 0) {
+                        set_last_error(c, "cannot use [cloud] bearer_token_file: %s", why ? why : strerror(-r));
+                        return r;
+                }
         }
         while (len > 0 && (t[len - 1] == '\n' || t[len - 1] == '\r' || t[len - 1] == ' '))
                 t[--len] = '\0';

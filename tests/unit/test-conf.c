@@ -933,6 +933,59 @@ static void test_file_too_large(void **state) {
         assert_null(c);
 }
 
+/* StrictModes (util.h, "trusted"): a symlink, a FIFO (which must not block), a file others
+ * can write, or one owned by another user is refused with a message naming it. */
+static void test_untrusted_file(void **state) {
+        _cleanup_free_ char *good = NULL, *link = NULL, *fifo = NULL;
+        _cleanup_conf_ struct iothub_conf *c = NULL;
+        char *err = NULL;
+        FILE *f;
+
+        assert_true(asprintf(&good, "%s/trusted.conf", tmpdir) > 0);
+        assert_true(asprintf(&link, "%s/link.conf", tmpdir) > 0);
+        assert_true(asprintf(&fifo, "%s/fifo.conf", tmpdir) > 0);
+        f = fopen(good, "w");
+        assert_non_null(f);
+        fputs("[mqtt]\nport = 1883\n", f);
+        fclose(f);
+        assert_int_equal(chmod(good, 0644), 0);
+        assert_int_equal(conf_load(good, &c, &err), 0);
+        conf_free(c);
+        c = NULL;
+
+        assert_int_equal(symlink(good, link), 0);
+        assert_int_equal(conf_load(link, &c, &err), -ELOOP);
+        assert_non_null(strstr(err, "is a symbolic link"));
+        assert_non_null(strstr(err, link));
+        free(err);
+
+        assert_int_equal(mkfifo(fifo, 0600), 0);
+        assert_int_equal(conf_load(fifo, &c, &err), -EBADFD);
+        assert_non_null(strstr(err, "not a regular file"));
+        free(err);
+
+        assert_int_equal(chmod(good, 0666), 0);
+        assert_int_equal(conf_load(good, &c, &err), -EPERM);
+        assert_non_null(strstr(err, "mode 0666, writable by group or others"));
+        assert_non_null(strstr(err, good));
+        free(err);
+        assert_int_equal(chmod(good, 0620), 0);
+        assert_int_equal(conf_load(good, &c, &err), -EPERM);
+        free(err);
+
+        if (geteuid() == 0) {
+                assert_int_equal(chmod(good, 0644), 0);
+                assert_int_equal(chown(good, 65534, 65534), 0);
+                assert_int_equal(conf_load(good, &c, &err), -EPERM);
+                assert_non_null(strstr(err, "is owned by uid 65534"));
+                free(err);
+        }
+        assert_null(c);
+        (void) unlink(good);
+        (void) unlink(link);
+        (void) unlink(fifo);
+}
+
 static void test_cannot_read(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *err = NULL, *expected = NULL;
@@ -1235,6 +1288,7 @@ int main(void) {
                 cmocka_unit_test_setup(test_nul_byte, setup),
                 cmocka_unit_test_setup(test_file_too_large, setup),
                 cmocka_unit_test_setup(test_cannot_read, setup),
+                cmocka_unit_test_setup(test_untrusted_file, setup),
                 cmocka_unit_test_setup(test_default_path, setup),
                 cmocka_unit_test_setup(test_machine_id, setup),
                 cmocka_unit_test_setup(test_machine_id_real, setup),
