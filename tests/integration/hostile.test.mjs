@@ -314,3 +314,109 @@ test('item 12: after a failed commit, resending the same frames is accepted, not
     await fs.rm(hdir, { recursive: true, force: true });
   }
 });
+
+// Item 11: files and directories the daemon trusts are checked as sshd's StrictModes does;
+// a FIFO in their place must not block the loop.
+test('item 11: a FIFO, a symlink or a 0666 file as credential or config, a 0777 state dir: refused, named', async () => {
+  const { execFile } = await import('node:child_process');
+  const { IOTHUBD } = await import('./lib/harness.mjs');
+  const run = (args) => new Promise((resolve) => {
+    execFile(IOTHUBD, args, { timeout: 10000, encoding: 'utf8' }, (err, stdout, stderr) =>
+      resolve({ code: err ? (err.code ?? (err.killed ? 'killed' : 1)) : 0, stderr }));
+  });
+  const d = await tempDir();
+  await fs.chmod(d, 0o755);
+  const { execFileSync } = await import('node:child_process');
+  try {
+    const h = new Hub(d, broker, overrides());
+    await fs.mkdir(h.stateDir, { mode: 0o700 });
+    await h.writeConfig();
+    // The config itself: 0666, a symlink to a good one, a FIFO (would block the start).
+    await fs.chmod(h.configPath, 0o666);
+    let r = await run(['--config', h.configPath, '--check-config']);
+    assert.equal(r.code, 78, r.stderr);
+    assert.match(r.stderr, new RegExp(`${h.configPath}.*mode 0666, writable by group or others`));
+    await fs.chmod(h.configPath, 0o644);
+    const link = path.join(d, 'link.conf');
+    await fs.symlink(h.configPath, link);
+    r = await run(['--config', link, '--check-config']);
+    assert.equal(r.code, 78, r.stderr);
+    assert.match(r.stderr, /link\.conf is a symbolic link/);
+    const fifoConf = path.join(d, 'fifo.conf');
+    execFileSync('mkfifo', [fifoConf]);
+    r = await run(['--config', fifoConf, '--check-config']);
+    assert.equal(r.code, 78, r.stderr);
+    assert.match(r.stderr, /fifo\.conf is not a regular file/);
+    // The bearer token file a FIFO (re-read on every 401): the daemon starts, says why
+    // uploads wait, and its loop answers.
+    const fifoTok = path.join(d, 'token.fifo');
+    execFileSync('mkfifo', ['-m', '0600', fifoTok]);
+    h.overrides = overrides({ bearer_token_file: fifoTok });
+    await h.writeConfig();
+    await h.start();
+    let st = await alive(h);
+    assert.match(st.cloud.last_error ?? h.log, /token\.fifo is not a regular file/);
+    await h.stop();
+    // A token file others can read: refused.
+    const tok = path.join(d, 'token');
+    await fs.writeFile(tok, `${TOKEN}\n`, { mode: 0o604 });
+    await fs.chmod(tok, 0o604);
+    h.overrides = overrides({ bearer_token_file: tok });
+    await h.writeConfig();
+    await h.start();
+    st = await alive(h);
+    assert.match(st.cloud.last_error ?? '', /token has mode 0604, readable by others/);
+    await h.stop();
+    // The MQTT password file a FIFO: refused with its name, without hanging.
+    h.overrides = { ...overrides(), mqtt: { username: 'hub', password_file: fifoTok } };
+    await h.writeConfig();
+    const t0 = Date.now();
+    await h.start({ waitReady: false });
+    await waitFor(() => /token\.fifo is not a regular file/.test(h.log), 5000, `password_file refused (${h.log})`);
+    assert.ok(Date.now() - t0 < 5000);
+    await h.stop();
+    // A world-writable state directory, and one owned by another non-root user.
+    h.overrides = overrides();
+    await h.writeConfig();
+    await fs.chmod(h.stateDir, 0o777);
+    await h.start({ waitReady: false });
+    let res = await h.exited;
+    assert.notEqual(res.code, 0);
+    assert.match(h.log, new RegExp(`${h.stateDir} has mode 0777, writable by group or others`));
+    await h.stop();
+    if (process.getuid() === 0) {
+      await fs.chmod(h.stateDir, 0o700);
+      await fs.chown(h.stateDir, 65534, 65534);
+      h.log = '';
+      await h.start({ waitReady: false });
+      res = await h.exited;
+      assert.notEqual(res.code, 0);
+      assert.match(h.log, /is owned by uid 65534, neither root nor us/);
+      await h.stop();
+    }
+  } finally {
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
+
+// Item 14: the platform's persistent range is refused by --check-config as at run time.
+test('item 14: a persistent handle in 0x81800000..0x81FFFFFF fails --check-config', async () => {
+  const { execFile } = await import('node:child_process');
+  const { IOTHUBD } = await import('./lib/harness.mjs');
+  const d = await tempDir();
+  try {
+    for (const [handle, ok] of [['0x817fffff', true], ['0x81800000', false], ['0x81ffffff', false]]) {
+      const h = new Hub(d, broker, { key: { backend: 'tpm', tcti: 'swtpm:host=127.0.0.1,port=1', handle } });
+      await h.writeConfig();
+      const r = await new Promise((resolve) => execFile(IOTHUBD, ['--config', h.configPath, '--check-config'],
+        { encoding: 'utf8' }, (err, so, se) => resolve({ code: err ? err.code : 0, stderr: se })));
+      if (ok) assert.equal(r.code, 0, r.stderr);
+      else {
+        assert.equal(r.code, 78, r.stderr);
+        assert.match(r.stderr, /\[key\] handle: .* is out of range 0x81000000\.\.0x817fffff/);
+      }
+    }
+  } finally {
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
