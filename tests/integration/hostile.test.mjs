@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { Broker, Hub, IOTHUBCTL, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Broker, Hub, IOTHUBCTL, SLOW, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startHostile } from '../hostile/server.mjs';
 
@@ -163,10 +163,11 @@ test('item 8: an endless chunked answer is cut at the size cap, at once', async 
     check: async (st) => {
       await waitFor(() => peer.state.endless.length > n0, 10000, 'the hub hung up');
       const e = peer.state.endless[n0];
-      // The cap is 1 MiB: the hub stops reading shortly after (socket buffers aside), and
-      // long before its 5 s timeout.
-      assert.ok(e.bytes < 4 * 1024 * 1024, `read ${e.bytes} bytes`);
-      assert.ok(e.ms < 3000, `took ${e.ms} ms`);
+      // The cap is 1 MiB: the hub stops at once. What the peer managed to write also fills
+      // the loopback socket buffers (several MiB with autotuning), so the bound is loose;
+      // without the abort the hub reads on until its 5 s timeout (tens of MiB).
+      assert.ok(e.bytes < 12 * 1024 * 1024, `read ${e.bytes} bytes`);
+      assert.ok(e.ms < 3000 * SLOW, `took ${e.ms} ms`);
       assert.match(st.cloud.last_error ?? '', /size limit/);
     },
   });
