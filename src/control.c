@@ -306,6 +306,9 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                         return error_reply("no hub key: run 'iothubctl key init' first");
                 return error_reply("cannot start sign-in: %s", strerror(-r));
         }
+        /* Starting this flow ended the previous one, whose outcome ("another sign-in
+         * started") was kept for nobody: it must not answer this flow's login-wait. */
+        ctl->login_finished = false;
         return CONTROL_PENDING;
 }
 

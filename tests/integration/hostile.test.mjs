@@ -432,3 +432,107 @@ test('item 14: a persistent handle in 0x81800000..0x81FFFFFF fails --check-confi
     await fs.rm(d, { recursive: true, force: true });
   }
 });
+
+// ---- the authorization server side ----
+
+// A hub signed in through the hostile peer as authorization server (and cloud).
+async function oauthHub() {
+  const d = await tempDir();
+  await fs.chmod(d, 0o755);
+  const h = new Hub(d, broker, {
+    key: { backend: 'file', file: path.join(d, 'hub.key') },
+    cloud: { url: peer.url, ca_file: peer.caFile, timeout_s: 5 },
+    oauth: { issuer: peer.url, client_id: 'iothub-hub', scope: 'status', ca_file: peer.caFile, dpop: 'off' },
+  });
+  await fs.mkdir(h.stateDir, { mode: 0o700 });
+  await h.writeConfig();
+  const r = await h.ctl(['key', 'init']);
+  assert.equal(r.code, 0, r.stderr);
+  await h.start();
+  await waitFor(async () => (await h.status()).oauth.state === 'login_required', 10000 * SLOW, 'discovery');
+  return h;
+}
+
+function spawnCtl(h, args) {
+  const p = spawn(IOTHUBCTL, ['--config', h.configPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  p.out = '';
+  p.stdout.on('data', (d) => { p.out += d; });
+  p.stderr.on('data', (d) => { p.out += d; });
+  p.exited = once(p, 'exit');
+  return p;
+}
+
+test('item 6 and 4: a superseded login, and a client hanging up on logout, are clean', async () => {
+  const h = await oauthHub();
+  try {
+    // A first login whose token poll hangs; a second login supersedes it while the poll is
+    // in flight (the poll's call, holding the device code, is freed and wiped: make valgrind
+    // shows no leak).
+    peer.set('token', { kind: 'hang' });
+    const t0 = peer.state.hits.token ?? 0;
+    const first = spawnCtl(h, ['login']);
+    await waitFor(() => (peer.state.hits.token ?? 0) > t0, 10000 * SLOW, 'first poll in flight');
+    peer.set('token', { kind: 'ok' });
+    const second = spawnCtl(h, ['login']);
+    const [code2] = await second.exited;
+    assert.equal(code2, 0, second.out);
+    assert.match(second.out, /Signed in/);
+    const [code1] = await first.exited;
+    assert.notEqual(code1, 0, 'the superseded login is told so');
+    assert.match(first.out, /another sign-in started/);
+    let st = await alive(h);
+    assert.equal(st.oauth.state, 'ok');
+
+    // Logout: the revocation is slow, the client hangs up (Ctrl-C) meanwhile.
+    peer.set('revoke', { kind: 'ok', delayMs: 1500 });
+    const r0 = peer.state.hits.revoke ?? 0;
+    const out = spawnCtl(h, ['logout']);
+    await waitFor(() => (peer.state.hits.revoke ?? 0) > r0, 5000 * SLOW, 'revocation in flight');
+    assert.equal(out.exitCode, null);
+    out.kill('SIGINT');
+    await out.exited;
+    await sleep(2500 * SLOW); // the answer comes for a client that is gone
+    st = await alive(h);
+    assert.equal(st.oauth.state, 'login_required', 'signed out all the same');
+    peer.set('revoke', { kind: 'ok' });
+  } finally {
+    peer.set('token', { kind: 'ok' });
+    await h.cleanup();
+  }
+});
+
+test('absurd token lifetimes and bodies from the authorization server leave the daemon up', async () => {
+  const h = await oauthHub();
+  try {
+    const cases = [
+      { kind: 'answer', status: 200, body: { access_token: 'at-neg', token_type: 'Bearer', expires_in: -5, refresh_token: 'rt-1' } },
+      { kind: 'answer', status: 200, body: { access_token: 'at-huge', token_type: 'Bearer', expires_in: 1e300, refresh_token: 'rt-2' } },
+      { kind: 'answer', status: 200, body: { access_token: 'at-str', token_type: 'Bearer', expires_in: '3600', refresh_token: 'rt-3' } },
+      { kind: 'answer', status: 200, body: { access_token: 'bad\r\ntoken', token_type: 'Bearer', expires_in: 3600 } },
+      { kind: 'deep' },
+      { kind: 'huge', bytes: 3 * 1024 * 1024 },
+      { kind: 'endless', maxMs: 10000 },
+      { kind: 'interim', status: 400, interimHeaders: { 'dpop-nonce': 'interim-nonce' }, body: { error: 'authorization_pending' } },
+      { kind: 'redirect', status: 307 },
+    ];
+    const e0 = peer.state.hits.elsewhere ?? 0;
+    for (const b of cases) {
+      peer.set('token', b);
+      const p = spawnCtl(h, ['login']);
+      const t0 = peer.state.hits.token ?? 0;
+      await waitFor(() => (peer.state.hits.token ?? 0) > t0, 10000 * SLOW, `token request (${b.kind})`);
+      await sleep(1500);
+      p.kill('SIGINT');
+      await p.exited;
+      await alive(h);
+    }
+    assert.equal(peer.state.hits.elsewhere ?? 0, e0, 'no redirect followed');
+    peer.set('token', { kind: 'ok' });
+    const ok = await h.ctl(['login']);
+    assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+    assert.equal((await alive(h)).oauth.state, 'ok');
+  } finally {
+    peer.set('token', { kind: 'ok' });
+    await h.cleanup();
+  }
+});
