@@ -221,6 +221,22 @@ test('Retry-After games: huge is clamped, negative and past dates do not stall',
   await assertDelivered(sent);
 });
 
+test('DPoP nonce games at the resource server: a 401 with a new nonce each time is no request storm', async () => {
+  let n = 0;
+  const h0 = peer.state.hits.status ?? 0;
+  const sent = await statusCase({ kind: 'answer', status: 401, get headers() {
+    n++;
+    return { 'dpop-nonce': `nonce-${n}`, 'www-authenticate': `DPoP error="use_dpop_nonce", algs="ES256"` };
+  } }, {
+    check: async () => {
+      await sleep(3000);
+      const hits = (peer.state.hits.status ?? 0) - h0;
+      assert.ok(hits <= 6, `${hits} uploads in ~3 s against a server that always says 401`);
+    },
+  });
+  await deliverNow(sent);
+});
+
 test('redirects are not followed', async () => {
   const e0 = peer.state.hits.elsewhere ?? 0;
   for (const status of [301, 302, 307, 308]) {
