@@ -412,10 +412,10 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         struct conn *c = userdata;
         ssize_t n;
 
-        if (c->draining && (revents & EPOLLIN)) {
-                /* Closing a socket with unread input makes the kernel send a reset, which
-                 * can destroy the answer before the client reads it (RFC 1122 4.2.2.13):
-                 * read and drop what the client still sends, up to the deadline. */
+        if (c->draining && (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+                /* Closing a socket with unread input resets the connection (TCP: RFC 1122
+                 * 4.2.2.13; Linux AF_UNIX hands the peer ECONNRESET), and the client loses
+                 * the answer: read and drop what it still sends, up to the deadline. */
                 char sink[4096];
                 n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
                 if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -432,7 +432,8 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         return 0;
                 }
         }
-        if (c->out && (revents & EPOLLOUT)) {
+        /* On a hang-up the send fails and the connection is freed. */
+        if (c->out && (revents & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
                 n = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n < 0 && (errno == EAGAIN || errno == EINTR))
                         return 0;
