@@ -793,9 +793,9 @@ int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char
         if (!o->have_tokens || !o->tokens.refresh_token || !o->revocation_endpoint || !o->discovered) {
                 const char *m = o->revocation_endpoint ? "tokens erased"
                                                        : "tokens erased (the server has no revocation endpoint)";
+                *ret = NULL; /* before done(), which may free whatever holds *ret */
                 logout_finish(o, 0, m);
                 done(userdata, 0, m);
-                *ret = NULL;
                 return 0;
         }
         op = calloc(1, sizeof *op);
@@ -995,7 +995,7 @@ void oauth_free(struct oauth *o) {
                 free(op);
         }
         notify_waiters(o, -ECANCELED);
-        /* The requests' calls are freed by http_cancel's owner: cancel ours here. */
+        /* http_cancel() frees each request's call through call_destroy(), form wiped. */
         http_cancel(o->disc_req);
         http_cancel(o->login_req);
         http_cancel(o->refresh_req);
