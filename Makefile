@@ -123,7 +123,8 @@ fuzz:
 # The integration suite (or the part of it listed here) with every daemon under valgrind's
 # memcheck: zero errors and no definite leak, checked in the logs each daemon leaves (a daemon
 # killed with SIGKILL by a test leaves no summary and is skipped, and said so).
-VALGRIND_TESTS ?= integration/hostile.test.mjs integration/frames.test.mjs integration/daemon.test.mjs
+VALGRIND_TESTS ?= integration/hostile.test.mjs integration/frames.test.mjs integration/daemon.test.mjs \
+  integration/relay.test.mjs integration/resilience.test.mjs
 valgrind: all tools
 	rm -rf $(BUILD)/valgrind && mkdir -p $(BUILD)/valgrind
 	cd tests && IOTHUB_VALGRIND=1 IOTHUB_VALGRIND_DIR=$(abspath $(BUILD))/valgrind IOTHUB_BUILD=$(abspath $(BUILD)) \
