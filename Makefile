@@ -80,7 +80,7 @@ TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
 MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
 
-.PHONY: all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools cross
+.PHONY: valgrind all check unit integration asan fuzz fuzz-smoke lint install deps clean bench demo man tools cross
 
 all: $(BUILD)/iothubd $(BUILD)/iothubctl man
 
@@ -148,6 +148,26 @@ fuzz:
 	  echo "== $$n for $(FUZZ_SECONDS)s"; \
 	  build-fuzz/$$n $$d -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 $$c; \
 	done
+
+# The integration suite (or the part of it listed here) with every daemon under valgrind's
+# memcheck: zero errors and no definite leak, checked in the logs each daemon leaves (a daemon
+# killed with SIGKILL by a test leaves no summary and is skipped, and said so).
+VALGRIND_TESTS ?= integration/hostile.test.mjs integration/frames.test.mjs integration/daemon.test.mjs \
+  integration/relay.test.mjs integration/resilience.test.mjs
+valgrind: all tools
+	rm -rf $(BUILD)/valgrind && mkdir -p $(BUILD)/valgrind
+	cd tests && IOTHUB_VALGRIND=1 IOTHUB_VALGRIND_DIR=$(abspath $(BUILD))/valgrind IOTHUB_BUILD=$(abspath $(BUILD)) \
+	  node --test --test-concurrency=1 $(VALGRIND_TESTS)
+	@set -e; cd $(BUILD)/valgrind; n=0; bad=0; skipped=0; \
+	for f in iothubd-*.log; do \
+	  [ -e "$$f" ] || { echo "valgrind: no daemon ran"; exit 1; }; \
+	  if ! grep -q "ERROR SUMMARY:" $$f; then skipped=$$((skipped+1)); continue; fi; \
+	  n=$$((n+1)); \
+	  if ! grep -q "ERROR SUMMARY: 0 errors" $$f || grep -q "definitely lost: [1-9]" $$f; then \
+	    bad=$$((bad+1)); echo "== $(BUILD)/valgrind/$$f"; cat $$f; fi; \
+	done; \
+	echo "valgrind: $$n daemon runs checked, $$bad with errors or definite leaks, $$skipped without a summary (killed)"; \
+	[ $$bad -eq 0 ]
 
 lint:
 	clang-tidy --quiet $(LIB_SRCS) $(MAINS) -- $(ALL_CPPFLAGS) -std=c11

@@ -44,6 +44,9 @@ struct cloud_req {
         /* REQ_REGISTER */
         void (*register_done)(void *userdata, long status, const char *message);
         void *register_userdata;
+        /* The caller's handle of a registration: a retry after a 401 replaces the request, and
+         * the caller's handle with it, so that cancelling it always reaches the live request. */
+        struct cloud_call **register_slot;
         /* REQ_DEVICES: the generation of the list it carried. */
         uint64_t devices_gen;
         /* REQ_OTHER (cloud_request) */
@@ -166,10 +169,15 @@ static int cloud_load_token(struct cloud *c) {
                                           "'iothubctl login'");
                 return -ENOKEY;
         }
-        r = read_file_limited(path, CLOUD_TOKEN_MAX + 2, &t, &len);
-        if (r < 0) {
-                set_last_error(c, "cannot read [cloud] bearer_token_file %s: %s", path, strerror(-r));
-                return r;
+        {
+                /* Re-read on every 401: a FIFO here would stall the loop, a symlink or a
+                 * file others can write would hand them the hub's uploads (util.h). */
+                _cleanup_free_ char *why = NULL;
+                r = read_trusted_file(path, TRUSTED_SECRET, CLOUD_TOKEN_MAX + 2, &t, &len, &why);
+                if (r < 0) {
+                        set_last_error(c, "cannot use [cloud] bearer_token_file: %s", why ? why : strerror(-r));
+                        return r;
+                }
         }
         while (len > 0 && (t[len - 1] == '\n' || t[len - 1] == '\r' || t[len - 1] == ' '))
                 t[--len] = '\0';
@@ -270,7 +278,7 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                                                .n_headers = n,
                                                .body = body,
                                                .body_len = body_len },
-                       on_http_done, q, &q->http);
+                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
         if (r < 0)
                 goto fail;
         httpsig_headers_done(&sig);
@@ -681,7 +689,7 @@ void cloud_devices_changed(struct cloud *c) {
 /* ---- register ---- */
 
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                   void *userdata) {
+                   void *userdata, struct cloud_call **ret) {
         struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         struct cloud_req *q = NULL;
@@ -711,8 +719,10 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
                 return r;
         q->register_done = done;
         q->register_userdata = userdata;
+        q->register_slot = ret;
         q->next = c->others;
         c->others = q;
+        *ret = (struct cloud_call *) q;
         return 0;
 }
 
@@ -856,7 +866,7 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 /* A 401 that a new DPoP nonce or a newer token answers: once more, at once, for
                  * the same caller (the new request is at the head of c->others). */
                 if (resp->error == 0 && resp->status == 401 && !q->retried_401 && cloud_on_401(c, q, resp) > 0 &&
-                    cloud_register(c, q->register_done, q->register_userdata) >= 0) {
+                    cloud_register(c, q->register_done, q->register_userdata, q->register_slot) >= 0) {
                         c->others->retried_401 = true;
                         break;
                 }

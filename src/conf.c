@@ -185,7 +185,7 @@ static int parse_handle(struct parse_ctx *ctx, const struct conf_key *k, const c
                 goto range;
         if (errno != 0 || *end != '\0')
                 goto bad;
-        if (u < k->min || u > k->max)
+        if (u < k->min || u > k->max || !tpm_owner_persistent_handle_is_valid(u))
                 goto range;
         return store_uint(ctx, k, u);
 bad:
@@ -452,7 +452,7 @@ static const struct conf_key conf_keys[] = {
 
         KEY_OTHER("key", "backend", key.backend, parse_backend, 0, 0),
         KEY_STRING("key", "tcti", key.tcti, 1, 256, NULL),
-        KEY_OTHER("key", "handle", key.handle, parse_handle, 0x81000000, 0x81FFFFFF),
+        KEY_OTHER("key", "handle", key.handle, parse_handle, TPM_OWNER_PERSISTENT_FIRST, TPM_OWNER_PERSISTENT_LAST),
         KEY_PATH("key", "file", key.file),
 
         KEY_STRING("cloud", "url", cloud.url, 1, 2048, check_https_url),
@@ -843,11 +843,24 @@ int conf_load(const char *path, struct iothub_conf **ret, char **ret_error) {
         }
         ctx.conf = c;
 
-        f = fopen(ctx.path, "re");
-        if (!f) {
-                r = -errno;
-                r = ctx_error(&ctx, r, 0, "%s", strerror(-r));
-                goto fail;
+        {
+                /* No symlink, no FIFO, not writable by others (util.h, "trusted"): the config
+                 * names the keys, the CA and the state directory. */
+                _cleanup_free_ char *why = NULL;
+                int fd = -1;
+                r = open_trusted_file(ctx.path, 0, &fd, &why);
+                if (r < 0) {
+                        bool policy = r == -ELOOP || r == -EBADFD || r == -EPERM;
+                        r = ctx_error(&ctx, r, 0, "%s", policy && why ? why : strerror(-r));
+                        goto fail;
+                }
+                f = fdopen(fd, "r");
+                if (!f) {
+                        r = -errno;
+                        (void) close(fd);
+                        r = ctx_error(&ctx, r, 0, "%s", strerror(-r));
+                        goto fail;
+                }
         }
         ctx.f = f;
 

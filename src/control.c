@@ -47,6 +47,11 @@ struct conn {
         size_t out_len, out_off;
         bool denied; /* refused by the peer check: its request is read and answered, not run */
         bool pending; /* waiting for the cloud (register); the answer comes later */
+        /* What the connection waits for, owned by it: freeing the connection (the client hung
+         * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
+        struct cloud_call *register_call;
+        struct oauth_logout_op *logout_op;
+        bool draining; /* answered an over-long request: reading the rest before closing */
         struct conn *next, *prev;
 };
 
@@ -76,6 +81,8 @@ static void conn_free(struct conn *c) {
                 c->prev->next = c->next;
         else
                 c->ctl->conns = c->next;
+        cloud_request_cancel(TAKE_PTR(c->register_call));
+        oauth_logout_cancel(TAKE_PTR(c->logout_op));
         c->io = sd_event_source_disable_unref(c->io);
         c->timer = sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0)
@@ -217,6 +224,7 @@ static void on_register_done(void *userdata, long status, const char *message) {
                 reply = json_pack("{s:b,s:s}", "ok", 1, "message", message);
         else
                 reply = error_reply("register failed: %s", message);
+        c->register_call = NULL; /* the cloud frees it after this call */
         c->pending = false;
         if (conn_set_reply(c, reply) < 0)
                 conn_free(c);
@@ -227,7 +235,7 @@ static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *r
 
         if (!ctl->hub->cloud)
                 return error_reply("[cloud] url is not set in %s", ctl->hub->conf->path);
-        r = cloud_register(ctl->hub->cloud, on_register_done, conn);
+        r = cloud_register(ctl->hub->cloud, on_register_done, conn, &conn->register_call);
         if (r < 0 && !ctl->hub->hubkey)
                 return error_reply("no hub key: %s", ctl->hub->key_error ? ctl->hub->key_error : strerror(-r));
         if (r == -ENOKEY)
@@ -303,6 +311,9 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                         return error_reply("no hub key: run 'iothubctl key init' first");
                 return error_reply("cannot start sign-in: %s", strerror(-r));
         }
+        /* Starting this flow ended the previous one, whose outcome ("another sign-in
+         * started") was kept for nobody: it must not answer this flow's login-wait. */
+        ctl->login_finished = false;
         return CONTROL_PENDING;
 }
 
@@ -324,6 +335,7 @@ static json_t *handle_login_wait(struct control *ctl, struct conn *conn, json_t 
 static void on_logout_done(void *userdata, int r, const char *message) {
         struct conn *c = userdata;
 
+        c->logout_op = NULL; /* oauth frees it after this call */
         c->pending = false;
         if (conn_set_reply(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message)) <
             0)
@@ -336,9 +348,11 @@ static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req
         if (!ctl->hub->oauth)
                 return error_reply("sign-in is not configured");
         conn->pending = true; /* the answer may come right away, from inside the call */
-        r = oauth_logout(ctl->hub->oauth, on_logout_done, conn);
+        r = oauth_logout(ctl->hub->oauth, on_logout_done, conn, &conn->logout_op);
         if (r < 0) {
                 conn->pending = false;
+                if (r == -EBUSY)
+                        return error_reply("a sign-out is already under way");
                 return error_reply("cannot sign out: %s", strerror(-r));
         }
         return conn->pending ? CONTROL_PENDING : CONTROL_ANSWERED;
@@ -403,14 +417,53 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         struct conn *c = userdata;
         ssize_t n;
 
-        if (c->out) {
+        if (c->draining && (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+                /* Closing a socket with unread input resets the connection (TCP: RFC 1122
+                 * 4.2.2.13; Linux AF_UNIX hands the peer ECONNRESET), and the client loses
+                 * the answer: read and drop what it still sends, up to the deadline. */
+                char sink[4096];
+                n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                if (n < 0 || (n == 0 && !c->out)) {
+                        conn_free(c);
+                        return 0;
+                }
+                if (n == 0) {
+                        /* All read: the answer still goes out, then the close is clean. */
+                        c->draining = false;
+                        if (sd_event_source_set_io_events(c->io, EPOLLOUT) < 0)
+                                conn_free(c);
+                        return 0;
+                }
+        }
+        /* On a hang-up the send fails and the connection is freed. */
+        if (c->out && (revents & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
                 n = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n < 0 && (errno == EAGAIN || errno == EINTR))
                         return 0;
-                if (n < 0 || (c->out_off += (size_t) n) >= c->out_len)
+                if (n < 0) {
                         conn_free(c);
+                        return 0;
+                }
+                c->out_off += (size_t) n;
+                if (c->out_off >= c->out_len) {
+                        if (!c->draining) {
+                                conn_free(c);
+                                return 0;
+                        }
+                        /* Answer sent: no more writing; we close once the client has
+                         * sent everything (EOF) or the deadline passes. */
+                        free(c->out);
+                        c->out = NULL;
+                        (void) shutdown(fd, SHUT_WR);
+                        if (sd_event_source_set_io_events(c->io, EPOLLIN) < 0)
+                                conn_free(c);
+                }
                 return 0;
         }
+        if (c->out || c->draining)
+                return 0;
         if (!c->in) {
                 c->in = malloc(CONTROL_REQUEST_MAX);
                 if (!c->in) {
@@ -428,9 +481,15 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         c->in_len += (size_t) n;
         char *nl = memchr(c->in, '\n', c->in_len);
         if (!nl) {
-                if (c->in_len >= CONTROL_REQUEST_MAX &&
-                    conn_set_reply(c, error_reply("request longer than %d bytes", CONTROL_REQUEST_MAX)) < 0)
-                        conn_free(c);
+                if (c->in_len >= CONTROL_REQUEST_MAX) {
+                        /* The documented error, then the rest of the request is drained. */
+                        c->draining = true;
+                        free(c->in);
+                        c->in = NULL;
+                        if (conn_set_reply(c, error_reply("request longer than %d bytes", CONTROL_REQUEST_MAX)) < 0 ||
+                            sd_event_source_set_io_events(c->io, EPOLLIN | EPOLLOUT) < 0)
+                                conn_free(c);
+                }
                 return 0;
         }
         if (conn_set_reply(c, c->denied ? error_reply("permission denied")
@@ -443,7 +502,8 @@ static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         struct conn *c = userdata;
 
         /* A request waiting for the cloud ends with the cloud's own timeout, which always
-         * calls back: freeing here would leave the callback a dangling pointer. */
+         * answers the client; freeing would be safe (the connection owns what it waits for)
+         * but would leave the client without an answer. */
         if (c->pending)
                 return 0;
         conn_free(c);

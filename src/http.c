@@ -17,12 +17,14 @@ struct http_req {
         struct curl_slist *headers;
         char *body;
         char *resp;
-        size_t resp_len;
+        size_t resp_len, resp_cap;
         char retry_after[64];
         char dpop_nonce[256];
         char www_authenticate[512];
         char errbuf[CURL_ERROR_SIZE];
+        bool too_large;
         http_done_t done;
+        http_destroy_t destroy;
         void *userdata;
         struct http_req *next, *prev;
 };
@@ -82,12 +84,24 @@ static void req_unlink_free(struct http_req *q) {
         if (q->body)
                 erase_and_free(q->body, strlen(q->body));
         if (q->resp)
-                erase_and_free(q->resp, q->resp_len);
+                erase_and_free(q->resp, q->resp_cap);
         free(q);
 }
 
-void http_cancel(struct http_req *q) {
+/* The request ends without its answer: done() will never run, so the userdata it would have
+ * consumed goes to destroy() (which wipes what it holds, e.g. a device code in a form). */
+static void req_abandon(struct http_req *q) {
+        http_destroy_t destroy = q->destroy;
+        void *userdata = q->userdata;
+
         req_unlink_free(q);
+        if (destroy)
+                destroy(userdata);
+}
+
+void http_cancel(struct http_req *q) {
+        if (q)
+                req_abandon(q);
 }
 
 static void http_check_done(struct http *h) {
@@ -105,6 +119,10 @@ static void http_check_done(struct http *h) {
                         continue;
                 resp.error = http_curl_errno(msg->data.result);
                 resp.error_text = q->errbuf[0] ? q->errbuf : curl_easy_strerror(msg->data.result);
+                if (q->too_large) {
+                        resp.error = -EFBIG;
+                        resp.error_text = "response body over the size limit (HTTP_RESPONSE_MAX), transfer aborted";
+                }
                 if (resp.error == 0)
                         (void) curl_easy_getinfo(q->easy, CURLINFO_RESPONSE_CODE, &resp.status);
                 if (q->resp) {
@@ -118,6 +136,8 @@ static void http_check_done(struct http *h) {
                 (void) curl_multi_remove_handle(h->multi, q->easy);
                 curl_easy_cleanup(q->easy);
                 q->easy = NULL;
+                /* From here on the userdata belongs to done(): destroy() is not called. */
+                q->destroy = NULL;
                 q->done(q->userdata, &resp);
                 req_unlink_free(q);
         }
@@ -195,20 +215,35 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
 static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
         struct http_req *q = userdata;
         size_t n = size * nmemb;
-        char *t;
 
-        /* A bounded read of the answer: beyond the limit the rest is discarded. */
-        if (q->resp_len + n > HTTP_RESPONSE_MAX)
-                return n;
-        t = malloc(q->resp_len + n + 1);
-        if (!t)
+        /* A bounded read of the answer: past the limit the transfer is aborted (returning
+         * less than n makes curl fail it with CURLE_WRITE_ERROR), so that an endless body
+         * costs neither memory nor CPU until the timeout. */
+        if (n > HTTP_RESPONSE_MAX - q->resp_len) {
+                q->too_large = true;
                 return 0;
-        if (q->resp) {
-                memcpy(t, q->resp, q->resp_len);
-                erase_and_free(q->resp, q->resp_len);
         }
-        memcpy(t + q->resp_len, ptr, n);
-        q->resp = t;
+        if (q->resp_len + n + 1 > q->resp_cap) {
+                /* Geometric growth: each byte is copied O(1) times on average. */
+                size_t cap = q->resp_cap ? q->resp_cap : 4096;
+                char *t;
+
+                while (cap < q->resp_len + n + 1)
+                        cap *= 2;
+                if (cap > HTTP_RESPONSE_MAX + 1)
+                        cap = HTTP_RESPONSE_MAX + 1;
+                t = malloc(cap);
+                if (!t)
+                        return 0;
+                if (q->resp) {
+                        memcpy(t, q->resp, q->resp_len);
+                        /* The old copy may hold tokens: wiped, not just freed. */
+                        erase_and_free(q->resp, q->resp_cap);
+                }
+                q->resp = t;
+                q->resp_cap = cap;
+        }
+        memcpy(q->resp + q->resp_len, ptr, n);
         q->resp_len += n;
         q->resp[q->resp_len] = '\0';
         return n;
@@ -229,6 +264,13 @@ static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
         size_t n = size * nitems;
         static const char ra[] = "retry-after:", dn[] = "dpop-nonce:", wa[] = "www-authenticate:";
 
+        /* Every header block starts with a status line: interim 1xx answers (RFC 9110 15.2)
+         * come before the final one, and only the final response's headers count. */
+        if (n >= 5 && strncmp(buf, "HTTP/", 5) == 0) {
+                q->retry_after[0] = '\0';
+                q->dpop_nonce[0] = '\0';
+                return n;
+        }
         if (n > sizeof ra - 1 && strncasecmp(buf, ra, sizeof ra - 1) == 0)
                 copy_header_value(buf, n, sizeof ra - 1, q->retry_after, sizeof q->retry_after);
         else if (n > sizeof dn - 1 && strncasecmp(buf, dn, sizeof dn - 1) == 0)
@@ -238,8 +280,8 @@ static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
         return n;
 }
 
-int http_start(struct http *h, const struct http_request *r, http_done_t done, void *userdata,
-               struct http_req **ret) {
+int http_start(struct http *h, const struct http_request *r, http_done_t done, http_destroy_t destroy,
+               void *userdata, struct http_req **ret) {
         struct http_req *q;
         CURLMcode mrc;
         int rc = -EINVAL;
@@ -251,6 +293,7 @@ int http_start(struct http *h, const struct http_request *r, http_done_t done, v
                 return -ENOMEM;
         q->http = h;
         q->done = done;
+        q->destroy = destroy;
         q->userdata = userdata;
         q->next = h->reqs;
         if (q->next)
@@ -313,6 +356,7 @@ int http_start(struct http *h, const struct http_request *r, http_done_t done, v
                 *ret = q;
         return 0;
 fail:
+        /* The caller keeps its userdata when the start fails. */
         req_unlink_free(q);
         return rc;
 }
@@ -353,7 +397,7 @@ void http_free(struct http *h) {
         if (!h)
                 return;
         while (h->reqs)
-                req_unlink_free(h->reqs);
+                req_abandon(h->reqs);
         if (h->multi)
                 (void) curl_multi_cleanup(h->multi);
         sd_event_source_disable_unref(h->timer);

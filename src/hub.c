@@ -311,6 +311,7 @@ static void hub_done(struct hub *h) {
         sd_event_source_disable_unref(h->watchdog);
         registry_free(h->registry);
         free(h->batch.acks);
+        free(h->batch.undo);
         db_close(h->db);
         sd_event_unref(h->event);
         conf_free(h->conf);
@@ -353,6 +354,14 @@ int hub_run(const char *config_path, int log_level_override) {
                 goto out;
         }
 
+        /* Anyone who can write the state directory could replace iothub.db and enrol bulbs. */
+        r = check_trusted_dir(h.conf->hub.state_dir, &err);
+        if (r < 0 && r != -ENOENT) {
+                log_error_errno(r, "Refusing the state directory: %s", err);
+                goto out;
+        }
+        free(err);
+        err = NULL;
         r = db_open(h.conf->hub.state_dir, &h.db, &err);
         if (r < 0) {
                 log_error_errno(r, "Failed to open the state database in %s: %s", h.conf->hub.state_dir,

@@ -321,15 +321,10 @@ enum key_backend hubkey_backend(const struct hubkey *k) {
 
 /* ---- tpm backend ---- */
 
-/* The owner hierarchy's persistent range (TCG "Registry of Reserved TPM 2.0 Handles and
- * Localities": 0x81000000 - 0x817FFFFF; the platform's starts at 0x81800000). Spelt out:
- * tpm2-tss 3.2's TPM2_PERSISTENT_FIRST shifts a signed int into its sign bit, which UBSan
- * rejects. */
-#define TPM_OWNER_PERSISTENT_FIRST UINT32_C(0x81000000)
-#define TPM_OWNER_PERSISTENT_LAST UINT32_C(0x817FFFFF)
-
+/* The owner's persistent range: tpm_owner_persistent_handle_is_valid() in util.h, shared
+ * with the config parser so that --check-config and the run agree. */
 static bool tpm_handle_is_valid(uint32_t handle) {
-        return handle >= TPM_OWNER_PERSISTENT_FIRST && handle <= TPM_OWNER_PERSISTENT_LAST;
+        return tpm_owner_persistent_handle_is_valid(handle);
 }
 
 /* The device path of a "device:PATH" TCTI, or NULL for another TCTI (or none: the loader's

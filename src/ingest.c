@@ -104,6 +104,28 @@ static void batch_add_ack(struct hub *h, const struct frame *f) {
                 a->err[0] = '\0';
 }
 
+/* Remembers b's last seq before this transaction touched it (once per bulb and batch), so
+ * that a failed commit can put memory back where the database is. */
+static int batch_note_seq(struct hub *h, const struct bulb *b) {
+        struct ingest_batch *t = &h->batch;
+
+        for (size_t i = 0; i < t->n_undo; i++)
+                if (streq(t->undo[i].dev, b->id))
+                        return 0;
+        if (t->n_undo == t->cap_undo) {
+                size_t cap = t->cap_undo ? t->cap_undo * 2 : 16;
+                struct ingest_seq_undo *u = reallocarray(t->undo, cap, sizeof *u);
+                if (!u)
+                        return -ENOMEM;
+                t->undo = u;
+                t->cap_undo = cap;
+        }
+        struct ingest_seq_undo *u = &t->undo[t->n_undo++];
+        (void) snprintf(u->dev, sizeof u->dev, "%s", b->id);
+        u->last_seq = b->last_seq;
+        return 0;
+}
+
 void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
         const struct iothub_conf *c = h->conf;
         char dev[DEVICE_ID_MAX + 1];
@@ -161,6 +183,8 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
                 h->batch.count = 0;
         }
         r = make_room(h, len);
+        if (r >= 0)
+                r = batch_note_seq(h, b);
         if (r < 0)
                 goto store_failed;
         r = spool_append(h->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
@@ -169,8 +193,8 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
-         * seq is a replay; if the commit fails, these frames were never accepted, and a bulb
-         * resending them later is welcome. */
+         * seq is a replay; if the commit fails, these frames were never accepted, memory is
+         * put back (ingest_commit), and a bulb resending them later is welcome. */
         registry_seq_committed(b, f.seq);
         ack_stage(h->ack, b, f.seq, false);
         h->batch.count++;
@@ -193,15 +217,27 @@ int ingest_commit(struct hub *h) {
         r = db_commit(h->db);
         ack_commit_done(h->ack, r >= 0);
         if (r < 0) {
-                h->counters.frames_store_failed += h->batch.count;
+                unsigned n = h->batch.count;
+
+                h->counters.frames_store_failed += n;
+                log_error_errno(r, "Failed to commit %u frames: %m (%s)", n, db_errmsg(h->db));
                 (void) db_rollback(h->db);
+                /* The database kept the old seqs: so must memory, or the bulb's honest
+                 * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. */
+                for (size_t i = 0; i < h->batch.n_undo; i++) {
+                        struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
+                        if (b)
+                                b->last_seq = h->batch.undo[i].last_seq;
+                }
+                h->batch.n_undo = 0;
                 h->batch.count = 0;
                 h->batch.bytes = 0;
                 h->batch.n_acks = 0;
                 /* Frames dropped for room were rolled back too: count again from the table. */
                 (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
-                return log_error_errno(r, "Failed to commit %u frames: %m (%s)", h->batch.count, db_errmsg(h->db));
+                return r;
         }
+        h->batch.n_undo = 0;
         h->counters.frames_accepted += h->batch.count;
         h->spool_pending += h->batch.count;
         h->spool_bytes += h->batch.bytes;

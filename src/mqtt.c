@@ -288,11 +288,12 @@ static int mqtt_set_password(struct mqtt *m, const struct iothub_conf *c, char *
         int r;
 
         if (c->mqtt.password_file) {
-                r = read_file_limited(c->mqtt.password_file, MQTT_PASSWORD_MAX, &pw, &len);
+                _cleanup_free_ char *why = NULL;
+                r = read_trusted_file(c->mqtt.password_file, TRUSTED_SECRET, MQTT_PASSWORD_MAX, &pw, &len, &why);
                 if (r < 0) {
                         if (ret_error)
-                                *ret_error = strdup_printf("Cannot read [mqtt] password_file %s: %s",
-                                                c->mqtt.password_file, strerror(-r));
+                                *ret_error = strdup_printf("Cannot use [mqtt] password_file: %s",
+                                                           why ? why : strerror(-r));
                         return r;
                 }
                 while (len > 0 && (pw[len - 1] == '\n' || pw[len - 1] == '\r'))

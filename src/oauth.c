@@ -44,6 +44,12 @@ struct oauth_call {
         bool sent_nonce; /* the proof carried the authorization server's nonce */
 };
 
+struct oauth_logout_op {
+        struct oauth *oauth;
+        void (*done)(void *userdata, int r, const char *message);
+        void *userdata;
+};
+
 struct waiter {
         void (*done)(void *userdata, int r);
         void *userdata;
@@ -90,10 +96,9 @@ struct oauth {
         struct http_req *login_req;
         sd_event_source *poll_timer;
 
-        /* Logout. */
+        /* Logout: the revocation runs on even if whoever waits for it goes away. */
         struct http_req *revoke_req;
-        void (*logout_done)(void *userdata, int r, const char *message);
-        void *logout_userdata;
+        struct oauth_logout_op *logout_op; /* owned by the waiter; NULL once it went away */
 
         struct http_req *disc_req;
 };
@@ -559,6 +564,10 @@ int oauth_parse_www_authenticate(const char *value, size_t len, char *ret, size_
 /* ---- requests ---- */
 
 static void on_done(void *userdata, const struct http_response *resp);
+static void call_free(struct oauth_call *call);
+static void call_destroy(void *userdata) {
+        call_free(userdata);
+}
 
 static void call_free(struct oauth_call *call) {
         if (call->form)
@@ -636,7 +645,7 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                                                .n_headers = n,
                                                .body = form,
                                                .body_len = form ? strlen(form) : 0 },
-                       on_done, call, ret);
+                       on_done, call_destroy, call, ret);
         if (r < 0)
                 goto fail;
         return 0;
@@ -1169,21 +1178,41 @@ static void logout_finish(struct oauth *o, int r, const char *message) {
         set_error(o, "signed out");
         log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL, "Signed out: %s", message);
         hub_notify_status(o->hub);
-        if (o->logout_done)
-                o->logout_done(o->logout_userdata, r, message);
-        o->logout_done = NULL;
+        if (o->logout_op) {
+                struct oauth_logout_op *op = TAKE_PTR(o->logout_op);
+                op->done(op->userdata, r, message);
+                free(op);
+        }
 }
 
-int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char *message), void *userdata) {
+void oauth_logout_cancel(struct oauth_logout_op *op) {
+        if (!op)
+                return;
+        if (op->oauth->logout_op == op)
+                op->oauth->logout_op = NULL;
+        free(op);
+}
+
+int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char *message), void *userdata,
+                 struct oauth_logout_op **ret) {
+        struct oauth_logout_op *op;
         char *form = NULL;
         int r;
 
-        o->logout_done = done;
-        o->logout_userdata = userdata;
+        if (o->logout_op || o->revoke_req)
+                return -EBUSY;
         if (!o->have_tokens || !o->tokens.refresh_token || !o->revocation_endpoint || !o->discovered) {
-                logout_finish(o, 0, o->revocation_endpoint ? "tokens erased" : "tokens erased (the server has no revocation endpoint)");
+                const char *m = o->revocation_endpoint ? "tokens erased"
+                                                       : "tokens erased (the server has no revocation endpoint)";
+                *ret = NULL; /* before done(), which may free whatever holds *ret */
+                logout_finish(o, 0, m);
+                done(userdata, 0, m);
                 return 0;
         }
+        op = calloc(1, sizeof *op);
+        if (!op)
+                return -ENOMEM;
+        *op = (struct oauth_logout_op){ .oauth = o, .done = done, .userdata = userdata };
         /* RFC 7009 2.1: revoking the refresh token revokes its access tokens too, where the
          * server links them. */
         if ((r = form_append(&form, "token", o->tokens.refresh_token)) < 0 ||
@@ -1191,13 +1220,17 @@ int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char
             (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0) {
                 if (form)
                         erase_and_free(form, strlen(form));
-                o->logout_done = NULL;
+                free(op);
                 return r;
         }
         r = oauth_send(o, R_REVOKE, "POST", o->revocation_endpoint, form, false, &o->revoke_req);
-        if (r < 0)
-                o->logout_done = NULL;
-        return r;
+        if (r < 0) {
+                free(op);
+                return r;
+        }
+        o->logout_op = op;
+        *ret = op;
+        return 0;
 }
 
 static void on_revoke(struct oauth *o, const struct http_response *resp) {
@@ -1378,10 +1411,13 @@ void oauth_free(struct oauth *o) {
                 return;
         if (o->login_active)
                 login_finish(o, -ECANCELED, "the daemon is stopping");
-        if (o->logout_done)
-                o->logout_done(o->logout_userdata, -ECANCELED, "the daemon is stopping");
+        if (o->logout_op) {
+                struct oauth_logout_op *op = TAKE_PTR(o->logout_op);
+                op->done(op->userdata, -ECANCELED, "the daemon is stopping");
+                free(op);
+        }
         notify_waiters(o, -ECANCELED);
-        /* The requests' calls are freed by http_cancel's owner: cancel ours here. */
+        /* http_cancel() frees each request's call through call_destroy(), form wiped. */
         http_cancel(o->disc_req);
         http_cancel(o->login_req);
         http_cancel(o->refresh_req);

@@ -54,14 +54,10 @@ uint64_t now_realtime_usec(void) {
         return now_usec(CLOCK_REALTIME);
 }
 
-int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len) {
-        _cleanup_close_ int fd = -1;
+static int read_fd_limited(int fd, size_t max, char **ret, size_t *ret_len) {
         _cleanup_free_ char *buf = NULL;
         size_t len = 0;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;
         buf = malloc(max + 1);
         if (!buf)
                 return -ENOMEM;
@@ -89,6 +85,86 @@ int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len)
         if (ret_len)
                 *ret_len = len;
         return 0;
+}
+
+int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len) {
+        _cleanup_close_ int fd = -1;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        return read_fd_limited(fd, max, ret, ret_len);
+}
+
+static int check_owner_mode(const char *what, const char *path, const struct stat *st, mode_t forbidden,
+                            char **ret_error) {
+        if (st->st_uid != 0 && st->st_uid != geteuid())
+                return set_error_message(ret_error, -EPERM,
+                                         "%s %s is owned by uid %u, neither root nor us (uid %u): refused", what,
+                                         path, (unsigned) st->st_uid, (unsigned) geteuid());
+        if (st->st_mode & forbidden)
+                return set_error_message(ret_error, -EPERM, "%s %s has mode %04o, %s: refused (chmod %s)", what,
+                                         path, (unsigned) (st->st_mode & 07777),
+                                         (st->st_mode & forbidden & 022) ? "writable by group or others"
+                                                                         : "readable by others",
+                                         (forbidden & 004) ? "o-rwx,g-w" : "go-w");
+        return 0;
+}
+
+int open_trusted_file(const char *path, unsigned flags, int *ret_fd, char **ret_error) {
+        _cleanup_close_ int fd = -1;
+        struct stat st;
+        int r;
+
+        /* O_NONBLOCK: opening a FIFO for reading would block until a writer comes. */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK);
+        if (fd < 0) {
+                r = -errno;
+                if (r == -ELOOP)
+                        return set_error_message(ret_error, r, "%s is a symbolic link: refused", path);
+                return set_error_message(ret_error, r, "cannot open %s: %s", path, strerror(-r));
+        }
+        if (fstat(fd, &st) < 0)
+                return set_error_message(ret_error, -errno, "cannot stat %s: %m", path);
+        if (S_ISDIR(st.st_mode))
+                return set_error_message(ret_error, -EISDIR, "%s is a directory", path);
+        if (!S_ISREG(st.st_mode))
+                return set_error_message(ret_error, -EBADFD, "%s is not a regular file: refused", path);
+        r = check_owner_mode("file", path, &st, (flags & TRUSTED_SECRET) ? 026 : 022, ret_error);
+        if (r < 0)
+                return r;
+        /* A regular file never blocks, but reads should not see EAGAIN either. */
+        if (fcntl(fd, F_SETFL, 0) < 0)
+                return set_error_message(ret_error, -errno, "cannot use %s: %m", path);
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+int read_trusted_file(const char *path, unsigned flags, size_t max, char **ret, size_t *ret_len, char **ret_error) {
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        r = open_trusted_file(path, flags, &fd, ret_error);
+        if (r < 0)
+                return r;
+        r = read_fd_limited(fd, max, ret, ret_len);
+        if (r == -EFBIG)
+                return set_error_message(ret_error, r, "%s is larger than %zu bytes", path, max);
+        if (r < 0)
+                return set_error_message(ret_error, r, "cannot read %s: %s", path, strerror(-r));
+        return 0;
+}
+
+int check_trusted_dir(const char *path, char **ret_error) {
+        struct stat st;
+
+        /* Followed: a state directory moved to another disk may be a symlink; what counts is
+         * who can change the directory itself. */
+        if (stat(path, &st) < 0)
+                return set_error_message(ret_error, -errno, "cannot stat directory %s: %m", path);
+        if (!S_ISDIR(st.st_mode))
+                return set_error_message(ret_error, -ENOTDIR, "%s is not a directory", path);
+        return check_owner_mode("directory", path, &st, 022, ret_error);
 }
 
 int random_bytes(void *buf, size_t len) {

@@ -43,9 +43,14 @@ void cloud_key_ready(struct cloud *c);
 void cloud_devices_changed(struct cloud *c);
 
 /* POST /v1/hubs/<id> with the hub's JWK; done() is called with the HTTP status (or a
- * negative errno) and a one-line message. */
+ * negative errno) and a one-line message, exactly once unless the returned handle is
+ * cancelled first (cloud_request_cancel(): the waiter went away; done() never runs after).
+ * The handle is the caller's until done() runs. *ret is the caller's slot for it and must stay
+ * valid until then: a retry after a 401 (a new DPoP nonce, a refreshed token) replaces the
+ * request and writes the new handle there. */
+struct cloud_call;
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                   void *userdata);
+                   void *userdata, struct cloud_call **ret);
 
 /* A signed, authorized request to the cloud for other modules (commands): path below the
  * base URL, body JSON or NULL. done() gets the HTTP status (0 on a transport failure), the

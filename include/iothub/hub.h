@@ -35,6 +35,11 @@ struct ingest_ack {
         char err[FRAME_ACK_ERR_MAX + 1];
 };
 
+struct ingest_seq_undo {
+        char dev[DEVICE_ID_MAX + 1];
+        int64_t last_seq;
+};
+
 struct ingest_batch {
         bool open;      /* a transaction is open */
         unsigned count; /* frames appended in it */
@@ -42,6 +47,9 @@ struct ingest_batch {
         /* Command acks of these frames, handed on after the commit. */
         struct ingest_ack *acks;
         size_t n_acks, cap_acks;
+        /* The last seq each bulb had before this transaction: restored if the commit fails. */
+        struct ingest_seq_undo *undo;
+        size_t n_undo, cap_undo;
 };
 
 struct hub {

@@ -72,8 +72,15 @@ int oauth_login(struct oauth *o, const struct oauth_login_cb *cb);
 void oauth_login_detach(struct oauth *o, void *userdata);
 
 /* Revokes the refresh token where the server can (RFC 7009), then erases the stored tokens.
- * done(userdata, r, message). */
-int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char *message), void *userdata);
+ * done(userdata, r, message) runs exactly once unless the handle is cancelled first. When
+ * the answer is known at once, done() runs before this returns and *ret is NULL; otherwise
+ * *ret is a handle owned by the caller until done() runs: oauth_logout_cancel() forgets the
+ * caller (the revocation itself runs on) and done() is never called. -EBUSY while a sign-out
+ * is under way. */
+struct oauth_logout_op;
+int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char *message), void *userdata,
+                 struct oauth_logout_op **ret);
+void oauth_logout_cancel(struct oauth_logout_op *op);
 
 /* Adds "oauth" to the status object. */
 int oauth_status_json(struct oauth *o, json_t *st);

@@ -79,6 +79,22 @@ uint64_t now_realtime_usec(void);
  * Returns 0 or a negative errno (-EFBIG when larger than max). */
 int read_file_limited(const char *path, size_t max, char **ret, size_t *ret_len);
 
+/* Files and directories the daemon trusts (the config, credential files, the state
+ * directory), checked as sshd's StrictModes checks its own: the last component is no symlink
+ * (O_NOFOLLOW), a file is a regular file (opened non-blocking, so that a FIFO put there
+ * cannot stall the loop), owned by root or by us, and not writable by group or others; a
+ * secret is not readable by others either. */
+#define TRUSTED_SECRET 0x1u
+/* Opens path for reading after those checks. Returns 0 and the fd (O_CLOEXEC, blocking), or
+ * a negative errno (-ELOOP symlink, -EBADFD not a regular file, -EPERM owner or mode) with a
+ * malloc'ed one-line reason naming the file in *ret_error when not NULL. */
+int open_trusted_file(const char *path, unsigned flags, int *ret_fd, char **ret_error);
+/* open_trusted_file() and read_file_limited() in one. */
+int read_trusted_file(const char *path, unsigned flags, size_t max, char **ret, size_t *ret_len, char **ret_error);
+/* A directory (symlinks followed): owned by root or by us, not writable by group or others (anyone
+ * could otherwise replace what is in it). Returns 0 or a negative errno, with a reason. */
+int check_trusted_dir(const char *path, char **ret_error);
+
 /* Random bytes from getrandom(). Returns 0 or a negative errno. */
 int random_bytes(void *buf, size_t len);
 
@@ -88,6 +104,17 @@ bool device_id_is_valid(const char *s, size_t len);
 
 /* Write data to path atomically (temp file, fsync, rename, fsync dir), with mode. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+
+/* The owner hierarchy's persistent handle range (TCG "Registry of Reserved TPM 2.0 Handles
+ * and Localities" 2.3.1: 0x81000000 - 0x817FFFFF; 0x81800000 - 0x81FFFFFF is the platform's,
+ * which the owner cannot use). Spelt out: tpm2-tss 3.2's TPM2_PERSISTENT_FIRST shifts a
+ * signed int into its sign bit, which UBSan rejects. The one check, for the config parser
+ * and the TPM backend alike. */
+#define TPM_OWNER_PERSISTENT_FIRST UINT32_C(0x81000000)
+#define TPM_OWNER_PERSISTENT_LAST UINT32_C(0x817FFFFF)
+static inline bool tpm_owner_persistent_handle_is_valid(uint64_t handle) {
+        return handle >= TPM_OWNER_PERSISTENT_FIRST && handle <= TPM_OWNER_PERSISTENT_LAST;
+}
 
 /* asprintf() that returns the string, or NULL when out of memory. */
 char *strdup_printf(const char *fmt, ...) _printf_(1, 2);

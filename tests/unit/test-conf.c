@@ -430,8 +430,8 @@ static void test_good_values(void **state) {
                 { "key", "backend = tpm", "backend", "tpm" },
                 { "key", "tcti = {t*256}", "tcti", "{t*256}" },
                 { "key", "handle = 0x81000000", "handle", "0x81000000" },
-                { "key", "handle = 0X81FFFFFF", "handle", "0x81ffffff" },
-                { "key", "handle = 0x81ffffff", "handle", "0x81ffffff" },
+                { "key", "handle = 0X817FFFFF", "handle", "0x817fffff" },
+                { "key", "handle = 0x817fffff", "handle", "0x817fffff" },
                 { "key", "handle = 2164260864", "handle", "0x81000000" },
                 { "key", "handle = 0x0081010002", "handle", "0x81010002" },
                 { "cloud", "url = https://h", "url", "https://h" },
@@ -580,14 +580,19 @@ static void test_bad_values(void **state) {
                 { "key", "tcti = {t*257}", "[key] tcti: value is too long (257 characters, at most 256)" },
                 { "key", "handle =", "[key] handle: empty value" },
                 { "key", "handle = 0x80ffffff",
-                  "[key] handle: '0x80ffffff' is out of range 0x81000000..0x81ffffff" },
+                  "[key] handle: '0x80ffffff' is out of range 0x81000000..0x817fffff" },
+                /* The platform's persistent range: refused here as the TPM backend refuses it. */
+                { "key", "handle = 0x81800000",
+                  "[key] handle: '0x81800000' is out of range 0x81000000..0x817fffff" },
+                { "key", "handle = 0x81ffffff",
+                  "[key] handle: '0x81ffffff' is out of range 0x81000000..0x817fffff" },
                 { "key", "handle = 0x82000000",
-                  "[key] handle: '0x82000000' is out of range 0x81000000..0x81ffffff" },
+                  "[key] handle: '0x82000000' is out of range 0x81000000..0x817fffff" },
                 { "key", "handle = 81010001",
-                  "[key] handle: '81010001' is out of range 0x81000000..0x81ffffff" },
-                { "key", "handle = -1", "[key] handle: '-1' is out of range 0x81000000..0x81ffffff" },
+                  "[key] handle: '81010001' is out of range 0x81000000..0x817fffff" },
+                { "key", "handle = -1", "[key] handle: '-1' is out of range 0x81000000..0x817fffff" },
                 { "key", "handle = 0x1ffffffffffffffff",
-                  "[key] handle: '0x1ffffffffffffffff' is out of range 0x81000000..0x81ffffff" },
+                  "[key] handle: '0x1ffffffffffffffff' is out of range 0x81000000..0x817fffff" },
                 { "key", "handle = 0x",
                   "[key] handle: '0x' is not a number (decimal, or hexadecimal with 0x)" },
                 { "key", "handle = 0x0x81010001",
@@ -928,6 +933,59 @@ static void test_file_too_large(void **state) {
         assert_null(c);
 }
 
+/* StrictModes (util.h, "trusted"): a symlink, a FIFO (which must not block), a file others
+ * can write, or one owned by another user is refused with a message naming it. */
+static void test_untrusted_file(void **state) {
+        _cleanup_free_ char *good = NULL, *link = NULL, *fifo = NULL;
+        _cleanup_conf_ struct iothub_conf *c = NULL;
+        char *err = NULL;
+        FILE *f;
+
+        assert_true(asprintf(&good, "%s/trusted.conf", tmpdir) > 0);
+        assert_true(asprintf(&link, "%s/link.conf", tmpdir) > 0);
+        assert_true(asprintf(&fifo, "%s/fifo.conf", tmpdir) > 0);
+        f = fopen(good, "w");
+        assert_non_null(f);
+        fputs("[mqtt]\nport = 1883\n", f);
+        fclose(f);
+        assert_int_equal(chmod(good, 0644), 0);
+        assert_int_equal(conf_load(good, &c, &err), 0);
+        conf_free(c);
+        c = NULL;
+
+        assert_int_equal(symlink(good, link), 0);
+        assert_int_equal(conf_load(link, &c, &err), -ELOOP);
+        assert_non_null(strstr(err, "is a symbolic link"));
+        assert_non_null(strstr(err, link));
+        free(err);
+
+        assert_int_equal(mkfifo(fifo, 0600), 0);
+        assert_int_equal(conf_load(fifo, &c, &err), -EBADFD);
+        assert_non_null(strstr(err, "not a regular file"));
+        free(err);
+
+        assert_int_equal(chmod(good, 0666), 0);
+        assert_int_equal(conf_load(good, &c, &err), -EPERM);
+        assert_non_null(strstr(err, "mode 0666, writable by group or others"));
+        assert_non_null(strstr(err, good));
+        free(err);
+        assert_int_equal(chmod(good, 0620), 0);
+        assert_int_equal(conf_load(good, &c, &err), -EPERM);
+        free(err);
+
+        if (geteuid() == 0) {
+                assert_int_equal(chmod(good, 0644), 0);
+                assert_int_equal(chown(good, 65534, 65534), 0);
+                assert_int_equal(conf_load(good, &c, &err), -EPERM);
+                assert_non_null(strstr(err, "is owned by uid 65534"));
+                free(err);
+        }
+        assert_null(c);
+        (void) unlink(good);
+        (void) unlink(link);
+        (void) unlink(fifo);
+}
+
 static void test_cannot_read(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *err = NULL, *expected = NULL;
@@ -1230,6 +1288,7 @@ int main(void) {
                 cmocka_unit_test_setup(test_nul_byte, setup),
                 cmocka_unit_test_setup(test_file_too_large, setup),
                 cmocka_unit_test_setup(test_cannot_read, setup),
+                cmocka_unit_test_setup(test_untrusted_file, setup),
                 cmocka_unit_test_setup(test_default_path, setup),
                 cmocka_unit_test_setup(test_machine_id, setup),
                 cmocka_unit_test_setup(test_machine_id_real, setup),

@@ -3,6 +3,7 @@
 import { spawn, execFile } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import fsSync from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,6 +18,21 @@ export const IOTHUBCTL = path.join(BUILD, 'iothubctl');
 export const NOTIFY_LISTEN = path.join(BUILD, 'tools', 'notify-listen');
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// IOTHUB_VALGRIND=1 runs every daemon a test starts under valgrind's memcheck (make
+// valgrind): each process writes $IOTHUB_VALGRIND_DIR/iothubd-<pid>.log, which the make
+// target checks for errors and definite leaks once the suite ran. Start-up waits are longer.
+export const VALGRIND = process.env.IOTHUB_VALGRIND === '1';
+export const SLOW = VALGRIND ? 6 : 1;
+function daemonCommand(args) {
+  if (!VALGRIND) return [IOTHUBD, args];
+  const dir = process.env.IOTHUB_VALGRIND_DIR ?? path.join(os.tmpdir(), 'iothub-valgrind');
+  fsSync.mkdirSync(dir, { recursive: true });
+  return ['valgrind', ['--tool=memcheck', '--leak-check=full', '--show-leak-kinds=definite',
+    '--errors-for-leak-kinds=definite', '--track-origins=yes', '--num-callers=30',
+    `--suppressions=${path.join(here, '..', '..', 'valgrind.supp')}`,
+    `--log-file=${path.join(dir, 'iothubd-%p.log')}`, IOTHUBD, ...args]];
+}
 
 export async function tempDir(prefix = 'iothub-test-') {
   const d = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
@@ -174,12 +190,12 @@ export class Hub {
     const mark = this.notifications.length;
     const env = { ...process.env, NOTIFY_SOCKET: this.notifySock, ...(opts.env ?? {}) };
     delete env.JOURNAL_STREAM;
-    this.proc = spawn(IOTHUBD, ['--config', this.configPath, ...(opts.args ?? [])],
-      { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    const [cmd, argv] = daemonCommand(['--config', this.configPath, ...(opts.args ?? [])]);
+    this.proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.proc.stderr.on('data', (d) => { this.log += d; });
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
     if (opts.waitReady !== false)
-      await this.waitNotify((l) => l.split('|').includes('READY=1'), 5000, 'READY=1', mark);
+      await this.waitNotify((l) => l.split('|').includes('READY=1'), 5000 * SLOW, 'READY=1', mark);
   }
 
   // Waits for a notification line matching pred that arrived after index 'from'.
