@@ -71,15 +71,7 @@ struct cloud {
 };
 
 uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd) {
-        uint64_t cap = CLOUD_BACKOFF_MIN_MS;
-
-        for (unsigned i = 1; i < failures && cap < CLOUD_BACKOFF_MAX_MS; i++)
-                cap *= 2;
-        if (cap > CLOUD_BACKOFF_MAX_MS)
-                cap = CLOUD_BACKOFF_MAX_MS;
-        /* "Full jitter" in the upper half: never retry at once, and hubs that lost the cloud
-         * together do not come back in step. */
-        return cap / 2 + rnd % (cap / 2 + 1);
+        return backoff_ms(failures, CLOUD_BACKOFF_MIN_MS, CLOUD_BACKOFF_MAX_MS, rnd);
 }
 
 int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds) {

@@ -21,9 +21,7 @@ struct bulb {
         double tokens;
         uint64_t bucket_usec;
         /* Log rate limit of rejections (not persisted). */
-        uint64_t log_window_usec;
-        unsigned log_count;
-        uint64_t log_suppressed;
+        struct ratelimit log_rl;
 };
 
 struct registry;
