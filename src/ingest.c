@@ -156,8 +156,8 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
-         * seq is a replay; if the commit fails, these frames were never accepted, and a bulb
-         * resending them later is welcome. */
+         * seq is a replay; if the commit fails, these frames were never accepted: ingest_commit()
+         * takes memory back (registry_seq_reload), so that a bulb resending them is accepted. */
         registry_seq_committed(b, f.seq);
         h->batch.count++;
         h->batch.bytes += len;
@@ -178,14 +178,17 @@ int ingest_commit(struct hub *h) {
         h->batch.open = false;
         r = db_commit(h->db);
         if (r < 0) {
+                unsigned n = h->batch.count;
+
                 h->counters.frames_store_failed += h->batch.count;
                 (void) db_rollback(h->db);
+                (void) registry_seq_reload(h->registry);
                 h->batch.count = 0;
                 h->batch.bytes = 0;
                 h->batch.n_acks = 0;
                 /* Frames dropped for room were rolled back too: count again from the table. */
                 (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
-                return log_error_errno(r, "Failed to commit %u frames: %m (%s)", h->batch.count, db_errmsg(h->db));
+                return log_error_errno(r, "Failed to commit %u frames: %m (%s)", n, db_errmsg(h->db));
         }
         h->counters.frames_accepted += h->batch.count;
         h->spool_pending += h->batch.count;

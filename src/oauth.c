@@ -43,6 +43,7 @@ struct oauth_call {
         char *form; /* kept for a resend with a new DPoP nonce; wiped */
         bool nonce_retried;
         bool sent_nonce; /* the proof carried the authorization server's nonce */
+        struct oauth_call *next, **pprev; /* in oauth.calls while its request is in flight */
 };
 
 struct waiter {
@@ -97,6 +98,10 @@ struct oauth {
         void *logout_userdata;
 
         struct http_req *disc_req;
+
+        /* The calls riding on the requests above. http_cancel() ends a request without calling
+         * back, so cancel_slot() frees the call (and wipes its form) itself. */
+        struct oauth_call *calls;
 };
 
 const char *oauth_state_to_string(enum oauth_state s) {
@@ -534,7 +539,18 @@ int oauth_parse_www_authenticate(const char *value, size_t len, char *ret, size_
 
 static void on_done(void *userdata, const struct http_response *resp);
 
+static void call_unlink(struct oauth_call *call) {
+        if (call->pprev) {
+                *call->pprev = call->next;
+                if (call->next)
+                        call->next->pprev = call->pprev;
+        }
+        call->next = NULL;
+        call->pprev = NULL;
+}
+
 static void call_free(struct oauth_call *call) {
+        call_unlink(call);
         if (call->form)
                 erase_and_free(call->form, strlen(call->form));
         free(call->url);
@@ -613,10 +629,29 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                        on_done, call, ret);
         if (r < 0)
                 goto fail;
+        call->next = o->calls;
+        if (o->calls)
+                o->calls->pprev = &call->next;
+        call->pprev = &o->calls;
+        o->calls = call;
         return 0;
 fail:
         call_free(call);
         return r;
+}
+
+/* Ends the request in a slot, if any, without calling back, and frees the call that rode on it
+ * (at most one per slot: a resend replaces the call it came from). */
+static void cancel_slot(struct oauth *o, struct http_req **slot) {
+        if (!*slot)
+                return;
+        http_cancel(*slot);
+        *slot = NULL;
+        for (struct oauth_call *call = o->calls; call; call = call->next)
+                if (call_slot(o, call->kind) == slot) {
+                        call_free(call);
+                        break;
+                }
 }
 
 /* ---- timers ---- */
@@ -1105,8 +1140,7 @@ int oauth_login(struct oauth *o, const struct oauth_login_cb *cb) {
                 return -ENOKEY;
         if (o->login_active)
                 login_finish(o, -ECANCELED, "another sign-in started");
-        http_cancel(o->login_req);
-        o->login_req = NULL;
+        cancel_slot(o, &o->login_req);
         if ((r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0 ||
             (r = form_append(&form, "scope", o->hub->conf->oauth.scope)) < 0) {
                 if (form)
@@ -1193,6 +1227,8 @@ static void on_done(void *userdata, const struct http_response *resp) {
         struct http_req **slot = call_slot(o, call->kind);
         char e[OAUTH_ERROR_CODE_MAX + 1] = "";
 
+        /* Its request is over: the call no longer rides on the slot (cancel_slot). */
+        call_unlink(call);
         *slot = NULL;
         if (resp->error == 0 && resp->status >= 400 &&
             oauth_parse_error((const uint8_t *) resp->body, resp->body_len, e, sizeof e) < 0)
@@ -1355,11 +1391,11 @@ void oauth_free(struct oauth *o) {
         if (o->logout_done)
                 o->logout_done(o->logout_userdata, -ECANCELED, "the daemon is stopping");
         notify_waiters(o, -ECANCELED);
-        /* The requests' calls are freed by http_cancel's owner: cancel ours here. */
-        http_cancel(o->disc_req);
-        http_cancel(o->login_req);
-        http_cancel(o->refresh_req);
-        http_cancel(o->revoke_req);
+        /* http_cancel() frees only the request: cancel_slot() frees (and wipes) our call too. */
+        cancel_slot(o, &o->disc_req);
+        cancel_slot(o, &o->login_req);
+        cancel_slot(o, &o->refresh_req);
+        cancel_slot(o, &o->revoke_req);
         sd_event_source_disable_unref(o->timer);
         sd_event_source_disable_unref(o->poll_timer);
         if (o->have_tokens)

@@ -341,6 +341,27 @@ void registry_seq_committed(struct bulb *b, int64_t seq) {
                 b->last_seq = seq;
 }
 
+int registry_seq_reload(struct registry *r) {
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
+        int rc;
+
+        if (!r)
+                return -EINVAL;
+        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT id, last_seq FROM bulbs", -1, &q, NULL);
+        if (rc != SQLITE_OK)
+                return db_errno(rc);
+        while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+                const char *id = (const char *) sqlite3_column_text(q, 0);
+                int64_t seq = sqlite3_column_int64(q, 1);
+                struct bulb *b = id ? registry_find(r, id) : NULL;
+
+                /* Rows that registry_open() would refuse stay as memory has them. */
+                if (b && seq >= 0 && seq <= FRAME_SEQ_MAX)
+                        b->last_seq = seq;
+        }
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
 /* A token bucket: capacity max(1, 2*rate), refilled at 'rate' tokens per second, starting
  * full. The bucket of a bulb that never took a token (bucket_usec == 0, as calloc() and a
  * zeroed struct leave it) is full, whatever the current rate; afterwards bucket_usec is never 0

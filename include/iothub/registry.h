@@ -50,10 +50,15 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
  * already revoked. */
 int registry_revoke(struct registry *r, const char *id);
 
-/* Records the last accepted seq of a bulb, inside the caller's transaction; memory is
- * updated by the caller after the commit with registry_seq_committed(). */
+/* Records the last accepted seq of a bulb, inside the caller's transaction. The caller moves
+ * memory ahead at once with registry_seq_committed() (never back), so that a second frame of
+ * the same batch with that seq is a replay; if the transaction rolls back, registry_seq_reload()
+ * takes the committed seqs back from the table, so that frames never committed are accepted
+ * when a bulb resends them (PROTOCOL.md 1, end-to-end acknowledgement). Returns 0 or a
+ * negative errno. */
 int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq);
 void registry_seq_committed(struct bulb *b, int64_t seq);
+int registry_seq_reload(struct registry *r);
 
 /* Token bucket of [frames] rate_per_device: capacity max(1, 2*rate) tokens, refilled at
  * rate per second. Returns true and takes a token when one is available. Pure. */

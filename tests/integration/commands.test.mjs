@@ -17,12 +17,9 @@ import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
-import readline from 'node:readline';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
-import { IOTHUBCTL } from './lib/harness.mjs';
+import { loginApproved } from './lib/login.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const HUB_ID = 'test-hub';
@@ -52,25 +49,8 @@ function hubOverrides() {
   };
 }
 
-// 'iothubctl login' as a user runs it, the user approving at the authorization server.
-async function login(h) {
-  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  await auth.approve(code, { account: 'alice' });
-  const [exitCode] = await once(p, 'exit');
-  assert.equal(exitCode, 0, `${out} ${err}`);
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = (h) => loginApproved(h, auth);
 
 // Hub signatures the cloud (and, with DPoP, the authorization server) checked: request
 // signatures (RFC 9421), plus DPoP proofs (RFC 9449) at both servers.

@@ -3,14 +3,12 @@
 // first thing to fix; a broken configuration is the first finding of all.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import readline from 'node:readline';
-import { Broker, Hub, Swtpm, IOTHUBCTL, tempDir, waitFor } from './lib/harness.mjs';
+import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
+import { loginApproved } from './lib/login.mjs';
 
 let dir, tpm, broker, auth, cloud, hub;
 
@@ -60,25 +58,8 @@ async function doctor() {
   return { code: text.code, out: text.stdout, rep, byName, first };
 }
 
-// Runs 'iothubctl login' as a user would, and plays the user at the provider.
-async function login() {
-  const p = spawn(IOTHUBCTL, ['--config', hub.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  await auth.approve(code, { account: 'alice' });
-  const [exitCode] = await once(p, 'exit');
-  assert.equal(exitCode, 0, `${out} ${err}`);
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = () => loginApproved(hub, auth);
 
 test('no hub key: the first thing to fix is key init', async () => {
   const d = await doctor();

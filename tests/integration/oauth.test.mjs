@@ -12,15 +12,14 @@
 // never reached the revocation endpoint and the next login failed.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import readline from 'node:readline';
-import { Broker, Hub, Swtpm, IOTHUBCTL, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
+import { deviceLogin } from './lib/login.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 let dir, tpm, broker, auth, cloud, hub, client, bulb;
@@ -40,27 +39,8 @@ async function keyInit(h) {
   assert.equal(r.code, 0, r.stderr);
 }
 
-// Runs 'iothubctl login' the way a user would, and plays the user at the provider.
-async function login(h, as, { act = 'approve', delayMs = 0 } = {}) {
-  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  if (delayMs) await sleep(delayMs);
-  if (act === 'approve') await as.approve(code, { account: 'alice' });
-  else if (act === 'deny') await as.deny(code);
-  const [exitCode] = await once(p, 'exit');
-  return { code: exitCode, out, err, userCode: code };
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = deviceLogin;
 
 before(async () => {
   dir = await tempDir();

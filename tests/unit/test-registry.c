@@ -406,6 +406,32 @@ static void test_seq(void **state) {
         assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX), 0);
         assert_int_equal(db_rollback(db), 0);
 
+        /* A batch whose commit fails: memory went ahead, the rollback takes it back, so that the
+         * bulb's resent frames are accepted (PROTOCOL.md 1: "a resent frame the hub never
+         * committed is accepted as new"). Other bulbs keep their committed seqs. */
+        assert_int_equal(registry_add(r, "bulb-8", T.pem_p256_b, strlen(T.pem_p256_b)), 0);
+        b = registry_find(r, "bulb-7"); /* the array may have moved */
+        struct bulb *b8 = registry_find(r, "bulb-8");
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b8, 4), 0);
+        assert_int_equal(db_commit(db), 0);
+        registry_seq_committed(b8, 4);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b, 12), 0);
+        registry_seq_committed(b, 12);
+        assert_int_equal(registry_store_seq(r, b8, 6), 0);
+        registry_seq_committed(b8, 6);
+        assert_int_equal(b->last_seq, 12);
+        assert_int_equal(db_rollback(db), 0);
+        assert_int_equal(registry_seq_reload(r), 0);
+        assert_int_equal(b->last_seq, 9);
+        assert_int_equal(b8->last_seq, 4);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(registry_store_seq(r, b, 10), 0); /* the resend */
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(registry_seq_reload(r), 0);
+        assert_int_equal(b->last_seq, 10);
+
         /* A bulb whose row is gone. */
         struct bulb ghost = { .id = "ghost" };
         assert_int_equal(registry_store_seq(r, &ghost, 1), -ENOENT);
@@ -420,7 +446,7 @@ static void test_seq(void **state) {
 
         db = open_db();
         assert_int_equal(registry_open(db, &r), 0);
-        assert_int_equal(registry_find(r, "bulb-7")->last_seq, 9);
+        assert_int_equal(registry_find(r, "bulb-7")->last_seq, 10); /* the resend above */
         registry_free(r);
         db_close(db);
 }
