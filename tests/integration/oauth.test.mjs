@@ -207,6 +207,37 @@ test('login: an expired code, and slow_down, with a stricter server', async () =
   }
 });
 
+// issue 11 item 3: oauth_free() cancelled the requests in flight with http_cancel(), which frees
+// only the request: the call riding on it (with its form, wiped nowhere) leaked. The daemon must
+// stop cleanly with a sign-in request held open at the server; under 'make asan' LeakSanitizer
+// turns such a leak into a non-zero exit code (23), which this checks.
+test('stopping the daemon while a sign-in request is in flight ends it without a leak', async () => {
+  const t2 = await Swtpm.start(path.join(dir, 'tpm-inflight'));
+  const h = new Hub(await tempDir(), broker, {});
+  let release;
+  const held = new Promise((r) => { release = r; });
+  await fs.chmod(h.dir, 0o755);
+  h.overrides = overrides(t2, auth);
+  await fs.mkdir(h.stateDir, { mode: 0o700 });
+  await h.writeConfig();
+  await keyInit(h);
+  await h.start();
+  const seen = auth.state.misbehaved.length;
+  auth.misbehave({ route: 'device', count: 1, respond: async () => { await held; return { status: 503 }; } });
+  try {
+    const ctl = h.ctl(['login']);
+    await waitFor(() => auth.state.misbehaved.length > seen, 8000, 'the device authorization request at the server');
+    const res = await h.stop();
+    assert.deepEqual(res, { code: 0, signal: null }, h.log);
+    assert.notEqual((await ctl).code, 0, 'the login command learns that the daemon went away');
+  } finally {
+    release();
+    auth.clearMisbehaviour();
+    await h.cleanup();
+    await t2.stop();
+  }
+});
+
 // ---- interop with strict and hostile servers (issue 10) ----------------------------------
 
 const refreshesIn = async (ms) => { const r0 = auth.state.refreshes; await sleep(ms); return auth.state.refreshes - r0; };
