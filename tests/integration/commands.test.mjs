@@ -15,11 +15,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import * as jose from 'jose';
-import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, mqttClient, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
-import { startAuthServer } from '../oauth/server.mjs';
 import { loginApproved } from './lib/login.mjs';
+import { startTestbed, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const HUB_ID = 'test-hub';
@@ -130,12 +130,8 @@ async function commandsStatus() {
 }
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: DPOP ? { interval: 1 } : null }));
   if (DPOP) {
-    auth = await startAuthServer({ dir: path.join(dir, 'as'), interval: 1 });
     const hooks = auth.cloudHooks();
     cloud = await startCloud({
       dir: path.join(dir, 'cloud'),
@@ -147,17 +143,8 @@ before(async () => {
     cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
   }
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
-  // The key, and the public JWK a bulb is paired with, before the daemon runs: swtpm serves
-  // one client at a time and the daemon keeps its connection.
-  const pre = new Hub(await tempDir(), broker, {});
-  pre.overrides = hubOverrides();
-  await pre.writeConfig();
-  let r = await pre.ctl(['key', 'init']);
-  assert.equal(r.code, 0, r.stderr);
-  r = await pre.ctl(['key', 'show', '--jwk']);
-  assert.equal(r.code, 0, r.stderr);
-  keyJwk = JSON.parse(r.stdout);
-  await fs.rm(pre.dir, { recursive: true, force: true });
+  // The key, and the public JWK a bulb is paired with, before the daemon runs.
+  keyJwk = (await keyBeforeDaemon(broker, hubOverrides())).jwk;
   const { kid, ...pubJwk } = keyJwk;
   assert.equal(kid, await jose.calculateJwkThumbprint(pubJwk, 'sha256'));
   hubKey = await jose.importJWK(pubJwk, 'ES256');
@@ -170,7 +157,7 @@ before(async () => {
     assert.equal(st.oauth.state, 'ok');
     assert.equal(st.oauth.dpop, true, 'a DPoP-bound token');
   }
-  r = await hub.ctl(['register']);
+  const r = await hub.ctl(['register']);
   assert.equal(r.code, 0, r.stderr);
   pub = await mqttClient(broker.port);
   lamp = await CmdBulb.create('cmd-lamp');
@@ -183,13 +170,7 @@ before(async () => {
 
 after(async () => {
   for (const b of [lamp, desk, spare]) await b?.end();
-  await pub?.endAsync();
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ clients: [pub], hub, cloud, auth, broker, tpm, dir });
 });
 
 test('a command reaches its bulb as a JWS the bulb verifies with the paired key; delivered, then acked', async () => {

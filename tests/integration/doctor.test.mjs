@@ -5,19 +5,15 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
+import { Hub, waitFor } from './lib/harness.mjs';
 import { startCloud } from '../cloud/server.mjs';
-import { startAuthServer } from '../oauth/server.mjs';
 import { loginApproved } from './lib/login.mjs';
+import { startTestbed, stopTestbed } from './lib/testbed.mjs';
 
 let dir, tpm, broker, auth, cloud, hub;
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
-  auth = await startAuthServer({ dir: path.join(dir, 'as'), accessTokenTtl: 600, interval: 1 });
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { accessTokenTtl: 600, interval: 1 } }));
   const hooks = auth.cloudHooks();
   cloud = await startCloud({ dir: path.join(dir, 'cloud'), verifyToken: hooks.verifyToken, verifyDpop: hooks.verifyDpop });
   hub = await Hub.start(broker, {
@@ -29,12 +25,7 @@ before(async () => {
 });
 
 after(async () => {
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ hub, cloud, auth, broker, tpm, dir });
 });
 
 async function doctor() {

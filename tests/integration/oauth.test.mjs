@@ -15,11 +15,12 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
 import { deviceLogin } from './lib/login.mjs';
+import { startTestbed, stopTestbed } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 let dir, tpm, broker, auth, cloud, hub, client, bulb;
@@ -43,11 +44,7 @@ async function keyInit(h) {
 const login = deviceLogin;
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
-  auth = await startAuthServer({ dir: path.join(dir, 'as'), accessTokenTtl: 8, interval: 1 });
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { accessTokenTtl: 8, interval: 1 } }));
   const hooks = auth.cloudHooks();
   // A strict resource server (RFC 9449 4.3) with its own DPoP nonce (RFC 9449 9).
   cloud = await startCloud({
@@ -71,13 +68,7 @@ before(async () => {
 });
 
 after(async () => {
-  await client?.endAsync();
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ clients: [client], hub, cloud, auth, broker, tpm, dir });
 });
 
 async function publish(n) {

@@ -169,3 +169,18 @@ void swtpm_start(struct swtpm *s, const char *tag) {
         swtpm_stop(s);
         fail_msg("swtpm exited at every start");
 }
+
+uint8_t *read_bytes(const char *path, size_t *ret_len) {
+        struct stat st;
+        uint8_t *buf;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+        assert_true(fd >= 0);
+        assert_int_equal(fstat(fd, &st), 0);
+        buf = malloc((size_t) st.st_size + 1);
+        assert_non_null(buf);
+        assert_int_equal(read(fd, buf, (size_t) st.st_size), st.st_size);
+        close(fd);
+        *ret_len = (size_t) st.st_size;
+        return buf;
+}

@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: MIT */
-/* A software TPM for unit tests: swtpm in socket mode as a child process, on loopback ports it
+/* Helpers for the unit tests that need a software TPM (test-hubkey, test-tokenstore), and read
+ * the files they leave. The TPM: swtpm in socket mode as a child process, on loopback ports it
  * picked, with a fresh state directory of its own, killed with the test if the test dies
  * (PR_SET_PDEATHSIG). The helpers fail the running cmocka test (fail_msg) rather than return
  * errors: they are test code. */
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -30,3 +32,5 @@ uint64_t now_usec(void);
 uint16_t pick_port_pair(void);
 /* rm -rf dir, without a shell. */
 void rm_rf(const char *dir);
+/* A whole file, malloc'ed (one spare byte at the end); its length in *ret_len. */
+uint8_t *read_bytes(const char *path, size_t *ret_len);

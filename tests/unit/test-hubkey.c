@@ -1040,21 +1040,6 @@ static void test_tpm_seal_bound_to_its_tpm(_unused_ void **state) {
         assert_tpm_clean(tpm.tcti);
 }
 
-static uint8_t *read_bytes(const char *path, size_t *ret_len) {
-        struct stat st;
-        uint8_t *buf;
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-        assert_true(fd >= 0);
-        assert_int_equal(fstat(fd, &st), 0);
-        buf = malloc((size_t) st.st_size + 1);
-        assert_non_null(buf);
-        assert_int_equal(read(fd, buf, (size_t) st.st_size), st.st_size);
-        close(fd);
-        *ret_len = (size_t) st.st_size;
-        return buf;
-}
-
 /* Unseals a blob with the test's own ESYS calls and a plain password authorization: no parameter
  * encryption, so the secret crosses the bus in clear (the control for the test below). */
 static void plain_unseal(const char *tcti_conf, const uint8_t *blob, size_t len) {
