@@ -324,9 +324,8 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         /* The frames passed the parser: base64url and dots only. Checked again, since they go
          * into JSON strings unescaped. */
         for (size_t i = 0; i < e->len; i++) {
-                uint8_t ch = e->jws[i];
-                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' ||
-                      ch == '_' || ch == '.'))
+                char ch = (char) e->jws[i];
+                if (!(ch == '.' || b64url_char_is_valid(ch)))
                         return -EUCLEAN;
         }
         if (need + 3 > b->cap) {

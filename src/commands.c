@@ -294,10 +294,8 @@ int command_jws(const char *kid, const char *payload, size_t len, command_sign_t
         if (!kid || !payload || !sign || !ret || len == 0 || len > COMMAND_PAYLOAD_MAX)
                 return -EINVAL;
         /* The hub key id is base64url (RFC 7638 thumbprint): nothing to escape. */
-        for (const char *p = kid; *p; p++)
-                if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                      *p == '_'))
-                        return -EINVAL;
+        if (!b64url_chars_are_valid(kid, strlen(kid)))
+                return -EINVAL;
         n = snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"iothub-cmd\"}", kid);
         if (n < 0 || (size_t) n >= sizeof header)
                 return -EINVAL;

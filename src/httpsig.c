@@ -203,15 +203,7 @@ static int content_digest_value(const uint8_t *body, size_t len, char *out) {
 /* RFC 9421 2.3: keyid is an sf-string, so it is checked to be what PROTOCOL.md 3 says it is, a
  * base64url SHA-256 thumbprint, before it goes between quotes. */
 static bool keyid_is_valid(const char *id) {
-        size_t n;
-
-        if (!id)
-                return false;
-        for (n = 0; id[n]; n++)
-                if (!((id[n] >= 'A' && id[n] <= 'Z') || (id[n] >= 'a' && id[n] <= 'z') ||
-                      (id[n] >= '0' && id[n] <= '9') || id[n] == '-' || id[n] == '_'))
-                        return false;
-        return n == HUBKEY_ID_LEN;
+        return id && strlen(id) == HUBKEY_ID_LEN && b64url_chars_are_valid(id, HUBKEY_ID_LEN);
 }
 
 int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,

@@ -117,6 +117,13 @@ bool id_chars_are_valid(const char *s, size_t len) {
         return true;
 }
 
+bool b64url_chars_are_valid(const char *s, size_t len) {
+        for (size_t i = 0; i < len; i++)
+                if (!b64url_char_is_valid(s[i]))
+                        return false;
+        return true;
+}
+
 bool device_id_is_valid(const char *s, size_t len) {
         if (!s || len < 1 || len > DEVICE_ID_MAX || s[0] == '.')
                 return false;

@@ -90,6 +90,13 @@ bool id_chars_are_valid(const char *s, size_t len);
 #define DEVICE_ID_MAX 64
 bool device_id_is_valid(const char *s, size_t len);
 
+/* The base64url alphabet (RFC 4648 5): [A-Za-z0-9_-], no padding. */
+static inline bool b64url_char_is_valid(char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+}
+/* True when all len bytes of s are of the base64url alphabet. */
+bool b64url_chars_are_valid(const char *s, size_t len);
+
 /* base64 sizes (RFC 4648 4 and 5), the project's one set. For n input bytes:
  *   BASE64_LEN(n)        standard base64 with padding, without the NUL;
  *   B64URL_LEN(n)        base64url without padding (RFC 7515 2), without the NUL: ceil(4n/3);

@@ -79,6 +79,10 @@ static void test_ids(void **state) {
         assert_false(id_chars_are_valid("a b", 3));
         assert_false(id_chars_are_valid("a\0b", 3));
         assert_false(id_chars_are_valid("\xc3\xa9", 2));
+        assert_true(b64url_chars_are_valid("AZaz09-_", 8));
+        assert_false(b64url_chars_are_valid("ab.c", 4)); /* '.' separates JWS parts, it is no digit */
+        assert_false(b64url_chars_are_valid("ab+/", 4)); /* standard base64, not base64url */
+        assert_false(b64url_chars_are_valid("ab=", 3));
         assert_true(device_id_is_valid("bulb-1.kitchen_2", 16));
         assert_false(device_id_is_valid(".hidden", 7));
         assert_false(device_id_is_valid("", 0));
