@@ -19,7 +19,7 @@ import { Hub, mqttClient, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { loginApproved } from './lib/login.mjs';
-import { startTestbed, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
+import { startTestbed, startStrictCloud, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const HUB_ID = 'test-hub';
@@ -132,13 +132,7 @@ async function commandsStatus() {
 before(async () => {
   ({ dir, tpm, broker, auth } = await startTestbed({ authServer: DPOP ? { interval: 1 } : null }));
   if (DPOP) {
-    const hooks = auth.cloudHooks();
-    cloud = await startCloud({
-      dir: path.join(dir, 'cloud'),
-      dpopNonce: true,
-      verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
-      verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
-    });
+    cloud = await startStrictCloud(dir, auth, seenTokens);
   } else {
     cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
   }

@@ -17,10 +17,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
 import { deviceLogin } from './lib/login.mjs';
-import { startTestbed, stopTestbed } from './lib/testbed.mjs';
+import { startTestbed, startStrictCloud, stopTestbed } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 let dir, tpm, broker, auth, cloud, hub, client, bulb;
@@ -45,14 +44,7 @@ const login = deviceLogin;
 
 before(async () => {
   ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { accessTokenTtl: 8, interval: 1 } }));
-  const hooks = auth.cloudHooks();
-  // A strict resource server (RFC 9449 4.3) with its own DPoP nonce (RFC 9449 9).
-  cloud = await startCloud({
-    dir: path.join(dir, 'cloud'),
-    dpopNonce: true,
-    verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
-    verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
-  });
+  cloud = await startStrictCloud(dir, auth, seenTokens);
   const pre = new Hub(await tempDir(), broker, {});
   pre.overrides = overrides(tpm, auth);
   await pre.writeConfig();
@@ -175,16 +167,23 @@ test('login: denial and slow_down end as RFC 8628 says', async () => {
   assert.equal((await hub.status()).oauth.state, 'ok', 'the previous sign-in stays');
 });
 
-test('login: an expired code, and slow_down, with a stricter server', async () => {
-  const t2 = await Swtpm.start(path.join(dir, 'tpm3'));
-  const as2 = await startAuthServer({ dir: path.join(dir, 'as2'), deviceCodeTtl: 5, interval: 1, slowDownToleranceMs: -2000 });
+// A hub of its own, with its own swtpm (one client at a time: the shared one serves the shared
+// hub), its key made, running, configured for the authorization server 'as'.
+async function ownHub(tpmName, as) {
+  const t = await Swtpm.start(path.join(dir, tpmName));
   const h = new Hub(await tempDir(), broker, {});
   await fs.chmod(h.dir, 0o755);
-  h.overrides = overrides(t2, as2);
+  h.overrides = overrides(t, as);
   await fs.mkdir(h.stateDir, { mode: 0o700 });
   await h.writeConfig();
   await keyInit(h);
   await h.start();
+  return { t2: t, h };
+}
+
+test('login: an expired code, and slow_down, with a stricter server', async () => {
+  const as2 = await startAuthServer({ dir: path.join(dir, 'as2'), deviceCodeTtl: 5, interval: 1, slowDownToleranceMs: -2000 });
+  const { t2, h } = await ownHub('tpm3', as2);
   try {
     const r = await login(h, as2, { act: 'none' });
     assert.equal(r.code, 1);
@@ -201,18 +200,11 @@ test('login: an expired code, and slow_down, with a stricter server', async () =
 // issue 11 item 3: oauth_free() cancelled the requests in flight with http_cancel(), which frees
 // only the request: the call riding on it (with its form, wiped nowhere) leaked. The daemon must
 // stop cleanly with a sign-in request held open at the server; under 'make asan' LeakSanitizer
-// turns such a leak into a non-zero exit code (23), which this checks.
+// turns such a leak into a non-zero exit code, which this checks (it did, before the fix).
 test('stopping the daemon while a sign-in request is in flight ends it without a leak', async () => {
-  const t2 = await Swtpm.start(path.join(dir, 'tpm-inflight'));
-  const h = new Hub(await tempDir(), broker, {});
+  const { t2, h } = await ownHub('tpm-inflight', auth);
   let release;
   const held = new Promise((r) => { release = r; });
-  await fs.chmod(h.dir, 0o755);
-  h.overrides = overrides(t2, auth);
-  await fs.mkdir(h.stateDir, { mode: 0o700 });
-  await h.writeConfig();
-  await keyInit(h);
-  await h.start();
   const seen = auth.state.misbehaved.length;
   auth.misbehave({ route: 'device', count: 1, respond: async () => { await held; return { status: 503 }; } });
   try {

@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 
 import { Broker, Hub, Swtpm, tempDir } from './harness.mjs';
+import { startCloud } from '../../cloud/server.mjs';
 import { startAuthServer } from '../../oauth/server.mjs';
 
 // authServer: options for startAuthServer() (its dir is <dir>/as), or null for none.
@@ -17,6 +18,19 @@ export async function startTestbed({ authServer = null } = {}) {
   const broker = await Broker.start(dir);
   const auth = authServer ? await startAuthServer({ dir: path.join(dir, 'as'), ...authServer }) : null;
   return { dir, tpm, broker, auth };
+}
+
+// The reference cloud as a strict resource server (RFC 9449 4.3) with its own DPoP nonce
+// (RFC 9449 9), taking the tokens of the authorization server 'auth'; every token presented is
+// added to the set 'seen'.
+export function startStrictCloud(dir, auth, seen) {
+  const hooks = auth.cloudHooks();
+  return startCloud({
+    dir: path.join(dir, 'cloud'),
+    dpopNonce: true,
+    verifyToken: async (t, req) => { seen.add(t); return hooks.verifyToken(t, req); },
+    verifyDpop: async (a) => { seen.add(a.token); return hooks.verifyDpop(a); },
+  });
 }
 
 // Stops everything in the reverse order of starting. Any part may be missing (a before() that
