@@ -101,7 +101,10 @@ $(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
 # Unit tests: tests/unit/test-<module>.c, cmocka, linked against the library.
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libiothub.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libiothub.a $(LIBS) $(CMOCKA_LIBS)
+	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(filter tests/unit/swtpm-helper.c,$^) $(BUILD)/libiothub.a $(LIBS) $(CMOCKA_LIBS)
+
+# The unit tests that start their own software TPM share its helper.
+$(BUILD)/tests/test-hubkey $(BUILD)/tests/test-tokenstore: tests/unit/swtpm-helper.c tests/unit/swtpm-helper.h
 
 # Test helpers in C (load generator, frame maker for benchmarks).
 $(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libiothub.a $(HEADERS)

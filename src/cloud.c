@@ -74,15 +74,7 @@ struct cloud {
 };
 
 uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd) {
-        uint64_t cap = CLOUD_BACKOFF_MIN_MS;
-
-        for (unsigned i = 1; i < failures && cap < CLOUD_BACKOFF_MAX_MS; i++)
-                cap *= 2;
-        if (cap > CLOUD_BACKOFF_MAX_MS)
-                cap = CLOUD_BACKOFF_MAX_MS;
-        /* "Full jitter" in the upper half: never retry at once, and hubs that lost the cloud
-         * together do not come back in step. */
-        return cap / 2 + rnd % (cap / 2 + 1);
+        return backoff_ms(failures, CLOUD_BACKOFF_MIN_MS, CLOUD_BACKOFF_MAX_MS, rnd);
 }
 
 int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds) {
@@ -340,9 +332,8 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         /* The frames passed the parser: base64url and dots only. Checked again, since they go
          * into JSON strings unescaped. */
         for (size_t i = 0; i < e->len; i++) {
-                uint8_t ch = e->jws[i];
-                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-' ||
-                      ch == '_' || ch == '.'))
+                char ch = (char) e->jws[i];
+                if (!(ch == '.' || b64url_char_is_valid(ch)))
                         return -EUCLEAN;
         }
         if (need + 3 > b->cap) {

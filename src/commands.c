@@ -51,6 +51,7 @@
 #include "iothub/commands.h"
 #include "iothub/frame.h"
 #include "iothub/hubkey.h"
+#include "iothub/jws.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/registry.h"
@@ -100,13 +101,7 @@ bool command_id_is_valid(const char *s, size_t len) {
                 return false;
         if ((len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.'))
                 return false;
-        for (size_t i = 0; i < len; i++) {
-                char ch = s[i];
-                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '.' ||
-                      ch == '_' || ch == '-'))
-                        return false;
-        }
-        return true;
+        return id_chars_are_valid(s, len);
 }
 
 static bool json_is_unit_number(const json_t *v, double *ret) {
@@ -292,44 +287,24 @@ int command_payload(const char *hub, const char *dev, const char *id, int64_t ia
 
 int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
                 char **ret) {
-        char header[128], sig_b64[4 * (HUBKEY_SIG_LEN / 3 + 1) + 1];
-        uint8_t sig[HUBKEY_SIG_LEN];
-        size_t hl, total, at;
-        char *jws;
+        _cleanup_free_ char *jws = NULL;
+        char header[128];
         int n, r;
 
         if (!kid || !payload || !sign || !ret || len == 0 || len > COMMAND_PAYLOAD_MAX)
                 return -EINVAL;
         /* The hub key id is base64url (RFC 7638 thumbprint): nothing to escape. */
-        for (const char *p = kid; *p; p++)
-                if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                      *p == '_'))
-                        return -EINVAL;
+        if (!b64url_chars_are_valid(kid, strlen(kid)))
+                return -EINVAL;
         n = snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"iothub-cmd\"}", kid);
         if (n < 0 || (size_t) n >= sizeof header)
                 return -EINVAL;
-        hl = (size_t) n;
-        total = 4 * (hl / 3 + 1) + 1 + 4 * (len / 3 + 1) + 1 + sizeof sig_b64;
-        jws = malloc(total);
-        if (!jws)
-                return -ENOMEM;
-        at = b64url_encode((const uint8_t *) header, hl, jws);
-        jws[at++] = '.';
-        at += b64url_encode((const uint8_t *) payload, len, jws + at);
-        /* JWS ES256 (RFC 7518 3.4): the signature is the raw r||s over "<header>.<payload>". */
-        r = sign(userdata, jws, at, sig);
-        if (r < 0) {
-                free(jws);
+        r = jws_compact_sign(header, (size_t) n, payload, len, sign, userdata, &jws);
+        if (r < 0)
                 return r;
-        }
-        (void) b64url_encode(sig, sizeof sig, sig_b64);
-        jws[at++] = '.';
-        memcpy(jws + at, sig_b64, strlen(sig_b64) + 1);
-        if (strlen(jws) > COMMAND_JWS_MAX) {
-                free(jws);
+        if (strlen(jws) > COMMAND_JWS_MAX)
                 return -EINVAL;
-        }
-        *ret = jws;
+        *ret = TAKE_PTR(jws);
         return 0;
 }
 
@@ -455,9 +430,7 @@ struct commands {
         double tokens; /* the signature bucket */
         uint64_t tokens_usec;
 
-        uint64_t log_window;
-        unsigned log_count;
-        uint64_t log_suppressed;
+        struct ratelimit log_rl;
         char last_error[256];
 
         struct commands_counters counters;
@@ -482,19 +455,14 @@ static void set_last_error(struct commands *c, const char *fmt, ...) {
         va_end(ap);
 }
 
-/* The delay after 'failures' errors in a row: the step doubles from 2 s to 60 s, and the delay
- * is drawn from its upper half (full jitter there, like the status uploads), so it is always
- * within COMMANDS_BACKOFF_MIN_MS .. COMMANDS_BACKOFF_MAX_MS and hubs do not come back in step. */
+/* The delay after 'failures' errors in a row (backoff_ms(), util.h): the step doubles from 2 s
+ * to 60 s, and the delay is drawn from its upper half, so it is always within
+ * COMMANDS_BACKOFF_MIN_MS .. COMMANDS_BACKOFF_MAX_MS and hubs do not come back in step. */
 static uint64_t backoff_usec(unsigned failures) {
-        uint64_t cap = 2 * COMMANDS_BACKOFF_MIN_MS;
         uint32_t rnd = 0;
 
-        for (unsigned i = 1; i < failures && cap < COMMANDS_BACKOFF_MAX_MS; i++)
-                cap *= 2;
-        if (cap > COMMANDS_BACKOFF_MAX_MS)
-                cap = COMMANDS_BACKOFF_MAX_MS;
         (void) random_bytes(&rnd, sizeof rnd);
-        return (cap / 2 + rnd % (cap / 2 + 1)) * 1000;
+        return backoff_ms(failures, 2 * COMMANDS_BACKOFF_MIN_MS, COMMANDS_BACKOFF_MAX_MS, rnd) * 1000;
 }
 
 /* The token bucket of signatures caused by commands (see the top of the file). */
@@ -521,22 +489,14 @@ static uint64_t sign_ready_at(const struct commands *c, uint64_t now) {
 
 /* Rejections are logged at most COMMANDS_LOG_BURST times per window; the counters count all. */
 static bool log_allowed(struct commands *c) {
-        uint64_t now = now_monotonic_usec();
+        uint64_t suppressed;
+        bool ok = ratelimit_allow(&c->log_rl, now_monotonic_usec(), COMMANDS_LOG_WINDOW_USEC, COMMANDS_LOG_BURST,
+                                  &suppressed);
 
-        if (now - c->log_window >= COMMANDS_LOG_WINDOW_USEC) {
-                if (c->log_suppressed > 0)
-                        log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_REJECTED, NULL, NULL,
-                                  "Suppressed %" PRIu64 " more messages about rejected commands", c->log_suppressed);
-                c->log_window = now;
-                c->log_count = 0;
-                c->log_suppressed = 0;
-        }
-        if (c->log_count >= COMMANDS_LOG_BURST) {
-                c->log_suppressed++;
-                return false;
-        }
-        c->log_count++;
-        return true;
+        if (suppressed > 0)
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_REJECTED, NULL, NULL,
+                          "Suppressed %" PRIu64 " more messages about rejected commands", suppressed);
+        return ok;
 }
 
 static struct command *find_by_id(struct commands *c, const char *id) {

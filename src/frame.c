@@ -26,7 +26,7 @@
 #define FRAME_SCRATCH_STACK 3072
 
 /* Longest base64url text that can decode to FRAME_SIG_MAX bytes: ceil(132 * 4 / 3). */
-#define FRAME_SIG_B64_MAX ((FRAME_SIG_MAX * 4 + 2) / 3)
+#define FRAME_SIG_B64_MAX B64URL_LEN(FRAME_SIG_MAX)
 
 /* iat is Unix seconds; the same I-JSON safe range as seq (RFC 7493 2.2). */
 #define FRAME_IAT_MAX FRAME_SEQ_MAX
@@ -85,11 +85,6 @@ static const uint8_t b64url_value1[256] = {
 
 static inline uint32_t b64url_digit(uint8_t c) {
         return (uint32_t) b64url_value1[c] - 1u;
-}
-
-/* Upper bound of the decoded length of n base64url characters. */
-static inline size_t b64url_decoded_max(size_t n) {
-        return n / 4 * 3 + 2;
 }
 
 /* Strict decoder shared by b64url_decode() and frame_parse(). With out == NULL it only validates.
@@ -350,16 +345,7 @@ static bool json_ack_id(const json_t *s) {
                 return false;
         v = json_string_value(s);
         n = json_string_length(s);
-        if (n == 0 || n > DEVICE_ID_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char c = v[i];
-
-                if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                      c == '.' || c == '_' || c == '-'))
-                        return false;
-        }
-        return true;
+        return n > 0 && n <= DEVICE_ID_MAX && id_chars_are_valid(v, n);
 }
 
 /* A JSON integer (not a real: 1.0 and 1e3 are reals to jansson) within [min, max]. Numbers
@@ -517,7 +503,7 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
         if (h_len == 0 || p_len == 0 || s_len == 0)
                 return FRAME_MALFORMED;
 
-        scratch_len = b64url_decoded_max(h_len) + b64url_decoded_max(p_len);
+        scratch_len = B64URL_DECODED_MAX(h_len) + B64URL_DECODED_MAX(p_len);
         if (scratch_len <= sizeof(scratch_stack))
                 scratch = scratch_stack;
         else {

@@ -24,8 +24,7 @@
 
 #define HTTPSIG_ALG "ecdsa-p256-sha256" /* RFC 9421 3.3.4 */
 #define SHA256_LEN 32
-#define B64_LEN(n) (4 * (((n) + 2) / 3)) /* RFC 4648 4, with padding, without the NUL */
-#define NONCE_B64_MAX (B64_LEN(HTTPSIG_NONCE_BYTES) + 1) /* what b64url_encode() needs */
+#define NONCE_B64_MAX B64URL_BUF(HTTPSIG_NONCE_BYTES) /* what b64url_encode() needs */
 
 /* Named limits. A component value longer than this is refused with -E2BIG: the longest one is the
  * access token in Authorization, which comes from the authorization server. */
@@ -184,7 +183,7 @@ int httpsig_signature_base(const char *method, const char *target_uri, const cha
 }
 
 /* RFC 9530 2 and 5: the Content-Digest value "sha-256=:<standard base64 of SHA-256(body)>:".
- * out needs sizeof(CONTENT_DIGEST_PREFIX) + B64_LEN(SHA256_LEN) + 1 bytes. */
+ * out needs sizeof(CONTENT_DIGEST_PREFIX) + BASE64_LEN(SHA256_LEN) + 1 bytes. */
 static int content_digest_value(const uint8_t *body, size_t len, char *out) {
         uint8_t md[SHA256_LEN];
         size_t p = strlen(CONTENT_DIGEST_PREFIX);
@@ -204,20 +203,12 @@ static int content_digest_value(const uint8_t *body, size_t len, char *out) {
 /* RFC 9421 2.3: keyid is an sf-string, so it is checked to be what PROTOCOL.md 3 says it is, a
  * base64url SHA-256 thumbprint, before it goes between quotes. */
 static bool keyid_is_valid(const char *id) {
-        size_t n;
-
-        if (!id)
-                return false;
-        for (n = 0; id[n]; n++)
-                if (!((id[n] >= 'A' && id[n] <= 'Z') || (id[n] >= 'a' && id[n] <= 'z') ||
-                      (id[n] >= '0' && id[n] <= '9') || id[n] == '-' || id[n] == '_'))
-                        return false;
-        return n == HUBKEY_ID_LEN;
+        return id && strlen(id) == HUBKEY_ID_LEN && b64url_chars_are_valid(id, HUBKEY_ID_LEN);
 }
 
 int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
                  const uint8_t *body, size_t body_len, int64_t created, struct httpsig_headers *ret) {
-        char digest[sizeof(CONTENT_DIGEST_PREFIX) + B64_LEN(SHA256_LEN) + 1];
+        char digest[sizeof(CONTENT_DIGEST_PREFIX) + BASE64_LEN(SHA256_LEN) + 1];
         char nonce_b64[NONCE_B64_MAX];
         uint8_t nonce[HTTPSIG_NONCE_BYTES], sig[HUBKEY_SIG_LEN];
         _cleanup_free_ char *params = NULL, *content_digest = NULL, *signature_input = NULL,
@@ -275,7 +266,7 @@ int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, c
         signature_input = strdup_printf("Signature-Input: " HTTPSIG_LABEL "=%s", params);
         if (!signature_input)
                 return -ENOMEM;
-        signature = malloc(strlen(SIGNATURE_PREFIX) + B64_LEN(HUBKEY_SIG_LEN) + 2);
+        signature = malloc(strlen(SIGNATURE_PREFIX) + BASE64_LEN(HUBKEY_SIG_LEN) + 2);
         if (!signature)
                 return -ENOMEM;
 

@@ -49,7 +49,6 @@
 #define P256_COORD_LEN 32                       /* RFC 7518 6.2.1.2: x and y, 32 octets each */
 #define P256_POINT_LEN (1 + 2 * P256_COORD_LEN) /* SEC 1 2.3.3: 0x04 || x || y */
 #define SHA256_LEN 32
-#define B64URL_BUF(n) (4 * (((n) + 2) / 3) + 1) /* what b64url_encode() may need for n bytes */
 #define HUBKEY_FILE_MAX (16 * 1024)             /* a PEM P-256 private key is about 250 bytes */
 #define ECDSA_P256_DER_MAX 72                   /* SEQUENCE { INTEGER r, INTEGER s }, 33 bytes each */
 

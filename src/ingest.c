@@ -19,21 +19,14 @@
 #define REJECT_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
 #define REJECT_LOG_BURST 5
 
-static bool log_allowed(uint64_t *window, unsigned *count, uint64_t *suppressed, uint64_t now, const char *dev) {
-        if (now - *window >= REJECT_LOG_WINDOW_USEC) {
-                if (*suppressed > 0)
-                        log_event(LOG_NOTICE, 0, IOTHUB_MID_FRAME_REJECTED, dev, NULL,
-                                  "Suppressed %" PRIu64 " more rejection messages for %s", *suppressed, dev);
-                *window = now;
-                *count = 0;
-                *suppressed = 0;
-        }
-        if (*count >= REJECT_LOG_BURST) {
-                (*suppressed)++;
-                return false;
-        }
-        (*count)++;
-        return true;
+static bool log_allowed(struct ratelimit *rl, uint64_t now, const char *dev) {
+        uint64_t suppressed;
+        bool ok = ratelimit_allow(rl, now, REJECT_LOG_WINDOW_USEC, REJECT_LOG_BURST, &suppressed);
+
+        if (suppressed > 0)
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_FRAME_REJECTED, dev, NULL,
+                          "Suppressed %" PRIu64 " more rejection messages for %s", suppressed, dev);
+        return ok;
 }
 
 static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_reason reason) {
@@ -46,10 +39,9 @@ static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_re
         if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))
                 ack_stage(h->ack, b, b->last_seq, !h->batch.open);
         if (b)
-                ok = log_allowed(&b->log_window_usec, &b->log_count, &b->log_suppressed, now, b->id);
+                ok = log_allowed(&b->log_rl, now, b->id);
         else
-                ok = log_allowed(&h->unknown_log_window_usec, &h->unknown_log_count, &h->unknown_log_suppressed,
-                                 now, "unknown devices");
+                ok = log_allowed(&h->unknown_log_rl, now, "unknown devices");
         /* Only the device id (already checked to be a short, safe token, or "?") and the
          * reason: never the payload of a frame whose sender is unproven. */
         if (ok)
@@ -193,8 +185,8 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
-         * seq is a replay; if the commit fails, these frames were never accepted, memory is
-         * put back (ingest_commit), and a bulb resending them later is welcome. */
+         * seq is a replay; if the commit fails, these frames were never accepted: ingest_commit()
+         * puts memory back from the undo list, so that a bulb resending them is accepted. */
         registry_seq_committed(b, f.seq);
         ack_stage(h->ack, b, f.seq, false);
         h->batch.count++;

@@ -27,7 +27,7 @@ struct mqtt {
         int port, keepalive;
         char *sub_topic;
         bool connected;
-        unsigned backoff_ms;
+        unsigned reconnect_failures; /* since the last accepted connection */
 };
 
 int mqtt_errno(int rc) {
@@ -195,8 +195,7 @@ static void mqtt_schedule_reconnect(struct mqtt *m) {
                 return;
         /* Full jitter in the upper half: many hubs behind one broker do not reconnect in step. */
         (void) random_bytes(&rnd, sizeof rnd);
-        delay_ms = m->backoff_ms / 2 + rnd % (m->backoff_ms / 2 + 1);
-        m->backoff_ms = m->backoff_ms * 2 > MQTT_BACKOFF_MAX_MS ? MQTT_BACKOFF_MAX_MS : m->backoff_ms * 2;
+        delay_ms = backoff_ms(++m->reconnect_failures, MQTT_BACKOFF_MIN_MS, MQTT_BACKOFF_MAX_MS, rnd);
         if (m->reconnect) {
                 uint64_t now;
                 (void) sd_event_now(m->event, CLOCK_MONOTONIC, &now);
@@ -235,7 +234,7 @@ static void on_connect(struct mosquitto *mosq, void *userdata, int rc) {
                           mosquitto_connack_string(rc));
                 return; /* the library drops the socket; the next read reports it */
         }
-        m->backoff_ms = MQTT_BACKOFF_MIN_MS;
+        m->reconnect_failures = 0;
         /* QoS 1 on a persistent session: the broker keeps what arrives while we are away. */
         r = mqtt_errno(mosquitto_subscribe(mosq, NULL, m->sub_topic, 1));
         if (r < 0)
@@ -322,7 +321,6 @@ int mqtt_new(sd_event *e, const struct iothub_conf *c, const struct mqtt_callbac
         m->userdata = userdata;
         m->port = c->mqtt.port;
         m->keepalive = (int) c->mqtt.keepalive_s;
-        m->backoff_ms = MQTT_BACKOFF_MIN_MS;
         m->host = strdup(c->mqtt.host);
         if (!m->host || asprintf(&m->sub_topic, "%s/+/status", c->mqtt.topic_prefix) < 0) {
                 r = -ENOMEM;

@@ -22,6 +22,7 @@
 #include "iothub/commands.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
+#include "iothub/jws.h"
 #include "iothub/hubkey.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
@@ -173,14 +174,17 @@ static int form_append(char **form, const char *name, const char *value) {
         return 0;
 }
 
+/* jws_sign_t over the hub key. */
+static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        return hubkey_sign(userdata, msg, len, ret_sig);
+}
+
 int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
                      const char *nonce, int64_t now, char **ret) {
         json_t *jwk = NULL, *header = NULL, *claims = NULL;
-        char *h = NULL, *c = NULL, *jws = NULL;
         _cleanup_free_ char *htu = NULL;
-        uint8_t jti[16], sig[HUBKEY_SIG_LEN], ath[32];
-        char jti_b64[32], ath_b64[48], sig_b64[96];
-        size_t hl, cl;
+        uint8_t jti[16], ath[32];
+        char jti_b64[32], ath_b64[48];
         int r;
 
         /* RFC 9449 4.2: htu is the target URI "without query and fragment parts"; a strict
@@ -219,42 +223,12 @@ int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, cons
                         r = -ENOMEM;
                         goto out;
                 }
-                hl = strlen(hs);
-                cl = strlen(cs);
-                h = malloc(4 * (hl / 3 + 1) + 1);
-                c = malloc(4 * (cl / 3 + 1) + 1);
-                if (!h || !c) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                (void) b64url_encode((const uint8_t *) hs, hl, h);
-                (void) b64url_encode((const uint8_t *) cs, cl, c);
+                /* JWS ES256 (RFC 7518 3.4) is exactly the hub key's raw r||s over the signing input. */
+                r = jws_compact_sign(hs, strlen(hs), cs, strlen(cs), sign_with_hubkey, k, ret);
         }
-        jws = strdup_printf("%s.%s", h, c);
-        if (!jws) {
-                r = -ENOMEM;
-                goto out;
-        }
-        /* JWS ES256 (RFC 7518 3.4) is exactly the hub key's raw r||s over the signing input. */
-        r = hubkey_sign(k, jws, strlen(jws), sig);
-        if (r < 0)
-                goto out;
-        (void) b64url_encode(sig, sizeof sig, sig_b64);
-        {
-                char *full = strdup_printf("%s.%s", jws, sig_b64);
-                if (!full) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                *ret = full;
-        }
-        r = 0;
 out:
         json_decref(header);
         json_decref(claims);
-        free(h);
-        free(c);
-        free(jws);
         return r;
 }
 

@@ -183,15 +183,53 @@ int random_bytes(void *buf, size_t len) {
         return 0;
 }
 
-bool device_id_is_valid(const char *s, size_t len) {
-        if (!s || len < 1 || len > DEVICE_ID_MAX || s[0] == '.')
-                return false;
+bool id_chars_are_valid(const char *s, size_t len) {
         for (size_t i = 0; i < len; i++) {
                 char c = s[i];
                 if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
                       c == '_' || c == '-'))
                         return false;
         }
+        return true;
+}
+
+bool b64url_chars_are_valid(const char *s, size_t len) {
+        for (size_t i = 0; i < len; i++)
+                if (!b64url_char_is_valid(s[i]))
+                        return false;
+        return true;
+}
+
+bool device_id_is_valid(const char *s, size_t len) {
+        if (!s || len < 1 || len > DEVICE_ID_MAX || s[0] == '.')
+                return false;
+        return id_chars_are_valid(s, len);
+}
+
+uint64_t backoff_ms(unsigned failures, uint64_t min_ms, uint64_t max_ms, uint32_t rnd) {
+        uint64_t cap = min_ms;
+
+        for (unsigned i = 1; i < failures && cap < max_ms; i++)
+                cap *= 2;
+        if (cap > max_ms)
+                cap = max_ms;
+        return cap / 2 + rnd % (cap / 2 + 1);
+}
+
+bool ratelimit_allow(struct ratelimit *rl, uint64_t now, uint64_t window_usec, unsigned burst,
+                     uint64_t *ret_suppressed) {
+        *ret_suppressed = 0;
+        if (now - rl->begin_usec >= window_usec) {
+                *ret_suppressed = rl->suppressed;
+                rl->begin_usec = now;
+                rl->count = 0;
+                rl->suppressed = 0;
+        }
+        if (rl->count >= burst) {
+                rl->suppressed++;
+                return false;
+        }
+        rl->count++;
         return true;
 }
 

@@ -410,7 +410,7 @@ int verify_key_to_pem(const struct verify_key *k, char **ret) {
 }
 
 static int b64url_json(const uint8_t *buf, size_t len, json_t **ret) {
-        char s[4 * ((ED25519_KEY_LEN + 2) / 3) + 1];
+        char s[B64URL_BUF(ED25519_KEY_LEN)];
         json_t *j;
 
         _Static_assert(ED25519_KEY_LEN >= P256_COORD_LEN, "buffer too small");

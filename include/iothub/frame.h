@@ -80,5 +80,6 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
  * outside the alphabet and non-zero trailing bits. Returns the decoded length, or -EINVAL,
  * or -ENOBUFS when it would exceed 'cap'. */
 ssize_t b64url_decode(const char *in, size_t len, uint8_t *out, size_t cap);
-/* Encodes into out (needs 4*ceil(len/3)+1 bytes), NUL-terminated, no padding. Returns the length. */
+/* Encodes into out (needs B64URL_BUF(len) bytes, util.h), NUL-terminated, no padding. Returns
+ * the length. */
 size_t b64url_encode(const uint8_t *in, size_t len, char *out);

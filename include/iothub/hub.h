@@ -78,9 +78,7 @@ struct hub {
         struct hub_counters counters;
         struct ingest_batch batch;
         /* Unknown devices have no per-bulb log limit: one shared window for them. */
-        uint64_t unknown_log_window_usec;
-        unsigned unknown_log_count;
-        uint64_t unknown_log_suppressed;
+        struct ratelimit unknown_log_rl;
 };
 
 /* Runs the daemon until SIGTERM/SIGINT. Returns the process exit status (DESIGN.md):

@@ -21,9 +21,7 @@ struct bulb {
         double tokens;
         uint64_t bucket_usec;
         /* Log rate limit of rejections (not persisted). */
-        uint64_t log_window_usec;
-        unsigned log_count;
-        uint64_t log_suppressed;
+        struct ratelimit log_rl;
         struct ack_entry *ack; /* end-to-end ack state, owned by ack.c (not persisted) */
 };
 
@@ -54,8 +52,12 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
  * already revoked. */
 int registry_revoke(struct registry *r, const char *id);
 
-/* Records the last accepted seq of a bulb, inside the caller's transaction; memory is
- * updated by the caller after the commit with registry_seq_committed(). */
+/* Records the last accepted seq of a bulb, inside the caller's transaction. The caller moves
+ * memory ahead at once with registry_seq_committed() (never back), so that a second frame of
+ * the same batch with that seq is a replay; if the transaction rolls back, the caller puts the
+ * seqs it moved back (ingest.c keeps an undo list), so that frames never committed are accepted
+ * when a bulb resends them (PROTOCOL.md 1, end-to-end acknowledgement). Returns 0 or a
+ * negative errno. */
 int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq);
 void registry_seq_committed(struct bulb *b, int64_t seq);
 

@@ -98,9 +98,49 @@ int check_trusted_dir(const char *path, char **ret_error);
 /* Random bytes from getrandom(). Returns 0 or a negative errno. */
 int random_bytes(void *buf, size_t len);
 
+/* The characters of ids in PROTOCOL.md 1 (device ids, command ids): [A-Za-z0-9._-]. True when
+ * all len bytes of s are of them (also for len 0: the callers check the length). */
+bool id_chars_are_valid(const char *s, size_t len);
+
 /* Device id of PROTOCOL.md 1: 1..64 of [A-Za-z0-9._-], not starting with '.'. */
 #define DEVICE_ID_MAX 64
 bool device_id_is_valid(const char *s, size_t len);
+
+/* The base64url alphabet (RFC 4648 5): [A-Za-z0-9_-], no padding. */
+static inline bool b64url_char_is_valid(char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+}
+/* True when all len bytes of s are of the base64url alphabet. */
+bool b64url_chars_are_valid(const char *s, size_t len);
+
+/* base64 sizes (RFC 4648 4 and 5), the project's one set. For n input bytes:
+ *   BASE64_LEN(n)        standard base64 with padding, without the NUL;
+ *   B64URL_LEN(n)        base64url without padding (RFC 7515 2), without the NUL: ceil(4n/3);
+ *   B64URL_BUF(n)        what b64url_encode() writes for n bytes, NUL included;
+ * and for n characters of base64url, B64URL_DECODED_MAX(n) bounds the decoded length. */
+#define BASE64_LEN(n) (4 * (((n) + 2) / 3))
+#define B64URL_LEN(n) (((n) * 4 + 2) / 3)
+#define B64URL_BUF(n) (B64URL_LEN(n) + 1)
+#define B64URL_DECODED_MAX(n) ((n) / 4 * 3 + 2)
+
+/* Exponential backoff with "full jitter" in the upper half, the project's one retry policy:
+ * after 'failures' failures in a row (1 for the first) the step is min_ms doubled
+ * failures-1 times, capped at max_ms, and the delay is drawn from [step/2, step] with rnd, so a
+ * retry never comes at once and hubs that failed together do not come back in step. Pure. */
+uint64_t backoff_ms(unsigned failures, uint64_t min_ms, uint64_t max_ms, uint32_t rnd);
+
+/* Rate-limited logging: at most 'burst' messages per window of window_usec; the caller counts
+ * everything else itself. Zero-initialised is a fresh limit. */
+struct ratelimit {
+        uint64_t begin_usec; /* start of the current window (monotonic) */
+        unsigned count;      /* messages let through in it */
+        uint64_t suppressed; /* messages held back in it */
+};
+/* True when one more message may be logged at 'now'. When a new window begins and the last one
+ * held messages back, *ret_suppressed is set to their number (for one "Suppressed N" line),
+ * otherwise to 0. */
+bool ratelimit_allow(struct ratelimit *rl, uint64_t now, uint64_t window_usec, unsigned burst,
+                     uint64_t *ret_suppressed);
 
 /* Write data to path atomically (temp file, fsync, rename, fsync dir), with mode. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);

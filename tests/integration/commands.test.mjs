@@ -15,14 +15,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import * as jose from 'jose';
-import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, mqttClient, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
-import readline from 'node:readline';
 import { startCloud } from '../cloud/server.mjs';
-import { startAuthServer } from '../oauth/server.mjs';
-import { IOTHUBCTL } from './lib/harness.mjs';
+import { loginApproved } from './lib/login.mjs';
+import { startTestbed, startStrictCloud, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const HUB_ID = 'test-hub';
@@ -52,25 +49,8 @@ function hubOverrides() {
   };
 }
 
-// 'iothubctl login' as a user runs it, the user approving at the authorization server.
-async function login(h) {
-  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  await auth.approve(code, { account: 'alice' });
-  const [exitCode] = await once(p, 'exit');
-  assert.equal(exitCode, 0, `${out} ${err}`);
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = (h) => loginApproved(h, auth);
 
 // Hub signatures the cloud (and, with DPoP, the authorization server) checked: request
 // signatures (RFC 9421), plus DPoP proofs (RFC 9449) at both servers.
@@ -150,34 +130,15 @@ async function commandsStatus() {
 }
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: DPOP ? { interval: 1 } : null }));
   if (DPOP) {
-    auth = await startAuthServer({ dir: path.join(dir, 'as'), interval: 1 });
-    const hooks = auth.cloudHooks();
-    cloud = await startCloud({
-      dir: path.join(dir, 'cloud'),
-      dpopNonce: true,
-      verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
-      verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
-    });
+    cloud = await startStrictCloud(dir, auth, seenTokens);
   } else {
     cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
   }
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
-  // The key, and the public JWK a bulb is paired with, before the daemon runs: swtpm serves
-  // one client at a time and the daemon keeps its connection.
-  const pre = new Hub(await tempDir(), broker, {});
-  pre.overrides = hubOverrides();
-  await pre.writeConfig();
-  let r = await pre.ctl(['key', 'init']);
-  assert.equal(r.code, 0, r.stderr);
-  r = await pre.ctl(['key', 'show', '--jwk']);
-  assert.equal(r.code, 0, r.stderr);
-  keyJwk = JSON.parse(r.stdout);
-  await fs.rm(pre.dir, { recursive: true, force: true });
+  // The key, and the public JWK a bulb is paired with, before the daemon runs.
+  keyJwk = (await keyBeforeDaemon(broker, hubOverrides())).jwk;
   const { kid, ...pubJwk } = keyJwk;
   assert.equal(kid, await jose.calculateJwkThumbprint(pubJwk, 'sha256'));
   hubKey = await jose.importJWK(pubJwk, 'ES256');
@@ -190,7 +151,7 @@ before(async () => {
     assert.equal(st.oauth.state, 'ok');
     assert.equal(st.oauth.dpop, true, 'a DPoP-bound token');
   }
-  r = await hub.ctl(['register']);
+  const r = await hub.ctl(['register']);
   assert.equal(r.code, 0, r.stderr);
   pub = await mqttClient(broker.port);
   lamp = await CmdBulb.create('cmd-lamp');
@@ -203,13 +164,7 @@ before(async () => {
 
 after(async () => {
   for (const b of [lamp, desk, spare]) await b?.end();
-  await pub?.endAsync();
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ clients: [pub], hub, cloud, auth, broker, tpm, dir });
 });
 
 test('a command reaches its bulb as a JWS the bulb verifies with the paired key; delivered, then acked', async () => {

@@ -3,23 +3,17 @@
 // first thing to fix; a broken configuration is the first finding of all.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import readline from 'node:readline';
-import { Broker, Hub, Swtpm, IOTHUBCTL, tempDir, waitFor } from './lib/harness.mjs';
+import { Hub, waitFor } from './lib/harness.mjs';
 import { startCloud } from '../cloud/server.mjs';
-import { startAuthServer } from '../oauth/server.mjs';
+import { loginApproved } from './lib/login.mjs';
+import { startTestbed, stopTestbed } from './lib/testbed.mjs';
 
 let dir, tpm, broker, auth, cloud, hub;
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
-  auth = await startAuthServer({ dir: path.join(dir, 'as'), accessTokenTtl: 600, interval: 1 });
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { accessTokenTtl: 600, interval: 1 } }));
   const hooks = auth.cloudHooks();
   cloud = await startCloud({ dir: path.join(dir, 'cloud'), verifyToken: hooks.verifyToken, verifyDpop: hooks.verifyDpop });
   hub = await Hub.start(broker, {
@@ -31,12 +25,7 @@ before(async () => {
 });
 
 after(async () => {
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ hub, cloud, auth, broker, tpm, dir });
 });
 
 async function doctor() {
@@ -60,25 +49,8 @@ async function doctor() {
   return { code: text.code, out: text.stdout, rep, byName, first };
 }
 
-// Runs 'iothubctl login' as a user would, and plays the user at the provider.
-async function login() {
-  const p = spawn(IOTHUBCTL, ['--config', hub.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  await auth.approve(code, { account: 'alice' });
-  const [exitCode] = await once(p, 'exit');
-  assert.equal(exitCode, 0, `${out} ${err}`);
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = () => loginApproved(hub, auth);
 
 test('no hub key: the first thing to fix is key init', async () => {
   const d = await doctor();

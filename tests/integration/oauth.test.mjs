@@ -12,15 +12,14 @@
 // never reached the revocation endpoint and the next login failed.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import readline from 'node:readline';
-import { Broker, Hub, Swtpm, IOTHUBCTL, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
+import { deviceLogin } from './lib/login.mjs';
+import { startTestbed, startStrictCloud, stopTestbed } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 let dir, tpm, broker, auth, cloud, hub, client, bulb;
@@ -40,42 +39,12 @@ async function keyInit(h) {
   assert.equal(r.code, 0, r.stderr);
 }
 
-// Runs 'iothubctl login' the way a user would, and plays the user at the provider.
-async function login(h, as, { act = 'approve', delayMs = 0 } = {}) {
-  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  if (delayMs) await sleep(delayMs);
-  if (act === 'approve') await as.approve(code, { account: 'alice' });
-  else if (act === 'deny') await as.deny(code);
-  const [exitCode] = await once(p, 'exit');
-  return { code: exitCode, out, err, userCode: code };
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = deviceLogin;
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
-  auth = await startAuthServer({ dir: path.join(dir, 'as'), accessTokenTtl: 8, interval: 1 });
-  const hooks = auth.cloudHooks();
-  // A strict resource server (RFC 9449 4.3) with its own DPoP nonce (RFC 9449 9).
-  cloud = await startCloud({
-    dir: path.join(dir, 'cloud'),
-    dpopNonce: true,
-    verifyToken: async (t, req) => { seenTokens.add(t); return hooks.verifyToken(t, req); },
-    verifyDpop: async (a) => { seenTokens.add(a.token); return hooks.verifyDpop(a); },
-  });
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { accessTokenTtl: 8, interval: 1 } }));
+  cloud = await startStrictCloud(dir, auth, seenTokens);
   const pre = new Hub(await tempDir(), broker, {});
   pre.overrides = overrides(tpm, auth);
   await pre.writeConfig();
@@ -91,13 +60,7 @@ before(async () => {
 });
 
 after(async () => {
-  await client?.endAsync();
-  await hub?.cleanup();
-  await cloud?.close();
-  await auth?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ clients: [client], hub, cloud, auth, broker, tpm, dir });
 });
 
 async function publish(n) {
@@ -204,16 +167,23 @@ test('login: denial and slow_down end as RFC 8628 says', async () => {
   assert.equal((await hub.status()).oauth.state, 'ok', 'the previous sign-in stays');
 });
 
-test('login: an expired code, and slow_down, with a stricter server', async () => {
-  const t2 = await Swtpm.start(path.join(dir, 'tpm3'));
-  const as2 = await startAuthServer({ dir: path.join(dir, 'as2'), deviceCodeTtl: 5, interval: 1, slowDownToleranceMs: -2000 });
+// A hub of its own, with its own swtpm (one client at a time: the shared one serves the shared
+// hub), its key made, running, configured for the authorization server 'as'.
+async function ownHub(tpmName, as) {
+  const t = await Swtpm.start(path.join(dir, tpmName));
   const h = new Hub(await tempDir(), broker, {});
   await fs.chmod(h.dir, 0o755);
-  h.overrides = overrides(t2, as2);
+  h.overrides = overrides(t, as);
   await fs.mkdir(h.stateDir, { mode: 0o700 });
   await h.writeConfig();
   await keyInit(h);
   await h.start();
+  return { t2: t, h };
+}
+
+test('login: an expired code, and slow_down, with a stricter server', async () => {
+  const as2 = await startAuthServer({ dir: path.join(dir, 'as2'), deviceCodeTtl: 5, interval: 1, slowDownToleranceMs: -2000 });
+  const { t2, h } = await ownHub('tpm3', as2);
   try {
     const r = await login(h, as2, { act: 'none' });
     assert.equal(r.code, 1);
@@ -223,6 +193,30 @@ test('login: an expired code, and slow_down, with a stricter server', async () =
   } finally {
     await h.cleanup();
     await as2.close();
+    await t2.stop();
+  }
+});
+
+// issue 11 item 3: oauth_free() cancelled the requests in flight with http_cancel(), which frees
+// only the request: the call riding on it (with its form, wiped nowhere) leaked. The daemon must
+// stop cleanly with a sign-in request held open at the server; under 'make asan' LeakSanitizer
+// turns such a leak into a non-zero exit code, which this checks (it did, before the fix).
+test('stopping the daemon while a sign-in request is in flight ends it without a leak', async () => {
+  const { t2, h } = await ownHub('tpm-inflight', auth);
+  let release;
+  const held = new Promise((r) => { release = r; });
+  const seen = auth.state.misbehaved.length;
+  auth.misbehave({ route: 'device', count: 1, respond: async () => { await held; return { status: 503 }; } });
+  try {
+    const ctl = h.ctl(['login']);
+    await waitFor(() => auth.state.misbehaved.length > seen, 8000, 'the device authorization request at the server');
+    const res = await h.stop();
+    assert.deepEqual(res, { code: 0, signal: null }, h.log);
+    assert.notEqual((await ctl).code, 0, 'the login command learns that the daemon went away');
+  } finally {
+    release();
+    auth.clearMisbehaviour();
+    await h.cleanup();
     await t2.stop();
   }
 });

@@ -7,9 +7,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { calculateJwkThumbprint } from 'jose';
-import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, mqttClient, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
+import { startTestbed, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
 const TOKEN = 'tok-relay-test-0123456789';
@@ -60,30 +61,18 @@ async function assertAllDelivered(sent, timeoutMs = 20000) {
 }
 
 before(async () => {
-  dir = await tempDir();
-  await fs.chmod(dir, 0o755);
-  tpm = await Swtpm.start(path.join(dir, 'tpm'));
-  broker = await Broker.start(dir);
+  ({ dir, tpm, broker } = await startTestbed());
   cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
-  // The key is made before the daemon runs: swtpm serves one client at a time, and the
-  // daemon keeps its connection (a real /dev/tpmrm0 multiplexes).
-  const pre = new Hub(await tempDir(), broker, {});
-  pre.overrides = hubOverrides();
-  await pre.writeConfig();
-  let r = await pre.ctl(['key', 'init']);
-  assert.equal(r.code, 0, r.stderr);
-  assert.match(r.stdout, /Created hub key/);
-  r = await pre.ctl(['key', 'init']);
-  assert.match(r.stdout, /Kept the existing hub key/);
-  r = await pre.ctl(['key', 'show', '--jwk']);
-  assert.equal(r.code, 0, r.stderr);
-  keyJwk = JSON.parse(r.stdout);
-  await fs.rm(pre.dir, { recursive: true, force: true });
+  // The key is made before the daemon runs (lib/testbed.mjs says why); a second init keeps it.
+  keyJwk = (await keyBeforeDaemon(broker, hubOverrides(), async (pre, init) => {
+    assert.match(init.stdout, /Created hub key/);
+    assert.match((await pre.ctl(['key', 'init'])).stdout, /Kept the existing hub key/);
+  })).jwk;
 
   hub = await Hub.start(broker, hubOverrides());
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
-  r = await hub.ctl(['register']);
+  const r = await hub.ctl(['register']);
   assert.equal(r.code, 0, r.stderr);
   client = await mqttClient(broker.port);
   bulbs = [await Bulb.create('relay-es', 'ES256'), await Bulb.create('relay-ed', 'EdDSA')];
@@ -92,12 +81,7 @@ before(async () => {
 });
 
 after(async () => {
-  await client?.endAsync();
-  await hub?.cleanup();
-  await cloud?.close();
-  await broker?.stop();
-  await tpm?.stop();
-  await fs.rm(dir, { recursive: true, force: true });
+  await stopTestbed({ clients: [client], hub, cloud, broker, tpm, dir });
 });
 
 test('the hub key lives in the TPM; its id is the RFC 7638 thumbprint the cloud registered', async () => {

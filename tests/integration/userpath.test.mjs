@@ -15,6 +15,7 @@ import { Broker, Hub, Swtpm, IOTHUBD, IOTHUBCTL, NOTIFY_LISTEN, confText, freePo
   from './lib/harness.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
+import { loginApproved } from './lib/login.mjs';
 
 let dir, broker;
 
@@ -249,25 +250,8 @@ test('before sign-in the hint is iothubctl login, and bearer_token_file only whe
   }
 });
 
-// Runs 'iothubctl login' as a user would, and plays the user at the provider.
-async function login(h, as) {
-  const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '', err = '';
-  p.stderr.on('data', (d) => { err += d; });
-  const rl = readline.createInterface({ input: p.stdout });
-  const code = await new Promise((resolve, reject) => {
-    let next = false;
-    rl.on('line', (l) => {
-      out += `${l}\n`;
-      if (next && l.trim()) { resolve(l.trim()); next = false; }
-      if (/enter the code/.test(l)) next = true;
-    });
-    p.once('exit', () => reject(new Error(`iothubctl login exited early: ${out} ${err}`)));
-  });
-  await as.approve(code, { account: 'alice' });
-  const [exitCode] = await once(p, 'exit');
-  assert.equal(exitCode, 0, `${out} ${err}`);
-}
+// 'iothubctl login' as a user runs it (lib/login.mjs).
+const login = loginApproved;
 
 test('issue 10 item 13: the TPM comes up after the daemon, and the sealed tokens are loaded then', async () => {
   const d = await tempDir();
