@@ -47,6 +47,7 @@ export class Bulb {
     client.on('connect', this.onConnect);
     await client.subscribeAsync(this.ackTopic, { qos: 1 });
     this.timer = setInterval(() => this.#resendDue(), Math.max(20, Math.floor(resendMs / 4)));
+    this.timer.unref(); // a test that fails before detach() must not keep node alive
   }
 
   detach() {
