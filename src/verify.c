@@ -28,10 +28,9 @@
 
 #include "iothub/util.h"
 #include "iothub/verify.h"
+#include "verify-internal.h"
 
 /* Named limits on operator-provided input (keys and certificates, never frames). */
-#define VERIFY_PEM_MAX   (64 * 1024)
-#define VERIFY_CHAIN_MAX 8 /* intermediates that may follow a device certificate */
 
 #define P256_COORD_LEN   32                                 /* RFC 7518 6.2.1.2: x and y, 32 octets each */
 #define ES256_SIG_LEN    (2 * P256_COORD_LEN)               /* RFC 7518 3.4: R || S */
@@ -266,7 +265,7 @@ static int x509_from_der(const unsigned char *der, size_t len, X509 **ret) {
 }
 
 /* The device certificate, optionally followed by the intermediates that lead to ca_file. */
-static int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF(X509) **ret_chain) {
+int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF(X509) **ret_chain) {
         _cleanup_(X509_freep) X509 *leaf = NULL;
         _cleanup_(x509_stack_freep) STACK_OF(X509) *chain = NULL;
         size_t pos = 0;
@@ -307,7 +306,7 @@ static int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF
 }
 
 /* The subject's commonName (RFC 5280 4.1.2.6, X.520), exactly one, which must be a device id. */
-static int cert_device_id(X509 *cert, char *ret_id) {
+int cert_device_id(X509 *cert, char *ret_id) {
         _cleanup_(openssl_freep) unsigned char *utf8 = NULL;
         const X509_NAME *subject = X509_get_subject_name(cert);
         int i, n;
