@@ -484,8 +484,8 @@ int cloud_parse_status_answer(const char *body, size_t len, json_t **ret_rejecte
 void cloud_rejection_key(const json_t *rejection, char ret_key[static CLOUD_REJECTION_KEY_MAX]) {
         const char *reason = json_string_value(json_object_get(rejection, "reason"));
 
-        if (!reason || strlen(reason) >= CLOUD_REJECTION_KEY_MAX)
-                reason = "other";
+        if (!reason || reason[0] == '\0' || strlen(reason) >= CLOUD_REJECTION_KEY_MAX)
+                reason = "other"; /* an empty reason would name no counter */
         /* Reasons come from the network: keep only a safe token as a counter name. */
         (void) snprintf(ret_key, CLOUD_REJECTION_KEY_MAX, "%s", reason);
         for (char *p = ret_key; *p; p++)

@@ -73,7 +73,7 @@ int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_secon
  * reference) or NULL when absent. Returns 0 or -EBADMSG. Pure. */
 int cloud_parse_status_answer(const char *body, size_t len, json_t **ret_rejected);
 /* The counter name for one element of "rejected": its "reason" if it is a string shorter than
- * CLOUD_REJECTION_KEY_MAX, else "other", with every byte outside [a-z0-9_] replaced by '_'. Pure. */
+ * CLOUD_REJECTION_KEY_MAX and not empty, else "other", with every byte outside [a-z0-9_] replaced by '_'. Pure. */
 void cloud_rejection_key(const json_t *rejection, char ret_key[static CLOUD_REJECTION_KEY_MAX]);
 /* The one-line reason for a batch the cloud refused with a 4xx: "HTTP <status>", then ": " and at
  * most 64 bytes of the body's "error" string when there is one; bytes outside printable ASCII
