@@ -22,7 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 /* The CA of the seed certificates (corpus/pem/cert-*), P-256, self-signed, valid until 2126. Its
- * key is not kept: new seeds come with a new CA (see tests/fuzz/README). */
+ * key is not kept: new seeds come with a new CA (see tests/fuzz/README.md). */
 static const char fuzz_ca[] =
         "-----BEGIN CERTIFICATE-----\n"
         "MIIBozCCAUmgAwIBAgIUBxO0p/nvh8Jz3i1ykm6FjkaU2D8wCgYIKoZIzj0EAwIw\n"
