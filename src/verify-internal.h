@@ -8,6 +8,7 @@
 
 #include "iothub/util.h"
 
+/* Named limits on operator-provided input (keys and certificates, never frames). */
 #define VERIFY_PEM_MAX   (64 * 1024)
 #define VERIFY_CHAIN_MAX 8 /* intermediates that may follow a device certificate */
 

@@ -30,8 +30,6 @@
 #include "iothub/verify.h"
 #include "verify-internal.h"
 
-/* Named limits on operator-provided input (keys and certificates, never frames). */
-
 #define P256_COORD_LEN   32                                 /* RFC 7518 6.2.1.2: x and y, 32 octets each */
 #define ES256_SIG_LEN    (2 * P256_COORD_LEN)               /* RFC 7518 3.4: R || S */
 #define ES256_DER_MAX    (2 + 2 * (2 + 1 + P256_COORD_LEN)) /* SEQUENCE { INTEGER r, INTEGER s } */
