@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* Private to verify.c and its tests (tests/fuzz/fuzz-cert.c): the parsing steps of
+/* Private to verify.c and its tests (tests/fuzz/fuzz-pem.c): the parsing steps of
  * verify_key_from_cert() that come before and after path validation, so that they can be fuzzed
  * without a certificate that chains to a CA. */
 #pragma once
