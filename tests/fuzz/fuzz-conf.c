@@ -68,9 +68,12 @@ static bool scope_ok(const char *s) {
         if (!string_ok(s, 1024))
                 return false;
         /* RFC 6749 3.3: NQCHAR tokens separated by single spaces. */
-        for (const char *p = s; p && *p; p++)
-                if (*p == ' ' ? (p == s || p[-1] == ' ' || p[1] == '\0') : (*p < 0x21 || *p > 0x7e || *p == '"' || *p == '\\'))
+        for (const char *p = s; p && *p; p++) {
+                bool nqchar = *p >= 0x21 && *p <= 0x7e && *p != '"' && *p != '\\';
+
+                if (*p == ' ' ? (p == s || p[-1] == ' ' || p[1] == '\0') : !nqchar)
                         return false;
+        }
         return true;
 }
 

@@ -48,7 +48,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
         const char *tmp = getenv("TMPDIR");
         int fd;
 
-        (void) snprintf(ca_path, sizeof ca_path, "%s/fuzz-pem-ca-XXXXXX", tmp && strlen(tmp) < 32 ? tmp : "/tmp");
+        (void) snprintf(ca_path, sizeof ca_path, "%s/fuzz-pem-ca-XXXXXX",
+                        tmp && strlen(tmp) < 32 ? tmp : "/tmp");
         fd = mkstemp(ca_path);
         CHECK(fd >= 0);
         CHECK(write(fd, fuzz_ca, strlen(fuzz_ca)) == (ssize_t) strlen(fuzz_ca));
