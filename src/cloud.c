@@ -458,21 +458,52 @@ static int on_batch_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+int cloud_parse_status_answer(const char *body, size_t len, json_t **ret_rejected) {
+        json_error_t jerr;
+        json_t *resp = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+        json_t *acc = json_object_get(resp, "accepted"), *rej = json_object_get(resp, "rejected");
+
+        if (!json_is_integer(acc) || (rej && !json_is_array(rej))) {
+                json_decref(resp);
+                return -EBADMSG;
+        }
+        *ret_rejected = json_incref(rej);
+        json_decref(resp);
+        return 0;
+}
+
+void cloud_rejection_key(const json_t *rejection, char ret_key[static CLOUD_REJECTION_KEY_MAX]) {
+        const char *reason = json_string_value(json_object_get(rejection, "reason"));
+
+        if (!reason || reason[0] == '\0' || strlen(reason) >= CLOUD_REJECTION_KEY_MAX)
+                reason = "other"; /* an empty reason would name no counter */
+        /* Reasons come from the network: keep only a safe token as a counter name. */
+        (void) snprintf(ret_key, CLOUD_REJECTION_KEY_MAX, "%s", reason);
+        for (char *p = ret_key; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_'))
+                        *p = '_';
+}
+
+void cloud_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size) {
+        json_error_t jerr;
+        json_t *resp = json_loadb(body, len, 0, &jerr);
+        const char *e = json_string_value(json_object_get(resp, "error"));
+
+        (void) snprintf(ret, size, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
+        json_decref(resp);
+        for (char *p = ret; *p; p++)
+                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                        *p = '?';
+}
+
 static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frames) {
         size_t i;
         json_t *v;
 
         json_array_foreach(rejected, i, v) {
-                const char *reason = json_string_value(json_object_get(v, "reason"));
-                char key[64];
+                char key[CLOUD_REJECTION_KEY_MAX];
 
-                if (!reason || strlen(reason) >= sizeof key)
-                        reason = "other";
-                /* Reasons come from the network: keep only a safe token as a counter name. */
-                (void) snprintf(key, sizeof key, "%s", reason);
-                for (char *p = key; *p; p++)
-                        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_'))
-                                *p = '_';
+                cloud_rejection_key(v, key);
                 json_int_t old = json_integer_value(json_object_get(c->rejected_reasons, key));
                 if (json_object_size(c->rejected_reasons) < 32 || json_object_get(c->rejected_reasons, key))
                         (void) json_object_set_new(c->rejected_reasons, key, json_integer(old + 1));
@@ -486,11 +517,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
         uint64_t count = 0, bytes = 0;
 
         if (r == 0 && status == 200) {
-                json_error_t jerr;
-                json_t *resp = json_loadb(resp_->body, resp_->body_len, JSON_REJECT_DUPLICATES, &jerr);
-                json_t *acc = json_object_get(resp, "accepted"), *rej = json_object_get(resp, "rejected");
-                if (!json_is_integer(acc) || (rej && !json_is_array(rej))) {
-                        json_decref(resp);
+                json_t *rej = NULL;
+                if (cloud_parse_status_answer(resp_->body, resp_->body_len, &rej) < 0) {
                         set_last_error(c, "the cloud answered 200 with an unexpected body");
                         log_warning("Cloud answered 200 with an unexpected body; the batch will be sent again");
                         cloud_backoff(c, NULL);
@@ -500,7 +528,7 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 if (n_rej > q->n_frames)
                         n_rej = q->n_frames;
                 count_rejections(c, rej, q->n_frames);
-                json_decref(resp);
+                json_decref(rej);
                 /* Accepted and rejected frames both leave: rejected ones are never retried. */
                 r = spool_delete(h->db, q->first_id, q->last_id, &count, &bytes);
                 if (r < 0) {
@@ -535,15 +563,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 return;
         }
         /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
-        char reason[128];
-        json_error_t jerr;
-        json_t *resp = json_loadb(resp_->body, resp_->body_len, 0, &jerr);
-        const char *e = json_string_value(json_object_get(resp, "error"));
-        (void) snprintf(reason, sizeof reason, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
-        json_decref(resp);
-        for (char *p = reason; *p; p++)
-                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
-                        *p = '?';
+        char reason[CLOUD_REFUSAL_REASON_MAX];
+        cloud_refusal_reason(status, resp_->body, resp_->body_len, reason, sizeof reason);
         r = spool_move_aside(h->db, q->first_id, q->last_id, status, reason, &count, &bytes);
         if (r < 0) {
                 log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(h->db));

@@ -14,6 +14,7 @@
 
 #include <ini.h>
 
+#include "conf-internal.h"
 #include "iothub/conf.h"
 
 #define CONF_PATH_MAX 4096
@@ -813,7 +814,8 @@ static int conf_check(struct parse_ctx *ctx, int machine_id_error) {
         return 0;
 }
 
-int conf_load(const char *path, struct iothub_conf **ret, char **ret_error) {
+/* conf_load() on an open stream (f not NULL, left open) or on the file at path (f NULL). */
+static int conf_load_internal(const char *path, FILE *stream, struct iothub_conf **ret, char **ret_error) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_(fclosep) FILE *f = NULL;
         unsigned key_line[ELEMENTSOF(conf_keys)] = {};
@@ -843,7 +845,9 @@ int conf_load(const char *path, struct iothub_conf **ret, char **ret_error) {
         }
         ctx.conf = c;
 
-        {
+        if (stream)
+                ctx.f = stream;
+        else {
                 /* No symlink, no FIFO, not writable by others (util.h, "trusted"): the config
                  * names the keys, the CA and the state directory. */
                 _cleanup_free_ char *why = NULL;
@@ -861,8 +865,8 @@ int conf_load(const char *path, struct iothub_conf **ret, char **ret_error) {
                         r = ctx_error(&ctx, r, 0, "%s", strerror(-r));
                         goto fail;
                 }
+                ctx.f = f;
         }
-        ctx.f = f;
 
         ini_settings_save(&saved);
         ini_settings_pin();
@@ -899,6 +903,16 @@ fail:
                 *ret_error = TAKE_PTR(ctx.message);
         free(ctx.message);
         return r;
+}
+
+int conf_load(const char *path, struct iothub_conf **ret, char **ret_error) {
+        return conf_load_internal(path, NULL, ret, ret_error);
+}
+
+int conf_load_stream(FILE *f, const char *path, struct iothub_conf **ret, char **ret_error) {
+        if (!f)
+                return -EINVAL;
+        return conf_load_internal(path, f, ret, ret_error);
 }
 
 void conf_free(struct iothub_conf *c) {

@@ -141,12 +141,16 @@ static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *
         return json_pack("{s:b,s:o}", "ok", 1, "bulbs", arr);
 }
 
-static const char *req_string(json_t *req, const char *key, size_t max) {
+const char *control_request_string(const json_t *req, const char *key, size_t max) {
         json_t *v = json_object_get(req, key);
 
         if (!json_is_string(v) || json_string_length(v) > max || json_string_length(v) == 0)
                 return NULL;
         return json_string_value(v);
+}
+
+static const char *req_string(json_t *req, const char *key, size_t max) {
+        return control_request_string(req, key, max);
 }
 
 static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
@@ -372,17 +376,35 @@ static const struct {
         { "logout", handle_logout },
 };
 
-static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line, size_t len) {
-        _cleanup_json_ json_t *req = NULL;
+int control_parse_request(const char *line, size_t len, json_t **ret_req, const char **ret_cmd,
+                          const char **ret_error) {
         json_error_t jerr;
+        json_t *req;
         const char *cmd;
 
         req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
-        if (!json_is_object(req))
-                return error_reply("request is not a JSON object");
-        cmd = req_string(req, "cmd", 64);
-        if (!cmd)
-                return error_reply("request has no \"cmd\"");
+        if (!json_is_object(req)) {
+                json_decref(req);
+                *ret_error = "request is not a JSON object";
+                return -EBADMSG;
+        }
+        cmd = req_string(req, "cmd", CONTROL_CMD_MAX);
+        if (!cmd) {
+                json_decref(req);
+                *ret_error = "request has no \"cmd\"";
+                return -EBADMSG;
+        }
+        *ret_req = req;
+        *ret_cmd = cmd;
+        return 0;
+}
+
+static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line, size_t len) {
+        _cleanup_json_ json_t *req = NULL;
+        const char *cmd, *error;
+
+        if (control_parse_request(line, len, &req, &cmd, &error) < 0)
+                return error_reply("%s", error);
         for (size_t i = 0; i < ELEMENTSOF(handlers); i++)
                 if (streq(cmd, handlers[i].cmd))
                         return handlers[i].handler(ctl, conn, req);
@@ -622,8 +644,6 @@ int control_call(const char *path, json_t *request, json_t **ret) {
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *req = NULL, *buf = NULL;
         size_t len = 0, cap = 0;
-        json_error_t jerr;
-        json_t *resp;
 
         if (strlen(path) >= sizeof sa.sun_path)
                 return -ENAMETOOLONG;
@@ -672,6 +692,13 @@ int control_call(const char *path, json_t *request, json_t **ret) {
                         break;
                 len += (size_t) n;
         }
+        return control_parse_reply(buf, len, ret);
+}
+
+int control_parse_reply(const char *buf, size_t len, json_t **ret) {
+        json_error_t jerr;
+        json_t *resp;
+
         resp = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
         if (!json_is_object(resp)) {
                 json_decref(resp);

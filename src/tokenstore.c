@@ -36,13 +36,8 @@
 
 #include "iothub/tokenstore.h"
 #include "iothub/util.h"
+#include "tokenstore-internal.h"
 
-#define MAGIC "IOTHTOK1"
-#define MAGIC_LEN 8
-#define NONCE_LEN 12 /* NIST SP 800-38D 5.2.1.1: 96 bits, the recommended IV length */
-#define TAG_LEN 16
-#define DATA_KEY_LEN 32 /* AES-256 */
-#define ENC_OVERHEAD (MAGIC_LEN + NONCE_LEN + TAG_LEN)
 #define ENC_MAX (ENC_OVERHEAD + TOKENSTORE_MAX)
 #define KEY_FILE_MAX 4096 /* a sealed 32-byte key is 212 bytes (hubkey.c refuses more than 1024) */
 #define JSON_MIN 2        /* "{}" */
@@ -350,6 +345,24 @@ static int tokens_from_json(const struct secret *buf, struct oauth_tokens *ret) 
         return 0;
 }
 
+bool tokenstore_is_file(const uint8_t *buf, size_t len) {
+        return len >= ENC_OVERHEAD + JSON_MIN && len <= ENC_MAX && memcmp(buf, MAGIC, MAGIC_LEN) == 0;
+}
+
+int tokenstore_decode(const uint8_t key[DATA_KEY_LEN], const char *hub_id, const uint8_t *buf, size_t len,
+                      struct oauth_tokens *ret) {
+        _cleanup_secret_ struct secret plain = {};
+        int r;
+
+        if (!tokenstore_is_file(buf, len))
+                return -ENOMSG;
+        r = gcm_open(key, hub_id, buf, len, &plain);
+        if (r < 0)
+                return r;
+        r = tokens_from_json(&plain, ret);
+        return r == -EBADMSG ? -EUCLEAN : r;
+}
+
 /* ---- the interface ---- */
 
 static int check_conf(const struct iothub_conf *c, char **ret_error) {
@@ -419,7 +432,7 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
 int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_tokens *ret,
                     char **ret_error) {
         _cleanup_free_ char *enc_path = NULL, *key_path = NULL;
-        _cleanup_secret_ struct secret enc = {}, plain = {};
+        _cleanup_secret_ struct secret enc = {};
         _cleanup_data_key_ uint8_t key[DATA_KEY_LEN];
         struct oauth_tokens t;
         int r;
@@ -441,7 +454,7 @@ int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_
                 return -EBADMSG; /* larger than any tokens file; the message is set */
         if (r < 0)
                 return r;
-        if (enc.len < ENC_OVERHEAD + JSON_MIN || memcmp(enc.data, MAGIC, MAGIC_LEN) != 0)
+        if (!tokenstore_is_file(enc.data, enc.len))
                 return set_error_message(ret_error, -EBADMSG, "%s is not a tokens file", enc_path);
 
         r = data_key_read(key_path, k, key, ret_error);
@@ -452,19 +465,16 @@ int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_
         if (r < 0)
                 return r;
 
-        r = gcm_open(key, c->hub.id, enc.data, enc.len, &plain);
+        r = tokenstore_decode(key, c->hub.id, enc.data, enc.len, &t);
         if (r == -EBADMSG)
                 return set_error_message(ret_error, r,
                                  "%s does not authenticate (altered, or written for another hub id or "
                                  "data key)",
                                  enc_path);
+        if (r == -EUCLEAN)
+                return set_error_message(ret_error, -EBADMSG, "%s holds no valid tokens", enc_path);
         if (r < 0)
                 return set_error_message(ret_error, r, "cannot decrypt %s: %s", enc_path, strerror(-r));
-        r = tokens_from_json(&plain, &t);
-        if (r == -EBADMSG)
-                return set_error_message(ret_error, r, "%s holds no valid tokens", enc_path);
-        if (r < 0)
-                return r;
         *ret = t;
         return 0;
 }

@@ -28,10 +28,7 @@
 
 #include "iothub/util.h"
 #include "iothub/verify.h"
-
-/* Named limits on operator-provided input (keys and certificates, never frames). */
-#define VERIFY_PEM_MAX   (64 * 1024)
-#define VERIFY_CHAIN_MAX 8 /* intermediates that may follow a device certificate */
+#include "verify-internal.h"
 
 #define P256_COORD_LEN   32                                 /* RFC 7518 6.2.1.2: x and y, 32 octets each */
 #define ES256_SIG_LEN    (2 * P256_COORD_LEN)               /* RFC 7518 3.4: R || S */
@@ -93,6 +90,39 @@ static int pkey_classify(EVP_PKEY *pkey, enum frame_alg *ret) {
         return 0;
 }
 
+/* Whether a raw Ed25519 public key encodes a point of small order (1, 2, 4 or 8), canonically or
+ * not, with either sign of x (the list and the masking are libsodium's). RFC 8032 5.1.7 verifies
+ * [S]B = R + [k]A: with such an A, [k]A takes at most 8 values whatever the message, so a
+ * signature (R, S) made without any private key verifies for many messages (for the identity,
+ * R = identity and S = 0 verify for all). Such a key is refused. */
+static bool ed25519_has_small_order(const uint8_t key[ED25519_KEY_LEN]) {
+        static const uint8_t blocklist[][ED25519_KEY_LEN] = {
+                /* 0 (order 4) */
+                { 0 },
+                /* 1 (order 1) */
+                { 0x01 },
+                /* order 8 */
+                { 0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98, 0xf0,
+                  0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53, 0xfc, 0x05 },
+                /* order 8 */
+                { 0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67, 0x0f,
+                  0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac, 0x03, 0x7a },
+                /* p-1 (order 2), p (= 0, order 4), p+1 (= 1, order 1): y not reduced mod p */
+                { 0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f },
+                { 0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f },
+                { 0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(blocklist); i++)
+                if (memcmp(key, blocklist[i], ED25519_KEY_LEN - 1) == 0 &&
+                    (key[ED25519_KEY_LEN - 1] & 0x7f) == blocklist[i][ED25519_KEY_LEN - 1])
+                        return true;
+        return false;
+}
+
 /* Takes over pkey. 'check' runs the public key check of SP 800-56A 5.6.2.3 for EC keys that
  * did not come through the fast path below (which only builds keys from a full point, already
  * checked to be on the curve by OpenSSL). */
@@ -105,6 +135,15 @@ static int verify_key_new(EVP_PKEY *pkey, bool check, struct verify_key **ret, e
         r = pkey_classify(owned, &alg);
         if (r < 0)
                 return r;
+        if (alg == FRAME_ALG_EDDSA) {
+                uint8_t raw[ED25519_KEY_LEN];
+                size_t raw_len = sizeof raw;
+
+                if (EVP_PKEY_get_raw_public_key(owned, raw, &raw_len) != 1 || raw_len != sizeof raw)
+                        return openssl_errno(-EINVAL);
+                if (ed25519_has_small_order(raw))
+                        return -EINVAL;
+        }
         if (check && alg == FRAME_ALG_ES256) {
                 _cleanup_(EVP_PKEY_CTX_freep) EVP_PKEY_CTX *c =
                         EVP_PKEY_CTX_new_from_pkey(NULL, owned, NULL);
@@ -266,7 +305,7 @@ static int x509_from_der(const unsigned char *der, size_t len, X509 **ret) {
 }
 
 /* The device certificate, optionally followed by the intermediates that lead to ca_file. */
-static int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF(X509) **ret_chain) {
+int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF(X509) **ret_chain) {
         _cleanup_(X509_freep) X509 *leaf = NULL;
         _cleanup_(x509_stack_freep) STACK_OF(X509) *chain = NULL;
         size_t pos = 0;
@@ -307,7 +346,7 @@ static int certs_from_pem(const char *pem, size_t len, X509 **ret_leaf, STACK_OF
 }
 
 /* The subject's commonName (RFC 5280 4.1.2.6, X.520), exactly one, which must be a device id. */
-static int cert_device_id(X509 *cert, char *ret_id) {
+int cert_device_id(X509 *cert, char *ret_id) {
         _cleanup_(openssl_freep) unsigned char *utf8 = NULL;
         const X509_NAME *subject = X509_get_subject_name(cert);
         int i, n;

@@ -16,6 +16,8 @@
 #define CLOUD_BACKOFF_MAX_MS 300000u
 #define CLOUD_RETRY_AFTER_MAX_S 3600
 #define CLOUD_TOKEN_MAX 8192
+#define CLOUD_REJECTION_KEY_MAX 64  /* a counter name in cloud.rejected_reasons, NUL included */
+#define CLOUD_REFUSAL_REASON_MAX 128 /* the reason kept with a batch moved aside, NUL included */
 
 struct cloud;
 
@@ -72,6 +74,18 @@ void cloud_status_line(struct cloud *c, char *buf, size_t len);
 /* Parses a Retry-After value (RFC 9110 10.2.3: delay-seconds or an HTTP-date) into seconds
  * from now_s, clamped to 0..CLOUD_RETRY_AFTER_MAX_S. Returns -EINVAL if unparseable. Pure. */
 int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds);
+
+/* The 200 answer to a status batch (PROTOCOL.md 3): an object with an integer "accepted" and, if
+ * present, an array "rejected", no duplicate member names. *ret_rejected is that array (a new
+ * reference) or NULL when absent. Returns 0 or -EBADMSG. Pure. */
+int cloud_parse_status_answer(const char *body, size_t len, json_t **ret_rejected);
+/* The counter name for one element of "rejected": its "reason" if it is a string shorter than
+ * CLOUD_REJECTION_KEY_MAX and not empty, else "other", with every byte outside [a-z0-9_] replaced by '_'. Pure. */
+void cloud_rejection_key(const json_t *rejection, char ret_key[static CLOUD_REJECTION_KEY_MAX]);
+/* The one-line reason for a batch the cloud refused with a 4xx: "HTTP <status>", then ": " and at
+ * most 64 bytes of the body's "error" string when there is one; bytes outside printable ASCII
+ * become '?'. Always NUL-terminated within size (> 0). Pure. */
+void cloud_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size);
 
 /* The next backoff delay in ms after 'failures' consecutive failures: exponential from
  * CLOUD_BACKOFF_MIN_MS to CLOUD_BACKOFF_MAX_MS, with full jitter from rnd. Pure. */

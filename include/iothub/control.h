@@ -15,6 +15,7 @@
 #define CONTROL_REQUEST_MAX (64 * 1024)       /* one request line, newline included */
 #define CONTROL_RESPONSE_MAX (16 * 1024 * 1024) /* client side bound on a response */
 #define CONTROL_MAX_CLIENTS 16
+#define CONTROL_CMD_MAX 64                     /* bytes of a request's "cmd" */
 #define CONTROL_TIMEOUT_USEC (5 * UINT64_C(1000000))
 
 struct control;
@@ -27,6 +28,18 @@ void control_free(struct control *c);
  * member of our gid). Pure, for tests. */
 bool control_peer_allowed(uid_t peer_uid, gid_t peer_gid, const gid_t *peer_groups, size_t n_groups,
                           uid_t our_uid, gid_t our_gid);
+
+/* One request line as received, without its newline: a JSON object, no duplicate member names,
+ * with a "cmd" string of 1..CONTROL_CMD_MAX bytes. *ret_req is the object (the caller's
+ * reference), *ret_cmd points into it. Returns 0, or -EBADMSG with a static one-line reason in
+ * *ret_error for the answer. Pure. */
+int control_parse_request(const char *line, size_t len, json_t **ret_req, const char **ret_cmd,
+                          const char **ret_error);
+/* The member 'key' of a request if it is a string of 1..max bytes, else NULL. Pure. */
+const char *control_request_string(const json_t *req, const char *key, size_t max);
+/* The daemon's reply as iothubctl received it (up to the daemon closing): one JSON object, no
+ * duplicate member names. Returns 0 or -EBADMSG. Pure. */
+int control_parse_reply(const char *buf, size_t len, json_t **ret);
 
 /* Client side, for iothubctl: sends 'request' to the socket at path and returns the parsed
  * response. Returns 0, -ECONNREFUSED/-ENOENT when no daemon listens, other negative errno. */
