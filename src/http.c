@@ -269,6 +269,7 @@ static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
         if (n >= 5 && strncmp(buf, "HTTP/", 5) == 0) {
                 q->retry_after[0] = '\0';
                 q->dpop_nonce[0] = '\0';
+                q->www_authenticate[0] = '\0';
                 return n;
         }
         if (n > sizeof ra - 1 && strncasecmp(buf, ra, sizeof ra - 1) == 0)

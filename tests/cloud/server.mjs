@@ -856,6 +856,10 @@ export async function startCloud(opts = {}) {
       const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : 'delay';
       const rule = { ...mode, endpoint, left: count, used: 0, kind };
       state.rules.push(rule);
+      // A long poll already waiting was admitted before the rule: end it now (204, nothing
+      // new), so that no success arrives in the middle of the failures the test asked for.
+      if (endpoint === 'commands' || endpoint === 'any')
+        for (const hub of state.hubs.values()) for (const w of [...hub.waiters]) w.resolve({ status: 204 });
       return rule;
     },
     clearFailures() { state.rules = []; },
