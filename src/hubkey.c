@@ -684,7 +684,9 @@ static int tpm_srk_lookup(ESYS_CONTEXT *esys, struct srk_cache *cache) {
 /* The storage parent of the hub key and of the sealed data: the persistent standard SRK when the
  * TPM has one (no CreatePrimary, which takes a chip tens of ms, and no flush), else the same key
  * created from srk_template. *ret_flush tells the caller to flush it (tpm_flush); a persistent
- * SRK is never flushed. 'force_create' skips the persistent SRK. */
+ * SRK is never flushed. 'force_create' skips the persistent SRK. A lookup the TPM failed is not
+ * remembered and falls through to CreatePrimary, whose error (if the TPM still fails) the caller
+ * reports. */
 static TSS2_RC tpm_parent_open(ESYS_CONTEXT *esys, struct srk_cache *cache, bool force_create, ESYS_TR *ret_parent,
                                bool *ret_flush) {
         TSS2_RC rc;
