@@ -87,7 +87,7 @@ test('tpm2-tools through the proxy: an ECDSA signature takes >= N ms and verifie
   await run('tpm2_flushcontext', ['-s'], { env });
 });
 
-test('the daemon through the proxy: key init, READY, a signature', async () => {
+test('the daemon through the proxy: key init, READY, the key opened through it', async (t) => {
   const broker = await Broker.start(dir);
   const key = { backend: 'tpm', tcti: slow.tcti, handle: '0x81010001' };
   const pre = new Hub(await tempDir(), broker, { key });
@@ -100,12 +100,14 @@ test('the daemon through the proxy: key init, READY, a signature', async () => {
   const hub = await Hub.start(broker, { key });
   const readyMs = performance.now() - t0;
   try {
-    // At least the hub key's lookup went through the slow TPM before READY (TPM2_ReadPublic).
-    const before = slow.summary();
-    assert.ok(before.total >= 1, JSON.stringify(before));
-    assert.ok(readyMs >= N, `READY after ${readyMs} ms with ${before.total} TPM commands`);
-    const st = await waitFor(async () => { const s = await hub.status(); return s.key.backend === 'tpm' && s; });
+    // The hub key is opened through the slow TPM (TPM2_GetCapability, then TPM2_ReadPublic);
+    // READY=1 does not wait for it (issue 13), so the check is on the key, not on READY's time.
+    const st = await waitFor(async () => { const s = await hub.status(); return s.key?.id && s; }, 10000, 'the hub key open');
     assert.equal(st.key.backend, 'tpm');
+    const { by } = slow.summary();
+    assert.ok(by.GetCapability >= 1 && by.ReadPublic >= 1, JSON.stringify(by));
+    for (const c of slow.commands) assert.ok(c.held >= N - 1, `command 0x${c.code.toString(16)} held ${c.held} ms`);
+    t.diagnostic(`READY after ${readyMs.toFixed(1)} ms`);
   } finally {
     await hub.cleanup();
     await broker.stop();
