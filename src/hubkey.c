@@ -52,6 +52,12 @@
 #define HUBKEY_FILE_MAX (16 * 1024)             /* a PEM P-256 private key is about 250 bytes */
 #define ECDSA_P256_DER_MAX 72                   /* SEQUENCE { INTEGER r, INTEGER s }, 33 bytes each */
 
+/* Whether the TPM has the standard SRK at TPM_SRK_HANDLE, asked once per ESYS context. */
+struct srk_cache {
+        bool known;
+        ESYS_TR tr; /* ESYS_TR_NONE: none usable */
+};
+
 struct hubkey {
         enum key_backend backend;
         EVP_PKEY *pkey; /* tpm: the public key only; file: the private key */
@@ -63,6 +69,7 @@ struct hubkey {
         TSS2_TCTI_CONTEXT *tcti;
         ESYS_CONTEXT *esys;
         ESYS_TR key; /* the persistent key, ESYS_TR_NONE when not set */
+        struct srk_cache srk; /* the persistent SRK, looked up once (tpm_parent_open) */
 
         /* file: an EVP_PKEY_sign_init()'ed context, made once and reused for every signature */
         EVP_PKEY_CTX *sign_ctx;
@@ -183,6 +190,7 @@ static struct hubkey *hubkey_new(enum key_backend backend) {
                 return NULL;
         k->backend = backend;
         k->key = ESYS_TR_NONE;
+        k->srk.tr = ESYS_TR_NONE;
         return k;
 }
 
@@ -191,6 +199,8 @@ void hubkey_free(struct hubkey *k) {
                 return;
         if (k->esys && k->key != ESYS_TR_NONE)
                 (void) Esys_TR_Close(k->esys, &k->key); /* forgets the handle; the key stays in the TPM */
+        if (k->esys && k->srk.tr != ESYS_TR_NONE)
+                (void) Esys_TR_Close(k->esys, &k->srk.tr);
         esys_finalizep(&k->esys);
         tctildr_finalizep(&k->tcti);
         EVP_PKEY_CTX_free(k->sign_ctx);
@@ -613,6 +623,79 @@ static TSS2_RC tpm_create_primary(ESYS_CONTEXT *esys, ESYS_TR *ret_primary) {
                                   NULL, NULL);
 }
 
+/* TCG "TPM v2.0 Provisioning Guidance" (1.0, 7.5.1 "Storage Primary Key (SRK) Templates" and
+ * 7.8 "Persistent Handles"): a provisioned TPM keeps its ECC P-256 SRK at this persistent handle;
+ * tpm2-tools' and systemd's tooling use it. */
+#define TPM_SRK_HANDLE UINT32_C(0x81000001)
+
+/* Whether a public area comes from srk_template: same type, name algorithm, attributes, empty
+ * policy and parameters. (The unique field is the public point, which only CreatePrimary can
+ * reproduce.) Anything else at the handle, an RSA SRK, one without noDA, a signing key, is
+ * another key than the one tpm_create_primary() derives: not used. */
+static bool srk_public_matches(const TPMT_PUBLIC *p) {
+        const TPMT_PUBLIC *t = &srk_template.publicArea;
+        const TPMS_ECC_PARMS *e = &p->parameters.eccDetail, *te = &t->parameters.eccDetail;
+
+        return p->type == t->type && p->nameAlg == t->nameAlg && p->objectAttributes == t->objectAttributes &&
+               p->authPolicy.size == 0 && e->symmetric.algorithm == te->symmetric.algorithm &&
+               e->symmetric.keyBits.aes == te->symmetric.keyBits.aes &&
+               e->symmetric.mode.aes == te->symmetric.mode.aes && e->scheme.scheme == te->scheme.scheme &&
+               e->curveID == te->curveID && e->kdf.scheme == te->kdf.scheme;
+}
+
+/* Looks for the standard SRK at TPM_SRK_HANDLE once per ESYS context (a persistent object costs
+ * no slot, so its ESYS_TR is kept until the context goes). Returns 0 with cache->tr set, or
+ * ESYS_TR_NONE when the handle is empty or holds something else; a negative errno when the TPM
+ * could not be asked. */
+static int tpm_srk_lookup(ESYS_CONTEXT *esys, struct srk_cache *cache) {
+        _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
+        ESYS_TR tr = ESYS_TR_NONE;
+        TSS2_RC rc;
+        int r;
+
+        if (cache->known)
+                return 0;
+        r = tpm_handle_exists(esys, TPM_SRK_HANDLE, NULL);
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                rc = Esys_TR_FromTPMPublic(esys, TPM_SRK_HANDLE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr);
+                if (rc != TSS2_RC_SUCCESS)
+                        return tss2_error(rc, NULL, "opening the SRK handle");
+                rc = Esys_ReadPublic(esys, tr, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub, NULL, NULL);
+                if (rc != TSS2_RC_SUCCESS) {
+                        (void) Esys_TR_Close(esys, &tr);
+                        return tss2_error(rc, NULL, "reading the SRK's public area");
+                }
+                if (!srk_public_matches(&pub->publicArea))
+                        (void) Esys_TR_Close(esys, &tr); /* sets tr to ESYS_TR_NONE */
+        }
+        cache->tr = tr;
+        cache->known = true;
+        return 0;
+}
+
+/* The storage parent of the hub key and of the sealed data: the persistent standard SRK when the
+ * TPM has one (no CreatePrimary, which takes a chip tens of ms, and no flush), else the same key
+ * created from srk_template. *ret_flush tells the caller to flush it (tpm_flush); a persistent
+ * SRK is never flushed. 'force_create' skips the persistent SRK. A lookup the TPM failed is not
+ * remembered and falls through to CreatePrimary, whose error (if the TPM still fails) the caller
+ * reports. */
+static TSS2_RC tpm_parent_open(ESYS_CONTEXT *esys, struct srk_cache *cache, bool force_create, ESYS_TR *ret_parent,
+                               bool *ret_flush) {
+        TSS2_RC rc;
+
+        if (!force_create && tpm_srk_lookup(esys, cache) == 0 && cache->tr != ESYS_TR_NONE) {
+                *ret_parent = cache->tr;
+                *ret_flush = false;
+                return TSS2_RC_SUCCESS;
+        }
+        rc = tpm_create_primary(esys, ret_parent);
+        if (rc == TSS2_RC_SUCCESS)
+                *ret_flush = true;
+        return rc;
+}
+
 static int tpm_create(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
         _cleanup_esys_ TPM2B_PRIVATE *priv = NULL;
         _cleanup_esys_ TPM2B_PUBLIC *pub = NULL;
@@ -620,10 +703,12 @@ static int tpm_create(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
         const TPM2B_DATA no_outside_info = {};
         const TPML_PCR_SELECTION no_pcrs = {};
         ESYS_TR primary = ESYS_TR_NONE, key = ESYS_TR_NONE, persistent = ESYS_TR_NONE;
+        struct srk_cache srk = { .tr = ESYS_TR_NONE };
+        bool flush_primary = false;
         TSS2_RC rc;
         int r = 0;
 
-        rc = tpm_create_primary(esys, &primary);
+        rc = tpm_parent_open(esys, &srk, false, &primary, &flush_primary);
         if (rc != TSS2_RC_SUCCESS) {
                 r = tss2_error(rc, ret_error, "creating the storage primary key in the owner hierarchy");
                 goto out;
@@ -651,8 +736,10 @@ out:
         /* Transient objects occupy one of the TPM's few slots until flushed (TESTBED.md). */
         if (key != ESYS_TR_NONE)
                 (void) Esys_FlushContext(esys, key);
-        if (primary != ESYS_TR_NONE)
+        if (flush_primary)
                 (void) Esys_FlushContext(esys, primary);
+        if (srk.tr != ESYS_TR_NONE)
+                (void) Esys_TR_Close(esys, &srk.tr);
         return r;
 }
 
@@ -864,10 +951,11 @@ static int tpm_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t
         ESYS_TR primary = ESYS_TR_NONE, session = ESYS_TR_NONE;
         uint8_t buf[SEAL_BLOB_MAX], *blob;
         size_t offset = SEAL_MAGIC_LEN;
+        bool flush_primary = false;
         TSS2_RC rc;
         int r;
 
-        rc = tpm_create_primary(k->esys, &primary);
+        rc = tpm_parent_open(k->esys, &k->srk, false, &primary, &flush_primary);
         if (rc != TSS2_RC_SUCCESS) {
                 r = tss2_error(rc, NULL, "creating the storage primary key");
                 goto out;
@@ -910,25 +998,23 @@ static int tpm_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t
 out:
         /* Both occupy one of the TPM's few slots until flushed (TESTBED.md). */
         tpm_flush(k->esys, &session);
-        tpm_flush(k->esys, &primary);
+        if (flush_primary)
+                tpm_flush(k->esys, &primary);
         return r;
 }
 
-static int tpm_unseal(struct hubkey *k, const uint8_t *blob, size_t len, uint8_t **ret_secret,
-                      size_t *ret_len) {
+static int tpm_unseal_under(struct hubkey *k, bool force_create, const TPM2B_PUBLIC *pub_in,
+                            const TPM2B_PRIVATE *priv_in, uint8_t **ret_secret, size_t *ret_len) {
         _cleanup_(sensitive_data_freep) TPM2B_SENSITIVE_DATA *data = NULL;
         ESYS_TR primary = ESYS_TR_NONE, session = ESYS_TR_NONE, object = ESYS_TR_NONE;
-        TPM2B_PRIVATE priv;
-        TPM2B_PUBLIC pub;
+        TPM2B_PRIVATE priv = *priv_in;
+        TPM2B_PUBLIC pub = *pub_in;
+        bool flush_primary = false;
         uint8_t *secret;
         TSS2_RC rc;
         int r;
 
-        r = seal_blob_parse(blob, len, &pub, &priv);
-        if (r < 0)
-                return r;
-
-        rc = tpm_create_primary(k->esys, &primary);
+        rc = tpm_parent_open(k->esys, &k->srk, force_create, &primary, &flush_primary);
         if (rc != TSS2_RC_SUCCESS) {
                 r = tss2_error(rc, NULL, "creating the storage primary key");
                 goto out;
@@ -974,7 +1060,26 @@ static int tpm_unseal(struct hubkey *k, const uint8_t *blob, size_t len, uint8_t
 out:
         tpm_flush(k->esys, &object);
         tpm_flush(k->esys, &session);
-        tpm_flush(k->esys, &primary);
+        if (flush_primary)
+                tpm_flush(k->esys, &primary);
+        return r;
+}
+
+static int tpm_unseal(struct hubkey *k, const uint8_t *blob, size_t len, uint8_t **ret_secret,
+                      size_t *ret_len) {
+        TPM2B_PRIVATE priv;
+        TPM2B_PUBLIC pub;
+        int r;
+
+        r = seal_blob_parse(blob, len, &pub, &priv);
+        if (r < 0)
+                return r;
+        r = tpm_unseal_under(k, false, &pub, &priv, ret_secret, ret_len);
+        /* TPM_RC_INTEGRITY under a persistent SRK: a blob sealed before that SRK was provisioned,
+         * under the primary this hub created itself, if the persistent one is another key (made
+         * with a non-empty unique field, say). Once more under the created primary. */
+        if (r == -ENOKEY && k->srk.tr != ESYS_TR_NONE)
+                r = tpm_unseal_under(k, true, &pub, &priv, ret_secret, ret_len);
         return r;
 }
 

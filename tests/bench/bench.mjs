@@ -12,6 +12,7 @@ import path from 'node:path';
 import { BUILD, Broker, Hub, sleep, tempDir, waitFor } from '../integration/lib/harness.mjs';
 import { relayScenario, relayTable, relayVerdicts, DEFAULT_BATCH_MAX_DELAY_MS } from './relay.mjs';
 import { commandsScenario, commandsTable } from './commands.mjs';
+import { privateKiB } from './probes.mjs';
 
 const env = (k, d) => (process.env[k] !== undefined ? Number(process.env[k]) : d);
 const FRAMES = env('BENCH_FRAMES', 50000);         // frames per run
@@ -41,8 +42,13 @@ const COMMANDS_SPACING_MS = env('BENCH_COMMANDS_SPACING_MS', 500);     // 4 hub 
 const COMMANDS_BULBS = env('BENCH_COMMANDS_BULBS', 4);
 const COMMANDS_LOAD_RATE = env('BENCH_COMMANDS_LOAD_RATE', 2000);      // status frames/s of the second phase (0 skips it)
 const COMMANDS_LOAD_BULBS = env('BENCH_COMMANDS_LOAD_BULBS', 50);
+// The relay and commands scenarios run once per TPM pace: 0 is plain swtpm (~1 ms a command),
+// N > 0 goes through the slow-TPM proxy holding every response N ms (a Pi's chip: 70).
+const TPM_DELAYS = (process.env.BENCH_TPM_DELAYS ?? '0,70').split(',').filter((x) => x !== '').map(Number);
 
-const TARGET = { cpuRatio: 1.25, rss200MiB: 12, rss5000MiB: 16, writeRatio: 4 };
+// DESIGN.md "Targets" (raised by issue 13).
+const TARGET = { cpuRatio: 1.10, rss200MiB: 12, rss5000MiB: 16, writeRatio: 2, private200MiB: 4, private5000MiB: 8,
+  relayRate: 5000, controlP99Ms: 50, latencySlackMs: 100, commandP99Ms: 200, readyMs: 50 };
 
 const LOADGEN = path.join(BUILD, 'tools', 'loadgen');
 const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
@@ -80,7 +86,8 @@ async function cpuNs(pid) {
 async function procStatus(pid) {
   const s = await fs.readFile(`/proc/${pid}/status`, 'utf8');
   const kb = (k) => Number((s.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
-  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), anonKiB: kb('RssAnon'), fileKiB: kb('RssFile'), threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
+  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), anonKiB: kb('RssAnon'), fileKiB: kb('RssFile'),
+    privateKiB: await privateKiB(pid), threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
 }
 async function ioStats(pid) {
   const s = await fs.readFile(`/proc/${pid}/io`, 'utf8');
@@ -299,6 +306,63 @@ function table(results) {
   return s;
 }
 
+// Every target of DESIGN.md "Targets" in one table: target beside measurement, one column per
+// TPM pace. Also in the JSON as `targets_table`.
+function targetsTable(results) {
+  const cols = results.by_tpm;
+  const find = (m, pred) => m.relay?.runs?.find(pred);
+  const topRate = Math.max(...RELAY_RATES);
+  const top = (m) => find(m, (r) => r.rate === topRate && r.bulbs === m.relay.bulbs && r.batch_max_frames === m.relay.batch_max_frames);
+  const at = (m, rate) => find(m, (r) => r.rate === rate && r.bulbs === m.relay.bulbs && r.batch_max_frames === m.relay.batch_max_frames);
+  const unpaced = (m) => find(m, (r) => r.rate === 0);
+  const MiBs = (k) => (k ? fmt(k / 1024, 2) : '-');
+  const first = cols.find((m) => m.relay) ?? {};
+  const delay = first.relay?.batch_max_delay_ms ?? DEFAULT_BATCH_MAX_DELAY_MS;
+  const rows = [];
+  const row = (what, target, per, ok) => rows.push({ what, target, values: cols.map(per), ok: cols.map(ok ?? (() => null)) });
+  row('CPU per relayed frame / bare OpenSSL verify', `<= ${TARGET.cpuRatio.toFixed(2)}`,
+    (m) => [at(m, 2000), unpaced(m)].filter(Boolean).map((r) => `${fmt(r.cpu_ratio, 2)} (${r.label})`).join(', ') || '-',
+    (m) => { const v = [at(m, 2000), unpaced(m)].filter(Boolean).map((r) => r.cpu_ratio); return v.length ? Math.max(...v) <= TARGET.cpuRatio : null; });
+  row(`relay throughput at ${topRate} frames/s offered, frames/s at the cloud`, `>= ${TARGET.relayRate}`,
+    (m) => (top(m) ? `${fmt(top(m).cloud_frames_per_second_while_publishing, 0)} (to last ${fmt(top(m).cloud_frames_per_second, 0)})` : '-'),
+    (m) => (top(m) && topRate >= TARGET.relayRate ? top(m).cloud_frames_per_second_while_publishing >= TARGET.relayRate * 0.98 : null));
+  row(`control socket status p99 under load (every 50 ms, ${topRate}/s run), ms`, `<= ${TARGET.controlP99Ms}`,
+    (m) => (top(m)?.control_status_ms ? `${fmt(top(m).control_status_ms.p99)} (p50 ${fmt(top(m).control_status_ms.p50)}, max ${fmt(top(m).control_status_ms.max)})` : '-'),
+    (m) => (top(m)?.control_status_ms ? top(m).control_status_ms.p99 <= TARGET.controlP99Ms : null));
+  const paced = (m) => (m.relay?.runs ?? []).filter((r) => r.rate > 0 && r.batch_max_frames === m.relay.batch_max_frames && r.bulbs === m.relay.bulbs);
+  row('latency frame -> cloud p99 (worst paced run), ms', `<= ${delay + TARGET.latencySlackMs}`,
+    (m) => (paced(m).length ? paced(m).map((r) => `${fmt(r.latency_ms.p99, 0)} (${r.label})`).join(', ') : '-'),
+    (m) => (paced(m).length ? Math.max(...paced(m).map((r) => r.latency_ms.p99)) <= delay + TARGET.latencySlackMs : null));
+  const loaded = (m) => m.commands?.phases?.find((p) => p.load);
+  row(`command -> bulb p99 beside ${COMMANDS_LOAD_RATE} status frames/s, ms`, `<= ${TARGET.commandP99Ms}`,
+    (m) => (loaded(m) ? `${fmt(loaded(m).latency_ms.cloud_to_bulb.p99)} (quiet ${fmt(m.commands.phases.find((p) => !p.load)?.latency_ms.cloud_to_bulb.p99)})` : '-'),
+    (m) => (loaded(m) ? loaded(m).latency_ms.cloud_to_bulb.p99 <= TARGET.commandP99Ms : null));
+  const priv200 = (m) => (m.relay?.rss_after_enrol ? Math.max(m.relay.rss_after_enrol.privateKiB, m.relay.rss_after_load?.privateKiB ?? 0) : null);
+  row(`private memory (smaps Private_*) with ${RELAY_BULBS} bulbs, MiB`, `<= ${TARGET.private200MiB}`,
+    (m) => MiBs(priv200(m)), (m) => (priv200(m) === null ? null : priv200(m) / 1024 <= TARGET.private200MiB));
+  const priv5k = (m) => (m.relay?.rss_after_big_enrol ? Math.max(m.relay.rss_after_big_enrol.privateKiB, m.relay.rss_after_big_load?.privateKiB ?? 0) : null);
+  row(`private memory (smaps Private_*) with ${RELAY_BIG_BULBS} bulbs, MiB`, `<= ${TARGET.private5000MiB}`,
+    (m) => MiBs(priv5k(m)), (m) => (priv5k(m) === null ? null : priv5k(m) / 1024 <= TARGET.private5000MiB));
+  // VmHWM before the big-batch run and the 5,000-bulb step: the peak with 200 bulbs.
+  const hwm = (m) => m.relay?.rss_after_load?.hwmKiB ?? null;
+  row(`peak RSS (VmHWM) with ${RELAY_BULBS} bulbs, MiB`, `<= ${TARGET.rss200MiB}`,
+    (m) => MiBs(hwm(m)), (m) => (hwm(m) === null ? null : hwm(m) / 1024 <= TARGET.rss200MiB));
+  row('READY=1 after exec, ms: first start / restarts with state (max)', `<= ${TARGET.readyMs}`,
+    (m) => (m.relay?.ready_ms ? `${fmt(m.relay.ready_ms[0])} / ${fmt(Math.max(...m.relay.ready_ms.slice(1)))}` : '-'),
+    (m) => (m.relay?.ready_ms ? Math.max(...m.relay.ready_ms) <= TARGET.readyMs : null));
+  row(`write_bytes per accepted frame / frame size (${topRate}/s run; unpaced)`, `<= ${TARGET.writeRatio}`,
+    (m) => [top(m), unpaced(m)].filter(Boolean).map((r) => `${fmt(r.write_ratio, 2)} (${fmt(r.write_bytes_per_frame, 0)}/${fmt(r.avg_frame_bytes, 0)} B)`).join('; ') || '-',
+    (m) => (top(m) ? Math.max(...[top(m), unpaced(m)].filter(Boolean).map((r) => r.write_ratio)) <= TARGET.writeRatio : null));
+  results.targets_table = rows.map((r) => ({ what: r.what, target: r.target,
+    by_tpm: cols.map((m, i) => ({ tpm_delay_ms: m.tpm_delay_ms, value: r.values[i], pass: r.ok[i] })) }));
+  const head = ['DESIGN.md target', 'target', ...cols.map((m) => (m.tpm_delay_ms ? `TPM ${m.tpm_delay_ms} ms` : 'plain swtpm'))];
+  const body = rows.map((r) => [r.what, r.target, ...r.values.map((v, i) => (r.ok[i] === null ? v : `${v} ${mark(r.ok[i])}`))]);
+  const w = head.map((x, i) => Math.max(x.length, ...body.map((b) => b[i].length)));
+  const line = (c) => `| ${c.map((x, i) => x.padEnd(w[i])).join(' | ')} |\n`;
+  return `\nDESIGN.md "Targets" (load average at start ${results.host.loadavg_at_start.map((x) => x.toFixed(2)).join(' ')})\n` +
+    line(head) + line(w.map((n) => '-'.repeat(n))) + body.map(line).join('');
+}
+
 // ---- main ----
 const started = performance.now();
 const root = await tempDir('iothub-bench-');
@@ -324,24 +388,36 @@ try {
     process.stdout.write(`== memory: ${BIG_BULBS} bulbs (mixed ES256/EdDSA)\n`);
     results.memory = await memoryScenario(root);
   }
-  if (RELAY) {
-    process.stdout.write(`== relay: ${RELAY_BULBS} bulbs through the cloud at ${RELAY_RATES.join(', ')} frames/s for ${RELAY_SECONDS} s` +
-      `${RELAY_UNPACED ? `, ${RELAY_UNPACED} unpaced` : ''}${RELAY_BIG_BULBS > RELAY_BULBS ? `, then ${RELAY_BIG_BULBS} bulbs` : ''}\n`);
-    results.relay = await relayScenario(root, { loadgen, enrol, procStatus, snapshot, cpuNs, CLK_TCK, fmt }, {
-      bulbs: RELAY_BULBS, bigBulbs: RELAY_BIG_BULBS, rates: RELAY_RATES, seconds: RELAY_SECONDS,
-      capacityFrames: RELAY_UNPACED, bigBatch: RELAY_BIG_BATCH, drainTimeoutMs: DRAIN_TIMEOUT_MS,
-      batchMaxFrames: RELAY_BATCH_FRAMES !== undefined ? Number(RELAY_BATCH_FRAMES) : undefined,
-      batchMaxDelayMs: RELAY_BATCH_DELAY !== undefined ? Number(RELAY_BATCH_DELAY) : undefined,
-      sampleBulbs: RELAY_SAMPLE_BULBS,
-    });
-  }
-  if (COMMANDS) {
-    process.stdout.write(`== commands: ${COMMANDS_N} commands to ${COMMANDS_BULBS} bulbs, one every ${COMMANDS_SPACING_MS} ms, quiet` +
-      `${COMMANDS_LOAD_RATE > 0 ? `, then beside ${COMMANDS_LOAD_RATE} status frames/s from ${COMMANDS_LOAD_BULBS} bulbs` : ''}\n`);
-    results.commands = await commandsScenario(root, { loadgen, enrol, procStatus, fmt }, {
-      bulbs: COMMANDS_BULBS, commands: COMMANDS_N, spacingMs: COMMANDS_SPACING_MS, loadRate: COMMANDS_LOAD_RATE,
-      loadBulbs: COMMANDS_LOAD_BULBS, leadInMs: 2000, drainTimeoutMs: DRAIN_TIMEOUT_MS,
-    });
+  results.by_tpm = [];
+  for (const [i, delay] of TPM_DELAYS.entries()) {
+    const tpmName = delay ? `TPM ${delay} ms/command (proxy)` : 'plain swtpm';
+    const m = { tpm_delay_ms: delay };
+    results.by_tpm.push(m);
+    if (RELAY) {
+      // The 5,000-bulb step and the big-batch run measure memory and batching, not the TPM:
+      // once, with the first TPM pace.
+      const big = i === 0 ? RELAY_BIG_BULBS : 0;
+      process.stdout.write(`== relay, ${tpmName}: ${RELAY_BULBS} bulbs through the cloud at ${RELAY_RATES.join(', ')} frames/s for ${RELAY_SECONDS} s` +
+        `${RELAY_UNPACED ? `, ${RELAY_UNPACED} unpaced` : ''}${big > RELAY_BULBS ? `, then ${big} bulbs` : ''}\n`);
+      m.relay = await relayScenario(root, { loadgen, enrol, procStatus, snapshot, cpuNs, CLK_TCK, fmt }, {
+        bulbs: RELAY_BULBS, bigBulbs: big, rates: RELAY_RATES, seconds: RELAY_SECONDS,
+        capacityFrames: RELAY_UNPACED, bigBatch: i === 0 ? RELAY_BIG_BATCH : 0, drainTimeoutMs: DRAIN_TIMEOUT_MS,
+        batchMaxFrames: RELAY_BATCH_FRAMES !== undefined ? Number(RELAY_BATCH_FRAMES) : undefined,
+        batchMaxDelayMs: RELAY_BATCH_DELAY !== undefined ? Number(RELAY_BATCH_DELAY) : undefined,
+        sampleBulbs: RELAY_SAMPLE_BULBS, tpmDelayMs: delay, root: `relay-${delay}`,
+      });
+      if (i === 0) results.relay = m.relay;
+    }
+    if (COMMANDS) {
+      process.stdout.write(`== commands, ${tpmName}: ${COMMANDS_N} commands to ${COMMANDS_BULBS} bulbs, one every ${COMMANDS_SPACING_MS} ms, quiet` +
+        `${COMMANDS_LOAD_RATE > 0 ? `, then beside ${COMMANDS_LOAD_RATE} status frames/s from ${COMMANDS_LOAD_BULBS} bulbs` : ''}\n`);
+      m.commands = await commandsScenario(root, { loadgen, enrol, procStatus, fmt }, {
+        bulbs: COMMANDS_BULBS, commands: COMMANDS_N, spacingMs: COMMANDS_SPACING_MS, loadRate: COMMANDS_LOAD_RATE,
+        loadBulbs: COMMANDS_LOAD_BULBS, leadInMs: 2000, drainTimeoutMs: DRAIN_TIMEOUT_MS, tpmDelayMs: delay,
+        root: `commands-${delay}`,
+      });
+      if (i === 0) results.commands = m.commands;
+    }
   }
 } catch (e) {
   failed = e;
@@ -377,6 +453,7 @@ for (const p of results.commands?.phases ?? []) {
 }
 results.verdicts = verdicts;
 
+const targetsText = results.by_tpm?.length ? targetsTable(results) : '';
 const out = path.join(BUILD, 'bench-results.json');
 await fs.writeFile(out, JSON.stringify(results, null, 2) + '\n');
 if (results.throughput.length && results.throughput.every((s) => s.rss_after_enrol)) {
@@ -384,6 +461,7 @@ if (results.throughput.length && results.throughput.every((s) => s.rss_after_enr
 }
 if (results.relay?.runs?.length) process.stdout.write(relayTable(results.relay, fmt));
 if (results.commands?.phases?.length) process.stdout.write(commandsTable(results.commands, fmt));
+process.stdout.write(targetsText);
 process.stdout.write(`\nTargets (DESIGN.md): CPU/frame <= ${TARGET.cpuRatio}x bare verify: ${verdicts.cpu ?? '-'} (max ${fmt(verdicts.cpu_ratio_max, 2)}x); ` +
   `RSS 200 bulbs <= ${TARGET.rss200MiB} MiB: ${verdicts.rss_200 ?? '-'} (${fmt(verdicts.rss_200_mib, 2)}); ` +
   (BIG_BULBS > 0 ? `RSS ${BIG_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +

@@ -16,6 +16,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
+import { SlowTpm } from '../integration/lib/slowtpm.mjs';
 import { Bulb } from '../integration/lib/bulb.mjs';
 import { CloudThread, cloudWorker, dist } from './relay.mjs';
 
@@ -272,7 +273,7 @@ function report(p, fmt) {
 // opt: { bulbs, commands, spacingMs, loadRate, loadBulbs, leadInMs, drainTimeoutMs }
 // h: helpers of bench.mjs { loadgen, enrol, procStatus, fmt }
 export async function commandsScenario(root, h, opt) {
-  const dir = path.join(root, 'commands');
+  const dir = path.join(root, opt.root ?? 'commands');
   await fs.mkdir(dir);
   const keys = path.join(dir, 'keys');
   const out = {
@@ -282,13 +283,15 @@ export async function commandsScenario(root, h, opt) {
   const ctx = { opt, bulbs: [] };
   try {
     ctx.tpm = await Swtpm.start(path.join(dir, 'tpm'));
+    if (opt.tpmDelayMs > 0) ctx.slow = await SlowTpm.start(ctx.tpm, opt.tpmDelayMs);
+    out.tpm_delay_ms = opt.tpmDelayMs ?? 0;
     ctx.broker = await Broker.start(dir);
     ctx.cloud = await CloudThread.start(path.join(dir, 'cloud'), { [TOKEN]: 'bench' }, { script: new URL(import.meta.url), tag: WORKER_TAG });
     const tokenFile = path.join(dir, 'token');
     await fs.writeFile(tokenFile, `${TOKEN}\n`, { mode: 0o600 });
     await fs.chmod(tokenFile, 0o600);
     const overrides = {
-      key: { backend: 'tpm', tcti: ctx.tpm.tcti, handle: '0x81010001' },
+      key: { backend: 'tpm', tcti: (ctx.slow ?? ctx.tpm).tcti, handle: '0x81010001' },
       cloud: { url: ctx.cloud.url, ca_file: ctx.cloud.caFile, bearer_token_file: tokenFile },
       frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
     };
@@ -399,6 +402,7 @@ export async function commandsScenario(root, h, opt) {
     await ctx.hub?.stop();
     await ctx.cloud?.close().catch(() => {});
     await ctx.broker?.stop();
+    await ctx.slow?.stop();
     await ctx.tpm?.stop();
   }
   return out;

@@ -13,6 +13,8 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
+import { SlowTpm } from '../integration/lib/slowtpm.mjs';
+import { CtlProbe, timedStart } from './probes.mjs';
 
 const WORKER_TAG = 'iothub-bench-cloud';
 const PREFIX = 'iothub/v1/bulbs';
@@ -227,6 +229,10 @@ async function relayRun(ctx, o) {
   const c0 = await cloud.call('stats');
   sampler.reset();
   const before = await cpuAll(ctx);
+  // A control client asking `status` every 50 ms while the load is on (DESIGN.md: the control
+  // socket answers within 50 ms at p99 meanwhile); only in the runs that ask for it, since each
+  // status costs the daemon CPU (it counts the spool).
+  const probe = o.probe ? new CtlProbe(hub, 50) : null;
   const args = ['publish', '--host', '127.0.0.1', '--port', ctx.broker.port, '--file', file, '--window', 1000,
     '--timeout', Math.ceil((o.rate ? o.frames / o.rate : 60) + 60)];
   if (o.rate) args.push('--rate', o.rate);
@@ -247,6 +253,7 @@ async function relayRun(ctx, o) {
     await sleep(50);
   }
   const after = await cpuAll(ctx);
+  const ctl = probe ? await probe.stop() : null;
   const st1 = await hub.status();
   const rss = await h.procStatus(ctx.pid);
   const batches = await cloud.call('batches', { from: c0.batches });
@@ -394,6 +401,8 @@ async function relayRun(ctx, o) {
     write_ratio: wb / storedN / gen.avg_bytes,
     rss_after: rss,
     spool_after: st1.spool,
+    control_status_ms: ctl ? dist(ctl.answers) : null,
+    control_status_errors: ctl ? ctl.errors : null,
   };
   if (storedN !== o.frames) throw new Error(`relay ${o.label}: ${storedN}/${o.frames} stored at the cloud`);
   if (bare && bare.verified !== bare.frames) throw new Error(`relay ${o.label}: loadgen verify: ${bare.verified}/${bare.frames}`);
@@ -408,7 +417,8 @@ function report(r, fmt) {
     (r.rate ? `; latency p50 ${fmt(L.p50, 0)} p99 ${fmt(L.p99, 0)} max ${fmt(L.max, 0)} ms (target ${r.latency_target_ms})` : '') +
     `; ${r.batches} batches of ${fmt(r.batch_size.mean, 0)} on average, ${r.hub_signatures} signatures ` +
     `(${fmt(r.signatures_per_batch, 2)}/batch, ${fmt(r.signatures_per_1000_frames, 2)}/1000 frames, ${fmt(sigRate(r), 2)}/s); ` +
-    `daemon ${fmt(r.daemon_cpu_us_per_frame_schedstat)} us/frame\n`);
+    `daemon ${fmt(r.daemon_cpu_us_per_frame_schedstat)} us/frame` +
+    (r.control_status_ms ? `; control socket status every 50 ms: p50 ${fmt(r.control_status_ms.p50)} p99 ${fmt(r.control_status_ms.p99)} max ${fmt(r.control_status_ms.max)} ms (${r.control_status_ms.n} answers, ${r.control_status_errors} errors)` : '') + '\n');
 }
 
 // Enrols bulbs from..n-1: all but the last concurrently (as the other scenarios do), then,
@@ -459,7 +469,7 @@ async function reload(ctx, cloudKeys) {
 //        batchMaxFrames?, batchMaxDelayMs?, sampleBulbs }
 // h: helpers of bench.mjs { loadgen, enrol, procStatus, snapshot, cpuNs, CLK_TCK, fmt }
 export async function relayScenario(root, h, opt) {
-  const dir = path.join(root, 'relay');
+  const dir = path.join(root, opt.root ?? 'relay');
   await fs.mkdir(dir);
   const keys = path.join(dir, 'keys');
   const nKeys = Math.max(opt.bulbs, opt.bigBulbs);
@@ -472,13 +482,16 @@ export async function relayScenario(root, h, opt) {
   const ctx = { h, keys, dir, opt, batchMaxFrames: out.batch_max_frames, defaultBatchMaxFrames: out.batch_max_frames, batchMaxDelayMs: out.batch_max_delay_ms };
   try {
     ctx.tpm = await Swtpm.start(path.join(dir, 'tpm'));
+    // opt.tpmDelayMs > 0: the TPM at a real chip's pace (TESTBED.md), through the proxy.
+    if (opt.tpmDelayMs > 0) ctx.slow = await SlowTpm.start(ctx.tpm, opt.tpmDelayMs);
+    out.tpm_delay_ms = opt.tpmDelayMs ?? 0;
     ctx.broker = await Broker.start(dir);
     ctx.cloud = await CloudThread.start(path.join(dir, 'cloud'), { [TOKEN]: 'bench' });
     const tokenFile = path.join(dir, 'token');
     await fs.writeFile(tokenFile, `${TOKEN}\n`, { mode: 0o600 });
     await fs.chmod(tokenFile, 0o600);
     const overrides = {
-      key: { backend: 'tpm', tcti: ctx.tpm.tcti, handle: '0x81010001' },
+      key: { backend: 'tpm', tcti: (ctx.slow ?? ctx.tpm).tcti, handle: '0x81010001' },
       cloud: { url: ctx.cloud.url, ca_file: ctx.cloud.caFile, bearer_token_file: tokenFile,
         batch_max_frames: opt.batchMaxFrames, batch_max_delay_ms: opt.batchMaxDelayMs },
       frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
@@ -490,7 +503,12 @@ export async function relayScenario(root, h, opt) {
     let r = await pre.ctl(['key', 'init']);
     if (r.code !== 0) throw new Error(`iothubctl key init: ${r.code} ${r.stderr}`);
     await fs.mkdir(path.join(dir, 'hub'), { mode: 0o755 });
-    ctx.hub = await Hub.start(ctx.broker, overrides, { dir: path.join(dir, 'hub') });
+    ctx.hub = new Hub(path.join(dir, 'hub'), ctx.broker, overrides);
+    await fs.mkdir(ctx.hub.stateDir, { recursive: true, mode: 0o700 });
+    await ctx.hub.writeConfig();
+    ctx.slow?.reset();
+    out.ready_ms = [await timedStart(ctx.hub)];
+    out.tpm_commands_before_ready = ctx.slow ? [ctx.slow.summary()] : null;
     ctx.pid = ctx.hub.proc.pid;
     await waitFor(async () => (await ctx.hub.status()).mqtt.connected, 10000, 'MQTT connection');
     r = await ctx.hub.ctl(['register']);
@@ -517,7 +535,8 @@ export async function relayScenario(root, h, opt) {
       out.runs.push(res);
       return res;
     };
-    for (const rate of opt.rates) await run({ label: `${rate}/s`, rate, frames: Math.round(rate * opt.seconds), bare: rate >= 1000 });
+    const top = Math.max(...opt.rates);
+    for (const rate of opt.rates) await run({ label: `${rate}/s`, rate, frames: Math.round(rate * opt.seconds), bare: rate >= 1000, probe: rate === top && rate >= 1000 });
     if (opt.capacityFrames > 0) await run({ label: 'unpaced', rate: 0, frames: opt.capacityFrames, bare: true });
     // RSS with the default batching (the big-batch run below builds bodies 16 times larger).
     out.rss_after_load = await h.procStatus(ctx.pid);
@@ -540,6 +559,16 @@ export async function relayScenario(root, h, opt) {
       await run({ label: `${rate}/s, ${opt.bigBulbs} bulbs`, bulbs: opt.bigBulbs, rate, frames: 2 * opt.bigBulbs, bare: false });
       out.rss_after_big_load = await h.procStatus(ctx.pid);
     }
+    // READY again, with state (the bulbs enrolled, the token sealed): restarts, each timed.
+    for (let i = 0; i < (opt.readyRestarts ?? 3); i++) {
+      await ctx.hub.stop();
+      ctx.slow?.reset();
+      out.ready_ms.push(await timedStart(ctx.hub));
+      if (ctx.slow) out.tpm_commands_before_ready.push(ctx.slow.summary());
+      ctx.pid = ctx.hub.proc.pid;
+    }
+    process.stdout.write(`  relay: READY=1 after exec: ${out.ready_ms.map((x) => h.fmt(x)).join(', ')} ms` +
+      (ctx.slow ? ` (TPM ${opt.tpmDelayMs} ms/command; commands before READY: ${out.tpm_commands_before_ready.map((c) => c.total).join(', ')})` : '') + '\n');
     out.log_warnings = ctx.hub.log.split('\n').filter((l) => /warn|error/i.test(l)).slice(0, 20);
   } catch (e) {
     // What the hub and the cloud said, for the error message.
@@ -552,6 +581,7 @@ export async function relayScenario(root, h, opt) {
     await ctx.hub?.stop();
     await ctx.cloud?.close().catch(() => {});
     await ctx.broker?.stop();
+    await ctx.slow?.stop();
     await ctx.tpm?.stop();
   }
   return out;
@@ -607,7 +637,7 @@ export function relayTable(relay, fmt) {
     const line = (r) => r.map((c, i) => (i < left ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ');
     return `${line(head)}\n${w.map((n) => '-'.repeat(n)).join('  ')}\n${rows.map((r) => `${line(r)}\n`).join('')}`;
   };
-  let s = `\nRelay through the cloud (${relay.bulbs} bulbs, ${relay.alg}; hub key in swtpm; [cloud] batch_max_frames ${relay.batch_max_frames}, ` +
+  let s = `\nRelay through the cloud (${relay.bulbs} bulbs, ${relay.alg}; hub key in swtpm${relay.tpm_delay_ms ? ` slowed to ${relay.tpm_delay_ms} ms per command` : ''}; [cloud] batch_max_frames ${relay.batch_max_frames}, ` +
     `batch_max_delay_ms ${relay.batch_max_delay_ms})\n`;
   const rows = relay.runs.map((r) => [r.label, r.rate ? String(r.rate) : 'max', fmt(r.cloud_frames_per_second_while_publishing, 0),
     fmt(r.cloud_frames_per_second, 0), String(r.batches),

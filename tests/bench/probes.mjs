@@ -1,0 +1,82 @@
+// Probes for the DESIGN.md "Targets" table that the scenarios share: the control socket's
+// answer time under load, the time from exec to READY=1, and private memory.
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { sleep, waitFor } from '../integration/lib/harness.mjs';
+
+// One `status` request on the daemon's control socket (one JSON line in, one out, then the
+// daemon closes: src/control.c), timed from connect to the end of the answer.
+function askStatus(sockPath, timeoutMs = 10000) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const s = net.connect(sockPath);
+    let got = '';
+    const timer = setTimeout(() => { s.destroy(); reject(new Error(`control socket: no answer in ${timeoutMs} ms`)); }, timeoutMs);
+    s.setEncoding('utf8');
+    s.on('connect', () => s.write('{"cmd":"status"}\n'));
+    s.on('data', (d) => { got += d; });
+    s.on('error', (e) => { clearTimeout(timer); reject(e); });
+    s.on('close', () => {
+      clearTimeout(timer);
+      const ms = performance.now() - t0;
+      try { JSON.parse(got); } catch { reject(new Error(`control socket: not one JSON answer: ${got.slice(0, 200)}`)); return; }
+      resolve(ms);
+    });
+  });
+}
+
+// A client that asks `status` every periodMs (the next one periodMs after the previous one
+// started, or at once when an answer took longer) until stop(); returns the answer times.
+export class CtlProbe {
+  constructor(hub, periodMs = 50) {
+    this.sock = path.join(hub.runtimeDir, 'control');
+    this.periodMs = periodMs;
+    this.ms = [];
+    this.errors = 0;
+    this.running = true;
+    this.done = this.#loop();
+  }
+
+  async #loop() {
+    while (this.running) {
+      const t = performance.now();
+      try { this.ms.push(await askStatus(this.sock)); } catch { this.errors++; }
+      const wait = this.periodMs - (performance.now() - t);
+      if (wait > 0) await sleep(wait);
+    }
+  }
+
+  async stop() {
+    this.running = false;
+    await this.done;
+    return { answers: this.ms, errors: this.errors };
+  }
+}
+
+// Starts hub (a harness Hub, not running) and times exec -> READY=1 as the notify socket saw
+// it. The harness spawns notify-listen first and then, synchronously, the daemon: the moment
+// start() returns is the exec (child_process.spawn returns once exec succeeded).
+export async function timedStart(hub, timeoutMs = 20000) {
+  let readyAt = null;
+  const p = hub.start({ waitReady: false });
+  let buf = '';
+  hub.notify.stdout.on('data', (d) => {
+    buf += d;
+    if (readyAt === null && buf.split('\n').some((l) => l.split('|').includes('READY=1'))) readyAt = performance.now();
+  });
+  await p;
+  const execAt = performance.now();
+  await waitFor(() => readyAt !== null || hub.proc.exitCode !== null, timeoutMs, `READY=1 (log: ${hub.log})`);
+  if (readyAt === null) throw new Error(`iothubd exited before READY=1: ${hub.log}`);
+  return readyAt - execAt;
+}
+
+// Private memory (Private_Clean + Private_Dirty + Private_Hugetlb of /proc/PID/smaps_rollup):
+// the pages only this process holds, what DESIGN.md's memory target counts.
+export async function privateKiB(pid) {
+  const s = await fs.readFile(`/proc/${pid}/smaps_rollup`, 'utf8');
+  let kib = 0;
+  for (const m of s.matchAll(/^Private_(?:Clean|Dirty|Hugetlb):\s+(\d+) kB/gm)) kib += Number(m[1]);
+  return kib;
+}
