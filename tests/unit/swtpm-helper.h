@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* Helpers for the unit tests that need a software TPM (test-hubkey, test-tokenstore), and read
+/* Helpers for the unit tests that need a software TPM (test-hubkey, test-tokenstore, test-srk), and read
  * the files they leave. The TPM: swtpm in socket mode as a child process, on loopback ports it
  * picked, with a fresh state directory of its own, killed with the test if the test dies
  * (PR_SET_PDEATHSIG). The helpers fail the running cmocka test (fail_msg) rather than return
