@@ -130,18 +130,9 @@ static void req_free(struct cloud_req *q) {
 }
 
 static bool token_is_valid(const char *t) {
-        /* RFC 6750 2.1 b64token: it goes into a header line, so nothing else may pass. */
         size_t n = strlen(t);
 
-        if (n == 0 || n > CLOUD_TOKEN_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char ch = t[i];
-                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
-                      strchr("-._~+/=", ch)))
-                        return false;
-        }
-        return true;
+        return n <= CLOUD_TOKEN_MAX && b64token_is_valid(t, n);
 }
 
 /* (Re)reads the access token. For now from [cloud] bearer_token_file; the OAuth module takes

@@ -70,8 +70,6 @@ int oauth_parse_error(const uint8_t *buf, size_t len, char *ret, size_t cap);
  * copied into ret. -ENOENT when there is no such challenge or parameter. */
 int oauth_parse_www_authenticate(const char *value, size_t len, char *ret, size_t cap);
 
-/* RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=" */
-bool oauth_is_b64token(const char *s, size_t len);
 
 /* RFC 9449 4.2: htu is the target URI without query and fragment. Returns a malloc'ed copy of
  * url up to the first '?' or '#', or NULL on allocation failure. */

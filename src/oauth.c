@@ -266,23 +266,6 @@ static bool is_https(const char *s) {
         return s && strncmp(s, "https://", 8) == 0 && !strpbrk(s, " \t\r\n");
 }
 
-bool oauth_is_b64token(const char *s, size_t len) {
-        size_t i = 0;
-
-        for (; i < len; i++) {
-                char ch = s[i];
-                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
-                      ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '/'))
-                        break;
-        }
-        if (i == 0)
-                return false;
-        for (; i < len; i++)
-                if (s[i] != '=')
-                        return false;
-        return true;
-}
-
 char *oauth_dpop_htu(const char *url) {
         return strndup(url, strcspn(url, "?#"));
 }
@@ -401,7 +384,7 @@ int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_
         /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and DPoP's
          * header alike, RFC 9449 7.1): anything else, CR and LF above all, is refused here
          * rather than failing every request after it was stored. */
-        if (!at || !oauth_is_b64token(at, strlen(at)))
+        if (!at || !b64token_is_valid(at, strlen(at)))
                 return -EBADMSG;
         /* RFC 6749 5.1: token_type is case insensitive. */
         if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))

@@ -337,6 +337,10 @@ static int tokens_from_json(const struct secret *buf, struct oauth_tokens *ret) 
         }
         if (r == 0 && (!t.access_token || !t.token_type || !have_expires))
                 r = -EBADMSG;
+        /* The same door as a token answer (oauth.c): a stored token that could not go into an
+         * Authorization header line (RFC 6750 2.1) is damage, not a token. */
+        if (r == 0 && !b64token_is_valid(t.access_token, strlen(t.access_token)))
+                r = -EBADMSG;
         if (r < 0) {
                 oauth_tokens_done(&t);
                 return r;

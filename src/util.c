@@ -200,6 +200,25 @@ bool b64url_chars_are_valid(const char *s, size_t len) {
         return true;
 }
 
+bool b64token_is_valid(const char *s, size_t len) {
+        size_t i = 0;
+
+        if (!s)
+                return false;
+        for (; i < len; i++) {
+                char ch = s[i];
+                if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                      ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '/'))
+                        break;
+        }
+        if (i == 0)
+                return false;
+        for (; i < len; i++)
+                if (s[i] != '=')
+                        return false;
+        return true;
+}
+
 bool device_id_is_valid(const char *s, size_t len) {
         if (!s || len < 1 || len > DEVICE_ID_MAX || s[0] == '.')
                 return false;

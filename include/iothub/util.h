@@ -113,6 +113,10 @@ static inline bool b64url_char_is_valid(char c) {
 /* True when all len bytes of s are of the base64url alphabet. */
 bool b64url_chars_are_valid(const char *s, size_t len);
 
+/* RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=".
+ * An access token goes into an Authorization header line: nothing else may pass (CR, LF). */
+bool b64token_is_valid(const char *s, size_t len);
+
 /* base64 sizes (RFC 4648 4 and 5), the project's one set. For n input bytes:
  *   BASE64_LEN(n)        standard base64 with padding, without the NUL;
  *   B64URL_LEN(n)        base64url without padding (RFC 7515 2), without the NUL: ceil(4n/3);

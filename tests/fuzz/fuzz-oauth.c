@@ -86,7 +86,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         CHECK(!t.access_token);
                         break;
                 }
-                CHECK(oauth_is_b64token(t.access_token, strlen(t.access_token)));
+                CHECK(b64token_is_valid(t.access_token, strlen(t.access_token)));
                 CHECK(strlen(t.access_token) <= OAUTH_TOKEN_MAX);
                 CHECK(!strpbrk(t.access_token, " \t\r\n\"\\,;"));
                 CHECK(streq(t.token_type, "Bearer") || streq(t.token_type, "DPoP"));

@@ -59,6 +59,7 @@ static bool string_ok(const char *s) {
 
 static void check_tokens(const struct oauth_tokens *t) {
         CHECK(string_ok(t->access_token) && string_ok(t->token_type));
+        CHECK(b64token_is_valid(t->access_token, strlen(t->access_token)));
         CHECK(!t->refresh_token || string_ok(t->refresh_token));
         CHECK(!t->scope || string_ok(t->scope));
         CHECK(t->expires_at >= 0);

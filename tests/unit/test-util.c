@@ -92,6 +92,25 @@ static void test_ids(void **state) {
         assert_false(device_id_is_valid(long_id, DEVICE_ID_MAX + 1));
 }
 
+/* RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=" */
+static void test_b64token(void **state) {
+        static const struct {
+                const char *s;
+                bool ok;
+        } table[] = {
+                { "abc", true },         { "A-._~+/9", true }, { "abc==", true },    { "a=", true },
+                { "", false },           { "=", false },       { "a=b", false },     { "a b", false },
+                { "abc\r\n", false },    { "abc\n", false },   { "ab\"c", false },   { "ab,c", false },
+                { "ab:c", false },       { "\xc3\xa9", false },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(table); i++)
+                assert_int_equal(b64token_is_valid(table[i].s, strlen(table[i].s)), table[i].ok);
+        assert_false(b64token_is_valid(NULL, 0));
+        /* The length is what counts, not a NUL: a token cut at a NUL is not the token. */
+        assert_false(b64token_is_valid("ab\0c", 4));
+}
+
 static void test_b64_sizes(void **state) {
         uint8_t in[200];
         char out[300];
@@ -183,7 +202,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_backoff_bounds), cmocka_unit_test(test_backoff_mqtt_sequence),
                 cmocka_unit_test(test_ratelimit),      cmocka_unit_test(test_ids),
-                cmocka_unit_test(test_b64_sizes),      cmocka_unit_test(test_jws_compact),
+                cmocka_unit_test(test_b64_sizes),      cmocka_unit_test(test_b64token),      cmocka_unit_test(test_jws_compact),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
