@@ -68,6 +68,9 @@ test('notify sequence: READY, RELOADING+MONOTONIC_USEC then READY on SIGHUP, STO
   const hub = await Hub.start(broker);
   try {
     const ready = await hub.waitNotify((l) => l.split('|').includes('READY=1'));
+    // STATUS= follows READY=1 in a datagram of its own: wait for it (under valgrind the gap
+    // between the two is long enough for the old immediate check to miss it).
+    await hub.waitNotify((l) => l.includes('STATUS='));
     assert.ok(hub.notifications.some((l) => l.includes('STATUS=')), 'a STATUS= line');
     const mark = hub.notifications.length;
     hub.proc.kill('SIGHUP');
