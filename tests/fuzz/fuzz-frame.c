@@ -11,6 +11,7 @@
 #include <stdlib.h>
 
 #include "iothub/frame.h"
+#include "check.h"
 
 #define FUZZ_TOPIC_DEV "bulb-1"
 #define FUZZ_MAX_BYTES 4096 /* the default [frames] max_bytes */
@@ -23,14 +24,6 @@ size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size, unsi
 /* Provided by libFuzzer; weak so that the gcc build with driver.c links (and never calls it). */
 size_t LLVMFuzzerMutate(uint8_t *data, size_t size, size_t max_size) __attribute__((weak));
 
-/* Not assert(): the checks must stay in builds with NDEBUG. */
-#define CHECK(x)                                                                                            \
-        do {                                                                                                \
-                if (!(x)) {                                                                                 \
-                        fprintf(stderr, "%s:%d: invariant violated: %s\n", __FILE__, __LINE__, #x);         \
-                        abort();                                                                            \
-                }                                                                                           \
-        } while (0)
 
 static bool id_chars_valid(const char *s) {
         size_t n = strlen(s);

@@ -10,19 +10,12 @@
 
 #include "../../src/oauth-internal.h"
 #include "iothub/util.h"
+#include "check.h"
 
 #define FUZZ_ISSUER "https://127.0.0.1:8443"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-/* Not assert(): the checks must stay in builds with NDEBUG. */
-#define CHECK(x)                                                                                            \
-        do {                                                                                                \
-                if (!(x)) {                                                                                 \
-                        fprintf(stderr, "%s:%d: invariant violated: %s\n", __FILE__, __LINE__, #x);         \
-                        abort();                                                                            \
-                }                                                                                           \
-        } while (0)
 
 static bool printable(const char *s, size_t max) {
         size_t n = strlen(s);
