@@ -1024,8 +1024,13 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 }
                 else if (resp->status == 409)
                         (void) snprintf(message, sizeof message, "this hub is registered to another account");
-                else
-                        (void) snprintf(message, sizeof message, "the cloud answered HTTP %ld", resp->status);
+                else {
+                        /* The cloud's "error" (e.g. attestation_required, attest_replay) says why. */
+                        char reason[CLOUD_REFUSAL_REASON_MAX];
+
+                        cloud_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
+                        (void) snprintf(message, sizeof message, "the cloud answered %s", reason);
+                }
                 if (q->register_done)
                         q->register_done(q->register_userdata, resp->error < 0 ? resp->error : resp->status,
                                          message);

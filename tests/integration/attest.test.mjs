@@ -1,0 +1,181 @@
+// Hub key attestation at registration (issue 16, PROTOCOL.md 5, iothub-protocol(7)
+// "Attestation"): two software TPMs manufactured by swtpm_setup with EK certificates from a local
+// test CA, the real daemon, and the reference cloud verifying with its own code (tests/cloud/
+// attest.mjs). The cloud's hooks stand for an attacker who controls what a hub sends: each
+// refusal is checked by the reason the cloud gives.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { Hub, Swtpm, tempDir } from './lib/harness.mjs';
+import { startCloud } from '../cloud/server.mjs';
+import { parseCertifyInfo, parseEccPublic } from '../cloud/attest.mjs';
+import { stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
+import { Broker } from './lib/harness.mjs';
+
+const TOKEN = 'tok-attest-test-0123456789';
+const HANDLE = '0x81000101'; // not 0x81010001: swtpm_setup keeps the EK there (TCG provisioning guidance)
+let dir, tpmA, tpmB, broker, cloud, hubA, hubB, hubF, ca;
+
+const tpmKey = (tpm) => ({ backend: 'tpm', tcti: tpm.tcti, handle: HANDLE });
+const cloudConf = () => ({ url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'), timeout_s: 10 });
+
+async function startHub(id, key) {
+  const overrides = { hub: { id }, key, cloud: cloudConf() };
+  if (key.backend === 'tpm') await keyBeforeDaemon(broker, overrides);
+  const h = await Hub.start(broker, overrides);
+  if (key.backend === 'file') {
+    const r = await h.ctl(['key', 'init']);
+    assert.equal(r.code, 0, r.stderr);
+    await h.restart();
+  }
+  return h;
+}
+
+const lastFailure = () => cloud.state.failureLog.at(-1);
+const seenOf = (hub) => cloud.attest.state.seen.filter((s) => s.hub === hub);
+
+before(async () => {
+  dir = await tempDir();
+  await fs.chmod(dir, 0o755);
+  const caDir = path.join(dir, 'tpm-ca');
+  tpmA = await Swtpm.start(path.join(dir, 'tpmA'), { ekCa: caDir });
+  tpmB = await Swtpm.start(path.join(dir, 'tpmB'), { ekCa: caDir });
+  ca = { root: path.join(caDir, 'swtpm-localca-rootca-cert.pem'), issuer: path.join(caDir, 'issuercert.pem') };
+  broker = await Broker.start(dir);
+  cloud = await startCloud({
+    dir: path.join(dir, 'cloud'),
+    tokens: { [TOKEN]: 'alice' },
+    attestation: { trustedRoots: [await fs.readFile(ca.root)], intermediates: [await fs.readFile(ca.issuer)], require: true },
+  });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  hubA = await startHub('hub-a', tpmKey(tpmA));
+  hubB = await startHub('hub-b', tpmKey(tpmB));
+  hubF = await startHub('hub-f', { backend: 'file', file: path.join(dir, 'hub-f.key') });
+});
+
+after(async () => {
+  await hubB?.cleanup();
+  await hubF?.cleanup();
+  await tpmB?.stop();
+  await stopTestbed({ hub: hubA, cloud, broker, tpm: tpmA, dir });
+});
+
+test('a TPM key registers with evidence the cloud verifies; five times in a row (every object flushed)', async () => {
+  for (let i = 0; i < 5; i++) {
+    const r = await hubA.ctl(['register']);
+    assert.equal(r.code, 0, `registration ${i + 1}: ${r.stdout}${r.stderr}\n${hubA.log}`);
+  }
+  const h = cloud.state.hubs.get('hub-a');
+  assert.equal(h.attested.ekIssuer, 'CN=swtpm-localca');
+  assert.equal(cloud.attest.state.verified, 5);
+  // What the cloud took: the certified object is the registered key, with the attributes that
+  // keep it in its TPM, certified with the nonce of the challenge.
+  const { attestation } = seenOf('hub-a').at(-1);
+  const key = parseEccPublic(Buffer.from(attestation.key_public, 'base64url'), 'key_public');
+  assert.equal(Buffer.from(key.x).toString('base64url'), h.jwk.x);
+  const info = parseCertifyInfo(Buffer.from(attestation.certify_info, 'base64url'));
+  assert.deepEqual(info.name, key.name);
+  assert.equal(info.extraData.toString('base64url'), attestation.nonce);
+  // A swtpm (libtpms) has 3 transient object slots: a leak would have failed by the third run.
+});
+
+test('a file-backed key registers without evidence, and a cloud that requires attestation refuses it', async () => {
+  const before = cloud.state.registrations.length;
+  const r = await hubF.ctl(['register']);
+  assert.notEqual(r.code, 0, r.stdout);
+  assert.match(r.stdout + r.stderr, /HTTP 403: attestation_required/);
+  assert.equal(lastFailure().kind, 'attestation_required');
+  assert.equal(cloud.state.registrations.length, before);
+  assert.ok(!cloud.state.hubs.has('hub-f'));
+  assert.equal(seenOf('hub-f').length, 0, 'no evidence sent for a file key');
+  // A cloud that does not require attestation takes it, marked as not attested.
+  cloud.attest.require = false;
+  try {
+    const ok = await hubF.ctl(['register']);
+    assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+    assert.equal(cloud.state.hubs.get('hub-f').attested, null);
+  } finally {
+    cloud.attest.require = true;
+  }
+});
+
+test('a replayed challenge is refused: the earlier evidence as it was, and with the new nonce', async () => {
+  const old = seenOf('hub-a').at(-1).attestation;
+  try {
+    cloud.attest.hooks.evidence = () => old;
+    let r = await hubA.ctl(['register']);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_replay/);
+    assert.match(lastFailure().message, /no open challenge has this nonce/);
+
+    cloud.attest.hooks.evidence = (att) => ({ ...old, nonce: att.nonce });
+    r = await hubA.ctl(['register']);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_replay/);
+    assert.match(lastFailure().message, /extraData is another nonce/);
+  } finally {
+    cloud.attest.hooks.evidence = null;
+  }
+  const r = await hubA.ctl(['register']);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+});
+
+test('a key from another TPM: TPM B\'s EK certificate for the key of TPM A yields no credential', async () => {
+  const b = await hubB.ctl(['register']);
+  assert.equal(b.code, 0, b.stdout + b.stderr);
+  const ekB = seenOf('hub-b').at(-1).attestation.ek_cert;
+  const ekA = seenOf('hub-a').at(-1).attestation.ek_cert;
+  assert.notEqual(ekA, ekB);
+  const registrations = cloud.state.registrations.length, seen = cloud.attest.state.seen.length;
+  const challenges = cloud.attest.state.challenges;
+  try {
+    // The hub of TPM A presents TPM B's certificate (public, and vouched for by the CA): the
+    // cloud encrypts the credential to TPM B's EK, which TPM A cannot use.
+    cloud.attest.hooks.challenge = (body) => ({ ...body, ek_cert: ekB });
+    const r = await hubA.ctl(['register']);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stdout + r.stderr, /attestation failed: TPM: .* while activating the cloud's credential/);
+  } finally {
+    cloud.attest.hooks.challenge = null;
+  }
+  assert.equal(cloud.attest.state.challenges, challenges + 1);
+  assert.equal(cloud.attest.state.seen.length, seen, 'no evidence could be made');
+  assert.equal(cloud.state.registrations.length, registrations);
+
+  // And the other way round at the cloud: TPM A's evidence with TPM B's AK is not what the
+  // credential was made for.
+  const akB = seenOf('hub-b').at(-1).attestation.ak_public;
+  try {
+    cloud.attest.hooks.evidence = (att) => ({ ...att, ak_public: akB });
+    const r = await hubA.ctl(['register']);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_challenge_mismatch/);
+  } finally {
+    cloud.attest.hooks.evidence = null;
+  }
+});
+
+test('evidence about a different key is refused', async () => {
+  const keyB = seenOf('hub-b').at(-1).attestation.key_public;
+  try {
+    // Hub A's genuine evidence, naming hub B's TPM key (a real TPM key, with every attribute)
+    cloud.attest.hooks.evidence = (att) => ({ ...att, key_public: keyB });
+    const r = await hubA.ctl(['register']);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_wrong_key/);
+    assert.match(lastFailure().message, /about another key than key_public/);
+  } finally {
+    cloud.attest.hooks.evidence = null;
+  }
+  // Hub B's whole evidence for hub A's key: certified for another challenge and key.
+  const evB = seenOf('hub-b').at(-1).attestation;
+  try {
+    cloud.attest.hooks.evidence = (att) => ({ ...evB, nonce: att.nonce });
+    const r = await hubA.ctl(['register']);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_challenge_mismatch/);
+  } finally {
+    cloud.attest.hooks.evidence = null;
+  }
+  const ok = await hubA.ctl(['register']);
+  assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+});
