@@ -861,7 +861,7 @@ export async function startCloud(opts = {}) {
   const KINDS = ['status', 'delayMs', 'drop', 'rejectFrames'];
   const control = {
     // Failure injection. mode: { status, retryAfter?, delayMs?, drop?, after?, rejectFrames?,
-    // reason?, count = 1 (-1 or Infinity: until cleared), endpoint = 'status' | 'register' |
+    // reason?, count = 1 (-1 or Infinity: until cleared), endpoint = 'status' | 'register' | 'challenge' |
     // 'devices' | 'commands' | 'result' | 'any' }, or 'down' / 'up' / 'clear'.
     // rejectFrames: [indices in the batch], or ({ index, dev, seq, jws }) => boolean, or
     // { dev?: id | [ids], seq?: n | [ns] }; only frames that passed every check are hit.
@@ -871,7 +871,7 @@ export async function startCloud(opts = {}) {
       if (mode === 'clear' || mode?.clear) { state.rules = []; return; }
       if (!isObj(mode) || !KINDS.some((k) => mode[k] !== undefined)) throw new Error(`unknown failure mode ${JSON.stringify(mode)}`);
       const endpoint = mode.endpoint ?? 'status';
-      if (!['status', 'register', 'devices', 'commands', 'result', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
+      if (!['status', 'register', 'challenge', 'devices', 'commands', 'result', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
       if (mode.status !== undefined && !isInt(mode.status, 100, 599)) throw new Error('status must be an HTTP status');
       const count = mode.count === undefined ? 1 : mode.count === -1 ? Infinity : mode.count;
       const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : 'delay';

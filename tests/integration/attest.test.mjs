@@ -7,11 +7,11 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Hub, Swtpm, tempDir } from './lib/harness.mjs';
+import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
+import { SlowTpm } from './lib/slowtpm.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { parseCertifyInfo, parseEccPublic } from '../cloud/attest.mjs';
 import { stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
-import { Broker } from './lib/harness.mjs';
 
 const TOKEN = 'tok-attest-test-0123456789';
 const HANDLE = '0x81000101'; // not 0x81010001: swtpm_setup keeps the EK there (TCG provisioning guidance)
@@ -178,4 +178,70 @@ test('evidence about a different key is refused', async () => {
   }
   const ok = await hubA.ctl(['register']);
   assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+});
+
+test('[cloud] attestation: off sends no evidence, on refuses a file key, auto falls back for a cloud without the endpoint', async () => {
+  const setMode = async (h, mode) => { h.overrides.cloud = { ...h.overrides.cloud, attestation: mode }; await h.writeConfig(); await h.restart(); };
+  const seen = cloud.attest.state.seen.length;
+  await setMode(hubA, 'off');
+  let r = await hubA.ctl(['register']);
+  assert.match(r.stdout + r.stderr, /HTTP 403: attestation_required/);
+  assert.equal(cloud.attest.state.seen.length, seen);
+
+  await setMode(hubF, 'on');
+  const registerRequests = () => cloud.state.requests.filter((q) => /^\/v1\/hubs\/hub-f(\/attest\/challenge)?$/.test(q.url)).length;
+  const requests = registerRequests();
+  r = await hubF.ctl(['register']);
+  assert.notEqual(r.code, 0);
+  await waitFor(() => /\[cloud\] attestation = on needs a TPM key/.test(hubF.log), 5000, 'the reason in the log');
+  assert.equal(registerRequests(), requests, 'refused before any request');
+
+  // A cloud of contract 1.0 answers 404 to the challenge: auto registers without evidence.
+  await setMode(hubA, 'auto');
+  cloud.attest.require = false;
+  try {
+    await cloud.control.fail({ status: 404, endpoint: 'challenge' });
+    r = await hubA.ctl(['register']);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.equal(cloud.state.hubs.get('hub-a').attested, null);
+    await waitFor(() => /no attestation endpoint; registering without attestation/.test(hubA.log), 5000, 'the fallback in the log');
+  } finally {
+    cloud.attest.require = true;
+    cloud.control.clearFailures();
+  }
+  r = await hubA.ctl(['register']);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.equal(cloud.state.hubs.get('hub-a').attested.ekIssuer, 'CN=swtpm-localca');
+});
+
+// TPM_CC (Part 2, 6.5.2) of the commands a registration sends, by name.
+const CC = { 0x131: 'CreatePrimary', 0x165: 'FlushContext', 0x173: 'ReadPublic', 0x176: 'StartAuthSession',
+  0x17A: 'GetCapability', 0x15D: 'Sign', 0x169: 'NV_ReadPublic', 0x14E: 'NV_Read', 0x151: 'PolicySecret',
+  0x147: 'ActivateCredential', 0x148: 'Certify' };
+
+test('registration through a TPM at a real chip\'s pace (70 ms a command): the commands and the time', async (t) => {
+  const N = 70;
+  await hubA.stop(); // swtpm serves one client: the proxy's
+  const slow = await SlowTpm.start(tpmA, N);
+  const h = await Hub.start(broker, { hub: { id: 'hub-a' }, key: { ...tpmKey(tpmA), tcti: slow.tcti }, cloud: cloudConf() });
+  try {
+    await waitFor(async () => (await h.status()).key?.id, 10000, 'the hub key open');
+    slow.reset();
+    const t0 = performance.now();
+    const r = await h.ctl(['register']);
+    const ms = performance.now() - t0;
+    assert.equal(r.code, 0, r.stdout + r.stderr + h.log);
+    const by = {};
+    for (const c of slow.commands) { const n = CC[c.code] ?? `0x${c.code.toString(16)}`; by[n] = (by[n] ?? 0) + 1; }
+    t.diagnostic(slow.commands.map((c) => `${CC[c.code] ?? c.code.toString(16)}@${(c.at - slow.commands[0].at).toFixed(0)}`).join(" "));
+    t.diagnostic(`registration: ${ms.toFixed(0)} ms, ${slow.commands.length} TPM commands: ${JSON.stringify(by)}`);
+    assert.equal(by.ActivateCredential, 1);
+    assert.equal(by.Certify, 1);
+    assert.equal(by.CreatePrimary, 2, 'the AK, twice (flushed between the two steps); the EK is the persistent one');
+    assert.equal(by.FlushContext, by.CreatePrimary + by.StartAuthSession, 'every object and session flushed');
+    assert.ok(ms >= slow.commands.length * (N - 1), `${ms} ms for ${slow.commands.length} commands`);
+  } finally {
+    await h.cleanup();
+    await slow.stop();
+  }
 });
