@@ -5,14 +5,17 @@
 // refusal is checked by the reason the cloud gives.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
 import { SlowTpm } from './lib/slowtpm.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { parseCertifyInfo, parseEccPublic } from '../cloud/attest.mjs';
 import { stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
 
+const run = promisify(execFile);
 const TOKEN = 'tok-attest-test-0123456789';
 const HANDLE = '0x81000101'; // not 0x81010001: swtpm_setup keeps the EK there (TCG provisioning guidance)
 let dir, tpmA, tpmB, broker, cloud, hubA, hubB, hubF, ca;
@@ -178,6 +181,22 @@ test('evidence about a different key is refused', async () => {
   }
   const ok = await hubA.ctl(['register']);
   assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+});
+
+test('without a persistent EK the hub derives it from the TCG template: the key of its certificate', async (t) => {
+  await hubB.stop(); // swtpm serves one client: tpm2-tools now
+  const env = { ...process.env, TPM2TOOLS_TCTI: tpmB.tcti };
+  const r0 = await run('tpm2_evictcontrol', ['-C', 'o', '-c', '0x81010001'], { env });
+  assert.match(r0.stdout, /evicted/);
+  const caps = await run('tpm2_getcap', ['handles-persistent'], { env });
+  assert.doesNotMatch(caps.stdout, /0x81010001/);
+  await hubB.start();
+  const verified = cloud.attest.state.verified;
+  const t0 = performance.now();
+  const r = await hubB.ctl(['register']);
+  t.diagnostic(`registration with the RSA EK made by TPM2_CreatePrimary (swtpm): ${(performance.now() - t0).toFixed(0)} ms`);
+  assert.equal(r.code, 0, r.stdout + r.stderr + hubB.log);
+  assert.equal(cloud.attest.state.verified, verified + 1);
 });
 
 test('[cloud] attestation: off sends no evidence, on refuses a file key, auto falls back for a cloud without the endpoint', async () => {
