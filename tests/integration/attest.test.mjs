@@ -183,6 +183,30 @@ test('evidence about a different key is refused', async () => {
   assert.equal(ok.code, 0, ok.stdout + ok.stderr);
 });
 
+test('an EK certificate from a CA the cloud does not trust is refused at the challenge', async () => {
+  // A third TPM, manufactured by another (untrusted) CA; its certificate read with tpm2-tools.
+  const tpmC = await Swtpm.start(path.join(dir, 'tpmC'), { ekCa: path.join(dir, 'other-ca') });
+  let der;
+  try {
+    const out = path.join(dir, 'ekC.der');
+    await run('tpm2_nvread', ['0x01c00002', '-o', out], { env: { ...process.env, TPM2TOOLS_TCTI: tpmC.tcti } });
+    der = await fs.readFile(out);
+  } finally {
+    await tpmC.stop();
+  }
+  const challenges = cloud.attest.state.challenges;
+  try {
+    cloud.attest.hooks.challenge = (body) => ({ ...body, ek_cert: der.toString('base64url') });
+    const r = await hubA.ctl(['register']);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stdout + r.stderr, /the cloud refused the attestation challenge: HTTP 403: attest_ek_cert/);
+    assert.match(lastFailure().message, /does not chain to a trusted TPM vendor CA/);
+  } finally {
+    cloud.attest.hooks.challenge = null;
+  }
+  assert.equal(cloud.attest.state.challenges, challenges);
+});
+
 test('without a persistent EK the hub derives it from the TCG template: the key of its certificate', async (t) => {
   await hubB.stop(); // swtpm serves one client: tpm2-tools now
   const env = { ...process.env, TPM2TOOLS_TCTI: tpmB.tcti };
