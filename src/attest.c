@@ -450,7 +450,7 @@ int attest_answer(struct attest *a, struct hubkey *k, const struct attest_challe
         TPM2B_ID_OBJECT blob = {};
         TPM2B_DATA nonce = {};
         size_t ak_public_len, sig_len = 0;
-        TPM2B_NAME ak_name;
+        TPM2B_NAME ak_name = {};
         bool flush_ek = false;
         ESYS_CONTEXT *esys;
         uint32_t key;
