@@ -449,7 +449,7 @@ int attest_answer(struct attest *a, struct hubkey *k, const struct attest_challe
         TPM2B_ENCRYPTED_SECRET enc = {};
         TPM2B_ID_OBJECT blob = {};
         TPM2B_DATA nonce = {};
-        size_t ak_public_len, sig_len = 0;
+        size_t ak_public_len = 0, sig_len = 0;
         TPM2B_NAME ak_name = {};
         bool flush_ek = false;
         ESYS_CONTEXT *esys;
