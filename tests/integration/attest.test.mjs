@@ -6,6 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -153,6 +154,28 @@ test('a key from another TPM: TPM B\'s EK certificate for the key of TPM A yield
     cloud.attest.hooks.evidence = (att) => ({ ...att, ak_public: akB });
     const r = await hubA.ctl(['register']);
     assert.match(r.stdout + r.stderr, /HTTP 403: attest_challenge_mismatch/);
+  } finally {
+    cloud.attest.hooks.evidence = null;
+  }
+});
+
+test('a guessed credential and an altered certification are refused', async () => {
+  try {
+    // Whoever cannot activate the credential (no TPM holding the EK) can only guess it.
+    cloud.attest.hooks.evidence = (att) => ({ ...att, secret: crypto.randomBytes(32).toString('base64url') });
+    let r = await hubA.ctl(['register']);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_credential/);
+    assert.match(lastFailure().message, /the AK is not in the TPM of the EK certificate/);
+    // One octet of the TPMS_ATTEST's clock changed: the AK's signature no longer covers it.
+    cloud.attest.hooks.evidence = (att) => {
+      const info = Buffer.from(att.certify_info, 'base64url');
+      const at = 4 + 2 + 2 + info.readUInt16BE(6); // magic, type, qualifiedSigner
+      info[at + 2 + info.readUInt16BE(at)] ^= 1; // first octet after extraData: the clock
+      return { ...att, certify_info: info.toString('base64url') };
+    };
+    r = await hubA.ctl(['register']);
+    assert.match(r.stdout + r.stderr, /HTTP 403: attest_signature/);
+    assert.match(lastFailure().message, /does not verify with the AK/);
   } finally {
     cloud.attest.hooks.evidence = null;
   }
