@@ -5,12 +5,13 @@
 // refusal is checked by the reason the cloud gives.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { once } from 'node:events';
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
+import { Broker, Hub, IOTHUBCTL, Swtpm, sleep, tempDir, waitFor } from './lib/harness.mjs';
 import { SlowTpm } from './lib/slowtpm.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { parseCertifyInfo, parseEccPublic } from '../cloud/attest.mjs';
@@ -228,6 +229,21 @@ test('an EK certificate from a CA the cloud does not trust is refused at the cha
     cloud.attest.hooks.challenge = null;
   }
   assert.equal(cloud.attest.state.challenges, challenges);
+});
+
+test('a client that hangs up while the challenge is answered cancels the registration, nothing left behind', async () => {
+  await cloud.control.fail({ delayMs: 1500, endpoint: 'challenge' });
+  const challenges = cloud.attest.state.challenges, verified = cloud.attest.state.verified;
+  const ctl = spawn(IOTHUBCTL, ['--config', hubA.configPath, 'register'], { stdio: 'ignore' });
+  await waitFor(() => cloud.state.requests.some((q) => q.endpoint === 'challenge' && q.injected && q.status === 0), 5000, 'the challenge held');
+  ctl.kill('SIGINT');
+  await once(ctl, 'exit');
+  await sleep(2000); // the held answer arrives after the waiter went away
+  assert.equal(cloud.attest.state.challenges, challenges + 1);
+  assert.equal(cloud.attest.state.verified, verified, 'no registration followed the cancelled challenge');
+  const r = await hubA.ctl(['register']); // the daemon is fine, and so is the TPM
+  assert.equal(r.code, 0, r.stdout + r.stderr + hubA.log);
+  assert.equal(cloud.attest.state.verified, verified + 1);
 });
 
 test('without a persistent EK the hub derives it from the TCG template: the key of its certificate', async (t) => {
