@@ -17,6 +17,7 @@
 #include <curl/curl.h>
 #include <openssl/crypto.h>
 
+#include "iothub/attest.h"
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
 #include "iothub/http.h"
@@ -47,6 +48,9 @@ struct cloud_req {
         /* The caller's handle of a registration: a retry after a 401 replaces the request, and
          * the caller's handle with it, so that cancelling it always reaches the live request. */
         struct cloud_call **register_slot;
+        /* The challenge request of an attested registration (iothub-protocol(7) "Attestation"):
+         * the EK certificate and AK it was asked for; NULL for the registration itself. */
+        struct attest *attest;
         /* REQ_DEVICES: the generation of the list it carried. */
         uint64_t devices_gen;
         /* REQ_OTHER (cloud_request) */
@@ -126,6 +130,7 @@ static void req_free(struct cloud_req *q) {
         if (!q)
                 return;
         http_cancel(q->http);
+        attest_free(q->attest);
         free(q);
 }
 
@@ -691,8 +696,10 @@ void cloud_devices_changed(struct cloud *c) {
 
 /* ---- register ---- */
 
-int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                   void *userdata, struct cloud_call **ret) {
+/* POST /v1/hubs/<id>, with the "attestation" object when there is one (steals it). */
+static int register_send(struct cloud *c, json_t *attestation,
+                         void (*done)(void *userdata, long status, const char *message), void *userdata,
+                         struct cloud_call **ret) {
         struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         struct cloud_req *q = NULL;
@@ -700,16 +707,13 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         char *body;
         int r;
 
-        /* The user may just have run 'iothubctl key init': try now rather than at the next retry. */
-        r = hub_open_key(h);
-        if (r < 0)
-                return r;
-        if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
-                return -ENOKEY;
         r = hubkey_public_jwk(h->hubkey, &jwk);
-        if (r < 0)
+        if (r < 0) {
+                json_decref(attestation);
                 return r;
-        o = json_pack("{s:o}", "jwk", jwk);
+        }
+        o = attestation ? json_pack("{s:o, s:o}", "jwk", jwk, "attestation", attestation)
+                        : json_pack("{s:o}", "jwk", jwk);
         body = o ? json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
         path = strdup_printf("/v1/hubs/%s", h->conf->hub.id);
@@ -727,6 +731,131 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         c->others = q;
         *ret = (struct cloud_call *) q;
         return 0;
+}
+
+/* An attested registration starts with the challenge request (iothub-protocol(7) "Attestation"):
+ * POST /v1/hubs/<id>/attest/challenge {"jwk","ek_cert","ak_public"}; on_http_done() answers the
+ * challenge and sends the registration. Returns 0 with *ret set, -ENOENT when the hub should
+ * register without evidence, or another negative errno. */
+static int register_challenge(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
+                              void *userdata, struct cloud_call **ret) {
+        struct hub *h = c->hub;
+        enum attest_mode mode = h->conf->cloud.attestation;
+        _cleanup_(attest_freep) struct attest *a = NULL;
+        _cleanup_free_ char *path = NULL, *error = NULL;
+        struct cloud_req *q = NULL;
+        json_t *jwk = NULL, *o;
+        char *body;
+        int r;
+
+        if (mode == ATTEST_OFF)
+                return -ENOENT;
+        if (hubkey_backend(h->hubkey) != KEY_BACKEND_TPM) {
+                if (mode == ATTEST_ON) {
+                        set_last_error(c, "[cloud] attestation = on needs a TPM key ([key] backend = tpm)");
+                        return log_error_errno(-EOPNOTSUPP, "%s", c->counters.last_error);
+                }
+                return -ENOENT; /* a file key has no evidence to give */
+        }
+        r = attest_begin(h->hubkey, &a, &error);
+        if (r == -ENOENT && mode == ATTEST_AUTO) {
+                log_info("Registering without attestation: %s", error ?: "no EK certificate");
+                return -ENOENT;
+        }
+        if (r < 0) {
+                set_last_error(c, "attestation: %s", error ?: strerror(-r));
+                return log_error_errno(r, "Failed to prepare the attestation: %s", error ?: strerror(-r));
+        }
+        r = hubkey_public_jwk(h->hubkey, &jwk);
+        if (r < 0)
+                return r;
+        o = json_pack("{s:o}", "jwk", jwk);
+        if (!o || attest_challenge_json(a, o) < 0) {
+                json_decref(o);
+                return -ENOMEM;
+        }
+        body = json_dumps(o, JSON_COMPACT);
+        json_decref(o);
+        path = strdup_printf("/v1/hubs/%s/attest/challenge", h->conf->hub.id);
+        if (!body || !path) {
+                free(body);
+                return -ENOMEM;
+        }
+        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
+        if (r < 0)
+                return r;
+        q->attest = TAKE_PTR(a);
+        q->register_done = done;
+        q->register_userdata = userdata;
+        q->register_slot = ret;
+        q->next = c->others;
+        c->others = q;
+        *ret = (struct cloud_call *) q;
+        return 0;
+}
+
+int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
+                   void *userdata, struct cloud_call **ret) {
+        struct hub *h = c->hub;
+        int r;
+
+        /* The user may just have run 'iothubctl key init': try now rather than at the next retry. */
+        r = hub_open_key(h);
+        if (r < 0)
+                return r;
+        if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
+                return -ENOKEY;
+        r = register_challenge(c, done, userdata, ret);
+        if (r != -ENOENT)
+                return r;
+        return register_send(c, NULL, done, userdata, ret);
+}
+
+/* The cloud answered the challenge request q: activate, certify, and send the registration in
+ * its place (the caller's handle follows, as after a 401). Returns 0 when the registration went,
+ * else a negative errno and a message for the waiter. */
+static int register_answer(struct cloud *c, struct cloud_req *q, const struct http_response *resp,
+                           char *message, size_t size) {
+        struct attest_challenge ch;
+        _cleanup_free_ char *error = NULL;
+        json_t *attestation = NULL;
+        int r;
+
+        if (resp->error == 0 && resp->status == 404 && c->hub->conf->cloud.attestation == ATTEST_AUTO) {
+                /* A cloud of contract 1.0, without attestation: register as before. */
+                log_info("The cloud has no attestation endpoint; registering without attestation");
+                r = register_send(c, NULL, q->register_done, q->register_userdata, q->register_slot);
+                if (r < 0)
+                        (void) snprintf(message, size, "cannot register: %s", strerror(-r));
+                return r;
+        }
+        if (resp->error < 0) {
+                (void) snprintf(message, size, "%s", resp->error_text);
+                return resp->error;
+        }
+        if (resp->status != 200) {
+                char reason[CLOUD_REFUSAL_REASON_MAX];
+
+                cloud_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
+                (void) snprintf(message, size, "the cloud refused the attestation challenge: %s", reason);
+                return -EPROTO;
+        }
+        if (attest_parse_challenge(resp->body, resp->body_len, &ch) < 0) {
+                (void) snprintf(message, size, "the cloud's attestation challenge is malformed");
+                return -EBADMSG;
+        }
+        r = attest_answer(q->attest, c->hub->hubkey, &ch, &attestation, &error);
+        OPENSSL_cleanse(&ch, sizeof ch);
+        if (r < 0) {
+                (void) snprintf(message, size, "attestation failed: %s", error ?: strerror(-r));
+                set_last_error(c, "%s", message);
+                log_error_errno(r, "Registration: %s", message);
+                return r;
+        }
+        r = register_send(c, attestation, q->register_done, q->register_userdata, q->register_slot);
+        if (r < 0)
+                (void) snprintf(message, size, "cannot register: %s", strerror(-r));
+        return r;
 }
 
 /* ---- requests for other modules ---- */
@@ -873,6 +1002,16 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                         c->others->retried_401 = true;
                         break;
                 }
+                if (q->attest && !(resp->error == 0 && resp->status == 401)) {
+                        int k = register_answer(c, q, resp, message, sizeof message);
+                        if (k >= 0) {
+                                c->others->retried_401 = q->retried_401;
+                                break;
+                        }
+                        if (q->register_done)
+                                q->register_done(q->register_userdata, k, message);
+                        break;
+                }
                 if (resp->error < 0)
                         (void) snprintf(message, sizeof message, "%s", resp->error_text);
                 else if (resp->status == 200 || resp->status == 201) {
@@ -885,14 +1024,20 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 }
                 else if (resp->status == 409)
                         (void) snprintf(message, sizeof message, "this hub is registered to another account");
-                else
-                        (void) snprintf(message, sizeof message, "the cloud answered HTTP %ld", resp->status);
+                else {
+                        /* The cloud's "error" (e.g. attestation_required, attest_replay) says why. */
+                        char reason[CLOUD_REFUSAL_REASON_MAX];
+
+                        cloud_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
+                        (void) snprintf(message, sizeof message, "the cloud answered %s", reason);
+                }
                 if (q->register_done)
                         q->register_done(q->register_userdata, resp->error < 0 ? resp->error : resp->status,
                                          message);
                 break;
         }
         }
+        attest_free(q->attest);
         free(q);
         cloud_maybe_send(c);
 }

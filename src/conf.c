@@ -437,6 +437,21 @@ static int check_scope(struct parse_ctx *ctx, const struct conf_key *k, const ch
 #define GIB (1024 * MIB)
 
 /* Every key of DESIGN.md "Configuration". etc/iothub.conf and man/iothub.conf.5.scd list the same. */
+static int parse_attestation(struct parse_ctx *ctx, const struct conf_key *k, const char *v) {
+        enum attest_mode m;
+
+        if (streq(v, "auto"))
+                m = ATTEST_AUTO;
+        else if (streq(v, "on"))
+                m = ATTEST_ON;
+        else if (streq(v, "off"))
+                m = ATTEST_OFF;
+        else
+                return key_error(ctx, k, "'%.*s%s' is not one of auto, on, off", ECHO(v));
+        *(enum attest_mode *) field(ctx->conf, k) = m;
+        return 0;
+}
+
 static const struct conf_key conf_keys[] = {
         KEY_STRING("hub", "id", hub.id, 1, DEVICE_ID_MAX, check_hub_id),
         KEY_PATH("hub", "state_dir", hub.state_dir),
@@ -462,6 +477,7 @@ static const struct conf_key conf_keys[] = {
         KEY_UINT("cloud", "batch_max_delay_ms", cloud.batch_max_delay_ms, 10, 600000),
         KEY_UINT("cloud", "timeout_s", cloud.timeout_s, 1, 300),
         KEY_PATH("cloud", "bearer_token_file", cloud.bearer_token_file),
+        KEY_OTHER("cloud", "attestation", cloud.attestation, parse_attestation, 0, 0),
 
         KEY_STRING("oauth", "issuer", oauth.issuer, 1, 2048, check_https_url),
         KEY_STRING("oauth", "client_id", oauth.client_id, 1, 256, check_oauth_client_id),
@@ -758,6 +774,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->cloud.batch_max_delay_ms = 2000;
         c->cloud.timeout_s = 30;
         c->oauth.dpop = DPOP_AUTO;
+        c->cloud.attestation = ATTEST_AUTO;
         c->frames.max_bytes = 4096;
         c->frames.max_clock_skew_s = 300;
         c->frames.rate_per_device = 5;
@@ -947,6 +964,18 @@ const char *key_backend_to_string(enum key_backend b) {
                 return "tpm";
         case KEY_BACKEND_FILE:
                 return "file";
+        }
+        return NULL;
+}
+
+const char *attest_mode_to_string(enum attest_mode m) {
+        switch (m) {
+        case ATTEST_AUTO:
+                return "auto";
+        case ATTEST_ON:
+                return "on";
+        case ATTEST_OFF:
+                return "off";
         }
         return NULL;
 }

@@ -1391,3 +1391,19 @@ int hubkey_unseal(struct hubkey *k, const uint8_t *blob, size_t blob_len, uint8_
         *ret_len = blob_len;
         return 0;
 }
+
+/* ---- for attest.c ---- */
+
+int hubkey_tpm_context(struct hubkey *k, ESYS_CONTEXT **ret_esys, uint32_t *ret_key) {
+        if (!k || !ret_esys || !ret_key)
+                return -EINVAL;
+        if (k->backend != KEY_BACKEND_TPM || !k->esys || k->key == ESYS_TR_NONE)
+                return -EOPNOTSUPP;
+        *ret_esys = k->esys;
+        *ret_key = k->key;
+        return 0;
+}
+
+int hubkey_tpm_error(uint32_t rc, char **ret_error, const char *what) {
+        return tss2_error(rc, ret_error, "%s", what);
+}

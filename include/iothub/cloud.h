@@ -44,7 +44,8 @@ void cloud_key_ready(struct cloud *c);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 
-/* POST /v1/hubs/<id> with the hub's JWK; done() is called with the HTTP status (or a
+/* POST /v1/hubs/<id> with the hub's JWK, and with a TPM key first the attestation challenge
+ * ([cloud] attestation, iothub-protocol(7) "Attestation": TPM commands on the loop); done() is called with the HTTP status (or a
  * negative errno) and a one-line message, exactly once unless the returned handle is
  * cancelled first (cloud_request_cancel(): the waiter went away; done() never runs after).
  * The handle is the caller's until done() runs. *ret is the caller's slot for it and must stay

@@ -10,6 +10,9 @@
 
 enum key_backend { KEY_BACKEND_TPM, KEY_BACKEND_FILE };
 enum dpop_mode { DPOP_AUTO, DPOP_ON, DPOP_OFF };
+/* [cloud] attestation: auto = with a TPM key that has an EK certificate; on = always (refuses a
+ * file key); off = never. */
+enum attest_mode { ATTEST_AUTO, ATTEST_ON, ATTEST_OFF };
 
 struct iothub_conf {
         char *path; /* the file it was read from */
@@ -41,6 +44,7 @@ struct iothub_conf {
                 unsigned batch_max_delay_ms;
                 unsigned timeout_s;
                 char *bearer_token_file;
+                enum attest_mode attestation;
         } cloud;
         struct {
                 char *issuer;
@@ -78,3 +82,4 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct iothub_conf *, conf_free);
 
 const char *key_backend_to_string(enum key_backend b);
 const char *dpop_mode_to_string(enum dpop_mode m);
+const char *attest_mode_to_string(enum attest_mode m);

@@ -57,5 +57,14 @@ int hubkey_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t **r
 int hubkey_unseal(struct hubkey *k, const uint8_t *blob, size_t blob_len, uint8_t **ret_secret, size_t *ret_len);
 enum key_backend hubkey_backend(const struct hubkey *k);
 
+/* tpm backend: the ESYS context and the ESYS_TR of the persistent key, borrowed (valid while k
+ * lives), for attest.c, whose TPM commands must share the one connection (swtpm takes a single
+ * client). -EOPNOTSUPP for a file key. */
+struct ESYS_CONTEXT;
+int hubkey_tpm_context(struct hubkey *k, struct ESYS_CONTEXT **ret_esys, uint32_t *ret_key);
+/* The TSS2_RC translation of this file (one per library, STYLE.md) for attest.c: a negative errno,
+ * and when ret_error is not NULL "TPM: <decoded> (0x..) while <what>". */
+int hubkey_tpm_error(uint32_t rc, char **ret_error, const char *what);
+
 void hubkey_free(struct hubkey *k);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct hubkey *, hubkey_free);

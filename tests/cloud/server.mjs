@@ -22,6 +22,7 @@ import * as jose from 'jose';
 import * as sf from 'structured-headers';
 import { httpbis, createVerifier } from 'http-message-signatures';
 import { verifyDpopProof, createReplayCache } from '../oauth/dpop.mjs';
+import { createAttestation, AttestError } from './attest.mjs';
 
 // ---------------------------------------------------------------------------------------
 // Constants of the contract (PROTOCOL.md 1 and 3)
@@ -296,6 +297,9 @@ export async function startCloud(opts = {}) {
   const anyToken = o.tokens === undefined && !o.verifyToken;
 
   const dpopReplay = createReplayCache(); // jti of the proofs this server saw (RFC 9449 11.1)
+  // Hub key attestation (attest.mjs): opts.attestation = { trustedRoots: [pem], intermediates:
+  // [pem], require: bool }; without roots every challenge is refused (no EK chains).
+  const attest = createAttestation(o.attestation ?? {});
   const events = new EventEmitter();
   const state = {
     anyToken,
@@ -468,7 +472,7 @@ export async function startCloud(opts = {}) {
     // The key to check against: the registered hub key, or for the register request
     // itself the key in the body (a hub registers the key it signs with).
     let jwk;
-    if (route.name === 'register') {
+    if (route.name === 'register' || route.name === 'challenge') {
       let b;
       try { b = JSON.parse(decodeUtf8(body)); } catch { throw authFail('keyid', 'register body is not JSON: no key to check the signature against'); }
       const err = isObj(b) ? checkPublicJwk(b.jwk, { allowEd25519: false }) : 'no jwk';
@@ -525,6 +529,7 @@ export async function startCloud(opts = {}) {
     let m;
     const r = (name, method, hub, extra = {}) => ({ name, method, hub, query, ...extra });
     if ((m = /^\/v1\/hubs\/([^/]+)$/.exec(p))) return r('register', 'POST', m[1]);
+    if ((m = /^\/v1\/hubs\/([^/]+)\/attest\/challenge$/.exec(p))) return r('challenge', 'POST', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/devices$/.exec(p))) return r('devices', 'PUT', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/status$/.exec(p))) return r('status', 'POST', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/commands$/.exec(p))) return r('commands', 'GET', m[1]);
@@ -593,7 +598,7 @@ export async function startCloud(opts = {}) {
       if (r.name === 'result' && !COMMAND_ID_RE.test(r.command)) throw new HttpError(404, 'not_found', 'malformed command id');
       rec.endpoint = r.name;
       const auth = await authenticate(req, body, r);
-      if (r.name !== 'register') {
+      if (r.name !== 'register' && r.name !== 'challenge') {
         const hub = state.hubs.get(r.hub);
         if (hub.account !== auth.account) throw new HttpError(403, 'wrong_account', `hub "${r.hub}" belongs to another account`);
       }
@@ -616,6 +621,7 @@ export async function startCloud(opts = {}) {
 
       let out;
       if (r.name === 'register') out = await onRegister(req, body, r, auth);
+      else if (r.name === 'challenge') out = onChallenge(req, body, r, auth);
       else if (r.name === 'devices') out = await onDevices(req, body, r);
       else if (r.name === 'status') out = await onStatus(req, body, r, rule);
       else if (r.name === 'commands') out = await onCommands(req, res, r);
@@ -624,6 +630,7 @@ export async function startCloud(opts = {}) {
       rec.status = out.status;
       send(res, out.status, out.body, out.headers);
     } catch (e) {
+      if (e instanceof AttestError) e = new HttpError(e.status, e.kind, e.message);
       if (!(e instanceof HttpError)) {
         console.error('[cloud] internal error', e);
         e = new HttpError(500, 'internal', e.message);
@@ -642,21 +649,35 @@ export async function startCloud(opts = {}) {
 
   async function onRegister(req, body, r, auth) {
     const b = parseJsonBody(req, body);
-    if (!isObj(b) || !keysExactly(b, ['jwk'])) throw badRequest('body', 'register body must be exactly {"jwk":{...}}');
+    if (!isObj(b) || !keysExactly(b, ['jwk'], ['attestation'])) throw badRequest('body', 'register body must be exactly {"jwk":{...}[,"attestation":{...}]}');
     const err = checkPublicJwk(b.jwk, { allowEd25519: false });
     if (err) throw badRequest('body', err);
+    // PROTOCOL.md 5: the evidence, when given, must verify; without it the hub is refused when
+    // this cloud requires attestation.
+    let attested = null;
+    if (b.attestation !== undefined) attested = attest.verify(r.hub, auth.kid, b.jwk, b.attestation);
+    else if (attest.require) throw new HttpError(403, 'attestation_required', 'this cloud registers only hubs whose key is attested to be in a TPM');
     const old = state.hubs.get(r.hub);
     if (old && old.account !== auth.account) {
       state.registrations.push({ hub: r.hub, account: auth.account, kid: auth.kid, at: Date.now(), status: 409 });
       throw new HttpError(409, 'registered_elsewhere', `hub "${r.hub}" is registered to another account`);
     }
     const hub = old ?? { id: r.hub, devices: new Map(), deviceLists: [], dedup: new Map(), commands: new Map(), waiters: new Set() };
-    Object.assign(hub, { account: auth.account, jwk: b.jwk, kid: auth.kid, registeredAt: Date.now() });
+    Object.assign(hub, { account: auth.account, jwk: b.jwk, kid: auth.kid, registeredAt: Date.now(), attested });
     state.hubs.set(r.hub, hub);
     const status = old ? 200 : 201;
     state.registrations.push({ hub: r.hub, account: auth.account, kid: auth.kid, at: Date.now(), status });
     events.emit('register', { hub: r.hub, kid: auth.kid });
     return { status, body: { hub: r.hub, keyid: auth.kid } };
+  }
+
+  // POST /v1/hubs/<id>/attest/challenge {"jwk","ek_cert","ak_public"} (iothub-protocol(7)).
+  function onChallenge(req, body, r, auth) {
+    const b = parseJsonBody(req, body);
+    if (!isObj(b) || !keysExactly(b, ['jwk', 'ek_cert', 'ak_public'])) throw badRequest('body', 'challenge body must be exactly {"jwk","ek_cert","ak_public"}');
+    const old = state.hubs.get(r.hub);
+    if (old && old.account !== auth.account) throw new HttpError(409, 'registered_elsewhere', `hub "${r.hub}" is registered to another account`);
+    return { status: 200, body: attest.challenge(r.hub, auth.kid, b) };
   }
 
   async function onDevices(req, body, r) {
@@ -840,7 +861,7 @@ export async function startCloud(opts = {}) {
   const KINDS = ['status', 'delayMs', 'drop', 'rejectFrames'];
   const control = {
     // Failure injection. mode: { status, retryAfter?, delayMs?, drop?, after?, rejectFrames?,
-    // reason?, count = 1 (-1 or Infinity: until cleared), endpoint = 'status' | 'register' |
+    // reason?, count = 1 (-1 or Infinity: until cleared), endpoint = 'status' | 'register' | 'challenge' |
     // 'devices' | 'commands' | 'result' | 'any' }, or 'down' / 'up' / 'clear'.
     // rejectFrames: [indices in the batch], or ({ index, dev, seq, jws }) => boolean, or
     // { dev?: id | [ids], seq?: n | [ns] }; only frames that passed every check are hit.
@@ -850,7 +871,7 @@ export async function startCloud(opts = {}) {
       if (mode === 'clear' || mode?.clear) { state.rules = []; return; }
       if (!isObj(mode) || !KINDS.some((k) => mode[k] !== undefined)) throw new Error(`unknown failure mode ${JSON.stringify(mode)}`);
       const endpoint = mode.endpoint ?? 'status';
-      if (!['status', 'register', 'devices', 'commands', 'result', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
+      if (!['status', 'register', 'challenge', 'devices', 'commands', 'result', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
       if (mode.status !== undefined && !isInt(mode.status, 100, 599)) throw new Error('status must be an HTTP status');
       const count = mode.count === undefined ? 1 : mode.count === -1 ? Infinity : mode.count;
       const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : 'delay';
@@ -892,7 +913,7 @@ export async function startCloud(opts = {}) {
     return {
       url, port, caFile: pki.caFile, up: state.up, anyToken: state.anyToken,
       hubs: [...state.hubs.values()].map((h) => ({
-        id: h.id, account: h.account, keyid: h.kid, devices: [...h.devices.values()].map((d) => ({ id: d.id, revoked: d.revoked, alg: d.alg })),
+        id: h.id, account: h.account, keyid: h.kid, attested: h.attested ?? null, devices: [...h.devices.values()].map((d) => ({ id: d.id, revoked: d.revoked, alg: d.alg })),
         commands: [...h.commands.values()].map((c) => ({ id: c.id, dev: c.dev, deliveries: c.deliveries, results: c.results.map((x) => x.status) })),
       })),
       frames: state.frames.length, duplicates: state.duplicates, signatures: state.signatures,
@@ -962,7 +983,7 @@ export async function startCloud(opts = {}) {
     }
   }
 
-  return { url, port, caFile: pki.caFile, controlUrl, dir: o.dir, state, control, events, close, waitFor };
+  return { url, port, caFile: pki.caFile, controlUrl, dir: o.dir, state, control, events, close, waitFor, attest };
 }
 
 // The payload of a status frame, PROTOCOL.md 1. Returns an error text or null.

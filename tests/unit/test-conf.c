@@ -120,7 +120,7 @@ static int load(const char *text, struct iothub_conf **ret, char **ret_error, ch
 }
 
 /* The test's own list of the keys, written from DESIGN.md and the brief, not from conf.c's table. */
-enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP };
+enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP, ATTEST };
 struct key_info {
         const char *section;
         const char *name;
@@ -151,6 +151,7 @@ static const struct key_info keys[] = {
         K("cloud", "batch_max_delay_ms", cloud.batch_max_delay_ms, UINT),
         K("cloud", "timeout_s", cloud.timeout_s, UINT),
         K("cloud", "bearer_token_file", cloud.bearer_token_file, STR),
+        K("cloud", "attestation", cloud.attestation, ATTEST),
         K("oauth", "issuer", oauth.issuer, STR),
         K("oauth", "client_id", oauth.client_id, STR),
         K("oauth", "scope", oauth.scope, STR),
@@ -200,6 +201,9 @@ static char *value_str(const struct iothub_conf *c, const struct key_info *k) {
                 break;
         case DPOP:
                 n = asprintf(&s, "%s", dpop_mode_to_string(*(const enum dpop_mode *) p));
+                break;
+        case ATTEST:
+                n = asprintf(&s, "%s", attest_mode_to_string(*(const enum attest_mode *) p));
                 break;
         }
         assert_true(n >= 0);
@@ -265,6 +269,7 @@ static int setup(void **state) {
         "[cloud] batch_max_delay_ms = 2000\n"                                                               \
         "[cloud] timeout_s = 30\n"                                                                          \
         "[cloud] bearer_token_file = (unset)\n"                                                             \
+        "[cloud] attestation = auto\n"                                                                      \
         "[oauth] issuer = (unset)\n"                                                                        \
         "[oauth] client_id = (unset)\n"                                                                     \
         "[oauth] scope = offline_access\n"                                                                  \
@@ -337,6 +342,7 @@ static void test_full_file(void **state) {
                                    "batch_max_delay_ms = 500\n"
                                    "timeout_s = 10\n"
                                    "bearer_token_file = /etc/iothub/token\n"
+                                   "attestation = off\n"
                                    "\n"
                                    "[oauth]\n"
                                    "issuer = https://login.example.com\n"
@@ -376,6 +382,7 @@ static void test_full_file(void **state) {
                                        "[cloud] batch_max_delay_ms = 500\n"
                                        "[cloud] timeout_s = 10\n"
                                        "[cloud] bearer_token_file = /etc/iothub/token\n"
+                                       "[cloud] attestation = off\n"
                                        "[oauth] issuer = https://login.example.com\n"
                                        "[oauth] client_id = iothub-hub\n"
                                        "[oauth] scope = openid offline_access\n"
@@ -453,6 +460,9 @@ static void test_good_values(void **state) {
                 { "oauth", "dpop = auto", "dpop", "auto" },
                 { "oauth", "dpop = on", "dpop", "on" },
                 { "oauth", "dpop = off", "dpop", "off" },
+                { "cloud", "attestation = auto", "attestation", "auto" },
+                { "cloud", "attestation = on", "attestation", "on" },
+                { "cloud", "attestation = off", "attestation", "off" },
                 { "frames", "max_bytes = 256", "max_bytes", "256" },
                 { "frames", "max_bytes = 65536", "max_bytes", "65536" },
                 { "frames", "max_clock_skew_s = 1", "max_clock_skew_s", "1" },
@@ -675,6 +685,7 @@ static void test_bad_values(void **state) {
                   "single spaces" },
                 { "oauth", "dpop =", "[oauth] dpop: empty value" },
                 { "oauth", "dpop = yes", "[oauth] dpop: 'yes' is not one of auto, on, off" },
+                { "cloud", "attestation = yes", "[cloud] attestation: 'yes' is not one of auto, on, off" },
                 { "oauth", "dpop = ON", "[oauth] dpop: 'ON' is not one of auto, on, off" },
                 { "oauth", "dpop = 1", "[oauth] dpop: '1' is not one of auto, on, off" },
                 { "oauth", "ca_file =", "[oauth] ca_file: empty value" },
@@ -1215,6 +1226,9 @@ static void test_to_string(void **state) {
         assert_string_equal(dpop_mode_to_string(DPOP_AUTO), "auto");
         assert_string_equal(dpop_mode_to_string(DPOP_ON), "on");
         assert_string_equal(dpop_mode_to_string(DPOP_OFF), "off");
+        assert_string_equal(attest_mode_to_string(ATTEST_AUTO), "auto");
+        assert_string_equal(attest_mode_to_string(ATTEST_ON), "on");
+        assert_string_equal(attest_mode_to_string(ATTEST_OFF), "off");
         assert_null(dpop_mode_to_string((enum dpop_mode) 99));
         conf_free(NULL);
 }

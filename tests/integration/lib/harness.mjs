@@ -262,8 +262,12 @@ export class Swtpm {
 
   get tcti() { return `swtpm:host=127.0.0.1,port=${this.port}`; }
 
-  static async start(dir) {
+  // opts.ekCa: a directory for a local test CA (made on first use, shared by the TPMs given the
+  // same one): the TPM is first manufactured by swtpm_setup with an EK certificate from it
+  // (provisionEk below).
+  static async start(dir, opts = {}) {
     await fs.mkdir(dir, { recursive: true });
+    if (opts.ekCa) await provisionEk(dir, opts.ekCa);
     for (let attempt = 0; attempt < 10; attempt++) {
       const port = await freePort();
       const t = new Swtpm(dir, port);
@@ -307,4 +311,27 @@ export class Swtpm {
       await once(p, 'exit');
     }
   }
+}
+
+// Manufactures a TPM state in stateDir as a vendor would, with swtpm_setup(8): an RSA 2048 and an
+// ECC EK (persistent at 0x81010001 and 0x81010016), their certificates in the TCG NV indices
+// (0x01c00002, 0x01c00016) and a platform certificate, issued by swtpm_localca(8) from a CA in
+// caDir (swtpm-localca.conf(5): the root and the issuing CA are made there on first use), never
+// the system's /var/lib/swtpm-localca. Returns the CA's PEM files: { root, issuer }.
+export async function provisionEk(stateDir, caDir) {
+  await fs.mkdir(stateDir, { recursive: true });
+  await fs.mkdir(caDir, { recursive: true });
+  const f = (n) => path.join(caDir, n);
+  await fs.writeFile(f('swtpm-localca.conf'), `statedir = ${caDir}\nsigningkey = ${f('signkey.pem')}\n` +
+    `issuercert = ${f('issuercert.pem')}\ncertserial = ${f('certserial')}\n`);
+  await fs.writeFile(f('swtpm-localca.options'), '--platform-manufacturer iothub-test\n--platform-version 2.1\n--platform-model swtpm\n');
+  await fs.writeFile(f('swtpm_setup.conf'), `create_certs_tool = /usr/bin/swtpm_localca\n` +
+    `create_certs_tool_config = ${f('swtpm-localca.conf')}\ncreate_certs_tool_options = ${f('swtpm-localca.options')}\n` +
+    'active_pcr_banks = sha256\n');
+  await new Promise((resolve, reject) => {
+    execFile('swtpm_setup', ['--tpm2', '--tpmstate', stateDir, '--create-ek-cert', '--create-platform-cert',
+      '--config', f('swtpm_setup.conf'), '--overwrite'], { encoding: 'utf8' },
+    (err, stdout, stderr) => (err ? reject(new Error(`swtpm_setup failed: ${stderr || stdout || err.message}`)) : resolve()));
+  });
+  return { root: f('swtpm-localca-rootca-cert.pem'), issuer: f('issuercert.pem') };
 }
