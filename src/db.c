@@ -395,6 +395,19 @@ const char *db_errmsg(struct db *db) {
         return sqlite3_errmsg(db->sqlite);
 }
 
+int db_cause(struct db *db, int r) {
+        int e;
+
+        if (!db || !db->sqlite || r != -EIO)
+                return r;
+        e = sqlite3_system_errno(db->sqlite);
+        return e > 0 ? -e : r;
+}
+
+bool db_in_transaction(struct db *db) {
+        return db && db->sqlite && !sqlite3_get_autocommit(db->sqlite);
+}
+
 struct sqlite3 *db_handle(struct db *db) {
         return db ? db->sqlite : NULL;
 }

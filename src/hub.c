@@ -117,6 +117,15 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 json_decref(o);
                 return -ENOMEM;
         }
+        /* Whether frames can be stored (ingest.c): the cause while they cannot. */
+        if (json_object_set_new(o, "storage",
+                                json_pack("{s:b,s:s*,s:s*,s:I}", "ok", h->store_errno == 0, "reason",
+                                          ingest_store_reason(h->store_errno), "error",
+                                          h->store_errno ? strerror(-h->store_errno) : NULL, "refused",
+                                          (json_int_t) h->store_refused)) < 0) {
+                json_decref(o);
+                return -ENOMEM;
+        }
         r = ack_status_json(h->ack, o);
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
@@ -134,18 +143,23 @@ int hub_status_json(struct hub *h, json_t **ret) {
 
 void hub_notify_status(struct hub *h) {
         uint64_t rejected = 0;
-        char cloud[320];
+        char cloud[320], storage[96] = "";
 
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
                 rejected += h->counters.frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
         if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
                 (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
+        /* First when frames cannot be stored: that needs the operator, and systemctl status
+         * shows the beginning of a long line. */
+        if (h->store_errno)
+                (void) snprintf(storage, sizeof storage, "CANNOT STORE FRAMES (%s: %s); ",
+                                ingest_store_reason(h->store_errno), strerror(-h->store_errno));
         (void) sd_notifyf(false,
-                          "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
+                          "STATUS=%sMQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
                           " frames; %s",
-                          mqtt_is_connected(h->mqtt) ? "connected" : "disconnected", h->counters.frames_accepted,
-                          rejected, h->spool_pending, cloud);
+                          storage, mqtt_is_connected(h->mqtt) ? "connected" : "disconnected",
+                          h->counters.frames_accepted, rejected, h->spool_pending, cloud);
 }
 
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {

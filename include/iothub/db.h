@@ -24,6 +24,12 @@ int db_rollback(struct db *db);
 
 /* The text of the last SQLite error on this connection (for log messages). */
 const char *db_errmsg(struct db *db);
+/* The cause of a failure r of the last call on this connection: the system's errno (ENOSPC,
+ * EROFS, ...) when SQLite reported an I/O error and kept one, else r itself. */
+int db_cause(struct db *db, int r);
+/* Whether a transaction is open: SQLite ends one by itself on some errors (SQLITE_FULL,
+ * SQLITE_IOERR, SQLITE_NOMEM may roll it back), after which statements run in autocommit. */
+bool db_in_transaction(struct db *db);
 
 /* For the modules built on it (registry, spool): the raw handle. */
 struct sqlite3 *db_handle(struct db *db);

@@ -184,3 +184,70 @@ test('crash: SIGKILLs at random points with frames, uploads and commands in flig
     await h.cleanup();
   }
 });
+
+// The storage checks of a case: the daemon says that and why it cannot store frames (status,
+// STATUS=, a journal entry with MESSAGE_ID and IOTHUB_REASON=), keeps MQTT and the control
+// socket, and acks nothing it did not store (the tally at the end: nothing acked is lost).
+async function expectStoreFailure(h, reason, mark) {
+  const st = await waitFor(async () => { const s = await h.status(); return s.storage.ok === false && s; }, 15000,
+    `storage failing (${reason})`);
+  assert.equal(st.storage.reason, reason, JSON.stringify(st.storage));
+  assert.ok(st.storage.refused > 0 && st.frames.store_failed > 0, JSON.stringify(st));
+  assert.equal(st.mqtt.connected, true);
+  const e = await h.waitEntry('STORE_FAILED', () => true, mark);
+  assert.equal(e.IOTHUB_REASON, reason);
+  assert.equal(e.PRIORITY, '3');
+  await waitFor(() => h.lastStatus.startsWith(`CANNOT STORE FRAMES (${reason}`), 10000, `STATUS= (last: ${h.lastStatus})`);
+  // Said once per cause, not once per refused frame.
+  assert.equal(h.entries('STORE_FAILED', () => true, mark).length, 1);
+  return st;
+}
+
+test('disk full: frames not stored are not acked, the daemon says why, and recovers when space returns', { timeout: 120000 }, async () => {
+  const hubId = 'diskfull-hub';
+  let fsx;
+  const h = await startHub(hubId, { prepare: async (x) => { fsx = await Tmpfs.mount(x.stateDir, '3M'); } });
+  try {
+    const bs = await bulbs(h, 'diskfull', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    const ctl = { stop: false };
+    const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
+    await waitFor(() => tally(cloud, bs).atCloud >= 60, 10000, 'frames flowing');
+    // The cloud answers 503 meanwhile, so that the spool has to grow into the full disk.
+    cloud.control.fail({ status: 503, count: Infinity, endpoint: 'status' });
+    const mark = h.journal.length;
+    const filled = await fsx.fill();
+    const st = await expectStoreFailure(h, 'disk_full', mark);
+    const ackedWhileFull = bs.map((b) => b.bulb.ackedSeq);
+    await sleep(1500);
+    // Nothing more is acked while nothing can be stored.
+    const st2 = await h.status();
+    assert.ok(st2.storage.refused > st.storage.refused, 'frames still arrive and are refused');
+    const ackedLater = bs.map((b) => b.bulb.ackedSeq);
+    const cpu0 = await h.cpuTicks();
+    await sleep(2000);
+    const cpu = (await h.cpuTicks()) - cpu0;
+    console.log(`disk full: ${filled} bytes filled; acked seqs ${ackedWhileFull} then ${ackedLater}; ` +
+      `${st2.storage.refused} frames refused; CPU ${cpu * 10} ms in 2 s while failing`);
+    // Space returns: storing resumes without a restart, and every frame arrives.
+    const mark2 = h.journal.length;
+    await fsx.free();
+    cloud.control.clearFailures();
+    await h.waitEntry('STORE_RECOVERED', () => true, mark2, 15000);
+    await waitFor(async () => (await h.status()).storage.ok, 10000, 'storage ok in status');
+    await waitFor(() => !h.lastStatus.startsWith('CANNOT'), 10000, 'STATUS= without the failure');
+    ctl.stop = true;
+    await producers;
+    const t = await drain(bs, 60000);
+    assert.equal(t.lost, 0);
+    assert.equal(t.duplicates, 0);
+    reportRow('state directory full (3 MB tmpfs)', `${st2.storage.refused} frames refused, not acked, resent; recovered without restart`, t);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    cloud.control.clearFailures();
+    await h.stop();
+    await fsx?.unmount();
+    await h.cleanup();
+  }
+});
