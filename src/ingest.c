@@ -6,6 +6,7 @@
  * Accepted frames are appended inside one transaction per MQTT read (group commit), so a
  * burst costs one fsync, not one per frame. */
 #include <inttypes.h>
+#include <fcntl.h>
 
 #include "iothub/ack.h"
 #include "iothub/cloud.h"
@@ -100,6 +101,16 @@ const char *ingest_store_reason(int r) {
  * would otherwise write a line per frame to the journal that shares the disk. */
 static void store_failed(struct hub *h, int r, unsigned n) {
         r = db_cause(h->db, r);
+        /* SQLite may report an I/O error without the system's errno, or with EIO: ask the file
+         * system itself with an unnamed file that vanishes on close. ext4 turned read-only by
+         * an error (errors=remount-ro) answers EROFS here while statvfs() still says rw. */
+        if (r == -EIO) {
+                int fd = open(h->conf->hub.state_dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+                if (fd >= 0)
+                        (void) close(fd);
+                else if (errno == EROFS || errno == ENOSPC || errno == EDQUOT)
+                        r = -errno;
+        }
         h->counters.frames_store_failed += n;
         h->store_refused += n;
         if (r == h->store_errno)

@@ -14,7 +14,7 @@ import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { keyBeforeDaemon } from './lib/testbed.mjs';
-import { FaultHub, FaultBulb, Tmpfs, tally, reportRow, run, FAULT_TABLE } from './lib/faults.mjs';
+import { FaultHub, FaultBulb, Tmpfs, LoopExt4, tally, reportRow, run, FAULT_TABLE } from './lib/faults.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -191,7 +191,7 @@ test('crash: SIGKILLs at random points with frames, uploads and commands in flig
 async function expectStoreFailure(h, reason, mark) {
   const st = await waitFor(async () => { const s = await h.status(); return s.storage.ok === false && s; }, 15000,
     `storage failing (${reason})`);
-  assert.equal(st.storage.reason, reason, JSON.stringify(st.storage));
+  assert.equal(st.storage.reason, reason, JSON.stringify([st.storage, h.entries('STORE_FAILED', () => true, mark)]));
   assert.ok(st.storage.refused > 0 && st.frames.store_failed > 0, JSON.stringify(st));
   assert.equal(st.mqtt.connected, true);
   const e = await h.waitEntry('STORE_FAILED', () => true, mark);
@@ -206,11 +206,11 @@ async function expectStoreFailure(h, reason, mark) {
 test('disk full: frames not stored are not acked, the daemon says why, and recovers when space returns', { timeout: 120000 }, async () => {
   const hubId = 'diskfull-hub';
   let fsx;
+  const ctl = { stop: false };
   const h = await startHub(hubId, { prepare: async (x) => { fsx = await Tmpfs.mount(x.stateDir, '3M'); } });
   try {
     const bs = await bulbs(h, 'diskfull', 3);
     await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
-    const ctl = { stop: false };
     const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
     await waitFor(() => tally(cloud, bs).atCloud >= 60, 10000, 'frames flowing');
     // The cloud answers 503 meanwhile, so that the spool has to grow into the full disk.
@@ -245,9 +245,65 @@ test('disk full: frames not stored are not acked, the daemon says why, and recov
     for (const b of bs) b.detach();
     await stopClean(h);
   } finally {
+    ctl.stop = true;
     cloud.control.clearFailures();
     await h.stop();
     await fsx?.unmount();
+    await h.cleanup();
+  }
+});
+
+test('read-only: the file system turns read-only under the daemon (a disk error); said, nothing acked unstored; back after fsck', { timeout: 120000 }, async () => {
+  const hubId = 'readonly-hub';
+  let lx;
+  const ctl = { stop: false };
+  const h = await startHub(hubId, { prepare: async (x) => { lx = await LoopExt4.mount(x.stateDir, path.join(x.dir, 'state.img')); } });
+  try {
+    const bs = await bulbs(h, 'readonly', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
+    await waitFor(() => tally(cloud, bs).atCloud >= 60, 10000, 'frames flowing');
+    const mark = h.journal.length;
+    await lx.error();
+    assert.ok(await lx.readOnly(), 'the file system is read-only now');
+    const st = await expectStoreFailure(h, 'read_only', mark);
+    // It keeps doing what it can (MQTT, status); a command cannot be recorded before it goes out
+    // (its de-duplication after a restart needs the row), so it waits and is not lost.
+    cloud.control.queueCommand({ hub: hubId, id: 'ro-cmd-1', dev: bs[0].id, set: { on: false }, exp: nowS() + 60 });
+    await sleep(3000);
+    const cmdWhileRo = bs[0].cmds.has('ro-cmd-1');
+    assert.equal(cmdWhileRo, false, 'a command went out that the hub could not record');
+    const st2 = await h.status();
+    const cpu0 = await h.cpuTicks();
+    await sleep(2000);
+    const cpu = (await h.cpuTicks()) - cpu0;
+    console.log(`read-only: ${st2.storage.refused} frames refused; spool ${JSON.stringify(st2.spool)}; ` +
+      `cloud ${JSON.stringify(st2.cloud)}; CPU ${cpu * 10} ms in 2 s while failing`);
+    assert.ok(cpu < 100, `${cpu * 10} ms of CPU in 2 s: spinning`);
+    // The operator's way back: stop, fsck, mount, start. Bulbs resend what was refused.
+    const res = await h.stop();
+    assert.doesNotMatch(h.stderrText, /AddressSanitizer|LeakSanitizer|runtime error/, h.stderrText);
+    console.log(`read-only: the daemon stopped with ${JSON.stringify(res)}`);
+    await lx.unmount();
+    await lx.fsck();
+    await lx.mountAgain();
+    await h.start();
+    ctl.stop = true;
+    await producers;
+    const t = await drain(bs, 60000);
+    assert.equal(t.lost, 0);
+    assert.equal(t.duplicates, 0);
+    assert.ok((await h.status()).storage.ok);
+    const results = () => cloud.state.hubs.get(hubId).commands.get('ro-cmd-1').results.map((r) => r.status);
+    await waitFor(() => results().includes('acked'), 30000, `the command acked after the repair (${results()})`);
+    console.log(`read-only: the command reached its bulb while read-only: ${cmdWhileRo}; results ${results()}`);
+    reportRow('state directory read-only (ext4 error, remount-ro)', `${st2.storage.refused} frames refused, not acked; a command waited (cannot be recorded), acked after fsck + restart`, t);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    ctl.stop = true;
+    await h.stop();
+    await lx?.unmount();
     await h.cleanup();
   }
 });

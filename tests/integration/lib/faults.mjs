@@ -242,3 +242,37 @@ export function reportRow(fault, outcome, t) {
   console.log(`FAULT | ${fault} | ${outcome} | in ${t.sent} | at cloud ${t.atCloud} | lost ${t.lost} | ${row.reason}`);
   return row;
 }
+
+// A small ext4 file system on a loop device, mounted with errors=remount-ro as a hub's root
+// file system would be: trigger_fs_error makes the kernel turn it read-only under the running
+// daemon (what a disk error does), which no remount can undo; the operator's way back is
+// unmount, fsck, mount again.
+export class LoopExt4 {
+  constructor(dir, image) { this.dir = dir; this.image = image; }
+
+  static async mount(dir, image, size = '16M') {
+    await run('truncate', ['-s', size, image]);
+    await run('mkfs.ext4', ['-q', '-F', image]);
+    const l = new LoopExt4(dir, image);
+    await l.mountAgain();
+    return l;
+  }
+
+  async mountAgain() {
+    await fs.mkdir(this.dir, { recursive: true });
+    await run('mount', ['-o', 'loop,errors=remount-ro,nosuid,nodev', this.image, this.dir]);
+    await fs.chmod(this.dir, 0o700);
+    const { stdout } = await run('findmnt', ['-no', 'SOURCE', this.dir]);
+    this.dev = path.basename(stdout.trim());
+  }
+
+  async error() { await fs.writeFile(`/sys/fs/ext4/${this.dev}/trigger_fs_error`, 'iothub fault test\n'); }
+
+  async readOnly() {
+    const { stdout } = await run('findmnt', ['-no', 'OPTIONS', this.dir]);
+    return /(^|,)ro(,|$)|emergency_ro/.test(stdout);
+  }
+
+  async unmount() { await run('umount', [this.dir]).catch(() => run('umount', ['-l', this.dir]).catch(() => {})); }
+  async fsck() { return run('fsck.ext4', ['-y', '-f', this.image]).catch((e) => e); }
+}
