@@ -162,7 +162,42 @@ void hub_notify_status(struct hub *h) {
                           h->counters.frames_accepted, rejected, h->spool_pending, cloud);
 }
 
+/* The database deleted under the running daemon (an rm -rf, a cleaner): SQLite goes on with
+ * the open file, and the next start would make an empty one, with every enrolment, replay
+ * counter and spooled frame gone. Put it back from the open connection at once. Another file
+ * put in its place (a backup copied over it) is the operator's doing: said, not undone. */
+static void hub_check_db(struct hub *h) {
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (h->batch.open)
+                return;
+        r = db_check_file(h->db);
+        if (r == 0 || r == h->db_file_errno)
+                return;
+        h->db_file_errno = r;
+        if (r != -ENOENT) {
+                log_event(LOG_ERR, r, IOTHUB_MID_DB_REPLACED, NULL, "replaced",
+                          "%s/iothub.db is not the file this daemon opened (%m): it keeps using the one it "
+                          "has open until it stops; the next start uses the new one",
+                          h->conf->hub.state_dir);
+                return;
+        }
+        r = db_restore_file(h->db, &err);
+        if (r < 0) {
+                log_event(LOG_CRIT, r, IOTHUB_MID_DB_REPLACED, NULL, "deleted",
+                          "%s/iothub.db was deleted under the running daemon and could not be restored: %s",
+                          h->conf->hub.state_dir, err ? err : strerror(-r));
+                return;
+        }
+        h->db_file_errno = 0;
+        log_event(LOG_ERR, -ENOENT, IOTHUB_MID_DB_REPLACED, NULL, "deleted",
+                  "%s/iothub.db was deleted under the running daemon; restored it from the open database",
+                  h->conf->hub.state_dir);
+}
+
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        hub_check_db(userdata);
         hub_notify_status(userdata);
         (void) sd_event_source_set_time(s, usec + STATUS_INTERVAL_USEC);
         return 0;

@@ -81,6 +81,7 @@ struct hub {
          * storing works, and the frames refused since it began (ingest.c). */
         int store_errno;
         uint64_t store_refused;
+        int db_file_errno; /* the database file's name lost (hub_check_db()), logged once */
         /* Unknown devices have no per-bulb log limit: one shared window for them. */
         struct ratelimit unknown_log_rl;
 };

@@ -307,3 +307,51 @@ test('read-only: the file system turns read-only under the daemon (a disk error)
     await h.cleanup();
   }
 });
+
+test('database deleted under the running daemon: put back from the open copy, nothing lost, counters kept', { timeout: 120000 }, async () => {
+  const hubId = 'dbdeleted-hub';
+  const ctl = { stop: false };
+  const h = await startHub(hubId);
+  try {
+    const bs = await bulbs(h, 'dbdel', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
+    await waitFor(() => tally(cloud, bs).atCloud >= 60, 10000, 'frames flowing');
+    const mark = h.journal.length;
+    const db = path.join(h.stateDir, 'iothub.db');
+    const ino = (await fs.stat(db)).ino;
+    for (const f of ['iothub.db', 'iothub.db-wal', 'iothub.db-shm']) await fs.rm(path.join(h.stateDir, f), { force: true });
+    const deletedAt = Date.now();
+    const e = await h.waitEntry('DB_REPLACED', () => true, mark, 15000);
+    assert.equal(e.IOTHUB_REASON, 'deleted');
+    assert.match(e.MESSAGE, /restored it from the open database/);
+    const st = await fs.stat(db);
+    assert.notEqual(st.ino, ino);
+    assert.equal(st.mode & 0o777, 0o600, 'the restored file is private');
+    console.log(`db deleted: restored after ${Date.now() - deletedAt} ms`);
+    await sleep(1000);
+    assert.ok((await h.status()).storage.ok);
+    // The next start opens the restored file: enrolments and replay counters as they were.
+    const { stdout } = await run('sqlite3', [db, 'SELECT id, last_seq FROM bulbs ORDER BY id']);
+    assert.equal(stdout.trim().split('\n').length, bs.length, stdout);
+    ctl.stop = true;
+    await producers;
+    await drain(bs, 30000);
+    await h.stop();
+    await h.start();
+    const before = (await h.status()).frames.rejected.replay;
+    const old = bs[0].sent[5];
+    await bs[0].client.publishAsync(`${PREFIX}/${bs[0].id}/status`, old.jws, { qos: 1 });
+    await waitFor(async () => (await h.status()).frames.rejected.replay === before + 1, 5000, 'an old frame is a replay after the restart');
+    for (const b of bs) await b.send();
+    const t = await drain(bs, 30000);
+    assert.equal(t.lost, 0);
+    assert.equal(t.duplicates, 0);
+    reportRow('database deleted under the running daemon', 'restored from the open copy within 5 s; enrolments and replay counters kept across a restart', t);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    ctl.stop = true;
+    await h.cleanup();
+  }
+});
