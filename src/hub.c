@@ -412,17 +412,25 @@ int hub_run(const char *config_path, int log_level_override) {
         free(err);
         err = NULL;
         r = db_open(h.conf->hub.state_dir, &h.db, &err);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to open the state database in %s: %s", h.conf->hub.state_dir,
                                 err ? err : strerror(-r));
                 goto out;
         }
+        /* Loading the bulbs and counting the spool read every page of both tables: where a
+         * damaged file shows at start. */
         r = registry_open(h.db, &h.registry);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
                 goto out;
         }
         r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
                 goto out;
@@ -511,6 +519,14 @@ int hub_run(const char *config_path, int log_level_override) {
                 goto out;
         }
         exit_status = r == 0 ? 0 : 1;
+        goto out;
+corrupt:
+        /* Never replaced by an empty database: that would forget every bulb's replay counter
+         * (and the frames not yet uploaded). The operator salvages it (iothubd(8), RECOVERY). */
+        log_event(LOG_CRIT, r, IOTHUB_MID_DB_CORRUPT, NULL, "corrupt",
+                  "The state database %s/iothub.db is damaged (%s); not starting, and not replacing it: "
+                  "see RECOVERY in iothubd(8)",
+                  h.conf->hub.state_dir, err ? err : db_errmsg(h.db));
 out:
         hub_done(&h);
         return exit_status;
