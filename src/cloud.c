@@ -433,8 +433,19 @@ static void cloud_maybe_send(struct cloud *c) {
         }
         r = cloud_send_batch(c);
         if (r < 0) {
-                set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
-                log_error_errno(r, "Failed to prepare an upload batch: %m");
+                const char *kerr = hubkey_last_error(h->hubkey);
+
+                /* The key could not sign (TPM gone, or another TPM in its place): said with the
+                 * key's MESSAGE_ID, once per backoff step; the next try connects again. */
+                if (kerr) {
+                        set_last_error(c, "cannot sign with the hub key: %s", kerr);
+                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
+                                  "Cannot sign uploads with the hub key, frames stay spooled: %s", kerr);
+                } else {
+                        set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
+                        log_error_errno(r, "Failed to prepare an upload batch: %m");
+                }
                 cloud_backoff(c, NULL);
         }
 }

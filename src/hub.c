@@ -107,8 +107,9 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
         if (h->hubkey)
-                key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
-                                hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
+                key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)),
+                                "id", hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey),
+                                "error", hubkey_last_error(h->hubkey));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
                                 "id", "signatures", (json_int_t) 0, "error", h->key_error, "reason",

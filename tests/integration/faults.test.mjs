@@ -453,3 +453,83 @@ test('database corrupted: under the running daemon it says so; at start a clear 
     await h.cleanup();
   }
 });
+
+test('TPM: absent at start (frames spooled, READY), killed mid-run and back (uploads resume), another TPM (refused)', { timeout: 180000 }, async () => {
+  const hubId = 'tpm-hub';
+  const ctl = { stop: false };
+  const tpmDir = tpm.dir, port = tpm.port;
+  let other = null;
+  // Registered while the TPM is there; then the daemon starts without it.
+  const h = await startHub(hubId);
+  try {
+    const bs = await bulbs(h, 'tpm', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    await h.stop();
+    await tpm.stop();
+    const mark = h.journal.length;
+    await h.start();
+    const st0 = await h.status();
+    assert.equal(st0.key.id, null);
+    assert.equal(st0.key.reason, 'tpm_unreachable', JSON.stringify(st0.key));
+    const e0 = await h.waitEntry('KEY_UNAVAILABLE', () => true, mark);
+    assert.equal(e0.IOTHUB_REASON, 'tpm_unreachable');
+    const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
+    await waitFor(async () => (await h.status()).spool.pending >= 30, 10000, 'frames accepted and spooled without a TPM');
+    const atCloud0 = tally(cloud, bs).atCloud;
+    assert.equal(atCloud0, 0, 'nothing goes up without the key');
+    tpm = await Swtpm.startAt(tpmDir, port);
+    await waitFor(async () => (await h.status()).key.id, 15000, 'the key opened once the TPM is there');
+    await waitFor(() => tally(cloud, bs).atCloud > 30, 15000, 'uploads after the TPM came');
+    console.log(`tpm absent at start: ${st0.key.error}`);
+
+    // Killed mid-run, back on the same state: uploads resume without a restart.
+    const pid = h.proc.pid;
+    await tpm.stop();
+    const killedAt = Date.now();
+    await sleep(3000);
+    const during = await h.status();
+    const upDuring = tally(cloud, bs).atCloud;
+    await sleep(1000);
+    assert.ok(during.frames.accepted > 0 && during.storage.ok, 'frames still accepted with the TPM gone');
+    tpm = await Swtpm.startAt(tpmDir, port);
+    const backAt = Date.now();
+    await waitFor(() => tally(cloud, bs).atCloud > upDuring + 20, 30000,
+      `uploads resumed after the TPM came back (${JSON.stringify((await h.status()).key)}, cloud ${JSON.stringify((await h.status()).cloud)})`);
+    assert.equal(h.proc.pid, pid, 'the same daemon');
+    console.log(`tpm killed: down ${backAt - killedAt} ms, uploads again ${Date.now() - backAt} ms after it came back; ` +
+      `key while down ${JSON.stringify(during.key)}`);
+
+    // Another TPM (fresh state) at the same address: the key is not in it, nothing is signed
+    // with anything else, the daemon says so.
+    const mark2 = h.journal.length;
+    await tpm.stop();
+    other = await Swtpm.startAt(path.join(dir, 'tpm-other'), port);
+    const sigs0 = cloud.state.signatures;
+    const e2 = await h.waitEntry('KEY_UNAVAILABLE', () => true, mark2, 30000);
+    const st2 = await h.status();
+    console.log(`another tpm: ${e2.IOTHUB_REASON}: ${e2.MESSAGE}; status key ${JSON.stringify(st2.key)}`);
+    assert.equal(e2.IOTHUB_REASON, 'key_not_in_tpm');
+    assert.match(e2.MESSAGE, /the hub key \S+ is not in the TPM at/);
+    assert.match(st2.key.error, /is not in the TPM/);
+    await sleep(2000);
+    assert.equal(cloud.state.signatures, sigs0, 'nothing signed while the TPM is another one');
+    // The right TPM back.
+    await other.stop();
+    other = null;
+    tpm = await Swtpm.startAt(tpmDir, port);
+    ctl.stop = true;
+    await producers;
+    const t = await drain(bs, 60000);
+    assert.equal(t.lost, 0);
+    assert.equal(t.duplicates, 0);
+    reportRow('TPM absent at start, killed and back, replaced by another',
+      'READY and spooling without it; uploads resumed without restart; another TPM refused (no key)', t);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    ctl.stop = true;
+    await other?.stop();
+    if (!tpm.proc) tpm = await Swtpm.startAt(tpmDir, port).catch(() => tpm);
+    await h.cleanup();
+  }
+});
