@@ -424,9 +424,12 @@ static void cloud_maybe_send(struct cloud *c) {
                 r = spool_oldest(h->db, NULL, &oldest_usec);
                 if (r < 0)
                         return;
+                /* received_at is a date (it survives restarts), so the age is taken on the real-time
+                 * clock. A clock stepped back since (NTP correcting a clock that ran ahead) makes it
+                 * negative: the batch is due now, not after the step's size on top of the delay. */
                 int64_t age_usec = (int64_t) now_realtime_usec() - oldest_usec;
                 int64_t delay_usec = (int64_t) h->conf->cloud.batch_max_delay_ms * 1000;
-                if (age_usec < delay_usec) {
+                if (age_usec >= 0 && age_usec < delay_usec) {
                         arm_batch_timer(c, now + (uint64_t) (delay_usec - age_usec));
                         return;
                 }

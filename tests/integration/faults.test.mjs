@@ -533,3 +533,113 @@ test('TPM: absent at start (frames spooled, READY), killed mid-run and back (upl
     await h.cleanup();
   }
 });
+
+// The daemon's clock (libfaketime, FAKETIME_TIMESTAMP_FILE re-read at every call): CLOCK_REALTIME
+// moves, CLOCK_MONOTONIC does not, as with a real clock step.
+test('clock: an hour back and forward, and a start at 1970 until NTP sets it: stale frames counted, nothing spins, uploads resume', { timeout: 180000 }, async (t) => {
+  if (!await (await import('./lib/faults.mjs')).faketimeLib()) {
+    assert.fail('libfaketime is missing: apt-get install faketime (make deps)');
+  }
+  const hubId = 'clock-hub';
+  const ctl = { stop: false };
+  const clockFile = path.join(dir, 'clock');
+  await fs.writeFile(clockFile, '+0\n');
+  const h = await startHub(hubId, { clockFile });
+  const rows = [];
+  try {
+    const bs = await bulbs(h, 'clock', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    const producers = produce(bs, ctl, { depth: 20, everyMs: 5 });
+    await waitFor(() => tally(cloud, bs).atCloud >= 30, 10000, 'frames flowing');
+
+    // One step of the clock for holdMs, then back to the true time.
+    const step = async (what, offset, holdMs) => {
+      const st0 = await h.status();
+      const cpu0 = await h.cpuTicks();
+      const sig0 = cloud.state.signatures;
+      await fs.writeFile(clockFile, `${offset}\n`);
+      await sleep(holdMs);
+      const st1 = await h.status();
+      const cpu = (await h.cpuTicks()) - cpu0;
+      await fs.writeFile(clockFile, '+0\n');
+      const back = Date.now();
+      const n0 = tally(cloud, bs).atCloud;
+      await waitFor(() => tally(cloud, bs).atCloud > n0 + 20, 60000, `uploads after ${what}: ${JSON.stringify((async () => 0))}`)
+        .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify((await h.status()).cloud)}`); });
+      const stale = st1.frames.rejected.stale - st0.frames.rejected.stale;
+      const row = { what, stale, accepted: st1.frames.accepted - st0.frames.accepted, cpuMs: cpu * 10, holdMs,
+        signaturesAtCloud: cloud.state.signatures - sig0, resumeMs: Date.now() - back, cloudError: st1.cloud.last_error };
+      rows.push(row);
+      console.log(`clock ${what}: ${JSON.stringify(row)}`);
+      // Nothing spins: well under 10% of a core while the clock is off.
+      assert.ok(cpu * 10 < holdMs / 10, `${cpu * 10} ms of CPU in ${holdMs} ms`);
+      return row;
+    };
+    const backRow = await step('1 h back', '-3600', 5000);
+    assert.ok(backRow.stale > 0, 'frames from bulbs with the right time are stale to the hub');
+    const fwdRow = await step('1 h forward', '+3600', 5000);
+    assert.ok(fwdRow.stale > 0);
+
+    // Frames spooled while the hub's clock ran an hour ahead (accepted: a wide skew window), then
+    // NTP steps it back: their batch is due now, not an hour later (the batch age is a duration
+    // taken from dates; a clock stepped back made it negative).
+    ctl.paused = true;
+    await waitFor(() => bs.every((b) => b.inFlight === 0), 20000, 'all acked before the step');
+    h.overrides.frames = { ...(h.overrides.frames ?? {}), max_clock_skew_s: 7200 };
+    await h.writeConfig();
+    const markR = h.journal.length;
+    h.proc.kill('SIGHUP');
+    await h.waitEntry('RELOADED', () => true, markR);
+    await fs.writeFile(clockFile, '+3600\n');
+    for (const b of bs) await b.send();
+    await waitFor(() => bs.every((b) => b.inFlight === 0), 10000, 'frames accepted with the clock ahead');
+    await fs.writeFile(clockFile, '+0\n');
+    const stepped = Date.now();
+    await sleep(1500);
+    for (const b of bs) await b.send();
+    const want = bs.map((b) => ({ dev: b.id, seq: b.sent.at(-1).seq }));
+    await waitFor(() => want.every((w) => cloud.state.frames.some((f) => f.dev === w.dev && f.seq === w.seq)), 20000,
+      'frames spooled under a clock an hour ahead, uploaded after it stepped back')
+      .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify((await h.status()).spool)} ${JSON.stringify((await h.status()).cloud)}`); });
+    rows.push({ what: 'spooled 1 h ahead, stepped back', stale: 0, accepted: 2 * bs.length, cpuMs: 0, holdMs: 0, resumeMs: Date.now() - stepped });
+    console.log(`clock stepped back with frames spooled: uploaded ${Date.now() - stepped} ms after the step`);
+    h.overrides.frames = { ...h.overrides.frames, max_clock_skew_s: 300 };
+    await h.writeConfig();
+    ctl.paused = false;
+
+    // A start with the clock at 1970 (a Pi without RTC, before NTP): READY, frames counted stale,
+    // then NTP sets the clock and everything flows without a restart.
+    await h.stop();
+    await fs.writeFile(clockFile, '@1970-01-01 00:00:00\n');
+    const mark = h.journal.length;
+    await h.start();
+    const cpu0 = await h.cpuTicks();
+    await sleep(5000);
+    const st70 = await h.status();
+    const cpu70 = (await h.cpuTicks()) - cpu0;
+    assert.ok(st70.frames.rejected.stale > 0, JSON.stringify(st70.frames));
+    assert.equal(st70.frames.accepted, 0);
+    assert.ok(cpu70 * 10 < 500, `${cpu70 * 10} ms of CPU in 5 s at 1970`);
+    await fs.writeFile(clockFile, '+0\n');
+    const set = Date.now();
+    const n0 = tally(cloud, bs).atCloud;
+    await waitFor(() => tally(cloud, bs).atCloud > n0 + 20, 60000, 'uploads after NTP set the clock')
+      .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify((await h.status()).cloud)}`); });
+    rows.push({ what: 'start at 1970', stale: st70.frames.rejected.stale, accepted: 0, cpuMs: cpu70 * 10, holdMs: 5000,
+      resumeMs: Date.now() - set, cloudError: st70.cloud.last_error });
+    console.log(`clock 1970: ${JSON.stringify(rows.at(-1))}; journal ${JSON.stringify(h.journal.slice(mark, mark + 8).map((e) => e.MESSAGE))}`);
+
+    ctl.stop = true;
+    await producers;
+    const tt = await drain(bs, 60000);
+    assert.equal(tt.lost, 0);
+    assert.equal(tt.duplicates, 0);
+    reportRow('clock 1 h back, 1 h forward, start at 1970',
+      rows.map((r) => `${r.what}: ${r.stale} stale, CPU ${r.cpuMs} ms/${r.holdMs} ms, uploads again ${r.resumeMs} ms after`).join('; '), tt);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    ctl.stop = true;
+    await h.cleanup();
+  }
+});
