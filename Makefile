@@ -217,7 +217,7 @@ install: all
 DEB_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev libtss2-dev libmosquitto-dev \
 	libsystemd-dev libjansson-dev libinih-dev libsqlite3-dev libcmocka-dev libqrencode-dev scdoc \
 	swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients clang clang-tidy cppcheck \
-	systemd openssl
+	systemd openssl faketime sqlite3 e2fsprogs util-linux
 deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_PKGS); \

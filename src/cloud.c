@@ -429,17 +429,31 @@ static void cloud_maybe_send(struct cloud *c) {
                 r = spool_oldest(h->db, NULL, &oldest_usec);
                 if (r < 0)
                         return;
+                /* received_at is a date (it survives restarts), so the age is taken on the real-time
+                 * clock. A clock stepped back since (NTP correcting a clock that ran ahead) makes it
+                 * negative: the batch is due now, not after the step's size on top of the delay. */
                 int64_t age_usec = (int64_t) now_realtime_usec() - oldest_usec;
                 int64_t delay_usec = (int64_t) h->conf->cloud.batch_max_delay_ms * 1000;
-                if (age_usec < delay_usec) {
+                if (age_usec >= 0 && age_usec < delay_usec) {
                         arm_batch_timer(c, now + (uint64_t) (delay_usec - age_usec));
                         return;
                 }
         }
         r = cloud_send_batch(c);
         if (r < 0) {
-                set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
-                log_error_errno(r, "Failed to prepare an upload batch: %m");
+                const char *kerr = hubkey_last_error(h->hubkey);
+
+                /* The key could not sign (TPM gone, or another TPM in its place): said with the
+                 * key's MESSAGE_ID, once per backoff step; the next try connects again. */
+                if (kerr) {
+                        set_last_error(c, "cannot sign with the hub key: %s", kerr);
+                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
+                                  "Cannot sign uploads with the hub key, frames stay spooled: %s", kerr);
+                } else {
+                        set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
+                        log_error_errno(r, "Failed to prepare an upload batch: %m");
+                }
                 cloud_backoff(c, NULL);
         }
 }

@@ -16,6 +16,9 @@
 struct db {
         sqlite3 *sqlite;
         sqlite3_stmt *stmts[_DB_STMT_MAX];
+        char *state_dir, *path;
+        dev_t dev; /* the file opened, to notice that its name went away (db_check_file()) */
+        ino_t ino;
 };
 
 /* Migrations: entry i brings the schema from version i to i+1. Append only; never edit one
@@ -182,6 +185,8 @@ void db_close(struct db *db) {
                 (void) sqlite3_finalize(db->stmts[i]);
         /* Rolls back an open transaction; with no statements left, it cannot fail with BUSY. */
         (void) sqlite3_close(db->sqlite);
+        free(db->state_dir);
+        free(db->path);
         free(db);
 }
 
@@ -309,6 +314,9 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
         db = calloc(1, sizeof *db);
         if (!db)
                 return -ENOMEM;
+        db->state_dir = strdup(state_dir);
+        if (!db->state_dir)
+                return -ENOMEM;
         rc = sqlite3_open_v2(path, &db->sqlite,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE, NULL);
         if (rc != SQLITE_OK)
@@ -351,7 +359,85 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
                                          stmt_sql[i], sqlite3_errmsg(db->sqlite));
         }
 
+        /* What was opened under that name (SQLite opened it after db_create_file() made it). */
+        struct stat st;
+        if (stat(path, &st) < 0)
+                return set_error_message(ret_error, -errno, "cannot stat %s: %s", path, strerror(errno));
+        db->dev = st.st_dev;
+        db->ino = st.st_ino;
+        db->path = TAKE_PTR(path);
         *ret = TAKE_PTR(db);
+        return 0;
+}
+
+int db_check_file(struct db *db) {
+        struct stat st;
+
+        if (!db || !db->path)
+                return -EINVAL;
+        if (stat(db->path, &st) < 0)
+                return -errno;
+        if (st.st_dev != db->dev || st.st_ino != db->ino)
+                return -ESTALE;
+        return 0;
+}
+
+/* The connection still holds the deleted file (and its -wal) open: SQLite reads it as before.
+ * VACUUM INTO writes a consistent copy of it, transactions included, to a new private file,
+ * which takes the database's name once it is on disk. Then the connection is closed (which
+ * removes the old -wal and -shm by name: before anything new of that name exists) and the
+ * restored file opened as db_open() does. */
+int db_restore_file(struct db *db, char **ret_error) {
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *s = NULL;
+        _cleanup_(db_closep) struct db *n = NULL;
+        _cleanup_free_ char *tmp = NULL;
+        _cleanup_close_ int fd = -1, dfd = -1;
+        struct db old;
+        int r, rc;
+
+        if (!db || !db->sqlite || !db->path)
+                return -EINVAL;
+        if (asprintf(&tmp, "%s.restore", db->path) < 0)
+                return -ENOMEM;
+        if (unlink(tmp) < 0 && errno != ENOENT)
+                return set_error_message(ret_error, -errno, "cannot remove %s: %s", tmp, strerror(errno));
+        r = db_create_file(tmp, ret_error); /* empty, mode 0600: VACUUM INTO accepts an empty file */
+        if (r < 0)
+                return r;
+        rc = sqlite3_prepare_v2(db->sqlite, "VACUUM INTO ?1", -1, &s, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(s, 1, tmp, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(s);
+        if (rc != SQLITE_DONE) {
+                r = db_errno_of(db->sqlite, rc);
+                (void) set_error_message(ret_error, r, "cannot copy the open database to %s: %s", tmp,
+                                         sqlite3_errmsg(db->sqlite));
+                (void) unlink(tmp);
+                return r;
+        }
+        (void) sqlite3_finalize(TAKE_PTR(s));
+        fd = open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        dfd = open(db->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0 || dfd < 0 || fsync(fd) < 0 || rename(tmp, db->path) < 0 || fsync(dfd) < 0) {
+                r = -errno;
+                (void) unlink(tmp);
+                return set_error_message(ret_error, r, "cannot put the copy in place as %s: %s", db->path,
+                                         strerror(-r));
+        }
+        /* From here on the old connection is of no use: close it first (see above). */
+        for (size_t i = 0; i < _DB_STMT_MAX; i++) {
+                (void) sqlite3_finalize(db->stmts[i]);
+                db->stmts[i] = NULL;
+        }
+        (void) sqlite3_close(db->sqlite);
+        db->sqlite = NULL;
+        r = db_open(db->state_dir, &n, ret_error);
+        if (r < 0)
+                return r; /* db is left without a connection: every call on it fails (SQLITE_MISUSE) */
+        old = *db;
+        *db = *n;
+        *n = old; /* n now holds the closed connection's names, freed by its cleanup */
         return 0;
 }
 
@@ -393,6 +479,19 @@ const char *db_errmsg(struct db *db) {
         if (!db || !db->sqlite)
                 return "no database";
         return sqlite3_errmsg(db->sqlite);
+}
+
+int db_cause(struct db *db, int r) {
+        int e;
+
+        if (!db || !db->sqlite || r != -EIO)
+                return r;
+        e = sqlite3_system_errno(db->sqlite);
+        return e > 0 ? -e : r;
+}
+
+bool db_in_transaction(struct db *db) {
+        return db && db->sqlite && !sqlite3_get_autocommit(db->sqlite);
 }
 
 struct sqlite3 *db_handle(struct db *db) {

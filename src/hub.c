@@ -107,13 +107,23 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
         if (h->hubkey)
-                key = json_pack("{s:s,s:s,s:I}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)), "id",
-                                hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey));
+                key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)),
+                                "id", hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey),
+                                "error", hubkey_last_error(h->hubkey));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
                                 "id", "signatures", (json_int_t) 0, "error", h->key_error, "reason",
                                 h->key_errno ? key_error_reason(h->key_errno) : NULL);
         if (!key || json_object_set_new(o, "key", key) < 0) {
+                json_decref(o);
+                return -ENOMEM;
+        }
+        /* Whether frames can be stored (ingest.c): the cause while they cannot. */
+        if (json_object_set_new(o, "storage",
+                                json_pack("{s:b,s:s*,s:s*,s:I}", "ok", h->store_errno == 0, "reason",
+                                          ingest_store_reason(h->store_errno), "error",
+                                          h->store_errno ? strerror(-h->store_errno) : NULL, "refused",
+                                          (json_int_t) h->store_refused)) < 0) {
                 json_decref(o);
                 return -ENOMEM;
         }
@@ -134,21 +144,61 @@ int hub_status_json(struct hub *h, json_t **ret) {
 
 void hub_notify_status(struct hub *h) {
         uint64_t rejected = 0;
-        char cloud[320];
+        char cloud[320], storage[96] = "";
 
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
                 rejected += h->counters.frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
         if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
                 (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
+        /* First when frames cannot be stored: that needs the operator, and systemctl status
+         * shows the beginning of a long line. */
+        if (h->store_errno)
+                (void) snprintf(storage, sizeof storage, "CANNOT STORE FRAMES (%s: %s); ",
+                                ingest_store_reason(h->store_errno), strerror(-h->store_errno));
         (void) sd_notifyf(false,
-                          "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
+                          "STATUS=%sMQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
                           " frames; %s",
-                          mqtt_is_connected(h->mqtt) ? "connected" : "disconnected", h->counters.frames_accepted,
-                          rejected, h->spool_pending, cloud);
+                          storage, mqtt_is_connected(h->mqtt) ? "connected" : "disconnected",
+                          h->counters.frames_accepted, rejected, h->spool_pending, cloud);
+}
+
+/* The database deleted under the running daemon (an rm -rf, a cleaner): SQLite goes on with
+ * the open file, and the next start would make an empty one, with every enrolment, replay
+ * counter and spooled frame gone. Put it back from the open connection at once. Another file
+ * put in its place (a backup copied over it) is the operator's doing: said, not undone. */
+static void hub_check_db(struct hub *h) {
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        if (h->batch.open)
+                return;
+        r = db_check_file(h->db);
+        if (r == 0 || r == h->db_file_errno)
+                return;
+        h->db_file_errno = r;
+        if (r != -ENOENT) {
+                log_event(LOG_ERR, r, IOTHUB_MID_DB_REPLACED, NULL, "replaced",
+                          "%s/iothub.db is not the file this daemon opened (%m): it keeps using the one it "
+                          "has open until it stops; the next start uses the new one",
+                          h->conf->hub.state_dir);
+                return;
+        }
+        r = db_restore_file(h->db, &err);
+        if (r < 0) {
+                log_event(LOG_CRIT, r, IOTHUB_MID_DB_REPLACED, NULL, "deleted",
+                          "%s/iothub.db was deleted under the running daemon and could not be restored: %s",
+                          h->conf->hub.state_dir, err ? err : strerror(-r));
+                return;
+        }
+        h->db_file_errno = 0;
+        log_event(LOG_ERR, -ENOENT, IOTHUB_MID_DB_REPLACED, NULL, "deleted",
+                  "%s/iothub.db was deleted under the running daemon; restored it from the open database",
+                  h->conf->hub.state_dir);
 }
 
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        hub_check_db(userdata);
         hub_notify_status(userdata);
         (void) sd_event_source_set_time(s, usec + STATUS_INTERVAL_USEC);
         return 0;
@@ -363,17 +413,25 @@ int hub_run(const char *config_path, int log_level_override) {
         free(err);
         err = NULL;
         r = db_open(h.conf->hub.state_dir, &h.db, &err);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to open the state database in %s: %s", h.conf->hub.state_dir,
                                 err ? err : strerror(-r));
                 goto out;
         }
+        /* Loading the bulbs and counting the spool read every page of both tables: where a
+         * damaged file shows at start. */
         r = registry_open(h.db, &h.registry);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
                 goto out;
         }
         r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
+        if (r == -EUCLEAN)
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
                 goto out;
@@ -462,6 +520,14 @@ int hub_run(const char *config_path, int log_level_override) {
                 goto out;
         }
         exit_status = r == 0 ? 0 : 1;
+        goto out;
+corrupt:
+        /* Never replaced by an empty database: that would forget every bulb's replay counter
+         * (and the frames not yet uploaded). The operator salvages it (iothubd(8), RECOVERY). */
+        log_event(LOG_CRIT, r, IOTHUB_MID_DB_CORRUPT, NULL, "corrupt",
+                  "The state database %s/iothub.db is damaged (%s); not starting, and not replacing it: "
+                  "see RECOVERY in iothubd(8)",
+                  h.conf->hub.state_dir, err ? err : db_errmsg(h.db));
 out:
         hub_done(&h);
         return exit_status;

@@ -70,6 +70,9 @@ struct hubkey {
         ESYS_CONTEXT *esys;
         ESYS_TR key; /* the persistent key, ESYS_TR_NONE when not set */
         struct srk_cache srk; /* the persistent SRK, looked up once (tpm_parent_open) */
+        char *tcti_conf;      /* what it was opened with, to connect again (tpm_reconnect) */
+        uint32_t handle;
+        char *error;          /* why the last signature failed, NULL after one succeeded */
 
         /* file: an EVP_PKEY_sign_init()'ed context, made once and reused for every signature */
         EVP_PKEY_CTX *sign_ctx;
@@ -203,6 +206,8 @@ void hubkey_free(struct hubkey *k) {
                 (void) Esys_TR_Close(k->esys, &k->srk.tr);
         esys_finalizep(&k->esys);
         tctildr_finalizep(&k->tcti);
+        free(k->tcti_conf);
+        free(k->error);
         EVP_PKEY_CTX_free(k->sign_ctx);
         EVP_PKEY_free(k->pkey); /* OpenSSL wipes the private scalar (BN_clear_free) */
         free(k);
@@ -544,6 +549,9 @@ static int tpm_open(const struct iothub_conf *c, struct hubkey *k, char **ret_er
                                  "[key] handle 0x%08" PRIx32 " is not a persistent handle of the owner "
                                  "hierarchy (0x81000000-0x817fffff)",
                                  c->key.handle);
+        if (c->key.tcti && !(k->tcti_conf = strdup(c->key.tcti)))
+                return -ENOMEM;
+        k->handle = c->key.handle;
         r = tpm_connect(c->key.tcti, &k->tcti, &k->esys, ret_error);
         if (r < 0)
                 return r;
@@ -785,6 +793,56 @@ static int tpm_init(const struct iothub_conf *c, bool *ret_created, char **ret_e
         return 0;
 }
 
+/* The TPM went away under an open key (swtpm or the resource manager restarted, a module
+ * reloaded): the connection is dead for good, so connect again and look for the key at its
+ * handle. It must be the very key opened at first (same public point): a TPM that answers at the
+ * same address without it, or with another key there (another TPM, or 'key init' run again), is
+ * refused, never signed with. Returns 0, or a negative errno with k->error saying why. */
+static int tpm_reconnect(struct hubkey *k) {
+        _cleanup_(tctildr_finalizep) TSS2_TCTI_CONTEXT *tcti = NULL;
+        _cleanup_(esys_finalizep) ESYS_CONTEXT *esys = NULL;
+        _cleanup_free_ char *err = NULL;
+        uint8_t x[P256_COORD_LEN], y[P256_COORD_LEN];
+        ESYS_TR tr = ESYS_TR_NONE;
+        int r;
+
+        r = tpm_connect(k->tcti_conf, &tcti, &esys, &err);
+        if (r >= 0) {
+                r = tpm_read_key(esys, k->handle, &tr, x, y, &err);
+                if (r >= 0 && (memcmp(x, k->x, sizeof x) != 0 || memcmp(y, k->y, sizeof y) != 0)) {
+                        (void) Esys_TR_Close(esys, &tr);
+                        r = -ENOKEY;
+                        free(err);
+                        err = NULL;
+                        if (asprintf(&err, "the TPM at '%s' holds another key at handle 0x%08" PRIx32
+                                           ", not the hub key %s: another TPM, or the key was made again",
+                                     k->tcti_conf ?: "(default)", k->handle, k->id) < 0)
+                                err = NULL;
+                } else if (r == -ENOENT) {
+                        r = -ENOKEY;
+                        free(err);
+                        err = NULL;
+                        if (asprintf(&err, "the hub key %s is not in the TPM at '%s' (nothing at handle 0x%08" PRIx32
+                                           "): another TPM, or it was cleared",
+                                     k->id, k->tcti_conf ?: "(default)", k->handle) < 0)
+                                err = NULL;
+                }
+        }
+        if (r < 0) {
+                free(k->error);
+                k->error = err ? TAKE_PTR(err) : strdup(strerror(-r));
+                return r;
+        }
+        /* The old context's handles belong to the dead connection: drop them with it. */
+        esys_finalizep(&k->esys);
+        tctildr_finalizep(&k->tcti);
+        k->srk = (struct srk_cache){ .tr = ESYS_TR_NONE };
+        k->esys = TAKE_PTR(esys);
+        k->tcti = TAKE_PTR(tcti);
+        k->key = tr;
+        return 0;
+}
+
 static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
         _cleanup_esys_ TPMT_SIGNATURE *sig = NULL;
         TPM2B_DIGEST d = { .size = SHA256_LEN };
@@ -804,8 +862,23 @@ static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t 
         memcpy(d.buffer, digest, SHA256_LEN);
         rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &in_scheme,
                        &validation, &sig);
-        if (rc != TSS2_RC_SUCCESS)
+        /* Anything but the TPM itself answering "busy, again": the connection or the key may be
+         * gone (a dead connection fails at the TCTI layer, a vanished key with TPM_RC_HANDLE).
+         * Once connected again to the same key, the signature is asked for once more. */
+        if (rc != TSS2_RC_SUCCESS && tss2_error(rc, NULL, "signing") != -EAGAIN) {
+                int r = tpm_reconnect(k);
+                if (r < 0)
+                        return r;
+                rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &in_scheme,
+                               &validation, &sig);
+        }
+        if (rc != TSS2_RC_SUCCESS) {
+                free(k->error);
+                k->error = strdup("the TPM refused to sign");
                 return tss2_error(rc, NULL, "signing");
+        }
+        free(k->error);
+        k->error = NULL;
         if (sig->sigAlg != TPM2_ALG_ECDSA)
                 return -EBADMSG;
         ecc = &sig->signature.ecdsa;
@@ -1321,6 +1394,10 @@ int hubkey_init(const struct iothub_conf *c, bool *ret_created, char **ret_error
         if (ret_created)
                 *ret_created = created;
         return 0;
+}
+
+const char *hubkey_last_error(const struct hubkey *k) {
+        return k ? k->error : NULL;
 }
 
 int hubkey_sign_digest(struct hubkey *k, const uint8_t digest[32], uint8_t ret_sig[HUBKEY_SIG_LEN]) {

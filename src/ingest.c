@@ -6,6 +6,7 @@
  * Accepted frames are appended inside one transaction per MQTT read (group commit), so a
  * burst costs one fsync, not one per frame. */
 #include <inttypes.h>
+#include <fcntl.h>
 
 #include "iothub/ack.h"
 #include "iothub/cloud.h"
@@ -71,6 +72,85 @@ static int make_room(struct hub *h, size_t len) {
                           max, count);
         }
         return 0;
+}
+
+/* IOTHUB_REASON= and status "storage.reason" of a failure to store frames: what the operator
+ * has to fix (the catalog entry of IOTHUB_MID_STORE_FAILED explains each). */
+const char *ingest_store_reason(int r) {
+        switch (r) {
+        case 0:
+                return NULL;
+        case -ENOSPC:
+        case -EDQUOT:
+                return "disk_full";
+        case -EROFS:
+        case -EACCES:
+        case -EPERM:
+                return "read_only";
+        case -EUCLEAN:
+                return "corrupt";
+        case -EBUSY:
+                return "locked";
+        default:
+                return "io_error";
+        }
+}
+
+/* n frames that passed every check could not be stored: they are not accepted and not acked
+ * (their bulbs resend them). Said once per cause, not per frame: a full disk under a fleet
+ * would otherwise write a line per frame to the journal that shares the disk. */
+static void store_failed(struct hub *h, int r, unsigned n) {
+        r = db_cause(h->db, r);
+        /* SQLite may report an I/O error without the system's errno, or with EIO: ask the file
+         * system itself with an unnamed file that vanishes on close. ext4 turned read-only by
+         * an error (errors=remount-ro) answers EROFS here while statvfs() still says rw. */
+        if (r == -EIO) {
+                int fd = open(h->conf->hub.state_dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+                if (fd >= 0)
+                        (void) close(fd);
+                else if (errno == EROFS || errno == ENOSPC || errno == EDQUOT)
+                        r = -errno;
+        }
+        h->counters.frames_store_failed += n;
+        h->store_refused += n;
+        if (r == h->store_errno)
+                return;
+        h->store_errno = r;
+        log_event(LOG_ERR, r, IOTHUB_MID_STORE_FAILED, NULL, ingest_store_reason(r),
+                  "Cannot store frames in %s/iothub.db: %m (%s); they are not acknowledged, bulbs resend them",
+                  h->conf->hub.state_dir, db_errmsg(h->db));
+        hub_notify_status(h);
+}
+
+static void store_ok(struct hub *h) {
+        if (h->store_errno == 0)
+                return;
+        log_event(LOG_NOTICE, 0, IOTHUB_MID_STORE_RECOVERED, NULL, NULL,
+                  "Storing frames again; %" PRIu64 " were refused meanwhile (their bulbs resend them)",
+                  h->store_refused);
+        h->store_errno = 0;
+        h->store_refused = 0;
+        hub_notify_status(h);
+}
+
+/* Ends the open transaction without accepting any of its frames: the database keeps the old
+ * seqs, and so must memory, or the bulbs' honest resends (PROTOCOL.md 1, end-to-end
+ * acknowledgement) would be replays. Their acks are dropped unsent. */
+static void batch_abort(struct hub *h) {
+        h->batch.open = false;
+        ack_commit_done(h->ack, false);
+        (void) db_rollback(h->db);
+        for (size_t i = 0; i < h->batch.n_undo; i++) {
+                struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
+                if (b)
+                        b->last_seq = h->batch.undo[i].last_seq;
+        }
+        h->batch.n_undo = 0;
+        h->batch.count = 0;
+        h->batch.bytes = 0;
+        h->batch.n_acks = 0;
+        /* Frames dropped for room were rolled back too: count again from the table. */
+        (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
 }
 
 static void batch_add_ack(struct hub *h, const struct frame *f) {
@@ -196,8 +276,15 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         return;
 
 store_failed:
-        h->counters.frames_store_failed++;
-        log_error_errno(r, "Failed to store frame %" PRId64 " of %s: %m (%s)", f.seq, dev, db_errmsg(h->db));
+        if (h->batch.open && !db_in_transaction(h->db)) {
+                /* SQLite rolled the transaction back by itself (SQLITE_FULL, an I/O error): the
+                 * frames appended before this one are gone too, and what follows must not run
+                 * in autocommit, each statement committed on its own behind the batch's back. */
+                store_failed(h, r, 1 + h->batch.count);
+                batch_abort(h);
+                return;
+        }
+        store_failed(h, r, 1);
 }
 
 int ingest_commit(struct hub *h) {
@@ -207,28 +294,14 @@ int ingest_commit(struct hub *h) {
                 return 0;
         h->batch.open = false;
         r = db_commit(h->db);
-        ack_commit_done(h->ack, r >= 0);
         if (r < 0) {
-                unsigned n = h->batch.count;
-
-                h->counters.frames_store_failed += n;
-                log_error_errno(r, "Failed to commit %u frames: %m (%s)", n, db_errmsg(h->db));
-                (void) db_rollback(h->db);
-                /* The database kept the old seqs: so must memory, or the bulb's honest
-                 * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. */
-                for (size_t i = 0; i < h->batch.n_undo; i++) {
-                        struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
-                        if (b)
-                                b->last_seq = h->batch.undo[i].last_seq;
-                }
-                h->batch.n_undo = 0;
-                h->batch.count = 0;
-                h->batch.bytes = 0;
-                h->batch.n_acks = 0;
-                /* Frames dropped for room were rolled back too: count again from the table. */
-                (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
+                store_failed(h, r, h->batch.count);
+                batch_abort(h);
                 return r;
         }
+        ack_commit_done(h->ack, true);
+        if (h->batch.count > 0)
+                store_ok(h);
         h->batch.n_undo = 0;
         h->counters.frames_accepted += h->batch.count;
         h->spool_pending += h->batch.count;

@@ -22,8 +22,23 @@ int db_begin(struct db *db);
 int db_commit(struct db *db);
 int db_rollback(struct db *db);
 
+/* Whether <state_dir>/iothub.db is still the file this connection opened: 0, -ENOENT when the
+ * name is gone (deleted under the running daemon), -ESTALE when another file took it. */
+int db_check_file(struct db *db);
+/* Puts the database back under its name from the open connection (consistent copy with
+ * VACUUM INTO, fsync, rename), then reopens it; db stays valid for its users. Returns 0 or a
+ * negative errno with the reason in ret_error. After a failure past the copy, db has no
+ * connection and every call on it fails. */
+int db_restore_file(struct db *db, char **ret_error);
+
 /* The text of the last SQLite error on this connection (for log messages). */
 const char *db_errmsg(struct db *db);
+/* The cause of a failure r of the last call on this connection: the system's errno (ENOSPC,
+ * EROFS, ...) when SQLite reported an I/O error and kept one, else r itself. */
+int db_cause(struct db *db, int r);
+/* Whether a transaction is open: SQLite ends one by itself on some errors (SQLITE_FULL,
+ * SQLITE_IOERR, SQLITE_NOMEM may roll it back), after which statements run in autocommit. */
+bool db_in_transaction(struct db *db);
 
 /* For the modules built on it (registry, spool): the raw handle. */
 struct sqlite3 *db_handle(struct db *db);

@@ -77,6 +77,11 @@ struct hub {
         uint64_t start_monotonic_usec;
         struct hub_counters counters;
         struct ingest_batch batch;
+        /* Storing frames fails (disk full, read-only, damaged database): the cause, 0 while
+         * storing works, and the frames refused since it began (ingest.c). */
+        int store_errno;
+        uint64_t store_refused;
+        int db_file_errno; /* the database file's name lost (hub_check_db()), logged once */
         /* Unknown devices have no per-bulb log limit: one shared window for them. */
         struct ratelimit unknown_log_rl;
 };

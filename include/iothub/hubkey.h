@@ -40,6 +40,10 @@ int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[H
 int hubkey_public_pem(const struct hubkey *k, char **ret);
 int hubkey_public_jwk(const struct hubkey *k, json_t **ret);
 const char *hubkey_id(const struct hubkey *k);
+/* Why the last signature failed (the TPM unreachable, or the key not in the TPM that answers),
+ * NULL once one succeeded. A TPM key whose connection died is connected again by the next
+ * signature, and refused (-ENOKEY) unless the key at its handle is the one first opened. */
+const char *hubkey_last_error(const struct hubkey *k);
 
 uint64_t hubkey_signatures(const struct hubkey *k);
 

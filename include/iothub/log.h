@@ -33,6 +33,10 @@
 #define IOTHUB_MID_KEY_UNAVAILABLE "a26202862662450c90afd5450506b07a"
 #define IOTHUB_MID_KEY_OPENED "e71c9ca1105a4736890b780c773423be"
 #define IOTHUB_MID_CLOUD_UNAUTHORIZED "22a07ecc170f4e5284d6fdc1ca09bda2"
+#define IOTHUB_MID_STORE_FAILED "1581279d88d44a08abe8aa80d0b58ebc"
+#define IOTHUB_MID_STORE_RECOVERED "eb54a9247d5749eda80aa0d2f0bf8abe"
+#define IOTHUB_MID_DB_CORRUPT "17e816c5022c4eee997f5b03a1d01cde"
+#define IOTHUB_MID_DB_REPLACED "991139270fef43dd90ed19ecc5138d7c"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);

@@ -455,6 +455,59 @@ static void test_registry_damaged_rows(void **state) {
         }
 }
 
+/* The file deleted under an open connection: db_check_file() says so, db_restore_file() puts a
+ * private, complete copy back under the name (committed rows of the open WAL included) and the
+ * same struct db goes on with it; another file in its place is -ESTALE and left alone. */
+static void test_restore_deleted(void **state) {
+        struct db *db = open_db();
+        char *err = NULL, p[160];
+        uint8_t blob[64] = { 1, 2, 3 };
+        struct stat st;
+        ino_t ino;
+
+        assert_int_equal(db_check_file(db), 0);
+        assert_int_equal(stat(T.path, &st), 0);
+        ino = st.st_ino;
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "bulb-1", 1, blob, sizeof blob, 1000), 0);
+        assert_int_equal(spool_append(db, "bulb-1", 2, blob, sizeof blob, 2000), 0);
+        assert_int_equal(db_commit(db), 0);
+
+        assert_int_equal(unlink(T.path), 0);
+        (void) snprintf(p, sizeof p, "%s-wal", T.path);
+        assert_int_equal(unlink(p), 0);
+        assert_int_equal(db_check_file(db), -ENOENT);
+        assert_int_equal(db_restore_file(db, &err), 0);
+        assert_null(err);
+        assert_int_equal(db_check_file(db), 0);
+        assert_int_equal(stat(T.path, &st), 0);
+        assert_int_not_equal(st.st_ino, ino);
+        assert_int_equal(mode_of(T.path), 0600);
+        (void) snprintf(p, sizeof p, "%s.restore", T.path);
+        assert_int_equal(access(p, F_OK), -1); /* no copy left behind */
+        /* The same handle works on the restored file, and a new connection sees everything. */
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 2);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "bulb-1", 3, blob, sizeof blob, 3000), 0);
+        assert_int_equal(db_commit(db), 0);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 3);
+        assert_int_equal(query_int(db, "PRAGMA user_version"), 3);
+
+        /* Another file under the name: reported, not undone. */
+        assert_int_equal(rename(T.path, p), 0);
+        assert_int_equal(link(p, T.path), 0);
+        assert_int_equal(db_check_file(db), 0); /* a hard link is the same file */
+        assert_int_equal(unlink(T.path), 0);
+        int fd = open(T.path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+        assert_true(fd >= 0);
+        close(fd);
+        assert_int_equal(db_check_file(db), -ESTALE);
+        db_close(db);
+        (void) unlink(p);
+}
+
 static void test_spool(void **state) {
         struct db *db = open_db();
         uint64_t pending = 7, bytes = 7;
@@ -688,6 +741,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_seq, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_registry_damaged_rows, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_restore_deleted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rate, setup, teardown),
