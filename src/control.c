@@ -14,6 +14,7 @@
 
 #include "iothub/cloud.h"
 #include "iothub/control.h"
+#include "iothub/dynsec.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -51,6 +52,11 @@ struct conn {
          * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
         struct cloud_call *register_call;
         struct oauth_logout_op *logout_op;
+        /* bulb add / remove waiting for the broker's dynamic security plugin: the request, the
+         * answer it completes, and a new bulb's broker password until it is shown (once). */
+        struct dynsec_op *dynsec_op;
+        json_t *dynsec_reply;
+        char broker_password[DYNSEC_PASSWORD_LEN + 1];
         bool draining; /* answered an over-long request: reading the rest before closing */
         struct conn *next, *prev;
 };
@@ -83,6 +89,9 @@ static void conn_free(struct conn *c) {
                 c->ctl->conns = c->next;
         cloud_request_cancel(TAKE_PTR(c->register_call));
         oauth_logout_cancel(TAKE_PTR(c->logout_op));
+        dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
+        json_decref(c->dynsec_reply);
+        explicit_bzero(c->broker_password, sizeof c->broker_password);
         c->io = sd_event_source_disable_unref(c->io);
         c->timer = sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0)
@@ -93,6 +102,8 @@ static void conn_free(struct conn *c) {
         if (c->ctl->wait_conn == c)
                 c->ctl->wait_conn = NULL;
         free(c->in);
+        if (c->out) /* may hold a broker password */
+                explicit_bzero(c->out, c->out_len);
         free(c->out);
         free(c);
 }
@@ -153,6 +164,45 @@ static const char *req_string(json_t *req, const char *key, size_t max) {
         return control_request_string(req, key, max);
 }
 
+static int conn_set_reply(struct conn *c, json_t *reply);
+
+/* The plugin's answer for a bulb add or remove: completes the reply kept in the connection. */
+static void on_dynsec_done(void *userdata, int r, const char *error) {
+        struct conn *c = userdata;
+        json_t *reply = TAKE_PTR(c->dynsec_reply), *broker;
+
+        c->dynsec_op = NULL; /* freed by dynsec after this call */
+        broker = r < 0 ? json_pack("{s:b,s:s}", "ok", 0, "error", error ? error : strerror(-r))
+                       : json_pack("{s:b}", "ok", 1);
+        if (reply && broker)
+                (void) json_object_set_new(reply, "broker", broker);
+        else
+                json_decref(broker);
+        if (reply && r >= 0 && c->broker_password[0])
+                (void) json_object_set_new(reply, "broker_password", json_string(c->broker_password));
+        explicit_bzero(c->broker_password, sizeof c->broker_password);
+        c->pending = false;
+        if (conn_set_reply(c, reply) < 0)
+                conn_free(c);
+}
+
+/* Hands the reply to the broker step of a bulb add or remove: PENDING while the plugin works,
+ * the reply with the reason when the request could not even be sent. */
+static json_t *dynsec_reply_later(struct conn *conn, json_t *reply, int r) {
+        if (r >= 0) {
+                conn->dynsec_reply = reply;
+                return CONTROL_PENDING;
+        }
+        explicit_bzero(conn->broker_password, sizeof conn->broker_password);
+        if (reply)
+                (void) json_object_set_new(
+                        reply, "broker",
+                        json_pack("{s:b,s:s}", "ok", 0, "error",
+                                  r == -ENOTCONN ? "not connected to the broker: repaired at the next connection"
+                                                 : strerror(-r)));
+        return reply;
+}
+
 static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
         const struct iothub_conf *conf = ctl->hub->conf;
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
@@ -164,8 +214,15 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         enum frame_alg alg;
         int r;
 
+        bool want_password = json_is_true(json_object_get(req, "broker_password"));
+
         if (!!pem == !!cert)
                 return error_reply("give exactly one of a public key or a certificate");
+        if (want_password && !ctl->hub->dynsec)
+                return error_reply("[broker] dynsec is off in %s: the hub keeps no broker clients", conf->path);
+        /* Checked before enrolling: a password that cannot be set now could never be shown. */
+        if (want_password && !dynsec_ready(ctl->hub->dynsec))
+                return error_reply("not connected to the broker: cannot create the bulb's broker password now");
         if (cert) {
                 if (!conf->bulbs.ca_file)
                         return error_reply("[bulbs] ca_file is not set in %s: cannot check certificates",
@@ -196,7 +253,14 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
                   b ? frame_alg_to_string(b->alg) : "?");
         cloud_devices_changed(ctl->hub->cloud);
-        return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
+        json_t *reply = json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
+        if (!ctl->hub->dynsec)
+                return reply;
+        if (want_password && (r = dynsec_password_new(conn->broker_password)) < 0)
+                return dynsec_reply_later(conn, reply, r);
+        r = dynsec_bulb_create(ctl->hub->dynsec, id, want_password ? conn->broker_password : NULL, on_dynsec_done,
+                               conn, &conn->dynsec_op);
+        return dynsec_reply_later(conn, reply, r);
 }
 
 static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t *req) {
@@ -213,10 +277,12 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
         if (r > 0 || r == 0)
                 cloud_devices_changed(ctl->hub->cloud);
-        return json_pack("{s:b}", "ok", 1);
+        if (!ctl->hub->dynsec)
+                return json_pack("{s:b}", "ok", 1);
+        /* The plugin disconnects the bulb when its client goes. */
+        r = dynsec_bulb_delete(ctl->hub->dynsec, id, on_dynsec_done, conn, &conn->dynsec_op);
+        return dynsec_reply_later(conn, json_pack("{s:b}", "ok", 1), r);
 }
-
-static int conn_set_reply(struct conn *c, json_t *reply);
 
 /* The cloud's answer to a register request. The connection waits for it (its own deadline
  * does not apply while it waits): the cloud's request timeout always ends in this call. */

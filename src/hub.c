@@ -13,6 +13,7 @@
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
 #include "iothub/control.h"
+#include "iothub/dynsec.h"
 #include "iothub/http.h"
 #include "iothub/hubkey.h"
 #include "iothub/hub.h"
@@ -31,6 +32,13 @@
 #define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
+        struct hub *h = userdata;
+
+        /* The broker's answers to the hub's dynamic security requests are not frames. */
+        if (dynsec_is_response_topic(topic)) {
+                dynsec_on_message(h->dynsec, payload, len);
+                return;
+        }
         ingest_message(userdata, topic, payload, len);
 }
 
@@ -43,6 +51,7 @@ static void on_mqtt_connected(void *userdata, bool connected) {
 
         hub_notify_status(h);
         ack_connected(h->ack, connected);
+        dynsec_connected(h->dynsec, connected);
         if (connected)
                 commands_kick(h->commands);
 }
@@ -118,6 +127,8 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         }
         r = ack_status_json(h->ack, o);
+        if (r >= 0)
+                r = dynsec_status_json(h->dynsec, o);
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
         if (r >= 0)
@@ -295,6 +306,7 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
+        dynsec_free(h->dynsec); /* before the connection it talks over */
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
         commands_free(h->commands);
@@ -419,6 +431,15 @@ int hub_run(const char *config_path, int log_level_override) {
         if (r < 0) {
                 log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
                 goto out;
+        }
+        if (h.conf->broker.dynsec) {
+                r = dynsec_new(h.event, h.conf, h.mqtt, h.registry, &h.dynsec);
+                if (r >= 0)
+                        r = mqtt_subscribe(h.mqtt, DYNSEC_RESPONSE_TOPIC);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to set up the broker's dynamic security: %m");
+                        goto out;
+                }
         }
         if (sd_watchdog_enabled(false, &h.watchdog_usec) > 0 && h.watchdog_usec > 0) {
                 r = sd_event_add_time_relative(h.event, &h.watchdog, CLOCK_MONOTONIC, h.watchdog_usec / 2, 0,

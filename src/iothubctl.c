@@ -31,6 +31,7 @@ static int usage(void) {
                         "  doctor                            check the set-up, name the first thing to fix\n"
                         "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
                         "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
+                        "    [--broker-password]             also a broker password for the bulb, shown once\n"
                         "  bulb list                         enrolled bulbs\n"
                         "  bulb remove ID                    revoke a bulb at once\n"
                         "  key init                          create the hub key (never replaces one)\n"
@@ -173,11 +174,14 @@ static int read_pem(const char *path, char **ret) {
 static int cmd_bulb_add(struct ctl *ctl, int argc, char **argv) {
         const char *id = NULL, *key = NULL, *cert = NULL;
         _cleanup_free_ char *pem = NULL;
-        json_t *resp = NULL, *req;
+        json_t *resp = NULL, *req, *broker;
+        bool broker_password = false;
         int r;
 
         for (int i = 0; i < argc; i++) {
-                if (streq(argv[i], "--key") && i + 1 < argc)
+                if (streq(argv[i], "--broker-password"))
+                        broker_password = true;
+                else if (streq(argv[i], "--key") && i + 1 < argc)
                         key = argv[++i];
                 else if (streq(argv[i], "--cert") && i + 1 < argc)
                         cert = argv[++i];
@@ -196,15 +200,34 @@ static int cmd_bulb_add(struct ctl *ctl, int argc, char **argv) {
         req = json_pack("{s:s,s:s}", "cmd", "bulb-add", key ? "key" : "cert", pem);
         if (req && id)
                 (void) json_object_set_new(req, "id", json_string(id));
+        if (req && broker_password)
+                (void) json_object_set_new(req, "broker_password", json_true());
         r = call(ctl, req, &resp);
         if (r != 0)
                 return r;
+        broker = json_object_get(resp, "broker");
         if (ctl->json)
                 print_json(resp);
-        else
-                printf("Enrolled %s\n", json_string_value(json_object_get(json_object_get(resp, "bulb"), "id")));
+        else {
+                const char *bid = json_string_value(json_object_get(json_object_get(resp, "bulb"), "id"));
+                const char *pw = json_string_value(json_object_get(resp, "broker_password"));
+                printf("Enrolled %s\n", bid);
+                if (json_is_true(json_object_get(broker, "ok")))
+                        printf("Broker client %s created\n", bid);
+                /* Shown here once: the hub keeps no copy, the broker only a salted hash. */
+                if (pw)
+                        printf("Broker user name: %s\nBroker password:  %s\n(shown once: give it to the bulb now)\n",
+                               bid, pw);
+        }
+        /* The password must not linger in this process either. */
+        json_t *pwv = json_object_get(resp, "broker_password");
+        if (json_is_string(pwv))
+                explicit_bzero((char *) json_string_value(pwv), json_string_length(pwv));
+        if (broker && !json_is_true(json_object_get(broker, "ok")))
+                r = fail("enrolled, but the broker client was not created: %s",
+                         json_string_value(json_object_get(broker, "error")) ?: "unknown error");
         json_decref(resp);
-        return 0;
+        return r;
 }
 
 static int cmd_bulb_list(struct ctl *ctl, int argc, char **argv) {
@@ -241,11 +264,20 @@ static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
         r = call(ctl, json_pack("{s:s,s:s}", "cmd", "bulb-remove", "id", argv[0]), &resp);
         if (r != 0)
                 return r;
+        json_t *broker = json_incref(json_object_get(resp, "broker"));
         if (ctl->json)
                 print_json(resp);
         else
-                printf("Revoked %s\n", argv[0]);
+                printf("Revoked %s%s\n", argv[0],
+                       json_is_true(json_object_get(broker, "ok")) ? "; its broker client is deleted" : "");
         json_decref(resp);
+        if (broker && !json_is_true(json_object_get(broker, "ok"))) {
+                r = fail("revoked, but the broker client was not deleted: %s",
+                         json_string_value(json_object_get(broker, "error")) ?: "unknown error");
+                json_decref(broker);
+                return r;
+        }
+        json_decref(broker);
         return 0;
 }
 

@@ -120,7 +120,7 @@ static int load(const char *text, struct iothub_conf **ret, char **ret_error, ch
 }
 
 /* The test's own list of the keys, written from DESIGN.md and the brief, not from conf.c's table. */
-enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP };
+enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP, BOOL };
 struct key_info {
         const char *section;
         const char *name;
@@ -161,6 +161,8 @@ static const struct key_info keys[] = {
         K("frames", "rate_per_device", frames.rate_per_device, RATE),
         K("bulbs", "ca_file", bulbs.ca_file, STR),
         K("spool", "max_bytes", spool.max_bytes, SIZE),
+        K("broker", "dynsec", broker.dynsec, BOOL),
+        K("broker", "timeout_s", broker.timeout_s, UINT),
 };
 
 static const struct key_info *key_info_find(const char *section, const char *name) {
@@ -200,6 +202,9 @@ static char *value_str(const struct iothub_conf *c, const struct key_info *k) {
                 break;
         case DPOP:
                 n = asprintf(&s, "%s", dpop_mode_to_string(*(const enum dpop_mode *) p));
+                break;
+        case BOOL:
+                n = asprintf(&s, "%s", *(const bool *) p ? "on" : "off");
                 break;
         }
         assert_true(n >= 0);
@@ -472,6 +477,10 @@ static void test_good_values(void **state) {
                 { "spool", "max_bytes = 64G", "max_bytes", "68719476736" },
                 { "spool", "max_bytes = 65536K", "max_bytes", "67108864" },
                 { "spool", "max_bytes = 68719476736", "max_bytes", "68719476736" },
+                { "broker", "dynsec = on", "dynsec", "on" },
+                { "broker", "dynsec = off", "dynsec", "off" },
+                { "broker", "timeout_s = 1", "timeout_s", "1" },
+                { "broker", "timeout_s = 60", "timeout_s", "60" },
         };
 
         for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
