@@ -279,7 +279,9 @@ static int setup(void **state) {
         "[frames] max_clock_skew_s = 300\n"                                                                 \
         "[frames] rate_per_device = 5\n"                                                                    \
         "[bulbs] ca_file = (unset)\n"                                                                       \
-        "[spool] max_bytes = 268435456\n"
+        "[spool] max_bytes = 268435456\n"                                                                   \
+        "[broker] dynsec = off\n"                                                                            \
+        "[broker] timeout_s = 5\n"
 
 static void test_defaults(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
@@ -359,7 +361,11 @@ static void test_full_file(void **state) {
                                    "ca_file = /etc/iothub/bulb-ca.pem\n"
                                    "\n"
                                    "[spool]\n"
-                                   "max_bytes = 1G\n";
+                                   "max_bytes = 1G\n"
+                                   "\n"
+                                   "[broker]\n"
+                                   "dynsec = on\n"
+                                   "timeout_s = 10\n";
         static const char expected[] = "[hub] id = living-room.hub_1\n"
                                        "[hub] state_dir = /srv/iothub/state\n"
                                        "[hub] runtime_dir = /srv/iothub/run\n"
@@ -390,7 +396,9 @@ static void test_full_file(void **state) {
                                        "[frames] max_clock_skew_s = 60\n"
                                        "[frames] rate_per_device = 0.5\n"
                                        "[bulbs] ca_file = /etc/iothub/bulb-ca.pem\n"
-                                       "[spool] max_bytes = 1073741824\n";
+                                       "[spool] max_bytes = 1073741824\n"
+                                       "[broker] dynsec = on\n"
+                                       "[broker] timeout_s = 10\n";
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *d = NULL, *err = NULL;
 
