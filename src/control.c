@@ -15,6 +15,7 @@
 #include "iothub/cloud.h"
 #include "iothub/control.h"
 #include "iothub/dynsec.h"
+#include "iothub/enrol.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -208,57 +209,25 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
         const char *cert = req_string(req, "cert", CONTROL_PEM_MAX);
-        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
-        _cleanup_free_ char *spki = NULL, *err = NULL;
-        char cn[DEVICE_ID_MAX + 1];
-        enum frame_alg alg;
+        bool want_password = json_is_true(json_object_get(req, "broker_password"));
+        _cleanup_free_ char *err = NULL;
+        struct bulb *b;
         int r;
 
-        bool want_password = json_is_true(json_object_get(req, "broker_password"));
-
-        if (!!pem == !!cert)
-                return error_reply("give exactly one of a public key or a certificate");
         if (want_password && !ctl->hub->dynsec)
                 return error_reply("[broker] dynsec is off in %s: the hub keeps no broker clients", conf->path);
         /* Checked before enrolling: a password that cannot be set now could never be shown. */
         if (want_password && !dynsec_ready(ctl->hub->dynsec))
                 return error_reply("not connected to the broker: cannot create the bulb's broker password now");
-        if (cert) {
-                if (!conf->bulbs.ca_file)
-                        return error_reply("[bulbs] ca_file is not set in %s: cannot check certificates",
-                                           conf->path);
-                r = verify_key_from_cert(cert, strlen(cert), conf->bulbs.ca_file, &k, &alg, cn, &err);
-                if (r < 0)
-                        return error_reply("certificate refused: %s", err ? err : strerror(-r));
-                if (id && !streq(id, cn))
-                        return error_reply("device id '%s' does not match the certificate's '%s'", id, cn);
-                id = cn;
-                r = verify_key_to_pem(k, &spki);
-                if (r < 0)
-                        return error_reply("cannot export key: %s", strerror(-r));
-                pem = spki;
-        }
-        if (!id || !device_id_is_valid(id, strlen(id)))
-                return error_reply("invalid device id: 1 to 64 of [A-Za-z0-9._-], not starting with '.'");
-        r = registry_add(ctl->hub->registry, id, pem, strlen(pem));
-        if (r == -EEXIST)
-                return error_reply("bulb %s is already enrolled (remove it first to change its key)", id);
-        if (r == -EOPNOTSUPP)
-                return error_reply("unsupported key type: only P-256 (ES256) and Ed25519 (EdDSA) keys");
-        if (r == -EINVAL)
-                return error_reply("not a valid PEM public key");
+        r = enrol_bulb(ctl->hub, id, pem, cert, &b, &err);
         if (r < 0)
-                return error_reply("cannot enrol %s: %s", id, strerror(-r));
-        struct bulb *b = registry_find(ctl->hub->registry, id);
-        log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
-                  b ? frame_alg_to_string(b->alg) : "?");
-        cloud_devices_changed(ctl->hub->cloud);
-        json_t *reply = json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
+                return error_reply("%s", err ? err : strerror(-r));
+        json_t *reply = json_pack("{s:b,s:o}", "ok", 1, "bulb", bulb_to_json(b));
         if (!ctl->hub->dynsec)
                 return reply;
         if (want_password && (r = dynsec_password_new(conn->broker_password)) < 0)
                 return dynsec_reply_later(conn, reply, r);
-        r = dynsec_bulb_create(ctl->hub->dynsec, id, want_password ? conn->broker_password : NULL, on_dynsec_done,
+        r = dynsec_bulb_create(ctl->hub->dynsec, b->id, want_password ? conn->broker_password : NULL, on_dynsec_done,
                                conn, &conn->dynsec_op);
         return dynsec_reply_later(conn, reply, r);
 }
