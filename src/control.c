@@ -16,6 +16,7 @@
 #include "iothub/control.h"
 #include "iothub/dynsec.h"
 #include "iothub/enrol.h"
+#include "iothub/pair.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -58,6 +59,10 @@ struct conn {
         struct dynsec_op *dynsec_op;
         json_t *dynsec_reply;
         char broker_password[DYNSEC_PASSWORD_LEN + 1];
+        /* bulb pair: the window this connection holds open, and lines streamed to the client
+         * (one JSON object per line) before the final answer. */
+        struct pair_window *pair_window;
+        bool stream;
         bool draining; /* answered an over-long request: reading the rest before closing */
         struct conn *next, *prev;
 };
@@ -91,6 +96,8 @@ static void conn_free(struct conn *c) {
         cloud_request_cancel(TAKE_PTR(c->register_call));
         oauth_logout_cancel(TAKE_PTR(c->logout_op));
         dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
+        /* The client hung up (Ctrl-C on iothubctl bulb pair): the window closes with it. */
+        pair_window_close(TAKE_PTR(c->pair_window));
         json_decref(c->dynsec_reply);
         explicit_bzero(c->broker_password, sizeof c->broker_password);
         c->io = sd_event_source_disable_unref(c->io);
@@ -230,6 +237,75 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         r = dynsec_bulb_create(ctl->hub->dynsec, b->id, want_password ? conn->broker_password : NULL, on_dynsec_done,
                                conn, &conn->dynsec_op);
         return dynsec_reply_later(conn, reply, r);
+}
+
+/* Appends one line for the client of a streaming request (bulb pair) and lets the loop send it.
+ * A line that cannot be queued is dropped: the final answer still comes. */
+static void conn_stream_line(struct conn *c, json_t *line) {
+        _cleanup_free_ char *s = line ? json_dumps(line, JSON_COMPACT) : NULL;
+        size_t len;
+        char *t;
+
+        json_decref(line);
+        if (!s)
+                return;
+        len = strlen(s);
+        if (c->out_len - c->out_off + len + 1 > CONTROL_STREAM_BUFFER_MAX)
+                return; /* a client that does not read: bounded, the rest is dropped */
+        t = realloc(c->out, c->out_len + len + 1);
+        if (!t)
+                return;
+        c->out = t;
+        memcpy(c->out + c->out_len, s, len);
+        c->out[c->out_len + len] = '\n';
+        c->out_len += len + 1;
+        (void) sd_event_source_set_io_events(c->io, EPOLLIN | EPOLLOUT);
+}
+
+static void on_pair_event(void *userdata, json_t *event) {
+        conn_stream_line(userdata, event);
+}
+
+static void on_pair_closed(void *userdata, json_t *summary) {
+        struct conn *c = userdata;
+
+        c->pair_window = NULL; /* freed by pair.c after this call */
+        c->stream = false;
+        c->pending = false;
+        if (summary)
+                (void) json_object_set_new(summary, "ok", json_true());
+        if (conn_set_reply(c, summary) < 0)
+                conn_free(c);
+}
+
+static json_t *handle_bulb_pair(struct control *ctl, struct conn *conn, json_t *req) {
+        json_t *v = json_object_get(req, "for");
+        json_int_t seconds = PAIR_WINDOW_DEFAULT_S;
+        int r;
+
+        if (v && !json_is_integer(v))
+                return error_reply("\"for\" is not a number of seconds");
+        if (v)
+                seconds = json_integer_value(v);
+        if (seconds < 1 || seconds > PAIR_WINDOW_MAX_S)
+                return error_reply("a pairing window lasts 1 to %d seconds", PAIR_WINDOW_MAX_S);
+        if (!ctl->hub->conf->bulbs.ca_file)
+                return error_reply("[bulbs] ca_file is not set in %s: pairing checks certificates against it",
+                                   ctl->hub->conf->path);
+        conn->stream = true; /* the "open" line comes from inside pair_open() */
+        r = pair_open(ctl->hub->pair, (unsigned) seconds,
+                      &(struct pair_window_cb){ .event = on_pair_event, .closed = on_pair_closed }, conn,
+                      &conn->pair_window);
+        if (r < 0) {
+                conn->stream = false;
+                free(conn->out);
+                conn->out = NULL;
+                conn->out_len = conn->out_off = 0;
+                if (r == -EBUSY)
+                        return error_reply("a pairing window is open already");
+                return error_reply("cannot open a pairing window: %s", strerror(-r));
+        }
+        return CONTROL_PENDING;
 }
 
 static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t *req) {
@@ -405,6 +481,7 @@ static const struct {
         { "bulb-list", handle_bulb_list },
         { "bulb-add", handle_bulb_add },
         { "bulb-remove", handle_bulb_remove },
+        { "bulb-pair", handle_bulb_pair },
         { "register", handle_register },
         { "login", handle_login },
         { "login-wait", handle_login_wait },
@@ -453,7 +530,10 @@ static int conn_set_reply(struct conn *c, json_t *reply) {
                 return 0;
         if (reply == CONTROL_PENDING) {
                 c->pending = true;
-                /* Stop reading; the answer comes from conn_reply_later(). */
+                /* Stop reading; the answer comes from conn_reply_later(). A stream watches for
+                 * the client hanging up, and sends what is queued. */
+                if (c->stream)
+                        return sd_event_source_set_io_events(c->io, EPOLLIN | (c->out ? EPOLLOUT : 0));
                 return sd_event_source_set_io_events(c->io, 0);
         }
         if (!reply)
@@ -462,6 +542,21 @@ static int conn_set_reply(struct conn *c, json_t *reply) {
         json_decref(reply);
         if (!s)
                 return -ENOMEM;
+        if (c->out) {
+                /* After streamed lines not all sent yet: the answer is the last line. */
+                size_t len = strlen(s);
+                char *t = realloc(c->out, c->out_len + len + 1);
+                if (!t) {
+                        free(s);
+                        return -ENOMEM;
+                }
+                c->out = t;
+                memcpy(c->out + c->out_len, s, len);
+                c->out[c->out_len + len] = '\n';
+                c->out_len += len + 1;
+                free(s);
+                return sd_event_source_set_io_events(c->io, EPOLLOUT);
+        }
         /* json_dumps() allocated strlen+1 bytes: the NUL becomes the line's newline. */
         c->out_len = strlen(s) + 1;
         c->out = s;
@@ -494,6 +589,14 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         return 0;
                 }
         }
+        if (c->stream && !c->out && (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+                /* A streaming client sends nothing more: EOF or an error is its hang-up. */
+                char sink[256];
+                n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+                if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+                        conn_free(c);
+                return 0;
+        }
         /* On a hang-up the send fails and the connection is freed. */
         if (c->out && (revents & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
                 n = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -504,6 +607,15 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         return 0;
                 }
                 c->out_off += (size_t) n;
+                if (c->out_off >= c->out_len && c->stream) {
+                        /* Streamed lines sent; more come, and then the answer. */
+                        free(c->out);
+                        c->out = NULL;
+                        c->out_len = c->out_off = 0;
+                        if (sd_event_source_set_io_events(c->io, EPOLLIN) < 0)
+                                conn_free(c);
+                        return 0;
+                }
                 if (c->out_off >= c->out_len) {
                         if (!c->draining) {
                                 conn_free(c);
@@ -675,6 +787,31 @@ void control_free(struct control *ctl) {
 }
 
 int control_call(const char *path, json_t *request, json_t **ret) {
+        return control_call_stream(path, request, NULL, NULL, ret);
+}
+
+/* Hands complete "event" lines at the start of buf to on_line and drops them from buf. */
+static void stream_lines(char *buf, size_t *len, void (*on_line)(void *userdata, json_t *line), void *userdata) {
+        char *nl;
+
+        while ((nl = memchr(buf, '\n', *len))) {
+                size_t n = (size_t) (nl - buf) + 1;
+                json_t *line = NULL;
+
+                if (control_parse_reply(buf, n - 1, &line) < 0 || !json_object_get(line, "event")) {
+                        /* Not an event: the answer, read to the end. */
+                        json_decref(line);
+                        return;
+                }
+                on_line(userdata, line);
+                json_decref(line);
+                memmove(buf, buf + n, *len - n);
+                *len -= n;
+        }
+}
+
+int control_call_stream(const char *path, json_t *request, void (*on_line)(void *userdata, json_t *line),
+                        void *userdata, json_t **ret) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *req = NULL, *buf = NULL;
@@ -726,6 +863,8 @@ int control_call(const char *path, json_t *request, json_t **ret) {
                 if (n == 0)
                         break;
                 len += (size_t) n;
+                if (on_line)
+                        stream_lines(buf, &len, on_line, userdata);
         }
         return control_parse_reply(buf, len, ret);
 }

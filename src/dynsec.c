@@ -58,6 +58,7 @@ struct dynsec {
         unsigned n_ops;
         uint64_t next_id;
         bool connected;
+        bool pairing; /* a pairing window is open: anonymous clients may publish hellos */
         /* The last reconciliation, for status. */
         bool reconciled, in_sync;
         uint64_t created, deleted; /* since start */
@@ -473,6 +474,64 @@ static void set_last_error(struct dynsec *d, const char *fmt, ...) {
         va_end(ap);
 }
 
+/* Pairing (PROTOCOL.md 1): a bulb that is not enrolled has no broker identity, so its hello comes
+ * from an anonymous client. The plugin's anonymous group gets a role that may publish only
+ * <prefix>/+/hello, and only while a window is open; otherwise anonymous clients may do nothing
+ * (the plugin's default ACL access denies publishing and subscribing). */
+static json_t *pairing_group_role_cmd(bool open) {
+        return json_pack("{s:s,s:s,s:s}", "command", open ? "addGroupRole" : "removeGroupRole", "groupname",
+                         DYNSEC_PAIRING_NAME, "rolename", DYNSEC_PAIRING_NAME);
+}
+
+static int op_add_pairing_setup(struct dynsec *d, struct dynsec_op *op) {
+        _cleanup_free_ char *hello = strdup_printf("%s/+/hello", d->prefix);
+        int r;
+
+        if (!hello)
+                return -ENOMEM;
+        r = op_add(op, json_pack("{s:s,s:s}", "command", "createGroup", "groupname", DYNSEC_PAIRING_NAME),
+                   "Group already exists");
+        if (r >= 0)
+                r = op_add(op, json_pack("{s:s,s:s,s:[{s:s,s:s,s:b}]}", "command", "createRole", "rolename",
+                                         DYNSEC_PAIRING_NAME, "acls", "acltype", "publishClientSend", "topic", hello,
+                                         "allow", 1),
+                           "Role already exists");
+        if (r >= 0)
+                r = op_add(op, json_pack("{s:s,s:s}", "command", "setAnonymousGroup", "groupname", DYNSEC_PAIRING_NAME),
+                           NULL);
+        /* As the hub last left it: closed unless a window is open (a crash mid-window, say). */
+        if (r >= 0)
+                r = op_add(op, pairing_group_role_cmd(d->pairing), "Group is already in this role");
+        return r;
+}
+
+int dynsec_pairing(struct dynsec *d, bool open, dynsec_done_fn done, void *userdata, struct dynsec_op **ret) {
+        struct dynsec_op *op;
+        int r;
+
+        if (!d)
+                return -EOPNOTSUPP;
+        d->pairing = open; /* also what the next reconciliation restores */
+        if (!d->connected)
+                return -ENOTCONN;
+        op = op_new(d, OP_USER);
+        if (!op)
+                return -ENOMEM;
+        r = op_add(op, pairing_group_role_cmd(open), "Group is already in this role");
+        if (r < 0) {
+                op_free(op);
+                return r;
+        }
+        op->done = done;
+        op->userdata = userdata;
+        r = op_send(d, op);
+        if (r < 0)
+                return r;
+        if (ret)
+                *ret = op;
+        return 0;
+}
+
 /* The start of a reconciliation: the hub's own role (commands and acks to every bulb; reading
  * every status topic the administrator's role gives already), then the list of clients. */
 static int reconcile_start(struct dynsec *d) {
@@ -492,6 +551,8 @@ static int reconcile_start(struct dynsec *d) {
                                       "publishClientSend", "topic", ack, "allow", 1)
                           : NULL;
         r = op_add(op, role, "Role already exists");
+        if (r >= 0)
+                r = op_add_pairing_setup(d, op);
         if (r >= 0)
                 r = op_add(op, json_pack("{s:s,s:b,s:i,s:i}", "command", "listClients", "verbose", 1, "count", -1,
                                          "offset", 0),

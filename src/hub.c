@@ -21,6 +21,7 @@
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/oauth.h"
+#include "iothub/pair.h"
 #include "iothub/spool.h"
 
 #define EXIT_CONFIG 78
@@ -37,6 +38,10 @@ static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *pa
         /* The broker's answers to the hub's dynamic security requests are not frames. */
         if (dynsec_is_response_topic(topic)) {
                 dynsec_on_message(h->dynsec, payload, len);
+                return;
+        }
+        if (pair_is_hello_topic(h->pair, topic)) {
+                pair_on_hello(h->pair, topic, payload, len);
                 return;
         }
         ingest_message(userdata, topic, payload, len);
@@ -129,6 +134,8 @@ int hub_status_json(struct hub *h, json_t **ret) {
         r = ack_status_json(h->ack, o);
         if (r >= 0)
                 r = dynsec_status_json(h->dynsec, o);
+        if (r >= 0)
+                r = pair_status_json(h->pair, o);
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
         if (r >= 0)
@@ -306,6 +313,11 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
+        /* First the control connections: they own requests into the modules below (a pairing
+         * window, broker requests), which must be cancelled while those modules still exist. */
+        control_free(h->control);
+        h->control = NULL;
+        pair_free(h->pair);     /* cancels its broker requests */
         dynsec_free(h->dynsec); /* before the connection it talks over */
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
@@ -316,7 +328,6 @@ static void hub_done(struct hub *h) {
         hubkey_free(h->hubkey);
         sd_event_source_disable_unref(h->key_timer);
         free(h->key_error);
-        control_free(h->control);
         sd_event_source_disable_unref(h->sigterm);
         sd_event_source_disable_unref(h->sigint);
         sd_event_source_disable_unref(h->sighup);
@@ -431,6 +442,16 @@ int hub_run(const char *config_path, int log_level_override) {
         if (r < 0) {
                 log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
                 goto out;
+        }
+        {
+                _cleanup_free_ char *hello = strdup_printf("%s/+/hello", h.conf->mqtt.topic_prefix);
+                r = hello ? pair_new(&h, &h.pair) : -ENOMEM;
+                if (r >= 0)
+                        r = mqtt_subscribe(h.mqtt, hello);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to set up pairing: %m");
+                        goto out;
+                }
         }
         if (h.conf->broker.dynsec) {
                 r = dynsec_new(h.event, h.conf, h.mqtt, h.registry, &h.dynsec);

@@ -34,6 +34,7 @@ static int usage(void) {
                         "    [--broker-password]             also a broker password for the bulb, shown once\n"
                         "  bulb list                         enrolled bulbs\n"
                         "  bulb remove ID                    revoke a bulb at once\n"
+                        "  bulb pair [--for SECONDS]         let bulbs enrol with their certificates (max 300 s)\n"
                         "  key init                          create the hub key (never replaces one)\n"
                         "  key show [--pem | --jwk]          the hub's public key and key id\n"
                         "  register                          register the hub key with the cloud account\n"
@@ -278,6 +279,63 @@ static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
                 return r;
         }
         json_decref(broker);
+        return 0;
+}
+
+static void on_pair_line(void *userdata, json_t *line) {
+        struct ctl *ctl = userdata;
+
+        if (ctl->json) {
+                json_dumpf(line, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+        } else
+                printf("%s\n", json_string_value(json_object_get(line, "message")) ?: "?");
+        /* As it happens: a pipe to another program sees each line at once. */
+        fflush(stdout);
+}
+
+static int cmd_bulb_pair(struct ctl *ctl, int argc, char **argv) {
+        _cleanup_free_ char *path = NULL;
+        json_int_t seconds = 60;
+        json_t *req, *resp = NULL;
+        int r;
+
+        for (int i = 0; i < argc; i++) {
+                if (streq(argv[i], "--for") && i + 1 < argc) {
+                        char *end;
+                        errno = 0;
+                        long v = strtol(argv[++i], &end, 10);
+                        if (errno || *end || end == argv[i] || v < 1 || v > 300)
+                                return fail("--for: '%s' is not a number of seconds from 1 to 300", argv[i]);
+                        seconds = v;
+                } else
+                        return usage();
+        }
+        if (asprintf(&path, "%s/%s", ctl->conf->hub.runtime_dir, CONTROL_SOCKET_NAME) < 0)
+                return fail("out of memory");
+        req = json_pack("{s:s,s:I}", "cmd", "bulb-pair", "for", seconds);
+        if (!req)
+                return fail("out of memory");
+        r = control_call_stream(path, req, on_pair_line, ctl, &resp);
+        json_decref(req);
+        if (r == -ENOENT || r == -ECONNREFUSED) {
+                fprintf(stderr, "iothubctl: the daemon is not running (no socket at %s)\n", path);
+                return EXIT_UNAVAILABLE;
+        }
+        if (r < 0)
+                return fail("%s: %s", path, strerror(-r));
+        if (!json_is_true(json_object_get(resp, "ok"))) {
+                const char *e = json_string_value(json_object_get(resp, "error"));
+                fail("%s", e ? e : "the daemon refused the request");
+                json_decref(resp);
+                return 1;
+        }
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Pairing window closed: %zu enrolled, %lld refused\n",
+                       json_array_size(json_object_get(resp, "enrolled")), (long long) geti(resp, "refused", NULL));
+        json_decref(resp);
         return 0;
 }
 
@@ -588,6 +646,8 @@ int main(int argc, char *argv[]) {
                 r = cmd_bulb_add(&ctl, n - 2, args + 2);
         else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "list"))
                 r = cmd_bulb_list(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "pair"))
+                r = cmd_bulb_pair(&ctl, n - 2, args + 2);
         else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "remove"))
                 r = cmd_bulb_remove(&ctl, n - 2, args + 2);
         else if (streq(args[0], "key") && n >= 2 && streq(args[1], "init"))

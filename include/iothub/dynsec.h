@@ -24,6 +24,7 @@
 #define DYNSEC_BULB_TEXTNAME "iothub bulb" /* marks the broker clients that the hub owns */
 #define DYNSEC_BULB_ROLE_PREFIX "iothub-bulb-"
 #define DYNSEC_HUB_ROLE "iothub-hub"
+#define DYNSEC_PAIRING_NAME "iothub-pairing" /* the anonymous group, and its role during a window */
 
 struct dynsec;
 struct dynsec_op;
@@ -64,6 +65,11 @@ int dynsec_bulb_create(struct dynsec *d, const char *id, const char *password, d
  * does not exist is not an error. Same returns as dynsec_bulb_create(). */
 int dynsec_bulb_delete(struct dynsec *d, const char *id, dynsec_done_fn done, void *userdata,
                        struct dynsec_op **ret);
+/* Opens or closes the broker for pairing: while open, anonymous clients (bulbs not enrolled yet)
+ * may publish on <prefix>/+/hello and nothing else. Remembered for the next reconciliation. done
+ * may be NULL (then ret may be NULL too, and the operation ends on its own). Same returns as
+ * dynsec_bulb_create(). */
+int dynsec_pairing(struct dynsec *d, bool open, dynsec_done_fn done, void *userdata, struct dynsec_op **ret);
 /* Ends an operation without calling its callback; NULL accepted. */
 void dynsec_op_cancel(struct dynsec_op *op);
 

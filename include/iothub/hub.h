@@ -20,6 +20,7 @@ struct oauth;
 struct commands;
 struct ack;
 struct dynsec;
+struct pair;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -66,6 +67,7 @@ struct hub {
         struct commands *commands; /* NULL without [cloud] url */
         struct ack *ack;           /* end-to-end acks to the bulbs */
         struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
+        struct pair *pair;         /* pairing windows (hello messages) */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         sd_event_source *key_timer; /* retries opening the key while it cannot be */
         uint64_t key_retry_usec;    /* the next retry's delay */
