@@ -4,11 +4,14 @@
 // itself (MQTT 5 reason codes), not filtered by the hub after the fact.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import readline from 'node:readline';
 import * as jose from 'jose';
 import mqtt from 'mqtt';
-import { Hub, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { Hub, IOTHUBCTL, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { DynsecBroker, makePki } from './lib/dynsec.mjs';
 
@@ -199,4 +202,104 @@ test('on start the hub repairs the broker: creates missing bulb clients, deletes
   // Recreated without a password: the old one no longer works (the hub never kept it).
   const st = await hub.status();
   assert.equal(st.broker.last_error, null);
+});
+
+// `iothubctl --json bulb pair`: its event lines as they arrive, then its answer.
+function startPair(seconds) {
+  const p = spawn(IOTHUBCTL, ['--config', hub.configPath, '--json', 'bulb', 'pair', '--for', String(seconds)],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  const events = [];
+  let rest = '', stderr = '';
+  p.stderr.on('data', (d) => { stderr += d; });
+  readline.createInterface({ input: p.stdout }).on('line', (l) => {
+    if (l.startsWith('{"event"')) events.push({ ...JSON.parse(l), at: performance.now() });
+    else rest += `${l}\n`;
+  });
+  const done = once(p, 'exit').then(([code]) => ({ code, stderr, answer: rest ? JSON.parse(rest) : null, at: performance.now() }));
+  return { events, done, proc: p };
+}
+
+const waitEvent = (events, pred, what) => waitFor(() => events.find(pred), 5000, what);
+
+test('pairing: only valid chains, only inside the window; the broker identity in the same step', async () => {
+  const good = await pki.device('bulb-p1');
+  const chain = `${await fs.readFile(good.cert, 'utf8')}${await fs.readFile(pki.ca, 'utf8')}`;
+  const self = await pki.device('bulb-p2', { selfSigned: true });
+  const e = await addBulb('bulb-e', ['--broker-password']);
+
+  // Outside a window: an anonymous client may not publish a hello at all (the broker refuses),
+  // and an enrolled bulb's own hello is counted and ignored by the hub.
+  const anon0 = await connectAs(undefined, undefined);
+  await assert.rejects(anon0.publishAsync(`${PREFIX}/bulb-p1/hello`, chain, { qos: 1 }), (x) => x.code === 0x87);
+  const ec = await connectAs('bulb-e', e.password);
+  const outside = (await hub.status()).pair.hellos_outside_window;
+  await ec.publishAsync(`${PREFIX}/bulb-e/hello`, chain, { qos: 1 });
+  await waitFor(async () => (await hub.status()).pair.hellos_outside_window === outside + 1, 5000, 'hello counted');
+  assert.ok(!(await hub.ctl(['bulb', 'list'])).stdout.includes('bulb-p1'));
+
+  const { events, done } = startPair(4);
+  await waitEvent(events, (x) => x.event === 'open', 'window open');
+  await waitEvent(events, (x) => x.event === 'broker' && /lets bulbs/.test(x.message), 'broker open for hellos');
+  const anon = await connectAs(undefined, undefined);
+  // Refused by the broker still: anything but a hello.
+  await assert.rejects(anon.publishAsync(`${PREFIX}/bulb-p1/status`, 'x', { qos: 1 }), (x) => x.code === 0x87);
+  // Refused by the hub: a chain from another CA, a CN that is not the topic's id, a hello too large.
+  await anon.publishAsync(`${PREFIX}/bulb-p2/hello`, await fs.readFile(self.cert, 'utf8'), { qos: 1 });
+  await anon.publishAsync(`${PREFIX}/bulb-p3/hello`, chain, { qos: 1 });
+  await anon.publishAsync(`${PREFIX}/bulb-p4/hello`, 'A'.repeat(16385), { qos: 1 });
+  await waitFor(() => events.filter((x) => x.event === 'refused').length === 3, 5000, '3 refusals');
+  assert.match(events.find((x) => x.id === 'bulb-p2').message, /certificate refused/);
+  assert.match(events.find((x) => x.id === 'bulb-p3').message, /does not match/);
+  assert.match(events.find((x) => x.id === 'bulb-p4').message, /larger than 16384/);
+  // The valid chain enrols, and its broker client is created, while the window is still open.
+  await anon.publishAsync(`${PREFIX}/bulb-p1/hello`, chain, { qos: 1 });
+  const enrolled = await waitEvent(events, (x) => x.event === 'enrolled' && x.id === 'bulb-p1', 'bulb-p1 enrolled');
+  await waitEvent(events, (x) => x.event === 'broker' && x.id === 'bulb-p1' && /created/.test(x.message), 'broker client');
+  await anon.publishAsync(`${PREFIX}/bulb-p1/hello`, chain, { qos: 1 });
+  await waitEvent(events, (x) => x.event === 'refused' && x.id === 'bulb-p1' && /already enrolled/.test(x.message), 'again');
+
+  const res = await done;
+  assert.equal(res.code, 0, res.stderr);
+  assert.deepEqual(res.answer.enrolled, ['bulb-p1']);
+  assert.equal(res.answer.refused, 4);
+  // Shown as it happened: the enrolment line came well before the window closed.
+  assert.ok(res.at - enrolled.at > 1000, `enrolled line ${res.at - enrolled.at} ms before the end`);
+  console.log(`# pairing: enrolment line ${(res.at - enrolled.at).toFixed(0)} ms before the window closed`);
+
+  // The window is closed: hellos are refused by the broker again, and the hub would ignore them.
+  const anon2 = await connectAs(undefined, undefined);
+  await waitFor(async () => {
+    try { await anon2.publishAsync(`${PREFIX}/bulb-p5/hello`, chain, { qos: 1 }); return false; } catch (x) { return x.code === 0x87; }
+  }, 3000, 'anonymous hellos refused after the window');
+  const st = await hub.status();
+  assert.equal(st.pair.window_open, false);
+  assert.equal(st.pair.enrolled, 1);
+
+  // The paired bulb connects with its certificate and its frames are accepted.
+  const key = await jose.importPKCS8(await fs.readFile(good.key, 'utf8'), 'ES256');
+  const bulb = new Bulb('bulb-p1', 'ES256', { privateKey: key, publicKey: null }, null);
+  const c = mqtt.connect(`mqtts://127.0.0.1:${broker.certPort}`, {
+    protocolVersion: 5, reconnectPeriod: 0,
+    ca: await fs.readFile(pki.ca), cert: await fs.readFile(good.cert), key: await fs.readFile(good.key),
+  });
+  clients.push(c);
+  await new Promise((resolve, reject) => { c.once('connect', resolve); c.once('error', reject); });
+  const before = st.frames.accepted;
+  await c.publishAsync(`${PREFIX}/bulb-p1/status`, await bulb.frame(), { qos: 1 });
+  await waitFor(async () => (await hub.status()).frames.accepted === before + 1, 5000, 'paired bulb frame accepted');
+});
+
+test('bulb pair: one window at a time, at most 300 s, and Ctrl-C closes it', async () => {
+  let r = await hub.ctl(['bulb', 'pair', '--for', '301']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /1 to 300/);
+  const first = startPair(30);
+  await waitEvent(first.events, (x) => x.event === 'open', 'window open');
+  r = await hub.ctl(['bulb', 'pair', '--for', '5']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /already/);
+  assert.equal((await hub.status()).pair.window_open, true);
+  // The client going away (as Ctrl-C does) closes the window at once.
+  first.proc.kill('SIGINT');
+  await waitFor(async () => (await hub.status()).pair.window_open === false, 3000, 'window closed');
 });
