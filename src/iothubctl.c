@@ -133,6 +133,21 @@ static int cmd_status(struct ctl *ctl, int argc, char **argv) {
                (long long) geti(st, "spool", "bytes"));
         printf("Bulbs:     %lld enrolled, %lld revoked\n", (long long) geti(st, "bulbs", "enrolled"),
                (long long) geti(st, "bulbs", "revoked"));
+        {
+                json_t *b = json_object_get(st, "broker");
+                const char *e = json_string_value(json_object_get(b, "last_error"));
+                if (json_is_true(json_object_get(b, "enabled")))
+                        printf("Broker:    bulb clients %s; %lld created, %lld deleted by repairs%s%s\n",
+                               json_is_true(json_object_get(b, "in_sync")) ? "in sync" : "NOT in sync",
+                               (long long) geti(st, "broker", "created"), (long long) geti(st, "broker", "deleted"),
+                               e ? "; " : "", e ? e : "");
+                json_t *p = json_object_get(st, "pair");
+                if (p)
+                        printf("Pairing:   window %s; %lld enrolled, %lld refused; %lld hellos outside a window\n",
+                               json_is_true(json_object_get(p, "window_open")) ? "open" : "closed",
+                               (long long) geti(st, "pair", "enrolled"), (long long) geti(st, "pair", "refused"),
+                               (long long) geti(st, "pair", "hellos_outside_window"));
+        }
         if (json_is_true(json_object_get(json_object_get(st, "cloud"), "configured"))) {
                 json_t *cl = json_object_get(st, "cloud"), *key = json_object_get(st, "key");
                 const char *e = json_string_value(json_object_get(cl, "last_error"));
