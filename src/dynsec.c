@@ -57,6 +57,9 @@ struct dynsec {
         struct dynsec_op *ops;
         unsigned n_ops;
         uint64_t next_id;
+        /* Tags are "iothub-<run>-<op>-<index>": an answer queued for the persistent session by an
+         * earlier run of the daemon never matches an operation of this one. */
+        uint32_t run;
         bool connected;
         bool pairing; /* a pairing window is open: anonymous clients may publish hellos */
         /* The last reconciliation, for status. */
@@ -196,7 +199,7 @@ static int op_send(struct dynsec *d, struct dynsec_op *op) {
         }
         json_array_foreach(op->cmds, i, c) {
                 char tag[64];
-                (void) snprintf(tag, sizeof tag, DYNSEC_TAG "%" PRIu64 "-%zu", op->id, i);
+                (void) snprintf(tag, sizeof tag, DYNSEC_TAG "%08" PRIx32 "-%" PRIu64 "-%zu", d->run, op->id, i);
                 if (json_object_set_new(c, "correlationData", json_string(tag)) < 0) {
                         r = -ENOMEM;
                         goto fail;
@@ -284,15 +287,16 @@ static struct dynsec_op *op_find(struct dynsec *d, uint64_t id) {
         return NULL;
 }
 
-/* "iothub-<id>-<index>" -> id, index. */
-static bool parse_tag(const char *s, uint64_t *ret_id, unsigned *ret_index) {
+/* "iothub-<run>-<id>-<index>" of this run -> id, index. */
+static bool parse_tag(const struct dynsec *d, const char *s, uint64_t *ret_id, unsigned *ret_index) {
         unsigned long long id;
-        unsigned idx;
+        unsigned run, idx;
         int n = 0;
 
         if (!s || strncmp(s, DYNSEC_TAG, strlen(DYNSEC_TAG)) != 0)
                 return false;
-        if (sscanf(s + strlen(DYNSEC_TAG), "%llu-%u%n", &id, &idx, &n) != 2 || s[strlen(DYNSEC_TAG) + (size_t) n])
+        s += strlen(DYNSEC_TAG);
+        if (strlen(s) > 64 || sscanf(s, "%8x-%llu-%u%n", &run, &id, &idx, &n) != 3 || s[n] || run != d->run)
                 return false;
         *ret_id = id;
         *ret_index = idx;
@@ -314,7 +318,7 @@ void dynsec_on_message(struct dynsec *d, const uint8_t *payload, size_t len) {
                 uint64_t id;
                 unsigned idx;
 
-                if (!parse_tag(json_string_value(json_object_get(resp, "correlationData")), &id, &idx))
+                if (!parse_tag(d, json_string_value(json_object_get(resp, "correlationData")), &id, &idx))
                         continue;
                 op = op_find(d, id);
                 if (!op || idx >= op->n_cmds || op->answered[idx])
@@ -732,6 +736,11 @@ int dynsec_new(sd_event *e, const struct iothub_conf *conf, struct mqtt *m, stru
         if (!d)
                 return -ENOMEM;
         d->event = sd_event_ref(e);
+        int r = random_bytes(&d->run, sizeof d->run);
+        if (r < 0) {
+                dynsec_free(d);
+                return r;
+        }
         d->timeout_s = conf->broker.timeout_s;
         d->prefix = strdup(conf->mqtt.topic_prefix);
         d->hub_user = conf->mqtt.username ? strdup(conf->mqtt.username) : NULL;

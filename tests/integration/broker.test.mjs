@@ -303,3 +303,33 @@ test('bulb pair: one window at a time, at most 300 s, and Ctrl-C closes it', asy
   first.proc.kill('SIGINT');
   await waitFor(async () => (await hub.status()).pair.window_open === false, 3000, 'window closed');
 });
+
+test('a broker without the plugin: requests time out, status says so, bulb add says what failed', async () => {
+  const { Broker } = await import('./lib/harness.mjs');
+  const d = await tempDir('iothub-broker-plain-');
+  const plain = await Broker.start(d);
+  const h = await Hub.start(plain, { broker: { dynsec: 'on', timeout_s: 1 } });
+  try {
+    const st = await waitFor(async () => {
+      const s = await h.status();
+      return s.mqtt.connected && s.broker.last_error ? s : null;
+    }, 8000, 'the reconciliation timed out');
+    assert.equal(st.broker.in_sync, false);
+    assert.match(st.broker.last_error, /did not answer within 1 s/);
+    const b = await Bulb.create('bulb-t');
+    const pem = path.join(d, 'bulb-t.pem');
+    await fs.writeFile(pem, b.pem);
+    const t0 = performance.now();
+    const r = await h.ctl(['bulb', 'add', 'bulb-t', '--key', pem]);
+    assert.equal(r.code, 1);
+    assert.match(r.stdout, /Enrolled bulb-t/);
+    assert.match(r.stderr, /broker client was not created: .*did not answer within 1 s/);
+    assert.ok(performance.now() - t0 < 3000);
+    // Enrolled all the same: its frames are the hub's to check.
+    assert.match((await h.ctl(['bulb', 'list'])).stdout, /bulb-t/);
+  } finally {
+    await h.cleanup();
+    await plain.stop();
+    await fs.rm(d, { recursive: true, force: true });
+  }
+});
