@@ -317,8 +317,11 @@ static void hub_done(struct hub *h) {
          * window, broker requests), which must be cancelled while those modules still exist. */
         control_free(h->control);
         h->control = NULL;
-        pair_free(h->pair);     /* cancels its broker requests */
-        dynsec_free(h->dynsec); /* before the connection it talks over */
+        pair_free(h->pair); /* cancels its broker requests */
+        h->pair = NULL;
+        /* Before the connection it talks over; NULL, as mqtt_free() still reports the disconnect. */
+        dynsec_free(h->dynsec);
+        h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
         commands_free(h->commands);
