@@ -19,9 +19,9 @@
 
 #define DYNSEC_TAG "iothub-"
 #define DYNSEC_ERROR_MAX 256
-/* Commands per request: one message the plugin handles at once, and a bound on what one
- * reconciliation sends in a go (further fixes follow in the next messages). */
-#define DYNSEC_CMDS_MAX 128
+/* Commands per request: one message the plugin handles at once (a bulb's creation is ~400 bytes,
+ * so ~400 KB), and what one reconciliation sends in a go: 5,000 bulbs to repair are 10 requests. */
+#define DYNSEC_CMDS_MAX 1024
 
 enum op_kind {
         OP_USER,      /* bulb add / remove: the caller's callback */
@@ -578,6 +578,10 @@ static bool client_has_role(json_t *client, const char *rolename) {
         return false;
 }
 
+static int cmp_str(const void *a, const void *b) {
+        return strcmp(*(const char *const *) a, *(const char *const *) b);
+}
+
 static int repair_send(struct dynsec *d, struct dynsec_op **op) {
         int r;
 
@@ -645,20 +649,25 @@ static void reconcile_answered(struct dynsec *d, struct dynsec_op *done) {
                 if (r < 0)
                         break;
         }
-        /* Missing: an enrolled bulb whose user name the broker does not know. */
+        /* Missing: an enrolled bulb whose user name the broker does not know (sorted names and a
+         * binary search: 5,000 bulbs against 5,000 clients stay cheap). */
+        size_t n_names = 0;
+        _cleanup_free_ const char **names = calloc(json_array_size(clients) + 1, sizeof *names);
+        if (!names)
+                r = -ENOMEM;
+        json_array_foreach(clients, i, c) {
+                const char *user = json_string_value(json_object_get(c, "username"));
+                if (user && names)
+                        names[n_names++] = user;
+        }
+        if (names)
+                qsort(names, n_names, sizeof *names, cmp_str);
         n_reg = registry_count(d->registry);
         for (size_t k = 0; r >= 0 && k < n_reg; k++) {
                 struct bulb *b = registry_get(d->registry, k);
-                bool found = false;
+                const char *key = b->id;
 
-                if (b->revoked)
-                        continue;
-                json_array_foreach(clients, i, c)
-                        if (streq_ptr(json_string_value(json_object_get(c, "username")), b->id)) {
-                                found = true;
-                                break;
-                        }
-                if (found)
+                if (b->revoked || bsearch(&key, names, n_names, sizeof *names, cmp_str))
                         continue;
                 if (!op && !(op = op_new(d, OP_REPAIR))) {
                         r = -ENOMEM;

@@ -297,6 +297,8 @@ static int hub_reload(struct hub *h) {
         keep_string("key", "file", &n->key.file, &o->key.file);
         keep_string("cloud", "url", &n->cloud.url, &o->cloud.url);
         keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
+        KEEP_NUMBER("broker", "dynsec", n->broker.dynsec, o->broker.dynsec);
+        KEEP_NUMBER("broker", "timeout_s", n->broker.timeout_s, o->broker.timeout_s);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
         h->conf = TAKE_PTR(n);
         n = o;
