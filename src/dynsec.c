@@ -34,10 +34,13 @@ struct dynsec_op {
         struct dynsec_op *next, *prev;
         uint64_t id;
         enum op_kind kind;
-        json_t *cmds;                            /* until sent */
-        const char *tolerate[DYNSEC_CMDS_MAX];   /* per command: an error that means "done already" */
-        bool answered[DYNSEC_CMDS_MAX];
-        unsigned n_cmds, n_answered;
+        json_t *cmds; /* until sent */
+        /* Per command: an error that means "done already", and whether it was answered. */
+        struct op_cmd {
+                const char *tolerate;
+                bool answered;
+        } *cmd;
+        unsigned n_cmds, cap_cmds, n_answered;
         sd_event_source *timer;
         dynsec_done_fn done;
         void *userdata;
@@ -131,6 +134,7 @@ static void op_free(struct dynsec_op *op) {
         op->timer = sd_event_source_disable_unref(op->timer);
         json_decref(op->cmds);
         json_decref(op->list);
+        free(op->cmd);
         free(op);
 }
 
@@ -164,9 +168,19 @@ static int op_add(struct dynsec_op *op, json_t *cmd, const char *tolerate) {
                 json_decref(cmd);
                 return -E2BIG;
         }
+        if (op->n_cmds == op->cap_cmds) {
+                unsigned cap = op->cap_cmds ? op->cap_cmds * 2 : 4;
+                struct op_cmd *t = reallocarray(op->cmd, cap, sizeof *t);
+                if (!t) {
+                        json_decref(cmd);
+                        return -ENOMEM;
+                }
+                op->cmd = t;
+                op->cap_cmds = cap;
+        }
         if (json_array_append_new(op->cmds, cmd) < 0)
                 return -ENOMEM;
-        op->tolerate[op->n_cmds++] = tolerate;
+        op->cmd[op->n_cmds++] = (struct op_cmd){ .tolerate = tolerate };
         return 0;
 }
 
@@ -321,11 +335,11 @@ void dynsec_on_message(struct dynsec *d, const uint8_t *payload, size_t len) {
                 if (!parse_tag(d, json_string_value(json_object_get(resp, "correlationData")), &id, &idx))
                         continue;
                 op = op_find(d, id);
-                if (!op || idx >= op->n_cmds || op->answered[idx])
+                if (!op || idx >= op->n_cmds || op->cmd[idx].answered)
                         continue;
-                op->answered[idx] = true;
+                op->cmd[idx].answered = true;
                 op->n_answered++;
-                if (error && !(op->tolerate[idx] && streq(error, op->tolerate[idx])) && op->r == 0) {
+                if (error && !(op->cmd[idx].tolerate && streq(error, op->cmd[idx].tolerate)) && op->r == 0) {
                         op->r = error_to_errno(error);
                         (void) snprintf(op->error, sizeof op->error, "%s: %s",
                                         json_string_value(json_object_get(resp, "command")) ?: "?", error);

@@ -37,10 +37,11 @@ try {
     await broker.admin(names.slice(i, i + 200).map((u) => ({ command: 'deleteClient', username: u })));
   const t0 = performance.now();
   await hub.start();
+  let last;
   const st = await waitFor(async () => {
-    const s = await hub.status();
+    const s = last = await hub.status();
     return s.broker.in_sync && s.broker.created === N ? s : null;
-  }, 120000, 'reconciled');
+  }, 60000, 'reconciled').catch((e) => { console.log(JSON.stringify(last.broker), hub.log.slice(-2000)); throw e; });
   console.log(`reconciliation after a restart: ${N} missing clients recreated, in sync ${(performance.now() - t0).toFixed(0)} ms after exec (status polled every 25 ms)`);
   if (st.broker.last_error) console.log(`last_error: ${st.broker.last_error}`);
 } finally {
