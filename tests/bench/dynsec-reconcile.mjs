@@ -35,13 +35,16 @@ try {
   const names = (await broker.listClients()).map((c) => c.username).filter((u) => u.startsWith('bench-'));
   for (let i = 0; i < names.length; i += 200)
     await broker.admin(names.slice(i, i + 200).map((u) => ({ command: 'deleteClient', username: u })));
+  const left = (await broker.listClients()).filter((c) => c.username.startsWith('bench-')).length;
+  if (left !== 0 || names.length !== N) throw new Error(`deleted ${names.length} of ${N}, ${left} left`);
+  const mark = hub.log.length;
   const t0 = performance.now();
   await hub.start();
   let last;
   const st = await waitFor(async () => {
     const s = last = await hub.status();
     return s.broker.in_sync && s.broker.created === N ? s : null;
-  }, 60000, 'reconciled').catch((e) => { console.log(JSON.stringify(last.broker), hub.log.slice(-2000)); throw e; });
+  }, 60000, 'reconciled').catch((e) => { console.log(JSON.stringify(last.broker), hub.log.slice(mark)); throw e; });
   console.log(`reconciliation after a restart: ${N} missing clients recreated, in sync ${(performance.now() - t0).toFixed(0)} ms after exec (status polled every 25 ms)`);
   if (st.broker.last_error) console.log(`last_error: ${st.broker.last_error}`);
 } finally {
