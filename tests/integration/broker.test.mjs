@@ -133,6 +133,19 @@ test('bulb remove: the broker deletes the client and disconnects the bulb within
   assert.ok(!names.includes('bulb-c'));
 });
 
+test('bulb add --broker-password in human form: the password printed once works', async () => {
+  const h = await Bulb.create('bulb-h');
+  const pem = path.join(dir, 'bulb-h.pub.pem');
+  await fs.writeFile(pem, h.pem);
+  const r = await hub.ctl(['bulb', 'add', 'bulb-h', '--key', pem, '--broker-password']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /^Enrolled bulb-h\nBroker client bulb-h created\nBroker user name: bulb-h\n/);
+  const [, pw] = r.stdout.match(/^Broker password: {2}([A-Za-z0-9_-]{24})$/m);
+  const c = await connectAs('bulb-h', pw);
+  await c.publishAsync(`${PREFIX}/bulb-h/hello`, 'not a certificate', { qos: 1 });
+  assert.ok(!hub.log.includes(pw));
+});
+
 test('bulb add without --broker-password: a client marked as the hub\'s, with its role and no password', async () => {
   const d = await addBulb('bulb-d');
   assert.equal(d.password, undefined);
