@@ -9,6 +9,8 @@
 #   make cross ARCH=arm64|armhf   Raspberry Pi .deb, lintian, unit tests under qemu-user
 
 PREFIX  ?= /usr
+# Where Debian keeps the target's libraries (mosquitto's dynamic security plugin among them).
+MULTIARCH ?= $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 DESTDIR ?=
 BUILD   ?= build
 CC      ?= gcc
@@ -212,6 +214,11 @@ install: all
 	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
 	install -Dm0644 systemd/iothub.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/iothub.catalog
 	install -Dm0640 etc/iothub.conf $(DESTDIR)/etc/iothub.conf
+	# The mosquitto drop-in, inactive until copied to /etc/mosquitto/conf.d (iothubd(8), THE BROKER);
+	# the plugin lives in the target's multiarch directory.
+	install -d $(DESTDIR)$(PREFIX)/share/iothub/mosquitto
+	sed 's|@MULTIARCH@|$(MULTIARCH)|g' packaging/mosquitto/iothub.conf > $(DESTDIR)$(PREFIX)/share/iothub/mosquitto/iothub.conf
+	chmod 0644 $(DESTDIR)$(PREFIX)/share/iothub/mosquitto/iothub.conf
 	for m in $(MANS); do s=$${m##*.}; install -Dm0644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/$${m##*/}; done
 
 DEB_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev libtss2-dev libmosquitto-dev \

@@ -333,6 +333,19 @@ static int parse_backend(struct parse_ctx *ctx, const struct conf_key *k, const 
         return 0;
 }
 
+static int parse_onoff(struct parse_ctx *ctx, const struct conf_key *k, const char *v) {
+        bool b;
+
+        if (streq(v, "on"))
+                b = true;
+        else if (streq(v, "off"))
+                b = false;
+        else
+                return key_error(ctx, k, "'%.*s%s' is not one of on, off", ECHO(v));
+        *(bool *) field(ctx->conf, k) = b;
+        return 0;
+}
+
 static int parse_dpop(struct parse_ctx *ctx, const struct conf_key *k, const char *v) {
         enum dpop_mode m;
 
@@ -490,6 +503,9 @@ static const struct conf_key conf_keys[] = {
         KEY_OTHER("frames", "rate_per_device", frames.rate_per_device, parse_rate, 0, 0),
 
         KEY_PATH("bulbs", "ca_file", bulbs.ca_file),
+
+        KEY_OTHER("broker", "dynsec", broker.dynsec, parse_onoff, 0, 0),
+        KEY_UINT("broker", "timeout_s", broker.timeout_s, 1, 60),
 
         KEY_OTHER("spool", "max_bytes", spool.max_bytes, parse_size, 64 * KIB, 64 * GIB),
 };
@@ -779,6 +795,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->frames.max_clock_skew_s = 300;
         c->frames.rate_per_device = 5;
         c->spool.max_bytes = 256 * MIB;
+        c->broker.timeout_s = 5;
 
         c->mqtt.host = strdup("127.0.0.1");
         c->mqtt.topic_prefix = strdup("iothub/v1/bulbs");

@@ -14,6 +14,9 @@
 
 #include "iothub/cloud.h"
 #include "iothub/control.h"
+#include "iothub/dynsec.h"
+#include "iothub/enrol.h"
+#include "iothub/pair.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -51,6 +54,15 @@ struct conn {
          * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
         struct cloud_call *register_call;
         struct oauth_logout_op *logout_op;
+        /* bulb add / remove waiting for the broker's dynamic security plugin: the request, the
+         * answer it completes, and a new bulb's broker password until it is shown (once). */
+        struct dynsec_op *dynsec_op;
+        json_t *dynsec_reply;
+        char broker_password[DYNSEC_PASSWORD_LEN + 1];
+        /* bulb pair: the window this connection holds open, and lines streamed to the client
+         * (one JSON object per line) before the final answer. */
+        struct pair_window *pair_window;
+        bool stream;
         bool draining; /* answered an over-long request: reading the rest before closing */
         struct conn *next, *prev;
 };
@@ -83,6 +95,11 @@ static void conn_free(struct conn *c) {
                 c->ctl->conns = c->next;
         cloud_request_cancel(TAKE_PTR(c->register_call));
         oauth_logout_cancel(TAKE_PTR(c->logout_op));
+        dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
+        /* The client hung up (Ctrl-C on iothubctl bulb pair): the window closes with it. */
+        pair_window_close(TAKE_PTR(c->pair_window));
+        json_decref(c->dynsec_reply);
+        explicit_bzero(c->broker_password, sizeof c->broker_password);
         c->io = sd_event_source_disable_unref(c->io);
         c->timer = sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0)
@@ -93,6 +110,8 @@ static void conn_free(struct conn *c) {
         if (c->ctl->wait_conn == c)
                 c->ctl->wait_conn = NULL;
         free(c->in);
+        if (c->out) /* may hold a broker password */
+                explicit_bzero(c->out, c->out_len);
         free(c->out);
         free(c);
 }
@@ -153,50 +172,140 @@ static const char *req_string(json_t *req, const char *key, size_t max) {
         return control_request_string(req, key, max);
 }
 
+static int conn_set_reply(struct conn *c, json_t *reply);
+
+/* The plugin's answer for a bulb add or remove: completes the reply kept in the connection. */
+static void on_dynsec_done(void *userdata, int r, const char *error) {
+        struct conn *c = userdata;
+        json_t *reply = TAKE_PTR(c->dynsec_reply), *broker;
+
+        c->dynsec_op = NULL; /* freed by dynsec after this call */
+        broker = r < 0 ? json_pack("{s:b,s:s}", "ok", 0, "error", error ? error : strerror(-r))
+                       : json_pack("{s:b}", "ok", 1);
+        if (reply && broker)
+                (void) json_object_set_new(reply, "broker", broker);
+        else
+                json_decref(broker);
+        if (reply && r >= 0 && c->broker_password[0])
+                (void) json_object_set_new(reply, "broker_password", json_string(c->broker_password));
+        explicit_bzero(c->broker_password, sizeof c->broker_password);
+        c->pending = false;
+        if (conn_set_reply(c, reply) < 0)
+                conn_free(c);
+}
+
+/* Hands the reply to the broker step of a bulb add or remove: PENDING while the plugin works,
+ * the reply with the reason when the request could not even be sent. */
+static json_t *dynsec_reply_later(struct conn *conn, json_t *reply, int r) {
+        if (r >= 0) {
+                conn->dynsec_reply = reply;
+                return CONTROL_PENDING;
+        }
+        explicit_bzero(conn->broker_password, sizeof conn->broker_password);
+        if (reply)
+                (void) json_object_set_new(
+                        reply, "broker",
+                        json_pack("{s:b,s:s}", "ok", 0, "error",
+                                  r == -ENOTCONN ? "not connected to the broker: repaired at the next connection"
+                                                 : strerror(-r)));
+        return reply;
+}
+
 static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
         const struct iothub_conf *conf = ctl->hub->conf;
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
         const char *cert = req_string(req, "cert", CONTROL_PEM_MAX);
-        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
-        _cleanup_free_ char *spki = NULL, *err = NULL;
-        char cn[DEVICE_ID_MAX + 1];
-        enum frame_alg alg;
+        bool want_password = json_is_true(json_object_get(req, "broker_password"));
+        _cleanup_free_ char *err = NULL;
+        struct bulb *b;
         int r;
 
-        if (!!pem == !!cert)
-                return error_reply("give exactly one of a public key or a certificate");
-        if (cert) {
-                if (!conf->bulbs.ca_file)
-                        return error_reply("[bulbs] ca_file is not set in %s: cannot check certificates",
-                                           conf->path);
-                r = verify_key_from_cert(cert, strlen(cert), conf->bulbs.ca_file, &k, &alg, cn, &err);
-                if (r < 0)
-                        return error_reply("certificate refused: %s", err ? err : strerror(-r));
-                if (id && !streq(id, cn))
-                        return error_reply("device id '%s' does not match the certificate's '%s'", id, cn);
-                id = cn;
-                r = verify_key_to_pem(k, &spki);
-                if (r < 0)
-                        return error_reply("cannot export key: %s", strerror(-r));
-                pem = spki;
-        }
-        if (!id || !device_id_is_valid(id, strlen(id)))
-                return error_reply("invalid device id: 1 to 64 of [A-Za-z0-9._-], not starting with '.'");
-        r = registry_add(ctl->hub->registry, id, pem, strlen(pem));
-        if (r == -EEXIST)
-                return error_reply("bulb %s is already enrolled (remove it first to change its key)", id);
-        if (r == -EOPNOTSUPP)
-                return error_reply("unsupported key type: only P-256 (ES256) and Ed25519 (EdDSA) keys");
-        if (r == -EINVAL)
-                return error_reply("not a valid PEM public key");
+        if (want_password && !ctl->hub->dynsec)
+                return error_reply("[broker] dynsec is off in %s: the hub keeps no broker clients", conf->path);
+        /* Checked before enrolling: a password that cannot be set now could never be shown. */
+        if (want_password && !dynsec_ready(ctl->hub->dynsec))
+                return error_reply("not connected to the broker: cannot create the bulb's broker password now");
+        r = enrol_bulb(ctl->hub, id, pem, cert, &b, &err);
         if (r < 0)
-                return error_reply("cannot enrol %s: %s", id, strerror(-r));
-        struct bulb *b = registry_find(ctl->hub->registry, id);
-        log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
-                  b ? frame_alg_to_string(b->alg) : "?");
-        cloud_devices_changed(ctl->hub->cloud);
-        return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
+                return error_reply("%s", err ? err : strerror(-r));
+        json_t *reply = json_pack("{s:b,s:o}", "ok", 1, "bulb", bulb_to_json(b));
+        if (!ctl->hub->dynsec)
+                return reply;
+        if (want_password && (r = dynsec_password_new(conn->broker_password)) < 0)
+                return dynsec_reply_later(conn, reply, r);
+        r = dynsec_bulb_create(ctl->hub->dynsec, b->id, want_password ? conn->broker_password : NULL, on_dynsec_done,
+                               conn, &conn->dynsec_op);
+        return dynsec_reply_later(conn, reply, r);
+}
+
+/* Appends one line for the client of a streaming request (bulb pair) and lets the loop send it.
+ * A line that cannot be queued is dropped: the final answer still comes. */
+static void conn_stream_line(struct conn *c, json_t *line) {
+        _cleanup_free_ char *s = line ? json_dumps(line, JSON_COMPACT) : NULL;
+        size_t len;
+        char *t;
+
+        json_decref(line);
+        if (!s)
+                return;
+        len = strlen(s);
+        if (c->out_len - c->out_off + len + 1 > CONTROL_STREAM_BUFFER_MAX)
+                return; /* a client that does not read: bounded, the rest is dropped */
+        t = realloc(c->out, c->out_len + len + 1);
+        if (!t)
+                return;
+        c->out = t;
+        memcpy(c->out + c->out_len, s, len);
+        c->out[c->out_len + len] = '\n';
+        c->out_len += len + 1;
+        (void) sd_event_source_set_io_events(c->io, EPOLLIN | EPOLLOUT);
+}
+
+static void on_pair_event(void *userdata, json_t *event) {
+        conn_stream_line(userdata, event);
+}
+
+static void on_pair_closed(void *userdata, json_t *summary) {
+        struct conn *c = userdata;
+
+        c->pair_window = NULL; /* freed by pair.c after this call */
+        c->stream = false;
+        c->pending = false;
+        if (summary)
+                (void) json_object_set_new(summary, "ok", json_true());
+        if (conn_set_reply(c, summary) < 0)
+                conn_free(c);
+}
+
+static json_t *handle_bulb_pair(struct control *ctl, struct conn *conn, json_t *req) {
+        json_t *v = json_object_get(req, "for");
+        json_int_t seconds = PAIR_WINDOW_DEFAULT_S;
+        int r;
+
+        if (v && !json_is_integer(v))
+                return error_reply("\"for\" is not a number of seconds");
+        if (v)
+                seconds = json_integer_value(v);
+        if (seconds < 1 || seconds > PAIR_WINDOW_MAX_S)
+                return error_reply("a pairing window lasts 1 to %d seconds", PAIR_WINDOW_MAX_S);
+        if (!ctl->hub->conf->bulbs.ca_file)
+                return error_reply("[bulbs] ca_file is not set in %s: pairing checks certificates against it",
+                                   ctl->hub->conf->path);
+        conn->stream = true; /* the "open" line comes from inside pair_open() */
+        r = pair_open(ctl->hub->pair, (unsigned) seconds,
+                      &(struct pair_window_cb){ .event = on_pair_event, .closed = on_pair_closed }, conn,
+                      &conn->pair_window);
+        if (r < 0) {
+                conn->stream = false;
+                free(conn->out);
+                conn->out = NULL;
+                conn->out_len = conn->out_off = 0;
+                if (r == -EBUSY)
+                        return error_reply("a pairing window is open already");
+                return error_reply("cannot open a pairing window: %s", strerror(-r));
+        }
+        return CONTROL_PENDING;
 }
 
 static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t *req) {
@@ -213,10 +322,12 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
         if (r > 0 || r == 0)
                 cloud_devices_changed(ctl->hub->cloud);
-        return json_pack("{s:b}", "ok", 1);
+        if (!ctl->hub->dynsec)
+                return json_pack("{s:b}", "ok", 1);
+        /* The plugin disconnects the bulb when its client goes. */
+        r = dynsec_bulb_delete(ctl->hub->dynsec, id, on_dynsec_done, conn, &conn->dynsec_op);
+        return dynsec_reply_later(conn, json_pack("{s:b}", "ok", 1), r);
 }
-
-static int conn_set_reply(struct conn *c, json_t *reply);
 
 /* The cloud's answer to a register request. The connection waits for it (its own deadline
  * does not apply while it waits): the cloud's request timeout always ends in this call. */
@@ -370,6 +481,7 @@ static const struct {
         { "bulb-list", handle_bulb_list },
         { "bulb-add", handle_bulb_add },
         { "bulb-remove", handle_bulb_remove },
+        { "bulb-pair", handle_bulb_pair },
         { "register", handle_register },
         { "login", handle_login },
         { "login-wait", handle_login_wait },
@@ -418,7 +530,10 @@ static int conn_set_reply(struct conn *c, json_t *reply) {
                 return 0;
         if (reply == CONTROL_PENDING) {
                 c->pending = true;
-                /* Stop reading; the answer comes from conn_reply_later(). */
+                /* Stop reading; the answer comes from conn_reply_later(). A stream watches for
+                 * the client hanging up, and sends what is queued. */
+                if (c->stream)
+                        return sd_event_source_set_io_events(c->io, EPOLLIN | (c->out ? EPOLLOUT : 0));
                 return sd_event_source_set_io_events(c->io, 0);
         }
         if (!reply)
@@ -427,6 +542,21 @@ static int conn_set_reply(struct conn *c, json_t *reply) {
         json_decref(reply);
         if (!s)
                 return -ENOMEM;
+        if (c->out) {
+                /* After streamed lines not all sent yet: the answer is the last line. */
+                size_t len = strlen(s);
+                char *t = realloc(c->out, c->out_len + len + 1);
+                if (!t) {
+                        free(s);
+                        return -ENOMEM;
+                }
+                c->out = t;
+                memcpy(c->out + c->out_len, s, len);
+                c->out[c->out_len + len] = '\n';
+                c->out_len += len + 1;
+                free(s);
+                return sd_event_source_set_io_events(c->io, EPOLLOUT);
+        }
         /* json_dumps() allocated strlen+1 bytes: the NUL becomes the line's newline. */
         c->out_len = strlen(s) + 1;
         c->out = s;
@@ -459,6 +589,14 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         return 0;
                 }
         }
+        if (c->stream && !c->out && (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+                /* A streaming client sends nothing more: EOF or an error is its hang-up. */
+                char sink[256];
+                n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+                if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+                        conn_free(c);
+                return 0;
+        }
         /* On a hang-up the send fails and the connection is freed. */
         if (c->out && (revents & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
                 n = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -469,6 +607,15 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         return 0;
                 }
                 c->out_off += (size_t) n;
+                if (c->out_off >= c->out_len && c->stream) {
+                        /* Streamed lines sent; more come, and then the answer. */
+                        free(c->out);
+                        c->out = NULL;
+                        c->out_len = c->out_off = 0;
+                        if (sd_event_source_set_io_events(c->io, EPOLLIN) < 0)
+                                conn_free(c);
+                        return 0;
+                }
                 if (c->out_off >= c->out_len) {
                         if (!c->draining) {
                                 conn_free(c);
@@ -640,6 +787,31 @@ void control_free(struct control *ctl) {
 }
 
 int control_call(const char *path, json_t *request, json_t **ret) {
+        return control_call_stream(path, request, NULL, NULL, ret);
+}
+
+/* Hands complete "event" lines at the start of buf to on_line and drops them from buf. */
+static void stream_lines(char *buf, size_t *len, void (*on_line)(void *userdata, json_t *line), void *userdata) {
+        char *nl;
+
+        while ((nl = memchr(buf, '\n', *len))) {
+                size_t n = (size_t) (nl - buf) + 1;
+                json_t *line = NULL;
+
+                if (control_parse_reply(buf, n - 1, &line) < 0 || !json_object_get(line, "event")) {
+                        /* Not an event: the answer, read to the end. */
+                        json_decref(line);
+                        return;
+                }
+                on_line(userdata, line);
+                json_decref(line);
+                memmove(buf, buf + n, *len - n);
+                *len -= n;
+        }
+}
+
+int control_call_stream(const char *path, json_t *request, void (*on_line)(void *userdata, json_t *line),
+                        void *userdata, json_t **ret) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *req = NULL, *buf = NULL;
@@ -691,6 +863,8 @@ int control_call(const char *path, json_t *request, json_t **ret) {
                 if (n == 0)
                         break;
                 len += (size_t) n;
+                if (on_line)
+                        stream_lines(buf, &len, on_line, userdata);
         }
         return control_parse_reply(buf, len, ret);
 }

@@ -13,6 +13,7 @@
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
 #include "iothub/control.h"
+#include "iothub/dynsec.h"
 #include "iothub/http.h"
 #include "iothub/hubkey.h"
 #include "iothub/hub.h"
@@ -20,6 +21,7 @@
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/oauth.h"
+#include "iothub/pair.h"
 #include "iothub/spool.h"
 
 #define EXIT_CONFIG 78
@@ -31,6 +33,17 @@
 #define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
+        struct hub *h = userdata;
+
+        /* The broker's answers to the hub's dynamic security requests are not frames. */
+        if (dynsec_is_response_topic(topic)) {
+                dynsec_on_message(h->dynsec, payload, len);
+                return;
+        }
+        if (pair_is_hello_topic(h->pair, topic)) {
+                pair_on_hello(h->pair, topic, payload, len);
+                return;
+        }
         ingest_message(userdata, topic, payload, len);
 }
 
@@ -43,6 +56,7 @@ static void on_mqtt_connected(void *userdata, bool connected) {
 
         hub_notify_status(h);
         ack_connected(h->ack, connected);
+        dynsec_connected(h->dynsec, connected);
         if (connected)
                 commands_kick(h->commands);
 }
@@ -128,6 +142,10 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         }
         r = ack_status_json(h->ack, o);
+        if (r >= 0)
+                r = dynsec_status_json(h->dynsec, o);
+        if (r >= 0)
+                r = pair_status_json(h->pair, o);
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
         if (r >= 0)
@@ -329,6 +347,8 @@ static int hub_reload(struct hub *h) {
         keep_string("key", "file", &n->key.file, &o->key.file);
         keep_string("cloud", "url", &n->cloud.url, &o->cloud.url);
         keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
+        KEEP_NUMBER("broker", "dynsec", n->broker.dynsec, o->broker.dynsec);
+        KEEP_NUMBER("broker", "timeout_s", n->broker.timeout_s, o->broker.timeout_s);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
         h->conf = TAKE_PTR(n);
         n = o;
@@ -345,6 +365,15 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 static void hub_done(struct hub *h) {
         (void) ingest_commit(h);
+        /* First the control connections: they own requests into the modules below (a pairing
+         * window, broker requests), which must be cancelled while those modules still exist. */
+        control_free(h->control);
+        h->control = NULL;
+        pair_free(h->pair); /* cancels its broker requests */
+        h->pair = NULL;
+        /* Before the connection it talks over; NULL, as mqtt_free() still reports the disconnect. */
+        dynsec_free(h->dynsec);
+        h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
         commands_free(h->commands);
@@ -354,7 +383,6 @@ static void hub_done(struct hub *h) {
         hubkey_free(h->hubkey);
         sd_event_source_disable_unref(h->key_timer);
         free(h->key_error);
-        control_free(h->control);
         sd_event_source_disable_unref(h->sigterm);
         sd_event_source_disable_unref(h->sigint);
         sd_event_source_disable_unref(h->sighup);
@@ -477,6 +505,25 @@ int hub_run(const char *config_path, int log_level_override) {
         if (r < 0) {
                 log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
                 goto out;
+        }
+        {
+                _cleanup_free_ char *hello = strdup_printf("%s/+/hello", h.conf->mqtt.topic_prefix);
+                r = hello ? pair_new(&h, &h.pair) : -ENOMEM;
+                if (r >= 0)
+                        r = mqtt_subscribe(h.mqtt, hello);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to set up pairing: %m");
+                        goto out;
+                }
+        }
+        if (h.conf->broker.dynsec) {
+                r = dynsec_new(h.event, h.conf, h.mqtt, h.registry, &h.dynsec);
+                if (r >= 0)
+                        r = mqtt_subscribe(h.mqtt, DYNSEC_RESPONSE_TOPIC);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to set up the broker's dynamic security: %m");
+                        goto out;
+                }
         }
         if (sd_watchdog_enabled(false, &h.watchdog_usec) > 0 && h.watchdog_usec > 0) {
                 r = sd_event_add_time_relative(h.event, &h.watchdog, CLOCK_MONOTONIC, h.watchdog_usec / 2, 0,

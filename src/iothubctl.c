@@ -31,8 +31,10 @@ static int usage(void) {
                         "  doctor                            check the set-up, name the first thing to fix\n"
                         "  bulb add ID --key PUBKEY.pem      enrol a bulb (P-256 or Ed25519 key)\n"
                         "  bulb add [ID] --cert CERT.pem     enrol from a device certificate\n"
+                        "    [--broker-password]             also a broker password for the bulb, shown once\n"
                         "  bulb list                         enrolled bulbs\n"
                         "  bulb remove ID                    revoke a bulb at once\n"
+                        "  bulb pair [--for SECONDS]         let bulbs enrol with their certificates (max 300 s)\n"
                         "  key init                          create the hub key (never replaces one)\n"
                         "  key show [--pem | --jwk]          the hub's public key and key id\n"
                         "  register                          register the hub key with the cloud account\n"
@@ -131,6 +133,21 @@ static int cmd_status(struct ctl *ctl, int argc, char **argv) {
                (long long) geti(st, "spool", "bytes"));
         printf("Bulbs:     %lld enrolled, %lld revoked\n", (long long) geti(st, "bulbs", "enrolled"),
                (long long) geti(st, "bulbs", "revoked"));
+        {
+                json_t *b = json_object_get(st, "broker");
+                const char *e = json_string_value(json_object_get(b, "last_error"));
+                if (json_is_true(json_object_get(b, "enabled")))
+                        printf("Broker:    bulb clients %s; %lld created, %lld deleted by repairs%s%s\n",
+                               json_is_true(json_object_get(b, "in_sync")) ? "in sync" : "NOT in sync",
+                               (long long) geti(st, "broker", "created"), (long long) geti(st, "broker", "deleted"),
+                               e ? "; " : "", e ? e : "");
+                json_t *p = json_object_get(st, "pair");
+                if (p)
+                        printf("Pairing:   window %s; %lld enrolled, %lld refused; %lld hellos outside a window\n",
+                               json_is_true(json_object_get(p, "window_open")) ? "open" : "closed",
+                               (long long) geti(st, "pair", "enrolled"), (long long) geti(st, "pair", "refused"),
+                               (long long) geti(st, "pair", "hellos_outside_window"));
+        }
         if (json_is_true(json_object_get(json_object_get(st, "cloud"), "configured"))) {
                 json_t *cl = json_object_get(st, "cloud"), *key = json_object_get(st, "key");
                 const char *e = json_string_value(json_object_get(cl, "last_error"));
@@ -173,11 +190,14 @@ static int read_pem(const char *path, char **ret) {
 static int cmd_bulb_add(struct ctl *ctl, int argc, char **argv) {
         const char *id = NULL, *key = NULL, *cert = NULL;
         _cleanup_free_ char *pem = NULL;
-        json_t *resp = NULL, *req;
+        json_t *resp = NULL, *req, *broker;
+        bool broker_password = false;
         int r;
 
         for (int i = 0; i < argc; i++) {
-                if (streq(argv[i], "--key") && i + 1 < argc)
+                if (streq(argv[i], "--broker-password"))
+                        broker_password = true;
+                else if (streq(argv[i], "--key") && i + 1 < argc)
                         key = argv[++i];
                 else if (streq(argv[i], "--cert") && i + 1 < argc)
                         cert = argv[++i];
@@ -196,15 +216,34 @@ static int cmd_bulb_add(struct ctl *ctl, int argc, char **argv) {
         req = json_pack("{s:s,s:s}", "cmd", "bulb-add", key ? "key" : "cert", pem);
         if (req && id)
                 (void) json_object_set_new(req, "id", json_string(id));
+        if (req && broker_password)
+                (void) json_object_set_new(req, "broker_password", json_true());
         r = call(ctl, req, &resp);
         if (r != 0)
                 return r;
+        broker = json_object_get(resp, "broker");
         if (ctl->json)
                 print_json(resp);
-        else
-                printf("Enrolled %s\n", json_string_value(json_object_get(json_object_get(resp, "bulb"), "id")));
+        else {
+                const char *bid = json_string_value(json_object_get(json_object_get(resp, "bulb"), "id"));
+                const char *pw = json_string_value(json_object_get(resp, "broker_password"));
+                printf("Enrolled %s\n", bid);
+                if (json_is_true(json_object_get(broker, "ok")))
+                        printf("Broker client %s created\n", bid);
+                /* Shown here once: the hub keeps no copy, the broker only a salted hash. */
+                if (pw)
+                        printf("Broker user name: %s\nBroker password:  %s\n(shown once: give it to the bulb now)\n",
+                               bid, pw);
+        }
+        /* The password must not linger in this process either. */
+        json_t *pwv = json_object_get(resp, "broker_password");
+        if (json_is_string(pwv))
+                explicit_bzero((char *) json_string_value(pwv), json_string_length(pwv));
+        if (broker && !json_is_true(json_object_get(broker, "ok")))
+                r = fail("enrolled, but the broker client was not created: %s",
+                         json_string_value(json_object_get(broker, "error")) ?: "unknown error");
         json_decref(resp);
-        return 0;
+        return r;
 }
 
 static int cmd_bulb_list(struct ctl *ctl, int argc, char **argv) {
@@ -241,10 +280,76 @@ static int cmd_bulb_remove(struct ctl *ctl, int argc, char **argv) {
         r = call(ctl, json_pack("{s:s,s:s}", "cmd", "bulb-remove", "id", argv[0]), &resp);
         if (r != 0)
                 return r;
+        json_t *broker = json_incref(json_object_get(resp, "broker"));
         if (ctl->json)
                 print_json(resp);
         else
-                printf("Revoked %s\n", argv[0]);
+                printf("Revoked %s%s\n", argv[0],
+                       json_is_true(json_object_get(broker, "ok")) ? "; its broker client is deleted" : "");
+        json_decref(resp);
+        if (broker && !json_is_true(json_object_get(broker, "ok"))) {
+                r = fail("revoked, but the broker client was not deleted: %s",
+                         json_string_value(json_object_get(broker, "error")) ?: "unknown error");
+                json_decref(broker);
+                return r;
+        }
+        json_decref(broker);
+        return 0;
+}
+
+static void on_pair_line(void *userdata, json_t *line) {
+        struct ctl *ctl = userdata;
+
+        if (ctl->json) {
+                json_dumpf(line, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+        } else
+                printf("%s\n", json_string_value(json_object_get(line, "message")) ?: "?");
+        /* As it happens: a pipe to another program sees each line at once. */
+        fflush(stdout);
+}
+
+static int cmd_bulb_pair(struct ctl *ctl, int argc, char **argv) {
+        _cleanup_free_ char *path = NULL;
+        json_int_t seconds = 60;
+        json_t *req, *resp = NULL;
+        int r;
+
+        for (int i = 0; i < argc; i++) {
+                if (streq(argv[i], "--for") && i + 1 < argc) {
+                        char *end;
+                        errno = 0;
+                        long v = strtol(argv[++i], &end, 10);
+                        if (errno || *end || end == argv[i] || v < 1 || v > 300)
+                                return fail("--for: '%s' is not a number of seconds from 1 to 300", argv[i]);
+                        seconds = v;
+                } else
+                        return usage();
+        }
+        if (asprintf(&path, "%s/%s", ctl->conf->hub.runtime_dir, CONTROL_SOCKET_NAME) < 0)
+                return fail("out of memory");
+        req = json_pack("{s:s,s:I}", "cmd", "bulb-pair", "for", seconds);
+        if (!req)
+                return fail("out of memory");
+        r = control_call_stream(path, req, on_pair_line, ctl, &resp);
+        json_decref(req);
+        if (r == -ENOENT || r == -ECONNREFUSED) {
+                fprintf(stderr, "iothubctl: the daemon is not running (no socket at %s)\n", path);
+                return EXIT_UNAVAILABLE;
+        }
+        if (r < 0)
+                return fail("%s: %s", path, strerror(-r));
+        if (!json_is_true(json_object_get(resp, "ok"))) {
+                const char *e = json_string_value(json_object_get(resp, "error"));
+                fail("%s", e ? e : "the daemon refused the request");
+                json_decref(resp);
+                return 1;
+        }
+        if (ctl->json)
+                print_json(resp);
+        else
+                printf("Pairing window closed: %zu enrolled, %lld refused\n",
+                       json_array_size(json_object_get(resp, "enrolled")), (long long) geti(resp, "refused", NULL));
         json_decref(resp);
         return 0;
 }
@@ -556,6 +661,8 @@ int main(int argc, char *argv[]) {
                 r = cmd_bulb_add(&ctl, n - 2, args + 2);
         else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "list"))
                 r = cmd_bulb_list(&ctl, n - 2, args + 2);
+        else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "pair"))
+                r = cmd_bulb_pair(&ctl, n - 2, args + 2);
         else if (streq(args[0], "bulb") && n >= 2 && streq(args[1], "remove"))
                 r = cmd_bulb_remove(&ctl, n - 2, args + 2);
         else if (streq(args[0], "key") && n >= 2 && streq(args[1], "init"))

@@ -16,6 +16,7 @@
 #define MQTT_MISC_INTERVAL_USEC (1000 * UINT64_C(1000))
 #define MQTT_PASSWORD_MAX 1024
 #define MQTT_READ_BURST_MAX 512 /* packets handled per wake-up, then the loop runs others */
+#define MQTT_EXTRA_SUBS_MAX 4    /* topics beyond <prefix>/+/status (dynsec answers, pairing) */
 
 struct mqtt {
         sd_event *event;
@@ -26,6 +27,8 @@ struct mqtt {
         char *host;
         int port, keepalive;
         char *sub_topic;
+        char *extra_subs[MQTT_EXTRA_SUBS_MAX];
+        size_t n_extra_subs;
         bool connected;
         unsigned reconnect_failures; /* since the last accepted connection */
 };
@@ -239,6 +242,11 @@ static void on_connect(struct mosquitto *mosq, void *userdata, int rc) {
         r = mqtt_errno(mosquitto_subscribe(mosq, NULL, m->sub_topic, 1));
         if (r < 0)
                 log_error_errno(r, "Failed to subscribe to %s: %m", m->sub_topic);
+        for (size_t i = 0; i < m->n_extra_subs; i++) {
+                r = mqtt_errno(mosquitto_subscribe(mosq, NULL, m->extra_subs[i], 1));
+                if (r < 0)
+                        log_error_errno(r, "Failed to subscribe to %s: %m", m->extra_subs[i]);
+        }
         log_event(LOG_INFO, 0, IOTHUB_MID_MQTT_CONNECTED, NULL, NULL, "Connected to MQTT broker %s:%d",
                   m->host, m->port);
         mqtt_set_connected(m, true);
@@ -369,6 +377,27 @@ fail:
         return r;
 }
 
+int mqtt_subscribe(struct mqtt *m, const char *topic) {
+        char *t;
+        int r;
+
+        if (m->n_extra_subs >= MQTT_EXTRA_SUBS_MAX)
+                return -E2BIG;
+        t = strdup(topic);
+        if (!t)
+                return -ENOMEM;
+        if (m->connected) {
+                r = mqtt_errno(mosquitto_subscribe(m->mosq, NULL, t, 1));
+                if (r < 0) {
+                        free(t);
+                        return r;
+                }
+                mqtt_update_events(m);
+        }
+        m->extra_subs[m->n_extra_subs++] = t;
+        return 0;
+}
+
 bool mqtt_is_connected(const struct mqtt *m) {
         return m && m->connected;
 }
@@ -389,5 +418,7 @@ void mqtt_free(struct mqtt *m) {
         sd_event_unref(m->event);
         free(m->host);
         free(m->sub_topic);
+        for (size_t i = 0; i < m->n_extra_subs; i++)
+                free(m->extra_subs[i]);
         free(m);
 }

@@ -2,6 +2,7 @@
 /* The configuration file /etc/iothub.conf (DESIGN.md "Configuration"), parsed with libinih. */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "iothub/util.h"
@@ -61,6 +62,10 @@ struct iothub_conf {
         struct {
                 char *ca_file;
         } bulbs;
+        struct {
+                bool dynsec;        /* keep per-bulb broker clients through the dynamic security plugin */
+                unsigned timeout_s; /* bound of one request to the plugin */
+        } broker;
         struct {
                 uint64_t max_bytes;
         } spool;

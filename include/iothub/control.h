@@ -17,6 +17,7 @@
 #define CONTROL_MAX_CLIENTS 16
 #define CONTROL_CMD_MAX 64                     /* bytes of a request's "cmd" */
 #define CONTROL_TIMEOUT_USEC (5 * UINT64_C(1000000))
+#define CONTROL_STREAM_BUFFER_MAX (256 * 1024)   /* streamed lines queued for a slow client */
 
 struct control;
 
@@ -44,3 +45,8 @@ int control_parse_reply(const char *buf, size_t len, json_t **ret);
 /* Client side, for iothubctl: sends 'request' to the socket at path and returns the parsed
  * response. Returns 0, -ECONNREFUSED/-ENOENT when no daemon listens, other negative errno. */
 int control_call(const char *path, json_t *request, json_t **ret);
+/* The same for a streaming request (bulb-pair): every line before the answer is an object with an
+ * "event" member, handed to on_line as it arrives (the callee does not keep the reference); the
+ * answer, the last line, in *ret. */
+int control_call_stream(const char *path, json_t *request, void (*on_line)(void *userdata, json_t *line),
+                        void *userdata, json_t **ret);

@@ -19,6 +19,8 @@ struct http;
 struct oauth;
 struct commands;
 struct ack;
+struct dynsec;
+struct pair;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -64,6 +66,8 @@ struct hub {
         struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
         struct ack *ack;           /* end-to-end acks to the bulbs */
+        struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
+        struct pair *pair;         /* pairing windows (hello messages) */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         sd_event_source *key_timer; /* retries opening the key while it cannot be */
         uint64_t key_retry_usec;    /* the next retry's delay */

@@ -27,6 +27,9 @@ struct mqtt_callbacks {
 int mqtt_new(sd_event *e, const struct iothub_conf *conf, const struct mqtt_callbacks *cb, void *userdata,
              struct mqtt **ret, char **ret_error);
 bool mqtt_is_connected(const struct mqtt *m);
+/* Adds a topic (QoS 1) to the subscriptions made at every connection, and subscribes now when
+ * connected. At most 4 such topics. Returns 0 or a negative errno. */
+int mqtt_subscribe(struct mqtt *m, const char *topic);
 
 /* Publishes one message, not retained. Returns 0 and the message id in *ret_mid (for the
  * published() callback), -ENOTCONN when not connected, other negative errno. */

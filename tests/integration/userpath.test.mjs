@@ -371,7 +371,7 @@ test('man pages: every iothubctl command is documented, none called unimplemente
     assert.doesNotMatch(text, /not yet implemented|in this version/i, `${name}: a stale claim`);
   const help = await new Promise((resolve) => execFile(IOTHUBCTL, ['--help'], { encoding: 'utf8' },
     (err, stdout, stderr) => resolve(stdout + stderr)));
-  const cmds = [...help.matchAll(/^ {2}([a-z]+(?: (?:add|list|remove|init|show))?)\s/gm)].map((m) => m[1]);
+  const cmds = [...help.matchAll(/^ {2}([a-z]+(?: (?:add|list|remove|pair|init|show))?)\s/gm)].map((m) => m[1]);
   assert.ok(cmds.length >= 10, help);
   const synopsis = pages.ctl.slice(pages.ctl.indexOf('# SYNOPSIS'), pages.ctl.indexOf('# DESCRIPTION'));
   const commands = pages.ctl.slice(pages.ctl.indexOf('# COMMANDS'), pages.ctl.indexOf('# ACCESS'));

@@ -120,7 +120,7 @@ static int load(const char *text, struct iothub_conf **ret, char **ret_error, ch
 }
 
 /* The test's own list of the keys, written from DESIGN.md and the brief, not from conf.c's table. */
-enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP, ATTEST };
+enum kind { STR, U16, UINT, HANDLE, RATE, SIZE, BACKEND, DPOP, ATTEST, BOOL };
 struct key_info {
         const char *section;
         const char *name;
@@ -162,6 +162,8 @@ static const struct key_info keys[] = {
         K("frames", "rate_per_device", frames.rate_per_device, RATE),
         K("bulbs", "ca_file", bulbs.ca_file, STR),
         K("spool", "max_bytes", spool.max_bytes, SIZE),
+        K("broker", "dynsec", broker.dynsec, BOOL),
+        K("broker", "timeout_s", broker.timeout_s, UINT),
 };
 
 static const struct key_info *key_info_find(const char *section, const char *name) {
@@ -204,6 +206,9 @@ static char *value_str(const struct iothub_conf *c, const struct key_info *k) {
                 break;
         case ATTEST:
                 n = asprintf(&s, "%s", attest_mode_to_string(*(const enum attest_mode *) p));
+                break;
+        case BOOL:
+                n = asprintf(&s, "%s", *(const bool *) p ? "on" : "off");
                 break;
         }
         assert_true(n >= 0);
@@ -279,7 +284,9 @@ static int setup(void **state) {
         "[frames] max_clock_skew_s = 300\n"                                                                 \
         "[frames] rate_per_device = 5\n"                                                                    \
         "[bulbs] ca_file = (unset)\n"                                                                       \
-        "[spool] max_bytes = 268435456\n"
+        "[spool] max_bytes = 268435456\n"                                                                   \
+        "[broker] dynsec = off\n"                                                                            \
+        "[broker] timeout_s = 5\n"
 
 static void test_defaults(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
@@ -360,7 +367,11 @@ static void test_full_file(void **state) {
                                    "ca_file = /etc/iothub/bulb-ca.pem\n"
                                    "\n"
                                    "[spool]\n"
-                                   "max_bytes = 1G\n";
+                                   "max_bytes = 1G\n"
+                                   "\n"
+                                   "[broker]\n"
+                                   "dynsec = on\n"
+                                   "timeout_s = 10\n";
         static const char expected[] = "[hub] id = living-room.hub_1\n"
                                        "[hub] state_dir = /srv/iothub/state\n"
                                        "[hub] runtime_dir = /srv/iothub/run\n"
@@ -392,7 +403,9 @@ static void test_full_file(void **state) {
                                        "[frames] max_clock_skew_s = 60\n"
                                        "[frames] rate_per_device = 0.5\n"
                                        "[bulbs] ca_file = /etc/iothub/bulb-ca.pem\n"
-                                       "[spool] max_bytes = 1073741824\n";
+                                       "[spool] max_bytes = 1073741824\n"
+                                       "[broker] dynsec = on\n"
+                                       "[broker] timeout_s = 10\n";
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *d = NULL, *err = NULL;
 
@@ -482,6 +495,10 @@ static void test_good_values(void **state) {
                 { "spool", "max_bytes = 64G", "max_bytes", "68719476736" },
                 { "spool", "max_bytes = 65536K", "max_bytes", "67108864" },
                 { "spool", "max_bytes = 68719476736", "max_bytes", "68719476736" },
+                { "broker", "dynsec = on", "dynsec", "on" },
+                { "broker", "dynsec = off", "dynsec", "off" },
+                { "broker", "timeout_s = 1", "timeout_s", "1" },
+                { "broker", "timeout_s = 60", "timeout_s", "60" },
         };
 
         for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
