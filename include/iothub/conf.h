@@ -41,6 +41,8 @@ struct iothub_conf {
                 unsigned batch_max_delay_ms;
                 unsigned timeout_s;
                 char *bearer_token_file;
+                char *command_key_file;      /* the vendor's command key, PEM P-256 (PROTOCOL.md 5) */
+                unsigned events_interval_s;  /* security events: one POST per interval at most */
         } cloud;
         struct {
                 char *issuer;
