@@ -49,6 +49,7 @@
 #include "db-internal.h"
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
+#include "iothub/events.h"
 #include "iothub/frame.h"
 #include "iothub/hubkey.h"
 #include "iothub/jws.h"
@@ -763,6 +764,8 @@ static void command_finish(struct commands *c, struct command *cmd, enum command
 
 static void command_reject(struct commands *c, struct command *cmd, enum command_reason reason, const char *why) {
         c->counters.rejected_by[reason]++;
+        if (reason == COMMAND_BAD_SIGNATURE)
+                events_note(c->hub->events, EVENT_COMMAND_REJECTED, "bad_signature", cmd->dev, 1);
         command_finish(c, cmd, CMD_REJECTED, now_s(), command_reason_to_string(reason));
         if (log_allowed(c))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_REJECTED, cmd->dev[0] ? cmd->dev : NULL,
@@ -994,6 +997,7 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
                 if (r > 0 && !sig_ok) {
                         c->counters.rejected++;
                         c->counters.rejected_by[COMMAND_BAD_SIGNATURE]++;
+                        events_note(h->events, EVENT_COMMAND_REJECTED, "bad_signature", f.dev, 1);
                 }
                 if (r < 0)
                         log_error_errno(r, "Failed to look up command %s, ignoring it for now: %m (%s)", f.id,

@@ -14,6 +14,7 @@
 
 #include "iothub/cloud.h"
 #include "iothub/control.h"
+#include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -196,6 +197,7 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
                   b ? frame_alg_to_string(b->alg) : "?");
         cloud_devices_changed(ctl->hub->cloud);
+        events_note(ctl->hub->events, EVENT_BULB_ENROLLED, NULL, id, 1);
         return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
 }
 
@@ -211,6 +213,7 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
         if (r < 0)
                 return error_reply("cannot revoke %s: %s", id, strerror(-r));
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
+        events_note(ctl->hub->events, EVENT_BULB_REVOKED, NULL, id, 1);
         if (r > 0 || r == 0)
                 cloud_devices_changed(ctl->hub->cloud);
         return json_pack("{s:b}", "ok", 1);
@@ -560,6 +563,8 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (cfd < 0)
                 return 0;
         r = peer_check(cfd, &cred);
+        if (r < 0)
+                events_note(ctl->hub->events, EVENT_CONTROL_REFUSED, NULL, NULL, 1);
         if (r < 0)
                 log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
                           "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,

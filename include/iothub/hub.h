@@ -19,6 +19,7 @@ struct http;
 struct oauth;
 struct commands;
 struct ack;
+struct events;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -64,6 +65,7 @@ struct hub {
         struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
         struct ack *ack;           /* end-to-end acks to the bulbs */
+        struct events *events;     /* security events for the cloud; NULL without [cloud] url */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         sd_event_source *key_timer; /* retries opening the key while it cannot be */
         uint64_t key_retry_usec;    /* the next retry's delay */

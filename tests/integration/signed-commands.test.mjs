@@ -195,3 +195,10 @@ test('alg none, HS256 (keyed with the public key) and a header with crit are rej
     .sign(vendor.privateKey);
   await expectRefused('crit', e, crit);
 });
+
+test('the refusals are security events (command_rejected, bad_signature)', async () => {
+  const refused = (await rejectedReasons()).bad_signature;
+  assert.ok(refused >= 12, `refused ${refused}`);
+  await waitFor(() => cloud.state.events.filter((x) => x.type === 'command_rejected' && x.reason === 'bad_signature')
+    .reduce((n, x) => n + x.count, 0) >= refused, 15000, 'command_rejected events at the cloud');
+});
