@@ -80,7 +80,7 @@ test('a forging bulb: its rejected frames are reported by reason and bulb, with 
   assert.equal(countOf((e) => e.type === 'bulb_enrolled' && e.dev === target.id), 1);
 });
 
-test('a flood: rate limiting raises one urgent flood event, and every rejection is counted', async () => {
+test('a flood: rate limiting raises one urgent flood event, and every rejection is counted', async (t) => {
   const flooder = await Bulb.create('flooder');
   await enrol(flooder);
   const before = (await hub.status()).frames.rejected.rate_limited;
@@ -97,9 +97,12 @@ test('a flood: rate limiting raises one urgent flood event, and every rejection 
   assert.ok(limited > 100, `only ${limited} frames were rate limited`);
   await waitFor(() => countOf((e) => e.type === 'frame_rejected' && e.reason === 'rate_limited' && e.dev === flooder.id) === limited,
     5000 + 2000 * INTERVAL_S, `${limited} rate_limited rejections reported`);
+  const rows = eventsAt((e) => e.type === 'frame_rejected' && e.dev === flooder.id);
+  t.diagnostic(`flood: 300 frames, ${limited} rate_limited, reported in ${rows.length} frame_rejected events + 1 flood event; ` +
+    `flood event ${flood[0].receivedAt - flood[0].at * 1000} ms after its first second`);
 });
 
-test('junk, unknown devices and replays are reported; no event carries a byte of any frame', async () => {
+test('junk, unknown devices and replays are reported; no event carries a byte of any frame', async (t) => {
   const MARKER = 'zq-MARKER-7f3a9c-SECRET';
   const junk = `not.a.jws-${MARKER}`;
   sentFrames.push(junk, MARKER);
@@ -135,6 +138,8 @@ test('junk, unknown devices and replays are reported; no event carries a byte of
   assert.ok(!bodies.includes('"bri":77') && !bodies.includes('"state"') && !bodies.includes('"seq"'));
   // Every body is exactly the contract's shape (the reference cloud checked each strictly).
   for (const b of cloud.state.eventBodies) assert.deepEqual(Object.keys(JSON.parse(b)), ['events']);
+  t.diagnostic(`${cloud.state.eventBodies.length} events POSTs so far, ${bodies.length} bytes, ${cloud.state.events.length} events; ` +
+    `${checked} frame parts searched for`);
 });
 
 test('revocations, a reload and a refused control peer are reported', async () => {
@@ -157,7 +162,7 @@ test('revocations, a reload and a refused control peer are reported', async () =
   assert.match(hub.log, /Refused control connection from pid \d+ uid 65534/);
 });
 
-test('a slow events endpoint never holds up status', async () => {
+test('a slow events endpoint never holds up status', async (t) => {
   const bulb = await Bulb.create('steady');
   await enrol(bulb);
   await cloud.control.fail({ endpoint: 'events', delayMs: 6000, count: -1 });
@@ -170,6 +175,7 @@ test('a slow events endpoint never holds up status', async () => {
   const ms = Date.now() - t0;
   assert.ok(cloud.state.requests.some((q) => q.endpoint === 'events' && q.status === 0), 'the events request is still in flight');
   assert.ok(ms < 2000, `status took ${ms} ms`);
+  t.diagnostic(`a status frame reached the cloud in ${ms} ms while an events POST was parked (batch_max_delay_ms 100)`);
   cloud.control.clearFailures();
 });
 
@@ -190,4 +196,31 @@ test('events the cloud has not taken are spooled and survive a restart of the da
     15000 + 2000 * INTERVAL_S, 'the spooled events after the restart');
   assert.equal(countOf((e) => e.type === 'bulb_enrolled' && e.dev === target.id), 1);
   await waitFor(async () => (await hub.status()).events.spooled === 0, 5000, 'the spool emptied');
+});
+
+test('the event spool is bounded: the oldest events are dropped, counted and reported', async (t) => {
+  await waitFor(async () => (await hub.status()).events.in_flight === 0, 15000, 'no events request in flight');
+  await cloud.control.fail({ endpoint: 'events', status: 503, count: -1 });
+  // Junk from 330 made-up devices per interval: 256 entries with a bulb, the rest in one entry
+  // without; about 257 rows per interval, 9 intervals: more than the 2000 rows the spool keeps.
+  for (let round = 0; round < 9; round++) {
+    await Promise.all(Array.from({ length: 330 }, (_, i) => pub.publishAsync(`${PREFIX}/u${round}x${i}/status`, 'junk', { qos: 1 })));
+    await sleep(INTERVAL_S * 1000 + 300);
+  }
+  await waitFor(async () => (await hub.status()).events.dropped > 0, 5000 + 2000 * INTERVAL_S, 'events dropped at the cap');
+  const st = (await hub.status()).events;
+  assert.ok(st.spooled <= 2000, `spooled ${st.spooled}`);
+  assert.ok(st.spooled >= 1700, `spooled ${st.spooled}`);
+  const before = cloud.state.events.length;
+  await hub.stop();
+  cloud.control.clearFailures();
+  await hub.start();
+  // The backlog goes in consecutive requests of at most 200 events, and the drop is reported.
+  await waitFor(async () => (await hub.status()).events.spooled === 0, 30000, 'the backlog sent');
+  const got = cloud.state.events.length - before;
+  assert.ok(got >= st.spooled, `got ${got} of ${st.spooled}`);
+  assert.equal(countOf((e) => e.type === 'events_dropped' && e.reason === 'spool_full'), st.dropped);
+  assert.ok(eventsAt((e) => e.type === 'frame_rejected' && e.reason === 'malformed' && e.dev === undefined).length > 0,
+    'devices beyond the table counted without their id');
+  t.diagnostic(`spool cap: ${st.spooled} rows kept, ${st.dropped} dropped and reported; ${got} events sent after the restart`);
 });
