@@ -11,7 +11,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import * as jose from 'jose';
-import { Hub, mqttClient, waitFor, sleep, IOTHUBCTL } from './lib/harness.mjs';
+import { Hub, Swtpm, mqttClient, waitFor, sleep, IOTHUBCTL } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
 import { startTestbed, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
@@ -223,4 +223,17 @@ test('the event spool is bounded: the oldest events are dropped, counted and rep
   assert.ok(eventsAt((e) => e.type === 'frame_rejected' && e.reason === 'malformed' && e.dev === undefined).length > 0,
     'devices beyond the table counted without their id');
   t.diagnostic(`spool cap: ${st.spooled} rows kept, ${st.dropped} dropped and reported; ${got} events sent after the restart`);
+});
+
+test('a hub key that cannot be opened is an urgent key_error event, sent once the key opens', async () => {
+  await hub.stop();
+  const tpmDir = tpm.dir, port = tpm.port;
+  await tpm.stop();
+  await hub.start();
+  await waitFor(async () => (await hub.status()).key.reason === 'tpm_unreachable', 10000, 'the key error');
+  assert.equal((await hub.status()).events.noted > 0, true);
+  // The TPM comes back: the key opens on the hub's retry timer and the event goes.
+  tpm = await Swtpm.startAt(tpmDir, port);
+  await waitFor(async () => (await hub.status()).key.id !== null, 20000, 'the key opened');
+  await waitFor(() => countOf((e) => e.type === 'key_error' && e.reason === 'tpm_unreachable') === 1, 10000, 'the key_error event');
 });
