@@ -16,8 +16,12 @@
 #define COMMAND_ID_MAX 64                  /* PROTOCOL.md 1 ack.id: 1..64 of [A-Za-z0-9._-] */
 #define COMMAND_DETAIL_MAX 128             /* a result's detail; a bulb's ack.err is at most 128 bytes */
 #define COMMAND_EXP_AHEAD_MAX_S 86400      /* an exp further ahead is refused (bad_exp) */
-#define COMMAND_PAYLOAD_MAX 1024           /* the JWS payload JSON, far above what a valid one needs */
-#define COMMAND_JWS_MAX 2048               /* the whole JWS Compact */
+#define COMMAND_CLOUD_SIG_MAX 2048         /* the vendor's JWS in "sig" (a valid one is about 500 bytes) */
+#define COMMAND_CLOUD_PART_MAX 1024        /* its decoded header and payload, each */
+#define COMMAND_CLOUD_TYP "iothub-cloud-cmd"
+/* The JWS payload JSON, far above what a valid one needs, the vendor's JWS ("cloud") included. */
+#define COMMAND_PAYLOAD_MAX (1024 + COMMAND_CLOUD_SIG_MAX)
+#define COMMAND_JWS_MAX (B64URL_LEN(COMMAND_PAYLOAD_MAX) + 512) /* the whole JWS Compact */
 #define COMMANDS_ANSWER_MAX (64 * 1024)    /* bytes of one long poll answer we parse at most */
 
 /* Why a command from the cloud is refused, in the order the checks run. The names are the
@@ -25,6 +29,7 @@
 enum command_reason {
         COMMAND_OK = 0,
         COMMAND_BAD_ID,         /* id missing, not 1..64 of [A-Za-z0-9._-], or "." / "..": not reported */
+        COMMAND_BAD_SIGNATURE,  /* [cloud] command_key_file set, and no valid "sig" by that key */
         COMMAND_MALFORMED,      /* not an object, a member missing or unknown, a value of the wrong type */
         COMMAND_BAD_SET,        /* set empty, an unknown member, or a value out of range */
         COMMAND_EXPIRED,        /* exp already passed when it arrived */
@@ -63,6 +68,30 @@ bool command_id_is_valid(const char *s, size_t len);
  * explanation for the log. */
 enum command_reason command_check(const json_t *cmd, int64_t now_s, struct command_fields *ret,
                                   const char **ret_why);
+/* command_check() never returns COMMAND_BAD_SIGNATURE: the caller runs
+ * command_cloud_sig_check() first when a key is configured. A "sig" member is allowed (a
+ * string, else COMMAND_MALFORMED) and not looked at. */
+
+/* The vendor's signature of a command (PROTOCOL.md 5, iothub-protocol(7) "Cloud-signed
+ * commands"): cmd's "sig" is a JWS Compact with the protected header exactly
+ * {"alg":"ES256","typ":"iothub-cloud-cmd","kid":<kid>} (members in any order), a 64-byte r||s
+ * signature by key, and as payload a JSON object with exactly the members "hub" (equal to
+ * hub_id), "id", "dev", "exp", "set", each equal as a JSON value (json_equal(): same types,
+ * same numbers, objects regardless of member order) to the member of cmd. Checks nothing else
+ * of cmd (command_check() does). Returns 0 when valid, else -EBADMSG with a static one-line
+ * reason in *ret_why when not NULL. Pure. */
+struct verify_key;
+int command_cloud_sig_check(const json_t *cmd, const char *hub_id, struct verify_key *key, const char *kid,
+                            const char **ret_why);
+/* Loads the vendor's command key ([cloud] command_key_file): a trusted file (util.h), a PEM P-256
+ * public key, and its RFC 7638 thumbprint (base64url SHA-256, the kid of its JWS). Returns 0,
+ * or a negative errno with a malloc'ed reason in *ret_error when not NULL. */
+int command_key_load(const char *path, struct verify_key **ret, char ret_kid[static HUBKEY_ID_LEN + 1],
+                     char **ret_error);
+/* Appends ,"cloud":"<jws>" as the last member of the object in buf (len bytes of JSON ending in
+ * '}', NUL-terminated, size bytes of room). jws must be JWS Compact ([A-Za-z0-9_-.] only, no
+ * escaping needed). Returns the new length, -EINVAL or -ENOBUFS. Pure. */
+int command_payload_add_cloud(char *buf, size_t len, size_t size, const char *jws);
 
 /* The JWS payload of PROTOCOL.md 2, compact JSON with the members in the contract's order:
  * {"hub":..,"dev":..,"id":..,"iat":..,"exp":..,"set":{"on":..,"bri":..,"ct":..,"xy":[..]}}

@@ -49,12 +49,16 @@
 #include "db-internal.h"
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
+#include "iothub/events.h"
 #include "iothub/frame.h"
 #include "iothub/hubkey.h"
 #include "iothub/jws.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/registry.h"
+#include "iothub/verify.h"
+
+#include <openssl/evp.h>
 
 #define USEC_PER_SEC UINT64_C(1000000)
 
@@ -82,6 +86,7 @@
 
 static const char *const reason_names[_COMMAND_REASON_MAX] = {
         [COMMAND_BAD_ID] = "bad_id",
+        [COMMAND_BAD_SIGNATURE] = "bad_signature",
         [COMMAND_MALFORMED] = "malformed",
         [COMMAND_BAD_SET] = "bad_set",
         [COMMAND_EXPIRED] = "expired",
@@ -192,8 +197,9 @@ enum command_reason command_check(const json_t *cmd, int64_t now_s, struct comma
         if (json_is_integer(exp))
                 ret->exp = json_integer_value(exp);
         json_object_foreach((json_t *) cmd, key, v)
-                if (!streq(key, "id") && !streq(key, "dev") && !streq(key, "set") && !streq(key, "exp")) {
-                        *why = "a member other than id, dev, set, exp";
+                if (!streq(key, "id") && !streq(key, "dev") && !streq(key, "set") && !streq(key, "exp") &&
+                    !(streq(key, "sig") && json_is_string(v))) {
+                        *why = "a member other than id, dev, set, exp, sig (a string)";
                         return COMMAND_MALFORMED;
                 }
         if (!json_is_string(dev) || !json_is_object(set) || !json_is_integer(exp)) {
@@ -283,6 +289,191 @@ int command_payload(const char *hub, const char *dev, const char *id, int64_t ia
         APPEND("}}");
 #undef APPEND
         return (int) len;
+}
+
+/* ---- the vendor's signature (PROTOCOL.md 5) ---- */
+
+/* Decodes one base64url part of a JWS into a NUL-terminated buffer of at most max bytes. */
+static int jws_part(const char *s, size_t len, size_t max, uint8_t **ret, size_t *ret_len) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        ssize_t n;
+
+        if (len == 0 || len > B64URL_LEN(max))
+                return -EBADMSG;
+        buf = malloc(B64URL_DECODED_MAX(len) + 1);
+        if (!buf)
+                return -ENOMEM;
+        n = b64url_decode(s, len, buf, B64URL_DECODED_MAX(len));
+        if (n < 0 || (size_t) n > max)
+                return -EBADMSG;
+        buf[n] = 0;
+        *ret_len = (size_t) n;
+        *ret = TAKE_PTR(buf);
+        return 0;
+}
+
+static json_t *json_object_strict(const uint8_t *buf, size_t len) {
+        json_t *o = json_loadb((const char *) buf, len, JSON_REJECT_DUPLICATES, NULL);
+
+        if (o && !json_is_object(o)) {
+                json_decref(o);
+                return NULL;
+        }
+        return o;
+}
+
+static bool json_string_is(const json_t *v, const char *s) {
+        return json_is_string(v) && json_string_length(v) == strlen(s) && streq(json_string_value(v), s);
+}
+
+int command_cloud_sig_check(const json_t *cmd, const char *hub_id, struct verify_key *key, const char *kid,
+                            const char **ret_why) {
+        static const char *const members[] = { "id", "dev", "exp", "set" };
+        const char *why_dummy = NULL, **why = ret_why ? ret_why : &why_dummy;
+        _cleanup_free_ uint8_t *header = NULL, *payload = NULL, *sig = NULL;
+        size_t header_len = 0, payload_len = 0, sig_len = 0;
+        const json_t *v = json_object_get(cmd, "sig");
+        const char *jws, *dot1, *dot2;
+        json_t *h = NULL, *p = NULL;
+        size_t len;
+        int r = -EBADMSG;
+
+        *why = NULL;
+        if (!hub_id || !key || !kid)
+                return -EINVAL;
+        if (!v) {
+                *why = "no sig";
+                return -EBADMSG;
+        }
+        if (!json_is_string(v) || json_string_length(v) > COMMAND_CLOUD_SIG_MAX) {
+                *why = "sig is not a string of at most 2048 bytes";
+                return -EBADMSG;
+        }
+        /* RFC 7515 7.1: BASE64URL(header) "." BASE64URL(payload) "." BASE64URL(signature). */
+        jws = json_string_value(v);
+        len = json_string_length(v);
+        dot1 = memchr(jws, '.', len);
+        dot2 = dot1 ? memchr(dot1 + 1, '.', len - (size_t) (dot1 + 1 - jws)) : NULL;
+        if (!dot2 || memchr(dot2 + 1, '.', len - (size_t) (dot2 + 1 - jws)) ||
+            jws_part(jws, (size_t) (dot1 - jws), COMMAND_CLOUD_PART_MAX, &header, &header_len) < 0 ||
+            jws_part(dot1 + 1, (size_t) (dot2 - dot1 - 1), COMMAND_CLOUD_PART_MAX, &payload, &payload_len) < 0 ||
+            jws_part(dot2 + 1, len - (size_t) (dot2 + 1 - jws), 64, &sig, &sig_len) < 0) {
+                *why = "sig is not a JWS Compact";
+                return -EBADMSG;
+        }
+        /* The header exactly: an "alg" other than ES256 ("none", "HS256": the key decides the
+         * algorithm, never the token, RFC 8725 3.1), or any other member ("crit" included), is
+         * refused. */
+        h = json_object_strict(header, header_len);
+        if (!h || json_object_size(h) != 3 || !json_string_is(json_object_get(h, "alg"), "ES256") ||
+            !json_string_is(json_object_get(h, "typ"), COMMAND_CLOUD_TYP) ||
+            !json_string_is(json_object_get(h, "kid"), kid)) {
+                *why = "sig's header is not exactly alg ES256, typ iothub-cloud-cmd and the command key's kid";
+                goto out;
+        }
+        /* RFC 7518 3.4: the signature is over the ASCII of the first two parts as sent. */
+        r = verify_signature(key, FRAME_ALG_ES256, (const uint8_t *) jws, (size_t) (dot2 - jws), sig, sig_len);
+        if (r < 0) {
+                *why = r == -EBADMSG ? "sig does not verify with the command key" : "sig could not be checked";
+                goto out;
+        }
+        r = -EBADMSG;
+        p = json_object_strict(payload, payload_len);
+        if (!p || json_object_size(p) != 1 + ELEMENTSOF(members) ||
+            !json_string_is(json_object_get(p, "hub"), hub_id)) {
+                *why = "sig's payload is not exactly hub (this hub), id, dev, exp, set";
+                goto out;
+        }
+        for (size_t i = 0; i < ELEMENTSOF(members); i++) {
+                const json_t *a = json_object_get(p, members[i]), *b = json_object_get(cmd, members[i]);
+                if (!a || !b || !json_equal((json_t *) a, (json_t *) b)) {
+                        *why = "sig is over another command (id, dev, exp or set differ)";
+                        goto out;
+                }
+        }
+        r = 0;
+out:
+        json_decref(h);
+        json_decref(p);
+        return r;
+}
+
+/* RFC 7638 3.3: the thumbprint of an EC key hashes {"crv","kty","x","y"} in this order, no
+ * white space. */
+static int key_thumbprint(struct verify_key *k, char ret[static HUBKEY_ID_LEN + 1]) {
+        _cleanup_free_ char *canon = NULL;
+        unsigned char md[32];
+        unsigned md_len = 0;
+        json_t *jwk = NULL;
+        int r;
+
+        r = verify_key_to_jwk(k, &jwk);
+        if (r < 0)
+                return r;
+        if (!json_string_is(json_object_get(jwk, "kty"), "EC") || !json_is_string(json_object_get(jwk, "x")) ||
+            !json_is_string(json_object_get(jwk, "y"))) {
+                json_decref(jwk);
+                return -EOPNOTSUPP;
+        }
+        canon = strdup_printf("{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"%s\",\"y\":\"%s\"}",
+                              json_string_value(json_object_get(jwk, "x")), json_string_value(json_object_get(jwk, "y")));
+        json_decref(jwk);
+        if (!canon)
+                return -ENOMEM;
+        if (EVP_Digest(canon, strlen(canon), md, &md_len, EVP_sha256(), NULL) != 1 || md_len != sizeof md)
+                return -EIO;
+        if (b64url_encode(md, sizeof md, ret) != HUBKEY_ID_LEN)
+                return -EIO;
+        return 0;
+}
+
+int command_key_load(const char *path, struct verify_key **ret, char ret_kid[static HUBKEY_ID_LEN + 1],
+                     char **ret_error) {
+        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
+        _cleanup_free_ char *pem = NULL, *err = NULL;
+        char kid[HUBKEY_ID_LEN + 1];
+        enum frame_alg alg;
+        size_t len = 0;
+        int r;
+
+        r = read_trusted_file(path, 0, 64 * 1024, &pem, &len, &err);
+        if (r < 0) {
+                if (ret_error)
+                        *ret_error = err ? TAKE_PTR(err) : strdup_printf("cannot read %s: %s", path, strerror(-r));
+                return r;
+        }
+        r = verify_key_from_pem(pem, len, &k, &alg);
+        if (r >= 0 && alg != FRAME_ALG_ES256)
+                r = -EOPNOTSUPP;
+        if (r >= 0)
+                r = key_thumbprint(k, kid);
+        if (r < 0) {
+                if (ret_error)
+                        *ret_error = strdup_printf("%s is not a PEM P-256 public key (ES256)", path);
+                return r;
+        }
+        memcpy(ret_kid, kid, sizeof kid);
+        *ret = TAKE_PTR(k);
+        return 0;
+}
+
+int command_payload_add_cloud(char *buf, size_t len, size_t size, const char *jws) {
+        size_t jlen;
+        int n;
+
+        if (!buf || !jws || len < 2 || len >= size || buf[len - 1] != '}')
+                return -EINVAL;
+        jlen = strlen(jws);
+        for (size_t i = 0; i < jlen; i++)
+                if (!b64url_char_is_valid(jws[i]) && jws[i] != '.')
+                        return -EINVAL;
+        n = snprintf(buf + len - 1, size - (len - 1), ",\"cloud\":\"%s\"}", jws);
+        if (n < 0 || (size_t) n >= size - (len - 1)) {
+                buf[len - 1] = '}';
+                buf[len] = '\0';
+                return -ENOBUFS;
+        }
+        return (int) (len - 1 + (size_t) n);
 }
 
 int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
@@ -388,6 +579,7 @@ struct command {
         char dev[DEVICE_ID_MAX + 1]; /* "" when the cloud sent no valid device id */
         enum command_state state;
         struct command_set set; /* CMD_NEW: what to sign */
+        char *cloud_sig;        /* CMD_NEW: the vendor's JWS, verified, passed on as "cloud" */
         char *jws;              /* NULL until signed, and for rejected commands */
         int64_t exp, received_at, delivered_at, done_at; /* Unix seconds, 0 for none */
         char detail[COMMAND_DETAIL_MAX + 1];
@@ -415,6 +607,8 @@ struct commands_counters {
 
 struct commands {
         struct hub *hub;
+        struct verify_key *cloud_key; /* [cloud] command_key_file, NULL when unset */
+        char cloud_kid[HUBKEY_ID_LEN + 1];
         sd_event_source *defer, *timer, *exp_timer;
         struct command *cmds[COMMANDS_ACTIVE_MAX]; /* oldest first */
         size_t n_cmds;
@@ -511,6 +705,7 @@ static void command_free(struct command *cmd) {
                 return;
         cloud_request_cancel(cmd->result_call);
         free(cmd->jws);
+        free(cmd->cloud_sig);
         free(cmd);
 }
 
@@ -569,6 +764,8 @@ static void command_finish(struct commands *c, struct command *cmd, enum command
 
 static void command_reject(struct commands *c, struct command *cmd, enum command_reason reason, const char *why) {
         c->counters.rejected_by[reason]++;
+        if (reason == COMMAND_BAD_SIGNATURE)
+                events_note(c->hub->events, EVENT_COMMAND_REJECTED, "bad_signature", cmd->dev, 1);
         command_finish(c, cmd, CMD_REJECTED, now_s(), command_reason_to_string(reason));
         if (log_allowed(c))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_REJECTED, cmd->dev[0] ? cmd->dev : NULL,
@@ -756,16 +953,28 @@ static int store_load(struct commands *c) {
 
 /* ---- taking commands from an answer ---- */
 
+/* Without [cloud] command_key_file every command passes (and its "sig", if any, is dropped). */
+static bool command_take_cloud_sig(struct commands *c, const json_t *o, const char **ret_why) {
+        *ret_why = NULL;
+        if (!c->cloud_key)
+                return true;
+        return command_cloud_sig_check(o, c->hub->conf->hub.id, c->cloud_key, c->cloud_kid, ret_why) == 0;
+}
+
 static void take_command(struct commands *c, const json_t *o, int64_t now, unsigned *fresh) {
         struct hub *h = c->hub;
         struct command_fields f;
         enum command_reason reason;
-        const char *why = NULL;
+        const char *why = NULL, *sig_why = NULL;
+        bool sig_ok;
         struct command *cmd;
         struct bulb *b;
         int r;
 
         c->counters.received++;
+        /* PROTOCOL.md 5: the vendor's signature before anything else. Only the id is read from
+         * a command that fails it: to report it (rejected, bad_signature). */
+        sig_ok = command_take_cloud_sig(c, o, &sig_why);
         reason = command_check(o, now, &f, &why);
         if (reason == COMMAND_BAD_ID) {
                 /* Without a valid id it cannot be reported (the id is part of the result URL). */
@@ -777,8 +986,19 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
                 return;
         }
         /* At least once (PROTOCOL.md 3): an id seen before is ignored, not reported again. */
+        if (!sig_ok) {
+                reason = COMMAND_BAD_SIGNATURE;
+                why = sig_why;
+        }
         r = find_by_id(c, f.id) ? 1 : store_exists(h->db, f.id);
         if (r != 0) {
+                /* A forged copy of a known id must not touch the real command's outcome: not
+                 * reported, but counted. */
+                if (r > 0 && !sig_ok) {
+                        c->counters.rejected++;
+                        c->counters.rejected_by[COMMAND_BAD_SIGNATURE]++;
+                        events_note(h->events, EVENT_COMMAND_REJECTED, "bad_signature", f.dev, 1);
+                }
                 if (r < 0)
                         log_error_errno(r, "Failed to look up command %s, ignoring it for now: %m (%s)", f.id,
                                         db_errmsg(h->db));
@@ -813,6 +1033,11 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
         }
         cmd->state = CMD_NEW;
         cmd->set = f.set;
+        if (c->cloud_key && !(cmd->cloud_sig = strdup(json_string_value(json_object_get(o, "sig"))))) {
+                /* Never sent on without the vendor's JWS; the cloud sends it again. */
+                command_reject(c, cmd, COMMAND_MALFORMED, "out of memory");
+                return;
+        }
         log_debug("Command %s for %s taken", cmd->id, cmd->dev);
 }
 
@@ -981,12 +1206,16 @@ static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
         int n, r;
 
         n = command_payload(h->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
+        if (n >= 0 && cmd->cloud_sig)
+                n = command_payload_add_cloud(payload, (size_t) n, sizeof payload, cmd->cloud_sig);
         if (n < 0)
                 return n;
         r = command_jws(hubkey_id(h->hubkey), payload, (size_t) n, sign_with_hubkey, h->hubkey, &cmd->jws);
         if (r < 0)
                 return r;
         c->counters.signatures++;
+        free(cmd->cloud_sig); /* inside the JWS now */
+        cmd->cloud_sig = NULL;
         return 0;
 }
 
@@ -1336,6 +1565,16 @@ int commands_new(struct hub *h, struct commands **ret) {
         if (!c)
                 return -ENOMEM;
         c->hub = h;
+        if (h->conf->cloud.command_key_file) {
+                _cleanup_free_ char *err = NULL;
+                r = command_key_load(h->conf->cloud.command_key_file, &c->cloud_key, c->cloud_kid, &err);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to load [cloud] command_key_file: %s", err ? err : strerror(-r));
+                        free(c);
+                        return r;
+                }
+                log_info("Commands must be signed by the vendor's command key %s", c->cloud_kid);
+        }
         c->tokens = COMMANDS_SIGN_BURST;
         c->tokens_usec = now_monotonic_usec();
         r = sd_event_add_defer(h->event, &c->defer, on_defer, c);
@@ -1381,6 +1620,7 @@ void commands_free(struct commands *c) {
         sd_event_source_disable_unref(c->defer);
         sd_event_source_disable_unref(c->timer);
         sd_event_source_disable_unref(c->exp_timer);
+        verify_key_free(c->cloud_key);
         free(c);
 }
 

@@ -16,6 +16,7 @@
 
 #include "conf-internal.h"
 #include "iothub/conf.h"
+#include "iothub/verify.h"
 
 #define CONF_PATH_MAX 4096
 /* Characters on one line, newline excluded: a 4096-character path and its key fit. */
@@ -491,6 +492,8 @@ static const struct conf_key conf_keys[] = {
         KEY_UINT("cloud", "timeout_s", cloud.timeout_s, 1, 300),
         KEY_PATH("cloud", "bearer_token_file", cloud.bearer_token_file),
         KEY_OTHER("cloud", "attestation", cloud.attestation, parse_attestation, 0, 0),
+        KEY_PATH("cloud", "command_key_file", cloud.command_key_file),
+        KEY_UINT("cloud", "events_interval_s", cloud.events_interval_s, 1, 3600),
 
         KEY_STRING("oauth", "issuer", oauth.issuer, 1, 2048, check_https_url),
         KEY_STRING("oauth", "client_id", oauth.client_id, 1, 256, check_oauth_client_id),
@@ -789,6 +792,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->cloud.batch_max_frames = 256;
         c->cloud.batch_max_delay_ms = 2000;
         c->cloud.timeout_s = 30;
+        c->cloud.events_interval_s = 60;
         c->oauth.dpop = DPOP_AUTO;
         c->cloud.attestation = ATTEST_AUTO;
         c->frames.max_bytes = 4096;
@@ -816,9 +820,40 @@ int conf_defaults(struct iothub_conf **ret) {
         return conf_new_defaults(ret, NULL, NULL);
 }
 
+/* The vendor's command key (PROTOCOL.md 5): whoever can replace it can command every bulb, so it
+ * is read like the configuration itself (a trusted file), and it must be a P-256 public key, the
+ * key of ES256. On failure *ret_why is a malloc'ed reason naming the file. */
+static int check_command_key(const char *path, char **ret_why) {
+        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
+        _cleanup_free_ char *pem = NULL, *why = NULL;
+        enum frame_alg alg;
+        size_t len = 0;
+        int r;
+
+        r = read_trusted_file(path, 0, 64 * 1024, &pem, &len, &why);
+        if (r < 0) {
+                if (!why && asprintf(&why, "%s: %s", path, strerror(-r)) < 0)
+                        why = NULL;
+                *ret_why = TAKE_PTR(why);
+                return r;
+        }
+        r = verify_key_from_pem(pem, len, &k, &alg);
+        if (r >= 0 && alg != FRAME_ALG_ES256)
+                r = -EOPNOTSUPP;
+        if (r < 0) {
+                if (asprintf(&why, "%s is not a PEM P-256 public key (ES256)", path) < 0)
+                        why = NULL;
+                *ret_why = TAKE_PTR(why);
+                return r == -ENOMEM ? r : -EINVAL;
+        }
+        return 0;
+}
+
 /* What no single key can check, once the whole file is read. */
 static int conf_check(struct parse_ctx *ctx, int machine_id_error) {
         struct iothub_conf *c = ctx->conf;
+        _cleanup_free_ char *why = NULL;
+        int r;
         unsigned *file_line = conf_key_line(ctx, "key", "file");
         unsigned *backend_line = conf_key_line(ctx, "key", "backend");
         unsigned *client_id_line = conf_key_line(ctx, "mqtt", "client_id");
@@ -829,6 +864,14 @@ static int conf_check(struct parse_ctx *ctx, int machine_id_error) {
         if (c->key.backend == KEY_BACKEND_FILE && !c->key.file)
                 return ctx_error(ctx, -EINVAL, *backend_line,
                                  "[key] backend: 'file' needs [key] file, the PEM private key");
+
+        if (c->cloud.command_key_file) {
+                unsigned *line = conf_key_line(ctx, "cloud", "command_key_file");
+                r = check_command_key(c->cloud.command_key_file, &why);
+                if (r < 0)
+                        return ctx_error(ctx, r == -ENOMEM ? -ENOMEM : -EINVAL, *line, "[cloud] command_key_file: %s",
+                                         why ? why : strerror(-r));
+        }
 
         if (!c->hub.id) {
                 if (machine_id_error == -EBADMSG)
@@ -967,6 +1010,7 @@ void conf_free(struct iothub_conf *c) {
         free(c->cloud.url);
         free(c->cloud.ca_file);
         free(c->cloud.bearer_token_file);
+        free(c->cloud.command_key_file);
         free(c->oauth.issuer);
         free(c->oauth.client_id);
         free(c->oauth.scope);

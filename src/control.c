@@ -17,6 +17,7 @@
 #include "iothub/dynsec.h"
 #include "iothub/enrol.h"
 #include "iothub/pair.h"
+#include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -320,6 +321,7 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
         if (r < 0)
                 return error_reply("cannot revoke %s: %s", id, strerror(-r));
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
+        events_note(ctl->hub->events, EVENT_BULB_REVOKED, NULL, id, 1);
         if (r > 0 || r == 0)
                 cloud_devices_changed(ctl->hub->cloud);
         if (!ctl->hub->dynsec)
@@ -707,6 +709,8 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (cfd < 0)
                 return 0;
         r = peer_check(cfd, &cred);
+        if (r < 0)
+                events_note(ctl->hub->events, EVENT_CONTROL_REFUSED, NULL, NULL, 1);
         if (r < 0)
                 log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
                           "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,

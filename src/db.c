@@ -78,6 +78,17 @@ static const char *const migrations[] = {
         "  done_at INTEGER,"
         "  reported INTEGER NOT NULL DEFAULT 0 CHECK (reported BETWEEN 0 AND 2)"
         ") STRICT;",
+        /* 4: security events not yet taken by the cloud (PROTOCOL.md 5, src/events.c): one row per
+         * aggregated event of an interval, at most EVENTS_SPOOL_MAX rows (the oldest are dropped
+         * and counted). reason and dev are NULL when the event has none. */
+        "CREATE TABLE events ("
+        "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        "  at INTEGER NOT NULL,"
+        "  type TEXT NOT NULL,"
+        "  reason TEXT,"
+        "  dev TEXT,"
+        "  count INTEGER NOT NULL CHECK (count > 0)"
+        ") STRICT;",
 };
 #define DB_SCHEMA_VERSION ((int) ELEMENTSOF(migrations))
 

@@ -5,6 +5,7 @@
 
 #include "iothub/cloud.h"
 #include "iothub/enrol.h"
+#include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/verify.h"
 
@@ -68,6 +69,7 @@ int enrol_bulb(struct hub *h, const char *id, const char *key_pem, const char *c
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)%s", id,
                   frame_alg_to_string(b->alg), cert_pem ? " from its certificate" : "");
         cloud_devices_changed(h->cloud);
+        events_note(h->events, EVENT_BULB_ENROLLED, NULL, id, 1);
         *ret = b;
         return 0;
 }

@@ -14,6 +14,7 @@
 #include "iothub/commands.h"
 #include "iothub/control.h"
 #include "iothub/dynsec.h"
+#include "iothub/events.h"
 #include "iothub/http.h"
 #include "iothub/hubkey.h"
 #include "iothub/hub.h"
@@ -152,6 +153,8 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 r = oauth_status_json(h->oauth, o);
         if (r >= 0)
                 r = commands_status_json(h->commands, o);
+        if (r >= 0)
+                r = events_status_json(h->events, o);
         if (r < 0) {
                 json_decref(o);
                 return r;
@@ -254,6 +257,8 @@ int hub_open_key(struct hub *h) {
         r = hubkey_open(h->conf, &h->hubkey, &err);
         if (r < 0) {
                 if (r != h->key_errno)
+                        events_note(h->events, EVENT_KEY_ERROR, key_error_reason(r), NULL, 1);
+                if (r != h->key_errno)
                         log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
                                   key_error_reason(r), "No hub key, %s: %s",
                                   h->cloud || h->oauth ? "cloud uploads and sign-in wait"
@@ -325,6 +330,7 @@ static int hub_reload(struct hub *h) {
         (void) sd_notifyf(false, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64 "\nSTATUS=Reloading configuration",
                           now_monotonic_usec());
         r = conf_load(o->path, &n, &err);
+        events_note(h->events, EVENT_CONFIG_RELOADED, r < 0 ? "failed" : "ok", NULL, 1);
         if (r < 0) {
                 log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL,
                           "Reload failed, keeping the running configuration: %s", err ? err : strerror(-r));
@@ -349,6 +355,7 @@ static int hub_reload(struct hub *h) {
         keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
         KEEP_NUMBER("broker", "dynsec", n->broker.dynsec, o->broker.dynsec);
         KEEP_NUMBER("broker", "timeout_s", n->broker.timeout_s, o->broker.timeout_s);
+        keep_string("cloud", "command_key_file", &n->cloud.command_key_file, &o->cloud.command_key_file);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
         h->conf = TAKE_PTR(n);
         n = o;
@@ -376,6 +383,7 @@ static void hub_done(struct hub *h) {
         h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
+        events_free(h->events);
         commands_free(h->commands);
         oauth_free(h->oauth);
         cloud_free(h->cloud);
@@ -482,6 +490,11 @@ int hub_run(const char *config_path, int log_level_override) {
         r = commands_new(&h, &h.commands);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up commands: %m");
+                goto out;
+        }
+        r = events_new(&h, &h.events);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up security events: %m");
                 goto out;
         }
         r = ack_new(&h, &h.ack);

@@ -14,6 +14,7 @@
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/spool.h"
+#include "iothub/events.h"
 
 /* Rejections logged per bulb (and for all unknown devices together) per window; the
  * counters always count every one. */
@@ -35,6 +36,7 @@ static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_re
         bool ok;
 
         h->counters.frames_rejected[reason]++;
+        events_note(h->events, EVENT_FRAME_REJECTED, frame_reason_to_string(reason), dev, 1);
         /* A resent frame the hub has (replay, or stale by now): tell the bulb again what is
          * committed, or a bulb that lost the ack resends forever (iothub-protocol(7)). */
         if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))

@@ -20,6 +20,7 @@
 
 #include "iothub/cloud.h"
 #include "iothub/commands.h"
+#include "iothub/events.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/jws.h"
@@ -694,6 +695,8 @@ static void become_login_required(struct oauth *o, const char *why) {
         }
         set_error(o, "sign-in required: %s", why);
         if (!was)
+                events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "login_required", NULL, 1);
+        if (!was)
                 log_event(LOG_WARNING, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL,
                           "Sign-in required (%s): run 'iothubctl login'; frames keep spooling meanwhile", why);
         hub_notify_status(o->hub);
@@ -1015,6 +1018,7 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
                 }
                 o->token_from_401 = false;
                 log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_OK, NULL, NULL, "Signed in (%s token)", o->tokens.token_type);
+                events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "signed_in", NULL, 1);
                 hub_notify_status(o->hub);
                 login_finish(o, 0, "signed in");
                 cloud_kick(o->hub->cloud);
@@ -1134,6 +1138,7 @@ static void logout_finish(struct oauth *o, int r, const char *message) {
         o->state = OAUTH_LOGIN_REQUIRED;
         set_error(o, "signed out");
         log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL, "Signed out: %s", message);
+        events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "signed_out", NULL, 1);
         hub_notify_status(o->hub);
         if (o->logout_op) {
                 struct oauth_logout_op *op = TAKE_PTR(o->logout_op);

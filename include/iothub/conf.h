@@ -46,6 +46,8 @@ struct iothub_conf {
                 unsigned timeout_s;
                 char *bearer_token_file;
                 enum attest_mode attestation;
+                char *command_key_file;      /* the vendor's command key, PEM P-256 (PROTOCOL.md 5) */
+                unsigned events_interval_s;  /* security events: one POST per interval at most */
         } cloud;
         struct {
                 char *issuer;

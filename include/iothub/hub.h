@@ -21,6 +21,7 @@ struct commands;
 struct ack;
 struct dynsec;
 struct pair;
+struct events;
 
 struct hub_counters {
         uint64_t frames_received;
@@ -68,6 +69,7 @@ struct hub {
         struct ack *ack;           /* end-to-end acks to the bulbs */
         struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
         struct pair *pair;         /* pairing windows (hello messages) */
+        struct events *events;     /* security events for the cloud; NULL without [cloud] url */
         struct hubkey *hubkey; /* NULL until the key exists and opened */
         sd_event_source *key_timer; /* retries opening the key while it cannot be */
         uint64_t key_retry_usec;    /* the next retry's delay */

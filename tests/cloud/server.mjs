@@ -44,6 +44,22 @@ const TOKEN68_RE = /^[A-Za-z0-9\-._~+/]+=*$/; // RFC 6750 2.1 b64token
 const JWS_COMPACT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 const MAX_SEQ = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
+// Security events (PROTOCOL.md 5, iothub-protocol(7) "Security events").
+export const EVENT_TYPES = ['frame_rejected', 'flood', 'bulb_enrolled', 'bulb_revoked', 'control_refused',
+  'config_reloaded', 'signin_changed', 'key_error', 'command_rejected', 'events_dropped'];
+const EVENT_REASON_RE = /^[a-z0-9_]{1,32}$/;
+const EVENTS_MAX = 1000; // events in one POST the reference cloud takes
+
+// The vendor's signature of a command (PROTOCOL.md 5): a JWS (ES256) whose payload is
+// {hub,id,dev,exp,set}, made with jose as a vendor's back end would. over: members that replace
+// the command's in the signed payload (tests of a signature over another command).
+export async function signCloudCommand({ privateKey, kid }, hubId, cmd, over = {}) {
+  const payload = { hub: hubId, id: cmd.id, dev: cmd.dev, exp: cmd.exp, set: cmd.set, ...over };
+  return new jose.CompactSign(new TextEncoder().encode(JSON.stringify(payload)))
+    .setProtectedHeader({ alg: 'ES256', typ: 'iothub-cloud-cmd', kid })
+    .sign(privateKey);
+}
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const nowS = () => Math.floor(Date.now() / 1000);
 
@@ -321,6 +337,8 @@ export async function startCloud(opts = {}) {
     // this server's current DPoP-Nonce (null: none asked for) and use_dpop_nonce answers.
     dpop: { proofs: 0, htus: [], nonce: o.dpopNonce ? crypto.randomBytes(16).toString('base64url') : null, nonceChallenges: 0 },
     rules: [], // failure injection rules
+    events: [], // security events in arrival order: { hub, at, type, dev?, reason?, count, receivedAt }
+    eventBodies: [], // the raw body of every events POST that passed the checks (text)
     up: false,
   };
 
@@ -533,6 +551,7 @@ export async function startCloud(opts = {}) {
     if ((m = /^\/v1\/hubs\/([^/]+)\/devices$/.exec(p))) return r('devices', 'PUT', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/status$/.exec(p))) return r('status', 'POST', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/commands$/.exec(p))) return r('commands', 'GET', m[1]);
+    if ((m = /^\/v1\/hubs\/([^/]+)\/events$/.exec(p))) return r('events', 'POST', m[1]);
     if ((m = /^\/v1\/hubs\/([^/]+)\/commands\/([^/]+)\/result$/.exec(p))) return r('result', 'POST', m[1], { command: m[2] });
     return null;
   }
@@ -625,6 +644,7 @@ export async function startCloud(opts = {}) {
       else if (r.name === 'devices') out = await onDevices(req, body, r);
       else if (r.name === 'status') out = await onStatus(req, body, r, rule);
       else if (r.name === 'commands') out = await onCommands(req, res, r);
+      else if (r.name === 'events') out = onEvents(req, body, r);
       else out = await onResult(req, body, r);
       if (dropAfter) { req.socket.destroy(); rec.status = 'dropped'; return; }
       rec.status = out.status;
@@ -777,7 +797,7 @@ export async function startCloud(opts = {}) {
 
   function eligibleCommands(hub) {
     const now = Date.now();
-    return [...hub.commands.values()].filter((c) => c.results.length === 0 && (c.sentAt === undefined || now - c.sentAt >= o.redeliverMs));
+    return [...hub.commands.values()].filter((c) => c.ready !== false && c.results.length === 0 && (c.sentAt === undefined || now - c.sentAt >= o.redeliverMs));
   }
   function handOut(hub, cmds) {
     const now = Date.now();
@@ -785,7 +805,7 @@ export async function startCloud(opts = {}) {
       c.sentAt = now; c.deliveries++;
       if (Number.isFinite(o.redeliverMs)) setTimeout(() => wake(hub), o.redeliverMs + 5).unref();
     }
-    return { commands: cmds.map((c) => ({ id: c.id, dev: c.dev, set: c.set, exp: c.exp })) };
+    return { commands: cmds.map((c) => ({ id: c.id, dev: c.dev, set: c.set, exp: c.exp, ...(typeof c.sig === 'string' ? { sig: c.sig } : {}) })) };
   }
   function wake(hub) {
     for (const w of [...hub.waiters]) {
@@ -815,6 +835,38 @@ export async function startCloud(opts = {}) {
       res.on('close', () => { if (hub.waiters.has(waiter)) waiter.resolve({ status: 204 }); });
       hub.waiters.add(waiter);
     });
+  }
+
+  // POST /v1/hubs/<id>/events (PROTOCOL.md 5): {"events":[{at,type,count[,dev][,reason]}]},
+  // checked strictly, stored with the raw body (a test searches the bodies for frame bytes).
+  function onEvents(req, body, r) {
+    const b = parseJsonBody(req, body);
+    if (!isObj(b) || !keysExactly(b, ['events']) || !Array.isArray(b.events)) throw badRequest('body', 'events body must be exactly {"events":[...]}');
+    if (b.events.length < 1 || b.events.length > EVENTS_MAX) throw badRequest('body', `1..${EVENTS_MAX} events in one request`);
+    for (const [i, e] of b.events.entries()) {
+      const where = `events[${i}]`;
+      if (!isObj(e) || !keysExactly(e, ['at', 'type', 'count'], ['dev', 'reason'])) throw badRequest('body', `${where} must be {at,type,count[,dev][,reason]}`);
+      if (!Number.isSafeInteger(e.at) || e.at < 0) throw badRequest('body', `${where}.at must be Unix seconds`);
+      if (!EVENT_TYPES.includes(e.type)) throw badRequest('body', `${where}.type "${e.type}" is not one of ${EVENT_TYPES.join('|')}`);
+      if (!Number.isSafeInteger(e.count) || e.count < 1) throw badRequest('body', `${where}.count must be a positive integer`);
+      if (e.dev !== undefined && (typeof e.dev !== 'string' || !DEVICE_ID_RE.test(e.dev))) throw badRequest('body', `${where}.dev must be a device id`);
+      if (e.reason !== undefined && (typeof e.reason !== 'string' || !EVENT_REASON_RE.test(e.reason))) throw badRequest('body', `${where}.reason must be [a-z0-9_]{1,32}`);
+    }
+    const receivedAt = Date.now();
+    for (const e of b.events) state.events.push({ hub: r.hub, ...e, receivedAt });
+    state.eventBodies.push(decodeUtf8(body));
+    events.emit('events', { hub: r.hub, count: b.events.length });
+    return { status: 200, body: { accepted: b.events.length } };
+  }
+
+  // The vendor signs a queued command (o.commandKey = { privateKey, kid }) before it is handed
+  // out; a test may give its own sig (a string) or none (null) instead.
+  function signQueued(hub, cmd, sig) {
+    if (sig !== undefined) { cmd.sig = sig; return; }
+    if (!o.commandKey) return;
+    cmd.ready = false;
+    signCloudCommand(o.commandKey, hub.id, cmd).then((jws) => { cmd.sig = jws; cmd.ready = true; wake(hub); },
+      (e) => log('signing a command failed:', e.message));
   }
 
   async function onResult(req, body, r) {
@@ -871,7 +923,7 @@ export async function startCloud(opts = {}) {
       if (mode === 'clear' || mode?.clear) { state.rules = []; return; }
       if (!isObj(mode) || !KINDS.some((k) => mode[k] !== undefined)) throw new Error(`unknown failure mode ${JSON.stringify(mode)}`);
       const endpoint = mode.endpoint ?? 'status';
-      if (!['status', 'register', 'challenge', 'devices', 'commands', 'result', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
+      if (!['status', 'register', 'challenge', 'devices', 'commands', 'result', 'events', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
       if (mode.status !== undefined && !isInt(mode.status, 100, 599)) throw new Error('status must be an HTTP status');
       const count = mode.count === undefined ? 1 : mode.count === -1 ? Infinity : mode.count;
       const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : 'delay';
@@ -891,7 +943,7 @@ export async function startCloud(opts = {}) {
     up,
     addToken(token, account = 'default') { tokens.set(token, account); state.anyToken = false; },
     revokeToken(token) { tokens.delete(token); },
-    queueCommand({ hub: hubId, id, dev, set, exp }) {
+    queueCommand({ hub: hubId, id, dev, set, exp, sig }) {
       if (!hubId) {
         if (state.hubs.size !== 1) throw new Error('queueCommand: name the hub (none or several are registered)');
         [hubId] = state.hubs.keys();
@@ -901,10 +953,12 @@ export async function startCloud(opts = {}) {
       if (typeof id !== 'string' || !COMMAND_ID_RE.test(id)) throw new Error('queueCommand: bad id');
       if (hub.commands.has(id)) throw new Error(`queueCommand: command "${id}" already queued`);
       const cmd = { id, dev, set, exp: exp ?? nowS() + 300, queuedAt: Date.now(), deliveries: 0, results: [] };
+      signQueued(hub, cmd, sig);
       hub.commands.set(id, cmd);
       wake(hub);
       return cmd;
     },
+    eventsOf(hubId) { return state.events.filter((e) => !hubId || e.hub === hubId); },
     framesOf(dev, hubId) { return state.frames.filter((f) => f.dev === dev && (!hubId || f.hub === hubId)); },
     summary() { return summary(); },
   };
@@ -935,6 +989,7 @@ export async function startCloud(opts = {}) {
       const u = new URL(req.url, 'http://x');
       const p = u.pathname;
       if (req.method === 'GET' && p === '/control/state') return reply(200, summary());
+      if (req.method === 'GET' && p === '/control/events') return reply(200, { events: control.eventsOf(u.searchParams.get('hub')) });
       if (req.method === 'GET' && p === '/control/frames') {
         const dev = u.searchParams.get('dev');
         const since = Number(u.searchParams.get('since') ?? 0);

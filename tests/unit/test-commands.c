@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -17,6 +19,7 @@
 #include "iothub/conf.h"
 #include "iothub/frame.h"
 #include "iothub/hubkey.h"
+#include "iothub/jws.h"
 #include "iothub/verify.h"
 
 #define NOW 1700000000
@@ -70,6 +73,9 @@ static void test_check(void **state) {
                 { "[1,2]", COMMAND_BAD_ID, "", "" },
                 { "\"c1\"", COMMAND_BAD_ID, "", "" },
                 { "null", COMMAND_BAD_ID, "", "" },
+                /* "sig" is the caller's (command_cloud_sig_check()): allowed when a string */
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009,\"sig\":\"x\"}", COMMAND_OK, "c", "b" },
+                { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009,\"sig\":1}", COMMAND_MALFORMED, "c", "b" },
                 /* malformed */
                 { "{\"id\":\"c\",\"dev\":\"b\",\"set\":{\"on\":true},\"exp\":1700000009,\"x\":1}", COMMAND_MALFORMED, "c", "b" },
                 { "{\"id\":\"c\",\"set\":{\"on\":true},\"exp\":1700000009}", COMMAND_MALFORMED, "c", "" },
@@ -377,12 +383,223 @@ static void test_parse_answer(void **state) {
         free(s);
 }
 
+/* ---- the vendor's signature (PROTOCOL.md 5), by a second file-backed key ---- */
+
+static struct hubkey *vendor, *other;
+
+static struct hubkey *file_key(void) {
+        char dir[] = "/tmp/test-commands-vendor-XXXXXX", path[128];
+        struct iothub_conf c = {};
+        struct hubkey *k = NULL;
+
+        assert_non_null(mkdtemp(dir));
+        (void) snprintf(path, sizeof path, "%s/vendor.key", dir);
+        c.key.backend = KEY_BACKEND_FILE;
+        c.key.file = path;
+        assert_int_equal(hubkey_init(&c, NULL, NULL), 0);
+        assert_int_equal(hubkey_open(&c, &k, NULL), 0);
+        (void) unlink(path);
+        (void) rmdir(dir);
+        return k;
+}
+
+/* A JWS Compact over exactly these header and payload strings; sig_key NULL: an empty signature. */
+static char *cloud_jws(const char *header, const char *payload, struct hubkey *sig_key) {
+        char *jws = NULL;
+
+        if (sig_key) {
+                assert_int_equal(jws_compact_sign(header, strlen(header), payload, strlen(payload), sign_hubkey, sig_key,
+                                                  &jws),
+                                 0);
+                return jws;
+        }
+        char *h = malloc(B64URL_BUF(strlen(header))), *p = malloc(B64URL_BUF(strlen(payload)));
+        assert_non_null(h);
+        assert_non_null(p);
+        b64url_encode((const uint8_t *) header, strlen(header), h);
+        b64url_encode((const uint8_t *) payload, strlen(payload), p);
+        assert_true(asprintf(&jws, "%s.%s.", h, p) > 0);
+        free(h);
+        free(p);
+        return jws;
+}
+
+static void test_cloud_sig(void **state) {
+        static const char cmd_json[] = "{\"id\":\"c1\",\"dev\":\"bulb-1\",\"set\":{\"on\":true,\"bri\":3,\"xy\":[0.3,1]},"
+                                       "\"exp\":1700000009}";
+        static const char good_payload[] = "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,"
+                                           "\"set\":{\"on\":true,\"bri\":3,\"xy\":[0.3,1]}}";
+        _cleanup_(verify_key_freep) struct verify_key *vk = NULL;
+        _cleanup_free_ char *pem = NULL, *path = NULL, *err = NULL;
+        char kid[HUBKEY_ID_LEN + 1], good_header[160], header_hs[160], header_none[160], header_crit[200];
+        FILE *f;
+
+        vendor = file_key();
+        other = file_key();
+        /* command_key_load(): a trusted PEM file; its kid is the RFC 7638 thumbprint, the same as
+         * hubkey.c computes for the same key. */
+        assert_int_equal(hubkey_public_pem(vendor, &pem), 0);
+        assert_true(asprintf(&path, "/tmp/test-commands-vendor-%d.pem", (int) getpid()) > 0);
+        f = fopen(path, "w");
+        assert_non_null(f);
+        assert_int_equal(fputs(pem, f) >= 0, 1);
+        assert_int_equal(fclose(f), 0);
+        assert_int_equal(chmod(path, 0644), 0);
+        assert_int_equal(command_key_load(path, &vk, kid, &err), 0);
+        assert_string_equal(kid, hubkey_id(vendor));
+        assert_int_equal(chmod(path, 0666), 0); /* writable by others: anyone could swap the key */
+        {
+                struct verify_key *untouched = NULL;
+                char kid2[HUBKEY_ID_LEN + 1] = "x";
+                assert_true(command_key_load(path, &untouched, kid2, &err) < 0);
+                assert_null(untouched);
+                assert_string_equal(kid2, "x");
+                assert_non_null(err);
+        }
+        (void) unlink(path);
+
+        (void) snprintf(good_header, sizeof good_header, "{\"alg\":\"ES256\",\"typ\":\"iothub-cloud-cmd\",\"kid\":\"%s\"}", kid);
+        (void) snprintf(header_hs, sizeof header_hs, "{\"alg\":\"HS256\",\"typ\":\"iothub-cloud-cmd\",\"kid\":\"%s\"}", kid);
+        (void) snprintf(header_none, sizeof header_none, "{\"alg\":\"none\",\"typ\":\"iothub-cloud-cmd\",\"kid\":\"%s\"}", kid);
+        (void) snprintf(header_crit, sizeof header_crit,
+                        "{\"alg\":\"ES256\",\"typ\":\"iothub-cloud-cmd\",\"kid\":\"%s\",\"crit\":[\"exp\"]}", kid);
+
+        const struct {
+                const char *what, *header, *payload;
+                struct hubkey *key; /* NULL: no signature */
+                const char *raw;    /* instead of a JWS: this sig value (JSON), or "" for no sig member */
+                bool ok;
+        } t[] = {
+                { "valid", good_header, good_payload, vendor, NULL, true },
+                { "members in another order", "{\"kid\":\"KID\",\"typ\":\"iothub-cloud-cmd\",\"alg\":\"ES256\"}",
+                  "{\"set\":{\"xy\":[0.3,1],\"bri\":3,\"on\":true},\"exp\":1700000009,\"dev\":\"bulb-1\",\"id\":\"c1\","
+                  "\"hub\":\"hub-1\"}",
+                  vendor, NULL, true },
+                { "no sig", NULL, NULL, NULL, "", false },
+                { "sig not a string", NULL, NULL, NULL, "{\"a\":1}", false },
+                { "sig by another key", good_header, good_payload, NULL, NULL, false }, /* key set below */
+                { "over another set", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":4,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "over a set with a member less", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3}}",
+                  vendor, NULL, false },
+                { "over another dev", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-2\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "over another exp", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000099,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "exp as a real", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009.0,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "over another id", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c2\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "for another hub", good_header,
+                  "{\"hub\":\"hub-2\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "no hub", good_header,
+                  "{\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3,\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "an extra member", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,\"bri\":3,"
+                  "\"xy\":[0.3,1]},\"x\":1}",
+                  vendor, NULL, false },
+                { "duplicate member", good_header,
+                  "{\"hub\":\"hub-1\",\"id\":\"c1\",\"id\":\"c1\",\"dev\":\"bulb-1\",\"exp\":1700000009,\"set\":{\"on\":true,"
+                  "\"bri\":3,\"xy\":[0.3,1]}}",
+                  vendor, NULL, false },
+                { "payload not an object", good_header, "[1]", vendor, NULL, false },
+                { "alg none", header_none, good_payload, NULL, NULL, false },
+                { "alg HS256", header_hs, good_payload, vendor, NULL, false },
+                { "crit", header_crit, good_payload, vendor, NULL, false },
+                { "another kid", "{\"alg\":\"ES256\",\"typ\":\"iothub-cloud-cmd\",\"kid\":\"k\"}", good_payload, vendor, NULL,
+                  false },
+                { "another typ", "{\"alg\":\"ES256\",\"typ\":\"iothub-cmd\",\"kid\":\"KID\"}", good_payload, vendor, NULL,
+                  false },
+                { "no kid", "{\"alg\":\"ES256\",\"typ\":\"iothub-cloud-cmd\"}", good_payload, vendor, NULL, false },
+                { "four parts", NULL, NULL, NULL, "\"a.b.c.d\"", false },
+                { "two parts", NULL, NULL, NULL, "\"a.b\"", false },
+                { "padding", NULL, NULL, NULL, "\"YQ==.YQ.YQ\"", false },
+                { "too long", NULL, NULL, NULL, "LONG", false },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_free_ char *jws = NULL, *header = NULL, *text = NULL;
+                json_t *cmd = json_loads(cmd_json, 0, NULL);
+                const char *why = NULL;
+                int r;
+
+                assert_non_null(cmd);
+                if (t[i].header) {
+                        /* KID in a header stands for the vendor key's id. */
+                        const char *k = strstr(t[i].header, "KID");
+                        if (k)
+                                assert_true(asprintf(&header, "%.*s%s%s", (int) (k - t[i].header), t[i].header, kid,
+                                                     k + 3) > 0);
+                        else
+                                header = strdup(t[i].header);
+                        jws = cloud_jws(header, t[i].payload,
+                                        streq(t[i].what, "sig by another key") ? other : t[i].key);
+                        assert_int_equal(json_object_set_new(cmd, "sig", json_string(jws)), 0);
+                } else if (streq(t[i].raw, "LONG")) {
+                        char *big = malloc(COMMAND_CLOUD_SIG_MAX + 2);
+                        assert_non_null(big);
+                        memset(big, 'A', COMMAND_CLOUD_SIG_MAX + 1);
+                        big[10] = big[20] = '.';
+                        big[COMMAND_CLOUD_SIG_MAX + 1] = '\0';
+                        assert_int_equal(json_object_set_new(cmd, "sig", json_string(big)), 0);
+                        free(big);
+                } else if (t[i].raw[0]) {
+                        json_t *v = json_loads(t[i].raw, JSON_DECODE_ANY, NULL);
+                        assert_non_null(v);
+                        assert_int_equal(json_object_set_new(cmd, "sig", v), 0);
+                }
+                r = command_cloud_sig_check(cmd, "hub-1", vk, kid, &why);
+                if ((r == 0) != t[i].ok)
+                        fail_msg("case \"%s\": r=%d (%s), want %s", t[i].what, r, why ? why : "", t[i].ok ? "valid" : "refused");
+                if (!t[i].ok)
+                        assert_non_null(why);
+                /* One bit of the signature of a valid one changed: refused. */
+                if (t[i].ok) {
+                        size_t n = strlen(jws);
+                        jws[n - 3] = jws[n - 3] == 'A' ? 'B' : 'A';
+                        assert_int_equal(json_object_set_new(cmd, "sig", json_string(jws)), 0);
+                        assert_int_equal(command_cloud_sig_check(cmd, "hub-1", vk, kid, NULL), -EBADMSG);
+                }
+                json_decref(cmd);
+        }
+        hubkey_free(vendor);
+        hubkey_free(other);
+}
+
+static void test_payload_add_cloud(void **state) {
+        char buf[64] = "{\"a\":1}";
+        int n = command_payload_add_cloud(buf, strlen(buf), sizeof buf, "h.p.s-_");
+
+        assert_int_equal(n, (int) strlen("{\"a\":1,\"cloud\":\"h.p.s-_\"}"));
+        assert_string_equal(buf, "{\"a\":1,\"cloud\":\"h.p.s-_\"}");
+        strcpy(buf, "{\"a\":1}");
+        assert_int_equal(command_payload_add_cloud(buf, strlen(buf), sizeof buf, "a\"b"), -EINVAL);
+        assert_int_equal(command_payload_add_cloud(buf, strlen(buf), 12, "abcdefghijkl"), -ENOBUFS);
+        assert_string_equal(buf, "{\"a\":1}");
+        assert_int_equal(command_payload_add_cloud(buf, 0, sizeof buf, "a"), -EINVAL);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_id),          cmocka_unit_test(test_check),
                 cmocka_unit_test(test_check_fields), cmocka_unit_test(test_payload),
                 cmocka_unit_test(test_jws),         cmocka_unit_test(test_result_body),
-                cmocka_unit_test(test_parse_answer),
+                cmocka_unit_test(test_parse_answer), cmocka_unit_test(test_cloud_sig),
+                cmocka_unit_test(test_payload_add_cloud),
         };
 
         return cmocka_run_group_tests(tests, key_setup, key_teardown);

@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 
 #include <ini.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 
 #include "iothub/conf.h"
 
@@ -152,6 +154,8 @@ static const struct key_info keys[] = {
         K("cloud", "timeout_s", cloud.timeout_s, UINT),
         K("cloud", "bearer_token_file", cloud.bearer_token_file, STR),
         K("cloud", "attestation", cloud.attestation, ATTEST),
+        K("cloud", "command_key_file", cloud.command_key_file, STR),
+        K("cloud", "events_interval_s", cloud.events_interval_s, UINT),
         K("oauth", "issuer", oauth.issuer, STR),
         K("oauth", "client_id", oauth.client_id, STR),
         K("oauth", "scope", oauth.scope, STR),
@@ -275,6 +279,8 @@ static int setup(void **state) {
         "[cloud] timeout_s = 30\n"                                                                          \
         "[cloud] bearer_token_file = (unset)\n"                                                             \
         "[cloud] attestation = auto\n"                                                                      \
+        "[cloud] command_key_file = (unset)\n"                                                              \
+        "[cloud] events_interval_s = 60\n"                                                                  \
         "[oauth] issuer = (unset)\n"                                                                        \
         "[oauth] client_id = (unset)\n"                                                                     \
         "[oauth] scope = offline_access\n"                                                                  \
@@ -350,6 +356,7 @@ static void test_full_file(void **state) {
                                    "timeout_s = 10\n"
                                    "bearer_token_file = /etc/iothub/token\n"
                                    "attestation = off\n"
+                                   "events_interval_s = 30\n"
                                    "\n"
                                    "[oauth]\n"
                                    "issuer = https://login.example.com\n"
@@ -394,6 +401,8 @@ static void test_full_file(void **state) {
                                        "[cloud] timeout_s = 10\n"
                                        "[cloud] bearer_token_file = /etc/iothub/token\n"
                                        "[cloud] attestation = off\n"
+                                       "[cloud] command_key_file = (unset)\n"
+                                       "[cloud] events_interval_s = 30\n"
                                        "[oauth] issuer = https://login.example.com\n"
                                        "[oauth] client_id = iothub-hub\n"
                                        "[oauth] scope = openid offline_access\n"
@@ -464,6 +473,8 @@ static void test_good_values(void **state) {
                 { "cloud", "batch_max_delay_ms = 600000", "batch_max_delay_ms", "600000" },
                 { "cloud", "timeout_s = 1", "timeout_s", "1" },
                 { "cloud", "timeout_s = 300", "timeout_s", "300" },
+                { "cloud", "events_interval_s = 1", "events_interval_s", "1" },
+                { "cloud", "events_interval_s = 3600", "events_interval_s", "3600" },
                 { "oauth", "issuer = https://login.example.com/realms/x", "issuer",
                   "https://login.example.com/realms/x" },
                 { "oauth", "client_id = a b~!", "client_id", "a b~!" },
@@ -669,6 +680,13 @@ static void test_bad_values(void **state) {
                 { "cloud", "timeout_s = -5", "[cloud] timeout_s: '-5' is out of range 1..300" },
                 { "cloud", "timeout_s = thirty", "[cloud] timeout_s: 'thirty' is not a decimal number" },
                 { "cloud", "bearer_token_file =", "[cloud] bearer_token_file: empty value" },
+                { "cloud", "events_interval_s = 0", "[cloud] events_interval_s: '0' is out of range 1..3600" },
+                { "cloud", "events_interval_s = 3601",
+                  "[cloud] events_interval_s: '3601' is out of range 1..3600" },
+                { "cloud", "events_interval_s = 1m", "[cloud] events_interval_s: '1m' is not a decimal number" },
+                { "cloud", "command_key_file =", "[cloud] command_key_file: empty value" },
+                { "cloud", "command_key_file = vendor.pem",
+                  "[cloud] command_key_file: 'vendor.pem' is not an absolute path" },
                 { "cloud", "bearer_token_file = token",
                   "[cloud] bearer_token_file: 'token' is not an absolute path" },
 
@@ -1226,6 +1244,70 @@ static void test_env_dirs_bad(void **state) {
 }
 
 /* conf_load() changes libinih's process-wide settings only while it parses. */
+/* [cloud] command_key_file: a trusted file holding a PEM P-256 public key (PROTOCOL.md 5). */
+static char *pubkey_pem(const char *type) {
+        EVP_PKEY *k = streq(type, "P-256") ? EVP_EC_gen("P-256") : EVP_PKEY_Q_keygen(NULL, NULL, type);
+        BIO *b = BIO_new(BIO_s_mem());
+        char *data = NULL, *out;
+        long n;
+
+        assert_non_null(k);
+        assert_non_null(b);
+        assert_int_equal(PEM_write_bio_PUBKEY(b, k), 1);
+        n = BIO_get_mem_data(b, &data);
+        assert_true(n > 0);
+        out = strndup(data, (size_t) n);
+        assert_non_null(out);
+        BIO_free(b);
+        EVP_PKEY_free(k);
+        return out;
+}
+
+static void test_command_key(void **state) {
+        _cleanup_free_ char *p256 = pubkey_pem("P-256"), *ed = pubkey_pem("ED25519");
+        static const char junk[] = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        const struct {
+                const char *content; /* NULL: no file */
+                mode_t mode;
+                const char *message; /* NULL: accepted; else after "<conf>:3: " */
+        } cases[] = {
+                { p256, 0644, NULL },
+                { p256, 0600, NULL },
+                { ed, 0644, "[cloud] command_key_file: %s is not a PEM P-256 public key (ES256)" },
+                { junk, 0644, "[cloud] command_key_file: %s is not a PEM P-256 public key (ES256)" },
+                { "", 0644, "[cloud] command_key_file: %s is not a PEM P-256 public key (ES256)" },
+                { p256, 0666, "[cloud] command_key_file: " }, /* writable by others: refused */
+                { NULL, 0, "[cloud] command_key_file: " },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                _cleanup_conf_ struct iothub_conf *c = NULL;
+                _cleanup_free_ char *key = NULL, *text = NULL, *err = NULL, *path = NULL, *want = NULL;
+                int r;
+
+                assert_true(asprintf(&key, "%s/vendor-%zu.pem", tmpdir, i) > 0);
+                if (cases[i].content) {
+                        write_all(key, cases[i].content, strlen(cases[i].content));
+                        assert_int_equal(chmod(key, cases[i].mode), 0);
+                }
+                assert_true(asprintf(&text, "[cloud]\nurl = https://cloud.example.com\ncommand_key_file = %s\n",
+                                     key) > 0);
+                r = load(text, &c, &err, &path);
+                (void) unlink(key);
+                if (!cases[i].message) {
+                        if (r != 0)
+                                fail_msg("case %zu: %s", i, err);
+                        assert_string_equal(c->cloud.command_key_file, key);
+                        continue;
+                }
+                assert_int_equal(r, -EINVAL);
+                want = subst(cases[i].message, key, NULL);
+                if (!err || strncmp(err, path, strlen(path)) != 0 || !strstr(err, ":3: ") ||
+                    !strstr(err, want) || !strstr(err, key))
+                        fail_msg("case %zu: got '%s', want '%s:3: %s...' naming %s", i, err, path, want, key);
+        }
+}
+
 static void test_inih_settings_restored(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
         bool multiline = ini_allow_multiline;
@@ -1326,6 +1408,7 @@ int main(void) {
                 cmocka_unit_test_setup(test_machine_id_file_wins, setup),
                 cmocka_unit_test_setup(test_env_dirs, setup),
                 cmocka_unit_test_setup(test_env_dirs_bad, setup),
+                cmocka_unit_test_setup(test_command_key, setup),
                 cmocka_unit_test_setup(test_inih_settings_restored, setup),
                 cmocka_unit_test_setup(test_to_string, setup),
                 cmocka_unit_test_setup(test_shipped_file, setup),

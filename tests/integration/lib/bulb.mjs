@@ -2,6 +2,7 @@
 // code, so that a bug in the hub cannot agree with itself.
 import * as jose from 'jose';
 import crypto from 'node:crypto';
+import { isDeepStrictEqual } from 'node:util';
 
 export class Bulb {
   constructor(id, alg, keys, pem) {
@@ -129,4 +130,25 @@ async function rawSign(alg, key, data) {
 export async function derSign(bulb, input) {
   const k = bulb.privateKey instanceof crypto.KeyObject ? bulb.privateKey : crypto.KeyObject.from(bulb.privateKey);
   return crypto.sign('sha256', Buffer.from(input), { key: k, dsaEncoding: 'der' });
+}
+
+// What a bulb does with a command (PROTOCOL.md 2 and 5), with jose: verify the hub's JWS with
+// the hub key it was paired with (typ iothub-cmd); when it also knows the vendor's command key,
+// verify the vendor's JWS in the payload's "cloud" member (typ iothub-cloud-cmd) and that it is
+// over this very command: hub, id, dev, exp and set equal. Throws on any failure; resolves to
+// { header, payload, cloudHeader?, cloudPayload? }.
+export async function verifyCommand(jws, hubKey, vendorKey = null) {
+  const v = await jose.compactVerify(jws, hubKey, { algorithms: ['ES256'] });
+  if (v.protectedHeader.typ !== 'iothub-cmd') throw new Error(`hub JWS typ ${v.protectedHeader.typ}`);
+  const payload = JSON.parse(Buffer.from(v.payload).toString());
+  const out = { header: v.protectedHeader, payload };
+  if (!vendorKey) return out;
+  if (typeof payload.cloud !== 'string') throw new Error('no vendor signature ("cloud") in the command');
+  const c = await jose.compactVerify(payload.cloud, vendorKey, { algorithms: ['ES256'] });
+  if (c.protectedHeader.typ !== 'iothub-cloud-cmd') throw new Error(`vendor JWS typ ${c.protectedHeader.typ}`);
+  const cp = JSON.parse(Buffer.from(c.payload).toString());
+  for (const k of ['hub', 'id', 'dev', 'exp', 'set']) {
+    if (!isDeepStrictEqual(cp[k], payload[k])) throw new Error(`the vendor signed another ${k}: ${JSON.stringify(cp[k])} != ${JSON.stringify(payload[k])}`);
+  }
+  return { ...out, cloudHeader: c.protectedHeader, cloudPayload: cp };
 }

@@ -1,0 +1,204 @@
+// Cloud-signed commands (PROTOCOL.md 5, iothub-protocol(7) "Cloud-signed commands"): with
+// [cloud] command_key_file the hub acts only on commands whose "sig" is a JWS (ES256) by the
+// vendor's key over that very command, refuses every other one as rejected/bad_signature before
+// any other check, and passes the vendor's JWS on to the bulb inside its own command ("cloud"),
+// where the bulb simulator verifies both signatures with jose (lib/bulb.mjs verifyCommand()).
+// The reference cloud signs with jose too (tests/cloud/server.mjs signCloudCommand()). Real
+// swtpm, mosquitto and the reference cloud.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import * as jose from 'jose';
+import { Hub, mqttClient, waitFor, sleep } from './lib/harness.mjs';
+import { Bulb, verifyCommand, b64u } from './lib/bulb.mjs';
+import { startCloud, signCloudCommand } from '../cloud/server.mjs';
+import { startTestbed, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
+
+const PREFIX = 'iothub/v1/bulbs';
+const HUB_ID = 'test-hub';
+const TOKEN = 'tok-signed-commands-0123456789';
+let dir, tpm, broker, cloud, hub, pub, hubKey, vendor, stranger, lamp;
+let seq = 0;
+
+const nowS = () => Math.floor(Date.now() / 1000);
+const nextId = (what) => `${what}-${++seq}`;
+const resultsOf = (id) => cloud.state.results.filter((r) => r.id === id);
+const hubState = () => cloud.state.hubs.get(HUB_ID);
+
+async function vendorKey() {
+  const { privateKey, publicKey } = await jose.generateKeyPair('ES256', { extractable: true });
+  const kid = await jose.calculateJwkThumbprint(await jose.exportJWK(publicKey), 'sha256');
+  return { privateKey, publicKey, kid, pem: await jose.exportSPKI(publicKey) };
+}
+
+// A bulb that records every command on its topic and verifies it as a real one would.
+class CmdBulb {
+  constructor(bulb, client) { this.bulb = bulb; this.id = bulb.id; this.client = client; this.got = []; }
+  static async create(id) {
+    const bulb = await Bulb.create(id, 'ES256');
+    const client = await mqttClient(broker.port, { clean: false, clientId: `signed-bulb-${id}-${process.pid}` });
+    const b = new CmdBulb(bulb, client);
+    client.on('message', (topic, payload) => { b.#onMessage(payload.toString()); });
+    await client.subscribeAsync(`${PREFIX}/${id}/cmd`, { qos: 1 });
+    return b;
+  }
+  async #onMessage(jws) {
+    const e = { jws };
+    this.got.push(e);
+    try {
+      Object.assign(e, await verifyCommand(jws, hubKey, vendor.publicKey));
+      e.verified = true;
+    } catch (err) {
+      e.verified = false; e.error = err.message;
+    }
+  }
+  received(id) { return this.got.filter((e) => e.payload?.id === id || (!e.payload && e.jws.includes(id))); }
+  async ack(id) {
+    const jws = await this.bulb.frame({ ack: { id, ok: true } });
+    await pub.publishAsync(`${PREFIX}/${this.id}/status`, jws, { qos: 1 });
+  }
+  async end() { await this.client.endAsync(); }
+}
+
+async function pollParked(timeoutMs = 15000) {
+  await waitFor(() => hubState()?.waiters?.size === 1, timeoutMs, 'the hub long poll parked at the cloud');
+}
+
+// A command as the cloud hands it out; sig undefined: the reference cloud signs it with the
+// vendor's key; a string: exactly that; null: no sig member.
+function queue(cmd, sig) {
+  return cloud.control.queueCommand({ hub: HUB_ID, exp: nowS() + 60, set: { on: true }, dev: lamp.id, ...cmd, sig });
+}
+
+async function rejectedReasons() {
+  return (await hub.status()).commands.rejected_reasons;
+}
+
+// Queues a command the hub must refuse, and checks the whole refusal: one result "rejected"
+// with detail bad_signature, nothing at the bulb, the counter up by one.
+async function expectRefused(what, cmd, sig) {
+  const before = (await rejectedReasons()).bad_signature;
+  await pollParked();
+  queue(cmd, sig);
+  await waitFor(() => resultsOf(cmd.id).length >= 1, 10000, `the result of ${what}`);
+  const r = resultsOf(cmd.id);
+  assert.equal(r.length, 1, `${what}: one result`);
+  assert.equal(r[0].status, 'rejected', what);
+  assert.equal(r[0].detail, 'bad_signature', what);
+  assert.equal((await rejectedReasons()).bad_signature, before + 1, `${what}: counted`);
+  await sleep(200);
+  assert.equal(lamp.received(cmd.id).length, 0, `${what}: never reaches the bulb`);
+}
+
+before(async () => {
+  ({ dir, tpm, broker } = await startTestbed());
+  vendor = await vendorKey();
+  stranger = await vendorKey();
+  cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' },
+    commandKey: { privateKey: vendor.privateKey, kid: vendor.kid } });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  const keyFile = path.join(dir, 'vendor-command-key.pem');
+  await fs.writeFile(keyFile, vendor.pem, { mode: 0o644 });
+  const overrides = {
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, batch_max_delay_ms: 200, timeout_s: 5,
+      bearer_token_file: path.join(dir, 'token'), command_key_file: keyFile },
+  };
+  const { kid, ...pubJwk } = (await keyBeforeDaemon(broker, overrides)).jwk;
+  hubKey = await jose.importJWK(pubJwk, 'ES256');
+  hub = await Hub.start(broker, overrides);
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt');
+  const r = await hub.ctl(['register']);
+  assert.equal(r.code, 0, r.stderr);
+  pub = await mqttClient(broker.port);
+  lamp = await CmdBulb.create('signed-lamp');
+  const f = path.join(hub.dir, 'lamp.pem');
+  await fs.writeFile(f, lamp.bulb.pem);
+  assert.equal((await hub.ctl(['bulb', 'add', lamp.id, '--key', f])).code, 0);
+  await waitFor(() => hubState()?.devices?.size === 1, 5000, 'device list at the cloud');
+  await pollParked();
+});
+
+after(async () => {
+  await lamp?.end();
+  await stopTestbed({ clients: [pub], hub, cloud, broker, tpm, dir });
+});
+
+test('a command signed by the vendor reaches the bulb, which verifies both signatures; delivered, acked', async () => {
+  const id = nextId('signed');
+  await pollParked();
+  const cmd = queue({ id, set: { on: true, bri: 200, xy: [0.3127, 0.329] } });
+  await waitFor(() => lamp.received(id).length === 1, 10000, 'the command at the bulb');
+  const e = lamp.received(id)[0];
+  assert.ok(e.verified, e.error);
+  // The vendor's JWS byte for byte, as the last member of the hub's payload.
+  assert.equal(e.payload.cloud, cmd.sig);
+  assert.deepEqual(Object.keys(e.payload), ['hub', 'dev', 'id', 'iat', 'exp', 'set', 'cloud']);
+  assert.deepEqual(e.cloudHeader, { alg: 'ES256', typ: 'iothub-cloud-cmd', kid: vendor.kid });
+  assert.deepEqual(e.cloudPayload, { hub: HUB_ID, id, dev: lamp.id, exp: cmd.exp, set: { on: true, bri: 200, xy: [0.3127, 0.329] } });
+  // The bulb's check can fail: another vendor key, or the hub's JWS with one byte changed.
+  await assert.rejects(verifyCommand(e.jws, hubKey, stranger.publicKey));
+  const [h, p, s] = e.jws.split('.');
+  const other = Buffer.from(p, 'base64url').toString().replace('"bri":200', '"bri":201');
+  await assert.rejects(verifyCommand(`${h}.${b64u(other)}.${s}`, hubKey, vendor.publicKey));
+  await waitFor(() => resultsOf(id).some((r) => r.status === 'delivered'), 10000, 'delivered');
+  await lamp.ack(id);
+  await waitFor(() => resultsOf(id).length === 2, 10000, 'acked');
+  assert.deepEqual(resultsOf(id).map((r) => r.status), ['delivered', 'acked']);
+});
+
+test('a command without sig is rejected (bad_signature)', async () => {
+  await expectRefused('no sig', { id: nextId('nosig') }, null);
+});
+
+test('a sig by another key is rejected, with its own kid or with the vendor key id', async () => {
+  const c1 = { id: nextId('stranger'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  await expectRefused('another key, its kid', c1, await signCloudCommand(stranger, HUB_ID, c1));
+  const c2 = { id: nextId('stranger'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  await expectRefused('another key, the vendor kid', c2,
+    await signCloudCommand({ privateKey: stranger.privateKey, kid: vendor.kid }, HUB_ID, c2));
+});
+
+test('a sig over a different command is rejected: changed set, dev, exp, id, hub', async () => {
+  const changes = [
+    ['set', { set: { on: false } }],
+    ['set with one more member', { set: { on: true, bri: 1 } }],
+    ['dev', { dev: 'other-lamp' }],
+    ['exp', { exp: nowS() + 3600 }],
+    ['id', { id: 'someone-elses' }],
+    ['hub', { hub: 'another-hub' }],
+  ];
+  for (const [what, over] of changes) {
+    const c = { id: nextId('over'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+    await expectRefused(`a sig over another ${what}`, c, await signCloudCommand(vendor, HUB_ID, c, over));
+  }
+  // A valid sig of one command moved to another (replayed with another set).
+  const a = { id: nextId('moved'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  await expectRefused('a sig moved to another command', { ...a, set: { on: false } }, await signCloudCommand(vendor, HUB_ID, a));
+});
+
+test('alg none, HS256 (keyed with the public key) and a header with crit are rejected', async () => {
+  const c = { id: nextId('none'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  const payload = JSON.stringify({ hub: HUB_ID, id: c.id, dev: c.dev, exp: c.exp, set: c.set });
+  await expectRefused('alg none', c, `${b64u(JSON.stringify({ alg: 'none', typ: 'iothub-cloud-cmd', kid: vendor.kid }))}.${b64u(payload)}.`);
+
+  const d = { id: nextId('hs256'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  const hs = await new jose.CompactSign(new TextEncoder().encode(JSON.stringify({ hub: HUB_ID, id: d.id, dev: d.dev, exp: d.exp, set: d.set })))
+    .setProtectedHeader({ alg: 'HS256', typ: 'iothub-cloud-cmd', kid: vendor.kid })
+    .sign(new TextEncoder().encode(vendor.pem));
+  await expectRefused('alg HS256', d, hs);
+
+  const e = { id: nextId('crit'), dev: lamp.id, set: { on: true }, exp: nowS() + 60 };
+  const crit = await new jose.CompactSign(new TextEncoder().encode(JSON.stringify({ hub: HUB_ID, id: e.id, dev: e.dev, exp: e.exp, set: e.set })))
+    .setProtectedHeader({ alg: 'ES256', typ: 'iothub-cloud-cmd', kid: vendor.kid, crit: ['b64'], b64: true })
+    .sign(vendor.privateKey);
+  await expectRefused('crit', e, crit);
+});
+
+test('the refusals are security events (command_rejected, bad_signature)', async () => {
+  const refused = (await rejectedReasons()).bad_signature;
+  assert.ok(refused >= 12, `refused ${refused}`);
+  await waitFor(() => cloud.state.events.filter((x) => x.type === 'command_rejected' && x.reason === 'bad_signature')
+    .reduce((n, x) => n + x.count, 0) >= refused, 15000, 'command_rejected events at the cloud');
+});
