@@ -414,9 +414,9 @@ static void cloud_maybe_send(struct cloud *c) {
         if (c->counters.backoff_until > now)
                 return;
         c->counters.backoff_until = 0;
-        if (h->spool_pending == 0)
+        if (h->spool.pending == 0)
                 return;
-        if (h->spool_pending < h->conf->cloud.batch_max_frames) {
+        if (h->spool.pending < h->conf->cloud.batch_max_frames) {
                 /* Runs after every commit: while the timer for the oldest frame is armed, a
                  * newer frame cannot make the batch due sooner, so skip the query. */
                 if (sd_event_source_get_enabled(c->batch_timer, NULL) > 0)
@@ -528,8 +528,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                         cloud_backoff(c, NULL);
                         return;
                 }
-                h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
-                h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+                h->spool.pending -= count <= h->spool.pending ? count : h->spool.pending;
+                h->spool.bytes -= bytes <= h->spool.bytes ? bytes : h->spool.bytes;
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
@@ -562,8 +562,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 cloud_backoff(c, NULL);
                 return;
         }
-        h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
-        h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+        h->spool.pending -= count <= h->spool.pending ? count : h->spool.pending;
+        h->spool.bytes -= bytes <= h->spool.bytes ? bytes : h->spool.bytes;
         c->counters.moved_aside += count;
         set_last_error(c, "a batch was refused (%s) and moved aside", reason);
         log_event(LOG_ERR, 0, IOTHUB_MID_BATCH_MOVED_ASIDE, NULL, NULL,

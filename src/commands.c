@@ -646,7 +646,7 @@ static int store_flush(struct commands *c) {
                 return 0;
         /* The frame path groups the frames of one MQTT read in a transaction of its own; it is
          * always committed before the loop runs anything else, but never write into it. */
-        if (c->hub->batch.open)
+        if (db_in_transaction(db))
                 return -EBUSY;
         r = db_begin(db);
         if (r < 0)

@@ -389,6 +389,10 @@ int db_rollback(struct db *db) {
         return db_step_cached(db, DB_STMT_ROLLBACK);
 }
 
+bool db_in_transaction(struct db *db) {
+        return db && !sqlite3_get_autocommit(db->sqlite);
+}
+
 const char *db_errmsg(struct db *db) {
         if (!db || !db->sqlite)
                 return "no database";

@@ -31,11 +31,35 @@
 #define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
-        ingest_message(userdata, topic, payload, len);
+        struct hub *h = userdata;
+
+        ingest_message(h->ingest, topic, payload, len);
 }
 
 static void on_mqtt_read_done(void *userdata) {
-        (void) ingest_commit(userdata);
+        struct hub *h = userdata;
+
+        (void) ingest_commit(h->ingest);
+}
+
+/* Frames are in the spool: the relay may have a batch due. */
+static void on_ingest_committed(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_kick(h->cloud);
+}
+
+static void on_ingest_command_ack(void *userdata, const char *dev, const char *id, bool ok, const char *err) {
+        struct hub *h = userdata;
+
+        commands_on_ack(h->commands, dev, id, ok, err);
+}
+
+/* The frame counters, zero before the frame path exists (a status line during start-up). */
+static const struct ingest_counters *frame_counters(struct hub *h) {
+        static const struct ingest_counters none;
+
+        return h->ingest ? ingest_counters(h->ingest) : &none;
 }
 
 static void on_mqtt_connected(void *userdata, bool connected) {
@@ -74,6 +98,7 @@ static const char *key_error_reason(int r) {
 }
 
 int hub_status_json(struct hub *h, json_t **ret) {
+        const struct ingest_counters *counters = frame_counters(h);
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
         json_t *rejected, *o, *key;
         int r;
@@ -92,16 +117,16 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         for (int i = FRAME_OK + 1; i < _FRAME_REASON_MAX; i++)
                 (void) json_object_set_new(rejected, frame_reason_to_string(i),
-                                           json_integer((json_int_t) h->counters.frames_rejected[i]));
+                                           json_integer((json_int_t) counters->frames_rejected[i]));
         o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I,s:I,s:I},s:{s:I,s:I}}", "hub_id",
                       h->conf->hub.id, "version", IOTHUB_VERSION, "uptime_s",
                       (json_int_t) ((now_monotonic_usec() - h->start_monotonic_usec) / UINT64_C(1000000)),
                       "config", h->conf->path, "mqtt", "connected", mqtt_is_connected(h->mqtt), "frames",
-                      "received", (json_int_t) h->counters.frames_received, "accepted",
-                      (json_int_t) h->counters.frames_accepted, "store_failed",
-                      (json_int_t) h->counters.frames_store_failed, "rejected", rejected, "spool", "pending",
-                      (json_int_t) h->spool_pending, "bytes", (json_int_t) h->spool_bytes, "dropped",
-                      (json_int_t) h->spool_dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
+                      "received", (json_int_t) counters->frames_received, "accepted",
+                      (json_int_t) counters->frames_accepted, "store_failed",
+                      (json_int_t) counters->frames_store_failed, "rejected", rejected, "spool", "pending",
+                      (json_int_t) h->spool.pending, "bytes", (json_int_t) h->spool.bytes, "dropped",
+                      (json_int_t) h->spool.dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
                       (json_int_t) enrolled, "revoked", (json_int_t) revoked);
         if (!o)
                 return -ENOMEM;
@@ -133,19 +158,20 @@ int hub_status_json(struct hub *h, json_t **ret) {
 }
 
 void hub_notify_status(struct hub *h) {
+        const struct ingest_counters *counters = frame_counters(h);
         uint64_t rejected = 0;
         char cloud[320];
 
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
-                rejected += h->counters.frames_rejected[i];
+                rejected += counters->frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
         if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
                 (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
         (void) sd_notifyf(false,
                           "STATUS=MQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
                           " frames; %s",
-                          mqtt_is_connected(h->mqtt) ? "connected" : "disconnected", h->counters.frames_accepted,
-                          rejected, h->spool_pending, cloud);
+                          mqtt_is_connected(h->mqtt) ? "connected" : "disconnected", counters->frames_accepted,
+                          rejected, h->spool.pending, cloud);
 }
 
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -280,8 +306,11 @@ static int hub_reload(struct hub *h) {
         keep_string("cloud", "url", &n->cloud.url, &o->cloud.url);
         keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
-        h->conf = TAKE_PTR(n);
-        n = o;
+        /* The modules hold this struct since their _new(): the new values go into it in place,
+         * and the old ones into n, which is freed on return. */
+        struct iothub_conf t = *o;
+        *o = *n;
+        *n = t;
         log_event(LOG_INFO, 0, IOTHUB_MID_RELOADED, NULL, NULL, "Reloaded %s", h->conf->path);
 done:
         (void) sd_notify(false, "READY=1");
@@ -294,7 +323,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 }
 
 static void hub_done(struct hub *h) {
-        (void) ingest_commit(h);
+        if (h->ingest)
+                (void) ingest_commit(h->ingest);
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
         commands_free(h->commands);
@@ -310,8 +340,7 @@ static void hub_done(struct hub *h) {
         sd_event_source_disable_unref(h->sighup);
         sd_event_source_disable_unref(h->watchdog);
         registry_free(h->registry);
-        free(h->batch.acks);
-        free(h->batch.undo);
+        ingest_free(h->ingest);
         db_close(h->db);
         sd_event_unref(h->event);
         conf_free(h->conf);
@@ -373,7 +402,7 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
                 goto out;
         }
-        r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
+        r = spool_stats(h.db, &h.spool.pending, &h.spool.bytes);
         if (r < 0) {
                 log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
                 goto out;
@@ -401,6 +430,16 @@ int hub_run(const char *config_path, int log_level_override) {
         r = ack_new(&h, &h.ack);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up acks to the bulbs: %m");
+                goto out;
+        }
+        r = ingest_new(h.conf, h.db, h.registry, h.ack, &h.spool,
+                       &(struct ingest_events){ .committed = on_ingest_committed,
+                                                /* No commands, no acks to collect. */
+                                                .command_ack = h.commands ? on_ingest_command_ack : NULL,
+                                                .userdata = &h },
+                       &h.ingest);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up the frame path: %m");
                 goto out;
         }
         r = control_new(&h, &h.control);

@@ -2,6 +2,7 @@
 /* The state database: one SQLite file in WAL mode in the state directory. */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "iothub/util.h"
@@ -21,6 +22,10 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct db *, db_close);
 int db_begin(struct db *db);
 int db_commit(struct db *db);
 int db_rollback(struct db *db);
+/* Whether a transaction is open on this connection (the frame path's group commit between
+ * an MQTT read and its commit): a module with writes of its own waits rather than write
+ * into it. */
+bool db_in_transaction(struct db *db);
 
 /* The text of the last SQLite error on this connection (for log messages). */
 const char *db_errmsg(struct db *db);

@@ -10,6 +10,7 @@
 #include "iothub/db.h"
 #include "iothub/frame.h"
 #include "iothub/registry.h"
+#include "iothub/spool.h"
 
 struct mqtt;
 struct control;
@@ -19,38 +20,7 @@ struct http;
 struct oauth;
 struct commands;
 struct ack;
-
-struct hub_counters {
-        uint64_t frames_received;
-        uint64_t frames_accepted;
-        uint64_t frames_rejected[_FRAME_REASON_MAX];
-        uint64_t frames_store_failed; /* passed every check, but the database refused them */
-};
-
-/* Frames that passed every check in the current read, waiting for their commit. */
-struct ingest_ack {
-        char dev[DEVICE_ID_MAX + 1];
-        char id[DEVICE_ID_MAX + 1];
-        bool ok;
-        char err[FRAME_ACK_ERR_MAX + 1];
-};
-
-struct ingest_seq_undo {
-        char dev[DEVICE_ID_MAX + 1];
-        int64_t last_seq;
-};
-
-struct ingest_batch {
-        bool open;      /* a transaction is open */
-        unsigned count; /* frames appended in it */
-        uint64_t bytes; /* their size */
-        /* Command acks of these frames, handed on after the commit. */
-        struct ingest_ack *acks;
-        size_t n_acks, cap_acks;
-        /* The last seq each bulb had before this transaction: restored if the commit fails. */
-        struct ingest_seq_undo *undo;
-        size_t n_undo, cap_undo;
-};
+struct ingest;
 
 struct hub {
         struct iothub_conf *conf;
@@ -69,16 +39,12 @@ struct hub {
         uint64_t key_retry_usec;    /* the next retry's delay */
         int key_errno;              /* the last failure to open it, logged once per kind */
         char *key_error;            /* its one-line reason, for status */
+        struct ingest *ingest;     /* the frame path */
         /* The spool, kept in memory so that the frame path never counts rows. */
-        uint64_t spool_pending, spool_bytes;
-        uint64_t spool_dropped; /* oldest frames dropped at [spool] max_bytes since start */
+        struct spool_counts spool;
         sd_event_source *sigterm, *sigint, *sighup, *watchdog;
         uint64_t watchdog_usec;
         uint64_t start_monotonic_usec;
-        struct hub_counters counters;
-        struct ingest_batch batch;
-        /* Unknown devices have no per-bulb log limit: one shared window for them. */
-        struct ratelimit unknown_log_rl;
 };
 
 /* Runs the daemon until SIGTERM/SIGINT. Returns the process exit status (DESIGN.md):
