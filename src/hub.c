@@ -55,6 +55,18 @@ static void on_ingest_command_ack(void *userdata, const char *dev, const char *i
         commands_on_ack(h->commands, dev, id, ok, err);
 }
 
+/* A new access token: uploads and the command poll that waited for one go now. */
+static void on_oauth_token_ready(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_kick(h->cloud);
+        commands_kick(h->commands);
+}
+
+static void on_oauth_status_changed(void *userdata) {
+        hub_notify_status(userdata);
+}
+
 /* The frame counters, zero before the frame path exists (a status line during start-up). */
 static const struct ingest_counters *frame_counters(struct hub *h) {
         static const struct ingest_counters none;
@@ -236,7 +248,7 @@ int hub_open_key(struct hub *h) {
         log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s)", hubkey_id(h->hubkey),
                   key_backend_to_string(hubkey_backend(h->hubkey)));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
-        oauth_key_ready(h->oauth);
+        oauth_key_ready(h->oauth, h->hubkey);
         cloud_key_ready(h->cloud);
         commands_kick(h->commands);
         hub_notify_status(h);
@@ -417,7 +429,11 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
-        r = oauth_new(&h, &h.oauth);
+        r = oauth_new(h.event, h.conf, h.http,
+                      &(struct oauth_events){ .token_ready = on_oauth_token_ready,
+                                              .status_changed = on_oauth_status_changed,
+                                              .userdata = &h },
+                      &h.oauth);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up sign-in: %m");
                 goto out;
