@@ -18,7 +18,6 @@
 #include <openssl/crypto.h>
 
 #include "iothub/cloud.h"
-#include "iothub/commands.h"
 #include "iothub/http.h"
 #include "iothub/httpsig.h"
 #include "iothub/hubkey.h"
@@ -56,7 +55,14 @@ struct cloud_req {
 };
 
 struct cloud {
-        struct hub *hub;
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct registry *registry;
+        struct http *http;
+        struct oauth *oauth;        /* NULL without [oauth]: the fixed token of bearer_token_file */
+        struct hubkey *hubkey;      /* NULL until hub.c announces it (cloud_key_ready) */
+        struct spool_counts *spool; /* hub.c's; lowered as frames leave the spool */
+        struct cloud_events ev;
         char *base_url; /* without a trailing '/' */
         sd_event_source *batch_timer;
         struct cloud_req *status_req, *devices_req;
@@ -138,14 +144,14 @@ static bool token_is_valid(const char *t) {
 /* (Re)reads the access token. For now from [cloud] bearer_token_file; the OAuth module takes
  * this place once a user signed in. */
 static int cloud_load_token(struct cloud *c) {
-        const char *path = c->hub->conf->cloud.bearer_token_file;
+        const char *path = c->conf->cloud.bearer_token_file;
         _cleanup_erase_str_ char *t = NULL;
         size_t len = 0;
         int r;
 
         if (!path) {
                 /* Sign-in is the user's way; bearer_token_file is a development aid, not a hint. */
-                if (c->hub->conf->oauth.issuer)
+                if (c->conf->oauth.issuer)
                         set_last_error(c, "not signed in: [oauth] client_id is not set");
                 else
                         set_last_error(c, "not signed in: configure [oauth] (see iothub.conf(5)), then run "
@@ -176,7 +182,7 @@ static int cloud_load_token(struct cloud *c) {
 /* With [oauth], the signed-in user's token (and a DPoP proof when it is bound); else the
  * fixed token of [cloud] bearer_token_file. */
 static bool cloud_have_token(struct cloud *c) {
-        struct oauth *o = c->hub->oauth;
+        struct oauth *o = c->oauth;
 
         if (o)
                 return oauth_get_state(o) == OAUTH_OK || oauth_get_state(o) == OAUTH_REFRESHING;
@@ -184,13 +190,13 @@ static bool cloud_have_token(struct cloud *c) {
 }
 
 static bool cloud_uses_oauth(struct cloud *c) {
-        return c->hub->conf->oauth.issuer && c->hub->conf->oauth.client_id;
+        return c->conf->oauth.issuer && c->conf->oauth.client_id;
 }
 
 static int cloud_authorization(struct cloud *c, const char *method, const char *url, char **ret_auth,
                                char **ret_dpop) {
-        if (c->hub->oauth)
-                return oauth_authorize(c->hub->oauth, method, url, ret_auth, ret_dpop);
+        if (c->oauth)
+                return oauth_authorize(c->oauth, method, url, ret_auth, ret_dpop);
         if (!c->token)
                 return -ENOKEY;
         *ret_dpop = NULL;
@@ -200,7 +206,6 @@ static int cloud_authorization(struct cloud *c, const char *method, const char *
 
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
-        struct hub *h = c->hub;
         struct httpsig_headers sig = {};
         _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL, *dpop = NULL, *dpop_header = NULL;
         _cleanup_free_ char *url = NULL;
@@ -222,8 +227,8 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         r = cloud_authorization(c, method, url, &auth, &dpop);
         if (r < 0)
                 goto fail;
-        q->token_gen = oauth_token_gen(h->oauth);
-        r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
+        q->token_gen = oauth_token_gen(c->oauth);
+        r = httpsig_sign(c->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
                          (int64_t) (now_realtime_usec() / 1000000), &sig);
         if (r < 0)
                 goto fail;
@@ -251,12 +256,12 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 lines[n++] = "Content-Type: application/json";
         lines[n++] = "Accept: application/json";
         lines[n++] = "Expect:"; /* no 100-continue round trip */
-        r = http_start(h->http,
+        r = http_start(c->http,
                        &(struct http_request){ .method = method,
                                                .url = url,
-                                               .ca_file = h->conf->cloud.ca_file,
+                                               .ca_file = c->conf->cloud.ca_file,
                                                .timeout_s = timeout_s > 0 ? timeout_s
-                                                                          : (long) h->conf->cloud.timeout_s,
+                                                                          : (long) c->conf->cloud.timeout_s,
                                                .headers = lines,
                                                .n_headers = n,
                                                .body = body,
@@ -351,7 +356,6 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
 }
 
 static int cloud_send_batch(struct cloud *c) {
-        struct hub *h = c->hub;
         struct batch_builder b = {};
         _cleanup_free_ char *path = NULL;
         char *body;
@@ -363,7 +367,7 @@ static int cloud_send_batch(struct cloud *c) {
                 return -ENOMEM;
         memcpy(b.buf, "{\"frames\":[", 11);
         b.len = 11;
-        r = spool_read_batch(h->db, h->conf->cloud.batch_max_frames, batch_add, &b);
+        r = spool_read_batch(c->db, c->conf->cloud.batch_max_frames, batch_add, &b);
         if (r <= 0) {
                 free(b.buf);
                 return r;
@@ -371,7 +375,7 @@ static int cloud_send_batch(struct cloud *c) {
         memcpy(b.buf + b.len, "]}", 3);
         b.len += 2;
         body = b.buf;
-        path = strdup_printf("/v1/hubs/%s/status", h->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s/status", c->conf->hub.id);
         if (!path) {
                 free(body);
                 return -ENOMEM;
@@ -387,15 +391,14 @@ static int cloud_send_batch(struct cloud *c) {
 }
 
 static void cloud_maybe_send(struct cloud *c) {
-        struct hub *h = c->hub;
         uint64_t now = now_monotonic_usec();
         int64_t oldest_usec = 0;
         int r;
 
-        if (!h->hubkey)
+        if (!c->hubkey)
                 return;
         if (!cloud_have_token(c)) {
-                if (h->oauth && oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
+                if (c->oauth && oauth_get_state(c->oauth) == OAUTH_LOGIN_REQUIRED)
                         set_last_error(c, "not signed in: run 'iothubctl login'");
                 return;
         }
@@ -414,18 +417,18 @@ static void cloud_maybe_send(struct cloud *c) {
         if (c->counters.backoff_until > now)
                 return;
         c->counters.backoff_until = 0;
-        if (h->spool.pending == 0)
+        if (c->spool->pending == 0)
                 return;
-        if (h->spool.pending < h->conf->cloud.batch_max_frames) {
+        if (c->spool->pending < c->conf->cloud.batch_max_frames) {
                 /* Runs after every commit: while the timer for the oldest frame is armed, a
                  * newer frame cannot make the batch due sooner, so skip the query. */
                 if (sd_event_source_get_enabled(c->batch_timer, NULL) > 0)
                         return;
-                r = spool_oldest(h->db, NULL, &oldest_usec);
+                r = spool_oldest(c->db, NULL, &oldest_usec);
                 if (r < 0)
                         return;
                 int64_t age_usec = (int64_t) now_realtime_usec() - oldest_usec;
-                int64_t delay_usec = (int64_t) h->conf->cloud.batch_max_delay_ms * 1000;
+                int64_t delay_usec = (int64_t) c->conf->cloud.batch_max_delay_ms * 1000;
                 if (age_usec < delay_usec) {
                         arm_batch_timer(c, now + (uint64_t) (delay_usec - age_usec));
                         return;
@@ -502,7 +505,6 @@ static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frame
 }
 
 static void on_status_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp_) {
-        struct hub *h = c->hub;
         long status = resp_->status;
         int r = resp_->error;
         uint64_t count = 0, bytes = 0;
@@ -521,15 +523,15 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 count_rejections(c, rej, q->n_frames);
                 json_decref(rej);
                 /* Accepted and rejected frames both leave: rejected ones are never retried. */
-                r = spool_delete(h->db, q->first_id, q->last_id, &count, &bytes);
+                r = spool_delete(c->db, q->first_id, q->last_id, &count, &bytes);
                 if (r < 0) {
                         log_error_errno(r, "Failed to remove an uploaded batch from the spool: %m (%s)",
-                                        db_errmsg(h->db));
+                                        db_errmsg(c->db));
                         cloud_backoff(c, NULL);
                         return;
                 }
-                h->spool.pending -= count <= h->spool.pending ? count : h->spool.pending;
-                h->spool.bytes -= bytes <= h->spool.bytes ? bytes : h->spool.bytes;
+                c->spool->pending -= count <= c->spool->pending ? count : c->spool->pending;
+                c->spool->bytes -= bytes <= c->spool->bytes ? bytes : c->spool->bytes;
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
@@ -556,14 +558,14 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
         /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
         char reason[CLOUD_REFUSAL_REASON_MAX];
         cloud_refusal_reason(status, resp_->body, resp_->body_len, reason, sizeof reason);
-        r = spool_move_aside(h->db, q->first_id, q->last_id, status, reason, &count, &bytes);
+        r = spool_move_aside(c->db, q->first_id, q->last_id, status, reason, &count, &bytes);
         if (r < 0) {
-                log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(h->db));
+                log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(c->db));
                 cloud_backoff(c, NULL);
                 return;
         }
-        h->spool.pending -= count <= h->spool.pending ? count : h->spool.pending;
-        h->spool.bytes -= bytes <= h->spool.bytes ? bytes : h->spool.bytes;
+        c->spool->pending -= count <= c->spool->pending ? count : c->spool->pending;
+        c->spool->bytes -= bytes <= c->spool->bytes ? bytes : c->spool->bytes;
         c->counters.moved_aside += count;
         set_last_error(c, "a batch was refused (%s) and moved aside", reason);
         log_event(LOG_ERR, 0, IOTHUB_MID_BATCH_MOVED_ASIDE, NULL, NULL,
@@ -572,14 +574,14 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
 
 /* ---- the device list ---- */
 
-static int build_devices_body(struct hub *h, char **ret, size_t *ret_len) {
+static int build_devices_body(struct cloud *c, char **ret, size_t *ret_len) {
         json_t *arr = json_array(), *o;
         char *s;
 
         if (!arr)
                 return -ENOMEM;
-        for (size_t i = 0; i < registry_count(h->registry); i++) {
-                struct bulb *b = registry_get(h->registry, i);
+        for (size_t i = 0; i < registry_count(c->registry); i++) {
+                struct bulb *b = registry_get(c->registry, i);
                 json_t *jwk = NULL;
                 int r = verify_key_to_jwk(b->key, &jwk);
                 if (r < 0) {
@@ -601,15 +603,14 @@ static int build_devices_body(struct hub *h, char **ret, size_t *ret_len) {
 
 void cloud_send_devices(struct cloud *c);
 void cloud_send_devices(struct cloud *c) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         char *body = NULL;
         size_t len = 0;
         int r;
 
-        r = build_devices_body(h, &body, &len);
+        r = build_devices_body(c, &body, &len);
         if (r >= 0) {
-                path = strdup_printf("/v1/hubs/%s/devices", h->conf->hub.id);
+                path = strdup_printf("/v1/hubs/%s/devices", c->conf->hub.id);
                 if (!path) {
                         free(body);
                         r = -ENOMEM;
@@ -631,7 +632,6 @@ static void on_refreshed_kick(void *userdata, int r) {
 }
 
 static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp) {
-        struct hub *h = c->hub;
         long status = resp->status;
         int r = resp->error;
         uint32_t rnd = 0;
@@ -650,10 +650,10 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
                 /* The timer may still be armed for the list's backoff: the batch schedule is
                  * worked out afresh (cloud_maybe_send keeps an armed timer). */
                 (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
-                r = db_meta_set(h->db, META_DEVICES_DIRTY, "0");
+                r = db_meta_set(c->db, META_DEVICES_DIRTY, "0");
                 if (r < 0)
                         log_warning_errno(r, "Failed to record the bulb list as sent: %m");
-                log_info("Sent the list of bulbs to the cloud (%zu now)", registry_count(h->registry));
+                log_info("Sent the list of bulbs to the cloud (%zu now)", registry_count(c->registry));
                 return;
         }
         /* Again at once (the list is still dirty), but only once in a row. */
@@ -682,7 +682,7 @@ void cloud_devices_changed(struct cloud *c) {
         if (c->counters.backoff_until <= now_monotonic_usec())
                 (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         /* Persisted: a restart before the PUT still sends it. */
-        r = db_meta_set(c->hub->db, META_DEVICES_DIRTY, "1");
+        r = db_meta_set(c->db, META_DEVICES_DIRTY, "1");
         if (r < 0)
                 log_warning_errno(r, "Failed to record a change of the bulb list: %m");
         c->devices_backoff_until = 0;
@@ -693,26 +693,28 @@ void cloud_devices_changed(struct cloud *c) {
 
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         struct cloud_req *q = NULL;
         json_t *jwk = NULL, *o;
         char *body;
         int r;
 
-        /* The user may just have run 'iothubctl key init': try now rather than at the next retry. */
-        r = hub_open_key(h);
+        /* The user may just have run 'iothubctl key init': try now rather than at the next retry
+         * (hub.c opens it and announces it through cloud_key_ready() before this returns). */
+        r = c->ev.need_key ? c->ev.need_key(c->ev.userdata) : -ENOKEY;
         if (r < 0)
                 return r;
+        if (!c->hubkey)
+                return -ENOKEY;
         if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
                 return -ENOKEY;
-        r = hubkey_public_jwk(h->hubkey, &jwk);
+        r = hubkey_public_jwk(c->hubkey, &jwk);
         if (r < 0)
                 return r;
         o = json_pack("{s:o}", "jwk", jwk);
         body = o ? json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
-        path = strdup_printf("/v1/hubs/%s", h->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s", c->conf->hub.id);
         if (!body || !path) {
                 free(body);
                 return -ENOMEM;
@@ -734,7 +736,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
 bool cloud_ready(struct cloud *c) {
         /* Registered too: before that the cloud cannot check a request (and would answer
          * 401, which would send the sign-in refreshing for nothing). */
-        return c && c->hub->hubkey && cloud_have_token(c) && c->registered;
+        return c && c->hubkey && cloud_have_token(c) && c->registered;
 }
 
 int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
@@ -804,18 +806,18 @@ static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_
                 r = cloud_load_token(c);
                 return r < 0 ? r : 1;
         }
-        if (!c->hub->oauth)
+        if (!c->oauth)
                 return -ENOKEY;
         if (q->kind == REQ_STATUS) {
-                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                r = oauth_unauthorized(c->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
                                        on_refreshed, c);
                 if (r == 0)
                         c->refreshing = true;
         } else
-                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                r = oauth_unauthorized(c->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
                                        on_refreshed_kick, c);
         if (r < 0)
-                set_last_error(c, "the cloud answers HTTP 401: %s", oauth_last_error(c->hub->oauth));
+                set_last_error(c, "the cloud answers HTTP 401: %s", oauth_last_error(c->oauth));
         return r;
 }
 
@@ -825,7 +827,7 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
 
         q->http = NULL; /* http frees it after this call */
         if (resp->error == 0 && resp->status >= 200 && resp->status < 300)
-                oauth_resource_ok(c->hub->oauth);
+                oauth_resource_ok(c->oauth);
         switch (q->kind) {
         case REQ_STATUS:
                 c->status_req = NULL;
@@ -878,8 +880,9 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 else if (resp->status == 200 || resp->status == 201) {
                         (void) snprintf(message, sizeof message, "registered");
                         c->registered = true;
-                        commands_kick(c->hub->commands);
-                        if (db_meta_set(c->hub->db, META_REGISTERED, "1") < 0)
+                        if (c->ev.registered)
+                                c->ev.registered(c->ev.userdata);
+                        if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
                                 log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
                         c->counters.last_error[0] = '\0';
                 }
@@ -898,30 +901,40 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
 }
 
 /* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
-void cloud_key_ready(struct cloud *c) {
+void cloud_key_ready(struct cloud *c, struct hubkey *k) {
         if (!c)
                 return;
+        c->hubkey = k;
         if (strncmp(c->counters.last_error, "no hub key", strlen("no hub key")) == 0)
                 c->counters.last_error[0] = '\0';
         cloud_maybe_send(c);
 }
 
-int cloud_new(struct hub *h, struct cloud **ret) {
+int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+              struct http *http, struct oauth *oauth, struct spool_counts *spool, const struct cloud_events *ev,
+              struct cloud **ret) {
         _cleanup_free_ char *dirty = NULL;
         struct cloud *c;
         size_t n;
         int r;
 
-        if (!h->conf->cloud.url) {
+        if (!conf->cloud.url) {
                 *ret = NULL;
                 return 0;
         }
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
-        c->hub = h;
+        c->conf = conf;
+        c->db = db;
+        c->registry = registry;
+        c->http = http;
+        c->oauth = oauth;
+        c->spool = spool;
+        if (ev)
+                c->ev = *ev;
         c->rejected_reasons = json_object();
-        c->base_url = strdup(h->conf->cloud.url);
+        c->base_url = strdup(conf->cloud.url);
         if (!c->rejected_reasons || !c->base_url) {
                 r = -ENOMEM;
                 goto fail;
@@ -931,7 +944,7 @@ int cloud_new(struct hub *h, struct cloud **ret) {
                 c->base_url[--n] = '\0';
         /* Accuracy 1 us: sd-event's default (0 = 250 ms) would add up to a quarter second to
          * every batch that waits for batch_max_delay_ms, and between batches when draining. */
-        r = sd_event_add_time(h->event, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_batch_timer, c);
+        r = sd_event_add_time(e, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_batch_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         if (r < 0)
@@ -939,24 +952,24 @@ int cloud_new(struct hub *h, struct cloud **ret) {
 
         {
                 _cleanup_free_ char *reg = NULL;
-                c->registered = db_meta_get(h->db, META_REGISTERED, &reg) >= 0 && streq(reg, "1");
+                c->registered = db_meta_get(db, META_REGISTERED, &reg) >= 0 && streq(reg, "1");
         }
         /* The bulb list is dirty after a change not yet sent, and on the very first start. */
-        r = db_meta_get(h->db, META_DEVICES_DIRTY, &dirty);
+        r = db_meta_get(db, META_DEVICES_DIRTY, &dirty);
         c->devices_dirty = r == -ENOENT ? true : (r >= 0 && streq(dirty, "1"));
 
         if (cloud_uses_oauth(c)) {
-                if (h->conf->cloud.bearer_token_file)
+                if (conf->cloud.bearer_token_file)
                         log_warning("[cloud] bearer_token_file is ignored: [oauth] signs the hub in");
         } else {
-                if (h->conf->cloud.bearer_token_file)
+                if (conf->cloud.bearer_token_file)
                         log_warning("Using the fixed access token of [cloud] bearer_token_file, for tests and "
                                     "development only");
                 r = cloud_load_token(c);
                 if (r < 0)
                         log_error("Cloud uploads wait: %s", c->counters.last_error);
         }
-        if (!h->hubkey && !c->counters.last_error[0])
+        if (!c->hubkey && !c->counters.last_error[0])
                 set_last_error(c, "no hub key yet");
         *ret = c;
         return 0;

@@ -67,6 +67,17 @@ static void on_oauth_status_changed(void *userdata) {
         hub_notify_status(userdata);
 }
 
+static int on_cloud_need_key(void *userdata) {
+        return hub_open_key(userdata);
+}
+
+/* The hub is registered: the command poll can start. */
+static void on_cloud_registered(void *userdata) {
+        struct hub *h = userdata;
+
+        commands_kick(h->commands);
+}
+
 /* The frame counters, zero before the frame path exists (a status line during start-up). */
 static const struct ingest_counters *frame_counters(struct hub *h) {
         static const struct ingest_counters none;
@@ -249,7 +260,7 @@ int hub_open_key(struct hub *h) {
                   key_backend_to_string(hubkey_backend(h->hubkey)));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
         oauth_key_ready(h->oauth, h->hubkey);
-        cloud_key_ready(h->cloud);
+        cloud_key_ready(h->cloud, h->hubkey);
         commands_kick(h->commands);
         hub_notify_status(h);
         return 0;
@@ -424,11 +435,6 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up HTTPS: %m");
                 goto out;
         }
-        r = cloud_new(&h, &h.cloud);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up the cloud relay: %m");
-                goto out;
-        }
         r = oauth_new(h.event, h.conf, h.http,
                       &(struct oauth_events){ .token_ready = on_oauth_token_ready,
                                               .status_changed = on_oauth_status_changed,
@@ -436,6 +442,15 @@ int hub_run(const char *config_path, int log_level_override) {
                       &h.oauth);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up sign-in: %m");
+                goto out;
+        }
+        r = cloud_new(h.event, h.conf, h.db, h.registry, h.http, h.oauth, &h.spool,
+                      &(struct cloud_events){ .need_key = on_cloud_need_key,
+                                              .registered = on_cloud_registered,
+                                              .userdata = &h },
+                      &h.cloud);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
         r = commands_new(&h, &h.commands);
