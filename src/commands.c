@@ -414,7 +414,12 @@ struct commands_counters {
 };
 
 struct commands {
-        struct hub *hub;
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct registry *registry;
+        struct mqtt *mqtt;
+        struct cloud *cloud;
+        struct hubkey *hubkey; /* NULL until hub.c announces it (commands_key_ready) */
         sd_event_source *defer, *timer, *exp_timer;
         struct command *cmds[COMMANDS_ACTIVE_MAX]; /* oldest first */
         size_t n_cmds;
@@ -636,7 +641,7 @@ static int store_exists(struct db *db, const char *id) {
 
 /* Writes every change in memory in one transaction (one fsync for a whole pass). */
 static int store_flush(struct commands *c) {
-        struct db *db = c->hub->db;
+        struct db *db = c->db;
         bool any = false;
         int r;
 
@@ -689,7 +694,7 @@ static int store_flush(struct commands *c) {
 }
 
 static int store_prune(struct commands *c) {
-        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_PRUNE);
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->db, DB_STMT_CMD_PRUNE);
         int rc;
 
         if ((rc = sqlite3_bind_int64(s, 1, now_s() - COMMANDS_KEEP_S)) != SQLITE_OK ||
@@ -706,7 +711,7 @@ static const char *column_text(sqlite3_stmt *s, int i) {
 /* Takes up the commands of the last run that are not finished or whose outcome the cloud has
  * not taken yet. Damaged rows are skipped (and stay for the operator). */
 static int store_load(struct commands *c) {
-        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_LOAD);
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->db, DB_STMT_CMD_LOAD);
         unsigned skipped = 0;
         int rc;
 
@@ -757,7 +762,6 @@ static int store_load(struct commands *c) {
 /* ---- taking commands from an answer ---- */
 
 static void take_command(struct commands *c, const json_t *o, int64_t now, unsigned *fresh) {
-        struct hub *h = c->hub;
         struct command_fields f;
         enum command_reason reason;
         const char *why = NULL;
@@ -777,11 +781,11 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
                 return;
         }
         /* At least once (PROTOCOL.md 3): an id seen before is ignored, not reported again. */
-        r = find_by_id(c, f.id) ? 1 : store_exists(h->db, f.id);
+        r = find_by_id(c, f.id) ? 1 : store_exists(c->db, f.id);
         if (r != 0) {
                 if (r < 0)
                         log_error_errno(r, "Failed to look up command %s, ignoring it for now: %m (%s)", f.id,
-                                        db_errmsg(h->db));
+                                        db_errmsg(c->db));
                 else {
                         c->counters.duplicates++;
                         log_debug("Command %s seen before, ignored", f.id);
@@ -798,7 +802,7 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
         cmd->dirty = true;
         (*fresh)++;
         if (reason == COMMAND_OK) {
-                b = registry_find(h->registry, f.dev);
+                b = registry_find(c->registry, f.dev);
                 if (!b) {
                         reason = COMMAND_UNKNOWN_DEVICE;
                         why = "no bulb with that id is enrolled";
@@ -893,12 +897,12 @@ done:
 static int poll_start(struct commands *c) {
         _cleanup_free_ char *path = NULL;
 
-        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->hub->conf->hub.id, COMMANDS_POLL_WAIT_S);
+        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->conf->hub.id, COMMANDS_POLL_WAIT_S);
         if (!path)
                 return -ENOMEM;
         c->poll_started = now_monotonic_usec();
         c->counters.polls++;
-        return cloud_request(c->hub->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
+        return cloud_request(c->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
                              on_poll_done, c, &c->poll_call);
 }
 
@@ -958,10 +962,10 @@ static int result_start(struct commands *c, struct command *cmd, unsigned level)
         r = command_result_body(status, at, level == REPORTED_FINAL ? cmd->detail : NULL, &body);
         if (r < 0)
                 return r;
-        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->hub->conf->hub.id, cmd->id);
+        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->conf->hub.id, cmd->id);
         if (!path)
                 return -ENOMEM;
-        r = cloud_request(c->hub->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
+        r = cloud_request(c->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
         if (r < 0)
                 return r;
         cmd->result_level = level;
@@ -976,14 +980,13 @@ static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t
 }
 
 static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
-        struct hub *h = c->hub;
         char payload[COMMAND_PAYLOAD_MAX];
         int n, r;
 
-        n = command_payload(h->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
+        n = command_payload(c->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
         if (n < 0)
                 return n;
-        r = command_jws(hubkey_id(h->hubkey), payload, (size_t) n, sign_with_hubkey, h->hubkey, &cmd->jws);
+        r = command_jws(hubkey_id(c->hubkey), payload, (size_t) n, sign_with_hubkey, c->hubkey, &cmd->jws);
         if (r < 0)
                 return r;
         c->counters.signatures++;
@@ -991,14 +994,13 @@ static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
 }
 
 static int command_publish(struct commands *c, struct command *cmd) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *topic = NULL;
         int mid = 0, r;
 
-        topic = strdup_printf("%s/%s/cmd", h->conf->mqtt.topic_prefix, cmd->dev);
+        topic = strdup_printf("%s/%s/cmd", c->conf->mqtt.topic_prefix, cmd->dev);
         if (!topic)
                 return -ENOMEM;
-        r = mqtt_publish(h->mqtt, topic, cmd->jws, strlen(cmd->jws), 1, &mid);
+        r = mqtt_publish(c->mqtt, topic, cmd->jws, strlen(cmd->jws), 1, &mid);
         if (r < 0)
                 return r;
         cmd->published = true;
@@ -1070,17 +1072,16 @@ static void wake_at(uint64_t *wake, uint64_t t) {
 /* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
  * then arm the timers for what has to wait. */
 static void commands_work(struct commands *c) {
-        struct hub *h = c->hub;
         uint64_t now = now_monotonic_usec(), wake = UINT64_MAX;
         int64_t t = now_s();
         unsigned budget = COMMANDS_SIGN_PER_PASS;
-        bool again = false, ready = cloud_ready(h->cloud);
+        bool again = false, ready = cloud_ready(c->cloud);
         int r;
 
         expire_due(c, t);
 
         /* Sign the new commands, a few per pass (each is a TPM signature). */
-        for (size_t i = 0; i < c->n_cmds && h->hubkey; i++) {
+        for (size_t i = 0; i < c->n_cmds && c->hubkey; i++) {
                 struct command *cmd = c->cmds[i];
 
                 if (cmd->state != CMD_NEW)
@@ -1118,7 +1119,7 @@ static void commands_work(struct commands *c) {
                 if (r < 0) {
                         c->counters.store_errors++;
                         log_full_errno(c->store_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
-                                       "Failed to store command states, trying again: %m (%s)", db_errmsg(h->db));
+                                       "Failed to store command states, trying again: %m (%s)", db_errmsg(c->db));
                         c->store_at = now + COMMANDS_RETRY_USEC;
                 } else
                         c->store_failures = 0;
@@ -1127,14 +1128,14 @@ static void commands_work(struct commands *c) {
                 wake_at(&wake, c->store_at);
 
         /* Publish what is stored and not out yet. */
-        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(h->mqtt) && now >= c->publish_at; i++) {
+        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(c->mqtt) && now >= c->publish_at; i++) {
                 struct command *cmd = c->cmds[i];
                 struct bulb *b;
 
                 if (cmd->state != CMD_PENDING || !cmd->stored || cmd->published || !cmd->jws)
                         continue;
                 /* Removed since it was taken: it does not go out. */
-                b = registry_find(h->registry, cmd->dev);
+                b = registry_find(c->registry, cmd->dev);
                 if (!b || b->revoked) {
                         command_reject(c, cmd, b ? COMMAND_REVOKED : COMMAND_UNKNOWN_DEVICE,
                                        "the bulb was removed before the command went out");
@@ -1223,7 +1224,7 @@ static void commands_work(struct commands *c) {
         if (now >= c->prune_at) {
                 r = store_prune(c);
                 if (r < 0)
-                        log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(h->db));
+                        log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(c->db));
                 c->prune_at = now + COMMANDS_PRUNE_INTERVAL_USEC;
         }
         wake_at(&wake, c->prune_at);
@@ -1263,6 +1264,13 @@ void commands_kick(struct commands *c) {
         if (c->poll_failures > 0)
                 c->poll_at = 0;
         commands_schedule(c);
+}
+
+void commands_key_ready(struct commands *c, struct hubkey *k) {
+        if (!c)
+                return;
+        c->hubkey = k;
+        commands_kick(c);
 }
 
 void commands_on_published(struct commands *c, int mid) {
@@ -1324,36 +1332,41 @@ void commands_on_ack(struct commands *c, const char *dev, const char *id, bool o
         commands_schedule(c);
 }
 
-int commands_new(struct hub *h, struct commands **ret) {
+int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+                 struct mqtt *mqtt, struct cloud *cloud, struct commands **ret) {
         struct commands *c;
         int r;
 
-        if (!h->cloud) {
+        if (!cloud) {
                 *ret = NULL;
                 return 0;
         }
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
-        c->hub = h;
+        c->conf = conf;
+        c->db = db;
+        c->registry = registry;
+        c->mqtt = mqtt;
+        c->cloud = cloud;
         c->tokens = COMMANDS_SIGN_BURST;
         c->tokens_usec = now_monotonic_usec();
-        r = sd_event_add_defer(h->event, &c->defer, on_defer, c);
+        r = sd_event_add_defer(e, &c->defer, on_defer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->defer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_time(h->event, &c->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, c);
+                r = sd_event_add_time(e, &c->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_time(h->event, &c->exp_timer, CLOCK_REALTIME, UINT64_MAX, 0, on_timer, c);
+                r = sd_event_add_time(e, &c->exp_timer, CLOCK_REALTIME, UINT64_MAX, 0, on_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->exp_timer, SD_EVENT_OFF);
         if (r < 0)
                 goto fail;
         r = store_load(c);
         if (r < 0) {
-                log_error_errno(r, "Failed to load the commands in flight: %m (%s)", db_errmsg(h->db));
+                log_error_errno(r, "Failed to load the commands in flight: %m (%s)", db_errmsg(db));
                 goto fail;
         }
         if (c->n_cmds > 0)

@@ -23,7 +23,12 @@
 #define CONTROL_PEM_MAX 16384
 
 struct control {
-        struct hub *hub;
+        sd_event *event;
+        const struct iothub_conf *conf;
+        struct registry *registry;
+        struct cloud *cloud; /* NULL without [cloud] url */
+        struct oauth *oauth; /* NULL without [oauth] */
+        struct control_events ev;
         int fd;
         char *path;
         sd_event_source *listen;
@@ -119,11 +124,17 @@ static json_t *bulb_to_json(const struct bulb *b) {
         return o;
 }
 
+/* The list of enrolled bulbs changed: whoever listens (the cloud relay) hears it. */
+static void devices_changed(struct control *ctl) {
+        if (ctl->ev.devices_changed)
+                ctl->ev.devices_changed(ctl->ev.userdata);
+}
+
 static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *st = NULL;
         int r;
 
-        r = hub_status_json(ctl->hub, &st);
+        r = ctl->ev.status_json ? ctl->ev.status_json(ctl->ev.userdata, &st) : -EOPNOTSUPP;
         if (r < 0)
                 return error_reply("cannot build status: %s", strerror(-r));
         (void) json_object_set_new(st, "ok", json_true());
@@ -132,12 +143,12 @@ static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req
 
 static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *arr = json_array();
-        size_t n = registry_count(ctl->hub->registry);
+        size_t n = registry_count(ctl->registry);
 
         if (!arr)
                 return NULL;
         for (size_t i = 0; i < n; i++)
-                (void) json_array_append_new(arr, bulb_to_json(registry_get(ctl->hub->registry, i)));
+                (void) json_array_append_new(arr, bulb_to_json(registry_get(ctl->registry, i)));
         return json_pack("{s:b,s:o}", "ok", 1, "bulbs", arr);
 }
 
@@ -154,7 +165,7 @@ static const char *req_string(json_t *req, const char *key, size_t max) {
 }
 
 static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
-        const struct iothub_conf *conf = ctl->hub->conf;
+        const struct iothub_conf *conf = ctl->conf;
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
         const char *cert = req_string(req, "cert", CONTROL_PEM_MAX);
@@ -183,7 +194,7 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         }
         if (!id || !device_id_is_valid(id, strlen(id)))
                 return error_reply("invalid device id: 1 to 64 of [A-Za-z0-9._-], not starting with '.'");
-        r = registry_add(ctl->hub->registry, id, pem, strlen(pem));
+        r = registry_add(ctl->registry, id, pem, strlen(pem));
         if (r == -EEXIST)
                 return error_reply("bulb %s is already enrolled (remove it first to change its key)", id);
         if (r == -EOPNOTSUPP)
@@ -192,10 +203,10 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
                 return error_reply("not a valid PEM public key");
         if (r < 0)
                 return error_reply("cannot enrol %s: %s", id, strerror(-r));
-        struct bulb *b = registry_find(ctl->hub->registry, id);
+        struct bulb *b = registry_find(ctl->registry, id);
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)", id,
                   b ? frame_alg_to_string(b->alg) : "?");
-        cloud_devices_changed(ctl->hub->cloud);
+        devices_changed(ctl);
         return json_pack("{s:b,s:o}", "ok", 1, "bulb", b ? bulb_to_json(b) : json_null());
 }
 
@@ -205,14 +216,14 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
 
         if (!id)
                 return error_reply("missing device id");
-        r = registry_revoke(ctl->hub->registry, id);
+        r = registry_revoke(ctl->registry, id);
         if (r == -ENOENT)
                 return error_reply("no bulb %s is enrolled", id);
         if (r < 0)
                 return error_reply("cannot revoke %s: %s", id, strerror(-r));
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
         if (r > 0 || r == 0)
-                cloud_devices_changed(ctl->hub->cloud);
+                devices_changed(ctl);
         return json_pack("{s:b}", "ok", 1);
 }
 
@@ -235,15 +246,16 @@ static void on_register_done(void *userdata, long status, const char *message) {
 }
 
 static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *req) {
+        const char *key_error = NULL;
         int r;
 
-        if (!ctl->hub->cloud)
-                return error_reply("[cloud] url is not set in %s", ctl->hub->conf->path);
-        r = cloud_register(ctl->hub->cloud, on_register_done, conn, &conn->register_call);
-        if (r < 0 && !ctl->hub->hubkey)
-                return error_reply("no hub key: %s", ctl->hub->key_error ? ctl->hub->key_error : strerror(-r));
+        if (!ctl->cloud)
+                return error_reply("[cloud] url is not set in %s", ctl->conf->path);
+        r = cloud_register(ctl->cloud, on_register_done, conn, &conn->register_call);
+        if (r < 0 && ctl->ev.key_missing && ctl->ev.key_missing(ctl->ev.userdata, &key_error))
+                return error_reply("no hub key: %s", key_error ? key_error : strerror(-r));
         if (r == -ENOKEY)
-                return error_reply(ctl->hub->conf->oauth.issuer
+                return error_reply(ctl->conf->oauth.issuer
                                            ? "not signed in: run 'iothubctl login' first"
                                            : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
                                              "'iothubctl login'");
@@ -292,9 +304,9 @@ static void on_login_finished(void *userdata, int r, const char *message) {
 static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured: set [oauth] issuer and client_id in %s",
-                                   ctl->hub->conf->path);
+                                   ctl->conf->path);
         ctl->login_finished = false;
         if (ctl->wait_conn) {
                 struct conn *w = ctl->wait_conn;
@@ -304,7 +316,7 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                         conn_free(w);
         }
         ctl->login_conn = conn;
-        r = oauth_login(ctl->hub->oauth, &(struct oauth_login_cb){ .started = on_login_started,
+        r = oauth_login(ctl->oauth, &(struct oauth_login_cb){ .started = on_login_started,
                                                                      .finished = on_login_finished,
                                                                      .userdata = ctl });
         if (r < 0) {
@@ -322,7 +334,7 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
 }
 
 static json_t *handle_login_wait(struct control *ctl, struct conn *conn, json_t *req) {
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured");
         if (ctl->login_finished) {
                 ctl->login_finished = false;
@@ -349,10 +361,10 @@ static void on_logout_done(void *userdata, int r, const char *message) {
 static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured");
         conn->pending = true; /* the answer may come right away, from inside the call */
-        r = oauth_logout(ctl->hub->oauth, on_logout_done, conn, &conn->logout_op);
+        r = oauth_logout(ctl->oauth, on_logout_done, conn, &conn->logout_op);
         if (r < 0) {
                 conn->pending = false;
                 if (r == -EBUSY)
@@ -581,25 +593,26 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (c->next)
                 c->next->prev = c;
         ctl->conns = c;
-        r = sd_event_add_io(ctl->hub->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
+        r = sd_event_add_io(ctl->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
         if (r >= 0)
-                r = sd_event_add_time_relative(ctl->hub->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
+                r = sd_event_add_time_relative(ctl->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
                                                0, on_conn_timeout, c);
         if (r < 0)
                 conn_free(c);
         return 0;
 }
 
-int control_new(struct hub *h, struct control **ret) {
+int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
+                struct oauth *oauth, const struct control_events *ev, struct control **ret) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         struct control *ctl;
         int r;
 
-        if ((size_t) snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", h->conf->hub.runtime_dir,
+        if ((size_t) snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", conf->hub.runtime_dir,
                               CONTROL_SOCKET_NAME) >= sizeof sa.sun_path)
                 return -ENAMETOOLONG;
-        if (mkdir(h->conf->hub.runtime_dir, 0750) < 0 && errno != EEXIST)
+        if (mkdir(conf->hub.runtime_dir, 0750) < 0 && errno != EEXIST)
                 return -errno;
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
@@ -613,10 +626,16 @@ int control_new(struct hub *h, struct control **ret) {
         ctl = calloc(1, sizeof *ctl);
         if (!ctl)
                 return -ENOMEM;
-        ctl->hub = h;
+        ctl->event = e;
+        ctl->conf = conf;
+        ctl->registry = registry;
+        ctl->cloud = cloud;
+        ctl->oauth = oauth;
+        if (ev)
+                ctl->ev = *ev;
         ctl->path = strdup(sa.sun_path);
         ctl->fd = TAKE_FD(fd);
-        r = ctl->path ? sd_event_add_io(h->event, &ctl->listen, ctl->fd, EPOLLIN, on_accept, ctl) : -ENOMEM;
+        r = ctl->path ? sd_event_add_io(e, &ctl->listen, ctl->fd, EPOLLIN, on_accept, ctl) : -ENOMEM;
         if (r < 0) {
                 control_free(ctl);
                 return r;

@@ -30,6 +30,37 @@
 #define KEY_RETRY_FIRST_USEC (1 * UINT64_C(1000000))
 #define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
+/* The daemon's state: owned by hub_run() (on its stack), seen by nobody else. Every module
+ * below is built here, handed what it needs and its event table, and freed in hub_done(). */
+struct hub {
+        struct iothub_conf *conf;
+        sd_event *event;
+        struct db *db;
+        struct registry *registry;
+        struct mqtt *mqtt;
+        struct control *control;
+        struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
+        struct cloud *cloud;   /* NULL without [cloud] url */
+        struct oauth *oauth;   /* NULL without [oauth] issuer */
+        struct commands *commands; /* NULL without [cloud] url */
+        struct ack *ack;           /* end-to-end acks to the bulbs */
+        struct hubkey *hubkey; /* NULL until the key exists and opened */
+        sd_event_source *key_timer; /* retries opening the key while it cannot be */
+        uint64_t key_retry_usec;    /* the next retry's delay */
+        int key_errno;              /* the last failure to open it, logged once per kind */
+        char *key_error;            /* its one-line reason, for status */
+        struct ingest *ingest;     /* the frame path */
+        /* The spool, kept in memory so that the frame path never counts rows. */
+        struct spool_counts spool;
+        sd_event_source *sigterm, *sigint, *sighup, *watchdog;
+        uint64_t watchdog_usec;
+        uint64_t start_monotonic_usec;
+};
+
+static int hub_open_key(struct hub *h);
+static void hub_notify_status(struct hub *h);
+static int hub_status_json(struct hub *h, json_t **ret);
+
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
         struct hub *h = userdata;
 
@@ -94,6 +125,26 @@ static void on_mqtt_connected(void *userdata, bool connected) {
                 commands_kick(h->commands);
 }
 
+static int on_control_status_json(void *userdata, json_t **ret) {
+        return hub_status_json(userdata, ret);
+}
+
+/* A bulb was enrolled or revoked: the cloud gets the new list before the next batch. */
+static void on_control_devices_changed(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_devices_changed(h->cloud);
+}
+
+static bool on_control_key_missing(void *userdata, const char **ret_error) {
+        struct hub *h = userdata;
+
+        if (h->hubkey)
+                return false;
+        *ret_error = h->key_error;
+        return true;
+}
+
 static void on_mqtt_published(void *userdata, int mid) {
         struct hub *h = userdata;
 
@@ -120,7 +171,8 @@ static const char *key_error_reason(int r) {
         }
 }
 
-int hub_status_json(struct hub *h, json_t **ret) {
+/* Builds the status object of DESIGN.md "iothubctl status --json" from every module's part. */
+static int hub_status_json(struct hub *h, json_t **ret) {
         const struct ingest_counters *counters = frame_counters(h);
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
         json_t *rejected, *o, *key;
@@ -180,7 +232,8 @@ int hub_status_json(struct hub *h, json_t **ret) {
         return 0;
 }
 
-void hub_notify_status(struct hub *h) {
+/* One-line summary for STATUS= and the log. */
+static void hub_notify_status(struct hub *h) {
         const struct ingest_counters *counters = frame_counters(h);
         uint64_t rejected = 0;
         char cloud[320];
@@ -225,8 +278,10 @@ static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
 /* The one place the hub key is opened. Once it is open, every module that needs it hears of
  * it (cloud, sign-in, commands); until then a timer tries again, so that a TPM that comes up
  * after the daemon (a module loaded late, swtpm started later) is picked up without a restart.
- * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do. */
-int hub_open_key(struct hub *h) {
+ * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do,
+ * and kept in key_error for status. Returns 0 (also when it was open already) or the negative
+ * errno of hubkey_open(). */
+static int hub_open_key(struct hub *h) {
         _cleanup_free_ char *err = NULL;
         int r;
 
@@ -261,7 +316,7 @@ int hub_open_key(struct hub *h) {
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
         oauth_key_ready(h->oauth, h->hubkey);
         cloud_key_ready(h->cloud, h->hubkey);
-        commands_kick(h->commands);
+        commands_key_ready(h->commands, h->hubkey);
         hub_notify_status(h);
         return 0;
 }
@@ -453,12 +508,25 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
-        r = commands_new(&h, &h.commands);
+        free(err);
+        err = NULL;
+        /* Its callbacks run from the loop only, once everything below exists. */
+        r = mqtt_new(h.event, h.conf,
+                     &(struct mqtt_callbacks){ .message = on_mqtt_message,
+                                               .read_done = on_mqtt_read_done,
+                                               .connected = on_mqtt_connected,
+                                               .published = on_mqtt_published },
+                     &h, &h.mqtt, &err);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
+                goto out;
+        }
+        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, &h.commands);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up commands: %m");
                 goto out;
         }
-        r = ack_new(&h, &h.ack);
+        r = ack_new(h.event, h.conf, h.mqtt, &h.ack);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up acks to the bulbs: %m");
                 goto out;
@@ -473,21 +541,14 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the frame path: %m");
                 goto out;
         }
-        r = control_new(&h, &h.control);
+        r = control_new(h.event, h.conf, h.registry, h.cloud, h.oauth,
+                        &(struct control_events){ .status_json = on_control_status_json,
+                                                  .devices_changed = on_control_devices_changed,
+                                                  .key_missing = on_control_key_missing,
+                                                  .userdata = &h },
+                        &h.control);
         if (r < 0) {
                 log_error_errno(r, "Failed to create control socket in %s: %m", h.conf->hub.runtime_dir);
-                goto out;
-        }
-        free(err);
-        err = NULL;
-        r = mqtt_new(h.event, h.conf,
-                     &(struct mqtt_callbacks){ .message = on_mqtt_message,
-                                               .read_done = on_mqtt_read_done,
-                                               .connected = on_mqtt_connected,
-                                               .published = on_mqtt_published },
-                     &h, &h.mqtt, &err);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
                 goto out;
         }
         if (sd_watchdog_enabled(false, &h.watchdog_usec) > 0 && h.watchdog_usec > 0) {

@@ -9,7 +9,10 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/registry.h"
 
 #define CONTROL_SOCKET_NAME "control"
 #define CONTROL_REQUEST_MAX (64 * 1024)       /* one request line, newline included */
@@ -18,10 +21,30 @@
 #define CONTROL_CMD_MAX 64                     /* bytes of a request's "cmd" */
 #define CONTROL_TIMEOUT_USEC (5 * UINT64_C(1000000))
 
+struct cloud;
 struct control;
+struct oauth;
 
-/* Binds the socket (replacing a stale one) and adds it to the hub's loop. */
-int control_new(struct hub *h, struct control **ret);
+/* What the control socket asks of the rest of the daemon, installed by hub.c (the one place
+ * that knows who answers). Requests that belong to one module (register, login, logout) call
+ * that module directly: control is the user's front door, above them. */
+struct control_events {
+        /* The status object of DESIGN.md "iothubctl status --json" (the caller's reference).
+         * Returns 0 or a negative errno. */
+        int (*status_json)(void *userdata, json_t **ret);
+        /* A bulb was enrolled or revoked. */
+        void (*devices_changed)(void *userdata);
+        /* Whether the hub key is still not open, with *ret_error its one-line reason (may be
+         * NULL) when so. */
+        bool (*key_missing)(void *userdata, const char **ret_error);
+        void *userdata;
+};
+
+/* Binds the socket (replacing a stale one) and adds it to the loop e. conf, registry, cloud
+ * (NULL without [cloud] url) and oauth (NULL without [oauth]) are the caller's and must outlive
+ * it; ev is copied. Returns 0 or a negative errno. */
+int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
+                struct oauth *oauth, const struct control_events *ev, struct control **ret);
 void control_free(struct control *c);
 
 /* Whether a peer with these credentials may use the socket (root, our uid, our gid, or a
