@@ -1069,66 +1069,79 @@ static void wake_at(uint64_t *wake, uint64_t t) {
                 *wake = t;
 }
 
-/* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
- * then arm the timers for what has to wait. */
-static void commands_work(struct commands *c) {
-        uint64_t now = now_monotonic_usec(), wake = UINT64_MAX;
-        int64_t t = now_s();
-        unsigned budget = COMMANDS_SIGN_PER_PASS;
-        bool again = false, ready = cloud_ready(c->cloud);
+/* What the phases of one pass share: the clocks read once at its start, the signature budget
+ * (each signature is a TPM operation, so a pass does a bounded number), whether the cloud
+ * takes requests, and what the pass leaves for later: the earliest time something is due
+ * (wake), or another pass at once (again). */
+struct pass {
+        uint64_t now;     /* CLOCK_MONOTONIC usec */
+        int64_t t;        /* Unix seconds, for the commands' own times */
+        unsigned budget;  /* signatures left in this pass */
+        bool ready;       /* cloud_ready(): polls and results may go */
+        uint64_t wake;    /* UINT64_MAX: nothing due later */
+        bool again;
+};
+
+/* Sign the new commands, a few per pass (each is a TPM signature). */
+static void pass_sign(struct commands *c, struct pass *p) {
         int r;
 
-        expire_due(c, t);
-
-        /* Sign the new commands, a few per pass (each is a TPM signature). */
         for (size_t i = 0; i < c->n_cmds && c->hubkey; i++) {
                 struct command *cmd = c->cmds[i];
 
                 if (cmd->state != CMD_NEW)
                         continue;
-                if (now < c->sign_at) {
-                        wake_at(&wake, c->sign_at);
+                if (p->now < c->sign_at) {
+                        wake_at(&p->wake, c->sign_at);
                         break;
                 }
-                if (budget == 0) {
-                        again = true;
+                if (p->budget == 0) {
+                        p->again = true;
                         break;
                 }
-                if (!sign_take(c, now)) {
-                        wake_at(&wake, sign_ready_at(c, now));
+                if (!sign_take(c, p->now)) {
+                        wake_at(&p->wake, sign_ready_at(c, p->now));
                         break;
                 }
-                budget--;
-                r = command_sign(c, cmd, t);
+                p->budget--;
+                r = command_sign(c, cmd, p->t);
                 if (r < 0) {
                         log_full_errno(c->sign_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
                                        "Failed to sign command %s, trying again: %m", cmd->id);
                         set_last_error(c, "signing a command failed: %s", strerror(-r));
-                        c->sign_at = now + COMMANDS_RETRY_USEC;
-                        wake_at(&wake, c->sign_at);
+                        c->sign_at = p->now + COMMANDS_RETRY_USEC;
+                        wake_at(&p->wake, c->sign_at);
                         break;
                 }
                 c->sign_failures = 0;
                 cmd->state = CMD_PENDING;
                 cmd->dirty = true;
         }
+}
 
-        /* Store before anything goes out: a restart resumes from the table. */
-        if (now >= c->store_at) {
+/* Store before anything goes out: a restart resumes from the table. */
+static void pass_store(struct commands *c, struct pass *p) {
+        int r;
+
+        if (p->now >= c->store_at) {
                 r = store_flush(c);
                 if (r < 0) {
                         c->counters.store_errors++;
                         log_full_errno(c->store_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
                                        "Failed to store command states, trying again: %m (%s)", db_errmsg(c->db));
-                        c->store_at = now + COMMANDS_RETRY_USEC;
+                        c->store_at = p->now + COMMANDS_RETRY_USEC;
                 } else
                         c->store_failures = 0;
         }
-        if (c->store_at > now)
-                wake_at(&wake, c->store_at);
+        if (c->store_at > p->now)
+                wake_at(&p->wake, c->store_at);
+}
 
-        /* Publish what is stored and not out yet. */
-        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(c->mqtt) && now >= c->publish_at; i++) {
+/* Publish what is stored and not out yet. */
+static void pass_publish(struct commands *c, struct pass *p) {
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(c->mqtt) && p->now >= c->publish_at; i++) {
                 struct command *cmd = c->cmds[i];
                 struct bulb *b;
 
@@ -1139,7 +1152,7 @@ static void commands_work(struct commands *c) {
                 if (!b || b->revoked) {
                         command_reject(c, cmd, b ? COMMAND_REVOKED : COMMAND_UNKNOWN_DEVICE,
                                        "the bulb was removed before the command went out");
-                        again = true;
+                        p->again = true;
                         continue;
                 }
                 r = command_publish(c, cmd);
@@ -1148,99 +1161,130 @@ static void commands_work(struct commands *c) {
                 if (r < 0) {
                         log_full_errno(c->publish_failures++ == 0 ? LOG_WARNING : LOG_DEBUG, r,
                                        "Failed to publish command %s, trying again: %m", cmd->id);
-                        c->publish_at = now + COMMANDS_RETRY_USEC;
+                        c->publish_at = p->now + COMMANDS_RETRY_USEC;
                         break;
                 }
                 c->publish_failures = 0;
         }
-        if (c->publish_at > now)
-                wake_at(&wake, c->publish_at);
+        if (c->publish_at > p->now)
+                wake_at(&p->wake, c->publish_at);
+}
 
-        /* Report outcomes, "delivered" before the final one, a few calls at a time. */
+/* Report outcomes, "delivered" before the final one, a few calls at a time. */
+static void pass_report(struct commands *c, struct pass *p) {
+        int r;
+
         for (size_t i = 0; i < c->n_cmds; i++) {
                 struct command *cmd = c->cmds[i];
                 unsigned level = next_result(cmd);
 
                 if (level == REPORTED_NONE || cmd->result_call || cmd->dirty)
                         continue;
-                if (!ready) {
-                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
+                if (!p->ready) {
+                        wake_at(&p->wake, p->now + COMMANDS_IDLE_RECHECK_USEC);
                         break;
                 }
-                if (now < c->results_at) {
-                        wake_at(&wake, c->results_at);
+                if (p->now < c->results_at) {
+                        wake_at(&p->wake, c->results_at);
                         break;
                 }
                 if (c->result_calls >= COMMANDS_RESULT_CALLS_MAX)
                         break; /* a call's end schedules the next pass */
-                if (budget == 0) {
-                        again = true;
+                if (p->budget == 0) {
+                        p->again = true;
                         break;
                 }
-                if (!sign_take(c, now)) {
-                        wake_at(&wake, sign_ready_at(c, now));
+                if (!sign_take(c, p->now)) {
+                        wake_at(&p->wake, sign_ready_at(c, p->now));
                         break;
                 }
-                budget--;
+                p->budget--;
                 r = result_start(c, cmd, level);
                 if (r < 0) {
                         set_last_error(c, "cannot report a result: %s", strerror(-r));
-                        c->results_at = now + backoff_usec(++c->result_failures);
-                        wake_at(&wake, c->results_at);
+                        c->results_at = p->now + backoff_usec(++c->result_failures);
+                        wake_at(&p->wake, c->results_at);
                         break;
                 }
         }
+}
 
-        forget_done(c);
+/* The long poll: one in flight, only with room for a full answer. */
+static void pass_poll(struct commands *c, struct pass *p) {
+        int r;
 
-        /* The long poll: one in flight, only with room for a full answer. */
-        if (!c->poll_call) {
-                if (!ready)
-                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
-                else if (now < c->poll_at)
-                        wake_at(&wake, c->poll_at);
-                else if (c->n_cmds + COMMANDS_PER_ANSWER > COMMANDS_ACTIVE_MAX)
-                        ; /* forgetting a command schedules a pass */
-                else if (budget == 0)
-                        again = true;
-                else if (!sign_take(c, now))
-                        wake_at(&wake, sign_ready_at(c, now));
-                else {
-                        r = poll_start(c);
-                        if (r < 0) {
-                                char what[64];
-                                (void) snprintf(what, sizeof what, "cannot make the request: %s", strerror(-r));
-                                poll_failed(c, what);
-                                wake_at(&wake, c->poll_at);
-                        }
+        if (c->poll_call)
+                return;
+        if (!p->ready)
+                wake_at(&p->wake, p->now + COMMANDS_IDLE_RECHECK_USEC);
+        else if (p->now < c->poll_at)
+                wake_at(&p->wake, c->poll_at);
+        else if (c->n_cmds + COMMANDS_PER_ANSWER > COMMANDS_ACTIVE_MAX)
+                ; /* forgetting a command schedules a pass */
+        else if (p->budget == 0)
+                p->again = true;
+        else if (!sign_take(c, p->now))
+                wake_at(&p->wake, sign_ready_at(c, p->now));
+        else {
+                r = poll_start(c);
+                if (r < 0) {
+                        char what[64];
+                        (void) snprintf(what, sizeof what, "cannot make the request: %s", strerror(-r));
+                        poll_failed(c, what);
+                        wake_at(&p->wake, c->poll_at);
                 }
         }
+}
 
-        /* Outcomes of this pass (rejections at publish time, results answered) are stored by
-         * the next one. Pruning of old rows once an hour. */
-        for (size_t i = 0; i < c->n_cmds && !again; i++)
-                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW && now >= c->store_at)
-                        again = true;
-        if (now >= c->prune_at) {
+/* Outcomes of this pass (rejections at publish time, results answered) are stored by the next
+ * one. Pruning of old rows once an hour. Then the timers for what has to wait. */
+static void pass_end(struct commands *c, struct pass *p) {
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds && !p->again; i++)
+                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW && p->now >= c->store_at)
+                        p->again = true;
+        if (p->now >= c->prune_at) {
                 r = store_prune(c);
                 if (r < 0)
                         log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(c->db));
-                c->prune_at = now + COMMANDS_PRUNE_INTERVAL_USEC;
+                c->prune_at = p->now + COMMANDS_PRUNE_INTERVAL_USEC;
         }
-        wake_at(&wake, c->prune_at);
+        wake_at(&p->wake, c->prune_at);
 
         arm_exp_timer(c);
-        if (again)
+        if (p->again)
                 commands_schedule(c);
-        if (wake == UINT64_MAX)
+        if (p->wake == UINT64_MAX)
                 r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         else {
-                r = sd_event_source_set_time(c->timer, wake);
+                r = sd_event_source_set_time(c->timer, p->wake);
                 if (r >= 0)
                         r = sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
         }
         if (r < 0)
                 log_error_errno(r, "Failed to arm the command timer: %m");
+}
+
+/* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
+ * then arm the timers for what has to wait. */
+static void commands_work(struct commands *c) {
+        struct pass p = {
+                .now = now_monotonic_usec(),
+                .t = now_s(),
+                .budget = COMMANDS_SIGN_PER_PASS,
+                .ready = cloud_ready(c->cloud),
+                .wake = UINT64_MAX,
+        };
+
+        expire_due(c, p.t);
+        pass_sign(c, &p);
+        pass_store(c, &p);
+        pass_publish(c, &p);
+        pass_report(c, &p);
+        forget_done(c);
+        pass_poll(c, &p);
+        pass_end(c, &p);
 }
 
 static int on_defer(sd_event_source *s, void *userdata) {
