@@ -504,6 +504,9 @@ static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frame
         }
 }
 
+static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp);
+
+/* The answer to a status batch, 401 included (cloud_on_401() decides, this reacts). */
 static void on_status_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp_) {
         long status = resp_->status;
         int r = resp_->error;
@@ -543,8 +546,19 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                                    q->n_frames);
                 return;
         }
-        if (r == 0 && status == 401)
-                return; /* cloud_on_401(), from on_http_done */
+        if (r == 0 && status == 401) {
+                int k = q->retried_401 ? -EKEYREJECTED : cloud_on_401(c, q, resp_);
+                /* Once at once (a new nonce, a newer token): the same frames, a new signature;
+                 * a second 401 in a row backs off. */
+                if (k > 0 && cloud_send_batch(c) >= 0 && c->status_req)
+                        c->status_req->retried_401 = true;
+                else if (k < 0 || (k > 0 && !c->status_req)) {
+                        if (k < 0 && q->retried_401)
+                                set_last_error(c, "upload answered HTTP 401 twice in a row");
+                        cloud_backoff(c, resp_->retry_after);
+                }
+                return;
+        }
         if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
                 if (r < 0)
@@ -623,8 +637,6 @@ void cloud_send_devices(struct cloud *c) {
         if (r < 0)
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
 }
-
-static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp);
 
 static void on_refreshed_kick(void *userdata, int r) {
         if (r >= 0)
@@ -832,18 +844,6 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         case REQ_STATUS:
                 c->status_req = NULL;
                 on_status_done(c, q, resp);
-                if (resp->error == 0 && resp->status == 401) {
-                        int k = q->retried_401 ? -EKEYREJECTED : cloud_on_401(c, q, resp);
-                        /* Once at once (a new nonce, a newer token): the same frames, a new
-                         * signature; a second 401 in a row backs off. */
-                        if (k > 0 && cloud_send_batch(c) >= 0 && c->status_req)
-                                c->status_req->retried_401 = true;
-                        else if (k < 0 || (k > 0 && !c->status_req)) {
-                                if (k < 0 && q->retried_401)
-                                        set_last_error(c, "upload answered HTTP 401 twice in a row");
-                                cloud_backoff(c, resp->retry_after);
-                        }
-                }
                 break;
         case REQ_DEVICES:
                 c->devices_req = NULL;
