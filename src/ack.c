@@ -29,7 +29,8 @@ struct ack_entry {
 };
 
 struct ack {
-        struct hub *hub;
+        const struct iothub_conf *conf;
+        struct mqtt *mqtt;
         sd_event_source *timer;
         uint64_t timer_usec; /* when the timer fires, 0: disarmed */
         bool connected;
@@ -47,11 +48,11 @@ static int ack_publish(struct ack *a, struct ack_entry *e, uint64_t now) {
         char topic[ACK_TOPIC_MAX + 1], payload[40];
         int n, m, r;
 
-        n = snprintf(topic, sizeof topic, "%s/%s/ack", a->hub->conf->mqtt.topic_prefix, e->bulb->id);
+        n = snprintf(topic, sizeof topic, "%s/%s/ack", a->conf->mqtt.topic_prefix, e->bulb->id);
         m = snprintf(payload, sizeof payload, "{\"seq\":%" PRId64 "}", e->pending);
         if (n < 0 || (size_t) n >= sizeof topic || m < 0 || (size_t) m >= sizeof payload)
                 return -ENAMETOOLONG;
-        r = mqtt_publish(a->hub->mqtt, topic, payload, (size_t) m, 1, NULL);
+        r = mqtt_publish(a->mqtt, topic, payload, (size_t) m, 1, NULL);
         if (r == -ENOTCONN)
                 return r;
         /* A refusal other than "not connected" waits a full interval too, so that it cannot
@@ -207,16 +208,17 @@ int ack_status_json(struct ack *a, json_t *status) {
         return 0;
 }
 
-int ack_new(struct hub *h, struct ack **ret) {
+int ack_new(sd_event *e, const struct iothub_conf *conf, struct mqtt *mqtt, struct ack **ret) {
         struct ack *a;
         int r;
 
         a = calloc(1, sizeof *a);
         if (!a)
                 return -ENOMEM;
-        a->hub = h;
-        a->connected = mqtt_is_connected(h->mqtt);
-        r = sd_event_add_time(h->event, &a->timer, CLOCK_MONOTONIC, 0, ACK_TIMER_ACCURACY_USEC, on_timer, a);
+        a->conf = conf;
+        a->mqtt = mqtt;
+        a->connected = mqtt_is_connected(mqtt);
+        r = sd_event_add_time(e, &a->timer, CLOCK_MONOTONIC, 0, ACK_TIMER_ACCURACY_USEC, on_timer, a);
         if (r >= 0)
                 r = sd_event_source_set_enabled(a->timer, SD_EVENT_OFF);
         if (r < 0) {

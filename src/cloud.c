@@ -19,7 +19,6 @@
 
 #include "iothub/attest.h"
 #include "iothub/cloud.h"
-#include "iothub/commands.h"
 #include "iothub/http.h"
 #include "iothub/httpsig.h"
 #include "iothub/hubkey.h"
@@ -60,7 +59,14 @@ struct cloud_req {
 };
 
 struct cloud {
-        struct hub *hub;
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct registry *registry;
+        struct http *http;
+        struct oauth *oauth;        /* NULL without [oauth]: the fixed token of bearer_token_file */
+        struct hubkey *hubkey;      /* NULL until hub.c announces it (cloud_key_ready) */
+        struct spool_counts *spool; /* hub.c's; lowered as frames leave the spool */
+        struct cloud_events ev;
         char *base_url; /* without a trailing '/' */
         sd_event_source *batch_timer;
         struct cloud_req *status_req, *devices_req;
@@ -143,14 +149,14 @@ static bool token_is_valid(const char *t) {
 /* (Re)reads the access token. For now from [cloud] bearer_token_file; the OAuth module takes
  * this place once a user signed in. */
 static int cloud_load_token(struct cloud *c) {
-        const char *path = c->hub->conf->cloud.bearer_token_file;
+        const char *path = c->conf->cloud.bearer_token_file;
         _cleanup_erase_str_ char *t = NULL;
         size_t len = 0;
         int r;
 
         if (!path) {
                 /* Sign-in is the user's way; bearer_token_file is a development aid, not a hint. */
-                if (c->hub->conf->oauth.issuer)
+                if (c->conf->oauth.issuer)
                         set_last_error(c, "not signed in: [oauth] client_id is not set");
                 else
                         set_last_error(c, "not signed in: configure [oauth] (see iothub.conf(5)), then run "
@@ -181,7 +187,7 @@ static int cloud_load_token(struct cloud *c) {
 /* With [oauth], the signed-in user's token (and a DPoP proof when it is bound); else the
  * fixed token of [cloud] bearer_token_file. */
 static bool cloud_have_token(struct cloud *c) {
-        struct oauth *o = c->hub->oauth;
+        struct oauth *o = c->oauth;
 
         if (o)
                 return oauth_get_state(o) == OAUTH_OK || oauth_get_state(o) == OAUTH_REFRESHING;
@@ -189,13 +195,13 @@ static bool cloud_have_token(struct cloud *c) {
 }
 
 static bool cloud_uses_oauth(struct cloud *c) {
-        return c->hub->conf->oauth.issuer && c->hub->conf->oauth.client_id;
+        return c->conf->oauth.issuer && c->conf->oauth.client_id;
 }
 
 static int cloud_authorization(struct cloud *c, const char *method, const char *url, char **ret_auth,
                                char **ret_dpop) {
-        if (c->hub->oauth)
-                return oauth_authorize(c->hub->oauth, method, url, ret_auth, ret_dpop);
+        if (c->oauth)
+                return oauth_authorize(c->oauth, method, url, ret_auth, ret_dpop);
         if (!c->token)
                 return -ENOKEY;
         *ret_dpop = NULL;
@@ -205,7 +211,6 @@ static int cloud_authorization(struct cloud *c, const char *method, const char *
 
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
-        struct hub *h = c->hub;
         struct httpsig_headers sig = {};
         _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL, *dpop = NULL, *dpop_header = NULL;
         _cleanup_free_ char *url = NULL;
@@ -227,8 +232,8 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         r = cloud_authorization(c, method, url, &auth, &dpop);
         if (r < 0)
                 goto fail;
-        q->token_gen = oauth_token_gen(h->oauth);
-        r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
+        q->token_gen = oauth_token_gen(c->oauth);
+        r = httpsig_sign(c->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
                          (int64_t) (now_realtime_usec() / 1000000), &sig);
         if (r < 0)
                 goto fail;
@@ -256,12 +261,12 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 lines[n++] = "Content-Type: application/json";
         lines[n++] = "Accept: application/json";
         lines[n++] = "Expect:"; /* no 100-continue round trip */
-        r = http_start(h->http,
+        r = http_start(c->http,
                        &(struct http_request){ .method = method,
                                                .url = url,
-                                               .ca_file = h->conf->cloud.ca_file,
+                                               .ca_file = c->conf->cloud.ca_file,
                                                .timeout_s = timeout_s > 0 ? timeout_s
-                                                                          : (long) h->conf->cloud.timeout_s,
+                                                                          : (long) c->conf->cloud.timeout_s,
                                                .headers = lines,
                                                .n_headers = n,
                                                .body = body,
@@ -356,7 +361,6 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
 }
 
 static int cloud_send_batch(struct cloud *c) {
-        struct hub *h = c->hub;
         struct batch_builder b = {};
         _cleanup_free_ char *path = NULL;
         char *body;
@@ -368,7 +372,7 @@ static int cloud_send_batch(struct cloud *c) {
                 return -ENOMEM;
         memcpy(b.buf, "{\"frames\":[", 11);
         b.len = 11;
-        r = spool_read_batch(h->db, h->conf->cloud.batch_max_frames, batch_add, &b);
+        r = spool_read_batch(c->db, c->conf->cloud.batch_max_frames, batch_add, &b);
         if (r <= 0) {
                 free(b.buf);
                 return r;
@@ -376,7 +380,7 @@ static int cloud_send_batch(struct cloud *c) {
         memcpy(b.buf + b.len, "]}", 3);
         b.len += 2;
         body = b.buf;
-        path = strdup_printf("/v1/hubs/%s/status", h->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s/status", c->conf->hub.id);
         if (!path) {
                 free(body);
                 return -ENOMEM;
@@ -392,15 +396,14 @@ static int cloud_send_batch(struct cloud *c) {
 }
 
 static void cloud_maybe_send(struct cloud *c) {
-        struct hub *h = c->hub;
         uint64_t now = now_monotonic_usec();
         int64_t oldest_usec = 0;
         int r;
 
-        if (!h->hubkey)
+        if (!c->hubkey)
                 return;
         if (!cloud_have_token(c)) {
-                if (h->oauth && oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
+                if (c->oauth && oauth_get_state(c->oauth) == OAUTH_LOGIN_REQUIRED)
                         set_last_error(c, "not signed in: run 'iothubctl login'");
                 return;
         }
@@ -419,21 +422,21 @@ static void cloud_maybe_send(struct cloud *c) {
         if (c->counters.backoff_until > now)
                 return;
         c->counters.backoff_until = 0;
-        if (h->spool_pending == 0)
+        if (c->spool->pending == 0)
                 return;
-        if (h->spool_pending < h->conf->cloud.batch_max_frames) {
+        if (c->spool->pending < c->conf->cloud.batch_max_frames) {
                 /* Runs after every commit: while the timer for the oldest frame is armed, a
                  * newer frame cannot make the batch due sooner, so skip the query. */
                 if (sd_event_source_get_enabled(c->batch_timer, NULL) > 0)
                         return;
-                r = spool_oldest(h->db, NULL, &oldest_usec);
+                r = spool_oldest(c->db, NULL, &oldest_usec);
                 if (r < 0)
                         return;
                 /* received_at is a date (it survives restarts), so the age is taken on the real-time
                  * clock. A clock stepped back since (NTP correcting a clock that ran ahead) makes it
                  * negative: the batch is due now, not after the step's size on top of the delay. */
                 int64_t age_usec = (int64_t) now_realtime_usec() - oldest_usec;
-                int64_t delay_usec = (int64_t) h->conf->cloud.batch_max_delay_ms * 1000;
+                int64_t delay_usec = (int64_t) c->conf->cloud.batch_max_delay_ms * 1000;
                 if (age_usec >= 0 && age_usec < delay_usec) {
                         arm_batch_timer(c, now + (uint64_t) (delay_usec - age_usec));
                         return;
@@ -441,7 +444,7 @@ static void cloud_maybe_send(struct cloud *c) {
         }
         r = cloud_send_batch(c);
         if (r < 0) {
-                const char *kerr = hubkey_last_error(h->hubkey);
+                const char *kerr = hubkey_last_error(c->hubkey);
 
                 /* The key could not sign (TPM gone, or another TPM in its place): said with the
                  * key's MESSAGE_ID, once per backoff step; the next try connects again. */
@@ -520,8 +523,10 @@ static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frame
         }
 }
 
+static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp);
+
+/* The answer to a status batch, 401 included (cloud_on_401() decides, this reacts). */
 static void on_status_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp_) {
-        struct hub *h = c->hub;
         long status = resp_->status;
         int r = resp_->error;
         uint64_t count = 0, bytes = 0;
@@ -540,15 +545,15 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 count_rejections(c, rej, q->n_frames);
                 json_decref(rej);
                 /* Accepted and rejected frames both leave: rejected ones are never retried. */
-                r = spool_delete(h->db, q->first_id, q->last_id, &count, &bytes);
+                r = spool_delete(c->db, q->first_id, q->last_id, &count, &bytes);
                 if (r < 0) {
                         log_error_errno(r, "Failed to remove an uploaded batch from the spool: %m (%s)",
-                                        db_errmsg(h->db));
+                                        db_errmsg(c->db));
                         cloud_backoff(c, NULL);
                         return;
                 }
-                h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
-                h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+                c->spool->pending -= count <= c->spool->pending ? count : c->spool->pending;
+                c->spool->bytes -= bytes <= c->spool->bytes ? bytes : c->spool->bytes;
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
@@ -560,8 +565,19 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                                    q->n_frames);
                 return;
         }
-        if (r == 0 && status == 401)
-                return; /* cloud_on_401(), from on_http_done */
+        if (r == 0 && status == 401) {
+                int k = q->retried_401 ? -EKEYREJECTED : cloud_on_401(c, q, resp_);
+                /* Once at once (a new nonce, a newer token): the same frames, a new signature;
+                 * a second 401 in a row backs off. */
+                if (k > 0 && cloud_send_batch(c) >= 0 && c->status_req)
+                        c->status_req->retried_401 = true;
+                else if (k < 0 || (k > 0 && !c->status_req)) {
+                        if (k < 0 && q->retried_401)
+                                set_last_error(c, "upload answered HTTP 401 twice in a row");
+                        cloud_backoff(c, resp_->retry_after);
+                }
+                return;
+        }
         if (r < 0 || status == 408 || status == 429 || status >= 500 || status < 200 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
                 if (r < 0)
@@ -575,14 +591,14 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
         /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
         char reason[CLOUD_REFUSAL_REASON_MAX];
         cloud_refusal_reason(status, resp_->body, resp_->body_len, reason, sizeof reason);
-        r = spool_move_aside(h->db, q->first_id, q->last_id, status, reason, &count, &bytes);
+        r = spool_move_aside(c->db, q->first_id, q->last_id, status, reason, &count, &bytes);
         if (r < 0) {
-                log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(h->db));
+                log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(c->db));
                 cloud_backoff(c, NULL);
                 return;
         }
-        h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
-        h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
+        c->spool->pending -= count <= c->spool->pending ? count : c->spool->pending;
+        c->spool->bytes -= bytes <= c->spool->bytes ? bytes : c->spool->bytes;
         c->counters.moved_aside += count;
         set_last_error(c, "a batch was refused (%s) and moved aside", reason);
         log_event(LOG_ERR, 0, IOTHUB_MID_BATCH_MOVED_ASIDE, NULL, NULL,
@@ -591,14 +607,14 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
 
 /* ---- the device list ---- */
 
-static int build_devices_body(struct hub *h, char **ret, size_t *ret_len) {
+static int build_devices_body(struct cloud *c, char **ret, size_t *ret_len) {
         json_t *arr = json_array(), *o;
         char *s;
 
         if (!arr)
                 return -ENOMEM;
-        for (size_t i = 0; i < registry_count(h->registry); i++) {
-                struct bulb *b = registry_get(h->registry, i);
+        for (size_t i = 0; i < registry_count(c->registry); i++) {
+                struct bulb *b = registry_get(c->registry, i);
                 json_t *jwk = NULL;
                 int r = verify_key_to_jwk(b->key, &jwk);
                 if (r < 0) {
@@ -620,15 +636,14 @@ static int build_devices_body(struct hub *h, char **ret, size_t *ret_len) {
 
 void cloud_send_devices(struct cloud *c);
 void cloud_send_devices(struct cloud *c) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         char *body = NULL;
         size_t len = 0;
         int r;
 
-        r = build_devices_body(h, &body, &len);
+        r = build_devices_body(c, &body, &len);
         if (r >= 0) {
-                path = strdup_printf("/v1/hubs/%s/devices", h->conf->hub.id);
+                path = strdup_printf("/v1/hubs/%s/devices", c->conf->hub.id);
                 if (!path) {
                         free(body);
                         r = -ENOMEM;
@@ -642,15 +657,12 @@ void cloud_send_devices(struct cloud *c) {
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
 }
 
-static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_response *resp);
-
 static void on_refreshed_kick(void *userdata, int r) {
         if (r >= 0)
                 cloud_maybe_send(userdata);
 }
 
 static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct http_response *resp) {
-        struct hub *h = c->hub;
         long status = resp->status;
         int r = resp->error;
         uint32_t rnd = 0;
@@ -669,10 +681,10 @@ static void on_devices_done(struct cloud *c, struct cloud_req *q, const struct h
                 /* The timer may still be armed for the list's backoff: the batch schedule is
                  * worked out afresh (cloud_maybe_send keeps an armed timer). */
                 (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
-                r = db_meta_set(h->db, META_DEVICES_DIRTY, "0");
+                r = db_meta_set(c->db, META_DEVICES_DIRTY, "0");
                 if (r < 0)
                         log_warning_errno(r, "Failed to record the bulb list as sent: %m");
-                log_info("Sent the list of bulbs to the cloud (%zu now)", registry_count(h->registry));
+                log_info("Sent the list of bulbs to the cloud (%zu now)", registry_count(c->registry));
                 return;
         }
         /* Again at once (the list is still dirty), but only once in a row. */
@@ -701,7 +713,7 @@ void cloud_devices_changed(struct cloud *c) {
         if (c->counters.backoff_until <= now_monotonic_usec())
                 (void) sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         /* Persisted: a restart before the PUT still sends it. */
-        r = db_meta_set(c->hub->db, META_DEVICES_DIRTY, "1");
+        r = db_meta_set(c->db, META_DEVICES_DIRTY, "1");
         if (r < 0)
                 log_warning_errno(r, "Failed to record a change of the bulb list: %m");
         c->devices_backoff_until = 0;
@@ -714,14 +726,13 @@ void cloud_devices_changed(struct cloud *c) {
 static int register_send(struct cloud *c, json_t *attestation,
                          void (*done)(void *userdata, long status, const char *message), void *userdata,
                          struct cloud_call **ret) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *path = NULL;
         struct cloud_req *q = NULL;
         json_t *jwk = NULL, *o;
         char *body;
         int r;
 
-        r = hubkey_public_jwk(h->hubkey, &jwk);
+        r = hubkey_public_jwk(c->hubkey, &jwk);
         if (r < 0) {
                 json_decref(attestation);
                 return r;
@@ -730,7 +741,7 @@ static int register_send(struct cloud *c, json_t *attestation,
                         : json_pack("{s:o}", "jwk", jwk);
         body = o ? json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
-        path = strdup_printf("/v1/hubs/%s", h->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s", c->conf->hub.id);
         if (!body || !path) {
                 free(body);
                 return -ENOMEM;
@@ -753,8 +764,7 @@ static int register_send(struct cloud *c, json_t *attestation,
  * register without evidence, or another negative errno. */
 static int register_challenge(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                               void *userdata, struct cloud_call **ret) {
-        struct hub *h = c->hub;
-        enum attest_mode mode = h->conf->cloud.attestation;
+        enum attest_mode mode = c->conf->cloud.attestation;
         _cleanup_(attest_freep) struct attest *a = NULL;
         _cleanup_free_ char *path = NULL, *error = NULL;
         struct cloud_req *q = NULL;
@@ -764,14 +774,14 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
 
         if (mode == ATTEST_OFF)
                 return -ENOENT;
-        if (hubkey_backend(h->hubkey) != KEY_BACKEND_TPM) {
+        if (hubkey_backend(c->hubkey) != KEY_BACKEND_TPM) {
                 if (mode == ATTEST_ON) {
                         set_last_error(c, "[cloud] attestation = on needs a TPM key ([key] backend = tpm)");
                         return log_error_errno(-EOPNOTSUPP, "%s", c->counters.last_error);
                 }
                 return -ENOENT; /* a file key has no evidence to give */
         }
-        r = attest_begin(h->hubkey, &a, &error);
+        r = attest_begin(c->hubkey, &a, &error);
         if (r == -ENOENT && mode == ATTEST_AUTO) {
                 log_info("Registering without attestation: %s", error ?: "no EK certificate");
                 return -ENOENT;
@@ -780,7 +790,7 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
                 set_last_error(c, "attestation: %s", error ?: strerror(-r));
                 return log_error_errno(r, "Failed to prepare the attestation: %s", error ?: strerror(-r));
         }
-        r = hubkey_public_jwk(h->hubkey, &jwk);
+        r = hubkey_public_jwk(c->hubkey, &jwk);
         if (r < 0)
                 return r;
         o = json_pack("{s:o}", "jwk", jwk);
@@ -790,7 +800,7 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
         }
         body = json_dumps(o, JSON_COMPACT);
         json_decref(o);
-        path = strdup_printf("/v1/hubs/%s/attest/challenge", h->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s/attest/challenge", c->conf->hub.id);
         if (!body || !path) {
                 free(body);
                 return -ENOMEM;
@@ -810,13 +820,15 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
 
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret) {
-        struct hub *h = c->hub;
         int r;
 
-        /* The user may just have run 'iothubctl key init': try now rather than at the next retry. */
-        r = hub_open_key(h);
+        /* The user may just have run 'iothubctl key init': try now rather than at the next retry
+         * (hub.c opens it and announces it through cloud_key_ready() before this returns). */
+        r = c->ev.need_key ? c->ev.need_key(c->ev.userdata) : -ENOKEY;
         if (r < 0)
                 return r;
+        if (!c->hubkey)
+                return -ENOKEY;
         if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
                 return -ENOKEY;
         r = register_challenge(c, done, userdata, ret);
@@ -835,7 +847,7 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
         json_t *attestation = NULL;
         int r;
 
-        if (resp->error == 0 && resp->status == 404 && c->hub->conf->cloud.attestation == ATTEST_AUTO) {
+        if (resp->error == 0 && resp->status == 404 && c->conf->cloud.attestation == ATTEST_AUTO) {
                 /* A cloud of contract 1.0, without attestation: register as before. */
                 log_info("The cloud has no attestation endpoint; registering without attestation");
                 r = register_send(c, NULL, q->register_done, q->register_userdata, q->register_slot);
@@ -858,7 +870,7 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
                 (void) snprintf(message, size, "the cloud's attestation challenge is malformed");
                 return -EBADMSG;
         }
-        r = attest_answer(q->attest, c->hub->hubkey, &ch, &attestation, &error);
+        r = attest_answer(q->attest, c->hubkey, &ch, &attestation, &error);
         OPENSSL_cleanse(&ch, sizeof ch);
         if (r < 0) {
                 (void) snprintf(message, size, "attestation failed: %s", error ?: strerror(-r));
@@ -877,7 +889,7 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
 bool cloud_ready(struct cloud *c) {
         /* Registered too: before that the cloud cannot check a request (and would answer
          * 401, which would send the sign-in refreshing for nothing). */
-        return c && c->hub->hubkey && cloud_have_token(c) && c->registered;
+        return c && c->hubkey && cloud_have_token(c) && c->registered;
 }
 
 int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
@@ -947,18 +959,18 @@ static int cloud_on_401(struct cloud *c, struct cloud_req *q, const struct http_
                 r = cloud_load_token(c);
                 return r < 0 ? r : 1;
         }
-        if (!c->hub->oauth)
+        if (!c->oauth)
                 return -ENOKEY;
         if (q->kind == REQ_STATUS) {
-                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                r = oauth_unauthorized(c->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
                                        on_refreshed, c);
                 if (r == 0)
                         c->refreshing = true;
         } else
-                r = oauth_unauthorized(c->hub->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
+                r = oauth_unauthorized(c->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce,
                                        on_refreshed_kick, c);
         if (r < 0)
-                set_last_error(c, "the cloud answers HTTP 401: %s", oauth_last_error(c->hub->oauth));
+                set_last_error(c, "the cloud answers HTTP 401: %s", oauth_last_error(c->oauth));
         return r;
 }
 
@@ -968,23 +980,11 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
 
         q->http = NULL; /* http frees it after this call */
         if (resp->error == 0 && resp->status >= 200 && resp->status < 300)
-                oauth_resource_ok(c->hub->oauth);
+                oauth_resource_ok(c->oauth);
         switch (q->kind) {
         case REQ_STATUS:
                 c->status_req = NULL;
                 on_status_done(c, q, resp);
-                if (resp->error == 0 && resp->status == 401) {
-                        int k = q->retried_401 ? -EKEYREJECTED : cloud_on_401(c, q, resp);
-                        /* Once at once (a new nonce, a newer token): the same frames, a new
-                         * signature; a second 401 in a row backs off. */
-                        if (k > 0 && cloud_send_batch(c) >= 0 && c->status_req)
-                                c->status_req->retried_401 = true;
-                        else if (k < 0 || (k > 0 && !c->status_req)) {
-                                if (k < 0 && q->retried_401)
-                                        set_last_error(c, "upload answered HTTP 401 twice in a row");
-                                cloud_backoff(c, resp->retry_after);
-                        }
-                }
                 break;
         case REQ_DEVICES:
                 c->devices_req = NULL;
@@ -1031,8 +1031,9 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 else if (resp->status == 200 || resp->status == 201) {
                         (void) snprintf(message, sizeof message, "registered");
                         c->registered = true;
-                        commands_kick(c->hub->commands);
-                        if (db_meta_set(c->hub->db, META_REGISTERED, "1") < 0)
+                        if (c->ev.registered)
+                                c->ev.registered(c->ev.userdata);
+                        if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
                                 log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
                         c->counters.last_error[0] = '\0';
                 }
@@ -1057,30 +1058,40 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
 }
 
 /* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
-void cloud_key_ready(struct cloud *c) {
+void cloud_key_ready(struct cloud *c, struct hubkey *k) {
         if (!c)
                 return;
+        c->hubkey = k;
         if (strncmp(c->counters.last_error, "no hub key", strlen("no hub key")) == 0)
                 c->counters.last_error[0] = '\0';
         cloud_maybe_send(c);
 }
 
-int cloud_new(struct hub *h, struct cloud **ret) {
+int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+              struct http *http, struct oauth *oauth, struct spool_counts *spool, const struct cloud_events *ev,
+              struct cloud **ret) {
         _cleanup_free_ char *dirty = NULL;
         struct cloud *c;
         size_t n;
         int r;
 
-        if (!h->conf->cloud.url) {
+        if (!conf->cloud.url) {
                 *ret = NULL;
                 return 0;
         }
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
-        c->hub = h;
+        c->conf = conf;
+        c->db = db;
+        c->registry = registry;
+        c->http = http;
+        c->oauth = oauth;
+        c->spool = spool;
+        if (ev)
+                c->ev = *ev;
         c->rejected_reasons = json_object();
-        c->base_url = strdup(h->conf->cloud.url);
+        c->base_url = strdup(conf->cloud.url);
         if (!c->rejected_reasons || !c->base_url) {
                 r = -ENOMEM;
                 goto fail;
@@ -1090,7 +1101,7 @@ int cloud_new(struct hub *h, struct cloud **ret) {
                 c->base_url[--n] = '\0';
         /* Accuracy 1 us: sd-event's default (0 = 250 ms) would add up to a quarter second to
          * every batch that waits for batch_max_delay_ms, and between batches when draining. */
-        r = sd_event_add_time(h->event, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_batch_timer, c);
+        r = sd_event_add_time(e, &c->batch_timer, CLOCK_MONOTONIC, UINT64_MAX, 1, on_batch_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->batch_timer, SD_EVENT_OFF);
         if (r < 0)
@@ -1098,24 +1109,24 @@ int cloud_new(struct hub *h, struct cloud **ret) {
 
         {
                 _cleanup_free_ char *reg = NULL;
-                c->registered = db_meta_get(h->db, META_REGISTERED, &reg) >= 0 && streq(reg, "1");
+                c->registered = db_meta_get(db, META_REGISTERED, &reg) >= 0 && streq(reg, "1");
         }
         /* The bulb list is dirty after a change not yet sent, and on the very first start. */
-        r = db_meta_get(h->db, META_DEVICES_DIRTY, &dirty);
+        r = db_meta_get(db, META_DEVICES_DIRTY, &dirty);
         c->devices_dirty = r == -ENOENT ? true : (r >= 0 && streq(dirty, "1"));
 
         if (cloud_uses_oauth(c)) {
-                if (h->conf->cloud.bearer_token_file)
+                if (conf->cloud.bearer_token_file)
                         log_warning("[cloud] bearer_token_file is ignored: [oauth] signs the hub in");
         } else {
-                if (h->conf->cloud.bearer_token_file)
+                if (conf->cloud.bearer_token_file)
                         log_warning("Using the fixed access token of [cloud] bearer_token_file, for tests and "
                                     "development only");
                 r = cloud_load_token(c);
                 if (r < 0)
                         log_error("Cloud uploads wait: %s", c->counters.last_error);
         }
-        if (!h->hubkey && !c->counters.last_error[0])
+        if (!c->hubkey && !c->counters.last_error[0])
                 set_last_error(c, "no hub key yet");
         *ret = c;
         return 0;

@@ -606,7 +606,13 @@ struct commands_counters {
 };
 
 struct commands {
-        struct hub *hub;
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct registry *registry;
+        struct mqtt *mqtt;
+        struct cloud *cloud;
+        struct events *events; /* security events (rejected commands); NULL without them */
+        struct hubkey *hubkey; /* NULL until hub.c announces it (commands_key_ready) */
         struct verify_key *cloud_key; /* [cloud] command_key_file, NULL when unset */
         char cloud_kid[HUBKEY_ID_LEN + 1];
         sd_event_source *defer, *timer, *exp_timer;
@@ -765,7 +771,7 @@ static void command_finish(struct commands *c, struct command *cmd, enum command
 static void command_reject(struct commands *c, struct command *cmd, enum command_reason reason, const char *why) {
         c->counters.rejected_by[reason]++;
         if (reason == COMMAND_BAD_SIGNATURE)
-                events_note(c->hub->events, EVENT_COMMAND_REJECTED, "bad_signature", cmd->dev, 1);
+                events_note(c->events, EVENT_COMMAND_REJECTED, "bad_signature", cmd->dev, 1);
         command_finish(c, cmd, CMD_REJECTED, now_s(), command_reason_to_string(reason));
         if (log_allowed(c))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_COMMAND_REJECTED, cmd->dev[0] ? cmd->dev : NULL,
@@ -833,7 +839,7 @@ static int store_exists(struct db *db, const char *id) {
 
 /* Writes every change in memory in one transaction (one fsync for a whole pass). */
 static int store_flush(struct commands *c) {
-        struct db *db = c->hub->db;
+        struct db *db = c->db;
         bool any = false;
         int r;
 
@@ -843,7 +849,7 @@ static int store_flush(struct commands *c) {
                 return 0;
         /* The frame path groups the frames of one MQTT read in a transaction of its own; it is
          * always committed before the loop runs anything else, but never write into it. */
-        if (c->hub->batch.open)
+        if (db_in_transaction(db))
                 return -EBUSY;
         r = db_begin(db);
         if (r < 0)
@@ -886,7 +892,7 @@ static int store_flush(struct commands *c) {
 }
 
 static int store_prune(struct commands *c) {
-        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_PRUNE);
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->db, DB_STMT_CMD_PRUNE);
         int rc;
 
         if ((rc = sqlite3_bind_int64(s, 1, now_s() - COMMANDS_KEEP_S)) != SQLITE_OK ||
@@ -903,7 +909,7 @@ static const char *column_text(sqlite3_stmt *s, int i) {
 /* Takes up the commands of the last run that are not finished or whose outcome the cloud has
  * not taken yet. Damaged rows are skipped (and stay for the operator). */
 static int store_load(struct commands *c) {
-        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->hub->db, DB_STMT_CMD_LOAD);
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(c->db, DB_STMT_CMD_LOAD);
         unsigned skipped = 0;
         int rc;
 
@@ -958,11 +964,10 @@ static bool command_take_cloud_sig(struct commands *c, const json_t *o, const ch
         *ret_why = NULL;
         if (!c->cloud_key)
                 return true;
-        return command_cloud_sig_check(o, c->hub->conf->hub.id, c->cloud_key, c->cloud_kid, ret_why) == 0;
+        return command_cloud_sig_check(o, c->conf->hub.id, c->cloud_key, c->cloud_kid, ret_why) == 0;
 }
 
 static void take_command(struct commands *c, const json_t *o, int64_t now, unsigned *fresh) {
-        struct hub *h = c->hub;
         struct command_fields f;
         enum command_reason reason;
         const char *why = NULL, *sig_why = NULL;
@@ -990,18 +995,18 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
                 reason = COMMAND_BAD_SIGNATURE;
                 why = sig_why;
         }
-        r = find_by_id(c, f.id) ? 1 : store_exists(h->db, f.id);
+        r = find_by_id(c, f.id) ? 1 : store_exists(c->db, f.id);
         if (r != 0) {
                 /* A forged copy of a known id must not touch the real command's outcome: not
                  * reported, but counted. */
                 if (r > 0 && !sig_ok) {
                         c->counters.rejected++;
                         c->counters.rejected_by[COMMAND_BAD_SIGNATURE]++;
-                        events_note(h->events, EVENT_COMMAND_REJECTED, "bad_signature", f.dev, 1);
+                        events_note(c->events, EVENT_COMMAND_REJECTED, "bad_signature", f.dev, 1);
                 }
                 if (r < 0)
                         log_error_errno(r, "Failed to look up command %s, ignoring it for now: %m (%s)", f.id,
-                                        db_errmsg(h->db));
+                                        db_errmsg(c->db));
                 else {
                         c->counters.duplicates++;
                         log_debug("Command %s seen before, ignored", f.id);
@@ -1018,7 +1023,7 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
         cmd->dirty = true;
         (*fresh)++;
         if (reason == COMMAND_OK) {
-                b = registry_find(h->registry, f.dev);
+                b = registry_find(c->registry, f.dev);
                 if (!b) {
                         reason = COMMAND_UNKNOWN_DEVICE;
                         why = "no bulb with that id is enrolled";
@@ -1118,12 +1123,12 @@ done:
 static int poll_start(struct commands *c) {
         _cleanup_free_ char *path = NULL;
 
-        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->hub->conf->hub.id, COMMANDS_POLL_WAIT_S);
+        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->conf->hub.id, COMMANDS_POLL_WAIT_S);
         if (!path)
                 return -ENOMEM;
         c->poll_started = now_monotonic_usec();
         c->counters.polls++;
-        return cloud_request(c->hub->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
+        return cloud_request(c->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
                              on_poll_done, c, &c->poll_call);
 }
 
@@ -1183,10 +1188,10 @@ static int result_start(struct commands *c, struct command *cmd, unsigned level)
         r = command_result_body(status, at, level == REPORTED_FINAL ? cmd->detail : NULL, &body);
         if (r < 0)
                 return r;
-        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->hub->conf->hub.id, cmd->id);
+        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->conf->hub.id, cmd->id);
         if (!path)
                 return -ENOMEM;
-        r = cloud_request(c->hub->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
+        r = cloud_request(c->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
         if (r < 0)
                 return r;
         cmd->result_level = level;
@@ -1201,16 +1206,15 @@ static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t
 }
 
 static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
-        struct hub *h = c->hub;
         char payload[COMMAND_PAYLOAD_MAX];
         int n, r;
 
-        n = command_payload(h->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
+        n = command_payload(c->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
         if (n >= 0 && cmd->cloud_sig)
                 n = command_payload_add_cloud(payload, (size_t) n, sizeof payload, cmd->cloud_sig);
         if (n < 0)
                 return n;
-        r = command_jws(hubkey_id(h->hubkey), payload, (size_t) n, sign_with_hubkey, h->hubkey, &cmd->jws);
+        r = command_jws(hubkey_id(c->hubkey), payload, (size_t) n, sign_with_hubkey, c->hubkey, &cmd->jws);
         if (r < 0)
                 return r;
         c->counters.signatures++;
@@ -1220,14 +1224,13 @@ static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
 }
 
 static int command_publish(struct commands *c, struct command *cmd) {
-        struct hub *h = c->hub;
         _cleanup_free_ char *topic = NULL;
         int mid = 0, r;
 
-        topic = strdup_printf("%s/%s/cmd", h->conf->mqtt.topic_prefix, cmd->dev);
+        topic = strdup_printf("%s/%s/cmd", c->conf->mqtt.topic_prefix, cmd->dev);
         if (!topic)
                 return -ENOMEM;
-        r = mqtt_publish(h->mqtt, topic, cmd->jws, strlen(cmd->jws), 1, &mid);
+        r = mqtt_publish(c->mqtt, topic, cmd->jws, strlen(cmd->jws), 1, &mid);
         if (r < 0)
                 return r;
         cmd->published = true;
@@ -1296,78 +1299,90 @@ static void wake_at(uint64_t *wake, uint64_t t) {
                 *wake = t;
 }
 
-/* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
- * then arm the timers for what has to wait. */
-static void commands_work(struct commands *c) {
-        struct hub *h = c->hub;
-        uint64_t now = now_monotonic_usec(), wake = UINT64_MAX;
-        int64_t t = now_s();
-        unsigned budget = COMMANDS_SIGN_PER_PASS;
-        bool again = false, ready = cloud_ready(h->cloud);
+/* What the phases of one pass share: the clocks read once at its start, the signature budget
+ * (each signature is a TPM operation, so a pass does a bounded number), whether the cloud
+ * takes requests, and what the pass leaves for later: the earliest time something is due
+ * (wake), or another pass at once (again). */
+struct pass {
+        uint64_t now;     /* CLOCK_MONOTONIC usec */
+        int64_t t;        /* Unix seconds, for the commands' own times */
+        unsigned budget;  /* signatures left in this pass */
+        bool ready;       /* cloud_ready(): polls and results may go */
+        uint64_t wake;    /* UINT64_MAX: nothing due later */
+        bool again;
+};
+
+/* Sign the new commands, a few per pass (each is a TPM signature). */
+static void pass_sign(struct commands *c, struct pass *p) {
         int r;
 
-        expire_due(c, t);
-
-        /* Sign the new commands, a few per pass (each is a TPM signature). */
-        for (size_t i = 0; i < c->n_cmds && h->hubkey; i++) {
+        for (size_t i = 0; i < c->n_cmds && c->hubkey; i++) {
                 struct command *cmd = c->cmds[i];
 
                 if (cmd->state != CMD_NEW)
                         continue;
-                if (now < c->sign_at) {
-                        wake_at(&wake, c->sign_at);
+                if (p->now < c->sign_at) {
+                        wake_at(&p->wake, c->sign_at);
                         break;
                 }
-                if (budget == 0) {
-                        again = true;
+                if (p->budget == 0) {
+                        p->again = true;
                         break;
                 }
-                if (!sign_take(c, now)) {
-                        wake_at(&wake, sign_ready_at(c, now));
+                if (!sign_take(c, p->now)) {
+                        wake_at(&p->wake, sign_ready_at(c, p->now));
                         break;
                 }
-                budget--;
-                r = command_sign(c, cmd, t);
+                p->budget--;
+                r = command_sign(c, cmd, p->t);
                 if (r < 0) {
                         log_full_errno(c->sign_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
                                        "Failed to sign command %s, trying again: %m", cmd->id);
                         set_last_error(c, "signing a command failed: %s", strerror(-r));
-                        c->sign_at = now + COMMANDS_RETRY_USEC;
-                        wake_at(&wake, c->sign_at);
+                        c->sign_at = p->now + COMMANDS_RETRY_USEC;
+                        wake_at(&p->wake, c->sign_at);
                         break;
                 }
                 c->sign_failures = 0;
                 cmd->state = CMD_PENDING;
                 cmd->dirty = true;
         }
+}
 
-        /* Store before anything goes out: a restart resumes from the table. */
-        if (now >= c->store_at) {
+/* Store before anything goes out: a restart resumes from the table. */
+static void pass_store(struct commands *c, struct pass *p) {
+        int r;
+
+        if (p->now >= c->store_at) {
                 r = store_flush(c);
                 if (r < 0) {
                         c->counters.store_errors++;
                         log_full_errno(c->store_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
-                                       "Failed to store command states, trying again: %m (%s)", db_errmsg(h->db));
-                        c->store_at = now + COMMANDS_RETRY_USEC;
+                                       "Failed to store command states, trying again: %m (%s)", db_errmsg(c->db));
+                        c->store_at = p->now + COMMANDS_RETRY_USEC;
                 } else
                         c->store_failures = 0;
         }
-        if (c->store_at > now)
-                wake_at(&wake, c->store_at);
+        if (c->store_at > p->now)
+                wake_at(&p->wake, c->store_at);
+}
 
-        /* Publish what is stored and not out yet. */
-        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(h->mqtt) && now >= c->publish_at; i++) {
+/* Publish what is stored and not out yet. */
+static void pass_publish(struct commands *c, struct pass *p) {
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds && mqtt_is_connected(c->mqtt) && p->now >= c->publish_at; i++) {
                 struct command *cmd = c->cmds[i];
                 struct bulb *b;
 
                 if (cmd->state != CMD_PENDING || !cmd->stored || cmd->published || !cmd->jws)
                         continue;
                 /* Removed since it was taken: it does not go out. */
-                b = registry_find(h->registry, cmd->dev);
+                b = registry_find(c->registry, cmd->dev);
                 if (!b || b->revoked) {
                         command_reject(c, cmd, b ? COMMAND_REVOKED : COMMAND_UNKNOWN_DEVICE,
                                        "the bulb was removed before the command went out");
-                        again = true;
+                        p->again = true;
                         continue;
                 }
                 r = command_publish(c, cmd);
@@ -1376,99 +1391,130 @@ static void commands_work(struct commands *c) {
                 if (r < 0) {
                         log_full_errno(c->publish_failures++ == 0 ? LOG_WARNING : LOG_DEBUG, r,
                                        "Failed to publish command %s, trying again: %m", cmd->id);
-                        c->publish_at = now + COMMANDS_RETRY_USEC;
+                        c->publish_at = p->now + COMMANDS_RETRY_USEC;
                         break;
                 }
                 c->publish_failures = 0;
         }
-        if (c->publish_at > now)
-                wake_at(&wake, c->publish_at);
+        if (c->publish_at > p->now)
+                wake_at(&p->wake, c->publish_at);
+}
 
-        /* Report outcomes, "delivered" before the final one, a few calls at a time. */
+/* Report outcomes, "delivered" before the final one, a few calls at a time. */
+static void pass_report(struct commands *c, struct pass *p) {
+        int r;
+
         for (size_t i = 0; i < c->n_cmds; i++) {
                 struct command *cmd = c->cmds[i];
                 unsigned level = next_result(cmd);
 
                 if (level == REPORTED_NONE || cmd->result_call || cmd->dirty)
                         continue;
-                if (!ready) {
-                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
+                if (!p->ready) {
+                        wake_at(&p->wake, p->now + COMMANDS_IDLE_RECHECK_USEC);
                         break;
                 }
-                if (now < c->results_at) {
-                        wake_at(&wake, c->results_at);
+                if (p->now < c->results_at) {
+                        wake_at(&p->wake, c->results_at);
                         break;
                 }
                 if (c->result_calls >= COMMANDS_RESULT_CALLS_MAX)
                         break; /* a call's end schedules the next pass */
-                if (budget == 0) {
-                        again = true;
+                if (p->budget == 0) {
+                        p->again = true;
                         break;
                 }
-                if (!sign_take(c, now)) {
-                        wake_at(&wake, sign_ready_at(c, now));
+                if (!sign_take(c, p->now)) {
+                        wake_at(&p->wake, sign_ready_at(c, p->now));
                         break;
                 }
-                budget--;
+                p->budget--;
                 r = result_start(c, cmd, level);
                 if (r < 0) {
                         set_last_error(c, "cannot report a result: %s", strerror(-r));
-                        c->results_at = now + backoff_usec(++c->result_failures);
-                        wake_at(&wake, c->results_at);
+                        c->results_at = p->now + backoff_usec(++c->result_failures);
+                        wake_at(&p->wake, c->results_at);
                         break;
                 }
         }
+}
 
-        forget_done(c);
+/* The long poll: one in flight, only with room for a full answer. */
+static void pass_poll(struct commands *c, struct pass *p) {
+        int r;
 
-        /* The long poll: one in flight, only with room for a full answer. */
-        if (!c->poll_call) {
-                if (!ready)
-                        wake_at(&wake, now + COMMANDS_IDLE_RECHECK_USEC);
-                else if (now < c->poll_at)
-                        wake_at(&wake, c->poll_at);
-                else if (c->n_cmds + COMMANDS_PER_ANSWER > COMMANDS_ACTIVE_MAX)
-                        ; /* forgetting a command schedules a pass */
-                else if (budget == 0)
-                        again = true;
-                else if (!sign_take(c, now))
-                        wake_at(&wake, sign_ready_at(c, now));
-                else {
-                        r = poll_start(c);
-                        if (r < 0) {
-                                char what[64];
-                                (void) snprintf(what, sizeof what, "cannot make the request: %s", strerror(-r));
-                                poll_failed(c, what);
-                                wake_at(&wake, c->poll_at);
-                        }
+        if (c->poll_call)
+                return;
+        if (!p->ready)
+                wake_at(&p->wake, p->now + COMMANDS_IDLE_RECHECK_USEC);
+        else if (p->now < c->poll_at)
+                wake_at(&p->wake, c->poll_at);
+        else if (c->n_cmds + COMMANDS_PER_ANSWER > COMMANDS_ACTIVE_MAX)
+                ; /* forgetting a command schedules a pass */
+        else if (p->budget == 0)
+                p->again = true;
+        else if (!sign_take(c, p->now))
+                wake_at(&p->wake, sign_ready_at(c, p->now));
+        else {
+                r = poll_start(c);
+                if (r < 0) {
+                        char what[64];
+                        (void) snprintf(what, sizeof what, "cannot make the request: %s", strerror(-r));
+                        poll_failed(c, what);
+                        wake_at(&p->wake, c->poll_at);
                 }
         }
+}
 
-        /* Outcomes of this pass (rejections at publish time, results answered) are stored by
-         * the next one. Pruning of old rows once an hour. */
-        for (size_t i = 0; i < c->n_cmds && !again; i++)
-                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW && now >= c->store_at)
-                        again = true;
-        if (now >= c->prune_at) {
+/* Outcomes of this pass (rejections at publish time, results answered) are stored by the next
+ * one. Pruning of old rows once an hour. Then the timers for what has to wait. */
+static void pass_end(struct commands *c, struct pass *p) {
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds && !p->again; i++)
+                if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW && p->now >= c->store_at)
+                        p->again = true;
+        if (p->now >= c->prune_at) {
                 r = store_prune(c);
                 if (r < 0)
-                        log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(h->db));
-                c->prune_at = now + COMMANDS_PRUNE_INTERVAL_USEC;
+                        log_warning_errno(r, "Failed to prune old commands: %m (%s)", db_errmsg(c->db));
+                c->prune_at = p->now + COMMANDS_PRUNE_INTERVAL_USEC;
         }
-        wake_at(&wake, c->prune_at);
+        wake_at(&p->wake, c->prune_at);
 
         arm_exp_timer(c);
-        if (again)
+        if (p->again)
                 commands_schedule(c);
-        if (wake == UINT64_MAX)
+        if (p->wake == UINT64_MAX)
                 r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         else {
-                r = sd_event_source_set_time(c->timer, wake);
+                r = sd_event_source_set_time(c->timer, p->wake);
                 if (r >= 0)
                         r = sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
         }
         if (r < 0)
                 log_error_errno(r, "Failed to arm the command timer: %m");
+}
+
+/* One pass: expire, sign, store, publish, report, forget, poll, in that order, each bounded;
+ * then arm the timers for what has to wait. */
+static void commands_work(struct commands *c) {
+        struct pass p = {
+                .now = now_monotonic_usec(),
+                .t = now_s(),
+                .budget = COMMANDS_SIGN_PER_PASS,
+                .ready = cloud_ready(c->cloud),
+                .wake = UINT64_MAX,
+        };
+
+        expire_due(c, p.t);
+        pass_sign(c, &p);
+        pass_store(c, &p);
+        pass_publish(c, &p);
+        pass_report(c, &p);
+        forget_done(c);
+        pass_poll(c, &p);
+        pass_end(c, &p);
 }
 
 static int on_defer(sd_event_source *s, void *userdata) {
@@ -1492,6 +1538,13 @@ void commands_kick(struct commands *c) {
         if (c->poll_failures > 0)
                 c->poll_at = 0;
         commands_schedule(c);
+}
+
+void commands_key_ready(struct commands *c, struct hubkey *k) {
+        if (!c)
+                return;
+        c->hubkey = k;
+        commands_kick(c);
 }
 
 void commands_on_published(struct commands *c, int mid) {
@@ -1553,21 +1606,27 @@ void commands_on_ack(struct commands *c, const char *dev, const char *id, bool o
         commands_schedule(c);
 }
 
-int commands_new(struct hub *h, struct commands **ret) {
+int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+                 struct mqtt *mqtt, struct cloud *cloud, struct events *events, struct commands **ret) {
         struct commands *c;
         int r;
 
-        if (!h->cloud) {
+        if (!cloud) {
                 *ret = NULL;
                 return 0;
         }
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
-        c->hub = h;
-        if (h->conf->cloud.command_key_file) {
+        c->conf = conf;
+        c->db = db;
+        c->registry = registry;
+        c->mqtt = mqtt;
+        c->cloud = cloud;
+        c->events = events;
+        if (conf->cloud.command_key_file) {
                 _cleanup_free_ char *err = NULL;
-                r = command_key_load(h->conf->cloud.command_key_file, &c->cloud_key, c->cloud_kid, &err);
+                r = command_key_load(conf->cloud.command_key_file, &c->cloud_key, c->cloud_kid, &err);
                 if (r < 0) {
                         log_error_errno(r, "Failed to load [cloud] command_key_file: %s", err ? err : strerror(-r));
                         free(c);
@@ -1577,22 +1636,22 @@ int commands_new(struct hub *h, struct commands **ret) {
         }
         c->tokens = COMMANDS_SIGN_BURST;
         c->tokens_usec = now_monotonic_usec();
-        r = sd_event_add_defer(h->event, &c->defer, on_defer, c);
+        r = sd_event_add_defer(e, &c->defer, on_defer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->defer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_time(h->event, &c->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, c);
+                r = sd_event_add_time(e, &c->timer, CLOCK_MONOTONIC, UINT64_MAX, 0, on_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_time(h->event, &c->exp_timer, CLOCK_REALTIME, UINT64_MAX, 0, on_timer, c);
+                r = sd_event_add_time(e, &c->exp_timer, CLOCK_REALTIME, UINT64_MAX, 0, on_timer, c);
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->exp_timer, SD_EVENT_OFF);
         if (r < 0)
                 goto fail;
         r = store_load(c);
         if (r < 0) {
-                log_error_errno(r, "Failed to load the commands in flight: %m (%s)", db_errmsg(h->db));
+                log_error_errno(r, "Failed to load the commands in flight: %m (%s)", db_errmsg(db));
                 goto fail;
         }
         if (c->n_cmds > 0)

@@ -17,7 +17,6 @@
 #include "iothub/dynsec.h"
 #include "iothub/enrol.h"
 #include "iothub/pair.h"
-#include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
@@ -27,7 +26,14 @@
 #define CONTROL_PEM_MAX 16384
 
 struct control {
-        struct hub *hub;
+        sd_event *event;
+        const struct iothub_conf *conf;
+        struct registry *registry;
+        struct cloud *cloud; /* NULL without [cloud] url */
+        struct oauth *oauth; /* NULL without [oauth] */
+        struct dynsec *dynsec; /* NULL without [broker] dynsec */
+        struct pair *pair;
+        struct control_events ev;
         int fd;
         char *path;
         sd_event_source *listen;
@@ -139,11 +145,17 @@ static json_t *bulb_to_json(const struct bulb *b) {
         return o;
 }
 
+/* The list of enrolled bulbs changed: whoever listens (the cloud relay) hears it. */
+static void devices_changed(struct control *ctl) {
+        if (ctl->ev.devices_changed)
+                ctl->ev.devices_changed(ctl->ev.userdata);
+}
+
 static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *st = NULL;
         int r;
 
-        r = hub_status_json(ctl->hub, &st);
+        r = ctl->ev.status_json ? ctl->ev.status_json(ctl->ev.userdata, &st) : -EOPNOTSUPP;
         if (r < 0)
                 return error_reply("cannot build status: %s", strerror(-r));
         (void) json_object_set_new(st, "ok", json_true());
@@ -152,12 +164,12 @@ static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req
 
 static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *req) {
         json_t *arr = json_array();
-        size_t n = registry_count(ctl->hub->registry);
+        size_t n = registry_count(ctl->registry);
 
         if (!arr)
                 return NULL;
         for (size_t i = 0; i < n; i++)
-                (void) json_array_append_new(arr, bulb_to_json(registry_get(ctl->hub->registry, i)));
+                (void) json_array_append_new(arr, bulb_to_json(registry_get(ctl->registry, i)));
         return json_pack("{s:b,s:o}", "ok", 1, "bulbs", arr);
 }
 
@@ -213,7 +225,7 @@ static json_t *dynsec_reply_later(struct conn *conn, json_t *reply, int r) {
 }
 
 static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *req) {
-        const struct iothub_conf *conf = ctl->hub->conf;
+        const struct iothub_conf *conf = ctl->conf;
         const char *id = req_string(req, "id", DEVICE_ID_MAX);
         const char *pem = req_string(req, "key", CONTROL_PEM_MAX);
         const char *cert = req_string(req, "cert", CONTROL_PEM_MAX);
@@ -222,20 +234,22 @@ static json_t *handle_bulb_add(struct control *ctl, struct conn *conn, json_t *r
         struct bulb *b;
         int r;
 
-        if (want_password && !ctl->hub->dynsec)
+        if (want_password && !ctl->dynsec)
                 return error_reply("[broker] dynsec is off in %s: the hub keeps no broker clients", conf->path);
         /* Checked before enrolling: a password that cannot be set now could never be shown. */
-        if (want_password && !dynsec_ready(ctl->hub->dynsec))
+        if (want_password && !dynsec_ready(ctl->dynsec))
                 return error_reply("not connected to the broker: cannot create the bulb's broker password now");
-        r = enrol_bulb(ctl->hub, id, pem, cert, &b, &err);
+        r = enrol_bulb(conf, ctl->registry, id, pem, cert, &b, &err);
         if (r < 0)
                 return error_reply("%s", err ? err : strerror(-r));
+        if (ctl->ev.bulb_enrolled)
+                ctl->ev.bulb_enrolled(ctl->ev.userdata, b->id);
         json_t *reply = json_pack("{s:b,s:o}", "ok", 1, "bulb", bulb_to_json(b));
-        if (!ctl->hub->dynsec)
+        if (!ctl->dynsec)
                 return reply;
         if (want_password && (r = dynsec_password_new(conn->broker_password)) < 0)
                 return dynsec_reply_later(conn, reply, r);
-        r = dynsec_bulb_create(ctl->hub->dynsec, b->id, want_password ? conn->broker_password : NULL, on_dynsec_done,
+        r = dynsec_bulb_create(ctl->dynsec, b->id, want_password ? conn->broker_password : NULL, on_dynsec_done,
                                conn, &conn->dynsec_op);
         return dynsec_reply_later(conn, reply, r);
 }
@@ -290,11 +304,11 @@ static json_t *handle_bulb_pair(struct control *ctl, struct conn *conn, json_t *
                 seconds = json_integer_value(v);
         if (seconds < 1 || seconds > PAIR_WINDOW_MAX_S)
                 return error_reply("a pairing window lasts 1 to %d seconds", PAIR_WINDOW_MAX_S);
-        if (!ctl->hub->conf->bulbs.ca_file)
+        if (!ctl->conf->bulbs.ca_file)
                 return error_reply("[bulbs] ca_file is not set in %s: pairing checks certificates against it",
-                                   ctl->hub->conf->path);
+                                   ctl->conf->path);
         conn->stream = true; /* the "open" line comes from inside pair_open() */
-        r = pair_open(ctl->hub->pair, (unsigned) seconds,
+        r = pair_open(ctl->pair, (unsigned) seconds,
                       &(struct pair_window_cb){ .event = on_pair_event, .closed = on_pair_closed }, conn,
                       &conn->pair_window);
         if (r < 0) {
@@ -315,19 +329,20 @@ static json_t *handle_bulb_remove(struct control *ctl, struct conn *conn, json_t
 
         if (!id)
                 return error_reply("missing device id");
-        r = registry_revoke(ctl->hub->registry, id);
+        r = registry_revoke(ctl->registry, id);
         if (r == -ENOENT)
                 return error_reply("no bulb %s is enrolled", id);
         if (r < 0)
                 return error_reply("cannot revoke %s: %s", id, strerror(-r));
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_REVOKED, id, NULL, "Revoked bulb %s", id);
-        events_note(ctl->hub->events, EVENT_BULB_REVOKED, NULL, id, 1);
+        if (ctl->ev.bulb_revoked)
+                ctl->ev.bulb_revoked(ctl->ev.userdata, id);
         if (r > 0 || r == 0)
-                cloud_devices_changed(ctl->hub->cloud);
-        if (!ctl->hub->dynsec)
+                devices_changed(ctl);
+        if (!ctl->dynsec)
                 return json_pack("{s:b}", "ok", 1);
         /* The plugin disconnects the bulb when its client goes. */
-        r = dynsec_bulb_delete(ctl->hub->dynsec, id, on_dynsec_done, conn, &conn->dynsec_op);
+        r = dynsec_bulb_delete(ctl->dynsec, id, on_dynsec_done, conn, &conn->dynsec_op);
         return dynsec_reply_later(conn, json_pack("{s:b}", "ok", 1), r);
 }
 
@@ -348,15 +363,16 @@ static void on_register_done(void *userdata, long status, const char *message) {
 }
 
 static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *req) {
+        const char *key_error = NULL;
         int r;
 
-        if (!ctl->hub->cloud)
-                return error_reply("[cloud] url is not set in %s", ctl->hub->conf->path);
-        r = cloud_register(ctl->hub->cloud, on_register_done, conn, &conn->register_call);
-        if (r < 0 && !ctl->hub->hubkey)
-                return error_reply("no hub key: %s", ctl->hub->key_error ? ctl->hub->key_error : strerror(-r));
+        if (!ctl->cloud)
+                return error_reply("[cloud] url is not set in %s", ctl->conf->path);
+        r = cloud_register(ctl->cloud, on_register_done, conn, &conn->register_call);
+        if (r < 0 && ctl->ev.key_missing && ctl->ev.key_missing(ctl->ev.userdata, &key_error))
+                return error_reply("no hub key: %s", key_error ? key_error : strerror(-r));
         if (r == -ENOKEY)
-                return error_reply(ctl->hub->conf->oauth.issuer
+                return error_reply(ctl->conf->oauth.issuer
                                            ? "not signed in: run 'iothubctl login' first"
                                            : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
                                              "'iothubctl login'");
@@ -405,9 +421,9 @@ static void on_login_finished(void *userdata, int r, const char *message) {
 static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured: set [oauth] issuer and client_id in %s",
-                                   ctl->hub->conf->path);
+                                   ctl->conf->path);
         ctl->login_finished = false;
         if (ctl->wait_conn) {
                 struct conn *w = ctl->wait_conn;
@@ -417,7 +433,7 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                         conn_free(w);
         }
         ctl->login_conn = conn;
-        r = oauth_login(ctl->hub->oauth, &(struct oauth_login_cb){ .started = on_login_started,
+        r = oauth_login(ctl->oauth, &(struct oauth_login_cb){ .started = on_login_started,
                                                                      .finished = on_login_finished,
                                                                      .userdata = ctl });
         if (r < 0) {
@@ -435,7 +451,7 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
 }
 
 static json_t *handle_login_wait(struct control *ctl, struct conn *conn, json_t *req) {
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured");
         if (ctl->login_finished) {
                 ctl->login_finished = false;
@@ -462,10 +478,10 @@ static void on_logout_done(void *userdata, int r, const char *message) {
 static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->hub->oauth)
+        if (!ctl->oauth)
                 return error_reply("sign-in is not configured");
         conn->pending = true; /* the answer may come right away, from inside the call */
-        r = oauth_logout(ctl->hub->oauth, on_logout_done, conn, &conn->logout_op);
+        r = oauth_logout(ctl->oauth, on_logout_done, conn, &conn->logout_op);
         if (r < 0) {
                 conn->pending = false;
                 if (r == -EBUSY)
@@ -709,8 +725,8 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (cfd < 0)
                 return 0;
         r = peer_check(cfd, &cred);
-        if (r < 0)
-                events_note(ctl->hub->events, EVENT_CONTROL_REFUSED, NULL, NULL, 1);
+        if (r < 0 && ctl->ev.peer_refused)
+                ctl->ev.peer_refused(ctl->ev.userdata);
         if (r < 0)
                 log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
                           "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,
@@ -732,25 +748,27 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (c->next)
                 c->next->prev = c;
         ctl->conns = c;
-        r = sd_event_add_io(ctl->hub->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
+        r = sd_event_add_io(ctl->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
         if (r >= 0)
-                r = sd_event_add_time_relative(ctl->hub->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
+                r = sd_event_add_time_relative(ctl->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
                                                0, on_conn_timeout, c);
         if (r < 0)
                 conn_free(c);
         return 0;
 }
 
-int control_new(struct hub *h, struct control **ret) {
+int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
+                struct oauth *oauth, struct dynsec *dynsec, struct pair *pair, const struct control_events *ev,
+                struct control **ret) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         struct control *ctl;
         int r;
 
-        if ((size_t) snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", h->conf->hub.runtime_dir,
+        if ((size_t) snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", conf->hub.runtime_dir,
                               CONTROL_SOCKET_NAME) >= sizeof sa.sun_path)
                 return -ENAMETOOLONG;
-        if (mkdir(h->conf->hub.runtime_dir, 0750) < 0 && errno != EEXIST)
+        if (mkdir(conf->hub.runtime_dir, 0750) < 0 && errno != EEXIST)
                 return -errno;
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
@@ -764,10 +782,18 @@ int control_new(struct hub *h, struct control **ret) {
         ctl = calloc(1, sizeof *ctl);
         if (!ctl)
                 return -ENOMEM;
-        ctl->hub = h;
+        ctl->event = e;
+        ctl->conf = conf;
+        ctl->registry = registry;
+        ctl->cloud = cloud;
+        ctl->oauth = oauth;
+        ctl->dynsec = dynsec;
+        ctl->pair = pair;
+        if (ev)
+                ctl->ev = *ev;
         ctl->path = strdup(sa.sun_path);
         ctl->fd = TAKE_FD(fd);
-        r = ctl->path ? sd_event_add_io(h->event, &ctl->listen, ctl->fd, EPOLLIN, on_accept, ctl) : -ENOMEM;
+        r = ctl->path ? sd_event_add_io(e, &ctl->listen, ctl->fd, EPOLLIN, on_accept, ctl) : -ENOMEM;
         if (r < 0) {
                 control_free(ctl);
                 return r;

@@ -3,9 +3,7 @@
  * `bulb add` and of pairing (PROTOCOL.md 1: a hello enrols "exactly as bulb add --cert would"). */
 #include <stdio.h>
 
-#include "iothub/cloud.h"
 #include "iothub/enrol.h"
-#include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/verify.h"
 
@@ -22,9 +20,8 @@ static int fail(char **ret_error, int r, const char *fmt, ...) {
         return r;
 }
 
-int enrol_bulb(struct hub *h, const char *id, const char *key_pem, const char *cert_pem, struct bulb **ret,
-               char **ret_error) {
-        const struct iothub_conf *conf = h->conf;
+int enrol_bulb(const struct iothub_conf *conf, struct registry *registry, const char *id, const char *key_pem,
+               const char *cert_pem, struct bulb **ret, char **ret_error) {
         _cleanup_(verify_key_freep) struct verify_key *k = NULL;
         _cleanup_free_ char *spki = NULL, *err = NULL;
         const char *pem = key_pem;
@@ -54,7 +51,7 @@ int enrol_bulb(struct hub *h, const char *id, const char *key_pem, const char *c
         if (!id || !device_id_is_valid(id, strlen(id)))
                 return fail(ret_error, -EINVAL,
                             "invalid device id: 1 to 64 of [A-Za-z0-9._-], not starting with '.'");
-        r = registry_add(h->registry, id, pem, strlen(pem));
+        r = registry_add(registry, id, pem, strlen(pem));
         if (r == -EEXIST)
                 return fail(ret_error, r, "bulb %s is already enrolled (remove it first to change its key)", id);
         if (r == -EOPNOTSUPP)
@@ -63,13 +60,11 @@ int enrol_bulb(struct hub *h, const char *id, const char *key_pem, const char *c
                 return fail(ret_error, r, "not a valid PEM public key");
         if (r < 0)
                 return fail(ret_error, r, "cannot enrol %s: %s", id, strerror(-r));
-        b = registry_find(h->registry, id);
+        b = registry_find(registry, id);
         if (!b)
                 return fail(ret_error, -ENOENT, "bulb %s vanished after enrolment", id);
         log_event(LOG_NOTICE, 0, IOTHUB_MID_BULB_ENROLLED, id, NULL, "Enrolled bulb %s (%s)%s", id,
                   frame_alg_to_string(b->alg), cert_pem ? " from its certificate" : "");
-        cloud_devices_changed(h->cloud);
-        events_note(h->events, EVENT_BULB_ENROLLED, NULL, id, 1);
         *ret = b;
         return 0;
 }

@@ -77,7 +77,11 @@ struct agg {
 };
 
 struct events {
-        struct hub *hub;
+        sd_event *event;
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct cloud *cloud;
+        const struct spool_counts *spool; /* hub.c's: status frames waiting */
         sd_event_source *timer;
         struct agg agg[EVENTS_AGG_MAX + EVENTS_AGG_EXTRA];
         size_t n_agg, n_agg_dev;
@@ -207,7 +211,7 @@ void events_note(struct events *ev, enum event_type type, const char *reason, co
 /* ---- the spool (events table) ---- */
 
 static int prepare(struct events *ev, const char *sql, sqlite3_stmt **ret) {
-        return db_errno(sqlite3_prepare_v2(db_handle(ev->hub->db), sql, -1, ret, NULL));
+        return db_errno(sqlite3_prepare_v2(db_handle(ev->db), sql, -1, ret, NULL));
 }
 
 static int count_rows(struct events *ev, uint64_t *ret) {
@@ -217,7 +221,7 @@ static int count_rows(struct events *ev, uint64_t *ret) {
         if (r < 0)
                 return r;
         if (sqlite3_step(s) != SQLITE_ROW)
-                return db_errno(sqlite3_errcode(db_handle(ev->hub->db)));
+                return db_errno(sqlite3_errcode(db_handle(ev->db)));
         *ret = (uint64_t) sqlite3_column_int64(s, 0);
         return 0;
 }
@@ -242,7 +246,7 @@ static int insert_row(sqlite3_stmt *s, int64_t at, const char *type, const char 
  * the oldest rows beyond EVENTS_SPOOL_MAX. */
 static int flush(struct events *ev) {
         _cleanup_(sqlite3_finalizep) sqlite3_stmt *ins = NULL, *drop = NULL;
-        struct db *db = ev->hub->db;
+        struct db *db = ev->db;
         uint64_t n = ev->n_agg + (ev->lost > 0), excess = 0;
         int64_t now = (int64_t) (now_realtime_usec() / USEC_PER_SEC);
         int r;
@@ -250,7 +254,7 @@ static int flush(struct events *ev) {
         if (n == 0)
                 return 0;
         /* Never write into the frame path's transaction (committed before the loop goes on). */
-        if (ev->hub->batch.open)
+        if (db_in_transaction(ev->db))
                 return -EBUSY;
         if (ev->spooled + n > EVENTS_SPOOL_MAX)
                 excess = ev->spooled + n - EVENTS_SPOOL_MAX;
@@ -380,7 +384,7 @@ static int delete_through(struct events *ev, int64_t last_id, uint64_t *ret_dele
                 rc = sqlite3_step(s);
         if (rc != SQLITE_DONE)
                 return db_errno(rc);
-        *ret_deleted = (uint64_t) sqlite3_changes(db_handle(ev->hub->db));
+        *ret_deleted = (uint64_t) sqlite3_changes(db_handle(ev->db));
         return 0;
 }
 
@@ -448,10 +452,10 @@ static int send_batch(struct events *ev) {
         r = read_batch(ev, &body, &last);
         if (r < 0 || !body)
                 return r;
-        path = strdup_printf("/v1/hubs/%s/events", ev->hub->conf->hub.id);
+        path = strdup_printf("/v1/hubs/%s/events", ev->conf->hub.id);
         if (!path)
                 return -ENOMEM;
-        r = cloud_request(ev->hub->cloud, "POST", path, body, 0, on_sent, ev, &ev->call);
+        r = cloud_request(ev->cloud, "POST", path, body, 0, on_sent, ev, &ev->call);
         if (r < 0)
                 return r;
         ev->call_last_id = last;
@@ -461,7 +465,7 @@ static int send_batch(struct events *ev) {
 
 /* One pass: spool the interval's entries when due (or urgent), then send when allowed. */
 static void work(struct events *ev) {
-        uint64_t now = now_monotonic_usec(), interval = (uint64_t) ev->hub->conf->cloud.events_interval_s * USEC_PER_SEC;
+        uint64_t now = now_monotonic_usec(), interval = (uint64_t) ev->conf->cloud.events_interval_s * USEC_PER_SEC;
         bool regular = now >= ev->interval_at, urgent = ev->urgent_at && now >= ev->urgent_at;
         int r;
 
@@ -471,7 +475,7 @@ static void work(struct events *ev) {
                         if (r != -EBUSY) {
                                 ev->counters.store_errors++;
                                 log_warning_errno(r, "Failed to spool security events, trying again: %m (%s)",
-                                                  db_errmsg(ev->hub->db));
+                                                  db_errmsg(ev->db));
                         }
                         schedule(ev, now + EVENTS_RETRY_USEC);
                         return;
@@ -480,7 +484,7 @@ static void work(struct events *ev) {
                         ev->interval_at = now + interval;
         }
         /* Status first: a regular send waits while the status spool holds more than a batch. */
-        if (regular && !urgent && ev->hub->spool_pending > ev->hub->conf->cloud.batch_max_frames &&
+        if (regular && !urgent && ev->spool->pending > ev->conf->cloud.batch_max_frames &&
             ev->deferred < EVENTS_DEFER_MAX && ev->spooled > 0) {
                 ev->deferred++;
                 schedule(ev, ev->interval_at);
@@ -488,7 +492,7 @@ static void work(struct events *ev) {
         }
         /* work() runs at the interval, for urgent events, after a backoff and to go on with a
          * backlog: that is when a request may go. */
-        if (ev->spooled > 0 && !ev->call && now >= ev->retry_at && cloud_ready(ev->hub->cloud)) {
+        if (ev->spooled > 0 && !ev->call && now >= ev->retry_at && cloud_ready(ev->cloud)) {
                 ev->deferred = 0;
                 r = send_batch(ev);
                 if (r < 0) {
@@ -532,26 +536,31 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
 /* ---- API ---- */
 
-int events_new(struct hub *h, struct events **ret) {
+int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud,
+               const struct spool_counts *spool, struct events **ret) {
         struct events *ev;
         int r;
 
-        if (!h->cloud) {
+        if (!cloud) {
                 *ret = NULL;
                 return 0;
         }
         ev = calloc(1, sizeof *ev);
         if (!ev)
                 return -ENOMEM;
-        ev->hub = h;
+        ev->event = e;
+        ev->conf = conf;
+        ev->db = db;
+        ev->cloud = cloud;
+        ev->spool = spool;
         r = count_rows(ev, &ev->spooled);
         if (r < 0) {
-                log_error_errno(r, "Failed to read the security event spool: %m (%s)", db_errmsg(h->db));
+                log_error_errno(r, "Failed to read the security event spool: %m (%s)", db_errmsg(db));
                 free(ev);
                 return r;
         }
-        ev->interval_at = now_monotonic_usec() + (uint64_t) h->conf->cloud.events_interval_s * USEC_PER_SEC;
-        r = sd_event_add_time(h->event, &ev->timer, CLOCK_MONOTONIC, ev->interval_at, 0, on_timer, ev);
+        ev->interval_at = now_monotonic_usec() + (uint64_t) conf->cloud.events_interval_s * USEC_PER_SEC;
+        r = sd_event_add_time(e, &ev->timer, CLOCK_MONOTONIC, ev->interval_at, 0, on_timer, ev);
         if (r < 0) {
                 free(ev);
                 return r;
@@ -585,7 +594,7 @@ int events_status_json(struct events *ev, json_t *o) {
                 for (size_t i = 0; i < ev->n_agg; i++)
                         pending += ev->agg[i].count;
                 e = json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "configured", 1, "interval_s",
-                              (json_int_t) ev->hub->conf->cloud.events_interval_s, "noted", (json_int_t) ev->counters.noted,
+                              (json_int_t) ev->conf->cloud.events_interval_s, "noted", (json_int_t) ev->counters.noted,
                               "pending", (json_int_t) pending, "spooled", (json_int_t) ev->spooled, "sent",
                               (json_int_t) ev->counters.sent, "requests", (json_int_t) ev->counters.requests, "dropped",
                               (json_int_t) ev->counters.dropped, "refused", (json_int_t) ev->counters.refused,

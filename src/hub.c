@@ -33,6 +33,41 @@
 #define KEY_RETRY_FIRST_USEC (1 * UINT64_C(1000000))
 #define KEY_RETRY_MAX_USEC (10 * UINT64_C(1000000))
 
+/* The daemon's state: owned by hub_run() (on its stack), seen by nobody else. Every module
+ * below is built here, handed what it needs and its event table, and freed in hub_done(). */
+struct hub {
+        struct iothub_conf *conf;
+        sd_event *event;
+        struct db *db;
+        struct registry *registry;
+        struct mqtt *mqtt;
+        struct control *control;
+        struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
+        struct cloud *cloud;   /* NULL without [cloud] url */
+        struct oauth *oauth;   /* NULL without [oauth] issuer */
+        struct commands *commands; /* NULL without [cloud] url */
+        struct ack *ack;           /* end-to-end acks to the bulbs */
+        struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
+        struct pair *pair;         /* pairing windows (hello messages) */
+        struct events *events;     /* security events for the cloud; NULL without [cloud] url */
+        struct hubkey *hubkey; /* NULL until the key exists and opened */
+        sd_event_source *key_timer; /* retries opening the key while it cannot be */
+        uint64_t key_retry_usec;    /* the next retry's delay */
+        int key_errno;              /* the last failure to open it, logged once per kind */
+        char *key_error;            /* its one-line reason, for status */
+        struct ingest *ingest;     /* the frame path */
+        /* The spool, kept in memory so that the frame path never counts rows. */
+        struct spool_counts spool;
+        sd_event_source *sigterm, *sigint, *sighup, *watchdog;
+        uint64_t watchdog_usec;
+        uint64_t start_monotonic_usec;
+        int db_file_errno; /* the database file's name lost (hub_check_db()), logged once */
+};
+
+static int hub_open_key(struct hub *h);
+static void hub_notify_status(struct hub *h);
+static int hub_status_json(struct hub *h, json_t **ret);
+
 static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
         struct hub *h = userdata;
 
@@ -45,11 +80,74 @@ static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *pa
                 pair_on_hello(h->pair, topic, payload, len);
                 return;
         }
-        ingest_message(userdata, topic, payload, len);
+        ingest_message(h->ingest, topic, payload, len);
 }
 
 static void on_mqtt_read_done(void *userdata) {
-        (void) ingest_commit(userdata);
+        struct hub *h = userdata;
+
+        (void) ingest_commit(h->ingest);
+}
+
+/* Frames are in the spool: the relay may have a batch due. */
+static void on_ingest_committed(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_kick(h->cloud);
+}
+
+/* A frame was rejected: the vendor's monitoring hears of it, aggregated (events.c). */
+static void on_ingest_rejected(void *userdata, const char *dev, enum frame_reason reason) {
+        struct hub *h = userdata;
+
+        events_note(h->events, EVENT_FRAME_REJECTED, frame_reason_to_string(reason), dev, 1);
+}
+
+static void on_ingest_storage_changed(void *userdata) {
+        hub_notify_status(userdata);
+}
+
+static void on_ingest_command_ack(void *userdata, const char *dev, const char *id, bool ok, const char *err) {
+        struct hub *h = userdata;
+
+        commands_on_ack(h->commands, dev, id, ok, err);
+}
+
+/* A new access token: uploads and the command poll that waited for one go now. */
+static void on_oauth_token_ready(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_kick(h->cloud);
+        commands_kick(h->commands);
+}
+
+static void on_oauth_status_changed(void *userdata) {
+        hub_notify_status(userdata);
+}
+
+/* Signed in, signed out, sign-in required: a security event (reason is a static name). */
+static void on_oauth_signin_changed(void *userdata, const char *reason) {
+        struct hub *h = userdata;
+
+        events_note(h->events, EVENT_SIGNIN_CHANGED, reason, NULL, 1);
+}
+
+static int on_cloud_need_key(void *userdata) {
+        return hub_open_key(userdata);
+}
+
+/* The hub is registered: the command poll can start. */
+static void on_cloud_registered(void *userdata) {
+        struct hub *h = userdata;
+
+        commands_kick(h->commands);
+}
+
+/* The frame counters, zero before the frame path exists (a status line during start-up). */
+static const struct ingest_counters *frame_counters(struct hub *h) {
+        static const struct ingest_counters none;
+
+        return h->ingest ? ingest_counters(h->ingest) : &none;
 }
 
 static void on_mqtt_connected(void *userdata, bool connected) {
@@ -60,6 +158,46 @@ static void on_mqtt_connected(void *userdata, bool connected) {
         dynsec_connected(h->dynsec, connected);
         if (connected)
                 commands_kick(h->commands);
+}
+
+static int on_control_status_json(void *userdata, json_t **ret) {
+        return hub_status_json(userdata, ret);
+}
+
+/* A bulb was enrolled or revoked: the cloud gets the new list before the next batch. */
+static void on_control_devices_changed(void *userdata) {
+        struct hub *h = userdata;
+
+        cloud_devices_changed(h->cloud);
+}
+
+/* A bulb enrolled, by `bulb add` or by pairing (enrol.c did the enrolment and logged it). */
+static void on_bulb_enrolled(void *userdata, const char *id) {
+        struct hub *h = userdata;
+
+        cloud_devices_changed(h->cloud);
+        events_note(h->events, EVENT_BULB_ENROLLED, NULL, id, 1);
+}
+
+static void on_bulb_revoked(void *userdata, const char *id) {
+        struct hub *h = userdata;
+
+        events_note(h->events, EVENT_BULB_REVOKED, NULL, id, 1);
+}
+
+static void on_control_peer_refused(void *userdata) {
+        struct hub *h = userdata;
+
+        events_note(h->events, EVENT_CONTROL_REFUSED, NULL, NULL, 1);
+}
+
+static bool on_control_key_missing(void *userdata, const char **ret_error) {
+        struct hub *h = userdata;
+
+        if (h->hubkey)
+                return false;
+        *ret_error = h->key_error;
+        return true;
 }
 
 static void on_mqtt_published(void *userdata, int mid) {
@@ -88,7 +226,9 @@ static const char *key_error_reason(int r) {
         }
 }
 
-int hub_status_json(struct hub *h, json_t **ret) {
+/* Builds the status object of DESIGN.md "iothubctl status --json" from every module's part. */
+static int hub_status_json(struct hub *h, json_t **ret) {
+        const struct ingest_counters *counters = frame_counters(h);
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
         json_t *rejected, *o, *key;
         int r;
@@ -107,16 +247,16 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         for (int i = FRAME_OK + 1; i < _FRAME_REASON_MAX; i++)
                 (void) json_object_set_new(rejected, frame_reason_to_string(i),
-                                           json_integer((json_int_t) h->counters.frames_rejected[i]));
+                                           json_integer((json_int_t) counters->frames_rejected[i]));
         o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I,s:I,s:I},s:{s:I,s:I}}", "hub_id",
                       h->conf->hub.id, "version", IOTHUB_VERSION, "uptime_s",
                       (json_int_t) ((now_monotonic_usec() - h->start_monotonic_usec) / UINT64_C(1000000)),
                       "config", h->conf->path, "mqtt", "connected", mqtt_is_connected(h->mqtt), "frames",
-                      "received", (json_int_t) h->counters.frames_received, "accepted",
-                      (json_int_t) h->counters.frames_accepted, "store_failed",
-                      (json_int_t) h->counters.frames_store_failed, "rejected", rejected, "spool", "pending",
-                      (json_int_t) h->spool_pending, "bytes", (json_int_t) h->spool_bytes, "dropped",
-                      (json_int_t) h->spool_dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
+                      "received", (json_int_t) counters->frames_received, "accepted",
+                      (json_int_t) counters->frames_accepted, "store_failed",
+                      (json_int_t) counters->frames_store_failed, "rejected", rejected, "spool", "pending",
+                      (json_int_t) h->spool.pending, "bytes", (json_int_t) h->spool.bytes, "dropped",
+                      (json_int_t) h->spool.dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
                       (json_int_t) enrolled, "revoked", (json_int_t) revoked);
         if (!o)
                 return -ENOMEM;
@@ -134,25 +274,27 @@ int hub_status_json(struct hub *h, json_t **ret) {
                 return -ENOMEM;
         }
         /* Whether frames can be stored (ingest.c): the cause while they cannot. */
+        uint64_t refused = 0;
+        int store_errno = h->ingest ? ingest_storage(h->ingest, &refused) : 0;
         if (json_object_set_new(o, "storage",
-                                json_pack("{s:b,s:s*,s:s*,s:I}", "ok", h->store_errno == 0, "reason",
-                                          ingest_store_reason(h->store_errno), "error",
-                                          h->store_errno ? strerror(-h->store_errno) : NULL, "refused",
-                                          (json_int_t) h->store_refused)) < 0) {
+                                json_pack("{s:b,s:s*,s:s*,s:I}", "ok", store_errno == 0, "reason",
+                                          ingest_store_reason(store_errno), "error",
+                                          store_errno ? strerror(-store_errno) : NULL, "refused",
+                                          (json_int_t) refused)) < 0) {
                 json_decref(o);
                 return -ENOMEM;
         }
         r = ack_status_json(h->ack, o);
-        if (r >= 0)
-                r = dynsec_status_json(h->dynsec, o);
-        if (r >= 0)
-                r = pair_status_json(h->pair, o);
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
         if (r >= 0)
                 r = oauth_status_json(h->oauth, o);
         if (r >= 0)
                 r = commands_status_json(h->commands, o);
+        if (r >= 0)
+                r = dynsec_status_json(h->dynsec, o);
+        if (r >= 0)
+                r = pair_status_json(h->pair, o);
         if (r >= 0)
                 r = events_status_json(h->events, o);
         if (r < 0) {
@@ -163,25 +305,28 @@ int hub_status_json(struct hub *h, json_t **ret) {
         return 0;
 }
 
-void hub_notify_status(struct hub *h) {
+/* One-line summary for STATUS= and the log. */
+static void hub_notify_status(struct hub *h) {
+        const struct ingest_counters *counters = frame_counters(h);
         uint64_t rejected = 0;
         char cloud[320], storage[96] = "";
+        int store_errno = h->ingest ? ingest_storage(h->ingest, NULL) : 0;
 
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
-                rejected += h->counters.frames_rejected[i];
+                rejected += counters->frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
         if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
                 (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
         /* First when frames cannot be stored: that needs the operator, and systemctl status
          * shows the beginning of a long line. */
-        if (h->store_errno)
+        if (store_errno)
                 (void) snprintf(storage, sizeof storage, "CANNOT STORE FRAMES (%s: %s); ",
-                                ingest_store_reason(h->store_errno), strerror(-h->store_errno));
+                                ingest_store_reason(store_errno), strerror(-store_errno));
         (void) sd_notifyf(false,
                           "STATUS=%sMQTT %s; %" PRIu64 " frames accepted, %" PRIu64 " rejected; spool %" PRIu64
                           " frames; %s",
                           storage, mqtt_is_connected(h->mqtt) ? "connected" : "disconnected",
-                          h->counters.frames_accepted, rejected, h->spool_pending, cloud);
+                          counters->frames_accepted, rejected, h->spool.pending, cloud);
 }
 
 /* The database deleted under the running daemon (an rm -rf, a cleaner): SQLite goes on with
@@ -192,7 +337,7 @@ static void hub_check_db(struct hub *h) {
         _cleanup_free_ char *err = NULL;
         int r;
 
-        if (h->batch.open)
+        if (db_in_transaction(h->db))
                 return;
         r = db_check_file(h->db);
         if (r == 0 || r == h->db_file_errno)
@@ -247,8 +392,10 @@ static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
 /* The one place the hub key is opened. Once it is open, every module that needs it hears of
  * it (cloud, sign-in, commands); until then a timer tries again, so that a TPM that comes up
  * after the daemon (a module loaded late, swtpm started later) is picked up without a restart.
- * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do. */
-int hub_open_key(struct hub *h) {
+ * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do,
+ * and kept in key_error for status. Returns 0 (also when it was open already) or the negative
+ * errno of hubkey_open(). */
+static int hub_open_key(struct hub *h) {
         _cleanup_free_ char *err = NULL;
         int r;
 
@@ -283,9 +430,9 @@ int hub_open_key(struct hub *h) {
         log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s)", hubkey_id(h->hubkey),
                   key_backend_to_string(hubkey_backend(h->hubkey)));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
-        oauth_key_ready(h->oauth);
-        cloud_key_ready(h->cloud);
-        commands_kick(h->commands);
+        oauth_key_ready(h->oauth, h->hubkey);
+        cloud_key_ready(h->cloud, h->hubkey);
+        commands_key_ready(h->commands, h->hubkey);
         hub_notify_status(h);
         return 0;
 }
@@ -357,8 +504,11 @@ static int hub_reload(struct hub *h) {
         KEEP_NUMBER("broker", "timeout_s", n->broker.timeout_s, o->broker.timeout_s);
         keep_string("cloud", "command_key_file", &n->cloud.command_key_file, &o->cloud.command_key_file);
         /* Everything else ([frames], [bulbs], [cloud] batching, [spool]) applies at once. */
-        h->conf = TAKE_PTR(n);
-        n = o;
+        /* The modules hold this struct since their _new(): the new values go into it in place,
+         * and the old ones into n, which is freed on return. */
+        struct iothub_conf t = *o;
+        *o = *n;
+        *n = t;
         log_event(LOG_INFO, 0, IOTHUB_MID_RELOADED, NULL, NULL, "Reloaded %s", h->conf->path);
 done:
         (void) sd_notify(false, "READY=1");
@@ -371,7 +521,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 }
 
 static void hub_done(struct hub *h) {
-        (void) ingest_commit(h);
+        if (h->ingest)
+                (void) ingest_commit(h->ingest);
         /* First the control connections: they own requests into the modules below (a pairing
          * window, broker requests), which must be cancelled while those modules still exist. */
         control_free(h->control);
@@ -383,8 +534,8 @@ static void hub_done(struct hub *h) {
         h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
-        events_free(h->events);
         commands_free(h->commands);
+        events_free(h->events);
         oauth_free(h->oauth);
         cloud_free(h->cloud);
         http_free(h->http);
@@ -396,8 +547,7 @@ static void hub_done(struct hub *h) {
         sd_event_source_disable_unref(h->sighup);
         sd_event_source_disable_unref(h->watchdog);
         registry_free(h->registry);
-        free(h->batch.acks);
-        free(h->batch.undo);
+        ingest_free(h->ingest);
         db_close(h->db);
         sd_event_unref(h->event);
         conf_free(h->conf);
@@ -465,7 +615,7 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
                 goto out;
         }
-        r = spool_stats(h.db, &h.spool_pending, &h.spool_bytes);
+        r = spool_stats(h.db, &h.spool.pending, &h.spool.bytes);
         if (r == -EUCLEAN)
                 goto corrupt;
         if (r < 0) {
@@ -477,38 +627,33 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up HTTPS: %m");
                 goto out;
         }
-        r = cloud_new(&h, &h.cloud);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up the cloud relay: %m");
-                goto out;
-        }
-        r = oauth_new(&h, &h.oauth);
+        r = oauth_new(h.event, h.conf, h.http,
+                      &(struct oauth_events){ .token_ready = on_oauth_token_ready,
+                                              .status_changed = on_oauth_status_changed,
+                                              .signin_changed = on_oauth_signin_changed,
+                                              .userdata = &h },
+                      &h.oauth);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up sign-in: %m");
                 goto out;
         }
-        r = commands_new(&h, &h.commands);
+        r = cloud_new(h.event, h.conf, h.db, h.registry, h.http, h.oauth, &h.spool,
+                      &(struct cloud_events){ .need_key = on_cloud_need_key,
+                                              .registered = on_cloud_registered,
+                                              .userdata = &h },
+                      &h.cloud);
         if (r < 0) {
-                log_error_errno(r, "Failed to set up commands: %m");
+                log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
-        r = events_new(&h, &h.events);
+        r = events_new(h.event, h.conf, h.db, h.cloud, &h.spool, &h.events);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up security events: %m");
                 goto out;
         }
-        r = ack_new(&h, &h.ack);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up acks to the bulbs: %m");
-                goto out;
-        }
-        r = control_new(&h, &h.control);
-        if (r < 0) {
-                log_error_errno(r, "Failed to create control socket in %s: %m", h.conf->hub.runtime_dir);
-                goto out;
-        }
         free(err);
         err = NULL;
+        /* Its callbacks run from the loop only, once everything below exists. */
         r = mqtt_new(h.event, h.conf,
                      &(struct mqtt_callbacks){ .message = on_mqtt_message,
                                                .read_done = on_mqtt_read_done,
@@ -519,16 +664,6 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up MQTT: %s", err ? err : strerror(-r));
                 goto out;
         }
-        {
-                _cleanup_free_ char *hello = strdup_printf("%s/+/hello", h.conf->mqtt.topic_prefix);
-                r = hello ? pair_new(&h, &h.pair) : -ENOMEM;
-                if (r >= 0)
-                        r = mqtt_subscribe(h.mqtt, hello);
-                if (r < 0) {
-                        log_error_errno(r, "Failed to set up pairing: %m");
-                        goto out;
-                }
-        }
         if (h.conf->broker.dynsec) {
                 r = dynsec_new(h.event, h.conf, h.mqtt, h.registry, &h.dynsec);
                 if (r >= 0)
@@ -537,6 +672,53 @@ int hub_run(const char *config_path, int log_level_override) {
                         log_error_errno(r, "Failed to set up the broker's dynamic security: %m");
                         goto out;
                 }
+        }
+        {
+                _cleanup_free_ char *hello = strdup_printf("%s/+/hello", h.conf->mqtt.topic_prefix);
+                r = hello ? pair_new(h.event, h.conf, h.registry, h.dynsec,
+                                     &(struct pair_events){ .enrolled = on_bulb_enrolled, .userdata = &h }, &h.pair)
+                          : -ENOMEM;
+                if (r >= 0)
+                        r = mqtt_subscribe(h.mqtt, hello);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to set up pairing: %m");
+                        goto out;
+                }
+        }
+        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.events, &h.commands);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up commands: %m");
+                goto out;
+        }
+        r = ack_new(h.event, h.conf, h.mqtt, &h.ack);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up acks to the bulbs: %m");
+                goto out;
+        }
+        r = ingest_new(h.conf, h.db, h.registry, h.ack, &h.spool,
+                       &(struct ingest_events){ .committed = on_ingest_committed,
+                                                /* No commands, no acks to collect. */
+                                                .command_ack = h.commands ? on_ingest_command_ack : NULL,
+                                                .rejected = on_ingest_rejected,
+                                                .storage_changed = on_ingest_storage_changed,
+                                                .userdata = &h },
+                       &h.ingest);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up the frame path: %m");
+                goto out;
+        }
+        r = control_new(h.event, h.conf, h.registry, h.cloud, h.oauth, h.dynsec, h.pair,
+                        &(struct control_events){ .status_json = on_control_status_json,
+                                                  .devices_changed = on_control_devices_changed,
+                                                  .bulb_enrolled = on_bulb_enrolled,
+                                                  .bulb_revoked = on_bulb_revoked,
+                                                  .peer_refused = on_control_peer_refused,
+                                                  .key_missing = on_control_key_missing,
+                                                  .userdata = &h },
+                        &h.control);
+        if (r < 0) {
+                log_error_errno(r, "Failed to create control socket in %s: %m", h.conf->hub.runtime_dir);
+                goto out;
         }
         if (sd_watchdog_enabled(false, &h.watchdog_usec) > 0 && h.watchdog_usec > 0) {
                 r = sd_event_add_time_relative(h.event, &h.watchdog, CLOCK_MONOTONIC, h.watchdog_usec / 2, 0,

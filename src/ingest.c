@@ -5,21 +5,60 @@
  * stored before its signature verified, and a bulb's seq only advances after all passed.
  * Accepted frames are appended inside one transaction per MQTT read (group commit), so a
  * burst costs one fsync, not one per frame. */
-#include <inttypes.h>
 #include <fcntl.h>
+#include <inttypes.h>
 
 #include "iothub/ack.h"
-#include "iothub/cloud.h"
-#include "iothub/commands.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/spool.h"
-#include "iothub/events.h"
 
 /* Rejections logged per bulb (and for all unknown devices together) per window; the
  * counters always count every one. */
 #define REJECT_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
 #define REJECT_LOG_BURST 5
+
+/* Frames that passed every check in the current read, waiting for their commit. */
+struct ingest_ack {
+        char dev[DEVICE_ID_MAX + 1];
+        char id[DEVICE_ID_MAX + 1];
+        bool ok;
+        char err[FRAME_ACK_ERR_MAX + 1];
+};
+
+struct ingest_seq_undo {
+        char dev[DEVICE_ID_MAX + 1];
+        int64_t last_seq;
+};
+
+struct ingest_batch {
+        bool open;      /* a transaction is open */
+        unsigned count; /* frames appended in it */
+        uint64_t bytes; /* their size */
+        /* Command acks of these frames, handed on after the commit. */
+        struct ingest_ack *acks;
+        size_t n_acks, cap_acks;
+        /* The last seq each bulb had before this transaction: restored if the commit fails. */
+        struct ingest_seq_undo *undo;
+        size_t n_undo, cap_undo;
+};
+
+struct ingest {
+        const struct iothub_conf *conf;
+        struct db *db;
+        struct registry *registry;
+        struct ack *ack;
+        struct spool_counts *spool; /* hub.c's; cloud.c lowers it as frames leave */
+        struct ingest_events ev;
+        struct ingest_counters counters;
+        struct ingest_batch batch;
+        /* Unknown devices have no per-bulb log limit: one shared window for them. */
+        struct ratelimit unknown_log_rl;
+        /* Storing frames fails (disk full, read-only, damaged database): the cause, 0 while
+         * storing works, and the frames refused since it began. */
+        int store_errno;
+        uint64_t store_refused;
+};
 
 static bool log_allowed(struct ratelimit *rl, uint64_t now, const char *dev) {
         uint64_t suppressed;
@@ -31,20 +70,21 @@ static bool log_allowed(struct ratelimit *rl, uint64_t now, const char *dev) {
         return ok;
 }
 
-static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_reason reason) {
+static void reject(struct ingest *in, struct bulb *b, const char *dev, enum frame_reason reason) {
         uint64_t now = now_monotonic_usec();
         bool ok;
 
-        h->counters.frames_rejected[reason]++;
-        events_note(h->events, EVENT_FRAME_REJECTED, frame_reason_to_string(reason), dev, 1);
+        in->counters.frames_rejected[reason]++;
+        if (in->ev.rejected)
+                in->ev.rejected(in->ev.userdata, dev, reason);
         /* A resent frame the hub has (replay, or stale by now): tell the bulb again what is
          * committed, or a bulb that lost the ack resends forever (iothub-protocol(7)). */
         if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))
-                ack_stage(h->ack, b, b->last_seq, !h->batch.open);
+                ack_stage(in->ack, b, b->last_seq, !in->batch.open);
         if (b)
                 ok = log_allowed(&b->log_rl, now, b->id);
         else
-                ok = log_allowed(&h->unknown_log_rl, now, "unknown devices");
+                ok = log_allowed(&in->unknown_log_rl, now, "unknown devices");
         /* Only the device id (already checked to be a short, safe token, or "?") and the
          * reason: never the payload of a frame whose sender is unproven. */
         if (ok)
@@ -56,19 +96,19 @@ static void reject(struct hub *h, struct bulb *b, const char *dev, enum frame_re
  * (a light's newest state is worth more than its oldest), counted in spool.dropped and
  * logged; a frame still in an upload batch may go too, which only means that the cloud's
  * answer deletes fewer rows. */
-static int make_room(struct hub *h, size_t len) {
-        uint64_t max = h->conf->spool.max_bytes, count = 0, bytes = 0;
+static int make_room(struct ingest *in, size_t len) {
+        uint64_t max = in->conf->spool.max_bytes, count = 0, bytes = 0;
         int r;
 
-        while (h->spool_bytes + h->batch.bytes + len > max && h->spool_pending > 0) {
-                r = spool_drop_oldest(h->db, 16, &count, &bytes);
+        while (in->spool->bytes + in->batch.bytes + len > max && in->spool->pending > 0) {
+                r = spool_drop_oldest(in->db, 16, &count, &bytes);
                 if (r < 0)
                         return r;
                 if (count == 0)
                         break;
-                h->spool_pending -= count <= h->spool_pending ? count : h->spool_pending;
-                h->spool_bytes -= bytes <= h->spool_bytes ? bytes : h->spool_bytes;
-                h->spool_dropped += count;
+                in->spool->pending -= count <= in->spool->pending ? count : in->spool->pending;
+                in->spool->bytes -= bytes <= in->spool->bytes ? bytes : in->spool->bytes;
+                in->spool->dropped += count;
                 log_event(LOG_WARNING, 0, IOTHUB_MID_SPOOL_FULL, NULL, NULL,
                           "Spool full ([spool] max_bytes = %" PRIu64 "): dropped the %" PRIu64 " oldest frames",
                           max, count);
@@ -98,65 +138,76 @@ const char *ingest_store_reason(int r) {
         }
 }
 
+int ingest_storage(const struct ingest *in, uint64_t *ret_refused) {
+        if (ret_refused)
+                *ret_refused = in->store_refused;
+        return in->store_errno;
+}
+
+static void storage_changed(struct ingest *in) {
+        if (in->ev.storage_changed)
+                in->ev.storage_changed(in->ev.userdata);
+}
+
 /* n frames that passed every check could not be stored: they are not accepted and not acked
  * (their bulbs resend them). Said once per cause, not per frame: a full disk under a fleet
  * would otherwise write a line per frame to the journal that shares the disk. */
-static void store_failed(struct hub *h, int r, unsigned n) {
-        r = db_cause(h->db, r);
+static void store_failed(struct ingest *in, int r, unsigned n) {
+        r = db_cause(in->db, r);
         /* SQLite may report an I/O error without the system's errno, or with EIO: ask the file
          * system itself with an unnamed file that vanishes on close. ext4 turned read-only by
          * an error (errors=remount-ro) answers EROFS here while statvfs() still says rw. */
         if (r == -EIO) {
-                int fd = open(h->conf->hub.state_dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+                int fd = open(in->conf->hub.state_dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
                 if (fd >= 0)
                         (void) close(fd);
                 else if (errno == EROFS || errno == ENOSPC || errno == EDQUOT)
                         r = -errno;
         }
-        h->counters.frames_store_failed += n;
-        h->store_refused += n;
-        if (r == h->store_errno)
+        in->counters.frames_store_failed += n;
+        in->store_refused += n;
+        if (r == in->store_errno)
                 return;
-        h->store_errno = r;
+        in->store_errno = r;
         log_event(LOG_ERR, r, IOTHUB_MID_STORE_FAILED, NULL, ingest_store_reason(r),
                   "Cannot store frames in %s/iothub.db: %m (%s); they are not acknowledged, bulbs resend them",
-                  h->conf->hub.state_dir, db_errmsg(h->db));
-        hub_notify_status(h);
+                  in->conf->hub.state_dir, db_errmsg(in->db));
+        storage_changed(in);
 }
 
-static void store_ok(struct hub *h) {
-        if (h->store_errno == 0)
+static void store_ok(struct ingest *in) {
+        if (in->store_errno == 0)
                 return;
         log_event(LOG_NOTICE, 0, IOTHUB_MID_STORE_RECOVERED, NULL, NULL,
                   "Storing frames again; %" PRIu64 " were refused meanwhile (their bulbs resend them)",
-                  h->store_refused);
-        h->store_errno = 0;
-        h->store_refused = 0;
-        hub_notify_status(h);
+                  in->store_refused);
+        in->store_errno = 0;
+        in->store_refused = 0;
+        storage_changed(in);
 }
 
 /* Ends the open transaction without accepting any of its frames: the database keeps the old
  * seqs, and so must memory, or the bulbs' honest resends (PROTOCOL.md 1, end-to-end
  * acknowledgement) would be replays. Their acks are dropped unsent. */
-static void batch_abort(struct hub *h) {
-        h->batch.open = false;
-        ack_commit_done(h->ack, false);
-        (void) db_rollback(h->db);
-        for (size_t i = 0; i < h->batch.n_undo; i++) {
-                struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
+static void batch_abort(struct ingest *in) {
+        in->batch.open = false;
+        ack_commit_done(in->ack, false);
+        (void) db_rollback(in->db);
+        for (size_t i = 0; i < in->batch.n_undo; i++) {
+                struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
                 if (b)
-                        b->last_seq = h->batch.undo[i].last_seq;
+                        b->last_seq = in->batch.undo[i].last_seq;
         }
-        h->batch.n_undo = 0;
-        h->batch.count = 0;
-        h->batch.bytes = 0;
-        h->batch.n_acks = 0;
+        in->batch.n_undo = 0;
+        in->batch.count = 0;
+        in->batch.bytes = 0;
+        in->batch.n_acks = 0;
         /* Frames dropped for room were rolled back too: count again from the table. */
-        (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
+        (void) spool_stats(in->db, &in->spool->pending, &in->spool->bytes);
 }
 
-static void batch_add_ack(struct hub *h, const struct frame *f) {
-        struct ingest_batch *b = &h->batch;
+static void batch_add_ack(struct ingest *in, const struct frame *f) {
+        struct ingest_batch *b = &in->batch;
 
         if (b->n_acks == b->cap_acks) {
                 size_t cap = b->cap_acks ? b->cap_acks * 2 : 16;
@@ -180,8 +231,8 @@ static void batch_add_ack(struct hub *h, const struct frame *f) {
 
 /* Remembers b's last seq before this transaction touched it (once per bulb and batch), so
  * that a failed commit can put memory back where the database is. */
-static int batch_note_seq(struct hub *h, const struct bulb *b) {
-        struct ingest_batch *t = &h->batch;
+static int batch_note_seq(struct ingest *in, const struct bulb *b) {
+        struct ingest_batch *t = &in->batch;
 
         for (size_t i = 0; i < t->n_undo; i++)
                 if (streq(t->undo[i].dev, b->id))
@@ -200,8 +251,8 @@ static int batch_note_seq(struct hub *h, const struct bulb *b) {
         return 0;
 }
 
-void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
-        const struct iothub_conf *c = h->conf;
+void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload, size_t len) {
+        const struct iothub_conf *c = in->conf;
         char dev[DEVICE_ID_MAX + 1];
         enum frame_reason reason;
         struct frame f;
@@ -209,113 +260,143 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
         int64_t now_s;
         int r;
 
-        h->counters.frames_received++;
+        in->counters.frames_received++;
 
         if (frame_topic_device(topic, c->mqtt.topic_prefix, "status", dev) < 0) {
-                reject(h, NULL, "?", FRAME_MALFORMED);
+                reject(in, NULL, "?", FRAME_MALFORMED);
                 return;
         }
         reason = frame_parse(payload, len, dev, c->frames.max_bytes, &f);
         if (reason != FRAME_OK) {
-                b = registry_find(h->registry, dev);
-                reject(h, b, dev, reason);
+                b = registry_find(in->registry, dev);
+                reject(in, b, dev, reason);
                 return;
         }
-        b = registry_find(h->registry, dev);
+        b = registry_find(in->registry, dev);
         if (!b) {
-                reject(h, NULL, dev, FRAME_UNKNOWN_DEVICE);
+                reject(in, NULL, dev, FRAME_UNKNOWN_DEVICE);
                 return;
         }
         if (b->revoked) {
-                reject(h, b, dev, FRAME_REVOKED);
+                reject(in, b, dev, FRAME_REVOKED);
                 return;
         }
         /* Before the signature: a flood must not buy CPU time (see iothub-protocol(7)). */
         if (!bulb_rate_take(b, c->frames.rate_per_device, now_monotonic_usec())) {
-                reject(h, b, dev, FRAME_RATE_LIMITED);
+                reject(in, b, dev, FRAME_RATE_LIMITED);
                 return;
         }
         now_s = (int64_t) (now_realtime_usec() / UINT64_C(1000000));
         if (f.iat < now_s - (int64_t) c->frames.max_clock_skew_s || f.iat > now_s + (int64_t) c->frames.max_clock_skew_s) {
-                reject(h, b, dev, FRAME_STALE);
+                reject(in, b, dev, FRAME_STALE);
                 return;
         }
         if (f.seq <= b->last_seq) {
-                reject(h, b, dev, FRAME_REPLAY);
+                reject(in, b, dev, FRAME_REPLAY);
                 return;
         }
         if (verify_signature(b->key, f.alg, f.signing_input, f.signing_input_len, f.sig, f.sig_len) < 0) {
-                reject(h, b, dev, FRAME_BAD_SIGNATURE);
+                reject(in, b, dev, FRAME_BAD_SIGNATURE);
                 return;
         }
 
-        if (!h->batch.open) {
-                r = db_begin(h->db);
+        if (!in->batch.open) {
+                r = db_begin(in->db);
                 if (r < 0)
                         goto store_failed;
-                h->batch.open = true;
-                h->batch.count = 0;
+                in->batch.open = true;
+                in->batch.count = 0;
         }
-        r = make_room(h, len);
+        r = make_room(in, len);
         if (r >= 0)
-                r = batch_note_seq(h, b);
+                r = batch_note_seq(in, b);
         if (r < 0)
                 goto store_failed;
-        r = spool_append(h->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
+        r = spool_append(in->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
         if (r >= 0)
-                r = registry_store_seq(h->registry, b, f.seq);
+                r = registry_store_seq(in->registry, b, f.seq);
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
          * seq is a replay; if the commit fails, these frames were never accepted: ingest_commit()
          * puts memory back from the undo list, so that a bulb resending them is accepted. */
         registry_seq_committed(b, f.seq);
-        ack_stage(h->ack, b, f.seq, false);
-        h->batch.count++;
-        h->batch.bytes += len;
-        if (f.has_ack && h->commands)
-                batch_add_ack(h, &f);
+        ack_stage(in->ack, b, f.seq, false);
+        in->batch.count++;
+        in->batch.bytes += len;
+        if (f.has_ack && in->ev.command_ack)
+                batch_add_ack(in, &f);
         return;
 
 store_failed:
-        if (h->batch.open && !db_in_transaction(h->db)) {
+        if (in->batch.open && !db_in_transaction(in->db)) {
                 /* SQLite rolled the transaction back by itself (SQLITE_FULL, an I/O error): the
                  * frames appended before this one are gone too, and what follows must not run
                  * in autocommit, each statement committed on its own behind the batch's back. */
-                store_failed(h, r, 1 + h->batch.count);
-                batch_abort(h);
+                store_failed(in, r, 1 + in->batch.count);
+                batch_abort(in);
                 return;
         }
-        store_failed(h, r, 1);
+        store_failed(in, r, 1);
 }
 
-int ingest_commit(struct hub *h) {
+int ingest_commit(struct ingest *in) {
         int r;
 
-        if (!h->batch.open)
+        if (!in->batch.open)
                 return 0;
-        h->batch.open = false;
-        r = db_commit(h->db);
+        in->batch.open = false;
+        r = db_commit(in->db);
         if (r < 0) {
-                store_failed(h, r, h->batch.count);
-                batch_abort(h);
+                store_failed(in, r, in->batch.count);
+                batch_abort(in);
                 return r;
         }
-        ack_commit_done(h->ack, true);
-        if (h->batch.count > 0)
-                store_ok(h);
-        h->batch.n_undo = 0;
-        h->counters.frames_accepted += h->batch.count;
-        h->spool_pending += h->batch.count;
-        h->spool_bytes += h->batch.bytes;
-        h->batch.count = 0;
-        h->batch.bytes = 0;
+        ack_commit_done(in->ack, true);
+        if (in->batch.count > 0)
+                store_ok(in);
+        in->batch.n_undo = 0;
+        in->counters.frames_accepted += in->batch.count;
+        in->spool->pending += in->batch.count;
+        in->spool->bytes += in->batch.bytes;
+        in->batch.count = 0;
+        in->batch.bytes = 0;
         /* Acks count only once their frames are accepted, that is now. */
-        for (size_t i = 0; i < h->batch.n_acks; i++) {
-                const struct ingest_ack *a = &h->batch.acks[i];
-                commands_on_ack(h->commands, a->dev, a->id, a->ok, a->err[0] ? a->err : NULL);
+        for (size_t i = 0; i < in->batch.n_acks; i++) {
+                const struct ingest_ack *a = &in->batch.acks[i];
+                in->ev.command_ack(in->ev.userdata, a->dev, a->id, a->ok, a->err[0] ? a->err : NULL);
         }
-        h->batch.n_acks = 0;
-        cloud_kick(h->cloud);
+        in->batch.n_acks = 0;
+        if (in->ev.committed)
+                in->ev.committed(in->ev.userdata);
         return 0;
+}
+
+int ingest_new(const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
+               struct spool_counts *spool, const struct ingest_events *ev, struct ingest **ret) {
+        struct ingest *in = calloc(1, sizeof *in);
+
+        if (!in)
+                return -ENOMEM;
+        in->conf = conf;
+        in->db = db;
+        in->registry = registry;
+        in->ack = ack;
+        in->spool = spool;
+        if (ev)
+                in->ev = *ev;
+        *ret = in;
+        return 0;
+}
+
+void ingest_free(struct ingest *in) {
+        if (!in)
+                return;
+        free(in->batch.acks);
+        free(in->batch.undo);
+        free(in);
+}
+
+const struct ingest_counters *ingest_counters(const struct ingest *in) {
+        return &in->counters;
 }

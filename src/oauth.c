@@ -18,9 +18,6 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
-#include "iothub/cloud.h"
-#include "iothub/commands.h"
-#include "iothub/events.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/jws.h"
@@ -58,7 +55,11 @@ struct waiter {
 };
 
 struct oauth {
-        struct hub *hub;
+        sd_event *event;
+        const struct iothub_conf *conf;
+        struct http *http;
+        struct hubkey *hubkey; /* NULL until hub.c announces it (oauth_key_ready) */
+        struct oauth_events ev;
         enum oauth_state state;
         char last_error[256];
 
@@ -553,7 +554,6 @@ static struct http_req **call_slot(struct oauth *o, enum req_kind kind) {
 
 static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, const char *url, char *form,
                       bool nonce_retried, struct http_req **ret) {
-        struct hub *h = o->hub;
         _cleanup_erase_str_ char *dpop = NULL, *dpop_header = NULL;
         struct oauth_call *call;
         const char *lines[4];
@@ -580,9 +580,9 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 lines[n++] = "Content-Type: application/x-www-form-urlencoded";
         /* DPoP on the token requests (RFC 9449 5), not on discovery; on revocation only when the
          * server asked for a proof with its nonce (RFC 9449 8). */
-        if (o->use_dpop && h->hubkey &&
+        if (o->use_dpop && o->hubkey &&
             (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH || (kind == R_REVOKE && nonce_retried))) {
-                r = oauth_dpop_proof(h->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
+                r = oauth_dpop_proof(o->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
                 if (r < 0)
                         goto fail;
                 call->sent_nonce = o->as_nonce != NULL;
@@ -594,10 +594,10 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 }
                 lines[n++] = dpop_header;
         }
-        r = http_start(h->http,
+        r = http_start(o->http,
                        &(struct http_request){ .method = method,
                                                .url = url,
-                                               .ca_file = h->conf->oauth.ca_file,
+                                               .ca_file = o->conf->oauth.ca_file,
                                                .timeout_s = OAUTH_TIMEOUT_S,
                                                .headers = lines,
                                                .n_headers = n,
@@ -612,6 +612,26 @@ fail:
         return r;
 }
 
+/* ---- news for hub.c ---- */
+
+/* The sign-in state or its error changed: STATUS= says so. */
+static void status_changed(struct oauth *o) {
+        if (o->ev.status_changed)
+                o->ev.status_changed(o->ev.userdata);
+}
+
+/* Signed in, signed out, sign-in required: reason is a static name. */
+static void signin_changed(struct oauth *o, const char *reason) {
+        if (o->ev.signin_changed)
+                o->ev.signin_changed(o->ev.userdata, reason);
+}
+
+/* A new access token: what waited for one (uploads, the command poll) may go. */
+static void token_ready(struct oauth *o) {
+        if (o->ev.token_ready)
+                o->ev.token_ready(o->ev.userdata);
+}
+
 /* ---- timers ---- */
 
 static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
@@ -619,10 +639,10 @@ static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
         int r;
 
         if (!*s) {
-                r = sd_event_add_time_relative(o->hub->event, s, CLOCK_MONOTONIC, delay_usec, 0, cb, o);
+                r = sd_event_add_time_relative(o->event, s, CLOCK_MONOTONIC, delay_usec, 0, cb, o);
         } else {
                 uint64_t now;
-                (void) sd_event_now(o->hub->event, CLOCK_MONOTONIC, &now);
+                (void) sd_event_now(o->event, CLOCK_MONOTONIC, &now);
                 r = sd_event_source_set_time(*s, now + delay_usec);
                 if (r >= 0)
                         r = sd_event_source_set_enabled(*s, SD_EVENT_ONESHOT);
@@ -631,13 +651,13 @@ static void arm(struct oauth *o, sd_event_source **s, uint64_t delay_usec,
                 log_error_errno(r, "Failed to arm an OAuth timer: %m");
 }
 
-/* The project's one exponential backoff with jitter (cloud_backoff_ms), from 2 s (the first
+/* The project's one exponential backoff with jitter (backoff_ms, util.h), from 2 s (the first
  * failure counts as the second step) to CLOUD_BACKOFF_MAX_MS. */
 static uint64_t retry_delay_usec(struct oauth *o) {
         uint32_t rnd = 0;
 
         (void) random_bytes(&rnd, sizeof rnd);
-        return cloud_backoff_ms(o->failures + 1, rnd) * 1000;
+        return backoff_ms(o->failures + 1, OAUTH_BACKOFF_MIN_MS, OAUTH_BACKOFF_MAX_MS, rnd) * 1000;
 }
 
 static int start_discovery(struct oauth *o, bool fallback);
@@ -695,11 +715,11 @@ static void become_login_required(struct oauth *o, const char *why) {
         }
         set_error(o, "sign-in required: %s", why);
         if (!was)
-                events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "login_required", NULL, 1);
+                signin_changed(o, "login_required");
         if (!was)
                 log_event(LOG_WARNING, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL,
                           "Sign-in required (%s): run 'iothubctl login'; frames keep spooling meanwhile", why);
-        hub_notify_status(o->hub);
+        status_changed(o);
 }
 
 /* Takes a 200 token response (RFC 6749 5.1), checked by oauth_parse_token_answer(). */
@@ -726,7 +746,7 @@ static int accept_tokens(struct oauth *o, const struct http_response *resp) {
                 oauth_tokens_done(&t);
                 return -ENOMEM;
         }
-        r = tokenstore_save(o->hub->conf, o->hub->hubkey, &t, &err);
+        r = tokenstore_save(o->conf, o->hubkey, &t, &err);
         if (r < 0) {
                 log_error_errno(r, "Failed to store the new tokens: %s", err ? err : strerror(-r));
                 /* Keep using them in memory: losing a rotated refresh token is worse. */
@@ -749,7 +769,7 @@ static int accept_tokens(struct oauth *o, const struct http_response *resp) {
 
 static int start_discovery(struct oauth *o, bool fallback) {
         _cleanup_free_ char *url = NULL;
-        const char *issuer = o->hub->conf->oauth.issuer;
+        const char *issuer = o->conf->oauth.issuer;
         size_t n = strlen(issuer);
 
         if (o->disc_req)
@@ -766,7 +786,7 @@ static int start_discovery(struct oauth *o, bool fallback) {
 }
 
 static void on_discovery(struct oauth *o, const struct http_response *resp, bool fallback) {
-        const char *issuer = o->hub->conf->oauth.issuer;
+        const char *issuer = o->conf->oauth.issuer;
         struct oauth_metadata m = {};
         int r = -EBADMSG;
 
@@ -793,9 +813,9 @@ static void on_discovery(struct oauth *o, const struct http_response *resp, bool
         o->device_endpoint = TAKE_PTR(m.device_endpoint);
         o->revocation_endpoint = TAKE_PTR(m.revocation_endpoint);
         o->use_dpop = m.dpop_es256;
-        if (o->hub->conf->oauth.dpop == DPOP_ON)
+        if (o->conf->oauth.dpop == DPOP_ON)
                 o->use_dpop = true;
-        else if (o->hub->conf->oauth.dpop == DPOP_OFF)
+        else if (o->conf->oauth.dpop == DPOP_OFF)
                 o->use_dpop = false;
         o->discovered = true;
         o->failures = 0;
@@ -823,7 +843,7 @@ static int start_refresh(struct oauth *o) {
                 return -ENOKEY;
         if ((r = form_append(&form, "grant_type", "refresh_token")) < 0 ||
             (r = form_append(&form, "refresh_token", o->tokens.refresh_token)) < 0 ||
-            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0) {
+            (r = form_append(&form, "client_id", o->conf->oauth.client_id)) < 0) {
                 if (form)
                         erase_and_free(form, strlen(form));
                 return r;
@@ -846,7 +866,7 @@ void oauth_resource_ok(struct oauth *o) {
         if (o->state == OAUTH_OK)
                 o->last_error[0] = '\0';
         log_info("The cloud accepts the access token again");
-        hub_notify_status(o->hub);
+        status_changed(o);
 }
 
 /* Reported once (until a resource request succeeds): a status line, STATUS= and a log line. */
@@ -859,7 +879,7 @@ static void report_unauthorized(struct oauth *o, const char *what) {
         log_event(LOG_WARNING, 0, IOTHUB_MID_CLOUD_UNAUTHORIZED, NULL, NULL,
                   "The cloud answers HTTP 401: it refuses %s; backing off, no further refresh for this token",
                   what);
-        hub_notify_status(o->hub);
+        status_changed(o);
 }
 
 int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
@@ -931,8 +951,7 @@ static void on_refresh(struct oauth *o, const struct http_response *resp, const 
                         o->token_from_401 = for_401;
                         log_info("Access token refreshed, valid until %" PRId64, o->tokens.expires_at);
                         notify_waiters(o, 0);
-                        cloud_kick(o->hub->cloud);
-                        commands_kick(o->hub->commands);
+                        token_ready(o);
                         return;
                 }
                 set_error(o, "the token endpoint answered 200 without usable tokens");
@@ -996,7 +1015,7 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         }
         if ((r = form_append(&form, "grant_type", "urn:ietf:params:oauth:grant-type:device_code")) < 0 ||
             (r = form_append(&form, "device_code", o->device_code)) < 0 ||
-            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0 ||
+            (r = form_append(&form, "client_id", o->conf->oauth.client_id)) < 0 ||
             (r = oauth_send(o, R_POLL, "POST", o->token_endpoint, TAKE_PTR(form), false, &o->login_req)) < 0) {
                 if (form)
                         erase_and_free(form, strlen(form));
@@ -1018,11 +1037,10 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
                 }
                 o->token_from_401 = false;
                 log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_OK, NULL, NULL, "Signed in (%s token)", o->tokens.token_type);
-                events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "signed_in", NULL, 1);
-                hub_notify_status(o->hub);
+                signin_changed(o, "signed_in");
+                status_changed(o);
                 login_finish(o, 0, "signed in");
-                cloud_kick(o->hub->cloud);
-                commands_kick(o->hub->commands);
+                token_ready(o);
                 return;
         }
         /* RFC 8628 3.5. */
@@ -1097,14 +1115,14 @@ int oauth_login(struct oauth *o, const struct oauth_login_cb *cb) {
 
         if (!o->discovered)
                 return -EAGAIN;
-        if (!o->hub->hubkey)
+        if (!o->hubkey)
                 return -ENOKEY;
         if (o->login_active)
                 login_finish(o, -ECANCELED, "another sign-in started");
         http_cancel(o->login_req);
         o->login_req = NULL;
-        if ((r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0 ||
-            (r = form_append(&form, "scope", o->hub->conf->oauth.scope)) < 0) {
+        if ((r = form_append(&form, "client_id", o->conf->oauth.client_id)) < 0 ||
+            (r = form_append(&form, "scope", o->conf->oauth.scope)) < 0) {
                 if (form)
                         erase_and_free(form, strlen(form));
                 return r;
@@ -1127,7 +1145,7 @@ void oauth_login_detach(struct oauth *o, void *userdata) {
 /* ---- logout ---- */
 
 static void logout_finish(struct oauth *o, int r, const char *message) {
-        int k = tokenstore_erase(o->hub->conf);
+        int k = tokenstore_erase(o->conf);
 
         if (k < 0 && k != -ENOENT)
                 log_error_errno(k, "Failed to erase the stored tokens: %m");
@@ -1138,8 +1156,8 @@ static void logout_finish(struct oauth *o, int r, const char *message) {
         o->state = OAUTH_LOGIN_REQUIRED;
         set_error(o, "signed out");
         log_event(LOG_NOTICE, 0, IOTHUB_MID_LOGIN_REQUIRED, NULL, NULL, "Signed out: %s", message);
-        events_note(o->hub->events, EVENT_SIGNIN_CHANGED, "signed_out", NULL, 1);
-        hub_notify_status(o->hub);
+        signin_changed(o, "signed_out");
+        status_changed(o);
         if (o->logout_op) {
                 struct oauth_logout_op *op = TAKE_PTR(o->logout_op);
                 op->done(op->userdata, r, message);
@@ -1179,7 +1197,7 @@ int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char
          * server links them. */
         if ((r = form_append(&form, "token", o->tokens.refresh_token)) < 0 ||
             (r = form_append(&form, "token_type_hint", "refresh_token")) < 0 ||
-            (r = form_append(&form, "client_id", o->hub->conf->oauth.client_id)) < 0) {
+            (r = form_append(&form, "client_id", o->conf->oauth.client_id)) < 0) {
                 if (form)
                         erase_and_free(form, strlen(form));
                 free(op);
@@ -1277,7 +1295,7 @@ int oauth_authorize(struct oauth *o, const char *method, const char *url, char *
         if (!auth)
                 return -ENOMEM;
         if (dpop) {
-                r = oauth_dpop_proof(o->hub->hubkey, method, url, o->tokens.access_token, o->rs_nonce, now_s(),
+                r = oauth_dpop_proof(o->hubkey, method, url, o->tokens.access_token, o->rs_nonce, now_s(),
                                      &proof);
                 if (r < 0)
                         return r;
@@ -1306,16 +1324,15 @@ int oauth_status_json(struct oauth *o, json_t *st) {
         return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;
 }
 
-/* hub.c opened the hub key (now, or later when the TPM came up after the daemon): the sealed
+/* The hub key is open (now, or later when the TPM came up after the daemon): the sealed
  * tokens can be read. Only while nothing else gave us tokens (a login in the meantime wins). */
-void oauth_key_ready(struct oauth *o) {
-        struct hub *h = o ? o->hub : NULL;
+static void load_sealed_tokens(struct oauth *o) {
         _cleanup_free_ char *err = NULL;
         int r;
 
-        if (!o || !h->hubkey || o->have_tokens)
+        if (!o || !o->hubkey || o->have_tokens)
                 return;
-        r = tokenstore_load(h->conf, h->hubkey, &o->tokens, &err);
+        r = tokenstore_load(o->conf, o->hubkey, &o->tokens, &err);
         if (r >= 0) {
                 o->have_tokens = true;
                 o->state = OAUTH_OK;
@@ -1335,15 +1352,23 @@ void oauth_key_ready(struct oauth *o) {
         }
 }
 
-int oauth_new(struct hub *h, struct oauth **ret) {
+void oauth_key_ready(struct oauth *o, struct hubkey *k) {
+        if (!o)
+                return;
+        o->hubkey = k;
+        load_sealed_tokens(o);
+}
+
+int oauth_new(sd_event *e, const struct iothub_conf *conf, struct http *http, const struct oauth_events *ev,
+              struct oauth **ret) {
         struct oauth *o;
         int r;
 
-        if (!h->conf->oauth.issuer) {
+        if (!conf->oauth.issuer) {
                 *ret = NULL;
                 return 0;
         }
-        if (!h->conf->oauth.client_id) {
+        if (!conf->oauth.client_id) {
                 log_error("[oauth] issuer is set but [oauth] client_id is not: sign-in disabled");
                 *ret = NULL;
                 return 0;
@@ -1351,14 +1376,18 @@ int oauth_new(struct hub *h, struct oauth **ret) {
         o = calloc(1, sizeof *o);
         if (!o)
                 return -ENOMEM;
-        o->hub = h;
+        o->event = e;
+        o->conf = conf;
+        o->http = http;
+        if (ev)
+                o->ev = *ev;
         o->state = OAUTH_LOGIN_REQUIRED;
         set_error(o, "no hub key yet: see 'iothubctl doctor'");
-        oauth_key_ready(o);
-        if (h->conf->key.backend == KEY_BACKEND_FILE)
+        load_sealed_tokens(o);
+        if (conf->key.backend == KEY_BACKEND_FILE)
                 log_event(LOG_WARNING, 0, IOTHUB_MID_DEV_KEY_WARNING, NULL, NULL,
                           "With [key] backend = file the token data key is a plain file in %s, not sealed by a TPM",
-                          h->conf->hub.state_dir);
+                          conf->hub.state_dir);
         r = start_discovery(o, false);
         if (r < 0) {
                 oauth_free(o);

@@ -34,18 +34,28 @@ struct pair_window {
 };
 
 struct pair {
-        struct hub *hub;
+        sd_event *event;
+        const struct iothub_conf *conf;
+        struct registry *registry;
+        struct dynsec *dynsec; /* NULL without [broker] dynsec */
+        struct pair_events ev;
         struct pair_window *window;
         uint64_t hellos_outside, hellos_in, enrolled, refused, dropped;
         struct ratelimit log_rl;
 };
 
-int pair_new(struct hub *h, struct pair **ret) {
+int pair_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct dynsec *dynsec,
+             const struct pair_events *ev, struct pair **ret) {
         struct pair *p = calloc(1, sizeof *p);
 
         if (!p)
                 return -ENOMEM;
-        p->hub = h;
+        p->event = e;
+        p->conf = conf;
+        p->registry = registry;
+        p->dynsec = dynsec;
+        if (ev)
+                p->ev = *ev;
         *ret = p;
         return 0;
 }
@@ -55,8 +65,8 @@ void pair_window_close(struct pair_window *w) {
                 return;
         dynsec_op_cancel(w->open_op);
         /* Closed on the broker too; not waited for (a lost connection closes it at the next one). */
-        if (w->p && w->p->hub->dynsec)
-                (void) dynsec_pairing(w->p->hub->dynsec, false, NULL, NULL, NULL);
+        if (w->p && w->p->dynsec)
+                (void) dynsec_pairing(w->p->dynsec, false, NULL, NULL, NULL);
         for (unsigned i = 0; i < PAIR_HELLOS_MAX; i++)
                 dynsec_op_cancel(w->pending[i].op);
         w->timer = sd_event_source_disable_unref(w->timer);
@@ -139,7 +149,7 @@ int pair_open(struct pair *p, unsigned seconds, const struct pair_window_cb *cb,
         w->cb = *cb;
         w->userdata = userdata;
         w->enrolled = json_array();
-        r = w->enrolled ? sd_event_add_time_relative(p->hub->event, &w->timer, CLOCK_MONOTONIC,
+        r = w->enrolled ? sd_event_add_time_relative(p->event, &w->timer, CLOCK_MONOTONIC,
                                                      seconds * UINT64_C(1000000), 0, on_window_timer, w)
                         : -ENOMEM;
         if (r < 0) {
@@ -149,8 +159,8 @@ int pair_open(struct pair *p, unsigned seconds, const struct pair_window_cb *cb,
         w->p = p;
         p->window = w;
         *ret = w;
-        if (p->hub->dynsec) {
-                r = dynsec_pairing(p->hub->dynsec, true, on_broker_open, w, &w->open_op);
+        if (p->dynsec) {
+                r = dynsec_pairing(p->dynsec, true, on_broker_open, w, &w->open_op);
                 if (r < 0)
                         emit(w, "broker", NULL, "the broker does not let unenrolled bulbs in: %s",
                              r == -ENOTCONN ? "not connected to the broker" : strerror(-r));
@@ -158,14 +168,14 @@ int pair_open(struct pair *p, unsigned seconds, const struct pair_window_cb *cb,
         log_info("Pairing window open for %u s", seconds);
         emit(w, "open", NULL,
              "pairing window open for %u s: a bulb may now publish its certificate chain (PEM) on %s/<device-id>/hello",
-             seconds, p->hub->conf->mqtt.topic_prefix);
+             seconds, p->conf->mqtt.topic_prefix);
         return 0;
 }
 
 bool pair_is_hello_topic(const struct pair *p, const char *topic) {
         char id[DEVICE_ID_MAX + 1];
 
-        return p && frame_topic_device(topic, p->hub->conf->mqtt.topic_prefix, "hello", id) == 0;
+        return p && frame_topic_device(topic, p->conf->mqtt.topic_prefix, "hello", id) == 0;
 }
 
 static void on_broker_done(void *userdata, int r, const char *error) {
@@ -205,7 +215,7 @@ void pair_on_hello(struct pair *p, const char *topic, const uint8_t *payload, si
         struct bulb *b;
         int r;
 
-        if (!p || frame_topic_device(topic, p->hub->conf->mqtt.topic_prefix, "hello", id) < 0)
+        if (!p || frame_topic_device(topic, p->conf->mqtt.topic_prefix, "hello", id) < 0)
                 return;
         w = p->window;
         if (!w || w->expired) {
@@ -235,7 +245,7 @@ void pair_on_hello(struct pair *p, const char *topic, const uint8_t *payload, si
                 return;
         }
         /* The topic's id must be the certificate's CN: enrol_bulb() checks it like bulb add ID --cert. */
-        r = enrol_bulb(p->hub, id, NULL, pem, &b, &err);
+        r = enrol_bulb(p->conf, p->registry, id, NULL, pem, &b, &err);
         if (r == -EEXIST) {
                 refuse(p, w, id, "already enrolled");
                 return;
@@ -245,16 +255,18 @@ void pair_on_hello(struct pair *p, const char *topic, const uint8_t *payload, si
                 return;
         }
         p->enrolled++;
+        if (p->ev.enrolled)
+                p->ev.enrolled(p->ev.userdata, b->id);
         (void) json_array_append_new(w->enrolled, json_string(b->id));
         emit(w, "enrolled", b->id, "%s: enrolled (%s), from its certificate", b->id, frame_alg_to_string(b->alg));
-        if (!p->hub->dynsec)
+        if (!p->dynsec)
                 return;
         /* The broker identity in the same step: a certificate bulb's user name is its CN. */
         /* One slot per hello: their addresses stay put while the broker answers. */
         struct pair_enrolment *e = &w->pending[w->hellos - 1];
         e->w = w;
         memcpy(e->id, b->id, sizeof e->id);
-        r = dynsec_bulb_create(p->hub->dynsec, b->id, NULL, on_broker_done, e, &e->op);
+        r = dynsec_bulb_create(p->dynsec, b->id, NULL, on_broker_done, e, &e->op);
         if (r < 0) {
                 emit(w, "broker", b->id, "%s: broker client not created: %s (repaired at the next connection)",
                      b->id, r == -ENOTCONN ? "not connected to the broker" : strerror(-r));

@@ -9,13 +9,17 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/registry.h"
 
 struct ack;
+struct mqtt;
 
-/* Creates the ack publisher of the hub (its MQTT client is looked up at publish time, so it may
- * come later). Returns 0 or a negative errno. */
-int ack_new(struct hub *h, struct ack **ret);
+/* Creates the ack publisher of the hub. e, conf and mqtt are the caller's and must outlive it.
+ * Returns 0 or a negative errno. */
+int ack_new(sd_event *e, const struct iothub_conf *conf, struct mqtt *mqtt, struct ack **ret);
 /* Drops what is pending (not re-announced after a restart, see iothub-protocol(7)); NULL accepted. */
 void ack_free(struct ack *a);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct ack *, ack_free);

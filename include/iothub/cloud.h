@@ -9,7 +9,12 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/db.h"
+#include "iothub/registry.h"
+#include "iothub/spool.h"
 
 #define CLOUD_RESPONSE_MAX (1024 * 1024) /* bytes of a response body we read at most */
 #define CLOUD_BACKOFF_MIN_MS 1000u
@@ -20,6 +25,9 @@
 #define CLOUD_REFUSAL_REASON_MAX 128 /* the reason kept with a batch moved aside, NUL included */
 
 struct cloud;
+struct http;
+struct hubkey;
+struct oauth;
 
 struct cloud_counters {
         uint64_t uploaded;      /* frames the cloud accepted */
@@ -31,16 +39,34 @@ struct cloud_counters {
         uint64_t backoff_until; /* CLOCK_MONOTONIC usec, 0 when not backing off */
 };
 
+/* News from the relay, installed by hub.c (the one place that knows who listens). */
+struct cloud_events {
+        /* The hub key is needed now (iothubctl register): open it if it can be. Returns 0 once it
+         * is open, and then it was announced through cloud_key_ready() before this returned; or
+         * a negative errno. NULL: -ENOKEY. */
+        int (*need_key)(void *userdata);
+        /* iothubctl register succeeded: requests for other modules (cloud_ready()) may go. */
+        void (*registered)(void *userdata);
+        void *userdata;
+};
+
 /* Sets up the relay when [cloud] url is set (otherwise *ret = NULL and 0: frames only spool).
- * Until hub.c announces the hub key (cloud_key_ready) the relay waits and says so in status.
- * Returns 0 or a negative errno. */
-int cloud_new(struct hub *h, struct cloud **ret);
+ * e, conf, db, registry, http, oauth (NULL without [oauth]: the fixed token of [cloud]
+ * bearer_token_file) and spool are the caller's and must outlive it; the relay lowers spool's
+ * counts as frames leave. The relay calls oauth, never the reverse. ev is copied. Until hub.c
+ * announces the hub key (cloud_key_ready) the relay waits and says so in status. Returns 0 or a
+ * negative errno. */
+int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+              struct http *http, struct oauth *oauth, struct spool_counts *spool, const struct cloud_events *ev,
+              struct cloud **ret);
 void cloud_free(struct cloud *c);
 
-/* New frames were committed to the spool: start a batch if one is due, or arm its timer. */
+/* New frames were committed to the spool, or a token came: start a batch if one is due, or arm
+ * its timer. NULL is a no-op. */
 void cloud_kick(struct cloud *c);
-/* hub.c opened the hub key: uploads waiting for it may go. NULL is a no-op. */
-void cloud_key_ready(struct cloud *c);
+/* hub.c opened the hub key k (the caller's, valid until cloud_free()): uploads waiting for it
+ * may go. NULL c is a no-op. */
+void cloud_key_ready(struct cloud *c, struct hubkey *k);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 

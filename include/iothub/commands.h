@@ -10,13 +10,30 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
 
+#include "iothub/conf.h"
+#include "iothub/db.h"
+#include "iothub/registry.h"
+
+struct cloud;
+struct hubkey;
+struct mqtt;
 struct commands;
+struct events;
 
-/* Sets up commands when the cloud relay is configured (h->cloud), else *ret = NULL and 0. */
-int commands_new(struct hub *h, struct commands **ret);
+/* Sets up commands when the cloud relay is configured (cloud not NULL), else *ret = NULL and
+ * 0. Commands call down only: the cloud relay for the poll and the results, the MQTT client to
+ * publish; events (may be NULL) hears of refused commands. e, conf, db, registry, mqtt, cloud and
+ * events are the caller's and must outlive it. Returns
+ * 0 or a negative errno. */
+int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
+                 struct mqtt *mqtt, struct cloud *cloud, struct events *events, struct commands **ret);
 void commands_free(struct commands *c);
+
+/* hub.c opened the hub key k (the caller's, valid until commands_free()): commands can be
+ * signed; kicks as commands_kick(). NULL c is a no-op. */
+void commands_key_ready(struct commands *c, struct hubkey *k);
 
 /* Something changed that may let the long poll or pending work go on now (MQTT connected,
  * the cloud got a token or a key). Cheap; NULL accepted. */

@@ -9,7 +9,10 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/registry.h"
 
 #define CONTROL_SOCKET_NAME "control"
 #define CONTROL_REQUEST_MAX (64 * 1024)       /* one request line, newline included */
@@ -19,10 +22,40 @@
 #define CONTROL_TIMEOUT_USEC (5 * UINT64_C(1000000))
 #define CONTROL_STREAM_BUFFER_MAX (256 * 1024)   /* streamed lines queued for a slow client */
 
+struct cloud;
 struct control;
+struct oauth;
+struct dynsec;
+struct pair;
 
-/* Binds the socket (replacing a stale one) and adds it to the hub's loop. */
-int control_new(struct hub *h, struct control **ret);
+/* What the control socket asks of the rest of the daemon, installed by hub.c (the one place
+ * that knows who answers). Requests that belong to one module (register, login, logout) call
+ * that module directly: control is the user's front door, above them. */
+struct control_events {
+        /* The status object of DESIGN.md "iothubctl status --json" (the caller's reference).
+         * Returns 0 or a negative errno. */
+        int (*status_json)(void *userdata, json_t **ret);
+        /* A bulb was revoked (the cloud's device list changed). */
+        void (*devices_changed)(void *userdata);
+        /* A bulb was enrolled by `bulb add` (the device list changed too). May be NULL. */
+        void (*bulb_enrolled)(void *userdata, const char *id);
+        /* A bulb was revoked, for the security events. May be NULL. */
+        void (*bulb_revoked)(void *userdata, const char *id);
+        /* A peer was refused by the SO_PEERCRED check. May be NULL. */
+        void (*peer_refused)(void *userdata);
+        /* Whether the hub key is still not open, with *ret_error its one-line reason (may be
+         * NULL) when so. */
+        bool (*key_missing)(void *userdata, const char **ret_error);
+        void *userdata;
+};
+
+/* Binds the socket (replacing a stale one) and adds it to the loop e. conf, registry, cloud
+ * (NULL without [cloud] url), oauth (NULL without [oauth]), dynsec (NULL without [broker] dynsec)
+ * and pair are the caller's and must outlive
+ * it; ev is copied. Returns 0 or a negative errno. */
+int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
+                struct oauth *oauth, struct dynsec *dynsec, struct pair *pair, const struct control_events *ev,
+                struct control **ret);
 void control_free(struct control *c);
 
 /* Whether a peer with these credentials may use the socket (root, our uid, our gid, or a

@@ -2,6 +2,7 @@
 /* The state database: one SQLite file in WAL mode in the state directory. */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "iothub/util.h"
@@ -21,6 +22,11 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct db *, db_close);
 int db_begin(struct db *db);
 int db_commit(struct db *db);
 int db_rollback(struct db *db);
+/* Whether a transaction is open on this connection (the frame path's group commit between
+ * an MQTT read and its commit): a module with writes of its own waits rather than write
+ * into it. SQLite ends one by itself on some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM
+ * may roll it back), after which statements run in autocommit. */
+bool db_in_transaction(struct db *db);
 
 /* Whether <state_dir>/iothub.db is still the file this connection opened: 0, -ENOENT when the
  * name is gone (deleted under the running daemon), -ESTALE when another file took it. */
@@ -36,9 +42,6 @@ const char *db_errmsg(struct db *db);
 /* The cause of a failure r of the last call on this connection: the system's errno (ENOSPC,
  * EROFS, ...) when SQLite reported an I/O error and kept one, else r itself. */
 int db_cause(struct db *db, int r);
-/* Whether a transaction is open: SQLite ends one by itself on some errors (SQLITE_FULL,
- * SQLITE_IOERR, SQLITE_NOMEM may roll it back), after which statements run in autocommit. */
-bool db_in_transaction(struct db *db);
 
 /* For the modules built on it (registry, spool): the raw handle. */
 struct sqlite3 *db_handle(struct db *db);

@@ -11,7 +11,11 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/db.h"
+#include "iothub/spool.h"
 
 /* The event types; their names are the "type" member (iothub-protocol(7) lists them). */
 enum event_type {
@@ -31,9 +35,14 @@ const char *event_type_to_string(enum event_type t);
 
 struct events;
 
-/* Sets up the events when [cloud] url is set (otherwise *ret = NULL and 0: events_note() on NULL
- * is a no-op). Needs h->db and h->cloud. Returns 0 or a negative errno. */
-int events_new(struct hub *h, struct events **ret);
+struct cloud;
+
+/* Sets up the events when the cloud relay exists (cloud NULL: *ret = NULL and 0, and
+ * events_note() on NULL is a no-op). e, conf, db, cloud and spool (the status spool's size, read
+ * to keep events behind status) are the caller's and must outlive it. Returns 0 or a negative
+ * errno. */
+int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud,
+               const struct spool_counts *spool, struct events **ret);
 /* Writes what was noted and not yet spooled to the database, cancels a request in flight (its
  * events stay spooled and go again after the next start). */
 void events_free(struct events *ev);

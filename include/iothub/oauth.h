@@ -11,9 +11,14 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
 
 #define OAUTH_REFRESH_MARGIN_S 60 /* refresh this long before expiry at least */
+/* Retries of discovery and refreshes: backoff_ms() (util.h) between these. */
+#define OAUTH_BACKOFF_MIN_MS 1000u
+#define OAUTH_BACKOFF_MAX_MS 300000u
 
 enum oauth_state {
         OAUTH_NOT_CONFIGURED,
@@ -23,14 +28,33 @@ enum oauth_state {
 };
 const char *oauth_state_to_string(enum oauth_state s);
 
+struct http;
+struct hubkey;
 struct oauth;
 
-/* Sets up sign-in when [oauth] issuer is set (else *ret = NULL, 0). Loads stored tokens. */
-int oauth_new(struct hub *h, struct oauth **ret);
+/* News from sign-in, installed by hub.c (the one place that knows who listens). Either may be
+ * NULL. */
+struct oauth_events {
+        /* A new access token (signed in, or refreshed): requests that waited for one may go. */
+        void (*token_ready)(void *userdata);
+        /* The state or its error changed (sign-in required, signed in, refused, accepted again). */
+        void (*status_changed)(void *userdata);
+        /* Signed in, signed out or sign-in required (reason: "signed_in", "signed_out",
+         * "login_required"), for the security events. May be NULL. */
+        void (*signin_changed)(void *userdata, const char *reason);
+        void *userdata;
+};
+
+/* Sets up sign-in when [oauth] issuer is set (else *ret = NULL, 0) and starts discovery. e,
+ * conf and http are the caller's and must outlive it; ev is copied. The sealed tokens are read
+ * once the hub key is announced (oauth_key_ready). Returns 0 or a negative errno. */
+int oauth_new(sd_event *e, const struct iothub_conf *conf, struct http *http, const struct oauth_events *ev,
+              struct oauth **ret);
 void oauth_free(struct oauth *o);
-/* hub.c opened the hub key: loads the sealed tokens if none are in memory yet (also when the
- * key comes up long after the start). NULL is a no-op. */
-void oauth_key_ready(struct oauth *o);
+/* hub.c opened the hub key k (the caller's, valid until oauth_free()): DPoP proofs and the
+ * token store use it; loads the sealed tokens if none are in memory yet (also when the key
+ * comes up long after the start). NULL o is a no-op. */
+void oauth_key_ready(struct oauth *o, struct hubkey *k);
 
 enum oauth_state oauth_get_state(const struct oauth *o);
 /* The last error as one printable line, never a secret. */

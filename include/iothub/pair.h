@@ -10,7 +10,10 @@
 
 #include <jansson.h>
 
-#include "iothub/hub.h"
+#include <systemd/sd-event.h>
+
+#include "iothub/conf.h"
+#include "iothub/registry.h"
 
 #define PAIR_WINDOW_MAX_S 300      /* PROTOCOL.md 1: at most 300 s */
 #define PAIR_WINDOW_DEFAULT_S 60
@@ -30,7 +33,19 @@ struct pair_window_cb {
         void (*closed)(void *userdata, json_t *summary);
 };
 
-int pair_new(struct hub *h, struct pair **ret);
+struct dynsec;
+
+/* News from pairing, installed by hub.c. */
+struct pair_events {
+        /* A bulb was enrolled from its hello (the cloud's device list changed). May be NULL. */
+        void (*enrolled)(void *userdata, const char *id);
+        void *userdata;
+};
+
+/* e, conf, registry and dynsec (NULL without [broker] dynsec) are the caller's and must outlive
+ * it; ev is copied. Returns 0 or -ENOMEM. */
+int pair_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct dynsec *dynsec,
+             const struct pair_events *ev, struct pair **ret);
 /* Closes an open window without its callbacks; NULL accepted. */
 void pair_free(struct pair *p);
 

@@ -11,6 +11,15 @@
 int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws, size_t len,
                  int64_t received_at_usec);
 
+/* The spool's size, kept in memory so that the frame path never counts rows. One instance,
+ * owned by hub.c (it reads it for status), written by the two modules that change the spool:
+ * ingest (frames added, the oldest dropped at [spool] max_bytes) and cloud (frames uploaded
+ * or moved aside). */
+struct spool_counts {
+        uint64_t pending, bytes;
+        uint64_t dropped; /* oldest frames dropped at [spool] max_bytes since start */
+};
+
 /* Frames waiting and their total size in bytes. Returns 0 or a negative errno. */
 int spool_stats(struct db *db, uint64_t *ret_pending, uint64_t *ret_bytes);
 

@@ -1,0 +1,154 @@
+// The one-way architecture (issue 11, ARCHITECTURE.md "Modules, top to bottom"): a module may
+// include the header of, and call, only modules below it; news goes up through the event
+// tables that hub.c installs. This reads the sources (no build needed) and fails on an arrow
+// that points up or sideways, naming the file, the line and the module it reaches.
+// Run: cd tests && node --test integration/layers.test.mjs
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const TOP = fileURLToPath(new URL('../..', import.meta.url));
+
+// Who may use whom: the "is handed" column of ARCHITECTURE.md, as includes and calls. Every
+// module may use util.h and log.h. A module that is not listed, or an arrow that is not, fails:
+// a new arrow is a decision to write down here and in ARCHITECTURE.md. The graph must stay
+// acyclic (the last test), so that news can only go up through the event tables of hub.c.
+const BASE = ['util', 'log'];
+const ALLOWED = {
+  iothubd: ['hub', 'conf'],
+  hub: ['control', 'pair', 'commands', 'ingest', 'events', 'ack', 'dynsec', 'cloud', 'oauth', 'mqtt', 'http', 'hubkey',
+    'registry', 'spool', 'db', 'frame', 'conf'],
+  iothubctl: ['doctor', 'control', 'hubkey', 'conf'],
+  doctor: ['control', 'hubkey', 'conf'],
+  control: ['pair', 'enrol', 'dynsec', 'cloud', 'oauth', 'registry', 'verify', 'db', 'frame', 'conf'],
+  pair: ['enrol', 'dynsec', 'registry', 'verify', 'frame', 'conf'],
+  commands: ['events', 'cloud', 'mqtt', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
+  events: ['cloud', 'spool', 'db', 'frame', 'conf'],
+  enrol: ['registry', 'verify', 'frame', 'conf'],
+  dynsec: ['mqtt', 'registry', 'frame', 'conf'],
+  ingest: ['ack', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
+  ack: ['mqtt', 'registry', 'db', 'frame', 'conf'],
+  cloud: ['attest', 'oauth', 'http', 'httpsig', 'hubkey', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
+  attest: ['hubkey', 'frame', 'conf'],
+  oauth: ['tokenstore', 'http', 'jws', 'hubkey', 'frame', 'conf'],
+  tokenstore: ['hubkey', 'frame', 'conf'],
+  mqtt: ['conf'],
+  http: [],
+  httpsig: ['hubkey', 'frame'],
+  jws: ['hubkey', 'frame'],
+  hubkey: ['frame', 'conf'],
+  registry: ['db', 'verify', 'frame'],
+  spool: ['db', 'frame'],
+  db: [],
+  verify: ['frame'],
+  frame: [],
+  conf: ['verify', 'frame'],
+  log: ['util'],
+  util: [],
+};
+const MODULES = Object.keys(ALLOWED);
+// Functions whose prefix is not their module's (declared in that module's header).
+const OWNER = { oauth_tokens_done: 'tokenstore', attest_mode_to_string: 'conf' };
+
+// src/cloud.c, src/commands-internal.h, include/iothub/cloud.h -> the module's name.
+function moduleOf(file) {
+  const base = file.split('/').pop().replace(/\.[ch]$/, '').replace(/-internal$/, '');
+  return base;
+}
+
+function sources() {
+  const files = [];
+  for (const f of readdirSync(join(TOP, 'src'))) if (/\.[ch]$/.test(f)) files.push(`src/${f}`);
+  for (const f of readdirSync(join(TOP, 'include/iothub'))) if (/\.h$/.test(f)) files.push(`include/iothub/${f}`);
+  return files.sort();
+}
+
+// Comments and string literals out, line breaks kept (so that line numbers stay right).
+function code(text) {
+  return text
+    .replace(/\/\*[\s\S]*?\*\//g, (m) => m.replace(/[^\n]/g, ' '))
+    .replace(/\/\/[^\n]*/g, '')
+    .replace(/"(?:[^"\\\n]|\\.)*"/g, '""');
+}
+
+// Function calls by the prefix of another module: cloud_kick( -> cloud.
+const PREFIXES = MODULES.filter((m) => !['iothubd', 'iothubctl', 'util'].includes(m))
+  .sort((a, b) => b.length - a.length); // httpsig_ before http_, hubkey_ before hub_
+const CALL = new RegExp(`\\b(?:${PREFIXES.join('|')})_[a-z0-9_]*\\s*\\(`, 'g');
+const callee = (m) => {
+  const name = m.replace(/\s*\($/, '');
+  return { name, to: OWNER[name] ?? PREFIXES.find((p) => name.startsWith(`${p}_`)) };
+};
+
+function arrows() {
+  const found = [];
+  for (const file of sources()) {
+    const from = moduleOf(file);
+    assert.ok(from in ALLOWED, `${file}: a module that ARCHITECTURE.md and ALLOWED here do not place yet`);
+    const text = readFileSync(join(TOP, file), 'utf8');
+    const lines = text.split('\n');
+    lines.forEach((l, i) => {
+      const m = /^\s*#\s*include\s+"iothub\/([a-z0-9_]+)\.h"/.exec(l);
+      if (m) found.push({ file, line: i + 1, from, to: m[1], how: `#include "iothub/${m[1]}.h"` });
+    });
+    code(text).split('\n').forEach((l, i) => {
+      for (const m of l.matchAll(CALL)) {
+        const { name, to } = callee(m[0]);
+        found.push({ file, line: i + 1, from, to, how: `${name}()` });
+      }
+    });
+  }
+  return found;
+}
+
+// Up or sideways: to a module that is not below (an unknown one counts as wrong too).
+const edges = (m) => [...(ALLOWED[m] ?? []), ...(BASE.includes(m) ? [] : BASE)];
+const isWrong = (a) => a.to !== a.from && !edges(a.from).includes(a.to);
+
+test('every module includes and calls only modules below it', () => {
+  const all = arrows();
+  assert.ok(all.length > 100, `only ${all.length} arrows found: the scan is broken`);
+  const wrong = all.filter(isWrong);
+  assert.deepEqual(wrong.map((a) => `${a.file}:${a.line}: ${a.from} -> ${a.to} (${a.how})`), []);
+});
+
+test('the scan sees an upward call (the check can fail)', () => {
+  // What ingest.c did before issue 11: the frame path kicked the relay and commands directly.
+  const text = 'void f(void) {\n        cloud_kick(h->cloud);\n        /* commands_kick( in a comment */\n}\n';
+  const calls = [...code(text).matchAll(CALL)].map((m) => callee(m[0]).to);
+  assert.deepEqual(calls, ['cloud']);
+  assert.equal(isWrong({ from: 'ingest', to: 'cloud' }), true);
+  assert.equal(isWrong({ from: 'cloud', to: 'oauth' }), false);
+  assert.equal(isWrong({ from: 'ingest', to: 'commands' }), true, 'sideways');
+  assert.equal(isWrong({ from: 'oauth', to: 'cloud' }), true, 'the relay uses the token, not the reverse');
+  assert.equal(isWrong({ from: 'control', to: 'hub' }), true);
+  assert.equal(isWrong({ from: 'hub', to: 'nosuchmodule' }), true);
+  assert.equal(isWrong({ from: 'util', to: 'log' }), true);
+});
+
+test('only hub.c knows struct hub', () => {
+  const users = sources().filter((f) => f !== 'src/hub.c' && /\bstruct hub\b/.test(code(readFileSync(join(TOP, f), 'utf8'))));
+  assert.deepEqual(users, []);
+});
+
+test('the allowed arrows have no cycle', () => {
+  const state = new Map(); // 1: on the path, 2: done
+  const visit = (m, path) => {
+    assert.notEqual(state.get(m), 1, `a cycle: ${[...path, m].join(' -> ')}`);
+    if (state.get(m) === 2) return;
+    state.set(m, 1);
+    for (const n of edges(m)) {
+      assert.ok(n in ALLOWED, `${m} -> ${n}: not a module`);
+      visit(n, [...path, m]);
+    }
+    state.set(m, 2);
+  };
+  for (const m of MODULES) visit(m, []);
+});
+
+test('the exceptions to the prefix rule are declared where they say', () => {
+  for (const [name, mod] of Object.entries(OWNER))
+    assert.match(readFileSync(join(TOP, `include/iothub/${mod}.h`), 'utf8'), new RegExp(`\\b${name}\\(`));
+});
