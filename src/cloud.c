@@ -27,6 +27,18 @@
 #include "iothub/registry.h"
 #include "iothub/spool.h"
 
+/* A status batch carries at most batch_max_frames frames, except the one that goes when the
+ * previous answered while frames piled up: that one takes what waits, up to these caps, so that
+ * the rate no longer depends on how long a batch takes to be signed and sent (a TPM chip signs in
+ * about 70 ms: at 5,000 frames/s about 350 frames arrive during one signature alone).
+ * 1 MiB: at ~260 bytes a frame that is ~4,000 frames, 0.8 s of 5,000 frames/s, so several times
+ * what arrives during one cycle (signature + upload, ~0.1-0.2 s) at the target rate, while the
+ * hub's own peak stays small (the body, and libcurl's copy of it); a batch of the largest frames
+ * (4 KiB, the reference cloud's per-frame limit) still holds 256, the default batch_max_frames.
+ * The reference cloud takes bodies up to 16 MiB; PROTOCOL.md 3 and iothub-protocol(7) say so. */
+#define CLOUD_BATCH_MAX_BYTES (1024 * 1024)
+#define CLOUD_BATCH_GROWN_MAX_FRAMES 4096 /* the largest batch_max_frames allowed (conf.c) */
+
 #define META_DEVICES_DIRTY "devices_dirty"
 #define META_REGISTERED "registered"
 
@@ -53,6 +65,13 @@ struct cloud_req {
         void (*call_done)(void *userdata, int r, long status, const char *body, size_t len);
         void *call_userdata;
         struct cloud_req *next; /* in cloud->others */
+        /* REQ_STATUS while its signature is made (hubkey_sign_async): the request as it will go. */
+        struct hubkey_op *sign_op;
+        struct httpsig_pending sig;
+        const char *method; /* a literal */
+        char *url, *body, *auth_header, *dpop_header;
+        size_t body_len;
+        long timeout_s;
 };
 
 struct cloud {
@@ -64,6 +83,7 @@ struct cloud {
         bool refreshing;          /* a status batch waits for a refresh (cloud_on_401) */
         bool registered;          /* iothubctl register succeeded (persisted) */
         bool devices_dirty;
+        bool grow; /* the batch about to go follows an answered one: it may carry more (see the top) */
         bool devices_401_retried; /* the list went again at once after a 401 */
         uint64_t devices_gen; /* bumped at every change of the bulb list */
         unsigned failures, devices_failures;
@@ -122,10 +142,21 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
 
 static void on_http_done(void *userdata, const struct http_response *resp);
 
+static void req_prepared_done(struct cloud_req *q) {
+        q->sign_op = hubkey_op_free(q->sign_op);
+        httpsig_pending_done(&q->sig);
+        erase_and_freep_str(&q->auth_header);
+        erase_and_freep_str(&q->dpop_header);
+        free(q->url);
+        free(q->body);
+        q->url = q->body = NULL;
+}
+
 static void req_free(struct cloud_req *q) {
         if (!q)
                 return;
         http_cancel(q->http);
+        req_prepared_done(q);
         free(q);
 }
 
@@ -198,12 +229,73 @@ static int cloud_authorization(struct cloud *c, const char *method, const char *
         return *ret_auth ? 0 : -ENOMEM;
 }
 
+/* Hands the signed request to http.c; the prepared parts are freed (http.c copied them). */
+static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
+        struct hub *h = q->cloud->hub;
+        const char *lines[8];
+        size_t n = 0;
+        int r;
+
+        lines[n++] = q->auth_header;
+        if (q->dpop_header)
+                lines[n++] = q->dpop_header;
+        if (sig->content_digest)
+                lines[n++] = sig->content_digest;
+        lines[n++] = sig->signature_input;
+        lines[n++] = sig->signature;
+        if (q->body)
+                lines[n++] = "Content-Type: application/json";
+        lines[n++] = "Accept: application/json";
+        lines[n++] = "Expect:"; /* no 100-continue round trip */
+        r = http_start(h->http,
+                       &(struct http_request){ .method = q->method,
+                                               .url = q->url,
+                                               .ca_file = h->conf->cloud.ca_file,
+                                               .timeout_s = q->timeout_s > 0 ? q->timeout_s
+                                                                             : (long) h->conf->cloud.timeout_s,
+                                               .headers = lines,
+                                               .n_headers = n,
+                                               .body = q->body,
+                                               .body_len = q->body_len },
+                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
+        httpsig_headers_done(sig);
+        if (r >= 0)
+                req_prepared_done(q);
+        return r;
+}
+
+static void cloud_backoff(struct cloud *c, const char *retry_after);
+
+/* The signature of a status batch is made (or failed): the batch goes, or backs off. */
+static void on_status_signed(void *userdata, int r, const uint8_t *sig) {
+        struct cloud_req *q = userdata;
+        struct cloud *c = q->cloud;
+        struct httpsig_headers headers = {};
+
+        if (r >= 0)
+                r = httpsig_complete(&q->sig, sig, &headers);
+        q->sign_op = hubkey_op_free(q->sign_op); /* sig lives in it: used above */
+        if (r >= 0)
+                r = req_launch(q, &headers);
+        if (r >= 0)
+                return;
+        if (c->status_req == q)
+                c->status_req = NULL;
+        req_free(q);
+        set_last_error(c, "cannot sign an upload: %s", strerror(-r));
+        log_error_errno(r, "Failed to sign an upload batch: %m");
+        cloud_backoff(c, NULL);
+}
+
+/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. Status batches are
+ * signed asynchronously (hubkey_sign_async, low priority): *ret is returned at once and the
+ * request goes when the key answered; the others are signed here. Takes body in every case. */
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
         struct hub *h = c->hub;
         struct httpsig_headers sig = {};
-        _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL, *dpop = NULL, *dpop_header = NULL;
-        _cleanup_free_ char *url = NULL;
+        _cleanup_erase_str_ char *auth = NULL, *dpop = NULL;
+        uint8_t raw[HUBKEY_SIG_LEN];
         struct cloud_req *q;
         int r;
 
@@ -214,64 +306,57 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         }
         q->cloud = c;
         q->kind = kind;
-        url = strdup_printf("%s%s", c->base_url, path);
-        if (!url) {
+        q->method = method;
+        q->body = body;
+        q->body_len = body_len;
+        q->timeout_s = timeout_s;
+        q->url = strdup_printf("%s%s", c->base_url, path);
+        if (!q->url) {
                 r = -ENOMEM;
                 goto fail;
         }
-        r = cloud_authorization(c, method, url, &auth, &dpop);
+        r = cloud_authorization(c, method, q->url, &auth, &dpop);
         if (r < 0)
                 goto fail;
         q->token_gen = oauth_token_gen(h->oauth);
-        r = httpsig_sign(h->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
-                         (int64_t) (now_realtime_usec() / 1000000), &sig);
-        if (r < 0)
-                goto fail;
-        auth_header = strdup_printf("Authorization: %s", auth);
-        if (!auth_header) {
+        q->auth_header = strdup_printf("Authorization: %s", auth);
+        if (!q->auth_header) {
                 r = -ENOMEM;
                 goto fail;
         }
-        const char *lines[8];
-        size_t n = 0;
-        lines[n++] = auth_header;
         if (dpop) {
-                dpop_header = strdup_printf("DPoP: %s", dpop);
-                if (!dpop_header) {
+                q->dpop_header = strdup_printf("DPoP: %s", dpop);
+                if (!q->dpop_header) {
                         r = -ENOMEM;
                         goto fail;
                 }
-                lines[n++] = dpop_header;
         }
-        if (sig.content_digest)
-                lines[n++] = sig.content_digest;
-        lines[n++] = sig.signature_input;
-        lines[n++] = sig.signature;
-        if (body)
-                lines[n++] = "Content-Type: application/json";
-        lines[n++] = "Accept: application/json";
-        lines[n++] = "Expect:"; /* no 100-continue round trip */
-        r = http_start(h->http,
-                       &(struct http_request){ .method = method,
-                                               .url = url,
-                                               .ca_file = h->conf->cloud.ca_file,
-                                               .timeout_s = timeout_s > 0 ? timeout_s
-                                                                          : (long) h->conf->cloud.timeout_s,
-                                               .headers = lines,
-                                               .n_headers = n,
-                                               .body = body,
-                                               .body_len = body_len },
-                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
+        r = httpsig_prepare(h->hubkey, method, q->url, auth, (const uint8_t *) body, body ? body_len : 0,
+                            (int64_t) (now_realtime_usec() / 1000000), &q->sig);
         if (r < 0)
                 goto fail;
-        httpsig_headers_done(&sig);
-        free(body);
+        if (kind == REQ_STATUS) {
+                r = hubkey_attach_event(h->hubkey, h->event);
+                if (r >= 0)
+                        r = hubkey_sign_async(h->hubkey, HUBKEY_PRIO_LOW, q->sig.base, q->sig.base_len,
+                                              on_status_signed, q, &q->sign_op);
+                if (r < 0)
+                        goto fail;
+                *ret = q;
+                return 0;
+        }
+        r = hubkey_sign(h->hubkey, q->sig.base, q->sig.base_len, raw);
+        if (r >= 0)
+                r = httpsig_complete(&q->sig, raw, &sig);
+        if (r >= 0)
+                r = req_launch(q, &sig);
+        if (r < 0)
+                goto fail;
         *ret = q;
         return 0;
 fail:
         httpsig_headers_done(&sig);
-        free(body);
-        free(q);
+        req_free(q);
         return r;
 }
 
@@ -320,6 +405,9 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         struct batch_builder *b = userdata;
         size_t need = b->len + e->len + 4;
 
+        /* Full: -ENOBUFS ends the walk (cloud_send_batch sends what it has). */
+        if (b->n > 0 && need + 2 > CLOUD_BATCH_MAX_BYTES)
+                return -ENOBUFS;
         /* The frames passed the parser: base64url and dots only. Checked again, since they go
          * into JSON strings unescaped. */
         for (size_t i = 0; i < e->len; i++) {
@@ -363,7 +451,11 @@ static int cloud_send_batch(struct cloud *c) {
                 return -ENOMEM;
         memcpy(b.buf, "{\"frames\":[", 11);
         b.len = 11;
-        r = spool_read_batch(h->db, h->conf->cloud.batch_max_frames, batch_add, &b);
+        r = spool_read_batch(h->db, c->grow ? CLOUD_BATCH_GROWN_MAX_FRAMES : h->conf->cloud.batch_max_frames,
+                             batch_add, &b);
+        c->grow = false;
+        if (r == -ENOBUFS && b.n > 0)
+                r = (int) b.n;
         if (r <= 0) {
                 free(b.buf);
                 return r;
@@ -533,6 +625,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
+                /* What arrived while this batch was signed and sent goes in one (see the top). */
+                c->grow = h->spool_pending >= h->conf->cloud.batch_max_frames;
                 c->counters.last_success = (int64_t) (now_realtime_usec() / 1000000);
                 c->counters.last_error[0] = '\0';
                 c->failures = 0;
@@ -895,6 +989,7 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         }
         free(q);
         cloud_maybe_send(c);
+        c->grow = false; /* only for the batch that follows at once */
 }
 
 /* hub.c opened the hub key (it is the one place that does): what waited for it goes. */

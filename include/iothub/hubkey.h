@@ -65,7 +65,8 @@ enum hubkey_prio {
 #define HUBKEY_QUEUE_MAX 256 /* ops waiting at most (the daemon's own callers; -EBUSY beyond) */
 
 struct hubkey_op;
-/* r: 0 and sig set, or a negative errno (sig NULL). */
+/* r: 0 and sig set (64 bytes r||s, inside the op: valid until the op is freed), or a negative
+ * errno (sig NULL). */
 typedef void (*hubkey_sign_done_t)(void *userdata, int r, const uint8_t *sig);
 
 /* Binds the key to the loop that will run its asynchronous operations; again with the same
