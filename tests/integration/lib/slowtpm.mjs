@@ -140,7 +140,7 @@ export class SlowTpm {
       if (ended) client.end();
       for (const m of msgs) {
         const code = m.readUInt32BE(6);
-        const rec = { code, at: performance.now(), held: 0 };
+        const rec = { code, at: performance.now(), held: 0, answered: false };
         this.commands.push(rec);
         this.counts.set(code, (this.counts.get(code) ?? 0) + 1);
         pending.push(rec);
@@ -161,7 +161,10 @@ export class SlowTpm {
         const copy = this.protocol === 'mssim'
           ? Buffer.concat([Buffer.from([0, 0, 0, 0]), m, Buffer.alloc(4)]) : Buffer.from(m);
         if (this.protocol === 'mssim') copy.writeUInt32BE(m.length, 0);
-        setTimeout(() => { if (!client.destroyed) client.write(copy); }, release - performance.now());
+        setTimeout(() => {
+          if (rec) rec.answered = true;
+          if (!client.destroyed) client.write(copy);
+        }, release - performance.now());
       }
     });
   }
@@ -177,6 +180,9 @@ export class SlowTpm {
     for (const [code, n] of this.counts) by[names[code] ?? `0x${code.toString(16)}`] = n;
     return { total: this.commands.length, by };
   }
+
+  // Commands sent in and not answered yet (the "chip" works on them), by name where known.
+  inFlight() { return this.commands.filter((c) => !c.answered).map((c) => c.code); }
 
   reset() { this.commands = []; this.counts = new Map(); }
 
