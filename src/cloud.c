@@ -264,13 +264,12 @@ static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
         return r;
 }
 
-static void cloud_backoff(struct cloud *c, const char *retry_after);
-
-/* The signature of a status batch is made (or failed): the batch goes, or backs off. */
-static void on_status_signed(void *userdata, int r, const uint8_t *sig) {
+/* The key signed the request (or failed): it goes, or ends as a request that got no answer
+ * would (on_http_done with a transport error: each kind backs off or reports in its own way). */
+static void on_req_signed(void *userdata, int r, const uint8_t *sig) {
         struct cloud_req *q = userdata;
-        struct cloud *c = q->cloud;
         struct httpsig_headers headers = {};
+        char text[96];
 
         if (r >= 0)
                 r = httpsig_complete(&q->sig, sig, &headers);
@@ -279,17 +278,17 @@ static void on_status_signed(void *userdata, int r, const uint8_t *sig) {
                 r = req_launch(q, &headers);
         if (r >= 0)
                 return;
-        if (c->status_req == q)
-                c->status_req = NULL;
-        req_free(q);
-        set_last_error(c, "cannot sign an upload: %s", strerror(-r));
-        log_error_errno(r, "Failed to sign an upload batch: %m");
-        cloud_backoff(c, NULL);
+        req_prepared_done(q);
+        (void) snprintf(text, sizeof text, "cannot sign the request: %s", strerror(-r));
+        on_http_done(q, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
+                                                 .dpop_nonce = "", .www_authenticate = "" });
 }
 
-/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. Status batches are
- * signed asynchronously (hubkey_sign_async, low priority): *ret is returned at once and the
- * request goes when the key answered; the others are signed here. Takes body in every case. */
+/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. The signature is made
+ * asynchronously (hubkey_sign_async): *ret is returned at once and the request goes when the key
+ * answered; status batches at low priority, the rest (the list of bulbs, registration, command
+ * polls and results) before them, since someone waits for those. Without a loop to sign on the
+ * key signs here. Takes body in every case. */
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
         struct hub *h = c->hub;
@@ -335,11 +334,9 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                             (int64_t) (now_realtime_usec() / 1000000), &q->sig);
         if (r < 0)
                 goto fail;
-        if (kind == REQ_STATUS) {
-                r = hubkey_attach_event(h->hubkey, h->event);
-                if (r >= 0)
-                        r = hubkey_sign_async(h->hubkey, HUBKEY_PRIO_LOW, q->sig.base, q->sig.base_len,
-                                              on_status_signed, q, &q->sign_op);
+        if (h->event && hubkey_attach_event(h->hubkey, h->event) >= 0) {
+                r = hubkey_sign_async(h->hubkey, kind == REQ_STATUS ? HUBKEY_PRIO_LOW : HUBKEY_PRIO_HIGH,
+                                      q->sig.base, q->sig.base_len, on_req_signed, q, &q->sign_op);
                 if (r < 0)
                         goto fail;
                 *ret = q;
