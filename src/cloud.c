@@ -31,12 +31,15 @@
  * previous answered while frames piled up: that one takes what waits, up to these caps, so that
  * the rate no longer depends on how long a batch takes to be signed and sent (a TPM chip signs in
  * about 70 ms: at 5,000 frames/s about 350 frames arrive during one signature alone).
- * 1 MiB: at ~260 bytes a frame that is ~4,000 frames, 0.8 s of 5,000 frames/s, so several times
- * what arrives during one cycle (signature + upload, ~0.1-0.2 s) at the target rate, while the
- * hub's own peak stays small (the body, and libcurl's copy of it); a batch of the largest frames
- * (4 KiB, the reference cloud's per-frame limit) still holds 256, the default batch_max_frames.
- * The reference cloud takes bodies up to 16 MiB; PROTOCOL.md 3 and iothub-protocol(7) say so. */
-#define CLOUD_BATCH_MAX_BYTES (1024 * 1024)
+ * 512 KiB: at ~260 bytes a frame that is ~2,000 frames, 0.4 s of 5,000 frames/s, two to four
+ * times what arrives during one cycle (a 70 ms signature + the upload, ~0.1-0.2 s) at the target
+ * rate; measured with the 70 ms TPM at 5,000 frames/s offered, batches averaged ~600 frames
+ * (~155 KB). The cap is memory: the body is built here and libcurl copies it, so 1 MiB cost ~2-3
+ * MiB more private memory at peak in the bench (DESIGN.md: 4 MiB in all). Frames of the largest
+ * size (4 KiB, the reference cloud's per-frame limit) still fit 127 to a batch. The reference
+ * cloud takes bodies up to 16 MiB. The buffer starts at 16 KiB and doubles, so it never passes
+ * the cap (a power of two times 16 KiB). */
+#define CLOUD_BATCH_MAX_BYTES (512 * 1024)
 #define CLOUD_BATCH_GROWN_MAX_FRAMES 4096 /* the largest batch_max_frames allowed (conf.c) */
 
 #define META_DEVICES_DIRTY "devices_dirty"
@@ -403,7 +406,7 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         size_t need = b->len + e->len + 4;
 
         /* Full: -ENOBUFS ends the walk (cloud_send_batch sends what it has). */
-        if (b->n > 0 && need + 2 > CLOUD_BATCH_MAX_BYTES)
+        if (b->n > 0 && need + 3 > CLOUD_BATCH_MAX_BYTES)
                 return -ENOBUFS;
         /* The frames passed the parser: base64url and dots only. Checked again, since they go
          * into JSON strings unescaped. */
