@@ -106,7 +106,7 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libiothub.a $(HEADERS)
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(filter tests/unit/swtpm-helper.c,$^) $(BUILD)/libiothub.a $(LIBS) $(CMOCKA_LIBS)
 
 # The unit tests that start their own software TPM share its helper.
-$(BUILD)/tests/test-hubkey $(BUILD)/tests/test-tokenstore $(BUILD)/tests/test-srk: tests/unit/swtpm-helper.c tests/unit/swtpm-helper.h
+$(BUILD)/tests/test-hubkey $(BUILD)/tests/test-tokenstore $(BUILD)/tests/test-srk $(BUILD)/tests/test-tpmq: tests/unit/swtpm-helper.c tests/unit/swtpm-helper.h
 
 # Test helpers in C (load generator, frame maker for benchmarks).
 $(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libiothub.a $(HEADERS)

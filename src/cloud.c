@@ -27,6 +27,21 @@
 #include "iothub/registry.h"
 #include "iothub/spool.h"
 
+/* A status batch carries at most batch_max_frames frames, except the one that goes when the
+ * previous answered while frames piled up: that one takes what waits, up to these caps, so that
+ * the rate no longer depends on how long a batch takes to be signed and sent (a TPM chip signs in
+ * about 70 ms: at 5,000 frames/s about 350 frames arrive during one signature alone).
+ * 512 KiB: at ~260 bytes a frame that is ~2,000 frames, 0.4 s of 5,000 frames/s, two to four
+ * times what arrives during one cycle (a 70 ms signature + the upload, ~0.1-0.2 s) at the target
+ * rate; measured with the 70 ms TPM at 5,000 frames/s offered, batches averaged ~600 frames
+ * (~155 KB). The cap is memory: the body is built here and libcurl copies it, so 1 MiB cost ~2-3
+ * MiB more private memory at peak in the bench (DESIGN.md: 4 MiB in all). Frames of the largest
+ * size (4 KiB, the reference cloud's per-frame limit) still fit 127 to a batch. The reference
+ * cloud takes bodies up to 16 MiB. The buffer starts at 16 KiB and doubles, so it never passes
+ * the cap (a power of two times 16 KiB). */
+#define CLOUD_BATCH_MAX_BYTES (512 * 1024)
+#define CLOUD_BATCH_GROWN_MAX_FRAMES 4096 /* the largest batch_max_frames allowed (conf.c) */
+
 #define META_DEVICES_DIRTY "devices_dirty"
 #define META_REGISTERED "registered"
 
@@ -56,9 +71,17 @@ struct cloud_req {
         void (*call_done)(void *userdata, int r, long status, const char *body, size_t len);
         void *call_userdata;
         struct cloud_req *next; /* in cloud->others */
+        /* REQ_STATUS while its signature is made (hubkey_sign_async): the request as it will go. */
+        struct hubkey_op *sign_op;
+        struct httpsig_pending sig;
+        const char *method; /* a literal */
+        char *url, *body, *auth_header, *dpop_header;
+        size_t body_len;
+        long timeout_s;
 };
 
 struct cloud {
+        sd_event *event; /* for the hub key's signing queue */
         const struct iothub_conf *conf;
         struct db *db;
         struct registry *registry;
@@ -74,6 +97,7 @@ struct cloud {
         bool refreshing;          /* a status batch waits for a refresh (cloud_on_401) */
         bool registered;          /* iothubctl register succeeded (persisted) */
         bool devices_dirty;
+        bool grow; /* the batch about to go follows an answered one: it may carry more (see the top) */
         bool devices_401_retried; /* the list went again at once after a 401 */
         uint64_t devices_gen; /* bumped at every change of the bulb list */
         unsigned failures, devices_failures;
@@ -132,11 +156,22 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
 
 static void on_http_done(void *userdata, const struct http_response *resp);
 
+static void req_prepared_done(struct cloud_req *q) {
+        q->sign_op = hubkey_op_free(q->sign_op);
+        httpsig_pending_done(&q->sig);
+        erase_and_freep_str(&q->auth_header);
+        erase_and_freep_str(&q->dpop_header);
+        free(q->url);
+        free(q->body);
+        q->url = q->body = NULL;
+}
+
 static void req_free(struct cloud_req *q) {
         if (!q)
                 return;
         http_cancel(q->http);
         attest_free(q->attest);
+        req_prepared_done(q);
         free(q);
 }
 
@@ -209,11 +244,71 @@ static int cloud_authorization(struct cloud *c, const char *method, const char *
         return *ret_auth ? 0 : -ENOMEM;
 }
 
+/* Hands the signed request to http.c; the prepared parts are freed (http.c copied them). */
+static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
+        struct cloud *c = q->cloud;
+        const char *lines[8];
+        size_t n = 0;
+        int r;
+
+        lines[n++] = q->auth_header;
+        if (q->dpop_header)
+                lines[n++] = q->dpop_header;
+        if (sig->content_digest)
+                lines[n++] = sig->content_digest;
+        lines[n++] = sig->signature_input;
+        lines[n++] = sig->signature;
+        if (q->body)
+                lines[n++] = "Content-Type: application/json";
+        lines[n++] = "Accept: application/json";
+        lines[n++] = "Expect:"; /* no 100-continue round trip */
+        r = http_start(c->http,
+                       &(struct http_request){ .method = q->method,
+                                               .url = q->url,
+                                               .ca_file = c->conf->cloud.ca_file,
+                                               .timeout_s = q->timeout_s > 0 ? q->timeout_s
+                                                                             : (long) c->conf->cloud.timeout_s,
+                                               .headers = lines,
+                                               .n_headers = n,
+                                               .body = q->body,
+                                               .body_len = q->body_len },
+                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
+        httpsig_headers_done(sig);
+        if (r >= 0)
+                req_prepared_done(q);
+        return r;
+}
+
+/* The key signed the request (or failed): it goes, or ends as a request that got no answer
+ * would (on_http_done with a transport error: each kind backs off or reports in its own way). */
+static void on_req_signed(void *userdata, int r, const uint8_t *sig) {
+        struct cloud_req *q = userdata;
+        struct httpsig_headers headers = {};
+        char text[96];
+
+        if (r >= 0)
+                r = httpsig_complete(&q->sig, sig, &headers);
+        q->sign_op = hubkey_op_free(q->sign_op); /* sig lives in it: used above */
+        if (r >= 0)
+                r = req_launch(q, &headers);
+        if (r >= 0)
+                return;
+        req_prepared_done(q);
+        (void) snprintf(text, sizeof text, "cannot sign the request: %s", strerror(-r));
+        on_http_done(q, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
+                                                 .dpop_nonce = "", .www_authenticate = "" });
+}
+
+/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. The signature is made
+ * asynchronously (hubkey_sign_async): *ret is returned at once and the request goes when the key
+ * answered; status batches at low priority, the rest (the list of bulbs, registration, command
+ * polls and results) before them, since someone waits for those. Without a loop to sign on the
+ * key signs here. Takes body in every case. */
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
         struct httpsig_headers sig = {};
-        _cleanup_erase_str_ char *auth = NULL, *auth_header = NULL, *dpop = NULL, *dpop_header = NULL;
-        _cleanup_free_ char *url = NULL;
+        _cleanup_erase_str_ char *auth = NULL, *dpop = NULL;
+        uint8_t raw[HUBKEY_SIG_LEN];
         struct cloud_req *q;
         int r;
 
@@ -224,64 +319,55 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
         }
         q->cloud = c;
         q->kind = kind;
-        url = strdup_printf("%s%s", c->base_url, path);
-        if (!url) {
+        q->method = method;
+        q->body = body;
+        q->body_len = body_len;
+        q->timeout_s = timeout_s;
+        q->url = strdup_printf("%s%s", c->base_url, path);
+        if (!q->url) {
                 r = -ENOMEM;
                 goto fail;
         }
-        r = cloud_authorization(c, method, url, &auth, &dpop);
+        r = cloud_authorization(c, method, q->url, &auth, &dpop);
         if (r < 0)
                 goto fail;
         q->token_gen = oauth_token_gen(c->oauth);
-        r = httpsig_sign(c->hubkey, method, url, auth, (const uint8_t *) body, body ? body_len : 0,
-                         (int64_t) (now_realtime_usec() / 1000000), &sig);
-        if (r < 0)
-                goto fail;
-        auth_header = strdup_printf("Authorization: %s", auth);
-        if (!auth_header) {
+        q->auth_header = strdup_printf("Authorization: %s", auth);
+        if (!q->auth_header) {
                 r = -ENOMEM;
                 goto fail;
         }
-        const char *lines[8];
-        size_t n = 0;
-        lines[n++] = auth_header;
         if (dpop) {
-                dpop_header = strdup_printf("DPoP: %s", dpop);
-                if (!dpop_header) {
+                q->dpop_header = strdup_printf("DPoP: %s", dpop);
+                if (!q->dpop_header) {
                         r = -ENOMEM;
                         goto fail;
                 }
-                lines[n++] = dpop_header;
         }
-        if (sig.content_digest)
-                lines[n++] = sig.content_digest;
-        lines[n++] = sig.signature_input;
-        lines[n++] = sig.signature;
-        if (body)
-                lines[n++] = "Content-Type: application/json";
-        lines[n++] = "Accept: application/json";
-        lines[n++] = "Expect:"; /* no 100-continue round trip */
-        r = http_start(c->http,
-                       &(struct http_request){ .method = method,
-                                               .url = url,
-                                               .ca_file = c->conf->cloud.ca_file,
-                                               .timeout_s = timeout_s > 0 ? timeout_s
-                                                                          : (long) c->conf->cloud.timeout_s,
-                                               .headers = lines,
-                                               .n_headers = n,
-                                               .body = body,
-                                               .body_len = body_len },
-                       on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
+        r = httpsig_prepare(c->hubkey, method, q->url, auth, (const uint8_t *) body, body ? body_len : 0,
+                            (int64_t) (now_realtime_usec() / 1000000), &q->sig);
         if (r < 0)
                 goto fail;
-        httpsig_headers_done(&sig);
-        free(body);
+        if (c->event && hubkey_attach_event(c->hubkey, c->event) >= 0) {
+                r = hubkey_sign_async(c->hubkey, kind == REQ_STATUS ? HUBKEY_PRIO_LOW : HUBKEY_PRIO_HIGH,
+                                      q->sig.base, q->sig.base_len, on_req_signed, q, &q->sign_op);
+                if (r < 0)
+                        goto fail;
+                *ret = q;
+                return 0;
+        }
+        r = hubkey_sign(c->hubkey, q->sig.base, q->sig.base_len, raw);
+        if (r >= 0)
+                r = httpsig_complete(&q->sig, raw, &sig);
+        if (r >= 0)
+                r = req_launch(q, &sig);
+        if (r < 0)
+                goto fail;
         *ret = q;
         return 0;
 fail:
         httpsig_headers_done(&sig);
-        free(body);
-        free(q);
+        req_free(q);
         return r;
 }
 
@@ -330,6 +416,9 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         struct batch_builder *b = userdata;
         size_t need = b->len + e->len + 4;
 
+        /* Full: -ENOBUFS ends the walk (cloud_send_batch sends what it has). */
+        if (b->n > 0 && need + 3 > CLOUD_BATCH_MAX_BYTES)
+                return -ENOBUFS;
         /* The frames passed the parser: base64url and dots only. Checked again, since they go
          * into JSON strings unescaped. */
         for (size_t i = 0; i < e->len; i++) {
@@ -372,7 +461,11 @@ static int cloud_send_batch(struct cloud *c) {
                 return -ENOMEM;
         memcpy(b.buf, "{\"frames\":[", 11);
         b.len = 11;
-        r = spool_read_batch(c->db, c->conf->cloud.batch_max_frames, batch_add, &b);
+        r = spool_read_batch(c->db, c->grow ? CLOUD_BATCH_GROWN_MAX_FRAMES : c->conf->cloud.batch_max_frames,
+                             batch_add, &b);
+        c->grow = false;
+        if (r == -ENOBUFS && b.n > 0)
+                r = (int) b.n;
         if (r <= 0) {
                 free(b.buf);
                 return r;
@@ -557,6 +650,8 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
+                /* What arrived while this batch was signed and sent goes in one (see the top). */
+                c->grow = c->spool->pending >= c->conf->cloud.batch_max_frames;
                 c->counters.last_success = (int64_t) (now_realtime_usec() / 1000000);
                 c->counters.last_error[0] = '\0';
                 c->failures = 0;
@@ -1055,6 +1150,7 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         attest_free(q->attest);
         free(q);
         cloud_maybe_send(c);
+        c->grow = false; /* only for the batch that follows at once */
 }
 
 /* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
@@ -1082,6 +1178,7 @@ int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
+        c->event = e;
         c->conf = conf;
         c->db = db;
         c->registry = registry;

@@ -206,16 +206,14 @@ static bool keyid_is_valid(const char *id) {
         return id && strlen(id) == HUBKEY_ID_LEN && b64url_chars_are_valid(id, HUBKEY_ID_LEN);
 }
 
-int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
-                 const uint8_t *body, size_t body_len, int64_t created, struct httpsig_headers *ret) {
+int httpsig_prepare(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
+                    const uint8_t *body, size_t body_len, int64_t created, struct httpsig_pending *ret) {
         char digest[sizeof(CONTENT_DIGEST_PREFIX) + BASE64_LEN(SHA256_LEN) + 1];
         char nonce_b64[NONCE_B64_MAX];
-        uint8_t nonce[HTTPSIG_NONCE_BYTES], sig[HUBKEY_SIG_LEN];
-        _cleanup_free_ char *params = NULL, *content_digest = NULL, *signature_input = NULL,
-                            *signature = NULL;
+        uint8_t nonce[HTTPSIG_NONCE_BYTES];
+        _cleanup_free_ char *params = NULL, *content_digest = NULL, *signature_input = NULL;
         _cleanup_erase_str_ char *base = NULL; /* carries the access token */
         const char *keyid;
-        size_t p;
         int r;
 
         if (!k || !ret)
@@ -266,31 +264,70 @@ int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, c
         signature_input = strdup_printf("Signature-Input: " HTTPSIG_LABEL "=%s", params);
         if (!signature_input)
                 return -ENOMEM;
+
+        size_t base_len = strlen(base);
+        *ret = (struct httpsig_pending) {
+                .base_len = base_len,
+                .base = TAKE_PTR(base),
+                .content_digest = TAKE_PTR(content_digest),
+                .signature_input = TAKE_PTR(signature_input),
+        };
+        return 0;
+}
+
+int httpsig_complete(struct httpsig_pending *p, const uint8_t sig[HUBKEY_SIG_LEN], struct httpsig_headers *ret) {
+        char *signature;
+        size_t n;
+
+        if (!p || !p->signature_input || !sig || !ret)
+                return -EINVAL;
         signature = malloc(strlen(SIGNATURE_PREFIX) + BASE64_LEN(HUBKEY_SIG_LEN) + 2);
         if (!signature)
                 return -ENOMEM;
-
-        /* RFC 9421 3.3.4: ecdsa-p256-sha256 is ECDSA P-256 over SHA-256 of the signature base,
-         * the output r||s, 32 bytes each; hubkey_sign() hashes and signs exactly that way. */
-        r = hubkey_sign(k, base, strlen(base), sig);
-        if (r < 0)
-                /* cppcheck-suppress memleak ; freed by _cleanup_free_, which cppcheck does not see */
-                return r;
-
         /* RFC 9421 4.2: a Dictionary member whose value is a Byte Sequence (RFC 8941 3.3.5),
          * standard base64 between colons. */
-        p = strlen(SIGNATURE_PREFIX);
-        memcpy(signature, SIGNATURE_PREFIX, p);
-        p += (size_t) EVP_EncodeBlock((unsigned char *) signature + p, sig, HUBKEY_SIG_LEN);
-        signature[p++] = ':';
-        signature[p] = '\0';
+        n = strlen(SIGNATURE_PREFIX);
+        memcpy(signature, SIGNATURE_PREFIX, n);
+        n += (size_t) EVP_EncodeBlock((unsigned char *) signature + n, sig, HUBKEY_SIG_LEN);
+        signature[n++] = ':';
+        signature[n] = '\0';
 
         *ret = (struct httpsig_headers) {
-                .content_digest = TAKE_PTR(content_digest),
-                .signature_input = TAKE_PTR(signature_input),
-                .signature = TAKE_PTR(signature),
+                .content_digest = TAKE_PTR(p->content_digest),
+                .signature_input = TAKE_PTR(p->signature_input),
+                .signature = signature,
         };
+        httpsig_pending_done(p);
         return 0;
+}
+
+void httpsig_pending_done(struct httpsig_pending *p) {
+        if (!p)
+                return;
+        erase_and_freep_str(&p->base);
+        free(p->content_digest);
+        free(p->signature_input);
+        *p = (struct httpsig_pending) {};
+}
+
+int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
+                 const uint8_t *body, size_t body_len, int64_t created, struct httpsig_headers *ret) {
+        struct httpsig_pending p = {};
+        uint8_t sig[HUBKEY_SIG_LEN];
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        r = httpsig_prepare(k, method, target_uri, authorization, body, body_len, created, &p);
+        if (r < 0)
+                return r;
+        /* RFC 9421 3.3.4: ecdsa-p256-sha256 is ECDSA P-256 over SHA-256 of the signature base,
+         * the output r||s, 32 bytes each; hubkey_sign() hashes and signs exactly that way. */
+        r = hubkey_sign(k, p.base, p.base_len, sig);
+        if (r >= 0)
+                r = httpsig_complete(&p, sig, ret);
+        httpsig_pending_done(&p);
+        return r;
 }
 
 void httpsig_headers_done(struct httpsig_headers *h) {

@@ -23,6 +23,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/stat.h>
 
 #include <openssl/bio.h>
@@ -76,6 +77,32 @@ struct hubkey {
 
         /* file: an EVP_PKEY_sign_init()'ed context, made once and reused for every signature */
         EVP_PKEY_CTX *sign_ctx;
+
+        /* Asynchronous signing (hubkey.h): the loop, the queue by priority, the one op in flight. */
+        sd_event *event;
+        sd_event_source *kick;   /* defer: start the next op, deliver a finished one */
+        sd_event_source *tpm_io; /* the TCTI's poll handle while a Sign is in flight */
+        int tpm_io_fd;
+        struct hubkey_op *queue[_HUBKEY_PRIO_MAX], **queue_tail[_HUBKEY_PRIO_MAX];
+        unsigned n_queued;
+        bool busy;                  /* a TPM2_Sign is in flight (ESYS waits for its answer) */
+        struct hubkey_op *inflight; /* its op; NULL when the op was freed meanwhile */
+        struct hubkey_op *finished; /* answered, done() not called yet */
+};
+
+enum op_state { OP_QUEUED, OP_INFLIGHT, OP_FINISHED, OP_OVER };
+
+struct hubkey_op {
+        struct hubkey *k; /* NULL once over or cancelled by hubkey_free() */
+        enum op_state state;
+        enum hubkey_prio prio;
+        struct hubkey_op *next; /* in k->queue[prio] */
+        uint8_t digest[SHA256_LEN];
+        hubkey_sign_done_t done;
+        void *userdata;
+        int result;
+        uint8_t sig[HUBKEY_SIG_LEN];
+        bool retried; /* sent again once after connecting to the TPM again */
 };
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(EVP_PKEY *, EVP_PKEY_free);
@@ -194,12 +221,23 @@ static struct hubkey *hubkey_new(enum key_backend backend) {
         k->backend = backend;
         k->key = ESYS_TR_NONE;
         k->srk.tr = ESYS_TR_NONE;
+        k->tpm_io_fd = -1;
+        for (size_t i = 0; i < _HUBKEY_PRIO_MAX; i++)
+                k->queue_tail[i] = &k->queue[i];
         return k;
 }
+
+static void ops_detach(struct hubkey *k);
 
 void hubkey_free(struct hubkey *k) {
         if (!k)
                 return;
+        /* Cancels what is left: the owners still hold (and free) their ops. A Sign in flight is
+         * abandoned with the ESYS context; the TPM finishes it and nobody reads the answer. */
+        ops_detach(k);
+        sd_event_source_disable_unref(k->kick);
+        sd_event_source_disable_unref(k->tpm_io);
+        sd_event_unref(k->event);
         if (k->esys && k->key != ESYS_TR_NONE)
                 (void) Esys_TR_Close(k->esys, &k->key); /* forgets the handle; the key stays in the TPM */
         if (k->esys && k->srk.tr != ESYS_TR_NONE)
@@ -843,42 +881,20 @@ static int tpm_reconnect(struct hubkey *k) {
         return 0;
 }
 
-static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
-        _cleanup_esys_ TPMT_SIGNATURE *sig = NULL;
-        TPM2B_DIGEST d = { .size = SHA256_LEN };
-        const TPMT_SIG_SCHEME in_scheme = {
-                .scheme = TPM2_ALG_ECDSA,
-                .details.ecdsa.hashAlg = TPM2_ALG_SHA256,
-        };
-        /* Part 3, 20.3 TPM2_Sign: an unrestricted key needs no proof that the TPM computed the digest; the
-         * "NULL ticket" is a HASHCHECK for TPM_RH_NULL with an empty digest. */
-        const TPMT_TK_HASHCHECK validation = {
-                .tag = TPM2_ST_HASHCHECK,
-                .hierarchy = TPM2_RH_NULL,
-        };
-        const TPMS_SIGNATURE_ECC *ecc;
-        TSS2_RC rc;
+/* Part 3, 20.2 TPM2_Sign with the ECDSA/SHA-256 scheme. An unrestricted key needs no proof that the TPM
+ * computed the digest; the "NULL ticket" is a HASHCHECK for TPM_RH_NULL with an empty digest. */
+static const TPMT_SIG_SCHEME sign_scheme = {
+        .scheme = TPM2_ALG_ECDSA,
+        .details.ecdsa.hashAlg = TPM2_ALG_SHA256,
+};
+static const TPMT_TK_HASHCHECK sign_validation = {
+        .tag = TPM2_ST_HASHCHECK,
+        .hierarchy = TPM2_RH_NULL,
+};
 
-        memcpy(d.buffer, digest, SHA256_LEN);
-        rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &in_scheme,
-                       &validation, &sig);
-        /* Anything but the TPM itself answering "busy, again": the connection or the key may be
-         * gone (a dead connection fails at the TCTI layer, a vanished key with TPM_RC_HANDLE).
-         * Once connected again to the same key, the signature is asked for once more. */
-        if (rc != TSS2_RC_SUCCESS && tss2_error(rc, NULL, "signing") != -EAGAIN) {
-                int r = tpm_reconnect(k);
-                if (r < 0)
-                        return r;
-                rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &in_scheme,
-                               &validation, &sig);
-        }
-        if (rc != TSS2_RC_SUCCESS) {
-                free(k->error);
-                k->error = strdup("the TPM refused to sign");
-                return tss2_error(rc, NULL, "signing");
-        }
-        free(k->error);
-        k->error = NULL;
+static int tpm_sig_to_raw(const TPMT_SIGNATURE *sig, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        const TPMS_SIGNATURE_ECC *ecc;
+
         if (sig->sigAlg != TPM2_ALG_ECDSA)
                 return -EBADMSG;
         ecc = &sig->signature.ecdsa;
@@ -889,6 +905,37 @@ static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t 
         memcpy(ret_sig + P256_COORD_LEN - ecc->signatureR.size, ecc->signatureR.buffer, ecc->signatureR.size);
         memcpy(ret_sig + HUBKEY_SIG_LEN - ecc->signatureS.size, ecc->signatureS.buffer, ecc->signatureS.size);
         return 0;
+}
+
+static void tpm_drain(struct hubkey *k);
+
+static int tpm_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        _cleanup_esys_ TPMT_SIGNATURE *sig = NULL;
+        TPM2B_DIGEST d = { .size = SHA256_LEN };
+        TSS2_RC rc;
+
+        tpm_drain(k);
+        memcpy(d.buffer, digest, SHA256_LEN);
+        rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &sign_scheme,
+                       &sign_validation, &sig);
+        /* Anything but the TPM itself answering "busy, again": the connection or the key may be
+         * gone (a dead connection fails at the TCTI layer, a vanished key with TPM_RC_HANDLE).
+         * Once connected again to the same key, the signature is asked for once more. */
+        if (rc != TSS2_RC_SUCCESS && tss2_error(rc, NULL, "signing") != -EAGAIN) {
+                int r = tpm_reconnect(k);
+                if (r < 0)
+                        return r;
+                rc = Esys_Sign(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &sign_scheme,
+                               &sign_validation, &sig);
+        }
+        if (rc != TSS2_RC_SUCCESS) {
+                free(k->error);
+                k->error = strdup("the TPM refused to sign");
+                return tss2_error(rc, NULL, "signing");
+        }
+        free(k->error);
+        k->error = NULL;
+        return tpm_sig_to_raw(sig, ret_sig);
 }
 
 /* ---- sealing to the TPM ---- */
@@ -1028,6 +1075,8 @@ static int tpm_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t
         TSS2_RC rc;
         int r;
 
+        tpm_drain(k); /* one command at a time on the ESYS context */
+
         rc = tpm_parent_open(k->esys, &k->srk, false, &primary, &flush_primary);
         if (rc != TSS2_RC_SUCCESS) {
                 r = tss2_error(rc, NULL, "creating the storage primary key");
@@ -1147,6 +1196,7 @@ static int tpm_unseal(struct hubkey *k, const uint8_t *blob, size_t len, uint8_t
         r = seal_blob_parse(blob, len, &pub, &priv);
         if (r < 0)
                 return r;
+        tpm_drain(k); /* one command at a time on the ESYS context */
         r = tpm_unseal_under(k, false, &pub, &priv, ret_secret, ret_len);
         /* TPM_RC_INTEGRITY under a persistent SRK: a blob sealed before that SRK was provisioned,
          * under the primary this hub created itself, if the persistent one is another key (made
@@ -1346,6 +1396,318 @@ static int file_sign(struct hubkey *k, const uint8_t digest[SHA256_LEN], uint8_t
         return 0;
 }
 
+/* ---- asynchronous signing (hubkey.h) ---- */
+
+static void queue_unlink(struct hubkey *k, struct hubkey_op *op) {
+        struct hubkey_op **p = &k->queue[op->prio];
+
+        for (; *p; p = &(*p)->next)
+                if (*p == op) {
+                        *p = op->next;
+                        if (!*p)
+                                k->queue_tail[op->prio] = p;
+                        break;
+                }
+        op->next = NULL;
+        k->n_queued--;
+}
+
+static struct hubkey_op *queue_pop(struct hubkey *k) {
+        for (size_t i = 0; i < _HUBKEY_PRIO_MAX; i++)
+                if (k->queue[i]) {
+                        struct hubkey_op *op = k->queue[i];
+                        queue_unlink(k, op);
+                        return op;
+                }
+        return NULL;
+}
+
+static void ops_detach(struct hubkey *k) {
+        struct hubkey_op *op;
+
+        while ((op = queue_pop(k))) {
+                op->k = NULL;
+                op->state = OP_OVER;
+        }
+        if (k->inflight) {
+                k->inflight->k = NULL;
+                k->inflight->state = OP_OVER;
+                k->inflight = NULL;
+        }
+        if (k->finished) {
+                k->finished->k = NULL;
+                k->finished->state = OP_OVER;
+                k->finished = NULL;
+        }
+}
+
+static void kick(struct hubkey *k) {
+        int r;
+
+        if (!k->kick)
+                return;
+        r = sd_event_source_set_enabled(k->kick, SD_EVENT_ONESHOT);
+        /* Only fails for want of memory inside sd-event; the next op queued kicks again. */
+        (void) r;
+}
+
+static void tpm_sign_start(struct hubkey *k, struct hubkey_op *op);
+
+/* The answer to the Sign in flight is here (or it failed): keep it for delivery by kick. A
+ * failure other than the TPM's "busy, again" may be a dead connection or a vanished key (swtpm
+ * or the resource manager restarted): connect again (tpm_reconnect() checks that it is the same
+ * key, k->error says why not) and send the same Sign once more, as hubkey_sign() does. */
+static void tpm_sign_finished(struct hubkey *k, int r, const uint8_t *sig) {
+        struct hubkey_op *op = TAKE_PTR(k->inflight);
+
+        k->busy = false;
+        if (k->tpm_io)
+                (void) sd_event_source_set_enabled(k->tpm_io, SD_EVENT_OFF);
+        if (k->backend == KEY_BACKEND_TPM) {
+                if (r < 0 && r != -EAGAIN && op && !op->retried) {
+                        int q = tpm_reconnect(k);
+                        if (q >= 0) {
+                                op->retried = true;
+                                tpm_sign_start(k, op);
+                                return;
+                        }
+                        r = q;
+                } else if (r < 0 && !k->error)
+                        k->error = strdup("the TPM refused to sign");
+                else if (r >= 0) {
+                        free(k->error);
+                        k->error = NULL;
+                }
+        }
+        if (r >= 0)
+                k->signatures++;
+        if (op) {
+                op->result = r;
+                if (r >= 0)
+                        memcpy(op->sig, sig, HUBKEY_SIG_LEN);
+                op->state = OP_FINISHED;
+                k->finished = op;
+        }
+        kick(k);
+}
+
+/* Esys_Sign_Finish() with the context's timeout (0: do not wait); returns 1 when it answered (r
+ * in *ret_r), 0 when the answer is not there yet. */
+static int tpm_sign_collect(struct hubkey *k, int *ret_r, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
+        _cleanup_esys_ TPMT_SIGNATURE *sig = NULL;
+        TSS2_RC rc;
+
+        rc = Esys_Sign_Finish(k->esys, &sig);
+        if (rc == TSS2_ESYS_RC_TRY_AGAIN || rc == TSS2_TCTI_RC_TRY_AGAIN)
+                return 0;
+        if (rc != TSS2_RC_SUCCESS)
+                *ret_r = tss2_error(rc, NULL, "signing");
+        else
+                *ret_r = tpm_sig_to_raw(sig, ret_sig);
+        return 1;
+}
+
+/* Before any other command on the context: wait for the Sign in flight (blocking). */
+static void tpm_drain(struct hubkey *k) {
+        uint8_t sig[HUBKEY_SIG_LEN];
+        int r = -EIO;
+
+        /* A loop: a failed Sign may be sent again once on a new connection (tpm_sign_finished). */
+        while (k->busy) {
+                (void) Esys_SetTimeout(k->esys, TSS2_TCTI_TIMEOUT_BLOCK);
+                if (tpm_sign_collect(k, &r, sig) == 0)
+                        r = -EIO; /* cannot happen with a blocking timeout */
+                tpm_sign_finished(k, r, sig);
+        }
+}
+
+static int on_tpm_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct hubkey *k = userdata;
+        uint8_t sig[HUBKEY_SIG_LEN];
+        int r = -EIO;
+
+        if (!k->busy) {
+                (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                return 0;
+        }
+        /* Only what is there: the TCTI polls its handle with this timeout (tcti-device,
+         * tcti-mssim), so a partial answer returns TRY_AGAIN and the loop waits for the rest. */
+        (void) Esys_SetTimeout(k->esys, 0);
+        int done = tpm_sign_collect(k, &r, sig);
+        (void) Esys_SetTimeout(k->esys, TSS2_TCTI_TIMEOUT_BLOCK);
+        if (done)
+                tpm_sign_finished(k, r, sig);
+        return 0;
+}
+
+/* Watches the TCTI's poll handle for the answer. Returns 1 when watched, 0 when the TCTI has no
+ * poll handle (the caller then waits in Esys_Sign_Finish), or a negative errno. */
+static int tpm_watch(struct hubkey *k) {
+        _cleanup_esys_ TSS2_TCTI_POLL_HANDLE *handles = NULL;
+        size_t n = 0;
+        TSS2_RC rc;
+        int r;
+
+        rc = Esys_GetPollHandles(k->esys, &handles, &n);
+        if (rc != TSS2_RC_SUCCESS || n == 0)
+                return 0; /* TSS2_TCTI_RC_NOT_IMPLEMENTED: the swtpm TCTI */
+        /* One handle for the TCTIs that have any (the device or the socket); POLLOUT, which they
+         * also announce, is always ready and would spin the loop: the answer is POLLIN. */
+        if (k->tpm_io && k->tpm_io_fd != handles[0].fd)
+                k->tpm_io = sd_event_source_disable_unref(k->tpm_io);
+        if (!k->tpm_io) {
+                r = sd_event_add_io(k->event, &k->tpm_io, handles[0].fd, EPOLLIN, on_tpm_io, k);
+                if (r < 0)
+                        return r;
+                k->tpm_io_fd = handles[0].fd;
+                (void) sd_event_source_set_description(k->tpm_io, "hubkey-tpm");
+        }
+        r = sd_event_source_set_enabled(k->tpm_io, SD_EVENT_ON);
+        return r < 0 ? r : 1;
+}
+
+/* Sends the TPM2_Sign of op; the answer comes through on_tpm_io (or at once without a poll
+ * handle). */
+static void tpm_sign_start(struct hubkey *k, struct hubkey_op *op) {
+        TPM2B_DIGEST d = { .size = SHA256_LEN };
+        TSS2_RC rc;
+        int r = -EIO;
+
+        memcpy(d.buffer, op->digest, SHA256_LEN);
+        op->state = OP_INFLIGHT;
+        k->inflight = op;
+        k->busy = true;
+        rc = Esys_Sign_Async(k->esys, k->key, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &d, &sign_scheme,
+                             &sign_validation);
+        if (rc != TSS2_RC_SUCCESS) {
+                tpm_sign_finished(k, tss2_error(rc, NULL, "signing"), NULL);
+                return;
+        }
+        r = tpm_watch(k);
+        if (r > 0)
+                return;
+        /* No poll handle (or no io source): wait here, as hubkey_sign() would. */
+        tpm_drain(k);
+}
+
+static int on_kick(sd_event_source *s, void *userdata) {
+        struct hubkey *k = userdata;
+        struct hubkey_op *op;
+
+        /* First the one finished: its done() may queue more, or free ops. */
+        op = TAKE_PTR(k->finished);
+        if (op) {
+                op->state = OP_OVER;
+                op->k = NULL;
+                kick(k); /* whatever is queued starts at the next iteration */
+                op->done(op->userdata, op->result, op->result >= 0 ? op->sig : NULL);
+                return 0; /* op may be gone */
+        }
+        if (k->busy)
+                return 0;
+        op = queue_pop(k);
+        if (!op)
+                return 0;
+        if (k->backend == KEY_BACKEND_TPM) {
+                tpm_sign_start(k, op);
+                return 0;
+        }
+        /* file: OpenSSL signs in about 20 us; delivered like the TPM's answer. */
+        {
+                uint8_t sig[HUBKEY_SIG_LEN];
+                int r;
+
+                op->state = OP_INFLIGHT;
+                k->inflight = op;
+                k->busy = true;
+                r = file_sign(k, op->digest, sig);
+                tpm_sign_finished(k, r, sig);
+        }
+        return 0;
+}
+
+int hubkey_attach_event(struct hubkey *k, sd_event *e) {
+        int r;
+
+        if (!k || !e)
+                return -EINVAL;
+        if (k->event)
+                return k->event == e ? 0 : -EBUSY;
+        r = sd_event_add_defer(e, &k->kick, on_kick, k);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_description(k->kick, "hubkey-queue");
+        r = sd_event_source_set_enabled(k->kick, SD_EVENT_OFF);
+        if (r < 0) {
+                k->kick = sd_event_source_disable_unref(k->kick);
+                return r;
+        }
+        k->event = sd_event_ref(e);
+        return 0;
+}
+
+int hubkey_sign_async(struct hubkey *k, enum hubkey_prio prio, const void *msg, size_t len,
+                      hubkey_sign_done_t done, void *userdata, struct hubkey_op **ret) {
+        struct hubkey_op *op;
+
+        if (!k || (!msg && len > 0) || !done || !ret || (unsigned) prio >= _HUBKEY_PRIO_MAX)
+                return -EINVAL;
+        if (!k->event)
+                return -ENXIO;
+        if (k->n_queued >= HUBKEY_QUEUE_MAX)
+                return -EBUSY;
+        op = calloc(1, sizeof *op);
+        if (!op)
+                return -ENOMEM;
+        if (EVP_Digest(msg ?: "", len, op->digest, NULL, EVP_sha256(), NULL) != 1) {
+                free(op);
+                return openssl_errno(-EIO);
+        }
+        op->k = k;
+        op->prio = prio;
+        op->done = done;
+        op->userdata = userdata;
+        op->state = OP_QUEUED;
+        *k->queue_tail[prio] = op;
+        k->queue_tail[prio] = &op->next;
+        k->n_queued++;
+        kick(k);
+        *ret = op;
+        return 0;
+}
+
+struct hubkey_op *hubkey_op_free(struct hubkey_op *op) {
+        struct hubkey *k;
+
+        if (!op)
+                return NULL;
+        k = op->k;
+        if (k)
+                switch (op->state) {
+                case OP_QUEUED:
+                        queue_unlink(k, op);
+                        break;
+                case OP_INFLIGHT:
+                        k->inflight = NULL; /* the TPM's answer is read and thrown away */
+                        break;
+                case OP_FINISHED:
+                        k->finished = NULL;
+                        kick(k); /* the queue may wait behind it */
+                        break;
+                case OP_OVER:
+                        break;
+                }
+        OPENSSL_cleanse(op, sizeof *op);
+        free(op);
+        return NULL;
+}
+
+unsigned hubkey_ops_pending(const struct hubkey *k) {
+        if (!k)
+                return 0;
+        return k->n_queued + (k->busy ? 1 : 0) + (k->finished ? 1 : 0);
+}
+
 /* ---- the interface ---- */
 
 int hubkey_open(const struct iothub_conf *c, struct hubkey **ret, char **ret_error) {
@@ -1476,6 +1838,10 @@ int hubkey_tpm_context(struct hubkey *k, ESYS_CONTEXT **ret_esys, uint32_t *ret_
                 return -EINVAL;
         if (k->backend != KEY_BACKEND_TPM || !k->esys || k->key == ESYS_TR_NONE)
                 return -EOPNOTSUPP;
+        /* The caller sends commands of its own on the context (attest.c, synchronously, within one
+         * callback of the loop): a Sign in flight is collected first, and the queue starts no other
+         * before the loop runs again (it is kicked by a deferred source). */
+        tpm_drain(k);
         *ret_esys = k->esys;
         *ret_key = k->key;
         return 0;

@@ -28,6 +28,23 @@ struct httpsig_headers {
 int httpsig_sign(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
                  const uint8_t *body, size_t body_len, int64_t created, struct httpsig_headers *ret);
 
+/* The same in two steps, for a signature made asynchronously (hubkey_sign_async()):
+ * httpsig_prepare() checks the inputs and builds everything but the signature (the nonce is drawn
+ * here); the key then signs base (base_len bytes; ECDSA P-256 over its SHA-256, RFC 9421
+ * 3.3.4); httpsig_complete() takes the 64-byte r||s and hands over the three headers, leaving
+ * *p empty. httpsig_pending_done() wipes the base (it holds the Authorization value) and frees
+ * the rest; NULL and emptied ones accepted. */
+struct httpsig_pending {
+        char *base; /* the RFC 9421 2.5 signature base: what the key signs */
+        size_t base_len;
+        char *content_digest;  /* as in struct httpsig_headers */
+        char *signature_input;
+};
+int httpsig_prepare(struct hubkey *k, const char *method, const char *target_uri, const char *authorization,
+                    const uint8_t *body, size_t body_len, int64_t created, struct httpsig_pending *ret);
+int httpsig_complete(struct httpsig_pending *p, const uint8_t sig[HUBKEY_SIG_LEN], struct httpsig_headers *ret);
+void httpsig_pending_done(struct httpsig_pending *p);
+
 /* Builds the RFC 9421 2.5 signature base for the same inputs and a given nonce and key id
  * (exposed for tests). Returns 0 or a negative errno; *ret malloc'ed. */
 int httpsig_signature_base(const char *method, const char *target_uri, const char *authorization,

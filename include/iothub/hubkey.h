@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <jansson.h>
+#include <systemd/sd-event.h>
 
 #include "iothub/conf.h"
 
@@ -34,6 +35,52 @@ int hubkey_init(const struct iothub_conf *c, bool *ret_created, char **ret_error
 int hubkey_sign_digest(struct hubkey *k, const uint8_t digest[32], uint8_t ret_sig[HUBKEY_SIG_LEN]);
 /* SHA-256 of msg, then hubkey_sign_digest(). */
 int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]);
+
+/* ---- asynchronous signing (DESIGN.md "Targets": signing never blocks the loop) ----
+ * A TPM chip takes about 70 ms per signature; the daemon's one loop must not wait for it. The
+ * rule:
+ *   - On the loop (the daemon), sign with hubkey_sign_async(). With the tpm backend the command
+ *     goes out with ESYS's Esys_Sign_Async() and the answer is read with Esys_Sign_Finish() when
+ *     the TCTI's poll handle (Esys_GetPollHandles()) turns readable, as an sd-event io source.
+ *     A TCTI without poll handles (the "swtpm" TCTI, which opens a connection per command)
+ *     falls back to a blocking Esys_Sign_Finish() from the loop; /dev/tpmrm0 ("device") and
+ *     "mssim" have them. The file backend signs with OpenSSL when its turn comes.
+ *   - One TPM operation in flight at a time (a chip works on one command; ESYS keeps one
+ *     command state per context); the others wait in a queue owned by the hubkey, by priority
+ *     (HUBKEY_PRIO_HIGH: command signatures and DPoP proofs, which someone waits for; then
+ *     HUBKEY_PRIO_LOW: status uploads), first come first served within one priority.
+ *   - The caller owns the struct hubkey_op it gets. done() runs exactly once, from the loop,
+ *     never from inside hubkey_sign_async(), unless the op is freed first: hubkey_op_free()
+ *     cancels it, and done() never runs after it (a signature already in the TPM completes
+ *     and is thrown away). done() may free the op. hubkey_free() cancels every op it still
+ *     has (done() is not called); their owners still free them.
+ *   - The synchronous calls (hubkey_sign(), hubkey_seal(), hubkey_unseal()) stay for
+ *     iothubctl, tests and start-up. Called while a signature is in flight they first wait for
+ *     it (blocking); its done() is then deferred to the loop as usual. */
+enum hubkey_prio {
+        HUBKEY_PRIO_HIGH = 0, /* command signatures, DPoP proofs */
+        HUBKEY_PRIO_LOW = 1,  /* status uploads */
+        _HUBKEY_PRIO_MAX,
+};
+#define HUBKEY_QUEUE_MAX 256 /* ops waiting at most (the daemon's own callers; -EBUSY beyond) */
+
+struct hubkey_op;
+/* r: 0 and sig set (64 bytes r||s, inside the op: valid until the op is freed), or a negative
+ * errno (sig NULL). */
+typedef void (*hubkey_sign_done_t)(void *userdata, int r, const uint8_t *sig);
+
+/* Binds the key to the loop that will run its asynchronous operations; again with the same
+ * loop is a no-op, another loop -EBUSY. */
+int hubkey_attach_event(struct hubkey *k, sd_event *e);
+/* Queues the signature of SHA-256(msg) (as hubkey_sign()). Needs hubkey_attach_event().
+ * Returns 0 and the op in *ret, or a negative errno (done() is then never called). */
+int hubkey_sign_async(struct hubkey *k, enum hubkey_prio prio, const void *msg, size_t len,
+                      hubkey_sign_done_t done, void *userdata, struct hubkey_op **ret);
+/* Cancels (if not done yet) and frees; NULL accepted. Returns NULL. */
+struct hubkey_op *hubkey_op_free(struct hubkey_op *op);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct hubkey_op *, hubkey_op_free);
+/* Ops queued or in flight (for the status output and tests). */
+unsigned hubkey_ops_pending(const struct hubkey *k);
 
 /* Public key as SubjectPublicKeyInfo PEM (malloc'ed) and as a JWK {"kty":"EC","crv":"P-256",
  * "x":..,"y":..}; key id = RFC 7638 JWK SHA-256 thumbprint, base64url, NUL-terminated. */
@@ -61,9 +108,10 @@ int hubkey_seal(struct hubkey *k, const uint8_t *secret, size_t len, uint8_t **r
 int hubkey_unseal(struct hubkey *k, const uint8_t *blob, size_t blob_len, uint8_t **ret_secret, size_t *ret_len);
 enum key_backend hubkey_backend(const struct hubkey *k);
 
-/* tpm backend: the ESYS context and the ESYS_TR of the persistent key, borrowed (valid while k
- * lives), for attest.c, whose TPM commands must share the one connection (swtpm takes a single
- * client). -EOPNOTSUPP for a file key. */
+/* tpm backend: the ESYS context and the ESYS_TR of the persistent key, borrowed until the caller
+ * returns to the loop (a TPM that restarted is connected to again on the next signature, with a
+ * new context), for attest.c, whose TPM commands must share the one connection (swtpm takes a
+ * single client). A signature in flight is collected first. -EOPNOTSUPP for a file key. */
 struct ESYS_CONTEXT;
 int hubkey_tpm_context(struct hubkey *k, struct ESYS_CONTEXT **ret_esys, uint32_t *ret_key);
 /* The TSS2_RC translation of this file (one per library, STYLE.md) for attest.c: a negative errno,

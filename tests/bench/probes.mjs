@@ -7,7 +7,7 @@ import { sleep, waitFor } from '../integration/lib/harness.mjs';
 
 // One `status` request on the daemon's control socket (one JSON line in, one out, then the
 // daemon closes: src/control.c), timed from connect to the end of the answer.
-function askStatus(sockPath, timeoutMs = 10000) {
+export function askStatus(sockPath, timeoutMs = 10000) {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
     const s = net.connect(sockPath);

@@ -9,8 +9,11 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { Broker, Hub, Swtpm, tempDir, waitFor } from './lib/harness.mjs';
+import { Broker, Hub, Swtpm, mqttClient, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import { Bulb } from './lib/bulb.mjs';
 import { SlowTpm } from './lib/slowtpm.mjs';
+import { startCloud } from '../cloud/server.mjs';
+import { askStatus } from '../bench/probes.mjs';
 
 const run = promisify(execFile);
 const N = 70;
@@ -110,6 +113,91 @@ test('the daemon through the proxy: key init, READY, the key opened through it',
     t.diagnostic(`READY after ${readyMs.toFixed(1)} ms`);
   } finally {
     await hub.cleanup();
+    await broker.stop();
+  }
+});
+
+// Issue 13: signing off the loop. Through the proxy's simulator framing (the "mssim" TCTI keeps
+// its connection and has a poll handle, as /dev/tpmrm0 has), the daemon relays while the TPM
+// works: the control socket answers while a TPM2_Sign is held, and the batches grow while one is
+// signed and sent, so that a burst goes up in far fewer signatures than batch_max_frames allows.
+test('relay through the slow TPM: the loop answers while a Sign is held, batches grow', async (t) => {
+  const TOKEN = 'tok-slowtpm-relay-0123456789';
+  const PER_BATCH = 20;
+  const broker = await Broker.start(dir);
+  const cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
+  const slowM = await SlowTpm.start(tpm, N, { protocol: 'mssim' });
+  await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
+  const overrides = {
+    key: { backend: 'tpm', tcti: slowM.tcti, handle: '0x81010001' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
+      batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: 5 },
+    frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
+  };
+  const pre = new Hub(await tempDir(), broker, overrides);
+  await pre.writeConfig();
+  const init = await pre.ctl(['key', 'init']);
+  assert.equal(init.code, 0, init.stderr);
+  await fs.rm(pre.dir, { recursive: true, force: true });
+  const hub = await Hub.start(broker, overrides);
+  let client;
+  try {
+    await waitFor(async () => (await hub.status()).mqtt.connected, 10000, 'mqtt');
+    const r = await hub.ctl(['register']);
+    assert.equal(r.code, 0, r.stderr);
+    const bulb = await Bulb.create('slow-es', 'ES256');
+    const f = path.join(hub.dir, 'slow-es.pem');
+    await fs.writeFile(f, bulb.pem);
+    assert.equal((await hub.ctl(['bulb', 'add', bulb.id, '--key', f])).code, 0);
+    await waitFor(() => cloud.state.hubs.get('test-hub')?.devices?.size === 1, 10000, 'device list at the cloud');
+    client = await mqttClient(broker.port);
+    const sock = path.join(hub.runtimeDir, 'control');
+    const publish = async (n) => {
+      for (let i = 0; i < n; i++) await client.publishAsync(`iothub/v1/bulbs/${bulb.id}/status`, await bulb.frame(), { qos: 1 });
+    };
+
+    // 1. A chip that takes 1.5 s per command: a status asked while the Sign is held is answered
+    //    long before it (a loop that waited in Esys_Sign_Finish would answer after it).
+    slowM.delayMs = 1500;
+    slowM.reset();
+    await publish(PER_BATCH);
+    await waitFor(() => slowM.inFlight().includes(0x15d), 10000, 'a TPM2_Sign at the proxy');
+    const during = [];
+    for (let i = 0; i < 5; i++) during.push(await askStatus(sock));
+    assert.ok(slowM.inFlight().includes(0x15d), 'the Sign was still held after the status answers');
+    assert.ok(Math.max(...during) < 500, `status answers while a Sign was held: ${during.map((m) => m.toFixed(1))} ms`);
+    await waitFor(() => cloud.state.frames.length >= PER_BATCH, 15000, 'the first batch at the cloud');
+
+    // 2. At the chip's pace, a burst: everything arrives, and the batches that follow an answered
+    //    one carry what piled up meanwhile (more than batch_max_frames).
+    slowM.delayMs = N;
+    const b0 = cloud.state.batches.length, k0 = (await hub.status()).key.signatures;
+    const BURST = 600;
+    const probe = [];
+    let probing = true;
+    const prober = (async () => { while (probing) { probe.push(await askStatus(sock)); await sleep(20); } })();
+    const t0 = performance.now();
+    await publish(BURST);
+    await waitFor(() => cloud.state.frames.length >= PER_BATCH + BURST, 30000, 'the burst at the cloud');
+    const ms = performance.now() - t0;
+    probing = false;
+    await prober;
+    const sizes = cloud.state.batches.slice(b0).map((b) => b.count);
+    const sigs = (await hub.status()).key.signatures - k0;
+    t.diagnostic(`${BURST} frames in ${ms.toFixed(0)} ms, ${sizes.length} batches (${sizes.join(' ')}), ` +
+      `${sigs} signatures; status during the burst: ${probe.length} answers, max ${Math.max(...probe).toFixed(1)} ms`);
+    assert.equal(sizes.reduce((a, b) => a + b, 0), BURST);
+    assert.ok(sizes.some((c) => c > PER_BATCH), `a batch grew past batch_max_frames: ${sizes.join(' ')}`);
+    assert.ok(sizes.length < BURST / PER_BATCH, `fewer batches than at ${PER_BATCH} each: ${sizes.length}`);
+    assert.equal(sigs, sizes.length, 'one signature per batch');
+    const seqs = cloud.state.frames.map((x) => x.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), 'in order');
+    assert.equal(new Set(seqs).size, seqs.length, 'no duplicates');
+  } finally {
+    await client?.endAsync();
+    await hub.cleanup();
+    await slowM.stop();
+    await cloud.close();
     await broker.stop();
   }
 });

@@ -526,8 +526,48 @@ static void test_headers_done(void **state) {
         httpsig_headers_done(&h); /* twice is fine */
 }
 
+/* The two-step form (for hubkey_sign_async()): prepare makes no signature; the base it returns is
+ * the library's base for its Signature-Input; the key signs it on its own; complete hands over the
+ * headers and empties the pending state; a second complete, or one without a signature, fails. */
+static void test_prepare_complete(void **state) {
+        struct httpsig_pending p = {};
+        struct httpsig_headers h = {};
+        _cleanup_free_ char *base = NULL;
+        uint8_t sig[HUBKEY_SIG_LEN], got[HUBKEY_SIG_LEN];
+        char nonce[NONCE_B64_LEN + 1];
+        uint64_t before = hubkey_signatures(F.k);
+        const char *params;
+
+        assert_int_equal(httpsig_prepare(F.k, "POST", URI, AUTH, (const uint8_t *) "{}", 2, CREATED, &p), 0);
+        assert_int_equal(hubkey_signatures(F.k), before);
+        assert_non_null(p.content_digest);
+        params = check_signature_input(p.signature_input, true, CREATED, nonce);
+        assert_int_equal(httpsig_signature_base("POST", URI, AUTH, p.content_digest + strlen("Content-Digest: "),
+                                                params, &base),
+                         0);
+        assert_int_equal(p.base_len, strlen(base));
+        assert_string_equal(p.base, base);
+        assert_int_equal(hubkey_sign(F.k, p.base, p.base_len, sig), 0);
+        assert_int_equal(httpsig_complete(&p, NULL, &h), -EINVAL);
+        assert_int_equal(httpsig_complete(&p, sig, &h), 0);
+        assert_null(p.base);
+        assert_null(p.signature_input);
+        assert_int_equal(httpsig_complete(&p, sig, &h), -EINVAL);
+        decode_signature(h.signature, got);
+        assert_memory_equal(got, sig, sizeof sig);
+        assert_int_equal(verify_rs(F.pkey, base, got), 1);
+        httpsig_headers_done(&h);
+        /* Abandoned before the signature: everything freed (ASan), twice is fine. */
+        assert_int_equal(httpsig_prepare(F.k, "GET", URI, AUTH, NULL, 0, CREATED, &p), 0);
+        assert_null(p.content_digest);
+        httpsig_pending_done(&p);
+        httpsig_pending_done(&p);
+        httpsig_pending_done(NULL);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_prepare_complete),
                 cmocka_unit_test(test_signature_base_cases),
                 cmocka_unit_test(test_signature_base_limits),
                 cmocka_unit_test(test_sign_cases),
