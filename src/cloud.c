@@ -27,20 +27,17 @@
 #include "iothub/registry.h"
 #include "iothub/spool.h"
 
-/* A status batch carries at most batch_max_frames frames, except the one that goes when the
- * previous answered while frames piled up: that one takes what waits, up to these caps, so that
- * the rate no longer depends on how long a batch takes to be signed and sent (a TPM chip signs in
- * about 70 ms: at 5,000 frames/s about 350 frames arrive during one signature alone).
- * 512 KiB: at ~260 bytes a frame that is ~2,000 frames, 0.4 s of 5,000 frames/s, two to four
- * times what arrives during one cycle (a 70 ms signature + the upload, ~0.1-0.2 s) at the target
- * rate; measured with the 70 ms TPM at 5,000 frames/s offered, batches averaged ~600 frames
- * (~155 KB). The cap is memory: the body is built here and libcurl copies it, so 1 MiB cost ~2-3
- * MiB more private memory at peak in the bench (DESIGN.md: 4 MiB in all). Frames of the largest
- * size (4 KiB, the reference cloud's per-frame limit) still fit 127 to a batch. The reference
- * cloud takes bodies up to 16 MiB. The buffer starts at 16 KiB and doubles, so it never passes
- * the cap (a power of two times 16 KiB). */
+/* A status batch carries at most batch_max_frames frames (PROTOCOL.md 3, the cloud relies on it)
+ * and at most this many bytes. While a batch is signed (a TPM chip takes about 70 ms) and sent,
+ * frames pile up in the spool and the next batch takes them, up to batch_max_frames: so the rate
+ * the relay reaches with a slow TPM is about batch_max_frames per signature and upload (256 per
+ * ~0.1 s: ~2,500 frames/s), and a hub that must relay more raises batch_max_frames (iothub.conf(5)).
+ * 512 KiB: at ~260 bytes a frame that is ~2,000 frames, more than the largest batch_max_frames of
+ * typical frames; frames of the largest size (4 KiB, the reference cloud's per-frame limit) still
+ * fit 127 to a batch. The cap is memory: the body is built here and libcurl copies it (1 MiB cost
+ * ~2-3 MiB more private memory at peak in the bench; DESIGN.md: 4 MiB in all). The buffer starts
+ * at 16 KiB and doubles, so it never passes the cap (a power of two times 16 KiB). */
 #define CLOUD_BATCH_MAX_BYTES (512 * 1024)
-#define CLOUD_BATCH_GROWN_MAX_FRAMES 4096 /* the largest batch_max_frames allowed (conf.c) */
 
 #define META_DEVICES_DIRTY "devices_dirty"
 #define META_REGISTERED "registered"
@@ -97,7 +94,6 @@ struct cloud {
         bool refreshing;          /* a status batch waits for a refresh (cloud_on_401) */
         bool registered;          /* iothubctl register succeeded (persisted) */
         bool devices_dirty;
-        bool grow; /* the batch about to go follows an answered one: it may carry more (see the top) */
         bool devices_401_retried; /* the list went again at once after a 401 */
         uint64_t devices_gen; /* bumped at every change of the bulb list */
         unsigned failures, devices_failures;
@@ -461,9 +457,8 @@ static int cloud_send_batch(struct cloud *c) {
                 return -ENOMEM;
         memcpy(b.buf, "{\"frames\":[", 11);
         b.len = 11;
-        r = spool_read_batch(c->db, c->grow ? CLOUD_BATCH_GROWN_MAX_FRAMES : c->conf->cloud.batch_max_frames,
+        r = spool_read_batch(c->db, c->conf->cloud.batch_max_frames,
                              batch_add, &b);
-        c->grow = false;
         if (r == -ENOBUFS && b.n > 0)
                 r = (int) b.n;
         if (r <= 0) {
@@ -650,8 +645,6 @@ static void on_status_done(struct cloud *c, struct cloud_req *q, const struct ht
                 c->counters.uploaded += q->n_frames - n_rej;
                 c->counters.rejected += n_rej;
                 c->counters.batches++;
-                /* What arrived while this batch was signed and sent goes in one (see the top). */
-                c->grow = c->spool->pending >= c->conf->cloud.batch_max_frames;
                 c->counters.last_success = (int64_t) (now_realtime_usec() / 1000000);
                 c->counters.last_error[0] = '\0';
                 c->failures = 0;
@@ -1150,7 +1143,6 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
         attest_free(q->attest);
         free(q);
         cloud_maybe_send(c);
-        c->grow = false; /* only for the batch that follows at once */
 }
 
 /* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
