@@ -788,7 +788,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->mqtt.port = 1883;
         c->mqtt.keepalive_s = 60;
         c->key.backend = KEY_BACKEND_TPM;
-        c->key.handle = 0x81010001;
+        c->key.handle = 0x81000101;
         c->cloud.batch_max_frames = 256;
         c->cloud.batch_max_delay_ms = 2000;
         c->cloud.timeout_s = 30;

@@ -295,7 +295,7 @@ export async function commandsScenario(root, h, opt) {
     await fs.writeFile(tokenFile, `${TOKEN}\n`, { mode: 0o600 });
     await fs.chmod(tokenFile, 0o600);
     const overrides = {
-      key: { backend: 'tpm', tcti: (ctx.slow ?? ctx.tpm).tcti, handle: '0x81010001' },
+      key: { backend: 'tpm', tcti: (ctx.slow ?? ctx.tpm).tcti, handle: '0x81000101' },
       cloud: { url: ctx.cloud.url, ca_file: ctx.cloud.caFile, bearer_token_file: tokenFile },
       frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
     };

@@ -21,7 +21,7 @@ const clients = [];
 
 function hubOverrides() {
   return {
-    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
       batch_max_frames: 50, batch_max_delay_ms: 200, timeout_s: 5 },
   };

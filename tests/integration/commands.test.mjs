@@ -39,11 +39,11 @@ const statusesOf = (id) => resultsOf(id).map((r) => r.status);
 function hubOverrides() {
   const cloudConf = { url: cloud.url, ca_file: cloud.caFile, batch_max_frames: 20, batch_max_delay_ms: 200, timeout_s: 5 };
   if (!DPOP) {
-    return { key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    return { key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
       cloud: { ...cloudConf, bearer_token_file: path.join(dir, 'token') } };
   }
   return {
-    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
     cloud: cloudConf,
     oauth: { issuer: auth.issuer, client_id: auth.clientId, scope: 'openid offline_access iothub', ca_file: auth.caFile, dpop: 'on' },
   };

@@ -43,7 +43,7 @@ before(async () => {
   cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'alice' } });
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
   overrides = {
-    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, batch_max_delay_ms: 100, timeout_s: 10,
       bearer_token_file: path.join(dir, 'token'), events_interval_s: INTERVAL_S },
     frames: { rate_per_device: 20 },

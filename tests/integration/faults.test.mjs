@@ -20,7 +20,7 @@ import { startCloud } from '../cloud/server.mjs';
 const PREFIX = 'iothub/v1/bulbs';
 const TOKEN = 'tok-faults-test-0123456789';
 const LONG = process.env.IOTHUB_FAULTS_LONG === '1';
-const HANDLE = '0x81010001';
+const HANDLE = '0x81000101';
 let dir, tpm, broker, cloud, hubKey;
 const clients = [];
 

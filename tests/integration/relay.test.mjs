@@ -18,7 +18,7 @@ let dir, tpm, broker, cloud, hub, client, bulbs, keyJwk;
 
 function hubOverrides(extra = {}) {
   return {
-    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
       batch_max_frames: 20, batch_max_delay_ms: 300, timeout_s: 5, ...extra },
   };

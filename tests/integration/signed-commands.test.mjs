@@ -101,7 +101,7 @@ before(async () => {
   const keyFile = path.join(dir, 'vendor-command-key.pem');
   await fs.writeFile(keyFile, vendor.pem, { mode: 0o644 });
   const overrides = {
-    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, batch_max_delay_ms: 200, timeout_s: 5,
       bearer_token_file: path.join(dir, 'token'), command_key_file: keyFile },
   };

@@ -92,7 +92,7 @@ test('tpm2-tools through the proxy: an ECDSA signature takes >= N ms and verifie
 
 test('the daemon through the proxy: key init, READY, the key opened through it', async (t) => {
   const broker = await Broker.start(dir);
-  const key = { backend: 'tpm', tcti: slow.tcti, handle: '0x81010001' };
+  const key = { backend: 'tpm', tcti: slow.tcti, handle: '0x81000101' };
   const pre = new Hub(await tempDir(), broker, { key });
   await pre.writeConfig();
   let r = await pre.ctl(['key', 'init']);
@@ -129,7 +129,7 @@ test('relay through the slow TPM: the loop answers while a Sign is held, batches
   const slowM = await SlowTpm.start(tpm, N, { protocol: 'mssim' });
   await fs.writeFile(path.join(dir, 'token'), `${TOKEN}\n`, { mode: 0o600 });
   const overrides = {
-    key: { backend: 'tpm', tcti: slowM.tcti, handle: '0x81010001' },
+    key: { backend: 'tpm', tcti: slowM.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
       batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: 5 },
     frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },

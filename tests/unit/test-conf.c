@@ -270,7 +270,7 @@ static int setup(void **state) {
         "[mqtt] keepalive_s = 60\n"                                                                         \
         "[key] backend = tpm\n"                                                                             \
         "[key] tcti = device:/dev/tpmrm0\n"                                                                 \
-        "[key] handle = 0x81010001\n"                                                                       \
+        "[key] handle = 0x81000101\n"                                                                       \
         "[key] file = (unset)\n"                                                                            \
         "[cloud] url = (unset)\n"                                                                           \
         "[cloud] ca_file = (unset)\n"                                                                       \

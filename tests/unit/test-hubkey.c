@@ -41,7 +41,7 @@
 #include "iothub/hubkey.h"
 #include "swtpm-helper.h"
 
-#define HANDLE 0x81010001u
+#define HANDLE 0x81000101u
 #define JOSE_PACKAGE "tests/node_modules/jose/package.json" /* the tests run from the top directory */
 
 /* RFC 7517 A.2, the first key (P-256); its thumbprint as computed by jose 5.10
@@ -455,7 +455,7 @@ static void test_tpm_init_is_idempotent(_unused_ void **state) {
         assert_int_equal(hubkey_open(&c, &k, &error), -ENOENT);
         assert_null(k);
         assert_string_equal(error,
-                            "no key at TPM handle 0x81010001 (run 'iothubctl key init' to create it)");
+                            "no key at TPM handle 0x81000101 (run 'iothubctl key init' to create it)");
         free(error);
         error = NULL;
 
@@ -506,7 +506,7 @@ static void test_tpm_key_is_bound_to_its_tpm(_unused_ void **state) {
         swtpm_start(&other_tpm, "hubkey");
         c = tpm_conf(other_tpm.tcti, HANDLE);
         assert_int_equal(hubkey_open(&c, &k2, &error), -ENOENT);
-        assert_non_null(strstr(error, "no key at TPM handle 0x81010001"));
+        assert_non_null(strstr(error, "no key at TPM handle 0x81000101"));
         free(error);
         assert_int_equal(hubkey_init(&c, &created, NULL), 0);
         assert_true(created);

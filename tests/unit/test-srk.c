@@ -26,7 +26,7 @@
 #include "iothub/hubkey.h"
 #include "swtpm-helper.h"
 
-#define HANDLE 0x81010001u
+#define HANDLE 0x81000101u
 #define SRK_HANDLE "0x81000001"
 #define CC_CREATE_PRIMARY 0x131u
 

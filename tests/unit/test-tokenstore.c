@@ -34,7 +34,7 @@
 #include "iothub/tokenstore.h"
 #include "swtpm-helper.h"
 
-#define HANDLE 0x81010001u
+#define HANDLE 0x81000101u
 #define HUB_ID "hub-0123456789abcdef"
 #define ACCESS_TOKEN "at-Zm9vYmFyLWFjY2Vzcy10b2tlbi0xMjM0NTY3ODkw"
 #define REFRESH_TOKEN "rt-cmVmcmVzaC10b2tlbi1zZWNyZXQtOTg3NjU0MzIx"

@@ -35,7 +35,7 @@
 #include "iothub/hubkey.h"
 #include "swtpm-helper.h"
 
-#define HANDLE 0x81010001u
+#define HANDLE 0x81000101u
 
 static struct swtpm tpm = { .pid = -1 };
 static char tcti_mssim[96];
