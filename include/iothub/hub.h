@@ -79,6 +79,7 @@ struct hub {
         struct ingest_batch batch;
         /* Unknown devices have no per-bulb log limit: one shared window for them. */
         struct ratelimit unknown_log_rl;
+        struct ratelimit reject_log_rl; /* every rejection line together (ingest.c) */
 };
 
 /* Runs the daemon until SIGTERM/SIGINT. Returns the process exit status (DESIGN.md):
