@@ -282,3 +282,9 @@ test('16 slow control clients (silent, or a byte a second): the socket still ans
     `${report.slow_clients.log_lines} log lines`);
   assert.equal((await hub.status()).mqtt.connected, true);
 });
+
+test('a clean stop after the abuse: exit status 0, nothing from the sanitizers', async () => {
+  const r = await hub.stop();
+  assert.deepEqual(r, { code: 0, signal: null });
+  assert.doesNotMatch(hub.log, /Sanitizer|runtime error/);
+});
