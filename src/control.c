@@ -24,6 +24,8 @@
 
 #define CONTROL_MAX_GROUPS 256
 #define CONTROL_PEM_MAX 16384
+/* At most one "control socket full" line of each kind per window: the peers cause them. */
+#define CONTROL_FULL_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
 
 struct control {
         sd_event *event;
@@ -45,6 +47,8 @@ struct control {
         bool login_finished;
         int login_r;
         char login_message[256];
+        uint64_t evicted; /* idle connections closed to make room (evict_idle()) */
+        struct ratelimit evict_log, full_log;
 };
 
 struct conn {
@@ -714,10 +718,35 @@ static int peer_check(int fd, struct ucred *ret_cred) {
         return control_peer_allowed(cred.uid, cred.gid, groups, n_groups, geteuid(), getegid()) ? 0 : -EPERM;
 }
 
+/* At CONTROL_MAX_CLIENTS, a new client takes the place of the oldest one that has not yet sent
+ * a whole request: a peer that connects and sends nothing, or a byte a second (a slow loris),
+ * would otherwise hold a slot until its deadline, and 16 of them would lock every operator out.
+ * An honest client sends its one line at once and is the newest, so it is never the one
+ * evicted. Connections with a request being answered or waited on are kept. Returns whether
+ * a slot was freed. */
+static bool evict_idle(struct control *ctl) {
+        struct conn *oldest = NULL;
+        uint64_t suppressed;
+
+        /* New connections go to the head of the list: the last reading one is the oldest. */
+        for (struct conn *c = ctl->conns; c; c = c->next)
+                if (!c->pending && !c->out && c != ctl->login_conn && c != ctl->wait_conn)
+                        oldest = c;
+        if (!oldest)
+                return false;
+        ctl->evicted++;
+        if (ratelimit_allow(&ctl->evict_log, now_monotonic_usec(), CONTROL_FULL_LOG_WINDOW_USEC, 1, &suppressed))
+                log_warning("Control socket full: closed the oldest connection that sent no request "
+                            "(%" PRIu64 " so far)", ctl->evicted);
+        conn_free(oldest);
+        return true;
+}
+
 static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct control *ctl = userdata;
         struct ucred cred = { 0 };
         _cleanup_close_ int cfd = -1;
+        uint64_t suppressed;
         struct conn *c;
         int r;
 
@@ -731,8 +760,9 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
                 log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
                           "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,
                           (unsigned) cred.uid, (unsigned) cred.gid);
-        if (ctl->n_clients >= CONTROL_MAX_CLIENTS) {
-                log_warning("Too many control connections, refusing one");
+        if (ctl->n_clients >= CONTROL_MAX_CLIENTS && !evict_idle(ctl)) {
+                if (ratelimit_allow(&ctl->full_log, now_monotonic_usec(), CONTROL_FULL_LOG_WINDOW_USEC, 1, &suppressed))
+                        log_warning("Too many control connections waiting for answers, refusing one");
                 return 0;
         }
         c = calloc(1, sizeof *c);

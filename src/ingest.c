@@ -13,10 +13,14 @@
 #include "iothub/log.h"
 #include "iothub/spool.h"
 
-/* Rejections logged per bulb (and for all unknown devices together) per window; the
- * counters always count every one. */
+/* Rejections logged per bulb (and for all unknown devices together) per window, and at most
+ * REJECT_LOG_TOTAL_BURST lines for all of them together: 1,000 flooding bulbs would otherwise
+ * write 5,000 lines per window, and journald's own limit (RateLimitBurst=10000 per 30 s by
+ * default, per service) would answer by dropping every message of the daemon, the ones that
+ * matter included. The counters always count every one. */
 #define REJECT_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
 #define REJECT_LOG_BURST 5
+#define REJECT_LOG_TOTAL_BURST 50
 
 /* Frames that passed every check in the current read, waiting for their commit. */
 struct ingest_ack {
@@ -54,16 +58,27 @@ struct ingest {
         struct ingest_batch batch;
         /* Unknown devices have no per-bulb log limit: one shared window for them. */
         struct ratelimit unknown_log_rl;
+        struct ratelimit reject_log_rl; /* every rejection line together */
         /* Storing frames fails (disk full, read-only, damaged database): the cause, 0 while
          * storing works, and the frames refused since it began. */
         int store_errno;
         uint64_t store_refused;
 };
 
-static bool log_allowed(struct ratelimit *rl, uint64_t now, const char *dev) {
-        uint64_t suppressed;
+static bool log_allowed(struct ingest *in, struct ratelimit *rl, uint64_t now, const char *dev) {
+        uint64_t suppressed, total_suppressed;
         bool ok = ratelimit_allow(rl, now, REJECT_LOG_WINDOW_USEC, REJECT_LOG_BURST, &suppressed);
+        bool total_ok;
 
+        if (!ok && suppressed == 0)
+                return false;
+        total_ok = ratelimit_allow(&in->reject_log_rl, now, REJECT_LOG_WINDOW_USEC, REJECT_LOG_TOTAL_BURST,
+                                   &total_suppressed);
+        if (total_suppressed > 0)
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_FRAME_REJECTED, NULL, NULL,
+                          "Suppressed %" PRIu64 " more rejection messages (all bulbs together)", total_suppressed);
+        if (!total_ok)
+                return false;
         if (suppressed > 0)
                 log_event(LOG_NOTICE, 0, IOTHUB_MID_FRAME_REJECTED, dev, NULL,
                           "Suppressed %" PRIu64 " more rejection messages for %s", suppressed, dev);
@@ -82,9 +97,9 @@ static void reject(struct ingest *in, struct bulb *b, const char *dev, enum fram
         if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))
                 ack_stage(in->ack, b, b->last_seq, !in->batch.open);
         if (b)
-                ok = log_allowed(&b->log_rl, now, b->id);
+                ok = log_allowed(in, &b->log_rl, now, b->id);
         else
-                ok = log_allowed(&in->unknown_log_rl, now, "unknown devices");
+                ok = log_allowed(in, &in->unknown_log_rl, now, "unknown devices");
         /* Only the device id (already checked to be a short, safe token, or "?") and the
          * reason: never the payload of a frame whose sender is unproven. */
         if (ok)

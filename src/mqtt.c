@@ -41,6 +41,7 @@ struct mqtt {
         bool budget_spent;
         unsigned burst_messages;
         uint64_t burst_deadline;
+        char tls_error[160];         /* libmosquitto's last OpenSSL error line (on_log()) */
 };
 
 int mqtt_errno(int rc) {
@@ -90,15 +91,29 @@ static void mqtt_set_connected(struct mqtt *m, bool on) {
                 m->cb.connected(m->userdata, on);
 }
 
+/* libmosquitto says why a TLS handshake failed ("certificate verify failed") only through its
+ * log callback, after taking the reason off OpenSSL's error queue: keep the last such line for
+ * the "lost" message, which would otherwise only say "A TLS error occurred". The text is
+ * OpenSSL's own, not the peer's. */
+static void on_log(struct mosquitto *mosq, void *userdata, int level, const char *str) {
+        struct mqtt *m = userdata;
+
+        if (level == MOSQ_LOG_ERR && str && strncmp(str, "OpenSSL Error", strlen("OpenSSL Error")) == 0)
+                (void) snprintf(m->tls_error, sizeof m->tls_error, "%s", str);
+}
+
 /* The connection is gone: stop watching the old socket and try again later. */
 static void mqtt_lost(struct mqtt *m, int rc) {
         if (m->io) {
                 m->io = sd_event_source_disable_unref(m->io);
                 if (m->connected || rc != MOSQ_ERR_SUCCESS)
                         log_event(LOG_WARNING, mqtt_errno(rc), IOTHUB_MID_MQTT_DISCONNECTED, NULL, NULL,
-                                  "Connection to MQTT broker %s:%d lost: %s", m->host, m->port,
-                                  mosquitto_strerror(rc));
+                                  "Connection to MQTT broker %s:%d lost: %s%s%s%s", m->host, m->port,
+                                  mosquitto_strerror(rc), rc == MOSQ_ERR_TLS && m->tls_error[0] ? " (" : "",
+                                  rc == MOSQ_ERR_TLS ? m->tls_error : "",
+                                  rc == MOSQ_ERR_TLS && m->tls_error[0] ? ")" : "");
         }
+        m->tls_error[0] = '\0';
         mqtt_set_connected(m, false);
         mqtt_schedule_reconnect(m);
 }
@@ -379,6 +394,7 @@ int mqtt_new(sd_event *e, const struct iothub_conf *c, const struct mqtt_callbac
         mosquitto_disconnect_callback_set(m->mosq, on_disconnect);
         mosquitto_message_callback_set(m->mosq, on_message);
         mosquitto_publish_callback_set(m->mosq, on_publish);
+        mosquitto_log_callback_set(m->mosq, on_log);
         r = mqtt_set_password(m, c, ret_error);
         if (r < 0)
                 goto fail;

@@ -216,6 +216,15 @@ static struct bulb *load_bulbs(const char *dir, long *n, bool private) {
         return b;
 }
 
+static void free_bulbs(struct bulb *b, long n) {
+        for (long i = 0; i < n; i++) {
+                EVP_PKEY_free(b[i].pkey);
+                EVP_PKEY_CTX_free(b[i].pctx);
+                EVP_MD_CTX_free(b[i].mdctx);
+        }
+        free(b);
+}
+
 static void write_pem(const char *dir, const char *id, EVP_PKEY *k, bool private) {
         char path[PATH_MAX];
         FILE *f;
@@ -371,6 +380,7 @@ static int cmd_frames(int argc, char **argv) {
                 die("%s: %s", out, strerror(errno));
         printf("{\"frames\":%ld,\"bulbs\":%ld,\"avg_bytes\":%.1f,\"file\":\"%s\"}\n", frames, n,
                (double) total / (double) frames, out);
+        free_bulbs(b, n); /* LeakSanitizer, when the tools are built with SAN=1 */
         return 0;
 }
 

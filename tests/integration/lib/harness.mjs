@@ -190,7 +190,15 @@ export class Hub {
     const mark = this.notifications.length;
     const env = { ...process.env, NOTIFY_SOCKET: this.notifySock, ...(opts.env ?? {}) };
     delete env.JOURNAL_STREAM;
-    const [cmd, argv] = daemonCommand(['--config', this.configPath, ...(opts.args ?? [])]);
+    let [cmd, argv] = daemonCommand(['--config', this.configPath, ...(opts.args ?? [])]);
+    // opts.resolvConf: the daemon sees this file as /etc/resolv.conf, in a mount namespace of its
+    // own, so that a name lookup it makes goes where the test says (a nameserver on loopback),
+    // never to the machine's resolver on the network.
+    if (opts.resolvConf) {
+      argv = ['-m', '--propagation', 'private', '--', 'sh', '-c',
+        'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', 'sh', opts.resolvConf, cmd, ...argv];
+      cmd = 'unshare';
+    }
     this.proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.proc.stderr.on('data', (d) => { this.log += d; });
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
