@@ -73,6 +73,8 @@ static int make_room(struct hub *h, size_t len) {
         return 0;
 }
 
+static int ingest_commit_or_abort(struct hub *h, bool abort);
+
 static void batch_add_ack(struct hub *h, const struct frame *f) {
         struct ingest_batch *b = &h->batch;
 
@@ -198,21 +200,27 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
 store_failed:
         h->counters.frames_store_failed++;
         log_error_errno(r, "Failed to store frame %" PRId64 " of %s: %m (%s)", f.seq, dev, db_errmsg(h->db));
+        /* The spool row and the seq go together or not at all (the spool has no UNIQUE index,
+         * see migration 4 in db.c): a half-stored frame takes its whole batch back with it. The
+         * bulbs resend what was not acked. */
+        if (h->batch.open)
+                (void) ingest_commit_or_abort(h, true);
 }
 
-int ingest_commit(struct hub *h) {
+static int ingest_commit_or_abort(struct hub *h, bool abort) {
         int r;
 
         if (!h->batch.open)
                 return 0;
         h->batch.open = false;
-        r = db_commit(h->db);
+        r = abort ? -ECANCELED : db_commit(h->db);
         ack_commit_done(h->ack, r >= 0);
         if (r < 0) {
                 unsigned n = h->batch.count;
 
                 h->counters.frames_store_failed += n;
-                log_error_errno(r, "Failed to commit %u frames: %m (%s)", n, db_errmsg(h->db));
+                if (!abort)
+                        log_error_errno(r, "Failed to commit %u frames: %m (%s)", n, db_errmsg(h->db));
                 (void) db_rollback(h->db);
                 /* The database kept the old seqs: so must memory, or the bulb's honest
                  * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. */
@@ -243,4 +251,8 @@ int ingest_commit(struct hub *h) {
         h->batch.n_acks = 0;
         cloud_kick(h->cloud);
         return 0;
+}
+
+int ingest_commit(struct hub *h) {
+        return ingest_commit_or_abort(h, false);
 }

@@ -146,8 +146,9 @@ int registry_open(struct db *db, struct registry **ret) {
 
         rc = sqlite3_prepare_v2(
                 db_handle(db),
-                "SELECT id, alg, pubkey_pem, revoked, last_seq, enrolled_at FROM bulbs ORDER BY id", -1, &s,
-                NULL);
+                "SELECT b.id, b.alg, b.pubkey_pem, b.revoked, COALESCE(q.last_seq, 0), b.enrolled_at "
+                "FROM bulbs b LEFT JOIN bulb_seqs q ON q.id = b.id ORDER BY b.id",
+                -1, &s, NULL);
         if (rc != SQLITE_OK)
                 /* cppcheck-suppress memleak ; freed by _cleanup_(registry_freep) */
                 return db_errno(rc);
@@ -302,8 +303,9 @@ int registry_revoke(struct registry *r, const char *id) {
         return 0;
 }
 
-/* The hot path: a cached statement, and an UPDATE that only ever moves last_seq forward, so
- * that even a confused caller cannot move it back and reopen a replay window. Returns -ERANGE
+/* The hot path: a cached statement, and an upsert into the narrow bulb_seqs table (migration
+ * 4 in db.c) that only ever moves last_seq forward, so that even a confused caller cannot move
+ * it back and reopen a replay window. Returns -ERANGE
  * for a seq outside 1..2^53-1, -ESTALE when the database already holds this seq or a later
  * one, -ENOENT when the bulb has no row. */
 int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq) {
@@ -325,7 +327,7 @@ int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq) {
 
         /* Nothing changed: find out why (a rare path, so an ad-hoc query is fine). */
         _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
-        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT last_seq FROM bulbs WHERE id = ?1", -1, &q, NULL);
+        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT 1 FROM bulbs WHERE id = ?1", -1, &q, NULL);
         if (rc != SQLITE_OK)
                 return db_errno(rc);
         if ((rc = bind_text(q, 1, b->id)) != SQLITE_OK)
