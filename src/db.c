@@ -388,8 +388,21 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
         if (r < 0)
                 return set_error_message(ret_error, r, "%s: cannot enable WAL: %s", path,
                                  r == -EIO ? "journal mode unchanged" : sqlite3_errmsg(db->sqlite));
-        /* FULL: a commit is durable when it returns, which is what "accepted" means. */
-        r = db_exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
+        /* FULL: a commit is durable when it returns, which is what "accepted" means.
+         * secure_delete FAST: Debian builds SQLite with SECURE_DELETE on, which zeroes every
+         * deleted row in place: each batch the cloud took rewrote the pages of its frames once
+         * more (WAL and checkpoint), for content that was on its way to the cloud anyway in a
+         * file only the daemon can read. FAST zeroes only inside pages that are written anyway
+         * and drops freed pages without writing them.
+         * wal_autocheckpoint 4096 pages (16 MiB) instead of 1000: a checkpoint copies the newest
+         * version of each page once, so pages that every commit rewrites (page 1, the freelist
+         * trunk, the spool's interior pages, bulb_seqs, and spool pages that uploads free and
+         * new frames reuse) reach the database file a quarter as often. Measured in the relay
+         * bench, same machine, back to back (write_bytes per frame / frame size): 5,000/s paced
+         * 4.2 -> 3.6, unpaced 4.5 -> 2.5. journal_size_limit: the WAL file is cut back to 16 MiB
+         * after a checkpoint that found it larger (a big transaction grows it). */
+        r = db_exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = FAST; "
+                        "PRAGMA wal_autocheckpoint = 4096; PRAGMA journal_size_limit = 16777216");
         if (r < 0)
                 return set_error_message(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
 

@@ -131,6 +131,9 @@ static void test_open_creates_private_wal_db(void **state) {
         sqlite3_finalize(s);
         assert_int_equal(query_int(db, "PRAGMA synchronous"), 2); /* FULL */
         assert_int_equal(query_int(db, "PRAGMA foreign_keys"), 1);
+        assert_int_equal(query_int(db, "PRAGMA secure_delete"), 2); /* FAST (issue 13) */
+        assert_int_equal(query_int(db, "PRAGMA wal_autocheckpoint"), 4096);
+        assert_int_equal(query_int(db, "PRAGMA journal_size_limit"), 16777216);
         assert_int_equal(query_int(db, "PRAGMA user_version"), 4);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND "
                                        "name IN ('bulbs', 'bulb_seqs', 'spool', 'meta', 'moved_aside', 'commands')"),
