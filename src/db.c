@@ -85,9 +85,10 @@ static const char *const migrations[] = {
          * page, the PEM key makes them wide) and the sqlite_sequence page of AUTOINCREMENT;
          * every such page is a 4 KiB WAL frame and written again by the checkpoint.
          * - spool without the index and without AUTOINCREMENT: a commit appends to the table's
-         *   last pages only. (dev, seq) is unique without the index: a frame is only stored
-         *   together with its bulb's seq moving forward in the same transaction
-         *   (registry_store_seq()'s UPDATE ... WHERE last_seq < seq), and a batch in which that
+         *   last pages only. (dev, seq) is unique without the index: the frame path refuses a
+         *   seq at or below the bulb's newest one in memory, which moves ahead frame by frame,
+         *   and stores each bulb's newest seq in the same transaction as its frames with an
+         *   upsert that only moves forward (registry_store_seq()); a batch in which either
          *   fails is rolled back whole (ingest.c). Ids are handed out by db.c from memory, one
          *   more than any id seen, so that an id is never used twice while a batch of it is in
          *   flight (what AUTOINCREMENT gave, without its page write per commit).

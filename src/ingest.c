@@ -100,12 +100,11 @@ static void batch_add_ack(struct hub *h, const struct frame *f) {
 
 /* Remembers b's last seq before this transaction touched it (once per bulb and batch), so
  * that a failed commit can put memory back where the database is. */
-static int batch_note_seq(struct hub *h, const struct bulb *b) {
+static int batch_note_seq(struct hub *h, struct bulb *b) {
         struct ingest_batch *t = &h->batch;
 
-        for (size_t i = 0; i < t->n_undo; i++)
-                if (streq(t->undo[i].dev, b->id))
-                        return 0;
+        if (b->in_batch)
+                return 0;
         if (t->n_undo == t->cap_undo) {
                 size_t cap = t->cap_undo ? t->cap_undo * 2 : 16;
                 struct ingest_seq_undo *u = reallocarray(t->undo, cap, sizeof *u);
@@ -117,7 +116,36 @@ static int batch_note_seq(struct hub *h, const struct bulb *b) {
         struct ingest_seq_undo *u = &t->undo[t->n_undo++];
         (void) snprintf(u->dev, sizeof u->dev, "%s", b->id);
         u->last_seq = b->last_seq;
+        b->in_batch = true;
         return 0;
+}
+
+/* Before COMMIT: each bulb of the batch's newest seq, one statement per bulb and batch rather
+ * than one per frame (memory moved ahead frame by frame, so a second frame with a seq of this
+ * batch was a replay already). The UPDATE only moves forward: -ESTALE here means the database
+ * holds a later seq than memory, and the batch must not commit. */
+static int batch_store_seqs(struct hub *h) {
+        for (size_t i = 0; i < h->batch.n_undo; i++) {
+                struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
+                int r;
+
+                if (!b)
+                        return -ENOENT;
+                r = registry_store_seq(h->registry, b, b->last_seq);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* The undo list is done with (commit or rollback): the bulbs leave the batch. */
+static void batch_clear_undo(struct hub *h) {
+        for (size_t i = 0; i < h->batch.n_undo; i++) {
+                struct bulb *b = registry_find(h->registry, h->batch.undo[i].dev);
+                if (b)
+                        b->in_batch = false;
+        }
+        h->batch.n_undo = 0;
 }
 
 void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, size_t len) {
@@ -181,9 +209,9 @@ void ingest_message(struct hub *h, const char *topic, const uint8_t *payload, si
                 r = batch_note_seq(h, b);
         if (r < 0)
                 goto store_failed;
+        /* The seq goes to the database at the commit (batch_store_seqs()), in the same
+         * transaction as the frame. */
         r = spool_append(h->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
-        if (r >= 0)
-                r = registry_store_seq(h->registry, b, f.seq);
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
@@ -213,7 +241,9 @@ static int ingest_commit_or_abort(struct hub *h, bool abort) {
         if (!h->batch.open)
                 return 0;
         h->batch.open = false;
-        r = abort ? -ECANCELED : db_commit(h->db);
+        r = abort ? -ECANCELED : batch_store_seqs(h);
+        if (r >= 0)
+                r = db_commit(h->db);
         ack_commit_done(h->ack, r >= 0);
         if (r < 0) {
                 unsigned n = h->batch.count;
@@ -229,7 +259,7 @@ static int ingest_commit_or_abort(struct hub *h, bool abort) {
                         if (b)
                                 b->last_seq = h->batch.undo[i].last_seq;
                 }
-                h->batch.n_undo = 0;
+                batch_clear_undo(h);
                 h->batch.count = 0;
                 h->batch.bytes = 0;
                 h->batch.n_acks = 0;
@@ -237,7 +267,7 @@ static int ingest_commit_or_abort(struct hub *h, bool abort) {
                 (void) spool_stats(h->db, &h->spool_pending, &h->spool_bytes);
                 return r;
         }
-        h->batch.n_undo = 0;
+        batch_clear_undo(h);
         h->counters.frames_accepted += h->batch.count;
         h->spool_pending += h->batch.count;
         h->spool_bytes += h->batch.bytes;

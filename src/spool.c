@@ -30,8 +30,8 @@ int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws
                 return db_errno(rc);
         rc = sqlite3_step(s);
         /* No UNIQUE (dev, seq) here (it cost a page write per bulb and commit, see migration 4
-         * in db.c): the caller stores the seq in the same transaction, which refuses a seq that
-         * does not move forward (registry_store_seq()). */
+         * in db.c): the caller refuses a seq that does not move forward and stores the bulb's
+         * newest seq in the same transaction (registry_store_seq()). */
         return rc == SQLITE_DONE ? 0 : db_errno(rc);
 }
 

@@ -23,6 +23,9 @@ struct bulb {
         /* Log rate limit of rejections (not persisted). */
         struct ratelimit log_rl;
         struct ack_entry *ack; /* end-to-end ack state, owned by ack.c (not persisted) */
+        /* In the open ingest transaction's undo list (ingest.c; not persisted): a flag instead
+         * of a search of the list for every frame. */
+        bool in_batch;
 };
 
 struct registry;
