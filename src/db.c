@@ -12,6 +12,13 @@
 #include "db-internal.h"
 
 #define DB_BUSY_TIMEOUT_MS 5000
+/* The page cache, in KiB (negative, as PRAGMA cache_size takes it): 256 KiB instead of SQLite's
+ * 2 MiB. The frame path touches the spool's last pages and bulb_seqs; an upload reads pages
+ * written a moment ago, which the kernel's page cache holds anyway; the registry is read once at
+ * start. The cache only ever grew to its limit, 2 MiB of the daemon's private memory (issue 13,
+ * "Memory"); a transaction larger than the cache spills pages into the WAL early, which writes
+ * nothing more in the end. */
+#define DB_CACHE_SIZE "-256"
 
 struct db {
         sqlite3 *sqlite;
@@ -403,7 +410,8 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
          * 4.2 -> 3.6, unpaced 4.5 -> 2.5. journal_size_limit: the WAL file is cut back to 16 MiB
          * after a checkpoint that found it larger (a big transaction grows it). */
         r = db_exec(db, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = FAST; "
-                        "PRAGMA wal_autocheckpoint = 4096; PRAGMA journal_size_limit = 16777216");
+                        "PRAGMA wal_autocheckpoint = 4096; PRAGMA journal_size_limit = 16777216; "
+                        "PRAGMA cache_size = " DB_CACHE_SIZE);
         if (r < 0)
                 return set_error_message(ret_error, r, "%s: %s", path, sqlite3_errmsg(db->sqlite));
 

@@ -24,7 +24,6 @@ static void bulb_free(struct bulb *b) {
         if (!b)
                 return;
         verify_key_free(b->key);
-        free(b->pem);
         free(b);
 }
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct bulb *, bulb_free);
@@ -110,10 +109,6 @@ static int bulb_from_row(sqlite3_stmt *s, struct bulb **ret) {
                 return -ENOMEM;
         memcpy(b->id, id, id_len);
         b->id[id_len] = '\0';
-        b->pem = strndup(pem, pem_len);
-        if (!b->pem)
-                /* cppcheck-suppress memleak ; freed by _cleanup_(bulb_freep) */
-                return -ENOMEM;
         switch (verify_key_from_pem(pem, pem_len, &b->key, &key_alg)) {
         case 0:
                 break;
@@ -266,8 +261,6 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
         }
         verify_key_free(b->key);
         b->key = TAKE_PTR(key);
-        free(b->pem);
-        b->pem = TAKE_PTR(spki);
         b->alg = alg;
         b->revoked = false;
         b->enrolled_at = now;

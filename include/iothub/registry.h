@@ -13,7 +13,6 @@ struct bulb {
         char id[DEVICE_ID_MAX + 1];
         enum frame_alg alg;
         struct verify_key *key;
-        char *pem; /* SubjectPublicKeyInfo PEM as stored */
         bool revoked;
         int64_t last_seq;    /* last accepted seq, persisted (0: none yet) */
         int64_t enrolled_at; /* Unix seconds */

@@ -134,6 +134,7 @@ static void test_open_creates_private_wal_db(void **state) {
         assert_int_equal(query_int(db, "PRAGMA secure_delete"), 2); /* FAST (issue 13) */
         assert_int_equal(query_int(db, "PRAGMA wal_autocheckpoint"), 4096);
         assert_int_equal(query_int(db, "PRAGMA journal_size_limit"), 16777216);
+        assert_int_equal(query_int(db, "PRAGMA cache_size"), -256); /* KiB */
         assert_int_equal(query_int(db, "PRAGMA user_version"), 4);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND "
                                        "name IN ('bulbs', 'bulb_seqs', 'spool', 'meta', 'moved_aside', 'commands')"),
