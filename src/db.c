@@ -100,12 +100,15 @@ static const char *const migrations[] = {
          *   more than any id seen, so that an id is never used twice while a batch of it is in
          *   flight (what AUTOINCREMENT gave, without its page write per commit).
          * - last_seq in a narrow table of its own, WITHOUT ROWID: about 20 bytes a bulb, 200
-         *   bulbs on two pages instead of thirteen. */
+         *   bulbs on two pages instead of thirteen. Its row is made at enrolment, so that a
+         *   frame only updates one in place: first frames inserting rows in random id order
+         *   split pages, measured at 24x the frame size for two frames from each of 5,000 new
+         *   bulbs. */
         "CREATE TABLE bulb_seqs ("
         "  id TEXT PRIMARY KEY,"
         "  last_seq INTEGER NOT NULL"
         ") STRICT, WITHOUT ROWID;"
-        "INSERT INTO bulb_seqs (id, last_seq) SELECT id, last_seq FROM bulbs WHERE last_seq <> 0;"
+        "INSERT INTO bulb_seqs (id, last_seq) SELECT id, last_seq FROM bulbs;"
         "ALTER TABLE bulbs DROP COLUMN last_seq;"
         "CREATE TABLE spool_v4 ("
         "  id INTEGER PRIMARY KEY,"

@@ -250,6 +250,17 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
         if (sqlite3_changes(db_handle(r->db)) != 1)
                 return -EIO; /* the database disagrees with memory: nothing changed there */
 
+        /* The bulb's row of bulb_seqs (db.c, migration 4), made now so that its frames update
+         * a row in place rather than insert one. Best effort: the frame path's upsert makes the
+         * row if it is missing, so a failure here changes nothing but the first frame's cost.
+         * A re-enrolled bulb has its row, with its last_seq, which stays (see above). */
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
+        if (sqlite3_prepare_v2(db_handle(r->db),
+                               "INSERT INTO bulb_seqs (id, last_seq) VALUES (?1, 0) ON CONFLICT (id) DO NOTHING", -1,
+                               &q, NULL) == SQLITE_OK &&
+            bind_text(q, 1, id) == SQLITE_OK)
+                (void) sqlite3_step(q);
+
         /* Persisted. From here on nothing can fail. */
         if (!b) {
                 b = TAKE_PTR(fresh);

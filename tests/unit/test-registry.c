@@ -400,7 +400,7 @@ static void test_seq(void **state) {
         assert_int_equal(registry_store_seq(r, b, 5), 0);
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs"), 5); /* visible inside */
         assert_int_equal(db_rollback(db), 0);
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM bulb_seqs"), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs"), 0); /* made at enrolment */
         assert_int_equal(db_rollback(db), 0); /* no transaction: a no-op */
 
         /* Several frames in one transaction (group commit), then committed. */
@@ -421,6 +421,14 @@ static void test_seq(void **state) {
         assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX + 1), -ERANGE);
         assert_int_equal(db_begin(db), 0);
         assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX), 0);
+        assert_int_equal(db_rollback(db), 0);
+
+        /* A bulb without its bulb_seqs row (made at enrolment since migration 4; a database
+         * where that failed): the upsert makes it. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(sqlite3_exec(db_handle(db), "DELETE FROM bulb_seqs", NULL, NULL, NULL), SQLITE_OK);
+        assert_int_equal(registry_store_seq(r, b, 11), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'bulb-7'"), 11);
         assert_int_equal(db_rollback(db), 0);
 
         /* A bulb whose row is gone. */
@@ -722,7 +730,7 @@ static void test_migrate_v1(void **state) {
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM commands"), 0);
         /* Migration 4: the seqs moved to bulb_seqs, the frames kept their ids. */
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 7);
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM bulb_seqs"), 1);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'c'"), 0);
         assert_int_equal(query_int(db, "SELECT id FROM spool WHERE seq = 1"), 1);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM pragma_table_info('bulbs') WHERE name = 'last_seq'"), 0);
         db_close(db);
