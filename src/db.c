@@ -83,14 +83,15 @@ static const char *const migrations[] = {
         "  done_at INTEGER,"
         "  reported INTEGER NOT NULL DEFAULT 0 CHECK (reported BETWEEN 0 AND 2)"
         ") STRICT;",
-        /* 4: a database made for flash (issue 13). Measured with `make bench` (write_bytes of
-         * /proc/PID/io per accepted frame, 258-byte frames): about 20x the frame under load,
-         * because each group commit rewrote, besides the spool's last leaf page, one page of the
-         * UNIQUE (dev, seq) index per bulb in the batch (the index is in bulb order, the inserts
-         * are in time order, so every bulb's frame lands on another index page), up to one page
-         * of bulbs per bulb in the batch for last_seq (rows of about 250 bytes: 16 to a 4 KiB
-         * page, the PEM key makes them wide) and the sqlite_sequence page of AUTOINCREMENT;
-         * every such page is a 4 KiB WAL frame and written again by the checkpoint.
+        /* 4: fewer pages per commit (issue 13). Each commit rewrote, besides the spool's last
+         * leaf page, one page of the UNIQUE (dev, seq) index per bulb in the batch (the index is
+         * in bulb order, the inserts in time order, so every bulb's frame lands on another index
+         * page), up to one page of bulbs per bulb for last_seq (rows of about 250 bytes, 16 to a
+         * 4 KiB page: the PEM key makes them wide) and the sqlite_sequence page of AUTOINCREMENT;
+         * each such page is a 4 KiB WAL frame, written again by the checkpoint. Measured
+         * (tests/bench/README.md, "Issue 13 on h/spool"): this helps large commits (a backlog:
+         * 4.2 -> 2.5x the frame size); a commit of one frame still costs 10 to 13 KB of
+         * write_bytes, with or without it.
          * - spool without the index and without AUTOINCREMENT: a commit appends to the table's
          *   last pages only. (dev, seq) is unique without the index: the frame path refuses a
          *   seq at or below the bulb's newest one in memory, which moves ahead frame by frame,
