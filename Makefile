@@ -17,7 +17,11 @@ CC      ?= gcc
 PKG_CONFIG ?= pkg-config
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
-PKGS := libcurl openssl tss2-esys tss2-tctildr tss2-rc tss2-mu libmosquitto libsystemd jansson inih sqlite3 libqrencode
+# iothubd links only what it uses (issue 13, "Memory"); libqrencode is iothubctl's alone (the
+# QR code of `iothubctl login`). --as-needed below drops an unused library too, but the daemon's
+# line should not depend on it.
+DAEMON_PKGS := libcurl openssl tss2-esys tss2-tctildr tss2-rc tss2-mu libmosquitto libsystemd jansson inih sqlite3
+PKGS := $(DAEMON_PKGS) libqrencode
 
 WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wformat-security -Wmissing-prototypes -Wstrict-prototypes \
 	-Wno-unused-parameter -Wvla -Wpointer-arith -Wundef
@@ -48,6 +52,7 @@ pkg_config = $(shell $(PKG_CONFIG) $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(erro
 	$(1) failed: install the -dev packages (make deps; for a cross build, packaging/README)))
 PKG_CPPFLAGS = $(eval PKG_CPPFLAGS := $(call pkg_config,--cflags $(PKGS)))$(PKG_CPPFLAGS)
 PKG_LIBS = $(eval PKG_LIBS := $(call pkg_config,--libs $(PKGS)))$(PKG_LIBS)
+DAEMON_PKG_LIBS = $(eval DAEMON_PKG_LIBS := $(call pkg_config,--libs $(DAEMON_PKGS)))$(DAEMON_PKG_LIBS)
 CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(call pkg_config,--libs cmocka))$(CMOCKA_LIBS)
 
 # _FILE_OFFSET_BITS=64: 64-bit off_t and ino_t on 32-bit targets (armhf), where stat() and
@@ -59,6 +64,7 @@ CFLAGS   ?=
 CFLAGS   += -std=c11 $(OPT) $(WARN) $(SANFLAGS)
 LDFLAGS  += -pie -Wl,-z,relro,-z,now -Wl,--as-needed $(SANFLAGS)
 LIBS      = $(PKG_LIBS) -lm
+DAEMON_LIBS = $(DAEMON_PKG_LIBS) -lm
 # The probed parts stay out of CPPFLAGS and CFLAGS: those can come from the environment
 # (dpkg-buildflags exports them), and make expands an exported variable for every recipe it
 # runs, `make deps` included.
@@ -95,7 +101,7 @@ $(BUILD)/libiothub.a: $(LIB_OBJS)
 	ar rcs $@ $^
 
 $(BUILD)/iothubd: $(BUILD)/obj/iothubd.o $(BUILD)/libiothub.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(DAEMON_LIBS)
 
 $(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)

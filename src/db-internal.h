@@ -11,9 +11,9 @@ enum db_stmt {
         DB_STMT_BEGIN,
         DB_STMT_COMMIT,
         DB_STMT_ROLLBACK,
-        DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws */
+        DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 id */
         DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
-        DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward */
+        DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward, only for an enrolled bulb */
         DB_STMT_SPOOL_BATCH,  /* ?1 limit -> id, length, jws; oldest first */
         DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length of each deleted frame */
         DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length of each */
@@ -35,6 +35,11 @@ enum db_stmt {
  * after use, best with _cleanup_db_stmt_reset_, so that it holds no lock and no pointer into
  * the caller's buffers. */
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
+
+/* The id of the next spool row: one more than any id this connection handed out or found
+ * when it opened, so that no id comes back while the cloud may still answer for it (frames
+ * dropped at the cap or rolled back leave gaps, which is fine). */
+int64_t db_spool_next_id(struct db *db);
 
 static inline void db_stmt_resetp(sqlite3_stmt **s) {
         if (*s) {

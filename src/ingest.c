@@ -210,8 +210,10 @@ static void batch_abort(struct ingest *in) {
         (void) db_rollback(in->db);
         for (size_t i = 0; i < in->batch.n_undo; i++) {
                 struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
-                if (b)
+                if (b) {
                         b->last_seq = in->batch.undo[i].last_seq;
+                        b->in_batch = false;
+                }
         }
         in->batch.n_undo = 0;
         in->batch.count = 0;
@@ -246,12 +248,11 @@ static void batch_add_ack(struct ingest *in, const struct frame *f) {
 
 /* Remembers b's last seq before this transaction touched it (once per bulb and batch), so
  * that a failed commit can put memory back where the database is. */
-static int batch_note_seq(struct ingest *in, const struct bulb *b) {
+static int batch_note_seq(struct ingest *in, struct bulb *b) {
         struct ingest_batch *t = &in->batch;
 
-        for (size_t i = 0; i < t->n_undo; i++)
-                if (streq(t->undo[i].dev, b->id))
-                        return 0;
+        if (b->in_batch)
+                return 0;
         if (t->n_undo == t->cap_undo) {
                 size_t cap = t->cap_undo ? t->cap_undo * 2 : 16;
                 struct ingest_seq_undo *u = reallocarray(t->undo, cap, sizeof *u);
@@ -263,6 +264,25 @@ static int batch_note_seq(struct ingest *in, const struct bulb *b) {
         struct ingest_seq_undo *u = &t->undo[t->n_undo++];
         (void) snprintf(u->dev, sizeof u->dev, "%s", b->id);
         u->last_seq = b->last_seq;
+        b->in_batch = true;
+        return 0;
+}
+
+/* Before COMMIT: each bulb of the batch's newest seq, one statement per bulb and batch rather
+ * than one per frame (memory moved ahead frame by frame, so a second frame with a seq of this
+ * batch was a replay already). The UPDATE only moves forward: -ESTALE here means the database
+ * holds a later seq than memory, and the batch must not commit. */
+static int batch_store_seqs(struct ingest *in) {
+        for (size_t i = 0; i < in->batch.n_undo; i++) {
+                struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
+                int r;
+
+                if (!b)
+                        return -ENOENT;
+                r = registry_store_seq(in->registry, b, b->last_seq);
+                if (r < 0)
+                        return r;
+        }
         return 0;
 }
 
@@ -327,9 +347,9 @@ void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload
                 r = batch_note_seq(in, b);
         if (r < 0)
                 goto store_failed;
+        /* The seq goes to the database at the commit (batch_store_seqs()), in the same
+         * transaction as the frame. */
         r = spool_append(in->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
-        if (r >= 0)
-                r = registry_store_seq(in->registry, b, f.seq);
         if (r < 0)
                 goto store_failed;
         /* Memory moves ahead of the commit so that a second frame of this read with the same
@@ -361,7 +381,9 @@ int ingest_commit(struct ingest *in) {
         if (!in->batch.open)
                 return 0;
         in->batch.open = false;
-        r = db_commit(in->db);
+        r = batch_store_seqs(in);
+        if (r >= 0)
+                r = db_commit(in->db);
         if (r < 0) {
                 store_failed(in, r, in->batch.count);
                 batch_abort(in);
@@ -370,6 +392,12 @@ int ingest_commit(struct ingest *in) {
         ack_commit_done(in->ack, true);
         if (in->batch.count > 0)
                 store_ok(in);
+        /* The bulbs leave the batch. */
+        for (size_t i = 0; i < in->batch.n_undo; i++) {
+                struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
+                if (b)
+                        b->in_batch = false;
+        }
         in->batch.n_undo = 0;
         in->counters.frames_accepted += in->batch.count;
         in->spool->pending += in->batch.count;

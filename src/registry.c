@@ -24,7 +24,6 @@ static void bulb_free(struct bulb *b) {
         if (!b)
                 return;
         verify_key_free(b->key);
-        free(b->pem);
         free(b);
 }
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct bulb *, bulb_free);
@@ -110,10 +109,6 @@ static int bulb_from_row(sqlite3_stmt *s, struct bulb **ret) {
                 return -ENOMEM;
         memcpy(b->id, id, id_len);
         b->id[id_len] = '\0';
-        b->pem = strndup(pem, pem_len);
-        if (!b->pem)
-                /* cppcheck-suppress memleak ; freed by _cleanup_(bulb_freep) */
-                return -ENOMEM;
         switch (verify_key_from_pem(pem, pem_len, &b->key, &key_alg)) {
         case 0:
                 break;
@@ -146,8 +141,9 @@ int registry_open(struct db *db, struct registry **ret) {
 
         rc = sqlite3_prepare_v2(
                 db_handle(db),
-                "SELECT id, alg, pubkey_pem, revoked, last_seq, enrolled_at FROM bulbs ORDER BY id", -1, &s,
-                NULL);
+                "SELECT b.id, b.alg, b.pubkey_pem, b.revoked, COALESCE(q.last_seq, 0), b.enrolled_at "
+                "FROM bulbs b LEFT JOIN bulb_seqs q ON q.id = b.id ORDER BY b.id",
+                -1, &s, NULL);
         if (rc != SQLITE_OK)
                 /* cppcheck-suppress memleak ; freed by _cleanup_(registry_freep) */
                 return db_errno(rc);
@@ -254,6 +250,17 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
         if (sqlite3_changes(db_handle(r->db)) != 1)
                 return -EIO; /* the database disagrees with memory: nothing changed there */
 
+        /* The bulb's row of bulb_seqs (db.c, migration 5), made now so that its frames update
+         * a row in place rather than insert one. Best effort: the frame path's upsert makes the
+         * row if it is missing, so a failure here changes nothing but the first frame's cost.
+         * A re-enrolled bulb has its row, with its last_seq, which stays (see above). */
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
+        if (sqlite3_prepare_v2(db_handle(r->db),
+                               "INSERT INTO bulb_seqs (id, last_seq) VALUES (?1, 0) ON CONFLICT (id) DO NOTHING", -1,
+                               &q, NULL) == SQLITE_OK &&
+            bind_text(q, 1, id) == SQLITE_OK)
+                (void) sqlite3_step(q);
+
         /* Persisted. From here on nothing can fail. */
         if (!b) {
                 b = TAKE_PTR(fresh);
@@ -265,8 +272,6 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
         }
         verify_key_free(b->key);
         b->key = TAKE_PTR(key);
-        free(b->pem);
-        b->pem = TAKE_PTR(spki);
         b->alg = alg;
         b->revoked = false;
         b->enrolled_at = now;
@@ -302,8 +307,9 @@ int registry_revoke(struct registry *r, const char *id) {
         return 0;
 }
 
-/* The hot path: a cached statement, and an UPDATE that only ever moves last_seq forward, so
- * that even a confused caller cannot move it back and reopen a replay window. Returns -ERANGE
+/* The hot path: a cached statement, and an upsert into the narrow bulb_seqs table (migration
+ * 4 in db.c) that only ever moves last_seq forward, so that even a confused caller cannot move
+ * it back and reopen a replay window. Returns -ERANGE
  * for a seq outside 1..2^53-1, -ESTALE when the database already holds this seq or a later
  * one, -ENOENT when the bulb has no row. */
 int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq) {
@@ -325,7 +331,7 @@ int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq) {
 
         /* Nothing changed: find out why (a rare path, so an ad-hoc query is fine). */
         _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
-        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT last_seq FROM bulbs WHERE id = ?1", -1, &q, NULL);
+        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT 1 FROM bulbs WHERE id = ?1", -1, &q, NULL);
         if (rc != SQLITE_OK)
                 return db_errno(rc);
         if ((rc = bind_text(q, 1, b->id)) != SQLITE_OK)

@@ -25,10 +25,13 @@ int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws
         if ((rc = sqlite3_bind_text(s, 1, dev, -1, SQLITE_STATIC)) != SQLITE_OK ||
             (rc = sqlite3_bind_int64(s, 2, seq)) != SQLITE_OK ||
             (rc = sqlite3_bind_int64(s, 3, received_at_usec)) != SQLITE_OK ||
-            (rc = sqlite3_bind_blob(s, 4, jws, (int) len, SQLITE_STATIC)) != SQLITE_OK)
+            (rc = sqlite3_bind_blob(s, 4, jws, (int) len, SQLITE_STATIC)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 5, db_spool_next_id(db))) != SQLITE_OK)
                 return db_errno(rc);
         rc = sqlite3_step(s);
-        /* A second frame with the same (dev, seq) is a UNIQUE clash: -EEXIST. */
+        /* No UNIQUE (dev, seq) here (it cost a page write per bulb and commit, see migration 5
+         * in db.c): the caller refuses a seq that does not move forward and stores the bulb's
+         * newest seq in the same transaction (registry_store_seq()). */
         return rc == SQLITE_DONE ? 0 : db_errno(rc);
 }
 

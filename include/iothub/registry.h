@@ -13,7 +13,6 @@ struct bulb {
         char id[DEVICE_ID_MAX + 1];
         enum frame_alg alg;
         struct verify_key *key;
-        char *pem; /* SubjectPublicKeyInfo PEM as stored */
         bool revoked;
         int64_t last_seq;    /* last accepted seq, persisted (0: none yet) */
         int64_t enrolled_at; /* Unix seconds */
@@ -23,6 +22,9 @@ struct bulb {
         /* Log rate limit of rejections (not persisted). */
         struct ratelimit log_rl;
         struct ack_entry *ack; /* end-to-end ack state, owned by ack.c (not persisted) */
+        /* In the open ingest transaction's undo list (ingest.c; not persisted): a flag instead
+         * of a search of the list for every frame. */
+        bool in_batch;
 };
 
 struct registry;

@@ -49,7 +49,7 @@ const dbPath = () => path.join(hub.stateDir, 'iothub.db');
 // The last seq of a bulb as committed in the daemon's database (a second SQLite connection
 // sees committed transactions only).
 async function committedSeq(id) {
-  const { stdout } = await run('sqlite3', [dbPath(), `SELECT last_seq FROM bulbs WHERE id = '${id}'`]);
+  const { stdout } = await run('sqlite3', [dbPath(), `SELECT COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0)`]);
   return Number(stdout.trim());
 }
 

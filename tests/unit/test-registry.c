@@ -23,7 +23,7 @@
 #include "iothub/spool.h"
 
 /* The schema version the migrations end at (src/db.c), counted here rather than taken from db.c. */
-#define SCHEMA_VERSION 4
+#define SCHEMA_VERSION 5
 
 static struct {
         char dir[64];
@@ -113,6 +113,16 @@ static int64_t query_int(struct db *db, const char *sql) {
         return v;
 }
 
+/* The bulb's key as PEM (memory keeps the key, not its text: issue 13, "Memory"). */
+static void assert_key_pem(const struct bulb *b, const char *want) {
+        char *pem = NULL;
+
+        assert_non_null(b);
+        assert_int_equal(verify_key_to_pem(b->key, &pem), 0);
+        assert_string_equal(pem, want);
+        free(pem);
+}
+
 static mode_t mode_of(const char *path) {
         struct stat st;
 
@@ -134,10 +144,17 @@ static void test_open_creates_private_wal_db(void **state) {
         sqlite3_finalize(s);
         assert_int_equal(query_int(db, "PRAGMA synchronous"), 2); /* FULL */
         assert_int_equal(query_int(db, "PRAGMA foreign_keys"), 1);
+        assert_int_equal(query_int(db, "PRAGMA secure_delete"), 2); /* FAST (issue 13) */
+        assert_int_equal(query_int(db, "PRAGMA wal_autocheckpoint"), 4096);
+        assert_int_equal(query_int(db, "PRAGMA journal_size_limit"), 16777216);
+        assert_int_equal(query_int(db, "PRAGMA cache_size"), -256); /* KiB */
         assert_int_equal(query_int(db, "PRAGMA user_version"), SCHEMA_VERSION);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND "
-                                       "name IN ('bulbs', 'spool', 'meta', 'moved_aside', 'commands', 'events')"),
-                         6);
+                                       "name IN ('bulbs', 'bulb_seqs', 'spool', 'meta', 'moved_aside', 'commands', 'events')"),
+                         7);
+        /* Migration 5: nothing but the rowid orders the spool (no index to rewrite per frame). */
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE tbl_name = 'spool' AND type = 'index'"),
+                         0);
 
         /* The WAL and its index take the database's mode. */
         assert_int_equal(spool_append(db, "bulb-1", 1, (const uint8_t *) "x.y.z", 5, 1), 0);
@@ -311,7 +328,7 @@ static void test_registry(void **state) {
         assert_ptr_equal(registry_find(r, "bulb-7"), b7);
         assert_int_equal(b7->alg, FRAME_ALG_ES256);
         assert_int_equal(registry_find(r, "a-first")->alg, FRAME_ALG_EDDSA);
-        assert_string_equal(b7->pem, T.pem_p256);
+        assert_key_pem(b7, T.pem_p256);
         assert_false(b7->revoked);
         assert_int_equal(b7->last_seq, 0);
         assert_true(b7->enrolled_at > 1700000000);
@@ -321,7 +338,7 @@ static void test_registry(void **state) {
         /* White space around the PEM is fine; what is stored is canonical. */
         assert_true(asprintf(&spaced, "\n  %s\n\n", T.pem_ed25519) > 0);
         assert_int_equal(registry_add(r, "spaced", spaced, strlen(spaced)), 0);
-        assert_string_equal(registry_find(r, "spaced")->pem, T.pem_ed25519);
+        assert_key_pem(registry_find(r, "spaced"), T.pem_ed25519);
 
         /* Revocation: persisted, idempotent, unknown ids refused. */
         assert_int_equal(registry_revoke(r, "bulb-7"), 0);
@@ -342,8 +359,8 @@ static void test_registry(void **state) {
         assert_false(b->revoked);
         assert_int_equal(b->alg, FRAME_ALG_EDDSA);
         assert_int_equal(b->last_seq, 41);
-        assert_string_equal(b->pem, T.pem_ed25519);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs WHERE id = 'bulb-7'"), 41);
+        assert_key_pem(b, T.pem_ed25519);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'bulb-7'"), 41);
         assert_int_equal(query_int(db, "SELECT revoked_at IS NULL FROM bulbs WHERE id = 'bulb-7'"), 1);
         assert_int_equal(registry_add(r, "bulb-7", T.pem_p256_b, strlen(T.pem_p256_b)), -EEXIST);
 
@@ -358,7 +375,7 @@ static void test_registry(void **state) {
         assert_int_equal(b->alg, FRAME_ALG_EDDSA);
         assert_int_equal(b->last_seq, 41);
         assert_false(b->revoked);
-        assert_string_equal(b->pem, T.pem_ed25519);
+        assert_key_pem(b, T.pem_ed25519);
         assert_non_null(b->key);
         assert_string_equal(registry_get(r, 0)->id, "Mid_1");
         assert_string_equal(registry_get(r, 4)->id, "zz.last");
@@ -384,9 +401,9 @@ static void test_seq(void **state) {
         /* Stored in a transaction that is rolled back: not persisted. */
         assert_int_equal(db_begin(db), 0);
         assert_int_equal(registry_store_seq(r, b, 5), 0);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs"), 5); /* visible inside */
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs"), 5); /* visible inside */
         assert_int_equal(db_rollback(db), 0);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulbs"), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs"), 0); /* made at enrolment */
         assert_int_equal(db_rollback(db), 0); /* no transaction: a no-op */
 
         /* Several frames in one transaction (group commit), then committed. */
@@ -407,6 +424,14 @@ static void test_seq(void **state) {
         assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX + 1), -ERANGE);
         assert_int_equal(db_begin(db), 0);
         assert_int_equal(registry_store_seq(r, b, FRAME_SEQ_MAX), 0);
+        assert_int_equal(db_rollback(db), 0);
+
+        /* A bulb without its bulb_seqs row (made at enrolment since migration 5; a database
+         * where that failed): the upsert makes it. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(sqlite3_exec(db_handle(db), "DELETE FROM bulb_seqs", NULL, NULL, NULL), SQLITE_OK);
+        assert_int_equal(registry_store_seq(r, b, 11), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'bulb-7'"), 11);
         assert_int_equal(db_rollback(db), 0);
 
         /* A bulb whose row is gone. */
@@ -436,8 +461,8 @@ static void test_registry_damaged_rows(void **state) {
                 "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('b', 'none', ?1, 1)",
                 "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at, revoked) VALUES ('b', 'ES256', ?1, 1, "
                 "7)",
-                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at, last_seq) VALUES ('b', 'ES256', ?1, "
-                "1, -3)",
+                "INSERT INTO bulbs (id, alg, pubkey_pem, enrolled_at) VALUES ('b', 'ES256', ?1, 1);"
+                "INSERT INTO bulb_seqs (id, last_seq) VALUES ('b', -3)",
         };
 
         for (size_t i = 0; i < ELEMENTSOF(rows); i++) {
@@ -445,11 +470,16 @@ static void test_registry_damaged_rows(void **state) {
                 struct registry *r = NULL;
                 sqlite3_stmt *s = NULL;
 
-                assert_int_equal(sqlite3_prepare_v2(db_handle(db), rows[i], -1, &s, NULL), SQLITE_OK);
-                if (sqlite3_bind_parameter_count(s) > 0)
-                        assert_int_equal(sqlite3_bind_text(s, 1, T.pem_p256, -1, SQLITE_STATIC), SQLITE_OK);
-                assert_int_equal(sqlite3_step(s), SQLITE_DONE);
-                sqlite3_finalize(s);
+                for (const char *sql = rows[i]; sql && *sql;) {
+                        const char *tail = NULL;
+
+                        assert_int_equal(sqlite3_prepare_v2(db_handle(db), sql, -1, &s, &tail), SQLITE_OK);
+                        if (sqlite3_bind_parameter_count(s) > 0)
+                                assert_int_equal(sqlite3_bind_text(s, 1, T.pem_p256, -1, SQLITE_STATIC), SQLITE_OK);
+                        assert_int_equal(sqlite3_step(s), SQLITE_DONE);
+                        sqlite3_finalize(s);
+                        sql = tail;
+                }
                 if (registry_open(db, &r) != -EUCLEAN)
                         fail_msg("row %zu was not refused", i);
                 assert_null(r);
@@ -527,7 +557,6 @@ static void test_spool(void **state) {
         assert_int_equal(spool_append(db, "bulb-7", 1, blob, sizeof blob, 1000), 0);
         assert_int_equal(spool_append(db, "bulb-7", 2, blob, 100, 2000), 0);
         assert_int_equal(spool_append(db, "bulb-8", 1, blob, 10, 3000), 0);
-        assert_int_equal(spool_append(db, "bulb-7", 2, blob, 50, 4000), -EEXIST);
         assert_int_equal(db_commit(db), 0);
 
         assert_int_equal(spool_stats(db, &pending, &bytes), 0);
@@ -697,6 +726,26 @@ static void test_spool_relay(void **state) {
         assert_int_equal(n, 1);
         assert_int_equal(query_int(db, "SELECT seq FROM spool"), 6);
 
+        /* Emptied (the cap dropped a batch still in flight, say): an id never comes back, so
+         * that the cloud's late answer for ids[0..3] cannot delete a newer frame. */
+        int64_t last = query_int(db, "SELECT MAX(id) FROM spool");
+        assert_int_equal(spool_drop_oldest(db, 8, &count, &bytes), 0);
+        assert_int_equal(count, 1);
+        assert_int_equal(spool_append(db, "bulb-1", 7, (const uint8_t *) "a.b.c", 5, 700), 0);
+        assert_true(query_int(db, "SELECT MAX(id) FROM spool") > last);
+        /* Rolled back ids leave a gap; after a restart ids go on from the largest one kept. */
+        last = query_int(db, "SELECT MAX(id) FROM spool");
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "bulb-1", 8, (const uint8_t *) "a.b.c", 5, 800), 0);
+        assert_int_equal(db_rollback(db), 0);
+        assert_int_equal(spool_append(db, "bulb-1", 8, (const uint8_t *) "a.b.c", 5, 800), 0);
+        assert_true(query_int(db, "SELECT MAX(id) FROM spool") > last + 1);
+        last = query_int(db, "SELECT MAX(id) FROM spool");
+        db_close(db);
+        db = open_db();
+        assert_int_equal(spool_append(db, "bulb-1", 9, (const uint8_t *) "a.b.c", 5, 900), 0);
+        assert_int_equal(query_int(db, "SELECT MAX(id) FROM spool"), last + 1);
+
         assert_int_equal(db_meta_get(db, "k", &v), -ENOENT);
         assert_int_equal(db_meta_set(db, "k", "1"), 0);
         assert_int_equal(db_meta_set(db, "k", "0"), 0);
@@ -721,6 +770,10 @@ static void test_migrate_v1(void **state) {
                                       "UNIQUE (dev, seq)) STRICT;"
                                       "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) STRICT;"
                                       "INSERT INTO spool (dev, seq, received_at_usec, jws) VALUES ('b', 1, 1, x'41');"
+                                      "INSERT INTO spool (dev, seq, received_at_usec, jws) VALUES ('b', 2, 2, x'42');"
+                                      "DELETE FROM spool WHERE seq = 2;"
+                                      "INSERT INTO bulbs (id, alg, pubkey_pem, last_seq, enrolled_at) VALUES "
+                                      "('b', 'ES256', 'k', 7, 1), ('c', 'ES256', 'k', 0, 1);"
                                       "PRAGMA user_version = 1;",
                                       NULL, NULL, NULL),
                          SQLITE_OK);
@@ -732,6 +785,11 @@ static void test_migrate_v1(void **state) {
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM moved_aside"), 0);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM commands"), 0);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM events"), 0);
+        /* Migration 5: the seqs moved to bulb_seqs, the frames kept their ids. */
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 7);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'c'"), 0);
+        assert_int_equal(query_int(db, "SELECT id FROM spool WHERE seq = 1"), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM pragma_table_info('bulbs') WHERE name = 'last_seq'"), 0);
         db_close(db);
 }
 
