@@ -336,7 +336,7 @@ test('database deleted under the running daemon: put back from the open copy, no
     await sleep(1000);
     assert.ok((await h.status()).storage.ok);
     // The next start opens the restored file: enrolments and replay counters as they were.
-    const { stdout } = await run('sqlite3', [db, 'SELECT id, last_seq FROM bulbs ORDER BY id']);
+    const { stdout } = await run('sqlite3', [db, 'SELECT id, last_seq FROM bulb_seqs ORDER BY id']);
     assert.equal(stdout.trim().split('\n').length, bs.length, stdout);
     ctl.stop = true;
     await producers;
@@ -427,7 +427,7 @@ test('database corrupted: under the running daemon it says so; at start a clear 
     await run('sqlite3', [db, `.read ${path.join(h.dir, 'dump.sql')}`]).catch(() => {});
     await run('sqlite3', [db, `PRAGMA user_version = ${Number(version)}`]);
     await fs.chmod(db, 0o600);
-    const { stdout: seqs } = await run('sqlite3', [db, 'SELECT id, last_seq FROM bulbs ORDER BY id']);
+    const { stdout: seqs } = await run('sqlite3', [db, 'SELECT id, last_seq FROM bulb_seqs ORDER BY id']);
     cloud.control.clearFailures();
     await h.start();
     await waitFor(async () => (await h.status()).key.id, 10000, 'the hub key');
