@@ -26,9 +26,10 @@ async function enrol(h, bulb) {
 
 test('a bulb flooding at 100x its rate cannot starve the others', async () => {
   const broker = await Broker.start(await tempDir());
-  const hub = await Hub.start(broker, { frames: { rate_per_device: 5 } });
-  const client = await mqttClient(broker.port);
+  let hub, client;
   try {
+    hub = await Hub.start(broker, { frames: { rate_per_device: 5 } });
+    client = await mqttClient(broker.port);
     await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'connected');
     const flooder = await Bulb.create('bulb-flood', 'EdDSA');
     const quiet = await Bulb.create('bulb-quiet', 'ES256');
@@ -67,8 +68,8 @@ test('a bulb flooding at 100x its rate cannot starve the others', async () => {
     assert.ok(logged <= 10, `rate-limited log lines: ${logged}`);
     assert.match(hub.log, /Suppressed \d+ more rejection messages for bulb-flood|bulb-flood: rate_limited/);
   } finally {
-    await client.endAsync();
-    await hub.cleanup();
+    await client?.endAsync();
+    await hub?.cleanup();
     await broker.stop();
   }
 });

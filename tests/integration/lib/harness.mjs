@@ -172,7 +172,14 @@ export class Hub {
     const h = new Hub(dir, broker, overrides);
     await fs.mkdir(h.stateDir, { recursive: true, mode: 0o700 });
     await h.writeConfig();
-    await h.start(opts);
+    try {
+      await h.start(opts);
+    } catch (e) {
+      // A daemon that never became ready must not outlive the test (nor its notify listener):
+      // a test that fails here would otherwise hang the whole run.
+      await h.stop('SIGKILL').catch(() => {});
+      throw e;
+    }
     return h;
   }
 
