@@ -1227,6 +1227,8 @@ fail:
 void cloud_free(struct cloud *c) {
         if (!c)
                 return;
+        /* Its waits for a refresh: the answer must not reach a freed relay. */
+        oauth_unauthorized_cancel(c->oauth, c);
         req_free(c->status_req);
         req_free(c->devices_req);
         while (c->others) {

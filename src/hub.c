@@ -534,10 +534,12 @@ static void hub_done(struct hub *h) {
         h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
+        /* Top down: each module before the ones it calls. cloud drops its waits for a token
+         * refresh (oauth_unauthorized_cancel()) before oauth goes. */
         commands_free(h->commands);
         events_free(h->events);
-        oauth_free(h->oauth);
         cloud_free(h->cloud);
+        oauth_free(h->oauth);
         http_free(h->http);
         hubkey_free(h->hubkey);
         sd_event_source_disable_unref(h->key_timer);

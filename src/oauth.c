@@ -940,6 +940,17 @@ int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authentica
         return 0;
 }
 
+void oauth_unauthorized_cancel(struct oauth *o, void *userdata) {
+        unsigned n = 0;
+
+        if (!o)
+                return;
+        for (unsigned i = 0; i < o->n_waiters; i++)
+                if (o->waiters[i].userdata != userdata)
+                        o->waiters[n++] = o->waiters[i];
+        o->n_waiters = n;
+}
+
 static void on_refresh(struct oauth *o, const struct http_response *resp, const char *e) {
         bool for_401 = o->refresh_for_401;
         int r;

@@ -80,6 +80,9 @@ uint64_t oauth_token_gen(const struct oauth *o);
  * a log line with IOTHUB_MID_CLOUD_UNAUTHORIZED). */
 int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
                        void (*done)(void *userdata, int r), void *userdata);
+/* The owner of userdata goes away: every done(userdata, ...) still waiting for a refresh is
+ * dropped and never runs (the refresh itself goes on). NULL o is a no-op. */
+void oauth_unauthorized_cancel(struct oauth *o, void *userdata);
 /* A resource request succeeded: ends a reported refusal. */
 void oauth_resource_ok(struct oauth *o);
 
