@@ -280,7 +280,8 @@ static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
 static void on_req_signed(void *userdata, int r, const uint8_t *sig) {
         struct cloud_req *q = userdata;
         struct httpsig_headers headers = {};
-        char text[96];
+        const char *kerr = r < 0 ? hubkey_last_error(q->cloud->hubkey) : NULL;
+        char text[320];
 
         if (r >= 0)
                 r = httpsig_complete(&q->sig, sig, &headers);
@@ -290,7 +291,16 @@ static void on_req_signed(void *userdata, int r, const uint8_t *sig) {
         if (r >= 0)
                 return;
         req_prepared_done(q);
-        (void) snprintf(text, sizeof text, "cannot sign the request: %s", strerror(-r));
+        /* The key could not sign (TPM gone, or another TPM in its place): said with the key's
+         * MESSAGE_ID, once per try (the request backs off like any failed one); the next
+         * signature connects to the TPM again. */
+        if (kerr)
+                log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                          r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
+                          "Cannot sign %s with the hub key, %s: %s",
+                          q->kind == REQ_STATUS ? "uploads" : "a request to the cloud",
+                          q->kind == REQ_STATUS ? "frames stay spooled" : "it is tried again later", kerr);
+        (void) snprintf(text, sizeof text, "cannot sign the request: %s", kerr ? kerr : strerror(-r));
         on_http_done(q, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
                                                  .dpop_nonce = "", .www_authenticate = "" });
 }

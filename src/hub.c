@@ -644,11 +644,15 @@ int hub_run(const char *config_path, int log_level_override) {
                                               .registered = on_cloud_registered,
                                               .userdata = &h },
                       &h.cloud);
+        if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
         r = events_new(h.event, h.conf, h.db, h.cloud, &h.spool, &h.events);
+        if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up security events: %m");
                 goto out;
@@ -688,6 +692,8 @@ int hub_run(const char *config_path, int log_level_override) {
                 }
         }
         r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.events, &h.commands);
+        if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up commands: %m");
                 goto out;
