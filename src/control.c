@@ -835,6 +835,10 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
 void control_free(struct control *ctl) {
         if (!ctl)
                 return;
+        /* A sign-in in flight reports to ctl (on_login_started/finished): it goes on inside
+         * oauth, which outlives this, but must not call back into a freed control socket (found
+         * by ASan: hub_done() frees the control socket before oauth). */
+        oauth_login_detach(ctl->oauth, ctl);
         while (ctl->conns)
                 conn_free(ctl->conns);
         ctl->listen = sd_event_source_disable_unref(ctl->listen);
