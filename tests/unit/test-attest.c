@@ -85,6 +85,14 @@ static char *answer(size_t n, size_t c, size_t s, const char *extra) {
         return out;
 }
 
+/* A size_t with every byte 0x5a, as memset() leaves it: 32 bits on armhf, 64 on arm64. */
+static size_t untouched_size(void) {
+        size_t v;
+
+        memset(&v, 0x5a, sizeof v);
+        return v;
+}
+
 static void test_parse_challenge(void **state) {
         struct attest_challenge ch;
         char *body;
@@ -119,7 +127,7 @@ static void test_parse_challenge(void **state) {
                 if (attest_parse_challenge(body, strlen(body), &ch) != sizes[i].r)
                         fail_msg("sizes %zu/%zu/%zu: want %d", sizes[i].n, sizes[i].c, sizes[i].s, sizes[i].r);
                 if (sizes[i].r < 0)
-                        assert_int_equal(ch.nonce_len, 0x5a5a5a5a5a5a5a5aULL); /* untouched */
+                        assert_int_equal(ch.nonce_len, untouched_size()); /* untouched */
                 free(body);
         }
 
