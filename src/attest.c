@@ -210,21 +210,6 @@ static const TPM2B_PUBLIC ak_template = {
 
 /* ---- TPM steps ---- */
 
-/* Whether 'handle' (an NV index or a persistent object) exists, asked with TPM2_GetCapability rather
- * than a failing read, which would have ESYS log an error for the normal "no such handle". */
-static int tpm_handle_exists(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
-        _cleanup_esys_ TPMS_CAPABILITY_DATA *cap = NULL;
-        TPMI_YES_NO more;
-        TSS2_RC rc;
-
-        rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES, handle, 1,
-                                &more, &cap);
-        if (rc != TSS2_RC_SUCCESS)
-                return hubkey_tpm_error(rc, ret_error, "listing the TPM's handles");
-        /* Part 3, 30.2: the list starts at the first handle >= 'handle' that is in use. */
-        return cap->data.handles.count > 0 && cap->data.handles.handle[0] == handle;
-}
-
 /* Reads the EK certificate (DER) from its NV index, trimmed to the certificate's own length. The
  * index is readable with its empty authValue (TCG EK Credential Profile 2.0, 2.2.1.5: AUTHREAD,
  * no password). */
@@ -236,7 +221,7 @@ static int read_ek_cert(ESYS_CONTEXT *esys, uint8_t **ret, size_t *ret_len, char
         TSS2_RC rc;
         int r;
 
-        r = tpm_handle_exists(esys, ATTEST_EK_CERT_NV_RSA, ret_error);
+        r = hubkey_tpm_handle_exists(esys, ATTEST_EK_CERT_NV_RSA, ret_error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -317,7 +302,7 @@ static int ek_open(ESYS_CONTEXT *esys, ESYS_TR *ret, bool *ret_flush, char **ret
         TSS2_RC rc;
         int r;
 
-        r = tpm_handle_exists(esys, ATTEST_EK_HANDLE_RSA, ret_error);
+        r = hubkey_tpm_handle_exists(esys, ATTEST_EK_HANDLE_RSA, ret_error);
         if (r < 0)
                 return r;
         if (r > 0) {

@@ -820,6 +820,19 @@ void cloud_devices_changed(struct cloud *c) {
 
 /* ---- register ---- */
 
+/* A registration request (the challenge or the registration itself) is the caller's: its handle
+ * goes to *ret, and a retry after a 401 writes the new one there (register_slot). */
+static void register_req_own(struct cloud *c, struct cloud_req *q,
+                             void (*done)(void *userdata, long status, const char *message), void *userdata,
+                             struct cloud_call **ret) {
+        q->register_done = done;
+        q->register_userdata = userdata;
+        q->register_slot = ret;
+        q->next = c->others;
+        c->others = q;
+        *ret = (struct cloud_call *) q;
+}
+
 /* POST /v1/hubs/<id>, with the "attestation" object when there is one (steals it). */
 static int register_send(struct cloud *c, json_t *attestation,
                          void (*done)(void *userdata, long status, const char *message), void *userdata,
@@ -847,12 +860,7 @@ static int register_send(struct cloud *c, json_t *attestation,
         r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
         if (r < 0)
                 return r;
-        q->register_done = done;
-        q->register_userdata = userdata;
-        q->register_slot = ret;
-        q->next = c->others;
-        c->others = q;
-        *ret = (struct cloud_call *) q;
+        register_req_own(c, q, done, userdata, ret);
         return 0;
 }
 
@@ -907,12 +915,7 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
         if (r < 0)
                 return r;
         q->attest = TAKE_PTR(a);
-        q->register_done = done;
-        q->register_userdata = userdata;
-        q->register_slot = ret;
-        q->next = c->others;
-        c->others = q;
-        *ret = (struct cloud_call *) q;
+        register_req_own(c, q, done, userdata, ret);
         return 0;
 }
 

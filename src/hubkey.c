@@ -469,10 +469,10 @@ static int tpm_connect(const char *tcti_conf, TSS2_TCTI_CONTEXT **ret_tcti, ESYS
         return 0;
 }
 
-/* Asks the TPM whether 'handle' holds a persistent object, with TPM2_GetCapability(TPM_CAP_HANDLES)
- * rather than a failing TPM2_ReadPublic, which would have ESYS log an error for the normal case
- * of "no key yet". Returns 1, 0, or a negative errno. */
-static int tpm_handle_exists(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
+/* Asks the TPM whether 'handle' (a persistent object or an NV index) is in use, with
+ * TPM2_GetCapability(TPM_CAP_HANDLES) rather than a failing read, which would have ESYS log an
+ * error for the normal case of "no key yet". Returns 1, 0, or a negative errno. */
+int hubkey_tpm_handle_exists(ESYS_CONTEXT *esys, uint32_t handle, char **ret_error) {
         _cleanup_esys_ TPMS_CAPABILITY_DATA *cap = NULL;
         TPMI_YES_NO more;
         TSS2_RC rc;
@@ -533,7 +533,7 @@ static int tpm_read_key(ESYS_CONTEXT *esys, uint32_t handle, ESYS_TR *ret_tr, ui
         TSS2_RC rc;
         int r;
 
-        r = tpm_handle_exists(esys, handle, ret_error);
+        r = hubkey_tpm_handle_exists(esys, handle, ret_error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -701,7 +701,7 @@ static int tpm_srk_lookup(ESYS_CONTEXT *esys, struct srk_cache *cache) {
 
         if (cache->known)
                 return 0;
-        r = tpm_handle_exists(esys, TPM_SRK_HANDLE, NULL);
+        r = hubkey_tpm_handle_exists(esys, TPM_SRK_HANDLE, NULL);
         if (r < 0)
                 return r;
         if (r > 0) {

@@ -117,6 +117,9 @@ int hubkey_tpm_context(struct hubkey *k, struct ESYS_CONTEXT **ret_esys, uint32_
 /* The TSS2_RC translation of this file (one per library, STYLE.md) for attest.c: a negative errno,
  * and when ret_error is not NULL "TPM: <decoded> (0x..) while <what>". */
 int hubkey_tpm_error(uint32_t rc, char **ret_error, const char *what);
+/* Whether 'handle' (a persistent object or an NV index) is in use on esys, asked with
+ * TPM2_GetCapability: 1, 0, or a negative errno with a one-line reason in *ret_error. */
+int hubkey_tpm_handle_exists(struct ESYS_CONTEXT *esys, uint32_t handle, char **ret_error);
 
 void hubkey_free(struct hubkey *k);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct hubkey *, hubkey_free);
