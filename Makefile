@@ -221,7 +221,10 @@ soak: all tools
 install: all
 	install -Dm0755 $(BUILD)/iothubd $(DESTDIR)$(PREFIX)/sbin/iothubd
 	install -Dm0755 $(BUILD)/iothubctl $(DESTDIR)$(PREFIX)/bin/iothubctl
+	install -Dm0755 $(BUILD)/iothub-signer $(DESTDIR)$(PREFIX)/libexec/iothub/iothub-signer
 	install -Dm0644 systemd/iothub.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub.service
+	install -Dm0644 systemd/iothub-signer.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-signer.service
+	install -Dm0644 systemd/iothub-signer.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-signer.socket
 	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
 	install -Dm0644 systemd/iothub.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/iothub.catalog
 	install -Dm0640 etc/iothub.conf $(DESTDIR)/etc/iothub.conf

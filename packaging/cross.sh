@@ -84,18 +84,21 @@ step_done
 deb=$out/iothub_${version}_$arch.deb
 # The package must hold binaries for the target, not for the build machine: e_machine, the
 # 16-bit field at offset 18 of the ELF header, is 183 (AArch64) or 40 (ARM).
-x=$(mktemp -d)
-dpkg-deb -x "$deb" "$x"
-machine=$(od -An -tu2 -j18 -N2 "$x/usr/sbin/iothubd" | tr -d ' ')
-rm -rf "$x"
 case "$arch" in
 arm64) want_machine=183 ;;
 armhf) want_machine=40 ;;
 esac
-if [ "$machine" != "$want_machine" ]; then
-	echo "$deb: usr/sbin/iothubd has ELF machine $machine, not $want_machine" >&2
-	exit 1
-fi
+x=$(mktemp -d)
+dpkg-deb -x "$deb" "$x"
+for bin in usr/sbin/iothubd usr/bin/iothubctl usr/libexec/iothub/iothub-signer; do
+	machine=$(od -An -tu2 -j18 -N2 "$x/$bin" | tr -d ' ')
+	if [ "$machine" != "$want_machine" ]; then
+		echo "$deb: $bin has ELF machine ${machine:-(missing)}, not $want_machine" >&2
+		rm -rf "$x"
+		exit 1
+	fi
+done
+rm -rf "$x"
 echo "== cross $arch: $deb $(stat -c %s "$deb") bytes (installed size $(dpkg-deb -f "$deb" Installed-Size) KiB)"
 
 step "lintian"
