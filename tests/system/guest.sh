@@ -5,9 +5,11 @@
 # the host driver (run.mjs) then checks, at the reference cloud, what reached it.
 #
 # /systest (shared with the host) holds: env (MODE=nspawn|qemu, MQTT_PORT, CLOUD_URL, TCTI,
-# N_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb, cloud-ca.pem, token,
-# bulb.pem, frames/1..N (signed by the host with jose), forged; results go to /systest/out/.
-# Every wait is bounded.
+# N_FRAMES, FIRST_FRAMES, KILL_FRAMES, DEV, MIDS and MID_<NAME> for each MESSAGE_ID), iothub.deb,
+# cloud-ca.pem, token, bulb.pem, frames/1..N (signed by the host with jose), forged, probe (the
+# walls' probe, tests/system/probe.c, built static); results go to /systest/out/.
+# Under nspawn (no TPM device) the TPM is the host's swtpm on a unix socket bound at /systest-tpm,
+# mode 0660 group tss, as /dev/tpmrm0 is on a real hub. Every wait is bounded.
 set -u
 . /systest/env
 
@@ -15,6 +17,10 @@ OUT=/systest/out
 TAP=$OUT/tap
 CONF=/etc/iothub.conf
 UNIT=iothub.service
+SIGNER=iothub-signer.service
+SIGNER_SOCKET=iothub-signer.socket
+SIGNER_STATE=/var/lib/iothub-signer
+PROBE=/usr/local/libexec/iothub-probe
 PREFIX=iothub/v1/bulbs
 # MID_<NAME> (every IOTHUB_MID_<NAME> of include/iothub/log.h in the tree the package was built
 # from) come with /systest/env.
@@ -53,6 +59,7 @@ wait_for() {
 	done
 }
 prop() { systemctl show -P "$1" "$UNIT"; }
+sprop() { systemctl show -P "$1" "$SIGNER"; }
 st() { iothubctl status --json | jq -r "$1"; }
 is() { [ "$1" = "$2" ] || { echo "expected '$2', got '$1'"; return 1; }; }
 ge() { [ "$1" -ge "$2" ] 2>/dev/null || { echo "expected >= $2, got '$1'"; return 1; }; }
@@ -104,6 +111,7 @@ finish() {
 	if [ "$failed" -gt 0 ]; then
 		journalctl -b --no-pager -o short-monotonic >"$OUT/journal.txt" 2>&1
 		journalctl -b --no-pager -o verbose -u "$UNIT" >"$OUT/journal-iothub-verbose.txt" 2>&1
+		journalctl -b --no-pager -o verbose -u "$SIGNER" >"$OUT/journal-signer-verbose.txt" 2>&1
 	fi
 	sync
 }
@@ -123,7 +131,19 @@ check "user and group iothub exist (sysusers)" id iothub
 check "/etc/iothub.conf is root:iothub 0640" is "$(stat -c %U:%G:%a $CONF)" root:iothub:640
 check "the unit as shipped has WatchdogSec=30s" is "$(prop WatchdogUSec)" 30s
 check "the unit as shipped has PrivateDevices=yes, DevicePolicy=closed" is "$(prop PrivateDevices) $(prop DevicePolicy)" "yes closed"
-check "the unit as shipped has DeviceAllow=/dev/tpmrm0 rw" sh -c "systemctl show -P DeviceAllow $UNIT | grep -x '/dev/tpmrm0 rw'"
+# Issue 14: the daemon has no device at all; the TPM is the signer's.
+check "iothub.service as shipped allows no device (DeviceAllow= only the char-rtc read of ProtectClock=)" \
+	sh -c "! systemctl show -P DeviceAllow $UNIT | grep -v '^char-rtc r\$' | grep ."
+check "iothub.service as shipped has no supplementary group (not tss)" is "$(prop SupplementaryGroups)" ""
+check "iothub.service Requires= the signer's socket" sh -c "systemctl show -P Requires $UNIT | grep -w $SIGNER_SOCKET"
+check "user and group iothub-signer exist (sysusers), not in group tss" \
+	is "$(id -un iothub-signer) $(id -gn iothub-signer) $(id -Gn iothub-signer)" "iothub-signer iothub-signer iothub-signer"
+check "the signer is installed in /usr/libexec/iothub" test -x /usr/libexec/iothub/iothub-signer
+check "$SIGNER_SOCKET is enabled and listening" is "$(systemctl is-enabled $SIGNER_SOCKET) $(systemctl is-active $SIGNER_SOCKET)" "enabled active"
+check "the signer's socket is iothub-signer:iothub 0660" is "$(stat -c %U:%G:%a /run/iothub-signer/signer.sock)" iothub-signer:iothub:660
+check "$SIGNER as shipped: DeviceAllow=/dev/tpmrm0 rw, PrivateNetwork=yes, User=iothub-signer, SupplementaryGroups=tss" \
+	is "$(systemctl show -P DeviceAllow $SIGNER | grep -v '^char-rtc' | tr '\n' ' ')$(systemctl show -P PrivateNetwork $SIGNER) $(sprop User) $(sprop SupplementaryGroups)" \
+	"/dev/tpmrm0 rw yes iothub-signer tss"
 
 # --- the user's configuration ----------------------------------------------------------------------
 if [ "$MODE" = qemu ]; then
@@ -151,10 +171,13 @@ install -m 0644 /systest/cloud-ca.pem /etc/iothub-cloud-ca.pem
 # the authorization server, which the integration tests cover.
 install -m 0640 -o root -g iothub /systest/token /etc/iothub-token
 check "systemctl stop" systemctl stop $UNIT
+# The signer too: over swtpm's socket (nspawn) the TPM serves one client at a time, and key init
+# below talks to it itself. Its socket stays; nothing connects to it while iothubd is stopped.
+check "systemctl stop $SIGNER" systemctl stop $SIGNER
 write_conf
 check "iothubd --check-config accepts the new configuration (as user iothub)" \
 	runuser -u iothub -- iothubd --check-config --config $CONF
-# swtpm (nspawn, over TCP) serves one client at a time: the key is made while the daemon is stopped.
+# swtpm (nspawn, over its socket) serves one client at a time: the key is made while the daemon and the signer are stopped.
 check "iothubctl key init creates the hub key in the TPM" sh -c 'iothubctl key init | grep "Created hub key"'
 check "iothubctl key init keeps it the second time" sh -c 'iothubctl key init | grep "Kept the existing hub key"'
 iothubctl key show --jwk >"$OUT/key.jwk" 2>&1
@@ -181,7 +204,8 @@ if [ "$MODE" = qemu ]; then
 	# The unit as shipped, in a VM that enforces it: in the daemon's mount namespace /dev is
 	# private and holds the resource manager, not the raw TPM, which the VM does have.
 	check "the VM has the raw /dev/tpm0 too" test -c /dev/tpm0
-	check "the daemon's private /dev has /dev/tpmrm0" nsenter -t "$pid" -m test -c /dev/tpmrm0
+	check "the daemon's private /dev has no /dev/tpmrm0 (issue 14: the TPM is the signer's)" \
+		sh -c "! nsenter -t $pid -m test -e /dev/tpmrm0"
 	check "the daemon's private /dev has no /dev/tpm0" sh -c "! nsenter -t $pid -m test -e /dev/tpm0"
 	check "no drop-in changes the shipped unit" is "$(prop DropInPaths)" ""
 fi
@@ -190,6 +214,27 @@ log "STATUS=$(prop StatusText)"
 check "journal: started message with MESSAGE_ID" sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_STARTED | grep 'started, hub systest-hub'"
 check "MQTT connected" wait_for 10 st_is .mqtt.connected true
 check "key.backend tpm, key.id is the key shown by key show" wait_for 10 key_is_shown_key
+# iothubd's first connection started the signer (socket activation).
+check "$SIGNER started by the daemon's connection (active, running)" wait_for 10 \
+	sh -c "[ \"\$(systemctl show -P ActiveState,SubState $SIGNER | tr '\n' /)\" = active/running/ ]"
+spid=$(sprop MainPID)
+# proc_ids PID USER GROUP TSS(yes|no): the process runs as USER:GROUP, and has group tss among its
+# supplementary groups (ps prints them comma-separated; the primary group may be among them) or not.
+proc_ids() {
+	local u g sup
+	read -r u g sup <<<"$(ps -o user=,group=,supgrp= -p "$1")"
+	echo "pid $1: user $u, group $g, supplementary groups $sup"
+	[ "$u $g" = "$2 $3" ] || return 1
+	case ",$sup," in *,tss,*) [ "$4" = yes ] ;; *) [ "$4" = no ] ;; esac
+}
+check "$SIGNER runs as iothub-signer:iothub-signer with group tss" proc_ids "$spid" iothub-signer iothub-signer yes
+check "iothubd runs as iothub:iothub without group tss" proc_ids "$(prop MainPID)" iothub iothub no
+check "$SIGNER_STATE is iothub-signer 0700" is "$(stat -c %U:%a $SIGNER_STATE)" iothub-signer:700
+if [ "$MODE" = qemu ]; then
+	check "the signer's private /dev has /dev/tpmrm0" nsenter -t "$spid" -m test -c /dev/tpmrm0
+	check "the signer's private /dev has no /dev/tpm0" sh -c "! nsenter -t $spid -m test -e /dev/tpm0"
+	check "no drop-in changes the shipped signer unit" is "$(sprop DropInPaths)" ""
+fi
 
 # --- enrol and relay -------------------------------------------------------------------------------
 check "iothubctl register" iothubctl register
@@ -197,7 +242,7 @@ check "iothubctl bulb add $DEV --key" iothubctl bulb add "$DEV" --key /systest/b
 check "iothubctl bulb list shows it" sh -c "iothubctl bulb list | grep -w $DEV"
 check "journal: enrolment with MESSAGE_ID and IOTHUB_DEVICE=" \
 	sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_BULB_ENROLLED IOTHUB_DEVICE=$DEV | grep ."
-half=$((N_FRAMES - 2))
+half=$FIRST_FRAMES
 ok=1
 for i in $(seq 1 "$half"); do publish /systest/frames/$i || ok=0; done
 check "mosquitto_pub: $half signed frames published" test $ok = 1
@@ -238,9 +283,30 @@ else
 	skip "journalctl -x shows the catalog text" "the package ships no $CATALOG"
 fi
 
+# --- the signer killed: restarted, the daemon reconnects, nothing lost (issue 14) -------------------
+# The socket stays with systemd while the signer is down; frames published meanwhile wait in the
+# daemon's spool and are signed and uploaded once a signer runs again.
+spid=$(sprop MainPID)
+srestarts=$(sprop NRestarts)
+check "systemctl kill -s KILL $SIGNER" systemctl kill -s KILL $SIGNER
+k0=$((half + 1))
+k1=$((half + KILL_FRAMES))
+ok=1
+for i in $(seq "$k0" "$k1"); do publish /systest/frames/$i || ok=0; done
+check "mosquitto_pub: frames $k0..$k1 published right after the kill" test $ok = 1
+check "the signer runs again (a new PID, active)" wait_for 20 \
+	sh -c "p=\$(systemctl show -P MainPID $SIGNER); [ \"\$p\" != 0 ] && [ \"\$p\" != $spid ] && systemctl is-active -q $SIGNER"
+log "signer: PID $spid killed, now PID $(sprop MainPID), NRestarts $srestarts -> $(sprop NRestarts)"
+check "journal: systemd saw the signer killed by SIGKILL" \
+	sh -c "journalctl -q -o cat -u $SIGNER | grep -F 'status=9/KILL'"
+check "the daemon kept running (same PID)" is "$(prop MainPID)" "$pid"
+check "frames.accepted = $k1 (none lost)" wait_for 15 st_is .frames.accepted "$k1"
+check "cloud.uploaded = $k1 (signed by the new signer, accepted by the cloud)" wait_for 30 st_is .cloud.uploaded "$k1"
+check "spool.pending = 0 after the kill" st_is .spool.pending 0
+
 if [ "$MODE" = nspawn ]; then
 	# --- reload: same PID, a changed setting applied ----------------------------------------------------
-	f=$((half + 1))
+	f=$((k1 + 1))
 	size=$(stat -c %s /systest/frames/$f)
 	write_conf "max_bytes = 256"
 	reloads=$(journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_RELOADED | wc -l)
@@ -297,7 +363,7 @@ if [ "$MODE" = nspawn ]; then
 	systemctl daemon-reload
 	systemctl restart $UNIT
 	check "after the restarts: MQTT connected" wait_for 10 st_is .mqtt.connected true
-	f=$((half + 2))
+	f=$((k1 + 2))
 	publish /systest/frames/$f
 	check "after the restarts: the next frame is uploaded (replay state kept)" wait_for 20 st_is .cloud.uploaded 1
 
@@ -307,9 +373,111 @@ if [ "$MODE" = nspawn ]; then
 	check "journal: stopping, with MESSAGE_ID" sh -c "journalctl -q -o cat -u $UNIT MESSAGE_ID=$MID_STOPPING | grep ."
 	systemctl start $UNIT
 
+fi
+
+# --- the walls, from the inside (issue 14) ---------------------------------------------------------
+# An older version kept the sealed tokens in /var/lib/iothub: the upgrade moves them to the signer.
+# Random bytes stand in for them here (the move does not look inside the files); they also give
+# the probes below real files to try.
+check "systemctl stop $UNIT $SIGNER" systemctl stop $UNIT $SIGNER
+head -c 61 /dev/urandom >/var/lib/iothub/tokens.key
+head -c 200 /dev/urandom >/var/lib/iothub/tokens.enc
+chown iothub:iothub /var/lib/iothub/tokens.key /var/lib/iothub/tokens.enc
+chmod 0600 /var/lib/iothub/tokens.key /var/lib/iothub/tokens.enc
+sum_old=$(cat /var/lib/iothub/tokens.key /var/lib/iothub/tokens.enc | sha256sum)
+check "upgrade over a version that kept the tokens in /var/lib/iothub (apt-get install --reinstall)" \
+	apt-get install -y --reinstall --no-install-recommends /tmp/iothub.deb
+check "postinst moved tokens.key and tokens.enc to $SIGNER_STATE, iothub-signer:iothub-signer 0600" \
+	is "$(stat -c '%U:%G:%a' $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc | tr '\n' ' ')" \
+	"iothub-signer:iothub-signer:600 iothub-signer:iothub-signer:600 "
+check "the moved files are the same bytes" is "$(cat $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc | sha256sum)" "$sum_old"
+check "no token file left in /var/lib/iothub" sh -c '! ls -d /var/lib/iothub/tokens* 2>/dev/null'
+check "the upgrade started the daemon again" wait_for 10 systemctl is-active -q $UNIT
+
+# probe UNIT NAME CHECK...: runs the probe in place of UNIT's program (a drop-in ExecStart=, so that
+# the unit's own sandbox applies), keeps its PROBE lines in $OUT/probe-NAME.
+install -m 0755 /systest/probe $PROBE
+probe() {
+	local unit=$1 name=$2 d=/run/systemd/system/$1.d inv
+	shift 2
+	systemctl stop $UNIT $SIGNER
+	mkdir -p "$d"
+	printf '[Service]\nExecStart=\nExecStart=%s %s\n' "$PROBE" "$*" >"$d/probe.conf"
+	systemctl daemon-reload
+	timeout 60 systemctl start "$unit"
+	inv=$(systemctl show -P InvocationID "$unit")
+	wait_for 10 sh -c "journalctl -q -o cat _SYSTEMD_INVOCATION_ID=$inv | grep -qx 'PROBE done'"
+	journalctl -q -o cat _SYSTEMD_INVOCATION_ID="$inv" | grep '^PROBE ' >"$OUT/probe-$name"
+	sed "s/^/[$name] /" "$OUT/probe-$name" | while read -r l; do log "$l"; done
+}
+# saw NAME CHECK RESULT: the probe NAME printed that result for that check (RESULT "E*": any errno).
+saw() {
+	local line
+	line=$(grep -F "PROBE $2 " "$OUT/probe-$1" | head -n1)
+	case "${line#PROBE $2 }" in
+	$3) return 0 ;;
+	*) echo "expected '$3', got '${line:-nothing}'"; return 1 ;;
+	esac
+}
+TPM_SOCK=/systest-tpm/swtpm.sock
+in_daemon="open-rw:/dev/tpmrm0 read:$SIGNER_STATE/tokens.enc read:$SIGNER_STATE/tokens.key list:$SIGNER_STATE"
+in_daemon="$in_daemon list:/var/lib/iothub tcp:127.0.0.1:$MQTT_PORT unix:/run/iothub-signer/signer.sock"
+in_signer="read:$SIGNER_STATE/tokens.enc read:$SIGNER_STATE/tokens.key list:/var/lib/iothub"
+in_signer="$in_signer inet-socket inet6-socket netlink-socket tcp:127.0.0.1:$MQTT_PORT udp:127.0.0.1:53"
+if [ "$MODE" = qemu ]; then
+	in_signer="$in_signer open-rw:/dev/tpmrm0 open-rw:/dev/tpm0"
+else
+	in_daemon="$in_daemon unix:$TPM_SOCK"
+	in_signer="$in_signer unix:$TPM_SOCK"
+fi
+
+probe $UNIT daemon $in_daemon
+check "probe as iothubd: ran under the unit's user (uid of iothub)" sh -c "grep -qx 'PROBE uid=$(id -u iothub) gid=$(id -g iothub)' $OUT/probe-daemon"
+check "probe as iothubd: cannot open /dev/tpmrm0 (not in its /dev)" saw daemon open-rw:/dev/tpmrm0 ENOENT
+[ "$MODE" = qemu ] && check "... which the VM does have" test -c /dev/tpmrm0
+[ "$MODE" = nspawn ] && check "probe as iothubd: cannot connect to the TPM's socket (not in group tss)" saw daemon unix:$TPM_SOCK EACCES
+check "probe as iothubd: cannot read $SIGNER_STATE/tokens.enc" saw daemon read:$SIGNER_STATE/tokens.enc EACCES
+check "probe as iothubd: cannot read $SIGNER_STATE/tokens.key" saw daemon read:$SIGNER_STATE/tokens.key EACCES
+check "probe as iothubd: cannot list $SIGNER_STATE" saw daemon list:$SIGNER_STATE EACCES
+# What it must still do, so that the walls above are the sandbox's and not a broken probe.
+check "probe as iothubd: can list its own /var/lib/iothub" saw daemon list:/var/lib/iothub ok
+check "probe as iothubd: can connect to the broker (127.0.0.1:$MQTT_PORT)" saw daemon tcp:127.0.0.1:$MQTT_PORT ok
+check "probe as iothubd: can connect to the signer's socket" saw daemon unix:/run/iothub-signer/signer.sock ok
+
+probe $SIGNER signer $in_signer
+check "probe as the signer: ran under the unit's user (uid of iothub-signer)" \
+	sh -c "grep -qx 'PROBE uid=$(id -u iothub-signer) gid=$(id -g iothub-signer)' $OUT/probe-signer"
+check "probe as the signer: can read the token files (its own)" saw signer read:$SIGNER_STATE/tokens.enc ok
+if [ "$MODE" = qemu ]; then
+	check "probe as the signer: can open /dev/tpmrm0" saw signer open-rw:/dev/tpmrm0 ok
+	check "probe as the signer: cannot open the raw /dev/tpm0" saw signer open-rw:/dev/tpm0 ENOENT
+else
+	check "probe as the signer: can connect to the TPM's socket (group tss)" saw signer unix:$TPM_SOCK ok
+fi
+check "probe as the signer: cannot list the daemon's /var/lib/iothub" saw signer list:/var/lib/iothub EACCES
+for c in inet-socket inet6-socket netlink-socket tcp:127.0.0.1:$MQTT_PORT udp:127.0.0.1:53; do
+	check "probe as the signer: $c refused (RestrictAddressFamilies=AF_UNIX)" saw signer "$c" EAFNOSUPPORT
+done
+# The next wall behind it: with AF_INET allowed by a test drop-in, PrivateNetwork=yes and
+# IPAddressDeny=any still keep it from the broker the daemon reached above.
+printf '[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n' >/run/systemd/system/$SIGNER.d/inet.conf
+probe $SIGNER signer-inet inet-socket tcp:127.0.0.1:$MQTT_PORT
+check "probe as the signer with AF_INET allowed: the socket opens" saw signer-inet inet-socket ok
+check "probe as the signer with AF_INET allowed: 127.0.0.1:$MQTT_PORT still unreachable (PrivateNetwork=)" \
+	saw signer-inet tcp:127.0.0.1:$MQTT_PORT 'E*'
+
+rm -rf /run/systemd/system/$UNIT.d /run/systemd/system/$SIGNER.d
+systemctl daemon-reload
+rm -f $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc
+check "drop-ins removed: the daemon starts again" systemctl start $UNIT
+check "drop-ins removed: the units are as shipped" is "$(prop DropInPaths)$(sprop DropInPaths)" ""
+check "drop-ins removed: the daemon connects the signer again" wait_for 15 systemctl is-active -q $SIGNER
+
+if [ "$MODE" = nspawn ]; then
 	# --- remove keeps the state, purge removes it, reinstall ---------------------------------------------------
 	check "apt-get remove" apt-get remove -y iothub
 	check "remove: the daemon is stopped" sh -c "! systemctl is-active -q $UNIT"
+	check "remove: the signer and its socket are stopped" sh -c "! systemctl is-active -q $SIGNER && ! systemctl is-active -q $SIGNER_SOCKET"
 	check "remove: package in state config-files (rc)" is "$(dpkg-query -W -f '${db:Status-Abbrev}' iothub)" "rc "
 	check "remove: /var/lib/iothub kept" sh -c 'ls /var/lib/iothub | grep .'
 	check "remove: $CONF kept" grep -q '^id = systest-hub' $CONF
@@ -318,8 +486,10 @@ if [ "$MODE" = nspawn ]; then
 	check "reinstall: the kept state is used (bulb still enrolled)" sh -c "iothubctl bulb list | grep -w $DEV"
 	check "apt-get purge" apt-get purge -y iothub
 	check "purge: /var/lib/iothub removed" test ! -e /var/lib/iothub
+	check "purge: $SIGNER_STATE removed" test ! -e $SIGNER_STATE
 	check "purge: $CONF removed" test ! -e $CONF
-	check "purge: nothing left running" sh -c "! pgrep -x iothubd"
+	check "purge: nothing left running" sh -c "! pgrep -x iothubd && ! pgrep -x iothub-signer"
+	check "purge: the signer's socket is gone" test ! -e /run/iothub-signer/signer.sock
 	check "reinstall after purge" apt-get install -y --no-install-recommends /tmp/iothub.deb
 	check "reinstall: active with the shipped configuration" wait_for 10 systemctl is-active -q $UNIT
 	start_ms "after reinstall, shipped configuration"

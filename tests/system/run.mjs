@@ -15,7 +15,7 @@ import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Broker, Swtpm, sleep } from '../integration/lib/harness.mjs';
+import { Broker, sleep } from '../integration/lib/harness.mjs';
 import { Bulb } from '../integration/lib/bulb.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
@@ -23,7 +23,11 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const HUB_ID = 'systest-hub';
 const DEV = 'sys-bulb-1';
 const TOKEN = 'tok-system-test-0123456789abcdef';
-const N_FRAMES = 8;
+// Frames 1..FIRST_FRAMES are relayed first; the next KILL_FRAMES are published right after the
+// signer is killed (guest.sh); nspawn uses the last two for the reload and restart checks.
+const FIRST_FRAMES = 6;
+const KILL_FRAMES = 3;
+const N_FRAMES = FIRST_FRAMES + KILL_FRAMES + 2;
 const NSPAWN_TIMEOUT_S = 240;
 const QEMU_TIMEOUT_S = 900;
 
@@ -173,12 +177,31 @@ function prepareVm(cache) {
 }
 
 // --- one guest run -----------------------------------------------------------------------------------
-async function hostParts(dir, withTcpTpm) {
+async function hostParts(dir) {
   fs.mkdirSync(dir, { recursive: true });
   const broker = await Broker.start(dir);
   const cloud = await startCloud({ dir: path.join(dir, 'cloud'), tokens: { [TOKEN]: 'systest' } });
-  const tpm = withTcpTpm ? await Swtpm.start(path.join(dir, 'tpm')) : null;
-  return { broker, cloud, tpm };
+  return { broker, cloud };
+}
+
+// The container's TPM: swtpm on a unix socket (data, and control at SOCK.ctrl, as tpm2-tss's
+// swtpm TCTI expects with path=), mode 0660 with the group tss of the guest's /etc/group, so
+// that in the guest, as on a real hub's /dev/tpmrm0, only the signer (SupplementaryGroups=tss)
+// may connect. nspawn has no TPM device; the socket's directory is bound at /systest-tpm.
+async function unixSwtpm(dir, root) {
+  const gid = fs.readFileSync(path.join(root, 'etc/group'), 'utf8').match(/^tss:x:(\d+):/m)?.[1];
+  if (!gid) throw new Error(`no group tss in ${root}/etc/group (tpm-udev)`);
+  const state = path.join(dir, 'state');
+  const sockDir = path.join(dir, 'sock');
+  fs.mkdirSync(state, { recursive: true });
+  fs.mkdirSync(sockDir, { recursive: true, mode: 0o755 });
+  const sock = path.join(sockDir, 'swtpm.sock');
+  const p = start('swtpm', ['socket', '--tpm2', '--flags', 'not-need-init,startup-clear', '--tpmstate', `dir=${state}`,
+    '--server', `type=unixio,path=${sock},mode=0660,gid=${gid}`, '--ctrl', `type=unixio,path=${sock}.ctrl,mode=0660,gid=${gid}`,
+    '--log', `file=${path.join(dir, 'swtpm.log')},level=1`]);
+  for (let i = 0; i < 100 && !(fs.existsSync(sock) && fs.existsSync(`${sock}.ctrl`)); i++) await sleep(50);
+  if (!fs.existsSync(sock)) throw new Error('swtpm did not create its socket');
+  return { sockDir, tcti: 'swtpm:path=/systest-tpm/swtpm.sock', stop: () => p.kill('SIGTERM') };
 }
 
 // The MESSAGE_IDs of the tree the package was built from (make system-test builds it from this
@@ -214,10 +237,12 @@ async function makeShare(share, deb, env) {
     frames.push({ seq: bulb.seq, jws });
     fs.writeFileSync(path.join(share, 'frames', String(i)), jws);
   }
+  // The walls' probe (probe.c), static: it runs in the guest in place of iothubd and the signer.
+  sh('cc', ['-std=c11', '-O2', '-Wall', '-Wextra', '-Werror', '-static', '-o', path.join(share, 'probe'), path.join(here, 'probe.c')]);
   const forger = await Bulb.create(DEV, 'ES256');
   forger.seq = 1000;
   fs.writeFileSync(path.join(share, 'forged'), await forger.frame({ iat }));
-  const lines = Object.entries({ ...env.vars, N_FRAMES, DEV, ...messageIds() }).map(([k, v]) => `${k}=${v}`);
+  const lines = Object.entries({ ...env.vars, N_FRAMES, FIRST_FRAMES, KILL_FRAMES, DEV, ...messageIds() }).map(([k, v]) => `${k}=${v}`);
   fs.writeFileSync(path.join(share, 'env'), `${lines.join('\n')}\n`);
   return frames;
 }
@@ -292,7 +317,8 @@ async function phaseNspawn(a) {
   removeEphemeralCopies(a.cache);
   const work = path.join(a.cache, 'run-nspawn');
   fs.rmSync(work, { recursive: true, force: true });
-  const { broker, cloud, tpm } = await hostParts(path.join(work, 'host'), true);
+  const { broker, cloud } = await hostParts(path.join(work, 'host'));
+  const tpm = await unixSwtpm(path.join(work, 'tpm'), root);
   try {
     const share = path.join(work, 'share');
     const frames = await makeShare(share, a.deb, {
@@ -305,13 +331,13 @@ async function phaseNspawn(a) {
     const log = path.join(work, 'console.log');
     const r = await runGuest('systemd-nspawn', ['-q', '-D', root, '--ephemeral', '--boot', '--console=pipe',
       '--register=no', '--keep-unit', `--bind=${share}:/systest`, `--bind=${journal}:/var/log/journal`,
+      `--bind-ro=${tpm.sockDir}:/systest-tpm`,
       '--hostname=iothub-nspawn'], log, NSPAWN_TIMEOUT_S);
     removeEphemeralCopies(a.cache);
     check('[nspawn] the container booted, ran the test and powered off in time',
       () => (!r.timedOut && r.code === 0) || `exit ${r.code} ${r.signal ?? ''}${r.timedOut ? `, killed after ${NSPAWN_TIMEOUT_S} s` : ''}`);
     guestTap(share, 'nspawn');
-    const half = N_FRAMES - 2;
-    cloudChecks('nspawn', cloud, share, frames, [...Array(half + 2).keys()].map((i) => i + 1));
+    cloudChecks('nspawn', cloud, share, frames, [...Array(N_FRAMES).keys()].map((i) => i + 1));
     startTimes('nspawn', share);
     if (failed) {
       try { fs.writeFileSync(path.join(share, 'out/journal-host-copy.txt'), sh('journalctl', ['-D', journal, '--no-pager', '-o', 'short-monotonic'], { maxBuffer: 64 << 20 })); } catch { /* best effort */ }
@@ -320,7 +346,7 @@ async function phaseNspawn(a) {
   } finally {
     await cloud.close();
     await broker.stop();
-    await tpm?.stop();
+    tpm.stop();
   }
   note(`[nspawn] phase took ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 }
@@ -331,7 +357,7 @@ async function phaseQemu(a) {
   const vm = path.join(a.cache, 'vm');
   const work = path.join(a.cache, 'run-qemu');
   fs.rmSync(work, { recursive: true, force: true });
-  const { broker, cloud } = await hostParts(path.join(work, 'host'), false);
+  const { broker, cloud } = await hostParts(path.join(work, 'host'));
   // swtpm behind QEMU's TPM emulator (control channel on a unix socket, data over it too).
   const tpmDir = path.join(work, 'tpm');
   fs.mkdirSync(tpmDir, { recursive: true });
@@ -365,7 +391,7 @@ async function phaseQemu(a) {
     check('[qemu] the VM booted, ran the test and powered off in time',
       () => (!r.timedOut && r.code === 0) || `exit ${r.code} ${r.signal ?? ''}${r.timedOut ? `, killed after ${QEMU_TIMEOUT_S} s` : ''}`);
     guestTap(share, 'qemu');
-    cloudChecks('qemu', cloud, share, frames, [...Array(N_FRAMES - 2).keys()].map((i) => i + 1));
+    cloudChecks('qemu', cloud, share, frames, [...Array(FIRST_FRAMES + KILL_FRAMES).keys()].map((i) => i + 1));
     startTimes('qemu', share);
     if (failed) keepLogs(a.cache, 'qemu', share, [log]);
   } finally {
