@@ -8,7 +8,7 @@
  *     limits, no NUL in a text, and encodes back (with the encoder) to a message that decodes to
  *     the same fields;
  *   - what the policy lets through for SIGN_HTTP is of the configured cloud origin (and OpenSSL's
- *     own URL parser, OSSL_parse_url(), reads the same host and port), for SIGN_DPOP of the
+ *     own URL parser, OSSL_parse_url(), where it reads the URL, reads the same host and port), for SIGN_DPOP of the
  *     issuer's or the cloud's, and for SIGN_COMMAND within the time rules, with a payload that
  *     command_payload() builds; with a vendor key configured, a command is let through only with
  *     a vendor JWS (never here: the key's private half is not known). */
@@ -106,7 +106,10 @@ static void check_origin_openssl(const char *url, const struct signer_origin *o)
         int port_num = 0;
         size_t n;
 
-        CHECK(OSSL_parse_url(url, &scheme, &user, &host, &port, &port_num, &path, &query, &frag) == 1);
+        /* OpenSSL 3.0 refuses some valid paths ("/a/://b": it looks for "://" anywhere); where
+         * it reads the URL at all, it must read the same origin. */
+        if (OSSL_parse_url(url, &scheme, &user, &host, &port, &port_num, &path, &query, &frag) != 1)
+                return;
         CHECK(strcasecmp(scheme, "https") == 0);
         CHECK(user == NULL || user[0] == '\0');
         /* OpenSSL 3.0 says 0 (and "0") when the URL has no port: the scheme's default, 443. */
