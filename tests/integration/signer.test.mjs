@@ -354,6 +354,25 @@ test('a message cut in pieces and several in one write are framed right', async 
   c.close();
 });
 
+test('more requests than may be in flight (64), in one write: every one answered, in any order', async () => {
+  const conf = await writeConf('many.conf', { signer: { rate_per_s: 10000, burst: 100000 } });
+  const msock = path.join(dir, 'many.sock');
+  const s4 = await new Signer(conf, msock).start();
+  try {
+    const c = await SignerClient.connect(msock);
+    const msgs = [];
+    for (let i = 0; i < 200; i++) msgs.push(encode(1000 + i, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x/${i}`]]));
+    c.sendRaw(Buffer.concat(msgs));
+    const answers = await Promise.all(msgs.map((_, i) => c.wait(1000 + i, 60000)));
+    assert.ok(answers.every((a) => a.status === 0));
+    const v = await verifyDpopProof({ proof: answers[150].fields.PROOF, method: 'GET', htu: `${CLOUD}/x/150` });
+    assert.equal(v.payload.htu, `${CLOUD}/x/150`);
+    c.close();
+  } finally {
+    await s4.stop();
+  }
+});
+
 test('a peer of another uid is refused (SO_PEERCRED), logged and counted', async () => {
   // Make the socket reachable by nobody (the unit's 0660 would stop it before the signer sees it):
   // what is tested is the signer's own check.
