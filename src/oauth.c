@@ -18,6 +18,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "iothub/dpop.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/jws.h"
@@ -183,55 +184,32 @@ static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t
 
 int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
                      const char *nonce, int64_t now, char **ret) {
-        json_t *jwk = NULL, *header = NULL, *claims = NULL;
-        _cleanup_free_ char *htu = NULL;
-        uint8_t jti[16], ath[32];
-        char jti_b64[32], ath_b64[48];
+        _cleanup_free_ char *jws = NULL;
+        json_t *jwk = NULL;
+        uint8_t sig[HUBKEY_SIG_LEN];
+        char ath[DPOP_ATH_LEN + 1];
+        size_t len = 0;
         int r;
 
-        /* RFC 9449 4.2: htu is the target URI "without query and fragment parts"; a strict
-         * resource server compares it to the request's URI with them cut off (4.3, check 9). */
-        htu = oauth_dpop_htu(url);
-        if (!htu)
-                return -ENOMEM;
-        r = random_bytes(jti, sizeof jti);
-        if (r < 0)
-                return r;
-        (void) b64url_encode(jti, sizeof jti, jti_b64);
+        /* Built in dpop.c, which iothub-signer(8) shares. */
+        if (access_token) {
+                r = dpop_ath(access_token, ath);
+                if (r < 0)
+                        return r;
+        }
         r = hubkey_public_jwk(k, &jwk);
         if (r < 0)
                 return r;
-        /* RFC 9449 4.2: the public key in the header, no private members. */
-        header = json_pack("{s:s,s:s,s:o}", "typ", "dpop+jwt", "alg", "ES256", "jwk", jwk);
-        claims = json_pack("{s:s,s:s,s:s,s:I}", "jti", jti_b64, "htm", method, "htu", htu, "iat", (json_int_t) now);
-        if (!header || !claims) {
-                r = -ENOMEM;
-                goto out;
-        }
-        if (access_token) {
-                /* ath: base64url(SHA-256(the ASCII access token)), RFC 9449 4.2. */
-                if (!EVP_Digest(access_token, strlen(access_token), ath, NULL, EVP_sha256(), NULL)) {
-                        r = -EIO;
-                        goto out;
-                }
-                (void) b64url_encode(ath, sizeof ath, ath_b64);
-                (void) json_object_set_new(claims, "ath", json_string(ath_b64));
-        }
-        if (nonce && nonce[0])
-                (void) json_object_set_new(claims, "nonce", json_string(nonce));
-        {
-                _cleanup_free_ char *hs = json_dumps(header, JSON_COMPACT), *cs = json_dumps(claims, JSON_COMPACT);
-                if (!hs || !cs) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                /* JWS ES256 (RFC 7518 3.4) is exactly the hub key's raw r||s over the signing input. */
-                r = jws_compact_sign(hs, strlen(hs), cs, strlen(cs), sign_with_hubkey, k, ret);
-        }
-out:
-        json_decref(header);
-        json_decref(claims);
-        return r;
+        r = dpop_prepare(jwk, method, url, access_token ? ath : NULL, nonce, now, &jws, &len);
+        json_decref(jwk);
+        if (r < 0)
+                return r;
+        r = sign_with_hubkey(k, jws, len, sig);
+        if (r < 0)
+                return r;
+        jws_compact_finish(jws, len, sig);
+        *ret = TAKE_PTR(jws);
+        return 0;
 }
 
 /* ---- parsers of the authorization server's answers (pure; oauth-internal.h) ---- */
@@ -269,7 +247,7 @@ static bool is_https(const char *s) {
 }
 
 char *oauth_dpop_htu(const char *url) {
-        return strndup(url, strcspn(url, "?#"));
+        return dpop_htu(url);
 }
 
 void oauth_metadata_done(struct oauth_metadata *m) {
