@@ -413,6 +413,16 @@ static int check_https_url(struct parse_ctx *ctx, const struct conf_key *k, cons
         return 0;
 }
 
+/* A user name as useradd(8) takes them (and a uid, all digits): resolved by the signer. */
+static int check_user_name(struct parse_ctx *ctx, const struct conf_key *k, const char *v) {
+        static const char allowed[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-";
+
+        if (strspn(v, allowed) != strlen(v) || v[0] == '-' || v[0] == '.')
+                return key_error(ctx, k, "'%.*s%s' is not a user name (A-Z a-z 0-9 . _ -, not starting with - or .)",
+                                 ECHO(v));
+        return 0;
+}
+
 /* RFC 6749 A.1: client-id = *VSCHAR, printable ASCII. */
 static int check_oauth_client_id(struct parse_ctx *ctx, const struct conf_key *k, const char *v) {
         for (const char *p = v; *p; p++)
@@ -511,6 +521,12 @@ static const struct conf_key conf_keys[] = {
         KEY_UINT("broker", "timeout_s", broker.timeout_s, 1, 60),
 
         KEY_OTHER("spool", "max_bytes", spool.max_bytes, parse_size, 64 * KIB, 64 * GIB),
+
+        KEY_PATH("signer", "socket", signer.socket),
+        KEY_STRING("signer", "client_user", signer.client_user, 1, 32, check_user_name),
+        KEY_PATH("signer", "state_dir", signer.state_dir),
+        KEY_UINT("signer", "rate_per_s", signer.rate_per_s, 1, 10000),
+        KEY_UINT("signer", "burst", signer.burst, 1, 100000),
 };
 
 static const struct conf_key *conf_key_find(const char *section, const char *name) {
@@ -800,12 +816,20 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->frames.rate_per_device = 5;
         c->spool.max_bytes = 256 * MIB;
         c->broker.timeout_s = 5;
+        c->signer.rate_per_s = 50;
+        c->signer.burst = 100;
 
         c->mqtt.host = strdup("127.0.0.1");
         c->mqtt.topic_prefix = strdup("iothub/v1/bulbs");
         c->key.tcti = strdup("device:/dev/tpmrm0");
         c->oauth.scope = strdup("offline_access");
-        if (!c->mqtt.host || !c->mqtt.topic_prefix || !c->key.tcti || !c->oauth.scope)
+        /* [signer] state_dir: not $STATE_DIRECTORY here, that is the directory of whichever unit
+         * reads the file (iothubd's too); the signer prefers it when the file does not set one. */
+        c->signer.socket = strdup("/run/iothub-signer/signer.sock");
+        c->signer.client_user = strdup("iothub");
+        c->signer.state_dir = strdup("/var/lib/iothub-signer");
+        if (!c->mqtt.host || !c->mqtt.topic_prefix || !c->key.tcti || !c->oauth.scope || !c->signer.socket ||
+            !c->signer.client_user || !c->signer.state_dir)
                 return -ENOMEM;
         if (c->hub.id && client_id_from_hub_id(c->hub.id, &c->mqtt.client_id) < 0)
                 return -ENOMEM;
@@ -880,6 +904,7 @@ static int conf_check(struct parse_ctx *ctx, int machine_id_error) {
                 return ctx_error(ctx, -EINVAL, 0, "[hub] id: not set, and %s cannot be read: %s",
                                  conf_machine_id_path, strerror(-machine_id_error));
         }
+        c->signer.state_dir_set = *conf_key_line(ctx, "signer", "state_dir") > 0;
         /* The default client id follows the hub id, which the file may have set. */
         if (*client_id_line == 0) {
                 char *s = NULL;
@@ -1016,6 +1041,9 @@ void conf_free(struct iothub_conf *c) {
         free(c->oauth.scope);
         free(c->oauth.ca_file);
         free(c->bulbs.ca_file);
+        free(c->signer.socket);
+        free(c->signer.client_user);
+        free(c->signer.state_dir);
         free(c);
 }
 

@@ -71,6 +71,15 @@ struct iothub_conf {
         struct {
                 uint64_t max_bytes;
         } spool;
+        /* iothub-signer(8): the program that alone opens the TPM and the sealed tokens. */
+        struct {
+                char *socket;        /* where iothubd connects, where the signer listens without systemd */
+                char *client_user;   /* the only peer (SO_PEERCRED) the signer serves: a user name or uid */
+                char *state_dir;     /* the signer's sealed token files */
+                bool state_dir_set;  /* by the file; if not, the signer takes $STATE_DIRECTORY first */
+                unsigned rate_per_s; /* token bucket over all signing ops */
+                unsigned burst;
+        } signer;
 };
 
 /* Fill every key with its default (for the hub id and directories: the environment and

@@ -168,6 +168,11 @@ static const struct key_info keys[] = {
         K("spool", "max_bytes", spool.max_bytes, SIZE),
         K("broker", "dynsec", broker.dynsec, BOOL),
         K("broker", "timeout_s", broker.timeout_s, UINT),
+        K("signer", "socket", signer.socket, STR),
+        K("signer", "client_user", signer.client_user, STR),
+        K("signer", "state_dir", signer.state_dir, STR),
+        K("signer", "rate_per_s", signer.rate_per_s, UINT),
+        K("signer", "burst", signer.burst, UINT),
 };
 
 static const struct key_info *key_info_find(const char *section, const char *name) {
@@ -292,7 +297,12 @@ static int setup(void **state) {
         "[bulbs] ca_file = (unset)\n"                                                                       \
         "[spool] max_bytes = 268435456\n"                                                                   \
         "[broker] dynsec = off\n"                                                                            \
-        "[broker] timeout_s = 5\n"
+        "[broker] timeout_s = 5\n"                                                                         \
+        "[signer] socket = /run/iothub-signer/signer.sock\n"                                                \
+        "[signer] client_user = iothub\n"                                                                   \
+        "[signer] state_dir = /var/lib/iothub-signer\n"                                                     \
+        "[signer] rate_per_s = 50\n"                                                                        \
+        "[signer] burst = 100\n"
 
 static void test_defaults(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
@@ -378,7 +388,14 @@ static void test_full_file(void **state) {
                                    "\n"
                                    "[broker]\n"
                                    "dynsec = on\n"
-                                   "timeout_s = 10\n";
+                                   "timeout_s = 10\n"
+                                   "\n"
+                                   "[signer]\n"
+                                   "socket = /srv/signer.sock\n"
+                                   "client_user = hub_1\n"
+                                   "state_dir = /srv/signer\n"
+                                   "rate_per_s = 10000\n"
+                                   "burst = 1\n";
         static const char expected[] = "[hub] id = living-room.hub_1\n"
                                        "[hub] state_dir = /srv/iothub/state\n"
                                        "[hub] runtime_dir = /srv/iothub/run\n"
@@ -414,7 +431,12 @@ static void test_full_file(void **state) {
                                        "[bulbs] ca_file = /etc/iothub/bulb-ca.pem\n"
                                        "[spool] max_bytes = 1073741824\n"
                                        "[broker] dynsec = on\n"
-                                       "[broker] timeout_s = 10\n";
+                                       "[broker] timeout_s = 10\n"
+                                       "[signer] socket = /srv/signer.sock\n"
+                                       "[signer] client_user = hub_1\n"
+                                       "[signer] state_dir = /srv/signer\n"
+                                       "[signer] rate_per_s = 10000\n"
+                                       "[signer] burst = 1\n";
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *d = NULL, *err = NULL;
 
@@ -510,6 +532,15 @@ static void test_good_values(void **state) {
                 { "broker", "dynsec = off", "dynsec", "off" },
                 { "broker", "timeout_s = 1", "timeout_s", "1" },
                 { "broker", "timeout_s = 60", "timeout_s", "60" },
+                { "signer", "socket = /run/s.sock", "socket", "/run/s.sock" },
+                { "signer", "client_user = 0", "client_user", "0" },
+                { "signer", "client_user = {u*32}", "client_user", "{u*32}" },
+                { "signer", "client_user = a.b_c-d", "client_user", "a.b_c-d" },
+                { "signer", "state_dir = /x", "state_dir", "/x" },
+                { "signer", "rate_per_s = 1", "rate_per_s", "1" },
+                { "signer", "rate_per_s = 10000", "rate_per_s", "10000" },
+                { "signer", "burst = 1", "burst", "1" },
+                { "signer", "burst = 100000", "burst", "100000" },
         };
 
         for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
@@ -817,6 +848,15 @@ static void test_bad_values(void **state) {
                   "suffix)" },
                 { "spool", "max_bytes = 1.5G",
                   "[spool] max_bytes: '1.5G' is not a size (a number with an optional K, M or G suffix)" },
+                { "signer", "socket = run/s.sock", "[signer] socket: 'run/s.sock' is not an absolute path" },
+                { "signer", "client_user = -x",
+                  "[signer] client_user: '-x' is not a user name (A-Z a-z 0-9 . _ -, not starting with - or .)" },
+                { "signer", "client_user = a b",
+                  "[signer] client_user: 'a b' is not a user name (A-Z a-z 0-9 . _ -, not starting with - or .)" },
+                { "signer", "client_user = {u*33}",
+                  "[signer] client_user: value is too long (33 characters, at most 32)" },
+                { "signer", "rate_per_s = 0", "[signer] rate_per_s: '0' is out of range 1..10000" },
+                { "signer", "burst = 100001", "[signer] burst: '100001' is out of range 1..100000" },
         };
         static const char *const fillers[] = { "", "# a comment\n", "\n; another\n   \n" };
         static const unsigned filler_lines[] = { 0, 1, 3 };
