@@ -457,6 +457,7 @@ static int read_input(struct signer *s) {
                                 op->not_before = now_monotonic_usec() +
                                                  backoff_ms(op->busy++, SIGNER_BUSY_MIN_MS, SIGNER_BUSY_MAX_MS, rnd) * 1000;
                                 s->busy_retries++;
+                                arm_tick(s); /* its retry */
                         } else if (op) {
                                 int k = m.status < 0 ? m.status : reply_fill(op, &m);
                                 if (op->code == SIGNER_OP_KEY_INFO && k >= 0)
@@ -814,11 +815,13 @@ static void on_status(void *userdata, int r, const struct signer_reply *reply) {
         struct signer *s = userdata;
         const char *last;
 
-        s->status_op = signer_op_free(s->status_op);
-        if (r < 0 || !reply->status)
+        json_t *st = r >= 0 ? json_incref(reply->status) : NULL;
+
+        s->status_op = signer_op_free(s->status_op); /* reply lives in it: taken above */
+        if (!st)
                 return;
         json_decref(s->remote_status);
-        s->remote_status = json_incref(reply->status);
+        s->remote_status = st;
         /* The signer's own words for the last failure (a TPM error decoded), no secret. */
         last = json_string_value(json_object_get(s->remote_status, "last_error"));
         if (s->last_error[0] && last && last[0])
