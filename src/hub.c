@@ -201,7 +201,18 @@ static bool on_control_key_missing(void *userdata, const char **ret_error) {
 }
 
 static void on_signer_status_changed(void *userdata) {
-        hub_notify_status(userdata);
+        struct hub *h = userdata;
+        const char *why = signer_last_error(h->signer);
+
+        /* While there is no key: the signer's own words for why (a TPM error decoded). */
+        if (!h->key_ready && h->key_errno && h->key_errno != -ENOENT && why && !streq_ptr(why, h->key_error)) {
+                char *t = strdup(why);
+                if (t) {
+                        free(h->key_error);
+                        h->key_error = t;
+                }
+        }
+        hub_notify_status(h);
 }
 
 /* The signer named another key than before (pointed at another TPM, a key made anew): what the

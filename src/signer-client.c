@@ -200,9 +200,10 @@ static void op_finish(struct signer_op *op, int r) {
         struct signer *s = op->signer;
         signer_done_t done = op->done;
 
-        if (op_is_signature(op->code)) {
+        if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
                 if (r >= 0) {
-                        s->signatures++;
+                        if (op->code != SIGNER_OP_KEY_INFO)
+                                s->signatures++;
                         s->last_error[0] = '\0';
                 } else if (r != -ECANCELED) {
                         set_last_error(s, "signer: %s", strerror(-r));
@@ -398,6 +399,7 @@ static void connected_changed(struct signer *s) {
 
 static void on_connected(struct signer *s) {
         s->connected = true;
+        s->last_error[0] = '\0';
         if (s->connect_errno || s->reconnects > 0)
                 log_info("Connected to the signer at %s", s->conf->signer.socket);
         s->connect_errno = 0;
