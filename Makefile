@@ -25,6 +25,10 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 TPM_PKGS := tss2-esys tss2-tctildr tss2-rc tss2-mu
 DAEMON_PKGS := libcurl openssl libmosquitto libsystemd jansson inih sqlite3
 PKGS := $(DAEMON_PKGS) $(TPM_PKGS) libqrencode
+# iothub-signer (iothub-signer(8)): the TPM, OpenSSL, the loop and the config parser; never libcurl,
+# libmosquitto or SQLite (a parser of network bytes in the process that holds the key). A pulled-in
+# object that needs one of them fails the link; tests/integration/signer.test.mjs checks ldd too.
+SIGNER_PKGS := openssl tss2-esys tss2-tctildr tss2-rc tss2-mu libsystemd jansson inih
 
 WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wformat-security -Wmissing-prototypes -Wstrict-prototypes \
 	-Wno-unused-parameter -Wvla -Wpointer-arith -Wundef
@@ -55,6 +59,7 @@ pkg_config = $(shell $(PKG_CONFIG) $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(erro
 	$(1) failed: install the -dev packages (make deps; for a cross build, packaging/README)))
 PKG_CPPFLAGS = $(eval PKG_CPPFLAGS := $(call pkg_config,--cflags $(PKGS)))$(PKG_CPPFLAGS)
 PKG_LIBS = $(eval PKG_LIBS := $(call pkg_config,--libs $(PKGS)))$(PKG_LIBS)
+SIGNER_PKG_LIBS = $(eval SIGNER_PKG_LIBS := $(call pkg_config,--libs $(SIGNER_PKGS)))$(SIGNER_PKG_LIBS)
 DAEMON_PKG_LIBS = $(eval DAEMON_PKG_LIBS := $(call pkg_config,--libs $(DAEMON_PKGS)))$(DAEMON_PKG_LIBS)
 CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(call pkg_config,--libs cmocka))$(CMOCKA_LIBS)
 
@@ -78,7 +83,7 @@ ALL_CFLAGS   = $(CFLAGS) $(HARDEN)
 # arm64 build on amd64 (packaging/cross.sh).
 TEST_RUNNER ?=
 
-MAINS    := src/iothubd.c src/iothubctl.c
+MAINS    := src/iothubd.c src/iothubctl.c src/signer.c
 LIB_SRCS := $(filter-out $(MAINS),$(wildcard src/*.c))
 LIB_OBJS := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
 HEADERS  := $(wildcard include/iothub/*.h) $(wildcard src/*.h)
@@ -93,7 +98,7 @@ MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
 
 .PHONY: valgrind all check unit integration asan fuzz fuzz-build fuzz-smoke lint install deps clean bench demo man tools cross soak
 
-all: $(BUILD)/iothubd $(BUILD)/iothubctl man
+all: $(BUILD)/iothubd $(BUILD)/iothubctl $(BUILD)/iothub-signer man
 
 $(BUILD)/obj/%.o: src/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -104,10 +109,10 @@ $(BUILD)/libiothub.a: $(LIB_OBJS)
 	ar rcs $@ $^
 
 # iothubd's own archive leaves out the code that touches the TPM or the sealed token files (the
-# signer's: hubkey, tokenstore, attest, and what signs with the hub key directly: httpsig, dpop,
-# doctor): a call into one of them from the daemon fails to link (build.test.mjs checks the
-# binary too).
-DAEMON_NOT := hubkey tokenstore attest httpsig dpop doctor
+# signer's: hubkey, tokenstore, attest, and what signs with the hub key: httpsig, doctor, the
+# signer's own files): a call into one of them from the daemon fails to link
+# (signerlink.test.mjs checks the binary too).
+DAEMON_NOT := hubkey tokenstore attest httpsig doctor signer-policy
 DAEMON_OBJS := $(filter-out $(DAEMON_NOT:%=$(BUILD)/obj/%.o),$(LIB_OBJS))
 $(BUILD)/libiothubd.a: $(DAEMON_OBJS)
 	rm -f $@
@@ -115,6 +120,9 @@ $(BUILD)/libiothubd.a: $(DAEMON_OBJS)
 
 $(BUILD)/iothubd: $(BUILD)/obj/iothubd.o $(BUILD)/libiothubd.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(DAEMON_LIBS)
+
+$(BUILD)/iothub-signer: $(BUILD)/obj/signer.o $(BUILD)/libiothub.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(SIGNER_PKG_LIBS) -lm
 
 $(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
@@ -234,6 +242,7 @@ soak: all tools
 install: all
 	install -Dm0755 $(BUILD)/iothubd $(DESTDIR)$(PREFIX)/sbin/iothubd
 	install -Dm0755 $(BUILD)/iothubctl $(DESTDIR)$(PREFIX)/bin/iothubctl
+	install -Dm0755 $(BUILD)/iothub-signer $(DESTDIR)$(PREFIX)/libexec/iothub/iothub-signer
 	install -Dm0644 systemd/iothub.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub.service
 	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
 	install -Dm0644 systemd/iothub.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/iothub.catalog

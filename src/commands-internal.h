@@ -108,6 +108,11 @@ typedef int (*command_sign_t)(void *userdata, const void *msg, size_t len, uint8
 int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
                 char **ret);
 
+/* command_jws() in two steps (jws.h, jws_compact_prepare()): the signing input with that header
+ * over payload, for a signature made asynchronously; finish with jws_compact_finish(). -EINVAL
+ * when the JWS would be longer than COMMAND_JWS_MAX. */
+int command_jws_prepare(const char *kid, const char *payload, size_t len, char **ret, size_t *ret_len);
+
 /* The result body of PROTOCOL.md 3: {"status":..,"at":..[,"detail":..]}, malloc'ed. */
 int command_result_body(const char *status, int64_t at, const char *detail, char **ret);
 

@@ -18,10 +18,10 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "iothub/dpop.h"
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/jws.h"
-#include "iothub/hubkey.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/signer.h"
@@ -181,64 +181,6 @@ static int form_append(char **form, const char *name, const char *value) {
         return 0;
 }
 
-/* jws_sign_t over the hub key. */
-static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
-        return hubkey_sign(userdata, msg, len, ret_sig);
-}
-
-int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
-                     const char *nonce, int64_t now, char **ret) {
-        json_t *jwk = NULL, *header = NULL, *claims = NULL;
-        _cleanup_free_ char *htu = NULL;
-        uint8_t jti[16], ath[32];
-        char jti_b64[32], ath_b64[48];
-        int r;
-
-        /* RFC 9449 4.2: htu is the target URI "without query and fragment parts"; a strict
-         * resource server compares it to the request's URI with them cut off (4.3, check 9). */
-        htu = oauth_dpop_htu(url);
-        if (!htu)
-                return -ENOMEM;
-        r = random_bytes(jti, sizeof jti);
-        if (r < 0)
-                return r;
-        (void) b64url_encode(jti, sizeof jti, jti_b64);
-        r = hubkey_public_jwk(k, &jwk);
-        if (r < 0)
-                return r;
-        /* RFC 9449 4.2: the public key in the header, no private members. */
-        header = json_pack("{s:s,s:s,s:o}", "typ", "dpop+jwt", "alg", "ES256", "jwk", jwk);
-        claims = json_pack("{s:s,s:s,s:s,s:I}", "jti", jti_b64, "htm", method, "htu", htu, "iat", (json_int_t) now);
-        if (!header || !claims) {
-                r = -ENOMEM;
-                goto out;
-        }
-        if (access_token) {
-                /* ath: base64url(SHA-256(the ASCII access token)), RFC 9449 4.2. */
-                if (!EVP_Digest(access_token, strlen(access_token), ath, NULL, EVP_sha256(), NULL)) {
-                        r = -EIO;
-                        goto out;
-                }
-                (void) b64url_encode(ath, sizeof ath, ath_b64);
-                (void) json_object_set_new(claims, "ath", json_string(ath_b64));
-        }
-        if (nonce && nonce[0])
-                (void) json_object_set_new(claims, "nonce", json_string(nonce));
-        {
-                _cleanup_free_ char *hs = json_dumps(header, JSON_COMPACT), *cs = json_dumps(claims, JSON_COMPACT);
-                if (!hs || !cs) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                /* JWS ES256 (RFC 7518 3.4) is exactly the hub key's raw r||s over the signing input. */
-                r = jws_compact_sign(hs, strlen(hs), cs, strlen(cs), sign_with_hubkey, k, ret);
-        }
-out:
-        json_decref(header);
-        json_decref(claims);
-        return r;
-}
-
 /* ---- parsers of the authorization server's answers (pure; oauth-internal.h) ---- */
 
 static json_t *load_object(const uint8_t *buf, size_t len) {
@@ -274,7 +216,7 @@ static bool is_https(const char *s) {
 }
 
 char *oauth_dpop_htu(const char *url) {
-        return strndup(url, strcspn(url, "?#"));
+        return dpop_htu(url);
 }
 
 void oauth_metadata_done(struct oauth_metadata *m) {
@@ -1319,16 +1261,16 @@ int oauth_authorize(struct oauth *o, char **ret_authorization, char **ret_dpop_a
         if (!auth)
                 return -ENOMEM;
         if (dpop) {
-                /* ath: base64url(SHA-256(the ASCII access token)), RFC 9449 4.2; the signer makes the
-                 * proof (it is never handed the token). */
-                uint8_t h[32];
+                /* ath (RFC 9449 4.2) binds the proof to the token; the signer makes the proof and
+                 * is never handed the token. */
+                int r;
 
-                if (!EVP_Digest(o->tokens.access_token, strlen(o->tokens.access_token), h, NULL, EVP_sha256(), NULL))
-                        return -EIO;
-                ath = malloc(B64URL_BUF(sizeof h));
+                ath = malloc(DPOP_ATH_LEN + 1);
                 if (!ath)
                         return -ENOMEM;
-                (void) b64url_encode(h, sizeof h, ath);
+                r = dpop_ath(o->tokens.access_token, ath);
+                if (r < 0)
+                        return r;
                 if (o->rs_nonce && !(nonce = strdup(o->rs_nonce)))
                         return -ENOMEM;
                 o->dpop_proofs++;

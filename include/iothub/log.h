@@ -37,6 +37,10 @@
 #define IOTHUB_MID_STORE_RECOVERED "eb54a9247d5749eda80aa0d2f0bf8abe"
 #define IOTHUB_MID_DB_CORRUPT "17e816c5022c4eee997f5b03a1d01cde"
 #define IOTHUB_MID_DB_REPLACED "991139270fef43dd90ed19ecc5138d7c"
+#define IOTHUB_MID_SIGNER_PEER_REFUSED "f6c8069c2755472b84e7d95c3fed8c82"
+#define IOTHUB_MID_SIGNER_RATE_LIMITED "ea1c0a4e2a344ab697d3dcf536ba9659"
+#define IOTHUB_MID_SIGNER_POLICY_REFUSED "c847d6fb9a8149c4b88fda178e05a2f1"
+#define IOTHUB_MID_SIGNER_MALFORMED "c2101544b18044fe8f57f8a8581f2a5d"
 
 /* Pick the target: the journal when JOURNAL_STREAM matches stderr, else stderr. */
 void log_open(const char *ident);

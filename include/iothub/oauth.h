@@ -115,7 +115,3 @@ void oauth_logout_cancel(struct oauth_logout_op *op);
 /* Adds "oauth" to the status object. */
 int oauth_status_json(struct oauth *o, json_t *st);
 
-/* Builds a DPoP proof JWT (RFC 9449 4.2) signed by the hub key: header typ dpop+jwt, alg
- * ES256, jwk; claims jti, htm, htu, iat, and ath and nonce when given. Exposed for tests. */
-int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
-                     const char *nonce, int64_t now, char **ret);

@@ -24,7 +24,14 @@ const ALLOWED = {
   doctor: ['control', 'hubkey', 'conf'],
   control: ['pair', 'enrol', 'dynsec', 'cloud', 'oauth', 'registry', 'verify', 'db', 'frame', 'conf'],
   pair: ['enrol', 'dynsec', 'registry', 'verify', 'frame', 'conf'],
-  commands: ['events', 'cloud', 'mqtt', 'signer', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
+  commands: ['events', 'cloud', 'mqtt', 'signer', 'command', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
+  // iothub-signer(8): its main and loop, its policy, the wire codec (issue 14).
+  signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
+    'verify', 'frame', 'conf'],
+  'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
+  'signer-proto': [],
+  command: ['jws', 'hubkey', 'verify', 'frame'],
+  dpop: ['jws', 'hubkey', 'frame'],
   events: ['cloud', 'spool', 'db', 'frame', 'conf'],
   enrol: ['registry', 'verify', 'frame', 'conf'],
   dynsec: ['mqtt', 'registry', 'frame', 'conf'],
@@ -32,16 +39,13 @@ const ALLOWED = {
   ack: ['mqtt', 'registry', 'db', 'frame', 'conf'],
   cloud: ['oauth', 'http', 'signer', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
   attest: ['hubkey', 'frame', 'conf'],
-  oauth: ['tokenstore', 'http', 'signer', 'jws', 'hubkey', 'frame', 'conf'],
+  oauth: ['tokenstore', 'http', 'signer', 'dpop', 'jws', 'hubkey', 'frame', 'conf'],
   tokenstore: ['hubkey', 'frame', 'conf'],
   mqtt: ['conf'],
   http: [],
-  // iothubd's client of iothub-signer (signer.h); its calls into the wire codec (signer_msg_*)
-  // carry the same prefix.
-  'signer-client': ['signer', 'frame', 'conf'],
-  signer: ['frame', 'conf'],
-  // The wire codec shared by both sides (its functions are signer_msg_*, signer_buf_*).
-  'signer-proto': ['signer'],
+  // iothubd's client of iothub-signer (its header is signer.h: the daemon's modules call
+  // signer_*, which this table counts as 'signer'), on the wire codec.
+  'signer-client': ['signer', 'signer-proto', 'conf'],
   httpsig: ['hubkey', 'frame'],
   jws: ['hubkey', 'frame'],
   hubkey: ['frame', 'conf'],
@@ -56,7 +60,11 @@ const ALLOWED = {
 };
 const MODULES = Object.keys(ALLOWED);
 // Functions whose prefix is not their module's (declared in that module's header).
-const OWNER = { oauth_tokens_done: 'tokenstore', attest_mode_to_string: 'conf' };
+const OWNER = { oauth_tokens_done: 'tokenstore', attest_mode_to_string: 'conf', dpop_mode_to_string: 'conf' };
+// Prefixes of modules whose file name has a '-' (no C identifier has one): the signer's codec and policy.
+const PREFIX_OWNER = [['signer_msg_', 'signer-proto'], ['signer_buf_', 'signer-proto'], ['signer_tag_', 'signer-proto'],
+  ['signer_op_to_string', 'signer-proto'], ['signer_policy_', 'signer-policy'], ['signer_origin_', 'signer-policy'],
+  ['signer_bucket_', 'signer-policy'], ['signer_method_', 'signer-policy']];
 
 // src/cloud.c, src/commands-internal.h, include/iothub/cloud.h -> the module's name.
 function moduleOf(file) {
@@ -82,10 +90,12 @@ function code(text) {
 // Function calls by the prefix of another module: cloud_kick( -> cloud.
 const PREFIXES = MODULES.filter((m) => !['iothubd', 'iothubctl', 'util'].includes(m))
   .sort((a, b) => b.length - a.length); // httpsig_ before http_, hubkey_ before hub_
-const CALL = new RegExp(`\\b(?:${PREFIXES.join('|')})_[a-z0-9_]*\\s*\\(`, 'g');
+// Not a member called through a pointer (in->ev.command_ack(...): a callback, not the module).
+const CALL = new RegExp(`(?<![.>])\\b(?:${PREFIXES.join('|')})_[a-z0-9_]*\\s*\\(`, 'g');
 const callee = (m) => {
   const name = m.replace(/\s*\($/, '');
-  return { name, to: OWNER[name] ?? PREFIXES.find((p) => name.startsWith(`${p}_`)) };
+  return { name, to: OWNER[name] ?? PREFIX_OWNER.find(([p]) => name.startsWith(p))?.[1] ??
+    PREFIXES.find((p) => name.startsWith(`${p}_`)) };
 };
 
 function arrows() {

@@ -1,0 +1,446 @@
+// iothub-signer(8) (issue 14): the program that alone holds the TPM key and the sealed tokens,
+// driven over its socket by an independent Node reading of the wire format
+// (lib/signerclient.mjs, written from the man page). A real software TPM (swtpm) holds the key,
+// made by `iothubctl key init`. Every answer is checked with other code than the signer's:
+// RFC 9421 with the reference cloud's signature base and the http-message-signatures library,
+// DPoP with the OAuth test suite's verifier (jose), command JWS with jose.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import crypto from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import * as jose from 'jose';
+import { httpbis, createVerifier } from 'http-message-signatures';
+import { BUILD, IOTHUBCTL, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import { SignerClient, OP, TAG, ERRNO, encode, MSG_MAX } from './lib/signerclient.mjs';
+import { signatureBase, signCloudCommand, ALG, PARAMS } from '../cloud/server.mjs';
+import { verifyDpopProof, accessTokenHash } from '../oauth/dpop.mjs';
+
+const SIGNER = path.join(BUILD, 'iothub-signer');
+const HUB_ID = 'signer-hub';
+const CLOUD = 'https://127.0.0.1:18443';
+const ISSUER = 'https://localhost:19443/realms/hub';
+const nowS = () => Math.floor(Date.now() / 1000);
+const run = promisify(execFile);
+
+let dir, tpm, vendor, stranger, sock, signer, keyJwk, kid;
+
+class Signer {
+  constructor(conf, sockPath) { this.conf = conf; this.sock = sockPath; this.log = ''; }
+  async start() {
+    this.proc = spawn(SIGNER, ['--config', this.conf, '--listen', this.sock], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.proc.stderr.on('data', (d) => { this.log += d; });
+    this.exited = once(this.proc, 'exit');
+    await waitFor(() => /started on/.test(this.log), 10000, `iothub-signer start (log: ${this.log})`);
+    return this;
+  }
+  async stop(signal = 'SIGTERM') {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
+    const [code, sig] = await this.exited;
+    return { code, sig };
+  }
+}
+
+async function writeConf(name, extra = {}) {
+  const c = {
+    hub: { id: HUB_ID, state_dir: path.join(dir, 'hubstate') },
+    key: { backend: 'tpm', tcti: tpm.tcti },
+    cloud: { url: CLOUD, command_key_file: path.join(dir, 'vendor.pem') },
+    oauth: { issuer: ISSUER, client_id: 'hub' },
+    frames: { max_clock_skew_s: 120 },
+    signer: { client_user: 'root', state_dir: path.join(dir, 'signer-state') },
+  };
+  for (const [s, keys] of Object.entries(extra)) c[s] = { ...(c[s] ?? {}), ...keys };
+  const p = path.join(dir, name);
+  await fs.writeFile(p, confText(c), { mode: 0o644 });
+  return p;
+}
+
+async function vendorKey() {
+  const { privateKey, publicKey } = await jose.generateKeyPair('ES256', { extractable: true });
+  const k = await jose.calculateJwkThumbprint(await jose.exportJWK(publicKey), 'sha256');
+  return { privateKey, publicKey, kid: k, pem: await jose.exportSPKI(publicKey) };
+}
+
+before(async () => {
+  dir = await tempDir('iothub-signer-');
+  tpm = await Swtpm.start(path.join(dir, 'tpm'));
+  vendor = await vendorKey();
+  stranger = await vendorKey();
+  await fs.writeFile(path.join(dir, 'vendor.pem'), vendor.pem, { mode: 0o644 });
+  const conf = await writeConf('iothub.conf');
+  await run(IOTHUBCTL, ['--config', conf, 'key', 'init']);
+  sock = path.join(dir, 'signer.sock');
+  signer = await new Signer(conf, sock).start();
+});
+
+after(async () => {
+  await signer?.stop().catch(() => {});
+  await tpm?.stop();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+async function connect() { return SignerClient.connect(sock); }
+
+test('the signer links neither libcurl, libmosquitto nor SQLite', async () => {
+  const { stdout } = await run('ldd', [SIGNER]);
+  for (const lib of ['libcurl', 'libmosquitto', 'libsqlite3']) assert.ok(!stdout.includes(lib), `${lib} in ldd: ${stdout}`);
+  assert.match(stdout, /libtss2-esys/);
+  const st = await fs.stat(sock);
+  assert.equal(st.mode & 0o777, 0o660, 'the socket is 0660');
+});
+
+test('KEY_INFO: the TPM key, its RFC 7638 id and public JWK', async () => {
+  const c = await connect();
+  const a = await c.call(OP.KEY_INFO);
+  assert.equal(a.status, 0);
+  assert.equal(a.answer, true);
+  assert.equal(a.op, OP.KEY_INFO);
+  assert.equal(a.fields.BACKEND, 'tpm');
+  keyJwk = JSON.parse(a.fields.JWK);
+  assert.deepEqual(Object.keys(keyJwk).sort(), ['crv', 'kty', 'x', 'y']);
+  kid = await jose.calculateJwkThumbprint(keyJwk, 'sha256');
+  assert.equal(a.fields.KEY_ID, kid);
+  const show = await run(IOTHUBCTL, ['--config', signer.conf, 'key', 'show']);
+  assert.ok(show.stdout.includes(kid), 'iothubctl key show prints the same id');
+  c.close();
+});
+
+// The header lines of a SIGN_HTTP answer, as the daemon adds them to its request.
+function headerValue(line, name) {
+  assert.ok(line.startsWith(`${name}: `), `${line} is a ${name} line`);
+  return line.slice(name.length + 2);
+}
+
+async function verifyHttp(a, { method, uri, authorization, body }) {
+  const headers = { authorization, 'signature-input': headerValue(a.fields.SIGNATURE_INPUT, 'Signature-Input'),
+    signature: headerValue(a.fields.SIGNATURE, 'Signature') };
+  if (body) {
+    headers['content-digest'] = headerValue(a.fields.CONTENT_DIGEST, 'Content-Digest');
+    assert.equal(headers['content-digest'], `sha-256=:${crypto.createHash('sha256').update(body).digest('base64')}:`);
+  } else {
+    assert.equal(a.fields.CONTENT_DIGEST, undefined);
+  }
+  const key = crypto.createPublicKey({ key: keyJwk, format: 'jwk' });
+  // 1) the library's RFC 9421 verifier
+  const ok = await httpbis.verifyMessage({
+    keyLookup: async (p) => (p.keyid === kid ? { id: kid, algs: [ALG], verify: createVerifier(key, ALG) } : null),
+    requiredParams: PARAMS,
+    requiredFields: body ? ['@method', '@target-uri', 'content-digest', 'authorization'] : ['@method', '@target-uri', 'authorization'],
+    tolerance: 60,
+  }, { method, url: uri, headers });
+  assert.equal(ok, true);
+  // 2) the reference cloud's own signature base, verified with node:crypto (raw r||s)
+  const m = /^hub=(\(.*\);created=.*)$/.exec(headers['signature-input']);
+  const components = [.../^\(([^)]*)\)/.exec(m[1])[1].matchAll(/"([^"]+)"/g)].map((x) => x[1]);
+  const base = signatureBase({ method, targetUri: uri, headers, components, signatureParams: m[1] });
+  const sig = Buffer.from(/^hub=:([^:]+):$/.exec(headers.signature)[1], 'base64');
+  assert.equal(crypto.verify('sha256', Buffer.from(base), { key, dsaEncoding: 'ieee-p1363' }, sig), true);
+  // And not for another body or URI.
+  assert.equal(crypto.verify('sha256', Buffer.from(base.replace(uri, `${uri}x`)), { key, dsaEncoding: 'ieee-p1363' }, sig), false);
+}
+
+test('SIGN_HTTP: RFC 9421 headers that verify, Content-Digest of the body shown', async () => {
+  const c = await connect();
+  const body = Buffer.from(JSON.stringify({ frames: [{ n: 1 }], pad: 'x'.repeat(100000) }));
+  const uri = `${CLOUD}/v1/hubs/${HUB_ID}/status?x=1`;
+  const authorization = 'Bearer tok-abc.def';
+  // Low and high priority, with and without a body, several in flight on one connection.
+  const ids = [
+    c.send(OP.SIGN_HTTP, [[TAG.METHOD, 'POST'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.BODY, body], [TAG.PRIO, { u8: 1 }]]),
+    c.send(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 0 }]]),
+    c.send(OP.SIGN_HTTP, [[TAG.PRIO, { u8: 0 }], [TAG.BODY, Buffer.alloc(0)], [TAG.TARGET_URI, 'https://127.0.0.1:18443/'], [TAG.METHOD, 'PUT'], [TAG.AUTHORIZATION, 'DPoP x']]),
+  ];
+  const [a1, a2, a3] = await Promise.all(ids.map((id) => c.wait(id)));
+  for (const a of [a1, a2, a3]) assert.equal(a.status, 0, JSON.stringify(a));
+  await verifyHttp(a1, { method: 'POST', uri, authorization, body });
+  await verifyHttp(a2, { method: 'GET', uri, authorization });
+  assert.equal(headerValue(a3.fields.CONTENT_DIGEST, 'Content-Digest'), `sha-256=:${crypto.createHash('sha256').update('').digest('base64')}:`);
+  // A priority outside 0..1 is no error of the format, and not signed.
+  assert.equal((await c.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 2 }]])).status, ERRNO.EINVAL);
+  c.close();
+});
+
+test('SIGN_DPOP: a proof that verifies with jose and carries htm, htu, iat, ath, nonce', async () => {
+  const c = await connect();
+  const token = 'access-token-123';
+  const url = `${ISSUER}/protocol/openid-connect/token?x=1#f`;
+  const a = await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, url], [TAG.ATH, accessTokenHash(token)], [TAG.NONCE, 'n-1_x']]);
+  assert.equal(a.status, 0);
+  const v = await verifyDpopProof({ proof: a.fields.PROOF, method: 'POST', htu: `${ISSUER}/protocol/openid-connect/token`, accessToken: token, nonce: 'n-1_x', jkt: kid });
+  assert.equal(v.payload.htu, `${ISSUER}/protocol/openid-connect/token`);
+  assert.ok(Math.abs(v.payload.iat - nowS()) <= 5);
+  // For the cloud too, without ath and nonce; jti fresh each time.
+  const b = await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/v1/hubs/${HUB_ID}/commands`]]);
+  assert.equal(b.status, 0);
+  const w = await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: `${CLOUD}/v1/hubs/${HUB_ID}/commands`, jkt: kid });
+  assert.equal(w.payload.ath, undefined);
+  assert.equal(w.payload.nonce, undefined);
+  assert.notEqual(w.jti, v.jti);
+  c.close();
+});
+
+async function commandFields({ dev = 'lamp-1', id, iat = nowS(), exp = nowS() + 60, set = { on: true, bri: 100 }, cloud } = {}) {
+  const f = [[TAG.DEV, dev], [TAG.CMD_ID, id], [TAG.IAT, iat], [TAG.EXP, exp], [TAG.SET, typeof set === 'string' ? set : JSON.stringify(set)]];
+  if (cloud) f.push([TAG.CLOUD_JWS, cloud]);
+  return f;
+}
+
+test('SIGN_COMMAND: the JWS of PROTOCOL.md 2 by the hub key, carrying the vendor\'s JWS', async () => {
+  const c = await connect();
+  const exp = nowS() + 120;
+  const cmd = { id: 'cmd-1', dev: 'lamp-1', exp, set: { on: true, bri: 100 } };
+  const cloudJws = await signCloudCommand(vendor, HUB_ID, cmd);
+  const a = await c.call(OP.SIGN_COMMAND, await commandFields({ id: 'cmd-1', exp, cloud: cloudJws }));
+  assert.equal(a.status, 0, JSON.stringify(a));
+  const key = await jose.importJWK(keyJwk, 'ES256');
+  const { payload, protectedHeader } = await jose.compactVerify(a.fields.JWS, key);
+  assert.deepEqual(protectedHeader, { alg: 'ES256', kid, typ: 'iothub-cmd' });
+  const p = JSON.parse(Buffer.from(payload).toString());
+  assert.equal(p.hub, HUB_ID);
+  assert.equal(p.dev, 'lamp-1');
+  assert.equal(p.id, 'cmd-1');
+  assert.equal(p.exp, exp);
+  assert.deepEqual(p.set, { on: true, bri: 100 });
+  assert.equal(p.cloud, cloudJws);
+  await jose.compactVerify(p.cloud, vendor.publicKey);
+  c.close();
+});
+
+test('every policy refusal is -EPERM, counted, and nothing is signed', async () => {
+  const c = await connect();
+  const before = (await c.call(OP.STATUS)).fields;
+  const auth = [TAG.AUTHORIZATION, 'Bearer t'];
+  const http = (method, uri) => [[TAG.METHOD, method], [TAG.TARGET_URI, uri], auth, [TAG.PRIO, { u8: 0 }]];
+  const cases = [
+    ['HTTP to another host', OP.SIGN_HTTP, http('POST', 'https://evil.example/v1/x')],
+    ['HTTP to another port', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18444/v1/x')],
+    ['HTTP over plain http', OP.SIGN_HTTP, http('POST', 'http://127.0.0.1:18443/v1/x')],
+    ['HTTP with user info', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18443@evil.example/v1/x')],
+    ['HTTP with a percent-encoded host', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1%3a18443/v1/x')],
+    ['HTTP with a fragment', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18443/v1/x#f')],
+    ['HTTP method PATCH', OP.SIGN_HTTP, http('PATCH', 'https://127.0.0.1:18443/v1/x')],
+    ['HTTP Authorization with a line break', OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, `${CLOUD}/x`], [TAG.AUTHORIZATION, 'Bearer a\r\nX-Evil: 1'], [TAG.PRIO, { u8: 0 }]]],
+    ['DPoP for another host', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, 'https://login.evil.example/token']]],
+    ['DPoP for the issuer host on another port', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, 'https://localhost:19444/realms/hub/token']]],
+    ['DPoP with a bad ath', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, `${ISSUER}/token`], [TAG.ATH, '*'.repeat(43)]]],
+    ['DPoP with a nonce with a quote', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, `${ISSUER}/token`], [TAG.NONCE, 'a"b']]],
+  ];
+  const exp = nowS() + 60;
+  const good = { id: 'cmd-p', dev: 'lamp-1', exp, set: { on: false } };
+  cases.push(
+    ['command without the cloud JWS (key configured)', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: { on: false } })],
+    ['command with a JWS by another key', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: { on: false }, cloud: await signCloudCommand({ ...stranger, kid: vendor.kid }, HUB_ID, good) })],
+    ['command whose set differs from the signed one', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: { on: true }, cloud: await signCloudCommand(vendor, HUB_ID, good) })],
+    ['command for another device than signed', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', dev: 'lamp-2', exp, set: { on: false }, cloud: await signCloudCommand(vendor, HUB_ID, good) })],
+    ['command signed for another hub', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: { on: false }, cloud: await signCloudCommand(vendor, 'other-hub', good) })],
+    ['command with a stale iat', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', iat: nowS() - 600, exp, set: { on: false }, cloud: await signCloudCommand(vendor, HUB_ID, good) })],
+    ['command with iat in the future', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', iat: nowS() + 600, exp: nowS() + 700, set: { on: false } })],
+    ['command with exp before iat', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp: nowS() - 1, set: { on: false } })],
+    ['command living more than 24 h', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp: nowS() + 90000, set: { on: false } })],
+    ['command with an empty set', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: {} })],
+    ['command with a set that is no object', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: '[1,2]' })],
+    ['command with an unknown set member', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', exp, set: { on: true, evil: 1 } })],
+    ['command for a dev that is no device id', OP.SIGN_COMMAND, await commandFields({ id: 'cmd-p', dev: '../x', exp, set: { on: false } })],
+  );
+  for (const [what, op, fields] of cases) {
+    const a = await c.call(op, fields);
+    assert.equal(a.status, ERRNO.EPERM, `${what}: ${JSON.stringify(a)}`);
+    assert.deepEqual(a.fields, {}, what);
+  }
+  const after = (await c.call(OP.STATUS)).fields;
+  assert.equal(after.REFUSED_POLICY - before.REFUSED_POLICY, BigInt(cases.length));
+  assert.equal(after.SIGNATURES, before.SIGNATURES, 'nothing was signed');
+  assert.ok(!/tok|Bearer/.test(after.LAST_ERROR ?? ''), 'no secret in last_error');
+  c.close();
+});
+
+test('TOKENS_PUT, TOKENS_GET, TOKENS_ERASE: sealed files 0600 in [signer] state_dir', async () => {
+  const c = await connect();
+  const stateDir = path.join(dir, 'signer-state');
+  assert.equal((await c.call(OP.TOKENS_GET)).status, ERRNO.ENOENT);
+  const exp = nowS() + 3600;
+  const put = await c.call(OP.TOKENS_PUT, [[TAG.ACCESS_TOKEN, 'at-0123456789'], [TAG.REFRESH_TOKEN, 'rt-secret-xyz'],
+    [TAG.TOKEN_TYPE, 'DPoP'], [TAG.SCOPE, 'offline_access'], [TAG.EXPIRES_AT, exp]]);
+  assert.equal(put.status, 0);
+  const got = await c.call(OP.TOKENS_GET);
+  assert.equal(got.status, 0);
+  assert.deepEqual(got.fields, { ACCESS_TOKEN: 'at-0123456789', REFRESH_TOKEN: 'rt-secret-xyz', TOKEN_TYPE: 'DPoP', SCOPE: 'offline_access', EXPIRES_AT: BigInt(exp) });
+  const files = (await fs.readdir(stateDir)).sort();
+  assert.deepEqual(files, ['tokens.enc', 'tokens.key']);
+  for (const f of files) {
+    const st = await fs.stat(path.join(stateDir, f));
+    assert.equal(st.mode & 0o777, 0o600, f);
+    const bytes = await fs.readFile(path.join(stateDir, f));
+    assert.ok(!bytes.includes('rt-secret-xyz') && !bytes.includes('at-0123456789'), `${f} holds no token in clear`);
+  }
+  assert.equal((await fs.stat(stateDir)).mode & 0o777, 0o700);
+  // Nothing in the hub's own state directory.
+  await assert.rejects(fs.stat(path.join(dir, 'hubstate', 'tokens.enc')));
+  assert.equal((await c.call(OP.TOKENS_ERASE)).status, 0);
+  assert.deepEqual(await fs.readdir(stateDir), []);
+  assert.equal((await c.call(OP.TOKENS_GET)).status, ERRNO.ENOENT);
+  assert.ok(!signer.log.includes('rt-secret-xyz') && !signer.log.includes('at-0123456789'), 'no token in the log');
+  c.close();
+});
+
+test('ATTEST_ANSWER without ATTEST_BEGIN on the connection is out of sequence', async () => {
+  const c = await connect();
+  const a = await c.call(OP.ATTEST_ANSWER, [[TAG.CHALLENGE, '{"nonce":"x"}']]);
+  assert.equal(a.status, ERRNO.EPROTO);
+  // The TPM has no EK certificate here: ATTEST_BEGIN says so, and the sequence stays closed.
+  const b = await c.call(OP.ATTEST_BEGIN);
+  assert.equal(b.status, ERRNO.ENOENT, JSON.stringify(b));
+  assert.equal((await c.call(OP.ATTEST_ANSWER, [[TAG.CHALLENGE, '{}']])).status, ERRNO.EPROTO);
+  c.close();
+});
+
+// Each rule of WIRE FORMAT broken once, on a connection of its own: the answer is -EBADMSG (the id
+// echoed when it could be read) and the signer closes the connection.
+test('malformed requests: -EBADMSG and the connection closed', async () => {
+  const field = (tag, v) => { const b = Buffer.from(v); const h = Buffer.alloc(6); h.writeUInt16BE(tag); h.writeUInt32BE(b.length, 2); return Buffer.concat([h, b]); };
+  const raw = (id, op, body, status = 0) => { const h = Buffer.alloc(12); h.writeUInt32BE(8 + body.length); h.writeUInt32BE(id, 4); h.writeUInt16BE(op, 8); h.writeInt16BE(status, 10); return Buffer.concat([h, body]); };
+  const dpop = [field(TAG.METHOD, 'POST'), field(TAG.URL, `${ISSUER}/token`)];
+  const tooLong = Buffer.alloc(6); tooLong.writeUInt32BE(MSG_MAX + 1);
+  const cases = [
+    ['unknown op', raw(11, 99, Buffer.alloc(0)), 11],
+    ['op 0', raw(12, 0, Buffer.alloc(0)), 12],
+    ['unknown tag', raw(13, OP.SIGN_DPOP, Buffer.concat([...dpop, field(200, 'x')])), 13],
+    ['a tag of another op', raw(14, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.BODY, 'x')])), 14],
+    ['duplicate tag', raw(15, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.METHOD, 'GET')])), 15],
+    ['missing required tag', raw(16, OP.SIGN_DPOP, dpop[0]), 16],
+    ['over-long value', raw(17, OP.SIGN_DPOP, Buffer.concat([field(TAG.METHOD, 'POST'), field(TAG.URL, `https://localhost:19443/${'a'.repeat(2048)}`)])), 17],
+    ['ATH not 43 characters', raw(18, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.ATH, 'abc')])), 18],
+    ['NUL inside a text', raw(19, OP.SIGN_DPOP, Buffer.concat([field(TAG.METHOD, 'PO\0ST'), dpop[1]])), 19],
+    ['trailing bytes', raw(20, OP.SIGN_DPOP, Buffer.concat([...dpop, Buffer.from([0, 4, 0])])), 20],
+    ['field length past the end', raw(21, OP.SIGN_DPOP, Buffer.concat([...dpop, Buffer.from([0, 4, 0, 0, 1, 0, 65])])), 21],
+    ['u64 of 7 bytes', raw(22, OP.TOKENS_PUT, Buffer.concat([field(TAG.ACCESS_TOKEN, 'a'), field(TAG.TOKEN_TYPE, 'Bearer'), field(TAG.EXPIRES_AT, Buffer.alloc(7))])), 22],
+    ['a request with a status', raw(23, OP.STATUS, Buffer.alloc(0), -1), 23],
+    ['an answer sent to the signer', raw(24, OP.STATUS | 0x8000, Buffer.alloc(0)), 24],
+    ['length prefix over the maximum', tooLong, 0],
+    ['length prefix under the header', Buffer.from([0, 0, 0, 7, 0, 0, 0, 25, 0, 1, 0, 0]), 0],
+  ];
+  const c0 = await connect();
+  const before = (await c0.call(OP.STATUS)).fields.MALFORMED;
+  for (const [what, bytes, id] of cases) {
+    const c = await connect();
+    c.sendRaw(bytes);
+    const a = await c.wait(id, 5000).catch((e) => assert.fail(`${what}: ${e.message}`));
+    assert.equal(a.status, ERRNO.EBADMSG, what);
+    assert.equal(a.answer, true, what);
+    assert.equal(await Promise.race([c.closed, sleep(3000).then(() => false)]), true, `${what}: connection closed`);
+    assert.equal(c.answers.length, 1, what);
+  }
+  // A good request on the first connection still works: only the bad ones were closed.
+  const s = await c0.call(OP.STATUS);
+  assert.equal(s.fields.MALFORMED - before, BigInt(cases.length));
+  c0.close();
+});
+
+test('a message cut in pieces and several in one write are framed right', async () => {
+  const c = await connect();
+  const m1 = encode(101, OP.STATUS);
+  const m2 = encode(102, OP.KEY_INFO);
+  const m3 = encode(103, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]);
+  const all = Buffer.concat([m1, m2, m3]);
+  for (let i = 0; i < all.length; i += 7) { c.sendRaw(all.subarray(i, i + 7)); await sleep(1); }
+  const [a1, a2, a3] = await Promise.all([c.wait(101), c.wait(102), c.wait(103)]);
+  assert.deepEqual([a1.status, a2.status, a3.status], [0, 0, 0]);
+  assert.equal(a2.fields.KEY_ID, kid);
+  c.close();
+});
+
+test('a peer of another uid is refused (SO_PEERCRED), logged and counted', async () => {
+  // Make the socket reachable by nobody (the unit's 0660 would stop it before the signer sees it):
+  // what is tested is the signer's own check.
+  await fs.chmod(dir, 0o755);
+  await fs.chmod(sock, 0o666);
+  const script = path.join(dir, 'peer.mjs');
+  await fs.writeFile(script, `import net from 'node:net';
+const s = net.createConnection(process.argv[2]);
+let got = 0;
+s.on('connect', () => { const b = Buffer.alloc(12); b.writeUInt32BE(8); b.writeUInt32BE(1, 4); b.writeUInt16BE(10, 8); s.write(b); });
+s.on('data', (d) => { got += d.length; });
+s.on('error', (e) => { console.log('error ' + e.code); });
+s.on('close', () => { console.log('closed ' + got); });
+`, { mode: 0o644 });
+  const c = await connect();
+  const before = (await c.call(OP.STATUS)).fields.REFUSED_PEER;
+  const { stdout } = await run('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, script, sock]);
+  assert.match(stdout, /closed 0|error ECONNRESET/, 'no answer, closed');
+  const after = (await c.call(OP.STATUS)).fields.REFUSED_PEER;
+  assert.equal(after - before, 1n);
+  assert.match(signer.log, /Refused a connection from uid 65534/);
+  await fs.chmod(sock, 0o660);
+  await fs.chmod(dir, 0o700);
+  c.close();
+});
+
+test('over [signer] burst: -EBUSY, counted; the bucket refills at rate_per_s', async () => {
+  const conf = await writeConf('rate.conf', { signer: { rate_per_s: 2, burst: 5 } });
+  const s2sock = path.join(dir, 'rate.sock');
+  const s2 = await new Signer(conf, s2sock).start();
+  try {
+    const c = await SignerClient.connect(s2sock);
+    const ids = [];
+    for (let i = 0; i < 12; i++) ids.push(c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]));
+    const answers = await Promise.all(ids.map((id) => c.wait(id)));
+    const ok = answers.filter((a) => a.status === 0).length;
+    const busy = answers.filter((a) => a.status === ERRNO.EBUSY).length;
+    assert.equal(ok + busy, 12);
+    assert.ok(ok >= 5 && ok <= 6, `ok ${ok}`);
+    const st = (await c.call(OP.STATUS)).fields;
+    assert.equal(st.REFUSED_RATE, BigInt(busy));
+    assert.match(s2.log, /answered busy/);
+    // Refilled: 2 a second.
+    await sleep(1100);
+    assert.equal((await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]])).status, 0);
+    c.close();
+  } finally {
+    await s2.stop();
+  }
+});
+
+test('bad options exit 64, a bad config 78', async () => {
+  const r1 = await run(SIGNER, ['--nope']).catch((e) => e);
+  assert.equal(r1.code, 64);
+  const r2 = await run(SIGNER, ['--listen', 'relative.sock']).catch((e) => e);
+  assert.equal(r2.code, 64);
+  const bad = path.join(dir, 'bad.conf');
+  await fs.writeFile(bad, '[signer]\nburst = 0\n', { mode: 0o644 });
+  const r3 = await run(SIGNER, ['--config', bad, '--listen', path.join(dir, 'x.sock')]).catch((e) => e);
+  assert.equal(r3.code, 78);
+  const nouser = await writeConf('nouser.conf', { signer: { client_user: 'no-such-user-x' } });
+  const r4 = await run(SIGNER, ['--config', nouser, '--listen', path.join(dir, 'x.sock')]).catch((e) => e);
+  assert.equal(r4.code, 78);
+  assert.match(r4.stderr, /client_user.*no such user/);
+});
+
+test('killed and started again: the stale socket is replaced, a new connection works, the tokens are kept', async () => {
+  const c = await connect();
+  assert.equal((await c.call(OP.TOKENS_PUT, [[TAG.ACCESS_TOKEN, 'at-kill'], [TAG.TOKEN_TYPE, 'Bearer'], [TAG.EXPIRES_AT, 0]])).status, 0);
+  // Requests in flight when it dies: the connection closes, no answer comes.
+  const pending = c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]);
+  const { sig } = await signer.stop('SIGKILL');
+  assert.equal(sig, 'SIGKILL');
+  await c.wait(pending, 2000).catch(() => {});
+  assert.equal(await c.closed, true);
+  await fs.stat(sock); // the stale socket is still there
+  signer = await new Signer(signer.conf, sock).start();
+  const d = await connect();
+  const k = await d.call(OP.KEY_INFO);
+  assert.equal(k.fields.KEY_ID, kid);
+  assert.equal((await d.call(OP.TOKENS_GET)).fields.ACCESS_TOKEN, 'at-kill');
+  const h = await d.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, `${CLOUD}/v1/x`], [TAG.AUTHORIZATION, 'Bearer at-kill'], [TAG.PRIO, { u8: 0 }]]);
+  await verifyHttp(h, { method: 'GET', uri: `${CLOUD}/v1/x`, authorization: 'Bearer at-kill' });
+  assert.equal((await d.call(OP.TOKENS_ERASE)).status, 0);
+  d.close();
+  // SIGTERM: a clean exit that removes its own socket.
+  const { code } = await signer.stop();
+  assert.equal(code, 0);
+  await assert.rejects(fs.stat(sock));
+  signer = await new Signer(signer.conf, sock).start();
+});
