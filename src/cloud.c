@@ -17,14 +17,12 @@
 #include <curl/curl.h>
 #include <openssl/crypto.h>
 
-#include "iothub/attest.h"
 #include "iothub/cloud.h"
 #include "iothub/http.h"
-#include "iothub/httpsig.h"
-#include "iothub/hubkey.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
 #include "iothub/registry.h"
+#include "iothub/signer.h"
 #include "iothub/spool.h"
 
 /* A status batch carries at most batch_max_frames frames (PROTOCOL.md 3, the cloud relies on it)
@@ -60,17 +58,18 @@ struct cloud_req {
          * the caller's handle with it, so that cancelling it always reaches the live request. */
         struct cloud_call **register_slot;
         /* The challenge request of an attested registration (iothub-protocol(7) "Attestation"):
-         * the EK certificate and AK it was asked for; NULL for the registration itself. */
-        struct attest *attest;
+         * the signer holds the EK certificate and AK it was asked for (iothub-signer(8)). */
+        bool attest;
         /* REQ_DEVICES: the generation of the list it carried. */
         uint64_t devices_gen;
         /* REQ_OTHER (cloud_request) */
         void (*call_done)(void *userdata, int r, long status, const char *body, size_t len);
         void *call_userdata;
         struct cloud_req *next; /* in cloud->others */
-        /* REQ_STATUS while its signature is made (hubkey_sign_async): the request as it will go. */
-        struct hubkey_op *sign_op;
-        struct httpsig_pending sig;
+        /* While the signer makes its RFC 9421 signature and, for a DPoP-bound token, its DPoP
+         * proof (both at once): the request as it will go. */
+        struct signer_op *sign_op, *dpop_op;
+        bool signed_ok, dpop_ok;
         const char *method; /* a literal */
         char *url, *body, *auth_header, *dpop_header;
         size_t body_len;
@@ -78,13 +77,13 @@ struct cloud_req {
 };
 
 struct cloud {
-        sd_event *event; /* for the hub key's signing queue */
+        sd_event *event;
         const struct iothub_conf *conf;
         struct db *db;
         struct registry *registry;
         struct http *http;
         struct oauth *oauth;        /* NULL without [oauth]: the fixed token of bearer_token_file */
-        struct hubkey *hubkey;      /* NULL until hub.c announces it (cloud_key_ready) */
+        struct signer *signer;      /* NULL until hub.c announces the hub key (cloud_key_ready) */
         struct spool_counts *spool; /* hub.c's; lowered as frames leave the spool */
         struct cloud_events ev;
         char *base_url; /* without a trailing '/' */
@@ -153,8 +152,8 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
 static void on_http_done(void *userdata, const struct http_response *resp);
 
 static void req_prepared_done(struct cloud_req *q) {
-        q->sign_op = hubkey_op_free(q->sign_op);
-        httpsig_pending_done(&q->sig);
+        q->sign_op = signer_op_free(q->sign_op);
+        q->dpop_op = signer_op_free(q->dpop_op);
         erase_and_freep_str(&q->auth_header);
         erase_and_freep_str(&q->dpop_header);
         free(q->url);
@@ -166,7 +165,6 @@ static void req_free(struct cloud_req *q) {
         if (!q)
                 return;
         http_cancel(q->http);
-        attest_free(q->attest);
         req_prepared_done(q);
         free(q);
 }
@@ -229,24 +227,28 @@ static bool cloud_uses_oauth(struct cloud *c) {
         return c->conf->oauth.issuer && c->conf->oauth.client_id;
 }
 
-static int cloud_authorization(struct cloud *c, const char *method, const char *url, char **ret_auth,
-                               char **ret_dpop) {
+/* The Authorization value, and for a DPoP-bound token what its proof needs (ath, the resource
+ * server's nonce; ret_dpop_ath NULL for a Bearer token). */
+static int cloud_authorization(struct cloud *c, char **ret_auth, char **ret_dpop_ath, char **ret_dpop_nonce) {
         if (c->oauth)
-                return oauth_authorize(c->oauth, method, url, ret_auth, ret_dpop);
+                return oauth_authorize(c->oauth, ret_auth, ret_dpop_ath, ret_dpop_nonce);
         if (!c->token)
                 return -ENOKEY;
-        *ret_dpop = NULL;
+        *ret_dpop_ath = *ret_dpop_nonce = NULL;
         *ret_auth = strdup_printf("Bearer %s", c->token);
         return *ret_auth ? 0 : -ENOMEM;
 }
 
 /* Hands the signed request to http.c; the prepared parts are freed (http.c copied them). */
-static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
+static int req_launch(struct cloud_req *q) {
+        const struct signer_reply *sig = signer_op_reply(q->sign_op);
         struct cloud *c = q->cloud;
         const char *lines[8];
         size_t n = 0;
         int r;
 
+        if (!sig || !sig->signature_input || !sig->signature)
+                return -EBADMSG;
         lines[n++] = q->auth_header;
         if (q->dpop_header)
                 lines[n++] = q->dpop_header;
@@ -269,52 +271,68 @@ static int req_launch(struct cloud_req *q, struct httpsig_headers *sig) {
                                                .body = q->body,
                                                .body_len = q->body_len },
                        on_http_done, NULL /* q owns the request, not the reverse */, q, &q->http);
-        httpsig_headers_done(sig);
         if (r >= 0)
                 req_prepared_done(q);
         return r;
 }
 
-/* The key signed the request (or failed): it goes, or ends as a request that got no answer
- * would (on_http_done with a transport error: each kind backs off or reports in its own way). */
-static void on_req_signed(void *userdata, int r, const uint8_t *sig) {
-        struct cloud_req *q = userdata;
-        struct httpsig_headers headers = {};
-        const char *kerr = r < 0 ? hubkey_last_error(q->cloud->hubkey) : NULL;
+/* The signer answered one of the request's two (its signature, its DPoP proof) or failed: once
+ * both are there the request goes; a failure ends it as a request that got no answer would
+ * (on_http_done with a transport error: each kind backs off or reports in its own way). */
+static void req_signed(struct cloud_req *q, int r) {
+        const char *kerr = r < 0 ? signer_last_error(q->cloud->signer) : NULL;
         char text[320];
 
+        if (r >= 0 && (!q->signed_ok || (q->dpop_op && !q->dpop_ok)))
+                return; /* the other one is still out */
+        if (r >= 0 && q->dpop_op) {
+                const struct signer_reply *d = signer_op_reply(q->dpop_op);
+                q->dpop_header = d && d->proof ? strdup_printf("DPoP: %s", d->proof) : NULL;
+                if (!q->dpop_header)
+                        r = -ENOMEM;
+        }
         if (r >= 0)
-                r = httpsig_complete(&q->sig, sig, &headers);
-        q->sign_op = hubkey_op_free(q->sign_op); /* sig lives in it: used above */
-        if (r >= 0)
-                r = req_launch(q, &headers);
+                r = req_launch(q);
         if (r >= 0)
                 return;
         req_prepared_done(q);
-        /* The key could not sign (TPM gone, or another TPM in its place): said with the key's
-         * MESSAGE_ID, once per try (the request backs off like any failed one); the next
-         * signature connects to the TPM again. */
-        if (kerr)
-                log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
-                          r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
-                          "Cannot sign %s with the hub key, %s: %s",
-                          q->kind == REQ_STATUS ? "uploads" : "a request to the cloud",
-                          q->kind == REQ_STATUS ? "frames stay spooled" : "it is tried again later", kerr);
+        /* The key could not sign (the signer unreachable, its TPM gone, or another TPM in its
+         * place): said with the key's MESSAGE_ID, once per try (the request backs off like any
+         * failed one). */
+        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                  r == -ENOKEY ? "key_not_in_tpm" : r == -EPERM ? "signer_refused" : "tpm_unreachable",
+                  "Cannot sign %s with the hub key, %s: %s", q->kind == REQ_STATUS ? "uploads" : "a request to the cloud",
+                  q->kind == REQ_STATUS ? "frames stay spooled" : "it is tried again later", kerr ? kerr : strerror(-r));
         (void) snprintf(text, sizeof text, "cannot sign the request: %s", kerr ? kerr : strerror(-r));
         on_http_done(q, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
                                                  .dpop_nonce = "", .www_authenticate = "" });
 }
 
-/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. The signature is made
- * asynchronously (hubkey_sign_async): *ret is returned at once and the request goes when the key
- * answered; status batches at low priority, the rest (the list of bulbs, registration, command
- * polls and results) before them, since someone waits for those. Without a loop to sign on the
- * key signs here. Takes body in every case. */
+static void on_req_signed(void *userdata, int r, const struct signer_reply *reply) {
+        struct cloud_req *q = userdata;
+
+        if (r >= 0)
+                q->signed_ok = true;
+        req_signed(q, r);
+}
+
+static void on_req_dpop(void *userdata, int r, const struct signer_reply *reply) {
+        struct cloud_req *q = userdata;
+
+        if (r >= 0)
+                q->dpop_ok = true;
+        req_signed(q, r);
+}
+
+/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. The signer makes the
+ * signature (and the DPoP proof of a DPoP-bound token, both asked at once) asynchronously: *ret
+ * is returned at once and the request goes when both are there; status batches at low priority,
+ * the rest (the list of bulbs, registration, command polls and results) before them, since
+ * someone waits for those. Takes body in every case. */
 static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
                      size_t body_len, long timeout_s, struct cloud_req **ret) {
-        struct httpsig_headers sig = {};
-        _cleanup_erase_str_ char *auth = NULL, *dpop = NULL;
-        uint8_t raw[HUBKEY_SIG_LEN];
+        _cleanup_erase_str_ char *auth = NULL;
+        _cleanup_free_ char *ath = NULL, *nonce = NULL;
         struct cloud_req *q;
         int r;
 
@@ -334,7 +352,11 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 r = -ENOMEM;
                 goto fail;
         }
-        r = cloud_authorization(c, method, q->url, &auth, &dpop);
+        if (!c->signer) {
+                r = -ENOKEY;
+                goto fail;
+        }
+        r = cloud_authorization(c, &auth, &ath, &nonce);
         if (r < 0)
                 goto fail;
         q->token_gen = oauth_token_gen(c->oauth);
@@ -343,36 +365,16 @@ static int req_start(struct cloud *c, enum req_kind kind, const char *method, co
                 r = -ENOMEM;
                 goto fail;
         }
-        if (dpop) {
-                q->dpop_header = strdup_printf("DPoP: %s", dpop);
-                if (!q->dpop_header) {
-                        r = -ENOMEM;
-                        goto fail;
-                }
-        }
-        r = httpsig_prepare(c->hubkey, method, q->url, auth, (const uint8_t *) body, body ? body_len : 0,
-                            (int64_t) (now_realtime_usec() / 1000000), &q->sig);
-        if (r < 0)
-                goto fail;
-        if (c->event && hubkey_attach_event(c->hubkey, c->event) >= 0) {
-                r = hubkey_sign_async(c->hubkey, kind == REQ_STATUS ? HUBKEY_PRIO_LOW : HUBKEY_PRIO_HIGH,
-                                      q->sig.base, q->sig.base_len, on_req_signed, q, &q->sign_op);
-                if (r < 0)
-                        goto fail;
-                *ret = q;
-                return 0;
-        }
-        r = hubkey_sign(c->hubkey, q->sig.base, q->sig.base_len, raw);
-        if (r >= 0)
-                r = httpsig_complete(&q->sig, raw, &sig);
-        if (r >= 0)
-                r = req_launch(q, &sig);
+        r = signer_sign_http(c->signer, kind == REQ_STATUS ? SIGNER_PRIO_LOW : SIGNER_PRIO_HIGH, method, q->url,
+                             auth, body, body ? body_len : 0, on_req_signed, q, &q->sign_op);
+        if (r >= 0 && ath)
+                /* RFC 9449 7.1: a DPoP-bound token goes with a proof for this request. */
+                r = signer_sign_dpop(c->signer, method, q->url, ath, nonce, on_req_dpop, q, &q->dpop_op);
         if (r < 0)
                 goto fail;
         *ret = q;
         return 0;
 fail:
-        httpsig_headers_done(&sig);
         req_free(q);
         return r;
 }
@@ -498,7 +500,7 @@ static void cloud_maybe_send(struct cloud *c) {
         int64_t oldest_usec = 0;
         int r;
 
-        if (!c->hubkey)
+        if (!c->signer)
                 return;
         if (!cloud_have_token(c)) {
                 if (c->oauth && oauth_get_state(c->oauth) == OAUTH_LOGIN_REQUIRED)
@@ -542,7 +544,7 @@ static void cloud_maybe_send(struct cloud *c) {
         }
         r = cloud_send_batch(c);
         if (r < 0) {
-                const char *kerr = hubkey_last_error(c->hubkey);
+                const char *kerr = signer_last_error(c->signer);
 
                 /* The key could not sign (TPM gone, or another TPM in its place): said with the
                  * key's MESSAGE_ID, once per backoff step; the next try connects again. */
@@ -843,7 +845,7 @@ static int register_send(struct cloud *c, json_t *attestation,
         char *body;
         int r;
 
-        r = hubkey_public_jwk(c->hubkey, &jwk);
+        r = signer_key_jwk(c->signer, &jwk);
         if (r < 0) {
                 json_decref(attestation);
                 return r;
@@ -871,39 +873,53 @@ static int register_send(struct cloud *c, json_t *attestation,
 static int register_challenge(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                               void *userdata, struct cloud_call **ret) {
         enum attest_mode mode = c->conf->cloud.attestation;
-        _cleanup_(attest_freep) struct attest *a = NULL;
-        _cleanup_free_ char *path = NULL, *error = NULL;
+        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+        _cleanup_free_ char *path = NULL;
+        const struct signer_reply *ev;
         struct cloud_req *q = NULL;
-        json_t *jwk = NULL, *o;
+        json_t *jwk = NULL, *o, *evidence;
         char *body;
         int r;
 
         if (mode == ATTEST_OFF)
                 return -ENOENT;
-        if (hubkey_backend(c->hubkey) != KEY_BACKEND_TPM) {
+        if (!streq_ptr(signer_key_backend(c->signer), "tpm")) {
                 if (mode == ATTEST_ON) {
                         set_last_error(c, "[cloud] attestation = on needs a TPM key ([key] backend = tpm)");
                         return log_error_errno(-EOPNOTSUPP, "%s", c->counters.last_error);
                 }
                 return -ENOENT; /* a file key has no evidence to give */
         }
-        r = attest_begin(c->hubkey, &a, &error);
+        /* The signer's TPM commands (7 with a TPM, about 0.5 s at a chip's pace): still a blocking
+         * round trip, on the connection that the answer will use too (its attestation state). */
+        r = signer_attest_begin_sync(c->signer, &op);
         if (r == -ENOENT && mode == ATTEST_AUTO) {
-                log_info("Registering without attestation: %s", error ?: "no EK certificate");
+                log_info("Registering without attestation: the TPM holds no EK certificate");
                 return -ENOENT;
         }
         if (r < 0) {
-                set_last_error(c, "attestation: %s", error ?: strerror(-r));
-                return log_error_errno(r, "Failed to prepare the attestation: %s", error ?: strerror(-r));
+                set_last_error(c, "attestation: %s", strerror(-r));
+                return log_error_errno(r, "Failed to prepare the attestation: %m");
         }
-        r = hubkey_public_jwk(c->hubkey, &jwk);
-        if (r < 0)
+        ev = signer_op_reply(op);
+        evidence = ev && ev->evidence ? json_loads(ev->evidence, JSON_REJECT_DUPLICATES, NULL) : NULL;
+        if (!json_is_object(evidence)) {
+                json_decref(evidence);
+                set_last_error(c, "attestation: the signer's evidence is not a JSON object");
+                return -EBADMSG;
+        }
+        r = signer_key_jwk(c->signer, &jwk);
+        if (r < 0) {
+                json_decref(evidence);
                 return r;
+        }
         o = json_pack("{s:o}", "jwk", jwk);
-        if (!o || attest_challenge_json(a, o) < 0) {
+        if (!o || json_object_update(o, evidence) < 0) {
+                json_decref(evidence);
                 json_decref(o);
                 return -ENOMEM;
         }
+        json_decref(evidence);
         body = json_dumps(o, JSON_COMPACT);
         json_decref(o);
         path = strdup_printf("/v1/hubs/%s/attest/challenge", c->conf->hub.id);
@@ -914,7 +930,7 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
         r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
         if (r < 0)
                 return r;
-        q->attest = TAKE_PTR(a);
+        q->attest = true;
         register_req_own(c, q, done, userdata, ret);
         return 0;
 }
@@ -928,7 +944,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         r = c->ev.need_key ? c->ev.need_key(c->ev.userdata) : -ENOKEY;
         if (r < 0)
                 return r;
-        if (!c->hubkey)
+        if (!c->signer)
                 return -ENOKEY;
         if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
                 return -ENOKEY;
@@ -943,8 +959,8 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
  * else a negative errno and a message for the waiter. */
 static int register_answer(struct cloud *c, struct cloud_req *q, const struct http_response *resp,
                            char *message, size_t size) {
-        struct attest_challenge ch;
-        _cleanup_free_ char *error = NULL;
+        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+        const struct signer_reply *a;
         json_t *attestation = NULL;
         int r;
 
@@ -967,14 +983,18 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
                 (void) snprintf(message, size, "the cloud refused the attestation challenge: %s", reason);
                 return -EPROTO;
         }
-        if (attest_parse_challenge(resp->body, resp->body_len, &ch) < 0) {
-                (void) snprintf(message, size, "the cloud's attestation challenge is malformed");
-                return -EBADMSG;
-        }
-        r = attest_answer(q->attest, c->hubkey, &ch, &attestation, &error);
-        OPENSSL_cleanse(&ch, sizeof ch);
+        /* The signer parses the challenge (its limits: ATTEST_ANSWER_MAX, attest.h) and answers
+         * it with the TPM, on the connection of the ATTEST_BEGIN. */
+        r = resp->body_len > 0 ? signer_attest_answer_sync(c->signer, resp->body, resp->body_len, &op) : -EBADMSG;
+        a = r >= 0 ? signer_op_reply(op) : NULL;
+        if (a)
+                attestation = a->answer ? json_loads(a->answer, JSON_REJECT_DUPLICATES, NULL) : NULL;
+        if (r >= 0 && !json_is_object(attestation))
+                r = -EBADMSG;
         if (r < 0) {
-                (void) snprintf(message, size, "attestation failed: %s", error ?: strerror(-r));
+                json_decref(attestation);
+                (void) snprintf(message, size, "attestation failed: %s",
+                                r == -EBADMSG ? "the cloud's attestation challenge is malformed" : strerror(-r));
                 set_last_error(c, "%s", message);
                 log_error_errno(r, "Registration: %s", message);
                 return r;
@@ -990,7 +1010,7 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
 bool cloud_ready(struct cloud *c) {
         /* Registered too: before that the cloud cannot check a request (and would answer
          * 401, which would send the sign-in refreshing for nothing). */
-        return c && c->hubkey && cloud_have_token(c) && c->registered;
+        return c && c->signer && cloud_have_token(c) && c->registered;
 }
 
 int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
@@ -1153,16 +1173,16 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 break;
         }
         }
-        attest_free(q->attest);
         free(q);
         cloud_maybe_send(c);
 }
 
-/* hub.c opened the hub key (it is the one place that does): what waited for it goes. */
-void cloud_key_ready(struct cloud *c, struct hubkey *k) {
+/* hub.c learnt the hub key from the signer (it is the one place that asks): what waited for it
+ * goes. */
+void cloud_key_ready(struct cloud *c, struct signer *s) {
         if (!c)
                 return;
-        c->hubkey = k;
+        c->signer = s;
         if (strncmp(c->counters.last_error, "no hub key", strlen("no hub key")) == 0)
                 c->counters.last_error[0] = '\0';
         cloud_maybe_send(c);
@@ -1228,7 +1248,7 @@ int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct
                 if (r < 0)
                         log_error("Cloud uploads wait: %s", c->counters.last_error);
         }
-        if (!c->hubkey && !c->counters.last_error[0])
+        if (!c->signer && !c->counters.last_error[0])
                 set_last_error(c, "no hub key yet");
         *ret = c;
         return 0;

@@ -51,7 +51,7 @@
 #include "iothub/commands.h"
 #include "iothub/events.h"
 #include "iothub/frame.h"
-#include "iothub/hubkey.h"
+#include "iothub/signer.h"
 #include "iothub/jws.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
@@ -174,6 +174,7 @@ struct command {
         int mid;
         struct cloud_call *result_call;
         unsigned result_level; /* what the call in flight reports */
+        struct signer_op *sign_op; /* CMD_NEW while the signer makes its JWS */
 };
 
 struct commands_counters {
@@ -196,7 +197,7 @@ struct commands {
         struct mqtt *mqtt;
         struct cloud *cloud;
         struct events *events; /* security events (rejected commands); NULL without them */
-        struct hubkey *hubkey; /* NULL until hub.c announces it (commands_key_ready) */
+        struct signer *signer; /* NULL until hub.c announces the hub key (commands_key_ready) */
         struct verify_key *cloud_key; /* [cloud] command_key_file, NULL when unset */
         char cloud_kid[HUBKEY_ID_LEN + 1];
         sd_event_source *defer, *timer, *exp_timer;
@@ -294,6 +295,7 @@ static void command_free(struct command *cmd) {
         if (!cmd)
                 return;
         cloud_request_cancel(cmd->result_call);
+        signer_op_free(cmd->sign_op);
         free(cmd->jws);
         free(cmd->cloud_sig);
         free(cmd);
@@ -785,26 +787,57 @@ static int result_start(struct commands *c, struct command *cmd, unsigned level)
 
 /* ---- publishing and signing ---- */
 
-static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
-        return hubkey_sign(userdata, msg, len, ret_sig);
-}
+/* The signer made the command's JWS (PROTOCOL.md 2), or refused or failed. */
+static void on_command_signed(void *userdata, int r, const struct signer_reply *p) {
+        struct command *cmd = userdata;
+        struct commands *c = cmd->owner;
 
-static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
-        char payload[COMMAND_PAYLOAD_MAX];
-        int n, r;
-
-        n = command_payload(c->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
-        if (n >= 0 && cmd->cloud_sig)
-                n = command_payload_add_cloud(payload, (size_t) n, sizeof payload, cmd->cloud_sig);
-        if (n < 0)
-                return n;
-        r = command_jws(hubkey_id(c->hubkey), payload, (size_t) n, sign_with_hubkey, c->hubkey, &cmd->jws);
-        if (r < 0)
-                return r;
+        if (r >= 0 && !(p->jws && (cmd->jws = strdup(p->jws))))
+                r = p->jws ? -ENOMEM : -EBADMSG;
+        cmd->sign_op = signer_op_free(cmd->sign_op); /* p lives in it: copied above */
+        if (cmd->state != CMD_NEW) {
+                /* Finished meanwhile (expired): it does not go out. */
+                free(cmd->jws);
+                cmd->jws = NULL;
+                return;
+        }
+        if (r < 0) {
+                log_full_errno(c->sign_failures++ == 0 ? LOG_ERR : LOG_DEBUG, r,
+                               "Failed to sign command %s, trying again: %m", cmd->id);
+                set_last_error(c, "signing a command failed: %s", signer_last_error(c->signer) ?: strerror(-r));
+                c->sign_at = now_monotonic_usec() + COMMANDS_RETRY_USEC;
+                commands_schedule(c);
+                return;
+        }
+        c->sign_failures = 0;
         c->counters.signatures++;
         free(cmd->cloud_sig); /* inside the JWS now */
         cmd->cloud_sig = NULL;
-        return 0;
+        cmd->state = CMD_PENDING;
+        cmd->dirty = true;
+        commands_schedule(c);
+}
+
+/* Asks the signer for the command's JWS: it builds the payload of PROTOCOL.md 2 itself from these
+ * fields (and, with [cloud] command_key_file, checks that the vendor's JWS names the same command),
+ * so a daemon taken over cannot make the hub key sign a command the cloud never issued. */
+static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
+        char payload[COMMAND_PAYLOAD_MAX];
+        const char *set;
+        int n;
+
+        /* The set as the contract writes it (command_payload(): members in order, numbers in
+         * their shortest form): the object after "set":, without the payload's closing brace. */
+        n = command_payload(c->conf->hub.id, cmd->dev, cmd->id, iat, cmd->exp, &cmd->set, payload, sizeof payload);
+        if (n < 0)
+                return n;
+        set = strstr(payload, ",\"set\":{");
+        if (!set || payload[n - 1] != '}')
+                return -EINVAL;
+        set += strlen(",\"set\":");
+        payload[n - 1] = '\0';
+        return signer_sign_command(c->signer, cmd->dev, cmd->id, (uint64_t) iat, (uint64_t) cmd->exp, set,
+                                   cmd->cloud_sig, on_command_signed, cmd, &cmd->sign_op);
 }
 
 static int command_publish(struct commands *c, struct command *cmd) {
@@ -900,10 +933,10 @@ struct pass {
 static void pass_sign(struct commands *c, struct pass *p) {
         int r;
 
-        for (size_t i = 0; i < c->n_cmds && c->hubkey; i++) {
+        for (size_t i = 0; i < c->n_cmds && c->signer; i++) {
                 struct command *cmd = c->cmds[i];
 
-                if (cmd->state != CMD_NEW)
+                if (cmd->state != CMD_NEW || cmd->sign_op)
                         continue;
                 if (p->now < c->sign_at) {
                         wake_at(&p->wake, c->sign_at);
@@ -927,9 +960,7 @@ static void pass_sign(struct commands *c, struct pass *p) {
                         wake_at(&p->wake, c->sign_at);
                         break;
                 }
-                c->sign_failures = 0;
-                cmd->state = CMD_PENDING;
-                cmd->dirty = true;
+                /* on_command_signed() moves it on once the signer answered. */
         }
 }
 
@@ -1124,10 +1155,10 @@ void commands_kick(struct commands *c) {
         commands_schedule(c);
 }
 
-void commands_key_ready(struct commands *c, struct hubkey *k) {
+void commands_key_ready(struct commands *c, struct signer *s) {
         if (!c)
                 return;
-        c->hubkey = k;
+        c->signer = s;
         commands_kick(c);
 }
 

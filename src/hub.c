@@ -16,13 +16,13 @@
 #include "iothub/dynsec.h"
 #include "iothub/events.h"
 #include "iothub/http.h"
-#include "iothub/hubkey.h"
 #include "iothub/hub.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/oauth.h"
 #include "iothub/pair.h"
+#include "iothub/signer.h"
 #include "iothub/spool.h"
 
 #define EXIT_CONFIG 78
@@ -50,8 +50,11 @@ struct hub {
         struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
         struct pair *pair;         /* pairing windows (hello messages) */
         struct events *events;     /* security events for the cloud; NULL without [cloud] url */
-        struct hubkey *hubkey; /* NULL until the key exists and opened */
-        sd_event_source *key_timer; /* retries opening the key while it cannot be */
+        /* The hub key and the sealed tokens live in iothub-signer (issue 14): the daemon asks it. */
+        struct signer *signer;
+        bool key_ready;             /* the signer named the hub key (KEY_INFO) */
+        struct signer_op *key_op;   /* the KEY_INFO out */
+        sd_event_source *key_timer; /* asks again while there is no key */
         uint64_t key_retry_usec;    /* the next retry's delay */
         int key_errno;              /* the last failure to open it, logged once per kind */
         char *key_error;            /* its one-line reason, for status */
@@ -65,6 +68,7 @@ struct hub {
 };
 
 static int hub_open_key(struct hub *h);
+static int on_cloud_need_key(void *userdata);
 static void hub_notify_status(struct hub *h);
 static int hub_status_json(struct hub *h, json_t **ret);
 
@@ -132,10 +136,6 @@ static void on_oauth_signin_changed(void *userdata, const char *reason) {
         events_note(h->events, EVENT_SIGNIN_CHANGED, reason, NULL, 1);
 }
 
-static int on_cloud_need_key(void *userdata) {
-        return hub_open_key(userdata);
-}
-
 /* The hub is registered: the command poll can start. */
 static void on_cloud_registered(void *userdata) {
         struct hub *h = userdata;
@@ -194,10 +194,35 @@ static void on_control_peer_refused(void *userdata) {
 static bool on_control_key_missing(void *userdata, const char **ret_error) {
         struct hub *h = userdata;
 
-        if (h->hubkey)
+        if (h->key_ready)
                 return false;
         *ret_error = h->key_error;
         return true;
+}
+
+static void on_signer_status_changed(void *userdata) {
+        struct hub *h = userdata;
+        const char *why = signer_last_error(h->signer);
+
+        /* While there is no key: the signer's own words for why (a TPM error decoded). */
+        if (!h->key_ready && h->key_errno && h->key_errno != -ENOENT && why && !streq_ptr(why, h->key_error)) {
+                char *t = strdup(why);
+                if (t) {
+                        free(h->key_error);
+                        h->key_error = t;
+                }
+        }
+        hub_notify_status(h);
+}
+
+/* The signer named another key than before (pointed at another TPM, a key made anew): what the
+ * cloud registered is not this one any more. Said; the modules sign with whatever it holds. */
+static void on_signer_key_changed(void *userdata) {
+        struct hub *h = userdata;
+
+        log_event(LOG_WARNING, 0, IOTHUB_MID_KEY_UNAVAILABLE, NULL, "key_changed",
+                  "iothub-signer now holds another hub key, %s: run 'iothubctl register' again",
+                  signer_key_id(h->signer));
 }
 
 static void on_mqtt_published(void *userdata, int mid) {
@@ -217,7 +242,12 @@ static const char *key_error_reason(int r) {
         case -EPERM:
                 return "permission_denied";
         case -ECONNREFUSED:
+        case -EHOSTDOWN:
+        case -EHOSTUNREACH:
                 return "tpm_unreachable";
+        case -ETIMEDOUT:
+        case -ECONNRESET:
+                return "signer_unreachable";
         case -EINVAL:
         case -EOPNOTSUPP:
                 return "bad_configuration";
@@ -261,15 +291,16 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (!o)
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
-        if (h->hubkey)
-                key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", key_backend_to_string(hubkey_backend(h->hubkey)),
-                                "id", hubkey_id(h->hubkey), "signatures", (json_int_t) hubkey_signatures(h->hubkey),
-                                "error", hubkey_last_error(h->hubkey));
+        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon. */
+        if (h->key_ready)
+                key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", signer_key_backend(h->signer), "id",
+                                signer_key_id(h->signer), "signatures", (json_int_t) signer_signatures(h->signer),
+                                "error", signer_last_error(h->signer));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
-                                "id", "signatures", (json_int_t) 0, "error", h->key_error, "reason",
-                                h->key_errno ? key_error_reason(h->key_errno) : NULL);
-        if (!key || json_object_set_new(o, "key", key) < 0) {
+                                "id", "signatures", (json_int_t) signer_signatures(h->signer), "error", h->key_error,
+                                "reason", h->key_errno ? key_error_reason(h->key_errno) : NULL);
+        if (!key || json_object_set_new(o, "key", key) < 0 || signer_status_json(h->signer, o) < 0) {
                 json_decref(o);
                 return -ENOMEM;
         }
@@ -364,7 +395,12 @@ static void hub_check_db(struct hub *h) {
 }
 
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        hub_check_db(userdata);
+        struct hub *h = userdata;
+
+        hub_check_db(h);
+        /* The signer's counters for status (one small request every STATUS_INTERVAL_USEC). */
+        if (h->key_ready)
+                signer_refresh_status(h->signer);
         hub_notify_status(userdata);
         (void) sd_event_source_set_time(s, usec + STATUS_INTERVAL_USEC);
         return 0;
@@ -389,20 +425,18 @@ static int on_sigterm(sd_event_source *s, const struct signalfd_siginfo *si, voi
 
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
 
-/* The one place the hub key is opened. Once it is open, every module that needs it hears of
- * it (cloud, sign-in, commands); until then a timer tries again, so that a TPM that comes up
- * after the daemon (a module loaded late, swtpm started later) is picked up without a restart.
- * Each kind of failure is logged once, with a MESSAGE_ID whose catalog entry says what to do,
- * and kept in key_error for status. Returns 0 (also when it was open already) or the negative
- * errno of hubkey_open(). */
-static int hub_open_key(struct hub *h) {
-        _cleanup_free_ char *err = NULL;
-        int r;
-
-        if (h->hubkey)
+/* The one place the hub key is learnt: the signer answered KEY_INFO (r, p). Once it named the
+ * key, every module that needs it hears of it (cloud, sign-in, commands) and signs through the
+ * signer; until then a timer asks again, so that a TPM that comes up after the signer, a key made
+ * later, or a signer that starts after the daemon is picked up without a restart. Each kind of
+ * failure is logged once, with a MESSAGE_ID whose catalog entry says what to do, and kept in
+ * key_error for status. Returns 0 or r. */
+static int hub_key_result(struct hub *h, int r) {
+        if (h->key_ready)
                 return 0;
-        r = hubkey_open(h->conf, &h->hubkey, &err);
         if (r < 0) {
+                const char *why = signer_last_error(h->signer);
+
                 if (r != h->key_errno)
                         events_note(h->events, EVENT_KEY_ERROR, key_error_reason(r), NULL, 1);
                 if (r != h->key_errno)
@@ -410,10 +444,16 @@ static int hub_open_key(struct hub *h) {
                                   key_error_reason(r), "No hub key, %s: %s",
                                   h->cloud || h->oauth ? "cloud uploads and sign-in wait"
                                                        : "needed once [cloud] is configured",
-                                  err ? err : strerror(-r));
+                                  r == -ENOENT ? "none yet (run 'iothubctl key init')"
+                                  : why        ? why
+                                               : strerror(-r));
                 h->key_errno = r;
                 free(h->key_error);
-                h->key_error = err ? TAKE_PTR(err) : strdup(strerror(-r));
+                h->key_error = strdup(r == -ENOENT ? "no hub key: run 'iothubctl key init'"
+                                      : why        ? why
+                                                   : strerror(-r));
+                /* The signer's own words (a TPM error decoded) come with its STATUS answer. */
+                signer_refresh_status(h->signer);
                 if (!h->key_timer) {
                         h->key_retry_usec = KEY_RETRY_FIRST_USEC;
                         int k = sd_event_add_time_relative(h->event, &h->key_timer, CLOCK_MONOTONIC,
@@ -423,24 +463,53 @@ static int hub_open_key(struct hub *h) {
                 }
                 return r;
         }
+        h->key_ready = true;
         h->key_errno = 0;
         free(h->key_error);
         h->key_error = NULL;
         h->key_timer = sd_event_source_disable_unref(h->key_timer);
-        log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s)", hubkey_id(h->hubkey),
-                  key_backend_to_string(hubkey_backend(h->hubkey)));
+        log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s, held by iothub-signer)",
+                  signer_key_id(h->signer), signer_key_backend(h->signer));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
-        oauth_key_ready(h->oauth, h->hubkey);
-        cloud_key_ready(h->cloud, h->hubkey);
-        commands_key_ready(h->commands, h->hubkey);
+        oauth_key_ready(h->oauth, h->signer);
+        cloud_key_ready(h->cloud, h->signer);
+        commands_key_ready(h->commands, h->signer);
         hub_notify_status(h);
         return 0;
+}
+
+static void on_key_info(void *userdata, int r, const struct signer_reply *p) {
+        struct hub *h = userdata;
+
+        h->key_op = signer_op_free(h->key_op); /* the signer client keeps the key it named */
+        (void) hub_key_result(h, r);
+}
+
+/* Asks the signer (asynchronously: READY=1 and the bulb side never wait for it). */
+static int hub_open_key(struct hub *h) {
+        if (h->key_ready || h->key_op)
+                return 0;
+        return signer_key_info(h->signer, on_key_info, h, &h->key_op);
+}
+
+/* `iothubctl register` needs the key at once (cloud's need_key): a bounded blocking round trip,
+ * the one left in hub.c. */
+static int on_cloud_need_key(void *userdata) {
+        struct hub *h = userdata;
+        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+
+        if (h->key_ready)
+                return 0;
+        return hub_key_result(h, signer_key_info_sync(h->signer, &op));
 }
 
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct hub *h = userdata;
 
-        if (hub_open_key(h) < 0 && h->key_timer) {
+        if (!h->key_ready && !h->key_op && hub_open_key(h) < 0) {
+                log_error("Cannot ask the signer for the hub key; trying again");
+        }
+        if (!h->key_ready && h->key_timer) {
                 h->key_retry_usec *= 2;
                 if (h->key_retry_usec > KEY_RETRY_MAX_USEC)
                         h->key_retry_usec = KEY_RETRY_MAX_USEC;
@@ -498,6 +567,7 @@ static int hub_reload(struct hub *h) {
         keep_string("key", "tcti", &n->key.tcti, &o->key.tcti);
         KEEP_NUMBER("key", "handle", n->key.handle, o->key.handle);
         keep_string("key", "file", &n->key.file, &o->key.file);
+        keep_string("signer", "socket", &n->signer.socket, &o->signer.socket);
         keep_string("cloud", "url", &n->cloud.url, &o->cloud.url);
         keep_string("cloud", "ca_file", &n->cloud.ca_file, &o->cloud.ca_file);
         KEEP_NUMBER("broker", "dynsec", n->broker.dynsec, o->broker.dynsec);
@@ -541,7 +611,9 @@ static void hub_done(struct hub *h) {
         cloud_free(h->cloud);
         oauth_free(h->oauth);
         http_free(h->http);
-        hubkey_free(h->hubkey);
+        /* After the modules that own requests to it (each freed its own); cancels the rest. */
+        h->key_op = signer_op_free(h->key_op);
+        signer_free(h->signer);
         sd_event_source_disable_unref(h->key_timer);
         free(h->key_error);
         sd_event_source_disable_unref(h->sigterm);
@@ -563,9 +635,6 @@ int hub_run(const char *config_path, int log_level_override) {
 
         /* No secret (tokens, keys in memory) may end up in a core dump. */
         (void) prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-        /* tpm2-tss would print its own error lines on stderr; our messages carry the decoded
-         * TPM error already. An explicit TSS2_LOG from the environment still wins. */
-        (void) setenv("TSS2_LOG", "all+none", 0);
 
         r = conf_load(config_path, &h.conf, &err);
         if (r < 0) {
@@ -622,6 +691,15 @@ int hub_run(const char *config_path, int log_level_override) {
                 goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to read the spool: %m (%s)", db_errmsg(h.db));
+                goto out;
+        }
+        r = signer_new(h.event, h.conf,
+                       &(struct signer_events){ .status_changed = on_signer_status_changed,
+                                                .key_changed = on_signer_key_changed,
+                                                .userdata = &h },
+                       &h.signer);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up the signer's client: %m");
                 goto out;
         }
         r = http_new(h.event, &h.http);

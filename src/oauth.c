@@ -22,9 +22,9 @@
 #include "iothub/frame.h"
 #include "iothub/http.h"
 #include "iothub/jws.h"
-#include "iothub/hubkey.h"
 #include "iothub/log.h"
 #include "iothub/oauth.h"
+#include "iothub/signer.h"
 #include "iothub/tokenstore.h"
 
 #include "oauth-internal.h"
@@ -59,7 +59,11 @@ struct oauth {
         sd_event *event;
         const struct iothub_conf *conf;
         struct http *http;
-        struct hubkey *hubkey; /* NULL until hub.c announces it (oauth_key_ready) */
+        struct signer *signer; /* NULL until hub.c announces the hub key (oauth_key_ready) */
+        /* The sealed tokens live with the signer (iothub-signer(8)): the one read at start, and
+         * one write (save or erase) at a time, the next one wanted after it. */
+        struct signer_op *load_op, *store_op;
+        enum { STORE_NONE, STORE_SAVE, STORE_ERASE } store_next;
         struct oauth_events ev;
         enum oauth_state state;
         char last_error[256];
@@ -174,41 +178,6 @@ static int form_append(char **form, const char *name, const char *value) {
         if (*form)
                 erase_and_free(*form, old);
         *form = t;
-        return 0;
-}
-
-/* jws_sign_t over the hub key. */
-static int sign_with_hubkey(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]) {
-        return hubkey_sign(userdata, msg, len, ret_sig);
-}
-
-int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
-                     const char *nonce, int64_t now, char **ret) {
-        _cleanup_free_ char *jws = NULL;
-        json_t *jwk = NULL;
-        uint8_t sig[HUBKEY_SIG_LEN];
-        char ath[DPOP_ATH_LEN + 1];
-        size_t len = 0;
-        int r;
-
-        /* Built in dpop.c, which iothub-signer(8) shares. */
-        if (access_token) {
-                r = dpop_ath(access_token, ath);
-                if (r < 0)
-                        return r;
-        }
-        r = hubkey_public_jwk(k, &jwk);
-        if (r < 0)
-                return r;
-        r = dpop_prepare(jwk, method, url, access_token ? ath : NULL, nonce, now, &jws, &len);
-        json_decref(jwk);
-        if (r < 0)
-                return r;
-        r = sign_with_hubkey(k, jws, len, sig);
-        if (r < 0)
-                return r;
-        jws_compact_finish(jws, len, sig);
-        *ret = TAKE_PTR(jws);
         return 0;
 }
 
@@ -558,11 +527,24 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 lines[n++] = "Content-Type: application/x-www-form-urlencoded";
         /* DPoP on the token requests (RFC 9449 5), not on discovery; on revocation only when the
          * server asked for a proof with its nonce (RFC 9449 8). */
-        if (o->use_dpop && o->hubkey &&
+        if (o->use_dpop && o->signer &&
             (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH || (kind == R_REVOKE && nonce_retried))) {
-                r = oauth_dpop_proof(o->hubkey, method, url, NULL, o->as_nonce, now_s(), &dpop);
+                /* Still a blocking round trip to the signer (bounded, SIGNER_SYNC_TIMEOUT_MS): the
+                 * token endpoint's requests are few (a sign-in, a refresh an hour). */
+                _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+                const struct signer_reply *p;
+
+                r = signer_sign_dpop_sync(o->signer, method, url, NULL, o->as_nonce, &op);
+                p = r >= 0 ? signer_op_reply(op) : NULL;
+                if (r >= 0 && !(p && p->proof))
+                        r = -EBADMSG;
                 if (r < 0)
                         goto fail;
+                dpop = strdup(p->proof);
+                if (!dpop) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
                 call->sent_nonce = o->as_nonce != NULL;
                 o->dpop_proofs++;
                 dpop_header = strdup_printf("DPoP: %s", dpop);
@@ -700,6 +682,8 @@ static void become_login_required(struct oauth *o, const char *why) {
         status_changed(o);
 }
 
+static void tokens_store(struct oauth *o, int what);
+
 /* Takes a 200 token response (RFC 6749 5.1), checked by oauth_parse_token_answer(). */
 static int accept_tokens(struct oauth *o, const struct http_response *resp) {
         struct oauth_token_answer a = {};
@@ -724,15 +708,12 @@ static int accept_tokens(struct oauth *o, const struct http_response *resp) {
                 oauth_tokens_done(&t);
                 return -ENOMEM;
         }
-        r = tokenstore_save(o->conf, o->hubkey, &t, &err);
-        if (r < 0) {
-                log_error_errno(r, "Failed to store the new tokens: %s", err ? err : strerror(-r));
-                /* Keep using them in memory: losing a rotated refresh token is worse. */
-        }
         if (o->have_tokens)
                 oauth_tokens_done(&o->tokens);
         o->tokens = t;
         o->have_tokens = true;
+        /* Sealed and written by the signer; kept in memory whatever happens there. */
+        tokens_store(o, STORE_SAVE);
         o->state = OAUTH_OK;
         o->failures = 0;
         o->refresh_refusals = 0;
@@ -1104,7 +1085,7 @@ int oauth_login(struct oauth *o, const struct oauth_login_cb *cb) {
 
         if (!o->discovered)
                 return -EAGAIN;
-        if (!o->hubkey)
+        if (!o->signer)
                 return -ENOKEY;
         if (o->login_active)
                 login_finish(o, -ECANCELED, "another sign-in started");
@@ -1134,10 +1115,7 @@ void oauth_login_detach(struct oauth *o, void *userdata) {
 /* ---- logout ---- */
 
 static void logout_finish(struct oauth *o, int r, const char *message) {
-        int k = tokenstore_erase(o->conf);
-
-        if (k < 0 && k != -ENOENT)
-                log_error_errno(k, "Failed to erase the stored tokens: %m");
+        tokens_store(o, STORE_ERASE);
         if (o->have_tokens) {
                 oauth_tokens_done(&o->tokens);
                 o->have_tokens = false;
@@ -1271,11 +1249,10 @@ static void on_done(void *userdata, const struct http_response *resp) {
 
 /* ---- the resource side ---- */
 
-int oauth_authorize(struct oauth *o, const char *method, const char *url, char **ret_authorization,
-                    char **ret_dpop) {
-        _cleanup_erase_str_ char *auth = NULL, *proof = NULL;
+int oauth_authorize(struct oauth *o, char **ret_authorization, char **ret_dpop_ath, char **ret_dpop_nonce) {
+        _cleanup_erase_str_ char *auth = NULL;
+        _cleanup_free_ char *ath = NULL, *nonce = NULL;
         bool dpop;
-        int r;
 
         if (!o->have_tokens || (o->state != OAUTH_OK && o->state != OAUTH_REFRESHING))
                 return -ENOKEY;
@@ -1284,14 +1261,23 @@ int oauth_authorize(struct oauth *o, const char *method, const char *url, char *
         if (!auth)
                 return -ENOMEM;
         if (dpop) {
-                r = oauth_dpop_proof(o->hubkey, method, url, o->tokens.access_token, o->rs_nonce, now_s(),
-                                     &proof);
+                /* ath (RFC 9449 4.2) binds the proof to the token; the signer makes the proof and
+                 * is never handed the token. */
+                int r;
+
+                ath = malloc(DPOP_ATH_LEN + 1);
+                if (!ath)
+                        return -ENOMEM;
+                r = dpop_ath(o->tokens.access_token, ath);
                 if (r < 0)
                         return r;
+                if (o->rs_nonce && !(nonce = strdup(o->rs_nonce)))
+                        return -ENOMEM;
                 o->dpop_proofs++;
         }
         *ret_authorization = TAKE_PTR(auth);
-        *ret_dpop = TAKE_PTR(proof);
+        *ret_dpop_ath = TAKE_PTR(ath);
+        *ret_dpop_nonce = TAKE_PTR(nonce);
         return 0;
 }
 
@@ -1313,19 +1299,37 @@ int oauth_status_json(struct oauth *o, json_t *st) {
         return json_object_set_new(st, "oauth", j) < 0 ? -ENOMEM : 0;
 }
 
-/* The hub key is open (now, or later when the TPM came up after the daemon): the sealed
- * tokens can be read. Only while nothing else gave us tokens (a login in the meantime wins). */
-static void load_sealed_tokens(struct oauth *o) {
-        _cleanup_free_ char *err = NULL;
-        int r;
+/* The signer read the sealed tokens (or has none). Only while nothing else gave us tokens (a
+ * login in the meantime wins). */
+static void on_tokens_got(void *userdata, int r, const struct signer_reply *p) {
+        struct oauth *o = userdata;
+        struct oauth_tokens t = {};
 
-        if (!o || !o->hubkey || o->have_tokens)
+        if (o->have_tokens) {
+                o->load_op = signer_op_free(o->load_op);
                 return;
-        r = tokenstore_load(o->conf, o->hubkey, &o->tokens, &err);
+        }
+        if (r >= 0 && (!p->access_token || !p->token_type))
+                r = -EBADMSG;
         if (r >= 0) {
+                t.access_token = strdup(p->access_token);
+                t.token_type = strdup(p->token_type);
+                t.refresh_token = p->refresh_token ? strdup(p->refresh_token) : NULL;
+                t.scope = p->scope ? strdup(p->scope) : NULL;
+                t.expires_at = p->expires_at > INT64_MAX ? INT64_MAX : (int64_t) p->expires_at;
+                if (!t.access_token || !t.token_type || (p->refresh_token && !t.refresh_token) ||
+                    (p->scope && !t.scope)) {
+                        oauth_tokens_done(&t);
+                        r = -ENOMEM;
+                }
+        }
+        o->load_op = signer_op_free(o->load_op); /* p lives in it: copied above */
+        if (r >= 0) {
+                o->tokens = t;
                 o->have_tokens = true;
                 o->state = OAUTH_OK;
                 o->last_error[0] = '\0';
+                o->token_gen++;
                 log_info("Loaded the stored sign-in tokens");
                 /* Before discovery finished, on_discovered() does this. */
                 if (o->discovered && o->tokens.refresh_token &&
@@ -1333,18 +1337,78 @@ static void load_sealed_tokens(struct oauth *o) {
                         (void) start_refresh(o);
                 else if (o->discovered)
                         schedule_refresh(o);
+                if (o->ev.token_ready)
+                        o->ev.token_ready(o->ev.userdata);
         } else if (r == -ENOENT)
                 set_error(o, "not signed in: run 'iothubctl login'");
         else {
-                set_error(o, "stored tokens unusable: %s", err ? err : strerror(-r));
+                set_error(o, "stored tokens unusable: %s", strerror(-r));
                 log_error("Sign-in: %s", o->last_error);
+        }
+        status_changed(o);
+}
+
+static void load_sealed_tokens(struct oauth *o) {
+        int r;
+
+        if (!o || !o->signer || o->have_tokens || o->load_op)
+                return;
+        r = signer_tokens_get(o->signer, on_tokens_got, o, &o->load_op);
+        if (r < 0)
+                set_error(o, "cannot ask the signer for the stored tokens: %s", strerror(-r));
+}
+
+static void on_tokens_stored(void *userdata, int r, const struct signer_reply *p) {
+        struct oauth *o = userdata;
+
+        o->store_op = signer_op_free(o->store_op);
+        /* Kept in memory whatever happens there: losing a rotated refresh token is worse. */
+        if (r < 0 && r != -ENOENT)
+                log_error_errno(r, "Failed to update the stored tokens (iothub-signer): %m");
+        if (o->store_next != STORE_NONE) {
+                int next = o->store_next;
+                o->store_next = STORE_NONE;
+                tokens_store(o, next);
         }
 }
 
-void oauth_key_ready(struct oauth *o, struct hubkey *k) {
+/* Saves the tokens in memory (or erases them) through the signer; while one write is out, the
+ * last wish waits for it, so that writes never overtake each other. */
+static void tokens_store(struct oauth *o, int what) {
+        int r;
+
+        if (!o->signer) {
+                if (what == STORE_SAVE)
+                        log_warning("No hub key yet: the new tokens are kept in memory only until it is there");
+                o->store_next = what == STORE_SAVE ? STORE_SAVE : STORE_ERASE;
+                return;
+        }
+        if (o->store_op) {
+                o->store_next = what;
+                return;
+        }
+        if (what == STORE_ERASE)
+                r = signer_tokens_erase(o->signer, on_tokens_stored, o, &o->store_op);
+        else if (o->have_tokens)
+                r = signer_tokens_put(o->signer, o->tokens.access_token, o->tokens.refresh_token, o->tokens.token_type,
+                                      o->tokens.scope, o->tokens.expires_at > 0 ? (uint64_t) o->tokens.expires_at : 0,
+                                      on_tokens_stored, o, &o->store_op);
+        else
+                return;
+        if (r < 0)
+                log_error_errno(r, "Failed to %s the stored tokens: %m", what == STORE_ERASE ? "erase" : "save");
+}
+
+void oauth_key_ready(struct oauth *o, struct signer *s) {
         if (!o)
                 return;
-        o->hubkey = k;
+        o->signer = s;
+        /* Tokens that came before the key (a sign-in cannot, but keep the rule simple). */
+        if (o->store_next != STORE_NONE && !o->store_op) {
+                int next = o->store_next;
+                o->store_next = STORE_NONE;
+                tokens_store(o, next);
+        }
         load_sealed_tokens(o);
 }
 
@@ -1402,6 +1466,9 @@ void oauth_free(struct oauth *o) {
         http_cancel(o->login_req);
         http_cancel(o->refresh_req);
         http_cancel(o->revoke_req);
+        /* A write still out goes on in the signer; only its answer is dropped. */
+        signer_op_free(o->load_op);
+        signer_op_free(o->store_op);
         sd_event_source_disable_unref(o->timer);
         sd_event_source_disable_unref(o->poll_timer);
         if (o->have_tokens)

@@ -538,13 +538,3 @@ int tokenstore_erase(const struct iothub_conf *c) {
                 (void) fsync(dfd);
         return r < 0 ? r : q;
 }
-
-void oauth_tokens_done(struct oauth_tokens *t) {
-        if (!t)
-                return;
-        erase_and_freep_str(&t->access_token);
-        erase_and_freep_str(&t->refresh_token);
-        erase_and_freep_str(&t->token_type);
-        erase_and_freep_str(&t->scope);
-        t->expires_at = 0;
-}

@@ -26,7 +26,7 @@
 
 struct cloud;
 struct http;
-struct hubkey;
+struct signer;
 struct oauth;
 
 struct cloud_counters {
@@ -66,7 +66,7 @@ void cloud_free(struct cloud *c);
 void cloud_kick(struct cloud *c);
 /* hub.c opened the hub key k (the caller's, valid until cloud_free()): uploads waiting for it
  * may go. NULL c is a no-op. */
-void cloud_key_ready(struct cloud *c, struct hubkey *k);
+void cloud_key_ready(struct cloud *c, struct signer *s);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 

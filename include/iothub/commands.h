@@ -17,7 +17,7 @@
 #include "iothub/registry.h"
 
 struct cloud;
-struct hubkey;
+struct signer;
 struct mqtt;
 struct commands;
 struct events;
@@ -31,9 +31,9 @@ int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, str
                  struct mqtt *mqtt, struct cloud *cloud, struct events *events, struct commands **ret);
 void commands_free(struct commands *c);
 
-/* hub.c opened the hub key k (the caller's, valid until commands_free()): commands can be
- * signed; kicks as commands_kick(). NULL c is a no-op. */
-void commands_key_ready(struct commands *c, struct hubkey *k);
+/* hub.c learnt the hub key from the signer s (the caller's, valid until commands_free()):
+ * commands can be signed; kicks as commands_kick(). NULL c is a no-op. */
+void commands_key_ready(struct commands *c, struct signer *s);
 
 /* Something changed that may let the long poll or pending work go on now (MQTT connected,
  * the cloud got a token or a key). Cheap; NULL accepted. */

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* DPoP proofs (RFC 9449 4.2) by the hub key, built in two steps so that the signature can be
- * made asynchronously: used by oauth.c (oauth_dpop_proof()) and by iothub-signer(8). Pure but
+ * made asynchronously, by iothub-signer(8); iothubd uses dpop_htu() and dpop_ath(). Pure but
  * for the randomness of jti. */
 #pragma once
 

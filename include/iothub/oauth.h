@@ -51,20 +51,23 @@ struct oauth_events {
 int oauth_new(sd_event *e, const struct iothub_conf *conf, struct http *http, const struct oauth_events *ev,
               struct oauth **ret);
 void oauth_free(struct oauth *o);
-/* hub.c opened the hub key k (the caller's, valid until oauth_free()): DPoP proofs and the
- * token store use it; loads the sealed tokens if none are in memory yet (also when the key
- * comes up long after the start). NULL o is a no-op. */
-void oauth_key_ready(struct oauth *o, struct hubkey *k);
+/* hub.c learnt the hub key from the signer s (the caller's, valid until oauth_free()): DPoP
+ * proofs and the sealed tokens go through it (iothub-signer(8)); asks it for the stored tokens
+ * if none are in memory yet (also when the key comes up long after the start), and says
+ * token_ready once they are there. NULL o is a no-op. */
+struct signer;
+void oauth_key_ready(struct oauth *o, struct signer *s);
 
 enum oauth_state oauth_get_state(const struct oauth *o);
 /* The last error as one printable line, never a secret. */
 const char *oauth_last_error(const struct oauth *o);
 
 /* Authorization for one resource request: ret_authorization gets the header value
- * ("Bearer <t>" or "DPoP <t>"), ret_dpop the value of a DPoP proof header for method and url
- * (NULL without DPoP). Both malloc'ed secrets: wipe them. -ENOKEY without a usable token. */
-int oauth_authorize(struct oauth *o, const char *method, const char *url, char **ret_authorization,
-                    char **ret_dpop);
+ * ("Bearer <t>" or "DPoP <t>"); for a DPoP-bound token ret_dpop_ath gets the proof's ath (RFC
+ * 9449 4.2) and ret_dpop_nonce the resource server's last DPoP-Nonce (or NULL), else both NULL:
+ * the caller asks the signer for the proof. All malloc'ed; the first is a secret: wipe it.
+ * -ENOKEY without a usable token. */
+int oauth_authorize(struct oauth *o, char **ret_authorization, char **ret_dpop_ath, char **ret_dpop_nonce);
 
 /* The generation of the current access token (bumped by every new one): a request records it
  * when it is authorized, so that a 401 to an older token is told apart. */
@@ -112,7 +115,3 @@ void oauth_logout_cancel(struct oauth_logout_op *op);
 /* Adds "oauth" to the status object. */
 int oauth_status_json(struct oauth *o, json_t *st);
 
-/* Builds a DPoP proof JWT (RFC 9449 4.2) signed by the hub key: header typ dpop+jwt, alg
- * ES256, jwk; claims jti, htm, htu, iat, and ath and nonce when given. Exposed for tests. */
-int oauth_dpop_proof(struct hubkey *k, const char *method, const char *url, const char *access_token,
-                     const char *nonce, int64_t now, char **ret);

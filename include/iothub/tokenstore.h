@@ -10,6 +10,7 @@
 
 #include "iothub/conf.h"
 #include "iothub/hubkey.h"
+#include "iothub/util.h"
 
 #define TOKENSTORE_FILE "tokens.enc"      /* ciphertext */
 #define TOKENSTORE_KEY_FILE "tokens.key"  /* the sealed data key (or the raw key with backend file) */
@@ -33,5 +34,14 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
 int tokenstore_load(const struct iothub_conf *c, struct hubkey *k, struct oauth_tokens *ret, char **ret_error);
 /* Removes the ciphertext and the sealed key (overwriting both first). 0 when there were none. */
 int tokenstore_erase(const struct iothub_conf *c);
-/* Wipes and frees the members; the struct itself is the caller's. */
-void oauth_tokens_done(struct oauth_tokens *t);
+/* Wipes and frees the members; the struct itself is the caller's. Inline: iothubd keeps its
+ * tokens in memory and clears them, without linking the token files' code (issue 14). */
+static inline void oauth_tokens_done(struct oauth_tokens *t) {
+        if (!t)
+                return;
+        erase_and_freep_str(&t->access_token);
+        erase_and_freep_str(&t->refresh_token);
+        erase_and_freep_str(&t->token_type);
+        erase_and_freep_str(&t->scope);
+        t->expires_at = 0;
+}

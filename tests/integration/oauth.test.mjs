@@ -115,15 +115,17 @@ test('the access token is refreshed before it expires (with rotation)', async ()
 });
 
 test('stored tokens: sealed by the TPM, nothing in clear, useless on another TPM', async () => {
-  const enc = await fs.readFile(path.join(hub.stateDir, 'tokens.enc'));
-  const key = await fs.readFile(path.join(hub.stateDir, 'tokens.key'));
+  // The signer keeps them (issue 14); the daemon's state directory holds none.
+  for (const f of ['tokens.enc', 'tokens.key']) await assert.rejects(fs.stat(path.join(hub.stateDir, f)));
+  const enc = await fs.readFile(path.join(hub.signerStateDir, 'tokens.enc'));
+  const key = await fs.readFile(path.join(hub.signerStateDir, 'tokens.key'));
   assert.ok(seenTokens.size > 0);
   for (const t of seenTokens) {
     assert.ok(!enc.includes(Buffer.from(t)), 'no access token in clear in tokens.enc');
     assert.ok(!key.includes(Buffer.from(t)));
   }
   assert.ok(!enc.includes(Buffer.from('refresh_token')), 'no JSON in clear');
-  for (const f of ['tokens.enc', 'tokens.key']) assert.equal((await fs.stat(path.join(hub.stateDir, f))).mode & 0o777, 0o600);
+  for (const f of ['tokens.enc', 'tokens.key']) assert.equal((await fs.stat(path.join(hub.signerStateDir, f))).mode & 0o777, 0o600);
   // A copied SD card: the same files, another TPM (with a hub key of its own).
   const other = await Swtpm.start(path.join(dir, 'tpm2'));
   const h2dir = await tempDir();
@@ -131,15 +133,19 @@ test('stored tokens: sealed by the TPM, nothing in clear, useless on another TPM
   const h2 = new Hub(h2dir, broker, {});
   h2.overrides = overrides(other, auth);
   await fs.mkdir(h2.stateDir, { mode: 0o700 });
-  await fs.copyFile(path.join(hub.stateDir, 'tokens.enc'), path.join(h2.stateDir, 'tokens.enc'));
-  await fs.copyFile(path.join(hub.stateDir, 'tokens.key'), path.join(h2.stateDir, 'tokens.key'));
+  await fs.mkdir(h2.signerStateDir, { mode: 0o700 });
+  await fs.copyFile(path.join(hub.signerStateDir, 'tokens.enc'), path.join(h2.signerStateDir, 'tokens.enc'));
+  await fs.copyFile(path.join(hub.signerStateDir, 'tokens.key'), path.join(h2.signerStateDir, 'tokens.key'));
   await h2.writeConfig();
   await keyInit(h2);
   await h2.start();
   try {
-    const st = await h2.status();
+    // The signer is asked once the key is known, after READY: wait for its answer.
+    const st = await waitFor(async () => {
+      const s = await h2.status();
+      return /stored tokens unusable/.test(s.oauth.last_error ?? '') ? s : null;
+    }, 10000, 'the stored tokens refused');
     assert.equal(st.oauth.state, 'login_required');
-    assert.match(st.oauth.last_error, /stored tokens unusable/);
   } finally {
     await h2.cleanup();
     await other.stop();
@@ -372,12 +378,14 @@ test('logout revokes the refresh token and erases the stored tokens', async () =
   const r = await hub.ctl(['logout']);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(auth.state.revocations, rev0 + 1);
-  await assert.rejects(fs.stat(path.join(hub.stateDir, 'tokens.enc')));
-  await assert.rejects(fs.stat(path.join(hub.stateDir, 'tokens.key')));
+  // Erased by the signer, asked right after the revocation.
+  await waitFor(async () => !(await fs.stat(path.join(hub.signerStateDir, 'tokens.enc')).catch(() => null)), 5000, 'tokens.enc erased');
+  await assert.rejects(fs.stat(path.join(hub.signerStateDir, 'tokens.key')));
   assert.equal((await hub.status()).oauth.state, 'login_required');
 });
 
 test('no token ever reaches the log or stderr', async () => {
-  for (const t of seenTokens) assert.ok(!hub.log.includes(t));
-  assert.ok(!/eyJ[\w-]{20,}\.[\w-]{20,}/.test(hub.log), 'nothing that looks like a JWT in the log');
+  for (const t of seenTokens) assert.ok(!hub.log.includes(t) && !hub.signerLog.includes(t));
+  for (const log of [hub.log, hub.signerLog])
+    assert.ok(!/eyJ[\w-]{20,}\.[\w-]{20,}/.test(log), 'nothing that looks like a JWT in the log');
 });

@@ -43,6 +43,7 @@ export class FaultHub extends Hub {
     const h = new FaultHub(opts.dir ?? await tempDir(), broker, overrides);
     await fs.chmod(h.dir, 0o755);
     await fs.mkdir(h.stateDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(h.signerStateDir, { recursive: true, mode: 0o700 });
     await h.writeConfig();
     h.journal = [];
     h.errPath = path.join(h.dir, 'stderr');
@@ -75,6 +76,18 @@ export class FaultHub extends Hub {
   get stderrText() { try { return readFileSync(this.errPath, 'utf8'); } catch { return ''; } }
 
   async start(opts = {}) {
+    // The signer first, on the same clock as the daemon (one system clock on a hub).
+    if (opts.signer !== false) {
+      const senv = { ...(opts.env ?? {}) };
+      if (this.clockFile) {
+        senv.LD_PRELOAD = [await faketimeLib(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+        senv.FAKETIME_TIMESTAMP_FILE = this.clockFile;
+        senv.FAKETIME_NO_CACHE = '1';
+        senv.DONT_FAKE_MONOTONIC = '1';
+        senv.ASAN_OPTIONS = [process.env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':');
+      }
+      await this.startSigner({ env: senv });
+    }
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });

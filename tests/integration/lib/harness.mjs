@@ -15,6 +15,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const BUILD = process.env.IOTHUB_BUILD ?? path.resolve(here, '../../../build');
 export const IOTHUBD = path.join(BUILD, 'iothubd');
 export const IOTHUBCTL = path.join(BUILD, 'iothubctl');
+export const IOTHUB_SIGNER = path.join(BUILD, 'iothub-signer');
 export const NOTIFY_LISTEN = path.join(BUILD, 'tools', 'notify-listen');
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -147,6 +148,12 @@ export class Hub {
     this.configPath = path.join(dir, 'iothub.conf');
     this.stateDir = path.join(dir, 'state');
     this.runtimeDir = path.join(dir, 'run');
+    // iothub-signer (issue 14): holds the hub key and the sealed tokens; the daemon asks it over
+    // this socket. Started before the daemon and stopped after it, as systemd orders the units.
+    this.signerSock = path.join(dir, 'signer.sock');
+    this.signerStateDir = path.join(dir, 'signer');
+    this.signerProc = null;
+    this.signerLog = '';
     this.notifications = [];
     this.log = '';
     this.clientId = `iothubd-test-${process.pid}-${++hubCounter}`;
@@ -157,6 +164,7 @@ export class Hub {
       hub: { id: 'test-hub', state_dir: this.stateDir, runtime_dir: this.runtimeDir },
       mqtt: { host: '127.0.0.1', port: this.broker ? this.broker.port : 1, client_id: this.clientId, keepalive_s: 5 },
       frames: { rate_per_device: 1000 },
+      signer: { socket: this.signerSock, client_user: os.userInfo().username, state_dir: this.signerStateDir },
     };
     for (const [sec, keys] of Object.entries(this.overrides)) base[sec] = { ...(base[sec] ?? {}), ...keys };
     return base;
@@ -171,6 +179,7 @@ export class Hub {
     await fs.chmod(dir, 0o755);
     const h = new Hub(dir, broker, overrides);
     await fs.mkdir(h.stateDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(h.signerStateDir, { recursive: true, mode: 0o700 });
     await h.writeConfig();
     try {
       await h.start(opts);
@@ -183,7 +192,46 @@ export class Hub {
     return h;
   }
 
+  // The signer as its unit runs it, on the configured socket; opts.signer === false starts the
+  // daemon alone (a test starts the signer later with startSigner()). Waits until the socket
+  // takes connections, or the signer exited (a bad configuration: the test looks at the daemon).
+  async startSigner(opts = {}) {
+    if (this.signerProc && this.signerProc.exitCode === null && this.signerProc.signalCode === null) return;
+    const env = { ...process.env, ...(opts.env ?? {}) };
+    delete env.NOTIFY_SOCKET;
+    delete env.JOURNAL_STREAM;
+    delete env.LISTEN_FDS;
+    delete env.LISTEN_PID;
+    const proc = spawn(IOTHUB_SIGNER, ['--config', this.configPath, '--listen', this.signerSock, ...(opts.args ?? [])],
+      { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.signerProc = proc;
+    proc.stderr.on('data', (d) => { this.signerLog += d; });
+    this.signerExited = once(proc, 'exit').then(([code, signal]) => ({ code, signal }));
+    const end = Date.now() + 5000 * SLOW;
+    while (Date.now() < end && proc.exitCode === null && proc.signalCode === null) {
+      const ok = await new Promise((resolve) => {
+        const c = net.connect({ path: this.signerSock });
+        c.once('connect', () => { c.destroy(); resolve(true); });
+        c.once('error', () => resolve(false));
+      });
+      if (ok) return;
+      await sleep(20);
+    }
+    if (proc.exitCode === null && proc.signalCode === null)
+      throw new Error(`iothub-signer does not listen on ${this.signerSock} after 5 s: ${this.signerLog}`);
+  }
+
+  async stopSigner(signal = 'SIGTERM') {
+    const p = this.signerProc;
+    if (!p) return { code: null, signal: null };
+    if (p.exitCode === null && p.signalCode === null) p.kill(signal);
+    const res = await this.signerExited;
+    this.signerProc = null;
+    return res;
+  }
+
   async start(opts = {}) {
+    if (opts.signer !== false) await this.startSigner(opts.signerOpts ?? {});
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });
@@ -234,6 +282,8 @@ export class Hub {
       await once(this.notify, 'exit').catch(() => {});
       this.notify = null;
     }
+    // After the daemon, as systemd stops iothub.service before the signer it requires.
+    await this.stopSigner(signal === 'SIGKILL' ? 'SIGKILL' : 'SIGTERM');
     return res;
   }
 
