@@ -218,14 +218,16 @@ check "key.backend tpm, key.id is the key shown by key show" wait_for 10 key_is_
 check "$SIGNER started by the daemon's connection (active, running)" wait_for 10 \
 	sh -c "[ \"\$(systemctl show -P ActiveState,SubState $SIGNER | tr '\n' /)\" = active/running/ ]"
 spid=$(sprop MainPID)
-# proc_ids PID USER GROUP TSS(yes|no): the process runs as USER:GROUP, and has group tss among its
-# supplementary groups (ps prints them comma-separated; the primary group may be among them) or not.
+# proc_ids PID USER GROUP TSS(yes|no): the process runs as USER:GROUP (real and effective), and has
+# group tss among its supplementary groups (the primary group may be among them too) or not.
 proc_ids() {
-	local u g sup
-	read -r u g sup <<<"$(ps -o user=,group=,supgrp= -p "$1")"
-	echo "pid $1: user $u, group $g, supplementary groups $sup"
-	[ "$u $g" = "$2 $3" ] || return 1
-	case ",$sup," in *,tss,*) [ "$4" = yes ] ;; *) [ "$4" = no ] ;; esac
+	local uid gid groups
+	uid=$(awk '/^Uid:/ {print $2, $3}' "/proc/$1/status")
+	gid=$(awk '/^Gid:/ {print $2, $3}' "/proc/$1/status")
+	groups=" $(sed -n 's/^Groups:[[:space:]]*//p' "/proc/$1/status") "
+	echo "pid $1: uid $uid, gid $gid, groups$groups(tss is $(getent group tss | cut -d: -f3))"
+	[ "$uid $gid" = "$(id -u "$2") $(id -u "$2") $(getent group "$3" | cut -d: -f3) $(getent group "$3" | cut -d: -f3)" ] || return 1
+	case "$groups" in *" $(getent group tss | cut -d: -f3) "*) [ "$4" = yes ] ;; *) [ "$4" = no ] ;; esac
 }
 check "$SIGNER runs as iothub-signer:iothub-signer with group tss" proc_ids "$spid" iothub-signer iothub-signer yes
 check "iothubd runs as iothub:iothub without group tss" proc_ids "$(prop MainPID)" iothub iothub no
@@ -288,6 +290,7 @@ fi
 # daemon's spool and are signed and uploaded once a signer runs again.
 spid=$(sprop MainPID)
 srestarts=$(sprop NRestarts)
+t_kill=$(date +%s%N)
 check "systemctl kill -s KILL $SIGNER" systemctl kill -s KILL $SIGNER
 k0=$((half + 1))
 k1=$((half + KILL_FRAMES))
@@ -302,6 +305,7 @@ check "journal: systemd saw the signer killed by SIGKILL" \
 check "the daemon kept running (same PID)" is "$(prop MainPID)" "$pid"
 check "frames.accepted = $k1 (none lost)" wait_for 15 st_is .frames.accepted "$k1"
 check "cloud.uploaded = $k1 (signed by the new signer, accepted by the cloud)" wait_for 30 st_is .cloud.uploaded "$k1"
+log "signer killed -> frames $k0..$k1 at the cloud: $((($(date +%s%N) - t_kill) / 1000000)) ms (0.2 s polling)"
 check "spool.pending = 0 after the kill" st_is .spool.pending 0
 
 if [ "$MODE" = nspawn ]; then
@@ -396,7 +400,7 @@ check "the upgrade started the daemon again" wait_for 10 systemctl is-active -q 
 
 # probe UNIT NAME CHECK...: runs the probe in place of UNIT's program (a drop-in ExecStart=, so that
 # the unit's own sandbox applies), keeps its PROBE lines in $OUT/probe-NAME.
-install -m 0755 /systest/probe $PROBE
+install -D -m 0755 /systest/probe $PROBE
 probe() {
 	local unit=$1 name=$2 d=/run/systemd/system/$1.d inv
 	shift 2
