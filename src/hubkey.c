@@ -411,8 +411,8 @@ static int tpm_device_check(const char *tcti_conf, char **ret_error) {
                 if (errno == EACCES || errno == EPERM)
                         return set_error_message(
                                 ret_error, -EACCES,
-                                "TPM: permission denied on %s: the process must be in group tss (iothub.service "
-                                "gives the daemon SupplementaryGroups=tss; run iothubctl as root or add the user "
+                                "TPM: permission denied on %s: the process must be in group tss (iothub-signer.service "
+                                "gives the signer SupplementaryGroups=tss; run iothubctl as root or add the user "
                                 "to tss)",
                                 dev);
                 return set_error_message(ret_error, -errno, "TPM: cannot use the TPM device %s: %s", dev,

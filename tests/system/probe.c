@@ -4,7 +4,8 @@
  * it, it tries what an attacker holding that process would try and prints one line per attempt:
  *
  *     PROBE <check> ok            the attempt succeeded
- *     PROBE <check> <ERRNO>       it failed with that errno (strerrorname_np: ENOENT, EACCES, ...)
+ *     PROBE <check> <ERRNO>       it failed with that errno (strerrorname_np: ENOENT, EACCES, ...);
+ *                                 a connect that got no answer in 3 s reads EINPROGRESS (SO_SNDTIMEO)
  *
  * Checks (each one argument):
  *     open-rw:PATH     open(PATH, O_RDWR)   (a device node: /dev/tpmrm0)
