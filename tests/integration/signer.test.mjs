@@ -14,7 +14,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import * as jose from 'jose';
 import { httpbis, createVerifier } from 'http-message-signatures';
-import { BUILD, IOTHUBCTL, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import { BUILD, IOTHUBCTL, NOTIFY_LISTEN, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import readline from 'node:readline';
 import { createAttestation } from '../cloud/attest.mjs';
 import { SignerClient, OP, TAG, ERRNO, encode, MSG_MAX } from './lib/signerclient.mjs';
 import { signatureBase, signCloudCommand, ALG, PARAMS } from '../cloud/server.mjs';
@@ -516,4 +517,40 @@ test('ATTEST_BEGIN and ATTEST_ANSWER: evidence the reference cloud\'s attestatio
     await s3.stop();
     await ektpm.stop();
   }
+});
+
+test('socket activation: the listening socket from systemd, READY=1, WATCHDOG=1, STOPPING=1', async () => {
+  const nsock = path.join(dir, 'notify.sock');
+  const notify = spawn(NOTIFY_LISTEN, [nsock], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines = [];
+  const rl = readline.createInterface({ input: notify.stdout });
+  await new Promise((resolve) => rl.on('line', (l) => { if (l === 'LISTENING') resolve(); else lines.push(l); }));
+  const asock = path.join(dir, 'activated.sock');
+  // systemd-socket-activate(1) as iothub-signer.socket would: it binds, and hands the listening
+  // socket over (LISTEN_FDS=1) when the first client connects.
+  const act = spawn('systemd-socket-activate', ['-l', asock, '-E', `NOTIFY_SOCKET=${nsock}`, '-E', 'WATCHDOG_USEC=400000',
+    SIGNER, '--config', signer.conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  act.stderr.on('data', (d) => { log += d; });
+  const exited = once(act, 'exit');
+  try {
+    await waitFor(async () => fs.stat(asock).then(() => true, () => false), 5000, 'the activation socket');
+    const c = await SignerClient.connect(asock);
+    const k = await c.call(OP.KEY_INFO);
+    assert.equal(k.fields.KEY_ID, kid);
+    await waitFor(() => lines.some((l) => l.split('|').includes('READY=1')), 5000, `READY=1 (${lines})`);
+    await waitFor(() => lines.some((l) => l.split('|').includes('WATCHDOG=1')), 5000, `WATCHDOG=1 (${lines})`);
+    assert.match(log, /started on the socket from systemd/);
+    c.close();
+    act.kill('SIGTERM');
+    const [code] = await exited;
+    assert.equal(code, 0, log);
+    assert.ok(lines.some((l) => l.split('|').includes('STOPPING=1')), `${lines}`);
+    await fs.stat(asock); // systemd's socket: not the signer's to remove
+  } finally {
+    if (act.exitCode === null && act.signalCode === null) act.kill('SIGKILL');
+    notify.kill('SIGTERM');
+    await once(notify, 'exit').catch(() => {});
+  }
+  assert.doesNotMatch(log, /Sanitizer|runtime error/, log);
 });
