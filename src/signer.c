@@ -1141,6 +1141,10 @@ int main(int argc, char *argv[]) {
         int level = -1, c;
 
         (void) mallopt(M_ARENA_MAX, 1);
+        /* A fixed threshold: a request's buffer of up to 1 MiB is mmap()ed and goes back to the
+         * system when freed. glibc's default threshold rises after the first such free, and the
+         * next megabyte stays in the heap for good. */
+        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
         log_open("iothub-signer");
         while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
                 switch (c) {
