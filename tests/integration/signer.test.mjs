@@ -462,6 +462,12 @@ test('killed and started again: the stale socket is replaced, a new connection w
   await verifyHttp(h, { method: 'GET', uri: `${CLOUD}/v1/x`, authorization: 'Bearer at-kill' });
   assert.equal((await d.call(OP.TOKENS_ERASE)).status, 0);
   d.close();
+  // SIGHUP does not end it (no reload: restart to apply a change).
+  signer.proc.kill('SIGHUP');
+  await waitFor(() => /SIGHUP/.test(signer.log), 5000, 'the SIGHUP line');
+  const e = await connect();
+  assert.equal((await e.call(OP.STATUS)).status, 0);
+  e.close();
   // SIGTERM: a clean exit that removes its own socket.
   const { code } = await signer.stop();
   assert.equal(code, 0);
