@@ -45,6 +45,7 @@ struct signer_op {
         uint64_t deadline;    /* CLOCK_MONOTONIC usec: -ETIMEDOUT after */
         uint64_t not_before;  /* after an -EBUSY answer */
         unsigned busy;        /* -EBUSY answers in a row */
+        bool refused;         /* a blocking round trip the signer answered with an error */
         signer_done_t done;
         void *userdata;
         /* The answer: the reply's strings point into these. */
@@ -941,6 +942,7 @@ static int run_sync(struct signer *s, struct signer_op *op, int timeout_ms) {
                                 continue;
                         }
                         r = m.status < 0 ? m.status : reply_fill(op, &m);
+                        op->refused = m.status < 0;
                         erase_and_free(in, in_cap);
                         return r;
                 }
@@ -982,11 +984,24 @@ fail:
 static int sync_finish(struct signer *s, struct signer_op *op, struct signer_op **ret) {
         int r = run_sync(s, op, SIGNER_SYNC_TIMEOUT_MS);
 
-        if (op_is_signature(op->code)) {
-                if (r >= 0)
-                        s->signatures++;
-                else
-                        set_last_error(s, "signer: %s", strerror(-r));
+        if (op_is_signature(op->code) && r >= 0)
+                s->signatures++;
+        if (r < 0) {
+                set_last_error(s, "signer: %s", strerror(-r));
+                /* Refused by the signer: its own words (a TPM error decoded, no secret) on the
+                 * same connection, so that the caller can say more than an errno. */
+                if (op->refused) {
+                        struct signer_op *st = NULL;
+                        char *last = NULL;
+
+                        if (op_new(s, SIGNER_OP_STATUS, SIGNER_PRIO_HIGH, &st) >= 0) {
+                                if (run_sync(s, st, SIGNER_SYNC_TIMEOUT_MS) >= 0 && st->reply.status)
+                                        last = (char *) json_string_value(json_object_get(st->reply.status, "last_error"));
+                                if (last && last[0])
+                                        set_last_error(s, "%s", last);
+                                signer_op_free(st);
+                        }
+                }
         }
         signer_buf_done(&op->req);
         op->state = OP_DONE;
