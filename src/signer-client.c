@@ -77,6 +77,7 @@ struct signer {
         char key_id[SIGNER_KEY_ID_LEN + 1];
         json_t *key_jwk;
         char key_backend[8];
+        bool key_failed; /* the last KEY_INFO was refused */
 };
 
 static void signer_disconnect(struct signer *s, int error);
@@ -201,7 +202,13 @@ static void op_finish(struct signer_op *op, int r) {
         struct signer *s = op->signer;
         signer_done_t done = op->done;
 
-        if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
+        if (op->code == SIGNER_OP_KEY_INFO)
+                s->key_failed = r < 0;
+        if (op->code == SIGNER_OP_KEY_INFO && r < 0) {
+                /* Nothing of ours to add: the signer's own words come with its STATUS answer. */
+                s->last_error[0] = '\0';
+                signer_refresh_status(s);
+        } else if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
                 if (r >= 0) {
                         if (op->code != SIGNER_OP_KEY_INFO)
                                 s->signatures++;
@@ -827,7 +834,7 @@ static void on_status(void *userdata, int r, const struct signer_reply *reply) {
         s->remote_status = st;
         /* The signer's own words for the last failure (a TPM error decoded), no secret. */
         last = json_string_value(json_object_get(s->remote_status, "last_error"));
-        if (s->last_error[0] && last && last[0])
+        if (last && last[0] && (s->last_error[0] || s->key_failed))
                 set_last_error(s, "signer: %s", last);
         if (s->ev.status_changed)
                 s->ev.status_changed(s->ev.userdata);
