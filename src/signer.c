@@ -166,6 +166,7 @@ static int signer_key(struct signer *s, struct hubkey **ret) {
 
 static void conn_update_events(struct conn *c);
 static void conn_free(struct conn *c);
+static void conn_resume(struct conn *c);
 
 static struct req *req_free(struct req *q) {
         if (!q)
@@ -249,6 +250,7 @@ static void on_http_signed(void *userdata, int r, const uint8_t *sig) {
         }
         httpsig_headers_done(&h);
         req_free(q);
+        conn_resume(c);
 }
 
 /* SIGN_DPOP and SIGN_COMMAND: q->input is a JWS signing input with room for the signature. */
@@ -271,6 +273,7 @@ static void on_jws_signed(void *userdata, int r, const uint8_t *sig) {
                 }
         }
         req_free(q);
+        conn_resume(c);
 }
 
 static int req_new(struct conn *c, const struct signer_msg *m, struct req **ret) {
@@ -712,6 +715,14 @@ static void conn_process(struct conn *c) {
         conn_update_events(c);
 }
 
+/* Requests already read but held back (SIGNER_INFLIGHT_MAX in flight, or SIGNER_OUT_MAX of
+ * answers queued) go on once there is room again: the client may be waiting for an answer and
+ * send nothing more. */
+static void conn_resume(struct conn *c) {
+        if (!c->closing && c->in_len > 0 && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX)
+                conn_process(c);
+}
+
 static int conn_read(struct conn *c) {
         size_t need = 0, want;
         ssize_t n;
@@ -780,6 +791,7 @@ static int on_conn_io(sd_event_source *src, int fd, uint32_t revents, void *user
                 r = conn_write(c);
                 if (r < 0)
                         goto drop;
+                conn_resume(c);
         }
         if (c->closing && c->out.len == 0)
                 goto drop;

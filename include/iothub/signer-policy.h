@@ -7,7 +7,8 @@
  * Origins are compared with a small strict parser of our own, not libcurl's CURLU: the signer
  * must not link libcurl (a network library in the one process that holds the TPM), and
  * OpenSSL's OSSL_parse_url() is an HTTP client helper that takes what we refuse (user info,
- * an empty port, percent-encoded hosts). Ours takes only what the configured https:// URLs of
+ * percent-encoded hosts) and, in OpenSSL 3.0, reads a ':' in the path or query as the port
+ * ("https://a.b/x?y=:1" is host "a.b/x?y=", port 1; found by tests/fuzz/fuzz-signer.c). Ours takes only what the configured https:// URLs of
  * the hub look like, and refuses everything else rather than guessing how another parser would
  * read it. */
 #pragma once

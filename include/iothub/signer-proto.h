@@ -54,9 +54,11 @@ enum signer_tag {
         SIGNER_TAG_AUTHORIZATION = 6,    /* T [1..8192] the whole header value, "Bearer x" */
         SIGNER_TAG_BODY = 7,             /* B [0..1 MiB] */
         SIGNER_TAG_PRIO = 8,             /* U8 0 high, 1 low (hubkey.h enum hubkey_prio) */
-        SIGNER_TAG_CONTENT_DIGEST = 9,   /* T [1..256] the header line "Content-Digest: ..." */
-        SIGNER_TAG_SIGNATURE_INPUT = 10, /* T [1..1024] the header line "Signature-Input: ..." */
-        SIGNER_TAG_SIGNATURE = 11,       /* T [1..256] the header line "Signature: ..." */
+        /* SIGN_HTTP's answer: whole header lines as httpsig.c makes them (struct httpsig_headers),
+         * name included, ready for curl_slist_append(). */
+        SIGNER_TAG_CONTENT_DIGEST = 9,   /* T [1..256] "Content-Digest: sha-256=:...:" */
+        SIGNER_TAG_SIGNATURE_INPUT = 10, /* T [1..1024] "Signature-Input: hub=(...);..." */
+        SIGNER_TAG_SIGNATURE = 11,       /* T [1..256] "Signature: hub=:...:" */
         SIGNER_TAG_URL = 12,             /* T [1..2048] */
         SIGNER_TAG_ATH = 13,             /* T [43..43] base64url SHA-256 of the access token */
         SIGNER_TAG_NONCE = 14,           /* T [1..512] the server's DPoP-Nonce */

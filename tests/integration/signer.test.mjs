@@ -15,6 +15,7 @@ import { promisify } from 'node:util';
 import * as jose from 'jose';
 import { httpbis, createVerifier } from 'http-message-signatures';
 import { BUILD, IOTHUBCTL, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import { createAttestation } from '../cloud/attest.mjs';
 import { SignerClient, OP, TAG, ERRNO, encode, MSG_MAX } from './lib/signerclient.mjs';
 import { signatureBase, signCloudCommand, ALG, PARAMS } from '../cloud/server.mjs';
 import { verifyDpopProof, accessTokenHash } from '../oauth/dpop.mjs';
@@ -44,10 +45,10 @@ class Signer {
   }
 }
 
-async function writeConf(name, extra = {}) {
+async function writeConf(name, extra = {}, t = tpm) {
   const c = {
     hub: { id: HUB_ID, state_dir: path.join(dir, 'hubstate') },
-    key: { backend: 'tpm', tcti: tpm.tcti },
+    key: { backend: 'tpm', tcti: t.tcti },
     cloud: { url: CLOUD, command_key_file: path.join(dir, 'vendor.pem') },
     oauth: { issuer: ISSUER, client_id: 'hub' },
     frames: { max_clock_skew_s: 120 },
@@ -353,6 +354,25 @@ test('a message cut in pieces and several in one write are framed right', async 
   c.close();
 });
 
+test('more requests than may be in flight (64), in one write: every one answered, in any order', async () => {
+  const conf = await writeConf('many.conf', { signer: { rate_per_s: 10000, burst: 100000 } });
+  const msock = path.join(dir, 'many.sock');
+  const s4 = await new Signer(conf, msock).start();
+  try {
+    const c = await SignerClient.connect(msock);
+    const msgs = [];
+    for (let i = 0; i < 200; i++) msgs.push(encode(1000 + i, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x/${i}`]]));
+    c.sendRaw(Buffer.concat(msgs));
+    const answers = await Promise.all(msgs.map((_, i) => c.wait(1000 + i, 60000)));
+    assert.ok(answers.every((a) => a.status === 0));
+    const v = await verifyDpopProof({ proof: answers[150].fields.PROOF, method: 'GET', htu: `${CLOUD}/x/150` });
+    assert.equal(v.payload.htu, `${CLOUD}/x/150`);
+    c.close();
+  } finally {
+    await s4.stop();
+  }
+});
+
 test('a peer of another uid is refused (SO_PEERCRED), logged and counted', async () => {
   // Make the socket reachable by nobody (the unit's 0660 would stop it before the signer sees it):
   // what is tested is the signer's own check.
@@ -443,4 +463,54 @@ test('killed and started again: the stale socket is replaced, a new connection w
   assert.equal(code, 0);
   await assert.rejects(fs.stat(sock));
   signer = await new Signer(signer.conf, sock).start();
+});
+
+test('the TPM going away and coming back: errors while it is gone, signatures again after', async () => {
+  const c = await connect();
+  const dpop = [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]];
+  assert.equal((await c.call(OP.SIGN_DPOP, dpop)).status, 0);
+  const port = tpm.port;
+  const before = (await c.call(OP.STATUS)).fields.TPM_ERRORS;
+  await tpm.stop();
+  const a = await c.call(OP.SIGN_DPOP, dpop, 30000);
+  assert.ok(a.status < 0 && a.status !== ERRNO.EPERM && a.status !== ERRNO.EBUSY, `status ${a.status}`);
+  const st = (await c.call(OP.STATUS)).fields;
+  assert.ok(st.TPM_ERRORS > before);
+  assert.ok(st.LAST_ERROR.length > 0);
+  tpm = await Swtpm.startAt(path.join(dir, 'tpm'), port);
+  const b = await c.call(OP.SIGN_DPOP, dpop, 30000);
+  assert.equal(b.status, 0, JSON.stringify(b));
+  await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: `${CLOUD}/x`, jkt: kid });
+  c.close();
+});
+
+test('ATTEST_BEGIN and ATTEST_ANSWER: evidence the reference cloud\'s attestation verifies', async () => {
+  const caDir = path.join(dir, 'ekca');
+  const ektpm = await Swtpm.start(path.join(dir, 'ektpm'), { ekCa: caDir });
+  const conf = await writeConf('attest.conf', { signer: { state_dir: path.join(dir, 'attest-state') } }, ektpm);
+  await run(IOTHUBCTL, ['--config', conf, 'key', 'init']);
+  const asock = path.join(dir, 'attest.sock');
+  const s3 = await new Signer(conf, asock).start();
+  try {
+    const c = await SignerClient.connect(asock);
+    const info = await c.call(OP.KEY_INFO);
+    const jwk = JSON.parse(info.fields.JWK);
+    const att = createAttestation({ trustedRoots: [await fs.readFile(path.join(caDir, 'swtpm-localca-rootca-cert.pem'))],
+      intermediates: [await fs.readFile(path.join(caDir, 'issuercert.pem'))], require: true });
+    const begin = await c.call(OP.ATTEST_BEGIN, [], 30000);
+    assert.equal(begin.status, 0, JSON.stringify(begin));
+    const evidence = JSON.parse(begin.fields.EVIDENCE);
+    assert.deepEqual(Object.keys(evidence).sort(), ['ak_public', 'ek_cert']);
+    const challenge = att.challenge(HUB_ID, info.fields.KEY_ID, evidence);
+    const ans = await c.call(OP.ATTEST_ANSWER, [[TAG.CHALLENGE, JSON.stringify(challenge)]], 30000);
+    assert.equal(ans.status, 0, JSON.stringify(ans));
+    const verified = att.verify(HUB_ID, info.fields.KEY_ID, jwk, JSON.parse(ans.fields.ANSWER));
+    assert.ok(verified.akName);
+    // One answer per ATTEST_BEGIN.
+    assert.equal((await c.call(OP.ATTEST_ANSWER, [[TAG.CHALLENGE, JSON.stringify(challenge)]])).status, ERRNO.EPROTO);
+    c.close();
+  } finally {
+    await s3.stop();
+    await ektpm.stop();
+  }
 });
