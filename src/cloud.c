@@ -898,8 +898,9 @@ static int register_challenge(struct cloud *c, void (*done)(void *userdata, long
                 return -ENOENT;
         }
         if (r < 0) {
-                set_last_error(c, "attestation: %s", strerror(-r));
-                return log_error_errno(r, "Failed to prepare the attestation: %m");
+                const char *why = signer_last_error(c->signer);
+                set_last_error(c, "attestation: %s", why ? why : strerror(-r));
+                return log_error_errno(r, "Failed to prepare the attestation: %s", why ? why : strerror(-r));
         }
         ev = signer_op_reply(op);
         evidence = ev && ev->evidence ? json_loads(ev->evidence, JSON_REJECT_DUPLICATES, NULL) : NULL;
@@ -994,7 +995,9 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
         if (r < 0) {
                 json_decref(attestation);
                 (void) snprintf(message, size, "attestation failed: %s",
-                                r == -EBADMSG ? "the cloud's attestation challenge is malformed" : strerror(-r));
+                                r == -EBADMSG                  ? "the cloud's attestation challenge is malformed"
+                                : signer_last_error(c->signer) ? signer_last_error(c->signer)
+                                                               : strerror(-r));
                 set_last_error(c, "%s", message);
                 log_error_errno(r, "Registration: %s", message);
                 return r;

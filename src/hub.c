@@ -57,6 +57,7 @@ struct hub {
         sd_event_source *key_timer; /* asks again while there is no key */
         uint64_t key_retry_usec;    /* the next retry's delay */
         int key_errno;              /* the last failure to open it, logged once per kind */
+        bool key_log_pending;       /* logged once the signer said why (its STATUS answer) */
         char *key_error;            /* its one-line reason, for status */
         struct ingest *ingest;     /* the frame path */
         /* The spool, kept in memory so that the frame path never counts rows. */
@@ -200,18 +201,23 @@ static bool on_control_key_missing(void *userdata, const char **ret_error) {
         return true;
 }
 
+static void hub_key_unavailable(struct hub *h);
+
 static void on_signer_status_changed(void *userdata) {
         struct hub *h = userdata;
         const char *why = signer_last_error(h->signer);
 
-        /* While there is no key: the signer's own words for why (a TPM error decoded). */
-        if (!h->key_ready && h->key_errno && h->key_errno != -ENOENT && why && !streq_ptr(why, h->key_error)) {
+        /* While there is no key: the signer's own words for why (a TPM error decoded, with its
+         * hint), for status and for the one journal entry of this kind of failure. */
+        if (!h->key_ready && h->key_errno && why && !streq_ptr(why, h->key_error)) {
                 char *t = strdup(why);
                 if (t) {
                         free(h->key_error);
                         h->key_error = t;
                 }
         }
+        if (!h->key_ready && h->key_log_pending)
+                hub_key_unavailable(h);
         hub_notify_status(h);
 }
 
@@ -431,28 +437,30 @@ static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
  * later, or a signer that starts after the daemon is picked up without a restart. Each kind of
  * failure is logged once, with a MESSAGE_ID whose catalog entry says what to do, and kept in
  * key_error for status. Returns 0 or r. */
+/* The journal entry of a kind of key failure, once: with the signer's reason when it gave one. */
+static void hub_key_unavailable(struct hub *h) {
+        h->key_log_pending = false;
+        log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, h->key_errno, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                  key_error_reason(h->key_errno), "No hub key, %s: %s",
+                  h->cloud || h->oauth ? "cloud uploads and sign-in wait" : "needed once [cloud] is configured",
+                  h->key_error);
+}
+
 static int hub_key_result(struct hub *h, int r) {
         if (h->key_ready)
                 return 0;
         if (r < 0) {
-                const char *why = signer_last_error(h->signer);
-
-                if (r != h->key_errno)
+                if (h->key_log_pending) /* the signer never said why: as it is */
+                        hub_key_unavailable(h);
+                if (r != h->key_errno) {
                         events_note(h->events, EVENT_KEY_ERROR, key_error_reason(r), NULL, 1);
-                if (r != h->key_errno)
-                        log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
-                                  key_error_reason(r), "No hub key, %s: %s",
-                                  h->cloud || h->oauth ? "cloud uploads and sign-in wait"
-                                                       : "needed once [cloud] is configured",
-                                  r == -ENOENT ? "none yet (run 'iothubctl key init')"
-                                  : why        ? why
-                                               : strerror(-r));
+                        /* Logged when the signer's STATUS answer says why (on_signer_status_changed),
+                         * or at the next try. */
+                        h->key_log_pending = true;
+                        free(h->key_error);
+                        h->key_error = strdup(r == -ENOENT ? "no hub key: run 'iothubctl key init'" : strerror(-r));
+                }
                 h->key_errno = r;
-                free(h->key_error);
-                h->key_error = strdup(r == -ENOENT ? "no hub key: run 'iothubctl key init'"
-                                      : why        ? why
-                                                   : strerror(-r));
-                /* The signer's own words (a TPM error decoded) come with its STATUS answer. */
                 signer_refresh_status(h->signer);
                 if (!h->key_timer) {
                         h->key_retry_usec = KEY_RETRY_FIRST_USEC;
@@ -464,11 +472,12 @@ static int hub_key_result(struct hub *h, int r) {
                 return r;
         }
         h->key_ready = true;
+        h->key_log_pending = false;
         h->key_errno = 0;
         free(h->key_error);
         h->key_error = NULL;
         h->key_timer = sd_event_source_disable_unref(h->key_timer);
-        log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s, held by iothub-signer)",
+        log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s), held by iothub-signer",
                   signer_key_id(h->signer), signer_key_backend(h->signer));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
         oauth_key_ready(h->oauth, h->signer);

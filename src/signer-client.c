@@ -45,6 +45,7 @@ struct signer_op {
         uint64_t deadline;    /* CLOCK_MONOTONIC usec: -ETIMEDOUT after */
         uint64_t not_before;  /* after an -EBUSY answer */
         unsigned busy;        /* -EBUSY answers in a row */
+        bool refused;         /* a blocking round trip the signer answered with an error */
         signer_done_t done;
         void *userdata;
         /* The answer: the reply's strings point into these. */
@@ -76,6 +77,7 @@ struct signer {
         char key_id[SIGNER_KEY_ID_LEN + 1];
         json_t *key_jwk;
         char key_backend[8];
+        bool key_failed; /* the last KEY_INFO was refused */
 };
 
 static void signer_disconnect(struct signer *s, int error);
@@ -200,7 +202,13 @@ static void op_finish(struct signer_op *op, int r) {
         struct signer *s = op->signer;
         signer_done_t done = op->done;
 
-        if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
+        if (op->code == SIGNER_OP_KEY_INFO)
+                s->key_failed = r < 0;
+        if (op->code == SIGNER_OP_KEY_INFO && r < 0) {
+                /* Nothing of ours to add: the signer's own words come with its STATUS answer. */
+                s->last_error[0] = '\0';
+                signer_refresh_status(s);
+        } else if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
                 if (r >= 0) {
                         if (op->code != SIGNER_OP_KEY_INFO)
                                 s->signatures++;
@@ -826,7 +834,7 @@ static void on_status(void *userdata, int r, const struct signer_reply *reply) {
         s->remote_status = st;
         /* The signer's own words for the last failure (a TPM error decoded), no secret. */
         last = json_string_value(json_object_get(s->remote_status, "last_error"));
-        if (s->last_error[0] && last && last[0])
+        if (last && last[0] && (s->last_error[0] || s->key_failed))
                 set_last_error(s, "signer: %s", last);
         if (s->ev.status_changed)
                 s->ev.status_changed(s->ev.userdata);
@@ -941,6 +949,7 @@ static int run_sync(struct signer *s, struct signer_op *op, int timeout_ms) {
                                 continue;
                         }
                         r = m.status < 0 ? m.status : reply_fill(op, &m);
+                        op->refused = m.status < 0;
                         erase_and_free(in, in_cap);
                         return r;
                 }
@@ -982,11 +991,24 @@ fail:
 static int sync_finish(struct signer *s, struct signer_op *op, struct signer_op **ret) {
         int r = run_sync(s, op, SIGNER_SYNC_TIMEOUT_MS);
 
-        if (op_is_signature(op->code)) {
-                if (r >= 0)
-                        s->signatures++;
-                else
-                        set_last_error(s, "signer: %s", strerror(-r));
+        if (op_is_signature(op->code) && r >= 0)
+                s->signatures++;
+        if (r < 0) {
+                set_last_error(s, "signer: %s", strerror(-r));
+                /* Refused by the signer: its own words (a TPM error decoded, no secret) on the
+                 * same connection, so that the caller can say more than an errno. */
+                if (op->refused) {
+                        struct signer_op *st = NULL;
+                        char *last = NULL;
+
+                        if (op_new(s, SIGNER_OP_STATUS, SIGNER_PRIO_HIGH, &st) >= 0) {
+                                if (run_sync(s, st, SIGNER_SYNC_TIMEOUT_MS) >= 0 && st->reply.status)
+                                        last = (char *) json_string_value(json_object_get(st->reply.status, "last_error"));
+                                if (last && last[0])
+                                        set_last_error(s, "%s", last);
+                                signer_op_free(st);
+                        }
+                }
         }
         signer_buf_done(&op->req);
         op->state = OP_DONE;

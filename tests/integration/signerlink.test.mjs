@@ -190,3 +190,14 @@ test('the daemon stopped while its requests are out to a signer that does not an
   await hub.start();
   await waitFor(async () => (await hub.status()).spool.pending === 0, 20000, 'the spool drained');
 });
+
+test('a clean stop of both: exit 0, nothing from the sanitizers (under make asan)', async () => {
+  const sent = await publish(3);
+  await assertExactlyOnce(sent);
+  const proc = hub.signerProc;
+  const r = await hub.stop();
+  assert.equal(r.code, 0, hub.log.slice(-2000));
+  assert.equal(proc.exitCode, 0, hub.signerLog.slice(-2000));
+  for (const log of [hub.log, hub.signerLog]) assert.doesNotMatch(log, /AddressSanitizer|LeakSanitizer|runtime error/);
+  await hub.start();
+});
