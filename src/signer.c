@@ -971,6 +971,13 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
         return sd_event_exit(s->event, 0);
 }
 
+/* The configuration is read at start only (the policy is the configuration): a reload would
+ * have to agree with iothubd's, which restarts with it. SIGHUP must not end the signer either. */
+static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
+        log_notice("SIGHUP: iothub-signer reads its configuration at start only; restart it to apply changes");
+        return 0;
+}
+
 static void signer_done(struct signer *s) {
         while (s->conns)
                 conn_free(s->conns);
@@ -1055,9 +1062,11 @@ static int signer_run(const char *config, const char *listen_path, int level) {
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
         (void) sigprocmask(SIG_BLOCK, &mask, NULL);
         if ((r = sd_event_add_signal(s.event, NULL, SIGTERM, on_signal, &s)) < 0 ||
             (r = sd_event_add_signal(s.event, NULL, SIGINT, on_signal, &s)) < 0 ||
+            (r = sd_event_add_signal(s.event, NULL, SIGHUP, on_sighup, &s)) < 0 ||
             (r = sd_event_set_watchdog(s.event, true)) < 0) {
                 log_error_errno(r, "Failed to set up signals and the watchdog: %m");
                 r = EXIT_FAILURE;
@@ -1141,6 +1150,10 @@ int main(int argc, char *argv[]) {
         int level = -1, c;
 
         (void) mallopt(M_ARENA_MAX, 1);
+        /* A fixed threshold: a request's buffer of up to 1 MiB is mmap()ed and goes back to the
+         * system when freed. glibc's default threshold rises after the first such free, and the
+         * next megabyte stays in the heap for good. */
+        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
         log_open("iothub-signer");
         while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
                 switch (c) {

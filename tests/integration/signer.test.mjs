@@ -14,7 +14,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import * as jose from 'jose';
 import { httpbis, createVerifier } from 'http-message-signatures';
-import { BUILD, IOTHUBCTL, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import { BUILD, IOTHUBCTL, NOTIFY_LISTEN, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
+import readline from 'node:readline';
 import { createAttestation } from '../cloud/attest.mjs';
 import { SignerClient, OP, TAG, ERRNO, encode, MSG_MAX } from './lib/signerclient.mjs';
 import { signatureBase, signCloudCommand, ALG, PARAMS } from '../cloud/server.mjs';
@@ -41,6 +42,9 @@ class Signer {
   async stop(signal = 'SIGTERM') {
     if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
     const [code, sig] = await this.exited;
+    // Built with SAN=1 (make asan), a finding or a leak at exit is in the log.
+    assert.doesNotMatch(this.log, /Sanitizer|runtime error/, this.log);
+    if (signal === 'SIGTERM') assert.equal(code, 0, this.log);
     return { code, sig };
   }
 }
@@ -79,7 +83,7 @@ before(async () => {
 });
 
 after(async () => {
-  await signer?.stop().catch(() => {});
+  await signer?.stop();
   await tpm?.stop();
   await fs.rm(dir, { recursive: true, force: true });
 });
@@ -458,6 +462,12 @@ test('killed and started again: the stale socket is replaced, a new connection w
   await verifyHttp(h, { method: 'GET', uri: `${CLOUD}/v1/x`, authorization: 'Bearer at-kill' });
   assert.equal((await d.call(OP.TOKENS_ERASE)).status, 0);
   d.close();
+  // SIGHUP does not end it (no reload: restart to apply a change).
+  signer.proc.kill('SIGHUP');
+  await waitFor(() => /SIGHUP/.test(signer.log), 5000, 'the SIGHUP line');
+  const e = await connect();
+  assert.equal((await e.call(OP.STATUS)).status, 0);
+  e.close();
   // SIGTERM: a clean exit that removes its own socket.
   const { code } = await signer.stop();
   assert.equal(code, 0);
@@ -513,4 +523,40 @@ test('ATTEST_BEGIN and ATTEST_ANSWER: evidence the reference cloud\'s attestatio
     await s3.stop();
     await ektpm.stop();
   }
+});
+
+test('socket activation: the listening socket from systemd, READY=1, WATCHDOG=1, STOPPING=1', async () => {
+  const nsock = path.join(dir, 'notify.sock');
+  const notify = spawn(NOTIFY_LISTEN, [nsock], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines = [];
+  const rl = readline.createInterface({ input: notify.stdout });
+  await new Promise((resolve) => rl.on('line', (l) => { if (l === 'LISTENING') resolve(); else lines.push(l); }));
+  const asock = path.join(dir, 'activated.sock');
+  // systemd-socket-activate(1) as iothub-signer.socket would: it binds, and hands the listening
+  // socket over (LISTEN_FDS=1) when the first client connects.
+  const act = spawn('systemd-socket-activate', ['-l', asock, '-E', `NOTIFY_SOCKET=${nsock}`, '-E', 'WATCHDOG_USEC=400000',
+    SIGNER, '--config', signer.conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  act.stderr.on('data', (d) => { log += d; });
+  const exited = once(act, 'exit');
+  try {
+    await waitFor(async () => fs.stat(asock).then(() => true, () => false), 5000, 'the activation socket');
+    const c = await SignerClient.connect(asock);
+    const k = await c.call(OP.KEY_INFO);
+    assert.equal(k.fields.KEY_ID, kid);
+    await waitFor(() => lines.some((l) => l.split('|').includes('READY=1')), 5000, `READY=1 (${lines})`);
+    await waitFor(() => lines.some((l) => l.split('|').includes('WATCHDOG=1')), 5000, `WATCHDOG=1 (${lines})`);
+    assert.match(log, /started on the socket from systemd/);
+    c.close();
+    act.kill('SIGTERM');
+    const [code] = await exited;
+    assert.equal(code, 0, log);
+    assert.ok(lines.some((l) => l.split('|').includes('STOPPING=1')), `${lines}`);
+    await fs.stat(asock); // systemd's socket: not the signer's to remove
+  } finally {
+    if (act.exitCode === null && act.signalCode === null) act.kill('SIGKILL');
+    notify.kill('SIGTERM');
+    await once(notify, 'exit').catch(() => {});
+  }
+  assert.doesNotMatch(log, /Sanitizer|runtime error/, log);
 });
