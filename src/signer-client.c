@@ -24,11 +24,7 @@
 
 #include "iothub/log.h"
 #include "iothub/signer.h"
-/* signer-proto.h names its op codes 'enum signer_op', the tag of this client's struct signer_op
- * (signer.h, the contract of issue 14): renamed for this file only. */
-#define signer_op signer_proto_op
 #include "iothub/signer-proto.h"
-#undef signer_op
 
 #define SIGNER_READ_CHUNK (64 * 1024)
 

@@ -29,7 +29,7 @@
 #define SIGNER_FIELD_HEADER_LEN 6                    /* tag, length */
 #define SIGNER_ANSWER 0x8000u                        /* op | SIGNER_ANSWER: the answer to op */
 
-enum signer_op {
+enum signer_opcode {
         SIGNER_OP_KEY_INFO = 1,
         SIGNER_OP_SIGN_HTTP = 2,
         SIGNER_OP_SIGN_DPOP = 3,

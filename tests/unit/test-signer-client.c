@@ -20,9 +20,7 @@
 
 #include "iothub/conf.h"
 #include "iothub/signer.h"
-#define signer_op signer_proto_op
 #include "iothub/signer-proto.h"
-#undef signer_op
 
 enum peer_mode {
         PEER_ANSWER,      /* answers every request */
