@@ -14,7 +14,7 @@ import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { keyBeforeDaemon } from './lib/testbed.mjs';
-import { FaultHub, FaultBulb, Tmpfs, LoopExt4, tally, reportRow, run, FAULT_TABLE } from './lib/faults.mjs';
+import { FaultHub, FaultBulb, Tmpfs, LoopExt4, tally, reportRow, run, slowWriteEnv, FAULT_TABLE } from './lib/faults.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -38,10 +38,10 @@ function overrides(hubId, extra = {}) {
 
 // A daemon for one case: created, its state directory prepared by prepare() (a tmpfs), started,
 // registered at the cloud.
-async function startHub(hubId, { prepare = null, extra = {}, clockFile = null, register = true } = {}) {
+async function startHub(hubId, { prepare = null, extra = {}, clockFile = null, register = true, startOpts = {} } = {}) {
   const h = await FaultHub.create(broker, overrides(hubId, extra), { clockFile });
   if (prepare) await prepare(h);
-  await h.start();
+  await h.start(startOpts);
   await waitFor(async () => (await h.status()).mqtt.connected, 5000, 'mqtt');
   if (register) {
     await waitFor(async () => (await h.status()).key.id, 10000, 'the hub key');
@@ -182,6 +182,102 @@ test('crash: SIGKILLs at random points with frames, uploads and commands in flig
     console.log(`crash: ${KILLS} SIGKILLs; frames ${JSON.stringify(t.rows)}; commands ${cmds.length}: ${JSON.stringify(outcomes)}, ` +
       `${notReached} never at the bulb, ${extraCopies} extra copies (max ${maxCopies} of one)`);
     reportRow(`${KILLS} SIGKILLs + restarts, ${cmds.length} commands`, `commands ${JSON.stringify(outcomes)}; ${extraCopies} repeated deliveries`, t);
+    for (const b of bs) b.detach();
+    await stopClean(h);
+  } finally {
+    await h.cleanup();
+  }
+});
+
+// Issue 12: the ack of a command travels in a status frame, and the bulb, once the hub acked
+// that frame end to end, never sends it again. So the ack must be stored by the frame's own
+// commit: killed between that commit and a later write of the command's state, the hub would
+// forget it and report the command "expired". The window between the two writes is short, so
+// every database write is made to take SLOW_MS (slowwrite.c, a slow card), and the daemon is
+// killed the moment a bulb sees the end-to-end ack of a frame that carried a command ack.
+// Checked against the code before the fix (7b5c7e6^): it fails there (see the commit message).
+test('crash: a command ack is stored with its frame (SIGKILL as soon as the hub acks the frame that carries it)', { timeout: 240000 }, async () => {
+  const KILLS = LONG ? 60 : 12;
+  const SLOW_MS = 20;
+  const hubId = 'ackcrash-hub';
+  const startOpts = { env: await slowWriteEnv(dir, SLOW_MS) };
+  const h = await startHub(hubId, { startOpts });
+  try {
+    const bs = await bulbs(h, 'ackcrash', 3);
+    await waitFor(() => cloud.state.hubs.get(hubId)?.devices?.size === bs.length, 5000, 'device list at the cloud');
+    // Kill in the handler of the ack message itself, not a turn of the loop later.
+    const trap = { armed: false, onAck: [] };
+    for (const b of bs) {
+      b.client.on('message', (topic, payload) => {
+        if (topic !== `${PREFIX}/${b.id}/ack`) return;
+        let seq;
+        try { seq = JSON.parse(payload.toString()).seq; } catch { return; }
+        for (const [id, s] of b.ackSeqs) {
+          if (s > seq || trap.onAck.includes(id) || !trap.armed) continue;
+          trap.armed = false;
+          h.proc.kill('SIGKILL');
+          trap.onAck.push(id);
+          return;
+        }
+      });
+    }
+    const ctl = { stop: false };
+    // A frame now and then besides the acks, so that restarts also meet frames in flight.
+    const producers = produce(bs, ctl, { depth: 1, everyMs: 400 });
+    const cmds = [];
+    const commander = (async () => {
+      while (!ctl.stop) {
+        const b = bs[cmds.length % bs.length];
+        const id = `ackcrash-cmd-${cmds.length}`;
+        cloud.control.queueCommand({ hub: hubId, id, dev: b.id, set: { on: true, bri: cmds.length % 255 }, exp: nowS() + 10 });
+        cmds.push({ id, dev: b.id });
+        await sleep(250);
+      }
+    })();
+    try {
+      for (let k = 0; k < KILLS; k++) {
+        trap.armed = true;
+        await waitFor(() => !trap.armed, 30000, `kill ${k}: a frame carrying a command ack acked by the hub`);
+        await h.exited;
+        await h.stop();
+        await h.start(startOpts);
+      }
+    } finally {
+      trap.armed = false;
+      ctl.stop = true;
+      await Promise.all([producers, commander]);
+    }
+    const t = await drain(bs);
+    const hubAtCloud = () => cloud.state.hubs.get(hubId);
+    const final = (id) => hubAtCloud().commands.get(id)?.results.map((r) => r.status).find((s) => s !== 'delivered');
+    await waitFor(() => cmds.every((c) => final(c.id)), 40000,
+      `a final result for every command: ${JSON.stringify(cmds.filter((c) => !final(c.id)).map((c) => c.id))}`);
+    // Every command whose ack is in a frame the hub acked ends "acked", the ones the daemon was
+    // killed for first of all.
+    const outcomes = {};
+    const wrong = [];
+    let ackedByBulb = 0;
+    for (const c of cmds) {
+      const f = final(c.id);
+      const res = hubAtCloud().commands.get(c.id).results;
+      const detail = res.find((r) => r.status === f)?.detail;
+      // As in the crash test above: "rejected" only as "expired" before the hub took it.
+      assert.ok(['acked', 'expired'].includes(f) || (f === 'rejected' && detail === 'expired'), `${c.id}: ${f} ${JSON.stringify(res)}`);
+      outcomes[f === 'rejected' ? 'rejected_expired' : f] = (outcomes[f === 'rejected' ? 'rejected_expired' : f] ?? 0) + 1;
+      const b = bs.find((x) => x.id === c.dev);
+      const s = b.ackSeqs.get(c.id);
+      if (s === undefined || s > b.bulb.ackedSeq) continue;
+      ackedByBulb++;
+      if (f !== 'acked') wrong.push(`${c.id}: ${f}${trap.onAck.includes(c.id) ? ' (killed right after its frame was acked)' : ''}`);
+    }
+    assert.equal(trap.onAck.length, KILLS);
+    assert.deepEqual(wrong, [], `commands acked by their bulb in a frame the hub acked, not "acked" at the cloud: ${wrong.length} of ${ackedByBulb}`);
+    assert.equal(t.lost, 0);
+    assert.equal(t.duplicates, 0);
+    console.log(`ack crash: ${KILLS} SIGKILLs right after a frame carrying a command ack was acked; ` +
+      `commands ${cmds.length}: ${JSON.stringify(outcomes)}; ${ackedByBulb} acked by their bulb, all "acked"`);
+    reportRow(`${KILLS} SIGKILLs right after the hub acked a frame carrying a command ack (writes ${SLOW_MS} ms)`,
+      `commands ${JSON.stringify(outcomes)}; every one its bulb acked is "acked"`, t);
     for (const b of bs) b.detach();
     await stopClean(h);
   } finally {
