@@ -744,3 +744,51 @@ test('clock: an hour back and forward, and a start at 1970 until NTP sets it: st
     await h.cleanup();
   }
 });
+
+// Issue 12: the device code's lifetime (RFC 8628 3.2 expires_in) is a duration. The daemon's
+// wall clock jumps an hour forward while the user is still entering the code (NTP's first sync
+// on a hub that booted with a stale clock): the sign-in must go on and succeed. Before the fix
+// the daemon compared the wall clock with a date taken from it and gave up at the next poll.
+test('clock: a jump of an hour forward during sign-in does not expire the device code', { timeout: 120000 }, async () => {
+  const { faketimeLib } = await import('./lib/faults.mjs');
+  if (!await faketimeLib()) assert.fail('libfaketime is missing: apt-get install faketime (make deps)');
+  const { startAuthServer } = await import('../oauth/server.mjs');
+  const { deviceLogin } = await import('./lib/login.mjs');
+  const as = await startAuthServer({ dir: path.join(dir, 'as-clock'), deviceCodeTtl: 600, interval: 1 });
+  const clockFile = path.join(dir, 'clock-login');
+  await fs.writeFile(clockFile, '+0\n');
+  // DPoP off: a proof's iat an hour ahead is refused by the server, rightly; that is not what
+  // this case is about.
+  const h = await startHub('clock-login-hub', {
+    clockFile, register: false,
+    extra: {
+      cloud: { url: cloud.url, ca_file: cloud.caFile, batch_max_frames: 50, batch_max_delay_ms: 100, timeout_s: 5 },
+      oauth: { issuer: as.issuer, client_id: as.clientId, scope: 'openid offline_access iothub', ca_file: as.caFile, dpop: 'off' },
+    },
+  });
+  try {
+    await waitFor(async () => (await h.status()).oauth?.state === 'login_required', 10000, 'login_required');
+    const polls0 = as.state.pending;
+    // libfaketime shifts the absolute CLOCK_MONOTONIC times that sd-event gives timerfd_settime()
+    // by the offset too (a real clock step does not): a control request every 200 ms wakes the
+    // loop, which then runs its due timers by its own, unfaked, monotonic clock.
+    const waker = setInterval(() => { h.status().catch(() => {}); }, 200);
+    const login = deviceLogin(h, {
+      // The user takes a while; meanwhile the clock jumps and the daemon keeps polling.
+      approve: async (code, o) => {
+        await fs.writeFile(clockFile, '+3600\n');
+        await waitFor(() => as.state.pending >= polls0 + 3, 15000,
+          `the daemon polling after the jump: ${JSON.stringify(as.state.errors)} ${JSON.stringify(h.journal.slice(-5).map((e) => e.MESSAGE))}`);
+        return as.approve(code, o);
+      },
+    }).finally(() => clearInterval(waker));
+    const r = await login;
+    assert.equal(r.code, 0, `login after the clock jumped: ${r.out} ${r.err}`);
+    await waitFor(async () => (await h.status()).oauth.state === 'ok', 10000, 'signed in');
+    console.log(`clock: sign-in survived a 1 h jump forward (${as.state.pending - polls0} polls pending)`);
+    await stopClean(h);
+  } finally {
+    await h.cleanup();
+    await as.close();
+  }
+});
