@@ -1593,7 +1593,7 @@ static struct staged_ack *find_staged(struct commands *c, const struct command *
 }
 
 /* The ack's outcome on cmd (memory), as the row in the frame's transaction already has it. */
-static void ack_apply(struct commands *c, struct command *cmd, bool ok, const char *err, int64_t t) {
+static void apply_ack(struct commands *c, struct command *cmd, bool ok, const char *err, int64_t t) {
         if (!cmd->delivered_at) {
                 /* The ack came before the PUBACK (or the PUBACK was lost to a restart): the
                  * bulb has it, and the cloud hears "delivered" first all the same. */
@@ -1673,7 +1673,7 @@ void commands_acks_done(struct commands *c, bool committed) {
                 for (size_t i = 0; i < c->n_staged; i++) {
                         struct staged_ack *sa = &c->staged[i];
 
-                        ack_apply(c, sa->cmd, sa->ok, sa->err[0] ? sa->err : NULL, sa->at);
+                        apply_ack(c, sa->cmd, sa->ok, sa->err[0] ? sa->err : NULL, sa->at);
                         /* The row written in the frame's transaction holds all of memory
                          * (store_update() writes every column that can change on a stored
                          * command), so memory is not ahead of it. */

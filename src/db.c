@@ -152,9 +152,9 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
                                  "ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq "
                                  "WHERE last_seq < excluded.last_seq",
         [DB_STMT_SPOOL_BATCH] = "SELECT id, length(jws), jws FROM spool ORDER BY id LIMIT ?1",
-        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws)",
+        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws), dev, seq",
         [DB_STMT_SPOOL_DROP_OLDEST] =
-                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws)",
+                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws), dev, seq",
         [DB_STMT_SPOOL_OLDEST] = "SELECT id, received_at_usec FROM spool ORDER BY id LIMIT 1",
         [DB_STMT_SPOOL_MOVE_ASIDE] =
                 "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "

@@ -719,6 +719,8 @@ int hub_run(const char *config_path, int log_level_override) {
                                                 .storage_changed = on_ingest_storage_changed,
                                                 .userdata = &h },
                        &h.ingest);
+        if (r == -EUCLEAN) /* the spool it reads the bulbs' seqs from is damaged, as in registry_open() */
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up the frame path: %m");
                 goto out;

@@ -333,24 +333,6 @@ static int batch_note_seq(struct ingest *in, struct bulb *b) {
         return 0;
 }
 
-/* Before COMMIT: each bulb of the batch's newest seq, one statement per bulb and batch rather
- * than one per frame (memory moved ahead frame by frame, so a second frame with a seq of this
- * batch was a replay already). The UPDATE only moves forward: -ESTALE here means the database
- * holds a later seq than memory, and the batch must not commit. */
-static int batch_store_seqs(struct ingest *in) {
-        for (size_t i = 0; i < in->batch.n_undo; i++) {
-                struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
-                int r;
-
-                if (!b)
-                        return -ENOENT;
-                r = registry_store_seq(in->registry, b, b->last_seq);
-                if (r < 0)
-                        return r;
-        }
-        return 0;
-}
-
 static bool batch_full(const struct ingest *in) {
         return in->batch.count >= INGEST_HOLD_FRAMES || in->batch.bytes >= INGEST_HOLD_BYTES;
 }
@@ -463,7 +445,12 @@ void ingest_read_done(struct ingest *in) {
 }
 
 /* The batch's statements, inside the transaction: room at [spool] max_bytes, the frames in the
- * order they came, each bulb's newest seq, the command acks. */
+ * order they came, the command acks. The bulbs' seqs are not written here: the spool's rows
+ * are their record (dev, seq) until the frames leave it, and every path that removes frames
+ * from the spool moves bulb_seqs forward in the same transaction (spool.c); at start
+ * ingest_new() takes the newest seq of each bulb from both. Writing bulb_seqs at every commit
+ * cost a 4 KiB WAL frame per page of bulbs in the commit (2 of 7 per commit with 200 bulbs,
+ * up to one per frame with thousands), measured with BENCH_WEAR_TRACE (tests/bench). */
 static int batch_write(struct ingest *in) {
         int r;
 
@@ -477,9 +464,6 @@ static int batch_write(struct ingest *in) {
                 if (r < 0)
                         return r;
         }
-        r = batch_store_seqs(in);
-        if (r < 0)
-                return r;
         for (size_t i = 0; i < in->batch.n_acks; i++) {
                 const struct ingest_ack *a = &in->batch.acks[i];
 
@@ -535,6 +519,15 @@ int ingest_commit(struct ingest *in) {
         return 0;
 }
 
+/* At start: a bulb's last accepted seq is the newer of bulb_seqs (loaded by the registry) and
+ * its newest frame still in the spool. */
+static int take_spool_seq(const char *dev, int64_t seq, void *userdata) {
+        struct ingest *in = userdata;
+
+        registry_seq_committed(registry_find(in->registry, dev), seq);
+        return 0;
+}
+
 int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
                struct spool_counts *spool, const struct ingest_events *ev, struct ingest **ret) {
         struct ingest *in = calloc(1, sizeof *in);
@@ -549,6 +542,11 @@ int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struc
         in->spool = spool;
         if (ev)
                 in->ev = *ev;
+        r = spool_max_seqs(db, take_spool_seq, in);
+        if (r < 0) {
+                ingest_free(in);
+                return r;
+        }
         r = sd_event_add_time(e, &in->hold_timer, CLOCK_MONOTONIC, 0, INGEST_HOLD_ACCURACY_USEC, on_hold_timer, in);
         if (r >= 0)
                 r = sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);

@@ -47,7 +47,9 @@ struct ingest_events {
 
 /* Sets up the frame path. e, conf, db, registry, ack and spool are the caller's and must
  * outlive it; spool is the in-memory size of the spool, which ingest keeps up to date as it
- * appends and drops. ev is copied. Returns 0 or a negative errno. */
+ * appends and drops. ev is copied. Moves each bulb's last seq in the registry up to its newest
+ * frame in the spool (the spool records seqs until frames leave it, see spool_delete()).
+ * Returns 0, -EUCLEAN for a damaged spool, or a negative errno. */
 int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
                struct spool_counts *spool, const struct ingest_events *ev, struct ingest **ret);
 /* Frees; frames still held are dropped unacknowledged (their bulbs resend them): call
