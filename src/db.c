@@ -14,8 +14,8 @@
 #define DB_BUSY_TIMEOUT_MS 5000
 /* The page cache, in KiB (negative, as PRAGMA cache_size takes it): 256 KiB instead of SQLite's
  * 2 MiB. The frame path touches the spool's last pages (and bulb_seqs when frames leave the
- * spool); an upload reads pages written a moment ago, which the kernel's page cache holds anyway; the registry is read once at
- * start. The cache only ever grew to its limit, 2 MiB of the daemon's private memory (issue 13,
+ * spool); an upload reads pages written a moment ago, which the kernel's page cache holds
+ * anyway; the registry is read once at start. The cache only ever grew to its limit, 2 MiB of the daemon's private memory (issue 13,
  * "Memory"); a transaction larger than the cache spills pages into the WAL early, which writes
  * nothing more in the end. */
 #define DB_CACHE_SIZE "-256"
