@@ -40,6 +40,8 @@ sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
  * when it opened, so that no id comes back while the cloud may still answer for it (frames
  * dropped at the cap or rolled back leave gaps, which is fine). */
 int64_t db_spool_next_id(struct db *db);
+/* The last id db_spool_next_id() handed out (0: none yet). */
+int64_t db_spool_last_id(struct db *db);
 
 static inline void db_stmt_resetp(sqlite3_stmt **s) {
         if (*s) {

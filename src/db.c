@@ -541,6 +541,10 @@ int64_t db_spool_next_id(struct db *db) {
         return ++db->spool_last_id;
 }
 
+int64_t db_spool_last_id(struct db *db) {
+        return db->spool_last_id;
+}
+
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s) {
         return db->stmts[s];
 }

@@ -756,6 +756,27 @@ static void test_spool_seqs(void **state) {
         m.n = 0;
         assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
         assert_int_equal(m.n, 0);
+
+        /* The periodic mark: frames up to it have their seqs in bulb_seqs, and the start reads
+         * only the frames after it. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "a", 4, (const uint8_t *) "a.b.c", 5, 6), 0);
+        assert_int_equal(spool_seqs_store(db, "a", 4), 0);
+        assert_int_equal(spool_seqs_store(db, "a", 2), 0); /* never back */
+        assert_int_equal(spool_seqs_mark(db), 0);
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 4);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "b", 12, (const uint8_t *) "a.b.c", 5, 7), 0);
+        assert_int_equal(db_commit(db), 0);
+        m.n = 0;
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 1);
+        assert_string_equal(m.dev[0], "b");
+        assert_int_equal(m.seq[0], 12);
+        /* A damaged mark is not taken for a number. */
+        assert_int_equal(db_meta_set(db, "spool_seqs_stored_through_id", "x1"), 0);
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), -EUCLEAN);
         registry_free(r);
         db_close(db);
 }
