@@ -236,10 +236,11 @@ static void store_ok(struct ingest *in) {
  * rolled back): the database keeps the old seqs, and so must memory, or the bulbs' honest
  * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. Their acks are dropped
  * unsent, and the command acks they carried were never recorded. */
-static void batch_abort(struct ingest *in, bool in_transaction) {
+static void batch_abort(struct ingest *in, bool began) {
         in->batch.open = false;
         ack_commit_done(in->ack, false);
-        if (in_transaction)
+        /* SQLite may have rolled back by itself already (SQLITE_FULL, an I/O error). */
+        if (began && db_in_transaction(in->db))
                 (void) db_rollback(in->db);
         if (in->batch.n_acks > 0 && in->ev.command_acks_done)
                 in->ev.command_acks_done(in->ev.userdata, false);
@@ -256,7 +257,7 @@ static void batch_abort(struct ingest *in, bool in_transaction) {
         in->batch.n_acks = 0;
         (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
         /* Frames dropped for room were rolled back too: count again from the table. */
-        if (in_transaction)
+        if (began)
                 (void) spool_stats(in->db, &in->spool->pending, &in->spool->bytes);
 }
 
@@ -515,10 +516,9 @@ int ingest_commit(struct ingest *in) {
         if (r >= 0)
                 r = db_commit(in->db);
         if (r < 0) {
-                /* Whatever failed (SQLite may have rolled back by itself already, SQLITE_FULL or
-                 * an I/O error), nothing of the batch is kept. */
+                /* Whatever failed, nothing of the batch is kept. */
                 store_failed(in, r, in->batch.count);
-                batch_abort(in, db_in_transaction(in->db));
+                batch_abort(in, true);
                 return r;
         }
         in->batch.open = false;
