@@ -53,9 +53,14 @@ async function send(topicDev, payload, h = hub) {
   const before = counters(await h.status());
   await publish(client, `${PREFIX}/${topicDev}/status`, payload);
   let after;
-  await waitFor(async () => { after = counters(await h.status()); return after.received > before.received; }, 5000,
-    'frame counted');
-  // Accepted counts after the commit, which follows the read: give it a moment to settle.
+  // Counted as received at once; as accepted only after its commit, up to [frames]
+  // commit_delay_ms later (group commit): wait until every received frame is decided.
+  const decided = (c) => c.accepted - before.accepted + REASONS.reduce((n, r) => n + c[r] - before[r], 0);
+  await waitFor(async () => {
+    after = counters(await h.status());
+    return after.received > before.received && decided(after) >= after.received - before.received;
+  }, 5000, 'frame counted and decided');
+  // Nothing more to come: give a stray second count a moment to show.
   await sleep(20);
   after = counters(await h.status());
   const delta = {};
