@@ -177,6 +177,15 @@ struct command {
         struct signer_op *sign_op; /* CMD_NEW while the signer makes its JWS */
 };
 
+/* An ack recorded in the frame path's transaction, not yet applied to memory. */
+struct staged_ack {
+        struct command *cmd; /* nothing runs between the statement and the commit that could free it */
+        bool ok;
+        bool row_written; /* the command's final row is in the transaction */
+        int64_t at;
+        char err[COMMAND_DETAIL_MAX + 1];
+};
+
 struct commands_counters {
         uint64_t received; /* commands taken from answers, duplicates and bad ids included */
         uint64_t published, delivered, acked, failed, expired, rejected;
@@ -217,6 +226,12 @@ struct commands {
 
         struct ratelimit log_rl;
         char last_error[256];
+
+        /* Acks written into the frame path's open transaction (commands_ack_store()), applied
+         * to memory when it commits (commands_acks_done()). */
+        struct staged_ack *staged;
+        size_t n_staged, cap_staged;
+        uint64_t staged_ignored; /* acks_ignored of the open transaction */
 
         struct commands_counters counters;
 };
@@ -1185,20 +1200,15 @@ void commands_on_published(struct commands *c, int mid) {
         }
 }
 
-void commands_on_ack(struct commands *c, const char *dev, const char *id, bool ok, const char *err) {
-        struct command *cmd;
-        int64_t t;
+static struct staged_ack *find_staged(struct commands *c, const struct command *cmd) {
+        for (size_t i = 0; i < c->n_staged; i++)
+                if (c->staged[i].cmd == cmd)
+                        return &c->staged[i];
+        return NULL;
+}
 
-        if (!c || !dev || !id)
-                return;
-        cmd = find_by_id(c, id);
-        if (!cmd || !streq(cmd->dev, dev) || state_is_final(cmd->state)) {
-                /* Unknown, another bulb's, or finished already: a bulb cannot change that. */
-                c->counters.acks_ignored++;
-                log_debug("Ignored an ack from %s for command %s", dev, id);
-                return;
-        }
-        t = now_s();
+/* The ack's outcome on cmd (memory), as the row in the frame's transaction already has it. */
+static void apply_ack(struct commands *c, struct command *cmd, bool ok, const char *err, int64_t t) {
         if (!cmd->delivered_at) {
                 /* The ack came before the PUBACK (or the PUBACK was lost to a restart): the
                  * bulb has it, and the cloud hears "delivered" first all the same. */
@@ -1207,7 +1217,7 @@ void commands_on_ack(struct commands *c, const char *dev, const char *id, bool o
         }
         command_finish(c, cmd, ok ? CMD_ACKED : CMD_FAILED, t, ok ? NULL : err);
         if (ok)
-                log_debug("Command %s acknowledged by %s", id, dev);
+                log_debug("Command %s acknowledged by %s", cmd->id, cmd->dev);
         else {
                 char shown[COMMAND_DETAIL_MAX + 1];
                 /* From a verified frame, but still the bulb's words: printable ASCII only. */
@@ -1215,10 +1225,81 @@ void commands_on_ack(struct commands *c, const char *dev, const char *id, bool o
                 for (char *p = shown; *p; p++)
                         if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
                                 *p = '?';
-                log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_FAILED, dev, NULL, "Bulb %s could not apply command %s: %s",
-                          dev, id, shown[0] ? shown : "(no reason given)");
+                log_event(LOG_NOTICE, 0, IOTHUB_MID_COMMAND_FAILED, cmd->dev, NULL,
+                          "Bulb %s could not apply command %s: %s", cmd->dev, cmd->id,
+                          shown[0] ? shown : "(no reason given)");
         }
-        commands_schedule(c);
+}
+
+int commands_ack_store(struct commands *c, const char *dev, const char *id, bool ok, const char *err) {
+        struct command *cmd;
+        struct staged_ack *sa;
+        int64_t t;
+        int r;
+
+        if (!c || !dev || !id)
+                return 0;
+        cmd = find_by_id(c, id);
+        if (!cmd || !streq(cmd->dev, dev) || state_is_final(cmd->state) || find_staged(c, cmd)) {
+                /* Unknown, another bulb's, finished already (or by an earlier frame of this
+                 * transaction): a bulb cannot change that. */
+                c->staged_ignored++;
+                log_debug("Ignored an ack from %s for command %s", dev, id);
+                return 0;
+        }
+        if (c->n_staged == c->cap_staged) {
+                size_t cap = c->cap_staged ? c->cap_staged * 2 : 8;
+                struct staged_ack *n = reallocarray(c->staged, cap, sizeof *n);
+                if (!n)
+                        return -ENOMEM;
+                c->staged = n;
+                c->cap_staged = cap;
+        }
+        t = now_s();
+        sa = &c->staged[c->n_staged];
+        *sa = (struct staged_ack){ .cmd = cmd, .ok = ok, .at = t };
+        (void) snprintf(sa->err, sizeof sa->err, "%s", err ? err : "");
+        if (cmd->stored) {
+                /* The row as memory will be once the transaction commits: a copy with the
+                 * outcome, so that memory itself changes only after the commit. */
+                struct command row = *cmd;
+
+                if (!row.delivered_at)
+                        row.delivered_at = t;
+                row.state = ok ? CMD_ACKED : CMD_FAILED;
+                row.done_at = t;
+                set_detail(&row, ok ? NULL : err);
+                r = store_update(c->db, &row);
+                if (r < 0)
+                        return r;
+                sa->row_written = true;
+        }
+        /* Without a row (not stored yet, which a published command always is), memory takes the
+         * outcome after the commit and the work loop writes it, as for any other change. */
+        c->n_staged++;
+        return 0;
+}
+
+void commands_acks_done(struct commands *c, bool committed) {
+        if (!c)
+                return;
+        if (committed) {
+                c->counters.acks_ignored += c->staged_ignored;
+                for (size_t i = 0; i < c->n_staged; i++) {
+                        struct staged_ack *sa = &c->staged[i];
+
+                        apply_ack(c, sa->cmd, sa->ok, sa->err[0] ? sa->err : NULL, sa->at);
+                        /* The row written in the frame's transaction holds all of memory
+                         * (store_update() writes every column that can change on a stored
+                         * command), so memory is not ahead of it. */
+                        if (sa->row_written)
+                                sa->cmd->dirty = false;
+                }
+                if (c->n_staged > 0)
+                        commands_schedule(c);
+        }
+        c->n_staged = 0;
+        c->staged_ignored = 0;
 }
 
 int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
@@ -1294,6 +1375,7 @@ void commands_free(struct commands *c) {
         sd_event_source_disable_unref(c->defer);
         sd_event_source_disable_unref(c->timer);
         sd_event_source_disable_unref(c->exp_timer);
+        free(c->staged);
         verify_key_free(c->cloud_key);
         free(c);
 }

@@ -513,6 +513,7 @@ static const struct conf_key conf_keys[] = {
 
         KEY_UINT("frames", "max_bytes", frames.max_bytes, 256, 65536),
         KEY_UINT("frames", "max_clock_skew_s", frames.max_clock_skew_s, 1, 86400),
+        KEY_UINT("frames", "commit_delay_ms", frames.commit_delay_ms, 0, 1000),
         KEY_OTHER("frames", "rate_per_device", frames.rate_per_device, parse_rate, 0, 0),
 
         KEY_PATH("bulbs", "ca_file", bulbs.ca_file),
@@ -813,6 +814,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->cloud.attestation = ATTEST_AUTO;
         c->frames.max_bytes = 4096;
         c->frames.max_clock_skew_s = 300;
+        c->frames.commit_delay_ms = 50; /* ingest.c and iothub.conf(5) say why */
         c->frames.rate_per_device = 5;
         c->spool.max_bytes = 256 * MIB;
         c->broker.timeout_s = 5;

@@ -15,8 +15,8 @@ enum db_stmt {
         DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
         DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward, only for an enrolled bulb */
         DB_STMT_SPOOL_BATCH,  /* ?1 limit -> id, length, jws; oldest first */
-        DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length of each deleted frame */
-        DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length of each */
+        DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length, dev, seq of each deleted frame */
+        DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length, dev, seq of each */
         DB_STMT_SPOOL_OLDEST,      /* -> id, received_at_usec */
         DB_STMT_SPOOL_MOVE_ASIDE,  /* ?1 first, ?2 last, ?3 moved_at, ?4 status, ?5 reason */
         DB_STMT_MOVED_ASIDE_COUNT,
@@ -40,6 +40,8 @@ sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
  * when it opened, so that no id comes back while the cloud may still answer for it (frames
  * dropped at the cap or rolled back leave gaps, which is fine). */
 int64_t db_spool_next_id(struct db *db);
+/* The last id db_spool_next_id() handed out (0: none yet). */
+int64_t db_spool_last_id(struct db *db);
 
 static inline void db_stmt_resetp(sqlite3_stmt **s) {
         if (*s) {

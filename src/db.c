@@ -13,9 +13,9 @@
 
 #define DB_BUSY_TIMEOUT_MS 5000
 /* The page cache, in KiB (negative, as PRAGMA cache_size takes it): 256 KiB instead of SQLite's
- * 2 MiB. The frame path touches the spool's last pages and bulb_seqs; an upload reads pages
- * written a moment ago, which the kernel's page cache holds anyway; the registry is read once at
- * start. The cache only ever grew to its limit, 2 MiB of the daemon's private memory (issue 13,
+ * 2 MiB. The frame path touches the spool's last pages (and bulb_seqs when frames leave the
+ * spool); an upload reads pages written a moment ago, which the kernel's page cache holds
+ * anyway; the registry is read once at start. The cache only ever grew to its limit, 2 MiB of the daemon's private memory (issue 13,
  * "Memory"); a transaction larger than the cache spills pages into the WAL early, which writes
  * nothing more in the end. */
 #define DB_CACHE_SIZE "-256"
@@ -152,9 +152,9 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
                                  "ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq "
                                  "WHERE last_seq < excluded.last_seq",
         [DB_STMT_SPOOL_BATCH] = "SELECT id, length(jws), jws FROM spool ORDER BY id LIMIT ?1",
-        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws)",
+        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws), dev, seq",
         [DB_STMT_SPOOL_DROP_OLDEST] =
-                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws)",
+                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws), dev, seq",
         [DB_STMT_SPOOL_OLDEST] = "SELECT id, received_at_usec FROM spool ORDER BY id LIMIT 1",
         [DB_STMT_SPOOL_MOVE_ASIDE] =
                 "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "
@@ -539,6 +539,10 @@ int db_restore_file(struct db *db, char **ret_error) {
 
 int64_t db_spool_next_id(struct db *db) {
         return ++db->spool_last_id;
+}
+
+int64_t db_spool_last_id(struct db *db) {
+        return db->spool_last_id;
 }
 
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s) {

@@ -91,7 +91,7 @@ static void on_mqtt_message(void *userdata, const char *topic, const uint8_t *pa
 static void on_mqtt_read_done(void *userdata) {
         struct hub *h = userdata;
 
-        (void) ingest_commit(h->ingest);
+        ingest_read_done(h->ingest);
 }
 
 /* Frames are in the spool: the relay may have a batch due. */
@@ -112,10 +112,17 @@ static void on_ingest_storage_changed(void *userdata) {
         hub_notify_status(userdata);
 }
 
-static void on_ingest_command_ack(void *userdata, const char *dev, const char *id, bool ok, const char *err) {
+/* Inside the frames' transaction: the ack is recorded with its frame (commands.h). */
+static int on_ingest_command_ack(void *userdata, const char *dev, const char *id, bool ok, const char *err) {
         struct hub *h = userdata;
 
-        commands_on_ack(h->commands, dev, id, ok, err);
+        return commands_ack_store(h->commands, dev, id, ok, err);
+}
+
+static void on_ingest_command_acks_done(void *userdata, bool committed) {
+        struct hub *h = userdata;
+
+        commands_acks_done(h->commands, committed);
 }
 
 /* A new access token: uploads and the command poll that waited for one go now. */
@@ -790,14 +797,17 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up acks to the bulbs: %m");
                 goto out;
         }
-        r = ingest_new(h.conf, h.db, h.registry, h.ack, &h.spool,
+        r = ingest_new(h.event, h.conf, h.db, h.registry, h.ack, &h.spool,
                        &(struct ingest_events){ .committed = on_ingest_committed,
                                                 /* No commands, no acks to collect. */
                                                 .command_ack = h.commands ? on_ingest_command_ack : NULL,
+                                                .command_acks_done = h.commands ? on_ingest_command_acks_done : NULL,
                                                 .rejected = on_ingest_rejected,
                                                 .storage_changed = on_ingest_storage_changed,
                                                 .userdata = &h },
                        &h.ingest);
+        if (r == -EUCLEAN) /* the spool it reads the bulbs' seqs from is damaged, as in registry_open() */
+                goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up the frame path: %m");
                 goto out;

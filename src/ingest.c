@@ -3,10 +3,16 @@
  * contract documented in iothub-protocol(7): size, structure and schema, topic agreement,
  * enrolment, revocation, rate, clock window, replay, signature. Nothing from a frame is
  * stored before its signature verified, and a bulb's seq only advances after all passed.
- * Accepted frames are appended inside one transaction per MQTT read (group commit), so a
- * burst costs one fsync, not one per frame. */
+ * Accepted frames are held in memory and written in one transaction (group commit) when
+ * INGEST_HOLD_FRAMES or INGEST_HOLD_BYTES are held, or [frames] commit_delay_ms after the first
+ * of them: SD-card wear is set by commits, not bytes (a commit of one frame dirtied 10 to 13 KB,
+ * 41 to 50 times a frame, tests/bench/README.md), so a hub that keeps up must not commit per
+ * frame. A frame is accepted, and acked to its bulb, only once that transaction committed; the
+ * transaction is open only inside ingest_commit(), never across a turn of the loop, so the
+ * other writers (commands, the relay, events) never write into it. */
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdlib.h>
 
 #include "iothub/ack.h"
 #include "iothub/ingest.h"
@@ -22,7 +28,25 @@
 #define REJECT_LOG_BURST 5
 #define REJECT_LOG_TOTAL_BURST 50
 
-/* Frames that passed every check in the current read, waiting for their commit. */
+/* What one commit holds at most, whatever [frames] commit_delay_ms says: a backlog commits at
+ * once in these steps, and memory stays bounded (the frames' bytes are copied). */
+#define INGEST_HOLD_FRAMES 256u
+#define INGEST_HOLD_BYTES (256u * 1024u)
+/* How often a commit also writes every bulb's seq to bulb_seqs and marks the spool up to there
+ * (spool_seqs_mark()), so that the start reads at most this much of the spool for the seqs. */
+#define INGEST_SEQS_INTERVAL_USEC (10 * UINT64_C(1000000))
+/* The hold timer may fire this late (never early). */
+#define INGEST_HOLD_ACCURACY_USEC (1 * UINT64_C(1000))
+
+/* A frame that passed every check, held for the next commit; its bytes are in batch.buf. */
+struct ingest_frame {
+        struct bulb *bulb; /* registry entries are never freed while the daemon runs */
+        int64_t seq;
+        int64_t received_at_usec;
+        size_t off, len;
+};
+
+/* The command ack a held frame carries, recorded in the same transaction as the frame. */
 struct ingest_ack {
         char dev[DEVICE_ID_MAX + 1];
         char id[DEVICE_ID_MAX + 1];
@@ -36,10 +60,15 @@ struct ingest_seq_undo {
 };
 
 struct ingest_batch {
-        bool open;      /* a transaction is open */
-        unsigned count; /* frames appended in it */
+        bool open;      /* frames are held for the next commit */
+        unsigned count; /* frames held */
         uint64_t bytes; /* their size */
-        /* Command acks of these frames, handed on after the commit. */
+        uint64_t first_usec; /* CLOCK_MONOTONIC when the first of them was accepted */
+        struct ingest_frame *frames;
+        size_t cap_frames;
+        uint8_t *buf; /* their bytes, back to back */
+        size_t cap_buf;
+        /* Command acks of these frames, recorded in their transaction. */
         struct ingest_ack *acks;
         size_t n_acks, cap_acks;
         /* The last seq each bulb had before this transaction: restored if the commit fails. */
@@ -49,6 +78,7 @@ struct ingest_batch {
 
 struct ingest {
         const struct iothub_conf *conf;
+        sd_event_source *hold_timer; /* [frames] commit_delay_ms after the first held frame */
         struct db *db;
         struct registry *registry;
         struct ack *ack;
@@ -63,6 +93,7 @@ struct ingest {
          * storing works, and the frames refused since it began. */
         int store_errno;
         uint64_t store_refused;
+        uint64_t seqs_stored_usec; /* CLOCK_MONOTONIC of the last commit with the seqs, 0: none yet */
 };
 
 static bool log_allowed(struct ingest *in, struct ratelimit *rl, uint64_t now, const char *dev) {
@@ -111,11 +142,11 @@ static void reject(struct ingest *in, struct bulb *b, const char *dev, enum fram
  * (a light's newest state is worth more than its oldest), counted in spool.dropped and
  * logged; a frame still in an upload batch may go too, which only means that the cloud's
  * answer deletes fewer rows. */
-static int make_room(struct ingest *in, size_t len) {
+static int make_room(struct ingest *in) {
         uint64_t max = in->conf->spool.max_bytes, count = 0, bytes = 0;
         int r;
 
-        while (in->spool->bytes + in->batch.bytes + len > max && in->spool->pending > 0) {
+        while (in->spool->bytes + in->batch.bytes > max && in->spool->pending > 0) {
                 r = spool_drop_oldest(in->db, 16, &count, &bytes);
                 if (r < 0)
                         return r;
@@ -201,13 +232,18 @@ static void store_ok(struct ingest *in) {
         storage_changed(in);
 }
 
-/* Ends the open transaction without accepting any of its frames: the database keeps the old
- * seqs, and so must memory, or the bulbs' honest resends (PROTOCOL.md 1, end-to-end
- * acknowledgement) would be replays. Their acks are dropped unsent. */
-static void batch_abort(struct ingest *in) {
+/* Ends the batch without accepting any of its frames (the transaction, if one is open, is
+ * rolled back): the database keeps the old seqs, and so must memory, or the bulbs' honest
+ * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. Their acks are dropped
+ * unsent, and the command acks they carried were never recorded. */
+static void batch_abort(struct ingest *in, bool began) {
         in->batch.open = false;
         ack_commit_done(in->ack, false);
-        (void) db_rollback(in->db);
+        /* SQLite may have rolled back by itself already (SQLITE_FULL, an I/O error). */
+        if (began && db_in_transaction(in->db))
+                (void) db_rollback(in->db);
+        if (in->batch.n_acks > 0 && in->ev.command_acks_done)
+                in->ev.command_acks_done(in->ev.userdata, false);
         for (size_t i = 0; i < in->batch.n_undo; i++) {
                 struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
                 if (b) {
@@ -219,20 +255,20 @@ static void batch_abort(struct ingest *in) {
         in->batch.count = 0;
         in->batch.bytes = 0;
         in->batch.n_acks = 0;
+        (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
         /* Frames dropped for room were rolled back too: count again from the table. */
-        (void) spool_stats(in->db, &in->spool->pending, &in->spool->bytes);
+        if (began)
+                (void) spool_stats(in->db, &in->spool->pending, &in->spool->bytes);
 }
 
-static void batch_add_ack(struct ingest *in, const struct frame *f) {
+static int batch_add_ack(struct ingest *in, const struct frame *f) {
         struct ingest_batch *b = &in->batch;
 
         if (b->n_acks == b->cap_acks) {
                 size_t cap = b->cap_acks ? b->cap_acks * 2 : 16;
                 struct ingest_ack *t = reallocarray(b->acks, cap, sizeof *t);
-                if (!t) {
-                        log_error("Out of memory: the ack of command %s from %s is not handled", f->ack.id, f->dev);
-                        return;
-                }
+                if (!t)
+                        return -ENOMEM;
                 b->acks = t;
                 b->cap_acks = cap;
         }
@@ -244,10 +280,44 @@ static void batch_add_ack(struct ingest *in, const struct frame *f) {
                 memcpy(a->err, f->ack.err, sizeof a->err);
         else
                 a->err[0] = '\0';
+        return 0;
 }
 
-/* Remembers b's last seq before this transaction touched it (once per bulb and batch), so
- * that a failed commit can put memory back where the database is. */
+/* Keeps a copy of an accepted frame for the next commit. */
+static int batch_hold(struct ingest *in, struct bulb *b, int64_t seq, const uint8_t *payload, size_t len) {
+        struct ingest_batch *t = &in->batch;
+
+        if (t->count == t->cap_frames) {
+                size_t cap = t->cap_frames ? t->cap_frames * 2 : 16;
+                struct ingest_frame *f = reallocarray(t->frames, cap, sizeof *f);
+                if (!f)
+                        return -ENOMEM;
+                t->frames = f;
+                t->cap_frames = cap;
+        }
+        if (t->bytes + len > t->cap_buf) {
+                size_t cap = t->cap_buf ? t->cap_buf : 4096;
+                while (cap < t->bytes + len)
+                        cap *= 2;
+                uint8_t *nb = realloc(t->buf, cap);
+                if (!nb)
+                        return -ENOMEM;
+                t->buf = nb;
+                t->cap_buf = cap;
+        }
+        memcpy(t->buf + t->bytes, payload, len);
+        t->frames[t->count] = (struct ingest_frame){
+                .bulb = b,
+                .seq = seq,
+                .received_at_usec = (int64_t) now_realtime_usec(),
+                .off = (size_t) t->bytes,
+                .len = len,
+        };
+        return 0;
+}
+
+/* Remembers b's last seq before this batch touched it (once per bulb and batch), so that a
+ * failed commit can put memory back where the database is. */
 static int batch_note_seq(struct ingest *in, struct bulb *b) {
         struct ingest_batch *t = &in->batch;
 
@@ -268,22 +338,8 @@ static int batch_note_seq(struct ingest *in, struct bulb *b) {
         return 0;
 }
 
-/* Before COMMIT: each bulb of the batch's newest seq, one statement per bulb and batch rather
- * than one per frame (memory moved ahead frame by frame, so a second frame with a seq of this
- * batch was a replay already). The UPDATE only moves forward: -ESTALE here means the database
- * holds a later seq than memory, and the batch must not commit. */
-static int batch_store_seqs(struct ingest *in) {
-        for (size_t i = 0; i < in->batch.n_undo; i++) {
-                struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
-                int r;
-
-                if (!b)
-                        return -ENOENT;
-                r = registry_store_seq(in->registry, b, b->last_seq);
-                if (r < 0)
-                        return r;
-        }
-        return 0;
+static bool batch_full(const struct ingest *in) {
+        return in->batch.count >= INGEST_HOLD_FRAMES || in->batch.bytes >= INGEST_HOLD_BYTES;
 }
 
 void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload, size_t len) {
@@ -335,63 +391,144 @@ void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload
                 return;
         }
 
-        if (!in->batch.open) {
-                r = db_begin(in->db);
-                if (r < 0)
-                        goto store_failed;
-                in->batch.open = true;
-                in->batch.count = 0;
+        /* Held, not yet accepted: without memory for it the frame is refused like a frame the
+         * database refused (not acked; the bulb resends it). batch_hold() changes nothing
+         * visible until count moves, so only the ack needs taking back. */
+        bool added_ack = false;
+        r = batch_hold(in, b, f.seq, payload, len);
+        if (r >= 0 && f.has_ack && in->ev.command_ack) {
+                r = batch_add_ack(in, &f);
+                added_ack = r >= 0;
         }
-        r = make_room(in, len);
         if (r >= 0)
                 r = batch_note_seq(in, b);
-        if (r < 0)
-                goto store_failed;
-        /* The seq goes to the database at the commit (batch_store_seqs()), in the same
-         * transaction as the frame. */
-        r = spool_append(in->db, dev, f.seq, payload, len, (int64_t) now_realtime_usec());
-        if (r < 0)
-                goto store_failed;
-        /* Memory moves ahead of the commit so that a second frame of this read with the same
-         * seq is a replay; if the commit fails, these frames were never accepted: ingest_commit()
-         * puts memory back from the undo list, so that a bulb resending them is accepted. */
+        if (r < 0) {
+                if (added_ack)
+                        in->batch.n_acks--;
+                in->counters.frames_store_failed++;
+                log_error_errno(r, "Cannot hold a frame from %s for its commit: %m; it is not acked, the bulb resends it", dev);
+                return;
+        }
+        if (!in->batch.open) {
+                in->batch.open = true;
+                in->batch.first_usec = now_monotonic_usec();
+        }
+        /* Memory moves ahead of the commit so that a second frame with the same seq is a
+         * replay; if the commit fails, these frames were never accepted: batch_abort() puts
+         * memory back from the undo list, so that a bulb resending them is accepted. */
         registry_seq_committed(b, f.seq);
         ack_stage(in->ack, b, f.seq, false);
         in->batch.count++;
         in->batch.bytes += len;
-        if (f.has_ack && in->ev.command_ack)
-                batch_add_ack(in, &f);
-        return;
+        if (batch_full(in))
+                (void) ingest_commit(in);
+}
 
-store_failed:
-        if (in->batch.open && !db_in_transaction(in->db)) {
-                /* SQLite rolled the transaction back by itself (SQLITE_FULL, an I/O error): the
-                 * frames appended before this one are gone too, and what follows must not run
-                 * in autocommit, each statement committed on its own behind the batch's back. */
-                store_failed(in, r, 1 + in->batch.count);
-                batch_abort(in);
+static int on_hold_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        (void) ingest_commit(userdata);
+        return 0;
+}
+
+void ingest_read_done(struct ingest *in) {
+        uint64_t delay = (uint64_t) in->conf->frames.commit_delay_ms * 1000;
+        int r;
+
+        if (!in->batch.open)
+                return;
+        if (delay == 0 || batch_full(in)) {
+                (void) ingest_commit(in);
                 return;
         }
-        store_failed(in, r, 1);
+        r = sd_event_source_get_enabled(in->hold_timer, NULL);
+        if (r > 0)
+                return; /* armed at the first frame's time + delay */
+        r = sd_event_source_set_time(in->hold_timer, in->batch.first_usec + delay);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(in->hold_timer, SD_EVENT_ONESHOT);
+        if (r < 0)
+                (void) ingest_commit(in); /* no timer: commit now rather than hold forever */
+}
+
+/* Every INGEST_SEQS_INTERVAL_USEC: each bulb's seq into bulb_seqs (the upsert writes only rows
+ * that move, so only their pages), and the mark that says so. */
+static int batch_store_seqs(struct ingest *in) {
+        int r;
+
+        for (size_t i = 0; i < registry_count(in->registry); i++) {
+                const struct bulb *b = registry_get(in->registry, i);
+
+                if (b->last_seq <= 0)
+                        continue;
+                r = spool_seqs_store(in->db, b->id, b->last_seq);
+                if (r < 0)
+                        return r;
+        }
+        return spool_seqs_mark(in->db);
+}
+
+/* The batch's statements, inside the transaction: room at [spool] max_bytes, the frames in the
+ * order they came, the command acks. The bulbs' seqs are not written at every commit: the
+ * spool's rows are their record (dev, seq) until the frames leave it, every path that removes
+ * frames from the spool moves bulb_seqs forward in the same transaction (spool.c), and every
+ * INGEST_SEQS_INTERVAL_USEC a commit writes them all with a mark, so that at start
+ * ingest_new() reads only the spool after the mark. Writing bulb_seqs at every commit cost a
+ * 4 KiB WAL frame per page of bulbs in the commit (measured with BENCH_WEAR_TRACE, tests/bench:
+ * 1327 -> 1112 WAL bytes per frame with 1,000 bulbs at 500 frames/s; it grows with the bulbs). */
+static int batch_write(struct ingest *in, bool store_seqs) {
+        int r;
+
+        r = make_room(in);
+        if (r < 0)
+                return r;
+        for (unsigned i = 0; i < in->batch.count; i++) {
+                const struct ingest_frame *f = &in->batch.frames[i];
+
+                r = spool_append(in->db, f->bulb->id, f->seq, in->batch.buf + f->off, f->len, f->received_at_usec);
+                if (r < 0)
+                        return r;
+        }
+        for (size_t i = 0; i < in->batch.n_acks; i++) {
+                const struct ingest_ack *a = &in->batch.acks[i];
+
+                r = in->ev.command_ack(in->ev.userdata, a->dev, a->id, a->ok, a->err[0] ? a->err : NULL);
+                if (r < 0)
+                        return r;
+        }
+        return store_seqs ? batch_store_seqs(in) : 0;
 }
 
 int ingest_commit(struct ingest *in) {
+        uint64_t now = now_monotonic_usec();
+        bool store_seqs;
         int r;
 
         if (!in->batch.open)
                 return 0;
-        in->batch.open = false;
-        r = batch_store_seqs(in);
+        (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
+        r = db_begin(in->db);
+        if (r < 0) {
+                store_failed(in, r, in->batch.count);
+                batch_abort(in, false);
+                return r;
+        }
+        store_seqs = in->seqs_stored_usec == 0 || now - in->seqs_stored_usec >= INGEST_SEQS_INTERVAL_USEC;
+        r = batch_write(in, store_seqs);
         if (r >= 0)
                 r = db_commit(in->db);
         if (r < 0) {
+                /* Whatever failed, nothing of the batch is kept. */
                 store_failed(in, r, in->batch.count);
-                batch_abort(in);
+                batch_abort(in, true);
                 return r;
         }
+        in->batch.open = false;
+        if (store_seqs)
+                in->seqs_stored_usec = now;
         ack_commit_done(in->ack, true);
-        if (in->batch.count > 0)
-                store_ok(in);
+        if (in->batch.n_acks > 0 && in->ev.command_acks_done)
+                in->ev.command_acks_done(in->ev.userdata, true);
+        in->batch.n_acks = 0;
+        store_ok(in);
         /* The bulbs leave the batch. */
         for (size_t i = 0; i < in->batch.n_undo; i++) {
                 struct bulb *b = registry_find(in->registry, in->batch.undo[i].dev);
@@ -404,20 +541,24 @@ int ingest_commit(struct ingest *in) {
         in->spool->bytes += in->batch.bytes;
         in->batch.count = 0;
         in->batch.bytes = 0;
-        /* Acks count only once their frames are accepted, that is now. */
-        for (size_t i = 0; i < in->batch.n_acks; i++) {
-                const struct ingest_ack *a = &in->batch.acks[i];
-                in->ev.command_ack(in->ev.userdata, a->dev, a->id, a->ok, a->err[0] ? a->err : NULL);
-        }
-        in->batch.n_acks = 0;
         if (in->ev.committed)
                 in->ev.committed(in->ev.userdata);
         return 0;
 }
 
-int ingest_new(const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
+/* At start: a bulb's last accepted seq is the newer of bulb_seqs (loaded by the registry) and
+ * its newest frame still in the spool. */
+static int take_spool_seq(const char *dev, int64_t seq, void *userdata) {
+        struct ingest *in = userdata;
+
+        registry_seq_committed(registry_find(in->registry, dev), seq);
+        return 0;
+}
+
+int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
                struct spool_counts *spool, const struct ingest_events *ev, struct ingest **ret) {
         struct ingest *in = calloc(1, sizeof *in);
+        int r;
 
         if (!in)
                 return -ENOMEM;
@@ -428,6 +569,19 @@ int ingest_new(const struct iothub_conf *conf, struct db *db, struct registry *r
         in->spool = spool;
         if (ev)
                 in->ev = *ev;
+        r = spool_max_seqs(db, take_spool_seq, in);
+        if (r < 0) {
+                ingest_free(in);
+                return r;
+        }
+        r = sd_event_add_time(e, &in->hold_timer, CLOCK_MONOTONIC, 0, INGEST_HOLD_ACCURACY_USEC, on_hold_timer, in);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
+        if (r < 0) {
+                ingest_free(in);
+                return r;
+        }
+        (void) sd_event_source_set_description(in->hold_timer, "ingest-hold");
         *ret = in;
         return 0;
 }
@@ -435,6 +589,9 @@ int ingest_new(const struct iothub_conf *conf, struct db *db, struct registry *r
 void ingest_free(struct ingest *in) {
         if (!in)
                 return;
+        sd_event_source_disable_unref(in->hold_timer);
+        free(in->batch.frames);
+        free(in->batch.buf);
         free(in->batch.acks);
         free(in->batch.undo);
         free(in);

@@ -100,7 +100,9 @@ struct oauth {
         bool login_active;
         char *device_code;
         unsigned interval_s;
-        int64_t login_expires_at;
+        /* CLOCK_MONOTONIC: expires_in is a duration (RFC 8628 3.2), so a step of the wall clock
+         * (NTP's first sync, a jump of an hour) must neither end nor stretch it. */
+        uint64_t login_deadline_usec;
         struct http_req *login_req;
         sd_event_source *poll_timer;
 
@@ -979,7 +981,7 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
         if (!o->login_active || o->login_req)
                 return 0;
-        if (now_s() > o->login_expires_at) {
+        if (now_monotonic_usec() > o->login_deadline_usec) {
                 login_finish(o, -ETIMEDOUT, "the code expired before it was approved; run 'iothubctl login' again");
                 return 0;
         }
@@ -1063,7 +1065,7 @@ static void on_device(struct oauth *o, const struct http_response *resp, const c
          * lifetime at most OAUTH_DEVICE_EXPIRES_MAX_S. */
         o->device_code = TAKE_PTR(d.device_code);
         o->interval_s = d.interval_s;
-        o->login_expires_at = now_s() + d.expires_in;
+        o->login_deadline_usec = now_monotonic_usec() + (uint64_t) d.expires_in * UINT64_C(1000000);
         info = json_pack("{s:s,s:s,s:I,s:I}", "user_code", d.user_code, "verification_uri", d.verification_uri,
                          "expires_in", (json_int_t) d.expires_in, "interval", (json_int_t) o->interval_s);
         if (info && d.verification_uri_complete)

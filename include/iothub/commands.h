@@ -42,8 +42,16 @@ void commands_kick(struct commands *c);
 /* The broker acknowledged the QoS 1 publish with this mid (mqtt published callback). */
 void commands_on_published(struct commands *c, int mid);
 
-/* An accepted status frame (its transaction committed) carried an ack member. */
-void commands_on_ack(struct commands *c, const char *dev, const char *id, bool ok, const char *err);
+/* A status frame about to be committed carries an ack member: called INSIDE the frame's
+ * transaction, it writes the command's final state into it (an ack lost to a crash after the
+ * frame's commit is never resent by the bulb) and stages the change in memory, which
+ * commands_acks_done() applies or drops. Acks a bulb cannot make count (unknown id, another
+ * bulb's command, one finished already) write nothing. Returns 0 or a negative errno (then the
+ * caller rolls the transaction back and calls commands_acks_done(c, false)). NULL c: 0. */
+int commands_ack_store(struct commands *c, const char *dev, const char *id, bool ok, const char *err);
+/* The transaction of the staged acks committed (true: memory follows the rows) or was rolled
+ * back (false: memory stays as it was). NULL c is a no-op. */
+void commands_acks_done(struct commands *c, bool committed);
 
 /* Adds the "commands" object (delivered, acked, failed, expired, rejected, in_flight ...). */
 int commands_status_json(struct commands *c, json_t *st);

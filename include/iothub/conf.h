@@ -59,6 +59,7 @@ struct iothub_conf {
         struct {
                 unsigned max_bytes;
                 unsigned max_clock_skew_s;
+                unsigned commit_delay_ms; /* hold accepted frames up to this long for one commit */
                 double rate_per_device; /* frames per second, token bucket */
         } frames;
         struct {

@@ -5,6 +5,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <systemd/sd-event.h>
+
 #include "iothub/conf.h"
 #include "iothub/db.h"
 #include "iothub/frame.h"
@@ -22,13 +24,20 @@ struct ingest_counters {
 };
 
 /* News from the frame path, installed by hub.c (the one place that knows who listens). Each
- * runs after a successful commit, never inside the transaction. */
+ * runs after a successful commit, never inside the transaction, except command_ack. */
 struct ingest_events {
         /* Frames were committed to the spool (the relay may have a batch due). */
         void (*committed)(void *userdata);
-        /* An accepted frame carried the ack member of a command (PROTOCOL.md 2). NULL: acks are
-         * not collected (no commands without the cloud). err is NULL when the bulb gave none. */
-        void (*command_ack)(void *userdata, const char *dev, const char *id, bool ok, const char *err);
+        /* A frame about to be committed carries the ack member of a command (PROTOCOL.md 2).
+         * Runs INSIDE the frames' transaction, so that the ack is recorded with its frame or not
+         * at all (a SIGKILL after the commit must not lose it: the bulb, told its frame is
+         * stored, never resends it); memory changes only in command_acks_done(). A negative
+         * errno aborts the whole transaction. NULL: acks are not collected (no commands without
+         * the cloud). err is NULL when the bulb gave none. */
+        int (*command_ack)(void *userdata, const char *dev, const char *id, bool ok, const char *err);
+        /* The transaction that recorded command acks committed (true) or was rolled back
+         * (false). Called after every transaction in which command_ack ran. */
+        void (*command_acks_done)(void *userdata, bool committed);
         /* A frame was rejected (counted already); dev is a checked id or "?". May be NULL. */
         void (*rejected)(void *userdata, const char *dev, enum frame_reason reason);
         /* Storing frames began or stopped failing (ingest_storage() tells which). May be NULL. */
@@ -36,22 +45,29 @@ struct ingest_events {
         void *userdata;
 };
 
-/* Sets up the frame path. conf, db, registry, ack and spool are the caller's and must outlive
- * it; spool is the in-memory size of the spool, which ingest keeps up to date as it appends and
- * drops. ev is copied. Returns 0 or -ENOMEM. */
-int ingest_new(const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
+/* Sets up the frame path. e, conf, db, registry, ack and spool are the caller's and must
+ * outlive it; spool is the in-memory size of the spool, which ingest keeps up to date as it
+ * appends and drops. ev is copied. Moves each bulb's last seq in the registry up to its newest
+ * frame in the spool (the spool records seqs until frames leave it, see spool_delete()).
+ * Returns 0, -EUCLEAN for a damaged spool, or a negative errno. */
+int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry, struct ack *ack,
                struct spool_counts *spool, const struct ingest_events *ev, struct ingest **ret);
-/* Frees; a transaction still open is left to db_close() (which rolls it back): call
+/* Frees; frames still held are dropped unacknowledged (their bulbs resend them): call
  * ingest_commit() first, while the listeners of the events still exist. NULL is a no-op. */
 void ingest_free(struct ingest *in);
 
-/* Handles one MQTT message on a status topic. Appends accepted frames to the spool inside a
- * transaction that ingest_commit() closes. Never fails: rejections are counted and logged. */
+/* Handles one MQTT message on a status topic. Holds accepted frames for the next commit (which
+ * happens here when the hold is full). Never fails: rejections are counted and logged. */
 void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload, size_t len);
 
-/* Commits the frames appended since the last call (called after each MQTT read). A frame
- * counts as accepted only once this commit succeeded; then the events run. Returns 0 or a
- * negative errno. */
+/* An MQTT read ended: commits the held frames now if [frames] commit_delay_ms is 0 or the hold
+ * is full, else arms the timer that commits them commit_delay_ms after the first. */
+void ingest_read_done(struct ingest *in);
+
+/* Commits the held frames now, in one transaction with their bulbs' seqs and the command acks
+ * they carry. A frame counts as accepted only once this commit succeeded; then the events run.
+ * Returns 0 or a negative errno (nothing of the batch is kept: memory goes back to the
+ * database's state, and the bulbs resend the frames). */
 int ingest_commit(struct ingest *in);
 
 /* The counters for status; valid as long as in. */

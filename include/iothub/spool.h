@@ -37,7 +37,10 @@ int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_e
                      void *userdata);
 
 /* Deletes frames first_id..last_id (the cloud has them). Frames already gone (dropped at the
- * cap meanwhile) are skipped. Returns 0 and the count and bytes deleted, or a negative errno. */
+ * cap meanwhile) are skipped. Every path that removes frames from the spool moves their bulbs'
+ * stored last seq forward to the newest of them in the same transaction (its own one unless the
+ * caller holds one), since the spool is where an accepted frame's seq is recorded until then
+ * (spool_max_seqs()). Returns 0 and the count and bytes deleted, or a negative errno. */
 int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Copies frames first_id..last_id into the moved_aside table with the HTTP status and a
@@ -45,8 +48,23 @@ int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret
 int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
                      uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* Deletes the n oldest frames (the cap of [spool] max_bytes). */
+/* Deletes the n oldest frames (the cap of [spool] max_bytes), inside the caller's transaction. */
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* Raises dev's stored last seq to seq (never lowers it), inside the caller's transaction.
+ * Returns 0 or a negative errno. */
+int spool_seqs_store(struct db *db, const char *dev, int64_t seq);
+
+/* Notes, inside the caller's transaction, that every frame appended so far has its seq in
+ * bulb_seqs too (the caller wrote them in the same transaction), so that spool_max_seqs() need
+ * not read those frames. Returns 0 or a negative errno. */
+int spool_seqs_mark(struct db *db);
+
+/* Calls cb with the newest seq of each bulb that has frames in the spool after the last
+ * spool_seqs_mark() (at start: together with bulb_seqs, the last accepted seq of every bulb).
+ * Stops at cb's negative return value. Returns 0, -EUCLEAN for a damaged row or mark, or a
+ * negative errno. */
+int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
 
 /* The oldest frame's id and arrival time; -ENOENT when the spool is empty. */
 int spool_oldest(struct db *db, int64_t *ret_id, int64_t *ret_received_at_usec);

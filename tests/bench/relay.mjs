@@ -15,6 +15,7 @@ import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
 import { SlowTpm } from '../integration/lib/slowtpm.mjs';
 import { CtlProbe, timedStart } from './probes.mjs';
+import { startWearTrace } from './wear.mjs';
 
 const WORKER_TAG = 'iothub-bench-cloud';
 const PREFIX = 'iothub/v1/bulbs';
@@ -228,6 +229,8 @@ async function relayRun(ctx, o) {
   const st0 = await hub.status();
   const c0 = await cloud.call('stats');
   sampler.reset();
+  // BENCH_WEAR_TRACE=1: where the writes go (wear.mjs); slows the daemon while it runs.
+  const wearTrace = process.env.BENCH_WEAR_TRACE === '1' ? await startWearTrace(ctx.pid, dir) : null;
   const before = await cpuAll(ctx);
   // A control client asking `status` every 50 ms while the load is on (DESIGN.md: the control
   // socket answers within 50 ms at p99 meanwhile); only in the runs that ask for it, since each
@@ -253,6 +256,7 @@ async function relayRun(ctx, o) {
     await sleep(50);
   }
   const after = await cpuAll(ctx);
+  const wear = wearTrace ? await wearTrace.stop() : null;
   const ctl = probe ? await probe.stop() : null;
   const st1 = await hub.status();
   const rss = await h.procStatus(ctx.pid);
@@ -399,6 +403,7 @@ async function relayRun(ctx, o) {
     swtpm_cpu_share: (after.tpmNs - before.tpmNs) / 1e9 / cpuWindowS,
     write_bytes_per_frame: wb / storedN,
     write_ratio: wb / storedN / gen.avg_bytes,
+    wear,
     rss_after: rss,
     spool_after: st1.spool,
     control_status_ms: ctl ? dist(ctl.answers) : null,
@@ -498,7 +503,9 @@ export async function relayScenario(root, h, opt) {
       key: { backend: 'tpm', tcti: (ctx.slow ?? ctx.tpm).tcti, handle: '0x81000101' },
       cloud: { url: ctx.cloud.url, ca_file: ctx.cloud.caFile, bearer_token_file: tokenFile,
         batch_max_frames: opt.batchMaxFrames, batch_max_delay_ms: opt.batchMaxDelayMs },
-      frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
+      frames: { rate_per_device: 1000, max_clock_skew_s: 86400,
+        // The wear measurement's knob (issue 13): unset, the daemon's default.
+        ...(process.env.BENCH_COMMIT_DELAY_MS !== undefined ? { commit_delay_ms: Number(process.env.BENCH_COMMIT_DELAY_MS) } : {}) },
     };
     // The key is made before the daemon starts: swtpm serves one client at a time.
     const pre = new Hub(path.join(dir, 'keyinit'), ctx.broker, overrides);
@@ -653,6 +660,16 @@ export function relayTable(relay, fmt) {
     fmt(r.cloud_node_cpu_us_per_frame), fmt(r.mosquitto_cpu_us_per_frame), fmt(r.write_bytes_per_frame, 0), fmt(r.write_ratio, 1)]);
   s += grid(['run', 'rate', 'cloud f/s', '(to last)', 'batches', 'frames/batch', 'sigs', 'sigs/batch', 'sigs/1000f', 'sigs/s', '<=2/s@5k',
     'swtpm ms/sig', 'cloud ms/b', 'gap ms', 'daemon us/f', 'xbare', 'cloud us/f', 'mosq us/f', 'write B/f', 'w-ratio'], rows);
+  const traced = relay.runs.filter((r) => r.wear);
+  if (traced.length) {
+    s += `\nWhere the writes went (BENCH_WEAR_TRACE=1, strace of pwrite64/fdatasync; per accepted frame; "dirtied" estimates write_bytes: 4 KiB per page made dirty between syncs)\n`;
+    const per = (r, k, f) => (r.wear.files[k] ? fmt(r.wear.files[k][f] / r.frames, 0) : '0');
+    s += grid(['run', 'WAL B/f', 'WAL dirtied B/f', 'WAL syncs', 'DB (checkpoint) B/f', 'DB dirtied B/f', 'commits', 'frames/commit', 'WAL frames/commit p50/p90/max', 'distinct pages', 'hottest page:frames'],
+      traced.map((r) => [r.label, per(r, 'wal', 'bytes'), per(r, 'wal', 'dirtied_bytes'), String(r.wear.files.wal?.syncs ?? 0),
+        per(r, 'db', 'bytes'), per(r, 'db', 'dirtied_bytes'), String(r.wear.commits), fmt(r.frames / Math.max(1, r.wear.commits), 1),
+        `${r.wear.pages_per_commit.p50}/${r.wear.pages_per_commit.p90}/${r.wear.pages_per_commit.max}`, String(r.wear.distinct_pages),
+        r.wear.hottest_pages.join(' ')]));
+  }
   s += `\nRelay latency bulb -> cloud, ms (publish time = loadgen's schedule anchored at the broker; arrival = the batch's request at the cloud)\n`;
   const lrows = relay.runs.filter((r) => r.rate).map((r) => [r.label, fmt(r.latency_ms.p50, 0), fmt(r.latency_ms.p99, 0), fmt(r.latency_ms.max, 0),
     String(r.latency_target_ms), r.batch_max_frames === relay.batch_max_frames ? mark(r.latency_ms.p99 <= r.latency_target_ms) : '(info)',

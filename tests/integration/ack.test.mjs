@@ -48,8 +48,11 @@ const dbPath = () => path.join(hub.stateDir, 'iothub.db');
 
 // The last seq of a bulb as committed in the daemon's database (a second SQLite connection
 // sees committed transactions only).
+// A bulb's committed seq: bulb_seqs, or its newest frame in the spool, which records it until
+// the frame leaves (spool.c).
 async function committedSeq(id) {
-  const { stdout } = await run('sqlite3', [dbPath(), `SELECT COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0)`]);
+  const { stdout } = await run('sqlite3', [dbPath(), `SELECT max(COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0), ` +
+    `COALESCE((SELECT max(seq) FROM spool WHERE dev = '${id}'), 0))`]);
   return Number(stdout.trim());
 }
 

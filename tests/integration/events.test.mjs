@@ -207,7 +207,8 @@ test('the event spool is bounded: the oldest events are dropped, counted and rep
     await Promise.all(Array.from({ length: 330 }, (_, i) => pub.publishAsync(`${PREFIX}/u${round}x${i}/status`, 'junk', { qos: 1 })));
     await sleep(INTERVAL_S * 1000 + 300);
   }
-  await waitFor(async () => (await hub.status()).events.dropped > 0, 5000 + 2000 * INTERVAL_S, 'events dropped at the cap');
+  await waitFor(async () => (await hub.status()).events.dropped > 0, 5000 + 2000 * INTERVAL_S, 'events dropped at the cap')
+    .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify((await hub.status()).events)} ${JSON.stringify((await hub.status()).frames)}`); });
   const st = (await hub.status()).events;
   assert.ok(st.spooled <= 2000, `spooled ${st.spooled}`);
   assert.ok(st.spooled >= 1700, `spooled ${st.spooled}`);

@@ -5,6 +5,8 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { Broker, Hub, mqttClient, publish, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb, b64u, derSign } from './lib/bulb.mjs';
 
@@ -51,9 +53,14 @@ async function send(topicDev, payload, h = hub) {
   const before = counters(await h.status());
   await publish(client, `${PREFIX}/${topicDev}/status`, payload);
   let after;
-  await waitFor(async () => { after = counters(await h.status()); return after.received > before.received; }, 5000,
-    'frame counted');
-  // Accepted counts after the commit, which follows the read: give it a moment to settle.
+  // Counted as received at once; as accepted only after its commit, up to [frames]
+  // commit_delay_ms later (group commit): wait until every received frame is decided.
+  const decided = (c) => c.accepted - before.accepted + REASONS.reduce((n, r) => n + c[r] - before[r], 0);
+  await waitFor(async () => {
+    after = counters(await h.status());
+    return after.received > before.received && decided(after) >= after.received - before.received;
+  }, 5000, 'frame counted and decided');
+  // Nothing more to come: give a stray second count a moment to show.
   await sleep(20);
   after = counters(await h.status());
   const delta = {};
@@ -201,6 +208,26 @@ test('a replay after a daemon restart is still refused', async () => {
   await hub.restart();
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
   await expectRejected(ed.id, f, 'replay');
+  await expectAccepted(ed.id, await ed.frame());
+});
+
+// Issue 13: a commit writes the bulbs' seqs to bulb_seqs only every 10 s (and when frames leave
+// the spool); in between, the spool's rows are the record. A frame committed right after the
+// first commit of a run has its seq only in the spool: a restart must still refuse its replay.
+test('a replay after a restart is refused when its seq is only in the spool, not yet in bulb_seqs', async () => {
+  await hub.restart();
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+  const first = await ed.frame();
+  await expectAccepted(ed.id, first); // the run's first commit: seqs stored, spool marked
+  const second = await ed.frame();
+  await expectAccepted(ed.id, second);
+  const { stdout } = await promisify(execFile)('sqlite3', [path.join(hub.stateDir, 'iothub.db'),
+    `SELECT last_seq FROM bulb_seqs WHERE id = '${ed.id}'`]);
+  assert.ok(Number(stdout.trim()) < ed.seq, `bulb_seqs ${stdout.trim()} is behind seq ${ed.seq}: the case this test is about`);
+  await hub.restart();
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+  await expectRejected(ed.id, second, 'replay');
+  await expectRejected(ed.id, first, 'replay');
   await expectAccepted(ed.id, await ed.frame());
 });
 

@@ -98,7 +98,8 @@ test('a broker restart mid-stream loses no frame the broker kept', async () => {
     await sending;
     await waitFor(async () => {
       const l = JSON.parse((await hub.ctl(['bulb', 'list', '--json'])).stdout).bulbs;
-      return l.find((b) => b.id === bulb.id)?.last_seq === N;
+      // last_seq moves when a frame is taken, accepted counts at its commit (group commit).
+      return l.find((b) => b.id === bulb.id)?.last_seq === N && (await hub.status()).frames.accepted === N;
     }, 20000, 'the last frame accepted');
     const st = await hub.status();
     // Frames are spooled once each: duplicates from the resend are replays, never twice.

@@ -163,6 +163,7 @@ static const struct key_info keys[] = {
         K("oauth", "ca_file", oauth.ca_file, STR),
         K("frames", "max_bytes", frames.max_bytes, UINT),
         K("frames", "max_clock_skew_s", frames.max_clock_skew_s, UINT),
+        K("frames", "commit_delay_ms", frames.commit_delay_ms, UINT),
         K("frames", "rate_per_device", frames.rate_per_device, RATE),
         K("bulbs", "ca_file", bulbs.ca_file, STR),
         K("spool", "max_bytes", spool.max_bytes, SIZE),
@@ -293,6 +294,7 @@ static int setup(void **state) {
         "[oauth] ca_file = (unset)\n"                                                                       \
         "[frames] max_bytes = 4096\n"                                                                       \
         "[frames] max_clock_skew_s = 300\n"                                                                 \
+        "[frames] commit_delay_ms = 50\n"                                                                   \
         "[frames] rate_per_device = 5\n"                                                                    \
         "[bulbs] ca_file = (unset)\n"                                                                       \
         "[spool] max_bytes = 268435456\n"                                                                   \
@@ -378,6 +380,7 @@ static void test_full_file(void **state) {
                                    "[frames]\n"
                                    "max_bytes = 8192\n"
                                    "max_clock_skew_s = 60\n"
+                                   "commit_delay_ms = 20\n"
                                    "rate_per_device = 0.5\n"
                                    "\n"
                                    "[bulbs]\n"
@@ -427,6 +430,7 @@ static void test_full_file(void **state) {
                                        "[oauth] ca_file = /etc/iothub/oauth-ca.pem\n"
                                        "[frames] max_bytes = 8192\n"
                                        "[frames] max_clock_skew_s = 60\n"
+                                       "[frames] commit_delay_ms = 20\n"
                                        "[frames] rate_per_device = 0.5\n"
                                        "[bulbs] ca_file = /etc/iothub/bulb-ca.pem\n"
                                        "[spool] max_bytes = 1073741824\n"
@@ -513,6 +517,8 @@ static void test_good_values(void **state) {
                 { "frames", "max_bytes = 65536", "max_bytes", "65536" },
                 { "frames", "max_clock_skew_s = 1", "max_clock_skew_s", "1" },
                 { "frames", "max_clock_skew_s = 86400", "max_clock_skew_s", "86400" },
+                { "frames", "commit_delay_ms = 0", "commit_delay_ms", "0" },
+                { "frames", "commit_delay_ms = 1000", "commit_delay_ms", "1000" },
                 { "frames", "rate_per_device = 0.01", "rate_per_device", "0.01" },
                 { "frames", "rate_per_device = 1000", "rate_per_device", "1000" },
                 { "frames", "rate_per_device = 1e2", "rate_per_device", "100" },
@@ -768,6 +774,10 @@ static void test_bad_values(void **state) {
                   "[frames] max_clock_skew_s: '86401' is out of range 1..86400" },
                 { "frames", "max_clock_skew_s = 5m",
                   "[frames] max_clock_skew_s: '5m' is not a decimal number" },
+                { "frames", "commit_delay_ms = 1001",
+                  "[frames] commit_delay_ms: '1001' is out of range 0..1000" },
+                { "frames", "commit_delay_ms = -1",
+                  "[frames] commit_delay_ms: '-1' is out of range 0..1000" },
                 { "frames", "rate_per_device =", "[frames] rate_per_device: empty value" },
                 { "frames", "rate_per_device = 0.009",
                   "[frames] rate_per_device: '0.009' is out of range 0.01..1000" },

@@ -685,6 +685,102 @@ static int collect(const struct spool_entry *e, void *userdata) {
         return -ENOBUFS;
 }
 
+/* The spool records a bulb's seq while its frames are in it (the frame path does not write
+ * bulb_seqs at each commit, ingest.c); every way out of the spool moves bulb_seqs forward, in
+ * the same transaction, so that a restart never lowers a bulb's last seq. */
+struct max_seqs {
+        char dev[3][16];
+        int64_t seq[3];
+        int n;
+};
+
+static int collect_max(const char *dev, int64_t seq, void *userdata) {
+        struct max_seqs *m = userdata;
+
+        if (m->n == 3)
+                return -ENOBUFS;
+        (void) snprintf(m->dev[m->n], sizeof m->dev[m->n], "%s", dev);
+        m->seq[m->n++] = seq;
+        return 0;
+}
+
+static void test_spool_seqs(void **state) {
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        struct max_seqs m = { 0 };
+        uint64_t count = 0, bytes = 0;
+        int64_t first = 0, at = 0;
+
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_add(r, "a", T.pem_p256, strlen(T.pem_p256)), 0);
+        assert_int_equal(registry_add(r, "b", T.pem_ed25519, strlen(T.pem_ed25519)), 0);
+        /* a: 1, 2, 3; b: 10, 11 (interleaved, as bulbs send). */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "a", 1, (const uint8_t *) "a.b.c", 5, 1), 0);
+        assert_int_equal(spool_append(db, "b", 10, (const uint8_t *) "a.b.c", 5, 2), 0);
+        assert_int_equal(spool_append(db, "a", 2, (const uint8_t *) "a.b.c", 5, 3), 0);
+        assert_int_equal(spool_append(db, "b", 11, (const uint8_t *) "a.b.c", 5, 4), 0);
+        assert_int_equal(spool_append(db, "a", 3, (const uint8_t *) "a.b.c", 5, 5), 0);
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(query_int(db, "SELECT max(last_seq) FROM bulb_seqs"), 0);
+
+        /* At start: the newest of each bulb in the spool. */
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 2);
+        for (int i = 0; i < 2; i++)
+                assert_int_equal(m.seq[i], streq(m.dev[i], "a") ? 3 : 11);
+
+        /* Uploaded (autocommit: spool_delete holds its own transaction): the two oldest leave,
+         * and bulb_seqs has their seqs. */
+        assert_int_equal(spool_oldest(db, &first, &at), 0);
+        assert_int_equal(spool_delete(db, first, first + 1, &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_false(db_in_transaction(db));
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 1);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 10);
+
+        /* Dropped at the cap, inside the frame path's transaction: rolled back with it. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_drop_oldest(db, 2, &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 11);
+        assert_int_equal(db_rollback(db), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 10);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 3);
+
+        /* Moved aside: bulb_seqs only ever moves forward, and the spool ends empty. */
+        assert_int_equal(spool_move_aside(db, first + 2, first + 4, 400, "HTTP 400", &count, &bytes), 0);
+        assert_int_equal(count, 3);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 3);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 11);
+        m.n = 0;
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 0);
+
+        /* The periodic mark: frames up to it have their seqs in bulb_seqs, and the start reads
+         * only the frames after it. */
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "a", 4, (const uint8_t *) "a.b.c", 5, 6), 0);
+        assert_int_equal(spool_seqs_store(db, "a", 4), 0);
+        assert_int_equal(spool_seqs_store(db, "a", 2), 0); /* never back */
+        assert_int_equal(spool_seqs_mark(db), 0);
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 4);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(spool_append(db, "b", 12, (const uint8_t *) "a.b.c", 5, 7), 0);
+        assert_int_equal(db_commit(db), 0);
+        m.n = 0;
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 1);
+        assert_string_equal(m.dev[0], "b");
+        assert_int_equal(m.seq[0], 12);
+        /* A damaged mark is not taken for a number. */
+        assert_int_equal(db_meta_set(db, "spool_seqs_stored_through_id", "x1"), 0);
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), -EUCLEAN);
+        registry_free(r);
+        db_close(db);
+}
+
 static void test_spool_relay(void **state) {
         struct db *db = open_db();
         uint64_t count = 0, bytes = 0, n = 0;
@@ -805,6 +901,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_deleted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_spool_seqs, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rate, setup, teardown),
         };

@@ -145,6 +145,16 @@ export class FaultHub extends Hub {
   }
 }
 
+// The slow-storage preload (slowwrite.c beside this file), built into dir; returns the
+// environment that makes every database write of the daemon wait ms milliseconds.
+export async function slowWriteEnv(dir, ms) {
+  const so = path.join(dir, 'slowwrite.so');
+  await run('cc', ['-shared', '-fPIC', '-O2', '-o', so, new URL('./slowwrite.c', import.meta.url).pathname, '-ldl']);
+  return { LD_PRELOAD: [so, process.env.LD_PRELOAD].filter(Boolean).join(':'), SLOWWRITE_MS: String(ms),
+    // Under make asan, the sanitizer's runtime is not first in the preload list any more.
+    ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':') };
+}
+
 // A size-limited tmpfs on dir (the test runs as root), filled, made read-only and back, and
 // unmounted by the test that made it.
 export class Tmpfs {
@@ -181,11 +191,12 @@ export class Tmpfs {
 
 // A bulb on its own MQTT connection that keeps and resends its frames (Bulb.attach), sends one
 // frame at a time in seq order, and answers every command it can verify with the hub's public
-// key by an ack in its next frame, once per id. .cmds maps a command id to its receipts.
+// key by an ack in its next frame, once per id. .cmds maps a command id to its receipts,
+// .ackSeqs to the seq of the frame that carried its ack.
 export class FaultBulb {
   constructor(bulb, client, hubKey, prefix) {
     this.bulb = bulb; this.id = bulb.id; this.client = client; this.hubKey = hubKey; this.prefix = prefix;
-    this.cmds = new Map(); this.unverified = 0; this.chain = Promise.resolve();
+    this.cmds = new Map(); this.ackSeqs = new Map(); this.unverified = 0; this.chain = Promise.resolve();
   }
 
   static async create(id, client, hubKey, { prefix = 'iothub/v1/bulbs', resendMs = 300, window = 1 } = {}) {
@@ -216,7 +227,8 @@ export class FaultBulb {
     const seen = this.cmds.get(payload.id);
     if (seen) { seen.push({ at: Date.now(), jws }); return; }
     this.cmds.set(payload.id, [{ at: Date.now(), jws }]);
-    await this.send({ ack: { id: payload.id, ok: true } });
+    const f = await this.send({ ack: { id: payload.id, ok: true } });
+    this.ackSeqs.set(payload.id, f.seq);
   }
 
   get sent() { return this.bulb.sent; }
