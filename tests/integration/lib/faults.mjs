@@ -300,6 +300,28 @@ export class LoopExt4 {
     return /(^|,)ro(,|$)|emergency_ro/.test(stdout);
   }
 
-  async unmount() { await run('umount', [this.dir]).catch(() => run('umount', ['-l', this.dir]).catch(() => {})); }
-  async fsck() { return run('fsck.ext4', ['-y', '-f', this.image]).catch((e) => e); }
+  // A lazy unmount would leave the superblock alive, in its error state: mounting the image again
+  // then attaches to it, read-only (EROFS), and fsck works on a file system still in use. So
+  // wait for the last user to let go (a process that just exited, on a loaded machine), and say
+  // who holds it if nobody does; lazily only at the end, for the test's clean-up.
+  async unmount() {
+    const end = Date.now() + 10000;
+    for (;;) {
+      try { await run('umount', [this.dir]); return; } catch (e) {
+        if (Date.now() > end) {
+          const who = await run('fuser', ['-vm', this.dir]).then((r) => r.stderr + r.stdout, (x) => String(x.stderr ?? x));
+          await run('umount', ['-l', this.dir]).catch(() => {});
+          throw new Error(`${this.dir} stays busy: ${e.stderr ?? e.message}; ${who}`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+  }
+  // fsck.ext4 exits 1 when it fixed errors, 0 when there were none (fsck(8)); anything else fails.
+  async fsck() {
+    return run('fsck.ext4', ['-y', '-f', this.image]).catch((e) => {
+      if (e.code === 1) return e;
+      throw new Error(`fsck.ext4 ${this.image}: exit ${e.code}: ${e.stderr ?? e.message}`);
+    });
+  }
 }
