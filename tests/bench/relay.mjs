@@ -483,9 +483,10 @@ export async function relayScenario(root, h, opt) {
   try {
     ctx.tpm = await Swtpm.start(path.join(dir, 'tpm'));
     // opt.tpmDelayMs > 0: the TPM at a real chip's pace (TESTBED.md), through the proxy.
-    // BENCH_TPM_TCTI=mssim: through the proxy's simulator framing at every pace (0 too): a TCTI
-    // with a poll handle, as /dev/tpmrm0 has, so that asynchronous signing can wait on the loop.
-    const tctiKind = process.env.BENCH_TPM_TCTI ?? 'swtpm';
+    // BENCH_TPM_TCTI=mssim (the default): through the proxy's simulator framing at every pace (0
+    // too): a TCTI with a poll handle, as /dev/tpmrm0 has, so that asynchronous signing waits on
+    // the loop. The swtpm TCTI has none: signing then blocks in Esys_Sign_Finish (hubkey.h).
+    const tctiKind = process.env.BENCH_TPM_TCTI || 'mssim';
     if (opt.tpmDelayMs > 0 || tctiKind === 'mssim') ctx.slow = await SlowTpm.start(ctx.tpm, opt.tpmDelayMs ?? 0, { protocol: tctiKind });
     out.tpm_tcti = tctiKind;
     out.tpm_delay_ms = opt.tpmDelayMs ?? 0;
