@@ -457,10 +457,139 @@ static bool frame_parse_ack(const json_t *o, struct frame *f) {
         return true;
 }
 
+/* ---- fast paths ---- */
+
+/* Nearly every frame has the header a bulb's firmware writes, byte for byte, and a payload in the
+ * member order of PROTOCOL.md 1 without whitespace. For those, jansson (an object, a hash table
+ * and a string or integer per member, each malloc'ed) was most of the parser's cost: perf of the
+ * daemon under load showed jansson and malloc/free above 4 % of its CPU, as much as the MQTT
+ * reads. The fast paths below recognise exactly such texts and produce what the general path
+ * produces for them; anything else, and every rejection, goes through the general path, so the
+ * verdicts and reasons do not change. frame_parse_reference() is the general path alone: the
+ * unit tests and the fuzzer compare the two on every input. */
+
+/* The header "{"alg":"<ES256|EdDSA>","kid":"<topic_dev>","typ":"iothub-status"}". Valid JSON
+ * with exactly these three members, kid a valid device id equal to topic_dev: every check of
+ * step 3 passes for it. Returns true and sets *ret_alg when the header is that text. */
+static bool header_is_canonical(const uint8_t *h, size_t len, const char *topic_dev, enum frame_alg *ret_alg) {
+        static const char pre[] = "{\"alg\":\"", mid[] = "\",\"kid\":\"", post[] = "\",\"typ\":\"iothub-status\"}";
+        size_t dev_len = strlen(topic_dev), off;
+        enum frame_alg alg;
+
+        /* Both algorithm names are 5 characters. */
+        if (len != sizeof pre - 1 + 5 + sizeof mid - 1 + dev_len + sizeof post - 1)
+                return false;
+        if (memcmp(h, pre, sizeof pre - 1) != 0)
+                return false;
+        off = sizeof pre - 1;
+        if (memcmp(h + off, "ES256", 5) == 0)
+                alg = FRAME_ALG_ES256;
+        else if (memcmp(h + off, "EdDSA", 5) == 0)
+                alg = FRAME_ALG_EDDSA;
+        else
+                return false;
+        off += 5;
+        if (memcmp(h + off, mid, sizeof mid - 1) != 0)
+                return false;
+        off += sizeof mid - 1;
+        /* A valid device id has no '"' or '\\', so the text around it keeps its meaning. */
+        if (!device_id_is_valid(topic_dev, dev_len) || memcmp(h + off, topic_dev, dev_len) != 0)
+                return false;
+        off += dev_len;
+        if (memcmp(h + off, post, sizeof post - 1) != 0)
+                return false;
+        *ret_alg = alg;
+        return true;
+}
+
+struct cursor {
+        const uint8_t *p, *end;
+};
+
+static bool cursor_lit(struct cursor *c, const char *lit) {
+        size_t n = strlen(lit);
+
+        if ((size_t) (c->end - c->p) < n || memcmp(c->p, lit, n) != 0)
+                return false;
+        c->p += n;
+        return true;
+}
+
+/* A JSON number that jansson reads as an integer (RFC 8259 6: no leading zero, no sign, fraction
+ * or exponent here) within [min, max]. At most 16 digits: FRAME_SEQ_MAX has 16. */
+static bool cursor_uint(struct cursor *c, int64_t min, int64_t max, int64_t *ret) {
+        int64_t v = 0;
+        size_t n = 0;
+
+        while (c->p + n < c->end && c->p[n] >= '0' && c->p[n] <= '9') {
+                if (n == 16)
+                        return false;
+                v = v * 10 + (c->p[n] - '0');
+                n++;
+        }
+        if (n == 0 || (n > 1 && c->p[0] == '0') || v < min || v > max)
+                return false;
+        c->p += n;
+        *ret = v;
+        return true;
+}
+
+/* The payload "{"dev":"<id>","seq":N,"iat":N,"state":{"on":B[,"bri":N][,"ct":N]}}", nothing
+ * before or after, no whitespace, no escapes: printable ASCII only, so the pre-scan passes;
+ * distinct members in a fixed order, so there are no duplicates and no unknown ones; every
+ * value in its range. dev must equal kid (already topic_dev). Returns true and fills f, exactly
+ * as step 4 does, for such a text; false for anything else (the general path decides). */
+static bool payload_fast(const uint8_t *p, size_t len, const char *kid, struct frame *f) {
+        struct cursor c = { p, p + len };
+        struct frame_state st = { 0 };
+        const uint8_t *dev;
+        int64_t seq, iat, v;
+        size_t dev_len;
+
+        if (!cursor_lit(&c, "{\"dev\":\""))
+                return false;
+        dev = c.p;
+        while (c.p < c.end && *c.p != '"')
+                c.p++;
+        dev_len = (size_t) (c.p - dev);
+        if (c.p == c.end || dev_len > DEVICE_ID_MAX || !device_id_is_valid((const char *) dev, dev_len) ||
+            strlen(kid) != dev_len || memcmp(dev, kid, dev_len) != 0)
+                return false;
+        if (!cursor_lit(&c, "\",\"seq\":") || !cursor_uint(&c, 1, FRAME_SEQ_MAX, &seq) ||
+            !cursor_lit(&c, ",\"iat\":") || !cursor_uint(&c, 0, FRAME_IAT_MAX, &iat) ||
+            !cursor_lit(&c, ",\"state\":{\"on\":"))
+                return false;
+        if (cursor_lit(&c, "true"))
+                st.on = true;
+        else if (!cursor_lit(&c, "false"))
+                return false;
+        if (cursor_lit(&c, ",\"bri\":")) {
+                if (!cursor_uint(&c, FRAME_BRI_MIN, FRAME_BRI_MAX, &v))
+                        return false;
+                st.bri = (int) v;
+                st.has_bri = true;
+        }
+        if (cursor_lit(&c, ",\"ct\":")) {
+                if (!cursor_uint(&c, FRAME_CT_MIN, FRAME_CT_MAX, &v))
+                        return false;
+                st.ct = (int) v;
+                st.has_ct = true;
+        }
+        if (!cursor_lit(&c, "}}") || c.p != c.end)
+                return false;
+
+        memcpy(f->dev, dev, dev_len);
+        f->dev[dev_len] = '\0';
+        f->seq = seq;
+        f->iat = iat;
+        f->state = st;
+        return true;
+}
+
 /* ---- the frame ---- */
 
-enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
-                              struct frame *ret) {
+static enum frame_reason frame_parse_impl(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
+                                          bool fast, struct frame *ret) {
         uint8_t scratch_stack[FRAME_SCRATCH_STACK];
         _cleanup_free_ uint8_t *scratch_heap = NULL;
         _cleanup_(json_decrefp) json_t *header = NULL, *payload = NULL;
@@ -524,6 +653,13 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
 
         /* 3. Protected header: exactly alg, kid, typ (PROTOCOL.md 1). Any other member, crit
          * included (RFC 7515 4.1.11), is rejected, so no extension can change the meaning. */
+        if (fast && header_is_canonical(scratch, hdec_len, topic_dev, &f.alg)) {
+                /* 4. Payload, when it has the usual shape (see payload_fast()). */
+                if (payload_fast(scratch + hdec_len, pdec_len, topic_dev, &f))
+                        goto signature;
+                /* Otherwise the general path, from the header on: it gives the same verdict for
+                 * this header, and its own for the payload. */
+        }
         header = json_parse_strict(scratch, hdec_len);
         if (!json_is_object(header) || json_object_size(header) != 3)
                 return FRAME_MALFORMED;
@@ -577,6 +713,7 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
         if (json_object_size(payload) != members)
                 return FRAME_MALFORMED;
 
+signature:
         /* 5. Signature: only its size here, the verifier matches it with the algorithm. */
         if (sig_too_long)
                 return FRAME_MALFORMED;
@@ -587,4 +724,14 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
 
         *ret = f;
         return FRAME_OK;
+}
+
+enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
+                              struct frame *ret) {
+        return frame_parse_impl(buf, len, topic_dev, max_bytes, true, ret);
+}
+
+enum frame_reason frame_parse_reference(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
+                                        struct frame *ret) {
+        return frame_parse_impl(buf, len, topic_dev, max_bytes, false, ret);
 }

@@ -76,6 +76,11 @@ int frame_topic_device(const char *topic, const char *prefix, const char *suffix
 enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
                               struct frame *ret);
 
+/* The same checks and result as frame_parse() without its fast paths for the usual header and
+ * payload texts (jansson for every frame): what the tests compare frame_parse() with. */
+enum frame_reason frame_parse_reference(const uint8_t *buf, size_t len, const char *topic_dev, size_t max_bytes,
+                                        struct frame *ret);
+
 /* base64url without padding (RFC 7515 2, RFC 4648 5), strict: rejects padding, characters
  * outside the alphabet and non-zero trailing bits. Returns the decoded length, or -EINVAL,
  * or -ENOBUFS when it would exceed 'cap'. */

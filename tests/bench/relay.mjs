@@ -10,6 +10,8 @@
 // so that its frame checks never delay the main thread, which timestamps a sample of the
 // frames at the broker (an MQTT subscriber to a few bulbs' status topics).
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
@@ -228,6 +230,20 @@ async function relayRun(ctx, o) {
   const st0 = await hub.status();
   const c0 = await cloud.call('stats');
   sampler.reset();
+  // BENCH_PERF=/tmp/prefix: the daemon under `perf record` during the run, as bench.mjs does for
+  // the throughput runs (profiling costs the daemon a little: do not compare those numbers).
+  let perf = null;
+  if (process.env.BENCH_PERF) {
+    const data = `${process.env.BENCH_PERF}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.data`;
+    perf = spawn('perf', ['record', '-q', '-e', 'cpu-clock', '-F', '2000', '-g', '-p', String(ctx.pid), '-o', data], { stdio: 'ignore' });
+    await sleep(300);
+  } else if (process.env.BENCH_STRACE) {
+    // BENCH_STRACE=/tmp/prefix: the daemon's system calls counted (strace -c) during the run
+    // instead; it slows the daemon much more than perf.
+    const out = `${process.env.BENCH_STRACE}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.txt`;
+    perf = spawn('strace', ['-c', '-f', '-p', String(ctx.pid), '-o', out], { stdio: 'ignore' });
+    await sleep(300);
+  }
   const before = await cpuAll(ctx);
   // A control client asking `status` every 50 ms while the load is on (DESIGN.md: the control
   // socket answers within 50 ms at p99 meanwhile); only in the runs that ask for it, since each
@@ -253,6 +269,10 @@ async function relayRun(ctx, o) {
     await sleep(50);
   }
   const after = await cpuAll(ctx);
+  if (perf) {
+    perf.kill('SIGINT');
+    await once(perf, 'exit');
+  }
   const ctl = probe ? await probe.stop() : null;
   const st1 = await hub.status();
   const rss = await h.procStatus(ctx.pid);

@@ -547,12 +547,91 @@ static const struct frame_case frame_cases[] = {
           .payload = PL_ACK("{\"id\":\"a\",\"ok\":false,\"ok\":true}"),
           .expect = FRAME_MALFORMED },
 
+        /* ---- the shapes frame_parse()'s fast paths take, and their near misses (each must give
+         * what frame_parse_reference() gives: test_frame_cases compares the two) ---- */
+        { .name = "fast: bri and ct", .payload = PL_STATE("{\"on\":false,\"bri\":254,\"ct\":153}"), .expect = FRAME_OK },
+        { .name = "fast: ct only", .payload = PL_STATE("{\"on\":true,\"ct\":500}"), .expect = FRAME_OK },
+        { .name = "fast: ct before bri", .payload = PL_STATE("{\"on\":true,\"ct\":500,\"bri\":1}"), .expect = FRAME_OK },
+        { .name = "fast: bri 0 and iat 0", .payload = "{\"dev\":\"bulb-1\",\"seq\":1,\"iat\":0,\"state\":{\"on\":true,\"bri\":0}}", .expect = FRAME_OK },
+        { .name = "fast: seq at the limit", .payload = PL_SEQ("9007199254740991"), .expect = FRAME_OK },
+        { .name = "fast: seq one above the limit", .payload = PL_SEQ("9007199254740992"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq of 17 digits", .payload = PL_SEQ("10000000000000000"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq 0", .payload = PL_SEQ("0"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq with a leading zero", .payload = PL_SEQ("042"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq negative", .payload = PL_SEQ("-1"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq as a real", .payload = PL_SEQ("42.0"), .expect = FRAME_MALFORMED },
+        { .name = "fast: seq with an exponent", .payload = PL_SEQ("4e1"), .expect = FRAME_MALFORMED },
+        { .name = "fast: iat with a leading zero", .payload = PL_IAT("01"), .expect = FRAME_MALFORMED },
+        { .name = "fast: iat negative zero (jansson: the integer 0)", .payload = PL_IAT("-0"), .expect = FRAME_OK },
+        { .name = "fast: bri 255", .payload = PL_STATE("{\"on\":true,\"bri\":255}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: ct 152", .payload = PL_STATE("{\"on\":true,\"ct\":152}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: bri twice", .payload = PL_STATE("{\"on\":true,\"bri\":1,\"bri\":2}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: on not a boolean", .payload = PL_STATE("{\"on\":1}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: on as null", .payload = PL_STATE("{\"on\":null}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: truex", .payload = PL_STATE("{\"on\":truex}"), .expect = FRAME_MALFORMED },
+        { .name = "fast: dev of another bulb", .payload = "{\"dev\":\"bulb-2\",\"seq\":1,\"iat\":1,\"state\":{\"on\":true}}", .expect = FRAME_TOPIC_MISMATCH },
+        { .name = "fast: dev a prefix of kid", .payload = "{\"dev\":\"bulb-\",\"seq\":1,\"iat\":1,\"state\":{\"on\":true}}", .expect = FRAME_TOPIC_MISMATCH },
+        { .name = "fast: dev with an escape", .payload = "{\"dev\":\"bulb\\u002d1\",\"seq\":1,\"iat\":1,\"state\":{\"on\":true}}", .expect = FRAME_OK },
+        { .name = "fast: dev empty", .payload = "{\"dev\":\"\",\"seq\":1,\"iat\":1,\"state\":{\"on\":true}}", .expect = FRAME_MALFORMED },
+        { .name = "fast: dev unterminated", .payload = "{\"dev\":\"bulb-1", .expect = FRAME_MALFORMED },
+        { .name = "fast: trailing space", .payload = PL("") " ", .expect = FRAME_OK },
+        { .name = "fast: trailing brace", .payload = PL("") "}", .expect = FRAME_MALFORMED },
+        { .name = "fast: cut before the last brace", .payload = "{\"dev\":\"bulb-1\",\"seq\":42,\"iat\":1700000000,\"state\":{\"on\":true}", .expect = FRAME_MALFORMED },
+        { .name = "fast: a member after state", .payload = PL(",\"x\":1"), .expect = FRAME_MALFORMED },
+        { .name = "fast: embedded NUL after the payload", .payload = PL("") "\0", .payload_len = sizeof(PL("")), .expect = FRAME_MALFORMED },
+        { .name = "fast: header kid escaped", .header = "{\"alg\":\"ES256\",\"kid\":\"bulb\\u002d1\",\"typ\":\"iothub-status\"}", .expect = FRAME_OK },
+        { .name = "fast: header with a space", .header = "{\"alg\":\"ES256\", \"kid\":\"bulb-1\",\"typ\":\"iothub-status\"}", .expect = FRAME_OK },
+        { .name = "fast: header of another bulb", .header = HDR_KID("bulb-2"), .expect = FRAME_TOPIC_MISMATCH },
+        { .name = "fast: header alg ES384", .header = HDR_ALG("ES384"), .expect = FRAME_MALFORMED },
+        { .name = "fast: header alg es256", .header = HDR_ALG("es256"), .expect = FRAME_MALFORMED },
+        { .name = "fast: header typ other", .header = "{\"alg\":\"ES256\",\"kid\":\"bulb-1\",\"typ\":\"iothub-statuz\"}", .expect = FRAME_MALFORMED },
+        { .name = "fast: topic id that is no device id", .topic = "bulb\"1", .header = "{\"alg\":\"ES256\",\"kid\":\"bulb\"1\",\"typ\":\"iothub-status\"}", .payload = "{\"dev\":\"bulb\"1\",\"seq\":1,\"iat\":1,\"state\":{\"on\":true}}", .expect = FRAME_MALFORMED },
+        { .name = "fast: usual shape, long signature", .sig_len = FRAME_SIG_MAX + 1, .expect = FRAME_MALFORMED },
+
         /* ---- signature ---- */
         { .name = "signature of FRAME_SIG_MAX+1 bytes",
           .sig_len = FRAME_SIG_MAX + 1,
           .expect = FRAME_MALFORMED },
         { .name = "signature of 256 bytes (RS256 size)", .sig_len = 256, .expect = FRAME_MALFORMED },
 };
+
+/* frame_parse() and frame_parse_reference() (no fast paths) agree on a frame: the same reason,
+ * and on success the same fields. */
+static void assert_same_as_reference(const uint8_t *buf, size_t len, const char *topic, enum frame_reason r,
+                                     const struct frame *f) {
+        struct frame g;
+        enum frame_reason r2 = frame_parse_reference(buf, len, topic, MAX_BYTES, &g);
+
+        assert_int_equal(r, r2);
+        if (r != FRAME_OK)
+                return;
+        assert_string_equal(f->dev, g.dev);
+        assert_int_equal(f->alg, g.alg);
+        assert_ptr_equal(f->signing_input, g.signing_input);
+        assert_int_equal(f->signing_input_len, g.signing_input_len);
+        assert_int_equal(f->sig_len, g.sig_len);
+        assert_memory_equal(f->sig, g.sig, f->sig_len);
+        assert_int_equal(f->seq, g.seq);
+        assert_int_equal(f->iat, g.iat);
+        assert_int_equal(f->state.on, g.state.on);
+        assert_int_equal(f->state.has_bri, g.state.has_bri);
+        assert_int_equal(f->state.has_ct, g.state.has_ct);
+        assert_int_equal(f->state.has_xy, g.state.has_xy);
+        if (f->state.has_bri)
+                assert_int_equal(f->state.bri, g.state.bri);
+        if (f->state.has_ct)
+                assert_int_equal(f->state.ct, g.state.ct);
+        if (f->state.has_xy)
+                assert_memory_equal(f->state.xy, g.state.xy, sizeof f->state.xy);
+        assert_int_equal(f->has_ack, g.has_ack);
+        if (f->has_ack) {
+                assert_string_equal(f->ack.id, g.ack.id);
+                assert_int_equal(f->ack.ok, g.ack.ok);
+                assert_int_equal(f->ack.has_err, g.ack.has_err);
+                if (f->ack.has_err)
+                        assert_string_equal(f->ack.err, g.ack.err);
+        }
+}
 
 /* Every case, exactly the expected reason; on success the fields that identify the frame. */
 static void test_frame_cases(void **state) {
@@ -567,6 +646,7 @@ static void test_frame_cases(void **state) {
 
                 buf = build_frame(c, &len);
                 r = frame_parse(buf, len, c->topic ?: TOPIC_DEV, MAX_BYTES, &f);
+                assert_same_as_reference(buf, len, c->topic ?: TOPIC_DEV, r, &f);
                 /* Report every failing case, not just the first. */
                 if (r != c->expect) {
                         print_error("case \"%s\": got %s, expected %s\n", c->name,
