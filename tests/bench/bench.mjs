@@ -208,6 +208,23 @@ async function measure(ctx, keysDir, file, gen, label) {
   return r;
 }
 
+// The frame parser alone (tests/bench/frame-cost.c, built here against the build's library): CPU
+// per frame of frame_parse() and of frame_parse_reference() (no fast paths) over loadgen frames.
+async function frameParserCost(root) {
+  const dir = path.join(root, 'frame-cost');
+  await fs.mkdir(dir);
+  const bin = path.join(dir, 'frame-cost');
+  const libs = execFileSync('pkg-config', ['--libs', 'jansson', 'libcrypto'], { encoding: 'utf8' }).trim().split(/\s+/);
+  await run('cc', ['-O2', '-D_GNU_SOURCE', '-I', new URL('../../include', import.meta.url).pathname, '-o', bin,
+    new URL('./frame-cost.c', import.meta.url).pathname, path.join(BUILD, 'libiothub.a'), ...libs]);
+  await loadgen('keys', '--dir', dir, '--bulbs', 200, '--alg', 'mixed');
+  const file = path.join(dir, 'frames.txt');
+  await loadgen('frames', '--dir', dir, '--bulbs', 200, '--frames', 20000, '--out', file);
+  const r = JSON.parse((await run(bin, [file, '5'])).trim());
+  process.stdout.write(`== frame parser alone: ${fmt(r.frame_parse_ns, 0)} ns/frame (${fmt(r.reference_ns, 0)} without the fast paths), ${r.frames} loadgen frames x ${r.passes}\n`);
+  return r;
+}
+
 async function throughputScenario(root, alg) {
   const dir = path.join(root, alg);
   await fs.mkdir(dir);
@@ -407,6 +424,11 @@ function budgetLeft(what) {
 }
 let failed = null;
 try {
+  // Informational: a build it cannot link against (a sanitizer build) only loses this line.
+  results.frame_parser = await frameParserCost(root).catch((e) => {
+    process.stdout.write(`== frame parser alone: not measured (${String(e.message).split('\n')[0]})\n`);
+    return { error: String(e.message) };
+  });
   for (const alg of ALGS) {
     process.stdout.write(`== ${alg}: ${BULBS} bulbs, ${RUNS} x ${FRAMES} frames\n`);
     results.throughput.push(await throughputScenario(root, alg));
