@@ -17,7 +17,12 @@ import { privateKiB } from './probes.mjs';
 const env = (k, d) => (process.env[k] !== undefined ? Number(process.env[k]) : d);
 const FRAMES = env('BENCH_FRAMES', 50000);         // frames per run
 const BULBS = env('BENCH_BULBS', 200);             // bulbs in the throughput scenarios
-const BIG_BULBS = env('BENCH_BIG_BULBS', 5000);    // bulbs in the memory scenario (0 skips it)
+const BIG_BULBS = env('BENCH_BIG_BULBS', 5000);    // bulbs of the relay's big step (0 skips it)
+const MEMORY_BULBS = env('BENCH_MEMORY_BULBS', 0); // bulbs of the no-cloud memory scenario (0 skips it: the relay's
+                                                   // 5,000-bulb step measures DESIGN.md's memory targets)
+// The whole bench's time budget: a scenario not started within it is skipped and named as such
+// in the tables, so that a loaded machine cannot stretch `make bench` without bound.
+const MAX_SECONDS = env('BENCH_MAX_SECONDS', 1500);
 const RUNS = env('BENCH_RUNS', 2);                 // runs per scenario
 const CONCURRENCY = env('BENCH_CTL_CONCURRENCY', 16);
 const ALGS = (process.env.BENCH_ALGS ?? 'ES256,EdDSA').split(',').filter(Boolean); // empty: no throughput scenario
@@ -237,19 +242,19 @@ async function memoryScenario(root) {
   await fs.mkdir(dir);
   const keys = path.join(dir, 'keys');
   const tk = performance.now();
-  await loadgen('keys', '--dir', keys, '--bulbs', BIG_BULBS, '--alg', 'mixed');
+  await loadgen('keys', '--dir', keys, '--bulbs', MEMORY_BULBS, '--alg', 'mixed');
   const ctx = await startHub(dir);
-  const out = { scenario: 'memory', bulbs: BIG_BULBS, keygen_seconds: (performance.now() - tk) / 1000 };
+  const out = { scenario: 'memory', bulbs: MEMORY_BULBS, keygen_seconds: (performance.now() - tk) / 1000 };
   try {
     out.rss_start = await procStatus(ctx.pid);
-    out.enrol_seconds = await enrol(ctx.hub, keys, BIG_BULBS);
-    out.enrol_per_second = BIG_BULBS / out.enrol_seconds;
+    out.enrol_seconds = await enrol(ctx.hub, keys, MEMORY_BULBS);
+    out.enrol_per_second = MEMORY_BULBS / out.enrol_seconds;
     out.rss_after_enrol = await procStatus(ctx.pid);
-    process.stdout.write(`  enrolled ${BIG_BULBS} bulbs in ${fmt(out.enrol_seconds)} s (${fmt(out.enrol_per_second)}/s, ${CONCURRENCY} concurrent iothubctl)\n`);
+    process.stdout.write(`  enrolled ${MEMORY_BULBS} bulbs in ${fmt(out.enrol_seconds)} s (${fmt(out.enrol_per_second)}/s, ${CONCURRENCY} concurrent iothubctl)\n`);
     // Two frames per bulb: every bulb's verify context exists afterwards.
     const file = path.join(dir, 'frames.txt');
-    const gen = await loadgen('frames', '--dir', keys, '--bulbs', BIG_BULBS, '--frames', 2 * BIG_BULBS, '--out', file);
-    out.load = await measure(ctx, keys, file, gen, `mixed ${BIG_BULBS} bulbs`);
+    const gen = await loadgen('frames', '--dir', keys, '--bulbs', MEMORY_BULBS, '--frames', 2 * MEMORY_BULBS, '--out', file);
+    out.load = await measure(ctx, keys, file, gen, `mixed ${MEMORY_BULBS} bulbs`);
     report(out.load);
     out.rss_after_load = await procStatus(ctx.pid);
   } finally {
@@ -373,7 +378,8 @@ function targetsTable(results) {
   const w = head.map((x, i) => Math.max(x.length, ...body.map((b) => b[i].length)));
   const line = (c) => `| ${c.map((x, i) => x.padEnd(w[i])).join(' | ')} |\n`;
   return `\nDESIGN.md "Targets" (load average at start ${results.host.loadavg_at_start.map((x) => x.toFixed(2)).join(' ')})\n` +
-    line(head) + line(w.map((n) => '-'.repeat(n))) + body.map(line).join('');
+    line(head) + line(w.map((n) => '-'.repeat(n))) + body.map(line).join('') +
+    (results.skipped.length ? `Skipped for the time budget (BENCH_MAX_SECONDS=${MAX_SECONDS}): ${results.skipped.join('; ')}\n` : '');
 }
 
 // ---- main ----
@@ -383,7 +389,7 @@ await fs.chmod(root, 0o755);
 const results = {
   started_at: new Date().toISOString(),
   host: { cpus: os.cpus().length, model: os.cpus()[0]?.model, loadavg_at_start: os.loadavg(), clk_tck: CLK_TCK },
-  params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY,
+  params: { frames: FRAMES, bulbs: BULBS, big_bulbs: BIG_BULBS, memory_bulbs: MEMORY_BULBS, runs: RUNS, algs: ALGS, ctl_concurrency: CONCURRENCY,
     relay: RELAY ? { bulbs: RELAY_BULBS, big_bulbs: RELAY_BIG_BULBS, rates: RELAY_RATES, seconds: RELAY_SECONDS,
       unpaced_frames: RELAY_UNPACED, big_batch: RELAY_BIG_BATCH, sample_bulbs: RELAY_SAMPLE_BULBS } : null,
     commands: COMMANDS ? { commands: COMMANDS_N, spacing_ms: COMMANDS_SPACING_MS, bulbs: COMMANDS_BULBS,
@@ -391,14 +397,22 @@ const results = {
   targets: TARGET,
   throughput: [],
 };
+results.params.max_seconds = MAX_SECONDS;
+results.skipped = [];
+function budgetLeft(what) {
+  if ((performance.now() - started) / 1000 < MAX_SECONDS) return true;
+  results.skipped.push(what);
+  process.stdout.write(`== ${what}: SKIPPED, the bench's time budget (BENCH_MAX_SECONDS=${MAX_SECONDS}) is spent\n`);
+  return false;
+}
 let failed = null;
 try {
   for (const alg of ALGS) {
     process.stdout.write(`== ${alg}: ${BULBS} bulbs, ${RUNS} x ${FRAMES} frames\n`);
     results.throughput.push(await throughputScenario(root, alg));
   }
-  if (BIG_BULBS > 0) {
-    process.stdout.write(`== memory: ${BIG_BULBS} bulbs (mixed ES256/EdDSA)\n`);
+  if (MEMORY_BULBS > 0 && budgetLeft('memory')) {
+    process.stdout.write(`== memory: ${MEMORY_BULBS} bulbs (mixed ES256/EdDSA)\n`);
     results.memory = await memoryScenario(root);
   }
   results.by_tpm = [];
@@ -406,7 +420,7 @@ try {
     const tpmName = delay ? `TPM ${delay} ms/command (proxy)` : 'plain swtpm';
     const m = { tpm_delay_ms: delay };
     results.by_tpm.push(m);
-    if (RELAY) {
+    if (RELAY && budgetLeft(`relay, ${tpmName}`)) {
       // The 5,000-bulb step and the big-batch run measure memory and batching, not the TPM:
       // once, with the first TPM pace.
       const big = i === 0 ? RELAY_BIG_BULBS : 0;
@@ -421,7 +435,7 @@ try {
       });
       if (i === 0) results.relay = m.relay;
     }
-    if (COMMANDS) {
+    if (COMMANDS && budgetLeft(`commands, ${tpmName}`)) {
       process.stdout.write(`== commands, ${tpmName}: ${COMMANDS_N} commands to ${COMMANDS_BULBS} bulbs, one every ${COMMANDS_SPACING_MS} ms, quiet` +
         `${COMMANDS_LOAD_RATE > 0 ? `, then beside ${COMMANDS_LOAD_RATE} status frames/s from ${COMMANDS_LOAD_BULBS} bulbs` : ''}\n`);
       m.commands = await commandsScenario(root, { loadgen, enrol, procStatus, fmt }, {
@@ -477,7 +491,7 @@ if (results.commands?.phases?.length) process.stdout.write(commandsTable(results
 process.stdout.write(targetsText);
 process.stdout.write(`\nTargets (DESIGN.md): CPU/frame <= ${TARGET.cpuRatio}x bare verify: ${verdicts.cpu ?? '-'} (max ${fmt(verdicts.cpu_ratio_max, 2)}x); ` +
   `RSS 200 bulbs <= ${TARGET.rss200MiB} MiB: ${verdicts.rss_200 ?? '-'} (${fmt(verdicts.rss_200_mib, 2)}); ` +
-  (BIG_BULBS > 0 ? `RSS ${BIG_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +
+  (MEMORY_BULBS > 0 ? `RSS ${MEMORY_BULBS} bulbs <= ${TARGET.rss5000MiB} MiB: ${verdicts.rss_5000 ?? '-'} (${fmt(verdicts.rss_5000_mib, 2)}); ` : '') +
   `write bytes <= ${TARGET.writeRatio}x frame: ${verdicts.write ?? '-'} (max ${fmt(verdicts.write_ratio_max, 1)}x)\n`);
 if (results.relay?.runs?.length) {
   process.stdout.write(`Relay (DESIGN.md): <= 1 TPM signature per batch: ${verdicts.relay_tpm_per_batch ?? '-'} (max ${fmt(verdicts.relay_status_signatures_per_batch_max, 2)}); ` +

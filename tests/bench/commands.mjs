@@ -283,9 +283,9 @@ export async function commandsScenario(root, h, opt) {
   const ctx = { opt, bulbs: [] };
   try {
     ctx.tpm = await Swtpm.start(path.join(dir, 'tpm'));
-    // BENCH_TPM_TCTI=mssim: through the proxy's simulator framing at every pace (0 too): a TCTI
-    // with a poll handle, as /dev/tpmrm0 has, so that asynchronous signing can wait on the loop.
-    const tctiKind = process.env.BENCH_TPM_TCTI ?? 'swtpm';
+    // BENCH_TPM_TCTI=mssim (the default), as in relay.mjs: a TCTI with a poll handle, so that
+    // asynchronous signing waits on the loop.
+    const tctiKind = process.env.BENCH_TPM_TCTI || 'mssim';
     if (opt.tpmDelayMs > 0 || tctiKind === 'mssim') ctx.slow = await SlowTpm.start(ctx.tpm, opt.tpmDelayMs ?? 0, { protocol: tctiKind });
     out.tpm_tcti = tctiKind;
     out.tpm_delay_ms = opt.tpmDelayMs ?? 0;

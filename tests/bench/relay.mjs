@@ -10,6 +10,8 @@
 // so that its frame checks never delay the main thread, which timestamps a sample of the
 // frames at the broker (an MQTT subscriber to a few bulbs' status topics).
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
@@ -231,6 +233,20 @@ async function relayRun(ctx, o) {
   sampler.reset();
   // BENCH_WEAR_TRACE=1: where the writes go (wear.mjs); slows the daemon while it runs.
   const wearTrace = process.env.BENCH_WEAR_TRACE === '1' ? await startWearTrace(ctx.pid, dir) : null;
+  // BENCH_PERF=/tmp/prefix: the daemon under `perf record` during the run, as bench.mjs does for
+  // the throughput runs (profiling costs the daemon a little: do not compare those numbers).
+  let perf = null;
+  if (process.env.BENCH_PERF) {
+    const data = `${process.env.BENCH_PERF}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.data`;
+    perf = spawn('perf', ['record', '-q', '-e', 'cpu-clock', '-F', '2000', '-g', '-p', String(ctx.pid), '-o', data], { stdio: 'ignore' });
+    await sleep(300);
+  } else if (process.env.BENCH_STRACE) {
+    // BENCH_STRACE=/tmp/prefix: the daemon's system calls counted (strace -c) during the run
+    // instead; it slows the daemon much more than perf.
+    const out = `${process.env.BENCH_STRACE}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.txt`;
+    perf = spawn('strace', ['-c', '-f', '-p', String(ctx.pid), '-o', out], { stdio: 'ignore' });
+    await sleep(300);
+  }
   const before = await cpuAll(ctx);
   // A control client asking `status` every 50 ms while the load is on (DESIGN.md: the control
   // socket answers within 50 ms at p99 meanwhile); only in the runs that ask for it, since each
@@ -257,6 +273,10 @@ async function relayRun(ctx, o) {
   }
   const after = await cpuAll(ctx);
   const wear = wearTrace ? await wearTrace.stop() : null;
+  if (perf) {
+    perf.kill('SIGINT');
+    await once(perf, 'exit');
+  }
   const ctl = probe ? await probe.stop() : null;
   const st1 = await hub.status();
   const rss = await h.procStatus(ctx.pid);
@@ -488,9 +508,10 @@ export async function relayScenario(root, h, opt) {
   try {
     ctx.tpm = await Swtpm.start(path.join(dir, 'tpm'));
     // opt.tpmDelayMs > 0: the TPM at a real chip's pace (TESTBED.md), through the proxy.
-    // BENCH_TPM_TCTI=mssim: through the proxy's simulator framing at every pace (0 too): a TCTI
-    // with a poll handle, as /dev/tpmrm0 has, so that asynchronous signing can wait on the loop.
-    const tctiKind = process.env.BENCH_TPM_TCTI ?? 'swtpm';
+    // BENCH_TPM_TCTI=mssim (the default): through the proxy's simulator framing at every pace (0
+    // too): a TCTI with a poll handle, as /dev/tpmrm0 has, so that asynchronous signing waits on
+    // the loop. The swtpm TCTI has none: signing then blocks in Esys_Sign_Finish (hubkey.h).
+    const tctiKind = process.env.BENCH_TPM_TCTI || 'mssim';
     if (opt.tpmDelayMs > 0 || tctiKind === 'mssim') ctx.slow = await SlowTpm.start(ctx.tpm, opt.tpmDelayMs ?? 0, { protocol: tctiKind });
     out.tpm_tcti = tctiKind;
     out.tpm_delay_ms = opt.tpmDelayMs ?? 0;
