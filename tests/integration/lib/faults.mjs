@@ -285,12 +285,25 @@ export class LoopExt4 {
     return l;
   }
 
+  // The loop device is set up and torn down here, not by mount -o loop. The daemon runs in a
+  // mount namespace of its own (unshare -m, FaultHub.start), which holds a copy of this mount;
+  // the kernel releases that copy (and with it the superblock and the loop device) after the
+  // process is gone, from delayed work, later still on a loaded machine. Until then umount here
+  // only detaches our view, fsck would repair a file system still in use, and mount -o loop
+  // reuses the loop device still attached to the image, so the mount gets the old superblock in
+  // its error state: read-only (EROFS in full runs, never alone). Checked by hand with
+  // `unshare -m sleep 3` holding the mount: the image stays attached those 3 s.
   async mountAgain() {
     await fs.mkdir(this.dir, { recursive: true });
-    await run('mount', ['-o', 'loop,errors=remount-ro,nosuid,nodev', this.image, this.dir]);
+    const { stdout: loop } = await run('losetup', ['--find', '--show', this.image]);
+    this.loop = loop.trim();
+    await run('mount', ['-t', 'ext4', '-o', 'errors=remount-ro,nosuid,nodev', this.loop, this.dir]);
+    if (await this.readOnly()) {
+      const { stdout } = await run('findmnt', ['-no', 'OPTIONS', this.dir]);
+      throw new Error(`${this.image} on ${this.loop} mounted read-only: ${stdout.trim()}`);
+    }
     await fs.chmod(this.dir, 0o700);
-    const { stdout } = await run('findmnt', ['-no', 'SOURCE', this.dir]);
-    this.dev = path.basename(stdout.trim());
+    this.dev = path.basename(this.loop);
   }
 
   async error() { await fs.writeFile(`/sys/fs/ext4/${this.dev}/trigger_fs_error`, 'iothub fault test\n'); }
@@ -300,14 +313,13 @@ export class LoopExt4 {
     return /(^|,)ro(,|$)|emergency_ro/.test(stdout);
   }
 
-  // A lazy unmount would leave the superblock alive, in its error state: mounting the image again
-  // then attaches to it, read-only (EROFS), and fsck works on a file system still in use. So
-  // wait for the last user to let go (a process that just exited, on a loaded machine), and say
-  // who holds it if nobody does; lazily only at the end, for the test's clean-up.
+  // Unmounts, then waits until no loop device is left on the image (see mountAgain), so that
+  // fsck and the next mount see the file system alone; says who holds the mount if it stays
+  // busy; lazily only at the end, for the test's clean-up.
   async unmount() {
     const end = Date.now() + 10000;
     for (;;) {
-      try { await run('umount', [this.dir]); return; } catch (e) {
+      try { await run('umount', [this.dir]); break; } catch (e) {
         if (Date.now() > end) {
           const who = await run('fuser', ['-vm', this.dir]).then((r) => r.stderr + r.stdout, (x) => String(x.stderr ?? x));
           await run('umount', ['-l', this.dir]).catch(() => {});
@@ -316,6 +328,15 @@ export class LoopExt4 {
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
     }
+    // Detach the device, and wait until no loop device is left on the image.
+    if (this.loop) await run('losetup', ['-d', this.loop]).catch(() => {});
+    this.loop = null;
+    while (Date.now() < end) {
+      const { stdout } = await run('losetup', ['-j', this.image]);
+      if (!stdout.trim()) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    throw new Error(`${this.image} is still attached to a loop device after 10 s`);
   }
   // fsck.ext4 exits 1 when it fixed errors, 0 when there were none (fsck(8)); anything else fails.
   async fsck() {
