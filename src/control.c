@@ -718,19 +718,37 @@ static int peer_check(int fd, struct ucred *ret_cred) {
         return control_peer_allowed(cred.uid, cred.gid, groups, n_groups, geteuid(), getegid()) ? 0 : -EPERM;
 }
 
+/* Whether a whole request line from c waits in the socket, not yet read by on_conn_io(). */
+static bool conn_request_waiting(struct conn *c, char *peek) {
+        ssize_t n;
+
+        if (c->draining || c->in_len >= CONTROL_REQUEST_MAX)
+                return false; /* answered already, or over-long: reading it only to drop it */
+        n = recv(c->fd, peek, CONTROL_REQUEST_MAX - c->in_len, MSG_PEEK | MSG_DONTWAIT);
+
+        return n > 0 && memchr(peek, '\n', (size_t) n);
+}
+
 /* At CONTROL_MAX_CLIENTS, a new client takes the place of the oldest one that has not yet sent
  * a whole request: a peer that connects and sends nothing, or a byte a second (a slow loris),
  * would otherwise hold a slot until its deadline, and 16 of them would lock every operator out.
- * An honest client sends its one line at once and is the newest, so it is never the one
- * evicted. Connections with a request being answered or waited on are kept. Returns whether
- * a slot was freed. */
+ * An honest client sends its one line at once, so it is never the one evicted: not while it is
+ * the newest, nor once slow clients that reconnect at every eviction have made it the oldest
+ * before the loop read its line (seen on a loaded machine: iothubctl got EOF for its answer),
+ * because a whole line waiting in its socket counts as a request. Connections with a request
+ * being answered or waited on are kept. Returns whether a slot was freed. */
 static bool evict_idle(struct control *ctl) {
+        _cleanup_free_ char *peek = NULL;
         struct conn *oldest = NULL;
         uint64_t suppressed;
 
+        peek = malloc(CONTROL_REQUEST_MAX);
+        if (!peek)
+                return false;
         /* New connections go to the head of the list: the last reading one is the oldest. */
         for (struct conn *c = ctl->conns; c; c = c->next)
-                if (!c->pending && !c->out && c != ctl->login_conn && c != ctl->wait_conn)
+                if (!c->pending && !c->out && c != ctl->login_conn && c != ctl->wait_conn &&
+                    !conn_request_waiting(c, peek))
                         oldest = c;
         if (!oldest)
                 return false;
