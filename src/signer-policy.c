@@ -140,7 +140,8 @@ int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, cha
                 r = cloud_path_of(c->cloud.url, &n.cloud_path, &n.cloud_path_len);
                 if (r < 0)
                         return set_error_message(ret_error, r,
-                                                 "[cloud] url: the signer takes no query, fragment or dot segment in it (see iothub-signer(8), POLICY)");
+                                                 "[cloud] url: the signer takes no query, fragment or dot segment "
+                                                 "in it (see iothub-signer(8), POLICY)");
         }
         if (c->oauth.issuer) {
                 if (signer_origin_parse(c->oauth.issuer, strlen(c->oauth.issuer), &n.issuer) < 0)
@@ -336,7 +337,8 @@ int signer_policy_dpop(const struct signer_policy *p, const char *method, const 
          * may be both). */
         if (!(p->have_issuer && signer_origin_equal(&o, &p->issuer) && streq(method, "POST")) &&
             !signer_cloud_request_is_allowed(p, method, url))
-                return refuse(ret_why, "method and URL are neither a POST to [oauth] issuer's origin nor a request of PROTOCOL.md 3 or 5 for this hub");
+                return refuse(ret_why, "method and URL are neither a POST to [oauth] issuer's origin nor a "
+                                       "request of PROTOCOL.md 3 or 5 for this hub");
         if (ath && (strlen(ath) != HUBKEY_ID_LEN || !b64url_chars_are_valid(ath, strlen(ath))))
                 return refuse(ret_why, "ath is not 43 base64url characters");
         if (nonce && !nonce_is_valid(nonce))

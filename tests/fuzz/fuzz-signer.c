@@ -153,7 +153,8 @@ static void check_cloud_request(const char *method, const char *uri) {
         for (size_t at = 0; at < len;) {
                 size_t n = strcspn(path + at + 1, "/?");
                 CHECK(path[at] == '/');
-                CHECK(n > 0 && !(n == 1 && path[at + 1] == '.') && !(n == 2 && path[at + 1] == '.' && path[at + 2] == '.'));
+                CHECK(n > 0 && !(n == 1 && path[at + 1] == '.') &&
+                      !(n == 2 && path[at + 1] == '.' && path[at + 2] == '.'));
                 at += 1 + n;
         }
         if (q) {

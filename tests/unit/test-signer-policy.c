@@ -178,7 +178,8 @@ static const struct {
 };
 
 static void test_http_table(void **state) {
-        _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api/", "https://login.example:8443/realms/x");
+        _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api/",
+                                                        "https://login.example:8443/realms/x");
         struct signer_policy p;
         const char *why;
 
@@ -193,14 +194,16 @@ static void test_http_table(void **state) {
         }
         for (size_t i = 0; i < ELEMENTSOF(refused_requests); i++) {
                 why = NULL;
-                if (signer_policy_http(&p, refused_requests[i].method, refused_requests[i].uri, "Bearer a", &why) != -EPERM)
+                if (signer_policy_http(&p, refused_requests[i].method, refused_requests[i].uri, "Bearer a",
+                                       &why) != -EPERM)
                         fail_msg("%s: %s %s signed", refused_requests[i].what, refused_requests[i].method,
                                  refused_requests[i].uri);
                 assert_non_null(why);
                 if (streq(refused_requests[i].uri, "https://login.example:8443/api/v1/hubs/hub-1/status") &&
                     streq(refused_requests[i].method, "POST"))
                         continue; /* a POST to the issuer's origin is a DPoP proof it may have */
-                if (signer_policy_dpop(&p, refused_requests[i].method, refused_requests[i].uri, NULL, NULL, &why) != -EPERM)
+                if (signer_policy_dpop(&p, refused_requests[i].method, refused_requests[i].uri, NULL, NULL,
+                                       &why) != -EPERM)
                         fail_msg("DPoP %s: %s %s signed", refused_requests[i].what, refused_requests[i].method,
                                  refused_requests[i].uri);
         }
@@ -209,10 +212,14 @@ static void test_http_table(void **state) {
         /* [cloud] url without a path: the requests start at the root. */
         {
                 _cleanup_conf_ struct iothub_conf *root = conf_new("https://127.0.0.1:18443", NULL);
+                static const char ok[] = "https://127.0.0.1:18443/v1/hubs/hub-1/status";
+                static const char under[] = "https://127.0.0.1:18443/api/v1/hubs/hub-1/status";
+                static const char empty[] = "https://127.0.0.1:18443//v1/hubs/hub-1/status";
+
                 assert_int_equal(signer_policy_init(&p, root, NULL), 0);
-                assert_int_equal(signer_policy_http(&p, "POST", "https://127.0.0.1:18443/v1/hubs/hub-1/status", "Bearer a", &why), 0);
-                assert_int_equal(signer_policy_http(&p, "POST", "https://127.0.0.1:18443/api/v1/hubs/hub-1/status", "Bearer a", &why), -EPERM);
-                assert_int_equal(signer_policy_http(&p, "POST", "https://127.0.0.1:18443//v1/hubs/hub-1/status", "Bearer a", &why), -EPERM);
+                assert_int_equal(signer_policy_http(&p, "POST", ok, "Bearer a", &why), 0);
+                assert_int_equal(signer_policy_http(&p, "POST", under, "Bearer a", &why), -EPERM);
+                assert_int_equal(signer_policy_http(&p, "POST", empty, "Bearer a", &why), -EPERM);
                 signer_policy_done(&p);
         }
         /* A [cloud] url no request could be built on: the signer does not start. */
@@ -242,7 +249,9 @@ static void test_http_dpop(void **state) {
         assert_int_equal(signer_policy_init(&p, c, NULL), 0);
         assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer a", &why), 0);
         assert_int_equal(signer_policy_http(&p, "POST", status, "DPoP a.b-c_d~e+f/g=", &why), 0);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example:444/api/v1/hubs/hub-1/status", "Bearer a", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example:444/api/v1/hubs/hub-1/status",
+                                            "Bearer a", &why),
+                         -EPERM);
         assert_non_null(why);
         /* PROTOCOL.md 3: every request carries Authorization, and the signature covers it. */
         assert_int_equal(signer_policy_http(&p, "POST", status, NULL, &why), -EPERM);
