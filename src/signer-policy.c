@@ -103,7 +103,7 @@ static bool is_dot_segment(const char *s, size_t len) {
 
 /* [cloud] url's path, which cloud.c puts before every request's own (trailing '/' dropped, as
  * cloud_new() drops it): no query or fragment, no dot segment. */
-static int cloud_path_of(const char *url, const char **ret, size_t *ret_len) {
+static int base_path_of(const char *url, const char **ret, size_t *ret_len) {
         const char *path = url + path_start(url);
         size_t len = strlen(path);
 
@@ -137,7 +137,7 @@ int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, cha
                         return set_error_message(ret_error, -EINVAL,
                                                  "[cloud] url: the signer cannot take its origin (see iothub-signer(8), POLICY)");
                 n.have_cloud = true;
-                r = cloud_path_of(c->cloud.url, &n.cloud_path, &n.cloud_path_len);
+                r = base_path_of(c->cloud.url, &n.cloud_path, &n.cloud_path_len);
                 if (r < 0)
                         return set_error_message(ret_error, r,
                                                  "[cloud] url: the signer takes no query, fragment or dot segment "
@@ -252,7 +252,7 @@ static bool pattern_match(const char *pat, const char *s, size_t len, const char
         return at == len;
 }
 
-bool signer_cloud_request_is_allowed(const struct signer_policy *p, const char *method, const char *uri) {
+bool signer_policy_is_cloud_request(const struct signer_policy *p, const char *method, const char *uri) {
         struct signer_origin o;
         const char *path, *query;
         size_t path_len;
@@ -299,7 +299,7 @@ int signer_policy_http(const struct signer_policy *p, const char *method, const 
                 return refuse(ret_why, "target URI is not of [cloud] url's origin");
         if (strchr(target_uri, '#'))
                 return refuse(ret_why, "target URI has a fragment");
-        if (!signer_cloud_request_is_allowed(p, method, target_uri))
+        if (!signer_policy_is_cloud_request(p, method, target_uri))
                 return refuse(ret_why, "method and target URI are no request of PROTOCOL.md 3 or 5 for this hub");
         /* PROTOCOL.md 3: every request carries one, and the signature covers it. */
         if (!authorization)
@@ -336,7 +336,7 @@ int signer_policy_dpop(const struct signer_policy *p, const char *method, const 
          * (RFC 6749 3.2, RFC 8628 3.1, RFC 7009 2.1); on the cloud, one of its requests (an origin
          * may be both). */
         if (!(p->have_issuer && signer_origin_equal(&o, &p->issuer) && streq(method, "POST")) &&
-            !signer_cloud_request_is_allowed(p, method, url))
+            !signer_policy_is_cloud_request(p, method, url))
                 return refuse(ret_why, "method and URL are neither a POST to [oauth] issuer's origin nor a "
                                        "request of PROTOCOL.md 3 or 5 for this hub");
         if (ath && (strlen(ath) != HUBKEY_ID_LEN || !b64url_chars_are_valid(ath, strlen(ath))))

@@ -65,14 +65,14 @@ bool signer_method_is_allowed(const char *method);
  * "." or ".."), the query "wait=<1..3 digits>" on the command poll and no query elsewhere, no
  * fragment. '%' anywhere refuses the URI (signer_origin_parse()), so no percent-encoded '/' or
  * dot segment can hide in it. */
-bool signer_cloud_request_is_allowed(const struct signer_policy *p, const char *method, const char *uri);
+bool signer_policy_is_cloud_request(const struct signer_policy *p, const char *method, const char *uri);
 
-/* SIGN_HTTP: signer_cloud_request_is_allowed(); authorization (required: the signature covers it,
+/* SIGN_HTTP: signer_policy_is_cloud_request(); authorization (required: the signature covers it,
  * PROTOCOL.md 3) is printable ASCII with single spaces. */
 int signer_policy_http(const struct signer_policy *p, const char *method, const char *target_uri,
                        const char *authorization, const char **ret_why);
 /* SIGN_DPOP: url is of [oauth] issuer's origin with method POST (the token, device authorization
- * and revocation endpoints, PROTOCOL.md 4), or a request signer_cloud_request_is_allowed() takes
+ * and revocation endpoints, PROTOCOL.md 4), or a request signer_policy_is_cloud_request() takes
  * (a DPoP-bound token on the cloud's requests, RFC 9449 7.1); ath (NULL: none) is 43 base64url
  * characters; nonce (NULL: none) is RFC 9449 8.1 NQCHARs. An endpoint of the issuer's metadata on
  * another origin than the issuer's is refused. */
