@@ -91,6 +91,39 @@ bool signer_origin_equal(const struct signer_origin *a, const struct signer_orig
         return a && b && a->port == b->port && streq(a->host, b->host);
 }
 
+/* Where a URL's path starts: after "https://" and the authority (signer_origin_parse() took it). */
+static size_t path_start(const char *url) {
+        return 8 + strcspn(url + 8, "/?#");
+}
+
+/* RFC 3986 3.3 segment ".." or "." between s and end (no '/' inside). */
+static bool is_dot_segment(const char *s, size_t len) {
+        return (len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.');
+}
+
+/* [cloud] url's path, which cloud.c puts before every request's own (trailing '/' dropped, as
+ * cloud_new() drops it): no query or fragment, no dot segment. */
+static int base_path_of(const char *url, const char **ret, size_t *ret_len) {
+        const char *path = url + path_start(url);
+        size_t len = strlen(path);
+
+        if (strpbrk(path, "?#"))
+                return -EINVAL;
+        while (len > 0 && path[len - 1] == '/')
+                len--;
+        for (size_t at = 0; at < len;) {
+                size_t n = strcspn(path + at + 1, "/");
+                if (at + 1 + n > len)
+                        n = len - at - 1;
+                if (is_dot_segment(path + at + 1, n))
+                        return -EINVAL;
+                at += 1 + n;
+        }
+        *ret = path;
+        *ret_len = len;
+        return 0;
+}
+
 int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, char **ret_error) {
         struct signer_policy n = {};
         int r;
@@ -104,6 +137,11 @@ int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, cha
                         return set_error_message(ret_error, -EINVAL,
                                                  "[cloud] url: the signer cannot take its origin (see iothub-signer(8), POLICY)");
                 n.have_cloud = true;
+                r = base_path_of(c->cloud.url, &n.cloud_path, &n.cloud_path_len);
+                if (r < 0)
+                        return set_error_message(ret_error, r,
+                                                 "[cloud] url: the signer takes no query, fragment or dot segment "
+                                                 "in it (see iothub-signer(8), POLICY)");
         }
         if (c->oauth.issuer) {
                 if (signer_origin_parse(c->oauth.issuer, strlen(c->oauth.issuer), &n.issuer) < 0)
@@ -151,6 +189,100 @@ static bool header_value_is_valid(const char *v) {
         return true;
 }
 
+/* The requests iothubd sends to the cloud, after [cloud] url's own path: method, path and query
+ * shape. "{hub}" is [hub] id exactly, "{cmd}" one command id (PROTOCOL.md 2: [A-Za-z0-9._-],
+ * not "." or ".."), "{n}" 1..3 digits. Whatever cloud.c, commands.c or events.c does not send is
+ * not here: a compromised iothubd gets no signature for any other path of the cloud. */
+static const struct cloud_request {
+        const char *method;
+        const char *path;
+        const char *query; /* NULL: the URI has no '?' */
+} cloud_requests[] = {
+        /* PROTOCOL.md 3 (registration) and 5 (the attested registration sends the same request
+         * with its "attestation" object). */
+        { "POST", "/v1/hubs/{hub}", NULL },
+        /* PROTOCOL.md 5, iothub-protocol(7) "Attestation": the challenge of the round trip. */
+        { "POST", "/v1/hubs/{hub}/attest/challenge", NULL },
+        /* PROTOCOL.md 3: the list of bulbs. */
+        { "PUT", "/v1/hubs/{hub}/devices", NULL },
+        /* PROTOCOL.md 3: a status batch. */
+        { "POST", "/v1/hubs/{hub}/status", NULL },
+        /* PROTOCOL.md 3: the command long poll, its only query. */
+        { "GET", "/v1/hubs/{hub}/commands", "wait={n}" },
+        /* PROTOCOL.md 3: a command's result. */
+        { "POST", "/v1/hubs/{hub}/commands/{cmd}/result", NULL },
+        /* PROTOCOL.md 5: security events. */
+        { "POST", "/v1/hubs/{hub}/events", NULL },
+};
+
+/* Whether s (len bytes) is exactly pat, its placeholders filled as above. */
+static bool pattern_match(const char *pat, const char *s, size_t len, const char *hub_id) {
+        size_t at = 0;
+
+        while (*pat) {
+                if (strncmp(pat, "{hub}", 5) == 0) {
+                        size_t n = strlen(hub_id);
+                        if (len - at < n || memcmp(s + at, hub_id, n) != 0)
+                                return false;
+                        at += n;
+                        pat += 5;
+                } else if (strncmp(pat, "{cmd}", 5) == 0) {
+                        size_t n = 0;
+                        while (at + n < len && s[at + n] != '/')
+                                n++;
+                        if (!command_id_is_valid(s + at, n))
+                                return false;
+                        at += n;
+                        pat += 5;
+                } else if (strncmp(pat, "{n}", 3) == 0) {
+                        size_t n = 0;
+                        while (at + n < len && is_digit(s[at + n]))
+                                n++;
+                        if (n < 1 || n > 3)
+                                return false;
+                        at += n;
+                        pat += 3;
+                } else {
+                        if (at >= len || s[at] != *pat)
+                                return false;
+                        at++;
+                        pat++;
+                }
+        }
+        return at == len;
+}
+
+bool signer_policy_is_cloud_request(const struct signer_policy *p, const char *method, const char *uri) {
+        struct signer_origin o;
+        const char *path, *query;
+        size_t path_len;
+
+        if (!p || !method || !uri || !p->have_cloud || !p->hub_id)
+                return false;
+        if (signer_origin_parse(uri, strlen(uri), &o) < 0 || !signer_origin_equal(&o, &p->cloud))
+                return false;
+        /* A request target never has a fragment (RFC 9110 7.1). */
+        if (strchr(uri, '#'))
+                return false;
+        path = uri + path_start(uri);
+        query = strchr(path, '?');
+        path_len = query ? (size_t) (query - path) : strlen(path);
+        if (path_len < p->cloud_path_len || memcmp(path, p->cloud_path, p->cloud_path_len) != 0)
+                return false;
+        path += p->cloud_path_len;
+        path_len -= p->cloud_path_len;
+        for (size_t i = 0; i < ELEMENTSOF(cloud_requests); i++) {
+                const struct cloud_request *q = &cloud_requests[i];
+                if (!streq(method, q->method) || !pattern_match(q->path, path, path_len, p->hub_id))
+                        continue;
+                if (!q->query && !query)
+                        return true;
+                if (q->query && query && pattern_match(q->query, query + 1, strlen(query + 1), p->hub_id))
+                        return true;
+        }
+        return false;
+}
+
 int signer_policy_http(const struct signer_policy *p, const char *method, const char *target_uri,
                        const char *authorization, const char **ret_why) {
         struct signer_origin o;
@@ -165,10 +297,14 @@ int signer_policy_http(const struct signer_policy *p, const char *method, const 
                 return refuse(ret_why, "target URI is not a plain absolute https URL");
         if (!signer_origin_equal(&o, &p->cloud))
                 return refuse(ret_why, "target URI is not of [cloud] url's origin");
-        /* A request target never has a fragment (RFC 9110 7.1). */
         if (strchr(target_uri, '#'))
                 return refuse(ret_why, "target URI has a fragment");
-        if (authorization && !header_value_is_valid(authorization))
+        if (!signer_policy_is_cloud_request(p, method, target_uri))
+                return refuse(ret_why, "method and target URI are no request of PROTOCOL.md 3 or 5 for this hub");
+        /* PROTOCOL.md 3: every request carries one, and the signature covers it. */
+        if (!authorization)
+                return refuse(ret_why, "no authorization");
+        if (!header_value_is_valid(authorization))
                 return refuse(ret_why, "authorization is not one line of printable ASCII");
         return 0;
 }
@@ -196,6 +332,13 @@ int signer_policy_dpop(const struct signer_policy *p, const char *method, const 
         if (!(p->have_issuer && signer_origin_equal(&o, &p->issuer)) &&
             !(p->have_cloud && signer_origin_equal(&o, &p->cloud)))
                 return refuse(ret_why, "URL is of neither [oauth] issuer's nor [cloud] url's origin");
+        /* PROTOCOL.md 4: the token, device authorization and revocation endpoints are POSTed to
+         * (RFC 6749 3.2, RFC 8628 3.1, RFC 7009 2.1); on the cloud, one of its requests (an origin
+         * may be both). */
+        if (!(p->have_issuer && signer_origin_equal(&o, &p->issuer) && streq(method, "POST")) &&
+            !signer_policy_is_cloud_request(p, method, url))
+                return refuse(ret_why, "method and URL are neither a POST to [oauth] issuer's origin nor a "
+                                       "request of PROTOCOL.md 3 or 5 for this hub");
         if (ath && (strlen(ath) != HUBKEY_ID_LEN || !b64url_chars_are_valid(ath, strlen(ath))))
                 return refuse(ret_why, "ath is not 43 base64url characters");
         if (nonce && !nonce_is_valid(nonce))

@@ -71,7 +71,7 @@ struct op_info {
 static const struct op_info ops[_SIGNER_OP_MAX] = {
         [SIGNER_OP_KEY_INFO] = { "KEY_INFO", {}, { R(KEY_ID), R(JWK), R(BACKEND) } },
         [SIGNER_OP_SIGN_HTTP] = { "SIGN_HTTP",
-                                  { R(METHOD), R(TARGET_URI), O(AUTHORIZATION), O(BODY), R(PRIO) },
+                                  { R(METHOD), R(TARGET_URI), R(AUTHORIZATION), O(BODY), R(PRIO) },
                                   { O(CONTENT_DIGEST), R(SIGNATURE_INPUT), R(SIGNATURE) } },
         [SIGNER_OP_SIGN_DPOP] = { "SIGN_DPOP", { R(METHOD), R(URL), O(ATH), O(NONCE) }, { R(PROOF) } },
         [SIGNER_OP_SIGN_COMMAND] = { "SIGN_COMMAND",

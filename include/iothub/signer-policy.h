@@ -42,25 +42,40 @@ struct signer_policy {
         bool have_cloud, have_issuer;
         struct signer_origin cloud;  /* [cloud] url */
         struct signer_origin issuer; /* [oauth] issuer */
+        const char *cloud_path;      /* [cloud] url's path, borrowed, without trailing '/' */
+        size_t cloud_path_len;       /* 0: the URL has none ("https://cloud.example") */
         const char *hub_id;          /* [hub] id, borrowed from the configuration */
         unsigned max_clock_skew_s;   /* [frames] max_clock_skew_s */
         struct verify_key *command_key; /* [cloud] command_key_file, NULL when not set */
         char command_kid[HUBKEY_ID_LEN + 1];
 };
-/* From the configuration (borrowed: c must outlive p); reads [cloud] command_key_file. 0 or a
- * negative errno with a malloc'ed reason in *ret_error when not NULL. */
+/* From the configuration (borrowed: c must outlive p); reads [cloud] command_key_file. A [cloud]
+ * url with a query, a fragment or a dot segment in its path is refused (no request built on it
+ * could pass signer_policy_http()). 0 or a negative errno with a malloc'ed reason in *ret_error
+ * when not NULL. */
 int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, char **ret_error);
 void signer_policy_done(struct signer_policy *p);
 
 /* GET, POST, PUT, DELETE. */
 bool signer_method_is_allowed(const char *method);
 
-/* SIGN_HTTP: the method is allowed; target_uri is an absolute URI of [cloud] url's origin
- * without a fragment; authorization (NULL: none) is printable ASCII with single spaces. */
+/* One of the requests iothubd sends to the cloud (PROTOCOL.md 3 and 5), as signer-policy.c's
+ * table lists them: method and target_uri are [cloud] url's origin and path, then
+ * "/v1/hubs/<[hub] id>" and the rest of one row's path, a command id where the row has one (not
+ * "." or ".."), the query "wait=<1..3 digits>" on the command poll and no query elsewhere, no
+ * fragment. '%' anywhere refuses the URI (signer_origin_parse()), so no percent-encoded '/' or
+ * dot segment can hide in it. */
+bool signer_policy_is_cloud_request(const struct signer_policy *p, const char *method, const char *uri);
+
+/* SIGN_HTTP: signer_policy_is_cloud_request(); authorization (required: the signature covers it,
+ * PROTOCOL.md 3) is printable ASCII with single spaces. */
 int signer_policy_http(const struct signer_policy *p, const char *method, const char *target_uri,
                        const char *authorization, const char **ret_why);
-/* SIGN_DPOP: the method is allowed; url's origin is [oauth] issuer's or [cloud] url's; ath (NULL:
- * none) is 43 base64url characters; nonce (NULL: none) is RFC 9449 8.1 NQCHARs. */
+/* SIGN_DPOP: url is of [oauth] issuer's origin with method POST (the token, device authorization
+ * and revocation endpoints, PROTOCOL.md 4), or a request signer_policy_is_cloud_request() takes
+ * (a DPoP-bound token on the cloud's requests, RFC 9449 7.1); ath (NULL: none) is 43 base64url
+ * characters; nonce (NULL: none) is RFC 9449 8.1 NQCHARs. An endpoint of the issuer's metadata on
+ * another origin than the issuer's is refused. */
 int signer_policy_dpop(const struct signer_policy *p, const char *method, const char *url, const char *ath,
                        const char *nonce, const char **ret_why);
 

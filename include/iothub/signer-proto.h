@@ -51,7 +51,8 @@ enum signer_tag {
         SIGNER_TAG_BACKEND = 3,          /* T [1..8] "tpm" or "file" */
         SIGNER_TAG_METHOD = 4,           /* T [1..8] GET, POST, PUT, DELETE (the policy checks which) */
         SIGNER_TAG_TARGET_URI = 5,       /* T [1..2048] */
-        SIGNER_TAG_AUTHORIZATION = 6,    /* T [1..8192] the whole header value, "Bearer x" */
+        SIGNER_TAG_AUTHORIZATION = 6,    /* T [1..8192] the whole header value, "Bearer x"; required in SIGN_HTTP
+                                          * (PROTOCOL.md 3: every request has one, signed) */
         SIGNER_TAG_BODY = 7,             /* B [0..1 MiB] */
         SIGNER_TAG_PRIO = 8,             /* U8 0 high, 1 low (hubkey.h enum hubkey_prio) */
         /* SIGN_HTTP's answer: whole header lines as httpsig.c makes them (struct httpsig_headers),

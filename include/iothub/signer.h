@@ -103,7 +103,8 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct signer_op *, signer_op_free);
  * a negative errno (-EINVAL for a field over its limit, -EBUSY with a full queue); then done()
  * is never called. Strings are copied. */
 int signer_key_info(struct signer *s, signer_done_t done, void *userdata, struct signer_op **ret);
-/* authorization: the full Authorization header value or NULL; body NULL for none. */
+/* authorization: the full Authorization header value, required (PROTOCOL.md 3; NULL: -EINVAL);
+ * body NULL for none. */
 int signer_sign_http(struct signer *s, enum signer_prio prio, const char *method, const char *target_uri,
                      const char *authorization, const void *body, size_t body_len, signer_done_t done,
                      void *userdata, struct signer_op **ret);

@@ -8,8 +8,11 @@
  *     limits, no NUL in a text, and encodes back (with the encoder) to a message that decodes to
  *     the same fields;
  *   - what the policy lets through for SIGN_HTTP is of the configured cloud origin (and OpenSSL's
- *     own URL parser, OSSL_parse_url(), where it reads the URL, reads the same host and port), for SIGN_DPOP of the
- *     issuer's or the cloud's, and for SIGN_COMMAND within the time rules, with a payload that
+ *     own URL parser, OSSL_parse_url(), where it reads the URL, reads the same host and port),
+ *     with Authorization, its path under [cloud] url's, naming this hub, without '%', dot
+ *     segment or fragment, and a query only on the command poll (checked here without the
+ *     policy's table); for SIGN_DPOP a POST to the issuer's origin or such a cloud request; and
+ *     for SIGN_COMMAND within the time rules, with a payload that
  *     command_payload() builds; with a vendor key configured, a command is let through only with
  *     a vendor JWS (never here: the key's private half is not known). */
 #include <errno.h>
@@ -26,6 +29,7 @@
 
 #define FUZZ_NOW INT64_C(1764633600)
 #define FUZZ_CLOUD "https://cloud.example:8443/api"
+#define FUZZ_HUB_PATH "/api/v1/hubs/hub-1" /* every signed request's path starts so */
 #define FUZZ_ISSUER "https://Login.Example/realms/x"
 
 /* A P-256 public key whose private half was thrown away. */
@@ -134,6 +138,33 @@ out:
         OPENSSL_free(frag);
 }
 
+/* A cloud request the policy let through, checked against PROTOCOL.md 3 by other means than its
+ * table: the path under FUZZ_HUB_PATH, no '%', no dot or empty segment, no fragment, a query only
+ * on GET .../commands, the method one the protocol uses. */
+static void check_cloud_request(const char *method, const char *uri) {
+        const char *path = uri + 8 + strcspn(uri + 8, "/?#");
+        const char *q = strchr(path, '?');
+        size_t len = q ? (size_t) (q - path) : strlen(path);
+
+        CHECK(streq(method, "GET") || streq(method, "POST") || streq(method, "PUT"));
+        CHECK(!strchr(uri, '%') && !strchr(uri, '#'));
+        CHECK(strncmp(path, FUZZ_HUB_PATH, strlen(FUZZ_HUB_PATH)) == 0);
+        CHECK(len == strlen(FUZZ_HUB_PATH) || path[strlen(FUZZ_HUB_PATH)] == '/');
+        for (size_t at = 0; at < len;) {
+                size_t n = strcspn(path + at + 1, "/?");
+                CHECK(path[at] == '/');
+                CHECK(n > 0 && !(n == 1 && path[at + 1] == '.') &&
+                      !(n == 2 && path[at + 1] == '.' && path[at + 2] == '.'));
+                at += 1 + n;
+        }
+        if (q) {
+                CHECK(streq(method, "GET") && len > 9 && memcmp(q - 9, "/commands", 9) == 0);
+                CHECK(strncmp(q, "?wait=", 6) == 0 && strlen(q + 6) >= 1 && strlen(q + 6) <= 3);
+        }
+        if (streq(method, "GET"))
+                CHECK(q != NULL);
+}
+
 static void check_policy(const struct signer_msg *m) {
         const struct signer_policy *p = (m->id & 1) ? &policy_key : &policy;
         _cleanup_free_ char *method = text(m, SIGNER_TAG_METHOD);
@@ -150,7 +181,8 @@ static void check_policy(const struct signer_msg *m) {
                 CHECK(signer_method_is_allowed(method));
                 CHECK(signer_origin_parse(uri, strlen(uri), &o) == 0 && signer_origin_equal(&o, &p->cloud));
                 CHECK(!strchr(uri, '#'));
-                CHECK(!auth || fuzz_is_printable_ascii(auth));
+                CHECK(auth && fuzz_is_printable_ascii(auth));
+                check_cloud_request(method, uri);
                 check_origin_openssl(uri, &o);
                 return;
         }
@@ -163,6 +195,8 @@ static void check_policy(const struct signer_msg *m) {
                 }
                 CHECK(signer_origin_parse(url, strlen(url), &o) == 0);
                 CHECK(signer_origin_equal(&o, &p->cloud) || signer_origin_equal(&o, &p->issuer));
+                if (!(signer_origin_equal(&o, &p->issuer) && streq(method, "POST")))
+                        check_cloud_request(method, url);
                 CHECK(!nonce || fuzz_is_printable_ascii(nonce));
                 check_origin_openssl(url, &o);
                 return;

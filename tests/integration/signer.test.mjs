@@ -17,7 +17,7 @@ import { httpbis, createVerifier } from 'http-message-signatures';
 import { BUILD, IOTHUBCTL, NOTIFY_LISTEN, Swtpm, confText, sleep, tempDir, waitFor } from './lib/harness.mjs';
 import readline from 'node:readline';
 import { createAttestation } from '../cloud/attest.mjs';
-import { SignerClient, OP, TAG, ERRNO, encode, MSG_MAX } from './lib/signerclient.mjs';
+import { SignerClient, OP, TAG, ERRNO, encode, signHttpFields, MSG_MAX } from './lib/signerclient.mjs';
 import { signatureBase, signCloudCommand, ALG, PARAMS } from '../cloud/server.mjs';
 import { verifyDpopProof, accessTokenHash } from '../oauth/dpop.mjs';
 
@@ -25,6 +25,10 @@ const SIGNER = path.join(BUILD, 'iothub-signer');
 const HUB_ID = 'signer-hub';
 const CLOUD = 'https://127.0.0.1:18443';
 const ISSUER = 'https://localhost:19443/realms/hub';
+// The requests iothubd sends (PROTOCOL.md 3 and 5): the only ones SIGN_HTTP signs.
+const HUB = `${CLOUD}/v1/hubs/${HUB_ID}`;
+const POLL = `${HUB}/commands?wait=25`;
+const POLL_HTU = `${HUB}/commands`; // RFC 9449 4.2: htu without the query
 const nowS = () => Math.floor(Date.now() / 1000);
 const run = promisify(execFile);
 
@@ -151,21 +155,21 @@ async function verifyHttp(a, { method, uri, authorization, body }) {
 test('SIGN_HTTP: RFC 9421 headers that verify, Content-Digest of the body shown', async () => {
   const c = await connect();
   const body = Buffer.from(JSON.stringify({ frames: [{ n: 1 }], pad: 'x'.repeat(100000) }));
-  const uri = `${CLOUD}/v1/hubs/${HUB_ID}/status?x=1`;
+  const uri = `${HUB}/status`;
   const authorization = 'Bearer tok-abc.def';
   // Low and high priority, with and without a body, several in flight on one connection.
   const ids = [
-    c.send(OP.SIGN_HTTP, [[TAG.METHOD, 'POST'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.BODY, body], [TAG.PRIO, { u8: 1 }]]),
-    c.send(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 0 }]]),
-    c.send(OP.SIGN_HTTP, [[TAG.PRIO, { u8: 0 }], [TAG.BODY, Buffer.alloc(0)], [TAG.TARGET_URI, 'https://127.0.0.1:18443/'], [TAG.METHOD, 'PUT'], [TAG.AUTHORIZATION, 'DPoP x']]),
+    c.send(OP.SIGN_HTTP, signHttpFields({ method: 'POST', targetUri: uri, authorization, body, prio: 1 })),
+    c.send(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, POLL], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 0 }]]),
+    c.send(OP.SIGN_HTTP, [[TAG.PRIO, { u8: 0 }], [TAG.BODY, Buffer.alloc(0)], [TAG.TARGET_URI, `https://127.0.0.1:18443/v1/hubs/${HUB_ID}/devices`], [TAG.METHOD, 'PUT'], [TAG.AUTHORIZATION, 'DPoP x']]),
   ];
   const [a1, a2, a3] = await Promise.all(ids.map((id) => c.wait(id)));
   for (const a of [a1, a2, a3]) assert.equal(a.status, 0, JSON.stringify(a));
   await verifyHttp(a1, { method: 'POST', uri, authorization, body });
-  await verifyHttp(a2, { method: 'GET', uri, authorization });
+  await verifyHttp(a2, { method: 'GET', uri: POLL, authorization });
   assert.equal(headerValue(a3.fields.CONTENT_DIGEST, 'Content-Digest'), `sha-256=:${crypto.createHash('sha256').update('').digest('base64')}:`);
   // A priority outside 0..1 is no error of the format, and not signed.
-  assert.equal((await c.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, uri], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 2 }]])).status, ERRNO.EINVAL);
+  assert.equal((await c.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, POLL], [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 2 }]])).status, ERRNO.EINVAL);
   c.close();
 });
 
@@ -179,9 +183,9 @@ test('SIGN_DPOP: a proof that verifies with jose and carries htm, htu, iat, ath,
   assert.equal(v.payload.htu, `${ISSUER}/protocol/openid-connect/token`);
   assert.ok(Math.abs(v.payload.iat - nowS()) <= 5);
   // For the cloud too, without ath and nonce; jti fresh each time.
-  const b = await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/v1/hubs/${HUB_ID}/commands`]]);
+  const b = await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]]);
   assert.equal(b.status, 0);
-  const w = await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: `${CLOUD}/v1/hubs/${HUB_ID}/commands`, jkt: kid });
+  const w = await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: POLL_HTU, jkt: kid });
   assert.equal(w.payload.ath, undefined);
   assert.equal(w.payload.nonce, undefined);
   assert.notEqual(w.jti, v.jti);
@@ -218,17 +222,34 @@ test('SIGN_COMMAND: the JWS of PROTOCOL.md 2 by the hub key, carrying the vendor
 test('every policy refusal is -EPERM, counted, and nothing is signed', async () => {
   const c = await connect();
   const before = (await c.call(OP.STATUS)).fields;
-  const auth = [TAG.AUTHORIZATION, 'Bearer t'];
-  const http = (method, uri) => [[TAG.METHOD, method], [TAG.TARGET_URI, uri], auth, [TAG.PRIO, { u8: 0 }]];
+  const http = (method, targetUri) => signHttpFields({ method, targetUri, authorization: 'Bearer t' });
   const cases = [
-    ['HTTP to another host', OP.SIGN_HTTP, http('POST', 'https://evil.example/v1/x')],
-    ['HTTP to another port', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18444/v1/x')],
-    ['HTTP over plain http', OP.SIGN_HTTP, http('POST', 'http://127.0.0.1:18443/v1/x')],
-    ['HTTP with user info', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18443@evil.example/v1/x')],
-    ['HTTP with a percent-encoded host', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1%3a18443/v1/x')],
-    ['HTTP with a fragment', OP.SIGN_HTTP, http('POST', 'https://127.0.0.1:18443/v1/x#f')],
-    ['HTTP method PATCH', OP.SIGN_HTTP, http('PATCH', 'https://127.0.0.1:18443/v1/x')],
-    ['HTTP Authorization with a line break', OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, `${CLOUD}/x`], [TAG.AUTHORIZATION, 'Bearer a\r\nX-Evil: 1'], [TAG.PRIO, { u8: 0 }]]],
+    ['HTTP to another host', OP.SIGN_HTTP, http('POST', `https://evil.example/v1/hubs/${HUB_ID}/status`)],
+    ['HTTP to another port', OP.SIGN_HTTP, http('POST', `https://127.0.0.1:18444/v1/hubs/${HUB_ID}/status`)],
+    ['HTTP over plain http', OP.SIGN_HTTP, http('POST', `http://127.0.0.1:18443/v1/hubs/${HUB_ID}/status`)],
+    ['HTTP with user info', OP.SIGN_HTTP, http('POST', `https://127.0.0.1:18443@evil.example/v1/hubs/${HUB_ID}/status`)],
+    ['HTTP with a percent-encoded host', OP.SIGN_HTTP, http('POST', `https://127.0.0.1%3a18443/v1/hubs/${HUB_ID}/status`)],
+    ['HTTP with a fragment', OP.SIGN_HTTP, http('POST', `${HUB}/status#f`)],
+    ['HTTP method PATCH', OP.SIGN_HTTP, http('PATCH', `${HUB}/status`)],
+    ['HTTP Authorization with a line break', OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, POLL], [TAG.AUTHORIZATION, 'Bearer a\r\nX-Evil: 1'], [TAG.PRIO, { u8: 0 }]]],
+    // The origin's other paths: only the requests of PROTOCOL.md 3 and 5, for this hub.
+    ['HTTP to a path of no request', OP.SIGN_HTTP, http('POST', `${CLOUD}/v1/x`)],
+    ['HTTP for another hub id', OP.SIGN_HTTP, http('POST', `${CLOUD}/v1/hubs/other-hub/status`)],
+    ['HTTP with an extra path segment', OP.SIGN_HTTP, http('POST', `${HUB}/status/x`)],
+    ['HTTP with a dot-dot segment', OP.SIGN_HTTP, http('POST', `${HUB}/x/../status`)],
+    ['HTTP with a dot segment', OP.SIGN_HTTP, http('POST', `${HUB}/./status`)],
+    ['HTTP result of command ..', OP.SIGN_HTTP, http('POST', `${HUB}/commands/../result`)],
+    ['HTTP with %2F', OP.SIGN_HTTP, http('POST', `${CLOUD}/v1/hubs/${HUB_ID}%2Fstatus`)],
+    ['HTTP with a query where none is', OP.SIGN_HTTP, http('POST', `${HUB}/status?x=1`)],
+    ['HTTP poll with another query', OP.SIGN_HTTP, http('GET', `${HUB}/commands?wait=25&x=1`)],
+    ['HTTP poll without its query', OP.SIGN_HTTP, http('GET', `${HUB}/commands`)],
+    ['HTTP with the wrong method (GET status)', OP.SIGN_HTTP, http('GET', `${HUB}/status`)],
+    ['HTTP with the wrong method (DELETE the hub)', OP.SIGN_HTTP, http('DELETE', HUB)],
+    ['HTTP with the wrong method (POST devices)', OP.SIGN_HTTP, http('POST', `${HUB}/devices`)],
+    ['DPoP for the cloud on a path of no request', OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]],
+    ['DPoP for the cloud for another hub', OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/v1/hubs/other-hub/commands?wait=25`]]],
+    ['DPoP GET to the issuer', OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${ISSUER}/token`]]],
+    ['DPoP PUT to the issuer', OP.SIGN_DPOP, [[TAG.METHOD, 'PUT'], [TAG.URL, `${ISSUER}/token`]]],
     ['DPoP for another host', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, 'https://login.evil.example/token']]],
     ['DPoP for the issuer host on another port', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, 'https://localhost:19444/realms/hub/token']]],
     ['DPoP with a bad ath', OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, `${ISSUER}/token`], [TAG.ATH, '*'.repeat(43)]]],
@@ -317,6 +338,8 @@ test('malformed requests: -EBADMSG and the connection closed', async () => {
     ['a tag of another op', raw(14, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.BODY, 'x')])), 14],
     ['duplicate tag', raw(15, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.METHOD, 'GET')])), 15],
     ['missing required tag', raw(16, OP.SIGN_DPOP, dpop[0]), 16],
+    // PROTOCOL.md 3: every request is signed with its Authorization, so SIGN_HTTP requires it.
+    ['SIGN_HTTP without AUTHORIZATION', raw(26, OP.SIGN_HTTP, Buffer.concat([field(TAG.METHOD, 'GET'), field(TAG.TARGET_URI, POLL), field(TAG.PRIO, Buffer.from([0]))])), 26],
     ['over-long value', raw(17, OP.SIGN_DPOP, Buffer.concat([field(TAG.METHOD, 'POST'), field(TAG.URL, `https://localhost:19443/${'a'.repeat(2048)}`)])), 17],
     ['ATH not 43 characters', raw(18, OP.SIGN_DPOP, Buffer.concat([...dpop, field(TAG.ATH, 'abc')])), 18],
     ['NUL inside a text', raw(19, OP.SIGN_DPOP, Buffer.concat([field(TAG.METHOD, 'PO\0ST'), dpop[1]])), 19],
@@ -349,7 +372,7 @@ test('a message cut in pieces and several in one write are framed right', async 
   const c = await connect();
   const m1 = encode(101, OP.STATUS);
   const m2 = encode(102, OP.KEY_INFO);
-  const m3 = encode(103, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]);
+  const m3 = encode(103, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]]);
   const all = Buffer.concat([m1, m2, m3]);
   for (let i = 0; i < all.length; i += 7) { c.sendRaw(all.subarray(i, i + 7)); await sleep(1); }
   const [a1, a2, a3] = await Promise.all([c.wait(101), c.wait(102), c.wait(103)]);
@@ -365,12 +388,12 @@ test('more requests than may be in flight (64), in one write: every one answered
   try {
     const c = await SignerClient.connect(msock);
     const msgs = [];
-    for (let i = 0; i < 200; i++) msgs.push(encode(1000 + i, OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x/${i}`]]));
+    for (let i = 0; i < 200; i++) msgs.push(encode(1000 + i, OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, `${ISSUER}/token/${i}`]]));
     c.sendRaw(Buffer.concat(msgs));
     const answers = await Promise.all(msgs.map((_, i) => c.wait(1000 + i, 60000)));
     assert.ok(answers.every((a) => a.status === 0));
-    const v = await verifyDpopProof({ proof: answers[150].fields.PROOF, method: 'GET', htu: `${CLOUD}/x/150` });
-    assert.equal(v.payload.htu, `${CLOUD}/x/150`);
+    const v = await verifyDpopProof({ proof: answers[150].fields.PROOF, method: 'POST', htu: `${ISSUER}/token/150` });
+    assert.equal(v.payload.htu, `${ISSUER}/token/150`);
     c.close();
   } finally {
     await s4.stop();
@@ -410,7 +433,7 @@ test('over [signer] burst: -EBUSY, counted; the bucket refills at rate_per_s', a
   try {
     const c = await SignerClient.connect(s2sock);
     const ids = [];
-    for (let i = 0; i < 12; i++) ids.push(c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]));
+    for (let i = 0; i < 12; i++) ids.push(c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]]));
     const answers = await Promise.all(ids.map((id) => c.wait(id)));
     const ok = answers.filter((a) => a.status === 0).length;
     const busy = answers.filter((a) => a.status === ERRNO.EBUSY).length;
@@ -421,7 +444,7 @@ test('over [signer] burst: -EBUSY, counted; the bucket refills at rate_per_s', a
     assert.match(s2.log, /answered busy/);
     // Refilled: 2 a second.
     await sleep(1100);
-    assert.equal((await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]])).status, 0);
+    assert.equal((await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]])).status, 0);
     c.close();
   } finally {
     await s2.stop();
@@ -441,13 +464,20 @@ test('bad options exit 64, a bad config 78', async () => {
   const r4 = await run(SIGNER, ['--config', nouser, '--listen', path.join(dir, 'x.sock')]).catch((e) => e);
   assert.equal(r4.code, 78);
   assert.match(r4.stderr, /client_user.*no such user/);
+  // A [cloud] url no request of PROTOCOL.md 3 could be built on (a query, a dot segment).
+  for (const url of [`${CLOUD}/api?x=1`, `${CLOUD}/a/../api`]) {
+    const badUrl = await writeConf('badurl.conf', { cloud: { url } });
+    const r5 = await run(SIGNER, ['--config', badUrl, '--listen', path.join(dir, 'x.sock')]).catch((e) => e);
+    assert.equal(r5.code, 78, url);
+    assert.match(r5.stderr, /\[cloud\] url: the signer takes no query, fragment or dot segment/);
+  }
 });
 
 test('killed and started again: the stale socket is replaced, a new connection works, the tokens are kept', async () => {
   const c = await connect();
   assert.equal((await c.call(OP.TOKENS_PUT, [[TAG.ACCESS_TOKEN, 'at-kill'], [TAG.TOKEN_TYPE, 'Bearer'], [TAG.EXPIRES_AT, 0]])).status, 0);
   // Requests in flight when it dies: the connection closes, no answer comes.
-  const pending = c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]]);
+  const pending = c.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]]);
   const { sig } = await signer.stop('SIGKILL');
   assert.equal(sig, 'SIGKILL');
   await c.wait(pending, 2000).catch(() => {});
@@ -458,8 +488,8 @@ test('killed and started again: the stale socket is replaced, a new connection w
   const k = await d.call(OP.KEY_INFO);
   assert.equal(k.fields.KEY_ID, kid);
   assert.equal((await d.call(OP.TOKENS_GET)).fields.ACCESS_TOKEN, 'at-kill');
-  const h = await d.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, `${CLOUD}/v1/x`], [TAG.AUTHORIZATION, 'Bearer at-kill'], [TAG.PRIO, { u8: 0 }]]);
-  await verifyHttp(h, { method: 'GET', uri: `${CLOUD}/v1/x`, authorization: 'Bearer at-kill' });
+  const h = await d.call(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, POLL], [TAG.AUTHORIZATION, 'Bearer at-kill'], [TAG.PRIO, { u8: 0 }]]);
+  await verifyHttp(h, { method: 'GET', uri: POLL, authorization: 'Bearer at-kill' });
   assert.equal((await d.call(OP.TOKENS_ERASE)).status, 0);
   d.close();
   // SIGHUP does not end it (no reload: restart to apply a change).
@@ -477,7 +507,7 @@ test('killed and started again: the stale socket is replaced, a new connection w
 
 test('the TPM going away and coming back: errors while it is gone, signatures again after', async () => {
   const c = await connect();
-  const dpop = [[TAG.METHOD, 'GET'], [TAG.URL, `${CLOUD}/x`]];
+  const dpop = [[TAG.METHOD, 'GET'], [TAG.URL, POLL]];
   assert.equal((await c.call(OP.SIGN_DPOP, dpop)).status, 0);
   const port = tpm.port;
   const before = (await c.call(OP.STATUS)).fields.TPM_ERRORS;
@@ -490,7 +520,7 @@ test('the TPM going away and coming back: errors while it is gone, signatures ag
   tpm = await Swtpm.startAt(path.join(dir, 'tpm'), port);
   const b = await c.call(OP.SIGN_DPOP, dpop, 30000);
   assert.equal(b.status, 0, JSON.stringify(b));
-  await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: `${CLOUD}/x`, jkt: kid });
+  await verifyDpopProof({ proof: b.fields.PROOF, method: 'GET', htu: POLL_HTU, jkt: kid });
   c.close();
 });
 

@@ -115,42 +115,191 @@ static struct iothub_conf *conf_new(const char *cloud, const char *issuer) {
         return c;
 }
 
+/* Each request iothubd sends (PROTOCOL.md 3 and 5, as cloud.c, commands.c and events.c build
+ * them: [cloud] url, then the path) passes; each near miss is refused. */
+static const struct {
+        const char *method, *uri;
+} allowed_requests[] = {
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/attest/challenge" },
+        { "PUT", "https://cloud.example/api/v1/hubs/hub-1/devices" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/status" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=25" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=0" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/cmd-1/result" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/a.b_C-9/result" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/events" },
+        /* The origin compares as RFC 3986 6.2.2.1 and 6.2.3 say. */
+        { "POST", "HTTPS://CLOUD.example:443/api/v1/hubs/hub-1/status" },
+};
+
+static const struct {
+        const char *method, *uri, *what;
+} refused_requests[] = {
+        { "POST", "https://cloud.example/api/v1/hubs/hub-2/status", "another hub id" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-10/status", "a hub id that starts with ours" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub/status", "a hub id that ours starts with" },
+        { "POST", "https://cloud.example/api/v1/hubs/HUB-1/status", "the hub id in another case" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/status/x", "an extra path segment" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/status/", "a trailing slash" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1//status", "an empty segment" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/x/../status", "a dot-dot segment" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/./status", "a dot segment" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/../result", "a command id of .." },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/./result", "a command id of ." },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands//result", "an empty command id" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/a/b/result", "a command id with a slash" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands/a~b/result", "a command id with a ~" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1%2Fstatus", "a percent-encoded slash" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/%73tatus", "a percent-encoded letter" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/status?x=1", "a query where none is" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/status?", "an empty query where none is" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands", "the poll without its query" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?", "the poll with an empty query" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=", "wait without digits" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=1000", "wait of 4 digits" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=25&x=1", "a second query parameter" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?x=1", "another query" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=25#f", "a fragment" },
+        { "GET", "https://cloud.example/api/v1/hubs/hub-1/status", "the wrong method (GET status)" },
+        { "PUT", "https://cloud.example/api/v1/hubs/hub-1/status", "the wrong method (PUT status)" },
+        { "DELETE", "https://cloud.example/api/v1/hubs/hub-1", "the wrong method (DELETE the hub)" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/devices", "the wrong method (POST devices)" },
+        { "POST", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=25", "the wrong method (POST poll)" },
+        { "PATCH", "https://cloud.example/api/v1/hubs/hub-1/status", "a method never signed" },
+        { "post", "https://cloud.example/api/v1/hubs/hub-1/status", "a method in lower case" },
+        { "POST", "https://cloud.example/v1/hubs/hub-1/status", "outside [cloud] url's path" },
+        { "POST", "https://cloud.example/apix/v1/hubs/hub-1/status", "a path that starts like [cloud] url's" },
+        { "POST", "https://cloud.example/API/v1/hubs/hub-1/status", "[cloud] url's path in another case" },
+        { "POST", "https://cloud.example/api/v2/hubs/hub-1/status", "another version" },
+        { "POST", "https://cloud.example/api/", "[cloud] url itself" },
+        { "POST", "https://cloud.example:444/api/v1/hubs/hub-1/status", "another port" },
+        { "POST", "https://login.example:8443/api/v1/hubs/hub-1/status", "the issuer's origin" },
+};
+
+static void test_http_table(void **state) {
+        _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api/",
+                                                        "https://login.example:8443/realms/x");
+        struct signer_policy p;
+        const char *why;
+
+        assert_int_equal(signer_policy_init(&p, c, NULL), 0);
+        for (size_t i = 0; i < ELEMENTSOF(allowed_requests); i++) {
+                why = NULL;
+                if (signer_policy_http(&p, allowed_requests[i].method, allowed_requests[i].uri, "Bearer a", &why) < 0)
+                        fail_msg("%s %s: refused (%s)", allowed_requests[i].method, allowed_requests[i].uri, why);
+                /* The same request's DPoP proof, with a DPoP-bound token (RFC 9449 7.1). */
+                if (signer_policy_dpop(&p, allowed_requests[i].method, allowed_requests[i].uri, NULL, NULL, &why) < 0)
+                        fail_msg("DPoP %s %s: refused (%s)", allowed_requests[i].method, allowed_requests[i].uri, why);
+        }
+        for (size_t i = 0; i < ELEMENTSOF(refused_requests); i++) {
+                why = NULL;
+                if (signer_policy_http(&p, refused_requests[i].method, refused_requests[i].uri, "Bearer a",
+                                       &why) != -EPERM)
+                        fail_msg("%s: %s %s signed", refused_requests[i].what, refused_requests[i].method,
+                                 refused_requests[i].uri);
+                assert_non_null(why);
+                if (streq(refused_requests[i].uri, "https://login.example:8443/api/v1/hubs/hub-1/status") &&
+                    streq(refused_requests[i].method, "POST"))
+                        continue; /* a POST to the issuer's origin is a DPoP proof it may have */
+                if (signer_policy_dpop(&p, refused_requests[i].method, refused_requests[i].uri, NULL, NULL,
+                                       &why) != -EPERM)
+                        fail_msg("DPoP %s: %s %s signed", refused_requests[i].what, refused_requests[i].method,
+                                 refused_requests[i].uri);
+        }
+        signer_policy_done(&p);
+
+        /* [cloud] url without a path: the requests start at the root. */
+        {
+                _cleanup_conf_ struct iothub_conf *root = conf_new("https://127.0.0.1:18443", NULL);
+                static const char ok[] = "https://127.0.0.1:18443/v1/hubs/hub-1/status";
+                static const char under[] = "https://127.0.0.1:18443/api/v1/hubs/hub-1/status";
+                static const char empty[] = "https://127.0.0.1:18443//v1/hubs/hub-1/status";
+
+                assert_int_equal(signer_policy_init(&p, root, NULL), 0);
+                assert_int_equal(signer_policy_http(&p, "POST", ok, "Bearer a", &why), 0);
+                assert_int_equal(signer_policy_http(&p, "POST", under, "Bearer a", &why), -EPERM);
+                assert_int_equal(signer_policy_http(&p, "POST", empty, "Bearer a", &why), -EPERM);
+                signer_policy_done(&p);
+        }
+        /* A [cloud] url no request could be built on: the signer does not start. */
+        {
+                static const char *const bad[] = { "https://cloud.example/api?x=1", "https://cloud.example/api#f",
+                                                   "https://cloud.example/a/../api", "https://cloud.example/./api",
+                                                   "https://cloud.example/api/.." };
+                for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                        _cleanup_conf_ struct iothub_conf *b = conf_new(bad[i], NULL);
+                        _cleanup_free_ char *err = NULL;
+                        p.have_cloud = true; /* untouched on failure */
+                        if (signer_policy_init(&p, b, &err) != -EINVAL)
+                                fail_msg("%s: taken", bad[i]);
+                        assert_non_null(err);
+                        assert_true(p.have_cloud);
+                }
+        }
+}
+
 static void test_http_dpop(void **state) {
         _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api", "https://login.example:8443/realms/x");
         struct signer_policy p;
         const char *why = NULL;
         static const char ath[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJK-_0123";
+        static const char status[] = "https://cloud.example/api/v1/hubs/hub-1/status";
 
         assert_int_equal(signer_policy_init(&p, c, NULL), 0);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example/v1/x", "Bearer a", &why), 0);
-        assert_int_equal(signer_policy_http(&p, "GET", "https://CLOUD.example:443/v1/x?y", NULL, &why), 0);
-        assert_int_equal(signer_policy_http(&p, "DELETE", "https://cloud.example:444/v1/x", "Bearer a", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer a", &why), 0);
+        assert_int_equal(signer_policy_http(&p, "POST", status, "DPoP a.b-c_d~e+f/g=", &why), 0);
+        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example:444/api/v1/hubs/hub-1/status",
+                                            "Bearer a", &why),
+                         -EPERM);
         assert_non_null(why);
-        assert_int_equal(signer_policy_http(&p, "PATCH", "https://cloud.example/", "Bearer a", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "post", "https://cloud.example/", "Bearer a", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example/#x", "Bearer a", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://login.example:8443/", "Bearer a", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example/", "Bearer a\nb", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example/", "Bearer  a", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, "POST", "https://cloud.example/", " Bearer", &why), -EPERM);
-        assert_int_equal(signer_policy_http(&p, NULL, "https://cloud.example/", NULL, &why), -EPERM);
+        /* PROTOCOL.md 3: every request carries Authorization, and the signature covers it. */
+        assert_int_equal(signer_policy_http(&p, "POST", status, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer a\nb", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer  a", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", status, " Bearer", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer ", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, NULL, status, "Bearer a", &why), -EPERM);
+        assert_int_equal(signer_policy_http(&p, "POST", NULL, "Bearer a", &why), -EPERM);
 
+        /* The issuer's endpoints: POST only (token, device authorization, revocation). */
         assert_int_equal(signer_policy_dpop(&p, "POST", "https://login.example:8443/realms/x/token", ath, "n", &why), 0);
-        assert_int_equal(signer_policy_dpop(&p, "GET", "https://cloud.example/v1/c", NULL, NULL, &why), 0);
+        assert_int_equal(signer_policy_dpop(&p, "POST", "https://login.example:8443/realms/x/device?x=1#f", NULL, NULL, &why), 0);
+        assert_int_equal(signer_policy_dpop(&p, "GET", "https://login.example:8443/realms/x/token", NULL, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "PUT", "https://login.example:8443/realms/x/token", NULL, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "DELETE", "https://login.example:8443/realms/x/token", NULL, NULL, &why), -EPERM);
+        /* A token endpoint on another origin than the issuer's (its metadata may name one). */
         assert_int_equal(signer_policy_dpop(&p, "POST", "https://login.example/realms/x/token", NULL, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", "https://token.login.example:8443/token", NULL, NULL, &why), -EPERM);
         assert_int_equal(signer_policy_dpop(&p, "POST", "https://evil.example/", NULL, NULL, &why), -EPERM);
-        assert_int_equal(signer_policy_dpop(&p, "POST", "https://cloud.example/", "short", NULL, &why), -EPERM);
-        assert_int_equal(signer_policy_dpop(&p, "POST", "https://cloud.example/", NULL, "a b", &why), -EPERM);
-        assert_int_equal(signer_policy_dpop(&p, "POST", "https://cloud.example/", NULL, "a\\b", &why), -EPERM);
-        assert_int_equal(signer_policy_dpop(&p, "POST", "https://cloud.example/", NULL, "", &why), -EPERM);
+        /* The cloud's: only its requests (and not a POST to any path of it). */
+        assert_int_equal(signer_policy_dpop(&p, "GET", "https://cloud.example/api/v1/hubs/hub-1/commands?wait=25", ath, NULL, &why), 0);
+        assert_int_equal(signer_policy_dpop(&p, "POST", "https://cloud.example/token", NULL, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "GET", "https://cloud.example/api/v1/c", NULL, NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, "short", NULL, &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a b", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a\\b", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, ath, "n-1", &why), 0);
         signer_policy_done(&p);
+
+        /* The issuer and the cloud on one origin: the issuer's POSTs and the cloud's requests. */
+        {
+                _cleanup_conf_ struct iothub_conf *one = conf_new("https://hub.example/cloud", "https://hub.example/auth");
+                assert_int_equal(signer_policy_init(&p, one, NULL), 0);
+                assert_int_equal(signer_policy_dpop(&p, "POST", "https://hub.example/auth/token", NULL, NULL, &why), 0);
+                assert_int_equal(signer_policy_dpop(&p, "PUT", "https://hub.example/cloud/v1/hubs/hub-1/devices", NULL, NULL, &why), 0);
+                assert_int_equal(signer_policy_dpop(&p, "GET", "https://hub.example/auth/token", NULL, NULL, &why), -EPERM);
+                assert_int_equal(signer_policy_http(&p, "POST", "https://hub.example/auth/token", "Bearer a", &why), -EPERM);
+                signer_policy_done(&p);
+        }
 
         /* Nothing configured: nothing signed. */
         {
                 _cleanup_conf_ struct iothub_conf *none = conf_new(NULL, NULL);
                 assert_int_equal(signer_policy_init(&p, none, NULL), 0);
-                assert_int_equal(signer_policy_http(&p, "GET", "https://cloud.example/", "Bearer a", &why), -EPERM);
-                assert_int_equal(signer_policy_dpop(&p, "GET", "https://cloud.example/", NULL, NULL, &why), -EPERM);
+                assert_int_equal(signer_policy_http(&p, "POST", status, "Bearer a", &why), -EPERM);
+                assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, NULL, &why), -EPERM);
                 signer_policy_done(&p);
         }
 }
@@ -315,6 +464,7 @@ static void test_bucket(void **state) {
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_origin_table),
+                cmocka_unit_test(test_http_table),
                 cmocka_unit_test(test_http_dpop),
                 cmocka_unit_test(test_command),
                 cmocka_unit_test(test_bucket),

@@ -406,10 +406,18 @@ static void test_badmsg(void **state) {
         raw_begin(&r, 1, SIGNER_OP_SIGN_HTTP, 0);
         raw_str(&r, SIGNER_TAG_METHOD, "POST");
         raw_str(&r, SIGNER_TAG_TARGET_URI, "https://c.example/");
+        raw_str(&r, SIGNER_TAG_AUTHORIZATION, "Bearer a");
         raw_field(&r, SIGNER_TAG_BODY, "a\0b", 3);
         raw_field(&r, SIGNER_TAG_PRIO, "\0", 1);
         raw_end(&r);
         assert_int_equal(decode(&r), 0);
+        /* SIGN_HTTP without AUTHORIZATION: required (PROTOCOL.md 3, every request is signed with it). */
+        raw_begin(&r, 1, SIGNER_OP_SIGN_HTTP, 0);
+        raw_str(&r, SIGNER_TAG_METHOD, "POST");
+        raw_str(&r, SIGNER_TAG_TARGET_URI, "https://c.example/");
+        raw_field(&r, SIGNER_TAG_PRIO, "\0", 1);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
 
         /* Trailing bytes: 1..5 bytes after the last field (a cut field header). */
         for (size_t extra = 1; extra < SIGNER_FIELD_HEADER_LEN; extra++) {

@@ -26,6 +26,16 @@ export const ANSWER = 0x8000;
 export const MSG_MAX = 1024 * 1024 + 64 * 1024;
 export const ERRNO = { EPERM: -1, ENOENT: -2, EINVAL: -22, EBUSY: -16, EBADMSG: -74, EPROTO: -71, ENOKEY: -126 };
 
+// The fields of a SIGN_HTTP request as iothub-signer(8) lists them: METHOD, TARGET_URI,
+// AUTHORIZATION (required: PROTOCOL.md 3 signs every request with it), BODY when there is one, PRIO.
+export function signHttpFields({ method, targetUri, authorization, body, prio = 0 }) {
+  if (typeof authorization !== 'string') throw new Error('SIGN_HTTP: AUTHORIZATION is required');
+  const f = [[TAG.METHOD, method], [TAG.TARGET_URI, targetUri], [TAG.AUTHORIZATION, authorization]];
+  if (body !== undefined) f.push([TAG.BODY, body]);
+  f.push([TAG.PRIO, { u8: prio }]);
+  return f;
+}
+
 // One field: tag and a Buffer, string, bigint/number (u64) or { u8 }.
 function fieldBytes(tag, v) {
   let value;
