@@ -902,16 +902,19 @@ int control_call_stream(const char *path, json_t *request, void (*on_line)(void 
         if (strlen(path) >= sizeof sa.sun_path)
                 return -ENAMETOOLONG;
         strcpy(sa.sun_path, path);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0)
-                return -errno;
+        /* The line is made before connecting, so that it follows the connect at once: at
+         * CONTROL_MAX_CLIENTS the daemon makes room by closing the oldest connection that has not
+         * sent a whole line, and a client that dawdles after connecting can be that one. */
         req = json_dumps(request, JSON_COMPACT);
         if (!req)
                 return -ENOMEM;
         size_t rlen = strlen(req);
         req[rlen] = '\n'; /* json_dumps leaves room for the NUL, which becomes the newline */
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0)
+                return -errno;
         for (size_t off = 0; off < rlen + 1;) {
                 ssize_t n = send(fd, req + off, rlen + 1 - off, MSG_NOSIGNAL);
                 if (n < 0) {
@@ -948,6 +951,9 @@ int control_call_stream(const char *path, json_t *request, void (*on_line)(void 
                 if (on_line)
                         stream_lines(buf, &len, on_line, userdata);
         }
+        /* Closed without an answer: refused, or closed to make room; not a malformed answer. */
+        if (len == 0)
+                return -ECONNRESET;
         return control_parse_reply(buf, len, ret);
 }
 
