@@ -26,6 +26,9 @@
 #define CONTROL_PEM_MAX 16384
 /* At most one "control socket full" line of each kind per window: the peers cause them. */
 #define CONTROL_FULL_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
+/* Refused peers logged per window: enough to name each of a few, not a line per connection. */
+#define CONTROL_REFUSED_LOG_BURST 5
+#define CONTROL_LISTEN_BACKLOG 128
 
 struct control {
         sd_event *event;
@@ -48,7 +51,7 @@ struct control {
         int login_r;
         char login_message[256];
         uint64_t evicted; /* idle connections closed to make room (evict_idle()) */
-        struct ratelimit evict_log, full_log;
+        struct ratelimit evict_log, full_log, refused_log;
 };
 
 struct conn {
@@ -59,7 +62,6 @@ struct conn {
         size_t in_len;
         char *out;
         size_t out_len, out_off;
-        bool denied; /* refused by the peer check: its request is read and answered, not run */
         bool pending; /* waiting for the cloud (register); the answer comes later */
         /* What the connection waits for, owned by it: freeing the connection (the client hung
          * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
@@ -683,8 +685,7 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 }
                 return 0;
         }
-        if (conn_set_reply(c, c->denied ? error_reply("permission denied")
-                                        : dispatch(c->ctl, c, c->in, (size_t) (nl - c->in))) < 0)
+        if (conn_set_reply(c, dispatch(c->ctl, c, c->in, (size_t) (nl - c->in))) < 0)
                 conn_free(c);
         return 0;
 }
@@ -760,6 +761,42 @@ static bool evict_idle(struct control *ctl) {
         return true;
 }
 
+/* A peer that fails the SO_PEERCRED check is answered and closed here, at accept: it never
+ * holds one of the CONTROL_MAX_CLIENTS slots, never makes room by closing another connection and
+ * is never waited for, so that a local user outside group iothub cannot crowd operators out
+ * (16 slow clients of its own, reconnecting at every eviction) the way a member could.
+ * What it has already sent is read first: closing a socket with unread data makes the peer's
+ * next read fail with ECONNRESET, which could come before it reads the answer. Whatever it sends
+ * after this goes nowhere (EPIPE on its side), and the answer is still there for it to read. */
+static void refuse_peer(struct control *ctl, int fd, const struct ucred *cred, int r) {
+        static const char answer[] = "{\"ok\":false,\"error\":\"permission denied\"}\n";
+        char sink[4096];
+        uint64_t suppressed;
+
+        if (ctl->ev.peer_refused)
+                ctl->ev.peer_refused(ctl->ev.userdata);
+        /* Every refused connection is counted (peer_refused); the log says it at most
+         * CONTROL_REFUSED_LOG_BURST times a window, since the peer decides how often. */
+        if (ratelimit_allow(&ctl->refused_log, now_monotonic_usec(), CONTROL_FULL_LOG_WINDOW_USEC,
+                            CONTROL_REFUSED_LOG_BURST, &suppressed)) {
+                if (suppressed > 0)
+                        log_event(LOG_WARNING, 0, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
+                                  "Suppressed %" PRIu64 " more refused control connections", suppressed);
+                log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
+                          "Refused control connection from pid %d uid %u gid %u: %m", (int) cred->pid,
+                          (unsigned) cred->uid, (unsigned) cred->gid);
+        }
+        /* Bounded: at most one request's worth, and only what is already there. */
+        for (size_t got = 0; got < CONTROL_REQUEST_MAX;) {
+                ssize_t n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+                if (n <= 0)
+                        break;
+                got += (size_t) n;
+        }
+        /* A fresh socket's buffer holds this one short line: it is sent whole or not at all. */
+        (void) send(fd, answer, sizeof answer - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
 static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct control *ctl = userdata;
         struct ucred cred = { 0 };
@@ -772,12 +809,10 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (cfd < 0)
                 return 0;
         r = peer_check(cfd, &cred);
-        if (r < 0 && ctl->ev.peer_refused)
-                ctl->ev.peer_refused(ctl->ev.userdata);
-        if (r < 0)
-                log_event(LOG_WARNING, r, IOTHUB_MID_CONTROL_DENIED, NULL, NULL,
-                          "Refused control connection from pid %d uid %u gid %u: %m", (int) cred.pid,
-                          (unsigned) cred.uid, (unsigned) cred.gid);
+        if (r < 0) {
+                refuse_peer(ctl, cfd, &cred, r);
+                return 0;
+        }
         if (ctl->n_clients >= CONTROL_MAX_CLIENTS && !evict_idle(ctl)) {
                 if (ratelimit_allow(&ctl->full_log, now_monotonic_usec(), CONTROL_FULL_LOG_WINDOW_USEC, 1, &suppressed))
                         log_warning("Too many control connections waiting for answers, refusing one");
@@ -787,9 +822,6 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         if (!c)
                 return 0;
         c->ctl = ctl;
-        /* A refused peer still has its request read before the answer, so that closing
-         * with unread data does not reset the connection and eat the answer. */
-        c->denied = r < 0;
         c->fd = TAKE_FD(cfd);
         ctl->n_clients++;
         c->next = ctl->conns;
@@ -825,7 +857,10 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
         if (bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0)
                 return -errno;
         /* The file mode is a first gate (owner and group); SO_PEERCRED is the real check. */
-        if (chmod(sa.sun_path, 0660) < 0 || listen(fd, 16) < 0)
+        /* The backlog is larger than CONTROL_MAX_CLIENTS: refused peers are closed at accept, and
+         * a burst of them (24 connecting at once in abuse.test) must not fill the queue so that
+         * an operator's non-blocking connect fails with EAGAIN. */
+        if (chmod(sa.sun_path, 0660) < 0 || listen(fd, CONTROL_LISTEN_BACKLOG) < 0)
                 return -errno;
         ctl = calloc(1, sizeof *ctl);
         if (!ctl)
@@ -943,6 +978,10 @@ int control_call_stream(const char *path, json_t *request, void (*on_line)(void 
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
+                        /* A refused peer's answer, then the reset of a daemon that closed with
+                         * part of the request unread (refuse_peer()): the answer counts. */
+                        if (errno == ECONNRESET && len > 0)
+                                break;
                         return -errno;
                 }
                 if (n == 0)
