@@ -288,8 +288,11 @@ static int buf_reserve(struct signer_buf *b, size_t n) {
 int signer_msg_begin(struct signer_buf *b, uint32_t id, unsigned op, bool answer, int status) {
         int r;
 
-        if (!b || b->open || op == 0 || op >= _SIGNER_OP_MAX || status > 0 || status < INT16_MIN ||
-            (!answer && status != 0))
+        if (!b || b->open || status > 0 || status < INT16_MIN || (!answer && status != 0))
+                return -EINVAL;
+        /* An error answer echoes whatever op the request carried (iothub-signer(8): an unknown
+         * op's -EBADMSG, or 0 when the header was unreadable); anything else names a known op. */
+        if (answer && status < 0 ? op > (uint16_t) ~SIGNER_ANSWER : op == 0 || op >= _SIGNER_OP_MAX)
                 return -EINVAL;
         r = buf_reserve(b, SIGNER_HEADER_LEN);
         if (r < 0)
@@ -375,8 +378,11 @@ int signer_msg_end(struct signer_buf *b) {
         }
         put_u32(b->data + b->start, (uint32_t) (n - SIGNER_PREFIX_LEN));
         /* What the other side would refuse is never sent: a missing required field, a field the
-         * op does not take, a NUL in a text, a length out of range. */
-        if (signer_msg_decode(b->data + b->start, n, &m) < 0) {
+         * op does not take, a NUL in a text, a length out of range. An error answer without
+         * fields has nothing to check, and may echo an op unknown to the decoder (begin()). */
+        bool bare_error = n == SIGNER_HEADER_LEN && (get_u16(b->data + b->start + 8) & SIGNER_ANSWER) &&
+                          (int16_t) get_u16(b->data + b->start + 10) < 0;
+        if (!bare_error && signer_msg_decode(b->data + b->start, n, &m) < 0) {
                 drop_open(b);
                 return -EINVAL;
         }

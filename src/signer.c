@@ -79,6 +79,7 @@ struct conn {
         struct req *reqs;
         unsigned inflight;
         bool closing; /* a malformed message: answer, then close */
+        bool eof;     /* the client shut down its sending side: answer what it asked, then close */
         struct attest *attest; /* ATTEST_BEGIN done, ATTEST_ANSWER awaited */
 };
 
@@ -659,9 +660,9 @@ static void conn_malformed(struct conn *c, uint32_t id, unsigned op, const char 
                 log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_MALFORMED, NULL, why,
                           "Malformed request from uid %u (%s): answered -EBADMSG, connection closed",
                           (unsigned) c->uid, why);
-        /* The op is unknown or untrusted: the answer names KEY_INFO's number only when the op
-         * itself was not readable; the client matches answers by id. */
-        answer_error(c, id, op > 0 && op < _SIGNER_OP_MAX ? op : SIGNER_OP_STATUS, -EBADMSG);
+        /* iothub-signer(8) WIRE FORMAT: the answer echoes the op as sent (an unknown one too,
+         * without the answer bit), or 0 when the header could not be read. */
+        answer_error(c, id, op & ~SIGNER_ANSWER, -EBADMSG);
         c->closing = true;
         conn_update_events(c);
 }
@@ -753,8 +754,13 @@ static int conn_read(struct conn *c) {
         n = read(c->fd, c->in + c->in_len, c->in_cap - c->in_len);
         if (n < 0)
                 return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        if (n == 0)
-                return -ECONNRESET;
+        if (n == 0) {
+                /* shutdown(SHUT_WR) after the requests is a client saying it has no more: the
+                 * requests read are still answered (conn_finished()). A message cut short by it
+                 * is dropped with the connection. */
+                c->eof = true;
+                return 0;
+        }
         c->in_len += (size_t) n;
         return 1;
 }
@@ -771,12 +777,26 @@ static int conn_write(struct conn *c) {
         return 0;
 }
 
+/* Whether the connection has nothing left to do: a malformed message answered, or the client
+ * done sending (EOF) and every request it sent answered and its answer written. */
+static bool conn_finished(struct conn *c) {
+        size_t need = 0;
+
+        if (c->out.len > 0)
+                return false;
+        if (c->closing)
+                return true;
+        /* No request waiting for the TPM, none complete still to run (held back by the limits). */
+        return c->eof && c->inflight == 0 && signer_msg_frame(c->in, c->in_len, &need) <= 0;
+}
+
 static void conn_update_events(struct conn *c) {
         uint32_t ev = 0;
 
         if (!c->io)
                 return;
-        if (!c->closing && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX)
+        /* After EOF the socket stays readable: no EPOLLIN then, or the loop would spin. */
+        if (!c->closing && !c->eof && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX)
                 ev |= EPOLLIN;
         if (c->out.len > 0)
                 ev |= EPOLLOUT;
@@ -793,7 +813,7 @@ static int on_conn_io(sd_event_source *src, int fd, uint32_t revents, void *user
                         goto drop;
                 conn_resume(c);
         }
-        if (c->closing && c->out.len == 0)
+        if (conn_finished(c))
                 goto drop;
         /* The peer is gone both ways: nobody to answer. */
         if (revents & (EPOLLHUP | EPOLLERR))
@@ -810,7 +830,7 @@ static int on_conn_io(sd_event_source *src, int fd, uint32_t revents, void *user
                 /* Answer at once what could be answered at once. */
                 if (c->out.len > 0 && conn_write(c) < 0)
                         goto drop;
-                if (c->closing && c->out.len == 0)
+                if (conn_finished(c))
                         goto drop;
         }
         conn_update_events(c);

@@ -56,7 +56,7 @@ struct signer_policy {
 int signer_policy_init(struct signer_policy *p, const struct iothub_conf *c, char **ret_error);
 void signer_policy_done(struct signer_policy *p);
 
-/* GET, POST, PUT, DELETE. */
+/* GET, POST or PUT: the methods of the requests iothubd sends; nothing else is signed. */
 bool signer_method_is_allowed(const char *method);
 
 /* One of the requests iothubd sends to the cloud (PROTOCOL.md 3 and 5), as signer-policy.c's

@@ -49,7 +49,7 @@ enum signer_tag {
         SIGNER_TAG_KEY_ID = 1,           /* T [43..43] RFC 7638 thumbprint, base64url */
         SIGNER_TAG_JWK = 2,              /* T [1..1024] the public JWK, JSON */
         SIGNER_TAG_BACKEND = 3,          /* T [1..8] "tpm" or "file" */
-        SIGNER_TAG_METHOD = 4,           /* T [1..8] GET, POST, PUT, DELETE (the policy checks which) */
+        SIGNER_TAG_METHOD = 4,           /* T [1..8] GET, POST or PUT (the policy checks which) */
         SIGNER_TAG_TARGET_URI = 5,       /* T [1..2048] */
         SIGNER_TAG_AUTHORIZATION = 6,    /* T [1..8192] the whole header value, "Bearer x"; required in SIGN_HTTP
                                           * (PROTOCOL.md 3: every request has one, signed) */

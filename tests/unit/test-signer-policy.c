@@ -239,6 +239,38 @@ static void test_http_table(void **state) {
         }
 }
 
+/* Only the methods iothubd sends are signed: DELETE (once listed, never sent) and PATCH are
+ * refused for what they are, before the request table is consulted, even on the issuer's
+ * origin, where any POST may have a DPoP proof. */
+static void test_methods(void **state) {
+        _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api/",
+                                                        "https://login.example:8443/realms/x");
+        static const char *const refused[] = { "DELETE", "PATCH", "HEAD", "OPTIONS", "delete", "" };
+        static const char hub[] = "https://cloud.example/api/v1/hubs/hub-1";
+        static const char token[] = "https://login.example:8443/realms/x/token";
+        struct signer_policy p;
+        const char *why;
+
+        assert_true(signer_method_is_allowed("GET"));
+        assert_true(signer_method_is_allowed("POST"));
+        assert_true(signer_method_is_allowed("PUT"));
+        assert_false(signer_method_is_allowed(NULL));
+        assert_int_equal(signer_policy_init(&p, c, NULL), 0);
+        for (size_t i = 0; i < ELEMENTSOF(refused); i++) {
+                assert_false(signer_method_is_allowed(refused[i]));
+                why = NULL;
+                assert_int_equal(signer_policy_http(&p, refused[i], hub, "Bearer a", &why), -EPERM);
+                assert_string_equal(why, "method is not GET, POST or PUT");
+                why = NULL;
+                assert_int_equal(signer_policy_dpop(&p, refused[i], hub, NULL, NULL, &why), -EPERM);
+                assert_string_equal(why, "method is not GET, POST or PUT");
+                why = NULL;
+                assert_int_equal(signer_policy_dpop(&p, refused[i], token, NULL, NULL, &why), -EPERM);
+                assert_string_equal(why, "method is not GET, POST or PUT");
+        }
+        signer_policy_done(&p);
+}
+
 static void test_http_dpop(void **state) {
         _cleanup_conf_ struct iothub_conf *c = conf_new("https://cloud.example/api", "https://login.example:8443/realms/x");
         struct signer_policy p;
@@ -465,6 +497,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_origin_table),
                 cmocka_unit_test(test_http_table),
+                cmocka_unit_test(test_methods),
                 cmocka_unit_test(test_http_dpop),
                 cmocka_unit_test(test_command),
                 cmocka_unit_test(test_bucket),

@@ -186,6 +186,24 @@ static void test_error_answer(void **state) {
         assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_BACKEND, "tpm"), 0);
         assert_int_equal(signer_msg_end(&b), -EINVAL);
         assert_int_equal(b.len, SIGNER_HEADER_LEN);
+        /* -EBADMSG to an unknown op echoes that op (iothub-signer(8) WIRE FORMAT), or 0 when
+         * the header was unreadable; never with a field, never in a successful answer. */
+        static const uint8_t unknown[] = { 0, 0, 0, 8, 0, 0, 0, 11, 0x80, 99, 0xff, (uint8_t) -EBADMSG };
+        static const uint8_t none[] = { 0, 0, 0, 8, 0, 0, 0, 0, 0x80, 0, 0xff, (uint8_t) -EBADMSG };
+        assert_int_equal(signer_msg_begin(&b, 11, 99, true, -EBADMSG), 0);
+        assert_int_equal(signer_msg_end(&b), 0);
+        assert_int_equal(b.len, 2 * SIGNER_HEADER_LEN);
+        assert_memory_equal(b.data + SIGNER_HEADER_LEN, unknown, sizeof unknown);
+        assert_int_equal(signer_msg_begin(&b, 0, 0, true, -EBADMSG), 0);
+        assert_int_equal(signer_msg_end(&b), 0);
+        assert_memory_equal(b.data + 2 * SIGNER_HEADER_LEN, none, sizeof none);
+        assert_int_equal(signer_msg_begin(&b, 12, 99, true, -EBADMSG), 0);
+        assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_BACKEND, "tpm"), 0);
+        assert_int_equal(signer_msg_end(&b), -EINVAL);
+        assert_int_equal(b.len, 3 * SIGNER_HEADER_LEN);
+        assert_int_equal(signer_msg_begin(&b, 13, 99, true, 0), -EINVAL);
+        assert_int_equal(signer_msg_begin(&b, 13, 0x8000, true, -EBADMSG), -EINVAL);
+        assert_int_equal(signer_msg_begin(&b, 13, 0, false, 0), -EINVAL);
         signer_buf_done(&b);
 }
 
