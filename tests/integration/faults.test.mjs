@@ -88,6 +88,14 @@ async function stopClean(h) {
   const r = await h.stop();
   assert.doesNotMatch(h.stderrText, /AddressSanitizer|LeakSanitizer|runtime error/, h.stderrText);
   assert.equal(r.code, 0, `exit ${r.code} ${r.signal}: ${h.stderrText}`);
+  // The signer logs to the journal as the daemon does (lib/faults.mjs): its start line is there,
+  // under its own SYSLOG_IDENTIFIER, and not on its stderr.
+  assert.doesNotMatch(h.signerStderrText, /AddressSanitizer|LeakSanitizer|runtime error|started on/, h.signerStderrText);
+  assert.ok(h.signerEntries((e) => /^iothub-signer \S+ started on .*serving uid \d+, key /.test(e.MESSAGE)).length >= 1,
+    `the signer's start line in the journal (signer entries: ${JSON.stringify(h.signerEntries().map((e) => e.MESSAGE))})`);
+  // The signer sees the bearer token (AUTHORIZATION of every SIGN_HTTP): no entry of either
+  // process carries it, in any field.
+  for (const e of h.journal) assert.ok(!JSON.stringify(e).includes(TOKEN), `a token in the journal: ${JSON.stringify(e)}`);
 }
 
 before(async () => {
@@ -623,7 +631,8 @@ test('TPM: absent at start (frames spooled, READY), killed mid-run and back (upl
     console.log(`another tpm: ${e2.IOTHUB_REASON}: ${e2.MESSAGE}; status key ${JSON.stringify(st2.key)}`);
     assert.equal(e2.IOTHUB_REASON, 'key_not_in_tpm');
     assert.match(e2.MESSAGE, /the hub key \S+ is not in the TPM at|signer: Required key not available/);
-    assert.match(h.signerLog, /the hub key \S+ is not in the TPM at/);
+    assert.ok(h.signerEntries((e) => /the hub key \S+ is not in the TPM at/.test(e.MESSAGE), mark2).length >= 1,
+      `the signer's reason in the journal: ${JSON.stringify(h.signerEntries(() => true, mark2).map((e) => e.MESSAGE))}`);
     await sleep(2000);
     assert.equal(cloud.state.signatures, sigs0, 'nothing signed while the TPM is another one');
     // The right TPM back.

@@ -35,7 +35,9 @@ export async function faketimeLib() {
 // The daemon under test as under systemd: stderr is the journal stream, so it logs through
 // sd_journal_sendv() to /run/systemd/journal/socket, which in its own mount namespace is a
 // socket of this test (entries collected in .journal, parsed into fields). STATUS= lines still
-// arrive on the harness's NOTIFY_SOCKET, iothubctl works as for Hub.
+// arrive on the harness's NOTIFY_SOCKET, iothubctl works as for Hub. The signer logs the same
+// way, into the same journal (SYSLOG_IDENTIFIER=iothub-signer: signerEntries()), its stderr
+// kept in signerStderrText (a sanitizer's report, nothing else).
 // opts.clockFile: run under libfaketime with FAKETIME_TIMESTAMP_FILE, read again at every
 // call (FAKETIME_NO_CACHE), so that the test moves the daemon's clock while it runs.
 export class FaultHub extends Hub {
@@ -47,6 +49,7 @@ export class FaultHub extends Hub {
     await h.writeConfig();
     h.journal = [];
     h.errPath = path.join(h.dir, 'stderr');
+    h.signerErrPath = path.join(h.dir, 'signer-stderr');
     h.clockFile = opts.clockFile ?? null;
     h.starts = [];
     const fakerun = path.join(h.dir, 'fakerun');
@@ -63,9 +66,10 @@ export class FaultHub extends Hub {
     return h;
   }
 
-  // Journal entries with this MESSAGE_ID (name from log.h) and pred, from index 'from' on.
+  // The daemon's journal entries with this MESSAGE_ID (name from log.h) and pred, from index
+  // 'from' on (the signer's, some with the same MESSAGE_IDs: signerEntries()).
   entries(mid, pred = () => true, from = 0) {
-    return this.journal.slice(from).filter((e) => e.MESSAGE_ID === MID[mid] && pred(e));
+    return this.journal.slice(from).filter((e) => e.MESSAGE_ID === MID[mid] && e.SYSLOG_IDENTIFIER !== 'iothub-signer' && pred(e));
   }
 
   async waitEntry(mid, pred = () => true, from = 0, timeoutMs = 10000) {
@@ -74,6 +78,26 @@ export class FaultHub extends Hub {
   }
 
   get stderrText() { try { return readFileSync(this.errPath, 'utf8'); } catch { return ''; } }
+
+  get signerStderrText() { try { return readFileSync(this.signerErrPath, 'utf8'); } catch { return ''; } }
+
+  // The signer's journal entries (pred, from index 'from' on).
+  signerEntries(pred = () => true, from = 0) {
+    return this.journal.slice(from).filter((e) => e.SYSLOG_IDENTIFIER === 'iothub-signer' && pred(e));
+  }
+
+  // Runs the program in a mount namespace whose /run is the test's (fakerun), its stderr the
+  // journal stream: as the unit runs it, logging to the journal.
+  #journalSpawn(envIn, errPath) {
+    const fd = openSync(errPath, 'a');
+    const st = fstatSync(fd, { bigint: true });
+    return {
+      fd,
+      env: { ...envIn, JOURNAL_STREAM: `${st.dev}:${st.ino}` },
+      wrap: (cmd, argv) => ['unshare', ['-m', '--propagation', 'private', '--', 'sh', '-c',
+        'mount --bind "$1" /run && shift && exec "$@"', 'sh', this.fakerun, cmd, ...argv]],
+    };
+  }
 
   async start(opts = {}) {
     // The signer first, on the same clock as the daemon (one system clock on a hub).
@@ -86,7 +110,12 @@ export class FaultHub extends Hub {
         senv.DONT_FAKE_MONOTONIC = '1';
         senv.ASAN_OPTIONS = [process.env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':');
       }
-      await this.startSigner({ env: senv });
+      const j = this.#journalSpawn(senv, this.signerErrPath);
+      try {
+        await this.startSigner({ env: j.env, wrap: j.wrap, stderrFd: j.fd });
+      } finally {
+        closeSync(j.fd);
+      }
     }
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -96,9 +125,8 @@ export class FaultHub extends Hub {
       this.notifications.push(line);
     }));
     const mark = this.notifications.length;
-    const fd = openSync(this.errPath, 'a');
-    const st = fstatSync(fd, { bigint: true });
-    const env = { ...process.env, NOTIFY_SOCKET: this.notifySock, JOURNAL_STREAM: `${st.dev}:${st.ino}`, ...(opts.env ?? {}) };
+    const j = this.#journalSpawn({ ...process.env, NOTIFY_SOCKET: this.notifySock }, this.errPath);
+    const env = { ...j.env, ...(opts.env ?? {}) };
     if (this.clockFile) {
       env.LD_PRELOAD = [await faketimeLib(), env.LD_PRELOAD].filter(Boolean).join(':');
       env.FAKETIME_TIMESTAMP_FILE = this.clockFile;
@@ -108,10 +136,9 @@ export class FaultHub extends Hub {
       // Under make asan, the sanitizer's runtime is not first in the preload list any more.
       env.ASAN_OPTIONS = [env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':');
     }
-    this.proc = spawn('unshare', ['-m', '--propagation', 'private', '--', 'sh', '-c',
-      'mount --bind "$1" /run && shift && exec "$@"', 'sh', this.fakerun, IOTHUBD, '--config', this.configPath,
-      ...(opts.args ?? [])], { env, stdio: ['ignore', 'ignore', fd] });
-    closeSync(fd);
+    const [cmd, argv] = j.wrap(IOTHUBD, ['--config', this.configPath, ...(opts.args ?? [])]);
+    this.proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', j.fd] });
+    closeSync(j.fd);
     this.starts.push(Date.now());
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
     if (opts.waitReady !== false)

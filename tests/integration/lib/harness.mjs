@@ -195,17 +195,22 @@ export class Hub {
   // The signer as its unit runs it, on the configured socket; opts.signer === false starts the
   // daemon alone (a test starts the signer later with startSigner()). Waits until the socket
   // takes connections, or the signer exited (a bad configuration: the test looks at the daemon).
+  // opts.wrap(cmd, argv) -> [cmd, argv] runs it through another program (FaultHub: a mount
+  // namespace of its own); opts.stderrFd: its stderr goes there (with opts.env.JOURNAL_STREAM,
+  // its log goes to the journal), and signerLog stays empty.
   async startSigner(opts = {}) {
     if (this.signerProc && this.signerProc.exitCode === null && this.signerProc.signalCode === null) return;
-    const env = { ...process.env, ...(opts.env ?? {}) };
+    const env = { ...process.env };
     delete env.NOTIFY_SOCKET;
     delete env.JOURNAL_STREAM;
     delete env.LISTEN_FDS;
     delete env.LISTEN_PID;
-    const proc = spawn(IOTHUB_SIGNER, ['--config', this.configPath, '--listen', this.signerSock, ...(opts.args ?? [])],
-      { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    Object.assign(env, opts.env ?? {});
+    let [cmd, argv] = [IOTHUB_SIGNER, ['--config', this.configPath, '--listen', this.signerSock, ...(opts.args ?? [])]];
+    if (opts.wrap) [cmd, argv] = opts.wrap(cmd, argv);
+    const proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', opts.stderrFd ?? 'pipe'] });
     this.signerProc = proc;
-    proc.stderr.on('data', (d) => { this.signerLog += d; });
+    proc.stderr?.on('data', (d) => { this.signerLog += d; });
     this.signerExited = once(proc, 'exit').then(([code, signal]) => ({ code, signal }));
     const end = Date.now() + 5000 * SLOW;
     while (Date.now() < end && proc.exitCode === null && proc.signalCode === null) {
