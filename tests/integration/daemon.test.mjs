@@ -136,13 +136,23 @@ test('reload with a broken file keeps running on the old configuration', async (
 test('reload applies [frames] at once and reports keys that need a restart', async () => {
   const hub = await Hub.start(broker);
   try {
-    hub.overrides = { hub: { id: 'other-id' }, frames: { max_bytes: 1024 } };
+    const signerSock = hub.signerSock;
+    await waitFor(async () => (await hub.status()).signer.connected, 5000, 'connected to the signer');
+    // [signer] socket too (issue 14): the daemon keeps asking the signer it started with.
+    hub.overrides = { hub: { id: 'other-id' }, frames: { max_bytes: 1024 }, signer: { socket: path.join(hub.dir, 'elsewhere.sock') } };
     await hub.writeConfig();
     const mark = hub.notifications.length;
     hub.proc.kill('SIGHUP');
     await hub.waitNotify((l) => l.split('|').includes('READY=1'), 5000, 'READY=1', mark);
     await waitFor(() => /\[hub\] id changed.*restart/.test(hub.log), 2000, 'restart notice');
     assert.equal((await hub.status()).hub_id, 'test-hub');
+    assert.match(hub.log, new RegExp(`\\[signer\\] socket changed; it takes effect after a restart, keeping '${signerSock}'`));
+    assert.equal((await hub.status()).signer.socket, signerSock);
+    // The signer restarted on its old socket: the daemon reconnects there.
+    await hub.stopSigner();
+    await waitFor(async () => !(await hub.status()).signer.connected, 5000, 'the signer gone');
+    await hub.startSigner();
+    await waitFor(async () => (await hub.status()).signer.connected, 15000, 'connected again on the old socket');
   } finally { await hub.cleanup(); }
 });
 
