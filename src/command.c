@@ -422,23 +422,3 @@ int command_jws_prepare(const char *kid, const char *payload, size_t len, char *
                 return -EINVAL;
         return jws_compact_prepare(header, (size_t) n, payload, len, ret, ret_len);
 }
-
-int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
-                char **ret) {
-        _cleanup_free_ char *jws = NULL;
-        uint8_t sig[HUBKEY_SIG_LEN];
-        size_t at = 0;
-        int r;
-
-        if (!sign || !ret)
-                return -EINVAL;
-        r = command_jws_prepare(kid, payload, len, &jws, &at);
-        if (r < 0)
-                return r;
-        r = sign(userdata, jws, at, sig);
-        if (r < 0)
-                return r;
-        jws_compact_finish(jws, at, sig);
-        *ret = TAKE_PTR(jws);
-        return 0;
-}

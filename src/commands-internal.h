@@ -101,16 +101,11 @@ int command_payload_add_cloud(char *buf, size_t len, size_t size, const char *jw
 int command_payload(const char *hub, const char *dev, const char *id, int64_t iat, int64_t exp,
                     const struct command_set *set, char *buf, size_t size);
 
-/* The JWS Compact of PROTOCOL.md 2 over payload: protected header
- * {"alg":"ES256","kid":"<kid>","typ":"iothub-cmd"}, signed through sign() (ES256: the raw 64-byte
- * r||s of RFC 7518 3.4). *ret is malloc'ed. Returns 0 or a negative errno. */
-typedef int (*command_sign_t)(void *userdata, const void *msg, size_t len, uint8_t ret_sig[HUBKEY_SIG_LEN]);
-int command_jws(const char *kid, const char *payload, size_t len, command_sign_t sign, void *userdata,
-                char **ret);
-
-/* command_jws() in two steps (jws.h, jws_compact_prepare()): the signing input with that header
- * over payload, for a signature made asynchronously; finish with jws_compact_finish(). -EINVAL
- * when the JWS would be longer than COMMAND_JWS_MAX. */
+/* The JWS Compact of PROTOCOL.md 2 over payload, in two steps (jws.h, jws_compact_prepare()), as
+ * iothub-signer makes it with an asynchronous signature: this gives the signing input with the
+ * protected header {"alg":"ES256","kid":"<kid>","typ":"iothub-cmd"}; the key signs it (ES256: the
+ * raw 64-byte r||s of RFC 7518 3.4) and jws_compact_finish() completes it. -EINVAL for a kid that
+ * is not base64url or when the JWS would be longer than COMMAND_JWS_MAX. */
 int command_jws_prepare(const char *kid, const char *payload, size_t len, char **ret, size_t *ret_len);
 
 /* The result body of PROTOCOL.md 3: {"status":..,"at":..[,"detail":..]}, malloc'ed. */
