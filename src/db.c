@@ -842,6 +842,13 @@ static int db_syncer_new(struct db *db) {
                 r = -errno;
                 goto fail;
         }
+        /* Once, here: what an earlier run committed without a sync (it was killed before its
+         * sync) is in the page cache, and this run reads it (bulbs' seqs) and acks resends
+         * with it. */
+        if (fdatasync(y->wal_fd) < 0) {
+                r = -errno;
+                goto fail;
+        }
         y->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (y->event_fd < 0) {
                 r = -errno;
