@@ -59,7 +59,10 @@ export class CtlProbe {
 // start() returns is the exec (child_process.spawn returns once exec succeeded).
 export async function timedStart(hub, timeoutMs = 20000) {
   let readyAt = null;
-  const p = hub.start({ waitReady: false });
+  // The signer first (the harness starts it before the daemon, with an await that would leave
+  // hub.notify unset below): then start() spawns the listener before its first await.
+  await hub.startSigner();
+  const p = hub.start({ waitReady: false, signer: false });
   let buf = '';
   hub.notify.stdout.on('data', (d) => {
     buf += d;
