@@ -855,7 +855,8 @@ static int db_syncer_new(struct db *db) {
                 goto fail;
         }
         /* The checkpointer's own connection; a second connection also keeps the -wal file (and
-         * so wal_fd's inode) in place while the loop's connection lives. */
+         * so wal_fd's inode) in place while the loop's connection lives. A checkpoint copies
+         * pages through a buffer of its own, not the page cache: 64 KiB of cache is plenty. */
         rc = sqlite3_open_v2(db->path, &y->ckpt, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE,
                              NULL);
         if (rc != SQLITE_OK) {
@@ -865,7 +866,7 @@ static int db_syncer_new(struct db *db) {
         (void) sqlite3_busy_timeout(y->ckpt, DB_BUSY_TIMEOUT_MS);
         rc = sqlite3_exec(y->ckpt,
                           "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0; "
-                          "PRAGMA journal_size_limit = 16777216",
+                          "PRAGMA journal_size_limit = 16777216; PRAGMA cache_size = -64",
                           NULL, NULL, NULL);
         if (rc != SQLITE_OK) {
                 r = db_errno(rc);
