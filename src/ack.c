@@ -40,6 +40,7 @@ struct ack {
         sd_event_source *timer;
         uint64_t timer_usec; /* when the timer fires, 0: disarmed */
         bool connected;
+        bool sync_failed; /* ack_sync_failed(): nothing committed is acked any more */
         struct ack_entry *all, *staged, *waiting, *pending;
         uint64_t n_pending;
         uint64_t published, publish_failed;
@@ -159,7 +160,7 @@ void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed) {
         }
         if (committed) {
                 /* Acks of this bulb wait for a sync: they carry its newest seq, which this is. */
-                if (e->wait_gen[0] == 0)
+                if (e->wait_gen[0] == 0 && !a->sync_failed)
                         ack_due(a, e, seq, now_monotonic_usec());
                 return;
         }
@@ -173,6 +174,8 @@ void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed) {
 }
 
 static void ack_wait(struct ack *a, struct ack_entry *e, int64_t seq, uint64_t gen) {
+        if (a->sync_failed)
+                return;
         if (e->wait_gen[0] == 0 || e->wait_gen[0] == gen) {
                 e->wait_gen[0] = gen;
                 if (seq > e->wait_seq[0])
@@ -236,6 +239,21 @@ void ack_synced(struct ack *a, uint64_t gen) {
                         continue;
                 }
                 p = &e->waiting_next;
+        }
+}
+
+void ack_sync_failed(struct ack *a) {
+        if (!a)
+                return;
+        a->sync_failed = true;
+        while (a->waiting) {
+                struct ack_entry *e = a->waiting;
+
+                a->waiting = e->waiting_next;
+                e->waiting_next = NULL;
+                e->on_waiting = false;
+                e->wait_gen[0] = e->wait_gen[1] = 0;
+                e->wait_seq[0] = e->wait_seq[1] = 0;
         }
 }
 

@@ -25,8 +25,6 @@
 /* The syncer checkpoints once the WAL holds this many pages (what wal_autocheckpoint did on the
  * loop's connection, same size: see db_open()). */
 #define DB_CHECKPOINT_PAGES 4096
-/* After a failed fdatasync, the syncer tries again this much later (nothing is acked meanwhile). */
-#define DB_SYNC_RETRY_SEC 1
 
 /* Durability off the loop (issue 13): the loop's connection commits with synchronous = NORMAL
  * (a commit writes the WAL, no fsync); this thread fdatasyncs the WAL (an fd of the -wal file:
@@ -41,7 +39,7 @@ struct db_syncer {
         sd_event_source *source;
         uint64_t requested; /* the newest commit generation to make durable */
         uint64_t synced;    /* every commit up to this generation is on disk */
-        int error;          /* a failed fdatasync not yet reported to the loop, 0: none */
+        int error;          /* a failed fdatasync (the thread stops syncing), 0: none */
         bool checkpoint, stop;
         bool started; /* thread runs (loop's thread only) */
 };
@@ -737,23 +735,21 @@ static void *db_syncer_main(void *userdata) {
                 if (r == 0 && checkpoint)
                         (void) sqlite3_wal_checkpoint_v2(y->ckpt, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
                 pthread_mutex_lock(&y->mu);
-                if (r == 0) {
+                if (r == 0)
                         y->synced = target;
-                } else {
+                else
                         y->error = r;
-                        if (y->stop)
-                                y->synced = y->requested; /* give up: the loop is told the error */
-                }
                 /* Only EAGAIN can fail here (the counter is full): the loop wakes up anyway. */
                 if (write(y->event_fd, &one, sizeof one) < 0)
                         (void) 0;
-                if (r < 0 && !y->stop) {
+                if (r < 0) {
                         /* After a failed fdatasync the kernel may have dropped the dirty pages
-                         * (the "fsyncgate" lesson): nothing waiting is acked; try again later. */
-                        struct timespec ts;
-                        (void) clock_gettime(CLOCK_REALTIME, &ts);
-                        ts.tv_sec += DB_SYNC_RETRY_SEC;
-                        (void) pthread_cond_timedwait(&y->cond, &y->mu, &ts);
+                         * (PostgreSQL's "fsyncgate"), and a later success proves nothing about
+                         * them; SQLite's WAL recovery also stops at the first bad frame, so later
+                         * commits are no safer. Nothing more is made durable until a restart. */
+                        while (!y->stop)
+                                pthread_cond_wait(&y->cond, &y->mu);
+                        break;
                 }
         }
         pthread_mutex_unlock(&y->mu);
@@ -769,7 +765,6 @@ static void db_syncer_report(struct db *db) {
         pthread_mutex_lock(&y->mu);
         gen = y->synced;
         error = y->error;
-        y->error = 0;
         pthread_mutex_unlock(&y->mu);
         if (db->sync_cb)
                 db->sync_cb(db->sync_userdata, gen, error);

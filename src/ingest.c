@@ -104,7 +104,7 @@ struct ingest {
                 uint64_t gen, frames;
         } unsynced[INGEST_UNSYNCED_MAX];
         size_t n_unsynced;
-        int sync_errno; /* the last fdatasync failed with it, 0: it worked */
+        int sync_errno; /* an fdatasync failed with it (for good), 0: none did */
 };
 
 static bool log_allowed(struct ingest *in, struct ratelimit *rl, uint64_t now, const char *dev) {
@@ -516,6 +516,12 @@ int ingest_commit(struct ingest *in) {
         if (!in->batch.open)
                 return 0;
         (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
+        if (in->sync_errno != 0) {
+                /* Nothing reaches the disk any more (on_synced()): refused like a failed commit. */
+                store_failed(in, in->sync_errno, in->batch.count);
+                batch_abort(in, false);
+                return in->sync_errno;
+        }
         r = db_begin(in->db);
         if (r < 0) {
                 store_failed(in, r, in->batch.count);
@@ -564,24 +570,24 @@ int ingest_commit(struct ingest *in) {
         return 0;
 }
 
-/* Every commit up to gen is on disk: its frames are accepted, their bulbs acked. */
+/* Every commit up to gen is on disk: its frames are accepted, their bulbs acked. A failed sync
+ * is for good (db_sync_start()): the frames waiting for one are refused (never acked; their
+ * bulbs resend them and are acked after a restart), and so is every later batch. */
 static void on_synced(void *userdata, uint64_t gen, int error) {
         struct ingest *in = userdata;
         size_t done = 0;
 
-        if (error < 0) {
-                /* Nothing waiting is acked or counted; the syncer tries again. Said once per cause. */
-                if (error != in->sync_errno)
-                        log_event(LOG_ERR, error, IOTHUB_MID_STORE_FAILED, NULL, ingest_store_reason(error),
-                                  "Cannot sync %s/" DB_FILE_NAME "-wal: %m; frames are not acknowledged until it works",
-                                  in->conf->hub.state_dir);
-                in->sync_errno = error;
+        if (in->sync_errno != 0)
                 return;
-        }
-        if (in->sync_errno != 0 && gen > 0) {
-                log_event(LOG_NOTICE, 0, IOTHUB_MID_STORE_RECOVERED, NULL, NULL, "Syncing %s/" DB_FILE_NAME "-wal works again",
-                          in->conf->hub.state_dir);
-                in->sync_errno = 0;
+        if (error < 0) {
+                uint64_t n = 0;
+
+                for (size_t i = 0; i < in->n_unsynced; i++)
+                        if (in->unsynced[i].gen > gen)
+                                n += in->unsynced[i].frames;
+                in->sync_errno = error;
+                ack_sync_failed(in->ack);
+                store_failed(in, error, (unsigned) n);
         }
         ack_synced(in->ack, gen);
         while (done < in->n_unsynced && in->unsynced[done].gen <= gen)
@@ -590,6 +596,8 @@ static void on_synced(void *userdata, uint64_t gen, int error) {
                 memmove(in->unsynced, in->unsynced + done, (in->n_unsynced - done) * sizeof in->unsynced[0]);
                 in->n_unsynced -= done;
         }
+        if (error < 0)
+                in->n_unsynced = 0;
 }
 
 void ingest_sync(struct ingest *in) {

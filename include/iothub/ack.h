@@ -34,6 +34,9 @@ void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed);
 void ack_commit_done(struct ack *a, bool ok, uint64_t gen);
 /* Every commit up to generation gen is on disk: the acks that waited for it are due. */
 void ack_synced(struct ack *a, uint64_t gen);
+/* A sync failed: what waits for one is dropped, and no ack of a commit goes any more (until the
+ * daemon starts again): what is committed may never reach the disk. */
+void ack_sync_failed(struct ack *a);
 /* The broker connection came (pending acks go now) or went (they wait). */
 void ack_connected(struct ack *a, bool connected);
 /* Adds frames.acks_published and frames.acks_pending to the status object. Returns 0 or -ENOMEM. */

@@ -60,8 +60,8 @@ int db_meta_set(struct db *db, const char *key, const char *value);
  * synchronous = NORMAL (a commit writes the WAL without fsync, so a power cut may lose it) and
  * starts one thread that fdatasyncs the WAL after commits and checkpoints (PASSIVE, on its own
  * connection) once the WAL holds 16 MiB; cb runs on e's thread with the newest commit generation
- * that is on disk (error: a negative errno when an fdatasync failed; the thread tries again, gen
- * does not move). Only a sync that began after a commit returned counts for it. Returns 0 or a
+ * that is on disk (error: a negative errno when an fdatasync failed: gen never moves again, the
+ * thread syncs nothing more until the database is opened again). Only a sync that began after a commit returned counts for it. Returns 0 or a
  * negative errno (commits stay durable on return then). */
 typedef void (*db_synced_t)(void *userdata, uint64_t gen, int error);
 int db_sync_start(struct db *db, sd_event *e, db_synced_t cb, void *userdata);
