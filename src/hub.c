@@ -607,8 +607,10 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 }
 
 static void hub_done(struct hub *h) {
-        if (h->ingest)
+        if (h->ingest) {
                 (void) ingest_commit(h->ingest);
+                ingest_sync(h->ingest); /* its last acks, before the MQTT client goes */
+        }
         /* First the control connections: they own requests into the modules below (a pairing
          * window, broker requests), which must be cancelled while those modules still exist. */
         control_free(h->control);

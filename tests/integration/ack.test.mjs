@@ -300,3 +300,76 @@ test('the daemon stops cleanly with acks waiting (no leak under ASan)', async ()
   assert.doesNotMatch(hub.log, /AddressSanitizer|LeakSanitizer|runtime error/, hub.log);
   b.detach();
 });
+
+// Issue 13: the commit does not fsync on the loop (synchronous = NORMAL); a thread fdatasyncs
+// the WAL, and an ack goes only after an fdatasync that began after its frame's commit. Seen from
+// outside with strace on every thread of a hub without a cloud (so that the only writes to the
+// WAL are the frames' commits): before each ack that the daemon writes to the broker, the last
+// write to the -wal file is followed by a whole fdatasync of it; and the loop's thread never
+// calls fdatasync (that wait held the control socket for up to 200 ms, tests/bench/README.md).
+test('an ack goes only after an fdatasync of the WAL that began after its commit, never on the loop thread', async (t) => {
+  const h = await Hub.start(broker, {});
+  let tracer;
+  try {
+    const b = await Bulb.create('ack-sync', 'EdDSA');
+    const f = path.join(h.dir, `${b.id}.pem`);
+    await fs.writeFile(f, b.pem);
+    assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', f])).code, 0);
+    const c = await mqttClient(broker.port);
+    clients.push(c);
+    await b.attach(c, { prefix: PREFIX, resendMs: 60000 });
+    const pid = h.proc.pid;
+    const out = path.join(h.dir, 'strace.txt');
+    tracer = spawn('strace', ['-f', '-ttt', '-T', '-yy', '-s', '256', '-e', 'trace=pwrite64,write,writev,sendto,sendmsg,fdatasync,fsync',
+      '-e', 'signal=none', '-p', String(pid), '-o', out], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let terr = '';
+    tracer.stderr.on('data', (d) => { terr += d; });
+    await waitFor(() => terr.includes('Process') && terr.includes('attached'), 5000, `strace attached (${terr})`);
+    await sleep(200);
+    for (let i = 1; i <= 5; i++) {
+      await b.send();
+      await waitFor(() => b.acks.find((a) => a.seq === i), 5000, `ack ${i}`);
+      await sleep(250);
+    }
+    tracer.kill('SIGINT');
+    await once(tracer, 'exit');
+    tracer = null;
+    // strace -f: "TID TIME call(...) = R <DUR>", or split into "<unfinished ...>" and
+    // "<... call resumed>" when another thread ran meanwhile.
+    const lines = (await fs.readFile(out, 'utf8')).split('\n');
+    const walWrites = [], syncs = [], acks = [], loopSyncs = [];
+    const open = new Map();
+    for (const l of lines) {
+      const m = /^(\d+)\s+([\d.]+)\s+(.*)$/.exec(l);
+      if (!m) continue;
+      const tid = Number(m[1]), ts = Number(m[2]) * 1000, rest = m[3];
+      const dur = /<([\d.]+)>$/.exec(rest);
+      if (/^fdatasync\(|^fsync\(/.test(rest)) {
+        if (tid === pid) loopSyncs.push(rest);
+        if (rest.includes('-wal>')) {
+          if (rest.includes('<unfinished')) open.set(tid, ts);
+          else if (dur) syncs.push({ start: ts, end: ts + Number(dur[1]) * 1000 });
+        }
+      } else if (/^<\.\.\. f(data)?sync resumed>/.test(rest) && open.has(tid)) {
+        syncs.push({ start: open.get(tid), end: ts });
+        open.delete(tid);
+      } else if (/^pwrite64\(/.test(rest) && rest.includes('-wal>')) {
+        walWrites.push(ts);
+      } else if (/^(write|writev|sendto|sendmsg)\(/.test(rest) && rest.includes('ack-sync/ack')) {
+        acks.push(ts);
+      }
+    }
+    assert.ok(acks.length >= 5, `the acks were seen (${acks.length}): ${lines.slice(0, 20).join('\n')}`);
+    assert.ok(walWrites.length >= 5, `the commits were seen (${walWrites.length})`);
+    assert.deepEqual(loopSyncs, [], 'no fdatasync on the loop thread');
+    for (const a of acks) {
+      const w = Math.max(...walWrites.filter((x) => x < a));
+      assert.ok(syncs.some((s) => s.start > w && s.end <= a),
+        `an ack at ${a} with its commit's last WAL write at ${w} and no whole fdatasync between: ${JSON.stringify(syncs.filter((s) => s.end > w - 500 && s.start < a + 500))}`);
+    }
+    t.diagnostic(`${acks.length} acks, ${walWrites.length} WAL writes, ${syncs.length} fdatasyncs off the loop`);
+  } finally {
+    if (tracer) { tracer.kill('SIGINT'); await once(tracer, 'exit').catch(() => {}); }
+    await h.cleanup();
+  }
+});
