@@ -3,6 +3,7 @@
  * versioned with PRAGMA user_version and brought up to date by the migrations below, one
  * transaction for all of them; a database newer than this code is refused, never touched.
  * The statements of the frame path are prepared once here (db-internal.h). */
+#include <assert.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -44,6 +45,14 @@ struct db_syncer {
         bool started; /* thread runs (loop's thread only) */
 };
 
+/* One owner waiting for its commits to be on disk (db_sync_wait()); loop's thread only. */
+struct db_sync_wait {
+        uint64_t gen; /* the commit generation that must be synced */
+        db_sync_wait_t cb;
+        void *userdata;
+        struct db_sync_wait *next, **prevp;
+};
+
 struct db {
         sqlite3 *sqlite;
         sqlite3_stmt *stmts[_DB_STMT_MAX];
@@ -57,6 +66,9 @@ struct db {
         sd_event *sync_event;     /* what db_sync_start() was given, for db_restore_file() */
         db_synced_t sync_cb;
         void *sync_userdata;
+        /* db_sync_wait() owners, in the order they came; they survive db_restore_file(). */
+        struct db_sync_wait *waits;
+        int sync_error; /* the last syncer's failed fdatasync, for later waits; 0: none */
 };
 
 /* Migrations: entry i brings the schema from version i to i+1. Append only; never edit one
@@ -272,6 +284,7 @@ static int db_errno_of(sqlite3 *s, int rc) {
 
 static void db_syncer_free(struct db *db, bool report);
 static int db_syncer_new(struct db *db);
+static void db_sync_waits_report(struct db *db, uint64_t gen, int error);
 
 void db_close(struct db *db) {
         if (!db)
@@ -576,6 +589,9 @@ int db_restore_file(struct db *db, char **ret_error) {
         db->sync_event = old.sync_event;
         db->sync_cb = old.sync_cb;
         db->sync_userdata = old.sync_userdata;
+        db->sync_error = old.sync_error;
+        /* The last sync above completed every wait (a failure completes them all). */
+        assert(!old.waits);
         n->sync_event = NULL;
         if (syncing) {
                 r = db_syncer_new(db);
@@ -756,6 +772,35 @@ static void *db_syncer_main(void *userdata) {
         return NULL;
 }
 
+static void db_sync_wait_unlink(struct db_sync_wait *w) {
+        if (w->next)
+                w->next->prevp = w->prevp;
+        *w->prevp = w->next;
+        w->next = NULL;
+        w->prevp = NULL;
+}
+
+/* Completes the waits that gen covers (all of them after a failure): each is unlinked and freed
+ * before its callback runs, which may add or cancel others. */
+static void db_sync_waits_report(struct db *db, uint64_t gen, int error) {
+        if (error < 0 && db->sync_error == 0)
+                db->sync_error = error;
+        for (;;) {
+                struct db_sync_wait *w = db->waits;
+
+                while (w && error == 0 && w->gen > gen)
+                        w = w->next;
+                if (!w)
+                        return;
+                db_sync_wait_t cb = w->cb;
+                void *userdata = w->userdata;
+
+                db_sync_wait_unlink(w);
+                free(w);
+                cb(userdata, error < 0 ? error : 0);
+        }
+}
+
 /* Takes the syncer's news on the loop's thread. */
 static void db_syncer_report(struct db *db) {
         struct db_syncer *y = db->syncer;
@@ -768,6 +813,7 @@ static void db_syncer_report(struct db *db) {
         pthread_mutex_unlock(&y->mu);
         if (db->sync_cb)
                 db->sync_cb(db->sync_userdata, gen, error);
+        db_sync_waits_report(db, gen, error);
 }
 
 static int on_syncer_event(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -905,6 +951,47 @@ void db_sync_stop(struct db *db) {
         db_sync_durable(db);
         db->sync_event = NULL;
         db->sync_cb = NULL;
+}
+
+int db_sync_wait(struct db *db, db_sync_wait_t cb, void *userdata, struct db_sync_wait **ret) {
+        struct db_sync_wait *w, **p;
+        uint64_t synced;
+        int error;
+
+        if (!db || !cb || !ret)
+                return -EINVAL;
+        if (db->sync_error < 0)
+                return db->sync_error;
+        if (!db->syncer)
+                return 0; /* synchronous = FULL: a commit was durable when it returned */
+        pthread_mutex_lock(&db->syncer->mu);
+        synced = db->syncer->synced;
+        error = db->syncer->error;
+        pthread_mutex_unlock(&db->syncer->mu);
+        /* A failure not yet reported to the loop counts already: nothing is synced after it. */
+        if (error < 0)
+                return error;
+        if (synced >= db->commit_gen)
+                return 0;
+        w = calloc(1, sizeof *w);
+        if (!w)
+                return -ENOMEM;
+        w->gen = db->commit_gen;
+        w->cb = cb;
+        w->userdata = userdata;
+        for (p = &db->waits; *p; p = &(*p)->next)
+                ;
+        w->prevp = p;
+        *p = w;
+        *ret = w;
+        return 1;
+}
+
+void db_sync_wait_cancel(struct db_sync_wait *w) {
+        if (!w)
+                return;
+        db_sync_wait_unlink(w);
+        free(w);
 }
 
 uint64_t db_commit_gen(struct db *db) {

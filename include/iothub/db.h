@@ -68,6 +68,17 @@ int db_sync_start(struct db *db, sd_event *e, db_synced_t cb, void *userdata);
 /* Makes every commit so far durable (blocking), reports it to cb, stops the thread; commits are
  * durable on return again. db_close() stops it too, without calling cb. NULL or not started: no-op. */
 void db_sync_stop(struct db *db);
+/* Calls cb(userdata, 0) on e's thread once every commit so far on this connection is on disk
+ * (a sync that began after the newest of them ended), or cb(userdata, -errno) when an fdatasync
+ * failed first: for an answer that must not come before the change it reports is durable (a
+ * revocation a power cut must not undo). Returns 1 and *ret, the wait, owned by the caller until
+ * cb runs (db_sync_wait_cancel() drops it; cb never runs then; it must be cancelled or done before
+ * db_close()); 0 when all is durable already (no sync thread, or synced), cb not called and *ret
+ * untouched; a negative errno when a sync failed earlier (or -ENOMEM). */
+struct db_sync_wait;
+typedef void (*db_sync_wait_t)(void *userdata, int error);
+int db_sync_wait(struct db *db, db_sync_wait_t cb, void *userdata, struct db_sync_wait **ret);
+void db_sync_wait_cancel(struct db_sync_wait *w);
 /* The generation of the newest commit on this connection (counts every commit, autocommit ones
  * too): what cb's gen is compared with. */
 uint64_t db_commit_gen(struct db *db);
