@@ -919,6 +919,21 @@ static void wait_synced(sd_event *e, struct synced *y, uint64_t gen) {
         assert_true(y->gen >= gen);
 }
 
+/* db_sync_wait()'s callback: how often, and with what. */
+struct waited {
+        int calls, error;
+        uint64_t gen_at_call; /* the syncer's reported generation when it ran */
+        struct synced *y;
+};
+
+static void on_waited(void *userdata, int error) {
+        struct waited *w = userdata;
+
+        w->calls++;
+        w->error = error;
+        w->gen_at_call = w->y ? w->y->gen : 0;
+}
+
 /* How many of this process's descriptors name a deleted file ending in suffix. */
 static int deleted_fds(const char *suffix) {
         DIR *d = opendir("/proc/self/fd");
@@ -967,6 +982,29 @@ static void test_sync_thread(void **state) {
         wait_synced(e, &y, gen + 2);
         assert_true(y.gen <= db_commit_gen(db));
 
+        /* db_sync_wait(): nothing to wait for once synced; after a commit, the callback runs on
+         * the loop once a sync covered it (the syncer's report comes first), never before; a
+         * cancelled wait never calls back. */
+        struct waited w1 = { .y = &y }, w2 = { .y = &y };
+        struct db_sync_wait *sw1 = NULL, *sw2 = NULL;
+        assert_int_equal(db_sync_wait(db, on_waited, &w1, &sw1), 0);
+        assert_null(sw1);
+        assert_int_equal(db_meta_set(db, "w", "1"), 0);
+        gen = db_commit_gen(db);
+        assert_int_equal(db_sync_wait(db, on_waited, &w1, &sw1), 1);
+        assert_int_equal(db_sync_wait(db, on_waited, &w2, &sw2), 1);
+        assert_non_null(sw1);
+        assert_int_equal(w1.calls, 0);
+        db_sync_wait_cancel(TAKE_PTR(sw2));
+        wait_synced(e, &y, gen);
+        for (int i = 0; i < 50 && w1.calls == 0; i++)
+                assert_true(sd_event_run(e, 10000) >= 0);
+        assert_int_equal(w1.calls, 1);
+        assert_int_equal(w1.error, 0);
+        assert_true(w1.gen_at_call >= gen);
+        assert_int_equal(w2.calls, 0);
+        db_sync_wait_cancel(NULL);
+
         /* No checkpoint on the loop's connection: 20 MiB of commits leave the database file
          * small until the thread checkpoints (at 4096 WAL pages, db.c), which it does in the
          * round that syncs the commit that crossed the mark. */
@@ -998,10 +1036,18 @@ static void test_sync_thread(void **state) {
         assert_int_equal(db_commit_gen(db), gen + 1);
         wait_synced(e, &y, gen + 1);
 
-        /* Stopping syncs what is left and says so before it returns, without the loop. */
+        /* Stopping syncs what is left and says so before it returns, without the loop, to the
+         * waits too; then commits are durable when they return, and nothing waits. */
         assert_int_equal(db_meta_set(db, "d", "4"), 0);
+        struct waited w3 = { .y = &y };
+        struct db_sync_wait *sw3 = NULL;
+        assert_int_equal(db_sync_wait(db, on_waited, &w3, &sw3), 1);
         db_sync_stop(db);
-        assert_int_equal(y.gen, db_commit_gen(db));
+        assert_int_equal(w3.calls, 1);
+        assert_int_equal(w3.error, 0);
+        assert_int_equal(db_meta_set(db, "d2", "4"), 0);
+        assert_int_equal(db_sync_wait(db, on_waited, &w3, &sw3), 0);
+        assert_int_equal(y.gen, db_commit_gen(db)); /* (without the thread, SQLite's autocheckpoint holds the WAL hook) */
         assert_int_equal(y.error, 0);
         assert_int_equal(query_int(db, "PRAGMA synchronous"), 2);
         db_sync_stop(db); /* a no-op now */
