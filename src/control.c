@@ -583,7 +583,8 @@ static void on_durable(void *userdata, int error) {
 
 /* The answer is in out: it goes now, or, for a request that changed security state, once every
  * commit so far is on disk (the change committed before its answer was made). Meanwhile the
- * connection is pending: no deadline, no eviction; a hang-up of the client is seen at the send. */
+ * connection is pending: no deadline, no eviction, and no I/O (a hang-up event would send out
+ * early); a client that hung up is seen at the send. */
 static int conn_send_when_durable(struct conn *c) {
         int r;
 
