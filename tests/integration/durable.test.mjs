@@ -101,7 +101,10 @@ test('shutdown: a frame held for its commit at SIGTERM is committed, synced, and
   // goes. Without that wait the ack would be dropped (the bulb resends: no loss, but an ack
   // owed), or sent before the sync. (After the sync thread stops, commits sync themselves on
   // the loop again: the loop serves nobody any more.)
-  const h = await Hub.start(broker, { frames: { commit_delay_ms: 1000 } });
+  // The daemon exits under strace, and LeakSanitizer cannot run under ptrace: no leak check in
+  // this one (the same exit without strace is checked by the test above and ack.test).
+  const h = await Hub.start(broker, { frames: { commit_delay_ms: 1000 } },
+    { env: { ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'detect_leaks=0'].filter(Boolean).join(':') } });
   let tracer;
   try {
     const b = await Bulb.create('durable-stop', 'EdDSA');
