@@ -11,6 +11,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
+import { straceAttach, syncedBefore } from './lib/strace.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -319,57 +320,26 @@ test('an ack goes only after an fdatasync of the WAL that began after its commit
     clients.push(c);
     await b.attach(c, { prefix: PREFIX, resendMs: 60000 });
     const pid = h.proc.pid;
-    const out = path.join(h.dir, 'strace.txt');
-    tracer = spawn('strace', ['-f', '-ttt', '-T', '-yy', '-s', '256', '-e', 'trace=pwrite64,write,writev,sendto,sendmsg,fdatasync,fsync',
-      '-e', 'signal=none', '-p', String(pid), '-o', out], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let terr = '';
-    tracer.stderr.on('data', (d) => { terr += d; });
-    await waitFor(() => terr.includes('Process') && terr.includes('attached'), 5000, `strace attached (${terr})`);
-    await sleep(200);
+    tracer = await straceAttach(pid, path.join(h.dir, 'strace.txt'));
     for (let i = 1; i <= 5; i++) {
       await b.send();
       await waitFor(() => b.acks.find((a) => a.seq === i), 5000, `ack ${i}`);
       await sleep(250);
     }
-    tracer.kill('SIGINT');
-    await once(tracer, 'exit');
+    const tr = await tracer.stop();
     tracer = null;
-    // strace -f: "TID TIME call(...) = R <DUR>", or split into "<unfinished ...>" and
-    // "<... call resumed>" when another thread ran meanwhile.
-    const lines = (await fs.readFile(out, 'utf8')).split('\n');
-    const walWrites = [], syncs = [], acks = [], loopSyncs = [];
-    const open = new Map();
-    for (const l of lines) {
-      const m = /^(\d+)\s+([\d.]+)\s+(.*)$/.exec(l);
-      if (!m) continue;
-      const tid = Number(m[1]), ts = Number(m[2]) * 1000, rest = m[3];
-      const dur = /<([\d.]+)>$/.exec(rest);
-      if (/^fdatasync\(|^fsync\(/.test(rest)) {
-        if (tid === pid) loopSyncs.push(rest);
-        if (rest.includes('-wal>')) {
-          if (rest.includes('<unfinished')) open.set(tid, ts);
-          else if (dur) syncs.push({ start: ts, end: ts + Number(dur[1]) * 1000 });
-        }
-      } else if (/^<\.\.\. f(data)?sync resumed>/.test(rest) && open.has(tid)) {
-        syncs.push({ start: open.get(tid), end: ts });
-        open.delete(tid);
-      } else if (/^pwrite64\(/.test(rest) && rest.includes('-wal>')) {
-        walWrites.push(ts);
-      } else if (/^(write|writev|sendto|sendmsg)\(/.test(rest) && rest.includes('ack-sync/ack')) {
-        acks.push(ts);
-      }
-    }
+    const { walWrites, syncs, loopSyncs, lines } = tr;
+    const acks = tr.sends.filter((x) => x.text.includes('ack-sync/ack')).map((x) => x.ts);
     assert.ok(acks.length >= 5, `the acks were seen (${acks.length}): ${lines.slice(0, 20).join('\n')}`);
     assert.ok(walWrites.length >= 5, `the commits were seen (${walWrites.length})`);
     assert.deepEqual(loopSyncs, [], 'no fdatasync on the loop thread');
     for (const a of acks) {
-      const w = Math.max(...walWrites.filter((x) => x < a));
-      assert.ok(syncs.some((s) => s.start > w && s.end <= a),
-        `an ack at ${a} with its commit's last WAL write at ${w} and no whole fdatasync between: ${JSON.stringify(syncs.filter((s) => s.end > w - 500 && s.start < a + 500))}`);
+      const v = syncedBefore(tr, a, 'an ack');
+      assert.ok(v.ok, v.msg);
     }
     t.diagnostic(`${acks.length} acks, ${walWrites.length} WAL writes, ${syncs.length} fdatasyncs off the loop`);
   } finally {
-    if (tracer) { tracer.kill('SIGINT'); await once(tracer, 'exit').catch(() => {}); }
+    if (tracer) await tracer.stop().catch(() => {});
     await h.cleanup();
   }
 });
