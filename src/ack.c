@@ -5,8 +5,9 @@
  *
  * Each bulb that ever got an ack has one entry (hung on its struct bulb, so memory is bounded
  * by the enrolled bulbs). An entry is staged while its frames wait for the commit, then
- * pending until it may be published: at most one ack per bulb per 100 ms, the newest seq
- * winning. One sd-event timer, armed at the earliest due time, serves every pending bulb. */
+ * waiting for the fdatasync that makes its commit durable (db_sync_start(): a commit no longer
+ * syncs by itself; nothing is acked that a power cut could lose), then pending until it may be
+ * published: at most one ack per bulb per 100 ms, the newest seq winning. One sd-event timer, armed at the earliest due time, serves every pending bulb. */
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -22,10 +23,15 @@
 struct ack_entry {
         struct bulb *bulb;
         int64_t staged;      /* highest seq the open transaction will commit, 0: none */
+        /* Committed seqs waiting for a sync: [0] of an older commit generation than [1]. Two
+         * slots, so that a bulb in every commit is still acked after each sync that covers its
+         * older one (one slot, moved on by each commit, could wait forever). gen 0: empty. */
+        int64_t wait_seq[2];
+        uint64_t wait_gen[2];
         int64_t pending;     /* committed seq waiting to be published, 0: none */
         uint64_t last_usec;  /* when the last ack was handed to the MQTT client, 0: never */
-        struct ack_entry *all_next, *staged_next, *pending_next;
-        bool on_staged, on_pending;
+        struct ack_entry *all_next, *staged_next, *waiting_next, *pending_next;
+        bool on_staged, on_waiting, on_pending;
 };
 
 struct ack {
@@ -34,7 +40,8 @@ struct ack {
         sd_event_source *timer;
         uint64_t timer_usec; /* when the timer fires, 0: disarmed */
         bool connected;
-        struct ack_entry *all, *staged, *pending;
+        bool sync_failed; /* ack_sync_failed(): nothing committed is acked any more */
+        struct ack_entry *all, *staged, *waiting, *pending;
         uint64_t n_pending;
         uint64_t published, publish_failed;
 };
@@ -152,7 +159,9 @@ void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed) {
                 b->ack = e;
         }
         if (committed) {
-                ack_due(a, e, seq, now_monotonic_usec());
+                /* Acks of this bulb wait for a sync: they carry its newest seq, which this is. */
+                if (e->wait_gen[0] == 0 && !a->sync_failed)
+                        ack_due(a, e, seq, now_monotonic_usec());
                 return;
         }
         if (seq > e->staged)
@@ -164,22 +173,87 @@ void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed) {
         }
 }
 
-void ack_commit_done(struct ack *a, bool ok) {
-        uint64_t now;
+static void ack_wait(struct ack *a, struct ack_entry *e, int64_t seq, uint64_t gen) {
+        if (a->sync_failed)
+                return;
+        if (e->wait_gen[0] == 0 || e->wait_gen[0] == gen) {
+                e->wait_gen[0] = gen;
+                if (seq > e->wait_seq[0])
+                        e->wait_seq[0] = seq;
+        } else {
+                e->wait_gen[1] = gen;
+                if (seq > e->wait_seq[1])
+                        e->wait_seq[1] = seq;
+        }
+        if (!e->on_waiting) {
+                e->on_waiting = true;
+                e->waiting_next = a->waiting;
+                a->waiting = e;
+        }
+}
 
+void ack_commit_done(struct ack *a, bool ok, uint64_t gen) {
         if (!a)
                 return;
-        now = now_monotonic_usec();
         while (a->staged) {
                 struct ack_entry *e = a->staged;
 
                 a->staged = e->staged_next;
                 e->staged_next = NULL;
                 e->on_staged = false;
-                /* Nothing is announced before its commit; a failed commit announces nothing. */
+                /* Nothing is announced before its commit is on disk; a failed commit announces
+                 * nothing. */
                 if (ok)
-                        ack_due(a, e, e->staged, now);
+                        ack_wait(a, e, e->staged, gen);
                 e->staged = 0;
+        }
+}
+
+void ack_synced(struct ack *a, uint64_t gen) {
+        uint64_t now;
+
+        if (!a)
+                return;
+        now = now_monotonic_usec();
+        for (struct ack_entry **p = &a->waiting; *p;) {
+                struct ack_entry *e = *p;
+                int64_t seq = 0;
+
+                if (e->wait_gen[1] != 0 && e->wait_gen[1] <= gen) {
+                        seq = e->wait_seq[1];
+                        e->wait_gen[0] = e->wait_gen[1] = 0;
+                        e->wait_seq[0] = e->wait_seq[1] = 0;
+                } else if (e->wait_gen[0] <= gen) {
+                        seq = e->wait_seq[0];
+                        e->wait_gen[0] = e->wait_gen[1];
+                        e->wait_seq[0] = e->wait_seq[1];
+                        e->wait_gen[1] = 0;
+                        e->wait_seq[1] = 0;
+                }
+                if (seq > 0)
+                        ack_due(a, e, seq, now);
+                if (e->wait_gen[0] == 0) {
+                        *p = e->waiting_next;
+                        e->waiting_next = NULL;
+                        e->on_waiting = false;
+                        continue;
+                }
+                p = &e->waiting_next;
+        }
+}
+
+void ack_sync_failed(struct ack *a) {
+        if (!a)
+                return;
+        a->sync_failed = true;
+        while (a->waiting) {
+                struct ack_entry *e = a->waiting;
+
+                a->waiting = e->waiting_next;
+                e->waiting_next = NULL;
+                e->on_waiting = false;
+                e->wait_gen[0] = e->wait_gen[1] = 0;
+                e->wait_seq[0] = e->wait_seq[1] = 0;
         }
 }
 

@@ -77,6 +77,10 @@ struct conn {
         struct pair_window *pair_window;
         bool stream;
         bool draining; /* answered an over-long request: reading the rest before closing */
+        /* A request that changes security state: its answer, once made, waits in out for the
+         * sync of the database's commits (conn_send_when_durable()), owned here like the rest. */
+        bool durable;
+        struct db_sync_wait *sync_wait;
         struct conn *next, *prev;
 };
 
@@ -109,6 +113,7 @@ static void conn_free(struct conn *c) {
         cloud_request_cancel(TAKE_PTR(c->register_call));
         oauth_logout_cancel(TAKE_PTR(c->logout_op));
         dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
+        db_sync_wait_cancel(TAKE_PTR(c->sync_wait));
         /* The client hung up (Ctrl-C on iothubctl bulb pair): the window closes with it. */
         pair_window_close(TAKE_PTR(c->pair_window));
         json_decref(c->dynsec_reply);
@@ -497,19 +502,24 @@ static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req
         return conn->pending ? CONTROL_PENDING : CONTROL_ANSWERED;
 }
 
+/* durable: the request changes what the database holds about who may talk to the hub (an
+ * enrolment, a revocation) or to the cloud (registered); its answer says it is done only once
+ * that is on disk, so that a power cut never undoes a revocation the user was told succeeded.
+ * Sign-in state lives in iothub-signer's files, not in this database. */
 static const struct {
         const char *cmd;
         json_t *(*handler)(struct control *ctl, struct conn *conn, json_t *req);
+        bool durable;
 } handlers[] = {
-        { "status", handle_status },
-        { "bulb-list", handle_bulb_list },
-        { "bulb-add", handle_bulb_add },
-        { "bulb-remove", handle_bulb_remove },
-        { "bulb-pair", handle_bulb_pair },
-        { "register", handle_register },
-        { "login", handle_login },
-        { "login-wait", handle_login_wait },
-        { "logout", handle_logout },
+        { "status", handle_status, false },
+        { "bulb-list", handle_bulb_list, false },
+        { "bulb-add", handle_bulb_add, true },
+        { "bulb-remove", handle_bulb_remove, true },
+        { "bulb-pair", handle_bulb_pair, true },
+        { "register", handle_register, true },
+        { "login", handle_login, false },
+        { "login-wait", handle_login_wait, false },
+        { "logout", handle_logout, false },
 };
 
 int control_parse_request(const char *line, size_t len, json_t **ret_req, const char **ret_cmd,
@@ -542,9 +552,57 @@ static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line
         if (control_parse_request(line, len, &req, &cmd, &error) < 0)
                 return error_reply("%s", error);
         for (size_t i = 0; i < ELEMENTSOF(handlers); i++)
-                if (streq(cmd, handlers[i].cmd))
+                if (streq(cmd, handlers[i].cmd)) {
+                        conn->durable = handlers[i].durable;
                         return handlers[i].handler(ctl, conn, req);
+                }
         return error_reply("unknown command '%.64s'", cmd);
+}
+
+/* The sync that conn_send_when_durable() waited for: the answer goes, or, when the fdatasync
+ * failed, an error in its place (the change was made and committed, but may not survive a power
+ * cut; the daemon refuses frames from now on, see ingest.c). */
+static void on_durable(void *userdata, int error) {
+        struct conn *c = userdata;
+        int r;
+
+        c->sync_wait = NULL; /* freed by db after this call */
+        c->pending = false;
+        if (error < 0) {
+                explicit_bzero(c->out, c->out_len); /* may hold a broker password */
+                free(c->out);
+                c->out = NULL;
+                c->out_len = c->out_off = 0;
+                c->stream = false;
+                r = conn_set_reply(c, error_reply("done, but may not be on disk: the database's fdatasync failed (%s); "
+                                                  "restart the daemon and check",
+                                                  strerror(-error)));
+        } else
+                r = sd_event_source_set_io_events(c->io, EPOLLOUT);
+        if (r < 0)
+                conn_free(c);
+}
+
+/* The answer is in out: it goes now, or, for a request that changed security state, once every
+ * commit so far is on disk (the change committed before its answer was made). Meanwhile the
+ * connection is pending: no deadline, no eviction, and no I/O (a hang-up event would send out
+ * early); a client that hung up is seen at the send. */
+static int conn_send_when_durable(struct conn *c) {
+        int r;
+
+        if (c->durable && c->ctl->ev.durable_wait) {
+                c->durable = false;
+                r = c->ctl->ev.durable_wait(c->ctl->ev.userdata, on_durable, c, &c->sync_wait);
+                if (r > 0) {
+                        c->pending = true;
+                        return sd_event_source_set_io_events(c->io, 0);
+                }
+                if (r < 0) {
+                        on_durable(c, r); /* may free c: the caller's error path must not run */
+                        return 0;
+                }
+        }
+        return sd_event_source_set_io_events(c->io, EPOLLOUT);
 }
 
 static int conn_set_reply(struct conn *c, json_t *reply) {
@@ -579,14 +637,14 @@ static int conn_set_reply(struct conn *c, json_t *reply) {
                 c->out[c->out_len + len] = '\n';
                 c->out_len += len + 1;
                 free(s);
-                return sd_event_source_set_io_events(c->io, EPOLLOUT);
+                return conn_send_when_durable(c);
         }
         /* json_dumps() allocated strlen+1 bytes: the NUL becomes the line's newline. */
         c->out_len = strlen(s) + 1;
         c->out = s;
         c->out[c->out_len - 1] = '\n';
         c->out_off = 0;
-        return sd_event_source_set_io_events(c->io, EPOLLOUT);
+        return conn_send_when_durable(c);
 }
 
 static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {

@@ -3,11 +3,15 @@
  * versioned with PRAGMA user_version and brought up to date by the migrations below, one
  * transaction for all of them; a database newer than this code is refused, never touched.
  * The statements of the frame path are prepared once here (db-internal.h). */
+#include <assert.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <strings.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "db-internal.h"
 
@@ -19,6 +23,35 @@
  * "Memory"); a transaction larger than the cache spills pages into the WAL early, which writes
  * nothing more in the end. */
 #define DB_CACHE_SIZE "-256"
+/* The syncer checkpoints once the WAL holds this many pages (what wal_autocheckpoint did on the
+ * loop's connection, same size: see db_open()). */
+#define DB_CHECKPOINT_PAGES 4096
+
+/* Durability off the loop (issue 13): the loop's connection commits with synchronous = NORMAL
+ * (a commit writes the WAL, no fsync); this thread fdatasyncs the WAL (an fd of the -wal file:
+ * an fsync of any descriptor of an inode syncs it) and checkpoints on a second connection of its
+ * own, then tells the loop through an eventfd. Shared fields under mu. */
+struct db_syncer {
+        pthread_t thread;
+        pthread_mutex_t mu;
+        pthread_cond_t cond;
+        int wal_fd, event_fd;
+        sqlite3 *ckpt; /* used by the thread only */
+        sd_event_source *source;
+        uint64_t requested; /* the newest commit generation to make durable */
+        uint64_t synced;    /* every commit up to this generation is on disk */
+        int error;          /* a failed fdatasync (the thread stops syncing), 0: none */
+        bool checkpoint, stop;
+        bool started; /* thread runs (loop's thread only) */
+};
+
+/* One owner waiting for its commits to be on disk (db_sync_wait()); loop's thread only. */
+struct db_sync_wait {
+        uint64_t gen; /* the commit generation that must be synced */
+        db_sync_wait_t cb;
+        void *userdata;
+        struct db_sync_wait *next, **prevp;
+};
 
 struct db {
         sqlite3 *sqlite;
@@ -27,6 +60,15 @@ struct db {
         dev_t dev; /* the file opened, to notice that its name went away (db_check_file()) */
         ino_t ino;
         int64_t spool_last_id; /* the largest spool id handed out or found (migration 5) */
+        /* Commits on this connection so far (sqlite3_wal_hook() counts them). */
+        uint64_t commit_gen;
+        struct db_syncer *syncer; /* NULL: commits are durable when they return (FULL) */
+        sd_event *sync_event;     /* what db_sync_start() was given, for db_restore_file() */
+        db_synced_t sync_cb;
+        void *sync_userdata;
+        /* db_sync_wait() owners, in the order they came; they survive db_restore_file(). */
+        struct db_sync_wait *waits;
+        int sync_error; /* the last syncer's failed fdatasync, for later waits; 0: none */
 };
 
 /* Migrations: entry i brings the schema from version i to i+1. Append only; never edit one
@@ -240,9 +282,14 @@ static int db_errno_of(sqlite3 *s, int rc) {
         return db_errno(rc);
 }
 
+static void db_syncer_free(struct db *db, bool report);
+static int db_syncer_new(struct db *db);
+static void db_sync_waits_report(struct db *db, uint64_t gen, int error);
+
 void db_close(struct db *db) {
         if (!db)
                 return;
+        db_syncer_free(db, false);
         for (size_t i = 0; i < _DB_STMT_MAX; i++)
                 (void) sqlite3_finalize(db->stmts[i]);
         /* Rolls back an open transaction; with no statements left, it cannot fail with BUSY. */
@@ -521,6 +568,9 @@ int db_restore_file(struct db *db, char **ret_error) {
                 return set_error_message(ret_error, r, "cannot put the copy in place as %s: %s", db->path,
                                          strerror(-r));
         }
+        /* The last sync of the old connection's commits, reported, before it closes. */
+        bool syncing = db->syncer != NULL;
+        db_syncer_free(db, true);
         /* From here on the old connection is of no use: close it first (see above). */
         for (size_t i = 0; i < _DB_STMT_MAX; i++) {
                 (void) sqlite3_finalize(db->stmts[i]);
@@ -534,6 +584,21 @@ int db_restore_file(struct db *db, char **ret_error) {
         old = *db;
         *db = *n;
         *n = old; /* n now holds the closed connection's names, freed by its cleanup */
+        /* What the callers hold stays: the commit count, the syncer's listener. */
+        db->commit_gen = old.commit_gen;
+        db->sync_event = old.sync_event;
+        db->sync_cb = old.sync_cb;
+        db->sync_userdata = old.sync_userdata;
+        db->sync_error = old.sync_error;
+        /* The last sync above completed every wait (a failure completes them all). */
+        assert(!old.waits);
+        n->sync_event = NULL;
+        if (syncing) {
+                r = db_syncer_new(db);
+                if (r < 0)
+                        return set_error_message(ret_error, r, "cannot start syncing %s again: %s", db->path,
+                                                 strerror(-r));
+        }
         return 0;
 }
 
@@ -638,4 +703,297 @@ int db_meta_set(struct db *db, const char *key, const char *value) {
                 return db_errno(rc);
         rc = sqlite3_step(s);
         return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+/* Called by SQLite after each commit on the loop's connection, once the commit is written to
+ * the WAL and its write lock released ("the callback is invoked by SQLite after the commit has
+ * taken place", sqlite3_wal_hook()): a sync that the syncer begins after this call covers it.
+ * Installing the hook replaces wal_autocheckpoint; the syncer checkpoints instead. */
+static int db_wal_hook(void *userdata, sqlite3 *s, const char *name, int pages) {
+        struct db *db = userdata;
+        struct db_syncer *y = db->syncer;
+
+        db->commit_gen++;
+        if (!y)
+                return SQLITE_OK;
+        pthread_mutex_lock(&y->mu);
+        y->requested = db->commit_gen;
+        if (pages >= DB_CHECKPOINT_PAGES)
+                y->checkpoint = true;
+        pthread_cond_signal(&y->cond);
+        pthread_mutex_unlock(&y->mu);
+        return SQLITE_OK;
+}
+
+static void *db_syncer_main(void *userdata) {
+        struct db_syncer *y = userdata;
+        uint64_t one = 1;
+
+        pthread_mutex_lock(&y->mu);
+        for (;;) {
+                while (!y->stop && y->requested == y->synced && !y->checkpoint)
+                        pthread_cond_wait(&y->cond, &y->mu);
+                if (y->stop && y->requested == y->synced)
+                        break;
+                /* Every commit up to target returned before this point: the sync below began
+                 * after them, so it covers them. */
+                uint64_t target = y->requested;
+                bool checkpoint = y->checkpoint;
+                int r = 0;
+
+                y->checkpoint = false;
+                pthread_mutex_unlock(&y->mu);
+                if (fdatasync(y->wal_fd) < 0)
+                        r = -errno;
+                /* PASSIVE never waits for the loop's connection (a reader or the writer): it
+                 * copies what it can, syncs the WAL and then the database file, and the writer
+                 * starts the WAL over once a checkpoint was complete. */
+                if (r == 0 && checkpoint)
+                        (void) sqlite3_wal_checkpoint_v2(y->ckpt, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+                pthread_mutex_lock(&y->mu);
+                if (r == 0)
+                        y->synced = target;
+                else
+                        y->error = r;
+                /* Only EAGAIN can fail here (the counter is full): the loop wakes up anyway. */
+                if (write(y->event_fd, &one, sizeof one) < 0)
+                        (void) 0;
+                if (r < 0) {
+                        /* After a failed fdatasync the kernel may have dropped the dirty pages
+                         * (PostgreSQL's "fsyncgate"), and a later success proves nothing about
+                         * them; SQLite's WAL recovery also stops at the first bad frame, so later
+                         * commits are no safer. Nothing more is made durable until a restart. */
+                        while (!y->stop)
+                                pthread_cond_wait(&y->cond, &y->mu);
+                        break;
+                }
+        }
+        pthread_mutex_unlock(&y->mu);
+        return NULL;
+}
+
+static void db_sync_wait_unlink(struct db_sync_wait *w) {
+        if (w->next)
+                w->next->prevp = w->prevp;
+        *w->prevp = w->next;
+        w->next = NULL;
+        w->prevp = NULL;
+}
+
+/* Completes the waits that gen covers (all of them after a failure): each is unlinked and freed
+ * before its callback runs, which may add or cancel others. */
+static void db_sync_waits_report(struct db *db, uint64_t gen, int error) {
+        if (error < 0 && db->sync_error == 0)
+                db->sync_error = error;
+        for (;;) {
+                struct db_sync_wait *w = db->waits;
+
+                while (w && error == 0 && w->gen > gen)
+                        w = w->next;
+                if (!w)
+                        return;
+                db_sync_wait_t cb = w->cb;
+                void *userdata = w->userdata;
+
+                db_sync_wait_unlink(w);
+                free(w);
+                cb(userdata, error < 0 ? error : 0);
+        }
+}
+
+/* Takes the syncer's news on the loop's thread. */
+static void db_syncer_report(struct db *db) {
+        struct db_syncer *y = db->syncer;
+        uint64_t gen;
+        int error;
+
+        pthread_mutex_lock(&y->mu);
+        gen = y->synced;
+        error = y->error;
+        pthread_mutex_unlock(&y->mu);
+        if (db->sync_cb)
+                db->sync_cb(db->sync_userdata, gen, error);
+        db_sync_waits_report(db, gen, error);
+}
+
+static int on_syncer_event(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        uint64_t n;
+
+        if (read(fd, &n, sizeof n) < 0)
+                (void) 0; /* EAGAIN: a report raced with an earlier read */
+        db_syncer_report(userdata);
+        return 0;
+}
+
+/* Stops the thread after a last sync of every commit so far (report: and tells the callback). */
+static void db_syncer_free(struct db *db, bool report) {
+        struct db_syncer *y = db->syncer;
+
+        if (!y)
+                return;
+        if (y->started) {
+                pthread_mutex_lock(&y->mu);
+                y->requested = db->commit_gen;
+                y->stop = true;
+                pthread_cond_signal(&y->cond);
+                pthread_mutex_unlock(&y->mu);
+                (void) pthread_join(y->thread, NULL);
+                if (report)
+                        db_syncer_report(db);
+        }
+        sd_event_source_disable_unref(y->source);
+        (void) sqlite3_close(y->ckpt);
+        if (y->wal_fd >= 0)
+                (void) close(y->wal_fd);
+        if (y->event_fd >= 0)
+                (void) close(y->event_fd);
+        pthread_cond_destroy(&y->cond);
+        pthread_mutex_destroy(&y->mu);
+        free(y);
+        db->syncer = NULL;
+}
+
+/* Without the thread, commits are durable when they return again (and the autocheckpoint
+ * takes back the WAL hook). */
+static void db_sync_durable(struct db *db) {
+        if (db->sqlite)
+                (void) db_exec(db, "PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 4096");
+}
+
+static int db_syncer_new(struct db *db) {
+        _cleanup_free_ char *wal = NULL;
+        struct db_syncer *y;
+        int r, rc;
+
+        if (asprintf(&wal, "%s-wal", db->path) < 0)
+                return -ENOMEM;
+        y = calloc(1, sizeof *y);
+        if (!y)
+                return -ENOMEM;
+        y->wal_fd = y->event_fd = -1;
+        pthread_mutex_init(&y->mu, NULL);
+        pthread_cond_init(&y->cond, NULL);
+        y->requested = y->synced = db->commit_gen;
+        db->syncer = y;
+
+        /* The -wal file exists while a connection is open (db_open() read and wrote through it).
+         * O_RDONLY is enough for fdatasync(). */
+        y->wal_fd = open(wal, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        if (y->wal_fd < 0) {
+                r = -errno;
+                goto fail;
+        }
+        /* Once, here: what an earlier run committed without a sync (it was killed before its
+         * sync) is in the page cache, and this run reads it (bulbs' seqs) and acks resends
+         * with it. */
+        if (fdatasync(y->wal_fd) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        y->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (y->event_fd < 0) {
+                r = -errno;
+                goto fail;
+        }
+        /* The checkpointer's own connection; a second connection also keeps the -wal file (and
+         * so wal_fd's inode) in place while the loop's connection lives. A checkpoint copies
+         * pages through a buffer of its own, not the page cache: 64 KiB of cache is plenty. */
+        rc = sqlite3_open_v2(db->path, &y->ckpt, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE,
+                             NULL);
+        if (rc != SQLITE_OK) {
+                r = db_errno_of(y->ckpt, rc);
+                goto fail;
+        }
+        (void) sqlite3_busy_timeout(y->ckpt, DB_BUSY_TIMEOUT_MS);
+        rc = sqlite3_exec(y->ckpt,
+                          "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0; "
+                          "PRAGMA journal_size_limit = 16777216; PRAGMA cache_size = -64",
+                          NULL, NULL, NULL);
+        if (rc != SQLITE_OK) {
+                r = db_errno(rc);
+                goto fail;
+        }
+        r = sd_event_add_io(db->sync_event, &y->source, y->event_fd, EPOLLIN, on_syncer_event, db);
+        if (r < 0)
+                goto fail;
+        (void) sd_event_source_set_description(y->source, "db-sync");
+        /* NORMAL in WAL mode: a commit writes the WAL and does not fsync it (sqlite.org/pragma.html,
+         * "synchronous"); durability is the syncer's fdatasync. The hook replaces the
+         * autocheckpoint, which would fsync on the loop inside a commit. */
+        r = db_exec(db, "PRAGMA synchronous = NORMAL");
+        if (r < 0)
+                goto fail;
+        (void) sqlite3_wal_hook(db->sqlite, db_wal_hook, db);
+        r = -pthread_create(&y->thread, NULL, db_syncer_main, y);
+        if (r < 0)
+                goto fail;
+        y->started = true;
+        return 0;
+fail:
+        db_syncer_free(db, false);
+        db_sync_durable(db);
+        return r;
+}
+
+int db_sync_start(struct db *db, sd_event *e, db_synced_t cb, void *userdata) {
+        if (!db || !db->sqlite || !e || db->syncer)
+                return -EINVAL;
+        db->sync_event = e;
+        db->sync_cb = cb;
+        db->sync_userdata = userdata;
+        return db_syncer_new(db);
+}
+
+void db_sync_stop(struct db *db) {
+        if (!db)
+                return;
+        db_syncer_free(db, true);
+        db_sync_durable(db);
+        db->sync_event = NULL;
+        db->sync_cb = NULL;
+}
+
+int db_sync_wait(struct db *db, db_sync_wait_t cb, void *userdata, struct db_sync_wait **ret) {
+        struct db_sync_wait *w, **p;
+        uint64_t synced;
+        int error;
+
+        if (!db || !cb || !ret)
+                return -EINVAL;
+        if (db->sync_error < 0)
+                return db->sync_error;
+        if (!db->syncer)
+                return 0; /* synchronous = FULL: a commit was durable when it returned */
+        pthread_mutex_lock(&db->syncer->mu);
+        synced = db->syncer->synced;
+        error = db->syncer->error;
+        pthread_mutex_unlock(&db->syncer->mu);
+        /* A failure not yet reported to the loop counts already: nothing is synced after it. */
+        if (error < 0)
+                return error;
+        if (synced >= db->commit_gen)
+                return 0;
+        w = calloc(1, sizeof *w);
+        if (!w)
+                return -ENOMEM;
+        w->gen = db->commit_gen;
+        w->cb = cb;
+        w->userdata = userdata;
+        for (p = &db->waits; *p; p = &(*p)->next)
+                ;
+        w->prevp = p;
+        *p = w;
+        *ret = w;
+        return 1;
+}
+
+void db_sync_wait_cancel(struct db_sync_wait *w) {
+        if (!w)
+                return;
+        db_sync_wait_unlink(w);
+        free(w);
+}
+
+uint64_t db_commit_gen(struct db *db) {
+        return db ? db->commit_gen : 0;
 }

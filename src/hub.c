@@ -199,6 +199,12 @@ static void on_control_peer_refused(void *userdata) {
         events_note(h->events, EVENT_CONTROL_REFUSED, NULL, NULL, 1);
 }
 
+static int on_control_durable_wait(void *userdata, db_sync_wait_t cb, void *cb_userdata, struct db_sync_wait **ret) {
+        struct hub *h = userdata;
+
+        return db_sync_wait(h->db, cb, cb_userdata, ret);
+}
+
 static bool on_control_key_missing(void *userdata, const char **ret_error) {
         struct hub *h = userdata;
 
@@ -607,8 +613,10 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 }
 
 static void hub_done(struct hub *h) {
-        if (h->ingest)
+        if (h->ingest) {
                 (void) ingest_commit(h->ingest);
+                ingest_sync(h->ingest); /* its last acks, before the MQTT client goes */
+        }
         /* First the control connections: they own requests into the modules below (a pairing
          * window, broker requests), which must be cancelled while those modules still exist. */
         control_free(h->control);
@@ -819,6 +827,7 @@ int hub_run(const char *config_path, int log_level_override) {
                                                   .bulb_revoked = on_bulb_revoked,
                                                   .peer_refused = on_control_peer_refused,
                                                   .key_missing = on_control_key_missing,
+                                                  .durable_wait = on_control_durable_wait,
                                                   .userdata = &h },
                         &h.control);
         if (r < 0) {

@@ -7,7 +7,9 @@
  * INGEST_HOLD_FRAMES or INGEST_HOLD_BYTES are held, or [frames] commit_delay_ms after the first
  * of them: SD-card wear is set by commits, not bytes (a commit of one frame dirtied 10 to 13 KB,
  * 41 to 50 times a frame, tests/bench/README.md), so a hub that keeps up must not commit per
- * frame. A frame is accepted, and acked to its bulb, only once that transaction committed; the
+ * frame. A frame is accepted, and acked to its bulb, only once that transaction committed and an
+ * fdatasync of the WAL that began after the commit returned finished (db_sync_start(): the
+ * commit does not sync on the loop, issue 13; frames.accepted moves then too); the
  * transaction is open only inside ingest_commit(), never across a turn of the loop, so the
  * other writers (commands, the relay, events) never write into it. */
 #include <fcntl.h>
@@ -35,6 +37,9 @@
 /* How often a commit also writes every bulb's seq to bulb_seqs and marks the spool up to there
  * (spool_seqs_mark()), so that the start reads at most this much of the spool for the seqs. */
 #define INGEST_SEQS_INTERVAL_USEC (10 * UINT64_C(1000000))
+/* Commits waiting for their sync, for frames.accepted: at most this many entries, the newest
+ * absorbing more commits when full (their frames count after the later sync, never earlier). */
+#define INGEST_UNSYNCED_MAX 64
 /* The hold timer may fire this late (never early). */
 #define INGEST_HOLD_ACCURACY_USEC (1 * UINT64_C(1000))
 
@@ -94,6 +99,12 @@ struct ingest {
         int store_errno;
         uint64_t store_refused;
         uint64_t seqs_stored_usec; /* CLOCK_MONOTONIC of the last commit with the seqs, 0: none yet */
+        /* Frames committed but not yet on disk, per commit generation, oldest first. */
+        struct {
+                uint64_t gen, frames;
+        } unsynced[INGEST_UNSYNCED_MAX];
+        size_t n_unsynced;
+        int sync_errno; /* an fdatasync failed with it (for good), 0: none did */
 };
 
 static bool log_allowed(struct ingest *in, struct ratelimit *rl, uint64_t now, const char *dev) {
@@ -238,7 +249,7 @@ static void store_ok(struct ingest *in) {
  * unsent, and the command acks they carried were never recorded. */
 static void batch_abort(struct ingest *in, bool began) {
         in->batch.open = false;
-        ack_commit_done(in->ack, false);
+        ack_commit_done(in->ack, false, 0);
         /* SQLite may have rolled back by itself already (SQLITE_FULL, an I/O error). */
         if (began && db_in_transaction(in->db))
                 (void) db_rollback(in->db);
@@ -505,6 +516,12 @@ int ingest_commit(struct ingest *in) {
         if (!in->batch.open)
                 return 0;
         (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
+        if (in->sync_errno != 0) {
+                /* Nothing reaches the disk any more (on_synced()): refused like a failed commit. */
+                store_failed(in, in->sync_errno, in->batch.count);
+                batch_abort(in, false);
+                return in->sync_errno;
+        }
         r = db_begin(in->db);
         if (r < 0) {
                 store_failed(in, r, in->batch.count);
@@ -524,7 +541,15 @@ int ingest_commit(struct ingest *in) {
         in->batch.open = false;
         if (store_seqs)
                 in->seqs_stored_usec = now;
-        ack_commit_done(in->ack, true);
+        uint64_t gen = db_commit_gen(in->db);
+        ack_commit_done(in->ack, true, gen);
+        if (in->n_unsynced == INGEST_UNSYNCED_MAX) {
+                in->unsynced[INGEST_UNSYNCED_MAX - 1].gen = gen;
+                in->unsynced[INGEST_UNSYNCED_MAX - 1].frames += in->batch.count;
+        } else {
+                in->unsynced[in->n_unsynced].gen = gen;
+                in->unsynced[in->n_unsynced++].frames = in->batch.count;
+        }
         if (in->batch.n_acks > 0 && in->ev.command_acks_done)
                 in->ev.command_acks_done(in->ev.userdata, true);
         in->batch.n_acks = 0;
@@ -536,7 +561,6 @@ int ingest_commit(struct ingest *in) {
                         b->in_batch = false;
         }
         in->batch.n_undo = 0;
-        in->counters.frames_accepted += in->batch.count;
         in->spool->pending += in->batch.count;
         in->spool->bytes += in->batch.bytes;
         in->batch.count = 0;
@@ -544,6 +568,41 @@ int ingest_commit(struct ingest *in) {
         if (in->ev.committed)
                 in->ev.committed(in->ev.userdata);
         return 0;
+}
+
+/* Every commit up to gen is on disk: its frames are accepted, their bulbs acked. A failed sync
+ * is for good (db_sync_start()): the frames waiting for one are refused (never acked; their
+ * bulbs resend them and are acked after a restart), and so is every later batch. */
+static void on_synced(void *userdata, uint64_t gen, int error) {
+        struct ingest *in = userdata;
+        size_t done = 0;
+
+        if (in->sync_errno != 0)
+                return;
+        if (error < 0) {
+                uint64_t n = 0;
+
+                for (size_t i = 0; i < in->n_unsynced; i++)
+                        if (in->unsynced[i].gen > gen)
+                                n += in->unsynced[i].frames;
+                in->sync_errno = error;
+                ack_sync_failed(in->ack);
+                store_failed(in, error, (unsigned) n);
+        }
+        ack_synced(in->ack, gen);
+        while (done < in->n_unsynced && in->unsynced[done].gen <= gen)
+                in->counters.frames_accepted += in->unsynced[done++].frames;
+        if (done > 0) {
+                memmove(in->unsynced, in->unsynced + done, (in->n_unsynced - done) * sizeof in->unsynced[0]);
+                in->n_unsynced -= done;
+        }
+        if (error < 0)
+                in->n_unsynced = 0;
+}
+
+void ingest_sync(struct ingest *in) {
+        if (in)
+                db_sync_stop(in->db);
 }
 
 /* At start: a bulb's last accepted seq is the newer of bulb_seqs (loaded by the registry) and
@@ -582,6 +641,11 @@ int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struc
                 return r;
         }
         (void) sd_event_source_set_description(in->hold_timer, "ingest-hold");
+        r = db_sync_start(db, e, on_synced, in);
+        if (r < 0) {
+                ingest_free(in);
+                return r;
+        }
         *ret = in;
         return 0;
 }
@@ -589,6 +653,9 @@ int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struc
 void ingest_free(struct ingest *in) {
         if (!in)
                 return;
+        /* The listeners may be gone already (ingest_sync() was the time to ack). */
+        in->ack = NULL;
+        db_sync_stop(in->db);
         sd_event_source_disable_unref(in->hold_timer);
         free(in->batch.frames);
         free(in->batch.buf);

@@ -28,8 +28,15 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct ack *, ack_free);
  * open transaction will commit (false: held until ack_commit_done()). NULL a: nothing. Never
  * fails: without memory the ack is skipped, and the bulb's resend of the frame gets one. */
 void ack_stage(struct ack *a, struct bulb *b, int64_t seq, bool committed);
-/* The open transaction ended: committed (ok) makes its staged acks due, a failure drops them. */
-void ack_commit_done(struct ack *a, bool ok);
+/* The open transaction ended: committed (ok, as commit generation gen, db_commit_gen()) makes
+ * its staged acks wait for a sync that covers gen; a failure drops them. A committed seq (from
+ * ack_stage(..., true)) of a bulb whose acks wait for a sync goes with them. */
+void ack_commit_done(struct ack *a, bool ok, uint64_t gen);
+/* Every commit up to generation gen is on disk: the acks that waited for it are due. */
+void ack_synced(struct ack *a, uint64_t gen);
+/* A sync failed: what waits for one is dropped, and no ack of a commit goes any more (until the
+ * daemon starts again): what is committed may never reach the disk. */
+void ack_sync_failed(struct ack *a);
 /* The broker connection came (pending acks go now) or went (they wait). */
 void ack_connected(struct ack *a, bool connected);
 /* Adds frames.acks_published and frames.acks_pending to the status object. Returns 0 or -ENOMEM. */

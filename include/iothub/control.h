@@ -12,6 +12,7 @@
 #include <systemd/sd-event.h>
 
 #include "iothub/conf.h"
+#include "iothub/db.h"
 #include "iothub/registry.h"
 
 #define CONTROL_SOCKET_NAME "control"
@@ -46,6 +47,10 @@ struct control_events {
         /* Whether the hub key is still not open, with *ret_error its one-line reason (may be
          * NULL) when so. */
         bool (*key_missing)(void *userdata, const char **ret_error);
+        /* db_sync_wait() on the daemon's database: the answer to a request that changes
+         * security state (bulb add, remove, pair; register) goes only once every commit so far is
+         * on disk (issue 13: commits do not sync by themselves). May be NULL: answers go at once. */
+        int (*durable_wait)(void *userdata, db_sync_wait_t cb, void *cb_userdata, struct db_sync_wait **ret);
         void *userdata;
 };
 

@@ -70,6 +70,11 @@ void ingest_read_done(struct ingest *in);
  * database's state, and the bulbs resend the frames). */
 int ingest_commit(struct ingest *in);
 
+/* At exit, after the last ingest_commit() and while the acks' MQTT client still exists: waits
+ * for the fdatasync of every commit so far (blocking), acks what it covers, and stops the sync
+ * thread (later commits are durable on return). NULL is a no-op. */
+void ingest_sync(struct ingest *in);
+
 /* The counters for status; valid as long as in. */
 const struct ingest_counters *ingest_counters(const struct ingest *in);
 

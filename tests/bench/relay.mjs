@@ -222,6 +222,40 @@ async function cpuAll(ctx) {
 }
 
 // One measured run: frames file for `bulbs` bulbs starting at seqStart, published by loadgen
+// BENCH_LOOP: from `perf script` of the tracepoints, the loop thread's iterations (from an
+// epoll_wait's return to the next epoll_wait call), the longest of them with the fdatasync time
+// inside each, and every thread's fdatasyncs (count, longest).
+async function loopIterations(data, pid) {
+  const out = await new Promise((resolve, reject) => {
+    const p = spawn('perf', ['script', '-i', data, '-F', 'tid,time,event'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let buf = '';
+    p.stdout.setEncoding('utf8');
+    p.stdout.on('data', (d) => { buf += d; });
+    p.on('error', reject);
+    p.on('exit', () => resolve(buf));
+  });
+  const iters = [], syncs = { loop: [], other: [] };
+  let wake = null, syncAt = new Map(), syncIn = 0;
+  for (const line of out.split('\n')) {
+    const m = /^\s*(\d+)\s+([\d.]+):\s+syscalls:sys_(enter|exit)_(\w+)/.exec(line);
+    if (!m) continue;
+    const tid = Number(m[1]), t = Number(m[2]) * 1000, what = `${m[3]}_${m[4]}`;
+    if (what === 'enter_fdatasync') syncAt.set(tid, t);
+    else if (what === 'exit_fdatasync' && syncAt.has(tid)) {
+      const d = t - syncAt.get(tid);
+      syncAt.delete(tid);
+      (tid === pid ? syncs.loop : syncs.other).push(d);
+      if (tid === pid) syncIn += d;
+    } else if (tid === pid && what === 'exit_epoll_wait') { wake = t; syncIn = 0; }
+    else if (tid === pid && what === 'enter_epoll_wait' && wake !== null) { iters.push({ ms: t - wake, fdatasyncMs: syncIn }); wake = null; }
+  }
+  iters.sort((a, b) => b.ms - a.ms);
+  const r2 = (x) => Math.round(x * 10) / 10;
+  const sum = (a) => ({ n: a.length, max: r2(a.length ? Math.max(...a) : 0), total: r2(a.reduce((x, y) => x + y, 0)) });
+  return { iterations: iters.length, longest: iters.slice(0, 5).map((i) => ({ ms: r2(i.ms), fdatasync_ms: r2(i.fdatasyncMs) })),
+    fdatasync_loop_thread: sum(syncs.loop), fdatasync_other_threads: sum(syncs.other) };
+}
+
 // (paced at `rate`/s, or as fast as the broker takes them when rate is 0), until the cloud
 // stored every one of them.
 async function relayRun(ctx, o) {
@@ -239,6 +273,14 @@ async function relayRun(ctx, o) {
   if (process.env.BENCH_PERF) {
     const data = `${process.env.BENCH_PERF}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.data`;
     perf = spawn('perf', ['record', '-q', '-e', 'cpu-clock', '-F', '2000', '-g', '-p', String(ctx.pid), '-o', data], { stdio: 'ignore' });
+    await sleep(300);
+  } else if (process.env.BENCH_LOOP) {
+    // BENCH_LOOP=/tmp/prefix: the loop's iterations (issue 13): epoll_wait and fdatasync
+    // tracepoints of every thread of the daemon; loopIterations() reads them after the run.
+    const data = `${process.env.BENCH_LOOP}-relay-${opt.tpmDelayMs ?? 0}-${o.label.replace(/[^A-Za-z0-9]+/g, '-')}.data`;
+    perf = spawn('perf', ['record', '-q', '-e', 'syscalls:sys_enter_epoll_wait', '-e', 'syscalls:sys_exit_epoll_wait',
+      '-e', 'syscalls:sys_enter_fdatasync', '-e', 'syscalls:sys_exit_fdatasync', '-p', String(ctx.pid), '-o', data], { stdio: 'ignore' });
+    perf.data = data;
     await sleep(300);
   } else if (process.env.BENCH_STRACE) {
     // BENCH_STRACE=/tmp/prefix: the daemon's system calls counted (strace -c) during the run
@@ -278,6 +320,7 @@ async function relayRun(ctx, o) {
     await once(perf, 'exit');
   }
   const ctl = probe ? await probe.stop() : null;
+  const loop = perf?.data ? await loopIterations(perf.data, ctx.pid) : null;
   const st1 = await hub.status();
   const rss = await h.procStatus(ctx.pid);
   const batches = await cloud.call('batches', { from: c0.batches });
@@ -428,6 +471,7 @@ async function relayRun(ctx, o) {
     spool_after: st1.spool,
     control_status_ms: ctl ? dist(ctl.answers) : null,
     control_status_errors: ctl ? ctl.errors : null,
+    loop,
   };
   if (storedN !== o.frames) throw new Error(`relay ${o.label}: ${storedN}/${o.frames} stored at the cloud`);
   if (bare && bare.verified !== bare.frames) throw new Error(`relay ${o.label}: loadgen verify: ${bare.verified}/${bare.frames}`);
@@ -443,7 +487,8 @@ function report(r, fmt) {
     `; ${r.batches} batches of ${fmt(r.batch_size.mean, 0)} on average, ${r.hub_signatures} signatures ` +
     `(${fmt(r.signatures_per_batch, 2)}/batch, ${fmt(r.signatures_per_1000_frames, 2)}/1000 frames, ${fmt(sigRate(r), 2)}/s); ` +
     `daemon ${fmt(r.daemon_cpu_us_per_frame_schedstat)} us/frame` +
-    (r.control_status_ms ? `; control socket status every 50 ms: p50 ${fmt(r.control_status_ms.p50)} p99 ${fmt(r.control_status_ms.p99)} max ${fmt(r.control_status_ms.max)} ms (${r.control_status_ms.n} answers, ${r.control_status_errors} errors)` : '') + '\n');
+    (r.control_status_ms ? `; control socket status every 50 ms: p50 ${fmt(r.control_status_ms.p50)} p99 ${fmt(r.control_status_ms.p99)} max ${fmt(r.control_status_ms.max)} ms (${r.control_status_ms.n} answers, ${r.control_status_errors} errors)` : '') +
+    (r.loop ? `; loop: ${r.loop.iterations} iterations, longest ${r.loop.longest.map((i) => `${i.ms} (fdatasync ${i.fdatasync_ms})`).join(', ')} ms; fdatasync on the loop thread ${r.loop.fdatasync_loop_thread.n} (max ${r.loop.fdatasync_loop_thread.max} ms), on other threads ${r.loop.fdatasync_other_threads.n} (max ${r.loop.fdatasync_other_threads.max} ms)` : '') + '\n');
 }
 
 // Enrols bulbs from..n-1: all but the last concurrently (as the other scenarios do), then,

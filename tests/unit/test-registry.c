@@ -13,6 +13,9 @@
 #include <sys/stat.h>
 
 #include <cmocka.h>
+#include <unistd.h>
+
+#include <systemd/sd-event.h>
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -889,6 +892,173 @@ static void test_migrate_v1(void **state) {
         db_close(db);
 }
 
+
+/* The sync thread (db_sync_start()): what its callback reports. */
+struct synced {
+        uint64_t gen;
+        int error;
+        unsigned calls;
+};
+
+static void on_synced(void *userdata, uint64_t gen, int error) {
+        struct synced *y = userdata;
+
+        y->calls++;
+        y->error = error;
+        if (error == 0) {
+                assert_true(gen >= y->gen); /* never goes back */
+                y->gen = gen;
+        }
+}
+
+/* Runs the loop until the callback reported gen (5 s at most). */
+static void wait_synced(sd_event *e, struct synced *y, uint64_t gen) {
+        for (int i = 0; i < 500 && y->gen < gen; i++)
+                assert_true(sd_event_run(e, 10000) >= 0);
+        assert_int_equal(y->error, 0);
+        assert_true(y->gen >= gen);
+}
+
+/* db_sync_wait()'s callback: how often, and with what. */
+struct waited {
+        int calls, error;
+        uint64_t gen_at_call; /* the syncer's reported generation when it ran */
+        struct synced *y;
+};
+
+static void on_waited(void *userdata, int error) {
+        struct waited *w = userdata;
+
+        w->calls++;
+        w->error = error;
+        w->gen_at_call = w->y ? w->y->gen : 0;
+}
+
+/* How many of this process's descriptors name a deleted file ending in suffix. */
+static int deleted_fds(const char *suffix) {
+        DIR *d = opendir("/proc/self/fd");
+        struct dirent *de;
+        char p[300], t[300];
+        int n = 0;
+
+        assert_non_null(d);
+        while ((de = readdir(d))) {
+                ssize_t k;
+
+                (void) snprintf(p, sizeof p, "/proc/self/fd/%s", de->d_name);
+                k = readlink(p, t, sizeof t - 1);
+                if (k <= 0)
+                        continue;
+                t[k] = '\0';
+                if (strstr(t, suffix) && strstr(t, "(deleted)"))
+                        n++;
+        }
+        closedir(d);
+        return n;
+}
+
+static void test_sync_thread(void **state) {
+        struct db *db = open_db();
+        struct synced y = { 0 };
+        sd_event *e = NULL;
+        char *big, *err = NULL, p[160];
+        uint64_t gen;
+        struct stat st;
+
+        assert_int_equal(sd_event_new(&e), 0);
+        assert_int_equal(query_int(db, "PRAGMA synchronous"), 2); /* FULL without the thread */
+        assert_int_equal(db_sync_start(db, e, on_synced, &y), 0);
+        assert_int_equal(db_sync_start(db, e, on_synced, &y), -EINVAL); /* one thread */
+        assert_int_equal(query_int(db, "PRAGMA synchronous"), 1); /* NORMAL: no fsync in COMMIT */
+
+        /* Every commit counts, autocommit ones too, and is reported once a sync covered it. */
+        gen = db_commit_gen(db);
+        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(db_meta_set(db, "a", "1"), 0);
+        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(db_commit_gen(db), gen + 1);
+        assert_int_equal(db_meta_set(db, "b", "2"), 0);
+        assert_int_equal(db_commit_gen(db), gen + 2);
+        wait_synced(e, &y, gen + 2);
+        assert_true(y.gen <= db_commit_gen(db));
+
+        /* db_sync_wait(): nothing to wait for once synced; after a commit, the callback runs on
+         * the loop once a sync covered it (the syncer's report comes first), never before; a
+         * cancelled wait never calls back. */
+        struct waited w1 = { .y = &y }, w2 = { .y = &y };
+        struct db_sync_wait *sw1 = NULL, *sw2 = NULL;
+        assert_int_equal(db_sync_wait(db, on_waited, &w1, &sw1), 0);
+        assert_null(sw1);
+        assert_int_equal(db_meta_set(db, "w", "1"), 0);
+        gen = db_commit_gen(db);
+        assert_int_equal(db_sync_wait(db, on_waited, &w1, &sw1), 1);
+        assert_int_equal(db_sync_wait(db, on_waited, &w2, &sw2), 1);
+        assert_non_null(sw1);
+        assert_int_equal(w1.calls, 0);
+        db_sync_wait_cancel(TAKE_PTR(sw2));
+        wait_synced(e, &y, gen);
+        for (int i = 0; i < 50 && w1.calls == 0; i++)
+                assert_true(sd_event_run(e, 10000) >= 0);
+        assert_int_equal(w1.calls, 1);
+        assert_int_equal(w1.error, 0);
+        assert_true(w1.gen_at_call >= gen);
+        assert_int_equal(w2.calls, 0);
+        db_sync_wait_cancel(NULL);
+
+        /* No checkpoint on the loop's connection: 20 MiB of commits leave the database file
+         * small until the thread checkpoints (at 4096 WAL pages, db.c), which it does in the
+         * round that syncs the commit that crossed the mark. */
+        big = malloc(1024 * 1024 + 1);
+        assert_non_null(big);
+        memset(big, 'x', 1024 * 1024);
+        big[1024 * 1024] = '\0';
+        for (int i = 0; i < 20; i++) {
+                char key[16];
+
+                (void) snprintf(key, sizeof key, "big%d", i);
+                assert_int_equal(db_meta_set(db, key, big), 0);
+        }
+        free(big);
+        wait_synced(e, &y, db_commit_gen(db));
+        assert_int_equal(stat(T.path, &st), 0);
+        assert_true(st.st_size > 8 * 1024 * 1024);
+
+        /* db_restore_file() keeps the thread and the count, on the new file's WAL. */
+        gen = db_commit_gen(db);
+        assert_int_equal(unlink(T.path), 0);
+        (void) snprintf(p, sizeof p, "%s-wal", T.path);
+        assert_int_equal(unlink(p), 0);
+        assert_int_equal(db_restore_file(db, &err), 0);
+        assert_null(err);
+        assert_int_equal(deleted_fds("-wal (deleted)"), 0);
+        assert_int_equal(query_int(db, "PRAGMA synchronous"), 1);
+        assert_int_equal(db_meta_set(db, "c", "3"), 0);
+        assert_int_equal(db_commit_gen(db), gen + 1);
+        wait_synced(e, &y, gen + 1);
+
+        /* Stopping syncs what is left and says so before it returns, without the loop, to the
+         * waits too; then commits are durable when they return, and nothing waits. */
+        assert_int_equal(db_meta_set(db, "d", "4"), 0);
+        struct waited w3 = { .y = &y };
+        struct db_sync_wait *sw3 = NULL;
+        assert_int_equal(db_sync_wait(db, on_waited, &w3, &sw3), 1);
+        db_sync_stop(db);
+        assert_int_equal(w3.calls, 1);
+        assert_int_equal(w3.error, 0);
+        assert_int_equal(db_meta_set(db, "d2", "4"), 0);
+        assert_int_equal(db_sync_wait(db, on_waited, &w3, &sw3), 0);
+        assert_int_equal(y.gen, db_commit_gen(db)); /* (without the thread, SQLite's autocheckpoint holds the WAL hook) */
+        assert_int_equal(y.error, 0);
+        assert_int_equal(query_int(db, "PRAGMA synchronous"), 2);
+        db_sync_stop(db); /* a no-op now */
+
+        /* And a thread still running when the database closes is joined (ASan: no leak). */
+        assert_int_equal(db_sync_start(db, e, on_synced, &y), 0);
+        assert_int_equal(db_meta_set(db, "e", "5"), 0);
+        db_close(db);
+        sd_event_unref(e);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_open_creates_private_wal_db, setup, teardown),
@@ -900,6 +1070,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_registry_damaged_rows, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_deleted, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_sync_thread, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_seqs, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
