@@ -43,7 +43,8 @@ function overrides({ oauth = true } = {}) {
 // The signer frozen while fn(probe) runs (at least FREEZE_MS), then thawed whatever happens.
 // probe(): 'iothubctl status' and one frame, each within BOUND_MS; resolves to the status.
 // stopped: the signer is frozen already (SIGSTOP before the daemon started).
-async function frozen(fn, { stopped = false } = {}) {
+// minMs: how long at least (FREEZE_MS), probing all along.
+async function frozen(fn, { stopped = false, minMs = FREEZE_MS } = {}) {
   const pid = hub.signerProc.pid;
   const probe = async () => {
     const t0 = performance.now();
@@ -62,7 +63,7 @@ async function frozen(fn, { stopped = false } = {}) {
   const t0 = Date.now();
   try {
     await fn(probe);
-    while (Date.now() - t0 < FREEZE_MS) await probe();
+    while (Date.now() - t0 < minMs) await probe();
   } finally {
     process.kill(pid, 'SIGCONT');
   }
@@ -193,6 +194,27 @@ test('logout during a refresh: the refresh ends, no token comes back after SIGCO
   assert.equal(st.oauth.state, 'login_required', JSON.stringify(st.oauth));
 });
 
+// The daemon's exit: 0, and no sanitizer report (make asan) in what it wrote.
+function assertCleanExit(res) {
+  assert.equal(res.code, 0, `iothubd exit ${JSON.stringify(res)}: ${hub.log}`);
+  assert.doesNotMatch(hub.log, /Sanitizer|runtime error/);
+}
+
+test('the daemon stops while a refresh waits for its proof: it exits at once and cleanly, nothing is called back', async () => {
+  const r = await deviceLogin(hub, auth);
+  assert.equal(r.code, 0, r.out + r.err);
+  let res, stopMs;
+  await frozen(async (probe) => {
+    await waitFor(async () => (await probe()).oauth.state === 'refreshing', 10000, 'a refresh waiting for its DPoP proof');
+    const t0 = performance.now();
+    hub.proc.kill('SIGTERM');
+    res = await hub.exited;
+    stopMs = performance.now() - t0;
+  }, { minMs: 0 });
+  assertCleanExit(res);
+  assert.ok(stopMs < BOUND_MS, `the stop took ${stopMs.toFixed(0)} ms with the signer frozen`);
+});
+
 test('register while the signer is frozen before the daemon knows its key (KEY_INFO): it waits on the loop', async () => {
   // Without [oauth]: the fixed token of bearer_token_file, so that only the key is missing.
   await hub.stop();
@@ -216,4 +238,5 @@ test('register while the signer is frozen before the daemon knows its key (KEY_I
   assert.ok((await hub.status()).key.id, 'the key, named by the signer after SIGCONT');
   assert.equal(cloud.state.registrations.length, registrations0 + 1, 'registered once more');
   assert.equal(cloud.state.registrations.at(-1).status, 200);
+  assertCleanExit(await hub.stop());
 });
