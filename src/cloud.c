@@ -70,6 +70,12 @@ struct cloud_req {
          * proof (both at once): the request as it will go. */
         struct signer_op *sign_op, *dpop_op;
         bool signed_ok, dpop_ok;
+        /* REQ_REGISTER before its request is made: it waits for the hub key (wait_key: hub.c asked
+         * the signer, cloud_key_ready() or cloud_key_failed() follows), or for the signer's
+         * ATTEST_BEGIN or ATTEST_ANSWER (attest_op). All on the loop: nothing waits for the signer
+         * outside it (issue 13). */
+        bool wait_key;
+        struct signer_op *attest_op;
         const char *method; /* a literal */
         char *url, *body, *auth_header, *dpop_header;
         size_t body_len;
@@ -152,6 +158,7 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
 static void on_http_done(void *userdata, const struct http_response *resp);
 
 static void req_prepared_done(struct cloud_req *q) {
+        q->attest_op = signer_op_free(q->attest_op);
         q->sign_op = signer_op_free(q->sign_op);
         q->dpop_op = signer_op_free(q->dpop_op);
         erase_and_freep_str(&q->auth_header);
@@ -329,54 +336,81 @@ static void on_req_dpop(void *userdata, int r, const struct signer_reply *reply)
  * is returned at once and the request goes when both are there; status batches at low priority,
  * the rest (the list of bulbs, registration, command polls and results) before them, since
  * someone waits for those. Takes body in every case. */
-static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
-                     size_t body_len, long timeout_s, struct cloud_req **ret) {
-        _cleanup_erase_str_ char *auth = NULL;
-        _cleanup_free_ char *ath = NULL, *nonce = NULL;
-        struct cloud_req *q;
-        int r;
+static int req_new(struct cloud *c, enum req_kind kind, long timeout_s, struct cloud_req **ret) {
+        struct cloud_req *q = calloc(1, sizeof *q);
 
-        q = calloc(1, sizeof *q);
-        if (!q) {
-                free(body);
+        if (!q)
                 return -ENOMEM;
-        }
         q->cloud = c;
         q->kind = kind;
+        q->timeout_s = timeout_s;
+        *ret = q;
+        return 0;
+}
+
+/* Authorizes q as method path with body (taken in every case) and asks the signer for what it
+ * needs; on failure q is left to the caller. */
+static int req_sign(struct cloud_req *q, const char *method, const char *path, char *body, size_t body_len) {
+        _cleanup_erase_str_ char *auth = NULL;
+        _cleanup_free_ char *ath = NULL, *nonce = NULL;
+        struct cloud *c = q->cloud;
+        int r;
+
         q->method = method;
+        free(q->body);
         q->body = body;
         q->body_len = body_len;
-        q->timeout_s = timeout_s;
+        free(q->url);
         q->url = strdup_printf("%s%s", c->base_url, path);
-        if (!q->url) {
-                r = -ENOMEM;
-                goto fail;
-        }
-        if (!c->signer) {
-                r = -ENOKEY;
-                goto fail;
-        }
+        if (!q->url)
+                return -ENOMEM;
+        if (!c->signer)
+                return -ENOKEY;
         r = cloud_authorization(c, &auth, &ath, &nonce);
         if (r < 0)
-                goto fail;
+                return r;
         q->token_gen = oauth_token_gen(c->oauth);
         q->auth_header = strdup_printf("Authorization: %s", auth);
-        if (!q->auth_header) {
-                r = -ENOMEM;
-                goto fail;
-        }
-        r = signer_sign_http(c->signer, kind == REQ_STATUS ? SIGNER_PRIO_LOW : SIGNER_PRIO_HIGH, method, q->url,
+        if (!q->auth_header)
+                return -ENOMEM;
+        r = signer_sign_http(c->signer, q->kind == REQ_STATUS ? SIGNER_PRIO_LOW : SIGNER_PRIO_HIGH, method, q->url,
                              auth, body, body ? body_len : 0, on_req_signed, q, &q->sign_op);
         if (r >= 0 && ath)
                 /* RFC 9449 7.1: a DPoP-bound token goes with a proof for this request. */
                 r = signer_sign_dpop(c->signer, method, q->url, ath, nonce, on_req_dpop, q, &q->dpop_op);
-        if (r < 0)
-                goto fail;
+        return r;
+}
+
+/* Starts a request: authorized, signed (RFC 9421) and handed to http.c. The signer makes the
+ * signature (and the DPoP proof of a DPoP-bound token, both asked at once) asynchronously: *ret
+ * is returned at once and the request goes when both are there; status batches at low priority,
+ * the rest (the list of bulbs, registration, command polls and results) before them, since
+ * someone waits for those. Takes body in every case. */
+static int req_start(struct cloud *c, enum req_kind kind, const char *method, const char *path, char *body,
+                     size_t body_len, long timeout_s, struct cloud_req **ret) {
+        struct cloud_req *q;
+        int r;
+
+        r = req_new(c, kind, timeout_s, &q);
+        if (r < 0) {
+                free(body);
+                return r;
+        }
+        r = req_sign(q, method, path, body, body_len);
+        if (r < 0) {
+                req_free(q);
+                return r;
+        }
         *ret = q;
         return 0;
-fail:
-        req_free(q);
-        return r;
+}
+
+/* Ends q before its request went, as a request that got no answer would: its owner hears of it
+ * through on_http_done() like of any transport failure. */
+static void req_fail(struct cloud_req *q, int r, const char *text) {
+        req_prepared_done(q);
+        on_http_done(q, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
+                                                 .dpop_nonce = "", .www_authenticate = "" });
 }
 
 /* ---- status batches ---- */
@@ -835,12 +869,10 @@ static void register_req_own(struct cloud *c, struct cloud_req *q,
         *ret = (struct cloud_call *) q;
 }
 
-/* POST /v1/hubs/<id>, with the "attestation" object when there is one (steals it). */
-static int register_send(struct cloud *c, json_t *attestation,
-                         void (*done)(void *userdata, long status, const char *message), void *userdata,
-                         struct cloud_call **ret) {
+/* q becomes POST /v1/hubs/<id> with the hub's JWK, and the "attestation" object when there is one
+ * (stolen in every case). Returns 0 or a negative errno (q is the caller's then). */
+static int register_go(struct cloud *c, struct cloud_req *q, json_t *attestation) {
         _cleanup_free_ char *path = NULL;
-        struct cloud_req *q = NULL;
         json_t *jwk = NULL, *o;
         char *body;
         int r;
@@ -859,110 +891,186 @@ static int register_send(struct cloud *c, json_t *attestation,
                 free(body);
                 return -ENOMEM;
         }
-        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
-        if (r < 0)
+        q->attest = false;
+        return req_sign(q, "POST", path, body, strlen(body));
+}
+
+/* The registration without evidence, as a new request for the caller of q (its handle follows). */
+static int register_send(struct cloud *c, json_t *attestation,
+                         void (*done)(void *userdata, long status, const char *message), void *userdata,
+                         struct cloud_call **ret) {
+        struct cloud_req *q = NULL;
+        int r;
+
+        r = req_new(c, REQ_REGISTER, 0, &q);
+        if (r < 0) {
+                json_decref(attestation);
                 return r;
+        }
+        r = register_go(c, q, attestation);
+        if (r < 0) {
+                req_free(q);
+                return r;
+        }
         register_req_own(c, q, done, userdata, ret);
         return 0;
 }
 
-/* An attested registration starts with the challenge request (iothub-protocol(7) "Attestation"):
- * POST /v1/hubs/<id>/attest/challenge {"jwk","ek_cert","ak_public"}; on_http_done() answers the
- * challenge and sends the registration. Returns 0 with *ret set, -ENOENT when the hub should
- * register without evidence, or another negative errno. */
-static int register_challenge(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
-                              void *userdata, struct cloud_call **ret) {
-        enum attest_mode mode = c->conf->cloud.attestation;
-        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+/* The signer answered ATTEST_BEGIN for q: the challenge request goes (iothub-protocol(7)
+ * "Attestation": POST /v1/hubs/<id>/attest/challenge {"jwk","ek_cert","ak_public"});
+ * on_http_done() has the signer answer the challenge, then the registration goes. */
+static void on_attest_begun(void *userdata, int r, const struct signer_reply *p) {
+        struct cloud_req *q = userdata;
+        struct cloud *c = q->cloud;
         _cleanup_free_ char *path = NULL;
-        const struct signer_reply *ev;
-        struct cloud_req *q = NULL;
-        json_t *jwk = NULL, *o, *evidence;
-        char *body;
-        int r;
+        json_t *evidence = NULL, *jwk = NULL, *o = NULL;
+        char *body = NULL;
+        char text[320];
 
-        if (mode == ATTEST_OFF)
-                return -ENOENT;
-        if (!streq_ptr(signer_key_backend(c->signer), "tpm")) {
-                if (mode == ATTEST_ON) {
-                        set_last_error(c, "[cloud] attestation = on needs a TPM key ([key] backend = tpm)");
-                        return log_error_errno(-EOPNOTSUPP, "%s", c->counters.last_error);
-                }
-                return -ENOENT; /* a file key has no evidence to give */
-        }
-        /* The signer's TPM commands (7 with a TPM, about 0.5 s at a chip's pace): still a blocking
-         * round trip, on the connection that the answer will use too (its attestation state). */
-        r = signer_attest_begin_sync(c->signer, &op);
-        if (r == -ENOENT && mode == ATTEST_AUTO) {
+        if (r >= 0)
+                evidence = p->evidence ? json_loads(p->evidence, JSON_REJECT_DUPLICATES, NULL) : NULL;
+        q->attest_op = signer_op_free(q->attest_op); /* p lives in it: parsed above */
+        if (r == -ENOENT && c->conf->cloud.attestation == ATTEST_AUTO) {
                 log_info("Registering without attestation: the TPM holds no EK certificate");
-                return -ENOENT;
+                r = register_go(c, q, NULL);
+                if (r < 0) {
+                        (void) snprintf(text, sizeof text, "cannot register: %s", strerror(-r));
+                        req_fail(q, r, text);
+                }
+                return;
         }
         if (r < 0) {
                 const char *why = signer_last_error(c->signer);
                 set_last_error(c, "attestation: %s", why ? why : strerror(-r));
-                return log_error_errno(r, "Failed to prepare the attestation: %s", why ? why : strerror(-r));
+                log_error_errno(r, "Failed to prepare the attestation: %s", why ? why : strerror(-r));
+                (void) snprintf(text, sizeof text, "%s", c->counters.last_error);
+                req_fail(q, r, text);
+                return;
         }
-        ev = signer_op_reply(op);
-        evidence = ev && ev->evidence ? json_loads(ev->evidence, JSON_REJECT_DUPLICATES, NULL) : NULL;
         if (!json_is_object(evidence)) {
                 json_decref(evidence);
                 set_last_error(c, "attestation: the signer's evidence is not a JSON object");
-                return -EBADMSG;
+                (void) snprintf(text, sizeof text, "%s", c->counters.last_error);
+                req_fail(q, -EBADMSG, text);
+                return;
         }
         r = signer_key_jwk(c->signer, &jwk);
-        if (r < 0) {
-                json_decref(evidence);
-                return r;
-        }
-        o = json_pack("{s:o}", "jwk", jwk);
-        if (!o || json_object_update(o, evidence) < 0) {
-                json_decref(evidence);
-                json_decref(o);
-                return -ENOMEM;
+        if (r >= 0) {
+                o = json_pack("{s:o}", "jwk", jwk);
+                if (!o || json_object_update(o, evidence) < 0)
+                        r = -ENOMEM;
         }
         json_decref(evidence);
-        body = json_dumps(o, JSON_COMPACT);
+        body = r >= 0 ? json_dumps(o, JSON_COMPACT) : NULL;
         json_decref(o);
         path = strdup_printf("/v1/hubs/%s/attest/challenge", c->conf->hub.id);
-        if (!body || !path) {
-                free(body);
-                return -ENOMEM;
+        if (r >= 0 && (!body || !path))
+                r = -ENOMEM;
+        if (r >= 0) {
+                size_t len = strlen(body);
+                r = req_sign(q, "POST", path, TAKE_PTR(body), len);
         }
-        r = req_start(c, REQ_REGISTER, "POST", path, body, strlen(body), 0, &q);
-        if (r < 0)
-                return r;
-        q->attest = true;
-        register_req_own(c, q, done, userdata, ret);
-        return 0;
+        if (r < 0) {
+                free(body);
+                (void) snprintf(text, sizeof text, "cannot register: %s", strerror(-r));
+                req_fail(q, r, text);
+        }
+}
+
+/* The key is known: q's first request is asked for. With a TPM key the signer's ATTEST_BEGIN
+ * first (7 TPM commands, about 0.5 s at a chip's pace), on the client's one connection, which the
+ * answer will use too (the signer keeps the attestation state per connection). Returns 0 or a
+ * negative errno (q is the caller's then). */
+static int register_begin(struct cloud *c, struct cloud_req *q) {
+        enum attest_mode mode = c->conf->cloud.attestation;
+
+        q->wait_key = false;
+        if (mode != ATTEST_OFF && streq_ptr(signer_key_backend(c->signer), "tpm")) {
+                q->attest = true;
+                return signer_attest_begin(c->signer, on_attest_begun, q, &q->attest_op);
+        }
+        if (mode == ATTEST_ON) {
+                set_last_error(c, "[cloud] attestation = on needs a TPM key ([key] backend = tpm)");
+                return log_error_errno(-EOPNOTSUPP, "%s", c->counters.last_error);
+        }
+        return register_go(c, q, NULL); /* a file key has no evidence to give */
 }
 
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret) {
+        struct cloud_req *q = NULL;
+        bool wait_key = false;
         int r;
 
-        /* The user may just have run 'iothubctl key init': try now rather than at the next retry
-         * (hub.c opens it and announces it through cloud_key_ready() before this returns). */
+        /* One registration at a time: an attested one holds the attestation state of the signer's
+         * connection from its ATTEST_BEGIN to its ATTEST_ANSWER, which a second one would replace. */
+        for (q = c->others; q; q = q->next)
+                if (q->kind == REQ_REGISTER)
+                        return -EBUSY;
+        /* The user may just have run 'iothubctl key init': hub.c asks the signer now rather than at
+         * its next retry, asynchronously (-EINPROGRESS: cloud_key_ready() or cloud_key_failed()
+         * follows). */
         r = c->ev.need_key ? c->ev.need_key(c->ev.userdata) : -ENOKEY;
-        if (r < 0)
+        if (r == -EINPROGRESS)
+                wait_key = true;
+        else if (r < 0)
                 return r;
-        if (!c->signer)
+        else if (!c->signer)
                 return -ENOKEY;
         if (!cloud_have_token(c) && (cloud_uses_oauth(c) || cloud_load_token(c) < 0))
                 return -ENOKEY;
-        r = register_challenge(c, done, userdata, ret);
-        if (r != -ENOENT)
+        r = req_new(c, REQ_REGISTER, 0, &q);
+        if (r < 0)
                 return r;
-        return register_send(c, NULL, done, userdata, ret);
+        q->wait_key = wait_key;
+        if (!wait_key) {
+                r = register_begin(c, q);
+                if (r < 0) {
+                        req_free(q);
+                        return r;
+                }
+        }
+        register_req_own(c, q, done, userdata, ret);
+        return 0;
 }
 
-/* The cloud answered the challenge request q: activate, certify, and send the registration in
- * its place (the caller's handle follows, as after a 401). Returns 0 when the registration went,
- * else a negative errno and a message for the waiter. */
+/* The signer answered the cloud's challenge for q (ATTEST_ANSWER): the registration goes, with
+ * the attestation. */
+static void on_attest_answered(void *userdata, int r, const struct signer_reply *a) {
+        struct cloud_req *q = userdata;
+        struct cloud *c = q->cloud;
+        json_t *attestation = NULL;
+        char message[320];
+
+        if (r >= 0)
+                attestation = a->answer ? json_loads(a->answer, JSON_REJECT_DUPLICATES, NULL) : NULL;
+        q->attest_op = signer_op_free(q->attest_op); /* a lives in it: parsed above */
+        if (r >= 0 && !json_is_object(attestation))
+                r = -EBADMSG;
+        if (r >= 0) {
+                r = register_go(c, q, TAKE_PTR(attestation));
+                if (r >= 0)
+                        return;
+                (void) snprintf(message, sizeof message, "cannot register: %s", strerror(-r));
+                req_fail(q, r, message);
+                return;
+        }
+        json_decref(attestation);
+        (void) snprintf(message, sizeof message, "attestation failed: %s",
+                        r == -EBADMSG                  ? "the cloud's attestation challenge is malformed"
+                        : signer_last_error(c->signer) ? signer_last_error(c->signer)
+                                                       : strerror(-r));
+        set_last_error(c, "%s", message);
+        log_error_errno(r, "Registration: %s", message);
+        req_fail(q, r, message);
+}
+
+/* The cloud answered the challenge request q: the signer activates and certifies (asynchronously,
+ * a new request in q's place: the caller's handle follows, as after a 401), then the registration
+ * goes. Returns 0 when that is under way, else a negative errno and a message for the waiter. */
 static int register_answer(struct cloud *c, struct cloud_req *q, const struct http_response *resp,
                            char *message, size_t size) {
-        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
-        const struct signer_reply *a;
-        json_t *attestation = NULL;
+        struct cloud_req *n = NULL;
         int r;
 
         if (resp->error == 0 && resp->status == 404 && c->conf->cloud.attestation == ATTEST_AUTO) {
@@ -986,26 +1094,52 @@ static int register_answer(struct cloud *c, struct cloud_req *q, const struct ht
         }
         /* The signer parses the challenge (its limits: ATTEST_ANSWER_MAX, attest.h) and answers
          * it with the TPM, on the connection of the ATTEST_BEGIN. */
-        r = resp->body_len > 0 ? signer_attest_answer_sync(c->signer, resp->body, resp->body_len, &op) : -EBADMSG;
-        a = r >= 0 ? signer_op_reply(op) : NULL;
-        if (a)
-                attestation = a->answer ? json_loads(a->answer, JSON_REJECT_DUPLICATES, NULL) : NULL;
-        if (r >= 0 && !json_is_object(attestation))
-                r = -EBADMSG;
+        r = resp->body_len > 0 ? req_new(c, REQ_REGISTER, 0, &n) : -EBADMSG;
+        if (r >= 0)
+                r = signer_attest_answer(c->signer, resp->body, resp->body_len, on_attest_answered, n, &n->attest_op);
         if (r < 0) {
-                json_decref(attestation);
+                req_free(n);
                 (void) snprintf(message, size, "attestation failed: %s",
-                                r == -EBADMSG                  ? "the cloud's attestation challenge is malformed"
-                                : signer_last_error(c->signer) ? signer_last_error(c->signer)
-                                                               : strerror(-r));
+                                r == -EBADMSG || r == -EINVAL ? "the cloud's attestation challenge is malformed"
+                                                              : strerror(-r));
                 set_last_error(c, "%s", message);
                 log_error_errno(r, "Registration: %s", message);
                 return r;
         }
-        r = register_send(c, attestation, q->register_done, q->register_userdata, q->register_slot);
-        if (r < 0)
-                (void) snprintf(message, size, "cannot register: %s", strerror(-r));
-        return r;
+        register_req_own(c, n, q->register_done, q->register_userdata, q->register_slot);
+        return 0;
+}
+
+/* Registrations that waited for the hub key (hub.c asked the signer for it): with it they go on,
+ * without it they end. Each pass starts over: an ending one leaves c->others. */
+static void register_key_news(struct cloud *c, int error, const char *why) {
+        char text[320];
+        bool again = true;
+
+        while (again) {
+                again = false;
+                for (struct cloud_req *q = c->others; q; q = q->next) {
+                        int r;
+
+                        if (q->kind != REQ_REGISTER || !q->wait_key)
+                                continue;
+                        r = error < 0 ? error : register_begin(c, q);
+                        if (r >= 0)
+                                continue;
+                        if (error < 0)
+                                (void) snprintf(text, sizeof text, "no hub key: %s", why ? why : strerror(-r));
+                        else
+                                (void) snprintf(text, sizeof text, "cannot register: %s", strerror(-r));
+                        req_fail(q, r, text);
+                        again = true;
+                        break;
+                }
+        }
+}
+
+void cloud_key_failed(struct cloud *c, int error, const char *why) {
+        if (c)
+                register_key_news(c, error < 0 ? error : -ENOKEY, why);
 }
 
 /* ---- requests for other modules ---- */
@@ -1188,6 +1322,7 @@ void cloud_key_ready(struct cloud *c, struct signer *s) {
         c->signer = s;
         if (strncmp(c->counters.last_error, "no hub key", strlen("no hub key")) == 0)
                 c->counters.last_error[0] = '\0';
+        register_key_news(c, 0, NULL);
         cloud_maybe_send(c);
 }
 

@@ -443,6 +443,15 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                 if (conn_set_reply(w, error_reply("another sign-in started")) < 0)
                         conn_free(w);
         }
+        if (ctl->login_conn) {
+                /* A sign-in still waiting for its start (its device authorization, or the DPoP
+                 * proof for it) ends here: its client hears so rather than waiting for ever. */
+                struct conn *w = ctl->login_conn;
+                ctl->login_conn = NULL;
+                w->pending = false;
+                if (conn_set_reply(w, error_reply("sign-in could not start: another sign-in started")) < 0)
+                        conn_free(w);
+        }
         ctl->login_conn = conn;
         r = oauth_login(ctl->oauth, &(struct oauth_login_cb){ .started = on_login_started,
                                                                      .finished = on_login_finished,

@@ -474,6 +474,8 @@ static int hub_key_result(struct hub *h, int r) {
                         h->key_error = strdup(r == -ENOENT ? "no hub key: run 'iothubctl key init'" : strerror(-r));
                 }
                 h->key_errno = r;
+                /* A registration that waited for this answer ends. */
+                cloud_key_failed(h->cloud, r, h->key_error);
                 signer_refresh_status(h->signer);
                 if (!h->key_timer) {
                         h->key_retry_usec = KEY_RETRY_FIRST_USEC;
@@ -514,15 +516,17 @@ static int hub_open_key(struct hub *h) {
         return signer_key_info(h->signer, on_key_info, h, &h->key_op);
 }
 
-/* `iothubctl register` needs the key at once (cloud's need_key): a bounded blocking round trip,
- * the one left in hub.c. */
+/* `iothubctl register` needs the key now (cloud's need_key): asked at once rather than at the
+ * next retry, asynchronously like at start (issue 13: nothing waits for the signer off the loop);
+ * hub_key_result() tells the registration through cloud_key_ready() or cloud_key_failed(). */
 static int on_cloud_need_key(void *userdata) {
         struct hub *h = userdata;
-        _cleanup_(signer_op_freep) struct signer_op *op = NULL;
+        int r;
 
         if (h->key_ready)
                 return 0;
-        return hub_key_result(h, signer_key_info_sync(h->signer, &op));
+        r = hub_open_key(h);
+        return r < 0 ? r : -EINPROGRESS;
 }
 
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {

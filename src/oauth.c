@@ -35,13 +35,20 @@
 
 enum req_kind { R_DISCOVERY, R_DISCOVERY_FALLBACK, R_DEVICE, R_POLL, R_REFRESH, R_REVOKE };
 
+/* One request to the authorization server, owned by its slot in struct oauth (call_slot()): first
+ * the signer makes its DPoP proof (proof_op, on the loop: behind a queue of status signatures at a
+ * chip's 70 ms each that can take seconds, and the bulb side must not wait for it), then http.c
+ * sends it (http). Cancelling it (call_cancel()) ends whichever phase runs; neither calls back. */
 struct oauth_call {
         struct oauth *oauth;
         enum req_kind kind;
+        const char *method; /* a literal */
         char *url;  /* the endpoint: a resend goes to the same one */
         char *form; /* kept for a resend with a new DPoP nonce; wiped */
         bool nonce_retried;
         bool sent_nonce; /* the proof carried the authorization server's nonce */
+        struct signer_op *proof_op;
+        struct http_req *http;
 };
 
 struct oauth_logout_op {
@@ -82,7 +89,7 @@ struct oauth {
         uint64_t dpop_proofs;
 
         /* Refresh. */
-        struct http_req *refresh_req;
+        struct oauth_call *refresh_req;
         bool refresh_for_401;     /* the refresh in flight was asked for by a 401 */
         bool token_from_401;      /* the current access token came from such a refresh */
         unsigned refresh_refusals; /* 4xx answers to refreshes in a row */
@@ -103,14 +110,14 @@ struct oauth {
         /* CLOCK_MONOTONIC: expires_in is a duration (RFC 8628 3.2), so a step of the wall clock
          * (NTP's first sync, a jump of an hour) must neither end nor stretch it. */
         uint64_t login_deadline_usec;
-        struct http_req *login_req;
+        struct oauth_call *login_req;
         sd_event_source *poll_timer;
 
         /* Logout: the revocation runs on even if whoever waits for it goes away. */
-        struct http_req *revoke_req;
+        struct oauth_call *revoke_req;
         struct oauth_logout_op *logout_op; /* owned by the waiter; NULL once it went away */
 
-        struct http_req *disc_req;
+        struct oauth_call *disc_req;
 };
 
 const char *oauth_state_to_string(enum oauth_state s) {
@@ -472,20 +479,26 @@ int oauth_parse_www_authenticate(const char *value, size_t len, char *ret, size_
 /* ---- requests ---- */
 
 static void on_done(void *userdata, const struct http_response *resp);
-static void call_free(struct oauth_call *call);
-static void call_destroy(void *userdata) {
-        call_free(userdata);
-}
 
 static void call_free(struct oauth_call *call) {
+        if (!call)
+                return;
+        call->proof_op = signer_op_free(call->proof_op);
+        http_cancel(call->http);
         if (call->form)
                 erase_and_free(call->form, strlen(call->form));
         free(call->url);
         free(call);
 }
 
+/* Ends a call in whichever phase it is (its proof asked, or its request out) without calling
+ * back; NULL accepted. */
+static void call_cancel(struct oauth_call *call) {
+        call_free(call);
+}
+
 /* Each kind of request has its own slot: a resend stays in it (and goes to the same endpoint). */
-static struct http_req **call_slot(struct oauth *o, enum req_kind kind) {
+static struct oauth_call **call_slot(struct oauth *o, enum req_kind kind) {
         switch (kind) {
         case R_DISCOVERY:
         case R_DISCOVERY_FALLBACK:
@@ -501,12 +514,63 @@ static struct http_req **call_slot(struct oauth *o, enum req_kind kind) {
         }
 }
 
-static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, const char *url, char *form,
-                      bool nonce_retried, struct http_req **ret) {
-        _cleanup_erase_str_ char *dpop = NULL, *dpop_header = NULL;
-        struct oauth_call *call;
+/* Hands the call to http.c, with its proof header when it has one. */
+static int call_launch(struct oauth_call *call, const char *dpop_header) {
+        struct oauth *o = call->oauth;
         const char *lines[4];
         size_t n = 0;
+
+        lines[n++] = "Accept: application/json";
+        if (call->form)
+                lines[n++] = "Content-Type: application/x-www-form-urlencoded";
+        if (dpop_header)
+                lines[n++] = dpop_header;
+        return http_start(o->http,
+                          &(struct http_request){ .method = call->method,
+                                                  .url = call->url,
+                                                  .ca_file = o->conf->oauth.ca_file,
+                                                  .timeout_s = OAUTH_TIMEOUT_S,
+                                                  .headers = lines,
+                                                  .n_headers = n,
+                                                  .body = call->form,
+                                                  .body_len = call->form ? strlen(call->form) : 0 },
+                          on_done, NULL /* the call owns the request, not the reverse */, call, &call->http);
+}
+
+/* The signer made the call's DPoP proof (or could not): the request goes now. A failure ends the
+ * call as a request that got no answer would (each kind backs off or reports in its own way). */
+static void on_proof(void *userdata, int r, const struct signer_reply *p) {
+        struct oauth_call *call = userdata;
+        _cleanup_erase_str_ char *dpop_header = NULL;
+        const char *why;
+        char text[320];
+
+        if (r >= 0 && !(p && p->proof))
+                r = -EBADMSG;
+        if (r >= 0) {
+                dpop_header = strdup_printf("DPoP: %s", p->proof);
+                if (!dpop_header)
+                        r = -ENOMEM;
+        }
+        call->proof_op = signer_op_free(call->proof_op); /* p lives in it: copied above */
+        if (r >= 0) {
+                call->oauth->dpop_proofs++;
+                r = call_launch(call, dpop_header);
+                if (r >= 0)
+                        return;
+        }
+        why = call->oauth->signer ? signer_last_error(call->oauth->signer) : NULL;
+        (void) snprintf(text, sizeof text, "no DPoP proof from the signer: %s", why ? why : strerror(-r));
+        on_done(call, &(struct http_response){ .error = r, .error_text = text, .body = "", .retry_after = "",
+                                               .dpop_nonce = "", .www_authenticate = "" });
+}
+
+/* Starts a request of kind (takes form in every case): 0 and the call in *ret (its slot), or a
+ * negative errno. With DPoP the proof is asked first, asynchronously; on_done() runs in either
+ * case, never from inside this call. */
+static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, const char *url, char *form,
+                      bool nonce_retried, struct oauth_call **ret) {
+        struct oauth_call *call;
         int r;
 
         call = calloc(1, sizeof *call);
@@ -517,6 +581,7 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
         }
         call->oauth = o;
         call->kind = kind;
+        call->method = method;
         call->form = form;
         call->nonce_retried = nonce_retried;
         call->url = strdup(url);
@@ -524,50 +589,20 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
                 r = -ENOMEM;
                 goto fail;
         }
-        lines[n++] = "Accept: application/json";
-        if (form)
-                lines[n++] = "Content-Type: application/x-www-form-urlencoded";
         /* DPoP on the token requests (RFC 9449 5), not on discovery; on revocation only when the
          * server asked for a proof with its nonce (RFC 9449 8). */
         if (o->use_dpop && o->signer &&
             (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH || (kind == R_REVOKE && nonce_retried))) {
-                /* Still a blocking round trip to the signer (bounded, SIGNER_SYNC_TIMEOUT_MS): the
-                 * token endpoint's requests are few (a sign-in, a refresh an hour). */
-                _cleanup_(signer_op_freep) struct signer_op *op = NULL;
-                const struct signer_reply *p;
-
-                r = signer_sign_dpop_sync(o->signer, method, url, NULL, o->as_nonce, &op);
-                p = r >= 0 ? signer_op_reply(op) : NULL;
-                if (r >= 0 && !(p && p->proof))
-                        r = -EBADMSG;
+                r = signer_sign_dpop(o->signer, method, url, NULL, o->as_nonce, on_proof, call, &call->proof_op);
                 if (r < 0)
                         goto fail;
-                dpop = strdup(p->proof);
-                if (!dpop) {
-                        r = -ENOMEM;
-                        goto fail;
-                }
                 call->sent_nonce = o->as_nonce != NULL;
-                o->dpop_proofs++;
-                dpop_header = strdup_printf("DPoP: %s", dpop);
-                if (!dpop_header) {
-                        r = -ENOMEM;
+        } else {
+                r = call_launch(call, NULL);
+                if (r < 0)
                         goto fail;
-                }
-                lines[n++] = dpop_header;
         }
-        r = http_start(o->http,
-                       &(struct http_request){ .method = method,
-                                               .url = url,
-                                               .ca_file = o->conf->oauth.ca_file,
-                                               .timeout_s = OAUTH_TIMEOUT_S,
-                                               .headers = lines,
-                                               .n_headers = n,
-                                               .body = form,
-                                               .body_len = form ? strlen(form) : 0 },
-                       on_done, call_destroy, call, ret);
-        if (r < 0)
-                goto fail;
+        *ret = call;
         return 0;
 fail:
         call_free(call);
@@ -800,6 +835,9 @@ static int start_refresh(struct oauth *o) {
 
         if (o->refresh_req)
                 return 0;
+        /* A sign-out is under way: its revocation ends these tokens. */
+        if (o->revoke_req)
+                return -ESHUTDOWN;
         if (!o->discovered || !o->have_tokens || !o->tokens.refresh_token)
                 return -ENOKEY;
         if ((r = form_append(&form, "grant_type", "refresh_token")) < 0 ||
@@ -1091,8 +1129,7 @@ int oauth_login(struct oauth *o, const struct oauth_login_cb *cb) {
                 return -ENOKEY;
         if (o->login_active)
                 login_finish(o, -ECANCELED, "another sign-in started");
-        http_cancel(o->login_req);
-        o->login_req = NULL;
+        call_cancel(TAKE_PTR(o->login_req));
         if ((r = form_append(&form, "client_id", o->conf->oauth.client_id)) < 0 ||
             (r = form_append(&form, "scope", o->conf->oauth.scope)) < 0) {
                 if (form)
@@ -1150,6 +1187,15 @@ int oauth_logout(struct oauth *o, void (*done)(void *userdata, int r, const char
 
         if (o->logout_op || o->revoke_req)
                 return -EBUSY;
+        /* A refresh still out (its proof asked, or its request sent) would bring tokens back after
+         * the sign-out: it ends here, and whoever waited for it hears that the tokens are gone. */
+        if (o->refresh_req) {
+                call_cancel(TAKE_PTR(o->refresh_req));
+                o->refresh_for_401 = false;
+                if (o->state == OAUTH_REFRESHING)
+                        o->state = OAUTH_OK;
+                notify_waiters(o, -EKEYREVOKED);
+        }
         if (!o->have_tokens || !o->tokens.refresh_token || !o->revocation_endpoint || !o->discovered) {
                 const char *m = o->revocation_endpoint ? "tokens erased"
                                                        : "tokens erased (the server has no revocation endpoint)";
@@ -1198,10 +1244,11 @@ static void on_revoke(struct oauth *o, const struct http_response *resp) {
 static void on_done(void *userdata, const struct http_response *resp) {
         struct oauth_call *call = userdata;
         struct oauth *o = call->oauth;
-        struct http_req **slot = call_slot(o, call->kind);
+        struct oauth_call **slot = call_slot(o, call->kind);
         char e[OAUTH_ERROR_CODE_MAX + 1] = "";
 
         *slot = NULL;
+        call->http = NULL; /* http.c frees it after this call */
         if (resp->error == 0 && resp->status >= 400 &&
             oauth_parse_error((const uint8_t *) resp->body, resp->body_len, e, sizeof e) < 0)
                 e[0] = '\0';
@@ -1463,11 +1510,12 @@ void oauth_free(struct oauth *o) {
                 free(op);
         }
         notify_waiters(o, -ECANCELED);
-        /* http_cancel() frees each request's call through call_destroy(), form wiped. */
-        http_cancel(o->disc_req);
-        http_cancel(o->login_req);
-        http_cancel(o->refresh_req);
-        http_cancel(o->revoke_req);
+        /* Each call in whichever phase (its DPoP proof asked, or its request out): no callback
+         * runs after this, the forms are wiped. */
+        call_cancel(o->disc_req);
+        call_cancel(o->login_req);
+        call_cancel(o->refresh_req);
+        call_cancel(o->revoke_req);
         /* A write still out goes on in the signer; only its answer is dropped. */
         signer_op_free(o->load_op);
         signer_op_free(o->store_op);

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* iothubd's client of iothub-signer (signer.h has the contract). One non-blocking SOCK_STREAM
- * connection on the loop for the asynchronous requests, framed with the codec of signer-proto.c,
- * and one blocking connection for the few round trips that are still synchronous
- * (signer_*_sync(), each bounded by a timeout).
+ * connection on the loop, framed with the codec of signer-proto.c, carries every request: nothing
+ * in iothubd waits for the signer outside the loop (issue 13), and the attestation pair reaches the
+ * attestation state the signer keeps for this one connection.
  *
  * Every request is kept encoded in its op until answered, so that a connection lost with
  * requests out (the signer killed, restarted by systemd; the socket stays with socket
@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,7 +40,6 @@ struct signer_op {
         uint64_t deadline;    /* CLOCK_MONOTONIC usec: -ETIMEDOUT after */
         uint64_t not_before;  /* after an -EBUSY answer */
         unsigned busy;        /* -EBUSY answers in a row */
-        bool refused;         /* a blocking round trip the signer answered with an error */
         signer_done_t done;
         void *userdata;
         /* The answer: the reply's strings point into these. */
@@ -65,7 +63,6 @@ struct signer {
         uint32_t next_id;
         unsigned connect_failures;
         int connect_errno;  /* the last failure to connect, logged once per kind */
-        int sync_fd;        /* the blocking connection of signer_*_sync() */
         struct signer_op *status_op; /* the client's own STATUS request */
         json_t *remote_status;      /* the signer's last STATUS answer */
         uint64_t signatures, reconnects, busy_retries, timeouts, resent;
@@ -204,9 +201,10 @@ static void op_finish(struct signer_op *op, int r) {
                 /* Nothing of ours to add: the signer's own words come with its STATUS answer. */
                 s->last_error[0] = '\0';
                 signer_refresh_status(s);
-        } else if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO) {
+        } else if (op_is_signature(op->code) || op->code == SIGNER_OP_KEY_INFO ||
+                   op->code == SIGNER_OP_ATTEST_BEGIN || op->code == SIGNER_OP_ATTEST_ANSWER) {
                 if (r >= 0) {
-                        if (op->code != SIGNER_OP_KEY_INFO)
+                        if (op_is_signature(op->code))
                                 s->signatures++;
                         s->last_error[0] = '\0';
                 } else if (r != -ECANCELED) {
@@ -663,7 +661,7 @@ int signer_new(sd_event *e, const struct iothub_conf *c, const struct signer_eve
         s->conf = c;
         if (ev)
                 s->ev = *ev;
-        s->fd = s->sync_fd = -1;
+        s->fd = -1;
         *ret = s;
         return 0;
 }
@@ -679,8 +677,6 @@ struct signer *signer_free(struct signer *s) {
         s->io = sd_event_source_disable_unref(s->io);
         if (s->fd >= 0)
                 (void) close(s->fd);
-        if (s->sync_fd >= 0)
-                (void) close(s->sync_fd);
         buffers_drop(s);
         s->reconnect_timer = sd_event_source_disable_unref(s->reconnect_timer);
         s->tick_timer = sd_event_source_disable_unref(s->tick_timer);
@@ -840,223 +836,6 @@ void signer_refresh_status(struct signer *s) {
         if (!s || s->status_op)
                 return;
         (void) signer_status(s, on_status, s, &s->status_op);
-}
-
-/* ---- the blocking round trips ---- */
-
-static int wait_fd(int fd, short events, uint64_t deadline) {
-        for (;;) {
-                uint64_t now = now_monotonic_usec();
-                struct pollfd p = { .fd = fd, .events = events };
-                int k;
-
-                if (now >= deadline)
-                        return -ETIMEDOUT;
-                k = poll(&p, 1, (int) ((deadline - now + 999) / 1000));
-                if (k < 0 && errno == EINTR)
-                        continue;
-                if (k < 0)
-                        return -errno;
-                if (k > 0)
-                        return 0;
-        }
-}
-
-static int sync_connect(struct signer *s, uint64_t deadline) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        const char *path = s->conf->signer.socket;
-        int fd, r;
-
-        if (s->sync_fd >= 0)
-                return 0;
-        if (!path || strlen(path) >= sizeof sa.sun_path)
-                return -EINVAL;
-        memcpy(sa.sun_path, path, strlen(path));
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
-                if (errno != EINPROGRESS && errno != EAGAIN) {
-                        r = -errno;
-                        (void) close(fd);
-                        return r;
-                }
-                r = wait_fd(fd, POLLOUT, deadline);
-                int err = 0;
-                socklen_t len = sizeof err;
-                if (r >= 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-                        r = -errno;
-                else if (r >= 0 && err)
-                        r = -err;
-                if (r < 0) {
-                        (void) close(fd);
-                        return r;
-                }
-        }
-        s->sync_fd = fd;
-        return 0;
-}
-
-/* Sends op over the blocking connection and reads its answer into op->reply, within timeout_ms.
- * Returns the answer's status, or a local negative errno (the connection is closed then). */
-static int run_sync(struct signer *s, struct signer_op *op, int timeout_ms) {
-        uint64_t deadline = now_monotonic_usec() + (uint64_t) timeout_ms * 1000;
-        uint8_t *in = NULL;
-        size_t off = 0, in_len = 0, in_cap = 0, need = SIGNER_PREFIX_LEN;
-        int r;
-
-        r = signer_msg_end(&op->req);
-        if (r < 0)
-                return r;
-        r = sync_connect(s, deadline);
-        if (r < 0)
-                goto fail;
-        while (off < op->req.len) {
-                ssize_t k = send(s->sync_fd, op->req.data + off, op->req.len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
-                if (k < 0 && (errno == EAGAIN || errno == EINTR)) {
-                        r = wait_fd(s->sync_fd, POLLOUT, deadline);
-                        if (r < 0)
-                                goto fail;
-                        continue;
-                }
-                if (k < 0) {
-                        r = -errno;
-                        goto fail;
-                }
-                off += (size_t) k;
-        }
-        for (;;) {
-                r = signer_msg_frame(in, in_len, &need);
-                if (r < 0)
-                        goto fail;
-                if (r > 0) {
-                        struct signer_msg m;
-
-                        r = signer_msg_decode(in, need, &m);
-                        if (r < 0 || !m.answer || m.op != op->code) {
-                                r = -EBADMSG;
-                                goto fail;
-                        }
-                        if (m.id != op->id) {
-                                /* An answer to an earlier request that timed out: skip it. */
-                                memmove(in, in + need, in_len - need);
-                                in_len -= need;
-                                need = SIGNER_PREFIX_LEN;
-                                continue;
-                        }
-                        r = m.status < 0 ? m.status : reply_fill(op, &m);
-                        op->refused = m.status < 0;
-                        erase_and_free(in, in_cap);
-                        return r;
-                }
-                if (need > in_cap) {
-                        uint8_t *n = malloc(need);
-                        if (!n) {
-                                r = -ENOMEM;
-                                goto fail;
-                        }
-                        if (in) {
-                                memcpy(n, in, in_len);
-                                erase_and_free(in, in_cap);
-                        }
-                        in = n;
-                        in_cap = need;
-                }
-                r = wait_fd(s->sync_fd, POLLIN, deadline);
-                if (r < 0)
-                        goto fail;
-                ssize_t k = read(s->sync_fd, in + in_len, need - in_len);
-                if (k < 0 && (errno == EAGAIN || errno == EINTR))
-                        continue;
-                if (k <= 0) {
-                        r = k < 0 ? -errno : -ECONNRESET;
-                        goto fail;
-                }
-                in_len += (size_t) k;
-        }
-fail:
-        if (in)
-                erase_and_free(in, in_cap);
-        if (s->sync_fd >= 0)
-                (void) close(s->sync_fd);
-        s->sync_fd = -1;
-        return r;
-}
-
-/* Runs a built op synchronously; 0 and the finished op in *ret, or a negative errno. */
-static int sync_finish(struct signer *s, struct signer_op *op, struct signer_op **ret) {
-        int r = run_sync(s, op, SIGNER_SYNC_TIMEOUT_MS);
-
-        if (op_is_signature(op->code) && r >= 0)
-                s->signatures++;
-        if (r < 0) {
-                set_last_error(s, "signer: %s", strerror(-r));
-                /* Refused by the signer: its own words (a TPM error decoded, no secret) on the
-                 * same connection, so that the caller can say more than an errno. */
-                if (op->refused) {
-                        struct signer_op *st = NULL;
-                        char *last = NULL;
-
-                        if (op_new(s, SIGNER_OP_STATUS, SIGNER_PRIO_HIGH, &st) >= 0) {
-                                if (run_sync(s, st, SIGNER_SYNC_TIMEOUT_MS) >= 0 && st->reply.status)
-                                        last = (char *) json_string_value(json_object_get(st->reply.status, "last_error"));
-                                if (last && last[0])
-                                        set_last_error(s, "%s", last);
-                                signer_op_free(st);
-                        }
-                }
-        }
-        signer_buf_done(&op->req);
-        op->state = OP_DONE;
-        if (r < 0) {
-                signer_op_free(op);
-                return r;
-        }
-        *ret = op;
-        return 0;
-}
-
-int signer_key_info_sync(struct signer *s, struct signer_op **ret) {
-        struct signer_op *op;
-        int r = op_new(s, SIGNER_OP_KEY_INFO, SIGNER_PRIO_HIGH, &op);
-
-        if (r < 0)
-                return r;
-        r = sync_finish(s, op, &op); /* frees op on failure */
-        if (r < 0)
-                return r;
-        r = key_cache(s, &op->reply);
-        if (r < 0) {
-                signer_op_free(op);
-                return r;
-        }
-        *ret = op;
-        return 0;
-}
-
-int signer_sign_dpop_sync(struct signer *s, const char *method, const char *url, const char *ath,
-                          const char *nonce, struct signer_op **ret) {
-        struct signer_op *op;
-        int r = build_dpop(s, method, url, ath, nonce, &op);
-
-        return r < 0 ? r : sync_finish(s, op, ret);
-}
-
-int signer_attest_begin_sync(struct signer *s, struct signer_op **ret) {
-        struct signer_op *op;
-        int r = op_new(s, SIGNER_OP_ATTEST_BEGIN, SIGNER_PRIO_HIGH, &op);
-
-        return r < 0 ? r : sync_finish(s, op, ret);
-}
-
-int signer_attest_answer_sync(struct signer *s, const char *challenge, size_t len, struct signer_op **ret) {
-        struct signer_op *op;
-        int r = op_new(s, SIGNER_OP_ATTEST_ANSWER, SIGNER_PRIO_HIGH, &op);
-
-        if (r < 0)
-                return r;
-        (void) signer_msg_add(&op->req, SIGNER_TAG_CHALLENGE, challenge, len);
-        return sync_finish(s, op, ret);
 }
 
 const struct signer_reply *signer_op_reply(const struct signer_op *op) {

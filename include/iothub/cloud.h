@@ -41,9 +41,10 @@ struct cloud_counters {
 
 /* News from the relay, installed by hub.c (the one place that knows who listens). */
 struct cloud_events {
-        /* The hub key is needed now (iothubctl register): open it if it can be. Returns 0 once it
-         * is open, and then it was announced through cloud_key_ready() before this returned; or
-         * a negative errno. NULL: -ENOKEY. */
+        /* The hub key is needed now (iothubctl register): ask for it if it can be, never waiting
+         * (issue 13). Returns 0 when it is known (announced through cloud_key_ready() already),
+         * -EINPROGRESS when it was asked for (cloud_key_ready() or cloud_key_failed() follows),
+         * or another negative errno. NULL: -ENOKEY. */
         int (*need_key)(void *userdata);
         /* iothubctl register succeeded: requests for other modules (cloud_ready()) may go. */
         void (*registered)(void *userdata);
@@ -67,11 +68,15 @@ void cloud_kick(struct cloud *c);
 /* hub.c opened the hub key k (the caller's, valid until cloud_free()): uploads waiting for it
  * may go. NULL c is a no-op. */
 void cloud_key_ready(struct cloud *c, struct signer *s);
+/* hub.c asked the signer for the hub key and got none (error, why: one line, no secret, may be
+ * NULL): registrations that waited for it end with "no hub key: <why>". NULL c is a no-op. */
+void cloud_key_failed(struct cloud *c, int error, const char *why);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 
 /* POST /v1/hubs/<id> with the hub's JWK, and with a TPM key first the attestation challenge
- * ([cloud] attestation, iothub-protocol(7) "Attestation": TPM commands on the loop); done() is called with the HTTP status (or a
+ * ([cloud] attestation, iothub-protocol(7) "Attestation": the signer's TPM commands, asked
+ * asynchronously); one at a time (-EBUSY while another one runs); done() is called with the HTTP status (or a
  * negative errno) and a one-line message, exactly once unless the returned handle is
  * cancelled first (cloud_request_cancel(): the waiter went away; done() never runs after).
  * The handle is the caller's until done() runs. *ret is the caller's slot for it and must stay

@@ -40,7 +40,6 @@
 #define SIGNER_RECONNECT_MAX_MS 5000u
 #define SIGNER_BUSY_MIN_MS 50u
 #define SIGNER_BUSY_MAX_MS 2000u
-#define SIGNER_SYNC_TIMEOUT_MS 10000 /* the blocking round trips (signer_call_sync) */
 #define SIGNER_KEY_ID_LEN 43
 
 struct signer;
@@ -121,28 +120,20 @@ int signer_tokens_put(struct signer *s, const char *access_token, const char *re
                       const char *token_type, const char *scope, uint64_t expires_at, signer_done_t done,
                       void *userdata, struct signer_op **ret);
 int signer_tokens_erase(struct signer *s, signer_done_t done, void *userdata, struct signer_op **ret);
-/* The attestation state is the connection's (iothub-signer(8)): a reconnect between the two
- * answers ATTEST_ANSWER with an error, and the registration is tried again by the operator. */
+/* The attestation state is the connection's (iothub-signer(8)), and the client has one connection:
+ * both steps reach the same state as long as it stays up. A reconnect between the two answers
+ * ATTEST_ANSWER with an error (the registration fails, the operator tries again); one
+ * registration at a time (cloud.c) keeps two of them from overwriting each other's state. */
 int signer_attest_begin(struct signer *s, signer_done_t done, void *userdata, struct signer_op **ret);
 int signer_attest_answer(struct signer *s, const char *challenge, size_t len, signer_done_t done, void *userdata,
                          struct signer_op **ret);
 int signer_status(struct signer *s, signer_done_t done, void *userdata, struct signer_op **ret);
 
-/* ---- blocking round trips ----
- * For the callers that are still synchronous (issue 13 wants them gone; ARCHITECTURE.md lists
- * them): a second connection, blocking, each call bounded by SIGNER_SYNC_TIMEOUT_MS. Return 0
- * and a finished op whose reply signer_op_reply() gives (free it with signer_op_free()), or a
- * negative errno. The attestation pair runs on this connection too, so that both steps reach
- * the same attestation state in the signer. */
-int signer_key_info_sync(struct signer *s, struct signer_op **ret);
-int signer_sign_dpop_sync(struct signer *s, const char *method, const char *url, const char *ath,
-                          const char *nonce, struct signer_op **ret);
-int signer_attest_begin_sync(struct signer *s, struct signer_op **ret);
-int signer_attest_answer_sync(struct signer *s, const char *challenge, size_t len, struct signer_op **ret);
-/* The reply of a finished op (also inside done()), NULL before. */
+/* The reply of a finished op (also inside done()), NULL before. No call here blocks: there is no
+ * synchronous round trip to the signer (issue 13). */
 const struct signer_reply *signer_op_reply(const struct signer_op *op);
 
-/* The hub key of the last KEY_INFO answer (asynchronous or not): its id, its public JWK (a new
+/* The hub key of the last KEY_INFO answer: its id, its public JWK (a new
  * reference in *ret; -ENOKEY before any answer) and its backend ("tpm" | "file"), NULL before. */
 const char *signer_key_id(const struct signer *s);
 int signer_key_jwk(const struct signer *s, json_t **ret);

@@ -36,6 +36,8 @@ struct peer {
         sd_event_source *lsrc, *csrc;
         enum peer_mode mode;
         unsigned requests, connections, answered;
+        /* The connection (1, 2, ...) that carried the last request of each op. */
+        unsigned conn_of[64];
         uint8_t in[65536];
         size_t in_len;
 };
@@ -67,7 +69,11 @@ static void peer_answer(struct peer *p, const struct signer_msg *m, int status) 
         struct signer_buf b = {};
 
         assert_int_equal(signer_msg_begin(&b, m->id, m->op, true, status), 0);
-        if (status == 0 && m->op == SIGNER_OP_SIGN_HTTP) {
+        if (status == 0 && m->op == SIGNER_OP_KEY_INFO) {
+                assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_KEY_ID, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"), 0);
+                assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_JWK, "{\"kty\":\"EC\",\"crv\":\"P-256\"}"), 0);
+                assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_BACKEND, "tpm"), 0);
+        } else if (status == 0 && m->op == SIGNER_OP_SIGN_HTTP) {
                 assert_int_equal(signer_msg_add_str(&b, SIGNER_TAG_SIGNATURE_INPUT,
                                                     "Signature-Input: hub=(\"@method\");created=1"),
                                  0);
@@ -111,7 +117,9 @@ static int peer_on_conn(sd_event_source *s, int fd, uint32_t revents, void *user
 
                 assert_int_equal(signer_msg_decode(p->in, need, &m), 0);
                 assert_false(m.answer);
-                if (m.op != SIGNER_OP_SIGN_HTTP) {
+                if (m.op < ELEMENTSOF(p->conn_of))
+                        p->conn_of[m.op] = p->connections;
+                if (m.op == SIGNER_OP_STATUS) {
                         /* The client's own requests (STATUS at each connection): answered. */
                         peer_answer(p, &m, 0);
                         memmove(p->in, p->in + need, p->in_len - need);
@@ -364,6 +372,108 @@ static void test_over_long_field_refused(void **state) {
         free(uri);
 }
 
+struct reply_copy {
+        unsigned calls;
+        int r;
+        char text[128]; /* evidence, answer or proof */
+};
+
+static void on_reply(void *userdata, int r, const struct signer_reply *reply) {
+        struct reply_copy *c = userdata;
+        const char *t = NULL;
+
+        c->calls++;
+        c->r = r;
+        if (r >= 0)
+                t = reply->evidence ? reply->evidence : reply->answer ? reply->answer : reply->proof;
+        (void) snprintf(c->text, sizeof c->text, "%s", t ? t : "");
+}
+
+/* Issue 13: the ops that were blocking round trips (KEY_INFO for register, the DPoP proofs of
+ * the token endpoint's requests, ATTEST_BEGIN/ANSWER) return at once, without an answer, even
+ * from a signer that never answers; done() comes later from the loop, or never once cancelled. */
+static void test_former_sync_ops_never_block(void **state) {
+        struct fixture *f = *state;
+        struct reply_copy k = {}, d = {}, a = {}, b = {};
+        struct signer_op *ok = NULL, *od = NULL, *oa = NULL, *ob = NULL;
+        uint64_t t0;
+
+        f->peer.mode = PEER_SILENT;
+        peer_listen(&f->peer);
+        t0 = now_monotonic_usec();
+        assert_int_equal(signer_key_info(f->s, on_reply, &k, &ok), 0);
+        assert_int_equal(signer_sign_dpop(f->s, "POST", "https://as.example/token", NULL, "n0nce", on_reply, &d, &od), 0);
+        assert_int_equal(signer_attest_begin(f->s, on_reply, &a, &oa), 0);
+        assert_int_equal(signer_attest_answer(f->s, "{\"c\":1}", 7, on_reply, &b, &ob), 0);
+        /* Queued only: no socket I/O happened inside the calls (they connect lazily, on the loop). */
+        assert_true(now_monotonic_usec() - t0 < 50000);
+        for (int i = 0; i < 20; i++)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(f->peer.requests, 4); /* all four went out, none answered */
+        assert_int_equal(k.calls + d.calls + a.calls + b.calls, 0);
+        assert_null(signer_op_reply(oa));
+        /* Their owners go away (a control client hung up, the daemon stops): no done() ever. */
+        signer_op_free(ok);
+        signer_op_free(od);
+        signer_op_free(oa);
+        signer_op_free(ob);
+        for (int i = 0; i < 5; i++)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(k.calls + d.calls + a.calls + b.calls, 0);
+        assert_int_equal(signer_signatures(f->s), 0);
+}
+
+/* KEY_INFO and the DPoP proof answered through the loop; the key is kept for signer_key_jwk(). */
+static void test_key_info_and_dpop_async(void **state) {
+        struct fixture *f = *state;
+        struct reply_copy k = {}, d = {};
+        struct signer_op *ok = NULL, *od = NULL;
+        json_t *jwk = NULL;
+
+        peer_listen(&f->peer);
+        assert_int_equal(signer_key_jwk(f->s, &jwk), -ENOKEY);
+        assert_int_equal(signer_key_info(f->s, on_reply, &k, &ok), 0);
+        assert_int_equal(signer_sign_dpop(f->s, "POST", "https://as.example/token", NULL, NULL, on_reply, &d, &od), 0);
+        assert_int_equal(k.calls + d.calls, 0); /* never from inside the call */
+        run_until(f, &d.calls, 1, 3000);
+        run_until(f, &k.calls, 1, 3000);
+        assert_int_equal(k.r, 0);
+        assert_int_equal(d.r, 0);
+        assert_true(strlen(d.text) > 0);
+        assert_string_equal(signer_key_id(f->s), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        assert_string_equal(signer_key_backend(f->s), "tpm");
+        assert_int_equal(signer_key_jwk(f->s, &jwk), 0);
+        assert_string_equal(json_string_value(json_object_get(jwk, "kty")), "EC");
+        json_decref(jwk);
+        assert_int_equal(signer_signatures(f->s), 1); /* the proof; KEY_INFO is no signature */
+        signer_op_free(ok);
+        signer_op_free(od);
+}
+
+/* The attestation pair goes over the client's one connection, the one whose attestation state the
+ * signer keeps (iothub-signer(8)): there is no second, blocking connection any more. */
+static void test_attest_pair_on_one_connection(void **state) {
+        struct fixture *f = *state;
+        struct reply_copy a = {}, b = {};
+        struct signer_op *oa = NULL, *ob = NULL;
+
+        peer_listen(&f->peer);
+        assert_int_equal(signer_attest_begin(f->s, on_reply, &a, &oa), 0);
+        run_until(f, &a.calls, 1, 3000);
+        assert_int_equal(a.r, 0);
+        assert_true(strlen(a.text) > 0); /* the evidence */
+        assert_non_null(signer_op_reply(oa));
+        assert_int_equal(signer_attest_answer(f->s, "{\"c\":1}", 7, on_reply, &b, &ob), 0);
+        run_until(f, &b.calls, 1, 3000);
+        assert_int_equal(b.r, 0);
+        assert_true(strlen(b.text) > 0); /* the answer */
+        assert_int_equal(f->peer.connections, 1);
+        assert_int_equal(f->peer.conn_of[SIGNER_OP_ATTEST_BEGIN], 1);
+        assert_int_equal(f->peer.conn_of[SIGNER_OP_ATTEST_ANSWER], 1);
+        signer_op_free(oa);
+        signer_op_free(ob);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_round_trip, setup, teardown),
@@ -374,6 +484,9 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_free_with_requests_out, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_queue_is_bounded, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_over_long_field_refused, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_former_sync_ops_never_block, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_key_info_and_dpop_async, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_attest_pair_on_one_connection, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
