@@ -314,10 +314,24 @@ proc_use() {
 	rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")
 	priv=$(awk '/^Private_(Clean|Dirty):/ {s += $2} END {print s}' "/proc/$p/smaps_rollup")
 	ticks=$(awk '{print $14 + $15}' "/proc/$p/stat")
-	echo "RSS $rss kB, private $priv kB, CPU $((ticks * 1000 / $(getconf CLK_TCK))) ms"
+	echo "RSS $rss kB, private $priv kB, threads $(awk '/^Threads:/ {print $2}' "/proc/$p/status"), CPU $((ticks * 1000 / $(getconf CLK_TCK))) ms"
 }
 log "iothubd: $(proc_use "$(prop MainPID)") (since its start, $k1 frames)"
 log "iothub-signer: $(proc_use "$(sprop MainPID)") (since its restart)"
+# Where it goes: per mapping (file, [heap], [stack], anonymous), summed over the mappings of the
+# same name, the top ones by private bytes (Private_Clean + Private_Dirty of /proc/PID/smaps).
+smaps_top() { # smaps_top PID NAME: the whole smaps kept as $OUT/smaps-NAME, the top 8 logged
+	cp "/proc/$1/smaps" "$OUT/smaps-$2"
+	# (mawk in the guest: no sorting in awk; names without their directory.)
+	awk '/^[0-9a-f]+-[0-9a-f]+ / { name = (NF >= 6) ? $6 : "[anon]"; sub(/.*\//, "", name); next }
+		/^Rss:/ { rss[name] += $2 } /^Private_(Clean|Dirty):/ { priv[name] += $2 }
+		END { for (k in priv) print priv[k], rss[k], k }' "$OUT/smaps-$2" | sort -k1,1nr -k3 >"$OUT/smaps-$2.top"
+	printf '%s smaps: Rss %s kB, private %s kB; top by private (kB private/rss):%s\n' "$2" \
+		"$(awk '{ s += $2 } END { print s }' "$OUT/smaps-$2.top")" "$(awk '{ s += $1 } END { print s }' "$OUT/smaps-$2.top")" \
+		"$(head -n 8 "$OUT/smaps-$2.top" | awk '{ printf " %s %d/%d", $3, $1, $2 }')"
+}
+log "$(smaps_top "$(prop MainPID)" iothubd)"
+log "$(smaps_top "$(sprop MainPID)" iothub-signer)"
 
 if [ "$MODE" = nspawn ]; then
 	# --- reload: same PID, a changed setting applied ----------------------------------------------------
