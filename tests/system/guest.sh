@@ -349,7 +349,7 @@ log "$(smaps_top "$(sprop MainPID)" iothub-signer)"
 # - The signer: its whole private memory.
 # - iothubd: what it allocates itself (anonymous) against 4 MiB; its whole private memory only
 #   against the bound measured with the shipped unit, MEM_DAEMON_PRIVATE_KB below, not 4 MiB:
-#   about 5.5 MiB of it are file pages of libraries only iothubd loads (libsqlite3, and Debian's
+#   about 6 MiB of it are file pages of libraries only iothubd loads (libsqlite3, and Debian's
 #   libcurl4 with GnuTLS, Kerberos, LDAP, SSH, RTMP, ...), which no setting of ours can unload.
 #   tests/system/README.md has the numbers.
 le_kb() { [ "$1" -le "$2" ] 2>/dev/null || { echo "$1 kB > $2 kB"; return 1; }; }
