@@ -68,7 +68,7 @@ try {
   const hold = Number(process.env.MEMMAP_HOLD_S ?? 0);
   for (const [name, pid] of [['iothubd', hub.proc.pid], ['iothub-signer', hub.signerProc.pid]]) {
     const m = await procMemory(pid);
-    console.log(`${name}: RSS ${m.rssKiB} kB, private ${m.privateKiB} kB, threads ${m.threads} (integration, ${FRAMES} frames)`);
+    console.log(`${name}: RSS ${m.rssKiB} kB, private ${m.privateKiB} kB (anonymous ${m.anonKiB} kB, file pages ${m.privateKiB - m.anonKiB} kB), Pss ${m.pssKiB} kB, threads ${m.threads} (integration, ${FRAMES} frames)`);
     console.log(`  ${smapsTop(await fs.readFile(`/proc/${pid}/smaps`, 'utf8'), name, 8)}`);
   }
   if (hold > 0) {

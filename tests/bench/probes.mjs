@@ -84,12 +84,14 @@ export async function privateKiB(pid) {
   return kib;
 }
 
-// VmRSS, private memory and threads of a process.
+// VmRSS, VmHWM, private memory, its anonymous part (Anonymous), Pss and threads of a process.
 export async function procMemory(pid) {
   const s = await fs.readFile(`/proc/${pid}/status`, 'utf8');
   const kb = (k) => Number((s.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
-  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), privateKiB: await privateKiB(pid),
-    threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
+  const r = await fs.readFile(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const rk = (k) => Number((r.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
+  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), privateKiB: await privateKiB(pid), anonKiB: rk('Anonymous'),
+    pssKiB: rk('Pss'), threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
 }
 
 // Where private memory goes: the text of /proc/PID/smaps summed per mapping name (the file's
