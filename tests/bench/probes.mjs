@@ -83,3 +83,37 @@ export async function privateKiB(pid) {
   for (const m of s.matchAll(/^Private_(?:Clean|Dirty|Hugetlb):\s+(\d+) kB/gm)) kib += Number(m[1]);
   return kib;
 }
+
+// VmRSS, VmHWM, private memory, its anonymous part (Anonymous), Pss and threads of a process.
+export async function procMemory(pid) {
+  const s = await fs.readFile(`/proc/${pid}/status`, 'utf8');
+  const kb = (k) => Number((s.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
+  const r = await fs.readFile(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const rk = (k) => Number((r.match(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm')) ?? [0, 0])[1]);
+  return { rssKiB: kb('VmRSS'), hwmKiB: kb('VmHWM'), privateKiB: await privateKiB(pid), anonKiB: rk('Anonymous'),
+    pssKiB: rk('Pss'), threads: Number((s.match(/^Threads:\s+(\d+)/m) ?? [0, 0])[1]) };
+}
+
+// Where private memory goes: the text of /proc/PID/smaps summed per mapping name (the file's
+// base name, [heap], [stack], [anon] for a nameless mapping), as one line with the top n by
+// private bytes (Private_Clean + Private_Dirty), "name private/rss" in kB. The same line
+// tests/system/guest.sh logs for the installed system.
+export function smapsTop(text, who, n = 8) {
+  const by = new Map();
+  let cur = null, rss = 0, priv = 0;
+  for (const l of text.split('\n')) {
+    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+(?:\s+(\S+))?/.exec(l);
+    if (head) {
+      const name = head[1] ? head[1].replace(/.*\//, '') : '[anon]';
+      cur = by.get(name) ?? { priv: 0, rss: 0 };
+      by.set(name, cur);
+      continue;
+    }
+    const m = /^(Rss|Private_Clean|Private_Dirty):\s+(\d+) kB/.exec(l);
+    if (!m || !cur) continue;
+    if (m[1] === 'Rss') { cur.rss += Number(m[2]); rss += Number(m[2]); } else { cur.priv += Number(m[2]); priv += Number(m[2]); }
+  }
+  const top = [...by.entries()].sort((a, b) => b[1].priv - a[1].priv || (a[0] < b[0] ? -1 : 1)).slice(0, n);
+  return `${who} smaps: Rss ${rss} kB, private ${priv} kB; top by private (kB private/rss):` +
+    top.map(([k, v]) => ` ${k} ${v.priv}/${v.rss}`).join('');
+}

@@ -25,6 +25,10 @@ PREFIX=iothub/v1/bulbs
 # MID_<NAME> (every IOTHUB_MID_<NAME> of include/iothub/log.h in the tree the package was built
 # from) come with /systest/env.
 CATALOG=/usr/lib/systemd/catalog/iothub.catalog
+# iothubd's private memory after the relay path ran once, as installed: the bound the memory check
+# below holds it to (issue 13; measured, with the reason it is above DESIGN.md's 4 MiB, in
+# tests/system/README.md).
+MEM_DAEMON_PRIVATE_KB=8960
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
 
 mkdir -p "$OUT"
@@ -307,17 +311,55 @@ check "frames.accepted = $k1 (none lost)" wait_for 15 st_is .frames.accepted "$k
 check "cloud.uploaded = $k1 (signed by the new signer, accepted by the cloud)" wait_for 30 st_is .cloud.uploaded "$k1"
 log "signer killed -> frames $k0..$k1 at the cloud: $((($(date +%s%N) - t_kill) / 1000000)) ms (0.2 s polling)"
 check "spool.pending = 0 after the kill" st_is .spool.pending 0
-# Memory and CPU of each process as installed (for the record, not a limit: DESIGN.md's targets
-# are measured by make bench): resident and private memory (smaps_rollup), CPU time so far.
+# Memory and CPU of each process as installed (issue 13): resident and private memory
+# (smaps_rollup), private split into anonymous pages (heap, stacks, the libraries' relocated data)
+# and file pages that no other process maps (the code and read-only data of libraries that only
+# this process loads: on a hub, libsqlite3, libcurl and its dependencies are iothubd's alone), and
+# CPU time so far. (Under nspawn --ephemeral the copied libraries are still dirty in the page
+# cache, so their pages show as Private_Dirty rather than Private_Clean; the sum is the same.)
+rollup() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/smaps_rollup"; }
+private_kb() { echo $(($(rollup "$1" Private_Clean) + $(rollup "$1" Private_Dirty))); }
 proc_use() {
-	local p=$1 priv rss ticks
-	rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")
-	priv=$(awk '/^Private_(Clean|Dirty):/ {s += $2} END {print s}' "/proc/$p/smaps_rollup")
+	local p=$1 priv anon ticks
+	priv=$(private_kb "$p")
+	anon=$(rollup "$p" Anonymous)
 	ticks=$(awk '{print $14 + $15}' "/proc/$p/stat")
-	echo "RSS $rss kB, private $priv kB, CPU $((ticks * 1000 / $(getconf CLK_TCK))) ms"
+	echo "RSS $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") kB, private $priv kB" \
+		"(anonymous $anon kB, file pages $((priv - anon)) kB), Pss $(rollup "$p" Pss) kB," \
+		"threads $(awk '/^Threads:/ {print $2}' "/proc/$p/status"), CPU $((ticks * 1000 / $(getconf CLK_TCK))) ms"
 }
 log "iothubd: $(proc_use "$(prop MainPID)") (since its start, $k1 frames)"
 log "iothub-signer: $(proc_use "$(sprop MainPID)") (since its restart)"
+# Where it goes: per mapping (file, [heap], [stack], anonymous), summed over the mappings of the
+# same name, the top ones by private bytes (Private_Clean + Private_Dirty of /proc/PID/smaps).
+smaps_top() { # smaps_top PID NAME: the whole smaps kept as $OUT/smaps-NAME, the top 8 logged
+	cp "/proc/$1/smaps" "$OUT/smaps-$2"
+	# (mawk in the guest: no sorting in awk; names without their directory.)
+	awk '/^[0-9a-f]+-[0-9a-f]+ / { name = (NF >= 6) ? $6 : "[anon]"; sub(/.*\//, "", name); next }
+		/^Rss:/ { rss[name] += $2 } /^Private_(Clean|Dirty):/ { priv[name] += $2 }
+		END { for (k in priv) print priv[k], rss[k], k }' "$OUT/smaps-$2" | sort -k1,1nr -k3 >"$OUT/smaps-$2.top"
+	printf '%s smaps: Rss %s kB, private %s kB; top by private (kB private/rss):%s\n' "$2" \
+		"$(awk '{ s += $2 } END { print s }' "$OUT/smaps-$2.top")" "$(awk '{ s += $1 } END { print s }' "$OUT/smaps-$2.top")" \
+		"$(head -n 8 "$OUT/smaps-$2.top" | awk '{ printf " %s %d/%d", $3, $1, $2 }')"
+}
+log "$(smaps_top "$(prop MainPID)" iothubd)"
+log "$(smaps_top "$(sprop MainPID)" iothub-signer)"
+# The targets this test can measure fairly (DESIGN.md: private memory at most 4 MiB with 200
+# bulbs; here one bulb, after the relay path has run once: start-up, TLS, signing, SQLite).
+# - The signer: its whole private memory.
+# - iothubd: what it allocates itself (anonymous) against 4 MiB; its whole private memory only
+#   against the bound measured with the shipped unit, MEM_DAEMON_PRIVATE_KB below, not 4 MiB:
+#   about 6 MiB of it are file pages of libraries only iothubd loads (libsqlite3, and Debian's
+#   libcurl4 with GnuTLS, Kerberos, LDAP, SSH, RTMP, ...), which no setting of ours can unload.
+#   tests/system/README.md has the numbers.
+le_kb() { [ "$1" -le "$2" ] 2>/dev/null || { echo "$1 kB > $2 kB"; return 1; }; }
+check "memory: iothub-signer's private memory <= 4096 kB (DESIGN.md)" le_kb "$(private_kb "$(sprop MainPID)")" 4096
+check "memory: iothubd's anonymous memory <= 4096 kB (DESIGN.md's private target, for what it allocates)" \
+	le_kb "$(rollup "$(prop MainPID)" Anonymous)" 4096
+check "memory: iothubd's private memory <= $MEM_DAEMON_PRIVATE_KB kB (measured bound; libraries, see README)" \
+	le_kb "$(private_kb "$(prop MainPID)")" "$MEM_DAEMON_PRIVATE_KB"
+check "memory: the shipped unit skips GnuTLS's implicit initialisation (GNUTLS_NO_IMPLICIT_INIT=1)" \
+	sh -c "systemctl show -P Environment $UNIT | grep -qw GNUTLS_NO_IMPLICIT_INIT=1"
 
 if [ "$MODE" = nspawn ]; then
 	# --- reload: same PID, a changed setting applied ----------------------------------------------------
