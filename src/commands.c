@@ -287,6 +287,14 @@ static uint64_t sign_ready_at(const struct commands *c, uint64_t now) {
         return now + (uint64_t) (missing / COMMANDS_SIGN_RATE * (double) USEC_PER_SEC) + 1000;
 }
 
+/* Where a command's time goes (issue 13): at debug level, one line per stage with the wall clock
+ * in microseconds, which tests/bench/commands.mjs lines up with the cloud's and the bulbs' own
+ * stamps (one clock on one machine). Nothing is read or formatted above debug level. */
+static void stamp(const struct command *cmd, const char *stage) {
+        if (log_get_max_level() >= LOG_DEBUG)
+                log_debug("Command %s stage %s at %" PRIu64, cmd->id, stage, now_realtime_usec());
+}
+
 /* Rejections are logged at most COMMANDS_LOG_BURST times per window; the counters count all. */
 static bool log_allowed(struct commands *c) {
         uint64_t suppressed;
@@ -452,6 +460,9 @@ static int store_flush(struct commands *c) {
          * always committed before the loop runs anything else, but never write into it. */
         if (db_in_transaction(db))
                 return -EBUSY;
+        for (size_t i = 0; i < c->n_cmds; i++)
+                if (c->cmds[i]->dirty && c->cmds[i]->state == CMD_PENDING && !c->cmds[i]->stored)
+                        stamp(c->cmds[i], "store_begins");
         r = db_begin(db);
         if (r < 0)
                 return r;
@@ -486,6 +497,8 @@ static int store_flush(struct commands *c) {
         }
         for (size_t i = 0; i < c->n_cmds; i++)
                 if (c->cmds[i]->dirty && c->cmds[i]->state != CMD_NEW) {
+                        if (c->cmds[i]->state == CMD_PENDING && !c->cmds[i]->stored)
+                                stamp(c->cmds[i], "stored");
                         c->cmds[i]->dirty = false;
                         c->cmds[i]->stored = true;
                 }
@@ -645,6 +658,7 @@ static void take_command(struct commands *c, const json_t *o, int64_t now, unsig
                 return;
         }
         log_debug("Command %s for %s taken", cmd->id, cmd->dev);
+        stamp(cmd, "taken");
 }
 
 static int take_answer(struct commands *c, const char *body, size_t len, unsigned *fresh) {
@@ -826,6 +840,7 @@ static void on_command_signed(void *userdata, int r, const struct signer_reply *
         }
         c->sign_failures = 0;
         c->counters.signatures++;
+        stamp(cmd, "signed");
         free(cmd->cloud_sig); /* inside the JWS now */
         cmd->cloud_sig = NULL;
         cmd->state = CMD_PENDING;
@@ -851,6 +866,7 @@ static int command_sign(struct commands *c, struct command *cmd, int64_t iat) {
                 return -EINVAL;
         set += strlen(",\"set\":");
         payload[n - 1] = '\0';
+        stamp(cmd, "sign_asked");
         return signer_sign_command(c->signer, cmd->dev, cmd->id, (uint64_t) iat, (uint64_t) cmd->exp, set,
                                    cmd->cloud_sig, on_command_signed, cmd, &cmd->sign_op);
 }
@@ -869,6 +885,7 @@ static int command_publish(struct commands *c, struct command *cmd) {
         cmd->mid = mid;
         c->counters.published++;
         log_debug("Published command %s to %s (mid %d)", cmd->id, topic, mid);
+        stamp(cmd, "published");
         return 0;
 }
 
@@ -1194,6 +1211,7 @@ void commands_on_published(struct commands *c, int mid) {
                         cmd->dirty = true;
                         c->counters.delivered++;
                         log_debug("Command %s delivered to the broker", cmd->id);
+                        stamp(cmd, "puback");
                 }
                 commands_schedule(c);
                 return;

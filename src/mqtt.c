@@ -22,6 +22,15 @@
  * 15 on a Pi; the group commit of each wake-up stays large enough to keep fsyncs few. */
 #define MQTT_READ_BURST_MAX 512
 #define MQTT_READ_BUDGET_USEC (10 * UINT64_C(1000))
+/* QoS 1 messages of ours in flight (published, PUBACK not yet read) before libmosquitto holds
+ * the next ones back in its own queue, in order. Its default, 20, throttled everything we
+ * publish to 20 per PUBACK round trip, and under load that trip includes the loop's stalls
+ * (a commit's fdatasync, a read burst): the end-to-end acks (up to 10/s per bulb) then queued,
+ * and a command published behind them waited seconds before its first byte left (issue 13,
+ * tests/bench/commands.mjs: published -> at broker p99 570 ms, max 1.7 s beside 2,000 frames/s).
+ * The window only paces, it bounds nothing: a message held back is in memory all the same.
+ * Below 65,536 so that packet ids in flight stay unique (MQTT 3.1.1 2.3.1). */
+#define MQTT_SEND_MAXIMUM 4096
 
 struct mqtt {
         sd_event *event;
@@ -364,7 +373,7 @@ int mqtt_new(sd_event *e, const struct iothub_conf *c, const struct mqtt_callbac
              struct mqtt **ret, char **ret_error) {
         static bool lib_initialised;
         struct mqtt *m;
-        int r;
+        int r, rc;
 
         if (!lib_initialised) {
                 mosquitto_lib_init();
@@ -390,6 +399,11 @@ int mqtt_new(sd_event *e, const struct iothub_conf *c, const struct mqtt_callbac
                 goto fail;
         }
         (void) mosquitto_int_option(m->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
+        rc = mosquitto_int_option(m->mosq, MOSQ_OPT_SEND_MAXIMUM, MQTT_SEND_MAXIMUM);
+        if (rc != MOSQ_ERR_SUCCESS) {
+                r = mqtt_errno(rc);
+                goto fail;
+        }
         mosquitto_connect_callback_set(m->mosq, on_connect);
         mosquitto_disconnect_callback_set(m->mosq, on_disconnect);
         mosquitto_message_callback_set(m->mosq, on_message);

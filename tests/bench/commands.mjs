@@ -13,6 +13,7 @@
 // performance.timeOrigin + performance.now(): one wall clock, sub-millisecond, in every thread.
 import { isMainThread, workerData } from 'node:worker_threads';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import * as jose from 'jose';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
@@ -158,6 +159,24 @@ class BrokerStamps {
 }
 
 // ---------------------------------------------------------------------------------------
+// The hub's own stages (src/commands.c stamp(), daemon at --log-level debug): one line
+// "Command <id> stage <name> at <wall clock usec>" each. In order: taken (the poll's answer
+// handed over by curl and checked), sign_asked (request queued to iothub-signer), signed (JWS
+// back, on the loop), store_begins / stored (the transaction around the command's row, its
+// fsync included), published (handed to libmosquitto), puback (the broker's PUBACK read).
+const HUB_STAGES = ['taken', 'sign_asked', 'signed', 'store_begins', 'stored', 'published', 'puback'];
+
+function hubStamps(log) {
+  const m = new Map(); // id -> { stage: wall ms }
+  for (const x of log.matchAll(/Command (\S+) stage (\w+) at (\d+)/g)) {
+    const e = m.get(x[1]) ?? {};
+    if (e[x[2]] === undefined) e[x[2]] = Number(x[3]) / 1000;
+    m.set(x[1], e);
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------
 // The scenario
 
 const numbersOf = (o) => Object.fromEntries(Object.entries(o ?? {}).filter(([, v]) => typeof v === 'number'));
@@ -182,6 +201,7 @@ async function phase(ctx, label, o) {
   const { hub, cloud, bulbs, opt, stamps } = ctx;
   const st0 = await hub.status();
   const c0 = await cloud.call('stats');
+  const loadavgStart = os.loadavg();
   const sent = [];
   const t0 = wall();
   for (let i = 0; i < o.n; i++) {
@@ -230,9 +250,25 @@ async function phase(ctx, label, o) {
       results: Object.keys(t.results),
     };
   });
+  // Each command's time split into consecutive stages (ms, each from the previous stamp).
+  const hs = hubStamps(hub.log);
+  for (const [j, r] of rows.entries()) {
+    const s = sent[j], h = hs.get(s.id), g = s.bulb.got.get(s.id);
+    const seq = [['cloud_queued', s.queuedAt], ...HUB_STAGES.filter((k) => k !== 'puback').map((k) => [k, h?.[k]]),
+      ['at_broker', stamps.cmd.get(s.id)], ['at_bulb', g?.at]];
+    r.stages = {};
+    for (let i = 1; i < seq.length; i++) {
+      const [a, ta] = seq[i - 1], [b, tb] = seq[i];
+      r.stages[`${a}->${b}`] = ta !== undefined && tb !== undefined ? tb - ta : null;
+    }
+    r.stages['published->puback'] = h?.published !== undefined && h?.puback !== undefined ? h.puback - h.published : null;
+  }
+  const stageNames = Object.keys(rows[0]?.stages ?? {});
   const col = (k) => rows.map((r) => r[k]).filter((v) => v !== null && v !== undefined);
+  const stageCol = (k) => rows.map((r) => r.stages[k]).filter((v) => v !== null && v !== undefined);
   return {
     label, commands: o.n, spacing_ms: opt.spacingMs, bulbs: bulbs.length,
+    loadavg_start: loadavgStart, loadavg_end: os.loadavg(),
     seconds: (tQueued - t0) / 1000,
     first_queued_at: sent[0]?.queuedAt, last_queued_at: sent.at(-1)?.queuedAt,
     verified: rows.filter((r) => r.verified).length,
@@ -252,6 +288,8 @@ async function phase(ctx, label, o) {
       broker_ack_to_acked: dist(col('broker_ack_to_acked_ms')),
       park_wait: dist(col('park_wait_ms')),
     },
+    stages_ms: Object.fromEntries(stageNames.map((k) => [k, dist(stageCol(k))])),
+    hub_stamped: rows.filter((r) => r.stages['cloud_queued->taken'] !== null).length,
     hub_commands: diffNumbers(st0.commands, st1.commands),
     hub_key_signatures: st1.key.signatures - st0.key.signatures,
     cloud_requests: diffNumbers(c0.requests, c1.requests),
@@ -267,7 +305,10 @@ function report(p, fmt) {
   process.stdout.write(`  commands ${p.label}: ${p.commands} commands, ${p.verified} verified by their bulb, ${p.answered_at_once} answered to a parked poll; ` +
     `cloud -> bulb p50 ${fmt(L.cloud_to_bulb.p50)} p99 ${fmt(L.cloud_to_bulb.p99)} max ${fmt(L.cloud_to_bulb.max)} ms, ` +
     `cloud -> acked p50 ${fmt(L.cloud_to_acked.p50)} p99 ${fmt(L.cloud_to_acked.p99)} max ${fmt(L.cloud_to_acked.max)} ms` +
-    (p.load ? `; beside ${fmt(p.load.cloud_frames_per_second, 0)} status frames/s at the cloud` : '') + '\n');
+    (p.load ? `; beside ${fmt(p.load.cloud_frames_per_second, 0)} status frames/s at the cloud` : '') +
+    `; load average ${p.loadavg_start[0].toFixed(2)} -> ${p.loadavg_end[0].toFixed(2)}\n`);
+  process.stdout.write(`    stages p50/p99/max ms (${p.hub_stamped}/${p.commands} stamped by the hub): ` +
+    Object.entries(p.stages_ms).map(([k, d]) => `${k} ${fmt(d.p50)}/${fmt(d.p99)}/${fmt(d.max)}`).join(', ') + '\n');
 }
 
 // opt: { bulbs, commands, spacingMs, loadRate, loadBulbs, leadInMs, drainTimeoutMs }
@@ -314,7 +355,9 @@ export async function commandsScenario(root, h, opt) {
     out.hub_kid = kid;
 
     await fs.mkdir(path.join(dir, 'hub'), { mode: 0o755 });
-    ctx.hub = await Hub.start(ctx.broker, overrides, { dir: path.join(dir, 'hub') });
+    // At debug level for the stage stamps of src/commands.c (the frame path logs nothing per
+    // frame at that level, so the load is not slowed by it).
+    ctx.hub = await Hub.start(ctx.broker, overrides, { dir: path.join(dir, 'hub'), args: ['--log-level', 'debug'] });
     ctx.pid = ctx.hub.proc.pid;
     await waitFor(async () => (await ctx.hub.status()).mqtt.connected, 10000, 'MQTT connection');
     r = await ctx.hub.ctl(['register']);
@@ -434,6 +477,13 @@ export function commandsTable(c, fmt) {
   });
   s += grid(['phase', 'cmds', 'status f/s', 'at once', 'verified', 'cloud->bulb p50/p99/max', 'cloud->acked p50/p99/max',
     'cloud->delivered', 'bulb verify', 'ack bulb->broker', 'broker->acked', 'cmd sigs', 'all sigs'], rows);
+  const names = Object.keys(c.phases[0]?.stages_ms ?? {});
+  if (names.length) {
+    s += `\nWhere a command's time goes (ms, p50 / p99 / max; each stage from the previous stamp: the cloud's, the hub's ` +
+      `debug stamps of src/commands.c, the broker's hand-out to a sampler, the bulb's receipt; published->puback runs beside)\n`;
+    s += grid(['stage', ...c.phases.map((p) => `${p.label} (load ${p.loadavg_start[0].toFixed(1)}-${p.loadavg_end[0].toFixed(1)})`)],
+      names.map((k) => [k, ...c.phases.map((p) => three(p.stages_ms[k]))]));
+  }
   const [q, l] = c.phases;
   if (q && l) {
     s += `Under the status load: cloud -> bulb p99 ${fmt(l.latency_ms.cloud_to_bulb.p99)} ms against ${fmt(q.latency_ms.cloud_to_bulb.p99)} ms quiet; ` +

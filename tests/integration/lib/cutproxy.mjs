@@ -15,6 +15,8 @@ export class CutProxy {
     this.cutAnswersLeft = 0;
     this.requestBytes = 1500; // client bytes after which the server's next chunk is an "answer"
     this.refusing = false;
+    this.holding = false; // server -> client bytes are kept back (holdAnswers())
+    this.held = [];       // [{ client, data }] in the order the server sent them
   }
 
   static async start(target) {
@@ -46,6 +48,7 @@ export class CutProxy {
         this.conns.delete(conn);
         return;
       }
+      if (this.holding) { this.held.push({ client, data: d }); return; }
       client.write(d);
     });
     client.on('error', end);
@@ -63,6 +66,16 @@ export class CutProxy {
 
   // The next n answers are cut half-way (see above).
   cutAnswers(n) { this.cutAnswersLeft = n; }
+
+  // Keeps back everything the server sends (a server, or a path, slow in one direction only:
+  // an MQTT client's PUBACKs late, its own publishes not), until release() forwards it all in
+  // order.
+  holdAnswers() { this.holding = true; }
+
+  release() {
+    this.holding = false;
+    for (const { client, data } of this.held.splice(0)) if (!client.destroyed) client.write(data);
+  }
 
   // Points new connections elsewhere; open ones are cut, so that none keeps the old peer.
   switchTo(target) { this.target = target; this.cutAll(); }
