@@ -172,6 +172,8 @@ test('a slow events endpoint never holds up status', async (t) => {
   const bulb = await Bulb.create('steady');
   await enrol(bulb);
   await cloud.control.fail({ endpoint: 'events', delayMs: 6000, count: -1 });
+  // Also when an assertion fails: a failure left armed at the cloud made the later tests fail too.
+  t.after(() => cloud.control.clearFailures());
   // Something to report, and an events request parked at the cloud.
   await pub.publishAsync(`${PREFIX}/nobody-here/status`, await bulb.frame(), { qos: 1 });
   await waitFor(() => cloud.state.requests.some((q) => q.endpoint === 'events' && q.status === 0), 5000 + 1000 * INTERVAL_S, 'an events request in flight');
@@ -185,9 +187,10 @@ test('a slow events endpoint never holds up status', async (t) => {
   cloud.control.clearFailures();
 });
 
-test('events the cloud has not taken are spooled and survive a restart of the daemon', async () => {
+test('events the cloud has not taken are spooled and survive a restart of the daemon', async (t) => {
   await waitFor(async () => (await hub.status()).events.in_flight === 0, 15000, 'no events request in flight');
   await cloud.control.fail({ endpoint: 'events', status: 503, count: -1 });
+  t.after(() => cloud.control.clearFailures());
   const target = await Bulb.create('restart-target');
   await enrol(target);
   const forger = await Bulb.create('restart-target');
@@ -207,6 +210,7 @@ test('events the cloud has not taken are spooled and survive a restart of the da
 test('the event spool is bounded: the oldest events are dropped, counted and reported', async (t) => {
   await waitFor(async () => (await hub.status()).events.in_flight === 0, 15000, 'no events request in flight');
   await cloud.control.fail({ endpoint: 'events', status: 503, count: -1 });
+  t.after(() => cloud.control.clearFailures());
   // The sum of the daemon's own "dropped the N oldest events" lines, over its runs: the counter
   // in status does not outlive a run, and the flush at exit drops too.
   const droppedInLog = () => [...hub.log.matchAll(/dropped the (\d+) oldest events/g)].reduce((n, m) => n + Number(m[1]), 0);
@@ -236,7 +240,10 @@ test('the event spool is bounded: the oldest events are dropped, counted and rep
   // oldest rows again (unless the interval's flush came first), and that drop must be reported too.
   await junkRound(9);
   const before = cloud.state.events.length;
+  const stderr = hub.proc.stderr;
   await hub.stop();
+  // The line of the drop at exit is in hub.log once the daemon's stderr ended ('exit' can come first).
+  await waitFor(() => stderr.readableEnded || stderr.destroyed, 5000, "the daemon's stderr closed");
   const dropped = droppedInLog() - logged0;
   assert.ok(dropped > st.dropped, `dropped ${dropped}, before the last round ${st.dropped}`);
   cloud.control.clearFailures();
