@@ -245,8 +245,9 @@ static int insert_row(sqlite3_stmt *s, int64_t at, const char *type, const char 
 
 /* Writes the interval's entries (and a note of what was dropped) in one transaction, dropping
  * the oldest rows beyond EVENTS_SPOOL_MAX. The events_dropped row of that drop goes in the same
- * transaction: were it left in memory for the next interval, the drop made by the flush at exit
- * (events_free()) would never be reported. */
+ * transaction: left in memory for the next interval, it made that interval drop one more event
+ * to make room for it (one event lost per interval, for as long as the cloud refused them), and
+ * the drop made by the flush at exit (events_free()) was never reported. */
 static int flush(struct events *ev) {
         _cleanup_(sqlite3_finalizep) sqlite3_stmt *ins = NULL, *drop = NULL;
         struct db *db = ev->db;
