@@ -15,7 +15,8 @@
  * leave the table when the cloud answered 2xx, or a final 4xx (not 401, 408, 429: those and
  * 5xx and transport errors back off, 2 s .. 300 s). A backlog of more than one batch goes in
  * consecutive requests. The table holds at most EVENTS_SPOOL_MAX rows: the oldest go first,
- * counted (events.dropped) and reported as an events_dropped event.
+ * counted (events.dropped) and reported as an events_dropped event, written in the same
+ * transaction as the drop (so that a drop at exit is reported too).
  *
  * Urgent events (flood, key_error, command_rejected) do not wait for the interval: they are
  * spooled and sent after EVENTS_URGENT_DELAY_USEC, but not sooner than EVENTS_URGENT_GAP_USEC
@@ -243,7 +244,10 @@ static int insert_row(sqlite3_stmt *s, int64_t at, const char *type, const char 
 }
 
 /* Writes the interval's entries (and a note of what was dropped) in one transaction, dropping
- * the oldest rows beyond EVENTS_SPOOL_MAX. */
+ * the oldest rows beyond EVENTS_SPOOL_MAX. The events_dropped row of that drop goes in the same
+ * transaction: left in memory for the next interval, it made that interval drop one more event
+ * to make room for it (one event lost per interval, for as long as the cloud refused them), and
+ * the drop made by the flush at exit (events_free()) was never reported. */
 static int flush(struct events *ev) {
         _cleanup_(sqlite3_finalizep) sqlite3_stmt *ins = NULL, *drop = NULL;
         struct db *db = ev->db;
@@ -256,8 +260,9 @@ static int flush(struct events *ev) {
         /* Never write into the frame path's transaction (committed before the loop goes on). */
         if (db_in_transaction(ev->db))
                 return -EBUSY;
+        /* One more row, the events_dropped one, when anything must go. */
         if (ev->spooled + n > EVENTS_SPOOL_MAX)
-                excess = ev->spooled + n - EVENTS_SPOOL_MAX;
+                excess = ev->spooled + n + 1 - EVENTS_SPOOL_MAX;
         if (excess > ev->spooled)
                 excess = ev->spooled;
         r = prepare(ev, "INSERT INTO events (at, type, reason, dev, count) VALUES (?1, ?2, ?3, ?4, ?5)", &ins);
@@ -288,6 +293,12 @@ static int flush(struct events *ev) {
                 if (r < 0)
                         goto fail;
         }
+        if (excess > 0) {
+                r = insert_row(ins, now, type_names[EVENT_EVENTS_DROPPED], "spool_full", "", excess);
+                if (r < 0)
+                        goto fail;
+                n++;
+        }
         (void) sqlite3_reset(ins);
         r = db_commit(db);
         if (r < 0)
@@ -300,12 +311,6 @@ static int flush(struct events *ev) {
         ev->spooled = ev->spooled - excess + n;
         ev->n_agg = ev->n_agg_dev = 0;
         ev->lost = 0;
-        if (excess > 0) {
-                /* After the reset: the cloud hears of the drop with the next interval. */
-                struct agg *a = agg_add(ev, EVENT_EVENTS_DROPPED, "spool_full", "");
-                if (a)
-                        a->count = excess;
-        }
         return 0;
 fail:
         (void) sqlite3_reset(ins);
