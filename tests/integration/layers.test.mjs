@@ -29,7 +29,9 @@ const ALLOWED = {
   signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
   'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
-  'signer-proto': [],
+  'signer-proto': ['tlv'],
+  // The channels' codec (signer-proto's and uplink-proto's tables drive it).
+  tlv: [],
   command: ['jws', 'hubkey', 'verify', 'frame'],
   dpop: ['jws', 'hubkey', 'frame'],
   events: ['cloud', 'spool', 'db', 'frame', 'conf'],
