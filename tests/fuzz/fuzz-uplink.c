@@ -11,7 +11,8 @@
  *   - a REQUEST names a kind, an ARG only where the kind takes one and as it takes it, a BODY
  *     exactly when the kind is not the poll, a TIMEOUT within UPLINK_TIMEOUT_MAX_S; and the
  *     request that the uplink builds from it (uplink_request_target()) under a fixed [cloud] url
- *     and [hub] id is one that the signer's policy signs (signer_policy_http()), with the method
+ *     and [hub] id is one that the signer's policy signs (signer_policy_http(), and its DPoP
+ *     proof, signer_policy_dpop()), with the method
  *     of the kind, under [cloud] url's path: no request that decodes leads the uplink to ask
  *     for a signature the signer refuses, or to any other URL of the cloud;
  *   - an answer of REQUEST or REGISTER carries an HTTP status of 100..599. */
@@ -118,6 +119,8 @@ static void check_request(const struct tlv_msg *m) {
         if (r < 0)
                 fprintf(stderr, "refused %s %s: %s\n", method, url, why);
         CHECK(r == 0);
+        /* Its DPoP proof too (RFC 9449 7.1). */
+        CHECK(signer_policy_dpop(&policy, method, url, NULL, NULL, &why) == 0);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

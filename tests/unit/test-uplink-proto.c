@@ -2,7 +2,8 @@
 /* The uplink channel's table (src/uplink-proto.c) on the codec (src/tlv.c): round trips of every
  * op and kind, each -EBADMSG rule on messages built byte by byte here (not with the encoder under
  * test), the encoder refusing the same, and uplink_request_target(): every URL it builds is one
- * the signer's policy signs (signer_policy_http()), and every near miss of it is refused. */
+ * the signer's policy signs (signer_policy_http(), signer_policy_dpop()), and every near miss of
+ * it is refused. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -448,9 +449,15 @@ static int policy_for(const struct target_case *c, struct signer_policy *ret) {
         return signer_policy_init(ret, &conf, NULL);
 }
 
+/* Whether the signer signs the request (SIGN_HTTP); its DPoP proof (SIGN_DPOP, RFC 9449 7.1: a
+ * DPoP-bound token on the cloud's requests) must be signed for exactly the same ones. */
 static bool signs(const struct signer_policy *p, const char *method, const char *url) {
         const char *why = NULL;
-        return signer_policy_http(p, method, url, "DPoP abc.def", &why) == 0;
+        bool http = signer_policy_http(p, method, url, "DPoP abc.def", &why) == 0;
+
+        assert_int_equal(signer_policy_dpop(p, method, url, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ", NULL, &why) == 0,
+                         http);
+        return http;
 }
 
 /* The policy signs url with method, and none of the near misses of it: another method; a byte
