@@ -94,7 +94,12 @@ FUZZ_SRCS  := $(wildcard tests/fuzz/fuzz-*.c)
 FUZZ_BINS  := $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/fuzz/%)
 TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
-MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(wildcard man/*.scd))
+# Drafts of pages whose program is not there yet: built (scdoc checks them) into $(BUILD)/man-draft,
+# never installed nor packaged. iothub-uplink(8): issue 14 stage 2, only its WIRE FORMAT is
+# written (the channel's codec, include/iothub/uplink-proto.h); the program comes in step 2.
+MAN_DRAFTS := man/iothub-uplink.8.scd
+MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(filter-out $(MAN_DRAFTS),$(wildcard man/*.scd)))
+MAN_DRAFT_PAGES := $(MAN_DRAFTS:man/%.scd=$(BUILD)/man-draft/%)
 
 .PHONY: valgrind all check unit integration asan fuzz fuzz-build fuzz-smoke lint install deps clean bench demo man tools cross soak
 
@@ -151,7 +156,11 @@ $(BUILD)/man/%: man/%.scd
 	@mkdir -p $(dir $@)
 	scdoc < $< > $@
 
-man: $(MANS)
+$(BUILD)/man-draft/%: man/%.scd
+	@mkdir -p $(dir $@)
+	scdoc < $< > $@
+
+man: $(MANS) $(MAN_DRAFT_PAGES)
 
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CMOCKA_MESSAGE_OUTPUT=stdout $(TEST_RUNNER) $$t; done

@@ -1,33 +1,22 @@
 /* SPDX-License-Identifier: MIT */
-/* The channel between iothubd and iothub-signer (issue 14; iothub-signer(8) "WIRE FORMAT"): a
- * fixed binary format over a SOCK_STREAM unix socket, encoded and decoded here for both sides.
- * This header is the normative list of ops, tags and limits. Pure: no I/O, no state.
- *
- * Every message, all integers big-endian:
- *     u32 length of the rest (at most SIGNER_MSG_MAX, at least SIGNER_HEADER_LEN - 4)
- *     u32 request id (the client's; echoed in the answer)
- *     u16 op (request) or op | SIGNER_ANSWER (answer)
- *     i16 status (requests: 0; answers: 0 or a negative errno)
- *     fields: u16 tag, u32 length, bytes
- * Each tag at most once; each op has its required and optional tags (one set for the request,
- * one for a successful answer; an answer with a status < 0 has no fields), each tag its own
- * minimum and maximum length and its kind. An unknown op or tag, a duplicate, a missing required
- * or a tag the op does not take, a length out of range, a NUL inside a text value, a status on a
- * request or a positive status, or trailing bytes: -EBADMSG. Text values are not NUL-terminated
- * on the wire. */
+/* The channel between iothubd (or iothub-uplink) and iothub-signer (issue 14; iothub-signer(8)
+ * "WIRE FORMAT"): the channels' binary format (include/iothub/tlv.h: framing, fields, and every
+ * rule of decoding) with this channel's table. This header is the normative list of its ops, tags
+ * and limits, and names the codec's types and functions for the signer's callers. Pure: no I/O,
+ * no state. */
 #pragma once
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#include "iothub/util.h"
+#include "iothub/tlv.h"
 
 #define SIGNER_MSG_MAX (1024u * 1024u + 64u * 1024u) /* the u32 length prefix, at most */
-#define SIGNER_PREFIX_LEN 4                          /* the length prefix itself */
-#define SIGNER_HEADER_LEN 12                         /* prefix, id, op, status */
-#define SIGNER_FIELD_HEADER_LEN 6                    /* tag, length */
-#define SIGNER_ANSWER 0x8000u                        /* op | SIGNER_ANSWER: the answer to op */
+#define SIGNER_PREFIX_LEN TLV_PREFIX_LEN
+#define SIGNER_HEADER_LEN TLV_HEADER_LEN
+#define SIGNER_FIELD_HEADER_LEN TLV_FIELD_HEADER_LEN
+#define SIGNER_ANSWER TLV_ANSWER
 
 enum signer_opcode {
         SIGNER_OP_KEY_INFO = 1,
@@ -89,7 +78,16 @@ enum signer_tag {
         _SIGNER_TAG_MAX,
 };
 
-enum signer_kind { SIGNER_KIND_TEXT, SIGNER_KIND_BYTES, SIGNER_KIND_U8, SIGNER_KIND_U64 };
+enum signer_kind {
+        SIGNER_KIND_TEXT = TLV_KIND_TEXT,
+        SIGNER_KIND_BYTES = TLV_KIND_BYTES,
+        SIGNER_KIND_U8 = TLV_KIND_U8,
+        SIGNER_KIND_U64 = TLV_KIND_U64,
+};
+_Static_assert(_SIGNER_TAG_MAX <= TLV_TAG_MAX, "the signer's tags fit struct tlv_msg");
+
+/* The table (src/signer-proto.c). */
+extern const struct tlv_proto signer_proto;
 
 /* The name of an op or tag ("SIGN_HTTP", "TARGET_URI"), NULL when unknown. */
 const char *signer_op_to_string(unsigned op);
@@ -100,60 +98,51 @@ int signer_tag_limits(unsigned tag, enum signer_kind *ret_kind, uint32_t *ret_mi
  * (answer true): 0 no, 1 optional, 2 required. */
 int signer_tag_rule(unsigned op, bool answer, unsigned tag);
 
-/* ---- framing a stream ----
- * Looks at the start of buf (len bytes received so far). Returns 1 and *ret_need = the size of
- * the complete first message (prefix included) when it is all in buf; 0 when more bytes are
- * needed (*ret_need: how many in total are known to be needed, SIGNER_PREFIX_LEN while the
- * prefix is incomplete); -EBADMSG when the prefix is out of range (the stream cannot be framed
- * any more: close it). */
+/* The codec's functions with this table (include/iothub/tlv.h says what each does). */
 int signer_msg_frame(const uint8_t *buf, size_t len, size_t *ret_need);
-/* The request id of a message whose header is in buf (len >= SIGNER_HEADER_LEN), for the
- * -EBADMSG answer to a message that did not decode. 0 or -EBADMSG. */
-int signer_msg_peek_id(const uint8_t *buf, size_t len, uint32_t *ret_id);
+static inline int signer_msg_peek_id(const uint8_t *buf, size_t len, uint32_t *ret_id) {
+        return tlv_msg_peek_id(buf, len, ret_id);
+}
 
-/* ---- decoding ---- */
-struct signer_field {
-        const uint8_t *data; /* into the decoded buffer; NULL when absent */
-        uint32_t len;
-        bool present;
-};
-struct signer_msg {
-        uint32_t id;
-        uint16_t op; /* without SIGNER_ANSWER */
-        bool answer;
-        int16_t status;
-        struct signer_field f[_SIGNER_TAG_MAX]; /* by tag; f[0] unused */
-};
-/* Decodes exactly one complete message (prefix included, len bytes, as signer_msg_frame() cut
- * it) against every rule above. Returns 0 and *ret (pointing into buf: valid while buf is), or
- * -EBADMSG. */
+/* The codec's types under the names the signer's callers use: a decoded message of this channel
+ * (its f[] indexed by enum signer_tag) and a buffer of encoded ones. */
+#define signer_field tlv_field
+#define signer_msg tlv_msg
+#define signer_buf tlv_buf
+
 int signer_msg_decode(const uint8_t *buf, size_t len, struct signer_msg *ret);
-bool signer_msg_has(const struct signer_msg *m, unsigned tag);
-/* A text field as a malloc'ed NUL-terminated copy. -ENOENT absent, -ENOMEM. */
-int signer_msg_strdup(const struct signer_msg *m, unsigned tag, char **ret);
-/* A U64 or U8 field. -ENOENT absent. */
-int signer_msg_u64(const struct signer_msg *m, unsigned tag, uint64_t *ret);
-int signer_msg_u8(const struct signer_msg *m, unsigned tag, uint8_t *ret);
+static inline bool signer_msg_has(const struct signer_msg *m, unsigned tag) {
+        return tlv_msg_has(m, tag);
+}
+static inline int signer_msg_strdup(const struct signer_msg *m, unsigned tag, char **ret) {
+        return tlv_msg_strdup(m, tag, ret);
+}
+static inline int signer_msg_u64(const struct signer_msg *m, unsigned tag, uint64_t *ret) {
+        return tlv_msg_u64(m, tag, ret);
+}
+static inline int signer_msg_u8(const struct signer_msg *m, unsigned tag, uint8_t *ret) {
+        return tlv_msg_u8(m, tag, ret);
+}
 
-/* ---- encoding ----
- * A growing buffer of whole messages (several may be queued on one connection): begin() starts
- * one at the end, add*() append fields, end() writes its length and checks the message with
- * signer_msg_decode() (so nothing the other side would refuse is ever sent: on failure the
- * message is dropped and -EINVAL returned). After a failed add*() the message is dropped by
- * end() too, which returns that first error. signer_buf_consume() removes bytes sent from the
- * front; signer_buf_done() wipes (answers carry tokens) and frees. */
-struct signer_buf {
-        uint8_t *data;
-        size_t len, cap;
-        size_t start; /* of the message being built */
-        bool open;
-        int error;    /* first error since begin() */
-};
 int signer_msg_begin(struct signer_buf *b, uint32_t id, unsigned op, bool answer, int status);
-int signer_msg_add(struct signer_buf *b, unsigned tag, const void *data, size_t len);
-int signer_msg_add_str(struct signer_buf *b, unsigned tag, const char *s);
-int signer_msg_add_u64(struct signer_buf *b, unsigned tag, uint64_t v);
-int signer_msg_add_u8(struct signer_buf *b, unsigned tag, uint8_t v);
-int signer_msg_end(struct signer_buf *b);
-void signer_buf_consume(struct signer_buf *b, size_t n);
-void signer_buf_done(struct signer_buf *b);
+static inline int signer_msg_add(struct signer_buf *b, unsigned tag, const void *data, size_t len) {
+        return tlv_msg_add(b, tag, data, len);
+}
+static inline int signer_msg_add_str(struct signer_buf *b, unsigned tag, const char *s) {
+        return tlv_msg_add_str(b, tag, s);
+}
+static inline int signer_msg_add_u64(struct signer_buf *b, unsigned tag, uint64_t v) {
+        return tlv_msg_add_u64(b, tag, v);
+}
+static inline int signer_msg_add_u8(struct signer_buf *b, unsigned tag, uint8_t v) {
+        return tlv_msg_add_u8(b, tag, v);
+}
+static inline int signer_msg_end(struct signer_buf *b) {
+        return tlv_msg_end(b);
+}
+static inline void signer_buf_consume(struct signer_buf *b, size_t n) {
+        tlv_buf_consume(b, n);
+}
+static inline void signer_buf_done(struct signer_buf *b) {
+        tlv_buf_done(b);
+}

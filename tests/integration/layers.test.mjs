@@ -29,7 +29,12 @@ const ALLOWED = {
   signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
   'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
-  'signer-proto': [],
+  'signer-proto': ['tlv'],
+  // The channels' codec (signer-proto's and uplink-proto's tables drive it).
+  tlv: [],
+  // iothubd <-> iothub-uplink (issue 14, stage 2): the table, and the request each kind is;
+  // a command id is checked by command.c's command_id_is_valid(), as the signer's policy does.
+  'uplink-proto': ['tlv', 'command'],
   command: ['jws', 'hubkey', 'verify', 'frame'],
   dpop: ['jws', 'hubkey', 'frame'],
   events: ['cloud', 'spool', 'db', 'frame', 'conf'],
@@ -64,7 +69,8 @@ const OWNER = { oauth_tokens_done: 'tokenstore', attest_mode_to_string: 'conf', 
 // Prefixes of modules whose file name has a '-' (no C identifier has one): the signer's codec and policy.
 const PREFIX_OWNER = [['signer_msg_', 'signer-proto'], ['signer_buf_', 'signer-proto'], ['signer_tag_', 'signer-proto'],
   ['signer_op_to_string', 'signer-proto'], ['signer_policy_', 'signer-policy'], ['signer_origin_', 'signer-policy'],
-  ['signer_bucket_', 'signer-policy'], ['signer_method_', 'signer-policy']];
+  ['signer_bucket_', 'signer-policy'], ['signer_method_', 'signer-policy'],
+  ['uplink_msg_', 'uplink-proto'], ['uplink_kind_', 'uplink-proto'], ['uplink_request_target', 'uplink-proto']];
 
 // src/cloud.c, src/commands-internal.h, include/iothub/cloud.h -> the module's name.
 function moduleOf(file) {
