@@ -22,7 +22,7 @@
  * hub ignores an id it knows, and counts it).
  *
  * Sharing the TPM and the connection with the status uploads:
- * - Polls and results are requests of their own (cloud_request()) on the same curl multi handle
+ * - Polls and results are requests of their own (cloudreq_request()) on the same curl multi handle
  *   as the status batches, not entries of the batch queue: cloud.c has at most one status batch
  *   in flight, and a poll or a result is a separate request that gets its own connection from
  *   the shared pool (HTTP/1.1: one request per connection at a time, connections are reused).
@@ -48,6 +48,7 @@
 #include "commands-internal.h"
 #include "db-internal.h"
 #include "iothub/cloud.h"
+#include "iothub/cloudreq.h"
 #include "iothub/commands.h"
 #include "iothub/events.h"
 #include "iothub/frame.h"
@@ -56,6 +57,7 @@
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
 #include "iothub/registry.h"
+#include "iothub/uplink-proto.h"
 #include "iothub/verify.h"
 
 #include <openssl/evp.h>
@@ -172,7 +174,7 @@ struct command {
         bool dirty;     /* memory is ahead of the row */
         bool published; /* handed to libmosquitto in this run, PUBACK not yet seen */
         int mid;
-        struct cloud_call *result_call;
+        struct cloudreq_call *result_call;
         unsigned result_level; /* what the call in flight reports */
         struct signer_op *sign_op; /* CMD_NEW while the signer makes its JWS */
 };
@@ -204,7 +206,8 @@ struct commands {
         struct db *db;
         struct registry *registry;
         struct mqtt *mqtt;
-        struct cloud *cloud;
+        struct cloud *cloud;      /* cloud_ready() */
+        struct cloudreq *req;     /* polls and results */
         struct events *events; /* security events (rejected commands); NULL without them */
         struct signer *signer; /* NULL until hub.c announces the hub key (commands_key_ready) */
         struct verify_key *cloud_key; /* [cloud] command_key_file, NULL when unset */
@@ -213,7 +216,7 @@ struct commands {
         struct command *cmds[COMMANDS_ACTIVE_MAX]; /* oldest first */
         size_t n_cmds;
 
-        struct cloud_call *poll_call;
+        struct cloudreq_call *poll_call;
         uint64_t poll_started, poll_at; /* monotonic usec: no poll before poll_at */
         unsigned poll_failures;
         unsigned result_calls, result_failures;
@@ -317,7 +320,7 @@ static struct command *find_by_id(struct commands *c, const char *id) {
 static void command_free(struct command *cmd) {
         if (!cmd)
                 return;
-        cloud_request_cancel(cmd->result_call);
+        cloudreq_cancel(cmd->result_call);
         signer_op_free(cmd->sign_op);
         free(cmd->jws);
         free(cmd->cloud_sig);
@@ -699,8 +702,13 @@ static void poll_failed(struct commands *c, const char *what) {
                 log_debug("Polling for commands failed again (%s), next in %" PRIu64 " ms", what, delay / 1000);
 }
 
-static void on_poll_done(void *userdata, int r, long status, const char *body, size_t len) {
+static void on_poll_done(void *userdata, const struct cloudreq_answer *a) {
         struct commands *c = userdata;
+        /* A transport failure is status 0 below. */
+        long status = a->error < 0 ? 0 : a->status;
+        const char *body = a->body;
+        size_t len = a->body_len;
+        int r = 0;
         unsigned fresh = 0;
         char what[96];
 
@@ -736,15 +744,13 @@ done:
 }
 
 static int poll_start(struct commands *c) {
-        _cleanup_free_ char *path = NULL;
+        char wait[8];
 
-        path = strdup_printf("/v1/hubs/%s/commands?wait=%d", c->conf->hub.id, COMMANDS_POLL_WAIT_S);
-        if (!path)
-                return -ENOMEM;
+        (void) snprintf(wait, sizeof wait, "%d", COMMANDS_POLL_WAIT_S);
         c->poll_started = now_monotonic_usec();
         c->counters.polls++;
-        return cloud_request(c->cloud, "GET", path, NULL, COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S,
-                             on_poll_done, c, &c->poll_call);
+        return cloudreq_request(c->req, UPLINK_KIND_COMMANDS_POLL, wait, NULL, 0,
+                                COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S, on_poll_done, c, &c->poll_call);
 }
 
 /* ---- results ---- */
@@ -760,8 +766,11 @@ static unsigned next_result(const struct command *cmd) {
         return REPORTED_NONE;
 }
 
-static void on_result_done(void *userdata, int r, long status, const char *body, size_t len) {
+static void on_result_done(void *userdata, const struct cloudreq_answer *a) {
         struct command *cmd = userdata;
+        /* A transport failure is status 0 below, as "no answer". */
+        long status = a->error < 0 ? 0 : a->status;
+        int r = 0;
         struct commands *c = cmd->owner;
         const char *what = cmd->result_level == REPORTED_DELIVERED ? "delivered" : state_names[cmd->state];
 
@@ -795,7 +804,7 @@ static void on_result_done(void *userdata, int r, long status, const char *body,
 }
 
 static int result_start(struct commands *c, struct command *cmd, unsigned level) {
-        _cleanup_free_ char *path = NULL, *body = NULL;
+        _cleanup_free_ char *body = NULL;
         const char *status = level == REPORTED_DELIVERED ? "delivered" : state_names[cmd->state];
         int64_t at = level == REPORTED_DELIVERED ? cmd->delivered_at : cmd->done_at;
         int r;
@@ -803,10 +812,9 @@ static int result_start(struct commands *c, struct command *cmd, unsigned level)
         r = command_result_body(status, at, level == REPORTED_FINAL ? cmd->detail : NULL, &body);
         if (r < 0)
                 return r;
-        path = strdup_printf("/v1/hubs/%s/commands/%s/result", c->conf->hub.id, cmd->id);
-        if (!path)
-                return -ENOMEM;
-        r = cloud_request(c->cloud, "POST", path, body, 0, on_result_done, cmd, &cmd->result_call);
+        size_t len = strlen(body);
+        r = cloudreq_request(c->req, UPLINK_KIND_COMMAND_RESULT, cmd->id, TAKE_PTR(body), len, 0, on_result_done,
+                             cmd, &cmd->result_call);
         if (r < 0)
                 return r;
         cmd->result_level = level;
@@ -1321,7 +1329,8 @@ void commands_acks_done(struct commands *c, bool committed) {
 }
 
 int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-                 struct mqtt *mqtt, struct cloud *cloud, struct events *events, struct commands **ret) {
+                 struct mqtt *mqtt, struct cloud *cloud, struct cloudreq *req, struct events *events,
+                 struct commands **ret) {
         struct commands *c;
         int r;
 
@@ -1337,6 +1346,7 @@ int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, str
         c->registry = registry;
         c->mqtt = mqtt;
         c->cloud = cloud;
+        c->req = req;
         c->events = events;
         if (conf->cloud.command_key_file) {
                 _cleanup_free_ char *err = NULL;
@@ -1383,7 +1393,7 @@ void commands_free(struct commands *c) {
 
         if (!c)
                 return;
-        cloud_request_cancel(c->poll_call);
+        cloudreq_cancel(c->poll_call);
         /* What changed in the last moments (a PUBACK, a result taken) is not lost. */
         r = store_flush(c);
         if (r < 0)

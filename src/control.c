@@ -110,7 +110,7 @@ static void conn_free(struct conn *c) {
                 c->prev->next = c->next;
         else
                 c->ctl->conns = c->next;
-        cloud_request_cancel(TAKE_PTR(c->register_call));
+        cloud_register_cancel(TAKE_PTR(c->register_call));
         oauth_logout_cancel(TAKE_PTR(c->logout_op));
         dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
         db_sync_wait_cancel(TAKE_PTR(c->sync_wait));

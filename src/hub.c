@@ -11,6 +11,7 @@
 
 #include "iothub/ack.h"
 #include "iothub/cloud.h"
+#include "iothub/cloudreq.h"
 #include "iothub/commands.h"
 #include "iothub/control.h"
 #include "iothub/dynsec.h"
@@ -43,6 +44,7 @@ struct hub {
         struct mqtt *mqtt;
         struct control *control;
         struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
+        struct cloudreq *cloudreq; /* NULL without [cloud] url: authorized, signed requests */
         struct cloud *cloud;   /* NULL without [cloud] url */
         struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
@@ -475,7 +477,7 @@ static int hub_key_result(struct hub *h, int r) {
                 }
                 h->key_errno = r;
                 /* A registration that waited for this answer ends. */
-                cloud_key_failed(h->cloud, r, h->key_error);
+                cloudreq_key_failed(h->cloudreq, r, h->key_error);
                 signer_refresh_status(h->signer);
                 if (!h->key_timer) {
                         h->key_retry_usec = KEY_RETRY_FIRST_USEC;
@@ -496,7 +498,8 @@ static int hub_key_result(struct hub *h, int r) {
                   signer_key_id(h->signer), signer_key_backend(h->signer));
         /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
         oauth_key_ready(h->oauth, h->signer);
-        cloud_key_ready(h->cloud, h->signer);
+        cloudreq_key_ready(h->cloudreq, h->signer);
+        cloud_key_ready(h->cloud);
         commands_key_ready(h->commands, h->signer);
         hub_notify_status(h);
         return 0;
@@ -516,9 +519,9 @@ static int hub_open_key(struct hub *h) {
         return signer_key_info(h->signer, on_key_info, h, &h->key_op);
 }
 
-/* `iothubctl register` needs the key now (cloud's need_key): asked at once rather than at the
+/* `iothubctl register` needs the key now (cloudreq's need_key): asked at once rather than at the
  * next retry, asynchronously like at start (issue 13: nothing waits for the signer off the loop);
- * hub_key_result() tells the registration through cloud_key_ready() or cloud_key_failed(). */
+ * hub_key_result() tells the registration through cloudreq_key_ready() or cloudreq_key_failed(). */
 static int on_cloud_need_key(void *userdata) {
         struct hub *h = userdata;
         int r;
@@ -637,6 +640,8 @@ static void hub_done(struct hub *h) {
         commands_free(h->commands);
         events_free(h->events);
         cloud_free(h->cloud);
+        /* After its callers (each cancelled its calls); its waits for a refresh go before oauth. */
+        cloudreq_free(h->cloudreq);
         oauth_free(h->oauth);
         http_free(h->http);
         /* After the modules that own requests to it (each freed its own); cancels the rest. */
@@ -745,18 +750,21 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up sign-in: %m");
                 goto out;
         }
-        r = cloud_new(h.event, h.conf, h.db, h.registry, h.http, h.oauth, &h.spool,
-                      &(struct cloud_events){ .need_key = on_cloud_need_key,
-                                              .registered = on_cloud_registered,
-                                              .userdata = &h },
-                      &h.cloud);
+        r = cloudreq_new(h.event, h.conf, h.http, h.oauth,
+                         &(struct cloudreq_events){ .need_key = on_cloud_need_key, .userdata = &h }, &h.cloudreq);
+        if (r < 0) {
+                log_error_errno(r, "Failed to set up cloud requests: %m");
+                goto out;
+        }
+        r = cloud_new(h.event, h.conf, h.db, h.registry, h.cloudreq, &h.spool,
+                      &(struct cloud_events){ .registered = on_cloud_registered, .userdata = &h }, &h.cloud);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
         if (r < 0) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
-        r = events_new(h.event, h.conf, h.db, h.cloud, &h.spool, &h.events);
+        r = events_new(h.event, h.conf, h.db, h.cloud, h.cloudreq, &h.spool, &h.events);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
         if (r < 0) {
@@ -797,7 +805,7 @@ int hub_run(const char *config_path, int log_level_override) {
                         goto out;
                 }
         }
-        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.events, &h.commands);
+        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.cloudreq, h.events, &h.commands);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
         if (r < 0) {

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* The relay to the vendor's web service (PROTOCOL.md 3): libcurl's multi interface driven
- * from the sd-event loop, every request signed with RFC 9421 by the hub key. Frames leave
+ * from the sd-event loop through cloudreq.c, every request signed with RFC 9421 by the hub key. Frames leave
  * the spool in batches, one hub key signature per batch, and only after the cloud took them. */
 #pragma once
 
@@ -20,14 +20,11 @@
 #define CLOUD_BACKOFF_MIN_MS 1000u
 #define CLOUD_BACKOFF_MAX_MS 300000u
 #define CLOUD_RETRY_AFTER_MAX_S 3600
-#define CLOUD_TOKEN_MAX 8192
 #define CLOUD_REJECTION_KEY_MAX 64  /* a counter name in cloud.rejected_reasons, NUL included */
 #define CLOUD_REFUSAL_REASON_MAX 128 /* the reason kept with a batch moved aside, NUL included */
 
 struct cloud;
-struct http;
-struct signer;
-struct oauth;
+struct cloudreq;
 
 struct cloud_counters {
         uint64_t uploaded;      /* frames the cloud accepted */
@@ -41,61 +38,39 @@ struct cloud_counters {
 
 /* News from the relay, installed by hub.c (the one place that knows who listens). */
 struct cloud_events {
-        /* The hub key is needed now (iothubctl register): ask for it if it can be, never waiting
-         * (issue 13). Returns 0 when it is known (announced through cloud_key_ready() already),
-         * -EINPROGRESS when it was asked for (cloud_key_ready() or cloud_key_failed() follows),
-         * or another negative errno. NULL: -ENOKEY. */
-        int (*need_key)(void *userdata);
         /* iothubctl register succeeded: requests for other modules (cloud_ready()) may go. */
         void (*registered)(void *userdata);
         void *userdata;
 };
 
 /* Sets up the relay when [cloud] url is set (otherwise *ret = NULL and 0: frames only spool).
- * e, conf, db, registry, http, oauth (NULL without [oauth]: the fixed token of [cloud]
- * bearer_token_file) and spool are the caller's and must outlive it; the relay lowers spool's
- * counts as frames leave. The relay calls oauth, never the reverse. ev is copied. Until hub.c
- * announces the hub key (cloud_key_ready) the relay waits and says so in status. Returns 0 or a
- * negative errno. */
+ * e, conf, db, registry, req (cloudreq.c: how requests are authorized, signed and sent; not
+ * NULL with [cloud] url) and spool are the caller's and must outlive it; the relay lowers spool's
+ * counts as frames leave. ev is copied. Until hub.c announces the hub key (cloudreq_key_ready,
+ * then cloud_key_ready) the relay waits and says so in status. Returns 0 or a negative errno. */
 int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-              struct http *http, struct oauth *oauth, struct spool_counts *spool, const struct cloud_events *ev,
-              struct cloud **ret);
+              struct cloudreq *req, struct spool_counts *spool, const struct cloud_events *ev, struct cloud **ret);
 void cloud_free(struct cloud *c);
 
 /* New frames were committed to the spool, or a token came: start a batch if one is due, or arm
  * its timer. NULL is a no-op. */
 void cloud_kick(struct cloud *c);
-/* hub.c opened the hub key k (the caller's, valid until cloud_free()): uploads waiting for it
- * may go. NULL c is a no-op. */
-void cloud_key_ready(struct cloud *c, struct signer *s);
-/* hub.c asked the signer for the hub key and got none (error, why: one line, no secret, may be
- * NULL): registrations that waited for it end with "no hub key: <why>". NULL c is a no-op. */
-void cloud_key_failed(struct cloud *c, int error, const char *why);
+/* hub.c announced the hub key to cloudreq.c: uploads waiting for it may go. NULL c is a no-op. */
+void cloud_key_ready(struct cloud *c);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 
-/* POST /v1/hubs/<id> with the hub's JWK, and with a TPM key first the attestation challenge
- * ([cloud] attestation, iothub-protocol(7) "Attestation": the signer's TPM commands, asked
- * asynchronously); one at a time (-EBUSY while another one runs); done() is called with the HTTP status (or a
- * negative errno) and a one-line message, exactly once unless the returned handle is
- * cancelled first (cloud_request_cancel(): the waiter went away; done() never runs after).
- * The handle is the caller's until done() runs. *ret is the caller's slot for it and must stay
- * valid until then: a retry after a 401 (a new DPoP nonce, a refreshed token) replaces the
- * request and writes the new handle there. */
+/* iothubctl register (cloudreq_register(): the attestation, the request, a 401), recorded here
+ * on success (persisted; the registered event). done() is called with the HTTP status (or a
+ * negative errno) and a one-line message, exactly once unless the handle is cancelled first
+ * (cloud_register_cancel(): the waiter went away; done() never runs after), or with
+ * -ECANCELED when the relay is freed. -EBUSY while another one runs. */
 struct cloud_call;
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret);
-
-/* A signed, authorized request to the cloud for other modules (commands): path below the
- * base URL, body JSON or NULL. done() gets the HTTP status (0 on a transport failure), the
- * body, or r < 0 when the request could not even be made (no key, no token). timeout_s 0
- * means [cloud] timeout_s. The returned handle cancels it (cloud_request_cancel). */
-struct cloud_call;
-int cloud_request(struct cloud *c, const char *method, const char *path, const char *body, long timeout_s,
-                  void (*done)(void *userdata, int r, long status, const char *body, size_t len),
-                  void *userdata, struct cloud_call **ret);
-void cloud_request_cancel(struct cloud_call *call);
-/* Whether requests can be made now (a key, a token, and the hub registered). */
+void cloud_register_cancel(struct cloud_call *call);
+/* Whether other modules' requests (cloudreq_request()) can go now: a key, a token, and the hub
+ * registered. */
 bool cloud_ready(struct cloud *c);
 
 /* Adds the "cloud" and "key" objects of the status to o. */
@@ -114,10 +89,6 @@ int cloud_parse_status_answer(const char *body, size_t len, json_t **ret_rejecte
 /* The counter name for one element of "rejected": its "reason" if it is a string shorter than
  * CLOUD_REJECTION_KEY_MAX and not empty, else "other", with every byte outside [a-z0-9_] replaced by '_'. Pure. */
 void cloud_rejection_key(const json_t *rejection, char ret_key[static CLOUD_REJECTION_KEY_MAX]);
-/* The one-line reason for a batch the cloud refused with a 4xx: "HTTP <status>", then ": " and at
- * most 64 bytes of the body's "error" string when there is one; bytes outside printable ASCII
- * become '?'. Always NUL-terminated within size (> 0). Pure. */
-void cloud_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size);
 
 /* The next backoff delay in ms after 'failures' consecutive failures: exponential from
  * CLOUD_BACKOFF_MIN_MS to CLOUD_BACKOFF_MAX_MS, with full jitter from rnd. Pure. */

@@ -18,13 +18,13 @@ const TOP = fileURLToPath(new URL('../..', import.meta.url));
 const BASE = ['util', 'log'];
 const ALLOWED = {
   iothubd: ['hub', 'conf'],
-  hub: ['control', 'pair', 'commands', 'ingest', 'events', 'ack', 'dynsec', 'cloud', 'oauth', 'mqtt', 'http', 'signer',
+  hub: ['control', 'pair', 'commands', 'ingest', 'events', 'ack', 'dynsec', 'cloud', 'cloudreq', 'oauth', 'mqtt', 'http', 'signer',
     'registry', 'spool', 'db', 'frame', 'conf'],
   iothubctl: ['doctor', 'control', 'hubkey', 'conf'],
   doctor: ['control', 'hubkey', 'conf'],
   control: ['pair', 'enrol', 'dynsec', 'cloud', 'oauth', 'registry', 'verify', 'db', 'frame', 'conf'],
   pair: ['enrol', 'dynsec', 'registry', 'verify', 'frame', 'conf'],
-  commands: ['events', 'cloud', 'mqtt', 'signer', 'command', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
+  commands: ['events', 'cloud', 'cloudreq', 'mqtt', 'signer', 'command', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
   // iothub-signer(8): its main and loop, its policy, the wire codec (issue 14).
   signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
@@ -37,12 +37,15 @@ const ALLOWED = {
   'uplink-proto': ['tlv', 'command'],
   command: ['jws', 'hubkey', 'verify', 'frame'],
   dpop: ['jws', 'hubkey', 'frame'],
-  events: ['cloud', 'spool', 'db', 'frame', 'conf'],
+  events: ['cloud', 'cloudreq', 'spool', 'db', 'frame', 'conf'],
   enrol: ['registry', 'verify', 'frame', 'conf'],
   dynsec: ['mqtt', 'registry', 'frame', 'conf'],
   ingest: ['ack', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
   ack: ['mqtt', 'registry', 'db', 'frame', 'conf'],
-  cloud: ['oauth', 'http', 'signer', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
+  cloud: ['cloudreq', 'registry', 'spool', 'db', 'verify', 'frame', 'conf'],
+  // Authorized, signed requests (issue 14 stage 2: what iothub-uplink serves REQUEST and
+  // REGISTER with); the URL of each kind from the channel's table.
+  cloudreq: ['oauth', 'http', 'signer', 'uplink-proto', 'conf'],
   attest: ['hubkey', 'frame', 'conf'],
   oauth: ['tokenstore', 'http', 'signer', 'dpop', 'jws', 'hubkey', 'frame', 'conf'],
   tokenstore: ['hubkey', 'frame', 'conf'],
@@ -142,7 +145,8 @@ test('the scan sees an upward call (the check can fail)', () => {
   const calls = [...code(text).matchAll(CALL)].map((m) => callee(m[0]).to);
   assert.deepEqual(calls, ['cloud']);
   assert.equal(isWrong({ from: 'ingest', to: 'cloud' }), true);
-  assert.equal(isWrong({ from: 'cloud', to: 'oauth' }), false);
+  assert.equal(isWrong({ from: 'cloudreq', to: 'oauth' }), false);
+  assert.equal(isWrong({ from: 'cloud', to: 'oauth' }), true, 'the relay asks cloudreq, which holds the token');
   assert.equal(isWrong({ from: 'ingest', to: 'commands' }), true, 'sideways');
   assert.equal(isWrong({ from: 'oauth', to: 'cloud' }), true, 'the relay uses the token, not the reverse');
   assert.equal(isWrong({ from: 'control', to: 'hub' }), true);
