@@ -29,6 +29,10 @@ PKGS := $(DAEMON_PKGS) $(TPM_PKGS) libqrencode
 # libmosquitto or SQLite (a parser of network bytes in the process that holds the key). A pulled-in
 # object that needs one of them fails the link; tests/integration/signer.test.mjs checks ldd too.
 SIGNER_PKGS := openssl tss2-esys tss2-tctildr tss2-rc tss2-mu libsystemd jansson inih
+# iothub-uplink (issue 14 stage 2): HTTPS, sign-in and the tokens in memory; never libmosquitto,
+# SQLite or the TPM libraries (it reaches the TPM through the signer). Linked like the signer:
+# a pulled-in object that needs one of them fails the link; uplink.test.mjs checks ldd too.
+UPLINK_PKGS := libcurl openssl libsystemd jansson inih
 
 WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wformat-security -Wmissing-prototypes -Wstrict-prototypes \
 	-Wno-unused-parameter -Wvla -Wpointer-arith -Wundef
@@ -60,6 +64,7 @@ pkg_config = $(shell $(PKG_CONFIG) $(1))$(if $(filter 0,$(.SHELLSTATUS)),,$(erro
 PKG_CPPFLAGS = $(eval PKG_CPPFLAGS := $(call pkg_config,--cflags $(PKGS)))$(PKG_CPPFLAGS)
 PKG_LIBS = $(eval PKG_LIBS := $(call pkg_config,--libs $(PKGS)))$(PKG_LIBS)
 SIGNER_PKG_LIBS = $(eval SIGNER_PKG_LIBS := $(call pkg_config,--libs $(SIGNER_PKGS)))$(SIGNER_PKG_LIBS)
+UPLINK_PKG_LIBS = $(eval UPLINK_PKG_LIBS := $(call pkg_config,--libs $(UPLINK_PKGS)))$(UPLINK_PKG_LIBS)
 DAEMON_PKG_LIBS = $(eval DAEMON_PKG_LIBS := $(call pkg_config,--libs $(DAEMON_PKGS)))$(DAEMON_PKG_LIBS)
 CMOCKA_LIBS = $(eval CMOCKA_LIBS := $(call pkg_config,--libs cmocka))$(CMOCKA_LIBS)
 
@@ -83,7 +88,7 @@ ALL_CFLAGS   = $(CFLAGS) $(HARDEN)
 # arm64 build on amd64 (packaging/cross.sh).
 TEST_RUNNER ?=
 
-MAINS    := src/iothubd.c src/iothubctl.c src/signer.c
+MAINS    := src/iothubd.c src/iothubctl.c src/signer.c src/uplink.c
 LIB_SRCS := $(filter-out $(MAINS),$(wildcard src/*.c))
 LIB_OBJS := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
 HEADERS  := $(wildcard include/iothub/*.h) $(wildcard src/*.h)
@@ -103,7 +108,7 @@ MAN_DRAFT_PAGES := $(MAN_DRAFTS:man/%.scd=$(BUILD)/man-draft/%)
 
 .PHONY: valgrind all check unit integration asan fuzz fuzz-build fuzz-smoke lint install deps clean bench demo man tools cross soak
 
-all: $(BUILD)/iothubd $(BUILD)/iothubctl $(BUILD)/iothub-signer man
+all: $(BUILD)/iothubd $(BUILD)/iothubctl $(BUILD)/iothub-signer $(BUILD)/iothub-uplink man
 
 $(BUILD)/obj/%.o: src/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -128,6 +133,10 @@ $(BUILD)/iothubd: $(BUILD)/obj/iothubd.o $(BUILD)/libiothubd.a
 
 $(BUILD)/iothub-signer: $(BUILD)/obj/signer.o $(BUILD)/libiothub.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(SIGNER_PKG_LIBS) -lm
+
+# The daemon's archive (no TPM code): what the uplink pulls from it must link with UPLINK_PKGS.
+$(BUILD)/iothub-uplink: $(BUILD)/obj/uplink.o $(BUILD)/libiothubd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(UPLINK_PKG_LIBS) -lm
 
 $(BUILD)/iothubctl: $(BUILD)/obj/iothubctl.o $(BUILD)/libiothub.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)

@@ -528,6 +528,8 @@ static const struct conf_key conf_keys[] = {
         KEY_PATH("signer", "state_dir", signer.state_dir),
         KEY_UINT("signer", "rate_per_s", signer.rate_per_s, 1, 10000),
         KEY_UINT("signer", "burst", signer.burst, 1, 100000),
+        KEY_PATH("uplink", "socket", uplink.socket),
+        KEY_STRING("uplink", "client_user", uplink.client_user, 1, 32, check_user_name),
 };
 
 static const struct conf_key *conf_key_find(const char *section, const char *name) {
@@ -830,8 +832,10 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         c->signer.socket = strdup("/run/iothub-signer/signer.sock");
         c->signer.client_user = strdup("iothub");
         c->signer.state_dir = strdup("/var/lib/iothub-signer");
+        c->uplink.socket = strdup("/run/iothub-uplink/uplink.sock");
+        c->uplink.client_user = strdup("iothub");
         if (!c->mqtt.host || !c->mqtt.topic_prefix || !c->key.tcti || !c->oauth.scope || !c->signer.socket ||
-            !c->signer.client_user || !c->signer.state_dir)
+            !c->signer.client_user || !c->signer.state_dir || !c->uplink.socket || !c->uplink.client_user)
                 return -ENOMEM;
         if (c->hub.id && client_id_from_hub_id(c->hub.id, &c->mqtt.client_id) < 0)
                 return -ENOMEM;
@@ -1046,6 +1050,8 @@ void conf_free(struct iothub_conf *c) {
         free(c->signer.socket);
         free(c->signer.client_user);
         free(c->signer.state_dir);
+        free(c->uplink.socket);
+        free(c->uplink.client_user);
         free(c);
 }
 

@@ -928,61 +928,6 @@ static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userd
 
 /* ---- start-up ---- */
 
-static int resolve_user(const char *name, uid_t *ret) {
-        struct passwd pw, *res = NULL;
-        char buf[4096];
-        int r;
-
-        if (name[0] && strspn(name, "0123456789") == strlen(name)) {
-                unsigned long u;
-                errno = 0;
-                u = strtoul(name, NULL, 10);
-                if (errno != 0 || u >= (uid_t) -1)
-                        return -ERANGE;
-                *ret = (uid_t) u;
-                return 0;
-        }
-        r = getpwnam_r(name, &pw, buf, sizeof buf, &res);
-        if (r != 0)
-                return -r;
-        if (!res)
-                return -ESRCH;
-        *ret = pw.pw_uid;
-        return 0;
-}
-
-static int listen_on(const char *path, int *ret_fd) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        _cleanup_close_ int fd = -1;
-        struct stat st;
-        mode_t old;
-        int r;
-
-        if (strlen(path) >= sizeof sa.sun_path)
-                return -ENAMETOOLONG;
-        memcpy(sa.sun_path, path, strlen(path));
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        /* A stale socket of an earlier run, and nothing else, is replaced. */
-        if (lstat(path, &st) == 0) {
-                if (!S_ISSOCK(st.st_mode))
-                        return -EEXIST;
-                if (unlink(path) < 0)
-                        return -errno;
-        }
-        /* 0660 from the start: no moment when others could connect. */
-        old = umask(0117);
-        r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
-        umask(old);
-        if (r < 0)
-                return -errno;
-        if (listen(fd, SIGNER_LISTEN_BACKLOG) < 0)
-                return -errno;
-        *ret_fd = TAKE_FD(fd);
-        return 0;
-}
-
 static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
         struct signer *s = userdata;
 
@@ -1049,7 +994,7 @@ static int signer_run(const char *config, const char *listen_path, int level) {
         }
         if (level >= 0)
                 log_set_max_level(level);
-        r = resolve_user(s.conf->signer.client_user, &s.client_uid);
+        r = user_to_uid(s.conf->signer.client_user, &s.client_uid);
         if (r < 0) {
                 log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: [signer] client_user: '%s': %s",
                           s.conf->path, s.conf->signer.client_user,
@@ -1115,7 +1060,7 @@ static int signer_run(const char *config, const char *listen_path, int level) {
                         r = EXIT_FAILURE;
                         goto out;
                 }
-                r = listen_on(s.listen_path, &s.listen_fd);
+                r = unix_listen(s.listen_path, SIGNER_LISTEN_BACKLOG, &s.listen_fd);
                 if (r < 0) {
                         log_error_errno(r, "Failed to listen on %s: %m", s.listen_path);
                         r = EXIT_FAILURE;

@@ -3,7 +3,10 @@
 #include <libgen.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <pwd.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -357,5 +360,62 @@ int pkey_public_pem(EVP_PKEY *pkey, char **ret) {
         if (r < 0)
                 return r;
         *ret = s;
+        return 0;
+}
+
+/* ---- the channels' servers (iothub-signer, iothub-uplink) ---- */
+
+int user_to_uid(const char *name, uid_t *ret) {
+        struct passwd pw, *res = NULL;
+        char buf[4096];
+        int r;
+
+        if (name[0] && strspn(name, "0123456789") == strlen(name)) {
+                unsigned long u;
+                errno = 0;
+                u = strtoul(name, NULL, 10);
+                if (errno != 0 || u >= (uid_t) -1)
+                        return -ERANGE;
+                *ret = (uid_t) u;
+                return 0;
+        }
+        r = getpwnam_r(name, &pw, buf, sizeof buf, &res);
+        if (r != 0)
+                return -r;
+        if (!res)
+                return -ESRCH;
+        *ret = pw.pw_uid;
+        return 0;
+}
+
+int unix_listen(const char *path, int backlog, int *ret_fd) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        struct stat st;
+        mode_t old;
+        int r;
+
+        if (strlen(path) >= sizeof sa.sun_path)
+                return -ENAMETOOLONG;
+        memcpy(sa.sun_path, path, strlen(path));
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        /* A stale socket of an earlier run, and nothing else, is replaced. */
+        if (lstat(path, &st) == 0) {
+                if (!S_ISSOCK(st.st_mode))
+                        return -EEXIST;
+                if (unlink(path) < 0)
+                        return -errno;
+        }
+        /* 0660 from the start: no moment when others could connect. */
+        old = umask(0117);
+        r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
+        umask(old);
+        if (r < 0)
+                return -errno;
+        if (listen(fd, backlog) < 0)
+                return -errno;
+        *ret_fd = TAKE_FD(fd);
         return 0;
 }

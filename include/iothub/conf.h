@@ -81,6 +81,11 @@ struct iothub_conf {
                 unsigned rate_per_s; /* token bucket over all signing ops */
                 unsigned burst;
         } signer;
+        /* iothub-uplink(8) (issue 14 stage 2): the cloud-facing program, HTTPS and OAuth. */
+        struct {
+                char *socket;      /* where iothubd connects, where the uplink listens without systemd */
+                char *client_user; /* the only peer (SO_PEERCRED) the uplink serves: a user name or uid */
+        } uplink;
 };
 
 /* Fill every key with its default (for the hub id and directories: the environment and

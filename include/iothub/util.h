@@ -176,3 +176,10 @@ int openssl_errno(int fallback);
 /* The public key of pkey as SubjectPublicKeyInfo PEM (malloc'ed, NUL-terminated). Returns 0
  * or a negative errno. */
 int pkey_public_pem(EVP_PKEY *pkey, char **ret);
+
+/* A user name (getpwnam_r) or a uid in digits, as [signer] and [uplink] client_user take it.
+ * -ESRCH no such user, -ERANGE a uid out of range. */
+int user_to_uid(const char *name, uid_t *ret);
+/* A listening unix stream socket at path (non-blocking, close-on-exec), mode 0660 from its
+ * bind on; a stale socket there is replaced, anything else is -EEXIST. */
+int unix_listen(const char *path, int backlog, int *ret_fd);

@@ -174,6 +174,8 @@ static const struct key_info keys[] = {
         K("signer", "state_dir", signer.state_dir, STR),
         K("signer", "rate_per_s", signer.rate_per_s, UINT),
         K("signer", "burst", signer.burst, UINT),
+        K("uplink", "socket", uplink.socket, STR),
+        K("uplink", "client_user", uplink.client_user, STR),
 };
 
 static const struct key_info *key_info_find(const char *section, const char *name) {
@@ -304,7 +306,9 @@ static int setup(void **state) {
         "[signer] client_user = iothub\n"                                                                   \
         "[signer] state_dir = /var/lib/iothub-signer\n"                                                     \
         "[signer] rate_per_s = 50\n"                                                                        \
-        "[signer] burst = 100\n"
+        "[signer] burst = 100\n"                                                                           \
+        "[uplink] socket = /run/iothub-uplink/uplink.sock\n"                                                \
+        "[uplink] client_user = iothub\n"
 
 static void test_defaults(void **state) {
         _cleanup_conf_ struct iothub_conf *c = NULL;
@@ -398,7 +402,11 @@ static void test_full_file(void **state) {
                                    "client_user = hub_1\n"
                                    "state_dir = /srv/signer\n"
                                    "rate_per_s = 10000\n"
-                                   "burst = 1\n";
+                                   "burst = 1\n"
+                                   "\n"
+                                   "[uplink]\n"
+                                   "socket = /srv/uplink.sock\n"
+                                   "client_user = hub_1\n";
         static const char expected[] = "[hub] id = living-room.hub_1\n"
                                        "[hub] state_dir = /srv/iothub/state\n"
                                        "[hub] runtime_dir = /srv/iothub/run\n"
@@ -440,7 +448,9 @@ static void test_full_file(void **state) {
                                        "[signer] client_user = hub_1\n"
                                        "[signer] state_dir = /srv/signer\n"
                                        "[signer] rate_per_s = 10000\n"
-                                       "[signer] burst = 1\n";
+                                       "[signer] burst = 1\n"
+                                       "[uplink] socket = /srv/uplink.sock\n"
+                                       "[uplink] client_user = hub_1\n";
         _cleanup_conf_ struct iothub_conf *c = NULL;
         _cleanup_free_ char *d = NULL, *err = NULL;
 
