@@ -383,7 +383,7 @@ static int op_status(struct conn *c, const struct tlv_msg *m) {
 
 /* The events after since, as a JSON array (the oldest first); a gap (events no longer kept)
  * shows as {"type":"lost"}, so that iothubd asks STATUS again. */
-static int events_since(struct uplink *u, uint64_t since, char **ret) {
+static int watch_events_since(struct uplink *u, uint64_t since, char **ret) {
         json_t *arr = json_array();
         uint64_t oldest = u->gen >= UPLINK_EVENTS_KEPT ? u->gen - UPLINK_EVENTS_KEPT + 1 : 1;
         char *s;
@@ -411,7 +411,7 @@ static void watch_answer(struct req *q) {
         _cleanup_free_ char *events = NULL;
         int r;
 
-        r = events_since(c->u, q->since, &events);
+        r = watch_events_since(c->u, q->since, &events);
         if (r < 0)
                 answer_error(c, q->id, q->op, r);
         else if (answer_begin(c, q->id, q->op, 0) >= 0) {

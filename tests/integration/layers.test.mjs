@@ -29,6 +29,9 @@ const ALLOWED = {
   signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
   'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
+  // iothub-uplink(8) (issue 14 stage 2): its main and loop; HTTPS, sign-in and the requests by
+  // kind; the hub key and the sealed tokens through the signer's client.
+  uplink: ['cloudreq', 'oauth', 'http', 'signer', 'uplink-proto', 'tlv', 'conf'],
   'signer-proto': ['tlv'],
   // The channels' codec (signer-proto's and uplink-proto's tables drive it).
   tlv: [],

@@ -16,6 +16,7 @@ export const BUILD = process.env.IOTHUB_BUILD ?? path.resolve(here, '../../../bu
 export const IOTHUBD = path.join(BUILD, 'iothubd');
 export const IOTHUBCTL = path.join(BUILD, 'iothubctl');
 export const IOTHUB_SIGNER = path.join(BUILD, 'iothub-signer');
+export const IOTHUB_UPLINK = path.join(BUILD, 'iothub-uplink');
 export const NOTIFY_LISTEN = path.join(BUILD, 'tools', 'notify-listen');
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

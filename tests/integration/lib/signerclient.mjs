@@ -1,5 +1,6 @@
-// A small client of iothub-signer(8)'s wire format, written from the man page (WIRE FORMAT), not
-// from the C codec, so that the signer is tested against a second reading of the format.
+// A small client of the channels' wire format (iothub-signer(8) and iothub-uplink(8), WIRE
+// FORMAT: one format, two tables of ops and tags), written from the man pages, not from the C
+// codec, so that both programs are tested against a second reading of the format.
 //
 //   u32 length of the rest, u32 id, u16 op (| 0x8000 in answers), i16 status,
 //   then fields: u16 tag, u32 length, value. Big-endian throughout.
@@ -18,13 +19,29 @@ export const TAG = {
   ANSWER: 30, SIGNATURES: 31, REFUSED_POLICY: 32, REFUSED_RATE: 33, REFUSED_PEER: 34,
   MALFORMED: 35, TPM_ERRORS: 36, LAST_ERROR: 37,
 };
-const TAG_NAME = Object.fromEntries(Object.entries(TAG).map(([k, v]) => [v, k]));
+// A channel's table, as decode() reads answers with it: tag names, which tags are u64 numbers
+// and which are bytes (a Buffer); the rest are text.
+function table(TAGS, u64, bytes) {
+  return { TAG_NAME: Object.fromEntries(Object.entries(TAGS).map(([k, v]) => [v, k])), U64: new Set(u64), BYTES: new Set(bytes) };
+}
 // Fields that are numbers on the wire: u8 PRIO, u64 the rest.
-const U64 = new Set([TAG.IAT, TAG.EXP, TAG.EXPIRES_AT, TAG.SIGNATURES, TAG.REFUSED_POLICY, TAG.REFUSED_RATE,
-  TAG.REFUSED_PEER, TAG.MALFORMED, TAG.TPM_ERRORS]);
+export const SIGNER = table(TAG, [TAG.IAT, TAG.EXP, TAG.EXPIRES_AT, TAG.SIGNATURES, TAG.REFUSED_POLICY,
+  TAG.REFUSED_RATE, TAG.REFUSED_PEER, TAG.MALFORMED, TAG.TPM_ERRORS], [TAG.BODY]);
+
+// iothub-uplink(8): its ops and tags (include/iothub/uplink-proto.h is the normative list).
+export const UPLINK_OP = { REQUEST: 1, REGISTER: 2, LOGIN_START: 3, LOGIN_WAIT: 4, LOGOUT: 5, STATUS: 6, WATCH: 7 };
+export const UPLINK_TAG = {
+  KIND: 1, ARG: 2, BODY: 3, TIMEOUT: 4, HTTP_STATUS: 5, RETRY_AFTER: 6, MESSAGE: 7, USER_CODE: 8,
+  VERIFICATION_URI: 9, VERIFICATION_URI_COMPLETE: 10, EXPIRES_IN: 11, RESULT: 12, STATUS_JSON: 13, SINCE: 14,
+  GEN: 15, EVENTS: 16,
+};
+export const UPLINK_KIND = { STATUS: 1, DEVICES: 2, EVENTS: 3, COMMANDS_POLL: 4, COMMAND_RESULT: 5 };
+export const UPLINK = table(UPLINK_TAG, [UPLINK_TAG.TIMEOUT, UPLINK_TAG.HTTP_STATUS, UPLINK_TAG.EXPIRES_IN,
+  UPLINK_TAG.SINCE, UPLINK_TAG.GEN], [UPLINK_TAG.BODY]);
 export const ANSWER = 0x8000;
 export const MSG_MAX = 1024 * 1024 + 64 * 1024;
-export const ERRNO = { EPERM: -1, ENOENT: -2, EINVAL: -22, EBUSY: -16, EBADMSG: -74, EPROTO: -71, ENOKEY: -126 };
+export const ERRNO = { EPERM: -1, ENOENT: -2, EACCES: -13, EINVAL: -22, EBUSY: -16, EBADMSG: -74, EPROTO: -71,
+  EOPNOTSUPP: -95, ENOKEY: -126 };
 
 // The fields of a SIGN_HTTP request as iothub-signer(8) lists them: METHOD, TARGET_URI,
 // AUTHORIZATION (required: PROTOCOL.md 3 signs every request with it), BODY when there is one, PRIO.
@@ -61,8 +78,9 @@ export function encode(id, op, fields = [], { status = 0 } = {}) {
   return Buffer.concat([h, body]);
 }
 
-// A complete message (prefix included) -> { id, op, answer, status, fields: { NAME: value } }.
-export function decode(buf) {
+// A complete message (prefix included) -> { id, op, answer, status, fields: { NAME: value } },
+// read with the channel's table t (the signer's by default).
+export function decode(buf, t = SIGNER) {
   const n = buf.readUInt32BE(0);
   if (n + 4 !== buf.length) throw new Error('length prefix does not match');
   const id = buf.readUInt32BE(4);
@@ -75,18 +93,20 @@ export function decode(buf) {
     const len = buf.readUInt32BE(at + 2);
     at += 6;
     if (at + len > buf.length) throw new Error('field past the end');
-    const name = TAG_NAME[tag] ?? `tag${tag}`;
+    const name = t.TAG_NAME[tag] ?? `tag${tag}`;
     if (name in fields) throw new Error(`duplicate ${name}`);
     const v = buf.subarray(at, at + len);
-    fields[name] = U64.has(tag) ? v.readBigUInt64BE(0) : tag === TAG.BODY ? Buffer.from(v) : v.toString('utf8');
+    fields[name] = t.U64.has(tag) ? v.readBigUInt64BE(0) : t.BYTES.has(tag) ? Buffer.from(v) : v.toString('utf8');
     at += len;
   }
   return { id, op: rawOp & 0x7fff, answer: (rawOp & ANSWER) !== 0, status, fields };
 }
 
-export class SignerClient {
-  constructor(sock) {
+// A client of either channel: t is the table its answers are read with (SIGNER, UPLINK).
+export class ChannelClient {
+  constructor(sock, t = SIGNER) {
     this.sock = sock;
+    this.table = t;
     this.buf = Buffer.alloc(0);
     this.waiting = new Map(); // id -> resolve
     this.answers = [];        // every answer, in arrival order
@@ -96,10 +116,10 @@ export class SignerClient {
     sock.on('error', () => {});
   }
 
-  static async connect(path) {
+  static async connect(path, t = SIGNER) {
     const sock = net.createConnection(path);
     await once(sock, 'connect');
-    return new SignerClient(sock);
+    return new ChannelClient(sock, t);
   }
 
   #data(d) {
@@ -107,7 +127,7 @@ export class SignerClient {
     while (this.buf.length >= 4) {
       const n = this.buf.readUInt32BE(0);
       if (this.buf.length < 4 + n) break;
-      const m = decode(this.buf.subarray(0, 4 + n));
+      const m = decode(this.buf.subarray(0, 4 + n), this.table);
       this.buf = this.buf.subarray(4 + n);
       this.answers.push(m);
       const w = this.waiting.get(m.id);
@@ -142,3 +162,6 @@ export class SignerClient {
 
   close() { this.sock.destroy(); }
 }
+
+// The signer's tests' name for it.
+export { ChannelClient as SignerClient };

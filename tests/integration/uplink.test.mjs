@@ -1,0 +1,206 @@
+// iothub-uplink(8) (issue 14 stage 2): the cloud-facing program, driven over its socket by the
+// Node reading of the channels' wire format (lib/signerclient.mjs with the uplink's table),
+// against the harness's iothub-signer (swtpm), the reference cloud as a strict resource server
+// (RFC 9421 signatures checked with two libraries, DPoP proofs with its own nonce, RFC 9449) and
+// the OAuth authorization server (oidc-provider). The user signs in through iothubd (the uplink
+// does not serve LOGIN_START yet); the tokens are sealed by the signer, and the uplink reads them
+// there once it has the hub key, as it will in the installed system.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { Hub, IOTHUB_UPLINK, confText, waitFor } from './lib/harness.mjs';
+import { Bulb } from './lib/bulb.mjs';
+import { loginApproved } from './lib/login.mjs';
+import { startTestbed, startStrictCloud, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
+import { ChannelClient, UPLINK, UPLINK_OP, UPLINK_TAG, UPLINK_KIND, ERRNO, encode } from './lib/signerclient.mjs';
+
+const run = promisify(execFile);
+const HUB_ID = 'test-hub';
+let dir, tpm, broker, auth, cloud, hub, uplink, sock, bulb;
+const seenTokens = new Set();
+
+class Uplink {
+  constructor(conf, sockPath) { this.conf = conf; this.sock = sockPath; this.log = ''; }
+  async start() {
+    const env = { ...process.env };
+    delete env.NOTIFY_SOCKET;
+    delete env.LISTEN_FDS;
+    delete env.LISTEN_PID;
+    this.proc = spawn(IOTHUB_UPLINK, ['--config', this.conf, '--listen', this.sock, '--log-level', 'debug'],
+      { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.proc.stderr.on('data', (d) => { this.log += d; });
+    this.exited = once(this.proc, 'exit');
+    await waitFor(() => /started on/.test(this.log), 10000, `iothub-uplink start (log: ${this.log})`);
+    return this;
+  }
+  async stop() {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill('SIGTERM');
+    const [code] = await this.exited;
+    // Built with SAN=1 (make asan), a finding or a leak at exit is in the log.
+    assert.doesNotMatch(this.log, /Sanitizer|runtime error/, this.log);
+    assert.equal(code, 0, this.log);
+  }
+}
+
+const connect = () => ChannelClient.connect(sock, UPLINK);
+
+async function uplinkStatus(c) {
+  const a = await c.call(UPLINK_OP.STATUS);
+  assert.equal(a.status, 0);
+  return JSON.parse(a.fields.STATUS_JSON);
+}
+
+function overrides() {
+  return {
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, timeout_s: 10 },
+    oauth: { issuer: auth.issuer, client_id: auth.clientId, scope: 'openid offline_access iothub', ca_file: auth.caFile,
+      dpop: 'on' },
+  };
+}
+
+before(async () => {
+  ({ dir, tpm, broker, auth } = await startTestbed({ authServer: { interval: 1 } }));
+  cloud = await startStrictCloud(dir, auth, seenTokens);
+  await keyBeforeDaemon(broker, overrides());
+  hub = await Hub.start(broker, overrides());
+  await loginApproved(hub, auth);
+  assert.equal((await hub.status()).oauth.dpop, true, 'a DPoP-bound token, sealed by the signer');
+  // iothubd goes; the signer (and the tokens it sealed) stays for the uplink.
+  hub.proc.kill('SIGTERM');
+  await hub.exited;
+  sock = path.join(hub.dir, 'uplink.sock');
+  const conf = path.join(hub.dir, 'uplink.conf');
+  await fs.writeFile(conf, confText({ ...hub.conf(), uplink: { socket: sock, client_user: os.userInfo().username } }),
+    { mode: 0o644 });
+  uplink = await new Uplink(conf, sock).start();
+  bulb = await Bulb.create('uplink-lamp');
+});
+
+after(async () => {
+  await uplink?.stop();
+  await stopTestbed({ hub, cloud, auth, broker, tpm, dir });
+});
+
+test('the uplink links libcurl, and neither libmosquitto, SQLite nor the TPM libraries', async () => {
+  const { stdout } = await run('ldd', [IOTHUB_UPLINK]);
+  for (const lib of ['libmosquitto', 'libsqlite3', 'libtss2']) assert.ok(!stdout.includes(lib), `${lib} in ldd: ${stdout}`);
+  assert.match(stdout, /libcurl/);
+  assert.equal((await fs.stat(sock)).mode & 0o777, 0o660, 'the socket is 0660');
+});
+
+test('REGISTER, then REQUEST DEVICES and STATUS: the reference cloud takes the batch, signature and DPoP checked', async () => {
+  const c = await connect();
+  // The hub key from the signer, then the sealed tokens (oauth_key_ready): both asynchronous.
+  await waitFor(async () => { const s = await uplinkStatus(c); return s.uplink.have_key && s.uplink.have_token; },
+    15000, 'the hub key and the token in the uplink');
+  const st = await uplinkStatus(c);
+  assert.equal(st.oauth.state, 'ok');
+  assert.equal(st.oauth.dpop, true);
+  assert.ok(st.key.id, 'the key id in STATUS');
+
+  const reg = await c.call(UPLINK_OP.REGISTER, [], 30000);
+  assert.equal(reg.status, 0, `REGISTER: ${reg.status} ${uplink.log}`);
+  assert.ok([200n, 201n].includes(reg.fields.HTTP_STATUS), `registered: ${reg.fields.HTTP_STATUS} ${reg.fields.MESSAGE}`);
+  assert.equal(reg.fields.MESSAGE, 'registered');
+  // The cloud's first answer was a 401 asking for its DPoP nonce (RFC 9449 9): the uplink sent
+  // the request again with it, and answered with the final response.
+  assert.ok(cloud.state.dpop.nonceChallenges >= 1, `nonce challenges: ${cloud.state.dpop.nonceChallenges}`);
+  assert.equal(cloud.state.hubs.get(HUB_ID)?.kid, st.key.id, 'the cloud holds the hub key the signer named');
+
+  const sigs = cloud.state.signatures, proofs = cloud.state.dpop.proofs;
+  const devices = JSON.stringify({ devices: [{ id: bulb.id, jwk: await bulbJwk(), revoked: false }] });
+  const d = await c.call(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.DEVICES }], [UPLINK_TAG.BODY, devices],
+    [UPLINK_TAG.TIMEOUT, 10]], 20000);
+  assert.equal(d.status, 0);
+  assert.equal(d.fields.HTTP_STATUS, 200n, `PUT devices: ${d.fields.BODY}`);
+
+  const frame = await bulb.frame();
+  const s = await c.call(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.STATUS }],
+    [UPLINK_TAG.BODY, JSON.stringify({ frames: [frame] })], [UPLINK_TAG.TIMEOUT, 0]], 20000);
+  assert.equal(s.status, 0);
+  assert.equal(s.fields.HTTP_STATUS, 200n, `status: ${s.fields.BODY}`);
+  // The body goes down raw: iothubd parses it.
+  assert.deepEqual(JSON.parse(s.fields.BODY.toString()), { accepted: 1, rejected: [] });
+  assert.ok(cloud.state.frames.some((f) => f.jws === frame), 'the frame is at the cloud');
+  // Each request: one RFC 9421 signature checked by the cloud, one DPoP proof (RFC 9449 4.3);
+  // a 401 for the cloud's DPoP nonce (RFC 9449 9) was answered inside the uplink, not here.
+  assert.ok(cloud.state.signatures - sigs >= 2, `signatures: ${cloud.state.signatures - sigs}`);
+  assert.ok(cloud.state.dpop.proofs - proofs >= 2, `DPoP proofs: ${cloud.state.dpop.proofs - proofs}`);
+  assert.deepEqual(cloud.state.failures.signature ?? 0, 0);
+  c.close();
+});
+
+async function bulbJwk() {
+  const { createPublicKey } = await import('node:crypto');
+  const { kty, crv, x, y } = createPublicKey(bulb.pem).export({ format: 'jwk' });
+  return { kty, crv, x, y };
+}
+
+test('a peer of another uid is refused (SO_PEERCRED), counted', async () => {
+  // The socket reachable by nobody (the unit's 0660 would stop it before the uplink sees it):
+  // what is tested is the uplink's own check.
+  await fs.chmod(hub.dir, 0o755);
+  await fs.chmod(sock, 0o666);
+  const script = path.join(hub.dir, 'peer.mjs');
+  await fs.writeFile(script, `import net from 'node:net';
+const s = net.createConnection(process.argv[2]);
+let got = 0;
+s.on('connect', () => { const b = Buffer.alloc(12); b.writeUInt32BE(8); b.writeUInt32BE(1, 4); b.writeUInt16BE(6, 8); s.write(b); });
+s.on('data', (d) => { got += d.length; });
+s.on('error', (e) => { console.log('error ' + e.code); });
+s.on('close', () => { console.log('closed ' + got); });
+`, { mode: 0o644 });
+  const c = await connect();
+  const before = (await uplinkStatus(c)).uplink.refused_peer;
+  const { stdout } = await run('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, script, sock]);
+  assert.match(stdout, /closed 0|error ECONNRESET/, 'no answer, closed');
+  assert.equal((await uplinkStatus(c)).uplink.refused_peer - before, 1);
+  assert.match(uplink.log, /Refused a connection from uid 65534/);
+  await fs.chmod(sock, 0o660);
+  c.close();
+});
+
+test('malformed messages: -EBADMSG with the op echoed, then the connection closes', async () => {
+  const cases = [
+    ['an unknown op', encode(7, 99), 99],
+    ['a KIND out of range', encode(8, UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: 9 }], [UPLINK_TAG.BODY, '{}'],
+      [UPLINK_TAG.TIMEOUT, 0]]), UPLINK_OP.REQUEST],
+    ['a BODY on COMMANDS_POLL', encode(9, UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.COMMANDS_POLL }],
+      [UPLINK_TAG.ARG, '25'], [UPLINK_TAG.BODY, '{}'], [UPLINK_TAG.TIMEOUT, 0]]), UPLINK_OP.REQUEST],
+    ['a status in a request', encode(10, UPLINK_OP.STATUS, [], { status: -1 }), UPLINK_OP.STATUS],
+  ];
+  const probe = await connect();
+  const before = (await uplinkStatus(probe)).uplink.malformed;
+  for (const [what, bytes, op] of cases) {
+    const c = await connect();
+    const id = bytes.readUInt32BE(4);
+    c.sendRaw(bytes);
+    const a = await c.wait(id);
+    assert.equal(a.answer, true, what);
+    assert.equal(a.op, op, `${what}: the op echoed`);
+    assert.equal(a.status, ERRNO.EBADMSG, what);
+    assert.deepEqual(a.fields, {}, `${what}: an error answer carries nothing`);
+    assert.equal(await c.closed, true, `${what}: closed`);
+  }
+  // A length out of range: id 0 and op 0.
+  const c = await connect();
+  const big = Buffer.alloc(12);
+  big.writeUInt32BE(4 * 1024 * 1024, 0);
+  c.sendRaw(big);
+  const a = await c.wait(0);
+  assert.equal(a.op, 0);
+  assert.equal(a.status, ERRNO.EBADMSG);
+  await c.closed;
+  assert.equal((await uplinkStatus(probe)).uplink.malformed - before, cases.length + 1);
+  // Not served yet: an error, and the connection stays.
+  const l = await probe.call(UPLINK_OP.LOGIN_START);
+  assert.equal(l.status, ERRNO.EOPNOTSUPP);
+  assert.equal((await probe.call(UPLINK_OP.STATUS)).status, 0, 'the connection is still served');
+  probe.close();
+});
