@@ -105,6 +105,13 @@ struct uplink {
         /* WATCH: the event generation, and the newest UPLINK_EVENTS_KEPT events. */
         uint64_t gen;
         struct event_entry events[UPLINK_EVENTS_KEPT];
+        /* Sign-in (RFC 8628): the LOGIN_START waiting for the device authorization, the
+         * LOGIN_WAIT waiting for the end, and an end nobody waited for yet (the next LOGIN_WAIT
+         * gets it). */
+        struct req *login_start, *login_wait;
+        bool login_active, login_done;
+        int login_r;
+        char login_message[256];
         struct ratelimit log_peer, log_malformed;
         struct {
                 uint64_t requests, refused_peer, malformed;
@@ -170,6 +177,11 @@ static void req_detach(struct req *q) {
                 }
         if (c->watch == q)
                 c->watch = NULL;
+        /* A sign-in goes on without the waiter that went away. */
+        if (c->u->login_start == q)
+                c->u->login_start = NULL;
+        if (c->u->login_wait == q)
+                c->u->login_wait = NULL;
         c->inflight--;
 }
 
@@ -333,6 +345,128 @@ static int op_logout(struct conn *c, const struct tlv_msg *m) {
         return 1;
 }
 
+/* ---- LOGIN_START, LOGIN_WAIT ---- */
+
+static void on_login_started(void *userdata, int r, const char *message, json_t *info) {
+        struct uplink *u = userdata;
+        struct req *q = u->login_start;
+        struct conn *c;
+
+        u->login_start = NULL;
+        if (r < 0)
+                u->login_active = false;
+        if (!q)
+                return;
+        c = q->conn;
+        if (r < 0) {
+                /* An error answer carries no field: the reason is logged. */
+                log_warning("Sign-in could not start: %s", message ? message : strerror(-r));
+                answer_error(c, q->id, q->op, r);
+        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                const char *complete = json_string_value(json_object_get(info, "verification_uri_complete"));
+                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_USER_CODE,
+                                       json_string_value(json_object_get(info, "user_code")));
+                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_VERIFICATION_URI,
+                                       json_string_value(json_object_get(info, "verification_uri")));
+                if (complete)
+                        (void) tlv_msg_add_str(&c->out, UPLINK_TAG_VERIFICATION_URI_COMPLETE, complete);
+                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_EXPIRES_IN,
+                                       (uint64_t) json_integer_value(json_object_get(info, "expires_in")));
+                answer_end(c, q->id, q->op);
+        }
+        req_done(q);
+}
+
+/* How a sign-in ended, to its waiter: RESULT when the user signed in, else an error answer
+ * (the channel's error answers carry no field; the reason is logged). */
+static void login_wait_answer(struct req *q, int r, const char *message) {
+        struct conn *c = q->conn;
+
+        if (r < 0) {
+                log_notice("Sign-in ended: %s", message);
+                answer_error(c, q->id, q->op, r);
+        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
+                answer_end(c, q->id, q->op);
+        }
+        req_done(q);
+}
+
+static void on_login_finished(void *userdata, int r, const char *message) {
+        struct uplink *u = userdata;
+        struct req *q = u->login_wait;
+
+        u->login_active = false;
+        u->login_wait = NULL;
+        if (q) {
+                login_wait_answer(q, r, message);
+                return;
+        }
+        u->login_done = true;
+        u->login_r = r;
+        (void) snprintf(u->login_message, sizeof u->login_message, "%s", message ? message : "");
+}
+
+static int op_login_start(struct conn *c, const struct tlv_msg *m) {
+        struct uplink *u = c->u;
+        struct req *q;
+        int r;
+
+        if (!u->oauth)
+                return -EOPNOTSUPP;
+        /* A new flow ends the old one (oauth_login): whoever waited for it hears so. */
+        if (u->login_wait) {
+                struct req *w = u->login_wait;
+                u->login_wait = NULL;
+                login_wait_answer(w, -ECANCELED, "another sign-in started");
+        }
+        if (u->login_start) {
+                struct req *w = u->login_start;
+                u->login_start = NULL;
+                answer_error(w->conn, w->id, w->op, -ECANCELED);
+                req_done(w);
+        }
+        r = req_new(c, m, &q);
+        if (r < 0)
+                return r;
+        u->login_start = q;
+        r = oauth_login(u->oauth, &(struct oauth_login_cb){ .started = on_login_started,
+                                                                 .finished = on_login_finished,
+                                                                 .userdata = u });
+        if (r < 0) {
+                /* -EAGAIN: the authorization server not reached yet; -ENOKEY: no hub key. */
+                req_done(q);
+                return r;
+        }
+        /* Starting this flow ended the previous one, whose outcome was kept for nobody. */
+        u->login_done = false;
+        u->login_active = true;
+        return 1;
+}
+
+static int op_login_wait(struct conn *c, const struct tlv_msg *m) {
+        struct uplink *u = c->u;
+        struct req *q;
+        int r;
+
+        if (!u->oauth)
+                return -EOPNOTSUPP;
+        if (u->login_wait)
+                return -EBUSY;
+        if (!u->login_done && !u->login_active)
+                return -ENOENT; /* no sign-in to wait for */
+        r = req_new(c, m, &q);
+        if (r < 0)
+                return r;
+        if (u->login_done) {
+                u->login_done = false;
+                login_wait_answer(q, u->login_r, u->login_message);
+                return 1;
+        }
+        u->login_wait = q;
+        return 1;
+}
+
 /* ---- STATUS ---- */
 
 static int status_json(struct uplink *u, char **ret) {
@@ -479,8 +613,11 @@ static int dispatch(struct conn *c, const struct tlv_msg *m) {
                 return op_status(c, m);
         case UPLINK_OP_WATCH:
                 return op_watch(c, m);
+        case UPLINK_OP_LOGIN_START:
+                return op_login_start(c, m);
+        case UPLINK_OP_LOGIN_WAIT:
+                return op_login_wait(c, m);
         }
-        /* LOGIN_START and LOGIN_WAIT are not served yet (iothub-uplink(8)). */
         return -EOPNOTSUPP;
 }
 
@@ -835,6 +972,9 @@ static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, vo
 }
 
 static void uplink_done(struct uplink *u) {
+        /* A sign-in in flight must not report to what is freed below (oauth outlives the
+         * connections for a moment). */
+        oauth_login_detach(u->oauth, u);
         while (u->conns)
                 conn_free(u->conns);
         sd_event_source_disable_unref(u->listen_io);

@@ -136,6 +136,54 @@ test('REGISTER, then REQUEST DEVICES and STATUS: the reference cloud takes the b
   c.close();
 });
 
+test('WATCH; LOGOUT, then REQUEST is -EACCES; LOGIN_START and LOGIN_WAIT sign in again (RFC 8628) and uploads go on', async () => {
+  const c = await connect();
+  // WATCH: everything so far at once (SINCE 0), then a long poll that the sign-out answers.
+  const all = await c.call(UPLINK_OP.WATCH, [[UPLINK_TAG.SINCE, 0]]);
+  assert.equal(all.status, 0);
+  const types = JSON.parse(all.fields.EVENTS).map((e) => e.type);
+  for (const t of ['key_ready', 'token_ready', 'registered']) assert.ok(types.includes(t), `${t} in ${types}`);
+  const watch = c.send(UPLINK_OP.WATCH, [[UPLINK_TAG.SINCE, all.fields.GEN]]);
+  assert.equal((await c.call(UPLINK_OP.WATCH, [[UPLINK_TAG.SINCE, all.fields.GEN]])).status, ERRNO.EBUSY,
+    'one WATCH per connection');
+  const out = await c.call(UPLINK_OP.LOGOUT, [], 20000);
+  assert.equal(out.status, 0, `LOGOUT: ${uplink.log}`);
+  const news = await c.wait(watch, 10000);
+  assert.equal(news.status, 0);
+  assert.ok(news.fields.GEN > all.fields.GEN);
+  assert.deepEqual(JSON.parse(news.fields.EVENTS).map((e) => [e.type, e.reason]), [['signin_changed', 'signed_out']]);
+  assert.equal((await uplinkStatus(c)).uplink.have_token, false);
+  const refused = await c.call(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.STATUS }],
+    [UPLINK_TAG.BODY, JSON.stringify({ frames: [await bulb.frame()] })], [UPLINK_TAG.TIMEOUT, 0]]);
+  assert.equal(refused.status, ERRNO.EACCES, 'no token: login required');
+  // Nothing to wait for before a sign-in starts.
+  assert.equal((await c.call(UPLINK_OP.LOGIN_WAIT)).status, ERRNO.ENOENT);
+
+  const start = await c.call(UPLINK_OP.LOGIN_START, [], 20000);
+  assert.equal(start.status, 0, `LOGIN_START: ${uplink.log}`);
+  assert.match(start.fields.USER_CODE, /\S/);
+  assert.match(start.fields.VERIFICATION_URI, /^https:\/\//);
+  assert.ok(start.fields.EXPIRES_IN > 0n);
+  const wait = c.send(UPLINK_OP.LOGIN_WAIT);
+  // A second waiter is refused while one waits.
+  assert.equal((await c.call(UPLINK_OP.LOGIN_WAIT)).status, ERRNO.EBUSY);
+  await auth.approve(start.fields.USER_CODE, { account: 'alice' });
+  const done = await c.wait(wait, 30000);
+  assert.equal(done.status, 0, `LOGIN_WAIT: ${uplink.log}`);
+  assert.match(done.fields.RESULT, /\S/);
+  const st = await uplinkStatus(c);
+  assert.equal(st.uplink.have_token, true);
+  assert.equal(st.oauth.dpop, true);
+
+  const frame = await bulb.frame();
+  const s = await c.call(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.STATUS }],
+    [UPLINK_TAG.BODY, JSON.stringify({ frames: [frame] })], [UPLINK_TAG.TIMEOUT, 0]], 20000);
+  assert.equal(s.status, 0);
+  assert.equal(s.fields.HTTP_STATUS, 200n, `status: ${s.fields.BODY}`);
+  assert.ok(cloud.state.frames.some((f) => f.jws === frame), 'the frame is at the cloud, with the new token');
+  c.close();
+});
+
 async function bulbJwk() {
   const { createPublicKey } = await import('node:crypto');
   const { kty, crv, x, y } = createPublicKey(bulb.pem).export({ format: 'jwk' });
@@ -198,9 +246,8 @@ test('malformed messages: -EBADMSG with the op echoed, then the connection close
   assert.equal(a.status, ERRNO.EBADMSG);
   await c.closed;
   assert.equal((await uplinkStatus(probe)).uplink.malformed - before, cases.length + 1);
-  // Not served yet: an error, and the connection stays.
-  const l = await probe.call(UPLINK_OP.LOGIN_START);
-  assert.equal(l.status, ERRNO.EOPNOTSUPP);
+  // Another error leaves the connection served.
+  assert.equal((await probe.call(UPLINK_OP.LOGIN_WAIT)).status, ERRNO.ENOENT);
   assert.equal((await probe.call(UPLINK_OP.STATUS)).status, 0, 'the connection is still served');
   probe.close();
 });
