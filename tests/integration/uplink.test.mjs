@@ -193,6 +193,30 @@ test('WATCH; LOGOUT, then REQUEST is -EACCES; LOGIN_START and LOGIN_WAIT sign in
   c.close();
 });
 
+test('a closed connection cancels its requests (the parked long poll leaves the cloud); a 5th connection is refused', async () => {
+  const hubAtCloud = () => cloud.state.hubs.get(HUB_ID);
+  const c = await connect();
+  const poll = c.send(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.COMMANDS_POLL }], [UPLINK_TAG.ARG, '25'],
+    [UPLINK_TAG.TIMEOUT, 30]]);
+  await waitFor(() => hubAtCloud()?.waiters?.size === 1, 15000, 'the long poll parked at the cloud');
+  // A command queued now would answer it: the poll is live, GET .../commands?wait=25.
+  assert.equal(c.answers.some((a) => a.id === poll), false);
+  c.close();
+  // curl's transfer ends with the connection: the cloud sees its request go (res 'close').
+  await waitFor(() => hubAtCloud().waiters.size === 0, 5000, 'the poll cancelled at the cloud');
+
+  // Limits (iothub-uplink(8)): 4 connections; the 5th is closed at once, unanswered.
+  const four = [];
+  for (let i = 0; i < 4; i++) four.push(await connect());
+  for (const k of four) assert.equal((await k.call(UPLINK_OP.STATUS)).status, 0);
+  const fifth = await connect();
+  fifth.send(UPLINK_OP.STATUS);
+  assert.equal(await fifth.closed, true, 'the 5th connection is closed');
+  assert.deepEqual(fifth.answers, [], 'unanswered');
+  assert.match(uplink.log, /4 connections already/);
+  for (const k of four) k.close();
+});
+
 async function bulbJwk() {
   const { createPublicKey } = await import('node:crypto');
   const { kty, crv, x, y } = createPublicKey(bulb.pem).export({ format: 'jwk' });
