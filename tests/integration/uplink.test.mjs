@@ -13,7 +13,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { Hub, IOTHUB_UPLINK, confText, waitFor } from './lib/harness.mjs';
+import readline from 'node:readline';
+import { Hub, IOTHUB_UPLINK, NOTIFY_LISTEN, confText, waitFor } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { loginApproved } from './lib/login.mjs';
 import { startTestbed, startStrictCloud, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
@@ -215,6 +216,41 @@ test('a closed connection cancels its requests (the parked long poll leaves the 
   assert.deepEqual(fifth.answers, [], 'unanswered');
   assert.match(uplink.log, /4 connections already/);
   for (const k of four) k.close();
+});
+
+test('socket activation: the listening socket from systemd, READY=1, WATCHDOG=1, STOPPING=1', async () => {
+  const nsock = path.join(hub.dir, 'notify-uplink.sock');
+  const notify = spawn(NOTIFY_LISTEN, [nsock], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines = [];
+  const rl = readline.createInterface({ input: notify.stdout });
+  await new Promise((resolve) => rl.on('line', (l) => { if (l === 'LISTENING') resolve(); else lines.push(l); }));
+  const asock = path.join(hub.dir, 'activated-uplink.sock');
+  // systemd-socket-activate(1) as iothub-uplink.socket would: it binds, and hands the listening
+  // socket over (LISTEN_FDS=1) when the first client connects.
+  const act = spawn('systemd-socket-activate', ['-l', asock, '-E', `NOTIFY_SOCKET=${nsock}`, '-E', 'WATCHDOG_USEC=400000',
+    IOTHUB_UPLINK, '--config', uplink.conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  act.stderr.on('data', (d) => { log += d; });
+  const exited = once(act, 'exit');
+  try {
+    await waitFor(async () => fs.stat(asock).then(() => true, () => false), 5000, 'the activation socket');
+    const c = await ChannelClient.connect(asock, UPLINK);
+    assert.equal((await c.call(UPLINK_OP.STATUS)).status, 0);
+    await waitFor(() => lines.some((l) => l.split('|').includes('READY=1')), 5000, `READY=1 (${lines})`);
+    await waitFor(() => lines.some((l) => l.split('|').includes('WATCHDOG=1')), 5000, `WATCHDOG=1 (${lines})`);
+    assert.match(log, /started on the socket from systemd/);
+    c.close();
+    act.kill('SIGTERM');
+    const [code] = await exited;
+    assert.equal(code, 0, log);
+    assert.ok(lines.some((l) => l.split('|').includes('STOPPING=1')), `${lines}`);
+    await fs.stat(asock); // systemd's socket: not the uplink's to remove
+  } finally {
+    if (act.exitCode === null && act.signalCode === null) act.kill('SIGKILL');
+    notify.kill('SIGTERM');
+    await once(notify, 'exit').catch(() => {});
+  }
+  assert.doesNotMatch(log, /Sanitizer|runtime error/, log);
 });
 
 async function bulbJwk() {
