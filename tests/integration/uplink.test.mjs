@@ -70,6 +70,8 @@ before(async () => {
   cloud = await startStrictCloud(dir, auth, seenTokens);
   await keyBeforeDaemon(broker, overrides());
   hub = await Hub.start(broker, overrides());
+  // Discovery first (iothubctl login says "not reached yet" before it), as hostile.test waits.
+  await waitFor(async () => (await hub.status()).oauth.state === 'login_required', 10000, 'discovery');
   await loginApproved(hub, auth);
   assert.equal((await hub.status()).oauth.dpop, true, 'a DPoP-bound token, sealed by the signer');
   // iothubd goes; the signer (and the tokens it sealed) stays for the uplink.
