@@ -198,6 +198,14 @@ static const char *req_string(json_t *req, const char *key, size_t max) {
 
 static int conn_set_reply(struct conn *c, json_t *reply);
 
+/* The answer to a request that waited (pending): it goes now, or the connection ends when it
+ * cannot be made (no memory). */
+static void conn_answer(struct conn *c, json_t *reply) {
+        c->pending = false;
+        if (conn_set_reply(c, reply) < 0)
+                conn_free(c);
+}
+
 /* The plugin's answer for a bulb add or remove: completes the reply kept in the connection. */
 static void on_dynsec_done(void *userdata, int r, const char *error) {
         struct conn *c = userdata;
@@ -213,9 +221,7 @@ static void on_dynsec_done(void *userdata, int r, const char *error) {
         if (reply && r >= 0 && c->broker_password[0])
                 (void) json_object_set_new(reply, "broker_password", json_string(c->broker_password));
         explicit_bzero(c->broker_password, sizeof c->broker_password);
-        c->pending = false;
-        if (conn_set_reply(c, reply) < 0)
-                conn_free(c);
+        conn_answer(c, reply);
 }
 
 /* Hands the reply to the broker step of a bulb add or remove: PENDING while the plugin works,
@@ -297,11 +303,9 @@ static void on_pair_closed(void *userdata, json_t *summary) {
 
         c->pair_window = NULL; /* freed by pair.c after this call */
         c->stream = false;
-        c->pending = false;
         if (summary)
                 (void) json_object_set_new(summary, "ok", json_true());
-        if (conn_set_reply(c, summary) < 0)
-                conn_free(c);
+        conn_answer(c, summary);
 }
 
 static json_t *handle_bulb_pair(struct control *ctl, struct conn *conn, json_t *req) {
@@ -368,9 +372,7 @@ static void on_register_done(void *userdata, long status, const char *message) {
         else
                 reply = error_reply("register failed: %s", message);
         c->register_call = NULL; /* the cloud frees it after this call */
-        c->pending = false;
-        if (conn_set_reply(c, reply) < 0)
-                conn_free(c);
+        conn_answer(c, reply);
 }
 
 static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *req) {
@@ -407,9 +409,7 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
                 if (reply)
                         (void) json_object_set_new(reply, "ok", json_true());
         }
-        c->pending = false;
-        if (conn_set_reply(c, reply) < 0)
-                conn_free(c);
+        conn_answer(c, reply);
 }
 
 static void on_login_finished(void *userdata, int r, const char *message) {
@@ -423,10 +423,7 @@ static void on_login_finished(void *userdata, int r, const char *message) {
                 (void) snprintf(ctl->login_message, sizeof ctl->login_message, "%s", message);
                 return;
         }
-        c->pending = false;
-        if (conn_set_reply(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message)) <
-            0)
-                conn_free(c);
+        conn_answer(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message));
 }
 
 static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req) {
@@ -437,20 +434,12 @@ static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req)
                                    ctl->conf->path);
         ctl->login_finished = false;
         if (ctl->wait_conn) {
-                struct conn *w = ctl->wait_conn;
-                ctl->wait_conn = NULL;
-                w->pending = false;
-                if (conn_set_reply(w, error_reply("another sign-in started")) < 0)
-                        conn_free(w);
+                conn_answer(TAKE_PTR(ctl->wait_conn), error_reply("another sign-in started"));
         }
         if (ctl->login_conn) {
                 /* A sign-in still waiting for its start (its device authorization, or the DPoP
                  * proof for it) ends here: its client hears so rather than waiting for ever. */
-                struct conn *w = ctl->login_conn;
-                ctl->login_conn = NULL;
-                w->pending = false;
-                if (conn_set_reply(w, error_reply("sign-in could not start: another sign-in started")) < 0)
-                        conn_free(w);
+                conn_answer(TAKE_PTR(ctl->login_conn), error_reply("sign-in could not start: another sign-in started"));
         }
         ctl->login_conn = conn;
         r = oauth_login(ctl->oauth, &(struct oauth_login_cb){ .started = on_login_started,
@@ -489,10 +478,7 @@ static void on_logout_done(void *userdata, int r, const char *message) {
         struct conn *c = userdata;
 
         c->logout_op = NULL; /* oauth frees it after this call */
-        c->pending = false;
-        if (conn_set_reply(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message)) <
-            0)
-                conn_free(c);
+        conn_answer(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message));
 }
 
 static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req) {

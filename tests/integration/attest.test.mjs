@@ -315,15 +315,18 @@ test('registration through a TPM at a real chip\'s pace (70 ms a command): the c
     const r = await h.ctl(['register']);
     const ms = performance.now() - t0;
     assert.equal(r.code, 0, r.stdout + r.stderr + h.log);
+    // Only what was answered before register returned: once registered, the hub goes on to sign
+    // its device list and uploads, and those commands may already be in the proxy's list.
+    const mine = slow.commands.filter((c) => c.answered && c.at + c.held <= t0 + ms);
     const by = {};
-    for (const c of slow.commands) { const n = CC[c.code] ?? `0x${c.code.toString(16)}`; by[n] = (by[n] ?? 0) + 1; }
-    t.diagnostic(slow.commands.map((c) => `${CC[c.code] ?? c.code.toString(16)}@${(c.at - slow.commands[0].at).toFixed(0)}`).join(" "));
-    t.diagnostic(`registration: ${ms.toFixed(0)} ms, ${slow.commands.length} TPM commands: ${JSON.stringify(by)}`);
+    for (const c of mine) { const n = CC[c.code] ?? `0x${c.code.toString(16)}`; by[n] = (by[n] ?? 0) + 1; }
+    t.diagnostic(slow.commands.map((c) => `${CC[c.code] ?? c.code.toString(16)}@${(c.at - t0).toFixed(0)}`).join(" "));
+    t.diagnostic(`registration: ${ms.toFixed(0)} ms, ${mine.length} TPM commands (of ${slow.commands.length} seen): ${JSON.stringify(by)}`);
     assert.equal(by.ActivateCredential, 1);
     assert.equal(by.Certify, 1);
     assert.equal(by.CreatePrimary, 2, 'the AK, twice (flushed between the two steps); the EK is the persistent one');
     assert.equal(by.FlushContext, by.CreatePrimary + by.StartAuthSession, 'every object and session flushed');
-    assert.ok(ms >= slow.commands.length * (N - 1), `${ms} ms for ${slow.commands.length} commands`);
+    assert.ok(ms >= mine.length * (N - 1), `${ms} ms for ${mine.length} commands`);
   } finally {
     await h.cleanup();
     await slow.stop();
