@@ -525,6 +525,7 @@ static const struct conf_key conf_keys[] = {
 
         KEY_PATH("signer", "socket", signer.socket),
         KEY_STRING("signer", "client_user", signer.client_user, 1, 32, check_user_name),
+        KEY_STRING("signer", "command_user", signer.command_user, 1, 32, check_user_name),
         KEY_PATH("signer", "state_dir", signer.state_dir),
         KEY_UINT("signer", "rate_per_s", signer.rate_per_s, 1, 10000),
         KEY_UINT("signer", "burst", signer.burst, 1, 100000),
@@ -830,12 +831,16 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
         /* [signer] state_dir: not $STATE_DIRECTORY here, that is the directory of whichever unit
          * reads the file (iothubd's too); the signer prefers it when the file does not set one. */
         c->signer.socket = strdup("/run/iothub-signer/signer.sock");
-        c->signer.client_user = strdup("iothub");
+        /* The installed system's users (issue 14 stage 2): the uplink signs the cloud's requests,
+         * iothubd the bulbs' commands. */
+        c->signer.client_user = strdup("iothub-uplink");
+        c->signer.command_user = strdup("iothub");
         c->signer.state_dir = strdup("/var/lib/iothub-signer");
         c->uplink.socket = strdup("/run/iothub-uplink/uplink.sock");
         c->uplink.client_user = strdup("iothub");
         if (!c->mqtt.host || !c->mqtt.topic_prefix || !c->key.tcti || !c->oauth.scope || !c->signer.socket ||
-            !c->signer.client_user || !c->signer.state_dir || !c->uplink.socket || !c->uplink.client_user)
+            !c->signer.client_user || !c->signer.command_user || !c->signer.state_dir || !c->uplink.socket ||
+            !c->uplink.client_user)
                 return -ENOMEM;
         if (c->hub.id && client_id_from_hub_id(c->hub.id, &c->mqtt.client_id) < 0)
                 return -ENOMEM;
@@ -1049,6 +1054,7 @@ void conf_free(struct iothub_conf *c) {
         free(c->bulbs.ca_file);
         free(c->signer.socket);
         free(c->signer.client_user);
+        free(c->signer.command_user);
         free(c->signer.state_dir);
         free(c->uplink.socket);
         free(c->uplink.client_user);

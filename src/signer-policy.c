@@ -7,6 +7,7 @@
 
 #include "commands-internal.h"
 #include "iothub/signer-policy.h"
+#include "iothub/signer-proto.h"
 #include "iothub/verify.h"
 
 static bool is_digit(char c) {
@@ -419,4 +420,40 @@ bool signer_bucket_take(struct signer_bucket *b, double rate, double burst, uint
                 return false;
         b->tokens -= 1.0;
         return true;
+}
+
+unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid) {
+        return (uid == client_uid ? SIGNER_ROLE_CLIENT : 0u) | (uid == command_uid ? SIGNER_ROLE_COMMAND : 0u);
+}
+
+/* The op sets, by op (spec of stage 2): what the uplink needs to sign the cloud's requests, sign
+ * in and register, and what iothubd needs to sign a bulb's command; KEY_INFO and STATUS for both
+ * (the key id is in each signature they handle, the counters in iothubctl status). */
+static const unsigned op_roles[_SIGNER_OP_MAX] = {
+        [SIGNER_OP_KEY_INFO] = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND,
+        [SIGNER_OP_SIGN_HTTP] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_SIGN_DPOP] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_SIGN_COMMAND] = SIGNER_ROLE_COMMAND,
+        [SIGNER_OP_TOKENS_GET] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_TOKENS_PUT] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_TOKENS_ERASE] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_ATTEST_BEGIN] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_ATTEST_ANSWER] = SIGNER_ROLE_CLIENT,
+        [SIGNER_OP_STATUS] = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND,
+};
+
+bool signer_policy_op_allowed(unsigned roles, unsigned op) {
+        return op < _SIGNER_OP_MAX && (op_roles[op] & roles) != 0;
+}
+
+const char *signer_roles_to_string(unsigned roles) {
+        switch (roles & (SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND)) {
+        case SIGNER_ROLE_CLIENT:
+                return "client_user";
+        case SIGNER_ROLE_COMMAND:
+                return "command_user";
+        case SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND:
+                return "client_user and command_user";
+        }
+        return "no role";
 }

@@ -4,25 +4,20 @@
  * nothing but the fixed format of signer-proto.h; it builds what it signs from the request's
  * fields (httpsig.c, dpop.c, command.c) and never signs bytes it was handed.
  *
- * One sd-event loop: the listening socket (from systemd, iothub-signer.socket, or --listen),
- * at most SIGNER_CONN_MAX connections, each checked with SO_PEERCRED against [signer]
- * client_user, each with an input buffer (one message at a time, at most SIGNER_MSG_MAX) and an
- * output buffer (answers, at most SIGNER_OUT_MAX queued before reading stops), at most
- * SIGNER_INFLIGHT_MAX requests in flight (reading stops too). Signatures go through hubkey's
- * queue (hubkey_sign_async(): one TPM operation at a time, by priority), so a slow TPM never
- * blocks the loop where hubkey avoids it; token and attestation ops are synchronous TPM calls
- * (a few a day). A malformed message is answered -EBADMSG and the connection closed once the
- * answer is out. */
-#include <fcntl.h>
+ * One sd-event loop, the channels' server (chanserver.h): the listening socket (from systemd,
+ * iothub-signer.socket, or --listen), at most SIGNER_CONN_MAX connections, each checked with
+ * SO_PEERCRED against [signer] client_user and command_user, each of which has its op set
+ * (signer_policy_op_allowed(): another op is answered -EPERM and never run), at most
+ * SIGNER_OUT_MAX of answers queued and SIGNER_INFLIGHT_MAX requests in flight before reading
+ * stops. Signatures go through hubkey's queue (hubkey_sign_async(): one TPM operation at a time,
+ * by priority), so a slow TPM never blocks the loop where hubkey avoids it; token and
+ * attestation ops are synchronous TPM calls (a few a day). */
 #include <getopt.h>
 #include <inttypes.h>
 #include <malloc.h>
 #include <pwd.h>
-#include <signal.h>
 #include <stdio.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <time.h>
 
 #include <openssl/crypto.h>
@@ -31,6 +26,7 @@
 
 #include "commands-internal.h"
 #include "iothub/attest.h"
+#include "iothub/chanserver.h"
 #include "iothub/conf.h"
 #include "iothub/dpop.h"
 #include "iothub/httpsig.h"
@@ -47,8 +43,6 @@
 #define SIGNER_CONN_MAX 8
 #define SIGNER_INFLIGHT_MAX 64          /* requests of one connection waiting for the TPM */
 #define SIGNER_OUT_MAX (1024 * 1024)    /* answers queued on one connection before reading stops */
-#define SIGNER_IN_KEEP (64 * 1024)      /* an input buffer larger than this is freed when empty */
-#define SIGNER_LISTEN_BACKLOG 16
 #define SIGNER_KEY_RETRY_USEC (1000 * 1000) /* a missing key is looked for again at most this often */
 #define SIGNER_LOG_WINDOW_USEC (10 * 1000 * 1000)
 #define SIGNER_LOG_BURST 5
@@ -67,19 +61,12 @@ struct req {
         size_t input_len;
 };
 
+/* The signer's state of one connection (chanserver.h has the rest). */
 struct conn {
         struct signer *s;
-        struct conn *next;
-        int fd;
-        sd_event_source *io;
-        uid_t uid;
-        uint8_t *in;
-        size_t in_len, in_cap;
-        struct signer_buf out;
+        struct chan_conn *cc;
+        unsigned roles;        /* enum signer_role: the peer's op set */
         struct req *reqs;
-        unsigned inflight;
-        bool closing; /* a malformed message: answer, then close */
-        bool eof;     /* the client shut down its sending side: answer what it asked, then close */
         struct attest *attest; /* ATTEST_BEGIN done, ATTEST_ANSWER awaited */
 };
 
@@ -87,20 +74,16 @@ struct signer {
         sd_event *event;
         struct iothub_conf *conf;
         struct signer_policy policy;
-        int listen_fd;
-        bool listen_owned;       /* ours to unlink at exit (--listen), not systemd's */
-        char *listen_path;
-        sd_event_source *listen_io;
-        uid_t client_uid;
-        struct conn *conns;
-        unsigned n_conns;
+        struct chan_server *server;
+        uid_t client_uid, command_uid;
+        char peer_rule[128];     /* for the refusal line */
         struct hubkey *key;
         int key_errno;           /* of the last hubkey_open(), 0 when open */
         uint64_t key_tried_usec;
         struct signer_bucket bucket;
-        struct ratelimit log_peer, log_rate, log_policy, log_malformed;
+        struct ratelimit log_rate, log_policy, log_role;
         struct {
-                uint64_t signatures, refused_policy, refused_rate, refused_peer, malformed, tpm_errors;
+                uint64_t signatures, refused_policy, refused_rate, tpm_errors;
         } n;
         char last_error[256];
 };
@@ -165,9 +148,6 @@ static int signer_key(struct signer *s, struct hubkey **ret) {
 
 /* ---- connections ---- */
 
-static void conn_update_events(struct conn *c);
-static void conn_free(struct conn *c);
-static void conn_resume(struct conn *c);
 
 static struct req *req_free(struct req *q) {
         if (!q)
@@ -190,33 +170,25 @@ static void req_detach(struct req *q) {
                         *p = q->next;
                         break;
                 }
-        c->inflight--;
+        chan_conn_release(c->cc);
 }
 
 /* An error answer, or the start of a successful one (the caller adds its fields and ends it). */
 static int answer_begin(struct conn *c, uint32_t id, unsigned op, int status) {
-        if (status < INT16_MIN)
-                status = -EIO;
-        return signer_msg_begin(&c->out, id, op, true, status);
+        return chan_answer_begin(c->cc, id, op, status);
 }
 
 static void answer_error(struct conn *c, uint32_t id, unsigned op, int status) {
-        if (answer_begin(c, id, op, status) >= 0)
-                (void) signer_msg_end(&c->out);
-        conn_update_events(c);
+        chan_answer_error(c->cc, id, op, status);
 }
 
 /* Ends a successful answer; if it cannot be built (out of memory, a value over its limit), the
  * client gets the error instead. */
 static void answer_end(struct conn *c, uint32_t id, unsigned op) {
-        int r = signer_msg_end(&c->out);
+        int r = chan_answer_end(c->cc, id, op);
 
-        if (r < 0) {
+        if (r < 0)
                 set_last_error(c->s, "%s answer could not be built: %s", signer_op_to_string(op), strerror(-r));
-                answer_error(c, id, op, r == -EINVAL ? -EIO : r);
-                return;
-        }
-        conn_update_events(c);
 }
 
 static void tpm_failed(struct signer *s, int r, const char *what) {
@@ -243,15 +215,14 @@ static void on_http_signed(void *userdata, int r, const uint8_t *sig) {
                 c->s->n.signatures++;
                 if (answer_begin(c, q->id, q->op, 0) >= 0) {
                         if (h.content_digest)
-                                (void) signer_msg_add_str(&c->out, SIGNER_TAG_CONTENT_DIGEST, h.content_digest);
-                        (void) signer_msg_add_str(&c->out, SIGNER_TAG_SIGNATURE_INPUT, h.signature_input);
-                        (void) signer_msg_add_str(&c->out, SIGNER_TAG_SIGNATURE, h.signature);
+                                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_CONTENT_DIGEST, h.content_digest);
+                        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURE_INPUT, h.signature_input);
+                        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURE, h.signature);
                         answer_end(c, q->id, q->op);
                 }
         }
         httpsig_headers_done(&h);
         req_free(q);
-        conn_resume(c);
 }
 
 /* SIGN_DPOP and SIGN_COMMAND: q->input is a JWS signing input with room for the signature. */
@@ -267,14 +238,13 @@ static void on_jws_signed(void *userdata, int r, const uint8_t *sig) {
                 jws_compact_finish(q->input, q->input_len, sig);
                 c->s->n.signatures++;
                 if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                        (void) signer_msg_add_str(&c->out,
+                        (void) signer_msg_add_str(chan_conn_out(c->cc),
                                                   q->op == SIGNER_OP_SIGN_DPOP ? SIGNER_TAG_PROOF : SIGNER_TAG_JWS,
                                                   q->input);
                         answer_end(c, q->id, q->op);
                 }
         }
         req_free(q);
-        conn_resume(c);
 }
 
 static int req_new(struct conn *c, const struct signer_msg *m, struct req **ret) {
@@ -292,7 +262,7 @@ static int req_new(struct conn *c, const struct signer_msg *m, struct req **ret)
 static void req_attach(struct req *q) {
         q->next = q->conn->reqs;
         q->conn->reqs = q;
-        q->conn->inflight++;
+        chan_conn_hold(q->conn->cc);
 }
 
 static int policy_refused(struct conn *c, const struct signer_msg *m, const char *why) {
@@ -473,9 +443,9 @@ static int op_key_info(struct conn *c, const struct signer_msg *m) {
         r = answer_begin(c, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_str(&c->out, SIGNER_TAG_KEY_ID, hubkey_id(k));
-        (void) signer_msg_add_str(&c->out, SIGNER_TAG_JWK, jwk_s);
-        (void) signer_msg_add_str(&c->out, SIGNER_TAG_BACKEND, key_backend_to_string(hubkey_backend(k)));
+        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_KEY_ID, hubkey_id(k));
+        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_JWK, jwk_s);
+        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_BACKEND, key_backend_to_string(hubkey_backend(k)));
         answer_end(c, m->id, m->op);
         return 1;
 }
@@ -535,13 +505,13 @@ static int op_tokens(struct conn *c, const struct signer_msg *m) {
         r = answer_begin(c, m->id, m->op, 0);
         if (r < 0)
                 goto out;
-        (void) signer_msg_add_str(&c->out, SIGNER_TAG_ACCESS_TOKEN, t.access_token);
+        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_ACCESS_TOKEN, t.access_token);
         if (t.refresh_token)
-                (void) signer_msg_add_str(&c->out, SIGNER_TAG_REFRESH_TOKEN, t.refresh_token);
-        (void) signer_msg_add_str(&c->out, SIGNER_TAG_TOKEN_TYPE, t.token_type);
+                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_REFRESH_TOKEN, t.refresh_token);
+        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_TOKEN_TYPE, t.token_type);
         if (t.scope)
-                (void) signer_msg_add_str(&c->out, SIGNER_TAG_SCOPE, t.scope);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_EXPIRES_AT, t.expires_at > 0 ? (uint64_t) t.expires_at : 0);
+                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SCOPE, t.scope);
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_EXPIRES_AT, t.expires_at > 0 ? (uint64_t) t.expires_at : 0);
         answer_end(c, m->id, m->op);
         r = 1;
 out:
@@ -603,7 +573,7 @@ static int op_attest(struct conn *c, const struct signer_msg *m) {
         r = answer_begin(c, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_str(&c->out, m->op == SIGNER_OP_ATTEST_BEGIN ? SIGNER_TAG_EVIDENCE : SIGNER_TAG_ANSWER,
+        (void) signer_msg_add_str(chan_conn_out(c->cc), m->op == SIGNER_OP_ATTEST_BEGIN ? SIGNER_TAG_EVIDENCE : SIGNER_TAG_ANSWER,
                                   text);
         answer_end(c, m->id, m->op);
         return 1;
@@ -616,20 +586,40 @@ static int op_status(struct conn *c, const struct signer_msg *m) {
         r = answer_begin(c, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_SIGNATURES, s->n.signatures);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_REFUSED_POLICY, s->n.refused_policy);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_REFUSED_RATE, s->n.refused_rate);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_REFUSED_PEER, s->n.refused_peer);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_MALFORMED, s->n.malformed);
-        (void) signer_msg_add_u64(&c->out, SIGNER_TAG_TPM_ERRORS, s->n.tpm_errors);
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURES, s->n.signatures);
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_POLICY, s->n.refused_policy);
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_RATE, s->n.refused_rate);
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_PEER, chan_server_refused_peer(s->server));
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_MALFORMED, chan_server_malformed(s->server));
+        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_TPM_ERRORS, s->n.tpm_errors);
         if (s->last_error[0])
-                (void) signer_msg_add_str(&c->out, SIGNER_TAG_LAST_ERROR, s->last_error);
+                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_LAST_ERROR, s->last_error);
         answer_end(c, m->id, m->op);
         return 1;
 }
 
+/* An op outside the peer's set (signer_policy_op_allowed()): never run, counted with the
+ * policy's refusals, logged rate-limited on its own (a confused or hostile peer must not hide
+ * the other refusals). */
+static int role_refused(struct conn *c, const struct signer_msg *m) {
+        struct signer *s = c->s;
+
+        s->n.refused_policy++;
+        set_last_error(s, "%s refused: not served to uid %u ([signer] %s)", signer_op_to_string(m->op),
+                       (unsigned) chan_conn_uid(c->cc), signer_roles_to_string(c->roles));
+        if (log_allowed(&s->log_role))
+                log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_POLICY_REFUSED, NULL, "op not served to this peer",
+                          "Refused %s from uid %u: not an op of [signer] %s", signer_op_to_string(m->op),
+                          (unsigned) chan_conn_uid(c->cc), signer_roles_to_string(c->roles));
+        return -EPERM;
+}
+
 /* Runs one request: 1 when it answered or will answer, else the negative errno to answer. */
-static int dispatch(struct conn *c, const struct signer_msg *m) {
+static int dispatch(void *userdata, struct chan_conn *cc, const struct signer_msg *m) {
+        struct conn *c = chan_conn_data(cc);
+
+        if (!signer_policy_op_allowed(c->roles, m->op))
+                return role_refused(c, m);
         switch (m->op) {
         case SIGNER_OP_KEY_INFO:
                 return op_key_info(c, m);
@@ -652,206 +642,32 @@ static int dispatch(struct conn *c, const struct signer_msg *m) {
         return -EOPNOTSUPP;
 }
 
-static void conn_malformed(struct conn *c, uint32_t id, unsigned op, const char *why) {
-        struct signer *s = c->s;
+/* ---- connections (chanserver.h) ---- */
 
-        s->n.malformed++;
-        if (log_allowed(&s->log_malformed))
-                log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_MALFORMED, NULL, why,
-                          "Malformed request from uid %u (%s): answered -EBADMSG, connection closed",
-                          (unsigned) c->uid, why);
-        /* iothub-signer(8) WIRE FORMAT: the answer echoes the op as sent (an unknown one too,
-         * without the answer bit), or 0 when the header could not be read. */
-        answer_error(c, id, op & ~SIGNER_ANSWER, -EBADMSG);
-        c->closing = true;
-        conn_update_events(c);
-}
+static int conn_new(void *userdata, struct chan_conn *cc, const struct ucred *cred, void **ret_data) {
+        struct signer *s = userdata;
+        unsigned roles = signer_policy_roles(cred->uid, s->client_uid, s->command_uid);
+        struct conn *c;
 
-/* Decodes and runs the complete messages in the input buffer. */
-static void conn_process(struct conn *c) {
-        size_t at = 0;
-
-        while (!c->closing && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX) {
-                struct signer_msg m;
-                size_t need = 0;
-                uint32_t id = 0;
-                int r;
-
-                r = signer_msg_frame(c->in + at, c->in_len - at, &need);
-                if (r == 0)
-                        break;
-                if (r < 0) {
-                        conn_malformed(c, 0, 0, "length out of range");
-                        break;
-                }
-                if (signer_msg_decode(c->in + at, need, &m) < 0) {
-                        unsigned op = 0;
-                        (void) signer_msg_peek_id(c->in + at, need, &id);
-                        if (need >= SIGNER_HEADER_LEN)
-                                op = (unsigned) (c->in[at + 8] << 8 | c->in[at + 9]) & ~SIGNER_ANSWER;
-                        conn_malformed(c, id, op, "does not decode");
-                        break;
-                }
-                at += need;
-                if (m.answer) {
-                        conn_malformed(c, m.id, m.op, "an answer sent to the signer");
-                        break;
-                }
-                r = dispatch(c, &m);
-                if (r < 0)
-                        answer_error(c, m.id, m.op, r);
-        }
-        if (at > 0) {
-                /* The consumed requests may hold tokens or an Authorization value. */
-                OPENSSL_cleanse(c->in, at);
-                memmove(c->in, c->in + at, c->in_len - at);
-                c->in_len -= at;
-        }
-        if (c->in_len == 0 && c->in_cap > SIGNER_IN_KEEP) {
-                OPENSSL_cleanse(c->in, c->in_cap);
-                free(c->in);
-                c->in = NULL;
-                c->in_cap = 0;
-        }
-        conn_update_events(c);
-}
-
-/* Requests already read but held back (SIGNER_INFLIGHT_MAX in flight, or SIGNER_OUT_MAX of
- * answers queued) go on once there is room again: the client may be waiting for an answer and
- * send nothing more. */
-static void conn_resume(struct conn *c) {
-        if (!c->closing && c->in_len > 0 && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX)
-                conn_process(c);
-}
-
-static int conn_read(struct conn *c) {
-        size_t need = 0, want;
-        ssize_t n;
-
-        /* Room for the message being read (its size is known once its prefix is in), at most
-         * one message: what a peer can make us hold is bounded by SIGNER_MSG_MAX. */
-        if (signer_msg_frame(c->in, c->in_len, &need) < 0)
-                return -EBADMSG;
-        want = need > c->in_len ? need : c->in_len + SIGNER_PREFIX_LEN;
-        if (want < 4096)
-                want = 4096;
-        if (want > SIGNER_PREFIX_LEN + SIGNER_MSG_MAX)
-                want = SIGNER_PREFIX_LEN + SIGNER_MSG_MAX;
-        if (c->in_cap < want) {
-                uint8_t *p = malloc(want);
-                if (!p)
-                        return -ENOMEM;
-                if (c->in) {
-                        memcpy(p, c->in, c->in_len);
-                        OPENSSL_cleanse(c->in, c->in_cap);
-                        free(c->in);
-                }
-                c->in = p;
-                c->in_cap = want;
-        }
-        if (c->in_len == c->in_cap)
-                return 0;
-        n = read(c->fd, c->in + c->in_len, c->in_cap - c->in_len);
-        if (n < 0)
-                return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        if (n == 0) {
-                /* shutdown(SHUT_WR) after the requests is a client saying it has no more: the
-                 * requests read are still answered (conn_finished()). A message cut short by it
-                 * is dropped with the connection. */
-                c->eof = true;
-                return 0;
-        }
-        c->in_len += (size_t) n;
-        return 1;
-}
-
-static int conn_write(struct conn *c) {
-        ssize_t n;
-
-        if (c->out.len == 0)
-                return 0;
-        n = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0)
-                return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        signer_buf_consume(&c->out, (size_t) n);
+        /* Only [signer] client_user and command_user. Root gets no exception (the units run the
+         * programs as their own users; root can open the TPM itself). */
+        if (roles == 0)
+                return -EPERM;
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->s = s;
+        c->cc = cc;
+        c->roles = roles;
+        *ret_data = c;
         return 0;
 }
 
-/* Whether the connection has nothing left to do: a malformed message answered, or the client
- * done sending (EOF) and every request it sent answered and its answer written. */
-static bool conn_finished(struct conn *c) {
-        size_t need = 0;
-
-        if (c->out.len > 0)
-                return false;
-        if (c->closing)
-                return true;
-        /* No request waiting for the TPM, none complete still to run (held back by the limits). */
-        return c->eof && c->inflight == 0 && signer_msg_frame(c->in, c->in_len, &need) <= 0;
-}
-
-static void conn_update_events(struct conn *c) {
-        uint32_t ev = 0;
-
-        if (!c->io)
-                return;
-        /* After EOF the socket stays readable: no EPOLLIN then, or the loop would spin. */
-        if (!c->closing && !c->eof && c->inflight < SIGNER_INFLIGHT_MAX && c->out.len < SIGNER_OUT_MAX)
-                ev |= EPOLLIN;
-        if (c->out.len > 0)
-                ev |= EPOLLOUT;
-        (void) sd_event_source_set_io_events(c->io, ev);
-}
-
-static int on_conn_io(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
-        struct conn *c = userdata;
-        int r;
-
-        if (revents & EPOLLOUT) {
-                r = conn_write(c);
-                if (r < 0)
-                        goto drop;
-                conn_resume(c);
-        }
-        if (conn_finished(c))
-                goto drop;
-        /* The peer is gone both ways: nobody to answer. */
-        if (revents & (EPOLLHUP | EPOLLERR))
-                goto drop;
-        if (revents & EPOLLIN) {
-                r = c->closing ? 0 : conn_read(c);
-                if (r == -EBADMSG) {
-                        conn_malformed(c, 0, 0, "length out of range");
-                        return 0;
-                }
-                if (r < 0)
-                        goto drop;
-                conn_process(c);
-                /* Answer at once what could be answered at once. */
-                if (c->out.len > 0 && conn_write(c) < 0)
-                        goto drop;
-                if (conn_finished(c))
-                        goto drop;
-        }
-        conn_update_events(c);
-        return 0;
-drop:
-        conn_free(c);
-        return 0;
-}
-
-static void conn_free(struct conn *c) {
-        struct signer *s;
+static void conn_free(void *userdata, struct chan_conn *cc, void *data) {
+        struct conn *c = data;
 
         if (!c)
                 return;
-        s = c->s;
-        for (struct conn **p = &s->conns; *p; p = &(*p)->next)
-                if (*p == c) {
-                        *p = c->next;
-                        s->n_conns--;
-                        break;
-                }
         /* Cancels the signatures still queued for this connection (hubkey_op_free()). */
         while (c->reqs) {
                 struct req *q = c->reqs;
@@ -859,99 +675,13 @@ static void conn_free(struct conn *c) {
                 req_free(q);
         }
         attest_free(c->attest);
-        sd_event_source_disable_unref(c->io);
-        if (c->fd >= 0)
-                (void) close(c->fd);
-        if (c->in) {
-                OPENSSL_cleanse(c->in, c->in_cap);
-                free(c->in);
-        }
-        signer_buf_done(&c->out);
         free(c);
-}
-
-static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
-        struct signer *s = userdata;
-        struct ucred cred = {};
-        socklen_t len = sizeof cred;
-        _cleanup_close_ int cfd = -1;
-        struct conn *c;
-        int r;
-
-        cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (cfd < 0) {
-                if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
-                        log_warning_errno(errno, "accept() failed: %m");
-                return 0;
-        }
-        if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof cred) {
-                log_warning_errno(errno, "SO_PEERCRED failed: %m");
-                return 0;
-        }
-        /* Only [signer] client_user: the daemon. Root gets no exception (the unit runs the
-         * signer as its own user; root can open the TPM itself). */
-        if (cred.uid != s->client_uid) {
-                s->n.refused_peer++;
-                if (log_allowed(&s->log_peer))
-                        log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_PEER_REFUSED, NULL, NULL,
-                                  "Refused a connection from uid %u pid %d: only uid %u ([signer] client_user) is "
-                                  "served",
-                                  (unsigned) cred.uid, (int) cred.pid, (unsigned) s->client_uid);
-                return 0;
-        }
-        if (s->n_conns >= SIGNER_CONN_MAX) {
-                if (log_allowed(&s->log_peer))
-                        log_warning("Refused a connection from pid %d: %d connections already", (int) cred.pid,
-                                    SIGNER_CONN_MAX);
-                return 0;
-        }
-        c = calloc(1, sizeof(*c));
-        if (!c)
-                return 0;
-        c->s = s;
-        c->uid = cred.uid;
-        c->fd = -1;
-        r = sd_event_add_io(s->event, &c->io, cfd, EPOLLIN, on_conn_io, c);
-        if (r < 0) {
-                free(c);
-                log_warning_errno(r, "Failed to watch a connection: %m");
-                return 0;
-        }
-        (void) sd_event_source_set_description(c->io, "signer-conn");
-        c->fd = TAKE_FD(cfd);
-        c->next = s->conns;
-        s->conns = c;
-        s->n_conns++;
-        log_debug("Connection from pid %d", (int) cred.pid);
-        return 0;
 }
 
 /* ---- start-up ---- */
 
-static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        struct signer *s = userdata;
-
-        (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
-        log_event(LOG_INFO, 0, IOTHUB_MID_STOPPING, NULL, NULL, "iothub-signer stopping");
-        return sd_event_exit(s->event, 0);
-}
-
-/* The configuration is read at start only (the policy is the configuration): a reload would
- * have to agree with iothubd's, which restarts with it. SIGHUP must not end the signer either. */
-static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        log_notice("SIGHUP: iothub-signer reads its configuration at start only; restart it to apply changes");
-        return 0;
-}
-
 static void signer_done(struct signer *s) {
-        while (s->conns)
-                conn_free(s->conns);
-        sd_event_source_disable_unref(s->listen_io);
-        if (s->listen_fd >= 0)
-                (void) close(s->listen_fd);
-        if (s->listen_owned && s->listen_path)
-                (void) unlink(s->listen_path);
-        free(s->listen_path);
+        chan_server_free(s->server);
         hubkey_free(s->key);
         signer_policy_done(&s->policy);
         conf_free(s->conf);
@@ -981,11 +711,56 @@ static int signer_state_dir(struct iothub_conf *c, char **ret_error) {
         return free_and_strdup(&c->hub.state_dir, c->signer.state_dir);
 }
 
+static int peer_uid(const struct iothub_conf *c, const char *key, const char *name, uid_t *ret) {
+        int r = user_to_uid(name, ret);
+
+        if (r < 0)
+                log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: [signer] %s: '%s': %s", c->path, key,
+                          name, r == -ESRCH ? "no such user" : strerror(-r));
+        return r;
+}
+
+/* The signer's peers and their op sets: [signer] client_user and command_user. */
+static int signer_peers(struct signer *s) {
+        int r;
+
+        if ((r = peer_uid(s->conf, "client_user", s->conf->signer.client_user, &s->client_uid)) < 0 ||
+            (r = peer_uid(s->conf, "command_user", s->conf->signer.command_user, &s->command_uid)) < 0)
+                return r;
+        if (s->client_uid == s->command_uid) {
+                (void) snprintf(s->peer_rule, sizeof s->peer_rule,
+                                "only uid %u ([signer] client_user and command_user) is served",
+                                (unsigned) s->client_uid);
+                /* A test bed, or a system that runs iothubd and iothub-uplink as one user: it
+                 * works, with every op for that user, and says so once. */
+                log_notice("[signer] client_user and command_user are both uid %u: that peer may ask every op, "
+                           "there is no separation between the uplink's and iothubd's roles",
+                           (unsigned) s->client_uid);
+        } else
+                (void) snprintf(s->peer_rule, sizeof s->peer_rule,
+                                "only uid %u ([signer] client_user) and uid %u ([signer] command_user) are served",
+                                (unsigned) s->client_uid, (unsigned) s->command_uid);
+        return 0;
+}
+
 static int signer_run(const char *config, const char *listen_path, int level) {
+        static const struct chan_server_config server_config = {
+                .name = "iothub-signer",
+                .conn_description = "signer-conn",
+                .proto = &signer_proto,
+                .conn_max = SIGNER_CONN_MAX,
+                .inflight_max = SIGNER_INFLIGHT_MAX,
+                .out_max = SIGNER_OUT_MAX,
+                .mid_peer_refused = IOTHUB_MID_SIGNER_PEER_REFUSED,
+                .mid_malformed = IOTHUB_MID_SIGNER_MALFORMED,
+                .conn_new = conn_new,
+                .conn_free = conn_free,
+                .dispatch = dispatch,
+        };
+        struct chan_server_config cfg = server_config;
         _cleanup_free_ char *err = NULL;
-        struct signer s = { .listen_fd = -1 };
-        sigset_t mask;
-        int n, r;
+        struct signer s = {};
+        int r;
 
         r = conf_load(config, &s.conf, &err);
         if (r < 0) {
@@ -994,14 +769,12 @@ static int signer_run(const char *config, const char *listen_path, int level) {
         }
         if (level >= 0)
                 log_set_max_level(level);
-        r = user_to_uid(s.conf->signer.client_user, &s.client_uid);
+        r = signer_peers(&s);
         if (r < 0) {
-                log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: [signer] client_user: '%s': %s",
-                          s.conf->path, s.conf->signer.client_user,
-                          r == -ESRCH ? "no such user" : strerror(-r));
                 r = EXIT_CONFIG;
                 goto out;
         }
+        cfg.peer_rule = s.peer_rule;
         r = signer_policy_init(&s.policy, s.conf, &err);
         if (r < 0) {
                 log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: %s", s.conf->path,
@@ -1024,53 +797,13 @@ static int signer_run(const char *config, const char *listen_path, int level) {
                 r = EXIT_FAILURE;
                 goto out;
         }
-        sigemptyset(&mask);
-        sigaddset(&mask, SIGTERM);
-        sigaddset(&mask, SIGINT);
-        sigaddset(&mask, SIGHUP);
-        (void) sigprocmask(SIG_BLOCK, &mask, NULL);
-        if ((r = sd_event_add_signal(s.event, NULL, SIGTERM, on_signal, &s)) < 0 ||
-            (r = sd_event_add_signal(s.event, NULL, SIGINT, on_signal, &s)) < 0 ||
-            (r = sd_event_add_signal(s.event, NULL, SIGHUP, on_sighup, &s)) < 0 ||
-            (r = sd_event_set_watchdog(s.event, true)) < 0) {
-                log_error_errno(r, "Failed to set up signals and the watchdog: %m");
-                r = EXIT_FAILURE;
-                goto out;
-        }
-
         /* Socket activation (iothub-signer.socket keeps the socket across restarts), else
          * --listen, else [signer] socket. */
-        n = listen_path ? 0 : sd_listen_fds(true);
-        if (n > 1) {
-                log_error("Got %d sockets from systemd, expected one", n);
-                r = EXIT_FAILURE;
-                goto out;
-        }
-        if (n == 1) {
-                if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0) {
-                        log_error("The socket from systemd is not a listening unix stream socket");
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                s.listen_fd = SD_LISTEN_FDS_START;
-                (void) fcntl(s.listen_fd, F_SETFL, fcntl(s.listen_fd, F_GETFL) | O_NONBLOCK);
-        } else {
-                s.listen_path = strdup(listen_path ?: s.conf->signer.socket);
-                if (!s.listen_path) {
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                r = unix_listen(s.listen_path, SIGNER_LISTEN_BACKLOG, &s.listen_fd);
-                if (r < 0) {
-                        log_error_errno(r, "Failed to listen on %s: %m", s.listen_path);
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                s.listen_owned = true;
-        }
-        r = sd_event_add_io(s.event, &s.listen_io, s.listen_fd, EPOLLIN, on_accept, &s);
+        free(err);
+        err = NULL;
+        r = chan_server_new(s.event, &cfg, &s, listen_path, s.conf->signer.socket, &s.server, &err);
         if (r < 0) {
-                log_error_errno(r, "Failed to watch the socket: %m");
+                log_error_errno(r, "%s", err ? err : strerror(-r));
                 r = EXIT_FAILURE;
                 goto out;
         }
@@ -1081,12 +814,17 @@ static int signer_run(const char *config, const char *listen_path, int level) {
                 struct hubkey *k;
                 (void) signer_key(&s, &k);
         }
-        (void) sd_notify(false, "READY=1\nSTATUS=Serving");
-        log_event(LOG_INFO, 0, IOTHUB_MID_STARTED, NULL, NULL,
-                  "iothub-signer %s started on %s, serving uid %u, key %s", IOTHUB_VERSION,
-                  s.listen_path ?: "the socket from systemd", (unsigned) s.client_uid,
-                  s.key ? hubkey_id(s.key) : s.key_errno == -ENOENT ? "absent" : "unavailable");
-        r = sd_event_loop(s.event);
+        {
+                char command[64] = "";
+                if (s.command_uid != s.client_uid)
+                        (void) snprintf(command, sizeof command, " and uid %u (command_user)",
+                                        (unsigned) s.command_uid);
+                log_event(LOG_INFO, 0, IOTHUB_MID_STARTED, NULL, NULL,
+                          "iothub-signer %s started on %s, serving uid %u%s, key %s", IOTHUB_VERSION,
+                          chan_server_path(s.server) ?: "the socket from systemd", (unsigned) s.client_uid,
+                          command, s.key ? hubkey_id(s.key) : s.key_errno == -ENOENT ? "absent" : "unavailable");
+        }
+        r = chan_server_run(s.server);
         r = r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 out:
         signer_done(&s);

@@ -7,28 +7,21 @@
  * made by cloudreq.c (the URL of each kind, the token, the signer's RFC 9421 signature and DPoP
  * proof, a 401 handled inside).
  *
- * One sd-event loop: the listening socket (from systemd, iothub-uplink.socket, or --listen, else
- * [uplink] socket), at most UPLINK_CONN_MAX connections, each checked with SO_PEERCRED against
- * [uplink] client_user, each with an input buffer (one message at a time, at most
- * UPLINK_MSG_MAX) and an output buffer (reading stops while more than UPLINK_OUT_MAX of answers
- * wait), at most UPLINK_INFLIGHT_MAX requests in flight (reading stops too). A malformed message
- * is answered -EBADMSG and the connection closed once the answer is out; a connection that
- * closes cancels its requests (cloudreq_cancel(): curl's transfer ends). The shape is
- * iothub-signer's (src/signer.c). */
-#include <fcntl.h>
+ * One sd-event loop, the channels' server that iothub-signer uses too (chanserver.h): the
+ * listening socket (from systemd, iothub-uplink.socket, or --listen, else [uplink] socket), at
+ * most UPLINK_CONN_MAX connections, each checked with SO_PEERCRED against [uplink] client_user,
+ * reading stopped while more than UPLINK_OUT_MAX of answers wait or UPLINK_INFLIGHT_MAX requests
+ * are in flight. A connection that closes cancels its requests (cloudreq_cancel(): curl's
+ * transfer ends). */
 #include <getopt.h>
 #include <inttypes.h>
 #include <malloc.h>
-#include <signal.h>
 #include <stdio.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
 
 #include <jansson.h>
-#include <openssl/crypto.h>
-#include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 
+#include "iothub/chanserver.h"
 #include "iothub/cloudreq.h"
 #include "iothub/conf.h"
 #include "iothub/http.h"
@@ -43,8 +36,6 @@
 #define UPLINK_CONN_MAX 4
 #define UPLINK_INFLIGHT_MAX 64                     /* requests of one connection not yet answered */
 #define UPLINK_OUT_MAX (TLV_PREFIX_LEN + UPLINK_MSG_MAX) /* answers queued before reading stops */
-#define UPLINK_IN_KEEP (64 * 1024)                 /* an input buffer larger than this is freed when empty */
-#define UPLINK_LISTEN_BACKLOG 16
 #define UPLINK_KEY_RETRY_USEC (5 * 1000 * 1000)     /* the hub key asked for again after a failure */
 #define UPLINK_EVENTS_KEPT 32                      /* WATCH: the newest events kept */
 #define UPLINK_RETRY_AFTER_MAX 64                  /* RETRY_AFTER's limit (uplink-proto.h) */
@@ -64,20 +55,12 @@ struct req {
         uint64_t since;                  /* WATCH */
 };
 
+/* The uplink's state of one connection (chanserver.h has the rest). */
 struct conn {
         struct uplink *u;
-        struct conn *next;
-        int fd;
-        sd_event_source *io;
-        uid_t uid;
-        uint8_t *in;
-        size_t in_len, in_cap;
-        struct tlv_buf out;
+        struct chan_conn *cc;
         struct req *reqs;
-        unsigned inflight;
-        struct req *watch; /* the one WATCH waiting, or NULL */
-        bool closing;      /* a malformed message: answer, then close */
-        bool eof;          /* the client shut down its sending side: answer what it asked, then close */
+        struct req *watch; /* the one WATCH waiting (parked: it does not hold the connection), or NULL */
 };
 
 struct event_entry {
@@ -88,13 +71,9 @@ struct event_entry {
 struct uplink {
         sd_event *event;
         struct iothub_conf *conf;
-        int listen_fd;
-        bool listen_owned; /* ours to unlink at exit, not systemd's */
-        char *listen_path;
-        sd_event_source *listen_io;
+        struct chan_server *server;
         uid_t client_uid;
-        struct conn *conns;
-        unsigned n_conns;
+        char peer_rule[96]; /* for the refusal line */
         struct signer *signer;
         struct signer_op *key_op;
         sd_event_source *key_timer;
@@ -112,48 +91,28 @@ struct uplink {
         bool login_active, login_done;
         int login_r;
         char login_message[256];
-        struct ratelimit log_peer, log_malformed;
         struct {
-                uint64_t requests, refused_peer, malformed;
+                uint64_t requests;
         } n;
 };
 
-static bool log_allowed(struct ratelimit *rl) {
-        uint64_t suppressed = 0;
-        bool ok = ratelimit_allow(rl, now_monotonic_usec(), UPLINK_LOG_WINDOW_USEC, UPLINK_LOG_BURST, &suppressed);
-
-        if (suppressed > 0)
-                log_notice("Suppressed %" PRIu64 " similar messages", suppressed);
-        return ok;
-}
-
 /* ---- answers ---- */
 
-static void conn_update_events(struct conn *c);
-
 static int answer_begin(struct conn *c, uint32_t id, unsigned op, int status) {
-        if (status < INT16_MIN)
-                status = -EIO;
-        return uplink_msg_begin(&c->out, id, op, true, status);
+        return chan_answer_begin(c->cc, id, op, status);
 }
 
 static void answer_error(struct conn *c, uint32_t id, unsigned op, int status) {
-        if (answer_begin(c, id, op, status) >= 0)
-                (void) tlv_msg_end(&c->out);
-        conn_update_events(c);
+        chan_answer_error(c->cc, id, op, status);
 }
 
 /* Ends a successful answer; if it cannot be built (out of memory, a value over its limit), the
  * client gets the error instead. */
 static void answer_end(struct conn *c, uint32_t id, unsigned op) {
-        int r = tlv_msg_end(&c->out);
+        int r = chan_answer_end(c->cc, id, op);
 
-        if (r < 0) {
+        if (r < 0)
                 log_warning_errno(r, "The %s answer could not be built: %m", tlv_op_to_string(&uplink_proto, op));
-                answer_error(c, id, op, r == -EINVAL ? -EIO : r);
-                return;
-        }
-        conn_update_events(c);
 }
 
 /* ---- requests ---- */
@@ -175,14 +134,16 @@ static void req_detach(struct req *q) {
                         *p = q->next;
                         break;
                 }
-        if (c->watch == q)
+        if (c->watch == q) {
                 c->watch = NULL;
+                chan_conn_set_parked(c->cc, 0);
+        }
         /* A sign-in goes on without the waiter that went away. */
         if (c->u->login_start == q)
                 c->u->login_start = NULL;
         if (c->u->login_wait == q)
                 c->u->login_wait = NULL;
-        c->inflight--;
+        chan_conn_release(c->cc);
 }
 
 static int req_new(struct conn *c, const struct tlv_msg *m, struct req **ret) {
@@ -195,7 +156,7 @@ static int req_new(struct conn *c, const struct tlv_msg *m, struct req **ret) {
         q->op = m->op;
         q->next = c->reqs;
         c->reqs = q;
-        c->inflight++;
+        chan_conn_hold(c->cc);
         *ret = q;
         return 0;
 }
@@ -218,12 +179,12 @@ static void on_request_done(void *userdata, const struct cloudreq_answer *a) {
         if (a->error < 0)
                 answer_error(c, q->id, q->op, a->error);
         else if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
-                (void) tlv_msg_add(&c->out, UPLINK_TAG_BODY, a->body, a->body_len);
+                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
+                (void) tlv_msg_add(chan_conn_out(c->cc), UPLINK_TAG_BODY, a->body, a->body_len);
                 /* A value over the channel's limit is left out: iothubd backs off on its own. */
                 size_t n = strlen(a->retry_after);
                 if (n > 0 && n <= UPLINK_RETRY_AFTER_MAX)
-                        (void) tlv_msg_add_str(&c->out, UPLINK_TAG_RETRY_AFTER, a->retry_after);
+                        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_RETRY_AFTER, a->retry_after);
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -285,8 +246,8 @@ static void on_register_done(void *userdata, long status, const char *message) {
                 log_warning("Registration failed: %s", message);
                 answer_error(c, q->id, q->op, (int) status);
         } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
-                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
+                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
+                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
                 answer_end(c, q->id, q->op);
         }
         if (status == 200 || status == 201)
@@ -364,13 +325,13 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
                 answer_error(c, q->id, q->op, r);
         } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
                 const char *complete = json_string_value(json_object_get(info, "verification_uri_complete"));
-                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_USER_CODE,
+                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_USER_CODE,
                                        json_string_value(json_object_get(info, "user_code")));
-                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_VERIFICATION_URI,
+                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_VERIFICATION_URI,
                                        json_string_value(json_object_get(info, "verification_uri")));
                 if (complete)
-                        (void) tlv_msg_add_str(&c->out, UPLINK_TAG_VERIFICATION_URI_COMPLETE, complete);
-                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_EXPIRES_IN,
+                        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_VERIFICATION_URI_COMPLETE, complete);
+                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_EXPIRES_IN,
                                        (uint64_t) json_integer_value(json_object_get(info, "expires_in")));
                 answer_end(c, q->id, q->op);
         }
@@ -386,7 +347,7 @@ static void login_wait_answer(struct req *q, int r, const char *message) {
                 log_notice("Sign-in ended: %s", message);
                 answer_error(c, q->id, q->op, r);
         } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
+                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -486,7 +447,8 @@ static int status_json(struct uplink *u, char **ret) {
                                                             "backend", signer_key_backend(u->signer)));
         up = json_pack("{s:b,s:b,s:I,s:I,s:I,s:s*}", "have_key", cloudreq_have_key(u->req), "have_token",
                        cloudreq_have_token(u->req), "requests", (json_int_t) u->n.requests, "refused_peer",
-                       (json_int_t) u->n.refused_peer, "malformed", (json_int_t) u->n.malformed, "last_error",
+                       (json_int_t) chan_server_refused_peer(u->server), "malformed",
+                       (json_int_t) chan_server_malformed(u->server), "last_error",
                        e[0] ? e : NULL);
         if (r >= 0 && (!up || json_object_set_new(o, "uplink", up) < 0))
                 r = -ENOMEM;
@@ -508,7 +470,7 @@ static int op_status(struct conn *c, const struct tlv_msg *m) {
         r = answer_begin(c, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) tlv_msg_add_str(&c->out, UPLINK_TAG_STATUS_JSON, s);
+        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_STATUS_JSON, s);
         answer_end(c, m->id, m->op);
         return 1;
 }
@@ -549,8 +511,8 @@ static void watch_answer(struct req *q) {
         if (r < 0)
                 answer_error(c, q->id, q->op, r);
         else if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_GEN, c->u->gen);
-                (void) tlv_msg_add_str(&c->out, UPLINK_TAG_EVENTS, events);
+                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_GEN, c->u->gen);
+                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_EVENTS, events);
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -573,9 +535,11 @@ static void event_add(struct uplink *u, const char *type, const char *reason) {
         free(e->json);
         e->json = json;
         e->gen = u->gen;
-        for (struct conn *c = u->conns; c; c = c->next)
+        for (struct chan_conn *cc = chan_server_first(u->server); cc; cc = chan_conn_next(cc)) {
+                struct conn *c = chan_conn_data(cc);
                 if (c->watch)
                         watch_answer(c->watch);
+        }
 }
 
 static int op_watch(struct conn *c, const struct tlv_msg *m) {
@@ -596,12 +560,15 @@ static int op_watch(struct conn *c, const struct tlv_msg *m) {
                 return 1;
         }
         c->watch = q;
+        chan_conn_set_parked(c->cc, 1);
         return 1;
 }
 
 /* ---- dispatch ---- */
 
-static int dispatch(struct conn *c, const struct tlv_msg *m) {
+static int dispatch(void *userdata, struct chan_conn *cc, const struct tlv_msg *m) {
+        struct conn *c = chan_conn_data(cc);
+
         switch (m->op) {
         case UPLINK_OP_REQUEST:
                 return op_request(c, m);
@@ -621,270 +588,42 @@ static int dispatch(struct conn *c, const struct tlv_msg *m) {
         return -EOPNOTSUPP;
 }
 
-/* ---- connections ---- */
+/* ---- connections (chanserver.h) ---- */
 
-static void conn_free(struct conn *c);
+static int conn_new(void *userdata, struct chan_conn *cc, const struct ucred *cred, void **ret_data) {
+        struct uplink *u = userdata;
+        struct conn *c;
 
-static void conn_malformed(struct conn *c, uint32_t id, unsigned op, const char *why) {
-        struct uplink *u = c->u;
-
-        u->n.malformed++;
-        if (log_allowed(&u->log_malformed))
-                log_warning("Malformed request from uid %u (%s): answered -EBADMSG, connection closed",
-                            (unsigned) c->uid, why);
-        /* iothub-uplink(8) WIRE FORMAT: the answer echoes the op as sent (an unknown one too,
-         * without the answer bit), or 0 when the header could not be read. */
-        answer_error(c, id, op & ~TLV_ANSWER, -EBADMSG);
-        c->closing = true;
-        conn_update_events(c);
-}
-
-static bool conn_may_read(const struct conn *c) {
-        return !c->closing && c->inflight < UPLINK_INFLIGHT_MAX && c->out.len < UPLINK_OUT_MAX;
-}
-
-/* Decodes and runs the complete messages in the input buffer. */
-static void conn_process(struct conn *c) {
-        size_t at = 0;
-
-        while (conn_may_read(c)) {
-                struct tlv_msg m;
-                size_t need = 0;
-                uint32_t id = 0;
-                int r;
-
-                r = uplink_msg_frame(c->in + at, c->in_len - at, &need);
-                if (r == 0)
-                        break;
-                if (r < 0) {
-                        conn_malformed(c, 0, 0, "length out of range");
-                        break;
-                }
-                if (uplink_msg_decode(c->in + at, need, &m) < 0) {
-                        unsigned op = 0;
-                        (void) tlv_msg_peek_id(c->in + at, need, &id);
-                        if (need >= TLV_HEADER_LEN)
-                                op = (unsigned) (c->in[at + 8] << 8 | c->in[at + 9]) & ~TLV_ANSWER;
-                        conn_malformed(c, id, op, "does not decode");
-                        break;
-                }
-                at += need;
-                if (m.answer) {
-                        conn_malformed(c, m.id, m.op, "an answer sent to the uplink");
-                        break;
-                }
-                r = dispatch(c, &m);
-                if (r < 0)
-                        answer_error(c, m.id, m.op, r);
-        }
-        if (at > 0) {
-                /* The consumed requests may hold bodies the cloud alone should see. */
-                OPENSSL_cleanse(c->in, at);
-                memmove(c->in, c->in + at, c->in_len - at);
-                c->in_len -= at;
-        }
-        if (c->in_len == 0 && c->in_cap > UPLINK_IN_KEEP) {
-                OPENSSL_cleanse(c->in, c->in_cap);
-                free(c->in);
-                c->in = NULL;
-                c->in_cap = 0;
-        }
-        conn_update_events(c);
-}
-
-static int conn_read(struct conn *c) {
-        size_t need = 0, want;
-        ssize_t n;
-
-        /* Room for the message being read, at most one: what a peer can make us hold is bounded
-         * by UPLINK_MSG_MAX. */
-        if (uplink_msg_frame(c->in, c->in_len, &need) < 0)
-                return -EBADMSG;
-        want = need > c->in_len ? need : c->in_len + TLV_PREFIX_LEN;
-        if (want < 4096)
-                want = 4096;
-        if (want > TLV_PREFIX_LEN + UPLINK_MSG_MAX)
-                want = TLV_PREFIX_LEN + UPLINK_MSG_MAX;
-        if (c->in_cap < want) {
-                uint8_t *p = malloc(want);
-                if (!p)
-                        return -ENOMEM;
-                if (c->in) {
-                        memcpy(p, c->in, c->in_len);
-                        OPENSSL_cleanse(c->in, c->in_cap);
-                        free(c->in);
-                }
-                c->in = p;
-                c->in_cap = want;
-        }
-        if (c->in_len == c->in_cap)
-                return 0;
-        n = read(c->fd, c->in + c->in_len, c->in_cap - c->in_len);
-        if (n < 0)
-                return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        if (n == 0) {
-                c->eof = true;
-                return 0;
-        }
-        c->in_len += (size_t) n;
-        return 1;
-}
-
-static int conn_write(struct conn *c) {
-        ssize_t n;
-
-        if (c->out.len == 0)
-                return 0;
-        n = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0)
-                return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        tlv_buf_consume(&c->out, (size_t) n);
+        /* Only [uplink] client_user (iothubd). Root gets no exception. */
+        if (cred->uid != u->client_uid)
+                return -EPERM;
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->u = u;
+        c->cc = cc;
+        *ret_data = c;
         return 0;
 }
 
-/* Nothing left to do: a malformed message answered, or the client done sending (EOF) and every
- * request it sent answered (a WATCH left waiting does not hold the connection open). */
-static bool conn_finished(struct conn *c) {
-        size_t need = 0;
-
-        if (c->out.len > 0)
-                return false;
-        if (c->closing)
-                return true;
-        return c->eof && c->inflight == (c->watch ? 1u : 0u) && uplink_msg_frame(c->in, c->in_len, &need) <= 0;
-}
-
-static void conn_update_events(struct conn *c) {
-        uint32_t ev = 0;
-
-        if (!c->io)
-                return;
-        if (!c->eof && conn_may_read(c))
-                ev |= EPOLLIN;
-        if (c->out.len > 0)
-                ev |= EPOLLOUT;
-        (void) sd_event_source_set_io_events(c->io, ev);
-}
-
-static int on_conn_io(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
-        struct conn *c = userdata;
-        int r;
-
-        if (revents & EPOLLOUT) {
-                r = conn_write(c);
-                if (r < 0)
-                        goto drop;
-                /* Requests held back by the limits go on once there is room. */
-                if (c->in_len > 0 && conn_may_read(c))
-                        conn_process(c);
-        }
-        if (conn_finished(c))
-                goto drop;
-        if (revents & (EPOLLHUP | EPOLLERR))
-                goto drop;
-        if (revents & EPOLLIN) {
-                r = c->closing ? 0 : conn_read(c);
-                if (r == -EBADMSG) {
-                        conn_malformed(c, 0, 0, "length out of range");
-                        return 0;
-                }
-                if (r < 0)
-                        goto drop;
-                conn_process(c);
-                if (c->out.len > 0 && conn_write(c) < 0)
-                        goto drop;
-                if (conn_finished(c))
-                        goto drop;
-        }
-        conn_update_events(c);
-        return 0;
-drop:
-        conn_free(c);
-        return 0;
-}
-
-static void conn_free(struct conn *c) {
-        struct uplink *u;
+static void conn_free(void *userdata, struct chan_conn *cc, void *data) {
+        struct conn *c = data;
 
         if (!c)
                 return;
-        u = c->u;
-        for (struct conn **p = &u->conns; *p; p = &(*p)->next)
-                if (*p == c) {
-                        *p = c->next;
-                        u->n_conns--;
-                        break;
-                }
         /* Cancels what the client still waited for: curl's transfers end, the signer's ops are
-         * dropped, a sign-out goes on without its waiter. */
+         * dropped, a sign-out goes on without its waiter. The sign-in's waiters are forgotten
+         * (req_detach()'s part of it, without the server's accounting, which goes with cc). */
         while (c->reqs) {
                 struct req *q = c->reqs;
                 c->reqs = q->next;
+                if (c->u->login_start == q)
+                        c->u->login_start = NULL;
+                if (c->u->login_wait == q)
+                        c->u->login_wait = NULL;
                 req_free(q);
         }
-        sd_event_source_disable_unref(c->io);
-        if (c->fd >= 0)
-                (void) close(c->fd);
-        if (c->in) {
-                OPENSSL_cleanse(c->in, c->in_cap);
-                free(c->in);
-        }
-        tlv_buf_done(&c->out);
         free(c);
-}
-
-static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userdata) {
-        struct uplink *u = userdata;
-        struct ucred cred = {};
-        socklen_t len = sizeof cred;
-        _cleanup_close_ int cfd = -1;
-        struct conn *c;
-        int r;
-
-        cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (cfd < 0) {
-                if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
-                        log_warning_errno(errno, "accept() failed: %m");
-                return 0;
-        }
-        if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof cred) {
-                log_warning_errno(errno, "SO_PEERCRED failed: %m");
-                return 0;
-        }
-        /* Only [uplink] client_user (iothubd). Root gets no exception. */
-        if (cred.uid != u->client_uid) {
-                u->n.refused_peer++;
-                if (log_allowed(&u->log_peer))
-                        log_warning("Refused a connection from uid %u pid %d: only uid %u ([uplink] client_user) is "
-                                    "served",
-                                    (unsigned) cred.uid, (int) cred.pid, (unsigned) u->client_uid);
-                return 0;
-        }
-        if (u->n_conns >= UPLINK_CONN_MAX) {
-                if (log_allowed(&u->log_peer))
-                        log_warning("Refused a connection from pid %d: %d connections already", (int) cred.pid,
-                                    UPLINK_CONN_MAX);
-                return 0;
-        }
-        c = calloc(1, sizeof *c);
-        if (!c)
-                return 0;
-        c->u = u;
-        c->uid = cred.uid;
-        c->fd = -1;
-        r = sd_event_add_io(u->event, &c->io, cfd, EPOLLIN, on_conn_io, c);
-        if (r < 0) {
-                free(c);
-                log_warning_errno(r, "Failed to watch a connection: %m");
-                return 0;
-        }
-        (void) sd_event_source_set_description(c->io, "uplink-conn");
-        c->fd = TAKE_FD(cfd);
-        c->next = u->conns;
-        u->conns = c;
-        u->n_conns++;
-        log_debug("Connection from pid %d", (int) cred.pid);
-        return 0;
 }
 
 /* ---- the hub key (the signer's) ---- */
@@ -957,32 +696,11 @@ static void on_signin_changed(void *userdata, const char *reason) {
 
 /* ---- start-up ---- */
 
-static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        struct uplink *u = userdata;
-
-        (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
-        log_event(LOG_INFO, 0, IOTHUB_MID_STOPPING, NULL, NULL, "iothub-uplink stopping");
-        return sd_event_exit(u->event, 0);
-}
-
-/* The configuration is read at start only, like the signer's. SIGHUP must not end it. */
-static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
-        log_notice("SIGHUP: iothub-uplink reads its configuration at start only; restart it to apply changes");
-        return 0;
-}
-
 static void uplink_done(struct uplink *u) {
         /* A sign-in in flight must not report to what is freed below (oauth outlives the
          * connections for a moment). */
         oauth_login_detach(u->oauth, u);
-        while (u->conns)
-                conn_free(u->conns);
-        sd_event_source_disable_unref(u->listen_io);
-        if (u->listen_fd >= 0)
-                (void) close(u->listen_fd);
-        if (u->listen_owned && u->listen_path)
-                (void) unlink(u->listen_path);
-        free(u->listen_path);
+        chan_server_free(u->server);
         /* Top down: each before what it calls (cloudreq's waits for a refresh before oauth). */
         cloudreq_free(u->req);
         oauth_free(u->oauth);
@@ -998,9 +716,20 @@ static void uplink_done(struct uplink *u) {
 
 static int uplink_run(const char *config, const char *listen_path, int level) {
         _cleanup_free_ char *err = NULL;
-        struct uplink u = { .listen_fd = -1 };
-        sigset_t mask;
-        int n, r;
+        static const struct chan_server_config server_config = {
+                .name = "iothub-uplink",
+                .conn_description = "uplink-conn",
+                .proto = &uplink_proto,
+                .conn_max = UPLINK_CONN_MAX,
+                .inflight_max = UPLINK_INFLIGHT_MAX,
+                .out_max = UPLINK_OUT_MAX,
+                .conn_new = conn_new,
+                .conn_free = conn_free,
+                .dispatch = dispatch,
+        };
+        struct chan_server_config cfg = server_config;
+        struct uplink u = {};
+        int r;
 
         r = conf_load(config, &u.conf, &err);
         if (r < 0) {
@@ -1016,6 +745,9 @@ static int uplink_run(const char *config, const char *listen_path, int level) {
                 r = EXIT_CONFIG;
                 goto out;
         }
+        (void) snprintf(u.peer_rule, sizeof u.peer_rule, "only uid %u ([uplink] client_user) is served",
+                        (unsigned) u.client_uid);
+        cfg.peer_rule = u.peer_rule;
         if (!u.conf->cloud.url) {
                 log_event(LOG_ERR, -EINVAL, IOTHUB_MID_CONFIG_ERROR, NULL, NULL,
                           "%s: [cloud] url is not set: iothub-uplink has nothing to do", u.conf->path);
@@ -1029,53 +761,11 @@ static int uplink_run(const char *config, const char *listen_path, int level) {
                 r = EXIT_FAILURE;
                 goto out;
         }
-        sigemptyset(&mask);
-        sigaddset(&mask, SIGTERM);
-        sigaddset(&mask, SIGINT);
-        sigaddset(&mask, SIGHUP);
-        (void) sigprocmask(SIG_BLOCK, &mask, NULL);
-        if ((r = sd_event_add_signal(u.event, NULL, SIGTERM, on_signal, &u)) < 0 ||
-            (r = sd_event_add_signal(u.event, NULL, SIGINT, on_signal, &u)) < 0 ||
-            (r = sd_event_add_signal(u.event, NULL, SIGHUP, on_sighup, &u)) < 0 ||
-            (r = sd_event_set_watchdog(u.event, true)) < 0) {
-                log_error_errno(r, "Failed to set up signals and the watchdog: %m");
-                r = EXIT_FAILURE;
-                goto out;
-        }
-
         /* Socket activation (iothub-uplink.socket keeps the socket across restarts), else
          * --listen, else [uplink] socket. */
-        n = listen_path ? 0 : sd_listen_fds(true);
-        if (n > 1) {
-                log_error("Got %d sockets from systemd, expected one", n);
-                r = EXIT_FAILURE;
-                goto out;
-        }
-        if (n == 1) {
-                if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0) {
-                        log_error("The socket from systemd is not a listening unix stream socket");
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                u.listen_fd = SD_LISTEN_FDS_START;
-                (void) fcntl(u.listen_fd, F_SETFL, fcntl(u.listen_fd, F_GETFL) | O_NONBLOCK);
-        } else {
-                u.listen_path = strdup(listen_path ?: u.conf->uplink.socket);
-                if (!u.listen_path) {
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                r = unix_listen(u.listen_path, UPLINK_LISTEN_BACKLOG, &u.listen_fd);
-                if (r < 0) {
-                        log_error_errno(r, "Failed to listen on %s: %m", u.listen_path);
-                        r = EXIT_FAILURE;
-                        goto out;
-                }
-                u.listen_owned = true;
-        }
-        r = sd_event_add_io(u.event, &u.listen_io, u.listen_fd, EPOLLIN, on_accept, &u);
+        r = chan_server_new(u.event, &cfg, &u, listen_path, u.conf->uplink.socket, &u.server, &err);
         if (r < 0) {
-                log_error_errno(r, "Failed to watch the socket: %m");
+                log_error_errno(r, "%s", err ? err : strerror(-r));
                 r = EXIT_FAILURE;
                 goto out;
         }
@@ -1103,10 +793,9 @@ static int uplink_run(const char *config, const char *listen_path, int level) {
         if (r < 0)
                 log_warning_errno(r, "Failed to ask iothub-signer for the hub key: %m");
 
-        (void) sd_notify(false, "READY=1\nSTATUS=Serving");
         log_event(LOG_INFO, 0, IOTHUB_MID_STARTED, NULL, NULL, "iothub-uplink %s started on %s, serving uid %u",
-                  IOTHUB_VERSION, u.listen_path ?: "the socket from systemd", (unsigned) u.client_uid);
-        r = sd_event_loop(u.event);
+                  IOTHUB_VERSION, chan_server_path(u.server) ?: "the socket from systemd", (unsigned) u.client_uid);
+        r = chan_server_run(u.server);
         r = r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 out:
         uplink_done(&u);

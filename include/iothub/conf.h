@@ -75,7 +75,10 @@ struct iothub_conf {
         /* iothub-signer(8): the program that alone opens the TPM and the sealed tokens. */
         struct {
                 char *socket;        /* where iothubd connects, where the signer listens without systemd */
-                char *client_user;   /* the only peer (SO_PEERCRED) the signer serves: a user name or uid */
+                /* The two peers (SO_PEERCRED) the signer serves, each a user name or uid with its op
+                 * set (signer-policy.h): iothub-uplink's and iothubd's. */
+                char *client_user;   /* KEY_INFO, SIGN_HTTP, SIGN_DPOP, TOKENS_*, ATTEST_*, STATUS */
+                char *command_user;  /* KEY_INFO, SIGN_COMMAND, STATUS */
                 char *state_dir;     /* the signer's sealed token files */
                 bool state_dir_set;  /* by the file; if not, the signer takes $STATE_DIRECTORY first */
                 unsigned rate_per_s; /* token bucket over all signing ops */

@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "iothub/conf.h"
 #include "iothub/hubkey.h"
@@ -97,3 +98,19 @@ struct signer_bucket {
         uint64_t last_usec;
 };
 bool signer_bucket_take(struct signer_bucket *b, double rate, double burst, uint64_t now_usec);
+
+/* Who may ask what (issue 14 stage 2; iothub-signer(8) "PEERS"). The signer serves two users,
+ * each with its op set: [signer] client_user (iothub-uplink: the cloud's requests and sign-in)
+ * and [signer] command_user (iothubd: the bulbs' commands). A peer that is both (one user named
+ * twice, as in a test bed) has the union. */
+enum signer_role {
+        SIGNER_ROLE_CLIENT = 1u << 0,  /* KEY_INFO, SIGN_HTTP, SIGN_DPOP, TOKENS_*, ATTEST_*, STATUS */
+        SIGNER_ROLE_COMMAND = 1u << 1, /* KEY_INFO, SIGN_COMMAND, STATUS */
+};
+/* The roles of a peer of uid (0: none, refused at accept). */
+unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid);
+/* Whether a peer of roles (a mask of enum signer_role) may ask op; false for an unknown op. */
+bool signer_policy_op_allowed(unsigned roles, unsigned op);
+/* "client_user" or "command_user" (or both, "client_user and command_user"): the roles a
+ * refusal names; "no role" for 0. */
+const char *signer_roles_to_string(unsigned roles);

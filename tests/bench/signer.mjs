@@ -11,7 +11,7 @@ const dir = await tempDir('sbench-');
 const tpm = await Swtpm.start(path.join(dir, 'tpm'));
 const conf = path.join(dir, 'c.conf');
 await fs.writeFile(conf, confText({ hub: { id: 'h', state_dir: path.join(dir, 'hs') }, key: { backend: 'tpm', tcti: tpm.tcti },
-  cloud: { url: 'https://c.example' }, signer: { client_user: 'root', state_dir: path.join(dir, 'ss'), rate_per_s: 10000, burst: 100000 } }));
+  cloud: { url: 'https://c.example' }, signer: { client_user: 'root', command_user: 'root', state_dir: path.join(dir, 'ss'), rate_per_s: 10000, burst: 100000 } }));
 execFileSync(`${B}/iothubctl`, ['--config', conf, 'key', 'init']);
 const sock = path.join(dir, 's.sock');
 const p = spawn(`${B}/iothub-signer`, ['--config', conf, '--listen', sock], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -61,7 +61,7 @@ async function writeConf(name, extra = {}, t = tpm) {
     cloud: { url: CLOUD, command_key_file: path.join(dir, 'vendor.pem') },
     oauth: { issuer: ISSUER, client_id: 'hub' },
     frames: { max_clock_skew_s: 120 },
-    signer: { client_user: 'root', state_dir: path.join(dir, 'signer-state') },
+    signer: { client_user: 'root', command_user: 'root', state_dir: path.join(dir, 'signer-state') },
   };
   for (const [s, keys] of Object.entries(extra)) c[s] = { ...(c[s] ?? {}), ...keys };
   const p = path.join(dir, name);

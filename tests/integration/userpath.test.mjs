@@ -56,7 +56,7 @@ class JournalHub {
     await fs.mkdir(path.join(j.dir, 'signer'), { mode: 0o700 });
     const c = { hub: { id: 'journal-hub', state_dir: j.stateDir, runtime_dir: j.runtimeDir },
       mqtt: { host: '127.0.0.1', port: broker.port, client_id: `journal-${process.pid}-${Date.now()}` },
-      signer: { socket: signerSock, client_user: os.userInfo().username, state_dir: path.join(j.dir, 'signer') }, ...conf };
+      signer: { socket: signerSock, client_user: os.userInfo().username, command_user: os.userInfo().username, state_dir: path.join(j.dir, 'signer') }, ...conf };
     await fs.writeFile(j.configPath, confText(c));
     const senv = { ...process.env };
     delete senv.NOTIFY_SOCKET;

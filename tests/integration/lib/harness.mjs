@@ -165,7 +165,7 @@ export class Hub {
       hub: { id: 'test-hub', state_dir: this.stateDir, runtime_dir: this.runtimeDir },
       mqtt: { host: '127.0.0.1', port: this.broker ? this.broker.port : 1, client_id: this.clientId, keepalive_s: 5 },
       frames: { rate_per_device: 1000 },
-      signer: { socket: this.signerSock, client_user: os.userInfo().username, state_dir: this.signerStateDir },
+      signer: { socket: this.signerSock, client_user: os.userInfo().username, command_user: os.userInfo().username, state_dir: this.signerStateDir },
     };
     for (const [sec, keys] of Object.entries(this.overrides)) base[sec] = { ...(base[sec] ?? {}), ...keys };
     return base;
