@@ -3,8 +3,11 @@
  * iothub-uplink. */
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -14,6 +17,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "iothub/chanserver.h"
+#include "iothub/conf.h"
 #include "iothub/log.h"
 #include "iothub/util.h"
 
@@ -48,7 +52,7 @@ struct chan_server {
         uint64_t refused_peer, malformed;
 };
 
-static bool log_allowed(struct ratelimit *rl) {
+bool chan_log_allowed(struct ratelimit *rl) {
         uint64_t suppressed = 0;
         bool ok = ratelimit_allow(rl, now_monotonic_usec(), CHAN_LOG_WINDOW_USEC, CHAN_LOG_BURST, &suppressed);
 
@@ -146,7 +150,7 @@ static void conn_malformed(struct chan_conn *c, uint32_t id, unsigned op, const 
         struct chan_server *s = c->s;
 
         s->malformed++;
-        if (log_allowed(&s->log_malformed))
+        if (chan_log_allowed(&s->log_malformed))
                 log_event(LOG_WARNING, 0, s->cfg->mid_malformed, NULL, why,
                           "Malformed request from uid %u (%s): answered -EBADMSG, connection closed",
                           (unsigned) c->uid, why);
@@ -398,7 +402,7 @@ static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userd
         r = s->cfg->conn_new(s->userdata, c, &cred, &c->data);
         if (r == -EPERM) {
                 s->refused_peer++;
-                if (log_allowed(&s->log_peer))
+                if (chan_log_allowed(&s->log_peer))
                         log_event(LOG_WARNING, 0, s->cfg->mid_peer_refused, NULL, NULL,
                                   "Refused a connection from uid %u pid %d: %s", (unsigned) cred.uid, (int) cred.pid,
                                   s->cfg->peer_rule);
@@ -411,7 +415,7 @@ static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userd
                 return 0;
         }
         if (s->n_conns >= s->cfg->conn_max) {
-                if (log_allowed(&s->log_peer))
+                if (chan_log_allowed(&s->log_peer))
                         log_warning("Refused a connection from pid %d: %u connections already", (int) cred.pid,
                                     s->cfg->conn_max);
                 if (s->cfg->conn_free)
@@ -573,4 +577,69 @@ uint64_t chan_server_malformed(const struct chan_server *s) {
 
 struct chan_conn *chan_server_first(struct chan_server *s) {
         return s->conns;
+}
+
+static void usage(FILE *f, const char *name, const char *socket_key) {
+        fprintf(f,
+                "Usage: %s [--config FILE] [--listen PATH] [--log-level LEVEL] [--version]\n"
+                "  --config FILE      configuration file (default " IOTHUB_DEFAULT_CONFIG ")\n"
+                "  --listen PATH      listen on this unix socket (default: the socket from\n"
+                "                     systemd, else %s)\n"
+                "  --log-level LEVEL  debug, info, notice, warning, err\n"
+                "  --version          print the version and exit\n",
+                name, socket_key);
+}
+
+int chan_server_main(int argc, char *argv[], const char *name, const char *socket_key,
+                     int (*run)(const char *config, const char *listen_path, int level)) {
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "listen", required_argument, NULL, 'L' },
+                { "log-level", required_argument, NULL, 'l' },
+                { "version", no_argument, NULL, 'V' },
+                { "help", no_argument, NULL, 'h' },
+                {},
+        };
+        const char *config = IOTHUB_DEFAULT_CONFIG, *listen_path = NULL;
+        int level = -1, c;
+
+        (void) mallopt(M_ARENA_MAX, 1);
+        /* A fixed threshold: a request's buffer of up to 1 MiB (a body) is mmap()ed and goes back
+         * to the system when freed. glibc's default threshold rises after the first such free,
+         * and the next megabyte stays in the heap for good. */
+        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+        log_open(name);
+        while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
+                switch (c) {
+                case 'c':
+                        config = optarg;
+                        break;
+                case 'L':
+                        if (optarg[0] != '/') {
+                                fprintf(stderr, "%s: --listen needs an absolute path\n", name);
+                                return CHAN_EXIT_USAGE;
+                        }
+                        listen_path = optarg;
+                        break;
+                case 'l':
+                        if (log_level_from_string(optarg, &level) < 0) {
+                                fprintf(stderr, "%s: unknown log level '%s'\n", name, optarg);
+                                return CHAN_EXIT_USAGE;
+                        }
+                        break;
+                case 'V':
+                        printf("%s %s\n", name, IOTHUB_VERSION);
+                        return 0;
+                case 'h':
+                        usage(stdout, name, socket_key);
+                        return 0;
+                default:
+                        usage(stderr, name, socket_key);
+                        return CHAN_EXIT_USAGE;
+                }
+        if (optind < argc) {
+                fprintf(stderr, "%s: unexpected argument '%s'\n", name, argv[optind]);
+                return CHAN_EXIT_USAGE;
+        }
+        return run(config, listen_path, level);
 }

@@ -446,7 +446,7 @@ bool signer_policy_op_allowed(unsigned roles, unsigned op) {
         return op < _SIGNER_OP_MAX && (op_roles[op] & roles) != 0;
 }
 
-const char *signer_roles_to_string(unsigned roles) {
+const char *signer_policy_roles_to_string(unsigned roles) {
         switch (roles & (SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND)) {
         case SIGNER_ROLE_CLIENT:
                 return "client_user";

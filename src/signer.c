@@ -12,9 +12,7 @@
  * stops. Signatures go through hubkey's queue (hubkey_sign_async(): one TPM operation at a time,
  * by priority), so a slow TPM never blocks the loop where hubkey avoids it; token and
  * attestation ops are synchronous TPM calls (a few a day). */
-#include <getopt.h>
 #include <inttypes.h>
-#include <malloc.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -37,7 +35,6 @@
 #include "iothub/signer-proto.h"
 #include "iothub/tokenstore.h"
 
-#define EXIT_USAGE 64
 #define EXIT_CONFIG 78
 
 #define SIGNER_CONN_MAX 8
@@ -95,15 +92,6 @@ static void set_last_error(struct signer *s, const char *fmt, ...) {
         va_start(ap, fmt);
         (void) vsnprintf(s->last_error, sizeof s->last_error, fmt, ap);
         va_end(ap);
-}
-
-static bool log_allowed(struct ratelimit *rl) {
-        uint64_t suppressed = 0;
-        bool ok = ratelimit_allow(rl, now_monotonic_usec(), SIGNER_LOG_WINDOW_USEC, SIGNER_LOG_BURST, &suppressed);
-
-        if (suppressed > 0)
-                log_notice("Suppressed %" PRIu64 " similar messages", suppressed);
-        return ok;
 }
 
 /* ---- the key ---- */
@@ -268,7 +256,7 @@ static void req_attach(struct req *q) {
 static int policy_refused(struct conn *c, const struct signer_msg *m, const char *why) {
         c->s->n.refused_policy++;
         set_last_error(c->s, "%s refused: %s", signer_op_to_string(m->op), why);
-        if (log_allowed(&c->s->log_policy))
+        if (chan_log_allowed(&c->s->log_policy))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_POLICY_REFUSED, NULL, why, "Refused %s: %s",
                           signer_op_to_string(m->op), why);
         return -EPERM;
@@ -281,7 +269,7 @@ static int rate_take(struct conn *c, const struct signer_msg *m) {
         if (signer_bucket_take(&s->bucket, s->conf->signer.rate_per_s, s->conf->signer.burst, now_monotonic_usec()))
                 return 0;
         s->n.refused_rate++;
-        if (log_allowed(&s->log_rate))
+        if (chan_log_allowed(&s->log_rate))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_RATE_LIMITED, NULL, NULL,
                           "Over [signer] rate_per_s = %u, burst = %u: %s answered busy (%" PRIu64 " so far)",
                           s->conf->signer.rate_per_s, s->conf->signer.burst, signer_op_to_string(m->op),
@@ -606,11 +594,11 @@ static int role_refused(struct conn *c, const struct signer_msg *m) {
 
         s->n.refused_policy++;
         set_last_error(s, "%s refused: not served to uid %u ([signer] %s)", signer_op_to_string(m->op),
-                       (unsigned) chan_conn_uid(c->cc), signer_roles_to_string(c->roles));
-        if (log_allowed(&s->log_role))
+                       (unsigned) chan_conn_uid(c->cc), signer_policy_roles_to_string(c->roles));
+        if (chan_log_allowed(&s->log_role))
                 log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_POLICY_REFUSED, NULL, "op not served to this peer",
                           "Refused %s from uid %u: not an op of [signer] %s", signer_op_to_string(m->op),
-                          (unsigned) chan_conn_uid(c->cc), signer_roles_to_string(c->roles));
+                          (unsigned) chan_conn_uid(c->cc), signer_policy_roles_to_string(c->roles));
         return -EPERM;
 }
 
@@ -831,64 +819,6 @@ out:
         return r;
 }
 
-static void usage(FILE *f) {
-        fprintf(f, "Usage: iothub-signer [--config FILE] [--listen PATH] [--log-level LEVEL] [--version]\n"
-                   "  --config FILE      configuration file (default " IOTHUB_DEFAULT_CONFIG ")\n"
-                   "  --listen PATH      listen on this unix socket (default: the socket from\n"
-                   "                     systemd, else [signer] socket)\n"
-                   "  --log-level LEVEL  debug, info, notice, warning, err\n"
-                   "  --version          print the version and exit\n");
-}
-
 int main(int argc, char *argv[]) {
-        static const struct option options[] = {
-                { "config", required_argument, NULL, 'c' },
-                { "listen", required_argument, NULL, 'L' },
-                { "log-level", required_argument, NULL, 'l' },
-                { "version", no_argument, NULL, 'V' },
-                { "help", no_argument, NULL, 'h' },
-                {},
-        };
-        const char *config = IOTHUB_DEFAULT_CONFIG, *listen_path = NULL;
-        int level = -1, c;
-
-        (void) mallopt(M_ARENA_MAX, 1);
-        /* A fixed threshold: a request's buffer of up to 1 MiB is mmap()ed and goes back to the
-         * system when freed. glibc's default threshold rises after the first such free, and the
-         * next megabyte stays in the heap for good. */
-        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
-        log_open("iothub-signer");
-        while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
-                switch (c) {
-                case 'c':
-                        config = optarg;
-                        break;
-                case 'L':
-                        if (optarg[0] != '/') {
-                                fprintf(stderr, "iothub-signer: --listen needs an absolute path\n");
-                                return EXIT_USAGE;
-                        }
-                        listen_path = optarg;
-                        break;
-                case 'l':
-                        if (log_level_from_string(optarg, &level) < 0) {
-                                fprintf(stderr, "iothub-signer: unknown log level '%s'\n", optarg);
-                                return EXIT_USAGE;
-                        }
-                        break;
-                case 'V':
-                        printf("iothub-signer %s\n", IOTHUB_VERSION);
-                        return 0;
-                case 'h':
-                        usage(stdout);
-                        return 0;
-                default:
-                        usage(stderr);
-                        return EXIT_USAGE;
-                }
-        if (optind < argc) {
-                fprintf(stderr, "iothub-signer: unexpected argument '%s'\n", argv[optind]);
-                return EXIT_USAGE;
-        }
-        return signer_run(config, listen_path, level);
+        return chan_server_main(argc, argv, "iothub-signer", "[signer] socket", signer_run);
 }

@@ -13,9 +13,7 @@
  * reading stopped while more than UPLINK_OUT_MAX of answers wait or UPLINK_INFLIGHT_MAX requests
  * are in flight. A connection that closes cancels its requests (cloudreq_cancel(): curl's
  * transfer ends). */
-#include <getopt.h>
 #include <inttypes.h>
-#include <malloc.h>
 #include <stdio.h>
 
 #include <jansson.h>
@@ -30,7 +28,6 @@
 #include "iothub/signer.h"
 #include "iothub/uplink-proto.h"
 
-#define EXIT_USAGE 64
 #define EXIT_CONFIG 78
 
 #define UPLINK_CONN_MAX 4
@@ -802,62 +799,6 @@ out:
         return r;
 }
 
-static void usage(FILE *f) {
-        fprintf(f, "Usage: iothub-uplink [--config FILE] [--listen PATH] [--log-level LEVEL] [--version]\n"
-                   "  --config FILE      configuration file (default " IOTHUB_DEFAULT_CONFIG ")\n"
-                   "  --listen PATH      listen on this unix socket (default: the socket from\n"
-                   "                     systemd, else [uplink] socket)\n"
-                   "  --log-level LEVEL  debug, info, notice, warning, err\n"
-                   "  --version          print the version and exit\n");
-}
-
 int main(int argc, char *argv[]) {
-        static const struct option options[] = {
-                { "config", required_argument, NULL, 'c' },
-                { "listen", required_argument, NULL, 'L' },
-                { "log-level", required_argument, NULL, 'l' },
-                { "version", no_argument, NULL, 'V' },
-                { "help", no_argument, NULL, 'h' },
-                {},
-        };
-        const char *config = IOTHUB_DEFAULT_CONFIG, *listen_path = NULL;
-        int level = -1, c;
-
-        (void) mallopt(M_ARENA_MAX, 1);
-        /* As the signer: a buffer of up to 1 MiB (a body) is mmap()ed and returned when freed. */
-        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
-        log_open("iothub-uplink");
-        while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
-                switch (c) {
-                case 'c':
-                        config = optarg;
-                        break;
-                case 'L':
-                        if (optarg[0] != '/') {
-                                fprintf(stderr, "iothub-uplink: --listen needs an absolute path\n");
-                                return EXIT_USAGE;
-                        }
-                        listen_path = optarg;
-                        break;
-                case 'l':
-                        if (log_level_from_string(optarg, &level) < 0) {
-                                fprintf(stderr, "iothub-uplink: unknown log level '%s'\n", optarg);
-                                return EXIT_USAGE;
-                        }
-                        break;
-                case 'V':
-                        printf("iothub-uplink %s\n", IOTHUB_VERSION);
-                        return 0;
-                case 'h':
-                        usage(stdout);
-                        return 0;
-                default:
-                        usage(stderr);
-                        return EXIT_USAGE;
-                }
-        if (optind < argc) {
-                fprintf(stderr, "iothub-uplink: unexpected argument '%s'\n", argv[optind]);
-                return EXIT_USAGE;
-        }
-        return uplink_run(config, listen_path, level);
+        return chan_server_main(argc, argv, "iothub-uplink", "[uplink] socket", uplink_run);
 }

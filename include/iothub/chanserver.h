@@ -28,6 +28,7 @@
 #define CHAN_LISTEN_BACKLOG 16
 #define CHAN_LOG_WINDOW_USEC (10 * 1000 * 1000)
 #define CHAN_LOG_BURST 5
+#define CHAN_EXIT_USAGE 64
 
 struct chan_server;
 struct chan_conn;
@@ -93,3 +94,15 @@ int chan_answer_begin(struct chan_conn *c, uint32_t id, unsigned op, int status)
 struct tlv_buf *chan_conn_out(struct chan_conn *c);
 int chan_answer_end(struct chan_conn *c, uint32_t id, unsigned op);
 void chan_answer_error(struct chan_conn *c, uint32_t id, unsigned op, int status);
+
+/* The programs' main(): malloc tuned for 1 MiB buffers, the log opened as name, the options
+ * --config FILE, --listen PATH (absolute), --log-level LEVEL, --version, --help parsed, then
+ * run() (config defaults to IOTHUB_DEFAULT_CONFIG, listen_path to NULL, level to -1: as
+ * configured). Returns run()'s exit status, or CHAN_EXIT_USAGE for bad options. socket_key
+ * names the fallback socket in the help ("[signer] socket"). */
+int chan_server_main(int argc, char *argv[], const char *name, const char *socket_key,
+                     int (*run)(const char *config, const char *listen_path, int level));
+/* Rate-limited logging, for the lines a peer can cause (CHAN_LOG_BURST each CHAN_LOG_WINDOW_USEC,
+ * then one "Suppressed N" line): true when this one may be logged. */
+struct ratelimit;
+bool chan_log_allowed(struct ratelimit *rl);

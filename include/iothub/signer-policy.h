@@ -113,4 +113,4 @@ unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid);
 bool signer_policy_op_allowed(unsigned roles, unsigned op);
 /* "client_user" or "command_user" (or both, "client_user and command_user"): the roles a
  * refusal names; "no role" for 0. */
-const char *signer_roles_to_string(unsigned roles);
+const char *signer_policy_roles_to_string(unsigned roles);

@@ -26,12 +26,14 @@ const ALLOWED = {
   pair: ['enrol', 'dynsec', 'registry', 'verify', 'frame', 'conf'],
   commands: ['events', 'cloud', 'cloudreq', 'mqtt', 'signer', 'command', 'jws', 'hubkey', 'registry', 'verify', 'db', 'frame', 'conf'],
   // iothub-signer(8): its main and loop, its policy, the wire codec (issue 14).
-  signer: ['signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
+  signer: ['chanserver', 'signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
   'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
   // iothub-uplink(8) (issue 14 stage 2): its main and loop; HTTPS, sign-in and the requests by
   // kind; the hub key and the sealed tokens through the signer's client.
-  uplink: ['cloudreq', 'oauth', 'http', 'signer', 'uplink-proto', 'tlv', 'conf'],
+  uplink: ['chanserver', 'cloudreq', 'oauth', 'http', 'signer', 'uplink-proto', 'tlv', 'conf'],
+  // The channels' server loop, shared by iothub-signer and iothub-uplink (each hands it its table).
+  chanserver: ['tlv', 'conf'],
   'signer-proto': ['tlv'],
   // The channels' codec (signer-proto's and uplink-proto's tables drive it).
   tlv: [],
@@ -76,7 +78,7 @@ const OWNER = { oauth_tokens_done: 'tokenstore', attest_mode_to_string: 'conf', 
 const PREFIX_OWNER = [['signer_msg_', 'signer-proto'], ['signer_buf_', 'signer-proto'], ['signer_tag_', 'signer-proto'],
   ['signer_op_to_string', 'signer-proto'], ['signer_policy_', 'signer-policy'], ['signer_origin_', 'signer-policy'],
   ['signer_bucket_', 'signer-policy'], ['signer_method_', 'signer-policy'],
-  ['uplink_msg_', 'uplink-proto'], ['uplink_kind_', 'uplink-proto'], ['uplink_request_target', 'uplink-proto']];
+  ['chan_', 'chanserver'], ['uplink_msg_', 'uplink-proto'], ['uplink_kind_', 'uplink-proto'], ['uplink_request_target', 'uplink-proto']];
 
 // src/cloud.c, src/commands-internal.h, include/iothub/cloud.h -> the module's name.
 function moduleOf(file) {
