@@ -162,13 +162,6 @@ static void req_detach(struct req *q) {
 }
 
 /* An error answer, or the start of a successful one (the caller adds its fields and ends it). */
-static int answer_begin(struct conn *c, uint32_t id, unsigned op, int status) {
-        return chan_answer_begin(c->cc, id, op, status);
-}
-
-static void answer_error(struct conn *c, uint32_t id, unsigned op, int status) {
-        chan_answer_error(c->cc, id, op, status);
-}
 
 /* Ends a successful answer; if it cannot be built (out of memory, a value over its limit), the
  * client gets the error instead. */
@@ -198,10 +191,10 @@ static void on_http_signed(void *userdata, int r, const uint8_t *sig) {
                 r = httpsig_complete(&q->hp, sig, &h);
         if (r < 0) {
                 tpm_failed(c->s, r, "SIGN_HTTP");
-                answer_error(c, q->id, q->op, r);
+                chan_answer_error(c->cc, q->id, q->op, r);
         } else {
                 c->s->n.signatures++;
-                if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                         if (h.content_digest)
                                 (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_CONTENT_DIGEST, h.content_digest);
                         (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURE_INPUT, h.signature_input);
@@ -221,11 +214,11 @@ static void on_jws_signed(void *userdata, int r, const uint8_t *sig) {
         req_detach(q);
         if (r < 0) {
                 tpm_failed(c->s, r, signer_op_to_string(q->op));
-                answer_error(c, q->id, q->op, r);
+                chan_answer_error(c->cc, q->id, q->op, r);
         } else {
                 jws_compact_finish(q->input, q->input_len, sig);
                 c->s->n.signatures++;
-                if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                         (void) signer_msg_add_str(chan_conn_out(c->cc),
                                                   q->op == SIGNER_OP_SIGN_DPOP ? SIGNER_TAG_PROOF : SIGNER_TAG_JWS,
                                                   q->input);
@@ -428,7 +421,7 @@ static int op_key_info(struct conn *c, const struct signer_msg *m) {
         json_decref(jwk);
         if (!jwk_s)
                 return -ENOMEM;
-        r = answer_begin(c, m->id, m->op, 0);
+        r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
         (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_KEY_ID, hubkey_id(k));
@@ -454,7 +447,7 @@ static int op_tokens(struct conn *c, const struct signer_msg *m) {
                 if (r < 0)
                         return r;
                 log_info("Tokens erased");
-                answer_error(c, m->id, m->op, 0);
+                chan_answer_error(c->cc, m->id, m->op, 0);
                 return 1;
         }
         r = signer_key(s, &k);
@@ -478,7 +471,7 @@ static int op_tokens(struct conn *c, const struct signer_msg *m) {
                         log_warning_errno(r, "Failed to store the tokens: %s", err ?: strerror(-r));
                         goto out;
                 }
-                answer_error(c, m->id, m->op, 0);
+                chan_answer_error(c->cc, m->id, m->op, 0);
                 r = 1;
                 goto out;
         }
@@ -490,7 +483,7 @@ static int op_tokens(struct conn *c, const struct signer_msg *m) {
                 }
                 goto out;
         }
-        r = answer_begin(c, m->id, m->op, 0);
+        r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 goto out;
         (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_ACCESS_TOKEN, t.access_token);
@@ -558,7 +551,7 @@ static int op_attest(struct conn *c, const struct signer_msg *m) {
         json_decref(o);
         if (r < 0)
                 return r;
-        r = answer_begin(c, m->id, m->op, 0);
+        r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
         (void) signer_msg_add_str(chan_conn_out(c->cc), m->op == SIGNER_OP_ATTEST_BEGIN ? SIGNER_TAG_EVIDENCE : SIGNER_TAG_ANSWER,
@@ -571,7 +564,7 @@ static int op_status(struct conn *c, const struct signer_msg *m) {
         struct signer *s = c->s;
         int r;
 
-        r = answer_begin(c, m->id, m->op, 0);
+        r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
         (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURES, s->n.signatures);

@@ -95,13 +95,6 @@ struct uplink {
 
 /* ---- answers ---- */
 
-static int answer_begin(struct conn *c, uint32_t id, unsigned op, int status) {
-        return chan_answer_begin(c->cc, id, op, status);
-}
-
-static void answer_error(struct conn *c, uint32_t id, unsigned op, int status) {
-        chan_answer_error(c->cc, id, op, status);
-}
 
 /* Ends a successful answer; if it cannot be built (out of memory, a value over its limit), the
  * client gets the error instead. */
@@ -174,8 +167,8 @@ static void on_request_done(void *userdata, const struct cloudreq_answer *a) {
 
         q->call = NULL;
         if (a->error < 0)
-                answer_error(c, q->id, q->op, a->error);
-        else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                chan_answer_error(c->cc, q->id, q->op, a->error);
+        else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
                 (void) tlv_msg_add(chan_conn_out(c->cc), UPLINK_TAG_BODY, a->body, a->body_len);
                 /* A value over the channel's limit is left out: iothubd backs off on its own. */
@@ -241,8 +234,8 @@ static void on_register_done(void *userdata, long status, const char *message) {
         if (status < 0) {
                 /* An error answer carries no field (the channel's rule): the message is logged. */
                 log_warning("Registration failed: %s", message);
-                answer_error(c, q->id, q->op, (int) status);
-        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                chan_answer_error(c->cc, q->id, q->op, (int) status);
+        } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
                 (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
                 answer_end(c, q->id, q->op);
@@ -276,8 +269,8 @@ static void on_logout_done(void *userdata, int r, const char *message) {
         q->logout = NULL;
         if (r < 0) {
                 log_warning("Sign-out: %s", message ? message : strerror(-r));
-                answer_error(c, q->id, q->op, r);
-        } else if (answer_begin(c, q->id, q->op, 0) >= 0)
+                chan_answer_error(c->cc, q->id, q->op, r);
+        } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0)
                 answer_end(c, q->id, q->op);
         req_done(q);
 }
@@ -319,8 +312,8 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
         if (r < 0) {
                 /* An error answer carries no field: the reason is logged. */
                 log_warning("Sign-in could not start: %s", message ? message : strerror(-r));
-                answer_error(c, q->id, q->op, r);
-        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                chan_answer_error(c->cc, q->id, q->op, r);
+        } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 const char *complete = json_string_value(json_object_get(info, "verification_uri_complete"));
                 (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_USER_CODE,
                                        json_string_value(json_object_get(info, "user_code")));
@@ -342,8 +335,8 @@ static void login_wait_answer(struct req *q, int r, const char *message) {
 
         if (r < 0) {
                 log_notice("Sign-in ended: %s", message);
-                answer_error(c, q->id, q->op, r);
-        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                chan_answer_error(c->cc, q->id, q->op, r);
+        } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
                 answer_end(c, q->id, q->op);
         }
@@ -381,7 +374,7 @@ static int op_login_start(struct conn *c, const struct tlv_msg *m) {
         if (u->login_start) {
                 struct req *w = u->login_start;
                 u->login_start = NULL;
-                answer_error(w->conn, w->id, w->op, -ECANCELED);
+                chan_answer_error(w->conn->cc, w->id, w->op, -ECANCELED);
                 req_done(w);
         }
         r = req_new(c, m, &q);
@@ -464,7 +457,7 @@ static int op_status(struct conn *c, const struct tlv_msg *m) {
         r = status_json(c->u, &s);
         if (r < 0)
                 return r;
-        r = answer_begin(c, m->id, m->op, 0);
+        r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
         (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_STATUS_JSON, s);
@@ -506,8 +499,8 @@ static void watch_answer(struct req *q) {
 
         r = watch_events_since(c->u, q->since, &events);
         if (r < 0)
-                answer_error(c, q->id, q->op, r);
-        else if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                chan_answer_error(c->cc, q->id, q->op, r);
+        else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_GEN, c->u->gen);
                 (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_EVENTS, events);
                 answer_end(c, q->id, q->op);

@@ -493,6 +493,102 @@ s.on('close', () => { console.log('closed ' + got); });
   c.close();
 });
 
+test('two peers, two op sets: [signer] command_user (iothubd) and client_user (the uplink); a third uid refused', async () => {
+  // Issue 14 stage 2: iothubd's uid may ask SIGN_COMMAND, KEY_INFO and STATUS only; the uplink's
+  // every op but SIGN_COMMAND. Here root is client_user and nobody command_user; the nobody
+  // client is a Node process run with setpriv (the suite runs as root, as the test above).
+  // Its own state_dir: TOKENS_ERASE below must not touch the tokens the other tests keep.
+  const conf = await writeConf('roles.conf', { signer: { command_user: 'nobody', state_dir: path.join(dir, 'roles-state') } });
+  const rsock = path.join(dir, 'roles.sock');
+  const rs = await new Signer(conf, rsock).start();
+  await fs.chmod(dir, 0o755);
+  await fs.chmod(rsock, 0o666);
+  try {
+    assert.match(rs.log, /serving uid 0 and uid 65534 \(command_user\)/);
+    assert.doesNotMatch(rs.log, /no separation/);
+    // Every op as each uid: [op, fields]. The command is valid (a vendor JWS over it), so the
+    // only reason to refuse it is the peer's op set.
+    const exp = nowS() + 120;
+    const cmd = { id: 'cmd-roles', dev: 'lamp-1', exp, set: { on: true, bri: 100 } };
+    const command = await commandFields({ id: 'cmd-roles', exp, cloud: await signCloudCommand(vendor, HUB_ID, cmd) });
+    const ops = [
+      ['KEY_INFO', []],
+      ['STATUS', []],
+      ['SIGN_COMMAND', command],
+      ['SIGN_HTTP', signHttpFields({ method: 'GET', targetUri: POLL, authorization: 'Bearer t' })],
+      ['SIGN_DPOP', [[TAG.METHOD, 'GET'], [TAG.URL, POLL]]],
+      ['TOKENS_GET', []],
+      ['TOKENS_ERASE', []],
+      ['ATTEST_BEGIN', []],
+    ];
+    const script = path.join(dir, 'roles.mjs');
+    const client = path.resolve('integration/lib/signerclient.mjs');
+    await fs.writeFile(script, `import { SignerClient, OP } from ${JSON.stringify(client)};
+const ops = JSON.parse(process.argv[3]);
+const c = await SignerClient.connect(process.argv[2]);
+const out = {};
+for (const [op, fields] of ops) out[op] = (await c.call(OP[op], fields)).status;
+c.close();
+console.log(JSON.stringify(out));
+`, { mode: 0o644 });
+    const asNobody = async () => {
+      const { stdout } = await run('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath,
+        script, rsock, JSON.stringify(ops.filter(([op]) => op !== 'TOKENS_ERASE'))]);
+      return JSON.parse(stdout);
+    };
+    const c = await SignerClient.connect(rsock);
+    const before = (await c.call(OP.STATUS)).fields;
+
+    // iothubd's role: its three ops served, the uplink's refused, nothing signed for them.
+    const iothubd = await asNobody();
+    assert.deepEqual(iothubd, { KEY_INFO: 0, STATUS: 0, SIGN_COMMAND: 0, SIGN_HTTP: ERRNO.EPERM, SIGN_DPOP: ERRNO.EPERM,
+      TOKENS_GET: ERRNO.EPERM, ATTEST_BEGIN: ERRNO.EPERM });
+    let st = (await c.call(OP.STATUS)).fields;
+    assert.equal(st.REFUSED_POLICY - before.REFUSED_POLICY, 4n);
+    assert.equal(st.SIGNATURES - before.SIGNATURES, 1n, 'only the command was signed');
+    assert.match(st.LAST_ERROR, /not served to uid 65534 \(\[signer\] command_user\)/);
+    assert.match(rs.log, /Refused SIGN_HTTP from uid 65534: not an op of \[signer\] command_user/);
+    assert.match(rs.log, /Refused TOKENS_GET from uid 65534: not an op of \[signer\] command_user/);
+
+    // The uplink's role (root here): SIGN_COMMAND refused, the rest served.
+    const uplink = {};
+    for (const [op, fields] of ops) uplink[op] = (await c.call(OP[op], fields)).status;
+    // ATTEST_BEGIN runs: -ENOENT while this TPM has no EK certificate (the attestation test
+    // below installs one), 0 after; -EPERM never.
+    assert.ok([0, ERRNO.ENOENT].includes(uplink.ATTEST_BEGIN), `ATTEST_BEGIN ${uplink.ATTEST_BEGIN}`);
+    delete uplink.ATTEST_BEGIN;
+    assert.deepEqual(uplink, { KEY_INFO: 0, STATUS: 0, SIGN_COMMAND: ERRNO.EPERM, SIGN_HTTP: 0, SIGN_DPOP: 0,
+      TOKENS_GET: ERRNO.ENOENT, TOKENS_ERASE: 0 });
+    const st2 = (await c.call(OP.STATUS)).fields;
+    assert.equal(st2.REFUSED_POLICY - st.REFUSED_POLICY, 1n);
+    assert.equal(st2.SIGNATURES - st.SIGNATURES, 2n, 'SIGN_HTTP and SIGN_DPOP, not the command');
+    assert.match(rs.log, /Refused SIGN_COMMAND from uid 0: not an op of \[signer\] client_user/);
+
+    // A third uid (daemon, 1): refused at accept, as before stage 2.
+    const { stdout } = await run('setpriv', ['--reuid=1', '--regid=1', '--clear-groups', process.execPath, script, rsock,
+      JSON.stringify([['STATUS', []]])]).catch((e) => e);
+    assert.doesNotMatch(stdout ?? '', /STATUS/);
+    st = (await c.call(OP.STATUS)).fields;
+    assert.equal(st.REFUSED_PEER - before.REFUSED_PEER, 1n);
+    assert.match(rs.log, /Refused a connection from uid 1 pid \d+: only uid 0 \(\[signer\] client_user\) and uid 65534 \(\[signer\] command_user\) are served/);
+    c.close();
+  } finally {
+    await fs.chmod(dir, 0o700);
+    await rs.stop();
+  }
+});
+
+test('one user as both client_user and command_user: every op, and one notice that the roles are not separated', async () => {
+  // The test beds run iothubd, the uplink and the signer as one user (the harness): the union.
+  assert.equal((signer.log.match(/no separation between the uplink's and iothubd's roles/g) ?? []).length, 1, signer.log);
+  assert.match(signer.log, /serving uid 0, key /);
+  const c = await connect();
+  for (const op of [OP.KEY_INFO, OP.STATUS, OP.TOKENS_GET])
+    assert.notEqual((await c.call(op)).status, ERRNO.EPERM);
+  assert.equal((await c.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]])).status, 0);
+  c.close();
+});
+
 test('over [signer] burst: -EBUSY, counted; the bucket refills at rate_per_s', async () => {
   const conf = await writeConf('rate.conf', { signer: { rate_per_s: 2, burst: 5 } });
   const s2sock = path.join(dir, 'rate.sock');

@@ -171,6 +171,7 @@ static const struct key_info keys[] = {
         K("broker", "timeout_s", broker.timeout_s, UINT),
         K("signer", "socket", signer.socket, STR),
         K("signer", "client_user", signer.client_user, STR),
+        K("signer", "command_user", signer.command_user, STR),
         K("signer", "state_dir", signer.state_dir, STR),
         K("signer", "rate_per_s", signer.rate_per_s, UINT),
         K("signer", "burst", signer.burst, UINT),
@@ -303,7 +304,8 @@ static int setup(void **state) {
         "[broker] dynsec = off\n"                                                                            \
         "[broker] timeout_s = 5\n"                                                                         \
         "[signer] socket = /run/iothub-signer/signer.sock\n"                                                \
-        "[signer] client_user = iothub\n"                                                                   \
+        "[signer] client_user = iothub-uplink\n"                                                            \
+        "[signer] command_user = iothub\n"                                                                  \
         "[signer] state_dir = /var/lib/iothub-signer\n"                                                     \
         "[signer] rate_per_s = 50\n"                                                                        \
         "[signer] burst = 100\n"                                                                           \
@@ -400,6 +402,7 @@ static void test_full_file(void **state) {
                                    "[signer]\n"
                                    "socket = /srv/signer.sock\n"
                                    "client_user = hub_1\n"
+                                   "command_user = 1001\n"
                                    "state_dir = /srv/signer\n"
                                    "rate_per_s = 10000\n"
                                    "burst = 1\n"
@@ -446,6 +449,7 @@ static void test_full_file(void **state) {
                                        "[broker] timeout_s = 10\n"
                                        "[signer] socket = /srv/signer.sock\n"
                                        "[signer] client_user = hub_1\n"
+                                       "[signer] command_user = 1001\n"
                                        "[signer] state_dir = /srv/signer\n"
                                        "[signer] rate_per_s = 10000\n"
                                        "[signer] burst = 1\n"

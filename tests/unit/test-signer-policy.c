@@ -21,6 +21,7 @@
 #include "../../src/commands-internal.h"
 #include "iothub/frame.h"
 #include "iothub/signer-policy.h"
+#include "iothub/signer-proto.h"
 #include "iothub/util.h"
 
 static void test_origin_table(void **state) {
@@ -493,6 +494,47 @@ static void test_bucket(void **state) {
         assert_true(signer_bucket_take(&b, 2, 5, 1000500000));
 }
 
+/* The op sets of the two peers (issue 14 stage 2): the spec's table, written out here again
+ * rather than read from signer-policy.c, so that a change to either is seen. */
+static void test_roles(void **state) {
+        static const struct {
+                unsigned op;
+                bool client, command; /* the uplink's, iothubd's */
+        } table[] = {
+                { SIGNER_OP_KEY_INFO, true, true },        { SIGNER_OP_SIGN_HTTP, true, false },
+                { SIGNER_OP_SIGN_DPOP, true, false },      { SIGNER_OP_SIGN_COMMAND, false, true },
+                { SIGNER_OP_TOKENS_GET, true, false },     { SIGNER_OP_TOKENS_PUT, true, false },
+                { SIGNER_OP_TOKENS_ERASE, true, false },   { SIGNER_OP_ATTEST_BEGIN, true, false },
+                { SIGNER_OP_ATTEST_ANSWER, true, false },  { SIGNER_OP_STATUS, true, true },
+        };
+        const unsigned both = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND;
+
+        assert_int_equal(ELEMENTSOF(table), _SIGNER_OP_MAX - 1); /* every op has its row */
+        for (size_t i = 0; i < ELEMENTSOF(table); i++) {
+                assert_int_equal(signer_policy_op_allowed(SIGNER_ROLE_CLIENT, table[i].op), table[i].client);
+                assert_int_equal(signer_policy_op_allowed(SIGNER_ROLE_COMMAND, table[i].op), table[i].command);
+                /* One user named twice: the union. */
+                assert_true(signer_policy_op_allowed(both, table[i].op));
+                /* No role, no op. */
+                assert_false(signer_policy_op_allowed(0, table[i].op));
+        }
+        /* Op 0 and ops past the table: nobody (the codec refuses them first anyway). */
+        for (unsigned op = 0; op < 0x10000; op += op < 64 ? 1 : 977)
+                if (op == 0 || op >= _SIGNER_OP_MAX)
+                        assert_false(signer_policy_op_allowed(both, op));
+
+        /* Roles from uids: 990 the uplink (client_user), 991 iothubd (command_user). */
+        assert_int_equal(signer_policy_roles(990, 990, 991), SIGNER_ROLE_CLIENT);
+        assert_int_equal(signer_policy_roles(991, 990, 991), SIGNER_ROLE_COMMAND);
+        assert_int_equal(signer_policy_roles(0, 990, 991), 0);   /* root: no exception */
+        assert_int_equal(signer_policy_roles(992, 990, 991), 0); /* a third uid */
+        assert_int_equal(signer_policy_roles(1000, 1000, 1000), both);
+        assert_string_equal(signer_policy_roles_to_string(SIGNER_ROLE_CLIENT), "client_user");
+        assert_string_equal(signer_policy_roles_to_string(SIGNER_ROLE_COMMAND), "command_user");
+        assert_string_equal(signer_policy_roles_to_string(both), "client_user and command_user");
+        assert_string_equal(signer_policy_roles_to_string(0), "no role");
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_origin_table),
@@ -501,6 +543,7 @@ int main(void) {
                 cmocka_unit_test(test_http_dpop),
                 cmocka_unit_test(test_command),
                 cmocka_unit_test(test_bucket),
+                cmocka_unit_test(test_roles),
         };
         return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
