@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import readline from 'node:readline';
-import { Hub, IOTHUB_UPLINK, NOTIFY_LISTEN, confText, waitFor } from './lib/harness.mjs';
+import { Hub, IOTHUB_UPLINK, NOTIFY_LISTEN, confText, sleep, waitFor } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { loginApproved } from './lib/login.mjs';
 import { startTestbed, startStrictCloud, stopTestbed, keyBeforeDaemon } from './lib/testbed.mjs';
@@ -22,6 +22,7 @@ import { ChannelClient, UPLINK, UPLINK_OP, UPLINK_TAG, UPLINK_KIND, ERRNO, encod
 
 const run = promisify(execFile);
 const HUB_ID = 'test-hub';
+const ECANCELED = -125;
 let dir, tpm, broker, auth, cloud, hub, uplink, sock, bulb;
 const seenTokens = new Set();
 
@@ -321,4 +322,39 @@ test('malformed messages: -EBADMSG with the op echoed, then the connection close
   assert.equal((await probe.call(UPLINK_OP.LOGIN_WAIT)).status, ERRNO.ENOENT);
   assert.equal((await probe.call(UPLINK_OP.STATUS)).status, 0, 'the connection is still served');
   probe.close();
+});
+
+test('a sign-in\'s waiter whose connection closed is forgotten: the next sign-in and its waiter on another connection', async () => {
+  // uplink-proto.h: LOGIN_WAIT is cancelled when its connection closes. The sign-in goes on
+  // without it; a later LOGIN_START (which answers the waiter of the flow it replaces) must not
+  // reach the request that went with the connection.
+  const c1 = await connect();
+  const first = await c1.call(UPLINK_OP.LOGIN_START, [], 20000);
+  assert.equal(first.status, 0, `LOGIN_START: ${uplink.log}`);
+  c1.send(UPLINK_OP.LOGIN_WAIT);
+  const c2 = await connect();
+  // The uplink has the waiter: a second one is refused.
+  await waitFor(async () => (await c2.call(UPLINK_OP.LOGIN_WAIT)).status === ERRNO.EBUSY, 5000, 'the first waiter');
+  c1.close();
+  await c1.closed;
+  // Once the uplink has seen the close, a LOGIN_WAIT on c2 is no longer -EBUSY (it is answered at
+  // once when refused) but waits: c2 is the waiter now.
+  let wait2 = null;
+  for (const t0 = Date.now(); wait2 === null; await sleep(50)) {
+    assert.ok(Date.now() - t0 < 10000, 'the closed connection\'s LOGIN_WAIT still counts');
+    const id = c2.send(UPLINK_OP.LOGIN_WAIT);
+    const a = await Promise.race([c2.wait(id, 30000), sleep(1000).then(() => null)]);
+    if (a === null) wait2 = id;
+    else assert.equal(a.status, ERRNO.EBUSY);
+  }
+  const second = await c2.call(UPLINK_OP.LOGIN_START, [], 20000);
+  assert.equal(second.status, 0, `LOGIN_START: ${uplink.log}`);
+  // The new flow ended the first: its waiter (on c2) hears so.
+  assert.equal((await c2.wait(wait2, 10000)).status, ECANCELED);
+  const wait3 = c2.send(UPLINK_OP.LOGIN_WAIT);
+  await auth.approve(second.fields.USER_CODE, { account: 'alice' });
+  const done = await c2.wait(wait3, 30000);
+  assert.equal(done.status, 0, `LOGIN_WAIT: ${uplink.log}`);
+  assert.equal((await uplinkStatus(c2)).uplink.have_token, true);
+  c2.close();
 });
