@@ -54,7 +54,8 @@ struct chan_server {
 
 bool chan_log_allowed(struct ratelimit *rl) {
         uint64_t suppressed = 0;
-        bool ok = ratelimit_allow(rl, now_monotonic_usec(), CHAN_LOG_WINDOW_USEC, CHAN_LOG_BURST, &suppressed);
+        bool ok = ratelimit_allow(rl, now_monotonic_usec(), CHAN_LOG_WINDOW_USEC, CHAN_LOG_BURST,
+                                  &suppressed);
 
         if (suppressed > 0)
                 log_notice("Suppressed %" PRIu64 " similar messages", suppressed);
@@ -281,7 +282,8 @@ static bool conn_finished(struct chan_conn *c) {
         if (c->closing)
                 return true;
         /* None complete still to run (held back by the limits). */
-        return c->eof && c->inflight == c->parked && tlv_msg_frame(c->s->cfg->proto, c->in, c->in_len, &need) <= 0;
+        return c->eof && c->inflight == c->parked &&
+               tlv_msg_frame(c->s->cfg->proto, c->in, c->in_len, &need) <= 0;
 }
 
 /* Runs what was held back, writes, and tells whether the connection is done. */
@@ -404,8 +406,8 @@ static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userd
                 s->refused_peer++;
                 if (chan_log_allowed(&s->log_peer))
                         log_event(LOG_WARNING, 0, s->cfg->mid_peer_refused, NULL, NULL,
-                                  "Refused a connection from uid %u pid %d: %s", (unsigned) cred.uid, (int) cred.pid,
-                                  s->cfg->peer_rule);
+                                  "Refused a connection from uid %u pid %d: %s", (unsigned) cred.uid,
+                                  (int) cred.pid, s->cfg->peer_rule);
                 free(c);
                 return 0;
         }
@@ -416,8 +418,8 @@ static int on_accept(sd_event_source *src, int fd, uint32_t revents, void *userd
         }
         if (s->n_conns >= s->cfg->conn_max) {
                 if (chan_log_allowed(&s->log_peer))
-                        log_warning("Refused a connection from pid %d: %u connections already", (int) cred.pid,
-                                    s->cfg->conn_max);
+                        log_warning("Refused a connection from pid %d: %u connections already",
+                                    (int) cred.pid, s->cfg->conn_max);
                 if (s->cfg->conn_free)
                         s->cfg->conn_free(s->userdata, c, c->data);
                 free(c);
@@ -456,7 +458,8 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
 static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
         struct chan_server *s = userdata;
 
-        log_notice("SIGHUP: %s reads its configuration at start only; restart it to apply changes", s->cfg->name);
+        log_notice("SIGHUP: %s reads its configuration at start only; restart it to apply changes",
+                   s->cfg->name);
         return 0;
 }
 
@@ -471,8 +474,9 @@ static int server_listen(struct chan_server *s, const char *listen_path, const c
                 return set_error_message(ret_error, -EINVAL, "Got %d sockets from systemd, expected one", n);
         if (n == 1) {
                 if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0)
-                        return set_error_message(ret_error, -EINVAL,
-                                                 "The socket from systemd is not a listening unix stream socket");
+                        return set_error_message(
+                                ret_error, -EINVAL,
+                                "The socket from systemd is not a listening unix stream socket");
                 s->listen_fd = SD_LISTEN_FDS_START;
                 (void) fcntl(s->listen_fd, F_SETFL, fcntl(s->listen_fd, F_GETFL) | O_NONBLOCK);
                 return 0;
@@ -482,7 +486,8 @@ static int server_listen(struct chan_server *s, const char *listen_path, const c
                 return -ENOMEM;
         r = unix_listen(s->listen_path, CHAN_LISTEN_BACKLOG, &s->listen_fd);
         if (r < 0) {
-                r = set_error_message(ret_error, r, "Failed to listen on %s: %s", s->listen_path, strerror(-r));
+                r = set_error_message(ret_error, r, "Failed to listen on %s: %s", s->listen_path,
+                                      strerror(-r));
                 /* Not ours: nothing to unlink at free. */
                 free(s->listen_path);
                 s->listen_path = NULL;
@@ -491,8 +496,9 @@ static int server_listen(struct chan_server *s, const char *listen_path, const c
         return 0;
 }
 
-int chan_server_new(sd_event *e, const struct chan_server_config *cfg, void *userdata, const char *listen_path,
-                    const char *fallback_path, struct chan_server **ret, char **ret_error) {
+int chan_server_new(sd_event *e, const struct chan_server_config *cfg, void *userdata,
+                    const char *listen_path, const char *fallback_path, struct chan_server **ret,
+                    char **ret_error) {
         struct chan_server *s;
         sigset_t mask;
         int r;
@@ -514,7 +520,8 @@ int chan_server_new(sd_event *e, const struct chan_server_config *cfg, void *use
             (r = sd_event_add_signal(e, &s->sig[1], SIGINT, on_signal, s)) < 0 ||
             (r = sd_event_add_signal(e, &s->sig[2], SIGHUP, on_sighup, s)) < 0 ||
             (r = sd_event_set_watchdog(e, true)) < 0) {
-                r = set_error_message(ret_error, r, "Failed to set up signals and the watchdog: %s", strerror(-r));
+                r = set_error_message(ret_error, r, "Failed to set up signals and the watchdog: %s",
+                                      strerror(-r));
                 goto fail;
         }
         r = sd_event_add_defer(e, &s->resume_src, on_resume, s);

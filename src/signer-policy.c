@@ -423,7 +423,8 @@ bool signer_bucket_take(struct signer_bucket *b, double rate, double burst, uint
 }
 
 unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid) {
-        return (uid == client_uid ? SIGNER_ROLE_CLIENT : 0u) | (uid == command_uid ? SIGNER_ROLE_COMMAND : 0u);
+        return (uid == client_uid ? SIGNER_ROLE_CLIENT : 0u) |
+               (uid == command_uid ? SIGNER_ROLE_COMMAND : 0u);
 }
 
 /* The op sets, by op (spec of stage 2): what the uplink needs to sign the cloud's requests, sign

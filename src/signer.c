@@ -62,6 +62,7 @@ struct req {
 struct conn {
         struct signer *s;
         struct chan_conn *cc;
+        struct tlv_buf *out; /* chan_conn_out(cc): the answers */
         unsigned roles;        /* enum signer_role: the peer's op set */
         struct req *reqs;
         struct attest *attest; /* ATTEST_BEGIN done, ATTEST_ANSWER awaited */
@@ -196,9 +197,9 @@ static void on_http_signed(void *userdata, int r, const uint8_t *sig) {
                 c->s->n.signatures++;
                 if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                         if (h.content_digest)
-                                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_CONTENT_DIGEST, h.content_digest);
-                        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURE_INPUT, h.signature_input);
-                        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURE, h.signature);
+                                (void) signer_msg_add_str(c->out, SIGNER_TAG_CONTENT_DIGEST, h.content_digest);
+                        (void) signer_msg_add_str(c->out, SIGNER_TAG_SIGNATURE_INPUT, h.signature_input);
+                        (void) signer_msg_add_str(c->out, SIGNER_TAG_SIGNATURE, h.signature);
                         answer_end(c, q->id, q->op);
                 }
         }
@@ -219,7 +220,7 @@ static void on_jws_signed(void *userdata, int r, const uint8_t *sig) {
                 jws_compact_finish(q->input, q->input_len, sig);
                 c->s->n.signatures++;
                 if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                        (void) signer_msg_add_str(chan_conn_out(c->cc),
+                        (void) signer_msg_add_str(c->out,
                                                   q->op == SIGNER_OP_SIGN_DPOP ? SIGNER_TAG_PROOF : SIGNER_TAG_JWS,
                                                   q->input);
                         answer_end(c, q->id, q->op);
@@ -424,9 +425,9 @@ static int op_key_info(struct conn *c, const struct signer_msg *m) {
         r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_KEY_ID, hubkey_id(k));
-        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_JWK, jwk_s);
-        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_BACKEND, key_backend_to_string(hubkey_backend(k)));
+        (void) signer_msg_add_str(c->out, SIGNER_TAG_KEY_ID, hubkey_id(k));
+        (void) signer_msg_add_str(c->out, SIGNER_TAG_JWK, jwk_s);
+        (void) signer_msg_add_str(c->out, SIGNER_TAG_BACKEND, key_backend_to_string(hubkey_backend(k)));
         answer_end(c, m->id, m->op);
         return 1;
 }
@@ -486,13 +487,13 @@ static int op_tokens(struct conn *c, const struct signer_msg *m) {
         r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 goto out;
-        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_ACCESS_TOKEN, t.access_token);
+        (void) signer_msg_add_str(c->out, SIGNER_TAG_ACCESS_TOKEN, t.access_token);
         if (t.refresh_token)
-                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_REFRESH_TOKEN, t.refresh_token);
-        (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_TOKEN_TYPE, t.token_type);
+                (void) signer_msg_add_str(c->out, SIGNER_TAG_REFRESH_TOKEN, t.refresh_token);
+        (void) signer_msg_add_str(c->out, SIGNER_TAG_TOKEN_TYPE, t.token_type);
         if (t.scope)
-                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_SCOPE, t.scope);
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_EXPIRES_AT, t.expires_at > 0 ? (uint64_t) t.expires_at : 0);
+                (void) signer_msg_add_str(c->out, SIGNER_TAG_SCOPE, t.scope);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_EXPIRES_AT, t.expires_at > 0 ? (uint64_t) t.expires_at : 0);
         answer_end(c, m->id, m->op);
         r = 1;
 out:
@@ -554,7 +555,7 @@ static int op_attest(struct conn *c, const struct signer_msg *m) {
         r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_str(chan_conn_out(c->cc), m->op == SIGNER_OP_ATTEST_BEGIN ? SIGNER_TAG_EVIDENCE : SIGNER_TAG_ANSWER,
+        (void) signer_msg_add_str(c->out, m->op == SIGNER_OP_ATTEST_BEGIN ? SIGNER_TAG_EVIDENCE : SIGNER_TAG_ANSWER,
                                   text);
         answer_end(c, m->id, m->op);
         return 1;
@@ -567,14 +568,14 @@ static int op_status(struct conn *c, const struct signer_msg *m) {
         r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_SIGNATURES, s->n.signatures);
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_POLICY, s->n.refused_policy);
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_RATE, s->n.refused_rate);
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_REFUSED_PEER, chan_server_refused_peer(s->server));
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_MALFORMED, chan_server_malformed(s->server));
-        (void) signer_msg_add_u64(chan_conn_out(c->cc), SIGNER_TAG_TPM_ERRORS, s->n.tpm_errors);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_SIGNATURES, s->n.signatures);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_REFUSED_POLICY, s->n.refused_policy);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_REFUSED_RATE, s->n.refused_rate);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_REFUSED_PEER, chan_server_refused_peer(s->server));
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_MALFORMED, chan_server_malformed(s->server));
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_TPM_ERRORS, s->n.tpm_errors);
         if (s->last_error[0])
-                (void) signer_msg_add_str(chan_conn_out(c->cc), SIGNER_TAG_LAST_ERROR, s->last_error);
+                (void) signer_msg_add_str(c->out, SIGNER_TAG_LAST_ERROR, s->last_error);
         answer_end(c, m->id, m->op);
         return 1;
 }
@@ -589,7 +590,7 @@ static int role_refused(struct conn *c, const struct signer_msg *m) {
         set_last_error(s, "%s refused: not served to uid %u ([signer] %s)", signer_op_to_string(m->op),
                        (unsigned) chan_conn_uid(c->cc), signer_policy_roles_to_string(c->roles));
         if (chan_log_allowed(&s->log_role))
-                log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_POLICY_REFUSED, NULL, "op not served to this peer",
+                log_event(LOG_WARNING, 0, IOTHUB_MID_SIGNER_POLICY_REFUSED, NULL, "not an op of this peer",
                           "Refused %s from uid %u: not an op of [signer] %s", signer_op_to_string(m->op),
                           (unsigned) chan_conn_uid(c->cc), signer_policy_roles_to_string(c->roles));
         return -EPERM;
@@ -639,6 +640,7 @@ static int conn_new(void *userdata, struct chan_conn *cc, const struct ucred *cr
                 return -ENOMEM;
         c->s = s;
         c->cc = cc;
+        c->out = chan_conn_out(cc);
         c->roles = roles;
         *ret_data = c;
         return 0;
@@ -696,8 +698,8 @@ static int peer_uid(const struct iothub_conf *c, const char *key, const char *na
         int r = user_to_uid(name, ret);
 
         if (r < 0)
-                log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: [signer] %s: '%s': %s", c->path, key,
-                          name, r == -ESRCH ? "no such user" : strerror(-r));
+                log_event(LOG_ERR, r, IOTHUB_MID_CONFIG_ERROR, NULL, NULL, "%s: [signer] %s: '%s': %s", c->path,
+                          key, name, r == -ESRCH ? "no such user" : strerror(-r));
         return r;
 }
 

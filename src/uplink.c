@@ -56,6 +56,7 @@ struct req {
 struct conn {
         struct uplink *u;
         struct chan_conn *cc;
+        struct tlv_buf *out; /* chan_conn_out(cc): the answers */
         struct req *reqs;
         struct req *watch; /* the one WATCH waiting (parked: it does not hold the connection), or NULL */
 };
@@ -169,12 +170,12 @@ static void on_request_done(void *userdata, const struct cloudreq_answer *a) {
         if (a->error < 0)
                 chan_answer_error(c->cc, q->id, q->op, a->error);
         else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
-                (void) tlv_msg_add(chan_conn_out(c->cc), UPLINK_TAG_BODY, a->body, a->body_len);
+                (void) tlv_msg_add_u64(c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
+                (void) tlv_msg_add(c->out, UPLINK_TAG_BODY, a->body, a->body_len);
                 /* A value over the channel's limit is left out: iothubd backs off on its own. */
                 size_t n = strlen(a->retry_after);
                 if (n > 0 && n <= UPLINK_RETRY_AFTER_MAX)
-                        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_RETRY_AFTER, a->retry_after);
+                        (void) tlv_msg_add_str(c->out, UPLINK_TAG_RETRY_AFTER, a->retry_after);
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -236,8 +237,8 @@ static void on_register_done(void *userdata, long status, const char *message) {
                 log_warning("Registration failed: %s", message);
                 chan_answer_error(c->cc, q->id, q->op, (int) status);
         } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
-                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
+                (void) tlv_msg_add_u64(c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
+                (void) tlv_msg_add_str(c->out, UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
                 answer_end(c, q->id, q->op);
         }
         if (status == 200 || status == 201)
@@ -315,13 +316,13 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
                 chan_answer_error(c->cc, q->id, q->op, r);
         } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 const char *complete = json_string_value(json_object_get(info, "verification_uri_complete"));
-                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_USER_CODE,
+                (void) tlv_msg_add_str(c->out, UPLINK_TAG_USER_CODE,
                                        json_string_value(json_object_get(info, "user_code")));
-                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_VERIFICATION_URI,
+                (void) tlv_msg_add_str(c->out, UPLINK_TAG_VERIFICATION_URI,
                                        json_string_value(json_object_get(info, "verification_uri")));
                 if (complete)
-                        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_VERIFICATION_URI_COMPLETE, complete);
-                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_EXPIRES_IN,
+                        (void) tlv_msg_add_str(c->out, UPLINK_TAG_VERIFICATION_URI_COMPLETE, complete);
+                (void) tlv_msg_add_u64(c->out, UPLINK_TAG_EXPIRES_IN,
                                        (uint64_t) json_integer_value(json_object_get(info, "expires_in")));
                 answer_end(c, q->id, q->op);
         }
@@ -337,7 +338,7 @@ static void login_wait_answer(struct req *q, int r, const char *message) {
                 log_notice("Sign-in ended: %s", message);
                 chan_answer_error(c->cc, q->id, q->op, r);
         } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
+                (void) tlv_msg_add_str(c->out, UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -460,7 +461,7 @@ static int op_status(struct conn *c, const struct tlv_msg *m) {
         r = chan_answer_begin(c->cc, m->id, m->op, 0);
         if (r < 0)
                 return r;
-        (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_STATUS_JSON, s);
+        (void) tlv_msg_add_str(c->out, UPLINK_TAG_STATUS_JSON, s);
         answer_end(c, m->id, m->op);
         return 1;
 }
@@ -501,8 +502,8 @@ static void watch_answer(struct req *q) {
         if (r < 0)
                 chan_answer_error(c->cc, q->id, q->op, r);
         else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(chan_conn_out(c->cc), UPLINK_TAG_GEN, c->u->gen);
-                (void) tlv_msg_add_str(chan_conn_out(c->cc), UPLINK_TAG_EVENTS, events);
+                (void) tlv_msg_add_u64(c->out, UPLINK_TAG_GEN, c->u->gen);
+                (void) tlv_msg_add_str(c->out, UPLINK_TAG_EVENTS, events);
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -592,6 +593,7 @@ static int conn_new(void *userdata, struct chan_conn *cc, const struct ucred *cr
                 return -ENOMEM;
         c->u = u;
         c->cc = cc;
+        c->out = chan_conn_out(cc);
         *ret_data = c;
         return 0;
 }

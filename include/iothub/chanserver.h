@@ -61,8 +61,9 @@ struct chan_server_config {
  * is one and listen_path is NULL, else on listen_path, else on fallback_path (removed at
  * free). cfg and userdata are borrowed. 0 or a negative errno with a malloc'ed reason in
  * *ret_error when not NULL. */
-int chan_server_new(sd_event *e, const struct chan_server_config *cfg, void *userdata, const char *listen_path,
-                    const char *fallback_path, struct chan_server **ret, char **ret_error);
+int chan_server_new(sd_event *e, const struct chan_server_config *cfg, void *userdata,
+                    const char *listen_path, const char *fallback_path, struct chan_server **ret,
+                    char **ret_error);
 /* Closes every connection (conn_free for each), then the socket. NULL is fine. */
 void chan_server_free(struct chan_server *s);
 /* The path listened on, or NULL for the socket from systemd. */
@@ -91,6 +92,7 @@ void chan_conn_set_parked(struct chan_conn *c, unsigned n);
  * answer could not be built (out of memory, a value over its limit) the negative errno after
  * answering the error instead. */
 int chan_answer_begin(struct chan_conn *c, uint32_t id, unsigned op, int status);
+/* The connection's output buffer, the same for its lifetime. */
 struct tlv_buf *chan_conn_out(struct chan_conn *c);
 int chan_answer_end(struct chan_conn *c, uint32_t id, unsigned op);
 void chan_answer_error(struct chan_conn *c, uint32_t id, unsigned op, int status);
