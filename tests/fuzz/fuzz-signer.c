@@ -14,7 +14,10 @@
  *     policy's table); for SIGN_DPOP a POST to the issuer's origin or such a cloud request; and
  *     for SIGN_COMMAND within the time rules, with a payload that
  *     command_payload() builds; with a vendor key configured, a command is let through only with
- *     a vendor JWS (never here: the key's private half is not known). */
+ *     a vendor JWS (never here: the key's private half is not known);
+ *   - every request's op is in the op set of the peers that may ask it and no other
+ *     (signer_policy_op_allowed(): iothubd's KEY_INFO, SIGN_COMMAND and STATUS; the uplink's
+ *     every op but SIGN_COMMAND). */
 #include <errno.h>
 #include <inttypes.h>
 #include <strings.h>
@@ -165,6 +168,18 @@ static void check_cloud_request(const char *method, const char *uri) {
                 CHECK(q != NULL);
 }
 
+/* Who may ask it (signer_policy_op_allowed()): iothubd's user only KEY_INFO, SIGN_COMMAND and
+ * STATUS; the uplink's every op but SIGN_COMMAND; one user in both roles every op; no role,
+ * nothing. */
+static void check_roles(const struct signer_msg *m) {
+        bool command = m->op == SIGNER_OP_KEY_INFO || m->op == SIGNER_OP_SIGN_COMMAND || m->op == SIGNER_OP_STATUS;
+
+        CHECK(signer_policy_op_allowed(SIGNER_ROLE_COMMAND, m->op) == command);
+        CHECK(signer_policy_op_allowed(SIGNER_ROLE_CLIENT, m->op) == (m->op != SIGNER_OP_SIGN_COMMAND));
+        CHECK(signer_policy_op_allowed(SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND, m->op));
+        CHECK(!signer_policy_op_allowed(0, m->op));
+}
+
 static void check_policy(const struct signer_msg *m) {
         const struct signer_policy *p = (m->id & 1) ? &policy_key : &policy;
         _cleanup_free_ char *method = text(m, SIGNER_TAG_METHOD);
@@ -243,8 +258,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (signer_msg_decode(data + at, need, &m) < 0)
                         break;
                 check_fields(&m);
-                if (!m.answer)
+                if (!m.answer) {
+                        check_roles(&m);
                         check_policy(&m);
+                }
                 at += need;
         }
         return 0;
