@@ -99,7 +99,7 @@ struct signer_bucket {
 };
 bool signer_bucket_take(struct signer_bucket *b, double rate, double burst, uint64_t now_usec);
 
-/* Who may ask what (issue 14 stage 2; iothub-signer(8) "PEERS"). The signer serves two users,
+/* Who may ask what (issue 14 stage 2; iothub.conf(5) [signer]). The signer serves two users,
  * each with its op set: [signer] client_user (iothub-uplink: the cloud's requests and sign-in)
  * and [signer] command_user (iothubd: the bulbs' commands). A peer that is both (one user named
  * twice, as in a test bed) has the union. */
