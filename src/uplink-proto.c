@@ -3,7 +3,10 @@
  * its rules on values, and the request each kind is. Pure. */
 #include <errno.h>
 #include <string.h>
+#include <stdio.h>
 #include <strings.h>
+
+#include <jansson.h>
 
 #include "commands-internal.h"
 #include "iothub/uplink-proto.h"
@@ -167,4 +170,16 @@ int uplink_request_target(unsigned kind, const char *arg, const char *cloud_url,
         *ret_method = k->method;
         *ret_url = url;
         return 0;
+}
+
+void uplink_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size) {
+        json_error_t jerr;
+        json_t *resp = json_loadb(body, len, 0, &jerr);
+        const char *e = json_string_value(json_object_get(resp, "error"));
+
+        (void) snprintf(ret, size, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
+        json_decref(resp);
+        for (char *p = ret; *p; p++)
+                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                        *p = '?';
 }

@@ -95,3 +95,9 @@ bool uplink_kind_arg_is_valid(unsigned kind, const char *arg, size_t len);
  * refuses the rest, and a URL that grows past UPLINK_URL_MAX with the path); -ENOMEM. */
 int uplink_request_target(unsigned kind, const char *arg, const char *cloud_url, const char *hub_id,
                           const char **ret_method, char **ret_url);
+
+/* The one-line reason for an answer the cloud refused with a 4xx, as both sides of the channel
+ * show it (iothubd parses the answers it gets raw; the uplink its registration's): "HTTP
+ * <status>", then ": " and at most 64 bytes of the body's "error" string when there is one;
+ * bytes outside printable ASCII become '?'. Always NUL-terminated within size (> 0). Pure. */
+void uplink_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size);
