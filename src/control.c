@@ -29,6 +29,7 @@
 /* Refused peers logged per window: enough to name each of a few, not a line per connection. */
 #define CONTROL_REFUSED_LOG_BURST 5
 #define CONTROL_LISTEN_BACKLOG 128
+#define CONTROL_UPLINK_STATUS_MS 500
 
 struct control {
         sd_event *event;
@@ -70,6 +71,7 @@ struct conn {
          * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
         struct cloud_call *register_call;
         struct uplink_call *logout_call;
+        struct uplink_call *status_call; /* the uplink's STATUS, for status */
         /* bulb add / remove waiting for the broker's dynamic security plugin: the request, the
          * answer it completes, and a new bulb's broker password until it is shown (once). */
         struct dynsec_op *dynsec_op;
@@ -115,6 +117,7 @@ static void conn_free(struct conn *c) {
                 c->ctl->conns = c->next;
         cloud_register_cancel(TAKE_PTR(c->register_call));
         uplink_call_cancel(TAKE_PTR(c->logout_call));
+        uplink_call_cancel(TAKE_PTR(c->status_call));
         dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
         db_sync_wait_cancel(TAKE_PTR(c->sync_wait));
         /* The client hung up (Ctrl-C on iothubctl bulb pair): the window closes with it. */
@@ -168,7 +171,9 @@ static void devices_changed(struct control *ctl) {
                 ctl->ev.devices_changed(ctl->ev.userdata);
 }
 
-static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
+static void conn_answer(struct conn *c, json_t *reply);
+
+static json_t *status_reply(struct control *ctl) {
         json_t *st = NULL;
         int r;
 
@@ -177,6 +182,23 @@ static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req
                 return error_reply("cannot build status: %s", strerror(-r));
         (void) json_object_set_new(st, "ok", json_true());
         return st;
+}
+
+static void on_uplink_status(void *userdata) {
+        struct conn *c = userdata;
+
+        uplink_call_cancel(TAKE_PTR(c->status_call));
+        conn_answer(c, status_reply(c->ctl));
+}
+
+static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
+        /* The uplink's part (sign-in, its signatures) as it is now, not as of its last news:
+         * asked first, for at most CONTROL_UPLINK_STATUS_MS (a stuck uplink must not hold the
+         * status, which is how the operator finds out). Not connected: its last answer. */
+        if (ctl->uplink &&
+            uplink_status_fresh(ctl->uplink, CONTROL_UPLINK_STATUS_MS, on_uplink_status, conn, &conn->status_call) >= 0)
+                return CONTROL_PENDING;
+        return status_reply(ctl);
 }
 
 static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *req) {

@@ -28,6 +28,7 @@ struct uplink_call {
                 void (*login_start)(void *userdata, int r, json_t *info);
                 void (*message)(void *userdata, int r, const char *message);
                 void (*logout)(void *userdata, int r);
+                void (*status)(void *userdata);
         } done;
         void *userdata;
         /* The answer, kept from answer() to finish(). */
@@ -244,9 +245,13 @@ static void on_finish(void *userdata, struct chan_op *base, int r) {
                 q->done.logout(q->userdata, r);
                 break;
         case CALL_STATUS:
-                u->status_call = NULL;
+                if (u->status_call == q)
+                        u->status_call = NULL;
                 status_answered(u, r, q->text);
-                uplink_call_cancel(q);
+                if (q->done.status)
+                        q->done.status(q->userdata); /* frees q (its owner's) */
+                else
+                        uplink_call_cancel(q);
                 return;
         case CALL_WATCH:
                 u->watch = NULL;
@@ -367,6 +372,28 @@ void uplink_refresh_status(struct uplink_client *u) {
         if (call_new(u, UPLINK_OP_STATUS, CALL_STATUS, NULL, &q) < 0)
                 return;
         (void) call_submit(u, q, UPLINK_CLIENT_STATUS_TIMEOUT_S, &u->status_call);
+}
+
+int uplink_status_fresh(struct uplink_client *u, uint64_t timeout_ms, void (*done)(void *userdata),
+                        void *userdata, struct uplink_call **ret) {
+        struct uplink_call *q;
+        int r;
+
+        if (!done)
+                return -EINVAL;
+        if (!chan_client_is_connected(u->chan))
+                return -ENOTCONN;
+        r = call_new(u, UPLINK_OP_STATUS, CALL_STATUS, userdata, &q);
+        if (r < 0)
+                return r;
+        q->done.status = done;
+        r = chan_op_submit(u->chan, &q->base, timeout_ms * 1000);
+        if (r < 0) {
+                uplink_call_cancel(q);
+                return r;
+        }
+        *ret = q;
+        return 0;
 }
 
 /* ---- WATCH ---- */
