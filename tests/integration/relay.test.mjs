@@ -240,6 +240,31 @@ test('kill -9 of the daemon mid-batch loses nothing and stores nothing twice', a
   await waitFor(() => cloud.state.duplicates >= d0 + 20, 10000, 'the batch of the dead daemon de-duplicated');
 });
 
+// Issue 14 stage 2: the uplink (HTTPS, the token) dies while frames flow, with a batch at the
+// cloud; the bulb side goes on (its PID kept), spools, reconnects when the uplink is back and
+// sends again what was out (every op is safe to repeat): each (dev, seq) is stored once.
+test('iothub-uplink killed (SIGKILL) while frames flow: iothubd keeps its PID and every frame reaches the cloud once', async () => {
+  const pid = hub.proc.pid;
+  const st0 = await hub.status();
+  await cloud.control.fail({ delayMs: 1500, count: 1 }); // a batch is at the cloud when the uplink dies
+  const sent = await publishFrames(10);
+  await sleep(300);
+  hub.uplinkProc.kill('SIGKILL');
+  await hub.uplinkExited;
+  // Frames keep coming while the uplink is gone: acked to the bulbs, spooled.
+  sent.push(...await publishFrames(10));
+  await waitFor(async () => (await hub.status()).uplink.connected === false, 5000, 'the loss seen');
+  await sleep(500);
+  await hub.startUplink();
+  await assertAllDelivered(sent, 40000);
+  const st1 = await hub.status();
+  assert.equal(hub.proc.pid, pid, 'iothubd was not restarted');
+  assert.equal(hub.proc.exitCode, null);
+  assert.ok(st1.uplink.connected, 'connected again');
+  assert.ok(st1.uplink.reconnects > st0.uplink.reconnects, `reconnects ${st1.uplink.reconnects}`);
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 10000, 'spool empty');
+});
+
 test('a broker restart mid-stream loses nothing on the way to the cloud', async () => {
   const sent = [];
   const pub = await mqttClient(broker.port, { clean: false, clientId: `relay-pub-${process.pid}` });
