@@ -539,20 +539,28 @@ static void register_unlink(struct cloud_call *w) {
                 }
 }
 
+void cloud_registered(struct cloud *c) {
+        if (!c)
+                return;
+        c->counters.last_error[0] = '\0';
+        if (c->registered)
+                return;
+        c->registered = true;
+        if (c->ev.registered)
+                c->ev.registered(c->ev.userdata);
+        if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
+                log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
+        cloud_maybe_send(c);
+}
+
 /* The uplink's answer to a registration: recorded here (the relay's state), then told. */
 static void on_register_done(void *userdata, long status, const char *message) {
         struct cloud_call *w = userdata;
         struct cloud *c = w->cloud;
 
         register_unlink(w);
-        if (status == 200 || status == 201) {
-                c->registered = true;
-                if (c->ev.registered)
-                        c->ev.registered(c->ev.userdata);
-                if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
-                        log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
-                c->counters.last_error[0] = '\0';
-        }
+        if (status == 200 || status == 201)
+                cloud_registered(c);
         w->done(w->userdata, status, message);
         free(w);
         cloud_maybe_send(c);

@@ -130,6 +130,8 @@ static void on_uplink_event(void *userdata, const char *type, const char *reason
         static const char *const signin_reasons[] = { "signed_in", "signed_out", "login_required" };
         struct hub *h = userdata;
 
+        if (streq(type, "registered"))
+                cloud_registered(h->cloud);
         if (streq(type, "signin_changed")) {
                 /* A security event; its reason a static name (events.h), one of oauth.c's. */
                 for (size_t i = 0; i < ELEMENTSOF(signin_reasons); i++)

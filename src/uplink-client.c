@@ -151,8 +151,8 @@ static int on_answer(void *userdata, struct chan_op *base, const struct tlv_msg 
                 }
                 return dup_text(m, UPLINK_TAG_RETRY_AFTER, &q->text);
         case CALL_REGISTER:
-                (void) tlv_msg_u64(m, UPLINK_TAG_HTTP_STATUS, &v);
-                q->status = (long) v;
+                /* No HTTP status: it failed before a final answer, MESSAGE says why. */
+                q->status = tlv_msg_u64(m, UPLINK_TAG_HTTP_STATUS, &v) >= 0 ? (long) v : -EPROTO;
                 return dup_text(m, UPLINK_TAG_MESSAGE, &q->text);
         case CALL_LOGIN_START: {
                 _cleanup_free_ char *code = NULL, *uri = NULL, *complete = NULL;

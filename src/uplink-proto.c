@@ -43,7 +43,9 @@ static const struct tlv_op ops[_UPLINK_OP_MAX] = {
         [UPLINK_OP_REQUEST] = { "REQUEST",
                                 { R(KIND), O(ARG), O(BODY), R(TIMEOUT) },
                                 { R(HTTP_STATUS), R(BODY), O(RETRY_AFTER) } },
-        [UPLINK_OP_REGISTER] = { "REGISTER", {}, { R(HTTP_STATUS), R(MESSAGE) } },
+        /* No HTTP_STATUS: the registration failed before a final answer (the attestation, the
+         * cloud's challenge); MESSAGE says why (iothubd shows it to the operator). */
+        [UPLINK_OP_REGISTER] = { "REGISTER", {}, { O(HTTP_STATUS), R(MESSAGE) } },
         [UPLINK_OP_LOGIN_START] = { "LOGIN_START",
                                     {},
                                     { R(USER_CODE), R(VERIFICATION_URI), O(VERIFICATION_URI_COMPLETE), R(EXPIRES_IN) } },
@@ -115,7 +117,7 @@ static int check(const struct tlv_msg *m) {
                 if (tlv_msg_u64(m, UPLINK_TAG_TIMEOUT, &v) < 0 || v > UPLINK_TIMEOUT_MAX_S)
                         return -EBADMSG;
         }
-        if (m->answer && (m->op == UPLINK_OP_REQUEST || m->op == UPLINK_OP_REGISTER))
+        if (m->answer && (m->op == UPLINK_OP_REQUEST || tlv_msg_has(m, UPLINK_TAG_HTTP_STATUS)))
                 /* RFC 9110 15: a status code is three digits, 1xx..5xx. */
                 if (tlv_msg_u64(m, UPLINK_TAG_HTTP_STATUS, &v) < 0 || v < 100 || v > 599)
                         return -EBADMSG;

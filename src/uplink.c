@@ -291,12 +291,13 @@ static void on_register_done(void *userdata, long status, const char *message) {
         struct conn *c = q->conn;
 
         q->call = NULL;
-        if (status < 0) {
-                /* An error answer carries no field (the channel's rule): the message is logged. */
-                log_warning("Registration failed: %s", message);
-                answer_error(c, q->id, q->op, (int) status);
-        } else if (answer_begin(c, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
+        if (answer_begin(c, q->id, q->op, 0) >= 0) {
+                /* Failed before a final answer: no HTTP_STATUS, the reason for the operator
+                 * (one line, no secret; uplink-proto.h). */
+                if (status < 0)
+                        log_warning("Registration failed: %s", message);
+                else
+                        (void) tlv_msg_add_u64(&c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
                 (void) tlv_msg_add_str(&c->out, UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
                 answer_end(c, q->id, q->op);
         }

@@ -68,6 +68,10 @@ struct cloud_call;
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret);
 void cloud_register_cancel(struct cloud_call *call);
+/* The uplink registered the hub (its news): recorded as a successful cloud_register() is, also
+ * when the waiter of that one went away before the answer (the channel has no cancel: the
+ * uplink finishes what it began). NULL c is a no-op. */
+void cloud_registered(struct cloud *c);
 /* Whether other modules' requests (uplink_request()) can go now: a key, a token, and the hub
  * registered. */
 bool cloud_ready(struct cloud *c);

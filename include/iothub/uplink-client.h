@@ -75,8 +75,9 @@ struct uplink_client *uplink_client_free(struct uplink_client *u);
  * -EINVAL for what the channel refuses (uplink-proto.h), -EBUSY with a full queue, -ENOMEM. */
 int uplink_request(struct uplink_client *u, unsigned kind, const char *arg, char *body, size_t body_len,
                    long timeout_s, uplink_done_t done, void *userdata, struct uplink_call **ret);
-/* REGISTER: done() gets the HTTP status and the uplink's one-line message, or a negative errno
- * and a line of ours. */
+/* REGISTER: done() gets the HTTP status and the uplink's one-line message; -EPROTO and the
+ * uplink's message when it failed before a final answer (the attestation); or another negative
+ * errno and a line of ours. */
 int uplink_register(struct uplink_client *u, void (*done)(void *userdata, long status, const char *message),
                     void *userdata, struct uplink_call **ret);
 /* LOGIN_START: done() gets 0 and {user_code, verification_uri, verification_uri_complete?,

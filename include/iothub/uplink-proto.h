@@ -54,7 +54,7 @@ enum uplink_tag {
         UPLINK_TAG_ARG = 2,                       /* T [1..64] see the kinds */
         UPLINK_TAG_BODY = 3,                      /* B [0..1 MiB] request body; the answer's, raw */
         UPLINK_TAG_TIMEOUT = 4,                   /* U64 seconds, 0 the uplink's default; at most UPLINK_TIMEOUT_MAX_S */
-        UPLINK_TAG_HTTP_STATUS = 5,               /* U64 100..599, the final response's */
+        UPLINK_TAG_HTTP_STATUS = 5,               /* U64 100..599, the final response's; REGISTER: absent when it failed before one */
         UPLINK_TAG_RETRY_AFTER = 6,               /* T [1..64] the Retry-After header's value, when there was one */
         UPLINK_TAG_MESSAGE = 7,                   /* T [1..1024] REGISTER's outcome, one line, no secret */
         UPLINK_TAG_USER_CODE = 8,                 /* T [1..64] RFC 8628 3.2 user_code */
