@@ -323,8 +323,15 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (!o)
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
-        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon. */
-        if (h->key_ready)
+        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon.
+         * With a cloud, the key is ready once iothub-uplink, which signs the requests, has it
+         * too (its STATUS, asked fresh for this): until then uploads and sign-in wait. */
+        if (h->key_ready && h->uplink && !uplink_have_key(h->uplink))
+                key = json_pack("{s:s,s:n,s:I,s:s,s:s}", "backend", signer_key_backend(h->signer), "id",
+                                "signatures", (json_int_t) signer_signatures(h->signer), "error",
+                                "iothub-uplink has not got the hub key from the signer yet", "reason",
+                                "uplink_no_key");
+        else if (h->key_ready)
                 key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", signer_key_backend(h->signer), "id",
                                 signer_key_id(h->signer), "signatures", (json_int_t) signer_signatures(h->signer),
                                 "error", signer_last_error(h->signer));
