@@ -22,7 +22,7 @@ struct uplink_call {
         struct chan_op base; /* first: a call is its op */
         struct uplink_client *u;
         enum call_type type;
-        union {
+        union call_done {
                 uplink_done_t request;
                 void (*reg)(void *userdata, long status, const char *message);
                 void (*login_start)(void *userdata, int r, json_t *info);
@@ -290,48 +290,45 @@ int uplink_request(struct uplink_client *u, unsigned kind, const char *arg, char
         return call_submit(u, q, t + UPLINK_CLIENT_MARGIN_S, ret);
 }
 
-int uplink_register(struct uplink_client *u, void (*done)(void *userdata, long status, const char *message),
-                    void *userdata, struct uplink_call **ret) {
+/* An op without fields: queued with its done(). */
+static int plain_call(struct uplink_client *u, unsigned code, enum call_type type, union call_done done,
+                      void *userdata, uint64_t timeout_s, struct uplink_call **ret) {
         struct uplink_call *q;
-        int r = done ? call_new(u, UPLINK_OP_REGISTER, CALL_REGISTER, userdata, &q) : -EINVAL;
+        int r = call_new(u, code, type, userdata, &q);
 
         if (r < 0)
                 return r;
-        q->done.reg = done;
-        return call_submit(u, q, UPLINK_CLIENT_OP_TIMEOUT_S, ret);
+        q->done = done;
+        return call_submit(u, q, timeout_s, ret);
+}
+
+int uplink_register(struct uplink_client *u, void (*done)(void *userdata, long status, const char *message),
+                    void *userdata, struct uplink_call **ret) {
+        return done ? plain_call(u, UPLINK_OP_REGISTER, CALL_REGISTER, (union call_done){ .reg = done }, userdata,
+                                 UPLINK_CLIENT_OP_TIMEOUT_S, ret)
+                    : -EINVAL;
 }
 
 int uplink_login_start(struct uplink_client *u, void (*done)(void *userdata, int r, json_t *info), void *userdata,
                        struct uplink_call **ret) {
-        struct uplink_call *q;
-        int r = done ? call_new(u, UPLINK_OP_LOGIN_START, CALL_LOGIN_START, userdata, &q) : -EINVAL;
-
-        if (r < 0)
-                return r;
-        q->done.login_start = done;
-        return call_submit(u, q, UPLINK_CLIENT_OP_TIMEOUT_S, ret);
+        return done ? plain_call(u, UPLINK_OP_LOGIN_START, CALL_LOGIN_START, (union call_done){ .login_start = done },
+                                 userdata, UPLINK_CLIENT_OP_TIMEOUT_S, ret)
+                    : -EINVAL;
 }
 
 int uplink_login_wait(struct uplink_client *u, void (*done)(void *userdata, int r, const char *message),
                       void *userdata, struct uplink_call **ret) {
-        struct uplink_call *q;
-        int r = done ? call_new(u, UPLINK_OP_LOGIN_WAIT, CALL_LOGIN_WAIT, userdata, &q) : -EINVAL;
-
-        if (r < 0)
-                return r;
-        q->done.message = done;
-        return call_submit(u, q, 0, ret); /* as long as the sign-in lasts (RFC 8628 expires_in) */
+        /* No timeout: as long as the sign-in lasts (RFC 8628 expires_in, the uplink's). */
+        return done ? plain_call(u, UPLINK_OP_LOGIN_WAIT, CALL_LOGIN_WAIT, (union call_done){ .message = done },
+                                 userdata, 0, ret)
+                    : -EINVAL;
 }
 
 int uplink_logout(struct uplink_client *u, void (*done)(void *userdata, int r), void *userdata,
                   struct uplink_call **ret) {
-        struct uplink_call *q;
-        int r = done ? call_new(u, UPLINK_OP_LOGOUT, CALL_LOGOUT, userdata, &q) : -EINVAL;
-
-        if (r < 0)
-                return r;
-        q->done.logout = done;
-        return call_submit(u, q, UPLINK_CLIENT_OP_TIMEOUT_S, ret);
+        return done ? plain_call(u, UPLINK_OP_LOGOUT, CALL_LOGOUT, (union call_done){ .logout = done }, userdata,
+                                 UPLINK_CLIENT_OP_TIMEOUT_S, ret)
+                    : -EINVAL;
 }
 
 /* ---- STATUS ---- */
