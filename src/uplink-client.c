@@ -229,7 +229,7 @@ static void on_finish(void *userdata, struct chan_op *base, int r) {
         }
         case CALL_REGISTER:
                 if (r < 0) {
-                        const char *t = r == -EBUSY ? "another registration is under way"
+                        const char *t = r == -EBUSY ? "busy: another registration is under way"
                                                     : error_text(r, buf, sizeof buf);
                         q->done.reg(q->userdata, r, t);
                 } else
