@@ -242,11 +242,15 @@ static void cloud_maybe_send(struct cloud *c) {
         int64_t oldest_usec = 0;
         int r;
 
-        if (!uplink_have_key(c->req))
-                return;
-        if (!uplink_have_token(c->req)) {
-                if (uplink_login_required(c->req))
+        /* What the uplink said last (its STATUS, hub.c kicks at every change): it cannot
+         * authorize a request yet. Its own words when it has some (a token file it cannot
+         * read, no [oauth]). */
+        if (!uplink_have_key(c->req) || !uplink_have_token(c->req)) {
+                const char *e = uplink_last_error(c->req, NULL);
+                if (uplink_have_key(c->req) && uplink_login_required(c->req))
                         set_last_error(c, "not signed in: run 'iothubctl login'");
+                else if (e[0] && !streq(e, c->counters.last_error))
+                        set_last_error(c, "%s", e);
                 return;
         }
         /* Nothing goes up before the hub is registered: the cloud could not check it. */

@@ -152,7 +152,8 @@ static void on_uplink_status_changed(void *userdata) {
         if (ready && !h->uplink_ready) {
                 cloud_key_ready(h->cloud);
                 commands_kick(h->commands);
-        }
+        } else
+                cloud_kick(h->cloud); /* what the relay says while it waits */
         h->uplink_ready = ready;
         hub_notify_status(h);
 }

@@ -337,11 +337,10 @@ static void status_answered(struct uplink_client *u, int r, const char *text) {
         json_t *st, *up;
         bool key, token, login;
 
-        if (r < 0) {
-                if (r != -ECONNREFUSED && r != -ENOENT)
-                        set_last_error(u, "the uplink's status: %s", strerror(-r));
+        /* A STATUS that failed or timed out (a busy uplink, a lost connection: said by
+         * on_disconnected()) leaves the last one. */
+        if (r < 0)
                 return;
-        }
         st = json_loads(text ? text : "", JSON_REJECT_DUPLICATES, NULL);
         if (!json_is_object(st)) {
                 json_decref(st);
