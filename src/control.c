@@ -187,7 +187,7 @@ static json_t *status_reply(struct control *ctl) {
 static void on_uplink_status(void *userdata) {
         struct conn *c = userdata;
 
-        uplink_call_cancel(TAKE_PTR(c->status_call));
+        c->status_call = NULL; /* the uplink client frees it after this call */
         conn_answer(c, status_reply(c->ctl));
 }
 

@@ -249,16 +249,15 @@ static void on_finish(void *userdata, struct chan_op *base, int r) {
                         u->status_call = NULL;
                 status_answered(u, r, q->text);
                 if (q->done.status)
-                        q->done.status(q->userdata); /* frees q (its owner's) */
-                else
-                        uplink_call_cancel(q);
-                return;
+                        q->done.status(q->userdata);
+                break;
         case CALL_WATCH:
                 u->watch = NULL;
                 watch_answered(u, r, q->gen, q->text);
-                uplink_call_cancel(q);
-                return;
+                break;
         }
+        /* Ended: the call was its caller's until done() returned (uplink-client.h). */
+        uplink_call_cancel(q);
 }
 
 /* ---- the ops ---- */

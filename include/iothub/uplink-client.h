@@ -104,8 +104,8 @@ bool uplink_is_connected(const struct uplink_client *u);
  * "" when none; *ret_at (may be NULL) the CLOCK_MONOTONIC usec it was learnt. */
 const char *uplink_last_error(const struct uplink_client *u, uint64_t *ret_at);
 /* Asks the uplink's STATUS for a status answer that must be fresh (iothubctl status): done()
- * runs when it is kept, or after timeout_ms or a failure (the last one stays); the caller frees
- * the call there with uplink_call_cancel(). -ENOTCONN while the uplink is not connected (the
+ * runs when it is kept, or after timeout_ms or a failure (the last one stays); the call ends
+ * with it. -ENOTCONN while the uplink is not connected (the
  * last one is what there is), -EBUSY, -ENOMEM. */
 int uplink_status_fresh(struct uplink_client *u, uint64_t timeout_ms, void (*done)(void *userdata),
                         void *userdata, struct uplink_call **ret);
