@@ -391,6 +391,14 @@ static void status_answer(struct cloud *c, const struct uplink_answer *resp_) {
         }
         if (r < 0 || status == 401 || status == 408 || status == 429 || status >= 500 || status < 200 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
+                /* The uplink could not sign with the hub key (another TPM in its place, the
+                 * TPM gone): said with the key's MESSAGE_ID, once per backoff step. */
+                if (r == -ENOKEY || r == -EHOSTDOWN)
+                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
+                                  "Cannot sign uploads with the hub key, frames stay spooled: %s",
+                                  r == -EHOSTDOWN && uplink_key_error(c->req) ? uplink_key_error(c->req)
+                                                                             : resp_->error_text);
                 if (r < 0)
                         set_last_error(c, "upload failed: %s", resp_->error_text);
                 else

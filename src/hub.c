@@ -330,12 +330,13 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (h->key_ready && h->uplink && !uplink_have_key(h->uplink))
                 key = json_pack("{s:s,s:n,s:I,s:s,s:s}", "backend", signer_key_backend(h->signer), "id",
                                 "signatures", (json_int_t) signer_signatures(h->signer), "error",
-                                "iothub-uplink has not got the hub key from the signer yet", "reason",
-                                "uplink_no_key");
+                                uplink_key_error(h->uplink) ?: "iothub-uplink has not got the hub key from the signer yet",
+                                "reason", "uplink_no_key");
         else if (h->key_ready)
+                /* The uploads' signatures are the uplink's: its signer's words when they fail. */
                 key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", signer_key_backend(h->signer), "id",
                                 signer_key_id(h->signer), "signatures", (json_int_t) signer_signatures(h->signer),
-                                "error", signer_last_error(h->signer));
+                                "error", signer_last_error(h->signer) ?: uplink_key_error(h->uplink));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
                                 "id", "signatures", (json_int_t) signer_signatures(h->signer), "error", h->key_error,

@@ -182,14 +182,29 @@ static int on_answer(void *userdata, struct chan_op *base, const struct tlv_msg 
         return 0;
 }
 
+/* The channel's error answers carry no field: the uplink's errno says which failure it was
+ * (http.c maps curl's codes so), in words for status and the log; curl's own words are in
+ * iothub-uplink's log. */
 static const char *error_text(int r, char *buf, size_t size) {
         switch (r) {
         case -ENOKEY:
-                return "the uplink has no hub key";
+                return "the uplink cannot sign with the hub key (signer: Required key not available)";
         case -EACCES:
                 return "the uplink has no token: sign in (iothubctl login)";
         case -ETIMEDOUT:
                 return "timed out";
+        case -EHOSTUNREACH:
+                return "could not resolve the cloud's host name";
+        case -ECONNREFUSED:
+                return "could not connect to the cloud";
+        case -EPROTO:
+                return "TLS failed: the cloud's certificate or host name did not verify against [cloud] ca_file";
+        case -ECONNRESET:
+                return "the connection to the cloud was cut";
+        case -EFBIG:
+                return "the cloud's answer is over the size limit";
+        case -EHOSTDOWN:
+                return "the uplink cannot sign: the TPM is unreachable";
         default:
                 (void) snprintf(buf, size, "%s", strerror(-r));
                 return buf;
@@ -562,6 +577,12 @@ const char *uplink_last_error(const struct uplink_client *u, uint64_t *ret_at) {
         if (ret_at)
                 *ret_at = 0;
         return e ? e : "";
+}
+
+const char *uplink_key_error(const struct uplink_client *u) {
+        const char *e = u ? json_string_value(json_object_get(json_object_get(u->status, "signer"), "last_error")) : NULL;
+
+        return e && e[0] ? e : NULL;
 }
 
 int uplink_status_json(const struct uplink_client *u, json_t *o) {
