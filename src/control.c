@@ -447,6 +447,8 @@ static const char *login_error(int r) {
                 return "sign-in is not configured in iothub-uplink's configuration";
         case -EPROTO:
                 return "the authorization server refused the sign-in (iothub-uplink's log says why)";
+        case -EBADMSG:
+                return "the token endpoint answered without usable tokens";
         default:
                 return NULL;
         }
