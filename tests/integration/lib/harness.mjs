@@ -140,6 +140,14 @@ export function confText(o) {
 
 let hubCounter = 0;
 
+// cmd argv in a mount namespace of its own where /etc/resolv.conf is the file resolvConf: a
+// name lookup it makes goes where the test says (a nameserver on loopback), never to the
+// machine's resolver on the network.
+function withResolvConf(resolvConf, cmd, argv) {
+  return ['unshare', ['-m', '--propagation', 'private', '--', 'sh', '-c',
+    'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', 'sh', resolvConf, cmd, ...argv]];
+}
+
 // The daemon under test, with its own NOTIFY_SOCKET so that tests see every sd_notify line.
 export class Hub {
   constructor(dir, broker, overrides = {}) {
@@ -269,7 +277,12 @@ export class Hub {
 
   async start(opts = {}) {
     if (opts.signer !== false) await this.startSigner(opts.signerOpts ?? {});
-    if (opts.uplink !== false && this.hasCloud) await this.startUplink(opts.uplinkOpts ?? {});
+    // opts.resolvConf: the uplink (which resolves the cloud's name) sees it too.
+    if (opts.uplink !== false && this.hasCloud) {
+      const uo = { ...(opts.uplinkOpts ?? {}) };
+      if (opts.resolvConf && !uo.wrap) uo.wrap = (c, a) => withResolvConf(opts.resolvConf, c, a);
+      await this.startUplink(uo);
+    }
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });
@@ -287,11 +300,7 @@ export class Hub {
     // opts.resolvConf: the daemon sees this file as /etc/resolv.conf, in a mount namespace of its
     // own, so that a name lookup it makes goes where the test says (a nameserver on loopback),
     // never to the machine's resolver on the network.
-    if (opts.resolvConf) {
-      argv = ['-m', '--propagation', 'private', '--', 'sh', '-c',
-        'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', 'sh', opts.resolvConf, cmd, ...argv];
-      cmd = 'unshare';
-    }
+    if (opts.resolvConf) [cmd, argv] = withResolvConf(opts.resolvConf, cmd, argv);
     this.proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.proc.stderr.on('data', (d) => { this.log += d; });
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
