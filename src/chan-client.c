@@ -272,10 +272,8 @@ static int read_input(struct chan_client *c) {
                         r = take_answer(c, need);
                         if (r < 0)
                                 return r;
-                        /* finish() may have closed the connection (chan_client_free() is not
-                         * allowed there, a reset is): stop reading. */
-                        if (c->fd < 0)
-                                return 0;
+                        /* finish() may queue and cancel ops, never close the connection or
+                         * free the client (chan-client.h). */
                         memmove(c->in, c->in + need, c->in_len - need);
                         c->in_len -= need;
                         continue;
@@ -395,11 +393,6 @@ static void chan_disconnect(struct chan_client *c, int error) {
         /* Lazily: only while someone waits; else the next request connects. */
         if (c->n_ops > 0)
                 schedule_reconnect(c);
-}
-
-void chan_client_reset(struct chan_client *c, int error) {
-        if (c && c->fd >= 0)
-                chan_disconnect(c, error);
 }
 
 /* ---- timeouts and -EBUSY backoff ---- */

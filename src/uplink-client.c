@@ -42,7 +42,6 @@ struct uplink_call {
 _Static_assert(offsetof(struct uplink_call, base) == 0, "a call is its chan_op");
 
 struct uplink_client {
-        sd_event *event;
         const struct iothub_conf *conf;
         struct uplink_client_events ev;
         struct chan_client *chan;
@@ -507,7 +506,6 @@ int uplink_client_new(sd_event *e, const struct iothub_conf *conf, const struct 
         u = calloc(1, sizeof *u);
         if (!u)
                 return -ENOMEM;
-        u->event = e;
         u->conf = conf;
         if (ev)
                 u->ev = *ev;

@@ -96,9 +96,5 @@ int chan_op_submit(struct chan_client *c, struct chan_op *op, uint64_t timeout_u
  * frees its memory. */
 void chan_op_cancel(struct chan_op *op);
 
-/* Closes the connection and makes a new one (the peer answered something the caller cannot
- * use): what was out is sent again. */
-void chan_client_reset(struct chan_client *c, int error);
-
 bool chan_client_is_connected(const struct chan_client *c);
 void chan_client_counters(const struct chan_client *c, struct chan_client_counters *ret);
