@@ -88,7 +88,7 @@ const PREFIX_OWNER = [['signer_msg_', 'signer-proto'], ['signer_buf_', 'signer-p
   ['uplink_client_', 'uplink-client'], ['uplink_call_', 'uplink-client'], ['uplink_request', 'uplink-client'],
   ['uplink_register', 'uplink-client'], ['uplink_login_', 'uplink-client'], ['uplink_logout', 'uplink-client'],
   ['uplink_status_', 'uplink-client'], ['uplink_refresh_status', 'uplink-client'], ['uplink_have_', 'uplink-client'],
-  ['uplink_is_connected', 'uplink-client'], ['uplink_last_error', 'uplink-client'], ['chan_', 'chan-client']];
+  ['uplink_is_connected', 'uplink-client'], ['uplink_last_error', 'uplink-client'], ['uplink_key_error', 'uplink-client'], ['chan_', 'chan-client']];
 
 // src/cloud.c, src/commands-internal.h, include/iothub/cloud.h -> the module's name.
 function moduleOf(file) {
