@@ -23,8 +23,8 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 # The TPM is iothub-signer's (and iothubctl's): iothubd asks the signer (issue 14) and links no
 # tpm2-tss library.
 TPM_PKGS := tss2-esys tss2-tctildr tss2-rc tss2-mu
-DAEMON_PKGS := libcurl openssl libmosquitto libsystemd jansson inih sqlite3
-PKGS := $(DAEMON_PKGS) $(TPM_PKGS) libqrencode
+DAEMON_PKGS := openssl libmosquitto libsystemd jansson inih sqlite3
+PKGS := libcurl $(DAEMON_PKGS) $(TPM_PKGS) libqrencode
 # iothub-signer (iothub-signer(8)): the TPM, OpenSSL, the loop and the config parser; never libcurl,
 # libmosquitto or SQLite (a parser of network bytes in the process that holds the key). A pulled-in
 # object that needs one of them fails the link; tests/integration/signer.test.mjs checks ldd too.

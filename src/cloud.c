@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* The relay to the vendor's web service (PROTOCOL.md 3).
  *
- * Requests go through cloudreq.c (authorized, signed, sent, a 401 handled there): this file
- * decides what goes up and reads the answers (issue 14 stage 2: what stays in iothubd).
+ * Requests go through iothub-uplink (uplink-client.c; the uplink authorizes, signs, sends and
+ * handles a 401): this file decides what goes up and reads the answers (issue 14 stage 2: what
+ * stays in iothubd, the process that holds no secret).
  *
  * Uploads: at most one status batch in flight. A batch goes when [cloud] batch_max_frames
  * are waiting or the oldest waiting frame is [cloud] batch_max_delay_ms old. It is the
@@ -13,10 +14,8 @@
 #include <inttypes.h>
 #include <stdio.h>
 
-#include <curl/curl.h>
-
 #include "iothub/cloud.h"
-#include "iothub/cloudreq.h"
+#include "iothub/uplink-client.h"
 #include "iothub/log.h"
 #include "iothub/registry.h"
 #include "iothub/spool.h"
@@ -39,7 +38,7 @@
 
 struct cloud_call {
         struct cloud *cloud;
-        struct cloudreq_call *call;
+        struct uplink_call *call;
         void (*done)(void *userdata, long status, const char *message);
         void *userdata;
         struct cloud_call *next; /* in cloud->registers */
@@ -50,16 +49,16 @@ struct cloud {
         const struct iothub_conf *conf;
         struct db *db;
         struct registry *registry;
-        struct cloudreq *req;       /* authorizes, signs, sends */
+        struct uplink_client *req;       /* authorizes, signs, sends */
         struct spool_counts *spool; /* hub.c's; lowered as frames leave the spool */
         struct cloud_events ev;
         sd_event_source *batch_timer;
         /* The status batch in flight, and the spool rows in it. */
-        struct cloudreq_call *status_call;
+        struct uplink_call *status_call;
         int64_t batch_first_id, batch_last_id;
         unsigned batch_frames;
         /* The list of bulbs in flight, and the generation of the list it carries. */
-        struct cloudreq_call *devices_call;
+        struct uplink_call *devices_call;
         uint64_t devices_call_gen;
         struct cloud_call *registers; /* iothubctl register's, waiting */
         bool registered;          /* iothubctl register succeeded (persisted) */
@@ -68,7 +67,7 @@ struct cloud {
         unsigned failures, devices_failures;
         uint64_t devices_backoff_until;
         struct cloud_counters counters;
-        uint64_t last_error_at; /* CLOCK_MONOTONIC usec; the newer of this and cloudreq's is shown */
+        uint64_t last_error_at; /* CLOCK_MONOTONIC usec; the newer of this and the uplink's is shown */
         json_t *rejected_reasons; /* reason -> count of per-frame rejections by the cloud */
 };
 
@@ -95,10 +94,9 @@ int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_secon
                 if (*p)
                         return -EINVAL;
         } else {
-                time_t t = curl_getdate(p, NULL);
-                if (t == -1)
-                        return -EINVAL;
-                s = (int64_t) t - now_s;
+                /* An HTTP-date (RFC 9110 5.6.7) is turned into delay-seconds by the uplink, which
+                 * links the HTTP library: none reaches here. */
+                return -EINVAL;
         }
         if (s < 0)
                 s = 0;
@@ -118,11 +116,11 @@ static void set_last_error(struct cloud *c, const char *fmt, ...) {
         c->last_error_at = now_monotonic_usec();
 }
 
-/* The last error to show: the relay's own or cloudreq's (the token, the key, a registration),
+/* The last error to show: the relay's own or the uplink's (the token, the key, the channel),
  * whichever is newer. */
 static const char *last_error(struct cloud *c) {
         uint64_t at = 0;
-        const char *e = cloudreq_last_error(c->req, &at);
+        const char *e = uplink_last_error(c->req, &at);
 
         return e[0] && (at > c->last_error_at || !c->counters.last_error[0]) ? e : c->counters.last_error;
 }
@@ -205,7 +203,7 @@ static int batch_add(const struct spool_entry *e, void *userdata) {
         return 0;
 }
 
-static void on_status_done(void *userdata, const struct cloudreq_answer *a);
+static void on_status_done(void *userdata, const struct uplink_answer *a);
 
 static int cloud_send_batch(struct cloud *c) {
         struct batch_builder b = {};
@@ -229,7 +227,7 @@ static int cloud_send_batch(struct cloud *c) {
         memcpy(b.buf + b.len, "]}", 3);
         b.len += 2;
         body = b.buf;
-        r = cloudreq_request(c->req, UPLINK_KIND_STATUS, NULL, body, b.len, 0, on_status_done, c, &c->status_call);
+        r = uplink_request(c->req, UPLINK_KIND_STATUS, NULL, body, b.len, 0, on_status_done, c, &c->status_call);
         if (r < 0)
                 return r;
         c->batch_first_id = b.first_id;
@@ -244,11 +242,15 @@ static void cloud_maybe_send(struct cloud *c) {
         int64_t oldest_usec = 0;
         int r;
 
-        if (!cloudreq_have_key(c->req))
-                return;
-        if (!cloudreq_have_token(c->req)) {
-                if (cloudreq_login_required(c->req))
+        /* What the uplink said last (its STATUS, hub.c kicks at every change): it cannot
+         * authorize a request yet. Its own words when it has some (a token file it cannot
+         * read, no [oauth]). */
+        if (!uplink_have_key(c->req) || !uplink_have_token(c->req)) {
+                const char *e = uplink_last_error(c->req, NULL);
+                if (uplink_have_key(c->req) && uplink_login_required(c->req))
                         set_last_error(c, "not signed in: run 'iothubctl login'");
+                else if (e[0] && !streq(e, c->counters.last_error))
+                        set_last_error(c, "%s", e);
                 return;
         }
         /* Nothing goes up before the hub is registered: the cloud could not check it. */
@@ -288,19 +290,10 @@ static void cloud_maybe_send(struct cloud *c) {
         }
         r = cloud_send_batch(c);
         if (r < 0) {
-                const char *kerr = cloudreq_key_error(c->req);
-
-                /* The key could not sign (TPM gone, or another TPM in its place): said with the
-                 * key's MESSAGE_ID, once per backoff step; the next try connects again. */
-                if (kerr) {
-                        set_last_error(c, "cannot sign with the hub key: %s", kerr);
-                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
-                                  r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
-                                  "Cannot sign uploads with the hub key, frames stay spooled: %s", kerr);
-                } else {
-                        set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
-                        log_error_errno(r, "Failed to prepare an upload batch: %m");
-                }
+                /* The uplink signs (a key that cannot sign shows in its answer, the relay
+                 * backs off then): a failure here is local. */
+                set_last_error(c, "cannot prepare a batch: %s", strerror(-r));
+                log_error_errno(r, "Failed to prepare an upload batch: %m");
                 cloud_backoff(c, NULL);
         }
 }
@@ -355,9 +348,9 @@ static void count_rejections(struct cloud *c, json_t *rejected, unsigned n_frame
         }
 }
 
-/* The final answer to a status batch (cloudreq.c handled a 401 it could: one here is final and
- * backs off like a 5xx). */
-static void status_answer(struct cloud *c, const struct cloudreq_answer *resp_) {
+/* The final answer to a status batch (the uplink handled a 401 it could: one here is final and
+ * backs off like a 5xx; so does an uplink that cannot be reached: frames stay spooled). */
+static void status_answer(struct cloud *c, const struct uplink_answer *resp_) {
         long status = resp_->status;
         int r = resp_->error;
         uint64_t count = 0, bytes = 0;
@@ -398,6 +391,14 @@ static void status_answer(struct cloud *c, const struct cloudreq_answer *resp_) 
         }
         if (r < 0 || status == 401 || status == 408 || status == 429 || status >= 500 || status < 200 ||
             (status >= 300 && status < 400) || (status > 200 && status < 300)) {
+                /* The uplink could not sign with the hub key (another TPM in its place, the
+                 * TPM gone): said with the key's MESSAGE_ID, once per backoff step. */
+                if (r == -ENOKEY || r == -EHOSTDOWN)
+                        log_event(LOG_ERR, r, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+                                  r == -ENOKEY ? "key_not_in_tpm" : "tpm_unreachable",
+                                  "Cannot sign uploads with the hub key, frames stay spooled: %s",
+                                  r == -EHOSTDOWN && uplink_key_error(c->req) ? uplink_key_error(c->req)
+                                                                             : resp_->error_text);
                 if (r < 0)
                         set_last_error(c, "upload failed: %s", resp_->error_text);
                 else
@@ -408,7 +409,7 @@ static void status_answer(struct cloud *c, const struct cloudreq_answer *resp_) 
         }
         /* Any other 4xx: the cloud will never take this batch. Keep it aside, do not loop. */
         char reason[CLOUD_REFUSAL_REASON_MAX];
-        cloudreq_refusal_reason(status, resp_->body, resp_->body_len, reason, sizeof reason);
+        uplink_refusal_reason(status, resp_->body, resp_->body_len, reason, sizeof reason);
         r = spool_move_aside(c->db, c->batch_first_id, c->batch_last_id, status, reason, &count, &bytes);
         if (r < 0) {
                 log_error_errno(r, "Failed to move a refused batch aside: %m (%s)", db_errmsg(c->db));
@@ -423,7 +424,7 @@ static void status_answer(struct cloud *c, const struct cloudreq_answer *resp_) 
                   "The cloud refused a batch of %" PRIu64 " frames (%s); moved aside, not retried", count, reason);
 }
 
-static void on_status_done(void *userdata, const struct cloudreq_answer *a) {
+static void on_status_done(void *userdata, const struct uplink_answer *a) {
         struct cloud *c = userdata;
 
         c->status_call = NULL;
@@ -460,7 +461,7 @@ static int build_devices_body(struct cloud *c, char **ret, size_t *ret_len) {
         return 0;
 }
 
-static void on_devices_done(void *userdata, const struct cloudreq_answer *a);
+static void on_devices_done(void *userdata, const struct uplink_answer *a);
 
 void cloud_send_devices(struct cloud *c);
 void cloud_send_devices(struct cloud *c) {
@@ -470,7 +471,7 @@ void cloud_send_devices(struct cloud *c) {
 
         r = build_devices_body(c, &body, &len);
         if (r >= 0)
-                r = cloudreq_request(c->req, UPLINK_KIND_DEVICES, NULL, body, len, 0, on_devices_done, c,
+                r = uplink_request(c->req, UPLINK_KIND_DEVICES, NULL, body, len, 0, on_devices_done, c,
                                      &c->devices_call);
         if (r >= 0)
                 c->devices_call_gen = c->devices_gen;
@@ -478,9 +479,9 @@ void cloud_send_devices(struct cloud *c) {
                 log_error_errno(r, "Failed to send the list of bulbs: %m");
 }
 
-/* The final answer to the list of bulbs (a 401 that cloudreq.c could answer was sent again
+/* The final answer to the list of bulbs (a 401 that the uplink could answer was sent again
  * there). */
-static void devices_answer(struct cloud *c, const struct cloudreq_answer *resp) {
+static void devices_answer(struct cloud *c, const struct uplink_answer *resp) {
         long status = resp->status;
         int r = resp->error;
         uint32_t rnd = 0;
@@ -515,7 +516,7 @@ static void devices_answer(struct cloud *c, const struct cloudreq_answer *resp) 
         arm_batch_timer(c, c->devices_backoff_until);
 }
 
-static void on_devices_done(void *userdata, const struct cloudreq_answer *a) {
+static void on_devices_done(void *userdata, const struct uplink_answer *a) {
         struct cloud *c = userdata;
 
         c->devices_call = NULL;
@@ -550,20 +551,28 @@ static void register_unlink(struct cloud_call *w) {
                 }
 }
 
-/* cloudreq.c's answer to a registration: recorded here (the relay's state), then told. */
+void cloud_registered(struct cloud *c) {
+        if (!c)
+                return;
+        c->counters.last_error[0] = '\0';
+        if (c->registered)
+                return;
+        c->registered = true;
+        if (c->ev.registered)
+                c->ev.registered(c->ev.userdata);
+        if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
+                log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
+        cloud_maybe_send(c);
+}
+
+/* The uplink's answer to a registration: recorded here (the relay's state), then told. */
 static void on_register_done(void *userdata, long status, const char *message) {
         struct cloud_call *w = userdata;
         struct cloud *c = w->cloud;
 
         register_unlink(w);
-        if (status == 200 || status == 201) {
-                c->registered = true;
-                if (c->ev.registered)
-                        c->ev.registered(c->ev.userdata);
-                if (db_meta_set(c->db, META_REGISTERED, "1") < 0)
-                        log_warning("Failed to record the registration; run 'iothubctl register' again after a restart");
-                c->counters.last_error[0] = '\0';
-        }
+        if (status == 200 || status == 201)
+                cloud_registered(c);
         w->done(w->userdata, status, message);
         free(w);
         cloud_maybe_send(c);
@@ -582,7 +591,7 @@ int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, co
         w->cloud = c;
         w->done = done;
         w->userdata = userdata;
-        r = cloudreq_register(c->req, on_register_done, w, &w->call);
+        r = uplink_register(c->req, on_register_done, w, &w->call);
         if (r < 0) {
                 free(w);
                 return r;
@@ -597,7 +606,7 @@ void cloud_register_cancel(struct cloud_call *w) {
         if (!w)
                 return;
         register_unlink(w);
-        cloudreq_cancel(w->call);
+        uplink_call_cancel(w->call);
         free(w);
 }
 
@@ -606,10 +615,10 @@ void cloud_register_cancel(struct cloud_call *w) {
 bool cloud_ready(struct cloud *c) {
         /* Registered too: before that the cloud cannot check a request (and would answer
          * 401, which would send the sign-in refreshing for nothing). */
-        return c && cloudreq_have_key(c->req) && cloudreq_have_token(c->req) && c->registered;
+        return c && uplink_have_key(c->req) && uplink_have_token(c->req) && c->registered;
 }
 
-/* hub.c announced the hub key to cloudreq.c (cloudreq_key_ready): what waited for it goes. */
+/* The uplink has the hub key and a token now (its news, hub.c): what waited for them goes. */
 void cloud_key_ready(struct cloud *c) {
         if (!c)
                 return;
@@ -619,7 +628,7 @@ void cloud_key_ready(struct cloud *c) {
 }
 
 int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-              struct cloudreq *req, struct spool_counts *spool, const struct cloud_events *ev, struct cloud **ret) {
+              struct uplink_client *req, struct spool_counts *spool, const struct cloud_events *ev, struct cloud **ret) {
         _cleanup_free_ char *dirty = NULL;
         struct cloud *c;
         int r;
@@ -660,8 +669,8 @@ int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct
         r = db_meta_get(db, META_DEVICES_DIRTY, &dirty);
         c->devices_dirty = r == -ENOENT ? true : (r >= 0 && streq(dirty, "1"));
 
-        /* A problem with the token (cloudreq_new() read it) says more than this. */
-        if (!cloudreq_have_key(req) && !cloudreq_last_error(req, NULL)[0])
+        /* Until the uplink's first STATUS says otherwise. */
+        if (!uplink_have_key(req))
                 set_last_error(c, "no hub key yet");
         *ret = c;
         return 0;
@@ -674,12 +683,12 @@ void cloud_free(struct cloud *c) {
         if (!c)
                 return;
         /* Its calls (and their waits for a refresh): no answer may reach a freed relay. */
-        cloudreq_cancel(c->status_call);
-        cloudreq_cancel(c->devices_call);
+        uplink_call_cancel(c->status_call);
+        uplink_call_cancel(c->devices_call);
         while (c->registers) {
                 struct cloud_call *w = c->registers;
                 c->registers = w->next;
-                cloudreq_cancel(w->call);
+                uplink_call_cancel(w->call);
                 w->done(w->userdata, -ECANCELED, "the daemon is stopping");
                 free(w);
         }

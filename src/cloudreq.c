@@ -83,18 +83,6 @@ const char *cloudreq_key_error(const struct cloudreq *cr) {
         return cr && cr->signer ? signer_last_error(cr->signer) : NULL;
 }
 
-void cloudreq_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size) {
-        json_error_t jerr;
-        json_t *resp = json_loadb(body, len, 0, &jerr);
-        const char *e = json_string_value(json_object_get(resp, "error"));
-
-        (void) snprintf(ret, size, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
-        json_decref(resp);
-        for (char *p = ret; *p; p++)
-                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
-                        *p = '?';
-}
-
 /* ---- the token ---- */
 
 static bool token_is_valid(const char *t) {
@@ -672,7 +660,7 @@ static int register_answer(struct cloudreq_call *q, const struct http_response *
         if (resp->status != 200) {
                 char reason[CLOUDREQ_REFUSAL_REASON_MAX];
 
-                cloudreq_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
+                uplink_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
                 (void) snprintf(message, size, "the cloud refused the attestation challenge: %s", reason);
                 return -EPROTO;
         }
@@ -715,7 +703,7 @@ static void register_http_done(struct cloudreq_call *q, const struct http_respon
                 /* The cloud's "error" (e.g. attestation_required, attest_replay) says why. */
                 char reason[CLOUDREQ_REFUSAL_REASON_MAX];
 
-                cloudreq_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
+                uplink_refusal_reason(resp->status, resp->body, resp->body_len, reason, sizeof reason);
                 (void) snprintf(message, sizeof message, "the cloud answered %s", reason);
         }
         call_unlink(q);

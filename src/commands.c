@@ -22,7 +22,7 @@
  * hub ignores an id it knows, and counts it).
  *
  * Sharing the TPM and the connection with the status uploads:
- * - Polls and results are requests of their own (cloudreq_request()) on the same curl multi handle
+ * - Polls and results are requests of their own (uplink_request()) on the same curl multi handle
  *   as the status batches, not entries of the batch queue: cloud.c has at most one status batch
  *   in flight, and a poll or a result is a separate request that gets its own connection from
  *   the shared pool (HTTP/1.1: one request per connection at a time, connections are reused).
@@ -48,7 +48,7 @@
 #include "commands-internal.h"
 #include "db-internal.h"
 #include "iothub/cloud.h"
-#include "iothub/cloudreq.h"
+#include "iothub/uplink-client.h"
 #include "iothub/commands.h"
 #include "iothub/events.h"
 #include "iothub/frame.h"
@@ -174,7 +174,7 @@ struct command {
         bool dirty;     /* memory is ahead of the row */
         bool published; /* handed to libmosquitto in this run, PUBACK not yet seen */
         int mid;
-        struct cloudreq_call *result_call;
+        struct uplink_call *result_call;
         unsigned result_level; /* what the call in flight reports */
         struct signer_op *sign_op; /* CMD_NEW while the signer makes its JWS */
 };
@@ -207,7 +207,7 @@ struct commands {
         struct registry *registry;
         struct mqtt *mqtt;
         struct cloud *cloud;      /* cloud_ready() */
-        struct cloudreq *req;     /* polls and results */
+        struct uplink_client *req;     /* polls and results */
         struct events *events; /* security events (rejected commands); NULL without them */
         struct signer *signer; /* NULL until hub.c announces the hub key (commands_key_ready) */
         struct verify_key *cloud_key; /* [cloud] command_key_file, NULL when unset */
@@ -216,7 +216,7 @@ struct commands {
         struct command *cmds[COMMANDS_ACTIVE_MAX]; /* oldest first */
         size_t n_cmds;
 
-        struct cloudreq_call *poll_call;
+        struct uplink_call *poll_call;
         uint64_t poll_started, poll_at; /* monotonic usec: no poll before poll_at */
         unsigned poll_failures;
         unsigned result_calls, result_failures;
@@ -320,7 +320,7 @@ static struct command *find_by_id(struct commands *c, const char *id) {
 static void command_free(struct command *cmd) {
         if (!cmd)
                 return;
-        cloudreq_cancel(cmd->result_call);
+        uplink_call_cancel(cmd->result_call);
         signer_op_free(cmd->sign_op);
         free(cmd->jws);
         free(cmd->cloud_sig);
@@ -702,7 +702,7 @@ static void poll_failed(struct commands *c, const char *what) {
                 log_debug("Polling for commands failed again (%s), next in %" PRIu64 " ms", what, delay / 1000);
 }
 
-static void on_poll_done(void *userdata, const struct cloudreq_answer *a) {
+static void on_poll_done(void *userdata, const struct uplink_answer *a) {
         struct commands *c = userdata;
         /* A transport failure is status 0 below. */
         long status = a->error < 0 ? 0 : a->status;
@@ -749,7 +749,7 @@ static int poll_start(struct commands *c) {
         (void) snprintf(wait, sizeof wait, "%d", COMMANDS_POLL_WAIT_S);
         c->poll_started = now_monotonic_usec();
         c->counters.polls++;
-        return cloudreq_request(c->req, UPLINK_KIND_COMMANDS_POLL, wait, NULL, 0,
+        return uplink_request(c->req, UPLINK_KIND_COMMANDS_POLL, wait, NULL, 0,
                                 COMMANDS_POLL_WAIT_S + COMMANDS_POLL_SLACK_S, on_poll_done, c, &c->poll_call);
 }
 
@@ -766,7 +766,7 @@ static unsigned next_result(const struct command *cmd) {
         return REPORTED_NONE;
 }
 
-static void on_result_done(void *userdata, const struct cloudreq_answer *a) {
+static void on_result_done(void *userdata, const struct uplink_answer *a) {
         struct command *cmd = userdata;
         /* A transport failure is status 0 below, as "no answer". */
         long status = a->error < 0 ? 0 : a->status;
@@ -813,7 +813,7 @@ static int result_start(struct commands *c, struct command *cmd, unsigned level)
         if (r < 0)
                 return r;
         size_t len = strlen(body);
-        r = cloudreq_request(c->req, UPLINK_KIND_COMMAND_RESULT, cmd->id, TAKE_PTR(body), len, 0, on_result_done,
+        r = uplink_request(c->req, UPLINK_KIND_COMMAND_RESULT, cmd->id, TAKE_PTR(body), len, 0, on_result_done,
                              cmd, &cmd->result_call);
         if (r < 0)
                 return r;
@@ -1329,7 +1329,7 @@ void commands_acks_done(struct commands *c, bool committed) {
 }
 
 int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-                 struct mqtt *mqtt, struct cloud *cloud, struct cloudreq *req, struct events *events,
+                 struct mqtt *mqtt, struct cloud *cloud, struct uplink_client *req, struct events *events,
                  struct commands **ret) {
         struct commands *c;
         int r;
@@ -1393,7 +1393,7 @@ void commands_free(struct commands *c) {
 
         if (!c)
                 return;
-        cloudreq_cancel(c->poll_call);
+        uplink_call_cancel(c->poll_call);
         /* What changed in the last moments (a PUBACK, a result taken) is not lost. */
         r = store_flush(c);
         if (r < 0)

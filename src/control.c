@@ -18,8 +18,8 @@
 #include "iothub/enrol.h"
 #include "iothub/pair.h"
 #include "iothub/log.h"
-#include "iothub/oauth.h"
 #include "iothub/registry.h"
+#include "iothub/uplink-client.h"
 #include "iothub/verify.h"
 
 #define CONTROL_MAX_GROUPS 256
@@ -29,13 +29,14 @@
 /* Refused peers logged per window: enough to name each of a few, not a line per connection. */
 #define CONTROL_REFUSED_LOG_BURST 5
 #define CONTROL_LISTEN_BACKLOG 128
+#define CONTROL_UPLINK_STATUS_MS 500
 
 struct control {
         sd_event *event;
         const struct iothub_conf *conf;
         struct registry *registry;
         struct cloud *cloud; /* NULL without [cloud] url */
-        struct oauth *oauth; /* NULL without [oauth] */
+        struct uplink_client *uplink; /* NULL without [cloud] url: sign-in is iothub-uplink's */
         struct dynsec *dynsec; /* NULL without [broker] dynsec */
         struct pair *pair;
         struct control_events ev;
@@ -44,9 +45,12 @@ struct control {
         sd_event_source *listen;
         unsigned n_clients;
         struct conn *conns; /* every open connection, so that control_free() ends them */
-        /* Sign-in: the connection waiting for the code, the one waiting for the outcome, and
-         * the outcome if it came while nobody waited. */
+        /* Sign-in (iothub-uplink's LOGIN_START and LOGIN_WAIT): the connection waiting for the
+         * code and its call, the one waiting for the outcome and the call that waits for it
+         * (kept when its connection goes, for the next waiter), and the outcome if it came while
+         * nobody waited. */
         struct conn *login_conn, *wait_conn;
+        struct uplink_call *login_call, *wait_call;
         bool login_finished;
         int login_r;
         char login_message[256];
@@ -66,7 +70,8 @@ struct conn {
         /* What the connection waits for, owned by it: freeing the connection (the client hung
          * up, as Ctrl-C on iothubctl does) cancels them, so their callbacks never run after. */
         struct cloud_call *register_call;
-        struct oauth_logout_op *logout_op;
+        struct uplink_call *logout_call;
+        struct uplink_call *status_call; /* the uplink's STATUS, for status */
         /* bulb add / remove waiting for the broker's dynamic security plugin: the request, the
          * answer it completes, and a new bulb's broker password until it is shown (once). */
         struct dynsec_op *dynsec_op;
@@ -111,7 +116,8 @@ static void conn_free(struct conn *c) {
         else
                 c->ctl->conns = c->next;
         cloud_register_cancel(TAKE_PTR(c->register_call));
-        oauth_logout_cancel(TAKE_PTR(c->logout_op));
+        uplink_call_cancel(TAKE_PTR(c->logout_call));
+        uplink_call_cancel(TAKE_PTR(c->status_call));
         dynsec_op_cancel(TAKE_PTR(c->dynsec_op));
         db_sync_wait_cancel(TAKE_PTR(c->sync_wait));
         /* The client hung up (Ctrl-C on iothubctl bulb pair): the window closes with it. */
@@ -123,8 +129,11 @@ static void conn_free(struct conn *c) {
         if (c->fd >= 0)
                 (void) close(c->fd);
         c->ctl->n_clients--;
-        if (c->ctl->login_conn == c)
+        if (c->ctl->login_conn == c) {
+                /* The uplink's sign-in goes on: the user may still approve it (login-wait). */
+                uplink_call_cancel(TAKE_PTR(c->ctl->login_call));
                 c->ctl->login_conn = NULL;
+        }
         if (c->ctl->wait_conn == c)
                 c->ctl->wait_conn = NULL;
         free(c->in);
@@ -162,7 +171,9 @@ static void devices_changed(struct control *ctl) {
                 ctl->ev.devices_changed(ctl->ev.userdata);
 }
 
-static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
+static void conn_answer(struct conn *c, json_t *reply);
+
+static json_t *status_reply(struct control *ctl) {
         json_t *st = NULL;
         int r;
 
@@ -171,6 +182,23 @@ static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req
                 return error_reply("cannot build status: %s", strerror(-r));
         (void) json_object_set_new(st, "ok", json_true());
         return st;
+}
+
+static void on_uplink_status(void *userdata) {
+        struct conn *c = userdata;
+
+        c->status_call = NULL; /* the uplink client frees it after this call */
+        conn_answer(c, status_reply(c->ctl));
+}
+
+static json_t *handle_status(struct control *ctl, struct conn *conn, json_t *req) {
+        /* The uplink's part (sign-in, its signatures) as it is now, not as of its last news:
+         * asked first, for at most CONTROL_UPLINK_STATUS_MS (a stuck uplink must not hold the
+         * status, which is how the operator finds out). Not connected: its last answer. */
+        if (ctl->uplink &&
+            uplink_status_fresh(ctl->uplink, CONTROL_UPLINK_STATUS_MS, on_uplink_status, conn, &conn->status_call) >= 0)
+                return CONTROL_PENDING;
+        return status_reply(ctl);
 }
 
 static json_t *handle_bulb_list(struct control *ctl, struct conn *conn, json_t *req) {
@@ -367,8 +395,20 @@ static void on_register_done(void *userdata, long status, const char *message) {
         struct conn *c = userdata;
         json_t *reply;
 
+        const char *key_error = NULL;
+        struct control *ctl = c->ctl;
+
         if (status == 200 || status == 201)
                 reply = json_pack("{s:b,s:s}", "ok", 1, "message", message);
+        else if (status < 0 && ctl->ev.key_missing && ctl->ev.key_missing(ctl->ev.userdata, &key_error))
+                reply = error_reply("no hub key: %s", key_error ? key_error : message);
+        else if (status == -ENOKEY || status == -EACCES)
+                /* The uplink has no token (its -ENOKEY is a missing token or key: the key is
+                 * there, above). */
+                reply = error_reply(ctl->conf->oauth.issuer
+                                            ? "not signed in: run 'iothubctl login' first"
+                                            : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
+                                              "'iothubctl login'");
         else
                 reply = error_reply("register failed: %s", message);
         c->register_call = NULL; /* the cloud frees it after this call */
@@ -376,34 +416,55 @@ static void on_register_done(void *userdata, long status, const char *message) {
 }
 
 static json_t *handle_register(struct control *ctl, struct conn *conn, json_t *req) {
-        const char *key_error = NULL;
         int r;
 
         if (!ctl->cloud)
                 return error_reply("[cloud] url is not set in %s", ctl->conf->path);
+        /* Whether there is a key and a token, the uplink says (on_register_done()). */
         r = cloud_register(ctl->cloud, on_register_done, conn, &conn->register_call);
-        if (r < 0 && ctl->ev.key_missing && ctl->ev.key_missing(ctl->ev.userdata, &key_error))
-                return error_reply("no hub key: %s", key_error ? key_error : strerror(-r));
-        if (r == -ENOKEY)
-                return error_reply(ctl->conf->oauth.issuer
-                                           ? "not signed in: run 'iothubctl login' first"
-                                           : "not signed in: configure [oauth] (see iothub.conf(5)), then run "
-                                             "'iothubctl login'");
         if (r < 0)
                 return error_reply("cannot register: %s", strerror(-r));
         return CONTROL_PENDING;
 }
 
-static void on_login_started(void *userdata, int r, const char *message, json_t *info) {
+/* How a sign-in ended, in words: the uplink's error answers carry no field (its log has the
+ * details), its errno says which end it was (oauth.c's login_finish()). */
+static const char *login_error(int r) {
+        switch (r) {
+        case -EACCES:
+                return "the sign-in was denied";
+        case -ETIMEDOUT:
+                return "the code expired before it was approved; run 'iothubctl login' again";
+        case -ECANCELED:
+                return "another sign-in started";
+        case -ENOENT:
+                return "no sign-in is under way: run 'iothubctl login'";
+        case -EAGAIN:
+                return "the authorization server has not been reached yet; try again shortly";
+        case -ENOKEY:
+                return "no hub key: run 'iothubctl key init' first";
+        case -EOPNOTSUPP:
+                return "sign-in is not configured in iothub-uplink's configuration";
+        case -EPROTO:
+                return "the authorization server refused the sign-in (iothub-uplink's log says why)";
+        case -EBADMSG:
+                return "the token endpoint answered without usable tokens";
+        default:
+                return NULL;
+        }
+}
+
+static void on_login_started(void *userdata, int r, json_t *info) {
         struct control *ctl = userdata;
         struct conn *c = ctl->login_conn;
         json_t *reply;
 
+        ctl->login_call = NULL;
         ctl->login_conn = NULL;
         if (!c)
                 return;
         if (r < 0)
-                reply = error_reply("sign-in could not start: %s", message);
+                reply = error_reply("sign-in could not start: %s", login_error(r) ?: strerror(-r));
         else {
                 reply = json_deep_copy(info);
                 if (reply)
@@ -412,89 +473,97 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
         conn_answer(c, reply);
 }
 
+static json_t *login_reply(int r, const char *message) {
+        if (r < 0)
+                return login_error(r) ? error_reply("%s", login_error(r)) : error_reply("sign-in failed: %s", strerror(-r));
+        return json_pack("{s:b,s:s}", "ok", 1, "message", message);
+}
+
 static void on_login_finished(void *userdata, int r, const char *message) {
         struct control *ctl = userdata;
         struct conn *c = ctl->wait_conn;
 
+        ctl->wait_call = NULL;
         ctl->wait_conn = NULL;
         if (!c) {
                 ctl->login_finished = true;
                 ctl->login_r = r;
-                (void) snprintf(ctl->login_message, sizeof ctl->login_message, "%s", message);
+                (void) snprintf(ctl->login_message, sizeof ctl->login_message, "%s", message ?: "");
                 return;
         }
-        conn_answer(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message));
+        conn_answer(c, login_reply(r, message));
+}
+
+static bool signin_configured(struct control *ctl) {
+        return ctl->uplink && ctl->conf->oauth.issuer;
 }
 
 static json_t *handle_login(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->oauth)
+        if (!signin_configured(ctl))
                 return error_reply("sign-in is not configured: set [oauth] issuer and client_id in %s",
                                    ctl->conf->path);
         ctl->login_finished = false;
+        /* The uplink ends the old flow, and answers its LOGIN_WAIT so; the waiter here hears it
+         * at once. */
+        uplink_call_cancel(TAKE_PTR(ctl->wait_call));
         if (ctl->wait_conn) {
                 conn_answer(TAKE_PTR(ctl->wait_conn), error_reply("another sign-in started"));
         }
         if (ctl->login_conn) {
                 /* A sign-in still waiting for its start (its device authorization, or the DPoP
                  * proof for it) ends here: its client hears so rather than waiting for ever. */
+                uplink_call_cancel(TAKE_PTR(ctl->login_call));
                 conn_answer(TAKE_PTR(ctl->login_conn), error_reply("sign-in could not start: another sign-in started"));
         }
-        ctl->login_conn = conn;
-        r = oauth_login(ctl->oauth, &(struct oauth_login_cb){ .started = on_login_started,
-                                                                     .finished = on_login_finished,
-                                                                     .userdata = ctl });
-        if (r < 0) {
-                ctl->login_conn = NULL;
-                if (r == -EAGAIN)
-                        return error_reply("the authorization server has not been reached yet; try again shortly");
-                if (r == -ENOKEY)
-                        return error_reply("no hub key: run 'iothubctl key init' first");
+        r = uplink_login_start(ctl->uplink, on_login_started, ctl, &ctl->login_call);
+        if (r < 0)
                 return error_reply("cannot start sign-in: %s", strerror(-r));
-        }
-        /* Starting this flow ended the previous one, whose outcome ("another sign-in
-         * started") was kept for nobody: it must not answer this flow's login-wait. */
-        ctl->login_finished = false;
+        ctl->login_conn = conn;
         return CONTROL_PENDING;
 }
 
 static json_t *handle_login_wait(struct control *ctl, struct conn *conn, json_t *req) {
-        if (!ctl->oauth)
+        int r;
+
+        if (!signin_configured(ctl))
                 return error_reply("sign-in is not configured");
         if (ctl->login_finished) {
                 ctl->login_finished = false;
-                if (ctl->login_r < 0)
-                        return error_reply("%s", ctl->login_message);
-                return json_pack("{s:b,s:s}", "ok", 1, "message", ctl->login_message);
+                return login_reply(ctl->login_r, ctl->login_message);
         }
         if (ctl->wait_conn)
                 return error_reply("someone else is already waiting for this sign-in");
+        /* The uplink keeps the outcome for its next LOGIN_WAIT; one stays out here at a time
+         * (the uplink takes one), kept for the next waiter when its client goes. */
+        if (!ctl->wait_call) {
+                r = uplink_login_wait(ctl->uplink, on_login_finished, ctl, &ctl->wait_call);
+                if (r < 0)
+                        return error_reply("cannot wait for the sign-in: %s", strerror(-r));
+        }
         ctl->wait_conn = conn;
         return CONTROL_PENDING;
 }
 
-static void on_logout_done(void *userdata, int r, const char *message) {
+static void on_logout_done(void *userdata, int r) {
         struct conn *c = userdata;
 
-        c->logout_op = NULL; /* oauth frees it after this call */
-        conn_answer(c, r < 0 ? error_reply("%s", message) : json_pack("{s:b,s:s}", "ok", 1, "message", message));
+        c->logout_call = NULL; /* the uplink client frees it after this call */
+        conn_answer(c, r < 0 ? error_reply(r == -EBUSY ? "a sign-out is already under way" : "cannot sign out: %s",
+                                           strerror(-r))
+                             : json_pack("{s:b,s:s}", "ok", 1, "message", "signed out"));
 }
 
 static json_t *handle_logout(struct control *ctl, struct conn *conn, json_t *req) {
         int r;
 
-        if (!ctl->oauth)
+        if (!signin_configured(ctl))
                 return error_reply("sign-in is not configured");
-        conn->pending = true; /* the answer may come right away, from inside the call */
-        r = oauth_logout(ctl->oauth, on_logout_done, conn, &conn->logout_op);
-        if (r < 0) {
-                conn->pending = false;
-                if (r == -EBUSY)
-                        return error_reply("a sign-out is already under way");
+        r = uplink_logout(ctl->uplink, on_logout_done, conn, &conn->logout_call);
+        if (r < 0)
                 return error_reply("cannot sign out: %s", strerror(-r));
-        }
-        return conn->pending ? CONTROL_PENDING : CONTROL_ANSWERED;
+        return CONTROL_PENDING;
 }
 
 /* durable: the request changes what the database holds about who may talk to the hub (an
@@ -891,8 +960,8 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
 }
 
 int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
-                struct oauth *oauth, struct dynsec *dynsec, struct pair *pair, const struct control_events *ev,
-                struct control **ret) {
+                struct uplink_client *uplink, struct dynsec *dynsec, struct pair *pair,
+                const struct control_events *ev, struct control **ret) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         struct control *ctl;
@@ -922,7 +991,7 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
         ctl->conf = conf;
         ctl->registry = registry;
         ctl->cloud = cloud;
-        ctl->oauth = oauth;
+        ctl->uplink = uplink;
         ctl->dynsec = dynsec;
         ctl->pair = pair;
         if (ev)
@@ -941,10 +1010,10 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
 void control_free(struct control *ctl) {
         if (!ctl)
                 return;
-        /* A sign-in in flight reports to ctl (on_login_started/finished): it goes on inside
-         * oauth, which outlives this, but must not call back into a freed control socket (found
-         * by ASan: hub_done() frees the control socket before oauth). */
-        oauth_login_detach(ctl->oauth, ctl);
+        /* A sign-in in flight reports to ctl (on_login_started/finished): it goes on in the
+         * uplink, but must not call back into a freed control socket. */
+        uplink_call_cancel(TAKE_PTR(ctl->login_call));
+        uplink_call_cancel(TAKE_PTR(ctl->wait_call));
         while (ctl->conns)
                 conn_free(ctl->conns);
         ctl->listen = sd_event_source_disable_unref(ctl->listen);

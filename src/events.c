@@ -10,7 +10,7 @@
  * Every [cloud] events_interval_s (default 60 s) the interval's entries are written to the
  * events table of the state database (migration 4) in one transaction, and a POST
  * /v1/hubs/<id>/events of the oldest spooled rows (at most EVENTS_BATCH_MAX) goes out through
- * cloudreq_request(): signed (RFC 9421) and authorized like every request, on a request of its
+ * uplink_request(): signed (RFC 9421) and authorized like every request, on a request of its
  * own, so it never holds up a status batch. At most one events request is in flight. Rows
  * leave the table when the cloud answered 2xx, or a final 4xx (not 401, 408, 429: those and
  * 5xx and transport errors back off, 2 s .. 300 s). A backlog of more than one batch goes in
@@ -28,7 +28,7 @@
 
 #include "db-internal.h"
 #include "iothub/cloud.h"
-#include "iothub/cloudreq.h"
+#include "iothub/uplink-client.h"
 #include "iothub/events.h"
 #include "iothub/log.h"
 #include "iothub/uplink-proto.h"
@@ -84,7 +84,7 @@ struct events {
         const struct iothub_conf *conf;
         struct db *db;
         struct cloud *cloud;   /* cloud_ready() */
-        struct cloudreq *req;  /* the requests */
+        struct uplink_client *req;  /* the requests */
         const struct spool_counts *spool; /* hub.c's: status frames waiting */
         sd_event_source *timer;
         struct agg agg[EVENTS_AGG_MAX + EVENTS_AGG_EXTRA];
@@ -98,7 +98,7 @@ struct events {
         unsigned deferred;    /* regular sends put off behind status */
         unsigned failures;
 
-        struct cloudreq_call *call;
+        struct uplink_call *call;
         int64_t call_last_id; /* the last row id of the batch in flight */
         uint64_t spooled;     /* rows in the table */
 
@@ -400,7 +400,7 @@ static int delete_through(struct events *ev, int64_t last_id, uint64_t *ret_dele
 
 static void work(struct events *ev);
 
-static void on_sent(void *userdata, const struct cloudreq_answer *a) {
+static void on_sent(void *userdata, const struct uplink_answer *a) {
         struct events *ev = userdata;
         /* A transport failure is status 0 below, as "no answer". */
         long status = a->error < 0 ? 0 : a->status;
@@ -464,7 +464,7 @@ static int send_batch(struct events *ev) {
         if (r < 0 || !body)
                 return r;
         size_t len = strlen(body);
-        r = cloudreq_request(ev->req, UPLINK_KIND_EVENTS, NULL, TAKE_PTR(body), len, 0, on_sent, ev, &ev->call);
+        r = uplink_request(ev->req, UPLINK_KIND_EVENTS, NULL, TAKE_PTR(body), len, 0, on_sent, ev, &ev->call);
         if (r < 0)
                 return r;
         ev->call_last_id = last;
@@ -545,7 +545,7 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
 /* ---- API ---- */
 
-int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud, struct cloudreq *req,
+int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud, struct uplink_client *req,
                const struct spool_counts *spool, struct events **ret) {
         struct events *ev;
         int r;
@@ -586,7 +586,7 @@ void events_free(struct events *ev) {
 
         if (!ev)
                 return;
-        cloudreq_cancel(ev->call);
+        uplink_call_cancel(ev->call);
         r = flush(ev);
         if (r < 0)
                 log_warning_errno(r, "Failed to spool security events at exit: %m");

@@ -11,20 +11,18 @@
 
 #include "iothub/ack.h"
 #include "iothub/cloud.h"
-#include "iothub/cloudreq.h"
 #include "iothub/commands.h"
 #include "iothub/control.h"
 #include "iothub/dynsec.h"
 #include "iothub/events.h"
-#include "iothub/http.h"
 #include "iothub/hub.h"
 #include "iothub/ingest.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
-#include "iothub/oauth.h"
 #include "iothub/pair.h"
 #include "iothub/signer.h"
 #include "iothub/spool.h"
+#include "iothub/uplink-client.h"
 
 #define EXIT_CONFIG 78
 #define STATUS_INTERVAL_USEC (5 * UINT64_C(1000000))
@@ -43,10 +41,11 @@ struct hub {
         struct registry *registry;
         struct mqtt *mqtt;
         struct control *control;
-        struct http *http;     /* HTTPS on the loop, shared by cloud and oauth */
-        struct cloudreq *cloudreq; /* NULL without [cloud] url: authorized, signed requests */
+        /* iothub-uplink (issue 14 stage 2): HTTPS, sign-in and the tokens are its; NULL without
+         * [cloud] url. */
+        struct uplink_client *uplink;
+        bool uplink_ready;     /* it said it has a key and a token */
         struct cloud *cloud;   /* NULL without [cloud] url */
-        struct oauth *oauth;   /* NULL without [oauth] issuer */
         struct commands *commands; /* NULL without [cloud] url */
         struct ack *ack;           /* end-to-end acks to the bulbs */
         struct dynsec *dynsec;     /* per-bulb broker identities; NULL without [broker] dynsec */
@@ -71,7 +70,6 @@ struct hub {
 };
 
 static int hub_open_key(struct hub *h);
-static int on_cloud_need_key(void *userdata);
 static void hub_notify_status(struct hub *h);
 static int hub_status_json(struct hub *h, json_t **ret);
 
@@ -127,23 +125,37 @@ static void on_ingest_command_acks_done(void *userdata, bool committed) {
         commands_acks_done(h->commands, committed);
 }
 
-/* A new access token: uploads and the command poll that waited for one go now. */
-static void on_oauth_token_ready(void *userdata) {
+/* The uplink's news (its WATCH). */
+static void on_uplink_event(void *userdata, const char *type, const char *reason) {
+        static const char *const signin_reasons[] = { "signed_in", "signed_out", "login_required" };
         struct hub *h = userdata;
 
+        if (streq(type, "registered"))
+                cloud_registered(h->cloud);
+        if (streq(type, "signin_changed")) {
+                /* A security event; its reason a static name (events.h), one of oauth.c's. */
+                for (size_t i = 0; i < ELEMENTSOF(signin_reasons); i++)
+                        if (streq_ptr(reason, signin_reasons[i]))
+                                events_note(h->events, EVENT_SIGNIN_CHANGED, signin_reasons[i], NULL, 1);
+        }
+        /* A new access token, the key, a registration: uploads and the command poll that waited
+         * go now (the uplink's STATUS, asked after every piece of news, says whether they can). */
         cloud_kick(h->cloud);
         commands_kick(h->commands);
 }
 
-static void on_oauth_status_changed(void *userdata) {
-        hub_notify_status(userdata);
-}
-
-/* Signed in, signed out, sign-in required: a security event (reason is a static name). */
-static void on_oauth_signin_changed(void *userdata, const char *reason) {
+/* Connected or lost the uplink, or its STATUS changed. */
+static void on_uplink_status_changed(void *userdata) {
         struct hub *h = userdata;
+        bool ready = uplink_have_key(h->uplink) && uplink_have_token(h->uplink);
 
-        events_note(h->events, EVENT_SIGNIN_CHANGED, reason, NULL, 1);
+        if (ready && !h->uplink_ready) {
+                cloud_key_ready(h->cloud);
+                commands_kick(h->commands);
+        } else
+                cloud_kick(h->cloud); /* what the relay says while it waits */
+        h->uplink_ready = ready;
+        hub_notify_status(h);
 }
 
 /* The hub is registered: the command poll can start. */
@@ -312,11 +324,19 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (!o)
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
-        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon. */
-        if (h->key_ready)
+        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon.
+         * With a cloud, the key is ready once iothub-uplink, which signs the requests, has it
+         * too (its STATUS, asked fresh for this): until then uploads and sign-in wait. */
+        if (h->key_ready && h->uplink && !uplink_have_key(h->uplink))
+                key = json_pack("{s:s,s:n,s:I,s:s,s:s}", "backend", signer_key_backend(h->signer), "id",
+                                "signatures", (json_int_t) signer_signatures(h->signer), "error",
+                                uplink_key_error(h->uplink) ?: "iothub-uplink has not got the hub key from the signer yet",
+                                "reason", "uplink_no_key");
+        else if (h->key_ready)
+                /* The uploads' signatures are the uplink's: its signer's words when they fail. */
                 key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", signer_key_backend(h->signer), "id",
                                 signer_key_id(h->signer), "signatures", (json_int_t) signer_signatures(h->signer),
-                                "error", signer_last_error(h->signer));
+                                "error", signer_last_error(h->signer) ?: uplink_key_error(h->uplink));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
                                 "id", "signatures", (json_int_t) signer_signatures(h->signer), "error", h->key_error,
@@ -340,7 +360,7 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (r >= 0)
                 r = cloud_status_json(h->cloud, o);
         if (r >= 0)
-                r = oauth_status_json(h->oauth, o);
+                r = uplink_status_json(h->uplink, o);
         if (r >= 0)
                 r = commands_status_json(h->commands, o);
         if (r >= 0)
@@ -367,7 +387,7 @@ static void hub_notify_status(struct hub *h) {
         for (int i = 0; i < _FRAME_REASON_MAX; i++)
                 rejected += counters->frames_rejected[i];
         cloud_status_line(h->cloud, cloud, sizeof cloud);
-        if (oauth_get_state(h->oauth) == OAUTH_LOGIN_REQUIRED)
+        if (uplink_login_required(h->uplink))
                 (void) snprintf(cloud, sizeof cloud, "sign-in required (iothubctl login)");
         /* First when frames cannot be stored: that needs the operator, and systemctl status
          * shows the beginning of a long line. */
@@ -422,6 +442,7 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         /* The signer's counters for status (one small request every STATUS_INTERVAL_USEC). */
         if (h->key_ready)
                 signer_refresh_status(h->signer);
+        uplink_refresh_status(h->uplink);
         hub_notify_status(userdata);
         (void) sd_event_source_set_time(s, usec + STATUS_INTERVAL_USEC);
         return 0;
@@ -455,9 +476,9 @@ static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata);
 /* The journal entry of a kind of key failure, once: with the signer's reason when it gave one. */
 static void hub_key_unavailable(struct hub *h) {
         h->key_log_pending = false;
-        log_event(h->cloud || h->oauth ? LOG_ERR : LOG_NOTICE, h->key_errno, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
+        log_event(h->cloud ? LOG_ERR : LOG_NOTICE, h->key_errno, IOTHUB_MID_KEY_UNAVAILABLE, NULL,
                   key_error_reason(h->key_errno), "No hub key, %s: %s",
-                  h->cloud || h->oauth ? "cloud uploads and sign-in wait" : "needed once [cloud] is configured",
+                  h->cloud ? "cloud uploads and sign-in wait" : "needed once [cloud] is configured",
                   h->key_error);
 }
 
@@ -476,8 +497,6 @@ static int hub_key_result(struct hub *h, int r) {
                         h->key_error = strdup(r == -ENOENT ? "no hub key: run 'iothubctl key init'" : strerror(-r));
                 }
                 h->key_errno = r;
-                /* A registration that waited for this answer ends. */
-                cloudreq_key_failed(h->cloudreq, r, h->key_error);
                 signer_refresh_status(h->signer);
                 if (!h->key_timer) {
                         h->key_retry_usec = KEY_RETRY_FIRST_USEC;
@@ -496,9 +515,8 @@ static int hub_key_result(struct hub *h, int r) {
         h->key_timer = sd_event_source_disable_unref(h->key_timer);
         log_event(LOG_INFO, 0, IOTHUB_MID_KEY_OPENED, NULL, NULL, "Hub key %s (%s), held by iothub-signer",
                   signer_key_id(h->signer), signer_key_backend(h->signer));
-        /* The announcement: the sealed tokens can be read now, uploads and commands signed. */
-        oauth_key_ready(h->oauth, h->signer);
-        cloudreq_key_ready(h->cloudreq, h->signer);
+        /* The announcement: commands can be signed (SIGN_COMMAND; uploads are the uplink's,
+         * which asks the signer for the key itself). */
         cloud_key_ready(h->cloud);
         commands_key_ready(h->commands, h->signer);
         hub_notify_status(h);
@@ -517,19 +535,6 @@ static int hub_open_key(struct hub *h) {
         if (h->key_ready || h->key_op)
                 return 0;
         return signer_key_info(h->signer, on_key_info, h, &h->key_op);
-}
-
-/* `iothubctl register` needs the key now (cloudreq's need_key): asked at once rather than at the
- * next retry, asynchronously like at start (issue 13: nothing waits for the signer off the loop);
- * hub_key_result() tells the registration through cloudreq_key_ready() or cloudreq_key_failed(). */
-static int on_cloud_need_key(void *userdata) {
-        struct hub *h = userdata;
-        int r;
-
-        if (h->key_ready)
-                return 0;
-        r = hub_open_key(h);
-        return r < 0 ? r : -EINPROGRESS;
 }
 
 static int on_key_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -635,15 +640,12 @@ static void hub_done(struct hub *h) {
         h->dynsec = NULL;
         mqtt_free(h->mqtt); /* may still report the disconnect to the acks */
         ack_free(h->ack);
-        /* Top down: each module before the ones it calls. cloud drops its waits for a token
-         * refresh (oauth_unauthorized_cancel()) before oauth goes. */
+        /* Top down: each module before the ones it calls. */
         commands_free(h->commands);
         events_free(h->events);
         cloud_free(h->cloud);
-        /* After its callers (each cancelled its calls); its waits for a refresh go before oauth. */
-        cloudreq_free(h->cloudreq);
-        oauth_free(h->oauth);
-        http_free(h->http);
+        /* After its callers (each cancelled its calls). */
+        h->uplink = uplink_client_free(h->uplink);
         /* After the modules that own requests to it (each freed its own); cancels the rest. */
         h->key_op = signer_op_free(h->key_op);
         signer_free(h->signer);
@@ -735,28 +737,16 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the signer's client: %m");
                 goto out;
         }
-        r = http_new(h.event, &h.http);
+        r = uplink_client_new(h.event, h.conf,
+                              &(struct uplink_client_events){ .event = on_uplink_event,
+                                                              .status_changed = on_uplink_status_changed,
+                                                              .userdata = &h },
+                              &h.uplink);
         if (r < 0) {
-                log_error_errno(r, "Failed to set up HTTPS: %m");
+                log_error_errno(r, "Failed to set up the uplink's client: %m");
                 goto out;
         }
-        r = oauth_new(h.event, h.conf, h.http,
-                      &(struct oauth_events){ .token_ready = on_oauth_token_ready,
-                                              .status_changed = on_oauth_status_changed,
-                                              .signin_changed = on_oauth_signin_changed,
-                                              .userdata = &h },
-                      &h.oauth);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up sign-in: %m");
-                goto out;
-        }
-        r = cloudreq_new(h.event, h.conf, h.http, h.oauth,
-                         &(struct cloudreq_events){ .need_key = on_cloud_need_key, .userdata = &h }, &h.cloudreq);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up cloud requests: %m");
-                goto out;
-        }
-        r = cloud_new(h.event, h.conf, h.db, h.registry, h.cloudreq, &h.spool,
+        r = cloud_new(h.event, h.conf, h.db, h.registry, h.uplink, &h.spool,
                       &(struct cloud_events){ .registered = on_cloud_registered, .userdata = &h }, &h.cloud);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
@@ -764,7 +754,7 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the cloud relay: %m");
                 goto out;
         }
-        r = events_new(h.event, h.conf, h.db, h.cloud, h.cloudreq, &h.spool, &h.events);
+        r = events_new(h.event, h.conf, h.db, h.cloud, h.uplink, &h.spool, &h.events);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
         if (r < 0) {
@@ -805,7 +795,7 @@ int hub_run(const char *config_path, int log_level_override) {
                         goto out;
                 }
         }
-        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.cloudreq, h.events, &h.commands);
+        r = commands_new(h.event, h.conf, h.db, h.registry, h.mqtt, h.cloud, h.uplink, h.events, &h.commands);
         if (r == -EUCLEAN) /* the tables it loads are damaged, as in registry_open() */
                 goto corrupt;
         if (r < 0) {
@@ -832,7 +822,7 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to set up the frame path: %m");
                 goto out;
         }
-        r = control_new(h.event, h.conf, h.registry, h.cloud, h.oauth, h.dynsec, h.pair,
+        r = control_new(h.event, h.conf, h.registry, h.cloud, h.uplink, h.dynsec, h.pair,
                         &(struct control_events){ .status_json = on_control_status_json,
                                                   .devices_changed = on_control_devices_changed,
                                                   .bulb_enrolled = on_bulb_enrolled,

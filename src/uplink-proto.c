@@ -3,7 +3,10 @@
  * its rules on values, and the request each kind is. Pure. */
 #include <errno.h>
 #include <string.h>
+#include <stdio.h>
 #include <strings.h>
+
+#include <jansson.h>
 
 #include "commands-internal.h"
 #include "iothub/uplink-proto.h"
@@ -40,7 +43,9 @@ static const struct tlv_op ops[_UPLINK_OP_MAX] = {
         [UPLINK_OP_REQUEST] = { "REQUEST",
                                 { R(KIND), O(ARG), O(BODY), R(TIMEOUT) },
                                 { R(HTTP_STATUS), R(BODY), O(RETRY_AFTER) } },
-        [UPLINK_OP_REGISTER] = { "REGISTER", {}, { R(HTTP_STATUS), R(MESSAGE) } },
+        /* No HTTP_STATUS: the registration failed before a final answer (the attestation, the
+         * cloud's challenge); MESSAGE says why (iothubd shows it to the operator). */
+        [UPLINK_OP_REGISTER] = { "REGISTER", {}, { O(HTTP_STATUS), R(MESSAGE) } },
         [UPLINK_OP_LOGIN_START] = { "LOGIN_START",
                                     {},
                                     { R(USER_CODE), R(VERIFICATION_URI), O(VERIFICATION_URI_COMPLETE), R(EXPIRES_IN) } },
@@ -112,7 +117,7 @@ static int check(const struct tlv_msg *m) {
                 if (tlv_msg_u64(m, UPLINK_TAG_TIMEOUT, &v) < 0 || v > UPLINK_TIMEOUT_MAX_S)
                         return -EBADMSG;
         }
-        if (m->answer && (m->op == UPLINK_OP_REQUEST || m->op == UPLINK_OP_REGISTER))
+        if (m->answer && (m->op == UPLINK_OP_REQUEST || tlv_msg_has(m, UPLINK_TAG_HTTP_STATUS)))
                 /* RFC 9110 15: a status code is three digits, 1xx..5xx. */
                 if (tlv_msg_u64(m, UPLINK_TAG_HTTP_STATUS, &v) < 0 || v < 100 || v > 599)
                         return -EBADMSG;
@@ -167,4 +172,16 @@ int uplink_request_target(unsigned kind, const char *arg, const char *cloud_url,
         *ret_method = k->method;
         *ret_url = url;
         return 0;
+}
+
+void uplink_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size) {
+        json_error_t jerr;
+        json_t *resp = json_loadb(body, len, 0, &jerr);
+        const char *e = json_string_value(json_object_get(resp, "error"));
+
+        (void) snprintf(ret, size, "HTTP %ld%s%.64s", status, e ? ": " : "", e ? e : "");
+        json_decref(resp);
+        for (char *p = ret; *p; p++)
+                if ((unsigned char) *p < 0x20 || (unsigned char) *p >= 0x7f)
+                        *p = '?';
 }

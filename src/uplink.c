@@ -16,6 +16,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 
+#include <curl/curl.h>
 #include <jansson.h>
 #include <systemd/sd-event.h>
 
@@ -172,10 +173,20 @@ static void on_request_done(void *userdata, const struct cloudreq_answer *a) {
         else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_u64(c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) a->status);
                 (void) tlv_msg_add(c->out, UPLINK_TAG_BODY, a->body, a->body_len);
-                /* A value over the channel's limit is left out: iothubd backs off on its own. */
-                size_t n = strlen(a->retry_after);
+                /* A value over the channel's limit is left out: iothubd backs off on its own.
+                 * An HTTP-date (RFC 9110 10.2.3, 5.6.7) goes down as delay-seconds: the date
+                 * parser is libcurl's, which iothubd does not link. */
+                char delay[24];
+                const char *ra = a->retry_after;
+                size_t n = strlen(ra);
+                if (n > 0 && (ra[0] < '0' || ra[0] > '9')) {
+                        time_t t = curl_getdate(ra, NULL), now = time(NULL);
+                        (void) snprintf(delay, sizeof delay, "%lld", t == -1 ? 0LL : t > now ? (long long) (t - now) : 0LL);
+                        ra = t == -1 ? "" : delay;
+                        n = strlen(ra);
+                }
                 if (n > 0 && n <= UPLINK_RETRY_AFTER_MAX)
-                        (void) tlv_msg_add_str(c->out, UPLINK_TAG_RETRY_AFTER, a->retry_after);
+                        (void) tlv_msg_add_str(c->out, UPLINK_TAG_RETRY_AFTER, ra);
                 answer_end(c, q->id, q->op);
         }
         req_done(q);
@@ -232,12 +243,13 @@ static void on_register_done(void *userdata, long status, const char *message) {
         struct conn *c = q->conn;
 
         q->call = NULL;
-        if (status < 0) {
-                /* An error answer carries no field (the channel's rule): the message is logged. */
-                log_warning("Registration failed: %s", message);
-                chan_answer_error(c->cc, q->id, q->op, (int) status);
-        } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
-                (void) tlv_msg_add_u64(c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
+        if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
+                /* Failed before a final answer: no HTTP_STATUS, the reason for the operator
+                 * (one line, no secret; uplink-proto.h). */
+                if (status < 0)
+                        log_warning("Registration failed: %s", message);
+                else
+                        (void) tlv_msg_add_u64(c->out, UPLINK_TAG_HTTP_STATUS, (uint64_t) status);
                 (void) tlv_msg_add_str(c->out, UPLINK_TAG_MESSAGE, message && message[0] ? message : "-");
                 answer_end(c, q->id, q->op);
         }

@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: MIT */
-/* The relay to the vendor's web service (PROTOCOL.md 3): libcurl's multi interface driven
- * from the sd-event loop through cloudreq.c, every request signed with RFC 9421 by the hub key. Frames leave
- * the spool in batches, one hub key signature per batch, and only after the cloud took them. */
+/* The relay to the vendor's web service (PROTOCOL.md 3): requests through iothub-uplink
+ * (uplink-client.h), which signs each with RFC 9421 by the hub key. Frames leave the spool in batches, one hub key signature per batch, and only after the cloud took them. */
 #pragma once
 
 #include <stdbool.h>
@@ -24,7 +23,7 @@
 #define CLOUD_REFUSAL_REASON_MAX 128 /* the reason kept with a batch moved aside, NUL included */
 
 struct cloud;
-struct cloudreq;
+struct uplink_client;
 
 struct cloud_counters {
         uint64_t uploaded;      /* frames the cloud accepted */
@@ -44,23 +43,23 @@ struct cloud_events {
 };
 
 /* Sets up the relay when [cloud] url is set (otherwise *ret = NULL and 0: frames only spool).
- * e, conf, db, registry, req (cloudreq.c: how requests are authorized, signed and sent; not
+ * e, conf, db, registry, req (uplink-client.h: iothub-uplink authorizes, signs and sends; not
  * NULL with [cloud] url) and spool are the caller's and must outlive it; the relay lowers spool's
- * counts as frames leave. ev is copied. Until hub.c announces the hub key (cloudreq_key_ready,
- * then cloud_key_ready) the relay waits and says so in status. Returns 0 or a negative errno. */
+ * counts as frames leave. ev is copied. Until the uplink has the hub key and a token (its news reach
+ * cloud_key_ready() through hub.c) the relay waits and says so in status. Returns 0 or a negative errno. */
 int cloud_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-              struct cloudreq *req, struct spool_counts *spool, const struct cloud_events *ev, struct cloud **ret);
+              struct uplink_client *req, struct spool_counts *spool, const struct cloud_events *ev, struct cloud **ret);
 void cloud_free(struct cloud *c);
 
 /* New frames were committed to the spool, or a token came: start a batch if one is due, or arm
  * its timer. NULL is a no-op. */
 void cloud_kick(struct cloud *c);
-/* hub.c announced the hub key to cloudreq.c: uploads waiting for it may go. NULL c is a no-op. */
+/* The uplink has the hub key or a token now: uploads waiting for them may go. NULL c is a no-op. */
 void cloud_key_ready(struct cloud *c);
 /* The list of enrolled bulbs changed: PUT /devices before the next status batch. */
 void cloud_devices_changed(struct cloud *c);
 
-/* iothubctl register (cloudreq_register(): the attestation, the request, a 401), recorded here
+/* iothubctl register (uplink_register(): the attestation, the request, a 401), recorded here
  * on success (persisted; the registered event). done() is called with the HTTP status (or a
  * negative errno) and a one-line message, exactly once unless the handle is cancelled first
  * (cloud_register_cancel(): the waiter went away; done() never runs after), or with
@@ -69,7 +68,11 @@ struct cloud_call;
 int cloud_register(struct cloud *c, void (*done)(void *userdata, long status, const char *message),
                    void *userdata, struct cloud_call **ret);
 void cloud_register_cancel(struct cloud_call *call);
-/* Whether other modules' requests (cloudreq_request()) can go now: a key, a token, and the hub
+/* The uplink registered the hub (its news): recorded as a successful cloud_register() is, also
+ * when the waiter of that one went away before the answer (the channel has no cancel: the
+ * uplink finishes what it began). NULL c is a no-op. */
+void cloud_registered(struct cloud *c);
+/* Whether other modules' requests (uplink_request()) can go now: a key, a token, and the hub
  * registered. */
 bool cloud_ready(struct cloud *c);
 
@@ -78,7 +81,8 @@ int cloud_status_json(struct cloud *c, json_t *o);
 /* One-line summary for STATUS=. */
 void cloud_status_line(struct cloud *c, char *buf, size_t len);
 
-/* Parses a Retry-After value (RFC 9110 10.2.3: delay-seconds or an HTTP-date) into seconds
+/* Parses a Retry-After value (RFC 9110 10.2.3: delay-seconds; the uplink turns an HTTP-date
+ * into delay-seconds, uplink-client.h) into seconds
  * from now_s, clamped to 0..CLOUD_RETRY_AFTER_MAX_S. Returns -EINVAL if unparseable. Pure. */
 int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds);
 

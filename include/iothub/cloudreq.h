@@ -23,7 +23,7 @@
 #include "iothub/conf.h"
 
 #define CLOUDREQ_TOKEN_MAX 8192         /* [cloud] bearer_token_file's token, at most */
-#define CLOUDREQ_REFUSAL_REASON_MAX 128 /* cloudreq_refusal_reason()'s line, NUL included */
+#define CLOUDREQ_REFUSAL_REASON_MAX 128 /* uplink_refusal_reason()'s line, NUL included */
 
 struct cloudreq;
 struct cloudreq_call;
@@ -100,8 +100,3 @@ int cloudreq_register(struct cloudreq *cr, void (*done)(void *userdata, long sta
 
 /* Ends a call early: done() never runs. NULL accepted. */
 void cloudreq_cancel(struct cloudreq_call *call);
-
-/* The one-line reason for an answer the cloud refused with a 4xx: "HTTP <status>", then ": " and
- * at most 64 bytes of the body's "error" string when there is one; bytes outside printable ASCII
- * become '?'. Always NUL-terminated within size (> 0). Pure. */
-void cloudreq_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size);

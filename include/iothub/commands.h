@@ -17,7 +17,7 @@
 #include "iothub/registry.h"
 
 struct cloud;
-struct cloudreq;
+struct uplink_client;
 struct signer;
 struct mqtt;
 struct commands;
@@ -29,7 +29,7 @@ struct events;
  * events are the caller's and must outlive it. Returns
  * 0 or a negative errno. */
 int commands_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct registry *registry,
-                 struct mqtt *mqtt, struct cloud *cloud, struct cloudreq *req, struct events *events,
+                 struct mqtt *mqtt, struct cloud *cloud, struct uplink_client *req, struct events *events,
                  struct commands **ret);
 void commands_free(struct commands *c);
 

@@ -25,7 +25,7 @@
 
 struct cloud;
 struct control;
-struct oauth;
+struct uplink_client;
 struct dynsec;
 struct pair;
 
@@ -55,12 +55,13 @@ struct control_events {
 };
 
 /* Binds the socket (replacing a stale one) and adds it to the loop e. conf, registry, cloud
- * (NULL without [cloud] url), oauth (NULL without [oauth]), dynsec (NULL without [broker] dynsec)
+ * (NULL without [cloud] url), uplink (iothub-uplink's client: sign-in; NULL without [cloud] url),
+ * dynsec (NULL without [broker] dynsec)
  * and pair are the caller's and must outlive
  * it; ev is copied. Returns 0 or a negative errno. */
 int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *registry, struct cloud *cloud,
-                struct oauth *oauth, struct dynsec *dynsec, struct pair *pair, const struct control_events *ev,
-                struct control **ret);
+                struct uplink_client *uplink, struct dynsec *dynsec, struct pair *pair,
+                const struct control_events *ev, struct control **ret);
 void control_free(struct control *c);
 
 /* Whether a peer with these credentials may use the socket (root, our uid, our gid, or a

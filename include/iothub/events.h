@@ -36,13 +36,13 @@ const char *event_type_to_string(enum event_type t);
 struct events;
 
 struct cloud;
-struct cloudreq;
+struct uplink_client;
 
 /* Sets up the events when the cloud relay exists (cloud NULL: *ret = NULL and 0, and
  * events_note() on NULL is a no-op). e, conf, db, cloud and spool (the status spool's size, read
  * to keep events behind status) are the caller's and must outlive it. Returns 0 or a negative
  * errno. */
-int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud, struct cloudreq *req,
+int events_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struct cloud *cloud, struct uplink_client *req,
                const struct spool_counts *spool, struct events **ret);
 /* Writes what was noted and not yet spooled to the database, cancels a request in flight (its
  * events stay spooled and go again after the next start). */

@@ -54,7 +54,7 @@ enum uplink_tag {
         UPLINK_TAG_ARG = 2,                       /* T [1..64] see the kinds */
         UPLINK_TAG_BODY = 3,                      /* B [0..1 MiB] request body; the answer's, raw */
         UPLINK_TAG_TIMEOUT = 4,                   /* U64 seconds, 0 the uplink's default; at most UPLINK_TIMEOUT_MAX_S */
-        UPLINK_TAG_HTTP_STATUS = 5,               /* U64 100..599, the final response's */
+        UPLINK_TAG_HTTP_STATUS = 5,               /* U64 100..599, the final response's; REGISTER: absent when it failed before one */
         UPLINK_TAG_RETRY_AFTER = 6,               /* T [1..64] the Retry-After header's value, when there was one */
         UPLINK_TAG_MESSAGE = 7,                   /* T [1..1024] REGISTER's outcome, one line, no secret */
         UPLINK_TAG_USER_CODE = 8,                 /* T [1..64] RFC 8628 3.2 user_code */
@@ -95,3 +95,9 @@ bool uplink_kind_arg_is_valid(unsigned kind, const char *arg, size_t len);
  * refuses the rest, and a URL that grows past UPLINK_URL_MAX with the path); -ENOMEM. */
 int uplink_request_target(unsigned kind, const char *arg, const char *cloud_url, const char *hub_id,
                           const char **ret_method, char **ret_url);
+
+/* The one-line reason for an answer the cloud refused with a 4xx, as both sides of the channel
+ * show it (iothubd parses the answers it gets raw; the uplink its registration's): "HTTP
+ * <status>", then ": " and at most 64 bytes of the body's "error" string when there is one;
+ * bytes outside printable ASCII become '?'. Always NUL-terminated within size (> 0). Pure. */
+void uplink_refusal_reason(long status, const char *body, size_t len, char *ret, size_t size);

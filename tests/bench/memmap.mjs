@@ -66,7 +66,8 @@ try {
   await sleep(500);
   // MEMMAP_HOLD_S: keep everything running that long after the numbers (to look with gdb, pmap).
   const hold = Number(process.env.MEMMAP_HOLD_S ?? 0);
-  for (const [name, pid] of [['iothubd', hub.proc.pid], ['iothub-signer', hub.signerProc.pid]]) {
+  for (const [name, pid] of [['iothubd', hub.proc.pid], ['iothub-signer', hub.signerProc.pid],
+    ['iothub-uplink', hub.uplinkProc.pid]]) {
     const m = await procMemory(pid);
     console.log(`${name}: RSS ${m.rssKiB} kB, private ${m.privateKiB} kB (anonymous ${m.anonKiB} kB, file pages ${m.privateKiB - m.anonKiB} kB), Pss ${m.pssKiB} kB, threads ${m.threads} (integration, ${FRAMES} frames)`);
     console.log(`  ${smapsTop(await fs.readFile(`/proc/${pid}/smaps`, 'utf8'), name, 8)}`);

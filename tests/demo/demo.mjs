@@ -44,9 +44,11 @@ try {
   const { kid: _kid, ...hubJwk } = JSON.parse(r.stdout);
   const hubKey = await jose.importJWK(hubJwk, 'ES256');
 
-  step('iothubd starts');
+  step('iothub-signer, iothub-uplink and iothubd start');
   hub = await Hub.start(broker, overrides, { dir });
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'MQTT connection');
+  // The key named by the signer to both the daemon and the uplink (which signs the requests).
+  await waitFor(async () => (await hub.status()).key.id, 15000, 'the hub key');
   step('iothubctl login (the demo plays the user: it approves the code at the provider)');
   const p = spawn(IOTHUBCTL, ['--config', hub.configPath, 'login'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const rl = readline.createInterface({ input: p.stdout });
@@ -114,8 +116,10 @@ try {
   for (const f of cloud.state.frames) byDev[f.dev] = (byDev[f.dev] ?? 0) + 1;
   console.log(`frames: ${JSON.stringify(byDev)}; batches: ${cloud.state.batches.length}; ` +
     `request signatures verified: ${cloud.state.signatures}; refused requests: ${JSON.stringify(cloud.state.failures)}`);
-  step('the daemon log');
+  step('the daemon log (iothubd: the bulb side)');
   process.stdout.write(hub.log);
+  step('the uplink log (iothub-uplink: HTTPS, sign-in, the tokens)');
+  process.stdout.write(hub.uplinkLog);
 } finally {
   await hub?.cleanup();
   await cloud.close();

@@ -14,7 +14,7 @@
 
 #include "check.h"
 #include "iothub/cloud.h"
-#include "iothub/cloudreq.h"
+#include "iothub/uplink-proto.h"
 
 #define FUZZ_NOW INT64_C(1764633600) /* 2025-12-02T00:00:00Z */
 #define RETRY_AFTER_BUF 64           /* http.c: char retry_after[64] */
@@ -70,7 +70,7 @@ static void check_refusal(const uint8_t *data, size_t size) {
                         size_t n;
 
                         memset(reason, 'X', sizeof reason);
-                        cloudreq_refusal_reason(statuses[i], (const char *) data, size, reason, sizes[j]);
+                        uplink_refusal_reason(statuses[i], (const char *) data, size, reason, sizes[j]);
                         n = strnlen(reason, sizes[j]);
                         CHECK(n < sizes[j]); /* NUL-terminated inside the buffer */
                         CHECK(reason[sizes[j]] == 'X'); /* and nothing written past it */

@@ -15,7 +15,7 @@
  *     proof, signer_policy_dpop()), with the method
  *     of the kind, under [cloud] url's path: no request that decodes leads the uplink to ask
  *     for a signature the signer refuses, or to any other URL of the cloud;
- *   - an answer of REQUEST or REGISTER carries an HTTP status of 100..599. */
+ *   - an answer of REQUEST, and one of REGISTER that has one, carries an HTTP status of 100..599. */
 #include <errno.h>
 
 #include "check.h"
@@ -141,7 +141,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 check_fields(&m);
                 if (!m.answer && m.op == UPLINK_OP_REQUEST)
                         check_request(&m);
-                if (m.answer && m.status == 0 && (m.op == UPLINK_OP_REQUEST || m.op == UPLINK_OP_REGISTER))
+                if (m.answer && m.status == 0 &&
+                    (m.op == UPLINK_OP_REQUEST || (m.op == UPLINK_OP_REGISTER && tlv_msg_has(&m, UPLINK_TAG_HTTP_STATUS))))
                         CHECK(tlv_msg_u64(&m, UPLINK_TAG_HTTP_STATUS, &status) == 0 && status >= 100 && status <= 599);
                 at += need;
         }

@@ -127,10 +127,10 @@ test('the daemon stopped, then a broken configuration: each is the first thing t
   } finally {
     await fs.writeFile(hub.configPath, good);
   }
-  const mark = hub.log.length;
+  const markUplink = hub.uplinkLog.length;
   await hub.start();
   // Stopping during OAuth discovery leaks its call (issue 10 item 6, http_cancel): let it end.
-  await waitFor(() => /OAuth server /.test(hub.log.slice(mark)), 10000, 'discovery');
+  await waitFor(() => /OAuth server /.test(hub.uplinkLog.slice(markUplink)), 10000, 'discovery (iothub-uplink\'s)');
   const r = await hub.stop();
   assert.doesNotMatch(hub.log, /AddressSanitizer|LeakSanitizer|runtime error/, hub.log);
   assert.equal(r.code, 0);

@@ -156,8 +156,9 @@ test('a revoked grant leads to login_required; nothing is lost; uploads resume a
   await auth.revokeGrant('alice');
   const seqs = await publish(4);
   await waitFor(async () => (await hub.status()).oauth.state === 'login_required', 20000, 'login_required');
-  await waitFor(() => /Sign-in required/.test(hub.log), 2000, 'logged');
-  assert.equal(hub.log.match(/Sign-in required/g).length, 1, 'logged once');
+  // Sign-in is iothub-uplink's (issue 14 stage 2): its log says so.
+  await waitFor(() => /Sign-in required/.test(hub.uplinkLog), 2000, 'logged');
+  assert.equal(hub.uplinkLog.match(/Sign-in required/g).length, 1, 'logged once');
   const more = await publish(3);
   await sleep(300);
   assert.ok((await hub.status()).spool.pending >= 3, 'frames keep spooling');
@@ -254,7 +255,7 @@ test('RFC 9449 9: a new resource-server nonce is answered with a proof carrying 
 });
 
 test('item 2: a cloud that keeps answering 401 gets at most one refresh per token, then backoff, reported once (RFC 6750 3.1)', async (t) => {
-  const logLines0 = countMatches(hub.log, /The cloud answers HTTP 401/g);
+  const logLines0 = countMatches(hub.uplinkLog, /The cloud answers HTTP 401/g);
   const n0 = hub.notifications.length;
   await cloud.control.fail({ status: 401, endpoint: 'any', count: -1 });
   try {
@@ -267,7 +268,7 @@ test('item 2: a cloud that keeps answering 401 gets at most one refresh per toke
     assert.match(st.oauth.last_error, /refuses/);
     assert.ok(st.oauth.resource_401 > 0);
     assert.ok(st.cloud.backoff_s > 0 || /401/.test(st.cloud.last_error ?? ''), JSON.stringify(st.cloud));
-    assert.equal(countMatches(hub.log, /The cloud answers HTTP 401/g) - logLines0, 1, 'logged once');
+    assert.equal(countMatches(hub.uplinkLog, /The cloud answers HTTP 401/g) - logLines0, 1, 'logged once');
     assert.ok(hub.notifications.slice(n0).some((l) => /STATUS=.*401/.test(l)), 'STATUS= says so');
   } finally {
     cloud.control.clearFailures();
@@ -277,7 +278,7 @@ test('item 2: a cloud that keeps answering 401 gets at most one refresh per toke
 });
 
 test('item 3: refreshes answered with a bare 400 end in login_required, logged once, in STATUS= (RFC 6749 5.2)', async () => {
-  const logLines0 = countMatches(hub.log, /Sign-in required/g);
+  const logLines0 = countMatches(hub.uplinkLog, /Sign-in required/g);
   const n0 = hub.notifications.length;
   auth.misbehave({ route: 'token', count: -1, respond: async () => ({ status: 400 }) });
   try {
@@ -287,7 +288,7 @@ test('item 3: refreshes answered with a bare 400 end in login_required, logged o
   }
   const refusals = auth.state.misbehaved.filter((e) => e.route === 'token').length;
   assert.ok(refusals >= 2 && refusals <= 4, `${refusals} refused refreshes before giving up`);
-  assert.equal(countMatches(hub.log, /Sign-in required/g) - logLines0, 1, 'logged once');
+  assert.equal(countMatches(hub.uplinkLog, /Sign-in required/g) - logLines0, 1, 'logged once');
   assert.ok(hub.notifications.slice(n0).some((l) => /STATUS=.*sign-in required/.test(l)));
   const r = await login(hub, auth);
   assert.equal(r.code, 0, r.err);
@@ -385,7 +386,7 @@ test('logout revokes the refresh token and erases the stored tokens', async () =
 });
 
 test('no token ever reaches the log or stderr', async () => {
-  for (const t of seenTokens) assert.ok(!hub.log.includes(t) && !hub.signerLog.includes(t));
-  for (const log of [hub.log, hub.signerLog])
+  for (const t of seenTokens) assert.ok(!hub.log.includes(t) && !hub.signerLog.includes(t) && !hub.uplinkLog.includes(t));
+  for (const log of [hub.log, hub.signerLog, hub.uplinkLog])
     assert.ok(!/eyJ[\w-]{20,}\.[\w-]{20,}/.test(log), 'nothing that looks like a JWT in the log');
 });

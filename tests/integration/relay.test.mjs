@@ -122,13 +122,17 @@ test('batches honour batch_max_frames and batch_max_delay_ms', async () => {
   assert.ok(waited < 300 + 1500, `a lone frame took ${waited} ms`);
 });
 
+// The hub's signatures: iothubd's own (commands) and iothub-uplink's (every request), as the
+// signer counted them for each.
+const hubSignatures = (st) => st.key.signatures + st.uplink.remote.signer.signatures;
+
 test('one TPM signature per request: the hub counts as many as the cloud verified', async () => {
-  const k0 = (await hub.status()).key.signatures, c0 = cloud.state.signatures, b0 = cloud.state.batches.length;
+  const k0 = hubSignatures(await hub.status()), c0 = cloud.state.signatures, b0 = cloud.state.batches.length;
   const r0 = cloud.state.requests.length;
   const sent = await publishFrames(20);
   await assertAllDelivered(sent);
   await sleep(100);
-  const k1 = (await hub.status()).key.signatures, c1 = cloud.state.signatures, b1 = cloud.state.batches.length;
+  const k1 = hubSignatures(await hub.status()), c1 = cloud.state.signatures, b1 = cloud.state.batches.length;
   // Long polls for commands in flight at the edges of the window are counted by the hub
   // when signed and by the cloud when answered: compare only finished requests.
   const reqs = cloud.state.requests.slice(r0);
@@ -236,6 +240,31 @@ test('kill -9 of the daemon mid-batch loses nothing and stores nothing twice', a
   await waitFor(() => cloud.state.duplicates >= d0 + 20, 10000, 'the batch of the dead daemon de-duplicated');
 });
 
+// Issue 14 stage 2: the uplink (HTTPS, the token) dies while frames flow, with a batch at the
+// cloud; the bulb side goes on (its PID kept), spools, reconnects when the uplink is back and
+// sends again what was out (every op is safe to repeat): each (dev, seq) is stored once.
+test('iothub-uplink killed (SIGKILL) while frames flow: iothubd keeps its PID and every frame reaches the cloud once', async () => {
+  const pid = hub.proc.pid;
+  const st0 = await hub.status();
+  await cloud.control.fail({ delayMs: 1500, count: 1 }); // a batch is at the cloud when the uplink dies
+  const sent = await publishFrames(10);
+  await sleep(300);
+  hub.uplinkProc.kill('SIGKILL');
+  await hub.uplinkExited;
+  // Frames keep coming while the uplink is gone: acked to the bulbs, spooled.
+  sent.push(...await publishFrames(10));
+  await waitFor(async () => (await hub.status()).uplink.connected === false, 5000, 'the loss seen');
+  await sleep(500);
+  await hub.startUplink();
+  await assertAllDelivered(sent, 40000);
+  const st1 = await hub.status();
+  assert.equal(hub.proc.pid, pid, 'iothubd was not restarted');
+  assert.equal(hub.proc.exitCode, null);
+  assert.ok(st1.uplink.connected, 'connected again');
+  assert.ok(st1.uplink.reconnects > st0.uplink.reconnects, `reconnects ${st1.uplink.reconnects}`);
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 10000, 'spool empty');
+});
+
 test('a broker restart mid-stream loses nothing on the way to the cloud', async () => {
   const sent = [];
   const pub = await mqttClient(broker.port, { clean: false, clientId: `relay-pub-${process.pid}` });
@@ -262,5 +291,7 @@ test('bulbs enrolled while a device list is on its way still reach the cloud', a
 
 test('the access token never reaches the log', async () => {
   assert.ok(!hub.log.includes(TOKEN));
-  assert.match(hub.log, /bearer_token_file, for tests and development only/);
+  assert.ok(!hub.uplinkLog.includes(TOKEN));
+  // The token is iothub-uplink's: it says where it comes from.
+  assert.match(hub.uplinkLog, /bearer_token_file, for tests and development only/);
 });

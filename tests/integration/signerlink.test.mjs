@@ -104,7 +104,7 @@ test('the key comes from the signer; status has its signer object', async () => 
   const sent = await publish(3);
   await assertExactlyOnce(sent);
   const st2 = await hub.status();
-  assert.ok(st2.key.signatures > st.key.signatures, 'uploads signed through the signer');
+  assert.ok(st2.uplink.remote.signer.signatures > st.uplink.remote.signer.signatures, 'uploads signed through the signer (by the uplink)');
   await waitFor(async () => (await hub.status()).signer.remote?.signatures > 0, 10000, 'the signer\'s own counters');
 });
 

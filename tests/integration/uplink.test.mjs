@@ -98,6 +98,14 @@ test('the uplink links libcurl, and neither libmosquitto, SQLite nor the TPM lib
   assert.equal((await fs.stat(sock)).mode & 0o777, 0o660, 'the socket is 0660');
 });
 
+// Issue 14 stage 2: the bulb side links no HTTP library and no TPM library; a pulled-in object
+// that needs one fails its link (the Makefile's DAEMON_PKGS), and this checks the binary.
+test('iothubd links neither libcurl nor the TPM libraries', async () => {
+  const { stdout } = await run('ldd', [path.join(path.dirname(IOTHUB_UPLINK), 'iothubd')]);
+  for (const lib of ['libcurl', 'libtss2', 'libgnutls', 'libldap']) assert.ok(!stdout.includes(lib), `${lib} in ldd: ${stdout}`);
+  assert.match(stdout, /libmosquitto/);
+});
+
 test('REGISTER, then REQUEST DEVICES and STATUS: the reference cloud takes the batch, signature and DPoP checked', async (t) => {
   const c = await connect();
   // The hub key from the signer, then the sealed tokens (oauth_key_ready): both asynchronous.

@@ -393,6 +393,8 @@ static void test_badmsg_values(void **state) {
         assert_int_equal(DEC(ANS(REQ), U64V(HTTP_STATUS, 600), { UPLINK_TAG_BODY, "", 0 }), -EBADMSG);
         assert_int_equal(DEC(ANS(REQ), U64V(HTTP_STATUS, 0), { UPLINK_TAG_BODY, "", 0 }), -EBADMSG);
         assert_int_equal(DEC(ANS(UPLINK_OP_REGISTER), U64V(HTTP_STATUS, 201), S(MESSAGE, "registered")), 0);
+        /* A registration that failed before a final answer: its reason only. */
+        assert_int_equal(DEC(ANS(UPLINK_OP_REGISTER), S(MESSAGE, "attestation failed: x")), 0);
         assert_int_equal(DEC(ANS(UPLINK_OP_REGISTER), U64V(HTTP_STATUS, 1000), S(MESSAGE, "registered")), -EBADMSG);
 }
 

@@ -40,6 +40,9 @@ export async function faketimeLib() {
 // kept in signerStderrText (a sanitizer's report, nothing else).
 // opts.clockFile: run under libfaketime with FAKETIME_TIMESTAMP_FILE, read again at every
 // call (FAKETIME_NO_CACHE), so that the test moves the daemon's clock while it runs.
+// The helpers' SYSLOG_IDENTIFIERs: their entries are not the daemon's.
+const HELPERS = ['iothub-signer', 'iothub-uplink'];
+
 export class FaultHub extends Hub {
   static async create(broker, overrides = {}, opts = {}) {
     const h = new FaultHub(opts.dir ?? await tempDir(), broker, overrides);
@@ -50,6 +53,7 @@ export class FaultHub extends Hub {
     h.journal = [];
     h.errPath = path.join(h.dir, 'stderr');
     h.signerErrPath = path.join(h.dir, 'signer-stderr');
+    h.uplinkErrPath = path.join(h.dir, 'uplink-stderr');
     h.clockFile = opts.clockFile ?? null;
     h.starts = [];
     const fakerun = path.join(h.dir, 'fakerun');
@@ -69,7 +73,7 @@ export class FaultHub extends Hub {
   // The daemon's journal entries with this MESSAGE_ID (name from log.h) and pred, from index
   // 'from' on (the signer's, some with the same MESSAGE_IDs: signerEntries()).
   entries(mid, pred = () => true, from = 0) {
-    return this.journal.slice(from).filter((e) => e.MESSAGE_ID === MID[mid] && e.SYSLOG_IDENTIFIER !== 'iothub-signer' && pred(e));
+    return this.journal.slice(from).filter((e) => e.MESSAGE_ID === MID[mid] && !HELPERS.includes(e.SYSLOG_IDENTIFIER) && pred(e));
   }
 
   async waitEntry(mid, pred = () => true, from = 0, timeoutMs = 10000) {
@@ -80,6 +84,13 @@ export class FaultHub extends Hub {
   get stderrText() { try { return readFileSync(this.errPath, 'utf8'); } catch { return ''; } }
 
   get signerStderrText() { try { return readFileSync(this.signerErrPath, 'utf8'); } catch { return ''; } }
+
+  get uplinkStderrText() { try { return readFileSync(this.uplinkErrPath, 'utf8'); } catch { return ''; } }
+
+  // iothub-uplink's journal entries (pred, from index 'from' on): HTTPS, sign-in, registration.
+  uplinkEntries(pred = () => true, from = 0) {
+    return this.journal.slice(from).filter((e) => e.SYSLOG_IDENTIFIER === 'iothub-uplink' && pred(e));
+  }
 
   // The signer's journal entries (pred, from index 'from' on).
   signerEntries(pred = () => true, from = 0) {
@@ -99,24 +110,35 @@ export class FaultHub extends Hub {
     };
   }
 
-  async start(opts = {}) {
-    // The signer first, on the same clock as the daemon (one system clock on a hub).
-    if (opts.signer !== false) {
-      const senv = { ...(opts.env ?? {}) };
-      if (this.clockFile) {
-        senv.LD_PRELOAD = [await faketimeLib(), process.env.LD_PRELOAD].filter(Boolean).join(':');
-        senv.FAKETIME_TIMESTAMP_FILE = this.clockFile;
-        senv.FAKETIME_NO_CACHE = '1';
-        senv.DONT_FAKE_MONOTONIC = '1';
-        senv.ASAN_OPTIONS = [process.env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':');
-      }
-      const j = this.#journalSpawn(senv, this.signerErrPath);
-      try {
-        await this.startSigner({ env: j.env, wrap: j.wrap, stderrFd: j.fd });
-      } finally {
-        closeSync(j.fd);
-      }
+  // A helper (the signer, the uplink) as its unit runs it: logging to the test's journal, on the
+  // same clock as the daemon (one system clock on a hub).
+  async #startHelper(start, errPath, envIn) {
+    const senv = { ...(envIn ?? {}) };
+    if (this.clockFile) {
+      senv.LD_PRELOAD = [await faketimeLib(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+      senv.FAKETIME_TIMESTAMP_FILE = this.clockFile;
+      senv.FAKETIME_NO_CACHE = '1';
+      senv.DONT_FAKE_MONOTONIC = '1';
+      senv.ASAN_OPTIONS = [process.env.ASAN_OPTIONS, 'verify_asan_link_order=0'].filter(Boolean).join(':');
     }
+    const j = this.#journalSpawn(senv, errPath);
+    try {
+      await start({ env: j.env, wrap: j.wrap, stderrFd: j.fd });
+    } finally {
+      closeSync(j.fd);
+    }
+  }
+
+  // iothub-uplink, the same way (as Hub.startUplink(), the journal for its log).
+  async startUplink(opts = {}) {
+    if (opts.stderrFd !== undefined) return super.startUplink(opts);
+    return this.#startHelper((o) => super.startUplink({ ...opts, ...o }), this.uplinkErrPath, opts.env);
+  }
+
+  async start(opts = {}) {
+    if (opts.signer !== false)
+      await this.#startHelper((o) => this.startSigner(o), this.signerErrPath, opts.env);
+    if (opts.uplink !== false && this.hasCloud) await this.startUplink({ env: opts.env });
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });

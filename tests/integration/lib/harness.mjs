@@ -140,6 +140,14 @@ export function confText(o) {
 
 let hubCounter = 0;
 
+// cmd argv in a mount namespace of its own where /etc/resolv.conf is the file resolvConf: a
+// name lookup it makes goes where the test says (a nameserver on loopback), never to the
+// machine's resolver on the network.
+function withResolvConf(resolvConf, cmd, argv) {
+  return ['unshare', ['-m', '--propagation', 'private', '--', 'sh', '-c',
+    'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', 'sh', resolvConf, cmd, ...argv]];
+}
+
 // The daemon under test, with its own NOTIFY_SOCKET so that tests see every sd_notify line.
 export class Hub {
   constructor(dir, broker, overrides = {}) {
@@ -155,6 +163,12 @@ export class Hub {
     this.signerStateDir = path.join(dir, 'signer');
     this.signerProc = null;
     this.signerLog = '';
+    // iothub-uplink (issue 14 stage 2): HTTPS, sign-in and the tokens; the daemon asks it over
+    // this socket. Started with the signer whenever the configuration has [cloud] url, stopped
+    // after the daemon, as systemd orders the units.
+    this.uplinkSock = path.join(dir, 'uplink.sock');
+    this.uplinkProc = null;
+    this.uplinkLog = '';
     this.notifications = [];
     this.log = '';
     this.clientId = `iothubd-test-${process.pid}-${++hubCounter}`;
@@ -166,6 +180,7 @@ export class Hub {
       mqtt: { host: '127.0.0.1', port: this.broker ? this.broker.port : 1, client_id: this.clientId, keepalive_s: 5 },
       frames: { rate_per_device: 1000 },
       signer: { socket: this.signerSock, client_user: os.userInfo().username, command_user: os.userInfo().username, state_dir: this.signerStateDir },
+      uplink: { socket: this.uplinkSock, client_user: os.userInfo().username },
     };
     for (const [sec, keys] of Object.entries(this.overrides)) base[sec] = { ...(base[sec] ?? {}), ...keys };
     return base;
@@ -200,23 +215,47 @@ export class Hub {
   // namespace of its own); opts.stderrFd: its stderr goes there (with opts.env.JOURNAL_STREAM,
   // its log goes to the journal), and signerLog stays empty.
   async startSigner(opts = {}) {
-    if (this.signerProc && this.signerProc.exitCode === null && this.signerProc.signalCode === null) return;
+    return this.#startSide('signer', IOTHUB_SIGNER, this.signerSock, opts);
+  }
+
+  async stopSigner(signal = 'SIGTERM') {
+    return this.#stopSide('signer', signal);
+  }
+
+  // iothub-uplink, the same way (its log in uplinkLog); opts.uplink === false at start() leaves
+  // it out (a test starts it later with startUplink()).
+  async startUplink(opts = {}) {
+    return this.#startSide('uplink', IOTHUB_UPLINK, this.uplinkSock, opts);
+  }
+
+  async stopUplink(signal = 'SIGTERM') {
+    return this.#stopSide('uplink', signal);
+  }
+
+  // Whether the configuration has a cloud: the daemon then needs the uplink.
+  get hasCloud() {
+    return Boolean(this.conf().cloud?.url);
+  }
+
+  async #startSide(name, program, sock, opts) {
+    const running = this[`${name}Proc`];
+    if (running && running.exitCode === null && running.signalCode === null) return;
     const env = { ...process.env };
     delete env.NOTIFY_SOCKET;
     delete env.JOURNAL_STREAM;
     delete env.LISTEN_FDS;
     delete env.LISTEN_PID;
     Object.assign(env, opts.env ?? {});
-    let [cmd, argv] = [IOTHUB_SIGNER, ['--config', this.configPath, '--listen', this.signerSock, ...(opts.args ?? [])]];
+    let [cmd, argv] = [program, ['--config', this.configPath, '--listen', sock, ...(opts.args ?? [])]];
     if (opts.wrap) [cmd, argv] = opts.wrap(cmd, argv);
     const proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', opts.stderrFd ?? 'pipe'] });
-    this.signerProc = proc;
-    proc.stderr?.on('data', (d) => { this.signerLog += d; });
-    this.signerExited = once(proc, 'exit').then(([code, signal]) => ({ code, signal }));
+    this[`${name}Proc`] = proc;
+    proc.stderr?.on('data', (d) => { this[`${name}Log`] += d; });
+    this[`${name}Exited`] = once(proc, 'exit').then(([code, signal]) => ({ code, signal }));
     const end = Date.now() + 5000 * SLOW;
     while (Date.now() < end && proc.exitCode === null && proc.signalCode === null) {
       const ok = await new Promise((resolve) => {
-        const c = net.connect({ path: this.signerSock });
+        const c = net.connect({ path: sock });
         c.once('connect', () => { c.destroy(); resolve(true); });
         c.once('error', () => resolve(false));
       });
@@ -224,20 +263,26 @@ export class Hub {
       await sleep(20);
     }
     if (proc.exitCode === null && proc.signalCode === null)
-      throw new Error(`iothub-signer does not listen on ${this.signerSock} after 5 s: ${this.signerLog}`);
+      throw new Error(`${path.basename(program)} does not listen on ${sock} after 5 s: ${this[`${name}Log`]}`);
   }
 
-  async stopSigner(signal = 'SIGTERM') {
-    const p = this.signerProc;
+  async #stopSide(name, signal) {
+    const p = this[`${name}Proc`];
     if (!p) return { code: null, signal: null };
     if (p.exitCode === null && p.signalCode === null) p.kill(signal);
-    const res = await this.signerExited;
-    this.signerProc = null;
+    const res = await this[`${name}Exited`];
+    this[`${name}Proc`] = null;
     return res;
   }
 
   async start(opts = {}) {
     if (opts.signer !== false) await this.startSigner(opts.signerOpts ?? {});
+    // opts.resolvConf: the uplink (which resolves the cloud's name) sees it too.
+    if (opts.uplink !== false && this.hasCloud) {
+      const uo = { ...(opts.uplinkOpts ?? {}) };
+      if (opts.resolvConf && !uo.wrap) uo.wrap = (c, a) => withResolvConf(opts.resolvConf, c, a);
+      await this.startUplink(uo);
+    }
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });
@@ -255,11 +300,7 @@ export class Hub {
     // opts.resolvConf: the daemon sees this file as /etc/resolv.conf, in a mount namespace of its
     // own, so that a name lookup it makes goes where the test says (a nameserver on loopback),
     // never to the machine's resolver on the network.
-    if (opts.resolvConf) {
-      argv = ['-m', '--propagation', 'private', '--', 'sh', '-c',
-        'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', 'sh', opts.resolvConf, cmd, ...argv];
-      cmd = 'unshare';
-    }
+    if (opts.resolvConf) [cmd, argv] = withResolvConf(opts.resolvConf, cmd, argv);
     this.proc = spawn(cmd, argv, { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.proc.stderr.on('data', (d) => { this.log += d; });
     this.exited = once(this.proc, 'exit').then(([code, signal]) => ({ code, signal }));
@@ -288,7 +329,9 @@ export class Hub {
       await once(this.notify, 'exit').catch(() => {});
       this.notify = null;
     }
-    // After the daemon, as systemd stops iothub.service before the signer it requires.
+    // After the daemon, as systemd stops iothub.service before the uplink and the signer it
+    // requires (the uplink before the signer it asks).
+    await this.stopUplink(signal === 'SIGKILL' ? 'SIGKILL' : 'SIGTERM');
     await this.stopSigner(signal === 'SIGKILL' ? 'SIGKILL' : 'SIGTERM');
     return res;
   }

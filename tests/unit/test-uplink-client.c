@@ -1,0 +1,374 @@
+/* SPDX-License-Identifier: MIT */
+/* iothubd's client of iothub-uplink (src/uplink-client.c, on chan-client.c) against a peer on a
+ * real unix socket, driven step by step by the test on the client's own loop: what the client
+ * sends is decoded with the channel's codec, every answer is built with it. What the integration
+ * tests (relay.test.mjs with the real uplink) cannot stage at will: the exact resend after a
+ * lost connection, the news of a restarted uplink, a cancelled call, a REGISTER that failed
+ * before a final answer. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "iothub/conf.h"
+#include "iothub/uplink-client.h"
+#include "iothub/uplink-proto.h"
+
+struct fx {
+        sd_event *e;
+        struct iothub_conf conf;
+        char dir[64], sock[108];
+        int lfd, cfd;      /* the peer's listening socket and its one connection */
+        uint8_t in[1 << 20];
+        size_t in_len, taken; /* the request read last is in[0..taken) */
+        struct uplink_client *u;
+        /* What reached the events' table. */
+        unsigned news, status_changes;
+        char last_news[64], last_reason[64];
+};
+
+static void on_news(void *userdata, const char *type, const char *reason) {
+        struct fx *f = userdata;
+
+        f->news++;
+        (void) snprintf(f->last_news, sizeof f->last_news, "%s", type);
+        (void) snprintf(f->last_reason, sizeof f->last_reason, "%s", reason ?: "");
+}
+
+static void on_status_changed(void *userdata) {
+        ((struct fx *) userdata)->status_changes++;
+}
+
+static int setup(void **state) {
+        struct fx *f = calloc(1, sizeof *f);
+
+        assert_non_null(f);
+        (void) snprintf(f->dir, sizeof f->dir, "/tmp/test-uplink-client-XXXXXX");
+        assert_non_null(mkdtemp(f->dir));
+        (void) snprintf(f->sock, sizeof f->sock, "%s/uplink.sock", f->dir);
+        assert_int_equal(unix_listen(f->sock, 4, &f->lfd), 0);
+        f->cfd = -1;
+        assert_int_equal(sd_event_new(&f->e), 0);
+        f->conf.cloud.url = (char *) "https://cloud.example";
+        f->conf.cloud.timeout_s = 5;
+        f->conf.uplink.socket = f->sock;
+        assert_int_equal(uplink_client_new(f->e,
+                                           &f->conf,
+                                           &(struct uplink_client_events){ .event = on_news,
+                                                                           .status_changed = on_status_changed,
+                                                                           .userdata = f },
+                                           &f->u),
+                         0);
+        *state = f;
+        return 0;
+}
+
+static int teardown(void **state) {
+        struct fx *f = *state;
+
+        uplink_client_free(f->u);
+        if (f->cfd >= 0)
+                close(f->cfd);
+        close(f->lfd);
+        (void) unlink(f->sock);
+        (void) rmdir(f->dir);
+        sd_event_unref(f->e);
+        free(f);
+        return 0;
+}
+
+/* The client's loop turns until the peer has a connection (a new one when drop is set). */
+static void peer_accept(struct fx *f) {
+        uint64_t end = now_monotonic_usec() + 5000000;
+
+        if (f->cfd >= 0)
+                close(f->cfd);
+        f->cfd = -1;
+        f->in_len = f->taken = 0;
+        while (now_monotonic_usec() < end) {
+                f->cfd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                if (f->cfd >= 0)
+                        return;
+                assert_true(sd_event_run(f->e, 20000) >= 0);
+        }
+        fail_msg("the client never connected");
+}
+
+/* The client's loop turns until a whole request is in; it is decoded into m (pointing into
+ * f->in until the next call). */
+static void peer_read(struct fx *f, struct tlv_msg *m) {
+        uint64_t end = now_monotonic_usec() + 5000000;
+
+        memmove(f->in, f->in + f->taken, f->in_len - f->taken);
+        f->in_len -= f->taken;
+        f->taken = 0;
+        while (now_monotonic_usec() < end) {
+                size_t need = TLV_PREFIX_LEN;
+                if (uplink_msg_frame(f->in, f->in_len, &need) == 1) {
+                        assert_int_equal(uplink_msg_decode(f->in, need, m), 0);
+                        assert_false(m->answer);
+                        f->taken = need;
+                        return;
+                }
+                ssize_t k = read(f->cfd, f->in + f->in_len, sizeof f->in - f->in_len);
+                if (k > 0)
+                        f->in_len += (size_t) k;
+                else
+                        assert_true(sd_event_run(f->e, 20000) >= 0);
+        }
+        fail_msg("no request from the client");
+}
+
+static void peer_send(struct fx *f, struct tlv_buf *b) {
+        assert_int_equal(tlv_msg_end(b), 0);
+        assert_int_equal(send(f->cfd, b->data, b->len, MSG_NOSIGNAL), (ssize_t) b->len);
+        tlv_buf_done(b);
+}
+
+static void peer_answer_status(struct fx *f, const struct tlv_msg *m) {
+        struct tlv_buf b = {};
+
+        assert_int_equal(uplink_msg_begin(&b, m->id, m->op, true, 0), 0);
+        assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_STATUS_JSON,
+                                         "{\"uplink\":{\"have_key\":true,\"have_token\":true},"
+                                         "\"oauth\":{\"state\":\"ok\"}}"),
+                         0);
+        peer_send(f, &b);
+}
+
+/* Reads requests until one of op, answering STATUS on the way (the client asks it at each
+ * connection). */
+static void peer_expect(struct fx *f, unsigned op, struct tlv_msg *m) {
+        for (;;) {
+                peer_read(f, m);
+                if (m->op == op)
+                        return;
+                if (m->op == UPLINK_OP_STATUS)
+                        peer_answer_status(f, m);
+        }
+}
+
+static void run_until(struct fx *f, const unsigned *n, unsigned want) {
+        uint64_t end = now_monotonic_usec() + 5000000;
+
+        while (*n < want && now_monotonic_usec() < end)
+                assert_true(sd_event_run(f->e, 20000) >= 0);
+        assert_true(*n >= want);
+}
+
+struct answer {
+        unsigned calls;
+        int error;
+        long status;
+        char body[64], retry_after[16];
+};
+
+static void on_answer(void *userdata, const struct uplink_answer *a) {
+        struct answer *x = userdata;
+
+        x->calls++;
+        x->error = a->error;
+        x->status = a->status;
+        (void) snprintf(x->body, sizeof x->body, "%.*s", (int) a->body_len, a->body);
+        (void) snprintf(x->retry_after, sizeof x->retry_after, "%s", a->retry_after);
+}
+
+static void answer_request(struct fx *f, const struct tlv_msg *m) {
+        struct tlv_buf b = {};
+
+        assert_int_equal(uplink_msg_begin(&b, m->id, m->op, true, 0), 0);
+        assert_int_equal(tlv_msg_add_u64(&b, UPLINK_TAG_HTTP_STATUS, 503), 0);
+        assert_int_equal(tlv_msg_add(&b, UPLINK_TAG_BODY, "{\"e\":1}", 7), 0);
+        assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_RETRY_AFTER, "30"), 0);
+        peer_send(f, &b);
+}
+
+static struct uplink_call *request(struct fx *f, struct answer *x) {
+        struct uplink_call *call = NULL;
+        char *body = strdup("{\"frames\":[]}");
+
+        assert_non_null(body);
+        assert_int_equal(uplink_request(f->u, UPLINK_KIND_STATUS, NULL, body, strlen(body), 0, on_answer, x, &call), 0);
+        assert_non_null(call);
+        return call;
+}
+
+/* A WATCH is out from the start; a REQUEST carries what the kind takes (the body, [cloud]
+ * timeout_s), and its answer arrives whole. */
+static void test_request_round_trip(void **state) {
+        struct fx *f = *state;
+        struct answer x = {};
+        struct tlv_msg m;
+        uint64_t v = 99;
+        uint8_t kind = 0;
+
+        peer_accept(f);
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        assert_int_equal(tlv_msg_u64(&m, UPLINK_TAG_SINCE, &v), 0);
+        assert_int_equal(v, 0);
+        (void) request(f, &x);
+        peer_expect(f, UPLINK_OP_REQUEST, &m);
+        assert_int_equal(tlv_msg_u8(&m, UPLINK_TAG_KIND, &kind), 0);
+        assert_int_equal(kind, UPLINK_KIND_STATUS);
+        assert_int_equal(tlv_msg_u64(&m, UPLINK_TAG_TIMEOUT, &v), 0);
+        assert_int_equal(v, 5);
+        assert_int_equal(m.f[UPLINK_TAG_BODY].len, strlen("{\"frames\":[]}"));
+        assert_false(tlv_msg_has(&m, UPLINK_TAG_ARG));
+        answer_request(f, &m);
+        run_until(f, &x.calls, 1);
+        assert_int_equal(x.error, 0);
+        assert_int_equal(x.status, 503);
+        assert_string_equal(x.body, "{\"e\":1}");
+        assert_string_equal(x.retry_after, "30");
+}
+
+/* The uplink dies with a REQUEST out: the client connects again and sends the same request
+ * (same id, same bytes); the answer reaches done() once. The WATCH is asked again from 0 (a
+ * restarted uplink counts from 0). */
+static void test_resent_after_restart(void **state) {
+        struct fx *f = *state;
+        struct answer x = {};
+        struct tlv_msg m;
+        uint32_t id;
+        uint64_t since = 99;
+        size_t len;
+        uint8_t first[256];
+
+        peer_accept(f);
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        /* News, so that the next WATCH asks from a generation above 0. */
+        {
+                struct tlv_buf b = {};
+                assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, 0), 0);
+                assert_int_equal(tlv_msg_add_u64(&b, UPLINK_TAG_GEN, 3), 0);
+                assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_EVENTS, "[{\"gen\":3,\"type\":\"key_ready\"}]"), 0);
+                peer_send(f, &b);
+        }
+        run_until(f, &f->news, 1);
+        assert_string_equal(f->last_news, "key_ready");
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        assert_int_equal(tlv_msg_u64(&m, UPLINK_TAG_SINCE, &since), 0);
+        assert_int_equal(since, 3);
+        (void) request(f, &x);
+        peer_expect(f, UPLINK_OP_REQUEST, &m);
+        id = m.id;
+        len = f->taken;
+        assert_true(len <= sizeof first);
+        memcpy(first, f->in, len);
+
+        peer_accept(f); /* the old connection closed: the uplink was killed */
+        peer_expect(f, UPLINK_OP_REQUEST, &m);
+        assert_int_equal(m.id, id);
+        assert_int_equal(f->taken, len);
+        assert_memory_equal(f->in, first, len);
+        answer_request(f, &m);
+        run_until(f, &x.calls, 1);
+        assert_int_equal(x.status, 503);
+        /* The WATCH of the new connection: from 0; the restarted uplink's news (GEN 1 < 3) are
+         * all new. */
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        assert_int_equal(tlv_msg_u64(&m, UPLINK_TAG_SINCE, &since), 0);
+        assert_int_equal(since, 0);
+        {
+                struct tlv_buf b = {};
+                assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, 0), 0);
+                assert_int_equal(tlv_msg_add_u64(&b, UPLINK_TAG_GEN, 1), 0);
+                assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_EVENTS,
+                                                 "[{\"gen\":1,\"type\":\"signin_changed\",\"reason\":\"signed_in\"}]"),
+                                 0);
+                peer_send(f, &b);
+        }
+        run_until(f, &f->news, 2);
+        assert_string_equal(f->last_news, "signin_changed");
+        assert_string_equal(f->last_reason, "signed_in");
+        for (int i = 0; i < 10; i++)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(x.calls, 1);
+}
+
+/* The STATUS asked at the connection says what the relay may do. */
+static void test_status_kept(void **state) {
+        struct fx *f = *state;
+        struct tlv_msg m;
+
+        assert_false(uplink_have_key(f->u));
+        peer_accept(f);
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        peer_expect(f, UPLINK_OP_STATUS, &m);
+        peer_answer_status(f, &m);
+        run_until(f, &f->status_changes, 2);
+        assert_true(uplink_have_key(f->u));
+        assert_true(uplink_have_token(f->u));
+        assert_false(uplink_login_required(f->u));
+        assert_true(uplink_is_connected(f->u));
+}
+
+/* A cancelled call never reaches its done(), even when its answer comes. */
+static void test_cancelled_call(void **state) {
+        struct fx *f = *state;
+        struct answer x = {};
+        struct tlv_msg m;
+        struct uplink_call *call;
+
+        peer_accept(f);
+        call = request(f, &x);
+        peer_expect(f, UPLINK_OP_REQUEST, &m);
+        uplink_call_cancel(call);
+        answer_request(f, &m);
+        for (int i = 0; i < 10; i++)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(x.calls, 0);
+}
+
+struct reg {
+        unsigned calls;
+        long status;
+        char message[128];
+};
+
+static void on_registered(void *userdata, long status, const char *message) {
+        struct reg *x = userdata;
+
+        x->calls++;
+        x->status = status;
+        (void) snprintf(x->message, sizeof x->message, "%s", message);
+}
+
+/* A registration that failed before a final answer: no HTTP status, the uplink's reason. */
+static void test_register_failed_before_answer(void **state) {
+        struct fx *f = *state;
+        struct reg x = {};
+        struct tlv_msg m;
+        struct uplink_call *call = NULL;
+        struct tlv_buf b = {};
+
+        peer_accept(f);
+        assert_int_equal(uplink_register(f->u, on_registered, &x, &call), 0);
+        peer_expect(f, UPLINK_OP_REGISTER, &m);
+        assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, 0), 0);
+        assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_MESSAGE, "attestation failed: no EK certificate"), 0);
+        peer_send(f, &b);
+        run_until(f, &x.calls, 1);
+        assert_int_equal(x.status, -EPROTO);
+        assert_string_equal(x.message, "attestation failed: no EK certificate");
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_request_round_trip, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_resent_after_restart, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_status_kept, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_cancelled_call, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_register_failed_before_answer, setup, teardown),
+        };
+
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
