@@ -164,9 +164,9 @@ check "the uplink is installed in /usr/libexec/iothub" test -x $UPLINK_BIN
 check "$UPLINK_SOCKET is enabled and listening" is "$(systemctl is-enabled $UPLINK_SOCKET) $(systemctl is-active $UPLINK_SOCKET)" "enabled active"
 check "the uplink's socket is iothub-uplink:iothub 0660" is "$(stat -c %U:%G:%a $UPLINK_SOCK)" iothub-uplink:iothub:660
 check "iothub.service Requires= the uplink's socket" sh -c "systemctl show -P Requires $UNIT | grep -w $UPLINK_SOCKET"
-check "$UPLINK as shipped: User=iothub-uplink, no supplementary group, PrivateDevices=yes, no device, AF_UNIX AF_INET AF_INET6" \
-	is "$(uprop User) [$(uprop SupplementaryGroups)] $(uprop PrivateDevices) [$(systemctl show -P DeviceAllow $UPLINK | grep -v '^char-rtc r$')] $(uprop RestrictAddressFamilies)" \
-	"iothub-uplink [] yes [] AF_UNIX AF_INET AF_INET6"
+check "$UPLINK as shipped: User=iothub-uplink, no supplementary group, PrivateDevices=yes, no device, AF_INET AF_INET6 AF_UNIX" \
+	is "$(uprop User) [$(uprop SupplementaryGroups)] $(uprop PrivateDevices) [$(systemctl show -P DeviceAllow $UPLINK | grep -v '^char-rtc r$')] $(uprop RestrictAddressFamilies | tr ' ' '\n' | sort | tr '\n' ' ')" \
+	"iothub-uplink [] yes [] AF_INET AF_INET6 AF_UNIX "
 log "iothub.service as shipped: IPAddressDeny=$(prop IPAddressDeny | tr '\n' ' ') IPAddressAllow=$(prop IPAddressAllow | tr '\n' ' ')"
 check "iothub.service as shipped: IPAddressDeny= and IPAddressAllow= set" \
 	sh -c "[ -n \"\$(systemctl show -P IPAddressDeny $UNIT)\" ] && [ -n \"\$(systemctl show -P IPAddressAllow $UNIT)\" ]"
@@ -549,6 +549,10 @@ probe() {
 	printf '[Service]\nExecStart=\nExecStart=%s %s\n' "$PROBE" "$*" >"$d/probe.conf"
 	systemctl daemon-reload
 	[ "${PROBE_DAEMON:-0}" = 1 ] && { systemctl start $UNIT; wait_for 10 test -S /run/iothub/control; }
+	# Once more: a connection left on a socket may have started the unit before the reload, with
+	# the previous ExecStart=; from here on, any start runs this probe. (Each probe stays until
+	# stopped, probe.c, so that nothing starts it again meanwhile.)
+	systemctl stop "$unit"
 	timeout 60 systemctl start "$unit"
 	inv=$(systemctl show -P InvocationID "$unit")
 	wait_for 10 sh -c "journalctl -q -o cat _SYSTEMD_INVOCATION_ID=$inv | grep -qx 'PROBE done'"
@@ -598,12 +602,20 @@ check "probe as iothubd: cannot list $SIGNER_STATE" saw daemon list:$SIGNER_STAT
 check "probe as iothubd: can list its own /var/lib/iothub" saw daemon list:/var/lib/iothub ok
 check "probe as iothubd: can connect to the broker (127.0.0.1:$MQTT_PORT)" saw daemon tcp:127.0.0.1:$MQTT_PORT ok
 check "probe as iothubd: can connect to the signer's socket" saw daemon unix:/run/iothub-signer/signer.sock ok
-check "probe as iothubd: TCP to a non-loopback IPv4 address is EPERM (IPAddressDeny=any)" saw daemon tcp:192.0.2.1:443 EPERM
-check "probe as iothubd: TCP to a non-loopback IPv6 address is EPERM" saw daemon "tcp:[2001:db8::1]:443" EPERM
-check "probe as iothubd: UDP to a non-loopback address is EPERM (no DNS server off the host either)" saw daemon udp:192.0.2.1:53 EPERM
+# IPAddressDeny= is a cgroup BPF program that systemd attaches; systemd in the nspawn container
+# cannot (measured: the same connect there gives ECONNREFUSED, no EPERM), QEMU's systemd can.
+if [ "$MODE" = qemu ]; then
+	check "probe as iothubd: TCP to a non-loopback IPv4 address is EPERM (IPAddressDeny=any)" saw daemon tcp:192.0.2.1:443 EPERM
+	check "probe as iothubd: TCP to a non-loopback IPv6 address is EPERM" saw daemon "tcp:[2001:db8::1]:443" EPERM
+	check "probe as iothubd: UDP to a non-loopback address is EPERM (no DNS server off the host either)" saw daemon udp:192.0.2.1:53 EPERM
+else
+	log "nspawn does not enforce IPAddressDeny= (no cgroup BPF in the container): $(grep -E '192.0.2.1|2001:db8' $OUT/probe-daemon | tr '\n' ' ')"
+fi
 check "probe as iothubd: the test cloud's loopback address still connects ($CLOUD_ADDR)" saw daemon tcp:$CLOUD_ADDR ok
 check "probe as iothubd: can connect to the uplink's socket (group iothub)" saw daemon unix:$UPLINK_SOCK ok
 
+# The real iothubd beside it (its probe's drop-in goes), so that its control socket is there.
+rm -rf /run/systemd/system/$UNIT.d
 PROBE_DAEMON=1 probe $UPLINK uplink $in_uplink
 check "probe as the uplink: ran under the unit's user (uid of iothub-uplink)" \
 	sh -c "grep -qx 'PROBE uid=$(id -u iothub-uplink) gid=$(id -g iothub-uplink)' $OUT/probe-uplink"
@@ -644,6 +656,8 @@ check "probe as the signer with AF_INET allowed: the socket opens" saw signer-in
 check "probe as the signer with AF_INET allowed: 127.0.0.1:$MQTT_PORT still unreachable (PrivateNetwork=)" \
 	saw signer-inet tcp:127.0.0.1:$MQTT_PORT 'E*'
 
+# The last probes stay until stopped (probe.c).
+systemctl stop $UNIT $SIGNER $UPLINK
 rm -rf /run/systemd/system/$UNIT.d /run/systemd/system/$SIGNER.d /run/systemd/system/$UPLINK.d
 systemctl daemon-reload
 rm -f $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc
