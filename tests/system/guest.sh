@@ -573,14 +573,17 @@ CLOUD_ADDR=${CLOUD_URL#https://}
 in_daemon="open-rw:/dev/tpmrm0 read:$SIGNER_STATE/tokens.enc read:$SIGNER_STATE/tokens.key list:$SIGNER_STATE"
 in_daemon="$in_daemon list:/var/lib/iothub tcp:127.0.0.1:$MQTT_PORT unix:/run/iothub-signer/signer.sock"
 # Stage 2: no address but the loopback (IPAddressDeny=any, IPAddressAllow=localhost). systemd's
-# filter is a cgroup BPF program on egress packets, so it answers EPERM only where a packet would
-# leave: an address with a route (without one, connect() fails with ENETUNREACH before any
-# packet). Under QEMU: 10.0.2.100, the host's broker and cloud through QEMU's forward, on the
-# guest's own subnet, which the uplink's probe reaches below. Under nspawn (the host's network):
-# TEST-NET-1 and the IPv6 documentation prefix (RFC 5737, RFC 3849). The cloud's loopback forward
-# stays open (iothubd talks HTTPS itself until stage 2's "client" part), and the uplink's socket.
+# filter is a cgroup BPF program on egress packets: a dropped packet's send fails with EPERM.
+# So it acts only where a packet would leave (an address with a route; without one, connect()
+# fails with ENETUNREACH first), and a TCP connect() does not fail with EPERM: the kernel drops
+# the SYN, ignores the error (tcp_connect() returns only ECONNREFUSED) and retransmits, so the
+# connect never completes (the probe's 3 s: EINPROGRESS). A UDP send fails with EPERM at once.
+# Under QEMU: 10.0.2.100:8443, the host's cloud through QEMU's forward, which the uplink's probe
+# reaches at once below. Under nspawn (the host's network): TEST-NET-1 and the IPv6
+# documentation prefix (RFC 5737, RFC 3849). The cloud's loopback forward stays open (iothubd
+# talks HTTPS itself until stage 2's "client" part), and the uplink's socket.
 if [ "$MODE" = qemu ]; then OFFHOST=10.0.2.100; else OFFHOST=192.0.2.1; fi
-in_daemon="$in_daemon tcp:$OFFHOST:1883 tcp:[2001:db8::1]:443 udp:$OFFHOST:53 tcp:$CLOUD_ADDR unix:$UPLINK_SOCK"
+in_daemon="$in_daemon tcp:$OFFHOST:8443 tcp:[2001:db8::1]:443 udp:$OFFHOST:53 tcp:$CLOUD_ADDR unix:$UPLINK_SOCK"
 in_uplink="open-rw:/dev/tpmrm0 list:/var/lib/iothub read:/var/lib/iothub/iothub.db unix:/run/iothub/control"
 in_uplink="$in_uplink read:$CONF read:$SIGNER_STATE/tokens.enc list:$SIGNER_STATE tcp:$CLOUD_ADDR"
 in_uplink="$in_uplink unix:/run/iothub-signer/signer.sock tcp:127.0.0.1:$MQTT_PORT"
@@ -610,9 +613,10 @@ check "probe as iothubd: can connect to the signer's socket" saw daemon unix:/ru
 # systemd in the nspawn container attaches no cgroup BPF program (measured: TEST-NET-1 answers
 # ECONNREFUSED there, not EPERM); QEMU's systemd does. The guest has no IPv6 route: logged only.
 if [ "$MODE" = qemu ]; then
-	check "probe as iothubd: TCP to $OFFHOST:1883 (the broker's forward, off the loopback) is EPERM (IPAddressDeny=any)" \
-		saw daemon tcp:$OFFHOST:1883 EPERM
-	check "probe as iothubd: UDP to $OFFHOST:53 is EPERM (no DNS server off the host either)" saw daemon udp:$OFFHOST:53 EPERM
+	check "probe as iothubd: UDP to $OFFHOST:53 (off the loopback) is EPERM (IPAddressDeny=any; no DNS server off the host either)" \
+		saw daemon udp:$OFFHOST:53 EPERM
+	check "probe as iothubd: TCP to $OFFHOST:8443 (the cloud's forward, off the loopback) never connects (SYN dropped: EINPROGRESS after 3 s)" \
+		saw daemon tcp:$OFFHOST:8443 EINPROGRESS
 fi
 log "off the loopback, in place of iothubd ($MODE): $(grep -E "$OFFHOST|2001:db8" $OUT/probe-daemon | tr '\n' ' ')"
 check "probe as iothubd: the test cloud's loopback address still connects ($CLOUD_ADDR)" saw daemon tcp:$CLOUD_ADDR ok
@@ -635,7 +639,7 @@ check "probe as the uplink: cannot list $SIGNER_STATE" saw uplink list:$SIGNER_S
 # What it must still do.
 check "probe as the uplink: can connect to the test cloud ($CLOUD_ADDR)" saw uplink tcp:$CLOUD_ADDR ok
 check "probe as the uplink: can connect to the signer's socket (group iothub-sign)" saw uplink unix:/run/iothub-signer/signer.sock ok
-[ "$MODE" = qemu ] && check "probe as the uplink: can connect off the loopback ($OFFHOST:8443, the cloud's forward), which iothubd cannot" \
+[ "$MODE" = qemu ] && check "probe as the uplink: connects off the loopback ($OFFHOST:8443, the cloud's forward), where iothubd cannot" \
 	saw uplink tcp:$OFFHOST:8443 ok
 log "probe as the uplink: the broker's port: $(grep -F "PROBE tcp:127.0.0.1:$MQTT_PORT " $OUT/probe-uplink) (a TCP port like any other; the broker's password is iothubd's)"
 systemctl stop $UNIT $UPLINK
