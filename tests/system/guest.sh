@@ -110,11 +110,6 @@ timeout_s = 5
 [frames]
 ${1:-}
 EOF
-	# Stage 2 split (iothubd without libcurl, see SPLIT below): the signer serves the uplink's
-	# requests and iothubd's command signatures, each user its own operations.
-	if [ "$SPLIT" = yes ]; then
-		printf '\n[signer]\nclient_user = iothub-uplink\ncommand_user = iothub\n' >>"$CONF"
-	fi
 	chown root:iothub "$CONF"
 	chmod 0640 "$CONF"
 }
@@ -178,8 +173,8 @@ check "ldd: iothubd links neither libcurl nor libtss2" is "$(libs /usr/sbin/ioth
 check "ldd: iothub-uplink links neither libmosquitto, libsqlite3 nor libtss2" is "$(libs $UPLINK_BIN 'libmosquitto|libsqlite3|libtss2')" ""
 check "ldd: iothub-uplink links libcurl (ldd works: it does the HTTPS)" sh -c "ldd $UPLINK_BIN | grep -q libcurl"
 # SPLIT: whether iothubd still makes HTTPS itself (before stage 2's "client" part) or asks the
-# uplink. The test adapts only what must follow from it: who reads the fixed bearer token, and
-# the signer's two users in the configuration.
+# uplink. The test adapts only what must follow from it: who reads the fixed bearer token. (The
+# signer's two users, [signer] client_user and command_user, are the shipped defaults.)
 if ldd /usr/sbin/iothubd | grep -q libcurl; then SPLIT=no; else SPLIT=yes; fi
 log "SPLIT=$SPLIT (iothubd $([ $SPLIT = yes ] && echo asks the uplink || echo still links libcurl and talks HTTPS itself))"
 check "$SIGNER as shipped: DeviceAllow=/dev/tpmrm0 rw, PrivateNetwork=yes, User=iothub-signer, SupplementaryGroups=tss" \
