@@ -100,9 +100,8 @@ FUZZ_BINS  := $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/fuzz/%)
 TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
 # Drafts of pages whose program is not there yet: built (scdoc checks them) into $(BUILD)/man-draft,
-# never installed nor packaged. iothub-uplink(8): issue 14 stage 2, only its WIRE FORMAT is
-# written (the channel's codec, include/iothub/uplink-proto.h); the program comes in step 2.
-MAN_DRAFTS := man/iothub-uplink.8.scd
+# never installed nor packaged. None at the moment (iothub-uplink(8) is installed since stage 2).
+MAN_DRAFTS :=
 MANS       := $(patsubst man/%.scd,$(BUILD)/man/%,$(filter-out $(MAN_DRAFTS),$(wildcard man/*.scd)))
 MAN_DRAFT_PAGES := $(MAN_DRAFTS:man/%.scd=$(BUILD)/man-draft/%)
 
@@ -261,9 +260,12 @@ install: all
 	install -Dm0755 $(BUILD)/iothubd $(DESTDIR)$(PREFIX)/sbin/iothubd
 	install -Dm0755 $(BUILD)/iothubctl $(DESTDIR)$(PREFIX)/bin/iothubctl
 	install -Dm0755 $(BUILD)/iothub-signer $(DESTDIR)$(PREFIX)/libexec/iothub/iothub-signer
+	install -Dm0755 $(BUILD)/iothub-uplink $(DESTDIR)$(PREFIX)/libexec/iothub/iothub-uplink
 	install -Dm0644 systemd/iothub.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub.service
 	install -Dm0644 systemd/iothub-signer.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-signer.service
 	install -Dm0644 systemd/iothub-signer.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-signer.socket
+	install -Dm0644 systemd/iothub-uplink.service $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-uplink.service
+	install -Dm0644 systemd/iothub-uplink.socket $(DESTDIR)$(PREFIX)/lib/systemd/system/iothub-uplink.socket
 	install -Dm0644 systemd/iothub.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/iothub.conf
 	install -Dm0644 systemd/iothub.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/iothub.catalog
 	install -Dm0640 etc/iothub.conf $(DESTDIR)/etc/iothub.conf

@@ -1,14 +1,15 @@
 // The systemd units and sysusers file, checked without a booted systemd:
 //   - `systemd-analyze security --offline=yes` exposure of each service at most 1.5 (DESIGN.md,
-//     issue 14), the signer's at most the score its header records (as low as it goes), and each
-//     unit's header comment records the score it has; the only checks that count against a unit
-//     are the ones it explains (network, TPM group, ...);
+//     issue 14), the signer's and iothubd's at most the scores they have now (as low as they go),
+//     and each unit's header comment records the score it has; the only checks that count against
+//     a unit are the ones it explains (network, TPM group, ...);
 //   - `systemd-analyze verify` is silent on copies whose ExecStart= are the binaries just built
 //     (verify exits 0 even on unknown keys, so any stderr output fails the test: TESTBED.md);
 //   - the properties the daemon, the signer and the other tests rely on, read from the unit text;
 //   - iothubd's exit statuses 64 and 78 (RestartPreventExitStatus=), also when it logs to the
 //     journal as under systemd;
-//   - systemd-sysusers creates both users from iothub.sysusers in a scratch root.
+//   - systemd-sysusers creates the three users and the group iothub-sign from iothub.sysusers in
+//     a scratch root, with the memberships the sockets rely on (the uplink not in group iothub).
 // Run: cd tests && IOTHUB_BUILD=<abs build dir> node --test integration/
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,22 +26,35 @@ const unitPath = (name) => fileURLToPath(new URL(`../../systemd/${name}`, import
 const UNIT = unitPath('iothub.service');
 const SIGNER = unitPath('iothub-signer.service');
 const SOCKET = unitPath('iothub-signer.socket');
+const UPLINK = unitPath('iothub-uplink.service');
+const UPLINK_SOCKET = unitPath('iothub-uplink.socket');
 const SYSUSERS = unitPath('iothub.sysusers');
 const MAX_EXPOSURE = 1.5;
-// The signer's sandbox is as tight as it goes; what is left is listed in SIGNER_FAILING. A lower
-// score is welcome (then lower this and the unit's header); a higher one means a line was lost.
+// The signer's and iothubd's sandboxes are as tight as they go; what is left is listed in
+// SIGNER_FAILING and DAEMON_FAILING. A lower score is welcome (then lower these and the unit's
+// header); a higher one means a line was lost.
 const SIGNER_MAX_EXPOSURE = 0.4;
+const DAEMON_MAX_EXPOSURE = 1.1;
 
 // The checks of `systemd-analyze security` that may fail, each for a reason given in the unit.
 // Anything else failing means a hardening line was lost, even if the total stays under the limit.
 const DAEMON_FAILING = new Map([
-  ['PrivateNetwork=', 'the hub must reach the broker and the vendor cloud'],
-  ['IPAddressDeny=', 'the cloud is on the internet, its addresses are not known in advance'],
-  ['RestrictAddressFamilies=~AF_(INET|INET6)', 'MQTT and HTTPS'],
-  ['RestrictAddressFamilies=~AF_UNIX', 'journal, sd_notify, control socket, signer socket'],
+  ['PrivateNetwork=', 'the broker is on the host\'s loopback, not a private namespace\'s'],
+  ['IPAddressDeny=', 'IPAddressAllow=localhost, the broker (0.1 of 0.2: "only localhost entries")'],
+  ['RestrictAddressFamilies=~AF_(INET|INET6)', 'MQTT'],
+  ['RestrictAddressFamilies=~AF_UNIX', 'journal, sd_notify, control socket, uplink and signer sockets'],
   ['PrivateUsers=', 'would turn operators into nobody on the control socket (SO_PEERCRED)'],
   ['DeviceAllow=', 'char-rtc read, which ProtectClock= adds (no device of its own)'],
   ['RootDirectory=/RootImage=', 'runs from the host root, as a packaged daemon does'],
+]);
+const UPLINK_FAILING = new Map([
+  ['PrivateNetwork=', 'the cloud and the authorization server are on the internet'],
+  ['IPAddressDeny=', 'their addresses are not known in advance (DNS, CDNs)'],
+  ['RestrictAddressFamilies=~AF_(INET|INET6)', 'HTTPS'],
+  ['RestrictAddressFamilies=~AF_UNIX', 'its socket, the signer\'s socket, the journal, sd_notify'],
+  ['PrivateUsers=', 'SO_PEERCRED would read iothubd as 65534 ([uplink] client_user)'],
+  ['DeviceAllow=', 'char-rtc read, which ProtectClock= adds (no device of its own)'],
+  ['RootDirectory=/RootImage=', 'runs from the host root, as a packaged program does'],
 ]);
 const SIGNER_FAILING = new Map([
   ['RestrictAddressFamilies=~AF_UNIX', 'its socket, the journal, sd_notify'],
@@ -128,8 +142,18 @@ function onlyExplained(t, unit, allowed) {
     'hardening checks failing that the unit does not explain');
 }
 
-test('systemd-analyze security: iothub.service exposure at most 1.5', (t) => {
-  exposure(t, UNIT, 'iothub.service', MAX_EXPOSURE);
+test('systemd-analyze security: iothub.service exposure at most 1.5, as low as it goes', (t) => {
+  assert.ok(DAEMON_MAX_EXPOSURE <= MAX_EXPOSURE);
+  exposure(t, UNIT, 'iothub.service', DAEMON_MAX_EXPOSURE);
+});
+
+test('systemd-analyze security: iothub-uplink.service exposure at most 1.5', (t) => {
+  const uplink = exposure(t, UPLINK, 'iothub-uplink.service', MAX_EXPOSURE);
+  // The uplink reaches the internet; iothubd, which parses the bulbs' bytes, only the loopback:
+  // iothubd is the tighter of the two.
+  const r = run('systemd-analyze', ['security', '--offline=yes', '--man=no', UNIT]);
+  const daemon = Number(r.stdout.match(/Overall exposure level for iothub\.service: (\d+\.\d)/)[1]);
+  assert.ok(daemon < uplink, `iothubd's ${daemon} is not below the uplink's ${uplink}`);
 });
 
 test('systemd-analyze security: iothub-signer.service as low as it goes', (t) => {
@@ -148,13 +172,20 @@ test('systemd-analyze security: only the explained checks fail (iothub-signer.se
   onlyExplained(t, SIGNER, SIGNER_FAILING);
 });
 
-test('systemd-analyze verify: silent on the units with the built iothubd and iothub-signer', () => {
+test('systemd-analyze security: only the explained checks fail (iothub-uplink.service)', (t) => {
+  onlyExplained(t, UPLINK, UPLINK_FAILING);
+});
+
+test('systemd-analyze verify: silent on the units with the built iothubd, iothub-signer and iothub-uplink', () => {
   const b = buildDir();
   const signerBin = join(b, 'iothub-signer');
-  try {
-    accessSync(signerBin, constants.X_OK);
-  } catch (e) {
-    assert.fail(`${signerBin} is missing or not executable (${e.code}): build it first (make)`);
+  const uplinkBin = join(b, 'iothub-uplink');
+  for (const bin of [signerBin, uplinkBin]) {
+    try {
+      accessSync(bin, constants.X_OK);
+    } catch (e) {
+      assert.fail(`${bin} is missing or not executable (${e.code}): build it first (make)`);
+    }
   }
   const dir = mkdtempSync(join(tmpdir(), 'iothub-verify-'));
   try {
@@ -163,6 +194,8 @@ test('systemd-analyze verify: silent on the units with the built iothubd and iot
       [UNIT, /^ExecStart=\/usr\/sbin\/iothubd( .*)?$/m, join(b, 'iothubd')],
       [SIGNER, /^ExecStart=\/usr\/libexec\/iothub\/iothub-signer( .*)?$/m, signerBin],
       [SOCKET, null, null],
+      [UPLINK, /^ExecStart=\/usr\/libexec\/iothub\/iothub-uplink( .*)?$/m, uplinkBin],
+      [UPLINK_SOCKET, null, null],
     ]) {
       let text = readFileSync(unit, 'utf8');
       if (exec) {
@@ -257,17 +290,21 @@ test('unit: the properties the daemon relies on', () => {
   assert.ok(words('InaccessiblePaths').some((w) => w.replace(/^-/, '') === '/var/lib/iothub-signer'),
     'the signer\'s state directory is not made inaccessible');
   const unit = section(u, 'Unit');
-  assert.ok(unit.words('Requires').includes('iothub-signer.socket'), 'Requires=iothub-signer.socket missing');
-  assert.ok(unit.words('After').includes('iothub-signer.socket'), 'After=iothub-signer.socket missing');
+  for (const sock of ['iothub-signer.socket', 'iothub-uplink.socket']) {
+    assert.ok(unit.words('Requires').includes(sock), `Requires=${sock} missing`);
+    assert.ok(unit.words('After').includes(sock), `After=${sock} missing`);
+  }
   assert.equal(one('UMask'), '0077');
   assert.equal(one('LimitCORE'), '0');
   assert.equal(one('CapabilityBoundingSet'), '');
   assert.equal(one('NoNewPrivileges'), 'yes');
   assert.equal(one('ProtectSystem'), 'strict');
-  // The hub must talk to the broker and the cloud: never cut off the network.
-  assert.equal(s.PrivateNetwork, undefined, 'PrivateNetwork= must not be set');
-  assert.equal(s.IPAddressDeny, undefined, 'IPAddressDeny= must not be set (the cloud is on the internet)');
+  // Issue 14 stage 2: the cloud is the uplink's; iothubd reaches the broker on the loopback only.
+  assert.equal(s.PrivateNetwork, undefined, 'PrivateNetwork= must not be set (the broker is on the host\'s loopback)');
+  assert.deepEqual(s.IPAddressDeny, ['any']);
+  assert.deepEqual(s.IPAddressAllow, ['localhost'], 'IPAddressAllow= must be localhost only (a remote broker is a drop-in)');
   assert.deepEqual(words('RestrictAddressFamilies').sort(), ['AF_INET', 'AF_INET6', 'AF_UNIX']);
+  assert.equal(s.LoadCredential, undefined, 'iothubd reads /etc/iothub.conf as group iothub');
   assert.deepEqual(u.Install?.WantedBy, ['multi-user.target']);
 });
 
@@ -315,6 +352,66 @@ test('unit: the signer\'s socket (signer-spec names)', () => {
   const { s, one } = section(u, 'Socket');
   assert.deepEqual(s.ListenStream, ['/run/iothub-signer/signer.sock']);
   assert.equal(one('SocketUser'), 'iothub-signer');
+  // Not iothub: the uplink, a member of iothub-sign, must not be in group iothub (control socket).
+  assert.equal(one('SocketGroup'), 'iothub-sign');
+  assert.equal(one('SocketMode'), '0660');
+  assert.equal(one('Accept'), 'no');
+  for (const k of ['ListenDatagram', 'ListenSequentialPacket', 'ListenFIFO', 'ListenNetlink']) {
+    assert.equal(s[k], undefined, `${k}= must not be set: one stream socket, no port`);
+  }
+  assert.deepEqual(u.Install?.WantedBy, ['sockets.target']);
+});
+
+test('unit: the uplink\'s sandbox (stage2-spec names)', () => {
+  const u = parseUnit(readFileSync(UPLINK, 'utf8'), UPLINK);
+  const { s, one, words } = section(u, 'Service');
+  const unit = section(u, 'Unit');
+  for (const sock of ['iothub-uplink.socket', 'iothub-signer.socket']) {
+    assert.ok(unit.words('Requires').includes(sock), `Requires=${sock} missing`);
+    assert.ok(unit.words('After').includes(sock), `After=${sock} missing`);
+  }
+  assert.equal(one('Type'), 'notify');
+  assert.equal(one('NotifyAccess'), 'main');
+  assert.match(one('ExecStart'), /^\/usr\/libexec\/iothub\/iothub-uplink --config %d\/iothub\.conf$/);
+  // /etc/iothub.conf is root:iothub 0640 and the uplink is not in group iothub: a credential copy.
+  assert.deepEqual(words('LoadCredential'), ['iothub.conf:/etc/iothub.conf']);
+  assert.ok(words('RestartPreventExitStatus').includes('78') && words('RestartPreventExitStatus').includes('64'));
+  assert.equal(one('Restart'), 'on-failure');
+  assert.match(one('WatchdogSec'), /^[1-9][0-9]*(s|sec)?$/);
+  assert.equal(one('User'), 'iothub-uplink');
+  assert.equal(one('Group'), 'iothub-uplink');
+  assert.equal(s.SupplementaryGroups, undefined, 'no group from the unit (iothub-sign comes from sysusers; never iothub or tss)');
+  assert.ok(!s.DynamicUser, 'DynamicUser= must stay off (the peer checks name a stable user)');
+  // No state, no runtime directory (the socket unit owns /run/iothub-uplink), no device.
+  for (const k of ['StateDirectory', 'RuntimeDirectory', 'CacheDirectory', 'LogsDirectory', 'ConfigurationDirectory',
+    'ReadWritePaths', 'DeviceAllow', 'BindPaths']) {
+    assert.equal(s[k], undefined, `${k}= must not be set`);
+  }
+  assert.equal(one('PrivateDevices'), 'yes');
+  assert.equal(one('DevicePolicy'), 'closed');
+  const hidden = words('InaccessiblePaths').map((w) => w.replace(/^-/, ''));
+  for (const d of ['/var/lib/iothub', '/var/lib/iothub-signer']) assert.ok(hidden.includes(d), `${d} not inaccessible`);
+  assert.deepEqual(words('RestrictAddressFamilies').sort(), ['AF_INET', 'AF_INET6', 'AF_UNIX']);
+  assert.equal(one('UMask'), '0077');
+  assert.equal(one('LimitCORE'), '0', 'the tokens are in its memory: no core dump');
+  assert.equal(one('CapabilityBoundingSet'), '');
+  assert.equal(one('NoNewPrivileges'), 'yes');
+  assert.equal(one('MemoryDenyWriteExecute'), 'yes');
+  assert.equal(one('ProtectSystem'), 'strict');
+  assert.equal(one('ProtectHome'), 'yes');
+  assert.equal(one('PrivateTmp'), 'yes');
+  assert.deepEqual(s.SystemCallFilter, ['@system-service', '~@privileged @resources']);
+  assert.equal(one('SystemCallArchitectures'), 'native');
+  assert.deepEqual(u.Install?.Also, ['iothub-uplink.socket']);
+  assert.equal(u.Install?.WantedBy, undefined, 'socket-activated: the socket is what is wanted at boot');
+});
+
+test('unit: the uplink\'s socket (stage2-spec names)', () => {
+  const u = parseUnit(readFileSync(UPLINK_SOCKET, 'utf8'), UPLINK_SOCKET);
+  const { s, one } = section(u, 'Socket');
+  assert.deepEqual(s.ListenStream, ['/run/iothub-uplink/uplink.sock']);
+  assert.equal(one('SocketUser'), 'iothub-uplink');
+  // iothubd connects through its primary group; the uplink itself is not in group iothub.
   assert.equal(one('SocketGroup'), 'iothub');
   assert.equal(one('SocketMode'), '0660');
   assert.equal(one('Accept'), 'no');
@@ -324,11 +421,14 @@ test('unit: the signer\'s socket (signer-spec names)', () => {
   assert.deepEqual(u.Install?.WantedBy, ['sockets.target']);
 });
 
-test('sysusers: creates the iothub and iothub-signer system users, each with its own group', () => {
+test('sysusers: creates the iothub, iothub-signer and iothub-uplink system users and the group iothub-sign', () => {
   const text = readFileSync(SYSUSERS, 'utf8');
   assert.match(text, /^u iothub - "[^"]+" \/var\/lib\/iothub$/m);
   assert.match(text, /^u iothub-signer - "[^"]+" \/var\/lib\/iothub-signer$/m);
-  assert.doesNotMatch(text, /^m /m, 'no user is made a member of another group (tss is given by the unit)');
+  assert.match(text, /^u iothub-uplink - "[^"]+" -$/m);
+  // The only memberships: iothub and iothub-uplink in iothub-sign (tss is given by the signer's unit).
+  assert.deepEqual(text.split('\n').filter((l) => l.startsWith('m ')).sort(),
+    ['m iothub iothub-sign', 'm iothub-uplink iothub-sign']);
   const root = mkdtempSync(join(tmpdir(), 'iothub-sysusers-'));
   try {
     mkdirSync(join(root, 'etc'));
@@ -337,7 +437,7 @@ test('sysusers: creates the iothub and iothub-signer system users, each with its
     const passwd = readFileSync(join(root, 'etc/passwd'), 'utf8');
     const group = readFileSync(join(root, 'etc/group'), 'utf8');
     const gids = new Set();
-    for (const [name, home] of [['iothub', '/var/lib/iothub'], ['iothub-signer', '/var/lib/iothub-signer']]) {
+    for (const [name, home] of [['iothub', '/var/lib/iothub'], ['iothub-signer', '/var/lib/iothub-signer'], ['iothub-uplink', '/']]) {
       const line = passwd.split('\n').find((l) => l.startsWith(`${name}:`));
       assert.ok(line, `no ${name} in the generated passwd:\n${passwd}`);
       const [, , uid, gid, , h, shell] = line.split(':');
@@ -347,7 +447,11 @@ test('sysusers: creates the iothub and iothub-signer system users, each with its
       assert.match(group, new RegExp(`^${name}:x:${gid}:$`, 'm'), `no ${name} group with the user's gid, or it has members`);
       gids.add(gid);
     }
-    assert.equal(gids.size, 2, 'the two users share a group');
+    assert.equal(gids.size, 3, 'two users share a group');
+    const sign = group.split('\n').find((l) => l.startsWith('iothub-sign:'));
+    assert.ok(sign, `no group iothub-sign:\n${group}`);
+    assert.ok(!gids.has(sign.split(':')[2]), 'iothub-sign is some user\'s primary group');
+    assert.deepEqual(sign.split(':')[3].split(',').sort(), ['iothub', 'iothub-uplink']);
   } finally {
     rmSync(root, { recursive: true, force: true });
   }

@@ -20,6 +20,10 @@ UNIT=iothub.service
 SIGNER=iothub-signer.service
 SIGNER_SOCKET=iothub-signer.socket
 SIGNER_STATE=/var/lib/iothub-signer
+UPLINK=iothub-uplink.service
+UPLINK_SOCKET=iothub-uplink.socket
+UPLINK_SOCK=/run/iothub-uplink/uplink.sock
+UPLINK_BIN=/usr/libexec/iothub/iothub-uplink
 PROBE=/usr/local/libexec/iothub-probe
 PREFIX=iothub/v1/bulbs
 # MID_<NAME> (every IOTHUB_MID_<NAME> of include/iothub/log.h in the tree the package was built
@@ -64,6 +68,7 @@ wait_for() {
 }
 prop() { systemctl show -P "$1" "$UNIT"; }
 sprop() { systemctl show -P "$1" "$SIGNER"; }
+uprop() { systemctl show -P "$1" "$UPLINK"; }
 st() { iothubctl status --json | jq -r "$1"; }
 is() { [ "$1" = "$2" ] || { echo "expected '$2', got '$1'"; return 1; }; }
 ge() { [ "$1" -ge "$2" ] 2>/dev/null || { echo "expected >= $2, got '$1'"; return 1; }; }
@@ -116,6 +121,7 @@ finish() {
 		journalctl -b --no-pager -o short-monotonic >"$OUT/journal.txt" 2>&1
 		journalctl -b --no-pager -o verbose -u "$UNIT" >"$OUT/journal-iothub-verbose.txt" 2>&1
 		journalctl -b --no-pager -o verbose -u "$SIGNER" >"$OUT/journal-signer-verbose.txt" 2>&1
+		journalctl -b --no-pager -o verbose -u "$UPLINK" >"$OUT/journal-uplink-verbose.txt" 2>&1
 	fi
 	sync
 }
@@ -144,7 +150,33 @@ check "user and group iothub-signer exist (sysusers), not in group tss" \
 	is "$(id -un iothub-signer) $(id -gn iothub-signer) $(id -Gn iothub-signer)" "iothub-signer iothub-signer iothub-signer"
 check "the signer is installed in /usr/libexec/iothub" test -x /usr/libexec/iothub/iothub-signer
 check "$SIGNER_SOCKET is enabled and listening" is "$(systemctl is-enabled $SIGNER_SOCKET) $(systemctl is-active $SIGNER_SOCKET)" "enabled active"
-check "the signer's socket is iothub-signer:iothub 0660" is "$(stat -c %U:%G:%a /run/iothub-signer/signer.sock)" iothub-signer:iothub:660
+check "the signer's socket is iothub-signer:iothub-sign 0660" is "$(stat -c %U:%G:%a /run/iothub-signer/signer.sock)" iothub-signer:iothub-sign:660
+# --- the uplink (issue 14, stage 2) ---
+check "user iothub-uplink exists (sysusers), in group iothub-sign only: not iothub (control socket), not tss" \
+	is "$(id -un iothub-uplink) $(id -gn iothub-uplink) $(id -Gn iothub-uplink)" "iothub-uplink iothub-uplink iothub-uplink iothub-sign"
+check "user iothub is in group iothub-sign (the signer's socket), not tss" is "$(id -Gn iothub)" "iothub iothub-sign"
+check "the uplink is installed in /usr/libexec/iothub" test -x $UPLINK_BIN
+check "$UPLINK_SOCKET is enabled and listening" is "$(systemctl is-enabled $UPLINK_SOCKET) $(systemctl is-active $UPLINK_SOCKET)" "enabled active"
+check "the uplink's socket is iothub-uplink:iothub 0660" is "$(stat -c %U:%G:%a $UPLINK_SOCK)" iothub-uplink:iothub:660
+check "iothub.service Requires= the uplink's socket" sh -c "systemctl show -P Requires $UNIT | grep -w $UPLINK_SOCKET"
+check "$UPLINK as shipped: User=iothub-uplink, no supplementary group, PrivateDevices=yes, no device, AF_INET AF_INET6 AF_UNIX" \
+	is "$(uprop User) [$(uprop SupplementaryGroups)] $(uprop PrivateDevices) [$(systemctl show -P DeviceAllow $UPLINK | grep -v '^char-rtc r$')] $(uprop RestrictAddressFamilies | tr ' ' '\n' | sort | tr '\n' ' ')" \
+	"iothub-uplink [] yes [] AF_INET AF_INET6 AF_UNIX "
+log "iothub.service as shipped: IPAddressDeny=$(prop IPAddressDeny | tr '\n' ' ') IPAddressAllow=$(prop IPAddressAllow | tr '\n' ' ')"
+check "iothub.service as shipped: IPAddressDeny= and IPAddressAllow= set" \
+	sh -c "[ -n \"\$(systemctl show -P IPAddressDeny $UNIT)\" ] && [ -n \"\$(systemctl show -P IPAddressAllow $UNIT)\" ]"
+# What each part links (stage2-spec): the bulb side neither HTTPS nor the TPM; the cloud side
+# neither the broker, the database nor the TPM. iothubd without libcurl holds only once the
+# "client" part of stage 2 (iothubd talking to the uplink) is in the package.
+libs() { ldd "$1" | awk '{print $1}' | grep -E "$2" | tr '\n' ' '; }
+check "ldd: iothubd links neither libcurl nor libtss2" is "$(libs /usr/sbin/iothubd 'libcurl|libtss2')" ""
+check "ldd: iothub-uplink links neither libmosquitto, libsqlite3 nor libtss2" is "$(libs $UPLINK_BIN 'libmosquitto|libsqlite3|libtss2')" ""
+check "ldd: iothub-uplink links libcurl (ldd works: it does the HTTPS)" sh -c "ldd $UPLINK_BIN | grep -q libcurl"
+# SPLIT: whether iothubd still makes HTTPS itself (before stage 2's "client" part) or asks the
+# uplink. The test adapts only what must follow from it: who reads the fixed bearer token. (The
+# signer's two users, [signer] client_user and command_user, are the shipped defaults.)
+if ldd /usr/sbin/iothubd | grep -q libcurl; then SPLIT=no; else SPLIT=yes; fi
+log "SPLIT=$SPLIT (iothubd $([ $SPLIT = yes ] && echo asks the uplink || echo still links libcurl and talks HTTPS itself))"
 check "$SIGNER as shipped: DeviceAllow=/dev/tpmrm0 rw, PrivateNetwork=yes, User=iothub-signer, SupplementaryGroups=tss" \
 	is "$(systemctl show -P DeviceAllow $SIGNER | grep -v '^char-rtc' | tr '\n' ' ')$(systemctl show -P PrivateNetwork $SIGNER) $(sprop User) $(sprop SupplementaryGroups)" \
 	"/dev/tpmrm0 rw yes iothub-signer tss"
@@ -173,7 +205,8 @@ fi
 install -m 0644 /systest/cloud-ca.pem /etc/iothub-cloud-ca.pem
 # The fixed bearer token (a development aid, [cloud] bearer_token_file): the OAuth sign-in needs
 # the authorization server, which the integration tests cover.
-install -m 0640 -o root -g iothub /systest/token /etc/iothub-token
+# Read by whoever talks HTTPS: the uplink once stage 2 is whole (iothub.conf(5)), else iothubd.
+install -m 0640 -o root -g "$([ $SPLIT = yes ] && echo iothub-uplink || echo iothub)" /systest/token /etc/iothub-token
 check "systemctl stop" systemctl stop $UNIT
 # The signer too: over swtpm's socket (nspawn) the TPM serves one client at a time, and key init
 # below talks to it itself. Its socket stays; nothing connects to it while iothubd is stopped.
@@ -240,6 +273,23 @@ if [ "$MODE" = qemu ]; then
 	check "the signer's private /dev has /dev/tpmrm0" nsenter -t "$spid" -m test -c /dev/tpmrm0
 	check "the signer's private /dev has no /dev/tpm0" sh -c "! nsenter -t $spid -m test -e /dev/tpm0"
 	check "no drop-in changes the shipped signer unit" is "$(sprop DropInPaths)" ""
+fi
+# The uplink: socket-activated by iothubd's first connection once stage 2 is whole; started here
+# in any case (a no-op then), so that it runs, as installed, for the checks and the kill below.
+check "$UPLINK starts (Type=notify: READY=1; active, running)" sh -c \
+	"systemctl start $UPLINK && [ \"\$(systemctl show -P ActiveState,SubState $UPLINK | tr '\n' /)\" = active/running/ ]"
+upid=$(uprop MainPID)
+check "$UPLINK runs as iothub-uplink:iothub-uplink without group tss" proc_ids "$upid" iothub-uplink iothub-uplink no
+# groups_of PID: the supplementary gids of a process, as group names.
+groups_of() { for g in $(sed -n 's/^Groups:[[:space:]]*//p' "/proc/$1/status"); do getent group "$g" | cut -d: -f1; done | sort | tr '\n' ' '; }
+check "$UPLINK's process groups: iothub-sign and its own, not iothub (which opens the control socket)" \
+	is "$(groups_of "$upid")" "iothub-sign iothub-uplink "
+check "iothubd's process groups: iothub-sign and its own" is "$(groups_of "$(prop MainPID)")" "iothub iothub-sign "
+check "the uplink's configuration is systemd's credential copy (not in group iothub, /etc/iothub.conf is 0640)" \
+	sh -c "tr '\\0' ' ' </proc/$upid/cmdline | grep -q -- '--config /run/credentials/$UPLINK/iothub.conf'"
+if [ "$MODE" = qemu ]; then
+	check "the uplink's private /dev has no /dev/tpmrm0" sh -c "! nsenter -t $upid -m test -e /dev/tpmrm0"
+	check "no drop-in changes the shipped uplink unit" is "$(uprop DropInPaths)" ""
 fi
 
 # --- enrol and relay -------------------------------------------------------------------------------
@@ -311,6 +361,30 @@ check "frames.accepted = $k1 (none lost)" wait_for 15 st_is .frames.accepted "$k
 check "cloud.uploaded = $k1 (signed by the new signer, accepted by the cloud)" wait_for 30 st_is .cloud.uploaded "$k1"
 log "signer killed -> frames $k0..$k1 at the cloud: $((($(date +%s%N) - t_kill) / 1000000)) ms (0.2 s polling)"
 check "spool.pending = 0 after the kill" st_is .spool.pending 0
+
+# --- the uplink killed: restarted, iothubd keeps running, nothing lost (issue 14, stage 2) ----------
+# iothubd resends what was in flight to the next uplink, started by systemd (Restart=) or by
+# iothubd's reconnect through the socket, which systemd keeps meanwhile.
+upid=$(uprop MainPID)
+t_kill=$(date +%s%N)
+check "systemctl kill -s KILL $UPLINK" systemctl kill -s KILL $UPLINK
+u0=$((k1 + 1))
+u1=$((k1 + KILL_FRAMES))
+ok=1
+for i in $(seq "$u0" "$u1"); do publish /systest/frames/$i || ok=0; done
+check "mosquitto_pub: frames $u0..$u1 published right after the uplink's kill" test $ok = 1
+check "the uplink runs again (a new PID, active)" wait_for 20 \
+	sh -c "p=\$(systemctl show -P MainPID $UPLINK); [ \"\$p\" != 0 ] && [ \"\$p\" != $upid ] && systemctl is-active -q $UPLINK"
+log "uplink: PID $upid killed, now PID $(uprop MainPID), NRestarts $(uprop NRestarts)"
+check "journal: systemd saw the uplink killed by SIGKILL" \
+	sh -c "journalctl -q -o cat -u $UPLINK | grep -F 'status=9/KILL'"
+check "iothubd kept running when the uplink died (same PID)" is "$(prop MainPID)" "$pid"
+check "frames.accepted = $u1 (none lost)" wait_for 15 st_is .frames.accepted "$u1"
+check "cloud.uploaded = $u1 (after the uplink's kill)" wait_for 30 st_is .cloud.uploaded "$u1"
+log "uplink killed -> frames $u0..$u1 at the cloud: $((($(date +%s%N) - t_kill) / 1000000)) ms (0.2 s polling)"
+check "spool.pending = 0 after the uplink's kill" st_is .spool.pending 0
+# From here on, k1 counts these frames too (the reload checks below publish the next ones).
+k1=$u1
 # Memory and CPU of each process as installed (issue 13): resident and private memory
 # (smaps_rollup), private split into anonymous pages (heap, stacks, the libraries' relocated data)
 # and file pages that no other process maps (the code and read-only data of libraries that only
@@ -330,6 +404,7 @@ proc_use() {
 }
 log "iothubd: $(proc_use "$(prop MainPID)") (since its start, $k1 frames)"
 log "iothub-signer: $(proc_use "$(sprop MainPID)") (since its restart)"
+log "iothub-uplink: $(proc_use "$(uprop MainPID)") (since its restart, SPLIT=$SPLIT)"
 # Where it goes: per mapping (file, [heap], [stack], anonymous), summed over the mappings of the
 # same name, the top ones by private bytes (Private_Clean + Private_Dirty of /proc/PID/smaps).
 smaps_top() { # smaps_top PID NAME: the whole smaps kept as $OUT/smaps-NAME, the top 8 logged
@@ -344,6 +419,7 @@ smaps_top() { # smaps_top PID NAME: the whole smaps kept as $OUT/smaps-NAME, the
 }
 log "$(smaps_top "$(prop MainPID)" iothubd)"
 log "$(smaps_top "$(sprop MainPID)" iothub-signer)"
+log "$(smaps_top "$(uprop MainPID)" iothub-uplink)"
 # The targets this test can measure fairly (DESIGN.md: private memory at most 4 MiB with 200
 # bulbs; here one bulb, after the relay path has run once: start-up, TLS, signing, SQLite).
 # - The signer: its whole private memory.
@@ -436,7 +512,9 @@ fi
 # An older version kept the sealed tokens in /var/lib/iothub: the upgrade moves them to the signer.
 # Random bytes stand in for them here (the move does not look inside the files); they also give
 # the probes below real files to try.
-check "systemctl stop $UNIT $SIGNER" systemctl stop $UNIT $SIGNER
+check "systemctl stop $UNIT $SIGNER $UPLINK" systemctl stop $UNIT $SIGNER $UPLINK
+# An older version made the signer's socket group iothub; postinst makes it again (iothub-sign).
+chgrp iothub /run/iothub-signer/signer.sock
 head -c 61 /dev/urandom >/var/lib/iothub/tokens.key
 head -c 200 /dev/urandom >/var/lib/iothub/tokens.enc
 chown iothub:iothub /var/lib/iothub/tokens.key /var/lib/iothub/tokens.enc
@@ -450,17 +528,26 @@ check "postinst moved tokens.key and tokens.enc to $SIGNER_STATE, iothub-signer:
 check "the moved files are the same bytes" is "$(cat $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc | sha256sum)" "$sum_old"
 check "no token file left in /var/lib/iothub" sh -c '! ls -d /var/lib/iothub/tokens* 2>/dev/null'
 check "the upgrade started the daemon again" wait_for 10 systemctl is-active -q $UNIT
+check "the upgrade made the signer's socket again, group iothub-sign (it was iothub)" \
+	is "$(stat -c %U:%G:%a /run/iothub-signer/signer.sock)" iothub-signer:iothub-sign:660
 
 # probe UNIT NAME CHECK...: runs the probe in place of UNIT's program (a drop-in ExecStart=, so that
-# the unit's own sandbox applies), keeps its PROBE lines in $OUT/probe-NAME.
+# the unit's own sandbox applies), keeps its PROBE lines in $OUT/probe-NAME. With PROBE_DAEMON=1,
+# iothubd runs meanwhile (its control socket exists only while it runs); it may then start the
+# uplink's unit itself through the socket (stage 2), and the probe is what runs.
 install -D -m 0755 /systest/probe $PROBE
 probe() {
 	local unit=$1 name=$2 d=/run/systemd/system/$1.d inv
 	shift 2
-	systemctl stop $UNIT $SIGNER
+	systemctl stop $UNIT $SIGNER $UPLINK
 	mkdir -p "$d"
 	printf '[Service]\nExecStart=\nExecStart=%s %s\n' "$PROBE" "$*" >"$d/probe.conf"
 	systemctl daemon-reload
+	[ "${PROBE_DAEMON:-0}" = 1 ] && { systemctl start $UNIT; wait_for 10 test -S /run/iothub/control; }
+	# Once more: a connection left on a socket may have started the unit before the reload, with
+	# the previous ExecStart=; from here on, any start runs this probe. (Each probe stays until
+	# stopped, probe.c, so that nothing starts it again meanwhile.)
+	systemctl stop "$unit"
 	timeout 60 systemctl start "$unit"
 	inv=$(systemctl show -P InvocationID "$unit")
 	wait_for 10 sh -c "journalctl -q -o cat _SYSTEMD_INVOCATION_ID=$inv | grep -qx 'PROBE done'"
@@ -477,8 +564,25 @@ saw() {
 	esac
 }
 TPM_SOCK=/systest-tpm/swtpm.sock
+CLOUD_ADDR=${CLOUD_URL#https://}
 in_daemon="open-rw:/dev/tpmrm0 read:$SIGNER_STATE/tokens.enc read:$SIGNER_STATE/tokens.key list:$SIGNER_STATE"
 in_daemon="$in_daemon list:/var/lib/iothub tcp:127.0.0.1:$MQTT_PORT unix:/run/iothub-signer/signer.sock"
+# Stage 2: no address but the loopback (IPAddressDeny=any, IPAddressAllow=localhost). systemd's
+# filter is a cgroup BPF program on egress packets: a dropped packet's send fails with EPERM.
+# So it acts only where a packet would leave (an address with a route; without one, connect()
+# fails with ENETUNREACH first), and a TCP connect() does not fail with EPERM: the kernel drops
+# the SYN, ignores the error (tcp_connect() returns only ECONNREFUSED) and retransmits, so the
+# connect never completes (the probe's 3 s: EINPROGRESS). A UDP send fails with EPERM at once.
+# Under QEMU: 10.0.2.100:8443, the host's cloud through QEMU's forward, which the uplink's probe
+# reaches at once below. Under nspawn (the host's network): TEST-NET-1 and the IPv6
+# documentation prefix (RFC 5737, RFC 3849). The cloud's loopback forward stays open (iothubd
+# talks HTTPS itself until stage 2's "client" part), and the uplink's socket.
+if [ "$MODE" = qemu ]; then OFFHOST=10.0.2.100; else OFFHOST=192.0.2.1; fi
+in_daemon="$in_daemon tcp:$OFFHOST:8443 tcp:[2001:db8::1]:443 udp:$OFFHOST:53 tcp:$CLOUD_ADDR unix:$UPLINK_SOCK"
+in_uplink="open-rw:/dev/tpmrm0 list:/var/lib/iothub read:/var/lib/iothub/iothub.db unix:/run/iothub/control"
+in_uplink="$in_uplink read:$CONF read:$SIGNER_STATE/tokens.enc list:$SIGNER_STATE tcp:$CLOUD_ADDR"
+in_uplink="$in_uplink unix:/run/iothub-signer/signer.sock tcp:127.0.0.1:$MQTT_PORT"
+[ "$MODE" = qemu ] && in_uplink="$in_uplink tcp:$OFFHOST:8443"
 in_signer="read:$SIGNER_STATE/tokens.enc read:$SIGNER_STATE/tokens.key list:/var/lib/iothub"
 in_signer="$in_signer inet-socket inet6-socket netlink-socket tcp:127.0.0.1:$MQTT_PORT udp:127.0.0.1:53"
 if [ "$MODE" = qemu ]; then
@@ -486,6 +590,7 @@ if [ "$MODE" = qemu ]; then
 else
 	in_daemon="$in_daemon unix:$TPM_SOCK"
 	in_signer="$in_signer unix:$TPM_SOCK"
+	in_uplink="$in_uplink unix:$TPM_SOCK"
 fi
 
 probe $UNIT daemon $in_daemon
@@ -500,6 +605,39 @@ check "probe as iothubd: cannot list $SIGNER_STATE" saw daemon list:$SIGNER_STAT
 check "probe as iothubd: can list its own /var/lib/iothub" saw daemon list:/var/lib/iothub ok
 check "probe as iothubd: can connect to the broker (127.0.0.1:$MQTT_PORT)" saw daemon tcp:127.0.0.1:$MQTT_PORT ok
 check "probe as iothubd: can connect to the signer's socket" saw daemon unix:/run/iothub-signer/signer.sock ok
+# systemd in the nspawn container attaches no cgroup BPF program (measured: TEST-NET-1 answers
+# ECONNREFUSED there, not EPERM); QEMU's systemd does. The guest has no IPv6 route: logged only.
+if [ "$MODE" = qemu ]; then
+	check "probe as iothubd: UDP to $OFFHOST:53 (off the loopback) is EPERM (IPAddressDeny=any; no DNS server off the host either)" \
+		saw daemon udp:$OFFHOST:53 EPERM
+	check "probe as iothubd: TCP to $OFFHOST:8443 (the cloud's forward, off the loopback) never connects (SYN dropped: EINPROGRESS after 3 s)" \
+		saw daemon tcp:$OFFHOST:8443 EINPROGRESS
+fi
+log "off the loopback, in place of iothubd ($MODE): $(grep -E "$OFFHOST|2001:db8" $OUT/probe-daemon | tr '\n' ' ')"
+check "probe as iothubd: the test cloud's loopback address still connects ($CLOUD_ADDR)" saw daemon tcp:$CLOUD_ADDR ok
+check "probe as iothubd: can connect to the uplink's socket (group iothub)" saw daemon unix:$UPLINK_SOCK ok
+
+# The real iothubd beside it (its probe's drop-in goes), so that its control socket is there.
+rm -rf /run/systemd/system/$UNIT.d
+PROBE_DAEMON=1 probe $UPLINK uplink $in_uplink
+check "probe as the uplink: ran under the unit's user (uid of iothub-uplink)" \
+	sh -c "grep -qx 'PROBE uid=$(id -u iothub-uplink) gid=$(id -g iothub-uplink)' $OUT/probe-uplink"
+check "probe as the uplink: cannot open /dev/tpmrm0 (not in its /dev)" saw uplink open-rw:/dev/tpmrm0 ENOENT
+[ "$MODE" = nspawn ] && check "probe as the uplink: cannot connect to the TPM's socket (not in group tss)" saw uplink unix:$TPM_SOCK EACCES
+check "probe as the uplink: cannot list /var/lib/iothub" saw uplink list:/var/lib/iothub EACCES
+check "probe as the uplink: cannot read the database" saw uplink read:/var/lib/iothub/iothub.db EACCES
+check "probe as the uplink: cannot connect to iothubd's control socket (not in group iothub)" saw uplink unix:/run/iothub/control EACCES
+check "... which was there, iothubd running" test -S /run/iothub/control
+check "probe as the uplink: cannot read $CONF itself (not in group iothub; it gets systemd's copy)" saw uplink read:$CONF EACCES
+check "probe as the uplink: cannot read $SIGNER_STATE/tokens.enc" saw uplink read:$SIGNER_STATE/tokens.enc EACCES
+check "probe as the uplink: cannot list $SIGNER_STATE" saw uplink list:$SIGNER_STATE EACCES
+# What it must still do.
+check "probe as the uplink: can connect to the test cloud ($CLOUD_ADDR)" saw uplink tcp:$CLOUD_ADDR ok
+check "probe as the uplink: can connect to the signer's socket (group iothub-sign)" saw uplink unix:/run/iothub-signer/signer.sock ok
+[ "$MODE" = qemu ] && check "probe as the uplink: connects off the loopback ($OFFHOST:8443, the cloud's forward), where iothubd cannot" \
+	saw uplink tcp:$OFFHOST:8443 ok
+log "probe as the uplink: the broker's port: $(grep -F "PROBE tcp:127.0.0.1:$MQTT_PORT " $OUT/probe-uplink) (a TCP port like any other; the broker's password is iothubd's)"
+systemctl stop $UNIT $UPLINK
 
 probe $SIGNER signer $in_signer
 check "probe as the signer: ran under the unit's user (uid of iothub-signer)" \
@@ -523,12 +661,40 @@ check "probe as the signer with AF_INET allowed: the socket opens" saw signer-in
 check "probe as the signer with AF_INET allowed: 127.0.0.1:$MQTT_PORT still unreachable (PrivateNetwork=)" \
 	saw signer-inet tcp:127.0.0.1:$MQTT_PORT 'E*'
 
-rm -rf /run/systemd/system/$UNIT.d /run/systemd/system/$SIGNER.d
+# The last probes stay until stopped (probe.c).
+systemctl stop $UNIT $SIGNER $UPLINK
+rm -rf /run/systemd/system/$UNIT.d /run/systemd/system/$SIGNER.d /run/systemd/system/$UPLINK.d
 systemctl daemon-reload
 rm -f $SIGNER_STATE/tokens.key $SIGNER_STATE/tokens.enc
 check "drop-ins removed: the daemon starts again" systemctl start $UNIT
-check "drop-ins removed: the units are as shipped" is "$(prop DropInPaths)$(sprop DropInPaths)" ""
+check "drop-ins removed: the units are as shipped" is "$(prop DropInPaths)$(sprop DropInPaths)$(uprop DropInPaths)" ""
 check "drop-ins removed: the daemon connects the signer again" wait_for 15 systemctl is-active -q $SIGNER
+check "drop-ins removed: the uplink runs again" sh -c "systemctl start $UPLINK && systemctl is-active -q $UPLINK"
+check "after the walls: MQTT connected" wait_for 10 st_is .mqtt.connected true
+
+# --- iothubd killed: restarted by systemd, frames queued by the broker meanwhile reach the cloud -----
+# (QoS 1 on a persistent session: the broker keeps the bulb's frames for the next iothubd; the
+# database keeps the bulb and its replay state.) The uplink and the signer keep running.
+pid=$(prop MainPID)
+restarts=$(prop NRestarts)
+upid=$(uprop MainPID)
+spid=$(sprop MainPID)
+d0=$((FIRST_FRAMES + 2 * KILL_FRAMES + 3))
+d1=$((d0 + KILL_FRAMES - 1))
+t_kill=$(date +%s%N)
+check "systemctl kill -s KILL $UNIT" systemctl kill -s KILL $UNIT
+ok=1
+for i in $(seq "$d0" "$d1"); do publish /systest/frames/$i || ok=0; done
+check "mosquitto_pub: frames $d0..$d1 published right after iothubd's kill" test $ok = 1
+check "iothubd runs again (a new PID, active)" wait_for 30 \
+	sh -c "p=\$(systemctl show -P MainPID $UNIT); [ \"\$p\" != 0 ] && [ \"\$p\" != $pid ] && systemctl is-active -q $UNIT"
+check "journal: systemd saw iothubd killed by SIGKILL" \
+	sh -c "journalctl -q -o cat -u $UNIT | grep -F 'status=9/KILL'"
+check "iothubd: NRestarts went up by one" is "$(prop NRestarts)" $((restarts + 1))
+check "the uplink and the signer kept running (same PIDs)" is "$(uprop MainPID) $(sprop MainPID)" "$upid $spid"
+check "frames.accepted = $KILL_FRAMES after the restart (the broker kept them, none lost)" wait_for 20 st_is .frames.accepted "$KILL_FRAMES"
+check "cloud.uploaded = $KILL_FRAMES after iothubd's restart" wait_for 30 st_is .cloud.uploaded "$KILL_FRAMES"
+log "iothubd killed -> frames $d0..$d1 at the cloud: $((($(date +%s%N) - t_kill) / 1000000)) ms (0.2 s polling, RestartSec=2s)"
 
 if [ "$MODE" = nspawn ]; then
 	# --- remove keeps the state, purge removes it, reinstall ---------------------------------------------------

@@ -18,15 +18,19 @@
  *     inet6-socket     socket(AF_INET6, SOCK_STREAM) only
  *     netlink-socket   socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) only
  *
- * Then it sends READY=1 (both units are Type=notify) and exits 0 a second later, so that systemd
- * neither waits nor restarts it. A test tool, not part of the product: plain libc only, built static so that it
- * runs in any guest. Every connect is bounded by a 3 s timeout. */
+ * Then it sends READY=1 (the units are Type=notify) and stays until it is stopped (SIGTERM), at
+ * most PROBE_LINGER_S: a probe in place of a socket-activated service (the signer, the uplink)
+ * that exited would be started again by systemd as long as a connection waits on the socket it
+ * never accepts from, and a client's reconnects would start it again and again. A test tool, not
+ * part of the product: plain libc only, built static so that it runs in any guest. Every connect
+ * is bounded by a 3 s timeout. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +40,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 #include <linux/netlink.h>
+
+#define PROBE_LINGER_S 120
 
 static const char *errname(int e) {
         const char *n = strerrorname_np(e);
@@ -203,8 +209,14 @@ int main(int argc, char **argv) {
         printf("PROBE done\n");
         fflush(stdout);
         notify_ready();
-        /* systemd must take READY=1 before it sees the exit: a Type=notify service that exits
-         * before its notification was read failed ("protocol") and would be restarted. */
-        sleep(1);
+        /* Until stopped (SIGTERM ends it; systemd counts that as a clean stop), at most
+         * PROBE_LINGER_S, then a clean exit (READY=1 was read long before). */
+        alarm(PROBE_LINGER_S);
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGALRM);
+        sigprocmask(SIG_BLOCK, &set, NULL);
+        int sig;
+        (void) sigwait(&set, &sig);
         return 0;
 }

@@ -24,10 +24,14 @@ const HUB_ID = 'systest-hub';
 const DEV = 'sys-bulb-1';
 const TOKEN = 'tok-system-test-0123456789abcdef';
 // Frames 1..FIRST_FRAMES are relayed first; the next KILL_FRAMES are published right after the
-// signer is killed (guest.sh); nspawn uses the last two for the reload and restart checks.
+// signer is killed, the KILL_FRAMES after those right after the uplink is killed (guest.sh); nspawn
+// uses the next two for the reload and restart checks; the last KILL_FRAMES are published right
+// after iothubd is killed (QEMU skips the two).
 const FIRST_FRAMES = 6;
 const KILL_FRAMES = 3;
-const N_FRAMES = FIRST_FRAMES + KILL_FRAMES + 2;
+const N_FRAMES = FIRST_FRAMES + 2 * KILL_FRAMES + 2 + KILL_FRAMES;
+const QEMU_SEQS = [...Array(N_FRAMES).keys()].map((i) => i + 1)
+  .filter((i) => i <= FIRST_FRAMES + 2 * KILL_FRAMES || i > FIRST_FRAMES + 2 * KILL_FRAMES + 2);
 const NSPAWN_TIMEOUT_S = 240;
 const QEMU_TIMEOUT_S = 900;
 
@@ -391,7 +395,7 @@ async function phaseQemu(a) {
     check('[qemu] the VM booted, ran the test and powered off in time',
       () => (!r.timedOut && r.code === 0) || `exit ${r.code} ${r.signal ?? ''}${r.timedOut ? `, killed after ${QEMU_TIMEOUT_S} s` : ''}`);
     guestTap(share, 'qemu');
-    cloudChecks('qemu', cloud, share, frames, [...Array(FIRST_FRAMES + KILL_FRAMES).keys()].map((i) => i + 1));
+    cloudChecks('qemu', cloud, share, frames, QEMU_SEQS);
     startTimes('qemu', share);
     if (failed) keepLogs(a.cache, 'qemu', share, [log]);
   } finally {
