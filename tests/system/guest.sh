@@ -434,8 +434,8 @@ check "memory: iothubd's anonymous memory <= 4096 kB (DESIGN.md's private target
 	le_kb "$(rollup "$(prop MainPID)" Anonymous)" 4096
 check "memory: iothubd's private memory <= $MEM_DAEMON_PRIVATE_KB kB (measured bound; libraries, see README)" \
 	le_kb "$(private_kb "$(prop MainPID)")" "$MEM_DAEMON_PRIVATE_KB"
-check "memory: the shipped unit skips GnuTLS's implicit initialisation (GNUTLS_NO_IMPLICIT_INIT=1)" \
-	sh -c "systemctl show -P Environment $UNIT | grep -qw GNUTLS_NO_IMPLICIT_INIT=1"
+check "memory: the uplink's unit skips GnuTLS's implicit initialisation (GNUTLS_NO_IMPLICIT_INIT=1)" \
+	sh -c "systemctl show -P Environment $UPLINK | grep -qw GNUTLS_NO_IMPLICIT_INIT=1"
 
 if [ "$MODE" = nspawn ]; then
 	# --- reload: same PID, a changed setting applied ----------------------------------------------------
