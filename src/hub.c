@@ -324,22 +324,25 @@ static int hub_status_json(struct hub *h, json_t **ret) {
         if (!o)
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */
-        /* What the signer said of it (KEY_INFO), and the signatures it made for this daemon.
-         * With a cloud, the key is ready once iothub-uplink, which signs the requests, has it
-         * too (its STATUS, asked fresh for this): until then uploads and sign-in wait. */
+        /* What the signer said of it (KEY_INFO), and the hub key's signatures: this daemon's
+         * (commands) and iothub-uplink's (requests, DPoP proofs; its last STATUS), each counted
+         * since its own process started (iothubctl(1)). With a cloud, the key is ready once
+         * iothub-uplink, which signs the requests, has it too (its STATUS, asked fresh for
+         * this): until then uploads and sign-in wait. */
+        json_int_t signatures = (json_int_t) (signer_signatures(h->signer) + uplink_signatures(h->uplink));
         if (h->key_ready && h->uplink && !uplink_have_key(h->uplink))
                 key = json_pack("{s:s,s:n,s:I,s:s,s:s}", "backend", signer_key_backend(h->signer), "id",
-                                "signatures", (json_int_t) signer_signatures(h->signer), "error",
+                                "signatures", signatures, "error",
                                 uplink_key_error(h->uplink) ?: "iothub-uplink has not got the hub key from the signer yet",
                                 "reason", "uplink_no_key");
         else if (h->key_ready)
                 /* The uploads' signatures are the uplink's: its signer's words when they fail. */
                 key = json_pack("{s:s,s:s,s:I,s:s*}", "backend", signer_key_backend(h->signer), "id",
-                                signer_key_id(h->signer), "signatures", (json_int_t) signer_signatures(h->signer),
+                                signer_key_id(h->signer), "signatures", signatures,
                                 "error", signer_last_error(h->signer) ?: uplink_key_error(h->uplink));
         else
                 key = json_pack("{s:s,s:n,s:I,s:s*,s:s*}", "backend", key_backend_to_string(h->conf->key.backend),
-                                "id", "signatures", (json_int_t) signer_signatures(h->signer), "error", h->key_error,
+                                "id", "signatures", signatures, "error", h->key_error,
                                 "reason", h->key_errno ? key_error_reason(h->key_errno) : NULL);
         if (!key || json_object_set_new(o, "key", key) < 0 || signer_status_json(h->signer, o) < 0) {
                 json_decref(o);

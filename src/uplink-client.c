@@ -583,6 +583,12 @@ const char *uplink_key_error(const struct uplink_client *u) {
         return e && e[0] ? e : NULL;
 }
 
+uint64_t uplink_signatures(const struct uplink_client *u) {
+        json_int_t n = u ? json_integer_value(json_object_get(json_object_get(u->status, "signer"), "signatures")) : 0;
+
+        return n > 0 ? (uint64_t) n : 0;
+}
+
 int uplink_status_json(const struct uplink_client *u, json_t *o) {
         struct chan_client_counters n;
         json_t *oauth, *up;

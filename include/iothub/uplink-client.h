@@ -106,6 +106,9 @@ const char *uplink_last_error(const struct uplink_client *u, uint64_t *ret_at);
 /* The uplink's words for why it cannot sign with the hub key (its signer connection's last
  * error, the signer's decoded TPM error), NULL when none. */
 const char *uplink_key_error(const struct uplink_client *u);
+/* The hub key signatures the uplink got from the signer since it started (request signatures,
+ * DPoP proofs; its last STATUS), 0 before any STATUS. */
+uint64_t uplink_signatures(const struct uplink_client *u);
 /* Asks the uplink's STATUS for a status answer that must be fresh (iothubctl status): done()
  * runs when it is kept, or after timeout_ms or a failure (the last one stays); the call ends
  * with it. -ENOTCONN while the uplink is not connected (the

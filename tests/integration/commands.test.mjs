@@ -54,9 +54,12 @@ const login = (h) => loginApproved(h, auth);
 
 // Hub signatures the cloud (and, with DPoP, the authorization server) checked: request
 // signatures (RFC 9421), plus DPoP proofs (RFC 9449) at both servers.
-// The hub's signatures: iothubd's (command JWS) and iothub-uplink's (request signatures, DPoP
-// proofs), as each counts what the signer made for it.
-const hubSignatures = (st) => st.key.signatures + (st.uplink?.remote?.signer?.signatures ?? 0);
+// The hub's signatures, key.signatures: iothubd's (command JWS) and iothub-uplink's (request
+// signatures, DPoP proofs), as each counts what the signer made for it.
+const hubSignatures = (st) => {
+  assert.equal(st.key.signatures, st.signer.signatures + (st.uplink?.remote?.signer?.signatures ?? 0));
+  return st.key.signatures;
+};
 const verifiedSignatures = () => cloud.state.signatures + (DPOP ? cloud.state.dpop.proofs + auth.state.dpopProofs : 0);
 
 async function enrol(bulb) {

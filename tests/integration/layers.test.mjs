@@ -90,7 +90,7 @@ const PREFIX_OWNER = [['signer_msg_', 'signer-proto'], ['signer_buf_', 'signer-p
   ['uplink_client_', 'uplink-client'], ['uplink_call_', 'uplink-client'], ['uplink_request', 'uplink-client'],
   ['uplink_register', 'uplink-client'], ['uplink_login_', 'uplink-client'], ['uplink_logout', 'uplink-client'],
   ['uplink_status_', 'uplink-client'], ['uplink_refresh_status', 'uplink-client'], ['uplink_have_', 'uplink-client'],
-  ['uplink_is_connected', 'uplink-client'], ['uplink_key_error', 'uplink-client'], ['uplink_last_error', 'uplink-client'],
+  ['uplink_is_connected', 'uplink-client'], ['uplink_key_error', 'uplink-client'], ['uplink_signatures', 'uplink-client'], ['uplink_last_error', 'uplink-client'],
   // The two ends of a channel: chan-client.h (iothubd's end) before chanserver.h's chan_.
   ['chan_client_', 'chan-client'], ['chan_op_', 'chan-client'], ['chan_', 'chanserver']];
 

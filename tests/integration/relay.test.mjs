@@ -122,9 +122,12 @@ test('batches honour batch_max_frames and batch_max_delay_ms', async () => {
   assert.ok(waited < 300 + 1500, `a lone frame took ${waited} ms`);
 });
 
-// The hub's signatures: iothubd's own (commands) and iothub-uplink's (every request), as the
-// signer counted them for each.
-const hubSignatures = (st) => st.key.signatures + st.uplink.remote.signer.signatures;
+// The hub's signatures, key.signatures (iothubctl(1)): iothubd's own (commands) and
+// iothub-uplink's (every request), as the signer's client in each counted them.
+const hubSignatures = (st) => {
+  assert.equal(st.key.signatures, st.signer.signatures + st.uplink.remote.signer.signatures, 'key.signatures is the sum');
+  return st.key.signatures;
+};
 
 test('one TPM signature per request: the hub counts as many as the cloud verified', async () => {
   const k0 = hubSignatures(await hub.status()), c0 = cloud.state.signatures, b0 = cloud.state.batches.length;
