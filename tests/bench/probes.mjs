@@ -59,10 +59,12 @@ export class CtlProbe {
 // start() returns is the exec (child_process.spawn returns once exec succeeded).
 export async function timedStart(hub, timeoutMs = 20000) {
   let readyAt = null;
-  // The signer first (the harness starts it before the daemon, with an await that would leave
-  // hub.notify unset below): then start() spawns the listener before its first await.
+  // The signer and, with a cloud, the uplink first (the harness starts them before the daemon,
+  // with awaits that would leave hub.notify unset below): then start() spawns the listener
+  // before its first await.
   await hub.startSigner();
-  const p = hub.start({ waitReady: false, signer: false });
+  if (hub.hasCloud) await hub.startUplink();
+  const p = hub.start({ waitReady: false, signer: false, uplink: false });
   let buf = '';
   hub.notify.stdout.on('data', (d) => {
     buf += d;
