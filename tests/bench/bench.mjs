@@ -147,6 +147,8 @@ async function measure(ctx, keysDir, file, gen, label) {
   const { hub, broker, pid } = ctx;
   const st0 = await hub.status();
   const base = st0.frames.accepted, baseRecv = st0.frames.received;
+  const rejectedSum = (f) => Object.values(f.rejected).reduce((n, v) => n + v, 0);
+  const baseRej = rejectedSum(st0.frames);
   const pollCost = await statusCostNs(hub, pid, 5);
   let perf = null;
   if (PERF) {
@@ -162,7 +164,10 @@ async function measure(ctx, keysDir, file, gen, label) {
   for (;;) {
     polls++;
     st = await hub.status();
-    if (st.frames.accepted >= base + gen.frames || st.frames.received >= baseRecv + gen.frames) break;
+    // Every frame accepted, or every frame received and each decided: a frame received but held
+    // for the group commit is not accepted yet (the first check alone broke out 100 frames early).
+    const decided = (st.frames.accepted - base) + (rejectedSum(st.frames) - baseRej);
+    if (st.frames.accepted >= base + gen.frames || (st.frames.received >= baseRecv + gen.frames && decided >= st.frames.received - baseRecv)) break;
     if (performance.now() > end)
       throw new Error(`${label}: timed out after ${DRAIN_TIMEOUT_MS} ms waiting for ${gen.frames} frames; status ${JSON.stringify(st.frames)}`);
     await sleep(POLL_MS);
