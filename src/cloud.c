@@ -75,7 +75,7 @@ uint64_t cloud_backoff_ms(unsigned failures, uint32_t rnd) {
         return backoff_ms(failures, CLOUD_BACKOFF_MIN_MS, CLOUD_BACKOFF_MAX_MS, rnd);
 }
 
-int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds) {
+int cloud_parse_retry_after(const char *value, int64_t *ret_seconds) {
         int64_t s = 0;
         const char *p = value;
 
@@ -93,13 +93,10 @@ int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_secon
                         p++;
                 if (*p)
                         return -EINVAL;
-        } else {
+        } else
                 /* An HTTP-date (RFC 9110 5.6.7) is turned into delay-seconds by the uplink, which
                  * links the HTTP library: none reaches here. */
                 return -EINVAL;
-        }
-        if (s < 0)
-                s = 0;
         if (s > CLOUD_RETRY_AFTER_MAX_S)
                 s = CLOUD_RETRY_AFTER_MAX_S;
         *ret_seconds = s;
@@ -151,7 +148,7 @@ static void cloud_backoff(struct cloud *c, const char *retry_after) {
         delay_ms = cloud_backoff_ms(c->failures, rnd);
         /* RFC 9110 10.2.3: the server says how long; we wait at least that. */
         if (retry_after && retry_after[0] &&
-            cloud_parse_retry_after(retry_after, (int64_t) (now_realtime_usec() / 1000000), &ra) >= 0 &&
+            cloud_parse_retry_after(retry_after, &ra) >= 0 &&
             (uint64_t) ra * 1000 > delay_ms)
                 delay_ms = (uint64_t) ra * 1000;
         c->counters.backoff_until = now_monotonic_usec() + delay_ms * 1000;

@@ -82,9 +82,9 @@ int cloud_status_json(struct cloud *c, json_t *o);
 void cloud_status_line(struct cloud *c, char *buf, size_t len);
 
 /* Parses a Retry-After value (RFC 9110 10.2.3: delay-seconds; the uplink turns an HTTP-date
- * into delay-seconds, uplink-client.h) into seconds
- * from now_s, clamped to 0..CLOUD_RETRY_AFTER_MAX_S. Returns -EINVAL if unparseable. Pure. */
-int cloud_parse_retry_after(const char *value, int64_t now_s, int64_t *ret_seconds);
+ * into delay-seconds, uplink-client.h) into seconds, clamped to CLOUD_RETRY_AFTER_MAX_S.
+ * Returns -EINVAL if unparseable (an HTTP-date too). Pure. */
+int cloud_parse_retry_after(const char *value, int64_t *ret_seconds);
 
 /* The 200 answer to a status batch (PROTOCOL.md 3): an object with an integer "accepted" and, if
  * present, an array "rejected", no duplicate member names. *ret_rejected is that array (a new
