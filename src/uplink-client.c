@@ -6,6 +6,7 @@
  * STATUS JSON and the news are parsed here, in the process that holds no secret. */
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +47,11 @@ struct uplink_client {
         struct uplink_client_events ev;
         struct chan_client *chan;
         struct uplink_call *watch, *status_call;
+        /* A WATCH that ended in an error is asked again after a backoff (not at once: an uplink
+         * that answers every WATCH with an error would otherwise be a tight loop). */
+        sd_event *event;
+        sd_event_source *watch_retry;
+        unsigned watch_failures;
         uint64_t since;      /* the newest event generation handled */
         bool ask_from_zero;  /* reconnected: the uplink may have restarted */
         json_t *status;      /* the uplink's last STATUS, NULL before */
@@ -56,6 +62,7 @@ struct uplink_client {
 };
 
 static void watch_start(struct uplink_client *u);
+static void watch_retry_later(struct uplink_client *u);
 
 static void set_last_error(struct uplink_client *u, const char *fmt, ...) _printf_(2, 3);
 static void set_last_error(struct uplink_client *u, const char *fmt, ...) {
@@ -416,13 +423,17 @@ static void watch_answered(struct uplink_client *u, int r, uint64_t gen, const c
         size_t i;
 
         if (r < 0) {
-                /* -ETIMEDOUT cannot happen (no deadline); anything else: ask again, once the
-                 * connection is back (chan-client.c queues it meanwhile). */
-                if (r != -ECANCELED)
+                /* -ETIMEDOUT cannot happen (no deadline). A lost connection does not end it
+                 * (chan-client.c resends it on the next one); an error answer does: ask again
+                 * after a backoff, UPLINK_CLIENT_RECONNECT_MIN_MS doubling up to _MAX_MS. */
+                if (r != -ECANCELED) {
                         log_debug("WATCH ended: %s", strerror(-r));
-                watch_start(u);
+                        watch_retry_later(u);
+                } else
+                        watch_start(u);
                 return;
         }
+        u->watch_failures = 0;
         if (gen < seen)
                 seen = 0; /* a restarted uplink */
         u->ask_from_zero = false;
@@ -443,11 +454,38 @@ static void watch_answered(struct uplink_client *u, int r, uint64_t gen, const c
         watch_start(u);
 }
 
+static int on_watch_retry(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct uplink_client *u = userdata;
+
+        u->watch_retry = sd_event_source_disable_unref(u->watch_retry);
+        watch_start(u);
+        return 0;
+}
+
+static void watch_retry_later(struct uplink_client *u) {
+        uint32_t rnd = 0;
+        uint64_t ms;
+        int r;
+
+        if (u->watch_retry)
+                return;
+        (void) random_bytes(&rnd, sizeof rnd);
+        ms = backoff_ms(u->watch_failures, UPLINK_CLIENT_RECONNECT_MIN_MS, UPLINK_CLIENT_RECONNECT_MAX_MS, rnd);
+        if (u->watch_failures < UINT_MAX)
+                u->watch_failures++;
+        r = sd_event_add_time_relative(u->event, &u->watch_retry, CLOCK_MONOTONIC, ms * 1000, 0, on_watch_retry, u);
+        if (r < 0) {
+                /* No timer: the news would stop for good; ask now rather than never. */
+                log_error_errno(r, "Cannot schedule the next WATCH: %m");
+                watch_start(u);
+        }
+}
+
 static void watch_start(struct uplink_client *u) {
         struct uplink_call *q;
         int r;
 
-        if (u->watch)
+        if (u->watch || u->watch_retry)
                 return;
         r = call_new(u, UPLINK_OP_WATCH, CALL_WATCH, NULL, &q);
         if (r >= 0) {
@@ -507,6 +545,7 @@ int uplink_client_new(sd_event *e, const struct iothub_conf *conf, const struct 
         if (!u)
                 return -ENOMEM;
         u->conf = conf;
+        u->event = e;
         if (ev)
                 u->ev = *ev;
         r = chan_client_new(e,
@@ -536,6 +575,7 @@ struct uplink_client *uplink_client_free(struct uplink_client *u) {
                 return NULL;
         uplink_call_cancel(u->watch);
         uplink_call_cancel(u->status_call);
+        u->watch_retry = sd_event_source_disable_unref(u->watch_retry);
         /* The callers' calls end without done(): their owners free them. */
         chan_client_free(u->chan);
         json_decref(u->status);

@@ -361,6 +361,69 @@ static void test_register_failed_before_answer(void **state) {
         assert_string_equal(x.message, "attestation failed: no EK certificate");
 }
 
+/* Reads one request if one comes before the deadline (the client's loop turning meanwhile). */
+static bool peer_try_read(struct fx *f, struct tlv_msg *m, uint64_t deadline) {
+        memmove(f->in, f->in + f->taken, f->in_len - f->taken);
+        f->in_len -= f->taken;
+        f->taken = 0;
+        while (now_monotonic_usec() < deadline) {
+                size_t need = TLV_PREFIX_LEN;
+                if (uplink_msg_frame(f->in, f->in_len, &need) == 1) {
+                        assert_int_equal(uplink_msg_decode(f->in, need, m), 0);
+                        f->taken = need;
+                        return true;
+                }
+                ssize_t k = read(f->cfd, f->in + f->in_len, sizeof f->in - f->in_len);
+                if (k > 0)
+                        f->in_len += (size_t) k;
+                else
+                        assert_true(sd_event_run(f->e, 5000) >= 0);
+        }
+        return false;
+}
+
+/* An uplink that answers every WATCH with an error is asked again after a backoff that grows
+ * (100 ms doubling, with jitter), not at once: in 600 ms a handful of WATCHes, not thousands.
+ * A WATCH answered is asked again at once (the backoff starts over). */
+static void test_watch_error_backoff(void **state) {
+        struct fx *f = *state;
+        struct tlv_msg m;
+        struct tlv_buf b = {};
+        unsigned watches = 0;
+        uint64_t end;
+
+        peer_accept(f);
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        watches++;
+        assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, -EIO), 0);
+        peer_send(f, &b);
+        end = now_monotonic_usec() + 600000;
+        while (peer_try_read(f, &m, end)) {
+                if (m.op == UPLINK_OP_STATUS) {
+                        peer_answer_status(f, &m);
+                        continue;
+                }
+                assert_int_equal(m.op, UPLINK_OP_WATCH);
+                watches++;
+                b = (struct tlv_buf){};
+                assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, -EIO), 0);
+                peer_send(f, &b);
+        }
+        assert_in_range(watches, 3, 7);
+        /* The WATCH of the last backoff comes; answered, the next one follows at once. */
+        peer_expect(f, UPLINK_OP_WATCH, &m);
+        b = (struct tlv_buf){};
+        assert_int_equal(uplink_msg_begin(&b, m.id, m.op, true, 0), 0);
+        assert_int_equal(tlv_msg_add_u64(&b, UPLINK_TAG_GEN, 1), 0);
+        assert_int_equal(tlv_msg_add_str(&b, UPLINK_TAG_EVENTS, "[{\"gen\":1,\"type\":\"key_ready\"}]"), 0);
+        peer_send(f, &b);
+        run_until(f, &f->news, 1);
+        end = now_monotonic_usec() + 40000;
+        do
+                assert_true(peer_try_read(f, &m, end));
+        while (m.op != UPLINK_OP_WATCH);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_request_round_trip, setup, teardown),
@@ -368,6 +431,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_status_kept, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_cancelled_call, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_register_failed_before_answer, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_watch_error_backoff, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
