@@ -66,11 +66,17 @@ export async function timedStart(hub, timeoutMs = 20000) {
   if (hub.hasCloud) await hub.startUplink();
   const p = hub.start({ waitReady: false, signer: false, uplink: false });
   let buf = '';
-  hub.notify.stdout.on('data', (d) => {
-    buf += d;
-    if (readyAt === null && buf.split('\n').some((l) => l.split('|').includes('READY=1'))) readyAt = performance.now();
-  });
-  await p;
+  try {
+    hub.notify.stdout.on('data', (d) => {
+      buf += d;
+      if (readyAt === null && buf.split('\n').some((l) => l.split('|').includes('READY=1'))) readyAt = performance.now();
+    });
+  } finally {
+    // start() goes on whatever happened here: wait for it before anything leaves this function,
+    // so that the caller's cleanup (which stops the hub) comes after the spawn and not before it
+    // (round 6: an iothubd spawned after the scenario's cleanup ran for half an hour).
+    await p;
+  }
   const execAt = performance.now();
   await waitFor(() => readyAt !== null || hub.proc.exitCode !== null, timeoutMs, `READY=1 (log: ${hub.log})`);
   if (readyAt === null) throw new Error(`iothubd exited before READY=1: ${hub.log}`);
