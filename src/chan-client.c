@@ -130,24 +130,19 @@ static void op_finish(struct chan_client *c, struct chan_op *op, int r) {
 /* ---- the connection ---- */
 
 static int out_append(struct chan_client *c, const uint8_t *data, size_t len) {
+        void *buf;
+        int r;
+
         if (c->out_off > 0 && c->out_off == c->out_len)
                 c->out_off = c->out_len = 0;
-        if (c->out_len + len > c->out_cap) {
-                size_t cap = c->out_cap ? c->out_cap : 4096;
-                uint8_t *n;
-
-                while (cap < c->out_len + len)
-                        cap *= 2;
-                n = malloc(cap);
-                if (!n)
-                        return -ENOMEM;
-                if (c->out) {
-                        memcpy(n, c->out, c->out_len);
-                        erase_and_free(c->out, c->out_cap);
-                }
-                c->out = n;
-                c->out_cap = cap;
-        }
+        if (len > SIZE_MAX - c->out_len)
+                return -ENOMEM;
+        /* What goes out may be a token (the uplink's channel): erase_grow() wipes the old copy. */
+        buf = c->out;
+        r = erase_grow(&buf, &c->out_cap, c->out_len, c->out_len + len, SIZE_MAX);
+        if (r < 0)
+                return r;
+        c->out = buf;
         memcpy(c->out + c->out_len, data, len);
         c->out_len += len;
         return 0;

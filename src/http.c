@@ -215,6 +215,7 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
 static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
         struct http_req *q = userdata;
         size_t n = size * nmemb;
+        void *buf;
 
         /* A bounded read of the answer: past the limit the transfer is aborted (returning
          * less than n makes curl fail it with CURLE_WRITE_ERROR), so that an endless body
@@ -223,26 +224,11 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
                 q->too_large = true;
                 return 0;
         }
-        if (q->resp_len + n + 1 > q->resp_cap) {
-                /* Geometric growth: each byte is copied O(1) times on average. */
-                size_t cap = q->resp_cap ? q->resp_cap : 4096;
-                char *t;
-
-                while (cap < q->resp_len + n + 1)
-                        cap *= 2;
-                if (cap > HTTP_RESPONSE_MAX + 1)
-                        cap = HTTP_RESPONSE_MAX + 1;
-                t = malloc(cap);
-                if (!t)
-                        return 0;
-                if (q->resp) {
-                        memcpy(t, q->resp, q->resp_len);
-                        /* The old copy may hold tokens: wiped, not just freed. */
-                        erase_and_free(q->resp, q->resp_cap);
-                }
-                q->resp = t;
-                q->resp_cap = cap;
-        }
+        /* The old copy may hold tokens: erase_grow() wipes it, not just frees it. */
+        buf = q->resp;
+        if (erase_grow(&buf, &q->resp_cap, q->resp_len, q->resp_len + n + 1, HTTP_RESPONSE_MAX + 1) < 0)
+                return 0;
+        q->resp = buf;
         memcpy(q->resp + q->resp_len, ptr, n);
         q->resp_len += n;
         q->resp[q->resp_len] = '\0';

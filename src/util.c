@@ -29,6 +29,34 @@ void erase_and_freep_str(char **s) {
         *s = NULL;
 }
 
+int erase_grow(void **buf, size_t *cap, size_t used, size_t need, size_t max) {
+        size_t c;
+        void *n;
+
+        if (!buf || !cap || used > *cap || used > need)
+                return -EINVAL;
+        if (need <= *cap)
+                return 0;
+        if (need > max)
+                return -EFBIG;
+        /* Geometric growth: each byte is copied O(1) times on average. */
+        c = *cap ? *cap : 4096;
+        while (c < need && c <= max / 2)
+                c *= 2;
+        if (c < need || c > max)
+                c = max;
+        n = malloc(c);
+        if (!n)
+                return -ENOMEM;
+        if (*buf) {
+                memcpy(n, *buf, used);
+                erase_and_free(*buf, *cap);
+        }
+        *buf = n;
+        *cap = c;
+        return 0;
+}
+
 int free_and_strdup(char **p, const char *s) {
         char *t = NULL;
 

@@ -58,6 +58,11 @@ void erase_and_free(void *p, size_t len);
 /* Wipe then free a NUL-terminated secret string. */
 void erase_and_freep_str(char **s);
 #define _cleanup_erase_str_ _cleanup_(erase_and_freep_str)
+/* Makes room for need bytes in a buffer that may hold secrets: when *cap is smaller, a new
+ * buffer of 4096 doubled until it holds need (at most max) takes the first used bytes, and the
+ * old one is wiped and freed (realloc() would free it unwiped). Returns 0, -EFBIG (need > max)
+ * or -ENOMEM; *buf and *cap are unchanged on failure. */
+int erase_grow(void **buf, size_t *cap, size_t used, size_t need, size_t max);
 
 static inline bool streq(const char *a, const char *b) {
         return strcmp(a, b) == 0;

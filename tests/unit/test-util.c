@@ -198,10 +198,36 @@ static void test_jws_compact(void **state) {
         EVP_PKEY_free(k);
 }
 
+/* erase_grow(): 4096 doubled, at most max, the used bytes kept, nothing changed on failure. */
+static void test_erase_grow(void **state) {
+        void *buf = NULL;
+        size_t cap = 0;
+
+        assert_int_equal(erase_grow(&buf, &cap, 0, 10, 1 << 20), 0);
+        assert_non_null(buf);
+        assert_int_equal(cap, 4096);
+        memcpy(buf, "secret", 6);
+        assert_int_equal(erase_grow(&buf, &cap, 6, 4096, 1 << 20), 0); /* fits: unchanged */
+        assert_int_equal(cap, 4096);
+        assert_int_equal(erase_grow(&buf, &cap, 6, 4097, 1 << 20), 0);
+        assert_int_equal(cap, 8192);
+        assert_memory_equal(buf, "secret", 6);
+        assert_int_equal(erase_grow(&buf, &cap, 6, 20000, 20001), 0); /* capped at max */
+        assert_int_equal(cap, 20001);
+        assert_memory_equal(buf, "secret", 6);
+        void *keep = buf;
+        assert_int_equal(erase_grow(&buf, &cap, 6, 20002, 20001), -EFBIG);
+        assert_ptr_equal(buf, keep);
+        assert_int_equal(cap, 20001);
+        assert_int_equal(erase_grow(&buf, &cap, 7, 6, 20001), -EINVAL); /* used > need */
+        assert_ptr_equal(buf, keep);
+        free(buf);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_backoff_bounds), cmocka_unit_test(test_backoff_mqtt_sequence),
-                cmocka_unit_test(test_ratelimit),      cmocka_unit_test(test_ids),
+                cmocka_unit_test(test_ratelimit), cmocka_unit_test(test_erase_grow),      cmocka_unit_test(test_ids),
                 cmocka_unit_test(test_b64_sizes),      cmocka_unit_test(test_b64token),      cmocka_unit_test(test_jws_compact),
         };
 
