@@ -28,9 +28,15 @@
  * (a commit's fdatasync, a read burst): the end-to-end acks (up to 10/s per bulb) then queued,
  * and a command published behind them waited seconds before its first byte left (issue 13,
  * tests/bench/commands.mjs: published -> at broker p99 570 ms, max 1.7 s beside 2,000 frames/s).
+ * Not much more than needed either: libmosquitto 2.0 walks its whole list of messages in
+ * flight at every publish and every PUBACK (message__release_to_inflight()), so the window is
+ * also a cost per frame. With 4096 the broker, slow under load, let thousands build up, and
+ * that walk was 6.8 % of iothubd's CPU in the relay bench (perf, unpaced, 200 bulbs); with 256
+ * it is under 1 %, and a command beside 2,000 frames/s reached its bulb no later (p99 128 ms,
+ * published -> at broker p99 15 ms; 166 and 15 ms with 4096 in the same sitting).
  * The window only paces, it bounds nothing: a message held back is in memory all the same.
  * Below 65,536 so that packet ids in flight stay unique (MQTT 3.1.1 2.3.1). */
-#define MQTT_SEND_MAXIMUM 4096
+#define MQTT_SEND_MAXIMUM 256
 
 struct mqtt {
         sd_event *event;
