@@ -17,6 +17,13 @@
 #define ACK_INTERVAL_USEC (100 * UINT64_C(1000))
 /* The timer may fire up to this late (sd-event's default would be 250 ms); never early. */
 #define ACK_TIMER_ACCURACY_USEC (5 * UINT64_C(1000))
+/* Acks handed to libmosquitto and not yet PUBACKed by the broker, at most (with everything
+ * else of ours it holds: mqtt_unacked()). libmosquitto's queue has no bound, and a broker that
+ * takes frames but stops answering our publishes would grow it by up to 10 acks/s per bulb,
+ * for good. Past this, an ack stays pending (one per bulb, the newest seq winning) and is tried
+ * again an interval later: nothing is lost, an ack only says "up to seq". 4x the send window
+ * (mqtt.c's MQTT_SEND_MAXIMUM), so that a healthy broker's round trip never reaches it. */
+#define ACK_UNACKED_MAX 1024
 /* "<prefix>/<device-id>/ack": [mqtt] topic_prefix is at most 128 bytes (conf.c). */
 #define ACK_TOPIC_MAX (128 + 1 + DEVICE_ID_MAX + 4)
 
@@ -43,18 +50,24 @@ struct ack {
         bool sync_failed; /* ack_sync_failed(): nothing committed is acked any more */
         struct ack_entry *all, *staged, *waiting, *pending;
         uint64_t n_pending;
-        uint64_t published, publish_failed;
+        uint64_t published, publish_failed, held_back;
 };
 
 static uint64_t entry_due(const struct ack_entry *e) {
         return e->last_usec ? e->last_usec + ACK_INTERVAL_USEC : 0;
 }
 
-/* Hands one ack to the MQTT client. Returns 0, -ENOTCONN, or another negative errno. */
+/* Hands one ack to the MQTT client. Returns 0, -ENOTCONN, -EAGAIN (ACK_UNACKED_MAX reached:
+ * due again an interval later), or another negative errno. */
 static int ack_publish(struct ack *a, struct ack_entry *e, uint64_t now) {
         char topic[ACK_TOPIC_MAX + 1], payload[40];
         int n, m, r;
 
+        if (mqtt_unacked(a->mqtt) >= ACK_UNACKED_MAX) {
+                e->last_usec = now;
+                a->held_back++;
+                return -EAGAIN;
+        }
         n = snprintf(topic, sizeof topic, "%s/%s/ack", a->conf->mqtt.topic_prefix, e->bulb->id);
         m = snprintf(payload, sizeof payload, "{\"seq\":%" PRId64 "}", e->pending);
         if (n < 0 || (size_t) n >= sizeof topic || m < 0 || (size_t) m >= sizeof payload)
@@ -277,7 +290,8 @@ int ack_status_json(struct ack *a, json_t *status) {
                 return 0;
         if (json_object_set_new(frames, "acks_published", json_integer((json_int_t) a->published)) < 0 ||
             json_object_set_new(frames, "acks_pending", json_integer((json_int_t) a->n_pending)) < 0 ||
-            json_object_set_new(frames, "acks_failed", json_integer((json_int_t) a->publish_failed)) < 0)
+            json_object_set_new(frames, "acks_failed", json_integer((json_int_t) a->publish_failed)) < 0 ||
+            json_object_set_new(frames, "acks_held_back", json_integer((json_int_t) a->held_back)) < 0)
                 return -ENOMEM;
         return 0;
 }

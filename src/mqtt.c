@@ -57,6 +57,9 @@ struct mqtt {
         unsigned burst_messages;
         uint64_t burst_deadline;
         char tls_error[160];         /* libmosquitto's last OpenSSL error line (on_log()) */
+        /* Messages handed to libmosquitto whose on_publish has not come yet (QoS 1: no PUBACK
+         * yet): its queue, which has no bound of its own (mqtt_unacked()). */
+        uint64_t unacked;
 };
 
 int mqtt_errno(int rc) {
@@ -315,8 +318,15 @@ static void on_disconnect(struct mosquitto *mosq, void *userdata, int rc) {
 static void on_publish(struct mosquitto *mosq, void *userdata, int mid) {
         struct mqtt *m = userdata;
 
+        if (m->unacked > 0)
+                m->unacked--;
+
         if (m->cb.published)
                 m->cb.published(m->userdata, mid);
+}
+
+uint64_t mqtt_unacked(const struct mqtt *m) {
+        return m ? m->unacked : 0;
 }
 
 int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos, int *ret_mid) {
@@ -329,6 +339,9 @@ int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t 
         r = mqtt_errno(mosquitto_publish(m->mosq, &mid, topic, (int) len, payload, qos, false));
         if (r < 0)
                 return r;
+        /* on_publish() comes for every message libmosquitto took: at QoS 1 with its PUBACK, at
+         * QoS 0 once written; it keeps both across reconnects (a persistent session). */
+        m->unacked++;
         mqtt_update_events(m); /* the packet waits for the socket to be writable */
         if (ret_mid)
                 *ret_mid = mid;

@@ -39,5 +39,7 @@ void ack_synced(struct ack *a, uint64_t gen);
 void ack_sync_failed(struct ack *a);
 /* The broker connection came (pending acks go now) or went (they wait). */
 void ack_connected(struct ack *a, bool connected);
-/* Adds frames.acks_published and frames.acks_pending to the status object. Returns 0 or -ENOMEM. */
+/* Adds frames.acks_published, acks_pending, acks_failed and acks_held_back (times an ack waited
+ * an interval because libmosquitto held ACK_UNACKED_MAX unacknowledged messages) to the status
+ * object. Returns 0 or -ENOMEM. */
 int ack_status_json(struct ack *a, json_t *status);

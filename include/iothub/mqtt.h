@@ -34,6 +34,9 @@ int mqtt_subscribe(struct mqtt *m, const char *topic);
 /* Publishes one message, not retained. Returns 0 and the message id in *ret_mid (for the
  * published() callback), -ENOTCONN when not connected, other negative errno. */
 int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos, int *ret_mid);
+/* Messages published and still in libmosquitto's hands (no PUBACK yet at QoS 1): its queue,
+ * which it does not bound; a publisher that can wait checks this first. 0 for NULL. */
+uint64_t mqtt_unacked(const struct mqtt *m);
 /* Sends DISCONNECT and frees; NULL accepted. */
 void mqtt_free(struct mqtt *m);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct mqtt *, mqtt_free);
