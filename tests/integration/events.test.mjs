@@ -181,8 +181,9 @@ test('a slow events endpoint never holds up status', async (t) => {
   await publishFrame(await bulb.frame(), bulb.id);
   await waitFor(() => cloud.control.framesOf(bulb.id).length === 1, 3000, 'the status frame at the cloud');
   const ms = Date.now() - t0;
+  // The proof is the order, not a time: the frame reached the cloud while the events POST
+  // (parked for 6 s) was still unanswered. A wall-clock bound here would only measure the machine.
   assert.ok(cloud.state.requests.some((q) => q.endpoint === 'events' && q.status === 0), 'the events request is still in flight');
-  assert.ok(ms < 2000, `status took ${ms} ms`);
   t.diagnostic(`a status frame reached the cloud in ${ms} ms while an events POST was parked (batch_max_delay_ms 100)`);
   cloud.control.clearFailures();
 });
