@@ -643,7 +643,9 @@ static void on_durable(void *userdata, int error) {
                                                   strerror(-error)));
         } else
                 r = sd_event_source_set_io_events(c->io, EPOLLOUT);
-        if (r < 0)
+        /* -ESTALE: the loop has finished; this is the last sync of hub_done(), and
+         * control_free() sends what is ready. */
+        if (r < 0 && r != -ESTALE)
                 conn_free(c);
 }
 
@@ -1014,6 +1016,13 @@ void control_free(struct control *ctl) {
          * uplink, but must not call back into a freed control socket. */
         uplink_call_cancel(TAKE_PTR(ctl->login_call));
         uplink_call_cancel(TAKE_PTR(ctl->wait_call));
+        /* At shutdown, an answer that is ready goes now if the socket takes it (one try, never
+         * blocking), not dropped with its connection: a durable one whose sync the last sync of
+         * hub_done() completed, or one whose EPOLLOUT had not come yet. The change was made and
+         * is on disk; the user is told so. */
+        for (struct conn *c = ctl->conns; c; c = c->next)
+                if (c->fd >= 0 && c->out && !c->pending && c->out_off < c->out_len)
+                        (void) send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (ctl->conns)
                 conn_free(ctl->conns);
         ctl->listen = sd_event_source_disable_unref(ctl->listen);

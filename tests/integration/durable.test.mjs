@@ -8,6 +8,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import path from 'node:path';
 import { Broker, Hub, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
@@ -133,6 +135,49 @@ test('shutdown: a frame held for its commit at SIGTERM is committed, synced, and
     t.diagnostic(`ack ${(acks[0].ts - Math.max(...tr.walWrites.filter((x) => x < acks[0].ts))).toFixed(2)} ms after the last WAL write`);
   } finally {
     if (tracer) await tracer.stop().catch(() => {});
+    await h.cleanup();
+  }
+});
+
+test('shutdown: a control answer still waiting for its sync at SIGTERM is sent once the last sync is done', async () => {
+  // strace slows the sync thread's fdatasync by 1.5 s (fault injection, strace(1) -e inject):
+  // `bulb remove` is answered only after the sync, and SIGTERM comes while it waits. hub_done()
+  // does the last sync, which completes the wait, and control_free() sends the ready answer
+  // before the connection goes: the revocation is on disk and the user is told (before, the
+  // answer was dropped with its connection, and iothubctl saw the daemon hang up).
+  // The daemon exits under strace: no leak check here (LeakSanitizer cannot run under ptrace).
+  const h = await Hub.start(broker, {},
+    { env: { ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'detect_leaks=0'].filter(Boolean).join(':') } });
+  let tracer;
+  try {
+    const b = await Bulb.create('durable-answer-at-stop', 'EdDSA');
+    await fs.writeFile(path.join(h.dir, 'k.pem'), b.pem);
+    assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', path.join(h.dir, 'k.pem')])).code, 0);
+    tracer = spawn('strace', ['-f', '-qq', '-e', 'trace=fdatasync', '-e', 'inject=fdatasync:delay_enter=1500000',
+      '-p', String(h.proc.pid), '-o', path.join(h.dir, 'strace-delay.txt')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    tracer.stderr.on('data', (d) => { err += d; });
+    await sleep(500); // attached (-qq: no message to wait for)
+    const rm = h.ctl(['bulb', 'remove', b.id]);
+    await sleep(400); // the removal committed, its answer waiting for the slowed sync
+    h.proc.kill('SIGTERM');
+    const res = await rm;
+    assert.equal(res.code, 0, `iothubctl bulb remove: ${res.code} ${res.stderr} (strace: ${err}) ${h.log}`);
+    assert.match(res.stdout + res.stderr, /remov|revok|ok/i, res.stdout);
+    const ex = await h.exited;
+    assert.equal(ex.code, 0, h.log);
+    assert.doesNotMatch(h.log, /AddressSanitizer|runtime error/, h.log);
+    tracer.kill('SIGINT');
+    await once(tracer, 'exit').catch(() => {});
+    tracer = null;
+    // And the revocation is what the database holds, after a start.
+    await h.stop();
+    await h.start();
+    const list = JSON.parse((await h.ctl(['--json', 'bulb', 'list'])).stdout);
+    const bulbsOut = Array.isArray(list) ? list : list.bulbs;
+    assert.equal(bulbsOut.find((x) => x.id === b.id)?.revoked, true, JSON.stringify(list));
+  } finally {
+    if (tracer) { tracer.kill('SIGINT'); await once(tracer, 'exit').catch(() => {}); }
     await h.cleanup();
   }
 });
