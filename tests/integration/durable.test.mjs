@@ -97,21 +97,27 @@ test('a client that hangs up while its answer waits for the sync does not hurt t
   }
 });
 
+// A hub that will exit under strace (LeakSanitizer cannot run under ptrace: no leak check
+// there), with one bulb enrolled.
+async function hubUnderStrace(overrides, name) {
+  const h = await Hub.start(broker, overrides,
+    { env: { ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'detect_leaks=0'].filter(Boolean).join(':') } });
+  const b = await Bulb.create(name, 'EdDSA');
+  await fs.writeFile(path.join(h.dir, 'k.pem'), b.pem);
+  assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', path.join(h.dir, 'k.pem')])).code, 0);
+  return { h, b };
+}
+
 test('shutdown: a frame held for its commit at SIGTERM is committed, synced, and acked before the daemon exits', async (t) => {
   // commit_delay_ms at its maximum holds the frame in memory when SIGTERM comes: hub_done()
   // commits it, waits for its sync (ingest_sync()), and publishes its ack before the MQTT client
   // goes. Without that wait the ack would be dropped (the bulb resends: no loss, but an ack
   // owed), or sent before the sync. (After the sync thread stops, commits sync themselves on
   // the loop again: the loop serves nobody any more.)
-  // The daemon exits under strace, and LeakSanitizer cannot run under ptrace: no leak check in
-  // this one (the same exit without strace is checked by the test above and ack.test).
-  const h = await Hub.start(broker, { frames: { commit_delay_ms: 1000 } },
-    { env: { ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'detect_leaks=0'].filter(Boolean).join(':') } });
+  // The same exit without strace (and its leak check) is in the test above and ack.test.
+  const { h, b } = await hubUnderStrace({ frames: { commit_delay_ms: 1000 } }, 'durable-stop');
   let tracer;
   try {
-    const b = await Bulb.create('durable-stop', 'EdDSA');
-    await fs.writeFile(path.join(h.dir, 'k.pem'), b.pem);
-    assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', path.join(h.dir, 'k.pem')])).code, 0);
     await waitFor(async () => (await h.status()).mqtt.connected, 5000, 'mqtt');
     const c = await mqttClient(broker.port);
     clients.push(c);
@@ -145,14 +151,9 @@ test('shutdown: a control answer still waiting for its sync at SIGTERM is sent o
   // does the last sync, which completes the wait, and control_free() sends the ready answer
   // before the connection goes: the revocation is on disk and the user is told (before, the
   // answer was dropped with its connection, and iothubctl saw the daemon hang up).
-  // The daemon exits under strace: no leak check here (LeakSanitizer cannot run under ptrace).
-  const h = await Hub.start(broker, {},
-    { env: { ASAN_OPTIONS: [process.env.ASAN_OPTIONS, 'detect_leaks=0'].filter(Boolean).join(':') } });
+  const { h, b } = await hubUnderStrace({}, 'durable-answer-at-stop');
   let tracer;
   try {
-    const b = await Bulb.create('durable-answer-at-stop', 'EdDSA');
-    await fs.writeFile(path.join(h.dir, 'k.pem'), b.pem);
-    assert.equal((await h.ctl(['bulb', 'add', b.id, '--key', path.join(h.dir, 'k.pem')])).code, 0);
     tracer = spawn('strace', ['-f', '-qq', '-e', 'trace=fdatasync', '-e', 'inject=fdatasync:delay_enter=1500000',
       '-p', String(h.proc.pid), '-o', path.join(h.dir, 'strace-delay.txt')], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';

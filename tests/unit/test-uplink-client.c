@@ -102,29 +102,32 @@ static void peer_accept(struct fx *f) {
         fail_msg("the client never connected");
 }
 
-/* The client's loop turns until a whole request is in; it is decoded into m (pointing into
- * f->in until the next call). */
-static void peer_read(struct fx *f, struct tlv_msg *m) {
-        uint64_t end = now_monotonic_usec() + 5000000;
-
+/* The client's loop turns until a whole request is in, or the deadline; it is decoded into m
+ * (pointing into f->in until the next call). Returns whether one came. */
+static bool peer_try_read(struct fx *f, struct tlv_msg *m, uint64_t deadline) {
         memmove(f->in, f->in + f->taken, f->in_len - f->taken);
         f->in_len -= f->taken;
         f->taken = 0;
-        while (now_monotonic_usec() < end) {
+        while (now_monotonic_usec() < deadline) {
                 size_t need = TLV_PREFIX_LEN;
                 if (uplink_msg_frame(f->in, f->in_len, &need) == 1) {
                         assert_int_equal(uplink_msg_decode(f->in, need, m), 0);
                         assert_false(m->answer);
                         f->taken = need;
-                        return;
+                        return true;
                 }
                 ssize_t k = read(f->cfd, f->in + f->in_len, sizeof f->in - f->in_len);
                 if (k > 0)
                         f->in_len += (size_t) k;
                 else
-                        assert_true(sd_event_run(f->e, 20000) >= 0);
+                        assert_true(sd_event_run(f->e, 5000) >= 0);
         }
-        fail_msg("no request from the client");
+        return false;
+}
+
+static void peer_read(struct fx *f, struct tlv_msg *m) {
+        if (!peer_try_read(f, m, now_monotonic_usec() + 5000000))
+                fail_msg("no request from the client");
 }
 
 static void peer_send(struct fx *f, struct tlv_buf *b) {
@@ -359,27 +362,6 @@ static void test_register_failed_before_answer(void **state) {
         run_until(f, &x.calls, 1);
         assert_int_equal(x.status, -EPROTO);
         assert_string_equal(x.message, "attestation failed: no EK certificate");
-}
-
-/* Reads one request if one comes before the deadline (the client's loop turning meanwhile). */
-static bool peer_try_read(struct fx *f, struct tlv_msg *m, uint64_t deadline) {
-        memmove(f->in, f->in + f->taken, f->in_len - f->taken);
-        f->in_len -= f->taken;
-        f->taken = 0;
-        while (now_monotonic_usec() < deadline) {
-                size_t need = TLV_PREFIX_LEN;
-                if (uplink_msg_frame(f->in, f->in_len, &need) == 1) {
-                        assert_int_equal(uplink_msg_decode(f->in, need, m), 0);
-                        f->taken = need;
-                        return true;
-                }
-                ssize_t k = read(f->cfd, f->in + f->in_len, sizeof f->in - f->in_len);
-                if (k > 0)
-                        f->in_len += (size_t) k;
-                else
-                        assert_true(sd_event_run(f->e, 5000) >= 0);
-        }
-        return false;
 }
 
 /* An uplink that answers every WATCH with an error is asked again after a backoff that grows
