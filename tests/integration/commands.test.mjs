@@ -476,8 +476,12 @@ test('a restart of the daemon between delivery and ack still ends in acked', asy
   assert.equal(spare.received(id).length, 1);
 });
 
-test('latency cloud -> bulb over 50 commands', async (t) => {
-  const N = 50, SPACING_MS = 500;
+// The latency itself is a target of DESIGN.md, measured by `make bench` (tests/bench/commands.mjs,
+// quiet and beside 2,000 frames/s): here only the diagnostic. This test ran 50 commands 500 ms
+// apart and held p50 under 1 s: 26 s of wall clock, four times per CI run (this file and
+// commands-dpop.test.mjs, plain and under ASan), for a bound the bench measures 10x tighter.
+test('cloud -> bulb: 20 commands one after another, each verified by its bulb', async (t) => {
+  const N = 20, SPACING_MS = 100;
   await pollParked();
   lamp.autoAck = true;
   const lat = [];
@@ -499,7 +503,7 @@ test('latency cloud -> bulb over 50 commands', async (t) => {
   const q = (p) => sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)];
   t.diagnostic(`cloud->bulb latency over ${N} commands (one every ${SPACING_MS} ms, each acked, swtpm): `
     + `p50 ${q(0.5)} ms, p99 ${q(0.99)} ms, max ${sorted[sorted.length - 1]} ms`);
-  assert.ok(q(0.5) < 1000, `p50 ${q(0.5)} ms`);
+  assert.equal(lat.length, N);
 });
 
 test('a clean stop: exit status 0, no access token in the log, nothing from the sanitizers', async () => {
