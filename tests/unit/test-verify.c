@@ -605,6 +605,35 @@ static void test_raw(void **state) {
         check_raw_of(c, T.p256, FRAME_ALG_ES256);
         EVP_PKEY_free(c);
 
+        /* The text OpenSSL writes is decoded without a BIO; any other layout of the same key
+         * (white space, CRLF, one long line, no final LF) takes pem_next() to the same bytes. */
+        _cleanup_free_ char *canon = pem_of(T.p256);
+        struct verify_raw want;
+        assert_int_equal(verify_raw_from_pem(canon, strlen(canon), &want), 0);
+        const char *body = canon + strlen("-----BEGIN PUBLIC KEY-----\n");
+        const char *nl = strchr(body, '\n');
+        const char *end = strstr(canon, "-----END");
+        char variants[6][400];
+        (void) snprintf(variants[0], 400, "  \n%s\n\n", canon);
+        (void) snprintf(variants[1], 400, "%.*s", (int) (strlen(canon) - 1), canon);
+        (void) snprintf(variants[2], 400, "-----BEGIN PUBLIC KEY-----\r\n%.*s\r\n%.*s\r\n-----END PUBLIC KEY-----\r\n",
+                        (int) (nl - body), body, (int) (end - nl - 2), nl + 1);
+        (void) snprintf(variants[3], 400, "-----BEGIN PUBLIC KEY-----\n%.*s%.*s\n-----END PUBLIC KEY-----\n",
+                        (int) (nl - body), body, (int) (end - nl - 2), nl + 1);
+        (void) snprintf(variants[4], 400, "%s", canon);
+        variants[4][40] = '*'; /* not base64: refused by both paths */
+        (void) snprintf(variants[5], 400, "%s", canon);
+        variants[5][strlen(canon) - 3] = 'x'; /* the END line damaged: refused */
+        for (size_t i = 0; i < 4; i++) {
+                memset(&raw, 0, sizeof raw);
+                assert_int_equal(verify_raw_from_pem(variants[i], strlen(variants[i]), &raw), 0);
+                assert_int_equal(raw.alg, want.alg);
+                assert_int_equal(raw.len, want.len);
+                assert_memory_equal(raw.bytes, want.bytes, want.len);
+        }
+        assert_int_equal(verify_raw_from_pem(variants[4], strlen(variants[4]), &raw), -EINVAL);
+        assert_int_equal(verify_raw_from_pem(variants[5], strlen(variants[5]), &raw), -EINVAL);
+
         /* What the encoding alone cannot tell is found when the key is built. A point off the
          * curve: */
         unsigned char *der = NULL;
