@@ -440,7 +440,7 @@ static int build_devices_body(struct cloud *c, char **ret, size_t *ret_len) {
         for (size_t i = 0; i < registry_count(c->registry); i++) {
                 struct bulb *b = registry_get(c->registry, i);
                 json_t *jwk = NULL;
-                int r = verify_key_to_jwk(b->key, &jwk);
+                int r = verify_raw_to_jwk(&b->pub, &jwk);
                 if (r < 0) {
                         json_decref(arr);
                         return r;

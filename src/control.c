@@ -157,7 +157,7 @@ static json_t *error_reply(const char *fmt, ...) {
 static json_t *bulb_to_json(const struct bulb *b) {
         json_t *o, *jwk = NULL;
 
-        if (verify_key_to_jwk(b->key, &jwk) < 0)
+        if (verify_raw_to_jwk(&b->pub, &jwk) < 0)
                 jwk = json_null();
         o = json_pack("{s:s,s:s,s:b,s:I,s:I,s:o}", "id", b->id, "alg", frame_alg_to_string(b->alg), "revoked",
                       b->revoked, "last_seq", (json_int_t) b->last_seq, "enrolled_at",

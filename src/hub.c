@@ -2,6 +2,7 @@
 /* The daemon's run: load the configuration, open the state, build the loop, notify systemd,
  * run. Every source lives on one sd-event loop (systemd-timesyncd's shape). */
 #include <inttypes.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/prctl.h>
@@ -438,9 +439,28 @@ static void hub_check_db(struct hub *h) {
                   h->conf->hub.state_dir);
 }
 
+/* Gives the heap's free pages back to the system (issue 13, "Memory"). A burst of work (a
+ * thousand enrolments, each sending the cloud the list of every bulb; a run of big batches)
+ * leaves the heap full of freed small blocks between live ones, which glibc never returns by
+ * itself: with 5,000 bulbs enrolled that was 6.7 MiB of a 10.5 MiB heap. malloc_trim(0) returns
+ * every free page (MADV_DONTNEED), not only the top of the heap. Only when there is enough free
+ * to be worth a walk of the free lists. */
+#define HEAP_TRIM_MIN_FREE (256 * 1024)
+static void hub_trim_heap(void) {
+        struct mallinfo2 mi = mallinfo2();
+
+        if (mi.fordblks < HEAP_TRIM_MIN_FREE)
+                return;
+        uint64_t t0 = now_monotonic_usec();
+        int released = malloc_trim(0);
+        log_debug("Heap: %zu KiB free in %zu KiB, trimmed (%s) in %" PRIu64 " us", mi.fordblks / 1024,
+                  mi.arena / 1024, released ? "pages returned" : "nothing to return", now_monotonic_usec() - t0);
+}
+
 static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct hub *h = userdata;
 
+        hub_trim_heap();
         hub_check_db(h);
         /* The signer's counters for status (one small request every STATUS_INTERVAL_USEC). */
         if (h->key_ready)
@@ -717,6 +737,7 @@ int hub_run(const char *config_path, int log_level_override) {
         }
         /* Loading the bulbs and counting the spool read every page of both tables: where a
          * damaged file shows at start. */
+        uint64_t t0 = now_monotonic_usec();
         r = registry_open(h.db, &h.registry);
         if (r == -EUCLEAN)
                 goto corrupt;
@@ -724,6 +745,9 @@ int hub_run(const char *config_path, int log_level_override) {
                 log_error_errno(r, "Failed to load enrolled bulbs: %m (%s)", db_errmsg(h.db));
                 goto out;
         }
+        /* Before READY=1 (issue 13: within 50 ms of exec with 5,000 bulbs). */
+        log_debug("Loaded %zu bulbs in %.1f ms", registry_count(h.registry),
+                  (double) (now_monotonic_usec() - t0) / 1000.0);
         r = spool_stats(h.db, &h.spool.pending, &h.spool.bytes);
         if (r == -EUCLEAN)
                 goto corrupt;

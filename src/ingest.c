@@ -127,10 +127,8 @@ static bool log_allowed(struct ingest *in, struct ratelimit *rl, uint64_t now, c
         return ok;
 }
 
-static void reject(struct ingest *in, struct bulb *b, const char *dev, enum frame_reason reason) {
-        uint64_t now = now_monotonic_usec();
-        bool ok;
-
+/* Counts a rejection (and acks a resent frame) without logging it. */
+static void reject_quiet(struct ingest *in, struct bulb *b, const char *dev, enum frame_reason reason) {
         in->counters.frames_rejected[reason]++;
         if (in->ev.rejected)
                 in->ev.rejected(in->ev.userdata, dev, reason);
@@ -138,6 +136,13 @@ static void reject(struct ingest *in, struct bulb *b, const char *dev, enum fram
          * committed, or a bulb that lost the ack resends forever (iothub-protocol(7)). */
         if (b && (reason == FRAME_REPLAY || reason == FRAME_STALE))
                 ack_stage(in->ack, b, b->last_seq, !in->batch.open);
+}
+
+static void reject(struct ingest *in, struct bulb *b, const char *dev, enum frame_reason reason) {
+        uint64_t now = now_monotonic_usec();
+        bool ok;
+
+        reject_quiet(in, b, dev, reason);
         if (b)
                 ok = log_allowed(in, &b->log_rl, now, b->id);
         else
@@ -397,7 +402,20 @@ void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload
                 reject(in, b, dev, FRAME_REPLAY);
                 return;
         }
-        if (verify_signature(b->key, f.alg, f.signing_input, f.signing_input_len, f.sig, f.sig_len) < 0) {
+        r = registry_verify(in->registry, b, f.alg, f.signing_input, f.signing_input_len, f.sig, f.sig_len);
+        if (r == -EUCLEAN) {
+                /* Not the bulb's fault but the database's: said apart in the log (rate-limited
+                 * with the bulb's rejections), counted as bad_signature (nothing proves the frame). */
+                if (log_allowed(in, &b->log_rl, now_monotonic_usec(), b->id))
+                        log_event(LOG_ERR, r, IOTHUB_MID_FRAME_REJECTED, dev,
+                                  frame_reason_to_string(FRAME_BAD_SIGNATURE),
+                                  "Enrolled key of %s in the database does not load (damaged); its frames "
+                                  "are refused until it is enrolled again (bulb remove, bulb add)",
+                                  dev);
+                reject_quiet(in, b, dev, FRAME_BAD_SIGNATURE);
+                return;
+        }
+        if (r < 0) {
                 reject(in, b, dev, FRAME_BAD_SIGNATURE);
                 return;
         }

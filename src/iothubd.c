@@ -38,6 +38,12 @@ int main(int argc, char *argv[]) {
          * partly touched after the thread is gone. On a Pi's 2 to 4 cores the resolver's few
          * allocations can share the loop's arena: its lock is never contended in practice. */
         (void) mallopt(M_ARENA_MAX, 1);
+        /* A fixed threshold, as iothub-signer and iothub-uplink have (chanserver.c): a buffer
+         * above 128 KiB (the cloud's list of 5,000 bulbs is about 1 MiB of JSON, a big batch as
+         * much) is mmap()ed and goes back to the system when freed. glibc's default threshold
+         * rises after the first such free, and the next ones then stay in the heap for good
+         * (issue 13, "Memory"; hub.c trims what small allocations leave behind). */
+        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
         log_open("iothubd");
         while ((c = getopt_long(argc, argv, "", options, NULL)) >= 0)
                 switch (c) {

@@ -7,7 +7,14 @@
  * Each struct bulb is allocated on its own and the sorted array holds pointers: a pointer
  * returned by registry_find() or registry_get() stays valid until registry_free(), across
  * registry_add() (which may move the array, not the bulbs) and re-enrolment (which updates the
- * bulb in place). */
+ * bulb in place).
+ *
+ * Keys: every bulb keeps its enrolled key in the compact form of verify.h (struct verify_raw,
+ * about 70 bytes), read at start-up without curve arithmetic, so that registry_open() costs
+ * microseconds per bulb and not the 35 us of an OpenSSL key. The OpenSSL key and its
+ * initialised verify context (2.8 KB for P-256) exist only for the key_cache_max bulbs heard
+ * from last, in an LRU list threaded through the bulbs: a hit is a few pointer moves before
+ * the verify, exactly the hot path of a bulb with its own context. */
 #include <math.h>
 #include <time.h>
 
@@ -18,6 +25,10 @@ struct registry {
         struct db *db;
         struct bulb **bulbs; /* sorted by id, strcmp() order, which is SQLite's BINARY collation */
         size_t n, allocated;
+        /* The LRU of verify contexts: the bulbs whose ->key is set, most recently used first. */
+        struct bulb *lru_head, *lru_tail;
+        size_t key_cache_max;
+        struct registry_key_stats stats;
 };
 
 static void bulb_free(struct bulb *b) {
@@ -99,7 +110,7 @@ static int bulb_from_row(sqlite3_stmt *s, struct bulb **ret) {
         const char *pem = (const char *) sqlite3_column_text(s, 2);
         size_t id_len = (size_t) sqlite3_column_bytes(s, 0), pem_len = (size_t) sqlite3_column_bytes(s, 2);
         int64_t revoked = sqlite3_column_int64(s, 3), last_seq = sqlite3_column_int64(s, 4);
-        enum frame_alg key_alg = FRAME_ALG_ES256, col_alg = FRAME_ALG_ES256;
+        enum frame_alg col_alg = FRAME_ALG_ES256;
 
         if (!id || !pem || !device_id_is_valid(id, id_len) || alg_from_string(alg, &col_alg) < 0 ||
             (revoked != 0 && revoked != 1) || last_seq < 0 || last_seq > FRAME_SEQ_MAX)
@@ -109,7 +120,9 @@ static int bulb_from_row(sqlite3_stmt *s, struct bulb **ret) {
                 return -ENOMEM;
         memcpy(b->id, id, id_len);
         b->id[id_len] = '\0';
-        switch (verify_key_from_pem(pem, pem_len, &b->key, &key_alg)) {
+        /* Only the encoding is checked here (no curve arithmetic: registry_open() runs before
+         * READY=1); the key itself is checked when its first frame builds it. */
+        switch (verify_raw_from_pem(pem, pem_len, &b->pub)) {
         case 0:
                 break;
         case -ENOMEM:
@@ -117,9 +130,9 @@ static int bulb_from_row(sqlite3_stmt *s, struct bulb **ret) {
         default:
                 return -EUCLEAN;
         }
-        if (key_alg != col_alg)
+        if (b->pub.alg != col_alg)
                 return -EUCLEAN;
-        b->alg = key_alg;
+        b->alg = b->pub.alg;
         b->revoked = revoked;
         b->last_seq = last_seq;
         b->enrolled_at = sqlite3_column_int64(s, 5);
@@ -138,6 +151,7 @@ int registry_open(struct db *db, struct registry **ret) {
         if (!r)
                 return -ENOMEM;
         r->db = db;
+        r->key_cache_max = REGISTRY_KEY_CACHE_DEFAULT;
 
         rc = sqlite3_prepare_v2(
                 db_handle(db),
@@ -188,6 +202,100 @@ struct bulb *registry_get(struct registry *r, size_t i) {
         return r->bulbs[i];
 }
 
+static void lru_unlink(struct registry *r, struct bulb *b) {
+        if (b->lru_prev)
+                b->lru_prev->lru_next = b->lru_next;
+        else
+                r->lru_head = b->lru_next;
+        if (b->lru_next)
+                b->lru_next->lru_prev = b->lru_prev;
+        else
+                r->lru_tail = b->lru_prev;
+        b->lru_prev = b->lru_next = NULL;
+}
+
+static void lru_push_front(struct registry *r, struct bulb *b) {
+        b->lru_prev = NULL;
+        b->lru_next = r->lru_head;
+        if (r->lru_head)
+                r->lru_head->lru_prev = b;
+        else
+                r->lru_tail = b;
+        r->lru_head = b;
+}
+
+/* Frees the bulb's verify context, if it has one. */
+static void key_drop(struct registry *r, struct bulb *b) {
+        if (!b->key)
+                return;
+        lru_unlink(r, b);
+        verify_key_free(b->key);
+        b->key = NULL;
+        r->stats.cached--;
+}
+
+static void key_cache_trim(struct registry *r, size_t max) {
+        while (r->stats.cached > max && r->lru_tail) {
+                key_drop(r, r->lru_tail);
+                r->stats.evictions++;
+        }
+}
+
+void registry_set_key_cache_max(struct registry *r, size_t n) {
+        if (!r)
+                return;
+        r->key_cache_max = n;
+        key_cache_trim(r, n);
+}
+
+void registry_key_stats(const struct registry *r, struct registry_key_stats *ret) {
+        if (!r || !ret)
+                return;
+        *ret = r->stats;
+        ret->max = r->key_cache_max;
+}
+
+int registry_verify(struct registry *r, struct bulb *b, enum frame_alg alg, const uint8_t *msg, size_t msg_len,
+                    const uint8_t *sig, size_t sig_len) {
+        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
+        int e;
+
+        if (!r || !b)
+                return -EINVAL;
+        /* Checked here too, not only by the caller: a revoked key must never verify again. */
+        if (b->revoked)
+                return -EKEYREVOKED;
+        if (b->key_damaged)
+                return -EUCLEAN;
+        if (b->key) {
+                r->stats.hits++;
+                if (r->lru_head != b) {
+                        lru_unlink(r, b);
+                        lru_push_front(r, b);
+                }
+                return verify_signature(b->key, alg, msg, msg_len, sig, sig_len);
+        }
+
+        e = verify_key_from_raw(&b->pub, &k);
+        if (e == -ENOMEM)
+                return e;
+        if (e < 0) {
+                /* Enrolment checked this key fully, so the row changed since: it stays refused
+                 * (and is not rebuilt for every frame) until the bulb is re-enrolled. */
+                b->key_damaged = true;
+                r->stats.damaged++;
+                return -EUCLEAN;
+        }
+        r->stats.misses++;
+        if (r->key_cache_max == 0)
+                return verify_signature(k, alg, msg, msg_len, sig, sig_len); /* k freed on return */
+        key_cache_trim(r, r->key_cache_max - 1);
+        b->key = TAKE_PTR(k);
+        lru_push_front(r, b);
+        r->stats.cached++;
+        return verify_signature(b->key, alg, msg, msg_len, sig, sig_len);
+}
+
 static int bind_text(sqlite3_stmt *s, int i, const char *t) {
         return sqlite3_bind_text(s, i, t, -1, SQLITE_STATIC);
 }
@@ -197,6 +305,7 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
         _cleanup_(verify_key_freep) struct verify_key *key = NULL;
         _cleanup_(bulb_freep) struct bulb *fresh = NULL;
         _cleanup_free_ char *spki = NULL;
+        struct verify_raw pub;
         struct bulb *b = NULL;
         enum frame_alg alg = FRAME_ALG_ES256;
         int64_t now = (int64_t) time(NULL);
@@ -211,6 +320,9 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
                 return k;
         /* Stored as OpenSSL writes it: one canonical form, whatever white space came in. */
         k = verify_key_to_pem(key, &spki);
+        if (k < 0)
+                return k;
+        k = verify_key_to_raw(key, &pub);
         if (k < 0)
                 return k;
 
@@ -270,8 +382,11 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
                 r->bulbs[idx] = b;
                 r->n++;
         }
-        verify_key_free(b->key);
-        b->key = TAKE_PTR(key);
+        /* The old key's context goes (a re-enrolled bulb verifies with the new key only); the
+         * new one is built by the first frame. */
+        key_drop(r, b);
+        b->pub = pub;
+        b->key_damaged = false;
         b->alg = alg;
         b->revoked = false;
         b->enrolled_at = now;
@@ -304,6 +419,7 @@ int registry_revoke(struct registry *r, const char *id) {
         if (sqlite3_changes(db_handle(r->db)) != 1)
                 return -EIO;
         b->revoked = true;
+        key_drop(r, b);
         return 0;
 }
 

@@ -8,7 +8,11 @@
  *   EdDSA: an EVP_MD_CTX that is re-initialised per frame (Ed25519 is a one-shot
  *          signature, RFC 8032 5.1.7, and OpenSSL 3.2+ refuse a second EVP_DigestVerify()
  *          on the same initialisation).
- * A verify_key is not safe for concurrent use by several threads (the daemon has one). */
+ * A verify_key is not safe for concurrent use by several threads (the daemon has one).
+ * A P-256 verify_key with its context costs about 2.8 KB (an OpenSSL EC key carries its own copy
+ * of the group), so the daemon does not keep one per bulb: the registry keeps every bulb's key
+ * in its compact form (struct verify_raw, from verify_raw_from_pem() at start-up, no curve
+ * arithmetic) and the verify_keys of the bulbs heard from last in a bounded LRU (registry.c). */
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -179,36 +183,74 @@ static const uint8_t spki_ed25519_prefix[] = {
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 };
 
-static int key_from_spki(const uint8_t *der, size_t len, struct verify_key **ret, enum frame_alg *ret_alg) {
-        EVP_PKEY *pkey = NULL;
-        const uint8_t *p = der;
-
+/* The compact form of the two canonical encodings, recognised byte for byte; false for anything
+ * else. Only the encoding is checked here, not the key. */
+static bool raw_from_canonical_spki(const uint8_t *der, size_t len, struct verify_raw *ret) {
         if (len == sizeof spki_p256_prefix + 1 + 2 * P256_COORD_LEN &&
             memcmp(der, spki_p256_prefix, sizeof spki_p256_prefix) == 0 &&
             der[sizeof spki_p256_prefix] == 0x04) {
+                *ret = (struct verify_raw) { .alg = FRAME_ALG_ES256, .len = 1 + 2 * P256_COORD_LEN };
+                memcpy(ret->bytes, der + sizeof spki_p256_prefix, ret->len);
+                return true;
+        }
+        if (len == sizeof spki_ed25519_prefix + ED25519_KEY_LEN &&
+            memcmp(der, spki_ed25519_prefix, sizeof spki_ed25519_prefix) == 0) {
+                *ret = (struct verify_raw) { .alg = FRAME_ALG_EDDSA, .len = ED25519_KEY_LEN };
+                memcpy(ret->bytes, der + sizeof spki_ed25519_prefix, ED25519_KEY_LEN);
+                return true;
+        }
+        return false;
+}
+
+int verify_key_from_raw(const struct verify_raw *raw, struct verify_key **ret) {
+        EVP_PKEY *pkey = NULL;
+
+        if (!raw || !ret)
+                return -EINVAL;
+        switch (raw->alg) {
+        case FRAME_ALG_ES256: {
                 _cleanup_(EVP_PKEY_CTX_freep) EVP_PKEY_CTX *c = NULL;
                 OSSL_PARAM params[] = {
                         OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, (char *) SN_X9_62_prime256v1, 0),
-                        OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
-                                                (void *) (der + sizeof spki_p256_prefix),
+                        OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *) raw->bytes,
                                                 1 + 2 * P256_COORD_LEN),
                         OSSL_PARAM_END,
                 };
 
+                if (raw->len != 1 + 2 * P256_COORD_LEN || raw->bytes[0] != 0x04)
+                        return -EINVAL;
                 c = EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL);
                 if (!c || EVP_PKEY_fromdata_init(c) != 1)
                         return openssl_errno(-ENOMEM);
                 if (EVP_PKEY_fromdata(c, &pkey, EVP_PKEY_PUBLIC_KEY, params) != 1)
                         return openssl_errno(-EINVAL); /* not a point on the curve */
-                return verify_key_new(pkey, false, ret, ret_alg);
+                break;
         }
-        if (len == sizeof spki_ed25519_prefix + ED25519_KEY_LEN &&
-            memcmp(der, spki_ed25519_prefix, sizeof spki_ed25519_prefix) == 0) {
-                pkey = EVP_PKEY_new_raw_public_key_ex(NULL, "ED25519", NULL,
-                                                      der + sizeof spki_ed25519_prefix, ED25519_KEY_LEN);
+        case FRAME_ALG_EDDSA:
+                if (raw->len != ED25519_KEY_LEN)
+                        return -EINVAL;
+                pkey = EVP_PKEY_new_raw_public_key_ex(NULL, "ED25519", NULL, raw->bytes, ED25519_KEY_LEN);
                 if (!pkey)
                         return openssl_errno(-EINVAL);
-                return verify_key_new(pkey, false, ret, ret_alg);
+                break;
+        default:
+                return -EINVAL;
+        }
+        /* The small-order check of Ed25519 keys is in verify_key_new(). */
+        return verify_key_new(pkey, false, ret, NULL);
+}
+
+static int key_from_spki(const uint8_t *der, size_t len, struct verify_key **ret, enum frame_alg *ret_alg) {
+        EVP_PKEY *pkey = NULL;
+        const uint8_t *p = der;
+        struct verify_raw raw;
+        int r;
+
+        if (raw_from_canonical_spki(der, len, &raw)) {
+                r = verify_key_from_raw(&raw, ret);
+                if (r >= 0 && ret_alg)
+                        *ret_alg = raw.alg;
+                return r;
         }
 
         if (len > LONG_MAX)
@@ -268,23 +310,135 @@ static int pem_check_input(const char *pem, size_t len) {
         return 0;
 }
 
+/* Exactly one PUBLIC KEY block (RFC 7468 13), white space around it and nothing else. */
+static int public_key_der(const char *pem, size_t len, unsigned char **ret_der, size_t *ret_der_len) {
+        size_t pos = 0;
+        int r;
+
+        r = pem_check_input(pem, len);
+        if (r < 0)
+                return r;
+        r = pem_next(pem, len, &pos, "PUBLIC KEY", ret_der, ret_der_len);
+        if (r < 0)
+                return r == -ENODATA ? -EINVAL : r;
+        if (skip_space(pem, len, pos) != len) {
+                OPENSSL_free(*ret_der);
+                *ret_der = NULL;
+                return -EINVAL;
+        }
+        return 0;
+}
+
 int verify_key_from_pem(const char *pem, size_t len, struct verify_key **ret, enum frame_alg *ret_alg) {
         _cleanup_(openssl_freep) unsigned char *der = NULL;
-        size_t pos = 0, der_len = 0;
+        size_t der_len = 0;
         int r;
 
         if (!ret)
                 return -EINVAL;
-        r = pem_check_input(pem, len);
+        r = public_key_der(pem, len, &der, &der_len);
         if (r < 0)
                 return r;
-        /* Exactly one PUBLIC KEY block (RFC 7468 13), white space around it and nothing else. */
-        r = pem_next(pem, len, &pos, "PUBLIC KEY", &der, &der_len);
-        if (r < 0)
-                return r == -ENODATA ? -EINVAL : r;
-        if (skip_space(pem, len, pos) != len)
-                return -EINVAL;
         return key_from_spki(der, der_len, ret, ret_alg);
+}
+
+/* RFC 4648 4, strict: the alphabet only; -1 for anything else. */
+static int b64_value(char c) {
+        if (c >= 'A' && c <= 'Z')
+                return c - 'A';
+        if (c >= 'a' && c <= 'z')
+                return c - 'a' + 26;
+        if (c >= '0' && c <= '9')
+                return c - '0' + 52;
+        if (c == '+')
+                return 62;
+        if (c == '/')
+                return 63;
+        return -1;
+}
+
+/* The text OpenSSL writes for a SubjectPublicKeyInfo (PEM_write_bio_PUBKEY(), what registry_add()
+ * stores), exactly: the BEGIN line, base64 in lines of 64 characters (the last one shorter or
+ * not), padded, each line ended by one LF, the END line and one LF. Decoded here without a BIO
+ * (PEM_read_bio() is 2 us a key, half of registry_open()'s time per bulb); any other layout
+ * returns false and takes pem_next(), which decodes it to the same bytes. */
+#define PEM_PUBKEY_BEGIN "-----BEGIN PUBLIC KEY-----\n"
+#define PEM_PUBKEY_END   "-----END PUBLIC KEY-----\n"
+#define PEM_CANONICAL_DER_MAX 96 /* above the 91 octets of a P-256 SubjectPublicKeyInfo */
+static bool der_from_canonical_pem(const char *pem, size_t len, uint8_t der[static PEM_CANONICAL_DER_MAX],
+                                   size_t *ret_len) {
+        const size_t nb = sizeof PEM_PUBKEY_BEGIN - 1, ne = sizeof PEM_PUBKEY_END - 1;
+        char b64[PEM_CANONICAL_DER_MAX / 3 * 4];
+        size_t n = 0, out = 0, pad = 0;
+
+        if (len < nb + ne + 1 || memcmp(pem, PEM_PUBKEY_BEGIN, nb) != 0 ||
+            memcmp(pem + len - ne, PEM_PUBKEY_END, ne) != 0)
+                return false;
+        /* The body: lines of 64 characters and a LF, the last one 1 to 64 characters. */
+        for (size_t i = nb, col = 0; i < len - ne; i++) {
+                if (pem[i] == '\n') {
+                        if (col == 0 || (col != 64 && i + 1 != len - ne))
+                                return false;
+                        col = 0;
+                        continue;
+                }
+                if (col == 64 || n == sizeof b64)
+                        return false;
+                b64[n++] = pem[i];
+                col++;
+        }
+        if (pem[len - ne - 1] != '\n' || n == 0 || n % 4 != 0)
+                return false;
+        if (b64[n - 1] == '=')
+                pad = b64[n - 2] == '=' ? 2 : 1;
+        for (size_t i = 0; i < n; i += 4) {
+                int v[4];
+                uint32_t w = 0;
+
+                for (size_t j = 0; j < 4; j++) {
+                        /* '=' only as the padding at the very end (RFC 4648 3.2). */
+                        v[j] = i + j >= n - pad ? 0 : b64_value(b64[i + j]);
+                        if (v[j] < 0)
+                                return false;
+                        w = (w << 6) | (uint32_t) v[j];
+                }
+                der[out++] = (uint8_t) (w >> 16);
+                if (i + 4 < n || pad < 2)
+                        der[out++] = (uint8_t) (w >> 8);
+                if (i + 4 < n || pad < 1)
+                        der[out++] = (uint8_t) w;
+        }
+        *ret_len = out;
+        return true;
+}
+
+int verify_raw_from_pem(const char *pem, size_t len, struct verify_raw *ret) {
+        _cleanup_(openssl_freep) unsigned char *der = NULL;
+        _cleanup_(verify_key_freep) struct verify_key *k = NULL;
+        struct verify_raw raw;
+        uint8_t fast[PEM_CANONICAL_DER_MAX];
+        size_t der_len = 0;
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        if (pem && der_from_canonical_pem(pem, len, fast, &der_len) &&
+            raw_from_canonical_spki(fast, der_len, &raw)) {
+                *ret = raw;
+                return 0;
+        }
+        r = public_key_der(pem, len, &der, &der_len);
+        if (r < 0)
+                return r;
+        if (raw_from_canonical_spki(der, der_len, &raw)) {
+                *ret = raw;
+                return 0;
+        }
+        /* Another encoding of a supported key (a compressed point): rare, so the full load. */
+        r = key_from_spki(der, der_len, &k, NULL);
+        if (r < 0)
+                return r;
+        return verify_key_to_raw(k, ret);
 }
 
 static int x509_from_der(const unsigned char *der, size_t len, X509 **ret) {
@@ -463,10 +617,8 @@ static int b64url_json(const uint8_t *buf, size_t len, json_t **ret) {
         return 0;
 }
 
-int verify_key_to_jwk(const struct verify_key *k, json_t **ret) {
-        _cleanup_(json_decrefp) json_t *jwk = NULL, *x = NULL, *y = NULL;
-        uint8_t buf[ED25519_KEY_LEN];
-        int r;
+int verify_key_to_raw(const struct verify_key *k, struct verify_raw *ret) {
+        struct verify_raw raw = { .alg = FRAME_ALG_ES256 };
 
         if (!k || !ret)
                 return -EINVAL;
@@ -474,35 +626,61 @@ int verify_key_to_jwk(const struct verify_key *k, json_t **ret) {
         case FRAME_ALG_ES256: {
                 _cleanup_(BN_freep) BIGNUM *bx = NULL, *by = NULL;
 
-                /* RFC 7518 6.2.1.2/6.2.1.3: x and y, each the full 32 octets, leading zeros kept. */
+                /* SEC 1 2.3.3: 0x04 || x || y, each coordinate the full 32 octets. */
                 if (EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_X, &bx) != 1 ||
                     EVP_PKEY_get_bn_param(k->pkey, OSSL_PKEY_PARAM_EC_PUB_Y, &by) != 1)
                         return openssl_errno(-EIO);
-                if (BN_bn2binpad(bx, buf, P256_COORD_LEN) != P256_COORD_LEN)
+                raw.bytes[0] = 0x04;
+                if (BN_bn2binpad(bx, raw.bytes + 1, P256_COORD_LEN) != P256_COORD_LEN ||
+                    BN_bn2binpad(by, raw.bytes + 1 + P256_COORD_LEN, P256_COORD_LEN) != P256_COORD_LEN)
                         return openssl_errno(-EIO);
-                r = b64url_json(buf, P256_COORD_LEN, &x);
+                raw.len = 1 + 2 * P256_COORD_LEN;
+                break;
+        }
+        case FRAME_ALG_EDDSA: {
+                size_t n = ED25519_KEY_LEN;
+
+                if (EVP_PKEY_get_raw_public_key(k->pkey, raw.bytes, &n) != 1 || n != ED25519_KEY_LEN)
+                        return openssl_errno(-EIO);
+                raw.alg = FRAME_ALG_EDDSA;
+                raw.len = ED25519_KEY_LEN;
+                break;
+        }
+        default:
+                return -EINVAL;
+        }
+        *ret = raw;
+        return 0;
+}
+
+int verify_raw_to_jwk(const struct verify_raw *raw, json_t **ret) {
+        _cleanup_(json_decrefp) json_t *jwk = NULL, *x = NULL, *y = NULL;
+        int r;
+
+        if (!raw || !ret)
+                return -EINVAL;
+        switch (raw->alg) {
+        case FRAME_ALG_ES256:
+                /* RFC 7518 6.2.1.2/6.2.1.3: x and y, each the full 32 octets, leading zeros kept. */
+                if (raw->len != 1 + 2 * P256_COORD_LEN || raw->bytes[0] != 0x04)
+                        return -EINVAL;
+                r = b64url_json(raw->bytes + 1, P256_COORD_LEN, &x);
                 if (r < 0)
                         return r;
-                if (BN_bn2binpad(by, buf, P256_COORD_LEN) != P256_COORD_LEN)
-                        return openssl_errno(-EIO);
-                r = b64url_json(buf, P256_COORD_LEN, &y);
+                r = b64url_json(raw->bytes + 1 + P256_COORD_LEN, P256_COORD_LEN, &y);
                 if (r < 0)
                         return r;
                 jwk = json_pack("{s:s,s:s,s:O,s:O}", "kty", "EC", "crv", "P-256", "x", x, "y", y);
                 break;
-        }
-        case FRAME_ALG_EDDSA: {
-                size_t n = sizeof buf;
-
+        case FRAME_ALG_EDDSA:
                 /* RFC 8037 2: kty OKP, crv Ed25519, x the 32-octet public key. */
-                if (EVP_PKEY_get_raw_public_key(k->pkey, buf, &n) != 1 || n != ED25519_KEY_LEN)
-                        return openssl_errno(-EIO);
-                r = b64url_json(buf, n, &x);
+                if (raw->len != ED25519_KEY_LEN)
+                        return -EINVAL;
+                r = b64url_json(raw->bytes, ED25519_KEY_LEN, &x);
                 if (r < 0)
                         return r;
                 jwk = json_pack("{s:s,s:s,s:O}", "kty", "OKP", "crv", "Ed25519", "x", x);
                 break;
-        }
         default:
                 return -EINVAL;
         }
@@ -510,6 +688,18 @@ int verify_key_to_jwk(const struct verify_key *k, json_t **ret) {
                 return -ENOMEM;
         *ret = TAKE_PTR(jwk);
         return 0;
+}
+
+int verify_key_to_jwk(const struct verify_key *k, json_t **ret) {
+        struct verify_raw raw;
+        int r;
+
+        if (!k || !ret)
+                return -EINVAL;
+        r = verify_key_to_raw(k, &raw);
+        if (r < 0)
+                return r;
+        return verify_raw_to_jwk(&raw, ret);
 }
 
 /* RFC 7518 3.4 carries R and S as 32 big-endian octets each; OpenSSL verifies the DER

@@ -350,9 +350,13 @@ function targetsTable(results) {
   const priv200 = (m) => (m.relay?.rss_after_enrol ? Math.max(m.relay.rss_after_enrol.privateKiB, m.relay.rss_after_load?.privateKiB ?? 0) : null);
   row(`private memory (smaps Private_*) with ${RELAY_BULBS} bulbs, MiB`, `<= ${TARGET.private200MiB}`,
     (m) => MiBs(priv200(m)), (m) => (priv200(m) === null ? null : priv200(m) / 1024 <= TARGET.private200MiB));
-  const priv5k = (m) => (m.relay?.rss_after_big_enrol ? Math.max(m.relay.rss_after_big_enrol.privateKiB, m.relay.rss_after_big_load?.privateKiB ?? 0) : null);
-  row(`private memory (smaps Private_*) with ${RELAY_BIG_BULBS} bulbs, MiB`, `<= ${TARGET.private5000MiB}`,
-    (m) => MiBs(priv5k(m)), (m) => (priv5k(m) === null ? null : priv5k(m) / 1024 <= TARGET.private5000MiB));
+  // Enrolled and after a frame pass, each read 6 s after the burst (the daemon's heap trim has
+  // run, relay.mjs); in brackets the larger reading taken right after the burst.
+  const priv5kNow = (m) => (m.relay?.rss_after_big_enrol ? Math.max(m.relay.rss_after_big_enrol.privateKiB, m.relay.rss_after_big_load?.privateKiB ?? 0) : null);
+  const priv5k = (m) => (m.relay?.rss_after_big_enrol_settled ? Math.max(m.relay.rss_after_big_enrol_settled.privateKiB, m.relay.rss_after_big_load_settled?.privateKiB ?? 0) : priv5kNow(m));
+  row(`private memory (smaps Private_*) with ${RELAY_BIG_BULBS} bulbs, MiB (right after the burst)`, `<= ${TARGET.private5000MiB}`,
+    (m) => (priv5k(m) === null ? '-' : `${MiBs(priv5k(m))} (${MiBs(priv5kNow(m))})`),
+    (m) => (priv5k(m) === null ? null : priv5k(m) / 1024 <= TARGET.private5000MiB));
   // VmHWM before the big-batch run and the 5,000-bulb step: the peak with 200 bulbs.
   const hwm = (m) => m.relay?.rss_after_load?.hwmKiB ?? null;
   row(`peak RSS (VmHWM) with ${RELAY_BULBS} bulbs, MiB`, `<= ${TARGET.rss200MiB}`,

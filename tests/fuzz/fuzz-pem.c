@@ -3,6 +3,9 @@
  * the user (or a script fed by a manufacturer's file) passes as the bulb's key or certificate.
  * Every input goes through
  *   - verify_key_from_pem(): one PUBLIC KEY block, P-256 or Ed25519, nothing else;
+ *   - verify_raw_from_pem(), the registry's start-up reading of the same text (the database's
+ *     copy of what enrolment accepted): it must agree with verify_key_from_pem() once
+ *     verify_key_from_raw() has run the checks it leaves out;
  *   - certs_from_pem() and cert_device_id(): the certificate blocks and the subject's CN, checked
  *     directly so that certificates which do not chain to our CA are parsed all the same;
  *   - verify_key_from_cert() against a CA of our own (written to a temporary file at start): the
@@ -119,6 +122,42 @@ static void check_public_key(const char *pem, size_t size) {
         verify_key_free(k);
 }
 
+/* The compact form agrees with the full load: accepted by both (then the same key), or refused
+ * by the full load and then by verify_raw_from_pem() or verify_key_from_raw(). */
+static void check_raw(const char *pem, size_t size) {
+        struct verify_key *k = NULL, *kr = (struct verify_key *) 0x1;
+        struct verify_raw raw, raw2, untouched;
+        json_t *j1 = NULL, *j2 = NULL;
+        int r_full, r, r_key;
+
+        memset(&untouched, 0x5a, sizeof untouched);
+        raw = untouched;
+        r_full = verify_key_from_pem(pem, size, &k, NULL);
+        r = verify_raw_from_pem(pem, size, &raw);
+        CHECK(r == 0 || r == -EINVAL || r == -EOPNOTSUPP);
+        if (r < 0) {
+                CHECK(memcmp(&raw, &untouched, sizeof raw) == 0);
+                CHECK(r_full == r);
+                return;
+        }
+        CHECK((raw.alg == FRAME_ALG_ES256 && raw.len == 65 && raw.bytes[0] == 0x04) ||
+              (raw.alg == FRAME_ALG_EDDSA && raw.len == 32));
+        CHECK(verify_raw_to_jwk(&raw, &j1) == 0);
+        r_key = verify_key_from_raw(&raw, &kr);
+        CHECK(r_key == 0 || r_key == -EINVAL);
+        CHECK((r_full == 0) == (r_key == 0));
+        if (r_key == 0) {
+                CHECK(verify_key_to_raw(k, &raw2) == 0);
+                CHECK(raw2.alg == raw.alg && raw2.len == raw.len && memcmp(raw2.bytes, raw.bytes, raw.len) == 0);
+                CHECK(verify_key_to_jwk(k, &j2) == 0 && json_equal(j1, j2));
+                verify_key_free(kr);
+        } else
+                CHECK(kr == (struct verify_key *) 0x1);
+        json_decref(j1);
+        json_decref(j2);
+        verify_key_free(k);
+}
+
 static void check_certificate(const char *pem, size_t size) {
         _cleanup_(X509_freep) X509 *leaf = NULL;
         STACK_OF(X509) *chain = NULL;
@@ -158,6 +197,7 @@ static void check_certificate(const char *pem, size_t size) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         check_public_key((const char *) data, size);
+        check_raw((const char *) data, size);
         check_certificate((const char *) data, size);
         return 0;
 }

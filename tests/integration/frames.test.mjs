@@ -231,6 +231,27 @@ test('a replay after a restart is refused when its seq is only in the spool, not
   await expectAccepted(ed.id, await ed.frame());
 });
 
+// Issue 13: registry_open() reads the stored keys without curve arithmetic (before READY=1); a
+// key damaged behind the daemon's back is found by the bulb's first frame after the start.
+test('a stored key that no longer loads refuses that bulb\'s frames, logged apart; others go on; re-enrolment mends it', async () => {
+  const b = await Bulb.create('bulb-damaged', 'ES256');
+  await enrol(hub, b);
+  await expectAccepted(b.id, await b.frame());
+  const der = crypto.createPublicKey(b.pem).export({ type: 'spki', format: 'der' });
+  der[der.length - 1] ^= 1; // y changes: the point leaves the curve
+  const pem = `-----BEGIN PUBLIC KEY-----\n${der.toString('base64').match(/.{1,64}/g).join('\n')}\n-----END PUBLIC KEY-----\n`;
+  await promisify(execFile)('sqlite3', [path.join(hub.stateDir, 'iothub.db'),
+    `UPDATE bulbs SET pubkey_pem = '${pem}' WHERE id = '${b.id}'`]);
+  await hub.restart();
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+  await expectRejected(b.id, await b.frame(), 'bad_signature');
+  await waitFor(() => /Enrolled key of bulb-damaged in the database does not load/.test(hub.log), 2000, 'log line');
+  await expectAccepted(es.id, await es.frame());
+  assert.equal((await hub.ctl(['bulb', 'remove', b.id])).code, 0);
+  await enrol(hub, b);
+  await expectAccepted(b.id, await b.frame());
+});
+
 test('rejections are logged with the device and reason, never with the payload', async () => {
   const secretish = 'PAYLOAD-MARKER-' + crypto.randomBytes(8).toString('hex');
   await expectRejected(stranger.id, await stranger.frame({ ack: { id: 'c9', ok: true, err: secretish } }), 'unknown_device');

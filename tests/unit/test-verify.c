@@ -533,6 +533,148 @@ static void test_pem_round_trip(void **state) {
         EVP_PKEY_free(c);
 }
 
+/* The compact form the registry keeps (struct verify_raw): read from the PEM without building a
+ * key, built into a key with every check, and the same JWK either way. */
+static void check_raw_of(EVP_PKEY *pk, EVP_PKEY *signer, enum frame_alg want_alg) {
+        _cleanup_free_ char *pem = pem_of(pk);
+        struct verify_raw raw, raw2;
+        struct verify_key *vk = NULL, *full = NULL;
+        json_t *j1 = NULL, *j2 = NULL;
+        uint8_t want[65], sig[72];
+        size_t n = sizeof want;
+
+        memset(&raw, 0xa5, sizeof raw);
+        assert_int_equal(verify_raw_from_pem(pem, strlen(pem), &raw), 0);
+        assert_int_equal(raw.alg, want_alg);
+        if (want_alg == FRAME_ALG_ES256) {
+                /* Always the uncompressed point, whatever the PEM carried. */
+                assert_int_equal(EVP_PKEY_get_octet_string_param(signer, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+                                                                 want, sizeof want, &n),
+                                 1);
+                assert_int_equal(n, 65);
+        } else
+                assert_int_equal(EVP_PKEY_get_raw_public_key(signer, want, &n), 1);
+        assert_int_equal(raw.len, n);
+        assert_memory_equal(raw.bytes, want, n);
+
+        assert_int_equal(verify_key_from_raw(&raw, &vk), 0);
+        (void) sign(signer, MSG, MSG_LEN, sig, NULL, NULL);
+        assert_int_equal(verify_signature(vk, want_alg, MSG, MSG_LEN, sig, 64), 0);
+        sig[5] ^= 1;
+        assert_int_equal(verify_signature(vk, want_alg, MSG, MSG_LEN, sig, 64), -EBADMSG);
+        assert_int_equal(verify_key_to_raw(vk, &raw2), 0);
+        assert_int_equal(raw2.alg, raw.alg);
+        assert_int_equal(raw2.len, raw.len);
+        assert_memory_equal(raw2.bytes, raw.bytes, raw.len);
+
+        full = load(pk, NULL);
+        assert_int_equal(verify_raw_to_jwk(&raw, &j1), 0);
+        assert_int_equal(verify_key_to_jwk(full, &j2), 0);
+        assert_true(json_equal(j1, j2));
+        json_decref(j1);
+        json_decref(j2);
+        verify_key_free(full);
+        verify_key_free(vk);
+}
+
+static char *pem_of_der(const uint8_t *der, size_t n) {
+        BIO *b = BIO_new(BIO_s_mem());
+        char *data, *s;
+        long len;
+
+        assert_true(PEM_write_bio(b, "PUBLIC KEY", "", der, (long) n) > 0);
+        len = BIO_get_mem_data(b, &data);
+        s = strndup(data, (size_t) len);
+        assert_non_null(s);
+        BIO_free(b);
+        return s;
+}
+
+static void test_raw(void **state) {
+        EVP_PKEY *c = EVP_PKEY_dup(T.p256);
+        struct verify_raw raw, bad;
+        struct verify_key *vk = NULL;
+        json_t *j = NULL;
+
+        check_raw_of(T.p256, T.p256, FRAME_ALG_ES256);
+        check_raw_of(T.ed25519, T.ed25519, FRAME_ALG_EDDSA);
+        /* A compressed point takes the full load and gives the same compact form. */
+        assert_int_equal(
+                EVP_PKEY_set_utf8_string_param(c, OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT, "compressed"),
+                1);
+        check_raw_of(c, T.p256, FRAME_ALG_ES256);
+        EVP_PKEY_free(c);
+
+        /* The text OpenSSL writes is decoded without a BIO; any other layout of the same key
+         * (white space, CRLF, one long line, no final LF) takes pem_next() to the same bytes. */
+        _cleanup_free_ char *canon = pem_of(T.p256);
+        struct verify_raw want;
+        assert_int_equal(verify_raw_from_pem(canon, strlen(canon), &want), 0);
+        const char *body = canon + strlen("-----BEGIN PUBLIC KEY-----\n");
+        const char *nl = strchr(body, '\n');
+        const char *end = strstr(canon, "-----END");
+        char variants[6][400];
+        (void) snprintf(variants[0], 400, "  \n%s\n\n", canon);
+        (void) snprintf(variants[1], 400, "%.*s", (int) (strlen(canon) - 1), canon);
+        (void) snprintf(variants[2], 400, "-----BEGIN PUBLIC KEY-----\r\n%.*s\r\n%.*s\r\n-----END PUBLIC KEY-----\r\n",
+                        (int) (nl - body), body, (int) (end - nl - 2), nl + 1);
+        (void) snprintf(variants[3], 400, "-----BEGIN PUBLIC KEY-----\n%.*s%.*s\n-----END PUBLIC KEY-----\n",
+                        (int) (nl - body), body, (int) (end - nl - 2), nl + 1);
+        (void) snprintf(variants[4], 400, "%s", canon);
+        variants[4][40] = '*'; /* not base64: refused by both paths */
+        (void) snprintf(variants[5], 400, "%s", canon);
+        variants[5][strlen(canon) - 3] = 'x'; /* the END line damaged: refused */
+        for (size_t i = 0; i < 4; i++) {
+                memset(&raw, 0, sizeof raw);
+                assert_int_equal(verify_raw_from_pem(variants[i], strlen(variants[i]), &raw), 0);
+                assert_int_equal(raw.alg, want.alg);
+                assert_int_equal(raw.len, want.len);
+                assert_memory_equal(raw.bytes, want.bytes, want.len);
+        }
+        assert_int_equal(verify_raw_from_pem(variants[4], strlen(variants[4]), &raw), -EINVAL);
+        assert_int_equal(verify_raw_from_pem(variants[5], strlen(variants[5]), &raw), -EINVAL);
+
+        /* What the encoding alone cannot tell is found when the key is built. A point off the
+         * curve: */
+        unsigned char *der = NULL;
+        int n = i2d_PUBKEY(T.p256, &der);
+        assert_int_equal(n, 91);
+        der[90] ^= 0x01;
+        _cleanup_free_ char *off = pem_of_der(der, (size_t) n);
+        OPENSSL_free(der);
+        assert_int_equal(verify_raw_from_pem(off, strlen(off), &raw), 0);
+        assert_int_equal(verify_key_from_raw(&raw, &vk), -EINVAL);
+        assert_null(vk);
+        /* An Ed25519 key of small order (the identity): */
+        static const uint8_t ed_identity[] = { 0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03,
+                                               0x21, 0x00, 0x01, [43] = 0 };
+        _cleanup_free_ char *small = pem_of_der(ed_identity, sizeof ed_identity);
+        assert_int_equal(verify_raw_from_pem(small, strlen(small), &raw), 0);
+        assert_int_equal(raw.alg, FRAME_ALG_EDDSA);
+        assert_int_equal(verify_key_from_raw(&raw, &vk), -EINVAL);
+        assert_null(vk);
+
+        /* Refused outright, *ret untouched. */
+        _cleanup_free_ char *rsa = pem_of(T.rsa), *p384 = pem_of(T.p384);
+        memset(&bad, 0x5a, sizeof bad);
+        raw = bad;
+        assert_int_equal(verify_raw_from_pem(rsa, strlen(rsa), &raw), -EOPNOTSUPP);
+        assert_int_equal(verify_raw_from_pem(p384, strlen(p384), &raw), -EOPNOTSUPP);
+        assert_int_equal(verify_raw_from_pem("junk", 4, &raw), -EINVAL);
+        assert_memory_equal(&raw, &bad, sizeof raw);
+        /* A compact form that is not one. */
+        raw = (struct verify_raw) { .alg = FRAME_ALG_ES256, .len = 32 };
+        assert_int_equal(verify_key_from_raw(&raw, &vk), -EINVAL);
+        assert_int_equal(verify_raw_to_jwk(&raw, &j), -EINVAL);
+        raw = (struct verify_raw) { .alg = FRAME_ALG_EDDSA, .len = 65 };
+        assert_int_equal(verify_key_from_raw(&raw, &vk), -EINVAL);
+        assert_int_equal(verify_raw_to_jwk(&raw, &j), -EINVAL);
+        raw = (struct verify_raw) { .alg = FRAME_ALG_ES256, .len = 65, .bytes = { 0x02 } };
+        assert_int_equal(verify_key_from_raw(&raw, &vk), -EINVAL);
+        assert_null(vk);
+        assert_null(j);
+}
+
 /* Certificates. */
 
 static X509 *make_cert(EVP_PKEY *key, const char *cn, X509 *issuer, EVP_PKEY *issuer_key, long from_days,
@@ -801,6 +943,7 @@ int main(void) {
                 cmocka_unit_test(test_signatures),       cmocka_unit_test(test_es256_out_of_range),
                 cmocka_unit_test(test_es256_der_shapes), cmocka_unit_test(test_jwk),
                 cmocka_unit_test(test_pem_round_trip),   cmocka_unit_test(test_certs),
+                cmocka_unit_test(test_raw),
         };
 
         return cmocka_run_group_tests(tests, setup, teardown);
