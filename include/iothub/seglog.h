@@ -92,3 +92,70 @@ struct seglog_scan_result {
 int seglog_scan(const uint8_t *buf, size_t len,
                 int (*cb)(const struct seglog_record *r, size_t off, size_t size, void *userdata),
                 void *userdata, struct seglog_scan_result *ret);
+
+/* The segment files: <state_dir>/spool/ (0700, created here), one file per segment named
+ * seg-<first id, 16 hex digits>.log (0600), appended only, the newest one written. Not
+ * thread-safe; no logging (the caller logs what seglog_open() found). */
+struct seglog;
+
+/* What seglog_open() found. */
+struct seglog_found {
+        uint64_t segments;
+        uint64_t damaged;       /* damaged regions skipped (in any segment) or damaged tails of older ones */
+        uint64_t damaged_bytes;
+        uint64_t torn_bytes;    /* cut off the newest segment: an append a crash interrupted */
+};
+
+/* Opens (creating) the directory and reads every segment: the newest one's torn tail is cut off;
+ * damage elsewhere is skipped and counted in ret_found. seq_cb, if given, is called with each
+ * frame whose id is above seqs_mark (the frames whose bulbs' seqs bulb_seqs may not hold yet).
+ * segment_bytes: a segment is closed once it holds this much (a record never spans two).
+ * Returns 0, or a negative errno with a message in ret_error. */
+int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
+                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata, struct seglog **ret,
+                struct seglog_found *ret_found, char **ret_error);
+void seglog_close(struct seglog *l);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct seglog *, seglog_close);
+
+/* Frames waiting (above the upload cursor) and their JWS bytes. */
+void seglog_counts(const struct seglog *l, uint64_t *ret_pending, uint64_t *ret_bytes);
+/* The largest frame id in the log (0: none ever), so that ids keep growing across restarts. */
+int64_t seglog_last_id(const struct seglog *l);
+
+/* Appends n frames (ids above seglog_last_id(), increasing) with one write(), opening a new
+ * segment first when the current one is full. Not durable until seglog_sync(). On failure
+ * nothing of them stays in the file. Returns 0 or a negative errno. */
+int seglog_append(struct seglog *l, const struct seglog_record *frames, size_t n);
+
+/* Takes back the last seglog_append() (the caller's transaction for the same commit failed):
+ * the file is cut back to where it was. Returns 0 or a negative errno. */
+int seglog_undo_append(struct seglog *l);
+
+/* fdatasync() of every segment written since the last call, and of the directory when a segment
+ * was created since. Returns 0 or a negative errno (then nothing is known to be durable). */
+int seglog_sync(struct seglog *l);
+
+/* Calls cb for the oldest frames waiting, at most max, oldest first; jws points into a buffer
+ * valid during the call. Returns the number of frames or a negative errno (cb's included). */
+int seglog_read_batch(struct seglog *l, unsigned max, int (*cb)(const struct seglog_record *r, void *userdata),
+                      void *userdata);
+
+/* Every frame up to last_id has left the spool (uploaded or moved aside): moves the cursor, and
+ * appends a cursor record so that a restart does not send them again. Returns 0 and the frames
+ * and bytes that left, or a negative errno. */
+int seglog_consume(struct seglog *l, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* Drops the oldest segment's waiting frames ([spool] max_bytes): the cursor moves past them.
+ * -ENOENT when only the segment being written is left (the caller closes it first with
+ * seglog_roll()). Returns 0 and the frames and bytes dropped, or a negative errno. */
+int seglog_drop_oldest(struct seglog *l, uint64_t *ret_count, uint64_t *ret_bytes);
+
+/* Closes the segment being written (the next append opens a new one). */
+void seglog_roll(struct seglog *l);
+
+/* The oldest segment that no frame waits in any more (not the one being written): calls cb with
+ * each bulb's newest seq in it, so that the caller stores them (bulb_seqs) before
+ * seglog_retire() unlinks it. Returns 1 when there is one, 0 when none, or a negative errno. */
+int seglog_retirable(struct seglog *l, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
+/* Unlinks the segment seglog_retirable() reported. Returns 0 or a negative errno. */
+int seglog_retire(struct seglog *l);
