@@ -70,6 +70,8 @@ const ALLOWED = {
   hubkey: ['frame', 'conf'],
   registry: ['db', 'verify', 'frame'],
   spool: ['db', 'frame'],
+  // The spool's segment files (issue 13): below spool, on nothing but the frame's limits.
+  seglog: ['frame'],
   db: [],
   verify: ['frame'],
   frame: [],
