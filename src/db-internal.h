@@ -6,6 +6,7 @@
 #include <sqlite3.h>
 
 #include "iothub/db.h"
+#include "iothub/seglog.h"
 
 enum db_stmt {
         DB_STMT_BEGIN,
@@ -19,6 +20,7 @@ enum db_stmt {
         DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length, dev, seq of each */
         DB_STMT_SPOOL_OLDEST,      /* -> id, received_at_usec */
         DB_STMT_SPOOL_MOVE_ASIDE,  /* ?1 first, ?2 last, ?3 moved_at, ?4 status, ?5 reason */
+        DB_STMT_MOVED_ASIDE_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 moved_at, ?6 status, ?7 reason */
         DB_STMT_MOVED_ASIDE_COUNT,
         DB_STMT_META_GET, /* ?1 key -> value */
         DB_STMT_META_SET, /* ?1 key, ?2 value */
@@ -52,3 +54,21 @@ static inline void db_stmt_resetp(sqlite3_stmt **s) {
 #define _cleanup_db_stmt_reset_ _cleanup_(db_stmt_resetp)
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(sqlite3_stmt *, sqlite3_finalize);
+
+/* The spool's state kept with the connection (spool.c's): the segment log, and the segment whose
+ * bulbs' seqs were stored and that waits for that commit's sync before it is unlinked. */
+struct db_spool {
+        struct seglog *log;
+        struct db_sync_wait *retire_wait;
+        struct seglog_found found; /* what the log's start found, for hub.c to say (spool_found()) */
+};
+struct db_spool *db_spool(struct db *db);
+
+/* spool.c, called by db_open(): opens the segment log under the state directory and moves the
+ * frames of the SQLite spool table (schema 5 and before) into it once. */
+int spool_open_log(struct db *db, const char *state_dir, char **ret_error);
+/* spool.c, called by db_close() and db_restore_file(): closes it. */
+void spool_close_log(struct db *db);
+
+/* Raises the spool's id counter to at least id (the segment log's last id at open). */
+void db_spool_raise_id(struct db *db, int64_t id);

@@ -149,16 +149,16 @@ static void reject(struct ingest *in, struct bulb *b, const char *dev, enum fram
                           "Rejected frame from %s: %s", dev, frame_reason_to_string(reason));
 }
 
-/* [spool] max_bytes: the spool never grows past the cap. To make room the oldest frames go
- * (a light's newest state is worth more than its oldest), counted in spool.dropped and
- * logged; a frame still in an upload batch may go too, which only means that the cloud's
- * answer deletes fewer rows. */
+/* [spool] max_bytes: the spool never grows past the cap. To make room the oldest frames go, a
+ * segment at a time (a light's newest state is worth more than its oldest), counted in
+ * spool.dropped and logged; a frame still in an upload batch may go too, which only means that
+ * the cloud's answer removes fewer. Before the commit's transaction, not in it (spool.c). */
 static int make_room(struct ingest *in) {
         uint64_t max = in->conf->spool.max_bytes, count = 0, bytes = 0;
         int r;
 
         while (in->spool->bytes + in->batch.bytes > max && in->spool->pending > 0) {
-                r = spool_drop_oldest(in->db, 16, &count, &bytes);
+                r = spool_drop_oldest(in->db, 1, &count, &bytes);
                 if (r < 0)
                         return r;
                 if (count == 0)
@@ -227,7 +227,7 @@ static void store_failed(struct ingest *in, int r, unsigned n) {
                 return;
         in->store_errno = r;
         log_event(LOG_ERR, r, IOTHUB_MID_STORE_FAILED, NULL, ingest_store_reason(r),
-                  "Cannot store frames in %s/iothub.db: %m (%s); they are not acknowledged, bulbs resend them",
+                  "Cannot store frames in %s (spool/, iothub.db): %m (%s); they are not acknowledged, bulbs resend them",
                   in->conf->hub.state_dir, db_errmsg(in->db));
         storage_changed(in);
 }
@@ -477,27 +477,31 @@ static int batch_store_seqs(struct ingest *in) {
         return spool_seqs_mark(in->db);
 }
 
-/* The batch's statements, inside the transaction: room at [spool] max_bytes, the frames in the
- * order they came, the command acks. The bulbs' seqs are not written at every commit: the
- * spool's rows are their record (dev, seq) until the frames leave it, every path that removes
- * frames from the spool moves bulb_seqs forward in the same transaction (spool.c), and every
- * INGEST_SEQS_INTERVAL_USEC a commit writes them all with a mark, so that at start
- * ingest_new() reads only the spool after the mark. Writing bulb_seqs at every commit cost a
- * 4 KiB WAL frame per page of bulbs in the commit (measured with BENCH_WEAR_TRACE, tests/bench:
- * 1327 -> 1112 WAL bytes per frame with 1,000 bulbs at 500 frames/s; it grows with the bulbs). */
-static int batch_write(struct ingest *in, bool store_seqs) {
+/* The batch's frames, in the order they came, appended to the spool's segment log with one
+ * write (spool.c; issue 13: each byte written once, not a WAL frame and a checkpoint per page).
+ * The bulbs' seqs are not written at every commit: the segments are their record (dev, seq)
+ * until the frames leave, a segment is unlinked only once its bulbs' seqs are in bulb_seqs
+ * (spool.c), and every INGEST_SEQS_INTERVAL_USEC a commit writes them all with a mark, so that at
+ * start ingest_new() reads only the frames after the mark. */
+static int batch_append(struct ingest *in) {
+        _cleanup_free_ struct spool_frame *f = calloc(in->batch.count ?: 1, sizeof *f);
+
+        if (!f)
+                return -ENOMEM;
+        for (unsigned i = 0; i < in->batch.count; i++) {
+                const struct ingest_frame *h = &in->batch.frames[i];
+
+                f[i] = (struct spool_frame){ .dev = h->bulb->id, .seq = h->seq, .jws = in->batch.buf + h->off,
+                                             .len = h->len, .received_at_usec = h->received_at_usec };
+        }
+        return spool_append_frames(in->db, f, in->batch.count);
+}
+
+/* The rows of the same commit in SQLite, in one transaction: the command acks, and every
+ * INGEST_SEQS_INTERVAL_USEC the seqs with their mark. */
+static int batch_write_rows(struct ingest *in, bool store_seqs) {
         int r;
 
-        r = make_room(in);
-        if (r < 0)
-                return r;
-        for (unsigned i = 0; i < in->batch.count; i++) {
-                const struct ingest_frame *f = &in->batch.frames[i];
-
-                r = spool_append(in->db, f->bulb->id, f->seq, in->batch.buf + f->off, f->len, f->received_at_usec);
-                if (r < 0)
-                        return r;
-        }
         for (size_t i = 0; i < in->batch.n_acks; i++) {
                 const struct ingest_ack *a = &in->batch.acks[i];
 
@@ -522,19 +526,30 @@ int ingest_commit(struct ingest *in) {
                 batch_abort(in, false);
                 return in->sync_errno;
         }
-        r = db_begin(in->db);
+        r = make_room(in);
+        if (r >= 0)
+                r = batch_append(in);
         if (r < 0) {
                 store_failed(in, r, in->batch.count);
                 batch_abort(in, false);
                 return r;
         }
         store_seqs = in->seqs_stored_usec == 0 || now - in->seqs_stored_usec >= INGEST_SEQS_INTERVAL_USEC;
-        r = batch_write(in, store_seqs);
+        if (in->batch.n_acks > 0 || store_seqs) {
+                r = db_begin(in->db);
+                if (r >= 0)
+                        r = batch_write_rows(in, store_seqs);
+                if (r >= 0)
+                        r = db_commit(in->db);
+        }
+        /* The segment (and the rows) to disk: the frames count once the sync of this commit
+         * generation is reported (on_synced()); without the sync thread, now. */
         if (r >= 0)
-                r = db_commit(in->db);
+                r = db_sync_request(in->db);
         if (r < 0) {
                 /* Whatever failed, nothing of the batch is kept. */
                 store_failed(in, r, in->batch.count);
+                (void) spool_undo_append(in->db);
                 batch_abort(in, true);
                 return r;
         }
@@ -628,6 +643,7 @@ int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struc
         in->spool = spool;
         if (ev)
                 in->ev = *ev;
+        spool_set_max_bytes(db, conf->spool.max_bytes);
         r = spool_max_seqs(db, take_spool_seq, in);
         if (r < 0) {
                 ingest_free(in);

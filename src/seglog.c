@@ -1025,3 +1025,82 @@ int seglog_retire(struct seglog *l) {
                 l->rd_off = 0;
         return 0;
 }
+
+int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
+        size_t n = 0, need = l->dir_dirty ? 1 : 0;
+
+        for (size_t i = 0; i < l->n; i++)
+                need += l->segs[i].fd >= 0 && l->segs[i].dirty;
+        if (need > max)
+                return -ENOBUFS;
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+
+                if (g->fd < 0 || !g->dirty)
+                        continue;
+                fds[n] = fcntl(g->fd, F_DUPFD_CLOEXEC, 3);
+                if (fds[n] < 0)
+                        goto fail;
+                n++;
+        }
+        if (l->dir_dirty) {
+                fds[n] = fcntl(l->dir_fd, F_DUPFD_CLOEXEC, 3);
+                if (fds[n] < 0)
+                        goto fail;
+                n++;
+        }
+        /* Handed over: the copies are synced by the caller; a closed segment's own descriptor is
+         * not needed any more. */
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+                bool current = l->writing && i + 1 == l->n;
+
+                if (g->fd < 0 || !g->dirty)
+                        continue;
+                g->dirty = false;
+                if (!current) {
+                        (void) close(g->fd);
+                        g->fd = -1;
+                }
+        }
+        l->dir_dirty = false;
+        *ret_n = n;
+        return 0;
+fail: {
+        int r = -errno;
+        while (n > 0)
+                (void) close(fds[--n]);
+        return r;
+}
+}
+
+struct after_ctx {
+        int64_t after;
+        int (*cb)(const char *dev, int64_t seq, void *userdata);
+        void *userdata;
+};
+
+static int after_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct after_ctx *c = userdata;
+
+        if (r->type != SEGLOG_FRAME || r->id <= c->after)
+                return 0;
+        return c->cb(r->dev, r->seq, c->userdata);
+}
+
+int seglog_frames_after(struct seglog *l, int64_t after, int (*cb)(const char *dev, int64_t seq, void *userdata),
+                        void *userdata) {
+        struct after_ctx c = { .after = after, .cb = cb, .userdata = userdata };
+        size_t i;
+
+        if (!cb)
+                return -EINVAL;
+        for (i = 0; i < l->n && (l->segs[i].frames == 0 || l->segs[i].last_id <= after); i++)
+                ;
+        return i < l->n ? walk(l, i, 0, SIZE_MAX, after_one, &c) : 0;
+}
+
+void seglog_set_segment_bytes(struct seglog *l, size_t segment_bytes) {
+        if (segment_bytes > 0 && segment_bytes <= SEGMENT_FILE_MAX - SEGLOG_RECORD_MAX)
+                l->segment_bytes = segment_bytes;
+}

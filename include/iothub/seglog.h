@@ -159,3 +159,19 @@ void seglog_roll(struct seglog *l);
 int seglog_retirable(struct seglog *l, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
 /* Unlinks the segment seglog_retirable() reported. Returns 0 or a negative errno. */
 int seglog_retire(struct seglog *l);
+
+/* For a sync on another thread: hands over, as new descriptors (dup()) in fds (at most max;
+ * ret_n of them), every segment written since the last hand-over or seglog_sync(), and the
+ * directory when a segment was created since; the caller fdatasyncs them (the directory: fsync)
+ * and closes them. They count as synced for this log from now on. Returns 0, -ENOBUFS when max
+ * is too small (nothing handed over), or a negative errno. */
+int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n);
+
+/* Calls cb with the device and seq of every frame whose id is above after, oldest first (those
+ * frames' bulbs may have seqs that bulb_seqs does not hold yet). Reads only the segments that
+ * have such frames. Returns 0 or a negative errno. */
+int seglog_frames_after(struct seglog *l, int64_t after, int (*cb)(const char *dev, int64_t seq, void *userdata),
+                        void *userdata);
+
+/* The size at which a segment is closed (the next append opens a new one). */
+void seglog_set_segment_bytes(struct seglog *l, size_t segment_bytes);
