@@ -12,14 +12,7 @@ enum db_stmt {
         DB_STMT_BEGIN,
         DB_STMT_COMMIT,
         DB_STMT_ROLLBACK,
-        DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 id */
-        DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
         DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward, only for an enrolled bulb */
-        DB_STMT_SPOOL_BATCH,  /* ?1 limit -> id, length, jws; oldest first */
-        DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length, dev, seq of each deleted frame */
-        DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length, dev, seq of each */
-        DB_STMT_SPOOL_OLDEST,      /* -> id, received_at_usec */
-        DB_STMT_SPOOL_MOVE_ASIDE,  /* ?1 first, ?2 last, ?3 moved_at, ?4 status, ?5 reason */
         DB_STMT_MOVED_ASIDE_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 moved_at, ?6 status, ?7 reason */
         DB_STMT_MOVED_ASIDE_COUNT,
         DB_STMT_META_GET, /* ?1 key -> value */

@@ -190,22 +190,11 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
         [DB_STMT_BEGIN] = "BEGIN IMMEDIATE",
         [DB_STMT_COMMIT] = "COMMIT",
         [DB_STMT_ROLLBACK] = "ROLLBACK",
-        [DB_STMT_SPOOL_INSERT] =
-                "INSERT INTO spool (dev, seq, received_at_usec, jws, id) VALUES (?1, ?2, ?3, ?4, ?5)",
-        [DB_STMT_SPOOL_STATS] = "SELECT COUNT(*), COALESCE(SUM(length(jws)), 0) FROM spool",
         /* Only for an enrolled bulb (the SELECT finds none otherwise: no row, no change), and
          * only forward. */
         [DB_STMT_BULB_SET_SEQ] = "INSERT INTO bulb_seqs (id, last_seq) SELECT id, ?1 FROM bulbs WHERE id = ?2 "
                                  "ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq "
                                  "WHERE last_seq < excluded.last_seq",
-        [DB_STMT_SPOOL_BATCH] = "SELECT id, length(jws), jws FROM spool ORDER BY id LIMIT ?1",
-        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws), dev, seq",
-        [DB_STMT_SPOOL_DROP_OLDEST] =
-                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws), dev, seq",
-        [DB_STMT_SPOOL_OLDEST] = "SELECT id, received_at_usec FROM spool ORDER BY id LIMIT 1",
-        [DB_STMT_SPOOL_MOVE_ASIDE] =
-                "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "
-                "SELECT dev, seq, received_at_usec, jws, ?3, ?4, ?5 FROM spool WHERE id BETWEEN ?1 AND ?2",
         [DB_STMT_MOVED_ASIDE_INSERT] =
                 "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "
                 "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

@@ -47,14 +47,36 @@ async function resendingBulb(id, opts = {}) {
 
 const dbPath = () => path.join(hub.stateDir, 'iothub.db');
 
-// The last seq of a bulb as committed in the daemon's database (a second SQLite connection
-// sees committed transactions only).
-// A bulb's committed seq: bulb_seqs, or its newest frame in the spool, which records it until
-// the frame leaves (spool.c).
+// A bulb's committed seq: bulb_seqs, or its newest frame in the spool's segment files
+// (<state_dir>/spool/, src/seglog.c), which record it until their segment retires (spool.c).
+// Records: u32 magic "SEG1", u32 body length, u32 CRC-32C, then type (1: frame), device id
+// length, 2 zero bytes, u64 id, i64 seq, i64 received_at_usec, device id, JWS. A torn last
+// record (the daemon killed mid-append) ends the walk, as it ends the daemon's own scan.
+async function segmentSeq(id) {
+  const dir = path.join(hub.stateDir, 'spool');
+  let max = 0;
+  for (const name of await fs.readdir(dir).catch(() => [])) {
+    if (!/^seg-[0-9a-f]{16}\.log$/.test(name)) continue;
+    const b = await fs.readFile(path.join(dir, name)).catch(() => Buffer.alloc(0));
+    for (let o = 0; o + 12 <= b.length;) {
+      if (b.readUInt32LE(o) !== 0x31474553) break;
+      const len = b.readUInt32LE(o + 4);
+      if (o + 12 + len > b.length) break;
+      const body = o + 12;
+      if (b[body] === 1) {
+        const dev = b.toString('latin1', body + 28, body + 28 + b[body + 1]);
+        const seq = Number(b.readBigInt64LE(body + 12));
+        if (dev === id && seq > max) max = seq;
+      }
+      o += 12 + len;
+    }
+  }
+  return max;
+}
+
 async function committedSeq(id) {
-  const { stdout } = await run('sqlite3', [dbPath(), `SELECT max(COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0), ` +
-    `COALESCE((SELECT max(seq) FROM spool WHERE dev = '${id}'), 0))`]);
-  return Number(stdout.trim());
+  const { stdout } = await run('sqlite3', [dbPath(), `SELECT COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0)`]);
+  return Math.max(Number(stdout.trim()), await segmentSeq(id));
 }
 
 // Holds SQLite's write lock from another process: the daemon's next write waits its busy
@@ -115,9 +137,13 @@ test('an ack comes only after the commit and carries the highest committed seq',
   assert.equal(st.frames.acks_pending, 0);
 
   // A frame the database refuses (write lock held past the busy timeout) is not acked; its
-  // resend, once the database takes writes again, is accepted as new and acked.
+  // resend, once the database takes writes again, is accepted as new and acked. Frames are
+  // appended to the spool's segments, not to SQLite (issue 13); the first commit after a start
+  // also writes every bulb's seq to SQLite (ingest.c), and that is the commit the lock fails.
+  await hub.restart();
+  await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
   const unlock = await lockDb();
-  const failedBefore = st.frames.store_failed;
+  const failedBefore = (await hub.status()).frames.store_failed; // counters start again with the daemon
   let f;
   try {
     f = await b.send();
