@@ -3,7 +3,7 @@
  * and the scan of a segment that survives damage, pure (no I/O), fuzzed whole
  * (tests/fuzz/fuzz-seglog.c). Then the segment files: a directory of append-only files, the
  * newest one written, the oldest ones unlinked once nothing in them waits; records are read back
- * through windows of WINDOW bytes, so that memory stays small whatever the segment size, and the
+ * through windows of at most WINDOW bytes, so that memory stays small whatever the segment size, and the
  * scan checks every record it passes. */
 #include <dirent.h>
 #include <fcntl.h>
@@ -234,6 +234,9 @@ int seglog_scan(const uint8_t *buf, size_t len,
  * progress (a record cut by the window's end is read again at the start of the next). */
 #define WINDOW (256u * 1024u)
 _Static_assert(WINDOW >= 2 * SEGLOG_RECORD_MAX, "a window must hold two records");
+/* Reads start with a window this small (a batch of ordinary frames, the oldest frame's time),
+ * and take the full one only where no record is complete in it. */
+#define WINDOW_SMALL (32u * 1024u)
 /* The largest segment file read at start: segment_bytes is at most this minus one record. */
 #define SEGMENT_FILE_MAX (64u * 1024u * 1024u)
 
@@ -384,6 +387,7 @@ static int walk_one(const struct seglog_record *r, size_t off, size_t size, void
 
 static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_cb cb, void *userdata) {
         _cleanup_free_ uint8_t *buf = NULL;
+        size_t cap = 0, win = WINDOW_SMALL;
         int r;
 
         for (; s <= last_seg && s < l->n; s++, off = 0) {
@@ -398,16 +402,18 @@ static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_
                         if (fd < 0)
                                 return fd;
                 }
-                if (!buf) {
-                        buf = malloc(WINDOW);
-                        if (!buf)
-                                return -ENOMEM;
-                }
                 while (off < g->size) {
                         struct walk_ctx w = { .cb = cb, .userdata = userdata, .seg = s, .base = off };
                         struct seglog_scan_result res;
-                        size_t want = g->size - off < WINDOW ? (size_t) (g->size - off) : WINDOW, got;
+                        size_t want = g->size - off < win ? (size_t) (g->size - off) : win, got;
 
+                        if (want > cap) {
+                                uint8_t *t = realloc(buf, want);
+                                if (!t)
+                                        return -ENOMEM;
+                                buf = t;
+                                cap = want;
+                        }
                         r = pread_full(fd, buf, want, off, &got);
                         if (r < 0)
                                 return r;
@@ -420,6 +426,12 @@ static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_
                                 return r;
                         if (off + got >= g->size)
                                 break; /* the segment's end: its tail was cut or counted at start */
+                        if (res.good_end == 0 && win < WINDOW) {
+                                /* No record complete in a small window (a large frame, or
+                                 * damage): the same place again through the full one. */
+                                win = WINDOW;
+                                continue;
+                        }
                         /* Next window at the first record not yet complete here; past damage
                          * with no record in this window, by what surely holds no record start
                          * of an intact one that fits. */

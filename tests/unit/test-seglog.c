@@ -516,6 +516,62 @@ static void test_file_undo(void **state) {
         seglog_close(l);
 }
 
+static int check_big(const struct seglog_record *r, void *userdata) {
+        struct collected *c = userdata;
+
+        assert_int_equal(r->len, 60000);
+        for (size_t i = 0; i < r->len; i++)
+                if (r->jws[i] != (uint8_t) ('A' + r->id % 26))
+                        fail_msg("frame %lld byte %zu", (long long) r->id, i);
+        if (c->n < ELEMENTSOF(c->ids))
+                c->ids[c->n] = r->id;
+        c->n++;
+        return 0;
+}
+
+/* Frames larger than the first read window, and damage in the middle of a big segment: read
+ * back whole, in order, the damaged one skipped. */
+static void test_file_big_frames_damage(void **state) {
+        static uint8_t big[60000];
+        struct seglog *l = open_log(4 << 20, 0, NULL, NULL);
+        struct seglog_found f;
+        struct collected c = {};
+        uint64_t pending, count;
+        char path[160];
+        int fd;
+
+        for (int64_t id = 1; id <= 10; id++) {
+                struct seglog_record r = fr(id, "big", id);
+                memset(big, 'A' + (int) (id % 26), sizeof big);
+                r.jws = big;
+                r.len = sizeof big;
+                assert_int_equal(seglog_append(l, &r, 1), 0);
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        fd = open(path, O_WRONLY);
+        assert_true(fd >= 0);
+        /* Inside the third frame's JWS: 2 records of 60,043 bytes before it. */
+        assert_int_equal(pwrite(fd, "#", 1, 2 * 60043 + 30000), 1);
+        (void) close(fd);
+        l = open_log(4 << 20, 0, NULL, &f);
+        assert_int_equal(f.damaged, 1);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 9);
+        assert_int_equal(seglog_read_batch(l, 100, check_big, &c), 9);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], 2);
+        assert_int_equal(c.ids[2], 4);
+        assert_int_equal(c.ids[8], 10);
+        assert_int_equal(seglog_consume(l, 4, &count, NULL), 0);
+        assert_int_equal(count, 3);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch(l, 1, check_big, &c), 1);
+        assert_int_equal(c.ids[0], 5);
+        seglog_close(l);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_crc32c),          cmocka_unit_test(test_roundtrip),
@@ -527,6 +583,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_file_torn_tail_cut, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_big_frames_damage, setup_dir, teardown_dir),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
