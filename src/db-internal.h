@@ -54,6 +54,11 @@ struct db_spool {
         struct seglog *log;
         struct db_sync_wait *retire_wait;
         struct seglog_found found; /* what the log's start found, for hub.c to say (spool_found()) */
+        /* Each bulb's newest seq in the segments, gathered by the open's scan for the first
+         * spool_max_seqs() (spool.c's struct seq_max). */
+        void *open_seqs;
+        size_t n_open_seqs;
+        bool open_seqs_valid;
 };
 struct db_spool *db_spool(struct db *db);
 

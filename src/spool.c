@@ -56,6 +56,13 @@ int spool_append_frames(struct db *db, const struct spool_frame *f, size_t n) {
                                                   .jws = f[i].jws, .len = f[i].len };
                 memcpy(recs[i].dev, f[i].dev, strlen(f[i].dev) + 1);
         }
+        /* What the open's scan gathered is out of date from now on (spool_max_seqs() walks). */
+        if (db_spool(db)->open_seqs_valid) {
+                free(db_spool(db)->open_seqs);
+                db_spool(db)->open_seqs = NULL;
+                db_spool(db)->n_open_seqs = 0;
+                db_spool(db)->open_seqs_valid = false;
+        }
         /* Ids are handed out only once all are valid; a failed append leaves a gap, never a
          * reused id (db_spool_next_id()). */
         for (size_t i = 0; i < n; i++)
@@ -123,27 +130,81 @@ struct seq_max {
 struct seq_set {
         struct seq_max *m;
         size_t n, cap;
+        /* An index of m by device id (open addressing, slot = index + 1, 0 empty): the start
+         * passes every frame of the spool through seq_take(), with thousands of bulbs. */
+        uint32_t *slots;
+        size_t n_slots; /* a power of two, at least twice n */
 };
+
+static uint32_t hash_dev(const char *dev) {
+        uint32_t h = UINT32_C(2166136261); /* FNV-1a */
+
+        for (; *dev; dev++)
+                h = (h ^ (uint8_t) *dev) * UINT32_C(16777619);
+        return h;
+}
+
+static void seq_slot(struct seq_set *s, const char *dev, size_t *ret_slot) {
+        size_t mask = s->n_slots - 1, i = hash_dev(dev) & mask;
+
+        while (s->slots[i] != 0 && !streq(s->m[s->slots[i] - 1].dev, dev))
+                i = (i + 1) & mask;
+        *ret_slot = i;
+}
+
+static int seq_rehash(struct seq_set *s, size_t n_slots) {
+        uint32_t *t = calloc(n_slots, sizeof *t);
+        size_t slot;
+
+        if (!t)
+                return -ENOMEM;
+        free(s->slots);
+        s->slots = t;
+        s->n_slots = n_slots;
+        for (size_t k = 0; k < s->n; k++) {
+                (void) seq_slot(s, s->m[k].dev, &slot);
+                s->slots[slot] = (uint32_t) (k + 1);
+        }
+        return 0;
+}
+
+static void seq_set_free(struct seq_set *s) {
+        free(s->m);
+        free(s->slots);
+        *s = (struct seq_set){};
+}
 
 static int seq_take(const char *dev, int64_t seq, void *userdata) {
         struct seq_set *s = userdata;
-        size_t i;
+        size_t slot;
+        int r;
 
-        for (i = 0; i < s->n && !streq(s->m[i].dev, dev); i++)
-                ;
-        if (i == s->n) {
-                if (s->n == s->cap) {
-                        size_t c = s->cap ? s->cap * 2 : 16;
-                        struct seq_max *t = reallocarray(s->m, c, sizeof *t);
-                        if (!t)
-                                return -ENOMEM;
-                        s->m = t;
-                        s->cap = c;
-                }
-                memcpy(s->m[i].dev, dev, strlen(dev) + 1);
-                s->m[s->n++].seq = seq;
-        } else if (seq > s->m[i].seq)
-                s->m[i].seq = seq;
+        if (2 * (s->n + 1) > s->n_slots) {
+                size_t n_slots = s->n_slots ? s->n_slots : 64;
+                while (2 * (s->n + 1) > n_slots)
+                        n_slots *= 2;
+                r = seq_rehash(s, n_slots);
+                if (r < 0)
+                        return r;
+        }
+        (void) seq_slot(s, dev, &slot);
+        if (s->slots[slot] != 0) {
+                struct seq_max *x = &s->m[s->slots[slot] - 1];
+                if (seq > x->seq)
+                        x->seq = seq;
+                return 0;
+        }
+        if (s->n == s->cap) {
+                size_t c = s->cap ? s->cap * 2 : 16;
+                struct seq_max *t = reallocarray(s->m, c, sizeof *t);
+                if (!t)
+                        return -ENOMEM;
+                s->m = t;
+                s->cap = c;
+        }
+        memcpy(s->m[s->n].dev, dev, strlen(dev) + 1);
+        s->m[s->n].seq = seq;
+        s->slots[slot] = (uint32_t) ++s->n;
         return 0;
 }
 
@@ -188,13 +249,13 @@ static void retire(struct db *db) {
                 int r = seglog_retirable(sp->log, seq_take, &set);
 
                 if (r <= 0) {
-                        free(set.m);
+                        seq_set_free(&set);
                         return;
                 }
                 r = db_begin(db);
                 if (r >= 0)
                         r = seqs_forward(db, set.m, set.n);
-                free(set.m);
+                seq_set_free(&set);
                 if (r >= 0)
                         r = db_commit(db);
                 if (r < 0) {
@@ -318,66 +379,27 @@ void spool_set_max_bytes(struct db *db, uint64_t max_bytes) {
         seglog_set_segment_bytes(log_of(db), (size_t) seg);
 }
 
-int spool_seqs_store(struct db *db, const char *dev, int64_t seq) {
-        struct seq_max m = { .seq = seq };
-
-        if (!db || !dev || !device_id_is_valid(dev, strnlen(dev, DEVICE_ID_MAX + 1)))
-                return -EINVAL;
-        if (seq < 1 || seq > FRAME_SEQ_MAX)
-                return -ERANGE;
-        memcpy(m.dev, dev, strlen(dev) + 1);
-        return seqs_forward(db, &m, 1);
-}
-
-/* meta key: every frame with an id up to this one has its seq in bulb_seqs. */
-#define SPOOL_SEQS_MARK "spool_seqs_stored_through_id"
-
-int spool_seqs_mark(struct db *db) {
-        char v[24];
-
-        if (!db)
-                return -EINVAL;
-        (void) snprintf(v, sizeof v, "%" PRId64, db_spool_last_id(db));
-        return db_meta_set(db, SPOOL_SEQS_MARK, v);
-}
-
-/* The mark as an id; 0 when there is none (the first start since). */
-static int read_mark(struct db *db, int64_t *ret) {
-        _cleanup_free_ char *mark = NULL;
-        int r;
-
-        r = db_meta_get(db, SPOOL_SEQS_MARK, &mark);
-        if (r == -ENOENT) {
-                *ret = 0;
-                return 0;
-        }
-        if (r < 0)
-                return r;
-        char *end = NULL;
-        errno = 0;
-        long long v = strtoll(mark, &end, 10);
-        if (errno != 0 || end == mark || *end != '\0' || v < 0)
-                return -EUCLEAN;
-        *ret = (int64_t) v;
-        return 0;
-}
-
 int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata) {
+        struct db_spool *sp;
         struct seq_set set = {};
-        int64_t after = 0;
-        int r;
+        int r = 0;
 
         if (!db || !log_of(db) || !cb)
                 return -EINVAL;
-        /* Once at start, over the frames after the mark only: the segments that hold them, not
-         * the whole spool. Without a mark (the first start since), all. */
-        r = read_mark(db, &after);
-        if (r < 0)
-                return r;
-        r = seglog_frames_after(log_of(db), after, seq_take, &set);
+        sp = db_spool(db);
+        /* At start, what the open's scan of every segment gathered (one pass for the counts,
+         * the checks and the seqs); later, a walk of the segments. */
+        if (sp->open_seqs_valid) {
+                set.m = (struct seq_max *) sp->open_seqs;
+                set.n = sp->n_open_seqs;
+                sp->open_seqs = NULL;
+                sp->n_open_seqs = 0;
+                sp->open_seqs_valid = false;
+        } else
+                r = seglog_frames_after(log_of(db), 0, seq_take, &set);
         for (size_t i = 0; r >= 0 && i < set.n; i++)
                 r = cb(set.m[i].dev, set.m[i].seq, userdata);
-        free(set.m);
+        seq_set_free(&set);
         return r < 0 ? r : 0;
 }
 
@@ -414,7 +436,7 @@ int spool_oldest(struct db *db, int64_t *ret_id, int64_t *ret_received_at_usec) 
 /* The frames an older version left in the spool table (schema 5 and before) go into the log
  * once: appended and synced first, then deleted from the table, so that a crash between the two
  * finds them in both and only the ones not yet in the log (ids above its last) are appended. */
-static int move_table(struct db *db) {
+static int move_table(struct db *db, struct seq_set *set) {
         struct seglog *l = log_of(db);
         int r, rc;
 
@@ -471,8 +493,12 @@ static int move_table(struct db *db) {
                         return db_errno(rc);
                 if (n == 0)
                         break;
-                for (size_t i = 0; i < n; i++)
+                for (size_t i = 0; i < n; i++) {
                         recs[i].jws = buf + offs[i];
+                        r = seq_take(recs[i].dev, recs[i].seq, set);
+                        if (r < 0)
+                                return r;
+                }
                 r = seglog_append(l, recs, n);
                 if (r < 0)
                         return r;
@@ -487,17 +513,27 @@ static int move_table(struct db *db) {
 int spool_open_log(struct db *db, const char *state_dir, char **ret_error) {
         struct db_spool *sp = db_spool(db);
         struct seglog_found found = {};
+        struct seq_set set = {};
         int r;
 
-        r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, NULL, NULL, &sp->log, &found, ret_error);
-        if (r < 0)
+        /* One pass over every segment: the counts, the checks, each bulb's newest seq. */
+        r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, seq_take, &set, &sp->log, &found, ret_error);
+        if (r < 0) {
+                seq_set_free(&set);
                 return r;
+        }
         /* Library code does not log: what the scan found is for hub.c to say (spool_found()). */
         sp->found = found;
-        r = move_table(db);
-        if (r < 0)
+        r = move_table(db, &set);
+        if (r < 0) {
+                seq_set_free(&set);
                 return set_error_message(ret_error, r, "cannot move the spool table's frames into %s/spool: %s",
                                          state_dir, strerror(-r));
+        }
+        free(set.slots);
+        sp->open_seqs = set.m;
+        sp->n_open_seqs = set.n;
+        sp->open_seqs_valid = true;
         db_spool_raise_id(db, seglog_last_id(sp->log));
         return 0;
 }
@@ -507,6 +543,10 @@ void spool_close_log(struct db *db) {
 
         db_sync_wait_cancel(sp->retire_wait);
         sp->retire_wait = NULL;
+        free(sp->open_seqs);
+        sp->open_seqs = NULL;
+        sp->n_open_seqs = 0;
+        sp->open_seqs_valid = false;
         seglog_close(sp->log);
         sp->log = NULL;
 }

@@ -76,19 +76,10 @@ int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http
  * a transaction of the caller's. Returns 0 and what left (0 frames: nothing waits). */
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* Raises dev's stored last seq to seq (never lowers it), inside the caller's transaction.
- * Returns 0 or a negative errno. */
-int spool_seqs_store(struct db *db, const char *dev, int64_t seq);
-
-/* Notes, inside the caller's transaction, that every frame appended so far has its seq in
- * bulb_seqs too (the caller wrote them in the same transaction), so that spool_max_seqs() need
- * not read those frames. Returns 0 or a negative errno. */
-int spool_seqs_mark(struct db *db);
-
-/* Calls cb with the newest seq of each bulb that has frames in the spool after the last
- * spool_seqs_mark() (at start: together with bulb_seqs, the last accepted seq of every bulb).
- * Stops at cb's negative return value. Returns 0, -EUCLEAN for a damaged row or mark, or a
- * negative errno. */
+/* Calls cb with the newest seq of each bulb that has frames in the spool's segments (at start:
+ * together with bulb_seqs, the last accepted seq of every bulb; a segment is unlinked only once
+ * bulb_seqs holds its seqs). Stops at cb's negative return value. Returns 0 or a negative
+ * errno. */
 int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
 
 /* The oldest frame's id and arrival time; -ENOENT when the spool is empty. */
