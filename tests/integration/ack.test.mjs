@@ -11,7 +11,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { straceAttach, syncedBefore } from './lib/strace.mjs';
+import { straceAttach, segSyncedBefore } from './lib/strace.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -328,12 +328,12 @@ test('the daemon stops cleanly with acks waiting (no leak under ASan)', async ()
 });
 
 // Issue 13: the commit does not fsync on the loop (synchronous = NORMAL); a thread fdatasyncs
-// the WAL, and an ack goes only after an fdatasync that began after its frame's commit. Seen from
-// outside with strace on every thread of a hub without a cloud (so that the only writes to the
-// WAL are the frames' commits): before each ack that the daemon writes to the broker, the last
-// write to the -wal file is followed by a whole fdatasync of it; and the loop's thread never
-// calls fdatasync (that wait held the control socket for up to 200 ms, tests/bench/README.md).
-test('an ack goes only after an fdatasync of the WAL that began after its commit, never on the loop thread', async (t) => {
+// the spool's segment (issue 13: frames are appended there, not to the WAL), and an ack goes only
+// after an fsync that began after its frame's commit. Seen from outside with strace on every
+// thread of a hub without a cloud: before each ack that the daemon writes to the broker, the
+// last write to a segment file is followed by a whole fsync of it; and the loop's thread never
+// syncs (that wait held the control socket for up to 200 ms, tests/bench/README.md).
+test('an ack goes only after an fsync of the spool segment that began after its commit, never on the loop thread', async (t) => {
   const h = await Hub.start(broker, {});
   let tracer;
   try {
@@ -353,16 +353,16 @@ test('an ack goes only after an fdatasync of the WAL that began after its commit
     }
     const tr = await tracer.stop();
     tracer = null;
-    const { walWrites, syncs, loopSyncs, lines } = tr;
+    const { segWrites, segSyncs, loopSyncs, lines } = tr;
     const acks = tr.sends.filter((x) => x.text.includes('ack-sync/ack')).map((x) => x.ts);
     assert.ok(acks.length >= 5, `the acks were seen (${acks.length}): ${lines.slice(0, 20).join('\n')}`);
-    assert.ok(walWrites.length >= 5, `the commits were seen (${walWrites.length})`);
+    assert.ok(segWrites.length >= 5, `the commits (appends to the spool's segment) were seen (${segWrites.length})`);
     assert.deepEqual(loopSyncs, [], 'no fdatasync on the loop thread');
     for (const a of acks) {
-      const v = syncedBefore(tr, a, 'an ack');
+      const v = segSyncedBefore(tr, a, 'an ack');
       assert.ok(v.ok, v.msg);
     }
-    t.diagnostic(`${acks.length} acks, ${walWrites.length} WAL writes, ${syncs.length} fdatasyncs off the loop`);
+    t.diagnostic(`${acks.length} acks, ${segWrites.length} segment writes, ${segSyncs.length} segment fsyncs off the loop`);
   } finally {
     if (tracer) await tracer.stop().catch(() => {});
     await h.cleanup();
