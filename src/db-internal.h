@@ -62,11 +62,8 @@ struct db_spool {
 };
 struct db_spool *db_spool(struct db *db);
 
-/* spool.c, called by db_open(): opens the segment log under the state directory and moves the
- * frames of the SQLite spool table (schema 5 and before) into it once. */
-int spool_open_log(struct db *db, const char *state_dir, char **ret_error);
-/* spool.c, called by db_close() and db_restore_file(): closes it. */
-void spool_close_log(struct db *db);
+/* The state directory the database was opened in. */
+const char *db_state_dir(struct db *db);
 
 /* Raises the spool's id counter to at least id (the segment log's last id at open). */
 void db_spool_raise_id(struct db *db, int64_t id);

@@ -287,7 +287,10 @@ void db_close(struct db *db) {
         if (!db)
                 return;
         db_syncer_free(db, false);
-        spool_close_log(db);
+        /* The spool's state (spool.c's, opened by spool_open()). */
+        db_sync_wait_cancel(db->spool.retire_wait);
+        free(db->spool.open_seqs);
+        seglog_close(db->spool.log);
         for (size_t i = 0; i < _DB_STMT_MAX; i++)
                 (void) sqlite3_finalize(db->stmts[i]);
         /* Rolls back an open transaction; with no statements left, it cannot fail with BUSY. */
@@ -420,7 +423,7 @@ static int db_create_file(const char *path, char **ret_error) {
         return 0;
 }
 
-static int db_open_full(const char *state_dir, bool open_spool, struct db **ret, char **ret_error) {
+int db_open(const char *state_dir, struct db **ret, char **ret_error) {
         _cleanup_(db_closep) struct db *db = NULL;
         _cleanup_free_ char *path = NULL;
         int r, rc, version = 0;
@@ -507,19 +510,12 @@ static int db_open_full(const char *state_dir, bool open_spool, struct db **ret,
         db->dev = st.st_dev;
         db->ino = st.st_ino;
         db->path = TAKE_PTR(path);
-        /* The spool's frames are in segment files beside the database (issue 13); the frames
-         * an older version left in the spool table move there now, once. */
-        if (open_spool) {
-                r = spool_open_log(db, state_dir, ret_error);
-                if (r < 0)
-                        return r;
-        }
         *ret = TAKE_PTR(db);
         return 0;
 }
 
-int db_open(const char *state_dir, struct db **ret, char **ret_error) {
-        return db_open_full(state_dir, true, ret, ret_error);
+const char *db_state_dir(struct db *db) {
+        return db->state_dir;
 }
 
 int db_check_file(struct db *db) {
@@ -587,8 +583,7 @@ int db_restore_file(struct db *db, char **ret_error) {
         }
         (void) sqlite3_close(db->sqlite);
         db->sqlite = NULL;
-        /* The segment log is not the database: the open one goes on as it is. */
-        r = db_open_full(db->state_dir, false, &n, ret_error);
+        r = db_open(db->state_dir, &n, ret_error);
         if (r < 0)
                 return r; /* db is left without a connection: every call on it fails (SQLITE_MISUSE) */
         old = *db;
@@ -600,6 +595,7 @@ int db_restore_file(struct db *db, char **ret_error) {
         db->sync_cb = old.sync_cb;
         db->sync_userdata = old.sync_userdata;
         db->sync_error = old.sync_error;
+        /* The spool's segments are not the database: the open log goes on as it is. */
         db->spool = old.spool;
         db->spool_last_id = old.spool_last_id;
         n->spool = (struct db_spool){};

@@ -715,6 +715,15 @@ int hub_run(const char *config_path, int log_level_override) {
                                 err ? err : strerror(-r));
                 goto out;
         }
+        free(err);
+        err = NULL;
+        r = spool_open(h.db, &err);
+        if (r < 0) {
+                /* Its own message, not the database's: the segment files are beside it. */
+                log_error_errno(r, "Failed to open the spool in %s/spool: %s", h.conf->hub.state_dir,
+                                err ? err : strerror(-r));
+                goto out;
+        }
         {
                 /* The spool's segments as the last run left them (issue 13, spool.c). */
                 struct seglog_found f;

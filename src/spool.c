@@ -510,12 +510,19 @@ static int move_table(struct db *db, struct seq_set *set) {
         return rc == SQLITE_OK ? 0 : db_errno(rc);
 }
 
-int spool_open_log(struct db *db, const char *state_dir, char **ret_error) {
-        struct db_spool *sp = db_spool(db);
+int spool_open(struct db *db, char **ret_error) {
+        struct db_spool *sp;
+        const char *state_dir;
         struct seglog_found found = {};
         struct seq_set set = {};
         int r;
 
+        if (!db)
+                return -EINVAL;
+        sp = db_spool(db);
+        if (sp->log)
+                return -EALREADY;
+        state_dir = db_state_dir(db);
         /* One pass over every segment: the counts, the checks, each bulb's newest seq. */
         r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, seq_take, &set, &sp->log, &found, ret_error);
         if (r < 0) {
@@ -536,19 +543,6 @@ int spool_open_log(struct db *db, const char *state_dir, char **ret_error) {
         sp->open_seqs_valid = true;
         db_spool_raise_id(db, seglog_last_id(sp->log));
         return 0;
-}
-
-void spool_close_log(struct db *db) {
-        struct db_spool *sp = db_spool(db);
-
-        db_sync_wait_cancel(sp->retire_wait);
-        sp->retire_wait = NULL;
-        free(sp->open_seqs);
-        sp->open_seqs = NULL;
-        sp->n_open_seqs = 0;
-        sp->open_seqs_valid = false;
-        seglog_close(sp->log);
-        sp->log = NULL;
 }
 
 void spool_found(struct db *db, struct seglog_found *ret) {

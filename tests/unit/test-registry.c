@@ -114,6 +114,10 @@ static struct db *open_db(void) {
         if (r < 0)
                 fail_msg("db_open: %d %s", r, err ? err : "-");
         assert_null(err);
+        r = spool_open(db, &err);
+        if (r < 0)
+                fail_msg("spool_open: %d %s", r, err ? err : "-");
+        assert_int_equal(spool_open(db, &err), -EALREADY);
         return db;
 }
 
