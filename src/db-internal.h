@@ -31,7 +31,7 @@ enum db_stmt {
  * the caller's buffers. */
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
 
-/* The id of the next spool row: one more than any id this connection handed out or found
+/* The id of the next spooled frame: one more than any id this connection handed out or found
  * when it opened, so that no id comes back while the cloud may still answer for it (frames
  * dropped at the cap or rolled back leave gaps, which is fine). */
 int64_t db_spool_next_id(struct db *db);

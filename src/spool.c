@@ -2,8 +2,8 @@
 /* The spool: accepted frames, byte for byte as the bulb signed them (the cloud verifies the
  * bulb's own signature, PROTOCOL.md 3), until the cloud acknowledges them. They are in the
  * segment log (seglog.c, <state_dir>/spool/: written once, unlinked once uploaded, issue 13);
- * SQLite keeps what is small and changes in place: each bulb's last seq (bulb_seqs, written when
- * a segment retires and every INGEST_SEQS_INTERVAL_USEC with a mark), the frames moved aside. */
+ * SQLite keeps what is small and changes in place: each bulb's last seq (bulb_seqs, written from
+ * a segment's own frames when it retires, never from memory), the frames moved aside. */
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
