@@ -53,7 +53,7 @@ struct cloud {
         struct spool_counts *spool; /* hub.c's; lowered as frames leave the spool */
         struct cloud_events ev;
         sd_event_source *batch_timer;
-        /* The status batch in flight, and the spool rows in it. */
+        /* The status batch in flight, and the spool ids in it. */
         struct uplink_call *status_call;
         int64_t batch_first_id, batch_last_id;
         unsigned batch_frames;

@@ -6,19 +6,14 @@
 #include <sqlite3.h>
 
 #include "iothub/db.h"
+#include "iothub/seglog.h"
 
 enum db_stmt {
         DB_STMT_BEGIN,
         DB_STMT_COMMIT,
         DB_STMT_ROLLBACK,
-        DB_STMT_SPOOL_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 id */
-        DB_STMT_SPOOL_STATS,  /* -> COUNT(*), total bytes */
         DB_STMT_BULB_SET_SEQ, /* ?1 seq, ?2 id; only moves forward, only for an enrolled bulb */
-        DB_STMT_SPOOL_BATCH,  /* ?1 limit -> id, length, jws; oldest first */
-        DB_STMT_SPOOL_DELETE, /* ?1 first id, ?2 last id -> length, dev, seq of each deleted frame */
-        DB_STMT_SPOOL_DROP_OLDEST, /* ?1 how many -> length, dev, seq of each */
-        DB_STMT_SPOOL_OLDEST,      /* -> id, received_at_usec */
-        DB_STMT_SPOOL_MOVE_ASIDE,  /* ?1 first, ?2 last, ?3 moved_at, ?4 status, ?5 reason */
+        DB_STMT_MOVED_ASIDE_INSERT, /* ?1 dev, ?2 seq, ?3 received_at_usec, ?4 jws, ?5 moved_at, ?6 status, ?7 reason */
         DB_STMT_MOVED_ASIDE_COUNT,
         DB_STMT_META_GET, /* ?1 key -> value */
         DB_STMT_META_SET, /* ?1 key, ?2 value */
@@ -36,7 +31,7 @@ enum db_stmt {
  * the caller's buffers. */
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s);
 
-/* The id of the next spool row: one more than any id this connection handed out or found
+/* The id of the next spooled frame: one more than any id this connection handed out or found
  * when it opened, so that no id comes back while the cloud may still answer for it (frames
  * dropped at the cap or rolled back leave gaps, which is fine). */
 int64_t db_spool_next_id(struct db *db);
@@ -52,3 +47,23 @@ static inline void db_stmt_resetp(sqlite3_stmt **s) {
 #define _cleanup_db_stmt_reset_ _cleanup_(db_stmt_resetp)
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(sqlite3_stmt *, sqlite3_finalize);
+
+/* The spool's state kept with the connection (spool.c's): the segment log, and the segment whose
+ * bulbs' seqs were stored and that waits for that commit's sync before it is unlinked. */
+struct db_spool {
+        struct seglog *log;
+        struct db_sync_wait *retire_wait;
+        struct seglog_found found; /* what the log's start found, for hub.c to say (spool_found()) */
+        /* Each bulb's newest seq in the segments, gathered by the open's scan for the first
+         * spool_max_seqs() (spool.c's struct seq_max). */
+        void *open_seqs;
+        size_t n_open_seqs;
+        bool open_seqs_valid;
+};
+struct db_spool *db_spool(struct db *db);
+
+/* The state directory the database was opened in. */
+const char *db_state_dir(struct db *db);
+
+/* Raises the spool's id counter to at least id (the segment log's last id at open). */
+void db_spool_raise_id(struct db *db, int64_t id);

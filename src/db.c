@@ -43,6 +43,10 @@ struct db_syncer {
         int error;          /* a failed fdatasync (the thread stops syncing), 0: none */
         bool checkpoint, stop;
         bool started; /* thread runs (loop's thread only) */
+        /* Segment files of the spool (and its directory) written by commits up to requested,
+         * handed over by the loop (seglog_sync_handoff()): synced with the WAL, then closed. */
+        int *seg_fds;
+        size_t n_seg_fds, cap_seg_fds;
 };
 
 /* One owner waiting for its commits to be on disk (db_sync_wait()); loop's thread only. */
@@ -69,6 +73,7 @@ struct db {
         /* db_sync_wait() owners, in the order they came; they survive db_restore_file(). */
         struct db_sync_wait *waits;
         int sync_error; /* the last syncer's failed fdatasync, for later waits; 0: none */
+        struct db_spool spool; /* spool.c's: the segment log */
 };
 
 /* Migrations: entry i brings the schema from version i to i+1. Append only; never edit one
@@ -185,22 +190,14 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
         [DB_STMT_BEGIN] = "BEGIN IMMEDIATE",
         [DB_STMT_COMMIT] = "COMMIT",
         [DB_STMT_ROLLBACK] = "ROLLBACK",
-        [DB_STMT_SPOOL_INSERT] =
-                "INSERT INTO spool (dev, seq, received_at_usec, jws, id) VALUES (?1, ?2, ?3, ?4, ?5)",
-        [DB_STMT_SPOOL_STATS] = "SELECT COUNT(*), COALESCE(SUM(length(jws)), 0) FROM spool",
         /* Only for an enrolled bulb (the SELECT finds none otherwise: no row, no change), and
          * only forward. */
         [DB_STMT_BULB_SET_SEQ] = "INSERT INTO bulb_seqs (id, last_seq) SELECT id, ?1 FROM bulbs WHERE id = ?2 "
                                  "ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq "
                                  "WHERE last_seq < excluded.last_seq",
-        [DB_STMT_SPOOL_BATCH] = "SELECT id, length(jws), jws FROM spool ORDER BY id LIMIT ?1",
-        [DB_STMT_SPOOL_DELETE] = "DELETE FROM spool WHERE id BETWEEN ?1 AND ?2 RETURNING length(jws), dev, seq",
-        [DB_STMT_SPOOL_DROP_OLDEST] =
-                "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?1) RETURNING length(jws), dev, seq",
-        [DB_STMT_SPOOL_OLDEST] = "SELECT id, received_at_usec FROM spool ORDER BY id LIMIT 1",
-        [DB_STMT_SPOOL_MOVE_ASIDE] =
+        [DB_STMT_MOVED_ASIDE_INSERT] =
                 "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, http_status, reason) "
-                "SELECT dev, seq, received_at_usec, jws, ?3, ?4, ?5 FROM spool WHERE id BETWEEN ?1 AND ?2",
+                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         [DB_STMT_MOVED_ASIDE_COUNT] = "SELECT COUNT(*) FROM moved_aside",
         [DB_STMT_META_GET] = "SELECT value FROM meta WHERE key = ?1",
         [DB_STMT_META_SET] = "INSERT INTO meta (key, value) VALUES (?1, ?2) "
@@ -290,6 +287,10 @@ void db_close(struct db *db) {
         if (!db)
                 return;
         db_syncer_free(db, false);
+        /* The spool's state (spool.c's, opened by spool_open()). */
+        db_sync_wait_cancel(db->spool.retire_wait);
+        free(db->spool.open_seqs);
+        seglog_close(db->spool.log);
         for (size_t i = 0; i < _DB_STMT_MAX; i++)
                 (void) sqlite3_finalize(db->stmts[i]);
         /* Rolls back an open transaction; with no statements left, it cannot fail with BUSY. */
@@ -513,6 +514,10 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
         return 0;
 }
 
+const char *db_state_dir(struct db *db) {
+        return db->state_dir;
+}
+
 int db_check_file(struct db *db) {
         struct stat st;
 
@@ -590,6 +595,10 @@ int db_restore_file(struct db *db, char **ret_error) {
         db->sync_cb = old.sync_cb;
         db->sync_userdata = old.sync_userdata;
         db->sync_error = old.sync_error;
+        /* The spool's segments are not the database: the open log goes on as it is. */
+        db->spool = old.spool;
+        db->spool_last_id = old.spool_last_id;
+        n->spool = (struct db_spool){};
         /* The last sync above completed every wait (a failure completes them all). */
         assert(!old.waits);
         n->sync_event = NULL;
@@ -608,6 +617,15 @@ int64_t db_spool_next_id(struct db *db) {
 
 int64_t db_spool_last_id(struct db *db) {
         return db->spool_last_id;
+}
+
+void db_spool_raise_id(struct db *db, int64_t id) {
+        if (id > db->spool_last_id)
+                db->spool_last_id = id;
+}
+
+struct db_spool *db_spool(struct db *db) {
+        return &db->spool;
 }
 
 sqlite3_stmt *db_stmt(struct db *db, enum db_stmt s) {
@@ -705,6 +723,47 @@ int db_meta_set(struct db *db, const char *key, const char *value) {
         return rc == SQLITE_DONE ? 0 : db_errno(rc);
 }
 
+/* The spool's segments written since the last hand-over go to the syncer with the commit that
+ * follows; at most a few are written between two syncs (one, or two across a new segment). If
+ * they do not fit here, they are synced on the loop rather than not at all. Returns 0 or a
+ * negative errno (that sync failed). Called with y->mu held. */
+static int db_syncer_take_segments(struct db *db, struct db_syncer *y) {
+        int fds[16];
+        size_t n = 0;
+        int r;
+
+        if (!db->spool.log)
+                return 0;
+        r = seglog_sync_handoff(db->spool.log, fds, ELEMENTSOF(fds), &n);
+        if (r == -ENOBUFS)
+                return seglog_sync(db->spool.log);
+        if (r < 0)
+                return r;
+        if (n == 0)
+                return 0;
+        if (y->n_seg_fds + n > y->cap_seg_fds) {
+                size_t cap = y->cap_seg_fds ? y->cap_seg_fds * 2 : 16;
+                while (cap < y->n_seg_fds + n)
+                        cap *= 2;
+                int *t = reallocarray(y->seg_fds, cap, sizeof *t);
+                if (!t) {
+                        /* Handed over already: synced here, on the loop, then. */
+                        r = 0;
+                        for (size_t i = 0; i < n; i++) {
+                                if (r == 0 && fsync(fds[i]) < 0)
+                                        r = -errno;
+                                (void) close(fds[i]);
+                        }
+                        return r;
+                }
+                y->seg_fds = t;
+                y->cap_seg_fds = cap;
+        }
+        memcpy(y->seg_fds + y->n_seg_fds, fds, n * sizeof *fds);
+        y->n_seg_fds += n;
+        return 0;
+}
+
 /* Called by SQLite after each commit on the loop's connection, once the commit is written to
  * the WAL and its write lock released ("the callback is invoked by SQLite after the commit has
  * taken place", sqlite3_wal_hook()): a sync that the syncer begins after this call covers it.
@@ -717,6 +776,10 @@ static int db_wal_hook(void *userdata, sqlite3 *s, const char *name, int pages) 
         if (!y)
                 return SQLITE_OK;
         pthread_mutex_lock(&y->mu);
+        /* A failure here is a sync that failed, as the thread's own would be. */
+        int r = db_syncer_take_segments(db, y);
+        if (r < 0 && y->error == 0)
+                y->error = r;
         y->requested = db->commit_gen;
         if (pages >= DB_CHECKPOINT_PAGES)
                 y->checkpoint = true;
@@ -739,12 +802,23 @@ static void *db_syncer_main(void *userdata) {
                  * after them, so it covers them. */
                 uint64_t target = y->requested;
                 bool checkpoint = y->checkpoint;
-                int r = 0;
+                int *seg_fds = y->seg_fds;
+                size_t n_seg_fds = y->n_seg_fds;
+                int r = y->error;
 
+                y->seg_fds = NULL;
+                y->n_seg_fds = y->cap_seg_fds = 0;
                 y->checkpoint = false;
                 pthread_mutex_unlock(&y->mu);
-                if (fdatasync(y->wal_fd) < 0)
+                if (r == 0 && fdatasync(y->wal_fd) < 0)
                         r = -errno;
+                /* The spool's segments of the same commits (a directory too: fsync for both). */
+                for (size_t i = 0; i < n_seg_fds; i++) {
+                        if (r == 0 && fsync(seg_fds[i]) < 0)
+                                r = -errno;
+                        (void) close(seg_fds[i]);
+                }
+                free(seg_fds);
                 /* PASSIVE never waits for the loop's connection (a reader or the writer): it
                  * copies what it can, syncs the WAL and then the database file, and the writer
                  * starts the WAL over once a checkpoint was complete. */
@@ -833,6 +907,9 @@ static void db_syncer_free(struct db *db, bool report) {
                 return;
         if (y->started) {
                 pthread_mutex_lock(&y->mu);
+                int r = db_syncer_take_segments(db, y);
+                if (r < 0 && y->error == 0)
+                        y->error = r;
                 y->requested = db->commit_gen;
                 y->stop = true;
                 pthread_cond_signal(&y->cond);
@@ -842,6 +919,9 @@ static void db_syncer_free(struct db *db, bool report) {
                         db_syncer_report(db);
         }
         sd_event_source_disable_unref(y->source);
+        for (size_t i = 0; i < y->n_seg_fds; i++)
+                (void) close(y->seg_fds[i]);
+        free(y->seg_fds);
         (void) sqlite3_close(y->ckpt);
         if (y->wal_fd >= 0)
                 (void) close(y->wal_fd);
@@ -992,6 +1072,26 @@ void db_sync_wait_cancel(struct db_sync_wait *w) {
                 return;
         db_sync_wait_unlink(w);
         free(w);
+}
+
+int db_sync_request(struct db *db) {
+        struct db_syncer *y;
+        int r;
+
+        if (!db)
+                return -EINVAL;
+        y = db->syncer;
+        if (!y)
+                return db->spool.log ? seglog_sync(db->spool.log) : 0;
+        db->commit_gen++;
+        pthread_mutex_lock(&y->mu);
+        r = db_syncer_take_segments(db, y);
+        if (r < 0 && y->error == 0)
+                y->error = r;
+        y->requested = db->commit_gen;
+        pthread_cond_signal(&y->cond);
+        pthread_mutex_unlock(&y->mu);
+        return 0;
 }
 
 uint64_t db_commit_gen(struct db *db) {

@@ -735,6 +735,28 @@ int hub_run(const char *config_path, int log_level_override) {
                                 err ? err : strerror(-r));
                 goto out;
         }
+        free(err);
+        err = NULL;
+        r = spool_open(h.db, &err);
+        if (r < 0) {
+                /* Its own message, not the database's: the segment files are beside it. */
+                log_error_errno(r, "Failed to open the spool in %s/spool: %s", h.conf->hub.state_dir,
+                                err ? err : strerror(-r));
+                goto out;
+        }
+        {
+                /* The spool's segments as the last run left them (issue 13, spool.c). */
+                struct seglog_found f;
+                spool_found(h.db, &f);
+                if (f.damaged > 0)
+                        log_error("Spool segments in %s/spool: skipped %" PRIu64 " damaged regions (%" PRIu64
+                                  " bytes); the intact frames around them are kept",
+                                  h.conf->hub.state_dir, f.damaged, f.damaged_bytes);
+                if (f.torn_bytes > 0)
+                        log_notice("Spool segments in %s/spool: cut off %" PRIu64 " bytes of an append the last run "
+                                   "did not finish (never acknowledged; the bulbs resend those frames)",
+                                   h.conf->hub.state_dir, f.torn_bytes);
+        }
         /* Loading the bulbs and counting the spool read every page of both tables: where a
          * damaged file shows at start. */
         uint64_t t0 = now_monotonic_usec();

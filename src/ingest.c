@@ -3,15 +3,17 @@
  * contract documented in iothub-protocol(7): size, structure and schema, topic agreement,
  * enrolment, revocation, rate, clock window, replay, signature. Nothing from a frame is
  * stored before its signature verified, and a bulb's seq only advances after all passed.
- * Accepted frames are held in memory and written in one transaction (group commit) when
+ * Accepted frames are held in memory and written in one commit (group commit) when
  * INGEST_HOLD_FRAMES or INGEST_HOLD_BYTES are held, or [frames] commit_delay_ms after the first
- * of them: SD-card wear is set by commits, not bytes (a commit of one frame dirtied 10 to 13 KB,
- * 41 to 50 times a frame, tests/bench/README.md), so a hub that keeps up must not commit per
- * frame. A frame is accepted, and acked to its bulb, only once that transaction committed and an
- * fdatasync of the WAL that began after the commit returned finished (db_sync_start(): the
- * commit does not sync on the loop, issue 13; frames.accepted moves then too); the
- * transaction is open only inside ingest_commit(), never across a turn of the loop, so the
- * other writers (commands, the relay, events) never write into it. */
+ * of them: SD-card wear is set by commits as much as by bytes (a commit of one frame dirtied 10
+ * to 13 KB, 41 to 50 times a frame, tests/bench/README.md), so a hub that keeps up must not
+ * commit per frame. A commit is one append to the spool's segment log (spool.c) and, when the
+ * frames carry command acks, one SQLite transaction for those. A frame is accepted, and acked to
+ * its bulb, only once its commit is on disk: a sync by the sync thread (the segment's and the
+ * WAL's) that began after the commit returned finished (db_sync_request(): nothing syncs on the
+ * loop, issue 13; frames.accepted moves then too); the transaction is open only inside
+ * ingest_commit(), never across a turn of the loop, so the other writers (commands, the relay,
+ * events) never write into it. */
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -34,9 +36,6 @@
  * once in these steps, and memory stays bounded (the frames' bytes are copied). */
 #define INGEST_HOLD_FRAMES 256u
 #define INGEST_HOLD_BYTES (256u * 1024u)
-/* How often a commit also writes every bulb's seq to bulb_seqs and marks the spool up to there
- * (spool_seqs_mark()), so that the start reads at most this much of the spool for the seqs. */
-#define INGEST_SEQS_INTERVAL_USEC (10 * UINT64_C(1000000))
 /* Commits waiting for their sync, for frames.accepted: at most this many entries, the newest
  * absorbing more commits when full (their frames count after the later sync, never earlier). */
 #define INGEST_UNSYNCED_MAX 64
@@ -98,7 +97,6 @@ struct ingest {
          * storing works, and the frames refused since it began. */
         int store_errno;
         uint64_t store_refused;
-        uint64_t seqs_stored_usec; /* CLOCK_MONOTONIC of the last commit with the seqs, 0: none yet */
         /* Frames committed but not yet on disk, per commit generation, oldest first. */
         struct {
                 uint64_t gen, frames;
@@ -154,16 +152,16 @@ static void reject(struct ingest *in, struct bulb *b, const char *dev, enum fram
                           "Rejected frame from %s: %s", dev, frame_reason_to_string(reason));
 }
 
-/* [spool] max_bytes: the spool never grows past the cap. To make room the oldest frames go
- * (a light's newest state is worth more than its oldest), counted in spool.dropped and
- * logged; a frame still in an upload batch may go too, which only means that the cloud's
- * answer deletes fewer rows. */
+/* [spool] max_bytes: the spool never grows past the cap. To make room the oldest frames go, a
+ * segment at a time (a light's newest state is worth more than its oldest), counted in
+ * spool.dropped and logged; a frame still in an upload batch may go too, which only means that
+ * the cloud's answer removes fewer. Before the commit's transaction, not in it (spool.c). */
 static int make_room(struct ingest *in) {
         uint64_t max = in->conf->spool.max_bytes, count = 0, bytes = 0;
         int r;
 
         while (in->spool->bytes + in->batch.bytes > max && in->spool->pending > 0) {
-                r = spool_drop_oldest(in->db, 16, &count, &bytes);
+                r = spool_drop_oldest(in->db, 1, &count, &bytes);
                 if (r < 0)
                         return r;
                 if (count == 0)
@@ -232,7 +230,7 @@ static void store_failed(struct ingest *in, int r, unsigned n) {
                 return;
         in->store_errno = r;
         log_event(LOG_ERR, r, IOTHUB_MID_STORE_FAILED, NULL, ingest_store_reason(r),
-                  "Cannot store frames in %s/iothub.db: %m (%s); they are not acknowledged, bulbs resend them",
+                  "Cannot store frames in %s (spool/, iothub.db): %m (%s); they are not acknowledged, bulbs resend them",
                   in->conf->hub.state_dir, db_errmsg(in->db));
         storage_changed(in);
 }
@@ -478,44 +476,32 @@ void ingest_read_done(struct ingest *in) {
                 (void) ingest_commit(in); /* no timer: commit now rather than hold forever */
 }
 
-/* Every INGEST_SEQS_INTERVAL_USEC: each bulb's seq into bulb_seqs (the upsert writes only rows
- * that move, so only their pages), and the mark that says so. */
-static int batch_store_seqs(struct ingest *in) {
-        int r;
+/* The batch's frames, in the order they came, appended to the spool's segment log with one
+ * write (spool.c; issue 13: each byte written once, not a WAL frame and a checkpoint per page).
+ * The bulbs' seqs are not written by the frame path at all: the segments are their record
+ * (dev, seq) until a segment is unlinked, which happens only once its bulbs' seqs are in
+ * bulb_seqs, written from the segment itself (spool.c). bulb_seqs written from memory here
+ * would be a second file beside the segment: a power cut could keep it and lose the segment
+ * (the kernel writes either back when it likes), and an honest resend of a frame that never
+ * reached the disk would be refused as a replay. */
+static int batch_append(struct ingest *in) {
+        _cleanup_free_ struct spool_frame *f = calloc(in->batch.count ?: 1, sizeof *f);
 
-        for (size_t i = 0; i < registry_count(in->registry); i++) {
-                const struct bulb *b = registry_get(in->registry, i);
+        if (!f)
+                return -ENOMEM;
+        for (unsigned i = 0; i < in->batch.count; i++) {
+                const struct ingest_frame *h = &in->batch.frames[i];
 
-                if (b->last_seq <= 0)
-                        continue;
-                r = spool_seqs_store(in->db, b->id, b->last_seq);
-                if (r < 0)
-                        return r;
+                f[i] = (struct spool_frame){ .dev = h->bulb->id, .seq = h->seq, .jws = in->batch.buf + h->off,
+                                             .len = h->len, .received_at_usec = h->received_at_usec };
         }
-        return spool_seqs_mark(in->db);
+        return spool_append_frames(in->db, f, in->batch.count);
 }
 
-/* The batch's statements, inside the transaction: room at [spool] max_bytes, the frames in the
- * order they came, the command acks. The bulbs' seqs are not written at every commit: the
- * spool's rows are their record (dev, seq) until the frames leave it, every path that removes
- * frames from the spool moves bulb_seqs forward in the same transaction (spool.c), and every
- * INGEST_SEQS_INTERVAL_USEC a commit writes them all with a mark, so that at start
- * ingest_new() reads only the spool after the mark. Writing bulb_seqs at every commit cost a
- * 4 KiB WAL frame per page of bulbs in the commit (measured with BENCH_WEAR_TRACE, tests/bench:
- * 1327 -> 1112 WAL bytes per frame with 1,000 bulbs at 500 frames/s; it grows with the bulbs). */
-static int batch_write(struct ingest *in, bool store_seqs) {
+/* The rows of the same commit in SQLite, in one transaction: the command acks. */
+static int batch_write_rows(struct ingest *in) {
         int r;
 
-        r = make_room(in);
-        if (r < 0)
-                return r;
-        for (unsigned i = 0; i < in->batch.count; i++) {
-                const struct ingest_frame *f = &in->batch.frames[i];
-
-                r = spool_append(in->db, f->bulb->id, f->seq, in->batch.buf + f->off, f->len, f->received_at_usec);
-                if (r < 0)
-                        return r;
-        }
         for (size_t i = 0; i < in->batch.n_acks; i++) {
                 const struct ingest_ack *a = &in->batch.acks[i];
 
@@ -523,12 +509,10 @@ static int batch_write(struct ingest *in, bool store_seqs) {
                 if (r < 0)
                         return r;
         }
-        return store_seqs ? batch_store_seqs(in) : 0;
+        return 0;
 }
 
 int ingest_commit(struct ingest *in) {
-        uint64_t now = now_monotonic_usec();
-        bool store_seqs;
         int r;
 
         if (!in->batch.open)
@@ -540,25 +524,33 @@ int ingest_commit(struct ingest *in) {
                 batch_abort(in, false);
                 return in->sync_errno;
         }
-        r = db_begin(in->db);
+        r = make_room(in);
+        if (r >= 0)
+                r = batch_append(in);
         if (r < 0) {
                 store_failed(in, r, in->batch.count);
                 batch_abort(in, false);
                 return r;
         }
-        store_seqs = in->seqs_stored_usec == 0 || now - in->seqs_stored_usec >= INGEST_SEQS_INTERVAL_USEC;
-        r = batch_write(in, store_seqs);
+        if (in->batch.n_acks > 0) {
+                r = db_begin(in->db);
+                if (r >= 0)
+                        r = batch_write_rows(in);
+                if (r >= 0)
+                        r = db_commit(in->db);
+        }
+        /* The segment (and the rows) to disk: the frames count once the sync of this commit
+         * generation is reported (on_synced()); without the sync thread, now. */
         if (r >= 0)
-                r = db_commit(in->db);
+                r = db_sync_request(in->db);
         if (r < 0) {
                 /* Whatever failed, nothing of the batch is kept. */
                 store_failed(in, r, in->batch.count);
+                (void) spool_undo_append(in->db);
                 batch_abort(in, true);
                 return r;
         }
         in->batch.open = false;
-        if (store_seqs)
-                in->seqs_stored_usec = now;
         uint64_t gen = db_commit_gen(in->db);
         ack_commit_done(in->ack, true, gen);
         if (in->n_unsynced == INGEST_UNSYNCED_MAX) {
@@ -646,6 +638,7 @@ int ingest_new(sd_event *e, const struct iothub_conf *conf, struct db *db, struc
         in->spool = spool;
         if (ev)
                 in->ev = *ev;
+        spool_set_max_bytes(db, conf->spool.max_bytes);
         r = spool_max_seqs(db, take_spool_seq, in);
         if (r < 0) {
                 ingest_free(in);

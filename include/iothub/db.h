@@ -81,4 +81,9 @@ int db_sync_wait(struct db *db, db_sync_wait_t cb, void *userdata, struct db_syn
 void db_sync_wait_cancel(struct db_sync_wait *w);
 /* The generation of the newest commit on this connection (counts every commit, autocommit ones
  * too): what cb's gen is compared with. */
+/* A commit that wrote the spool's segment log (spool.h) and maybe no SQLite row: a new commit
+ * generation whose sync covers the segments written since (and the WAL), reported like a
+ * commit's; without the sync thread the segments are synced before it returns. Returns 0 or a
+ * negative errno (that sync failed). */
+int db_sync_request(struct db *db);
 uint64_t db_commit_gen(struct db *db);

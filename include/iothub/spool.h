@@ -1,15 +1,45 @@
 /* SPDX-License-Identifier: MIT */
-/* The spool: accepted frames not yet acknowledged by the cloud, byte for byte, in the
- * database. A frame counts as accepted once the transaction that appended it committed. */
+/* The spool: accepted frames not yet acknowledged by the cloud, byte for byte, in the segment
+ * log beside the database (seglog.h; issue 13). A frame counts as accepted once its segment is
+ * on disk: db_sync_request() after the append (with the sync thread: when it reports the commit
+ * generation; without: when it returns), together with any SQLite rows of the same commit. */
 #pragma once
 
 #include <stdint.h>
 
 #include "iothub/db.h"
+#include "iothub/seglog.h"
 
-/* Appends a frame inside the caller's transaction. Returns 0 or a negative errno. */
+/* Opens the spool of an open database: the segment log in <state_dir>/spool/ (created, 0700),
+ * read whole once (the counts, each record's CRC, each bulb's newest seq for spool_max_seqs();
+ * the newest segment's torn tail cut off, damage elsewhere skipped and counted: spool_found()),
+ * and the frames an older version kept in the database's spool table moved into it, once. The
+ * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
+int spool_open(struct db *db, char **ret_error);
+
+/* One frame to append; jws is copied. */
+struct spool_frame {
+        const char *dev;
+        int64_t seq;
+        const uint8_t *jws;
+        size_t len;
+        int64_t received_at_usec;
+};
+
+/* Appends n frames with one write (ids handed out by db.c), not yet durable: the caller's
+ * commit ends with db_sync_request(). Nothing is appended when a frame is out of bounds.
+ * Returns 0 or a negative errno (-EINVAL, -ERANGE for a seq, -EFBIG for a size). */
+int spool_append_frames(struct db *db, const struct spool_frame *f, size_t n);
+/* Takes back the last spool_append_frames() (the rest of its commit failed). */
+int spool_undo_append(struct db *db);
+/* Appends one frame as its own commit (durable, or synced by the thread, on return). */
 int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws, size_t len,
                  int64_t received_at_usec);
+/* A segment holds at most a 16th of [spool] max_bytes (16 KiB to 1 MiB): the cap drops whole
+ * segments, oldest first. */
+void spool_set_max_bytes(struct db *db, uint64_t max_bytes);
+/* What opening the log found (damage skipped, a torn tail cut), for the daemon to say. */
+void spool_found(struct db *db, struct seglog_found *ret);
 
 /* The spool's size, kept in memory so that the frame path never counts rows. One instance,
  * owned by hub.c (it reads it for status), written by the two modules that change the spool:
@@ -36,34 +66,27 @@ struct spool_entry {
 int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_entry *e, void *userdata),
                      void *userdata);
 
-/* Deletes frames first_id..last_id (the cloud has them). Frames already gone (dropped at the
- * cap meanwhile) are skipped. Every path that removes frames from the spool moves their bulbs'
- * stored last seq forward to the newest of them in the same transaction (its own one unless the
- * caller holds one), since the spool is where an accepted frame's seq is recorded until then
- * (spool_max_seqs()). Returns 0 and the count and bytes deleted, or a negative errno. */
+/* Every frame up to last_id leaves (the cloud has first_id..last_id, the oldest waiting; frames
+ * already gone, dropped at the cap meanwhile, are skipped). A segment that nothing waits in any
+ * more is unlinked once its bulbs' newest seqs are in bulb_seqs and that commit is on disk,
+ * since a segment is where an accepted frame's seq is recorded until then (spool_max_seqs()).
+ * Returns 0 and the count and bytes that left, or a negative errno. */
 int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Copies frames first_id..last_id into the moved_aside table with the HTTP status and a
- * reason, then deletes them from the spool, in one transaction. */
+ * reason (one transaction), then they leave the spool as with spool_delete(). */
 int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
                      uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* Deletes the n oldest frames (the cap of [spool] max_bytes), inside the caller's transaction. */
+/* The cap of [spool] max_bytes: the frames of the oldest segment leave (the segment being
+ * written is closed first when it is the only one); n is ignored beyond being > 0. Not inside
+ * a transaction of the caller's. Returns 0 and what left (0 frames: nothing waits). */
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* Raises dev's stored last seq to seq (never lowers it), inside the caller's transaction.
- * Returns 0 or a negative errno. */
-int spool_seqs_store(struct db *db, const char *dev, int64_t seq);
-
-/* Notes, inside the caller's transaction, that every frame appended so far has its seq in
- * bulb_seqs too (the caller wrote them in the same transaction), so that spool_max_seqs() need
- * not read those frames. Returns 0 or a negative errno. */
-int spool_seqs_mark(struct db *db);
-
-/* Calls cb with the newest seq of each bulb that has frames in the spool after the last
- * spool_seqs_mark() (at start: together with bulb_seqs, the last accepted seq of every bulb).
- * Stops at cb's negative return value. Returns 0, -EUCLEAN for a damaged row or mark, or a
- * negative errno. */
+/* Calls cb with the newest seq of each bulb that has frames in the spool's segments (at start:
+ * together with bulb_seqs, the last accepted seq of every bulb; a segment is unlinked only once
+ * bulb_seqs holds its seqs). Stops at cb's negative return value. Returns 0 or a negative
+ * errno. */
 int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
 
 /* The oldest frame's id and arrival time; -ENOENT when the spool is empty. */

@@ -769,8 +769,9 @@ export function relayTable(relay, fmt) {
   if (traced.length) {
     s += `\nWhere the writes went (BENCH_WEAR_TRACE=1, strace of pwrite64/fdatasync; per accepted frame; "dirtied" estimates write_bytes: 4 KiB per page made dirty between syncs)\n`;
     const per = (r, k, f) => (r.wear.files[k] ? fmt(r.wear.files[k][f] / r.frames, 0) : '0');
-    s += grid(['run', 'WAL B/f', 'WAL dirtied B/f', 'WAL syncs', 'DB (checkpoint) B/f', 'DB dirtied B/f', 'commits', 'frames/commit', 'WAL frames/commit p50/p90/max', 'distinct pages', 'hottest page:frames'],
-      traced.map((r) => [r.label, per(r, 'wal', 'bytes'), per(r, 'wal', 'dirtied_bytes'), String(r.wear.files.wal?.syncs ?? 0),
+    s += grid(['run', 'segments B/f', 'seg dirtied B/f', 'seg syncs', 'WAL B/f', 'WAL dirtied B/f', 'WAL syncs', 'DB (checkpoint) B/f', 'DB dirtied B/f', 'commits', 'frames/commit', 'WAL frames/commit p50/p90/max', 'distinct pages', 'hottest page:frames'],
+      traced.map((r) => [r.label, per(r, 'segments', 'bytes'), per(r, 'segments', 'dirtied_bytes'), String(r.wear.files.segments?.syncs ?? 0),
+        per(r, 'wal', 'bytes'), per(r, 'wal', 'dirtied_bytes'), String(r.wear.files.wal?.syncs ?? 0),
         per(r, 'db', 'bytes'), per(r, 'db', 'dirtied_bytes'), String(r.wear.commits), fmt(r.frames / Math.max(1, r.wear.commits), 1),
         `${r.wear.pages_per_commit.p50}/${r.wear.pages_per_commit.p90}/${r.wear.pages_per_commit.max}`, String(r.wear.distinct_pages),
         r.wear.hottest_pages.join(' ')]));

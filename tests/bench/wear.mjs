@@ -16,7 +16,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export async function startWearTrace(pid, dir) {
   const file = path.join(dir, `wear-${pid}-${Date.now()}.strace`);
-  const p = spawn('strace', ['-qq', '-f', '-p', String(pid), '-e', 'trace=pwrite64,fdatasync,fsync', '-xx', '-s', '8',
+  // -y: each descriptor with its file, since the sync thread syncs the spool's segments through
+  // descriptors of its own (dup'd, closed after the sync: not in /proc at the end).
+  const p = spawn('strace', ['-qq', '-f', '-y', '-p', String(pid), '-e', 'trace=pwrite64,fdatasync,fsync', '-xx', '-s', '8',
     '-o', file], { stdio: ['ignore', 'ignore', 'inherit'] });
   await sleep(300); // attached
   return {
@@ -38,14 +40,18 @@ function kind(name) {
   if (!name) return 'other';
   if (name.endsWith('-wal')) return 'wal';
   if (name.endsWith('.db')) return 'db';
+  if (/\/spool\/seg-[0-9a-f]{16}\.log$/.test(name)) return 'segments'; // the spool (issue 13)
   return path.basename(name);
 }
 
 export function summarize(text, fds) {
   const files = {};
-  const dirty = new Map(); // fd -> Set of 4 KiB page numbers dirty since its last sync
-  const get = (fd) => {
-    const k = kind(fds.get(fd));
+  const dirty = new Map(); // file (or fd) -> Set of 4 KiB page numbers dirty since its last sync
+  // -xx prints the file's name hex-escaped too.
+  const unhex = (p) => p?.replace(/\\x([0-9a-f]{2})/g, (_, h) => String.fromCharCode(parseInt(h, 16)));
+  const name = (fd, p) => unhex(p) ?? fds.get(fd);
+  const get = (fd, p) => {
+    const k = kind(name(fd, p));
     files[k] ??= { writes: 0, bytes: 0, syncs: 0, dirtied_bytes: 0 };
     return files[k];
   };
@@ -54,19 +60,20 @@ export function summarize(text, fds) {
   let frames = 0;
   let pendingHeader = null;
   for (const line of text.split('\n')) {
-    let m = line.match(/pwrite64\((\d+), "([^"]*)"(?:\.\.\.)?, (\d+), (\d+)\) = (\d+)/);
+    let m = line.match(/pwrite64\((\d+)(?:<([^>]*)>)?, "([^"]*)"(?:\.\.\.)?, (\d+), (\d+)\) = (\d+)/);
     if (m) {
-      const fd = Number(m[1]), len = Number(m[3]), off = Number(m[4]);
-      const f = get(fd);
+      const fd = Number(m[1]), p = m[2], len = Number(m[4]), off = Number(m[5]);
+      const f = get(fd, p);
+      const key = name(fd, p) ?? fd;
       f.writes++;
       f.bytes += len;
-      let d = dirty.get(fd);
-      if (!d) dirty.set(fd, (d = new Set()));
+      let d = dirty.get(key);
+      if (!d) dirty.set(key, (d = new Set()));
       for (let pg = Math.floor(off / PAGE); pg <= Math.floor((off + len - 1) / PAGE); pg++) {
         if (!d.has(pg)) { d.add(pg); f.dirtied_bytes += PAGE; }
       }
-      if (kind(fds.get(fd)) === 'wal' && len === 24) {
-        const b = m[2].split('\\x').filter(Boolean).map((x) => parseInt(x, 16));
+      if (kind(name(fd, p)) === 'wal' && len === 24) {
+        const b = m[3].split('\\x').filter(Boolean).map((x) => parseInt(x, 16));
         if (b.length >= 8) {
           const pgno = ((b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]) >>> 0;
           const commit = ((b[4] << 24) | (b[5] << 16) | (b[6] << 8) | b[7]) >>> 0;
@@ -78,11 +85,11 @@ export function summarize(text, fds) {
       }
       continue;
     }
-    m = line.match(/f(?:data)?sync\((\d+)\) = 0/);
+    m = line.match(/f(?:data)?sync\((\d+)(?:<([^>]*)>)?\) = 0/);
     if (m) {
-      const fd = Number(m[1]);
-      get(fd).syncs++;
-      dirty.delete(fd);
+      const fd = Number(m[1]), p = m[2];
+      get(fd, p).syncs++;
+      dirty.delete(name(fd, p) ?? fd);
     }
   }
   commits.sort((a, b) => a - b);

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Broker, Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
-import { straceAttach, syncedBefore } from './lib/strace.mjs';
+import { straceAttach, segSyncedBefore } from './lib/strace.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const PREFIX = 'iothub/v1/bulbs';
@@ -47,14 +47,36 @@ async function resendingBulb(id, opts = {}) {
 
 const dbPath = () => path.join(hub.stateDir, 'iothub.db');
 
-// The last seq of a bulb as committed in the daemon's database (a second SQLite connection
-// sees committed transactions only).
-// A bulb's committed seq: bulb_seqs, or its newest frame in the spool, which records it until
-// the frame leaves (spool.c).
+// A bulb's committed seq: bulb_seqs, or its newest frame in the spool's segment files
+// (<state_dir>/spool/, src/seglog.c), which record it until their segment retires (spool.c).
+// Records: u32 magic "SEG1", u32 body length, u32 CRC-32C, then type (1: frame), device id
+// length, 2 zero bytes, u64 id, i64 seq, i64 received_at_usec, device id, JWS. A torn last
+// record (the daemon killed mid-append) ends the walk, as it ends the daemon's own scan.
+async function segmentSeq(id) {
+  const dir = path.join(hub.stateDir, 'spool');
+  let max = 0;
+  for (const name of await fs.readdir(dir).catch(() => [])) {
+    if (!/^seg-[0-9a-f]{16}\.log$/.test(name)) continue;
+    const b = await fs.readFile(path.join(dir, name)).catch(() => Buffer.alloc(0));
+    for (let o = 0; o + 12 <= b.length;) {
+      if (b.readUInt32LE(o) !== 0x31474553) break;
+      const len = b.readUInt32LE(o + 4);
+      if (o + 12 + len > b.length) break;
+      const body = o + 12;
+      if (b[body] === 1) {
+        const dev = b.toString('latin1', body + 28, body + 28 + b[body + 1]);
+        const seq = Number(b.readBigInt64LE(body + 12));
+        if (dev === id && seq > max) max = seq;
+      }
+      o += 12 + len;
+    }
+  }
+  return max;
+}
+
 async function committedSeq(id) {
-  const { stdout } = await run('sqlite3', [dbPath(), `SELECT max(COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0), ` +
-    `COALESCE((SELECT max(seq) FROM spool WHERE dev = '${id}'), 0))`]);
-  return Number(stdout.trim());
+  const { stdout } = await run('sqlite3', [dbPath(), `SELECT COALESCE((SELECT last_seq FROM bulb_seqs WHERE id = '${id}'), 0)`]);
+  return Math.max(Number(stdout.trim()), await segmentSeq(id));
 }
 
 // Holds SQLite's write lock from another process: the daemon's next write waits its busy
@@ -115,12 +137,15 @@ test('an ack comes only after the commit and carries the highest committed seq',
   assert.equal(st.frames.acks_pending, 0);
 
   // A frame the database refuses (write lock held past the busy timeout) is not acked; its
-  // resend, once the database takes writes again, is accepted as new and acked.
+  // resend, once the database takes writes again, is accepted as new and acked. Frames alone
+  // are appended to the spool's segments, not to SQLite (issue 13); a frame that carries a
+  // command ack has the ack recorded in SQLite in the same commit, and that is the commit the
+  // lock fails (its append is taken back).
   const unlock = await lockDb();
   const failedBefore = st.frames.store_failed;
   let f;
   try {
-    f = await b.send();
+    f = await b.send({ ack: { id: 'ack-basic-cmd', ok: true } });
     await sleep(6500);
   } finally {
     await unlock();
@@ -303,12 +328,12 @@ test('the daemon stops cleanly with acks waiting (no leak under ASan)', async ()
 });
 
 // Issue 13: the commit does not fsync on the loop (synchronous = NORMAL); a thread fdatasyncs
-// the WAL, and an ack goes only after an fdatasync that began after its frame's commit. Seen from
-// outside with strace on every thread of a hub without a cloud (so that the only writes to the
-// WAL are the frames' commits): before each ack that the daemon writes to the broker, the last
-// write to the -wal file is followed by a whole fdatasync of it; and the loop's thread never
-// calls fdatasync (that wait held the control socket for up to 200 ms, tests/bench/README.md).
-test('an ack goes only after an fdatasync of the WAL that began after its commit, never on the loop thread', async (t) => {
+// the spool's segment (issue 13: frames are appended there, not to the WAL), and an ack goes only
+// after an fsync that began after its frame's commit. Seen from outside with strace on every
+// thread of a hub without a cloud: before each ack that the daemon writes to the broker, the
+// last write to a segment file is followed by a whole fsync of it; and the loop's thread never
+// syncs (that wait held the control socket for up to 200 ms, tests/bench/README.md).
+test('an ack goes only after an fsync of the spool segment that began after its commit, never on the loop thread', async (t) => {
   const h = await Hub.start(broker, {});
   let tracer;
   try {
@@ -328,16 +353,16 @@ test('an ack goes only after an fdatasync of the WAL that began after its commit
     }
     const tr = await tracer.stop();
     tracer = null;
-    const { walWrites, syncs, loopSyncs, lines } = tr;
+    const { segWrites, segSyncs, loopSyncs, lines } = tr;
     const acks = tr.sends.filter((x) => x.text.includes('ack-sync/ack')).map((x) => x.ts);
     assert.ok(acks.length >= 5, `the acks were seen (${acks.length}): ${lines.slice(0, 20).join('\n')}`);
-    assert.ok(walWrites.length >= 5, `the commits were seen (${walWrites.length})`);
+    assert.ok(segWrites.length >= 5, `the commits (appends to the spool's segment) were seen (${segWrites.length})`);
     assert.deepEqual(loopSyncs, [], 'no fdatasync on the loop thread');
     for (const a of acks) {
-      const v = syncedBefore(tr, a, 'an ack');
+      const v = segSyncedBefore(tr, a, 'an ack');
       assert.ok(v.ok, v.msg);
     }
-    t.diagnostic(`${acks.length} acks, ${walWrites.length} WAL writes, ${syncs.length} fdatasyncs off the loop`);
+    t.diagnostic(`${acks.length} acks, ${segWrites.length} segment writes, ${segSyncs.length} segment fsyncs off the loop`);
   } finally {
     if (tracer) await tracer.stop().catch(() => {});
     await h.cleanup();

@@ -53,9 +53,21 @@ static char *pem_of_new_key(const char *type) {
 }
 
 static void clean_dir(void) {
-        DIR *d = opendir(T.dir);
+        char sp[96];
+        DIR *d;
         struct dirent *de;
 
+        /* The spool's segment directory first (spool.c). */
+        (void) snprintf(sp, sizeof sp, "%s/spool", T.dir);
+        d = opendir(sp);
+        if (d) {
+                while ((de = readdir(d)))
+                        if (!streq(de->d_name, ".") && !streq(de->d_name, ".."))
+                                (void) unlinkat(dirfd(d), de->d_name, 0);
+                closedir(d);
+                (void) rmdir(sp);
+        }
+        d = opendir(T.dir);
         if (!d)
                 return;
         while ((de = readdir(d)))
@@ -102,6 +114,10 @@ static struct db *open_db(void) {
         if (r < 0)
                 fail_msg("db_open: %d %s", r, err ? err : "-");
         assert_null(err);
+        r = spool_open(db, &err);
+        if (r < 0)
+                fail_msg("spool_open: %d %s", r, err ? err : "-");
+        assert_int_equal(spool_open(db, &err), -EALREADY);
         return db;
 }
 
@@ -128,6 +144,13 @@ static void assert_key_pem(const struct bulb *b, const char *want) {
         assert_string_equal(pem, want);
         free(pem);
         verify_key_free(k);
+}
+
+static uint64_t pending_of(struct db *db) {
+        uint64_t n = 99;
+
+        assert_int_equal(spool_stats(db, &n, NULL), 0);
+        return n;
 }
 
 static mode_t mode_of(const char *path) {
@@ -163,8 +186,14 @@ static void test_open_creates_private_wal_db(void **state) {
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM sqlite_schema WHERE tbl_name = 'spool' AND type = 'index'"),
                          0);
 
-        /* The WAL and its index take the database's mode. */
+        /* The WAL and its index take the database's mode; the spool's segments are private
+         * too. */
+        assert_int_equal(db_meta_set(db, "k", "v"), 0);
         assert_int_equal(spool_append(db, "bulb-1", 1, (const uint8_t *) "x.y.z", 5, 1), 0);
+        (void) snprintf(p, sizeof p, "%s/spool", T.dir);
+        assert_int_equal(mode_of(p), 0700);
+        (void) snprintf(p, sizeof p, "%s/spool/seg-%016x.log", T.dir, 1);
+        assert_int_equal(mode_of(p), 0600);
         (void) snprintf(p, sizeof p, "%s-wal", T.path);
         assert_int_equal(mode_of(p), 0600);
         (void) snprintf(p, sizeof p, "%s-shm", T.path);
@@ -174,7 +203,8 @@ static void test_open_creates_private_wal_db(void **state) {
         /* Opening again migrates nothing and keeps the data. */
         db = open_db();
         assert_int_equal(query_int(db, "PRAGMA user_version"), SCHEMA_VERSION);
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 1);
+        assert_int_equal(pending_of(db), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 0); /* the old table stays empty */
         db_close(db);
 }
 
@@ -796,10 +826,9 @@ static void test_restore_deleted(void **state) {
         assert_int_equal(db_check_file(db), 0);
         assert_int_equal(stat(T.path, &st), 0);
         ino = st.st_ino;
-        assert_int_equal(db_begin(db), 0);
+        assert_int_equal(db_meta_set(db, "k", "1"), 0);
         assert_int_equal(spool_append(db, "bulb-1", 1, blob, sizeof blob, 1000), 0);
         assert_int_equal(spool_append(db, "bulb-1", 2, blob, sizeof blob, 2000), 0);
-        assert_int_equal(db_commit(db), 0);
 
         assert_int_equal(unlink(T.path), 0);
         (void) snprintf(p, sizeof p, "%s-wal", T.path);
@@ -813,14 +842,15 @@ static void test_restore_deleted(void **state) {
         assert_int_equal(mode_of(T.path), 0600);
         (void) snprintf(p, sizeof p, "%s.restore", T.path);
         assert_int_equal(access(p, F_OK), -1); /* no copy left behind */
-        /* The same handle works on the restored file, and a new connection sees everything. */
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 2);
-        assert_int_equal(db_begin(db), 0);
+        /* The same handle works on the restored file (the spool's segments, beside it, go on as
+         * they were), and a new connection sees everything. */
+        assert_int_equal(query_int(db, "SELECT value FROM meta WHERE key = 'k'"), 1);
+        assert_int_equal(pending_of(db), 2);
         assert_int_equal(spool_append(db, "bulb-1", 3, blob, sizeof blob, 3000), 0);
-        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(pending_of(db), 3);
         db_close(db);
         db = open_db();
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 3);
+        assert_int_equal(pending_of(db), 3);
         assert_int_equal(query_int(db, "PRAGMA user_version"), SCHEMA_VERSION);
 
         /* Another file under the name: reported, not undone. */
@@ -836,11 +866,24 @@ static void test_restore_deleted(void **state) {
         (void) unlink(p);
 }
 
+struct first_frame {
+        uint8_t jws[512];
+        size_t len;
+};
+
+static int take_first(const struct spool_entry *e, void *userdata) {
+        struct first_frame *f = userdata;
+
+        assert_true(e->len <= sizeof f->jws);
+        memcpy(f->jws, e->jws, e->len);
+        f->len = e->len;
+        return 0;
+}
+
 static void test_spool(void **state) {
         struct db *db = open_db();
         uint64_t pending = 7, bytes = 7;
         uint8_t blob[300];
-        sqlite3_stmt *s = NULL;
 
         assert_int_equal(spool_stats(db, &pending, &bytes), 0);
         assert_int_equal(pending, 0);
@@ -848,35 +891,35 @@ static void test_spool(void **state) {
 
         for (size_t i = 0; i < sizeof blob; i++) /* NULs, high bytes: stored as they came */
                 blob[i] = (uint8_t) (i * 37);
-        assert_int_equal(db_begin(db), 0);
-        assert_int_equal(spool_append(db, "bulb-7", 1, blob, sizeof blob, 1000), 0);
-        assert_int_equal(spool_append(db, "bulb-7", 2, blob, 100, 2000), 0);
-        assert_int_equal(spool_append(db, "bulb-8", 1, blob, 10, 3000), 0);
-        assert_int_equal(db_commit(db), 0);
+        struct spool_frame f[] = {
+                { .dev = "bulb-7", .seq = 1, .jws = blob, .len = sizeof blob, .received_at_usec = 1000 },
+                { .dev = "bulb-7", .seq = 2, .jws = blob, .len = 100, .received_at_usec = 2000 },
+                { .dev = "bulb-8", .seq = 1, .jws = blob, .len = 10, .received_at_usec = 3000 },
+        };
+        assert_int_equal(spool_append_frames(db, f, ELEMENTSOF(f)), 0);
+        assert_int_equal(db_sync_request(db), 0);
 
         assert_int_equal(spool_stats(db, &pending, &bytes), 0);
         assert_int_equal(pending, 3);
         assert_int_equal(bytes, sizeof blob + 100 + 10);
+        struct first_frame ff = {};
+        assert_int_equal(spool_read_batch(db, 1, take_first, &ff), 1);
+        assert_int_equal(ff.len, sizeof blob);
+        assert_memory_equal(ff.jws, blob, sizeof blob);
+        int64_t at = 0;
+        assert_int_equal(spool_oldest(db, NULL, &at), 0);
+        assert_int_equal(at, 1000);
 
-        assert_int_equal(sqlite3_prepare_v2(
-                                 db_handle(db),
-                                 "SELECT typeof(jws), jws, received_at_usec FROM spool WHERE dev = 'bulb-7' "
-                                 "AND seq = 1",
-                                 -1, &s, NULL),
-                         SQLITE_OK);
-        assert_int_equal(sqlite3_step(s), SQLITE_ROW);
-        assert_string_equal((const char *) sqlite3_column_text(s, 0), "blob");
-        assert_int_equal(sqlite3_column_bytes(s, 1), sizeof blob);
-        assert_memory_equal(sqlite3_column_blob(s, 1), blob, sizeof blob);
-        assert_int_equal(sqlite3_column_int64(s, 2), 1000);
-        sqlite3_finalize(s);
-
-        /* Rolled back: gone, as if never received. */
-        assert_int_equal(db_begin(db), 0);
-        assert_int_equal(spool_append(db, "bulb-9", 1, blob, 5, 5000), 0);
-        assert_int_equal(db_rollback(db), 0);
+        /* Taken back (the rest of its commit failed): gone, as if never received. */
+        f[0].dev = "bulb-9";
+        assert_int_equal(spool_append_frames(db, f, 1), 0);
+        assert_int_equal(spool_undo_append(db), 0);
         assert_int_equal(spool_stats(db, &pending, &bytes), 0);
         assert_int_equal(pending, 3);
+        /* One bad frame: none of the batch goes in. */
+        f[1].seq = 0;
+        assert_int_equal(spool_append_frames(db, f, 2), -ERANGE);
+        assert_int_equal(pending_of(db), 3);
 
         static const struct {
                 const char *dev;
@@ -999,6 +1042,31 @@ static int collect_max(const char *dev, int64_t seq, void *userdata) {
         return 0;
 }
 
+static int count_segments(void) {
+        char p[96];
+        DIR *d;
+        struct dirent *de;
+        int n = 0;
+
+        (void) snprintf(p, sizeof p, "%s/spool", T.dir);
+        d = opendir(p);
+        assert_non_null(d);
+        while ((de = readdir(d)))
+                n += strncmp(de->d_name, "seg-", 4) == 0;
+        closedir(d);
+        return n;
+}
+
+static int take_seq(const char *dev, int64_t seq, void *userdata) {
+        registry_seq_committed(registry_find(userdata, dev), seq);
+        return 0;
+}
+
+static int take_last_id(const struct spool_entry *e, void *userdata) {
+        *(int64_t *) userdata = e->id;
+        return 0;
+}
+
 static void test_spool_seqs(void **state) {
         struct db *db = open_db();
         struct registry *r = NULL;
@@ -1010,70 +1078,99 @@ static void test_spool_seqs(void **state) {
         assert_int_equal(registry_add(r, "a", T.pem_p256, strlen(T.pem_p256)), 0);
         assert_int_equal(registry_add(r, "b", T.pem_ed25519, strlen(T.pem_ed25519)), 0);
         /* a: 1, 2, 3; b: 10, 11 (interleaved, as bulbs send). */
-        assert_int_equal(db_begin(db), 0);
         assert_int_equal(spool_append(db, "a", 1, (const uint8_t *) "a.b.c", 5, 1), 0);
         assert_int_equal(spool_append(db, "b", 10, (const uint8_t *) "a.b.c", 5, 2), 0);
         assert_int_equal(spool_append(db, "a", 2, (const uint8_t *) "a.b.c", 5, 3), 0);
         assert_int_equal(spool_append(db, "b", 11, (const uint8_t *) "a.b.c", 5, 4), 0);
         assert_int_equal(spool_append(db, "a", 3, (const uint8_t *) "a.b.c", 5, 5), 0);
-        assert_int_equal(db_commit(db), 0);
         assert_int_equal(query_int(db, "SELECT max(last_seq) FROM bulb_seqs"), 0);
 
-        /* At start: the newest of each bulb in the spool. */
+        /* At start: the newest of each bulb in the segments. */
         assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
         assert_int_equal(m.n, 2);
         for (int i = 0; i < 2; i++)
                 assert_int_equal(m.seq[i], streq(m.dev[i], "a") ? 3 : 11);
 
-        /* Uploaded (autocommit: spool_delete holds its own transaction): the two oldest leave,
-         * and bulb_seqs has their seqs. */
+        /* Uploaded: the two oldest leave; their segment is still being written, so it stays, and
+         * it is still the record of their seqs. */
         assert_int_equal(spool_oldest(db, &first, &at), 0);
         assert_int_equal(spool_delete(db, first, first + 1, &count, &bytes), 0);
         assert_int_equal(count, 2);
         assert_false(db_in_transaction(db));
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 1);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 10);
+        assert_int_equal(query_int(db, "SELECT max(last_seq) FROM bulb_seqs"), 0);
+        m.n = 0;
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 2);
 
-        /* Dropped at the cap, inside the frame path's transaction: rolled back with it. */
-        assert_int_equal(db_begin(db), 0);
-        assert_int_equal(spool_drop_oldest(db, 2, &count, &bytes), 0);
-        assert_int_equal(count, 2);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 11);
-        assert_int_equal(db_rollback(db), 0);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 10);
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 3);
-
-        /* Moved aside: bulb_seqs only ever moves forward, and the spool ends empty. */
-        assert_int_equal(spool_move_aside(db, first + 2, first + 4, 400, "HTTP 400", &count, &bytes), 0);
+        /* Dropped at the cap: the segment is closed and its frames leave; it is unlinked once
+         * its bulbs' seqs are in bulb_seqs (at once here: no sync thread). */
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
         assert_int_equal(count, 3);
+        assert_int_equal(pending_of(db), 0);
+        assert_int_equal(count_segments(), 0);
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 3);
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 11);
         m.n = 0;
         assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
         assert_int_equal(m.n, 0);
 
-        /* The periodic mark: frames up to it have their seqs in bulb_seqs, and the start reads
-         * only the frames after it. */
-        assert_int_equal(db_begin(db), 0);
+        /* Moved aside: kept in moved_aside, gone from the spool. */
         assert_int_equal(spool_append(db, "a", 4, (const uint8_t *) "a.b.c", 5, 6), 0);
-        assert_int_equal(spool_seqs_store(db, "a", 4), 0);
-        assert_int_equal(spool_seqs_store(db, "a", 2), 0); /* never back */
-        assert_int_equal(spool_seqs_mark(db), 0);
-        assert_int_equal(db_commit(db), 0);
-        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 4);
-        assert_int_equal(db_begin(db), 0);
         assert_int_equal(spool_append(db, "b", 12, (const uint8_t *) "a.b.c", 5, 7), 0);
-        assert_int_equal(db_commit(db), 0);
+        assert_int_equal(spool_oldest(db, &first, &at), 0);
+        assert_int_equal(spool_move_aside(db, first, first + 1, 400, "HTTP 400", &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM moved_aside WHERE jws = CAST('a.b.c' AS BLOB)"), 2);
+        assert_int_equal(query_int(db, "SELECT seq FROM moved_aside WHERE dev = 'b'"), 12);
+        assert_int_equal(pending_of(db), 0);
+
+        /* The frame path never writes bulb_seqs (a power cut could keep it and lose the
+         * segment): after these, only the segment has them. */
+        assert_int_equal(spool_append(db, "a", 5, (const uint8_t *) "a.b.c", 5, 8), 0);
+        assert_int_equal(spool_append(db, "b", 13, (const uint8_t *) "a.b.c", 5, 9), 0);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 3);
         m.n = 0;
         assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
-        assert_int_equal(m.n, 1);
-        assert_string_equal(m.dev[0], "b");
-        assert_int_equal(m.seq[0], 12);
-        /* A damaged mark is not taken for a number. */
-        assert_int_equal(db_meta_set(db, "spool_seqs_stored_through_id", "x1"), 0);
-        assert_int_equal(spool_max_seqs(db, collect_max, &m), -EUCLEAN);
+        assert_int_equal(m.n, 2); /* the segment with 4, 12 (moved aside), 5, 13 */
+        for (int i = 0; i < 2; i++)
+                assert_int_equal(m.seq[i], streq(m.dev[i], "a") ? 5 : 13);
         registry_free(r);
         db_close(db);
+
+        /* A restart: 5 and 13 are only in a segment, 3 and 11 only in bulb_seqs (their segment
+         * retired): each bulb's last seq is the newest, so that an old seq is a replay
+         * (ingest.c). */
+        db = open_db();
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(spool_max_seqs(db, take_seq, r), 0);
+        assert_int_equal(registry_find(r, "a")->last_seq, 5);
+        assert_int_equal(registry_find(r, "b")->last_seq, 13);
+        /* All uploaded and the segment retired (closed by the cap's drop of nothing): bulb_seqs
+         * has them, and after another restart they hold. */
+        int64_t last = 0;
+        assert_int_equal(spool_read_batch(db, 10, take_last_id, &last), 2);
+        assert_int_equal(spool_delete(db, 1, last, &count, &bytes), 0);
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 0);
+        assert_int_equal(count_segments(), 0);
+        registry_free(r);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(registry_open(db, &r), 0);
+        m.n = 0;
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 0);
+        assert_int_equal(registry_find(r, "a")->last_seq, 5);
+        assert_int_equal(registry_find(r, "b")->last_seq, 13);
+        registry_free(r);
+        db_close(db);
+}
+
+static int64_t newest_id(struct db *db) {
+        int64_t id = 0;
+
+        assert_true(spool_read_batch(db, 1000, take_last_id, &id) >= 0);
+        return id;
 }
 
 static void test_spool_relay(void **state) {
@@ -1083,10 +1180,8 @@ static void test_spool_relay(void **state) {
         char *v = NULL;
 
         assert_int_equal(spool_oldest(db, &oldest, &at), -ENOENT);
-        assert_int_equal(db_begin(db), 0);
         for (int i = 1; i <= 6; i++)
                 assert_int_equal(spool_append(db, "bulb-1", i, (const uint8_t *) "a.b.c", 5, 100 * i), 0);
-        assert_int_equal(db_commit(db), 0);
 
         /* Oldest first, bounded by max. */
         assert_int_equal(spool_read_batch(db, 4, collect, ids), 4);
@@ -1109,33 +1204,36 @@ static void test_spool_relay(void **state) {
         assert_int_equal(spool_moved_aside_count(db, &n), 0);
         assert_int_equal(n, 1);
         assert_int_equal(query_int(db, "SELECT http_status FROM moved_aside"), 400);
+        assert_int_equal(spool_oldest(db, &oldest, &at), 0);
+        assert_int_equal(oldest, ids[3]);
 
-        /* At the cap: the oldest go first. */
-        assert_int_equal(spool_drop_oldest(db, 2, &count, &bytes), 0);
-        assert_int_equal(count, 2);
+        /* At the cap: the oldest segment goes (here the only one: closed first), and a batch
+         * still in flight with it; an id never comes back, so that the cloud's late answer for
+         * ids[0..3] cannot remove a newer frame. */
+        int64_t last = newest_id(db);
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 3);
         assert_int_equal(spool_stats(db, &n, &bytes), 0);
-        assert_int_equal(n, 1);
-        assert_int_equal(query_int(db, "SELECT seq FROM spool"), 6);
-
-        /* Emptied (the cap dropped a batch still in flight, say): an id never comes back, so
-         * that the cloud's late answer for ids[0..3] cannot delete a newer frame. */
-        int64_t last = query_int(db, "SELECT MAX(id) FROM spool");
-        assert_int_equal(spool_drop_oldest(db, 8, &count, &bytes), 0);
-        assert_int_equal(count, 1);
+        assert_int_equal(n, 0);
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 0);
         assert_int_equal(spool_append(db, "bulb-1", 7, (const uint8_t *) "a.b.c", 5, 700), 0);
-        assert_true(query_int(db, "SELECT MAX(id) FROM spool") > last);
-        /* Rolled back ids leave a gap; after a restart ids go on from the largest one kept. */
-        last = query_int(db, "SELECT MAX(id) FROM spool");
-        assert_int_equal(db_begin(db), 0);
+        assert_true(newest_id(db) > last);
+        assert_int_equal(spool_delete(db, ids[0], ids[3], &count, &bytes), 0);
+        assert_int_equal(count, 0);
+        /* Taken back ids leave a gap; after a restart ids go on from the largest one kept. */
+        last = newest_id(db);
+        struct spool_frame f = { .dev = "bulb-1", .seq = 8, .jws = (const uint8_t *) "a.b.c", .len = 5, .received_at_usec = 800 };
+        assert_int_equal(spool_append_frames(db, &f, 1), 0);
+        assert_int_equal(spool_undo_append(db), 0);
         assert_int_equal(spool_append(db, "bulb-1", 8, (const uint8_t *) "a.b.c", 5, 800), 0);
-        assert_int_equal(db_rollback(db), 0);
-        assert_int_equal(spool_append(db, "bulb-1", 8, (const uint8_t *) "a.b.c", 5, 800), 0);
-        assert_true(query_int(db, "SELECT MAX(id) FROM spool") > last + 1);
-        last = query_int(db, "SELECT MAX(id) FROM spool");
+        assert_true(newest_id(db) > last + 1);
+        last = newest_id(db);
         db_close(db);
         db = open_db();
+        assert_int_equal(pending_of(db), 2);
         assert_int_equal(spool_append(db, "bulb-1", 9, (const uint8_t *) "a.b.c", 5, 900), 0);
-        assert_int_equal(query_int(db, "SELECT MAX(id) FROM spool"), last + 1);
+        assert_int_equal(newest_id(db), last + 1);
 
         assert_int_equal(db_meta_get(db, "k", &v), -ENOENT);
         assert_int_equal(db_meta_set(db, "k", "1"), 0);
@@ -1172,15 +1270,41 @@ static void test_migrate_v1(void **state) {
         assert_int_equal(chmod(T.path, 0600), 0);
         db = open_db();
         assert_int_equal(query_int(db, "PRAGMA user_version"), SCHEMA_VERSION);
-        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 1);
+        /* The frame moved into the segment log (issue 13), with its id. */
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 0);
+        assert_int_equal(pending_of(db), 1);
+        struct first_frame ff = {};
+        int64_t id = 0, at = 0;
+        assert_int_equal(spool_read_batch(db, 10, take_first, &ff), 1);
+        assert_int_equal(ff.len, 1);
+        assert_int_equal(ff.jws[0], 'A');
+        assert_int_equal(spool_oldest(db, &id, &at), 0);
+        assert_int_equal(id, 1);
+        assert_int_equal(at, 1);
+        struct max_seqs m = { 0 };
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 1);
+        assert_int_equal(m.seq[0], 1);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM moved_aside"), 0);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM commands"), 0);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM events"), 0);
         /* Migration 5: the seqs moved to bulb_seqs, the frames kept their ids. */
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), 7);
         assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'c'"), 0);
-        assert_int_equal(query_int(db, "SELECT id FROM spool WHERE seq = 1"), 1);
         assert_int_equal(query_int(db, "SELECT COUNT(*) FROM pragma_table_info('bulbs') WHERE name = 'last_seq'"), 0);
+        /* A stop between the move and the table's DELETE: the frame is in both; only what the
+         * log lacks is moved again. */
+        assert_int_equal(sqlite3_exec(db_handle(db),
+                                      "INSERT INTO spool (id, dev, seq, received_at_usec, jws) VALUES (1, 'b', 1, 1, x'41'),"
+                                      " (2, 'b', 3, 3, x'43')",
+                                      NULL, NULL, NULL),
+                         SQLITE_OK);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool"), 0);
+        assert_int_equal(pending_of(db), 2);
+        assert_int_equal(spool_oldest(db, &id, NULL), 0);
+        assert_int_equal(id, 1);
         db_close(db);
 }
 
@@ -1371,6 +1495,61 @@ static void test_sync_thread(void **state) {
         sd_event_unref(e);
 }
 
+/* The spool's segments with the sync thread: an append counts once the thread reported its
+ * commit generation (the segment's fsync with the WAL's), and a segment nothing waits in is
+ * unlinked only after the commit of its bulbs' seqs was reported synced. */
+static void test_sync_thread_spool(void **state) {
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        struct synced y = { 0 };
+        sd_event *e = NULL;
+        uint64_t gen, count = 0, bytes = 0;
+        struct spool_frame f = { .dev = "a", .seq = 1, .jws = (const uint8_t *) "a.b.c", .len = 5, .received_at_usec = 1 };
+
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_add(r, "a", T.pem_p256, strlen(T.pem_p256)), 0);
+        assert_int_equal(sd_event_new(&e), 0);
+        assert_int_equal(db_sync_start(db, e, on_synced, &y), 0);
+        gen = db_commit_gen(db);
+        assert_int_equal(spool_append_frames(db, &f, 1), 0);
+        assert_int_equal(db_sync_request(db), 0);
+        assert_int_equal(db_commit_gen(db), gen + 1);
+        wait_synced(e, &y, gen + 1);
+        f.seq = 2;
+        assert_int_equal(spool_append_frames(db, &f, 1), 0);
+        assert_int_equal(db_sync_request(db), 0);
+        wait_synced(e, &y, db_commit_gen(db));
+
+        /* Dropped at the cap: the seqs are committed at once, the file goes after their sync. */
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), 2);
+        for (int i = 0; i < 500 && count_segments() > 0; i++)
+                assert_true(sd_event_run(e, 10000) >= 0);
+        assert_int_equal(count_segments(), 0);
+        /* The next append opens a new segment (and its directory entry is synced with it). */
+        f.seq = 3;
+        assert_int_equal(spool_append_frames(db, &f, 1), 0);
+        assert_int_equal(db_sync_request(db), 0);
+        wait_synced(e, &y, db_commit_gen(db));
+        assert_int_equal(count_segments(), 1);
+        assert_int_equal(pending_of(db), 1);
+        /* Stopping syncs what is left; the log goes on durable-on-return. */
+        f.seq = 4;
+        assert_int_equal(spool_append_frames(db, &f, 1), 0);
+        assert_int_equal(db_sync_request(db), 0);
+        db_sync_stop(db);
+        assert_int_equal(y.gen, db_commit_gen(db));
+        assert_int_equal(spool_append(db, "a", 5, (const uint8_t *) "a.b.c", 5, 5), 0);
+        registry_free(r);
+        db_close(db);
+        sd_event_unref(e);
+
+        db = open_db();
+        assert_int_equal(pending_of(db), 3);
+        db_close(db);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_open_creates_private_wal_db, setup, teardown),
@@ -1385,6 +1564,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_deleted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sync_thread, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_sync_thread_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_seqs, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),

@@ -31,12 +31,15 @@ export async function straceAttach(pid, out) {
 
 // strace -f: "TID TIME call(...) = R <DUR>", or split into "<unfinished ...>" and
 // "<... call resumed>" when another thread ran meanwhile. Returns the WAL's writes (times in
-// ms), its whole syncs {start, end}, the syncs made on the loop's thread (pid), and every other
-// write or send with its time and text, for the caller to pick its own.
+// ms), its whole syncs {start, end}, the same for the spool's segment files (segWrites
+// {ts, file}, segSyncs {start, end, file}: the frames, issue 13), the syncs made on the loop's
+// thread (pid), and every other write or send with its time and text, for the caller to pick
+// its own.
 export function parseTrace(text, pid) {
   const lines = text.split('\n');
-  const walWrites = [], syncs = [], loopSyncs = [], sends = [];
-  const open = new Map();
+  const walWrites = [], syncs = [], loopSyncs = [], sends = [], segWrites = [], segSyncs = [];
+  const open = new Map(), openSeg = new Map();
+  const segFile = (x) => /<([^<>]*\/spool\/seg-[0-9a-f]{16}\.log)>/.exec(x)?.[1];
   let exit = null;
   for (const l of lines) {
     const m = /^(\d+)\s+([\d.]+)\s+(.*)$/.exec(l);
@@ -49,18 +52,27 @@ export function parseTrace(text, pid) {
         if (rest.includes('<unfinished')) open.set(tid, ts);
         else if (dur) syncs.push({ start: ts, end: ts + Number(dur[1]) * 1000 });
       }
-    } else if (/^<\.\.\. f(data)?sync resumed>/.test(rest) && open.has(tid)) {
-      syncs.push({ start: open.get(tid), end: ts });
+      const file = segFile(rest);
+      if (file) {
+        if (rest.includes('<unfinished')) openSeg.set(tid, { ts, file });
+        else if (dur) segSyncs.push({ start: ts, end: ts + Number(dur[1]) * 1000, file });
+      }
+    } else if (/^<\.\.\. f(data)?sync resumed>/.test(rest) && (open.has(tid) || openSeg.has(tid))) {
+      if (open.has(tid)) syncs.push({ start: open.get(tid), end: ts });
+      else segSyncs.push({ start: openSeg.get(tid).ts, end: ts, file: openSeg.get(tid).file });
       open.delete(tid);
+      openSeg.delete(tid);
     } else if (/^pwrite64\(/.test(rest) && rest.includes('-wal>')) {
       walWrites.push(ts);
+    } else if (/^pwrite64\(/.test(rest) && segFile(rest)) {
+      segWrites.push({ ts, file: segFile(rest) });
     } else if (/^(write|writev|sendto|sendmsg)\(/.test(rest)) {
       sends.push({ ts, tid, text: rest });
     } else if (/^exit_group\(/.test(rest)) {
       exit = ts;
     }
   }
-  return { lines, walWrites, syncs, loopSyncs, sends, exit };
+  return { lines, walWrites, syncs, loopSyncs, sends, segWrites, segSyncs, exit };
 }
 
 // Whether the thing done at time `at` came after a whole fdatasync of the WAL that began after
@@ -75,5 +87,19 @@ export function syncedBefore(trace, at, what) {
     ok,
     msg: `${what} at ${at} with the last WAL write at ${w} and ${ok ? 'a' : 'no'} whole fdatasync between: ` +
       JSON.stringify(trace.syncs.filter((s) => s.end > w - 500 && s.start < at + 500)),
+  };
+}
+
+// The same for the spool's segments: the thing done at `at` came after a whole fsync of the
+// segment file last written before it, begun after that write.
+export function segSyncedBefore(trace, at, what) {
+  const before = trace.segWrites.filter((x) => x.ts < at);
+  if (before.length === 0) return { ok: false, msg: `${what} at ${at}: no segment write before it` };
+  const w = before.reduce((a, b) => (b.ts > a.ts ? b : a));
+  const ok = trace.segSyncs.some((s) => s.file === w.file && s.start > w.ts && s.end <= at);
+  return {
+    ok,
+    msg: `${what} at ${at} with the last write to ${w.file} at ${w.ts} and ${ok ? 'a' : 'no'} whole fsync of it ` +
+      `between: ${JSON.stringify(trace.segSyncs.filter((s) => s.end > w.ts - 500 && s.start < at + 500))}`,
   };
 }

@@ -1,0 +1,1118 @@
+/* SPDX-License-Identifier: MIT */
+/* The spool's segment log (include/iothub/seglog.h). First the records: encoding, a strict parser
+ * and the scan of a segment that survives damage, pure (no I/O), fuzzed whole
+ * (tests/fuzz/fuzz-seglog.c). Then the segment files: a directory of append-only files, the
+ * newest one written, the oldest ones unlinked once nothing in them waits; records are read back
+ * through windows of at most WINDOW bytes, so that memory stays small whatever the segment size, and the
+ * scan checks every record it passes. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "iothub/seglog.h"
+
+/* CRC-32C rather than zlib's CRC-32: the same cost in software, better error detection for the
+ * record sizes here, and no library for 20 lines. Table built once, on first use. */
+static uint32_t crc_table[256];
+static bool crc_table_ready;
+
+static void crc_table_init(void) {
+        for (uint32_t i = 0; i < 256; i++) {
+                uint32_t c = i;
+                for (int k = 0; k < 8; k++)
+                        c = (c & 1) ? (c >> 1) ^ UINT32_C(0x82f63b78) : c >> 1;
+                crc_table[i] = c;
+        }
+        crc_table_ready = true;
+}
+
+uint32_t seglog_crc32c(uint32_t crc, const void *buf, size_t len) {
+        const uint8_t *p = buf;
+
+        if (!crc_table_ready)
+                crc_table_init();
+        crc = ~crc;
+        for (size_t i = 0; i < len; i++)
+                crc = crc_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+        return ~crc;
+}
+
+static void put_u32(uint8_t *p, uint32_t v) {
+        for (int i = 0; i < 4; i++)
+                p[i] = (uint8_t) (v >> (8 * i));
+}
+
+static void put_u64(uint8_t *p, uint64_t v) {
+        for (int i = 0; i < 8; i++)
+                p[i] = (uint8_t) (v >> (8 * i));
+}
+
+static uint32_t get_u32(const uint8_t *p) {
+        return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
+}
+
+static uint64_t get_u64(const uint8_t *p) {
+        uint64_t v = 0;
+        for (int i = 7; i >= 0; i--)
+                v = v << 8 | p[i];
+        return v;
+}
+
+/* The body's length bounds, by type (the header's len is checked against the widest first). */
+#define BODY_MIN SEGLOG_BODY_FIXED
+#define BODY_MAX (SEGLOG_FRAME_FIXED + DEVICE_ID_MAX + FRAME_MAX_BYTES_LIMIT)
+
+int seglog_record_encode(const struct seglog_record *r, uint8_t *buf, size_t cap) {
+        size_t devlen = 0, body, size;
+
+        if (!r || !buf || r->id < 1)
+                return -EINVAL;
+        if (r->type == SEGLOG_FRAME) {
+                devlen = strnlen(r->dev, DEVICE_ID_MAX + 1);
+                if (!device_id_is_valid(r->dev, devlen) || r->seq < 1 || r->seq > FRAME_SEQ_MAX ||
+                    r->received_at_usec < 0 || !r->jws || r->len == 0 || r->len > FRAME_MAX_BYTES_LIMIT)
+                        return -EINVAL;
+                body = SEGLOG_FRAME_FIXED + devlen + r->len;
+        } else if (r->type == SEGLOG_CURSOR)
+                body = SEGLOG_BODY_FIXED;
+        else
+                return -EINVAL;
+        size = SEGLOG_HEADER_BYTES + body;
+        if (cap < size)
+                return -ENOBUFS;
+        put_u32(buf, SEGLOG_MAGIC);
+        put_u32(buf + 4, (uint32_t) body);
+        uint8_t *b = buf + SEGLOG_HEADER_BYTES;
+        b[0] = (uint8_t) r->type;
+        b[1] = (uint8_t) devlen;
+        b[2] = b[3] = 0;
+        put_u64(b + 4, (uint64_t) r->id);
+        if (r->type == SEGLOG_FRAME) {
+                put_u64(b + 12, (uint64_t) r->seq);
+                put_u64(b + 20, (uint64_t) r->received_at_usec);
+                memcpy(b + SEGLOG_FRAME_FIXED, r->dev, devlen);
+                memcpy(b + SEGLOG_FRAME_FIXED + devlen, r->jws, r->len);
+        }
+        put_u32(buf + 8, seglog_crc32c(seglog_crc32c(0, buf + 4, 4), b, body));
+        return (int) size;
+}
+
+int seglog_record_parse(const uint8_t *buf, size_t len, struct seglog_record *ret) {
+        struct seglog_record r = {};
+        uint32_t body;
+        const uint8_t *b;
+
+        if (!buf || !ret)
+                return -EINVAL;
+        /* A header cut short: only its magic so far can say whether a record began here. */
+        if (len < SEGLOG_HEADER_BYTES) {
+                uint8_t m[4];
+                put_u32(m, SEGLOG_MAGIC);
+                return memcmp(buf, m, len < 4 ? len : 4) == 0 ? -EAGAIN : -EBADMSG;
+        }
+        if (get_u32(buf) != SEGLOG_MAGIC)
+                return -EBADMSG;
+        body = get_u32(buf + 4);
+        if (body < BODY_MIN || body > BODY_MAX)
+                return -EBADMSG;
+        if (len - SEGLOG_HEADER_BYTES < body)
+                return -EAGAIN;
+        b = buf + SEGLOG_HEADER_BYTES;
+        if (seglog_crc32c(seglog_crc32c(0, buf + 4, 4), b, body) != get_u32(buf + 8))
+                return -EBADMSG;
+        if (b[2] != 0 || b[3] != 0)
+                return -EBADMSG;
+        r.id = (int64_t) get_u64(b + 4);
+        if (r.id < 1)
+                return -EBADMSG;
+        switch (b[0]) {
+        case SEGLOG_CURSOR:
+                if (b[1] != 0 || body != SEGLOG_BODY_FIXED)
+                        return -EBADMSG;
+                r.type = SEGLOG_CURSOR;
+                break;
+        case SEGLOG_FRAME: {
+                size_t devlen = b[1];
+                uint64_t seq, at;
+
+                if (body < SEGLOG_FRAME_FIXED || devlen < 1 || devlen > DEVICE_ID_MAX ||
+                    body - SEGLOG_FRAME_FIXED <= devlen)
+                        return -EBADMSG;
+                seq = get_u64(b + 12);
+                at = get_u64(b + 20);
+                if (seq < 1 || seq > (uint64_t) FRAME_SEQ_MAX || at > (uint64_t) INT64_MAX)
+                        return -EBADMSG;
+                if (!device_id_is_valid((const char *) b + SEGLOG_FRAME_FIXED, devlen))
+                        return -EBADMSG;
+                r.type = SEGLOG_FRAME;
+                r.seq = (int64_t) seq;
+                r.received_at_usec = (int64_t) at;
+                memcpy(r.dev, b + SEGLOG_FRAME_FIXED, devlen);
+                r.dev[devlen] = '\0';
+                r.jws = b + SEGLOG_FRAME_FIXED + devlen;
+                r.len = body - SEGLOG_FRAME_FIXED - devlen;
+                if (r.len > FRAME_MAX_BYTES_LIMIT)
+                        return -EBADMSG;
+                break;
+        }
+        default:
+                return -EBADMSG;
+        }
+        *ret = r;
+        return (int) (SEGLOG_HEADER_BYTES + body);
+}
+
+/* The next offset at or after from where an intact record starts, or len. Only offsets with the
+ * magic are parsed, so a scan over garbage costs a memcmp per byte, not a CRC. */
+static size_t next_intact(const uint8_t *buf, size_t len, size_t from, int64_t last_frame_id) {
+        uint8_t m[4];
+
+        put_u32(m, SEGLOG_MAGIC);
+        for (size_t o = from; o + SEGLOG_HEADER_BYTES <= len; o++) {
+                struct seglog_record r;
+                const uint8_t *p = memchr(buf + o, m[0], len - o);
+
+                if (!p)
+                        break;
+                o = (size_t) (p - buf);
+                if (len - o < SEGLOG_HEADER_BYTES)
+                        break;
+                if (memcmp(p, m, 4) != 0)
+                        continue;
+                if (seglog_record_parse(p, len - o, &r) > 0 && (r.type != SEGLOG_FRAME || r.id > last_frame_id))
+                        return o;
+        }
+        return len;
+}
+
+int seglog_scan(const uint8_t *buf, size_t len,
+                int (*cb)(const struct seglog_record *r, size_t off, size_t size, void *userdata),
+                void *userdata, struct seglog_scan_result *ret) {
+        struct seglog_scan_result s = {};
+        size_t off = 0;
+
+        if ((!buf && len > 0) || !ret)
+                return -EINVAL;
+        while (off < len) {
+                struct seglog_record r;
+                int n = seglog_record_parse(buf + off, len - off, &r);
+
+                if (n > 0 && r.type == SEGLOG_FRAME && r.id <= s.last_frame_id)
+                        n = -EBADMSG; /* ids only grow: an old record where it cannot be is damage */
+                if (n < 0) {
+                        size_t next = next_intact(buf, len, off + 1, s.last_frame_id);
+                        if (next >= len)
+                                break; /* the tail */
+                        s.damaged++;
+                        s.damaged_bytes += next - off;
+                        off = next;
+                        continue;
+                }
+                if (cb) {
+                        int r2 = cb(&r, off, (size_t) n, userdata);
+                        if (r2 < 0)
+                                return r2;
+                }
+                s.records++;
+                if (r.type == SEGLOG_FRAME)
+                        s.last_frame_id = r.id;
+                off += (size_t) n;
+                s.good_end = off;
+        }
+        s.tail_bytes = len - s.good_end;
+        *ret = s;
+        return 0;
+}
+
+/* ---- The segment files ---- */
+
+#define SPOOL_DIR "spool"
+/* A window holds at least two of the largest records, so that every window read makes
+ * progress (a record cut by the window's end is read again at the start of the next). */
+#define WINDOW (256u * 1024u)
+_Static_assert(WINDOW >= 2 * SEGLOG_RECORD_MAX, "a window must hold two records");
+/* Reads start with a window this small (a batch of ordinary frames, the oldest frame's time),
+ * and take the full one only where no record is complete in it. */
+#define WINDOW_SMALL (32u * 1024u)
+/* The largest segment file read at start: segment_bytes is at most this minus one record. */
+#define SEGMENT_FILE_MAX (64u * 1024u * 1024u)
+
+struct segment {
+        int64_t name_id;         /* the id in the file name */
+        int64_t first_id, last_id; /* its frames' ids (0 when it holds none) */
+        uint64_t frames, bytes;  /* all its frames and their JWS bytes */
+        uint64_t size;           /* where the next record goes (the newest) or the end */
+        int fd;                  /* open while written or waiting for its sync, -1 otherwise */
+        bool dirty;              /* written since its last fdatasync */
+};
+
+struct seglog {
+        int dir_fd;
+        struct segment *segs;
+        size_t n, cap;
+        bool writing;            /* the last segment is the one appended to */
+        bool dir_dirty;          /* a segment was created since the directory's last fsync */
+        size_t segment_bytes;
+        int64_t last_id;
+        int64_t cursor;          /* every frame up to this id has left the spool */
+        uint64_t pending, bytes;
+        size_t rd_seg;           /* where the first waiting frame is, or the end */
+        uint64_t rd_off;
+        bool retire_ready;       /* seglog_retirable() reported segs[0] */
+        struct {
+                bool valid, created;
+                uint64_t size, frames, bytes, pending, pbytes;
+                int64_t first_id, last_id, l_last_id;
+        } undo;
+        uint8_t *buf;
+        size_t cap_buf;
+};
+
+static void name_of(int64_t id, char out[32]) {
+        (void) snprintf(out, 32, "seg-%016" PRIx64 ".log", (uint64_t) id);
+}
+
+/* seg-<16 lower-case hex digits>.log, nothing else. */
+static bool parse_name(const char *s, int64_t *ret) {
+        uint64_t v = 0;
+
+        if (strlen(s) != 24 || strncmp(s, "seg-", 4) != 0 || strcmp(s + 20, ".log") != 0)
+                return false;
+        for (int i = 4; i < 20; i++) {
+                char c = s[i];
+                if (c >= '0' && c <= '9')
+                        v = v << 4 | (uint64_t) (c - '0');
+                else if (c >= 'a' && c <= 'f')
+                        v = v << 4 | (uint64_t) (c - 'a' + 10);
+                else
+                        return false;
+        }
+        if (v < 1 || v > INT64_MAX)
+                return false;
+        *ret = (int64_t) v;
+        return true;
+}
+
+static int cmp_seg(const void *a, const void *b) {
+        const struct segment *x = a, *y = b;
+        return x->name_id < y->name_id ? -1 : x->name_id > y->name_id;
+}
+
+void seglog_close(struct seglog *l) {
+        if (!l)
+                return;
+        for (size_t i = 0; i < l->n; i++)
+                if (l->segs[i].fd >= 0)
+                        (void) close(l->segs[i].fd);
+        if (l->dir_fd >= 0)
+                (void) close(l->dir_fd);
+        free(l->segs);
+        free(l->buf);
+        free(l);
+}
+
+static int open_seg(struct seglog *l, struct segment *s, int flags) {
+        char name[32];
+        int fd;
+
+        if (s->fd >= 0)
+                return s->fd;
+        name_of(s->name_id, name);
+        fd = openat(l->dir_fd, name, flags | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
+        if (fd < 0)
+                return -errno;
+        return fd;
+}
+
+static int pread_full(int fd, uint8_t *buf, size_t len, uint64_t off, size_t *ret) {
+        size_t got = 0;
+
+        while (got < len) {
+                ssize_t k = pread(fd, buf + got, len - got, (off_t) (off + got));
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        break;
+                got += (size_t) k;
+        }
+        *ret = got;
+        return 0;
+}
+
+static int pwrite_full(int fd, const uint8_t *buf, size_t len, uint64_t off) {
+        size_t done = 0;
+
+        while (done < len) {
+                ssize_t k = pwrite(fd, buf + done, len - done, (off_t) (off + done));
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        return -EIO;
+                done += (size_t) k;
+        }
+        return 0;
+}
+
+/* Walks the records from segment s, offset off, to the end of the log, through windows; cb
+ * returns 0 to go on, 1 to stop (the walk returns 1), or a negative errno. */
+typedef int (*walk_cb)(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata);
+
+struct walk_ctx {
+        walk_cb cb;
+        void *userdata;
+        size_t seg;
+        uint64_t base;
+        int stop;
+};
+
+static int walk_one(const struct seglog_record *r, size_t off, size_t size, void *userdata) {
+        struct walk_ctx *w = userdata;
+        int k = w->cb(r, w->seg, w->base + off, size, w->userdata);
+
+        if (k > 0) {
+                w->stop = k;
+                return -ECANCELED;
+        }
+        return k;
+}
+
+static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_cb cb, void *userdata) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t cap = 0, win = WINDOW_SMALL;
+        int r;
+
+        for (; s <= last_seg && s < l->n; s++, off = 0) {
+                struct segment *g = &l->segs[s];
+                _cleanup_close_ int own = -1;
+                int fd = g->fd;
+
+                if (off >= g->size)
+                        continue;
+                if (fd < 0) {
+                        fd = own = open_seg(l, g, O_RDONLY);
+                        if (fd < 0)
+                                return fd;
+                }
+                while (off < g->size) {
+                        struct walk_ctx w = { .cb = cb, .userdata = userdata, .seg = s, .base = off };
+                        struct seglog_scan_result res;
+                        size_t want = g->size - off < win ? (size_t) (g->size - off) : win, got;
+
+                        if (want > cap) {
+                                uint8_t *t = realloc(buf, want);
+                                if (!t)
+                                        return -ENOMEM;
+                                buf = t;
+                                cap = want;
+                        }
+                        r = pread_full(fd, buf, want, off, &got);
+                        if (r < 0)
+                                return r;
+                        if (got < want)
+                                return -EUCLEAN; /* the file shrank behind our back */
+                        r = seglog_scan(buf, got, walk_one, &w, &res);
+                        if (r == -ECANCELED && w.stop)
+                                return w.stop;
+                        if (r < 0)
+                                return r;
+                        if (off + got >= g->size)
+                                break; /* the segment's end: its tail was cut or counted at start */
+                        if (res.good_end == 0 && win < WINDOW) {
+                                /* No record complete in a small window (a large frame, or
+                                 * damage): the same place again through the full one. */
+                                win = WINDOW;
+                                continue;
+                        }
+                        /* Next window at the first record not yet complete here; past damage
+                         * with no record in this window, by what surely holds no record start
+                         * of an intact one that fits. */
+                        off += res.good_end > 0 ? res.good_end : got - SEGLOG_RECORD_MAX;
+                }
+        }
+        return 0;
+}
+
+/* Start: one segment's records. */
+struct open_ctx {
+        struct segment *seg;
+        int64_t mark, cursor;
+        int (*seq_cb)(const char *dev, int64_t seq, void *userdata);
+        void *userdata;
+};
+
+static int open_one(const struct seglog_record *r, size_t off, size_t size, void *userdata) {
+        struct open_ctx *c = userdata;
+        int k;
+
+        if (r->type == SEGLOG_CURSOR) {
+                if (r->id > c->cursor)
+                        c->cursor = r->id;
+                return 0;
+        }
+        if (c->seg->frames == 0)
+                c->seg->first_id = r->id;
+        c->seg->last_id = r->id;
+        c->seg->frames++;
+        c->seg->bytes += r->len;
+        if (c->seq_cb && r->id > c->mark) {
+                k = c->seq_cb(r->dev, r->seq, c->userdata);
+                if (k < 0)
+                        return k;
+        }
+        return 0;
+}
+
+/* Start: counting the waiting frames of the segment the cursor is in, and where they begin. */
+struct pend_ctx {
+        struct seglog *l;
+        bool found;
+};
+
+static int pend_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct pend_ctx *c = userdata;
+
+        if (r->type != SEGLOG_FRAME || r->id <= c->l->cursor)
+                return 0;
+        if (!c->found) {
+                c->found = true;
+                c->l->rd_seg = seg;
+                c->l->rd_off = off;
+        }
+        c->l->pending++;
+        c->l->bytes += r->len;
+        return 0;
+}
+
+int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
+                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata, struct seglog **ret,
+                struct seglog_found *ret_found, char **ret_error) {
+        _cleanup_(seglog_closep) struct seglog *l = NULL;
+        _cleanup_close_ int sfd = -1;
+        struct seglog_found found = {};
+        struct stat st;
+        DIR *d;
+        int r;
+
+        if (!state_dir || !ret || segment_bytes == 0 || segment_bytes > SEGMENT_FILE_MAX - SEGLOG_RECORD_MAX)
+                return -EINVAL;
+        l = calloc(1, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l->dir_fd = -1;
+        l->segment_bytes = segment_bytes;
+        sfd = open(state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (sfd < 0)
+                return set_error_message(ret_error, -errno, "cannot open %s: %s", state_dir, strerror(errno));
+        if (mkdirat(sfd, SPOOL_DIR, 0700) < 0 && errno != EEXIST)
+                return set_error_message(ret_error, -errno, "cannot create %s/" SPOOL_DIR ": %s", state_dir,
+                                         strerror(errno));
+        l->dir_fd = openat(sfd, SPOOL_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+        if (l->dir_fd < 0)
+                return set_error_message(ret_error, -errno, "cannot open %s/" SPOOL_DIR ": %s", state_dir,
+                                         strerror(errno));
+        if (fstat(l->dir_fd, &st) < 0)
+                return set_error_message(ret_error, -errno, "cannot stat %s/" SPOOL_DIR ": %s", state_dir,
+                                         strerror(errno));
+        if (st.st_uid != geteuid())
+                return set_error_message(ret_error, -EPERM, "%s/" SPOOL_DIR " is owned by uid %u, not us (uid %u)",
+                                         state_dir, (unsigned) st.st_uid, (unsigned) geteuid());
+        if ((st.st_mode & 077) != 0 && fchmod(l->dir_fd, 0700) < 0)
+                return set_error_message(ret_error, -errno, "cannot make %s/" SPOOL_DIR " private: %s", state_dir,
+                                         strerror(errno));
+
+        /* The segments, oldest first. Other names are not ours and are left alone. */
+        int dfd = dup(l->dir_fd);
+        if (dfd < 0 || !(d = fdopendir(dfd))) {
+                r = -errno;
+                if (dfd >= 0)
+                        (void) close(dfd);
+                return set_error_message(ret_error, r, "cannot list %s/" SPOOL_DIR ": %s", state_dir, strerror(-r));
+        }
+        for (struct dirent *de; (errno = 0, de = readdir(d));) {
+                int64_t id;
+
+                if (!parse_name(de->d_name, &id))
+                        continue;
+                if (l->n == l->cap) {
+                        size_t cap = l->cap ? l->cap * 2 : 16;
+                        struct segment *t = reallocarray(l->segs, cap, sizeof *t);
+                        if (!t) {
+                                (void) closedir(d);
+                                return -ENOMEM;
+                        }
+                        l->segs = t;
+                        l->cap = cap;
+                }
+                l->segs[l->n++] = (struct segment){ .name_id = id, .fd = -1 };
+        }
+        r = errno ? -errno : 0;
+        (void) closedir(d);
+        if (r < 0)
+                return set_error_message(ret_error, r, "cannot list %s/" SPOOL_DIR ": %s", state_dir, strerror(-r));
+        if (l->n > 0)
+                qsort(l->segs, l->n, sizeof *l->segs, cmp_seg);
+
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+                bool newest = i + 1 == l->n;
+                _cleanup_free_ uint8_t *data = NULL;
+                _cleanup_close_ int fd = -1;
+                struct seglog_scan_result res;
+                struct open_ctx c = { .seg = g, .mark = seqs_mark, .cursor = l->cursor, .seq_cb = seq_cb,
+                                      .userdata = userdata };
+                char name[32];
+                size_t got;
+
+                name_of(g->name_id, name);
+                fd = openat(l->dir_fd, name, (newest ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+                if (fd < 0 || fstat(fd, &st) < 0)
+                        return set_error_message(ret_error, -errno, "cannot open %s/" SPOOL_DIR "/%s: %s", state_dir,
+                                                 name, strerror(errno));
+                if (!S_ISREG(st.st_mode))
+                        return set_error_message(ret_error, -EUCLEAN, "%s/" SPOOL_DIR "/%s is not a regular file",
+                                                 state_dir, name);
+                if ((uint64_t) st.st_size > SEGMENT_FILE_MAX)
+                        return set_error_message(ret_error, -EFBIG, "%s/" SPOOL_DIR "/%s is larger than %u bytes",
+                                                 state_dir, name, SEGMENT_FILE_MAX);
+                data = malloc((size_t) st.st_size ?: 1);
+                if (!data)
+                        return -ENOMEM;
+                r = pread_full(fd, data, (size_t) st.st_size, 0, &got);
+                if (r < 0)
+                        return set_error_message(ret_error, r, "cannot read %s/" SPOOL_DIR "/%s: %s", state_dir, name,
+                                                 strerror(-r));
+                r = seglog_scan(data, got, open_one, &c, &res);
+                if (r < 0)
+                        return set_error_message(ret_error, r, "cannot read %s/" SPOOL_DIR "/%s: %s", state_dir, name,
+                                                 strerror(-r));
+                if (g->frames > 0 && (g->first_id <= l->last_id))
+                        return set_error_message(ret_error, -EUCLEAN,
+                                                 "%s/" SPOOL_DIR "/%s: frame ids overlap the segment before it",
+                                                 state_dir, name);
+                l->cursor = c.cursor;
+                if (g->frames > 0)
+                        l->last_id = g->last_id;
+                found.damaged += res.damaged;
+                found.damaged_bytes += res.damaged_bytes;
+                if (newest) {
+                        /* An append that a crash cut short: never synced, never acked. */
+                        if (res.tail_bytes > 0 && ftruncate(fd, (off_t) res.good_end) < 0)
+                                return set_error_message(ret_error, -errno, "cannot cut the torn end of %s/" SPOOL_DIR
+                                                         "/%s: %s", state_dir, name, strerror(errno));
+                        found.torn_bytes = res.tail_bytes;
+                        g->size = res.good_end;
+                        g->fd = TAKE_FD(fd);
+                        g->dirty = res.tail_bytes > 0;
+                        l->writing = true;
+                } else {
+                        if (res.tail_bytes > 0) {
+                                found.damaged++;
+                                found.damaged_bytes += res.tail_bytes;
+                        }
+                        g->size = got;
+                }
+        }
+        found.segments = l->n;
+
+        /* What waits: the frames above the cursor (the walk also finds where they begin). */
+        l->rd_seg = l->n;
+        for (size_t i = 0; i < l->n; i++)
+                if (l->segs[i].frames > 0 && l->segs[i].last_id > l->cursor) {
+                        struct pend_ctx p = { .l = l };
+                        r = walk(l, i, 0, i, pend_one, &p);
+                        if (r < 0)
+                                return set_error_message(ret_error, r, "cannot read the spool's segments: %s",
+                                                         strerror(-r));
+                        for (size_t j = i + 1; j < l->n; j++) {
+                                l->pending += l->segs[j].frames;
+                                l->bytes += l->segs[j].bytes;
+                        }
+                        break;
+                }
+        if (ret_found)
+                *ret_found = found;
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+void seglog_counts(const struct seglog *l, uint64_t *ret_pending, uint64_t *ret_bytes) {
+        if (ret_pending)
+                *ret_pending = l->pending;
+        if (ret_bytes)
+                *ret_bytes = l->bytes;
+}
+
+int64_t seglog_last_id(const struct seglog *l) {
+        return l->last_id;
+}
+
+static int buf_reserve(struct seglog *l, size_t need) {
+        if (need <= l->cap_buf)
+                return 0;
+        size_t cap = l->cap_buf ? l->cap_buf : 4096;
+        while (cap < need)
+                cap *= 2;
+        uint8_t *b = realloc(l->buf, cap);
+        if (!b)
+                return -ENOMEM;
+        l->buf = b;
+        l->cap_buf = cap;
+        return 0;
+}
+
+static int add_seg(struct seglog *l, int64_t id) {
+        struct segment *g;
+        char name[32];
+        int fd;
+
+        if (l->n == l->cap) {
+                size_t cap = l->cap ? l->cap * 2 : 16;
+                struct segment *t = reallocarray(l->segs, cap, sizeof *t);
+                if (!t)
+                        return -ENOMEM;
+                l->segs = t;
+                l->cap = cap;
+        }
+        name_of(id, name);
+        fd = openat(l->dir_fd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
+        if (fd < 0)
+                return -errno;
+        g = &l->segs[l->n++];
+        *g = (struct segment){ .name_id = id, .fd = fd };
+        l->writing = true;
+        l->dir_dirty = true;
+        return 0;
+}
+
+/* The segment appended to is done with: its descriptor stays open until its sync if it has
+ * unsynced bytes. */
+void seglog_roll(struct seglog *l) {
+        if (!l->writing)
+                return;
+        l->writing = false;
+        struct segment *g = &l->segs[l->n - 1];
+        if (!g->dirty && g->fd >= 0) {
+                (void) close(g->fd);
+                g->fd = -1;
+        }
+}
+
+int seglog_append(struct seglog *l, const struct seglog_record *frames, size_t n) {
+        struct seglog_record cur = { .type = SEGLOG_CURSOR, .id = 0 };
+        size_t need = 0, len = 0;
+        int64_t id = l->last_id;
+        struct segment *g;
+        bool created = false, none_waiting = l->pending == 0;
+        int r, k;
+
+        l->undo.valid = false;
+        if (n == 0)
+                return 0;
+        for (size_t i = 0; i < n; i++) {
+                if (frames[i].type != SEGLOG_FRAME || frames[i].id <= id || frames[i].len > FRAME_MAX_BYTES_LIMIT)
+                        return -EINVAL;
+                id = frames[i].id;
+                need += seglog_frame_record_size(DEVICE_ID_MAX, frames[i].len);
+        }
+        if (l->writing && l->segs[l->n - 1].size > 0 && l->segs[l->n - 1].size + need > l->segment_bytes)
+                seglog_roll(l);
+        if (!l->writing) {
+                r = add_seg(l, frames[0].id);
+                if (r < 0)
+                        return r;
+                created = true;
+        }
+        g = &l->segs[l->n - 1];
+        r = buf_reserve(l, need + SEGLOG_HEADER_BYTES + SEGLOG_BODY_FIXED);
+        if (r < 0)
+                goto fail;
+        /* A new segment starts with the cursor, so that the newest file always has it. */
+        if (created && l->cursor > 0) {
+                cur.id = l->cursor;
+                k = seglog_record_encode(&cur, l->buf, l->cap_buf);
+                if (k < 0) {
+                        r = k;
+                        goto fail;
+                }
+                len += (size_t) k;
+        }
+        for (size_t i = 0; i < n; i++) {
+                k = seglog_record_encode(&frames[i], l->buf + len, l->cap_buf - len);
+                if (k < 0) {
+                        r = k;
+                        goto fail;
+                }
+                len += (size_t) k;
+        }
+        r = pwrite_full(g->fd, l->buf, len, g->size);
+        if (r < 0) {
+                /* Whatever part went in, it goes (a later append would otherwise follow it). */
+                if (!created && ftruncate(g->fd, (off_t) g->size) < 0)
+                        r = -EIO;
+                goto fail;
+        }
+        l->undo = (__typeof__(l->undo)){ .valid = true, .created = created, .size = g->size, .frames = g->frames,
+                                     .bytes = g->bytes, .pending = l->pending, .pbytes = l->bytes,
+                                     .first_id = g->first_id, .last_id = g->last_id, .l_last_id = l->last_id };
+        if (g->frames == 0)
+                g->first_id = frames[0].id;
+        g->last_id = id;
+        g->size += len;
+        g->dirty = true;
+        for (size_t i = 0; i < n; i++) {
+                g->frames++;
+                g->bytes += frames[i].len;
+                l->pending++;
+                l->bytes += frames[i].len;
+        }
+        if (none_waiting) {
+                /* Nothing was waiting: the first of these is where the waiting frames begin. */
+                l->rd_seg = l->n - 1;
+                l->rd_off = l->undo.size + (created && l->cursor > 0 ? SEGLOG_HEADER_BYTES + SEGLOG_BODY_FIXED : 0);
+        }
+        l->last_id = id;
+        return 0;
+fail:
+        if (created) {
+                char name[32];
+                name_of(g->name_id, name);
+                (void) close(g->fd);
+                (void) unlinkat(l->dir_fd, name, 0);
+                l->n--;
+                l->writing = false;
+        }
+        return r;
+}
+
+int seglog_undo_append(struct seglog *l) {
+        struct segment *g;
+
+        if (!l->undo.valid)
+                return -ENOENT;
+        l->undo.valid = false;
+        g = &l->segs[l->n - 1];
+        if (l->undo.created) {
+                char name[32];
+                name_of(g->name_id, name);
+                if (unlinkat(l->dir_fd, name, 0) < 0)
+                        return -errno;
+                (void) close(g->fd);
+                l->n--;
+                l->writing = false;
+                if (l->rd_seg > l->n)
+                        l->rd_seg = l->n;
+        } else {
+                if (ftruncate(g->fd, (off_t) l->undo.size) < 0)
+                        return -errno;
+                g->size = l->undo.size;
+                g->frames = l->undo.frames;
+                g->bytes = l->undo.bytes;
+                g->first_id = l->undo.first_id;
+                g->last_id = l->undo.last_id;
+        }
+        if (l->undo.pending == 0) {
+                l->rd_seg = l->n;
+                l->rd_off = 0;
+        }
+        l->pending = l->undo.pending;
+        l->bytes = l->undo.pbytes;
+        l->last_id = l->undo.l_last_id;
+        return 0;
+}
+
+int seglog_sync(struct seglog *l) {
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+                bool current = l->writing && i + 1 == l->n;
+
+                if (g->fd < 0 || !g->dirty)
+                        continue;
+                if (fdatasync(g->fd) < 0)
+                        return -errno;
+                g->dirty = false;
+                if (!current) {
+                        (void) close(g->fd);
+                        g->fd = -1;
+                }
+        }
+        /* A new file's name is in the directory, which fdatasync() of the file does not sync. */
+        if (l->dir_dirty) {
+                if (fsync(l->dir_fd) < 0)
+                        return -errno;
+                l->dir_dirty = false;
+        }
+        return 0;
+}
+
+struct read_ctx {
+        struct seglog *l;
+        unsigned max, n;
+        int (*cb)(const struct seglog_record *r, void *userdata);
+        void *userdata;
+};
+
+static int read_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct read_ctx *c = userdata;
+        int k;
+
+        if (r->type != SEGLOG_FRAME || r->id <= c->l->cursor)
+                return 0;
+        k = c->cb(r, c->userdata);
+        if (k < 0)
+                return k;
+        return ++c->n >= c->max ? 1 : 0;
+}
+
+int seglog_read_batch(struct seglog *l, unsigned max, int (*cb)(const struct seglog_record *r, void *userdata),
+                      void *userdata) {
+        struct read_ctx c = { .l = l, .max = max, .cb = cb, .userdata = userdata };
+        int r;
+
+        if (!cb || max == 0 || max > INT32_MAX)
+                return -EINVAL;
+        if (l->pending == 0)
+                return 0;
+        r = walk(l, l->rd_seg, l->rd_off, SIZE_MAX, read_one, &c);
+        return r < 0 ? r : (int) c.n;
+}
+
+/* Frames up to last_id leave: counted, and the read position moves to the first one after. */
+struct consume_ctx {
+        struct seglog *l;
+        int64_t last_id;
+        uint64_t count, bytes;
+        bool found;
+        size_t seg;
+        uint64_t off;
+};
+
+static int consume_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct consume_ctx *c = userdata;
+
+        if (r->type != SEGLOG_FRAME || r->id <= c->l->cursor)
+                return 0;
+        if (r->id > c->last_id) {
+                c->found = true;
+                c->seg = seg;
+                c->off = off;
+                return 1;
+        }
+        c->count++;
+        c->bytes += r->len;
+        return 0;
+}
+
+static int consume(struct seglog *l, int64_t last_id, size_t last_seg, uint64_t *ret_count, uint64_t *ret_bytes) {
+        struct consume_ctx c = { .l = l, .last_id = last_id };
+        int r;
+
+        if (l->pending > 0) {
+                r = walk(l, l->rd_seg, l->rd_off, last_seg, consume_one, &c);
+                if (r < 0)
+                        return r;
+        }
+        if (c.found) {
+                l->rd_seg = c.seg;
+                l->rd_off = c.off;
+        } else if (last_seg >= l->n) {
+                l->rd_seg = l->n;
+                l->rd_off = 0;
+        } else {
+                l->rd_seg = last_seg + 1;
+                l->rd_off = 0;
+        }
+        if (last_id > l->cursor)
+                l->cursor = last_id;
+        l->pending -= c.count <= l->pending ? c.count : l->pending;
+        l->bytes -= c.bytes <= l->bytes ? c.bytes : l->bytes;
+        if (l->pending == 0) {
+                l->rd_seg = l->n;
+                l->rd_off = 0;
+        }
+        /* The cursor goes on disk with the next sync: a restart sends again at most what left
+         * since (the cloud de-duplicates by (dev, seq), PROTOCOL.md 3). */
+        if (l->writing) {
+                struct segment *g = &l->segs[l->n - 1];
+                struct seglog_record cur = { .type = SEGLOG_CURSOR, .id = l->cursor };
+                uint8_t b[SEGLOG_HEADER_BYTES + SEGLOG_BODY_FIXED];
+                int k = seglog_record_encode(&cur, b, sizeof b);
+
+                if (k < 0)
+                        return k;
+                r = pwrite_full(g->fd, b, (size_t) k, g->size);
+                if (r < 0) {
+                        if (ftruncate(g->fd, (off_t) g->size) < 0)
+                                r = -EIO; /* the next append writes at g->size anyway */
+                        return r;
+                }
+                g->size += (size_t) k;
+                g->dirty = true;
+                l->undo.valid = false;
+        }
+        if (ret_count)
+                *ret_count = c.count;
+        if (ret_bytes)
+                *ret_bytes = c.bytes;
+        return 0;
+}
+
+int seglog_consume(struct seglog *l, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes) {
+        if (last_id < 1)
+                return -EINVAL;
+        return consume(l, last_id, SIZE_MAX, ret_count, ret_bytes);
+}
+
+int seglog_drop_oldest(struct seglog *l, uint64_t *ret_count, uint64_t *ret_bytes) {
+        size_t i;
+
+        /* The oldest segment with waiting frames, if it is not the one being written. */
+        for (i = l->rd_seg; i < l->n && l->segs[i].last_id <= l->cursor; i++)
+                ;
+        if (i >= l->n || (l->writing && i == l->n - 1))
+                return -ENOENT;
+        return consume(l, l->segs[i].last_id, i, ret_count, ret_bytes);
+}
+
+/* The newest seq of each bulb in the segment to retire, for bulb_seqs. */
+struct seq_ctx {
+        int (*cb)(const char *dev, int64_t seq, void *userdata);
+        void *userdata;
+};
+
+static int seq_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct seq_ctx *c = userdata;
+
+        if (r->type != SEGLOG_FRAME)
+                return 0;
+        return c->cb(r->dev, r->seq, c->userdata);
+}
+
+int seglog_retirable(struct seglog *l, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata) {
+        struct seq_ctx c = { .cb = cb, .userdata = userdata };
+        int r;
+
+        l->retire_ready = false;
+        if (l->n == 0 || (l->writing && l->n == 1))
+                return 0;
+        if (l->segs[0].frames > 0 && l->segs[0].last_id > l->cursor)
+                return 0;
+        if (cb) {
+                r = walk(l, 0, 0, 0, seq_one, &c);
+                if (r < 0)
+                        return r;
+        }
+        l->retire_ready = true;
+        return 1;
+}
+
+int seglog_retire(struct seglog *l) {
+        struct segment *g;
+        char name[32];
+
+        if (!l->retire_ready)
+                return -ENOENT;
+        l->retire_ready = false;
+        g = &l->segs[0];
+        name_of(g->name_id, name);
+        /* Synced first if it is still dirty (a cursor record): not needed for the frames, but
+         * its descriptor must not be lost with unsynced bytes the caller counts on. */
+        if (unlinkat(l->dir_fd, name, 0) < 0 && errno != ENOENT)
+                return -errno;
+        if (g->fd >= 0)
+                (void) close(g->fd);
+        memmove(l->segs, l->segs + 1, (l->n - 1) * sizeof *l->segs);
+        l->n--;
+        if (l->rd_seg > 0)
+                l->rd_seg--;
+        else
+                l->rd_off = 0;
+        return 0;
+}
+
+int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
+        size_t n = 0, need = l->dir_dirty ? 1 : 0;
+
+        for (size_t i = 0; i < l->n; i++)
+                need += l->segs[i].fd >= 0 && l->segs[i].dirty;
+        if (need > max)
+                return -ENOBUFS;
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+
+                if (g->fd < 0 || !g->dirty)
+                        continue;
+                fds[n] = fcntl(g->fd, F_DUPFD_CLOEXEC, 3);
+                if (fds[n] < 0)
+                        goto fail;
+                n++;
+        }
+        if (l->dir_dirty) {
+                fds[n] = fcntl(l->dir_fd, F_DUPFD_CLOEXEC, 3);
+                if (fds[n] < 0)
+                        goto fail;
+                n++;
+        }
+        /* Handed over: the copies are synced by the caller; a closed segment's own descriptor is
+         * not needed any more. */
+        for (size_t i = 0; i < l->n; i++) {
+                struct segment *g = &l->segs[i];
+                bool current = l->writing && i + 1 == l->n;
+
+                if (g->fd < 0 || !g->dirty)
+                        continue;
+                g->dirty = false;
+                if (!current) {
+                        (void) close(g->fd);
+                        g->fd = -1;
+                }
+        }
+        l->dir_dirty = false;
+        *ret_n = n;
+        return 0;
+fail: {
+        int r = -errno;
+        while (n > 0)
+                (void) close(fds[--n]);
+        return r;
+}
+}
+
+struct after_ctx {
+        int64_t after;
+        int (*cb)(const char *dev, int64_t seq, void *userdata);
+        void *userdata;
+};
+
+static int after_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct after_ctx *c = userdata;
+
+        if (r->type != SEGLOG_FRAME || r->id <= c->after)
+                return 0;
+        return c->cb(r->dev, r->seq, c->userdata);
+}
+
+int seglog_frames_after(struct seglog *l, int64_t after, int (*cb)(const char *dev, int64_t seq, void *userdata),
+                        void *userdata) {
+        struct after_ctx c = { .after = after, .cb = cb, .userdata = userdata };
+        size_t i;
+
+        if (!cb)
+                return -EINVAL;
+        for (i = 0; i < l->n && (l->segs[i].frames == 0 || l->segs[i].last_id <= after); i++)
+                ;
+        return i < l->n ? walk(l, i, 0, SIZE_MAX, after_one, &c) : 0;
+}
+
+void seglog_set_segment_bytes(struct seglog *l, size_t segment_bytes) {
+        if (segment_bytes > 0 && segment_bytes <= SEGMENT_FILE_MAX - SEGLOG_RECORD_MAX)
+                l->segment_bytes = segment_bytes;
+}

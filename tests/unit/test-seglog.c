@@ -1,0 +1,589 @@
+/* SPDX-License-Identifier: MIT */
+/* src/seglog.c: the segment log's records and the scan of a segment (torn tail, damage, bounds). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "iothub/seglog.h"
+
+static const char JWS[] = "eyJhbGciOiJFUzI1NiJ9.eyJzZXEiOjF9.c2ln";
+
+static size_t put_frame(uint8_t *buf, size_t cap, int64_t id, const char *dev, int64_t seq) {
+        struct seglog_record r = { .type = SEGLOG_FRAME, .id = id, .seq = seq, .received_at_usec = 1000 * id,
+                                   .jws = (const uint8_t *) JWS, .len = strlen(JWS) };
+        int n;
+
+        (void) snprintf(r.dev, sizeof r.dev, "%s", dev);
+        n = seglog_record_encode(&r, buf, cap);
+        assert_true(n > 0);
+        assert_int_equal(n, seglog_frame_record_size(strlen(dev), strlen(JWS)));
+        return (size_t) n;
+}
+
+struct collected {
+        int64_t ids[16];
+        size_t offs[16];
+        size_t n;
+};
+
+static int collect(const struct seglog_record *r, size_t off, size_t size, void *userdata) {
+        struct collected *c = userdata;
+
+        if (c->n < ELEMENTSOF(c->ids)) {
+                c->ids[c->n] = r->type == SEGLOG_CURSOR ? -r->id : r->id;
+                c->offs[c->n] = off;
+        }
+        c->n++;
+        return 0;
+}
+
+static void test_crc32c(void **state) {
+        /* The standard check value of CRC-32C (RFC 3720 B.4 and every CRC catalogue). */
+        assert_int_equal(seglog_crc32c(0, "123456789", 9), 0xe3069283);
+        /* In pieces, the same. */
+        assert_int_equal(seglog_crc32c(seglog_crc32c(0, "1234", 4), "56789", 5), 0xe3069283);
+}
+
+static void test_roundtrip(void **state) {
+        uint8_t buf[512];
+        struct seglog_record r, c = { .type = SEGLOG_CURSOR, .id = 77 };
+        size_t n = put_frame(buf, sizeof buf, 5, "bulb-1", 42);
+        int m;
+
+        assert_int_equal(seglog_record_parse(buf, n, &r), (int) n);
+        assert_int_equal(r.type, SEGLOG_FRAME);
+        assert_int_equal(r.id, 5);
+        assert_int_equal(r.seq, 42);
+        assert_int_equal(r.received_at_usec, 5000);
+        assert_string_equal(r.dev, "bulb-1");
+        assert_int_equal(r.len, strlen(JWS));
+        assert_memory_equal(r.jws, JWS, r.len);
+        /* Bytes after a record are the next record's business, not this one's. */
+        assert_int_equal(seglog_record_parse(buf, sizeof buf, &r), (int) n);
+
+        m = seglog_record_encode(&c, buf, sizeof buf);
+        assert_int_equal(m, SEGLOG_HEADER_BYTES + SEGLOG_BODY_FIXED);
+        assert_int_equal(seglog_record_parse(buf, (size_t) m, &r), m);
+        assert_int_equal(r.type, SEGLOG_CURSOR);
+        assert_int_equal(r.id, 77);
+}
+
+static void test_encode_bounds(void **state) {
+        static uint8_t big[FRAME_MAX_BYTES_LIMIT + 1], buf[SEGLOG_RECORD_MAX + 16];
+        struct seglog_record r = { .type = SEGLOG_FRAME, .id = 1, .seq = 1, .dev = "b", .jws = big };
+
+        memset(big, 'A', sizeof big);
+        r.len = FRAME_MAX_BYTES_LIMIT;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), SEGLOG_HEADER_BYTES + SEGLOG_FRAME_FIXED + 1 + FRAME_MAX_BYTES_LIMIT);
+        assert_int_equal(seglog_record_encode(&r, buf, 100), -ENOBUFS);
+        r.len = FRAME_MAX_BYTES_LIMIT + 1;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+        r.len = 0;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+        r.len = 1;
+        r.seq = 0;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+        r.seq = FRAME_SEQ_MAX + 1;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+        r.seq = 1;
+        r.id = 0;
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+        r.id = 1;
+        memset(r.dev, 'd', DEVICE_ID_MAX); /* 64 characters: the longest id */
+        assert_true(seglog_record_encode(&r, buf, sizeof buf) > 0);
+        (void) snprintf(r.dev, sizeof r.dev, "a/b");
+        assert_int_equal(seglog_record_encode(&r, buf, sizeof buf), -EINVAL);
+}
+
+static void test_parse_refuses(void **state) {
+        uint8_t buf[512], bad[512];
+        struct seglog_record r = { .id = -1 };
+        size_t n = put_frame(buf, sizeof buf, 5, "bulb-1", 42);
+
+        /* Every single bit flipped anywhere: refused (the CRC or the magic), never accepted. */
+        for (size_t i = 0; i < n; i++)
+                for (int b = 0; b < 8; b++) {
+                        memcpy(bad, buf, n);
+                        bad[i] ^= (uint8_t) (1u << b);
+                        int m = seglog_record_parse(bad, n, &r);
+                        assert_true(m == -EBADMSG || m == -EAGAIN);
+                }
+        assert_int_equal(r.id, -1); /* untouched on failure */
+        /* Cut anywhere: incomplete, not damaged (a torn append). */
+        for (size_t i = 0; i < n; i++)
+                assert_int_equal(seglog_record_parse(buf, i, &r), -EAGAIN);
+        /* A length beyond the largest record is damage, not a record still to come. */
+        bad[0] = 'S', bad[1] = 'E', bad[2] = 'G', bad[3] = '1';
+        uint32_t len = SEGLOG_FRAME_FIXED + DEVICE_ID_MAX + FRAME_MAX_BYTES_LIMIT + 1;
+        for (int i = 0; i < 4; i++)
+                bad[4 + i] = (uint8_t) (len >> (8 * i));
+        assert_int_equal(seglog_record_parse(bad, 12, &r), -EBADMSG);
+}
+
+static void test_scan_torn_tail(void **state) {
+        uint8_t buf[1024];
+        size_t ends[3], n = 0;
+
+        n += put_frame(buf + n, sizeof buf - n, 1, "bulb-1", 1);
+        ends[0] = n;
+        n += put_frame(buf + n, sizeof buf - n, 2, "bulb-2", 1);
+        ends[1] = n;
+        n += put_frame(buf + n, sizeof buf - n, 3, "bulb-1", 2);
+        ends[2] = n;
+        /* A crash may stop an append at any byte: what is complete is kept, the rest is the tail. */
+        for (size_t cut = 0; cut <= n; cut++) {
+                struct collected c = {};
+                struct seglog_scan_result s;
+                size_t want = cut >= ends[2] ? 3 : cut >= ends[1] ? 2 : cut >= ends[0] ? 1 : 0;
+
+                assert_int_equal(seglog_scan(buf, cut, collect, &c, &s), 0);
+                assert_int_equal(c.n, want);
+                assert_int_equal(s.records, want);
+                assert_int_equal(s.damaged, 0);
+                assert_int_equal(s.good_end, want ? ends[want - 1] : 0);
+                assert_int_equal(s.tail_bytes, cut - s.good_end);
+                assert_int_equal(s.last_frame_id, (int64_t) want);
+        }
+}
+
+static void test_scan_damage_in_the_middle(void **state) {
+        uint8_t buf[1024];
+        struct collected c = {};
+        struct seglog_scan_result s;
+        struct seglog_record cur = { .type = SEGLOG_CURSOR, .id = 1 };
+        size_t n = 0, second;
+
+        n += put_frame(buf + n, sizeof buf - n, 1, "bulb-1", 1);
+        second = n;
+        n += put_frame(buf + n, sizeof buf - n, 2, "bulb-2", 1);
+        n += (size_t) seglog_record_encode(&cur, buf + n, sizeof buf - n);
+        n += put_frame(buf + n, sizeof buf - n, 3, "bulb-1", 2);
+        buf[second + 40] ^= 0x20; /* inside the second frame's body */
+        assert_int_equal(seglog_scan(buf, n, collect, &c, &s), 0);
+        /* The damaged record is skipped and counted; the cursor and the frame after it are kept. */
+        assert_int_equal(c.n, 3);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], -1);
+        assert_int_equal(c.ids[2], 3);
+        assert_int_equal(s.damaged, 1);
+        assert_int_equal(s.damaged_bytes, seglog_frame_record_size(6, strlen(JWS)));
+        assert_int_equal(s.tail_bytes, 0);
+        assert_int_equal(s.good_end, n);
+}
+
+static void test_scan_id_going_back_is_damage(void **state) {
+        uint8_t buf[1024];
+        struct collected c = {};
+        struct seglog_scan_result s;
+        size_t n = 0;
+
+        n += put_frame(buf + n, sizeof buf - n, 5, "bulb-1", 1);
+        n += put_frame(buf + n, sizeof buf - n, 5, "bulb-1", 1); /* the same id again */
+        n += put_frame(buf + n, sizeof buf - n, 6, "bulb-1", 2);
+        assert_int_equal(seglog_scan(buf, n, collect, &c, &s), 0);
+        assert_int_equal(c.n, 2);
+        assert_int_equal(c.ids[1], 6);
+        assert_int_equal(s.damaged, 1);
+}
+
+static void test_scan_garbage(void **state) {
+        static uint8_t buf[1 << 16];
+        struct collected c = {};
+        struct seglog_scan_result s;
+
+        /* Zeros (a file extended but never written) and magic bytes with nothing valid after them:
+         * all tail, no record, quickly. */
+        for (size_t i = 0; i + 4 <= sizeof buf; i += 4)
+                memcpy(buf + i, (i / 4) % 2 ? "SEG1" : "\0\0\0\0", 4);
+        assert_int_equal(seglog_scan(buf, sizeof buf, collect, &c, &s), 0);
+        assert_int_equal(c.n, 0);
+        assert_int_equal(s.good_end, 0);
+        assert_int_equal(s.tail_bytes, sizeof buf);
+        assert_int_equal(seglog_scan(NULL, 0, NULL, NULL, &s), 0);
+        assert_int_equal(s.tail_bytes, 0);
+}
+
+static int stop_at_two(const struct seglog_record *r, size_t off, size_t size, void *userdata) {
+        return r->id == 2 ? -ECANCELED : 0;
+}
+
+static void test_scan_callback_stops(void **state) {
+        uint8_t buf[1024];
+        struct seglog_scan_result s = { .records = 99 };
+        size_t n = 0;
+
+        n += put_frame(buf + n, sizeof buf - n, 1, "a", 1);
+        n += put_frame(buf + n, sizeof buf - n, 2, "a", 2);
+        assert_int_equal(seglog_scan(buf, n, stop_at_two, NULL, &s), -ECANCELED);
+        assert_int_equal(s.records, 99);
+}
+
+
+/* The files: a fresh state directory per test. */
+static char dir[64];
+
+static int setup_dir(void **state) {
+        (void) snprintf(dir, sizeof dir, "/tmp/test-seglog-XXXXXX");
+        assert_non_null(mkdtemp(dir));
+        return 0;
+}
+
+static int teardown_dir(void **state) {
+        char path[160];
+        DIR *d;
+        struct dirent *de;
+
+        (void) snprintf(path, sizeof path, "%s/spool", dir);
+        d = opendir(path);
+        while (d && (de = readdir(d)))
+                if (de->d_name[0] != '.') {
+                        char f[512];
+                        (void) snprintf(f, sizeof f, "%s/%s", path, de->d_name);
+                        (void) unlink(f);
+                }
+        if (d)
+                (void) closedir(d);
+        (void) rmdir(path);
+        (void) rmdir(dir);
+        return 0;
+}
+
+static struct seglog_record fr(int64_t id, const char *dev, int64_t seq) {
+        struct seglog_record r = { .type = SEGLOG_FRAME, .id = id, .seq = seq, .received_at_usec = id,
+                                   .jws = (const uint8_t *) JWS, .len = strlen(JWS) };
+        (void) snprintf(r.dev, sizeof r.dev, "%s", dev);
+        return r;
+}
+
+struct seqs {
+        char dev[8][DEVICE_ID_MAX + 1];
+        int64_t seq[8];
+        size_t n;
+};
+
+static int take_seq(const char *dev, int64_t seq, void *userdata) {
+        struct seqs *s = userdata;
+        size_t i;
+
+        for (i = 0; i < s->n && strcmp(s->dev[i], dev) != 0; i++)
+                ;
+        if (i == s->n) {
+                assert_true(s->n < 8);
+                (void) snprintf(s->dev[s->n++], DEVICE_ID_MAX + 1, "%s", dev);
+                s->seq[i] = 0;
+        }
+        if (seq > s->seq[i])
+                s->seq[i] = seq;
+        return 0;
+}
+
+static int64_t seq_of(const struct seqs *s, const char *dev) {
+        for (size_t i = 0; i < s->n; i++)
+                if (strcmp(s->dev[i], dev) == 0)
+                        return s->seq[i];
+        return 0;
+}
+
+static int take_id(const struct seglog_record *r, void *userdata) {
+        struct collected *c = userdata;
+        if (c->n < ELEMENTSOF(c->ids))
+                c->ids[c->n] = r->id;
+        c->n++;
+        return 0;
+}
+
+static struct seglog *open_log(size_t segment_bytes, int64_t mark, struct seqs *s, struct seglog_found *f) {
+        struct seglog *l = NULL;
+        char *err = NULL;
+        int r = seglog_open(dir, segment_bytes, mark, s ? take_seq : NULL, s, &l, f, &err);
+
+        if (r < 0)
+                fail_msg("seglog_open: %s", err ? err : strerror(-r));
+        return l;
+}
+
+static size_t count_segments(void) {
+        char path[160];
+        size_t n = 0;
+        DIR *d;
+        struct dirent *de;
+
+        (void) snprintf(path, sizeof path, "%s/spool", dir);
+        d = opendir(path);
+        assert_non_null(d);
+        while ((de = readdir(d)))
+                n += strncmp(de->d_name, "seg-", 4) == 0;
+        (void) closedir(d);
+        return n;
+}
+
+static void test_file_append_read_consume_reopen(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record b1[] = { fr(1, "bulb-1", 10), fr(2, "bulb-2", 20) }, b2[] = { fr(3, "bulb-1", 11) };
+        struct collected c = {};
+        struct seglog_found f;
+        struct seqs s = {};
+        uint64_t pending, bytes, count;
+        char path[160];
+        struct stat st;
+
+        (void) snprintf(path, sizeof path, "%s/spool", dir);
+        assert_int_equal(stat(path, &st), 0);
+        assert_int_equal(st.st_mode & 0777, 0700);
+        assert_int_equal(seglog_append(l, b1, 2), 0);
+        assert_int_equal(seglog_append(l, b2, 1), 0);
+        assert_int_equal(seglog_append(l, b2, 1), -EINVAL); /* ids only grow */
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_counts(l, &pending, &bytes);
+        assert_int_equal(pending, 3);
+        assert_int_equal(bytes, 3 * strlen(JWS));
+        assert_int_equal(seglog_read_batch(l, 2, take_id, &c), 2);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], 2);
+        assert_int_equal(seglog_consume(l, 2, &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(bytes, 2 * strlen(JWS));
+        c.n = 0;
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 1);
+        assert_int_equal(c.ids[0], 3);
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+
+        /* A restart: the cursor holds, and the seqs of frames after the mark are reported. */
+        l = open_log(1 << 20, 1, &s, &f);
+        assert_int_equal(f.segments, 1);
+        assert_int_equal(f.torn_bytes, 0);
+        assert_int_equal(f.damaged, 0);
+        seglog_counts(l, &pending, &bytes);
+        assert_int_equal(pending, 1);
+        assert_int_equal(seglog_last_id(l), 3);
+        assert_int_equal(s.n, 2);
+        assert_int_equal(seq_of(&s, "bulb-1"), 11);
+        assert_int_equal(seq_of(&s, "bulb-2"), 20);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 1);
+        assert_int_equal(c.ids[0], 3);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        assert_int_equal(stat(path, &st), 0);
+        assert_int_equal(st.st_mode & 0777, 0600);
+        seglog_close(l);
+}
+
+static void test_file_torn_tail_cut(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record b[] = { fr(1, "a", 1), fr(2, "a", 2) };
+        struct seglog_found f;
+        uint8_t half[40];
+        char path[160];
+        struct stat st;
+        uint64_t pending;
+        int fd;
+
+        assert_int_equal(seglog_append(l, b, 2), 0);
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        assert_int_equal(stat(path, &st), 0);
+        /* A third record cut short by a crash. */
+        struct seglog_record third = fr(3, "a", 3);
+        uint8_t rec[256];
+        assert_true(seglog_record_encode(&third, rec, sizeof rec) > (int) sizeof half);
+        memcpy(half, rec, sizeof half);
+        fd = open(path, O_WRONLY | O_APPEND);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, half, sizeof half), (ssize_t) sizeof half);
+        (void) close(fd);
+
+        l = open_log(1 << 20, 0, NULL, &f);
+        assert_int_equal(f.torn_bytes, sizeof half);
+        assert_int_equal(f.damaged, 0);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 2);
+        struct stat st2;
+        assert_int_equal(stat(path, &st2), 0);
+        assert_int_equal(st2.st_size, st.st_size); /* cut back */
+        /* The next append follows the intact records, and is read back after them. */
+        assert_int_equal(seglog_append(l, &third, 1), 0);
+        struct collected c = {};
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 3);
+        assert_int_equal(c.ids[2], 3);
+        seglog_close(l);
+}
+
+static void test_file_segments_damage_drop_retire(void **state) {
+        /* Small segments: one record each, about. */
+        size_t rec = seglog_frame_record_size(1, strlen(JWS));
+        struct seglog *l = open_log(rec + 1, 0, NULL, NULL);
+        struct seglog_found f;
+        struct seqs s = {};
+        struct collected c = {};
+        uint64_t pending, count, bytes;
+        char path[160];
+        int fd;
+
+        for (int64_t id = 1; id <= 4; id++) {
+                struct seglog_record r = fr(id, id % 2 ? "a" : "b", 100 + id);
+                assert_int_equal(seglog_append(l, &r, 1), 0);
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        assert_int_equal(count_segments(), 4);
+        seglog_close(l);
+
+        /* Damage in segment 2 (not the newest): counted, and segments 3 and 4 are intact. */
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 2);
+        fd = open(path, O_WRONLY);
+        assert_true(fd >= 0);
+        assert_int_equal(pwrite(fd, "X", 1, 50), 1);
+        (void) close(fd);
+        l = open_log(rec + 1, 0, &s, &f);
+        assert_int_equal(f.segments, 4);
+        assert_int_equal(f.damaged, 1); /* the whole record: a damaged tail of an older segment */
+        assert_int_equal(f.damaged_bytes, rec);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 3);
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 3);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], 3);
+        assert_int_equal(c.ids[2], 4);
+        assert_int_equal(seq_of(&s, "a"), 103);
+        assert_int_equal(seq_of(&s, "b"), 104);
+
+        /* [spool] max_bytes: the oldest segment's frames go; then it may be retired. */
+        assert_int_equal(seglog_retirable(l, NULL, NULL), 0); /* frame 1 still waits */
+        assert_int_equal(seglog_drop_oldest(l, &count, &bytes), 0);
+        assert_int_equal(count, 1);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 2);
+        memset(&s, 0, sizeof s);
+        assert_int_equal(seglog_retirable(l, take_seq, &s), 1);
+        assert_int_equal(seq_of(&s, "a"), 101);
+        assert_int_equal(seglog_retire(l), 0);
+        assert_int_equal(count_segments(), 3);
+        /* Segment 2 holds nothing intact that waits: it goes too. */
+        assert_int_equal(seglog_retirable(l, NULL, NULL), 1);
+        assert_int_equal(seglog_retire(l), 0);
+        assert_int_equal(count_segments(), 2);
+        /* Uploading 3 retires segment 3; segment 4 is the one written, it stays. */
+        assert_int_equal(seglog_consume(l, 3, &count, NULL), 0);
+        assert_int_equal(count, 1);
+        assert_int_equal(seglog_retirable(l, NULL, NULL), 1);
+        assert_int_equal(seglog_retire(l), 0);
+        assert_int_equal(seglog_consume(l, 4, &count, NULL), 0);
+        assert_int_equal(seglog_retirable(l, NULL, NULL), 0);
+        assert_int_equal(seglog_drop_oldest(l, &count, &bytes), -ENOENT);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 0);
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+
+        /* After a restart nothing waits, and ids go on from 4. */
+        l = open_log(rec + 1, 0, NULL, &f);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 0);
+        assert_int_equal(seglog_last_id(l), 4);
+        seglog_close(l);
+}
+
+static void test_file_undo(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record a = fr(1, "a", 1), b = fr(2, "a", 2);
+        struct collected c = {};
+        uint64_t pending;
+
+        assert_int_equal(seglog_undo_append(l), -ENOENT);
+        assert_int_equal(seglog_append(l, &a, 1), 0);
+        assert_int_equal(seglog_undo_append(l), 0); /* the first segment goes again */
+        assert_int_equal(count_segments(), 0);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 0);
+        assert_int_equal(seglog_last_id(l), 0);
+        assert_int_equal(seglog_append(l, &a, 1), 0);
+        assert_int_equal(seglog_append(l, &b, 1), 0);
+        assert_int_equal(seglog_undo_append(l), 0);
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 1);
+        assert_int_equal(seglog_last_id(l), 1);
+        assert_int_equal(seglog_append(l, &b, 1), 0); /* the id is free again */
+        seglog_close(l);
+}
+
+static int check_big(const struct seglog_record *r, void *userdata) {
+        struct collected *c = userdata;
+
+        assert_int_equal(r->len, 60000);
+        for (size_t i = 0; i < r->len; i++)
+                if (r->jws[i] != (uint8_t) ('A' + r->id % 26))
+                        fail_msg("frame %lld byte %zu", (long long) r->id, i);
+        if (c->n < ELEMENTSOF(c->ids))
+                c->ids[c->n] = r->id;
+        c->n++;
+        return 0;
+}
+
+/* Frames larger than the first read window, and damage in the middle of a big segment: read
+ * back whole, in order, the damaged one skipped. */
+static void test_file_big_frames_damage(void **state) {
+        static uint8_t big[60000];
+        struct seglog *l = open_log(4 << 20, 0, NULL, NULL);
+        struct seglog_found f;
+        struct collected c = {};
+        uint64_t pending, count;
+        char path[160];
+        int fd;
+
+        for (int64_t id = 1; id <= 10; id++) {
+                struct seglog_record r = fr(id, "big", id);
+                memset(big, 'A' + (int) (id % 26), sizeof big);
+                r.jws = big;
+                r.len = sizeof big;
+                assert_int_equal(seglog_append(l, &r, 1), 0);
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        fd = open(path, O_WRONLY);
+        assert_true(fd >= 0);
+        /* Inside the third frame's JWS: 2 records of 60,043 bytes before it. */
+        assert_int_equal(pwrite(fd, "#", 1, 2 * 60043 + 30000), 1);
+        (void) close(fd);
+        l = open_log(4 << 20, 0, NULL, &f);
+        assert_int_equal(f.damaged, 1);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 9);
+        assert_int_equal(seglog_read_batch(l, 100, check_big, &c), 9);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], 2);
+        assert_int_equal(c.ids[2], 4);
+        assert_int_equal(c.ids[8], 10);
+        assert_int_equal(seglog_consume(l, 4, &count, NULL), 0);
+        assert_int_equal(count, 3);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch(l, 1, check_big, &c), 1);
+        assert_int_equal(c.ids[0], 5);
+        seglog_close(l);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_crc32c),          cmocka_unit_test(test_roundtrip),
+                cmocka_unit_test(test_encode_bounds),   cmocka_unit_test(test_parse_refuses),
+                cmocka_unit_test(test_scan_torn_tail),  cmocka_unit_test(test_scan_damage_in_the_middle),
+                cmocka_unit_test(test_scan_id_going_back_is_damage), cmocka_unit_test(test_scan_garbage),
+                cmocka_unit_test(test_scan_callback_stops),
+                cmocka_unit_test_setup_teardown(test_file_append_read_consume_reopen, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_torn_tail_cut, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_big_frames_damage, setup_dir, teardown_dir),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
