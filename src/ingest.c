@@ -413,6 +413,17 @@ void ingest_message(struct ingest *in, const char *topic, const uint8_t *payload
                 reject_quiet(in, b, dev, FRAME_BAD_SIGNATURE);
                 return;
         }
+        if (r == -ENOMEM) {
+                /* A miss of the key cache could not build the key: nothing is wrong with the
+                 * frame. Refused like a frame the database refused (not acked, the bulb resends
+                 * it), not as a bad signature, which would be a false security event. */
+                in->counters.frames_store_failed++;
+                if (log_allowed(in, &b->log_rl, now_monotonic_usec(), b->id))
+                        log_error_errno(r, "Cannot load the key of %s to check its frame: %m; it is not acked, "
+                                           "the bulb resends it",
+                                        dev);
+                return;
+        }
         if (r < 0) {
                 reject(in, b, dev, FRAME_BAD_SIGNATURE);
                 return;
