@@ -319,6 +319,7 @@ static int attempt_start(struct cloudreq_call *q) {
         _cleanup_erase_str_ char *auth = NULL;
         _cleanup_free_ char *ath = NULL, *nonce = NULL;
         struct cloudreq *cr = q->cr;
+        enum signer_prio prio;
         int r;
 
         attempt_done(q);
@@ -331,11 +332,14 @@ static int attempt_start(struct cloudreq_call *q) {
         q->auth_header = strdup_printf("Authorization: %s", auth);
         if (!q->auth_header)
                 return -ENOMEM;
-        r = signer_sign_http(cr->signer, q->kind == UPLINK_KIND_STATUS ? SIGNER_PRIO_LOW : SIGNER_PRIO_HIGH,
-                             q->method, q->url, auth, q->body, q->body ? q->body_len : 0, on_signed, q, &q->sign_op);
+        /* A status upload's two signatures wait behind everything someone waits for: a proof at high
+         * priority would put each upload ahead of the command poll and results (issue 13). */
+        prio = q->kind == UPLINK_KIND_STATUS ? SIGNER_PRIO_LOW : SIGNER_PRIO_HIGH;
+        r = signer_sign_http(cr->signer, prio, q->method, q->url, auth, q->body, q->body ? q->body_len : 0, on_signed,
+                             q, &q->sign_op);
         if (r >= 0 && ath)
                 /* RFC 9449 7.1: a DPoP-bound token goes with a proof for this request. */
-                r = signer_sign_dpop(cr->signer, q->method, q->url, ath, nonce, on_dpop, q, &q->dpop_op);
+                r = signer_sign_dpop(cr->signer, prio, q->method, q->url, ath, nonce, on_dpop, q, &q->dpop_op);
         if (r < 0)
                 attempt_done(q);
         return r;

@@ -593,7 +593,7 @@ static int oauth_send(struct oauth *o, enum req_kind kind, const char *method, c
          * server asked for a proof with its nonce (RFC 9449 8). */
         if (o->use_dpop && o->signer &&
             (kind == R_DEVICE || kind == R_POLL || kind == R_REFRESH || (kind == R_REVOKE && nonce_retried))) {
-                r = signer_sign_dpop(o->signer, method, url, NULL, o->as_nonce, on_proof, call, &call->proof_op);
+                r = signer_sign_dpop(o->signer, SIGNER_PRIO_HIGH, method, url, NULL, o->as_nonce, on_proof, call, &call->proof_op);
                 if (r < 0)
                         goto fail;
                 call->sent_nonce = o->as_nonce != NULL;

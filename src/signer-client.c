@@ -5,6 +5,7 @@
  * iothubd waits for the signer outside the loop (issue 13), and the attestation pair reaches the
  * attestation state the signer keeps for this one connection. The signer builds every answer
  * afresh (a new nonce, a new signature), so a repeated request is harmless. */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -62,15 +63,23 @@ struct signer_op *signer_op_free(struct signer_op *op) {
         return NULL;
 }
 
-/* Starts an op: the message header is written; the caller adds fields and submits. */
+static_assert(SIGNER_PRIO_HIGH == SIGNER_WIRE_PRIO_HIGH && SIGNER_PRIO_LOW == SIGNER_WIRE_PRIO_LOW,
+              "enum signer_prio is SIGNER_TAG_PRIO's value");
+
+/* Starts an op: the message header is written; the caller adds fields and submits. In the
+ * client's queue a command signature goes first (a bulb waits for it now), then prio's order
+ * (signer.h); the signer keeps the same order among all its connections (hubkey.h). */
 static int op_new(struct signer *s, unsigned code, enum signer_prio prio, struct signer_op **ret) {
+        unsigned order = code == SIGNER_OP_SIGN_COMMAND ? 0 : 1 + (unsigned) prio;
         struct signer_op *op;
         int r;
 
+        if ((unsigned) prio >= _SIGNER_PRIO_MAX)
+                return -EINVAL;
         op = calloc(1, sizeof *op);
         if (!op)
                 return -ENOMEM;
-        r = chan_op_begin(s->chan, &op->base, code, prio);
+        r = chan_op_begin(s->chan, &op->base, code, order);
         if (r < 0) {
                 free(op);
                 return r;
@@ -362,13 +371,16 @@ int signer_sign_http(struct signer *s, enum signer_prio prio, const char *method
         return op_submit(s, op, done, userdata, ret);
 }
 
-static int build_dpop(struct signer *s, const char *method, const char *url, const char *ath, const char *nonce,
-                      struct signer_op **ret) {
+static int build_dpop(struct signer *s, enum signer_prio prio, const char *method, const char *url, const char *ath,
+                      const char *nonce, struct signer_op **ret) {
         struct signer_op *op;
-        int r = op_new(s, SIGNER_OP_SIGN_DPOP, SIGNER_PRIO_HIGH, &op);
+        int r = op_new(s, SIGNER_OP_SIGN_DPOP, prio, &op);
 
         if (r < 0)
                 return r;
+        /* Absent means high (signer-proto.h): only a low one is said. */
+        if (prio != SIGNER_PRIO_HIGH)
+                (void) signer_msg_add_u8(&op->base.req, SIGNER_TAG_PRIO, (uint8_t) prio);
         (void) signer_msg_add_str(&op->base.req, SIGNER_TAG_METHOD, method);
         (void) signer_msg_add_str(&op->base.req, SIGNER_TAG_URL, url);
         (void) add_opt_str(&op->base.req, SIGNER_TAG_ATH, ath);
@@ -377,10 +389,10 @@ static int build_dpop(struct signer *s, const char *method, const char *url, con
         return 0;
 }
 
-int signer_sign_dpop(struct signer *s, const char *method, const char *url, const char *ath, const char *nonce,
-                     signer_done_t done, void *userdata, struct signer_op **ret) {
+int signer_sign_dpop(struct signer *s, enum signer_prio prio, const char *method, const char *url, const char *ath,
+                     const char *nonce, signer_done_t done, void *userdata, struct signer_op **ret) {
         struct signer_op *op;
-        int r = build_dpop(s, method, url, ath, nonce, &op);
+        int r = build_dpop(s, prio, method, url, ath, nonce, &op);
 
         return r < 0 ? r : op_submit(s, op, done, userdata, ret);
 }

@@ -56,7 +56,7 @@ static const struct tlv_op ops[_SIGNER_OP_MAX] = {
         [SIGNER_OP_SIGN_HTTP] = { "SIGN_HTTP",
                                   { R(METHOD), R(TARGET_URI), R(AUTHORIZATION), O(BODY), R(PRIO) },
                                   { O(CONTENT_DIGEST), R(SIGNATURE_INPUT), R(SIGNATURE) } },
-        [SIGNER_OP_SIGN_DPOP] = { "SIGN_DPOP", { R(METHOD), R(URL), O(ATH), O(NONCE) }, { R(PROOF) } },
+        [SIGNER_OP_SIGN_DPOP] = { "SIGN_DPOP", { R(METHOD), R(URL), O(ATH), O(NONCE), O(PRIO) }, { R(PROOF) } },
         [SIGNER_OP_SIGN_COMMAND] = { "SIGN_COMMAND",
                                      { R(DEV), R(CMD_ID), R(IAT), R(EXP), R(SET), O(CLOUD_JWS) },
                                      { R(JWS) } },

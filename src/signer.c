@@ -281,21 +281,32 @@ static int field_str(const struct signer_msg *m, unsigned tag, char **ret) {
         return r;
 }
 
+/* The wire's PRIO (signer-proto.h: 0 high, absent high, 1 low) as the key's queue order; a
+ * command signature's own order (HUBKEY_PRIO_COMMAND) is never asked for, it is SIGN_COMMAND's. */
+static int field_prio(const struct signer_msg *m, enum hubkey_prio *ret) {
+        uint8_t prio = SIGNER_WIRE_PRIO_HIGH;
+        int r = signer_msg_u8(m, SIGNER_TAG_PRIO, &prio);
+
+        if (r < 0 && r != -ENOENT)
+                return r;
+        if (prio != SIGNER_WIRE_PRIO_HIGH && prio != SIGNER_WIRE_PRIO_LOW)
+                return -EINVAL;
+        *ret = prio == SIGNER_WIRE_PRIO_LOW ? HUBKEY_PRIO_LOW : HUBKEY_PRIO_HIGH;
+        return 0;
+}
+
 static int op_sign_http(struct conn *c, const struct signer_msg *m) {
         _cleanup_free_ char *method = NULL, *uri = NULL;
         _cleanup_erase_str_ char *auth = NULL;
         const char *why = NULL;
         struct hubkey *k;
         struct req *q;
-        uint8_t prio = 0;
+        enum hubkey_prio prio;
         int r;
 
         if ((r = field_str(m, SIGNER_TAG_METHOD, &method)) < 0 || (r = field_str(m, SIGNER_TAG_TARGET_URI, &uri)) < 0 ||
-            (r = field_str(m, SIGNER_TAG_AUTHORIZATION, &auth)) < 0 ||
-            (r = signer_msg_u8(m, SIGNER_TAG_PRIO, &prio)) < 0)
+            (r = field_str(m, SIGNER_TAG_AUTHORIZATION, &auth)) < 0 || (r = field_prio(m, &prio)) < 0)
                 return r;
-        if (prio >= _HUBKEY_PRIO_MAX)
-                return -EINVAL;
         if (signer_policy_http(&c->s->policy, method, uri, auth, &why) < 0)
                 return policy_refused(c, m, why);
         r = rate_take(c, m);
@@ -311,7 +322,7 @@ static int op_sign_http(struct conn *c, const struct signer_msg *m) {
         r = httpsig_prepare(k, method, uri, auth, m->f[SIGNER_TAG_BODY].present ? m->f[SIGNER_TAG_BODY].data : NULL,
                             m->f[SIGNER_TAG_BODY].len, (int64_t) (now_realtime_usec() / 1000000), &q->hp);
         if (r >= 0)
-                r = hubkey_sign_async(k, (enum hubkey_prio) prio, q->hp.base, q->hp.base_len, on_http_signed, q,
+                r = hubkey_sign_async(k, prio, q->hp.base, q->hp.base_len, on_http_signed, q,
                                       &q->kop);
         if (r < 0) {
                 req_free(q);
@@ -324,13 +335,15 @@ static int op_sign_http(struct conn *c, const struct signer_msg *m) {
 static int op_sign_dpop(struct conn *c, const struct signer_msg *m) {
         _cleanup_free_ char *method = NULL, *url = NULL, *ath = NULL, *nonce = NULL;
         const char *why = NULL;
+        enum hubkey_prio prio;
         struct hubkey *k;
         json_t *jwk = NULL;
         struct req *q;
         int r;
 
         if ((r = field_str(m, SIGNER_TAG_METHOD, &method)) < 0 || (r = field_str(m, SIGNER_TAG_URL, &url)) < 0 ||
-            (r = field_str(m, SIGNER_TAG_ATH, &ath)) < 0 || (r = field_str(m, SIGNER_TAG_NONCE, &nonce)) < 0)
+            (r = field_str(m, SIGNER_TAG_ATH, &ath)) < 0 || (r = field_str(m, SIGNER_TAG_NONCE, &nonce)) < 0 ||
+            (r = field_prio(m, &prio)) < 0)
                 return r;
         if (signer_policy_dpop(&c->s->policy, method, url, ath, nonce, &why) < 0)
                 return policy_refused(c, m, why);
@@ -352,7 +365,7 @@ static int op_sign_dpop(struct conn *c, const struct signer_msg *m) {
                          &q->input_len);
         json_decref(jwk);
         if (r >= 0)
-                r = hubkey_sign_async(k, HUBKEY_PRIO_HIGH, q->input, q->input_len, on_jws_signed, q, &q->kop);
+                r = hubkey_sign_async(k, prio, q->input, q->input_len, on_jws_signed, q, &q->kop);
         if (r < 0) {
                 req_free(q);
                 return r;
@@ -397,7 +410,7 @@ static int op_sign_command(struct conn *c, const struct signer_msg *m) {
                 return r;
         r = command_jws_prepare(hubkey_id(k), payload, (size_t) n, &q->input, &q->input_len);
         if (r >= 0)
-                r = hubkey_sign_async(k, HUBKEY_PRIO_HIGH, q->input, q->input_len, on_jws_signed, q, &q->kop);
+                r = hubkey_sign_async(k, HUBKEY_PRIO_COMMAND, q->input, q->input_len, on_jws_signed, q, &q->kop);
         if (r < 0) {
                 req_free(q);
                 return r;

@@ -47,8 +47,12 @@ int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[H
  *     "mssim" have them. The file backend signs with OpenSSL when its turn comes.
  *   - One TPM operation in flight at a time (a chip works on one command; ESYS keeps one
  *     command state per context); the others wait in a queue owned by the hubkey, by priority
- *     (HUBKEY_PRIO_HIGH: command signatures and DPoP proofs, which someone waits for; then
- *     HUBKEY_PRIO_LOW: status uploads), first come first served within one priority.
+ *     (HUBKEY_PRIO_COMMAND: command signatures, which a bulb and its user wait for now; then
+ *     HUBKEY_PRIO_HIGH: the other requests someone waits for, the command poll and results,
+ *     the token endpoint's DPoP proofs, registration; then HUBKEY_PRIO_LOW: status uploads and
+ *     their DPoP proofs), first come first served within one priority. A command never waits
+ *     behind more than the one operation in flight (issue 13: with a 70 ms TPM, a command
+ *     queued behind the command poll's re-armed request waited for three).
  *   - The caller owns the struct hubkey_op it gets. done() runs exactly once, from the loop,
  *     never from inside hubkey_sign_async(), unless the op is freed first: hubkey_op_free()
  *     cancels it, and done() never runs after it (a signature already in the TPM completes
@@ -58,8 +62,10 @@ int hubkey_sign(struct hubkey *k, const void *msg, size_t len, uint8_t ret_sig[H
  *     iothubctl, tests and start-up. Called while a signature is in flight they first wait for
  *     it (blocking); its done() is then deferred to the loop as usual. */
 enum hubkey_prio {
-        HUBKEY_PRIO_HIGH = 0, /* command signatures, DPoP proofs */
-        HUBKEY_PRIO_LOW = 1,  /* status uploads */
+        HUBKEY_PRIO_COMMAND = 0, /* command signatures (PROTOCOL.md 2) */
+        HUBKEY_PRIO_HIGH = 1,    /* requests someone waits for: the command poll and results, DPoP proofs
+                                  * of the token endpoint, registration */
+        HUBKEY_PRIO_LOW = 2,     /* status uploads, their DPoP proofs */
         _HUBKEY_PRIO_MAX,
 };
 #define HUBKEY_QUEUE_MAX 256 /* ops waiting at most (the daemon's own callers; -EBUSY beyond) */

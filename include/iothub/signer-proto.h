@@ -43,7 +43,9 @@ enum signer_tag {
         SIGNER_TAG_AUTHORIZATION = 6,    /* T [1..8192] the whole header value, "Bearer x"; required in SIGN_HTTP
                                           * (PROTOCOL.md 3: every request has one, signed) */
         SIGNER_TAG_BODY = 7,             /* B [0..1 MiB] */
-        SIGNER_TAG_PRIO = 8,             /* U8 0 high, 1 low (hubkey.h enum hubkey_prio) */
+        SIGNER_TAG_PRIO = 8,             /* U8 0 high, 1 low (enum signer_prio); SIGN_HTTP's required,
+                                          * SIGN_DPOP's optional (absent: high). SIGN_COMMAND has none:
+                                          * it goes before both (hubkey.h HUBKEY_PRIO_COMMAND). */
         /* SIGN_HTTP's answer: whole header lines as httpsig.c makes them (struct httpsig_headers),
          * name included, ready for curl_slist_append(). */
         SIGNER_TAG_CONTENT_DIGEST = 9,   /* T [1..256] "Content-Digest: sha-256=:...:" */
@@ -97,6 +99,10 @@ int signer_tag_limits(unsigned tag, enum signer_kind *ret_kind, uint32_t *ret_mi
 /* Whether a tag may or must appear in a request of op (answer false) or its successful answer
  * (answer true): 0 no, 1 optional, 2 required. */
 int signer_tag_rule(unsigned op, bool answer, unsigned tag);
+
+/* SIGNER_TAG_PRIO's values (signer.h's enum signer_prio has the same). */
+#define SIGNER_WIRE_PRIO_HIGH 0
+#define SIGNER_WIRE_PRIO_LOW 1
 
 /* The codec's functions with this table (include/iothub/tlv.h says what each does). */
 int signer_msg_frame(const uint8_t *buf, size_t len, size_t *ret_need);

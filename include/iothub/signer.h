@@ -17,9 +17,11 @@
  *   - A request waits at most SIGNER_OP_TIMEOUT_USEC (queued, retried or out); then done() gets
  *     -ETIMEDOUT. At most SIGNER_QUEUE_MAX requests wait: beyond that the call fails with
  *     -EBUSY (done() is not called).
- *   - High-priority requests (someone waits: command JWS, DPoP proofs, registration) are sent
- *     before low ones (status uploads); at most SIGNER_INFLIGHT_MAX are out at once, the rest
- *     wait in the client, so that the priority still means something while the TPM is slow.
+ *   - Command signatures are sent first, then high-priority requests (someone waits: the command
+ *     poll and results, the token endpoint's DPoP proofs, registration), then low ones (status
+ *     uploads and their DPoP proofs); at most SIGNER_INFLIGHT_MAX are out at once, the rest wait
+ *     in the client, so that the priority still means something while the TPM is slow. The
+ *     signer keeps the same order across its connections (hubkey.h).
  *   - signer_free() cancels everything (no done() runs) and closes the connection. */
 #pragma once
 
@@ -46,8 +48,9 @@ struct signer;
 struct signer_op;
 
 enum signer_prio {
-        SIGNER_PRIO_HIGH = 0, /* command signatures, DPoP proofs, registration: someone waits */
-        SIGNER_PRIO_LOW = 1,  /* status uploads */
+        SIGNER_PRIO_HIGH = 0, /* someone waits: the command poll and results, the token endpoint, registration */
+        SIGNER_PRIO_LOW = 1,  /* status uploads and their DPoP proofs */
+        _SIGNER_PRIO_MAX,
 };
 
 /* What an answer carried, NUL-terminated copies valid until the op is freed; members an op does
@@ -108,8 +111,8 @@ int signer_sign_http(struct signer *s, enum signer_prio prio, const char *method
                      const char *authorization, const void *body, size_t body_len, signer_done_t done,
                      void *userdata, struct signer_op **ret);
 /* ath (43 characters, RFC 9449 4.2) and nonce may be NULL. */
-int signer_sign_dpop(struct signer *s, const char *method, const char *url, const char *ath, const char *nonce,
-                     signer_done_t done, void *userdata, struct signer_op **ret);
+int signer_sign_dpop(struct signer *s, enum signer_prio prio, const char *method, const char *url, const char *ath,
+                     const char *nonce, signer_done_t done, void *userdata, struct signer_op **ret);
 /* set_json: the "set" object as JSON text; cloud_jws: the vendor's JWS or NULL. */
 int signer_sign_command(struct signer *s, const char *dev, const char *cmd_id, uint64_t iat, uint64_t exp,
                         const char *set_json, const char *cloud_jws, signer_done_t done, void *userdata,

@@ -348,6 +348,57 @@ test('a client that shuts down its sending side after its requests gets every an
   }
 });
 
+// Issue 13: one TPM operation at a time, the rest by priority across all connections
+// (hubkey.h). A command's signature, which a bulb and its user wait for, waits for the one
+// operation in flight and nothing else: not for the command poll's request signature and proof
+// (asked on the uplink's connection just before, as the uplink re-arms its poll when a command
+// comes), and a status upload's proof (PRIO low) waits behind all of them. Before, with a 70 ms
+// TPM a command waited for up to three operations (p99 215 ms in make bench, target 200).
+test('priorities hold across connections: a command signature waits only for the operation in flight (TPM at 60 ms)', async () => {
+  const slow = await SlowTpm.start(tpm, 60, { protocol: 'mssim' });
+  const conf = await writeConf('prio.conf', {}, slow);
+  const psock = path.join(dir, 'prio.sock');
+  const s6 = await new Signer(conf, psock).start();
+  try {
+    const uplink = await SignerClient.connect(psock);
+    const hubd = await SignerClient.connect(psock);
+    // The key is loaded and used once before the race.
+    assert.equal((await uplink.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL]])).status, 0);
+    const order = [];
+    const track = (c, id, name) => c.wait(id, 20000).then((a) => {
+      order.push(name);
+      assert.equal(a.status, 0, `${name}: ${JSON.stringify(a)}`);
+      return a;
+    });
+    const authorization = 'DPoP tok-prio';
+    const ath = accessTokenHash('tok-prio');
+    const exp = nowS() + 120;
+    const cloud = await signCloudCommand(vendor, HUB_ID, { id: 'cmd-prio', dev: 'lamp-1', exp, set: { on: true, bri: 100 } });
+    const cmd = await commandFields({ id: 'cmd-prio', exp, cloud });
+    const waits = [track(uplink, uplink.send(OP.SIGN_HTTP, signHttpFields({ method: 'POST', targetUri: `${HUB}/status`,
+      authorization, body: Buffer.from('{"frames":[]}'), prio: 1 })), 'status')];
+    await sleep(20); // in the TPM now
+    waits.push(track(uplink, uplink.send(OP.SIGN_DPOP, [[TAG.METHOD, 'POST'], [TAG.URL, `${HUB}/status`], [TAG.ATH, ath],
+      [TAG.PRIO, { u8: 1 }]]), 'status proof'));
+    waits.push(track(uplink, uplink.send(OP.SIGN_HTTP, [[TAG.METHOD, 'GET'], [TAG.TARGET_URI, POLL],
+      [TAG.AUTHORIZATION, authorization], [TAG.PRIO, { u8: 0 }]]), 'poll'));
+    waits.push(track(uplink, uplink.send(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL], [TAG.ATH, ath]]), 'poll proof'));
+    await sleep(20); // all with the signer, the first still in the TPM
+    waits.push(track(hubd, hubd.send(OP.SIGN_COMMAND, cmd), 'command'));
+    const [, statusProof] = await Promise.all(waits);
+    assert.deepEqual(order, ['status', 'command', 'poll', 'poll proof', 'status proof']);
+    const v = await verifyDpopProof({ proof: statusProof.fields.PROOF, method: 'POST', htu: `${HUB}/status`, accessToken: 'tok-prio', jkt: kid });
+    assert.equal(v.payload.htm, 'POST');
+    // PRIO is 0 or 1 on SIGN_DPOP as on SIGN_HTTP.
+    assert.equal((await uplink.call(OP.SIGN_DPOP, [[TAG.METHOD, 'GET'], [TAG.URL, POLL], [TAG.PRIO, { u8: 2 }]])).status, ERRNO.EINVAL);
+    uplink.close();
+    hubd.close();
+  } finally {
+    await s6.stop();
+    await slow.stop();
+  }
+});
+
 test('TOKENS_PUT, TOKENS_GET, TOKENS_ERASE: sealed files 0600 in [signer] state_dir', async () => {
   const c = await connect();
   const stateDir = path.join(dir, 'signer-state');

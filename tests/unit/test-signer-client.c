@@ -402,7 +402,7 @@ static void test_former_sync_ops_never_block(void **state) {
         peer_listen(&f->peer);
         t0 = now_monotonic_usec();
         assert_int_equal(signer_key_info(f->s, on_reply, &k, &ok), 0);
-        assert_int_equal(signer_sign_dpop(f->s, "POST", "https://as.example/token", NULL, "n0nce", on_reply, &d, &od), 0);
+        assert_int_equal(signer_sign_dpop(f->s, SIGNER_PRIO_HIGH, "POST", "https://as.example/token", NULL, "n0nce", on_reply, &d, &od), 0);
         assert_int_equal(signer_attest_begin(f->s, on_reply, &a, &oa), 0);
         assert_int_equal(signer_attest_answer(f->s, "{\"c\":1}", 7, on_reply, &b, &ob), 0);
         /* Queued only: no socket I/O happened inside the calls (they connect lazily, on the loop). */
@@ -433,7 +433,7 @@ static void test_key_info_and_dpop_async(void **state) {
         peer_listen(&f->peer);
         assert_int_equal(signer_key_jwk(f->s, &jwk), -ENOKEY);
         assert_int_equal(signer_key_info(f->s, on_reply, &k, &ok), 0);
-        assert_int_equal(signer_sign_dpop(f->s, "POST", "https://as.example/token", NULL, NULL, on_reply, &d, &od), 0);
+        assert_int_equal(signer_sign_dpop(f->s, SIGNER_PRIO_HIGH, "POST", "https://as.example/token", NULL, NULL, on_reply, &d, &od), 0);
         assert_int_equal(k.calls + d.calls, 0); /* never from inside the call */
         run_until(f, &d.calls, 1, 3000);
         run_until(f, &k.calls, 1, 3000);

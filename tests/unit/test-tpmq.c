@@ -329,29 +329,33 @@ static void check_priorities(enum kind kind) {
         sd_event *e = NULL;
         struct hubkey *k = open_key(kind);
         struct rec rec = { .k = k };
-        struct job j[6] = {};
+        struct job j[9] = {};
         uint64_t before = hubkey_signatures(k);
-        static const unsigned expected[] = { 3, 4, 5, 0, 1, 2 };
+        /* Queued in this order, mixed; taken command signatures first, then high, then low, each
+         * first come first served (hubkey.h). */
+        static const enum hubkey_prio prio[9] = { HUBKEY_PRIO_LOW,     HUBKEY_PRIO_HIGH, HUBKEY_PRIO_COMMAND,
+                                                  HUBKEY_PRIO_LOW,     HUBKEY_PRIO_COMMAND, HUBKEY_PRIO_HIGH,
+                                                  HUBKEY_PRIO_HIGH,    HUBKEY_PRIO_LOW,  HUBKEY_PRIO_COMMAND };
+        static const unsigned expected[9] = { 2, 4, 8, 1, 5, 6, 0, 3, 7 };
 
         assert_int_equal(sd_event_new(&e), 0);
         assert_int_equal(hubkey_sign_async(k, HUBKEY_PRIO_LOW, "x", 1, on_done, &j[0], &j[0].op), -ENXIO);
         assert_int_equal(hubkey_attach_event(k, e), 0);
         assert_int_equal(hubkey_attach_event(k, e), 0);
-        for (unsigned i = 0; i < 3; i++)
-                queue(k, &rec, &j[i], i, HUBKEY_PRIO_LOW);
-        for (unsigned i = 3; i < 6; i++)
-                queue(k, &rec, &j[i], i, HUBKEY_PRIO_HIGH);
-        assert_int_equal(hubkey_ops_pending(k), 6);
-        run_until(e, &rec, 6);
-        assert_int_equal(rec.n, 6);
+        assert_int_equal(hubkey_sign_async(k, _HUBKEY_PRIO_MAX, "x", 1, on_done, &j[0], &j[0].op), -EINVAL);
+        for (unsigned i = 0; i < 9; i++)
+                queue(k, &rec, &j[i], i, prio[i]);
+        assert_int_equal(hubkey_ops_pending(k), 9);
+        run_until(e, &rec, 9);
+        assert_int_equal(rec.n, 9);
         assert_memory_equal(rec.order, expected, sizeof expected);
-        for (unsigned i = 0; i < 6; i++) {
+        for (unsigned i = 0; i < 9; i++) {
                 assert_int_equal(j[i].calls, 1);
                 assert_int_equal(j[i].r, 0);
                 assert_true(sig_verifies(k, j[i].msg, j[i].sig));
                 j[i].op = hubkey_op_free(j[i].op);
         }
-        assert_int_equal(hubkey_signatures(k), before + 6);
+        assert_int_equal(hubkey_signatures(k), before + 9);
         assert_int_equal(hubkey_ops_pending(k), 0);
         hubkey_free(k);
         sd_event_unref(e);
