@@ -444,8 +444,11 @@ static void hub_check_db(struct hub *h) {
  * leaves the heap full of freed small blocks between live ones, which glibc never returns by
  * itself: with 5,000 bulbs enrolled that was 6.7 MiB of a 10.5 MiB heap. malloc_trim(0) returns
  * every free page (MADV_DONTNEED), not only the top of the heap. Only when there is enough free
- * to be worth a walk of the free lists. */
-#define HEAP_TRIM_MIN_FREE (256 * 1024)
+ * to be worth a walk of the free lists: 64 KiB, since with 200 bulbs under load what a relay
+ * leaves free between two timers (batch bodies, MQTT messages) is 150 to 450 KiB, and a trim of a
+ * settled heap costs 7 to 50 us every 5 s (256 KiB left 100 to 150 KiB more of private memory at
+ * the bench's reading, make bench "relay: memory after the load"). */
+#define HEAP_TRIM_MIN_FREE (64 * 1024)
 static void hub_trim_heap(void) {
         struct mallinfo2 mi = mallinfo2();
 

@@ -16,7 +16,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
 import { SlowTpm } from '../integration/lib/slowtpm.mjs';
-import { CtlProbe, timedStart } from './probes.mjs';
+import { CtlProbe, smapsTop, timedStart } from './probes.mjs';
 import { startWearTrace } from './wear.mjs';
 
 // hub.c trims the heap on its 5 s status timer; a reading this long after a burst has seen it run.
@@ -643,6 +643,8 @@ export async function relayScenario(root, h, opt) {
         (out.others_after_load.signer ? `, signer ${out.others_after_load.signer.rssKiB} / ${out.others_after_load.signer.hwmKiB} / ` +
         `${out.others_after_load.signer.privateKiB}` : '') +
         `; private in total ${t.reduce((n, x) => n + x.privateKiB, 0)}\n`);
+      // Where iothubd's private memory is (the installed-system test logs the same line).
+      process.stdout.write(`    ${smapsTop(await fs.readFile(`/proc/${ctx.pid}/smaps`, 'utf8'), 'iothubd', 10)}\n`);
     }
     if (opt.bigBatch > 0 && opt.rates.length) {
       const rate = Math.max(...opt.rates);
