@@ -294,7 +294,8 @@ static const char *key_error_reason(int r) {
 static int hub_status_json(struct hub *h, json_t **ret) {
         const struct ingest_counters *counters = frame_counters(h);
         uint64_t enrolled = 0, revoked = 0, moved_aside = 0;
-        json_t *rejected, *o, *key;
+        struct registry_key_stats ks;
+        json_t *rejected, *key_cache, *o, *key;
         int r;
 
         r = spool_moved_aside_count(h->db, &moved_aside);
@@ -306,13 +307,20 @@ static int hub_status_json(struct hub *h, json_t **ret) {
                 else
                         enrolled++;
         }
+        registry_key_stats(h->registry, &ks);
+        key_cache = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I}", "cached", (json_int_t) ks.cached, "max",
+                              (json_int_t) ks.max, "hits", (json_int_t) ks.hits, "misses", (json_int_t) ks.misses,
+                              "evictions", (json_int_t) ks.evictions, "damaged", (json_int_t) ks.damaged);
         rejected = json_object();
-        if (!rejected)
+        if (!rejected || !key_cache) {
+                json_decref(rejected);
+                json_decref(key_cache);
                 return -ENOMEM;
+        }
         for (int i = FRAME_OK + 1; i < _FRAME_REASON_MAX; i++)
                 (void) json_object_set_new(rejected, frame_reason_to_string(i),
                                            json_integer((json_int_t) counters->frames_rejected[i]));
-        o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I,s:I,s:I},s:{s:I,s:I}}", "hub_id",
+        o = json_pack("{s:s,s:s,s:I,s:s,s:{s:b},s:{s:I,s:I,s:I,s:o},s:{s:I,s:I,s:I,s:I},s:{s:I,s:I,s:o}}", "hub_id",
                       h->conf->hub.id, "version", IOTHUB_VERSION, "uptime_s",
                       (json_int_t) ((now_monotonic_usec() - h->start_monotonic_usec) / UINT64_C(1000000)),
                       "config", h->conf->path, "mqtt", "connected", mqtt_is_connected(h->mqtt), "frames",
@@ -321,7 +329,7 @@ static int hub_status_json(struct hub *h, json_t **ret) {
                       (json_int_t) counters->frames_store_failed, "rejected", rejected, "spool", "pending",
                       (json_int_t) h->spool.pending, "bytes", (json_int_t) h->spool.bytes, "dropped",
                       (json_int_t) h->spool.dropped, "moved_aside", (json_int_t) moved_aside, "bulbs", "enrolled",
-                      (json_int_t) enrolled, "revoked", (json_int_t) revoked);
+                      (json_int_t) enrolled, "revoked", (json_int_t) revoked, "key_cache", key_cache);
         if (!o)
                 return -ENOMEM;
         /* The key object whatever else is configured: iothubctl(1) and doctor rely on it. */

@@ -131,8 +131,16 @@ static int cmd_status(struct ctl *ctl, int argc, char **argv) {
         json_object_foreach(rej, k, v) printf(" %s %lld", k, (long long) json_integer_value(v));
         printf("\nSpool:     %lld frames, %lld bytes\n", (long long) geti(st, "spool", "pending"),
                (long long) geti(st, "spool", "bytes"));
-        printf("Bulbs:     %lld enrolled, %lld revoked\n", (long long) geti(st, "bulbs", "enrolled"),
-               (long long) geti(st, "bulbs", "revoked"));
+        {
+                json_int_t damaged = json_integer_value(
+                        json_object_get(json_object_get(json_object_get(st, "bulbs"), "key_cache"), "damaged"));
+                printf("Bulbs:     %lld enrolled, %lld revoked", (long long) geti(st, "bulbs", "enrolled"),
+                       (long long) geti(st, "bulbs", "revoked"));
+                if (damaged > 0)
+                        printf("; %lld stored keys DAMAGED (their frames are refused: enrol those bulbs again, "
+                               "see the log)", (long long) damaged);
+                putchar('\n');
+        }
         {
                 json_t *b = json_object_get(st, "broker");
                 const char *e = json_string_value(json_object_get(b, "last_error"));

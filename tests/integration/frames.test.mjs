@@ -244,9 +244,19 @@ test('a stored key that no longer loads refuses that bulb\'s frames, logged apar
     `UPDATE bulbs SET pubkey_pem = '${pem}' WHERE id = '${b.id}'`]);
   await hub.restart();
   await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+  const before = (await hub.status()).bulbs.key_cache;
+  assert.deepEqual(before, { cached: 0, max: 256, hits: 0, misses: 0, evictions: 0, damaged: 0 }, 'nothing loaded before a frame');
   await expectRejected(b.id, await b.frame(), 'bad_signature');
   await waitFor(() => /Enrolled key of bulb-damaged in the database does not load/.test(hub.log), 2000, 'log line');
   await expectAccepted(es.id, await es.frame());
+  await expectAccepted(es.id, await es.frame());
+  // bulbs.key_cache (iothubctl(1)): the damaged key counted, es's loaded once, then found ready.
+  const kc = (await hub.status()).bulbs.key_cache;
+  assert.equal(kc.damaged, 1, JSON.stringify(kc));
+  assert.equal(kc.cached, 1, JSON.stringify(kc));
+  assert.equal(kc.misses, 1, JSON.stringify(kc));
+  assert.equal(kc.hits, 1, JSON.stringify(kc));
+  assert.match((await hub.ctl(['status'])).stdout, /^Bulbs: .*; 1 stored keys DAMAGED/m);
   assert.equal((await hub.ctl(['bulb', 'remove', b.id])).code, 0);
   await enrol(hub, b);
   await expectAccepted(b.id, await b.frame());
