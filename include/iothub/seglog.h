@@ -55,6 +55,10 @@ struct seglog_record {
 /* CRC-32C (Castagnoli), reflected, initial and final value 0xffffffff; crc is the value of the
  * bytes before (0 to start). */
 uint32_t seglog_crc32c(uint32_t crc, const void *buf, size_t len);
+/* The same with the table, whatever the CPU has (tests compare the two); and whether
+ * seglog_crc32c() uses the CPU's CRC32C instruction (SSE 4.2, ARMv8 CRC32). */
+uint32_t seglog_crc32c_portable(uint32_t crc, const void *buf, size_t len);
+bool seglog_crc32c_accelerated(void);
 
 /* The size of a frame record with this device id and frame length. */
 static inline size_t seglog_frame_record_size(size_t devlen, size_t len) {
