@@ -99,6 +99,10 @@ FUZZ_SRCS  := $(wildcard tests/fuzz/fuzz-*.c)
 FUZZ_BINS  := $(FUZZ_SRCS:tests/fuzz/%.c=$(BUILD)/fuzz/%)
 TOOL_SRCS  := $(wildcard tests/tools/*.c)
 TOOL_BINS  := $(TOOL_SRCS:tests/tools/%.c=$(BUILD)/tools/%)
+# Libraries the tests preload (LD_PRELOAD) into the daemons: never instrumented (SAN=1 leaves them
+# plain, as a preloaded sanitizer runtime would have to come first).
+PRELOAD_SRCS := $(wildcard tests/tools/preload/*.c)
+PRELOAD_LIBS := $(PRELOAD_SRCS:tests/tools/preload/%.c=$(BUILD)/tools/%.so)
 # Drafts of pages whose program is not there yet: built (scdoc checks them) into $(BUILD)/man-draft,
 # never installed nor packaged. None at the moment (iothub-uplink(8) is installed since stage 2).
 MAN_DRAFTS :=
@@ -158,7 +162,11 @@ $(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/driver.c $(BUILD)/libiothub.a $(HEADE
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< tests/fuzz/driver.c $(BUILD)/libiothub.a $(LIBS)
 
-tools: $(TOOL_BINS)
+$(BUILD)/tools/%.so: tests/tools/preload/%.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -ldl
+
+tools: $(TOOL_BINS) $(PRELOAD_LIBS)
 
 $(BUILD)/man/%: man/%.scd
 	@mkdir -p $(dir $@)

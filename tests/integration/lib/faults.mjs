@@ -11,7 +11,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { promisify } from 'node:util';
 import * as jose from 'jose';
-import { Hub, IOTHUBD, NOTIFY_LISTEN, SLOW, tempDir, waitFor } from './harness.mjs';
+import { BUILD, Hub, IOTHUBD, NOTIFY_LISTEN, SLOW, tempDir, waitFor } from './harness.mjs';
 import { Bulb } from './bulb.mjs';
 
 export const run = promisify(execFile);
@@ -30,6 +30,18 @@ export async function faketimeLib() {
     try { await fs.access(p); return p; } catch { /* next */ }
   }
   return null;
+}
+
+// LD_PRELOAD for a daemon on the test's clock: tools/faketime-monotonic.so first (its
+// timerfd_settime() wins), then libfaketime, then what was there. libfaketime 0.9.10 shifts
+// absolute CLOCK_MONOTONIC timerfd deadlines by its offset even with DONT_FAKE_MONOTONIC
+// (wolfcw/libfaketime#378): on a machine up for less than the offset, sd-event's deadline went
+// negative and the daemon's loop ended with EINVAL; up longer, every timer fired early. A real
+// clock step moves neither (tests/tools/preload/faketime-monotonic.c).
+export async function faketimePreload(rest) {
+  const shim = path.join(BUILD, 'tools', 'faketime-monotonic.so');
+  await fs.access(shim).catch(() => { throw new Error(`${shim} is missing: make tools`); });
+  return [shim, await faketimeLib(), rest].filter(Boolean).join(':');
 }
 
 // The daemon under test as under systemd: stderr is the journal stream, so it logs through
@@ -115,7 +127,7 @@ export class FaultHub extends Hub {
   async #startHelper(start, errPath, envIn) {
     const senv = { ...(envIn ?? {}) };
     if (this.clockFile) {
-      senv.LD_PRELOAD = [await faketimeLib(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+      senv.LD_PRELOAD = await faketimePreload(process.env.LD_PRELOAD);
       senv.FAKETIME_TIMESTAMP_FILE = this.clockFile;
       senv.FAKETIME_NO_CACHE = '1';
       senv.DONT_FAKE_MONOTONIC = '1';
@@ -150,7 +162,7 @@ export class FaultHub extends Hub {
     const j = this.#journalSpawn({ ...process.env, NOTIFY_SOCKET: this.notifySock }, this.errPath);
     const env = { ...j.env, ...(opts.env ?? {}) };
     if (this.clockFile) {
-      env.LD_PRELOAD = [await faketimeLib(), env.LD_PRELOAD].filter(Boolean).join(':');
+      env.LD_PRELOAD = await faketimePreload(env.LD_PRELOAD);
       env.FAKETIME_TIMESTAMP_FILE = this.clockFile;
       env.FAKETIME_NO_CACHE = '1';
       // CLOCK_MONOTONIC stays the kernel's (a date jump does not move it, as on a real hub).
