@@ -18,7 +18,7 @@
  * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
 int spool_open(struct db *db, char **ret_error);
 
-/* One frame to append; jws is copied. */
+/* One frame: to append (jws is copied), or as spool_frames_newest_first() reads it back. */
 struct spool_frame {
         const char *dev;
         int64_t seq;
