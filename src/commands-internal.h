@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "iothub/frame.h"
 #include "iothub/hubkey.h"
 #include "iothub/util.h"
 
@@ -110,6 +111,40 @@ int command_jws_prepare(const char *kid, const char *payload, size_t len, char *
 
 /* The result body of PROTOCOL.md 3: {"status":..,"at":..[,"detail":..]}, malloc'ed. */
 int command_result_body(const char *status, int64_t at, const char *detail, char **ret);
+
+/* Acks that a power cut took from the database but not from the spool (iothub-protocol(7),
+ * "Command acks"): a commit appends its frames to a segment and writes their command acks to
+ * SQLite, and the kernel may write the segment back before the WAL. At start the frame is then
+ * in the spool (its seq is the bulb's, so the bulb's resend is a replay) and the ack nowhere
+ * else. One command waiting for its ack (not final: pending or delivered) and what was found. */
+struct command_ack_wait {
+        const char *id, *dev;
+        int64_t since_usec; /* frames received before this cannot carry its ack: the command's arrival
+                             * minus COMMAND_ACK_RECOVER_SLACK_S, for a clock stepped back meanwhile */
+        bool found;
+        bool ok;
+        char err[FRAME_ACK_ERR_MAX + 1]; /* "" when the ack has none */
+        int64_t seq;                     /* the frame that carried it */
+};
+#define COMMAND_ACK_RECOVER_SLACK_S 60
+
+struct command_ack_scan {
+        uint64_t frames; /* frames the walk passed */
+        uint64_t parsed; /* frames of a waiting bulb, recent enough, parsed */
+        uint64_t found;
+};
+
+/* Looks for the acks of the commands in w among the frames still in the spool's segments
+ * (spool_frames_newest_first(): segments from the newest; frames of retired segments need no
+ * look, their commits are on disk). Only a frame of w[i].dev received at or after
+ * w[i].since_usec is parsed (frame_parse(), the parser of the live path), and its ack counts
+ * only with w[i].id; the first such frame of the walk fills w[i]. The walk stops once every
+ * command has its ack, or at the start of a segment after one that held a frame older than
+ * every since_usec. The segments are trusted as the database is (the hub's own 0600 files in
+ * its 0700 directory, a CRC per record, each frame verified before it was appended): signatures
+ * are not checked again. Returns 0 or a negative errno; ret, when not NULL, gets the counts. */
+struct db;
+int commands_acks_from_spool(struct db *db, struct command_ack_wait *w, size_t n, struct command_ack_scan *ret);
 
 /* Parses a long poll answer (200): exactly {"commands":[...]}, at most COMMANDS_ANSWER_MAX bytes,
  * no duplicate member names. *ret_commands is the array (a new reference). Returns 0, -EFBIG,

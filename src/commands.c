@@ -53,6 +53,7 @@
 #include "iothub/events.h"
 #include "iothub/frame.h"
 #include "iothub/signer.h"
+#include "iothub/spool.h"
 #include "iothub/jws.h"
 #include "iothub/log.h"
 #include "iothub/mqtt.h"
@@ -195,6 +196,7 @@ struct commands_counters {
         uint64_t duplicates;   /* ids seen before: ignored, not reported again */
         uint64_t deferred;     /* beyond COMMANDS_PER_ANSWER in one answer: left for the cloud to resend */
         uint64_t acks_ignored; /* acks for unknown ids, another bulb's command, or one already finished */
+        uint64_t acks_recovered; /* acks found at start in the spool's frames, their rows lost (recover_acks()) */
         uint64_t signatures;   /* command JWS signed by the hub key */
         uint64_t polls, poll_errors;
         uint64_t results_sent, results_failed, results_refused;
@@ -237,6 +239,7 @@ struct commands {
         uint64_t staged_ignored; /* acks_ignored of the open transaction */
 
         struct commands_counters counters;
+        bool start_checked; /* recover_acks() ran (the first pass of the work loop) */
 };
 
 static void commands_schedule(struct commands *c) {
@@ -949,6 +952,154 @@ static void forget_done(struct commands *c) {
         c->n_cmds = j;
 }
 
+/* ---- acks a power cut took from the database but not from the spool ---- */
+
+struct recover_ctx {
+        struct command_ack_wait *w;
+        size_t n, left;
+        int64_t since_min;   /* the smallest since_usec of w */
+        bool older_seen;     /* the segment being read holds a frame older than since_min */
+        struct command_ack_scan scan;
+};
+
+static int recover_one(const struct spool_frame *sf, bool segment_start, void *userdata) {
+        struct recover_ctx *c = userdata;
+        struct frame f;
+        bool wanted = false;
+
+        /* Segments from the newest: once one held a frame older than every waiting command,
+         * the older segments hold older frames still. */
+        if (segment_start && c->older_seen)
+                return 1;
+        c->scan.frames++;
+        if (sf->received_at_usec < c->since_min) {
+                c->older_seen = true;
+                return 0;
+        }
+        /* Only the frames of the bulbs concerned, recent enough, are parsed. */
+        for (size_t i = 0; i < c->n && !wanted; i++)
+                wanted = !c->w[i].found && sf->received_at_usec >= c->w[i].since_usec && streq(c->w[i].dev, sf->dev);
+        if (!wanted)
+                return 0;
+        c->scan.parsed++;
+        /* The limit of the live path's parser at its widest: the frame passed [frames]
+         * max_bytes when it came, whatever the setting is now. */
+        if (frame_parse(sf->jws, sf->len, sf->dev, FRAME_MAX_BYTES_LIMIT, &f) != FRAME_OK || !f.has_ack ||
+            f.seq != sf->seq)
+                return 0;
+        for (size_t i = 0; i < c->n; i++) {
+                struct command_ack_wait *x = &c->w[i];
+
+                /* The ack's id is the command's and the frame's device (its kid, its payload's
+                 * dev and its record's, which frame_parse() holds equal) is the command's bulb. */
+                if (x->found || sf->received_at_usec < x->since_usec || !streq(x->dev, f.dev) ||
+                    !streq(x->id, f.ack.id))
+                        continue;
+                x->found = true;
+                x->ok = f.ack.ok;
+                (void) snprintf(x->err, sizeof x->err, "%s", f.ack.has_err ? f.ack.err : "");
+                x->seq = f.seq;
+                c->scan.found++;
+                c->left--;
+                break;
+        }
+        return c->left == 0 ? 1 : 0;
+}
+
+int commands_acks_from_spool(struct db *db, struct command_ack_wait *w, size_t n, struct command_ack_scan *ret) {
+        struct recover_ctx c = { .w = w, .n = n, .since_min = INT64_MAX };
+        int r;
+
+        if (!db || (!w && n > 0))
+                return -EINVAL;
+        for (size_t i = 0; i < n; i++) {
+                if (!w[i].id || !w[i].dev)
+                        return -EINVAL;
+                w[i].found = false;
+                if (w[i].since_usec < c.since_min)
+                        c.since_min = w[i].since_usec;
+        }
+        c.left = n;
+        if (n > 0) {
+                r = spool_frames_newest_first(db, recover_one, &c);
+                if (r < 0)
+                        return r;
+        }
+        if (ret)
+                *ret = c.scan;
+        return 0;
+}
+
+/* At start, in the work loop's first pass (after READY=1, so that a large spool never delays
+ * it; before that pass expires anything, as a command whose ack is found must not expire for a
+ * downtime that outlasted its exp): the commands loaded from the table that wait for their ack
+ * get it from the spool if a power cut kept the frame but lost the row (commands-internal.h).
+ * Applied as the live path does (commands_ack_store() in a transaction, commands_acks_done()):
+ * the same row, the same results to the cloud. It runs in one go on the loop, so no frame is
+ * taken meanwhile; a frame taken before it with an ack for the same command made it final
+ * (then it is not looked for), and one taken after finds it final (ignored, as any late ack).
+ * The bulb's resend of the frame itself is a replay, its seq being in the spool. The work is
+ * bounded: nothing without a waiting command, only the frames of its bulb since it came
+ * parsed, the walk ending at the first match of each or at a segment older than all of them.
+ * A failure is logged and start goes on: the command then expires as it did before. */
+static void recover_acks(struct commands *c) {
+        _cleanup_free_ struct command_ack_wait *w = NULL;
+        struct command_ack_scan scan = {};
+        uint64_t t0 = now_monotonic_usec(), recovered = 0;
+        size_t n = 0;
+        int r;
+
+        for (size_t i = 0; i < c->n_cmds; i++)
+                n += !state_is_final(c->cmds[i]->state);
+        if (n == 0)
+                return;
+        w = calloc(n, sizeof *w);
+        if (!w) {
+                log_warning("Cannot look for lost command acks in the spool: out of memory");
+                return;
+        }
+        n = 0;
+        for (size_t i = 0; i < c->n_cmds; i++) {
+                const struct command *cmd = c->cmds[i];
+                int64_t since = cmd->received_at - COMMAND_ACK_RECOVER_SLACK_S;
+
+                if (state_is_final(cmd->state))
+                        continue;
+                w[n++] = (struct command_ack_wait){ .id = cmd->id, .dev = cmd->dev,
+                                                    .since_usec = since > 0 ? since * (int64_t) USEC_PER_SEC : 0 };
+        }
+        r = commands_acks_from_spool(c->db, w, n, &scan);
+        if (r < 0) {
+                log_warning_errno(r, "Failed to look for lost command acks in the spool: %m");
+                return;
+        }
+        log_debug("Looked for the acks of %zu commands in the spool: %" PRIu64 " frames read, %" PRIu64
+                  " parsed, %" PRIu64 " found, %.1f ms",
+                  n, scan.frames, scan.parsed, scan.found, (double) (now_monotonic_usec() - t0) / 1000.0);
+        if (scan.found == 0)
+                return;
+        r = db_begin(c->db);
+        for (size_t i = 0; r >= 0 && i < n; i++)
+                if (w[i].found)
+                        r = commands_ack_store(c, w[i].dev, w[i].id, w[i].ok, w[i].err[0] ? w[i].err : NULL);
+        recovered = c->n_staged;
+        if (r >= 0)
+                r = db_commit(c->db);
+        if (r < 0) {
+                (void) db_rollback(c->db);
+                commands_acks_done(c, false);
+                log_warning_errno(r, "Failed to store the command acks found in the spool: %m (%s)", db_errmsg(c->db));
+                return;
+        }
+        commands_acks_done(c, true);
+        c->counters.acks_recovered += recovered;
+        for (size_t i = 0; i < n; i++)
+                if (w[i].found)
+                        log_info("Recovered the ack of command %s (%s) from frame %" PRIi64 " of %s in the spool: "
+                                 "the last run lost it with its database row",
+                                 w[i].id, w[i].ok ? "acked" : "failed", w[i].seq, w[i].dev);
+}
+
 /* ---- the work loop ---- */
 
 static void wake_at(uint64_t *wake, uint64_t t) {
@@ -1162,6 +1313,11 @@ static void commands_work(struct commands *c) {
                 .wake = UINT64_MAX,
         };
 
+        /* The first pass, after READY=1, before anything can expire (see recover_acks()). */
+        if (!c->start_checked) {
+                c->start_checked = true;
+                recover_acks(c);
+        }
         expire_due(c, p.t);
         pass_sign(c, &p);
         pass_store(c, &p);
@@ -1432,13 +1588,14 @@ int commands_status_json(struct commands *c, json_t *st) {
         for (int i = COMMAND_OK + 1; i < _COMMAND_REASON_MAX; i++)
                 (void) json_object_set_new(reasons, command_reason_to_string(i),
                                            json_integer((json_int_t) c->counters.rejected_by[i]));
-        o = json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:o,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+        o = json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:o,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
                       "configured", 1, "received", (json_int_t) c->counters.received, "published",
                       (json_int_t) c->counters.published, "delivered", (json_int_t) c->counters.delivered, "acked",
                       (json_int_t) c->counters.acked, "failed", (json_int_t) c->counters.failed, "expired",
                       (json_int_t) c->counters.expired, "rejected", (json_int_t) c->counters.rejected,
                       "rejected_reasons", reasons, "duplicates", (json_int_t) c->counters.duplicates, "deferred",
-                      (json_int_t) c->counters.deferred, "acks_ignored", (json_int_t) c->counters.acks_ignored,
+                      (json_int_t) c->counters.deferred, "acks_ignored", (json_int_t) c->counters.acks_ignored, "acks_recovered",
+                      (json_int_t) c->counters.acks_recovered,
                       "in_flight", (json_int_t) in_flight, "unreported", (json_int_t) unreported, "signatures",
                       (json_int_t) c->counters.signatures, "polls", (json_int_t) c->counters.polls, "poll_errors",
                       (json_int_t) c->counters.poll_errors, "results_sent", (json_int_t) c->counters.results_sent,

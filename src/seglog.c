@@ -1165,6 +1165,42 @@ int seglog_frames_after(struct seglog *l, int64_t after, int (*cb)(const char *d
         return i < l->n ? walk(l, i, 0, SIZE_MAX, after_one, &c) : 0;
 }
 
+struct newest_ctx {
+        int (*cb)(const struct seglog_record *r, bool seg_first, void *userdata);
+        void *userdata;
+        bool seen; /* a frame of the segment being read was passed on */
+};
+
+static int newest_one(const struct seglog_record *r, size_t seg, uint64_t off, size_t size, void *userdata) {
+        struct newest_ctx *c = userdata;
+        bool first = !c->seen;
+
+        if (r->type != SEGLOG_FRAME)
+                return 0;
+        c->seen = true;
+        return c->cb(r, first, c->userdata);
+}
+
+int seglog_frames_newest_first(struct seglog *l,
+                               int (*cb)(const struct seglog_record *r, bool seg_first, void *userdata),
+                               void *userdata) {
+        struct newest_ctx c = { .cb = cb, .userdata = userdata };
+
+        if (!l || !cb)
+                return -EINVAL;
+        for (size_t i = l->n; i > 0; i--) {
+                int r;
+
+                if (l->segs[i - 1].frames == 0)
+                        continue;
+                c.seen = false;
+                r = walk(l, i - 1, 0, i - 1, newest_one, &c);
+                if (r != 0)
+                        return r;
+        }
+        return 0;
+}
+
 void seglog_set_segment_bytes(struct seglog *l, size_t segment_bytes) {
         if (segment_bytes > 0 && segment_bytes <= SEGMENT_FILE_MAX - SEGLOG_RECORD_MAX)
                 l->segment_bytes = segment_bytes;

@@ -403,6 +403,29 @@ int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *
         return r < 0 ? r : 0;
 }
 
+struct newest_adapter {
+        int (*cb)(const struct spool_frame *f, bool segment_start, void *userdata);
+        void *userdata;
+};
+
+static int newest_one(const struct seglog_record *r, bool seg_first, void *userdata) {
+        struct newest_adapter *a = userdata;
+        struct spool_frame f = { .dev = r->dev, .seq = r->seq, .jws = r->jws, .len = r->len,
+                                 .received_at_usec = r->received_at_usec };
+
+        return a->cb(&f, seg_first, a->userdata);
+}
+
+int spool_frames_newest_first(struct db *db,
+                              int (*cb)(const struct spool_frame *f, bool segment_start, void *userdata),
+                              void *userdata) {
+        struct newest_adapter a = { .cb = cb, .userdata = userdata };
+
+        if (!db || !log_of(db) || !cb)
+                return -EINVAL;
+        return seglog_frames_newest_first(log_of(db), newest_one, &a);
+}
+
 struct oldest_ctx {
         int64_t id, at;
 };

@@ -177,5 +177,15 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n);
 int seglog_frames_after(struct seglog *l, int64_t after, int (*cb)(const char *dev, int64_t seq, void *userdata),
                         void *userdata);
 
+/* Calls cb with every frame record still in the segment files, waiting or already uploaded (a
+ * segment stays until it retires), a segment at a time from the newest to the oldest, each
+ * segment's frames in their order; seg_first is true for the first frame of each segment. For
+ * what a lost SQLite commit left only in the segments (commands.c, at start). cb returns 0 to go
+ * on, a positive value to stop (returned), or a negative errno (returned). Returns 0 once every
+ * segment was read. */
+int seglog_frames_newest_first(struct seglog *l,
+                               int (*cb)(const struct seglog_record *r, bool seg_first, void *userdata),
+                               void *userdata);
+
 /* The size at which a segment is closed (the next append opens a new one). */
 void seglog_set_segment_bytes(struct seglog *l, size_t segment_bytes);

@@ -5,6 +5,7 @@
  * generation; without: when it returns), together with any SQLite rows of the same commit. */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "iothub/db.h"
@@ -17,7 +18,7 @@
  * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
 int spool_open(struct db *db, char **ret_error);
 
-/* One frame to append; jws is copied. */
+/* One frame: to append (jws is copied), or as spool_frames_newest_first() reads it back. */
 struct spool_frame {
         const char *dev;
         int64_t seq;
@@ -88,6 +89,16 @@ int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *
  * bulb_seqs holds its seqs). Stops at cb's negative return value. Returns 0 or a negative
  * errno. */
 int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
+
+/* Calls cb with every frame still in the segment files, waiting or already uploaded (a segment
+ * is unlinked only after a later commit is on disk), a segment at a time from the newest to the
+ * oldest, each segment's frames oldest first; segment_start is true for a segment's first frame,
+ * so that a caller looking for recent frames can stop once a segment began before them. f's
+ * pointers are valid during the call only. cb returns 0 to go on, a positive value to stop, or a
+ * negative errno; that value is returned, else 0. */
+int spool_frames_newest_first(struct db *db,
+                              int (*cb)(const struct spool_frame *f, bool segment_start, void *userdata),
+                              void *userdata);
 
 /* The oldest frame's id and arrival time; -ENOENT when the spool is empty. */
 int spool_oldest(struct db *db, int64_t *ret_id, int64_t *ret_received_at_usec);

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* The pure parts of commands.c (src/commands-internal.h), table-driven: the command checks,
  * the JWS payload bytes, the JWS itself (signed by a file-backed hub key and verified by
- * OpenSSL through verify.c), the result body and the answer parser. */
+ * OpenSSL through verify.c), the result body and the answer parser; and the search of the spool
+ * for acks a power cut took from the database (commands_acks_from_spool(), real segment files). */
+#include <dirent.h>
 #include <inttypes.h>
 #include <math.h>
 #include <setjmp.h>
@@ -17,9 +19,11 @@
 
 #include "../../src/commands-internal.h"
 #include "iothub/conf.h"
+#include "iothub/db.h"
 #include "iothub/frame.h"
 #include "iothub/hubkey.h"
 #include "iothub/jws.h"
+#include "iothub/spool.h"
 #include "iothub/verify.h"
 
 #define NOW 1700000000
@@ -594,6 +598,164 @@ static void test_payload_add_cloud(void **state) {
         assert_int_equal(command_payload_add_cloud(buf, 0, sizeof buf, "a"), -EINVAL);
 }
 
+/* ---- commands_acks_from_spool() ---- */
+
+/* A status frame as a bulb sends it; the signature is 64 bytes of nothing (the search does not
+ * verify: the frame was verified before it was spooled). */
+static char *status_frame(const char *dev, int64_t seq, const char *ack_id, bool ok, const char *err) {
+        char header[128], payload[512], *out;
+        char hb[B64URL_BUF(sizeof header)], pb[B64URL_BUF(sizeof payload)], sb[B64URL_BUF(64)];
+        uint8_t sig[64] = { 0 };
+        int n;
+
+        (void) snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"iothub-status\"}", dev);
+        n = snprintf(payload, sizeof payload, "{\"dev\":\"%s\",\"seq\":%" PRId64 ",\"iat\":%d,\"state\":{\"on\":true}",
+                     dev, seq, NOW);
+        if (ack_id && err)
+                n += snprintf(payload + n, sizeof payload - (size_t) n,
+                              ",\"ack\":{\"id\":\"%s\",\"ok\":%s,\"err\":\"%s\"}", ack_id, ok ? "true" : "false", err);
+        else if (ack_id)
+                n += snprintf(payload + n, sizeof payload - (size_t) n, ",\"ack\":{\"id\":\"%s\",\"ok\":%s}", ack_id,
+                              ok ? "true" : "false");
+        (void) snprintf(payload + n, sizeof payload - (size_t) n, "}");
+        (void) b64url_encode((const uint8_t *) header, strlen(header), hb);
+        (void) b64url_encode((const uint8_t *) payload, strlen(payload), pb);
+        (void) b64url_encode(sig, sizeof sig, sb);
+        assert_true(asprintf(&out, "%s.%s.%s", hb, pb, sb) > 0);
+        return out;
+}
+
+static char spooldir[64];
+static struct db *spooldb;
+
+static void spool_add(const char *dev, int64_t seq, const char *ack_id, bool ok, const char *err, int64_t at) {
+        char *jws = status_frame(dev, seq, ack_id, ok, err);
+        struct frame f;
+
+        /* What the live path would have accepted. */
+        assert_int_equal(frame_parse((const uint8_t *) jws, strlen(jws), dev, 4096, &f), FRAME_OK);
+        assert_int_equal(spool_append(spooldb, dev, seq, (const uint8_t *) jws, strlen(jws), at), 0);
+        free(jws);
+}
+
+static int spool_setup(void **state) {
+        char *err = NULL;
+
+        strcpy(spooldir, "/tmp/test-commands-spool-XXXXXX");
+        assert_non_null(mkdtemp(spooldir));
+        assert_int_equal(db_open(spooldir, &spooldb, &err), 0);
+        assert_int_equal(spool_open(spooldb, &err), 0);
+        /* The smallest segments (16 KiB), so that a few hundred frames make several. */
+        spool_set_max_bytes(spooldb, 64 * 1024);
+        return 0;
+}
+
+/* The state directory and its spool/, file by file (no shell). */
+static int spool_teardown(void **state) {
+        DIR *d;
+        char path[256];
+
+        db_close(spooldb);
+        spooldb = NULL;
+        (void) snprintf(path, sizeof path, "%s/spool", spooldir);
+        if ((d = opendir(path))) {
+                for (struct dirent *de; (de = readdir(d));)
+                        if (de->d_name[0] != '.') {
+                                char f[512];
+                                (void) snprintf(f, sizeof f, "%s/%s", path, de->d_name);
+                                (void) unlink(f);
+                        }
+                (void) closedir(d);
+        }
+        (void) rmdir(path);
+        if ((d = opendir(spooldir))) {
+                for (struct dirent *de; (de = readdir(d));)
+                        if (de->d_name[0] != '.') {
+                                char f[512];
+                                (void) snprintf(f, sizeof f, "%s/%s", spooldir, de->d_name);
+                                (void) unlink(f);
+                        }
+                (void) closedir(d);
+        }
+        (void) rmdir(spooldir);
+        return 0;
+}
+
+#define T0 (INT64_C(1700000000) * 1000000)
+#define SEC INT64_C(1000000)
+
+static void test_acks_from_spool(void **state) {
+        struct command_ack_wait w[4];
+        struct command_ack_scan scan;
+        int64_t seq_a = 0, seq_b = 0;
+
+        /* An old segment or more of bulb A's frames, from before any of the commands came,
+         * one of them with an ack of an id that "c3" reuses (it cannot be c3's). */
+        for (int i = 0; i < 120; i++)
+                spool_add("bulb-a", ++seq_a, i == 7 ? "c3" : NULL, true, NULL, T0 + i * SEC);
+        /* The commands came at T0 + 1000 s. Then: bulb B acks c1 (c1 is bulb A's: ignored), A
+         * acks an id no command has, A's frames without acks, A acks c1 (failed, with a reason),
+         * A acks c1 again (the first found wins), B acks c2. */
+        spool_add("bulb-b", ++seq_b, "c1", true, NULL, T0 + 1001 * SEC);
+        spool_add("bulb-a", ++seq_a, "c9", true, NULL, T0 + 1002 * SEC);
+        for (int i = 0; i < 60; i++)
+                spool_add("bulb-a", ++seq_a, NULL, true, NULL, T0 + (1003 + i) * SEC);
+        spool_add("bulb-a", ++seq_a, "c1", false, "jammed", T0 + 1100 * SEC);
+        int64_t c1_seq = seq_a;
+        spool_add("bulb-a", ++seq_a, "c1", true, NULL, T0 + 1101 * SEC);
+        spool_add("bulb-b", ++seq_b, "c2", true, NULL, T0 + 1102 * SEC);
+        int64_t c2_seq = seq_b;
+
+        w[0] = (struct command_ack_wait){ .id = "c1", .dev = "bulb-a", .since_usec = T0 + 1000 * SEC };
+        w[1] = (struct command_ack_wait){ .id = "c2", .dev = "bulb-b", .since_usec = T0 + 1000 * SEC };
+        w[2] = (struct command_ack_wait){ .id = "c3", .dev = "bulb-a", .since_usec = T0 + 1000 * SEC };
+        w[3] = (struct command_ack_wait){ .id = "c9", .dev = "bulb-c", .since_usec = T0 + 1000 * SEC };
+        assert_int_equal(commands_acks_from_spool(spooldb, w, 4, &scan), 0);
+        assert_true(w[0].found);
+        assert_false(w[0].ok);
+        assert_string_equal(w[0].err, "jammed");
+        assert_int_equal(w[0].seq, c1_seq);
+        assert_true(w[1].found);
+        assert_true(w[1].ok);
+        assert_string_equal(w[1].err, "");
+        assert_int_equal(w[1].seq, c2_seq);
+        assert_false(w[2].found); /* its id in a frame from before it came */
+        assert_false(w[3].found); /* its id acked by another bulb */
+        assert_int_equal(scan.found, 2);
+        /* Only the recent frames of A and B were parsed, none of the 120 old ones (B's ack of
+         * c1 not even that, when c2's ack in a newer segment was found first). */
+        assert_in_range(scan.parsed, 64, 65);
+        /* And the walk stopped in the old frames' segments: not all 185 were read. */
+        assert_true(scan.frames < 185);
+
+        /* Looked for since the spool's start, c3's id in the old frame counts (the time bound
+         * is what keeps it out above). */
+        struct command_ack_wait c3 = { .id = "c3", .dev = "bulb-a", .since_usec = 0 };
+        assert_int_equal(commands_acks_from_spool(spooldb, &c3, 1, &scan), 0);
+        assert_true(c3.found);
+        assert_int_equal(c3.seq, 8);
+
+        /* Every frame uploaded (the cursor past them): what is still in the segments counts
+         * (a segment retires only after a later commit is on disk). */
+        uint64_t count = 0;
+        assert_int_equal(spool_delete(spooldb, 1, 1000, &count, NULL), 0);
+        assert_int_equal(count, 185);
+        w[0].found = w[1].found = false;
+        assert_int_equal(commands_acks_from_spool(spooldb, w, 2, &scan), 0);
+        assert_true(w[0].found);
+        assert_true(w[1].found);
+
+        /* The old segments retired with the upload (no sync thread here: at once), and what was
+         * in them is not looked at any more. */
+        assert_int_equal(commands_acks_from_spool(spooldb, &c3, 1, &scan), 0);
+        assert_false(c3.found);
+
+        /* Nothing waits: nothing read. */
+        assert_int_equal(commands_acks_from_spool(spooldb, NULL, 0, &scan), 0);
+        assert_int_equal(scan.frames, 0);
+        assert_int_equal(commands_acks_from_spool(NULL, w, 1, &scan), -EINVAL);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_id),          cmocka_unit_test(test_check),
@@ -603,5 +765,10 @@ int main(void) {
                 cmocka_unit_test(test_payload_add_cloud),
         };
 
-        return cmocka_run_group_tests(tests, key_setup, key_teardown);
+        const struct CMUnitTest spool_tests[] = {
+                cmocka_unit_test_setup_teardown(test_acks_from_spool, spool_setup, spool_teardown),
+        };
+        int failed = cmocka_run_group_tests(tests, key_setup, key_teardown);
+
+        return failed + cmocka_run_group_tests(spool_tests, NULL, NULL);
 }
