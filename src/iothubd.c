@@ -32,11 +32,11 @@ int main(int argc, char *argv[]) {
         bool check = false;
         int level = -1, c;
 
-        /* One malloc arena (issue 13, "Memory"). The daemon runs one thread; the only others are
-         * libcurl's resolver threads, one short-lived thread per name lookup, and glibc gives
-         * each new thread an arena of its own (up to 8 per core) whose heap stays mapped and
-         * partly touched after the thread is gone. On a Pi's 2 to 4 cores the resolver's few
-         * allocations can share the loop's arena: its lock is never contended in practice. */
+        /* One malloc arena (issue 13, "Memory"). The daemon runs the loop and one other thread,
+         * the database's sync thread (db.c), which allocates next to nothing; glibc would give it
+         * an arena of its own (up to 8 per core) whose heap stays mapped and partly touched. Its
+         * few allocations share the loop's arena: the lock is never contended in practice.
+         * (libcurl and its resolver threads live in iothub-uplink since issue 14.) */
         (void) mallopt(M_ARENA_MAX, 1);
         /* A fixed threshold, as iothub-signer and iothub-uplink have (chanserver.c): a buffer
          * above 128 KiB (the cloud's list of 5,000 bulbs is about 1 MiB of JSON, a big batch as
