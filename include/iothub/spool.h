@@ -12,7 +12,8 @@
 
 /* Opens the spool of an open database: the segment log in <state_dir>/spool/ (created, 0700),
  * read whole once (the counts, each record's CRC, each bulb's newest seq for spool_max_seqs();
- * the newest segment's torn tail cut off, damage elsewhere skipped and counted: spool_found()),
+ * a torn tail cut off the newest segment and ignored in older ones, damage with intact records after
+ * it skipped and counted: spool_found()),
  * and the frames an older version kept in the database's spool table moved into it, once. The
  * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
 int spool_open(struct db *db, char **ret_error);
