@@ -326,7 +326,8 @@ int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http
         if (!db || !log_of(db) || first_id > last_id || last_id < 1 || !reason)
                 return -EINVAL;
         /* Copied into moved_aside and committed before they leave the log: a crash between the
-         * two keeps them in both (the next answer moves them aside again), never in neither. */
+         * two keeps them in both, never in neither; the next answer moves them aside again, and
+         * the copy skips what moved_aside has already (unique (dev, seq), db.c migration 6). */
         seglog_counts(log_of(db), &pending, NULL);
         r = db_begin(db);
         if (r < 0)

@@ -75,7 +75,8 @@ int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_e
 int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Copies frames first_id..last_id into the moved_aside table with the HTTP status and a
- * reason (one transaction), then they leave the spool as with spool_delete(). */
+ * reason (one transaction; a frame already there, by dev and seq, is not copied again: a crash
+ * before the frames left the log), then they leave the spool as with spool_delete(). */
 int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
                      uint64_t *ret_count, uint64_t *ret_bytes);
 
