@@ -80,9 +80,10 @@ int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret
 int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
                      uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* The cap of [spool] max_bytes: the frames of the oldest segment leave (the segment being
- * written is closed first when it is the only one); n is ignored beyond being > 0. Not inside
- * a transaction of the caller's. Returns 0 and what left (0 frames: nothing waits). */
+/* The cap of [spool] max_bytes: the frames of the oldest segments leave, whole segments (the
+ * one being written is closed first when it is the only one), until at least n (> 0) have left
+ * or nothing waits. Not inside a transaction of the caller's. Returns 0 and what left (0
+ * frames: nothing waits), or a negative errno when nothing left. */
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Calls cb with the newest seq of each bulb that has frames in the spool's segments (at start:

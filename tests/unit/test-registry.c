@@ -1245,6 +1245,40 @@ static void test_spool_relay(void **state) {
 }
 
 /* A database written by schema version 1 is brought to the current version and keeps its frames. */
+/* spool_drop_oldest(db, n): whole segments leave until at least n frames have. */
+static void test_drop_oldest_n(void **state) {
+        struct db *db = open_db();
+        struct spool_frame f[50];
+        uint64_t count = 0, bytes = 0, one, pending;
+        int64_t seq = 0;
+
+        spool_set_max_bytes(db, 64 * 1024); /* 16 KiB segments */
+        while (count_segments() < 4) {
+                for (size_t i = 0; i < ELEMENTSOF(f); i++)
+                        f[i] = (struct spool_frame){ .dev = "bulb-1", .seq = ++seq, .jws = (const uint8_t *) "a.b.c",
+                                                     .len = 5, .received_at_usec = seq };
+                assert_int_equal(spool_append_frames(db, f, ELEMENTSOF(f)), 0);
+        }
+        assert_int_equal(spool_drop_oldest(db, 1, &one, &bytes), 0);
+        assert_true(one > 1);
+        assert_int_equal(bytes, 5 * one);
+        pending = pending_of(db);
+        assert_true(pending > 2 * one);
+        /* More than one segment holds: two or more go. */
+        assert_int_equal(spool_drop_oldest(db, (unsigned) one + 1, &count, &bytes), 0);
+        assert_true(count >= one + 1);
+        assert_int_equal(bytes, 5 * count);
+        assert_int_equal(pending_of(db), pending - count);
+        /* More than wait: all go, the segment being written closed first. */
+        pending = pending_of(db);
+        assert_int_equal(spool_drop_oldest(db, UINT32_MAX, &count, &bytes), 0);
+        assert_int_equal(count, pending);
+        assert_int_equal(pending_of(db), 0);
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 0);
+        db_close(db);
+}
+
 /* The one segment file of the spool (its name), for a test to save and put back. */
 static void only_segment(char *out, size_t cap) {
         char path[160];
@@ -1656,6 +1690,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_sync_thread_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_move_aside_twice, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_drop_oldest_n, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_seqs, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rate, setup, teardown),
