@@ -636,6 +636,9 @@ static int hub_reload(struct hub *h) {
         struct iothub_conf t = *o;
         *o = *n;
         *n = t;
+        /* The modules read the values they use from the struct, but the segment size is derived
+         * from [spool] max_bytes once, into the log: derived again, for the segments to come. */
+        spool_set_max_bytes(h->db, h->conf->spool.max_bytes);
         log_event(LOG_INFO, 0, IOTHUB_MID_RELOADED, NULL, NULL, "Reloaded %s", h->conf->path);
 done:
         (void) sd_notify(false, "READY=1");
