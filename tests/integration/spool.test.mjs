@@ -1,5 +1,6 @@
 // The spool's segment log (issue 13) through the daemon: [spool] max_bytes sets the segment size,
-// also on reload.
+// also on reload; segments retire once uploaded, their bulbs' seqs in bulb_seqs, and replay
+// protection holds after they are gone and the daemon restarted.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -93,6 +94,55 @@ test('a reload applies [spool] max_bytes to the segment size of new segments', a
     const st = await hub.status();
     assert.equal(st.spool.pending, 81);
     assert.equal(st.spool.dropped, 0);
+  } finally {
+    await hub.cleanup();
+  }
+});
+
+// The segments of a bulb's frames retire once uploaded, its newest seq moved into bulb_seqs
+// first; after a restart nothing of that bulb is in the spool, and bulb_seqs alone must refuse
+// the resend of its old frames (the unit test: tests/unit/test-registry.c test_spool_seqs).
+test('replay protection after the segments retired and the daemon restarted', async () => {
+  const overrides = {
+    key: { backend: 'tpm', tcti: tpm.tcti, handle: '0x81000101' },
+    cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
+      batch_max_frames: 20, batch_max_delay_ms: 100, timeout_s: 5 },
+    spool: { max_bytes: 65536 }, // 16 KiB segments: they roll every ~45 frames
+  };
+  await keyBeforeDaemon(broker, overrides);
+  const hub = await Hub.start(broker, overrides);
+  try {
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt connected');
+    const r = await hub.ctl(['register']);
+    assert.equal(r.code, 0, r.stderr);
+    const a = await Bulb.create('spool-old', 'ES256');
+    const other = await Bulb.create('spool-busy', 'EdDSA');
+    await enrol(hub, a);
+    await enrol(hub, other);
+    await waitFor(() => cloud.state.hubs.get('test-hub')?.devices?.size === 2, 5000, 'device list at the cloud');
+
+    const old = await frames(a, 5);
+    assert.deepEqual(await send(hub, a, old), { received: 5, accepted: 5 });
+    // The other bulb fills segments until the ones with a's frames are uploaded and unlinked,
+    // and the segment being written holds none of a's.
+    const first = (await segments(hub))[0];
+    for (let round = 0; round < 20; round++) {
+      assert.deepEqual(await send(hub, other, await frames(other, 40)), { received: 40, accepted: 40 });
+      await waitFor(async () => (await hub.status()).spool.pending === 0, 10000, 'uploaded');
+      const segs = await segments(hub);
+      if (round >= 2 && !segs.includes(first) && segs.length <= 2) break;
+    }
+    assert.ok(!(await segments(hub)).includes(first), 'the first segment retired');
+    for (const f of old) assert.ok(cloud.state.frames.some((x) => x.dev === a.id && x.jws === f), 'a\'s frames reached the cloud');
+    const { stdout } = await promisify(execFile)('sqlite3', [path.join(hub.stateDir, 'iothub.db'),
+      `SELECT last_seq FROM bulb_seqs WHERE id = '${a.id}'`]);
+    assert.equal(Number(stdout.trim()), a.seq, 'a\'s newest seq is in bulb_seqs');
+
+    await hub.restart();
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+    assert.deepEqual(await send(hub, a, [old[4]]), { received: 1, replay: 1 });
+    assert.deepEqual(await send(hub, a, [old[0]]), { received: 1, replay: 1 });
+    assert.deepEqual(await send(hub, a, await frames(a, 1)), { received: 1, accepted: 1 });
   } finally {
     await hub.cleanup();
   }
