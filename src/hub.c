@@ -761,8 +761,8 @@ int hub_run(const char *config_path, int log_level_override) {
                                    h.conf->hub.state_dir, f.torn_bytes);
                 /* What a power cut right after a roll leaves: expected, not news (seglog.c). */
                 if (f.torn_older > 0)
-                        log_debug("Spool segments in %s/spool: ignored the torn ends of %" PRIu64 " older segments "
-                                  "(%" PRIu64 " bytes, never acknowledged)",
+                        log_debug("Spool segments in %s/spool: ignored the torn ends of %" PRIu64
+                                  " older segments (%" PRIu64 " bytes, never acknowledged)",
                                   h.conf->hub.state_dir, f.torn_older, f.torn_older_bytes);
         }
         /* Loading the bulbs and counting the spool read every page of both tables: where a

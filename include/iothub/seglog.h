@@ -109,8 +109,9 @@ struct seglog_found {
 
 /* Opens (creating) the directory and reads every segment: the newest one's torn tail is cut off,
  * an older one's ignored (a tail with no intact record after it is a crash, in any segment);
- * damage (a bad region with an intact record after it) is skipped and counted in ret_found. seq_cb, if given, is called with each
- * frame whose id is above seqs_mark (the frames whose bulbs' seqs bulb_seqs may not hold yet).
+ * damage (a bad region with an intact record after it) is skipped and counted in ret_found.
+ * seq_cb, if given, is called with each frame whose id is above seqs_mark (the frames whose
+ * bulbs' seqs bulb_seqs may not hold yet).
  * segment_bytes: a segment is closed once it holds this much (a record never spans two).
  * Returns 0, or a negative errno with a message in ret_error. */
 int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,

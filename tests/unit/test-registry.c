@@ -1255,8 +1255,9 @@ static void test_drop_oldest_n(void **state) {
         spool_set_max_bytes(db, 64 * 1024); /* 16 KiB segments */
         while (count_segments() < 4) {
                 for (size_t i = 0; i < ELEMENTSOF(f); i++)
-                        f[i] = (struct spool_frame){ .dev = "bulb-1", .seq = ++seq, .jws = (const uint8_t *) "a.b.c",
-                                                     .len = 5, .received_at_usec = seq };
+                        f[i] = (struct spool_frame){ .dev = "bulb-1", .seq = ++seq,
+                                                     .jws = (const uint8_t *) "a.b.c", .len = 5,
+                                                     .received_at_usec = seq };
                 assert_int_equal(spool_append_frames(db, f, ELEMENTSOF(f)), 0);
         }
         assert_int_equal(spool_drop_oldest(db, 1, &one, &bytes), 0);
@@ -1354,8 +1355,8 @@ static void test_move_aside_twice(void **state) {
         assert_int_equal(sqlite3_exec(raw,
                                       "DROP INDEX moved_aside_frame;"
                                       "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, "
-                                      "http_status, reason) SELECT dev, seq, received_at_usec, jws, moved_at + 1, 409, "
-                                      "'again' FROM moved_aside;"
+                                      "http_status, reason) SELECT dev, seq, received_at_usec, jws, "
+                                      "moved_at + 1, 409, 'again' FROM moved_aside;"
                                       "PRAGMA user_version = 5;",
                                       NULL, NULL, NULL),
                          SQLITE_OK);
