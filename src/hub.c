@@ -647,6 +647,9 @@ static int hub_reload(struct hub *h) {
         struct iothub_conf t = *o;
         *o = *n;
         *n = t;
+        /* The modules read the values they use from the struct, but the segment size is derived
+         * from [spool] max_bytes once, into the log: derived again, for the segments to come. */
+        spool_set_max_bytes(h->db, h->conf->spool.max_bytes);
         log_event(LOG_INFO, 0, IOTHUB_MID_RELOADED, NULL, NULL, "Reloaded %s", h->conf->path);
 done:
         (void) sd_notify(false, "READY=1");
@@ -767,6 +770,11 @@ int hub_run(const char *config_path, int log_level_override) {
                         log_notice("Spool segments in %s/spool: cut off %" PRIu64 " bytes of an append the last run "
                                    "did not finish (never acknowledged; the bulbs resend those frames)",
                                    h.conf->hub.state_dir, f.torn_bytes);
+                /* What a power cut right after a roll leaves: expected, not news (seglog.c). */
+                if (f.torn_older > 0)
+                        log_debug("Spool segments in %s/spool: ignored the torn ends of %" PRIu64
+                                  " older segments (%" PRIu64 " bytes, never acknowledged)",
+                                  h.conf->hub.state_dir, f.torn_older, f.torn_older_bytes);
         }
         /* Loading the bulbs and counting the spool read every page of both tables: where a
          * damaged file shows at start. */

@@ -161,6 +161,7 @@ static int make_room(struct ingest *in) {
         int r;
 
         while (in->spool->bytes + in->batch.bytes > max && in->spool->pending > 0) {
+                /* One segment (at least one frame) at a time: the loop stops once the rest fits. */
                 r = spool_drop_oldest(in->db, 1, &count, &bytes);
                 if (r < 0)
                         return r;

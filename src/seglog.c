@@ -667,11 +667,19 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                         g->dirty = res.tail_bytes > 0;
                         l->writing = true;
                 } else {
+                        /* A torn tail here is a crash too, not damage: an older segment ends torn
+                         * when power failed after a roll but before the sync of its last append
+                         * (write-back does not keep the order of writes: the new segment's name
+                         * and records may be on disk while the old one's last pages are not), or
+                         * after a start that cut the newest segment's tail and rolled before that
+                         * cut was synced. Nothing of it was acknowledged (a sync covers every
+                         * dirty segment at once). Left as it is, never read (size stops at the
+                         * last intact record), unlinked with the segment. */
                         if (res.tail_bytes > 0) {
-                                found.damaged++;
-                                found.damaged_bytes += res.tail_bytes;
+                                found.torn_older++;
+                                found.torn_older_bytes += res.tail_bytes;
                         }
-                        g->size = got;
+                        g->size = res.good_end;
                 }
         }
         found.segments = l->n;

@@ -326,7 +326,8 @@ int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http
         if (!db || !log_of(db) || first_id > last_id || last_id < 1 || !reason)
                 return -EINVAL;
         /* Copied into moved_aside and committed before they leave the log: a crash between the
-         * two keeps them in both (the next answer moves them aside again), never in neither. */
+         * two keeps them in both, never in neither; the next answer moves them aside again, and
+         * the copy skips what moved_aside has already (unique (dev, seq), db.c migration 6). */
         seglog_counts(log_of(db), &pending, NULL);
         r = db_begin(db);
         if (r < 0)
@@ -347,19 +348,31 @@ int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http
 
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes) {
         uint64_t count = 0, bytes = 0;
-        int r;
+        int r = 0;
 
         if (!db || !log_of(db) || n == 0)
                 return -EINVAL;
-        /* A whole segment at a time: the oldest one, or the one being written, closed first. */
-        r = seglog_drop_oldest(log_of(db), &count, &bytes);
-        if (r == -ENOENT) {
-                seglog_roll(log_of(db));
-                r = seglog_drop_oldest(log_of(db), &count, &bytes);
-                if (r == -ENOENT)
-                        r = 0;
+        /* A whole segment at a time: the oldest one, or the one being written, closed first;
+         * until n frames have left or nothing waits. */
+        while (count < n) {
+                uint64_t c = 0, b = 0;
+
+                r = seglog_drop_oldest(log_of(db), &c, &b);
+                if (r == -ENOENT) {
+                        seglog_roll(log_of(db));
+                        r = seglog_drop_oldest(log_of(db), &c, &b);
+                        if (r == -ENOENT) {
+                                r = 0;
+                                break; /* nothing waits */
+                        }
+                }
+                if (r < 0)
+                        break;
+                count += c;
+                bytes += b;
         }
-        if (r < 0)
+        /* Frames that left before a failure are gone all the same: their cursor goes to disk. */
+        if (r < 0 && count == 0)
                 return r;
         (void) db_sync_request(db);
         retire(db);

@@ -89,10 +89,9 @@ struct seglog_scan_result {
  * size in buf (it stops at cb's
  * negative return value, returned). A damaged region followed by an intact record is skipped,
  * counted in damaged and scanning goes on at that record: nothing intact after damage is lost.
- * What follows the last intact record and holds none is the tail (tail_bytes): in the newest
- * segment that is what a crash left of an unfinished append (the caller cuts it off); in any
- * other it is damage. A frame whose id is not above the previous frame's counts as damage too.
- * Returns 0. */
+ * What follows the last intact record and holds none is the tail (tail_bytes): what a crash left
+ * of an unfinished append, in any segment (seglog_open()). A frame whose id is not above the
+ * previous frame's counts as damage too. Returns 0. */
 int seglog_scan(const uint8_t *buf, size_t len,
                 int (*cb)(const struct seglog_record *r, size_t off, size_t size, void *userdata),
                 void *userdata, struct seglog_scan_result *ret);
@@ -105,14 +104,18 @@ struct seglog;
 /* What seglog_open() found. */
 struct seglog_found {
         uint64_t segments;
-        uint64_t damaged;       /* damaged regions skipped (in any segment) or damaged tails of older ones */
+        uint64_t damaged;       /* damaged regions with an intact record after them, skipped */
         uint64_t damaged_bytes;
         uint64_t torn_bytes;    /* cut off the newest segment: an append a crash interrupted */
+        uint64_t torn_older;    /* older segments ending torn (a crash before a roll's sync), */
+        uint64_t torn_older_bytes; /* their tails ignored, not damage */
 };
 
-/* Opens (creating) the directory and reads every segment: the newest one's torn tail is cut off;
- * damage elsewhere is skipped and counted in ret_found. seq_cb, if given, is called with each
- * frame whose id is above seqs_mark (the frames whose bulbs' seqs bulb_seqs may not hold yet).
+/* Opens (creating) the directory and reads every segment: the newest one's torn tail is cut off,
+ * an older one's ignored (a tail with no intact record after it is a crash, in any segment);
+ * damage (a bad region with an intact record after it) is skipped and counted in ret_found.
+ * seq_cb, if given, is called with each frame whose id is above seqs_mark (the frames whose
+ * bulbs' seqs bulb_seqs may not hold yet).
  * segment_bytes: a segment is closed once it holds this much (a record never spans two).
  * Returns 0, or a negative errno with a message in ret_error. */
 int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,

@@ -13,7 +13,8 @@
 
 /* Opens the spool of an open database: the segment log in <state_dir>/spool/ (created, 0700),
  * read whole once (the counts, each record's CRC, each bulb's newest seq for spool_max_seqs();
- * the newest segment's torn tail cut off, damage elsewhere skipped and counted: spool_found()),
+ * a torn tail cut off the newest segment and ignored in older ones, damage with intact records after
+ * it skipped and counted: spool_found()),
  * and the frames an older version kept in the database's spool table moved into it, once. The
  * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
 int spool_open(struct db *db, char **ret_error);
@@ -75,13 +76,15 @@ int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_e
 int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Copies frames first_id..last_id into the moved_aside table with the HTTP status and a
- * reason (one transaction), then they leave the spool as with spool_delete(). */
+ * reason (one transaction; a frame already there, by dev and seq, is not copied again: a crash
+ * before the frames left the log), then they leave the spool as with spool_delete(). */
 int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http_status, const char *reason,
                      uint64_t *ret_count, uint64_t *ret_bytes);
 
-/* The cap of [spool] max_bytes: the frames of the oldest segment leave (the segment being
- * written is closed first when it is the only one); n is ignored beyond being > 0. Not inside
- * a transaction of the caller's. Returns 0 and what left (0 frames: nothing waits). */
+/* The cap of [spool] max_bytes: the frames of the oldest segments leave, whole segments (the
+ * one being written is closed first when it is the only one), until at least n (> 0) have left
+ * or nothing waits. Not inside a transaction of the caller's. Returns 0 and what left (0
+ * frames: nothing waits), or a negative errno when nothing left. */
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Calls cb with the newest seq of each bulb that has frames in the spool's segments (at start:

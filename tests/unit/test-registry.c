@@ -26,7 +26,7 @@
 #include "iothub/spool.h"
 
 /* The schema version the migrations end at (src/db.c), counted here rather than taken from db.c. */
-#define SCHEMA_VERSION 5
+#define SCHEMA_VERSION 6
 
 static struct {
         char dir[64];
@@ -1245,6 +1245,130 @@ static void test_spool_relay(void **state) {
 }
 
 /* A database written by schema version 1 is brought to the current version and keeps its frames. */
+/* spool_drop_oldest(db, n): whole segments leave until at least n frames have. */
+static void test_drop_oldest_n(void **state) {
+        struct db *db = open_db();
+        struct spool_frame f[50];
+        uint64_t count = 0, bytes = 0, one, pending;
+        int64_t seq = 0;
+
+        spool_set_max_bytes(db, 64 * 1024); /* 16 KiB segments */
+        while (count_segments() < 4) {
+                for (size_t i = 0; i < ELEMENTSOF(f); i++)
+                        f[i] = (struct spool_frame){ .dev = "bulb-1", .seq = ++seq,
+                                                     .jws = (const uint8_t *) "a.b.c", .len = 5,
+                                                     .received_at_usec = seq };
+                assert_int_equal(spool_append_frames(db, f, ELEMENTSOF(f)), 0);
+        }
+        assert_int_equal(spool_drop_oldest(db, 1, &one, &bytes), 0);
+        assert_true(one > 1);
+        assert_int_equal(bytes, 5 * one);
+        pending = pending_of(db);
+        assert_true(pending > 2 * one);
+        /* More than one segment holds: two or more go. */
+        assert_int_equal(spool_drop_oldest(db, (unsigned) one + 1, &count, &bytes), 0);
+        assert_true(count >= one + 1);
+        assert_int_equal(bytes, 5 * count);
+        assert_int_equal(pending_of(db), pending - count);
+        /* More than wait: all go, the segment being written closed first. */
+        pending = pending_of(db);
+        assert_int_equal(spool_drop_oldest(db, UINT32_MAX, &count, &bytes), 0);
+        assert_int_equal(count, pending);
+        assert_int_equal(pending_of(db), 0);
+        assert_int_equal(spool_drop_oldest(db, 1, &count, &bytes), 0);
+        assert_int_equal(count, 0);
+        db_close(db);
+}
+
+/* The one segment file of the spool (its name), for a test to save and put back. */
+static void only_segment(char *out, size_t cap) {
+        char path[160];
+        struct dirent *de;
+        DIR *d;
+        int n = 0;
+
+        (void) snprintf(path, sizeof path, "%s/spool", T.dir);
+        d = opendir(path);
+        assert_non_null(d);
+        while ((de = readdir(d)))
+                if (strncmp(de->d_name, "seg-", 4) == 0) {
+                        (void) snprintf(out, cap, "%s/%s", path, de->d_name);
+                        n++;
+                }
+        (void) closedir(d);
+        assert_int_equal(n, 1);
+}
+
+static size_t read_whole(const char *path, uint8_t *buf, size_t cap) {
+        int fd = open(path, O_RDONLY);
+        ssize_t k;
+
+        assert_true(fd >= 0);
+        k = read(fd, buf, cap);
+        assert_true(k > 0 && (size_t) k < cap);
+        (void) close(fd);
+        return (size_t) k;
+}
+
+/* A crash after moved_aside's commit and before the frames' cursor record reached the disk: the
+ * next start finds them waiting, the cloud refuses them again, and they are copied again. Each
+ * must be in moved_aside once (db.c, migration 6). */
+static void test_move_aside_twice(void **state) {
+        struct db *db = open_db();
+        uint64_t count = 0, bytes = 0, n = 0;
+        int64_t first = 0, at = 0;
+        static uint8_t saved[65536];
+        char seg[512];
+        size_t len;
+        int fd;
+
+        for (int i = 1; i <= 3; i++)
+                assert_int_equal(spool_append(db, "bulb-1", i, (const uint8_t *) "a.b.c", 5, 100 * i), 0);
+        only_segment(seg, sizeof seg);
+        len = read_whole(seg, saved, sizeof saved);
+        assert_int_equal(spool_oldest(db, &first, &at), 0);
+        assert_int_equal(spool_move_aside(db, first, first + 1, 400, "HTTP 400", &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        db_close(db);
+
+        /* The segment as it was before the cursor record: the two frames wait again. */
+        fd = open(seg, O_WRONLY | O_TRUNC);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, saved, len), (ssize_t) len);
+        (void) close(fd);
+        db = open_db();
+        assert_int_equal(pending_of(db), 3);
+        assert_int_equal(spool_oldest(db, &at, NULL), 0);
+        assert_int_equal(at, first);
+        assert_int_equal(spool_move_aside(db, first, first + 1, 400, "HTTP 400", &count, &bytes), 0);
+        assert_int_equal(count, 2);
+        assert_int_equal(pending_of(db), 1);
+        assert_int_equal(spool_moved_aside_count(db, &n), 0);
+        assert_int_equal(n, 2);
+        assert_int_equal(query_int(db, "SELECT COUNT(DISTINCT seq) FROM moved_aside"), 2);
+        db_close(db);
+
+        /* A database of schema 5 with the copies such a crash made: the upgrade keeps one of
+         * each, the first. */
+        sqlite3 *raw = NULL;
+        assert_int_equal(sqlite3_open(T.path, &raw), SQLITE_OK);
+        assert_int_equal(sqlite3_exec(raw,
+                                      "DROP INDEX moved_aside_frame;"
+                                      "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, "
+                                      "http_status, reason) SELECT dev, seq, received_at_usec, jws, "
+                                      "moved_at + 1, 409, 'again' FROM moved_aside;"
+                                      "PRAGMA user_version = 5;",
+                                      NULL, NULL, NULL),
+                         SQLITE_OK);
+        sqlite3_close(raw);
+        db = open_db();
+        assert_int_equal(query_int(db, "PRAGMA user_version"), SCHEMA_VERSION);
+        assert_int_equal(spool_moved_aside_count(db, &n), 0);
+        assert_int_equal(n, 2);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM moved_aside WHERE http_status = 400"), 2);
+        db_close(db);
+}
+
 static void test_migrate_v1(void **state) {
         sqlite3 *raw = NULL;
         struct db *db;
@@ -1566,6 +1690,8 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_sync_thread, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sync_thread_spool, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_move_aside_twice, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_drop_oldest_n, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_seqs, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_rate, setup, teardown),

@@ -462,7 +462,7 @@ static void test_file_segments_damage_drop_retire(void **state) {
         assert_int_equal(count_segments(), 4);
         seglog_close(l);
 
-        /* Damage in segment 2 (not the newest): counted, and segments 3 and 4 are intact. */
+        /* Segment 2 (not the newest) spoilt: its one record is lost; segments 3 and 4 are intact. */
         (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 2);
         fd = open(path, O_WRONLY);
         assert_true(fd >= 0);
@@ -470,8 +470,10 @@ static void test_file_segments_damage_drop_retire(void **state) {
         (void) close(fd);
         l = open_log(rec + 1, 0, &s, &f);
         assert_int_equal(f.segments, 4);
-        assert_int_equal(f.damaged, 1); /* the whole record: a damaged tail of an older segment */
-        assert_int_equal(f.damaged_bytes, rec);
+        /* Nothing intact after it in its segment: what a crash leaves, ignored, not damage. */
+        assert_int_equal(f.damaged, 0);
+        assert_int_equal(f.torn_older, 1);
+        assert_int_equal(f.torn_older_bytes, rec);
         seglog_counts(l, &pending, NULL);
         assert_int_equal(pending, 3);
         assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 3);
@@ -514,6 +516,64 @@ static void test_file_segments_damage_drop_retire(void **state) {
         seglog_counts(l, &pending, NULL);
         assert_int_equal(pending, 0);
         assert_int_equal(seglog_last_id(l), 4);
+        seglog_close(l);
+}
+
+/* Older segments: a tail with nothing intact after it is a crash (a power cut after a roll, before
+ * the sync), ignored quietly; a bad region with an intact record after it is damage, counted. */
+static void test_file_older_torn_tail_not_damage(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        size_t rec = seglog_frame_record_size(1, strlen(JWS));
+        struct seglog_found f;
+        struct collected c = {};
+        uint8_t buf[256];
+        char path[160];
+        uint64_t pending;
+        int fd, n;
+
+        for (int64_t id = 1; id <= 5; id++) {
+                struct seglog_record r = fr(id, "a", id);
+                assert_int_equal(seglog_append(l, &r, 1), 0);
+                if (id % 2 == 0)
+                        seglog_roll(l); /* segments 1 {1, 2}, 3 {3, 4}, 5 {5} */
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+        assert_int_equal(count_segments(), 3);
+
+        /* Segment 1: record 1 spoilt, record 2 intact after it: damage. */
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        fd = open(path, O_WRONLY);
+        assert_true(fd >= 0);
+        assert_int_equal(pwrite(fd, "X", 1, 50), 1);
+        (void) close(fd);
+        /* Segment 3: an append cut short by the crash, nothing after it. */
+        struct seglog_record torn = fr(9, "a", 9);
+        n = seglog_record_encode(&torn, buf, sizeof buf);
+        assert_true(n > 40);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 3);
+        fd = open(path, O_WRONLY | O_APPEND);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, buf, 40), 40);
+        (void) close(fd);
+
+        l = open_log(1 << 20, 0, NULL, &f);
+        assert_int_equal(f.segments, 3);
+        assert_int_equal(f.damaged, 1);
+        assert_int_equal(f.damaged_bytes, rec);
+        assert_int_equal(f.torn_older, 1);
+        assert_int_equal(f.torn_older_bytes, 40);
+        assert_int_equal(f.torn_bytes, 0);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 4);
+        struct seglog_record six = fr(6, "a", 6);
+        assert_int_equal(seglog_append(l, &six, 1), 0);
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 5);
+        assert_int_equal(c.ids[0], 2);
+        assert_int_equal(c.ids[1], 3);
+        assert_int_equal(c.ids[2], 4);
+        assert_int_equal(c.ids[3], 5);
+        assert_int_equal(c.ids[4], 6);
         seglog_close(l);
 }
 
@@ -604,6 +664,7 @@ int main(void) {
                 cmocka_unit_test(test_scan_callback_stops),
                 cmocka_unit_test_setup_teardown(test_file_append_read_consume_reopen, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_torn_tail_cut, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_older_torn_tail_not_damage, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_big_frames_damage, setup_dir, teardown_dir),
