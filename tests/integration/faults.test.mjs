@@ -807,7 +807,9 @@ test('clock: a jump of an hour forward during sign-in does not expire the device
       },
     });
     const r = await login;
-    assert.equal(r.code, 0, `login after the clock jumped: ${r.out} ${r.err}`);
+    assert.equal(r.code, 0, `login after the clock jumped: ${r.out} ${r.err}; the daemon ` +
+      `${JSON.stringify(await Promise.race([h.exited, sleep(100).then(() => 'running')]))}, its journal ` +
+      `${JSON.stringify(h.journal.slice(-30).map((e) => `${e.SYSLOG_IDENTIFIER ?? ''}: ${e.MESSAGE}`))}`);
     await waitFor(async () => (await h.status()).oauth.state === 'ok', 10000, 'signed in');
     console.log(`clock: sign-in survived a 1 h jump forward (${as.state.pending - polls0} polls pending)`);
     await stopClean(h);
