@@ -334,7 +334,13 @@ function targetsTable(results) {
     (m) => [at(m, 2000), unpaced(m)].filter(Boolean).map((r) => `${fmt(r.cpu_ratio, 2)} (${r.label})`).join(', ') || '-',
     (m) => { const v = [at(m, 2000), unpaced(m)].filter(Boolean).map((r) => r.cpu_ratio); return v.length ? Math.max(...v) <= TARGET.cpuRatio : null; });
   row(`relay throughput at ${topRate} frames/s offered, frames/s at the cloud`, `>= ${TARGET.relayRate}`,
-    (m) => (top(m) ? `${fmt(top(m).cloud_frames_per_second_while_publishing, 0)} (to last ${fmt(top(m).cloud_frames_per_second, 0)})` : '-'),
+    // Beside it, what bounds it other than the hub: the machine's cores (all of them busy means
+    // the test bed, which runs the broker, loadgen and the cloud on the same cores, is the
+    // limit), and with a slow TPM the ceiling of one signature per batch: batch_max_frames
+    // frames per TPM operation (PROTOCOL.md 3: a batch holds at most [cloud] batch_max_frames).
+    (m) => (top(m) ? `${fmt(top(m).cloud_frames_per_second_while_publishing, 0)} (to last ${fmt(top(m).cloud_frames_per_second, 0)}` +
+      (top(m).machine_cores_busy != null ? `; ${fmt(top(m).machine_cores_busy, 2)} of ${top(m).machine_cores} cores busy` : '') +
+      (m.tpm_delay_ms > 0 ? `; TPM ceiling ${fmt((top(m).batch_max_frames * 1000) / m.tpm_delay_ms, 0)}` : '') + ')' : '-'),
     (m) => (top(m) && topRate >= TARGET.relayRate ? top(m).cloud_frames_per_second_while_publishing >= TARGET.relayRate * 0.98 : null));
   row(`control socket status p99 under load (every 50 ms, ${topRate}/s run), ms`, `<= ${TARGET.controlP99Ms}`,
     (m) => (top(m)?.control_status_ms ? `${fmt(top(m).control_status_ms.p99)} (p50 ${fmt(top(m).control_status_ms.p50)}, max ${fmt(top(m).control_status_ms.max)})` : '-'),

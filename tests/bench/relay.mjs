@@ -13,6 +13,7 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, waitFor } from '../integration/lib/harness.mjs';
 import { SlowTpm } from '../integration/lib/slowtpm.mjs';
@@ -222,10 +223,22 @@ const diffCounts = (a, b) => {
 // three, and DESIGN.md's CPU target is for the hub's work, so all three are counted.
 async function cpuAll(ctx) {
   const nsOf = (proc) => (proc?.pid ? ctx.h.cpuNs(proc.pid) : 0);
-  const [daemon, tpm, mosq, uplink, signer] = await Promise.all([ctx.h.snapshot(ctx.pid), ctx.h.cpuNs(ctx.tpm.proc.pid),
-    ctx.h.cpuNs(ctx.broker.proc.pid), nsOf(ctx.hub.uplinkProc), nsOf(ctx.hub.signerProc)]);
+  const [daemon, tpm, mosq, uplink, signer, machine] = await Promise.all([ctx.h.snapshot(ctx.pid), ctx.h.cpuNs(ctx.tpm.proc.pid),
+    ctx.h.cpuNs(ctx.broker.proc.pid), nsOf(ctx.hub.uplinkProc), nsOf(ctx.hub.signerProc), machineCpu()]);
   const node = process.cpuUsage();
-  return { daemon, tpmNs: tpm, mosqNs: mosq, uplinkNs: uplink, signerNs: signer, nodeUs: node.user + node.system, t: Date.now() };
+  return { daemon, tpmNs: tpm, mosqNs: mosq, uplinkNs: uplink, signerNs: signer, nodeUs: node.user + node.system, machine, t: Date.now() };
+}
+
+// The whole machine's CPU (/proc/stat's "cpu" line, proc(5)): busy and total jiffies over every
+// core, whoever used them: the hub, the broker, loadgen, the cloud, swtpm, and anything else on
+// this shared machine. Busy over total, times the cores, is how many cores were busy: when it is
+// near os.availableParallelism(), a run's throughput is the test bed's, not the hub's.
+async function machineCpu() {
+  const line = (await fs.readFile('/proc/stat', 'utf8')).split('\n', 1)[0];
+  const v = line.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal (guest and guest_nice are inside user and nice)
+  const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
+  return { busy: total - v[3] - v[4], total };
 }
 
 // One measured run: frames file for `bulbs` bulbs starting at seqStart, published by loadgen
@@ -477,6 +490,11 @@ async function relayRun(ctx, o) {
     mosquitto_cpu_us_per_frame: (after.mosqNs - before.mosqNs) / 1e3 / storedN,
     cloud_node_cpu_us_per_frame: (after.nodeUs - before.nodeUs) / storedN,
     swtpm_cpu_share: (after.tpmNs - before.tpmNs) / 1e9 / cpuWindowS,
+    // Cores busy on the whole machine over the same window, of os.availableParallelism().
+    machine_cores_busy: after.machine.total > before.machine.total
+      ? ((after.machine.busy - before.machine.busy) / (after.machine.total - before.machine.total)) * os.availableParallelism() : null,
+    machine_cores: os.availableParallelism(),
+    loadgen_cpu_us_per_frame: pub.cpu_us != null ? pub.cpu_us / storedN : null,
     write_bytes_per_frame: wb / storedN,
     write_ratio: wb / storedN / gen.avg_bytes,
     wear,
@@ -501,6 +519,8 @@ function report(r, fmt) {
     `(${fmt(r.signatures_per_batch, 2)}/batch, ${fmt(r.signatures_per_1000_frames, 2)}/1000 frames, ${fmt(sigRate(r), 2)}/s); ` +
     `iothubd ${fmt(r.daemon_cpu_us_per_frame_schedstat)} + uplink ${fmt(r.uplink_cpu_us_per_frame)} + signer ` +
     `${fmt(r.signer_cpu_us_per_frame)} us/frame` + (r.cpu_ratio ? ` (${fmt(r.cpu_ratio, 2)}x a bare verify; iothubd alone ${fmt(r.cpu_ratio_iothubd, 2)}x)` : '') +
+    (r.machine_cores_busy != null ? `; machine ${fmt(r.machine_cores_busy, 2)} of ${r.machine_cores} cores busy (us/frame: ` +
+      `cloud ${fmt(r.cloud_node_cpu_us_per_frame)}, mosquitto ${fmt(r.mosquitto_cpu_us_per_frame)}, loadgen ${fmt(r.loadgen_cpu_us_per_frame)})` : '') +
     (r.control_status_ms ? `; control socket status every 50 ms: p50 ${fmt(r.control_status_ms.p50)} p99 ${fmt(r.control_status_ms.p99)} max ${fmt(r.control_status_ms.max)} ms (${r.control_status_ms.n} answers, ${r.control_status_errors} errors)` : '') +
     (r.loop ? `; loop: ${r.loop.iterations} iterations, longest ${r.loop.longest.map((i) => `${i.ms} (fdatasync ${i.fdatasync_ms})`).join(', ')} ms; fdatasync on the loop thread ${r.loop.fdatasync_loop_thread.n} (max ${r.loop.fdatasync_loop_thread.max} ms), on other threads ${r.loop.fdatasync_other_threads.n} (max ${r.loop.fdatasync_other_threads.max} ms)` : '') + '\n');
 }
