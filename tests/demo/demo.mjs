@@ -2,7 +2,8 @@
 // holding the hub key, an OAuth authorization server (oidc-provider), the reference cloud,
 // the daemon, and three simulated bulbs signing with jose; one of them also sends a forgery,
 // a replay and junk. The user signs in with the device grant (the demo plays the user at the
-// provider's own pages). Frames flow bulb -> broker -> iothubd (checked, spooled) -> cloud
+// provider's own pages) and registers the hub, with TPM attestation that the cloud requires.
+// Frames flow bulb -> broker -> iothubd (checked, spooled) -> cloud
 // (batches signed by the TPM key, DPoP-bound token, all checked independently there).
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -20,10 +21,20 @@ const PREFIX = 'iothub/v1/bulbs';
 const step = (s) => console.log(`\n== ${s}`);
 const dir = await tempDir('iothub-demo-');
 await fs.chmod(dir, 0o755);
-const tpm = await Swtpm.start(path.join(dir, 'tpm'));
+// The TPM as a vendor ships it: an endorsement key with its certificate, from a local CA that
+// stands for the TPM maker's (swtpm_setup and swtpm_localca). The cloud trusts that CA and
+// requires attestation (PROTOCOL.md 5): the hub registers only by proving its key is in this TPM.
+const ekCa = path.join(dir, 'tpm-maker-ca');
+const tpm = await Swtpm.start(path.join(dir, 'tpm'), { ekCa });
 const broker = await Broker.start(dir);
 const auth = await startAuthServer({ dir: path.join(dir, 'as'), interval: 1 });
-const cloud = await startCloud({ dir: path.join(dir, 'cloud'), ...auth.cloudHooks() });
+const cloud = await startCloud({
+  dir: path.join(dir, 'cloud'), ...auth.cloudHooks(),
+  attestation: {
+    trustedRoots: [await fs.readFile(path.join(ekCa, 'swtpm-localca-rootca-cert.pem'))],
+    intermediates: [await fs.readFile(path.join(ekCa, 'issuercert.pem'))], require: true,
+  },
+});
 console.log(`swtpm ${tpm.tcti}; mosquitto 127.0.0.1:${broker.port}; OAuth server ${auth.issuer}; reference cloud ${cloud.url}`);
 const overrides = {
   frames: { rate_per_device: 20 },
@@ -60,9 +71,13 @@ try {
   });
   const [loginCode] = await once(p, 'exit');
   if (loginCode !== 0) throw new Error('login failed');
-  step('iothubctl register');
+  step('iothubctl register (with TPM attestation: EK certificate, credential activation, TPM2_Certify)');
   r = await hub.ctl(['register']);
   process.stdout.write(r.stdout || r.stderr);
+  if (r.code !== 0) throw new Error('registration failed');
+  const reg = cloud.state.hubs.get('test-hub');
+  console.log(`the cloud verified the evidence: ${cloud.attest.state.verified} attestation(s), EK certificate from ` +
+    `${reg?.attested?.ekIssuer ?? '(none)'}; refused: ${JSON.stringify(cloud.attest.state.refused)}`);
 
   step('iothubctl bulb add');
   const bulbs = [await Bulb.create('kitchen', 'ES256'), await Bulb.create('hall', 'EdDSA'), await Bulb.create('porch', 'ES256')];
