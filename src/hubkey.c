@@ -83,6 +83,7 @@ struct hubkey {
         sd_event_source *kick;   /* defer: start the next op, deliver a finished one */
         sd_event_source *tpm_io; /* the TCTI's poll handle while a Sign is in flight */
         int tpm_io_fd;
+        bool tcti_unpollable;    /* this connection's TCTI has no poll handle (tpm_watch) */
         struct hubkey_op *queue[_HUBKEY_PRIO_MAX], **queue_tail[_HUBKEY_PRIO_MAX];
         unsigned n_queued;
         bool busy;                  /* a TPM2_Sign is in flight (ESYS waits for its answer) */
@@ -877,6 +878,7 @@ static int tpm_reconnect(struct hubkey *k) {
         k->srk = (struct srk_cache){ .tr = ESYS_TR_NONE };
         k->esys = TAKE_PTR(esys);
         k->tcti = TAKE_PTR(tcti);
+        k->tcti_unpollable = false;
         k->key = tr;
         return 0;
 }
@@ -1548,9 +1550,15 @@ static int tpm_watch(struct hubkey *k) {
         TSS2_RC rc;
         int r;
 
+        /* Asked once per connection: ESYS logs an ERROR line on stderr (the journal) each time a
+         * TCTI says it has none, which was one line per signature with the swtpm TCTI. */
+        if (k->tcti_unpollable)
+                return 0;
         rc = Esys_GetPollHandles(k->esys, &handles, &n);
-        if (rc != TSS2_RC_SUCCESS || n == 0)
-                return 0; /* TSS2_TCTI_RC_NOT_IMPLEMENTED: the swtpm TCTI */
+        if (rc != TSS2_RC_SUCCESS || n == 0) {
+                k->tcti_unpollable = true; /* TSS2_TCTI_RC_NOT_IMPLEMENTED: the swtpm TCTI */
+                return 0;
+        }
         /* One handle for the TCTIs that have any (the device or the socket); POLLOUT, which they
          * also announce, is always ready and would spin the loop: the answer is POLLIN. */
         if (k->tpm_io && k->tpm_io_fd != handles[0].fd)
