@@ -467,12 +467,38 @@ static void test_mssim_is_async(void **state) {
         sd_event_unref(e);
 }
 
+/* The mssim TCTI's socket has TCP_NODELAY (hubkey.c, tcti_nodelay()): that TCTI writes each
+ * command's header and body apart, and with Nagle's algorithm the body waited for the relay's
+ * delayed ACK, about 40 ms a command. The hub key lives in this process: its socket is the one
+ * of ours connected to the relay's command port. */
+static void test_mssim_nodelay(void **state) {
+        struct hubkey *k = open_key(KIND_MSSIM);
+        unsigned found = 0;
+
+        (void) state;
+        for (int fd = 3; fd < 1024; fd++) {
+                struct sockaddr_in peer;
+                socklen_t len = sizeof peer;
+                int nodelay = 0;
+                socklen_t olen = sizeof nodelay;
+
+                if (getpeername(fd, (struct sockaddr *) &peer, &len) < 0 || peer.sin_family != AF_INET ||
+                    ntohs(peer.sin_port) != relay.port)
+                        continue;
+                assert_int_equal(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, &olen), 0);
+                assert_true(nodelay != 0);
+                found++;
+        }
+        assert_int_equal(found, 1);
+        hubkey_free(k);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_swtpm_priorities), cmocka_unit_test(test_mssim_priorities),
                 cmocka_unit_test(test_file_priorities),  cmocka_unit_test(test_swtpm_cancel),
                 cmocka_unit_test(test_mssim_cancel),     cmocka_unit_test(test_file_cancel),
-                cmocka_unit_test(test_mssim_is_async),
+                cmocka_unit_test(test_mssim_is_async),   cmocka_unit_test(test_mssim_nodelay),
         };
         return cmocka_run_group_tests(tests, setup, teardown);
 }
