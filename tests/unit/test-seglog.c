@@ -328,7 +328,7 @@ static int take_id(const struct seglog_record *r, void *userdata) {
 static struct seglog *open_log(size_t segment_bytes, int64_t mark, struct seqs *s, struct seglog_found *f) {
         struct seglog *l = NULL;
         char *err = NULL;
-        int r = seglog_open(dir, segment_bytes, mark, s ? take_seq : NULL, s, &l, f, &err);
+        int r = seglog_open(dir, segment_bytes, mark, s ? take_seq : NULL, s, NULL, 0, &l, f, &err);
 
         if (r < 0)
                 fail_msg("seglog_open: %s", err ? err : strerror(-r));
