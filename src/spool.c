@@ -289,15 +289,22 @@ static int summaries_store(struct db *db, uint64_t token) {
         }
 }
 
-/* Only noted: the callback may run while the syncer stops (db_sync_stop(), db_restore_file()),
- * where no transaction nor a new wait may begin; the next summarize() stores them. A failed
- * sync: no summaries (those segments are read at the next start). */
+/* Stored at once (the daemon may go quiet, or stop, before the next summarize()), but no new
+ * wait begins here: this may run while the syncer stops (db_sync_stop(), db_restore_file(),
+ * which wants no wait left). A commit then is lost with the connection's others or kept, the
+ * summary and its seqs together. A failed sync: no summaries (read at the next start). */
 static void summary_synced(void *userdata, int error) {
-        struct db_spool *sp = db_spool(userdata);
+        struct db *db = userdata;
+        struct db_spool *sp = db_spool(db);
 
         sp->summary_wait = NULL;
-        if (error == 0)
-                sp->summary_ready = true;
+        if (error < 0)
+                return;
+        sp->summary_ready = true;
+        if (sp->log && !db_in_transaction(db)) {
+                (void) summaries_store(db, sp->summary_token);
+                sp->summary_ready = false;
+        }
 }
 
 /* Closed segments get their summaries (spool_segments; seglog.h) so that the next start need
