@@ -3,7 +3,8 @@
  * bulb's own signature, PROTOCOL.md 3), until the cloud acknowledges them. They are in the
  * segment log (seglog.c, <state_dir>/spool/: written once, unlinked once uploaded, issue 13);
  * SQLite keeps what is small and changes in place: each bulb's last seq (bulb_seqs, written from
- * a segment's own frames when it retires, never from memory), the frames moved aside. */
+ * a segment's own frames when it is summarized or retires, never from memory), the closed
+ * segments' summaries (spool_segments: a start need not read them), the frames moved aside. */
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -525,8 +526,9 @@ int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *
         if (!db || !log_of(db) || !cb)
                 return -EINVAL;
         sp = db_spool(db);
-        /* At start, what the open's scan of every segment gathered (one pass for the counts,
-         * the checks and the seqs); later, a walk of the segments. */
+        /* At start, what the open's scan of the segments it read gathered (one pass for the
+         * counts, the checks and the seqs; the summarized segments' seqs are in bulb_seqs);
+         * later, a walk of every segment. */
         if (sp->open_seqs_valid) {
                 set.m = (struct seq_max *) sp->open_seqs;
                 set.n = sp->n_open_seqs;
