@@ -290,6 +290,10 @@ _Static_assert(WINDOW >= 2 * SEGLOG_RECORD_MAX, "a window must hold two records"
 /* Reads start with a window this small (a batch of ordinary frames, the oldest frame's time),
  * and take the full one only where no record is complete in it. */
 #define WINDOW_SMALL (32u * 1024u)
+/* Older segments found at open without a summary (an earlier version's, or closed just before
+ * a stop) handed over to the sync with each hand-over, at most this many at a time (each is a
+ * sync of a file that is normally clean, and a read on the loop for its summary after). */
+#define FOUND_SYNC_MAX 4u
 /* The largest segment file read at start: segment_bytes is at most this minus one record. */
 #define SEGMENT_FILE_MAX (64u * 1024u * 1024u)
 
@@ -307,6 +311,7 @@ struct segment {
          * (taken from one at open, or seglog_summary_stored()). */
         uint64_t covered_at;
         bool summarized;
+        bool found_unsynced;     /* an older segment read whole at open, intact to its end */
 };
 
 struct seglog {
@@ -742,6 +747,8 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                                 found.torn_older_bytes += res.tail_bytes;
                         }
                         g->size = res.good_end;
+                        /* Summarized once a sync of it is through (seglog_sync_handoff()). */
+                        g->found_unsynced = res.tail_bytes == 0;
                 }
         }
         found.segments = l->n;
@@ -978,6 +985,29 @@ int seglog_sync(struct seglog *l) {
                         (void) close(g->fd);
                         g->fd = -1;
                 }
+        }
+        for (size_t i = 0, k = 0; i < l->n && k < FOUND_SYNC_MAX; i++) {
+                struct segment *g = &l->segs[i];
+                int fd;
+
+                if (!g->found_unsynced)
+                        continue;
+                g->found_unsynced = false;
+                fd = open_seg(l, g, O_RDONLY);
+                if (fd < 0)
+                        continue; /* no summary then */
+                if (fdatasync(fd) < 0) {
+                        int r = -errno;
+                        (void) close(fd);
+                        return r;
+                }
+                (void) close(fd);
+                if (!took) {
+                        took = true;
+                        l->handoffs++;
+                }
+                g->covered_at = l->handoffs;
+                k++;
         }
         /* A new file's name is in the directory, which fdatasync() of the file does not sync. */
         if (l->dir_dirty) {
@@ -1239,7 +1269,7 @@ void seglog_summary_stored(struct seglog *l, int64_t name_id) {
 }
 
 int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
-        size_t n = 0, need = l->dir_dirty ? 1 : 0;
+        size_t n = 0, need = l->dir_dirty ? 1 : 0, n_found = 0, found[FOUND_SYNC_MAX];
 
         for (size_t i = 0; i < l->n; i++)
                 need += l->segs[i].fd >= 0 && l->segs[i].dirty;
@@ -1255,6 +1285,20 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
                         goto fail;
                 n++;
         }
+        /* Older segments found at open, with what room is left: descriptors of their own. */
+        for (size_t i = 0; i < l->n && n_found < FOUND_SYNC_MAX && n + 1 + (l->dir_dirty ? 1u : 0u) <= max; i++) {
+                struct segment *g = &l->segs[i];
+
+                if (!g->found_unsynced)
+                        continue;
+                fds[n] = open_seg(l, g, O_RDONLY);
+                if (fds[n] < 0) {
+                        g->found_unsynced = false; /* no summary then */
+                        continue;
+                }
+                n++;
+                found[n_found++] = i;
+        }
         if (l->dir_dirty) {
                 fds[n] = fcntl(l->dir_fd, F_DUPFD_CLOEXEC, 3);
                 if (fds[n] < 0)
@@ -1265,6 +1309,10 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
          * not needed any more. */
         if (n > (l->dir_dirty ? 1u : 0u))
                 l->handoffs++;
+        for (size_t k = 0; k < n_found; k++) {
+                l->segs[found[k]].found_unsynced = false;
+                l->segs[found[k]].covered_at = l->handoffs;
+        }
         for (size_t i = 0; i < l->n; i++) {
                 struct segment *g = &l->segs[i];
                 bool current = l->writing && i + 1 == l->n;

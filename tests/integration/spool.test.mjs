@@ -188,6 +188,18 @@ test('a restart takes closed segments from their summaries: same counts, replays
     assert.deepEqual(await send(hub, a, [old[0]]), { received: 1, replay: 1 });
     assert.deepEqual(await send(hub, a, await frames(a, 1)), { received: 1, accepted: 1 });
     assert.equal((await hub.status()).spool.pending, before.pending + 1);
+
+    // Without summaries (an earlier version's segments): read whole at start, the same counts;
+    // each sync then takes a few of them along, and their summaries come back.
+    await sql('DELETE FROM spool_segments');
+    await hub.restart();
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+    assert.equal((await hub.status()).spool.pending, before.pending + 1);
+    const closed = (await segments(hub)).length - 1;
+    for (let i = 0; i < 10 && Number(await sql('SELECT COUNT(*) FROM spool_segments')) < closed; i++)
+      assert.deepEqual(await send(hub, other, await frames(other, 1)), { received: 1, accepted: 1 });
+    assert.equal(Number(await sql('SELECT COUNT(*) FROM spool_segments')), closed);
+    assert.deepEqual(await send(hub, a, [old[2]]), { received: 1, replay: 1 });
   } finally {
     await hub.cleanup();
   }

@@ -827,38 +827,64 @@ static void test_file_summaries(void **state) {
         assert_int_equal(fast.pending, 3);
 }
 
-/* A summarized segment's summary is only reported after the hand-over of its last bytes; an
- * append to the newest one (found at open) makes it summarizable once closed and synced, and a
- * segment found at open that nothing was written to is not (its bytes may not be on disk). */
+/* Segments found at open: an older one without a summary is summarizable once a sync of it is
+ * through (an earlier run's bytes may be in the page cache only): it goes with the next
+ * hand-over, a few at a time. The newest one only once appended to, closed and synced. */
 static void test_file_summaries_after_open(void **state) {
         struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
-        struct seglog_record a = fr(1, "a", 1), b = fr(2, "a", 2), c = fr(3, "a", 3);
+        struct seglog_record a = fr(1, "a", 1), b = fr(2, "a", 2), c = fr(3, "a", 3), d = fr(4, "a", 4);
         struct seglog_summary x;
         uint64_t token;
+        int fds[8];
+        size_t n;
 
         assert_int_equal(seglog_append(l, &a, 1), 0);
         seglog_roll(l);
         assert_int_equal(seglog_append(l, &b, 1), 0);
-        seglog_close(l); /* never synced by this log */
+        seglog_roll(l);
+        assert_int_equal(seglog_append(l, &c, 1), 0);
+        seglog_close(l); /* never synced by this log: segments 1, 2, 3 */
 
         l = open_log(1 << 20, 0, NULL, NULL);
+        /* Nothing handed over yet. */
+        assert_int_equal(seglog_summary_pending(l), 0);
+        /* A hand-over with room for one more descriptor: segment 1 goes with it. */
+        assert_int_equal(seglog_sync_handoff(l, fds, 1, &n), 0);
+        assert_int_equal(n, 1);
+        (void) close(fds[0]);
+        token = seglog_summary_pending(l);
+        assert_true(token > 0);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
+        assert_int_equal(x.name_id, 1);
+        seglog_summary_stored(l, 1);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
+        /* Segment 2 with the next sync; segment 3 is the newest: not before it is written. */
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
+        assert_int_equal(x.name_id, 2);
+        assert_int_equal(x.size, file_size(2));
+        seglog_summary_stored(l, 2);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
         seglog_roll(l);
         assert_int_equal(seglog_sync(l), 0);
         assert_int_equal(seglog_summary_pending(l), 0);
         seglog_close(l);
 
         l = open_log(1 << 20, 0, NULL, NULL);
-        assert_int_equal(seglog_append(l, &c, 1), 0); /* into segment 2, the newest */
+        assert_int_equal(seglog_append(l, &d, 1), 0); /* into segment 3, the newest */
         seglog_roll(l);
         assert_int_equal(seglog_summary_pending(l), 0);
         assert_int_equal(seglog_sync(l), 0);
         token = seglog_summary_pending(l);
         assert_true(token > 0);
-        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
-        assert_int_equal(x.name_id, 2);
+        /* Segments 1 and 2 are found again without summaries (none was passed): synced again. */
+        while (seglog_summary_next(l, token, NULL, NULL, &x) == 1 && x.name_id != 3)
+                seglog_summary_stored(l, x.name_id);
+        assert_int_equal(x.name_id, 3);
         assert_int_equal(x.frames, 2);
-        assert_int_equal(x.size, file_size(2));
-        seglog_summary_stored(l, 2);
+        assert_int_equal(x.size, file_size(3));
+        seglog_summary_stored(l, 3);
         assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
         seglog_close(l);
 }
