@@ -190,9 +190,10 @@ int64_t seglog_retirable_id(const struct seglog *l);
 
 /* Summaries (struct seglog_summary). A segment can be summarized once it is closed (never
  * written again) and its last bytes were handed over to a sync (seglog_sync(), or
- * seglog_sync_handoff(): each call that takes bytes is one hand-over, numbered). A segment found
- * at open that nothing was written to since is not summarized (an earlier run's bytes may be in
- * the page cache only). seglog_summary_pending() returns the number of the newest hand-over
+ * seglog_sync_handoff(): each call that takes bytes is one hand-over, numbered). An older
+ * segment found at open without a summary and intact to its end (an earlier run's bytes may be
+ * in the page cache only) is handed over too, a few with each hand-over; the newest one found
+ * at open only once it was written to. seglog_summary_pending() returns the number of the newest hand-over
  * when a segment can be summarized (0: none); once a sync that began after that hand-over
  * completed, seglog_summary_next(token) reports the oldest segment covered by hand-overs up to
  * token without a summary (1, ret filled, cb called with each bulb's newest seq in it; 0: none;
@@ -206,7 +207,8 @@ bool seglog_has_segment(const struct seglog *l, int64_t name_id);
 
 /* For a sync on another thread: hands over, as new descriptors (dup()) in fds (at most max;
  * ret_n of them), every segment written since the last hand-over or seglog_sync(), and the
- * directory when a segment was created since; the caller fdatasyncs them (the directory: fsync)
+ * directory when a segment was created since, and with the room left a few older segments
+ * found at open that no sync covered yet (for their summaries); the caller fdatasyncs them (the directory: fsync)
  * and closes them. They count as synced for this log from now on. Returns 0, -ENOBUFS when max
  * is too small (nothing handed over), or a negative errno. */
 int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n);
