@@ -826,7 +826,9 @@ static void *db_syncer_main(void *userdata) {
         for (;;) {
                 while (!y->stop && y->requested == y->synced && !y->checkpoint)
                         pthread_cond_wait(&y->cond, &y->mu);
-                if (y->stop && y->requested == y->synced)
+                /* Descriptors handed over at the stop without a commit after them (segments
+                 * found at open, seglog_sync_handoff()) are synced too, not just closed. */
+                if (y->stop && y->requested == y->synced && y->n_seg_fds == 0)
                         break;
                 /* Every commit up to target returned before this point: the sync below began
                  * after them, so it covers them. */

@@ -672,12 +672,9 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                         if (fstatat(l->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
                                 return set_error_message(ret_error, -errno, "cannot stat %s/" SPOOL_DIR "/%s: %s",
                                                          state_dir, name, strerror(errno));
-                        if (S_ISREG(st.st_mode) && st.st_size >= 0 && summary_fits(sum, (uint64_t) st.st_size)) {
-                                if (sum->frames > 0 && sum->first_id <= l->last_id)
-                                        return set_error_message(ret_error, -EUCLEAN,
-                                                                 "%s/" SPOOL_DIR "/%s: frame ids overlap the segment "
-                                                                 "before it",
-                                                                 state_dir, name);
+                        /* Ids that overlap the segment before: read, and refused there if so. */
+                        if (S_ISREG(st.st_mode) && st.st_size >= 0 && summary_fits(sum, (uint64_t) st.st_size) &&
+                            (sum->frames == 0 || sum->first_id > l->last_id)) {
                                 g->first_id = sum->first_id;
                                 g->last_id = sum->last_id;
                                 g->frames = sum->frames;
@@ -990,7 +987,7 @@ int seglog_sync(struct seglog *l) {
                 struct segment *g = &l->segs[i];
                 int fd;
 
-                if (!g->found_unsynced)
+                if (!g->found_unsynced || g->fd >= 0)
                         continue;
                 g->found_unsynced = false;
                 fd = open_seg(l, g, O_RDONLY);
@@ -1289,7 +1286,7 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
         for (size_t i = 0; i < l->n && n_found < FOUND_SYNC_MAX && n + 1 + (l->dir_dirty ? 1u : 0u) <= max; i++) {
                 struct segment *g = &l->segs[i];
 
-                if (!g->found_unsynced)
+                if (!g->found_unsynced || g->fd >= 0)
                         continue;
                 fds[n] = open_seg(l, g, O_RDONLY);
                 if (fds[n] < 0) {
