@@ -749,9 +749,11 @@ int spool_open(struct db *db, char **ret_error) {
         if (sp->log)
                 return -EALREADY;
         state_dir = db_state_dir(db);
+        /* Without them (a damaged database: the start says so where it reads the tables, at
+         * the registry), every segment is read, as before summaries. */
         r = summaries_load(db, &sums, &n_sums);
         if (r < 0)
-                return set_error_message(ret_error, r, "cannot read the spool's segment summaries: %s", strerror(-r));
+                n_sums = 0; /* sums untouched: NULL */
         /* One pass over the segments that have no summary (normally only the newest): the
          * counts, the checks, each bulb's newest seq; the others' seqs are in bulb_seqs. */
         r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, seq_take, &set, sums, n_sums, &sp->log, &found, ret_error);
@@ -759,12 +761,9 @@ int spool_open(struct db *db, char **ret_error) {
                 seq_set_free(&set);
                 return r;
         }
-        r = summaries_prune(db, sums, n_sums);
-        if (r < 0) {
-                seq_set_free(&set);
-                return set_error_message(ret_error, r, "cannot delete the summaries of vanished segments: %s",
-                                         strerror(-r));
-        }
+        /* A failure is the database's, said where the start reads its tables (the registry);
+         * a summary left behind is replaced when a segment of its name gets its own. */
+        (void) summaries_prune(db, sums, n_sums);
         /* Library code does not log: what the scan found is for hub.c to say (spool_found()). */
         sp->found = found;
         r = move_table(db, &set);
