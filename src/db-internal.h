@@ -23,6 +23,8 @@ enum db_stmt {
         DB_STMT_CMD_EXISTS, /* ?1 id -> 1 */
         DB_STMT_CMD_LOAD,   /* ?1 limit -> the columns of the INSERT, not yet fully reported, oldest first */
         DB_STMT_CMD_PRUNE,  /* ?1 done before (Unix s), ?2 how many reported rows to keep at most */
+        DB_STMT_SEGMENT_SET,    /* ?1 name id, ?2 first_id, ?3 last_id, ?4 frames, ?5 bytes, ?6 size, ?7 cursor */
+        DB_STMT_SEGMENT_DELETE, /* ?1 name id */
         _DB_STMT_MAX,
 };
 
@@ -53,6 +55,12 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(sqlite3_stmt *, sqlite3_finalize);
 struct db_spool {
         struct seglog *log;
         struct db_sync_wait *retire_wait;
+        /* Closed segments' summaries (spool_segments): the sync awaited for the hand-overs up to
+         * summary_token (seglog_summary_pending()); summary_ready once it completed and the
+         * summaries wait for a moment outside a transaction to be stored. */
+        struct db_sync_wait *summary_wait;
+        uint64_t summary_token;
+        bool summary_ready;
         struct seglog_found found; /* what the log's start found, for hub.c to say (spool_found()) */
         /* Each bulb's newest seq in the segments, gathered by the open's scan for the first
          * spool_max_seqs() (spool.c's struct seq_max). */

@@ -192,6 +192,23 @@ static const char *const migrations[] = {
          * copies a crash made before this are removed, the first one kept. */
         "DELETE FROM moved_aside WHERE id NOT IN (SELECT MIN(id) FROM moved_aside GROUP BY dev, seq);"
         "CREATE UNIQUE INDEX moved_aside_frame ON moved_aside (dev, seq);",
+        /* 7: what each closed segment of the spool holds (seglog.h, struct seglog_summary; id is
+         * the segment's name id), so that a start reads only the segments without one instead of
+         * all of them (a full 256 MiB spool took 0.13 s from the page cache, 0.54 s from disk on
+         * a PC, seconds on an SD card). A row is written, with the segment's bulbs' newest seqs
+         * in bulb_seqs in the same transaction, only after a sync covered the segment's last
+         * bytes (the WAL is synced before the segments: a row must never be on disk before its
+         * segment is); it goes in the transaction that retires the segment. A row whose size is
+         * not the file's is not used. */
+        "CREATE TABLE spool_segments ("
+        "  id INTEGER PRIMARY KEY,"
+        "  first_id INTEGER NOT NULL,"
+        "  last_id INTEGER NOT NULL,"
+        "  frames INTEGER NOT NULL,"
+        "  bytes INTEGER NOT NULL,"
+        "  size INTEGER NOT NULL,"
+        "  cursor INTEGER NOT NULL"
+        ") STRICT;",
 };
 #define DB_SCHEMA_VERSION ((int) ELEMENTSOF(migrations))
 
@@ -218,6 +235,9 @@ static const char *const stmt_sql[_DB_STMT_MAX] = {
         [DB_STMT_CMD_EXISTS] = "SELECT 1 FROM commands WHERE id = ?1",
         [DB_STMT_CMD_LOAD] = "SELECT id, dev, state, jws, exp, detail, received_at, delivered_at, done_at, reported "
                              "FROM commands WHERE reported < 2 ORDER BY rowid LIMIT ?1",
+        [DB_STMT_SEGMENT_SET] = "INSERT OR REPLACE INTO spool_segments (id, first_id, last_id, frames, bytes, size, "
+                                "cursor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        [DB_STMT_SEGMENT_DELETE] = "DELETE FROM spool_segments WHERE id = ?1",
         [DB_STMT_CMD_PRUNE] = "DELETE FROM commands WHERE reported = 2 AND (done_at < ?1 OR id NOT IN (SELECT id "
                               "FROM commands WHERE reported = 2 ORDER BY done_at DESC, rowid DESC LIMIT ?2))",
 };
@@ -298,6 +318,7 @@ void db_close(struct db *db) {
         db_syncer_free(db, false);
         /* The spool's state (spool.c's, opened by spool_open()). */
         db_sync_wait_cancel(db->spool.retire_wait);
+        db_sync_wait_cancel(db->spool.summary_wait);
         free(db->spool.open_seqs);
         seglog_close(db->spool.log);
         for (size_t i = 0; i < _DB_STMT_MAX; i++)
@@ -805,7 +826,9 @@ static void *db_syncer_main(void *userdata) {
         for (;;) {
                 while (!y->stop && y->requested == y->synced && !y->checkpoint)
                         pthread_cond_wait(&y->cond, &y->mu);
-                if (y->stop && y->requested == y->synced)
+                /* Descriptors handed over at the stop without a commit after them (segments
+                 * found at open, seglog_sync_handoff()) are synced too, not just closed. */
+                if (y->stop && y->requested == y->synced && y->n_seg_fds == 0)
                         break;
                 /* Every commit up to target returned before this point: the sync below began
                  * after them, so it covers them. */

@@ -751,6 +751,7 @@ int hub_run(const char *config_path, int log_level_override) {
         }
         free(err);
         err = NULL;
+        uint64_t t_spool = now_monotonic_usec();
         r = spool_open(h.db, &err);
         if (r < 0) {
                 /* Its own message, not the database's: the segment files are beside it. */
@@ -762,6 +763,9 @@ int hub_run(const char *config_path, int log_level_override) {
                 /* The spool's segments as the last run left them (issue 13, spool.c). */
                 struct seglog_found f;
                 spool_found(h.db, &f);
+                /* Before READY=1: only the segments without a summary are read (spool.c). */
+                log_debug("Opened the spool in %.1f ms: %" PRIu64 " segments, %" PRIu64 " of them from their summaries",
+                          (double) (now_monotonic_usec() - t_spool) / 1000.0, f.segments, f.summarized);
                 if (f.damaged > 0)
                         log_error("Spool segments in %s/spool: skipped %" PRIu64 " damaged regions (%" PRIu64
                                   " bytes); the intact frames around them are kept",

@@ -290,6 +290,10 @@ _Static_assert(WINDOW >= 2 * SEGLOG_RECORD_MAX, "a window must hold two records"
 /* Reads start with a window this small (a batch of ordinary frames, the oldest frame's time),
  * and take the full one only where no record is complete in it. */
 #define WINDOW_SMALL (32u * 1024u)
+/* Older segments found at open without a summary (an earlier version's, or closed just before
+ * a stop) handed over to the sync with each hand-over, at most this many at a time (each is a
+ * sync of a file that is normally clean, and a read on the loop for its summary after). */
+#define FOUND_SYNC_MAX 4u
 /* The largest segment file read at start: segment_bytes is at most this minus one record. */
 #define SEGMENT_FILE_MAX (64u * 1024u * 1024u)
 
@@ -298,8 +302,16 @@ struct segment {
         int64_t first_id, last_id; /* its frames' ids (0 when it holds none) */
         uint64_t frames, bytes;  /* all its frames and their JWS bytes */
         uint64_t size;           /* where the next record goes (the newest) or the end */
+        int64_t cursor;          /* the highest cursor record in it (0: none) */
         int fd;                  /* open while written or waiting for its sync, -1 otherwise */
         bool dirty;              /* written since its last fdatasync */
+        /* For seglog_summary_next(): the hand-over (seglog_sync(), seglog_sync_handoff(), counted
+         * in l->handoffs) that took its last bytes, 0: none since it was opened (a segment an
+         * earlier run left may be in the page cache only); and whether its summary is stored
+         * (taken from one at open, or seglog_summary_stored()). */
+        uint64_t covered_at;
+        bool summarized;
+        bool found_unsynced;     /* an older segment read whole at open, intact to its end */
 };
 
 struct seglog {
@@ -315,6 +327,7 @@ struct seglog {
         size_t rd_seg;           /* where the first waiting frame is, or the end */
         uint64_t rd_off;
         bool retire_ready;       /* seglog_retirable() reported segs[0] */
+        uint64_t handoffs;       /* seglog_sync() and seglog_sync_handoff() calls that took bytes */
         struct {
                 bool valid, created;
                 uint64_t size, frames, bytes, pending, pbytes;
@@ -509,6 +522,8 @@ static int open_one(const struct seglog_record *r, size_t off, size_t size, void
         if (r->type == SEGLOG_CURSOR) {
                 if (r->id > c->cursor)
                         c->cursor = r->id;
+                if (r->id > c->seg->cursor)
+                        c->seg->cursor = r->id;
                 return 0;
         }
         if (c->seg->frames == 0)
@@ -545,8 +560,28 @@ static int pend_one(const struct seglog_record *r, size_t seg, uint64_t off, siz
         return 0;
 }
 
+static int cmp_summary(const void *key, const void *elem) {
+        const int64_t *id = key;
+        const struct seglog_summary *x = elem;
+        return *id < x->name_id ? -1 : *id > x->name_id;
+}
+
+/* A summary that can stand for a file of this size: the numbers fit together (they come from
+ * the database, which holds them for this log only; still, a wrong one must not make the
+ * counts absurd). */
+static bool summary_fits(const struct seglog_summary *x, uint64_t file_size) {
+        if (x->size != file_size || x->size > SEGMENT_FILE_MAX || x->cursor < 0 || x->bytes > x->size)
+                return false;
+        if (x->frames == 0)
+                return x->first_id == 0 && x->last_id == 0 && x->bytes == 0;
+        return x->first_id >= x->name_id && x->last_id >= x->first_id &&
+               x->frames - 1 <= (uint64_t) (x->last_id - x->first_id) &&
+               x->frames <= x->size / (SEGLOG_HEADER_BYTES + SEGLOG_FRAME_FIXED + 2);
+}
+
 int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
-                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata, struct seglog **ret,
+                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata,
+                const struct seglog_summary *sums, size_t n_sums, struct seglog **ret,
                 struct seglog_found *ret_found, char **ret_error) {
         _cleanup_(seglog_closep) struct seglog *l = NULL;
         _cleanup_close_ int sfd = -1;
@@ -622,10 +657,39 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                 struct seglog_scan_result res;
                 struct open_ctx c = { .seg = g, .mark = seqs_mark, .cursor = l->cursor, .seq_cb = seq_cb,
                                       .userdata = userdata };
+                const struct seglog_summary *sum = NULL;
                 char name[32];
                 size_t got;
 
                 name_of(g->name_id, name);
+                /* A closed segment whose summary was stored after a sync covered it, and whose
+                 * size is still the summary's: taken from it, not read (its frames' seqs were
+                 * stored in bulb_seqs with it). The newest segment is always read: it is the one
+                 * appended to from now on. */
+                if (!newest && n_sums > 0)
+                        sum = bsearch(&g->name_id, sums, n_sums, sizeof *sums, cmp_summary);
+                if (sum) {
+                        if (fstatat(l->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                                return set_error_message(ret_error, -errno, "cannot stat %s/" SPOOL_DIR "/%s: %s",
+                                                         state_dir, name, strerror(errno));
+                        /* Ids that overlap the segment before: read, and refused there if so. */
+                        if (S_ISREG(st.st_mode) && st.st_size >= 0 && summary_fits(sum, (uint64_t) st.st_size) &&
+                            (sum->frames == 0 || sum->first_id > l->last_id)) {
+                                g->first_id = sum->first_id;
+                                g->last_id = sum->last_id;
+                                g->frames = sum->frames;
+                                g->bytes = sum->bytes;
+                                g->size = sum->size;
+                                g->cursor = sum->cursor;
+                                g->summarized = true;
+                                if (sum->cursor > l->cursor)
+                                        l->cursor = sum->cursor;
+                                if (g->frames > 0)
+                                        l->last_id = g->last_id;
+                                found.summarized++;
+                                continue;
+                        }
+                }
                 fd = openat(l->dir_fd, name, (newest ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
                 if (fd < 0 || fstat(fd, &st) < 0)
                         return set_error_message(ret_error, -errno, "cannot open %s/" SPOOL_DIR "/%s: %s", state_dir,
@@ -680,6 +744,8 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                                 found.torn_older_bytes += res.tail_bytes;
                         }
                         g->size = res.good_end;
+                        /* Summarized once a sync of it is through (seglog_sync_handoff()). */
+                        g->found_unsynced = res.tail_bytes == 0;
                 }
         }
         found.segments = l->n;
@@ -760,6 +826,8 @@ void seglog_roll(struct seglog *l) {
         if (!l->writing)
                 return;
         l->writing = false;
+        /* Closed for good: not even an undo changes it now (its summary would be wrong). */
+        l->undo.valid = false;
         struct segment *g = &l->segs[l->n - 1];
         if (!g->dirty && g->fd >= 0) {
                 (void) close(g->fd);
@@ -829,6 +897,9 @@ int seglog_append(struct seglog *l, const struct seglog_record *frames, size_t n
         g->last_id = id;
         g->size += len;
         g->dirty = true;
+        g->summarized = false;
+        if (created && l->cursor > 0)
+                g->cursor = l->cursor;
         for (size_t i = 0; i < n; i++) {
                 g->frames++;
                 g->bytes += frames[i].len;
@@ -891,6 +962,8 @@ int seglog_undo_append(struct seglog *l) {
 }
 
 int seglog_sync(struct seglog *l) {
+        bool took = false;
+
         for (size_t i = 0; i < l->n; i++) {
                 struct segment *g = &l->segs[i];
                 bool current = l->writing && i + 1 == l->n;
@@ -899,11 +972,39 @@ int seglog_sync(struct seglog *l) {
                         continue;
                 if (fdatasync(g->fd) < 0)
                         return -errno;
+                if (!took) {
+                        took = true;
+                        l->handoffs++;
+                }
                 g->dirty = false;
+                g->covered_at = l->handoffs;
                 if (!current) {
                         (void) close(g->fd);
                         g->fd = -1;
                 }
+        }
+        for (size_t i = 0, k = 0; i < l->n && k < FOUND_SYNC_MAX; i++) {
+                struct segment *g = &l->segs[i];
+                int fd;
+
+                if (!g->found_unsynced || g->fd >= 0)
+                        continue;
+                g->found_unsynced = false;
+                fd = open_seg(l, g, O_RDONLY);
+                if (fd < 0)
+                        continue; /* no summary then */
+                if (fdatasync(fd) < 0) {
+                        int r = -errno;
+                        (void) close(fd);
+                        return r;
+                }
+                (void) close(fd);
+                if (!took) {
+                        took = true;
+                        l->handoffs++;
+                }
+                g->covered_at = l->handoffs;
+                k++;
         }
         /* A new file's name is in the directory, which fdatasync() of the file does not sync. */
         if (l->dir_dirty) {
@@ -1017,6 +1118,8 @@ static int consume(struct seglog *l, int64_t last_id, size_t last_seg, uint64_t 
                 }
                 g->size += (size_t) k;
                 g->dirty = true;
+                g->summarized = false;
+                g->cursor = l->cursor;
                 l->undo.valid = false;
         }
         if (ret_count)
@@ -1099,8 +1202,71 @@ int seglog_retire(struct seglog *l) {
         return 0;
 }
 
+int64_t seglog_retirable_id(const struct seglog *l) {
+        return l->retire_ready ? l->segs[0].name_id : 0;
+}
+
+/* The oldest segment that can be summarized: closed, its last bytes handed over at or before
+ * hand-over token, no summary yet, not the one about to be unlinked. */
+static bool summary_candidate(const struct seglog *l, uint64_t token, size_t *ret) {
+        for (size_t i = 0; i < l->n; i++) {
+                const struct segment *g = &l->segs[i];
+
+                if (l->writing && i + 1 == l->n)
+                        break;
+                if (g->summarized || g->dirty || g->covered_at == 0 || g->covered_at > token ||
+                    (i == 0 && l->retire_ready))
+                        continue;
+                *ret = i;
+                return true;
+        }
+        return false;
+}
+
+uint64_t seglog_summary_pending(const struct seglog *l) {
+        size_t i;
+
+        return summary_candidate(l, l->handoffs, &i) ? l->handoffs : 0;
+}
+
+int seglog_summary_next(struct seglog *l, uint64_t token, int (*cb)(const char *dev, int64_t seq, void *userdata),
+                        void *userdata, struct seglog_summary *ret) {
+        struct seq_ctx c = { .cb = cb, .userdata = userdata };
+        const struct segment *g;
+        size_t i;
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        if (!summary_candidate(l, token, &i))
+                return 0;
+        if (cb) {
+                r = walk(l, i, 0, i, seq_one, &c);
+                if (r < 0)
+                        return r;
+        }
+        g = &l->segs[i];
+        *ret = (struct seglog_summary){ .name_id = g->name_id, .first_id = g->first_id, .last_id = g->last_id,
+                                        .frames = g->frames, .bytes = g->bytes, .size = g->size,
+                                        .cursor = g->cursor };
+        return 1;
+}
+
+bool seglog_has_segment(const struct seglog *l, int64_t name_id) {
+        for (size_t i = 0; i < l->n; i++)
+                if (l->segs[i].name_id == name_id)
+                        return true;
+        return false;
+}
+
+void seglog_summary_stored(struct seglog *l, int64_t name_id) {
+        for (size_t i = 0; i < l->n; i++)
+                if (l->segs[i].name_id == name_id)
+                        l->segs[i].summarized = true;
+}
+
 int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
-        size_t n = 0, need = l->dir_dirty ? 1 : 0;
+        size_t n = 0, need = l->dir_dirty ? 1 : 0, n_found = 0, found[FOUND_SYNC_MAX];
 
         for (size_t i = 0; i < l->n; i++)
                 need += l->segs[i].fd >= 0 && l->segs[i].dirty;
@@ -1116,6 +1282,20 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
                         goto fail;
                 n++;
         }
+        /* Older segments found at open, with what room is left: descriptors of their own. */
+        for (size_t i = 0; i < l->n && n_found < FOUND_SYNC_MAX && n + 1 + (l->dir_dirty ? 1u : 0u) <= max; i++) {
+                struct segment *g = &l->segs[i];
+
+                if (!g->found_unsynced || g->fd >= 0)
+                        continue;
+                fds[n] = open_seg(l, g, O_RDONLY);
+                if (fds[n] < 0) {
+                        g->found_unsynced = false; /* no summary then */
+                        continue;
+                }
+                n++;
+                found[n_found++] = i;
+        }
         if (l->dir_dirty) {
                 fds[n] = fcntl(l->dir_fd, F_DUPFD_CLOEXEC, 3);
                 if (fds[n] < 0)
@@ -1124,6 +1304,12 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
         }
         /* Handed over: the copies are synced by the caller; a closed segment's own descriptor is
          * not needed any more. */
+        if (n > (l->dir_dirty ? 1u : 0u))
+                l->handoffs++;
+        for (size_t k = 0; k < n_found; k++) {
+                l->segs[found[k]].found_unsynced = false;
+                l->segs[found[k]].covered_at = l->handoffs;
+        }
         for (size_t i = 0; i < l->n; i++) {
                 struct segment *g = &l->segs[i];
                 bool current = l->writing && i + 1 == l->n;
@@ -1131,6 +1317,7 @@ int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n) {
                 if (g->fd < 0 || !g->dirty)
                         continue;
                 g->dirty = false;
+                g->covered_at = l->handoffs;
                 if (!current) {
                         (void) close(g->fd);
                         g->fd = -1;

@@ -3,7 +3,8 @@
  * bulb's own signature, PROTOCOL.md 3), until the cloud acknowledges them. They are in the
  * segment log (seglog.c, <state_dir>/spool/: written once, unlinked once uploaded, issue 13);
  * SQLite keeps what is small and changes in place: each bulb's last seq (bulb_seqs, written from
- * a segment's own frames when it retires, never from memory), the frames moved aside. */
+ * a segment's own frames when it is summarized or retires, never from memory), the closed
+ * segments' summaries (spool_segments: a start need not read them), the frames moved aside. */
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -24,6 +25,8 @@
 static struct seglog *log_of(struct db *db) {
         return db_spool(db)->log;
 }
+
+static void summarize(struct db *db);
 
 static bool frame_fields_valid(const char *dev, int64_t seq, const uint8_t *jws, size_t len, int *ret) {
         if (!dev || !device_id_is_valid(dev, strnlen(dev, DEVICE_ID_MAX + 1)) || !jws || len == 0)
@@ -56,6 +59,9 @@ int spool_append_frames(struct db *db, const struct spool_frame *f, size_t n) {
                                                   .jws = f[i].jws, .len = f[i].len };
                 memcpy(recs[i].dev, f[i].dev, strlen(f[i].dev) + 1);
         }
+        /* Before the append (which may close a segment: its summary waits for the sync of a
+         * later call), so that no other commit comes between it and the caller's. */
+        summarize(db);
         /* What the open's scan gathered is out of date from now on (spool_max_seqs() walks). */
         if (db_spool(db)->open_seqs_valid) {
                 free(db_spool(db)->open_seqs);
@@ -88,9 +94,12 @@ int spool_append(struct db *db, const char *dev, int64_t seq, const uint8_t *jws
                 return r;
         /* Alone, the frame is its own commit. */
         r = db_sync_request(db);
-        if (r < 0)
+        if (r < 0) {
                 (void) spool_undo_append(db);
-        return r;
+                return r;
+        }
+        summarize(db);
+        return 0;
 }
 
 int spool_stats(struct db *db, uint64_t *ret_pending, uint64_t *ret_bytes) {
@@ -224,6 +233,118 @@ static int seqs_forward(struct db *db, const struct seq_max *m, size_t n) {
         return 0;
 }
 
+static int summary_insert(struct db *db, const struct seglog_summary *x) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(db, DB_STMT_SEGMENT_SET);
+        int rc;
+
+        if ((rc = sqlite3_bind_int64(s, 1, x->name_id)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 2, x->first_id)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 3, x->last_id)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 4, (int64_t) x->frames)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 5, (int64_t) x->bytes)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 6, (int64_t) x->size)) != SQLITE_OK ||
+            (rc = sqlite3_bind_int64(s, 7, x->cursor)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+static int summary_delete(struct db *db, int64_t name_id) {
+        _cleanup_db_stmt_reset_ sqlite3_stmt *s = db_stmt(db, DB_STMT_SEGMENT_DELETE);
+        int rc;
+
+        if ((rc = sqlite3_bind_int64(s, 1, name_id)) != SQLITE_OK)
+                return db_errno(rc);
+        rc = sqlite3_step(s);
+        return rc == SQLITE_DONE ? 0 : db_errno(rc);
+}
+
+/* The summaries of the closed segments that the completed sync covered (hand-overs up to
+ * token), one transaction each: the summary and the segment's bulbs' newest seqs together, so
+ * that a start that skips the segment finds its seqs in bulb_seqs (spool_max_seqs()). */
+static int summaries_store(struct db *db, uint64_t token) {
+        struct db_spool *sp = db_spool(db);
+
+        for (;;) {
+                struct seq_set set = {};
+                struct seglog_summary x;
+                int r = seglog_summary_next(sp->log, token, seq_take, &set, &x);
+
+                if (r <= 0) {
+                        seq_set_free(&set);
+                        return r;
+                }
+                r = db_begin(db);
+                if (r >= 0)
+                        r = seqs_forward(db, set.m, set.n);
+                seq_set_free(&set);
+                if (r >= 0)
+                        r = summary_insert(db, &x);
+                if (r >= 0)
+                        r = db_commit(db);
+                if (r < 0) {
+                        (void) db_rollback(db);
+                        return r;
+                }
+                seglog_summary_stored(sp->log, x.name_id);
+        }
+}
+
+/* Stored at once (the daemon may go quiet, or stop, before the next summarize()), but no new
+ * wait begins here: this may run while the syncer stops (db_sync_stop(), db_restore_file(),
+ * which wants no wait left). A commit then is lost with the connection's others or kept, the
+ * summary and its seqs together. A failed sync: no summaries (read at the next start). */
+static void summary_synced(void *userdata, int error) {
+        struct db *db = userdata;
+        struct db_spool *sp = db_spool(db);
+
+        sp->summary_wait = NULL;
+        if (error < 0)
+                return;
+        sp->summary_ready = true;
+        if (sp->log && !db_in_transaction(db)) {
+                (void) summaries_store(db, sp->summary_token);
+                sp->summary_ready = false;
+        }
+}
+
+/* Closed segments get their summaries (spool_segments; seglog.h) so that the next start need
+ * not read them: once a sync that began after their last bytes were handed over completed, never
+ * before (the WAL is synced before the segments: a summary on disk before its segment could
+ * stand for bytes a power cut took). Called where the spool changes, outside the caller's
+ * transaction (else: later): stores what a completed sync covers, then waits for the next
+ * sync when more segments closed. Errors are nobody's: a segment without a summary is read at
+ * start, as before. */
+static void summarize(struct db *db) {
+        struct db_spool *sp = db_spool(db);
+        uint64_t token;
+        int r;
+
+        if (!sp->log || sp->summary_wait)
+                return;
+        if (sp->summary_ready) {
+                if (db_in_transaction(db))
+                        return;
+                (void) summaries_store(db, sp->summary_token);
+                sp->summary_ready = false;
+        }
+        token = seglog_summary_pending(sp->log);
+        if (token == 0 || token <= sp->summary_token)
+                return;
+        r = db_sync_wait(db, summary_synced, db, &sp->summary_wait);
+        if (r < 0)
+                return;
+        sp->summary_token = token;
+        if (r == 0) {
+                /* Durable already (no sync thread: seglog_sync() when handed over). */
+                sp->summary_ready = true;
+                if (!db_in_transaction(db)) {
+                        (void) summaries_store(db, token);
+                        sp->summary_ready = false;
+                }
+        }
+}
+
 static void retire_synced(void *userdata, int error) {
         struct db *db = userdata;
         struct db_spool *sp = db_spool(db);
@@ -256,6 +377,9 @@ static void retire(struct db *db) {
                 if (r >= 0)
                         r = seqs_forward(db, set.m, set.n);
                 seq_set_free(&set);
+                /* Its summary goes before the file: a summary never outlives its segment. */
+                if (r >= 0)
+                        r = summary_delete(db, seglog_retirable_id(sp->log));
                 if (r >= 0)
                         r = db_commit(db);
                 if (r < 0) {
@@ -283,6 +407,7 @@ int spool_delete(struct db *db, int64_t first_id, int64_t last_id, uint64_t *ret
         /* The cursor record goes to disk with the next sync; losing it only sends again. */
         (void) db_sync_request(db);
         retire(db);
+        summarize(db);
         return 0;
 }
 
@@ -376,6 +501,7 @@ int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *
                 return r;
         (void) db_sync_request(db);
         retire(db);
+        summarize(db);
         if (ret_count)
                 *ret_count = count;
         if (ret_bytes)
@@ -400,8 +526,9 @@ int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *
         if (!db || !log_of(db) || !cb)
                 return -EINVAL;
         sp = db_spool(db);
-        /* At start, what the open's scan of every segment gathered (one pass for the counts,
-         * the checks and the seqs); later, a walk of the segments. */
+        /* At start, what the open's scan of the segments it read gathered (one pass for the
+         * counts, the checks and the seqs; the summarized segments' seqs are in bulb_seqs);
+         * later, a walk of every segment. */
         if (sp->open_seqs_valid) {
                 set.m = (struct seq_max *) sp->open_seqs;
                 set.n = sp->n_open_seqs;
@@ -546,11 +673,74 @@ static int move_table(struct db *db, struct seq_set *set) {
         return rc == SQLITE_OK ? 0 : db_errno(rc);
 }
 
+/* The closed segments' summaries, by name id (spool_segments, migration 7). */
+static int summaries_load(struct db *db, struct seglog_summary **ret, size_t *ret_n) {
+        _cleanup_(sqlite3_finalizep) sqlite3_stmt *s = NULL;
+        _cleanup_free_ struct seglog_summary *v = NULL;
+        size_t n = 0, cap = 0;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db_handle(db),
+                                "SELECT id, first_id, last_id, frames, bytes, size, cursor FROM spool_segments ORDER BY id",
+                                -1, &s, NULL);
+        if (rc != SQLITE_OK)
+                return db_errno(rc);
+        while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+                if (n == cap) {
+                        size_t c = cap ? cap * 2 : 64;
+                        struct seglog_summary *t = reallocarray(v, c, sizeof *t);
+                        if (!t)
+                                return -ENOMEM;
+                        v = t;
+                        cap = c;
+                }
+                v[n++] = (struct seglog_summary){ .name_id = sqlite3_column_int64(s, 0),
+                                                  .first_id = sqlite3_column_int64(s, 1),
+                                                  .last_id = sqlite3_column_int64(s, 2),
+                                                  .frames = (uint64_t) sqlite3_column_int64(s, 3),
+                                                  .bytes = (uint64_t) sqlite3_column_int64(s, 4),
+                                                  .size = (uint64_t) sqlite3_column_int64(s, 5),
+                                                  .cursor = sqlite3_column_int64(s, 6) };
+        }
+        if (rc != SQLITE_DONE)
+                return db_errno(rc);
+        *ret = TAKE_PTR(v);
+        *ret_n = n;
+        return 0;
+}
+
+/* Summaries of segments that are gone (unlinked after a crash between the retiring commit and
+ * the unlink cannot be: the summary goes first; a state directory put back from elsewhere, a
+ * file removed by hand) go before any segment is made, so that none stands for a new segment of
+ * the same name (ids start again from the newest segment left). */
+static int summaries_prune(struct db *db, const struct seglog_summary *v, size_t n) {
+        bool open = false;
+        int r = 0;
+
+        for (size_t i = 0; r >= 0 && i < n; i++) {
+                if (seglog_has_segment(log_of(db), v[i].name_id))
+                        continue;
+                if (!open) {
+                        r = db_begin(db);
+                        open = r >= 0;
+                }
+                if (r >= 0)
+                        r = summary_delete(db, v[i].name_id);
+        }
+        if (open && r >= 0)
+                r = db_commit(db);
+        if (r < 0)
+                (void) db_rollback(db);
+        return r;
+}
+
 int spool_open(struct db *db, char **ret_error) {
         struct db_spool *sp;
         const char *state_dir;
         struct seglog_found found = {};
         struct seq_set set = {};
+        _cleanup_free_ struct seglog_summary *sums = NULL;
+        size_t n_sums = 0;
         int r;
 
         if (!db)
@@ -559,12 +749,21 @@ int spool_open(struct db *db, char **ret_error) {
         if (sp->log)
                 return -EALREADY;
         state_dir = db_state_dir(db);
-        /* One pass over every segment: the counts, the checks, each bulb's newest seq. */
-        r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, seq_take, &set, &sp->log, &found, ret_error);
+        /* Without them (a damaged database: the start says so where it reads the tables, at
+         * the registry), every segment is read, as before summaries. */
+        r = summaries_load(db, &sums, &n_sums);
+        if (r < 0)
+                n_sums = 0; /* sums untouched: NULL */
+        /* One pass over the segments that have no summary (normally only the newest): the
+         * counts, the checks, each bulb's newest seq; the others' seqs are in bulb_seqs. */
+        r = seglog_open(state_dir, SPOOL_SEGMENT_MAX, 0, seq_take, &set, sums, n_sums, &sp->log, &found, ret_error);
         if (r < 0) {
                 seq_set_free(&set);
                 return r;
         }
+        /* A failure is the database's, said where the start reads its tables (the registry);
+         * a summary left behind is replaced when a segment of its name gets its own. */
+        (void) summaries_prune(db, sums, n_sums);
         /* Library code does not log: what the scan found is for hub.c to say (spool_found()). */
         sp->found = found;
         r = move_table(db, &set);

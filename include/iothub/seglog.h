@@ -109,17 +109,36 @@ struct seglog_found {
         uint64_t torn_bytes;    /* cut off the newest segment: an append a crash interrupted */
         uint64_t torn_older;    /* older segments ending torn (a crash before a roll's sync), */
         uint64_t torn_older_bytes; /* their tails ignored, not damage */
+        uint64_t summarized;    /* segments taken from their summaries, not read */
 };
 
-/* Opens (creating) the directory and reads every segment: the newest one's torn tail is cut off,
+/* What a closed segment holds, so that a start need not read it (seglog_open()). The caller
+ * stores it (spool.c: SQLite's spool_segments, together with each bulb's newest seq in it, in
+ * bulb_seqs) once seglog_summary_next() reported it, which is only after the segment was closed
+ * and its last bytes handed to a sync that the caller waited for. */
+struct seglog_summary {
+        int64_t name_id;           /* the id in the file's name */
+        int64_t first_id, last_id; /* its frames' ids (0: none) */
+        uint64_t frames, bytes;    /* its frames and their JWS bytes */
+        uint64_t size;             /* the end of its last record: the file's size */
+        int64_t cursor;            /* the highest cursor record in it (0: none) */
+};
+
+/* Opens (creating) the directory and reads the segments: the newest one's torn tail is cut off,
  * an older one's ignored (a tail with no intact record after it is a crash, in any segment);
  * damage (a bad region with an intact record after it) is skipped and counted in ret_found.
- * seq_cb, if given, is called with each frame whose id is above seqs_mark (the frames whose
+ * An older segment that has a summary in sums (n_sums of them, sorted by name_id) whose size is
+ * the file's size is taken from it and not read at all: neither its CRCs are checked (the
+ * upload's reads still check them) nor its frames passed to seq_cb (their seqs were stored with
+ * the summary). Every other segment is read whole, as is the newest. Summaries of segments not
+ * there are ignored (the caller deletes them before a segment of that name can be made again).
+ * seq_cb, if given, is called with each frame read whose id is above seqs_mark (the frames whose
  * bulbs' seqs bulb_seqs may not hold yet).
  * segment_bytes: a segment is closed once it holds this much (a record never spans two).
  * Returns 0, or a negative errno with a message in ret_error. */
 int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
-                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata, struct seglog **ret,
+                int (*seq_cb)(const char *dev, int64_t seq, void *userdata), void *userdata,
+                const struct seglog_summary *sums, size_t n_sums, struct seglog **ret,
                 struct seglog_found *ret_found, char **ret_error);
 void seglog_close(struct seglog *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct seglog *, seglog_close);
@@ -166,10 +185,30 @@ void seglog_roll(struct seglog *l);
 int seglog_retirable(struct seglog *l, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);
 /* Unlinks the segment seglog_retirable() reported. Returns 0 or a negative errno. */
 int seglog_retire(struct seglog *l);
+/* The name id of the segment seglog_retirable() reported (its summary goes with it), 0: none. */
+int64_t seglog_retirable_id(const struct seglog *l);
+
+/* Summaries (struct seglog_summary). A segment can be summarized once it is closed (never
+ * written again) and its last bytes were handed over to a sync (seglog_sync(), or
+ * seglog_sync_handoff(): each call that takes bytes is one hand-over, numbered). An older
+ * segment found at open without a summary and intact to its end (an earlier run's bytes may be
+ * in the page cache only) is handed over too, a few with each hand-over; the newest one found
+ * at open only once it was written to. seglog_summary_pending() returns the number of the newest hand-over
+ * when a segment can be summarized (0: none); once a sync that began after that hand-over
+ * completed, seglog_summary_next(token) reports the oldest segment covered by hand-overs up to
+ * token without a summary (1, ret filled, cb called with each bulb's newest seq in it; 0: none;
+ * or a negative errno), and seglog_summary_stored() says that its summary was committed. */
+uint64_t seglog_summary_pending(const struct seglog *l);
+int seglog_summary_next(struct seglog *l, uint64_t token, int (*cb)(const char *dev, int64_t seq, void *userdata),
+                        void *userdata, struct seglog_summary *ret);
+void seglog_summary_stored(struct seglog *l, int64_t name_id);
+/* Whether a segment of this name id is in the log. */
+bool seglog_has_segment(const struct seglog *l, int64_t name_id);
 
 /* For a sync on another thread: hands over, as new descriptors (dup()) in fds (at most max;
  * ret_n of them), every segment written since the last hand-over or seglog_sync(), and the
- * directory when a segment was created since; the caller fdatasyncs them (the directory: fsync)
+ * directory when a segment was created since, and with the room left a few older segments
+ * found at open that no sync covered yet (for their summaries); the caller fdatasyncs them (the directory: fsync)
  * and closes them. They count as synced for this log from now on. Returns 0, -ENOBUFS when max
  * is too small (nothing handed over), or a negative errno. */
 int seglog_sync_handoff(struct seglog *l, int *fds, size_t max, size_t *ret_n);

@@ -12,9 +12,11 @@
 #include "iothub/seglog.h"
 
 /* Opens the spool of an open database: the segment log in <state_dir>/spool/ (created, 0700),
- * read whole once (the counts, each record's CRC, each bulb's newest seq for spool_max_seqs();
- * a torn tail cut off the newest segment and ignored in older ones, damage with intact records after
- * it skipped and counted: spool_found()),
+ * each segment read whole once unless a summary in spool_segments stands for it (the counts,
+ * each record's CRC, each bulb's newest seq for spool_max_seqs(); a summarized segment's seqs
+ * are in bulb_seqs already, its CRCs are checked by the upload's reads only; a torn tail cut off
+ * the newest segment and ignored in older ones, damage with intact records after
+ * it skipped and counted: spool_found()), the summaries of segments that are gone deleted,
  * and the frames an older version kept in the database's spool table moved into it, once. The
  * daemon's only; db_close() closes it. Returns 0 or a negative errno with ret_error. */
 int spool_open(struct db *db, char **ret_error);
@@ -88,7 +90,8 @@ int spool_move_aside(struct db *db, int64_t first_id, int64_t last_id, long http
 int spool_drop_oldest(struct db *db, unsigned n, uint64_t *ret_count, uint64_t *ret_bytes);
 
 /* Calls cb with the newest seq of each bulb that has frames in the spool's segments (at start:
- * together with bulb_seqs, the last accepted seq of every bulb; a segment is unlinked only once
+ * only those of the segments read, the others' are in bulb_seqs with their summaries; together
+ * with bulb_seqs, the last accepted seq of every bulb; a segment is unlinked only once
  * bulb_seqs holds its seqs). Stops at cb's negative return value. Returns 0 or a negative
  * errno. */
 int spool_max_seqs(struct db *db, int (*cb)(const char *dev, int64_t seq, void *userdata), void *userdata);

@@ -147,3 +147,60 @@ test('replay protection after the segments retired and the daemon restarted', as
     await hub.cleanup();
   }
 });
+
+// A start reads only the segments without a summary (spool_segments): with the cloud away, a
+// backlog of many closed segments; after a restart the counts are the same, and a resend of an
+// old frame, whose segment is summarized and not read at start, is still a replay (its seq is in
+// bulb_seqs with the summary).
+test('a restart takes closed segments from their summaries: same counts, replays refused', async () => {
+  // 16 KiB segments (the smallest), a cap far above the frames sent; no cloud: nothing leaves.
+  const hub = await Hub.start(broker, { spool: { max_bytes: 262144 } });
+  const sql = async (q) => (await promisify(execFile)('sqlite3', [path.join(hub.stateDir, 'iothub.db'), q])).stdout.trim();
+  try {
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'mqtt connected');
+    const a = await Bulb.create('spool-sum-old', 'ES256');
+    const other = await Bulb.create('spool-sum-busy', 'EdDSA');
+    await enrol(hub, a);
+    await enrol(hub, other);
+    const old = await frames(a, 5);
+    assert.deepEqual(await send(hub, a, old), { received: 5, accepted: 5 });
+    for (let round = 0; round < 6; round++)
+      assert.deepEqual(await send(hub, other, await frames(other, 40)), { received: 40, accepted: 40 });
+    const segs = await segments(hub);
+    assert.ok(segs.length >= 5, `${segs.length} segments`);
+    // Every closed segment but perhaps the last one closed has its summary (stored after its
+    // sync; the last one's wait begins at the append after it closed), the first one (a's
+    // frames) among them.
+    await waitFor(async () => Number(await sql('SELECT COUNT(*) FROM spool_segments')) >= segs.length - 2, 5000,
+      'summaries stored');
+    assert.equal(await sql('SELECT COUNT(*) FROM spool_segments WHERE size = 0 OR frames = 0'), '0');
+    assert.equal(await sql(`SELECT COUNT(*) FROM spool_segments WHERE id = ${parseInt(segs[0].slice(4, 20), 16)}`), '1');
+    assert.equal(Number(await sql(`SELECT last_seq FROM bulb_seqs WHERE id = '${a.id}'`)), a.seq);
+    const before = (await hub.status()).spool;
+    assert.equal(before.pending, 245);
+
+    await hub.restart();
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+    const st = (await hub.status()).spool;
+    assert.equal(st.pending, before.pending);
+    assert.equal(st.bytes, before.bytes);
+    assert.deepEqual(await send(hub, a, [old[4]]), { received: 1, replay: 1 });
+    assert.deepEqual(await send(hub, a, [old[0]]), { received: 1, replay: 1 });
+    assert.deepEqual(await send(hub, a, await frames(a, 1)), { received: 1, accepted: 1 });
+    assert.equal((await hub.status()).spool.pending, before.pending + 1);
+
+    // Without summaries (an earlier version's segments): read whole at start, the same counts;
+    // each sync then takes a few of them along, and their summaries come back.
+    await sql('DELETE FROM spool_segments');
+    await hub.restart();
+    await waitFor(async () => (await hub.status()).mqtt.connected, 5000, 'reconnected');
+    assert.equal((await hub.status()).spool.pending, before.pending + 1);
+    const closed = (await segments(hub)).length - 1;
+    for (let i = 0; i < 10 && Number(await sql('SELECT COUNT(*) FROM spool_segments')) < closed; i++)
+      assert.deepEqual(await send(hub, other, await frames(other, 1)), { received: 1, accepted: 1 });
+    assert.equal(Number(await sql('SELECT COUNT(*) FROM spool_segments')), closed);
+    assert.deepEqual(await send(hub, a, [old[2]]), { received: 1, replay: 1 });
+  } finally {
+    await hub.cleanup();
+  }
+});

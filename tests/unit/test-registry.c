@@ -26,7 +26,7 @@
 #include "iothub/spool.h"
 
 /* The schema version the migrations end at (src/db.c), counted here rather than taken from db.c. */
-#define SCHEMA_VERSION 6
+#define SCHEMA_VERSION 7
 
 static struct {
         char dir[64];
@@ -1353,7 +1353,7 @@ static void test_move_aside_twice(void **state) {
         sqlite3 *raw = NULL;
         assert_int_equal(sqlite3_open(T.path, &raw), SQLITE_OK);
         assert_int_equal(sqlite3_exec(raw,
-                                      "DROP INDEX moved_aside_frame;"
+                                      "DROP INDEX moved_aside_frame; DROP TABLE spool_segments;"
                                       "INSERT INTO moved_aside (dev, seq, received_at_usec, jws, moved_at, "
                                       "http_status, reason) SELECT dev, seq, received_at_usec, jws, "
                                       "moved_at + 1, 409, 'again' FROM moved_aside;"
@@ -1674,6 +1674,97 @@ static void test_sync_thread_spool(void **state) {
         db_close(db);
 }
 
+/* Closed segments get a summary (spool_segments) with their bulbs' seqs in bulb_seqs once their
+ * sync completed; the next start takes them from it (spool_found(): summarized), gives the same
+ * counts, and reports through spool_max_seqs() only the seqs of what it read; together with
+ * bulb_seqs every bulb's newest seq. Retiring a segment deletes its summary; a summary of a
+ * file that is gone is deleted at open. */
+static void test_spool_summaries(void **state) {
+        struct db *db = open_db();
+        struct registry *r = NULL;
+        struct synced y = { 0 };
+        struct seglog_found f;
+        struct max_seqs m = { 0 };
+        static uint8_t jws[2000];
+        sd_event *e = NULL;
+        uint64_t count = 0, bytes = 0, pending = 0, pbytes = 0;
+        int64_t first = 0, rows, last, seq_a = 0, seq_b = 0;
+        const int frames = 60;
+        int segments;
+
+        memset(jws, 'x', sizeof jws);
+        assert_int_equal(registry_open(db, &r), 0);
+        assert_int_equal(registry_add(r, "a", T.pem_p256, strlen(T.pem_p256)), 0);
+        assert_int_equal(registry_add(r, "b", T.pem_ed25519, strlen(T.pem_ed25519)), 0);
+        assert_int_equal(sd_event_new(&e), 0);
+        assert_int_equal(db_sync_start(db, e, on_synced, &y), 0);
+        spool_set_max_bytes(db, 256 * 1024); /* 16 KiB segments: 8 frames each */
+        /* Frame k (id k): bulb a for odd k, b for even, seq k. */
+        for (int k = 1; k <= frames; k++) {
+                struct spool_frame fr = { .dev = k % 2 ? "a" : "b", .seq = k, .jws = jws, .len = sizeof jws,
+                                          .received_at_usec = k };
+                assert_int_equal(spool_append_frames(db, &fr, 1), 0);
+                assert_int_equal(db_sync_request(db), 0);
+                wait_synced(e, &y, db_commit_gen(db));
+        }
+        rows = query_int(db, "SELECT COUNT(*) FROM spool_segments");
+        last = query_int(db, "SELECT MAX(last_id) FROM spool_segments");
+        /* About 8 segments; the newest is written; the summary of the one closed last may wait
+         * for the next append. */
+        segments = count_segments();
+        assert_true(segments >= 6);
+        assert_true(rows >= segments - 2 && rows <= segments - 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool_segments WHERE frames > 1 AND id = first_id AND "
+                                       "last_id = first_id + frames - 1 AND bytes = frames * 2000 AND cursor = 0"),
+                         rows);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool_segments a JOIN spool_segments b "
+                                       "ON b.first_id = a.last_id + 1"),
+                         rows - 1);
+        /* The seqs of every summarized segment are in bulb_seqs (the frame path writes none). */
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'a'"), last % 2 ? last : last - 1);
+        assert_int_equal(query_int(db, "SELECT last_seq FROM bulb_seqs WHERE id = 'b'"), last % 2 ? last - 1 : last);
+        db_sync_stop(db);
+        registry_free(r);
+        db_close(db);
+        sd_event_unref(e);
+
+        db = open_db();
+        spool_found(db, &f);
+        assert_int_equal(f.segments, (uint64_t) segments);
+        assert_int_equal(f.summarized, (uint64_t) rows);
+        assert_int_equal(spool_stats(db, &pending, &pbytes), 0);
+        assert_int_equal(pending, frames);
+        assert_int_equal(pbytes, frames * sizeof jws);
+        /* Only the frames after the summarized segments are read for their seqs... */
+        assert_int_equal(spool_max_seqs(db, collect_max, &m), 0);
+        assert_int_equal(m.n, 2);
+        for (int i = 0; i < m.n; i++) {
+                assert_true(m.seq[i] > last);
+                *(streq(m.dev[i], "a") ? &seq_a : &seq_b) = m.seq[i];
+        }
+        /* ...and with bulb_seqs they are every bulb's newest. */
+        assert_int_equal(seq_a, frames - 1);
+        assert_int_equal(seq_b, frames);
+        assert_int_equal(spool_oldest(db, &first, NULL), 0);
+        assert_int_equal(first, 1);
+
+        /* Uploaded: the segments retire (at once: no sync thread) and their summaries go. */
+        assert_int_equal(spool_delete(db, 1, frames, &count, &bytes), 0);
+        assert_int_equal(count, frames);
+        assert_int_equal(count_segments(), 1);
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool_segments"), 0);
+        /* A summary of a file that is not there goes at the next open. */
+        assert_int_equal(sqlite3_exec(db_handle(db),
+                                      "INSERT INTO spool_segments VALUES (9999, 9999, 9999, 1, 5, 100, 0)", NULL,
+                                      NULL, NULL),
+                         SQLITE_OK);
+        db_close(db);
+        db = open_db();
+        assert_int_equal(query_int(db, "SELECT COUNT(*) FROM spool_segments"), 0);
+        assert_int_equal(pending_of(db), 0);
+        db_close(db);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_open_creates_private_wal_db, setup, teardown),
@@ -1689,6 +1780,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_restore_deleted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sync_thread, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sync_thread_spool, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_spool_summaries, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_spool_relay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_move_aside_twice, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_drop_oldest_n, setup, teardown),

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -328,7 +329,7 @@ static int take_id(const struct seglog_record *r, void *userdata) {
 static struct seglog *open_log(size_t segment_bytes, int64_t mark, struct seqs *s, struct seglog_found *f) {
         struct seglog *l = NULL;
         char *err = NULL;
-        int r = seglog_open(dir, segment_bytes, mark, s ? take_seq : NULL, s, &l, f, &err);
+        int r = seglog_open(dir, segment_bytes, mark, s ? take_seq : NULL, s, NULL, 0, &l, f, &err);
 
         if (r < 0)
                 fail_msg("seglog_open: %s", err ? err : strerror(-r));
@@ -655,6 +656,301 @@ static void test_file_big_frames_damage(void **state) {
         seglog_close(l);
 }
 
+/* What a start finds, to compare a start from summaries with one that reads every segment. */
+struct opened {
+        struct seglog_found f;
+        struct seqs s;
+        uint64_t pending, bytes;
+        int64_t last_id;
+        struct collected ids;
+};
+
+static void open_and_take(size_t segment_bytes, const struct seglog_summary *sums, size_t n_sums,
+                          struct opened *o) {
+        struct seglog *l = NULL;
+        char *err = NULL;
+        int r;
+
+        memset(o, 0, sizeof *o);
+        r = seglog_open(dir, segment_bytes, 0, take_seq, &o->s, sums, n_sums, &l, &o->f, &err);
+        if (r < 0)
+                fail_msg("seglog_open: %s", err ? err : strerror(-r));
+        seglog_counts(l, &o->pending, &o->bytes);
+        o->last_id = seglog_last_id(l);
+        assert_true(seglog_read_batch(l, 100, take_id, &o->ids) >= 0);
+        seglog_close(l);
+}
+
+static void assert_same_log(const struct opened *a, const struct opened *b) {
+        assert_int_equal(a->f.segments, b->f.segments);
+        assert_int_equal(a->pending, b->pending);
+        assert_int_equal(a->bytes, b->bytes);
+        assert_int_equal(a->last_id, b->last_id);
+        assert_int_equal(a->ids.n, b->ids.n);
+        for (size_t i = 0; i < a->ids.n && i < ELEMENTSOF(a->ids.ids); i++)
+                assert_int_equal(a->ids.ids[i], b->ids.ids[i]);
+}
+
+static off_t file_size(int64_t name_id) {
+        char path[160];
+        struct stat st;
+
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016llx.log", dir, (unsigned long long) name_id);
+        assert_int_equal(stat(path, &st), 0);
+        return st.st_size;
+}
+
+/* Closed segments get summaries once a sync covered them; a start takes a summarized segment
+ * from its summary (no read, its seqs not reported: they were stored with it) and gives the same
+ * counts, ids, cursor and last id as one that reads everything. A missing summary, one whose size
+ * is not the file's, one for a file that is gone: read (or ignored) as before. */
+static void test_file_summaries(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record seg1[] = { fr(1, "a", 1), fr(2, "b", 5) }, seg3[] = { fr(3, "a", 2), fr(4, "b", 6) },
+                             seg5[] = { fr(5, "a", 3) }, seg6[] = { fr(6, "c", 1) };
+        struct seglog_summary sums[4], x;
+        struct opened full, fast;
+        struct seqs s = {};
+        uint64_t token, count;
+        char path[160];
+        size_t n = 0;
+        int fd;
+
+        assert_int_equal(seglog_append(l, seg1, 2), 0);
+        assert_int_equal(seglog_consume(l, 1, &count, NULL), 0); /* a cursor record in segment 1 */
+        seglog_roll(l);
+        /* Closed, but its bytes not handed to a sync yet: no summary. */
+        assert_int_equal(seglog_summary_pending(l), 0);
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        assert_true(token > 0);
+        assert_int_equal(seglog_append(l, seg3, 2), 0);
+        seglog_roll(l);
+        assert_int_equal(seglog_append(l, seg5, 1), 0);
+        seglog_roll(l);
+        assert_int_equal(seglog_append(l, seg6, 1), 0);
+        /* Only what the first hand-over covered: segment 3 and 5 were handed over after it. */
+        assert_int_equal(seglog_summary_next(l, token, take_seq, &s, &x), 1);
+        assert_int_equal(x.name_id, 1);
+        assert_int_equal(x.first_id, 1);
+        assert_int_equal(x.last_id, 2);
+        assert_int_equal(x.frames, 2);
+        assert_int_equal(x.bytes, 2 * strlen(JWS));
+        assert_int_equal(x.cursor, 1);
+        assert_int_equal(seq_of(&s, "a"), 1);
+        assert_int_equal(seq_of(&s, "b"), 5);
+        /* Not stored yet: reported again. */
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
+        assert_int_equal(x.name_id, 1);
+        seglog_summary_stored(l, 1);
+        sums[n++] = x;
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        assert_true(token > 0);
+        while (seglog_summary_next(l, token, NULL, NULL, &x) == 1) {
+                seglog_summary_stored(l, x.name_id);
+                sums[n++] = x;
+        }
+        /* 3 and 5; 6 is the one written. */
+        assert_int_equal(n, 3);
+        assert_int_equal(sums[1].name_id, 3);
+        assert_int_equal(sums[1].cursor, 1);
+        assert_int_equal(sums[2].name_id, 5);
+        assert_int_equal(sums[2].frames, 1);
+        assert_int_equal(seglog_summary_pending(l), 0);
+        seglog_close(l);
+        for (size_t i = 0; i < n; i++)
+                assert_int_equal(sums[i].size, file_size(sums[i].name_id));
+
+        open_and_take(1 << 20, NULL, 0, &full);
+        open_and_take(1 << 20, sums, n, &fast);
+        assert_int_equal(full.f.summarized, 0);
+        assert_int_equal(fast.f.summarized, 3);
+        assert_same_log(&full, &fast);
+        assert_int_equal(fast.pending, 5); /* the cursor (1) came back */
+        assert_int_equal(fast.ids.ids[0], 2);
+        /* The full scan reports every bulb's seq; the summarized start only those of segment 6. */
+        assert_int_equal(seq_of(&full.s, "a"), 3);
+        assert_int_equal(seq_of(&full.s, "b"), 6);
+        assert_int_equal(fast.s.n, 1);
+        assert_int_equal(seq_of(&fast.s, "c"), 1);
+
+        /* Segment 5 without its summary: read, its seq reported. */
+        open_and_take(1 << 20, sums, 2, &fast);
+        assert_int_equal(fast.f.summarized, 2);
+        assert_same_log(&full, &fast);
+        assert_int_equal(seq_of(&fast.s, "a"), 3);
+        assert_int_equal(seq_of(&fast.s, "b"), 0);
+
+        /* Segment 3 one byte longer than its summary says (a torn tail): read, not summarized. */
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 3);
+        fd = open(path, O_WRONLY | O_APPEND);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, "S", 1), 1);
+        (void) close(fd);
+        open_and_take(1 << 20, sums, n, &fast);
+        assert_int_equal(fast.f.summarized, 2);
+        assert_int_equal(fast.f.torn_older, 1);
+        assert_same_log(&full, &fast);
+        assert_int_equal(seq_of(&fast.s, "a"), 2);
+        assert_int_equal(seq_of(&fast.s, "b"), 6);
+
+        /* Summaries that do not add up are not used. */
+        struct seglog_summary bad[3] = { sums[0], sums[1], sums[2] };
+        bad[0].frames = 1000;
+        bad[2].first_id = 4; /* below its name */
+        open_and_take(1 << 20, bad, 3, &fast);
+        assert_int_equal(fast.f.summarized, 0);
+        assert_same_log(&full, &fast);
+
+        /* Segment 1 gone: its summary stands for nothing; the others still count. The log
+         * without it, read whole, is the reference. */
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        assert_int_equal(unlink(path), 0);
+        open_and_take(1 << 20, NULL, 0, &full);
+        open_and_take(1 << 20, sums, n, &fast);
+        assert_int_equal(fast.f.summarized, 1); /* 5 (3 is torn) */
+        assert_same_log(&full, &fast);
+        assert_int_equal(fast.pending, 4);
+        l = open_log(1 << 20, 0, NULL, NULL);
+        assert_false(seglog_has_segment(l, 1));
+        assert_true(seglog_has_segment(l, 3));
+        seglog_close(l);
+
+        /* The newest segment gone: the cursor is still known from the summaries (segment 5's). */
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 6);
+        assert_int_equal(unlink(path), 0);
+        open_and_take(1 << 20, NULL, 0, &full);
+        open_and_take(1 << 20, sums, n, &fast);
+        assert_same_log(&full, &fast);
+        assert_int_equal(fast.pending, 3);
+}
+
+/* Segments found at open: an older one without a summary is summarizable once a sync of it is
+ * through (an earlier run's bytes may be in the page cache only): it goes with the next
+ * hand-over, a few at a time. The newest one only once appended to, closed and synced. */
+static void test_file_summaries_after_open(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record a = fr(1, "a", 1), b = fr(2, "a", 2), c = fr(3, "a", 3), d = fr(4, "a", 4);
+        struct seglog_summary x;
+        uint64_t token;
+        int fds[8];
+        size_t n;
+
+        assert_int_equal(seglog_append(l, &a, 1), 0);
+        seglog_roll(l);
+        assert_int_equal(seglog_append(l, &b, 1), 0);
+        seglog_roll(l);
+        assert_int_equal(seglog_append(l, &c, 1), 0);
+        seglog_close(l); /* never synced by this log: segments 1, 2, 3 */
+
+        l = open_log(1 << 20, 0, NULL, NULL);
+        /* Nothing handed over yet. */
+        assert_int_equal(seglog_summary_pending(l), 0);
+        /* A hand-over with room for one more descriptor: segment 1 goes with it. */
+        assert_int_equal(seglog_sync_handoff(l, fds, 1, &n), 0);
+        assert_int_equal(n, 1);
+        (void) close(fds[0]);
+        token = seglog_summary_pending(l);
+        assert_true(token > 0);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
+        assert_int_equal(x.name_id, 1);
+        seglog_summary_stored(l, 1);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
+        /* Segment 2 with the next sync; segment 3 is the newest: not before it is written. */
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 1);
+        assert_int_equal(x.name_id, 2);
+        assert_int_equal(x.size, file_size(2));
+        seglog_summary_stored(l, 2);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
+        seglog_roll(l);
+        assert_int_equal(seglog_sync(l), 0);
+        assert_int_equal(seglog_summary_pending(l), 0);
+        seglog_close(l);
+
+        l = open_log(1 << 20, 0, NULL, NULL);
+        assert_int_equal(seglog_append(l, &d, 1), 0); /* into segment 3, the newest */
+        seglog_roll(l);
+        assert_int_equal(seglog_summary_pending(l), 0);
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        assert_true(token > 0);
+        /* Segments 1 and 2 are found again without summaries (none was passed): synced again. */
+        while (seglog_summary_next(l, token, NULL, NULL, &x) == 1 && x.name_id != 3)
+                seglog_summary_stored(l, x.name_id);
+        assert_int_equal(x.name_id, 3);
+        assert_int_equal(x.frames, 2);
+        assert_int_equal(x.size, file_size(3));
+        seglog_summary_stored(l, 3);
+        assert_int_equal(seglog_summary_next(l, token, NULL, NULL, &x), 0);
+        seglog_close(l);
+}
+
+/* A measurement, not a check: IOTHUB_SEGLOG_BENCH=<segments> fills that many 1 MiB segments
+ * with frames like a bulb's (about 330 bytes a record; 8 bulbs: struct seqs holds no more) and times seglog_open() reading
+ * them all and taking the closed ones from their summaries (warm page cache). Without the
+ * variable, 4 segments, to keep the path tested. */
+static void test_file_summaries_bench(void **state) {
+        const char *env = getenv("IOTHUB_SEGLOG_BENCH");
+        long segments = env ? strtol(env, NULL, 10) : 4;
+        size_t seg_bytes = 1 << 20;
+        static uint8_t jws[280];
+        struct seglog *l = open_log(seg_bytes, 0, NULL, NULL);
+        struct seglog_summary *sums = NULL;
+        size_t n = 0, cap = 0;
+        struct seglog_record batch[64];
+        int64_t id = 0;
+        uint64_t token, t0, t1, t2;
+        struct seglog_found f;
+        struct opened full, fast;
+        struct seglog_summary x;
+
+        memset(jws, 'J', sizeof jws);
+        assert_true(segments >= 2 && segments <= 4096);
+        for (;;) {
+                for (size_t i = 0; i < ELEMENTSOF(batch); i++) {
+                        id++;
+                        batch[i] = fr(id, "x", (id + 7) / 8);
+                        (void) snprintf(batch[i].dev, sizeof batch[i].dev, "bulb-%d", (int) (id % 8));
+                        batch[i].jws = jws;
+                        batch[i].len = sizeof jws;
+                }
+                assert_int_equal(seglog_append(l, batch, ELEMENTSOF(batch)), 0);
+                if (count_segments() > (size_t) segments)
+                        break;
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        token = seglog_summary_pending(l);
+        while (seglog_summary_next(l, token, NULL, NULL, &x) == 1) {
+                if (n == cap) {
+                        cap = cap ? 2 * cap : 64;
+                        sums = reallocarray(sums, cap, sizeof *sums);
+                        assert_non_null(sums);
+                }
+                sums[n++] = x;
+                seglog_summary_stored(l, x.name_id);
+        }
+        seglog_close(l);
+        assert_int_equal(n, (size_t) segments);
+
+        open_and_take(seg_bytes, NULL, 0, &full); /* warms the page cache */
+        t0 = now_monotonic_usec();
+        open_and_take(seg_bytes, NULL, 0, &full);
+        t1 = now_monotonic_usec();
+        open_and_take(seg_bytes, sums, n, &fast);
+        t2 = now_monotonic_usec();
+        assert_same_log(&full, &fast);
+        assert_int_equal(fast.f.summarized, (uint64_t) segments);
+        print_message("seglog_open of %ld closed segments + 1 (%lld frames): read whole %.1f ms, "
+                      "from summaries %.1f ms (each including one read of the oldest batch)\n",
+                      segments, (long long) id, (double) (t1 - t0) / 1000.0, (double) (t2 - t1) / 1000.0);
+        (void) f;
+        free(sums);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_crc32c),          cmocka_unit_test(test_crc32c_paths),          cmocka_unit_test(test_roundtrip),
@@ -668,6 +964,9 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_big_frames_damage, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_summaries, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_summaries_after_open, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_summaries_bench, setup_dir, teardown_dir),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
