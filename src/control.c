@@ -2,7 +2,8 @@
 /* The control socket. One request line of JSON in (at most CONTROL_REQUEST_MAX bytes), one
  * response line of JSON out, then the daemon closes. Peers are checked with SO_PEERCRED and
  * SO_PEERGROUPS before a byte is read. At most CONTROL_MAX_CLIENTS at once, each with a
- * deadline, so that a stuck client cannot hold the daemon. */
+ * deadline (for its request, then for reading its answer), so that a stuck client cannot hold
+ * the daemon. */
 #include <fcntl.h>
 #include <grp.h>
 #include <inttypes.h>
@@ -55,6 +56,7 @@ struct control {
         int login_r;
         char login_message[256];
         uint64_t evicted; /* idle connections closed to make room (evict_idle()) */
+        uint64_t timeout_usec; /* each connection's deadline: CONTROL_TIMEOUT_USEC */
         struct ratelimit evict_log, full_log, refused_log;
 };
 
@@ -623,6 +625,23 @@ static json_t *dispatch(struct control *ctl, struct conn *conn, const char *line
         return error_reply("unknown command '%.64s'", cmd);
 }
 
+/* The connection's deadline starts again: CONTROL_TIMEOUT_USEC from now. Called when an answer is
+ * made, so that the answer has that long to go out, whatever was left of the deadline set at
+ * accept. Otherwise an answer made in the same turn of the loop as the deadline (a sign-in that
+ * finished 5 s after iothubctl's login-wait connected; a sync that came late) lost the race: the
+ * timer, pending before the connection's EPOLLOUT, ran first and closed the connection with the
+ * answer unsent, and iothubctl said "Connection reset by peer". A client that does not read its
+ * answer is still closed, a deadline later. Also re-enables the one-shot timer, which has run
+ * (and done nothing) when the request waited past it. */
+static int conn_deadline_restart(struct conn *c) {
+        int r;
+
+        r = sd_event_source_set_time_relative(c->timer, c->ctl->timeout_usec);
+        if (r < 0)
+                return r;
+        return sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+}
+
 /* The sync that conn_send_when_durable() waited for: the answer goes, or, when the fdatasync
  * failed, an error in its place (the change was made and committed, but may not survive a power
  * cut; the daemon refuses frames from now on, see ingest.c). */
@@ -641,16 +660,20 @@ static void on_durable(void *userdata, int error) {
                 r = conn_set_reply(c, error_reply("done, but may not be on disk: the database's fdatasync failed (%s); "
                                                   "restart the daemon and check",
                                                   strerror(-error)));
-        } else
-                r = sd_event_source_set_io_events(c->io, EPOLLOUT);
+        } else {
+                r = conn_deadline_restart(c);
+                if (r >= 0)
+                        r = sd_event_source_set_io_events(c->io, EPOLLOUT);
+        }
         /* -ESTALE: the loop has finished; this is the last sync of hub_done(), and
          * control_free() sends what is ready. */
         if (r < 0 && r != -ESTALE)
                 conn_free(c);
 }
 
-/* The answer is in out: it goes now, or, for a request that changed security state, once every
- * commit so far is on disk (the change committed before its answer was made). Meanwhile the
+/* The answer is in out: it goes now, with a deadline of its own (conn_deadline_restart()), or,
+ * for a request that changed security state, once every commit so far is on disk (the change
+ * committed before its answer was made; the deadline restarts then). Meanwhile the
  * connection is pending: no deadline, no eviction, and no I/O (a hang-up event would send out
  * early); a client that hung up is seen at the send. */
 static int conn_send_when_durable(struct conn *c) {
@@ -668,6 +691,9 @@ static int conn_send_when_durable(struct conn *c) {
                         return 0;
                 }
         }
+        r = conn_deadline_restart(c);
+        if (r < 0)
+                return r;
         return sd_event_source_set_io_events(c->io, EPOLLOUT);
 }
 
@@ -814,18 +840,6 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         return 0;
 }
 
-static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
-        struct conn *c = userdata;
-
-        /* A request waiting for the cloud ends with the cloud's own timeout, which always
-         * answers the client; freeing would be safe (the connection owns what it waits for)
-         * but would leave the client without an answer. */
-        if (c->pending)
-                return 0;
-        conn_free(c);
-        return 0;
-}
-
 static int peer_check(int fd, struct ucred *ret_cred) {
         struct ucred cred;
         socklen_t len = sizeof cred;
@@ -852,6 +866,31 @@ static bool conn_request_waiting(struct conn *c, char *peek) {
         n = recv(c->fd, peek, CONTROL_REQUEST_MAX - c->in_len, MSG_PEEK | MSG_DONTWAIT);
 
         return n > 0 && memchr(peek, '\n', (size_t) n);
+}
+
+/* The deadline: a client that has not sent its whole request, or has not read its answer, in
+ * CONTROL_TIMEOUT_USEC is closed. */
+static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        _cleanup_free_ char *peek = NULL;
+        struct conn *c = userdata;
+
+        /* A request waiting for the cloud ends with the cloud's own timeout, which always
+         * answers the client; freeing would be safe (the connection owns what it waits for)
+         * but would leave the client without an answer. */
+        if (c->pending)
+                return 0;
+        /* A whole request line waiting unread: the client was in time, the loop came late to it
+         * (a turn that took long; or the timer ran first in the turn that saw both, since sd-event
+         * does not order sources of one priority that became pending together). Closing would
+         * reset the connection with the request unread. It is read and answered now, and the
+         * answer gets its own deadline (conn_send_when_durable()). */
+        if (!c->out && !c->draining) {
+                peek = malloc(CONTROL_REQUEST_MAX);
+                if (peek && conn_request_waiting(c, peek))
+                        return on_conn_io(c->io, c->fd, EPOLLIN, c); /* may free c */
+        }
+        conn_free(c);
+        return 0;
 }
 
 /* At CONTROL_MAX_CLIENTS, a new client takes the place of the oldest one that has not yet sent
@@ -954,7 +993,7 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         ctl->conns = c;
         r = sd_event_add_io(ctl->event, &c->io, c->fd, EPOLLIN, on_conn_io, c);
         if (r >= 0)
-                r = sd_event_add_time_relative(ctl->event, &c->timer, CLOCK_MONOTONIC, CONTROL_TIMEOUT_USEC,
+                r = sd_event_add_time_relative(ctl->event, &c->timer, CLOCK_MONOTONIC, ctl->timeout_usec,
                                                0, on_conn_timeout, c);
         if (r < 0)
                 conn_free(c);
@@ -996,6 +1035,7 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
         ctl->uplink = uplink;
         ctl->dynsec = dynsec;
         ctl->pair = pair;
+        ctl->timeout_usec = CONTROL_TIMEOUT_USEC;
         if (ev)
                 ctl->ev = *ev;
         ctl->path = strdup(sa.sun_path);
@@ -1007,6 +1047,10 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
         }
         *ret = ctl;
         return 0;
+}
+
+void control_set_timeout(struct control *ctl, uint64_t usec) {
+        ctl->timeout_usec = usec;
 }
 
 void control_free(struct control *ctl) {

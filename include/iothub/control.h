@@ -5,6 +5,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include <jansson.h>
@@ -63,6 +64,9 @@ int control_new(sd_event *e, const struct iothub_conf *conf, struct registry *re
                 struct uplink_client *uplink, struct dynsec *dynsec, struct pair *pair,
                 const struct control_events *ev, struct control **ret);
 void control_free(struct control *c);
+/* Sets the deadline of each connection from now on (CONTROL_TIMEOUT_USEC unless set): for tests,
+ * which stage a loop that comes late to a deadline without waiting seconds. */
+void control_set_timeout(struct control *c, uint64_t usec);
 
 /* Whether a peer with these credentials may use the socket (root, our uid, our gid, or a
  * member of our gid). Pure, for tests. */

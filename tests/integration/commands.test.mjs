@@ -489,7 +489,9 @@ test('a restart of the daemon between delivery and ack still ends in acked', asy
 test('an ack whose row a power cut lost is found again in the spool at start; the resend stays a replay', async () => {
   await pollParked();
   const id = nextId('lostack');
-  const exp = nowS() + 10;
+  // The test waits for exp (plus 2 s) with the daemon down, so exp is no later than needed: the
+  // delivery and the ack take about a second (it was 10 s: 6 s more per run, four runs per CI).
+  const exp = nowS() + 6;
   queue({ id, dev: spare.id, set: { bri: 42 }, exp });
   await waitFor(() => statusesOf(id).includes('delivered'), 10000, 'delivered, reported');
   // The final result stays at the hub, so that only the restart can bring it to the cloud.
@@ -498,6 +500,8 @@ test('an ack whose row a power cut lost is found again in the spool at start; th
   const jws = await spare.bulb.frame({ ack: { id, ok: true } });
   await pub.publishAsync(`${PREFIX}/${spare.id}/status`, jws, { qos: 1 });
   await waitFor(async () => (await commandsStatus()).acked === acked0 + 1, 10000, 'the ack taken');
+  console.log(`lost ack: delivered and acked ${exp - nowS()} s before exp`);
+  assert.ok(nowS() < exp, 'the ack was taken before the command\'s exp (a slow run: raise exp)');
   const res = await hub.stop('SIGKILL');
   assert.equal(res.signal, 'SIGKILL');
   cloud.control.clearFailures();
