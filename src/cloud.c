@@ -331,6 +331,9 @@ static void cloud_maybe_send(struct cloud *c) {
                 }
         }
         r = cloud_send_batch(c, c->head);
+        if (r >= 0 && c->head->call)
+                /* A full batch may wait behind it already (no commit may come to kick). */
+                cloud_maybe_send_follower(c);
         if (r < 0) {
                 /* The uplink signs (a key that cannot sign shows in its answer, the relay
                  * backs off then): a failure here is local. */
