@@ -72,6 +72,7 @@ struct cloud {
         /* The status batches out (see the top): head and follower point into slots. */
         struct status_batch slots[2];
         struct status_batch *head, *follower;
+        bool follower_ended; /* the follower ended before the head: none more until the head ends */
         /* The list of bulbs in flight, and the generation of the list it carries. */
         struct uplink_call *devices_call;
         uint64_t devices_call_gen;
@@ -263,7 +264,7 @@ static void cloud_maybe_send_follower(struct cloud *c) {
         uint64_t behind, behind_bytes;
         int r;
 
-        if (c->follower->call)
+        if (c->follower->call || c->follower_ended)
                 return;
         behind = c->spool->pending > c->head->frames ? c->spool->pending - c->head->frames : 0;
         behind_bytes = c->spool->bytes > c->head->bytes ? c->spool->bytes - c->head->bytes : 0;
@@ -483,9 +484,10 @@ static void on_status_done(void *userdata, const struct uplink_answer *a) {
                 else
                         log_debug("The batch after the one on the wire ended first (%s, HTTP %ld); sent again later",
                                   a->error < 0 ? a->error_text : "answered", a->status);
-                cloud_maybe_send(c);
+                c->follower_ended = true; /* no retry loop while the head is out (a key that cannot sign) */
                 return;
         }
+        c->follower_ended = false;
         if (!(a->error == 0 && a->status == 200) && c->follower->call) {
                 /* Before any backoff: the head goes again before anything newer. */
                 uplink_call_cancel(c->follower->call);
