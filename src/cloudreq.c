@@ -7,7 +7,18 @@
  * reuse the call, so the caller's handle never changes. Each attempt is authorized afresh,
  * signed by the signer (RFC 9421 signature and, for a DPoP-bound token, the DPoP proof, both
  * asked at once, on the loop: nothing waits for the signer outside it, issue 13) and handed to
- * http.c. */
+ * http.c.
+ *
+ * Chained status uploads: a status call made with a predecessor (cloudreq_request()'s after, the
+ * same connection's unfinished status call, uplink.c) is authorized and signed at once, so that
+ * the signer (~70 ms with a TPM chip) works while the predecessor is on the wire, but its HTTP
+ * request starts only once the predecessor finished with HTTP 200; any other end of the
+ * predecessor (an error, another status, cancelled) ends it unsent with -ECANCELED. So batches
+ * reach the cloud in order with one on the wire at a time, whatever iothubd does meanwhile. A
+ * held signature older than CLOUDREQ_HELD_MAX_USEC, or made with a token that changed since
+ * (a 401 and a refresh), is made again before it goes. Both ends are worked out on the loop (a
+ * defer source), never inside the predecessor's end, so that a caller's done() never runs from
+ * inside another call's done() or cancel. */
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -20,9 +31,29 @@
 #include "iothub/signer.h"
 #include "iothub/uplink-proto.h"
 
+/* A signature held for a chained call goes as it is when younger than this; else it is made
+ * again: a third of the signature's validity (expires = created + 60 s, PROTOCOL.md 3; the
+ * signer's httpsig.h, which this layer does not include), room for the cloud's clock skew and
+ * the request's own time on the wire. */
+#define CLOUDREQ_HELD_MAX_USEC (UINT64_C(20) * 1000 * 1000)
+
+enum chain_verdict {
+        CHAIN_NONE,
+        CHAIN_GO,   /* the predecessor ended with HTTP 200: the request goes */
+        CHAIN_STOP, /* it ended otherwise: the call ends unsent */
+};
+
 struct cloudreq_call {
         struct cloudreq *cr;
         struct cloudreq_call *next; /* in cr->calls */
+        /* The chain (see the top): pred is the unfinished predecessor the request waits for
+         * (NULL: none, or it ended and verdict says how), succ the call waiting for this one.
+         * Both are cleared by call_unlink(), the one place a call leaves. */
+        struct cloudreq_call *pred, *succ;
+        enum chain_verdict verdict;
+        bool held;          /* signed, and the request waits for pred */
+        uint64_t signed_at; /* CLOCK_MONOTONIC usec when held */
+        bool answered_200;  /* its final answer is HTTP 200 (its successor goes) */
         bool is_register;
         unsigned kind;        /* enum uplink_kind; 0 for a registration */
         char *arg;
@@ -59,6 +90,8 @@ struct cloudreq {
         char *base_url; /* without a trailing '/' */
         char *token;    /* [cloud] bearer_token_file's */
         struct cloudreq_call *calls;
+        sd_event_source *chain_defer; /* chained calls whose predecessor ended (chain_run) */
+        uint64_t file_token_gen;      /* bumped when bearer_token_file's token changes */
         char last_error[256];
         uint64_t last_error_at;
 };
@@ -123,6 +156,8 @@ static int load_token(struct cloudreq *cr) {
                 set_last_error(cr, "[cloud] bearer_token_file %s does not hold a valid token", path);
                 return -EINVAL;
         }
+        if (!streq_ptr(cr->token, t))
+                cr->file_token_gen++;
         erase_and_freep_str(&cr->token);
         cr->token = TAKE_PTR(t);
         return 0;
@@ -162,6 +197,11 @@ static int authorization(struct cloudreq *cr, char **ret_auth, char **ret_dpop_a
         return *ret_auth ? 0 : -ENOMEM;
 }
 
+/* The generation of the token requests are authorized with now. */
+static uint64_t token_gen(const struct cloudreq *cr) {
+        return cr->oauth ? oauth_token_gen(cr->oauth) : cr->file_token_gen;
+}
+
 /* ---- calls ---- */
 
 static void on_http_done(void *userdata, const struct http_response *resp);
@@ -176,17 +216,31 @@ static void attempt_done(struct cloudreq_call *q) {
         q->sign_op = signer_op_free(q->sign_op);
         q->dpop_op = signer_op_free(q->dpop_op);
         q->signed_ok = q->dpop_ok = false;
+        q->held = false;
         erase_and_freep_str(&q->auth_header);
         erase_and_freep_str(&q->dpop_header);
 }
 
 static void call_unlink(struct cloudreq_call *q) {
-        for (struct cloudreq_call **p = &q->cr->calls; *p; p = &(*p)->next)
+        struct cloudreq *cr = q->cr;
+
+        for (struct cloudreq_call **p = &cr->calls; *p; p = &(*p)->next)
                 if (*p == q) {
                         *p = q->next;
                         break;
                 }
         q->next = NULL;
+        /* Its place in a chain: the one waiting for it hears how it ended, from the loop. */
+        if (q->pred)
+                q->pred->succ = NULL;
+        q->pred = NULL;
+        if (q->succ) {
+                q->succ->pred = NULL;
+                q->succ->verdict = q->answered_200 ? CHAIN_GO : CHAIN_STOP;
+                q->succ = NULL;
+                if (cr->chain_defer)
+                        (void) sd_event_source_set_enabled(cr->chain_defer, SD_EVENT_ONESHOT);
+        }
 }
 
 static void call_free(struct cloudreq_call *q) {
@@ -209,6 +263,7 @@ void cloudreq_cancel(struct cloudreq_call *call) {
 
 /* The final answer: the caller hears of it, the call ends. */
 static void call_finish(struct cloudreq_call *q, const struct cloudreq_answer *a) {
+        q->answered_200 = !q->is_register && a->error == 0 && a->status == 200;
         call_unlink(q);
         if (q->is_register) {
                 /* Only failures reach here: a registration's HTTP answers are read in
@@ -282,6 +337,12 @@ static void attempt_signed(struct cloudreq_call *q, int r) {
                 if (!q->dpop_header)
                         r = -ENOMEM;
         }
+        if (r >= 0 && q->pred) {
+                /* Chained: the request waits for its predecessor's end (chain_run). */
+                q->held = true;
+                q->signed_at = now_monotonic_usec();
+                return;
+        }
         if (r >= 0)
                 r = attempt_launch(q);
         if (r >= 0)
@@ -328,7 +389,7 @@ static int attempt_start(struct cloudreq_call *q) {
         r = authorization(cr, &auth, &ath, &nonce);
         if (r < 0)
                 return r;
-        q->token_gen = oauth_token_gen(cr->oauth);
+        q->token_gen = token_gen(cr);
         q->auth_header = strdup_printf("Authorization: %s", auth);
         if (!q->auth_header)
                 return -ENOMEM;
@@ -368,16 +429,73 @@ static int call_new(struct cloudreq *cr, struct cloudreq_call **ret) {
         return 0;
 }
 
+/* Chained calls whose predecessor ended (call_unlink() set their verdict): after a 200 the
+ * request goes (signed again first when the held signature is old or the token changed), else the
+ * call ends unsent. Each pass starts over: an ending call leaves cr->calls and may end the chain
+ * behind it. */
+static int chain_run(sd_event_source *s, void *userdata) {
+        struct cloudreq *cr = userdata;
+        bool again = true;
+
+        while (again) {
+                again = false;
+                for (struct cloudreq_call *q = cr->calls; q; q = q->next) {
+                        char text[320];
+                        int r = 0;
+
+                        if (q->verdict == CHAIN_NONE)
+                                continue;
+                        if (q->verdict == CHAIN_STOP) {
+                                q->verdict = CHAIN_NONE;
+                                log_debug("A chained status upload is not sent: the one before it failed");
+                                call_fail(q, -ECANCELED, "not sent: an earlier batch failed");
+                                again = true;
+                                break;
+                        }
+                        q->verdict = CHAIN_NONE;
+                        if (!q->held)
+                                continue; /* still signing: attempt_signed() sends it */
+                        if (q->token_gen != token_gen(cr) ||
+                            now_monotonic_usec() - q->signed_at > CLOUDREQ_HELD_MAX_USEC) {
+                                log_debug("Signing a chained status upload again (%s)",
+                                          q->token_gen != token_gen(cr) ? "a new token" : "an old signature");
+                                r = attempt_start(q);
+                        } else {
+                                q->held = false;
+                                r = attempt_launch(q);
+                        }
+                        if (r >= 0)
+                                continue;
+                        (void) snprintf(text, sizeof text, "cannot send a chained request: %s", strerror(-r));
+                        call_fail(q, r, text);
+                        again = true;
+                        break;
+                }
+        }
+        return 0;
+}
+
 int cloudreq_request(struct cloudreq *cr, unsigned kind, const char *arg, char *body, size_t body_len,
-                     long timeout_s, cloudreq_done_t done, void *userdata, struct cloudreq_call **ret) {
+                     long timeout_s, struct cloudreq_call *after, cloudreq_done_t done, void *userdata,
+                     struct cloudreq_call **ret) {
         struct cloudreq_call *q = NULL;
         const char *method = NULL;
         char *url = NULL;
         int r;
 
-        if (!cr || !done) {
+        if (!cr || !done || (after && (after->cr != cr || after->succ || after->is_register))) {
                 free(body);
                 return -EINVAL;
+        }
+        if (after && !cr->chain_defer) {
+                r = sd_event_add_defer(cr->event, &cr->chain_defer, chain_run, cr);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(cr->chain_defer, SD_EVENT_OFF);
+                if (r < 0) {
+                        cr->chain_defer = sd_event_source_disable_unref(cr->chain_defer);
+                        free(body);
+                        return r;
+                }
         }
         r = uplink_request_target(kind, arg, cr->conf->cloud.url, cr->conf->hub.id, &method, &url);
         if (r >= 0 && (!cr->signer || !cloudreq_have_token(cr)))
@@ -397,6 +515,11 @@ int cloudreq_request(struct cloudreq *cr, unsigned kind, const char *arg, char *
         q->done = done;
         q->userdata = userdata;
         call_set(q, method, url, body, body_len);
+        if (after) {
+                /* Before it is signed: a signature that is ready at once must wait too. */
+                q->pred = after;
+                after->succ = q;
+        }
         r = attempt_start(q);
         if (r < 0) {
                 call_free(q);
@@ -841,6 +964,7 @@ void cloudreq_free(struct cloudreq *cr) {
                 return;
         while (cr->calls)
                 call_free(cr->calls);
+        sd_event_source_disable_unref(cr->chain_defer);
         erase_and_freep_str(&cr->token);
         free(cr->base_url);
         free(cr);

@@ -1017,6 +1017,7 @@ int seglog_sync(struct seglog *l) {
 
 struct read_ctx {
         struct seglog *l;
+        int64_t after; /* frames with a greater id only (the cursor at least) */
         unsigned max, n;
         int (*cb)(const struct seglog_record *r, void *userdata);
         void *userdata;
@@ -1026,7 +1027,7 @@ static int read_one(const struct seglog_record *r, size_t seg, uint64_t off, siz
         struct read_ctx *c = userdata;
         int k;
 
-        if (r->type != SEGLOG_FRAME || r->id <= c->l->cursor)
+        if (r->type != SEGLOG_FRAME || r->id <= c->after)
                 return 0;
         k = c->cb(r, c->userdata);
         if (k < 0)
@@ -1036,7 +1037,13 @@ static int read_one(const struct seglog_record *r, size_t seg, uint64_t off, siz
 
 int seglog_read_batch(struct seglog *l, unsigned max, int (*cb)(const struct seglog_record *r, void *userdata),
                       void *userdata) {
-        struct read_ctx c = { .l = l, .max = max, .cb = cb, .userdata = userdata };
+        return seglog_read_batch_after(l, INT64_MIN, max, cb, userdata);
+}
+
+int seglog_read_batch_after(struct seglog *l, int64_t after_id, unsigned max,
+                            int (*cb)(const struct seglog_record *r, void *userdata), void *userdata) {
+        struct read_ctx c = { .l = l, .after = after_id > l->cursor ? after_id : l->cursor, .max = max, .cb = cb,
+                              .userdata = userdata };
         int r;
 
         if (!cb || max == 0 || max > INT32_MAX)

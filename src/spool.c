@@ -130,6 +130,15 @@ int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_e
         return seglog_read_batch(log_of(db), max, read_one, &a);
 }
 
+int spool_read_batch_after(struct db *db, int64_t after_id, unsigned max,
+                           int (*cb)(const struct spool_entry *e, void *userdata), void *userdata) {
+        struct read_adapter a = { .cb = cb, .userdata = userdata };
+
+        if (!db || !log_of(db) || !cb || max == 0 || max > INT_MAX)
+                return -EINVAL;
+        return seglog_read_batch_after(log_of(db), after_id, max, read_one, &a);
+}
+
 /* The newest seq of each bulb in a segment about to be unlinked. */
 struct seq_max {
         char dev[DEVICE_ID_MAX + 1];

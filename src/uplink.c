@@ -12,7 +12,8 @@
  * most UPLINK_CONN_MAX connections, each checked with SO_PEERCRED against [uplink] client_user,
  * reading stopped while more than UPLINK_OUT_MAX of answers wait or UPLINK_INFLIGHT_MAX requests
  * are in flight. A connection that closes cancels its requests (cloudreq_cancel(): curl's
- * transfer ends). */
+ * transfer ends). A STATUS request that comes while another of the same connection is unanswered
+ * is chained behind it (cloudreq.c): signed at once, sent after its 200, else not at all. */
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -60,6 +61,10 @@ struct conn {
         struct tlv_buf *out; /* chan_conn_out(cc): the answers */
         struct req *reqs;
         struct req *watch; /* the one WATCH waiting (parked: it does not hold the connection), or NULL */
+        /* The newest STATUS request not yet answered: the next one is chained behind it
+         * (cloudreq_request()'s after: signed at once, sent after its 200). Per connection: a
+         * new connection (iothubd restarted) starts a fresh chain. */
+        struct req *status_last;
 };
 
 struct event_entry {
@@ -130,6 +135,8 @@ static void req_detach(struct req *q) {
                 c->watch = NULL;
                 chan_conn_set_parked(c->cc, 0);
         }
+        if (c->status_last == q)
+                c->status_last = NULL;
         /* A sign-in goes on without the waiter that went away. */
         if (c->u->login_start == q)
                 c->u->login_start = NULL;
@@ -226,11 +233,14 @@ static int op_request(struct conn *c, const struct tlv_msg *m) {
         }
         u->n.requests++;
         r = cloudreq_request(u->req, kind, arg, body, body ? m->f[UPLINK_TAG_BODY].len : 0, (long) timeout,
+                             kind == UPLINK_KIND_STATUS && c->status_last ? c->status_last->call : NULL,
                              on_request_done, q, &q->call);
         if (r < 0) {
                 req_done(q);
                 return r;
         }
+        if (kind == UPLINK_KIND_STATUS)
+                c->status_last = q;
         return 1;
 }
 
@@ -625,6 +635,8 @@ static void conn_free(void *userdata, struct chan_conn *cc, void *data) {
                         c->u->login_start = NULL;
                 if (c->u->login_wait == q)
                         c->u->login_wait = NULL;
+                if (c->status_last == q)
+                        c->status_last = NULL;
                 req_free(q);
         }
         free(c);

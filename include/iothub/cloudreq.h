@@ -44,7 +44,8 @@ struct cloudreq_events {
 struct cloudreq_answer {
         int error;              /* 0, or a negative errno: no HTTP answer (a transport failure,
                                  * the signer could not sign, -EACCES the token could not be
-                                 * refreshed after a 401, -ECANCELED never) */
+                                 * refreshed after a 401, -ECANCELED a chained call not sent
+                                 * since the one before it failed) */
         const char *error_text; /* one line for error, never a secret; "" when error == 0 */
         long status;            /* the HTTP status when error == 0 */
         const char *body;       /* raw, never NULL; body_len bytes */
@@ -86,8 +87,14 @@ const char *cloudreq_key_error(const struct cloudreq *cr);
  * cancelled first. -EINVAL for a kind or arg uplink_request_target() refuses, -ENOKEY without
  * a key or a token (the caller asks cloudreq_have_key/token first), -ENOMEM, or the signer's
  * error when the request could not even be asked for. */
+/*
+ * after (NULL: none): an unfinished call this one is chained behind (the top of cloudreq.c): it is
+ * signed at once but sent only once after ended with HTTP 200; if after ends in any other way
+ * (cancelled included), done() gets -ECANCELED ("not sent: an earlier batch failed") and nothing
+ * was sent. A call has at most one call chained behind it (-EINVAL otherwise). */
 int cloudreq_request(struct cloudreq *cr, unsigned kind, const char *arg, char *body, size_t body_len,
-                     long timeout_s, cloudreq_done_t done, void *userdata, struct cloudreq_call **ret);
+                     long timeout_s, struct cloudreq_call *after, cloudreq_done_t done, void *userdata,
+                     struct cloudreq_call **ret);
 
 /* POST /v1/hubs/<id> with the hub's JWK, and with a TPM key the attestation challenge first
  * ([cloud] attestation, iothub-protocol(7) "Attestation": the signer's TPM commands, asked

@@ -165,6 +165,11 @@ int seglog_sync(struct seglog *l);
  * valid during the call. Returns the number of frames or a negative errno (cb's included). */
 int seglog_read_batch(struct seglog *l, unsigned max, int (*cb)(const struct seglog_record *r, void *userdata),
                       void *userdata);
+/* The same, for the frames waiting with an id above after_id (a batch read while the one up to
+ * after_id is in flight). The walk starts at the read position: the frames up to after_id are
+ * passed over, not read for the caller. */
+int seglog_read_batch_after(struct seglog *l, int64_t after_id, unsigned max,
+                            int (*cb)(const struct seglog_record *r, void *userdata), void *userdata);
 
 /* Every frame up to last_id has left the spool (uploaded or moved aside): moves the cursor, and
  * appends a cursor record so that a restart does not send them again. Returns 0 and the frames

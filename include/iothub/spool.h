@@ -69,6 +69,10 @@ struct spool_entry {
  * negative return value if it fails. Returns the number of frames, or a negative errno. */
 int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_entry *e, void *userdata),
                      void *userdata);
+/* The same for the oldest frames with an id above after_id (the next batch while the one up to
+ * after_id is in flight; frames dropped meanwhile at [spool] max_bytes are not read). */
+int spool_read_batch_after(struct db *db, int64_t after_id, unsigned max,
+                           int (*cb)(const struct spool_entry *e, void *userdata), void *userdata);
 
 /* Every frame up to last_id leaves (the cloud has first_id..last_id, the oldest waiting; frames
  * already gone, dropped at the cap meanwhile, are skipped). A segment that nothing waits in any

@@ -48,7 +48,9 @@ export async function cloudWorker({ dir, tokens }, extraOps = null) {
   // 'batch' is emitted synchronously at the end of the status handler, right after the
   // batch's frames were pushed to state.frames, and before the request's status is set: so
   // the stored frames are the last `stored` entries, and the request is the newest status
-  // request still without a status (the hub has at most one status batch in flight).
+  // request still without a status (the hub has at most one status batch on the wire: a second
+  // one may be signed and held by the uplink, but its request starts only after this one's 200
+  // was sent, cloudreq.c's chained calls).
   cloud.events.on('batch', (b) => {
     const reqs = cloud.state.requests;
     let rec = null;

@@ -604,12 +604,21 @@ export async function startCloud(opts = {}) {
 
   async function handle(req, res) {
     const t0 = Date.now();
-    const rec = { at: t0, method: req.method, url: req.url, status: 0 };
+    // start/end: performance.now() (sub-millisecond, the test process's clock when the cloud runs
+    // in it, as lib/slowtpm.mjs's command times are); first/last: a status batch's first and last
+    // frame as sent (whatever the answer), so that tests can check the order of attempts.
+    const rec = { at: t0, start: performance.now(), method: req.method, url: req.url, status: 0 };
     state.requests.push(rec);
     let dropAfter = false;
     try {
       const body = await readBody(req);
       rec.bytes = body.length;
+      if (req.url.endsWith('/status')) {
+        try {
+          const f = JSON.parse(body.toString('utf8')).frames;
+          if (Array.isArray(f) && f.length) { rec.first = f[0]; rec.last = f[f.length - 1]; rec.count = f.length; }
+        } catch { /* the checks below answer it */ }
+      }
       const r = route(req);
       if (!r) throw new HttpError(404, 'not_found', `no such endpoint ${req.url.split('?')[0]}`);
       if (req.method !== r.method) throw new HttpError(405, 'method', `${r.name} takes ${r.method}, not ${req.method}`, { Allow: r.method });
@@ -661,6 +670,7 @@ export async function startCloud(opts = {}) {
       send(res, e.status, { error: e.kind, error_description: e.message }, e.headers);
     } finally {
       rec.ms = Date.now() - t0;
+      rec.end = performance.now();
       events.emit('request', rec);
     }
   }

@@ -520,6 +520,51 @@ static void test_file_segments_damage_drop_retire(void **state) {
         seglog_close(l);
 }
 
+/* The batch after the one in flight (cloud.c's follower): the frames past after_id, or past the
+ * cursor when [spool] max_bytes dropped beyond after_id meanwhile; the one in flight is not read
+ * for the caller, and consuming it leaves the follower's frames waiting. */
+static void test_file_read_after(void **state) {
+        size_t rec = seglog_frame_record_size(1, strlen(JWS));
+        struct seglog *l = open_log(2 * rec + 1, 0, NULL, NULL); /* two frames a segment */
+        struct collected c = {};
+        uint64_t count, pending;
+
+        for (int64_t id = 1; id <= 8; id++) {
+                struct seglog_record r = fr(id, "a", id);
+                assert_int_equal(seglog_append(l, &r, 1), 0);
+        }
+        assert_int_equal(seglog_sync(l), 0);
+        assert_int_equal(seglog_read_batch(l, 3, take_id, &c), 3); /* the head: 1..3 */
+        assert_int_equal(c.ids[2], 3);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch_after(l, 3, 3, take_id, &c), 3); /* the follower: 4..6 */
+        assert_int_equal(c.ids[0], 4);
+        assert_int_equal(c.ids[2], 6);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch_after(l, 8, 3, take_id, &c), 0); /* nothing after the newest */
+        c.n = 0;
+        assert_int_equal(seglog_read_batch_after(l, 0, 2, take_id, &c), 2); /* after 0: the oldest */
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(seglog_read_batch_after(l, 3, 0, take_id, &c), -EINVAL);
+        /* The head uploaded: the follower's frames still wait, read from the new position. */
+        assert_int_equal(seglog_consume(l, 3, &count, NULL), 0);
+        assert_int_equal(count, 3);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch_after(l, 3, 3, take_id, &c), 3);
+        assert_int_equal(c.ids[0], 4);
+        /* The cap drops the oldest segments past after_id: the read starts at the cursor. */
+        do {
+                assert_int_equal(seglog_drop_oldest(l, &count, NULL), 0);
+                seglog_counts(l, &pending, NULL);
+        } while (pending > 3);
+        assert_true(pending >= 1);
+        c.n = 0;
+        assert_int_equal(seglog_read_batch_after(l, 3, 3, take_id, &c), (int) pending);
+        assert_int_equal(c.ids[0], 8 - (int64_t) pending + 1);
+        assert_int_equal(c.ids[pending - 1], 8);
+        seglog_close(l);
+}
+
 /* Older segments: a tail with nothing intact after it is a crash (a power cut after a roll, before
  * the sync), ignored quietly; a bad region with an intact record after it is damage, counted. */
 static void test_file_older_torn_tail_not_damage(void **state) {
@@ -963,6 +1008,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_file_older_torn_tail_not_damage, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_read_after, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_big_frames_damage, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_summaries, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_summaries_after_open, setup_dir, teardown_dir),
