@@ -253,6 +253,7 @@ static int read_ek_cert(ESYS_CONTEXT *esys, uint8_t **ret, size_t *ret_len, char
                 rc = Esys_NV_Read(esys, nv, nv, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, n, (uint16_t) off,
                                   &data);
                 if (rc != TSS2_RC_SUCCESS) {
+                        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees buf */
                         r = hubkey_tpm_error(rc, ret_error, "reading the EK certificate");
                         goto out;
                 }
@@ -379,6 +380,7 @@ int attest_begin(struct hubkey *k, struct attest **ret, char **ret_error) {
                 return -ENOMEM;
         r = read_ek_cert(esys, &a->ek_cert, &a->ek_cert_len, ret_error);
         if (r < 0)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees a */
                 return r;
         r = ak_create(esys, &ak, a->ak_public, &a->ak_public_len, &a->ak_name, ret_error);
         if (r < 0)

@@ -849,6 +849,8 @@ static void register_key_news(struct cloudreq *cr, int error, const char *why) {
                 for (struct cloudreq_call *q = cr->calls; q; q = q->next) {
                         int r;
 
+                        /* call_fail() unlinks q from q->cr->calls, and q->cr is cr:
+                         * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                         if (!q->is_register || !q->wait_key)
                                 continue;
                         r = error < 0 ? error : register_begin(q);
@@ -963,6 +965,8 @@ void cloudreq_free(struct cloudreq *cr) {
         if (!cr)
                 return;
         while (cr->calls)
+                /* call_free() unlinks it from q->cr->calls, and q->cr is cr:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 call_free(cr->calls);
         sd_event_source_disable_unref(cr->chain_defer);
         erase_and_freep_str(&cr->token);

@@ -1070,6 +1070,7 @@ static void recover_acks(struct commands *c) {
         }
         r = commands_acks_from_spool(c->db, w, n, &scan);
         if (r < 0) {
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees w */
                 log_warning_errno(r, "Failed to look for lost command acks in the spool: %m");
                 return;
         }

@@ -797,6 +797,7 @@ static int conf_new_defaults(struct iothub_conf **ret, int *ret_machine_id_error
 
         machine_id_error = read_machine_id(conf_machine_id_path, &c->hub.id);
         if (machine_id_error == -ENOMEM)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees c */
                 return -ENOMEM;
         r = dir_from_env("STATE_DIRECTORY", "/var/lib/iothub", &c->hub.state_dir, ret_error);
         if (r < 0)
@@ -953,6 +954,7 @@ static int conf_load_internal(const char *path, FILE *stream, struct iothub_conf
         }
         c->path = strdup(ctx.path);
         if (!c->path) {
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees c */
                 r = -ENOMEM;
                 goto fail;
         }

@@ -889,6 +889,7 @@ static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
                 if (peek && conn_request_waiting(c, peek))
                         return on_conn_io(c->io, c->fd, EPOLLIN, c); /* may free c */
         }
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees peek */
         conn_free(c);
         return 0;
 }
@@ -914,6 +915,7 @@ static bool evict_idle(struct control *ctl) {
                 if (!c->pending && !c->out && c != ctl->login_conn && c != ctl->wait_conn &&
                     !conn_request_waiting(c, peek))
                         oldest = c;
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees peek */
         if (!oldest)
                 return false;
         ctl->evicted++;
@@ -1068,6 +1070,8 @@ void control_free(struct control *ctl) {
                 if (c->fd >= 0 && c->out && !c->pending && c->out_off < c->out_len)
                         (void) send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (ctl->conns)
+                /* conn_free() unlinks it from c->ctl->conns, and c->ctl is ctl:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 conn_free(ctl->conns);
         ctl->listen = sd_event_source_disable_unref(ctl->listen);
         if (ctl->fd >= 0)
@@ -1111,7 +1115,7 @@ int control_call_stream(const char *path, json_t *request, void (*on_line)(void 
 
         if (strlen(path) >= sizeof sa.sun_path)
                 return -ENAMETOOLONG;
-        strcpy(sa.sun_path, path);
+        memcpy(sa.sun_path, path, strlen(path)); /* the NUL is sa's: {} zeroed it, the length left room */
         /* The line is made before connecting, so that it follows the connect at once: at
          * CONTROL_MAX_CLIENTS the daemon makes room by closing the oldest connection that has not
          * sent a whole line, and a client that dawdles after connecting can be that one. */

@@ -471,6 +471,8 @@ int db_open(const char *state_dir, struct db **ret, char **ret_error) {
                 return -ENOMEM;
         db->state_dir = strdup(state_dir);
         if (!db->state_dir)
+                /* cppcheck-suppress memleak ; freed by _cleanup_(db_closep) */
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees db */
                 return -ENOMEM;
         rc = sqlite3_open_v2(path, &db->sqlite,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE, NULL);
@@ -894,10 +896,14 @@ static void db_sync_waits_report(struct db *db, uint64_t gen, int error) {
         for (;;) {
                 struct db_sync_wait *w = db->waits;
 
+                /* a freed wait is unlinked first: *w->prevp is db->waits for the head:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 while (w && error == 0 && w->gen > gen)
                         w = w->next;
                 if (!w)
                         return;
+                /* a freed wait is unlinked first: *w->prevp is db->waits for the head:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 db_sync_wait_t cb = w->cb;
                 void *userdata = w->userdata;
 

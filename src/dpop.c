@@ -43,6 +43,7 @@ int dpop_prepare(const json_t *jwk, const char *method, const char *url, const c
                 return -ENOMEM;
         r = random_bytes(jti, sizeof jti);
         if (r < 0)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees htu */
                 return r;
         (void) b64url_encode(jti, sizeof jti, jti_b64);
         /* RFC 9449 4.2: the public key in the header, no private members. */

@@ -790,6 +790,8 @@ void dynsec_connected(struct dynsec *d, bool connected) {
         if (!connected) {
                 repair_queue_free(d);
                 while (d->ops)
+                        /* op_complete() unlinks it from op->d->ops, and op->d is d:
+                         * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                         op_complete(d->ops, -ENOTCONN, "the connection to the broker was lost");
                 return;
         }
@@ -830,6 +832,8 @@ void dynsec_free(struct dynsec *d) {
                 return;
         repair_queue_free(d);
         while (d->ops)
+                /* op_free() unlinks it from op->d->ops, and op->d is d:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 op_free(d->ops);
         sd_event_unref(d->event);
         free(d->prefix);

@@ -515,6 +515,7 @@ enum frame_reason frame_parse(const uint8_t *buf, size_t len, const char *topic_
         }
         if (b64url_decode_raw(h, h_len, scratch, &hdec_len) < 0 ||
             b64url_decode_raw(p, p_len, scratch + hdec_len, &pdec_len) < 0)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees scratch_heap */
                 return FRAME_MALFORMED;
 
         /* The signature is decoded now too (each byte read once); its length is judged last. */

@@ -384,6 +384,8 @@ void http_free(struct http *h) {
         if (!h)
                 return;
         while (h->reqs)
+                /* req_abandon() unlinks it from q->http->reqs, and q->http is h:
+                 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
                 req_abandon(h->reqs);
         if (h->multi)
                 (void) curl_multi_cleanup(h->multi);

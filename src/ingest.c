@@ -507,6 +507,7 @@ static int batch_append(struct ingest *in) {
                 f[i] = (struct spool_frame){ .dev = h->bulb->id, .seq = h->seq, .jws = in->batch.buf + h->off,
                                              .len = h->len, .received_at_usec = h->received_at_usec };
         }
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees f */
         return spool_append_frames(in->db, f, in->batch.count);
 }
 

@@ -160,6 +160,7 @@ int registry_open(struct db *db, struct registry **ret) {
                 -1, &s, NULL);
         if (rc != SQLITE_OK)
                 /* cppcheck-suppress memleak ; freed by _cleanup_(registry_freep) */
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees r */
                 return db_errno(rc);
         while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
                 struct bulb *b = NULL;
@@ -351,6 +352,7 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
                         &s, NULL);
         }
         if (rc != SQLITE_OK)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees fresh */
                 return db_errno(rc);
         if ((rc = bind_text(s, 1, frame_alg_to_string(alg))) != SQLITE_OK ||
             (rc = bind_text(s, 2, spki)) != SQLITE_OK || (rc = sqlite3_bind_int64(s, 3, now)) != SQLITE_OK ||

@@ -464,9 +464,10 @@ static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_
                 if (off >= g->size)
                         continue;
                 if (fd < 0) {
-                        fd = own = open_seg(l, g, O_RDONLY);
-                        if (fd < 0)
-                                return fd;
+                        own = open_seg(l, g, O_RDONLY);
+                        if (own < 0)
+                                return own;
+                        fd = own;
                 }
                 while (off < g->size) {
                         struct walk_ctx w = { .cb = cb, .userdata = userdata, .seg = s, .base = off };
@@ -483,6 +484,8 @@ static int walk(struct seglog *l, size_t s, uint64_t off, size_t last_seg, walk_
                         r = pread_full(fd, buf, want, off, &got);
                         if (r < 0)
                                 return r;
+                        /* pread_full() sets got unless it returns -errno < 0:
+                         * NOLINTNEXTLINE(clang-analyzer-core.UndefinedBinaryOperatorResult) */
                         if (got < want)
                                 return -EUCLEAN; /* the file shrank behind our back */
                         r = seglog_scan(buf, got, walk_one, &w, &res);
@@ -584,7 +587,7 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                 const struct seglog_summary *sums, size_t n_sums, struct seglog **ret,
                 struct seglog_found *ret_found, char **ret_error) {
         _cleanup_(seglog_closep) struct seglog *l = NULL;
-        _cleanup_close_ int sfd = -1;
+        _cleanup_close_ int sfd = -1, dir_fd = -1;
         struct seglog_found found = {};
         struct stat st;
         DIR *d;
@@ -592,37 +595,41 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
 
         if (!state_dir || !ret || segment_bytes == 0 || segment_bytes > SEGMENT_FILE_MAX - SEGLOG_RECORD_MAX)
                 return -EINVAL;
-        l = calloc(1, sizeof *l);
-        if (!l)
-                return -ENOMEM;
-        l->dir_fd = -1;
-        l->segment_bytes = segment_bytes;
         sfd = open(state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (sfd < 0)
                 return set_error_message(ret_error, -errno, "cannot open %s: %s", state_dir, strerror(errno));
         if (mkdirat(sfd, SPOOL_DIR, 0700) < 0 && errno != EEXIST)
                 return set_error_message(ret_error, -errno, "cannot create %s/" SPOOL_DIR ": %s", state_dir,
                                          strerror(errno));
-        l->dir_fd = openat(sfd, SPOOL_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
-        if (l->dir_fd < 0)
+        dir_fd = openat(sfd, SPOOL_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+        if (dir_fd < 0)
                 return set_error_message(ret_error, -errno, "cannot open %s/" SPOOL_DIR ": %s", state_dir,
                                          strerror(errno));
-        if (fstat(l->dir_fd, &st) < 0)
+        if (fstat(dir_fd, &st) < 0)
                 return set_error_message(ret_error, -errno, "cannot stat %s/" SPOOL_DIR ": %s", state_dir,
                                          strerror(errno));
         if (st.st_uid != geteuid())
                 return set_error_message(ret_error, -EPERM, "%s/" SPOOL_DIR " is owned by uid %u, not us (uid %u)",
                                          state_dir, (unsigned) st.st_uid, (unsigned) geteuid());
-        if ((st.st_mode & 077) != 0 && fchmod(l->dir_fd, 0700) < 0)
+        if ((st.st_mode & 077) != 0 && fchmod(dir_fd, 0700) < 0)
                 return set_error_message(ret_error, -errno, "cannot make %s/" SPOOL_DIR " private: %s", state_dir,
                                          strerror(errno));
+
+        /* Allocated once the directory is checked: the checks above return with nothing to free. */
+        l = calloc(1, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l->dir_fd = TAKE_FD(dir_fd);
+        l->segment_bytes = segment_bytes;
 
         /* The segments, oldest first. Other names are not ours and are left alone. */
         int dfd = dup(l->dir_fd);
         if (dfd < 0 || !(d = fdopendir(dfd))) {
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees l */
                 r = -errno;
                 if (dfd >= 0)
                         (void) close(dfd);
+                /* cppcheck-suppress memleak ; freed by _cleanup_(seglog_closep) */
                 return set_error_message(ret_error, r, "cannot list %s/" SPOOL_DIR ": %s", state_dir, strerror(-r));
         }
         for (struct dirent *de; (errno = 0, de = readdir(d));) {

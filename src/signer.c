@@ -390,7 +390,7 @@ static int op_sign_command(struct conn *c, const struct signer_msg *m) {
             (r = signer_msg_u64(m, SIGNER_TAG_IAT, &iat)) < 0 || (r = signer_msg_u64(m, SIGNER_TAG_EXP, &exp)) < 0)
                 return r;
         if (signer_policy_command(&s->policy, (int64_t) (now_realtime_usec() / 1000000), dev, id, iat, exp, set,
-                                  strlen(set), cloud, &cs, &why) < 0)
+                                  set ? strlen(set) : 0, cloud, &cs, &why) < 0)
                 return policy_refused(c, m, why);
         r = rate_take(c, m);
         if (r < 0)

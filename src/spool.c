@@ -53,6 +53,7 @@ int spool_append_frames(struct db *db, const struct spool_frame *f, size_t n) {
                 return -ENOMEM;
         for (size_t i = 0; i < n; i++) {
                 if (!frame_fields_valid(f[i].dev, f[i].seq, f[i].jws, f[i].len, &r))
+                        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees recs */
                         return r;
                 recs[i] = (struct seglog_record){ .type = SEGLOG_FRAME, .seq = f[i].seq,
                                                   .received_at_usec = f[i].received_at_usec < 0 ? 0 : f[i].received_at_usec,
@@ -629,6 +630,7 @@ static int move_table(struct db *db, struct seq_set *set) {
                 if (rc == SQLITE_OK)
                         rc = sqlite3_bind_int64(s, 2, SPOOL_MOVE_CHUNK);
                 if (rc != SQLITE_OK)
+                        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees recs */
                         return db_errno(rc);
                 /* The blobs are copied: SQLite's buffers last only until the next step. */
                 while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
@@ -638,6 +640,7 @@ static int move_table(struct db *db, struct seq_set *set) {
                         struct seglog_record *x = &recs[n];
 
                         if (!frame_fields_valid(dev, sqlite3_column_int64(s, 2), jws, len, &r))
+                                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees recs */
                                 return -EUCLEAN;
                         if (used + len > cap) {
                                 size_t c = cap ? cap : 65536;
@@ -649,6 +652,8 @@ static int move_table(struct db *db, struct seq_set *set) {
                                 buf = t;
                                 cap = c;
                         }
+                        /* len > 0 (frame_fields_valid), so buf was allocated above:
+                         * NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker) */
                         memcpy(buf + used, jws, len);
                         *x = (struct seglog_record){ .type = SEGLOG_FRAME, .id = sqlite3_column_int64(s, 0),
                                                      .seq = sqlite3_column_int64(s, 2),
@@ -662,6 +667,7 @@ static int move_table(struct db *db, struct seq_set *set) {
                         n++;
                 }
                 if (rc != SQLITE_DONE)
+                        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees buf */
                         return db_errno(rc);
                 if (n == 0)
                         break;

@@ -227,6 +227,7 @@ static int gcm_open(const uint8_t key[DATA_KEY_LEN], const char *hub_id, const u
             EVP_DecryptUpdate(ctx, NULL, &n, (const uint8_t *) hub_id, (int) strlen(hub_id)) != 1 ||
             EVP_DecryptUpdate(ctx, plain.data, &n, ct, (int) ct_len) != 1 || (size_t) n != ct_len ||
             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN, (void *) (ct + ct_len)) != 1)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees plain */
                 return openssl_errno(-EIO);
         if (EVP_DecryptFinal_ex(ctx, plain.data + n, &m) != 1)
                 return openssl_errno(-EBADMSG);
@@ -276,6 +277,7 @@ static int tokens_to_json(const struct oauth_tokens *t, struct secret *ret) {
         if (!buf.data)
                 return -ENOMEM;
         if (json_dumpb(o, (char *) buf.data, buf.len, JSON_COMPACT) != n)
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees buf */
                 return -ENOMEM;
         ret->len = buf.len;
         ret->data = TAKE_PTR(buf.data);
@@ -329,6 +331,12 @@ static int tokens_from_json(const struct secret *buf, struct oauth_tokens *ret) 
                         continue;
                 } else {
                         r = -EBADMSG; /* a member this version does not know */
+                        break;
+                }
+                /* JSON_REJECT_DUPLICATES has refused a second one; said again here, so that a
+                 * reader (and the analyzer) sees that no string is overwritten unfreed. */
+                if (*member) {
+                        r = -EBADMSG;
                         break;
                 }
                 r = json_take_string(v, member);
@@ -417,6 +425,7 @@ int tokenstore_save(const struct iothub_conf *c, struct hubkey *k, const struct 
                 if (r < 0)
                         return r;
         } else if (r < 0) {
+                /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees json */
                 if (ret_error)
                         *ret_error = error;
                 else

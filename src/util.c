@@ -317,6 +317,7 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
         if (!dircopy)
                 return -ENOMEM;
         /* fsync the directory so that the rename itself survives a power cut. */
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees dircopy */
         dfd = open(dirname(dircopy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd >= 0)
                 (void) fsync(dfd);

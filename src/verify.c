@@ -438,6 +438,7 @@ int verify_raw_from_pem(const char *pem, size_t len, struct verify_raw *ret) {
         r = key_from_spki(der, der_len, &k, NULL);
         if (r < 0)
                 return r;
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): _cleanup_ frees k */
         return verify_key_to_raw(k, ret);
 }
 
