@@ -10,6 +10,7 @@ import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, tempDir, waitFor } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { SlowTpm } from './lib/slowtpm.mjs';
+import { keyBeforeDaemon } from './lib/testbed.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const N = 70; // ms per TPM command
@@ -34,11 +35,7 @@ before(async () => {
       batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: 10 },
     frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
   };
-  const pre = new Hub(await tempDir(), broker, overrides);
-  await pre.writeConfig();
-  const init = await pre.ctl(['key', 'init']);
-  assert.equal(init.code, 0, init.stderr);
-  await fs.rm(pre.dir, { recursive: true, force: true });
+  await keyBeforeDaemon(broker, overrides);
   hub = await Hub.start(broker, overrides);
   await waitFor(async () => (await hub.status()).mqtt.connected, 10000, 'mqtt');
   const r = await hub.ctl(['register']);
