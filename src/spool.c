@@ -122,15 +122,6 @@ static int read_one(const struct seglog_record *r, void *userdata) {
         return a->cb(&e, a->userdata);
 }
 
-int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_entry *e, void *userdata),
-                     void *userdata) {
-        struct read_adapter a = { .cb = cb, .userdata = userdata };
-
-        if (!db || !log_of(db) || !cb || max == 0 || max > INT_MAX)
-                return -EINVAL;
-        return seglog_read_batch(log_of(db), max, read_one, &a);
-}
-
 int spool_read_batch_after(struct db *db, int64_t after_id, unsigned max,
                            int (*cb)(const struct spool_entry *e, void *userdata), void *userdata) {
         struct read_adapter a = { .cb = cb, .userdata = userdata };
@@ -138,6 +129,11 @@ int spool_read_batch_after(struct db *db, int64_t after_id, unsigned max,
         if (!db || !log_of(db) || !cb || max == 0 || max > INT_MAX)
                 return -EINVAL;
         return seglog_read_batch_after(log_of(db), after_id, max, read_one, &a);
+}
+
+int spool_read_batch(struct db *db, unsigned max, int (*cb)(const struct spool_entry *e, void *userdata),
+                     void *userdata) {
+        return spool_read_batch_after(db, INT64_MIN, max, cb, userdata);
 }
 
 /* The newest seq of each bulb in a segment about to be unlinked. */

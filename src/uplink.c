@@ -635,8 +635,6 @@ static void conn_free(void *userdata, struct chan_conn *cc, void *data) {
                         c->u->login_start = NULL;
                 if (c->u->login_wait == q)
                         c->u->login_wait = NULL;
-                if (c->status_last == q)
-                        c->status_last = NULL;
                 req_free(q);
         }
         free(c);
