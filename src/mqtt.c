@@ -159,16 +159,6 @@ static void mqtt_update_events(struct mqtt *m) {
                                                                     (mosquitto_want_write(m->mosq) ? EPOLLOUT : 0));
 }
 
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
-
-static int on_pending(sd_event_source *s, void *userdata) {
-        struct mqtt *m = userdata;
-
-        if (m->io)
-                return on_io(m->io, mosquitto_socket(m->mosq), EPOLLIN, m);
-        return 0;
-}
-
 /* Reads what the socket holds, within the budget (one wake-up's worth); m->burst_messages says
  * how many messages came. */
 static int mqtt_read(struct mqtt *m, int fd) {
@@ -216,21 +206,23 @@ static bool mqtt_readable(struct mqtt *m, int fd) {
         return ioctl(fd, FIONREAD, &avail) < 0 || avail > 0; /* an error: let the read report it */
 }
 
-/* The socket is busy: read it again MQTT_READ_HOLD_USEC after the last read, not at once. */
+/* Reads the socket again at `when` (CLOCK_MONOTONIC), with EPOLLIN off until then: the socket is
+ * busy (MQTT_READ_HOLD_USEC after the last read), or TLS records wait inside OpenSSL after a read
+ * cut off at the budget (at once: on the next loop iteration). */
 static int on_hold(sd_event_source *s, uint64_t usec, void *userdata);
-static void mqtt_hold(struct mqtt *m) {
+static void mqtt_hold(struct mqtt *m, uint64_t when) {
         int r;
 
         if (!m->hold) {
-                r = sd_event_add_time(m->event, &m->hold, CLOCK_MONOTONIC, m->last_read + MQTT_READ_HOLD_USEC,
-                                      MQTT_READ_HOLD_ACCURACY_USEC, on_hold, m);
+                r = sd_event_add_time(m->event, &m->hold, CLOCK_MONOTONIC, when, MQTT_READ_HOLD_ACCURACY_USEC,
+                                      on_hold, m);
                 if (r >= 0) {
                         (void) sd_event_source_set_description(m->hold, "mqtt-hold");
                         /* As the socket's: behind the control socket, the TPM and HTTP. */
                         r = sd_event_source_set_priority(m->hold, SD_EVENT_PRIORITY_NORMAL + 10);
                 }
         } else {
-                r = sd_event_source_set_time(m->hold, m->last_read + MQTT_READ_HOLD_USEC);
+                r = sd_event_source_set_time(m->hold, when);
                 if (r >= 0)
                         r = sd_event_source_set_enabled(m->hold, SD_EVENT_ONESHOT);
         }
@@ -256,9 +248,16 @@ static int on_hold(sd_event_source *s, uint64_t usec, void *userdata) {
                 mqtt_lost(m, rc);
                 return 0;
         }
-        /* Past the budget, what is left is read on the next loop iteration (EPOLLIN back on). */
-        if (m->io && !m->budget_spent)
-                mqtt_hold(m);
+        if (m->io) {
+                SSL *ssl = mosquitto_ssl_get(m->mosq);
+
+                /* Past the budget, what is left in the kernel is read on the next loop iteration
+                 * (EPOLLIN back on); what is left inside OpenSSL, which epoll cannot see, too. */
+                if (ssl && SSL_pending(ssl) > 0)
+                        mqtt_hold(m, 0);
+                else if (!m->budget_spent)
+                        mqtt_hold(m, m->last_read + MQTT_READ_HOLD_USEC);
+        }
         mqtt_update_events(m);
         return 0;
 }
@@ -273,11 +272,11 @@ static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
                 rc = mqtt_read(m, fd);
                 /* Cut off at the bound with TLS records still inside OpenSSL: epoll will not
                  * report them, so come back on the next loop iteration. */
-                SSL *ssl = rc == MOSQ_ERR_SUCCESS ? mosquitto_ssl_get(m->mosq) : NULL;
+                SSL *ssl = rc == MOSQ_ERR_SUCCESS && m->io ? mosquitto_ssl_get(m->mosq) : NULL;
                 if (ssl && SSL_pending(ssl) > 0)
-                        (void) sd_event_add_defer(m->event, NULL, on_pending, m);
+                        mqtt_hold(m, 0);
                 else if (rc == MOSQ_ERR_SUCCESS && busy && !m->budget_spent && !m->holding && m->io)
-                        mqtt_hold(m);
+                        mqtt_hold(m, m->last_read + MQTT_READ_HOLD_USEC);
         }
         if (rc == MOSQ_ERR_SUCCESS && (revents & EPOLLOUT))
                 rc = mosquitto_loop_write(m->mosq, 1);
