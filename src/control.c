@@ -31,6 +31,12 @@
 #define CONTROL_REFUSED_LOG_BURST 5
 #define CONTROL_LISTEN_BACKLOG 128
 #define CONTROL_UPLINK_STATUS_MS 500
+/* A durable answer waits for the database's sync (conn_send_when_durable()) at most this many
+ * connection deadlines: 30 s by default. A sync takes milliseconds; one that has not come in
+ * 30 s is a storage that hangs (a failing SD card), and every such request would otherwise hold
+ * its client, and one of the CONTROL_MAX_CLIENTS slots (a pending connection is not evicted),
+ * for as long as it hangs: 16 of them and the operator could no longer even ask `status`. */
+#define CONTROL_DURABLE_DEADLINES 6
 
 struct control {
         sd_event *event;
@@ -87,6 +93,7 @@ struct conn {
         /* A request that changes security state: its answer, once made, waits in out for the
          * sync of the database's commits (conn_send_when_durable()), owned here like the rest. */
         bool durable;
+        bool syncing; /* the answer waits for that sync, at most CONTROL_DURABLE_DEADLINES */
         struct db_sync_wait *sync_wait;
         struct conn *next, *prev;
 };
@@ -651,15 +658,22 @@ static void on_durable(void *userdata, int error) {
 
         c->sync_wait = NULL; /* freed by db after this call */
         c->pending = false;
+        c->syncing = false;
         if (error < 0) {
                 explicit_bzero(c->out, c->out_len); /* may hold a broker password */
                 free(c->out);
                 c->out = NULL;
                 c->out_len = c->out_off = 0;
                 c->stream = false;
-                r = conn_set_reply(c, error_reply("done, but may not be on disk: the database's fdatasync failed (%s); "
-                                                  "restart the daemon and check",
-                                                  strerror(-error)));
+                if (error == -ETIMEDOUT)
+                        r = conn_set_reply(c, error_reply("done, but not known to be on disk: the database's fdatasync "
+                                                          "has not returned in %" PRIu64 " s (is the storage failing?); "
+                                                          "see journalctl -u iothubd",
+                                                          c->ctl->timeout_usec * CONTROL_DURABLE_DEADLINES / 1000000));
+                else
+                        r = conn_set_reply(c, error_reply("done, but may not be on disk: the database's fdatasync "
+                                                          "failed (%s); restart the daemon and check",
+                                                          strerror(-error)));
         } else {
                 r = conn_deadline_restart(c);
                 if (r >= 0)
@@ -674,8 +688,9 @@ static void on_durable(void *userdata, int error) {
 /* The answer is in out: it goes now, with a deadline of its own (conn_deadline_restart()), or,
  * for a request that changed security state, once every commit so far is on disk (the change
  * committed before its answer was made; the deadline restarts then). Meanwhile the
- * connection is pending: no deadline, no eviction, and no I/O (a hang-up event would send out
- * early); a client that hung up is seen at the send. */
+ * connection is pending: no eviction, no I/O (a hang-up event would send out early; a client
+ * that hung up is seen at the send), and a longer deadline, CONTROL_DURABLE_DEADLINES, after
+ * which the answer says that the change was made but is not known to be on disk. */
 static int conn_send_when_durable(struct conn *c) {
         int r;
 
@@ -684,6 +699,13 @@ static int conn_send_when_durable(struct conn *c) {
                 r = c->ctl->ev.durable_wait(c->ctl->ev.userdata, on_durable, c, &c->sync_wait);
                 if (r > 0) {
                         c->pending = true;
+                        c->syncing = true;
+                        r = sd_event_source_set_time_relative(c->timer,
+                                                              c->ctl->timeout_usec * CONTROL_DURABLE_DEADLINES);
+                        if (r >= 0)
+                                r = sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+                        if (r < 0)
+                                return r;
                         return sd_event_source_set_io_events(c->io, 0);
                 }
                 if (r < 0) {
@@ -877,6 +899,16 @@ static int on_conn_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         /* A request waiting for the cloud ends with the cloud's own timeout, which always
          * answers the client; freeing would be safe (the connection owns what it waits for)
          * but would leave the client without an answer. */
+        if (c->syncing) {
+                /* The change is committed; its sync hangs. Stop waiting for it (the sync thread
+                 * goes on; a later sync covers this commit) and say so. */
+                log_warning("A control request's answer waited %" PRIu64 " s for the database's fdatasync, "
+                            "which has not returned; answered that the change is not known to be on disk",
+                            c->ctl->timeout_usec * CONTROL_DURABLE_DEADLINES / 1000000);
+                db_sync_wait_cancel(TAKE_PTR(c->sync_wait));
+                on_durable(c, -ETIMEDOUT); /* may free c */
+                return 0;
+        }
         if (c->pending)
                 return 0;
         /* A whole request line waiting unread: the client was in time, the loop came late to it

@@ -225,11 +225,38 @@ static void test_deadline_still_closes(void **state) {
         close(half);
 }
 
+/* A durable request whose sync never comes (a storage that hangs): the client is not held for
+ * ever, and neither is its slot. Its answer waits CONTROL_DURABLE_DEADLINES (6) deadlines, then
+ * says the change was made but is not known to be on disk. Before, it waited as long as the
+ * sync did. */
+static void test_durable_answer_has_a_deadline(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *answer = NULL;
+        char buf[256];
+        int fd = client_connect(f);
+        uint64_t t0 = now_monotonic_usec();
+
+        client_send(fd, "{\"cmd\":\"bulb-remove\"}\n");
+        run_until(f, WAIT_MAX_USEC, sync_asked);
+        assert_int_equal(f->sync_waits, 1);
+        /* Past the ordinary deadline, still waiting for the sync. */
+        run_until(f, 3 * DEADLINE_USEC, NULL);
+        assert_int_equal(recv(fd, buf, sizeof buf, MSG_DONTWAIT), -1);
+        assert_int_equal(errno, EAGAIN);
+        answer = client_answer(f, fd);
+        assert_non_null(answer);
+        assert_true(now_monotonic_usec() - t0 >= 6 * DEADLINE_USEC);
+        assert_non_null(strstr(answer, "\"ok\":false"));
+        assert_non_null(strstr(answer, "not known to be on disk"));
+        close(fd);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_answer_made_at_the_deadline_goes, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_request_sent_in_time_is_answered, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_deadline_still_closes, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_durable_answer_has_a_deadline, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
