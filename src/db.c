@@ -157,7 +157,8 @@ static const char *const migrations[] = {
          *   last pages only. (dev, seq) is unique without the index: the frame path refuses a
          *   seq at or below the bulb's newest one in memory, which moves ahead frame by frame,
          *   and stores each bulb's newest seq in the same transaction as its frames with an
-         *   upsert that only moves forward (registry_store_seq()); a batch in which either
+         *   upsert that only moves forward (DB_STMT_BULB_SET_SEQ; since migration 7, spool.c writes
+         *   it from synced segments); a batch in which either
          *   fails is rolled back whole (ingest.c). Ids are handed out by db.c from memory, one
          *   more than any id seen, so that an id is never used twice while a batch of it is in
          *   flight (what AUTOINCREMENT gave, without its page write per commit).

@@ -425,41 +425,6 @@ int registry_revoke(struct registry *r, const char *id) {
         return 0;
 }
 
-/* The hot path: a cached statement, and an upsert into the narrow bulb_seqs table (migration
- * 4 in db.c) that only ever moves last_seq forward, so that even a confused caller cannot move
- * it back and reopen a replay window. Returns -ERANGE
- * for a seq outside 1..2^53-1, -ESTALE when the database already holds this seq or a later
- * one, -ENOENT when the bulb has no row. */
-int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq) {
-        _cleanup_db_stmt_reset_ sqlite3_stmt *s = NULL;
-        int rc;
-
-        if (!r || !b)
-                return -EINVAL;
-        if (seq < 1 || seq > FRAME_SEQ_MAX)
-                return -ERANGE;
-        s = db_stmt(r->db, DB_STMT_BULB_SET_SEQ);
-        if ((rc = sqlite3_bind_int64(s, 1, seq)) != SQLITE_OK || (rc = bind_text(s, 2, b->id)) != SQLITE_OK)
-                return db_errno(rc);
-        rc = sqlite3_step(s);
-        if (rc != SQLITE_DONE)
-                return db_errno(rc);
-        if (sqlite3_changes(db_handle(r->db)) == 1)
-                return 0;
-
-        /* Nothing changed: find out why (a rare path, so an ad-hoc query is fine). */
-        _cleanup_(sqlite3_finalizep) sqlite3_stmt *q = NULL;
-        rc = sqlite3_prepare_v2(db_handle(r->db), "SELECT 1 FROM bulbs WHERE id = ?1", -1, &q, NULL);
-        if (rc != SQLITE_OK)
-                return db_errno(rc);
-        if ((rc = bind_text(q, 1, b->id)) != SQLITE_OK)
-                return db_errno(rc);
-        rc = sqlite3_step(q);
-        if (rc == SQLITE_DONE)
-                return -ENOENT;
-        return rc == SQLITE_ROW ? -ESTALE : db_errno(rc);
-}
-
 void registry_seq_committed(struct bulb *b, int64_t seq) {
         if (b && seq > b->last_seq)
                 b->last_seq = seq;

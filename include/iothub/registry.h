@@ -85,13 +85,11 @@ int registry_add(struct registry *r, const char *id, const char *pem, size_t pem
  * already revoked. */
 int registry_revoke(struct registry *r, const char *id);
 
-/* Records the last accepted seq of a bulb, inside the caller's transaction. The caller moves
- * memory ahead at once with registry_seq_committed() (never back), so that a second frame of
- * the same batch with that seq is a replay; if the transaction rolls back, the caller puts the
- * seqs it moved back (ingest.c keeps an undo list), so that frames never committed are accepted
- * when a bulb resends them (PROTOCOL.md 1, end-to-end acknowledgement). Returns 0 or a
- * negative errno. */
-int registry_store_seq(struct registry *r, const struct bulb *b, int64_t seq);
+/* Moves a bulb's last accepted seq ahead in memory (never back; ingest.c's undo of a commit that
+ * failed sets it directly): ingest.c at each accepted frame,
+ * so that a second frame of the same commit with that seq is a replay, and at start from the
+ * spool's segments (the stored one, bulb_seqs, is written by spool.c from the segments
+ * themselves once they are synced). */
 void registry_seq_committed(struct bulb *b, int64_t seq);
 
 /* Token bucket of [frames] rate_per_device: capacity max(1, 2*rate) tokens, refilled at
