@@ -241,6 +241,26 @@ static size_t next_intact(const uint8_t *buf, size_t len, size_t from, int64_t l
         return len;
 }
 
+static bool all_zero(const uint8_t *p, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                if (p[i] != 0)
+                        return false;
+        return true;
+}
+
+/* Whether buf[off, len) (buf: a segment from its first byte) shows pages that never reached the
+ * disk: all zeros, or a whole 512-byte sector of zeros, which no record holds (a JWS is text). */
+#define SEGLOG_SECTOR 512u
+static bool looks_unwritten(const uint8_t *buf, size_t off, size_t len) {
+        if (all_zero(buf + off, len - off))
+                return true;
+        for (size_t o = (off + SEGLOG_SECTOR - 1) / SEGLOG_SECTOR * SEGLOG_SECTOR; o + SEGLOG_SECTOR <= len;
+             o += SEGLOG_SECTOR)
+                if (all_zero(buf + o, SEGLOG_SECTOR))
+                        return true;
+        return false;
+}
+
 int seglog_scan(const uint8_t *buf, size_t len,
                 int (*cb)(const struct seglog_record *r, size_t off, size_t size, void *userdata),
                 void *userdata, struct seglog_scan_result *ret) {
@@ -257,8 +277,16 @@ int seglog_scan(const uint8_t *buf, size_t len,
                         n = -EBADMSG; /* ids only grow: an old record where it cannot be is damage */
                 if (n < 0) {
                         size_t next = next_intact(buf, len, off + 1, s.last_frame_id);
-                        if (next >= len)
-                                break; /* the tail */
+                        if (next >= len) {
+                                /* The tail. A record cut short (-EAGAIN), or zeros (pages that
+                                 * never reached the disk, looks_unwritten()), is what a crash
+                                 * leaves of an append.
+                                 * Bytes that are all there but are not a record (a flipped bit, a
+                                 * header that makes no sense) were damaged after they were
+                                 * written, possibly after they were synced and acknowledged. */
+                                s.tail_damaged = n == -EBADMSG && !looks_unwritten(buf, off, len);
+                                break;
+                        }
                         s.damaged++;
                         s.damaged_bytes += next - off;
                         off = next;
@@ -727,12 +755,19 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                         l->last_id = g->last_id;
                 found.damaged += res.damaged;
                 found.damaged_bytes += res.damaged_bytes;
+                if (res.tail_damaged) {
+                        /* The last record damaged in place: counted as damage, not as a crash
+                         * (it may have been acknowledged); cut or ignored like a torn tail. */
+                        found.damaged++;
+                        found.damaged_bytes += res.tail_bytes;
+                }
                 if (newest) {
                         /* An append that a crash cut short: never synced, never acked. */
                         if (res.tail_bytes > 0 && ftruncate(fd, (off_t) res.good_end) < 0)
                                 return set_error_message(ret_error, -errno, "cannot cut the torn end of %s/" SPOOL_DIR
                                                          "/%s: %s", state_dir, name, strerror(errno));
-                        found.torn_bytes = res.tail_bytes;
+                        if (!res.tail_damaged)
+                                found.torn_bytes = res.tail_bytes;
                         g->size = res.good_end;
                         g->fd = TAKE_FD(fd);
                         g->dirty = res.tail_bytes > 0;
@@ -746,7 +781,7 @@ int seglog_open(const char *state_dir, size_t segment_bytes, int64_t seqs_mark,
                          * cut was synced. Nothing of it was acknowledged (a sync covers every
                          * dirty segment at once). Left as it is, never read (size stops at the
                          * last intact record), unlinked with the segment. */
-                        if (res.tail_bytes > 0) {
+                        if (res.tail_bytes > 0 && !res.tail_damaged) {
                                 found.torn_older++;
                                 found.torn_older_bytes += res.tail_bytes;
                         }

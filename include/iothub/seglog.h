@@ -82,6 +82,8 @@ struct seglog_scan_result {
         uint64_t damaged;     /* damaged regions with an intact record after them (skipped) */
         uint64_t damaged_bytes;
         size_t tail_bytes;    /* bytes after good_end with no intact record in them */
+        bool tail_damaged;    /* ... and they are not what a crash leaves of an append (a record
+                               * cut short, or zeros) but a complete record failing its checks */
         int64_t last_frame_id; /* the largest frame id seen, 0: none */
 };
 
@@ -104,7 +106,8 @@ struct seglog;
 /* What seglog_open() found. */
 struct seglog_found {
         uint64_t segments;
-        uint64_t damaged;       /* damaged regions with an intact record after them, skipped */
+        uint64_t damaged;       /* damaged regions, skipped: with an intact record after them, or a
+                                 * segment's tail that is a complete record failing its checks */
         uint64_t damaged_bytes;
         uint64_t torn_bytes;    /* cut off the newest segment: an append a crash interrupted */
         uint64_t torn_older;    /* older segments ending torn (a crash before a roll's sync), */

@@ -61,6 +61,7 @@ static void scan(const uint8_t *buf, size_t len, struct seen *s, struct seglog_s
         CHECK(res->records == s->records);
         CHECK(res->good_end <= len && res->tail_bytes == len - res->good_end);
         CHECK(s->bytes + res->damaged_bytes + res->tail_bytes == len);
+        CHECK(!res->tail_damaged || res->tail_bytes > 0);
         CHECK(res->last_frame_id == s->last_frame_id);
 }
 

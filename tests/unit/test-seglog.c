@@ -176,7 +176,76 @@ static void test_scan_torn_tail(void **state) {
                 assert_int_equal(s.damaged, 0);
                 assert_int_equal(s.good_end, want ? ends[want - 1] : 0);
                 assert_int_equal(s.tail_bytes, cut - s.good_end);
+                assert_false(s.tail_damaged);
                 assert_int_equal(s.last_frame_id, (int64_t) want);
+        }
+}
+
+/* The last record complete but damaged in place (a flipped bit on the card): the tail all the
+ * same (nothing intact after it), but damage, not a torn append, which a crash leaves as a record
+ * cut short or as zeros. Before, both were "torn": never acknowledged, said the start. */
+static void test_scan_damaged_last_record(void **state) {
+        uint8_t buf[1024];
+        size_t last, n = 0;
+
+        n += put_frame(buf + n, sizeof buf - n, 1, "bulb-1", 1);
+        last = n;
+        n += put_frame(buf + n, sizeof buf - n, 2, "bulb-2", 1);
+        for (size_t i = last; i < n; i++) {
+                struct collected c = {};
+                struct seglog_scan_result s;
+                uint8_t bad[1024];
+
+                memcpy(bad, buf, n);
+                bad[i] ^= 0x04;
+                assert_int_equal(seglog_scan(bad, n, collect, &c, &s), 0);
+                assert_int_equal(c.n, 1);
+                assert_int_equal(s.good_end, last);
+                assert_int_equal(s.tail_bytes, n - last);
+                assert_int_equal(s.damaged, 0);
+                /* A flip in the length field that makes the record look longer than the file
+                 * reads as a record cut short: that one cannot be told from a torn append. */
+                struct seglog_record r;
+                bool looks_cut = seglog_record_parse(bad + last, n - last, &r) == -EAGAIN;
+                assert_true(s.tail_damaged == !looks_cut);
+        }
+        /* A last record whose second part is a sector of zeros (a page of it never reached the
+         * disk): torn, not damage. The record is made long enough to hold a whole sector. */
+        {
+                static uint8_t big[4096];
+                static char jws[1500];
+                struct seglog_scan_result s;
+                struct seglog_record r = { .type = SEGLOG_FRAME, .id = 2, .seq = 1, .received_at_usec = 1 };
+                size_t first = (size_t) put_frame(big, sizeof big, 1, "bulb-1", 1), end;
+
+                memset(jws, 'e', sizeof jws - 1);
+                r.jws = (const uint8_t *) jws;
+                r.len = strlen(jws);
+                (void) snprintf(r.dev, sizeof r.dev, "bulb-2");
+                int m = seglog_record_encode(&r, big + first, sizeof big - first);
+                assert_true(m > 1024);
+                end = first + (size_t) m;
+                assert_int_equal(seglog_scan(big, end, NULL, NULL, &s), 0);
+                assert_int_equal(s.records, 2);
+                memset(big + 1024, 0, 512); /* a sector inside the second record */
+                assert_int_equal(seglog_scan(big, end, NULL, NULL, &s), 0);
+                assert_int_equal(s.records, 1);
+                assert_int_equal(s.tail_bytes, end - first);
+                assert_false(s.tail_damaged);
+                big[1024 + 100] = 1; /* no longer a whole sector of zeros: damage */
+                assert_int_equal(seglog_scan(big, end, NULL, NULL, &s), 0);
+                assert_true(s.tail_damaged);
+        }
+        /* Zeros where the last record should be: pages that never reached the disk. */
+        {
+                struct seglog_scan_result s;
+                uint8_t z[1024];
+
+                memcpy(z, buf, n);
+                memset(z + last, 0, n - last);
+                assert_int_equal(seglog_scan(z, n, NULL, NULL, &s), 0);
+                assert_int_equal(s.tail_bytes, n - last);
+                assert_false(s.tail_damaged);
         }
 }
 
@@ -444,6 +513,51 @@ static void test_file_torn_tail_cut(void **state) {
         seglog_close(l);
 }
 
+/* The newest segment's last record, synced, then damaged in place: counted as damage (an error
+ * at start), not as an append a crash cut short (a notice that says it was never acknowledged);
+ * cut off all the same so that appends go on after the intact records. */
+static void test_file_damaged_last_record(void **state) {
+        struct seglog *l = open_log(1 << 20, 0, NULL, NULL);
+        struct seglog_record b[] = { fr(1, "a", 1), fr(2, "a", 2) };
+        size_t rec = seglog_frame_record_size(1, strlen(JWS));
+        struct seglog_found f;
+        char path[160];
+        struct stat st;
+        uint64_t pending;
+        uint8_t byte;
+        int fd;
+
+        assert_int_equal(seglog_append(l, b, 2), 0);
+        assert_int_equal(seglog_sync(l), 0);
+        seglog_close(l);
+        (void) snprintf(path, sizeof path, "%s/spool/seg-%016x.log", dir, 1);
+        assert_int_equal(stat(path, &st), 0);
+        assert_int_equal((size_t) st.st_size, 2 * rec);
+        fd = open(path, O_RDWR);
+        assert_true(fd >= 0);
+        assert_int_equal(pread(fd, &byte, 1, st.st_size - 3), 1);
+        byte ^= 0x10; /* in the JWS bytes of the second record */
+        assert_int_equal(pwrite(fd, &byte, 1, st.st_size - 3), 1);
+        (void) close(fd);
+
+        l = open_log(1 << 20, 0, NULL, &f);
+        assert_int_equal(f.damaged, 1);
+        assert_int_equal(f.damaged_bytes, rec);
+        assert_int_equal(f.torn_bytes, 0);
+        seglog_counts(l, &pending, NULL);
+        assert_int_equal(pending, 1);
+        struct stat st2;
+        assert_int_equal(stat(path, &st2), 0);
+        assert_int_equal((size_t) st2.st_size, rec); /* cut back to the intact record */
+        struct seglog_record third = fr(3, "a", 3);
+        assert_int_equal(seglog_append(l, &third, 1), 0);
+        struct collected c = {};
+        assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 2);
+        assert_int_equal(c.ids[0], 1);
+        assert_int_equal(c.ids[1], 3);
+        seglog_close(l);
+}
+
 static void test_file_segments_damage_drop_retire(void **state) {
         /* Small segments: one record each, about. */
         size_t rec = seglog_frame_record_size(1, strlen(JWS));
@@ -471,10 +585,12 @@ static void test_file_segments_damage_drop_retire(void **state) {
         (void) close(fd);
         l = open_log(rec + 1, 0, &s, &f);
         assert_int_equal(f.segments, 4);
-        /* Nothing intact after it in its segment: what a crash leaves, ignored, not damage. */
-        assert_int_equal(f.damaged, 0);
-        assert_int_equal(f.torn_older, 1);
-        assert_int_equal(f.torn_older_bytes, rec);
+        /* Nothing intact after it in its segment, but a complete record that fails its check is
+         * not what a crash leaves (a record cut short, zeros; test_file_older_torn_tail_not_damage):
+         * damage, counted, and skipped all the same. */
+        assert_int_equal(f.damaged, 1);
+        assert_int_equal(f.damaged_bytes, rec);
+        assert_int_equal(f.torn_older, 0);
         seglog_counts(l, &pending, NULL);
         assert_int_equal(pending, 3);
         assert_int_equal(seglog_read_batch(l, 10, take_id, &c), 3);
@@ -1000,11 +1116,12 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_crc32c),          cmocka_unit_test(test_crc32c_paths),          cmocka_unit_test(test_roundtrip),
                 cmocka_unit_test(test_encode_bounds),   cmocka_unit_test(test_parse_refuses),
-                cmocka_unit_test(test_scan_torn_tail),  cmocka_unit_test(test_scan_damage_in_the_middle),
+                cmocka_unit_test(test_scan_torn_tail),  cmocka_unit_test(test_scan_damaged_last_record),  cmocka_unit_test(test_scan_damage_in_the_middle),
                 cmocka_unit_test(test_scan_id_going_back_is_damage), cmocka_unit_test(test_scan_garbage),
                 cmocka_unit_test(test_scan_callback_stops),
                 cmocka_unit_test_setup_teardown(test_file_append_read_consume_reopen, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_torn_tail_cut, setup_dir, teardown_dir),
+                cmocka_unit_test_setup_teardown(test_file_damaged_last_record, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_older_torn_tail_not_damage, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_segments_damage_drop_retire, setup_dir, teardown_dir),
                 cmocka_unit_test_setup_teardown(test_file_undo, setup_dir, teardown_dir),
