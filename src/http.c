@@ -235,14 +235,34 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
         return n;
 }
 
-static void copy_header_value(const char *buf, size_t n, size_t name_len, char *dst, size_t cap) {
-        size_t i = name_len, j = 0;
+int http_header_value(const char *line, size_t n, const char *name, char *dst, size_t cap) {
+        size_t name_len, i, end;
 
-        while (i < n && (buf[i] == ' ' || buf[i] == '\t'))
+        if (!line || !name || !dst || cap == 0)
+                return -EINVAL;
+        name_len = strlen(name);
+        if (n < name_len || strncasecmp(line, name, name_len) != 0)
+                return 0;
+        dst[0] = '\0';
+        i = name_len;
+        end = n;
+        /* The line ends in CRLF (or LF); the value is what is between the OWS on either side. */
+        if (end > i && line[end - 1] == '\n')
+                end--;
+        if (end > i && line[end - 1] == '\r')
+                end--;
+        while (i < end && (line[i] == ' ' || line[i] == '\t'))
                 i++;
-        while (i < n && buf[i] != '\r' && buf[i] != '\n' && j + 1 < cap)
-                dst[j++] = buf[i++];
-        dst[j] = '\0';
+        while (end > i && (line[end - 1] == ' ' || line[end - 1] == '\t'))
+                end--;
+        for (size_t k = i; k < end; k++)
+                if (((unsigned char) line[k] < 0x20 && line[k] != '\t') || line[k] == 0x7f)
+                        return -EBADMSG;
+        if (end - i >= cap)
+                return -E2BIG;
+        memcpy(dst, line + i, end - i);
+        dst[end - i] = '\0';
+        return 1;
 }
 
 static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
@@ -258,12 +278,11 @@ static size_t on_header(char *buf, size_t size, size_t nitems, void *userdata) {
                 q->www_authenticate[0] = '\0';
                 return n;
         }
-        if (n > sizeof ra - 1 && strncasecmp(buf, ra, sizeof ra - 1) == 0)
-                copy_header_value(buf, n, sizeof ra - 1, q->retry_after, sizeof q->retry_after);
-        else if (n > sizeof dn - 1 && strncasecmp(buf, dn, sizeof dn - 1) == 0)
-                copy_header_value(buf, n, sizeof dn - 1, q->dpop_nonce, sizeof q->dpop_nonce);
-        else if (n > sizeof wa - 1 && strncasecmp(buf, wa, sizeof wa - 1) == 0)
-                copy_header_value(buf, n, sizeof wa - 1, q->www_authenticate, sizeof q->www_authenticate);
+        /* A value too long for its buffer, or with a control character, is not kept at all (the
+         * answer is then read as if the server had not sent it). */
+        if (http_header_value(buf, n, ra, q->retry_after, sizeof q->retry_after) == 0 &&
+            http_header_value(buf, n, dn, q->dpop_nonce, sizeof q->dpop_nonce) == 0)
+                (void) http_header_value(buf, n, wa, q->www_authenticate, sizeof q->www_authenticate);
         return n;
 }
 

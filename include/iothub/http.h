@@ -67,5 +67,15 @@ int http_start(struct http *h, const struct http_request *r, http_done_t done, h
  * accepted. */
 void http_cancel(struct http_req *q);
 
+/* One header line as libcurl hands it to the header callback ("Name: value\r\n", not
+ * NUL-terminated, n bytes): when its name is `name` (given with its colon, e.g. "dpop-nonce:",
+ * compared without case), stores the value without the whitespace around it (RFC 9110 5.5) in
+ * dst, NUL-terminated. Returns 1 when stored; 0 when the line is another header (dst untouched);
+ * -E2BIG when the value does not fit in cap bytes with its NUL, and -EBADMSG when it holds a
+ * control character other than HTAB (RFC 9110 5.5: no CTLs, and a NUL would cut it): dst is then
+ * empty. A value cut short would be another value (a DPoP nonce the server never sent), so none
+ * is kept rather than part of one. Pure. */
+int http_header_value(const char *line, size_t n, const char *name, char *dst, size_t cap);
+
 /* libcurl's CURLcode as a negative errno: the one place for them. */
 int http_curl_errno(int curl_code);

@@ -6,7 +6,10 @@
  *   - the body of a 4xx that refuses a batch: the reason kept with the batch moved aside must be
  *     one bounded line of printable ASCII that starts with the status;
  *   - a Retry-After value as http.c keeps it (at most 63 bytes, up to a NUL): 0..3600 seconds,
- *     delay-seconds read exactly, an HTTP-date relative to now.
+ *     delay-seconds read exactly, an HTTP-date relative to now;
+ *   - a header line as libcurl hands it to http.c (http_header_value()): a value is kept whole
+ *     (the bytes of the line between the OWS after the colon and the OWS before the line end),
+ *     within its buffer, with no control character but HTAB, or not kept at all.
  * The register and device-list answers are not parsed (only their status is used): nothing to
  * fuzz there. */
 #include <errno.h>
@@ -14,6 +17,7 @@
 
 #include "check.h"
 #include "iothub/cloud.h"
+#include "iothub/http.h"
 #include "iothub/uplink-proto.h"
 
 #define RETRY_AFTER_BUF 64           /* http.c: char retry_after[64] */
@@ -117,7 +121,41 @@ static void check_retry_after(const uint8_t *data, size_t size) {
         CHECK(s == expect);
 }
 
+static void check_header_value(const uint8_t *data, size_t size) {
+        static const char name[] = "dpop-nonce:";
+        char v[32];
+        const char *line = (const char *) data;
+        int r;
+
+        memset(v, 'x', sizeof v);
+        r = http_header_value(line, size, name, v, sizeof v);
+        CHECK(r == 0 || r == 1 || r == -E2BIG || r == -EBADMSG);
+        CHECK((r == 0) == (size < sizeof name - 1 || strncasecmp(line, name, sizeof name - 1) != 0));
+        if (r == 0) {
+                CHECK(v[0] == 'x'); /* untouched */
+                return;
+        }
+        if (r < 0) {
+                CHECK(v[0] == '\0');
+                return;
+        }
+        size_t n = strlen(v);
+        CHECK(n < sizeof v);
+        for (size_t i = 0; i < n; i++)
+                CHECK(((unsigned char) v[i] >= 0x20 || v[i] == '\t') && v[i] != 0x7f);
+        CHECK(n == 0 || (v[0] != ' ' && v[0] != '\t' && v[n - 1] != ' ' && v[n - 1] != '\t'));
+        /* The value is the line's own bytes, after the name and the whitespace that follows it. */
+        size_t at = sizeof name - 1;
+        while (at < size && (line[at] == ' ' || line[at] == '\t'))
+                at++;
+        CHECK(at + n <= size && memcmp(line + at, v, n) == 0);
+        /* After it: only whitespace, then at most CR LF. */
+        for (size_t i = at + n; i < size; i++)
+                CHECK(line[i] == ' ' || line[i] == '\t' || (line[i] == '\r' && i + 2 >= size) || (line[i] == '\n' && i + 1 == size));
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+        check_header_value(data, size);
         check_status_answer(data, size);
         check_refusal(data, size);
         check_retry_after(data, size);
