@@ -119,6 +119,18 @@ int chan_op_submit(struct chan_client *c, struct chan_op *op, uint64_t timeout_u
         return 0;
 }
 
+void chan_op_restart_timeout(struct chan_op *op, uint64_t timeout_usec) {
+        uint64_t deadline;
+
+        if (!op || !op->client)
+                return;
+        deadline = timeout_usec ? now_monotonic_usec() + timeout_usec : UINT64_MAX;
+        if (deadline <= op->deadline)
+                return;
+        op->deadline = deadline;
+        arm_tick(op->client);
+}
+
 /* Ends op with r: unlinked first, so that finish() may free it, queue others or cancel others. */
 static void op_finish(struct chan_client *c, struct chan_op *op, int r) {
         op_unlink(op);

@@ -12,7 +12,9 @@
  * and a FULL batch waits behind it, the follower (the frames after the head's last id), which
  * the uplink signs at once but sends only after the head's 200 (cloudreq.c, chained calls): the
  * signature (~70 ms on a TPM chip) is made while the head is on the wire, and the cloud still
- * sees one batch at a time, in order. On the head's 200 the follower becomes the head; on any
+ * sees one batch at a time, in order. On the head's 200 the follower becomes the head, and its
+ * wait for an answer ([cloud] timeout_s and the client's margin) starts over, as its time on the
+ * wire does in the uplink (uplink_call_restart_timeout()); on any
  * other end of the head the follower is cancelled before the backoff, so that the head goes
  * again before anything newer (the uplink does not send it either: its answer then is
  * -ECANCELED, which is no failure). Batches due to the timer go alone. The
@@ -499,9 +501,14 @@ static void on_status_done(void *userdata, const struct uplink_answer *a) {
         }
         status_answer(c, s, a);
         if (c->follower->call && c->counters.backoff_until <= now_monotonic_usec()) {
-                /* The head left the spool: the follower is the batch on the wire now. */
+                /* The head left the spool: the follower is the batch on the wire now. Its wait
+                 * for the answer counts from here: the uplink sent it only now (it held it for
+                 * the head's 200, which is this answer), and behind a head that took nearly
+                 * [cloud] timeout_s the wait counted from its submission would end while the
+                 * uplink still sends it: a timeout here, a backoff and the batch uploaded twice. */
                 c->head = c->follower;
                 c->follower = s;
+                uplink_call_restart_timeout(c->head->call);
         } else if (c->follower->call) {
                 /* A 200 whose answer could not be used (backs off): the follower goes again too. */
                 uplink_call_cancel(c->follower->call);

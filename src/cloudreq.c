@@ -15,8 +15,10 @@
  * request starts only once the predecessor finished with HTTP 200; any other end of the
  * predecessor (an error, another status, cancelled) ends it unsent with -ECANCELED. So batches
  * reach the cloud in order with one on the wire at a time, whatever iothubd does meanwhile. A
- * held signature older than CLOUDREQ_HELD_MAX_USEC, or made with a token that changed since
- * (a 401 and a refresh), is made again before it goes. Both ends are worked out on the loop (a
+ * held signature older than CLOUDREQ_HELD_MAX_USEC, or made with a token or a resource-server
+ * DPoP nonce that changed since (a 401 and a refresh; a new nonce in the predecessor's answer,
+ * RFC 9449 8.2 and 9), is made again before it goes (chained_stale(); checked too when the
+ * predecessor got its 200 while the call was still being signed). Both ends are worked out on the loop (a
  * defer source), never inside the predecessor's end, so that a caller's done() never runs from
  * inside another call's done() or cancel. */
 #include <inttypes.h>
@@ -51,6 +53,7 @@ struct cloudreq_call {
          * Both are cleared by call_unlink(), the one place a call leaves. */
         struct cloudreq_call *pred, *succ;
         enum chain_verdict verdict;
+        bool chained;       /* made with a predecessor (cloudreq_request()'s after) */
         bool held;          /* signed, and the request waits for pred */
         uint64_t signed_at; /* CLOCK_MONOTONIC usec when held */
         bool answered_200;  /* its final answer is HTTP 200 (its successor goes) */
@@ -68,6 +71,7 @@ struct cloudreq_call {
         bool signed_ok, dpop_ok;
         char *auth_header, *dpop_header;
         uint64_t token_gen;   /* oauth_token_gen() when it was authorized */
+        uint64_t nonce_gen;   /* oauth_dpop_nonce_gen() then: the nonce its DPoP proof carries */
         bool retried_401;     /* one more attempt after a 401, no more */
         bool refreshing;      /* waits for oauth's refresh (on_refreshed) */
         /* A registration before its request is made: it waits for the hub key (wait_key), or for
@@ -202,11 +206,32 @@ static uint64_t token_gen(const struct cloudreq *cr) {
         return cr->oauth ? oauth_token_gen(cr->oauth) : cr->file_token_gen;
 }
 
+/* The generation of the resource server's DPoP nonce the proofs carry now (RFC 9449 9). */
+static uint64_t nonce_gen(const struct cloudreq *cr) {
+        return cr->oauth ? oauth_dpop_nonce_gen(cr->oauth) : 0;
+}
+
+/* Why a chained call signed before its predecessor's 200 must be signed again before it goes,
+ * or NULL: the token changed (a 401 and a refresh: the signature covers Authorization), the
+ * resource server gave a new DPoP nonce (in the predecessor's answer, typically: the proof with
+ * the old one would cost a 401 use_dpop_nonce and a second attempt), or, when it was held,
+ * the signature is older than CLOUDREQ_HELD_MAX_USEC. */
+static const char *chained_stale(const struct cloudreq_call *q) {
+        if (q->token_gen != token_gen(q->cr))
+                return "a new token";
+        if (q->dpop_header && q->nonce_gen != nonce_gen(q->cr))
+                return "a new DPoP nonce";
+        if (q->held && now_monotonic_usec() - q->signed_at > CLOUDREQ_HELD_MAX_USEC)
+                return "an old signature";
+        return NULL;
+}
+
 /* ---- calls ---- */
 
 static void on_http_done(void *userdata, const struct http_response *resp);
 static void on_refreshed(void *userdata, int r);
 static int register_begin(struct cloudreq_call *q);
+static int attempt_start(struct cloudreq_call *q);
 
 /* What one attempt holds, the request itself (method, URL, body) kept. */
 static void attempt_done(struct cloudreq_call *q) {
@@ -343,6 +368,17 @@ static void attempt_signed(struct cloudreq_call *q, int r) {
                 q->signed_at = now_monotonic_usec();
                 return;
         }
+        if (r >= 0 && q->chained && chained_stale(q)) {
+                /* Its predecessor got its 200 while this one was being signed, and changed what
+                 * the signatures cover (chain_run() does the same for a held one). */
+                log_debug("Signing a chained status upload again (%s)", chained_stale(q));
+                r = attempt_start(q);
+                if (r >= 0)
+                        return;
+                (void) snprintf(text, sizeof text, "cannot send a chained request: %s", strerror(-r));
+                call_fail(q, r, text);
+                return;
+        }
         if (r >= 0)
                 r = attempt_launch(q);
         if (r >= 0)
@@ -390,6 +426,7 @@ static int attempt_start(struct cloudreq_call *q) {
         if (r < 0)
                 return r;
         q->token_gen = token_gen(cr);
+        q->nonce_gen = nonce_gen(cr);
         q->auth_header = strdup_printf("Authorization: %s", auth);
         if (!q->auth_header)
                 return -ENOMEM;
@@ -430,7 +467,7 @@ static int call_new(struct cloudreq *cr, struct cloudreq_call **ret) {
 }
 
 /* Chained calls whose predecessor ended (call_unlink() set their verdict): after a 200 the
- * request goes (signed again first when the held signature is old or the token changed), else the
+ * request goes (signed again first when chained_stale() says why), else the
  * call ends unsent. Each pass starts over: an ending call leaves cr->calls and may end the chain
  * behind it. */
 static int chain_run(sd_event_source *s, void *userdata) {
@@ -455,10 +492,8 @@ static int chain_run(sd_event_source *s, void *userdata) {
                         q->verdict = CHAIN_NONE;
                         if (!q->held)
                                 continue; /* still signing: attempt_signed() sends it */
-                        if (q->token_gen != token_gen(cr) ||
-                            now_monotonic_usec() - q->signed_at > CLOUDREQ_HELD_MAX_USEC) {
-                                log_debug("Signing a chained status upload again (%s)",
-                                          q->token_gen != token_gen(cr) ? "a new token" : "an old signature");
+                        if (chained_stale(q)) {
+                                log_debug("Signing a chained status upload again (%s)", chained_stale(q));
                                 r = attempt_start(q);
                         } else {
                                 q->held = false;
@@ -517,6 +552,7 @@ int cloudreq_request(struct cloudreq *cr, unsigned kind, const char *arg, char *
         call_set(q, method, url, body, body_len);
         if (after) {
                 /* Before it is signed: a signature that is ready at once must wait too. */
+                q->chained = true;
                 q->pred = after;
                 after->succ = q;
         }
@@ -547,7 +583,8 @@ static int on_401(struct cloudreq_call *q, const struct http_response *resp) {
         }
         if (!cr->oauth)
                 return -ENOKEY;
-        r = oauth_unauthorized(cr->oauth, q->token_gen, resp->www_authenticate, resp->dpop_nonce, on_refreshed, q);
+        r = oauth_unauthorized(cr->oauth, q->token_gen, q->nonce_gen, resp->www_authenticate, resp->dpop_nonce,
+                               on_refreshed, q);
         if (r == 0)
                 q->refreshing = true;
         if (r < 0)
@@ -890,6 +927,11 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                 oauth_resource_ok(cr->oauth);
                 cr->last_error[0] = '\0';
         }
+        /* RFC 9449 8.2, 9: the cloud may give its next nonce in any answer (a 401 that is tried
+         * again hands it to oauth_unauthorized() instead): before this call ends, so that a
+         * chained call behind it sees it (chained_stale()). */
+        if (resp->error == 0 && (resp->status != 401 || q->retried_401))
+                oauth_resource_nonce(cr->oauth, resp->dpop_nonce);
         if (resp->error == 0 && resp->status == 401 && !q->retried_401) {
                 int k = on_401(q, resp);
                 if (k == 0)

@@ -12,6 +12,20 @@ char *dpop_htu(const char *url) {
         return strndup(url, strcspn(url, "?#"));
 }
 
+bool dpop_nonce_is_valid(const char *nonce, size_t max) {
+        size_t n = 0;
+
+        if (!nonce || !nonce[0])
+                return false;
+        for (const char *p = nonce; *p; p++, n++) {
+                unsigned char ch = (unsigned char) *p;
+
+                if (n >= max || ch < 0x21 || ch > 0x7e || ch == 0x22 || ch == 0x5c)
+                        return false;
+        }
+        return true;
+}
+
 int dpop_ath(const char *access_token, char ret[static DPOP_ATH_LEN + 1]) {
         uint8_t md[32];
 

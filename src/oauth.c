@@ -88,6 +88,7 @@ struct oauth {
         struct oauth_tokens tokens;
         bool have_tokens;
         char *as_nonce, *rs_nonce; /* DPoP-Nonce of the authorization and resource servers */
+        uint64_t rs_nonce_gen;     /* bumped by every new rs_nonce (set_rs_nonce()) */
         uint64_t dpop_proofs;
 
         /* Refresh. */
@@ -860,6 +861,33 @@ uint64_t oauth_token_gen(const struct oauth *o) {
         return o ? o->token_gen : 0;
 }
 
+uint64_t oauth_dpop_nonce_gen(const struct oauth *o) {
+        return o ? o->rs_nonce_gen : 0;
+}
+
+/* The resource server's nonce (RFC 9449 9), kept apart from the authorization server's: a new
+ * one (at most OAUTH_URI_MAX bytes of NQCHARs, as the signer's policy takes it in a proof)
+ * replaces the old and bumps the generation. Returns 1 when it was new, 0 when it was not kept,
+ * or -ENOMEM. */
+static int set_rs_nonce(struct oauth *o, const char *nonce) {
+        int r;
+
+        if (!dpop_nonce_is_valid(nonce, OAUTH_URI_MAX) || streq_ptr(nonce, o->rs_nonce))
+                return 0;
+        r = free_and_strdup(&o->rs_nonce, nonce);
+        if (r < 0)
+                return r;
+        o->rs_nonce_gen++;
+        return 1;
+}
+
+void oauth_resource_nonce(struct oauth *o, const char *dpop_nonce) {
+        if (!o || !o->have_tokens || !streq_ptr(o->tokens.token_type, "DPoP") || !dpop_nonce || !dpop_nonce[0])
+                return;
+        if (set_rs_nonce(o, dpop_nonce) > 0)
+                log_debug("The cloud gave a new DPoP nonce; the next proofs carry it");
+}
+
 void oauth_resource_ok(struct oauth *o) {
         if (!o || !o->unauthorized_reported)
                 return;
@@ -883,8 +911,8 @@ static void report_unauthorized(struct oauth *o, const char *what) {
         status_changed(o);
 }
 
-int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
-                       void (*done)(void *userdata, int r), void *userdata) {
+int oauth_unauthorized(struct oauth *o, uint64_t gen, uint64_t nonce_gen, const char *www_authenticate,
+                       const char *dpop_nonce, void (*done)(void *userdata, int r), void *userdata) {
         char e[OAUTH_ERROR_CODE_MAX + 1] = "";
         bool dpop, new_nonce;
         int r;
@@ -897,14 +925,19 @@ int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authentica
                                          sizeof e) < 0)
                 e[0] = '\0';
         new_nonce = dpop && dpop_nonce && dpop_nonce[0] && !streq_ptr(dpop_nonce, o->rs_nonce) &&
-                    strlen(dpop_nonce) <= OAUTH_URI_MAX;
+                    dpop_nonce_is_valid(dpop_nonce, OAUTH_URI_MAX);
         /* RFC 9449 9: the resource server wants a proof with its own nonce, kept apart from the
          * authorization server's. Again at once, only with a nonce we have not used: a server
          * that keeps sending the same one is refusing, not asking. */
         if (new_nonce && (streq(e, "use_dpop_nonce") || streq(e, "invalid_dpop_proof") || !e[0])) {
-                r = free_and_strdup(&o->rs_nonce, dpop_nonce);
+                r = set_rs_nonce(o, dpop_nonce);
                 return r < 0 ? r : 1;
         }
+        /* The proof carried an older nonce than the one kept now (a newer one came in another
+         * answer meanwhile, oauth_resource_nonce()): again at once, with it. */
+        if (dpop && nonce_gen != o->rs_nonce_gen &&
+            (streq(e, "use_dpop_nonce") || streq(e, "invalid_dpop_proof") || !e[0]))
+                return 1;
         if (streq(e, "use_dpop_nonce")) {
                 report_unauthorized(o, "our DPoP proofs (use_dpop_nonce without a new nonce)");
                 return -EPROTO;

@@ -32,6 +32,7 @@ struct uplink_call {
                 void (*status)(void *userdata);
         } done;
         void *userdata;
+        uint64_t timeout_usec; /* its wait for the answer, 0: none (uplink_call_restart_timeout()) */
         /* The answer, kept from answer() to finish(). */
         long status;
         char *body;
@@ -98,6 +99,11 @@ void uplink_call_cancel(struct uplink_call *q) {
         free(q);
 }
 
+void uplink_call_restart_timeout(struct uplink_call *q) {
+        if (q)
+                chan_op_restart_timeout(&q->base, q->timeout_usec);
+}
+
 static int call_new(struct uplink_client *u, unsigned code, enum call_type type, void *userdata,
                     struct uplink_call **ret) {
         struct uplink_call *q;
@@ -121,8 +127,10 @@ static int call_new(struct uplink_client *u, unsigned code, enum call_type type,
 }
 
 static int call_submit(struct uplink_client *u, struct uplink_call *q, uint64_t timeout_s, struct uplink_call **ret) {
-        int r = chan_op_submit(u->chan, &q->base, timeout_s * UINT64_C(1000000));
+        int r;
 
+        q->timeout_usec = timeout_s * UINT64_C(1000000);
+        r = chan_op_submit(u->chan, &q->base, q->timeout_usec);
         if (r < 0) {
                 uplink_call_cancel(q);
                 return r;
@@ -403,7 +411,8 @@ int uplink_status_fresh(struct uplink_client *u, uint64_t timeout_ms, void (*don
         if (r < 0)
                 return r;
         q->done.status = done;
-        r = chan_op_submit(u->chan, &q->base, timeout_ms * 1000);
+        q->timeout_usec = timeout_ms * 1000;
+        r = chan_op_submit(u->chan, &q->base, q->timeout_usec);
         if (r < 0) {
                 uplink_call_cancel(q);
                 return r;

@@ -95,6 +95,10 @@ int chan_op_submit(struct chan_client *c, struct chan_op *op, uint64_t timeout_u
 /* Ends op without finish() if it has not ended; wipes its request. NULL accepted. The caller
  * frees its memory. */
 void chan_op_cancel(struct chan_op *op);
+/* op's timeout counts afresh from now (timeout_usec 0: no limit), for an op whose time at the
+ * peer starts later than its submission (a chained status upload, uplink-client.h). Only ever
+ * later: a deadline already further out is kept. An op that ended: nothing. NULL accepted. */
+void chan_op_restart_timeout(struct chan_op *op, uint64_t timeout_usec);
 
 bool chan_client_is_connected(const struct chan_client *c);
 void chan_client_counters(const struct chan_client *c, struct chan_client_counters *ret);

@@ -4,6 +4,7 @@
  * for the randomness of jti. */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,5 +24,8 @@ char *dpop_htu(const char *url);
  * a bad ath). */
 int dpop_prepare(const json_t *jwk, const char *method, const char *url, const char *ath, const char *nonce,
                  int64_t now, char **ret, size_t *ret_len);
+/* Whether nonce is one a proof can carry (RFC 9449 8.1: nonce = 1*NQCHAR, NQCHAR = %x21 / %x23-5B
+ * / %x5D-7E), as iothub-signer's policy requires it, and at most max bytes. NULL: false. */
+bool dpop_nonce_is_valid(const char *nonce, size_t max);
 /* ath for an access token: base64url(SHA-256(the ASCII token)) into ret (NUL-terminated). */
 int dpop_ath(const char *access_token, char ret[static DPOP_ATH_LEN + 1]);

@@ -73,16 +73,27 @@ int oauth_authorize(struct oauth *o, char **ret_authorization, char **ret_dpop_a
  * when it is authorized, so that a 401 to an older token is told apart. */
 uint64_t oauth_token_gen(const struct oauth *o);
 
-/* A resource server answered 401 to a request authorized with token generation gen; all 401
- * handling is here. www_authenticate and dpop_nonce: the answer's headers (NULL or "" when
- * absent). Returns 1 when the request may go again at once (a new resource-server DPoP-Nonce,
- * RFC 9449 9, or a newer token); 0 when a refresh started (or was running) and done(userdata,
+/* The generation of the resource server's DPoP nonce that oauth_authorize() hands out (bumped
+ * by every new one): a proof made with an older one would be answered 401 use_dpop_nonce, so a
+ * request signed before it changed is signed again first (cloudreq.c's chained uploads). */
+uint64_t oauth_dpop_nonce_gen(const struct oauth *o);
+/* A resource server's answer other than a 401 handed to oauth_unauthorized() carried dpop_nonce
+ * (its DPoP-Nonce header, NULL or "" when absent): with a DPoP-bound token, a new valid one
+ * (dpop_nonce_is_valid()) is kept for the next proofs (RFC 9449 8.2, 9: a server may give its
+ * next nonce in any answer). NULL o is a no-op. */
+void oauth_resource_nonce(struct oauth *o, const char *dpop_nonce);
+
+/* A resource server answered 401 to a request authorized with token generation gen and, for a
+ * DPoP-bound token, resource-server nonce generation nonce_gen; all 401 handling is here.
+ * www_authenticate and dpop_nonce: the answer's headers (NULL or "" when absent). Returns 1
+ * when the request may go again at once (a new resource-server DPoP-Nonce, RFC 9449 9, or one
+ * newer than the request's proof carried, or a newer token); 0 when a refresh started (or was running) and done(userdata,
  * r) follows, r = 0 with a fresh token; a negative errno when the request must back off: the
  * proof was refused (RFC 9449 7.1 invalid_dpop_proof), or this token already came from a
  * refresh for a 401 (at most one refresh per token for 401s), reported once (status, STATUS=,
  * a log line with IOTHUB_MID_CLOUD_UNAUTHORIZED). */
-int oauth_unauthorized(struct oauth *o, uint64_t gen, const char *www_authenticate, const char *dpop_nonce,
-                       void (*done)(void *userdata, int r), void *userdata);
+int oauth_unauthorized(struct oauth *o, uint64_t gen, uint64_t nonce_gen, const char *www_authenticate,
+                       const char *dpop_nonce, void (*done)(void *userdata, int r), void *userdata);
 /* The owner of userdata goes away: every done(userdata, ...) still waiting for a refresh is
  * dropped and never runs (the refresh itself goes on). NULL o is a no-op. */
 void oauth_unauthorized_cancel(struct oauth *o, void *userdata);

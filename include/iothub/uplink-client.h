@@ -93,6 +93,11 @@ int uplink_logout(struct uplink_client *u, void (*done)(void *userdata, int r), 
                   struct uplink_call **ret);
 /* Ends a call early: done() never runs. NULL accepted. */
 void uplink_call_cancel(struct uplink_call *call);
+/* The call's wait for its answer (its timeout and UPLINK_CLIENT_MARGIN_S) counts afresh from now:
+ * for a STATUS REQUEST chained behind another (iothub-uplink(8), REQUEST), whose time on the
+ * wire starts only when the one before it was answered 200, which is when its caller learns it.
+ * Never shortens the wait. NULL accepted. */
+void uplink_call_restart_timeout(struct uplink_call *call);
 
 /* From the uplink's last STATUS: a hub key and a token (requests can be authorized), and
  * whether sign-in is required ([oauth] configured, nobody signed in). False before any STATUS. */

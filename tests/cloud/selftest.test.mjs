@@ -714,4 +714,25 @@ describe('DPoP-bound tokens (RFC 9449 4.3, 7.1, 9)', () => {
       cloud.control.rotateDpopNonce(null);
     }
   });
+
+  test('a new nonce in a successful answer (newDpopNonce, RFC 9449 8.2): the old one is refused after it', async () => {
+    const n1 = cloud.control.rotateDpopNonce();
+    try {
+      await cloud.control.fail({ newDpopNonce: true, endpoint: 'commands' });
+      let r = await poll({ proof: { nonce: n1 } });
+      assert.equal(r.status, 204, r.text);
+      const n2 = r.headers['dpop-nonce'];
+      assert.ok(n2 && n2 !== n1, `a new nonce: ${n2}`);
+      assert.equal(cloud.state.dpop.nonceRotations, 1);
+      const b = failures(cloud);
+      r = await poll({ proof: { nonce: n1 } });
+      assertRejected(r, 'dpop_use_nonce', b, cloud);
+      assert.equal(r.headers['dpop-nonce'], n2);
+      r = await poll({ proof: { nonce: n2 } });
+      assert.equal(r.status, 204, r.text);
+      assert.equal(r.headers['dpop-nonce'], undefined, 'only the rule\'s answer carries one');
+    } finally {
+      cloud.control.rotateDpopNonce(null);
+    }
+  });
 });

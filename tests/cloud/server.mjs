@@ -335,7 +335,8 @@ export async function startCloud(opts = {}) {
     nonces: new Map(), // nonce -> expiry (Unix s)
     // RFC 9449 resource-server side: proofs that passed the proof checks, their htu claims,
     // this server's current DPoP-Nonce (null: none asked for) and use_dpop_nonce answers.
-    dpop: { proofs: 0, htus: [], nonce: o.dpopNonce ? crypto.randomBytes(16).toString('base64url') : null, nonceChallenges: 0 },
+    dpop: { proofs: 0, htus: [], nonce: o.dpopNonce ? crypto.randomBytes(16).toString('base64url') : null, nonceChallenges: 0,
+      nonceRotations: 0 },
     rules: [], // failure injection rules
     events: [], // security events in arrival order: { hub, at, type, dev?, reason?, count, receivedAt }
     eventBodies: [], // the raw body of every events POST that passed the checks (text)
@@ -656,6 +657,13 @@ export async function startCloud(opts = {}) {
       else if (r.name === 'events') out = onEvents(req, body, r);
       else out = await onResult(req, body, r);
       if (dropAfter) { req.socket.destroy(); rec.status = 'dropped'; return; }
+      // RFC 9449 8.2, 9: a new nonce handed out in a successful answer; proofs with the old one
+      // get use_dpop_nonce from now on.
+      if (rule?.newDpopNonce && state.dpop.nonce !== null && out.status < 300) {
+        state.dpop.nonce = crypto.randomBytes(16).toString('base64url');
+        state.dpop.nonceRotations += 1;
+        out = { ...out, headers: { ...out.headers, 'DPoP-Nonce': state.dpop.nonce } };
+      }
       rec.status = out.status;
       send(res, out.status, out.body, out.headers);
     } catch (e) {
@@ -920,9 +928,9 @@ export async function startCloud(opts = {}) {
     state.up = true;
   }
 
-  const KINDS = ['status', 'delayMs', 'drop', 'rejectFrames'];
+  const KINDS = ['status', 'delayMs', 'drop', 'rejectFrames', 'newDpopNonce'];
   const control = {
-    // Failure injection. mode: { status, retryAfter?, delayMs?, drop?, after?, rejectFrames?,
+    // Failure injection. mode: { status, retryAfter?, delayMs?, drop?, after?, rejectFrames?, newDpopNonce?,
     // reason?, count = 1 (-1 or Infinity: until cleared), endpoint = 'status' | 'register' | 'challenge' |
     // 'devices' | 'commands' | 'result' | 'any' }, or 'down' / 'up' / 'clear'.
     // rejectFrames: [indices in the batch], or ({ index, dev, seq, jws }) => boolean, or
@@ -936,7 +944,7 @@ export async function startCloud(opts = {}) {
       if (!['status', 'register', 'challenge', 'devices', 'commands', 'result', 'events', 'any'].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
       if (mode.status !== undefined && !isInt(mode.status, 100, 599)) throw new Error('status must be an HTTP status');
       const count = mode.count === undefined ? 1 : mode.count === -1 ? Infinity : mode.count;
-      const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : 'delay';
+      const kind = mode.drop ? (mode.after ? 'drop_after' : 'drop') : mode.status ? String(mode.status) : mode.rejectFrames ? 'reject_frames' : mode.newDpopNonce ? 'new_dpop_nonce' : 'delay';
       const rule = { ...mode, endpoint, left: count, used: 0, kind };
       state.rules.push(rule);
       // A long poll already waiting was admitted before the rule: end it now (204, nothing

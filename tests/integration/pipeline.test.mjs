@@ -2,15 +2,18 @@
 // chip's pace (lib/slowtpm.mjs, 70 ms a command), the next batch is signed while the previous
 // one is on the wire, yet the cloud sees one status request at a time, in order, and a batch that
 // failed goes again before anything newer. Real parts: swtpm behind the slow proxy, mosquitto,
-// the reference cloud (which records each status request's first and last frame and its times).
-import { test, before, after } from 'node:test';
+// the reference cloud (which records each status request's first and last frame and its times);
+// at the end, a second hub signed in with a DPoP-bound token from the real authorization server
+// (tests/oauth) at a cloud that asks for its own DPoP nonce.
+import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Broker, Hub, Swtpm, mqttClient, sleep, tempDir, waitFor } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { SlowTpm } from './lib/slowtpm.mjs';
-import { keyBeforeDaemon } from './lib/testbed.mjs';
+import { loginApproved } from './lib/login.mjs';
+import { keyBeforeDaemon, startTestbed, startStrictCloud, stopTestbed } from './lib/testbed.mjs';
 import { startCloud } from '../cloud/server.mjs';
 
 const N = 70; // ms per TPM command
@@ -18,6 +21,8 @@ const PER_BATCH = 20;
 const TPM2_CC_SIGN = 0x15d;
 const TOKEN = 'tok-pipeline-0123456789';
 const TOKEN2 = 'tok-pipeline-second-0123456789';
+const TIMEOUT_S = 20; // [cloud] timeout_s
+const MARGIN_S = 15; // UPLINK_CLIENT_MARGIN_S: iothubd waits for an answer timeout_s and this much more
 let dir, tpm, slow, broker, cloud, hub, client, bulbs;
 const sent = []; // every frame published, in order: { dev, seq, jws }
 const indexOf = new Map(); // jws -> index in sent
@@ -32,7 +37,7 @@ before(async () => {
   const overrides = {
     key: { backend: 'tpm', tcti: slow.tcti, handle: '0x81000101' },
     cloud: { url: cloud.url, ca_file: cloud.caFile, bearer_token_file: path.join(dir, 'token'),
-      batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: 10 },
+      batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: TIMEOUT_S },
     frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
   };
   await keyBeforeDaemon(broker, overrides);
@@ -61,30 +66,30 @@ after(async () => {
 });
 
 // n frames per bulb, round robin, in order (one MQTT connection, QoS 1: the spool's order).
-async function publish(n) {
+async function publish(n, { via = client, of = bulbs } = {}) {
   const out = [];
   for (let i = 0; i < n; i++) {
-    for (const b of bulbs) {
+    for (const b of of) {
       const jws = await b.frame();
       const f = { dev: b.id, seq: b.seq, jws };
       indexOf.set(jws, sent.length);
       sent.push(f);
       out.push(f);
-      await client.publishAsync(`iothub/v1/bulbs/${b.id}/status`, jws, { qos: 1 });
+      await via.publishAsync(`iothub/v1/bulbs/${b.id}/status`, jws, { qos: 1 });
     }
   }
   return out;
 }
 
-const statusRequests = (from = 0) => cloud.state.requests.slice(from).filter((q) => q.url.endsWith('/status') && q.first);
+const statusRequests = (from = 0, at = cloud) => at.state.requests.slice(from).filter((q) => q.url.endsWith('/status') && q.first);
 
 // Every frame of 'frames' at the cloud exactly once (byte for byte), in order per bulb.
-async function assertDelivered(frames, timeoutMs = 30000) {
+async function assertDelivered(frames, timeoutMs = 30000, { at = cloud, of = bulbs } = {}) {
   const key = (f) => `${f.dev}\n${f.seq}`;
-  await waitFor(() => { const have = new Set(cloud.state.frames.map(key)); return frames.every((f) => have.has(key(f))); },
+  await waitFor(() => { const have = new Set(at.state.frames.map(key)); return frames.every((f) => have.has(key(f))); },
     timeoutMs, `all ${frames.length} frames at the cloud`);
-  for (const b of bulbs) {
-    const seqs = cloud.state.frames.filter((f) => f.dev === b.id).map((f) => f.seq);
+  for (const b of of) {
+    const seqs = at.state.frames.filter((f) => f.dev === b.id).map((f) => f.seq);
     assert.deepEqual(seqs, [...new Set(seqs)], `stored once: ${b.id}`);
     assert.deepEqual(seqs, [...seqs].sort((a, c) => a - c), `in order: ${b.id}`);
   }
@@ -95,9 +100,9 @@ async function assertDelivered(frames, timeoutMs = 30000) {
 // that failed goes again before anything newer; a batch stored but whose answer was lost may go
 // again). killedAt: when the hub's side of the requests then out was killed (performance.now()):
 // those may still be held at the cloud while the new process sends. Returns the requests.
-async function assertOrdered(from, killedAt = null) {
-  await waitFor(() => statusRequests(from).every((q) => q.end !== undefined), 10000, 'every request answered');
-  const reqs = statusRequests(from).sort((a, b) => a.start - b.start);
+async function assertOrdered(from, killedAt = null, at = cloud) {
+  await waitFor(() => statusRequests(from, at).every((q) => q.end !== undefined), 10000, 'every request answered');
+  const reqs = statusRequests(from, at).sort((a, b) => a.start - b.start);
   let stored = -1; // every frame up to this index was in a request answered 200
   const done = new Set();
   for (let k = 0; k < reqs.length; k++) {
@@ -235,4 +240,95 @@ test('iothubd stopped (SIGTERM) with two batches out: clean exit, then everythin
   await hub.start();
   await assertDelivered(frames, 40000);
   await assertOrdered(r0, killedAt);
+});
+
+// The batch on the wire answered slowly, close to [cloud] timeout_s, and the follower behind it
+// slowly too: the follower's wait in iothubd counts from the head's 200 (when the uplink sends
+// it), not from when it was handed to the uplink. Counted from then (the old way), it ended
+// TIMEOUT_S + MARGIN_S after the hand-over, while the uplink was still sending it: a timeout, a
+// backoff, and the batch uploaded a second time once its first upload was answered.
+test('a slow batch on the wire and a slow one behind it: no timeout in iothubd, no backoff, nothing sent twice', async (t) => {
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 20000, 'spool empty');
+  const r0 = cloud.state.requests.length, d0 = cloud.state.duplicates, log0 = hub.log.length;
+  const timeouts0 = (await hub.status()).uplink.timeouts;
+  const HEAD_MS = (TIMEOUT_S - 1) * 1000, NEXT_MS = (MARGIN_S + 3) * 1000; // both under TIMEOUT_S, their sum over TIMEOUT_S + MARGIN_S
+  await cloud.control.fail({ delayMs: HEAD_MS, count: 1 });
+  await cloud.control.fail({ delayMs: NEXT_MS, count: 1 });
+  const t0 = performance.now();
+  const frames = await publish(PER_BATCH); // two full batches (two bulbs)
+  await assertDelivered(frames, 2 * TIMEOUT_S * 1000 + 10000);
+  // The old way fails here: the spool empties only after the batch went a second time.
+  await waitFor(async () => (await hub.status()).spool.pending === 0, 20000, 'spool empty');
+  const reqs = await assertOrdered(r0);
+  const st = await hub.status();
+  t.diagnostic(`requests ${reqs.map((q) => `${q.count}:${q.status}:${(q.end - q.start).toFixed(0)}ms`).join(' ')}; ` +
+    `all answered ${((performance.now() - t0) / 1000).toFixed(1)} s after publishing; uplink timeouts ` +
+    `${st.uplink.timeouts - timeouts0}, duplicates ${cloud.state.duplicates - d0}`);
+  assert.deepEqual(reqs.map((q) => q.status), [200, 200], 'two batches, each sent once');
+  assert.ok(reqs[1].end - reqs[0].start > (TIMEOUT_S + MARGIN_S) * 1000, 'the two together outlasted a wait counted from the hand-over');
+  assert.equal(cloud.state.duplicates, d0, 'nothing sent twice');
+  assert.equal(st.uplink.timeouts, timeouts0, 'no request timed out in iothubd');
+  assert.equal(st.cloud.backoff_s, 0);
+  assert.doesNotMatch(hub.log.slice(log0), /Upload of \d+ frames failed/);
+});
+
+// DPoP (RFC 9449): the cloud gives a new nonce in its 200 to the batch on the wire (8.2, 9), while
+// the follower is signed and held with a proof that carries the old one. The uplink signs the
+// follower again with the new nonce before it goes (as after a new token): the cloud sees no 401,
+// where the old proof would have cost a 401 use_dpop_nonce and a second attempt.
+describe('with a DPoP-bound token', () => {
+  let tb, dcloud, dhub, dclient, dbulbs;
+  const seen = new Set();
+
+  before(async () => {
+    tb = await startTestbed({ authServer: { interval: 1 } });
+    dcloud = await startStrictCloud(tb.dir, tb.auth, seen);
+    const overrides = {
+      key: { backend: 'tpm', tcti: tb.tpm.tcti, handle: '0x81000101' },
+      cloud: { url: dcloud.url, ca_file: dcloud.caFile, batch_max_frames: PER_BATCH, batch_max_delay_ms: 200, timeout_s: 10 },
+      oauth: { issuer: tb.auth.issuer, client_id: tb.auth.clientId, scope: 'openid offline_access iothub', ca_file: tb.auth.caFile, dpop: 'on' },
+      frames: { rate_per_device: 1000, max_clock_skew_s: 86400 },
+    };
+    await keyBeforeDaemon(tb.broker, overrides);
+    dhub = await Hub.start(tb.broker, overrides);
+    await waitFor(async () => (await dhub.status()).mqtt.connected, 10000, 'mqtt');
+    await loginApproved(dhub, tb.auth);
+    const st = await dhub.status();
+    assert.equal(st.oauth.dpop, true, 'a DPoP-bound token');
+    const r = await dhub.ctl(['register']);
+    assert.equal(r.code, 0, r.stderr);
+    dclient = await mqttClient(tb.broker.port);
+    dbulbs = [await Bulb.create('dpop-es', 'ES256'), await Bulb.create('dpop-ed', 'EdDSA')];
+    for (const b of dbulbs) {
+      const f = path.join(dhub.dir, `${b.id}.pem`);
+      await fs.writeFile(f, b.pem);
+      assert.equal((await dhub.ctl(['bulb', 'add', b.id, '--key', f])).code, 0);
+    }
+    await waitFor(() => dcloud.state.hubs.get('test-hub')?.devices?.size === 2, 10000, 'device list at the cloud');
+  });
+
+  after(async () => {
+    await stopTestbed({ clients: [dclient], hub: dhub, cloud: dcloud, ...tb });
+  });
+
+  test('the cloud gives a new DPoP nonce in the 200 to the batch on the wire: the next one goes with it, no 401', async (t) => {
+    const r0 = dcloud.state.requests.length, ch0 = dcloud.state.dpop.nonceChallenges;
+    const oldNonce = dcloud.state.dpop.nonce;
+    assert.ok(oldNonce, 'the cloud asks for its nonce');
+    // The head held at the cloud long enough for the follower to be signed and held meanwhile.
+    await dcloud.control.fail({ delayMs: 1500, newDpopNonce: true, count: 1 });
+    const frames = await publish(PER_BATCH, { via: dclient, of: dbulbs }); // two full batches (two bulbs)
+    await assertDelivered(frames, 30000, { at: dcloud, of: dbulbs });
+    const reqs = await assertOrdered(r0, null, dcloud);
+    const all = dcloud.state.requests.slice(r0).filter((q) => q.endpoint === 'status');
+    t.diagnostic(`status requests ${all.map((q) => `${q.count}:${q.status}${q.kind ? `:${q.kind}` : ''}`).join(' ')}; ` +
+      `nonce challenges ${dcloud.state.dpop.nonceChallenges - ch0}`);
+    assert.equal(dcloud.state.dpop.nonceRotations, 1, 'the nonce changed with the first batch\'s 200');
+    assert.notEqual(dcloud.state.dpop.nonce, oldNonce);
+    assert.ok(reqs.length === 2 && reqs[0].count === PER_BATCH && reqs[1].count === PER_BATCH, 'two full batches');
+    // Status requests only: an events POST (its own interval) is not this test's.
+    assert.deepEqual(all.map((q) => `${q.status}${q.kind ? ` ${q.kind}` : ''}`), ['200', '200'],
+      'no status request answered 401 (use_dpop_nonce)');
+    await waitFor(async () => (await dhub.status()).spool.pending === 0, 10000, 'spool empty');
+  });
 });

@@ -49,6 +49,27 @@ static void test_htu(void **state) {
         }
 }
 
+/* RFC 9449 8.1: nonce = 1*NQCHAR; what a server hands out is kept only when a proof can carry it
+ * (iothub-signer's policy refuses the rest, which would stop every proof after it). */
+static void test_nonce_is_valid(void **state) {
+        static const struct {
+                const char *nonce;
+                bool ok;
+        } cases[] = {
+                { "eyJ7S_zG.eyJH0-Z.HX4w-7v", true }, { "!#[]~", true },   { "a", true },
+                { "", false },                        { "a b", false },    { "a\"b", false },
+                { "a\\b", false },                   { "a\tb", false },  { "\x7f", false },
+                { "caf\xc3\xa9", false },            { "a\r\n", false },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                if (dpop_nonce_is_valid(cases[i].nonce, 64) != cases[i].ok)
+                        fail_msg("nonce case %zu: expected %s", i, cases[i].ok ? "valid" : "invalid");
+        /* At most max bytes. */
+        assert_true(dpop_nonce_is_valid("abcdefgh", 8));
+        assert_false(dpop_nonce_is_valid("abcdefghi", 8));
+        assert_false(dpop_nonce_is_valid(NULL, 8));
+}
+
 /* The proof itself (RFC 9449 4.2), for the long poll's URL with its query. */
 /* A proof as iothub-signer makes one (dpop.c's builder, the hub key's r||s): iothubd no longer
  * builds proofs itself (issue 14). */
@@ -311,6 +332,7 @@ int main(void) {
                 cmocka_unit_test(test_htu),          cmocka_unit_test(test_dpop_proof_htu),
                 cmocka_unit_test(test_token_answer), cmocka_unit_test(test_device_answer),
                 cmocka_unit_test(test_metadata),     cmocka_unit_test(test_errors),
+                cmocka_unit_test(test_nonce_is_valid),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

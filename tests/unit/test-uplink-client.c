@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "iothub/chan-client.h"
 #include "iothub/conf.h"
 #include "iothub/uplink-client.h"
 #include "iothub/uplink-proto.h"
@@ -406,6 +407,68 @@ static void test_watch_error_backoff(void **state) {
         while (m.op != UPLINK_OP_WATCH);
 }
 
+struct ended {
+        struct chan_op *op[2];
+        int r[2];
+        unsigned calls[2];
+};
+
+static void on_op_finish(void *userdata, struct chan_op *op, int r) {
+        struct ended *x = userdata;
+
+        for (unsigned i = 0; i < 2; i++)
+                if (x->op[i] == op) {
+                        x->calls[i]++;
+                        x->r[i] = r;
+                }
+}
+
+/* chan_op_restart_timeout() (the follower of cloud.c, uplink_call_restart_timeout()): the wait
+ * counts afresh from the restart, and a restart never brings a deadline closer. On chan-client.c
+ * itself, with a peer that reads and never answers (the fixture's socket, never accepted). */
+static void test_op_restart_timeout(void **state) {
+        struct fx *f = *state;
+        struct chan_client *c = NULL;
+        struct chan_op a = {}, b = {};
+        struct ended x = { .op = { &a, &b } };
+        uint64_t t0;
+
+        assert_int_equal(chan_client_new(f->e,
+                                         &(struct chan_client_params){ .proto = &uplink_proto,
+                                                                       .socket = f->sock,
+                                                                       .queue_max = 4,
+                                                                       .inflight_max = 4,
+                                                                       .reconnect_min_ms = 100,
+                                                                       .reconnect_max_ms = 100 },
+                                         &(struct chan_client_events){ .finish = on_op_finish, .userdata = &x }, &c),
+                         0);
+        assert_int_equal(chan_op_begin(c, &a, UPLINK_OP_STATUS, 0), 0);
+        assert_int_equal(chan_op_submit(c, &a, 400000), 0);
+        assert_int_equal(chan_op_begin(c, &b, UPLINK_OP_STATUS, 0), 0);
+        assert_int_equal(chan_op_submit(c, &b, 400000), 0);
+        t0 = now_monotonic_usec();
+        chan_op_restart_timeout(&b, 100000); /* closer: kept at 400 ms */
+        while (now_monotonic_usec() < t0 + 250000)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(x.calls[1], 0);
+        chan_op_restart_timeout(&a, 400000); /* from now: ~650 ms */
+        while (x.calls[1] == 0 && now_monotonic_usec() < t0 + 2000000)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(x.calls[1], 1);
+        assert_int_equal(x.r[1], -ETIMEDOUT);
+        assert_true(now_monotonic_usec() >= t0 + 390000);
+        if (now_monotonic_usec() < t0 + 600000)
+                assert_int_equal(x.calls[0], 0); /* the old deadline (400 ms) passed */
+        while (x.calls[0] == 0 && now_monotonic_usec() < t0 + 3000000)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(x.calls[0], 1);
+        assert_int_equal(x.r[0], -ETIMEDOUT);
+        assert_true(now_monotonic_usec() >= t0 + 640000);
+        chan_op_restart_timeout(&a, 400000); /* ended: nothing */
+        chan_op_restart_timeout(NULL, 1);
+        chan_client_free(c);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_request_round_trip, setup, teardown),
@@ -414,6 +477,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_cancelled_call, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_register_failed_before_answer, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_watch_error_backoff, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_op_restart_timeout, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
