@@ -84,7 +84,7 @@ export async function startHostile(opts) {
   const state = {
     hits: {}, // route -> requests seen
     frames: [], // JWS strings accepted by the status route when it behaved
-    requests: [], // { route, method, url, headers } of each request
+    requests: [], // { route, method, url, headers, grantType (token routes) } of each request
     endless: [], // { bytes, ms } per endless answer, once the client went away
     slow: [], // { bytes, ms, complete } per slow answer
     tokens: 0, // access tokens issued
@@ -149,6 +149,9 @@ export async function startHostile(opts) {
       chunks.push(c);
     }
     const body = Buffer.concat(chunks);
+    // What a token request asked for (the form's grant_type), never the codes or tokens in it.
+    if (r === 'token' || r === 'device' || r === 'revoke')
+      state.requests[state.requests.length - 1].grantType = new URLSearchParams(body.toString('utf8')).get('grant_type');
     const b = behaviours.get(r) ?? { kind: 'ok' };
     if (b.delayMs) await sleep(b.delayMs);
     if (req.socket.destroyed) return;
