@@ -84,7 +84,7 @@ export async function startHostile(opts) {
   const state = {
     hits: {}, // route -> requests seen
     frames: [], // JWS strings accepted by the status route when it behaved
-    requests: [], // { route, method, url, headers, grantType (token routes) } of each request
+    requests: [], // { route, method, url, headers, at (ms), grantType (token routes) } of each request
     endless: [], // { bytes, ms } per endless answer, once the client went away
     slow: [], // { bytes, ms, complete } per slow answer
     tokens: 0, // access tokens issued
@@ -140,7 +140,7 @@ export async function startHostile(opts) {
     const u = new URL(req.url, url);
     const r = route(req.method, u.pathname);
     state.hits[r] = (state.hits[r] ?? 0) + 1;
-    state.requests.push({ route: r, method: req.method, url: req.url, headers: req.headers });
+    state.requests.push({ route: r, method: req.method, url: req.url, headers: req.headers, at: Date.now() });
     const chunks = [];
     let len = 0;
     for await (const c of req) {

@@ -530,6 +530,7 @@ test('item 6 and 4: a superseded login, and a client hanging up on logout, are c
 //   refresh refusal (it used to be "transient": the poll fetched 1 MiB every interval).
 // - an interim 103 with headers, then the final answer: the final answer rules.
 // - a 307: never followed; ends the sign-in, counts as a refresh refusal.
+// - a 503 to the poll: polled on, twice as long after each (RFC 8628 3.5).
 // Nothing of a refused answer is ever used: every Authorization header the peer saw carries a
 // token the hub was right to accept.
 const ANSWER = (at, expiresIn, rt) => ({ kind: 'answer', status: 200,
@@ -610,6 +611,8 @@ test('hostile token answers to the sign-in poll: each from signed out, the outco
       { name: 'interim 103, then authorization_pending', outcome: 'pending',
         b: { kind: 'interim', status: 400, interimHeaders: { 'dpop-nonce': 'interim-nonce' }, body: { error: 'authorization_pending' } } },
       { name: '307', b: REDIRECT, outcome: 'refused', log: /Sign-in: the token endpoint refused: HTTP 307/ },
+      // RFC 8628 3.5: a server in trouble is polled less often: the interval (1 s) doubles.
+      { name: '503', b: { kind: 'answer', status: 503, body: { error: 'temporarily_unavailable' } }, outcome: 'pending', backoff: true },
     ];
     for (const c of cases) {
       await signedOut(h);
@@ -622,6 +625,10 @@ test('hostile token answers to the sign-in poll: each from signed out, the outco
         // Polled again at the interval (1 s), the client waits; once the user approves, signed in.
         await waitFor(() => tokenRequests(r0).length >= 2, 10000 * SLOW, `${c.name}: a second poll`);
         assert.equal(p.exitCode, null, `${c.name}: the client still waits (${p.out})`);
+        if (c.backoff) {
+          const [p1, p2] = tokenRequests(r0);
+          assert.ok(p2.at - p1.at >= 1900, `${c.name}: ${p2.at - p1.at} ms between the polls, not 2 s or more`);
+        }
         assert.equal((await alive(h)).oauth.state, 'login_required', c.name);
         peer.set('token', ANSWER('at-interim', 3600, 'rt-interim'));
         code = await exitOf(p, 10000 * SLOW, c.name);
