@@ -57,7 +57,9 @@ struct oauth_token_answer {
         char *scope;         /* may be NULL */
         int64_t expires_in;  /* OAUTH_EXPIRES_IN_MIN_S .. _MAX_S, 0 when absent */
 };
-int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret);
+/* On -EBADMSG, *ret_why (if ret_why is not NULL) says which check failed, in words that never
+ * quote the answer (it may hold tokens). */
+int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret, const char **ret_why);
 void oauth_token_answer_done(struct oauth_token_answer *t);
 
 /* The "error" code of an error answer (RFC 6749 5.2), copied into ret (cap >= 2). -ENOENT when

@@ -5,8 +5,10 @@
  *   <issuer>/.well-known/oauth-authorization-server; the metadata's issuer must be ours
  *   (RFC 8414 3.3), every endpoint https.
  * - Sign-in: the Device Authorization Grant (RFC 8628) for a public client; the token
- *   endpoint is polled at the server's interval, 5 s more on slow_down (3.5), stopping on
- *   expired_token and access_denied.
+ *   endpoint is polled at the server's interval, 5 s more on slow_down, twice as long after a
+ *   transport failure or a 5xx (3.5), stopping on expired_token, access_denied and on any
+ *   answer that cannot get better (a 200 without usable tokens, a body over the limit, a 3xx
+ *   or another 4xx).
  * - Tokens live sealed by the TPM (tokenstore.c), are refreshed ahead of expiry, and a new
  *   refresh token from a rotation replaces the old one at once (saved atomically).
  *   invalid_grant means the user must sign in again: uploads wait, frames keep spooling.
@@ -329,31 +331,40 @@ void oauth_token_answer_done(struct oauth_token_answer *t) {
         *t = (struct oauth_token_answer){};
 }
 
-int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret) {
+int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret, const char **ret_why) {
         _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
         struct oauth_token_answer t = {};
-        const char *at, *tt, *rt, *scope;
-        json_t *ei;
+        const char *at = NULL, *tt = NULL, *rt = NULL, *scope = NULL, *why = NULL;
+        json_t *ei = NULL;
 
         if (!j)
+                why = "not a JSON object of at most 64 KiB (or nested too deep)";
+        else {
+                at = get_vschar(j, "access_token", OAUTH_TOKEN_MAX);
+                tt = json_string_value(json_object_get(j, "token_type"));
+                rt = get_vschar(j, "refresh_token", OAUTH_TOKEN_MAX);
+                scope = get_vschar(j, "scope", OAUTH_SCOPE_MAX);
+                ei = json_object_get(j, "expires_in");
+                /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and
+                 * DPoP's header alike, RFC 9449 7.1): anything else, CR and LF above all, is
+                 * refused here rather than failing every request after it was stored. */
+                if (!at || !b64token_is_valid(at, strlen(at)))
+                        why = "access_token missing, over 4096 bytes or not an RFC 6750 b64token";
+                /* RFC 6749 5.1: token_type is case insensitive. */
+                else if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))
+                        why = "token_type neither Bearer nor DPoP";
+                else if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
+                        why = "refresh_token or scope not printable ASCII of bounded length";
+                /* RFC 6749 5.1: a number of seconds. A string ("3600") or a fraction or exponent
+                 * (1e300) is refused; an integer out of range is clamped below. */
+                else if (ei && !json_is_integer(ei))
+                        why = "expires_in not an integer";
+        }
+        if (why) {
+                if (ret_why)
+                        *ret_why = why;
                 return -EBADMSG;
-        at = get_vschar(j, "access_token", OAUTH_TOKEN_MAX);
-        tt = json_string_value(json_object_get(j, "token_type"));
-        rt = get_vschar(j, "refresh_token", OAUTH_TOKEN_MAX);
-        scope = get_vschar(j, "scope", OAUTH_SCOPE_MAX);
-        ei = json_object_get(j, "expires_in");
-        /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and DPoP's
-         * header alike, RFC 9449 7.1): anything else, CR and LF above all, is refused here
-         * rather than failing every request after it was stored. */
-        if (!at || !b64token_is_valid(at, strlen(at)))
-                return -EBADMSG;
-        /* RFC 6749 5.1: token_type is case insensitive. */
-        if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))
-                return -EBADMSG;
-        if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
-                return -EBADMSG;
-        if (ei && !json_is_integer(ei))
-                return -EBADMSG;
+        }
         if (ei) {
                 json_int_t e = json_integer_value(ei);
                 t.expires_in = e < OAUTH_EXPIRES_IN_MIN_S   ? OAUTH_EXPIRES_IN_MIN_S
@@ -724,14 +735,14 @@ static void become_login_required(struct oauth *o, const char *why) {
 
 static void tokens_store(struct oauth *o, int what);
 
-/* Takes a 200 token response (RFC 6749 5.1), checked by oauth_parse_token_answer(). */
-static int accept_tokens(struct oauth *o, const struct http_response *resp) {
+/* Takes a 200 token response (RFC 6749 5.1), checked by oauth_parse_token_answer(); on
+ * -EBADMSG *ret_why says what was wrong with it (never quoting it). */
+static int accept_tokens(struct oauth *o, const struct http_response *resp, const char **ret_why) {
         struct oauth_token_answer a = {};
         struct oauth_tokens t = {};
-        _cleanup_free_ char *err = NULL;
         int r;
 
-        r = oauth_parse_token_answer((const uint8_t *) resp->body, resp->body_len, &a);
+        r = oauth_parse_token_answer((const uint8_t *) resp->body, resp->body_len, &a, ret_why);
         if (r < 0)
                 return r;
         t.access_token = TAKE_PTR(a.access_token);
@@ -987,11 +998,13 @@ void oauth_unauthorized_cancel(struct oauth *o, void *userdata) {
 
 static void on_refresh(struct oauth *o, const struct http_response *resp, const char *e) {
         bool for_401 = o->refresh_for_401;
+        const char *why = NULL;
+        bool refused;
         int r;
 
         o->refresh_for_401 = false;
         if (resp->error == 0 && resp->status == 200) {
-                r = accept_tokens(o, resp);
+                r = accept_tokens(o, resp, &why);
                 if (r >= 0) {
                         o->token_from_401 = for_401;
                         log_info("Access token refreshed, valid until %" PRId64, o->tokens.expires_at);
@@ -999,7 +1012,9 @@ static void on_refresh(struct oauth *o, const struct http_response *resp, const 
                         token_ready(o);
                         return;
                 }
-                set_error(o, "the token endpoint answered 200 without usable tokens");
+                /* The old tokens stay; nothing of this answer is kept or used. */
+                set_error(o, "the token endpoint answered the refresh with HTTP 200 without usable tokens: %s",
+                          r == -EBADMSG && why ? why : strerror(-r));
         } else if (resp->error == 0 && resp->status >= 400 && resp->status < 500 &&
                    (streq(e, "invalid_grant") || streq(e, "invalid_client") || streq(e, "unauthorized_client"))) {
                 /* The refresh token is dead (revoked, expired, reused): only the user can help. */
@@ -1010,16 +1025,27 @@ static void on_refresh(struct oauth *o, const struct http_response *resp, const 
                 set_error(o, "refreshing the access token failed: %s", resp->error_text);
         else
                 set_error(o, "refreshing the access token answered HTTP %ld%s%s", resp->status, e[0] ? " " : "", e);
-        /* A refusal (4xx) that names no error we know, or one that cannot get better by itself
-         * (a bare 400 is how some servers answer a revoked refresh token): counted, and after
-         * OAUTH_REFRESH_REFUSALS_MAX in a row the user must sign in again. Timeouts, 408, 429
-         * and 5xx are the network's or the server's trouble: retried without end, with backoff. */
-        if (resp->error == 0 && resp->status >= 400 && resp->status < 500 && resp->status != 408 &&
-            resp->status != 429 && ++o->refresh_refusals >= OAUTH_REFRESH_REFUSALS_MAX) {
-                char why[160];
-                (void) snprintf(why, sizeof why, "the token endpoint refused the refresh %u times, last HTTP %ld%s%.*s",
-                                o->refresh_refusals, resp->status, e[0] ? " " : "", OAUTH_ERROR_CODE_MAX, e);
-                become_login_required(o, why);
+        /* An answer that cannot get better by itself is a refusal: a 4xx that names no error we
+         * know (a bare 400 is how some servers answer a revoked refresh token), a 3xx (never
+         * followed: the token goes only to the token endpoint), a 200 without usable tokens, a
+         * body over HTTP_RESPONSE_MAX. Counted, and after OAUTH_REFRESH_REFUSALS_MAX in a row
+         * the user must sign in again. Transport failures, 408, 429 and 5xx are the network's or
+         * the server's trouble: retried without end, with backoff. */
+        if (resp->error < 0)
+                refused = resp->error == -EFBIG;
+        else
+                refused = resp->status < 500 && resp->status != 408 && resp->status != 429;
+        if (refused && ++o->refresh_refusals >= OAUTH_REFRESH_REFUSALS_MAX) {
+                char why_all[160];
+                if (resp->error < 0)
+                        (void) snprintf(why_all, sizeof why_all,
+                                        "the token endpoint refused the refresh %u times, last an answer over %u bytes",
+                                        o->refresh_refusals, (unsigned) HTTP_RESPONSE_MAX);
+                else
+                        (void) snprintf(why_all, sizeof why_all,
+                                        "the token endpoint refused the refresh %u times, last HTTP %ld%s%.*s",
+                                        o->refresh_refusals, resp->status, e[0] ? " " : "", OAUTH_ERROR_CODE_MAX, e);
+                become_login_required(o, why_all);
                 notify_waiters(o, -EKEYREVOKED);
                 return;
         }
@@ -1070,13 +1096,18 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 static void on_poll(struct oauth *o, const struct http_response *resp, const char *e) {
+        const char *why = NULL;
         int r;
 
         if (!o->login_active)
                 return;
         if (resp->error == 0 && resp->status == 200) {
-                r = accept_tokens(o, resp);
+                r = accept_tokens(o, resp, &why);
                 if (r < 0) {
+                        /* The device code is spent (the server issued what it calls tokens):
+                         * polling on cannot help, the user starts again. */
+                        log_warning("The token endpoint answered the sign-in with HTTP 200 without usable tokens: %s",
+                                    r == -EBADMSG && why ? why : strerror(-r));
                         login_finish(o, r, "the token endpoint answered without usable tokens");
                         return;
                 }
@@ -1099,11 +1130,22 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
         } else if (streq(e, "expired_token")) {
                 login_finish(o, -ETIMEDOUT, "the code expired before it was approved; run 'iothubctl login' again");
                 return;
+        } else if (resp->error == -EFBIG) {
+                /* An answer, not a network failure: asking again would fetch HTTP_RESPONSE_MAX
+                 * bytes every interval until the code expires. */
+                log_warning("The token endpoint answered the sign-in with a body over %u bytes", (unsigned) HTTP_RESPONSE_MAX);
+                login_finish(o, -EBADMSG, "the token endpoint answered without usable tokens");
+                return;
         } else if (resp->error < 0 || resp->status >= 500) {
-                /* Transient: keep polling at the interval until the code expires. */
+                /* Transient: keep polling until the code expires, less often each time (RFC 8628
+                 * 3.5: "clients MUST unilaterally reduce their polling frequency" on a
+                 * connection timeout; the same for a server in trouble). */
+                o->interval_s = o->interval_s * 2 <= OAUTH_INTERVAL_MAX_S ? o->interval_s * 2 : OAUTH_INTERVAL_MAX_S;
         } else {
                 char m[160];
+                /* 3xx (never followed) and other 4xx: the flow cannot go on. */
                 (void) snprintf(m, sizeof m, "the token endpoint refused: HTTP %ld %.60s", resp->status, e);
+                log_warning("Sign-in: %s", m);
                 login_finish(o, -EPROTO, m);
                 return;
         }

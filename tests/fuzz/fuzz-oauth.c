@@ -74,9 +74,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         case 2: {
                 struct oauth_token_answer t = {};
-                r = oauth_parse_token_answer(buf, len, &t);
+                const char *why = NULL;
+                r = oauth_parse_token_answer(buf, len, &t, &why);
                 if (r < 0) {
                         CHECK(!t.access_token);
+                        CHECK(r != -EBADMSG || why); /* every refusal says why */
                         break;
                 }
                 CHECK(b64token_is_valid(t.access_token, strlen(t.access_token)));

@@ -84,7 +84,7 @@ export async function startHostile(opts) {
   const state = {
     hits: {}, // route -> requests seen
     frames: [], // JWS strings accepted by the status route when it behaved
-    requests: [], // { route, method, url, headers } of each request
+    requests: [], // { route, method, url, headers, at (ms), grantType (token routes) } of each request
     endless: [], // { bytes, ms } per endless answer, once the client went away
     slow: [], // { bytes, ms, complete } per slow answer
     tokens: 0, // access tokens issued
@@ -140,7 +140,7 @@ export async function startHostile(opts) {
     const u = new URL(req.url, url);
     const r = route(req.method, u.pathname);
     state.hits[r] = (state.hits[r] ?? 0) + 1;
-    state.requests.push({ route: r, method: req.method, url: req.url, headers: req.headers });
+    state.requests.push({ route: r, method: req.method, url: req.url, headers: req.headers, at: Date.now() });
     const chunks = [];
     let len = 0;
     for await (const c of req) {
@@ -149,6 +149,9 @@ export async function startHostile(opts) {
       chunks.push(c);
     }
     const body = Buffer.concat(chunks);
+    // What a token request asked for (the form's grant_type), never the codes or tokens in it.
+    if (r === 'token' || r === 'device' || r === 'revoke')
+      state.requests[state.requests.length - 1].grantType = new URLSearchParams(body.toString('utf8')).get('grant_type');
     const b = behaviours.get(r) ?? { kind: 'ok' };
     if (b.delayMs) await sleep(b.delayMs);
     if (req.socket.destroyed) return;

@@ -517,36 +517,221 @@ test('item 6 and 4: a superseded login, and a client hanging up on logout, are c
   }
 });
 
-test('absurd token lifetimes and bodies from the authorization server leave the daemon up', async () => {
+// ---- hostile token answers (RFC 6749 5.1 and 5.2, RFC 6750 2.1, RFC 8628 3.5) ----
+//
+// What the daemon does with each, on the sign-in's token poll and on a refresh (iothub-protocol(7),
+// SIGN-IN):
+// - expires_in -5 (RFC 6749 5.1 wants a positive number): counts as OAUTH_EXPIRES_IN_MIN_S (10 s),
+//   the token is used, refreshed after 5 s (not every second).
+// - expires_in 1e300 or "3600" (not an integer), an access token with CR LF (not an RFC 6750 2.1
+//   b64token), nesting deeper than the parser goes: a 200 without usable tokens. The sign-in ends
+//   (the device code is spent); a refresh keeps the old tokens and counts a refusal.
+// - a 3 MiB or an endless body: cut at 1 MiB (HTTP_RESPONSE_MAX); ends the sign-in, counts as a
+//   refresh refusal (it used to be "transient": the poll fetched 1 MiB every interval).
+// - an interim 103 with headers, then the final answer: the final answer rules.
+// - a 307: never followed; ends the sign-in, counts as a refresh refusal.
+// - a 503 to the poll: polled on, twice as long after each (RFC 8628 3.5).
+// Nothing of a refused answer is ever used: every Authorization header the peer saw carries a
+// token the hub was right to accept.
+const ANSWER = (at, expiresIn, rt) => ({ kind: 'answer', status: 200,
+  body: { access_token: at, token_type: 'Bearer', expires_in: expiresIn, ...(rt ? { refresh_token: rt } : {}) } });
+const HUGE_EI = { kind: 'answer', status: 200, body: { access_token: 'at-huge', token_type: 'Bearer', expires_in: 1e300, refresh_token: 'rt-huge' } };
+const STR_EI = { kind: 'answer', status: 200, body: { access_token: 'at-str', token_type: 'Bearer', expires_in: '3600', refresh_token: 'rt-str' } };
+const CRLF = { kind: 'answer', status: 200, body: { access_token: 'at-bad\r\ntoken', token_type: 'Bearer', expires_in: 3600 } };
+const DEEP = { kind: 'deep', depth: 30000 }; // 60 KB: under the 64 KiB JSON limit, over the parser's depth
+const HUGE_BODY = { kind: 'huge', bytes: 3 * 1024 * 1024 };
+const ENDLESS = { kind: 'endless', maxMs: 10000 };
+const REDIRECT = { kind: 'redirect', status: 307 };
+// Why the parser refused an answer, as oauth.c logs it (never quoting the answer).
+const WHY_EI = 'expires_in not an integer';
+const WHY_AT = 'access_token missing, over 4096 bytes or not an RFC 6750 b64token';
+const WHY_JSON = 'not a JSON object';
+const UNUSABLE = (what, why) => new RegExp(`answered the ${what} with HTTP 200 without usable tokens: ${why}`);
+const TOO_BIG_POLL = /answered the sign-in with a body over 1048576 bytes/;
+const TOO_BIG_REFRESH = /refreshing the access token failed: response body over the size limit/;
+// Tokens a hub may put on a resource request: the ones of the answers it should accept (and
+// the fixed token of the hub all the other tests share this peer with).
+const ACCEPTED = new RegExp(`^Bearer (at-neg|at-r1|at-interim|at-[0-9a-f]{32}|${TOKEN})$`);
+
+function tokenRequests(from) {
+  return peer.state.requests.slice(from).filter((q) => q.route === 'token');
+}
+
+// The uplink's log (where oauth.c runs) since 'from' matches re.
+async function logged(h, from, re, what) {
+  return waitFor(() => re.test(h.uplinkLog.slice(from)), 10000 * SLOW, `${what}: ${re} in the log (${h.uplinkLog.slice(from)})`);
+}
+
+async function exitOf(p, ms, what) {
+  const t = sleep(ms).then(() => null);
+  const r = await Promise.race([p.exited, t]);
+  assert.ok(r, `${what}: iothubctl login still waiting after ${ms} ms (${p.out})`);
+  return r[0];
+}
+
+async function signedOut(h) {
+  if ((await alive(h)).oauth.state === 'login_required') return;
+  peer.set('revoke', { kind: 'ok' });
+  const r = await h.ctl(['logout']);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.equal((await alive(h)).oauth.state, 'login_required');
+}
+
+// A resource request (registration) goes out with the access token 'at'.
+async function usesToken(h, at, what) {
+  const r0 = peer.state.requests.length;
+  const r = await h.ctl(['register']);
+  assert.equal(r.code, 0, `${what}: register: ${r.stdout}${r.stderr}`);
+  const reg = peer.state.requests.slice(r0).filter((q) => q.route === 'register');
+  assert.equal(reg.length, 1, `${what}: one registration`);
+  assert.equal(reg[0].headers.authorization, `Bearer ${at}`, `${what}: the token used`);
+}
+
+function assertOnlyAcceptedTokensUsed(from) {
+  const used = peer.state.requests.slice(from).filter((q) => q.headers.authorization);
+  for (const q of used) assert.match(q.headers.authorization, ACCEPTED, `${q.route} request with a token the hub should have refused`);
+  return used.map((q) => q.headers.authorization);
+}
+
+test('hostile token answers to the sign-in poll: each from signed out, the outcome the one documented', async () => {
   const h = await oauthHub();
+  const rq0 = peer.state.requests.length;
+  const e0 = peer.state.hits.elsewhere ?? 0;
   try {
+    // outcome: 'ok' signed in; 'unusable' the sign-in ends, the client says so, the log says why;
+    // 'pending' the poll goes on; 'refused' the sign-in ends with the HTTP status in the log.
     const cases = [
-      { kind: 'answer', status: 200, body: { access_token: 'at-neg', token_type: 'Bearer', expires_in: -5, refresh_token: 'rt-1' } },
-      { kind: 'answer', status: 200, body: { access_token: 'at-huge', token_type: 'Bearer', expires_in: 1e300, refresh_token: 'rt-2' } },
-      { kind: 'answer', status: 200, body: { access_token: 'at-str', token_type: 'Bearer', expires_in: '3600', refresh_token: 'rt-3' } },
-      { kind: 'answer', status: 200, body: { access_token: 'bad\r\ntoken', token_type: 'Bearer', expires_in: 3600 } },
-      { kind: 'deep' },
-      { kind: 'huge', bytes: 3 * 1024 * 1024 },
-      { kind: 'endless', maxMs: 10000 },
-      { kind: 'interim', status: 400, interimHeaders: { 'dpop-nonce': 'interim-nonce' }, body: { error: 'authorization_pending' } },
-      { kind: 'redirect', status: 307 },
+      { name: 'expires_in -5', b: ANSWER('at-neg', -5, 'rt-neg'), outcome: 'ok' },
+      { name: 'expires_in 1e300', b: HUGE_EI, outcome: 'unusable', log: UNUSABLE('sign-in', WHY_EI) },
+      { name: 'expires_in "3600"', b: STR_EI, outcome: 'unusable', log: UNUSABLE('sign-in', WHY_EI) },
+      { name: 'CR LF in the access token', b: CRLF, outcome: 'unusable', log: UNUSABLE('sign-in', WHY_AT) },
+      { name: 'nesting 30000 deep', b: DEEP, outcome: 'unusable', log: UNUSABLE('sign-in', WHY_JSON) },
+      { name: '3 MiB body', b: HUGE_BODY, outcome: 'unusable', log: TOO_BIG_POLL },
+      { name: 'endless body', b: ENDLESS, outcome: 'unusable', log: TOO_BIG_POLL },
+      { name: 'interim 103, then authorization_pending', outcome: 'pending',
+        b: { kind: 'interim', status: 400, interimHeaders: { 'dpop-nonce': 'interim-nonce' }, body: { error: 'authorization_pending' } } },
+      { name: '307', b: REDIRECT, outcome: 'refused', log: /Sign-in: the token endpoint refused: HTTP 307/ },
+      // RFC 8628 3.5: a server in trouble is polled less often: the interval (1 s) doubles.
+      { name: '503', b: { kind: 'answer', status: 503, body: { error: 'temporarily_unavailable' } }, outcome: 'pending', backoff: true },
     ];
-    const e0 = peer.state.hits.elsewhere ?? 0;
-    for (const b of cases) {
-      peer.set('token', b);
+    for (const c of cases) {
+      await signedOut(h);
+      peer.set('token', c.b);
+      const r0 = peer.state.requests.length;
+      const l0 = h.uplinkLog.length;
       const p = spawnCtl(h, ['login']);
-      const t0 = peer.state.hits.token ?? 0;
-      await waitFor(() => (peer.state.hits.token ?? 0) > t0, 10000 * SLOW, `token request (${b.kind})`);
-      await sleep(1500);
-      p.kill('SIGINT');
-      await p.exited;
-      await alive(h);
+      let code;
+      if (c.outcome === 'pending') {
+        // Polled again at the interval (1 s), the client waits; once the user approves, signed in.
+        await waitFor(() => tokenRequests(r0).length >= 2, 10000 * SLOW, `${c.name}: a second poll`);
+        assert.equal(p.exitCode, null, `${c.name}: the client still waits (${p.out})`);
+        if (c.backoff) {
+          const [p1, p2] = tokenRequests(r0);
+          assert.ok(p2.at - p1.at >= 1900, `${c.name}: ${p2.at - p1.at} ms between the polls, not 2 s or more`);
+        }
+        assert.equal((await alive(h)).oauth.state, 'login_required', c.name);
+        peer.set('token', ANSWER('at-interim', 3600, 'rt-interim'));
+        code = await exitOf(p, 10000 * SLOW, c.name);
+        assert.equal(code, 0, `${c.name}: ${p.out}`);
+      } else {
+        code = await exitOf(p, 10000 * SLOW, c.name);
+      }
+      const st = await alive(h);
+      const polls = tokenRequests(r0);
+      for (const q of polls) assert.equal(q.grantType, 'urn:ietf:params:oauth:grant-type:device_code', `${c.name}: only the poll asked`);
+      if (c.outcome === 'ok' || c.outcome === 'pending') {
+        assert.equal(code, 0, `${c.name}: ${p.out}`);
+        assert.match(p.out, /Signed in/);
+        assert.equal(st.oauth.state, 'ok', c.name);
+        const at = c.outcome === 'ok' ? 'at-neg' : 'at-interim';
+        if (c.outcome === 'ok') {
+          // Counted as 10 s: the expiry is close, not in the past, and no refresh storm follows.
+          const left = st.oauth.expires_at - Math.floor(Date.now() / 1000);
+          assert.ok(left > 0 && left <= 10, `${c.name}: expires in ${left} s`);
+        }
+        await usesToken(h, at, c.name);
+      } else {
+        assert.notEqual(code, 0, `${c.name}: ${p.out}`);
+        assert.equal(polls.length, 1, `${c.name}: the sign-in ended at the first answer`);
+        assert.match(p.out, c.outcome === 'refused' ? /refused the sign-in/ : /the token endpoint answered without usable tokens/, c.name);
+        assert.equal(st.oauth.state, 'login_required', c.name);
+        await logged(h, l0, c.log, c.name);
+      }
     }
     assert.equal(peer.state.hits.elsewhere ?? 0, e0, 'no redirect followed');
+    assertOnlyAcceptedTokensUsed(rq0);
+    assert.doesNotMatch(h.uplinkLog, /at-bad|at-huge|at-str|rt-/, 'no token in the log');
+  } finally {
     peer.set('token', { kind: 'ok' });
-    const ok = await h.ctl(['login']);
-    assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+    await h.cleanup();
+  }
+});
+
+test('hostile token answers to a refresh: the old tokens stay, three refusals in a row mean login_required', async () => {
+  const h = await oauthHub();
+  const rq0 = peer.state.requests.length;
+  const e0 = peer.state.hits.elsewhere ?? 0;
+  try {
+    // Signed in with a token that lives 10 s: refreshed 5 s later. A refused refresh is retried
+    // after 1-2 s, then 2-4 s; the third refusal in a row ends the sign-in, a good answer resets
+    // the count. So three rounds of (refused, refused, X) walk every answer from a known state.
+    await signedOut(h);
+    peer.set('token', ANSWER('at-r1', 10, 'rt-r1'));
+    const li = await h.ctl(['login']);
+    assert.equal(li.code, 0, li.stdout + li.stderr);
     assert.equal((await alive(h)).oauth.state, 'ok');
+    const rounds = [
+      [{ name: 'expires_in 1e300', b: HUGE_EI, log: UNUSABLE('refresh', WHY_EI) },
+        { name: 'expires_in "3600"', b: STR_EI, log: UNUSABLE('refresh', WHY_EI) },
+        { name: 'interim 103, then good tokens', b: { kind: 'interim', status: 200, interimHeaders: { 'dpop-nonce': 'interim-nonce' },
+          body: { access_token: 'at-interim', token_type: 'Bearer', expires_in: 10, refresh_token: 'rt-interim' } }, ok: 'at-interim' }],
+      [{ name: 'CR LF in the access token', b: CRLF, log: UNUSABLE('refresh', WHY_AT) },
+        { name: 'nesting 30000 deep', b: DEEP, log: UNUSABLE('refresh', WHY_JSON) },
+        { name: 'expires_in -5', b: ANSWER('at-neg', -5), ok: 'at-neg' }],
+      [{ name: '3 MiB body', b: HUGE_BODY, log: TOO_BIG_REFRESH },
+        { name: 'endless body', b: ENDLESS, log: TOO_BIG_REFRESH },
+        { name: '307', b: REDIRECT, log: /Sign-in required \(the token endpoint refused the refresh 3 times, last HTTP 307\)/, last: true }],
+    ];
+    const flat = rounds.flat();
+    let current = 'at-r1';
+    let r0 = peer.state.requests.length;
+    let l0 = h.uplinkLog.length;
+    peer.set('token', flat[0].b);
+    for (let i = 0; i < flat.length; i++) {
+      const c = flat[i];
+      const before = await alive(h);
+      // The refresh (scheduled, or the retry after a refusal) meets the hostile answer.
+      const q = await waitFor(() => tokenRequests(r0)[0]?.grantType && tokenRequests(r0)[0], 15000 * SLOW, `${c.name}: a refresh`);
+      assert.equal(q.grantType, 'refresh_token', `${c.name}: it is a refresh`);
+      await logged(h, l0, c.ok ? /Access token refreshed/ : c.log, c.name);
+      assert.equal(tokenRequests(r0).length, 1, `${c.name}: one refresh`);
+      // Answered: the next case's answer is set before the retry (1 s at the earliest) comes.
+      const ra = peer.state.requests.length;
+      const la = h.uplinkLog.length;
+      if (flat[i + 1]) peer.set('token', flat[i + 1].b);
+      const st = await alive(h);
+      if (c.ok) {
+        assert.equal(st.oauth.state, 'ok', c.name);
+        const left = st.oauth.expires_at - Math.floor(Date.now() / 1000);
+        assert.ok(left > 0 && left <= 10, `${c.name}: expires in ${left} s`);
+        current = c.ok;
+        await usesToken(h, current, c.name);
+      } else if (c.last) {
+        assert.equal(st.oauth.state, 'login_required', c.name);
+      } else {
+        await logged(h, l0, /; retrying/, c.name);
+        assert.notEqual(st.oauth.state, 'login_required', `${c.name}: still signed in`);
+        assert.ok(before.oauth.expires_at > 0 && st.oauth.expires_at === before.oauth.expires_at, `${c.name}: nothing of the answer kept`);
+        // The old token stays in use (checked when the retry cannot bring a new one first).
+        if (!flat[i + 1]?.ok) await usesToken(h, current, c.name);
+      }
+      r0 = ra;
+      l0 = la;
+    }
+    assert.equal(peer.state.hits.elsewhere ?? 0, e0, 'no redirect followed');
+    const used = assertOnlyAcceptedTokensUsed(rq0);
+    for (const at of ['at-r1', 'at-interim', 'at-neg']) assert.ok(used.includes(`Bearer ${at}`), `${at} used`);
+    assert.doesNotMatch(h.uplinkLog, /at-bad|at-huge|at-str|rt-/, 'no token in the log');
   } finally {
     peer.set('token', { kind: 'ok' });
     await h.cleanup();

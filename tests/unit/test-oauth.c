@@ -173,6 +173,8 @@ static void test_token_answer(void **state) {
                 { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":9223372036854775807}", 0,
                   OAUTH_EXPIRES_IN_MAX_S },
                 { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":\"3600\"}", -EBADMSG, 0 },
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":1e300}", -EBADMSG, 0 },
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":3600.5}", -EBADMSG, 0 },
                 /* RFC 6750 2.1 b64token: CR, LF, space, quote, comma are refused. */
                 { "{\"access_token\":\"abc\\r\\nX-Evil: 1\",\"token_type\":\"Bearer\"}", -EBADMSG, 0 },
                 { "{\"access_token\":\"abc\\n\",\"token_type\":\"Bearer\"}", -EBADMSG, 0 },
@@ -192,7 +194,7 @@ static void test_token_answer(void **state) {
         };
         for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
                 struct oauth_token_answer t = {};
-                int r = oauth_parse_token_answer(U(cases[i].body), strlen(cases[i].body), &t);
+                int r = oauth_parse_token_answer(U(cases[i].body), strlen(cases[i].body), &t, NULL);
                 if (r != cases[i].r)
                         fail_msg("case %zu (%s): %d, expected %d", i, cases[i].body, r, cases[i].r);
                 if (r == 0) {
@@ -201,6 +203,30 @@ static void test_token_answer(void **state) {
                         oauth_token_answer_done(&t);
                 } else
                         assert_null(t.access_token);
+        }
+}
+
+/* Each refusal says which check failed, without quoting the answer (it may hold tokens). */
+static void test_token_answer_why(void **state) {
+        static const struct {
+                const char *body;
+                const char *why_starts;
+        } cases[] = {
+                { "{\"access_token\":\"sekret\",\"token_type\":\"Bearer\",\"expires_in\":\"3600\"}", "expires_in" },
+                { "{\"access_token\":\"sekret\",\"token_type\":\"Bearer\",\"expires_in\":1e300}", "expires_in" },
+                { "{\"access_token\":\"sek\\r\\nret\",\"token_type\":\"Bearer\"}", "access_token" },
+                { "{\"access_token\":\"sekret\",\"token_type\":\"MAC\"}", "token_type" },
+                { "{\"access_token\":\"sekret\",\"token_type\":\"Bearer\",\"refresh_token\":\"\"}", "refresh_token" },
+                { "[[[[[[]]]]]]", "not a JSON object" },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                struct oauth_token_answer t = {};
+                const char *why = NULL;
+                assert_int_equal(oauth_parse_token_answer(U(cases[i].body), strlen(cases[i].body), &t, &why), -EBADMSG);
+                assert_non_null(why);
+                if (strncmp(why, cases[i].why_starts, strlen(cases[i].why_starts)) != 0)
+                        fail_msg("case %zu: \"%s\"", i, why);
+                assert_null(strstr(why, "sekret"));
         }
 }
 
@@ -330,7 +356,8 @@ static void test_errors(void **state) {
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_htu),          cmocka_unit_test(test_dpop_proof_htu),
-                cmocka_unit_test(test_token_answer), cmocka_unit_test(test_device_answer),
+                cmocka_unit_test(test_token_answer), cmocka_unit_test(test_token_answer_why),
+                cmocka_unit_test(test_device_answer),
                 cmocka_unit_test(test_metadata),     cmocka_unit_test(test_errors),
                 cmocka_unit_test(test_nonce_is_valid),
         };
