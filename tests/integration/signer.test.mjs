@@ -798,7 +798,8 @@ test('socket activation: the listening socket from systemd, READY=1, WATCHDOG=1,
     act.kill('SIGTERM');
     const [code] = await exited;
     assert.equal(code, 0, log);
-    assert.ok(lines.some((l) => l.split('|').includes('STOPPING=1')), `${lines}`);
+    // Sent before the exit, read through notify-listen's pipe maybe after it (uplink.test's twin).
+    await waitFor(() => lines.some((l) => l.split('|').includes('STOPPING=1')), 5000, `STOPPING=1 (${lines})`);
     await fs.stat(asock); // systemd's socket: not the signer's to remove
   } finally {
     if (act.exitCode === null && act.signalCode === null) act.kill('SIGKILL');
