@@ -331,40 +331,40 @@ void oauth_token_answer_done(struct oauth_token_answer *t) {
         *t = (struct oauth_token_answer){};
 }
 
+/* oauth_parse_token_answer()'s refusal: why, never quoting the answer. */
+static int token_answer_refused(const char **ret_why, const char *why) {
+        if (ret_why)
+                *ret_why = why;
+        return -EBADMSG;
+}
+
 int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_answer *ret, const char **ret_why) {
         _cleanup_(json_decrefp) json_t *j = load_object(buf, len);
         struct oauth_token_answer t = {};
-        const char *at = NULL, *tt = NULL, *rt = NULL, *scope = NULL, *why = NULL;
-        json_t *ei = NULL;
+        const char *at, *tt, *rt, *scope;
+        json_t *ei;
 
         if (!j)
-                why = "not a JSON object of at most 64 KiB (or nested too deep)";
-        else {
-                at = get_vschar(j, "access_token", OAUTH_TOKEN_MAX);
-                tt = json_string_value(json_object_get(j, "token_type"));
-                rt = get_vschar(j, "refresh_token", OAUTH_TOKEN_MAX);
-                scope = get_vschar(j, "scope", OAUTH_SCOPE_MAX);
-                ei = json_object_get(j, "expires_in");
-                /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and
-                 * DPoP's header alike, RFC 9449 7.1): anything else, CR and LF above all, is
-                 * refused here rather than failing every request after it was stored. */
-                if (!at || !b64token_is_valid(at, strlen(at)))
-                        why = "access_token missing, over 4096 bytes or not an RFC 6750 b64token";
-                /* RFC 6749 5.1: token_type is case insensitive. */
-                else if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))
-                        why = "token_type neither Bearer nor DPoP";
-                else if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
-                        why = "refresh_token or scope not printable ASCII of bounded length";
-                /* RFC 6749 5.1: a number of seconds. A string ("3600") or a fraction or exponent
-                 * (1e300) is refused; an integer out of range is clamped below. */
-                else if (ei && !json_is_integer(ei))
-                        why = "expires_in not an integer";
-        }
-        if (why) {
-                if (ret_why)
-                        *ret_why = why;
-                return -EBADMSG;
-        }
+                return token_answer_refused(ret_why, "not a JSON object of at most 64 KiB (or nested too deep)");
+        at = get_vschar(j, "access_token", OAUTH_TOKEN_MAX);
+        tt = json_string_value(json_object_get(j, "token_type"));
+        rt = get_vschar(j, "refresh_token", OAUTH_TOKEN_MAX);
+        scope = get_vschar(j, "scope", OAUTH_SCOPE_MAX);
+        ei = json_object_get(j, "expires_in");
+        /* RFC 6750 2.1: the token goes into "Authorization: Bearer <b64token>" (and DPoP's
+         * header alike, RFC 9449 7.1): anything else, CR and LF above all, is refused here
+         * rather than failing every request after it was stored. */
+        if (!at || !b64token_is_valid(at, strlen(at)))
+                return token_answer_refused(ret_why, "access_token missing, over 4096 bytes or not an RFC 6750 b64token");
+        /* RFC 6749 5.1: token_type is case insensitive. */
+        if (!tt || (strcasecmp(tt, "Bearer") != 0 && strcasecmp(tt, "DPoP") != 0))
+                return token_answer_refused(ret_why, "token_type neither Bearer nor DPoP");
+        if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
+                return token_answer_refused(ret_why, "refresh_token or scope not printable ASCII of bounded length");
+        /* RFC 6749 5.1: a number of seconds. A string ("3600") or a fraction or exponent
+         * (1e300) is refused; an integer out of range is clamped below. */
+        if (ei && !json_is_integer(ei))
+                return token_answer_refused(ret_why, "expires_in not an integer");
         if (ei) {
                 json_int_t e = json_integer_value(ei);
                 t.expires_in = e < OAUTH_EXPIRES_IN_MIN_S   ? OAUTH_EXPIRES_IN_MIN_S
