@@ -20,6 +20,10 @@
 #include "iothub/util.h"
 
 #define CHAN_READ_CHUNK (64 * 1024)
+/* Buffers larger than these are freed once empty: an upload's body grows the output buffer to
+ * 128 KiB and more, which would otherwise stay touched (private memory, DESIGN.md Targets). */
+#define CHAN_OUT_KEEP (16 * 1024)
+#define CHAN_IN_KEEP_CLIENT CHAN_READ_CHUNK
 
 struct chan_client {
         sd_event *event;
@@ -343,6 +347,16 @@ static int on_io(sd_event_source *es, int fd, uint32_t revents, void *userdata) 
                         return 0;
                 }
                 c->out_off += (size_t) k;
+        }
+        if (c->out_off == c->out_len && c->out_cap > CHAN_OUT_KEEP) {
+                erase_and_free(c->out, c->out_cap);
+                c->out = NULL;
+                c->out_len = c->out_off = c->out_cap = 0;
+        }
+        if (c->in_len == 0 && c->in_cap > CHAN_IN_KEEP_CLIENT) {
+                erase_and_free(c->in, c->in_cap);
+                c->in = NULL;
+                c->in_cap = 0;
         }
         chan_pump(c);
         return 0;

@@ -25,6 +25,7 @@
 
 #define CONTROL_MAX_GROUPS 256
 #define CONTROL_PEM_MAX 16384
+#define CONTROL_REQUEST_FIRST 1024 /* the input buffer doubles from this up to CONTROL_REQUEST_MAX */
 /* At most one "control socket full" line of each kind per window: the peers cause them. */
 #define CONTROL_FULL_LOG_WINDOW_USEC (10 * UINT64_C(1000000))
 /* Refused peers logged per window: enough to name each of a few, not a line per connection. */
@@ -71,7 +72,7 @@ struct conn {
         int fd;
         sd_event_source *io, *timer;
         char *in;
-        size_t in_len;
+        size_t in_len, in_cap;
         char *out;
         size_t out_len, out_off;
         bool pending; /* waiting for the cloud (register); the answer comes later */
@@ -829,14 +830,21 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         }
         if (c->out || c->draining)
                 return 0;
-        if (!c->in) {
-                c->in = malloc(CONTROL_REQUEST_MAX);
-                if (!c->in) {
+        if (c->in_len == c->in_cap) {
+                /* Requests are a line of some hundred bytes: the buffer starts small and
+                 * doubles up to the limit, rather than 64 KiB per client. */
+                size_t cap = c->in_cap ? c->in_cap * 2 : CONTROL_REQUEST_FIRST;
+                if (cap > CONTROL_REQUEST_MAX)
+                        cap = CONTROL_REQUEST_MAX;
+                char *in = realloc(c->in, cap);
+                if (!in) {
                         conn_free(c);
                         return 0;
                 }
+                c->in = in;
+                c->in_cap = cap;
         }
-        n = recv(fd, c->in + c->in_len, CONTROL_REQUEST_MAX - c->in_len, MSG_DONTWAIT);
+        n = recv(fd, c->in + c->in_len, c->in_cap - c->in_len, MSG_DONTWAIT);
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
                 return 0;
         if (n <= 0) {
@@ -851,6 +859,7 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         c->draining = true;
                         free(c->in);
                         c->in = NULL;
+                        c->in_cap = 0;
                         if (conn_set_reply(c, error_reply("request longer than %d bytes", CONTROL_REQUEST_MAX)) < 0 ||
                             sd_event_source_set_io_events(c->io, EPOLLIN | EPOLLOUT) < 0)
                                 conn_free(c);

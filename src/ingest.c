@@ -247,6 +247,35 @@ static void store_ok(struct ingest *in) {
         storage_changed(in);
 }
 
+/* A batch's arrays larger than this are freed once the batch ends (committed or not): a burst
+ * grows them to 128 KiB and more, which would otherwise stay touched (private memory, DESIGN.md
+ * Targets) through every quiet hour after it. Below it they are kept for the next batch; a
+ * regrowth costs a few doublings per commit, nothing beside the commit's fdatasync. */
+#define INGEST_BATCH_KEEP (16 * 1024)
+
+static void batch_release(struct ingest_batch *t) {
+        if (t->cap_buf > INGEST_BATCH_KEEP) {
+                free(t->buf);
+                t->buf = NULL;
+                t->cap_buf = 0;
+        }
+        if (t->cap_frames * sizeof *t->frames > INGEST_BATCH_KEEP) {
+                free(t->frames);
+                t->frames = NULL;
+                t->cap_frames = 0;
+        }
+        if (t->cap_undo * sizeof *t->undo > INGEST_BATCH_KEEP) {
+                free(t->undo);
+                t->undo = NULL;
+                t->cap_undo = 0;
+        }
+        if (t->cap_acks * sizeof *t->acks > INGEST_BATCH_KEEP) {
+                free(t->acks);
+                t->acks = NULL;
+                t->cap_acks = 0;
+        }
+}
+
 /* Ends the batch without accepting any of its frames (the transaction, if one is open, is
  * rolled back): the database keeps the old seqs, and so must memory, or the bulbs' honest
  * resends (PROTOCOL.md 1, end-to-end acknowledgement) would be replays. Their acks are dropped
@@ -270,6 +299,7 @@ static void batch_abort(struct ingest *in, bool began) {
         in->batch.count = 0;
         in->batch.bytes = 0;
         in->batch.n_acks = 0;
+        batch_release(&in->batch);
         (void) sd_event_source_set_enabled(in->hold_timer, SD_EVENT_OFF);
         /* Frames dropped for room were rolled back too: count again from the table. */
         if (began)
@@ -588,6 +618,7 @@ int ingest_commit(struct ingest *in) {
         in->spool->bytes += in->batch.bytes;
         in->batch.count = 0;
         in->batch.bytes = 0;
+        batch_release(&in->batch);
         if (in->ev.committed)
                 in->ev.committed(in->ev.userdata);
         return 0;

@@ -877,7 +877,7 @@ void seglog_roll(struct seglog *l) {
         }
 }
 
-int seglog_append(struct seglog *l, const struct seglog_record *frames, size_t n) {
+static int append_records(struct seglog *l, const struct seglog_record *frames, size_t n) {
         struct seglog_record cur = { .type = SEGLOG_CURSOR, .id = 0 };
         size_t need = 0, len = 0;
         int64_t id = l->last_id;
@@ -963,6 +963,21 @@ fail:
                 (void) unlinkat(l->dir_fd, name, 0);
                 l->n--;
                 l->writing = false;
+        }
+        return r;
+}
+
+/* The staging buffer of an append larger than this is freed after it: a burst's commits grow it
+ * to 128 KiB, which would stay touched (private memory, DESIGN.md Targets) long after. */
+#define SEGLOG_BUF_KEEP (16 * 1024)
+
+int seglog_append(struct seglog *l, const struct seglog_record *frames, size_t n) {
+        int r = append_records(l, frames, n);
+
+        if (l->cap_buf > SEGLOG_BUF_KEEP) {
+                free(l->buf);
+                l->buf = NULL;
+                l->cap_buf = 0;
         }
         return r;
 }
