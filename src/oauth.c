@@ -212,6 +212,26 @@ static json_t *load_object(const uint8_t *buf, size_t len) {
 }
 
 /* A string member made of printable ASCII (VSCHAR, RFC 6749 A), 1..max bytes; NULL otherwise. */
+/* A whole number of seconds (RFC 6749 5.1, RFC 8628 3.2 say "seconds" and JSON has one number
+ * type): an integer, or a number written with a zero fraction or an exponent that is exactly one
+ * (3600.0, 3.6e3: some servers serialise floats). A fraction (3600.5), a string ("3600") or a
+ * number past 2^53, where doubles stop being exact (1e300), is not. */
+static bool json_whole_seconds(const json_t *v, json_int_t *ret) {
+        if (json_is_integer(v)) {
+                *ret = json_integer_value(v);
+                return true;
+        }
+        if (json_is_real(v)) {
+                double d = json_real_value(v);
+                /* NaN fails both comparisons; jansson never produces one, but the cast would be UB. */
+                if (d >= -9007199254740992.0 && d <= 9007199254740992.0 && (double) (json_int_t) d == d) {
+                        *ret = (json_int_t) d;
+                        return true;
+                }
+        }
+        return false;
+}
+
 static const char *get_vschar(json_t *o, const char *name, size_t max) {
         json_t *v = json_object_get(o, name);
         const char *s = json_string_value(v);
@@ -298,16 +318,15 @@ int oauth_parse_device_answer(const uint8_t *buf, size_t len, struct oauth_devic
         vc = get_vschar(j, "verification_uri_complete", OAUTH_URI_MAX);
         ei = json_object_get(j, "expires_in");
         iv = json_object_get(j, "interval");
-        if (!dc || !uc || !vu || (json_object_get(j, "verification_uri_complete") && !vc) || !json_is_integer(ei) ||
-            (iv && !json_is_integer(iv)))
+        n = OAUTH_INTERVAL_DEFAULT_S;
+        if (!dc || !uc || !vu || (json_object_get(j, "verification_uri_complete") && !vc) ||
+            !json_whole_seconds(ei, &e) || (iv && !json_whole_seconds(iv, &n)))
                 return -EBADMSG;
         /* RFC 8628 3.2: expires_in is the lifetime of the codes; a code that is already dead is
          * an error, one that lives longer than we wait for a user is cut short. */
-        e = json_integer_value(ei);
         if (e <= 0)
                 return -EBADMSG;
         d.expires_in = e > OAUTH_DEVICE_EXPIRES_MAX_S ? OAUTH_DEVICE_EXPIRES_MAX_S : e;
-        n = iv ? json_integer_value(iv) : OAUTH_INTERVAL_DEFAULT_S;
         d.interval_s = n < 1 ? 1 : n > OAUTH_INTERVAL_MAX_S ? OAUTH_INTERVAL_MAX_S : (unsigned) n;
         d.device_code = strdup(dc);
         d.user_code = strdup(uc);
@@ -361,12 +380,12 @@ int oauth_parse_token_answer(const uint8_t *buf, size_t len, struct oauth_token_
                 return token_answer_refused(ret_why, "token_type neither Bearer nor DPoP");
         if ((json_object_get(j, "refresh_token") && !rt) || (json_object_get(j, "scope") && !scope))
                 return token_answer_refused(ret_why, "refresh_token or scope not printable ASCII of bounded length");
-        /* RFC 6749 5.1: a number of seconds. A string ("3600") or a fraction or exponent
-         * (1e300) is refused; an integer out of range is clamped below. */
-        if (ei && !json_is_integer(ei))
-                return token_answer_refused(ret_why, "expires_in not an integer");
+        /* RFC 6749 5.1: a number of seconds (json_whole_seconds()); a whole one out of range is
+         * clamped below. */
+        json_int_t e = 0;
+        if (ei && !json_whole_seconds(ei, &e))
+                return token_answer_refused(ret_why, "expires_in not a whole number of seconds");
         if (ei) {
-                json_int_t e = json_integer_value(ei);
                 t.expires_in = e < OAUTH_EXPIRES_IN_MIN_S   ? OAUTH_EXPIRES_IN_MIN_S
                                : e > OAUTH_EXPIRES_IN_MAX_S ? OAUTH_EXPIRES_IN_MAX_S
                                                             : (int64_t) e;

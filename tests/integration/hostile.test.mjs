@@ -523,7 +523,7 @@ test('item 6 and 4: a superseded login, and a client hanging up on logout, are c
 // SIGN-IN):
 // - expires_in -5 (RFC 6749 5.1 wants a positive number): counts as OAUTH_EXPIRES_IN_MIN_S (10 s),
 //   the token is used, refreshed after 5 s (not every second).
-// - expires_in 1e300 or "3600" (not an integer), an access token with CR LF (not an RFC 6750 2.1
+// - expires_in 1e300 or "3600" (not a whole number of seconds), an access token with CR LF (not an RFC 6750 2.1
 //   b64token), nesting deeper than the parser goes: a 200 without usable tokens. The sign-in ends
 //   (the device code is spent); a refresh keeps the old tokens and counts a refusal.
 // - a 3 MiB or an endless body: cut at 1 MiB (HTTP_RESPONSE_MAX); ends the sign-in, counts as a
@@ -543,7 +543,7 @@ const HUGE_BODY = { kind: 'huge', bytes: 3 * 1024 * 1024 };
 const ENDLESS = { kind: 'endless', maxMs: 10000 };
 const REDIRECT = { kind: 'redirect', status: 307 };
 // Why the parser refused an answer, as oauth.c logs it (never quoting the answer).
-const WHY_EI = 'expires_in not an integer';
+const WHY_EI = 'expires_in not a whole number of seconds';
 const WHY_AT = 'access_token missing, over 4096 bytes or not an RFC 6750 b64token';
 const WHY_JSON = 'not a JSON object';
 const UNUSABLE = (what, why) => new RegExp(`answered the ${what} with HTTP 200 without usable tokens: ${why}`);

@@ -175,6 +175,14 @@ static void test_token_answer(void **state) {
                 { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":\"3600\"}", -EBADMSG, 0 },
                 { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":1e300}", -EBADMSG, 0 },
                 { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":3600.5}", -EBADMSG, 0 },
+                /* A whole number written as a float (Python's json.dumps(3600.0)): seconds all the same. */
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":3600.0}", 0, 3600 },
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":3.6e3}", 0, 3600 },
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":-0.0}", 0, OAUTH_EXPIRES_IN_MIN_S },
+                /* 2^53 is the last whole double that is exact; 2^53 + 2 is past it. */
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":9007199254740992.0}", 0,
+                  OAUTH_EXPIRES_IN_MAX_S },
+                { "{\"access_token\":\"abc\",\"token_type\":\"Bearer\",\"expires_in\":9007199254740994.0}", -EBADMSG, 0 },
                 /* RFC 6750 2.1 b64token: CR, LF, space, quote, comma are refused. */
                 { "{\"access_token\":\"abc\\r\\nX-Evil: 1\",\"token_type\":\"Bearer\"}", -EBADMSG, 0 },
                 { "{\"access_token\":\"abc\\n\",\"token_type\":\"Bearer\"}", -EBADMSG, 0 },
@@ -249,6 +257,9 @@ static void test_device_answer(void **state) {
                 { DEV(",\"expires_in\":-3"), -EBADMSG, 0, 0 },
                 { DEV(""), -EBADMSG, 0, 0 },
                 { DEV(",\"expires_in\":600,\"interval\":\"5\""), -EBADMSG, 0, 0 },
+                { DEV(",\"expires_in\":600.0,\"interval\":5.0"), 0, 600, 5 },
+                { DEV(",\"expires_in\":600,\"interval\":5.5"), -EBADMSG, 0, 0 },
+                { DEV(",\"expires_in\":1e300"), -EBADMSG, 0, 0 },
                 { "{\"device_code\":\"dc\",\"user_code\":\"U\\nC\",\"verification_uri\":\"https://as/d\",\"expires_in\":6}",
                   -EBADMSG, 0, 0 },
         };
