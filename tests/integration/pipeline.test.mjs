@@ -167,7 +167,7 @@ for (const [name, rule] of [['503', { status: 503 }], ['500 with Retry-After', {
     const r0 = cloud.state.requests.length;
     await cloud.control.fail({ ...rule, delayMs: 400, count: 1 });
     slow.reset();
-    const frames = await publish(2 * PER_BATCH); // two full batches at once
+    const frames = await publish(2 * PER_BATCH); // four full batches at once (two bulbs)
     await assertDelivered(frames);
     const reqs = await assertOrdered(r0);
     const failed = reqs.findIndex((q) => q.status === rule.status);
