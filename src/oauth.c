@@ -1088,6 +1088,13 @@ static void login_finish(struct oauth *o, int r, const char *message) {
                 o->device_code = NULL;
         }
         o->poll_timer = sd_event_source_disable_unref(o->poll_timer);
+        /* Every ending but a sign-in (LOGIN_OK, logged by on_poll()) is logged here, once, whether
+         * a client still waits or went away: its answer carries only an errno, and control.c
+         * tells the user that this log says why. The answer's flaws are warnings; the user's
+         * no, the code's expiry and a new sign-in are not. */
+        if (r < 0)
+                log_full_errno(r == -EACCES || r == -ETIMEDOUT || r == -ECANCELED ? LOG_NOTICE : LOG_WARNING, 0,
+                               "Sign-in ended: %s", message);
         if (cb.finished)
                 cb.finished(cb.userdata, r, message);
 }
@@ -1123,11 +1130,12 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
         if (resp->error == 0 && resp->status == 200) {
                 r = accept_tokens(o, resp, &why);
                 if (r < 0) {
+                        char m[200];
                         /* The device code is spent (the server issued what it calls tokens):
                          * polling on cannot help, the user starts again. */
-                        log_warning("The token endpoint answered the sign-in with HTTP 200 without usable tokens: %s",
-                                    r == -EBADMSG && why ? why : strerror(-r));
-                        login_finish(o, r, "the token endpoint answered without usable tokens");
+                        (void) snprintf(m, sizeof m, "the token endpoint answered the sign-in with HTTP 200 without usable tokens: %s",
+                                        r == -EBADMSG && why ? why : strerror(-r));
+                        login_finish(o, r, m);
                         return;
                 }
                 o->token_from_401 = false;
@@ -1152,8 +1160,10 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
         } else if (resp->error == -EFBIG) {
                 /* An answer, not a network failure: asking again would fetch HTTP_RESPONSE_MAX
                  * bytes every interval until the code expires. */
-                log_warning("The token endpoint answered the sign-in with a body over %u bytes", (unsigned) HTTP_RESPONSE_MAX);
-                login_finish(o, -EBADMSG, "the token endpoint answered without usable tokens");
+                char m[100];
+                (void) snprintf(m, sizeof m, "the token endpoint answered the sign-in with a body over %u bytes",
+                                (unsigned) HTTP_RESPONSE_MAX);
+                login_finish(o, -EBADMSG, m);
                 return;
         } else if (resp->error < 0 || resp->status >= 500) {
                 /* Transient: keep polling until the code expires, less often each time (RFC 8628
@@ -1164,7 +1174,6 @@ static void on_poll(struct oauth *o, const struct http_response *resp, const cha
                 char m[160];
                 /* 3xx (never followed) and other 4xx: the flow cannot go on. */
                 (void) snprintf(m, sizeof m, "the token endpoint refused: HTTP %ld %.60s", resp->status, e);
-                log_warning("Sign-in: %s", m);
                 login_finish(o, -EPROTO, m);
                 return;
         }
@@ -1191,6 +1200,8 @@ static void on_device(struct oauth *o, const struct http_response *resp, const c
                         (void) snprintf(m, sizeof m, "device authorization answered HTTP %ld %s", resp->status, e);
                 o->login_active = false;
                 o->login = (struct oauth_login_cb){};
+                /* Logged here, whether or not the client that started it still waits. */
+                log_warning("Sign-in could not start: %s", m);
                 if (cb.started)
                         cb.started(cb.userdata, -EPROTO, m, NULL);
                 return;

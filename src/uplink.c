@@ -333,8 +333,7 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
                 return;
         c = q->conn;
         if (r < 0) {
-                /* An error answer carries no field: the reason is logged. */
-                log_warning("Sign-in could not start: %s", message ? message : strerror(-r));
+                /* An error answer carries no field: oauth.c logged the reason. */
                 chan_answer_error(c->cc, q->id, q->op, r);
         } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 const char *complete = json_string_value(json_object_get(info, "verification_uri_complete"));
@@ -352,12 +351,11 @@ static void on_login_started(void *userdata, int r, const char *message, json_t 
 }
 
 /* How a sign-in ended, to its waiter: RESULT when the user signed in, else an error answer
- * (the channel's error answers carry no field; the reason is logged). */
+ * (the channel's error answers carry no field; oauth.c logged the reason when it ended). */
 static void login_wait_answer(struct req *q, int r, const char *message) {
         struct conn *c = q->conn;
 
         if (r < 0) {
-                log_notice("Sign-in ended: %s", message);
                 chan_answer_error(c->cc, q->id, q->op, r);
         } else if (chan_answer_begin(c->cc, q->id, q->op, 0) >= 0) {
                 (void) tlv_msg_add_str(c->out, UPLINK_TAG_RESULT, message && message[0] ? message : "signed in");

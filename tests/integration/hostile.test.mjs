@@ -610,7 +610,7 @@ test('hostile token answers to the sign-in poll: each from signed out, the outco
       { name: 'endless body', b: ENDLESS, outcome: 'unusable', log: TOO_BIG_POLL },
       { name: 'interim 103, then authorization_pending', outcome: 'pending',
         b: { kind: 'interim', status: 400, interimHeaders: { 'dpop-nonce': 'interim-nonce' }, body: { error: 'authorization_pending' } } },
-      { name: '307', b: REDIRECT, outcome: 'refused', log: /Sign-in: the token endpoint refused: HTTP 307/ },
+      { name: '307', b: REDIRECT, outcome: 'refused', log: /Sign-in ended: the token endpoint refused: HTTP 307/ },
       // RFC 8628 3.5: a server in trouble is polled less often: the interval (1 s) doubles.
       { name: '503', b: { kind: 'answer', status: 503, body: { error: 'temporarily_unavailable' } }, outcome: 'pending', backoff: true },
     ];
@@ -656,6 +656,9 @@ test('hostile token answers to the sign-in poll: each from signed out, the outco
         assert.match(p.out, c.outcome === 'refused' ? /refused the sign-in/ : /the token endpoint answered without usable tokens/, c.name);
         assert.equal(st.oauth.state, 'login_required', c.name);
         await logged(h, l0, c.log, c.name);
+        // Once, by oauth.c when the sign-in ended: not again by the uplink that answers the waiter.
+        const ends = h.uplinkLog.slice(l0).match(/Sign-in ended/g) ?? [];
+        assert.equal(ends.length, 1, `${c.name}: the ending logged ${ends.length} times: ${h.uplinkLog.slice(l0)}`);
       }
     }
     assert.equal(peer.state.hits.elsewhere ?? 0, e0, 'no redirect followed');

@@ -15,7 +15,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Hub, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
+import { spawn } from 'node:child_process';
+import { Hub, IOTHUBCTL, Swtpm, mqttClient, tempDir, waitFor, sleep } from './lib/harness.mjs';
 import { Bulb } from './lib/bulb.mjs';
 import { startAuthServer } from '../oauth/server.mjs';
 import { deviceLogin } from './lib/login.mjs';
@@ -222,6 +223,42 @@ test('stopping the daemon while a sign-in request is in flight ends it without a
     assert.notEqual((await ctl).code, 0, 'the login command learns that the daemon went away');
   } finally {
     release();
+    auth.clearMisbehaviour();
+    await h.cleanup();
+    await t2.stop();
+  }
+});
+
+// A sign-in that cannot start (the device authorization answered 503) is logged once, by the
+// uplink's oauth.c, with the reason: with its client waiting (which gets only an errno, and is
+// told that the log says why), and also when the client hung up before the answer came.
+test('a sign-in that cannot start is logged once with its reason, also after its client hung up', async () => {
+  const { t2, h } = await ownHub('tpm-nostart', auth);
+  const WHY = /Sign-in could not start: device authorization answered HTTP 503/;
+  const count = (from) => (h.uplinkLog.slice(from).match(new RegExp(WHY.source, 'g')) ?? []).length;
+  let release;
+  try {
+    auth.misbehave({ route: 'device', count: 1, respond: async () => ({ status: 503 }) });
+    let l0 = h.uplinkLog.length;
+    const r = await h.ctl(['login']);
+    assert.notEqual(r.code, 0, r.stdout);
+    await waitFor(() => WHY.test(h.uplinkLog.slice(l0)), 5000, 'the reason in the log');
+    assert.equal(count(l0), 1, h.uplinkLog.slice(l0));
+
+    const held = new Promise((res) => { release = res; });
+    const seen = auth.state.misbehaved.length;
+    auth.misbehave({ route: 'device', count: 1, respond: async () => { await held; return { status: 503 }; } });
+    l0 = h.uplinkLog.length;
+    const p = spawn(IOTHUBCTL, ['--config', h.configPath, 'login'], { stdio: 'ignore' });
+    await waitFor(() => auth.state.misbehaved.length > seen, 8000, 'the device authorization request at the server');
+    p.kill('SIGINT'); // Ctrl-C before the answer
+    await once(p, 'exit');
+    release();
+    await waitFor(() => WHY.test(h.uplinkLog.slice(l0)), 5000, 'the reason in the log without a waiter');
+    assert.equal(count(l0), 1, h.uplinkLog.slice(l0));
+    assert.equal((await h.status()).oauth.state, 'login_required');
+  } finally {
+    release?.();
     auth.clearMisbehaviour();
     await h.cleanup();
     await t2.stop();
