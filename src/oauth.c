@@ -211,7 +211,6 @@ static json_t *load_object(const uint8_t *buf, size_t len) {
         return j;
 }
 
-/* A string member made of printable ASCII (VSCHAR, RFC 6749 A), 1..max bytes; NULL otherwise. */
 /* A whole number of seconds (RFC 6749 5.1, RFC 8628 3.2 say "seconds" and JSON has one number
  * type): an integer, or a number written with a zero fraction or an exponent that is exactly one
  * (3600.0, 3.6e3: some servers serialise floats). A fraction (3600.5), a string ("3600") or a
@@ -232,6 +231,7 @@ static bool json_whole_seconds(const json_t *v, json_int_t *ret) {
         return false;
 }
 
+/* A string member made of printable ASCII (VSCHAR, RFC 6749 A), 1..max bytes; NULL otherwise. */
 static const char *get_vschar(json_t *o, const char *name, size_t max) {
         json_t *v = json_object_get(o, name);
         const char *s = json_string_value(v);
