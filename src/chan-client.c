@@ -7,7 +7,13 @@
  * Every request is kept encoded in its op until answered, so that a connection lost with
  * requests out (the peer killed, restarted by systemd; the socket stays with socket
  * activation) costs nothing but a resend. Answers are matched by request id; an answer to an op
- * that was cancelled meanwhile finds no op and is dropped. */
+ * that ended meanwhile finds no op and is dropped.
+ *
+ * An op that ends while its request is out (a timeout, chan_op_cancel()) abandons the request:
+ * the peer is told with the channel's cancel op, when it has one, so that what it does for the
+ * request ends (the uplink's curl transfer, a chained upload behind it), and the request keeps
+ * its place in inflight until the peer's answer to it comes (c->abandoned): the peer counts it
+ * until then, and reads nothing past its own limit. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +44,7 @@ struct chan_client {
         size_t out_len, out_off, out_cap;
         struct chan_op *head, *tail; /* oldest first */
         unsigned n_ops, inflight;
+        unsigned abandoned; /* of inflight: requests out whose op ended first, answer awaited */
         uint32_t next_id;
         unsigned connect_failures;
         struct chan_client_counters n;
@@ -47,6 +54,8 @@ static void chan_disconnect(struct chan_client *c, int error);
 static void chan_pump(struct chan_client *c);
 static void arm_tick(struct chan_client *c);
 static int chan_connect(struct chan_client *c);
+static int out_append(struct chan_client *c, const uint8_t *data, size_t len);
+static void update_events(struct chan_client *c);
 
 /* ---- ops ---- */
 
@@ -70,9 +79,31 @@ static void op_unlink(struct chan_op *op) {
         op->client = NULL;
 }
 
+/* op ends while its request is out on the connection: the peer hears so (the channel's cancel
+ * op), and the request stays in inflight until the peer answers it. */
+static void op_abandon(struct chan_client *c, struct chan_op *op) {
+        struct tlv_buf b = {};
+
+        if (op->state != CHAN_OP_SENT)
+                return;
+        op->state = CHAN_OP_DONE; /* op_unlink() leaves inflight alone */
+        c->abandoned++;
+        if (!c->p.cancel_op)
+                return;
+        /* A failure (out of memory) leaves the peer at its work: it answers in its own time. */
+        if (tlv_msg_begin(&b, c->p.proto, op->id, c->p.cancel_op, false, 0) >= 0 && tlv_msg_end(&b) >= 0 &&
+            out_append(c, b.data, b.len) >= 0) {
+                c->n.cancels_sent++;
+                update_events(c);
+        }
+        tlv_buf_done(&b);
+}
+
 void chan_op_cancel(struct chan_op *op) {
         if (!op)
                 return;
+        if (op->client)
+                op_abandon(op->client, op);
         op_unlink(op);
         /* tlv_buf_done() wipes: a request may carry a token or an Authorization value. */
         tlv_buf_done(&op->req);
@@ -269,6 +300,11 @@ static int take_answer(struct chan_client *c, size_t need) {
         } else if (op) {
                 int k = m.status < 0 ? m.status : c->ev.answer ? c->ev.answer(c->ev.userdata, op, &m) : 0;
                 op_finish(c, op, k);
+        } else if (c->abandoned > 0) {
+                /* The answer to an abandoned request (each request is answered once): its place
+                 * in inflight is free again. */
+                c->abandoned--;
+                c->inflight--;
         }
         return 0;
 }
@@ -406,7 +442,7 @@ static void chan_disconnect(struct chan_client *c, int error) {
                         op->state = CHAN_OP_QUEUED;
                         c->n.resent++;
                 }
-        c->inflight = 0;
+        c->inflight = c->abandoned = 0;
         if (was)
                 c->n.reconnects++;
         if (c->ev.disconnected)
@@ -427,6 +463,7 @@ static int on_tick(sd_event_source *es, uint64_t usec, void *userdata) {
                 next = op->next;
                 if (op->deadline <= now) {
                         c->n.timeouts++;
+                        op_abandon(c, op);
                         op_finish(c, op, -ETIMEDOUT);
                         /* finish() may have freed others: start over. */
                         next = c->head;

@@ -562,6 +562,7 @@ int uplink_client_new(sd_event *e, const struct iothub_conf *conf, const struct 
                                                           .socket = conf->uplink.socket,
                                                           .queue_max = UPLINK_CLIENT_QUEUE_MAX,
                                                           .inflight_max = UPLINK_CLIENT_INFLIGHT_MAX,
+                                                          .cancel_op = UPLINK_OP_CANCEL,
                                                           .reconnect_min_ms = UPLINK_CLIENT_RECONNECT_MIN_MS,
                                                           .reconnect_max_ms = UPLINK_CLIENT_RECONNECT_MAX_MS },
                             &(struct chan_client_events){ .answer = on_answer,
@@ -648,10 +649,10 @@ int uplink_status_json(const struct uplink_client *u, json_t *o) {
         oauth = json_object_get(u->status, "oauth");
         if (json_object_set_new(o, "oauth", oauth ? json_deep_copy(oauth) : json_pack("{s:s}", "state", "unknown")) < 0)
                 return -ENOMEM;
-        up = json_pack("{s:b,s:s,s:I,s:I,s:I,s:I,s:s*,s:O*}", "connected", chan_client_is_connected(u->chan),
+        up = json_pack("{s:b,s:s,s:I,s:I,s:I,s:I,s:I,s:s*,s:O*}", "connected", chan_client_is_connected(u->chan),
                        "socket", u->conf->uplink.socket, "reconnects", (json_int_t) n.reconnects, "pending",
                        (json_int_t) n.pending, "resent", (json_int_t) n.resent, "timeouts",
-                       (json_int_t) n.timeouts, "last_error", u->last_error[0] ? u->last_error : NULL, "remote",
+                       (json_int_t) n.timeouts, "cancelled", (json_int_t) n.cancels_sent, "last_error", u->last_error[0] ? u->last_error : NULL, "remote",
                        u->status);
         if (!up)
                 return -ENOMEM;

@@ -53,6 +53,7 @@ static const struct tlv_op ops[_UPLINK_OP_MAX] = {
         [UPLINK_OP_LOGOUT] = { "LOGOUT", {}, {} },
         [UPLINK_OP_STATUS] = { "STATUS", {}, { R(STATUS_JSON) } },
         [UPLINK_OP_WATCH] = { "WATCH", { R(SINCE) }, { R(GEN), R(EVENTS) } },
+        [UPLINK_OP_CANCEL] = { "CANCEL", {}, {} },
 };
 #undef R
 #undef O
@@ -102,6 +103,8 @@ static int check(const struct tlv_msg *m) {
         uint64_t v;
         uint8_t kind;
 
+        if (m->answer && m->op == UPLINK_OP_CANCEL)
+                return -EBADMSG; /* never answered */
         if (m->status < 0)
                 return 0;
         if (!m->answer && m->op == UPLINK_OP_REQUEST) {

@@ -96,7 +96,7 @@ struct uplink {
         int login_r;
         char login_message[256];
         struct {
-                uint64_t requests;
+                uint64_t requests, cancelled;
         } n;
 };
 
@@ -456,8 +456,9 @@ static int status_json(struct uplink *u, char **ret) {
         if (r >= 0 && u->key_ready)
                 r = json_object_set_new(o, "key", json_pack("{s:s,s:s*}", "id", signer_key_id(u->signer),
                                                             "backend", signer_key_backend(u->signer)));
-        up = json_pack("{s:b,s:b,s:I,s:I,s:I,s:s*}", "have_key", cloudreq_have_key(u->req), "have_token",
-                       cloudreq_have_token(u->req), "requests", (json_int_t) u->n.requests, "refused_peer",
+        up = json_pack("{s:b,s:b,s:I,s:I,s:I,s:I,s:s*}", "have_key", cloudreq_have_key(u->req), "have_token",
+                       cloudreq_have_token(u->req), "requests", (json_int_t) u->n.requests, "cancelled",
+                       (json_int_t) u->n.cancelled, "refused_peer",
                        (json_int_t) chan_server_refused_peer(u->server), "malformed",
                        (json_int_t) chan_server_malformed(u->server), "last_error",
                        e[0] ? e : NULL);
@@ -575,6 +576,29 @@ static int op_watch(struct conn *c, const struct tlv_msg *m) {
         return 1;
 }
 
+/* ---- CANCEL ---- */
+
+/* iothubd gave up on its request of this id (uplink-proto.h): what is done for it ends
+ * (req_free(): curl's transfer, the signer's ops, a chained upload behind it unsent, a
+ * sign-out's or a sign-in's waiter) and it is answered -ECANCELED, which iothubd drops but
+ * counts: its place among the connection's requests in flight is free again at both ends. A
+ * REGISTER is not ended: a registration once begun finishes (its attestation round trip with
+ * the cloud too), is answered then, and iothubd records it from the registered news. The
+ * CANCEL itself is never answered; an id with nothing out (answered meanwhile) is ignored. */
+static int op_cancel(struct conn *c, const struct tlv_msg *m) {
+        for (struct req *q = c->reqs; q; q = q->next)
+                if (q->id == m->id && q->op != UPLINK_OP_REGISTER) {
+                        c->u->n.cancelled++;
+                        log_debug("Request %" PRIu32 " (%s) cancelled by iothubd", q->id,
+                                  tlv_op_to_string(&uplink_proto, q->op));
+                        chan_answer_error(c->cc, q->id, q->op, -ECANCELED);
+                        req_detach(q);
+                        req_free(q);
+                        break;
+                }
+        return 1;
+}
+
 /* ---- dispatch ---- */
 
 static int dispatch(void *userdata, struct chan_conn *cc, const struct tlv_msg *m) {
@@ -595,6 +619,8 @@ static int dispatch(void *userdata, struct chan_conn *cc, const struct tlv_msg *
                 return op_login_start(c, m);
         case UPLINK_OP_LOGIN_WAIT:
                 return op_login_wait(c, m);
+        case UPLINK_OP_CANCEL:
+                return op_cancel(c, m);
         }
         return -EOPNOTSUPP;
 }

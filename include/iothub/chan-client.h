@@ -18,6 +18,11 @@
  *   - A request waits at most its timeout (queued, retried or out; 0: no limit, a long poll);
  *     then finish() gets -ETIMEDOUT. At most queue_max requests wait: beyond that
  *     chan_op_begin() fails with -EBUSY.
+ *   - A request that is out when its op ends without its answer (a timeout, chan_op_cancel())
+ *     is abandoned: on a channel with a cancel op the peer is told (a message of that op with
+ *     the request's id, never answered), so that its work ends too; either way the request
+ *     counts towards inflight_max until the peer answers it, as it counts at the peer, and
+ *     that answer is dropped.
  *   - High-priority requests are sent before low ones; at most inflight_max are out at once.
  *   - Requests are kept encoded until answered (for the resend) and wiped when they end: they
  *     may carry a token or an Authorization value. */
@@ -55,6 +60,7 @@ struct chan_client_params {
         const char *socket; /* the caller's, outlives the client */
         unsigned queue_max, inflight_max;
         bool retry_busy;
+        unsigned cancel_op; /* the channel's op that tells the peer a request is abandoned; 0: none */
         unsigned reconnect_min_ms, reconnect_max_ms, busy_min_ms, busy_max_ms;
 };
 
@@ -77,6 +83,7 @@ struct chan_client_events {
 
 struct chan_client_counters {
         uint64_t reconnects, resent, busy_retries, timeouts;
+        uint64_t cancels_sent; /* cancel_op messages: requests abandoned while out */
         unsigned pending; /* ops queued or out */
 };
 

@@ -33,6 +33,13 @@ enum uplink_opcode {
         UPLINK_OP_LOGOUT = 5,
         UPLINK_OP_STATUS = 6,      /* the uplink's part of `iothubctl status --json` */
         UPLINK_OP_WATCH = 7,       /* long poll: answered when the event generation passes SINCE */
+        /* iothubd no longer waits for its request of the same id (its timeout passed, or its owner
+         * cancelled it): what the uplink does for it ends (curl's transfer, the signer's ops, a
+         * sign-out's or a sign-in's waiter; a chained upload behind it goes unsent) and that
+         * request is answered -ECANCELED, which iothubd drops. A REGISTER runs on to its end. No
+         * fields; never answered itself; an id with no request out (answered meanwhile) is
+         * ignored. */
+        UPLINK_OP_CANCEL = 8,
         _UPLINK_OP_MAX,
 };
 

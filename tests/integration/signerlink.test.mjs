@@ -171,6 +171,38 @@ test('the signer absent when the daemon starts: READY at once, frames spooled, u
     `iothubd named the key ${Date.now() - t2} ms after the uploads`);
 });
 
+// iothub-uplink(8), CANCEL. A signer that does not answer holds the uplink's status upload in its
+// signing, past iothubd's wait ([cloud] timeout_s 5 + 15 s). iothubd gives up, tells the uplink,
+// and sends the batch again later. Without the CANCEL the abandoned request would still go once
+// the signer answers, and the new one, chained behind it, after it: the batch twice.
+test('an upload iothubd gave up on ends in the uplink too (CANCEL): the signer frozen 20 s, the batch still reaches the cloud once', async () => {
+  const st0 = await hub.status();
+  const dup0 = cloud.state.duplicates;
+  const remote0 = st0.uplink.remote?.uplink?.cancelled ?? 0;
+  let sent;
+  process.kill(hub.signerProc.pid, 'SIGSTOP');
+  try {
+    sent = await publish(3);
+    await waitFor(async () => (await hub.status()).uplink.cancelled > st0.uplink.cancelled, 45000,
+      'iothubd gave up on an upload and cancelled it');
+    await waitFor(async () => (await hub.status()).uplink.remote?.uplink?.cancelled > remote0, 10000,
+      'the uplink ended the request');
+  } finally {
+    process.kill(hub.signerProc.pid, 'SIGCONT');
+  }
+  await assertExactlyOnce(sent);
+  // The cloud stores a frame once whatever comes (PROTOCOL.md 3: it drops duplicates by (dev,
+  // seq)); what came twice, it counts.
+  await sleep(1000);
+  assert.equal(cloud.state.duplicates - dup0, 0, 'no frame reached the cloud twice');
+  const st = await hub.status();
+  assert.ok(st.uplink.timeouts > st0.uplink.timeouts, 'iothubd\'s wait for the answer passed');
+  await waitFor(async () => (await hub.status()).uplink.pending === st0.uplink.pending, 10000,
+    `iothubd's requests to the uplink back to what they were (${st0.uplink.pending}: the long polls)`);
+  console.log(`signer frozen past iothubd's wait: ${st.uplink.cancelled - st0.uplink.cancelled} request(s) cancelled, ` +
+    `${st.uplink.timeouts - st0.uplink.timeouts} timed out, batch once at the cloud`);
+});
+
 test('the daemon stopped while its requests are out to a signer that does not answer: a clean exit', async () => {
   // SIGSTOP: the signer's socket takes the connection and the requests, and nothing answers.
   process.kill(hub.signerProc.pid, 'SIGSTOP');

@@ -236,6 +236,34 @@ test('a closed connection cancels its requests (the parked long poll leaves the 
   }
 });
 
+test('CANCEL: the parked long poll leaves the cloud and is answered ECANCELED, the connection goes on; a CANCEL is never answered', async () => {
+  const hubAtCloud = () => cloud.state.hubs.get(HUB_ID);
+  const c = await connect();
+  try {
+    const before = (await uplinkStatus(c)).uplink.cancelled;
+    const poll = c.send(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.COMMANDS_POLL }], [UPLINK_TAG.ARG, '25'],
+      [UPLINK_TAG.TIMEOUT, 30]]);
+    await waitFor(() => hubAtCloud()?.waiters?.size === 1, 15000, 'the long poll parked at the cloud');
+    c.sendRaw(encode(poll, UPLINK_OP.CANCEL));
+    // The request is answered, ECANCELED (iothubd drops it, and its place in flight is free).
+    const a = await c.wait(poll, 5000);
+    assert.equal(a.op, UPLINK_OP.REQUEST);
+    assert.equal(a.status, ECANCELED);
+    // curl's transfer ended: the cloud sees its request go, the connection stays.
+    await waitFor(() => hubAtCloud().waiters.size === 0, 5000, 'the poll cancelled at the cloud');
+    // Ignored: the id answered just now, and one never sent.
+    c.sendRaw(encode(poll, UPLINK_OP.CANCEL));
+    c.sendRaw(encode(4242, UPLINK_OP.CANCEL));
+    const st = await uplinkStatus(c);
+    assert.equal(st.uplink.cancelled, before + 1, 'one request ended by CANCEL');
+    assert.deepEqual(c.answers.filter((m) => m.op === UPLINK_OP.CANCEL || m.id === 4242), [], 'no CANCEL answered');
+    assert.equal(c.answers.filter((m) => m.id === poll).length, 1, 'the poll answered once');
+    assert.match(uplink.log, /Request \d+ \(REQUEST\) cancelled by iothubd/);
+  } finally {
+    c.close();
+  }
+});
+
 test('socket activation: the listening socket from systemd, READY=1, WATCHDOG=1, STOPPING=1', async () => {
   const nsock = path.join(hub.dir, 'notify-uplink.sock');
   const notify = spawn(NOTIFY_LISTEN, [nsock], { stdio: ['ignore', 'pipe', 'inherit'] });

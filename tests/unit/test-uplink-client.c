@@ -316,17 +316,24 @@ static void test_status_kept(void **state) {
 }
 
 /* A cancelled call never reaches its done(), even when its answer comes. */
+/* A call cancelled while its request is out: the uplink is told (CANCEL, the request's id, so
+ * that its transfer ends too), and the answer that comes anyway never reaches the caller. */
 static void test_cancelled_call(void **state) {
         struct fx *f = *state;
         struct answer x = {};
-        struct tlv_msg m;
+        struct tlv_msg m, req;
         struct uplink_call *call;
 
         peer_accept(f);
         call = request(f, &x);
         peer_expect(f, UPLINK_OP_REQUEST, &m);
+        req = m;
         uplink_call_cancel(call);
-        answer_request(f, &m);
+        peer_expect(f, UPLINK_OP_CANCEL, &m);
+        assert_int_equal(m.id, req.id);
+        for (unsigned t = 1; t < _UPLINK_TAG_MAX; t++)
+                assert_false(tlv_msg_has(&m, t));
+        answer_request(f, &req);
         for (int i = 0; i < 10; i++)
                 assert_true(sd_event_run(f->e, 10000) >= 0);
         assert_int_equal(x.calls, 0);
@@ -469,6 +476,85 @@ static void test_op_restart_timeout(void **state) {
         chan_client_free(c);
 }
 
+/* An op that ends while its request is out (its timeout, chan_op_cancel()) abandons the request:
+ * the peer gets the channel's cancel op with the request's id, and the request keeps its place
+ * in flight until the peer answers it (the peer counts it until then): with inflight_max 1 the
+ * next request waits for that answer. An op that ends before it was sent costs no CANCEL. On
+ * chan-client.c itself, with its own socket. */
+static void test_abandoned_request(void **state) {
+        struct fx *f = *state;
+        struct chan_client *c = NULL;
+        struct chan_client_counters n;
+        struct chan_op a = {}, b = {}, q = {};
+        struct ended x = { .op = { &a, &b } };
+        struct tlv_msg m, first;
+        struct tlv_buf ans = {};
+        char path[108];
+        uint64_t end;
+        int lfd;
+
+        (void) snprintf(path, sizeof path, "%s/chan.sock", f->dir);
+        assert_int_equal(unix_listen(path, 4, &lfd), 0);
+        assert_int_equal(chan_client_new(f->e,
+                                         &(struct chan_client_params){ .proto = &uplink_proto,
+                                                                       .socket = path,
+                                                                       .queue_max = 4,
+                                                                       .inflight_max = 1,
+                                                                       .cancel_op = UPLINK_OP_CANCEL,
+                                                                       .reconnect_min_ms = 100,
+                                                                       .reconnect_max_ms = 100 },
+                                         &(struct chan_client_events){ .finish = on_op_finish, .userdata = &x }, &c),
+                         0);
+        assert_int_equal(chan_op_begin(c, &a, UPLINK_OP_STATUS, 0), 0);
+        assert_int_equal(chan_op_submit(c, &a, 100000), 0);
+        end = now_monotonic_usec() + 5000000;
+        while ((f->cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) < 0 && now_monotonic_usec() < end)
+                assert_true(sd_event_run(f->e, 20000) >= 0);
+        assert_true(f->cfd >= 0);
+        peer_read(f, &m);
+        assert_int_equal(m.op, UPLINK_OP_STATUS);
+        first = m;
+        assert_int_equal(chan_op_begin(c, &b, UPLINK_OP_STATUS, 0), 0);
+        assert_int_equal(chan_op_submit(c, &b, 0), 0);
+
+        /* a's timeout: its finish(), then the CANCEL; b still waits for a's place. */
+        peer_read(f, &m);
+        assert_int_equal(x.calls[0], 1);
+        assert_int_equal(x.r[0], -ETIMEDOUT);
+        assert_int_equal(m.op, UPLINK_OP_CANCEL);
+        assert_int_equal(m.id, first.id);
+        assert_false(peer_try_read(f, &m, now_monotonic_usec() + 200000));
+        chan_client_counters(c, &n);
+        assert_int_equal(n.cancels_sent, 1);
+        assert_int_equal(n.timeouts, 1);
+
+        /* The peer answers the abandoned request: dropped, and b goes. */
+        assert_int_equal(uplink_msg_begin(&ans, first.id, UPLINK_OP_STATUS, true, -ECANCELED), 0);
+        peer_send(f, &ans);
+        peer_read(f, &m);
+        assert_int_equal(m.op, UPLINK_OP_STATUS);
+        assert_int_not_equal(m.id, first.id);
+        first = m;
+
+        /* A queued op cancelled before it went: nothing on the wire for it. */
+        assert_int_equal(chan_op_begin(c, &q, UPLINK_OP_STATUS, 0), 0);
+        assert_int_equal(chan_op_submit(c, &q, 0), 0);
+        chan_op_cancel(&q);
+        /* b cancelled while out: CANCEL with its id, and no finish(). */
+        chan_op_cancel(&b);
+        peer_read(f, &m);
+        assert_int_equal(m.op, UPLINK_OP_CANCEL);
+        assert_int_equal(m.id, first.id);
+        assert_false(peer_try_read(f, &m, now_monotonic_usec() + 100000));
+        assert_int_equal(x.calls[1], 0);
+        chan_client_counters(c, &n);
+        assert_int_equal(n.cancels_sent, 2);
+        assert_int_equal(n.pending, 0);
+        chan_client_free(c);
+        close(lfd);
+        (void) unlink(path);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_request_round_trip, setup, teardown),
@@ -478,6 +564,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_register_failed_before_answer, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_watch_error_backoff, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_op_restart_timeout, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_abandoned_request, setup, teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
