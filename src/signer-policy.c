@@ -6,6 +6,7 @@
 #include <jansson.h>
 
 #include "commands-internal.h"
+#include "iothub/dpop.h"
 #include "iothub/signer-policy.h"
 #include "iothub/signer-proto.h"
 #include "iothub/verify.h"
@@ -311,16 +312,6 @@ int signer_policy_http(const struct signer_policy *p, const char *method, const 
         return 0;
 }
 
-/* RFC 9449 8.1: nonce = 1*NQCHAR, NQCHAR = %x21 / %x23-5B / %x5D-7E. */
-static bool nonce_is_valid(const char *s) {
-        if (!s[0])
-                return false;
-        for (; *s; s++)
-                if (*s < 0x21 || *s > 0x7e || *s == '"' || *s == '\\')
-                        return false;
-        return true;
-}
-
 int signer_policy_dpop(const struct signer_policy *p, const char *method, const char *url, const char *ath,
                        const char *nonce, const char **ret_why) {
         struct signer_origin o;
@@ -343,7 +334,9 @@ int signer_policy_dpop(const struct signer_policy *p, const char *method, const 
                                        "request of PROTOCOL.md 3 or 5 for this hub");
         if (ath && (strlen(ath) != HUBKEY_ID_LEN || !b64url_chars_are_valid(ath, strlen(ath))))
                 return refuse(ret_why, "ath is not 43 base64url characters");
-        if (nonce && !nonce_is_valid(nonce))
+        /* RFC 9449 8.1 NQCHARs, the rule the uplink keeps a nonce by (dpop.h); the channel's
+         * field limit bounds its length. */
+        if (nonce && !dpop_nonce_is_valid(nonce, SIZE_MAX))
                 return refuse(ret_why, "nonce is not RFC 9449 NQCHARs");
         return 0;
 }

@@ -32,7 +32,7 @@ const ALLOWED = {
   // iothub-signer(8): its main and loop, its policy, the wire codec (issue 14).
   signer: ['chanserver', 'signer-policy', 'signer-proto', 'tokenstore', 'attest', 'httpsig', 'command', 'dpop', 'jws', 'hubkey',
     'verify', 'frame', 'conf'],
-  'signer-policy': ['command', 'hubkey', 'verify', 'frame', 'conf'],
+  'signer-policy': ['command', 'dpop', 'hubkey', 'verify', 'frame', 'conf'],
   // iothub-uplink(8) (issue 14 stage 2): its main and loop; HTTPS, sign-in and the requests by
   // kind; the hub key and the sealed tokens through the signer's client.
   uplink: ['chanserver', 'cloudreq', 'oauth', 'http', 'signer', 'uplink-proto', 'tlv', 'conf'],

@@ -313,6 +313,10 @@ static void test_http_dpop(void **state) {
         assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a b", &why), -EPERM);
         assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a\\b", &why), -EPERM);
         assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a\"b", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "a\x7f", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "\xc3\xa9", &why), -EPERM);
+        assert_int_equal(signer_policy_dpop(&p, "POST", status, NULL, "!#[]~", &why), 0);
         assert_int_equal(signer_policy_dpop(&p, "POST", status, ath, "n-1", &why), 0);
         signer_policy_done(&p);
 
