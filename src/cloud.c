@@ -515,6 +515,8 @@ static void on_status_done(void *userdata, const struct uplink_answer *a) {
                 c->follower->call = NULL;
         }
         cloud_maybe_send(c);
+        if (c->spool->pending == 0 && a->error == 0 && a->status == 200 && c->ev.drained)
+                c->ev.drained(c->ev.userdata);
 }
 
 /* ---- the device list ---- */

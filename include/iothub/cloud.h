@@ -39,6 +39,9 @@ struct cloud_counters {
 struct cloud_events {
         /* iothubctl register succeeded: requests for other modules (cloud_ready()) may go. */
         void (*registered)(void *userdata);
+        /* An upload emptied the spool: a burst is over (hub.c gives the heap's free pages back
+         * then, rather than up to its status timer later). May be NULL. */
+        void (*drained)(void *userdata);
         void *userdata;
 };
 

@@ -355,9 +355,13 @@ function targetsTable(results) {
   row(`command -> bulb p99 beside ${COMMANDS_LOAD_RATE} status frames/s, ms`, `<= ${TARGET.commandP99Ms}`,
     (m) => (loaded(m) ? `${fmt(loaded(m).latency_ms.cloud_to_bulb.p99)} (quiet ${fmt(m.commands.phases.find((p) => !p.load)?.latency_ms.cloud_to_bulb.p99)})` : '-'),
     (m) => (loaded(m) ? loaded(m).latency_ms.cloud_to_bulb.p99 <= TARGET.commandP99Ms : null));
+  // Enrolled, and after the load: right after the cloud had the last frame, and (in brackets)
+  // 1 s later, once the daemon read the last answer (relay.mjs).
   const priv200 = (m) => (m.relay?.rss_after_enrol ? Math.max(m.relay.rss_after_enrol.privateKiB, m.relay.rss_after_load?.privateKiB ?? 0) : null);
-  row(`private memory (smaps Private_*) with ${RELAY_BULBS} bulbs, MiB`, `<= ${TARGET.private200MiB}`,
-    (m) => MiBs(priv200(m)), (m) => (priv200(m) === null ? null : priv200(m) / 1024 <= TARGET.private200MiB));
+  const priv200Later = (m) => (m.relay?.rss_after_load_settled ? Math.max(m.relay.rss_after_enrol.privateKiB, m.relay.rss_after_load_settled.privateKiB) : null);
+  row(`private memory (smaps Private_*) with ${RELAY_BULBS} bulbs, MiB (1 s later)`, `<= ${TARGET.private200MiB}`,
+    (m) => (priv200(m) === null ? '-' : `${MiBs(priv200(m))}` + (priv200Later(m) === null ? '' : ` (${MiBs(priv200Later(m))})`)),
+    (m) => (priv200(m) === null ? null : priv200(m) / 1024 <= TARGET.private200MiB));
   // Enrolled and after a frame pass, each read 6 s after the burst (the daemon's heap trim has
   // run, relay.mjs); in brackets the larger reading taken right after the burst.
   const priv5kNow = (m) => (m.relay?.rss_after_big_enrol ? Math.max(m.relay.rss_after_big_enrol.privateKiB, m.relay.rss_after_big_load?.privateKiB ?? 0) : null);

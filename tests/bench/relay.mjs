@@ -22,6 +22,8 @@ import { startWearTrace } from './wear.mjs';
 
 // hub.c trims the heap on its 5 s status timer; a reading this long after a burst has seen it run.
 const MEMORY_SETTLE_MS = 6000;
+// The 200-bulb reading after the load, a second time this long after the first (above).
+const RELAY_SETTLE_MS = 1000;
 const WORKER_TAG = 'iothub-bench-cloud';
 const PREFIX = 'iothub/v1/bulbs';
 const TOKEN = 'tok-bench-relay-0123456789abcdef';
@@ -651,8 +653,12 @@ export async function relayScenario(root, h, opt) {
     const top = Math.max(...opt.rates);
     for (const rate of opt.rates) await run({ label: `${rate}/s`, rate, frames: Math.round(rate * opt.seconds), bare: rate >= 1000, probe: rate === top && rate >= 1000 });
     if (opt.capacityFrames > 0) await run({ label: 'unpaced', rate: 0, frames: opt.capacityFrames, bare: true });
-    // RSS with the default batching (the big-batch run below builds bodies 16 times larger).
+    // RSS with the default batching (the big-batch run below builds bodies 16 times larger):
+    // right after the cloud had the last frame, and again RELAY_SETTLE_MS later, once the
+    // daemon read the last answer (its heap trim runs when an upload empties the spool, hub.c).
     out.rss_after_load = await h.procStatus(ctx.pid);
+    await sleep(RELAY_SETTLE_MS);
+    out.rss_after_load_settled = await h.procStatus(ctx.pid);
     // The hub's other two processes (issue 14), for the per-process and total memory.
     const others = async () => ({ uplink: ctx.hub.uplinkProc ? await h.procStatus(ctx.hub.uplinkProc.pid) : null,
       signer: ctx.hub.signerProc ? await h.procStatus(ctx.hub.signerProc.pid) : null });
@@ -664,7 +670,8 @@ export async function relayScenario(root, h, opt) {
         `${out.others_after_load.uplink.hwmKiB} / ${out.others_after_load.uplink.privateKiB}` : '') +
         (out.others_after_load.signer ? `, signer ${out.others_after_load.signer.rssKiB} / ${out.others_after_load.signer.hwmKiB} / ` +
         `${out.others_after_load.signer.privateKiB}` : '') +
-        `; private in total ${t.reduce((n, x) => n + x.privateKiB, 0)}\n`);
+        `; private in total ${t.reduce((n, x) => n + x.privateKiB, 0)}; iothubd ${RELAY_SETTLE_MS / 1000} s later: ` +
+        `${out.rss_after_load_settled.rssKiB} / ${out.rss_after_load_settled.hwmKiB} / ${out.rss_after_load_settled.privateKiB}\n`);
       // Where iothubd's private memory is (the installed-system test logs the same line).
       process.stdout.write(`    ${smapsTop(await fs.readFile(`/proc/${ctx.pid}/smaps`, 'utf8'), 'iothubd', 10)}\n`);
     }
