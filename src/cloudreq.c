@@ -38,6 +38,9 @@
  * signer's httpsig.h, which this layer does not include), room for the cloud's clock skew and
  * the request's own time on the wire. */
 #define CLOUDREQ_HELD_MAX_USEC (UINT64_C(20) * 1000 * 1000)
+/* A second attempt (after a 401) goes only with at least this much of the call's time left:
+ * below it, not even an answer already on its way would make it. */
+#define CLOUDREQ_ATTEMPT_MIN_MS 100
 
 enum chain_verdict {
         CHAIN_NONE,
@@ -61,6 +64,9 @@ struct cloudreq_call {
         unsigned kind;        /* enum uplink_kind; 0 for a registration */
         char *arg;
         long timeout_s;
+        /* CLOCK_MONOTONIC usec by which a request call ends (0: its first attempt has not gone
+         * yet): its first attempt's start + its timeout; attempt_timeout_ms(). */
+        uint64_t deadline;
         /* The request as it goes, kept for a second attempt after a 401. */
         const char *method; /* a literal */
         char *url, *body;
@@ -306,16 +312,56 @@ static void call_fail(struct cloudreq_call *q, int error, const char *text) {
         call_finish(q, &(struct cloudreq_answer){ .error = error, .error_text = text, .body = "", .retry_after = "" });
 }
 
+/* The HTTP timeout of q's next attempt, in milliseconds, or -ETIMEDOUT when too little is left
+ * for one. A request call has one deadline for all its attempts: its timeout counted from its
+ * first attempt's start (for a chained upload, when its predecessor's 200 let it go, the moment
+ * iothubd starts its own wait over too). So a 401, the refresh and the second attempt fit in the
+ * time the caller waits (timeout_s and uplink-client.c's margin for the signer), where each
+ * attempt with the whole timeout could run past that wait: the caller then gave up on a call
+ * that was still going. A registration's steps (the challenge, then the registration) each have
+ * the whole timeout: iothubd's wait for REGISTER covers them (uplink-client.c). */
+static long attempt_timeout_ms(struct cloudreq_call *q, bool starting) {
+        long t = q->timeout_s > 0 ? q->timeout_s : (long) q->cr->conf->cloud.timeout_s;
+        uint64_t now = now_monotonic_usec(), left;
+
+        if (q->is_register)
+                return t * 1000L;
+        if (!q->deadline) {
+                if (starting)
+                        q->deadline = now + (uint64_t) t * UINT64_C(1000000);
+                return t * 1000L;
+        }
+        left = q->deadline > now ? (q->deadline - now) / 1000 : 0;
+        return left >= CLOUDREQ_ATTEMPT_MIN_MS ? (long) left : -ETIMEDOUT;
+}
+
+/* Ends q, whose second attempt has no time left (attempt_timeout_ms()). */
+static void call_out_of_time(struct cloudreq_call *q) {
+        long t = q->timeout_s > 0 ? q->timeout_s : (long) q->cr->conf->cloud.timeout_s;
+        char text[160];
+
+        (void) snprintf(text, sizeof text,
+                        "answered HTTP 401, and less than %d ms of the request's %ld s was left to send it again",
+                        CLOUDREQ_ATTEMPT_MIN_MS, t);
+        /* The error goes to the caller as ETIMEDOUT alone: the why is here. */
+        log_warning("The cloud %s: it ends as timed out", text);
+        set_last_error(q->cr, "the cloud %s", text);
+        call_fail(q, -ETIMEDOUT, text);
+}
+
 /* Hands the signed request to http.c; what the attempt prepared is freed (http.c copied it). */
 static int attempt_launch(struct cloudreq_call *q) {
         const struct signer_reply *sig = signer_op_reply(q->sign_op);
         struct cloudreq *cr = q->cr;
         const char *lines[8];
+        long timeout_ms = attempt_timeout_ms(q, true);
         size_t n = 0;
         int r;
 
         if (!sig || !sig->signature_input || !sig->signature)
                 return -EBADMSG;
+        if (timeout_ms < 0)
+                return (int) timeout_ms;
         lines[n++] = q->auth_header;
         if (q->dpop_header)
                 lines[n++] = q->dpop_header;
@@ -331,8 +377,7 @@ static int attempt_launch(struct cloudreq_call *q) {
                        &(struct http_request){ .method = q->method,
                                                .url = q->url,
                                                .ca_file = cr->conf->cloud.ca_file,
-                                               .timeout_s = q->timeout_s > 0 ? q->timeout_s
-                                                                             : (long) cr->conf->cloud.timeout_s,
+                                               .timeout_ms = timeout_ms,
                                                .headers = lines,
                                                .n_headers = n,
                                                .body = q->body,
@@ -383,6 +428,11 @@ static void attempt_signed(struct cloudreq_call *q, int r) {
                 r = attempt_launch(q);
         if (r >= 0)
                 return;
+        if (r == -ETIMEDOUT) {
+                /* Signed too late for the call's deadline (attempt_timeout_ms()). */
+                call_out_of_time(q);
+                return;
+        }
         /* The key could not sign (the signer unreachable, its TPM gone, or another TPM in its
          * place): said with the key's MESSAGE_ID, once per try (the caller backs off like after
          * any failed request). */
@@ -592,8 +642,11 @@ static int on_401(struct cloudreq_call *q, const struct http_response *resp) {
         return r;
 }
 
-/* Once more, after a 401 that a new nonce, a newer token or a refresh answered. */
+/* Once more, after a 401 that a new nonce, a newer token or a refresh answered: -ETIMEDOUT when
+ * too little of the call's time is left (attempt_timeout_ms()), and nothing is signed then. */
 static int call_again(struct cloudreq_call *q) {
+        if (attempt_timeout_ms(q, false) < 0)
+                return -ETIMEDOUT;
         q->retried_401 = true;
         /* A registration starts over (a fresh attestation: the cloud's challenge is single-use). */
         return q->is_register ? register_begin(q) : attempt_start(q);
@@ -604,8 +657,13 @@ static void on_refreshed(void *userdata, int r) {
         char text[320];
 
         q->refreshing = false;
-        if (r >= 0)
+        if (r >= 0) {
                 r = call_again(q);
+                if (r == -ETIMEDOUT) {
+                        call_out_of_time(q);
+                        return;
+                }
+        }
         if (r >= 0)
                 return;
         (void) snprintf(text, sizeof text, "answered HTTP 401 and the token could not be refreshed%s%s",
@@ -940,6 +998,10 @@ static void on_http_done(void *userdata, const struct http_response *resp) {
                         k = call_again(q);
                         if (k >= 0)
                                 return;
+                        if (k == -ETIMEDOUT) {
+                                call_out_of_time(q);
+                                return;
+                        }
                         char text[320];
                         (void) snprintf(text, sizeof text, "cannot send again after HTTP 401: %s", strerror(-k));
                         call_fail(q, k, text);

@@ -2,6 +2,7 @@
 /* libcurl's multi socket interface on sd-event: curl says which sockets to watch and when
  * to call it back (CURLMOPT_SOCKETFUNCTION, CURLMOPT_TIMERFUNCTION); the loop watches them
  * and calls curl_multi_socket_action() when they are ready. */
+#include <limits.h>
 #include <stdio.h>
 #include <strings.h>
 #include <sys/epoll.h>
@@ -290,10 +291,12 @@ int http_start(struct http *h, const struct http_request *r, http_done_t done, h
                void *userdata, struct http_req **ret) {
         struct http_req *q;
         CURLMcode mrc;
+        long timeout_ms;
         int rc = -EINVAL;
 
-        if (!h || !r || !r->method || !r->url || !done)
+        if (!h || !r || !r->method || !r->url || !done || r->timeout_s < 0 || r->timeout_s > LONG_MAX / 1000)
                 return -EINVAL;
+        timeout_ms = r->timeout_ms > 0 ? r->timeout_ms : r->timeout_s * 1000L;
         q = calloc(1, sizeof *q);
         if (!q)
                 return -ENOMEM;
@@ -336,8 +339,8 @@ int http_start(struct http *h, const struct http_request *r, http_done_t done, h
             curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYPEER, 1L) != CURLE_OK ||
             curl_easy_setopt(q->easy, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
             curl_easy_setopt(q->easy, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_TIMEOUT, r->timeout_s) != CURLE_OK ||
-            curl_easy_setopt(q->easy, CURLOPT_CONNECTTIMEOUT, r->timeout_s < 10 ? r->timeout_s : 10L) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_TIMEOUT_MS, timeout_ms) != CURLE_OK ||
+            curl_easy_setopt(q->easy, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L) != CURLE_OK ||
             curl_easy_setopt(q->easy, CURLOPT_HTTPHEADER, q->headers) != CURLE_OK ||
             curl_easy_setopt(q->easy, CURLOPT_CUSTOMREQUEST, r->method) != CURLE_OK ||
             curl_easy_setopt(q->easy, CURLOPT_USERAGENT, "iothubd/" IOTHUB_VERSION) != CURLE_OK ||

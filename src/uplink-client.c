@@ -652,8 +652,8 @@ int uplink_status_json(const struct uplink_client *u, json_t *o) {
         up = json_pack("{s:b,s:s,s:I,s:I,s:I,s:I,s:I,s:s*,s:O*}", "connected", chan_client_is_connected(u->chan),
                        "socket", u->conf->uplink.socket, "reconnects", (json_int_t) n.reconnects, "pending",
                        (json_int_t) n.pending, "resent", (json_int_t) n.resent, "timeouts",
-                       (json_int_t) n.timeouts, "cancelled", (json_int_t) n.cancels_sent, "last_error", u->last_error[0] ? u->last_error : NULL, "remote",
-                       u->status);
+                       (json_int_t) n.timeouts, "cancelled", (json_int_t) n.cancels_sent, "last_error",
+                       u->last_error[0] ? u->last_error : NULL, "remote", u->status);
         if (!up)
                 return -ENOMEM;
         return json_object_set_new(o, "uplink", up) < 0 ? -ENOMEM : 0;

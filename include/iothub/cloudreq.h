@@ -82,7 +82,8 @@ const char *cloudreq_key_error(const struct cloudreq *cr);
 
 /* Request kind (enum uplink_kind) with arg (NULL when the kind takes none) and body
  * (malloc'ed, taken in every case; NULL for none), body_len bytes. timeout_s 0 means [cloud]
- * timeout_s. Status batches are signed at low priority, the rest first (someone waits for
+ * timeout_s: it bounds all the call's attempts together (a 401's second attempt gets what is
+ * left, or the call ends -ETIMEDOUT), counted from its first attempt's start. Status batches are signed at low priority, the rest first (someone waits for
  * those). done() gets the final answer, exactly once, from the loop, unless the call is
  * cancelled first. -EINVAL for a kind or arg uplink_request_target() refuses, -ENOKEY without
  * a key or a token (the caller asks cloudreq_have_key/token first), -ENOMEM, or the signer's

@@ -50,6 +50,7 @@ struct http_request {
         const char *url;            /* https:// only */
         const char *ca_file;        /* NULL: the system's CAs */
         long timeout_s;
+        long timeout_ms; /* > 0: the bound instead of timeout_s (a retry gets what is left of a call) */
         const char *const *headers; /* "Name: value" lines, n_headers of them; copied, and wiped when done */
         size_t n_headers;
         const void *body; /* NULL for none; copied */

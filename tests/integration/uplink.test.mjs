@@ -22,7 +22,7 @@ import { ChannelClient, UPLINK, UPLINK_OP, UPLINK_TAG, UPLINK_KIND, ERRNO, encod
 
 const run = promisify(execFile);
 const HUB_ID = 'test-hub';
-const ECANCELED = -125, EAGAIN = -11;
+const ECANCELED = -125, EAGAIN = -11, ETIMEDOUT = -110;
 let dir, tpm, broker, auth, cloud, hub, uplink, sock, bulb;
 const seenTokens = new Set();
 
@@ -260,6 +260,70 @@ test('CANCEL: the parked long poll leaves the cloud and is answered ECANCELED, t
     assert.equal(c.answers.filter((m) => m.id === poll).length, 1, 'the poll answered once');
     assert.match(uplink.log, /Request \d+ \(REQUEST\) cancelled by iothubd/);
   } finally {
+    c.close();
+  }
+});
+
+// One deadline for the whole call (cloudreq.c attempt_timeout()): iothubd waits a request's
+// timeout and a margin for the signer (uplink-client.c), so a 401 (PROTOCOL.md 3: refresh once,
+// retry), the refresh and the second attempt must fit in the request's timeout. With each attempt
+// given the whole timeout, the second could run past iothubd's wait: iothubd gave up and sent the
+// batch again while the uplink still sent it.
+test('a request\'s 401, refresh and second attempt fit in its timeout: the retry gets what is left', async (t) => {
+  let c = await connect();
+  const statusAttempts = () => cloud.state.requests.filter((r) => r.endpoint === 'status').length;
+  const upload = async (timeout) => {
+    const t0 = Date.now();
+    const a = await c.call(UPLINK_OP.REQUEST, [[UPLINK_TAG.KIND, { u8: UPLINK_KIND.STATUS }],
+      [UPLINK_TAG.BODY, JSON.stringify({ frames: [await bulb.frame()] })], [UPLINK_TAG.TIMEOUT, timeout]], 30000);
+    return { a, ms: Date.now() - t0 };
+  };
+  const restart = async () => {
+    // oauth.c does not refresh again for a token that a 401's refresh brought (no refresh
+    // storm): the uplink starts over, with the stored tokens, for the next case.
+    c.close();
+    await uplink.stop();
+    uplink = await new Uplink(uplink.conf, uplink.sock).start();
+    c = await connect();
+    await waitFor(async () => { const s = await uplinkStatus(c); return s.uplink.have_key && s.uplink.have_token; },
+      15000, 'the hub key and the token in the uplink');
+    // Its first request learns the cloud's DPoP nonce (a 401 use_dpop_nonce, RFC 9449 9).
+    const { a } = await upload(0);
+    assert.equal(a.fields.HTTP_STATUS, 200n);
+  };
+  try {
+    // The 401 comes 1 s into a 4 s request, and the cloud holds the second attempt 5 s: that
+    // attempt goes with what is left (about 2.9 s) and ends at the request's 4 s, ETIMEDOUT (no
+    // HTTP answer). With the whole timeout again it ended at about 5 s.
+    let n0 = statusAttempts();
+    await cloud.control.fail({ status: 401, delayMs: 1000, count: 1 });
+    await cloud.control.fail({ delayMs: 5000, count: 1 });
+    let { a, ms } = await upload(4);
+    assert.equal(a.status, ETIMEDOUT, `answer ${a.status} HTTP ${a.fields.HTTP_STATUS} after ${ms} ms`);
+    assert.ok(ms >= 3800 && ms < 4400, `ended after ${ms} ms`);
+    assert.equal(statusAttempts() - n0, 2, 'the second attempt went');
+    t.diagnostic(`a 401 at 1 s of 4 s, the second attempt held: ETIMEDOUT after ${ms} ms`);
+    await cloud.control.fail('clear');
+
+    // The 401 comes 2.6 s into a 3 s request: the second attempt still goes with the 0.3 s or
+    // so left, and the cloud's quick 200 is the answer.
+    await restart();
+    n0 = statusAttempts();
+    await cloud.control.fail({ status: 401, delayMs: 2600, count: 1 });
+    ({ a, ms } = await upload(3));
+    assert.equal(a.status, 0, `answer ${a.status} after ${ms} ms: ${uplink.log}`);
+    assert.equal(a.fields.HTTP_STATUS, 200n);
+    assert.ok(ms < 3100, `ended after ${ms} ms`);
+    assert.equal(statusAttempts() - n0, 2, 'the second attempt went');
+    t.diagnostic(`a 401 at 2.6 s of 3 s: the second attempt answered 200 after ${ms} ms`);
+    await cloud.control.fail('clear');
+
+    // And the uplink goes on: the next request is answered 200.
+    ({ a } = await upload(0));
+    assert.equal(a.status, 0);
+    assert.equal(a.fields.HTTP_STATUS, 200n);
+  } finally {
+    await cloud.control.fail('clear');
     c.close();
   }
 });

@@ -286,11 +286,15 @@ export class Hub {
     this.notifySock = path.join(this.dir, `notify-${Date.now()}`);
     this.notify = spawn(NOTIFY_LISTEN, [this.notifySock], { stdio: ['ignore', 'pipe', 'inherit'] });
     const rl = readline.createInterface({ input: this.notify.stdout });
-    const listening = new Promise((resolve) => {
+    const listening = new Promise((resolve, reject) => {
       rl.on('line', (line) => {
         if (line === 'LISTENING') { resolve(); return; }
         this.notifications.push(line);
       });
+      // Not built (`make tools`), or it died: said at once, where waiting for its line hung the
+      // test until its timeout without a word.
+      this.notify.once('error', (e) => reject(new Error(`${NOTIFY_LISTEN}: ${e.message} (make tools?)`)));
+      this.notify.once('exit', (code, signal) => reject(new Error(`${NOTIFY_LISTEN} exited (${code ?? signal}) before it listened`)));
     });
     await listening;
     const mark = this.notifications.length;
@@ -325,8 +329,12 @@ export class Hub {
       res = await this.exited;
     }
     if (this.notify) {
-      this.notify.kill('SIGTERM');
-      await once(this.notify, 'exit').catch(() => {});
+      // Only one that runs: one that never started (its 'error') or already exited would never
+      // emit 'exit' again.
+      if (this.notify.pid !== undefined && this.notify.exitCode === null && this.notify.signalCode === null) {
+        this.notify.kill('SIGTERM');
+        await once(this.notify, 'exit').catch(() => {});
+      }
       this.notify = null;
     }
     // After the daemon, as systemd stops iothub.service before the uplink and the signer it
