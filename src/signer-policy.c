@@ -422,7 +422,9 @@ unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid) {
 
 /* The op sets, by op (spec of stage 2): what the uplink needs to sign the cloud's requests, sign
  * in and register, and what iothubd needs to sign a bulb's command; KEY_INFO and STATUS for both
- * (the key id is in each signature they handle, the counters in iothubctl status). */
+ * (the key id is in each signature they handle, the counters in iothubctl status), and CANCEL for
+ * both: it only ends a request of the same connection, and is never answered (a refusal would be
+ * an answer the client's codec refuses). */
 static const unsigned op_roles[_SIGNER_OP_MAX] = {
         [SIGNER_OP_KEY_INFO] = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND,
         [SIGNER_OP_SIGN_HTTP] = SIGNER_ROLE_CLIENT,
@@ -434,6 +436,7 @@ static const unsigned op_roles[_SIGNER_OP_MAX] = {
         [SIGNER_OP_ATTEST_BEGIN] = SIGNER_ROLE_CLIENT,
         [SIGNER_OP_ATTEST_ANSWER] = SIGNER_ROLE_CLIENT,
         [SIGNER_OP_STATUS] = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND,
+        [SIGNER_OP_CANCEL] = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND,
 };
 
 bool signer_policy_op_allowed(unsigned roles, unsigned op) {

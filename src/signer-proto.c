@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* The signer channel's table (include/iothub/signer-proto.h) for the channels' codec
  * (src/tlv.c), and its names for the codec's functions. Pure. */
+#include <errno.h>
+
 #include "iothub/signer-proto.h"
 
 #define KIB 1024u
@@ -45,6 +47,7 @@ static const struct tlv_tag tags[_SIGNER_TAG_MAX] = {
         [SIGNER_TAG_MALFORMED] = { "MALFORMED", TLV_KIND_U64, 8, 8 },
         [SIGNER_TAG_TPM_ERRORS] = { "TPM_ERRORS", TLV_KIND_U64, 8, 8 },
         [SIGNER_TAG_LAST_ERROR] = T(LAST_ERROR, 1, 256),
+        [SIGNER_TAG_CANCELLED] = { "CANCELLED", TLV_KIND_U64, 8, 8 },
 };
 #undef T
 
@@ -72,10 +75,18 @@ static const struct tlv_op ops[_SIGNER_OP_MAX] = {
         [SIGNER_OP_STATUS] = { "STATUS",
                                {},
                                { R(SIGNATURES), R(REFUSED_POLICY), R(REFUSED_RATE), R(REFUSED_PEER), R(MALFORMED),
-                                 R(TPM_ERRORS), O(LAST_ERROR) } },
+                                 R(TPM_ERRORS), O(LAST_ERROR), O(CANCELLED) } },
+        [SIGNER_OP_CANCEL] = { "CANCEL", {}, {} },
 };
 #undef R
 #undef O
+
+/* The rules on values (tlv_proto.check): CANCEL is never answered, not even with an error. */
+static int check(const struct tlv_msg *m) {
+        if (m->answer && m->op == SIGNER_OP_CANCEL)
+                return -EBADMSG;
+        return 0;
+}
 
 const struct tlv_proto signer_proto = {
         .tags = tags,
@@ -83,6 +94,7 @@ const struct tlv_proto signer_proto = {
         .ops = ops,
         .n_ops = _SIGNER_OP_MAX,
         .msg_max = SIGNER_MSG_MAX,
+        .check = check,
 };
 
 const char *signer_op_to_string(unsigned op) {

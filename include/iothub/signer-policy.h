@@ -104,8 +104,9 @@ bool signer_bucket_take(struct signer_bucket *b, double rate, double burst, uint
  * and [signer] command_user (iothubd: the bulbs' commands). A peer that is both (one user named
  * twice, as in a test bed) has the union. */
 enum signer_role {
-        SIGNER_ROLE_CLIENT = 1u << 0,  /* KEY_INFO, SIGN_HTTP, SIGN_DPOP, TOKENS_*, ATTEST_*, STATUS */
-        SIGNER_ROLE_COMMAND = 1u << 1, /* KEY_INFO, SIGN_COMMAND, STATUS */
+        SIGNER_ROLE_CLIENT = 1u << 0,  /* KEY_INFO, SIGN_HTTP, SIGN_DPOP, TOKENS_*, ATTEST_*, STATUS,
+                                        * CANCEL */
+        SIGNER_ROLE_COMMAND = 1u << 1, /* KEY_INFO, SIGN_COMMAND, STATUS, CANCEL */
 };
 /* The roles of a peer of uid (0: none, refused at accept). */
 unsigned signer_policy_roles(uid_t uid, uid_t client_uid, uid_t command_uid);

@@ -29,6 +29,12 @@ enum signer_opcode {
         SIGNER_OP_ATTEST_BEGIN = 8,
         SIGNER_OP_ATTEST_ANSWER = 9,
         SIGNER_OP_STATUS = 10,
+        /* The client no longer waits for its request of the same id (its timeout passed, or its
+         * owner cancelled it). A signature still queued for the TPM leaves the queue unsigned and
+         * that request is answered -ECANCELED, which the client drops; one already at the TPM
+         * finishes and is answered as usual. The other ops are never ended by it (iothub-signer(8),
+         * CANCEL). No fields; never answered itself; an id with no request out is ignored. */
+        SIGNER_OP_CANCEL = 11,
         _SIGNER_OP_MAX,
 };
 
@@ -77,6 +83,8 @@ enum signer_tag {
         SIGNER_TAG_MALFORMED = 35,       /* U64 */
         SIGNER_TAG_TPM_ERRORS = 36,      /* U64 */
         SIGNER_TAG_LAST_ERROR = 37,      /* T [1..256] no secret */
+        SIGNER_TAG_CANCELLED = 38,       /* U64 queued signatures ended by CANCEL; optional in STATUS's
+                                          * answer, so that a client reads an older signer's */
         _SIGNER_TAG_MAX,
 };
 

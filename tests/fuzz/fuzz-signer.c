@@ -16,8 +16,9 @@
  *     command_payload() builds; with a vendor key configured, a command is let through only with
  *     a vendor JWS (never here: the key's private half is not known);
  *   - every request's op is in the op set of the peers that may ask it and no other
- *     (signer_policy_op_allowed(): iothubd's KEY_INFO, SIGN_COMMAND and STATUS; the uplink's
- *     every op but SIGN_COMMAND). */
+ *     (signer_policy_op_allowed(): iothubd's KEY_INFO, SIGN_COMMAND, STATUS and CANCEL; the
+ *     uplink's every op but SIGN_COMMAND);
+ *   - CANCEL is never an answer (the codec refuses one, with or without an error). */
 #include <errno.h>
 #include <inttypes.h>
 #include <strings.h>
@@ -168,11 +169,12 @@ static void check_cloud_request(const char *method, const char *uri) {
                 CHECK(q != NULL);
 }
 
-/* Who may ask it (signer_policy_op_allowed()): iothubd's user only KEY_INFO, SIGN_COMMAND and
- * STATUS; the uplink's every op but SIGN_COMMAND; one user in both roles every op; no role,
+/* Who may ask it (signer_policy_op_allowed()): iothubd's user only KEY_INFO, SIGN_COMMAND, STATUS
+ * and CANCEL; the uplink's every op but SIGN_COMMAND; one user in both roles every op; no role,
  * nothing. */
 static void check_roles(const struct signer_msg *m) {
-        bool command = m->op == SIGNER_OP_KEY_INFO || m->op == SIGNER_OP_SIGN_COMMAND || m->op == SIGNER_OP_STATUS;
+        bool command = m->op == SIGNER_OP_KEY_INFO || m->op == SIGNER_OP_SIGN_COMMAND ||
+                       m->op == SIGNER_OP_STATUS || m->op == SIGNER_OP_CANCEL;
 
         CHECK(signer_policy_op_allowed(SIGNER_ROLE_COMMAND, m->op) == command);
         CHECK(signer_policy_op_allowed(SIGNER_ROLE_CLIENT, m->op) == (m->op != SIGNER_OP_SIGN_COMMAND));
@@ -258,6 +260,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (signer_msg_decode(data + at, need, &m) < 0)
                         break;
                 check_fields(&m);
+                CHECK(!(m.answer && m.op == SIGNER_OP_CANCEL));
                 if (!m.answer) {
                         check_roles(&m);
                         check_policy(&m);

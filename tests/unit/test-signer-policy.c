@@ -510,6 +510,7 @@ static void test_roles(void **state) {
                 { SIGNER_OP_TOKENS_GET, true, false },     { SIGNER_OP_TOKENS_PUT, true, false },
                 { SIGNER_OP_TOKENS_ERASE, true, false },   { SIGNER_OP_ATTEST_BEGIN, true, false },
                 { SIGNER_OP_ATTEST_ANSWER, true, false },  { SIGNER_OP_STATUS, true, true },
+                { SIGNER_OP_CANCEL, true, true },
         };
         const unsigned both = SIGNER_ROLE_CLIENT | SIGNER_ROLE_COMMAND;
 

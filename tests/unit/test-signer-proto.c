@@ -135,6 +135,14 @@ static void test_round_trip_every_op(void **state) {
                         unsigned n = 0;
 
                         assert_int_equal(signer_msg_begin(&b, op * 10u + (unsigned) answer, op, answer, 0), 0);
+                        if (op == SIGNER_OP_CANCEL && answer) {
+                                /* Never answered: the encoder refuses it as the decoder does. */
+                                assert_int_equal(signer_msg_end(&b), -EINVAL);
+                                assert_int_equal(b.len, 0);
+                                assert_non_null(signer_op_to_string(op));
+                                signer_buf_done(&b);
+                                continue;
+                        }
                         for (unsigned t = 1; t < _SIGNER_TAG_MAX; t++) {
                                 enum signer_kind kind;
                                 uint32_t lo, hi;
@@ -204,6 +212,16 @@ static void test_error_answer(void **state) {
         assert_int_equal(signer_msg_begin(&b, 13, 99, true, 0), -EINVAL);
         assert_int_equal(signer_msg_begin(&b, 13, 0x8000, true, -EBADMSG), -EINVAL);
         assert_int_equal(signer_msg_begin(&b, 13, 0, false, 0), -EINVAL);
+        /* CANCEL is never answered; the -EBADMSG to a CANCEL with a field echoes its op as to any
+         * malformed request (then the close), and the client's decoder refuses it as it would an
+         * unknown op's. A successful answer to CANCEL is never built. */
+        assert_int_equal(signer_msg_begin(&b, 14, SIGNER_OP_CANCEL, true, -EBADMSG), 0);
+        assert_int_equal(signer_msg_end(&b), 0);
+        assert_int_equal(b.len, 4 * SIGNER_HEADER_LEN);
+        assert_int_equal(signer_msg_decode(b.data + 3 * SIGNER_HEADER_LEN, SIGNER_HEADER_LEN, &m), -EBADMSG);
+        assert_int_equal(signer_msg_begin(&b, 15, SIGNER_OP_CANCEL, true, 0), 0);
+        assert_int_equal(signer_msg_end(&b), -EINVAL);
+        assert_int_equal(b.len, 4 * SIGNER_HEADER_LEN);
         signer_buf_done(&b);
 }
 
@@ -309,6 +327,39 @@ static void test_badmsg(void **state) {
         raw_begin(&r, 1, SIGNER_OP_STATUS, 0);
         raw_end(&r);
         assert_int_equal(decode(&r), 0);
+        /* CANCEL: no fields, and never answered, not even with an error. */
+        raw_begin(&r, 9, SIGNER_OP_CANCEL, 0);
+        raw_end(&r);
+        assert_int_equal(decode(&r), 0);
+        raw_begin(&r, 9, SIGNER_OP_CANCEL, 0);
+        raw_field(&r, SIGNER_TAG_PRIO, "\0", 1);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
+        raw_begin(&r, 9, SIGNER_OP_CANCEL, 0);
+        raw_field(&r, SIGNER_TAG_IAT, eight, 8);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
+        raw_begin(&r, 9, SIGNER_OP_CANCEL | SIGNER_ANSWER, 0);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
+        raw_begin(&r, 9, SIGNER_OP_CANCEL | SIGNER_ANSWER, -ECANCELED);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
+        /* STATUS's answer: CANCELLED optional (an older signer has none), a u64. */
+        raw_begin(&r, 1, SIGNER_OP_STATUS | SIGNER_ANSWER, 0);
+        for (unsigned t = SIGNER_TAG_SIGNATURES; t <= SIGNER_TAG_TPM_ERRORS; t++)
+                raw_field(&r, t, eight, 8);
+        raw_end(&r);
+        assert_int_equal(decode(&r), 0);
+        raw_field(&r, SIGNER_TAG_CANCELLED, eight, 8);
+        raw_end(&r);
+        assert_int_equal(decode(&r), 0);
+        raw_begin(&r, 1, SIGNER_OP_STATUS | SIGNER_ANSWER, 0);
+        for (unsigned t = SIGNER_TAG_SIGNATURES; t <= SIGNER_TAG_TPM_ERRORS; t++)
+                raw_field(&r, t, eight, 8);
+        raw_field(&r, SIGNER_TAG_CANCELLED, eight, 7);
+        raw_end(&r);
+        assert_int_equal(decode(&r), -EBADMSG);
         /* A request with a status; an answer with a positive status. */
         raw_begin(&r, 1, SIGNER_OP_STATUS, -1);
         raw_end(&r);

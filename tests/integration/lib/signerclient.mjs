@@ -9,7 +9,7 @@ import { once } from 'node:events';
 
 export const OP = {
   KEY_INFO: 1, SIGN_HTTP: 2, SIGN_DPOP: 3, SIGN_COMMAND: 4, TOKENS_GET: 5, TOKENS_PUT: 6,
-  TOKENS_ERASE: 7, ATTEST_BEGIN: 8, ATTEST_ANSWER: 9, STATUS: 10,
+  TOKENS_ERASE: 7, ATTEST_BEGIN: 8, ATTEST_ANSWER: 9, STATUS: 10, CANCEL: 11,
 };
 export const TAG = {
   KEY_ID: 1, JWK: 2, BACKEND: 3, METHOD: 4, TARGET_URI: 5, AUTHORIZATION: 6, BODY: 7, PRIO: 8,
@@ -17,7 +17,7 @@ export const TAG = {
   DEV: 16, CMD_ID: 17, IAT: 18, EXP: 19, SET: 20, CLOUD_JWS: 21, JWS: 22, ACCESS_TOKEN: 23,
   REFRESH_TOKEN: 24, TOKEN_TYPE: 25, SCOPE: 26, EXPIRES_AT: 27, EVIDENCE: 28, CHALLENGE: 29,
   ANSWER: 30, SIGNATURES: 31, REFUSED_POLICY: 32, REFUSED_RATE: 33, REFUSED_PEER: 34,
-  MALFORMED: 35, TPM_ERRORS: 36, LAST_ERROR: 37,
+  MALFORMED: 35, TPM_ERRORS: 36, LAST_ERROR: 37, CANCELLED: 38,
 };
 // A channel's table, as decode() reads answers with it: tag names, which tags are u64 numbers
 // and which are bytes (a Buffer); the rest are text.
@@ -26,7 +26,7 @@ function table(TAGS, u64, bytes) {
 }
 // Fields that are numbers on the wire: u8 PRIO, u64 the rest.
 export const SIGNER = table(TAG, [TAG.IAT, TAG.EXP, TAG.EXPIRES_AT, TAG.SIGNATURES, TAG.REFUSED_POLICY,
-  TAG.REFUSED_RATE, TAG.REFUSED_PEER, TAG.MALFORMED, TAG.TPM_ERRORS], [TAG.BODY]);
+  TAG.REFUSED_RATE, TAG.REFUSED_PEER, TAG.MALFORMED, TAG.TPM_ERRORS, TAG.CANCELLED], [TAG.BODY]);
 
 // iothub-uplink(8): its ops and tags (include/iothub/uplink-proto.h is the normative list).
 export const UPLINK_OP = { REQUEST: 1, REGISTER: 2, LOGIN_START: 3, LOGIN_WAIT: 4, LOGOUT: 5, STATUS: 6, WATCH: 7,
@@ -42,7 +42,7 @@ export const UPLINK = table(UPLINK_TAG, [UPLINK_TAG.TIMEOUT, UPLINK_TAG.HTTP_STA
 export const ANSWER = 0x8000;
 export const MSG_MAX = 1024 * 1024 + 64 * 1024;
 export const ERRNO = { EPERM: -1, ENOENT: -2, EACCES: -13, EINVAL: -22, EBUSY: -16, EBADMSG: -74, EPROTO: -71,
-  EOPNOTSUPP: -95, ENOKEY: -126 };
+  EOPNOTSUPP: -95, ENOKEY: -126, ECANCELED: -125 };
 
 // The fields of a SIGN_HTTP request as iothub-signer(8) lists them: METHOD, TARGET_URI,
 // AUTHORIZATION (required: PROTOCOL.md 3 signs every request with it), BODY when there is one, PRIO.
