@@ -1739,6 +1739,10 @@ struct hubkey_op *hubkey_op_free(struct hubkey_op *op) {
         return NULL;
 }
 
+bool hubkey_op_is_queued(const struct hubkey_op *op) {
+        return op && op->k && op->state == OP_QUEUED;
+}
+
 unsigned hubkey_ops_pending(const struct hubkey *k) {
         if (!k)
                 return 0;

@@ -84,6 +84,10 @@ int hubkey_sign_async(struct hubkey *k, enum hubkey_prio prio, const void *msg, 
                       hubkey_sign_done_t done, void *userdata, struct hubkey_op **ret);
 /* Cancels (if not done yet) and frees; NULL accepted. Returns NULL. */
 struct hubkey_op *hubkey_op_free(struct hubkey_op *op);
+/* Whether op still waits in the queue: nothing of it has gone to the TPM, so hubkey_op_free() now
+ * costs the TPM nothing. False once it started (in flight, or answered and done() not called
+ * yet: the TPM's work is done), and after hubkey_free(). NULL: false. */
+bool hubkey_op_is_queued(const struct hubkey_op *op);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct hubkey_op *, hubkey_op_free);
 /* Ops queued or in flight (for the status output and tests). */
 unsigned hubkey_ops_pending(const struct hubkey *k);

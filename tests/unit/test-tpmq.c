@@ -374,10 +374,16 @@ static void check_cancel(enum kind kind) {
         queue(k, &rec, &j[0], 0, HUBKEY_PRIO_LOW);
         queue(k, &rec, &j[1], 1, HUBKEY_PRIO_LOW);
         queue(k, &rec, &j[2], 2, HUBKEY_PRIO_LOW);
+        assert_false(hubkey_op_is_queued(NULL));
+        for (int i = 0; i < 3; i++)
+                assert_true(hubkey_op_is_queued(j[i].op));
         j[1].op = hubkey_op_free(j[1].op);
-        /* One iteration: j[0] starts (in flight with mssim; finished, not delivered, otherwise). */
+        /* One iteration: j[0] starts (in flight with mssim; finished, not delivered, otherwise):
+         * no longer queued (iothub-signer's CANCEL leaves it to finish), j[2] still is. */
         assert_true(sd_event_run(e, 0) >= 0);
         assert_int_equal(rec.n, 0);
+        assert_false(hubkey_op_is_queued(j[0].op));
+        assert_true(hubkey_op_is_queued(j[2].op));
         /* Freed while in the TPM (or waiting for delivery): never called; j[2] still comes. */
         j[0].op = hubkey_op_free(j[0].op);
         run_until(e, &rec, 1);
@@ -385,6 +391,7 @@ static void check_cancel(enum kind kind) {
         assert_int_equal(rec.order[0], 2);
         assert_int_equal(j[0].calls + j[1].calls, 0);
         assert_true(sig_verifies(k, j[2].msg, j[2].sig));
+        assert_false(hubkey_op_is_queued(j[2].op)); /* delivered */
         j[2].op = hubkey_op_free(j[2].op);
 
         /* A synchronous signature while one is in flight: both right, the async one delivered
@@ -405,7 +412,9 @@ static void check_cancel(enum kind kind) {
         queue(k, &rec, &j[4], 4, HUBKEY_PRIO_LOW);
         queue(k, &rec, &j[0], 5, HUBKEY_PRIO_HIGH);
         assert_true(sd_event_run(e, 0) >= 0);
+        assert_true(hubkey_op_is_queued(j[4].op));
         hubkey_free(k);
+        assert_false(hubkey_op_is_queued(j[4].op));
         for (int i = 0; i < 5; i++)
                 assert_true(sd_event_run(e, 10000) >= 0);
         assert_int_equal(j[4].calls + j[0].calls, 0);
