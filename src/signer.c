@@ -11,7 +11,8 @@
  * SIGNER_OUT_MAX of answers queued and SIGNER_INFLIGHT_MAX requests in flight before reading
  * stops. Signatures go through hubkey's queue (hubkey_sign_async(): one TPM operation at a time,
  * by priority), so a slow TPM never blocks the loop where hubkey avoids it; token and
- * attestation ops are synchronous TPM calls (a few a day). */
+ * attestation ops are synchronous TPM calls (a few a day). A client's CANCEL takes a signature
+ * it gave up on out of that queue before its turn (op_cancel()). */
 #include <inttypes.h>
 #include <pwd.h>
 #include <stdio.h>
@@ -82,6 +83,7 @@ struct signer {
         struct ratelimit log_rate, log_policy, log_role;
         struct {
                 uint64_t signatures, refused_policy, refused_rate, tpm_errors;
+                uint64_t cancelled; /* signatures taken out of the queue by CANCEL */
         } n;
         char last_error[256];
 };
@@ -589,7 +591,70 @@ static int op_status(struct conn *c, const struct signer_msg *m) {
         (void) signer_msg_add_u64(c->out, SIGNER_TAG_TPM_ERRORS, s->n.tpm_errors);
         if (s->last_error[0])
                 (void) signer_msg_add_str(c->out, SIGNER_TAG_LAST_ERROR, s->last_error);
+        (void) signer_msg_add_u64(c->out, SIGNER_TAG_CANCELLED, s->n.cancelled);
         answer_end(c, m->id, m->op);
+        return 1;
+}
+
+/* ---- CANCEL ---- */
+
+/* Which requests a CANCEL may end, op by op (signer-proto.h, iothub-signer(8) CANCEL).
+ *   - The signatures: they write nothing and leave nothing half-done, and one nobody waits for
+ *     is only TPM time (about 70 ms on a chip) taken from the requests queued behind it. They
+ *     end while they wait in hubkey's queue; once at the TPM they finish (one TPM operation in
+ *     flight, and an ESYS command under way cannot be aborted safely).
+ *   - TOKENS_PUT and TOKENS_ERASE write the sealed state: a PUT may carry the only copy of a
+ *     new refresh token (RFC 6749 6: the server may issue one, and the old one is then
+ *     discarded); an ERASE is a sign-out, never half-done. They run to their end.
+ *   - ATTEST_BEGIN and ATTEST_ANSWER: a registration runs to its end, as the uplink's REGISTER
+ *     does, and the pair's state is this connection's.
+ *   - KEY_INFO, TOKENS_GET, STATUS read only; like the four above they are answered within the
+ *     dispatch that read them (synchronous), so no CANCEL ever finds one out. Listed so that an
+ *     op made asynchronous one day keeps this rule and a new op has to be decided here. */
+static bool op_is_cancellable(unsigned op) {
+        switch ((enum signer_opcode) op) {
+        case SIGNER_OP_SIGN_HTTP:
+        case SIGNER_OP_SIGN_DPOP:
+        case SIGNER_OP_SIGN_COMMAND:
+                return true;
+        case SIGNER_OP_TOKENS_PUT:
+        case SIGNER_OP_TOKENS_ERASE:
+        case SIGNER_OP_ATTEST_BEGIN:
+        case SIGNER_OP_ATTEST_ANSWER:
+        case SIGNER_OP_KEY_INFO:
+        case SIGNER_OP_TOKENS_GET:
+        case SIGNER_OP_STATUS:
+        case SIGNER_OP_CANCEL:
+        case _SIGNER_OP_MAX:
+                break;
+        }
+        return false;
+}
+
+/* The client gave up on its request of this id (its timeout passed, or its owner cancelled it).
+ * A signature still in hubkey's queue leaves it: req_free() frees its hubkey op (never signed,
+ * done() never runs), the prepared input and the headers, and the request is answered -ECANCELED
+ * and released (req_detach()), which the client counts and drops. Anything else of that id (a
+ * signature at the TPM, an op that runs to its end) is answered as usual, the client drops that
+ * answer too. CANCEL itself is never answered (a refusal would be an answer too: it is in both
+ * op sets); an id with nothing out (answered meanwhile, never sent) is ignored. */
+static int op_cancel(struct conn *c, const struct signer_msg *m) {
+        for (struct req *q = c->reqs; q; q = q->next) {
+                if (q->id != m->id || !op_is_cancellable(q->op))
+                        continue;
+                if (!hubkey_op_is_queued(q->kop)) {
+                        log_debug("Request %" PRIu32 " (%s) cancelled by the client at the TPM: it finishes",
+                                  q->id, signer_op_to_string(q->op));
+                        continue;
+                }
+                c->s->n.cancelled++;
+                log_debug("Request %" PRIu32 " (%s) cancelled by the client before its turn at the TPM",
+                          q->id, signer_op_to_string(q->op));
+                chan_answer_error(c->cc, q->id, q->op, -ECANCELED);
+                req_detach(q);
+                req_free(q);
+                break;
+        }
         return 1;
 }
 
@@ -633,6 +698,8 @@ static int dispatch(void *userdata, struct chan_conn *cc, const struct signer_ms
                 return op_attest(c, m);
         case SIGNER_OP_STATUS:
                 return op_status(c, m);
+        case SIGNER_OP_CANCEL:
+                return op_cancel(c, m);
         }
         return -EOPNOTSUPP;
 }

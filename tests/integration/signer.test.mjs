@@ -402,6 +402,79 @@ test('priorities hold across connections: a command signature waits only for the
   }
 });
 
+// iothub-signer(8), CANCEL. A client that gave up on a request (its timeout passed, or its owner
+// went) says so; a signature still queued for the TPM then never reaches it (on a chip each takes
+// about 70 ms from the requests behind it) and is answered ECANCELED at once, while one already
+// at the TPM finishes and is answered as usual. TPM at 300 ms (mssim: the signer's loop reads on
+// while a Sign is held), so that the queue can be seen at the proxy.
+test('CANCEL: a queued signature never reaches the TPM and is answered ECANCELED; one at the TPM finishes; unknown ids ignored; the connection goes on', async () => {
+  const slow = await SlowTpm.start(tpm, 300, { protocol: 'mssim' });
+  const conf = await writeConf('cancel.conf', { signer: { rate_per_s: 1000, burst: 1000 } }, slow);
+  const csock = path.join(dir, 'cancel.sock');
+  const s7 = await new Signer(conf, csock).start();
+  const SIGN = 0x15d; // TPM_CC_Sign
+  const dpop = (i) => [[TAG.METHOD, 'POST'], [TAG.URL, `${ISSUER}/token/${i}`]];
+  const answersTo = (c, id) => c.answers.filter((m) => m.id === id);
+  try {
+    const c = await SignerClient.connect(csock);
+    assert.equal((await c.call(OP.SIGN_DPOP, dpop(0), 10000)).status, 0, 'the key used once first');
+    const before = (await c.call(OP.STATUS)).fields;
+    slow.reset();
+    const atTpm = c.send(OP.SIGN_DPOP, dpop(1));
+    await waitFor(() => slow.inFlight().includes(SIGN), 5000, 'the first Sign at the TPM');
+    // Queued behind it, one of each signature op; the command one would go first.
+    const exp = nowS() + 120;
+    const cloud = await signCloudCommand(vendor, HUB_ID, { id: 'cmd-cancel', dev: 'lamp-1', exp, set: { on: true, bri: 100 } });
+    const command = c.send(OP.SIGN_COMMAND, await commandFields({ id: 'cmd-cancel', exp, cloud }));
+    const kept = c.send(OP.SIGN_DPOP, dpop(2));
+    const http = c.send(OP.SIGN_HTTP, signHttpFields({ method: 'GET', targetUri: POLL, authorization: 'Bearer t' }));
+    c.sendRaw(Buffer.concat([encode(command, OP.CANCEL), encode(http, OP.CANCEL), encode(atTpm, OP.CANCEL),
+      encode(4242, OP.CANCEL)]));
+    const [ac, ah] = await Promise.all([c.wait(command, 5000), c.wait(http, 5000)]);
+    assert.deepEqual([ac.op, ac.status, ah.op, ah.status], [OP.SIGN_COMMAND, ERRNO.ECANCELED, OP.SIGN_HTTP, ERRNO.ECANCELED]);
+    assert.ok(slow.inFlight().includes(SIGN) && answersTo(c, atTpm).length === 0,
+      'answered ECANCELED at once, while the first Sign was still at the TPM');
+    // The one at the TPM finishes and is answered as usual (the client drops that answer); the
+    // one not cancelled comes next.
+    const a1 = await c.wait(atTpm, 5000);
+    assert.equal(a1.status, 0);
+    await verifyDpopProof({ proof: a1.fields.PROOF, method: 'POST', htu: `${ISSUER}/token/1` });
+    const a2 = await c.wait(kept, 5000);
+    assert.equal(a2.status, 0);
+    await verifyDpopProof({ proof: a2.fields.PROOF, method: 'POST', htu: `${ISSUER}/token/2` });
+    assert.equal(slow.summary().by.Sign, 2, `only the first and the kept one reached the TPM: ${JSON.stringify(slow.summary().by)}`);
+    // Ignored: ids answered meanwhile (cancelled, finished) and one never sent. Never answered.
+    c.sendRaw(Buffer.concat([encode(command, OP.CANCEL), encode(kept, OP.CANCEL), encode(4243, OP.CANCEL)]));
+    const st = (await c.call(OP.STATUS)).fields;
+    assert.equal(st.CANCELLED - before.CANCELLED, 2n, 'two signatures ended by CANCEL');
+    assert.equal(st.SIGNATURES - before.SIGNATURES, 2n);
+    assert.equal(st.MALFORMED, before.MALFORMED);
+    assert.deepEqual(c.answers.filter((m) => m.op === OP.CANCEL || m.id >= 4242), [], 'no CANCEL answered');
+    for (const id of [atTpm, command, kept, http]) assert.equal(answersTo(c, id).length, 1, `request ${id} answered once`);
+    // The connection goes on.
+    assert.equal((await c.call(OP.SIGN_DPOP, dpop(3), 5000)).status, 0);
+
+    // A connection that closes with signatures queued: they go with it (not counted as
+    // cancelled), the one at the TPM finishes unseen, and the others' requests go on.
+    slow.reset();
+    const d = await SignerClient.connect(csock);
+    d.send(OP.SIGN_DPOP, dpop(10));
+    await waitFor(() => slow.inFlight().includes(SIGN), 5000, 'its Sign at the TPM');
+    d.send(OP.SIGN_DPOP, dpop(11));
+    d.send(OP.SIGN_DPOP, dpop(12));
+    await sleep(100); // read by the signer, queued behind the Sign held 300 ms
+    assert.ok(slow.inFlight().includes(SIGN), 'd\'s first Sign still at the TPM');
+    d.close();
+    assert.equal((await c.call(OP.SIGN_DPOP, dpop(4), 5000)).status, 0);
+    assert.equal(slow.summary().by.Sign, 2, `d's queued signatures never made: ${JSON.stringify(slow.summary().by)}`);
+    assert.equal((await c.call(OP.STATUS)).fields.CANCELLED, st.CANCELLED);
+    c.close();
+  } finally {
+    await s7.stop();
+    await slow.stop();
+  }
+});
+
 test('TOKENS_PUT, TOKENS_GET, TOKENS_ERASE: sealed files 0600 in [signer] state_dir', async () => {
   const c = await connect();
   const stateDir = path.join(dir, 'signer-state');
@@ -466,6 +539,7 @@ test('malformed requests: -EBADMSG and the connection closed', async () => {
     ['u64 of 7 bytes', raw(22, OP.TOKENS_PUT, Buffer.concat([field(TAG.ACCESS_TOKEN, 'a'), field(TAG.TOKEN_TYPE, 'Bearer'), field(TAG.EXPIRES_AT, Buffer.alloc(7))])), 22],
     ['a request with a status', raw(23, OP.STATUS, Buffer.alloc(0), -1), 23],
     ['an answer sent to the signer', raw(24, OP.STATUS | 0x8000, Buffer.alloc(0)), 24],
+    ['CANCEL with a field', raw(27, OP.CANCEL, field(TAG.PRIO, Buffer.from([0]))), 27],
     ['length prefix over the maximum', tooLong, 0],
     ['length prefix under the header', Buffer.from([0, 0, 0, 7, 0, 0, 0, 25, 0, 1, 0, 0]), 0],
   ];
