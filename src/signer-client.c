@@ -166,6 +166,7 @@ static int status_json(const struct signer_msg *m, json_t **ret) {
                 { SIGNER_TAG_SIGNATURES, "signatures" },       { SIGNER_TAG_REFUSED_POLICY, "refused_policy" },
                 { SIGNER_TAG_REFUSED_RATE, "refused_rate" },   { SIGNER_TAG_REFUSED_PEER, "refused_peer" },
                 { SIGNER_TAG_MALFORMED, "malformed" },         { SIGNER_TAG_TPM_ERRORS, "tpm_errors" },
+                { SIGNER_TAG_CANCELLED, "cancelled" },
         };
         _cleanup_free_ char *last = NULL;
         json_t *o = json_object();
@@ -312,6 +313,7 @@ int signer_new(sd_event *e, const struct iothub_conf *c, const struct signer_eve
                                                           .queue_max = SIGNER_QUEUE_MAX,
                                                           .inflight_max = SIGNER_INFLIGHT_MAX,
                                                           .retry_busy = true,
+                                                          .cancel_op = SIGNER_OP_CANCEL,
                                                           .reconnect_min_ms = SIGNER_RECONNECT_MIN_MS,
                                                           .reconnect_max_ms = SIGNER_RECONNECT_MAX_MS,
                                                           .busy_min_ms = SIGNER_BUSY_MIN_MS,
@@ -521,12 +523,12 @@ int signer_status_json(const struct signer *s, json_t *o) {
         if (!s)
                 return 0;
         chan_client_counters(s->chan, &n);
-        j = json_pack("{s:b,s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:s*,s:O*}", "connected",
+        j = json_pack("{s:b,s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:s*,s:O*}", "connected",
                       chan_client_is_connected(s->chan), "socket", s->conf->signer.socket, "reconnects",
                       (json_int_t) n.reconnects, "pending", (json_int_t) n.pending, "resent", (json_int_t) n.resent,
-                      "busy_retries", (json_int_t) n.busy_retries, "timeouts", (json_int_t) n.timeouts, "signatures",
-                      (json_int_t) s->signatures, "last_error", s->last_error[0] ? s->last_error : NULL, "remote",
-                      s->remote_status);
+                      "busy_retries", (json_int_t) n.busy_retries, "timeouts", (json_int_t) n.timeouts, "cancelled",
+                      (json_int_t) n.cancels_sent, "signatures", (json_int_t) s->signatures, "last_error",
+                      s->last_error[0] ? s->last_error : NULL, "remote", s->remote_status);
         if (!j)
                 return -ENOMEM;
         return json_object_set_new(o, "signer", j) < 0 ? -ENOMEM : 0;

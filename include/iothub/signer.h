@@ -17,6 +17,9 @@
  *   - A request waits at most SIGNER_OP_TIMEOUT_USEC (queued, retried or out); then done() gets
  *     -ETIMEDOUT. At most SIGNER_QUEUE_MAX requests wait: beyond that the call fails with
  *     -EBUSY (done() is not called).
+ *   - A request that is out when it ends so (its timeout, signer_op_free()) is cancelled at the
+ *     signer too (CANCEL, chan-client.h): a signature still queued there for the TPM is never
+ *     made, and the signer's answer, which still comes, is dropped.
  *   - Command signatures are sent first, then high-priority requests (someone waits: the command
  *     poll and results, the token endpoint's DPoP proofs, registration), then low ones (status
  *     uploads and their DPoP proofs); at most SIGNER_INFLIGHT_MAX are out at once, the rest wait
@@ -148,8 +151,8 @@ uint64_t signer_signatures(const struct signer *s);
  * succeeded. */
 const char *signer_last_error(const struct signer *s);
 /* Adds the "signer" object of iothubctl status: connected, socket, reconnects, pending, busy
- * retries, timeouts, signatures, last_error, and the signer's own counters (its STATUS answer,
- * asked at each connection and by signer_refresh_status()). */
+ * retries, timeouts, cancelled (CANCELs sent), signatures, last_error, and the signer's own
+ * counters (its STATUS answer, asked at each connection and by signer_refresh_status()). */
 int signer_status_json(const struct signer *s, json_t *o);
 /* Asks the signer for its counters (STATUS), kept for signer_status_json(). */
 void signer_refresh_status(struct signer *s);

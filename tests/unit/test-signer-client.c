@@ -36,6 +36,9 @@ struct peer {
         sd_event_source *lsrc, *csrc;
         enum peer_mode mode;
         unsigned requests, connections, answered;
+        struct signer_msg last;           /* the last request's id and op (no fields) */
+        unsigned cancels, cancel_fields;  /* CANCELs read, fields they carried */
+        uint32_t cancel_id;               /* the last CANCEL's */
         /* The connection (1, 2, ...) that carried the last request of each op. */
         unsigned conn_of[64];
         uint8_t in[65536];
@@ -119,6 +122,17 @@ static int peer_on_conn(sd_event_source *s, int fd, uint32_t revents, void *user
                 assert_false(m.answer);
                 if (m.op < ELEMENTSOF(p->conn_of))
                         p->conn_of[m.op] = p->connections;
+                if (m.op == SIGNER_OP_CANCEL) {
+                        /* Never answered: counted, and the request it names is answered (or
+                         * not) as the test says. */
+                        p->cancels++;
+                        p->cancel_id = m.id;
+                        for (unsigned t = 1; t < _SIGNER_TAG_MAX; t++)
+                                p->cancel_fields += signer_msg_has(&m, t);
+                        memmove(p->in, p->in + need, p->in_len - need);
+                        p->in_len -= need;
+                        continue;
+                }
                 if (m.op == SIGNER_OP_STATUS) {
                         /* The client's own requests (STATUS at each connection): answered. */
                         peer_answer(p, &m, 0);
@@ -127,6 +141,7 @@ static int peer_on_conn(sd_event_source *s, int fd, uint32_t revents, void *user
                         continue;
                 }
                 p->requests++;
+                p->last = (struct signer_msg){ .id = m.id, .op = m.op };
                 switch (p->mode) {
                 case PEER_DROP_ONCE:
                         p->mode = PEER_ANSWER;
@@ -321,6 +336,47 @@ static void test_cancelled_op_never_called(void **state) {
         signer_op_free(opb);
 }
 
+/* A signature freed while its request is out: the signer is told (CANCEL with the request's id,
+ * no field), so that it never makes a signature still queued for its TPM; the answer that comes
+ * anyway (-ECANCELED) is dropped, and the link goes on. */
+static void test_cancel_sent(void **state) {
+        struct fixture *f = *state;
+        struct result a = {}, b = {};
+        struct signer_op *op;
+        json_t *o;
+
+        f->peer.mode = PEER_SILENT;
+        peer_listen(&f->peer);
+        op = sign(f, &a);
+        run_until(f, &f->peer.requests, 1, 3000);
+        assert_int_equal(f->peer.requests, 1);
+        assert_int_equal(f->peer.last.op, SIGNER_OP_SIGN_HTTP);
+        signer_op_free(op);
+        run_until(f, &f->peer.cancels, 1, 3000);
+        assert_int_equal(f->peer.cancels, 1);
+        assert_int_equal(f->peer.cancel_id, f->peer.last.id);
+        assert_int_equal(f->peer.cancel_fields, 0);
+        o = json_object();
+        assert_non_null(o);
+        assert_int_equal(signer_status_json(f->s, o), 0);
+        assert_int_equal(json_integer_value(json_object_get(json_object_get(o, "signer"), "cancelled")), 1);
+        json_decref(o);
+
+        /* The signer's answer to the cancelled request: dropped; the next request answered. */
+        peer_answer(&f->peer, &f->peer.last, -ECANCELED);
+        f->peer.mode = PEER_ANSWER;
+        op = sign(f, &b);
+        run_until(f, &b.calls, 1, 3000);
+        for (int i = 0; i < 5; i++)
+                assert_true(sd_event_run(f->e, 10000) >= 0);
+        assert_int_equal(b.calls, 1);
+        assert_int_equal(b.r, 0);
+        assert_int_equal(a.calls, 0);
+        assert_int_equal(f->peer.cancels, 1);
+        assert_true(signer_is_connected(f->s));
+        signer_op_free(op);
+}
+
 static void test_free_with_requests_out(void **state) {
         struct fixture *f = *state;
         struct result res = {};
@@ -481,6 +537,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_resent_after_connection_lost, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_signer_comes_later, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_cancelled_op_never_called, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_cancel_sent, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_free_with_requests_out, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_queue_is_bounded, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_over_long_field_refused, setup, teardown),
