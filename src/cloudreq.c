@@ -424,14 +424,16 @@ static void attempt_signed(struct cloudreq_call *q, int r) {
                 call_fail(q, r, text);
                 return;
         }
-        if (r >= 0)
+        if (r >= 0) {
                 r = attempt_launch(q);
-        if (r >= 0)
-                return;
-        if (r == -ETIMEDOUT) {
-                /* Signed too late for the call's deadline (attempt_timeout_ms()). */
-                call_out_of_time(q);
-                return;
+                if (r == -ETIMEDOUT) {
+                        /* Signed too late for the call's deadline (attempt_timeout_ms()); the
+                         * signer's own -ETIMEDOUT (it did not answer) is the key's, below. */
+                        call_out_of_time(q);
+                        return;
+                }
+                if (r >= 0)
+                        return;
         }
         /* The key could not sign (the signer unreachable, its TPM gone, or another TPM in its
          * place): said with the key's MESSAGE_ID, once per try (the caller backs off like after
